@@ -1,0 +1,77 @@
+//! How the cell tree is shaped: cell capacity and the label levels that group nodes.
+
+use crate::error::{LocatorError, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Nodes per leaf cell unless configured otherwise (DESIGN.md).
+pub const DEFAULT_CELL_CAPACITY: u32 = 8;
+
+/// A node's labels, such as `zone=a` or `rack=3`.
+pub type Labels = BTreeMap<String, String>;
+
+/// The shape of a cell tree. Every node of the cluster must use the same configuration, since it
+/// decides where entries go.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeConfig {
+    /// Most nodes a leaf cell holds; a full cell splits in two when it must take another node.
+    pub cell_capacity: u32,
+    /// Label keys from the top of the tree down, such as `["zone", "rack"]`. A node carrying
+    /// `zone=a` lands in the subtree of `zone=a`; a node without labels may land anywhere.
+    pub label_levels: Vec<String>,
+}
+
+impl Default for TreeConfig {
+    fn default() -> Self {
+        TreeConfig { cell_capacity: DEFAULT_CELL_CAPACITY, label_levels: Vec::new() }
+    }
+}
+
+impl TreeConfig {
+    /// The default shape with another cell capacity.
+    pub fn with_cell_capacity(mut self, cell_capacity: u32) -> Self {
+        self.cell_capacity = cell_capacity;
+        self
+    }
+
+    /// The default shape with label levels, top first.
+    pub fn with_label_levels<S: Into<String>>(mut self, levels: impl IntoIterator<Item = S>) -> Self {
+        self.label_levels = levels.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Checks the configuration.
+    pub fn validate(&self) -> Result<()> {
+        if self.cell_capacity == 0 {
+            return Err(LocatorError::ZeroCapacity);
+        }
+        Ok(())
+    }
+
+    /// The `(key, value)` path of a node in level order, stopping at the first level it has no
+    /// label for. Keys that are no level are refused rather than ignored: a typo in `--label`
+    /// would otherwise place a node where the operator did not mean.
+    pub(crate) fn label_path(&self, labels: &Labels) -> Result<Vec<(String, String)>> {
+        if let Some(key) = labels.keys().find(|k| !self.label_levels.contains(k)) {
+            return Err(LocatorError::UnknownLabel {
+                key: key.clone(),
+                levels: self.label_levels.join(","),
+            });
+        }
+        Ok(self
+            .label_levels
+            .iter()
+            .map_while(|level| labels.get(level).map(|v| (level.clone(), v.clone())))
+            .collect())
+    }
+}
+
+/// Parses `key=value`, as given to `--label`.
+pub fn parse_label(text: &str) -> Result<(String, String)> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
+            Ok((k.trim().to_string(), v.trim().to_string()))
+        }
+        _ => Err(LocatorError::BadLabel(text.to_string())),
+    }
+}

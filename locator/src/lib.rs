@@ -1,0 +1,49 @@
+//! The gobelins locator: which node manages each directory entry, in constant time, and what
+//! moves when the cluster changes (DESIGN.md, "Locator").
+//!
+//! Pure code: no async, no I/O, no clock. The supervisor replicates [`Change`]s through
+//! consensus; every node applies them to its own [`CellTree`] and derives the same [`Snapshot`].
+//!
+//! ```text
+//!  Change ──apply──▶ CellTree ──snapshot(epoch)──▶ Snapshot ──install──▶ SnapshotCell
+//!  (replicated)      cells, nodes,                 flat slot→node         lock-free reads:
+//!                    slot owners                   table per service      locate(service, key)
+//!                                  MigrationPlan::between(old, new): what moves, from whom, to whom
+//! ```
+//!
+//! Modules:
+//! - [`ids`]: `NodeId`, `ServiceId`, `Key`, `CellId`, `Epoch`.
+//! - [`service`]: what a service declares (slots, hashed keys or runs, size).
+//! - [`config`]: the tree's shape (cell capacity, label levels) and node labels.
+//! - [`cell`]: inner and leaf cells.
+//! - `tree` and `ops`: the [`CellTree`] and its changes; `balance`: moving slots within a cell.
+//! - [`change`]: [`Change`], the replicated unit, and [`ChangeReport`].
+//! - [`snapshot`]: [`Snapshot`] and [`SnapshotCell`].
+//! - [`plan`]: [`MigrationPlan`].
+//! - [`baseline`]: modulo, jump and rendezvous hashing, to measure against.
+//! - [`error`]: [`LocatorError`].
+#![deny(missing_docs)]
+
+mod balance;
+pub mod baseline;
+pub mod cell;
+pub mod change;
+pub mod config;
+pub mod error;
+mod hash;
+pub mod ids;
+mod ops;
+pub mod plan;
+pub mod service;
+pub mod snapshot;
+mod tree;
+
+pub use change::{Change, ChangeReport};
+pub use config::{parse_label, Labels, TreeConfig, DEFAULT_CELL_CAPACITY};
+pub use error::{LocatorError, Result};
+pub use hash::mix;
+pub use ids::{CellId, Epoch, Key, NodeId, ServiceId};
+pub use plan::{MigrationPlan, ServicePlan, SlotMove};
+pub use service::{Placement, ServiceSize, ServiceSpec, DEFAULT_SLOTS, MAX_SLOTS};
+pub use snapshot::{ServiceTable, Snapshot, SnapshotCell};
+pub use tree::{CellTree, ROOT};

@@ -1,0 +1,365 @@
+//! The changes themselves: register, add, evict or fail, rebalance.
+//!
+//! Every change works on a copy of the tree and replaces the tree only on success, so an error
+//! leaves the configuration exactly as it was.
+
+use crate::balance::{deposit, withdraw};
+use crate::cell::{Cell, CellKind};
+use crate::change::{Change, ChangeReport};
+use crate::config::Labels;
+use crate::error::{LocatorError, Result};
+use crate::ids::{CellId, NodeId, ServiceId};
+use crate::service::{ServiceSize, ServiceSpec};
+use crate::tree::{is_within, CellTree, Member, ServiceState, ROOT};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+
+impl CellTree {
+    /// Applies one change. On error the tree is unchanged.
+    pub fn apply(&mut self, change: &Change) -> Result<ChangeReport> {
+        let mut next = self.clone();
+        let report = match change {
+            Change::Register(spec) => next.register(spec.clone())?,
+            Change::Add { node, labels } => next.add(*node, labels)?,
+            Change::Evict(node) | Change::Fail(node) => next.remove(*node)?,
+            Change::Rebalance { max_over_avg_permille } => next.rebalance(*max_over_avg_permille),
+        };
+        *self = next;
+        Ok(report)
+    }
+
+    /// Registers a service (see [`Change::Register`]).
+    pub fn register_service(&mut self, spec: ServiceSpec) -> Result<ChangeReport> {
+        self.apply(&Change::Register(spec))
+    }
+
+    /// Adds a node (see [`Change::Add`]).
+    pub fn add_node(&mut self, node: NodeId, labels: Labels) -> Result<ChangeReport> {
+        self.apply(&Change::Add { node, labels })
+    }
+
+    /// Evicts a live node (see [`Change::Evict`]).
+    pub fn evict_node(&mut self, node: NodeId) -> Result<ChangeReport> {
+        self.apply(&Change::Evict(node))
+    }
+
+    /// Removes a failed node (see [`Change::Fail`]).
+    pub fn fail_node(&mut self, node: NodeId) -> Result<ChangeReport> {
+        self.apply(&Change::Fail(node))
+    }
+
+    fn register(&mut self, spec: ServiceSpec) -> Result<ChangeReport> {
+        spec.validate()?;
+        if self.services.contains_key(&spec.id) {
+            return Err(LocatorError::DuplicateService(spec.id));
+        }
+        let scope = match spec.size {
+            ServiceSize::Whole => ROOT,
+            ServiceSize::Nodes(n) => self.pick_scope(n as usize),
+        };
+        // A new service has no entries yet, so its slots may be dealt out freely: in equal
+        // contiguous shares, which keeps every cell within one slot.
+        let members: Vec<NodeId> = self
+            .leaves_under(scope)
+            .into_iter()
+            .flat_map(|leaf| self.cells[&leaf].members().to_vec())
+            .collect();
+        let slots = spec.slots as usize;
+        let owners = if members.is_empty() {
+            Vec::new()
+        } else {
+            (0..slots).map(|s| members[s * members.len() / slots]).collect()
+        };
+        self.services.insert(spec.id, ServiceState { spec, scope, owners });
+        Ok(ChangeReport::default())
+    }
+
+    /// The smallest subtree with at least `nodes` nodes, preferring one that hosts fewer
+    /// confined services; the whole tree if none is large enough.
+    fn pick_scope(&self, nodes: usize) -> CellId {
+        let mut hosted: BTreeMap<CellId, usize> = BTreeMap::new();
+        for state in self.services.values() {
+            *hosted.entry(state.scope).or_insert(0) += 1;
+        }
+        self.cells
+            .keys()
+            .map(|&id| (id, self.nodes_under(id)))
+            .filter(|&(_, n)| n >= nodes && n > 0)
+            .min_by_key(|&(id, n)| (n, hosted.get(&id).copied().unwrap_or(0), id))
+            .map_or(ROOT, |(id, _)| id)
+    }
+
+    fn add(&mut self, node: NodeId, labels: &Labels) -> Result<ChangeReport> {
+        if self.nodes.contains_key(&node) {
+            return Err(LocatorError::DuplicateNode(node));
+        }
+        let path = self.config.label_path(labels)?;
+        let mut anchor = ROOT;
+        let mut depth = 0;
+        while let Some(child) = path.get(depth).and_then(|label| self.label_child(anchor, label)) {
+            anchor = child;
+            depth += 1;
+        }
+
+        if self.nodes.is_empty() {
+            let parent = self.make_label_cells(anchor, &path[depth..]);
+            let leaf = self.new_leaf(parent);
+            self.join_leaf(leaf, node, labels);
+            for state in self.services.values_mut() {
+                state.owners = vec![node; state.spec.slots as usize];
+            }
+            return Ok(ChangeReport { cells: vec![leaf], participants: BTreeSet::from([node]) });
+        }
+
+        let loads = self.leaf_loads();
+        let donor = self
+            .leaves_under(anchor)
+            .into_iter()
+            .max_by(|a, b| by_load(&loads, *a, *b).then(b.cmp(a)))
+            .ok_or(LocatorError::EmptyCluster)?;
+        let (donor, target) = if depth < path.len() {
+            // A new label value: the node opens its own subtree and takes its share from the
+            // most loaded cell of the nearest existing one.
+            let parent = self.make_label_cells(anchor, &path[depth..]);
+            (donor, self.new_leaf(parent))
+        } else if self.cells[&donor].members().len() < self.config.cell_capacity as usize {
+            (donor, donor)
+        } else if self.cells[&donor].members().len() >= 2 {
+            let (a, b) = self.split(donor);
+            let loads = self.leaf_loads();
+            let half = if by_load(&loads, b, a) == Ordering::Greater { b } else { a };
+            (half, half)
+        } else {
+            // Cells of one node cannot split: the newcomer gets a sibling cell.
+            let parent = self.cells[&donor].parent.unwrap_or(ROOT);
+            (donor, self.new_leaf(parent))
+        };
+
+        let ids: Vec<ServiceId> = self.services.keys().copied().collect();
+        for id in ids {
+            let state = &self.services[&id];
+            if !self.is_within(donor, state.scope) || !self.is_within(target, state.scope) {
+                continue;
+            }
+            let mut holdings = self.holdings(state, donor);
+            let mass: usize = holdings.iter().map(|h| h.slots.len()).sum();
+            let quota = mass / (holdings.len() + 1);
+            if quota == 0 && state.spec.size == ServiceSize::Whole {
+                return Err(LocatorError::NoRoom {
+                    node,
+                    cell: donor,
+                    service: id,
+                    slots: mass as u32,
+                    members: holdings.len() as u32,
+                });
+            }
+            let taken = withdraw(&mut holdings, quota);
+            let owners = &mut self.services.get_mut(&id).expect("service listed above").owners;
+            for slot in taken {
+                owners[slot as usize] = node;
+            }
+        }
+        self.join_leaf(target, node, labels);
+
+        let mut participants: BTreeSet<NodeId> = self.cells[&donor].members().iter().copied().collect();
+        participants.extend(self.cells[&target].members());
+        let mut cells = vec![donor];
+        if target != donor {
+            cells.push(target);
+        }
+        Ok(ChangeReport { cells, participants })
+    }
+
+    fn remove(&mut self, node: NodeId) -> Result<ChangeReport> {
+        let leaf = self.nodes.get(&node).ok_or(LocatorError::UnknownNode(node))?.leaf;
+        if self.nodes.len() == 1 {
+            return Err(LocatorError::LastNode(node));
+        }
+        self.nodes.remove(&node);
+        if let CellKind::Leaf(members) = &mut self.cells.get_mut(&leaf).expect("member's leaf").kind {
+            members.retain(|&m| m != node);
+        }
+
+        let recipient = if self.cells[&leaf].members().is_empty() {
+            self.drop_empty_leaf(leaf)
+        } else {
+            leaf
+        };
+
+        let ids: Vec<ServiceId> = self.services.keys().copied().collect();
+        for id in ids {
+            let state = &self.services[&id];
+            if !self.is_within(recipient, state.scope) {
+                continue;
+            }
+            let incoming: Vec<u32> = state
+                .owners
+                .iter()
+                .enumerate()
+                .filter(|(_, &owner)| owner == node)
+                .map(|(slot, _)| slot as u32)
+                .collect();
+            if incoming.is_empty() {
+                continue;
+            }
+            let given = deposit(&self.holdings(state, recipient), &incoming);
+            let owners = &mut self.services.get_mut(&id).expect("service listed above").owners;
+            for (to, slot) in given {
+                owners[slot as usize] = to;
+            }
+        }
+
+        let mut participants: BTreeSet<NodeId> =
+            self.cells[&recipient].members().iter().copied().collect();
+        participants.insert(node);
+        Ok(ChangeReport { cells: vec![recipient], participants })
+    }
+
+    /// Removes a leaf that lost its last node and returns the leaf that takes over its slots: the
+    /// least loaded leaf of the nearest ancestor that still holds nodes. Services confined to the
+    /// subtree that emptied widen to that ancestor.
+    fn drop_empty_leaf(&mut self, leaf: CellId) -> CellId {
+        let loads = self.leaf_loads();
+        let mut ancestor = self.cells[&leaf].parent.unwrap_or(ROOT);
+        let recipient = loop {
+            let best = self
+                .leaves_under(ancestor)
+                .into_iter()
+                .filter(|l| *l != leaf)
+                .min_by(|a, b| by_load(&loads, *a, *b).then(a.cmp(b)));
+            match (best, self.cells[&ancestor].parent) {
+                (Some(best), _) => break best,
+                (None, Some(parent)) => ancestor = parent,
+                // Unreachable while another node exists, which `remove` checked.
+                (None, None) => break leaf,
+            }
+        };
+        for state in self.services.values_mut() {
+            if state.scope != ancestor
+                && is_within(&self.cells, leaf, state.scope)
+                && is_within(&self.cells, state.scope, ancestor)
+            {
+                state.scope = ancestor;
+            }
+        }
+        // Prune the leaf and every ancestor it leaves empty, up to the one that took over.
+        let mut gone = leaf;
+        while gone != ancestor && gone != ROOT {
+            let parent = self.cells[&gone].parent.unwrap_or(ROOT);
+            self.cells.remove(&gone);
+            if let CellKind::Inner(children) = &mut self.cells.get_mut(&parent).expect("parent").kind {
+                children.retain(|&c| c != gone);
+                if !children.is_empty() {
+                    break;
+                }
+            }
+            gone = parent;
+        }
+        recipient
+    }
+
+    fn rebalance(&mut self, max_over_avg_permille: u32) -> ChangeReport {
+        let loads = self.leaf_loads();
+        let (mass, nodes) = loads.values().fold((0u128, 0u128), |(m, n), &(lm, ln)| {
+            (m + u128::from(lm), n + u128::from(ln))
+        });
+        let hot = loads.keys().copied().max_by(|a, b| by_load(&loads, *a, *b).then(b.cmp(a)));
+        let cold = loads.keys().copied().min_by(|a, b| by_load(&loads, *a, *b).then(a.cmp(b)));
+        let (Some(hot), Some(cold)) = (hot, cold) else { return ChangeReport::default() };
+        let (hot_mass, hot_nodes) = loads[&hot];
+        let over = u128::from(hot_mass) * 1000 * nodes
+            > u128::from(max_over_avg_permille) * mass * u128::from(hot_nodes);
+        if hot == cold || !over {
+            return ChangeReport::default();
+        }
+
+        let ids: Vec<ServiceId> = self.services.keys().copied().collect();
+        for id in ids {
+            let state = &self.services[&id];
+            if !self.is_within(hot, state.scope) || !self.is_within(cold, state.scope) {
+                continue;
+            }
+            let mut from = self.holdings(state, hot);
+            let to = self.holdings(state, cold);
+            let (from_mass, to_mass): (usize, usize) = (
+                from.iter().map(|h| h.slots.len()).sum(),
+                to.iter().map(|h| h.slots.len()).sum(),
+            );
+            let keep = (from_mass + to_mass) * from.len() / (from.len() + to.len());
+            let taken = withdraw(&mut from, from_mass.saturating_sub(keep));
+            let given = deposit(&to, &taken);
+            let owners = &mut self.services.get_mut(&id).expect("service listed above").owners;
+            for (node, slot) in given {
+                owners[slot as usize] = node;
+            }
+        }
+        let participants = self.cells[&hot]
+            .members()
+            .iter()
+            .chain(self.cells[&cold].members())
+            .copied()
+            .collect();
+        ChangeReport { cells: vec![hot, cold], participants }
+    }
+
+    fn label_child(&self, parent: CellId, label: &(String, String)) -> Option<CellId> {
+        self.cells[&parent]
+            .children()
+            .iter()
+            .copied()
+            .find(|c| self.cells[c].label.as_ref() == Some(label))
+    }
+
+    fn make_label_cells(&mut self, mut parent: CellId, path: &[(String, String)]) -> CellId {
+        for label in path {
+            parent = self.push_cell(parent, Some(label.clone()), CellKind::Inner(Vec::new()));
+        }
+        parent
+    }
+
+    fn new_leaf(&mut self, parent: CellId) -> CellId {
+        self.push_cell(parent, None, CellKind::Leaf(Vec::new()))
+    }
+
+    fn push_cell(&mut self, parent: CellId, label: Option<(String, String)>, kind: CellKind) -> CellId {
+        let id = CellId(self.next_cell);
+        self.next_cell += 1;
+        self.cells.insert(id, Cell { parent: Some(parent), label, kind });
+        if let CellKind::Inner(children) = &mut self.cells.get_mut(&parent).expect("parent").kind {
+            children.push(id);
+        }
+        id
+    }
+
+    fn join_leaf(&mut self, leaf: CellId, node: NodeId, labels: &Labels) {
+        if let CellKind::Leaf(members) = &mut self.cells.get_mut(&leaf).expect("leaf").kind {
+            let at = members.binary_search(&node).unwrap_or_else(|at| at);
+            members.insert(at, node);
+        }
+        self.nodes.insert(node, Member { leaf, labels: labels.clone() });
+    }
+
+    /// Splits a full leaf into two halves under it. Nothing moves: each half keeps the slots its
+    /// members already manage, and the leaf's id now names the pair, so scopes stay valid.
+    fn split(&mut self, leaf: CellId) -> (CellId, CellId) {
+        let mut first = self.cells[&leaf].members().to_vec();
+        let second = first.split_off(first.len() - first.len() / 2);
+        self.cells.get_mut(&leaf).expect("leaf").kind = CellKind::Inner(Vec::new());
+        let (a, b) = (self.new_leaf(leaf), self.new_leaf(leaf));
+        for (half, members) in [(a, first), (b, second)] {
+            for &node in &members {
+                self.nodes.get_mut(&node).expect("member").leaf = half;
+            }
+            self.cells.get_mut(&half).expect("half").kind = CellKind::Leaf(members);
+        }
+        (a, b)
+    }
+}
+
+/// Orders two leaves by load per node, then prefers the one with fewer members as "more loaded"
+/// (a newcomer is better placed in the smaller cell).
+fn by_load(loads: &BTreeMap<CellId, (u64, u64)>, a: CellId, b: CellId) -> Ordering {
+    let (am, an) = loads.get(&a).copied().unwrap_or((0, 0));
+    let (bm, bn) = loads.get(&b).copied().unwrap_or((0, 0));
+    (u128::from(am) * u128::from(bn)).cmp(&(u128::from(bm) * u128::from(an))).then(bn.cmp(&an))
+}

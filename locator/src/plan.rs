@@ -1,0 +1,146 @@
+//! What moves from one epoch to the next, for the adaptation layer to carry out and for an
+//! operator to read first (`gobelins plan`).
+
+use crate::ids::{Epoch, NodeId, ServiceId};
+use crate::snapshot::Snapshot;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::ops::Range;
+
+/// A run of consecutive slots that changes manager.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotMove {
+    /// The slots, half open.
+    pub slots: Range<u32>,
+    /// Their manager in the old epoch.
+    pub from: NodeId,
+    /// Their manager in the new epoch.
+    pub to: NodeId,
+}
+
+/// The moves of one service, ascending by slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePlan {
+    /// The service.
+    pub service: ServiceId,
+    /// Its name, for operators.
+    pub name: String,
+    /// Runs of slots that change manager.
+    pub moves: Vec<SlotMove>,
+}
+
+impl ServicePlan {
+    /// Slots that change manager.
+    pub fn moved_slots(&self) -> u64 {
+        self.moves.iter().map(|m| u64::from(m.slots.end - m.slots.start)).sum()
+    }
+}
+
+/// Everything that moves between two snapshots, per service, and the nodes that take part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MigrationPlan {
+    /// The epoch entries leave.
+    pub from: Epoch,
+    /// The epoch entries arrive in.
+    pub to: Epoch,
+    /// One plan per service present in both snapshots, ascending by id. A service present only
+    /// in `new` has no entries yet and moves nothing.
+    pub services: Vec<ServicePlan>,
+    /// Every node that sends or receives.
+    pub participants: BTreeSet<NodeId>,
+}
+
+impl MigrationPlan {
+    /// Compares two snapshots slot by slot.
+    pub fn between(old: &Snapshot, new: &Snapshot) -> MigrationPlan {
+        let mut services = Vec::new();
+        let mut participants = BTreeSet::new();
+        for new_table in new.tables() {
+            let id = new_table.spec().id;
+            let Some(old_table) = old.table(id) else { continue };
+            let mut moves: Vec<SlotMove> = Vec::new();
+            for (slot, (&from, &to)) in old_table.owners().iter().zip(new_table.owners()).enumerate() {
+                if from == to {
+                    continue;
+                }
+                let slot = slot as u32;
+                match moves.last_mut() {
+                    Some(last) if last.slots.end == slot && last.from == from && last.to == to => {
+                        last.slots.end += 1;
+                    }
+                    _ => moves.push(SlotMove { slots: slot..slot + 1, from, to }),
+                }
+                participants.insert(from);
+                participants.insert(to);
+            }
+            services.push(ServicePlan { service: id, name: new_table.spec().name.clone(), moves });
+        }
+        MigrationPlan { from: old.epoch(), to: new.epoch(), services, participants }
+    }
+
+    /// Slots that change manager, over all services.
+    pub fn moved_slots(&self) -> u64 {
+        self.services.iter().map(ServicePlan::moved_slots).sum()
+    }
+
+    /// Whether nothing moves.
+    pub fn is_empty(&self) -> bool {
+        self.services.iter().all(|s| s.moves.is_empty())
+    }
+
+    /// Nodes that give entries away.
+    pub fn senders(&self) -> BTreeSet<NodeId> {
+        self.all_moves().map(|(_, m)| m.from).collect()
+    }
+
+    /// Nodes that take entries in.
+    pub fn receivers(&self) -> BTreeSet<NodeId> {
+        self.all_moves().map(|(_, m)| m.to).collect()
+    }
+
+    /// What `node` must send, per service.
+    pub fn outgoing(&self, node: NodeId) -> impl Iterator<Item = (ServiceId, &SlotMove)> + '_ {
+        self.all_moves().filter(move |(_, m)| m.from == node)
+    }
+
+    /// What `node` will receive, per service.
+    pub fn incoming(&self, node: NodeId) -> impl Iterator<Item = (ServiceId, &SlotMove)> + '_ {
+        self.all_moves().filter(move |(_, m)| m.to == node)
+    }
+
+    fn all_moves(&self) -> impl Iterator<Item = (ServiceId, &SlotMove)> + '_ {
+        self.services.iter().flat_map(|s| s.moves.iter().map(move |m| (s.service, m)))
+    }
+}
+
+/// Ranges shown per pair of nodes before the rest is summed up.
+const RANGES_SHOWN: usize = 4;
+
+impl fmt::Display for MigrationPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "plan {} -> {}: {} slots move, {} nodes take part",
+            self.from,
+            self.to,
+            self.moved_slots(),
+            self.participants.len()
+        )?;
+        for service in &self.services {
+            writeln!(f, "  {} {}: {} slots", service.service, service.name, service.moved_slots())?;
+            let mut pairs: BTreeMap<(NodeId, NodeId), Vec<&Range<u32>>> = BTreeMap::new();
+            for m in &service.moves {
+                pairs.entry((m.from, m.to)).or_default().push(&m.slots);
+            }
+            for ((from, to), ranges) in pairs {
+                let count: u32 = ranges.iter().map(|r| r.end - r.start).sum();
+                let shown: Vec<String> =
+                    ranges.iter().take(RANGES_SHOWN).map(|r| format!("{}..{}", r.start, r.end)).collect();
+                let more = ranges.len().saturating_sub(RANGES_SHOWN);
+                let more = if more > 0 { format!(" (+{more} more)") } else { String::new() };
+                writeln!(f, "    {from} -> {to}: {count} slots in {}", shown.join(" ") + &more)?;
+            }
+        }
+        Ok(())
+    }
+}
