@@ -1,0 +1,185 @@
+//! Property tests of the locator over random sequences of additions, evictions, failures and
+//! rebalances, on clusters of up to 1,024 nodes.
+
+mod common;
+
+use common::{assert_invariants, moved_by_plan, slots_of};
+use gobelins_locator::{
+    Change, CellTree, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServiceId, ServiceSpec,
+    TreeConfig,
+};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+use std::collections::BTreeSet;
+
+/// One step of a random history. Node choices are indices into the live nodes, so every
+/// generated history is meaningful whatever came before it.
+#[derive(Clone, Debug)]
+enum Step {
+    Add { zone: Option<u8> },
+    Evict(usize),
+    Fail(usize),
+    /// Adds a node that is already a member: must be refused and change nothing.
+    AddExisting(usize),
+    Rebalance,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        4 => proptest::option::of(0u8..3).prop_map(|zone| Step::Add { zone }),
+        2 => any::<usize>().prop_map(Step::Evict),
+        2 => any::<usize>().prop_map(Step::Fail),
+        1 => any::<usize>().prop_map(Step::AddExisting),
+        1 => Just(Step::Rebalance),
+    ]
+}
+
+fn labels(zone: Option<u8>) -> Labels {
+    zone.map(|z| Labels::from([("zone".to_string(), format!("z{z}"))])).unwrap_or_default()
+}
+
+/// Turns a step into a concrete change against the current tree.
+fn concretise(tree: &CellTree, step: &Step, next_id: &mut u64) -> Change {
+    let live: Vec<NodeId> = tree.nodes().collect();
+    let pick = |i: &usize| live[i % live.len()];
+    match step {
+        Step::Add { zone } => {
+            *next_id += 1;
+            Change::Add { node: NodeId(*next_id), labels: labels(*zone) }
+        }
+        Step::Evict(i) => Change::Evict(pick(i)),
+        Step::Fail(i) => Change::Fail(pick(i)),
+        Step::AddExisting(i) => Change::Add { node: pick(i), labels: Labels::new() },
+        Step::Rebalance => Change::Rebalance { max_over_avg_permille: 1100 },
+    }
+}
+
+/// Builds a cluster of `initial` nodes, registers a confined service, then runs `steps`,
+/// checking every property after each change. Returns the changes applied, for replay.
+fn run_history(capacity: u32, slots: u32, initial: usize, steps: &[Step]) -> (CellTree, Vec<Change>) {
+    let config = TreeConfig::default().with_cell_capacity(capacity).with_label_levels(["zone"]);
+    let mut tree = CellTree::new(config).expect("valid config");
+    let mut applied = vec![
+        Change::Register(ServiceSpec::new(ServiceId(1), "hashed").with_slots(slots)),
+        Change::Register(ServiceSpec::new(ServiceId(2), "runs").with_slots(slots).with_runs(64)),
+    ];
+    for change in &applied {
+        tree.apply(change).expect("register");
+    }
+    for i in 0..initial {
+        let change = Change::Add { node: NodeId(i as u64 + 1), labels: labels(Some((i % 3) as u8)) };
+        tree.apply(&change).expect("initial add");
+        applied.push(change);
+    }
+    let confined = Change::Register(ServiceSpec::new(ServiceId(3), "small").with_slots(256).with_size(3));
+    tree.apply(&confined).expect("register confined");
+    applied.push(confined);
+    assert_invariants(&tree);
+
+    let mut next_id = initial as u64;
+    let mut epoch = Epoch(1);
+    for step in steps {
+        let change = concretise(&tree, step, &mut next_id);
+        let before = tree.clone();
+        let old = tree.snapshot(epoch).expect("cluster is never empty here");
+        match tree.apply(&change) {
+            Err(LocatorError::LastNode(_)) | Err(LocatorError::DuplicateNode(_)) => {
+                assert_eq!(tree, before, "a refused change must leave the tree untouched");
+                continue;
+            }
+            Err(e) => panic!("{change}: unexpected {e}"),
+            Ok(report) => {
+                assert!(!matches!(step, Step::AddExisting(_)), "duplicate add accepted");
+                epoch = epoch.next();
+                let new = tree.snapshot(epoch).expect("non-empty");
+                assert_invariants(&tree);
+                check_movement(&change, &old, &new, &report, &tree);
+            }
+        }
+        applied.push(change);
+    }
+    (tree, applied)
+}
+
+fn check_movement(
+    change: &Change,
+    old: &gobelins_locator::Snapshot,
+    new: &gobelins_locator::Snapshot,
+    report: &gobelins_locator::ChangeReport,
+    tree: &CellTree,
+) {
+    let plan = MigrationPlan::between(old, new);
+    let moved = moved_by_plan(&plan);
+    match change {
+        Change::Add { node, .. } => {
+            // An addition moves exactly the slots the new node ends up with.
+            assert_eq!(moved, slots_of(new, *node), "{change}");
+            assert!(plan.services.iter().flat_map(|s| &s.moves).all(|m| m.to == *node));
+        }
+        Change::Evict(node) | Change::Fail(node) => {
+            // A removal moves exactly the slots the removed node had.
+            assert_eq!(moved, slots_of(old, *node), "{change}");
+            assert!(plan.services.iter().flat_map(|s| &s.moves).all(|m| m.from == *node));
+        }
+        _ => {}
+    }
+    assert!(plan.participants.is_subset(&report.participants), "{change}: plan outside report");
+    if let Some(node) = change.node() {
+        // Only one cell's members and the requesting node take part.
+        let others: BTreeSet<NodeId> = report.participants.iter().copied().filter(|n| *n != node).collect();
+        let cells: BTreeSet<_> = others.iter().map(|n| tree.leaf_of(*n).expect("live")).collect();
+        assert!(cells.len() <= 1, "{change}: participants span cells {cells:?}");
+        let capacity = tree.config().cell_capacity as usize;
+        assert!(report.participants.len() <= capacity + 1, "{change}: {:?}", report.participants);
+    }
+}
+
+/// Replays `changes` on a fresh tree: the same inputs must give the same tree and snapshot.
+fn assert_replays_identically(tree: &CellTree, changes: &[Change], capacity: u32) {
+    let config = TreeConfig::default().with_cell_capacity(capacity).with_label_levels(["zone"]);
+    let mut again = CellTree::new(config).expect("valid");
+    for change in changes {
+        again.apply(change).expect("replayed change applies as it did the first time");
+    }
+    assert_eq!(&again, tree);
+    assert_eq!(again.snapshot(Epoch(9)).unwrap(), tree.snapshot(Epoch(9)).unwrap());
+    let json = serde_json::to_string(tree).expect("serialise");
+    let back: CellTree = serde_json::from_str(&json).expect("deserialise");
+    assert_eq!(&back, tree);
+}
+
+fn config(cases: u32, seed: u64) -> Config {
+    Config {
+        cases,
+        rng_seed: RngSeed::Fixed(seed),
+        failure_persistence: None,
+        ..Config::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config(96, 0x6f62_656c))]
+    #[test]
+    fn small_clusters_keep_every_invariant(
+        capacity in 1u32..=8,
+        initial in 1usize..=40,
+        steps in proptest::collection::vec(step(), 1..60),
+    ) {
+        let (tree, changes) = run_history(capacity, 1024, initial, &steps);
+        assert_replays_identically(&tree, &changes, capacity);
+    }
+}
+
+proptest! {
+    #![proptest_config(config(6, 0x6c69_6e73))]
+    #[test]
+    fn large_clusters_keep_every_invariant(
+        initial in 500usize..=1000,
+        steps in proptest::collection::vec(step(), 1..40),
+    ) {
+        // Up to 1,024 nodes after the additions.
+        let (tree, changes) = run_history(8, 4096, initial, &steps);
+        prop_assert!(tree.len() <= 1024);
+        assert_replays_identically(&tree, &changes, 8);
+    }
+}
