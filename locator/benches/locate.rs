@@ -1,1 +1,132 @@
-fn main() {}
+//! `locate` on a snapshot against the report's static modulo, jump consistent hash and
+//! rendezvous hashing over the same nodes, with the same key hash; then lookups from one and
+//! from two threads at once.
+//!
+//! `cargo bench -p gobelins-locator`
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
+use gobelins_locator::baseline::{jump, modulo, rendezvous};
+use gobelins_locator::{
+    mix, CellTree, Epoch, Key, Labels, NodeId, ServiceId, ServiceSpec, SnapshotCell, TreeConfig,
+};
+use std::time::{Duration, Instant};
+
+const KV: ServiceId = ServiceId(1);
+
+fn cluster(n: u64) -> CellTree {
+    let mut tree = CellTree::new(TreeConfig::default()).expect("default config");
+    tree.register_service(ServiceSpec::new(KV, "kv")).expect("register");
+    for i in 1..=n {
+        tree.add_node(NodeId(i), Labels::new()).expect("add");
+    }
+    tree
+}
+
+fn schemes(c: &mut Criterion) {
+    let mut group = c.benchmark_group("lookup");
+    for n in [64u64, 1024] {
+        let tree = cluster(n);
+        let snapshot = tree.snapshot(Epoch(1)).expect("non-empty");
+        let cell = SnapshotCell::new(snapshot.clone());
+        let nodes: Vec<NodeId> = tree.nodes().collect();
+        let hashes: Vec<u64> = nodes.iter().map(|x| mix(x.0 ^ 0x5eed)).collect();
+        let count = nodes.len() as u32;
+
+        group.bench_with_input(BenchmarkId::new("locate", n), &snapshot, |b, snap| {
+            let mut k = 0u64;
+            b.iter(|| {
+                k = k.wrapping_add(1);
+                snap.locate(KV, Key(black_box(k)))
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("locate_via_cell", n), &cell, |b, cell| {
+            let mut k = 0u64;
+            b.iter(|| {
+                k = k.wrapping_add(1);
+                cell.load().locate(KV, Key(black_box(k)))
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("locate_via_reader", n), &cell, |b, cell| {
+            let mut reader = cell.reader();
+            let mut k = 0u64;
+            b.iter(|| {
+                k = k.wrapping_add(1);
+                reader.load().locate(KV, Key(black_box(k)))
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("modulo", n), &nodes, |b, nodes| {
+            let mut k = 0u64;
+            b.iter(|| {
+                k = k.wrapping_add(1);
+                nodes[modulo(mix(black_box(k)), black_box(count)) as usize]
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("jump", n), &nodes, |b, nodes| {
+            let mut k = 0u64;
+            b.iter(|| {
+                k = k.wrapping_add(1);
+                nodes[jump(mix(black_box(k)), black_box(count)) as usize]
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("rendezvous", n), &nodes, |b, nodes| {
+            let mut k = 0u64;
+            b.iter(|| {
+                k = k.wrapping_add(1);
+                nodes[rendezvous(mix(black_box(k)), &hashes) as usize]
+            })
+        });
+    }
+    group.finish();
+}
+
+/// Runs `iters` lookups on each of `threads` threads at once through the shared cell (each
+/// thread with its own cached reader, or loading the cell every time); returns the wall time.
+/// Equal times for one and two threads mean twice the lookups per second.
+fn lookups_on(cell: &SnapshotCell, threads: u64, iters: u64, cached: bool) -> Duration {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                let mut reader = cell.reader();
+                let mut k = t << 40;
+                let mut sum = 0u64;
+                for _ in 0..iters {
+                    k = k.wrapping_add(1);
+                    let owner = if cached {
+                        reader.load().locate(KV, Key(black_box(k)))
+                    } else {
+                        cell.load().locate(KV, Key(black_box(k)))
+                    };
+                    sum = sum.wrapping_add(owner.map_or(0, |x| x.0));
+                }
+                black_box(sum)
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn threads(c: &mut Criterion) {
+    let tree = cluster(1024);
+    let cell = SnapshotCell::new(tree.snapshot(Epoch(1)).expect("non-empty"));
+    let mut group = c.benchmark_group("threads");
+    for threads in [1u64, 2] {
+        group.bench_with_input(BenchmarkId::new("locate_via_reader", threads), &threads, |b, &t| {
+            b.iter_custom(|iters| lookups_on(&cell, t, iters, true))
+        });
+        group.bench_with_input(BenchmarkId::new("locate_via_cell", threads), &threads, |b, &t| {
+            b.iter_custom(|iters| lookups_on(&cell, t, iters, false))
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30);
+    targets = schemes, threads
+}
+criterion_main!(benches);

@@ -45,5 +45,5 @@ pub use hash::mix;
 pub use ids::{CellId, Epoch, Key, NodeId, ServiceId};
 pub use plan::{MigrationPlan, ServicePlan, SlotMove};
 pub use service::{Placement, ServiceSize, ServiceSpec, DEFAULT_SLOTS, MAX_SLOTS};
-pub use snapshot::{ServiceTable, Snapshot, SnapshotCell};
+pub use snapshot::{ServiceTable, Snapshot, SnapshotCell, SnapshotReader};
 pub use tree::{CellTree, ROOT};

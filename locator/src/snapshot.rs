@@ -11,7 +11,7 @@ use crate::hash::mix;
 use crate::ids::{Epoch, Key, NodeId, ServiceId};
 use crate::service::{Placement, ServiceSpec};
 use crate::tree::ServiceState;
-use arc_swap::{ArcSwap, Guard};
+use arc_swap::{ArcSwap, Cache, Guard};
 use std::sync::Arc;
 
 /// One service's flat `slot → manager` table.
@@ -144,6 +144,12 @@ impl SnapshotCell {
         self.current.load()
     }
 
+    /// A per-thread reader that only touches the shared pointer when a new epoch is installed:
+    /// for request loops where even [`SnapshotCell::load`] shows.
+    pub fn reader(&self) -> SnapshotReader<'_> {
+        SnapshotReader { cache: Cache::new(&self.current) }
+    }
+
     /// The installed snapshot as an owned handle, for holding across a long operation.
     pub fn load_full(&self) -> Arc<Snapshot> {
         self.current.load_full()
@@ -167,5 +173,19 @@ impl SnapshotCell {
             Some(installed) => Err(LocatorError::StaleEpoch { installed, offered: next.epoch }),
             None => Ok(previous),
         }
+    }
+}
+
+/// One thread's cached view of a [`SnapshotCell`]. Each `load` checks whether the installed
+/// snapshot changed and, if not, returns the one it holds.
+pub struct SnapshotReader<'a> {
+    cache: Cache<&'a ArcSwap<Snapshot>, Arc<Snapshot>>,
+}
+
+impl SnapshotReader<'_> {
+    /// The installed snapshot, never older than the last one seen by this reader.
+    #[inline]
+    pub fn load(&mut self) -> &Arc<Snapshot> {
+        self.cache.load()
     }
 }
