@@ -111,9 +111,11 @@ fn threads(c: &mut Criterion) {
     let cell = SnapshotCell::new(tree.snapshot(Epoch(1)).expect("non-empty"));
     let mut group = c.benchmark_group("threads");
     for threads in [1u64, 2] {
-        group.bench_with_input(BenchmarkId::new("locate_via_reader", threads), &threads, |b, &t| {
-            b.iter_custom(|iters| lookups_on(&cell, t, iters, true))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("locate_via_reader", threads),
+            &threads,
+            |b, &t| b.iter_custom(|iters| lookups_on(&cell, t, iters, true)),
+        );
         group.bench_with_input(BenchmarkId::new("locate_via_cell", threads), &threads, |b, &t| {
             b.iter_custom(|iters| lookups_on(&cell, t, iters, false))
         });

@@ -19,7 +19,11 @@ fn targets(holdings: &[Holding], total: usize) -> Vec<usize> {
     let m = holdings.len();
     let mut order: Vec<usize> = (0..m).collect();
     order.sort_by(|&a, &b| {
-        holdings[b].slots.len().cmp(&holdings[a].slots.len()).then(holdings[a].node.cmp(&holdings[b].node))
+        holdings[b]
+            .slots
+            .len()
+            .cmp(&holdings[a].slots.len())
+            .then(holdings[a].node.cmp(&holdings[b].node))
     });
     let (base, extra) = (total / m, total % m);
     let mut target = vec![base; m];

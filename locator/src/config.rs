@@ -35,7 +35,10 @@ impl TreeConfig {
     }
 
     /// The default shape with label levels, top first.
-    pub fn with_label_levels<S: Into<String>>(mut self, levels: impl IntoIterator<Item = S>) -> Self {
+    pub fn with_label_levels<S: Into<String>>(
+        mut self,
+        levels: impl IntoIterator<Item = S>,
+    ) -> Self {
         self.label_levels = levels.into_iter().map(Into::into).collect();
         self
     }

@@ -19,9 +19,9 @@
 //! - `tree` and `ops`: the [`CellTree`] and its changes; `balance`: moving slots within a cell.
 //! - [`change`]: [`Change`], the replicated unit, and [`ChangeReport`].
 //! - [`snapshot`]: [`Snapshot`] and [`SnapshotCell`].
-//! - [`plan`]: [`MigrationPlan`].
+//! - [`plan`]: what moves between two snapshots, [`MigrationPlan`].
 //! - [`baseline`]: modulo, jump and rendezvous hashing, to measure against.
-//! - [`error`]: [`LocatorError`].
+//! - [`error`]: the one error type, [`LocatorError`].
 #![deny(missing_docs)]
 
 mod balance;

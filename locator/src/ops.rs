@@ -161,7 +161,8 @@ impl CellTree {
         }
         self.join_leaf(target, node, labels);
 
-        let mut participants: BTreeSet<NodeId> = self.cells[&donor].members().iter().copied().collect();
+        let mut participants: BTreeSet<NodeId> =
+            self.cells[&donor].members().iter().copied().collect();
         participants.extend(self.cells[&target].members());
         let mut cells = vec![donor];
         if target != donor {
@@ -176,15 +177,13 @@ impl CellTree {
             return Err(LocatorError::LastNode(node));
         }
         self.nodes.remove(&node);
-        if let CellKind::Leaf(members) = &mut self.cells.get_mut(&leaf).expect("member's leaf").kind {
+        if let CellKind::Leaf(members) = &mut self.cells.get_mut(&leaf).expect("member's leaf").kind
+        {
             members.retain(|&m| m != node);
         }
 
-        let recipient = if self.cells[&leaf].members().is_empty() {
-            self.drop_empty_leaf(leaf)
-        } else {
-            leaf
-        };
+        let recipient =
+            if self.cells[&leaf].members().is_empty() { self.drop_empty_leaf(leaf) } else { leaf };
 
         let ids: Vec<ServiceId> = self.services.keys().copied().collect();
         for id in ids {
@@ -212,7 +211,73 @@ impl CellTree {
         let mut participants: BTreeSet<NodeId> =
             self.cells[&recipient].members().iter().copied().collect();
         participants.insert(node);
+        self.merge_with_sibling(recipient);
         Ok(ChangeReport { cells: vec![recipient], participants })
+    }
+
+    /// Merges `leaf` with a sibling leaf when both fit in one cell and no slot has to move for
+    /// it: every service's counts are already within one over the two, and no service is
+    /// confined to just one of them. Small cells are the ones a removal burdens most, so merging
+    /// them for free keeps later removals cheap. A split cell left with one child becomes a leaf
+    /// again.
+    fn merge_with_sibling(&mut self, leaf: CellId) {
+        let Some(parent) = self.cells[&leaf].parent else { return };
+        let capacity = self.config.cell_capacity as usize;
+        let size = self.cells[&leaf].members().len();
+        let sibling = self.cells[&parent].children().iter().copied().find(|&s| {
+            s != leaf
+                && self.cells[&s].is_leaf()
+                && size + self.cells[&s].members().len() <= capacity
+                && self.merges_for_free(leaf, s)
+        });
+        let Some(sibling) = sibling else { return };
+        let Some(Cell { kind: CellKind::Leaf(moving), .. }) = self.cells.remove(&sibling) else {
+            return;
+        };
+        if let CellKind::Inner(children) = &mut self.cells.get_mut(&parent).expect("parent").kind {
+            children.retain(|&c| c != sibling);
+        }
+        for &node in &moving {
+            self.nodes.get_mut(&node).expect("member").leaf = leaf;
+        }
+        if let CellKind::Leaf(members) = &mut self.cells.get_mut(&leaf).expect("leaf").kind {
+            members.extend(moving);
+            members.sort_unstable();
+        }
+        // A split cell whose halves are one again becomes a leaf under its old id.
+        let collapse = parent != ROOT
+            && self.cells[&parent].label.is_none()
+            && self.cells[&parent].children() == [leaf];
+        if collapse {
+            let Some(Cell { kind, .. }) = self.cells.remove(&leaf) else { return };
+            for &node in match &kind {
+                CellKind::Leaf(members) => members.as_slice(),
+                CellKind::Inner(_) => &[],
+            } {
+                self.nodes.get_mut(&node).expect("member").leaf = parent;
+            }
+            self.cells.get_mut(&parent).expect("parent").kind = kind;
+            for state in self.services.values_mut() {
+                if state.scope == leaf {
+                    state.scope = parent;
+                }
+            }
+        }
+    }
+
+    fn merges_for_free(&self, a: CellId, b: CellId) -> bool {
+        self.services.values().all(|state| {
+            if state.scope == a || state.scope == b {
+                return false;
+            }
+            let counts = self
+                .holdings(state, a)
+                .into_iter()
+                .chain(self.holdings(state, b))
+                .map(|h| h.slots.len());
+            let (lo, hi) = counts.fold((usize::MAX, 0), |(lo, hi), c| (lo.min(c), hi.max(c)));
+            hi <= lo + 1
+        })
     }
 
     /// Removes a leaf that lost its last node and returns the leaf that takes over its slots: the
@@ -247,7 +312,9 @@ impl CellTree {
         while gone != ancestor && gone != ROOT {
             let parent = self.cells[&gone].parent.unwrap_or(ROOT);
             self.cells.remove(&gone);
-            if let CellKind::Inner(children) = &mut self.cells.get_mut(&parent).expect("parent").kind {
+            if let CellKind::Inner(children) =
+                &mut self.cells.get_mut(&parent).expect("parent").kind
+            {
                 children.retain(|&c| c != gone);
                 if !children.is_empty() {
                     break;
@@ -260,9 +327,9 @@ impl CellTree {
 
     fn rebalance(&mut self, max_over_avg_permille: u32) -> ChangeReport {
         let loads = self.leaf_loads();
-        let (mass, nodes) = loads.values().fold((0u128, 0u128), |(m, n), &(lm, ln)| {
-            (m + u128::from(lm), n + u128::from(ln))
-        });
+        let (mass, nodes) = loads
+            .values()
+            .fold((0u128, 0u128), |(m, n), &(lm, ln)| (m + u128::from(lm), n + u128::from(ln)));
         let hot = loads.keys().copied().max_by(|a, b| by_load(&loads, *a, *b).then(b.cmp(a)));
         let cold = loads.keys().copied().min_by(|a, b| by_load(&loads, *a, *b).then(a.cmp(b)));
         let (Some(hot), Some(cold)) = (hot, cold) else { return ChangeReport::default() };
@@ -281,10 +348,8 @@ impl CellTree {
             }
             let mut from = self.holdings(state, hot);
             let to = self.holdings(state, cold);
-            let (from_mass, to_mass): (usize, usize) = (
-                from.iter().map(|h| h.slots.len()).sum(),
-                to.iter().map(|h| h.slots.len()).sum(),
-            );
+            let (from_mass, to_mass): (usize, usize) =
+                (from.iter().map(|h| h.slots.len()).sum(), to.iter().map(|h| h.slots.len()).sum());
             let keep = (from_mass + to_mass) * from.len() / (from.len() + to.len());
             let taken = withdraw(&mut from, from_mass.saturating_sub(keep));
             let given = deposit(&to, &taken);
@@ -293,12 +358,8 @@ impl CellTree {
                 owners[slot as usize] = node;
             }
         }
-        let participants = self.cells[&hot]
-            .members()
-            .iter()
-            .chain(self.cells[&cold].members())
-            .copied()
-            .collect();
+        let participants =
+            self.cells[&hot].members().iter().chain(self.cells[&cold].members()).copied().collect();
         ChangeReport { cells: vec![hot, cold], participants }
     }
 
@@ -321,7 +382,12 @@ impl CellTree {
         self.push_cell(parent, None, CellKind::Leaf(Vec::new()))
     }
 
-    fn push_cell(&mut self, parent: CellId, label: Option<(String, String)>, kind: CellKind) -> CellId {
+    fn push_cell(
+        &mut self,
+        parent: CellId,
+        label: Option<(String, String)>,
+        kind: CellKind,
+    ) -> CellId {
         let id = CellId(self.next_cell);
         self.next_cell += 1;
         self.cells.insert(id, Cell { parent: Some(parent), label, kind });

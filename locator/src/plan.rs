@@ -59,7 +59,9 @@ impl MigrationPlan {
             let id = new_table.spec().id;
             let Some(old_table) = old.table(id) else { continue };
             let mut moves: Vec<SlotMove> = Vec::new();
-            for (slot, (&from, &to)) in old_table.owners().iter().zip(new_table.owners()).enumerate() {
+            for (slot, (&from, &to)) in
+                old_table.owners().iter().zip(new_table.owners()).enumerate()
+            {
                 if from == to {
                     continue;
                 }
@@ -134,8 +136,11 @@ impl fmt::Display for MigrationPlan {
             }
             for ((from, to), ranges) in pairs {
                 let count: u32 = ranges.iter().map(|r| r.end - r.start).sum();
-                let shown: Vec<String> =
-                    ranges.iter().take(RANGES_SHOWN).map(|r| format!("{}..{}", r.start, r.end)).collect();
+                let shown: Vec<String> = ranges
+                    .iter()
+                    .take(RANGES_SHOWN)
+                    .map(|r| format!("{}..{}", r.start, r.end))
+                    .collect();
                 let more = ranges.len().saturating_sub(RANGES_SHOWN);
                 let more = if more > 0 { format!(" (+{more} more)") } else { String::new() };
                 writeln!(f, "    {from} -> {to}: {count} slots in {}", shown.join(" ") + &more)?;

@@ -178,7 +178,8 @@ impl CellTree {
         }
         self.leaves()
             .map(|(id, cell)| {
-                let mass = cell.members().iter().map(|n| per_node.get(n).copied().unwrap_or(0)).sum();
+                let mass =
+                    cell.members().iter().map(|n| per_node.get(n).copied().unwrap_or(0)).sum();
                 (id, (mass, cell.members().len() as u64))
             })
             .collect()
@@ -237,7 +238,11 @@ impl CellTree {
 
 /// Whether `cell` is `ancestor` or lies below it. A free function so that it can run while
 /// another part of the tree is borrowed mutably.
-pub(crate) fn is_within(cells: &BTreeMap<CellId, Cell>, mut cell: CellId, ancestor: CellId) -> bool {
+pub(crate) fn is_within(
+    cells: &BTreeMap<CellId, Cell>,
+    mut cell: CellId,
+    ancestor: CellId,
+) -> bool {
     loop {
         if cell == ancestor {
             return true;

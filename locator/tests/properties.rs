@@ -5,7 +5,7 @@ mod common;
 
 use common::{assert_invariants, moved_by_plan, slots_of};
 use gobelins_locator::{
-    Change, CellTree, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServiceId, ServiceSpec,
+    CellTree, Change, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServiceId, ServiceSpec,
     TreeConfig,
 };
 use proptest::prelude::*;
@@ -16,7 +16,9 @@ use std::collections::BTreeSet;
 /// generated history is meaningful whatever came before it.
 #[derive(Clone, Debug)]
 enum Step {
-    Add { zone: Option<u8> },
+    Add {
+        zone: Option<u8>,
+    },
     Evict(usize),
     Fail(usize),
     /// Adds a node that is already a member: must be refused and change nothing.
@@ -56,7 +58,12 @@ fn concretise(tree: &CellTree, step: &Step, next_id: &mut u64) -> Change {
 
 /// Builds a cluster of `initial` nodes, registers a confined service, then runs `steps`,
 /// checking every property after each change. Returns the changes applied, for replay.
-fn run_history(capacity: u32, slots: u32, initial: usize, steps: &[Step]) -> (CellTree, Vec<Change>) {
+fn run_history(
+    capacity: u32,
+    slots: u32,
+    initial: usize,
+    steps: &[Step],
+) -> (CellTree, Vec<Change>) {
     let config = TreeConfig::default().with_cell_capacity(capacity).with_label_levels(["zone"]);
     let mut tree = CellTree::new(config).expect("valid config");
     let mut applied = vec![
@@ -67,11 +74,13 @@ fn run_history(capacity: u32, slots: u32, initial: usize, steps: &[Step]) -> (Ce
         tree.apply(change).expect("register");
     }
     for i in 0..initial {
-        let change = Change::Add { node: NodeId(i as u64 + 1), labels: labels(Some((i % 3) as u8)) };
+        let change =
+            Change::Add { node: NodeId(i as u64 + 1), labels: labels(Some((i % 3) as u8)) };
         tree.apply(&change).expect("initial add");
         applied.push(change);
     }
-    let confined = Change::Register(ServiceSpec::new(ServiceId(3), "small").with_slots(256).with_size(3));
+    let confined =
+        Change::Register(ServiceSpec::new(ServiceId(3), "small").with_slots(256).with_size(3));
     tree.apply(&confined).expect("register confined");
     applied.push(confined);
     assert_invariants(&tree);
@@ -126,7 +135,8 @@ fn check_movement(
     assert!(plan.participants.is_subset(&report.participants), "{change}: plan outside report");
     if let Some(node) = change.node() {
         // Only one cell's members and the requesting node take part.
-        let others: BTreeSet<NodeId> = report.participants.iter().copied().filter(|n| *n != node).collect();
+        let others: BTreeSet<NodeId> =
+            report.participants.iter().copied().filter(|n| *n != node).collect();
         let cells: BTreeSet<_> = others.iter().map(|n| tree.leaf_of(*n).expect("live")).collect();
         assert!(cells.len() <= 1, "{change}: participants span cells {cells:?}");
         let capacity = tree.config().cell_capacity as usize;
@@ -149,12 +159,7 @@ fn assert_replays_identically(tree: &CellTree, changes: &[Change], capacity: u32
 }
 
 fn config(cases: u32, seed: u64) -> Config {
-    Config {
-        cases,
-        rng_seed: RngSeed::Fixed(seed),
-        failure_persistence: None,
-        ..Config::default()
-    }
+    Config { cases, rng_seed: RngSeed::Fixed(seed), failure_persistence: None, ..Config::default() }
 }
 
 proptest! {

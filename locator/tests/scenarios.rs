@@ -4,7 +4,7 @@ mod common;
 
 use common::assert_invariants;
 use gobelins_locator::{
-    parse_label, Change, CellTree, Epoch, Key, Labels, LocatorError, MigrationPlan, NodeId,
+    parse_label, CellTree, Change, Epoch, Key, Labels, LocatorError, MigrationPlan, NodeId,
     ServiceId, ServiceSpec, SnapshotCell, TreeConfig, ROOT,
 };
 use std::collections::BTreeSet;
@@ -33,7 +33,10 @@ fn bad_input_gets_a_typed_error_and_changes_nothing() {
     let mut tree = cluster(4, 3);
     let before = tree.clone();
     let cases: Vec<(Change, LocatorError)> = vec![
-        (Change::Add { node: NodeId(2), labels: Labels::new() }, LocatorError::DuplicateNode(NodeId(2))),
+        (
+            Change::Add { node: NodeId(2), labels: Labels::new() },
+            LocatorError::DuplicateNode(NodeId(2)),
+        ),
         (Change::Evict(NodeId(99)), LocatorError::UnknownNode(NodeId(99))),
         (Change::Fail(NodeId(99)), LocatorError::UnknownNode(NodeId(99))),
         (
@@ -160,7 +163,8 @@ fn a_new_label_opens_a_subtree_that_takes_its_share_from_one_cell() {
 #[test]
 fn a_small_service_stays_in_its_subtree_and_widens_when_the_subtree_empties() {
     let mut tree = cluster(4, 12);
-    tree.register_service(ServiceSpec::new(ServiceId(2), "small").with_slots(64).with_size(2)).unwrap();
+    tree.register_service(ServiceSpec::new(ServiceId(2), "small").with_slots(64).with_size(2))
+        .unwrap();
     let scope = tree.scope_of(ServiceId(2)).unwrap();
     assert_ne!(scope, ROOT);
     let small: BTreeSet<NodeId> = tree.slot_counts(ServiceId(2)).keys().copied().collect();
@@ -206,14 +210,19 @@ fn rebalance_evens_out_a_cluster_that_shrank_unevenly() {
     };
     assert!(load(&tree) > 2.0, "setup: {}", load(&tree));
     let mut rounds = 0;
-    while !tree.apply(&Change::Rebalance { max_over_avg_permille: 1200 }).unwrap().cells.is_empty() {
+    while !tree.apply(&Change::Rebalance { max_over_avg_permille: 1200 }).unwrap().cells.is_empty()
+    {
         rounds += 1;
         assert!(rounds < 20, "rebalance does not converge");
     }
     assert!(load(&tree) <= 1.2, "after {rounds} rounds: {}", load(&tree));
     assert_invariants(&tree);
     // A balanced cluster is left alone.
-    assert!(tree.apply(&Change::Rebalance { max_over_avg_permille: 1200 }).unwrap().cells.is_empty());
+    assert!(tree
+        .apply(&Change::Rebalance { max_over_avg_permille: 1200 })
+        .unwrap()
+        .cells
+        .is_empty());
 }
 
 #[test]
@@ -277,6 +286,57 @@ fn the_tree_draws_itself() {
     let tree = cluster(2, 3);
     let drawing = tree.render();
     assert!(drawing.starts_with("c0 root (3 nodes)\n"), "{drawing}");
-    assert!(drawing.contains("└─ c1\n   ├─ c2 [n1:16384 n3:16384]\n   └─ c3 [n2:32768]"), "{drawing}");
+    assert!(
+        drawing.contains("└─ c1\n   ├─ c2 [n1:16384 n3:16384]\n   └─ c3 [n2:32768]"),
+        "{drawing}"
+    );
     assert!(drawing.contains("└─ "), "{drawing}");
+}
+
+/// Worst max/avg slot load over `steps` seeded changes on a cluster of `n`, rebalancing after
+/// each change above `permille` as the supervisor does.
+fn churn_worst(n: u64, steps: u64, permille: u32) -> f64 {
+    let mut tree = CellTree::new(TreeConfig::default()).unwrap();
+    tree.register_service(ServiceSpec::new(KV, "kv").with_slots(4096)).unwrap();
+    for i in 1..=n {
+        tree.add_node(NodeId(i), Labels::new()).unwrap();
+    }
+    let mut next = n;
+    let mut worst: f64 = 0.0;
+    for step in 0..steps {
+        let roll = gobelins_locator::mix(step) % 10;
+        let nodes: Vec<NodeId> = tree.nodes().collect();
+        let size = nodes.len() as u64;
+        let change = if size <= n / 2 || (size < 2 * n && roll < 5) {
+            next += 1;
+            Change::Add { node: NodeId(next), labels: Labels::new() }
+        } else {
+            let victim = nodes[(gobelins_locator::mix(step ^ 0xfeed) % size) as usize];
+            if roll < 8 {
+                Change::Evict(victim)
+            } else {
+                Change::Fail(victim)
+            }
+        };
+        tree.apply(&change).unwrap();
+        let rebalance = Change::Rebalance { max_over_avg_permille: permille };
+        while !tree.apply(&rebalance).unwrap().cells.is_empty() {}
+        assert_invariants(&tree);
+        let max = f64::from(*tree.slot_counts(KV).values().max().unwrap());
+        worst = worst.max(max * tree.len() as f64 / 4096.0);
+    }
+    worst
+}
+
+#[test]
+fn load_stays_within_a_quarter_of_even_through_churn_with_rebalancing() {
+    let worst = churn_worst(16, 400, 1200);
+    assert!(worst <= 1.25, "max/avg reached {worst:.3}");
+}
+
+#[test]
+fn churn_without_rebalancing_drifts_out_of_balance() {
+    // Why rebalancing exists: removals burden only their own cell.
+    let worst = churn_worst(16, 400, u32::MAX);
+    assert!(worst > 1.5, "max/avg only reached {worst:.3}");
 }

@@ -44,7 +44,11 @@ pub(crate) fn assert_invariants(tree: &CellTree) {
 }
 
 /// Whether `cell` is `ancestor` or below it, walking parents.
-pub(crate) fn within(tree: &CellTree, mut cell: gobelins_locator::CellId, ancestor: gobelins_locator::CellId) -> bool {
+pub(crate) fn within(
+    tree: &CellTree,
+    mut cell: gobelins_locator::CellId,
+    ancestor: gobelins_locator::CellId,
+) -> bool {
     loop {
         if cell == ancestor {
             return true;
@@ -75,5 +79,8 @@ pub(crate) fn slots_of(snapshot: &Snapshot, node: NodeId) -> BTreeMap<ServiceId,
 
 /// Slots per service whose manager differs, according to the plan.
 pub(crate) fn moved_by_plan(plan: &MigrationPlan) -> BTreeMap<ServiceId, BTreeSet<u32>> {
-    plan.services.iter().map(|s| (s.service, s.moves.iter().flat_map(|m| m.slots.clone()).collect())).collect()
+    plan.services
+        .iter()
+        .map(|s| (s.service, s.moves.iter().flat_map(|m| m.slots.clone()).collect()))
+        .collect()
 }
