@@ -276,10 +276,12 @@ fn churn(n: usize, rebalance: bool) -> Churn {
         out.change_moved += plan.moved_slots();
         out.change_optimum += u64::from(optimum);
         out.worst_before_rebalance = out.worst_before_rebalance.max(slot_max_over_avg(&tree));
-        while rebalance {
+        // Without rebalancing the threshold is out of reach, so the loop stops at once.
+        let permille = if rebalance { REBALANCE_PERMILLE } else { u32::MAX };
+        loop {
             let old = tree.snapshot(Epoch(0)).expect("non-empty");
             let report = tree
-                .apply(&Change::Rebalance { max_over_avg_permille: REBALANCE_PERMILLE })
+                .apply(&Change::Rebalance { max_over_avg_permille: permille })
                 .expect("rebalance applies");
             if report.cells.is_empty() {
                 break;
