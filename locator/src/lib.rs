@@ -11,6 +11,25 @@
 //!                                  MigrationPlan::between(old, new): what moves, from whom, to whom
 //! ```
 //!
+//! ```
+//! use gobelins_locator::{
+//!     CellTree, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, ServiceSpec, TreeConfig,
+//! };
+//!
+//! let mut tree = CellTree::new(TreeConfig::default())?;
+//! tree.register_service(ServiceSpec::new(ServiceId(1), "kv"))?;
+//! for n in 1..=4 {
+//!     tree.add_node(NodeId(n), Labels::new())?;
+//! }
+//! let before = tree.snapshot(Epoch(1))?;
+//! tree.evict_node(NodeId(2))?;
+//! let after = tree.snapshot(Epoch(2))?;
+//! let plan = MigrationPlan::between(&before, &after);
+//! assert_eq!(plan.senders().into_iter().collect::<Vec<_>>(), vec![NodeId(2)]);
+//! assert_ne!(after.locate(ServiceId(1), Key(42)), Some(NodeId(2)));
+//! # Ok::<(), gobelins_locator::LocatorError>(())
+//! ```
+//!
 //! Modules:
 //! - [`ids`]: `NodeId`, `ServiceId`, `Key`, `CellId`, `Epoch`.
 //! - [`service`]: what a service declares (slots, hashed keys or runs, size).
