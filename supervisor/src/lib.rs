@@ -1,5 +1,17 @@
-//! The supervisor of gobelins (DESIGN.md, "Supervisor").
+//! The supervisor of gobelins (DESIGN.md, "Supervisor"): the daemon on every node that keeps one
+//! consistent view of the cluster configuration.
 //!
-//! Not built yet: this crate will hold the TCP transport, the openraft-replicated cluster state,
-//! the failure detector and the control socket behind `gobelins agent`.
+//! Modules:
+//! - [`error`]: the crate's one error type.
+//! - [`codec`]: the one module that names bincode; every payload is encoded here.
+//! - [`frame`]: length + version framing, with the size limit checked first.
+//! - [`secret`]: the cluster id and key; [`handshake`]: both ends prove they hold the key.
 #![deny(missing_docs)]
+
+pub mod codec;
+pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod secret;
+
+pub use error::{Result, SupervisorError};

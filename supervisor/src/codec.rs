@@ -1,0 +1,57 @@
+//! The one place that names bincode. Everything that crosses a socket or lands on disk is
+//! encoded here, with a size limit on decoding so that a hostile length prefix inside a payload
+//! cannot make us allocate more than a frame may hold.
+
+use crate::error::{Result, SupervisorError};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+/// Largest value decoding will materialise; matches the largest frame we accept.
+pub const DECODE_LIMIT: usize = 64 * 1024 * 1024;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
+/// Encodes `value`.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(value, config())
+        .map_err(|e| SupervisorError::Codec(e.to_string()))
+}
+
+/// Decodes a whole `T` from `bytes`; trailing bytes are an error, since they mean the two ends
+/// disagree about the format.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| SupervisorError::Codec(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(SupervisorError::Codec(format!("{} trailing bytes", bytes.len() - used)));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_round_trip() {
+        let value = (7u64, "seven".to_string(), vec![1u8, 2, 3]);
+        assert_eq!(decode::<(u64, String, Vec<u8>)>(&encode(&value).unwrap()).unwrap(), value);
+    }
+
+    #[test]
+    fn a_huge_announced_length_is_refused_without_allocating() {
+        // A Vec<u8> claiming u64::MAX elements, as varint: 0xff then 8 bytes.
+        let mut bytes = vec![0xff];
+        bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert!(matches!(decode::<Vec<u8>>(&bytes), Err(SupervisorError::Codec(_))));
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut bytes = encode(&5u32).unwrap();
+        bytes.push(0);
+        assert!(decode::<u32>(&bytes).is_err());
+    }
+}

@@ -1,0 +1,112 @@
+//! The supervisor's one error type.
+//!
+//! Variants are grouped by what the caller should do: `Frame`, `Codec` and `Handshake` errors end
+//! one connection and leave the agent running; `Io` and `Storage` are environmental; `Config`
+//! errors stop a command before it changes anything. [`SupervisorError::is_retryable`] tells the
+//! transient ones apart.
+
+use std::path::PathBuf;
+
+/// Why a supervisor operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// A frame announced more bytes than the configured maximum; nothing was allocated for it.
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    FrameTooLarge {
+        /// Length the peer announced.
+        len: usize,
+        /// Configured maximum.
+        max: usize,
+    },
+    /// A frame spoke a protocol version this node does not know.
+    #[error("frame version {0} is not supported (this node speaks {min}..={max})", min = crate::frame::MIN_VERSION, max = crate::frame::VERSION)]
+    UnsupportedVersion(u8),
+    /// A frame was empty: no version byte.
+    #[error("empty frame")]
+    EmptyFrame,
+    /// The payload could not be decoded or encoded.
+    #[error("codec: {0}")]
+    Codec(String),
+    /// The peer failed the handshake; the connection was closed.
+    #[error("handshake with {peer}: {reason}")]
+    Handshake {
+        /// Address or node of the peer.
+        peer: String,
+        /// What was wrong, in words an operator can act on.
+        reason: String,
+    },
+    /// The peer did not answer in time.
+    #[error("{what} timed out after {after_ms} ms")]
+    Timeout {
+        /// What was waited for.
+        what: String,
+        /// How long.
+        after_ms: u64,
+    },
+    /// No connection to the node could be made or kept.
+    #[error("node {0} is unreachable")]
+    Unreachable(u64),
+    /// The connection closed while a request was in flight.
+    #[error("connection closed")]
+    Closed,
+    /// Reading or writing a socket or file failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The embedded store failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// The data directory or command line asks for something impossible.
+    #[error("{0}")]
+    Config(String),
+    /// The data directory already holds a cluster.
+    #[error(
+        "{} already holds cluster {cluster}; start the agent without --bootstrap to rejoin it, or \
+         use an empty --data-dir for a new cluster",
+        dir.display()
+    )]
+    AlreadyBootstrapped {
+        /// The data directory.
+        dir: PathBuf,
+        /// The cluster it belongs to.
+        cluster: String,
+    },
+    /// Consensus refused or failed an operation.
+    #[error("consensus: {0}")]
+    Raft(String),
+    /// The cluster refused a configuration change.
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+impl SupervisorError {
+    /// Whether trying again later may succeed without changing anything.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            SupervisorError::Timeout { .. }
+                | SupervisorError::Unreachable(_)
+                | SupervisorError::Closed
+                | SupervisorError::Raft(_)
+        )
+    }
+
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        SupervisorError::Io { context: context.into(), source }
+    }
+}
+
+impl From<std::io::Error> for SupervisorError {
+    fn from(source: std::io::Error) -> Self {
+        SupervisorError::io("socket", source)
+    }
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = SupervisorError> = std::result::Result<T, E>;

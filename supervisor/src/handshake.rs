@@ -1,0 +1,335 @@
+//! The first frames of every connection: both ends prove they hold the cluster secret.
+//!
+//! ```text
+//! initiator                                     acceptor
+//!    ── Hello{magic, versions, cluster, node, incarnation, nonce} ──▶  check magic/version/cluster
+//!    ◀── Welcome{Hello, proof = HMAC(key, "acceptor" | hello_i | hello_a)} ──
+//!  verify                                                             
+//!    ── Proof(HMAC(key, "initiator" | hello_i | hello_a)) ──▶  verify
+//! ```
+//!
+//! Nonces from both ends go into both proofs, so a recorded handshake cannot be replayed. Either
+//! end sends `Refused(reason)` before closing, so the other can log what to fix.
+
+use crate::codec;
+use crate::error::{Result, SupervisorError};
+use crate::frame::{FrameCodec, MIN_VERSION, VERSION};
+use crate::secret::{ClusterId, ClusterSecret};
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::codec::Framed;
+
+/// First bytes of every Hello: tells a gobelins peer from anything else on the port.
+pub const MAGIC: [u8; 8] = *b"GOBELINS";
+
+/// What a node says about itself when it connects.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Always [`MAGIC`].
+    pub magic: [u8; 8],
+    /// Oldest protocol version the sender reads.
+    pub min_version: u8,
+    /// Newest protocol version the sender reads.
+    pub max_version: u8,
+    /// The cluster the sender belongs to.
+    pub cluster: ClusterId,
+    /// The sender's node id.
+    pub node: u64,
+    /// How many times the sender has (re)joined; a fenced node comes back with a higher one.
+    pub incarnation: u64,
+    /// Where the sender listens, so the acceptor can dial back.
+    pub addr: String,
+    /// Fresh random bytes, bound into both proofs.
+    pub nonce: [u8; 32],
+}
+
+impl Hello {
+    /// This node's Hello, with a fresh nonce.
+    pub fn new(cluster: ClusterId, node: u64, incarnation: u64, addr: String) -> Self {
+        let mut nonce = [0u8; 32];
+        rand::rng().fill_bytes(&mut nonce);
+        Hello {
+            magic: MAGIC,
+            min_version: MIN_VERSION,
+            max_version: VERSION,
+            cluster,
+            node,
+            incarnation,
+            addr,
+            nonce,
+        }
+    }
+}
+
+/// The handshake's messages.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum HandshakeMessage {
+    /// The initiator introduces itself.
+    Hello(Hello),
+    /// The acceptor introduces itself and proves it holds the key.
+    Welcome {
+        /// The acceptor's Hello.
+        hello: Hello,
+        /// HMAC over both Hellos.
+        proof: [u8; 32],
+    },
+    /// The initiator proves it holds the key.
+    Proof([u8; 32]),
+    /// The sender gives up, and says why.
+    Refused(String),
+}
+
+/// Checks that a peer's Hello is for our cluster and speaks a version we read.
+pub fn check_hello(ours: ClusterId, theirs: &Hello) -> std::result::Result<(), String> {
+    if theirs.magic != MAGIC {
+        return Err("not a gobelins peer (bad magic)".into());
+    }
+    if theirs.max_version < MIN_VERSION || theirs.min_version > VERSION {
+        return Err(format!(
+            "protocol versions {}..={} do not overlap ours {MIN_VERSION}..={VERSION}; upgrade the older node",
+            theirs.min_version, theirs.max_version
+        ));
+    }
+    if theirs.cluster != ours {
+        return Err(format!(
+            "peer belongs to cluster {}, this node to {ours}; check --secret-file",
+            theirs.cluster
+        ));
+    }
+    Ok(())
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+fn mac(
+    secret: &ClusterSecret,
+    role: &[u8],
+    initiator: &Hello,
+    acceptor: &Hello,
+) -> Result<HmacSha256> {
+    let mut mac = HmacSha256::new_from_slice(&secret.key)
+        .map_err(|e| SupervisorError::Config(format!("cluster key: {e}")))?;
+    mac.update(role);
+    mac.update(&codec::encode(initiator)?);
+    mac.update(&codec::encode(acceptor)?);
+    Ok(mac)
+}
+
+/// The proof that the sender in `role` holds the key, bound to both Hellos.
+pub fn proof(
+    secret: &ClusterSecret,
+    role: &[u8],
+    initiator: &Hello,
+    acceptor: &Hello,
+) -> Result<[u8; 32]> {
+    Ok(mac(secret, role, initiator, acceptor)?.finalize().into_bytes().into())
+}
+
+/// Checks a proof in constant time.
+pub fn verify(
+    secret: &ClusterSecret,
+    role: &[u8],
+    initiator: &Hello,
+    acceptor: &Hello,
+    proof: &[u8; 32],
+) -> Result<bool> {
+    Ok(mac(secret, role, initiator, acceptor)?.verify_slice(proof).is_ok())
+}
+
+const INITIATOR: &[u8] = b"gobelins initiator";
+const ACCEPTOR: &[u8] = b"gobelins acceptor";
+
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, FrameCodec>,
+    message: &HandshakeMessage,
+) -> Result<()> {
+    framed.send(Bytes::from(codec::encode(message)?)).await
+}
+
+async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, FrameCodec>,
+    peer: &str,
+) -> Result<HandshakeMessage> {
+    match framed.next().await {
+        Some(frame) => codec::decode(&frame?),
+        None => Err(SupervisorError::Handshake {
+            peer: peer.into(),
+            reason: "closed the connection".into(),
+        }),
+    }
+}
+
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, FrameCodec>,
+    peer: &str,
+    reason: String,
+) -> SupervisorError {
+    // Best effort: the peer may already be gone, and the error we return matters more.
+    let _ = send(framed, &HandshakeMessage::Refused(reason.clone())).await;
+    SupervisorError::Handshake { peer: peer.into(), reason }
+}
+
+fn refused_by_peer(peer: &str, reason: String) -> SupervisorError {
+    SupervisorError::Handshake { peer: peer.into(), reason: format!("refused by peer: {reason}") }
+}
+
+fn unexpected(peer: &str, got: &HandshakeMessage) -> SupervisorError {
+    let what = match got {
+        HandshakeMessage::Hello(_) => "Hello",
+        HandshakeMessage::Welcome { .. } => "Welcome",
+        HandshakeMessage::Proof(_) => "Proof",
+        HandshakeMessage::Refused(_) => "Refused",
+    };
+    SupervisorError::Handshake { peer: peer.into(), reason: format!("unexpected {what} message") }
+}
+
+/// Runs the initiator's side; returns the acceptor's Hello.
+pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, FrameCodec>,
+    secret: &ClusterSecret,
+    ours: Hello,
+    peer: &str,
+    deadline: Duration,
+) -> Result<Hello> {
+    let run = async {
+        send(framed, &HandshakeMessage::Hello(ours.clone())).await?;
+        let (theirs, their_proof) = match receive(framed, peer).await? {
+            HandshakeMessage::Welcome { hello, proof } => (hello, proof),
+            HandshakeMessage::Refused(reason) => return Err(refused_by_peer(peer, reason)),
+            other => return Err(unexpected(peer, &other)),
+        };
+        if let Err(reason) = check_hello(secret.cluster, &theirs) {
+            return Err(refuse(framed, peer, reason).await);
+        }
+        if !verify(secret, ACCEPTOR, &ours, &theirs, &their_proof)? {
+            let reason = "peer could not prove it holds the cluster secret".to_string();
+            return Err(refuse(framed, peer, reason).await);
+        }
+        send(framed, &HandshakeMessage::Proof(proof(secret, INITIATOR, &ours, &theirs)?)).await?;
+        Ok(theirs)
+    };
+    with_deadline(run, peer, deadline).await
+}
+
+/// Runs the acceptor's side; returns the initiator's Hello. `ours` builds our Hello once the
+/// initiator's is known.
+pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, FrameCodec>,
+    secret: &ClusterSecret,
+    ours: Hello,
+    peer: &str,
+    deadline: Duration,
+) -> Result<Hello> {
+    let run = async {
+        let theirs = match receive(framed, peer).await? {
+            HandshakeMessage::Hello(hello) => hello,
+            other => return Err(unexpected(peer, &other)),
+        };
+        if let Err(reason) = check_hello(secret.cluster, &theirs) {
+            return Err(refuse(framed, peer, reason).await);
+        }
+        let welcome = HandshakeMessage::Welcome {
+            proof: proof(secret, ACCEPTOR, &theirs, &ours)?,
+            hello: ours.clone(),
+        };
+        send(framed, &welcome).await?;
+        match receive(framed, peer).await? {
+            HandshakeMessage::Proof(p) if verify(secret, INITIATOR, &theirs, &ours, &p)? => Ok(theirs),
+            HandshakeMessage::Proof(_) => Err(refuse(
+                framed,
+                peer,
+                "wrong cluster secret: the peer could not prove it holds the key; check --secret-file".into(),
+            )
+            .await),
+            HandshakeMessage::Refused(reason) => Err(refused_by_peer(peer, reason)),
+            other => Err(unexpected(peer, &other)),
+        }
+    };
+    with_deadline(run, peer, deadline).await
+}
+
+async fn with_deadline<T>(
+    run: impl std::future::Future<Output = Result<T>>,
+    peer: &str,
+    deadline: Duration,
+) -> Result<T> {
+    tokio::time::timeout(deadline, run).await.map_err(|_| SupervisorError::Timeout {
+        what: format!("handshake with {peer}"),
+        after_ms: deadline.as_millis() as u64,
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn run(
+        initiator_secret: ClusterSecret,
+        acceptor_secret: ClusterSecret,
+    ) -> (Result<Hello>, Result<Hello>) {
+        let (a, b) = tokio::io::duplex(4096);
+        let mut a = Framed::new(a, FrameCodec::default());
+        let mut b = Framed::new(b, FrameCodec::default());
+        let ours_a = Hello::new(initiator_secret.cluster, 1, 1, "127.0.0.1:1".into());
+        let ours_b = Hello::new(acceptor_secret.cluster, 2, 1, "127.0.0.1:2".into());
+        let deadline = Duration::from_secs(5);
+        tokio::join!(
+            initiate(&mut a, &initiator_secret, ours_a, "n2", deadline),
+            accept(&mut b, &acceptor_secret, ours_b, "n1", deadline)
+        )
+    }
+
+    #[tokio::test]
+    async fn peers_with_the_same_secret_learn_each_other() {
+        let secret = ClusterSecret::generate();
+        let (a, b) = run(secret.clone(), secret).await;
+        assert_eq!(a.unwrap().node, 2);
+        assert_eq!(b.unwrap().node, 1);
+    }
+
+    #[tokio::test]
+    async fn a_wrong_key_is_refused_by_both_ends() {
+        let right = ClusterSecret::generate();
+        let wrong = ClusterSecret { cluster: right.cluster, key: [7; 32] };
+        let (a, b) = run(wrong, right).await;
+        let (a, b) = (a.unwrap_err().to_string(), b.unwrap_err().to_string());
+        assert!(a.contains("could not prove"), "{a}");
+        assert!(b.contains("refused by peer"), "{b}");
+    }
+
+    #[tokio::test]
+    async fn another_cluster_is_refused_with_advice() {
+        let (a, b) = run(ClusterSecret::generate(), ClusterSecret::generate()).await;
+        let (a, b) = (a.unwrap_err().to_string(), b.unwrap_err().to_string());
+        assert!(b.contains("check --secret-file"), "{b}");
+        assert!(a.contains("refused by peer"), "{a}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_peer_times_out() {
+        let (a, _b) = tokio::io::duplex(4096);
+        let mut a = Framed::new(a, FrameCodec::default());
+        let secret = ClusterSecret::generate();
+        let hello = Hello::new(secret.cluster, 1, 1, String::new());
+        let err = initiate(&mut a, &secret, hello, "n2", Duration::from_secs(3)).await.unwrap_err();
+        assert!(matches!(err, SupervisorError::Timeout { after_ms: 3000, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_replayed_proof_does_not_verify_against_new_nonces() {
+        let secret = ClusterSecret::generate();
+        let a = Hello::new(secret.cluster, 1, 1, String::new());
+        let b = Hello::new(secret.cluster, 2, 1, String::new());
+        let old = proof(&secret, INITIATOR, &a, &b).unwrap();
+        let b2 = Hello::new(secret.cluster, 2, 1, String::new());
+        assert!(verify(&secret, INITIATOR, &a, &b, &old).unwrap());
+        assert!(!verify(&secret, INITIATOR, &a, &b2, &old).unwrap());
+        assert!(!verify(&secret, ACCEPTOR, &a, &b, &old).unwrap(), "roles are not interchangeable");
+    }
+}

@@ -1,0 +1,128 @@
+//! The cluster's identity and shared secret, created once by `--bootstrap` and copied by the
+//! operator to every node that joins.
+
+use crate::error::{Result, SupervisorError};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::Path;
+
+const HEADER: &str = "gobelins-cluster-v1";
+
+/// A cluster's id: random, so two clusters never mistake each other's nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ClusterId(pub [u8; 16]);
+
+impl fmt::Display for ClusterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+/// The cluster id and the key every member proves it holds.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterSecret {
+    /// Which cluster.
+    pub cluster: ClusterId,
+    /// 256-bit key for HMAC-SHA256 proofs.
+    pub key: [u8; 32],
+}
+
+impl fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The key never reaches a log.
+        write!(f, "ClusterSecret({}, key hidden)", self.cluster)
+    }
+}
+
+impl ClusterSecret {
+    /// A new cluster with a fresh id and key from the OS's random source.
+    pub fn generate() -> Self {
+        // ThreadRng is a CSPRNG seeded from the OS.
+        let mut rng = rand::rng();
+        let mut cluster = [0u8; 16];
+        let mut key = [0u8; 32];
+        rng.fill_bytes(&mut cluster);
+        rng.fill_bytes(&mut key);
+        ClusterSecret { cluster: ClusterId(cluster), key }
+    }
+
+    /// The file's text: one line, `gobelins-cluster-v1 <id> <key>` in hex.
+    pub fn to_text(&self) -> String {
+        format!("{HEADER} {} {}\n", self.cluster, hex::encode(self.key))
+    }
+
+    /// Parses what [`ClusterSecret::to_text`] wrote.
+    pub fn from_text(text: &str) -> Result<Self> {
+        let bad = || {
+            SupervisorError::Config(
+                "secret file is not a gobelins cluster secret (expected `gobelins-cluster-v1 <id> \
+                 <key>`); copy it unchanged from the bootstrap node's data directory"
+                    .into(),
+            )
+        };
+        let mut parts = text.split_whitespace();
+        if parts.next() != Some(HEADER) {
+            return Err(bad());
+        }
+        let cluster = parts.next().and_then(|h| hex::decode(h).ok()).ok_or_else(bad)?;
+        let key = parts.next().and_then(|h| hex::decode(h).ok()).ok_or_else(bad)?;
+        if parts.next().is_some() {
+            return Err(bad());
+        }
+        Ok(ClusterSecret {
+            cluster: ClusterId(cluster.try_into().map_err(|_| bad())?),
+            key: key.try_into().map_err(|_| bad())?,
+        })
+    }
+
+    /// Reads a secret file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            SupervisorError::io(format!("reading secret file {}", path.display()), e)
+        })?;
+        Self::from_text(&text)
+    }
+
+    /// Writes a secret file readable by its owner only.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| SupervisorError::io(format!("creating {}", path.display()), e))?;
+        file.write_all(self.to_text().as_bytes())
+            .and_then(|()| file.sync_all())
+            .map_err(|e| SupervisorError::io(format!("writing {}", path.display()), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_survives_its_file_format() {
+        let secret = ClusterSecret::generate();
+        assert_eq!(ClusterSecret::from_text(&secret.to_text()).unwrap(), secret);
+        assert_ne!(ClusterSecret::generate().key, secret.key);
+    }
+
+    #[test]
+    fn a_mangled_secret_file_is_refused_with_advice() {
+        let text = ClusterSecret::generate().to_text();
+        for bad in [&text[1..], &text[..text.len() - 3], "", "gobelins-cluster-v1 zz zz"] {
+            let err = ClusterSecret::from_text(bad).unwrap_err().to_string();
+            assert!(err.contains("copy it unchanged"), "{err}");
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_the_key() {
+        let secret = ClusterSecret::generate();
+        assert!(!format!("{secret:?}").contains(&hex::encode(secret.key)));
+    }
+}

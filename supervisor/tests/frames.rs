@@ -1,0 +1,69 @@
+//! The frame decoder and the codec on random, truncated and hostile bytes: never a panic,
+//! always a typed error or a frame.
+
+use bytes::{Bytes, BytesMut};
+use gobelins_supervisor::frame::FrameCodec;
+use gobelins_supervisor::handshake::HandshakeMessage;
+use gobelins_supervisor::{codec, SupervisorError};
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+use tokio_util::codec::{Decoder, Encoder};
+
+fn config() -> Config {
+    Config {
+        cases: 512,
+        rng_seed: RngSeed::Fixed(0x6672_616d),
+        failure_persistence: None,
+        ..Config::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    #[test]
+    fn random_bytes_give_frames_or_typed_errors(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+        let mut codec = FrameCodec::new(1024);
+        let mut buf = BytesMut::from(&bytes[..]);
+        loop {
+            match codec.decode(&mut buf) {
+                Ok(Some(frame)) => {
+                    prop_assert!(frame.len() < 1024);
+                    // Whatever the frame holds, decoding it as a message must not panic.
+                    let _ = codec::decode::<HandshakeMessage>(&frame);
+                }
+                Ok(None) => break,
+                Err(SupervisorError::FrameTooLarge { .. })
+                | Err(SupervisorError::UnsupportedVersion(_))
+                | Err(SupervisorError::EmptyFrame) => break,
+                Err(other) => prop_assert!(false, "unexpected error {other}"),
+            }
+        }
+    }
+
+    #[test]
+    fn truncated_frames_wait_for_more_and_never_yield_garbage(
+        payload in proptest::collection::vec(any::<u8>(), 0..512),
+        cut in 0usize..600,
+    ) {
+        let mut wire = BytesMut::new();
+        FrameCodec::default().encode(Bytes::from(payload.clone()), &mut wire).unwrap();
+        let cut = cut.min(wire.len());
+        let mut codec = FrameCodec::default();
+        let mut buf = BytesMut::from(&wire[..cut]);
+        let got = codec.decode(&mut buf).unwrap();
+        if cut == wire.len() {
+            prop_assert_eq!(got, Some(Bytes::from(payload)));
+        } else {
+            prop_assert_eq!(got, None);
+        }
+    }
+
+    #[test]
+    fn random_payloads_never_panic_the_message_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        match codec::decode::<HandshakeMessage>(&bytes) {
+            Ok(_) | Err(SupervisorError::Codec(_)) => {}
+            Err(other) => prop_assert!(false, "unexpected error {other}"),
+        }
+    }
+}
