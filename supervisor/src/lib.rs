@@ -5,6 +5,7 @@
 //! - [`error`]: the crate's one error type.
 //! - [`codec`]: the one module that names bincode; every payload is encoded here.
 //! - [`frame`]: length + version framing, with the size limit checked first.
+//! - [`state`]: the replicated cluster state and its pure `apply`.
 //! - [`secret`]: the cluster id and key; [`handshake`]: both ends prove they hold the key.
 #![deny(missing_docs)]
 
@@ -13,5 +14,6 @@ pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod secret;
+pub mod state;
 
 pub use error::{Result, SupervisorError};

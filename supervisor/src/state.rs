@@ -1,0 +1,460 @@
+//! The replicated cluster state and its one transition function.
+//!
+//! `apply` is pure: the same commands in the same order give the same state on every node. It is
+//! what the raft state machine runs for each committed entry.
+//!
+//! ```text
+//!  Join/Leave/Evict/Fail ──▶ queue ──(nothing in progress)──▶ Begin(e+1): tree changes,
+//!                                                             participants listed
+//!  MigrationDone(node, e+1) from every participant ──▶ Stable(e+1) ──▶ next queued change
+//! ```
+
+use gobelins_locator::{
+    CellTree, Change, Epoch, Labels, LocatorError, NodeId, ServiceSpec, TreeConfig,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+
+/// Load above which a stable cluster queues a rebalance of its cells.
+pub const REBALANCE_PERMILLE: u32 = 1200;
+
+/// Where a node is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeStatus {
+    /// Accepted; waiting for or going through its addition.
+    Joining,
+    /// A full member.
+    Active,
+    /// Going out gracefully; still sends its entries.
+    Leaving,
+    /// Out after leaving or eviction.
+    Left,
+    /// Declared failed; fenced until it rejoins with a higher incarnation.
+    Failed,
+}
+
+impl fmt::Display for NodeStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NodeStatus::Joining => "joining",
+            NodeStatus::Active => "active",
+            NodeStatus::Leaving => "leaving",
+            NodeStatus::Left => "left",
+            NodeStatus::Failed => "failed",
+        })
+    }
+}
+
+/// What the cluster knows of one node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Where the node listens.
+    pub addr: String,
+    /// Its labels, which place it in the cell tree.
+    pub labels: Labels,
+    /// Where it is in its life.
+    pub status: NodeStatus,
+    /// Which life: a node that failed must come back with a higher one.
+    pub incarnation: u64,
+}
+
+/// A command replicated through raft.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// A node asks to join (or rejoin with a higher incarnation).
+    Join {
+        /// The node.
+        node: u64,
+        /// Where it listens.
+        addr: String,
+        /// Its labels.
+        labels: Labels,
+        /// Its incarnation.
+        incarnation: u64,
+    },
+    /// A node leaves gracefully.
+    Leave {
+        /// The node.
+        node: u64,
+    },
+    /// An operator removes a live node.
+    Evict {
+        /// The node.
+        node: u64,
+    },
+    /// The failure detector confirmed a node dead.
+    Fail {
+        /// The node.
+        node: u64,
+        /// The incarnation that was seen failing; a stale report about an earlier life is refused.
+        incarnation: u64,
+    },
+    /// A participant finished its part of the change to `epoch`.
+    MigrationDone {
+        /// The participant.
+        node: u64,
+        /// The epoch it reached.
+        epoch: u64,
+    },
+    /// A service registers on the locator.
+    Register(ServiceSpec),
+}
+
+/// Why a command changed nothing. Sent back to whoever proposed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Refusal {
+    /// The node is already a member (or on its way in).
+    #[error("node {0} is already a member; evict it first or give this node another --node-id")]
+    AlreadyMember(u64),
+    /// A failed or departed node came back without a newer incarnation.
+    #[error("node {node} must rejoin with an incarnation above {last}")]
+    StaleIncarnation {
+        /// The node.
+        node: u64,
+        /// The last incarnation the cluster saw.
+        last: u64,
+    },
+    /// The node is not a member.
+    #[error("node {0} is not a member of this cluster")]
+    UnknownNode(u64),
+    /// The node is already on its way out.
+    #[error("node {0} is already leaving")]
+    AlreadyLeaving(u64),
+    /// The node is still joining; it can leave once active.
+    #[error("node {0} is still joining; try again once it is active")]
+    StillJoining(u64),
+    /// The last active node cannot leave.
+    #[error("node {0} is the last active node and cannot leave")]
+    LastNode(u64),
+    /// A report for an epoch that is not in progress.
+    #[error("epoch {got} is not in progress (current epoch {current})")]
+    NotInProgress {
+        /// Epoch reported.
+        got: u64,
+        /// Current epoch.
+        current: u64,
+    },
+    /// The node is not a participant of the change in progress.
+    #[error("node {node} does not take part in epoch {epoch}")]
+    NotParticipant {
+        /// The node.
+        node: u64,
+        /// The epoch.
+        epoch: u64,
+    },
+    /// A report about an incarnation that is not the current one.
+    #[error("node {node} is in incarnation {current}, not {got}")]
+    WrongIncarnation {
+        /// The node.
+        node: u64,
+        /// Incarnation in the report.
+        got: u64,
+        /// Current incarnation.
+        current: u64,
+    },
+    /// The locator refused the change.
+    #[error("locator: {0}")]
+    Locator(String),
+}
+
+/// What a successful command did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Applied {
+    /// The change waits behind others; `position` 0 means it starts next.
+    Queued {
+        /// Place in the queue.
+        position: usize,
+    },
+    /// A change began: its epoch.
+    Began {
+        /// The new epoch.
+        epoch: u64,
+    },
+    /// The participant's report was recorded; `stable` says whether the epoch completed.
+    Recorded {
+        /// Whether the cluster is now stable at this epoch.
+        stable: bool,
+    },
+    /// The service was registered.
+    Registered,
+}
+
+/// The answer to a command, as raft returns it to the proposer.
+pub type Outcome = Result<Applied, Refusal>;
+
+/// A change being carried out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InProgress {
+    /// The epoch it leads to.
+    pub epoch: u64,
+    /// The change.
+    pub change: Change,
+    /// Nodes that must report `MigrationDone`.
+    pub participants: BTreeSet<u64>,
+    /// Those that have.
+    pub done: BTreeSet<u64>,
+}
+
+/// Everything consensus replicates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    /// Every node the cluster has known, with its status.
+    pub nodes: BTreeMap<u64, NodeRecord>,
+    /// The locator's cell tree; holds only joining-complete, not yet removed nodes.
+    pub tree: CellTree,
+    /// The current epoch: the last one begun.
+    pub epoch: u64,
+    /// The change being carried out, if any.
+    pub in_progress: Option<InProgress>,
+    /// Changes waiting their turn, oldest first.
+    pub queue: VecDeque<Change>,
+}
+
+impl Default for ClusterState {
+    fn default() -> Self {
+        ClusterState::new(TreeConfig::default()).expect("the default tree configuration is valid")
+    }
+}
+
+impl ClusterState {
+    /// An empty cluster whose cells follow `config`.
+    pub fn new(config: TreeConfig) -> Result<Self, LocatorError> {
+        Ok(ClusterState {
+            nodes: BTreeMap::new(),
+            tree: CellTree::new(config)?,
+            epoch: 0,
+            in_progress: None,
+            queue: VecDeque::new(),
+        })
+    }
+
+    /// Whether no change is in progress or queued.
+    pub fn is_stable(&self) -> bool {
+        self.in_progress.is_none() && self.queue.is_empty()
+    }
+
+    /// Nodes whose status is `status`.
+    pub fn with_status(&self, status: NodeStatus) -> impl Iterator<Item = u64> + '_ {
+        self.nodes.iter().filter(move |(_, r)| r.status == status).map(|(&id, _)| id)
+    }
+
+    /// Nodes that are members in any live sense: joining, active or leaving.
+    pub fn live(&self) -> BTreeSet<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, r)| {
+                matches!(r.status, NodeStatus::Joining | NodeStatus::Active | NodeStatus::Leaving)
+            })
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Applies one committed command.
+    pub fn apply(&mut self, command: &Command) -> Outcome {
+        match command {
+            Command::Join { node, addr, labels, incarnation } => {
+                self.join(*node, addr, labels, *incarnation)
+            }
+            Command::Leave { node } | Command::Evict { node } => self.remove(*node),
+            Command::Fail { node, incarnation } => self.fail(*node, *incarnation),
+            Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
+            Command::Register(spec) => {
+                self.tree
+                    .register_service(spec.clone())
+                    .map_err(|e| Refusal::Locator(e.to_string()))?;
+                Ok(Applied::Registered)
+            }
+        }
+    }
+
+    fn join(&mut self, node: u64, addr: &str, labels: &Labels, incarnation: u64) -> Outcome {
+        if let Some(record) = self.nodes.get(&node) {
+            match record.status {
+                NodeStatus::Joining | NodeStatus::Active | NodeStatus::Leaving => {
+                    return Err(Refusal::AlreadyMember(node));
+                }
+                NodeStatus::Left | NodeStatus::Failed if incarnation <= record.incarnation => {
+                    return Err(Refusal::StaleIncarnation { node, last: record.incarnation });
+                }
+                NodeStatus::Left | NodeStatus::Failed => {}
+            }
+        }
+        let record = NodeRecord {
+            addr: addr.to_string(),
+            labels: labels.clone(),
+            status: NodeStatus::Joining,
+            incarnation,
+        };
+        self.nodes.insert(node, record);
+        self.enqueue(Change::Add { node: NodeId(node), labels: labels.clone() })
+    }
+
+    fn remove(&mut self, node: u64) -> Outcome {
+        let record = self.nodes.get(&node).ok_or(Refusal::UnknownNode(node))?;
+        match record.status {
+            NodeStatus::Active => {}
+            NodeStatus::Leaving => return Err(Refusal::AlreadyLeaving(node)),
+            NodeStatus::Joining => return Err(Refusal::StillJoining(node)),
+            NodeStatus::Left | NodeStatus::Failed => return Err(Refusal::UnknownNode(node)),
+        }
+        if self.with_status(NodeStatus::Active).count() == 1 {
+            return Err(Refusal::LastNode(node));
+        }
+        self.set_status(node, NodeStatus::Leaving);
+        self.enqueue(Change::Evict(NodeId(node)))
+    }
+
+    fn fail(&mut self, node: u64, incarnation: u64) -> Outcome {
+        let record = self.nodes.get(&node).ok_or(Refusal::UnknownNode(node))?;
+        if record.incarnation != incarnation {
+            return Err(Refusal::WrongIncarnation {
+                node,
+                got: incarnation,
+                current: record.incarnation,
+            });
+        }
+        if matches!(record.status, NodeStatus::Left | NodeStatus::Failed) {
+            return Err(Refusal::UnknownNode(node));
+        }
+        if self.live().len() == 1 {
+            return Err(Refusal::LastNode(node));
+        }
+        self.set_status(node, NodeStatus::Failed);
+        // Whatever the dead node had asked for is void; its entries must be rebuilt.
+        self.queue.retain(|c| c.node() != Some(NodeId(node)));
+        if self.tree.contains(NodeId(node)) {
+            self.queue.push_back(Change::Fail(NodeId(node)));
+        }
+        match &mut self.in_progress {
+            // A dead node reports nothing: stop waiting for it.
+            Some(progress) => {
+                progress.participants.remove(&node);
+                if progress.done.is_superset(&progress.participants) {
+                    self.finish();
+                }
+            }
+            None => {
+                self.start_next();
+            }
+        }
+        Ok(self.whereabouts(node))
+    }
+
+    fn done(&mut self, node: u64, epoch: u64) -> Outcome {
+        let current = self.epoch;
+        let progress =
+            self.in_progress.as_mut().ok_or(Refusal::NotInProgress { got: epoch, current })?;
+        if progress.epoch != epoch {
+            return Err(Refusal::NotInProgress { got: epoch, current });
+        }
+        if !progress.participants.contains(&node) {
+            return Err(Refusal::NotParticipant { node, epoch });
+        }
+        progress.done.insert(node);
+        if progress.done.is_superset(&progress.participants) {
+            self.finish();
+            return Ok(Applied::Recorded { stable: true });
+        }
+        Ok(Applied::Recorded { stable: false })
+    }
+
+    fn set_status(&mut self, node: u64, status: NodeStatus) {
+        if let Some(record) = self.nodes.get_mut(&node) {
+            record.status = status;
+        }
+    }
+
+    /// Queues a change, starting it at once if nothing is in progress.
+    fn enqueue(&mut self, change: Change) -> Outcome {
+        let node = change.node().map(|n| n.0);
+        self.queue.push_back(change);
+        if self.in_progress.is_none() {
+            self.start_next();
+        }
+        Ok(node.map_or(Applied::Queued { position: self.queue.len() }, |n| self.whereabouts(n)))
+    }
+
+    /// Where `node`'s change stands: begun, or its place in the queue.
+    fn whereabouts(&self, node: u64) -> Applied {
+        let mine = |c: &Change| c.node() == Some(NodeId(node));
+        match &self.in_progress {
+            Some(progress) if mine(&progress.change) => Applied::Began { epoch: progress.epoch },
+            _ => match self.queue.iter().position(mine) {
+                Some(position) => Applied::Queued { position },
+                None => Applied::Recorded { stable: self.is_stable() },
+            },
+        }
+    }
+
+    /// Ends the change in progress and starts the next one; returns the epoch begun, if any.
+    fn finish(&mut self) -> Option<u64> {
+        self.complete();
+        if self.queue.is_empty() {
+            // A stable cluster whose load drifted evens it out; a no-op when it has not.
+            self.queue.push_back(Change::Rebalance { max_over_avg_permille: REBALANCE_PERMILLE });
+        }
+        self.start_next()
+    }
+
+    /// Marks the change in progress as done. A node that failed meanwhile stays failed.
+    fn complete(&mut self) {
+        let Some(progress) = self.in_progress.take() else { return };
+        let (node, from, to) = match progress.change {
+            Change::Add { node, .. } => (node.0, NodeStatus::Joining, NodeStatus::Active),
+            Change::Evict(node) => (node.0, NodeStatus::Leaving, NodeStatus::Left),
+            Change::Fail(_) | Change::Register(_) | Change::Rebalance { .. } => return,
+        };
+        if self.nodes.get(&node).map(|r| r.status) == Some(from) {
+            self.set_status(node, to);
+        }
+    }
+
+    /// Starts queued changes until one needs participants; returns the epoch it begins.
+    fn start_next(&mut self) -> Option<u64> {
+        while let Some(change) = self.queue.pop_front() {
+            match self.tree.apply(&change) {
+                // A rebalance of a balanced cluster: nothing to do.
+                Ok(report) if report.cells.is_empty() => continue,
+                Ok(report) => {
+                    self.epoch += 1;
+                    let mut participants: BTreeSet<u64> =
+                        report.participants.iter().map(|n| n.0).collect();
+                    if matches!(change, Change::Fail(_)) {
+                        // Any survivor may hold what the dead node's entries are rebuilt from.
+                        participants.extend(self.live());
+                    }
+                    participants.retain(|n| {
+                        self.nodes.get(n).is_some_and(|r| r.status != NodeStatus::Failed)
+                    });
+                    let epoch = self.epoch;
+                    let empty = participants.is_empty();
+                    self.in_progress =
+                        Some(InProgress { epoch, change, participants, done: BTreeSet::new() });
+                    if !empty {
+                        return Some(epoch);
+                    }
+                    self.complete();
+                }
+                Err(error) => {
+                    // The change cannot happen (say, no room for the node): forget the request
+                    // so that the node may try again, and go on with the next change.
+                    if let Change::Add { node, .. } = &change {
+                        self.nodes.remove(&node.0);
+                    }
+                    tracing::warn!(%change, %error, "configuration change refused by the locator");
+                }
+            }
+        }
+        None
+    }
+
+    /// The epoch as the locator's type.
+    pub fn locator_epoch(&self) -> Epoch {
+        Epoch(self.epoch)
+    }
+}
+
+#[cfg(test)]
+#[path = "state_tests.rs"]
+mod tests;

@@ -1,0 +1,225 @@
+//! Table tests of [`ClusterState::apply`]: each row is a command and the outcome it must give.
+
+use super::*;
+use Applied::*;
+use Command::*;
+
+fn join(node: u64) -> Command {
+    Join { node, addr: format!("127.0.0.{node}:7000"), labels: Labels::new(), incarnation: 1 }
+}
+
+fn rejoin(node: u64, incarnation: u64) -> Command {
+    Join { node, addr: format!("127.0.0.{node}:7000"), labels: Labels::new(), incarnation }
+}
+
+fn done(node: u64, epoch: u64) -> Command {
+    MigrationDone { node, epoch }
+}
+
+/// Runs the rows from an empty cluster, checking each outcome.
+fn table(rows: &[(Command, Outcome)]) -> ClusterState {
+    let mut state = ClusterState::default();
+    for (i, (command, expected)) in rows.iter().enumerate() {
+        let got = state.apply(command);
+        assert_eq!(&got, expected, "row {i}: {command:?}\nstate: {state:#?}");
+    }
+    state
+}
+
+/// Drives every in-progress change to completion, as participants would.
+fn settle(state: &mut ClusterState) {
+    while let Some(progress) = state.in_progress.clone() {
+        for node in progress.participants {
+            state.apply(&done(node, progress.epoch)).expect("participant report");
+        }
+    }
+}
+
+fn status(state: &ClusterState, node: u64) -> NodeStatus {
+    state.nodes[&node].status
+}
+
+#[test]
+fn the_first_node_joins_and_becomes_active_when_it_reports() {
+    let state =
+        table(&[(join(1), Ok(Began { epoch: 1 })), (done(1, 1), Ok(Recorded { stable: true }))]);
+    assert_eq!(status(&state, 1), NodeStatus::Active);
+    assert!(state.is_stable());
+    assert!(state.tree.contains(NodeId(1)));
+}
+
+#[test]
+fn a_duplicate_join_is_refused() {
+    table(&[
+        (join(1), Ok(Began { epoch: 1 })),
+        (join(1), Err(Refusal::AlreadyMember(1))),
+        (done(1, 1), Ok(Recorded { stable: true })),
+        (join(1), Err(Refusal::AlreadyMember(1))),
+    ]);
+}
+
+#[test]
+fn a_change_requested_during_another_waits_its_turn() {
+    let state = table(&[
+        (join(1), Ok(Began { epoch: 1 })),
+        (join(2), Ok(Queued { position: 0 })),
+        (join(3), Ok(Queued { position: 1 })),
+        (done(1, 1), Ok(Recorded { stable: true })),
+    ]);
+    // Epoch 1 is stable; node 2's addition began as epoch 2, with node 1 giving it slots.
+    let progress = state.in_progress.as_ref().expect("node 2 is being added");
+    assert_eq!(progress.epoch, 2);
+    assert_eq!(progress.participants, BTreeSet::from([1, 2]));
+    assert_eq!(state.queue.len(), 1);
+}
+
+#[test]
+fn only_participants_of_the_current_epoch_may_report() {
+    table(&[
+        (join(1), Ok(Began { epoch: 1 })),
+        (done(1, 1), Ok(Recorded { stable: true })),
+        (done(1, 1), Err(Refusal::NotInProgress { got: 1, current: 1 })),
+        (join(2), Ok(Began { epoch: 2 })),
+        (done(1, 1), Err(Refusal::NotInProgress { got: 1, current: 2 })),
+        (done(9, 2), Err(Refusal::NotParticipant { node: 9, epoch: 2 })),
+        (done(1, 2), Ok(Recorded { stable: false })),
+        (done(2, 2), Ok(Recorded { stable: true })),
+    ]);
+}
+
+#[test]
+fn leaving_needs_an_active_member_that_is_not_the_last() {
+    let mut state = table(&[
+        (Leave { node: 7 }, Err(Refusal::UnknownNode(7))),
+        (join(1), Ok(Began { epoch: 1 })),
+        (Leave { node: 1 }, Err(Refusal::StillJoining(1))),
+        (done(1, 1), Ok(Recorded { stable: true })),
+        (Leave { node: 1 }, Err(Refusal::LastNode(1))),
+        (join(2), Ok(Began { epoch: 2 })),
+    ]);
+    settle(&mut state);
+    assert_eq!(state.apply(&Leave { node: 2 }), Ok(Began { epoch: 3 }));
+    assert_eq!(state.apply(&Evict { node: 2 }), Err(Refusal::AlreadyLeaving(2)));
+    settle(&mut state);
+    assert_eq!(status(&state, 2), NodeStatus::Left);
+    assert!(!state.tree.contains(NodeId(2)));
+    assert_eq!(state.apply(&Evict { node: 2 }), Err(Refusal::UnknownNode(2)));
+}
+
+#[test]
+fn a_failure_during_a_change_stops_the_wait_for_the_dead_participant() {
+    let mut state =
+        table(&[(join(1), Ok(Began { epoch: 1 })), (done(1, 1), Ok(Recorded { stable: true }))]);
+    for n in 2..=3 {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    // Node 4 joins; it fails before reporting.
+    assert!(matches!(state.apply(&join(4)), Ok(Began { .. })));
+    let epoch = state.epoch;
+    for n in state.in_progress.clone().unwrap().participants {
+        if n != 4 {
+            state.apply(&done(n, epoch)).unwrap();
+        }
+    }
+    assert!(state.in_progress.as_ref().is_some_and(|p| p.epoch == epoch), "waiting for node 4");
+    assert_eq!(state.apply(&Fail { node: 4, incarnation: 1 }), Ok(Began { epoch: epoch + 1 }));
+    assert_eq!(status(&state, 4), NodeStatus::Failed, "the finished addition must not revive it");
+    // Every survivor takes part in a failure.
+    assert_eq!(state.in_progress.as_ref().unwrap().participants, BTreeSet::from([1, 2, 3]));
+    settle(&mut state);
+    assert!(!state.tree.contains(NodeId(4)));
+}
+
+#[test]
+fn failure_reports_must_name_the_current_incarnation() {
+    let mut state =
+        table(&[(join(1), Ok(Began { epoch: 1 })), (done(1, 1), Ok(Recorded { stable: true }))]);
+    state.apply(&join(2)).unwrap();
+    settle(&mut state);
+    assert_eq!(
+        state.apply(&Fail { node: 2, incarnation: 5 }),
+        Err(Refusal::WrongIncarnation { node: 2, got: 5, current: 1 })
+    );
+    assert_eq!(state.apply(&Fail { node: 9, incarnation: 1 }), Err(Refusal::UnknownNode(9)));
+    assert!(matches!(state.apply(&Fail { node: 2, incarnation: 1 }), Ok(Began { .. })));
+    assert_eq!(state.apply(&Fail { node: 2, incarnation: 1 }), Err(Refusal::UnknownNode(2)));
+    assert_eq!(state.apply(&Fail { node: 1, incarnation: 1 }), Err(Refusal::LastNode(1)));
+}
+
+#[test]
+fn a_failed_node_rejoins_only_with_a_newer_incarnation() {
+    let mut state = ClusterState::default();
+    for n in 1..=2 {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    state.apply(&Fail { node: 2, incarnation: 1 }).unwrap();
+    settle(&mut state);
+    assert_eq!(state.apply(&rejoin(2, 1)), Err(Refusal::StaleIncarnation { node: 2, last: 1 }));
+    assert!(matches!(state.apply(&rejoin(2, 2)), Ok(Began { .. })));
+    settle(&mut state);
+    assert_eq!(status(&state, 2), NodeStatus::Active);
+    assert_eq!(state.nodes[&2].incarnation, 2);
+}
+
+#[test]
+fn a_node_that_fails_before_its_turn_loses_its_queued_join() {
+    let mut state = table(&[
+        (join(1), Ok(Began { epoch: 1 })),
+        (join(2), Ok(Queued { position: 0 })),
+        (join(3), Ok(Queued { position: 1 })),
+    ]);
+    assert_eq!(state.apply(&Fail { node: 2, incarnation: 1 }), Ok(Recorded { stable: false }));
+    assert_eq!(state.queue.len(), 1);
+    settle(&mut state);
+    assert!(!state.tree.contains(NodeId(2)));
+    assert!(state.tree.contains(NodeId(3)));
+}
+
+#[test]
+fn a_node_the_locator_has_no_room_for_is_forgotten() {
+    let mut state = ClusterState::default();
+    state
+        .apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "tiny").with_slots(1)))
+        .unwrap();
+    state.apply(&join(1)).unwrap();
+    settle(&mut state);
+    assert_eq!(state.apply(&join(2)), Ok(Recorded { stable: true }));
+    assert!(!state.nodes.contains_key(&2), "node 2 may try again later");
+}
+
+#[test]
+fn epochs_never_go_backwards_and_every_change_settles() {
+    let mut state = ClusterState::default();
+    let mut last = 0;
+    for step in 0..400u64 {
+        let roll = gobelins_locator::mix(step) % 10;
+        let live: Vec<u64> = state.live().into_iter().collect();
+        let pick =
+            live.get((gobelins_locator::mix(step ^ 1) as usize) % live.len().max(1)).copied();
+        let command = match (roll, pick) {
+            (0..=3, _) | (_, None) => join(100 + step),
+            (4..=5, Some(n)) => Leave { node: n },
+            (6, Some(n)) => Fail { node: n, incarnation: 1 },
+            (_, Some(_)) => match state.in_progress.clone() {
+                Some(p) => done(*p.participants.iter().next().expect("non-empty"), p.epoch),
+                None => join(100 + step),
+            },
+        };
+        let _ = state.apply(&command);
+        assert!(state.epoch >= last, "epoch went back at step {step}");
+        last = state.epoch;
+        if let Some(p) = &state.in_progress {
+            assert!(!p.participants.is_empty());
+            assert!(p.participants.iter().all(|n| state.nodes[n].status != NodeStatus::Failed));
+        }
+    }
+    settle(&mut state);
+    assert!(state.is_stable());
+    // Once stable, the tree holds exactly the active nodes.
+    let active: BTreeSet<u64> = state.with_status(NodeStatus::Active).collect();
+    let in_tree: BTreeSet<u64> = state.tree.nodes().map(|n| n.0).collect();
+    assert_eq!(active, in_tree);
+    assert_eq!(state.live(), active);
+}
