@@ -6,6 +6,9 @@
 //! - [`codec`]: the one module that names bincode; every payload is encoded here.
 //! - [`frame`]: length + version framing, with the size limit checked first.
 //! - [`state`]: the replicated cluster state and its pure `apply`.
+//! - [`types`], [`runtime`], [`store`]: openraft's instantiation, its seedable runtime, the
+//!   redb-backed log and state machine.
+//! - [`transport`], [`net`], [`tcp`]: request/response between nodes over TCP.
 //! - [`secret`]: the cluster id and key; [`handshake`]: both ends prove they hold the key.
 #![deny(missing_docs)]
 
@@ -13,7 +16,13 @@ pub mod codec;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod net;
+pub mod runtime;
 pub mod secret;
 pub mod state;
+pub mod store;
+pub mod tcp;
+pub mod transport;
+pub mod types;
 
 pub use error::{Result, SupervisorError};

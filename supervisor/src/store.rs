@@ -1,0 +1,327 @@
+//! Raft's log, vote and state machine, persisted in one redb file in the data directory.
+//!
+//! Tables: `logs` (index → encoded entry), `meta` (vote, committed, last purged, snapshot). The
+//! state machine lives in memory and is rebuilt at start from the last snapshot plus the log; a
+//! snapshot is written whenever openraft builds or installs one.
+
+// openraft fixes the error type of its storage traits; our helpers return the same one.
+#![allow(clippy::result_large_err)]
+
+use crate::codec;
+use crate::state::ClusterState;
+use crate::types::{Reply, TypeConfig};
+use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
+use openraft::{
+    BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
+    SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
+};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+const LOGS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("logs");
+const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
+
+const VOTE: &str = "vote";
+const COMMITTED: &str = "committed";
+const PURGED: &str = "last_purged";
+const SNAPSHOT: &str = "snapshot";
+
+type StorageResult<T> = Result<T, StorageError<u64>>;
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
+    StorageIOError::read(&e).into()
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
+    StorageIOError::write(&e).into()
+}
+
+fn codec_err(e: crate::SupervisorError) -> StorageError<u64> {
+    StorageIOError::read(&e).into()
+}
+
+/// Opens (or creates) the store in `path` and returns its two halves plus a receiver that sees
+/// every new cluster state.
+pub fn open(path: &Path) -> Result<(LogStore, StateMachine), crate::SupervisorError> {
+    let db = Database::create(path).map_err(|e| {
+        crate::SupervisorError::Storage(format!(
+            "opening {}: {e}; is another agent using this data directory?",
+            path.display()
+        ))
+    })?;
+    let db = Arc::new(db);
+    let init = || -> Result<(), redb::Error> {
+        let txn = db.begin_write()?;
+        txn.open_table(LOGS)?;
+        txn.open_table(META)?;
+        txn.commit()?;
+        Ok(())
+    };
+    init().map_err(|e| {
+        crate::SupervisorError::Storage(format!("initialising {}: {e}", path.display()))
+    })?;
+    let log = LogStore { db: Arc::clone(&db) };
+    let machine =
+        StateMachine::load(db).map_err(|e| crate::SupervisorError::Storage(e.to_string()))?;
+    Ok((log, machine))
+}
+
+fn get_meta<T: serde::de::DeserializeOwned>(db: &Database, key: &str) -> StorageResult<Option<T>> {
+    let txn = db.begin_read().map_err(read_err)?;
+    let table = txn.open_table(META).map_err(read_err)?;
+    match table.get(key).map_err(read_err)? {
+        Some(bytes) => Ok(Some(codec::decode(bytes.value()).map_err(codec_err)?)),
+        None => Ok(None),
+    }
+}
+
+fn put_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> StorageResult<()> {
+    let bytes = codec::encode(value).map_err(codec_err)?;
+    let txn = db.begin_write().map_err(write_err)?;
+    {
+        let mut table = txn.open_table(META).map_err(write_err)?;
+        table.insert(key, bytes.as_slice()).map_err(write_err)?;
+    }
+    txn.commit().map_err(write_err)
+}
+
+/// The raft log and vote.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<Database>,
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + openraft::OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(LOGS).map_err(read_err)?;
+        let bounds = (range.start_bound().cloned(), range.end_bound().cloned());
+        let mut out = Vec::new();
+        for item in table.range::<u64>(bounds).map_err(read_err)? {
+            let (_, bytes) = item.map_err(read_err)?;
+            out.push(codec::decode(bytes.value()).map_err(codec_err)?);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let last_purged: Option<LogId<u64>> = get_meta(&self.db, PURGED)?;
+        let txn = self.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(LOGS).map_err(read_err)?;
+        let last = match table.last().map_err(read_err)? {
+            Some((_, bytes)) => {
+                let entry: Entry<TypeConfig> = codec::decode(bytes.value()).map_err(codec_err)?;
+                Some(entry.log_id)
+            }
+            None => last_purged,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
+        put_meta(&self.db, VOTE, vote)
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
+        get_meta(&self.db, VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> StorageResult<()> {
+        put_meta(&self.db, COMMITTED, &committed)
+    }
+
+    async fn read_committed(&mut self) -> StorageResult<Option<LogId<u64>>> {
+        Ok(get_meta::<Option<LogId<u64>>>(&self.db, COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut table = txn.open_table(LOGS).map_err(write_err)?;
+            for entry in entries {
+                let bytes = codec::encode(&entry).map_err(codec_err)?;
+                table.insert(entry.log_id.index, bytes.as_slice()).map_err(write_err)?;
+            }
+        }
+        // Commit is durable (redb's default): the callback may then say the entries are on disk.
+        let result = txn.commit().map_err(|e| std::io::Error::other(e.to_string()));
+        let failed = result.as_ref().err().map(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(result);
+        match failed {
+            Some(e) => Err(write_err(e)),
+            None => Ok(()),
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut table = txn.open_table(LOGS).map_err(write_err)?;
+            table.retain_in(log_id.index.., |_, _| false).map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        put_meta(&self.db, PURGED, &log_id)?;
+        let txn = self.db.begin_write().map_err(write_err)?;
+        {
+            let mut table = txn.open_table(LOGS).map_err(write_err)?;
+            table.retain_in(..=log_id.index, |_, _| false).map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)
+    }
+}
+
+/// A snapshot as stored: openraft's metadata and the encoded cluster state.
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<u64, BasicNode>,
+    data: Vec<u8>,
+}
+
+/// The applied cluster state.
+pub struct StateMachine {
+    db: Arc<Database>,
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    state: ClusterState,
+    published: watch::Sender<Arc<ClusterState>>,
+    snapshots_built: u64,
+}
+
+impl StateMachine {
+    fn load(db: Arc<Database>) -> StorageResult<Self> {
+        let stored: Option<StoredSnapshot> = get_meta(&db, SNAPSHOT)?;
+        let (last_applied, membership, state) = match stored {
+            Some(s) => (
+                s.meta.last_log_id,
+                s.meta.last_membership,
+                codec::decode(&s.data).map_err(codec_err)?,
+            ),
+            None => (None, StoredMembership::default(), ClusterState::default()),
+        };
+        let (published, _) = watch::channel(Arc::new(state.clone()));
+        Ok(StateMachine { db, last_applied, membership, state, published, snapshots_built: 0 })
+    }
+
+    /// A receiver that sees each newly applied cluster state.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.published.subscribe()
+    }
+
+    fn publish(&self) {
+        self.published.send_replace(Arc::new(self.state.clone()));
+    }
+}
+
+/// Builds snapshots from a copy of the state taken when openraft asks for a builder.
+pub struct SnapshotBuilder {
+    db: Arc<Database>,
+    last_applied: Option<LogId<u64>>,
+    membership: StoredMembership<u64, BasicNode>,
+    state: ClusterState,
+    id: u64,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
+        let data = codec::encode(&self.state).map_err(codec_err)?;
+        let last = self
+            .last_applied
+            .map_or("none".to_string(), |l| format!("{}-{}", l.leader_id.term, l.index));
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id: format!("{last}-{}", self.id),
+        };
+        put_meta(&self.db, SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> StorageResult<(Option<LogId<u64>>, StoredMembership<u64, BasicNode>)> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> StorageResult<Vec<Reply>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
+        I::IntoIter: openraft::OptionalSend,
+    {
+        let mut replies = Vec::new();
+        for entry in entries {
+            self.last_applied = Some(entry.log_id);
+            replies.push(match entry.payload {
+                EntryPayload::Blank => Reply(None),
+                EntryPayload::Normal(command) => Reply(Some(self.state.apply(&command))),
+                EntryPayload::Membership(membership) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), membership);
+                    Reply(None)
+                }
+            });
+        }
+        self.publish();
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.snapshots_built += 1;
+        SnapshotBuilder {
+            db: Arc::clone(&self.db),
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            state: self.state.clone(),
+            id: self.snapshots_built,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> StorageResult<()> {
+        let data = snapshot.into_inner();
+        self.state = codec::decode(&data).map_err(codec_err)?;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        put_meta(&self.db, SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data })?;
+        self.publish();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
+        let stored: Option<StoredSnapshot> = get_meta(&self.db, SNAPSHOT)?;
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}

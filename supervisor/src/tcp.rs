@@ -1,0 +1,482 @@
+//! The TCP transport: one connection per pair of nodes, carrying requests both ways.
+//!
+//! ```text
+//!  call(to) ──▶ connection(to): reuse, or dial (backoff) + handshake + admission
+//!           ──▶ Wire::Request{id} ──────────────▶ peer's Handler ──▶ Wire::Response{id}
+//!  pending[id] ◀──────────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! When both ends dial each other at once, both keep the connection opened by the lower node id
+//! and close the other, so a pair settles on one connection without talking about it.
+
+use crate::codec;
+use crate::error::{Result, SupervisorError};
+use crate::frame::{FrameCodec, DEFAULT_MAX_FRAME};
+use crate::handshake::{self, Hello};
+use crate::net::{Net, TokioNet};
+use crate::secret::ClusterSecret;
+use crate::transport::{Admission, Handler, Transport};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+
+/// Timeouts and limits of the TCP transport.
+#[derive(Clone, Debug)]
+pub struct TcpConfig {
+    /// Largest frame accepted or sent.
+    pub max_frame: usize,
+    /// Longest a connect may take.
+    pub connect_timeout: Duration,
+    /// Longest a handshake may take.
+    pub handshake_timeout: Duration,
+    /// First wait after a failed dial; doubles up to `backoff_max`.
+    pub backoff_min: Duration,
+    /// Longest wait between dials to an unreachable peer.
+    pub backoff_max: Duration,
+}
+
+impl Default for TcpConfig {
+    fn default() -> Self {
+        TcpConfig {
+            max_frame: DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_millis(500),
+            handshake_timeout: Duration::from_secs(2),
+            backoff_min: Duration::from_millis(20),
+            backoff_max: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Who this node is on the wire.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    /// The cluster id and key.
+    pub secret: ClusterSecret,
+    /// This node's id.
+    pub node: u64,
+    /// Where this node listens, as peers should dial it.
+    pub addr: String,
+}
+
+#[derive(Serialize, Deserialize)]
+enum Wire {
+    Request { id: u64, body: Vec<u8> },
+    Response { id: u64, body: Vec<u8> },
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Bytes>>>>;
+
+#[derive(Clone)]
+struct Conn {
+    id: u64,
+    /// The node that dialed: decides which of two simultaneous connections survives.
+    initiator: u64,
+    tx: mpsc::Sender<Wire>,
+    pending: Pending,
+    cancel: CancellationToken,
+}
+
+#[derive(Default)]
+struct Peer {
+    addr: Option<String>,
+    conn: Option<Conn>,
+    backoff: Duration,
+    retry_at: Option<Instant>,
+}
+
+struct Inner<N: Net> {
+    net: N,
+    config: TcpConfig,
+    identity: Identity,
+    incarnation: AtomicU64,
+    handler: Arc<dyn Handler>,
+    admission: Arc<dyn Admission>,
+    peers: Mutex<HashMap<u64, Peer>>,
+    dialing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    next_id: AtomicU64,
+    shutdown: CancellationToken,
+}
+
+/// The TCP transport. Cheap to clone; every clone is the same transport.
+pub struct TcpTransport<N: Net = TokioNet> {
+    inner: Arc<Inner<N>>,
+}
+
+impl<N: Net> Clone for TcpTransport<N> {
+    fn clone(&self) -> Self {
+        TcpTransport { inner: Arc::clone(&self.inner) }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere must not wedge the transport: the maps stay consistent per operation.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl<N: Net> TcpTransport<N> {
+    /// Binds `identity.addr` (or `bind` if given) and starts accepting peers.
+    pub async fn start(
+        net: N,
+        config: TcpConfig,
+        identity: Identity,
+        incarnation: u64,
+        bind: Option<&str>,
+        handler: Arc<dyn Handler>,
+        admission: Arc<dyn Admission>,
+    ) -> Result<Self> {
+        let listen = bind.unwrap_or(&identity.addr).to_string();
+        let listener = net
+            .bind(&listen)
+            .await
+            .map_err(|e| SupervisorError::io(format!("listening on {listen}"), e))?;
+        let transport = TcpTransport {
+            inner: Arc::new(Inner {
+                net,
+                config,
+                identity,
+                incarnation: AtomicU64::new(incarnation),
+                handler,
+                admission,
+                peers: Mutex::new(HashMap::new()),
+                dialing: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+                shutdown: CancellationToken::new(),
+            }),
+        };
+        let accepting = transport.clone();
+        tokio::spawn(async move { accepting.accept_loop(listener).await });
+        Ok(transport)
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> u64 {
+        self.inner.identity.node
+    }
+
+    /// Changes the incarnation announced on new connections (after a rejoin).
+    pub fn set_incarnation(&self, incarnation: u64) {
+        self.inner.incarnation.store(incarnation, Ordering::SeqCst);
+    }
+
+    /// Stops accepting and closes every connection.
+    pub fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        for peer in lock(&self.inner.peers).values_mut() {
+            if let Some(conn) = peer.conn.take() {
+                conn.cancel.cancel();
+            }
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        let identity = &self.inner.identity;
+        Hello::new(
+            identity.secret.cluster,
+            identity.node,
+            self.inner.incarnation.load(Ordering::SeqCst),
+            identity.addr.clone(),
+        )
+    }
+
+    async fn accept_loop(self, listener: N::Listener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.inner.shutdown.cancelled() => return,
+                accepted = self.inner.net.accept(&listener) => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let me = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = me.admit_incoming(stream, &peer).await {
+                            tracing::warn!(%peer, %error, "refused an incoming connection");
+                        }
+                    });
+                }
+                Err(error) => {
+                    // Out of descriptors, usually: back off rather than spin.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn admit_incoming(&self, stream: N::Stream, peer: &str) -> Result<()> {
+        let mut framed = Framed::new(stream, FrameCodec::new(self.inner.config.max_frame));
+        let config = &self.inner.config;
+        let theirs = handshake::accept(
+            &mut framed,
+            &self.inner.identity.secret,
+            self.hello(),
+            peer,
+            config.handshake_timeout,
+        )
+        .await?;
+        self.inner.admission.admit(theirs.node, theirs.incarnation).map_err(|reason| {
+            SupervisorError::Handshake { peer: format!("node {} at {peer}", theirs.node), reason }
+        })?;
+        tracing::debug!(node = theirs.node, %peer, "peer connected");
+        self.set_peer(theirs.node, theirs.addr.clone());
+        self.register(theirs.node, theirs.node, framed);
+        Ok(())
+    }
+
+    /// Starts the connection's task and makes it the pair's connection, unless a connection
+    /// opened by the lower node id already is. Returns the connection to use.
+    fn register(&self, peer: u64, initiator: u64, framed: Framed<N::Stream, FrameCodec>) -> Conn {
+        let (tx, rx) = mpsc::channel(1024);
+        let conn = Conn {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            initiator,
+            tx,
+            pending: Arc::default(),
+            cancel: self.inner.shutdown.child_token(),
+        };
+        let chosen = {
+            let mut peers = lock(&self.inner.peers);
+            let entry = peers.entry(peer).or_default();
+            let preferred = self.inner.identity.node.min(peer);
+            match &entry.conn {
+                Some(existing)
+                    if !existing.cancel.is_cancelled()
+                        && existing.initiator == preferred
+                        && conn.initiator != preferred =>
+                {
+                    conn.cancel.cancel();
+                    existing.clone()
+                }
+                _ => {
+                    if let Some(old) = entry.conn.replace(conn.clone()) {
+                        old.cancel.cancel();
+                    }
+                    entry.backoff = Duration::ZERO;
+                    entry.retry_at = None;
+                    conn.clone()
+                }
+            }
+        };
+        let me = self.clone();
+        tokio::spawn(async move { me.run(peer, conn, framed, rx).await });
+        chosen
+    }
+
+    async fn run(
+        self,
+        peer: u64,
+        conn: Conn,
+        framed: Framed<N::Stream, FrameCodec>,
+        mut rx: mpsc::Receiver<Wire>,
+    ) {
+        let (mut sink, mut stream) = framed.split();
+        let result: Result<()> = async {
+            loop {
+                tokio::select! {
+                    _ = conn.cancel.cancelled() => return Ok(()),
+                    outgoing = rx.recv() => {
+                        let Some(wire) = outgoing else { return Ok(()) };
+                        sink.send(Bytes::from(codec::encode(&wire)?)).await?;
+                    }
+                    incoming = stream.next() => {
+                        let Some(frame) = incoming else { return Ok(()) };
+                        match codec::decode::<Wire>(&frame?)? {
+                            Wire::Request { id, body } => {
+                                let handler = Arc::clone(&self.inner.handler);
+                                let tx = conn.tx.clone();
+                                tokio::spawn(async move {
+                                    let body = handler.handle(peer, Bytes::from(body)).await.to_vec();
+                                    // The connection may be gone; the caller then times out and retries.
+                                    let _ = tx.send(Wire::Response { id, body }).await;
+                                });
+                            }
+                            Wire::Response { id, body } => {
+                                if let Some(waiter) = lock(&conn.pending).remove(&id) {
+                                    let _ = waiter.send(Bytes::from(body));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        .await;
+        if let Err(error) = result {
+            tracing::warn!(node = peer, %error, "connection closed on a bad frame or I/O error");
+        }
+        conn.cancel.cancel();
+        // Waiters see their sender dropped and report `Closed`.
+        lock(&conn.pending).clear();
+        let mut peers = lock(&self.inner.peers);
+        if let Some(entry) = peers.get_mut(&peer) {
+            if entry.conn.as_ref().is_some_and(|c| c.id == conn.id) {
+                entry.conn = None;
+            }
+        }
+    }
+
+    fn live_conn(&self, node: u64) -> Option<Conn> {
+        lock(&self.inner.peers)
+            .get(&node)
+            .and_then(|p| p.conn.clone())
+            .filter(|c| !c.cancel.is_cancelled())
+    }
+
+    async fn connection(&self, node: u64) -> Result<Conn> {
+        if let Some(conn) = self.live_conn(node) {
+            return Ok(conn);
+        }
+        let gate = Arc::clone(lock(&self.inner.dialing).entry(node).or_default());
+        let _dialing = gate.lock().await;
+        if let Some(conn) = self.live_conn(node) {
+            return Ok(conn);
+        }
+        let addr = {
+            let peers = lock(&self.inner.peers);
+            let peer = peers.get(&node).ok_or(SupervisorError::Unreachable(node))?;
+            if peer.retry_at.is_some_and(|at| Instant::now() < at) {
+                return Err(SupervisorError::Unreachable(node));
+            }
+            peer.addr.clone().ok_or(SupervisorError::Unreachable(node))?
+        };
+        match self.dial(&addr).await {
+            Ok((theirs, framed)) if theirs.node == node => {
+                Ok(self.register(node, self.node(), framed))
+            }
+            Ok((theirs, _)) => {
+                self.failed_dial(node);
+                Err(SupervisorError::Handshake {
+                    peer: addr,
+                    reason: format!("expected node {node}, found node {}", theirs.node),
+                })
+            }
+            Err(error) => {
+                self.failed_dial(node);
+                tracing::debug!(node, %addr, %error, "dial failed");
+                Err(match error {
+                    SupervisorError::Handshake { .. } => error,
+                    _ => SupervisorError::Unreachable(node),
+                })
+            }
+        }
+    }
+
+    fn failed_dial(&self, node: u64) {
+        let config = &self.inner.config;
+        let mut peers = lock(&self.inner.peers);
+        let peer = peers.entry(node).or_default();
+        peer.backoff = (peer.backoff * 2).clamp(config.backoff_min, config.backoff_max);
+        peer.retry_at = Some(Instant::now() + peer.backoff);
+    }
+
+    async fn dial(&self, addr: &str) -> Result<(Hello, Framed<N::Stream, FrameCodec>)> {
+        let config = &self.inner.config;
+        let stream = tokio::time::timeout(config.connect_timeout, self.inner.net.connect(addr))
+            .await
+            .map_err(|_| SupervisorError::Timeout {
+                what: format!("connecting to {addr}"),
+                after_ms: config.connect_timeout.as_millis() as u64,
+            })?
+            .map_err(|e| SupervisorError::io(format!("connecting to {addr}"), e))?;
+        let mut framed = Framed::new(stream, FrameCodec::new(config.max_frame));
+        let theirs = handshake::initiate(
+            &mut framed,
+            &self.inner.identity.secret,
+            self.hello(),
+            addr,
+            config.handshake_timeout,
+        )
+        .await?;
+        Ok((theirs, framed))
+    }
+
+    async fn call_on(
+        &self,
+        conn: &Conn,
+        request: Bytes,
+        deadline: Instant,
+        what: String,
+    ) -> Result<Bytes> {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&conn.pending).insert(id, tx);
+        let sent = conn.tx.send(Wire::Request { id, body: request.to_vec() });
+        let answer = async {
+            sent.await.map_err(|_| SupervisorError::Closed)?;
+            rx.await.map_err(|_| SupervisorError::Closed)
+        };
+        match tokio::time::timeout_at(deadline, answer).await {
+            Ok(result) => result,
+            Err(_) => {
+                lock(&conn.pending).remove(&id);
+                Err(SupervisorError::Timeout { what, after_ms: 0 })
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl<N: Net> Transport for TcpTransport<N> {
+    async fn call(&self, to: u64, request: Bytes, deadline: Duration) -> Result<Bytes> {
+        let until = Instant::now() + deadline;
+        let conn = tokio::time::timeout_at(until, self.connection(to))
+            .await
+            .map_err(|_| SupervisorError::Unreachable(to))??;
+        self.call_on(&conn, request, until, format!("request to node {to}")).await.map_err(|e| {
+            match e {
+                SupervisorError::Timeout { what, .. } => {
+                    SupervisorError::Timeout { what, after_ms: deadline.as_millis() as u64 }
+                }
+                other => other,
+            }
+        })
+    }
+
+    async fn call_addr(
+        &self,
+        addr: &str,
+        request: Bytes,
+        deadline: Duration,
+    ) -> Result<(u64, Bytes)> {
+        let until = Instant::now() + deadline;
+        let (theirs, framed) =
+            tokio::time::timeout_at(until, self.dial(addr)).await.map_err(|_| {
+                SupervisorError::Timeout {
+                    what: format!("reaching {addr}"),
+                    after_ms: deadline.as_millis() as u64,
+                }
+            })??;
+        self.set_peer(theirs.node, theirs.addr.clone());
+        let conn = self.register(theirs.node, self.node(), framed);
+        let response = self.call_on(&conn, request, until, format!("request to {addr}")).await?;
+        Ok((theirs.node, response))
+    }
+
+    fn set_peer(&self, node: u64, addr: String) {
+        if node == self.node() {
+            return;
+        }
+        let mut peers = lock(&self.inner.peers);
+        let peer = peers.entry(node).or_default();
+        if peer.addr.as_deref() != Some(addr.as_str()) {
+            peer.addr = Some(addr);
+            peer.retry_at = None;
+        }
+    }
+
+    fn forget(&self, node: u64) {
+        if let Some(peer) = lock(&self.inner.peers).remove(&node) {
+            if let Some(conn) = peer.conn {
+                conn.cancel.cancel();
+            }
+        }
+    }
+}
