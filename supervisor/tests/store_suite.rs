@@ -17,6 +17,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, TempDir> for RedbBuilder {
 }
 
 #[test]
-fn the_redb_store_keeps_openrafts_storage_contract() -> Result<(), StorageError<u64>> {
-    Suite::test_all(RedbBuilder)
+fn the_redb_store_keeps_openrafts_storage_contract() {
+    if let Err(error) = Suite::test_all(RedbBuilder) {
+        panic!("storage suite failed: {error}");
+    }
 }
