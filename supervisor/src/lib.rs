@@ -13,10 +13,13 @@
 #![deny(missing_docs)]
 
 pub mod codec;
+pub mod detector;
 pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod net;
+pub mod network;
+pub mod rpc;
 pub mod runtime;
 pub mod secret;
 pub mod state;

@@ -1,0 +1,194 @@
+//! The leader's failure detector, as a pure state machine.
+//!
+//! ```text
+//!  handle_tick(now, members) ──▶ Ping(n) for each member; Confirm(n) for each silent too long
+//!  handle_pong(n, now)       ──▶ n is alive
+//!  handle_probes(n, answers) ──▶ DeclareFailed(n) if no witness reached n; otherwise n gets
+//!                                 another full timeout (the leader's own link may be the problem)
+//! ```
+//!
+//! Only the leader runs it; a new leader starts with a full grace period for every node, so an
+//! election never turns into a false failure.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What the detector asks its driver to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Ping this node.
+    Ping(u64),
+    /// Ask these witnesses whether they can reach the suspect.
+    Confirm {
+        /// The silent node.
+        suspect: u64,
+        /// Other members that will try it.
+        witnesses: Vec<u64>,
+    },
+    /// Commit the failure of this node.
+    DeclareFailed(u64),
+}
+
+/// Heartbeat bookkeeping of the leader.
+#[derive(Debug)]
+pub struct Detector {
+    me: u64,
+    timeout: Duration,
+    witnesses: usize,
+    last_heard: BTreeMap<u64, Instant>,
+    confirming: BTreeSet<u64>,
+}
+
+impl Detector {
+    /// A detector for leader `me` that suspects a node silent for `timeout` and asks up to
+    /// `witnesses` other members to confirm.
+    pub fn new(me: u64, timeout: Duration, witnesses: usize) -> Self {
+        Detector {
+            me,
+            timeout,
+            witnesses,
+            last_heard: BTreeMap::new(),
+            confirming: BTreeSet::new(),
+        }
+    }
+
+    /// Called every ping interval with the current members.
+    pub fn handle_tick(&mut self, now: Instant, members: &BTreeSet<u64>) -> Vec<Action> {
+        self.last_heard.retain(|n, _| members.contains(n));
+        self.confirming.retain(|n| members.contains(n));
+        let mut actions = Vec::new();
+        for &node in members.iter().filter(|&&n| n != self.me) {
+            let heard = *self.last_heard.entry(node).or_insert(now);
+            actions.push(Action::Ping(node));
+            if now.saturating_duration_since(heard) >= self.timeout && self.confirming.insert(node)
+            {
+                let witnesses: Vec<u64> = members
+                    .iter()
+                    .copied()
+                    .filter(|&w| w != self.me && w != node)
+                    .filter(|w| !self.confirming.contains(w))
+                    .take(self.witnesses)
+                    .collect();
+                if witnesses.is_empty() {
+                    // Nobody else to ask: the leader's own silence is all the evidence there is.
+                    self.confirming.remove(&node);
+                    actions.push(Action::DeclareFailed(node));
+                } else {
+                    actions.push(Action::Confirm { suspect: node, witnesses });
+                }
+            }
+        }
+        actions
+    }
+
+    /// A node answered a ping.
+    pub fn handle_pong(&mut self, node: u64, now: Instant) {
+        if let Some(heard) = self.last_heard.get_mut(&node) {
+            *heard = now;
+        }
+    }
+
+    /// The witnesses answered whether they reached `suspect`.
+    pub fn handle_probes(
+        &mut self,
+        suspect: u64,
+        reached: &[bool],
+        now: Instant,
+    ) -> Option<Action> {
+        if !self.confirming.remove(&suspect) {
+            return None;
+        }
+        if reached.iter().any(|&r| r) {
+            self.last_heard.insert(suspect, now);
+            None
+        } else {
+            Some(Action::DeclareFailed(suspect))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn members(ids: &[u64]) -> BTreeSet<u64> {
+        ids.iter().copied().collect()
+    }
+
+    fn confirms(actions: &[Action]) -> Vec<&Action> {
+        actions.iter().filter(|a| !matches!(a, Action::Ping(_))).collect()
+    }
+
+    #[test]
+    fn a_node_that_answers_is_never_suspected() {
+        let start = Instant::now();
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let m = members(&[1, 2, 3]);
+        for tick in 0..50u64 {
+            let now = start + Duration::from_millis(tick * 100);
+            let actions = d.handle_tick(now, &m);
+            assert_eq!(actions, vec![Action::Ping(2), Action::Ping(3)]);
+            d.handle_pong(2, now);
+            d.handle_pong(3, now);
+        }
+    }
+
+    #[test]
+    fn a_silent_node_is_confirmed_by_witnesses_then_declared_failed() {
+        let start = Instant::now();
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let m = members(&[1, 2, 3, 4]);
+        d.handle_tick(start, &m);
+        let later = start + Duration::from_millis(999);
+        d.handle_pong(3, later);
+        d.handle_pong(4, later);
+        assert!(confirms(&d.handle_tick(later, &m)).is_empty(), "not yet: 999 ms");
+        let at = start + Duration::from_secs(1);
+        let actions = d.handle_tick(at, &m);
+        assert_eq!(
+            confirms(&actions),
+            vec![&Action::Confirm { suspect: 2, witnesses: vec![3, 4] }]
+        );
+        // While confirming, the suspect is not confirmed twice.
+        assert!(confirms(&d.handle_tick(at + Duration::from_millis(100), &m)).is_empty());
+        assert_eq!(d.handle_probes(2, &[false, false], at), Some(Action::DeclareFailed(2)));
+    }
+
+    #[test]
+    fn a_suspect_a_witness_reaches_gets_another_full_timeout() {
+        let start = Instant::now();
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let m = members(&[1, 2, 3]);
+        d.handle_tick(start, &m);
+        let at = start + Duration::from_secs(1);
+        d.handle_pong(3, at);
+        assert_eq!(
+            confirms(&d.handle_tick(at, &m)),
+            vec![&Action::Confirm { suspect: 2, witnesses: vec![3] }]
+        );
+        assert_eq!(d.handle_probes(2, &[true], at), None);
+        d.handle_pong(3, at + Duration::from_millis(900));
+        assert!(confirms(&d.handle_tick(at + Duration::from_millis(900), &m)).is_empty());
+    }
+
+    #[test]
+    fn in_a_cluster_of_two_the_leader_decides_alone() {
+        let start = Instant::now();
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let m = members(&[1, 2]);
+        d.handle_tick(start, &m);
+        let actions = d.handle_tick(start + Duration::from_secs(2), &m);
+        assert_eq!(confirms(&actions), vec![&Action::DeclareFailed(2)]);
+    }
+
+    #[test]
+    fn nodes_that_left_are_forgotten() {
+        let start = Instant::now();
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        d.handle_tick(start, &members(&[1, 2, 3]));
+        let actions = d.handle_tick(start + Duration::from_secs(5), &members(&[1, 3]));
+        assert_eq!(confirms(&actions), vec![&Action::DeclareFailed(3)]);
+        assert_eq!(d.handle_probes(2, &[false], start), None, "no longer a member");
+    }
+}

@@ -1,0 +1,117 @@
+//! openraft's network, carried by a [`Transport`].
+
+use crate::codec;
+use crate::error::SupervisorError;
+use crate::rpc::{Request, Response};
+use crate::transport::Transport;
+use crate::types::TypeConfig;
+use bytes::Bytes;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::BasicNode;
+use std::sync::Arc;
+
+/// Makes raft clients that talk through the transport.
+#[derive(Clone)]
+pub struct Network {
+    transport: Arc<dyn Transport>,
+}
+
+impl Network {
+    /// Raft over `transport`.
+    pub fn new(transport: Arc<dyn Transport>) -> Self {
+        Network { transport }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = Client;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Client {
+        self.transport.set_peer(target, node.addr.clone());
+        Client { target, transport: Arc::clone(&self.transport) }
+    }
+}
+
+/// Raft's link to one peer.
+pub struct Client {
+    target: u64,
+    transport: Arc<dyn Transport>,
+}
+
+type RpcResult<T, E = openraft::error::Infallible> =
+    Result<T, RPCError<u64, BasicNode, RaftError<u64, E>>>;
+
+impl Client {
+    async fn send<E: std::error::Error>(
+        &self,
+        request: Request,
+        option: &RPCOption,
+    ) -> RpcResult<Response, E> {
+        let bytes =
+            codec::encode(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = self.transport.call(self.target, Bytes::from(bytes), option.hard_ttl()).await;
+        let reply = reply.map_err(|e| match e {
+            // Dial failures make raft back off; a dropped or slow call is retried at once.
+            SupervisorError::Unreachable(_) | SupervisorError::Handshake { .. } => {
+                RPCError::Unreachable(Unreachable::new(&e))
+            }
+            other => RPCError::Network(NetworkError::new(&other)),
+        })?;
+        codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+
+    fn unexpected<E: std::error::Error>(&self) -> RPCError<u64, BasicNode, RaftError<u64, E>> {
+        let error =
+            SupervisorError::Codec(format!("node {} answered with the wrong message", self.target));
+        RPCError::Network(NetworkError::new(&error))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for Client {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<AppendEntriesResponse<u64>> {
+        match self.send(Request::AppendEntries(rpc), &option).await? {
+            Response::AppendEntries(Ok(r)) => Ok(r),
+            Response::AppendEntries(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> RpcResult<InstallSnapshotResponse<u64>, InstallSnapshotError> {
+        match self.send(Request::InstallSnapshot(rpc), &option).await? {
+            Response::InstallSnapshot(Ok(r)) => Ok(r),
+            Response::InstallSnapshot(Err(e)) => {
+                Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
+            }
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<u64>> {
+        match self.send(Request::Vote(rpc), &option).await? {
+            Response::Vote(Ok(r)) => Ok(r),
+            Response::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
+            _ => Err(self.unexpected()),
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The requests supervisors send each other, and their answers.
+
+use crate::state::{ClusterState, Command, Outcome};
+use crate::types::TypeConfig;
+use gobelins_locator::Labels;
+use openraft::error::{InstallSnapshotError, RaftError};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::{Deserialize, Serialize};
+
+/// A node asking to join, sent to any member and forwarded to the leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The joining node.
+    pub node: u64,
+    /// Where it listens.
+    pub addr: String,
+    /// Its labels.
+    pub labels: Labels,
+    /// Its incarnation.
+    pub incarnation: u64,
+}
+
+/// A request between supervisors.
+#[derive(Serialize, Deserialize)]
+pub enum Request {
+    /// Raft log replication.
+    AppendEntries(AppendEntriesRequest<TypeConfig>),
+    /// Raft election.
+    Vote(VoteRequest<u64>),
+    /// Raft snapshot transfer.
+    InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Propose a command; a follower forwards it to the leader.
+    Propose(Command),
+    /// Admit a new node: the leader makes it a raft learner, then proposes its `Join`.
+    Join(JoinRequest),
+    /// Are you alive? Answered at once.
+    Ping,
+    /// Ask the receiver whether it can reach `target`: confirms a suspicion from elsewhere.
+    Probe {
+        /// The suspected node.
+        target: u64,
+    },
+    /// Send your view of the cluster.
+    State,
+}
+
+/// Why a proposal did not produce an outcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ProposeError {
+    /// No leader is known right now; try again shortly.
+    #[error("no leader is known yet")]
+    NoLeader,
+    /// The leader could not be reached.
+    #[error("leader unreachable: {0}")]
+    Unreachable(String),
+    /// Raft refused or failed.
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A node's view of the cluster, as sent in answer to [`Request::State`].
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct View {
+    /// Who answered.
+    pub node: u64,
+    /// The leader it knows of.
+    pub leader: Option<u64>,
+    /// Raft voters.
+    pub voters: Vec<u64>,
+    /// Its applied cluster state.
+    pub state: ClusterState,
+}
+
+/// The answer to a [`Request`].
+#[derive(Serialize, Deserialize)]
+pub enum Response {
+    /// To `AppendEntries`.
+    AppendEntries(Result<AppendEntriesResponse<u64>, RaftError<u64>>),
+    /// To `Vote`.
+    Vote(Result<VoteResponse<u64>, RaftError<u64>>),
+    /// To `InstallSnapshot`.
+    InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
+    /// To `Propose` and `Join`.
+    Proposed(Result<Outcome, ProposeError>),
+    /// To `Ping`.
+    Pong,
+    /// To `Probe`: whether the target answered.
+    Probed(bool),
+    /// To `State`.
+    View(Box<View>),
+    /// The request could not be decoded.
+    Malformed(String),
+}
