@@ -1,5 +1,6 @@
 //! The `gobelins` command.
 
+mod cli;
 mod demo;
 
 use clap::{Parser, Subcommand};
@@ -14,13 +15,42 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the supervisor daemon of this node.
+    Agent(cli::AgentArgs),
+    /// Show the cluster: nodes, statuses, epoch, leader, voters and the cell tree.
+    Status(cli::StatusArgs),
+    /// Ask the local agent to (re)join the cluster through a member; waits until it is active.
+    Join(cli::JoinArgs),
+    /// Take the local node out of the cluster gracefully; waits until the cluster is stable.
+    Leave(cli::DirArgs),
+    /// Remove another node from the cluster; waits until the cluster is stable.
+    Evict(cli::EvictArgs),
     /// Walk a cluster through joins, evictions and a failure under a load of entries, showing
     /// what the locator moves and who takes part at each change.
     Demo(demo::DemoArgs),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> std::process::ExitCode {
+    // Quiet by default: our warnings say what to fix; raft's own chatter needs RUST_LOG.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    match run(Cli::parse().command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Agent(args) => cli::agent(args),
+        Command::Status(args) => cli::status(args),
+        Command::Join(args) => cli::join(args),
+        Command::Leave(args) => cli::leave(args),
+        Command::Evict(args) => cli::evict(args),
         Command::Demo(args) => demo::run(&args),
     }
 }

@@ -12,7 +12,10 @@
 //! - [`secret`]: the cluster id and key; [`handshake`]: both ends prove they hold the key.
 #![deny(missing_docs)]
 
+pub mod agent;
 pub mod codec;
+pub mod control;
+pub mod datadir;
 pub mod detector;
 pub mod error;
 pub mod frame;
@@ -24,8 +27,10 @@ pub mod runtime;
 pub mod secret;
 pub mod state;
 pub mod store;
+pub mod supervisor;
 pub mod tcp;
 pub mod transport;
 pub mod types;
 
 pub use error::{Result, SupervisorError};
+pub use supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};

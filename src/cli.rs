@@ -1,0 +1,192 @@
+//! The node commands: `agent`, and the commands that talk to it over its control socket.
+
+use anyhow::{bail, Context};
+use clap::Args;
+use gobelins_locator::{parse_label, Labels};
+use gobelins_supervisor::agent::{self, AgentOptions, Start};
+use gobelins_supervisor::control::{self, ControlRequest};
+use gobelins_supervisor::SupervisorConfig;
+use serde_json::Value;
+use std::io::Write as _;
+use std::path::PathBuf;
+
+/// Where the agent keeps its state; shared by every node command.
+#[derive(Args, Debug)]
+pub(crate) struct DirArgs {
+    /// The agent's data directory.
+    #[arg(long, env = "GOBELINS_DATA_DIR", default_value = "gobelins-data")]
+    data_dir: PathBuf,
+}
+
+/// Options of `gobelins agent`.
+#[derive(Args, Debug)]
+pub(crate) struct AgentArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    /// Address to listen on for peers, such as 127.0.0.1:7400.
+    #[arg(long)]
+    listen: String,
+    /// Address peers should dial, when it differs from --listen (say --listen 0.0.0.0:7400).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Create a new cluster with this node as its first member.
+    #[arg(long, conflicts_with = "join")]
+    bootstrap: bool,
+    /// Join the cluster of the agent at this address.
+    #[arg(long, value_name = "ADDR")]
+    join: Option<String>,
+    /// The cluster secret, copied from the bootstrap node's data directory (for --join).
+    #[arg(long)]
+    secret_file: Option<PathBuf>,
+    /// A label placing this node in the cell tree, such as zone=a (repeatable).
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    labels: Vec<String>,
+    /// This node's id (chosen at random on first start if absent).
+    #[arg(long)]
+    node_id: Option<u64>,
+    /// Timers tuned for agents on one machine (failures declared in about half a second).
+    #[arg(long)]
+    loopback_timers: bool,
+}
+
+/// Options of `gobelins status`.
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `gobelins join`.
+#[derive(Args, Debug)]
+pub(crate) struct JoinArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    /// Address of any member of the cluster.
+    seed: String,
+}
+
+/// Options of `gobelins evict`.
+#[derive(Args, Debug)]
+pub(crate) struct EvictArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    /// The node to remove.
+    node: u64,
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let mut labels = Labels::new();
+    for text in &args.labels {
+        let (key, value) = parse_label(text)?;
+        labels.insert(key, value);
+    }
+    let start = match (args.bootstrap, args.join) {
+        (true, _) => Start::Bootstrap,
+        (false, Some(seed)) => Start::Join(seed),
+        (false, None) => Start::Resume,
+    };
+    let options = AgentOptions {
+        data_dir: args.dir.data_dir,
+        listen: args.listen,
+        advertise: args.advertise,
+        start,
+        secret_file: args.secret_file,
+        labels,
+        node_id: args.node_id,
+        config: if args.loopback_timers {
+            SupervisorConfig::loopback()
+        } else {
+            SupervisorConfig::default()
+        },
+    };
+    runtime()?.block_on(agent::run(options))?;
+    Ok(())
+}
+
+fn ask(dir: &DirArgs, request: ControlRequest) -> anyhow::Result<Value> {
+    let socket = dir.data_dir.join("control.sock");
+    let answer = runtime()?.block_on(control::request(&socket, &request, |progress| {
+        eprintln!("  {progress}");
+    }))?;
+    Ok(answer)
+}
+
+pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let status = ask(&args.dir, ControlRequest::Status)?;
+    if args.json {
+        println!("{status}");
+        return Ok(());
+    }
+    print_status(&status)
+}
+
+fn print_status(status: &Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let show = |v: &Value| if v.is_null() { "none".to_string() } else { v.to_string() };
+    let change = match status.get("in_progress") {
+        Some(p) if !p.is_null() => format!(
+            "changing: {} ({} of {} participants done)",
+            p["change"].as_str().unwrap_or("?"),
+            p["done"].as_array().map_or(0, Vec::len),
+            p["participants"].as_array().map_or(0, Vec::len)
+        ),
+        _ => "stable".to_string(),
+    };
+    writeln!(out, "epoch {}, {change}, leader {}", status["epoch"], show(&status["leader"]))?;
+    writeln!(
+        out,
+        "{:>8}  {:<22} {:<8} {:>5} {:<6} labels",
+        "node", "address", "status", "inc", "voter"
+    )?;
+    for node in status["nodes"].as_array().into_iter().flatten() {
+        let labels: Vec<String> = node["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect();
+        writeln!(
+            out,
+            "{:>8}  {:<22} {:<8} {:>5} {:<6} {}",
+            node["id"].to_string(),
+            node["addr"].as_str().unwrap_or(""),
+            node["status"].as_str().unwrap_or(""),
+            node["incarnation"].to_string(),
+            if node["voter"].as_bool() == Some(true) { "yes" } else { "" },
+            labels.join(" ")
+        )?;
+    }
+    writeln!(out, "\ncell tree:\n{}", status["tree"].as_str().unwrap_or(""))?;
+    Ok(())
+}
+
+pub(crate) fn join(args: JoinArgs) -> anyhow::Result<()> {
+    let status = ask(&args.dir, ControlRequest::Join { seed: args.seed })?;
+    eprintln!("joined; the cluster is stable at epoch {}", status["epoch"]);
+    Ok(())
+}
+
+pub(crate) fn leave(args: DirArgs) -> anyhow::Result<()> {
+    let status = ask(&args, ControlRequest::Leave)?;
+    eprintln!("left; the cluster is stable at epoch {} without this node", status["epoch"]);
+    Ok(())
+}
+
+pub(crate) fn evict(args: EvictArgs) -> anyhow::Result<()> {
+    if args.node == 0 {
+        bail!("node ids start at 1");
+    }
+    let status = ask(&args.dir, ControlRequest::Evict { node: args.node })?;
+    eprintln!("node {} evicted; the cluster is stable at epoch {}", args.node, status["epoch"]);
+    Ok(())
+}

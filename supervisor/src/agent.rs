@@ -1,0 +1,189 @@
+//! `gobelins agent`: a supervisor process on one node.
+
+use crate::control;
+use crate::datadir::DataDir;
+use crate::error::{Result, SupervisorError};
+use crate::net::TokioNet;
+use crate::secret::ClusterSecret;
+use crate::store;
+use crate::supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
+use crate::tcp::{Identity, TcpConfig, TcpTransport};
+use crate::transport::{AdmitAll, Transport};
+use gobelins_locator::Labels;
+use rand::Rng;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How the agent enters the cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Create a new cluster with this node as its first member.
+    Bootstrap,
+    /// Join the cluster that the agent at this address belongs to.
+    Join(String),
+    /// Resume from the data directory (after a restart).
+    Resume,
+}
+
+/// Everything `gobelins agent` was told.
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    /// Where the agent keeps its state.
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    pub listen: String,
+    /// Address peers should dial, if not `listen`.
+    pub advertise: Option<String>,
+    /// How to enter the cluster.
+    pub start: Start,
+    /// The cluster secret to join with (copied from the bootstrap node).
+    pub secret_file: Option<PathBuf>,
+    /// This node's labels.
+    pub labels: Labels,
+    /// This node's id, if the operator chooses it.
+    pub node_id: Option<u64>,
+    /// Timers.
+    pub config: SupervisorConfig,
+}
+
+/// Runs the agent until it is stopped (SIGINT/SIGTERM) or leaves the cluster.
+pub async fn run(options: AgentOptions) -> Result<()> {
+    let dir = DataDir::open(&options.data_dir)?;
+    let existing = dir.secret()?;
+    let secret = match (&options.start, existing, &options.secret_file) {
+        (Start::Bootstrap, Some(secret), _) => {
+            return Err(SupervisorError::AlreadyBootstrapped {
+                dir: options.data_dir.clone(),
+                cluster: secret.cluster.to_string(),
+            });
+        }
+        (Start::Bootstrap, None, _) => {
+            let secret = ClusterSecret::generate();
+            dir.save_secret(&secret)?;
+            secret
+        }
+        // Kept only once the cluster has admitted this node: a wrong file must not stick.
+        (Start::Join(_), None, Some(file)) => ClusterSecret::load(file)?,
+        (Start::Join(_), None, None) => {
+            return Err(SupervisorError::Config(
+                "--join needs --secret-file: copy cluster.secret from the bootstrap node's data directory".into(),
+            ));
+        }
+        (_, Some(secret), Some(file)) => {
+            if ClusterSecret::load(file)? != secret {
+                return Err(SupervisorError::Config(format!(
+                    "{} belongs to cluster {}, but --secret-file is for another cluster",
+                    options.data_dir.display(),
+                    secret.cluster
+                )));
+            }
+            secret
+        }
+        (_, Some(secret), None) => secret,
+        (Start::Resume, None, _) => {
+            return Err(SupervisorError::Config(format!(
+                "{} holds no cluster: start with --bootstrap for a new cluster or --join ADDR to join one",
+                options.data_dir.display()
+            )));
+        }
+    };
+    let node = match (dir.node_id()?, options.node_id) {
+        (Some(saved), Some(asked)) if saved != asked => {
+            return Err(SupervisorError::Config(format!(
+                "{} belongs to node {saved}, not {asked}",
+                options.data_dir.display()
+            )));
+        }
+        (Some(saved), _) => saved,
+        (None, asked) => {
+            let id = asked.unwrap_or_else(|| rand::rng().random_range(1..1_000_000));
+            dir.save_node_id(id)?;
+            id
+        }
+    };
+    let incarnation = match dir.incarnation()? {
+        Some(i) => i,
+        None => {
+            dir.save_incarnation(1)?;
+            1
+        }
+    };
+    let addr = options.advertise.clone().unwrap_or_else(|| options.listen.clone());
+    let me = Me { id: node, addr: addr.clone(), labels: options.labels.clone() };
+
+    let dispatch = Arc::new(Dispatch::default());
+    let tcp = TcpTransport::start(
+        TokioNet,
+        TcpConfig::default(),
+        Identity { secret: secret.clone(), node, addr: addr.clone() },
+        incarnation,
+        Some(&options.listen),
+        dispatch.clone(),
+        Arc::new(AdmitAll),
+    )
+    .await?;
+    let transport: Arc<dyn Transport> = Arc::new(tcp.clone());
+    let (log, machine) = store::open(&dir.store_path())?;
+    let saver = dir.clone();
+    let tcp_for_incarnation = tcp.clone();
+    let supervisor = Supervisor::start(Parts {
+        me,
+        incarnation,
+        transport,
+        dispatch,
+        log,
+        machine,
+        config: options.config.clone(),
+        save_incarnation: Box::new(move |i| {
+            saver.save_incarnation(i)?;
+            tcp_for_incarnation.set_incarnation(i);
+            Ok(())
+        }),
+    })
+    .await?;
+    control::serve(&dir.socket_path(), Arc::clone(&supervisor)).await?;
+    tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
+
+    match &options.start {
+        Start::Bootstrap => {
+            let outcome = supervisor.bootstrap().await?;
+            tracing::info!(?outcome, "cluster bootstrapped");
+            println!(
+                "gobelins: cluster {} bootstrapped; node {node} listens on {addr}.\n\
+                 To add a node, copy {} to it and run:\n  \
+                 gobelins agent --data-dir <dir> --listen <addr:port> --join {addr} --secret-file cluster.secret",
+                secret.cluster,
+                dir.secret_path().display()
+            );
+        }
+        Start::Join(seed) => {
+            let member = supervisor.state().live().contains(&node);
+            if !member {
+                let outcome = supervisor.join_via(seed, Duration::from_secs(30)).await?;
+                tracing::info!(?outcome, %seed, "join accepted");
+            }
+            if dir.secret()?.is_none() {
+                dir.save_secret(&secret)?;
+            }
+        }
+        Start::Resume => {}
+    }
+
+    let mut lifecycle = supervisor.lifecycle();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| SupervisorError::io("installing the SIGTERM handler", e))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
+        _ = terminate.recv() => tracing::info!("terminated; stopping"),
+        _ = lifecycle.wait_for(|l| *l == Lifecycle::Left) => {
+            tracing::info!("this node has left the cluster; stopping");
+            // Let the CLI that asked for the leave read its final answer.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+    supervisor.shutdown().await;
+    tcp.shutdown();
+    let _ = std::fs::remove_file(dir.socket_path());
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! The control socket: how `gobelins status|join|leave|evict` talk to the local agent.
+//!
+//! One JSON request per connection, answered by JSON lines: `{"progress": …}` lines while a
+//! change goes on, then one final `{"ok": …}` or `{"error": …}`. The socket is mode 0600 inside a
+//! 0700 data directory: only the agent's user can drive it.
+
+use crate::error::{Result, SupervisorError};
+use crate::rpc::View;
+use crate::state::{Command, NodeStatus};
+use crate::supervisor::Supervisor;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+/// A request from the CLI.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum ControlRequest {
+    /// The cluster as the leader sees it.
+    Status,
+    /// This node leaves gracefully; answered when the cluster is stable without it.
+    Leave,
+    /// Remove another node; answered when the cluster is stable without it.
+    Evict {
+        /// The node.
+        node: u64,
+    },
+    /// (Re)join through `seed`; answered when this node is active.
+    Join {
+        /// Address of any member.
+        seed: String,
+    },
+}
+
+/// How long a leave, evict or join may take before the CLI is told to look again.
+const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Serves the control socket at `path` until the process ends.
+pub async fn serve(path: &Path, node: Arc<Supervisor>) -> Result<()> {
+    // A socket left by a previous run of this agent; the data directory is ours alone.
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path).map_err(|e| {
+        SupervisorError::io(format!("binding control socket {}", path.display()), e)
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| SupervisorError::io(format!("securing {}", path.display()), e))?;
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    let node = Arc::clone(&node);
+                    tokio::spawn(async move {
+                        if let Err(error) = answer(stream, node).await {
+                            tracing::debug!(%error, "control connection ended");
+                        }
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "control socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+    Ok(())
+}
+
+async fn answer(stream: UnixStream, node: Arc<Supervisor>) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(64 * 1024)).read_line(&mut line).await?;
+    let request: ControlRequest = match serde_json::from_str(&line) {
+        Ok(request) => request,
+        Err(e) => {
+            return flush(&mut write, &[json!({ "error": format!("bad request: {e}") })]).await
+        }
+    };
+    match request {
+        ControlRequest::Status => {
+            let view = node.cluster_view().await;
+            flush(&mut write, &[json!({ "ok": status_json(&view) })]).await
+        }
+        ControlRequest::Leave => {
+            let id = node.id();
+            change(&mut write, &node, Command::Leave { node: id }, id, NodeStatus::Left).await
+        }
+        ControlRequest::Evict { node: target } => {
+            change(&mut write, &node, Command::Evict { node: target }, target, NodeStatus::Left)
+                .await
+        }
+        ControlRequest::Join { seed } => {
+            let line = match node.join_via(&seed, Duration::from_secs(10)).await {
+                Ok(outcome) => json!({ "progress": format!("{outcome:?}") }),
+                Err(e) => json!({ "error": e.to_string() }),
+            };
+            let failed = line.get("error").is_some();
+            flush(&mut write, &[line]).await?;
+            if failed {
+                return Ok(());
+            }
+            wait_for(&mut write, &node, node.id(), NodeStatus::Active).await
+        }
+    }
+}
+
+async fn flush(write: &mut tokio::net::unix::OwnedWriteHalf, lines: &[Value]) -> Result<()> {
+    for line in lines {
+        write.write_all(format!("{line}\n").as_bytes()).await?;
+    }
+    write.flush().await?;
+    Ok(())
+}
+
+async fn change(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    node: &Supervisor,
+    command: Command,
+    target: u64,
+    until: NodeStatus,
+) -> Result<()> {
+    match node.propose(command).await {
+        Ok(Ok(applied)) => {
+            flush(write, &[json!({ "progress": format!("accepted: {applied:?}") })]).await?;
+            wait_for(write, node, target, until).await
+        }
+        Ok(Err(refusal)) => flush(write, &[json!({ "error": refusal.to_string() })]).await,
+        Err(e) => flush(write, &[json!({ "error": format!("{e}; is the cluster up?") })]).await,
+    }
+}
+
+/// Streams progress until `target` reaches `until` and the cluster is stable.
+async fn wait_for(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    node: &Supervisor,
+    target: u64,
+    until: NodeStatus,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + CHANGE_DEADLINE;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        let view = node.cluster_view().await;
+        let status = view.state.nodes.get(&target).map(|r| r.status);
+        if status == Some(until) && view.state.is_stable() {
+            return flush(write, &[json!({ "ok": status_json(&view) })]).await;
+        }
+        let progress = match &view.state.in_progress {
+            Some(p) => format!(
+                "epoch {}: {} — {}/{} participants done",
+                p.epoch,
+                p.change,
+                p.done.len(),
+                p.participants.len()
+            ),
+            None => {
+                format!("node {target} is {}", status.map_or("unknown".into(), |s| s.to_string()))
+            }
+        };
+        if progress != last {
+            flush(write, &[json!({ "progress": progress })]).await?;
+            last = progress;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    flush(
+        write,
+        &[json!({ "error": "the change did not finish within 60 s; see `gobelins status`" })],
+    )
+    .await
+}
+
+/// The JSON form of a view, as `gobelins status --json` prints it.
+pub fn status_json(view: &View) -> Value {
+    let state = &view.state;
+    let nodes: Vec<Value> = state
+        .nodes
+        .iter()
+        .map(|(id, r)| {
+            json!({
+                "id": id,
+                "addr": r.addr,
+                "status": r.status.to_string(),
+                "incarnation": r.incarnation,
+                "labels": r.labels,
+                "voter": view.voters.contains(id),
+            })
+        })
+        .collect();
+    let in_progress = state.in_progress.as_ref().map(|p| {
+        json!({
+            "epoch": p.epoch,
+            "change": p.change.to_string(),
+            "participants": p.participants,
+            "done": p.done,
+        })
+    });
+    json!({
+        "node": view.node,
+        "epoch": state.epoch,
+        "stable": state.is_stable(),
+        "leader": view.leader,
+        "voters": view.voters,
+        "nodes": nodes,
+        "in_progress": in_progress,
+        "queue": state.queue.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "tree": state.tree.render(),
+    })
+}
+
+/// Sends `request` to the agent whose socket is `path` and calls `on_line` for each line of the
+/// answer; returns the final `ok` value.
+pub async fn request(
+    path: &Path,
+    request: &ControlRequest,
+    mut on_line: impl FnMut(&str),
+) -> Result<Value> {
+    let mut stream = UnixStream::connect(path).await.map_err(|e| {
+        SupervisorError::io(
+            format!(
+                "connecting to the agent at {} (is `gobelins agent` running with this --data-dir?)",
+                path.display()
+            ),
+            e,
+        )
+    })?;
+    let body = serde_json::to_string(request).map_err(|e| SupervisorError::Codec(e.to_string()))?;
+    stream.write_all(format!("{body}\n").as_bytes()).await?;
+    let mut lines = BufReader::new(stream).lines();
+    while let Some(line) = lines.next_line().await? {
+        let value: Value =
+            serde_json::from_str(&line).map_err(|e| SupervisorError::Codec(e.to_string()))?;
+        if let Some(progress) = value.get("progress").and_then(Value::as_str) {
+            on_line(progress);
+        } else if let Some(error) = value.get("error").and_then(Value::as_str) {
+            return Err(SupervisorError::Refused(error.to_string()));
+        } else if let Some(ok) = value.get("ok") {
+            return Ok(ok.clone());
+        }
+    }
+    Err(SupervisorError::Closed)
+}

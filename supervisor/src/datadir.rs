@@ -1,0 +1,108 @@
+//! What an agent keeps in its data directory.
+//!
+//! ```text
+//! <data-dir>/            mode 0700
+//!   cluster.secret       cluster id and key (0600), from --bootstrap or --secret-file
+//!   node.id              this node's id
+//!   incarnation          this node's current life; raised when it rejoins after a failure
+//!   raft.redb            raft log, vote and snapshots
+//!   control.sock         the CLI's Unix socket (0600)
+//! ```
+
+use crate::error::{Result, SupervisorError};
+use crate::secret::ClusterSecret;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+/// An agent's data directory.
+#[derive(Clone, Debug)]
+pub struct DataDir {
+    root: PathBuf,
+}
+
+impl DataDir {
+    /// Opens `root`, creating it private to its user if missing.
+    pub fn open(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root)
+            .and_then(|()| std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| {
+                SupervisorError::io(format!("preparing data directory {}", root.display()), e)
+            })?;
+        Ok(DataDir { root: root.to_path_buf() })
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// Path of the secret file.
+    pub fn secret_path(&self) -> PathBuf {
+        self.root.join("cluster.secret")
+    }
+
+    /// Path of the raft store.
+    pub fn store_path(&self) -> PathBuf {
+        self.root.join("raft.redb")
+    }
+
+    /// Path of the control socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.root.join("control.sock")
+    }
+
+    /// The cluster secret, if this directory belongs to a cluster.
+    pub fn secret(&self) -> Result<Option<ClusterSecret>> {
+        let path = self.secret_path();
+        if !path.exists() {
+            return Ok(None);
+        }
+        ClusterSecret::load(&path).map(Some)
+    }
+
+    /// Stores the secret (once).
+    pub fn save_secret(&self, secret: &ClusterSecret) -> Result<()> {
+        secret.save(&self.secret_path())
+    }
+
+    fn read_number(&self, name: &str) -> Result<Option<u64>> {
+        let path = self.root.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().parse().map(Some).map_err(|_| {
+                SupervisorError::Config(format!("{} does not hold a number", path.display()))
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SupervisorError::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    fn write_number(&self, name: &str, value: u64) -> Result<()> {
+        // Write then rename, so that a crash leaves the old or the new number, never half.
+        let path = self.root.join(name);
+        let temporary = self.root.join(format!("{name}.new"));
+        std::fs::write(&temporary, format!("{value}\n"))
+            .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
+            .and_then(|()| std::fs::rename(&temporary, &path))
+            .map_err(|e| SupervisorError::io(format!("writing {}", path.display()), e))
+    }
+
+    /// This node's id, if set.
+    pub fn node_id(&self) -> Result<Option<u64>> {
+        self.read_number("node.id")
+    }
+
+    /// Records this node's id.
+    pub fn save_node_id(&self, id: u64) -> Result<()> {
+        self.write_number("node.id", id)
+    }
+
+    /// This node's incarnation, if set.
+    pub fn incarnation(&self) -> Result<Option<u64>> {
+        self.read_number("incarnation")
+    }
+
+    /// Records this node's incarnation.
+    pub fn save_incarnation(&self, incarnation: u64) -> Result<()> {
+        self.write_number("incarnation", incarnation)
+    }
+}

@@ -1,0 +1,650 @@
+//! One node's supervisor: raft, the transport, and the loop that carries out what the replicated
+//! state asks of this node.
+//!
+//! ```text
+//!  peers ──Request──▶ handle() ──▶ raft RPCs, proposals (forwarded to the leader), pings, probes
+//!  state machine ──new ClusterState──▶ duties loop ──▶ peer addresses, MigrationDone reports,
+//!                                                     leave/fence detection
+//!  leader only, every ping interval ──▶ raft membership (≤ 5 voters), Detector ──▶ Fail
+//! ```
+
+use crate::codec;
+use crate::detector::{Action, Detector};
+use crate::error::{Result, SupervisorError};
+use crate::network::Network;
+use crate::rpc::{JoinRequest, ProposeError, Request, Response, View};
+use crate::state::{ClusterState, Command, NodeStatus, Outcome};
+use crate::store::{LogStore, StateMachine};
+use crate::transport::{Handler, Transport};
+use crate::types::Raft;
+use async_trait::async_trait;
+use bytes::Bytes;
+use gobelins_locator::Labels;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Timers of the supervisor. The defaults suit a LAN; [`SupervisorConfig::loopback`] suits
+/// processes on one machine.
+#[derive(Clone, Debug)]
+pub struct SupervisorConfig {
+    /// How often the leader pings every member.
+    pub ping_interval: Duration,
+    /// Silence after which the leader suspects a member.
+    pub failure_timeout: Duration,
+    /// How long a witness waits for the suspect when asked to probe it.
+    pub probe_timeout: Duration,
+    /// Deadline of one request to a peer.
+    pub rpc_timeout: Duration,
+    /// Raft voters at most; other members are learners.
+    pub max_voters: usize,
+    /// Raft heartbeat interval.
+    pub raft_heartbeat: Duration,
+    /// Raft election timeout, lower bound (the upper bound is twice it).
+    pub raft_election: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            ping_interval: Duration::from_millis(200),
+            failure_timeout: Duration::from_millis(1000),
+            probe_timeout: Duration::from_millis(300),
+            rpc_timeout: Duration::from_millis(1000),
+            max_voters: 5,
+            raft_heartbeat: Duration::from_millis(100),
+            raft_election: Duration::from_millis(500),
+        }
+    }
+}
+
+impl SupervisorConfig {
+    /// Timers for agents on one machine: failures are declared in about half a second.
+    pub fn loopback() -> Self {
+        SupervisorConfig {
+            ping_interval: Duration::from_millis(50),
+            failure_timeout: Duration::from_millis(300),
+            probe_timeout: Duration::from_millis(100),
+            rpc_timeout: Duration::from_millis(500),
+            max_voters: 5,
+            raft_heartbeat: Duration::from_millis(30),
+            raft_election: Duration::from_millis(150),
+        }
+    }
+
+    fn raft(&self) -> Result<openraft::Config> {
+        let election = self.raft_election.as_millis() as u64;
+        openraft::Config {
+            cluster_name: "gobelins".into(),
+            heartbeat_interval: self.raft_heartbeat.as_millis() as u64,
+            election_timeout_min: election,
+            election_timeout_max: election * 2,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|e| SupervisorError::Config(format!("raft timers: {e}")))
+    }
+}
+
+/// Who this node is.
+#[derive(Clone, Debug)]
+pub struct Me {
+    /// Node id.
+    pub id: u64,
+    /// Address peers dial.
+    pub addr: String,
+    /// Labels that place it in the cell tree.
+    pub labels: Labels,
+}
+
+/// Routes requests from the transport to the supervisor once it exists: the transport must be
+/// built before raft, and raft before the supervisor.
+#[derive(Default)]
+pub struct Dispatch {
+    node: OnceLock<Weak<Supervisor>>,
+}
+
+#[async_trait]
+impl Handler for Dispatch {
+    async fn handle(&self, from: u64, request: Bytes) -> Bytes {
+        match self.node.get().and_then(Weak::upgrade) {
+            Some(node) => node.handle(from, request).await,
+            None => encode_response(&Response::Malformed("node is starting".into())),
+        }
+    }
+}
+
+fn encode_response(response: &Response) -> Bytes {
+    match codec::encode(response) {
+        Ok(bytes) => Bytes::from(bytes),
+        // Only reachable with a payload over the codec limit; say so rather than hang the caller.
+        Err(e) => {
+            Bytes::from(codec::encode(&Response::Malformed(e.to_string())).unwrap_or_default())
+        }
+    }
+}
+
+/// Something the node's owner should act on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// A member, doing its duties.
+    Member,
+    /// This node left the cluster gracefully; the agent may exit.
+    Left,
+}
+
+/// One node's supervisor.
+pub struct Supervisor {
+    me: Me,
+    incarnation: AtomicU64,
+    raft: Raft,
+    transport: Arc<dyn Transport>,
+    state: watch::Receiver<Arc<ClusterState>>,
+    config: SupervisorConfig,
+    detector: Mutex<Option<Detector>>,
+    reported: AtomicU64,
+    lifecycle: watch::Sender<Lifecycle>,
+    /// Persists a new incarnation before the node rejoins with it.
+    save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
+    shutdown: CancellationToken,
+}
+
+/// What [`Supervisor::start`] needs.
+pub struct Parts {
+    /// This node.
+    pub me: Me,
+    /// Its current incarnation.
+    pub incarnation: u64,
+    /// The transport, already serving `dispatch`.
+    pub transport: Arc<dyn Transport>,
+    /// The handler the transport calls.
+    pub dispatch: Arc<Dispatch>,
+    /// Raft's log store.
+    pub log: LogStore,
+    /// Raft's state machine.
+    pub machine: StateMachine,
+    /// Timers.
+    pub config: SupervisorConfig,
+    /// Persists the incarnation.
+    pub save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
+}
+
+impl Supervisor {
+    /// Starts raft and the node's duties.
+    pub async fn start(parts: Parts) -> Result<Arc<Self>> {
+        let state = parts.machine.subscribe();
+        let raft_config = Arc::new(parts.config.raft()?);
+        let network = Network::new(Arc::clone(&parts.transport));
+        let raft = Raft::new(parts.me.id, raft_config, network, parts.log, parts.machine)
+            .await
+            .map_err(|e| SupervisorError::Raft(e.to_string()))?;
+        let (lifecycle, _) = watch::channel(Lifecycle::Member);
+        let node = Arc::new(Supervisor {
+            me: parts.me,
+            incarnation: AtomicU64::new(parts.incarnation),
+            raft,
+            transport: parts.transport,
+            state,
+            config: parts.config,
+            detector: Mutex::new(None),
+            reported: AtomicU64::new(0),
+            lifecycle,
+            save_incarnation: parts.save_incarnation,
+            shutdown: CancellationToken::new(),
+        });
+        // Set once, here; a second set would mean two supervisors on one transport.
+        let _ = parts.dispatch.node.set(Arc::downgrade(&node));
+        tokio::spawn(Arc::clone(&node).duties());
+        tokio::spawn(Arc::clone(&node).leader_duties());
+        Ok(node)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.me.id
+    }
+
+    /// This node's current incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation.load(Ordering::SeqCst)
+    }
+
+    /// The last applied cluster state.
+    pub fn state(&self) -> Arc<ClusterState> {
+        Arc::clone(&self.state.borrow())
+    }
+
+    /// A receiver of every applied cluster state.
+    pub fn watch_state(&self) -> watch::Receiver<Arc<ClusterState>> {
+        self.state.clone()
+    }
+
+    /// A receiver that says when this node has left.
+    pub fn lifecycle(&self) -> watch::Receiver<Lifecycle> {
+        self.lifecycle.subscribe()
+    }
+
+    /// The leader this node knows of.
+    pub fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Raft voters as this node sees them.
+    pub fn voters(&self) -> Vec<u64> {
+        self.raft.metrics().borrow().membership_config.membership().voter_ids().collect()
+    }
+
+    /// This node's view, as sent to peers.
+    pub fn view(&self) -> View {
+        View {
+            node: self.me.id,
+            leader: self.leader(),
+            voters: self.voters(),
+            state: (*self.state()).clone(),
+        }
+    }
+
+    /// The freshest view available: the leader's if it answers, else our own.
+    pub async fn cluster_view(&self) -> View {
+        if let Some(leader) = self.leader().filter(|&l| l != self.me.id) {
+            if let Ok(Response::View(view)) =
+                self.call(leader, &Request::State, self.config.rpc_timeout).await
+            {
+                return *view;
+            }
+        }
+        self.view()
+    }
+
+    /// Stops the duties and raft.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        // Raft may already be down after a fatal error; there is nothing more to do then.
+        let _ = self.raft.shutdown().await;
+    }
+
+    /// Makes this node the first member of a new cluster.
+    pub async fn bootstrap(&self) -> Result<Outcome> {
+        let members = BTreeMap::from([(self.me.id, BasicNode::new(&self.me.addr))]);
+        self.raft.initialize(members).await.map_err(|e| SupervisorError::Raft(e.to_string()))?;
+        self.propose_until(self.join_command(), Duration::from_secs(10)).await
+    }
+
+    /// Asks the cluster at `seed` to admit this node; retries until `deadline`.
+    pub async fn join_via(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
+        let request = Request::Join(self.join_request());
+        let until = Instant::now() + deadline;
+        let mut last = String::from("no attempt");
+        while Instant::now() < until {
+            let bytes = Bytes::from(codec::encode(&request)?);
+            match self.transport.call_addr(seed, bytes, self.config.rpc_timeout * 3).await {
+                Ok((_, reply)) => match codec::decode::<Response>(&reply)? {
+                    Response::Proposed(Ok(outcome)) => return Ok(outcome),
+                    Response::Proposed(Err(e)) => last = e.to_string(),
+                    _ => last = "seed answered with the wrong message".into(),
+                },
+                // A refused handshake will not get better by retrying: wrong secret or cluster.
+                Err(e @ SupervisorError::Handshake { .. }) => return Err(e),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(SupervisorError::Config(format!(
+            "could not join through {seed}: {last}; is an agent of this cluster running there?"
+        )))
+    }
+
+    /// Proposes a command, through the leader, retrying while no leader is known.
+    pub async fn propose_until(&self, command: Command, deadline: Duration) -> Result<Outcome> {
+        let until = Instant::now() + deadline;
+        loop {
+            match self.propose(command.clone()).await {
+                Ok(outcome) => return Ok(outcome),
+                Err(e) if Instant::now() >= until => {
+                    return Err(SupervisorError::Raft(e.to_string()))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Proposes a command once: locally if leader, else forwarded to the leader.
+    pub async fn propose(&self, command: Command) -> std::result::Result<Outcome, ProposeError> {
+        match self.propose_here(command.clone()).await {
+            Err(ProposeError::NoLeader) => {}
+            other => return other,
+        }
+        let Some(leader) = self.leader().filter(|&l| l != self.me.id) else {
+            return Err(ProposeError::NoLeader);
+        };
+        match self.call(leader, &Request::Propose(command), self.config.rpc_timeout).await {
+            Ok(Response::Proposed(result)) => result,
+            Ok(_) => Err(ProposeError::Unreachable("wrong answer".into())),
+            Err(e) => Err(ProposeError::Unreachable(e.to_string())),
+        }
+    }
+
+    /// Proposes through this node's raft; `NoLeader` if this node is not the leader.
+    async fn propose_here(&self, command: Command) -> std::result::Result<Outcome, ProposeError> {
+        match self.raft.client_write(command).await {
+            Ok(response) => {
+                response.data.0.ok_or_else(|| ProposeError::Raft("entry had no outcome".into()))
+            }
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => {
+                Err(ProposeError::NoLeader)
+            }
+            Err(e) => Err(ProposeError::Raft(e.to_string())),
+        }
+    }
+
+    fn join_request(&self) -> JoinRequest {
+        JoinRequest {
+            node: self.me.id,
+            addr: self.me.addr.clone(),
+            labels: self.me.labels.clone(),
+            incarnation: self.incarnation(),
+        }
+    }
+
+    fn join_command(&self) -> Command {
+        let j = self.join_request();
+        Command::Join { node: j.node, addr: j.addr, labels: j.labels, incarnation: j.incarnation }
+    }
+
+    async fn call(&self, to: u64, request: &Request, deadline: Duration) -> Result<Response> {
+        let bytes = Bytes::from(codec::encode(request)?);
+        codec::decode(&self.transport.call(to, bytes, deadline).await?)
+    }
+
+    async fn handle(&self, from: u64, bytes: Bytes) -> Bytes {
+        let request = match codec::decode::<Request>(&bytes) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::warn!(node = from, error = %e, "malformed request");
+                return encode_response(&Response::Malformed(e.to_string()));
+            }
+        };
+        let response = match request {
+            Request::AppendEntries(r) => Response::AppendEntries(self.raft.append_entries(r).await),
+            Request::Vote(r) => Response::Vote(self.raft.vote(r).await),
+            Request::InstallSnapshot(r) => {
+                Response::InstallSnapshot(self.raft.install_snapshot(r).await)
+            }
+            Request::Propose(command) => Response::Proposed(self.propose_here(command).await),
+            Request::Join(join) => Response::Proposed(self.admit(join).await),
+            Request::Ping => Response::Pong,
+            Request::Probe { target } => {
+                Response::Probed(self.ping(target, self.config.probe_timeout).await)
+            }
+            Request::State => Response::View(Box::new(self.view())),
+        };
+        encode_response(&response)
+    }
+
+    /// Admits a joining node: as leader, makes it a raft learner (so it receives the entry that
+    /// adds it) and proposes its `Join`; otherwise hands the request to the leader.
+    async fn admit(&self, join: JoinRequest) -> std::result::Result<Outcome, ProposeError> {
+        let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
+        if !is_leader {
+            let leader =
+                self.leader().filter(|&l| l != self.me.id).ok_or(ProposeError::NoLeader)?;
+            return match self.call(leader, &Request::Join(join), self.config.rpc_timeout * 2).await
+            {
+                Ok(Response::Proposed(result)) => result,
+                Ok(_) => Err(ProposeError::Unreachable("wrong answer".into())),
+                Err(e) => Err(ProposeError::Unreachable(e.to_string())),
+            };
+        }
+        self.transport.set_peer(join.node, join.addr.clone());
+        let known = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&join.node)
+            .is_some();
+        if !known {
+            self.raft
+                .add_learner(join.node, BasicNode::new(&join.addr), false)
+                .await
+                .map_err(|e| ProposeError::Raft(e.to_string()))?;
+        }
+        let JoinRequest { node, addr, labels, incarnation } = join;
+        self.propose_here(Command::Join { node, addr, labels, incarnation }).await
+    }
+
+    async fn ping(&self, node: u64, deadline: Duration) -> bool {
+        matches!(self.call(node, &Request::Ping, deadline).await, Ok(Response::Pong))
+    }
+
+    /// Follows the applied state: keeps peer addresses current, reports this node's part of
+    /// each change, notices when it has left or been declared failed.
+    async fn duties(self: Arc<Self>) {
+        let mut state = self.state.clone();
+        let mut retry = tokio::time::interval(Duration::from_millis(100));
+        let mut last_leader_seen = Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = state.changed() => if changed.is_err() { return },
+                _ = retry.tick() => {}
+            }
+            let current = state.borrow_and_update().clone();
+            for (&id, record) in &current.nodes {
+                match record.status {
+                    NodeStatus::Failed | NodeStatus::Left => self.transport.forget(id),
+                    _ => self.transport.set_peer(id, record.addr.clone()),
+                }
+            }
+            let mine = current.nodes.get(&self.me.id);
+            if mine.is_some_and(|r| {
+                r.status == NodeStatus::Left && r.incarnation == self.incarnation()
+            }) {
+                self.lifecycle.send_replace(Lifecycle::Left);
+            }
+            self.report_progress(&current);
+            if self.leader().is_some() {
+                last_leader_seen = Instant::now();
+            } else if last_leader_seen.elapsed() > self.config.failure_timeout * 3 {
+                last_leader_seen = Instant::now();
+                let me = Arc::clone(&self);
+                tokio::spawn(async move { me.check_fenced().await });
+            }
+        }
+    }
+
+    fn report_progress(self: &Arc<Self>, state: &ClusterState) {
+        let Some(progress) = &state.in_progress else { return };
+        if !progress.participants.contains(&self.me.id) || progress.done.contains(&self.me.id) {
+            return;
+        }
+        // One report in flight per epoch; a failed one clears the mark so the next tick retries.
+        if self.reported.swap(progress.epoch, Ordering::SeqCst) == progress.epoch {
+            return;
+        }
+        let me = Arc::clone(self);
+        let epoch = progress.epoch;
+        tokio::spawn(async move {
+            let command = Command::MigrationDone { node: me.me.id, epoch };
+            if let Err(error) = me.propose(command).await {
+                tracing::debug!(epoch, %error, "MigrationDone not recorded yet; will retry");
+                let _ = me.reported.compare_exchange(epoch, 0, Ordering::SeqCst, Ordering::SeqCst);
+            }
+        });
+    }
+
+    /// Without a leader for long, asks the peers whether the cluster declared this node failed;
+    /// if so, fences: rejoins under a new incarnation, as a new life of the same node.
+    async fn check_fenced(self: Arc<Self>) {
+        let peers: Vec<(u64, String)> = self
+            .state()
+            .nodes
+            .iter()
+            .filter(|(&id, _)| id != self.me.id)
+            .map(|(&id, r)| (id, r.addr.clone()))
+            .collect();
+        for (peer, addr) in peers {
+            self.transport.set_peer(peer, addr.clone());
+            let Ok(Response::View(view)) =
+                self.call(peer, &Request::State, self.config.rpc_timeout).await
+            else {
+                continue;
+            };
+            let record = view.state.nodes.get(&self.me.id);
+            let fenced = record.is_none_or(|r| {
+                r.status == NodeStatus::Failed && r.incarnation >= self.incarnation()
+            });
+            if !fenced {
+                return;
+            }
+            let next = record.map_or(self.incarnation(), |r| r.incarnation) + 1;
+            tracing::warn!(
+                node = self.me.id,
+                incarnation = next,
+                "declared failed by the cluster; rejoining as a new incarnation"
+            );
+            if let Err(error) = (self.save_incarnation)(next) {
+                tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
+                return;
+            }
+            self.incarnation.store(next, Ordering::SeqCst);
+            match self.join_via(&addr, self.config.rpc_timeout * 5).await {
+                Ok(outcome) => tracing::info!(?outcome, "rejoined"),
+                Err(error) => tracing::warn!(%error, "rejoin failed; will try again"),
+            }
+            return;
+        }
+    }
+
+    /// The leader's periodic work: raft membership follows the cluster state, and the failure
+    /// detector watches every member.
+    async fn leader_duties(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.ping_interval);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
+            if !is_leader {
+                *self.detector.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                continue;
+            }
+            let state = self.state();
+            self.reconcile_membership(&state).await;
+            let members: BTreeSet<u64> = state.live();
+            let actions = {
+                let mut detector = self.detector.lock().unwrap_or_else(|p| p.into_inner());
+                let detector = detector.get_or_insert_with(|| {
+                    Detector::new(self.me.id, self.config.failure_timeout, 2)
+                });
+                detector.handle_tick(Instant::now(), &members)
+            };
+            for action in actions {
+                let me = Arc::clone(&self);
+                tokio::spawn(async move { me.carry_out(action).await });
+            }
+        }
+    }
+
+    async fn carry_out(self: Arc<Self>, action: Action) {
+        match action {
+            Action::Ping(node) => {
+                if self.ping(node, self.config.ping_interval * 2).await {
+                    if let Some(d) =
+                        self.detector.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+                    {
+                        d.handle_pong(node, Instant::now());
+                    }
+                }
+            }
+            Action::Confirm { suspect, witnesses } => {
+                let probes = witnesses.iter().map(|&w| {
+                    let me = Arc::clone(&self);
+                    async move {
+                        let deadline = me.config.probe_timeout * 2;
+                        matches!(
+                            me.call(w, &Request::Probe { target: suspect }, deadline).await,
+                            Ok(Response::Probed(true))
+                        )
+                    }
+                });
+                let reached = futures::future::join_all(probes).await;
+                let next = self
+                    .detector
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .as_mut()
+                    .and_then(|d| d.handle_probes(suspect, &reached, Instant::now()));
+                if reached.iter().any(|&r| r) {
+                    tracing::info!(node = suspect, "suspicion not confirmed by witnesses");
+                }
+                if let Some(next) = next {
+                    Box::pin(self.carry_out(next)).await;
+                }
+            }
+            Action::DeclareFailed(node) => {
+                let Some(incarnation) = self.state().nodes.get(&node).map(|r| r.incarnation) else {
+                    return;
+                };
+                tracing::warn!(
+                    node,
+                    incarnation,
+                    "declaring node failed: silent and unreachable from witnesses"
+                );
+                if let Err(error) = self.propose(Command::Fail { node, incarnation }).await {
+                    tracing::warn!(node, %error, "could not commit the failure");
+                }
+            }
+        }
+    }
+
+    /// Keeps raft's membership in line with the cluster: every live node a member, up to
+    /// `max_voters` active nodes voting (voters are kept while they live, so that a change of
+    /// voters happens only when one is lost), failed and departed nodes removed.
+    async fn reconcile_membership(&self, state: &ClusterState) {
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let known: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
+        let live = state.live();
+        for (&id, record) in
+            state.nodes.iter().filter(|(id, _)| live.contains(id) && !known.contains(id))
+        {
+            if let Err(error) = self.raft.add_learner(id, BasicNode::new(&record.addr), false).await
+            {
+                tracing::debug!(node = id, %error, "adding learner");
+            }
+        }
+        let mut desired: BTreeSet<u64> =
+            voters.iter().copied().filter(|v| live.contains(v)).collect();
+        for id in state.with_status(NodeStatus::Active) {
+            if desired.len() >= self.config.max_voters {
+                break;
+            }
+            desired.insert(id);
+        }
+        if desired != voters && !desired.is_empty() {
+            match self.raft.change_membership(desired.clone(), false).await {
+                Ok(_) => tracing::info!(?desired, "raft voters changed"),
+                Err(error) => tracing::debug!(%error, "changing voters"),
+            }
+            return;
+        }
+        let gone: BTreeSet<u64> =
+            known.iter().copied().filter(|id| !live.contains(id) && !voters.contains(id)).collect();
+        if !gone.is_empty() {
+            if let Err(error) =
+                self.raft.change_membership(ChangeMembers::RemoveNodes(gone), false).await
+            {
+                tracing::debug!(%error, "removing departed learners");
+            }
+        }
+    }
+}
