@@ -57,6 +57,9 @@ pub(crate) struct StatusArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Show this node's own view instead of the leader's.
+    #[arg(long)]
+    local: bool,
 }
 
 /// Options of `gobelins join`.
@@ -122,7 +125,7 @@ fn ask(dir: &DirArgs, request: ControlRequest) -> anyhow::Result<Value> {
 }
 
 pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let status = ask(&args.dir, ControlRequest::Status)?;
+    let status = ask(&args.dir, ControlRequest::Status { local: args.local })?;
     if args.json {
         println!("{status}");
         return Ok(());

@@ -21,8 +21,12 @@ use tokio::net::{UnixListener, UnixStream};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
 pub enum ControlRequest {
-    /// The cluster as the leader sees it.
-    Status,
+    /// The cluster as the leader sees it, or as this node does with `local`.
+    Status {
+        /// This node's own applied state instead of the leader's.
+        #[serde(default)]
+        local: bool,
+    },
     /// This node leaves gracefully; answered when the cluster is stable without it.
     Leave,
     /// Remove another node; answered when the cluster is stable without it.
@@ -81,8 +85,8 @@ async fn answer(stream: UnixStream, node: Arc<Supervisor>) -> Result<()> {
         }
     };
     match request {
-        ControlRequest::Status => {
-            let view = node.cluster_view().await;
+        ControlRequest::Status { local } => {
+            let view = if local { node.view() } else { node.cluster_view().await };
             flush(&mut write, &[json!({ "ok": status_json(&view) })]).await
         }
         ControlRequest::Leave => {

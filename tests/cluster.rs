@@ -1,0 +1,223 @@
+//! Black-box tests of the real `gobelins` binary: agents as separate processes on 127.0.0.x,
+//! real TCP, kill -9 and a restart from the data directory.
+
+use serde_json::Value;
+use std::io::Write as _;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_gobelins");
+
+struct Agent {
+    id: u64,
+    addr: String,
+    dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A free port on `ip`, found by binding it once.
+fn free_addr(ip: &str) -> String {
+    let listener = TcpListener::bind((ip, 0)).expect("bind a free port");
+    listener.local_addr().expect("address").to_string()
+}
+
+fn start(root: &Path, id: u64, addr: &str, extra: &[&str]) -> Agent {
+    let dir = root.join(format!("n{id}"));
+    let log = root.join(format!("n{id}.log"));
+    let mut agent = Agent { id, addr: addr.to_string(), dir, log, child: None };
+    agent.child = Some(spawn(&agent, extra));
+    agent
+}
+
+fn spawn(agent: &Agent, extra: &[&str]) -> Child {
+    let log =
+        std::fs::OpenOptions::new().create(true).append(true).open(&agent.log).expect("log file");
+    Command::new(BIN)
+        .args([
+            "agent",
+            "--loopback-timers",
+            "--listen",
+            &agent.addr,
+            "--node-id",
+            &agent.id.to_string(),
+        ])
+        .arg("--data-dir")
+        .arg(&agent.dir)
+        .args(extra)
+        .env("RUST_LOG", "warn,openraft=error")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn gobelins agent")
+}
+
+fn cli(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN).args(args).arg("--data-dir").arg(dir).output().expect("run gobelins")
+}
+
+fn status(dir: &Path, local: bool) -> Option<Value> {
+    let mut args = vec!["status", "--json"];
+    if local {
+        args.push("--local");
+    }
+    let out = cli(dir, &args);
+    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
+}
+
+fn node_status(status: &Value, id: u64) -> Option<(String, u64)> {
+    status["nodes"].as_array()?.iter().find(|n| n["id"] == id).map(|n| {
+        (n["status"].as_str().unwrap_or("").to_string(), n["incarnation"].as_u64().unwrap_or(0))
+    })
+}
+
+/// Polls until `check` holds, failing with `what` after `limit`.
+fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !check() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn stable_with(dir: &Path, expected: &[(u64, &str, u64)]) -> bool {
+    let Some(s) = status(dir, false) else { return false };
+    s["stable"] == true
+        && expected.iter().all(|(id, st, inc)| node_status(&s, *id) == Some((st.to_string(), *inc)))
+}
+
+fn log_of(agent: &Agent) -> String {
+    std::fs::read_to_string(&agent.log).unwrap_or_default()
+}
+
+#[test]
+fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let addrs: Vec<String> = (1..=5).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
+
+    let first = start(root.path(), 1, &addrs[0], &["--bootstrap"]);
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+
+    // A second bootstrap of the same data directory is refused with advice.
+    let again = Command::new(BIN)
+        .args(["agent", "--listen", "127.0.0.1:1", "--bootstrap", "--data-dir"])
+        .arg(&first.dir)
+        .output()
+        .expect("run");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds cluster"));
+
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path");
+    let mut agents = vec![first];
+    for i in 2..=5u64 {
+        let seed = addrs[0].clone();
+        agents.push(start(
+            root.path(),
+            i,
+            &addrs[i as usize - 1],
+            &["--join", &seed, "--secret-file", secret],
+        ));
+    }
+    let all_active: Vec<(u64, &str, u64)> = (1..=5).map(|i| (i, "active", 1)).collect();
+    wait_until("five active nodes", limit, || stable_with(&agents[0].dir, &all_active));
+    wait_until("five voters", limit, || {
+        status(&agents[0].dir, false)
+            .is_some_and(|s| s["voters"].as_array().map_or(0, Vec::len) == 5)
+    });
+
+    // Node 5 leaves gracefully: the command returns once the cluster is stable without it.
+    let leave = cli(&agents[4].dir, &["leave"]);
+    assert!(leave.status.success(), "leave: {}", String::from_utf8_lossy(&leave.stderr));
+    assert!(stable_with(&agents[0].dir, &[(5, "left", 1)]));
+    let exited = agents[4].child.as_mut().expect("child").wait().expect("wait");
+    assert!(exited.success(), "a node that left exits cleanly");
+    agents[4].child = None;
+
+    // Node 3 dies without a word.
+    agents[2].child.as_mut().expect("child").kill().expect("kill -9");
+    agents[2].child.as_mut().expect("child").wait().expect("reap");
+    agents[2].child = None;
+    wait_until("node 3 declared failed", limit, || {
+        stable_with(&agents[0].dir, &[(3, "failed", 1)])
+    });
+
+    // Restarted from its data directory, it fences itself and rejoins as a new incarnation.
+    agents[2].child = Some(spawn(&agents[2], &[]));
+    wait_until("node 3 back", limit, || stable_with(&agents[0].dir, &[(3, "active", 2)]));
+
+    // A peer with the wrong secret is refused, and both sides say so.
+    let wrong = root.path().join("wrong.secret");
+    let text = std::fs::read_to_string(secret).expect("secret");
+    let cluster = text.split_whitespace().nth(1).expect("cluster id");
+    std::fs::write(&wrong, format!("gobelins-cluster-v1 {cluster} {}\n", "ab".repeat(32)))
+        .expect("write");
+    let intruder = Command::new(BIN)
+        .args(["agent", "--listen", &free_addr("127.0.0.6"), "--join", &addrs[0], "--secret-file"])
+        .arg(&wrong)
+        .arg("--data-dir")
+        .arg(root.path().join("n6"))
+        .output()
+        .expect("run intruder");
+    assert!(!intruder.status.success());
+    assert!(String::from_utf8_lossy(&intruder.stderr)
+        .contains("could not prove it holds the cluster secret"));
+    assert!(!root.path().join("n6/cluster.secret").exists(), "a refused join keeps no secret");
+
+    // A peer sending garbage, and one announcing a 2 GiB frame, are refused.
+    for junk in [
+        b"GET / HTTP/1.1\r\nHost: gobelins\r\n\r\n".to_vec(),
+        vec![0x7f, 0xff, 0xff, 0xff, 1, 2, 3],
+    ] {
+        let mut stream = TcpStream::connect(&addrs[0]).expect("connect");
+        stream.write_all(&junk).expect("write junk");
+        let _ = stream.shutdown(std::net::Shutdown::Write);
+    }
+    wait_until("the garbage refusals in the log", limit, || {
+        log_of(&agents[0]).matches("refused an incoming connection").count() >= 3
+    });
+
+    // Every live node holds the same configuration, and the agents are all still running.
+    let expected: Vec<(u64, &str, u64)> = vec![
+        (1, "active", 1),
+        (2, "active", 1),
+        (3, "active", 2),
+        (4, "active", 1),
+        (5, "left", 1),
+    ];
+    for agent in agents.iter().filter(|a| a.child.is_some()) {
+        wait_until(&format!("node {} to catch up", agent.id), limit, || {
+            status(&agent.dir, true).is_some_and(|s| {
+                s["stable"] == true
+                    && expected
+                        .iter()
+                        .all(|(id, st, inc)| node_status(&s, *id) == Some((st.to_string(), *inc)))
+            })
+        });
+    }
+    let epochs: Vec<u64> = agents
+        .iter()
+        .filter(|a| a.child.is_some())
+        .map(|a| status(&a.dir, true).expect("status")["epoch"].as_u64().expect("epoch"))
+        .collect();
+    assert!(epochs.windows(2).all(|w| w[0] == w[1]), "epochs differ: {epochs:?}");
+    for agent in agents.iter_mut().filter(|a| a.child.is_some()) {
+        assert!(
+            agent.child.as_mut().expect("child").try_wait().expect("poll").is_none(),
+            "node {} died",
+            agent.id
+        );
+    }
+}
