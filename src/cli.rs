@@ -111,6 +111,7 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
         } else {
             SupervisorConfig::default()
         },
+        durable: true,
     };
     runtime()?.block_on(agent::run(options))?;
     Ok(())

@@ -3,7 +3,7 @@
 use crate::control;
 use crate::datadir::DataDir;
 use crate::error::{Result, SupervisorError};
-use crate::net::TokioNet;
+use crate::net::{Net, TokioNet};
 use crate::secret::ClusterSecret;
 use crate::store;
 use crate::supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
@@ -45,132 +45,159 @@ pub struct AgentOptions {
     pub node_id: Option<u64>,
     /// Timers.
     pub config: SupervisorConfig,
+    /// Whether each raft write is synced to disk before it is acknowledged. Only simulations,
+    /// whose "crashes" cannot lose the page cache, turn it off.
+    pub durable: bool,
 }
 
-/// Runs the agent until it is stopped (SIGINT/SIGTERM) or leaves the cluster.
-pub async fn run(options: AgentOptions) -> Result<()> {
-    let dir = DataDir::open(&options.data_dir)?;
-    let existing = dir.secret()?;
-    let secret = match (&options.start, existing, &options.secret_file) {
-        (Start::Bootstrap, Some(secret), _) => {
-            return Err(SupervisorError::AlreadyBootstrapped {
-                dir: options.data_dir.clone(),
-                cluster: secret.cluster.to_string(),
-            });
-        }
-        (Start::Bootstrap, None, _) => {
-            let secret = ClusterSecret::generate();
-            dir.save_secret(&secret)?;
-            secret
-        }
-        // Kept only once the cluster has admitted this node: a wrong file must not stick.
-        (Start::Join(_), None, Some(file)) => ClusterSecret::load(file)?,
-        (Start::Join(_), None, None) => {
-            return Err(SupervisorError::Config(
+/// A started agent: its supervisor and transport.
+pub struct Agent<N: Net> {
+    /// The node's supervisor.
+    pub supervisor: Arc<Supervisor>,
+    /// Its transport.
+    pub transport: TcpTransport<N>,
+    /// Its data directory.
+    pub dir: DataDir,
+}
+
+impl<N: Net> Agent<N> {
+    /// Opens the data directory, starts the transport and raft, and enters the cluster as
+    /// `options.start` says. Returns once this node is admitted (or bootstrapped).
+    pub async fn start(net: N, options: &AgentOptions) -> Result<Self> {
+        let dir = DataDir::open(&options.data_dir)?;
+        let existing = dir.secret()?;
+        let secret = match (&options.start, existing, &options.secret_file) {
+            (Start::Bootstrap, Some(secret), _) => {
+                return Err(SupervisorError::AlreadyBootstrapped {
+                    dir: options.data_dir.clone(),
+                    cluster: secret.cluster.to_string(),
+                });
+            }
+            (Start::Bootstrap, None, _) => {
+                let secret = ClusterSecret::generate();
+                dir.save_secret(&secret)?;
+                secret
+            }
+            // Kept only once the cluster has admitted this node: a wrong file must not stick.
+            (Start::Join(_), None, Some(file)) => ClusterSecret::load(file)?,
+            (Start::Join(_), None, None) => {
+                return Err(SupervisorError::Config(
                 "--join needs --secret-file: copy cluster.secret from the bootstrap node's data directory".into(),
             ));
-        }
-        (_, Some(secret), Some(file)) => {
-            if ClusterSecret::load(file)? != secret {
-                return Err(SupervisorError::Config(format!(
-                    "{} belongs to cluster {}, but --secret-file is for another cluster",
-                    options.data_dir.display(),
-                    secret.cluster
-                )));
             }
-            secret
-        }
-        (_, Some(secret), None) => secret,
-        (Start::Resume, None, _) => {
-            return Err(SupervisorError::Config(format!(
+            (_, Some(secret), Some(file)) => {
+                if ClusterSecret::load(file)? != secret {
+                    return Err(SupervisorError::Config(format!(
+                        "{} belongs to cluster {}, but --secret-file is for another cluster",
+                        options.data_dir.display(),
+                        secret.cluster
+                    )));
+                }
+                secret
+            }
+            (_, Some(secret), None) => secret,
+            (Start::Resume, None, _) => {
+                return Err(SupervisorError::Config(format!(
                 "{} holds no cluster: start with --bootstrap for a new cluster or --join ADDR to join one",
                 options.data_dir.display()
             )));
-        }
-    };
-    let node = match (dir.node_id()?, options.node_id) {
-        (Some(saved), Some(asked)) if saved != asked => {
-            return Err(SupervisorError::Config(format!(
-                "{} belongs to node {saved}, not {asked}",
-                options.data_dir.display()
-            )));
-        }
-        (Some(saved), _) => saved,
-        (None, asked) => {
-            let id = asked.unwrap_or_else(|| rand::rng().random_range(1..1_000_000));
-            dir.save_node_id(id)?;
-            id
-        }
-    };
-    let incarnation = match dir.incarnation()? {
-        Some(i) => i,
-        None => {
-            dir.save_incarnation(1)?;
-            1
-        }
-    };
-    let addr = options.advertise.clone().unwrap_or_else(|| options.listen.clone());
-    let me = Me { id: node, addr: addr.clone(), labels: options.labels.clone() };
+            }
+        };
+        let node = match (dir.node_id()?, options.node_id) {
+            (Some(saved), Some(asked)) if saved != asked => {
+                return Err(SupervisorError::Config(format!(
+                    "{} belongs to node {saved}, not {asked}",
+                    options.data_dir.display()
+                )));
+            }
+            (Some(saved), _) => saved,
+            (None, asked) => {
+                let id = asked.unwrap_or_else(|| rand::rng().random_range(1..1_000_000));
+                dir.save_node_id(id)?;
+                id
+            }
+        };
+        let incarnation = match dir.incarnation()? {
+            Some(i) => i,
+            None => {
+                dir.save_incarnation(1)?;
+                1
+            }
+        };
+        let addr = options.advertise.clone().unwrap_or_else(|| options.listen.clone());
+        let me = Me { id: node, addr: addr.clone(), labels: options.labels.clone() };
 
-    let dispatch = Arc::new(Dispatch::default());
-    let tcp = TcpTransport::start(
-        TokioNet,
-        TcpConfig::default(),
-        Identity { secret: secret.clone(), node, addr: addr.clone() },
-        incarnation,
-        Some(&options.listen),
-        dispatch.clone(),
-        Arc::new(AdmitAll),
-    )
-    .await?;
-    let transport: Arc<dyn Transport> = Arc::new(tcp.clone());
-    let (log, machine) = store::open(&dir.store_path())?;
-    let saver = dir.clone();
-    let tcp_for_incarnation = tcp.clone();
-    let supervisor = Supervisor::start(Parts {
-        me,
-        incarnation,
-        transport,
-        dispatch,
-        log,
-        machine,
-        config: options.config.clone(),
-        save_incarnation: Box::new(move |i| {
-            saver.save_incarnation(i)?;
-            tcp_for_incarnation.set_incarnation(i);
-            Ok(())
-        }),
-    })
-    .await?;
-    control::serve(&dir.socket_path(), Arc::clone(&supervisor)).await?;
-    tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
+        let dispatch = Arc::new(Dispatch::default());
+        let tcp = TcpTransport::start(
+            net,
+            TcpConfig::default(),
+            Identity { secret: secret.clone(), node, addr: addr.clone() },
+            incarnation,
+            Some(&options.listen),
+            dispatch.clone(),
+            Arc::new(AdmitAll),
+        )
+        .await?;
+        let transport: Arc<dyn Transport> = Arc::new(tcp.clone());
+        let (log, machine) = store::open_with(&dir.store_path(), options.durable)?;
+        let saver = dir.clone();
+        let tcp_for_incarnation = tcp.clone();
+        let supervisor = Supervisor::start(Parts {
+            me,
+            incarnation,
+            transport,
+            dispatch,
+            log,
+            machine,
+            config: options.config.clone(),
+            save_incarnation: Box::new(move |i| {
+                saver.save_incarnation(i)?;
+                tcp_for_incarnation.set_incarnation(i);
+                Ok(())
+            }),
+        })
+        .await?;
+        tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
 
-    match &options.start {
-        Start::Bootstrap => {
-            let outcome = supervisor.bootstrap().await?;
-            tracing::info!(?outcome, "cluster bootstrapped");
-            println!(
+        match &options.start {
+            Start::Bootstrap => {
+                let outcome = supervisor.bootstrap().await?;
+                tracing::info!(?outcome, "cluster bootstrapped");
+                println!(
                 "gobelins: cluster {} bootstrapped; node {node} listens on {addr}.\n\
                  To add a node, copy {} to it and run:\n  \
                  gobelins agent --data-dir <dir> --listen <addr:port> --join {addr} --secret-file cluster.secret",
                 secret.cluster,
                 dir.secret_path().display()
             );
-        }
-        Start::Join(seed) => {
-            let member = supervisor.state().live().contains(&node);
-            if !member {
-                let outcome = supervisor.join_via(seed, Duration::from_secs(30)).await?;
-                tracing::info!(?outcome, %seed, "join accepted");
             }
-            if dir.secret()?.is_none() {
-                dir.save_secret(&secret)?;
+            Start::Join(seed) => {
+                let member = supervisor.state().live().contains(&node);
+                if !member {
+                    let outcome = supervisor.join_via(seed, Duration::from_secs(30)).await?;
+                    tracing::info!(?outcome, %seed, "join accepted");
+                }
+                if dir.secret()?.is_none() {
+                    dir.save_secret(&secret)?;
+                }
             }
+            Start::Resume => {}
         }
-        Start::Resume => {}
+        Ok(Agent { supervisor, transport: tcp, dir })
     }
 
-    let mut lifecycle = supervisor.lifecycle();
+    /// Stops raft and closes every connection.
+    pub async fn stop(&self) {
+        self.supervisor.shutdown().await;
+        self.transport.shutdown();
+    }
+}
+
+/// Runs the agent process until it is stopped (SIGINT/SIGTERM) or leaves the cluster.
+pub async fn run(options: AgentOptions) -> Result<()> {
+    let agent = Agent::start(TokioNet, &options).await?;
+    control::serve(&agent.dir.socket_path(), Arc::clone(&agent.supervisor)).await?;
+    let mut lifecycle = agent.supervisor.lifecycle();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| SupervisorError::io("installing the SIGTERM handler", e))?;
     tokio::select! {
@@ -182,8 +209,7 @@ pub async fn run(options: AgentOptions) -> Result<()> {
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
     }
-    supervisor.shutdown().await;
-    tcp.shutdown();
-    let _ = std::fs::remove_file(dir.socket_path());
+    agent.stop().await;
+    let _ = std::fs::remove_file(agent.dir.socket_path());
     Ok(())
 }

@@ -46,9 +46,17 @@ fn codec_err(e: crate::SupervisorError) -> StorageError<u64> {
     StorageIOError::read(&e).into()
 }
 
-/// Opens (or creates) the store in `path` and returns its two halves plus a receiver that sees
-/// every new cluster state.
+/// Opens (or creates) the store in `path`, every write synced to disk before it is acknowledged.
 pub fn open(path: &Path) -> Result<(LogStore, StateMachine), crate::SupervisorError> {
+    open_with(path, true)
+}
+
+/// Opens the store; with `durable` false, writes reach the OS but are not synced (for
+/// simulations only, where a crash cannot lose the page cache).
+pub fn open_with(
+    path: &Path,
+    durable: bool,
+) -> Result<(LogStore, StateMachine), crate::SupervisorError> {
     let db = Database::create(path).map_err(|e| {
         crate::SupervisorError::Storage(format!(
             "opening {}: {e}; is another agent using this data directory?",
@@ -66,9 +74,9 @@ pub fn open(path: &Path) -> Result<(LogStore, StateMachine), crate::SupervisorEr
     init().map_err(|e| {
         crate::SupervisorError::Storage(format!("initialising {}: {e}", path.display()))
     })?;
-    let log = LogStore { db: Arc::clone(&db) };
-    let machine =
-        StateMachine::load(db).map_err(|e| crate::SupervisorError::Storage(e.to_string()))?;
+    let log = LogStore { db: Arc::clone(&db), durable };
+    let machine = StateMachine::load(db, durable)
+        .map_err(|e| crate::SupervisorError::Storage(e.to_string()))?;
     Ok((log, machine))
 }
 
@@ -81,9 +89,17 @@ fn get_meta<T: serde::de::DeserializeOwned>(db: &Database, key: &str) -> Storage
     }
 }
 
-fn put_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> StorageResult<()> {
+fn begin_write(db: &Database, durable: bool) -> StorageResult<redb::WriteTransaction> {
+    let mut txn = db.begin_write().map_err(write_err)?;
+    if !durable {
+        txn.set_durability(redb::Durability::None).map_err(write_err)?;
+    }
+    Ok(txn)
+}
+
+fn put_meta<T: Serialize>(db: &Database, durable: bool, key: &str, value: &T) -> StorageResult<()> {
     let bytes = codec::encode(value).map_err(codec_err)?;
-    let txn = db.begin_write().map_err(write_err)?;
+    let txn = begin_write(db, durable)?;
     {
         let mut table = txn.open_table(META).map_err(write_err)?;
         table.insert(key, bytes.as_slice()).map_err(write_err)?;
@@ -95,6 +111,7 @@ fn put_meta<T: Serialize>(db: &Database, key: &str, value: &T) -> StorageResult<
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    durable: bool,
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -136,7 +153,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
-        put_meta(&self.db, VOTE, vote)
+        put_meta(&self.db, self.durable, VOTE, vote)
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
@@ -144,7 +161,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> StorageResult<()> {
-        put_meta(&self.db, COMMITTED, &committed)
+        put_meta(&self.db, self.durable, COMMITTED, &committed)
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<u64>>> {
@@ -156,7 +173,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
-        let txn = self.db.begin_write().map_err(write_err)?;
+        let txn = begin_write(&self.db, self.durable)?;
         {
             let mut table = txn.open_table(LOGS).map_err(write_err)?;
             for entry in entries {
@@ -175,7 +192,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
-        let txn = self.db.begin_write().map_err(write_err)?;
+        let txn = begin_write(&self.db, self.durable)?;
         {
             let mut table = txn.open_table(LOGS).map_err(write_err)?;
             table.retain_in(log_id.index.., |_, _| false).map_err(write_err)?;
@@ -184,8 +201,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
-        put_meta(&self.db, PURGED, &log_id)?;
-        let txn = self.db.begin_write().map_err(write_err)?;
+        put_meta(&self.db, self.durable, PURGED, &log_id)?;
+        let txn = begin_write(&self.db, self.durable)?;
         {
             let mut table = txn.open_table(LOGS).map_err(write_err)?;
             table.retain_in(..=log_id.index, |_, _| false).map_err(write_err)?;
@@ -204,6 +221,7 @@ struct StoredSnapshot {
 /// The applied cluster state.
 pub struct StateMachine {
     db: Arc<Database>,
+    durable: bool,
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     state: ClusterState,
@@ -212,7 +230,7 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    fn load(db: Arc<Database>) -> StorageResult<Self> {
+    fn load(db: Arc<Database>, durable: bool) -> StorageResult<Self> {
         let stored: Option<StoredSnapshot> = get_meta(&db, SNAPSHOT)?;
         let (last_applied, membership, state) = match stored {
             Some(s) => (
@@ -223,7 +241,15 @@ impl StateMachine {
             None => (None, StoredMembership::default(), ClusterState::default()),
         };
         let (published, _) = watch::channel(Arc::new(state.clone()));
-        Ok(StateMachine { db, last_applied, membership, state, published, snapshots_built: 0 })
+        Ok(StateMachine {
+            db,
+            durable,
+            last_applied,
+            membership,
+            state,
+            published,
+            snapshots_built: 0,
+        })
     }
 
     /// A receiver that sees each newly applied cluster state.
@@ -239,6 +265,7 @@ impl StateMachine {
 /// Builds snapshots from a copy of the state taken when openraft asks for a builder.
 pub struct SnapshotBuilder {
     db: Arc<Database>,
+    durable: bool,
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     state: ClusterState,
@@ -256,7 +283,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: self.membership.clone(),
             snapshot_id: format!("{last}-{}", self.id),
         };
-        put_meta(&self.db, SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data: data.clone() })?;
+        put_meta(
+            &self.db,
+            self.durable,
+            SNAPSHOT,
+            &StoredSnapshot { meta: meta.clone(), data: data.clone() },
+        )?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -295,6 +327,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.snapshots_built += 1;
         SnapshotBuilder {
             db: Arc::clone(&self.db),
+            durable: self.durable,
             last_applied: self.last_applied,
             membership: self.membership.clone(),
             state: self.state.clone(),
@@ -315,7 +348,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.state = codec::decode(&data).map_err(codec_err)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        put_meta(&self.db, SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data })?;
+        put_meta(&self.db, self.durable, SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data })?;
         self.publish();
         Ok(())
     }
