@@ -8,7 +8,8 @@
 //! - [`state`]: the replicated cluster state and its pure `apply`.
 //! - [`types`], [`runtime`], [`store`]: openraft's instantiation, its seedable runtime, the
 //!   redb-backed log and state machine.
-//! - [`transport`], [`net`], [`tcp`]: request/response between nodes over TCP.
+//! - [`transport`], [`net`], [`tcp`]: request/response between nodes over TCP; [`mem`]: the
+//!   in-memory transport with fault injection that tests use.
 //! - [`secret`]: the cluster id and key; [`handshake`]: both ends prove they hold the key.
 #![deny(missing_docs)]
 
@@ -20,6 +21,7 @@ pub mod detector;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod mem;
 pub mod net;
 pub mod network;
 pub mod rpc;

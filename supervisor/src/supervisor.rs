@@ -450,13 +450,26 @@ impl Supervisor {
                 self.lifecycle.send_replace(Lifecycle::Left);
             }
             self.report_progress(&current);
-            if self.leader().is_some() {
+            if self.in_touch() {
                 last_leader_seen = Instant::now();
             } else if last_leader_seen.elapsed() > self.config.failure_timeout * 3 {
                 last_leader_seen = Instant::now();
                 let me = Arc::clone(&self);
                 tokio::spawn(async move { me.check_fenced().await });
             }
+        }
+    }
+
+    /// Whether this node hears from a working leader: a follower knows one, a leader has had
+    /// a quorum acknowledge it lately. A leader cut off from the rest believes it still leads,
+    /// so the second test is what lets it notice it was replaced.
+    fn in_touch(&self) -> bool {
+        let metrics = self.raft.metrics().borrow().clone();
+        match metrics.state {
+            ServerState::Leader => metrics
+                .millis_since_quorum_ack
+                .is_some_and(|ms| u128::from(ms) < self.config.failure_timeout.as_millis()),
+            _ => metrics.current_leader.is_some(),
         }
     }
 
@@ -599,7 +612,9 @@ impl Supervisor {
                     incarnation,
                     "declaring node failed: silent and unreachable from witnesses"
                 );
-                if let Err(error) = self.propose(Command::Fail { node, incarnation }).await {
+                // Only while still leader: a deposed leader's late verdict must not be forwarded
+                // to its successor, which has its own, fresher view.
+                if let Err(error) = self.propose_here(Command::Fail { node, incarnation }).await {
                     tracing::warn!(node, %error, "could not commit the failure");
                 }
             }

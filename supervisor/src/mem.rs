@@ -1,0 +1,170 @@
+//! An in-memory transport with fault injection, for in-process cluster tests.
+//!
+//! Every node of a [`MemNetwork`] calls the others' handlers directly. Faults are set on the
+//! network: links cut both ways (partitions), nodes taken down, a delay per message, and a
+//! seeded drop rate. A message that cannot arrive makes the caller wait its full deadline, as
+//! a lost TCP segment would.
+
+use crate::error::{Result, SupervisorError};
+use crate::transport::{Handler, Transport};
+use async_trait::async_trait;
+use bytes::Bytes;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+struct Hub {
+    handlers: HashMap<u64, Arc<dyn Handler>>,
+    addrs: HashMap<String, u64>,
+    cut: BTreeSet<(u64, u64)>,
+    down: BTreeSet<u64>,
+    delay: Duration,
+    drop_rate: f64,
+    rng: StdRng,
+}
+
+/// A simulated network of in-process nodes.
+#[derive(Clone)]
+pub struct MemNetwork {
+    hub: Arc<Mutex<Hub>>,
+}
+
+fn pair(a: u64, b: u64) -> (u64, u64) {
+    (a.min(b), a.max(b))
+}
+
+impl MemNetwork {
+    /// A network without faults; `seed` drives the drop decisions.
+    pub fn new(seed: u64) -> Self {
+        MemNetwork {
+            hub: Arc::new(Mutex::new(Hub {
+                handlers: HashMap::new(),
+                addrs: HashMap::new(),
+                cut: BTreeSet::new(),
+                down: BTreeSet::new(),
+                delay: Duration::ZERO,
+                drop_rate: 0.0,
+                rng: StdRng::seed_from_u64(seed),
+            })),
+        }
+    }
+
+    fn hub(&self) -> std::sync::MutexGuard<'_, Hub> {
+        self.hub.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Attaches node `node`, reachable at `addr`, answering with `handler`; returns its transport.
+    pub fn attach(&self, node: u64, addr: &str, handler: Arc<dyn Handler>) -> MemTransport {
+        let mut hub = self.hub();
+        hub.handlers.insert(node, handler);
+        hub.addrs.insert(addr.to_string(), node);
+        hub.down.remove(&node);
+        MemTransport { net: self.clone(), me: node }
+    }
+
+    /// Cuts the link between `a` and `b` both ways.
+    pub fn partition(&self, a: u64, b: u64) {
+        self.hub().cut.insert(pair(a, b));
+    }
+
+    /// Cuts `node` off from every other node.
+    pub fn isolate(&self, node: u64, others: impl IntoIterator<Item = u64>) {
+        for other in others {
+            self.partition(node, other);
+        }
+    }
+
+    /// Restores every cut link.
+    pub fn heal(&self) {
+        self.hub().cut.clear();
+    }
+
+    /// Takes `node` down: nothing reaches it and it reaches nothing, until attached again.
+    pub fn crash(&self, node: u64) {
+        let mut hub = self.hub();
+        hub.down.insert(node);
+        hub.handlers.remove(&node);
+    }
+
+    /// Delays every message by `delay`, each way.
+    pub fn set_delay(&self, delay: Duration) {
+        self.hub().delay = delay;
+    }
+
+    /// Drops this fraction of requests (and of responses).
+    pub fn set_drop_rate(&self, rate: f64) {
+        self.hub().drop_rate = rate;
+    }
+
+    /// The handler of `to` if a message from `from` can get there now, and the delay.
+    fn route(&self, from: u64, to: u64) -> (Option<Arc<dyn Handler>>, Duration) {
+        let mut hub = self.hub();
+        let rate = hub.drop_rate.clamp(0.0, 1.0);
+        let dropped = rate > 0.0 && hub.rng.random_bool(rate);
+        let blocked = dropped
+            || hub.down.contains(&from)
+            || hub.down.contains(&to)
+            || hub.cut.contains(&pair(from, to));
+        let handler = if blocked { None } else { hub.handlers.get(&to).cloned() };
+        (handler, hub.delay)
+    }
+}
+
+/// One node's end of a [`MemNetwork`].
+pub struct MemTransport {
+    net: MemNetwork,
+    me: u64,
+}
+
+impl MemTransport {
+    async fn deliver(&self, to: u64, request: Bytes, deadline: Duration) -> Result<Bytes> {
+        let lost = || SupervisorError::Timeout {
+            what: format!("request to node {to}"),
+            after_ms: deadline.as_millis() as u64,
+        };
+        let exchange = async {
+            let (handler, delay) = self.net.route(self.me, to);
+            tokio::time::sleep(delay).await;
+            let Some(handler) = handler else {
+                std::future::pending::<()>().await;
+                unreachable!("pending never completes");
+            };
+            let response = handler.handle(self.me, request).await;
+            let (back, delay) = self.net.route(to, self.me);
+            tokio::time::sleep(delay).await;
+            if back.is_none() {
+                std::future::pending::<()>().await;
+            }
+            response
+        };
+        tokio::time::timeout(deadline, exchange).await.map_err(|_| lost())
+    }
+}
+
+#[async_trait]
+impl Transport for MemTransport {
+    async fn call(&self, to: u64, request: Bytes, deadline: Duration) -> Result<Bytes> {
+        self.deliver(to, request, deadline).await
+    }
+
+    async fn call_addr(
+        &self,
+        addr: &str,
+        request: Bytes,
+        deadline: Duration,
+    ) -> Result<(u64, Bytes)> {
+        let to = self.net.hub().addrs.get(addr).copied().ok_or_else(|| {
+            SupervisorError::io(
+                format!("connecting to {addr}"),
+                std::io::ErrorKind::ConnectionRefused.into(),
+            )
+        })?;
+        Ok((to, self.deliver(to, request, deadline).await?))
+    }
+
+    fn set_peer(&self, _node: u64, _addr: String) {}
+
+    fn forget(&self, _node: u64) {}
+}

@@ -1,0 +1,189 @@
+//! In-process clusters over the in-memory transport, with paused time: partitions, delays and
+//! lost messages, and what the supervisors make of them.
+
+use gobelins_locator::Labels;
+use gobelins_supervisor::mem::MemNetwork;
+use gobelins_supervisor::state::{ClusterState, NodeStatus};
+use gobelins_supervisor::{store, Dispatch, Me, Parts, Supervisor, SupervisorConfig};
+use std::sync::Arc;
+use std::time::Duration;
+use tempfile::TempDir;
+
+struct Node {
+    supervisor: Arc<Supervisor>,
+    _dir: TempDir,
+}
+
+async fn node(net: &MemNetwork, id: u64, config: SupervisorConfig) -> Node {
+    let dir = TempDir::new().expect("temporary directory");
+    let dispatch = Arc::new(Dispatch::default());
+    let transport = Arc::new(net.attach(id, &format!("n{id}"), dispatch.clone()));
+    let (log, machine) = store::open_with(&dir.path().join("raft.redb"), false).expect("store");
+    let supervisor = Supervisor::start(Parts {
+        me: Me { id, addr: format!("n{id}"), labels: Labels::new() },
+        incarnation: 1,
+        transport,
+        dispatch,
+        log,
+        machine,
+        config,
+        save_incarnation: Box::new(|_| Ok(())),
+    })
+    .await
+    .expect("supervisor starts");
+    Node { supervisor, _dir: dir }
+}
+
+async fn cluster(net: &MemNetwork, size: u64, config: SupervisorConfig) -> Vec<Node> {
+    let mut nodes = vec![node(net, 1, config.clone()).await];
+    nodes[0].supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
+    for id in 2..=size {
+        let n = node(net, id, config.clone()).await;
+        n.supervisor
+            .join_via("n1", Duration::from_secs(30))
+            .await
+            .expect("join")
+            .expect("accepted");
+        nodes.push(n);
+    }
+    nodes
+}
+
+/// Waits (in paused time) until `check` holds on every node's own applied state.
+async fn until_all(
+    nodes: &[&Node],
+    limit: Duration,
+    what: &str,
+    check: impl Fn(&ClusterState) -> bool,
+) {
+    let start = tokio::time::Instant::now();
+    while !nodes.iter().all(|n| check(&n.supervisor.state())) {
+        if start.elapsed() >= limit {
+            for n in nodes {
+                let s = n.supervisor.state();
+                eprintln!(
+                    "node {}: leader {:?}, epoch {}, in progress {:?}, {:?}",
+                    n.supervisor.id(),
+                    n.supervisor.leader(),
+                    s.epoch,
+                    s.in_progress,
+                    statuses(&s)
+                );
+            }
+            panic!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until every node sees `count` raft voters.
+async fn until_voters(nodes: &[&Node], count: usize) {
+    let start = tokio::time::Instant::now();
+    while !nodes.iter().all(|n| n.supervisor.voters().len() == count) {
+        assert!(start.elapsed() < Duration::from_secs(30), "timed out waiting for {count} voters");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn statuses(state: &ClusterState) -> Vec<(u64, NodeStatus, u64)> {
+    state.nodes.iter().map(|(&id, r)| (id, r.status, r.incarnation)).collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_lossy_network_still_forms_one_cluster() {
+    let net = MemNetwork::new(7);
+    net.set_delay(Duration::from_millis(5));
+    net.set_drop_rate(0.05);
+    let nodes = cluster(&net, 3, SupervisorConfig::default()).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    until_all(&all, Duration::from_secs(60), "three active nodes", |s| {
+        s.is_stable() && s.with_status(NodeStatus::Active).count() == 3
+    })
+    .await;
+    let first = statuses(&nodes[0].supervisor.state());
+    for n in &nodes[1..] {
+        assert_eq!(statuses(&n.supervisor.state()), first, "every node agrees");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_network_causes_no_false_failure() {
+    let net = MemNetwork::new(1);
+    let nodes = cluster(&net, 3, SupervisorConfig::default()).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    until_all(&all, Duration::from_secs(30), "three active nodes", |s| {
+        s.is_stable() && s.with_status(NodeStatus::Active).count() == 3
+    })
+    .await;
+    // 40 ms each way: well within the default timers, so nobody is suspected for 30 s.
+    net.set_delay(Duration::from_millis(40));
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let state = nodes[0].supervisor.state();
+    assert_eq!(state.with_status(NodeStatus::Active).count(), 3, "{:?}", statuses(&state));
+    assert_eq!(state.with_status(NodeStatus::Failed).count(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing() {
+    let net = MemNetwork::new(3);
+    let config = SupervisorConfig::loopback();
+    let nodes = cluster(&net, 3, config).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    until_all(&all, Duration::from_secs(30), "three active nodes", |s| {
+        s.is_stable() && s.with_status(NodeStatus::Active).count() == 3
+    })
+    .await;
+    until_voters(&all, 3).await;
+    let leader = nodes[0].supervisor.leader().expect("a leader");
+    let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+    net.isolate(leader, others.clone());
+
+    let majority: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != leader).collect();
+    until_all(&majority, Duration::from_secs(30), "the old leader declared failed", |s| {
+        s.is_stable() && s.nodes[&leader].status == NodeStatus::Failed
+    })
+    .await;
+    assert!(
+        majority.iter().all(|n| n.supervisor.leader() != Some(leader)),
+        "a new leader took over"
+    );
+
+    net.heal();
+    until_all(&all, Duration::from_secs(60), "the old leader back as incarnation 2", |s| {
+        s.is_stable()
+            && s.nodes[&leader].status == NodeStatus::Active
+            && s.nodes[&leader].incarnation == 2
+    })
+    .await;
+    let first = statuses(&nodes[0].supervisor.state());
+    for n in &nodes[1..] {
+        assert_eq!(statuses(&n.supervisor.state()), first, "every node agrees after healing");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_minority_cannot_change_the_configuration() {
+    let net = MemNetwork::new(5);
+    let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    until_all(&all, Duration::from_secs(30), "three active nodes", |s| {
+        s.is_stable() && s.with_status(NodeStatus::Active).count() == 3
+    })
+    .await;
+    until_voters(&all, 3).await;
+    // Cut node 3 off; alone, it cannot commit anything (here: evicting node 2).
+    net.isolate(3, [1, 2]);
+    let epoch = nodes[0].supervisor.state().epoch;
+    let result = tokio::time::timeout(
+        Duration::from_secs(5),
+        nodes[2].supervisor.propose(gobelins_supervisor::state::Command::Evict { node: 2 }),
+    )
+    .await;
+    assert!(!matches!(result, Ok(Ok(Ok(_)))), "a minority committed a change: {result:?}");
+    net.heal();
+    until_all(&all, Duration::from_secs(60), "one configuration after healing", |s| {
+        s.is_stable() && s.nodes[&2].status == NodeStatus::Active
+    })
+    .await;
+    assert!(nodes[0].supervisor.state().epoch >= epoch);
+}
