@@ -13,7 +13,7 @@ use crate::detector::{Action, Detector};
 use crate::error::{Result, SupervisorError};
 use crate::network::Network;
 use crate::rpc::{JoinRequest, ProposeError, Request, Response, View};
-use crate::state::{ClusterState, Command, NodeStatus, Outcome};
+use crate::state::{ClusterState, Command, NodeStatus, Outcome, Refusal};
 use crate::store::{LogStore, StateMachine};
 use crate::transport::{Handler, Transport};
 use crate::types::Raft;
@@ -429,12 +429,20 @@ impl Supervisor {
     async fn duties(self: Arc<Self>) {
         let mut state = self.state.clone();
         let mut retry = tokio::time::interval(Duration::from_millis(100));
-        let mut last_leader_seen = Instant::now();
+        // A node cut off long enough to be declared failed may never hear of it through raft
+        // (it is no longer sent the log), so it asks a peer now and then.
+        let mut fence_check = tokio::time::interval(self.config.failure_timeout * 3);
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 changed = state.changed() => if changed.is_err() { return },
                 _ = retry.tick() => {}
+                _ = fence_check.tick() => {
+                    if !self.in_touch() || self.leader() != Some(self.me.id) {
+                        let me = Arc::clone(&self);
+                        tokio::spawn(async move { me.check_fenced().await });
+                    }
+                }
             }
             let current = state.borrow_and_update().clone();
             for (&id, record) in &current.nodes {
@@ -450,13 +458,6 @@ impl Supervisor {
                 self.lifecycle.send_replace(Lifecycle::Left);
             }
             self.report_progress(&current);
-            if self.in_touch() {
-                last_leader_seen = Instant::now();
-            } else if last_leader_seen.elapsed() > self.config.failure_timeout * 3 {
-                last_leader_seen = Instant::now();
-                let me = Arc::clone(&self);
-                tokio::spawn(async move { me.check_fenced().await });
-            }
         }
     }
 
@@ -493,8 +494,8 @@ impl Supervisor {
         });
     }
 
-    /// Without a leader for long, asks the peers whether the cluster declared this node failed;
-    /// if so, fences: rejoins under a new incarnation, as a new life of the same node.
+    /// Asks a peer whether the cluster declared this node failed; if so, fences: rejoins under
+    /// a new incarnation, as a new life of the same node, through the peer's leader.
     async fn check_fenced(self: Arc<Self>) {
         let peers: Vec<(u64, String)> = self
             .state()
@@ -505,31 +506,57 @@ impl Supervisor {
             .collect();
         for (peer, addr) in peers {
             self.transport.set_peer(peer, addr.clone());
-            let Ok(Response::View(view)) =
-                self.call(peer, &Request::State, self.config.rpc_timeout).await
-            else {
-                continue;
+            let view = match self.call(peer, &Request::State, self.config.rpc_timeout).await {
+                Ok(Response::View(view)) => view,
+                Ok(_) => continue,
+                Err(error) => {
+                    tracing::debug!(node = self.me.id, peer, %error, "fence check: peer did not answer");
+                    continue;
+                }
             };
+            // Only a view at least as new as ours may tell us we were declared failed.
+            let ours = self.state().epoch;
+            if view.state.epoch < ours {
+                continue;
+            }
             let record = view.state.nodes.get(&self.me.id);
-            let fenced = record.is_none_or(|r| {
-                r.status == NodeStatus::Failed && r.incarnation >= self.incarnation()
-            });
+            let fenced = match record {
+                Some(r) => r.status == NodeStatus::Failed,
+                None => view.state.epoch > ours,
+            };
             if !fenced {
                 return;
             }
-            let next = record.map_or(self.incarnation(), |r| r.incarnation) + 1;
-            tracing::warn!(
-                node = self.me.id,
-                incarnation = next,
-                "declared failed by the cluster; rejoining as a new incarnation"
-            );
-            if let Err(error) = (self.save_incarnation)(next) {
-                tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
-                return;
+            // A life the cluster has not seen yet: above both ours and the one it declared dead.
+            let next = self.incarnation().max(record.map_or(0, |r| r.incarnation) + 1);
+            if next != self.incarnation() {
+                tracing::warn!(
+                    node = self.me.id,
+                    incarnation = next,
+                    "declared failed by the cluster; rejoining as a new incarnation"
+                );
+                if let Err(error) = (self.save_incarnation)(next) {
+                    tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
+                    return;
+                }
+                self.incarnation.store(next, Ordering::SeqCst);
             }
-            self.incarnation.store(next, Ordering::SeqCst);
-            match self.join_via(&addr, self.config.rpc_timeout * 5).await {
-                Ok(outcome) => tracing::info!(?outcome, "rejoined"),
+            // Through the leader if the peer knows one, else through any live member.
+            let live = view.state.live();
+            let via = view
+                .leader
+                .into_iter()
+                .chain(live.iter().copied())
+                .filter(|n| *n != self.me.id)
+                .find_map(|n| view.state.nodes.get(&n).map(|r| r.addr.clone()))
+                .unwrap_or(addr);
+            match self.join_via(&via, self.config.rpc_timeout * 5).await {
+                Ok(Ok(applied)) => tracing::info!(?applied, %via, "rejoining"),
+                // An earlier attempt got through though its answer was lost.
+                Ok(Err(Refusal::AlreadyMember(_))) => {
+                    tracing::debug!(%via, "rejoin already under way")
+                }
+                Ok(Err(refusal)) => tracing::warn!(%refusal, "rejoin refused; will try again"),
                 Err(error) => tracing::warn!(%error, "rejoin failed; will try again"),
             }
             return;
@@ -546,7 +573,9 @@ impl Supervisor {
                 _ = tick.tick() => {}
             }
             let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
-            if !is_leader {
+            // A leader that no quorum acknowledges may be the one cut off: its verdicts on the
+            // others would be wrong, and could not commit anyway.
+            if !is_leader || !self.in_touch() {
                 *self.detector.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 continue;
             }

@@ -51,7 +51,9 @@ impl Default for TcpConfig {
             connect_timeout: Duration::from_millis(500),
             handshake_timeout: Duration::from_secs(2),
             backoff_min: Duration::from_millis(20),
-            backoff_max: Duration::from_secs(1),
+            // Short, so that a node back from a blip is pinged again well within any failure
+            // timeout; an unreachable peer then costs one dial per quarter second.
+            backoff_max: Duration::from_millis(250),
         }
     }
 }
