@@ -46,13 +46,16 @@ impl Net for TurmoilNet {
     }
 }
 
+/// `(node, status, incarnation)` for every node a view knows.
+type Statuses = Vec<(u64, NodeStatus, u64)>;
+
 /// What the hosts tell the test.
 #[derive(Default)]
 struct Record {
     /// Highest epoch each node has applied, over all its lives.
     max_epoch: BTreeMap<u64, u64>,
     /// Latest (epoch, stable, statuses) each running node holds.
-    latest: BTreeMap<u64, (u64, bool, Vec<(u64, NodeStatus, u64)>)>,
+    latest: BTreeMap<u64, (u64, bool, Statuses)>,
     /// Joins the cluster acknowledged: (node, incarnation).
     joined: BTreeSet<(u64, u64)>,
     /// Nodes whose leave the cluster acknowledged.
@@ -322,7 +325,7 @@ fn seeds_each_in_their_own_process() {
         if !out.status.success() {
             let text = String::from_utf8_lossy(&out.stderr);
             let reason = text.lines().find(|l| l.contains("seed ")).unwrap_or("no reason printed");
-            failures.push(format!("{reason}"));
+            failures.push(reason.to_string());
         }
     }
     assert!(
