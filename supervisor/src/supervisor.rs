@@ -494,8 +494,10 @@ impl Supervisor {
         });
     }
 
-    /// Asks a peer whether the cluster declared this node failed; if so, fences: rejoins under
-    /// a new incarnation, as a new life of the same node, through the peer's leader.
+    /// Asks the peers whether the cluster declared this node failed; if so, fences: rejoins
+    /// under a new incarnation, as a new life of the same node, through the freshest leader.
+    /// Every peer is asked and the newest view decides, since a peer that left or was cut off
+    /// holds a frozen view.
     async fn check_fenced(self: Arc<Self>) {
         let peers: Vec<(u64, String)> = self
             .state()
@@ -504,62 +506,65 @@ impl Supervisor {
             .filter(|(&id, _)| id != self.me.id)
             .map(|(&id, r)| (id, r.addr.clone()))
             .collect();
-        for (peer, addr) in peers {
-            self.transport.set_peer(peer, addr.clone());
-            let view = match self.call(peer, &Request::State, self.config.rpc_timeout).await {
-                Ok(Response::View(view)) => view,
-                Ok(_) => continue,
-                Err(error) => {
-                    tracing::debug!(node = self.me.id, peer, %error, "fence check: peer did not answer");
-                    continue;
+        let me = &self;
+        let asks = peers.into_iter().map(|(peer, addr)| {
+            me.transport.set_peer(peer, addr);
+            async move {
+                match me.call(peer, &Request::State, me.config.rpc_timeout).await {
+                    Ok(Response::View(view)) => Some(view),
+                    Ok(_) => None,
+                    Err(error) => {
+                        tracing::debug!(node = me.me.id, peer, %error, "fence check: peer did not answer");
+                        None
+                    }
                 }
-            };
-            // Only a view at least as new as ours may tell us we were declared failed.
-            let ours = self.state().epoch;
-            if view.state.epoch < ours {
-                continue;
             }
-            let record = view.state.nodes.get(&self.me.id);
-            let fenced = match record {
-                Some(r) => r.status == NodeStatus::Failed,
-                None => view.state.epoch > ours,
-            };
-            if !fenced {
+        });
+        let views = futures::future::join_all(asks).await;
+        let Some(view) = views.into_iter().flatten().max_by_key(|v| v.state.epoch) else { return };
+        // Only a view newer than or as new as ours may tell us we were declared failed.
+        let ours = self.state().epoch;
+        if view.state.epoch < ours {
+            return;
+        }
+        let record = view.state.nodes.get(&self.me.id);
+        let fenced = match record {
+            Some(r) => r.status == NodeStatus::Failed,
+            None => view.state.epoch > ours,
+        };
+        if !fenced {
+            return;
+        }
+        // A life the cluster has not seen yet: above both ours and the one it declared dead.
+        let next = self.incarnation().max(record.map_or(0, |r| r.incarnation) + 1);
+        if next != self.incarnation() {
+            tracing::warn!(
+                node = self.me.id,
+                incarnation = next,
+                "declared failed by the cluster; rejoining as a new incarnation"
+            );
+            if let Err(error) = (self.save_incarnation)(next) {
+                tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
                 return;
             }
-            // A life the cluster has not seen yet: above both ours and the one it declared dead.
-            let next = self.incarnation().max(record.map_or(0, |r| r.incarnation) + 1);
-            if next != self.incarnation() {
-                tracing::warn!(
-                    node = self.me.id,
-                    incarnation = next,
-                    "declared failed by the cluster; rejoining as a new incarnation"
-                );
-                if let Err(error) = (self.save_incarnation)(next) {
-                    tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
-                    return;
-                }
-                self.incarnation.store(next, Ordering::SeqCst);
-            }
-            // Through the leader if the peer knows one, else through any live member.
-            let live = view.state.live();
-            let via = view
-                .leader
-                .into_iter()
-                .chain(live.iter().copied())
-                .filter(|n| *n != self.me.id)
-                .find_map(|n| view.state.nodes.get(&n).map(|r| r.addr.clone()))
-                .unwrap_or(addr);
-            match self.join_via(&via, self.config.rpc_timeout * 5).await {
-                Ok(Ok(applied)) => tracing::info!(?applied, %via, "rejoining"),
-                // An earlier attempt got through though its answer was lost.
-                Ok(Err(Refusal::AlreadyMember(_))) => {
-                    tracing::debug!(%via, "rejoin already under way")
-                }
-                Ok(Err(refusal)) => tracing::warn!(%refusal, "rejoin refused; will try again"),
-                Err(error) => tracing::warn!(%error, "rejoin failed; will try again"),
-            }
-            return;
+            self.incarnation.store(next, Ordering::SeqCst);
+        }
+        // Through the leader of the newest view, else through any member it lists as live.
+        let live = view.state.live();
+        let via = view
+            .leader
+            .filter(|l| live.contains(l))
+            .into_iter()
+            .chain(live.iter().copied())
+            .filter(|n| *n != self.me.id)
+            .find_map(|n| view.state.nodes.get(&n).map(|r| r.addr.clone()));
+        let Some(via) = via else { return };
+        match self.join_via(&via, self.config.rpc_timeout * 5).await {
+            Ok(Ok(applied)) => tracing::info!(?applied, %via, "rejoining"),
+            // An earlier attempt got through though its answer was lost.
+            Ok(Err(Refusal::AlreadyMember(_))) => tracing::debug!(%via, "rejoin already under way"),
+            Ok(Err(refusal)) => tracing::warn!(%refusal, "rejoin refused; will try again"),
+            Err(error) => tracing::warn!(%error, "rejoin failed; will try again"),
         }
     }
 

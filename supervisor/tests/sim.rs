@@ -244,7 +244,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
     if !r.violations.is_empty() {
         return Err(r.violations.join("; "));
     }
-    let (epoch, _, statuses) = r.latest.values().next().cloned().ok_or("no node reported")?;
+    let (epoch, _, statuses) = newest_stable(&r).cloned().ok_or("no node reported")?;
     if let Some((node, max)) = r.max_epoch.iter().find(|(_, &max)| max > epoch) {
         return Err(format!("node {node} once saw epoch {max}, later than the agreed {epoch}"));
     }
@@ -275,12 +275,14 @@ fn run_seed(seed: u64) -> Result<(), String> {
     Ok(())
 }
 
+/// The newest stable view: the reference, since a node cut off may still hold an old one.
+fn newest_stable(r: &Record) -> Option<&(u64, bool, Statuses)> {
+    r.latest.values().filter(|(_, stable, _)| *stable).max_by_key(|(epoch, _, _)| *epoch)
+}
+
 /// Whether every member that still runs holds the same stable configuration.
 fn converged(r: &Record) -> bool {
-    // The newest stable view is the reference: a node cut off may still hold an old one.
-    let newest =
-        r.latest.values().filter(|(_, stable, _)| *stable).max_by_key(|(epoch, _, _)| *epoch);
-    let Some((_, _, statuses)) = newest else { return false };
+    let Some((_, _, statuses)) = newest_stable(r) else { return false };
     let members: BTreeSet<u64> = statuses
         .iter()
         .filter(|(_, s, _)| matches!(s, NodeStatus::Active))
