@@ -187,3 +187,40 @@ async fn a_minority_cannot_change_the_configuration() {
     .await;
     assert!(nodes[0].supervisor.state().epoch >= epoch);
 }
+
+#[tokio::test(start_paused = true)]
+async fn five_nodes_vote_and_a_lost_voter_is_replaced_by_a_learner() {
+    let net = MemNetwork::new(11);
+    let nodes = cluster(&net, 6, SupervisorConfig::loopback()).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    until_all(&all, Duration::from_secs(30), "six active nodes", |s| {
+        s.is_stable() && s.with_status(NodeStatus::Active).count() == 6
+    })
+    .await;
+    until_voters(&all, 5).await;
+    let voters = nodes[0].supervisor.voters();
+    let learner = (1..=6).find(|n| !voters.contains(n)).expect("one learner");
+    let leader = nodes[0].supervisor.leader().expect("a leader");
+    let lost = *voters.iter().find(|&&v| v != leader).expect("a voter that is not the leader");
+
+    net.crash(lost);
+    let survivors: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != lost).collect();
+    until_all(&survivors, Duration::from_secs(30), "the lost voter declared failed", |s| {
+        s.is_stable() && s.nodes[&lost].status == NodeStatus::Failed
+    })
+    .await;
+    let start = tokio::time::Instant::now();
+    while survivors
+        .iter()
+        .any(|n| n.supervisor.voters().contains(&lost) || n.supervisor.voters().len() != 5)
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "voters never replaced: {:?}",
+            survivors[0].supervisor.voters()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let voters = survivors[0].supervisor.voters();
+    assert!(voters.contains(&learner), "the learner was promoted: {voters:?}");
+}
