@@ -133,7 +133,7 @@ fn ms(d: Duration) -> String {
 
 /// Raft commit latency of `Register` through three in-process agents over loopback TCP, and a
 /// raw TCP echo of the same process for comparison.
-fn commit_latency(samples: usize) -> (Duration, Duration, Duration) {
+fn commit_latency(samples: usize, durable: bool) -> (Duration, Duration, Duration) {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     rt.block_on(async {
         let root = tempfile::tempdir().expect("temp dir");
@@ -146,7 +146,7 @@ fn commit_latency(samples: usize) -> (Duration, Duration, Duration) {
             labels: Labels::new(),
             node_id: Some(id),
             config: SupervisorConfig::loopback(),
-            durable: true,
+            durable,
         };
         let first_options = options(1, Start::Bootstrap);
         let first = Agent::start(TokioNet, &first_options).await.expect("bootstrap");
@@ -276,11 +276,16 @@ fn main() {
             ms(kill_max)
         );
     }
-    let (commit, commit_p99, echo) = commit_latency(200);
-    println!(
-        "\nconfiguration change committed (3 voters, loopback TCP, fsync): median {} p99 {}; raw TCP echo {}",
-        ms(commit), ms(commit_p99), ms(echo)
-    );
+    println!();
+    for (label, durable) in [("fsync", true), ("no sync", false)] {
+        let (commit, commit_p99, echo) = commit_latency(200, durable);
+        println!(
+            "configuration change committed (3 voters, loopback TCP, {label}): median {} p99 {}; raw TCP echo {:.1} µs",
+            ms(commit),
+            ms(commit_p99),
+            echo.as_secs_f64() * 1e6
+        );
+    }
     if hog_secs > 0 {
         let failed = hog(&bin, hog_secs);
         println!("false failures during {hog_secs} s of two CPU hogs (default timers): {failed}");

@@ -163,13 +163,6 @@ impl<N: Net> Agent<N> {
             Start::Bootstrap => {
                 let outcome = supervisor.bootstrap().await?;
                 tracing::info!(?outcome, "cluster bootstrapped");
-                println!(
-                "gobelins: cluster {} bootstrapped; node {node} listens on {addr}.\n\
-                 To add a node, copy {} to it and run:\n  \
-                 gobelins agent --data-dir <dir> --listen <addr:port> --join {addr} --secret-file cluster.secret",
-                secret.cluster,
-                dir.secret_path().display()
-            );
             }
             Start::Join(seed) => {
                 let member = supervisor.state().live().contains(&node);
@@ -196,6 +189,19 @@ impl<N: Net> Agent<N> {
 /// Runs the agent process until it is stopped (SIGINT/SIGTERM) or leaves the cluster.
 pub async fn run(options: AgentOptions) -> Result<()> {
     let agent = Agent::start(TokioNet, &options).await?;
+    if options.start == Start::Bootstrap {
+        let secret =
+            agent.dir.secret()?.ok_or_else(|| SupervisorError::Config("secret vanished".into()))?;
+        let (node, addr) =
+            (agent.supervisor.id(), options.advertise.as_ref().unwrap_or(&options.listen));
+        println!(
+            "gobelins: cluster {} bootstrapped; node {node} listens on {addr}.\n\
+             To add a node, copy {} to it and run:\n  \
+             gobelins agent --data-dir <dir> --listen <addr:port> --join {addr} --secret-file cluster.secret",
+            secret.cluster,
+            agent.dir.secret_path().display()
+        );
+    }
     control::serve(&agent.dir.socket_path(), Arc::clone(&agent.supervisor)).await?;
     let mut lifecycle = agent.supervisor.lifecycle();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

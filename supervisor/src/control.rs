@@ -168,7 +168,7 @@ async fn wait_for(
             flush(write, &[json!({ "progress": progress })]).await?;
             last = progress;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     flush(
         write,
