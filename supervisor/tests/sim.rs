@@ -4,7 +4,7 @@
 //!
 //! Each seed runs in its own process, because openraft's election timeouts come from one
 //! process-wide seeded generator: `GOBELINS_SIM_SEED=7 cargo test -p gobelins-supervisor --test
-//! sim -- --exact one_seed` replays seed 7 alone. `GOBELINS_SIM_SEEDS` sets how many seeds the
+//! sim -- --exact one_seed --include-ignored` replays seed 7 alone. `GOBELINS_SIM_SEEDS` sets how many seeds the
 //! sweep runs (default 50).
 
 use async_trait::async_trait;
@@ -296,8 +296,10 @@ fn converged(r: &Record) -> bool {
 }
 
 #[test]
+#[ignore = "one seed of the sweep; run by `seeds_each_in_their_own_process` or by hand with GOBELINS_SIM_SEED"]
 fn one_seed() {
-    let Ok(seed) = std::env::var("GOBELINS_SIM_SEED") else { return };
+    let seed =
+        std::env::var("GOBELINS_SIM_SEED").expect("set GOBELINS_SIM_SEED to the seed to replay");
     let seed: u64 = seed.parse().expect("GOBELINS_SIM_SEED is a number");
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -320,7 +322,7 @@ fn seeds_each_in_their_own_process() {
     let mut failures = Vec::new();
     for seed in 0..seeds {
         let out = std::process::Command::new(&exe)
-            .args(["--exact", "one_seed", "--nocapture", "--test-threads=1"])
+            .args(["--exact", "one_seed", "--include-ignored", "--nocapture", "--test-threads=1"])
             .env("GOBELINS_SIM_SEED", seed.to_string())
             .output()
             .expect("run one seed");
