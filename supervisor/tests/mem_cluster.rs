@@ -76,6 +76,15 @@ async fn until_all(
     }
 }
 
+/// Waits until every node holds a stable configuration with `count` active nodes.
+async fn until_active(nodes: &[Node], count: usize) {
+    let all: Vec<&Node> = nodes.iter().collect();
+    until_all(&all, Duration::from_secs(60), &format!("{count} active nodes"), |s| {
+        s.is_stable() && s.with_status(NodeStatus::Active).count() == count
+    })
+    .await;
+}
+
 /// Waits until every node sees `count` raft voters.
 async fn until_voters(nodes: &[&Node], count: usize) {
     let start = tokio::time::Instant::now();
@@ -95,11 +104,7 @@ async fn a_slow_lossy_network_still_forms_one_cluster() {
     net.set_delay(Duration::from_millis(5));
     net.set_drop_rate(0.05);
     let nodes = cluster(&net, 3, SupervisorConfig::default()).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    until_all(&all, Duration::from_secs(60), "three active nodes", |s| {
-        s.is_stable() && s.with_status(NodeStatus::Active).count() == 3
-    })
-    .await;
+    until_active(&nodes, 3).await;
     let first = statuses(&nodes[0].supervisor.state());
     for n in &nodes[1..] {
         assert_eq!(statuses(&n.supervisor.state()), first, "every node agrees");
@@ -110,11 +115,7 @@ async fn a_slow_lossy_network_still_forms_one_cluster() {
 async fn a_slow_network_causes_no_false_failure() {
     let net = MemNetwork::new(1);
     let nodes = cluster(&net, 3, SupervisorConfig::default()).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    until_all(&all, Duration::from_secs(30), "three active nodes", |s| {
-        s.is_stable() && s.with_status(NodeStatus::Active).count() == 3
-    })
-    .await;
+    until_active(&nodes, 3).await;
     // 40 ms each way: well within the default timers, so nobody is suspected for 30 s.
     net.set_delay(Duration::from_millis(40));
     tokio::time::sleep(Duration::from_secs(30)).await;
@@ -128,11 +129,8 @@ async fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing(
     let net = MemNetwork::new(3);
     let config = SupervisorConfig::loopback();
     let nodes = cluster(&net, 3, config).await;
+    until_active(&nodes, 3).await;
     let all: Vec<&Node> = nodes.iter().collect();
-    until_all(&all, Duration::from_secs(30), "three active nodes", |s| {
-        s.is_stable() && s.with_status(NodeStatus::Active).count() == 3
-    })
-    .await;
     until_voters(&all, 3).await;
     let leader = nodes[0].supervisor.leader().expect("a leader");
     let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
@@ -165,11 +163,8 @@ async fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing(
 async fn a_minority_cannot_change_the_configuration() {
     let net = MemNetwork::new(5);
     let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
+    until_active(&nodes, 3).await;
     let all: Vec<&Node> = nodes.iter().collect();
-    until_all(&all, Duration::from_secs(30), "three active nodes", |s| {
-        s.is_stable() && s.with_status(NodeStatus::Active).count() == 3
-    })
-    .await;
     until_voters(&all, 3).await;
     // Cut node 3 off; alone, it cannot commit anything (here: evicting node 2).
     net.isolate(3, [1, 2]);
@@ -192,11 +187,8 @@ async fn a_minority_cannot_change_the_configuration() {
 async fn five_nodes_vote_and_a_lost_voter_is_replaced_by_a_learner() {
     let net = MemNetwork::new(11);
     let nodes = cluster(&net, 6, SupervisorConfig::loopback()).await;
+    until_active(&nodes, 6).await;
     let all: Vec<&Node> = nodes.iter().collect();
-    until_all(&all, Duration::from_secs(30), "six active nodes", |s| {
-        s.is_stable() && s.with_status(NodeStatus::Active).count() == 6
-    })
-    .await;
     until_voters(&all, 5).await;
     let voters = nodes[0].supervisor.voters();
     let learner = (1..=6).find(|n| !voters.contains(n)).expect("one learner");
