@@ -9,6 +9,7 @@ use gobelins_supervisor::SupervisorConfig;
 use serde_json::Value;
 use std::io::Write as _;
 use std::path::PathBuf;
+use std::time::Duration;
 
 /// Where the agent keeps its state; shared by every node command.
 #[derive(Args, Debug)]
@@ -47,6 +48,12 @@ pub(crate) struct AgentArgs {
     /// Timers tuned for agents on one machine (failures declared in about half a second).
     #[arg(long)]
     loopback_timers: bool,
+    /// How often the leader pings every node, in milliseconds (overrides the preset).
+    #[arg(long, value_name = "MS")]
+    ping_interval_ms: Option<u64>,
+    /// Silence after which a node is suspected and probed by others, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    failure_timeout_ms: Option<u64>,
 }
 
 /// Options of `gobelins status`.
@@ -98,6 +105,25 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
         (false, Some(seed)) => Start::Join(seed),
         (false, None) => Start::Resume,
     };
+    let mut config = if args.loopback_timers {
+        SupervisorConfig::loopback()
+    } else {
+        SupervisorConfig::default()
+    };
+    if let Some(ms) = args.ping_interval_ms {
+        config.ping_interval = Duration::from_millis(ms.max(1));
+    }
+    if let Some(ms) = args.failure_timeout_ms {
+        config.failure_timeout = Duration::from_millis(ms.max(1));
+    }
+    if config.failure_timeout < config.ping_interval * 2 {
+        bail!(
+            "--failure-timeout-ms ({} ms) must be at least twice the ping interval ({} ms), or every \
+             node would be suspected between two pings",
+            config.failure_timeout.as_millis(),
+            config.ping_interval.as_millis()
+        );
+    }
     let options = AgentOptions {
         data_dir: args.dir.data_dir,
         listen: args.listen,
@@ -106,11 +132,7 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
         secret_file: args.secret_file,
         labels,
         node_id: args.node_id,
-        config: if args.loopback_timers {
-            SupervisorConfig::loopback()
-        } else {
-            SupervisorConfig::default()
-        },
+        config,
         durable: true,
     };
     runtime()?.block_on(agent::run(options))?;

@@ -281,7 +281,12 @@ impl Supervisor {
         let request = Request::Join(self.join_request());
         let until = Instant::now() + deadline;
         let mut last = String::from("no attempt");
+        let mut warned = false;
         while Instant::now() < until {
+            if !warned && last != "no attempt" {
+                warned = true;
+                tracing::warn!(%seed, error = %last, "cannot join through the seed yet; retrying for {} s", deadline.as_secs());
+            }
             let bytes = Bytes::from(codec::encode(&request)?);
             match self.transport.call_addr(seed, bytes, self.config.rpc_timeout * 3).await {
                 Ok((_, reply)) => match codec::decode::<Response>(&reply)? {
