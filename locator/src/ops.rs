@@ -340,6 +340,10 @@ impl CellTree {
             return ChangeReport::default();
         }
 
+        // Kept to undo a move that would not lower the hottest load: moving the one slot of a
+        // tiny service back and forth would otherwise start a new epoch forever.
+        let before: BTreeMap<ServiceId, Vec<NodeId>> =
+            self.services.iter().map(|(&id, state)| (id, state.owners.clone())).collect();
         let ids: Vec<ServiceId> = self.services.keys().copied().collect();
         for id in ids {
             let state = &self.services[&id];
@@ -357,6 +361,17 @@ impl CellTree {
             for (node, slot) in given {
                 owners[slot as usize] = node;
             }
+        }
+        let after = self.leaf_loads();
+        let improved = by_load_against(&after, hot, hot_mass, hot_nodes) == Ordering::Less
+            && by_load_against(&after, cold, hot_mass, hot_nodes) == Ordering::Less;
+        if !improved {
+            for (id, owners) in before {
+                if let Some(state) = self.services.get_mut(&id) {
+                    state.owners = owners;
+                }
+            }
+            return ChangeReport::default();
         }
         let participants =
             self.cells[&hot].members().iter().chain(self.cells[&cold].members()).copied().collect();
@@ -420,6 +435,17 @@ impl CellTree {
         }
         (a, b)
     }
+}
+
+/// Compares a leaf's load per node with `mass / nodes`.
+fn by_load_against(
+    loads: &BTreeMap<CellId, (u64, u64)>,
+    cell: CellId,
+    mass: u64,
+    nodes: u64,
+) -> Ordering {
+    let (m, n) = loads.get(&cell).copied().unwrap_or((0, 0));
+    (u128::from(m) * u128::from(nodes)).cmp(&(u128::from(mass) * u128::from(n)))
 }
 
 /// Orders two leaves by load per node, then prefers the one with fewer members as "more loaded"

@@ -340,3 +340,16 @@ fn churn_without_rebalancing_drifts_out_of_balance() {
     let worst = churn_worst(16, 400, u32::MAX);
     assert!(worst > 1.5, "max/avg only reached {worst:.3}");
 }
+
+#[test]
+fn a_rebalance_that_cannot_lower_the_hottest_cell_changes_nothing() {
+    // A small service confined to one cell makes that cell the hottest for good; no slot can
+    // move to help, so a rebalance must be a no-op rather than a new epoch every round.
+    let mut tree = cluster(2, 4);
+    tree.register_service(ServiceSpec::new(ServiceId(2), "small").with_slots(64).with_size(2))
+        .unwrap();
+    let before = tree.clone();
+    let report = tree.apply(&Change::Rebalance { max_over_avg_permille: 1200 }).unwrap();
+    assert!(report.cells.is_empty(), "a useless rebalance was reported: {report:?}");
+    assert_eq!(tree, before);
+}
