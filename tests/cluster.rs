@@ -172,8 +172,7 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
         .output()
         .expect("run intruder");
     assert!(!intruder.status.success());
-    assert!(String::from_utf8_lossy(&intruder.stderr)
-        .contains("could not prove it holds the cluster secret"));
+    assert!(String::from_utf8_lossy(&intruder.stderr).contains("the secret files differ"));
     assert!(!root.path().join("n6/cluster.secret").exists(), "a refused join keeps no secret");
 
     // A peer sending garbage, and one announcing a 2 GiB frame, are refused.
@@ -189,13 +188,28 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
         log_of(&agents[0]).matches("refused an incoming connection").count() >= 3
     });
 
+    // The node that left comes back when started again with --join: a new life of itself.
+    agents[4].child = Some(spawn(&agents[4], &["--join", &addrs[0]]));
+    wait_until("node 5 back", limit, || stable_with(&agents[0].dir, &[(5, "active", 2)]));
+
+    // Another process claiming node 2's id from another address is refused, and leaves.
+    let impostor = Command::new(BIN)
+        .args(["agent", "--listen", &free_addr("127.0.0.7"), "--node-id", "2", "--join", &addrs[0]])
+        .args(["--secret-file", secret, "--data-dir"])
+        .arg(root.path().join("n7"))
+        .output()
+        .expect("run impostor");
+    assert!(!impostor.status.success());
+    let said = String::from_utf8_lossy(&impostor.stderr);
+    assert!(said.contains("node id 2 is in use by the member at"), "{said}");
+
     // Every live node holds the same configuration, and the agents are all still running.
     let expected: Vec<(u64, &str, u64)> = vec![
         (1, "active", 1),
         (2, "active", 1),
         (3, "active", 2),
         (4, "active", 1),
-        (5, "left", 1),
+        (5, "active", 2),
     ];
     for agent in agents.iter().filter(|a| a.child.is_some()) {
         wait_until(&format!("node {} to catch up", agent.id), limit, || {

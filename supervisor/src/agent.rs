@@ -8,7 +8,7 @@ use crate::secret::ClusterSecret;
 use crate::store;
 use crate::supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
 use crate::tcp::{Identity, TcpConfig, TcpTransport};
-use crate::transport::{AdmitAll, Transport};
+use crate::transport::{StateAdmission, Transport};
 use gobelins_locator::Labels;
 use rand::Rng;
 use std::path::PathBuf;
@@ -127,6 +127,8 @@ impl<N: Net> Agent<N> {
         let addr = options.advertise.clone().unwrap_or_else(|| options.listen.clone());
         let me = Me { id: node, addr: addr.clone(), labels: options.labels.clone() };
 
+        let (log, machine) = store::open_with(&dir.store_path(), options.durable)?;
+        let admission = Arc::new(StateAdmission::new(machine.subscribe()));
         let dispatch = Arc::new(Dispatch::default());
         let tcp = TcpTransport::start(
             net,
@@ -135,11 +137,10 @@ impl<N: Net> Agent<N> {
             incarnation,
             Some(&options.listen),
             dispatch.clone(),
-            Arc::new(AdmitAll),
+            admission,
         )
         .await?;
         let transport: Arc<dyn Transport> = Arc::new(tcp.clone());
-        let (log, machine) = store::open_with(&dir.store_path(), options.durable)?;
         let saver = dir.clone();
         let tcp_for_incarnation = tcp.clone();
         let supervisor = Supervisor::start(Parts {
@@ -165,9 +166,18 @@ impl<N: Net> Agent<N> {
                 tracing::info!(?outcome, "cluster bootstrapped");
             }
             Start::Join(seed) => {
-                let member = supervisor.state().live().contains(&node);
-                if !member {
-                    let outcome = supervisor.join_via(seed, Duration::from_secs(30)).await?;
+                // The cluster decides, not our own state, which may be stale: a node removed
+                // from raft right after it left never applies the entry that says so. A join
+                // repeated by the same life is answered with where it stands.
+                {
+                    let outcome = supervisor.join_cluster(seed, Duration::from_secs(30)).await?;
+                    if let Err(refusal) = outcome {
+                        supervisor.shutdown().await;
+                        tcp.shutdown();
+                        return Err(SupervisorError::Refused(format!(
+                            "the cluster refused this node: {refusal}"
+                        )));
+                    }
                     tracing::info!(?outcome, %seed, "join accepted");
                 }
                 if dir.secret()?.is_none() {

@@ -98,8 +98,11 @@ async fn answer(stream: UnixStream, node: Arc<Supervisor>) -> Result<()> {
                 .await
         }
         ControlRequest::Join { seed } => {
-            let line = match node.join_via(&seed, Duration::from_secs(10)).await {
-                Ok(outcome) => json!({ "progress": format!("{outcome:?}") }),
+            let line = match node.join_cluster(&seed, Duration::from_secs(10)).await {
+                Ok(Ok(applied)) => json!({ "progress": format!("accepted: {applied:?}") }),
+                Ok(Err(refusal)) => {
+                    json!({ "error": format!("the cluster refused this node: {refusal}") })
+                }
                 Err(e) => json!({ "error": e.to_string() }),
             };
             let failed = line.get("error").is_some();

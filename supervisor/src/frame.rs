@@ -17,6 +17,9 @@ pub const VERSION: u8 = 1;
 pub const MIN_VERSION: u8 = 1;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
+/// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and
+/// a stranger must not make us hold megabytes.
+pub const HANDSHAKE_MAX_FRAME: usize = 4 * 1024;
 
 const HEADER: usize = 4;
 
@@ -30,6 +33,11 @@ impl FrameCodec {
     /// A codec that refuses frames longer than `max_frame` bytes (version byte included).
     pub fn new(max_frame: usize) -> Self {
         FrameCodec { max_frame }
+    }
+
+    /// Changes the limit, as after a handshake.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
     }
 }
 

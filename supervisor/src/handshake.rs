@@ -81,6 +81,8 @@ pub enum HandshakeMessage {
     },
     /// The initiator proves it holds the key.
     Proof([u8; 32]),
+    /// The acceptor admits the initiator, which has proved itself.
+    Admitted,
     /// The sender gives up, and says why.
     Refused(String),
 }
@@ -165,13 +167,18 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// What a refused peer is told: enough to fix its own configuration, nothing about ours (a
+/// stranger must not learn our cluster id).
+const TOLD: &str =
+    "not admitted: this node belongs to another cluster or the secret differs; check --secret-file";
+
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S, FrameCodec>,
     peer: &str,
     reason: String,
 ) -> SupervisorError {
     // Best effort: the peer may already be gone, and the error we return matters more.
-    let _ = send(framed, &HandshakeMessage::Refused(reason.clone())).await;
+    let _ = send(framed, &HandshakeMessage::Refused(TOLD.into())).await;
     SupervisorError::Handshake { peer: peer.into(), reason }
 }
 
@@ -184,6 +191,7 @@ fn unexpected(peer: &str, got: &HandshakeMessage) -> SupervisorError {
         HandshakeMessage::Hello(_) => "Hello",
         HandshakeMessage::Welcome { .. } => "Welcome",
         HandshakeMessage::Proof(_) => "Proof",
+        HandshakeMessage::Admitted => "Admitted",
         HandshakeMessage::Refused(_) => "Refused",
     };
     SupervisorError::Handshake { peer: peer.into(), reason: format!("unexpected {what} message") }
@@ -208,23 +216,28 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(refuse(framed, peer, reason).await);
         }
         if !verify(secret, ACCEPTOR, &ours, &theirs, &their_proof)? {
-            let reason = "peer could not prove it holds the cluster secret".to_string();
+            let reason = "the peer's proof does not match our cluster secret: the secret files differ; check --secret-file".to_string();
             return Err(refuse(framed, peer, reason).await);
         }
         send(framed, &HandshakeMessage::Proof(proof(secret, INITIATOR, &ours, &theirs)?)).await?;
-        Ok(theirs)
+        match receive(framed, peer).await? {
+            HandshakeMessage::Admitted => Ok(theirs),
+            HandshakeMessage::Refused(reason) => Err(refused_by_peer(peer, reason)),
+            other => Err(unexpected(peer, &other)),
+        }
     };
     with_deadline(run, peer, deadline).await
 }
 
-/// Runs the acceptor's side; returns the initiator's Hello. `ours` builds our Hello once the
-/// initiator's is known.
+/// Runs the acceptor's side; returns the initiator's Hello. Once the initiator has proved it
+/// holds the key, `admit` may still refuse it, with a reason the initiator is told in full.
 pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S, FrameCodec>,
     secret: &ClusterSecret,
     ours: Hello,
     peer: &str,
     deadline: Duration,
+    admit: impl FnOnce(&Hello) -> std::result::Result<(), String>,
 ) -> Result<Hello> {
     let run = async {
         let theirs = match receive(framed, peer).await? {
@@ -240,11 +253,24 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         };
         send(framed, &welcome).await?;
         match receive(framed, peer).await? {
-            HandshakeMessage::Proof(p) if verify(secret, INITIATOR, &theirs, &ours, &p)? => Ok(theirs),
+            HandshakeMessage::Proof(p) if verify(secret, INITIATOR, &theirs, &ours, &p)? => {
+                match admit(&theirs) {
+                    Ok(()) => {
+                        send(framed, &HandshakeMessage::Admitted).await?;
+                        Ok(theirs)
+                    }
+                    Err(reason) => {
+                        // Best effort, as in `refuse`; this peer proved it is one of ours, so it
+                        // may know why.
+                        let _ = send(framed, &HandshakeMessage::Refused(reason.clone())).await;
+                        Err(SupervisorError::Handshake { peer: peer.into(), reason })
+                    }
+                }
+            }
             HandshakeMessage::Proof(_) => Err(refuse(
                 framed,
                 peer,
-                "wrong cluster secret: the peer could not prove it holds the key; check --secret-file".into(),
+                "wrong cluster secret: the peer could not prove it holds the key".into(),
             )
             .await),
             HandshakeMessage::Refused(reason) => Err(refused_by_peer(peer, reason)),
@@ -281,7 +307,7 @@ mod tests {
         let deadline = Duration::from_secs(5);
         tokio::join!(
             initiate(&mut a, &initiator_secret, ours_a, "n2", deadline),
-            accept(&mut b, &acceptor_secret, ours_b, "n1", deadline)
+            accept(&mut b, &acceptor_secret, ours_b, "n1", deadline, |_| Ok(()))
         )
     }
 
@@ -299,7 +325,7 @@ mod tests {
         let wrong = ClusterSecret { cluster: right.cluster, key: [7; 32] };
         let (a, b) = run(wrong, right).await;
         let (a, b) = (a.unwrap_err().to_string(), b.unwrap_err().to_string());
-        assert!(a.contains("could not prove"), "{a}");
+        assert!(a.contains("secret files differ"), "{a}");
         assert!(b.contains("refused by peer"), "{b}");
     }
 

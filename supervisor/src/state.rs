@@ -271,6 +271,12 @@ impl ClusterState {
     fn join(&mut self, node: u64, addr: &str, labels: &Labels, incarnation: u64) -> Outcome {
         if let Some(record) = self.nodes.get(&node) {
             match record.status {
+                // The same life asking again (its first answer was lost): where its join stands.
+                NodeStatus::Joining | NodeStatus::Active
+                    if record.incarnation == incarnation && record.addr == addr =>
+                {
+                    return Ok(self.whereabouts(node));
+                }
                 NodeStatus::Joining | NodeStatus::Active | NodeStatus::Leaving => {
                     return Err(Refusal::AlreadyMember(node));
                 }
@@ -324,7 +330,8 @@ impl ClusterState {
         // Whatever the dead node had asked for is void; its entries must be rebuilt.
         self.queue.retain(|c| c.node() != Some(NodeId(node)));
         if self.tree.contains(NodeId(node)) {
-            self.queue.push_back(Change::Fail(NodeId(node)));
+            // Recovery goes before voluntary changes: its entries have no manager meanwhile.
+            self.queue.push_front(Change::Fail(NodeId(node)));
         }
         match &mut self.in_progress {
             // A dead node reports nothing: stop waiting for it.
@@ -436,11 +443,26 @@ impl ClusterState {
                     }
                     self.complete();
                 }
+                // A failed node that is the last in the tree waits for the node joining behind
+                // it: its entries need somewhere to go.
+                Err(LocatorError::LastNode(_)) if matches!(change, Change::Fail(_)) => {
+                    let others = !self.queue.is_empty();
+                    self.queue.push_back(change);
+                    if others {
+                        continue;
+                    }
+                    return None;
+                }
                 Err(error) => {
-                    // The change cannot happen (say, no room for the node): forget the request
-                    // so that the node may try again, and go on with the next change.
-                    if let Change::Add { node, .. } = &change {
-                        self.nodes.remove(&node.0);
+                    // The change cannot happen (say, no room for the node): forget a refused
+                    // join so that the node may try again, put a refused leaver back to work,
+                    // and go on with the next change.
+                    match &change {
+                        Change::Add { node, .. } => {
+                            self.nodes.remove(&node.0);
+                        }
+                        Change::Evict(node) => self.set_status(node.0, NodeStatus::Active),
+                        _ => {}
                     }
                     tracing::warn!(%change, %error, "configuration change refused by the locator");
                 }

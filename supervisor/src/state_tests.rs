@@ -49,13 +49,37 @@ fn the_first_node_joins_and_becomes_active_when_it_reports() {
 }
 
 #[test]
-fn a_duplicate_join_is_refused() {
+fn a_join_repeated_by_the_same_life_is_answered_and_an_impostor_refused() {
+    let impostor =
+        Join { node: 1, addr: "10.0.0.9:7000".into(), labels: Labels::new(), incarnation: 1 };
     table(&[
         (join(1), Ok(Began { epoch: 1 })),
-        (join(1), Err(Refusal::AlreadyMember(1))),
+        (join(1), Ok(Began { epoch: 1 })),
+        (impostor.clone(), Err(Refusal::AlreadyMember(1))),
         (done(1, 1), Ok(Recorded { stable: true })),
-        (join(1), Err(Refusal::AlreadyMember(1))),
+        (join(1), Ok(Recorded { stable: true })),
+        (impostor, Err(Refusal::AlreadyMember(1))),
+        (rejoin(1, 2), Err(Refusal::AlreadyMember(1))),
     ]);
+}
+
+#[test]
+fn a_leaver_the_locator_cannot_remove_goes_back_to_work() {
+    // A, B, C; B and C ask to leave; A dies meanwhile: once B is gone, C is the last node of
+    // the tree and cannot be removed, so it must not stay "leaving" for ever.
+    let mut state = ClusterState::default();
+    for n in 1..=3 {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    state.apply(&Leave { node: 2 }).unwrap();
+    state.apply(&Leave { node: 3 }).unwrap();
+    state.apply(&Fail { node: 1, incarnation: 1 }).unwrap();
+    settle(&mut state);
+    assert!(state.is_stable());
+    let statuses: Vec<NodeStatus> = (1..=3).map(|n| status(&state, n)).collect();
+    assert!(!statuses.contains(&NodeStatus::Leaving), "{statuses:?}");
+    assert_eq!(state.with_status(NodeStatus::Active).count(), 1);
 }
 
 #[test]

@@ -305,6 +305,30 @@ impl Supervisor {
         )))
     }
 
+    /// Joins through `seed`; a node the cluster remembers as departed comes back as a new life
+    /// of itself (a higher incarnation, persisted first).
+    pub async fn join_cluster(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
+        match self.join_via(seed, deadline).await? {
+            Err(Refusal::StaleIncarnation { last, .. }) => {
+                self.renew_incarnation(last)?;
+                self.join_via(seed, deadline).await
+            }
+            outcome => Ok(outcome),
+        }
+    }
+
+    /// Moves to an incarnation above `seen` (the last one the cluster knows), persisted before it
+    /// is used; returns the incarnation now in force.
+    pub fn renew_incarnation(&self, seen: u64) -> Result<u64> {
+        let next = self.incarnation().max(seen + 1);
+        if next != self.incarnation() {
+            tracing::warn!(node = self.me.id, incarnation = next, "joining as a new incarnation");
+            (self.save_incarnation)(next)?;
+            self.incarnation.store(next, Ordering::SeqCst);
+        }
+        Ok(next)
+    }
+
     /// Proposes a command, through the leader, retrying while no leader is known.
     pub async fn propose_until(&self, command: Command, deadline: Duration) -> Result<Outcome> {
         let until = Instant::now() + deadline;
@@ -381,6 +405,12 @@ impl Supervisor {
             Request::InstallSnapshot(r) => {
                 Response::InstallSnapshot(self.raft.install_snapshot(r).await)
             }
+            // A peer reports only its own part of a change.
+            Request::Propose(Command::MigrationDone { node, .. }) if node != from => {
+                Response::Proposed(Err(ProposeError::Raft(format!(
+                    "node {from} may not report for node {node}"
+                ))))
+            }
             Request::Propose(command) => Response::Proposed(self.propose_here(command).await),
             Request::Join(join) => Response::Proposed(self.admit(join).await),
             Request::Ping => Response::Pong,
@@ -437,6 +467,7 @@ impl Supervisor {
         // A node cut off long enough to be declared failed may never hear of it through raft
         // (it is no longer sent the log), so it asks a peer now and then.
         let mut fence_check = tokio::time::interval(self.config.failure_timeout * 3);
+        let mut gone = BTreeSet::new();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -452,8 +483,17 @@ impl Supervisor {
             let current = state.borrow_and_update().clone();
             for (&id, record) in &current.nodes {
                 match record.status {
-                    NodeStatus::Failed | NodeStatus::Left => self.transport.forget(id),
-                    _ => self.transport.set_peer(id, record.addr.clone()),
+                    // Once, on the way out: forgetting on every pass would also cut the
+                    // connections a departed node opens to ask to come back.
+                    NodeStatus::Failed | NodeStatus::Left => {
+                        if gone.insert(id) {
+                            self.transport.forget(id);
+                        }
+                    }
+                    _ => {
+                        gone.remove(&id);
+                        self.transport.set_peer(id, record.addr.clone());
+                    }
                 }
             }
             let mine = current.nodes.get(&self.me.id);
@@ -541,18 +581,9 @@ impl Supervisor {
             return;
         }
         // A life the cluster has not seen yet: above both ours and the one it declared dead.
-        let next = self.incarnation().max(record.map_or(0, |r| r.incarnation) + 1);
-        if next != self.incarnation() {
-            tracing::warn!(
-                node = self.me.id,
-                incarnation = next,
-                "declared failed by the cluster; rejoining as a new incarnation"
-            );
-            if let Err(error) = (self.save_incarnation)(next) {
-                tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
-                return;
-            }
-            self.incarnation.store(next, Ordering::SeqCst);
+        if let Err(error) = self.renew_incarnation(record.map_or(0, |r| r.incarnation)) {
+            tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
+            return;
         }
         // Through the leader of the newest view, else through any member it lists as live.
         let live = view.state.live();

@@ -11,7 +11,7 @@
 
 use crate::codec;
 use crate::error::{Result, SupervisorError};
-use crate::frame::{FrameCodec, DEFAULT_MAX_FRAME};
+use crate::frame::{FrameCodec, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
 use crate::handshake::{self, Hello};
 use crate::net::{Net, TokioNet};
 use crate::secret::ClusterSecret;
@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -42,6 +42,15 @@ pub struct TcpConfig {
     pub backoff_min: Duration,
     /// Longest wait between dials to an unreachable peer.
     pub backoff_max: Duration,
+    /// Handshakes with not-yet-authenticated peers at once; more are dropped at accept.
+    pub max_handshakes: usize,
+    /// Requests from one peer handled at once; past that the connection stops reading, so a
+    /// flood slows its sender instead of spawning without bound.
+    pub max_inflight: usize,
+    /// A connection that received nothing for this long while a call waited is torn down, and a
+    /// new connection may replace it: a link that came back after a partition would otherwise
+    /// stay wedged behind TCP's retransmission backoff.
+    pub stall_after: Duration,
 }
 
 impl Default for TcpConfig {
@@ -54,6 +63,9 @@ impl Default for TcpConfig {
             // Short, so that a node back from a blip is pinged again well within any failure
             // timeout; an unreachable peer then costs one dial per quarter second.
             backoff_max: Duration::from_millis(250),
+            max_handshakes: 64,
+            max_inflight: 256,
+            stall_after: Duration::from_secs(2),
         }
     }
 }
@@ -85,6 +97,26 @@ struct Conn {
     tx: mpsc::Sender<Wire>,
     pending: Pending,
     cancel: CancellationToken,
+    /// When a frame last arrived, to tell a silent connection from a busy one.
+    last_heard: Arc<Mutex<Instant>>,
+}
+
+impl Conn {
+    fn silent_for(&self) -> Duration {
+        lock(&self.last_heard).elapsed()
+    }
+}
+
+/// Removes a request's waiter however the call ends, timeout or cancellation included.
+struct PendingGuard<'a> {
+    pending: &'a Pending,
+    id: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(self.pending).remove(&self.id);
+    }
 }
 
 #[derive(Default)]
@@ -105,6 +137,7 @@ struct Inner<N: Net> {
     peers: Mutex<HashMap<u64, Peer>>,
     dialing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
     next_id: AtomicU64,
+    handshakes: Arc<Semaphore>,
     shutdown: CancellationToken,
 }
 
@@ -140,6 +173,7 @@ impl<N: Net> TcpTransport<N> {
             .bind(&listen)
             .await
             .map_err(|e| SupervisorError::io(format!("listening on {listen}"), e))?;
+        let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
         let transport = TcpTransport {
             inner: Arc::new(Inner {
                 net,
@@ -151,6 +185,7 @@ impl<N: Net> TcpTransport<N> {
                 peers: Mutex::new(HashMap::new()),
                 dialing: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                handshakes,
                 shutdown: CancellationToken::new(),
             }),
         };
@@ -197,9 +232,15 @@ impl<N: Net> TcpTransport<N> {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let Ok(permit) = Arc::clone(&self.inner.handshakes).try_acquire_owned() else {
+                        tracing::warn!(%peer, "too many handshakes in progress; dropped a connection");
+                        continue;
+                    };
                     let me = self.clone();
                     tokio::spawn(async move {
-                        if let Err(error) = me.admit_incoming(stream, &peer).await {
+                        let admitted = me.admit_incoming(stream, &peer).await;
+                        drop(permit);
+                        if let Err(error) = admitted {
                             tracing::warn!(%peer, %error, "refused an incoming connection");
                         }
                     });
@@ -214,20 +255,20 @@ impl<N: Net> TcpTransport<N> {
     }
 
     async fn admit_incoming(&self, stream: N::Stream, peer: &str) -> Result<()> {
-        let mut framed = Framed::new(stream, FrameCodec::new(self.inner.config.max_frame));
+        let mut framed = Framed::new(stream, FrameCodec::new(HANDSHAKE_MAX_FRAME));
         let config = &self.inner.config;
+        let admission = &self.inner.admission;
         let theirs = handshake::accept(
             &mut framed,
             &self.inner.identity.secret,
             self.hello(),
             peer,
             config.handshake_timeout,
+            |theirs| admission.admit(theirs.node, theirs.incarnation, &theirs.addr),
         )
         .await?;
-        self.inner.admission.admit(theirs.node, theirs.incarnation).map_err(|reason| {
-            SupervisorError::Handshake { peer: format!("node {} at {peer}", theirs.node), reason }
-        })?;
         tracing::debug!(node = theirs.node, %peer, "peer connected");
+        framed.codec_mut().set_max_frame(self.inner.config.max_frame);
         self.set_peer(theirs.node, theirs.addr.clone());
         self.register(theirs.node, theirs.node, framed);
         Ok(())
@@ -243,6 +284,7 @@ impl<N: Net> TcpTransport<N> {
             tx,
             pending: Arc::default(),
             cancel: self.inner.shutdown.child_token(),
+            last_heard: Arc::new(Mutex::new(Instant::now())),
         };
         let chosen = {
             let mut peers = lock(&self.inner.peers);
@@ -252,7 +294,8 @@ impl<N: Net> TcpTransport<N> {
                 Some(existing)
                     if !existing.cancel.is_cancelled()
                         && existing.initiator == preferred
-                        && conn.initiator != preferred =>
+                        && conn.initiator != preferred
+                        && existing.silent_for() < self.inner.config.stall_after =>
                 {
                     conn.cancel.cancel();
                     existing.clone()
@@ -280,6 +323,7 @@ impl<N: Net> TcpTransport<N> {
         mut rx: mpsc::Receiver<Wire>,
     ) {
         let (mut sink, mut stream) = framed.split();
+        let inflight = Arc::new(Semaphore::new(self.inner.config.max_inflight));
         let result: Result<()> = async {
             loop {
                 tokio::select! {
@@ -290,11 +334,16 @@ impl<N: Net> TcpTransport<N> {
                     }
                     incoming = stream.next() => {
                         let Some(frame) = incoming else { return Ok(()) };
+                        *lock(&conn.last_heard) = Instant::now();
                         match codec::decode::<Wire>(&frame?)? {
                             Wire::Request { id, body } => {
                                 let handler = Arc::clone(&self.inner.handler);
                                 let tx = conn.tx.clone();
+                                let Ok(permit) = Arc::clone(&inflight).acquire_owned().await else {
+                                    return Ok(());
+                                };
                                 tokio::spawn(async move {
+                                    let _permit = permit;
                                     let body = handler.handle(peer, Bytes::from(body)).await.to_vec();
                                     // The connection may be gone; the caller then times out and retries.
                                     let _ = tx.send(Wire::Response { id, body }).await;
@@ -410,6 +459,8 @@ impl<N: Net> TcpTransport<N> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&conn.pending).insert(id, tx);
+        let _guard = PendingGuard { pending: &conn.pending, id };
+        let waited_since = Instant::now();
         let sent = conn.tx.send(Wire::Request { id, body: request.to_vec() });
         let answer = async {
             sent.await.map_err(|_| SupervisorError::Closed)?;
@@ -418,7 +469,11 @@ impl<N: Net> TcpTransport<N> {
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(result) => result,
             Err(_) => {
-                lock(&conn.pending).remove(&id);
+                // Nothing at all came back while we waited: the link is wedged, not busy.
+                if conn.silent_for() >= waited_since.elapsed() {
+                    tracing::debug!(%what, "connection silent past the deadline; closing it");
+                    conn.cancel.cancel();
+                }
                 Err(SupervisorError::Timeout { what, after_ms: 0 })
             }
         }
@@ -475,6 +530,7 @@ impl<N: Net> Transport for TcpTransport<N> {
     }
 
     fn forget(&self, node: u64) {
+        lock(&self.inner.dialing).remove(&node);
         if let Some(peer) = lock(&self.inner.peers).remove(&node) {
             if let Some(conn) = peer.conn {
                 conn.cancel.cancel();

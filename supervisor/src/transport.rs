@@ -39,18 +39,57 @@ pub trait Handler: Send + Sync + 'static {
     async fn handle(&self, from: u64, request: Bytes) -> Bytes;
 }
 
-/// Decides whether a peer that passed the handshake may talk to this node: the cluster refuses a
-/// fenced node's old incarnation here.
+/// Decides whether a peer that passed the handshake may talk to this node.
 pub trait Admission: Send + Sync + 'static {
-    /// `Err(reason)` refuses the peer.
-    fn admit(&self, node: u64, incarnation: u64) -> std::result::Result<(), String>;
+    /// `Err(reason)` refuses the peer that says it is `node`, in `incarnation`, at `addr`.
+    fn admit(&self, node: u64, incarnation: u64, addr: &str) -> std::result::Result<(), String>;
 }
 
 /// Admits every peer that holds the secret.
 pub struct AdmitAll;
 
 impl Admission for AdmitAll {
-    fn admit(&self, _node: u64, _incarnation: u64) -> std::result::Result<(), String> {
+    fn admit(&self, _node: u64, _incarnation: u64, _addr: &str) -> std::result::Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Admits peers according to the replicated cluster state: a process that claims the id of a
+/// live member from another address, or an older life of it, is refused. Otherwise a second
+/// process with a reused `--node-id` would take over the member's connections, and raft would
+/// hear two different logs from one node.
+pub struct StateAdmission {
+    state: tokio::sync::watch::Receiver<std::sync::Arc<crate::state::ClusterState>>,
+}
+
+impl StateAdmission {
+    /// Admission following `state`.
+    pub fn new(
+        state: tokio::sync::watch::Receiver<std::sync::Arc<crate::state::ClusterState>>,
+    ) -> Self {
+        StateAdmission { state }
+    }
+}
+
+impl Admission for StateAdmission {
+    fn admit(&self, node: u64, incarnation: u64, addr: &str) -> std::result::Result<(), String> {
+        use crate::state::NodeStatus;
+        let state = self.state.borrow();
+        let Some(record) = state.nodes.get(&node) else { return Ok(()) };
+        let live =
+            matches!(record.status, NodeStatus::Joining | NodeStatus::Active | NodeStatus::Leaving);
+        if live && record.addr != addr {
+            return Err(format!(
+                "node id {node} is in use by the member at {}; give this node another --node-id",
+                record.addr
+            ));
+        }
+        if live && incarnation < record.incarnation {
+            return Err(format!(
+                "node {node} is in incarnation {}, not {incarnation}",
+                record.incarnation
+            ));
+        }
         Ok(())
     }
 }
