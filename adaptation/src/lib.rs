@@ -1,5 +1,18 @@
-//! The adaptation layer of gobelins (DESIGN.md, "Adaptation layer").
+//! The adaptation layer of gobelins (DESIGN.md, "Adaptation layer"): what every node does, for
+//! every registered service, while the cluster moves from one epoch to the next.
 //!
-//! Not built yet: this crate will hold the service plug-in trait, the adaptation-period state
-//! machine, the request router and failure recovery. It sits on `gobelins-locator`.
+//! Built so far: the adaptation-period protocol of one node as a pure state machine
+//! ([`period`]). Still to come (issue 4): the service plug-in trait and its type-erased registry,
+//! the async driver that carries the machine's commands out over the supervisor's transport,
+//! the request router, failure recovery by `scan`, and a conformance suite for services.
+//!
+//! Modules:
+//! - [`period`]: [`Period`], events in and commands out for one epoch change.
+//! - [`error`]: the one error type, [`AdaptationError`].
 #![deny(missing_docs)]
+
+pub mod error;
+pub mod period;
+
+pub use error::AdaptationError;
+pub use period::{Command, Event, Period, Phase, Role};

@@ -1,0 +1,235 @@
+//! Tests of [`Period`] that assert the exact commands emitted.
+
+use super::*;
+use Command::*;
+
+const A: ServiceId = ServiceId(1);
+const B: ServiceId = ServiceId(2);
+
+fn n(id: u64) -> NodeId {
+    NodeId(id)
+}
+
+fn nodes(ids: &[u64]) -> BTreeSet<NodeId> {
+    ids.iter().map(|&i| n(i)).collect()
+}
+
+fn begin(epoch: u64, participants: &[u64], role: Role) -> Event {
+    Event::Begin { epoch, participants: nodes(participants), services: vec![A, B], role }
+}
+
+fn ack(from: u64, epoch: u64) -> Event {
+    Event::Ack { from: n(from), epoch }
+}
+
+fn acks_to(ids: &[u64], epoch: u64) -> Vec<Command> {
+    ids.iter().map(|&i| SendAck { to: n(i), epoch }).collect()
+}
+
+/// Feeds events and checks the commands each one produces.
+fn script(period: &mut Period, steps: Vec<(Event, Vec<Command>)>) {
+    for (i, (event, expected)) in steps.into_iter().enumerate() {
+        let got =
+            period.handle(event.clone()).unwrap_or_else(|e| panic!("step {i}: {event:?}: {e}"));
+        assert_eq!(got, expected, "step {i}: {event:?}");
+    }
+}
+
+#[test]
+fn a_member_of_the_affected_cell_goes_through_the_four_phases() {
+    let mut p = Period::new(n(1));
+    script(
+        &mut p,
+        vec![
+            (
+                begin(5, &[1, 2, 3], Role::Both),
+                vec![HoldMovingKeys { epoch: 5 }, BeforeMigration(A), BeforeMigration(B)],
+            ),
+            (Event::BeforeDone(A), vec![]),
+            (Event::BeforeDone(B), vec![InstallSnapshot { epoch: 5 }, SendOut(A), SendOut(B)]),
+            (Event::SentOut(A), vec![]),
+            (Event::SentOut(B), acks_to(&[1, 2, 3], 5)),
+            (ack(1, 5), vec![]),
+            (ack(3, 5), vec![]),
+        ],
+    );
+    assert_eq!(p.phase(), Phase::Receiving);
+    assert_eq!(p.awaiting(), nodes(&[2]));
+    script(
+        &mut p,
+        vec![
+            (ack(2, 5), vec![AfterMigration(A), AfterMigration(B)]),
+            (Event::AfterDone(A), vec![]),
+            (Event::AfterDone(B), vec![ReleaseHeld { epoch: 5 }, ReportDone { epoch: 5 }]),
+        ],
+    );
+    assert_eq!(p.phase(), Phase::Done, "keeps what it sent until the epoch is stable");
+    script(&mut p, vec![(Event::Stable(5), vec![DropSent { epoch: 5 }])]);
+    assert_eq!(p.phase(), Phase::Idle);
+}
+
+#[test]
+fn an_added_node_only_receives() {
+    let mut p = Period::new(n(4));
+    script(
+        &mut p,
+        vec![
+            (
+                begin(2, &[1, 2, 4], Role::Receiver),
+                vec![HoldMovingKeys { epoch: 2 }, BeforeMigration(A), BeforeMigration(B)],
+            ),
+            (Event::BeforeDone(A), vec![]),
+            (
+                Event::BeforeDone(B),
+                [vec![InstallSnapshot { epoch: 2 }], acks_to(&[1, 2, 4], 2)].concat(),
+            ),
+            (ack(4, 2), vec![]),
+            (ack(1, 2), vec![]),
+            (ack(2, 2), vec![AfterMigration(A), AfterMigration(B)]),
+        ],
+    );
+}
+
+#[test]
+fn an_evicted_node_only_sends_and_waits_for_nobody() {
+    let mut p = Period::new(n(3));
+    script(
+        &mut p,
+        vec![
+            (
+                begin(7, &[1, 2, 3], Role::Sender),
+                vec![HoldMovingKeys { epoch: 7 }, BeforeMigration(A), BeforeMigration(B)],
+            ),
+            (Event::BeforeDone(A), vec![]),
+            (Event::BeforeDone(B), vec![InstallSnapshot { epoch: 7 }, SendOut(A), SendOut(B)]),
+            (Event::SentOut(A), vec![]),
+            (
+                Event::SentOut(B),
+                [acks_to(&[1, 2, 3], 7), vec![AfterMigration(A), AfterMigration(B)]].concat(),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn acks_that_arrive_before_the_change_begins_are_kept() {
+    let mut p = Period::new(n(1));
+    script(&mut p, vec![(ack(2, 5), vec![]), (ack(3, 5), vec![])]);
+    script(
+        &mut p,
+        vec![
+            (
+                begin(5, &[1, 2, 3], Role::Receiver),
+                vec![HoldMovingKeys { epoch: 5 }, BeforeMigration(A), BeforeMigration(B)],
+            ),
+            (Event::BeforeDone(A), vec![]),
+            (
+                Event::BeforeDone(B),
+                [vec![InstallSnapshot { epoch: 5 }], acks_to(&[1, 2, 3], 5)].concat(),
+            ),
+            // Only our own ack was missing.
+            (ack(1, 5), vec![AfterMigration(A), AfterMigration(B)]),
+        ],
+    );
+}
+
+#[test]
+fn a_dead_participant_is_not_waited_for() {
+    let mut p = Period::new(n(1));
+    script(
+        &mut p,
+        vec![
+            (
+                begin(5, &[1, 2, 3], Role::Receiver),
+                vec![HoldMovingKeys { epoch: 5 }, BeforeMigration(A), BeforeMigration(B)],
+            ),
+            (Event::BeforeDone(A), vec![]),
+            (
+                Event::BeforeDone(B),
+                [vec![InstallSnapshot { epoch: 5 }], acks_to(&[1, 2, 3], 5)].concat(),
+            ),
+            (ack(1, 5), vec![]),
+            (ack(2, 5), vec![]),
+            (Event::ParticipantFailed(n(3)), vec![AfterMigration(A), AfterMigration(B)]),
+        ],
+    );
+}
+
+#[test]
+fn late_and_foreign_acks_change_nothing() {
+    let mut p = Period::new(n(1));
+    script(
+        &mut p,
+        vec![
+            (
+                begin(5, &[1], Role::Bystander),
+                vec![HoldMovingKeys { epoch: 5 }, BeforeMigration(A), BeforeMigration(B)],
+            ),
+            (Event::BeforeDone(A), vec![]),
+            (
+                Event::BeforeDone(B),
+                [
+                    vec![InstallSnapshot { epoch: 5 }],
+                    acks_to(&[1], 5),
+                    vec![AfterMigration(A), AfterMigration(B)],
+                ]
+                .concat(),
+            ),
+            (Event::AfterDone(A), vec![]),
+            (Event::AfterDone(B), vec![ReleaseHeld { epoch: 5 }, ReportDone { epoch: 5 }]),
+            (ack(2, 5), vec![]),
+            (ack(2, 3), vec![]),
+            (Event::Stable(4), vec![]),
+        ],
+    );
+    assert_eq!(p.phase(), Phase::Done);
+}
+
+#[test]
+fn a_change_cannot_begin_during_another_and_stray_callbacks_are_refused() {
+    let mut p = Period::new(n(1));
+    assert_eq!(
+        p.handle(Event::BeforeDone(A)),
+        Err(AdaptationError::Unexpected { service: 1, phase: "before_migration" })
+    );
+    p.handle(begin(5, &[1, 2], Role::Both)).expect("begins");
+    assert_eq!(
+        p.handle(begin(6, &[1, 2], Role::Both)),
+        Err(AdaptationError::Overlap { current: 5, new: 6 })
+    );
+    assert_eq!(
+        p.handle(Event::SentOut(A)),
+        Err(AdaptationError::Unexpected { service: 1, phase: "send_out" })
+    );
+    p.handle(Event::BeforeDone(A)).expect("asked for");
+    assert_eq!(
+        p.handle(Event::BeforeDone(A)),
+        Err(AdaptationError::Unexpected { service: 1, phase: "before_migration" }),
+        "twice"
+    );
+    assert_eq!(p.phase(), Phase::Before);
+}
+
+#[test]
+fn the_next_change_means_the_last_one_is_stable() {
+    let mut p = Period::new(n(1));
+    p.handle(begin(5, &[1], Role::Bystander)).expect("begins");
+    p.handle(Event::BeforeDone(A)).expect("ok");
+    p.handle(Event::BeforeDone(B)).expect("ok");
+    p.handle(Event::AfterDone(A)).expect("ok");
+    p.handle(Event::AfterDone(B)).expect("ok");
+    assert_eq!(p.phase(), Phase::Done);
+    let commands = p.handle(begin(6, &[1, 2], Role::Both)).expect("begins");
+    assert_eq!(&commands[..2], &[DropSent { epoch: 5 }, HoldMovingKeys { epoch: 6 }]);
+}
+
+#[test]
+fn a_node_the_cluster_went_on_without_releases_what_it_holds() {
+    let mut p = Period::new(n(1));
+    p.handle(begin(5, &[1, 2], Role::Receiver)).expect("begins");
+    assert_eq!(
+        p.handle(Event::Stable(5)),
+        Ok(vec![ReleaseHeld { epoch: 5 }, DropSent { epoch: 5 }])
+    );
+    assert_eq!(p.phase(), Phase::Idle);
+}
