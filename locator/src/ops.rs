@@ -208,18 +208,53 @@ impl CellTree {
             }
         }
 
-        let mut participants: BTreeSet<NodeId> =
-            self.cells[&recipient].members().iter().copied().collect();
+        let members = self.cells[&recipient].members().to_vec();
+        let mut participants: BTreeSet<NodeId> = members.iter().copied().collect();
         participants.insert(node);
         self.merge_with_sibling(recipient);
-        Ok(ChangeReport { cells: vec![recipient], participants })
+        self.collapse_single_children();
+        // Merging or collapsing may have renamed the recipient: report the cell it lives on in.
+        let survivor = members.first().map_or(recipient, |m| self.nodes[m].leaf);
+        Ok(ChangeReport { cells: vec![survivor], participants })
+    }
+
+    /// Replaces every split cell left with a single child by that child, so that add and evict
+    /// at capacity cannot deepen the tree without bound. Labelled cells stay: they stand for a
+    /// label, however many children they have.
+    fn collapse_single_children(&mut self) {
+        loop {
+            let lone = self
+                .cells
+                .iter()
+                .find(|(&id, c)| id != ROOT && c.label.is_none() && c.children().len() == 1)
+                .map(|(&id, c)| (id, c.children()[0]));
+            let Some((cell, child)) = lone else { return };
+            let Some(Cell { kind, .. }) = self.cells.remove(&child) else { return };
+            match &kind {
+                CellKind::Leaf(members) => {
+                    for member in members {
+                        self.nodes.get_mut(member).expect("member").leaf = cell;
+                    }
+                }
+                CellKind::Inner(children) => {
+                    for grandchild in children {
+                        self.cells.get_mut(grandchild).expect("child").parent = Some(cell);
+                    }
+                }
+            }
+            self.cells.get_mut(&cell).expect("cell").kind = kind;
+            for state in self.services.values_mut() {
+                if state.scope == child {
+                    state.scope = cell;
+                }
+            }
+        }
     }
 
     /// Merges `leaf` with a sibling leaf when both fit in one cell and no slot has to move for
     /// it: every service's counts are already within one over the two, and no service is
     /// confined to just one of them. Small cells are the ones a removal burdens most, so merging
-    /// them for free keeps later removals cheap. A split cell left with one child becomes a leaf
-    /// again.
+    /// them for free keeps later removals cheap.
     fn merge_with_sibling(&mut self, leaf: CellId) {
         let Some(parent) = self.cells[&leaf].parent else { return };
         let capacity = self.config.cell_capacity as usize;
@@ -243,25 +278,6 @@ impl CellTree {
         if let CellKind::Leaf(members) = &mut self.cells.get_mut(&leaf).expect("leaf").kind {
             members.extend(moving);
             members.sort_unstable();
-        }
-        // A split cell whose halves are one again becomes a leaf under its old id.
-        let collapse = parent != ROOT
-            && self.cells[&parent].label.is_none()
-            && self.cells[&parent].children() == [leaf];
-        if collapse {
-            let Some(Cell { kind, .. }) = self.cells.remove(&leaf) else { return };
-            for &node in match &kind {
-                CellKind::Leaf(members) => members.as_slice(),
-                CellKind::Inner(_) => &[],
-            } {
-                self.nodes.get_mut(&node).expect("member").leaf = parent;
-            }
-            self.cells.get_mut(&parent).expect("parent").kind = kind;
-            for state in self.services.values_mut() {
-                if state.scope == leaf {
-                    state.scope = parent;
-                }
-            }
         }
     }
 

@@ -37,7 +37,8 @@ pub(crate) struct ServiceState {
 ///
 /// Invariants kept by every operation: each slot of each service has one live manager inside the
 /// service's scope; inside a leaf cell, per-service slot counts differ by at most one; leaf cells
-/// hold between 1 and `cell_capacity` nodes; no inner cell but the root is empty.
+/// hold between 1 and `cell_capacity` nodes; no inner cell but the root is empty, and no cell made
+/// by splitting is left with a single child.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CellTree {
     pub(crate) config: TreeConfig,
@@ -94,6 +95,11 @@ impl CellTree {
     /// A cell by id.
     pub fn cell(&self, id: CellId) -> Option<&Cell> {
         self.cells.get(&id)
+    }
+
+    /// Every cell, ascending by id.
+    pub fn cells(&self) -> impl Iterator<Item = (CellId, &Cell)> + '_ {
+        self.cells.iter().map(|(&id, c)| (id, c))
     }
 
     /// Leaf cells, ascending by id.

@@ -353,3 +353,25 @@ fn a_rebalance_that_cannot_lower_the_hottest_cell_changes_nothing() {
     assert!(report.cells.is_empty(), "a useless rebalance was reported: {report:?}");
     assert_eq!(tree, before);
 }
+
+#[test]
+fn adding_and_evicting_at_capacity_keeps_the_tree_shallow() {
+    // Each add at capacity splits a cell; each evict may empty a half. Without collapsing
+    // split cells left with one child, every round would add a level.
+    let mut tree = cluster(2, 3);
+    let mut next = 3;
+    for _ in 0..50 {
+        next += 1;
+        tree.add_node(NodeId(next), Labels::new()).unwrap();
+        let victim = tree.nodes().find(|&n| n != NodeId(1)).expect("another node");
+        let report = tree.evict_node(victim).unwrap();
+        assert!(report.cells.iter().all(|c| tree.cell(*c).is_some()), "report names a gone cell");
+        assert_invariants(&tree);
+    }
+    assert!(
+        tree.cells().count() <= 2 * tree.len() + 1,
+        "{} cells for {} nodes",
+        tree.cells().count(),
+        tree.len()
+    );
+}

@@ -19,6 +19,17 @@ pub(crate) fn assert_invariants(tree: &CellTree) {
         }
     }
     assert_eq!(seen, live, "leaves and membership disagree");
+    for (id, cell) in tree.cells() {
+        if id == ROOT || cell.is_leaf() {
+            continue;
+        }
+        assert!(!cell.children().is_empty(), "inner cell {id} is empty");
+        assert!(
+            cell.label.is_some() || cell.children().len() > 1,
+            "split cell {id} has a lone child:\n{}",
+            tree.render()
+        );
+    }
 
     if tree.is_empty() {
         return;
