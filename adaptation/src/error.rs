@@ -12,6 +12,14 @@ pub enum AdaptationError {
         /// The epoch that tried to begin.
         new: u64,
     },
+    /// A change that is not newer than the last one this node carried out: a redelivery.
+    #[error("epoch {got} began again, but this node is already past epoch {last}")]
+    Stale {
+        /// The last epoch begun or finished here.
+        last: u64,
+        /// The epoch offered.
+        got: u64,
+    },
     /// An event that belongs to no change in progress.
     #[error("{event} arrived with no change in progress")]
     Idle {

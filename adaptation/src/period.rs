@@ -70,8 +70,14 @@ pub enum Event {
     },
     /// A service finished `after_migration`.
     AfterDone(ServiceId),
-    /// A participant died; nobody waits for it any more (its failure is a change of its own).
-    ParticipantFailed(NodeId),
+    /// A participant of the change to `epoch` died; nobody waits for it any more (its failure
+    /// is a change of its own). It may arrive before that change begins here.
+    ParticipantFailed {
+        /// The dead node.
+        node: NodeId,
+        /// The change it was to take part in.
+        epoch: u64,
+    },
     /// The cluster committed that `epoch` is stable.
     Stable(u64),
 }
@@ -150,6 +156,8 @@ pub struct Period {
     acks: BTreeSet<NodeId>,
     /// Acks for epochs this node has not begun yet: a fast sender may finish first.
     early: BTreeMap<u64, BTreeSet<NodeId>>,
+    /// Participants of epochs not begun yet that are already known dead.
+    early_failed: BTreeMap<u64, BTreeSet<NodeId>>,
     /// The last epoch that reached `Done`, so that late acks for it are ignored.
     finished: u64,
 }
@@ -167,6 +175,7 @@ impl Period {
             waiting: BTreeSet::new(),
             acks: BTreeSet::new(),
             early: BTreeMap::new(),
+            early_failed: BTreeMap::new(),
             finished: 0,
         }
     }
@@ -205,12 +214,18 @@ impl Period {
                 self.done_with(Phase::After, service, "after_migration")?;
                 Ok(if self.waiting.is_empty() { self.report() } else { Vec::new() })
             }
-            Event::ParticipantFailed(node) => {
-                if self.phase == Phase::Idle || node == self.me {
+            Event::ParticipantFailed { node, epoch } => {
+                if node == self.me {
                     return Ok(Vec::new());
                 }
-                self.participants.remove(&node);
-                Ok(self.check_acks())
+                if self.phase != Phase::Idle && epoch == self.epoch {
+                    self.participants.remove(&node);
+                    return Ok(self.check_acks());
+                }
+                if epoch > self.epoch.max(self.finished) {
+                    self.early_failed.entry(epoch).or_default().insert(node);
+                }
+                Ok(Vec::new())
             }
             Event::Stable(epoch) => Ok(self.stable(epoch)),
         }
@@ -225,7 +240,14 @@ impl Period {
     ) -> Result<Vec<Command>, AdaptationError> {
         let mut commands = Vec::new();
         match self.phase {
-            Phase::Idle => {}
+            // A redelivered or old Begin must not restart an epoch: its acks are gone.
+            Phase::Idle if epoch > self.epoch.max(self.finished) => {}
+            Phase::Idle => {
+                return Err(AdaptationError::Stale {
+                    last: self.epoch.max(self.finished),
+                    got: epoch,
+                })
+            }
             // The cluster moved on, so the last epoch is stable even if we did not hear it.
             Phase::Done if epoch > self.epoch => {
                 commands.push(Command::DropSent { epoch: self.epoch })
@@ -238,6 +260,12 @@ impl Period {
         self.role = role;
         self.acks = self.early.remove(&epoch).unwrap_or_default();
         self.early.retain(|&e, _| e > epoch);
+        for dead in self.early_failed.remove(&epoch).unwrap_or_default() {
+            if dead != self.me {
+                participants.remove(&dead);
+            }
+        }
+        self.early_failed.retain(|&e, _| e > epoch);
         self.participants = participants;
         self.waiting = services.iter().copied().collect();
         commands.push(Command::HoldMovingKeys { epoch });
@@ -320,6 +348,11 @@ impl Period {
             return Vec::new();
         }
         let mut commands = Vec::new();
+        if self.phase == Phase::Before {
+            // Released requests must route by the new epoch, never the old one: a key that
+            // moved would otherwise be served by two managers.
+            commands.push(Command::InstallSnapshot { epoch });
+        }
         if self.phase != Phase::Done {
             // The cluster declared the epoch stable without us (we were presumed dead, say):
             // release what we hold rather than hold it for ever.

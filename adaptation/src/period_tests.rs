@@ -150,7 +150,10 @@ fn a_dead_participant_is_not_waited_for() {
             ),
             (ack(1, 5), vec![]),
             (ack(2, 5), vec![]),
-            (Event::ParticipantFailed(n(3)), vec![AfterMigration(A), AfterMigration(B)]),
+            (
+                Event::ParticipantFailed { node: n(3), epoch: 5 },
+                vec![AfterMigration(A), AfterMigration(B)],
+            ),
         ],
     );
 }
@@ -229,7 +232,57 @@ fn a_node_the_cluster_went_on_without_releases_what_it_holds() {
     p.handle(begin(5, &[1, 2], Role::Receiver)).expect("begins");
     assert_eq!(
         p.handle(Event::Stable(5)),
-        Ok(vec![ReleaseHeld { epoch: 5 }, DropSent { epoch: 5 }])
+        Ok(vec![InstallSnapshot { epoch: 5 }, ReleaseHeld { epoch: 5 }, DropSent { epoch: 5 }]),
+        "released requests route by the new epoch"
     );
     assert_eq!(p.phase(), Phase::Idle);
+}
+
+#[test]
+fn a_redelivered_or_old_begin_does_not_restart_an_epoch() {
+    let mut p = Period::new(n(1));
+    p.handle(begin(5, &[1], Role::Bystander)).expect("begins");
+    for event in [
+        Event::BeforeDone(A),
+        Event::BeforeDone(B),
+        Event::AfterDone(A),
+        Event::AfterDone(B),
+        Event::Stable(5),
+    ] {
+        p.handle(event).expect("runs");
+    }
+    assert_eq!(
+        p.handle(begin(5, &[1, 2], Role::Both)),
+        Err(AdaptationError::Stale { last: 5, got: 5 })
+    );
+    assert_eq!(
+        p.handle(begin(3, &[1, 2], Role::Both)),
+        Err(AdaptationError::Stale { last: 5, got: 3 })
+    );
+    assert_eq!(p.phase(), Phase::Idle);
+    assert!(p.handle(begin(6, &[1], Role::Bystander)).is_ok());
+}
+
+#[test]
+fn a_death_reported_before_the_change_begins_is_remembered() {
+    let mut p = Period::new(n(1));
+    script(
+        &mut p,
+        vec![(Event::ParticipantFailed { node: n(3), epoch: 5 }, vec![]), (ack(2, 5), vec![])],
+    );
+    script(
+        &mut p,
+        vec![
+            (
+                begin(5, &[1, 2, 3], Role::Receiver),
+                vec![HoldMovingKeys { epoch: 5 }, BeforeMigration(A), BeforeMigration(B)],
+            ),
+            (Event::BeforeDone(A), vec![]),
+            (
+                Event::BeforeDone(B),
+                [vec![InstallSnapshot { epoch: 5 }], acks_to(&[1, 2], 5)].concat(),
+            ),
+            (ack(1, 5), vec![AfterMigration(A), AfterMigration(B)]),
+        ],
+    );
 }

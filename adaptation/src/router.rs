@@ -5,6 +5,7 @@
 //!    sender ahead of us        ─▶ Wait(epoch)   (install that epoch first)
 //!    key moving right now      ─▶ Hold          (released after the adaptation period)
 //!    another node manages it   ─▶ Moved(epoch)  (the sender installs our epoch and retries)
+//!    no such service           ─▶ Unknown       (or Moved, if the sender is behind us)
 //!    otherwise                 ─▶ Serve
 //! ```
 //!
@@ -28,6 +29,9 @@ pub enum Verdict {
         /// Our epoch.
         epoch: u64,
     },
+    /// No such service in our epoch, and the sender is not behind: a typed error for the
+    /// caller rather than a retry that cannot succeed.
+    Unknown,
     /// The sender knows a newer epoch than ours: wait until we have installed it.
     Wait {
         /// The sender's epoch.
@@ -83,8 +87,13 @@ impl Router {
             return Verdict::Wait { epoch };
         }
         let Some(table) = self.snapshot.table(service) else {
-            // An unknown service has no manager anywhere; the sender may know a newer epoch.
-            return Verdict::Moved { epoch: self.epoch() };
+            // A sender behind us may learn of the service by catching up; one that is not
+            // would retry for ever.
+            return if epoch < self.epoch() {
+                Verdict::Moved { epoch: self.epoch() }
+            } else {
+                Verdict::Unknown
+            };
         };
         let slot = table.slot_of(key);
         if self.moving.get(&service).is_some_and(|ranges| ranges.iter().any(|r| r.contains(&slot)))
@@ -128,7 +137,8 @@ mod tests {
             router.route(KV, key_managed_by(&snapshot, NodeId(2)), 4),
             Verdict::Moved { epoch: 4 }
         );
-        assert_eq!(router.route(ServiceId(9), Key(1), 4), Verdict::Moved { epoch: 4 });
+        assert_eq!(router.route(ServiceId(9), Key(1), 4), Verdict::Unknown);
+        assert_eq!(router.route(ServiceId(9), Key(1), 3), Verdict::Moved { epoch: 4 });
     }
 
     #[test]
