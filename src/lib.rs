@@ -2,9 +2,10 @@
 //!
 //! This facade gathers the workspace's crates under one name:
 //! - [`locator`]: which node manages each directory entry, and what moves on a change.
-//! - [`adaptation`]: the service plug-in API and the four-phase migration (being built).
-//! - [`supervisor`]: transport, consensus membership, failure detection (being built).
-//! - [`dsm`], [`process`], [`file`], [`scheduler`]: the services (being built).
+//! - [`adaptation`]: the adaptation-period state machine and the router (the plug-in API and
+//!   the migration driver are being built).
+//! - [`supervisor`]: transport, consensus membership, failure detection, the agent.
+//! - [`dsm`], [`process`], [`mod@file`], [`scheduler`]: the services (being built).
 #![deny(missing_docs)]
 
 pub use gobelins_adaptation as adaptation;
