@@ -68,21 +68,27 @@ fn a_member_of_the_affected_cell_goes_through_the_four_phases() {
     assert_eq!(p.phase(), Phase::Idle);
 }
 
+/// Begins `epoch` and lets both services finish `before_migration`, checking that common
+/// prefix; returns what the last `BeforeDone` produced.
+fn prepare(p: &mut Period, epoch: u64, participants: &[u64], role: Role) -> Vec<Command> {
+    let begun = p.handle(begin(epoch, participants, role));
+    assert_eq!(begun, Ok(vec![HoldMovingKeys { epoch }, BeforeMigration(A), BeforeMigration(B)]));
+    assert_eq!(p.handle(Event::BeforeDone(A)), Ok(vec![]));
+    p.handle(Event::BeforeDone(B)).expect("asked for")
+}
+
+/// What a node that only receives does once its services are prepared.
+fn snapshot_and_acks(epoch: u64, to: &[u64]) -> Vec<Command> {
+    [vec![InstallSnapshot { epoch }], acks_to(to, epoch)].concat()
+}
+
 #[test]
 fn an_added_node_only_receives() {
     let mut p = Period::new(n(4));
+    assert_eq!(prepare(&mut p, 2, &[1, 2, 4], Role::Receiver), snapshot_and_acks(2, &[1, 2, 4]));
     script(
         &mut p,
         vec![
-            (
-                begin(2, &[1, 2, 4], Role::Receiver),
-                vec![HoldMovingKeys { epoch: 2 }, BeforeMigration(A), BeforeMigration(B)],
-            ),
-            (Event::BeforeDone(A), vec![]),
-            (
-                Event::BeforeDone(B),
-                [vec![InstallSnapshot { epoch: 2 }], acks_to(&[1, 2, 4], 2)].concat(),
-            ),
             (ack(4, 2), vec![]),
             (ack(1, 2), vec![]),
             (ack(2, 2), vec![AfterMigration(A), AfterMigration(B)]),
@@ -93,67 +99,32 @@ fn an_added_node_only_receives() {
 #[test]
 fn an_evicted_node_only_sends_and_waits_for_nobody() {
     let mut p = Period::new(n(3));
-    script(
-        &mut p,
-        vec![
-            (
-                begin(7, &[1, 2, 3], Role::Sender),
-                vec![HoldMovingKeys { epoch: 7 }, BeforeMigration(A), BeforeMigration(B)],
-            ),
-            (Event::BeforeDone(A), vec![]),
-            (Event::BeforeDone(B), vec![InstallSnapshot { epoch: 7 }, SendOut(A), SendOut(B)]),
-            (Event::SentOut(A), vec![]),
-            (
-                Event::SentOut(B),
-                [acks_to(&[1, 2, 3], 7), vec![AfterMigration(A), AfterMigration(B)]].concat(),
-            ),
-        ],
-    );
+    let sending = prepare(&mut p, 7, &[1, 2, 3], Role::Sender);
+    assert_eq!(sending, vec![InstallSnapshot { epoch: 7 }, SendOut(A), SendOut(B)]);
+    let after = [acks_to(&[1, 2, 3], 7), vec![AfterMigration(A), AfterMigration(B)]].concat();
+    script(&mut p, vec![(Event::SentOut(A), vec![]), (Event::SentOut(B), after)]);
 }
 
 #[test]
 fn acks_that_arrive_before_the_change_begins_are_kept() {
     let mut p = Period::new(n(1));
     script(&mut p, vec![(ack(2, 5), vec![]), (ack(3, 5), vec![])]);
-    script(
-        &mut p,
-        vec![
-            (
-                begin(5, &[1, 2, 3], Role::Receiver),
-                vec![HoldMovingKeys { epoch: 5 }, BeforeMigration(A), BeforeMigration(B)],
-            ),
-            (Event::BeforeDone(A), vec![]),
-            (
-                Event::BeforeDone(B),
-                [vec![InstallSnapshot { epoch: 5 }], acks_to(&[1, 2, 3], 5)].concat(),
-            ),
-            // Only our own ack was missing.
-            (ack(1, 5), vec![AfterMigration(A), AfterMigration(B)]),
-        ],
-    );
+    assert_eq!(prepare(&mut p, 5, &[1, 2, 3], Role::Receiver), snapshot_and_acks(5, &[1, 2, 3]));
+    // Only our own ack was missing.
+    script(&mut p, vec![(ack(1, 5), vec![AfterMigration(A), AfterMigration(B)])]);
 }
 
 #[test]
 fn a_dead_participant_is_not_waited_for() {
     let mut p = Period::new(n(1));
+    assert_eq!(prepare(&mut p, 5, &[1, 2, 3], Role::Receiver), snapshot_and_acks(5, &[1, 2, 3]));
+    let dead = Event::ParticipantFailed { node: n(3), epoch: 5 };
     script(
         &mut p,
         vec![
-            (
-                begin(5, &[1, 2, 3], Role::Receiver),
-                vec![HoldMovingKeys { epoch: 5 }, BeforeMigration(A), BeforeMigration(B)],
-            ),
-            (Event::BeforeDone(A), vec![]),
-            (
-                Event::BeforeDone(B),
-                [vec![InstallSnapshot { epoch: 5 }], acks_to(&[1, 2, 3], 5)].concat(),
-            ),
             (ack(1, 5), vec![]),
             (ack(2, 5), vec![]),
-            (
-                Event::ParticipantFailed { node: n(3), epoch: 5 },
-                vec![AfterMigration(A), AfterMigration(B)],
-            ),
+            (dead, vec![AfterMigration(A), AfterMigration(B)]),
         ],
     );
 }
@@ -161,23 +132,14 @@ fn a_dead_participant_is_not_waited_for() {
 #[test]
 fn late_and_foreign_acks_change_nothing() {
     let mut p = Period::new(n(1));
+    let prepared = prepare(&mut p, 5, &[1], Role::Bystander);
+    assert_eq!(
+        prepared,
+        [snapshot_and_acks(5, &[1]), vec![AfterMigration(A), AfterMigration(B)]].concat()
+    );
     script(
         &mut p,
         vec![
-            (
-                begin(5, &[1], Role::Bystander),
-                vec![HoldMovingKeys { epoch: 5 }, BeforeMigration(A), BeforeMigration(B)],
-            ),
-            (Event::BeforeDone(A), vec![]),
-            (
-                Event::BeforeDone(B),
-                [
-                    vec![InstallSnapshot { epoch: 5 }],
-                    acks_to(&[1], 5),
-                    vec![AfterMigration(A), AfterMigration(B)],
-                ]
-                .concat(),
-            ),
             (Event::AfterDone(A), vec![]),
             (Event::AfterDone(B), vec![ReleaseHeld { epoch: 5 }, ReportDone { epoch: 5 }]),
             (ack(2, 5), vec![]),
@@ -266,23 +228,8 @@ fn a_redelivered_or_old_begin_does_not_restart_an_epoch() {
 #[test]
 fn a_death_reported_before_the_change_begins_is_remembered() {
     let mut p = Period::new(n(1));
-    script(
-        &mut p,
-        vec![(Event::ParticipantFailed { node: n(3), epoch: 5 }, vec![]), (ack(2, 5), vec![])],
-    );
-    script(
-        &mut p,
-        vec![
-            (
-                begin(5, &[1, 2, 3], Role::Receiver),
-                vec![HoldMovingKeys { epoch: 5 }, BeforeMigration(A), BeforeMigration(B)],
-            ),
-            (Event::BeforeDone(A), vec![]),
-            (
-                Event::BeforeDone(B),
-                [vec![InstallSnapshot { epoch: 5 }], acks_to(&[1, 2], 5)].concat(),
-            ),
-            (ack(1, 5), vec![AfterMigration(A), AfterMigration(B)]),
-        ],
-    );
+    let dead = Event::ParticipantFailed { node: n(3), epoch: 5 };
+    script(&mut p, vec![(dead, vec![]), (ack(2, 5), vec![])]);
+    assert_eq!(prepare(&mut p, 5, &[1, 2, 3], Role::Receiver), snapshot_and_acks(5, &[1, 2]));
+    script(&mut p, vec![(ack(1, 5), vec![AfterMigration(A), AfterMigration(B)])]);
 }
