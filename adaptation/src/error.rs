@@ -1,8 +1,12 @@
 //! The adaptation layer's one error type.
 
-/// Why the adaptation layer refused an event. The machine's state is unchanged in every case.
+/// Why the adaptation layer refused something. The machine's state is unchanged in every case.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdaptationError {
+    /// A value could not be encoded, or bytes could not be decoded: a peer speaks another
+    /// format, or sent garbage or more than the codec's limit.
+    #[error("codec: {0}")]
+    Codec(String),
     /// A change began while another was still being carried out; the supervisor starts one
     /// change at a time, so this means the node missed the end of the last one.
     #[error("epoch {new} began while epoch {current} is still being carried out")]

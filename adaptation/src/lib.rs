@@ -8,11 +8,13 @@
 //! deduplication, failure recovery by `scan`, and a conformance suite for services.
 //!
 //! Modules:
+//! - [`codec`]: the one module that names bincode, for this crate and the supervisor.
 //! - [`period`]: [`Period`], events in and commands out for one epoch change.
 //! - [`router`]: [`Router`], serve, hold, moved or wait for each request.
 //! - [`error`]: the one error type, [`AdaptationError`].
 #![deny(missing_docs)]
 
+pub mod codec;
 pub mod error;
 pub mod period;
 pub mod router;

@@ -102,6 +102,15 @@ impl SupervisorError {
     }
 }
 
+impl From<gobelins_adaptation::AdaptationError> for SupervisorError {
+    fn from(error: gobelins_adaptation::AdaptationError) -> Self {
+        match error {
+            gobelins_adaptation::AdaptationError::Codec(message) => SupervisorError::Codec(message),
+            other => SupervisorError::Raft(other.to_string()),
+        }
+    }
+}
+
 impl From<std::io::Error> for SupervisorError {
     fn from(source: std::io::Error) -> Self {
         SupervisorError::io("socket", source)

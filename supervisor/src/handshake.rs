@@ -11,12 +11,12 @@
 //! Nonces from both ends go into both proofs, so a recorded handshake cannot be replayed. Either
 //! end sends `Refused(reason)` before closing, so the other can log what to fix.
 
-use crate::codec;
 use crate::error::{Result, SupervisorError};
 use crate::frame::{FrameCodec, MIN_VERSION, VERSION};
 use crate::secret::{ClusterId, ClusterSecret};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use gobelins_adaptation::codec;
 use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -159,7 +159,7 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     peer: &str,
 ) -> Result<HandshakeMessage> {
     match framed.next().await {
-        Some(frame) => codec::decode(&frame?),
+        Some(frame) => Ok(codec::decode(&frame?)?),
         None => Err(SupervisorError::Handshake {
             peer: peer.into(),
             reason: "closed the connection".into(),

@@ -3,7 +3,6 @@
 //!
 //! Modules:
 //! - [`error`]: the crate's one error type.
-//! - [`codec`]: the one module that names bincode; every payload is encoded here.
 //! - [`frame`]: length + version framing, with the size limit checked first.
 //! - [`state`]: the replicated cluster state and its pure `apply`.
 //! - [`types`], [`runtime`], [`store`]: openraft's instantiation, its seedable runtime, the
@@ -14,7 +13,6 @@
 #![deny(missing_docs)]
 
 pub mod agent;
-pub mod codec;
 pub mod control;
 pub mod datadir;
 pub mod detector;
@@ -35,4 +33,5 @@ pub mod transport;
 pub mod types;
 
 pub use error::{Result, SupervisorError};
+pub use gobelins_adaptation::codec;
 pub use supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};

@@ -1,11 +1,11 @@
 //! openraft's network, carried by a [`Transport`].
 
-use crate::codec;
 use crate::error::SupervisorError;
 use crate::rpc::{Request, Response};
 use crate::transport::Transport;
 use crate::types::TypeConfig;
 use bytes::Bytes;
+use gobelins_adaptation::codec;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };

@@ -7,9 +7,9 @@
 // openraft fixes the error type of its storage traits; our helpers return the same one.
 #![allow(clippy::result_large_err)]
 
-use crate::codec;
 use crate::state::ClusterState;
 use crate::types::{Reply, TypeConfig};
+use gobelins_adaptation::codec;
 use openraft::storage::{LogFlushed, RaftLogStorage, RaftStateMachine};
 use openraft::{
     BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
@@ -42,7 +42,7 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError<u64> {
     StorageIOError::write(&e).into()
 }
 
-fn codec_err(e: crate::SupervisorError) -> StorageError<u64> {
+fn codec_err(e: gobelins_adaptation::AdaptationError) -> StorageError<u64> {
     StorageIOError::read(&e).into()
 }
 

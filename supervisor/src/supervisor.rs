@@ -8,7 +8,6 @@
 //!  leader only, every ping interval ──▶ raft membership (≤ 5 voters), Detector ──▶ Fail
 //! ```
 
-use crate::codec;
 use crate::detector::{Action, Detector};
 use crate::error::{Result, SupervisorError};
 use crate::network::Network;
@@ -19,6 +18,7 @@ use crate::transport::{Handler, Transport};
 use crate::types::Raft;
 use async_trait::async_trait;
 use bytes::Bytes;
+use gobelins_adaptation::codec;
 use gobelins_locator::Labels;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
@@ -388,7 +388,7 @@ impl Supervisor {
 
     async fn call(&self, to: u64, request: &Request, deadline: Duration) -> Result<Response> {
         let bytes = Bytes::from(codec::encode(request)?);
-        codec::decode(&self.transport.call(to, bytes, deadline).await?)
+        Ok(codec::decode(&self.transport.call(to, bytes, deadline).await?)?)
     }
 
     async fn handle(&self, from: u64, bytes: Bytes) -> Bytes {

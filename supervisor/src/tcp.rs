@@ -9,7 +9,6 @@
 //! When both ends dial each other at once, both keep the connection opened by the lower node id
 //! and close the other, so a pair settles on one connection without talking about it.
 
-use crate::codec;
 use crate::error::{Result, SupervisorError};
 use crate::frame::{FrameCodec, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
 use crate::handshake::{self, Hello};
@@ -19,6 +18,7 @@ use crate::transport::{Admission, Handler, Transport};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
+use gobelins_adaptation::codec;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,6 +2,7 @@
 //! always a typed error or a frame.
 
 use bytes::{Bytes, BytesMut};
+use gobelins_adaptation::AdaptationError;
 use gobelins_supervisor::frame::FrameCodec;
 use gobelins_supervisor::handshake::HandshakeMessage;
 use gobelins_supervisor::{codec, SupervisorError};
@@ -62,7 +63,7 @@ proptest! {
     #[test]
     fn random_payloads_never_panic_the_message_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
         match codec::decode::<HandshakeMessage>(&bytes) {
-            Ok(_) | Err(SupervisorError::Codec(_)) => {}
+            Ok(_) | Err(AdaptationError::Codec(_)) => {}
             Err(other) => prop_assert!(false, "unexpected error {other}"),
         }
     }

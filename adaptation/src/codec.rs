@@ -1,8 +1,8 @@
-//! The one place that names bincode. Everything that crosses a socket or lands on disk is
-//! encoded here, with a size limit on decoding so that a hostile length prefix inside a payload
-//! cannot make us allocate more than a frame may hold.
+//! The one place that names bincode. Everything that crosses a socket or lands on disk, in this
+//! crate and in the supervisor above it, is encoded here, with a size limit on decoding so that a
+//! hostile length prefix inside a payload cannot make us allocate more than a frame may hold.
 
-use crate::error::{Result, SupervisorError};
+use crate::error::AdaptationError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -14,18 +14,18 @@ fn config() -> impl bincode::config::Config {
 }
 
 /// Encodes `value`.
-pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, AdaptationError> {
     bincode::serde::encode_to_vec(value, config())
-        .map_err(|e| SupervisorError::Codec(e.to_string()))
+        .map_err(|e| AdaptationError::Codec(e.to_string()))
 }
 
 /// Decodes a whole `T` from `bytes`; trailing bytes are an error, since they mean the two ends
 /// disagree about the format.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdaptationError> {
     let (value, used) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| SupervisorError::Codec(e.to_string()))?;
+        .map_err(|e| AdaptationError::Codec(e.to_string()))?;
     if used != bytes.len() {
-        return Err(SupervisorError::Codec(format!("{} trailing bytes", bytes.len() - used)));
+        return Err(AdaptationError::Codec(format!("{} trailing bytes", bytes.len() - used)));
     }
     Ok(value)
 }
@@ -45,7 +45,7 @@ mod tests {
         // A Vec<u8> claiming u64::MAX elements, as varint: 0xff then 8 bytes.
         let mut bytes = vec![0xff];
         bytes.extend_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(decode::<Vec<u8>>(&bytes), Err(SupervisorError::Codec(_))));
+        assert!(matches!(decode::<Vec<u8>>(&bytes), Err(AdaptationError::Codec(_))));
     }
 
     #[test]
