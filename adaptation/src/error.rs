@@ -16,6 +16,9 @@ pub enum AdaptationError {
         /// The epoch that tried to begin.
         new: u64,
     },
+    /// A service could not be registered.
+    #[error("registration: {0}")]
+    Registration(String),
     /// A change that is not newer than the last one this node carried out: a redelivery.
     #[error("epoch {got} began again, but this node is already past epoch {last}")]
     Stale {

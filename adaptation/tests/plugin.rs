@@ -1,0 +1,200 @@
+//! A small key-value service through the plug-in API: requests in bytes, entries moving with a
+//! real migration plan, bad bytes refused, the registry's order.
+
+use async_trait::async_trait;
+use gobelins_adaptation::{
+    codec, plugin, AdaptationError, ChangeInfo, Context, Moving, Registry, Service,
+};
+use gobelins_locator::{
+    CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, ServiceSpec, TreeConfig,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+
+const KV: ServiceId = ServiceId(7);
+
+#[derive(Serialize, Deserialize)]
+enum Request {
+    Put(String),
+    Get,
+}
+
+/// A directory of strings: entries live in `live`; arrivals wait in `staged` until merged.
+#[derive(Default)]
+struct Kv {
+    live: Mutex<BTreeMap<Key, String>>,
+    staged: Mutex<Vec<(Key, String)>>,
+}
+
+#[async_trait]
+impl Service for Kv {
+    type Request = Request;
+    type Response = Option<String>;
+    type Entry = String;
+
+    fn spec(&self) -> ServiceSpec {
+        ServiceSpec::new(KV, "kv").with_slots(64)
+    }
+
+    async fn handle(&self, _ctx: &Context, key: Key, request: Request) -> Option<String> {
+        let mut live = self.live.lock().expect("lock");
+        match request {
+            Request::Put(value) => live.insert(key, value),
+            Request::Get => live.get(&key).cloned(),
+        }
+    }
+
+    async fn before_migration(&self, _change: &ChangeInfo) {}
+
+    async fn send_out(&self, moving: &Moving) -> Vec<(Key, String)> {
+        let live = self.live.lock().expect("lock");
+        live.iter()
+            .filter(|(k, _)| moving.destination(**k).is_some())
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+
+    async fn receive(&self, _from: NodeId, entries: Vec<(Key, String)>) {
+        self.staged.lock().expect("lock").extend(entries);
+    }
+
+    async fn after_migration(&self, _change: &ChangeInfo) {
+        let staged = std::mem::take(&mut *self.staged.lock().expect("lock"));
+        self.live.lock().expect("lock").extend(staged);
+    }
+
+    async fn scan(&self, _failed: NodeId) -> Vec<(Key, String)> {
+        // No replicas: nothing can be rebuilt, and nothing is invented.
+        Vec::new()
+    }
+}
+
+fn ctx() -> Context {
+    Context { node: NodeId(1), epoch: 1 }
+}
+
+fn info(epoch: u64) -> ChangeInfo {
+    ChangeInfo { epoch, change: Change::Evict(NodeId(9)), participants: BTreeSet::new() }
+}
+
+#[tokio::test]
+async fn requests_and_answers_cross_the_plugin_in_bytes() {
+    let kv = plugin(Kv::default());
+    let put = codec::encode(&Request::Put("hello".into())).expect("encode");
+    let answer: Option<String> =
+        codec::decode(&kv.handle(&ctx(), Key(3), &put).await.expect("put")).expect("decode");
+    assert_eq!(answer, None);
+    let get = codec::encode(&Request::Get).expect("encode");
+    let answer: Option<String> =
+        codec::decode(&kv.handle(&ctx(), Key(3), &get).await.expect("get")).expect("decode");
+    assert_eq!(answer.as_deref(), Some("hello"));
+}
+
+#[tokio::test]
+async fn malformed_requests_are_refused_and_change_nothing() {
+    let kv = plugin(Kv::default());
+    let err = kv.handle(&ctx(), Key(3), &[0xff, 0xff, 0xff]).await.unwrap_err();
+    assert!(matches!(err, AdaptationError::Codec(_)), "{err}");
+    let get = codec::encode(&Request::Get).expect("encode");
+    let answer: Option<String> =
+        codec::decode(&kv.handle(&ctx(), Key(3), &get).await.expect("get")).expect("decode");
+    assert_eq!(answer, None);
+}
+
+#[tokio::test]
+async fn a_migration_hands_over_exactly_the_entries_the_plan_moves() {
+    let mut tree = CellTree::new(TreeConfig::default()).expect("config");
+    tree.register_service(Kv::default().spec()).expect("register");
+    for n in 1..=2 {
+        tree.add_node(NodeId(n), Labels::new()).expect("add");
+    }
+    let old = tree.snapshot(Epoch(1)).expect("snapshot");
+    tree.add_node(NodeId(3), Labels::new()).expect("add");
+    let new = tree.snapshot(Epoch(2)).expect("snapshot");
+    let plan = MigrationPlan::between(&old, &new);
+
+    // Node 1 manages its share of 200 keys.
+    let (one, three) = (plugin(Kv::default()), plugin(Kv::default()));
+    let put = |v: u64| codec::encode(&Request::Put(format!("v{v}"))).expect("encode");
+    let mine: Vec<Key> =
+        (0..200).map(Key).filter(|&k| old.locate(KV, k) == Some(NodeId(1))).collect();
+    for &k in &mine {
+        one.handle(&ctx(), k, &put(k.0)).await.expect("put");
+    }
+
+    let moves = plan.outgoing(NodeId(1)).map(|(_, m)| m.clone()).collect();
+    let sent = one.send_out(&Moving::new(Kv::default().spec(), moves)).await.expect("send out");
+    let expected: Vec<Key> =
+        mine.iter().copied().filter(|&k| new.locate(KV, k) == Some(NodeId(3))).collect();
+    assert!(!expected.is_empty(), "node 1 gives node 3 some keys");
+    assert_eq!(sent.iter().map(|(k, _)| *k).collect::<Vec<_>>(), expected);
+
+    three.receive(NodeId(1), sent).await.expect("receive");
+    let get = codec::encode(&Request::Get).expect("encode");
+    let before: Option<String> =
+        codec::decode(&three.handle(&ctx(), expected[0], &get).await.expect("get"))
+            .expect("decode");
+    assert_eq!(before, None, "staged entries are not visible before after_migration");
+    three.after_migration(&info(2)).await;
+    for &k in &expected {
+        let value: Option<String> =
+            codec::decode(&three.handle(&ctx(), k, &get).await.expect("get")).expect("decode");
+        assert_eq!(value, Some(format!("v{}", k.0)));
+    }
+}
+
+#[tokio::test]
+async fn a_batch_that_does_not_decode_is_refused_whole() {
+    let kv = plugin(Kv::default());
+    let good = codec::encode(&"fine".to_string()).expect("encode");
+    let err =
+        kv.receive(NodeId(2), vec![(Key(1), good), (Key(2), vec![0xff; 3])]).await.unwrap_err();
+    assert!(matches!(err, AdaptationError::Codec(_)), "{err}");
+    kv.after_migration(&info(2)).await;
+    let get = codec::encode(&Request::Get).expect("encode");
+    let value: Option<String> =
+        codec::decode(&kv.handle(&ctx(), Key(1), &get).await.expect("get")).expect("decode");
+    assert_eq!(value, None, "no half batch was staged");
+    assert!(kv.scan(NodeId(2)).await.expect("scan").is_empty(), "nothing invented");
+}
+
+struct Named(ServiceSpec);
+
+#[async_trait]
+impl Service for Named {
+    type Request = ();
+    type Response = ();
+    type Entry = ();
+    fn spec(&self) -> ServiceSpec {
+        self.0.clone()
+    }
+    async fn handle(&self, _: &Context, _: Key, _: ()) {}
+    async fn before_migration(&self, _: &ChangeInfo) {}
+    async fn send_out(&self, _: &Moving) -> Vec<(Key, ())> {
+        Vec::new()
+    }
+    async fn receive(&self, _: NodeId, _: Vec<(Key, ())>) {}
+    async fn after_migration(&self, _: &ChangeInfo) {}
+    async fn scan(&self, _: NodeId) -> Vec<(Key, ())> {
+        Vec::new()
+    }
+}
+
+#[test]
+fn the_registry_keeps_registration_order_and_refuses_clashes() {
+    let mut registry = Registry::new();
+    for id in [5u16, 2, 9] {
+        registry
+            .register(plugin(Named(ServiceSpec::new(ServiceId(id), format!("s{id}")))))
+            .expect("register");
+    }
+    assert_eq!(registry.ids(), vec![ServiceId(5), ServiceId(2), ServiceId(9)]);
+    let again = registry.register(plugin(Named(ServiceSpec::new(ServiceId(2), "again"))));
+    assert!(matches!(again, Err(AdaptationError::Registration(_))));
+    let odd =
+        registry.register(plugin(Named(ServiceSpec::new(ServiceId(3), "odd").with_slots(1000))));
+    assert!(matches!(odd, Err(AdaptationError::Registration(_))));
+    assert_eq!(registry.ids().len(), 3);
+    assert_eq!(registry.get(ServiceId(9)).map(|p| p.spec().name), Some("s9".to_string()));
+}
