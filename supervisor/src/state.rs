@@ -9,9 +9,7 @@
 //!  MigrationDone(node, e+1) from every participant ──▶ Stable(e+1) ──▶ next queued change
 //! ```
 
-use gobelins_locator::{
-    CellTree, Change, Epoch, Labels, LocatorError, NodeId, ServiceSpec, TreeConfig,
-};
+use gobelins_locator::{CellTree, Change, Labels, LocatorError, NodeId, ServiceSpec, TreeConfig};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -469,11 +467,6 @@ impl ClusterState {
             }
         }
         None
-    }
-
-    /// The epoch as the locator's type.
-    pub fn locator_epoch(&self) -> Epoch {
-        Epoch(self.epoch)
     }
 }
 

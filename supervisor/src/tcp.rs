@@ -454,6 +454,7 @@ impl<N: Net> TcpTransport<N> {
         conn: &Conn,
         request: Bytes,
         deadline: Instant,
+        budget: Duration,
         what: String,
     ) -> Result<Bytes> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
@@ -474,7 +475,7 @@ impl<N: Net> TcpTransport<N> {
                     tracing::debug!(%what, "connection silent past the deadline; closing it");
                     conn.cancel.cancel();
                 }
-                Err(SupervisorError::Timeout { what, after_ms: 0 })
+                Err(SupervisorError::Timeout { what, after_ms: budget.as_millis() as u64 })
             }
         }
     }
@@ -487,14 +488,7 @@ impl<N: Net> Transport for TcpTransport<N> {
         let conn = tokio::time::timeout_at(until, self.connection(to))
             .await
             .map_err(|_| SupervisorError::Unreachable(to))??;
-        self.call_on(&conn, request, until, format!("request to node {to}")).await.map_err(|e| {
-            match e {
-                SupervisorError::Timeout { what, .. } => {
-                    SupervisorError::Timeout { what, after_ms: deadline.as_millis() as u64 }
-                }
-                other => other,
-            }
-        })
+        self.call_on(&conn, request, until, deadline, format!("request to node {to}")).await
     }
 
     async fn call_addr(
@@ -513,7 +507,8 @@ impl<N: Net> Transport for TcpTransport<N> {
             })??;
         self.set_peer(theirs.node, theirs.addr.clone());
         let conn = self.register(theirs.node, self.node(), framed);
-        let response = self.call_on(&conn, request, until, format!("request to {addr}")).await?;
+        let response =
+            self.call_on(&conn, request, until, deadline, format!("request to {addr}")).await?;
         Ok((theirs.node, response))
     }
 
