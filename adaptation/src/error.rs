@@ -41,4 +41,33 @@ pub enum AdaptationError {
         /// The phase it claimed to finish.
         phase: &'static str,
     },
+    /// No service with this id is registered in the cluster's configuration.
+    #[error("no service {0} is registered in this cluster")]
+    UnknownService(u16),
+    /// A peer could not be reached, or did not answer in time.
+    #[error("node {node} unreachable: {reason}")]
+    Unreachable {
+        /// The peer.
+        node: u64,
+        /// What the transport said.
+        reason: String,
+    },
+    /// A request could not complete before its deadline: its manager stayed unreachable, or the
+    /// change it waited for did not end. It may or may not have run; retrying it with the same
+    /// id runs it at most once.
+    #[error("request for key {key} of service {service} did not complete within {waited_ms} ms")]
+    Deadline {
+        /// The service.
+        service: u16,
+        /// The key.
+        key: u64,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// The manager's service failed the request (it could not decode it, say).
+    #[error("the manager refused the request: {0}")]
+    Refused(String),
+    /// A context made for a test, with no cluster behind it, was asked to send.
+    #[error("this context is detached from any cluster")]
+    Detached,
 }

@@ -18,13 +18,21 @@
 #![deny(missing_docs)]
 
 pub mod codec;
+mod driver;
 pub mod error;
+pub mod host;
+pub mod link;
 pub mod period;
 pub mod registry;
 pub mod router;
 pub mod service;
+#[cfg(feature = "testing")]
+pub mod testing;
+pub mod wire;
 
 pub use error::AdaptationError;
+pub use host::{ChangeRecord, Host, HostConfig, Progress, Stats, Update};
+pub use link::Link;
 pub use period::{Command, Event, Period, Phase, Role};
 pub use registry::Registry;
 pub use router::{Router, Verdict};

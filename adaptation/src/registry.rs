@@ -7,7 +7,9 @@ use gobelins_locator::{ServiceId, ServiceSpec};
 /// The registered services of one node.
 #[derive(Default)]
 pub struct Registry {
-    plugins: Vec<Box<dyn Plugin>>,
+    /// Each declaration is read once, at registration: it is fixed for the service's lifetime
+    /// and a lookup per request must not build one.
+    plugins: Vec<(ServiceSpec, Box<dyn Plugin>)>,
 }
 
 impl Registry {
@@ -26,27 +28,33 @@ impl Registry {
                 spec.id
             )));
         }
-        self.plugins.push(plugin);
-        Ok(spec.id)
+        let id = spec.id;
+        self.plugins.push((spec, plugin));
+        Ok(id)
     }
 
     /// The service with this id.
     pub fn get(&self, id: ServiceId) -> Option<&dyn Plugin> {
-        self.plugins.iter().find(|p| p.spec().id == id).map(|p| p.as_ref())
+        self.plugins.iter().find(|(spec, _)| spec.id == id).map(|(_, p)| p.as_ref())
+    }
+
+    /// The declaration of the service with this id.
+    pub fn spec(&self, id: ServiceId) -> Option<&ServiceSpec> {
+        self.plugins.iter().find(|(spec, _)| spec.id == id).map(|(spec, _)| spec)
     }
 
     /// Every service, in registration order.
     pub fn iter(&self) -> impl Iterator<Item = &dyn Plugin> + '_ {
-        self.plugins.iter().map(|p| p.as_ref())
+        self.plugins.iter().map(|(_, p)| p.as_ref())
     }
 
     /// Their ids, in registration order: what a [`crate::Period`] visits.
     pub fn ids(&self) -> Vec<ServiceId> {
-        self.plugins.iter().map(|p| p.spec().id).collect()
+        self.plugins.iter().map(|(spec, _)| spec.id).collect()
     }
 
     /// Their declarations, for the locator.
     pub fn specs(&self) -> Vec<ServiceSpec> {
-        self.plugins.iter().map(|p| p.spec()).collect()
+        self.plugins.iter().map(|(spec, _)| spec.clone()).collect()
     }
 }

@@ -59,6 +59,16 @@ impl Router {
         self.snapshot.epoch().0
     }
 
+    /// The snapshot requests are routed by.
+    pub fn snapshot(&self) -> &Arc<Snapshot> {
+        &self.snapshot
+    }
+
+    /// Whether a period holds any key right now.
+    pub fn is_holding(&self) -> bool {
+        !self.moving.is_empty()
+    }
+
     /// Starts holding the keys that `plan` moves (the period's first phase).
     pub fn hold(&mut self, plan: &MigrationPlan) {
         self.moving = plan

@@ -7,18 +7,122 @@
 use crate::codec;
 use crate::error::AdaptationError;
 use async_trait::async_trait;
-use gobelins_locator::{Change, Key, NodeId, ServiceSpec, SlotMove};
+use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, SlotMove, Snapshot};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
-/// Where the call happens: which node, in which epoch.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Where a callback runs, and the way out of it: a service reaches other managers and other
+/// nodes only through its context, never by naming addresses.
+#[derive(Clone)]
 pub struct Context {
+    node: NodeId,
+    epoch: u64,
+    from: Option<NodeId>,
+    snapshot: Option<Arc<Snapshot>>,
+    peers: Option<Arc<dyn Peers>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("node", &self.node)
+            .field("epoch", &self.epoch)
+            .field("from", &self.from)
+            .finish()
+    }
+}
+
+/// How a context sends: implemented by the host.
+#[async_trait]
+pub(crate) trait Peers: Send + Sync {
+    async fn request(
+        &self,
+        service: ServiceId,
+        key: Key,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, AdaptationError>;
+    async fn tell(
+        &self,
+        node: NodeId,
+        service: ServiceId,
+        key: Key,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, AdaptationError>;
+}
+
+impl Context {
+    pub(crate) fn new(
+        node: NodeId,
+        epoch: u64,
+        from: Option<NodeId>,
+        snapshot: Option<Arc<Snapshot>>,
+        peers: Arc<dyn Peers>,
+    ) -> Self {
+        Context { node, epoch, from, snapshot, peers: Some(peers) }
+    }
+
+    /// A context with no cluster behind it, for unit tests of a service: its requests fail
+    /// with [`AdaptationError::Detached`].
+    pub fn detached(node: NodeId, epoch: u64, snapshot: Option<Arc<Snapshot>>) -> Self {
+        Context { node, epoch, from: None, snapshot, peers: None }
+    }
+
     /// This node.
-    pub node: NodeId,
-    /// The epoch requests are routed by.
-    pub epoch: u64,
+    pub fn node(&self) -> NodeId {
+        self.node
+    }
+
+    /// The epoch requests are routed by while the callback runs.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// For [`Service::handle`]: `None` when this node is called as the key's manager,
+    /// `Some(sender)` when another node addressed this node's local server with
+    /// [`Context::tell`].
+    pub fn from(&self) -> Option<NodeId> {
+        self.from
+    }
+
+    /// The locator's table at [`Context::epoch`]: who manages what, and the live nodes.
+    pub fn snapshot(&self) -> Option<&Snapshot> {
+        self.snapshot.as_deref()
+    }
+
+    /// Sends `request` to the manager of `key` of `service`, wherever it is, and waits for its
+    /// answer: held through a migration, retried after a failure, run once.
+    pub async fn request<Q, R>(
+        &self,
+        service: ServiceId,
+        key: Key,
+        request: &Q,
+    ) -> Result<R, AdaptationError>
+    where
+        Q: Serialize + Sync,
+        R: DeserializeOwned,
+    {
+        let peers = self.peers.as_ref().ok_or(AdaptationError::Detached)?;
+        codec::decode(&peers.request(service, key, codec::encode(request)?).await?)
+    }
+
+    /// Sends `request` to the local server of `service` on `node` (a replica holder, say):
+    /// its [`Service::handle`] runs with [`Context::from`] set, whatever the key's manager.
+    pub async fn tell<Q, R>(
+        &self,
+        node: NodeId,
+        service: ServiceId,
+        key: Key,
+        request: &Q,
+    ) -> Result<R, AdaptationError>
+    where
+        Q: Serialize + Sync,
+        R: DeserializeOwned,
+    {
+        let peers = self.peers.as_ref().ok_or(AdaptationError::Detached)?;
+        codec::decode(&peers.tell(node, service, key, codec::encode(request)?).await?)
+    }
 }
 
 /// The configuration change a migration belongs to.
@@ -59,10 +163,13 @@ impl Moving {
 
 /// A distributed service, as its author writes it. Every method runs on every node that takes
 /// part; none may block the thread (await instead).
+///
+/// In one change the layer calls, on each participant: `scan` (after a failure only),
+/// `before_migration`, `send_out`, `receive` for each batch that arrives, `after_migration`.
 #[async_trait]
 pub trait Service: Send + Sync + 'static {
     /// A request to the manager of a key.
-    type Request: Serialize + DeserializeOwned + Send + 'static;
+    type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
     /// The manager's answer.
     type Response: Serialize + DeserializeOwned + Send + 'static;
     /// One directory entry, as it travels from its old manager to its new one.
@@ -71,29 +178,33 @@ pub trait Service: Send + Sync + 'static {
     /// The service's declaration: id, name, slots, placement, size. Fixed for its lifetime.
     fn spec(&self) -> ServiceSpec;
 
-    /// Acts as the manager of `key`. Called only on the node the locator names for the key in
-    /// `ctx.epoch`, never for a key that is moving (such requests are held until it has moved).
+    /// Acts as the manager of `key` (`ctx.from()` is `None`): called only on the node the
+    /// locator names for the key in `ctx.epoch()`, never while the key is moving (such requests
+    /// are held until it has moved), and at most once per request id. Or acts as this node's
+    /// local server (`ctx.from()` is the sender) for a message sent with [`Context::tell`].
     async fn handle(&self, ctx: &Context, key: Key, request: Self::Request) -> Self::Response;
 
     /// Prepares for a change. The locator still routes by the old epoch.
-    async fn before_migration(&self, change: &ChangeInfo);
+    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
 
-    /// Exports the entries this node manages whose key `moving` sends elsewhere. The service
-    /// must keep them until [`Service::after_migration`] of a later, stable epoch allows it to
-    /// forget them: the layer may ask again if the change rolls forward after a failure.
-    async fn send_out(&self, moving: &Moving) -> Vec<(Key, Self::Entry)>;
+    /// Exports the entries this node manages whose key `moving` sends elsewhere; from now on
+    /// they are not this node's to serve. A service that keeps a copy (as a replica) lets a
+    /// failure of the receiver roll forward: its `scan` can return it.
+    async fn send_out(&self, ctx: &Context, moving: &Moving) -> Vec<(Key, Self::Entry)>;
 
     /// Stages entries received from `from`. They must not be visible to `handle` until
-    /// [`Service::after_migration`] merges them.
-    async fn receive(&self, from: NodeId, entries: Vec<(Key, Self::Entry)>);
+    /// [`Service::after_migration`] merges them (the layer holds their requests meanwhile).
+    async fn receive(&self, ctx: &Context, from: NodeId, entries: Vec<(Key, Self::Entry)>);
 
-    /// Merges what was staged; the node returns to its stable state.
-    async fn after_migration(&self, change: &ChangeInfo);
+    /// Merges what was staged; the node returns to its stable state. `ctx` routes by the new
+    /// epoch. Entries rebuilt by several survivors after a failure may arrive more than once:
+    /// the service keeps the newest.
+    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo);
 
     /// After `failed` died, rebuilds from what this node holds locally (a replica, a page copy)
-    /// the entries that `failed` managed. Entries it cannot rebuild are simply not returned:
-    /// the layer reports them lost, never invents them.
-    async fn scan(&self, failed: NodeId) -> Vec<(Key, Self::Entry)>;
+    /// the entries that `failed` managed (`ctx.snapshot()` still names it as their manager).
+    /// Entries it cannot rebuild are simply not returned: they are lost, never invented.
+    async fn scan(&self, ctx: &Context, failed: NodeId) -> Vec<(Key, Self::Entry)>;
 }
 
 /// A service as the layer holds it: the same methods, in bytes.
@@ -109,19 +220,28 @@ pub trait Plugin: Send + Sync {
         request: &[u8],
     ) -> Result<Vec<u8>, AdaptationError>;
     /// [`Service::before_migration`].
-    async fn before_migration(&self, change: &ChangeInfo);
+    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
     /// [`Service::send_out`], entries encoded.
-    async fn send_out(&self, moving: &Moving) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError>;
+    async fn send_out(
+        &self,
+        ctx: &Context,
+        moving: &Moving,
+    ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError>;
     /// [`Service::receive`], entries encoded; a batch that does not decode is refused whole.
     async fn receive(
         &self,
+        ctx: &Context,
         from: NodeId,
         entries: Vec<(Key, Vec<u8>)>,
     ) -> Result<(), AdaptationError>;
     /// [`Service::after_migration`].
-    async fn after_migration(&self, change: &ChangeInfo);
+    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo);
     /// [`Service::scan`], entries encoded.
-    async fn scan(&self, failed: NodeId) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError>;
+    async fn scan(
+        &self,
+        ctx: &Context,
+        failed: NodeId,
+    ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError>;
 }
 
 /// Wraps a typed service as a [`Plugin`].
@@ -153,16 +273,21 @@ impl<S: Service> Plugin for Erased<S> {
         codec::encode(&self.0.handle(ctx, key, request).await)
     }
 
-    async fn before_migration(&self, change: &ChangeInfo) {
-        self.0.before_migration(change).await;
+    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.0.before_migration(ctx, change).await;
     }
 
-    async fn send_out(&self, moving: &Moving) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError> {
-        encode_entries(self.0.send_out(moving).await)
+    async fn send_out(
+        &self,
+        ctx: &Context,
+        moving: &Moving,
+    ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError> {
+        encode_entries(self.0.send_out(ctx, moving).await)
     }
 
     async fn receive(
         &self,
+        ctx: &Context,
         from: NodeId,
         entries: Vec<(Key, Vec<u8>)>,
     ) -> Result<(), AdaptationError> {
@@ -171,15 +296,19 @@ impl<S: Service> Plugin for Erased<S> {
             .into_iter()
             .map(|(key, bytes)| Ok((key, codec::decode::<S::Entry>(&bytes)?)))
             .collect::<Result<Vec<_>, AdaptationError>>()?;
-        self.0.receive(from, decoded).await;
+        self.0.receive(ctx, from, decoded).await;
         Ok(())
     }
 
-    async fn after_migration(&self, change: &ChangeInfo) {
-        self.0.after_migration(change).await;
+    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.0.after_migration(ctx, change).await;
     }
 
-    async fn scan(&self, failed: NodeId) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError> {
-        encode_entries(self.0.scan(failed).await)
+    async fn scan(
+        &self,
+        ctx: &Context,
+        failed: NodeId,
+    ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError> {
+        encode_entries(self.0.scan(ctx, failed).await)
     }
 }

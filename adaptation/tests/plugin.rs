@@ -45,9 +45,9 @@ impl Service for Kv {
         }
     }
 
-    async fn before_migration(&self, _change: &ChangeInfo) {}
+    async fn before_migration(&self, _ctx: &Context, _change: &ChangeInfo) {}
 
-    async fn send_out(&self, moving: &Moving) -> Vec<(Key, String)> {
+    async fn send_out(&self, _ctx: &Context, moving: &Moving) -> Vec<(Key, String)> {
         let live = self.live.lock().expect("lock");
         live.iter()
             .filter(|(k, _)| moving.destination(**k).is_some())
@@ -55,23 +55,23 @@ impl Service for Kv {
             .collect()
     }
 
-    async fn receive(&self, _from: NodeId, entries: Vec<(Key, String)>) {
+    async fn receive(&self, _ctx: &Context, _from: NodeId, entries: Vec<(Key, String)>) {
         self.staged.lock().expect("lock").extend(entries);
     }
 
-    async fn after_migration(&self, _change: &ChangeInfo) {
+    async fn after_migration(&self, _ctx: &Context, _change: &ChangeInfo) {
         let staged = std::mem::take(&mut *self.staged.lock().expect("lock"));
         self.live.lock().expect("lock").extend(staged);
     }
 
-    async fn scan(&self, _failed: NodeId) -> Vec<(Key, String)> {
+    async fn scan(&self, _ctx: &Context, _failed: NodeId) -> Vec<(Key, String)> {
         // No replicas: nothing can be rebuilt, and nothing is invented.
         Vec::new()
     }
 }
 
 fn ctx() -> Context {
-    Context { node: NodeId(1), epoch: 1 }
+    Context::detached(NodeId(1), 1, None)
 }
 
 fn info(epoch: u64) -> ChangeInfo {
@@ -124,19 +124,20 @@ async fn a_migration_hands_over_exactly_the_entries_the_plan_moves() {
     }
 
     let moves = plan.outgoing(NodeId(1)).map(|(_, m)| m.clone()).collect();
-    let sent = one.send_out(&Moving::new(Kv::default().spec(), moves)).await.expect("send out");
+    let sent =
+        one.send_out(&ctx(), &Moving::new(Kv::default().spec(), moves)).await.expect("send out");
     let expected: Vec<Key> =
         mine.iter().copied().filter(|&k| new.locate(KV, k) == Some(NodeId(3))).collect();
     assert!(!expected.is_empty(), "node 1 gives node 3 some keys");
     assert_eq!(sent.iter().map(|(k, _)| *k).collect::<Vec<_>>(), expected);
 
-    three.receive(NodeId(1), sent).await.expect("receive");
+    three.receive(&ctx(), NodeId(1), sent).await.expect("receive");
     let get = codec::encode(&Request::Get).expect("encode");
     let before: Option<String> =
         codec::decode(&three.handle(&ctx(), expected[0], &get).await.expect("get"))
             .expect("decode");
     assert_eq!(before, None, "staged entries are not visible before after_migration");
-    three.after_migration(&info(2)).await;
+    three.after_migration(&ctx(), &info(2)).await;
     for &k in &expected {
         let value: Option<String> =
             codec::decode(&three.handle(&ctx(), k, &get).await.expect("get")).expect("decode");
@@ -148,15 +149,17 @@ async fn a_migration_hands_over_exactly_the_entries_the_plan_moves() {
 async fn a_batch_that_does_not_decode_is_refused_whole() {
     let kv = plugin(Kv::default());
     let good = codec::encode(&"fine".to_string()).expect("encode");
-    let err =
-        kv.receive(NodeId(2), vec![(Key(1), good), (Key(2), vec![0xff; 3])]).await.unwrap_err();
+    let err = kv
+        .receive(&ctx(), NodeId(2), vec![(Key(1), good), (Key(2), vec![0xff; 3])])
+        .await
+        .unwrap_err();
     assert!(matches!(err, AdaptationError::Codec(_)), "{err}");
-    kv.after_migration(&info(2)).await;
+    kv.after_migration(&ctx(), &info(2)).await;
     let get = codec::encode(&Request::Get).expect("encode");
     let value: Option<String> =
         codec::decode(&kv.handle(&ctx(), Key(1), &get).await.expect("get")).expect("decode");
     assert_eq!(value, None, "no half batch was staged");
-    assert!(kv.scan(NodeId(2)).await.expect("scan").is_empty(), "nothing invented");
+    assert!(kv.scan(&ctx(), NodeId(2)).await.expect("scan").is_empty(), "nothing invented");
 }
 
 struct Named(ServiceSpec);
@@ -170,13 +173,13 @@ impl Service for Named {
         self.0.clone()
     }
     async fn handle(&self, _: &Context, _: Key, _: ()) {}
-    async fn before_migration(&self, _: &ChangeInfo) {}
-    async fn send_out(&self, _: &Moving) -> Vec<(Key, ())> {
+    async fn before_migration(&self, _: &Context, _: &ChangeInfo) {}
+    async fn send_out(&self, _: &Context, _: &Moving) -> Vec<(Key, ())> {
         Vec::new()
     }
-    async fn receive(&self, _: NodeId, _: Vec<(Key, ())>) {}
-    async fn after_migration(&self, _: &ChangeInfo) {}
-    async fn scan(&self, _: NodeId) -> Vec<(Key, ())> {
+    async fn receive(&self, _: &Context, _: NodeId, _: Vec<(Key, ())>) {}
+    async fn after_migration(&self, _: &Context, _: &ChangeInfo) {}
+    async fn scan(&self, _: &Context, _: NodeId) -> Vec<(Key, ())> {
         Vec::new()
     }
 }

@@ -3,12 +3,13 @@
 
 use crate::ids::{Epoch, NodeId, ServiceId};
 use crate::snapshot::Snapshot;
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::Range;
 
 /// A run of consecutive slots that changes manager.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotMove {
     /// The slots, half open.
     pub slots: Range<u32>,
@@ -19,7 +20,7 @@ pub struct SlotMove {
 }
 
 /// The moves of one service, ascending by slot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServicePlan {
     /// The service.
     pub service: ServiceId,
@@ -37,7 +38,7 @@ impl ServicePlan {
 }
 
 /// Everything that moves between two snapshots, per service, and the nodes that take part.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MigrationPlan {
     /// The epoch entries leave.
     pub from: Epoch,
@@ -51,6 +52,20 @@ pub struct MigrationPlan {
 }
 
 impl MigrationPlan {
+    /// A change that moves nothing: the first node of a cluster, a registration.
+    pub fn nothing(from: Epoch, to: Epoch) -> MigrationPlan {
+        MigrationPlan { from, to, services: Vec::new(), participants: BTreeSet::new() }
+    }
+
+    /// The moves out of `node` for `service`, in slot order.
+    pub fn outgoing_of(&self, service: ServiceId, node: NodeId) -> Vec<SlotMove> {
+        self.services
+            .iter()
+            .filter(|s| s.service == service)
+            .flat_map(|s| s.moves.iter().filter(|m| m.from == node).cloned())
+            .collect()
+    }
+
     /// Compares two snapshots slot by slot.
     pub fn between(old: &Snapshot, new: &Snapshot) -> MigrationPlan {
         let mut services = Vec::new();

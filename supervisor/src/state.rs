@@ -9,7 +9,9 @@
 //!  MigrationDone(node, e+1) from every participant ──▶ Stable(e+1) ──▶ next queued change
 //! ```
 
-use gobelins_locator::{CellTree, Change, Labels, LocatorError, NodeId, ServiceSpec, TreeConfig};
+use gobelins_locator::{
+    CellTree, Change, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServiceSpec, TreeConfig,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
@@ -192,6 +194,9 @@ pub struct InProgress {
     pub participants: BTreeSet<u64>,
     /// Those that have.
     pub done: BTreeSet<u64>,
+    /// What moves, so that every node holds, sends and receives the same slots, even one that
+    /// never saw the epoch before.
+    pub plan: MigrationPlan,
 }
 
 /// Everything consensus replicates.
@@ -258,9 +263,16 @@ impl ClusterState {
             Command::Fail { node, incarnation } => self.fail(*node, *incarnation),
             Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
             Command::Register(spec) => {
-                self.tree
-                    .register_service(spec.clone())
+                if self.tree.services().any(|s| s.id == spec.id) {
+                    // Every agent registers what it hosts; the first one wins.
+                    return Ok(Applied::Registered);
+                }
+                // Checked now so that the proposer hears why; applied in its turn, as an
+                // epoch of its own, so that snapshots of one epoch never differ.
+                CellTree::new(self.tree.config().clone())
+                    .and_then(|mut t| t.register_service(spec.clone()))
                     .map_err(|e| Refusal::Locator(e.to_string()))?;
+                self.enqueue(Change::Register(spec.clone()))?;
                 Ok(Applied::Registered)
             }
         }
@@ -418,9 +430,12 @@ impl ClusterState {
     /// Starts queued changes until one needs participants; returns the epoch it begins.
     fn start_next(&mut self) -> Option<u64> {
         while let Some(change) = self.queue.pop_front() {
+            let before = self.tree.snapshot(Epoch(self.epoch)).ok();
             match self.tree.apply(&change) {
                 // A rebalance of a balanced cluster: nothing to do.
-                Ok(report) if report.cells.is_empty() => continue,
+                Ok(report) if report.cells.is_empty() && !matches!(change, Change::Register(_)) => {
+                    continue
+                }
                 Ok(report) => {
                     self.epoch += 1;
                     let mut participants: BTreeSet<u64> =
@@ -433,9 +448,18 @@ impl ClusterState {
                         self.nodes.get(n).is_some_and(|r| r.status != NodeStatus::Failed)
                     });
                     let epoch = self.epoch;
+                    let plan = match (&before, self.tree.snapshot(Epoch(epoch))) {
+                        (Some(old), Ok(new)) => MigrationPlan::between(old, &new),
+                        _ => MigrationPlan::nothing(Epoch(epoch - 1), Epoch(epoch)),
+                    };
                     let empty = participants.is_empty();
-                    self.in_progress =
-                        Some(InProgress { epoch, change, participants, done: BTreeSet::new() });
+                    self.in_progress = Some(InProgress {
+                        epoch,
+                        change,
+                        participants,
+                        done: BTreeSet::new(),
+                        plan,
+                    });
                     if !empty {
                         return Some(epoch);
                     }

@@ -1,0 +1,408 @@
+//! The async loop that carries out [`Period`]'s commands on one node: one task, fed by the
+//! supervisor's updates and by acks from peers, so that the machine sees one event at a time.
+
+use crate::host::{ChangeRecord, Inner, Progress, Update};
+use crate::period::{Command, Event, Period, Phase, Role};
+use crate::router::Router;
+use crate::service::{ChangeInfo, Moving};
+use crate::wire::{Answered, Message};
+use gobelins_locator::{Change, Key, NodeId, ServiceId, Snapshot};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+/// What reaches the driver.
+pub(crate) enum Input {
+    Update(Update),
+    Ack { from: NodeId, epoch: u64 },
+    Stop,
+}
+
+/// Where the current change's phases began, for its record.
+struct Clock {
+    record: ChangeRecord,
+    mark: Instant,
+    done_at: Option<Instant>,
+}
+
+impl Clock {
+    /// Milliseconds since the last mark; moves the mark.
+    fn lap(&mut self) -> f64 {
+        let now = Instant::now();
+        let ms = (now - self.mark).as_secs_f64() * 1e3;
+        self.mark = now;
+        ms
+    }
+}
+
+pub(crate) struct Driver {
+    inner: Arc<Inner>,
+    period: Period,
+    progress: Option<Progress>,
+    /// The snapshot of the epoch being entered.
+    target: Option<Arc<Snapshot>>,
+    /// Entries `scan` rebuilt, per service, until they are shipped.
+    rebuilt: BTreeMap<ServiceId, Vec<(Key, Vec<u8>)>>,
+    clock: Option<Clock>,
+}
+
+impl Driver {
+    pub(crate) fn new(inner: Arc<Inner>) -> Self {
+        let me = inner.me;
+        Driver {
+            inner,
+            period: Period::new(me),
+            progress: None,
+            target: None,
+            rebuilt: BTreeMap::new(),
+            clock: None,
+        }
+    }
+
+    pub(crate) async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) {
+        while let Some(input) = inputs.recv().await {
+            match input {
+                Input::Stop => return,
+                Input::Update(update) => self.on_update(update).await,
+                Input::Ack { from, epoch } => self.step(Event::Ack { from, epoch }).await,
+            }
+        }
+    }
+
+    async fn on_update(&mut self, update: Update) {
+        let me = self.inner.me;
+        if self.period.phase() != Phase::Idle {
+            let current = self.period.epoch();
+            let dead: Vec<NodeId> = match &self.progress {
+                Some(p) => p
+                    .participants
+                    .iter()
+                    .copied()
+                    .filter(|n| update.departed.contains(n) && *n != me)
+                    .collect(),
+                None => Vec::new(),
+            };
+            for node in dead {
+                self.step(Event::ParticipantFailed { node, epoch: current }).await;
+            }
+            let same = update.change.as_ref().is_some_and(|c| c.epoch == current);
+            if !same && update.epoch >= current {
+                self.step(Event::Stable(current)).await;
+            }
+        }
+        match update.change {
+            Some(progress)
+                if progress.participants.contains(&me)
+                    && self.period.phase() == Phase::Idle
+                    && progress.epoch > self.period.epoch() =>
+            {
+                let role = match &progress.change {
+                    Change::Add { node, .. } if *node == me => Role::Receiver,
+                    Change::Evict(node) if *node == me => Role::Sender,
+                    _ => Role::Both,
+                };
+                let participants = progress
+                    .participants
+                    .iter()
+                    .copied()
+                    .filter(|n| !update.departed.contains(n))
+                    .collect();
+                let epoch = progress.epoch;
+                self.clock = Some(Clock {
+                    record: ChangeRecord {
+                        epoch,
+                        change: progress.change.to_string(),
+                        ..ChangeRecord::default()
+                    },
+                    mark: Instant::now(),
+                    done_at: None,
+                });
+                self.progress = Some(progress);
+                self.target = update.snapshot;
+                self.rebuilt.clear();
+                let services = self.inner.registry.ids();
+                self.step(Event::Begin { epoch, participants, services, role }).await;
+            }
+            // Not a participant: nothing of ours moves, so the new table can be used at once.
+            _ if self.period.phase() == Phase::Idle => {
+                if let Some(snapshot) = update.snapshot {
+                    self.install(snapshot);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    async fn step(&mut self, event: Event) {
+        let mut queue: VecDeque<Command> = match self.period.handle(event.clone()) {
+            Ok(commands) => commands.into(),
+            Err(e) => {
+                tracing::debug!(?event, error = %e, "adaptation event ignored");
+                return;
+            }
+        };
+        while let Some(command) = queue.pop_front() {
+            for event in self.execute(command).await {
+                match self.period.handle(event.clone()) {
+                    Ok(commands) => queue.extend(commands),
+                    Err(e) => tracing::warn!(?event, error = %e, "adaptation event refused"),
+                }
+            }
+        }
+    }
+
+    fn install(&self, snapshot: Arc<Snapshot>) {
+        let epoch = snapshot.epoch().0;
+        let mut router = self.inner.router.lock().expect("router");
+        match router.as_mut() {
+            Some(r) => r.install(snapshot),
+            None => *router = Some(Router::new(self.inner.me, snapshot)),
+        }
+        drop(router);
+        self.inner.epoch.send_if_modified(|e| {
+            let newer = epoch > *e;
+            if newer {
+                *e = epoch;
+            }
+            newer
+        });
+    }
+
+    fn info(&self) -> Option<ChangeInfo> {
+        self.progress.as_ref().map(|p| ChangeInfo {
+            epoch: p.epoch,
+            change: p.change.clone(),
+            participants: p.participants.clone(),
+        })
+    }
+
+    async fn execute(&mut self, command: Command) -> Vec<Event> {
+        let inner = Arc::clone(&self.inner);
+        let me = inner.me;
+        match command {
+            Command::HoldMovingKeys { epoch } => {
+                let fresh = inner.router.lock().expect("router").is_none();
+                if fresh {
+                    // A node joining: it has no old table; it routes by the new one and holds
+                    // what it is about to receive.
+                    if let Some(target) = self.target.clone() {
+                        self.install(target);
+                    }
+                }
+                if let (Some(router), Some(progress)) =
+                    (inner.router.lock().expect("router").as_mut(), &self.progress)
+                {
+                    router.hold(&progress.plan);
+                }
+                inner.begun.send_replace(epoch);
+                // Wait out the handles that routed before the hold.
+                drop(inner.gate.write().await);
+                Vec::new()
+            }
+            Command::BeforeMigration(service) => {
+                let (Some(plugin), Some(info)) = (inner.registry.get(service), self.info()) else {
+                    return vec![Event::BeforeDone(service)];
+                };
+                let ctx = inner.context(None);
+                if let Change::Fail(failed) = info.change {
+                    match plugin.scan(&ctx, failed).await {
+                        Ok(entries) => {
+                            let n = entries.len() as u64;
+                            inner.counters.entries_rebuilt.fetch_add(n, Ordering::Relaxed);
+                            if let Some(clock) = &mut self.clock {
+                                clock.record.entries_rebuilt += n;
+                            }
+                            self.rebuilt.insert(service, entries);
+                        }
+                        Err(e) => tracing::error!(
+                            service = service.0,
+                            error = %e,
+                            "scan failed; entries of node {failed} held here are not rebuilt"
+                        ),
+                    }
+                }
+                plugin.before_migration(&ctx, &info).await;
+                vec![Event::BeforeDone(service)]
+            }
+            Command::InstallSnapshot { .. } => {
+                if let Some(target) = self.target.clone() {
+                    self.install(target);
+                }
+                if let Some(clock) = &mut self.clock {
+                    clock.record.before_ms = clock.lap();
+                }
+                Vec::new()
+            }
+            Command::SendOut(service) => {
+                self.send_out(service).await;
+                vec![Event::SentOut(service)]
+            }
+            Command::SendAck { to, epoch } => {
+                if let Some(clock) = &mut self.clock {
+                    if clock.record.sending_ms == 0.0 {
+                        clock.record.sending_ms = clock.lap();
+                    }
+                }
+                if to == me {
+                    return vec![Event::Ack { from: me, epoch }];
+                }
+                tokio::spawn(async move {
+                    inner.deliver(to, &Message::Ack { epoch }).await;
+                });
+                Vec::new()
+            }
+            Command::AfterMigration(service) => {
+                if let Some(clock) = &mut self.clock {
+                    if clock.record.receiving_ms == 0.0 {
+                        clock.record.receiving_ms = clock.lap();
+                    }
+                }
+                if let (Some(plugin), Some(info)) = (inner.registry.get(service), self.info()) {
+                    plugin.after_migration(&inner.context(None), &info).await;
+                }
+                vec![Event::AfterDone(service)]
+            }
+            Command::ReleaseHeld { .. } => {
+                if let Some(router) = inner.router.lock().expect("router").as_mut() {
+                    router.release();
+                }
+                inner.released.send_modify(|r| *r += 1);
+                Vec::new()
+            }
+            Command::ReportDone { epoch } => {
+                inner.done.send_replace(epoch);
+                if let Some(clock) = &mut self.clock {
+                    clock.record.after_ms = clock.lap();
+                    clock.done_at = Some(clock.mark);
+                    inner.history.lock().expect("history").push(clock.record.clone());
+                }
+                Vec::new()
+            }
+            Command::DropSent { epoch } => {
+                if let Some(clock) = self.clock.take() {
+                    let stable = clock.done_at.map(|at| at.elapsed().as_secs_f64() * 1e3);
+                    let mut history = inner.history.lock().expect("history");
+                    if let Some(record) = history.iter_mut().rev().find(|r| r.epoch == epoch) {
+                        record.stable_ms = stable;
+                    }
+                }
+                Vec::new()
+            }
+        }
+    }
+
+    /// Ships what leaves this node for `service`: what `send_out` exports and what `scan`
+    /// rebuilt, each entry to its manager in the new epoch, destinations in parallel.
+    async fn send_out(&mut self, service: ServiceId) {
+        let inner = Arc::clone(&self.inner);
+        let me = inner.me;
+        let (Some(plugin), Some(spec), Some(progress), Some(target)) = (
+            inner.registry.get(service),
+            inner.registry.spec(service),
+            self.progress.as_ref(),
+            self.target.clone(),
+        ) else {
+            return;
+        };
+        let epoch = progress.epoch;
+        let Some(table) = target.table(service) else { return };
+        let ctx = inner.context(None);
+        let moves = progress.plan.outgoing_of(service, me);
+        let mut entries = Vec::new();
+        if !moves.is_empty() {
+            match plugin.send_out(&ctx, &Moving::new(spec.clone(), moves)).await {
+                Ok(out) => entries = out,
+                Err(e) => tracing::error!(service = service.0, error = %e, "send_out failed"),
+            }
+        }
+        entries.extend(self.rebuilt.remove(&service).unwrap_or_default());
+        let mut by_node: BTreeMap<NodeId, Vec<(Key, Vec<u8>)>> = BTreeMap::new();
+        for (key, entry) in entries {
+            by_node.entry(table.locate(key)).or_default().push((key, entry));
+        }
+        // The answers given for keys that leave go with them.
+        let mut answers: BTreeMap<NodeId, Vec<Answered>> = BTreeMap::new();
+        let leaving: Vec<(ServiceId, Key)> = inner
+            .answers
+            .iter()
+            .map(|e| *e.key())
+            .filter(|&(s, k)| s == service && table.locate(k) != me)
+            .collect();
+        for (s, key) in leaving {
+            if let Some((_, list)) = inner.answers.remove(&(s, key)) {
+                let to = answers.entry(table.locate(key)).or_default();
+                to.extend(list.into_iter().map(|(id, response)| Answered { key, id, response }));
+            }
+        }
+        if let Some(mine) = by_node.remove(&me) {
+            let n = mine.len() as u64;
+            match plugin.receive(&ctx, me, mine).await {
+                Ok(()) => {
+                    inner.counters.entries_received.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(service = service.0, error = %e, "rebuilt entries refused")
+                }
+            }
+        }
+        let mut shipping = JoinSet::new();
+        let nodes: BTreeSet<NodeId> = by_node.keys().chain(answers.keys()).copied().collect();
+        for node in nodes {
+            let list = by_node.remove(&node).unwrap_or_default();
+            let answered = answers.remove(&node).unwrap_or_default();
+            let inner = Arc::clone(&inner);
+            shipping.spawn(async move { inner.ship(epoch, service, node, list, answered).await });
+        }
+        let mut sent = 0;
+        while let Some(done) = shipping.join_next().await {
+            sent += done.unwrap_or(0);
+        }
+        if let Some(clock) = &mut self.clock {
+            clock.record.entries_sent += sent;
+        }
+    }
+}
+
+impl Inner {
+    /// Sends `entries` to `to` in batches of about `batch_bytes`; returns how many were taken.
+    pub(crate) async fn ship(
+        self: Arc<Self>,
+        epoch: u64,
+        service: ServiceId,
+        to: NodeId,
+        entries: Vec<(Key, Vec<u8>)>,
+        mut answered: Vec<Answered>,
+    ) -> u64 {
+        let mut taken = 0;
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        let total = entries.len();
+        for (i, (key, entry)) in entries.into_iter().enumerate() {
+            bytes += entry.len() + 16;
+            batch.push((key, entry));
+            if bytes >= self.config.batch_bytes || i + 1 == total {
+                let n = batch.len() as u64;
+                let message = Message::Batch {
+                    epoch,
+                    service,
+                    entries: std::mem::take(&mut batch),
+                    answered: std::mem::take(&mut answered),
+                };
+                if self.deliver(to, &message).await {
+                    taken += n;
+                    self.counters.entries_sent.fetch_add(n, Ordering::Relaxed);
+                    self.counters.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+                }
+                bytes = 0;
+            }
+        }
+        if !answered.is_empty() {
+            let message = Message::Batch { epoch, service, entries: Vec::new(), answered };
+            self.deliver(to, &message).await;
+        }
+        taken
+    }
+}

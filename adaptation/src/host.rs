@@ -1,0 +1,666 @@
+//! One node's adaptation layer at work: it serves requests for the keys this node manages,
+//! sends requests for other keys to their managers, and carries out each configuration change
+//! the supervisor hands it (the driver of [`crate::Period`] lives in [`crate::driver`]).
+//!
+//! ```text
+//!  supervisor ──Update(epoch, snapshot, change)──▶ Host::update ──▶ driver (one task)
+//!  peers ──Message──▶ Host::handle ──▶ serve a request │ stage a batch │ note an ack
+//!  services, clients ──Host::request──▶ locate ──▶ serve here, or Link::call the manager
+//! ```
+
+use crate::codec;
+use crate::driver::{Driver, Input};
+use crate::error::AdaptationError;
+use crate::link::Link;
+use crate::registry::Registry;
+use crate::router::{Router, Verdict};
+use crate::service::{Context, Peers};
+use crate::wire::{Answered, Message, Reply, RequestId};
+use async_trait::async_trait;
+use dashmap::DashMap;
+use gobelins_locator::{Change, Key, MigrationPlan, NodeId, ServiceId, ServiceSpec, Snapshot};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, RwLock};
+use tokio::time::Instant;
+
+/// Timers and sizes of a host.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    /// How long a request may take, holds and retries included, before it fails with
+    /// [`AdaptationError::Deadline`].
+    pub request_deadline: Duration,
+    /// Deadline of one migration batch or ack on the wire; it is retried after that.
+    pub call_timeout: Duration,
+    /// Pause before retrying an unreachable peer.
+    pub retry: Duration,
+    /// Entries are shipped in batches of about this many bytes.
+    pub batch_bytes: usize,
+    /// Answers remembered per key, so that retries run once.
+    pub answers_per_key: usize,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        HostConfig {
+            request_deadline: Duration::from_secs(10),
+            call_timeout: Duration::from_secs(2),
+            retry: Duration::from_millis(20),
+            batch_bytes: 1 << 20,
+            answers_per_key: 4,
+        }
+    }
+}
+
+/// The change the replicated state is carrying out, as the host needs it.
+#[derive(Clone, Debug)]
+pub struct Progress {
+    /// The epoch it leads to.
+    pub epoch: u64,
+    /// The change.
+    pub change: Change,
+    /// The nodes that take part.
+    pub participants: BTreeSet<NodeId>,
+    /// What moves.
+    pub plan: MigrationPlan,
+}
+
+/// What the supervisor tells the host each time the replicated state changes.
+#[derive(Clone, Debug)]
+pub struct Update {
+    /// The configuration's epoch.
+    pub epoch: u64,
+    /// The locator's table at that epoch (`None` while the cluster has no node).
+    pub snapshot: Option<Arc<Snapshot>>,
+    /// The change in progress, if any.
+    pub change: Option<Progress>,
+    /// Nodes that failed or left: nobody waits for them.
+    pub departed: BTreeSet<NodeId>,
+}
+
+/// Counters of one host, for operators and the demo.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Requests issued here that completed.
+    pub requests_ok: u64,
+    /// Of those, requests that waited: held, redirected or retried.
+    pub requests_delayed: u64,
+    /// Requests issued here that failed (deadline, unknown service, refused).
+    pub requests_failed: u64,
+    /// Requests this node served as manager.
+    pub served: u64,
+    /// Requests this node held because their key was moving.
+    pub held: u64,
+    /// Entries shipped to new managers.
+    pub entries_sent: u64,
+    /// Entries received from old managers.
+    pub entries_received: u64,
+    /// Entries `scan` rebuilt after failures.
+    pub entries_rebuilt: u64,
+    /// Entry bytes shipped.
+    pub bytes_sent: u64,
+}
+
+/// One change as this node carried it out: what moved and how long each phase took.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChangeRecord {
+    /// The epoch it led to.
+    pub epoch: u64,
+    /// The change, printed.
+    pub change: String,
+    /// Milliseconds in before migration (scan included).
+    pub before_ms: f64,
+    /// Milliseconds sending out.
+    pub sending_ms: f64,
+    /// Milliseconds waiting for the other participants' entries and acks.
+    pub receiving_ms: f64,
+    /// Milliseconds in after migration.
+    pub after_ms: f64,
+    /// Milliseconds from the report of done to the stable epoch (`None` until then).
+    pub stable_ms: Option<f64>,
+    /// Entries this node sent.
+    pub entries_sent: u64,
+    /// Entries it received.
+    pub entries_received: u64,
+    /// Entries it rebuilt with `scan`.
+    pub entries_rebuilt: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) requests_ok: AtomicU64,
+    pub(crate) requests_delayed: AtomicU64,
+    pub(crate) requests_failed: AtomicU64,
+    pub(crate) served: AtomicU64,
+    pub(crate) held: AtomicU64,
+    pub(crate) entries_sent: AtomicU64,
+    pub(crate) entries_received: AtomicU64,
+    pub(crate) entries_rebuilt: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+}
+
+/// The last answers given for one key, oldest first.
+pub(crate) type Answers = VecDeque<(RequestId, Vec<u8>)>;
+
+/// What every part of the host shares.
+pub(crate) struct Inner {
+    pub(crate) me: NodeId,
+    pub(crate) registry: Registry,
+    pub(crate) link: Arc<dyn Link>,
+    pub(crate) config: HostConfig,
+    pub(crate) router: Mutex<Option<Router>>,
+    /// The epoch requests are routed by.
+    pub(crate) epoch: watch::Sender<u64>,
+    /// Counts releases of held requests.
+    pub(crate) released: watch::Sender<u64>,
+    /// The last epoch whose period began here: batches for it may be staged.
+    pub(crate) begun: watch::Sender<u64>,
+    /// The last epoch this node reported done.
+    pub(crate) done: watch::Sender<u64>,
+    /// Handles hold it shared; a hold takes it exclusively to wait out handles that routed
+    /// before the hold and may still be changing an entry that is about to leave.
+    pub(crate) gate: RwLock<()>,
+    pub(crate) answers: DashMap<(ServiceId, Key), Answers>,
+    seq: AtomicU64,
+    pub(crate) departed: Mutex<BTreeSet<NodeId>>,
+    inputs: mpsc::UnboundedSender<Input>,
+    pub(crate) counters: Counters,
+    pub(crate) history: Mutex<Vec<ChangeRecord>>,
+    pub(crate) stopped: watch::Sender<bool>,
+    /// Itself, so that a context made from `&Inner` can re-enter the host.
+    this: Weak<Inner>,
+}
+
+/// One node's adaptation layer. Cheap to clone; every clone is the same host.
+#[derive(Clone)]
+pub struct Host {
+    inner: Arc<Inner>,
+}
+
+impl Host {
+    /// Starts the host of node `me` with its services; `link` reaches the other hosts.
+    /// Must be called inside a tokio runtime (it spawns the driver).
+    pub fn start(me: NodeId, registry: Registry, link: Arc<dyn Link>, config: HostConfig) -> Host {
+        let (inputs, receiver) = mpsc::unbounded_channel();
+        let inner = Arc::new_cyclic(|this| Inner {
+            me,
+            registry,
+            link,
+            config,
+            router: Mutex::new(None),
+            epoch: watch::channel(0).0,
+            released: watch::channel(0).0,
+            begun: watch::channel(0).0,
+            done: watch::channel(0).0,
+            gate: RwLock::new(()),
+            answers: DashMap::new(),
+            seq: AtomicU64::new(1),
+            departed: Mutex::new(BTreeSet::new()),
+            inputs,
+            counters: Counters::default(),
+            history: Mutex::new(Vec::new()),
+            stopped: watch::channel(false).0,
+            this: this.clone(),
+        });
+        tokio::spawn(Driver::new(Arc::clone(&inner)).run(receiver));
+        Host { inner }
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.inner.me
+    }
+
+    /// The declarations of the services hosted here, to register with the cluster.
+    pub fn specs(&self) -> Vec<ServiceSpec> {
+        self.inner.registry.specs()
+    }
+
+    /// Hands the host the replicated state's latest word. Cheap; the driver acts on it.
+    pub fn update(&self, update: Update) {
+        self.inner.departed.lock().expect("departed").extend(update.departed.iter().copied());
+        let _ = self.inner.inputs.send(Input::Update(update));
+    }
+
+    /// The last epoch this node finished its part of: the supervisor reports it as
+    /// `MigrationDone`.
+    pub fn done(&self) -> watch::Receiver<u64> {
+        self.inner.done.subscribe()
+    }
+
+    /// The epoch requests are routed by here.
+    pub fn epoch(&self) -> u64 {
+        *self.inner.epoch.borrow()
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> Stats {
+        let c = &self.inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            requests_ok: get(&c.requests_ok),
+            requests_delayed: get(&c.requests_delayed),
+            requests_failed: get(&c.requests_failed),
+            served: get(&c.served),
+            held: get(&c.held),
+            entries_sent: get(&c.entries_sent),
+            entries_received: get(&c.entries_received),
+            entries_rebuilt: get(&c.entries_rebuilt),
+            bytes_sent: get(&c.bytes_sent),
+        }
+    }
+
+    /// The changes this node took part in, oldest first.
+    pub fn history(&self) -> Vec<ChangeRecord> {
+        self.inner.history.lock().expect("history").clone()
+    }
+
+    /// Sends an encoded request to the manager of `key` of `service`, wherever it is, and
+    /// returns its encoded answer. Held through migrations, retried after failures, run once.
+    pub async fn request(
+        &self,
+        service: ServiceId,
+        key: Key,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, AdaptationError> {
+        self.inner.request(service, key, body).await
+    }
+
+    /// Answers a message from the host on node `from` (the supervisor's handler calls it).
+    pub async fn handle(&self, from: NodeId, bytes: &[u8]) -> Vec<u8> {
+        let reply = match codec::decode::<Message>(bytes) {
+            Ok(message) => self.inner.answer(from, message).await,
+            Err(e) => {
+                tracing::warn!(node = from.0, error = %e, "malformed adaptation message refused");
+                Reply::Refused(format!("malformed message: {e}"))
+            }
+        };
+        codec::encode(&reply).unwrap_or_else(|e| {
+            codec::encode(&Reply::Refused(e.to_string())).expect("a short string encodes")
+        })
+    }
+
+    /// Stops the driver; requests in flight end at their deadline.
+    pub fn shutdown(&self) {
+        self.inner.stopped.send_replace(true);
+        let _ = self.inner.inputs.send(Input::Stop);
+    }
+}
+
+impl Inner {
+    fn myself(&self) -> Arc<Inner> {
+        self.this.upgrade().expect("a host is alive while its contexts are")
+    }
+
+    /// A context at the epoch requests are routed by.
+    pub(crate) fn context(self: &Arc<Self>, from: Option<NodeId>) -> Context {
+        let (epoch, snapshot) = match &*self.router.lock().expect("router") {
+            Some(r) => (r.epoch(), Some(Arc::clone(r.snapshot()))),
+            None => (0, None),
+        };
+        Context::new(self.me, epoch, from, snapshot, Arc::clone(self) as Arc<dyn Peers>)
+    }
+
+    pub(crate) fn remember(&self, service: ServiceId, answered: Answered) {
+        let mut list = self.answers.entry((service, answered.key)).or_default();
+        if list.iter().any(|(id, _)| *id == answered.id) {
+            return;
+        }
+        if list.len() >= self.config.answers_per_key {
+            list.pop_front();
+        }
+        list.push_back((answered.id, answered.response));
+    }
+
+    fn answered(&self, service: ServiceId, key: Key, id: RequestId) -> Option<Vec<u8>> {
+        let list = self.answers.get(&(service, key))?;
+        list.iter().find(|(i, _)| *i == id).map(|(_, r)| r.clone())
+    }
+
+    async fn wait_epoch(&self, at_least: u64, until: Instant) -> bool {
+        let mut rx = self.epoch.subscribe();
+        let reached = tokio::time::timeout_at(until, rx.wait_for(|&e| e >= at_least)).await;
+        matches!(reached, Ok(Ok(_)))
+    }
+
+    async fn wait_release(&self, seen: u64, until: Instant) -> bool {
+        let mut rx = self.released.subscribe();
+        let reached = tokio::time::timeout_at(until, rx.wait_for(|&r| r > seen)).await;
+        matches!(reached, Ok(Ok(_)))
+    }
+
+    /// Waits until the routing epoch moves past `epoch` or a short pause passes, whichever is
+    /// first: the manager we tried is unreachable or behind.
+    async fn pause(&self, epoch: u64, until: Instant) {
+        let soon = (Instant::now() + self.config.retry).min(until);
+        self.wait_epoch(epoch + 1, soon).await;
+    }
+
+    async fn request(
+        self: &Arc<Self>,
+        service: ServiceId,
+        key: Key,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, AdaptationError> {
+        let id = RequestId { origin: self.me, seq: self.seq.fetch_add(1, Ordering::Relaxed) };
+        let started = Instant::now();
+        let until = started + self.config.request_deadline;
+        let mut rounds = 0u32;
+        let result = loop {
+            rounds += 1;
+            let located = self
+                .router
+                .lock()
+                .expect("router")
+                .as_ref()
+                .map(|r| (r.epoch(), r.snapshot().locate(service, key)));
+            let reply = match located {
+                // No configuration yet: wait for the first one.
+                None => {
+                    if !self.wait_epoch(1, until).await {
+                        break Err(Reply::Late);
+                    }
+                    continue;
+                }
+                Some((_, None)) => break Err(Reply::Unknown(service.0)),
+                Some((epoch, Some(manager))) if manager == self.me => {
+                    (epoch, self.serve(id, service, key, epoch, &body, until).await)
+                }
+                Some((epoch, Some(manager))) => {
+                    (epoch, self.call_manager(manager, id, service, key, epoch, &body, until).await)
+                }
+            };
+            match reply {
+                (_, Reply::Done(response)) => break Ok(response),
+                (_, Reply::Unknown(s)) => break Err(Reply::Unknown(s)),
+                (_, Reply::Refused(why)) => break Err(Reply::Refused(why)),
+                (ours, Reply::Moved { epoch }) if epoch > ours => {
+                    if !self.wait_epoch(epoch, until).await {
+                        break Err(Reply::Late);
+                    }
+                }
+                // Unreachable, late, or a manager behind us: try again shortly.
+                (ours, _) => {
+                    if Instant::now() >= until {
+                        break Err(Reply::Late);
+                    }
+                    self.pause(ours, until).await;
+                }
+            }
+        };
+        let c = &self.counters;
+        match result {
+            Ok(response) => {
+                c.requests_ok.fetch_add(1, Ordering::Relaxed);
+                if rounds > 1 {
+                    c.requests_delayed.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(response)
+            }
+            Err(reply) => {
+                c.requests_failed.fetch_add(1, Ordering::Relaxed);
+                Err(match reply {
+                    Reply::Unknown(s) => AdaptationError::UnknownService(s),
+                    Reply::Refused(why) => AdaptationError::Refused(why),
+                    _ => AdaptationError::Deadline {
+                        service: service.0,
+                        key: key.0,
+                        waited_ms: started.elapsed().as_millis() as u64,
+                    },
+                })
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn call_manager(
+        &self,
+        manager: NodeId,
+        id: RequestId,
+        service: ServiceId,
+        key: Key,
+        epoch: u64,
+        body: &[u8],
+        until: Instant,
+    ) -> Reply {
+        let left = until.saturating_duration_since(Instant::now());
+        let message = Message::Request {
+            id,
+            service,
+            key,
+            epoch,
+            body: body.to_vec(),
+            wait_ms: left.as_millis() as u64,
+        };
+        let bytes = match codec::encode(&message) {
+            Ok(bytes) => bytes,
+            Err(e) => return Reply::Refused(e.to_string()),
+        };
+        // A little longer than the manager will wait, so that its own `Late` reaches us.
+        match self.link.call(manager, bytes, left + self.config.retry).await {
+            Ok(answer) => codec::decode(&answer).unwrap_or_else(|e| Reply::Refused(e.to_string())),
+            Err(_) => Reply::Late,
+        }
+    }
+
+    /// Acts as the manager of `key` for a request routed by `epoch`.
+    async fn serve(
+        self: &Arc<Self>,
+        id: RequestId,
+        service: ServiceId,
+        key: Key,
+        epoch: u64,
+        body: &[u8],
+        until: Instant,
+    ) -> Reply {
+        loop {
+            if let Some(response) = self.answered(service, key, id) {
+                return Reply::Done(response);
+            }
+            let released = *self.released.borrow();
+            let gate = self.gate.read().await;
+            let routed = self
+                .router
+                .lock()
+                .expect("router")
+                .as_ref()
+                .map(|r| (r.route(service, key, epoch), r.epoch(), Arc::clone(r.snapshot())));
+            match routed {
+                None => {
+                    drop(gate);
+                    if !self.wait_epoch(epoch.max(1), until).await {
+                        return Reply::Late;
+                    }
+                }
+                Some((Verdict::Serve, ours, snapshot)) => {
+                    let Some(plugin) = self.registry.get(service) else {
+                        return Reply::Unknown(service.0);
+                    };
+                    let peers = Arc::clone(self) as Arc<dyn Peers>;
+                    let ctx = Context::new(self.me, ours, None, Some(snapshot), peers);
+                    let reply = match plugin.handle(&ctx, key, body).await {
+                        Ok(response) => {
+                            self.remember(
+                                service,
+                                Answered { key, id, response: response.clone() },
+                            );
+                            self.counters.served.fetch_add(1, Ordering::Relaxed);
+                            Reply::Done(response)
+                        }
+                        Err(e) => Reply::Refused(e.to_string()),
+                    };
+                    drop(gate);
+                    return reply;
+                }
+                Some((Verdict::Hold, _, _)) => {
+                    drop(gate);
+                    self.counters.held.fetch_add(1, Ordering::Relaxed);
+                    if !self.wait_release(released, until).await {
+                        return Reply::Late;
+                    }
+                }
+                Some((Verdict::Wait { epoch }, _, _)) => {
+                    drop(gate);
+                    if !self.wait_epoch(epoch, until).await {
+                        return Reply::Late;
+                    }
+                }
+                Some((Verdict::Moved { epoch }, _, _)) => return Reply::Moved { epoch },
+                Some((Verdict::Unknown, _, _)) => return Reply::Unknown(service.0),
+            }
+        }
+    }
+
+    async fn answer(self: &Arc<Self>, from: NodeId, message: Message) -> Reply {
+        match message {
+            Message::Request { id, service, key, epoch, body, wait_ms } => {
+                let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
+                self.serve(id, service, key, epoch, &body, Instant::now() + wait).await
+            }
+            Message::Local { service, key, body } => self.local(from, service, key, &body).await,
+            Message::Batch { epoch, service, entries, answered } => {
+                self.stage(from, epoch, service, entries, answered).await
+            }
+            Message::Ack { epoch } => {
+                let _ = self.inputs.send(Input::Ack { from, epoch });
+                Reply::Accepted
+            }
+        }
+    }
+
+    async fn local(
+        self: &Arc<Self>,
+        from: NodeId,
+        service: ServiceId,
+        key: Key,
+        body: &[u8],
+    ) -> Reply {
+        let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
+        let ctx = self.context(Some(from));
+        match plugin.handle(&ctx, key, body).await {
+            Ok(response) => Reply::Done(response),
+            Err(e) => Reply::Refused(e.to_string()),
+        }
+    }
+
+    /// Stages a batch once this node has begun the change it belongs to.
+    async fn stage(
+        self: &Arc<Self>,
+        from: NodeId,
+        epoch: u64,
+        service: ServiceId,
+        entries: Vec<(Key, Vec<u8>)>,
+        answered: Vec<Answered>,
+    ) -> Reply {
+        let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
+        let mut begun = self.begun.subscribe();
+        let until = Instant::now() + self.config.call_timeout;
+        if !matches!(
+            tokio::time::timeout_at(until, begun.wait_for(|&b| b >= epoch)).await,
+            Ok(Ok(_))
+        ) {
+            return Reply::Late;
+        }
+        if *self.done.borrow() >= epoch {
+            return Reply::Refused(format!(
+                "epoch {epoch} is already merged on node {}; these entries came too late",
+                self.me
+            ));
+        }
+        let count = entries.len() as u64;
+        let ctx = self.context(None);
+        match plugin.receive(&ctx, from, entries).await {
+            Ok(()) => {
+                for a in answered {
+                    self.remember(service, a);
+                }
+                self.counters.entries_received.fetch_add(count, Ordering::Relaxed);
+                Reply::Accepted
+            }
+            Err(e) => {
+                tracing::error!(node = from.0, service = service.0, error = %e, "a migration batch was refused");
+                Reply::Refused(e.to_string())
+            }
+        }
+    }
+
+    /// Sends `message` to `to` until it is accepted, refused, or `to` is known gone.
+    pub(crate) async fn deliver(&self, to: NodeId, message: &Message) -> bool {
+        let bytes = match codec::encode(message) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::error!(node = to.0, error = %e, "a migration message could not be encoded");
+                return false;
+            }
+        };
+        let mut warned = false;
+        loop {
+            let outcome = self.link.call(to, bytes.clone(), self.config.call_timeout).await;
+            match outcome.and_then(|answer| codec::decode::<Reply>(&answer)) {
+                Ok(Reply::Accepted) => return true,
+                Ok(Reply::Refused(why)) => {
+                    tracing::error!(node = to.0, %why, "node refused a migration message");
+                    return false;
+                }
+                Ok(other) => {
+                    tracing::debug!(node = to.0, ?other, "migration message not taken yet")
+                }
+                Err(e) if !warned => {
+                    warned = true;
+                    tracing::warn!(node = to.0, error = %e, "migration message not delivered; retrying");
+                }
+                Err(_) => {}
+            }
+            if self.departed.lock().expect("departed").contains(&to) {
+                tracing::warn!(
+                    node = to.0,
+                    "node is gone; what it was to receive will be rebuilt by scan where a copy survives"
+                );
+                return false;
+            }
+            if *self.stopped.borrow() {
+                return false;
+            }
+            tokio::time::sleep(self.config.retry).await;
+        }
+    }
+}
+
+#[async_trait]
+impl Peers for Inner {
+    async fn request(
+        &self,
+        service: ServiceId,
+        key: Key,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, AdaptationError> {
+        // `Peers` is implemented for the shared state, which lives in an Arc: re-enter it.
+        let me = self.myself();
+        me.request(service, key, body).await
+    }
+
+    async fn tell(
+        &self,
+        node: NodeId,
+        service: ServiceId,
+        key: Key,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, AdaptationError> {
+        let reply = if node == self.me {
+            self.myself().local(node, service, key, &body).await
+        } else {
+            let bytes = codec::encode(&Message::Local { service, key, body })?;
+            let answer = self.link.call(node, bytes, self.config.call_timeout).await?;
+            codec::decode(&answer)?
+        };
+        match reply {
+            Reply::Done(response) => Ok(response),
+            Reply::Unknown(s) => Err(AdaptationError::UnknownService(s)),
+            Reply::Refused(why) => Err(AdaptationError::Refused(why)),
+            other => Err(AdaptationError::Refused(format!("unexpected answer {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! An in-memory cluster of hosts and a conformance suite, for service authors and for our own
+//! tests (feature `testing`).
+//!
+//! [`MemCluster`] plays the supervisor's part without consensus: it applies each change to a
+//! cell tree, hands every host the same [`Update`] and waits for the participants' reports, as
+//! the replicated state machine would. Hosts talk through [`MemLink`], which can cut a node off
+//! as a crash would. [`conformance`] runs a service through additions, evictions and a failure
+//! under load and checks that it keeps its contract.
+
+use crate::codec;
+use crate::error::AdaptationError;
+use crate::host::{Host, HostConfig, Progress, Update};
+use crate::link::Link;
+use crate::registry::Registry;
+use crate::service::{plugin, Service};
+use async_trait::async_trait;
+use dashmap::DashMap;
+use gobelins_locator::{
+    CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, Snapshot, TreeConfig,
+};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Hosts in one process, reachable by id, each message delayed by a one-way latency (so that,
+/// under a paused clock, migrations take time and requests overlap them); a crashed node
+/// answers nothing.
+pub struct MemNet {
+    hosts: DashMap<NodeId, Host>,
+    crashed: DashMap<NodeId, ()>,
+    latency: Duration,
+}
+
+/// One host's way into a [`MemNet`].
+pub struct MemLink {
+    net: Arc<MemNet>,
+    me: NodeId,
+}
+
+#[async_trait]
+impl Link for MemLink {
+    async fn call(
+        &self,
+        to: NodeId,
+        message: Vec<u8>,
+        deadline: Duration,
+    ) -> Result<Vec<u8>, AdaptationError> {
+        let unreachable =
+            |reason: &str| AdaptationError::Unreachable { node: to.0, reason: reason.into() };
+        if self.net.crashed.contains_key(&self.me) || self.net.crashed.contains_key(&to) {
+            return Err(unreachable("crashed"));
+        }
+        let host =
+            self.net.hosts.get(&to).map(|h| h.clone()).ok_or_else(|| unreachable("unknown"))?;
+        let latency = self.net.latency;
+        let round_trip = async move {
+            tokio::time::sleep(latency).await;
+            let answer = host.handle(self.me, &message).await;
+            tokio::time::sleep(latency).await;
+            answer
+        };
+        let answer = tokio::time::timeout(deadline, round_trip)
+            .await
+            .map_err(|_| unreachable("timed out"))?;
+        // A node that crashed meanwhile never answered.
+        if self.net.crashed.contains_key(&to) {
+            return Err(unreachable("crashed"));
+        }
+        Ok(answer)
+    }
+}
+
+/// A cluster of hosts in one process, driven like the supervisor drives real ones.
+pub struct MemCluster {
+    net: Arc<MemNet>,
+    tree: CellTree,
+    epoch: u64,
+    services: Arc<dyn Fn() -> Registry + Send + Sync>,
+    config: HostConfig,
+    departed: BTreeSet<NodeId>,
+    next: u64,
+}
+
+impl MemCluster {
+    /// `nodes` nodes, each hosting the services `services` builds, registered cluster-wide.
+    pub async fn start(
+        nodes: u64,
+        config: HostConfig,
+        services: impl Fn() -> Registry + Send + Sync + 'static,
+    ) -> Self {
+        let mut tree = CellTree::new(TreeConfig::default()).expect("default tree config");
+        for spec in services().specs() {
+            tree.register_service(spec).expect("service registers");
+        }
+        let mut cluster = MemCluster {
+            net: Arc::new(MemNet {
+                hosts: DashMap::new(),
+                crashed: DashMap::new(),
+                latency: Duration::from_micros(200),
+            }),
+            tree,
+            epoch: 0,
+            services: Arc::new(services),
+            config,
+            departed: BTreeSet::new(),
+            next: 1,
+        };
+        for _ in 0..nodes {
+            cluster.add().await;
+        }
+        cluster
+    }
+
+    /// The table of the current epoch.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        Arc::new(self.tree.snapshot(Epoch(self.epoch)).expect("the cluster has nodes"))
+    }
+
+    /// The live nodes.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        self.tree.nodes().collect()
+    }
+
+    /// The host of `node`.
+    pub fn host(&self, node: NodeId) -> Host {
+        self.net.hosts.get(&node).map(|h| h.clone()).expect("a host of the cluster")
+    }
+
+    /// Adds a node with fresh services; returns its id once the change is stable.
+    pub async fn add(&mut self) -> NodeId {
+        let node = NodeId(self.next);
+        self.next += 1;
+        let link = Arc::new(MemLink { net: Arc::clone(&self.net), me: node });
+        let host = Host::start(node, (self.services)(), link, self.config.clone());
+        self.net.hosts.insert(node, host);
+        self.change(Change::Add { node, labels: Labels::new() }).await;
+        node
+    }
+
+    /// Evicts `node`: it sends its entries away, then leaves.
+    pub async fn evict(&mut self, node: NodeId) {
+        self.change(Change::Evict(node)).await;
+        self.departed.insert(node);
+        if let Some((_, host)) = self.net.hosts.remove(&node) {
+            host.shutdown();
+        }
+    }
+
+    /// Crashes `node` (it answers nothing from now on, and its memory is gone), then carries
+    /// out the recovery the supervisor would commit.
+    pub async fn fail(&mut self, node: NodeId) {
+        self.net.crashed.insert(node, ());
+        if let Some((_, host)) = self.net.hosts.remove(&node) {
+            host.shutdown();
+        }
+        self.departed.insert(node);
+        self.change(Change::Fail(node)).await;
+    }
+
+    /// Applies `change` and waits until every participant has reported done, then tells
+    /// every host the epoch is stable.
+    pub async fn change(&mut self, change: Change) {
+        let before = self.tree.snapshot(Epoch(self.epoch)).ok();
+        let report = self.tree.apply(&change).expect("the locator accepts the change");
+        self.epoch += 1;
+        let after = Arc::new(self.tree.snapshot(Epoch(self.epoch)).expect("nodes remain"));
+        let plan = match &before {
+            Some(old) => MigrationPlan::between(old, &after),
+            None => MigrationPlan::nothing(Epoch(self.epoch - 1), Epoch(self.epoch)),
+        };
+        let mut participants = report.participants.clone();
+        if matches!(change, Change::Fail(_)) {
+            participants.extend(self.tree.nodes());
+        }
+        participants.retain(|n| !self.departed.contains(n));
+        let progress =
+            Progress { epoch: self.epoch, change, participants: participants.clone(), plan };
+        self.broadcast(Some(progress), Arc::clone(&after));
+        for node in &participants {
+            let mut done = self.host(*node).done();
+            let epoch = self.epoch;
+            tokio::time::timeout(Duration::from_secs(60), done.wait_for(|&d| d >= epoch))
+                .await
+                .expect("a participant finishes its part within a minute")
+                .expect("host alive");
+        }
+        self.broadcast(None, after);
+    }
+
+    fn broadcast(&self, change: Option<Progress>, snapshot: Arc<Snapshot>) {
+        for host in self.net.hosts.iter() {
+            host.update(Update {
+                epoch: self.epoch,
+                snapshot: Some(Arc::clone(&snapshot)),
+                change: change.clone(),
+                departed: self.departed.clone(),
+            });
+        }
+    }
+}
+
+/// Concurrent writers during the changes.
+const WRITERS: u64 = 16;
+
+/// How the conformance suite drives a service: how to write a value and read it back.
+pub trait Probe: Send + Sync + 'static {
+    /// The service under test.
+    type S: Service;
+    /// A fresh instance, for one node.
+    fn make(&self) -> Self::S;
+    /// A request that stores `value` under `key`.
+    fn write(&self, value: u64) -> <Self::S as Service>::Request;
+    /// A request that reads `key`.
+    fn read(&self) -> <Self::S as Service>::Request;
+    /// The value a read returned, if any.
+    fn value(&self, response: <Self::S as Service>::Response) -> Option<u64>;
+    /// Whether the service keeps a second copy of each entry, so that a single failure loses
+    /// nothing.
+    fn survives_one_failure(&self) -> bool;
+}
+
+/// What [`conformance`] saw.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    /// Requests that completed.
+    pub ok: u64,
+    /// Of those, requests that were held, redirected or retried on the way.
+    pub delayed: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// Keys whose last acknowledged value could not be read back after the changes.
+    pub lost: u64,
+    /// Changes carried out.
+    pub changes: u64,
+}
+
+/// Runs `probe`'s service on a 3-node in-memory cluster over `keys` keys: writes them all,
+/// then, with writers running, adds a node, evicts one and (if the service says it survives)
+/// crashes one, and reads every key back. A conforming service fails no request and loses no
+/// key. Run it under a paused tokio clock to keep it deterministic and fast.
+pub async fn conformance<P: Probe>(probe: P, keys: u64) -> Verdict {
+    let probe = Arc::new(probe);
+    let maker = Arc::clone(&probe);
+    let mut cluster = MemCluster::start(3, HostConfig::default(), move || {
+        let mut registry = Registry::new();
+        registry.register(plugin(maker.make())).expect("the service registers");
+        registry
+    })
+    .await;
+    let service = probe.make().spec().id;
+    let mut verdict = Verdict { changes: 3, ..Verdict::default() };
+    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
+    let entry = cluster.host(NodeId(1));
+    for key in 0..keys {
+        if write(&entry, &*probe, service, key, key).await {
+            last.insert(key, key);
+            verdict.ok += 1;
+        } else {
+            verdict.failed += 1;
+        }
+    }
+
+    // Writers keep going through every change, each from a node that stays.
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let host = cluster.host(NodeId(1 + w % 2));
+        let probe = Arc::clone(&probe);
+        let stop = Arc::clone(&stop);
+        writers.spawn(async move {
+            let mut written = BTreeMap::new();
+            let (mut ok, mut failed) = (0, 0);
+            let mut round = 1u64;
+            loop {
+                for key in (w..keys).step_by(WRITERS as usize) {
+                    let value = round * keys + key;
+                    if write(&host, &*probe, service, key, value).await {
+                        written.insert(key, value);
+                        ok += 1;
+                    } else {
+                        failed += 1;
+                    }
+                    if stop.load(Ordering::Relaxed) {
+                        return (written, ok, failed);
+                    }
+                    tokio::time::sleep(Duration::from_micros(100)).await;
+                }
+                round += 1;
+            }
+        });
+    }
+    let settle = || tokio::time::sleep(Duration::from_millis(200));
+    settle().await;
+    let added = cluster.add().await;
+    settle().await;
+    cluster.evict(NodeId(3)).await;
+    settle().await;
+    verdict.changes += 2;
+    if probe.survives_one_failure() {
+        cluster.fail(added).await;
+        settle().await;
+        verdict.changes += 1;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for node in cluster.nodes() {
+        verdict.delayed += cluster.host(node).stats().requests_delayed;
+    }
+    while let Some(result) = writers.join_next().await {
+        let (written, ok, failed) = result.expect("writer task");
+        last.extend(written);
+        verdict.ok += ok;
+        verdict.failed += failed;
+    }
+    let reader = cluster.host(NodeId(2));
+    for (&key, &value) in &last {
+        let request = codec::encode(&probe.read()).expect("request encodes");
+        let got = reader
+            .request(service, Key(key), request)
+            .await
+            .ok()
+            .and_then(|bytes| codec::decode(&bytes).ok())
+            .and_then(|response| probe.value(response));
+        if got != Some(value) {
+            verdict.lost += 1;
+        }
+    }
+    verdict
+}
+
+async fn write<P: Probe>(host: &Host, probe: &P, service: ServiceId, key: u64, value: u64) -> bool {
+    let request = codec::encode(&probe.write(value)).expect("request encodes");
+    host.request(service, Key(key), request).await.is_ok()
+}

@@ -1,0 +1,196 @@
+//! An example service for gobelins: a key-value directory that keeps a replica of every entry
+//! on a second node, so that the failure of any one node loses nothing.
+//!
+//! It is the service `docs/writing-a-service.md` walks through, and the one `gobelins agent`
+//! hosts for `gobelins demo`.
+//!
+//! - The manager of a key holds its entry: a value and a version that grows with every write.
+//! - Every write is copied to the manager's *backup*, the next node in the table, before it is
+//!   acknowledged. After each change the manager copies all its entries to its (maybe new)
+//!   backup.
+//! - `scan(failed)` returns the replicas this node holds of keys `failed` managed. Two
+//!   survivors may hold different versions of one key; the newest wins when they are merged.
+#![deny(missing_docs)]
+
+use async_trait::async_trait;
+use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
+use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec, Snapshot};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// The service's id in the cluster.
+pub const KVDIR: ServiceId = ServiceId(10);
+
+/// Replicas are copied in messages of at most this many entries.
+const REPLICATE_CHUNK: usize = 4096;
+
+/// A value and its version: the entry that migrates.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versioned {
+    /// Grows by one with every write of the key.
+    pub version: u64,
+    /// The bytes stored.
+    pub value: Vec<u8>,
+}
+
+/// What clients and peers ask.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// Store `value` under the key (to its manager).
+    Put(Vec<u8>),
+    /// Read the key (to its manager).
+    Get,
+    /// Keep these copies (to a backup's local server).
+    Replicate(Vec<(Key, Versioned)>),
+}
+
+/// The answers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// The write is stored at this version, on the manager and (if one exists) its backup.
+    Stored {
+        /// The key's new version.
+        version: u64,
+    },
+    /// The key's entry, if it has one.
+    Value(Option<Versioned>),
+    /// Replicas kept.
+    Kept,
+}
+
+/// One node's part of the directory.
+#[derive(Default)]
+pub struct KvDir {
+    live: Mutex<HashMap<Key, Versioned>>,
+    staged: Mutex<Vec<(Key, Versioned)>>,
+    replicas: Mutex<HashMap<Key, Versioned>>,
+}
+
+impl KvDir {
+    /// An empty directory.
+    pub fn new() -> Self {
+        KvDir::default()
+    }
+
+    /// The spec every node registers.
+    pub fn declaration() -> ServiceSpec {
+        ServiceSpec::new(KVDIR, "kvdir").with_slots(4096)
+    }
+
+    /// Entries this node manages right now.
+    pub fn managed(&self) -> usize {
+        self.live.lock().expect("live").len()
+    }
+}
+
+/// The node after `node` in the table, wrapping around: where `node` keeps its replicas.
+fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
+    let nodes = snapshot.nodes();
+    let at = nodes.iter().position(|&n| n == node)?;
+    let next = nodes[(at + 1) % nodes.len()];
+    (next != node).then_some(next)
+}
+
+/// Keeps the newer of two versions.
+fn merge(into: &mut HashMap<Key, Versioned>, entries: impl IntoIterator<Item = (Key, Versioned)>) {
+    for (key, entry) in entries {
+        match into.get(&key) {
+            Some(old) if old.version >= entry.version => {}
+            _ => {
+                into.insert(key, entry);
+            }
+        }
+    }
+}
+
+impl KvDir {
+    async fn replicate(&self, ctx: &Context, entries: Vec<(Key, Versioned)>) {
+        let Some(to) = ctx.snapshot().and_then(|s| backup(s, ctx.node())) else { return };
+        for chunk in entries.chunks(REPLICATE_CHUNK) {
+            let key = chunk[0].0;
+            let sent: Result<Response, _> =
+                ctx.tell(to, KVDIR, key, &Request::Replicate(chunk.to_vec())).await;
+            if let Err(e) = sent {
+                // The backup is dying or gone; its failure will be recovered, and the next
+                // change copies everything to the next backup.
+                tracing::warn!(backup = to.0, error = %e, "kvdir: replica not stored");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Service for KvDir {
+    type Request = Request;
+    type Response = Response;
+    type Entry = Versioned;
+
+    fn spec(&self) -> ServiceSpec {
+        KvDir::declaration()
+    }
+
+    async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
+        match (ctx.from(), request) {
+            (Some(_), Request::Replicate(entries)) => {
+                merge(&mut self.replicas.lock().expect("replicas"), entries);
+                Response::Kept
+            }
+            (_, Request::Put(value)) => {
+                let entry = {
+                    let mut live = self.live.lock().expect("live");
+                    let version = live.get(&key).map_or(1, |e| e.version + 1);
+                    let entry = Versioned { version, value };
+                    live.insert(key, entry.clone());
+                    entry
+                };
+                let version = entry.version;
+                self.replicate(ctx, vec![(key, entry)]).await;
+                Response::Stored { version }
+            }
+            (_, Request::Get) => {
+                Response::Value(self.live.lock().expect("live").get(&key).cloned())
+            }
+            (None, Request::Replicate(_)) => Response::Kept,
+        }
+    }
+
+    async fn before_migration(&self, _ctx: &Context, _change: &ChangeInfo) {}
+
+    async fn send_out(&self, _ctx: &Context, moving: &Moving) -> Vec<(Key, Versioned)> {
+        let mut live = self.live.lock().expect("live");
+        let leaving: Vec<Key> =
+            live.keys().copied().filter(|k| moving.destination(*k).is_some()).collect();
+        let out: Vec<(Key, Versioned)> =
+            leaving.into_iter().filter_map(|k| live.remove(&k).map(|e| (k, e))).collect();
+        // Kept as replicas: should the receiver die before it copies them on, `scan` has them.
+        merge(&mut self.replicas.lock().expect("replicas"), out.iter().cloned());
+        out
+    }
+
+    async fn receive(&self, _ctx: &Context, _from: NodeId, entries: Vec<(Key, Versioned)>) {
+        self.staged.lock().expect("staged").extend(entries);
+    }
+
+    async fn after_migration(&self, ctx: &Context, _change: &ChangeInfo) {
+        let all: Vec<(Key, Versioned)> = {
+            let staged = std::mem::take(&mut *self.staged.lock().expect("staged"));
+            let mut live = self.live.lock().expect("live");
+            merge(&mut live, staged);
+            live.iter().map(|(k, v)| (*k, v.clone())).collect()
+        };
+        // The backup may have changed with the configuration.
+        self.replicate(ctx, all).await;
+    }
+
+    async fn scan(&self, ctx: &Context, failed: NodeId) -> Vec<(Key, Versioned)> {
+        let Some(snapshot) = ctx.snapshot() else { return Vec::new() };
+        self.replicas
+            .lock()
+            .expect("replicas")
+            .iter()
+            .filter(|(k, _)| snapshot.locate(KVDIR, **k) == Some(failed))
+            .map(|(k, v)| (*k, v.clone()))
+            .collect()
+    }
+}
