@@ -9,6 +9,7 @@
 //! write synced), against a raw TCP round trip in the same run. Then two CPU hogs for a while on a
 //! three-node cluster with default timers: any node declared failed is a false failure.
 
+use gobelins_adaptation::HostConfig;
 use gobelins_locator::{Labels, ServiceId, ServiceSpec};
 use gobelins_supervisor::agent::{Agent, AgentOptions, Start};
 use gobelins_supervisor::net::TokioNet;
@@ -147,15 +148,21 @@ fn commit_latency(samples: usize, durable: bool) -> (Duration, Duration, Duratio
             node_id: Some(id),
             config: SupervisorConfig::loopback(),
             durable,
+            host: HostConfig::default(),
         };
         let first_options = options(1, Start::Bootstrap);
-        let first = Agent::start(TokioNet, &first_options).await.expect("bootstrap");
+        let first =
+            Agent::start(TokioNet, &first_options, gobelins::services()).await.expect("bootstrap");
         let mut others = Vec::new();
         for id in 2..=3 {
             others.push(
-                Agent::start(TokioNet, &options(id, Start::Join(first_options.listen.clone())))
-                    .await
-                    .expect("join"),
+                Agent::start(
+                    TokioNet,
+                    &options(id, Start::Join(first_options.listen.clone())),
+                    gobelins::services(),
+                )
+                .await
+                .expect("join"),
             );
         }
         while first.supervisor.voters().len() < 3 || !first.supervisor.state().is_stable() {

@@ -2,6 +2,7 @@
 
 use anyhow::{bail, Context};
 use clap::Args;
+use gobelins_adaptation::HostConfig;
 use gobelins_locator::{parse_label, Labels};
 use gobelins_supervisor::agent::{self, AgentOptions, Start};
 use gobelins_supervisor::control::{self, ControlRequest};
@@ -134,8 +135,9 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
         node_id: args.node_id,
         config,
         durable: true,
+        host: HostConfig::default(),
     };
-    runtime()?.block_on(agent::run(options))?;
+    runtime()?.block_on(agent::run(options, gobelins::services()))?;
     Ok(())
 }
 

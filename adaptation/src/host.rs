@@ -221,7 +221,8 @@ impl Host {
 
     /// Hands the host the replicated state's latest word. Cheap; the driver acts on it.
     pub fn update(&self, update: Update) {
-        self.inner.departed.lock().expect("departed").extend(update.departed.iter().copied());
+        // Replaced, not merged: a node that left may come back as a new life.
+        *self.inner.departed.lock().expect("departed") = update.departed.clone();
         let _ = self.inner.inputs.send(Input::Update(update));
     }
 

@@ -3,13 +3,16 @@
 use crate::control;
 use crate::datadir::DataDir;
 use crate::error::{Result, SupervisorError};
+use crate::link::TransportLink;
 use crate::net::{Net, TokioNet};
 use crate::secret::ClusterSecret;
+use crate::state::Command;
 use crate::store;
 use crate::supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
 use crate::tcp::{Identity, TcpConfig, TcpTransport};
 use crate::transport::{StateAdmission, Transport};
-use gobelins_locator::Labels;
+use gobelins_adaptation::{Host, HostConfig, Registry};
+use gobelins_locator::{Labels, NodeId};
 use rand::Rng;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -48,6 +51,8 @@ pub struct AgentOptions {
     /// Whether each raft write is synced to disk before it is acknowledged. Only simulations,
     /// whose "crashes" cannot lose the page cache, turn it off.
     pub durable: bool,
+    /// Timers of the adaptation layer (request deadline, retries, batch size).
+    pub host: HostConfig,
 }
 
 /// A started agent: its supervisor and transport.
@@ -61,9 +66,11 @@ pub struct Agent<N: Net> {
 }
 
 impl<N: Net> Agent<N> {
-    /// Opens the data directory, starts the transport and raft, and enters the cluster as
-    /// `options.start` says. Returns once this node is admitted (or bootstrapped).
-    pub async fn start(net: N, options: &AgentOptions) -> Result<Self> {
+    /// Opens the data directory, starts the transport, the adaptation layer hosting `services`
+    /// and raft, and enters the cluster as `options.start` says. Returns once this node is
+    /// admitted (or bootstrapped); its services are registered with the cluster in the
+    /// background.
+    pub async fn start(net: N, options: &AgentOptions, services: Registry) -> Result<Self> {
         let dir = DataDir::open(&options.data_dir)?;
         let existing = dir.secret()?;
         let secret = match (&options.start, existing, &options.secret_file) {
@@ -141,6 +148,8 @@ impl<N: Net> Agent<N> {
         )
         .await?;
         let transport: Arc<dyn Transport> = Arc::new(tcp.clone());
+        let link = Arc::new(TransportLink::new(Arc::clone(&transport)));
+        let host = Host::start(NodeId(node), services, link, options.host.clone());
         let saver = dir.clone();
         let tcp_for_incarnation = tcp.clone();
         let supervisor = Supervisor::start(Parts {
@@ -156,6 +165,7 @@ impl<N: Net> Agent<N> {
                 tcp_for_incarnation.set_incarnation(i);
                 Ok(())
             }),
+            host,
         })
         .await?;
         tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
@@ -186,6 +196,7 @@ impl<N: Net> Agent<N> {
             }
             Start::Resume => {}
         }
+        tokio::spawn(register(Arc::clone(&supervisor)));
         Ok(Agent { supervisor, transport: tcp, dir })
     }
 
@@ -196,9 +207,32 @@ impl<N: Net> Agent<N> {
     }
 }
 
-/// Runs the agent process until it is stopped (SIGINT/SIGTERM) or leaves the cluster.
-pub async fn run(options: AgentOptions) -> Result<()> {
-    let agent = Agent::start(TokioNet, &options).await?;
+/// Registers the services this node hosts that the cluster does not know yet. Every agent
+/// does it; the first registration of an id wins and the others change nothing.
+async fn register(supervisor: Arc<Supervisor>) {
+    for spec in supervisor.host().specs() {
+        if supervisor.state().tree.services().any(|s| s.id == spec.id) {
+            continue;
+        }
+        let name = spec.name.clone();
+        match supervisor.propose_until(Command::Register(spec), Duration::from_secs(60)).await {
+            Ok(Ok(_)) => tracing::info!(service = %name, "service registered"),
+            Ok(Err(refusal)) => {
+                tracing::error!(service = %name, %refusal, "the cluster refused the service")
+            }
+            Err(error) => tracing::warn!(
+                service = %name,
+                %error,
+                "service not registered yet; it will be on this agent's next start"
+            ),
+        }
+    }
+}
+
+/// Runs the agent process, hosting `services`, until it is stopped (SIGINT/SIGTERM) or
+/// leaves the cluster.
+pub async fn run(options: AgentOptions, services: Registry) -> Result<()> {
+    let agent = Agent::start(TokioNet, &options, services).await?;
     if options.start == Start::Bootstrap {
         let secret =
             agent.dir.secret()?.ok_or_else(|| SupervisorError::Config("secret vanished".into()))?;

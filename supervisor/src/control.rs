@@ -8,6 +8,7 @@ use crate::error::{Result, SupervisorError};
 use crate::rpc::View;
 use crate::state::{Command, NodeStatus};
 use crate::supervisor::Supervisor;
+use gobelins_locator::{Key, ServiceId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt as _;
@@ -39,6 +40,18 @@ pub enum ControlRequest {
         /// Address of any member.
         seed: String,
     },
+    /// A request for the manager of `key` of `service`, wherever it is; `body` is the request
+    /// encoded as the service's codec expects. Answered with the encoded response.
+    Call {
+        /// The service.
+        service: u16,
+        /// The key.
+        key: u64,
+        /// The encoded request.
+        body: Vec<u8>,
+    },
+    /// This node's adaptation counters and the changes it took part in.
+    Stats,
 }
 
 /// How long a leave, evict or join may take before the CLI is told to look again.
@@ -77,7 +90,8 @@ pub async fn serve(path: &Path, node: Arc<Supervisor>) -> Result<()> {
 async fn answer(stream: UnixStream, node: Arc<Supervisor>) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(64 * 1024)).read_line(&mut line).await?;
+    // A call's body rides in the line, as JSON numbers: up to about 1 MiB of request.
+    BufReader::new(read.take(4 * 1024 * 1024)).read_line(&mut line).await?;
     let request: ControlRequest = match serde_json::from_str(&line) {
         Ok(request) => request,
         Err(e) => {
@@ -85,6 +99,18 @@ async fn answer(stream: UnixStream, node: Arc<Supervisor>) -> Result<()> {
         }
     };
     match request {
+        ControlRequest::Call { service, key, body } => {
+            let line = match node.host().request(ServiceId(service), Key(key), body).await {
+                Ok(response) => json!({ "ok": { "body": response } }),
+                Err(e) => json!({ "error": e.to_string() }),
+            };
+            flush(&mut write, &[line]).await
+        }
+        ControlRequest::Stats => {
+            let host = node.host();
+            let line = json!({ "ok": { "stats": host.stats(), "changes": host.history() } });
+            flush(&mut write, &[line]).await
+        }
         ControlRequest::Status { local } => {
             let view = if local { node.view() } else { node.cluster_view().await };
             flush(&mut write, &[json!({ "ok": status_json(&view) })]).await

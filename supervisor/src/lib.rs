@@ -10,6 +10,8 @@
 //! - [`transport`], [`net`], [`tcp`]: request/response between nodes over TCP; [`mem`]: the
 //!   in-memory transport with fault injection that tests use.
 //! - [`secret`]: the cluster id and key; [`handshake`]: both ends prove they hold the key.
+//! - [`link`]: the adaptation layer's messages over the transport; the supervisor feeds its
+//!   [`gobelins_adaptation::Host`] every applied state and reports what the host finished.
 #![deny(missing_docs)]
 
 pub mod agent;
@@ -19,6 +21,7 @@ pub mod detector;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod link;
 pub mod mem;
 pub mod net;
 pub mod network;

@@ -18,8 +18,8 @@ use crate::transport::{Handler, Transport};
 use crate::types::Raft;
 use async_trait::async_trait;
 use bytes::Bytes;
-use gobelins_adaptation::codec;
-use gobelins_locator::Labels;
+use gobelins_adaptation::{codec, Host, Progress, Update};
+use gobelins_locator::{Epoch, Labels, NodeId, Snapshot};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use std::collections::{BTreeMap, BTreeSet};
@@ -149,6 +149,7 @@ pub struct Supervisor {
     config: SupervisorConfig,
     detector: Mutex<Option<Detector>>,
     reported: AtomicU64,
+    host: Host,
     lifecycle: watch::Sender<Lifecycle>,
     /// Persists a new incarnation before the node rejoins with it.
     save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
@@ -173,6 +174,8 @@ pub struct Parts {
     pub config: SupervisorConfig,
     /// Persists the incarnation.
     pub save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
+    /// The node's adaptation layer, with its services.
+    pub host: Host,
 }
 
 impl Supervisor {
@@ -194,6 +197,7 @@ impl Supervisor {
             config: parts.config,
             detector: Mutex::new(None),
             reported: AtomicU64::new(0),
+            host: parts.host,
             lifecycle,
             save_incarnation: parts.save_incarnation,
             shutdown: CancellationToken::new(),
@@ -203,6 +207,11 @@ impl Supervisor {
         tokio::spawn(Arc::clone(&node).duties());
         tokio::spawn(Arc::clone(&node).leader_duties());
         Ok(node)
+    }
+
+    /// The node's adaptation layer: its services, requests and migrations.
+    pub fn host(&self) -> &Host {
+        &self.host
     }
 
     /// This node's id.
@@ -265,6 +274,7 @@ impl Supervisor {
     /// Stops the duties and raft.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
+        self.host.shutdown();
         // Raft may already be down after a fatal error; there is nothing more to do then.
         let _ = self.raft.shutdown().await;
     }
@@ -418,6 +428,9 @@ impl Supervisor {
                 Response::Probed(self.ping(target, self.config.probe_timeout).await)
             }
             Request::State => Response::View(Box::new(self.view())),
+            Request::Adapt(message) => {
+                Response::Adapt(self.host.handle(NodeId(from), &message).await)
+            }
         };
         encode_response(&response)
     }
@@ -468,10 +481,13 @@ impl Supervisor {
         // (it is no longer sent the log), so it asks a peer now and then.
         let mut fence_check = tokio::time::interval(self.config.failure_timeout * 3);
         let mut gone = BTreeSet::new();
+        let mut done = self.host.done();
+        let mut fed = HostFeed::default();
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 changed = state.changed() => if changed.is_err() { return },
+                _ = done.changed() => {}
                 _ = retry.tick() => {}
                 _ = fence_check.tick() => {
                     if !self.in_touch() || self.leader() != Some(self.me.id) {
@@ -502,6 +518,7 @@ impl Supervisor {
             }) {
                 self.lifecycle.send_replace(Lifecycle::Left);
             }
+            fed.feed(&self.host, &current);
             self.report_progress(&current);
         }
     }
@@ -522,6 +539,10 @@ impl Supervisor {
     fn report_progress(self: &Arc<Self>, state: &ClusterState) {
         let Some(progress) = &state.in_progress else { return };
         if !progress.participants.contains(&self.me.id) || progress.done.contains(&self.me.id) {
+            return;
+        }
+        // Only once this node's adaptation layer has carried out its part.
+        if *self.host.done().borrow() < progress.epoch {
             return;
         }
         // One report in flight per epoch; a failed one clears the mark so the next tick retries.
@@ -731,5 +752,43 @@ impl Supervisor {
                 tracing::debug!(%error, "removing departed learners");
             }
         }
+    }
+}
+
+/// Hands the host each new word of the replicated state, once.
+#[derive(Default)]
+struct HostFeed {
+    last: Option<(u64, Option<(u64, usize)>, BTreeSet<u64>)>,
+    snapshot: Option<Arc<Snapshot>>,
+}
+
+impl HostFeed {
+    fn feed(&mut self, host: &Host, state: &ClusterState) {
+        let departed: BTreeSet<u64> = state
+            .nodes
+            .iter()
+            .filter(|(_, r)| matches!(r.status, NodeStatus::Failed | NodeStatus::Left))
+            .map(|(&id, _)| id)
+            .collect();
+        let progress = state.in_progress.as_ref().map(|p| (p.epoch, p.participants.len()));
+        let key = (state.epoch, progress, departed);
+        if self.last.as_ref() == Some(&key) {
+            return;
+        }
+        if self.snapshot.as_ref().is_none_or(|s| s.epoch().0 != state.epoch) {
+            self.snapshot = state.tree.snapshot(Epoch(state.epoch)).ok().map(Arc::new);
+        }
+        host.update(Update {
+            epoch: state.epoch,
+            snapshot: self.snapshot.clone(),
+            change: state.in_progress.as_ref().map(|p| Progress {
+                epoch: p.epoch,
+                change: p.change.clone(),
+                participants: p.participants.iter().map(|&n| NodeId(n)).collect(),
+                plan: p.plan.clone(),
+            }),
+            departed: key.2.iter().map(|&n| NodeId(n)).collect(),
+        });
+        self.last = Some(key);
     }
 }

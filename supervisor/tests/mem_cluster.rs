@@ -1,7 +1,9 @@
 //! In-process clusters over the in-memory transport, with paused time: partitions, delays and
 //! lost messages, and what the supervisors make of them.
 
-use gobelins_locator::Labels;
+use gobelins_adaptation::{Host, HostConfig, Registry};
+use gobelins_locator::{Labels, NodeId};
+use gobelins_supervisor::link::TransportLink;
 use gobelins_supervisor::mem::MemNetwork;
 use gobelins_supervisor::state::{ClusterState, NodeStatus};
 use gobelins_supervisor::{store, Dispatch, Me, Parts, Supervisor, SupervisorConfig};
@@ -18,6 +20,8 @@ async fn node(net: &MemNetwork, id: u64, config: SupervisorConfig) -> Node {
     let dir = TempDir::new().expect("temporary directory");
     let dispatch = Arc::new(Dispatch::default());
     let transport = Arc::new(net.attach(id, &format!("n{id}"), dispatch.clone()));
+    let link = Arc::new(TransportLink::new(transport.clone()));
+    let host = Host::start(NodeId(id), Registry::new(), link, HostConfig::default());
     let (log, machine) = store::open_with(&dir.path().join("raft.redb"), false).expect("store");
     let supervisor = Supervisor::start(Parts {
         me: Me { id, addr: format!("n{id}"), labels: Labels::new() },
@@ -28,6 +32,7 @@ async fn node(net: &MemNetwork, id: u64, config: SupervisorConfig) -> Node {
         machine,
         config,
         save_incarnation: Box::new(|_| Ok(())),
+        host,
     })
     .await
     .expect("supervisor starts");

@@ -8,6 +8,7 @@
 //! sweep runs (default 50).
 
 use async_trait::async_trait;
+use gobelins_adaptation::{HostConfig, Registry};
 use gobelins_locator::Labels;
 use gobelins_supervisor::agent::{Agent, AgentOptions, Start};
 use gobelins_supervisor::net::Net;
@@ -78,6 +79,7 @@ fn options(root: &Path, id: u64, start: Start) -> AgentOptions {
         node_id: Some(id),
         config: SupervisorConfig::loopback(),
         durable: false,
+        host: HostConfig::default(),
     }
 }
 
@@ -99,7 +101,7 @@ async fn run_node(
         Start::Join(format!("n1:{PORT}"))
     };
     let agent = loop {
-        match Agent::start(TurmoilNet, &options(&root, id, start.clone())).await {
+        match Agent::start(TurmoilNet, &options(&root, id, start.clone()), Registry::new()).await {
             Ok(agent) => break agent,
             // The seed may be down; try again, as an operator's restart script would.
             Err(error) => {
