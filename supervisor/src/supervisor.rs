@@ -755,10 +755,13 @@ impl Supervisor {
     }
 }
 
+type FeedKey = (u64, Option<(u64, usize)>, BTreeSet<u64>);
+
 /// Hands the host each new word of the replicated state, once.
 #[derive(Default)]
 struct HostFeed {
-    last: Option<(u64, Option<(u64, usize)>, BTreeSet<u64>)>,
+    /// Epoch, change in progress (epoch, participants) and departed nodes last handed over.
+    last: Option<FeedKey>,
     snapshot: Option<Arc<Snapshot>>,
 }
 
