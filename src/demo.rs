@@ -1,201 +1,443 @@
-//! `gobelins demo`: the story of a cluster's configuration changes, told by the locator.
+//! `gobelins demo`: a real cluster on this machine, under load, through an addition, an
+//! eviction and a `kill -9`.
 //!
-//! A cluster grows from a few nodes, takes more joins, loses nodes to eviction and to a failure,
-//! and at each change the demo moves every entry whose manager changed, checks that none was
-//! lost or duplicated, and prints what moved against the least that could have moved.
-//! The agents, consensus and the adaptation layer that carry this out between real processes are
-//! being built (issues 3 and 4); this command then grows into the live-cluster demo.
+//! It starts `gobelins agent` processes on 127.0.0.1, fills the kvdir example service with
+//! entries, keeps clients writing through the agents' control sockets, and walks the cluster
+//! through the three kinds of change. For each it prints what the clients saw and what the
+//! agents moved, phase by phase; at the end it reads every key back and compares it with the
+//! last write the cluster acknowledged.
 
-use anyhow::{ensure, Context};
+use anyhow::{bail, Context as _};
 use clap::Args;
-use gobelins_locator::{
-    CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, ServiceSpec, Snapshot,
-    TreeConfig,
-};
+use gobelins_adaptation::{codec, ChangeRecord};
+use gobelins_kvdir::{Request, Response, KVDIR};
+use gobelins_supervisor::control::{self, ControlRequest};
+use serde_json::Value;
 use std::collections::BTreeMap;
-use std::time::Instant;
-
-const KV: ServiceId = ServiceId(1);
-
-/// Load above which the demo, as the supervisor will, queues a rebalance after a change.
-const REBALANCE_PERMILLE: u32 = 1200;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Options of `gobelins demo`.
 #[derive(Args, Debug)]
 pub(crate) struct DemoArgs {
-    /// Nodes the cluster starts with.
-    #[arg(long, default_value_t = 6)]
+    /// Agents the cluster starts with (one more is added during the demo).
+    #[arg(long, default_value_t = 3)]
     nodes: u64,
-    /// Entries stored in the cluster's key-value directory.
-    #[arg(long, default_value_t = 200_000)]
-    entries: u64,
-    /// Nodes per leaf cell.
-    #[arg(long, default_value_t = 4)]
-    cell_capacity: u32,
-    /// Print each change's full migration plan.
+    /// Keys written to the kvdir service and checked at the end.
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
+    /// Clients writing concurrently during the changes.
+    #[arg(long, default_value_t = 8)]
+    clients: u64,
+    /// Where the agents keep their data and logs (default: a fresh directory under /tmp,
+    /// removed at the end unless --keep).
     #[arg(long)]
-    plans: bool,
+    dir: Option<PathBuf>,
+    /// Keep the data directories and logs.
+    #[arg(long)]
+    keep: bool,
 }
 
-/// The entries each node holds, as the adaptation layer would keep them.
-struct Store {
-    held: BTreeMap<NodeId, Vec<Key>>,
+/// A request that took longer than this waited on a change.
+const DELAYED: Duration = Duration::from_millis(20);
+
+struct Agent {
+    id: u64,
+    addr: String,
+    dir: PathBuf,
+    child: Option<Child>,
 }
 
-impl Store {
-    fn place(snapshot: &Snapshot, entries: u64) -> Store {
-        let mut held: BTreeMap<NodeId, Vec<Key>> = BTreeMap::new();
-        for k in 0..entries {
-            let owner = snapshot.locate(KV, Key(k)).expect("kv is registered");
-            held.entry(owner).or_default().push(Key(k));
+impl Agent {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        Store { held }
     }
+}
 
-    /// Hands every entry whose manager changed to its new manager; returns how many moved.
-    fn migrate(&mut self, new: &Snapshot) -> u64 {
-        let table = new.table(KV).expect("kv is registered");
-        let mut moved = 0;
-        let mut arriving: BTreeMap<NodeId, Vec<Key>> = BTreeMap::new();
-        for (node, keys) in &mut self.held {
-            keys.retain(|&k| {
-                let owner = table.locate(k);
-                if owner == *node {
-                    return true;
-                }
-                arriving.entry(owner).or_default().push(k);
-                moved += 1;
-                false
-            });
-        }
-        for (node, keys) in arriving {
-            self.held.entry(node).or_default().extend(keys);
-        }
-        self.held.retain(|_, keys| !keys.is_empty());
-        moved
-    }
+/// What the clients saw.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    delayed: AtomicU64,
+    failed: AtomicU64,
+}
 
-    fn count(&self, node: NodeId) -> u64 {
-        self.held.get(&node).map_or(0, |k| k.len() as u64)
-    }
-
-    fn total(&self) -> u64 {
-        self.held.values().map(|k| k.len() as u64).sum()
-    }
-
-    fn max_over_avg(&self, nodes: usize) -> f64 {
-        let max = self.held.values().map(Vec::len).max().unwrap_or(0) as f64;
-        max * nodes as f64 / self.total().max(1) as f64
+impl Tally {
+    fn read(&self) -> (u64, u64, u64) {
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.delayed.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
     }
 }
 
 pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    ensure!(args.nodes >= 2, "the demo needs at least 2 nodes to evict and fail one");
-    let config = TreeConfig::default().with_cell_capacity(args.cell_capacity);
-    let mut tree = CellTree::new(config).context("tree configuration")?;
-    tree.register_service(ServiceSpec::new(KV, "kv"))?;
-    for n in 1..=args.nodes {
-        tree.add_node(NodeId(n), Labels::new())?;
+    if args.nodes < 3 {
+        bail!("--nodes must be at least 3: the demo evicts one node and kills another");
     }
-    let mut epoch = Epoch(1);
-    let mut snapshot = tree.snapshot(epoch)?;
-    let mut store = Store::place(&snapshot, args.entries);
-    println!(
-        "gobelins demo: {} nodes, cells of {}, {} entries in service kv (locator only: the \
-         agents that carry migrations out between processes are being built)\n",
-        args.nodes, args.cell_capacity, args.entries
-    );
-    print!("{}", tree.render());
+    let root = args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("gobelins-demo-{}", std::process::id()))
+    });
+    if root.exists() && std::fs::read_dir(&root)?.next().is_some() {
+        bail!("{} is not empty; give --dir an empty or new directory", root.display());
+    }
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = runtime.block_on(demo(args, &root));
+    if !args.keep && result.is_ok() {
+        let _ = std::fs::remove_dir_all(&root);
+    } else {
+        eprintln!("demo: data directories and agent logs are in {}", root.display());
+    }
+    result
+}
 
-    let next = args.nodes + 1;
-    let story = [
-        Change::Add { node: NodeId(next), labels: Labels::new() },
-        Change::Add { node: NodeId(next + 1), labels: Labels::new() },
-        Change::Add { node: NodeId(next + 2), labels: Labels::new() },
-        Change::Evict(NodeId(2)),
-        Change::Fail(NodeId(next)),
-        Change::Evict(NodeId(1)),
-    ];
-    println!(
-        "\n{:<10} {:>5} {:>9} {:>9} {:>9} {:>13} {:>8} {:>9}",
-        "change", "epoch", "moved", "optimum", "moved/opt", "participants", "max/avg", "time"
-    );
-    let (mut moved_total, mut optimum_total, mut rebalanced) = (0u64, 0u64, 0u64);
-    let rebalance = Change::Rebalance { max_over_avg_permille: REBALANCE_PERMILLE };
-    let mut steps: Vec<&Change> = story.iter().collect();
-    steps.reverse();
-    while let Some(change) = steps.pop() {
-        if matches!(change, Change::Rebalance { .. }) {
-            let started = Instant::now();
-            let report = tree.apply(change)?;
-            if report.cells.is_empty() {
-                continue;
-            }
-            epoch = epoch.next();
-            let next_snapshot = tree.snapshot(epoch)?;
-            let moved = store.migrate(&next_snapshot);
-            ensure!(store.total() == args.entries, "entries lost or duplicated at {change}");
-            println!(
-                "{:<10} {:>5} {:>9} {:>9} {:>9} {:>6} of {:>3} {:>8.3} {:>7.1?}",
-                "rebalance",
-                epoch.to_string(),
-                moved,
-                "-",
-                "-",
-                report.participants.len(),
-                tree.len(),
-                store.max_over_avg(tree.len()),
-                started.elapsed(),
-            );
-            rebalanced += moved;
-            snapshot = next_snapshot;
-            steps.push(&rebalance);
-            continue;
-        }
-        let requester = change.node().expect("every step names a node");
-        let had = store.count(requester);
-        let started = Instant::now();
-        let report = tree.apply(change).with_context(|| format!("{change}"))?;
-        epoch = epoch.next();
-        let next_snapshot = tree.snapshot(epoch)?;
-        let plan = MigrationPlan::between(&snapshot, &next_snapshot);
-        let moved = store.migrate(&next_snapshot);
-        let elapsed = started.elapsed();
-        let optimum = match change {
-            Change::Add { .. } => store.count(requester),
-            _ => had,
-        };
-        ensure!(store.total() == args.entries, "entries lost or duplicated at {change}");
-        ensure!(store.count(requester) == 0 || matches!(change, Change::Add { .. }));
-        println!(
-            "{:<10} {:>5} {:>9} {:>9} {:>9.2} {:>6} of {:>3} {:>8.3} {:>7.1?}",
-            change.to_string(),
-            epoch.to_string(),
-            moved,
-            optimum,
-            moved as f64 / optimum.max(1) as f64,
-            report.participants.len(),
-            tree.len() + usize::from(!matches!(change, Change::Add { .. })),
-            store.max_over_avg(tree.len()),
-            elapsed,
-        );
-        if args.plans {
-            print!("{plan}");
-        }
-        moved_total += moved;
-        optimum_total += optimum;
-        snapshot = next_snapshot;
-        steps.push(&rebalance);
+async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("finding the gobelins binary")?;
+    let started = Instant::now();
+    let mut agents: BTreeMap<u64, Agent> = BTreeMap::new();
+    let first = spawn(&exe, root, 1, None)?;
+    wait_until(&first, "bootstrapped", |s| member(s, 1) == Some("active")).await?;
+    let seed = first.addr.clone();
+    agents.insert(1, first);
+    for id in 2..=args.nodes {
+        let agent = spawn(&exe, root, id, Some(&seed))?;
+        wait_until(&agent, "joined", |s| member(s, id) == Some("active") && stable(s)).await?;
+        agents.insert(id, agent);
     }
-    println!();
-    print!("{}", tree.render());
+    let sockets: Vec<PathBuf> = agents.values().take(2).map(Agent::socket).collect();
+    wait_for_service(&sockets[0]).await?;
     println!(
-        "\ndemo: entries={} entries_lost=0 moved={} optimum={} rebalanced={} changes={}",
-        store.total(),
-        moved_total,
-        optimum_total,
-        rebalanced,
-        story.len()
+        "demo: {} agents up on 127.0.0.1 in {} ms; kvdir registered",
+        args.nodes,
+        started.elapsed().as_millis()
+    );
+
+    // Every key gets a first value; `book` is the last value the cluster acknowledged.
+    let book = Arc::new(Mutex::new(BTreeMap::new()));
+    let tally = Arc::new(Tally::default());
+    let fill = Instant::now();
+    let mut fillers = tokio::task::JoinSet::new();
+    for c in 0..args.clients {
+        let (socket, book, tally) =
+            (sockets[(c % 2) as usize].clone(), Arc::clone(&book), Arc::clone(&tally));
+        let keys = args.keys;
+        let clients = args.clients;
+        fillers.spawn(async move {
+            for key in (c..keys).step_by(clients as usize) {
+                write(&socket, key, key, &book, &tally).await;
+            }
+        });
+    }
+    while fillers.join_next().await.is_some() {}
+    let (ok, _, failed) = tally.read();
+    println!(
+        "demo: {} keys written in {} ms ({ok} ok, {failed} failed); {} clients keep writing",
+        args.keys,
+        fill.elapsed().as_millis(),
+        args.clients
+    );
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = tokio::task::JoinSet::new();
+    for c in 0..args.clients {
+        let (socket, book, tally, stop) = (
+            sockets[(c % 2) as usize].clone(),
+            Arc::clone(&book),
+            Arc::clone(&tally),
+            Arc::clone(&stop),
+        );
+        let (keys, n) = (args.keys, args.clients);
+        clients.spawn(async move {
+            let mut round = 1;
+            while !stop.load(Ordering::Relaxed) {
+                for key in (c..keys).step_by(n as usize) {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    write(&socket, key, round * keys + key, &book, &tally).await;
+                }
+                round += 1;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let mut changes = 0;
+    let added = args.nodes + 1;
+    let evicted = args.nodes;
+    let observer = agents[&1].socket();
+
+    // An addition.
+    let before = ChangeStart::now(&observer, &tally).await?;
+    let agent = spawn(&exe, root, added, Some(&seed))?;
+    wait_until(&agent, "joined", |s| member(s, added) == Some("active") && stable(s)).await?;
+    let admitted = before.at.elapsed();
+    agents.insert(added, agent);
+    report(&format!("add node {added}"), before, &agents, &tally, Some(admitted)).await?;
+    changes += 1;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // An eviction.
+    let before = ChangeStart::now(&observer, &tally).await?;
+    control::request(&observer, &ControlRequest::Evict { node: evicted }, |_| {})
+        .await
+        .with_context(|| format!("evicting node {evicted}"))?;
+    wait_until(&agents[&1], "evicted", |s| member(s, evicted) == Some("left") && stable(s)).await?;
+    report(&format!("evict node {evicted}"), before, &agents, &tally, None).await?;
+    if let Some(mut gone) = agents.remove(&evicted) {
+        if let Some(mut child) = gone.child.take() {
+            let _ = child.wait();
+        }
+    }
+    changes += 1;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // A failure.
+    let before = ChangeStart::now(&observer, &tally).await?;
+    if let Some(mut victim) = agents.remove(&added) {
+        if let Some(mut child) = victim.child.take() {
+            child.kill().context("kill -9")?;
+            let _ = child.wait();
+        }
+    }
+    wait_until(&agents[&1], "recovered", |s| member(s, added) == Some("failed") && stable(s))
+        .await?;
+    report(&format!("kill -9 node {added}"), before, &agents, &tally, None).await?;
+    changes += 1;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    while clients.join_next().await.is_some() {}
+
+    // Every key must read back as the last value the cluster acknowledged.
+    let book = std::mem::take(&mut *book.lock().expect("book"));
+    let mut lost = 0;
+    for (&key, &value) in &book {
+        match read(&observer, key).await {
+            Ok(Some(got)) if got == value => {}
+            Ok(got) => {
+                lost += 1;
+                if lost <= 5 {
+                    eprintln!("demo: key {key} reads {got:?}, but {value} was acknowledged");
+                }
+            }
+            Err(e) => {
+                lost += 1;
+                eprintln!("demo: key {key} cannot be read: {e:#}");
+            }
+        }
+    }
+    let missing = args.keys - book.len() as u64;
+    let (ok, delayed, failed) = tally.read();
+    println!(
+        "demo: {} keys read back, {lost} differ from the last acknowledged write, \
+         {missing} were never acknowledged; requests delayed over {} ms: {delayed}",
+        book.len(),
+        DELAYED.as_millis()
+    );
+    println!(
+        "demo: requests_ok={ok} requests_failed={failed} entries_lost={} changes={changes}",
+        lost + missing
+    );
+    for agent in agents.values_mut() {
+        if let Some(mut child) = agent.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+    if failed > 0 || lost + missing > 0 {
+        bail!("the cluster failed requests or lost entries; see the agent logs");
+    }
+    Ok(())
+}
+
+fn spawn(exe: &Path, root: &Path, id: u64, seed: Option<&str>) -> anyhow::Result<Agent> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    let addr = listener.local_addr()?.to_string();
+    drop(listener);
+    let dir = root.join(format!("n{id}"));
+    let log = std::fs::File::create(root.join(format!("n{id}.log")))?;
+    let mut command = Command::new(exe);
+    command
+        .args(["agent", "--loopback-timers", "--listen", &addr, "--node-id", &id.to_string()])
+        .arg("--data-dir")
+        .arg(&dir)
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,openraft=error".into()))
+        .stdout(Stdio::null())
+        .stderr(log);
+    match seed {
+        None => {
+            command.arg("--bootstrap");
+        }
+        Some(seed) => {
+            command
+                .args(["--join", seed, "--secret-file"])
+                .arg(root.join("n1").join("cluster.secret"));
+        }
+    }
+    let child = command.spawn().context("starting gobelins agent")?;
+    Ok(Agent { id, addr, dir, child: Some(child) })
+}
+
+fn member<'a>(status: &'a Value, id: u64) -> Option<&'a str> {
+    status["nodes"]
+        .as_array()?
+        .iter()
+        .find(|n| n["id"].as_u64() == Some(id))
+        .and_then(|n| n["status"].as_str())
+}
+
+fn stable(status: &Value) -> bool {
+    status["stable"].as_bool() == Some(true)
+}
+
+async fn status(socket: &Path) -> anyhow::Result<Value> {
+    Ok(control::request(socket, &ControlRequest::Status { local: false }, |_| {}).await?)
+}
+
+async fn wait_until(
+    agent: &Agent,
+    what: &str,
+    check: impl Fn(&Value) -> bool,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(s) = status(&agent.socket()).await {
+            if check(&s) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("node {} (at {}) not {what} after 60 s", agent.id, agent.addr);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn wait_for_service(socket: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while call(socket, 0, &Request::Get).await.is_err() {
+        if Instant::now() > deadline {
+            bail!("the kvdir service was not registered within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn call(socket: &Path, key: u64, request: &Request) -> anyhow::Result<Response> {
+    let body = codec::encode(request)?;
+    let answer =
+        control::request(socket, &ControlRequest::Call { service: KVDIR.0, key, body }, |_| {})
+            .await?;
+    let bytes: Vec<u8> = serde_json::from_value(answer["body"].clone())?;
+    Ok(codec::decode(&bytes)?)
+}
+
+async fn write(
+    socket: &Path,
+    key: u64,
+    value: u64,
+    book: &Mutex<BTreeMap<u64, u64>>,
+    tally: &Tally,
+) {
+    let t = Instant::now();
+    match call(socket, key, &Request::Put(value.to_le_bytes().to_vec())).await {
+        Ok(Response::Stored { .. }) => {
+            book.lock().expect("book").insert(key, value);
+            tally.ok.fetch_add(1, Ordering::Relaxed);
+            if t.elapsed() > DELAYED {
+                tally.delayed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Ok(other) => {
+            tally.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(key, ?other, "unexpected answer to a write");
+        }
+        Err(e) => {
+            tally.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(key, error = %format!("{e:#}"), "write failed");
+        }
+    }
+}
+
+async fn read(socket: &Path, key: u64) -> anyhow::Result<Option<u64>> {
+    match call(socket, key, &Request::Get).await? {
+        Response::Value(Some(v)) => {
+            let bytes: [u8; 8] = v.value.try_into().map_err(|_| anyhow::anyhow!("not a u64"))?;
+            Ok(Some(u64::from_le_bytes(bytes)))
+        }
+        Response::Value(None) => Ok(None),
+        other => bail!("unexpected answer {other:?}"),
+    }
+}
+
+/// The clients' counters and the epoch when a change was asked for.
+struct ChangeStart {
+    at: Instant,
+    epoch: u64,
+    tally: (u64, u64, u64),
+}
+
+impl ChangeStart {
+    async fn now(observer: &Path, tally: &Tally) -> anyhow::Result<Self> {
+        let epoch = status(observer).await?["epoch"].as_u64().unwrap_or(0);
+        Ok(ChangeStart { at: Instant::now(), epoch, tally: tally.read() })
+    }
+}
+
+async fn report(
+    what: &str,
+    before: ChangeStart,
+    agents: &BTreeMap<u64, Agent>,
+    tally: &Tally,
+    admitted: Option<Duration>,
+) -> anyhow::Result<()> {
+    let took = before.at.elapsed();
+    let (ok, delayed, failed) = tally.read();
+    let mut records: Vec<ChangeRecord> = Vec::new();
+    for agent in agents.values() {
+        let answer = control::request(&agent.socket(), &ControlRequest::Stats, |_| {}).await?;
+        let history: Vec<ChangeRecord> = serde_json::from_value(answer["changes"].clone())?;
+        records.extend(history.into_iter().filter(|r| r.epoch > before.epoch));
+    }
+    let sent: u64 = records.iter().map(|r| r.entries_sent).sum();
+    let rebuilt: u64 = records.iter().map(|r| r.entries_rebuilt).sum();
+    let slowest = |f: fn(&ChangeRecord) -> f64| records.iter().map(f).fold(0.0, f64::max);
+    let epochs: std::collections::BTreeSet<u64> = records.iter().map(|r| r.epoch).collect();
+    println!("change: {what}: stable after {} ms (epochs {epochs:?})", took.as_millis());
+    if let Some(admitted) = admitted {
+        println!("  connect    agent started and admitted in {} ms", admitted.as_millis());
+    }
+    println!(
+        "  requests   ok={} delayed={} failed={}",
+        ok - before.tally.0,
+        delayed - before.tally.1,
+        failed - before.tally.2
+    );
+    println!("  entries    moved={sent} rebuilt={rebuilt}");
+    println!(
+        "  phases     before {:.1} ms | sending out {:.1} ms | receiving {:.1} ms | after {:.1} ms | stable {:.1} ms (slowest participant)",
+        slowest(|r| r.before_ms),
+        slowest(|r| r.sending_ms),
+        slowest(|r| r.receiving_ms),
+        slowest(|r| r.after_ms),
+        slowest(|r| r.stable_ms.unwrap_or(0.0)),
     );
     Ok(())
 }

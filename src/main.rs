@@ -25,8 +25,8 @@ enum Command {
     Leave(cli::DirArgs),
     /// Remove another node from the cluster; waits until the cluster is stable.
     Evict(cli::EvictArgs),
-    /// Walk a cluster through joins, evictions and a failure under a load of entries, showing
-    /// what the locator moves and who takes part at each change.
+    /// Start a local cluster of real agents, keep clients writing to it, and walk it through an
+    /// addition, an eviction and a kill -9, showing what each change cost.
     Demo(demo::DemoArgs),
 }
 
