@@ -294,7 +294,7 @@ fn spawn(exe: &Path, root: &Path, id: u64, seed: Option<&str>) -> anyhow::Result
     Ok(Agent { id, addr, dir, child: Some(child) })
 }
 
-fn member<'a>(status: &'a Value, id: u64) -> Option<&'a str> {
+fn member(status: &Value, id: u64) -> Option<&str> {
     status["nodes"]
         .as_array()?
         .iter()
