@@ -1,0 +1,45 @@
+//! Black-box test of the README's main command: `gobelins demo` starts real agent processes,
+//! keeps clients writing, adds, evicts and kills nodes, and must fail nothing and lose nothing.
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_gobelins");
+
+fn field(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
+}
+
+#[test]
+fn the_demo_fails_no_request_and_loses_no_entry() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let output = Command::new(BIN)
+        .args(["demo", "--keys", "3000", "--clients", "4", "--dir"])
+        .arg(dir.path().join("demo"))
+        .env("RUST_LOG", "warn,openraft=error")
+        .output()
+        .expect("run gobelins demo");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let last = stdout.lines().last().expect("the demo prints");
+    assert!(last.starts_with("demo: requests_ok="), "{last}");
+    assert_eq!(field(last, "requests_failed"), 0, "{stdout}");
+    assert_eq!(field(last, "entries_lost"), 0, "{stdout}");
+    assert_eq!(field(last, "changes"), 3, "{stdout}");
+    assert!(
+        field(last, "requests_ok") > 3000,
+        "clients kept writing through the changes: {stdout}"
+    );
+    for change in ["add node 4", "evict node 3", "kill -9 node 4"] {
+        assert!(stdout.contains(&format!("change: {change}: stable")), "{change}:\n{stdout}");
+    }
+    let moved: u64 = stdout
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("entries    moved="))
+        .map(|rest| rest.split_whitespace().next().unwrap_or("0").parse::<u64>().unwrap_or(0))
+        .sum();
+    assert!(moved > 0, "entries moved between processes:\n{stdout}");
+}
