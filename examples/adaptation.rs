@@ -1,0 +1,319 @@
+//! What the adaptation layer costs, each figure against its baseline in the same run:
+//!
+//! - request round trip through the router (host → manager over the agents' TCP transport)
+//!   against a raw TCP echo of the same size, one request in flight, same tokio I/O model;
+//! - a request redirected once (sent to a node that no longer manages the key) against the same
+//!   echo;
+//! - pipelined requests per second to one manager;
+//! - migration throughput (entries/s, MB/s) when a node joins, against raw loopback TCP moving
+//!   the same bytes in the same write sizes.
+//!
+//! `cargo run --release --example adaptation [-- --samples 20000 --entries 20000 --value-bytes 1024]`
+
+use gobelins_adaptation::wire::{Message, Reply, RequestId};
+use gobelins_adaptation::{codec, HostConfig, Link};
+use gobelins_kvdir::{Request, Response, KVDIR};
+use gobelins_locator::Labels;
+use gobelins_locator::{Key, NodeId};
+use gobelins_supervisor::agent::{Agent, AgentOptions, Start};
+use gobelins_supervisor::link::TransportLink;
+use gobelins_supervisor::net::TokioNet;
+use gobelins_supervisor::state::NodeStatus;
+use gobelins_supervisor::transport::Transport;
+use gobelins_supervisor::SupervisorConfig;
+use std::net::TcpListener as StdListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_addr() -> String {
+    StdListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").to_string()
+}
+
+fn options(root: &Path, id: u64, start: Start) -> AgentOptions {
+    AgentOptions {
+        data_dir: root.join(format!("n{id}")),
+        listen: free_addr(),
+        advertise: None,
+        start,
+        secret_file: Some(root.join("n1/cluster.secret")),
+        labels: Labels::new(),
+        node_id: Some(id),
+        config: SupervisorConfig::loopback(),
+        durable: true,
+        host: HostConfig::default(),
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+/// Round trips of a raw length-prefixed echo over loopback TCP, one in flight.
+async fn echo_round_trips(size: usize, samples: usize) -> Vec<Duration> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        socket.set_nodelay(true).expect("nodelay");
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let Ok(len) = socket.read_u32().await else { return };
+            let body = &mut buf[..len as usize];
+            if socket.read_exact(body).await.is_err() {
+                return;
+            }
+            let mut frame = Vec::with_capacity(4 + body.len());
+            frame.extend_from_slice(&len.to_be_bytes());
+            frame.extend_from_slice(body);
+            if socket.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut socket = TcpStream::connect(addr).await.expect("connect");
+    socket.set_nodelay(true).expect("nodelay");
+    let payload = vec![7u8; size];
+    let mut frame = Vec::with_capacity(4 + size);
+    frame.extend_from_slice(&(size as u32).to_be_bytes());
+    frame.extend_from_slice(&payload);
+    let mut back = vec![0u8; size];
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let t = Instant::now();
+        socket.write_all(&frame).await.expect("write");
+        let len = socket.read_u32().await.expect("read len");
+        socket.read_exact(&mut back[..len as usize]).await.expect("read body");
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times
+}
+
+/// Seconds to move `total` bytes over loopback TCP in writes of `write_size`, acknowledged once.
+async fn raw_transfer(total: usize, write_size: usize) -> Duration {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let reader = tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0;
+        while got < total {
+            let n = socket.read(&mut buf).await.expect("read");
+            assert!(n > 0, "sender closed early");
+            got += n;
+        }
+        socket.write_all(&[1]).await.expect("ack");
+    });
+    let mut socket = TcpStream::connect(addr).await.expect("connect");
+    socket.set_nodelay(true).expect("nodelay");
+    let chunk = vec![3u8; write_size];
+    let t = Instant::now();
+    let mut sent = 0;
+    while sent < total {
+        let n = write_size.min(total - sent);
+        socket.write_all(&chunk[..n]).await.expect("write");
+        sent += n;
+    }
+    let mut ack = [0u8; 1];
+    socket.read_exact(&mut ack).await.expect("ack");
+    let took = t.elapsed();
+    reader.await.expect("reader");
+    took
+}
+
+async fn put(agent: &Agent<TokioNet>, key: u64, value: Vec<u8>) {
+    let body = codec::encode(&Request::Put(value)).expect("encode");
+    let answer = agent.supervisor.host().request(KVDIR, Key(key), body).await.expect("put");
+    let response: Response = codec::decode(&answer).expect("decode");
+    assert!(matches!(response, Response::Stored { .. }));
+}
+
+fn main() {
+    let samples = arg("--samples", 20_000);
+    let entries = arg("--entries", 20_000);
+    let value_bytes = arg("--value-bytes", 1024);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
+    runtime.block_on(async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let first_options = options(root.path(), 1, Start::Bootstrap);
+        let seed = first_options.listen.clone();
+        let a = Agent::start(TokioNet, &first_options, gobelins::services()).await.expect("boot");
+        let b = Agent::start(TokioNet, &options(root.path(), 2, Start::Join(seed.clone())), gobelins::services())
+            .await
+            .expect("join");
+        // Wait for kvdir to be registered and the cluster stable.
+        let get = codec::encode(&Request::Get).expect("encode");
+        while a.supervisor.host().request(KVDIR, Key(0), get.clone()).await.is_err()
+            || !a.supervisor.state().is_stable()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let snapshot = a.supervisor.state().tree.snapshot(gobelins_locator::Epoch(0)).expect("snap");
+        let remote: Vec<Key> =
+            (0..).map(Key).filter(|&k| snapshot.locate(KVDIR, k) == Some(NodeId(2))).take(1024).collect();
+
+        // Request round trip: Get of a key node 2 manages, from node 1.
+        let host = a.supervisor.host().clone();
+        for k in &remote {
+            host.request(KVDIR, *k, get.clone()).await.expect("warm up");
+        }
+        let request_bytes = {
+            let m = Message::Request {
+                id: RequestId { origin: NodeId(1), seq: 1 },
+                service: KVDIR,
+                key: remote[0],
+                epoch: 1,
+                body: get.clone(),
+                wait_ms: 10_000,
+            };
+            codec::encode(&gobelins_supervisor::rpc::Request::Adapt(codec::encode(&m).expect("m")))
+                .expect("encode")
+                .len()
+        };
+        let mut routed = Vec::with_capacity(samples);
+        for i in 0..samples {
+            let k = remote[i % remote.len()];
+            let t = Instant::now();
+            host.request(KVDIR, k, get.clone()).await.expect("get");
+            routed.push(t.elapsed());
+        }
+        routed.sort();
+        let echo = echo_round_trips(request_bytes, samples).await;
+
+        // Redirected once: to node 1, which does not manage the key and says so, then to node 2.
+        let link = TransportLink::new(Arc::new(a.transport.clone()) as Arc<dyn Transport>);
+        let epoch = host.epoch();
+        let mut redirected = Vec::with_capacity(samples / 4);
+        let mut seq = 1u64 << 40;
+        let b_id = NodeId(2);
+        let wrong = TransportLink::new(Arc::new(b.transport.clone()) as Arc<dyn Transport>);
+        for i in 0..samples / 4 {
+            let k = remote[i % remote.len()];
+            seq += 1;
+            let message = |key| Message::Request {
+                id: RequestId { origin: NodeId(99), seq },
+                service: KVDIR,
+                key,
+                epoch,
+                body: get.clone(),
+                wait_ms: 10_000,
+            };
+            let t = Instant::now();
+            // Node 2 asks node 1 (as a stale sender would): Moved; then the manager itself.
+            let first = wrong.call(NodeId(1), codec::encode(&message(k)).expect("e"), Duration::from_secs(5)).await.expect("call");
+            assert!(matches!(codec::decode::<Reply>(&first).expect("d"), Reply::Moved { .. }));
+            let second = link.call(b_id, codec::encode(&message(k)).expect("e"), Duration::from_secs(5)).await.expect("call");
+            assert!(matches!(codec::decode::<Reply>(&second).expect("d"), Reply::Done(_)));
+            redirected.push(t.elapsed());
+        }
+        redirected.sort();
+
+        // Pipelined: 256 requests in flight from node 1 to node 2's keys for 2 s.
+        let stop = Instant::now() + Duration::from_secs(2);
+        let mut tasks = tokio::task::JoinSet::new();
+        for w in 0..256usize {
+            let (host, get, keys) = (host.clone(), get.clone(), remote.clone());
+            tasks.spawn(async move {
+                let mut n = 0u64;
+                let mut i = w;
+                while Instant::now() < stop {
+                    host.request(KVDIR, keys[i % keys.len()], get.clone()).await.expect("get");
+                    n += 1;
+                    i += 7;
+                }
+                n
+            });
+        }
+        let started = Instant::now();
+        let mut done = 0;
+        while let Some(n) = tasks.join_next().await {
+            done += n.expect("task");
+        }
+        let per_second = done as f64 / started.elapsed().as_secs_f64();
+
+        // Migration: fill, then add node 3 and time what the senders ship.
+        let value = vec![5u8; value_bytes];
+        let mut fill = tokio::task::JoinSet::new();
+        let a = Arc::new(a);
+        for w in 0..32u64 {
+            let (a, value) = (Arc::clone(&a), value.clone());
+            let entries = entries as u64;
+            fill.spawn(async move {
+                for key in (w..entries).step_by(32) {
+                    put(&a, key, value.clone()).await;
+                }
+            });
+        }
+        while fill.join_next().await.is_some() {}
+        let before_a = a.supervisor.host().stats();
+        let before_b = b.supervisor.host().stats();
+        let c = Agent::start(TokioNet, &options(root.path(), 3, Start::Join(seed.clone())), gobelins::services())
+            .await
+            .expect("join 3");
+        while !(a.supervisor.state().is_stable()
+            && a.supervisor.state().nodes.get(&3).is_some_and(|r| r.status == NodeStatus::Active))
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let epoch = a.supervisor.state().epoch;
+        let mut bytes = 0;
+        let mut moved = 0;
+        let mut sending = 0.0f64;
+        for (agent, before) in [(&*a, &before_a), (&b, &before_b)] {
+            let stats = agent.supervisor.host().stats();
+            bytes += stats.bytes_sent - before.bytes_sent;
+            moved += stats.entries_sent - before.entries_sent;
+            if let Some(r) = agent.supervisor.host().history().iter().find(|r| r.epoch == epoch) {
+                sending = sending.max(r.sending_ms);
+            }
+        }
+        let raw = raw_transfer(bytes as usize, HostConfig::default().batch_bytes).await;
+        let ours_mbs = bytes as f64 / 1e6 / (sending / 1e3);
+        let raw_mbs = bytes as f64 / 1e6 / raw.as_secs_f64();
+
+        println!("| figure | ours | baseline | ratio | target |");
+        println!("| --- | --- | --- | --- | --- |");
+        let (r50, r99, e50, e99) =
+            (percentile(&routed, 0.5), percentile(&routed, 0.99), percentile(&echo, 0.5), percentile(&echo, 0.99));
+        println!(
+            "| request round trip p50 ({request_bytes} B) | {} | raw TCP echo {} | {:.2}x | ≤ 1.15x |",
+            us(r50), us(e50), r50.as_secs_f64() / e50.as_secs_f64()
+        );
+        println!(
+            "| request round trip p99 | {} | raw TCP echo {} | {:.2}x | ≤ 1.3x |",
+            us(r99), us(e99), r99.as_secs_f64() / e99.as_secs_f64()
+        );
+        let d50 = percentile(&redirected, 0.5);
+        println!(
+            "| redirected once, p50 | {} | raw TCP echo {} | {:.2}x | ≤ 2.2x |",
+            us(d50), us(e50), d50.as_secs_f64() / e50.as_secs_f64()
+        );
+        println!("| pipelined requests to one manager (256 in flight) | {per_second:.0}/s | | | ≥ 100,000/s |");
+        println!(
+            "| migration on join ({moved} entries of {value_bytes} B, {:.1} MB) | {:.0} entries/s, {ours_mbs:.0} MB/s | raw TCP {raw_mbs:.0} MB/s | {:.0}% | ≥ 60% |",
+            bytes as f64 / 1e6,
+            moved as f64 / (sending / 1e3),
+            100.0 * ours_mbs / raw_mbs
+        );
+        c.stop().await;
+        b.stop().await;
+        a.stop().await;
+    });
+}
