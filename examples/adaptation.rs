@@ -201,12 +201,11 @@ fn main() {
         let link = TransportLink::new(Arc::new(a.transport.clone()) as Arc<dyn Transport>);
         let epoch = host.epoch();
         let mut redirected = Vec::with_capacity(samples / 4);
-        let mut seq = 1u64 << 40;
         let b_id = NodeId(2);
         let wrong = TransportLink::new(Arc::new(b.transport.clone()) as Arc<dyn Transport>);
         for i in 0..samples / 4 {
             let k = remote[i % remote.len()];
-            seq += 1;
+            let seq = (1u64 << 40) + i as u64;
             let message = |key| Message::Request {
                 id: RequestId { origin: NodeId(99), seq },
                 service: KVDIR,

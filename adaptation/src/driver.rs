@@ -5,7 +5,7 @@ use crate::host::{ChangeRecord, Inner, Progress, Update};
 use crate::period::{Command, Event, Period, Phase, Role};
 use crate::router::Router;
 use crate::service::{ChangeInfo, Moving};
-use crate::wire::{Answered, Message};
+use crate::wire::{Answered, ByteBuf, Message};
 use gobelins_locator::{Change, Key, NodeId, ServiceId, Snapshot};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -385,13 +385,17 @@ impl Inner {
             batch.push((key, entry));
             if bytes >= self.config.batch_bytes || i + 1 == total {
                 let n = batch.len() as u64;
+                let entries = std::mem::take(&mut batch);
                 let message = Message::Batch {
                     epoch,
                     service,
-                    entries: std::mem::take(&mut batch),
+                    entries: entries.into_iter().map(|(k, e)| (k, ByteBuf::from(e))).collect(),
                     answered: std::mem::take(&mut answered),
                 };
-                if self.deliver(to, &message).await {
+                let t0 = Instant::now();
+                let delivered = self.deliver(to, &message).await;
+                tracing::trace!(entries = n, bytes, node = to.0, took = ?t0.elapsed(), "batch shipped");
+                if delivered {
                     taken += n;
                     self.counters.entries_sent.fetch_add(n, Ordering::Relaxed);
                     self.counters.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);

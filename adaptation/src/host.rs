@@ -15,7 +15,7 @@ use crate::link::Link;
 use crate::registry::Registry;
 use crate::router::{Router, Verdict};
 use crate::service::{Context, Peers};
-use crate::wire::{Answered, Message, Reply, RequestId};
+use crate::wire::{Answered, ByteBuf, Message, Reply, RequestId};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use gobelins_locator::{Change, Key, MigrationPlan, NodeId, ServiceId, ServiceSpec, Snapshot};
@@ -553,9 +553,11 @@ impl Inner {
         from: NodeId,
         epoch: u64,
         service: ServiceId,
-        entries: Vec<(Key, Vec<u8>)>,
+        entries: Vec<(Key, ByteBuf)>,
         answered: Vec<Answered>,
     ) -> Reply {
+        let entries: Vec<(Key, Vec<u8>)> =
+            entries.into_iter().map(|(k, e)| (k, e.into_vec())).collect();
         let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
         let mut begun = self.begun.subscribe();
         let until = Instant::now() + self.config.call_timeout;

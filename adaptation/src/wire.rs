@@ -3,6 +3,7 @@
 
 use gobelins_locator::{Key, NodeId, ServiceId};
 use serde::{Deserialize, Serialize};
+pub use serde_bytes::ByteBuf;
 
 /// Names one request across retries, so that a manager runs it once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -21,6 +22,7 @@ pub struct Answered {
     /// The request.
     pub id: RequestId,
     /// The encoded response.
+    #[serde(with = "serde_bytes")]
     pub response: Vec<u8>,
 }
 
@@ -38,6 +40,7 @@ pub enum Message {
         /// The epoch the sender routed by.
         epoch: u64,
         /// The encoded request.
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
         /// How long the sender will wait, in milliseconds.
         wait_ms: u64,
@@ -49,6 +52,7 @@ pub enum Message {
         /// The key it concerns.
         key: Key,
         /// The encoded request.
+        #[serde(with = "serde_bytes")]
         body: Vec<u8>,
     },
     /// Entries for their new manager in the change to `epoch`.
@@ -58,7 +62,7 @@ pub enum Message {
         /// The service.
         service: ServiceId,
         /// Encoded entries.
-        entries: Vec<(Key, Vec<u8>)>,
+        entries: Vec<(Key, ByteBuf)>,
         /// Answers the old manager gave for these keys, so retries still run once.
         answered: Vec<Answered>,
     },
@@ -73,7 +77,7 @@ pub enum Message {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
     /// The manager's encoded response.
-    Done(Vec<u8>),
+    Done(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The receiver does not manage the key in `epoch`; install it and retry.
     Moved {
         /// The receiver's epoch.

@@ -46,7 +46,7 @@ pub enum Request {
     /// Send your view of the cluster.
     State,
     /// A message for the adaptation layer (a request for a manager, a migration batch, an ack).
-    Adapt(Vec<u8>),
+    Adapt(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// Why a proposal did not produce an outcome.
@@ -94,7 +94,7 @@ pub enum Response {
     /// To `State`.
     View(Box<View>),
     /// The adaptation layer's answer.
-    Adapt(Vec<u8>),
+    Adapt(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The request could not be decoded.
     Malformed(String),
 }

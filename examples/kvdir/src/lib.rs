@@ -31,6 +31,7 @@ pub struct Versioned {
     /// Grows by one with every write of the key.
     pub version: u64,
     /// The bytes stored.
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
 }
 
@@ -38,7 +39,7 @@ pub struct Versioned {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum Request {
     /// Store `value` under the key (to its manager).
-    Put(Vec<u8>),
+    Put(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Read the key (to its manager).
     Get,
     /// Keep these copies (to a backup's local server).
