@@ -376,32 +376,45 @@ impl Inner {
         entries: Vec<(Key, Vec<u8>)>,
         mut answered: Vec<Answered>,
     ) -> u64 {
+        // A few batches in flight rather than one: the wire stays busy while the receiver
+        // stages the previous one. Each is acknowledged; the ack of the change follows them all.
+        const IN_FLIGHT: usize = 4;
+        let mut flying = JoinSet::new();
         let mut taken = 0;
         let mut batch = Vec::new();
         let mut bytes = 0;
         let total = entries.len();
         for (i, (key, entry)) in entries.into_iter().enumerate() {
             bytes += entry.len() + 16;
-            batch.push((key, entry));
+            batch.push((key, ByteBuf::from(entry)));
             if bytes >= self.config.batch_bytes || i + 1 == total {
                 let n = batch.len() as u64;
-                let entries = std::mem::take(&mut batch);
                 let message = Message::Batch {
                     epoch,
                     service,
-                    entries: entries.into_iter().map(|(k, e)| (k, ByteBuf::from(e))).collect(),
+                    entries: std::mem::take(&mut batch),
                     answered: std::mem::take(&mut answered),
                 };
-                let t0 = Instant::now();
-                let delivered = self.deliver(to, &message).await;
-                tracing::trace!(entries = n, bytes, node = to.0, took = ?t0.elapsed(), "batch shipped");
-                if delivered {
-                    taken += n;
-                    self.counters.entries_sent.fetch_add(n, Ordering::Relaxed);
-                    self.counters.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+                if flying.len() >= IN_FLIGHT {
+                    taken += flying.join_next().await.and_then(Result::ok).unwrap_or(0);
                 }
+                let inner = Arc::clone(&self);
+                let size = bytes as u64;
+                flying.spawn(async move {
+                    let t0 = Instant::now();
+                    if !inner.deliver(to, &message).await {
+                        return 0;
+                    }
+                    tracing::trace!(entries = n, bytes = size, node = to.0, took = ?t0.elapsed(), "batch shipped");
+                    inner.counters.entries_sent.fetch_add(n, Ordering::Relaxed);
+                    inner.counters.bytes_sent.fetch_add(size, Ordering::Relaxed);
+                    n
+                });
                 bytes = 0;
             }
+        }
+        while let Some(n) = flying.join_next().await {
+            taken += n.unwrap_or(0);
         }
         if !answered.is_empty() {
             let message = Message::Batch { epoch, service, entries: Vec::new(), answered };
