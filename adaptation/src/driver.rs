@@ -14,6 +14,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+/// Remembered answers per migration message: small enough for any frame.
+const ANSWERS_PER_BATCH: usize = 4096;
+
 /// What reaches the driver.
 pub(crate) enum Input {
     Update(Update),
@@ -76,12 +79,19 @@ impl Driver {
         let me = self.inner.me;
         if self.period.phase() != Phase::Idle {
             let current = self.period.epoch();
+            // Gone: departed, or dropped from the change by the cluster (a failure this node
+            // did not see, because states are coalesced or came from a raft snapshot).
+            let still = update.change.as_ref().filter(|c| c.epoch == current);
             let dead: Vec<NodeId> = match &self.progress {
                 Some(p) => p
                     .participants
                     .iter()
                     .copied()
-                    .filter(|n| update.departed.contains(n) && *n != me)
+                    .filter(|n| {
+                        *n != me
+                            && (update.departed.contains(n)
+                                || still.is_some_and(|c| !c.participants.contains(n)))
+                    })
                     .collect(),
                 None => Vec::new(),
             };
@@ -374,7 +384,7 @@ impl Inner {
         service: ServiceId,
         to: NodeId,
         entries: Vec<(Key, Vec<u8>)>,
-        mut answered: Vec<Answered>,
+        answered: Vec<Answered>,
     ) -> u64 {
         // A few batches in flight rather than one: the wire stays busy while the receiver
         // stages the previous one. Each is acknowledged; the ack of the change follows them all.
@@ -393,7 +403,7 @@ impl Inner {
                     epoch,
                     service,
                     entries: std::mem::take(&mut batch),
-                    answered: std::mem::take(&mut answered),
+                    answered: Vec::new(),
                 };
                 if flying.len() >= IN_FLIGHT {
                     taken += flying.join_next().await.and_then(Result::ok).unwrap_or(0);
@@ -416,8 +426,10 @@ impl Inner {
         while let Some(n) = flying.join_next().await {
             taken += n.unwrap_or(0);
         }
-        if !answered.is_empty() {
-            let message = Message::Batch { epoch, service, entries: Vec::new(), answered };
+        // The answers a retry needs, in batches of their own so that none outgrows a frame.
+        for chunk in answered.chunks(ANSWERS_PER_BATCH) {
+            let message =
+                Message::Batch { epoch, service, entries: Vec::new(), answered: chunk.to_vec() };
             self.deliver(to, &message).await;
         }
         taken

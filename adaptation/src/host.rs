@@ -197,7 +197,9 @@ impl Host {
             done: watch::channel(0).0,
             gate: RwLock::new(()),
             answers: DashMap::new(),
-            seq: AtomicU64::new(1),
+            // Ids must not repeat across restarts of the node, or a manager would answer a new
+            // request with an old request's remembered answer: start each life somewhere new.
+            seq: AtomicU64::new(boot_sequence()),
             departed: Mutex::new(BTreeSet::new()),
             inputs,
             counters: Counters::default(),
@@ -289,6 +291,15 @@ impl Host {
         self.inner.stopped.send_replace(true);
         let _ = self.inner.inputs.send(Input::Stop);
     }
+}
+
+/// A starting point for request numbers that differs from one start of the process to the next.
+fn boot_sequence() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // The top bit clear leaves 2^63 requests before wrapping.
+    gobelins_locator::mix(nanos ^ u64::from(std::process::id())) >> 1
 }
 
 impl Inner {
@@ -462,7 +473,11 @@ impl Inner {
                 return Reply::Done(response);
             }
             let released = *self.released.borrow();
-            let gate = self.gate.read().await;
+            // Bounded: a handle that calls back into this node while a hold waits for the gate
+            // would otherwise wait on itself (the lock is fair to the waiting writer).
+            let Ok(gate) = tokio::time::timeout_at(until, self.gate.read()).await else {
+                return Reply::Late;
+            };
             let routed = self
                 .router
                 .lock()
@@ -606,6 +621,14 @@ impl Inner {
                 Ok(Reply::Accepted) => return true,
                 Ok(Reply::Refused(why)) => {
                     tracing::error!(node = to.0, %why, "node refused a migration message");
+                    return false;
+                }
+                Ok(Reply::Unknown(service)) => {
+                    tracing::error!(
+                        node = to.0,
+                        service,
+                        "node does not host this service; its entries cannot go there"
+                    );
                     return false;
                 }
                 Ok(other) => {
