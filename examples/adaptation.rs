@@ -64,45 +64,50 @@ fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
-/// Round trips of a raw length-prefixed echo over loopback TCP, one in flight.
-async fn echo_round_trips(size: usize, samples: usize) -> Vec<Duration> {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("accept");
+/// A raw length-prefixed echo over loopback TCP, one request in flight.
+struct Echo {
+    socket: TcpStream,
+    frame: Vec<u8>,
+    back: Vec<u8>,
+}
+
+impl Echo {
+    async fn start(size: usize) -> Echo {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            socket.set_nodelay(true).expect("nodelay");
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let Ok(len) = socket.read_u32().await else { return };
+                let body = &mut buf[..len as usize];
+                if socket.read_exact(body).await.is_err() {
+                    return;
+                }
+                let mut frame = Vec::with_capacity(4 + body.len());
+                frame.extend_from_slice(&len.to_be_bytes());
+                frame.extend_from_slice(body);
+                if socket.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let socket = TcpStream::connect(addr).await.expect("connect");
         socket.set_nodelay(true).expect("nodelay");
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let Ok(len) = socket.read_u32().await else { return };
-            let body = &mut buf[..len as usize];
-            if socket.read_exact(body).await.is_err() {
-                return;
-            }
-            let mut frame = Vec::with_capacity(4 + body.len());
-            frame.extend_from_slice(&len.to_be_bytes());
-            frame.extend_from_slice(body);
-            if socket.write_all(&frame).await.is_err() {
-                return;
-            }
-        }
-    });
-    let mut socket = TcpStream::connect(addr).await.expect("connect");
-    socket.set_nodelay(true).expect("nodelay");
-    let payload = vec![7u8; size];
-    let mut frame = Vec::with_capacity(4 + size);
-    frame.extend_from_slice(&(size as u32).to_be_bytes());
-    frame.extend_from_slice(&payload);
-    let mut back = vec![0u8; size];
-    let mut times = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let t = Instant::now();
-        socket.write_all(&frame).await.expect("write");
-        let len = socket.read_u32().await.expect("read len");
-        socket.read_exact(&mut back[..len as usize]).await.expect("read body");
-        times.push(t.elapsed());
+        let mut frame = Vec::with_capacity(4 + size);
+        frame.extend_from_slice(&(size as u32).to_be_bytes());
+        frame.extend_from_slice(&vec![7u8; size]);
+        Echo { socket, frame, back: vec![0u8; size] }
     }
-    times.sort();
-    times
+
+    async fn round_trip(&mut self) -> Duration {
+        let t = Instant::now();
+        self.socket.write_all(&self.frame).await.expect("write");
+        let len = self.socket.read_u32().await.expect("read len");
+        self.socket.read_exact(&mut self.back[..len as usize]).await.expect("read body");
+        t.elapsed()
+    }
 }
 
 /// Seconds to move `total` bytes over loopback TCP in writes of `write_size`, acknowledged once.
@@ -187,15 +192,23 @@ fn main() {
                 .expect("encode")
                 .len()
         };
+        // Interleaved in blocks, so that both see the same machine.
+        let mut echo_client = Echo::start(request_bytes).await;
         let mut routed = Vec::with_capacity(samples);
-        for i in 0..samples {
-            let k = remote[i % remote.len()];
-            let t = Instant::now();
-            host.request(KVDIR, k, get.clone()).await.expect("get");
-            routed.push(t.elapsed());
+        let mut echo = Vec::with_capacity(samples);
+        for block in 0..samples / 500 {
+            for i in 0..500 {
+                let k = remote[(block * 500 + i) % remote.len()];
+                let t = Instant::now();
+                host.request(KVDIR, k, get.clone()).await.expect("get");
+                routed.push(t.elapsed());
+            }
+            for _ in 0..500 {
+                echo.push(echo_client.round_trip().await);
+            }
         }
         routed.sort();
-        let echo = echo_round_trips(request_bytes, samples).await;
+        echo.sort();
 
         // Redirected once: to node 1, which does not manage the key and says so, then to node 2.
         let link = TransportLink::new(Arc::new(a.transport.clone()) as Arc<dyn Transport>);
