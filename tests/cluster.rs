@@ -1,6 +1,9 @@
 //! Black-box tests of the real `gobelins` binary: agents as separate processes on 127.0.0.x,
 //! real TCP, kill -9 and a restart from the data directory.
 
+use gobelins::adaptation::codec;
+use gobelins::kvdir;
+use gobelins::supervisor::control::{self, ControlRequest};
 use serde_json::Value;
 use std::io::Write as _;
 use std::net::{TcpListener, TcpStream};
@@ -233,5 +236,66 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
             "node {} died",
             agent.id
         );
+    }
+}
+
+fn call(socket: &Path, key: u64, request: &kvdir::Request) -> Option<kvdir::Response> {
+    let body = codec::encode(request).expect("encode");
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+    let answer = runtime
+        .block_on(control::request(
+            socket,
+            &ControlRequest::Call { service: kvdir::KVDIR.0, key, body },
+            |_| {},
+        ))
+        .ok()?;
+    let bytes: Vec<u8> = serde_json::from_value(answer["body"].clone()).ok()?;
+    codec::decode(&bytes).ok()
+}
+
+#[test]
+fn a_node_restarted_before_anyone_noticed_comes_back_as_a_new_life_and_loses_nothing() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let addrs: Vec<String> = (1..=3).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
+    let first = start(root.path(), 1, &addrs[0], &["--bootstrap"]);
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let mut agents = vec![first];
+    for i in 2..=3u64 {
+        let extra = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
+        agents.push(start(root.path(), i, &addrs[i as usize - 1], &extra));
+    }
+    let all: Vec<(u64, &str, u64)> = (1..=3).map(|i| (i, "active", 1)).collect();
+    wait_until("three active nodes", limit, || stable_with(&agents[0].dir, &all));
+    let socket = agents[0].dir.join("control.sock");
+    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
+
+    let keys = 600u64;
+    for key in 0..keys {
+        let put = kvdir::Request::Put(key.to_le_bytes().to_vec());
+        assert!(
+            matches!(call(&socket, key, &put), Some(kvdir::Response::Stored { .. })),
+            "write {key}"
+        );
+    }
+
+    // Killed and restarted at once, before the failure detector could notice: the process
+    // lost its services' memory, so its last life must be recovered like a crash.
+    agents[1].child.as_mut().expect("child").kill().expect("kill -9");
+    agents[1].child.as_mut().expect("child").wait().expect("reap");
+    agents[1].child = Some(spawn(&agents[1], &[]));
+    wait_until("node 2 back as a new life", limit, || {
+        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "active", 2), (3, "active", 1)])
+    });
+    for socket in [socket.clone(), agents[1].dir.join("control.sock")] {
+        for key in 0..keys {
+            let value = match call(&socket, key, &kvdir::Request::Get) {
+                Some(kvdir::Response::Value(Some(v))) => v.value,
+                other => panic!("key {key} through {}: {other:?}", socket.display()),
+            };
+            assert_eq!(value, key.to_le_bytes().to_vec(), "key {key}");
+        }
     }
 }

@@ -6,7 +6,7 @@ use crate::error::{Result, SupervisorError};
 use crate::link::TransportLink;
 use crate::net::{Net, TokioNet};
 use crate::secret::ClusterSecret;
-use crate::state::Command;
+use crate::state::{Command, NodeStatus, Refusal};
 use crate::store;
 use crate::supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
 use crate::tcp::{Identity, TcpConfig, TcpTransport};
@@ -196,6 +196,9 @@ impl<N: Net> Agent<N> {
             }
             Start::Resume => {}
         }
+        if options.start == Start::Resume {
+            tokio::spawn(start_new_life(Arc::clone(&supervisor)));
+        }
         tokio::spawn(register(Arc::clone(&supervisor)));
         Ok(Agent { supervisor, transport: tcp, dir })
     }
@@ -204,6 +207,46 @@ impl<N: Net> Agent<N> {
     pub async fn stop(&self) {
         self.supervisor.shutdown().await;
         self.transport.shutdown();
+    }
+}
+
+/// After a restart the services' memory of the last life is gone, so that life must end the
+/// way a crash does: the cluster commits its failure (and rebuilds its entries from the
+/// survivors' replicas), and this process joins as a new life. Until then its host serves
+/// nothing.
+async fn start_new_life(supervisor: Arc<Supervisor>) {
+    let (me, incarnation) = (supervisor.id(), supervisor.incarnation());
+    let live = supervisor.state().nodes.get(&me).is_some_and(|r| {
+        r.incarnation == incarnation
+            && matches!(r.status, NodeStatus::Joining | NodeStatus::Active | NodeStatus::Leaving)
+    });
+    if live {
+        let fail = Command::Fail { node: me, incarnation };
+        match supervisor.propose_until(fail, Duration::from_secs(60)).await {
+            Ok(Ok(_)) => tracing::warn!(
+                node = me,
+                incarnation,
+                "restarted: the cluster recovers this node's last life from replicas; rejoining as a new one"
+            ),
+            Ok(Err(Refusal::LastNode(_))) => {
+                tracing::warn!(
+                    node = me,
+                    "restarted as the only node of the cluster: its services start empty"
+                );
+                supervisor.admit_life();
+                return;
+            }
+            Ok(Err(refusal)) => tracing::debug!(%refusal, "last life already ended"),
+            Err(error) => tracing::warn!(%error, "could not end the last life yet; asking the peers"),
+        }
+    }
+    let pause = supervisor.config().failure_timeout;
+    while !supervisor.life_admitted() {
+        Arc::clone(&supervisor).check_fenced().await;
+        if *supervisor.lifecycle().borrow() == Lifecycle::Left {
+            return;
+        }
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -23,7 +23,7 @@ use gobelins_locator::{Epoch, Labels, NodeId, Snapshot};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -150,6 +150,10 @@ pub struct Supervisor {
     detector: Mutex<Option<Detector>>,
     reported: AtomicU64,
     host: Host,
+    /// Whether the cluster admitted this process's life (bootstrap or join). Until then the
+    /// host is not fed: a restarted process has lost its services' memory and must not serve
+    /// its old keys as empty.
+    admitted: AtomicBool,
     lifecycle: watch::Sender<Lifecycle>,
     /// Persists a new incarnation before the node rejoins with it.
     save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
@@ -198,6 +202,7 @@ impl Supervisor {
             detector: Mutex::new(None),
             reported: AtomicU64::new(0),
             host: parts.host,
+            admitted: AtomicBool::new(false),
             lifecycle,
             save_incarnation: parts.save_incarnation,
             shutdown: CancellationToken::new(),
@@ -207,6 +212,11 @@ impl Supervisor {
         tokio::spawn(Arc::clone(&node).duties());
         tokio::spawn(Arc::clone(&node).leader_duties());
         Ok(node)
+    }
+
+    /// The timers this node runs with.
+    pub fn config(&self) -> &SupervisorConfig {
+        &self.config
     }
 
     /// The node's adaptation layer: its services, requests and migrations.
@@ -283,7 +293,19 @@ impl Supervisor {
     pub async fn bootstrap(&self) -> Result<Outcome> {
         let members = BTreeMap::from([(self.me.id, BasicNode::new(&self.me.addr))]);
         self.raft.initialize(members).await.map_err(|e| SupervisorError::Raft(e.to_string()))?;
-        self.propose_until(self.join_command(), Duration::from_secs(10)).await
+        let outcome = self.propose_until(self.join_command(), Duration::from_secs(10)).await?;
+        self.admit_life();
+        Ok(outcome)
+    }
+
+    /// Lets this process's life serve: its host is fed the cluster's state from now on.
+    pub fn admit_life(&self) {
+        self.admitted.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether this process's life was admitted by the cluster.
+    pub fn life_admitted(&self) -> bool {
+        self.admitted.load(Ordering::SeqCst)
     }
 
     /// Asks the cluster at `seed` to admit this node; retries until `deadline`.
@@ -300,7 +322,12 @@ impl Supervisor {
             let bytes = Bytes::from(codec::encode(&request)?);
             match self.transport.call_addr(seed, bytes, self.config.rpc_timeout * 3).await {
                 Ok((_, reply)) => match codec::decode::<Response>(&reply)? {
-                    Response::Proposed(Ok(outcome)) => return Ok(outcome),
+                    Response::Proposed(Ok(outcome)) => {
+                        if outcome.is_ok() {
+                            self.admit_life();
+                        }
+                        return Ok(outcome);
+                    }
                     Response::Proposed(Err(e)) => last = e.to_string(),
                     _ => last = "seed answered with the wrong message".into(),
                 },
@@ -518,7 +545,9 @@ impl Supervisor {
             }) {
                 self.lifecycle.send_replace(Lifecycle::Left);
             }
-            fed.feed(&self.host, &current);
+            if self.life_admitted() {
+                fed.feed(&self.host, &current);
+            }
             self.report_progress(&current);
         }
     }
@@ -564,7 +593,7 @@ impl Supervisor {
     /// under a new incarnation, as a new life of the same node, through the freshest leader.
     /// Every peer is asked and the newest view decides, since a peer that left or was cut off
     /// holds a frozen view.
-    async fn check_fenced(self: Arc<Self>) {
+    pub(crate) async fn check_fenced(self: Arc<Self>) {
         let peers: Vec<(u64, String)> = self
             .state()
             .nodes
