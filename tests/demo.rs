@@ -1,7 +1,8 @@
 //! Black-box test of the README's main command: `gobelins demo` starts real agent processes,
 //! keeps clients writing, adds, evicts and kills nodes, and must fail nothing and lose nothing.
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_gobelins");
 
@@ -15,12 +16,29 @@ fn field(line: &str, name: &str) -> u64 {
 #[test]
 fn the_demo_fails_no_request_and_loses_no_entry() {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let output = Command::new(BIN)
+    let mut child = Command::new(BIN)
         .args(["demo", "--keys", "3000", "--clients", "4", "--dir"])
         .arg(dir.path().join("demo"))
         .env("RUST_LOG", "warn,openraft=error")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run gobelins demo");
+    // A demo that hangs must fail the test, not the CI's time limit.
+    let started = Instant::now();
+    while child.try_wait().expect("poll the demo").is_none() {
+        if started.elapsed() > Duration::from_secs(180) {
+            let _ = child.kill();
+            let output = child.wait_with_output().expect("collect the demo's output");
+            panic!(
+                "the demo did not finish within 180 s:\n{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let output = child.wait_with_output().expect("collect the demo's output");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");

@@ -95,7 +95,17 @@ impl Driver {
                     .collect(),
                 None => Vec::new(),
             };
+            let awaited = self.period.awaiting();
             for node in dead {
+                // Only a sender whose ack never came may have left entries undelivered; one
+                // that acked (then left, say) handed everything over.
+                if awaited.contains(&node) {
+                    if let (Some(router), Some(progress)) =
+                        (self.inner.router.lock().expect("router").as_mut(), &self.progress)
+                    {
+                        router.keep_orphans(node, &progress.plan);
+                    }
+                }
                 self.step(Event::ParticipantFailed { node, epoch: current }).await;
             }
             let same = update.change.as_ref().is_some_and(|c| c.epoch == current);
@@ -217,8 +227,13 @@ impl Driver {
                     return vec![Event::BeforeDone(service)];
                 };
                 let ctx = inner.context(None);
-                if let Change::Fail(failed) = info.change {
-                    match plugin.scan(&ctx, failed).await {
+                if let Change::Fail(failed) | Change::Recover(failed) = info.change {
+                    let (plan, spec) = match (&self.progress, inner.registry.spec(service)) {
+                        (Some(p), Some(spec)) => (&p.plan, spec.clone()),
+                        _ => return vec![Event::BeforeDone(service)],
+                    };
+                    let orphans = Moving::new(spec, plan.outgoing_of(service, failed));
+                    match plugin.scan(&ctx, failed, &orphans).await {
                         Ok(entries) => {
                             let n = entries.len() as u64;
                             inner.counters.entries_rebuilt.fetch_add(n, Ordering::Relaxed);
@@ -278,6 +293,11 @@ impl Driver {
             Command::ReleaseHeld { .. } => {
                 if let Some(router) = inner.router.lock().expect("router").as_mut() {
                     router.release();
+                    if let Some(Change::Fail(dead) | Change::Recover(dead)) =
+                        self.progress.as_ref().map(|p| &p.change)
+                    {
+                        router.recovered(*dead);
+                    }
                 }
                 inner.released.send_modify(|r| *r += 1);
                 Vec::new()

@@ -46,12 +46,15 @@ pub struct Router {
     snapshot: Arc<Snapshot>,
     /// Per service, the slot ranges whose manager changes in the period under way.
     moving: BTreeMap<ServiceId, Vec<Range<u32>>>,
+    /// Slots a node died before handing over, per dead node: held past the period's end,
+    /// until the change that recovers the node has rebuilt them.
+    orphaned: BTreeMap<NodeId, BTreeMap<ServiceId, Vec<Range<u32>>>>,
 }
 
 impl Router {
     /// A router for node `me` at `snapshot`'s epoch.
     pub fn new(me: NodeId, snapshot: Arc<Snapshot>) -> Self {
-        Router { me, snapshot, moving: BTreeMap::new() }
+        Router { me, snapshot, moving: BTreeMap::new(), orphaned: BTreeMap::new() }
     }
 
     /// The epoch requests are routed by.
@@ -64,9 +67,9 @@ impl Router {
         &self.snapshot
     }
 
-    /// Whether a period holds any key right now.
+    /// Whether any key is held right now.
     pub fn is_holding(&self) -> bool {
-        !self.moving.is_empty()
+        !self.moving.is_empty() || !self.orphaned.is_empty()
     }
 
     /// Starts holding the keys that `plan` moves (the period's first phase).
@@ -86,9 +89,24 @@ impl Router {
         }
     }
 
-    /// Ends the period: nothing is held any more.
+    /// Ends the period: what it held is released (not what dead senders left orphaned).
     pub fn release(&mut self) {
         self.moving.clear();
+    }
+
+    /// `dead` died before handing over its moves in `plan`: keep holding the slots it was to
+    /// send here after the period ends, until [`Router::recovered`].
+    pub fn keep_orphans(&mut self, dead: NodeId, plan: &MigrationPlan) {
+        let mine = self.orphaned.entry(dead).or_default();
+        for service in &plan.services {
+            let slots = service.moves.iter().filter(|m| m.from == dead && m.to == self.me);
+            mine.entry(service.service).or_default().extend(slots.map(|m| m.slots.clone()));
+        }
+    }
+
+    /// The change that recovers `dead` is over: its orphans have been rebuilt.
+    pub fn recovered(&mut self, dead: NodeId) {
+        self.orphaned.remove(&dead);
     }
 
     /// Decides what to do with a request for `key` of `service` from a sender at `epoch`.
@@ -106,8 +124,10 @@ impl Router {
             };
         };
         let slot = table.slot_of(key);
-        if self.moving.get(&service).is_some_and(|ranges| ranges.iter().any(|r| r.contains(&slot)))
-        {
+        let held = |ranges: &BTreeMap<ServiceId, Vec<Range<u32>>>| {
+            ranges.get(&service).is_some_and(|r| r.iter().any(|r| r.contains(&slot)))
+        };
+        if held(&self.moving) || self.orphaned.values().any(held) {
             return Verdict::Hold;
         }
         if table.locate(key) == self.me {

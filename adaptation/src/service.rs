@@ -202,9 +202,15 @@ pub trait Service: Send + Sync + 'static {
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo);
 
     /// After `failed` died, rebuilds from what this node holds locally (a replica, a page copy)
-    /// the entries that `failed` managed (`ctx.snapshot()` still names it as their manager).
-    /// Entries it cannot rebuild are simply not returned: they are lost, never invented.
-    async fn scan(&self, ctx: &Context, failed: NodeId) -> Vec<(Key, Self::Entry)>;
+    /// the entries of the keys in `orphans`: those `failed` managed or had not yet handed over
+    /// (`orphans.destination(key)` is `Some` for them, naming the new manager). Entries it
+    /// cannot rebuild are simply not returned: they are lost, never invented.
+    async fn scan(
+        &self,
+        ctx: &Context,
+        failed: NodeId,
+        orphans: &Moving,
+    ) -> Vec<(Key, Self::Entry)>;
 }
 
 /// A service as the layer holds it: the same methods, in bytes.
@@ -241,6 +247,7 @@ pub trait Plugin: Send + Sync {
         &self,
         ctx: &Context,
         failed: NodeId,
+        orphans: &Moving,
     ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError>;
 }
 
@@ -308,7 +315,8 @@ impl<S: Service> Plugin for Erased<S> {
         &self,
         ctx: &Context,
         failed: NodeId,
+        orphans: &Moving,
     ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError> {
-        encode_entries(self.0.scan(ctx, failed).await)
+        encode_entries(self.0.scan(ctx, failed, orphans).await)
     }
 }

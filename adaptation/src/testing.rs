@@ -16,7 +16,8 @@ use crate::service::{plugin, Service};
 use async_trait::async_trait;
 use dashmap::DashMap;
 use gobelins_locator::{
-    CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, Snapshot, TreeConfig,
+    CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, ServicePlan, Snapshot,
+    TreeConfig,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -161,31 +162,78 @@ impl MemCluster {
     /// Applies `change` and waits until every participant has reported done, then tells
     /// every host the epoch is stable.
     pub async fn change(&mut self, change: Change) {
+        let progress = self.begin(change, Vec::new());
+        self.finish(progress).await;
+    }
+
+    /// Applies `change` and crashes `victim` as soon as the change has begun, before it can
+    /// hand anything over; then carries out what the supervisor would: the change finishes
+    /// without the victim, and the victim's failure is recovered (`Fail` if it is still in
+    /// the tree, `Recover` if the change took it out), moves it had not finished included.
+    pub async fn change_and_crash(&mut self, change: Change, victim: NodeId) {
+        let mut progress = self.begin(change, Vec::new());
+        self.net.crashed.insert(victim, ());
+        if let Some((_, host)) = self.net.hosts.remove(&victim) {
+            host.shutdown();
+        }
+        self.departed.insert(victim);
+        progress.participants.remove(&victim);
+        let unfinished: Vec<ServicePlan> = progress
+            .plan
+            .services
+            .iter()
+            .map(|s| ServicePlan {
+                service: s.service,
+                name: s.name.clone(),
+                moves: s.moves.iter().filter(|m| m.from == victim).cloned().collect(),
+            })
+            .filter(|s| !s.moves.is_empty())
+            .collect();
+        self.broadcast(Some(progress.clone()), self.snapshot());
+        self.finish(progress).await;
+        // Consensus takes a moment to start the recovery; requests keep arriving meanwhile.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let recovery =
+            if self.tree.contains(victim) { Change::Fail(victim) } else { Change::Recover(victim) };
+        let progress = self.begin(recovery, unfinished);
+        self.finish(progress).await;
+    }
+
+    fn begin(&mut self, change: Change, unfinished: Vec<ServicePlan>) -> Progress {
         let before = self.tree.snapshot(Epoch(self.epoch)).ok();
         let report = self.tree.apply(&change).expect("the locator accepts the change");
         self.epoch += 1;
         let after = Arc::new(self.tree.snapshot(Epoch(self.epoch)).expect("nodes remain"));
-        let plan = match &before {
+        let mut plan = match &before {
             Some(old) => MigrationPlan::between(old, &after),
             None => MigrationPlan::nothing(Epoch(self.epoch - 1), Epoch(self.epoch)),
         };
+        for extra in unfinished {
+            match plan.services.iter_mut().find(|s| s.service == extra.service) {
+                Some(service) => service.moves.extend(extra.moves),
+                None => plan.services.push(extra),
+            }
+        }
         let mut participants = report.participants.clone();
-        if matches!(change, Change::Fail(_)) {
+        if matches!(change, Change::Fail(_) | Change::Recover(_)) {
             participants.extend(self.tree.nodes());
         }
         participants.retain(|n| !self.departed.contains(n));
-        let progress =
-            Progress { epoch: self.epoch, change, participants: participants.clone(), plan };
-        self.broadcast(Some(progress), Arc::clone(&after));
-        for node in &participants {
+        let progress = Progress { epoch: self.epoch, change, participants, plan };
+        self.broadcast(Some(progress.clone()), after);
+        progress
+    }
+
+    async fn finish(&mut self, progress: Progress) {
+        for node in &progress.participants {
             let mut done = self.host(*node).done();
-            let epoch = self.epoch;
+            let epoch = progress.epoch;
             tokio::time::timeout(Duration::from_secs(60), done.wait_for(|&d| d >= epoch))
                 .await
                 .expect("a participant finishes its part within a minute")
                 .expect("host alive");
         }
-        self.broadcast(None, after);
+        self.broadcast(None, self.snapshot());
     }
 
     fn broadcast(&self, change: Option<Progress>, snapshot: Arc<Snapshot>) {
@@ -300,7 +348,13 @@ pub async fn conformance<P: Probe>(probe: P, keys: u64) -> Verdict {
     if probe.survives_one_failure() {
         cluster.fail(added).await;
         settle().await;
-        verdict.changes += 1;
+        // A node dies in the middle of its own eviction, before it sends anything out.
+        let victim = cluster.add().await;
+        settle().await;
+        // Last, and with no pause after it: writes made while its orphans wait for recovery
+        // must be the last ones, or later rounds would hide a lost write.
+        cluster.change_and_crash(Change::Evict(victim), victim).await;
+        verdict.changes += 4;
     }
     stop.store(true, Ordering::Relaxed);
     for node in cluster.nodes() {

@@ -64,7 +64,7 @@ impl Service for Kv {
         self.live.lock().expect("lock").extend(staged);
     }
 
-    async fn scan(&self, _ctx: &Context, _failed: NodeId) -> Vec<(Key, String)> {
+    async fn scan(&self, _ctx: &Context, _failed: NodeId, _orphans: &Moving) -> Vec<(Key, String)> {
         // No replicas: nothing can be rebuilt, and nothing is invented.
         Vec::new()
     }
@@ -159,7 +159,13 @@ async fn a_batch_that_does_not_decode_is_refused_whole() {
     let value: Option<String> =
         codec::decode(&kv.handle(&ctx(), Key(1), &get).await.expect("get")).expect("decode");
     assert_eq!(value, None, "no half batch was staged");
-    assert!(kv.scan(&ctx(), NodeId(2)).await.expect("scan").is_empty(), "nothing invented");
+    assert!(
+        kv.scan(&ctx(), NodeId(2), &Moving::new(Kv::default().spec(), Vec::new()))
+            .await
+            .expect("scan")
+            .is_empty(),
+        "nothing invented"
+    );
 }
 
 struct Named(ServiceSpec);
@@ -179,7 +185,7 @@ impl Service for Named {
     }
     async fn receive(&self, _: &Context, _: NodeId, _: Vec<(Key, ())>) {}
     async fn after_migration(&self, _: &Context, _: &ChangeInfo) {}
-    async fn scan(&self, _: &Context, _: NodeId) -> Vec<(Key, ())> {
+    async fn scan(&self, _: &Context, _: NodeId, _: &Moving) -> Vec<(Key, ())> {
         Vec::new()
     }
 }

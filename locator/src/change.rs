@@ -24,6 +24,10 @@ pub enum Change {
     Evict(NodeId),
     /// A node died; the others rebuild its entries.
     Fail(NodeId),
+    /// A node died in the middle of a change after it had left the tree (an evicted node
+    /// dying while it sends its entries out). The tree does not change; the survivors rebuild
+    /// what it had not handed over.
+    Recover(NodeId),
     /// Move slots from the most to the least loaded leaf cell if the most loaded one is above
     /// `max_over_avg_permille` thousandths of the average load per node. Evictions and failures
     /// only ever burden their own cell, so a cluster that shrinks unevenly needs this now and
@@ -38,7 +42,10 @@ impl Change {
     /// The node being added or removed, if any (the report's requesting node).
     pub fn node(&self) -> Option<NodeId> {
         match self {
-            Change::Add { node, .. } | Change::Evict(node) | Change::Fail(node) => Some(*node),
+            Change::Add { node, .. }
+            | Change::Evict(node)
+            | Change::Fail(node)
+            | Change::Recover(node) => Some(*node),
             Change::Register(_) | Change::Rebalance { .. } => None,
         }
     }
@@ -55,6 +62,7 @@ impl fmt::Display for Change {
             }
             Change::Evict(node) => write!(f, "evict {node}"),
             Change::Fail(node) => write!(f, "fail {node}"),
+            Change::Recover(node) => write!(f, "recover {node}"),
             Change::Rebalance { max_over_avg_permille } => {
                 write!(f, "rebalance above {:.3}x", f64::from(*max_over_avg_permille) / 1000.0)
             }

@@ -23,6 +23,7 @@ impl CellTree {
             Change::Add { node, labels } => next.add(*node, labels)?,
             Change::Evict(node) | Change::Fail(node) => next.remove(*node)?,
             Change::Rebalance { max_over_avg_permille } => next.rebalance(*max_over_avg_permille),
+            Change::Recover(_) => ChangeReport::default(),
         };
         *self = next;
         Ok(report)

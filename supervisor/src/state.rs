@@ -10,7 +10,8 @@
 //! ```
 
 use gobelins_locator::{
-    CellTree, Change, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServiceSpec, TreeConfig,
+    CellTree, Change, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServicePlan, ServiceSpec,
+    TreeConfig,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -212,6 +213,11 @@ pub struct ClusterState {
     pub in_progress: Option<InProgress>,
     /// Changes waiting their turn, oldest first.
     pub queue: VecDeque<Change>,
+    /// Moves a node had not finished when it died in the middle of a change, kept until the
+    /// change that recovers it (its `Fail`, or `Recover` if it had left the tree) rebuilds
+    /// them from the survivors.
+    #[serde(default)]
+    pub interrupted: BTreeMap<u64, Vec<ServicePlan>>,
 }
 
 impl Default for ClusterState {
@@ -229,6 +235,7 @@ impl ClusterState {
             epoch: 0,
             in_progress: None,
             queue: VecDeque::new(),
+            interrupted: BTreeMap::new(),
         })
     }
 
@@ -339,6 +346,14 @@ impl ClusterState {
         self.set_status(node, NodeStatus::Failed);
         // Whatever the dead node had asked for is void; its entries must be rebuilt.
         self.queue.retain(|c| c.node() != Some(NodeId(node)));
+        if let Some(moves) = self.in_progress.as_ref().map(|p| unfinished(p, NodeId(node))) {
+            if !moves.is_empty() {
+                self.interrupted.insert(node, moves);
+                if !self.tree.contains(NodeId(node)) {
+                    self.queue.push_front(Change::Recover(NodeId(node)));
+                }
+            }
+        }
         if self.tree.contains(NodeId(node)) {
             // Recovery goes before voluntary changes: its entries have no manager meanwhile.
             self.queue.push_front(Change::Fail(NodeId(node)));
@@ -420,7 +435,10 @@ impl ClusterState {
         let (node, from, to) = match progress.change {
             Change::Add { node, .. } => (node.0, NodeStatus::Joining, NodeStatus::Active),
             Change::Evict(node) => (node.0, NodeStatus::Leaving, NodeStatus::Left),
-            Change::Fail(_) | Change::Register(_) | Change::Rebalance { .. } => return,
+            Change::Fail(_)
+            | Change::Recover(_)
+            | Change::Register(_)
+            | Change::Rebalance { .. } => return,
         };
         if self.nodes.get(&node).map(|r| r.status) == Some(from) {
             self.set_status(node, to);
@@ -433,14 +451,17 @@ impl ClusterState {
             let before = self.tree.snapshot(Epoch(self.epoch)).ok();
             match self.tree.apply(&change) {
                 // A rebalance of a balanced cluster: nothing to do.
-                Ok(report) if report.cells.is_empty() && !matches!(change, Change::Register(_)) => {
+                Ok(report)
+                    if report.cells.is_empty()
+                        && !matches!(change, Change::Register(_) | Change::Recover(_)) =>
+                {
                     continue
                 }
                 Ok(report) => {
                     self.epoch += 1;
                     let mut participants: BTreeSet<u64> =
                         report.participants.iter().map(|n| n.0).collect();
-                    if matches!(change, Change::Fail(_)) {
+                    if matches!(change, Change::Fail(_) | Change::Recover(_)) {
                         // Any survivor may hold what the dead node's entries are rebuilt from.
                         participants.extend(self.live());
                     }
@@ -448,10 +469,19 @@ impl ClusterState {
                         self.nodes.get(n).is_some_and(|r| r.status != NodeStatus::Failed)
                     });
                     let epoch = self.epoch;
-                    let plan = match (&before, self.tree.snapshot(Epoch(epoch))) {
+                    let mut plan = match (&before, self.tree.snapshot(Epoch(epoch))) {
                         (Some(old), Ok(new)) => MigrationPlan::between(old, &new),
                         _ => MigrationPlan::nothing(Epoch(epoch - 1), Epoch(epoch)),
                     };
+                    if let Change::Fail(dead) | Change::Recover(dead) = &change {
+                        // What it had not handed over is rebuilt with the rest.
+                        for extra in self.interrupted.remove(&dead.0).unwrap_or_default() {
+                            match plan.services.iter_mut().find(|s| s.service == extra.service) {
+                                Some(service) => service.moves.extend(extra.moves),
+                                None => plan.services.push(extra),
+                            }
+                        }
+                    }
                     let empty = participants.is_empty();
                     self.in_progress = Some(InProgress {
                         epoch,
@@ -492,6 +522,24 @@ impl ClusterState {
         }
         None
     }
+}
+
+/// The moves out of `node` in the change under way: what it may not have handed over.
+fn unfinished(progress: &InProgress, node: NodeId) -> Vec<ServicePlan> {
+    if progress.change == Change::Fail(node) || progress.change == Change::Recover(node) {
+        return Vec::new();
+    }
+    progress
+        .plan
+        .services
+        .iter()
+        .map(|s| ServicePlan {
+            service: s.service,
+            name: s.name.clone(),
+            moves: s.moves.iter().filter(|m| m.from == node).cloned().collect(),
+        })
+        .filter(|s| !s.moves.is_empty())
+        .collect()
 }
 
 #[cfg(test)]

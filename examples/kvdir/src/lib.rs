@@ -8,7 +8,7 @@
 //! - Every write is copied to the manager's *backup*, the next node in the table, before it is
 //!   acknowledged. After each change the manager copies all its entries to its (maybe new)
 //!   backup.
-//! - `scan(failed)` returns the replicas this node holds of keys `failed` managed. Two
+//! - `scan(failed, orphans)` returns the replicas this node holds of the orphaned keys. Two
 //!   survivors may hold different versions of one key; the newest wins when they are merged.
 #![deny(missing_docs)]
 
@@ -184,13 +184,17 @@ impl Service for KvDir {
         self.replicate(ctx, all).await;
     }
 
-    async fn scan(&self, ctx: &Context, failed: NodeId) -> Vec<(Key, Versioned)> {
-        let Some(snapshot) = ctx.snapshot() else { return Vec::new() };
+    async fn scan(
+        &self,
+        _ctx: &Context,
+        _failed: NodeId,
+        orphans: &Moving,
+    ) -> Vec<(Key, Versioned)> {
         self.replicas
             .lock()
             .expect("replicas")
             .iter()
-            .filter(|(k, _)| snapshot.locate(KVDIR, **k) == Some(failed))
+            .filter(|(k, _)| orphans.destination(**k).is_some())
             .map(|(k, v)| (*k, v.clone()))
             .collect()
     }
