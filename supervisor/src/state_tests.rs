@@ -247,3 +247,35 @@ fn epochs_never_go_backwards_and_every_change_settles() {
     assert_eq!(active, in_tree);
     assert_eq!(state.live(), active);
 }
+
+#[test]
+fn a_node_dying_during_its_own_eviction_is_recovered_with_the_moves_it_had_not_finished() {
+    let mut state = ClusterState::default();
+    state.apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "kv"))).expect("reg");
+    for n in 1..=3 {
+        state.apply(&join(n)).expect("join");
+        settle(&mut state);
+    }
+    state.apply(&Evict { node: 3 }).expect("evict");
+    let eviction = state.in_progress.clone().expect("the eviction began");
+    let leaving: u64 = eviction.plan.services.iter().map(|s| s.moved_slots()).sum();
+    assert!(leaving > 0, "node 3 has slots to hand over");
+    // Node 3 dies before it reports: nobody waits for it, and a recovery is queued.
+    state.apply(&Fail { node: 3, incarnation: 1 }).expect("fail");
+    assert_eq!(status(&state, 3), NodeStatus::Failed);
+    let still = state.in_progress.clone().expect("the survivors finish the eviction");
+    assert!(!still.participants.contains(&3));
+    assert_eq!(state.queue.front(), Some(&Change::Recover(NodeId(3))));
+    for node in still.participants {
+        state.apply(&done(node, still.epoch)).expect("report");
+    }
+    let recovery = state.in_progress.clone().expect("the recovery begins next");
+    assert_eq!(recovery.change, Change::Recover(NodeId(3)));
+    assert_eq!(recovery.participants, BTreeSet::from([1, 2]));
+    let rebuilt: u64 = recovery.plan.services.iter().map(|s| s.moved_slots()).sum();
+    assert_eq!(rebuilt, leaving, "every slot node 3 was handing over is rebuilt");
+    assert!(state.interrupted.is_empty());
+    settle(&mut state);
+    assert!(state.is_stable());
+    assert_eq!(status(&state, 3), NodeStatus::Failed, "a dead leaver stays failed");
+}
