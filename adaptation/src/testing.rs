@@ -178,17 +178,7 @@ impl MemCluster {
         }
         self.departed.insert(victim);
         progress.participants.remove(&victim);
-        let unfinished: Vec<ServicePlan> = progress
-            .plan
-            .services
-            .iter()
-            .map(|s| ServicePlan {
-                service: s.service,
-                name: s.name.clone(),
-                moves: s.moves.iter().filter(|m| m.from == victim).cloned().collect(),
-            })
-            .filter(|s| !s.moves.is_empty())
-            .collect();
+        let unfinished = progress.plan.moves_from(victim);
         self.broadcast(Some(progress.clone()), self.snapshot());
         self.finish(progress).await;
         // Consensus takes a moment to start the recovery; requests keep arriving meanwhile.
@@ -208,12 +198,7 @@ impl MemCluster {
             Some(old) => MigrationPlan::between(old, &after),
             None => MigrationPlan::nothing(Epoch(self.epoch - 1), Epoch(self.epoch)),
         };
-        for extra in unfinished {
-            match plan.services.iter_mut().find(|s| s.service == extra.service) {
-                Some(service) => service.moves.extend(extra.moves),
-                None => plan.services.push(extra),
-            }
-        }
+        plan.absorb(unfinished);
         let mut participants = report.participants.clone();
         if matches!(change, Change::Fail(_) | Change::Recover(_)) {
             participants.extend(self.tree.nodes());

@@ -66,6 +66,30 @@ impl MigrationPlan {
             .collect()
     }
 
+    /// The moves out of `node`, per service; services with none are left out. When `node`
+    /// dies in the middle of the change, these are what it may not have handed over.
+    pub fn moves_from(&self, node: NodeId) -> Vec<ServicePlan> {
+        self.services
+            .iter()
+            .map(|s| ServicePlan {
+                service: s.service,
+                name: s.name.clone(),
+                moves: s.moves.iter().filter(|m| m.from == node).cloned().collect(),
+            })
+            .filter(|s| !s.moves.is_empty())
+            .collect()
+    }
+
+    /// Adds `extra` moves (another change's unfinished ones) to this plan.
+    pub fn absorb(&mut self, extra: Vec<ServicePlan>) {
+        for plan in extra {
+            match self.services.iter_mut().find(|s| s.service == plan.service) {
+                Some(service) => service.moves.extend(plan.moves),
+                None => self.services.push(plan),
+            }
+        }
+    }
+
     /// Compares two snapshots slot by slot.
     pub fn between(old: &Snapshot, new: &Snapshot) -> MigrationPlan {
         let mut services = Vec::new();

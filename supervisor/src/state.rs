@@ -475,12 +475,7 @@ impl ClusterState {
                     };
                     if let Change::Fail(dead) | Change::Recover(dead) = &change {
                         // What it had not handed over is rebuilt with the rest.
-                        for extra in self.interrupted.remove(&dead.0).unwrap_or_default() {
-                            match plan.services.iter_mut().find(|s| s.service == extra.service) {
-                                Some(service) => service.moves.extend(extra.moves),
-                                None => plan.services.push(extra),
-                            }
-                        }
+                        plan.absorb(self.interrupted.remove(&dead.0).unwrap_or_default());
                     }
                     let empty = participants.is_empty();
                     self.in_progress = Some(InProgress {
@@ -529,17 +524,7 @@ fn unfinished(progress: &InProgress, node: NodeId) -> Vec<ServicePlan> {
     if progress.change == Change::Fail(node) || progress.change == Change::Recover(node) {
         return Vec::new();
     }
-    progress
-        .plan
-        .services
-        .iter()
-        .map(|s| ServicePlan {
-            service: s.service,
-            name: s.name.clone(),
-            moves: s.moves.iter().filter(|m| m.from == node).cloned().collect(),
-        })
-        .filter(|s| !s.moves.is_empty())
-        .collect()
+    progress.plan.moves_from(node)
 }
 
 #[cfg(test)]
