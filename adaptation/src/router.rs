@@ -67,11 +67,6 @@ impl Router {
         &self.snapshot
     }
 
-    /// Whether any key is held right now.
-    pub fn is_holding(&self) -> bool {
-        !self.moving.is_empty() || !self.orphaned.is_empty()
-    }
-
     /// Starts holding the keys that `plan` moves (the period's first phase).
     pub fn hold(&mut self, plan: &MigrationPlan) {
         self.moving = plan

@@ -59,11 +59,7 @@ impl MigrationPlan {
 
     /// The moves out of `node` for `service`, in slot order.
     pub fn outgoing_of(&self, service: ServiceId, node: NodeId) -> Vec<SlotMove> {
-        self.services
-            .iter()
-            .filter(|s| s.service == service)
-            .flat_map(|s| s.moves.iter().filter(|m| m.from == node).cloned())
-            .collect()
+        self.outgoing(node).filter(|(s, _)| *s == service).map(|(_, m)| m.clone()).collect()
     }
 
     /// The moves out of `node`, per service; services with none are left out. When `node`
