@@ -272,6 +272,12 @@ impl Host {
         self.inner.request(service, key, body).await
     }
 
+    /// A context for code outside the service callbacks (a client library on this node, say):
+    /// it routes by the epoch requests are routed by now.
+    pub fn context(&self) -> Context {
+        self.inner.context(None)
+    }
+
     /// Answers a message from the host on node `from` (the supervisor's handler calls it).
     pub async fn handle(&self, from: NodeId, bytes: &[u8]) -> Vec<u8> {
         let reply = match codec::decode::<Message>(bytes) {

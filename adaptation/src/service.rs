@@ -155,6 +155,11 @@ impl Moving {
         self.moves.iter().find(|m| m.slots.contains(&slot)).map(|m| m.to)
     }
 
+    /// The slots that go to `node`.
+    pub fn slots_to(&self, node: NodeId) -> impl Iterator<Item = u32> + '_ {
+        self.moves.iter().filter(move |m| m.to == node).flat_map(|m| m.slots.clone())
+    }
+
     /// Whether nothing leaves.
     pub fn is_empty(&self) -> bool {
         self.moves.is_empty()

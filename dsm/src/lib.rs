@@ -1,5 +1,37 @@
 //! Distributed shared memory for gobelins (DESIGN.md, "Services", DSM).
 //!
-//! Not built yet: segments of 4 KiB pages kept sequentially consistent by write-invalidate, with
-//! page managers found through the locator.
+//! Segments of 4 KiB pages, kept sequentially consistent by write-invalidate: one writer or
+//! many readers per page. Each page has a directory entry (owner, copyset, version) kept by
+//! its manager, which the locator names ([`Placement::Locator`]) or, for the report's baseline,
+//! `page % n` ([`Placement::Static`]).
+//!
+//! ```text
+//!   read fault   reader ──ReadFault──▶ manager ──Fetch(keep)──▶ owner      (the manager then
+//!                reader ◀──Copy─────── manager ◀──Page─────────  owner       keeps a copy too)
+//!   write fault  writer ──WriteFault─▶ manager ──Invalidate──▶ every reader
+//!                                              ──Fetch(drop)──▶ owner
+//!                writer ◀──Grant────── manager
+//! ```
+//!
+//! The plug-in ([`DsmService`]) moves directory entries when managers change; an evicted node
+//! first hands the pages it owns to their managers. After a failure, survivors report the copies
+//! they hold (`scan`) and the new managers rebuild the entries; a page whose every copy died is
+//! reported [`DsmError::Lost`], never zero-filled. With [`DsmConfig::backups`], every page
+//! written also lives on a second node, so that one failure loses nothing.
 #![deny(missing_docs)]
+
+mod client;
+mod directory;
+mod error;
+mod frames;
+mod node;
+mod page;
+mod protocol;
+mod service;
+
+pub use client::{Dsm, LockGuard, Placement, ReadGuard, Segment, WriteGuard};
+pub use error::DsmError;
+pub use node::{DsmConfig, DsmNode, DSM, DSM_SLOTS};
+pub use page::{PageId, MAX_SEGMENT, PAGE_SIZE};
+pub use protocol::{Request, Response};
+pub use service::DsmService;

@@ -1,0 +1,361 @@
+//! The DSM as a program on a node uses it: page guards, byte ranges, locks and barriers.
+
+use crate::error::DsmError;
+use crate::frames::{zeros, Bytes, Frame};
+use crate::node::{DsmNode, NodeState, DSM};
+use crate::page::{barrier_key, lock_key, named, Named, PageId, PAGE_SIZE};
+use crate::protocol::{Request, Response, Token};
+use gobelins_adaptation::Host;
+use gobelins_locator::{Key, NodeId};
+use serde_bytes::ByteBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::OwnedMutexGuard;
+
+/// How a node finds a page's manager.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Through the locator, by way of the adaptation layer: managers move with the cluster.
+    Locator,
+    /// `page % n` over the sorted live nodes, sent straight to that node: the report's STAT
+    /// baseline. It does not follow changes; use it only on a cluster that keeps its nodes.
+    Static,
+}
+
+/// A region of pages, `len` bytes long, named by `id`. Nothing is created cluster-wide: a page
+/// never written reads as zeros.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    /// The segment id, at most [`crate::MAX_SEGMENT`].
+    pub id: u32,
+    /// Its length in bytes.
+    pub len: u64,
+}
+
+impl Segment {
+    /// A segment of `len` bytes.
+    pub fn new(id: u32, len: u64) -> Self {
+        Segment { id, len }
+    }
+
+    /// Pages it spans.
+    pub fn pages(&self) -> u32 {
+        self.len.div_ceil(PAGE_SIZE as u64) as u32
+    }
+
+    /// Its page `page`.
+    pub fn page(&self, page: u32) -> PageId {
+        PageId { segment: self.id, page }
+    }
+}
+
+/// A consistent copy of a page, as of when it was taken.
+#[derive(Clone, Debug)]
+pub struct ReadGuard {
+    version: u64,
+    data: Bytes,
+}
+
+impl ReadGuard {
+    /// The version read.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+}
+
+impl std::ops::Deref for ReadGuard {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// Exclusive write access to a page. Changes become visible to other nodes only at
+/// [`WriteGuard::commit`]; dropping the guard discards them. Hold one write guard at a time:
+/// a node that waits for a page while it holds another can deadlock with a node doing the
+/// opposite (the access then fails with [`DsmError::Stuck`]).
+pub struct WriteGuard {
+    dsm: Dsm,
+    page: PageId,
+    frame: Arc<Frame>,
+    version: u64,
+    data: Vec<u8>,
+    _writer: OwnedMutexGuard<()>,
+}
+
+impl std::fmt::Debug for WriteGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteGuard").field("page", &self.page).field("version", &self.version).finish()
+    }
+}
+
+impl WriteGuard {
+    /// The version this node owns the page at.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+
+    /// Publishes the changes; with backups on, returns once the backup holds them too.
+    pub async fn commit(self) -> Result<(), DsmError> {
+        let data = Arc::new(self.data);
+        let backup = {
+            let mut s = self.frame.lock();
+            s.data = Some(Arc::clone(&data));
+            s.backup_node
+        };
+        if let Some(node) = backup.filter(|&b| b != self.dsm.me()) {
+            let request = Request::Backup {
+                page: self.page,
+                version: self.version,
+                data: ByteBuf::from(data.to_vec()),
+            };
+            let ctx = self.dsm.host.context();
+            match ctx.tell::<_, Response>(node, DSM, self.page.key(), &request).await {
+                Ok(Response::Ok) => {}
+                Ok(other) => return Err(DsmError::Protocol(format!("backup answered {other:?}"))),
+                // The backup died: the page is still here; the next write fault picks another.
+                Err(e) => tracing::warn!(page = ?self.page, error = %e, "dsm: backup not stored"),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::ops::Deref for WriteGuard {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+impl std::ops::DerefMut for WriteGuard {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        &mut self.data
+    }
+}
+
+/// A lock held; [`LockGuard::unlock`] releases it.
+#[derive(Debug)]
+pub struct LockGuard {
+    dsm: Dsm,
+    id: u64,
+    token: Token,
+}
+
+impl LockGuard {
+    /// Releases the lock.
+    pub async fn unlock(self) -> Result<(), DsmError> {
+        self.dsm.state().held.lock().expect("held").remove(&self.id);
+        self.dsm.ask(lock_key(self.id), &Request::Release(self.token)).await.map(|_| ())
+    }
+}
+
+/// A node's handle on the DSM. Cheap to clone.
+#[derive(Clone)]
+pub struct Dsm {
+    node: DsmNode,
+    host: Host,
+    placement: Placement,
+}
+
+impl std::fmt::Debug for Dsm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dsm").field("node", &self.host.node()).field("placement", &self.placement).finish()
+    }
+}
+
+impl Dsm {
+    /// The DSM of the node `host` belongs to; `node` must be the [`DsmNode`] registered there.
+    pub fn new(node: DsmNode, host: Host) -> Self {
+        Dsm { node, host, placement: Placement::Locator }
+    }
+
+    /// The same handle, finding managers by `placement`.
+    pub fn with_placement(mut self, placement: Placement) -> Self {
+        self.placement = placement;
+        self
+    }
+
+    fn state(&self) -> &NodeState {
+        &self.node.inner
+    }
+
+    fn me(&self) -> NodeId {
+        self.host.node()
+    }
+
+    /// Sends `request` to the manager of `key`, asking again while the manager says to.
+    async fn ask(&self, key: Key, request: &Request) -> Result<Response, DsmError> {
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_micros(500);
+        loop {
+            let ctx = self.host.context();
+            let answer: Response = match self.placement {
+                Placement::Locator => ctx.request(DSM, key, request).await?,
+                Placement::Static => {
+                    let nodes = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
+                    if nodes.is_empty() {
+                        return Err(DsmError::Protocol("this node has not joined a cluster".into()));
+                    }
+                    let index = match named(key) {
+                        Named::Page(p) => u64::from(p.page),
+                        Named::Lock(id) | Named::Barrier(id) => id,
+                        Named::Taint => 0,
+                    };
+                    let manager = nodes[(index % nodes.len() as u64) as usize];
+                    ctx.tell(manager, DSM, key, request).await?
+                }
+            };
+            match answer {
+                Response::Retry | Response::Busy | Response::Waiting => {
+                    let waited = started.elapsed();
+                    if waited > self.state().config.access_deadline {
+                        let page = match named(key) {
+                            Named::Page(page) => page,
+                            _ => PageId { segment: u32::MAX, page: key.0 as u32 },
+                        };
+                        return Err(DsmError::Stuck { page, waited_ms: waited.as_millis() as u64 });
+                    }
+                    if !matches!(answer, Response::Waiting) {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(20));
+                    }
+                }
+                Response::Invalid(why) => return Err(DsmError::Protocol(why)),
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// Reads `page`: from the copy held here, or fetched from its holder through its manager.
+    pub async fn read(&self, page: PageId) -> Result<ReadGuard, DsmError> {
+        let frame = self.state().frames.frame(page);
+        if let Some((version, data)) = frame.readable() {
+            return Ok(ReadGuard { version, data });
+        }
+        match self.ask(page.key(), &Request::ReadFault { node: self.me() }).await? {
+            Response::Copy { version, data } => {
+                let data = data.map_or_else(zeros, |d| Arc::new(d.into_vec()));
+                frame.install_read(version, Arc::clone(&data));
+                Ok(ReadGuard { version, data })
+            }
+            Response::Lost => Err(DsmError::Lost { page }),
+            other => Err(DsmError::Protocol(format!("a read fault answered {other:?}"))),
+        }
+    }
+
+    /// Takes write access to `page`: every other copy is invalidated first.
+    pub async fn write(&self, page: PageId) -> Result<WriteGuard, DsmError> {
+        let frame = self.state().frames.frame(page);
+        loop {
+            let writer = Arc::clone(&frame.writer).lock_owned().await;
+            let (have, writable) = {
+                let s = frame.lock();
+                (s.data.as_ref().map(|_| s.version), s.write && s.data.is_some())
+            };
+            if writable {
+                let s = frame.lock();
+                let data = s.data.as_ref().map(|d| d.to_vec()).expect("writable");
+                let version = s.version;
+                drop(s);
+                return Ok(WriteGuard { dsm: self.clone(), page, frame, version, data, _writer: writer });
+            }
+            // The fault may take the page from another node, which may need this frame: let go.
+            drop(writer);
+            let answer = self.ask(page.key(), &Request::WriteFault { node: self.me(), have }).await?;
+            match answer {
+                Response::Grant { version, data, zero, backup } => {
+                    let data = match (data, zero) {
+                        (Some(d), _) => Some(Arc::new(d.into_vec())),
+                        (None, true) => Some(zeros()),
+                        (None, false) => None,
+                    };
+                    frame.install_grant(version, data, backup);
+                }
+                Response::Lost => return Err(DsmError::Lost { page }),
+                other => return Err(DsmError::Protocol(format!("a write fault answered {other:?}"))),
+            }
+        }
+    }
+
+    /// Starts a lost page afresh, zero-filled: the way out of [`DsmError::Lost`] once the
+    /// program has decided what to do about the lost contents.
+    pub async fn discard(&self, page: PageId) -> Result<(), DsmError> {
+        self.ask(page.key(), &Request::Discard).await.map(|_| ())
+    }
+
+    fn check(segment: &Segment, offset: u64, len: usize) -> Result<(), DsmError> {
+        let end = offset.checked_add(len as u64).unwrap_or(u64::MAX);
+        if end > segment.len {
+            return Err(DsmError::OutOfRange { segment: segment.id, offset, end, len: segment.len });
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`, page by page (each page is read consistently; the
+    /// range as a whole is not atomic: take a lock for that).
+    pub async fn read_at(&self, segment: &Segment, offset: u64, buf: &mut [u8]) -> Result<(), DsmError> {
+        Self::check(segment, offset, buf.len())?;
+        let mut done = 0;
+        while done < buf.len() {
+            let at = offset + done as u64;
+            let page = segment.page((at / PAGE_SIZE as u64) as u32);
+            let within = (at % PAGE_SIZE as u64) as usize;
+            let n = (PAGE_SIZE - within).min(buf.len() - done);
+            let guard = self.read(page).await?;
+            buf[done..done + n].copy_from_slice(&guard[within..within + n]);
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Writes `bytes` at `offset`, page by page, each page committed before the next.
+    pub async fn write_at(&self, segment: &Segment, offset: u64, bytes: &[u8]) -> Result<(), DsmError> {
+        Self::check(segment, offset, bytes.len())?;
+        let mut done = 0;
+        while done < bytes.len() {
+            let at = offset + done as u64;
+            let page = segment.page((at / PAGE_SIZE as u64) as u32);
+            let within = (at % PAGE_SIZE as u64) as usize;
+            let n = (PAGE_SIZE - within).min(bytes.len() - done);
+            let mut guard = self.write(page).await?;
+            guard[within..within + n].copy_from_slice(&bytes[done..done + n]);
+            guard.commit().await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Takes cluster-wide lock `id`, waiting while another holds it. A lock held by a node
+    /// that fails is freed.
+    pub async fn lock(&self, id: u64) -> Result<LockGuard, DsmError> {
+        let token = Token { node: self.me(), seq: self.state().seq.fetch_add(1, Ordering::Relaxed) };
+        match self.ask(lock_key(id), &Request::Acquire(token)).await? {
+            Response::Granted => {
+                self.state().held.lock().expect("held").insert(id, token);
+                Ok(LockGuard { dsm: self.clone(), id, token })
+            }
+            other => Err(DsmError::Protocol(format!("acquire answered {other:?}"))),
+        }
+    }
+
+    /// Waits until `parties` nodes have reached barrier `id` (one participant per node: every
+    /// node calls it the same number of times).
+    pub async fn barrier(&self, id: u64, parties: u32) -> Result<(), DsmError> {
+        let generation = {
+            let mut gens = self.state().generations.lock().expect("generations");
+            let g = gens.entry(id).or_insert(0);
+            *g += 1;
+            *g
+        };
+        self.state().waiting.lock().expect("waiting").insert(id, generation);
+        let request = Request::Arrive { participant: self.me().0, generation, parties };
+        let answer = self.ask(barrier_key(id), &request).await;
+        self.state().waiting.lock().expect("waiting").remove(&id);
+        match answer? {
+            Response::Passed => Ok(()),
+            other => Err(DsmError::Protocol(format!("a barrier answered {other:?}"))),
+        }
+    }
+}

@@ -1,0 +1,129 @@
+//! The manager's pure decisions about a page entry: repairing it when nodes leave, and
+//! rebuilding it from survivors' copies when its manager died.
+
+use crate::protocol::PageEntry;
+use gobelins_locator::NodeId;
+
+/// One survivor's copy of a page, as `scan` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Report {
+    pub(crate) holder: NodeId,
+    pub(crate) version: u64,
+    pub(crate) owned: bool,
+    pub(crate) backup: bool,
+}
+
+/// Mends `entry` after nodes left (`live` says who is still here). An owner that left gives
+/// the page to a reader holding the current version, else to its backup, else the page is
+/// lost. Returns whether anything changed.
+pub(crate) fn repair(entry: &mut PageEntry, live: impl Fn(NodeId) -> bool) -> bool {
+    let before = entry.clone();
+    entry.copyset.retain(|&n| live(n));
+    if entry.backup.is_some_and(|b| !live(b)) {
+        entry.backup = None;
+    }
+    if let Some(owner) = entry.owner.filter(|&o| !live(o)) {
+        // Readers exist only while the owner shares, and then they hold exactly its version.
+        if let Some(&reader) = entry.copyset.iter().find(|&&n| n != owner) {
+            entry.owner = Some(reader);
+        } else if let Some(backup) = entry.backup {
+            entry.owner = Some(backup);
+            entry.copyset = [backup].into();
+            entry.backup = None;
+        } else {
+            entry.owner = None;
+            entry.copyset.clear();
+            entry.lost = true;
+        }
+    }
+    *entry != before
+}
+
+/// The entry of a page whose manager died, from the copies survivors hold. The newest version
+/// wins: a write grant invalidates every older copy first, so an older copy that survived is
+/// only ever a leftover that the newest one supersedes. `None` when nobody holds anything.
+pub(crate) fn rebuild(reports: &[Report]) -> Option<PageEntry> {
+    let version = reports.iter().map(|r| r.version).max()?;
+    let current: Vec<&Report> = reports.iter().filter(|r| r.version == version).collect();
+    let copies: Vec<NodeId> = current.iter().filter(|r| !r.backup).map(|r| r.holder).collect();
+    let owned = current.iter().find(|r| r.owned && !r.backup).map(|r| r.holder);
+    let backups: Vec<NodeId> = current.iter().filter(|r| r.backup).map(|r| r.holder).collect();
+    let owner = owned.or_else(|| copies.iter().min().copied()).or_else(|| backups.iter().min().copied())?;
+    let mut copyset: std::collections::BTreeSet<NodeId> = copies.into_iter().collect();
+    copyset.insert(owner);
+    let backup = backups.into_iter().find(|&b| b != owner);
+    Some(PageEntry { owner: Some(owner), copyset, version, backup, lost: false })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(id: u64) -> NodeId {
+        NodeId(id)
+    }
+
+    fn entry(owner: u64, copyset: &[u64], backup: Option<u64>) -> PageEntry {
+        PageEntry {
+            owner: Some(n(owner)),
+            copyset: copyset.iter().map(|&i| n(i)).collect(),
+            version: 4,
+            backup: backup.map(n),
+            lost: false,
+        }
+    }
+
+    #[test]
+    fn a_dead_sharing_owner_hands_the_page_to_a_reader() {
+        let mut e = entry(1, &[1, 2, 3], None);
+        assert!(repair(&mut e, |x| x != n(1)));
+        assert_eq!(e.owner, Some(n(2)));
+        assert_eq!(e.copyset, [n(2), n(3)].into());
+        assert!(!e.lost);
+    }
+
+    #[test]
+    fn a_dead_writing_owner_falls_back_on_its_backup() {
+        let mut e = entry(1, &[1], Some(3));
+        assert!(repair(&mut e, |x| x != n(1)));
+        assert_eq!(e.owner, Some(n(3)));
+        assert_eq!(e.copyset, [n(3)].into());
+        assert_eq!(e.backup, None);
+    }
+
+    #[test]
+    fn a_dead_sole_owner_without_backup_means_a_lost_page() {
+        let mut e = entry(1, &[1], Some(3));
+        assert!(repair(&mut e, |x| x != n(1) && x != n(3)));
+        assert!(e.lost);
+        assert_eq!(e.owner, None);
+    }
+
+    #[test]
+    fn a_dead_reader_only_leaves_the_copyset() {
+        let mut e = entry(1, &[1, 2], None);
+        assert!(repair(&mut e, |x| x != n(2)));
+        assert_eq!(e.owner, Some(n(1)));
+        assert_eq!(e.copyset, [n(1)].into());
+        assert!(!repair(&mut e, |x| x != n(2)));
+    }
+
+    #[test]
+    fn rebuild_keeps_the_newest_copies_and_their_owner() {
+        let r = |h, version, owned, backup| Report { holder: n(h), version, owned, backup };
+        let e = rebuild(&[r(2, 3, false, false), r(3, 5, false, false), r(4, 5, true, false), r(5, 5, false, true)])
+            .expect("copies survive");
+        assert_eq!(e.version, 5);
+        assert_eq!(e.owner, Some(n(4)));
+        assert_eq!(e.copyset, [n(3), n(4)].into());
+        assert_eq!(e.backup, Some(n(5)));
+    }
+
+    #[test]
+    fn rebuild_from_a_backup_alone_makes_it_the_owner() {
+        let e = rebuild(&[Report { holder: n(6), version: 9, owned: false, backup: true }])
+            .expect("the backup survives");
+        assert_eq!((e.owner, e.version, e.backup), (Some(n(6)), 9, None));
+        assert_eq!(rebuild(&[]), None);
+    }
+}

@@ -1,0 +1,43 @@
+//! The DSM's one error type.
+
+use crate::page::PageId;
+use gobelins_adaptation::AdaptationError;
+
+/// Why a DSM operation failed. None of them leaves a page half written.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DsmError {
+    /// Every copy of the page died with the nodes that held it. Its contents are gone; they
+    /// are never replaced by zeros. [`crate::Dsm::discard`] starts the page afresh.
+    #[error("page {page:?} was lost: every node holding a copy failed (turn on backups to survive one failure)")]
+    Lost {
+        /// The page.
+        page: PageId,
+    },
+    /// An access outside the segment.
+    #[error("bytes {offset}..{end} are outside segment {segment} of {len} bytes")]
+    OutOfRange {
+        /// The segment.
+        segment: u32,
+        /// Where the access began.
+        offset: u64,
+        /// Where it ended.
+        end: u64,
+        /// The segment's length.
+        len: u64,
+    },
+    /// The page's manager could not finish in time: the node holding the page stayed
+    /// unreachable. Nothing changed; the access can be retried.
+    #[error("page {page:?}: its holder did not answer within {waited_ms} ms")]
+    Stuck {
+        /// The page.
+        page: PageId,
+        /// How long the access tried.
+        waited_ms: u64,
+    },
+    /// The adaptation layer could not deliver a request.
+    #[error(transparent)]
+    Adaptation(#[from] AdaptationError),
+    /// A peer answered something this version does not expect.
+    #[error("protocol: {0}")]
+    Protocol(String),
+}

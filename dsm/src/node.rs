@@ -1,0 +1,120 @@
+//! One node's DSM: the frames it holds and the directory entries it manages, shared by the
+//! service the adaptation layer calls and the [`crate::Dsm`] clients on the node.
+
+use crate::frames::Frames;
+use crate::protocol::{BarrierEntry, Entry, LockEntry, PageEntry, Token};
+use crate::service::DsmService;
+use dashmap::DashMap;
+use gobelins_adaptation::ChangeInfo;
+use gobelins_locator::{Key, ServiceId, ServiceSpec};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Mutex as AsyncMutex, Notify};
+
+/// The DSM's service id.
+pub const DSM: ServiceId = ServiceId(1);
+
+/// Slots of the DSM's directory.
+pub const DSM_SLOTS: u32 = 4096;
+
+/// How a node's DSM behaves.
+#[derive(Clone, Debug)]
+pub struct DsmConfig {
+    /// Keep a backup copy of every page written on a second node (ICARE), so that a single
+    /// failure loses no page. Costs a round trip per commit.
+    pub backups: bool,
+    /// How long a manager waits for a page's holder to hand it over before telling the
+    /// faulting node to ask again.
+    pub fetch_wait: Duration,
+    /// How long an access keeps asking before it fails with [`crate::DsmError::Stuck`].
+    pub access_deadline: Duration,
+}
+
+impl Default for DsmConfig {
+    fn default() -> Self {
+        DsmConfig {
+            backups: false,
+            fetch_wait: Duration::from_secs(1),
+            access_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A directory entry as its manager keeps it.
+#[derive(Debug)]
+pub(crate) enum Live {
+    Page(PageEntry),
+    Lock(LockEntry),
+    Barrier(BarrierEntry),
+    Taint,
+}
+
+/// One node's DSM state. Cheap to clone; every clone is the same node.
+#[derive(Clone)]
+pub struct DsmNode {
+    pub(crate) inner: Arc<NodeState>,
+}
+
+pub(crate) struct NodeState {
+    pub(crate) config: DsmConfig,
+    pub(crate) spec: ServiceSpec,
+    pub(crate) frames: Frames,
+    /// The entries this node manages.
+    pub(crate) live: DashMap<Key, Arc<AsyncMutex<Live>>>,
+    /// Entries received during a change, merged when it ends.
+    pub(crate) staged: Mutex<Vec<(Key, Entry)>>,
+    /// Wakes arrivals waiting at a barrier this node manages.
+    pub(crate) barriers: DashMap<Key, Arc<Notify>>,
+    /// The change in progress.
+    pub(crate) change: Mutex<Option<ChangeInfo>>,
+    /// Locks this node's clients hold, for a rebuilding manager.
+    pub(crate) held: Mutex<HashMap<u64, Token>>,
+    /// Barriers this node's clients wait at: id → generation.
+    pub(crate) waiting: Mutex<HashMap<u64, u64>>,
+    /// Generations passed, per barrier, by this node's clients.
+    pub(crate) generations: Mutex<HashMap<u64, u64>>,
+    pub(crate) seq: std::sync::atomic::AtomicU64,
+}
+
+impl DsmNode {
+    /// A node's DSM with nothing in it.
+    pub fn new(config: DsmConfig) -> Self {
+        DsmNode {
+            inner: Arc::new(NodeState {
+                config,
+                spec: DsmNode::declaration(),
+                frames: Frames::default(),
+                live: DashMap::new(),
+                staged: Mutex::new(Vec::new()),
+                barriers: DashMap::new(),
+                change: Mutex::new(None),
+                held: Mutex::new(HashMap::new()),
+                waiting: Mutex::new(HashMap::new()),
+                generations: Mutex::new(HashMap::new()),
+                seq: std::sync::atomic::AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The declaration every node registers: pages by runs of one, so that page `p` falls in
+    /// slot `p % slots` and neighbouring pages spread over managers.
+    pub fn declaration() -> ServiceSpec {
+        ServiceSpec::new(DSM, "dsm").with_slots(DSM_SLOTS).with_runs(1)
+    }
+
+    /// The plug-in to register with the adaptation layer.
+    pub fn service(&self) -> DsmService {
+        DsmService { node: self.clone() }
+    }
+
+    /// Directory entries this node manages.
+    pub fn managed(&self) -> usize {
+        self.inner.live.len()
+    }
+
+    /// Pages this node holds a valid copy of.
+    pub fn resident(&self) -> usize {
+        self.inner.frames.all().iter().filter(|(_, f)| f.readable().is_some()).count()
+    }
+}

@@ -1,0 +1,195 @@
+//! What nodes say to page managers and to each other, and the entries that migrate.
+
+use crate::page::PageId;
+use gobelins_locator::NodeId;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Who holds a lock: a node and the number it drew.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    /// The holding node; its failure frees the lock.
+    pub node: NodeId,
+    /// Unique on that node.
+    pub seq: u64,
+}
+
+/// A request: to a page's (or lock's, or barrier's) manager, or to a node's local server.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Request {
+    /// To the manager: `node` wants a read copy.
+    ReadFault {
+        /// The reader.
+        node: NodeId,
+    },
+    /// To the manager: `node` wants to write; `have` is the version of the copy it holds.
+    WriteFault {
+        /// The writer.
+        node: NodeId,
+        /// Its copy's version, if it holds one.
+        have: Option<u64>,
+    },
+    /// To the manager: an evicted owner hands over its page.
+    Surrender {
+        /// The leaving owner.
+        node: NodeId,
+        /// The version it owns.
+        version: u64,
+        /// The page.
+        data: ByteBuf,
+    },
+    /// To the manager: start a lost page afresh, zero-filled.
+    Discard,
+    /// To a lock's manager.
+    Acquire(Token),
+    /// To a lock's manager.
+    Release(Token),
+    /// To a barrier's manager: `participant` reached `generation` of a barrier of `parties`.
+    Arrive {
+        /// Who arrived.
+        participant: u64,
+        /// How many times it has passed this barrier before, plus one.
+        generation: u64,
+        /// How many participants the barrier waits for.
+        parties: u32,
+    },
+    /// To a holder, from the manager: send your copy of `page` at `version`; keep a read
+    /// copy (a reader faulted) or drop it (a writer faulted).
+    Fetch {
+        /// The page.
+        page: PageId,
+        /// The version the manager knows the holder has.
+        version: u64,
+        /// Keep a read-only copy.
+        keep: bool,
+    },
+    /// To a copy holder, from the manager: drop copies of `page` at or below `version`.
+    Invalidate {
+        /// The page.
+        page: PageId,
+        /// The newest version to drop.
+        version: u64,
+    },
+    /// To a backup node, from a manager whose page's owner died: make the backup the page,
+    /// owned, at `version`.
+    Promote {
+        /// The page.
+        page: PageId,
+        /// The entry's version.
+        version: u64,
+    },
+    /// To a backup node, from the owner: keep this copy in case the owner fails.
+    Backup {
+        /// The page.
+        page: PageId,
+        /// The owner's version.
+        version: u64,
+        /// The page as last committed.
+        data: ByteBuf,
+    },
+}
+
+/// The answers.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Response {
+    /// A read copy. `data` is `None` for a page never written (all zeros).
+    Copy {
+        /// The page's version.
+        version: u64,
+        /// The page, unless zero.
+        data: Option<ByteBuf>,
+    },
+    /// Write access at `version`. `data` is `None` when the writer's copy is already current
+    /// (or the page was never written and `zero` is set).
+    Grant {
+        /// The new version.
+        version: u64,
+        /// The page, when the writer lacks it.
+        data: Option<ByteBuf>,
+        /// The page was never written: start from zeros.
+        zero: bool,
+        /// Where the owner keeps its backup copy, when backups are on.
+        backup: Option<NodeId>,
+    },
+    /// Every copy of the page was lost.
+    Lost,
+    /// The manager could not reach the page's holder this time; ask again.
+    Retry,
+    /// A fetched page.
+    Page(ByteBuf),
+    /// The holder no longer has (or never had) that version.
+    Missing,
+    /// Done.
+    Ok,
+    /// The lock is yours.
+    Granted,
+    /// The lock is held by someone else.
+    Busy,
+    /// Everyone reached the barrier.
+    Passed,
+    /// Still waiting for others: arrive again.
+    Waiting,
+    /// The request does not fit the key it was sent to.
+    Invalid(String),
+}
+
+/// A page's directory entry: the manager's knowledge of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageEntry {
+    /// The node that wrote it last and answers for it; `None` if never written.
+    pub owner: Option<NodeId>,
+    /// Nodes holding a valid read copy at `version` (the owner among them once it shares).
+    pub copyset: BTreeSet<NodeId>,
+    /// Grows with every write grant.
+    pub version: u64,
+    /// Where the owner keeps its backup copy.
+    pub backup: Option<NodeId>,
+    /// Every copy died.
+    pub lost: bool,
+}
+
+/// A lock's entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockEntry {
+    /// Who holds it.
+    pub holder: Option<Token>,
+}
+
+/// A barrier's entry.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BarrierEntry {
+    /// Generations up to this one have passed.
+    pub passed: u64,
+    /// Who reached each generation not yet passed.
+    pub arrived: BTreeMap<u64, BTreeSet<u64>>,
+}
+
+/// What travels from an old manager to a new one, or from a survivor to a rebuilding manager.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Entry {
+    /// A page's entry; `frame` carries the page itself when its owner is the evicted sender.
+    Page {
+        /// The entry.
+        entry: PageEntry,
+        /// The page, handed over with its entry.
+        frame: Option<ByteBuf>,
+    },
+    /// A survivor's copy of a page whose manager died, for `scan`.
+    Copy {
+        /// The survivor.
+        holder: NodeId,
+        /// Its copy's version.
+        version: u64,
+        /// It owned the page.
+        owned: bool,
+        /// The copy is a backup (kept for an owner), not a read copy.
+        backup: bool,
+    },
+    /// A lock's entry.
+    Lock(LockEntry),
+    /// A barrier's entry.
+    Barrier(BarrierEntry),
+    /// The slot's manager died: pages of the slot with no entry were lost.
+    Taint,
+}

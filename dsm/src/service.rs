@@ -1,0 +1,684 @@
+//! The DSM as the adaptation layer sees it: the manager's side of write-invalidate (Li and
+//! Hudak's fixed distributed manager, with the manager found by the locator), the holder's
+//! side, and what happens to entries and frames when the cluster changes.
+
+use crate::directory::{rebuild, repair, Report};
+use crate::frames::Bytes;
+use crate::node::{DsmNode, Live, DSM};
+use crate::page::{named, taint_key, Named, PageId};
+use crate::protocol::{Entry, LockEntry, PageEntry, Request, Response};
+use async_trait::async_trait;
+use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
+use gobelins_locator::{Change, Key, NodeId, ServiceSpec};
+use serde_bytes::ByteBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex as AsyncMutex;
+
+/// How long a barrier's manager keeps an arrival waiting before telling it to ask again. Short,
+/// because a change waits for handlers in progress before it moves entries.
+const BARRIER_POLL: Duration = Duration::from_millis(20);
+
+/// The plug-in: register it with [`gobelins_adaptation::plugin`].
+pub struct DsmService {
+    pub(crate) node: DsmNode,
+}
+
+fn live_in(ctx: &Context) -> impl Fn(NodeId) -> bool + '_ {
+    move |n| ctx.snapshot().is_none_or(|s| s.nodes().contains(&n))
+}
+
+fn page_bytes(data: &Bytes) -> ByteBuf {
+    ByteBuf::from(data.to_vec())
+}
+
+impl DsmService {
+    fn state(&self) -> &crate::node::NodeState {
+        &self.node.inner
+    }
+
+    /// The manager's entry for `key`, made on first use. A page with no entry in a slot whose
+    /// manager died is lost, not new.
+    fn slot(&self, key: Key) -> Arc<AsyncMutex<Live>> {
+        let st = self.state();
+        if let Some(s) = st.live.get(&key) {
+            return Arc::clone(&s);
+        }
+        let fresh = match named(key) {
+            Named::Page(_) => {
+                let tainted = st.live.contains_key(&taint_key(st.spec.slot_of(key)));
+                Live::Page(PageEntry { lost: tainted, ..PageEntry::default() })
+            }
+            Named::Lock(_) => Live::Lock(LockEntry::default()),
+            Named::Barrier(_) => Live::Barrier(Default::default()),
+            Named::Taint => Live::Taint,
+        };
+        Arc::clone(&st.live.entry(key).or_insert_with(|| Arc::new(AsyncMutex::new(fresh))))
+    }
+
+    /// Asks `holder` for its copy of `page` at `version`.
+    async fn fetch_from(
+        &self,
+        ctx: &Context,
+        holder: NodeId,
+        page: PageId,
+        version: u64,
+        keep: bool,
+    ) -> Option<Bytes> {
+        let answer = if holder == ctx.node() {
+            self.state().frames.frame(page).fetch(version, keep, self.state().config.fetch_wait).await
+        } else {
+            let asked = ctx
+                .tell::<_, Response>(holder, DSM, page.key(), &Request::Fetch { page, version, keep })
+                .await;
+            match asked {
+                Ok(answer) => answer,
+                Err(e) => {
+                    tracing::debug!(node = holder.0, ?page, error = %e, "dsm: holder unreachable");
+                    return None;
+                }
+            }
+        };
+        match answer {
+            Response::Page(data) => Some(Arc::new(data.into_vec())),
+            _ => None,
+        }
+    }
+
+    /// Sends `request` to `node`'s local server, or runs it here.
+    async fn tell(&self, ctx: &Context, node: NodeId, page: PageId, request: Request) -> bool {
+        if node == ctx.node() {
+            return matches!(self.local(request).await, Response::Ok);
+        }
+        matches!(ctx.tell::<_, Response>(node, DSM, page.key(), &request).await, Ok(Response::Ok))
+    }
+
+    /// Makes `backup` the owner of `page` from the backup copy it keeps.
+    async fn promote(&self, ctx: &Context, page: PageId, entry: &mut PageEntry, backup: NodeId) -> bool {
+        let version = entry.version;
+        if !self.tell(ctx, backup, page, Request::Promote { page, version }).await {
+            return false;
+        }
+        entry.owner = Some(backup);
+        entry.copyset = [backup].into();
+        entry.backup = None;
+        entry.lost = false;
+        tracing::info!(?page, node = backup.0, "dsm: page rebuilt from its backup");
+        true
+    }
+
+    /// Mends an entry whose nodes left: a reader or the backup takes over a dead owner's page.
+    async fn mend(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) {
+        let live = live_in(ctx);
+        let promote = entry
+            .owner
+            .filter(|&o| !live(o))
+            .filter(|&o| entry.copyset.iter().all(|&n| n == o || !live(n)))
+            .and(entry.backup.filter(|&b| live(b)));
+        if let Some(backup) = promote {
+            if self.promote(ctx, page, entry, backup).await {
+                return;
+            }
+            entry.backup = None;
+        }
+        if repair(entry, live) && entry.lost {
+            tracing::warn!(?page, "dsm: page lost: every node holding a copy failed");
+        }
+    }
+
+    async fn read_fault(&self, ctx: &Context, page: PageId, reader: NodeId) -> Response {
+        let slot = self.slot(page.key());
+        let mut live = slot.lock().await;
+        let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
+        self.mend(ctx, page, entry).await;
+        if entry.lost {
+            return Response::Lost;
+        }
+        let me = ctx.node();
+        let Some(owner) = entry.owner else {
+            entry.copyset.insert(reader);
+            return Response::Copy { version: entry.version, data: None };
+        };
+        let frames = &self.state().frames;
+        let cached = (owner != me && entry.copyset.contains(&me))
+            .then(|| frames.frame(page).readable())
+            .flatten()
+            .filter(|(v, _)| *v == entry.version);
+        let data = match cached {
+            Some((_, data)) => data,
+            None => {
+                let Some(data) = self.fetch_from(ctx, owner, page, entry.version, true).await else {
+                    return Response::Retry;
+                };
+                // Later readers are served from here, one round trip instead of two.
+                if owner != me {
+                    frames.frame(page).install_read(entry.version, Arc::clone(&data));
+                    entry.copyset.insert(me);
+                }
+                entry.copyset.insert(owner);
+                data
+            }
+        };
+        entry.copyset.insert(reader);
+        Response::Copy { version: entry.version, data: Some(page_bytes(&data)) }
+    }
+
+    async fn write_fault(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        writer: NodeId,
+        have: Option<u64>,
+    ) -> Response {
+        let slot = self.slot(page.key());
+        let mut live = slot.lock().await;
+        let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
+        self.mend(ctx, page, entry).await;
+        if entry.lost {
+            return Response::Lost;
+        }
+        let version = entry.version;
+        let owner = entry.owner;
+        let current = owner == Some(writer)
+            || (owner.is_some() && have == Some(version) && entry.copyset.contains(&writer));
+
+        // Every other copy goes first: once granted, the writer is the only holder.
+        let mut drop: BTreeSet<NodeId> =
+            entry.copyset.iter().copied().filter(|&n| n != writer && Some(n) != owner).collect();
+        if current {
+            drop.extend(owner.filter(|&o| o != writer));
+        }
+        let gone = futures::future::join_all(drop.iter().map(|&n| async move {
+            (n, self.tell(ctx, n, page, Request::Invalidate { page, version }).await)
+        }))
+        .await;
+        let live_node = live_in(ctx);
+        let mut stuck = false;
+        for (n, ok) in gone {
+            if ok || !live_node(n) {
+                entry.copyset.remove(&n);
+            } else {
+                stuck = true;
+            }
+        }
+        if stuck {
+            return Response::Retry;
+        }
+
+        let (data, zero) = if current {
+            (None, false)
+        } else {
+            match owner {
+                None => (None, true),
+                Some(o) => match self.fetch_from(ctx, o, page, version, false).await {
+                    Some(data) => (Some(data), false),
+                    None => return Response::Retry,
+                },
+            }
+        };
+
+        let backup = if self.state().config.backups {
+            match self.place_backup(ctx, page, entry, writer, data.as_ref(), zero).await {
+                Ok(b) => b,
+                Err(()) => return Response::Retry,
+            }
+        } else {
+            None
+        };
+        entry.version = version + 1;
+        entry.owner = Some(writer);
+        entry.copyset = [writer].into();
+        entry.backup = backup;
+        Response::Grant {
+            version: version + 1,
+            data: data.as_ref().map(page_bytes),
+            zero,
+            backup,
+        }
+    }
+
+    /// Chooses where the new owner keeps its backup and makes sure that node already holds
+    /// the content being granted, so that the writer dying before its first commit loses
+    /// nothing. The old backup stays where it is when it can; a new one is filled first and
+    /// the old one dropped after.
+    async fn place_backup(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        entry: &PageEntry,
+        writer: NodeId,
+        data: Option<&Bytes>,
+        zero: bool,
+    ) -> Result<Option<NodeId>, ()> {
+        let live = live_in(ctx);
+        let Some(snapshot) = ctx.snapshot() else { return Ok(None) };
+        let keep = entry.backup.filter(|&b| b != writer && live(b) && entry.owner.is_some());
+        if keep.is_some() {
+            return Ok(keep);
+        }
+        let nodes = snapshot.nodes();
+        let at = nodes.iter().position(|&n| n == writer).unwrap_or(0);
+        let Some(&chosen) = nodes.iter().cycle().skip(at + 1).take(nodes.len()).find(|&&n| n != writer)
+        else {
+            return Ok(None);
+        };
+        let content = match (data, zero) {
+            (Some(d), _) => Arc::clone(d),
+            (None, true) => crate::frames::zeros(),
+            (None, false) => {
+                // The writer holds the current copy: read it back from there.
+                match self.fetch_from(ctx, writer, page, entry.version, true).await {
+                    Some(d) => d,
+                    None => return Err(()),
+                }
+            }
+        };
+        let stored = self
+            .tell(ctx, chosen, page, Request::Backup {
+                page,
+                version: entry.version,
+                data: page_bytes(&content),
+            })
+            .await;
+        if !stored {
+            return Err(());
+        }
+        if let Some(old) = entry.backup.filter(|&b| b != chosen && live(b)) {
+            self.tell(ctx, old, page, Request::Invalidate { page, version: entry.version }).await;
+        }
+        Ok(Some(chosen))
+    }
+
+    async fn surrender(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        from: NodeId,
+        version: u64,
+        data: ByteBuf,
+    ) -> Response {
+        let slot = self.slot(page.key());
+        let mut live = slot.lock().await;
+        let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
+        if entry.owner == Some(from) && entry.version == version {
+            let me = ctx.node();
+            let frame = self.state().frames.frame(page);
+            frame.install_read(version, Arc::new(data.into_vec()));
+            frame.lock().owned = true;
+            entry.owner = Some(me);
+            entry.copyset.remove(&from);
+            entry.copyset.insert(me);
+        }
+        Response::Ok
+    }
+
+    async fn discard(&self, page: PageId) -> Response {
+        let slot = self.slot(page.key());
+        let mut live = slot.lock().await;
+        if let Live::Page(entry) = &mut *live {
+            if entry.lost {
+                *entry = PageEntry { version: entry.version + 1, ..PageEntry::default() };
+            }
+        }
+        Response::Ok
+    }
+
+    async fn lock_op(&self, key: Key, request: Request) -> Response {
+        let slot = self.slot(key);
+        let mut live = slot.lock().await;
+        let Live::Lock(lock) = &mut *live else { return Response::Invalid("not a lock".into()) };
+        match request {
+            Request::Acquire(token) => match lock.holder {
+                Some(h) if h != token => Response::Busy,
+                _ => {
+                    lock.holder = Some(token);
+                    Response::Granted
+                }
+            },
+            Request::Release(token) => {
+                if lock.holder == Some(token) {
+                    lock.holder = None;
+                }
+                Response::Ok
+            }
+            _ => Response::Invalid("not a lock request".into()),
+        }
+    }
+
+    async fn arrive(&self, key: Key, participant: u64, generation: u64, parties: u32) -> Response {
+        let st = self.state();
+        let notify = Arc::clone(&st.barriers.entry(key).or_default());
+        let wake = notify.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        {
+            let slot = self.slot(key);
+            let mut live = slot.lock().await;
+            let Live::Barrier(b) = &mut *live else { return Response::Invalid("not a barrier".into()) };
+            if b.passed >= generation {
+                return Response::Passed;
+            }
+            let arrived = b.arrived.entry(generation).or_default();
+            arrived.insert(participant);
+            if arrived.len() >= parties as usize {
+                b.passed = generation;
+                b.arrived = b.arrived.split_off(&(generation + 1));
+                notify.notify_waiters();
+                return Response::Passed;
+            }
+        }
+        // Wait a little for the others without holding the entry, then let the node ask again.
+        let _ = tokio::time::timeout(BARRIER_POLL, wake).await;
+        let slot = self.slot(key);
+        let live = slot.lock().await;
+        match &*live {
+            Live::Barrier(b) if b.passed >= generation => Response::Passed,
+            _ => Response::Waiting,
+        }
+    }
+
+    /// A message to this node's local server, from a manager or an owner.
+    async fn local(&self, request: Request) -> Response {
+        let frames = &self.state().frames;
+        match request {
+            Request::Fetch { page, version, keep } => {
+                frames.frame(page).fetch(version, keep, self.state().config.fetch_wait).await
+            }
+            Request::Invalidate { page, version } => {
+                frames.frame(page).invalidate(version);
+                Response::Ok
+            }
+            Request::Backup { page, version, data } => {
+                frames.frame(page).store_backup(version, Arc::new(data.into_vec()));
+                Response::Ok
+            }
+            Request::Promote { page, version } => {
+                if frames.frame(page).promote(version) {
+                    Response::Ok
+                } else {
+                    Response::Missing
+                }
+            }
+            other => Response::Invalid(format!("{other:?} is for a manager")),
+        }
+    }
+
+    /// The node's copies of orphaned keys, for `scan`.
+    fn reports(&self, me: NodeId, orphans: &Moving) -> Vec<(Key, Entry)> {
+        let mut out = Vec::new();
+        for (page, frame) in self.state().frames.all() {
+            if orphans.destination(page.key()).is_none() {
+                continue;
+            }
+            let s = frame.lock();
+            if s.data.is_some() {
+                out.push((page.key(), Entry::Copy {
+                    holder: me,
+                    version: s.version,
+                    owned: s.owned,
+                    backup: false,
+                }));
+            }
+            if let Some((version, _)) = &s.backup {
+                out.push((page.key(), Entry::Copy {
+                    holder: me,
+                    version: *version,
+                    owned: false,
+                    backup: true,
+                }));
+            }
+        }
+        for (&id, &token) in self.state().held.lock().expect("held").iter() {
+            let key = crate::page::lock_key(id);
+            if orphans.destination(key).is_some() {
+                out.push((key, Entry::Lock(LockEntry { holder: Some(token) })));
+            }
+        }
+        for (&id, &generation) in self.state().waiting.lock().expect("waiting").iter() {
+            let key = crate::page::barrier_key(id);
+            if orphans.destination(key).is_some() {
+                let arrived = BTreeMap::from([(generation, BTreeSet::from([me.0]))]);
+                out.push((key, Entry::Barrier(crate::protocol::BarrierEntry {
+                    passed: generation.saturating_sub(1),
+                    arrived,
+                })));
+            }
+        }
+        out
+    }
+
+    /// Merges what arrived during a change into the live directory.
+    async fn merge(&self, ctx: &Context) {
+        let staged = std::mem::take(&mut *self.state().staged.lock().expect("staged"));
+        let me = ctx.node();
+        let mut reports: BTreeMap<Key, Vec<Report>> = BTreeMap::new();
+        for (key, entry) in staged {
+            match entry {
+                Entry::Page { mut entry, frame } => {
+                    if let (Some(data), Named::Page(page)) = (frame, named(key)) {
+                        // The evicted owner handed its page over with the entry.
+                        let f = self.state().frames.frame(page);
+                        f.install_read(entry.version, Arc::new(data.into_vec()));
+                        f.lock().owned = true;
+                        if let Some(old) = entry.owner.replace(me) {
+                            entry.copyset.remove(&old);
+                        }
+                        entry.copyset.insert(me);
+                    }
+                    self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
+                }
+                Entry::Copy { holder, version, owned, backup } => {
+                    reports.entry(key).or_default().push(Report { holder, version, owned, backup });
+                }
+                Entry::Lock(lock) => {
+                    let slot = self.slot(key);
+                    let mut live = slot.lock().await;
+                    if let Live::Lock(l) = &mut *live {
+                        l.holder = l.holder.or(lock.holder);
+                    }
+                }
+                Entry::Barrier(b) => {
+                    let slot = self.slot(key);
+                    let mut live = slot.lock().await;
+                    if let Live::Barrier(mine) = &mut *live {
+                        mine.passed = mine.passed.max(b.passed);
+                        for (generation, who) in b.arrived {
+                            mine.arrived.entry(generation).or_default().extend(who);
+                        }
+                    }
+                }
+                Entry::Taint => {
+                    self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Taint)));
+                }
+            }
+        }
+        let mut rebuilt = 0usize;
+        for (key, reports) in reports {
+            let Named::Page(page) = named(key) else { continue };
+            let Some(mut entry) = rebuild(&reports) else { continue };
+            let only_backups = !reports.iter().any(|r| !r.backup && r.version == entry.version);
+            if let (true, Some(holder)) = (only_backups, entry.owner) {
+                if !self.promote(ctx, page, &mut entry, holder).await {
+                    tracing::warn!(?page, "dsm: page lost: its backup could not be restored");
+                    entry = PageEntry { lost: true, version: entry.version, ..PageEntry::default() };
+                }
+            }
+            self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
+            rebuilt += 1;
+        }
+        if rebuilt > 0 {
+            tracing::info!(pages = rebuilt, "dsm: page entries rebuilt from surviving copies");
+        }
+    }
+
+    /// After nodes left: every entry they held a part of is mended, and their locks freed.
+    async fn sweep(&self, ctx: &Context) {
+        let live = live_in(ctx);
+        let slots: Vec<(Key, Arc<AsyncMutex<Live>>)> =
+            self.state().live.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
+        for (key, slot) in slots {
+            let mut entry = slot.lock().await;
+            match (&mut *entry, named(key)) {
+                (Live::Page(e), Named::Page(page)) => self.mend(ctx, page, e).await,
+                (Live::Lock(l), _) => {
+                    if l.holder.is_some_and(|t| !live(t.node)) {
+                        l.holder = None;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// An evicted node gives each page it owns to the page's manager, before it goes.
+    async fn hand_over(&self, ctx: &Context) {
+        let me = ctx.node();
+        for (page, frame) in self.state().frames.all() {
+            let _writer = frame.writer.lock().await;
+            let (version, data) = {
+                let s = frame.lock();
+                match (&s.data, s.owned) {
+                    (Some(d), true) => (s.version, Arc::clone(d)),
+                    _ => continue,
+                }
+            };
+            let manager = ctx.snapshot().and_then(|s| s.locate(DSM, page.key()));
+            if manager == Some(me) {
+                continue; // travels with its entry in send_out
+            }
+            let handed = ctx
+                .request::<_, Response>(DSM, page.key(), &Request::Surrender {
+                    node: me,
+                    version,
+                    data: page_bytes(&data),
+                })
+                .await;
+            match handed {
+                Ok(_) => {
+                    let mut s = frame.lock();
+                    s.data = None;
+                    s.owned = false;
+                    s.write = false;
+                }
+                Err(e) => {
+                    tracing::warn!(?page, error = %e, "dsm: could not hand a page over before leaving")
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Service for DsmService {
+    type Request = Request;
+    type Response = Response;
+    type Entry = Entry;
+
+    fn spec(&self) -> ServiceSpec {
+        self.state().spec.clone()
+    }
+
+    async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
+        match (named(key), request) {
+            (Named::Page(page), Request::ReadFault { node }) => {
+                self.read_fault(ctx, page, node).await
+            }
+            (Named::Page(page), Request::WriteFault { node, have }) => {
+                self.write_fault(ctx, page, node, have).await
+            }
+            (Named::Page(page), Request::Surrender { node, version, data }) => {
+                self.surrender(ctx, page, node, version, data).await
+            }
+            (Named::Page(page), Request::Discard) => self.discard(page).await,
+            (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
+                self.lock_op(key, request).await
+            }
+            (Named::Barrier(_), Request::Arrive { participant, generation, parties }) => {
+                self.arrive(key, participant, generation, parties).await
+            }
+            (_, request) if ctx.from().is_some() => self.local(request).await,
+            (what, request) => Response::Invalid(format!("{request:?} does not apply to {what:?}")),
+        }
+    }
+
+    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        *self.state().change.lock().expect("change") = Some(change.clone());
+        if change.change == Change::Evict(ctx.node()) {
+            self.hand_over(ctx).await;
+        }
+    }
+
+    async fn send_out(&self, ctx: &Context, moving: &Moving) -> Vec<(Key, Entry)> {
+        let leaving = self
+            .state()
+            .change
+            .lock()
+            .expect("change")
+            .as_ref()
+            .is_some_and(|c| c.change == Change::Evict(ctx.node()));
+        let keys: Vec<Key> = self
+            .state()
+            .live
+            .iter()
+            .map(|e| *e.key())
+            .filter(|&k| moving.destination(k).is_some())
+            .collect();
+        let mut out = Vec::with_capacity(keys.len());
+        for key in keys {
+            let Some((_, slot)) = self.state().live.remove(&key) else { continue };
+            let live = Arc::try_unwrap(slot).map(AsyncMutex::into_inner);
+            let live = match live {
+                Ok(l) => l,
+                Err(shared) => {
+                    // A handler still holds it (it cannot: requests are held). Wait for it.
+                    let guard = shared.lock().await;
+                    match &*guard {
+                        Live::Page(e) => Live::Page(e.clone()),
+                        Live::Lock(l) => Live::Lock(l.clone()),
+                        Live::Barrier(b) => Live::Barrier(b.clone()),
+                        Live::Taint => Live::Taint,
+                    }
+                }
+            };
+            let entry = match live {
+                Live::Page(entry) => {
+                    let frame = match named(key) {
+                        Named::Page(page) if leaving && entry.owner == Some(ctx.node()) => {
+                            self.state().frames.frame(page).readable().map(|(_, d)| page_bytes(&d))
+                        }
+                        _ => None,
+                    };
+                    Entry::Page { entry, frame }
+                }
+                Live::Lock(l) => Entry::Lock(l),
+                Live::Barrier(b) => Entry::Barrier(b),
+                Live::Taint => Entry::Taint,
+            };
+            out.push((key, entry));
+        }
+        out
+    }
+
+    async fn receive(&self, _ctx: &Context, _from: NodeId, entries: Vec<(Key, Entry)>) {
+        self.state().staged.lock().expect("staged").extend(entries);
+    }
+
+    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.merge(ctx).await;
+        self.sweep(ctx).await;
+        *self.state().change.lock().expect("change") = None;
+        if change.change == Change::Evict(ctx.node()) {
+            self.state().frames.clear();
+        }
+    }
+
+    async fn scan(&self, ctx: &Context, _failed: NodeId, orphans: &Moving) -> Vec<(Key, Entry)> {
+        let me = ctx.node();
+        // Whatever this node is to rebuild, a page of it that nobody reports was lost.
+        let mut staged = self.state().staged.lock().expect("staged");
+        staged.extend(orphans.slots_to(me).map(|slot| (taint_key(slot), Entry::Taint)));
+        drop(staged);
+        self.reports(me, orphans)
+    }
+}
