@@ -86,7 +86,10 @@ pub struct WriteGuard {
 
 impl std::fmt::Debug for WriteGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WriteGuard").field("page", &self.page).field("version", &self.version).finish()
+        f.debug_struct("WriteGuard")
+            .field("page", &self.page)
+            .field("version", &self.version)
+            .finish()
     }
 }
 
@@ -96,14 +99,12 @@ impl WriteGuard {
         self.version
     }
 
-    /// Publishes the changes; with backups on, returns once the backup holds them too.
+    /// Publishes the changes. With backups on, the backup node stores them first, so that
+    /// nothing another node can see is missing from the backup. A backup that does not answer
+    /// is replaced (the manager chooses another); an error means the changes were discarded.
     pub async fn commit(self) -> Result<(), DsmError> {
         let data = Arc::new(self.data);
-        let backup = {
-            let mut s = self.frame.lock();
-            s.data = Some(Arc::clone(&data));
-            s.backup_node
-        };
+        let backup = self.frame.lock().backup_node;
         if let Some(node) = backup.filter(|&b| b != self.dsm.me()) {
             let request = Request::Backup {
                 page: self.page,
@@ -111,13 +112,30 @@ impl WriteGuard {
                 data: ByteBuf::from(data.to_vec()),
             };
             let ctx = self.dsm.host.context();
-            match ctx.tell::<_, Response>(node, DSM, self.page.key(), &request).await {
-                Ok(Response::Ok) => {}
-                Ok(other) => return Err(DsmError::Protocol(format!("backup answered {other:?}"))),
-                // The backup died: the page is still here; the next write fault picks another.
-                Err(e) => tracing::warn!(page = ?self.page, error = %e, "dsm: backup not stored"),
+            let stored = ctx.tell::<_, Response>(node, DSM, self.page.key(), &request).await;
+            if !matches!(stored, Ok(Response::Ok)) {
+                tracing::info!(page = ?self.page, backup = node.0, "dsm: backup did not answer; asking for another");
+                let request = Request::Rebackup {
+                    node: self.dsm.me(),
+                    version: self.version,
+                    failed: node,
+                    data: ByteBuf::from(data.to_vec()),
+                };
+                match self.dsm.ask(self.page.key(), &request).await {
+                    Ok(Response::BackedUp(new)) => self.frame.lock().backup_node = Some(new),
+                    Ok(Response::Ok) => self.frame.lock().backup_node = None,
+                    Ok(other) => {
+                        self.frame.lock().write = false;
+                        return Err(DsmError::Protocol(format!("rebackup answered {other:?}")));
+                    }
+                    Err(e) => {
+                        self.frame.lock().write = false;
+                        return Err(e);
+                    }
+                }
             }
         }
+        self.frame.lock().data = Some(data);
         Ok(())
     }
 }
@@ -161,7 +179,10 @@ pub struct Dsm {
 
 impl std::fmt::Debug for Dsm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Dsm").field("node", &self.host.node()).field("placement", &self.placement).finish()
+        f.debug_struct("Dsm")
+            .field("node", &self.host.node())
+            .field("placement", &self.placement)
+            .finish()
     }
 }
 
@@ -196,7 +217,9 @@ impl Dsm {
                 Placement::Static => {
                     let nodes = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
                     if nodes.is_empty() {
-                        return Err(DsmError::Protocol("this node has not joined a cluster".into()));
+                        return Err(DsmError::Protocol(
+                            "this node has not joined a cluster".into(),
+                        ));
                     }
                     let index = match named(key) {
                         Named::Page(p) => u64::from(p.page),
@@ -259,11 +282,19 @@ impl Dsm {
                 let data = s.data.as_ref().map(|d| d.to_vec()).expect("writable");
                 let version = s.version;
                 drop(s);
-                return Ok(WriteGuard { dsm: self.clone(), page, frame, version, data, _writer: writer });
+                return Ok(WriteGuard {
+                    dsm: self.clone(),
+                    page,
+                    frame,
+                    version,
+                    data,
+                    _writer: writer,
+                });
             }
             // The fault may take the page from another node, which may need this frame: let go.
             drop(writer);
-            let answer = self.ask(page.key(), &Request::WriteFault { node: self.me(), have }).await?;
+            let answer =
+                self.ask(page.key(), &Request::WriteFault { node: self.me(), have }).await?;
             match answer {
                 Response::Grant { version, data, zero, backup } => {
                     let data = match (data, zero) {
@@ -274,7 +305,9 @@ impl Dsm {
                     frame.install_grant(version, data, backup);
                 }
                 Response::Lost => return Err(DsmError::Lost { page }),
-                other => return Err(DsmError::Protocol(format!("a write fault answered {other:?}"))),
+                other => {
+                    return Err(DsmError::Protocol(format!("a write fault answered {other:?}")))
+                }
             }
         }
     }
@@ -286,16 +319,26 @@ impl Dsm {
     }
 
     fn check(segment: &Segment, offset: u64, len: usize) -> Result<(), DsmError> {
-        let end = offset.checked_add(len as u64).unwrap_or(u64::MAX);
+        let end = offset.saturating_add(len as u64);
         if end > segment.len {
-            return Err(DsmError::OutOfRange { segment: segment.id, offset, end, len: segment.len });
+            return Err(DsmError::OutOfRange {
+                segment: segment.id,
+                offset,
+                end,
+                len: segment.len,
+            });
         }
         Ok(())
     }
 
     /// Reads `buf.len()` bytes at `offset`, page by page (each page is read consistently; the
     /// range as a whole is not atomic: take a lock for that).
-    pub async fn read_at(&self, segment: &Segment, offset: u64, buf: &mut [u8]) -> Result<(), DsmError> {
+    pub async fn read_at(
+        &self,
+        segment: &Segment,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), DsmError> {
         Self::check(segment, offset, buf.len())?;
         let mut done = 0;
         while done < buf.len() {
@@ -311,7 +354,12 @@ impl Dsm {
     }
 
     /// Writes `bytes` at `offset`, page by page, each page committed before the next.
-    pub async fn write_at(&self, segment: &Segment, offset: u64, bytes: &[u8]) -> Result<(), DsmError> {
+    pub async fn write_at(
+        &self,
+        segment: &Segment,
+        offset: u64,
+        bytes: &[u8],
+    ) -> Result<(), DsmError> {
         Self::check(segment, offset, bytes.len())?;
         let mut done = 0;
         while done < bytes.len() {
@@ -330,7 +378,8 @@ impl Dsm {
     /// Takes cluster-wide lock `id`, waiting while another holds it. A lock held by a node
     /// that fails is freed.
     pub async fn lock(&self, id: u64) -> Result<LockGuard, DsmError> {
-        let token = Token { node: self.me(), seq: self.state().seq.fetch_add(1, Ordering::Relaxed) };
+        let token =
+            Token { node: self.me(), seq: self.state().seq.fetch_add(1, Ordering::Relaxed) };
         match self.ask(lock_key(id), &Request::Acquire(token)).await? {
             Response::Granted => {
                 self.state().held.lock().expect("held").insert(id, token);

@@ -13,16 +13,21 @@ pub(crate) struct Report {
     pub(crate) backup: bool,
 }
 
-/// Mends `entry` after nodes left (`live` says who is still here). An owner that left gives
-/// the page to a reader holding the current version, else to its backup, else the page is
-/// lost. Returns whether anything changed.
-pub(crate) fn repair(entry: &mut PageEntry, live: impl Fn(NodeId) -> bool) -> bool {
+/// Mends `entry` after nodes left. `gone` nodes (failed, or no longer in the cluster) hold no
+/// copy; a `failed` owner gives the page to a reader holding the current version, else to its
+/// backup, else the page is lost. An owner that left gracefully is not failed: it hands its
+/// pages over before it goes. Returns whether anything changed.
+pub(crate) fn repair(
+    entry: &mut PageEntry,
+    gone: impl Fn(NodeId) -> bool,
+    failed: impl Fn(NodeId) -> bool,
+) -> bool {
     let before = entry.clone();
-    entry.copyset.retain(|&n| live(n));
-    if entry.backup.is_some_and(|b| !live(b)) {
+    entry.copyset.retain(|&n| !gone(n));
+    if entry.backup.is_some_and(&gone) {
         entry.backup = None;
     }
-    if let Some(owner) = entry.owner.filter(|&o| !live(o)) {
+    if let Some(owner) = entry.owner.filter(|&o| failed(o)) {
         // Readers exist only while the owner shares, and then they hold exactly its version.
         if let Some(&reader) = entry.copyset.iter().find(|&&n| n != owner) {
             entry.owner = Some(reader);
@@ -48,7 +53,8 @@ pub(crate) fn rebuild(reports: &[Report]) -> Option<PageEntry> {
     let copies: Vec<NodeId> = current.iter().filter(|r| !r.backup).map(|r| r.holder).collect();
     let owned = current.iter().find(|r| r.owned && !r.backup).map(|r| r.holder);
     let backups: Vec<NodeId> = current.iter().filter(|r| r.backup).map(|r| r.holder).collect();
-    let owner = owned.or_else(|| copies.iter().min().copied()).or_else(|| backups.iter().min().copied())?;
+    let owner =
+        owned.or_else(|| copies.iter().min().copied()).or_else(|| backups.iter().min().copied())?;
     let mut copyset: std::collections::BTreeSet<NodeId> = copies.into_iter().collect();
     copyset.insert(owner);
     let backup = backups.into_iter().find(|&b| b != owner);
@@ -76,7 +82,7 @@ mod tests {
     #[test]
     fn a_dead_sharing_owner_hands_the_page_to_a_reader() {
         let mut e = entry(1, &[1, 2, 3], None);
-        assert!(repair(&mut e, |x| x != n(1)));
+        assert!(repair(&mut e, |x| x == n(1), |x| x == n(1)));
         assert_eq!(e.owner, Some(n(2)));
         assert_eq!(e.copyset, [n(2), n(3)].into());
         assert!(!e.lost);
@@ -85,7 +91,7 @@ mod tests {
     #[test]
     fn a_dead_writing_owner_falls_back_on_its_backup() {
         let mut e = entry(1, &[1], Some(3));
-        assert!(repair(&mut e, |x| x != n(1)));
+        assert!(repair(&mut e, |x| x == n(1), |x| x == n(1)));
         assert_eq!(e.owner, Some(n(3)));
         assert_eq!(e.copyset, [n(3)].into());
         assert_eq!(e.backup, None);
@@ -94,7 +100,7 @@ mod tests {
     #[test]
     fn a_dead_sole_owner_without_backup_means_a_lost_page() {
         let mut e = entry(1, &[1], Some(3));
-        assert!(repair(&mut e, |x| x != n(1) && x != n(3)));
+        assert!(repair(&mut e, |x| x == n(1) || x == n(3), |x| x == n(1) || x == n(3)));
         assert!(e.lost);
         assert_eq!(e.owner, None);
     }
@@ -102,17 +108,30 @@ mod tests {
     #[test]
     fn a_dead_reader_only_leaves_the_copyset() {
         let mut e = entry(1, &[1, 2], None);
-        assert!(repair(&mut e, |x| x != n(2)));
+        assert!(repair(&mut e, |x| x == n(2), |x| x == n(2)));
         assert_eq!(e.owner, Some(n(1)));
         assert_eq!(e.copyset, [n(1)].into());
-        assert!(!repair(&mut e, |x| x != n(2)));
+        assert!(!repair(&mut e, |x| x == n(2), |x| x == n(2)));
+    }
+
+    #[test]
+    fn an_owner_that_left_gracefully_keeps_its_page_until_it_hands_it_over() {
+        let mut e = entry(1, &[1], None);
+        assert!(repair(&mut e, |x| x == n(1), |_| false));
+        assert_eq!(e.owner, Some(n(1)));
+        assert!(!e.lost);
     }
 
     #[test]
     fn rebuild_keeps_the_newest_copies_and_their_owner() {
         let r = |h, version, owned, backup| Report { holder: n(h), version, owned, backup };
-        let e = rebuild(&[r(2, 3, false, false), r(3, 5, false, false), r(4, 5, true, false), r(5, 5, false, true)])
-            .expect("copies survive");
+        let e = rebuild(&[
+            r(2, 3, false, false),
+            r(3, 5, false, false),
+            r(4, 5, true, false),
+            r(5, 5, false, true),
+        ])
+        .expect("copies survive");
         assert_eq!(e.version, 5);
         assert_eq!(e.owner, Some(n(4)));
         assert_eq!(e.copyset, [n(3), n(4)].into());

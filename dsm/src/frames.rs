@@ -92,7 +92,8 @@ impl Frame {
         self.installed.notify_waiters();
     }
 
-    /// Drops copies (and backups) at or below `version`.
+    /// Drops the read copy at or below `version`. A node may be both a reader and the
+    /// backup of one page: the backup is kept.
     pub(crate) fn invalidate(&self, version: u64) {
         let mut s = self.lock();
         s.invalidated = Some(s.invalidated.map_or(version, |i| i.max(version)));
@@ -101,6 +102,11 @@ impl Frame {
             s.write = false;
             s.owned = false;
         }
+    }
+
+    /// Drops the backup copy at or below `version`: this node is no longer the backup.
+    pub(crate) fn drop_backup(&self, version: u64) {
+        let mut s = self.lock();
         if s.backup.as_ref().is_some_and(|(v, _)| *v <= version) {
             s.backup = None;
         }
@@ -148,13 +154,14 @@ impl Frame {
         }
     }
 
-    /// Turns the backup into an owned copy at `version`, if it holds the content of `version`
-    /// or of the one before (an owner that died before its first commit under `version`
-    /// left the content it was granted, which its backup got before the grant).
+    /// Turns the backup into an owned copy at `version`. The backup the manager names holds
+    /// the latest committed content whatever its label: every commit reaches it before it
+    /// returns, and a node stops being the backup only after its copy is invalidated. Its
+    /// label can be older than `version` when the owners since wrote nothing.
     pub(crate) fn promote(&self, version: u64) -> bool {
         let mut s = self.lock();
         let Some((label, data)) = s.backup.clone() else { return false };
-        if label + 1 < version || label > version {
+        if label > version {
             return false;
         }
         s.data = Some(data);
@@ -229,10 +236,14 @@ mod tests {
     }
 
     #[test]
-    fn promote_accepts_the_backup_of_this_version_or_the_one_before() {
+    fn promote_accepts_a_backup_no_newer_than_the_entry() {
+        let f = Frame::default();
+        f.store_backup(8, zeros());
+        assert!(!f.promote(7));
+        assert!(f.promote(9));
+        assert_eq!(f.readable().map(|(v, _)| v), Some(9));
         let f = Frame::default();
         f.store_backup(6, zeros());
-        assert!(!f.promote(8));
         assert!(f.promote(7));
         assert_eq!(f.readable().map(|(v, _)| v), Some(7));
     }

@@ -68,6 +68,8 @@ pub(crate) struct NodeState {
     pub(crate) barriers: DashMap<Key, Arc<Notify>>,
     /// The change in progress.
     pub(crate) change: Mutex<Option<ChangeInfo>>,
+    /// Nodes whose failure the cluster confirmed (until their id comes back as a new life).
+    pub(crate) failed: Mutex<std::collections::BTreeSet<gobelins_locator::NodeId>>,
     /// Locks this node's clients hold, for a rebuilding manager.
     pub(crate) held: Mutex<HashMap<u64, Token>>,
     /// Barriers this node's clients wait at: id → generation.
@@ -89,6 +91,7 @@ impl DsmNode {
                 staged: Mutex::new(Vec::new()),
                 barriers: DashMap::new(),
                 change: Mutex::new(None),
+                failed: Mutex::new(Default::default()),
                 held: Mutex::new(HashMap::new()),
                 waiting: Mutex::new(HashMap::new()),
                 generations: Mutex::new(HashMap::new()),

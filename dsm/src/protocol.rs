@@ -39,6 +39,18 @@ pub enum Request {
         /// The page.
         data: ByteBuf,
     },
+    /// To the manager: the owner could not reach its backup; choose another and store this
+    /// content there.
+    Rebackup {
+        /// The owner.
+        node: NodeId,
+        /// Its version.
+        version: u64,
+        /// The backup it could not reach.
+        failed: NodeId,
+        /// The content to back up.
+        data: ByteBuf,
+    },
     /// To the manager: start a lost page afresh, zero-filled.
     Discard,
     /// To a lock's manager.
@@ -64,12 +76,15 @@ pub enum Request {
         /// Keep a read-only copy.
         keep: bool,
     },
-    /// To a copy holder, from the manager: drop copies of `page` at or below `version`.
+    /// To a copy holder, from the manager: drop copies of `page` at or below `version`; a
+    /// node that stops being the page's backup drops its backup copy too.
     Invalidate {
         /// The page.
         page: PageId,
         /// The newest version to drop.
         version: u64,
+        /// Drop the backup copy rather than the read copy.
+        backup: bool,
     },
     /// To a backup node, from a manager whose page's owner died: make the backup the page,
     /// owned, at `version`.
@@ -112,6 +127,8 @@ pub enum Response {
         /// Where the owner keeps its backup copy, when backups are on.
         backup: Option<NodeId>,
     },
+    /// The new backup, which holds the content.
+    BackedUp(NodeId),
     /// Every copy of the page was lost.
     Lost,
     /// The manager could not reach the page's holder this time; ask again.

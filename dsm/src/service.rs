@@ -25,8 +25,21 @@ pub struct DsmService {
     pub(crate) node: DsmNode,
 }
 
-fn live_in(ctx: &Context) -> impl Fn(NodeId) -> bool + '_ {
-    move |n| ctx.snapshot().is_none_or(|s| s.nodes().contains(&n))
+/// Whether `n` is still in the cluster at the context's epoch.
+fn present(ctx: &Context, n: NodeId) -> bool {
+    ctx.snapshot().is_none_or(|s| s.nodes().contains(&n))
+}
+
+/// The first node after `after` in `nodes` (wrapping), other than `after` and `avoid`.
+fn next_node(nodes: &[NodeId], after: NodeId, avoid: Option<NodeId>) -> Option<NodeId> {
+    let at = nodes.iter().position(|&n| n == after).unwrap_or(0);
+    nodes
+        .iter()
+        .cycle()
+        .skip(at + 1)
+        .take(nodes.len())
+        .copied()
+        .find(|&n| n != after && Some(n) != avoid)
 }
 
 fn page_bytes(data: &Bytes) -> ByteBuf {
@@ -36,6 +49,16 @@ fn page_bytes(data: &Bytes) -> ByteBuf {
 impl DsmService {
     fn state(&self) -> &crate::node::NodeState {
         &self.node.inner
+    }
+
+    /// Whether `n` failed: its copies are gone, and the pages it owned must be rebuilt.
+    fn failed(&self, n: NodeId) -> bool {
+        self.state().failed.lock().expect("failed").contains(&n)
+    }
+
+    /// Whether `n` holds nothing any more: it failed, or left the cluster.
+    fn gone(&self, ctx: &Context, n: NodeId) -> bool {
+        !present(ctx, n) || self.failed(n)
     }
 
     /// The manager's entry for `key`, made on first use. A page with no entry in a slot whose
@@ -67,10 +90,19 @@ impl DsmService {
         keep: bool,
     ) -> Option<Bytes> {
         let answer = if holder == ctx.node() {
-            self.state().frames.frame(page).fetch(version, keep, self.state().config.fetch_wait).await
+            self.state()
+                .frames
+                .frame(page)
+                .fetch(version, keep, self.state().config.fetch_wait)
+                .await
         } else {
             let asked = ctx
-                .tell::<_, Response>(holder, DSM, page.key(), &Request::Fetch { page, version, keep })
+                .tell::<_, Response>(
+                    holder,
+                    DSM,
+                    page.key(),
+                    &Request::Fetch { page, version, keep },
+                )
                 .await;
             match asked {
                 Ok(answer) => answer,
@@ -95,7 +127,13 @@ impl DsmService {
     }
 
     /// Makes `backup` the owner of `page` from the backup copy it keeps.
-    async fn promote(&self, ctx: &Context, page: PageId, entry: &mut PageEntry, backup: NodeId) -> bool {
+    async fn promote(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        entry: &mut PageEntry,
+        backup: NodeId,
+    ) -> bool {
         let version = entry.version;
         if !self.tell(ctx, backup, page, Request::Promote { page, version }).await {
             return false;
@@ -110,19 +148,18 @@ impl DsmService {
 
     /// Mends an entry whose nodes left: a reader or the backup takes over a dead owner's page.
     async fn mend(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) {
-        let live = live_in(ctx);
         let promote = entry
             .owner
-            .filter(|&o| !live(o))
-            .filter(|&o| entry.copyset.iter().all(|&n| n == o || !live(n)))
-            .and(entry.backup.filter(|&b| live(b)));
+            .filter(|&o| self.failed(o))
+            .filter(|&o| entry.copyset.iter().all(|&n| n == o || self.gone(ctx, n)))
+            .and(entry.backup.filter(|&b| !self.gone(ctx, b)));
         if let Some(backup) = promote {
             if self.promote(ctx, page, entry, backup).await {
                 return;
             }
             entry.backup = None;
         }
-        if repair(entry, live) && entry.lost {
+        if repair(entry, |n| self.gone(ctx, n), |n| self.failed(n)) && entry.lost {
             tracing::warn!(?page, "dsm: page lost: every node holding a copy failed");
         }
     }
@@ -148,7 +185,8 @@ impl DsmService {
         let data = match cached {
             Some((_, data)) => data,
             None => {
-                let Some(data) = self.fetch_from(ctx, owner, page, entry.version, true).await else {
+                let Some(data) = self.fetch_from(ctx, owner, page, entry.version, true).await
+                else {
                     return Response::Retry;
                 };
                 // Later readers are served from here, one round trip instead of two.
@@ -190,13 +228,12 @@ impl DsmService {
             drop.extend(owner.filter(|&o| o != writer));
         }
         let gone = futures::future::join_all(drop.iter().map(|&n| async move {
-            (n, self.tell(ctx, n, page, Request::Invalidate { page, version }).await)
+            (n, self.tell(ctx, n, page, Request::Invalidate { page, version, backup: false }).await)
         }))
         .await;
-        let live_node = live_in(ctx);
         let mut stuck = false;
         for (n, ok) in gone {
-            if ok || !live_node(n) {
+            if ok || self.gone(ctx, n) {
                 entry.copyset.remove(&n);
             } else {
                 stuck = true;
@@ -230,12 +267,7 @@ impl DsmService {
         entry.owner = Some(writer);
         entry.copyset = [writer].into();
         entry.backup = backup;
-        Response::Grant {
-            version: version + 1,
-            data: data.as_ref().map(page_bytes),
-            zero,
-            backup,
-        }
+        Response::Grant { version: version + 1, data: data.as_ref().map(page_bytes), zero, backup }
     }
 
     /// Chooses where the new owner keeps its backup and makes sure that node already holds
@@ -251,18 +283,13 @@ impl DsmService {
         data: Option<&Bytes>,
         zero: bool,
     ) -> Result<Option<NodeId>, ()> {
-        let live = live_in(ctx);
         let Some(snapshot) = ctx.snapshot() else { return Ok(None) };
-        let keep = entry.backup.filter(|&b| b != writer && live(b) && entry.owner.is_some());
+        let keep =
+            entry.backup.filter(|&b| b != writer && !self.gone(ctx, b) && entry.owner.is_some());
         if keep.is_some() {
             return Ok(keep);
         }
-        let nodes = snapshot.nodes();
-        let at = nodes.iter().position(|&n| n == writer).unwrap_or(0);
-        let Some(&chosen) = nodes.iter().cycle().skip(at + 1).take(nodes.len()).find(|&&n| n != writer)
-        else {
-            return Ok(None);
-        };
+        let Some(chosen) = next_node(snapshot.nodes(), writer, None) else { return Ok(None) };
         let content = match (data, zero) {
             (Some(d), _) => Arc::clone(d),
             (None, true) => crate::frames::zeros(),
@@ -275,19 +302,57 @@ impl DsmService {
             }
         };
         let stored = self
-            .tell(ctx, chosen, page, Request::Backup {
+            .tell(
+                ctx,
+                chosen,
                 page,
-                version: entry.version,
-                data: page_bytes(&content),
-            })
+                Request::Backup { page, version: entry.version, data: page_bytes(&content) },
+            )
             .await;
         if !stored {
             return Err(());
         }
-        if let Some(old) = entry.backup.filter(|&b| b != chosen && live(b)) {
-            self.tell(ctx, old, page, Request::Invalidate { page, version: entry.version }).await;
+        if let Some(old) = entry.backup.filter(|&b| b != chosen && !self.gone(ctx, b)) {
+            self.tell(
+                ctx,
+                old,
+                page,
+                Request::Invalidate { page, version: entry.version, backup: true },
+            )
+            .await;
         }
         Ok(Some(chosen))
+    }
+
+    async fn rebackup(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        owner: NodeId,
+        version: u64,
+        failed: NodeId,
+        data: ByteBuf,
+    ) -> Response {
+        let slot = self.slot(page.key());
+        let mut live = slot.lock().await;
+        let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
+        if entry.owner != Some(owner) || entry.version != version {
+            return Response::Invalid(format!(
+                "node {} does not own {page:?} at {version}",
+                owner.0
+            ));
+        }
+        let Some(chosen) = ctx.snapshot().and_then(|s| next_node(s.nodes(), owner, Some(failed)))
+        else {
+            entry.backup = None;
+            return Response::Ok;
+        };
+        let stored = self.tell(ctx, chosen, page, Request::Backup { page, version, data }).await;
+        if !stored {
+            return Response::Retry;
+        }
+        entry.backup = Some(chosen);
+        Response::BackedUp(chosen)
     }
 
     async fn surrender(
@@ -355,7 +420,9 @@ impl DsmService {
         {
             let slot = self.slot(key);
             let mut live = slot.lock().await;
-            let Live::Barrier(b) = &mut *live else { return Response::Invalid("not a barrier".into()) };
+            let Live::Barrier(b) = &mut *live else {
+                return Response::Invalid("not a barrier".into());
+            };
             if b.passed >= generation {
                 return Response::Passed;
             }
@@ -385,8 +452,13 @@ impl DsmService {
             Request::Fetch { page, version, keep } => {
                 frames.frame(page).fetch(version, keep, self.state().config.fetch_wait).await
             }
-            Request::Invalidate { page, version } => {
-                frames.frame(page).invalidate(version);
+            Request::Invalidate { page, version, backup } => {
+                let frame = frames.frame(page);
+                if backup {
+                    frame.drop_backup(version);
+                } else {
+                    frame.invalidate(version);
+                }
                 Response::Ok
             }
             Request::Backup { page, version, data } => {
@@ -413,20 +485,16 @@ impl DsmService {
             }
             let s = frame.lock();
             if s.data.is_some() {
-                out.push((page.key(), Entry::Copy {
-                    holder: me,
-                    version: s.version,
-                    owned: s.owned,
-                    backup: false,
-                }));
+                out.push((
+                    page.key(),
+                    Entry::Copy { holder: me, version: s.version, owned: s.owned, backup: false },
+                ));
             }
             if let Some((version, _)) = &s.backup {
-                out.push((page.key(), Entry::Copy {
-                    holder: me,
-                    version: *version,
-                    owned: false,
-                    backup: true,
-                }));
+                out.push((
+                    page.key(),
+                    Entry::Copy { holder: me, version: *version, owned: false, backup: true },
+                ));
             }
         }
         for (&id, &token) in self.state().held.lock().expect("held").iter() {
@@ -439,10 +507,13 @@ impl DsmService {
             let key = crate::page::barrier_key(id);
             if orphans.destination(key).is_some() {
                 let arrived = BTreeMap::from([(generation, BTreeSet::from([me.0]))]);
-                out.push((key, Entry::Barrier(crate::protocol::BarrierEntry {
-                    passed: generation.saturating_sub(1),
-                    arrived,
-                })));
+                out.push((
+                    key,
+                    Entry::Barrier(crate::protocol::BarrierEntry {
+                        passed: generation.saturating_sub(1),
+                        arrived,
+                    }),
+                ));
             }
         }
         out
@@ -501,7 +572,8 @@ impl DsmService {
             if let (true, Some(holder)) = (only_backups, entry.owner) {
                 if !self.promote(ctx, page, &mut entry, holder).await {
                     tracing::warn!(?page, "dsm: page lost: its backup could not be restored");
-                    entry = PageEntry { lost: true, version: entry.version, ..PageEntry::default() };
+                    entry =
+                        PageEntry { lost: true, version: entry.version, ..PageEntry::default() };
                 }
             }
             self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
@@ -514,17 +586,14 @@ impl DsmService {
 
     /// After nodes left: every entry they held a part of is mended, and their locks freed.
     async fn sweep(&self, ctx: &Context) {
-        let live = live_in(ctx);
         let slots: Vec<(Key, Arc<AsyncMutex<Live>>)> =
             self.state().live.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
         for (key, slot) in slots {
             let mut entry = slot.lock().await;
             match (&mut *entry, named(key)) {
                 (Live::Page(e), Named::Page(page)) => self.mend(ctx, page, e).await,
-                (Live::Lock(l), _) => {
-                    if l.holder.is_some_and(|t| !live(t.node)) {
-                        l.holder = None;
-                    }
+                (Live::Lock(l), _) if l.holder.is_some_and(|t| self.gone(ctx, t.node)) => {
+                    l.holder = None;
                 }
                 _ => {}
             }
@@ -548,11 +617,11 @@ impl DsmService {
                 continue; // travels with its entry in send_out
             }
             let handed = ctx
-                .request::<_, Response>(DSM, page.key(), &Request::Surrender {
-                    node: me,
-                    version,
-                    data: page_bytes(&data),
-                })
+                .request::<_, Response>(
+                    DSM,
+                    page.key(),
+                    &Request::Surrender { node: me, version, data: page_bytes(&data) },
+                )
                 .await;
             match handed {
                 Ok(_) => {
@@ -590,6 +659,9 @@ impl Service for DsmService {
             (Named::Page(page), Request::Surrender { node, version, data }) => {
                 self.surrender(ctx, page, node, version, data).await
             }
+            (Named::Page(page), Request::Rebackup { node, version, failed, data }) => {
+                self.rebackup(ctx, page, node, version, failed, data).await
+            }
             (Named::Page(page), Request::Discard) => self.discard(page).await,
             (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
                 self.lock_op(key, request).await
@@ -604,6 +676,16 @@ impl Service for DsmService {
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
         *self.state().change.lock().expect("change") = Some(change.clone());
+        match &change.change {
+            Change::Fail(n) | Change::Recover(n) => {
+                self.state().failed.lock().expect("failed").insert(*n);
+            }
+            // A node id back as a new life holds nothing of the old one's, and is not failed.
+            Change::Add { node, .. } => {
+                self.state().failed.lock().expect("failed").remove(node);
+            }
+            _ => {}
+        }
         if change.change == Change::Evict(ctx.node()) {
             self.hand_over(ctx).await;
         }
@@ -673,8 +755,9 @@ impl Service for DsmService {
         }
     }
 
-    async fn scan(&self, ctx: &Context, _failed: NodeId, orphans: &Moving) -> Vec<(Key, Entry)> {
+    async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Entry)> {
         let me = ctx.node();
+        self.state().failed.lock().expect("failed").insert(failed);
         // Whatever this node is to rebuild, a page of it that nobody reports was lost.
         let mut staged = self.state().staged.lock().expect("staged");
         staged.extend(orphans.slots_to(me).map(|slot| (taint_key(slot), Entry::Taint)));

@@ -1,0 +1,437 @@
+//! Sequential consistency of the DSM under concurrent access from several nodes, while nodes
+//! are added, evicted and fail: in-memory clusters of hosts under a paused clock.
+//!
+//! Every write stores a counter one above the one it found in the page, with who wrote it.
+//! Under a single writer per page the counters of a page's writes are 1, 2, 3…: the write
+//! order. The checker then asks of each node's history, page by page, what sequential
+//! consistency asks: every read returns a value that was written, no node reads a value older
+//! than one it already saw or wrote, and a node's write follows everything it read.
+
+use gobelins_adaptation::testing::MemCluster;
+use gobelins_adaptation::{plugin, HostConfig, Registry};
+use gobelins_dsm::{Dsm, DsmConfig, DsmError, DsmNode, PageId};
+use gobelins_locator::NodeId;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const PAGES: u32 = 16;
+const SEGMENT: u32 = 3;
+
+/// The test's page `i`: spread over the slots, so that every node manages some.
+fn pid(i: u32) -> PageId {
+    PageId { segment: SEGMENT, page: i * 523 }
+}
+
+/// What a write leaves in a page: the page's write count, and who wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Value {
+    count: u64,
+    worker: u64,
+    seq: u64,
+}
+
+impl Value {
+    fn decode(page: &[u8]) -> Value {
+        let word =
+            |i: usize| u64::from_le_bytes(page[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        Value { count: word(0), worker: word(1), seq: word(2) }
+    }
+
+    fn encode(&self, page: &mut [u8]) {
+        page[0..8].copy_from_slice(&self.count.to_le_bytes());
+        page[8..16].copy_from_slice(&self.worker.to_le_bytes());
+        page[16..24].copy_from_slice(&self.seq.to_le_bytes());
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Read {
+        page: u32,
+        value: Value,
+    },
+    Write {
+        page: u32,
+        value: Value,
+    },
+    /// A write whose commit failed: it may or may not have happened.
+    Maybe {
+        page: u32,
+        value: Value,
+    },
+}
+
+/// Why a set of histories is not sequentially consistent, or `Ok`.
+fn check(histories: &[Vec<Op>]) -> Result<(), String> {
+    // A write that may have happened did, if anyone read it.
+    let observed: std::collections::HashSet<(u32, Value)> = histories
+        .iter()
+        .flatten()
+        .filter_map(|op| match op {
+            Op::Read { page, value } => Some((*page, *value)),
+            _ => None,
+        })
+        .collect();
+    let mut written: HashMap<(u32, u64), Value> = HashMap::new();
+    for op in histories.iter().flatten() {
+        let definite = match op {
+            Op::Write { page, value } => Some((page, value)),
+            Op::Maybe { page, value } if observed.contains(&(*page, *value)) => Some((page, value)),
+            _ => None,
+        };
+        if let Some((page, value)) = definite {
+            if let Some(other) = written.insert((*page, value.count), *value) {
+                return Err(format!(
+                    "page {page}: two writes both made count {}: {other:?} and {value:?} (two writers at once)",
+                    value.count
+                ));
+            }
+        }
+    }
+    for (worker, history) in histories.iter().enumerate() {
+        let mut seen: BTreeMap<u32, u64> = BTreeMap::new();
+        for op in history {
+            match *op {
+                Op::Read { page, value } => {
+                    if value.count > 0 && written.get(&(page, value.count)) != Some(&value) {
+                        return Err(format!(
+                            "worker {worker} read {value:?} from page {page}, which nobody wrote"
+                        ));
+                    }
+                    let last = seen.entry(page).or_insert(0);
+                    if value.count < *last {
+                        return Err(format!(
+                            "worker {worker} read count {} from page {page} after seeing {last}",
+                            value.count
+                        ));
+                    }
+                    *last = value.count;
+                }
+                Op::Maybe { .. } => {}
+                Op::Write { page, value } => {
+                    let last = seen.entry(page).or_insert(0);
+                    if value.count <= *last {
+                        return Err(format!(
+                            "worker {worker} wrote count {} to page {page} after seeing {last}",
+                            value.count
+                        ));
+                    }
+                    *last = value.count;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_checker_rejects_what_sequential_consistency_forbids() {
+    let v = |count, worker, seq| Value { count, worker, seq };
+    let w = |page, value| Op::Write { page, value };
+    let r = |page, value| Op::Read { page, value };
+    let fine =
+        vec![vec![w(0, v(1, 0, 0)), r(0, v(2, 1, 0))], vec![r(0, v(1, 0, 0)), w(0, v(2, 1, 0))]];
+    assert_eq!(check(&fine), Ok(()));
+    let two_writers = vec![vec![w(0, v(1, 0, 0))], vec![w(0, v(1, 1, 0))]];
+    assert!(check(&two_writers).is_err());
+    let backwards =
+        vec![vec![w(0, v(1, 0, 0)), w(0, v(2, 0, 1))], vec![r(0, v(2, 0, 1)), r(0, v(1, 0, 0))]];
+    assert!(check(&backwards).is_err());
+    let own_write_forgotten = vec![vec![w(0, v(1, 0, 0)), r(0, v(0, 0, 0))]];
+    assert!(check(&own_write_forgotten).is_err());
+    let invented = vec![vec![r(0, v(5, 9, 9))]];
+    assert!(check(&invented).is_err());
+    let stale_write =
+        vec![vec![w(0, v(1, 0, 0)), w(0, v(2, 0, 1))], vec![r(0, v(2, 0, 1)), w(0, v(2, 1, 0))]];
+    assert!(check(&stale_write).is_err());
+}
+
+/// An in-memory cluster whose hosts each run a DSM node, and the nodes by id.
+struct Cluster {
+    mem: MemCluster,
+    made: Arc<Mutex<Vec<DsmNode>>>,
+}
+
+impl Cluster {
+    async fn start(nodes: u64, config: DsmConfig) -> Cluster {
+        let made = Arc::new(Mutex::new(Vec::new()));
+        let m = Arc::clone(&made);
+        let mem = MemCluster::start(nodes, HostConfig::default(), move || {
+            let node = DsmNode::new(config.clone());
+            m.lock().expect("made").push(node.clone());
+            let mut registry = Registry::new();
+            registry.register(plugin(node.service())).expect("dsm registers");
+            registry
+        })
+        .await;
+        Cluster { mem, made }
+    }
+
+    /// The DSM of `node`: the first registry built is only read for its declarations, then
+    /// node `n` is the `n`th built.
+    fn dsm(&self, node: NodeId) -> Dsm {
+        let made = self.made.lock().expect("made");
+        Dsm::new(made[node.0 as usize].clone(), self.mem.host(node))
+    }
+}
+
+/// One worker: random reads and writes of the segment's pages until told to stop.
+async fn work(dsm: Dsm, worker: u64, seed: u64, stop: Arc<AtomicBool>) -> (Vec<Op>, Vec<DsmError>) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut history = Vec::new();
+    let mut errors = Vec::new();
+    let mut seq = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let page = rng.random_range(0..PAGES);
+        let id = pid(page);
+        if rng.random_bool(0.3) {
+            match dsm.write(id).await {
+                Ok(mut guard) => {
+                    let value = Value { count: Value::decode(&guard).count + 1, worker, seq };
+                    seq += 1;
+                    value.encode(&mut guard);
+                    match guard.commit().await {
+                        Ok(()) => history.push(Op::Write { page, value }),
+                        Err(e) => {
+                            history.push(Op::Maybe { page, value });
+                            errors.push(e)
+                        }
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        } else {
+            match dsm.read(id).await {
+                Ok(guard) => history.push(Op::Read { page, value: Value::decode(&guard) }),
+                Err(e) => errors.push(e),
+            }
+        }
+        tokio::time::sleep(Duration::from_micros(rng.random_range(50..500))).await;
+    }
+    (history, errors)
+}
+
+/// A write to every page by `dsm`, as worker `worker`.
+async fn write_all(dsm: &Dsm, worker: u64) -> (Vec<Op>, Vec<DsmError>) {
+    let mut history = Vec::new();
+    for page in 0..PAGES {
+        let mut guard = dsm.write(pid(page)).await.expect("write");
+        let value = Value { count: Value::decode(&guard).count + 1, worker, seq: u64::from(page) };
+        value.encode(&mut guard);
+        guard.commit().await.expect("commit");
+        history.push(Op::Write { page, value });
+    }
+    (history, Vec::new())
+}
+
+struct Load {
+    stops: BTreeMap<u64, Arc<AtomicBool>>,
+    tasks: BTreeMap<u64, tokio::task::JoinHandle<(Vec<Op>, Vec<DsmError>)>>,
+    next: u64,
+}
+
+impl Load {
+    fn new() -> Load {
+        Load { stops: BTreeMap::new(), tasks: BTreeMap::new(), next: 0 }
+    }
+
+    /// Starts two workers on `node`; returns their ids.
+    fn start(&mut self, cluster: &Cluster, node: NodeId) -> Vec<u64> {
+        (0..2)
+            .map(|_| {
+                let worker = self.next;
+                self.next += 1;
+                let stop = Arc::new(AtomicBool::new(false));
+                self.stops.insert(worker, Arc::clone(&stop));
+                let task = tokio::spawn(work(cluster.dsm(node), worker, 1000 + worker, stop));
+                self.tasks.insert(worker, task);
+                worker
+            })
+            .collect()
+    }
+
+    async fn stop(&mut self, workers: &[u64]) -> Vec<(Vec<Op>, Vec<DsmError>)> {
+        let mut out = Vec::new();
+        for w in workers {
+            self.stops[w].store(true, Ordering::Relaxed);
+        }
+        for w in workers {
+            out.push(self.tasks.remove(w).expect("a running worker").await.expect("worker"));
+        }
+        out
+    }
+
+    async fn stop_all(&mut self) -> Vec<(Vec<Op>, Vec<DsmError>)> {
+        let all: Vec<u64> = self.tasks.keys().copied().collect();
+        self.stop(&all).await
+    }
+}
+
+/// The count every page ends with, read from `dsm`.
+async fn final_counts(dsm: &Dsm) -> Result<Vec<u64>, DsmError> {
+    let mut out = Vec::new();
+    for page in 0..PAGES {
+        out.push(Value::decode(&dsm.read(pid(page)).await?).count);
+    }
+    Ok(out)
+}
+
+fn highest_writes(histories: &[Vec<Op>]) -> Vec<u64> {
+    let mut top = vec![0; PAGES as usize];
+    for op in histories.iter().flatten() {
+        if let Op::Write { page, value } = op {
+            top[*page as usize] = top[*page as usize].max(value.count);
+        }
+    }
+    top
+}
+
+/// Pages whose final count is neither their highest acknowledged write nor a later write that
+/// may have happened.
+fn unexplained(histories: &[Vec<Op>], counts: &[u64]) -> Vec<(u32, u64, u64)> {
+    let top = highest_writes(histories);
+    let maybe: std::collections::HashSet<(u32, u64)> = histories
+        .iter()
+        .flatten()
+        .filter_map(|op| match op {
+            Op::Maybe { page, value } => Some((*page, value.count)),
+            _ => None,
+        })
+        .collect();
+    (0..PAGES)
+        .filter(|&p| {
+            let (got, want) = (counts[p as usize], top[p as usize]);
+            got != want && !(got > want && maybe.contains(&(p, got)))
+        })
+        .map(|p| (p, counts[p as usize], top[p as usize]))
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_access_stays_sequentially_consistent_through_additions_and_evictions() {
+    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+    let mut load = Load::new();
+    let mut on_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+    for node in cluster.mem.nodes() {
+        on_node.insert(node, load.start(&cluster, node));
+    }
+    let mut done = Vec::new();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let added = cluster.mem.add().await;
+    on_node.insert(added, load.start(&cluster, added));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A node's own programs stop before it is evicted; everyone else's keep going. Its last
+    // writes leave it the only holder of some pages, which it must hand over as it leaves.
+    let evicted = NodeId(2);
+    done.extend(load.stop(&on_node.remove(&evicted).expect("workers")).await);
+    done.push(write_all(&cluster.dsm(evicted), 100).await);
+    cluster.mem.evict(evicted).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let added = cluster.mem.add().await;
+    on_node.insert(added, load.start(&cluster, added));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let evicted = NodeId(1);
+    done.extend(load.stop(&on_node.remove(&evicted).expect("workers")).await);
+    done.push(write_all(&cluster.dsm(evicted), 101).await);
+    cluster.mem.evict(evicted).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    done.extend(load.stop_all().await);
+
+    let errors: Vec<&DsmError> = done.iter().flat_map(|(_, e)| e).collect();
+    assert!(errors.is_empty(), "accesses failed: {errors:?}");
+    let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
+    let ops: usize = histories.iter().map(Vec::len).sum();
+    let writes = histories.iter().flatten().filter(|o| matches!(o, Op::Write { .. })).count();
+    eprintln!("{ops} accesses, {writes} writes, over {} changes", 4);
+    assert!(writes > 200 && ops > 1000, "the workers ran: {ops} accesses, {writes} writes");
+    check(&histories).expect("sequentially consistent");
+
+    // Nothing was lost: every page holds its last write, seen from a node that joined late.
+    let reader = cluster.dsm(*cluster.mem.nodes().last().expect("nodes"));
+    assert_eq!(
+        final_counts(&reader).await.expect("every page readable"),
+        highest_writes(&histories)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_backups_a_failure_under_load_loses_no_page() {
+    let mut cluster = Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+    let mut load = Load::new();
+    let mut on_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+    for node in cluster.mem.nodes() {
+        on_node.insert(node, load.start(&cluster, node));
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+
+    // The victim's programs die with it: what they had committed must survive.
+    let victim = NodeId(3);
+    let workers = on_node.remove(&victim).expect("workers");
+    for w in &workers {
+        load.stops[w].store(true, Ordering::Relaxed);
+    }
+    let mut done = Vec::new();
+    for w in &workers {
+        let (history, _) = load.tasks.remove(w).expect("worker").await.expect("worker task");
+        done.push((history, Vec::new()));
+    }
+    // Its last act: a write to every page, so that it dies as the only holder of some.
+    done.push(write_all(&cluster.dsm(victim), 99).await);
+    cluster.mem.fail(victim).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    done.extend(load.stop_all().await);
+
+    let errors: std::collections::BTreeSet<String> =
+        done.iter().flat_map(|(_, e)| e).map(|e| e.to_string()).collect();
+    let snapshot = cluster.mem.snapshot();
+    let managers: Vec<_> =
+        (0..PAGES).map(|p| snapshot.locate(gobelins_dsm::DSM, pid(p).key())).collect();
+    assert!(errors.is_empty(), "survivors' accesses failed: {errors:?}; managers {managers:?}");
+    let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
+    check(&histories).expect("sequentially consistent");
+    let reader = cluster.dsm(NodeId(1));
+    let counts = final_counts(&reader).await.expect("no page lost");
+    assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zeroed() {
+    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+    let victim = NodeId(3);
+    let writer = cluster.dsm(victim);
+    let reader = cluster.dsm(NodeId(1));
+    // Every page written by the victim alone; page 0 also read by node 1 (a surviving copy).
+    for page in 0..PAGES {
+        let mut g = writer.write(pid(page)).await.expect("write");
+        Value { count: 1, worker: 7, seq: u64::from(page) }.encode(&mut g);
+        g.commit().await.expect("commit");
+    }
+    let shared = reader.read(pid(0)).await.expect("read");
+    assert_eq!(Value::decode(&shared).count, 1);
+
+    cluster.mem.fail(victim).await;
+
+    assert_eq!(Value::decode(&reader.read(pid(0)).await.expect("copy")).count, 1);
+    let mut lost = 0;
+    for page in 1..PAGES {
+        match reader.read(pid(page)).await {
+            Err(DsmError::Lost { .. }) => lost += 1,
+            Ok(g) => {
+                panic!("page {page} came back as {:?} though its only copy died", Value::decode(&g))
+            }
+            Err(e) => panic!("page {page}: {e}"),
+        }
+    }
+    assert_eq!(lost, PAGES - 1);
+    // The program decides; then the page starts afresh.
+    let page = pid(1);
+    reader.discard(page).await.expect("discard");
+    assert_eq!(Value::decode(&reader.read(page).await.expect("fresh")).count, 0);
+}
