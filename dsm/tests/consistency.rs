@@ -179,8 +179,11 @@ impl Cluster {
     }
 }
 
+/// What a worker did, and the errors it met.
+type Outcome = (Vec<Op>, Vec<DsmError>);
+
 /// One worker: random reads and writes of the segment's pages until told to stop.
-async fn work(dsm: Dsm, worker: u64, seed: u64, stop: Arc<AtomicBool>) -> (Vec<Op>, Vec<DsmError>) {
+async fn work(dsm: Dsm, worker: u64, seed: u64, stop: Arc<AtomicBool>) -> Outcome {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut history = Vec::new();
     let mut errors = Vec::new();
@@ -216,7 +219,7 @@ async fn work(dsm: Dsm, worker: u64, seed: u64, stop: Arc<AtomicBool>) -> (Vec<O
 }
 
 /// A write to every page by `dsm`, as worker `worker`.
-async fn write_all(dsm: &Dsm, worker: u64) -> (Vec<Op>, Vec<DsmError>) {
+async fn write_all(dsm: &Dsm, worker: u64) -> Outcome {
     let mut history = Vec::new();
     for page in 0..PAGES {
         let mut guard = dsm.write(pid(page)).await.expect("write");
@@ -230,7 +233,7 @@ async fn write_all(dsm: &Dsm, worker: u64) -> (Vec<Op>, Vec<DsmError>) {
 
 struct Load {
     stops: BTreeMap<u64, Arc<AtomicBool>>,
-    tasks: BTreeMap<u64, tokio::task::JoinHandle<(Vec<Op>, Vec<DsmError>)>>,
+    tasks: BTreeMap<u64, tokio::task::JoinHandle<Outcome>>,
     next: u64,
 }
 
@@ -254,7 +257,7 @@ impl Load {
             .collect()
     }
 
-    async fn stop(&mut self, workers: &[u64]) -> Vec<(Vec<Op>, Vec<DsmError>)> {
+    async fn stop(&mut self, workers: &[u64]) -> Vec<Outcome> {
         let mut out = Vec::new();
         for w in workers {
             self.stops[w].store(true, Ordering::Relaxed);
@@ -265,7 +268,7 @@ impl Load {
         out
     }
 
-    async fn stop_all(&mut self) -> Vec<(Vec<Op>, Vec<DsmError>)> {
+    async fn stop_all(&mut self) -> Vec<Outcome> {
         let all: Vec<u64> = self.tasks.keys().copied().collect();
         self.stop(&all).await
     }
