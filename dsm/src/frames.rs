@@ -39,6 +39,19 @@ pub(crate) struct FrameState {
     pub(crate) backup_node: Option<NodeId>,
     /// A backup this node keeps for the page's owner: the version whose content it is.
     pub(crate) backup: Option<(u64, Bytes)>,
+    /// The copy this node gave up to a writer, kept aside: if the manager dies before the
+    /// writer gets it, this is the page's latest content, and `scan` reports it.
+    pub(crate) retired: Option<(u64, Bytes)>,
+}
+
+impl FrameState {
+    /// The copy kept aside (backup or retired) with the newest content.
+    pub(crate) fn aside(&self) -> Option<(u64, Bytes)> {
+        match (&self.backup, &self.retired) {
+            (Some(b), Some(r)) => Some(if r.0 > b.0 { r.clone() } else { b.clone() }),
+            (b, r) => b.clone().or_else(|| r.clone()),
+        }
+    }
 }
 
 /// One page's frame.
@@ -88,6 +101,7 @@ impl Frame {
         s.write = true;
         s.owned = true;
         s.backup_node = backup;
+        s.retired = None;
         drop(s);
         self.installed.notify_waiters();
     }
@@ -141,6 +155,7 @@ impl Frame {
                         s.write = false;
                         s.owned = false;
                         s.invalidated = Some(s.invalidated.map_or(version, |i| i.max(version)));
+                        s.retired = Some((version, Arc::clone(&data)));
                     }
                     return Response::Page(ByteBuf::from(data.to_vec()));
                 }
@@ -160,7 +175,7 @@ impl Frame {
     /// label can be older than `version` when the owners since wrote nothing.
     pub(crate) fn promote(&self, version: u64) -> bool {
         let mut s = self.lock();
-        let Some((label, data)) = s.backup.clone() else { return false };
+        let Some((label, data)) = s.aside() else { return false };
         if label > version {
             return false;
         }
@@ -169,6 +184,7 @@ impl Frame {
         s.owned = true;
         s.write = false;
         s.backup = None;
+        s.retired = None;
         drop(s);
         self.installed.notify_waiters();
         true
@@ -227,6 +243,17 @@ mod tests {
         }
         let s = f.lock();
         assert!(s.owned && !s.write, "a reader's fetch leaves the owner a read copy");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_copy_given_up_to_a_writer_is_kept_aside_and_can_be_promoted() {
+        let f = Frame::default();
+        f.install_grant(4, Some(Arc::new(vec![9; PAGE_SIZE])), None);
+        assert!(matches!(f.fetch(4, false, Duration::from_millis(10)).await, Response::Page(_)));
+        assert!(f.readable().is_none());
+        assert_eq!(f.lock().aside().map(|(v, d)| (v, d[0])), Some((4, 9)));
+        assert!(f.promote(4));
+        assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((4, 9)));
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,14 +4,14 @@
 //! what it names, so that pages, locks and barriers share the service without colliding:
 //!
 //! ```text
-//!   00 | segment (30 bits) | page (32 bits)     a page
+//!   00 | segment (30 bits) | page + rotation (32 bits, so segments start on different slots)
 //!   01 | lock id (62 bits)                      a lock
 //!   10 | barrier id (62 bits)                   a barrier
 //!   11 | slot                                   "this slot's manager died": see `taint_key`
 //! ```
 //!
-//! The service places keys by runs of one (`slot = key % slots`), so page `p` of a segment falls
-//! in slot `p % slots`, and a taint marker for slot `s` falls in slot `s`.
+//! The service places keys by runs of one (`slot = key % slots`), so neighbouring pages of a
+//! segment fall in neighbouring slots, and a taint marker for slot `s` falls in slot `s`.
 
 use gobelins_locator::Key;
 use serde::{Deserialize, Serialize};
@@ -37,10 +37,18 @@ pub struct PageId {
     pub page: u32,
 }
 
+/// Where a segment's first page falls among the slots: segments start at different slots, so
+/// that the pages of many small segments spread over every manager instead of piling onto the
+/// first slots.
+fn rotation(segment: u32) -> u32 {
+    segment.wrapping_mul(0x9e37_79b9)
+}
+
 impl PageId {
     /// The page's directory key.
     pub fn key(self) -> Key {
-        Key((u64::from(self.segment & MAX_SEGMENT) << 32) | u64::from(self.page))
+        let segment = self.segment & MAX_SEGMENT;
+        Key((u64::from(segment) << 32) | u64::from(self.page.wrapping_add(rotation(segment))))
     }
 }
 
@@ -60,7 +68,10 @@ pub(crate) enum Named {
 /// What `key` names.
 pub(crate) fn named(key: Key) -> Named {
     match key.0 >> KIND_SHIFT {
-        0 => Named::Page(PageId { segment: (key.0 >> 32) as u32, page: key.0 as u32 }),
+        0 => {
+            let segment = (key.0 >> 32) as u32;
+            Named::Page(PageId { segment, page: (key.0 as u32).wrapping_sub(rotation(segment)) })
+        }
         1 => Named::Lock(key.0 & ID_MASK),
         2 => Named::Barrier(key.0 & ID_MASK),
         _ => Named::Taint,
@@ -102,6 +113,14 @@ mod tests {
     fn a_taint_marker_falls_in_the_slot_it_describes() {
         let slots = 4096u64;
         assert_eq!(taint_key(17).0 % slots, 17);
-        assert_eq!(PageId { segment: 3, page: 4096 + 17 }.key().0 % slots, 17);
+    }
+
+    #[test]
+    fn segments_start_on_different_slots_and_pages_keep_their_order() {
+        let slot = |segment, page| PageId { segment, page }.key().0 % 4096;
+        assert_ne!(slot(1, 0), slot(2, 0));
+        assert_eq!((slot(5, 0) + 1) % 4096, slot(5, 1));
+        let far = PageId { segment: MAX_SEGMENT, page: u32::MAX };
+        assert_eq!(named(far.key()), Named::Page(far));
     }
 }

@@ -490,10 +490,12 @@ impl DsmService {
                     Entry::Copy { holder: me, version: s.version, owned: s.owned, backup: false },
                 ));
             }
-            if let Some((version, _)) = &s.backup {
+            // A copy kept aside (a backup, or one given up to a writer the manager may have
+            // died before granting): its holder must promote it before serving it.
+            if let Some((version, _)) = s.aside() {
                 out.push((
                     page.key(),
-                    Entry::Copy { holder: me, version: *version, owned: false, backup: true },
+                    Entry::Copy { holder: me, version, owned: false, backup: true },
                 ));
             }
         }

@@ -1,0 +1,362 @@
+//! Modified Gram-Schmidt over the DSM, as the Gobelins report validated its adaptation layer
+//! (§5, Figures 9 and 10): the same computation with page managers placed by the static
+//! function `page % n` (STAT) and by the locator (DYN), on N nodes talking over real loopback
+//! TCP (one agent per node, all in this process), then a run during which a node joins.
+//!
+//! `cargo run --release --example mgs -- --nodes 2,3,4 --sizes 64,128,256,512,1024 [--runs 5]`
+//!
+//! Column `j` of the n×n matrix lives in its own pages and is computed by node `j % N`. At
+//! step `k` the owner of column `k` normalises it, every node passes a barrier, reads `q_k`
+//! (read faults: pages fetched from the owner through their manager) and updates its own
+//! columns `j > k`. The result is checked: max |QᵀQ − I| must stay under 1e-8.
+//!
+//! The last line is `mgs: max_overhead_pct=<x> max_orthogonality_error=<e> runs=<n>`.
+
+use gobelins_adaptation::{plugin, ChangeRecord, HostConfig, Registry};
+use gobelins_dsm::{Dsm, DsmConfig, DsmNode, PageId, Placement, Segment, PAGE_SIZE};
+use gobelins_locator::Labels;
+use gobelins_supervisor::agent::{Agent, AgentOptions, Start};
+use gobelins_supervisor::net::TokioNet;
+use gobelins_supervisor::SupervisorConfig;
+use std::net::TcpListener as StdListener;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+fn list(name: &str, default: &str) -> Vec<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    let text = args
+        .iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+        .unwrap_or_else(|| default.to_string());
+    text.split(',').map(|v| v.trim().parse().expect("a list of numbers")).collect()
+}
+
+fn free_addr() -> String {
+    StdListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").to_string()
+}
+
+fn options(root: &Path, id: u64, start: Start) -> AgentOptions {
+    AgentOptions {
+        data_dir: root.join(format!("n{id}")),
+        listen: free_addr(),
+        advertise: None,
+        start,
+        secret_file: Some(root.join("n1/cluster.secret")),
+        labels: Labels::new(),
+        node_id: Some(id),
+        config: SupervisorConfig::loopback(),
+        durable: true,
+        host: HostConfig::default(),
+    }
+}
+
+/// One node: its agent and its DSM.
+struct Node {
+    agent: Agent<TokioNet>,
+    dsm: Dsm,
+}
+
+async fn start_node(options: &AgentOptions) -> Node {
+    let dsm = DsmNode::new(DsmConfig::default());
+    let mut registry = Registry::new();
+    registry.register(plugin(dsm.service())).expect("dsm registers");
+    let agent = Agent::start(TokioNet, options, registry).await.expect("agent");
+    let dsm = Dsm::new(dsm, agent.supervisor.host().clone());
+    Node { agent, dsm }
+}
+
+/// Starts `n` agents and waits until every one can reach the DSM and the cluster is stable.
+/// Returns them and the address to join through.
+async fn start_cluster(root: &Path, n: usize) -> (Vec<Node>, String) {
+    let first = options(root, 1, Start::Bootstrap);
+    let seed = first.listen.clone();
+    let mut nodes = vec![start_node(&first).await];
+    for id in 2..=n as u64 {
+        nodes.push(start_node(&options(root, id, Start::Join(seed.clone()))).await);
+    }
+    settle(&nodes, n).await;
+    (nodes, seed)
+}
+
+async fn settle(nodes: &[Node], expect: usize) {
+    let probe = PageId { segment: gobelins_dsm::MAX_SEGMENT, page: 0 };
+    for node in nodes {
+        loop {
+            let state = node.agent.supervisor.state();
+            let ready = state.is_stable()
+                && node.agent.supervisor.host().specs().len() == 1
+                && state.tree.len() == expect
+                && node.dsm.read(probe).await.is_ok();
+            if ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A deterministic matrix entry in [-1, 1).
+fn entry(seed: u64, i: usize, j: usize) -> f64 {
+    let mut x = seed ^ ((i as u64) << 32) ^ (j as u64) ^ 0x9e37_79b9_7f4a_7c15;
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    (x >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+}
+
+struct Layout {
+    segment: Segment,
+    n: usize,
+    column_bytes: u64,
+}
+
+impl Layout {
+    fn new(segment: u32, n: usize) -> Layout {
+        // Columns start on page boundaries, so that two nodes never write one page.
+        let column_bytes = ((8 * n) as u64).div_ceil(PAGE_SIZE as u64) * PAGE_SIZE as u64;
+        Layout { segment: Segment::new(segment, column_bytes * n as u64), n, column_bytes }
+    }
+
+    async fn read(&self, dsm: &Dsm, j: usize) -> Vec<f64> {
+        let mut bytes = vec![0u8; 8 * self.n];
+        dsm.read_at(&self.segment, j as u64 * self.column_bytes, &mut bytes).await.expect("read");
+        bytes.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8"))).collect()
+    }
+
+    async fn write(&self, dsm: &Dsm, j: usize, column: &[f64]) {
+        let bytes: Vec<u8> = column.iter().flat_map(|v| v.to_le_bytes()).collect();
+        dsm.write_at(&self.segment, j as u64 * self.column_bytes, &bytes).await.expect("write");
+    }
+}
+
+/// One node's part of MGS. Returns the time from the start barrier to the end barrier.
+async fn worker(
+    dsm: Dsm,
+    layout: std::sync::Arc<Layout>,
+    me: usize,
+    parties: usize,
+    mut at_quarter: Option<tokio::sync::oneshot::Sender<()>>,
+) -> Duration {
+    let n = layout.n;
+    let barrier = u64::from(layout.segment.id);
+    let mine: Vec<usize> = (me..n).step_by(parties).collect();
+    for &j in &mine {
+        let column: Vec<f64> = (0..n).map(|i| entry(7, i, j)).collect();
+        layout.write(&dsm, j, &column).await;
+    }
+    dsm.barrier(barrier, parties as u32).await.expect("barrier");
+    let started = Instant::now();
+    for k in 0..n {
+        if k == n / 4 {
+            if let Some(signal) = at_quarter.take() {
+                let _ = signal.send(());
+            }
+        }
+        if k % parties == me {
+            let mut a = layout.read(&dsm, k).await;
+            let norm = a.iter().map(|v| v * v).sum::<f64>().sqrt();
+            a.iter_mut().for_each(|v| *v /= norm);
+            layout.write(&dsm, k, &a).await;
+        }
+        dsm.barrier(barrier, parties as u32).await.expect("barrier");
+        let q = layout.read(&dsm, k).await;
+        for &j in mine.iter().filter(|&&j| j > k) {
+            let mut a = layout.read(&dsm, j).await;
+            let r: f64 = q.iter().zip(&a).map(|(x, y)| x * y).sum();
+            a.iter_mut().zip(&q).for_each(|(y, x)| *y -= r * x);
+            layout.write(&dsm, j, &a).await;
+        }
+    }
+    dsm.barrier(barrier, parties as u32).await.expect("barrier");
+    started.elapsed()
+}
+
+/// max |QᵀQ − I| over the result, read through `dsm`.
+async fn orthogonality_error(dsm: &Dsm, layout: &Layout) -> f64 {
+    let mut q = Vec::with_capacity(layout.n);
+    for j in 0..layout.n {
+        q.push(layout.read(dsm, j).await);
+    }
+    let mut worst = 0f64;
+    for a in 0..layout.n {
+        for b in a..layout.n {
+            let dot: f64 = q[a].iter().zip(&q[b]).map(|(x, y)| x * y).sum();
+            let want = if a == b { 1.0 } else { 0.0 };
+            worst = worst.max((dot - want).abs());
+        }
+    }
+    worst
+}
+
+static SEGMENTS: AtomicU32 = AtomicU32::new(1);
+
+/// One MGS run on `nodes` in `placement`; returns its time and error.
+async fn run(nodes: &[Node], n: usize, placement: Placement) -> (Duration, f64) {
+    run_signalling(nodes, n, placement, None).await
+}
+
+/// [`run`], telling `at_quarter` when node 0 reaches a quarter of the steps.
+async fn run_signalling(
+    nodes: &[Node],
+    n: usize,
+    placement: Placement,
+    mut at_quarter: Option<tokio::sync::oneshot::Sender<()>>,
+) -> (Duration, f64) {
+    let layout = std::sync::Arc::new(Layout::new(SEGMENTS.fetch_add(1, Ordering::Relaxed), n));
+    let parties = nodes.len();
+    let mut tasks = Vec::new();
+    for (me, node) in nodes.iter().enumerate() {
+        let dsm = node.dsm.clone().with_placement(placement);
+        let signal = at_quarter.take();
+        tasks.push(tokio::spawn(worker(dsm, std::sync::Arc::clone(&layout), me, parties, signal)));
+    }
+    let mut took = Duration::ZERO;
+    for t in tasks {
+        took = took.max(t.await.expect("worker"));
+    }
+    let error = orthogonality_error(&nodes[0].dsm.clone().with_placement(placement), &layout).await;
+    (took, error)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The slowest participant's time in each phase of the change to `epoch`.
+fn phases(records: &[ChangeRecord]) -> String {
+    let max = |f: &dyn Fn(&ChangeRecord) -> f64| records.iter().map(f).fold(0f64, f64::max);
+    format!(
+        "before {:.1} ms, sending {:.1} ms, receiving {:.1} ms, after {:.1} ms, stable {:.1} ms; {} entries moved",
+        max(&|r| r.before_ms),
+        max(&|r| r.sending_ms),
+        max(&|r| r.receiving_ms),
+        max(&|r| r.after_ms),
+        max(&|r| r.stable_ms.unwrap_or(0.0)),
+        records.iter().map(|r| r.entries_sent).sum::<u64>(),
+    )
+}
+
+fn main() {
+    let node_counts = list("--nodes", "2,3,4");
+    let sizes = list("--sizes", "64,128,256");
+    let grow = list("--grow-size", "512")[0];
+    let runs = list("--runs", "5")[0].max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
+    runtime.block_on(async {
+        let mut rows = Vec::new();
+        let mut worst_error = 0f64;
+        let mut worst_overhead = f64::MIN;
+        let mut total_runs = 0;
+        let mut dyn_medians = std::collections::BTreeMap::new();
+        for &count in &node_counts {
+            let root = tempfile::tempdir().expect("temp dir");
+            let (nodes, _) = start_cluster(root.path(), count).await;
+            // One run of each to warm connections and caches; not counted.
+            run(&nodes, sizes[0], Placement::Static).await;
+            run(&nodes, sizes[0], Placement::Locator).await;
+            for &n in &sizes {
+                let (mut stat, mut dynamic) = (Vec::new(), Vec::new());
+                for r in 0..runs {
+                    // Alternate which goes first, so that drift on the machine hits both.
+                    let order = if r % 2 == 0 {
+                        [Placement::Static, Placement::Locator]
+                    } else {
+                        [Placement::Locator, Placement::Static]
+                    };
+                    for placement in order {
+                        let (took, error) = run(&nodes, n, placement).await;
+                        assert!(error < 1e-8, "MGS went wrong: max |QᵀQ − I| = {error:e}");
+                        worst_error = worst_error.max(error);
+                        total_runs += 1;
+                        match placement {
+                            Placement::Static => stat.push(took),
+                            Placement::Locator => dynamic.push(took),
+                        }
+                    }
+                }
+                let (s, d) = (median(stat), median(dynamic));
+                let overhead = (d.as_secs_f64() / s.as_secs_f64() - 1.0) * 100.0;
+                worst_overhead = worst_overhead.max(overhead);
+                dyn_medians.insert((count, n), d);
+                rows.push((count, n, s, d, overhead));
+                eprintln!("nodes {count} size {n}: STAT {:.1} ms, DYN {:.1} ms ({overhead:+.2}%)", ms(s), ms(d));
+            }
+            for node in &nodes {
+                node.agent.stop().await;
+            }
+        }
+
+        println!("MGS on the DSM: median of {runs} runs each, STAT = page % n, DYN = the locator");
+        println!("{:>6} {:>6} {:>12} {:>12} {:>10}", "nodes", "size", "STAT ms", "DYN ms", "overhead");
+        for (count, n, s, d, overhead) in &rows {
+            println!("{count:>6} {n:>6} {:>12.1} {:>12.1} {:>9.2}%", ms(*s), ms(*d), overhead);
+        }
+
+        // Figure 10: a node joins while MGS runs (DYN); the change's phases, and the run's time
+        // against the same size without a change.
+        let count = node_counts[0];
+        let n = grow;
+        let root = tempfile::tempdir().expect("temp dir");
+        let (nodes, seed) = start_cluster(root.path(), count).await;
+        run(&nodes, sizes[0], Placement::Locator).await;
+        let expected = match dyn_medians.get(&(count, n)) {
+            Some(&d) => d,
+            None => run(&nodes, n, Placement::Locator).await.0,
+        };
+        let (quarter, reached) = tokio::sync::oneshot::channel();
+        let computation = run_signalling(&nodes, n, Placement::Locator, Some(quarter));
+        let joiner = async {
+            let _ = reached.await;
+            let t = Instant::now();
+            let node = start_node(&options(root.path(), count as u64 + 1, Start::Join(seed))).await;
+            (node, t)
+        };
+        let ((took, error), (joined, join_started)) = tokio::join!(computation, joiner);
+        assert!(error < 1e-8, "MGS went wrong during the join: max |QᵀQ − I| = {error:e}");
+        worst_error = worst_error.max(error);
+        total_runs += 1;
+        let mut all = nodes;
+        all.push(joined);
+        settle(&all, count + 1).await;
+        let joined_in = join_started.elapsed();
+        // The change that added the node, as each participant carried it out.
+        let epoch = all[0]
+            .agent
+            .supervisor
+            .host()
+            .history()
+            .iter()
+            .rev()
+            .find(|r| r.change.starts_with("add "))
+            .map(|r| r.epoch);
+        let records: Vec<ChangeRecord> = all
+            .iter()
+            .filter_map(|node| {
+                node.agent.supervisor.host().history().into_iter().find(|r| Some(r.epoch) == epoch)
+            })
+            .collect();
+        println!();
+        println!(
+            "a node joins during MGS (DYN, {count} nodes, size {n}): {:.1} ms against {:.1} ms without ({:+.1}%)",
+            ms(took),
+            ms(expected),
+            (took.as_secs_f64() / expected.as_secs_f64() - 1.0) * 100.0
+        );
+        println!("  join to stable: {:.1} ms; {}", ms(joined_in), phases(&records));
+        for node in &all {
+            node.agent.stop().await;
+        }
+        println!(
+            "mgs: max_overhead_pct={worst_overhead:.2} max_orthogonality_error={worst_error:.2e} runs={total_runs}"
+        );
+    });
+}
