@@ -438,3 +438,46 @@ async fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zero
     reader.discard(page).await.expect("discard");
     assert_eq!(Value::decode(&reader.read(page).await.expect("fresh")).count, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_cluster_wide_lock_keeps_read_modify_write_whole() {
+    let cluster = Cluster::start(3, DsmConfig::default()).await;
+    let counter = gobelins_dsm::Segment::new(9, 8);
+    let mut tasks = Vec::new();
+    for node in cluster.mem.nodes() {
+        for _ in 0..2 {
+            let dsm = cluster.dsm(node);
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..25 {
+                    let lock = dsm.lock(1).await.expect("lock");
+                    let mut bytes = [0u8; 8];
+                    dsm.read_at(&counter, 0, &mut bytes).await.expect("read");
+                    // Another node's increment in this gap would be lost without the lock.
+                    tokio::time::sleep(Duration::from_micros(300)).await;
+                    let next = u64::from_le_bytes(bytes) + 1;
+                    dsm.write_at(&counter, 0, &next.to_le_bytes()).await.expect("write");
+                    lock.unlock().await.expect("unlock");
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.expect("worker");
+    }
+    let mut bytes = [0u8; 8];
+    cluster.dsm(NodeId(1)).read_at(&counter, 0, &mut bytes).await.expect("read");
+    assert_eq!(u64::from_le_bytes(bytes), 150, "every increment counted once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_access_outside_a_segment_is_refused() {
+    let cluster = Cluster::start(1, DsmConfig::default()).await;
+    let dsm = cluster.dsm(NodeId(1));
+    let segment = gobelins_dsm::Segment::new(4, 10_000);
+    let mut buf = [0u8; 16];
+    let refused = dsm.read_at(&segment, 9_990, &mut buf).await;
+    assert!(matches!(refused, Err(DsmError::OutOfRange { end: 10_006, .. })), "{refused:?}");
+    dsm.write_at(&segment, 4_090, &[7u8; 16]).await.expect("a write across two pages");
+    dsm.read_at(&segment, 4_090, &mut buf).await.expect("read back");
+    assert_eq!(buf, [7u8; 16]);
+}
