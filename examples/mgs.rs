@@ -318,7 +318,6 @@ fn main() {
         let mut worst_error = 0f64;
         let mut worst_overhead = f64::MIN;
         let mut total_runs = 0;
-        let mut dyn_medians = std::collections::BTreeMap::new();
         let mut fault_line = String::new();
         for &count in &node_counts {
             let root = tempfile::tempdir().expect("temp dir");
@@ -362,7 +361,6 @@ fn main() {
                 let (s, d) = (median(stat), median(dynamic));
                 let overhead = (d.as_secs_f64() / s.as_secs_f64() - 1.0) * 100.0;
                 worst_overhead = worst_overhead.max(overhead);
-                dyn_medians.insert((count, n), d);
                 rows.push((count, n, s, d, overhead));
                 eprintln!("nodes {count} size {n}: STAT {:.1} ms, DYN {:.1} ms ({overhead:+.2}%)", ms(s), ms(d));
             }
@@ -388,7 +386,6 @@ fn main() {
         run(&nodes, sizes[0], Placement::Locator).await;
         // The same run without a change, on the same cluster just before: the baseline.
         let expected = run(&nodes, n, Placement::Locator).await.0;
-        let _ = &dyn_medians;
         let (quarter, reached) = tokio::sync::oneshot::channel();
         let computation = run_signalling(&nodes, n, Placement::Locator, Some(quarter));
         let joiner = async {

@@ -100,8 +100,8 @@ impl DsmNode {
         }
     }
 
-    /// The declaration every node registers: pages by runs of one, so that page `p` falls in
-    /// slot `p % slots` and neighbouring pages spread over managers.
+    /// The declaration every node registers: keys placed by runs of one, so that neighbouring
+    /// pages of a segment fall in neighbouring slots (see the key layout in `page.rs`).
     pub fn declaration() -> ServiceSpec {
         ServiceSpec::new(DSM, "dsm").with_slots(DSM_SLOTS).with_runs(1)
     }
