@@ -88,6 +88,19 @@ impl Frame {
         self.installed.notify_waiters();
     }
 
+    /// Takes ownership, read-only, of `version` handed over by a leaving owner. Unlike a read
+    /// copy it is the page itself, so an earlier invalidation of this version (a write fault
+    /// that could not finish while the owner was leaving) does not keep it out.
+    pub(crate) fn install_owned(&self, version: u64, data: Bytes) {
+        let mut s = self.lock();
+        s.data = Some(data);
+        s.version = version;
+        s.write = false;
+        s.owned = true;
+        drop(s);
+        self.installed.notify_waiters();
+    }
+
     /// Takes write ownership at `version`; `data` is `None` when the copy held is current.
     pub(crate) fn install_grant(&self, version: u64, data: Option<Bytes>, backup: Option<NodeId>) {
         let mut s = self.lock();
@@ -228,6 +241,15 @@ mod tests {
         assert!(f.readable().is_none());
         f.install_read(4, zeros());
         assert_eq!(f.readable().map(|(v, _)| v), Some(4));
+    }
+
+    #[test]
+    fn a_page_handed_over_is_kept_even_after_its_version_was_invalidated() {
+        let f = Frame::default();
+        f.invalidate(5);
+        f.install_owned(5, zeros());
+        let s = f.lock();
+        assert!(s.data.is_some() && s.owned && s.version == 5);
     }
 
     #[tokio::test(start_paused = true)]

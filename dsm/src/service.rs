@@ -369,8 +369,7 @@ impl DsmService {
         if entry.owner == Some(from) && entry.version == version {
             let me = ctx.node();
             let frame = self.state().frames.frame(page);
-            frame.install_read(version, Arc::new(data.into_vec()));
-            frame.lock().owned = true;
+            frame.install_owned(version, Arc::new(data.into_vec()));
             entry.owner = Some(me);
             entry.copyset.remove(&from);
             entry.copyset.insert(me);
@@ -532,8 +531,7 @@ impl DsmService {
                     if let (Some(data), Named::Page(page)) = (frame, named(key)) {
                         // The evicted owner handed its page over with the entry.
                         let f = self.state().frames.frame(page);
-                        f.install_read(entry.version, Arc::new(data.into_vec()));
-                        f.lock().owned = true;
+                        f.install_owned(entry.version, Arc::new(data.into_vec()));
                         if let Some(old) = entry.owner.replace(me) {
                             entry.copyset.remove(&old);
                         }
