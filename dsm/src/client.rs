@@ -50,6 +50,43 @@ impl Segment {
     }
 }
 
+/// The part of one page a byte range covers.
+struct Span {
+    page: PageId,
+    /// Where it starts in the page.
+    at: usize,
+    /// Where it starts in the caller's buffer.
+    done: usize,
+    len: usize,
+}
+
+impl Span {
+    fn within(&self) -> std::ops::Range<usize> {
+        self.at..self.at + self.len
+    }
+
+    fn range(&self) -> std::ops::Range<usize> {
+        self.done..self.done + self.len
+    }
+}
+
+/// The pages `len` bytes at `offset` of `segment` cover, in order.
+fn spans(segment: &Segment, offset: u64, len: usize) -> impl Iterator<Item = Span> + '_ {
+    let mut done = 0;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let at = offset + done as u64;
+        let within = (at % PAGE_SIZE as u64) as usize;
+        let n = (PAGE_SIZE - within).min(len - done);
+        let span =
+            Span { page: segment.page((at / PAGE_SIZE as u64) as u32), at: within, done, len: n };
+        done += n;
+        Some(span)
+    })
+}
+
 /// A consistent copy of a page, as of when it was taken.
 #[derive(Clone, Debug)]
 pub struct ReadGuard {
@@ -340,15 +377,9 @@ impl Dsm {
         buf: &mut [u8],
     ) -> Result<(), DsmError> {
         Self::check(segment, offset, buf.len())?;
-        let mut done = 0;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let page = segment.page((at / PAGE_SIZE as u64) as u32);
-            let within = (at % PAGE_SIZE as u64) as usize;
-            let n = (PAGE_SIZE - within).min(buf.len() - done);
-            let guard = self.read(page).await?;
-            buf[done..done + n].copy_from_slice(&guard[within..within + n]);
-            done += n;
+        for span in spans(segment, offset, buf.len()) {
+            let guard = self.read(span.page).await?;
+            buf[span.range()].copy_from_slice(&guard[span.within()]);
         }
         Ok(())
     }
@@ -361,16 +392,10 @@ impl Dsm {
         bytes: &[u8],
     ) -> Result<(), DsmError> {
         Self::check(segment, offset, bytes.len())?;
-        let mut done = 0;
-        while done < bytes.len() {
-            let at = offset + done as u64;
-            let page = segment.page((at / PAGE_SIZE as u64) as u32);
-            let within = (at % PAGE_SIZE as u64) as usize;
-            let n = (PAGE_SIZE - within).min(bytes.len() - done);
-            let mut guard = self.write(page).await?;
-            guard[within..within + n].copy_from_slice(&bytes[done..done + n]);
+        for span in spans(segment, offset, bytes.len()) {
+            let mut guard = self.write(span.page).await?;
+            guard[span.within()].copy_from_slice(&bytes[span.range()]);
             guard.commit().await?;
-            done += n;
         }
         Ok(())
     }
