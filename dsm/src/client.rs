@@ -5,6 +5,7 @@ use crate::frames::{zeros, Bytes, Frame};
 use crate::node::{DsmNode, NodeState, DSM};
 use crate::page::{barrier_key, lock_key, named, Named, PageId, PAGE_SIZE};
 use crate::protocol::{Request, Response, Token};
+use crate::service;
 use gobelins_adaptation::Host;
 use gobelins_locator::{Key, NodeId};
 use serde_bytes::ByteBuf;
@@ -288,20 +289,92 @@ impl Dsm {
         }
     }
 
-    /// Reads `page`: from the copy held here, or fetched from its holder through its manager.
+    /// Reads `page`: from the copy held here, else from its probable owner, else through its
+    /// manager.
     pub async fn read(&self, page: PageId) -> Result<ReadGuard, DsmError> {
         let frame = self.state().frames.frame(page);
         if let Some((version, data)) = frame.readable() {
             return Ok(ReadGuard { version, data });
         }
+        if let Some(read) = self.read_from_owner(page, &frame).await {
+            return Ok(read);
+        }
         match self.ask(page.key(), &Request::ReadFault { node: self.me() }).await? {
-            Response::Copy { version, data } => {
+            Response::Copy { version, data, owner } => {
+                self.hint(page, owner);
                 let data = data.map_or_else(zeros, |d| Arc::new(d.into_vec()));
                 frame.install_read(version, Arc::clone(&data));
                 Ok(ReadGuard { version, data })
             }
             Response::Lost => Err(DsmError::Lost { page }),
             other => Err(DsmError::Protocol(format!("a read fault answered {other:?}"))),
+        }
+    }
+
+    /// Notes `owner` as where `page` is to be read next.
+    fn hint(&self, page: PageId, owner: Option<NodeId>) {
+        match owner.filter(|&o| o != self.me()) {
+            Some(o) => self.state().hints.insert(page, o),
+            None => self.state().hints.remove(&page).map(|(_, o)| o),
+        };
+    }
+
+    /// One round trip to the node this one last learned owns `page` (Li and Hudak's probable
+    /// owner). `None` without a hint, or when the hint was stale: the manager knows.
+    async fn read_from_owner(&self, page: PageId, frame: &Frame) -> Option<ReadGuard> {
+        let owner = self.state().hints.get(&page).map(|h| *h)?;
+        let ctx = self.host.context();
+        if owner == self.me() || service::gone(self.state(), &ctx, owner) {
+            self.state().hints.remove(&page);
+            return None;
+        }
+        let request = Request::Serve { page, node: self.me() };
+        match ctx.tell::<_, Response>(owner, DSM, page.key(), &request).await {
+            Ok(Response::Copy { version, data: Some(data), .. }) => {
+                self.state().hinted.fetch_add(1, Ordering::Relaxed);
+                let data = Arc::new(data.into_vec());
+                frame.install_read(version, Arc::clone(&data));
+                Some(ReadGuard { version, data })
+            }
+            _ => {
+                self.state().stale.fetch_add(1, Ordering::Relaxed);
+                self.state().hints.remove(&page);
+                None
+            }
+        }
+    }
+
+    /// Invalidates the readers this node served directly as `page`'s owner at `version`,
+    /// before it asks to write: the manager does not know them. No reader is served from here
+    /// until the write is granted (or fails).
+    async fn revoke(&self, page: PageId, frame: &Frame, version: u64) -> Result<(), DsmError> {
+        let started = tokio::time::Instant::now();
+        loop {
+            let readers = frame.close(version);
+            if readers.is_empty() {
+                return Ok(());
+            }
+            let ctx = self.host.context();
+            let done = service::invalidate(
+                self.state(),
+                &ctx,
+                page,
+                version,
+                readers.clone(),
+                Some(self.me()),
+            )
+            .await;
+            frame.revoked(&done);
+            if done.len() == readers.len() {
+                return Ok(());
+            }
+            frame.reopen();
+            let waited = started.elapsed();
+            if waited > self.state().config.access_deadline {
+                return Err(DsmError::Stuck { page, waited_ms: waited.as_millis() as u64 });
+            }
+            // A reader that does not answer either comes back or is declared failed.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -330,8 +403,17 @@ impl Dsm {
             }
             // The fault may take the page from another node, which may need this frame: let go.
             drop(writer);
-            let answer =
-                self.ask(page.key(), &Request::WriteFault { node: self.me(), have }).await?;
+            if let Some(version) = have {
+                self.revoke(page, &frame, version).await?;
+            }
+            let answer = match self.ask(page.key(), &Request::WriteFault { node: self.me() }).await
+            {
+                Ok(answer) => answer,
+                Err(e) => {
+                    frame.reopen();
+                    return Err(e);
+                }
+            };
             match answer {
                 Response::Grant { version, data, zero, backup } => {
                     let data = match (data, zero) {
@@ -341,9 +423,13 @@ impl Dsm {
                     };
                     frame.install_grant(version, data, backup);
                 }
-                Response::Lost => return Err(DsmError::Lost { page }),
+                Response::Lost => {
+                    frame.reopen();
+                    return Err(DsmError::Lost { page });
+                }
                 other => {
-                    return Err(DsmError::Protocol(format!("a write fault answered {other:?}")))
+                    frame.reopen();
+                    return Err(DsmError::Protocol(format!("a write fault answered {other:?}")));
                 }
             }
         }

@@ -16,7 +16,8 @@ pub(crate) struct Report {
 /// Mends `entry` after nodes left. `gone` nodes (failed, or no longer in the cluster) hold no
 /// copy; a `failed` owner gives the page to a reader holding the current version, else to its
 /// backup, else the page is lost. An owner that left gracefully is not failed: it hands its
-/// pages over before it goes. Returns whether anything changed.
+/// pages over before it goes. A failed owner takes with it the list of readers it served
+/// directly, so the entry is marked as having strays. Returns whether anything changed.
 pub(crate) fn repair(
     entry: &mut PageEntry,
     gone: impl Fn(NodeId) -> bool,
@@ -28,6 +29,7 @@ pub(crate) fn repair(
         entry.backup = None;
     }
     if let Some(owner) = entry.owner.filter(|&o| failed(o)) {
+        entry.strays = true;
         // Readers exist only while the owner shares, and then they hold exactly its version.
         if let Some(&reader) = entry.copyset.iter().find(|&&n| n != owner) {
             entry.owner = Some(reader);
@@ -46,7 +48,9 @@ pub(crate) fn repair(
 
 /// The entry of a page whose manager died, from the copies survivors hold. The newest version
 /// wins: a write grant invalidates every older copy first, so an older copy that survived is
-/// only ever a leftover that the newest one supersedes. `None` when nobody holds anything.
+/// only ever a leftover that the newest one supersedes. Whoever owned it may have died too,
+/// with the list of readers it served directly, so the entry is marked as having strays.
+/// `None` when nobody holds anything.
 pub(crate) fn rebuild(reports: &[Report]) -> Option<PageEntry> {
     let version = reports.iter().map(|r| r.version).max()?;
     let current: Vec<&Report> = reports.iter().filter(|r| r.version == version).collect();
@@ -58,7 +62,7 @@ pub(crate) fn rebuild(reports: &[Report]) -> Option<PageEntry> {
     let mut copyset: std::collections::BTreeSet<NodeId> = copies.into_iter().collect();
     copyset.insert(owner);
     let backup = backups.into_iter().find(|&b| b != owner);
-    Some(PageEntry { owner: Some(owner), copyset, version, backup, lost: false })
+    Some(PageEntry { owner: Some(owner), copyset, version, backup, lost: false, strays: true })
 }
 
 #[cfg(test)]
@@ -76,6 +80,7 @@ mod tests {
             version: 4,
             backup: backup.map(n),
             lost: false,
+            strays: false,
         }
     }
 
@@ -86,6 +91,7 @@ mod tests {
         assert_eq!(e.owner, Some(n(2)));
         assert_eq!(e.copyset, [n(2), n(3)].into());
         assert!(!e.lost);
+        assert!(e.strays, "the dead owner's direct readers are unknown");
     }
 
     #[test]
@@ -111,6 +117,7 @@ mod tests {
         assert!(repair(&mut e, |x| x == n(2), |x| x == n(2)));
         assert_eq!(e.owner, Some(n(1)));
         assert_eq!(e.copyset, [n(1)].into());
+        assert!(!e.strays);
         assert!(!repair(&mut e, |x| x == n(2), |x| x == n(2)));
     }
 

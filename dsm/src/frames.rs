@@ -5,10 +5,9 @@
 //! for the write to commit instead of taking half of it.
 
 use crate::page::{PageId, PAGE_SIZE};
-use crate::protocol::Response;
 use dashmap::DashMap;
 use gobelins_locator::NodeId;
-use serde_bytes::ByteBuf;
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Mutex as AsyncMutex, Notify};
@@ -42,6 +41,11 @@ pub(crate) struct FrameState {
     /// The copy this node gave up to a writer, kept aside: if the manager dies before the
     /// writer gets it, this is the page's latest content, and `scan` reports it.
     pub(crate) retired: Option<(u64, Bytes)>,
+    /// Readers this node, as owner, served directly (they came on a probable-owner hint): the
+    /// manager does not know them, so the owner invalidates them before the page changes.
+    pub(crate) readers: BTreeSet<NodeId>,
+    /// The owner is about to write or give up the page: it serves no more direct reads.
+    pub(crate) closed: bool,
 }
 
 impl FrameState {
@@ -52,6 +56,18 @@ impl FrameState {
             (b, r) => b.clone().or_else(|| r.clone()),
         }
     }
+}
+
+/// What a holder's frame gives a manager that asked for the page.
+#[derive(Debug)]
+pub(crate) enum Fetched {
+    /// The page.
+    Page(Bytes),
+    /// Not yet: these readers the owner served directly must be invalidated first. The frame
+    /// serves no more direct reads meanwhile.
+    Revoke(Vec<NodeId>),
+    /// The holder no longer has (or never had) that version.
+    Missing,
 }
 
 /// One page's frame.
@@ -97,6 +113,8 @@ impl Frame {
         s.version = version;
         s.write = false;
         s.owned = true;
+        s.readers.clear();
+        s.closed = false;
         drop(s);
         self.installed.notify_waiters();
     }
@@ -115,6 +133,9 @@ impl Frame {
         s.owned = true;
         s.backup_node = backup;
         s.retired = None;
+        // Every copy of the older versions was invalidated before the grant.
+        s.readers.clear();
+        s.closed = false;
         drop(s);
         self.installed.notify_waiters();
     }
@@ -149,8 +170,9 @@ impl Frame {
 
     /// Hands `version` to the manager: keeps a read copy (`keep`) or drops it. Waits for a
     /// write in progress to commit, and for a grant still on its way here to arrive, up to
-    /// `wait`.
-    pub(crate) async fn fetch(&self, version: u64, keep: bool, wait: Duration) -> Response {
+    /// `wait`. Before the page is given up, the readers this owner served directly must be
+    /// invalidated ([`Fetched::Revoke`]); the caller does that and asks again.
+    pub(crate) async fn fetch(&self, version: u64, keep: bool, wait: Duration) -> Fetched {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let installed = self.installed.notified();
@@ -160,6 +182,10 @@ impl Frame {
                 let _writer = self.writer.lock().await;
                 let mut s = self.lock();
                 if s.data.is_some() && s.version == version {
+                    if !keep && !s.readers.is_empty() {
+                        s.closed = true;
+                        return Fetched::Revoke(s.readers.iter().copied().collect());
+                    }
                     let data = s.data.clone().expect("checked");
                     if keep {
                         s.write = false;
@@ -170,16 +196,56 @@ impl Frame {
                         s.invalidated = Some(s.invalidated.map_or(version, |i| i.max(version)));
                         s.retired = Some((version, Arc::clone(&data)));
                     }
-                    return Response::Page(ByteBuf::from(data.to_vec()));
+                    return Fetched::Page(data);
                 }
                 if s.version > version {
-                    return Response::Missing;
+                    return Fetched::Missing;
                 }
             }
             if tokio::time::timeout_at(deadline, installed).await.is_err() {
-                return Response::Missing;
+                return Fetched::Missing;
             }
         }
+    }
+
+    /// Serves `reader` a copy straight from this owner, which then knows it as a reader it
+    /// must invalidate itself. `None` unless this node owns the page and is not about to
+    /// write it or give it up: the reader then asks the manager. Waits for a write in progress
+    /// to commit, so a reader never gets a version the owner is still changing.
+    pub(crate) async fn serve(&self, reader: NodeId) -> Option<(u64, Bytes)> {
+        let _writer = self.writer.lock().await;
+        let mut s = self.lock();
+        if !s.owned || s.closed {
+            return None;
+        }
+        let data = s.data.clone()?;
+        s.write = false;
+        s.readers.insert(reader);
+        Some((s.version, data))
+    }
+
+    /// Stops serving direct reads and names the readers served so far, for an owner about to
+    /// write or give the page up. Empty when this node does not own the page at `version`.
+    pub(crate) fn close(&self, version: u64) -> Vec<NodeId> {
+        let mut s = self.lock();
+        if !s.owned || s.version != version || s.data.is_none() {
+            return Vec::new();
+        }
+        s.closed = true;
+        s.readers.iter().copied().collect()
+    }
+
+    /// `done` were invalidated: forget them.
+    pub(crate) fn revoked(&self, done: &[NodeId]) {
+        let mut s = self.lock();
+        for n in done {
+            s.readers.remove(n);
+        }
+    }
+
+    /// Serves direct reads again: the write or hand-over did not happen.
+    pub(crate) fn reopen(&self) {
+        self.lock().closed = false;
     }
 
     /// Turns the backup into an owned copy at `version`. The backup the manager names holds
@@ -198,6 +264,8 @@ impl Frame {
         s.write = false;
         s.backup = None;
         s.retired = None;
+        s.readers.clear();
+        s.closed = false;
         drop(s);
         self.installed.notify_waiters();
         true
@@ -260,7 +328,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         f.install_grant(2, Some(Arc::new(vec![7; PAGE_SIZE])), None);
         match fetch.await.expect("fetch") {
-            Response::Page(p) => assert_eq!(p[0], 7),
+            Fetched::Page(p) => assert_eq!(p[0], 7),
             other => panic!("expected the page, got {other:?}"),
         }
         let s = f.lock();
@@ -271,7 +339,7 @@ mod tests {
     async fn a_copy_given_up_to_a_writer_is_kept_aside_and_can_be_promoted() {
         let f = Frame::default();
         f.install_grant(4, Some(Arc::new(vec![9; PAGE_SIZE])), None);
-        assert!(matches!(f.fetch(4, false, Duration::from_millis(10)).await, Response::Page(_)));
+        assert!(matches!(f.fetch(4, false, Duration::from_millis(10)).await, Fetched::Page(_)));
         assert!(f.readable().is_none());
         assert_eq!(f.lock().aside().map(|(v, d)| (v, d[0])), Some((4, 9)));
         assert!(f.promote(4));
@@ -281,7 +349,40 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn fetch_of_a_version_never_granted_gives_up() {
         let f = Frame::default();
-        assert!(matches!(f.fetch(5, false, Duration::from_millis(50)).await, Response::Missing));
+        assert!(matches!(f.fetch(5, false, Duration::from_millis(50)).await, Fetched::Missing));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_owner_gives_up_a_page_only_after_its_direct_readers_are_revoked() {
+        let f = Frame::default();
+        let wait = Duration::from_millis(10);
+        assert!(f.serve(NodeId(2)).await.is_none(), "nothing owned, nothing served");
+        f.install_grant(3, Some(Arc::new(vec![5; PAGE_SIZE])), None);
+        let (version, data) = f.serve(NodeId(2)).await.expect("the owner serves");
+        assert_eq!((version, data[0]), (3, 5));
+        assert!(!f.lock().write, "a served reader ends write mode");
+        match f.fetch(3, false, wait).await {
+            Fetched::Revoke(readers) => assert_eq!(readers, vec![NodeId(2)]),
+            other => panic!("expected a revocation first, got {other:?}"),
+        }
+        assert!(f.serve(NodeId(4)).await.is_none(), "closed while revoking");
+        f.revoked(&[NodeId(2)]);
+        assert!(matches!(f.fetch(3, false, wait).await, Fetched::Page(_)));
+        assert!(f.serve(NodeId(4)).await.is_none(), "given up");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_manager_read_leaves_direct_readers_alone_and_a_grant_forgets_them() {
+        let f = Frame::default();
+        f.install_grant(1, None, None);
+        f.serve(NodeId(2)).await.expect("served");
+        assert!(matches!(f.fetch(1, true, Duration::ZERO).await, Fetched::Page(_)));
+        assert_eq!(f.close(1), vec![NodeId(2)]);
+        assert!(f.close(2).is_empty(), "not owned at that version");
+        f.reopen();
+        assert!(f.serve(NodeId(3)).await.is_some());
+        f.install_grant(2, None, None);
+        assert!(f.lock().readers.is_empty());
     }
 
     #[test]

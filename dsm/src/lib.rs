@@ -31,7 +31,7 @@ mod service;
 
 pub use client::{Dsm, LockGuard, Placement, ReadGuard, Segment, WriteGuard};
 pub use error::DsmError;
-pub use node::{DsmConfig, DsmNode, DSM, DSM_SLOTS};
+pub use node::{DsmConfig, DsmNode, FaultStats, DSM, DSM_SLOTS};
 pub use page::{PageId, MAX_SEGMENT, PAGE_SIZE};
 pub use protocol::{Request, Response};
 pub use service::DsmService;

@@ -8,6 +8,7 @@ use dashmap::DashMap;
 use gobelins_adaptation::ChangeInfo;
 use gobelins_locator::{Key, ServiceId, ServiceSpec};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Mutex as AsyncMutex, Notify};
@@ -77,6 +78,20 @@ pub(crate) struct NodeState {
     /// Generations passed, per barrier, by this node's clients.
     pub(crate) generations: Mutex<HashMap<u64, u64>>,
     pub(crate) seq: std::sync::atomic::AtomicU64,
+    /// Probable owners: where this node last learned each page lives.
+    pub(crate) hints: DashMap<crate::page::PageId, gobelins_locator::NodeId>,
+    /// Read faults answered by the hinted owner, and hints found stale.
+    pub(crate) hinted: AtomicU64,
+    pub(crate) stale: AtomicU64,
+}
+
+/// How this node's read faults went: straight to the probable owner, or by way of the manager.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// Read faults the hinted owner answered: one round trip, no manager.
+    pub hinted: u64,
+    /// Hints that were stale (the node no longer owned the page): the manager answered.
+    pub stale: u64,
 }
 
 impl DsmNode {
@@ -96,6 +111,9 @@ impl DsmNode {
                 waiting: Mutex::new(HashMap::new()),
                 generations: Mutex::new(HashMap::new()),
                 seq: std::sync::atomic::AtomicU64::new(0),
+                hints: DashMap::new(),
+                hinted: AtomicU64::new(0),
+                stale: AtomicU64::new(0),
             }),
         }
     }
@@ -114,6 +132,14 @@ impl DsmNode {
     /// Directory entries this node manages.
     pub fn managed(&self) -> usize {
         self.inner.live.len()
+    }
+
+    /// How this node's read faults used probable-owner hints so far.
+    pub fn fault_stats(&self) -> FaultStats {
+        FaultStats {
+            hinted: self.inner.hinted.load(Ordering::Relaxed),
+            stale: self.inner.stale.load(Ordering::Relaxed),
+        }
     }
 
     /// Pages this node holds a valid copy of.

@@ -23,12 +23,10 @@ pub enum Request {
         /// The reader.
         node: NodeId,
     },
-    /// To the manager: `node` wants to write; `have` is the version of the copy it holds.
+    /// To the manager: `node` wants to write.
     WriteFault {
         /// The writer.
         node: NodeId,
-        /// Its copy's version, if it holds one.
-        have: Option<u64>,
     },
     /// To the manager: an evicted owner hands over its page.
     Surrender {
@@ -38,6 +36,8 @@ pub enum Request {
         version: u64,
         /// The page.
         data: ByteBuf,
+        /// Readers it served directly, which the manager did not know of.
+        readers: BTreeSet<NodeId>,
     },
     /// To the manager: the owner could not reach its backup; choose another and store this
     /// content there.
@@ -66,6 +66,14 @@ pub enum Request {
         /// How many participants the barrier waits for.
         parties: u32,
     },
+    /// To a page's probable owner, from a reader that holds a hint: a read copy, if you
+    /// still own the page (`Copy`), or `Missing` (the reader then asks the manager).
+    Serve {
+        /// The page.
+        page: PageId,
+        /// The reader.
+        node: NodeId,
+    },
     /// To a holder, from the manager: send your copy of `page` at `version`; keep a read
     /// copy (a reader faulted) or drop it (a writer faulted).
     Fetch {
@@ -85,6 +93,8 @@ pub enum Request {
         version: u64,
         /// Drop the backup copy rather than the read copy.
         backup: bool,
+        /// The node about to own the page: where to read it next (a hint).
+        owner: Option<NodeId>,
     },
     /// To a backup node, from a manager whose page's owner died: make the backup the page,
     /// owned, at `version`.
@@ -114,6 +124,8 @@ pub enum Response {
         version: u64,
         /// The page, unless zero.
         data: Option<ByteBuf>,
+        /// Its owner: where to read it next time (a hint).
+        owner: Option<NodeId>,
     },
     /// Write access at `version`. `data` is `None` when the writer's copy is already current
     /// (or the page was never written and `zero` is set).
@@ -164,6 +176,10 @@ pub struct PageEntry {
     pub backup: Option<NodeId>,
     /// Every copy died.
     pub lost: bool,
+    /// The owner failed, or the entry was rebuilt: readers it served directly may still hold
+    /// copies nobody knows of, so the next write invalidates every node.
+    #[serde(default)]
+    pub strays: bool,
 }
 
 /// A lock's entry.

@@ -3,8 +3,8 @@
 //! side, and what happens to entries and frames when the cluster changes.
 
 use crate::directory::{rebuild, repair, Report};
-use crate::frames::Bytes;
-use crate::node::{DsmNode, Live, DSM};
+use crate::frames::{Bytes, Fetched};
+use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
 use crate::protocol::{Entry, LockEntry, PageEntry, Request, Response};
 use async_trait::async_trait;
@@ -46,6 +46,71 @@ fn page_bytes(data: &Bytes) -> ByteBuf {
     ByteBuf::from(data.to_vec())
 }
 
+/// Whether `n` holds nothing any more: it failed, or left the cluster.
+pub(crate) fn gone(state: &NodeState, ctx: &Context, n: NodeId) -> bool {
+    !present(ctx, n) || state.failed.lock().expect("failed").contains(&n)
+}
+
+/// Invalidates the read copies of `page` up to `version` that `nodes` hold, all at once, and
+/// returns the nodes done with: those that dropped their copy, and those gone from the
+/// cluster. `owner` is the page's next owner, for the readers' hints.
+pub(crate) async fn invalidate(
+    state: &NodeState,
+    ctx: &Context,
+    page: PageId,
+    version: u64,
+    nodes: impl IntoIterator<Item = NodeId>,
+    owner: Option<NodeId>,
+) -> Vec<NodeId> {
+    let request = Request::Invalidate { page, version, backup: false, owner };
+    let answers = futures::future::join_all(nodes.into_iter().map(|n| {
+        let request = request.clone();
+        async move {
+            let done = if n == ctx.node() {
+                drop_copy(state, ctx, page, version, owner).await
+            } else {
+                matches!(
+                    ctx.tell::<_, Response>(n, DSM, page.key(), &request).await,
+                    Ok(Response::Ok)
+                )
+            };
+            (n, done)
+        }
+    }))
+    .await;
+    answers.into_iter().filter(|&(n, done)| done || gone(state, ctx, n)).map(|(n, _)| n).collect()
+}
+
+/// Drops this node's copy of `page` up to `version`, and notes where to read it next. An
+/// owner first invalidates the readers it served directly, except the next owner, whose copy
+/// is the page it is being granted; `false` if one could not be reached, and then nothing was
+/// dropped.
+async fn drop_copy(
+    state: &NodeState,
+    ctx: &Context,
+    page: PageId,
+    version: u64,
+    owner: Option<NodeId>,
+) -> bool {
+    let frame = state.frames.frame(page);
+    let readers: Vec<NodeId> =
+        frame.close(version).into_iter().filter(|&r| Some(r) != owner).collect();
+    if !readers.is_empty() {
+        let done = Box::pin(invalidate(state, ctx, page, version, readers.clone(), owner)).await;
+        frame.revoked(&done);
+        if done.len() < readers.len() {
+            frame.reopen();
+            return false;
+        }
+    }
+    frame.invalidate(version);
+    match owner {
+        Some(o) => state.hints.insert(page, o),
+        None => state.hints.remove(&page).map(|(_, o)| o),
+    };
+    true
+}
+
 impl DsmService {
     fn state(&self) -> &crate::node::NodeState {
         &self.node.inner
@@ -58,7 +123,7 @@ impl DsmService {
 
     /// Whether `n` holds nothing any more: it failed, or left the cluster.
     fn gone(&self, ctx: &Context, n: NodeId) -> bool {
-        !present(ctx, n) || self.failed(n)
+        gone(self.state(), ctx, n)
     }
 
     /// The manager's entry for `key`, made on first use. A page with no entry in a slot whose
@@ -90,11 +155,7 @@ impl DsmService {
         keep: bool,
     ) -> Option<Bytes> {
         let answer = if holder == ctx.node() {
-            self.state()
-                .frames
-                .frame(page)
-                .fetch(version, keep, self.state().config.fetch_wait)
-                .await
+            return self.give(ctx, page, version, keep).await;
         } else {
             let asked = ctx
                 .tell::<_, Response>(
@@ -118,10 +179,32 @@ impl DsmService {
         }
     }
 
+    /// This node's copy of `page` at `version`, for a manager: kept as a read copy (`keep`) or
+    /// given up, after the readers this node served directly are invalidated. `None` when it
+    /// does not hold that version, or a reader could not be reached.
+    async fn give(&self, ctx: &Context, page: PageId, version: u64, keep: bool) -> Option<Bytes> {
+        let frame = self.state().frames.frame(page);
+        loop {
+            match frame.fetch(version, keep, self.state().config.fetch_wait).await {
+                Fetched::Page(data) => return Some(data),
+                Fetched::Missing => return None,
+                Fetched::Revoke(readers) => {
+                    let done =
+                        invalidate(self.state(), ctx, page, version, readers.clone(), None).await;
+                    frame.revoked(&done);
+                    if done.len() < readers.len() {
+                        frame.reopen();
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
     /// Sends `request` to `node`'s local server, or runs it here.
     async fn tell(&self, ctx: &Context, node: NodeId, page: PageId, request: Request) -> bool {
         if node == ctx.node() {
-            return matches!(self.local(request).await, Response::Ok);
+            return matches!(self.local(ctx, request).await, Response::Ok);
         }
         matches!(ctx.tell::<_, Response>(node, DSM, page.key(), &request).await, Ok(Response::Ok))
     }
@@ -142,6 +225,7 @@ impl DsmService {
         entry.copyset = [backup].into();
         entry.backup = None;
         entry.lost = false;
+        entry.strays = true;
         tracing::info!(?page, node = backup.0, "dsm: page rebuilt from its backup");
         true
     }
@@ -175,7 +259,7 @@ impl DsmService {
         let me = ctx.node();
         let Some(owner) = entry.owner else {
             entry.copyset.insert(reader);
-            return Response::Copy { version: entry.version, data: None };
+            return Response::Copy { version: entry.version, data: None, owner: None };
         };
         let frames = &self.state().frames;
         let cached = (owner != me && entry.copyset.contains(&me))
@@ -199,16 +283,10 @@ impl DsmService {
             }
         };
         entry.copyset.insert(reader);
-        Response::Copy { version: entry.version, data: Some(page_bytes(&data)) }
+        Response::Copy { version: entry.version, data: Some(page_bytes(&data)), owner: Some(owner) }
     }
 
-    async fn write_fault(
-        &self,
-        ctx: &Context,
-        page: PageId,
-        writer: NodeId,
-        have: Option<u64>,
-    ) -> Response {
+    async fn write_fault(&self, ctx: &Context, page: PageId, writer: NodeId) -> Response {
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
@@ -218,30 +296,27 @@ impl DsmService {
         }
         let version = entry.version;
         let owner = entry.owner;
-        let current = owner == Some(writer)
-            || (owner.is_some() && have == Some(version) && entry.copyset.contains(&writer));
+        // Only the owner's own copy is sure to be there when the grant arrives: a reader's
+        // copy can be revoked meanwhile by the owner, so a reader is sent the page.
+        let current = owner == Some(writer);
 
-        // Every other copy goes first: once granted, the writer is the only holder.
+        // Every other copy goes first: once granted, the writer is the only holder. The
+        // owner's goes with the page, below.
         let mut drop: BTreeSet<NodeId> =
             entry.copyset.iter().copied().filter(|&n| n != writer && Some(n) != owner).collect();
-        if current {
-            drop.extend(owner.filter(|&o| o != writer));
+        if entry.strays {
+            // Readers a dead owner served directly are known to nobody: tell every node.
+            let everyone = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
+            drop.extend(everyone.into_iter().filter(|&n| n != writer && Some(n) != owner));
         }
-        let gone = futures::future::join_all(drop.iter().map(|&n| async move {
-            (n, self.tell(ctx, n, page, Request::Invalidate { page, version, backup: false }).await)
-        }))
-        .await;
-        let mut stuck = false;
-        for (n, ok) in gone {
-            if ok || self.gone(ctx, n) {
-                entry.copyset.remove(&n);
-            } else {
-                stuck = true;
-            }
+        let done = invalidate(self.state(), ctx, page, version, drop.clone(), Some(writer)).await;
+        for n in &done {
+            entry.copyset.remove(n);
         }
-        if stuck {
+        if done.len() < drop.len() {
             return Response::Retry;
         }
+        entry.strays = false;
 
         let (data, zero) = if current {
             (None, false)
@@ -317,7 +392,7 @@ impl DsmService {
                 ctx,
                 old,
                 page,
-                Request::Invalidate { page, version: entry.version, backup: true },
+                Request::Invalidate { page, version: entry.version, backup: true, owner: None },
             )
             .await;
         }
@@ -362,6 +437,7 @@ impl DsmService {
         from: NodeId,
         version: u64,
         data: ByteBuf,
+        readers: BTreeSet<NodeId>,
     ) -> Response {
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
@@ -373,6 +449,7 @@ impl DsmService {
             entry.owner = Some(me);
             entry.copyset.remove(&from);
             entry.copyset.insert(me);
+            entry.copyset.extend(readers.into_iter().filter(|&r| r != from));
         }
         Response::Ok
     }
@@ -382,7 +459,9 @@ impl DsmService {
         let mut live = slot.lock().await;
         if let Live::Page(entry) = &mut *live {
             if entry.lost {
-                *entry = PageEntry { version: entry.version + 1, ..PageEntry::default() };
+                // The dead owner's direct readers may still hold the lost contents.
+                *entry =
+                    PageEntry { version: entry.version + 1, strays: true, ..PageEntry::default() };
             }
         }
         Response::Ok
@@ -444,19 +523,29 @@ impl DsmService {
         }
     }
 
-    /// A message to this node's local server, from a manager or an owner.
-    async fn local(&self, request: Request) -> Response {
+    /// A message to this node's local server, from a manager, an owner or a reader.
+    async fn local(&self, ctx: &Context, request: Request) -> Response {
         let frames = &self.state().frames;
         match request {
+            Request::Serve { page, node } => match frames.frame(page).serve(node).await {
+                Some((version, data)) => Response::Copy {
+                    version,
+                    data: Some(page_bytes(&data)),
+                    owner: Some(ctx.node()),
+                },
+                None => Response::Missing,
+            },
             Request::Fetch { page, version, keep } => {
-                frames.frame(page).fetch(version, keep, self.state().config.fetch_wait).await
+                match self.give(ctx, page, version, keep).await {
+                    Some(data) => Response::Page(page_bytes(&data)),
+                    None => Response::Missing,
+                }
             }
-            Request::Invalidate { page, version, backup } => {
-                let frame = frames.frame(page);
+            Request::Invalidate { page, version, backup, owner } => {
                 if backup {
-                    frame.drop_backup(version);
-                } else {
-                    frame.invalidate(version);
+                    frames.frame(page).drop_backup(version);
+                } else if !drop_copy(self.state(), ctx, page, version, owner).await {
+                    return Response::Retry;
                 }
                 Response::Ok
             }
@@ -605,10 +694,10 @@ impl DsmService {
         let me = ctx.node();
         for (page, frame) in self.state().frames.all() {
             let _writer = frame.writer.lock().await;
-            let (version, data) = {
+            let (version, data, readers) = {
                 let s = frame.lock();
                 match (&s.data, s.owned) {
-                    (Some(d), true) => (s.version, Arc::clone(d)),
+                    (Some(d), true) => (s.version, Arc::clone(d), s.readers.clone()),
                     _ => continue,
                 }
             };
@@ -620,7 +709,7 @@ impl DsmService {
                 .request::<_, Response>(
                     DSM,
                     page.key(),
-                    &Request::Surrender { node: me, version, data: page_bytes(&data) },
+                    &Request::Surrender { node: me, version, data: page_bytes(&data), readers },
                 )
                 .await;
             match handed {
@@ -653,11 +742,11 @@ impl Service for DsmService {
             (Named::Page(page), Request::ReadFault { node }) => {
                 self.read_fault(ctx, page, node).await
             }
-            (Named::Page(page), Request::WriteFault { node, have }) => {
-                self.write_fault(ctx, page, node, have).await
+            (Named::Page(page), Request::WriteFault { node }) => {
+                self.write_fault(ctx, page, node).await
             }
-            (Named::Page(page), Request::Surrender { node, version, data }) => {
-                self.surrender(ctx, page, node, version, data).await
+            (Named::Page(page), Request::Surrender { node, version, data, readers }) => {
+                self.surrender(ctx, page, node, version, data, readers).await
             }
             (Named::Page(page), Request::Rebackup { node, version, failed, data }) => {
                 self.rebackup(ctx, page, node, version, failed, data).await
@@ -669,7 +758,7 @@ impl Service for DsmService {
             (Named::Barrier(_), Request::Arrive { participant, generation, parties }) => {
                 self.arrive(key, participant, generation, parties).await
             }
-            (_, request) if ctx.from().is_some() => self.local(request).await,
+            (_, request) if ctx.from().is_some() => self.local(ctx, request).await,
             (what, request) => Response::Invalid(format!("{request:?} does not apply to {what:?}")),
         }
     }
@@ -724,10 +813,16 @@ impl Service for DsmService {
                 }
             };
             let entry = match live {
-                Live::Page(entry) => {
+                Live::Page(mut entry) => {
                     let frame = match named(key) {
                         Named::Page(page) if leaving && entry.owner == Some(ctx.node()) => {
-                            self.state().frames.frame(page).readable().map(|(_, d)| page_bytes(&d))
+                            let frame = self.state().frames.frame(page);
+                            // A write in progress commits first; no reader is served after.
+                            let _writer = frame.writer.lock().await;
+                            let mut s = frame.lock();
+                            s.closed = true;
+                            entry.copyset.extend(s.readers.iter().copied());
+                            s.data.as_ref().map(page_bytes)
                         }
                         _ => None,
                     };

@@ -9,7 +9,7 @@
 
 use gobelins_adaptation::testing::MemCluster;
 use gobelins_adaptation::{plugin, HostConfig, Registry};
-use gobelins_dsm::{Dsm, DsmConfig, DsmError, DsmNode, PageId};
+use gobelins_dsm::{Dsm, DsmConfig, DsmError, DsmNode, FaultStats, PageId};
 use gobelins_locator::NodeId;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -177,6 +177,23 @@ impl Cluster {
         let made = self.made.lock().expect("made");
         Dsm::new(made[node.0 as usize].clone(), self.mem.host(node))
     }
+
+    /// How `node`'s read faults used their probable-owner hints.
+    fn stats(&self, node: NodeId) -> FaultStats {
+        self.made.lock().expect("made")[node.0 as usize].fault_stats()
+    }
+}
+
+/// Writes `count` into `page` from `dsm`.
+async fn put(dsm: &Dsm, page: PageId, count: u64) {
+    let mut g = dsm.write(page).await.expect("write");
+    Value { count, worker: 0, seq: count }.encode(&mut g);
+    g.commit().await.expect("commit");
+}
+
+/// The count `dsm` reads from `page`.
+async fn get(dsm: &Dsm, page: PageId) -> u64 {
+    Value::decode(&dsm.read(page).await.expect("read")).count
 }
 
 /// What a worker did, and the errors it met.
@@ -352,7 +369,9 @@ async fn concurrent_access_stays_sequentially_consistent_through_additions_and_e
     let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
     let ops: usize = histories.iter().map(Vec::len).sum();
     let writes = histories.iter().flatten().filter(|o| matches!(o, Op::Write { .. })).count();
-    eprintln!("{ops} accesses, {writes} writes, over {} changes", 4);
+    let hinted: u64 = (1..=5).map(|n| cluster.stats(NodeId(n)).hinted).sum();
+    eprintln!("{ops} accesses, {writes} writes, over {} changes; {hinted} read faults served by the probable owner", 4);
+    assert!(hinted > 0, "readers went straight to the owners");
     assert!(writes > 200 && ops > 1000, "the workers ran: {ops} accesses, {writes} writes");
     check(&histories).expect("sequentially consistent");
 
@@ -437,6 +456,54 @@ async fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zero
     let page = pid(1);
     reader.discard(page).await.expect("discard");
     assert_eq!(Value::decode(&reader.read(page).await.expect("fresh")).count, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reader_goes_straight_to_the_owner_and_a_stale_hint_falls_back_on_the_manager() {
+    let cluster = Cluster::start(3, DsmConfig::default()).await;
+    let (owner, reader, writer) = (NodeId(3), NodeId(1), NodeId(2));
+    let (o, r, w) = (cluster.dsm(owner), cluster.dsm(reader), cluster.dsm(writer));
+    let page = pid(5);
+    put(&o, page, 1).await;
+    assert_eq!(get(&r, page).await, 1, "first read: through the manager, which names the owner");
+    put(&o, page, 2).await;
+    assert_eq!(get(&r, page).await, 2, "the owner's write invalidated the reader");
+    assert_eq!(cluster.stats(reader), FaultStats { hinted: 1, stale: 0 });
+
+    // The manager never knew that reader: the owner's own next write must revoke it.
+    put(&o, page, 3).await;
+    assert_eq!(get(&r, page).await, 3);
+
+    // Another node takes the page while the reader holds no copy: its hint goes stale.
+    put(&o, page, 4).await;
+    put(&w, page, 5).await;
+    assert_eq!(get(&o, page).await, 5);
+    assert_eq!(get(&r, page).await, 5, "the hint named the old owner: the manager answered");
+
+    // An owner giving the page to another writer revokes the readers it served.
+    put(&w, page, 6).await;
+    assert_eq!(get(&r, page).await, 6);
+    put(&o, page, 7).await;
+    assert_eq!(get(&r, page).await, 7);
+    assert_eq!(cluster.stats(reader), FaultStats { hinted: 3, stale: 1 });
+}
+
+#[tokio::test(start_paused = true)]
+async fn readers_a_dead_owner_served_are_invalidated_before_the_next_write() {
+    let mut cluster = Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+    let (owner, reader, writer) = (NodeId(3), NodeId(1), NodeId(2));
+    let (o, r, w) = (cluster.dsm(owner), cluster.dsm(reader), cluster.dsm(writer));
+    let page = pid(7);
+    put(&o, page, 1).await;
+    assert_eq!(get(&r, page).await, 1);
+    put(&o, page, 2).await;
+    assert_eq!(get(&r, page).await, 2);
+    assert_eq!(cluster.stats(reader).hinted, 1, "served by the owner, unknown to the manager");
+
+    // The owner dies with the list of its readers; its backup takes over.
+    cluster.mem.fail(owner).await;
+    put(&w, page, 3).await;
+    assert_eq!(get(&r, page).await, 3, "the reader's copy was invalidated, not kept");
 }
 
 #[tokio::test(start_paused = true)]
