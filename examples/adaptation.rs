@@ -196,6 +196,9 @@ fn main() {
         let mut echo_client = Echo::start(request_bytes).await;
         let mut routed = Vec::with_capacity(samples);
         let mut echo = Vec::with_capacity(samples);
+        // The transport alone: a supervisor ping, answered without the adaptation layer.
+        let ping = bytes::Bytes::from(codec::encode(&gobelins_supervisor::rpc::Request::Ping).expect("e"));
+        let mut pings = Vec::with_capacity(samples);
         for block in 0..samples / 500 {
             for i in 0..500 {
                 let k = remote[(block * 500 + i) % remote.len()];
@@ -206,9 +209,15 @@ fn main() {
             for _ in 0..500 {
                 echo.push(echo_client.round_trip().await);
             }
+            for _ in 0..500 {
+                let t = Instant::now();
+                a.transport.call(2, ping.clone(), Duration::from_secs(5)).await.expect("ping");
+                pings.push(t.elapsed());
+            }
         }
         routed.sort();
         echo.sort();
+        pings.sort();
 
         // Redirected once: to node 1, which does not manage the key and says so, then to node 2.
         let link = TransportLink::new(Arc::new(a.transport.clone()) as Arc<dyn Transport>);
@@ -311,6 +320,11 @@ fn main() {
         println!(
             "| request round trip p99 | {} | raw TCP echo {} | {:.2}x | ≤ 1.3x |",
             us(r99), us(e99), r99.as_secs_f64() / e99.as_secs_f64()
+        );
+        let p50 = percentile(&pings, 0.5);
+        println!(
+            "| transport call alone (supervisor ping, no adaptation layer), p50 | {} | raw TCP echo {} | {:.2}x | |",
+            us(p50), us(e50), p50.as_secs_f64() / e50.as_secs_f64()
         );
         let d50 = percentile(&redirected, 0.5);
         println!(

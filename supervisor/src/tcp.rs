@@ -6,25 +6,32 @@
 //!  pending[id] ◀──────────────────────────────────────────────────────────────┘
 //! ```
 //!
+//! A caller writes its request on the socket itself, and the peer's reading task answers a
+//! request whose handler finishes at once (most do) and writes the answer itself: a round
+//! trip wakes three tasks (the peer's reader, our reader, the caller), as few as multiplexing
+//! allows. A handler that has to wait, and a write that would block, continue in a task of
+//! their own, so a reader never stops reading: two peers writing to each other with full
+//! buffers cannot wedge.
+//!
 //! When both ends dial each other at once, both keep the connection opened by the lower node id
 //! and close the other, so a pair settles on one connection without talking about it.
 
 use crate::error::{Result, SupervisorError};
-use crate::frame::{FrameCodec, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
+use crate::frame::{FrameCodec, Wire, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
 use crate::handshake::{self, Hello};
 use crate::net::{Net, TokioNet};
 use crate::secret::ClusterSecret;
 use crate::transport::{Admission, Handler, Transport};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{SinkExt, StreamExt};
-use gobelins_adaptation::codec;
-use serde::{Deserialize, Serialize};
+use futures::{Sink, SinkExt, StreamExt};
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -81,20 +88,35 @@ pub struct Identity {
     pub addr: String,
 }
 
-#[derive(Serialize, Deserialize)]
-enum Wire {
-    Request { id: u64, body: Vec<u8> },
-    Response { id: u64, body: Vec<u8> },
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Bytes>>>>;
+
+/// The writing half of a connection, shared by the callers and the answering tasks.
+type Writer = Arc<tokio::sync::Mutex<Pin<Box<dyn Sink<Wire, Error = SupervisorError> + Send>>>>;
+
+/// Writes `wire` whole. A write abandoned half way leaves the rest of the frame in the
+/// connection's buffer, for the next write to finish: the stream never holds half a frame.
+async fn write(writer: Writer, wire: Wire) -> Result<()> {
+    writer.lock().await.send(wire).await
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Bytes>>>>;
+/// Writes `wire` from a task that must not wait: at once if the socket takes it, else in a
+/// task of its own.
+async fn write_or_spawn(writer: Writer, wire: Wire) {
+    let mut writing = Box::pin(write(writer, wire));
+    if futures::poll!(&mut writing).is_pending() {
+        tokio::spawn(async move {
+            // The connection may be gone; the caller then times out and retries.
+            let _ = writing.await;
+        });
+    }
+}
 
 #[derive(Clone)]
 struct Conn {
     id: u64,
     /// The node that dialed: decides which of two simultaneous connections survives.
     initiator: u64,
-    tx: mpsc::Sender<Wire>,
+    writer: Writer,
     pending: Pending,
     cancel: CancellationToken,
     /// When a frame last arrived, to tell a silent connection from a busy one.
@@ -277,11 +299,11 @@ impl<N: Net> TcpTransport<N> {
     /// Starts the connection's task and makes it the pair's connection, unless a connection
     /// opened by the lower node id already is. Returns the connection to use.
     fn register(&self, peer: u64, initiator: u64, framed: Framed<N::Stream, FrameCodec>) -> Conn {
-        let (tx, rx) = mpsc::channel(1024);
+        let (sink, stream) = framed.split::<Wire>();
         let conn = Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             initiator,
-            tx,
+            writer: Arc::new(tokio::sync::Mutex::new(Box::pin(sink))),
             pending: Arc::default(),
             cancel: self.inner.shutdown.child_token(),
             last_heard: Arc::new(Mutex::new(Instant::now())),
@@ -311,49 +333,54 @@ impl<N: Net> TcpTransport<N> {
             }
         };
         let me = self.clone();
-        tokio::spawn(async move { me.run(peer, conn, framed, rx).await });
+        tokio::spawn(async move { me.run(peer, conn, stream).await });
         chosen
     }
 
+    /// Reads the connection until it closes: answers requests, hands responses to callers.
     async fn run(
         self,
         peer: u64,
         conn: Conn,
-        framed: Framed<N::Stream, FrameCodec>,
-        mut rx: mpsc::Receiver<Wire>,
+        mut stream: futures::stream::SplitStream<Framed<N::Stream, FrameCodec>>,
     ) {
-        let (mut sink, mut stream) = framed.split();
         let inflight = Arc::new(Semaphore::new(self.inner.config.max_inflight));
         let result: Result<()> = async {
             loop {
-                tokio::select! {
+                let incoming = tokio::select! {
                     _ = conn.cancel.cancelled() => return Ok(()),
-                    outgoing = rx.recv() => {
-                        let Some(wire) = outgoing else { return Ok(()) };
-                        sink.send(Bytes::from(codec::encode(&wire)?)).await?;
-                    }
-                    incoming = stream.next() => {
-                        let Some(frame) = incoming else { return Ok(()) };
-                        *lock(&conn.last_heard) = Instant::now();
-                        match codec::decode::<Wire>(&frame?)? {
-                            Wire::Request { id, body } => {
-                                let handler = Arc::clone(&self.inner.handler);
-                                let tx = conn.tx.clone();
-                                let Ok(permit) = Arc::clone(&inflight).acquire_owned().await else {
-                                    return Ok(());
-                                };
+                    incoming = stream.next() => incoming,
+                };
+                let Some(frame) = incoming else { return Ok(()) };
+                *lock(&conn.last_heard) = Instant::now();
+                match Wire::decode(frame?)? {
+                    Wire::Request { id, body } => {
+                        let Ok(permit) = Arc::clone(&inflight).acquire_owned().await else {
+                            return Ok(());
+                        };
+                        let handler = Arc::clone(&self.inner.handler);
+                        let mut answering =
+                            Box::pin(async move { handler.handle(peer, body).await });
+                        match futures::poll!(&mut answering) {
+                            Poll::Ready(body) => {
+                                drop(permit);
+                                let wire = Wire::Response { id, body };
+                                write_or_spawn(Arc::clone(&conn.writer), wire).await;
+                            }
+                            Poll::Pending => {
+                                let writer = Arc::clone(&conn.writer);
                                 tokio::spawn(async move {
-                                    let _permit = permit;
-                                    let body = handler.handle(peer, Bytes::from(body)).await.to_vec();
-                                    // The connection may be gone; the caller then times out and retries.
-                                    let _ = tx.send(Wire::Response { id, body }).await;
+                                    let body = answering.await;
+                                    drop(permit);
+                                    // The connection may be gone; the caller then times out.
+                                    let _ = write(writer, Wire::Response { id, body }).await;
                                 });
                             }
-                            Wire::Response { id, body } => {
-                                if let Some(waiter) = lock(&conn.pending).remove(&id) {
-                                    let _ = waiter.send(Bytes::from(body));
-                                }
-                            }
+                        }
+                    }
+                    Wire::Response { id, body } => {
+                        if let Some(waiter) = lock(&conn.pending).remove(&id) {
+                            let _ = waiter.send(body);
                         }
                     }
                 }
@@ -462,7 +489,7 @@ impl<N: Net> TcpTransport<N> {
         lock(&conn.pending).insert(id, tx);
         let _guard = PendingGuard { pending: &conn.pending, id };
         let waited_since = Instant::now();
-        let sent = conn.tx.send(Wire::Request { id, body: request.to_vec() });
+        let sent = write(Arc::clone(&conn.writer), Wire::Request { id, body: request });
         let answer = async {
             sent.await.map_err(|_| SupervisorError::Closed)?;
             rx.await.map_err(|_| SupervisorError::Closed)
