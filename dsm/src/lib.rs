@@ -9,9 +9,17 @@
 //!   read fault   reader ──ReadFault──▶ manager ──Fetch(keep)──▶ owner      (the manager then
 //!                reader ◀──Copy─────── manager ◀──Page─────────  owner       keeps a copy too)
 //!   write fault  writer ──WriteFault─▶ manager ──Invalidate──▶ every reader
-//!                                              ──Fetch(drop)──▶ owner
-//!                writer ◀──Grant────── manager
+//!                                              ──Fetch(drop)──▶ owner (which first
+//!                writer ◀──Grant────── manager                  invalidates its readers)
+//!   hinted read  reader ──Serve──────▶ probable owner           (one round trip; `Missing`
+//!                reader ◀──Copy─────── owner                     sends it to the manager)
 //! ```
+//!
+//! Every node keeps a probable owner per page (Li and Hudak): the owner a manager's answer
+//! named, or the writer an invalidation announced. A read fault goes there first. The owner
+//! records the readers it served this way, which the manager does not know, and invalidates
+//! them itself before it writes or gives the page up. When an owner dies with that list, the
+//! entry is marked as having strays and the next write invalidates every node.
 //!
 //! The plug-in ([`DsmService`]) moves directory entries when managers change; an evicted node
 //! first hands the pages it owns to their managers. After a failure, survivors report the copies
