@@ -421,7 +421,12 @@ impl Dsm {
                         (None, true) => Some(zeros()),
                         (None, false) => None,
                     };
-                    frame.install_grant(version, data, backup);
+                    if !frame.install_grant(version, data, backup) {
+                        tracing::error!(?page, version, "dsm: granted write access to a copy this node no longer holds; the page's last content is on its previous owner");
+                        return Err(DsmError::Protocol(format!(
+                            "{page:?}: granted version {version} without the page, and this node holds no copy"
+                        )));
+                    }
                 }
                 Response::Lost => {
                     frame.reopen();

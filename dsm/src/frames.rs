@@ -120,13 +120,20 @@ impl Frame {
     }
 
     /// Takes write ownership at `version`; `data` is `None` when the copy held is current.
-    pub(crate) fn install_grant(&self, version: u64, data: Option<Bytes>, backup: Option<NodeId>) {
+    /// `false`, and nothing changes, when there is no data and no copy held: the page is never
+    /// made up from zeros.
+    #[must_use]
+    pub(crate) fn install_grant(
+        &self,
+        version: u64,
+        data: Option<Bytes>,
+        backup: Option<NodeId>,
+    ) -> bool {
         let mut s = self.lock();
-        if let Some(data) = data {
-            s.data = Some(data);
-        }
-        if s.data.is_none() {
-            s.data = Some(zeros());
+        match data {
+            Some(data) => s.data = Some(data),
+            None if s.data.is_none() => return false,
+            None => {}
         }
         s.version = version;
         s.write = true;
@@ -138,6 +145,7 @@ impl Frame {
         s.closed = false;
         drop(s);
         self.installed.notify_waiters();
+        true
     }
 
     /// Drops the read copy at or below `version`. A node may be both a reader and the
@@ -326,7 +334,7 @@ mod tests {
         let g = Arc::clone(&f);
         let fetch = tokio::spawn(async move { g.fetch(2, true, Duration::from_secs(1)).await });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        f.install_grant(2, Some(Arc::new(vec![7; PAGE_SIZE])), None);
+        assert!(f.install_grant(2, Some(Arc::new(vec![7; PAGE_SIZE])), None));
         match fetch.await.expect("fetch") {
             Fetched::Page(p) => assert_eq!(p[0], 7),
             other => panic!("expected the page, got {other:?}"),
@@ -338,7 +346,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_copy_given_up_to_a_writer_is_kept_aside_and_can_be_promoted() {
         let f = Frame::default();
-        f.install_grant(4, Some(Arc::new(vec![9; PAGE_SIZE])), None);
+        assert!(f.install_grant(4, Some(Arc::new(vec![9; PAGE_SIZE])), None));
         assert!(matches!(f.fetch(4, false, Duration::from_millis(10)).await, Fetched::Page(_)));
         assert!(f.readable().is_none());
         assert_eq!(f.lock().aside().map(|(v, d)| (v, d[0])), Some((4, 9)));
@@ -357,7 +365,7 @@ mod tests {
         let f = Frame::default();
         let wait = Duration::from_millis(10);
         assert!(f.serve(NodeId(2)).await.is_none(), "nothing owned, nothing served");
-        f.install_grant(3, Some(Arc::new(vec![5; PAGE_SIZE])), None);
+        assert!(f.install_grant(3, Some(Arc::new(vec![5; PAGE_SIZE])), None));
         let (version, data) = f.serve(NodeId(2)).await.expect("the owner serves");
         assert_eq!((version, data[0]), (3, 5));
         assert!(!f.lock().write, "a served reader ends write mode");
@@ -374,14 +382,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_manager_read_leaves_direct_readers_alone_and_a_grant_forgets_them() {
         let f = Frame::default();
-        f.install_grant(1, None, None);
+        assert!(!f.install_grant(1, None, None), "no copy to make current");
+        assert!(f.readable().is_none(), "and none made up");
+        assert!(f.install_grant(1, Some(zeros()), None));
         f.serve(NodeId(2)).await.expect("served");
         assert!(matches!(f.fetch(1, true, Duration::ZERO).await, Fetched::Page(_)));
         assert_eq!(f.close(1), vec![NodeId(2)]);
         assert!(f.close(2).is_empty(), "not owned at that version");
         f.reopen();
         assert!(f.serve(NodeId(3)).await.is_some());
-        f.install_grant(2, None, None);
+        assert!(f.install_grant(2, None, None));
         assert!(f.lock().readers.is_empty());
     }
 
