@@ -7,45 +7,22 @@
 //! sim -- --exact one_seed --include-ignored` replays seed 7 alone. `GOBELINS_SIM_SEEDS` sets how many seeds the
 //! sweep runs (default 50).
 
-use async_trait::async_trait;
+mod common;
+
+use common::{host_name, options, start_of};
 use gobelins_adaptation::{HostConfig, Registry};
-use gobelins_locator::Labels;
-use gobelins_supervisor::agent::{Agent, AgentOptions, Start};
-use gobelins_supervisor::net::Net;
+use gobelins_supervisor::agent::{Agent, Start};
 use gobelins_supervisor::state::{Command, NodeStatus};
-use gobelins_supervisor::SupervisorConfig;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
 const NODES: u64 = 5;
-const PORT: u16 = 7400;
-
-struct TurmoilNet;
-
-#[async_trait]
-impl Net for TurmoilNet {
-    type Stream = turmoil::net::TcpStream;
-    type Listener = turmoil::net::TcpListener;
-
-    async fn bind(&self, addr: &str) -> std::io::Result<Self::Listener> {
-        turmoil::net::TcpListener::bind(addr).await
-    }
-
-    async fn accept(&self, listener: &Self::Listener) -> std::io::Result<(Self::Stream, String)> {
-        let (stream, peer) = listener.accept().await?;
-        Ok((stream, peer.to_string()))
-    }
-
-    async fn connect(&self, addr: &str) -> std::io::Result<Self::Stream> {
-        turmoil::net::TcpStream::connect(addr).await
-    }
-}
 
 /// `(node, status, incarnation)` for every node a view knows.
 type Statuses = Vec<(u64, NodeStatus, u64)>;
@@ -64,44 +41,21 @@ struct Record {
     violations: Vec<String>,
 }
 
-fn host_name(id: u64) -> String {
-    format!("n{id}")
-}
-
-fn options(root: &Path, id: u64, start: Start) -> AgentOptions {
-    AgentOptions {
-        data_dir: root.join(host_name(id)),
-        listen: format!("0.0.0.0:{PORT}"),
-        advertise: Some(format!("{}:{PORT}", host_name(id))),
-        start,
-        secret_file: Some(root.join("n1").join("cluster.secret")),
-        labels: Labels::new(),
-        node_id: Some(id),
-        config: SupervisorConfig::loopback(),
-        durable: false,
-        host: HostConfig::default(),
-    }
-}
-
 async fn run_node(
     root: PathBuf,
     id: u64,
     leave_at: Option<Duration>,
     record: Rc<RefCell<Record>>,
 ) -> turmoil::Result {
-    let dir = root.join(host_name(id));
-    let start = if dir.join("cluster.secret").exists() {
-        Start::Resume
-    } else if id == 1 {
-        Start::Bootstrap
-    } else {
-        while !root.join("n1").join("cluster.secret").exists() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Start::Join(format!("n1:{PORT}"))
-    };
+    let start = start_of(&root, id).await;
     let agent = loop {
-        match Agent::start(TurmoilNet, &options(&root, id, start.clone()), Registry::new()).await {
+        match Agent::start(
+            common::TurmoilNet,
+            &options(&root, id, start.clone(), HostConfig::default()),
+            Registry::new(),
+        )
+        .await
+        {
             Ok(agent) => break agent,
             // The seed may be down; try again, as an operator's restart script would.
             Err(error) => {
@@ -300,14 +254,7 @@ fn converged(r: &Record) -> bool {
 #[test]
 #[ignore = "one seed of the sweep; run by `seeds_each_in_their_own_process` or by hand with GOBELINS_SIM_SEED"]
 fn one_seed() {
-    let seed =
-        std::env::var("GOBELINS_SIM_SEED").expect("set GOBELINS_SIM_SEED to the seed to replay");
-    let seed: u64 = seed.parse().expect("GOBELINS_SIM_SEED is a number");
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .without_time()
-        .try_init();
+    let seed = common::seed_from_env();
     if let Err(problem) = run_seed(seed) {
         panic!("seed {seed}: {problem}");
     }
@@ -315,29 +262,5 @@ fn one_seed() {
 
 #[test]
 fn seeds_each_in_their_own_process() {
-    if std::env::var("GOBELINS_SIM_SEED").is_ok() {
-        return;
-    }
-    let seeds: u64 =
-        std::env::var("GOBELINS_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
-    let exe = std::env::current_exe().expect("test binary");
-    let mut failures = Vec::new();
-    for seed in 0..seeds {
-        let out = std::process::Command::new(&exe)
-            .args(["--exact", "one_seed", "--include-ignored", "--nocapture", "--test-threads=1"])
-            .env("GOBELINS_SIM_SEED", seed.to_string())
-            .output()
-            .expect("run one seed");
-        if !out.status.success() {
-            let text = String::from_utf8_lossy(&out.stderr);
-            let reason = text.lines().find(|l| l.contains("seed ")).unwrap_or("no reason printed");
-            failures.push(reason.to_string());
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {seeds} seeds failed:\n{}",
-        failures.len(),
-        failures.join("\n")
-    );
+    common::sweep(50);
 }

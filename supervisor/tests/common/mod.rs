@@ -1,0 +1,123 @@
+//! What the seeded simulations share: agents over turmoil's network, their options, and the
+//! sweep that runs each seed in its own process (openraft's election timeouts come from one
+//! process-wide seeded generator, so a seed replays only in a fresh process).
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use async_trait::async_trait;
+use gobelins_adaptation::HostConfig;
+use gobelins_locator::Labels;
+use gobelins_supervisor::agent::{AgentOptions, Start};
+use gobelins_supervisor::net::Net;
+use gobelins_supervisor::SupervisorConfig;
+use std::path::Path;
+
+/// The port every simulated agent listens on, each on its own simulated host.
+pub(crate) const PORT: u16 = 7400;
+
+/// Agents' sockets are turmoil's: messages are delayed, partitioned and dropped by the seed.
+pub(crate) struct TurmoilNet;
+
+#[async_trait]
+impl Net for TurmoilNet {
+    type Stream = turmoil::net::TcpStream;
+    type Listener = turmoil::net::TcpListener;
+
+    async fn bind(&self, addr: &str) -> std::io::Result<Self::Listener> {
+        turmoil::net::TcpListener::bind(addr).await
+    }
+
+    async fn accept(&self, listener: &Self::Listener) -> std::io::Result<(Self::Stream, String)> {
+        let (stream, peer) = listener.accept().await?;
+        Ok((stream, peer.to_string()))
+    }
+
+    async fn connect(&self, addr: &str) -> std::io::Result<Self::Stream> {
+        turmoil::net::TcpStream::connect(addr).await
+    }
+}
+
+/// The simulated host of node `id`.
+pub(crate) fn host_name(id: u64) -> String {
+    format!("n{id}")
+}
+
+/// How node `id` starts in the simulation, its data under `root/n<id>`.
+pub(crate) fn options(root: &Path, id: u64, start: Start, host: HostConfig) -> AgentOptions {
+    AgentOptions {
+        data_dir: root.join(host_name(id)),
+        listen: format!("0.0.0.0:{PORT}"),
+        advertise: Some(format!("{}:{PORT}", host_name(id))),
+        start,
+        secret_file: Some(root.join("n1").join("cluster.secret")),
+        labels: Labels::new(),
+        node_id: Some(id),
+        config: SupervisorConfig::loopback(),
+        durable: false,
+        host,
+    }
+}
+
+/// How node `id` enters: resumes from its data directory, bootstraps (node 1), or joins
+/// through node 1 once the cluster secret exists.
+pub(crate) async fn start_of(root: &Path, id: u64) -> Start {
+    let dir = root.join(host_name(id));
+    if dir.join("cluster.secret").exists() {
+        Start::Resume
+    } else if id == 1 {
+        Start::Bootstrap
+    } else {
+        while !root.join("n1").join("cluster.secret").exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        Start::Join(format!("n1:{PORT}"))
+    }
+}
+
+/// The seed `one_seed` replays, from `GOBELINS_SIM_SEED`, with logs from `RUST_LOG`.
+pub(crate) fn seed_from_env() -> u64 {
+    let seed =
+        std::env::var("GOBELINS_SIM_SEED").expect("set GOBELINS_SIM_SEED to the seed to replay");
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .without_time()
+        .try_init();
+    seed.parse().expect("GOBELINS_SIM_SEED is a number")
+}
+
+/// Runs `one_seed` of this test binary once per seed, each in its own process, and fails with
+/// every failing seed's reason. `GOBELINS_SIM_SEEDS` overrides how many (`default` otherwise).
+pub(crate) fn sweep(default: u64) {
+    if std::env::var("GOBELINS_SIM_SEED").is_ok() {
+        return;
+    }
+    let seeds: u64 =
+        std::env::var("GOBELINS_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let exe = std::env::current_exe().expect("test binary");
+    let mut failures = Vec::new();
+    for seed in 0..seeds {
+        let out = std::process::Command::new(&exe)
+            .args(["--exact", "one_seed", "--include-ignored", "--nocapture", "--test-threads=1"])
+            .env("GOBELINS_SIM_SEED", seed.to_string())
+            .output()
+            .expect("run one seed");
+        let text = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            // The seed's one-line summary, so that a passing sweep still shows what it did.
+            if let Some(line) = text.lines().find(|l| l.starts_with(&format!("seed {seed}:"))) {
+                eprintln!("{line}");
+            }
+        } else {
+            let reason = text.lines().find(|l| l.contains("seed ")).unwrap_or("no reason printed");
+            failures.push(reason.to_string());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {seeds} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}

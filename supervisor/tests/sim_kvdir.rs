@@ -1,0 +1,510 @@
+//! Seeded simulation of agents hosting a service under load while the cluster changes: four
+//! agents over turmoil's network host kvdir (the example service, a replica of every entry on a
+//! second node); 16 writers on nodes 1 and 2 write 10,000 keys and keep writing them; a fifth
+//! node joins and, during that migration, a participant crashes (and restarts) or is cut off (and
+//! healed); then a node leaves and, during that migration, another fault strikes. Afterwards:
+//!
+//! - no request failed (held, redirected, retried, but completed);
+//! - every key reads back its last acknowledged write (or the value of a write that was still
+//!   unanswered when it was given up on, which may or may not have landed);
+//! - at the stable epoch all active nodes hold the same table, and every key's entry lives on
+//!   exactly one node: its manager.
+//!
+//! `GOBELINS_SIM_SEED=3 cargo test -p gobelins-supervisor --test sim_kvdir -- --exact one_seed
+//! --include-ignored --nocapture` replays seed 3; `GOBELINS_SIM_SEEDS` sets the sweep's size.
+
+mod common;
+
+use common::{host_name, options, start_of};
+use futures::StreamExt;
+use gobelins_adaptation::{codec, plugin, Host, HostConfig, Registry};
+use gobelins_kvdir::{KvDir, Request, Response, KVDIR};
+use gobelins_locator::{Change, Key, NodeId, Snapshot};
+use gobelins_supervisor::agent::Agent;
+use gobelins_supervisor::state::{ClusterState, Command, NodeStatus};
+use gobelins_supervisor::supervisor::Supervisor;
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+const KEYS: u64 = 10_000;
+/// Writers per writing node; each owns the keys `k % (2 * WRITERS) == its index`.
+const WRITERS: u64 = 8;
+/// Nodes 1 and 2 carry the writers and are never struck; the faults fall on 3, 4 and 5.
+const STRUCK: [u64; 3] = [3, 4, 5];
+
+/// A fault the seed chose, struck while a migration runs.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// `kill -9`, and the process restarted from its data directory `after` later.
+    Crash { node: u64, after: Duration },
+    /// Every link of `node` cut, healed `after` later.
+    Cut { node: u64, after: Duration },
+}
+
+impl Fault {
+    fn draw(rng: &mut SmallRng, candidates: &[u64]) -> Fault {
+        let node = candidates[rng.random_range(0..candidates.len())];
+        if rng.random_bool(0.5) {
+            Fault::Crash { node, after: Duration::from_millis(rng.random_range(500..4_000)) }
+        } else {
+            Fault::Cut { node, after: Duration::from_millis(rng.random_range(200..3_000)) }
+        }
+    }
+}
+
+/// What the nodes tell the test, and what the test tells them.
+#[derive(Default)]
+struct Record {
+    /// Latest (stable, statuses) each running node holds, and its epoch.
+    latest: BTreeMap<u64, (u64, bool, Vec<(u64, NodeStatus, u64)>)>,
+    /// Changes node 1 saw begin, by epoch.
+    begun: BTreeMap<u64, Change>,
+    /// Writers that have written every key of theirs once.
+    filled: u64,
+    /// Node 5 may start.
+    join_now: bool,
+    /// The node that should propose its own leave, once.
+    leave_now: Option<u64>,
+    /// Writers stop.
+    stop: bool,
+    /// Writers that have stopped.
+    stopped: u64,
+    /// Per key: the last acknowledged value.
+    acked: BTreeMap<u64, u64>,
+    /// Per key: a value whose write failed, and so may or may not have landed.
+    uncertain: BTreeMap<u64, u64>,
+    ok: u64,
+    failed: Vec<String>,
+    /// Node 1 checks the directory.
+    verify_now: bool,
+    /// What the check found.
+    verdict: Option<Result<String, String>>,
+}
+
+type Shared = Rc<RefCell<Record>>;
+
+fn kvdir() -> Registry {
+    let mut registry = Registry::new();
+    registry.register(plugin(KvDir::new())).expect("kvdir registers");
+    registry
+}
+
+fn host_config() -> HostConfig {
+    // Long enough to outlast a cut, its detection and the recovery: requests wait, never fail.
+    HostConfig { request_deadline: Duration::from_secs(30), ..HostConfig::default() }
+}
+
+async fn run_node(root: PathBuf, id: u64, record: Shared) -> turmoil::Result {
+    if id == 5 {
+        while !record.borrow().join_now {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let start = start_of(&root, id).await;
+    let agent = loop {
+        let options = options(&root, id, start.clone(), host_config());
+        match Agent::start(common::TurmoilNet, &options, kvdir()).await {
+            Ok(agent) => break agent,
+            Err(error) => {
+                tracing::debug!(id, %error, "start failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let supervisor = Arc::clone(&agent.supervisor);
+    if id <= 2 {
+        for w in 0..WRITERS {
+            let index = (id - 1) * WRITERS + w;
+            let host = supervisor.host().clone();
+            tokio::task::spawn_local(writer(
+                Arc::clone(&supervisor),
+                host,
+                index,
+                Rc::clone(&record),
+            ));
+        }
+    }
+    if id == 1 {
+        tokio::task::spawn_local(verifier(Arc::clone(&supervisor), Rc::clone(&record)));
+    }
+    let mut state = supervisor.watch_state();
+    loop {
+        let current = state.borrow_and_update().clone();
+        {
+            let mut r = record.borrow_mut();
+            let statuses =
+                current.nodes.iter().map(|(&n, rec)| (n, rec.status, rec.incarnation)).collect();
+            r.latest.insert(id, (current.epoch, current.is_stable(), statuses));
+            if id == 1 {
+                if let Some(progress) = &current.in_progress {
+                    r.begun.entry(progress.epoch).or_insert_with(|| progress.change.clone());
+                }
+            }
+        }
+        if record.borrow().leave_now == Some(id) {
+            record.borrow_mut().leave_now = None;
+            let supervisor = Arc::clone(&supervisor);
+            tokio::task::spawn_local(async move {
+                while !matches!(supervisor.propose(Command::Leave { node: id }).await, Ok(Ok(_))) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            });
+        }
+        tokio::select! {
+            changed = state.changed() => if changed.is_err() { return Ok(()) },
+            // The test's requests (leave) arrive between state changes too.
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+}
+
+/// Whether the cluster is ready for load: four active nodes, kvdir registered, stable.
+fn ready(state: &ClusterState) -> bool {
+    state.is_stable()
+        && state.with_status(NodeStatus::Active).count() >= 4
+        && state.tree.services().any(|s| s.id == KVDIR)
+}
+
+async fn writer(supervisor: Arc<Supervisor>, host: Host, index: u64, record: Shared) {
+    let mut state = supervisor.watch_state();
+    while !ready(&state.borrow_and_update()) {
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+    let mut round = 0u64;
+    loop {
+        for key in (index..KEYS).step_by((2 * WRITERS) as usize) {
+            if record.borrow().stop {
+                record.borrow_mut().stopped += 1;
+                return;
+            }
+            let value = round * KEYS + key;
+            let put = codec::encode(&Request::Put(value.to_le_bytes().to_vec()))
+                .expect("request encodes");
+            let result = host.request(KVDIR, Key(key), put).await;
+            let mut r = record.borrow_mut();
+            match result {
+                Ok(_) => {
+                    r.acked.insert(key, value);
+                    r.ok += 1;
+                }
+                Err(error) => {
+                    r.uncertain.insert(key, value);
+                    r.failed.push(format!("put {key}: {error}"));
+                }
+            }
+        }
+        if round == 0 {
+            record.borrow_mut().filled += 1;
+        }
+        round += 1;
+    }
+}
+
+/// Once told, reads every key back through the router and asks every active node's local
+/// server which entries it holds.
+async fn verifier(supervisor: Arc<Supervisor>, record: Shared) {
+    while !record.borrow().verify_now {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let verdict = verify(&supervisor, &record).await;
+    record.borrow_mut().verdict = Some(verdict);
+}
+
+async fn verify(supervisor: &Supervisor, record: &Shared) -> Result<String, String> {
+    let host = supervisor.host();
+    let snapshot = host.context().snapshot().ok_or("no table at the stable epoch")?.clone();
+    let active: Vec<u64> = supervisor.state().with_status(NodeStatus::Active).collect();
+    let table: BTreeSet<u64> = snapshot.nodes().iter().map(|n| n.0).collect();
+    if table != active.iter().copied().collect() {
+        return Err(format!("the table names {table:?}, the active nodes are {active:?}"));
+    }
+    let (acked, uncertain) = {
+        let r = record.borrow();
+        (r.acked.clone(), r.uncertain.clone())
+    };
+    // Keys are checked many at a time: one by one, the sweep would take minutes of wall time.
+    let checks = futures::stream::iter(0..KEYS)
+        .map(|key| check_key(host, &snapshot, &active, key, &acked, &uncertain))
+        .buffer_unordered(64);
+    let found: Vec<Result<Option<Problem>, String>> = checks.collect().await;
+    let mut lost = Vec::new();
+    let mut misplaced = Vec::new();
+    for problem in found {
+        match problem? {
+            Some(Problem::Lost(p)) => lost.push(p),
+            Some(Problem::Misplaced(p)) => misplaced.push(p),
+            None => {}
+        }
+    }
+    if !lost.is_empty() || !misplaced.is_empty() {
+        return Err(format!(
+            "{} keys lost ({}), {} keys not held by exactly their manager ({})",
+            lost.len(),
+            lost.iter().take(3).cloned().collect::<Vec<_>>().join("; "),
+            misplaced.len(),
+            misplaced.iter().take(3).cloned().collect::<Vec<_>>().join("; "),
+        ));
+    }
+    Ok(format!("{KEYS} keys read back, each held by its manager alone, on nodes {active:?}"))
+}
+
+/// What the check of one key can find wrong.
+enum Problem {
+    Lost(String),
+    Misplaced(String),
+}
+
+/// Reads `key` through the router and asks each active node's local server whether it holds
+/// the key's entry.
+async fn check_key(
+    host: &Host,
+    snapshot: &Snapshot,
+    active: &[u64],
+    key: u64,
+    acked: &BTreeMap<u64, u64>,
+    uncertain: &BTreeMap<u64, u64>,
+) -> Result<Option<Problem>, String> {
+    let get = codec::encode(&Request::Get).expect("request encodes");
+    let read = match host.request(KVDIR, Key(key), get).await {
+        Ok(bytes) => codec::decode::<Response>(&bytes).map_err(|e| e.to_string())?,
+        Err(error) => return Err(format!("read of key {key} failed: {error}")),
+    };
+    let value = match read {
+        Response::Value(Some(v)) => Some(u64::from_le_bytes(
+            v.value.as_slice().try_into().map_err(|_| format!("key {key}: bad value"))?,
+        )),
+        Response::Value(None) => None,
+        other => return Err(format!("key {key}: unexpected answer {other:?}")),
+    };
+    let expected = acked.get(&key).copied();
+    if value != expected && (value.is_none() || value != uncertain.get(&key).copied()) {
+        let lost = format!("key {key}: read {value:?}, last acknowledged {expected:?}");
+        return Ok(Some(Problem::Lost(lost)));
+    }
+    let manager = snapshot.locate(KVDIR, Key(key)).map(|n| n.0);
+    let ctx = host.context();
+    let mut holders = Vec::new();
+    for &node in active {
+        let asked: Result<Response, _> =
+            ctx.tell(NodeId(node), KVDIR, Key(key), &Request::Get).await;
+        match asked {
+            Ok(Response::Value(Some(_))) => holders.push(node),
+            Ok(_) => {}
+            Err(error) => return Err(format!("node {node} did not answer: {error}")),
+        }
+    }
+    if holders != manager.into_iter().collect::<Vec<_>>() {
+        let misplaced = format!("key {key}: manager {manager:?}, held by {holders:?}");
+        return Ok(Some(Problem::Misplaced(misplaced)));
+    }
+    Ok(None)
+}
+
+/// Whether every active node holds the same stable view, with no join or leave pending.
+fn converged(r: &Record) -> bool {
+    let Some((_, _, statuses)) =
+        r.latest.values().filter(|(_, stable, _)| *stable).max_by_key(|(epoch, _, _)| *epoch)
+    else {
+        return false;
+    };
+    let active: Vec<u64> =
+        statuses.iter().filter(|(_, s, _)| *s == NodeStatus::Active).map(|(n, _, _)| *n).collect();
+    active.len() >= 3
+        && active.iter().all(|m| r.latest.get(m).is_some_and(|(_, st, s)| *st && s == statuses))
+        && !statuses.iter().any(|(_, s, _)| matches!(s, NodeStatus::Joining | NodeStatus::Leaving))
+}
+
+/// Where the script stands.
+enum Step {
+    Filling,
+    Joining,
+    Converging { then: Box<Step> },
+    Leaving,
+    Stopping,
+    Verifying,
+}
+
+fn run_seed(seed: u64) -> Result<String, String> {
+    gobelins_supervisor::runtime::seed(seed);
+    let root = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let record: Shared = Rc::default();
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let first = Fault::draw(&mut rng, &STRUCK);
+    let first_delay = Duration::from_millis(rng.random_range(0..40));
+    let leaver = [3, 4][rng.random_range(0..2)];
+    let second = Fault::draw(&mut rng, &STRUCK);
+    let second_delay = Duration::from_millis(rng.random_range(0..40));
+    let script = format!(
+        "join of n5 struck by {first:?} after {first_delay:?}; leave of n{leaver} struck by \
+         {second:?} after {second_delay:?}"
+    );
+
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(Duration::from_secs(300))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_micros(100))
+        .max_message_latency(Duration::from_millis(2))
+        .build();
+    for id in 1..=5 {
+        let root = root.path().to_path_buf();
+        let record = Rc::clone(&record);
+        sim.host(host_name(id), move || run_node(root.clone(), id, Rc::clone(&record)));
+    }
+    let hold = Rc::clone(&record);
+    sim.client("observer", async move {
+        let _ = hold;
+        tokio::time::sleep(Duration::from_secs(290)).await;
+        Ok(())
+    });
+
+    // Faults waiting for their time: (when, what, is the undoing).
+    let mut pending: Vec<(Duration, Fault, bool)> = Vec::new();
+    let mut step = Step::Filling;
+    let mut settled_at = Duration::ZERO;
+    loop {
+        sim.step().map_err(|e| format!("{script}: simulation failed: {e}"))?;
+        let now = sim.elapsed();
+        pending.retain(|&(at, fault, undo)| {
+            if now < at {
+                return true;
+            }
+            match (fault, undo) {
+                (Fault::Crash { node, after }, false) => {
+                    sim.crash(host_name(node));
+                    // Restarted later: the same host, started afresh from its data directory.
+                    let _ = after;
+                }
+                (Fault::Crash { node, .. }, true) => sim.bounce(host_name(node)),
+                (Fault::Cut { node, .. }, false) => {
+                    for other in (1..=5).filter(|&o| o != node) {
+                        sim.partition(host_name(node), host_name(other));
+                    }
+                }
+                (Fault::Cut { node, .. }, true) => {
+                    for other in (1..=5).filter(|&o| o != node) {
+                        sim.repair(host_name(node), host_name(other));
+                    }
+                }
+            }
+            false
+        });
+        let strike = |pending: &mut Vec<(Duration, Fault, bool)>, fault: Fault, delay: Duration| {
+            let (Fault::Crash { after, .. } | Fault::Cut { after, .. }) = fault;
+            pending.push((now + delay, fault, false));
+            pending.push((now + delay + after, fault, true));
+        };
+        let began = |r: &Record, wanted: &dyn Fn(&Change) -> bool| r.begun.values().any(wanted);
+        step = match step {
+            Step::Filling if record.borrow().filled == 2 * WRITERS => {
+                record.borrow_mut().join_now = true;
+                Step::Joining
+            }
+            Step::Joining
+                if began(
+                    &record.borrow(),
+                    &|c| matches!(c, Change::Add { node, .. } if node.0 == 5),
+                ) =>
+            {
+                strike(&mut pending, first, first_delay);
+                Step::Converging { then: Box::new(Step::Leaving) }
+            }
+            Step::Converging { then } => {
+                if pending.is_empty() && converged(&record.borrow()) {
+                    if settled_at == Duration::ZERO {
+                        settled_at = now;
+                    }
+                    // Load keeps running a while on the settled cluster before the next act.
+                    if now >= settled_at + Duration::from_secs(1) {
+                        settled_at = Duration::ZERO;
+                        match *then {
+                            Step::Leaving => {
+                                record.borrow_mut().leave_now = Some(leaver);
+                                Step::Leaving
+                            }
+                            _ => {
+                                record.borrow_mut().stop = true;
+                                Step::Stopping
+                            }
+                        }
+                    } else {
+                        Step::Converging { then }
+                    }
+                } else {
+                    settled_at = Duration::ZERO;
+                    Step::Converging { then }
+                }
+            }
+            Step::Leaving
+                if began(&record.borrow(), &|c| matches!(c, Change::Evict(n) if n.0 == leaver)) =>
+            {
+                strike(&mut pending, second, second_delay);
+                Step::Converging { then: Box::new(Step::Stopping) }
+            }
+            Step::Stopping if record.borrow().stopped == 2 * WRITERS => {
+                record.borrow_mut().verify_now = true;
+                Step::Verifying
+            }
+            Step::Verifying => {
+                let verdict = record.borrow_mut().verdict.take();
+                if let Some(verdict) = verdict {
+                    let r = record.borrow();
+                    if !r.failed.is_empty() {
+                        return Err(format!(
+                            "{script}: {} requests failed, first: {}",
+                            r.failed.len(),
+                            r.failed[0]
+                        ));
+                    }
+                    let epoch = r.latest.get(&1).map_or(0, |l| l.0);
+                    return verdict
+                        .map(|v| {
+                            format!(
+                                "{script}; {} writes ok, 0 failed; at {:?}, epoch {epoch}: {v}",
+                                r.ok,
+                                sim.elapsed()
+                            )
+                        })
+                        .map_err(|e| format!("{script}: {e}"));
+                }
+                Step::Verifying
+            }
+            other => other,
+        };
+        if now >= Duration::from_secs(280) {
+            let r = record.borrow();
+            return Err(format!(
+                "{script}: did not finish in time ({} writes ok, {} failed, filled {}, stopped {}); \
+                 latest views: {:?}",
+                r.ok,
+                r.failed.len(),
+                r.filled,
+                r.stopped,
+                r.latest
+            ));
+        }
+    }
+}
+
+#[test]
+#[ignore = "one seed of the sweep; run by `seeds_each_in_their_own_process` or by hand with GOBELINS_SIM_SEED"]
+fn one_seed() {
+    let seed = common::seed_from_env();
+    match run_seed(seed) {
+        Ok(summary) => eprintln!("seed {seed}: {summary}"),
+        Err(problem) => panic!("seed {seed}: {problem}"),
+    }
+}
+
+#[test]
+fn seeds_each_in_their_own_process() {
+    common::sweep(10);
+}
