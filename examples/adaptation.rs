@@ -158,8 +158,8 @@ fn main() {
         let root = tempfile::tempdir().expect("temp dir");
         let first_options = options(root.path(), 1, Start::Bootstrap);
         let seed = first_options.listen.clone();
-        let a = Agent::start(TokioNet, &first_options, gobelins::services()).await.expect("boot");
-        let b = Agent::start(TokioNet, &options(root.path(), 2, Start::Join(seed.clone())), gobelins::services())
+        let a = Agent::start(TokioNet, &first_options, gobelins::services).await.expect("boot");
+        let b = Agent::start(TokioNet, &options(root.path(), 2, Start::Join(seed.clone())), gobelins::services)
             .await
             .expect("join");
         // Wait for kvdir to be registered and the cluster stable.
@@ -285,7 +285,7 @@ fn main() {
         while fill.join_next().await.is_some() {}
         let before_a = a.supervisor.host().stats();
         let before_b = b.supervisor.host().stats();
-        let c = Agent::start(TokioNet, &options(root.path(), 3, Start::Join(seed.clone())), gobelins::services())
+        let c = Agent::start(TokioNet, &options(root.path(), 3, Start::Join(seed.clone())), gobelins::services)
             .await
             .expect("join 3");
         while !(a.supervisor.state().is_stable()

@@ -152,14 +152,14 @@ fn commit_latency(samples: usize, durable: bool) -> (Duration, Duration, Duratio
         };
         let first_options = options(1, Start::Bootstrap);
         let first =
-            Agent::start(TokioNet, &first_options, gobelins::services()).await.expect("bootstrap");
+            Agent::start(TokioNet, &first_options, gobelins::services).await.expect("bootstrap");
         let mut others = Vec::new();
         for id in 2..=3 {
             others.push(
                 Agent::start(
                     TokioNet,
                     &options(id, Start::Join(first_options.listen.clone())),
-                    gobelins::services(),
+                    gobelins::services,
                 )
                 .await
                 .expect("join"),

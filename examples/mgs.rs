@@ -64,8 +64,12 @@ struct Node {
 
 async fn start_node(options: &AgentOptions) -> Node {
     let dsm = DsmNode::new(DsmConfig::default());
-    let mut registry = Registry::new();
-    registry.register(plugin(dsm.service())).expect("dsm registers");
+    let service = dsm.clone();
+    let registry = move || {
+        let mut registry = Registry::new();
+        registry.register(plugin(service.service())).expect("dsm registers");
+        registry
+    };
     let agent = Agent::start(TokioNet, options, registry).await.expect("agent");
     let dsm = Dsm::new(dsm, agent.supervisor.host().clone());
     Node { agent, dsm }

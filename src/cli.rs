@@ -137,7 +137,7 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
         durable: true,
         host: HostConfig::default(),
     };
-    runtime()?.block_on(agent::run(options, gobelins::services()))?;
+    runtime()?.block_on(agent::run(options, gobelins::services))?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use crate::registry::Registry;
 use crate::router::{Router, Verdict};
 use crate::service::{Context, Peers};
 use crate::wire::{Answered, ByteBuf, Message, Reply, RequestId};
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use dashmap::DashMap;
 use gobelins_locator::{Change, Key, MigrationPlan, NodeId, ServiceId, ServiceSpec, Snapshot};
@@ -147,6 +148,7 @@ pub(crate) type Answers = VecDeque<(RequestId, Vec<u8>)>;
 
 /// What every part of the host shares.
 pub(crate) struct Inner {
+    life: u64,
     pub(crate) me: NodeId,
     pub(crate) registry: Registry,
     pub(crate) link: Arc<dyn Link>,
@@ -177,15 +179,147 @@ pub(crate) struct Inner {
 /// One node's adaptation layer. Cheap to clone; every clone is the same host.
 #[derive(Clone)]
 pub struct Host {
-    inner: Arc<Inner>,
+    /// The current life's state. A node the cluster declared failed while it still ran gets a
+    /// new life ([`Host::renew`]): every clone must then reach the new one.
+    inner: Arc<ArcSwap<Inner>>,
 }
 
 impl Host {
     /// Starts the host of node `me` with its services; `link` reaches the other hosts.
     /// Must be called inside a tokio runtime (it spawns the driver).
     pub fn start(me: NodeId, registry: Registry, link: Arc<dyn Link>, config: HostConfig) -> Host {
+        Host { inner: Arc::new(ArcSwap::new(Inner::spawn(me, registry, link, config))) }
+    }
+
+    /// Ends this life and starts a new one with fresh `registry` services: what a process
+    /// restart does, without the restart. The supervisor calls it when the cluster declared
+    /// this node failed while it still ran (cut off, say): the cluster has rebuilt its entries
+    /// elsewhere, so what the old services hold is stale and must neither be served nor be
+    /// offered to a later `scan`. The new life routes nothing until it is fed a state.
+    pub fn renew(&self, registry: Registry) {
+        let old = self.inner.load_full();
+        let fresh = Inner::spawn(old.me, registry, Arc::clone(&old.link), old.config.clone());
+        self.inner.store(fresh);
+        old.stop();
+    }
+
+    /// Which life this is: changes with every [`Host::renew`], so that the supervisor knows to
+    /// subscribe to the new life's reports and feed it from the start.
+    pub fn life(&self) -> u64 {
+        self.inner.load().life
+    }
+
+    /// This node.
+    pub fn node(&self) -> NodeId {
+        self.inner.load().me
+    }
+
+    /// The declarations of the services hosted here, to register with the cluster.
+    pub fn specs(&self) -> Vec<ServiceSpec> {
+        self.inner.load().registry.specs()
+    }
+
+    /// Hands the host the replicated state's latest word. Cheap; the driver acts on it.
+    pub fn update(&self, update: Update) {
+        // Replaced, not merged: a node that left may come back as a new life.
+        let inner = self.inner.load();
+        *inner.departed.lock().expect("departed") = update.departed.clone();
+        let _ = inner.inputs.send(Input::Update(update));
+    }
+
+    /// The last epoch this node finished its part of: the supervisor reports it as
+    /// `MigrationDone`.
+    pub fn done(&self) -> watch::Receiver<u64> {
+        self.inner.load().done.subscribe()
+    }
+
+    /// The epoch requests are routed by here.
+    pub fn epoch(&self) -> u64 {
+        *self.inner.load().epoch.borrow()
+    }
+
+    /// Counters since start.
+    pub fn stats(&self) -> Stats {
+        let inner = self.inner.load();
+        let c = &inner.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            requests_ok: get(&c.requests_ok),
+            requests_delayed: get(&c.requests_delayed),
+            requests_failed: get(&c.requests_failed),
+            served: get(&c.served),
+            held: get(&c.held),
+            entries_sent: get(&c.entries_sent),
+            entries_received: get(&c.entries_received),
+            entries_rebuilt: get(&c.entries_rebuilt),
+            bytes_sent: get(&c.bytes_sent),
+        }
+    }
+
+    /// The changes this node took part in, oldest first.
+    pub fn history(&self) -> Vec<ChangeRecord> {
+        self.inner.load().history.lock().expect("history").clone()
+    }
+
+    /// Sends an encoded request to the manager of `key` of `service`, wherever it is, and
+    /// returns its encoded answer. Held through migrations, retried after failures, run once.
+    pub async fn request(
+        &self,
+        service: ServiceId,
+        key: Key,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, AdaptationError> {
+        self.inner.load_full().request(service, key, body).await
+    }
+
+    /// A context for code outside the service callbacks (a client library on this node, say):
+    /// it routes by the epoch requests are routed by now.
+    pub fn context(&self) -> Context {
+        self.inner.load_full().context(None)
+    }
+
+    /// Answers a message from the host on node `from` (the supervisor's handler calls it).
+    pub async fn handle(&self, from: NodeId, bytes: &[u8]) -> Vec<u8> {
+        let reply = match codec::decode::<Message>(bytes) {
+            Ok(message) => self.inner.load_full().answer(from, message).await,
+            Err(e) => {
+                tracing::warn!(node = from.0, error = %e, "malformed adaptation message refused");
+                Reply::Refused(format!("malformed message: {e}"))
+            }
+        };
+        codec::encode(&reply).unwrap_or_else(|e| {
+            codec::encode(&Reply::Refused(e.to_string())).expect("a short string encodes")
+        })
+    }
+
+    /// Stops the driver; requests in flight end at their deadline.
+    pub fn shutdown(&self) {
+        self.inner.load().stop();
+    }
+}
+
+/// A starting point for request numbers that differs from one start of the process to the next.
+fn boot_sequence() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    // The top bit clear leaves 2^63 requests before wrapping.
+    gobelins_locator::mix(nanos ^ u64::from(std::process::id())) >> 1
+}
+
+/// Numbers lives, so that a renewed host is told apart from the one it replaces.
+static LIVES: AtomicU64 = AtomicU64::new(1);
+
+impl Inner {
+    fn spawn(
+        me: NodeId,
+        registry: Registry,
+        link: Arc<dyn Link>,
+        config: HostConfig,
+    ) -> Arc<Inner> {
         let (inputs, receiver) = mpsc::unbounded_channel();
         let inner = Arc::new_cyclic(|this| Inner {
+            life: LIVES.fetch_add(1, Ordering::Relaxed),
             me,
             registry,
             link,
@@ -208,107 +342,15 @@ impl Host {
             this: this.clone(),
         });
         tokio::spawn(Driver::new(Arc::clone(&inner)).run(receiver));
-        Host { inner }
-    }
-
-    /// This node.
-    pub fn node(&self) -> NodeId {
-        self.inner.me
-    }
-
-    /// The declarations of the services hosted here, to register with the cluster.
-    pub fn specs(&self) -> Vec<ServiceSpec> {
-        self.inner.registry.specs()
-    }
-
-    /// Hands the host the replicated state's latest word. Cheap; the driver acts on it.
-    pub fn update(&self, update: Update) {
-        // Replaced, not merged: a node that left may come back as a new life.
-        *self.inner.departed.lock().expect("departed") = update.departed.clone();
-        let _ = self.inner.inputs.send(Input::Update(update));
-    }
-
-    /// The last epoch this node finished its part of: the supervisor reports it as
-    /// `MigrationDone`.
-    pub fn done(&self) -> watch::Receiver<u64> {
-        self.inner.done.subscribe()
-    }
-
-    /// The epoch requests are routed by here.
-    pub fn epoch(&self) -> u64 {
-        *self.inner.epoch.borrow()
-    }
-
-    /// Counters since start.
-    pub fn stats(&self) -> Stats {
-        let c = &self.inner.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Stats {
-            requests_ok: get(&c.requests_ok),
-            requests_delayed: get(&c.requests_delayed),
-            requests_failed: get(&c.requests_failed),
-            served: get(&c.served),
-            held: get(&c.held),
-            entries_sent: get(&c.entries_sent),
-            entries_received: get(&c.entries_received),
-            entries_rebuilt: get(&c.entries_rebuilt),
-            bytes_sent: get(&c.bytes_sent),
-        }
-    }
-
-    /// The changes this node took part in, oldest first.
-    pub fn history(&self) -> Vec<ChangeRecord> {
-        self.inner.history.lock().expect("history").clone()
-    }
-
-    /// Sends an encoded request to the manager of `key` of `service`, wherever it is, and
-    /// returns its encoded answer. Held through migrations, retried after failures, run once.
-    pub async fn request(
-        &self,
-        service: ServiceId,
-        key: Key,
-        body: Vec<u8>,
-    ) -> Result<Vec<u8>, AdaptationError> {
-        self.inner.request(service, key, body).await
-    }
-
-    /// A context for code outside the service callbacks (a client library on this node, say):
-    /// it routes by the epoch requests are routed by now.
-    pub fn context(&self) -> Context {
-        self.inner.context(None)
-    }
-
-    /// Answers a message from the host on node `from` (the supervisor's handler calls it).
-    pub async fn handle(&self, from: NodeId, bytes: &[u8]) -> Vec<u8> {
-        let reply = match codec::decode::<Message>(bytes) {
-            Ok(message) => self.inner.answer(from, message).await,
-            Err(e) => {
-                tracing::warn!(node = from.0, error = %e, "malformed adaptation message refused");
-                Reply::Refused(format!("malformed message: {e}"))
-            }
-        };
-        codec::encode(&reply).unwrap_or_else(|e| {
-            codec::encode(&Reply::Refused(e.to_string())).expect("a short string encodes")
-        })
+        inner
     }
 
     /// Stops the driver; requests in flight end at their deadline.
-    pub fn shutdown(&self) {
-        self.inner.stopped.send_replace(true);
-        let _ = self.inner.inputs.send(Input::Stop);
+    fn stop(&self) {
+        self.stopped.send_replace(true);
+        let _ = self.inputs.send(Input::Stop);
     }
-}
 
-/// A starting point for request numbers that differs from one start of the process to the next.
-fn boot_sequence() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    // The top bit clear leaves 2^63 requests before wrapping.
-    gobelins_locator::mix(nanos ^ u64::from(std::process::id())) >> 1
-}
-
-impl Inner {
     fn myself(&self) -> Arc<Inner> {
         self.this.upgrade().expect("a host is alive while its contexts are")
     }

@@ -70,7 +70,11 @@ impl<N: Net> Agent<N> {
     /// and raft, and enters the cluster as `options.start` says. Returns once this node is
     /// admitted (or bootstrapped); its services are registered with the cluster in the
     /// background.
-    pub async fn start(net: N, options: &AgentOptions, services: Registry) -> Result<Self> {
+    pub async fn start(
+        net: N,
+        options: &AgentOptions,
+        services: impl Fn() -> Registry + Send + Sync + 'static,
+    ) -> Result<Self> {
         let dir = DataDir::open(&options.data_dir)?;
         let existing = dir.secret()?;
         let secret = match (&options.start, existing, &options.secret_file) {
@@ -149,7 +153,7 @@ impl<N: Net> Agent<N> {
         .await?;
         let transport: Arc<dyn Transport> = Arc::new(tcp.clone());
         let link = Arc::new(TransportLink::new(Arc::clone(&transport)));
-        let host = Host::start(NodeId(node), services, link, options.host.clone());
+        let host = Host::start(NodeId(node), services(), link, options.host.clone());
         let saver = dir.clone();
         let tcp_for_incarnation = tcp.clone();
         let supervisor = Supervisor::start(Parts {
@@ -166,6 +170,7 @@ impl<N: Net> Agent<N> {
                 Ok(())
             }),
             host,
+            services: Box::new(services),
         })
         .await?;
         tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
@@ -274,7 +279,10 @@ async fn register(supervisor: Arc<Supervisor>) {
 
 /// Runs the agent process, hosting `services`, until it is stopped (SIGINT/SIGTERM) or
 /// leaves the cluster.
-pub async fn run(options: AgentOptions, services: Registry) -> Result<()> {
+pub async fn run(
+    options: AgentOptions,
+    services: impl Fn() -> Registry + Send + Sync + 'static,
+) -> Result<()> {
     let agent = Agent::start(TokioNet, &options, services).await?;
     if options.start == Start::Bootstrap {
         let secret =

@@ -157,6 +157,12 @@ pub enum Refusal {
     /// The locator refused the change.
     #[error("locator: {0}")]
     Locator(String),
+    /// A new life of a node whose last life is still named by a change in progress or
+    /// waiting (its failure being recovered, say). Retryable: the cluster admits the new life
+    /// once it is done with the old one, so that nobody keeps sending the old life's entries
+    /// to the new one.
+    #[error("node {0}'s last life is still being dealt with; try again once that change is done")]
+    Recovering(u64),
 }
 
 /// What a successful command did.
@@ -300,7 +306,15 @@ impl ClusterState {
                 NodeStatus::Left | NodeStatus::Failed if incarnation <= record.incarnation => {
                     return Err(Refusal::StaleIncarnation { node, last: record.incarnation });
                 }
-                NodeStatus::Left | NodeStatus::Failed => {}
+                NodeStatus::Left | NodeStatus::Failed => {
+                    let names = |c: &Change| c.node() == Some(NodeId(node));
+                    let pending = self.in_progress.as_ref().is_some_and(|p| names(&p.change))
+                        || self.queue.iter().any(names)
+                        || self.interrupted.contains_key(&node);
+                    if pending {
+                        return Err(Refusal::Recovering(node));
+                    }
+                }
             }
         }
         let record = NodeRecord {

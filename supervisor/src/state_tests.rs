@@ -188,6 +188,31 @@ fn a_failed_node_rejoins_only_with_a_newer_incarnation() {
 }
 
 #[test]
+fn a_new_life_waits_until_the_cluster_is_done_with_the_old_one() {
+    let mut state = ClusterState::default();
+    for n in 1..=2 {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    // Node 3 is cut off while it joins: its Add is in progress when it is declared failed,
+    // and its Fail waits behind the Add.
+    assert!(matches!(state.apply(&join(3)), Ok(Began { .. })));
+    state.apply(&Fail { node: 3, incarnation: 1 }).unwrap();
+    assert!(matches!(state.in_progress.as_ref().map(|p| &p.change), Some(Change::Add { .. })));
+    assert_eq!(state.apply(&rejoin(3, 2)), Err(Refusal::Recovering(3)));
+    // The Add completes without it; then its Fail is carried out and done.
+    let progress = state.in_progress.clone().unwrap();
+    for node in progress.participants.iter().filter(|&&n| n != 3) {
+        state.apply(&done(*node, progress.epoch)).unwrap();
+    }
+    assert_eq!(state.apply(&rejoin(3, 2)), Err(Refusal::Recovering(3)));
+    settle(&mut state);
+    assert!(matches!(state.apply(&rejoin(3, 2)), Ok(Began { .. })));
+    settle(&mut state);
+    assert_eq!(status(&state, 3), NodeStatus::Active);
+}
+
+#[test]
 fn a_node_that_fails_before_its_turn_loses_its_queued_join() {
     let mut state = table(&[
         (join(1), Ok(Began { epoch: 1 })),

@@ -18,7 +18,7 @@ use crate::transport::{Handler, Transport};
 use crate::types::Raft;
 use async_trait::async_trait;
 use bytes::Bytes;
-use gobelins_adaptation::{codec, Host, Progress, Update};
+use gobelins_adaptation::{codec, Host, Progress, Registry, Update};
 use gobelins_locator::{Epoch, Labels, NodeId, Snapshot};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
@@ -150,6 +150,8 @@ pub struct Supervisor {
     detector: Mutex<Option<Detector>>,
     reported: AtomicU64,
     host: Host,
+    /// Builds the services afresh for a new life of the host (see [`Host::renew`]).
+    services: Box<dyn Fn() -> Registry + Send + Sync>,
     /// Whether the cluster admitted this process's life (bootstrap or join). Until then the
     /// host is not fed: a restarted process has lost its services' memory and must not serve
     /// its old keys as empty.
@@ -180,6 +182,9 @@ pub struct Parts {
     pub save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
     /// The node's adaptation layer, with its services.
     pub host: Host,
+    /// Builds the same services afresh, for a new life of the host after this node was declared
+    /// failed while it still ran.
+    pub services: Box<dyn Fn() -> Registry + Send + Sync>,
 }
 
 impl Supervisor {
@@ -202,6 +207,7 @@ impl Supervisor {
             detector: Mutex::new(None),
             reported: AtomicU64::new(0),
             host: parts.host,
+            services: parts.services,
             admitted: AtomicBool::new(false),
             lifecycle,
             save_incarnation: parts.save_incarnation,
@@ -322,6 +328,11 @@ impl Supervisor {
             let bytes = Bytes::from(codec::encode(&request)?);
             match self.transport.call_addr(seed, bytes, self.config.rpc_timeout * 3).await {
                 Ok((_, reply)) => match codec::decode::<Response>(&reply)? {
+                    // The cluster is still recovering this node's last life: it will take
+                    // the new one once that is done.
+                    Response::Proposed(Ok(Err(refusal @ Refusal::Recovering(_)))) => {
+                        last = refusal.to_string()
+                    }
                     Response::Proposed(Ok(outcome)) => {
                         if outcome.is_ok() {
                             self.admit_life();
@@ -510,7 +521,15 @@ impl Supervisor {
         let mut gone = BTreeSet::new();
         let mut done = self.host.done();
         let mut fed = HostFeed::default();
+        let mut life = self.host.life();
         loop {
+            if self.host.life() != life {
+                // A new life of the host: it has reported nothing and been fed nothing.
+                life = self.host.life();
+                done = self.host.done();
+                fed = HostFeed::default();
+                self.reported.store(0, Ordering::SeqCst);
+            }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 changed = state.changed() => if changed.is_err() { return },
@@ -629,6 +648,16 @@ impl Supervisor {
         };
         if !fenced {
             return;
+        }
+        if self.life_admitted() {
+            // The cluster has rebuilt this life's entries from replicas; what our services hold
+            // is stale. Serve nothing until the new life is admitted, and start it empty.
+            tracing::warn!(
+                node = self.me.id,
+                "the cluster declared this node failed while it ran (cut off?): its services start afresh as a new life"
+            );
+            self.admitted.store(false, Ordering::SeqCst);
+            self.host.renew((self.services)());
         }
         // A life the cluster has not seen yet: above both ours and the one it declared dead.
         if let Err(error) = self.renew_incarnation(record.map_or(0, |r| r.incarnation)) {

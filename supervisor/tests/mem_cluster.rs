@@ -33,6 +33,7 @@ async fn node(net: &MemNetwork, id: u64, config: SupervisorConfig) -> Node {
         config,
         save_incarnation: Box::new(|_| Ok(())),
         host,
+        services: Box::new(Registry::new),
     })
     .await
     .expect("supervisor starts");

@@ -52,7 +52,7 @@ async fn run_node(
         match Agent::start(
             common::TurmoilNet,
             &options(&root, id, start.clone(), HostConfig::default()),
-            Registry::new(),
+            Registry::new,
         )
         .await
         {

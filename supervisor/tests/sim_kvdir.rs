@@ -109,7 +109,7 @@ async fn run_node(root: PathBuf, id: u64, record: Shared) -> turmoil::Result {
     let start = start_of(&root, id).await;
     let agent = loop {
         let options = options(&root, id, start.clone(), host_config());
-        match Agent::start(common::TurmoilNet, &options, kvdir()).await {
+        match Agent::start(common::TurmoilNet, &options, kvdir).await {
             Ok(agent) => break agent,
             Err(error) => {
                 tracing::debug!(id, %error, "start failed; retrying");
@@ -142,6 +142,15 @@ async fn run_node(root: PathBuf, id: u64, record: Shared) -> turmoil::Result {
                 current.nodes.iter().map(|(&n, rec)| (n, rec.status, rec.incarnation)).collect();
             r.latest.insert(id, (current.epoch, current.is_stable(), statuses));
             if id == 1 {
+                if std::env::var("SIM_TRACE").is_ok() {
+                    eprintln!(
+                        "TRACE {:?} epoch {} {:?} queue {:?}",
+                        turmoil::elapsed(),
+                        current.epoch,
+                        current.in_progress.as_ref().map(|p| (&p.change, &p.participants, &p.done)),
+                        current.queue
+                    );
+                }
                 if let Some(progress) = &current.in_progress {
                     r.begun.entry(progress.epoch).or_insert_with(|| progress.change.clone());
                 }
@@ -197,7 +206,8 @@ async fn writer(supervisor: Arc<Supervisor>, host: Host, index: u64, record: Sha
                 }
                 Err(error) => {
                     r.uncertain.insert(key, value);
-                    r.failed.push(format!("put {key}: {error}"));
+                    r.failed
+                        .push(format!("put {key} given up at {:?}: {error}", turmoil::elapsed()));
                 }
             }
         }
@@ -214,7 +224,16 @@ async fn verifier(supervisor: Arc<Supervisor>, record: Shared) {
     while !record.borrow().verify_now {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let verdict = verify(&supervisor, &record).await;
+    // A node that was cut off may rejoin while the check runs, and keys move to it: a check
+    // counts only if the configuration held still from its start to its end.
+    let verdict = loop {
+        let before = supervisor.state();
+        let verdict = verify(&supervisor, &record).await;
+        let after = supervisor.state();
+        if after.epoch == before.epoch && after.is_stable() {
+            break verdict;
+        }
+    };
     record.borrow_mut().verdict = Some(verdict);
 }
 
@@ -292,9 +311,11 @@ async fn check_key(
     let manager = snapshot.locate(KVDIR, Key(key)).map(|n| n.0);
     let ctx = host.context();
     let mut holders = Vec::new();
+    let mut answers = Vec::new();
     for &node in active {
         let asked: Result<Response, _> =
             ctx.tell(NodeId(node), KVDIR, Key(key), &Request::Get).await;
+        answers.push(format!("{asked:?}"));
         match asked {
             Ok(Response::Value(Some(_))) => holders.push(node),
             Ok(_) => {}
@@ -302,7 +323,7 @@ async fn check_key(
         }
     }
     if holders != manager.into_iter().collect::<Vec<_>>() {
-        let misplaced = format!("key {key}: manager {manager:?}, held by {holders:?}");
+        let misplaced = format!("key {key}: manager {manager:?}, held by {holders:?}, read {value:?}, answers of {active:?}: {answers:?}");
         return Ok(Some(Problem::Misplaced(misplaced)));
     }
     Ok(None)
