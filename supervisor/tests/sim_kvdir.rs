@@ -58,11 +58,14 @@ impl Fault {
     }
 }
 
+/// `(node, status, incarnation)` for every node a view knows.
+type Statuses = Vec<(u64, NodeStatus, u64)>;
+
 /// What the nodes tell the test, and what the test tells them.
 #[derive(Default)]
 struct Record {
     /// Latest (stable, statuses) each running node holds, and its epoch.
-    latest: BTreeMap<u64, (u64, bool, Vec<(u64, NodeStatus, u64)>)>,
+    latest: BTreeMap<u64, (u64, bool, Statuses)>,
     /// Changes node 1 saw begin, by epoch.
     begun: BTreeMap<u64, Change>,
     /// Writers that have written every key of theirs once.
