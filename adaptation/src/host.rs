@@ -501,6 +501,10 @@ impl Inner {
         };
         // A little longer than the manager will wait, so that its own `Late` reaches us.
         match self.link.call(manager, bytes, left + self.config.retry).await {
+            // A node declared failed may still run, cut off, and answer once the cut heals; but
+            // its entries are being rebuilt from replicas elsewhere, so what it did is not
+            // the directory's. Its answer is dropped and the request retried at the new manager.
+            Ok(_) if self.departed.lock().expect("departed").contains(&manager) => Reply::Late,
             Ok(answer) => codec::decode(&answer).unwrap_or_else(|e| Reply::Refused(e.to_string())),
             Err(_) => Reply::Late,
         }
@@ -583,6 +587,15 @@ impl Inner {
             Message::Request { id, service, key, epoch, body, wait_ms } => {
                 let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
                 self.serve(id, service, key, epoch, &body, Instant::now() + wait).await
+            }
+            // A life the cluster has ended (failed, or left) must not change an entry here: a
+            // replica it stores after the survivors' `scan` would be a write nobody rebuilds.
+            // Its batches and acks stay welcome: the period's own epochs judge those.
+            Message::Local { .. } if self.departed.lock().expect("departed").contains(&from) => {
+                tracing::debug!(node = from.0, "local request from a departed node refused");
+                Reply::Refused(format!(
+                    "node {from} was declared failed or has left; it must rejoin as a new life"
+                ))
             }
             Message::Local { service, key, body } => self.local(from, service, key, &body).await,
             Message::Batch { epoch, service, entries, answered } => {

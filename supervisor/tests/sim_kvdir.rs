@@ -84,6 +84,8 @@ struct Record {
     uncertain: BTreeMap<u64, u64>,
     ok: u64,
     failed: Vec<String>,
+    /// Per key: its last writes, where they went, and how they ended, to explain a loss.
+    stories: BTreeMap<u64, Vec<String>>,
     /// Node 1 checks the directory.
     verify_now: bool,
     /// What the check found.
@@ -201,7 +203,19 @@ async fn writer(supervisor: Arc<Supervisor>, host: Host, index: u64, record: Sha
             let put = codec::encode(&Request::Put(value.to_le_bytes().to_vec()))
                 .expect("request encodes");
             let result = host.request(KVDIR, Key(key), put).await;
+            let manager = host.context().snapshot().and_then(|s| s.locate(KVDIR, Key(key)));
             let mut r = record.borrow_mut();
+            let story = r.stories.entry(key).or_default();
+            story.push(format!(
+                "{:?} put {value} at epoch {} to {:?}: {}",
+                turmoil::elapsed(),
+                host.epoch(),
+                manager.map(|m| m.0),
+                if result.is_ok() { "ok" } else { "failed" }
+            ));
+            if story.len() > 3 {
+                story.remove(0);
+            }
             match result {
                 Ok(_) => {
                     r.acked.insert(key, value);
@@ -248,13 +262,13 @@ async fn verify(supervisor: &Supervisor, record: &Shared) -> Result<String, Stri
     if table != active.iter().copied().collect() {
         return Err(format!("the table names {table:?}, the active nodes are {active:?}"));
     }
-    let (acked, uncertain) = {
+    let (acked, uncertain, stories) = {
         let r = record.borrow();
-        (r.acked.clone(), r.uncertain.clone())
+        (r.acked.clone(), r.uncertain.clone(), r.stories.clone())
     };
     // Keys are checked many at a time: one by one, the sweep would take minutes of wall time.
     let checks = futures::stream::iter(0..KEYS)
-        .map(|key| check_key(host, &snapshot, &active, key, &acked, &uncertain))
+        .map(|key| check_key(host, &snapshot, &active, key, &acked, &uncertain, &stories))
         .buffer_unordered(64);
     let found: Vec<Result<Option<Problem>, String>> = checks.collect().await;
     let mut lost = Vec::new();
@@ -293,6 +307,7 @@ async fn check_key(
     key: u64,
     acked: &BTreeMap<u64, u64>,
     uncertain: &BTreeMap<u64, u64>,
+    stories: &BTreeMap<u64, Vec<String>>,
 ) -> Result<Option<Problem>, String> {
     let get = codec::encode(&Request::Get).expect("request encodes");
     let read = match host.request(KVDIR, Key(key), get).await {
@@ -308,7 +323,10 @@ async fn check_key(
     };
     let expected = acked.get(&key).copied();
     if value != expected && (value.is_none() || value != uncertain.get(&key).copied()) {
-        let lost = format!("key {key}: read {value:?}, last acknowledged {expected:?}");
+        let lost = format!(
+            "key {key}: read {value:?}, last acknowledged {expected:?}; its last writes: {:?}",
+            stories.get(&key)
+        );
         return Ok(Some(Problem::Lost(lost)));
     }
     let manager = snapshot.locate(KVDIR, Key(key)).map(|n| n.0);
@@ -530,5 +548,5 @@ fn one_seed() {
 
 #[test]
 fn seeds_each_in_their_own_process() {
-    common::sweep(10);
+    common::sweep(12);
 }
