@@ -152,8 +152,9 @@ pub struct Supervisor {
     host: Host,
     /// Builds the services afresh for a new life of the host (see [`Host::renew`]); not used
     /// until renewal on fencing stops hanging the membership simulation.
-    #[allow(dead_code)]
     services: Box<dyn Fn() -> Registry + Send + Sync>,
+    /// The incarnation, declared dead by the cluster, whose host was last renewed.
+    renewed_for: AtomicU64,
     /// Whether the cluster admitted this process's life (bootstrap or join). Until then the
     /// host is not fed: a restarted process has lost its services' memory and must not serve
     /// its old keys as empty.
@@ -210,6 +211,7 @@ impl Supervisor {
             reported: AtomicU64::new(0),
             host: parts.host,
             services: parts.services,
+            renewed_for: AtomicU64::new(0),
             admitted: AtomicBool::new(false),
             lifecycle,
             save_incarnation: parts.save_incarnation,
@@ -651,8 +653,19 @@ impl Supervisor {
         if !fenced {
             return;
         }
-        // Not yet: the host should start afresh here (`Host::renew`), since what its services
-        // hold is stale, but doing so hangs seed 17 of the membership simulation; see issue 4.
+        // What the services hold is stale: the cluster rebuilt those entries elsewhere. Once per
+        // life the cluster declared dead, the host starts afresh and serves nothing until the
+        // new life is admitted.
+        let dead = record.map_or(0, |r| r.incarnation);
+        if self.renewed_for.swap(dead, Ordering::SeqCst) != dead || dead == 0 {
+            tracing::warn!(
+                node = self.me.id,
+                incarnation = dead,
+                "declared failed while running: starting services afresh"
+            );
+            self.admitted.store(false, Ordering::SeqCst);
+            self.host.renew((self.services)());
+        }
         // A life the cluster has not seen yet: above both ours and the one it declared dead.
         if let Err(error) = self.renew_incarnation(record.map_or(0, |r| r.incarnation)) {
             tracing::error!(%error, "cannot persist the new incarnation; not rejoining");

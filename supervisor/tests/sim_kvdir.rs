@@ -547,7 +547,6 @@ fn one_seed() {
 }
 
 #[test]
-#[ignore = "fails on seeds where a cut-off node is fenced (1, 4, 6): its host is not yet renewed; run by hand"]
 fn seeds_each_in_their_own_process() {
     common::sweep(12);
 }
