@@ -150,8 +150,8 @@ pub struct Supervisor {
     detector: Mutex<Option<Detector>>,
     reported: AtomicU64,
     host: Host,
-    /// Builds the services afresh for a new life of the host (see [`Host::renew`]); not used
-    /// until renewal on fencing stops hanging the membership simulation.
+    /// Builds the services afresh for a new life of the host (see [`Host::renew`]), when the
+    /// cluster declared this node failed while it still ran.
     services: Box<dyn Fn() -> Registry + Send + Sync>,
     /// The incarnation, declared dead by the cluster, whose host was last renewed.
     renewed_for: AtomicU64,
