@@ -150,6 +150,10 @@ async fn put(agent: &Agent<TokioNet>, key: u64, value: Vec<u8>) {
 }
 
 fn main() {
+    // Quiet unless asked: `RUST_LOG=gobelins_adaptation=trace` shows each batch shipped.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let samples = arg("--samples", 20_000);
     let entries = arg("--entries", 20_000);
     let value_bytes = arg("--value-bytes", 1024);

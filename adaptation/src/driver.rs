@@ -341,6 +341,7 @@ impl Driver {
         let Some(table) = target.table(service) else { return };
         let ctx = inner.context(None);
         let moves = progress.plan.outgoing_of(service, me);
+        let started = Instant::now();
         let mut entries = Vec::new();
         if !moves.is_empty() {
             match plugin.send_out(&ctx, &Moving::new(spec.clone(), moves)).await {
@@ -378,6 +379,7 @@ impl Driver {
                 }
             }
         }
+        let exported = started.elapsed();
         let mut shipping = JoinSet::new();
         let nodes: BTreeSet<NodeId> = by_node.keys().chain(answers.keys()).copied().collect();
         for node in nodes {
@@ -390,6 +392,7 @@ impl Driver {
         while let Some(done) = shipping.join_next().await {
             sent += done.unwrap_or(0);
         }
+        tracing::debug!(service = service.0, epoch, sent, ?exported, took = ?started.elapsed(), "sent out");
         if let Some(clock) = &mut self.clock {
             clock.record.entries_sent += sent;
         }
@@ -446,12 +449,14 @@ impl Inner {
         while let Some(n) = flying.join_next().await {
             taken += n.unwrap_or(0);
         }
+        let shipped = Instant::now();
         // The answers a retry needs, in batches of their own so that none outgrows a frame.
         for chunk in answered.chunks(ANSWERS_PER_BATCH) {
             let message =
                 Message::Batch { epoch, service, entries: Vec::new(), answered: chunk.to_vec() };
             self.deliver(to, &message).await;
         }
+        tracing::debug!(node = to.0, entries = taken, answers = answered.len(), answers_took = ?shipped.elapsed(), "shipped");
         taken
     }
 }

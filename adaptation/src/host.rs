@@ -644,10 +644,8 @@ impl Inner {
             return Reply::Late;
         }
         if *self.done.borrow() >= epoch {
-            return Reply::Refused(format!(
-                "epoch {epoch} is already merged on node {}; these entries came too late",
-                self.me
-            ));
+            tracing::debug!(node = from.0, epoch, "batch for a change already merged here refused");
+            return Reply::Merged { epoch };
         }
         let count = entries.len() as u64;
         let ctx = self.context(None);
@@ -682,6 +680,16 @@ impl Inner {
                 Ok(Reply::Accepted) => return true,
                 Ok(Reply::Refused(why)) => {
                     tracing::error!(node = to.0, %why, "node refused a migration message");
+                    return false;
+                }
+                Ok(Reply::Merged { epoch }) => {
+                    tracing::warn!(
+                        node = to.0,
+                        epoch,
+                        "entries reached their new manager after it closed the change; expected \
+                         when this node was cut off during it: the cluster has rebuilt them from \
+                         replicas, and this node rejoins as a new life"
+                    );
                     return false;
                 }
                 Ok(Reply::Unknown(service)) => {

@@ -91,4 +91,10 @@ pub enum Reply {
     Late,
     /// The receiver refused it, and says why.
     Refused(String),
+    /// A batch for a change the receiver has already merged: it can only come from a sender
+    /// the cluster gave up on (cut off, declared failed), whose entries recovery rebuilds.
+    Merged {
+        /// The change.
+        epoch: u64,
+    },
 }

@@ -43,3 +43,42 @@ async fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid
     assert!(verdict.ok > 10_000, "the writers ran during the changes: {verdict:?}");
     assert_eq!(verdict.changes, 9);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_and_changes_nothing()
+{
+    use gobelins_adaptation::testing::MemCluster;
+    use gobelins_adaptation::wire::{ByteBuf, Message, Reply};
+    use gobelins_adaptation::{codec, HostConfig, Registry};
+    use gobelins_kvdir::{Versioned, KVDIR};
+    use gobelins_locator::{Key, NodeId};
+
+    let cluster = MemCluster::start(2, HostConfig::default(), || {
+        let mut registry = Registry::new();
+        registry.register(gobelins_adaptation::plugin(KvDir::new())).expect("registers");
+        registry
+    })
+    .await;
+    let epoch = cluster.snapshot().epoch().0;
+    let key = (0..)
+        .map(Key)
+        .find(|k| cluster.snapshot().table(KVDIR).expect("table").locate(*k) == NodeId(1))
+        .expect("a key node 1 manages");
+    let host = cluster.host(NodeId(1));
+    let stale = Versioned { version: 99, value: b"stale".to_vec() };
+    let batch = Message::Batch {
+        epoch,
+        service: KVDIR,
+        entries: vec![(key, ByteBuf::from(codec::encode(&stale).expect("encode")))],
+        answered: Vec::new(),
+    };
+    let reply = host.handle(NodeId(2), &codec::encode(&batch).expect("encode")).await;
+    assert!(
+        matches!(codec::decode::<Reply>(&reply).expect("decode"), Reply::Merged { epoch: e } if e == epoch),
+        "a late batch is told the change is closed"
+    );
+    let get = codec::encode(&Request::Get).expect("encode");
+    let answer: Response =
+        codec::decode(&host.request(KVDIR, key, get).await.expect("get")).expect("decode");
+    assert!(matches!(answer, Response::Value(None)), "the late entry was not merged: {answer:?}");
+}
