@@ -64,6 +64,15 @@ pub enum AdaptationError {
         /// How long it waited.
         waited_ms: u64,
     },
+    /// The manager's service could not complete the request now and asked for it to be tried
+    /// again ([`crate::Service::must_retry`]); the requester retries until its deadline.
+    #[error("the manager of key {key} of service {service} asked for the request to be retried")]
+    Retry {
+        /// The service.
+        service: u16,
+        /// The key.
+        key: u64,
+    },
     /// The manager's service failed the request (it could not decode it, say).
     #[error("the manager refused the request: {0}")]
     Refused(String),

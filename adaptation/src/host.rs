@@ -558,6 +558,11 @@ impl Inner {
                             self.counters.served.fetch_add(1, Ordering::Relaxed);
                             Reply::Done(response)
                         }
+                        // Not remembered: the retry must run it again.
+                        Err(e @ AdaptationError::Retry { .. }) => {
+                            tracing::debug!(error = %e, "request to be retried");
+                            Reply::Late
+                        }
                         Err(e) => Reply::Refused(e.to_string()),
                     };
                     drop(gate);

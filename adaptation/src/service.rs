@@ -189,6 +189,15 @@ pub trait Service: Send + Sync + 'static {
     /// local server (`ctx.from()` is the sender) for a message sent with [`Context::tell`].
     async fn handle(&self, ctx: &Context, key: Key, request: Self::Request) -> Self::Response;
 
+    /// Whether `response` says the request did not take effect and must be tried again: a
+    /// write whose replica could not be stored, say, because the backup is dying or has
+    /// already learned that this node was declared failed. The layer then neither remembers
+    /// it as answered nor passes it on: the requester retries (with the same id, at whatever
+    /// node manages the key by then) until its deadline. The default: every answer counts.
+    fn must_retry(_response: &Self::Response) -> bool {
+        false
+    }
+
     /// Prepares for a change. The locator still routes by the old epoch.
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
 
@@ -282,7 +291,11 @@ impl<S: Service> Plugin for Erased<S> {
         request: &[u8],
     ) -> Result<Vec<u8>, AdaptationError> {
         let request: S::Request = codec::decode(request)?;
-        codec::encode(&self.0.handle(ctx, key, request).await)
+        let response = self.0.handle(ctx, key, request).await;
+        if S::must_retry(&response) {
+            return Err(AdaptationError::Retry { service: self.0.spec().id.0, key: key.0 });
+        }
+        codec::encode(&response)
     }
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {

@@ -148,6 +148,12 @@ impl MemCluster {
         }
     }
 
+    /// Crashes `node` without the cluster knowing yet, as before a failure detector notices:
+    /// messages to and from it fail. [`MemCluster::fail`] then recovers it.
+    pub fn crash(&self, node: NodeId) {
+        self.net.crashed.insert(node, ());
+    }
+
     /// Crashes `node` (it answers nothing from now on, and its memory is gone), then carries
     /// out the recovery the supervisor would commit.
     pub async fn fail(&mut self, node: NodeId) {

@@ -58,6 +58,9 @@ pub enum Response {
     Value(Option<Versioned>),
     /// Replicas kept.
     Kept,
+    /// The write could not be copied to the backup. Never seen by a client: the layer retries
+    /// the request ([`Service::must_retry`]).
+    Unreplicated,
 }
 
 /// One node's part of the directory.
@@ -106,18 +109,22 @@ fn merge(into: &mut HashMap<Key, Versioned>, entries: impl IntoIterator<Item = (
 }
 
 impl KvDir {
-    async fn replicate(&self, ctx: &Context, entries: Vec<(Key, Versioned)>) {
-        let Some(to) = ctx.snapshot().and_then(|s| backup(s, ctx.node())) else { return };
+    /// Copies `entries` to this node's backup; false if some were not stored there.
+    async fn replicate(&self, ctx: &Context, entries: Vec<(Key, Versioned)>) -> bool {
+        let Some(to) = ctx.snapshot().and_then(|s| backup(s, ctx.node())) else { return true };
+        let mut stored = true;
         for chunk in entries.chunks(REPLICATE_CHUNK) {
             let key = chunk[0].0;
             let sent: Result<Response, _> =
                 ctx.tell(to, KVDIR, key, &Request::Replicate(chunk.to_vec())).await;
             if let Err(e) = sent {
-                // The backup is dying or gone; its failure will be recovered, and the next
-                // change copies everything to the next backup.
+                // The backup is dying or gone, or has learned that this node was declared
+                // failed; either way the cluster is about to change.
                 tracing::warn!(backup = to.0, error = %e, "kvdir: replica not stored");
+                stored = false;
             }
         }
+        stored
     }
 }
 
@@ -129,6 +136,10 @@ impl Service for KvDir {
 
     fn spec(&self) -> ServiceSpec {
         KvDir::declaration()
+    }
+
+    fn must_retry(response: &Response) -> bool {
+        matches!(response, Response::Unreplicated)
     }
 
     async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
@@ -146,8 +157,15 @@ impl Service for KvDir {
                     entry
                 };
                 let version = entry.version;
-                self.replicate(ctx, vec![(key, entry)]).await;
-                Response::Stored { version }
+                if self.replicate(ctx, vec![(key, entry)]).await {
+                    return Response::Stored { version };
+                }
+                // A write acknowledged with one copy would be lost if this node failed now, or
+                // already has been declared failed and the survivors rebuilt the key from the
+                // backup's older copy: the layer retries it instead. It stays here meanwhile,
+                // not undone: the backup may have stored it though its answer was lost, and an
+                // entry must never mean two values at one version.
+                Response::Unreplicated
             }
             (_, Request::Get) => {
                 Response::Value(self.live.lock().expect("live").get(&key).cloned())

@@ -82,3 +82,40 @@ async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_an
         codec::decode(&host.request(KVDIR, key, get).await.expect("get")).expect("decode");
     assert!(matches!(answer, Response::Value(None)), "the late entry was not merged: {answer:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_write_is_acknowledged_only_once_its_backup_holds_it() {
+    use gobelins_adaptation::testing::MemCluster;
+    use gobelins_adaptation::{codec, AdaptationError, HostConfig, Registry};
+    use gobelins_kvdir::KVDIR;
+    use gobelins_locator::{Key, NodeId};
+    use std::time::Duration;
+
+    let config = HostConfig { request_deadline: Duration::from_secs(2), ..HostConfig::default() };
+    let mut cluster = MemCluster::start(3, config, || {
+        let mut registry = Registry::new();
+        registry.register(gobelins_adaptation::plugin(KvDir::new())).expect("registers");
+        registry
+    })
+    .await;
+    let snapshot = cluster.snapshot();
+    assert_eq!(snapshot.nodes(), vec![NodeId(1), NodeId(2), NodeId(3)], "node 2 backs node 1 up");
+    let key = (0..)
+        .map(Key)
+        .find(|k| snapshot.table(KVDIR).expect("table").locate(*k) == NodeId(1))
+        .expect("a key node 1 manages");
+    let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
+
+    // The backup is down and nobody has noticed: the write must not be acknowledged.
+    cluster.crash(NodeId(2));
+    let early = cluster.host(NodeId(1)).request(KVDIR, key, put.clone()).await;
+    assert!(matches!(early, Err(AdaptationError::Deadline { .. })), "{early:?}");
+
+    // Once the failure is recovered, node 1 has a live backup again and the write goes through.
+    cluster.fail(NodeId(2)).await;
+    let late = cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
+    assert!(
+        matches!(codec::decode::<Response>(&late).expect("decode"), Response::Stored { .. }),
+        "stored once a backup holds it"
+    );
+}
