@@ -218,6 +218,7 @@ impl Driver {
                     router.hold(&progress.plan);
                 }
                 inner.begun.send_replace(epoch);
+                tracing::debug!(node = me.0, epoch, "change begun: moving keys held");
                 // Wait out the handles that routed before the hold.
                 drop(inner.gate.write().await);
                 Vec::new()
@@ -411,52 +412,70 @@ impl Inner {
     ) -> u64 {
         // A few batches in flight rather than one: the wire stays busy while the receiver
         // stages the previous one. Each is acknowledged; the ack of the change follows them all.
+        // The answers a retry needs travel alongside, in batches of their own so that none
+        // outgrows a frame: they only have to be in before that ack.
         const IN_FLIGHT: usize = 4;
+        let started = Instant::now();
+        let answers = answered.len();
         let mut flying = JoinSet::new();
         let mut taken = 0;
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        let total = entries.len();
-        for (i, (key, entry)) in entries.into_iter().enumerate() {
-            bytes += entry.len() + 16;
-            batch.push((key, ByteBuf::from(entry)));
-            if bytes >= self.config.batch_bytes || i + 1 == total {
-                let n = batch.len() as u64;
+        let mut messages = answered
+            .chunks(ANSWERS_PER_BATCH)
+            .map(|chunk| {
                 let message = Message::Batch {
                     epoch,
                     service,
-                    entries: std::mem::take(&mut batch),
-                    answered: Vec::new(),
+                    entries: Vec::new(),
+                    answered: chunk.to_vec(),
                 };
-                if flying.len() >= IN_FLIGHT {
-                    taken += flying.join_next().await.and_then(Result::ok).unwrap_or(0);
-                }
-                let inner = Arc::clone(&self);
-                let size = bytes as u64;
-                flying.spawn(async move {
-                    let t0 = Instant::now();
-                    if !inner.deliver(to, &message).await {
-                        return 0;
-                    }
-                    tracing::trace!(entries = n, bytes = size, node = to.0, took = ?t0.elapsed(), "batch shipped");
-                    inner.counters.entries_sent.fetch_add(n, Ordering::Relaxed);
-                    inner.counters.bytes_sent.fetch_add(size, Ordering::Relaxed);
-                    n
-                });
-                bytes = 0;
+                (message, 0, 0)
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .chain(batches(epoch, service, entries, self.config.batch_bytes));
+        for (message, n, size) in &mut messages {
+            if flying.len() >= IN_FLIGHT {
+                taken += flying.join_next().await.and_then(Result::ok).unwrap_or(0);
             }
+            let inner = Arc::clone(&self);
+            flying.spawn(async move {
+                let t0 = Instant::now();
+                if !inner.deliver(to, &message).await {
+                    return 0;
+                }
+                tracing::trace!(entries = n, bytes = size, node = to.0, took = ?t0.elapsed(), "batch shipped");
+                inner.counters.entries_sent.fetch_add(n, Ordering::Relaxed);
+                inner.counters.bytes_sent.fetch_add(size, Ordering::Relaxed);
+                n
+            });
         }
         while let Some(n) = flying.join_next().await {
             taken += n.unwrap_or(0);
         }
-        let shipped = Instant::now();
-        // The answers a retry needs, in batches of their own so that none outgrows a frame.
-        for chunk in answered.chunks(ANSWERS_PER_BATCH) {
-            let message =
-                Message::Batch { epoch, service, entries: Vec::new(), answered: chunk.to_vec() };
-            self.deliver(to, &message).await;
-        }
-        tracing::debug!(node = to.0, entries = taken, answers = answered.len(), answers_took = ?shipped.elapsed(), "shipped");
+        tracing::debug!(node = to.0, entries = taken, answers, took = ?started.elapsed(), "shipped");
         taken
     }
+}
+
+/// `entries` cut into batches of about `batch_bytes`, each with its entry count and size.
+fn batches(
+    epoch: u64,
+    service: ServiceId,
+    entries: Vec<(Key, Vec<u8>)>,
+    batch_bytes: usize,
+) -> impl Iterator<Item = (Message, u64, u64)> {
+    let mut entries = entries.into_iter().peekable();
+    std::iter::from_fn(move || {
+        entries.peek()?;
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while bytes < batch_bytes {
+            let Some((key, entry)) = entries.next() else { break };
+            bytes += entry.len() + 16;
+            batch.push((key, ByteBuf::from(entry)));
+        }
+        let n = batch.len() as u64;
+        let message = Message::Batch { epoch, service, entries: batch, answered: Vec::new() };
+        Some((message, n, bytes as u64))
+    })
 }

@@ -159,6 +159,9 @@ pub struct Supervisor {
     /// host is not fed: a restarted process has lost its services' memory and must not serve
     /// its old keys as empty.
     admitted: AtomicBool,
+    /// Wakes the duties loop when this life is admitted, so that the host is fed the state it
+    /// may already have applied without waiting for the next tick (a joiner's first change).
+    admission: tokio::sync::Notify,
     lifecycle: watch::Sender<Lifecycle>,
     /// Persists a new incarnation before the node rejoins with it.
     save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
@@ -213,6 +216,7 @@ impl Supervisor {
             services: parts.services,
             renewed_for: AtomicU64::new(0),
             admitted: AtomicBool::new(false),
+            admission: tokio::sync::Notify::new(),
             lifecycle,
             save_incarnation: parts.save_incarnation,
             shutdown: CancellationToken::new(),
@@ -311,6 +315,7 @@ impl Supervisor {
     /// Lets this process's life serve: its host is fed the cluster's state from now on.
     pub fn admit_life(&self) {
         self.admitted.store(true, Ordering::SeqCst);
+        self.admission.notify_one();
     }
 
     /// Whether this process's life was admitted by the cluster.
@@ -538,6 +543,7 @@ impl Supervisor {
                 _ = self.shutdown.cancelled() => return,
                 changed = state.changed() => if changed.is_err() { return },
                 _ = done.changed() => {}
+                _ = self.admission.notified() => {}
                 _ = retry.tick() => {}
                 _ = fence_check.tick() => {
                     if !self.in_touch() || self.leader() != Some(self.me.id) {
