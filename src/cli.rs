@@ -88,6 +88,40 @@ pub(crate) struct EvictArgs {
     node: u64,
 }
 
+/// Options of `gobelins dsm`.
+#[derive(Args, Debug)]
+pub(crate) struct DsmArgs {
+    #[command(subcommand)]
+    op: DsmOp,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum DsmOp {
+    /// Print bytes of a segment to standard output, as they are, through this node's DSM.
+    Read {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// The segment id.
+        segment: u32,
+        /// Where to start, in bytes.
+        offset: u64,
+        /// How many bytes (at most 1 MiB).
+        len: u64,
+    },
+    /// Write bytes into a segment through this node's DSM: the text given, or standard input
+    /// with `-`.
+    Write {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// The segment id.
+        segment: u32,
+        /// Where to start, in bytes.
+        offset: u64,
+        /// The bytes, as text; `-` reads them from standard input (at most 1 MiB).
+        data: String,
+    },
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -137,7 +171,9 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
         durable: true,
         host: HostConfig::default(),
     };
-    runtime()?.block_on(agent::run(options, gobelins::services))?;
+    let builtins = gobelins::builtin::Builtins::new();
+    let consoles = builtins.consoles();
+    runtime()?.block_on(agent::run(options, move || builtins.registry(), consoles))?;
     Ok(())
 }
 
@@ -216,5 +252,34 @@ pub(crate) fn evict(args: EvictArgs) -> anyhow::Result<()> {
     }
     let status = ask(&args.dir, ControlRequest::Evict { node: args.node })?;
     eprintln!("node {} evicted; the cluster is stable at epoch {}", args.node, status["epoch"]);
+    Ok(())
+}
+
+pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
+    use gobelins::builtin::DsmCommand;
+    use std::io::Read as _;
+    let (dir, command) = match args.op {
+        DsmOp::Read { dir, segment, offset, len } => {
+            (dir, DsmCommand::Read { segment, offset, len })
+        }
+        DsmOp::Write { dir, segment, offset, data } => {
+            let data = if data == "-" {
+                let mut bytes = Vec::new();
+                std::io::stdin().read_to_end(&mut bytes).context("reading standard input")?;
+                bytes
+            } else {
+                data.into_bytes()
+            };
+            (dir, DsmCommand::Write { segment, offset, data })
+        }
+    };
+    let reading = matches!(command, DsmCommand::Read { .. });
+    let body = gobelins::adaptation::codec::encode(&command)?;
+    let answer = ask(&dir, ControlRequest::Local { service: gobelins::dsm::DSM.0, body })?;
+    if reading {
+        let bytes: Vec<u8> = serde_json::from_value(answer["body"].clone())
+            .context("the agent's answer has no bytes")?;
+        std::io::stdout().lock().write_all(&bytes)?;
+    }
     Ok(())
 }

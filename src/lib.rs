@@ -6,7 +6,9 @@
 //!   entries in each configuration change.
 //! - [`kvdir`]: the example service, a replicated key-value directory, hosted by every agent.
 //! - [`supervisor`]: transport, consensus membership, failure detection, the agent.
-//! - [`dsm`], [`process`], [`mod@file`], [`scheduler`]: the services (being built).
+//! - [`dsm`]: distributed shared memory, hosted by every agent, reached with `gobelins dsm`.
+//! - [`process`], [`mod@file`], [`scheduler`]: the other services (not built yet).
+//! - [`builtin`]: what an agent hosts, and the consoles the CLI reaches it through.
 #![deny(missing_docs)]
 
 pub use gobelins_adaptation as adaptation;
@@ -18,11 +20,9 @@ pub use gobelins_process as process;
 pub use gobelins_scheduler as scheduler;
 pub use gobelins_supervisor as supervisor;
 
-/// The services every `gobelins agent` hosts, in registration order.
+pub mod builtin;
+
+/// The services every `gobelins agent` hosts, in registration order, built afresh.
 pub fn services() -> adaptation::Registry {
-    let mut registry = adaptation::Registry::new();
-    registry
-        .register(adaptation::plugin(kvdir::KvDir::new()))
-        .expect("the built-in services have valid, distinct declarations");
-    registry
+    builtin::Builtins::new().registry()
 }

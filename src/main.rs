@@ -25,6 +25,8 @@ enum Command {
     Leave(cli::DirArgs),
     /// Remove another node from the cluster; waits until the cluster is stable.
     Evict(cli::EvictArgs),
+    /// Read or write distributed shared memory through the local agent.
+    Dsm(cli::DsmArgs),
     /// Start a local cluster of real agents, keep clients writing to it, and walk it through an
     /// addition, an eviction and a kill -9, showing what each change cost.
     Demo(demo::DemoArgs),
@@ -51,6 +53,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Join(args) => cli::join(args),
         Command::Leave(args) => cli::leave(args),
         Command::Evict(args) => cli::evict(args),
+        Command::Dsm(args) => cli::dsm(args),
         Command::Demo(args) => demo::run(&args),
     }
 }

@@ -299,3 +299,72 @@ fn a_node_restarted_before_anyone_noticed_comes_back_as_a_new_life_and_loses_not
         }
     }
 }
+
+fn dsm(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("dsm")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .output()
+        .expect("run gobelins")
+}
+
+#[test]
+fn shared_memory_written_through_one_agent_reads_back_through_the_others_and_survives_a_kill() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let addrs: Vec<String> = (1..=3).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
+    let first = start(root.path(), 1, &addrs[0], &["--bootstrap"]);
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let mut agents = vec![first];
+    for i in 2..=3u64 {
+        let extra = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
+        agents.push(start(root.path(), i, &addrs[i as usize - 1], &extra));
+    }
+    let all: Vec<(u64, &str, u64)> = (1..=3).map(|i| (i, "active", 1)).collect();
+    wait_until("three active nodes", limit, || stable_with(&agents[0].dir, &all));
+
+    // Page 0 of segment 7 and a range across pages 1 and 2, each written by another node.
+    let text = "written by node three";
+    let across = "x".repeat(5000);
+    let writes = [(2usize, "0", text), (1, "4090", across.as_str())];
+    wait_until("the DSM registered", limit, || {
+        dsm(&agents[1].dir, &["write", "7", "0", text]).status.success()
+    });
+    for (agent, offset, data) in writes {
+        let out = dsm(&agents[agent].dir, &["write", "7", offset, data]);
+        assert!(out.status.success(), "write: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let read = |agent: &Agent, offset: &str, len: usize| {
+        let out = dsm(&agent.dir, &["read", "7", offset, &len.to_string()]);
+        assert!(out.status.success(), "read: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("the bytes written")
+    };
+    for agent in &agents {
+        assert_eq!(read(agent, "0", text.len()), text, "through node {}", agent.id);
+        assert_eq!(read(agent, "4090", across.len()), across, "through node {}", agent.id);
+    }
+
+    // Node 2 rewrites the range, which takes the other nodes' copies away, and dies at once:
+    // the pages' only copies were its own, and the backups the agents keep must bring them back.
+    let rewritten = "y".repeat(5000);
+    let out = dsm(&agents[1].dir, &["write", "7", "4090", &rewritten]);
+    assert!(out.status.success(), "rewrite: {}", String::from_utf8_lossy(&out.stderr));
+    agents[1].child.as_mut().expect("child").kill().expect("kill -9");
+    agents[1].child.as_mut().expect("child").wait().expect("reap");
+    wait_until("node 2 declared failed", limit, || {
+        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "failed", 1), (3, "active", 1)])
+    });
+    for agent in [&agents[0], &agents[2]] {
+        assert_eq!(read(agent, "0", text.len()), text, "through node {}", agent.id);
+        assert_eq!(read(agent, "4090", rewritten.len()), rewritten, "through node {}", agent.id);
+    }
+
+    // Bad input gets a clear refusal: more than the console moves at once.
+    let out = dsm(&agents[0].dir, &["read", "7", "0", &(2u64 << 20).to_string()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most"), "{out:?}");
+}

@@ -1,5 +1,6 @@
 //! `gobelins agent`: a supervisor process on one node.
 
+use crate::console::Consoles;
 use crate::control;
 use crate::datadir::DataDir;
 use crate::error::{Result, SupervisorError};
@@ -277,11 +278,12 @@ async fn register(supervisor: Arc<Supervisor>) {
     }
 }
 
-/// Runs the agent process, hosting `services`, until it is stopped (SIGINT/SIGTERM) or
-/// leaves the cluster.
+/// Runs the agent process, hosting `services` and serving their `consoles` on the control
+/// socket, until it is stopped (SIGINT/SIGTERM) or leaves the cluster.
 pub async fn run(
     options: AgentOptions,
     services: impl Fn() -> Registry + Send + Sync + 'static,
+    consoles: Consoles,
 ) -> Result<()> {
     let agent = Agent::start(TokioNet, &options, services).await?;
     if options.start == Start::Bootstrap {
@@ -297,7 +299,7 @@ pub async fn run(
             agent.dir.secret_path().display()
         );
     }
-    control::serve(&agent.dir.socket_path(), Arc::clone(&agent.supervisor)).await?;
+    control::serve(&agent.dir.socket_path(), Arc::clone(&agent.supervisor), consoles).await?;
     let mut lifecycle = agent.supervisor.lifecycle();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| SupervisorError::io("installing the SIGTERM handler", e))?;

@@ -4,6 +4,7 @@
 //! change goes on, then one final `{"ok": …}` or `{"error": …}`. The socket is mode 0600 inside a
 //! 0700 data directory: only the agent's user can drive it.
 
+use crate::console::Consoles;
 use crate::error::{Result, SupervisorError};
 use crate::rpc::View;
 use crate::state::{Command, NodeStatus};
@@ -52,13 +53,22 @@ pub enum ControlRequest {
     },
     /// This node's adaptation counters and the changes it took part in.
     Stats,
+    /// A command for this node's own part of `service` (its DSM client, say), run by the
+    /// console the agent registered for it; answered with the encoded result.
+    Local {
+        /// The service.
+        service: u16,
+        /// The command, encoded as the service's console expects.
+        body: Vec<u8>,
+    },
 }
 
 /// How long a leave, evict or join may take before the CLI is told to look again.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Serves the control socket at `path` until the process ends.
-pub async fn serve(path: &Path, node: Arc<Supervisor>) -> Result<()> {
+pub async fn serve(path: &Path, node: Arc<Supervisor>, consoles: Consoles) -> Result<()> {
+    let consoles = Arc::new(consoles);
     // A socket left by a previous run of this agent; the data directory is ours alone.
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).map_err(|e| {
@@ -71,8 +81,9 @@ pub async fn serve(path: &Path, node: Arc<Supervisor>) -> Result<()> {
             match listener.accept().await {
                 Ok((stream, _)) => {
                     let node = Arc::clone(&node);
+                    let consoles = Arc::clone(&consoles);
                     tokio::spawn(async move {
-                        if let Err(error) = answer(stream, node).await {
+                        if let Err(error) = answer(stream, node, &consoles).await {
                             tracing::debug!(%error, "control connection ended");
                         }
                     });
@@ -87,7 +98,7 @@ pub async fn serve(path: &Path, node: Arc<Supervisor>) -> Result<()> {
     Ok(())
 }
 
-async fn answer(stream: UnixStream, node: Arc<Supervisor>) -> Result<()> {
+async fn answer(stream: UnixStream, node: Arc<Supervisor>, consoles: &Consoles) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // A call's body rides in the line, as JSON numbers: up to about 1 MiB of request.
@@ -103,6 +114,18 @@ async fn answer(stream: UnixStream, node: Arc<Supervisor>) -> Result<()> {
             let line = match node.host().request(ServiceId(service), Key(key), body).await {
                 Ok(response) => json!({ "ok": { "body": response } }),
                 Err(e) => json!({ "error": e.to_string() }),
+            };
+            flush(&mut write, &[line]).await
+        }
+        ControlRequest::Local { service, body } => {
+            let line = match consoles.get(&service) {
+                Some(console) => match console.run(node.host(), body).await {
+                    Ok(answer) => json!({ "ok": { "body": answer } }),
+                    Err(why) => json!({ "error": why }),
+                },
+                None => json!({
+                    "error": format!("this agent offers no console for service {service}")
+                }),
             };
             flush(&mut write, &[line]).await
         }

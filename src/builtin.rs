@@ -1,0 +1,117 @@
+//! The services every `gobelins agent` hosts, and the consoles through which the CLI reaches
+//! this node's part of them (`gobelins dsm read|write`).
+
+use crate::adaptation::{codec, plugin, Host, Registry};
+use crate::dsm::{Dsm, DsmConfig, DsmNode, Segment, DSM};
+use crate::kvdir::KvDir;
+use crate::supervisor::console::{Console, Consoles};
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// Largest read or write `gobelins dsm` moves at once: the bytes ride in one JSON line.
+pub const DSM_CONSOLE_MAX: u64 = 1 << 20;
+
+/// What `gobelins dsm` asks of the agent's DSM client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DsmCommand {
+    /// Read `len` bytes of segment `segment` from `offset`.
+    Read {
+        /// The segment.
+        segment: u32,
+        /// Where to start, in bytes.
+        offset: u64,
+        /// How many bytes.
+        len: u64,
+    },
+    /// Write `data` into segment `segment` at `offset`.
+    Write {
+        /// The segment.
+        segment: u32,
+        /// Where to start, in bytes.
+        offset: u64,
+        /// The bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+}
+
+/// The built-in services of one agent. Each [`Builtins::registry`] builds them afresh (a new
+/// life of the node starts with empty services); the consoles follow the newest.
+#[derive(Clone)]
+pub struct Builtins {
+    dsm: Arc<ArcSwap<DsmNode>>,
+    config: DsmConfig,
+}
+
+impl Default for Builtins {
+    fn default() -> Self {
+        Builtins::new()
+    }
+}
+
+impl Builtins {
+    /// The DSM keeps a backup of every page written on a second node, so that one failure
+    /// loses no page.
+    pub fn new() -> Self {
+        let config = DsmConfig { backups: true, ..DsmConfig::default() };
+        Builtins { dsm: Arc::new(ArcSwap::from_pointee(DsmNode::new(config.clone()))), config }
+    }
+
+    /// Fresh services, in registration order: the DSM, then kvdir.
+    pub fn registry(&self) -> Registry {
+        let node = DsmNode::new(self.config.clone());
+        self.dsm.store(Arc::new(node.clone()));
+        let mut registry = Registry::new();
+        registry
+            .register(plugin(node.service()))
+            .and_then(|_| registry.register(plugin(KvDir::new())))
+            .expect("the built-in services have valid, distinct declarations");
+        registry
+    }
+
+    /// The consoles of the services that offer one: the DSM's.
+    pub fn consoles(&self) -> Consoles {
+        let dsm: Arc<dyn Console> = Arc::new(DsmConsole { node: Arc::clone(&self.dsm) });
+        BTreeMap::from([(DSM.0, dsm)])
+    }
+}
+
+/// Runs `gobelins dsm` commands with the DSM client of the agent's current life.
+struct DsmConsole {
+    node: Arc<ArcSwap<DsmNode>>,
+}
+
+#[async_trait]
+impl Console for DsmConsole {
+    async fn run(&self, host: &Host, command: Vec<u8>) -> Result<Vec<u8>, String> {
+        let command: DsmCommand =
+            codec::decode(&command).map_err(|e| format!("not a DSM command: {e}"))?;
+        let dsm = Dsm::new((**self.node.load()).clone(), host.clone());
+        // A segment is only a name and a length; the range asked for is all it needs to span.
+        let segment = |id: u32, offset: u64, len: u64| {
+            if len > DSM_CONSOLE_MAX {
+                return Err(format!(
+                    "{len} bytes asked for; the console moves at most {DSM_CONSOLE_MAX} at once"
+                ));
+            }
+            let end = offset.checked_add(len).ok_or("offset + length overflows")?;
+            Ok(Segment::new(id, end))
+        };
+        match command {
+            DsmCommand::Read { segment: id, offset, len } => {
+                let segment = segment(id, offset, len)?;
+                let mut bytes = vec![0; len as usize];
+                dsm.read_at(&segment, offset, &mut bytes).await.map_err(|e| e.to_string())?;
+                Ok(bytes)
+            }
+            DsmCommand::Write { segment: id, offset, data } => {
+                let segment = segment(id, offset, data.len() as u64)?;
+                dsm.write_at(&segment, offset, &data).await.map_err(|e| e.to_string())?;
+                Ok(Vec::new())
+            }
+        }
+    }
+}
