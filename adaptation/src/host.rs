@@ -22,6 +22,7 @@ use dashmap::DashMap;
 use gobelins_locator::{Change, Key, MigrationPlan, NodeId, ServiceId, ServiceSpec, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, VecDeque};
+use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -167,7 +168,7 @@ pub(crate) struct Inner {
     pub(crate) gate: RwLock<()>,
     pub(crate) answers: DashMap<(ServiceId, Key), Answers>,
     seq: AtomicU64,
-    pub(crate) departed: Mutex<BTreeSet<NodeId>>,
+    pub(crate) departed: watch::Sender<BTreeSet<NodeId>>,
     inputs: mpsc::UnboundedSender<Input>,
     pub(crate) counters: Counters,
     pub(crate) history: Mutex<Vec<ChangeRecord>>,
@@ -223,7 +224,13 @@ impl Host {
     pub fn update(&self, update: Update) {
         // Replaced, not merged: a node that left may come back as a new life.
         let inner = self.inner.load();
-        *inner.departed.lock().expect("departed") = update.departed.clone();
+        inner.departed.send_if_modified(|gone| {
+            let changed = *gone != update.departed;
+            if changed {
+                gone.clone_from(&update.departed);
+            }
+            changed
+        });
         let _ = inner.inputs.send(Input::Update(update));
     }
 
@@ -334,7 +341,7 @@ impl Inner {
             // Ids must not repeat across restarts of the node, or a manager would answer a new
             // request with an old request's remembered answer: start each life somewhere new.
             seq: AtomicU64::new(boot_sequence()),
-            departed: Mutex::new(BTreeSet::new()),
+            departed: watch::channel(BTreeSet::new()).0,
             inputs,
             counters: Counters::default(),
             history: Mutex::new(Vec::new()),
@@ -382,14 +389,24 @@ impl Inner {
 
     async fn wait_epoch(&self, at_least: u64, until: Instant) -> bool {
         let mut rx = self.epoch.subscribe();
-        let reached = tokio::time::timeout_at(until, rx.wait_for(|&e| e >= at_least)).await;
-        matches!(reached, Ok(Ok(_)))
+        self.unless_stopped(until, async move { rx.wait_for(|&e| e >= at_least).await.is_ok() })
+            .await
+    }
+
+    /// `wait`'s answer, or false at `until` or as soon as this life stops: a life renewed
+    /// because the cluster declared it failed will never release what it holds, and the
+    /// requesters should ask the node that manages the key now.
+    async fn unless_stopped(&self, until: Instant, wait: impl Future<Output = bool>) -> bool {
+        let mut stopped = self.stopped.subscribe();
+        tokio::select! {
+            done = tokio::time::timeout_at(until, wait) => done.unwrap_or(false),
+            _ = stopped.wait_for(|&s| s) => false,
+        }
     }
 
     async fn wait_release(&self, seen: u64, until: Instant) -> bool {
         let mut rx = self.released.subscribe();
-        let reached = tokio::time::timeout_at(until, rx.wait_for(|&r| r > seen)).await;
-        matches!(reached, Ok(Ok(_)))
+        self.unless_stopped(until, async move { rx.wait_for(|&r| r > seen).await.is_ok() }).await
     }
 
     /// Waits until the routing epoch moves past `epoch` or a short pause passes, whichever is
@@ -500,11 +517,19 @@ impl Inner {
             Err(e) => return Reply::Refused(e.to_string()),
         };
         // A little longer than the manager will wait, so that its own `Late` reaches us.
-        match self.link.call(manager, bytes, left + self.config.retry).await {
+        let mut departures = self.departed.subscribe();
+        let call = self.link.call(manager, bytes, left + self.config.retry);
+        let outcome = tokio::select! {
+            outcome = call => outcome,
+            // The cluster gave up on the manager while we waited (cut off, holding our request
+            // for a change it will never finish): ask the new one rather than wait it out.
+            _ = departures.wait_for(|gone| gone.contains(&manager)) => return Reply::Late,
+        };
+        match outcome {
             // A node declared failed may still run, cut off, and answer once the cut heals; but
             // its entries are being rebuilt from replicas elsewhere, so what it did is not
             // the directory's. Its answer is dropped and the request retried at the new manager.
-            Ok(_) if self.departed.lock().expect("departed").contains(&manager) => Reply::Late,
+            Ok(_) if self.departed.borrow().contains(&manager) => Reply::Late,
             Ok(answer) => codec::decode(&answer).unwrap_or_else(|e| Reply::Refused(e.to_string())),
             Err(_) => Reply::Late,
         }
@@ -596,7 +621,7 @@ impl Inner {
             // A life the cluster has ended (failed, or left) must not change an entry here: a
             // replica it stores after the survivors' `scan` would be a write nobody rebuilds.
             // Its batches and acks stay welcome: the period's own epochs judge those.
-            Message::Local { .. } if self.departed.lock().expect("departed").contains(&from) => {
+            Message::Local { .. } if self.departed.borrow().contains(&from) => {
                 tracing::debug!(node = from.0, "local request from a departed node refused");
                 Reply::Refused(format!(
                     "node {from} was declared failed or has left; it must rejoin as a new life"
@@ -714,7 +739,7 @@ impl Inner {
                 }
                 Err(_) => {}
             }
-            if self.departed.lock().expect("departed").contains(&to) {
+            if self.departed.borrow().contains(&to) {
                 tracing::warn!(
                     node = to.0,
                     "node is gone; what it was to receive will be rebuilt by scan where a copy survives"
