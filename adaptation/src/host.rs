@@ -173,6 +173,8 @@ pub(crate) struct Inner {
     pub(crate) counters: Counters,
     pub(crate) history: Mutex<Vec<ChangeRecord>>,
     pub(crate) stopped: watch::Sender<bool>,
+    /// Until when this node may act as a manager ([`Host::lease`]); `None`: no lease needed.
+    lease: watch::Sender<Option<Instant>>,
     /// Itself, so that a context made from `&Inner` can re-enter the host.
     this: Weak<Inner>,
 }
@@ -202,6 +204,23 @@ impl Host {
         let fresh = Inner::spawn(old.me, registry, Arc::clone(&old.link), old.config.clone());
         self.inner.store(fresh);
         old.stop();
+    }
+
+    /// Lets this node act as the manager of its keys until `until` (a later lease extends it,
+    /// an earlier one changes nothing). Once a host has had a lease, a request for a key it
+    /// manages waits while the lease has run out, and is answered `Late` (retried elsewhere or
+    /// later) when it cannot wait longer. The supervisor renews it while the leader's pings keep
+    /// arriving, so a node cut off from the cluster stops serving before the cluster can
+    /// declare it failed and rebuild its entries elsewhere: it never answers with what the
+    /// cluster has since replaced. A host never given a lease serves freely (tests, tools).
+    pub fn lease(&self, until: Instant) {
+        self.inner.load().lease.send_if_modified(|lease| {
+            let later = lease.is_none_or(|l| until > l);
+            if later {
+                *lease = Some(until);
+            }
+            later
+        });
     }
 
     /// Which life this is: changes with every [`Host::renew`], so that the supervisor knows to
@@ -346,6 +365,7 @@ impl Inner {
             counters: Counters::default(),
             history: Mutex::new(Vec::new()),
             stopped: watch::channel(false).0,
+            lease: watch::channel(None).0,
             this: this.clone(),
         });
         tokio::spawn(Driver::new(Arc::clone(&inner)).run(receiver));
@@ -402,6 +422,19 @@ impl Inner {
             done = tokio::time::timeout_at(until, wait) => done.unwrap_or(false),
             _ = stopped.wait_for(|&s| s) => false,
         }
+    }
+
+    /// Whether this node may act as a manager now.
+    fn leased(&self) -> bool {
+        self.lease.borrow().is_none_or(|l| Instant::now() < l)
+    }
+
+    async fn wait_lease(&self, until: Instant) -> bool {
+        let mut rx = self.lease.subscribe();
+        self.unless_stopped(until, async move {
+            rx.wait_for(|l| l.is_none_or(|l| Instant::now() < l)).await.is_ok()
+        })
+        .await
     }
 
     async fn wait_release(&self, seen: u64, until: Instant) -> bool {
@@ -565,6 +598,17 @@ impl Inner {
                 None => {
                     drop(gate);
                     if !self.wait_epoch(epoch.max(1), until).await {
+                        return Reply::Late;
+                    }
+                }
+                Some((Verdict::Serve, _, _)) if !self.leased() => {
+                    drop(gate);
+                    if !self.wait_lease(until).await {
+                        tracing::debug!(
+                            node = self.me.0,
+                            key = key.0,
+                            "lease ran out: request not served here"
+                        );
                         return Reply::Late;
                     }
                 }

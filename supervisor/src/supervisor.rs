@@ -223,6 +223,8 @@ impl Supervisor {
         });
         // Set once, here; a second set would mean two supervisors on one transport.
         let _ = parts.dispatch.node.set(Arc::downgrade(&node));
+        // No serving as a manager before the cluster has vouched for this node (see `lease`).
+        node.host.lease(Instant::now());
         tokio::spawn(Arc::clone(&node).duties());
         tokio::spawn(Arc::clone(&node).leader_duties());
         Ok(node)
@@ -315,6 +317,8 @@ impl Supervisor {
     /// Lets this process's life serve: its host is fed the cluster's state from now on.
     pub fn admit_life(&self) {
         self.admitted.store(true, Ordering::SeqCst);
+        // The cluster just vouched for this node: it may serve until the leader's pings take over.
+        self.host.lease(Instant::now() + self.lease_span());
         self.admission.notify_one();
     }
 
@@ -470,7 +474,10 @@ impl Supervisor {
             }
             Request::Propose(command) => Response::Proposed(self.propose_here(command).await),
             Request::Join(join) => Response::Proposed(self.admit(join).await),
-            Request::Ping => Response::Pong,
+            Request::Ping => {
+                self.renew_lease(from);
+                Response::Pong
+            }
             Request::Probe { target } => {
                 Response::Probed(self.ping(target, self.config.probe_timeout).await)
             }
@@ -513,6 +520,20 @@ impl Supervisor {
         }
         let JoinRequest { node, addr, labels, incarnation } = join;
         self.propose_here(Command::Join { node, addr, labels, incarnation }).await
+    }
+
+    /// How long a lease lasts past the ping or quorum acknowledgement that renewed it: half the
+    /// failure timeout, so that a node cut off stops serving before the leader (which waits a
+    /// whole failure timeout, then probes) can declare it failed.
+    fn lease_span(&self) -> Duration {
+        self.config.failure_timeout / 2
+    }
+
+    /// A ping from the leader this node follows renews its lease to serve as a manager.
+    fn renew_lease(&self, from: u64) {
+        if self.leader() == Some(from) && from != self.me.id {
+            self.host.lease(Instant::now() + self.lease_span());
+        }
     }
 
     async fn ping(&self, node: u64, deadline: Duration) -> bool {
@@ -671,6 +692,7 @@ impl Supervisor {
             );
             self.admitted.store(false, Ordering::SeqCst);
             self.host.renew((self.services)());
+            self.host.lease(Instant::now());
         }
         // A life the cluster has not seen yet: above both ours and the one it declared dead.
         if let Err(error) = self.renew_incarnation(record.map_or(0, |r| r.incarnation)) {
@@ -705,10 +727,24 @@ impl Supervisor {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
+            let metrics = self.raft.metrics().borrow().clone();
+            let is_leader = metrics.state == ServerState::Leader;
+            // The leader serves while a quorum acknowledged it within half a lease: so does a
+            // follower while its pings arrive (see `renew_lease`). Alone, it needs nobody.
+            let acked = metrics.millis_since_quorum_ack.map(Duration::from_millis);
+            let alone = self.voters() == [self.me.id];
+            if is_leader {
+                if let Some(age) =
+                    acked.filter(|&age| age < self.lease_span()).or(alone.then_some(Duration::ZERO))
+                {
+                    self.host.lease(Instant::now() + self.lease_span() - age);
+                }
+            }
             // A leader that no quorum acknowledges may be the one cut off: its verdicts on the
-            // others would be wrong, and could not commit anyway.
-            if !is_leader || !self.in_touch() {
+            // others would be wrong, and could not commit anyway. Its pings stop renewing the
+            // others' leases after half a lease, well before a new leader could declare them
+            // failed.
+            if !is_leader || !self.in_touch() || acked.is_none_or(|age| age >= self.lease_span()) {
                 *self.detector.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 continue;
             }

@@ -17,11 +17,21 @@ struct Node {
 }
 
 async fn node(net: &MemNetwork, id: u64, config: SupervisorConfig) -> Node {
+    node_hosting(net, id, config, Registry::new, HostConfig::default()).await
+}
+
+async fn node_hosting(
+    net: &MemNetwork,
+    id: u64,
+    config: SupervisorConfig,
+    services: fn() -> Registry,
+    host: HostConfig,
+) -> Node {
     let dir = TempDir::new().expect("temporary directory");
     let dispatch = Arc::new(Dispatch::default());
     let transport = Arc::new(net.attach(id, &format!("n{id}"), dispatch.clone()));
     let link = Arc::new(TransportLink::new(transport.clone()));
-    let host = Host::start(NodeId(id), Registry::new(), link, HostConfig::default());
+    let host = Host::start(NodeId(id), services(), link, host);
     let (log, machine) = store::open_with(&dir.path().join("raft.redb"), false).expect("store");
     let supervisor = Supervisor::start(Parts {
         me: Me { id, addr: format!("n{id}"), labels: Labels::new() },
@@ -33,7 +43,7 @@ async fn node(net: &MemNetwork, id: u64, config: SupervisorConfig) -> Node {
         config,
         save_incarnation: Box::new(|_| Ok(())),
         host,
-        services: Box::new(Registry::new),
+        services: Box::new(services),
     })
     .await
     .expect("supervisor starts");
@@ -221,4 +231,82 @@ async fn five_nodes_vote_and_a_lost_voter_is_replaced_by_a_learner() {
     }
     let voters = survivors[0].supervisor.voters();
     assert!(voters.contains(&learner), "the learner was promoted: {voters:?}");
+}
+
+fn kvdir() -> Registry {
+    let mut registry = Registry::new();
+    registry.register(gobelins_adaptation::plugin(gobelins_kvdir::KvDir::new())).expect("kvdir");
+    registry
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_cut_off_stops_serving_its_keys_before_the_cluster_declares_it_failed() {
+    use gobelins_adaptation::{codec, AdaptationError};
+    use gobelins_kvdir::{Request, Response, KVDIR};
+    use gobelins_locator::Key;
+
+    let net = MemNetwork::new(7);
+    let config = SupervisorConfig::loopback();
+    let host = HostConfig { request_deadline: Duration::from_millis(100), ..HostConfig::default() };
+    let mut nodes = vec![node_hosting(&net, 1, config.clone(), kvdir, host.clone()).await];
+    nodes[0].supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
+    for id in 2..=3 {
+        let n = node_hosting(&net, id, config.clone(), kvdir, host.clone()).await;
+        n.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
+        nodes.push(n);
+    }
+    until_active(&nodes, 3).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    until_voters(&all, 3).await;
+    let spec = gobelins_kvdir::KvDir::declaration();
+    let registered = nodes[0]
+        .supervisor
+        .propose_until(gobelins_supervisor::state::Command::Register(spec), Duration::from_secs(10))
+        .await;
+    assert!(matches!(registered, Ok(Ok(_))), "kvdir registered: {registered:?}");
+    let cut = nodes
+        .iter()
+        .find(|n| n.supervisor.leader() != Some(n.supervisor.id()))
+        .expect("a follower");
+    let id = cut.supervisor.id();
+    let mut key = None;
+    for _ in 0..200 {
+        key = cut.supervisor.host().context().snapshot().and_then(|s| {
+            let table = s.table(KVDIR)?;
+            (0..).map(Key).find(|k| table.locate(*k) == NodeId(id))
+        });
+        if key.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let key = key.expect("kvdir routed, with a key on the node to cut off");
+    let get = codec::encode(&Request::Get).expect("encode");
+    let put = codec::encode(&Request::Put(b"v1".to_vec())).expect("encode");
+    let host = cut.supervisor.host().clone();
+    let mut stored = false;
+    for _ in 0..50 {
+        if host.request(KVDIR, key, put.clone()).await.is_ok() {
+            stored = true;
+            break;
+        }
+    }
+    assert!(stored, "the node serves its keys while in touch");
+
+    net.isolate(id, (1..=3).filter(|&n| n != id));
+    // Past the lease (half the failure timeout), before the failure timeout itself.
+    tokio::time::sleep(config.failure_timeout * 2 / 3).await;
+    let others: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != id).collect();
+    assert!(
+        others.iter().all(|n| n.supervisor.state().nodes[&id].status == NodeStatus::Active),
+        "not declared failed yet"
+    );
+    let answer = host.request(KVDIR, key, get).await;
+    assert!(
+        matches!(answer, Err(AdaptationError::Deadline { .. })),
+        "a node cut off must not answer for keys the cluster may be rebuilding elsewhere: \
+         {:?}",
+        answer.map(|a| codec::decode::<Response>(&a))
+    );
+    net.heal();
 }

@@ -119,3 +119,46 @@ async fn a_write_is_acknowledged_only_once_its_backup_holds_it() {
         "stored once a backup holds it"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_manager_whose_lease_ran_out_serves_nothing_until_it_is_renewed() {
+    use gobelins_adaptation::testing::MemCluster;
+    use gobelins_adaptation::{codec, AdaptationError, HostConfig, Registry};
+    use gobelins_kvdir::KVDIR;
+    use gobelins_locator::{Key, NodeId};
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    let config = HostConfig { request_deadline: Duration::from_secs(1), ..HostConfig::default() };
+    let cluster = MemCluster::start(2, config, || {
+        let mut registry = Registry::new();
+        registry.register(gobelins_adaptation::plugin(KvDir::new())).expect("registers");
+        registry
+    })
+    .await;
+    let key = (0..)
+        .map(Key)
+        .find(|k| cluster.snapshot().table(KVDIR).expect("table").locate(*k) == NodeId(1))
+        .expect("a key node 1 manages");
+    let get = codec::encode(&Request::Get).expect("encode");
+    let (one, two) = (cluster.host(NodeId(1)), cluster.host(NodeId(2)));
+
+    one.lease(Instant::now());
+    for (host, from) in [(&one, "its own node"), (&two, "another node")] {
+        let answer = host.request(KVDIR, key, get.clone()).await;
+        assert!(
+            matches!(answer, Err(AdaptationError::Deadline { .. })),
+            "a request from {from} is not served without a lease: {answer:?}"
+        );
+    }
+
+    // Renewed while a request waits: it is served.
+    let waiting = tokio::spawn({
+        let two = two.clone();
+        let get = get.clone();
+        async move { two.request(KVDIR, key, get).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    one.lease(Instant::now() + Duration::from_secs(10));
+    assert!(waiting.await.expect("task").is_ok(), "served once the lease is renewed");
+}
