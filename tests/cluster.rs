@@ -239,6 +239,23 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
     }
 }
 
+/// Three agents on 127.0.0.1-3, nodes 1 (bootstrap), 2 and 3, active and stable.
+fn three_agents(root: &Path, limit: Duration) -> Vec<Agent> {
+    let addrs: Vec<String> = (1..=3).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
+    let first = start(root, 1, &addrs[0], &["--bootstrap"]);
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let mut agents = vec![first];
+    for i in 2..=3u64 {
+        let extra = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
+        agents.push(start(root, i, &addrs[i as usize - 1], &extra));
+    }
+    let all: Vec<(u64, &str, u64)> = (1..=3).map(|i| (i, "active", 1)).collect();
+    wait_until("three active nodes", limit, || stable_with(&agents[0].dir, &all));
+    agents
+}
+
 fn call(socket: &Path, key: u64, request: &kvdir::Request) -> Option<kvdir::Response> {
     let body = codec::encode(request).expect("encode");
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
@@ -257,18 +274,7 @@ fn call(socket: &Path, key: u64, request: &kvdir::Request) -> Option<kvdir::Resp
 fn a_node_restarted_before_anyone_noticed_comes_back_as_a_new_life_and_loses_nothing() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(30);
-    let addrs: Vec<String> = (1..=3).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
-    let first = start(root.path(), 1, &addrs[0], &["--bootstrap"]);
-    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
-    let mut agents = vec![first];
-    for i in 2..=3u64 {
-        let extra = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
-        agents.push(start(root.path(), i, &addrs[i as usize - 1], &extra));
-    }
-    let all: Vec<(u64, &str, u64)> = (1..=3).map(|i| (i, "active", 1)).collect();
-    wait_until("three active nodes", limit, || stable_with(&agents[0].dir, &all));
+    let mut agents = three_agents(root.path(), limit);
     let socket = agents[0].dir.join("control.sock");
     wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
 
@@ -314,18 +320,7 @@ fn dsm(dir: &Path, args: &[&str]) -> Output {
 fn shared_memory_written_through_one_agent_reads_back_through_the_others_and_survives_a_kill() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(30);
-    let addrs: Vec<String> = (1..=3).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
-    let first = start(root.path(), 1, &addrs[0], &["--bootstrap"]);
-    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
-    let mut agents = vec![first];
-    for i in 2..=3u64 {
-        let extra = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
-        agents.push(start(root.path(), i, &addrs[i as usize - 1], &extra));
-    }
-    let all: Vec<(u64, &str, u64)> = (1..=3).map(|i| (i, "active", 1)).collect();
-    wait_until("three active nodes", limit, || stable_with(&agents[0].dir, &all));
+    let mut agents = three_agents(root.path(), limit);
 
     // Page 0 of segment 7 and a range across pages 1 and 2, each written by another node.
     let text = "written by node three";

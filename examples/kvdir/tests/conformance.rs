@@ -33,6 +33,19 @@ impl Probe for KvProbe {
     }
 }
 
+/// `nodes` in-memory nodes hosting kvdir alone.
+async fn kvdir_cluster(
+    nodes: u64,
+    config: gobelins_adaptation::HostConfig,
+) -> gobelins_adaptation::testing::MemCluster {
+    gobelins_adaptation::testing::MemCluster::start(nodes, config, || {
+        let mut registry = gobelins_adaptation::Registry::new();
+        registry.register(gobelins_adaptation::plugin(KvDir::new())).expect("registers");
+        registry
+    })
+    .await
+}
+
 #[tokio::test(start_paused = true)]
 async fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid_eviction_under_load(
 ) {
@@ -47,18 +60,12 @@ async fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid
 #[tokio::test(start_paused = true)]
 async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_and_changes_nothing()
 {
-    use gobelins_adaptation::testing::MemCluster;
     use gobelins_adaptation::wire::{ByteBuf, Message, Reply};
-    use gobelins_adaptation::{codec, HostConfig, Registry};
+    use gobelins_adaptation::{codec, HostConfig};
     use gobelins_kvdir::{Versioned, KVDIR};
     use gobelins_locator::{Key, NodeId};
 
-    let cluster = MemCluster::start(2, HostConfig::default(), || {
-        let mut registry = Registry::new();
-        registry.register(gobelins_adaptation::plugin(KvDir::new())).expect("registers");
-        registry
-    })
-    .await;
+    let cluster = kvdir_cluster(2, HostConfig::default()).await;
     let epoch = cluster.snapshot().epoch().0;
     let key = (0..)
         .map(Key)
@@ -85,19 +92,13 @@ async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_an
 
 #[tokio::test(start_paused = true)]
 async fn a_write_is_acknowledged_only_once_its_backup_holds_it() {
-    use gobelins_adaptation::testing::MemCluster;
-    use gobelins_adaptation::{codec, AdaptationError, HostConfig, Registry};
+    use gobelins_adaptation::{codec, AdaptationError, HostConfig};
     use gobelins_kvdir::KVDIR;
     use gobelins_locator::{Key, NodeId};
     use std::time::Duration;
 
     let config = HostConfig { request_deadline: Duration::from_secs(2), ..HostConfig::default() };
-    let mut cluster = MemCluster::start(3, config, || {
-        let mut registry = Registry::new();
-        registry.register(gobelins_adaptation::plugin(KvDir::new())).expect("registers");
-        registry
-    })
-    .await;
+    let mut cluster = kvdir_cluster(3, config).await;
     let snapshot = cluster.snapshot();
     assert_eq!(snapshot.nodes(), vec![NodeId(1), NodeId(2), NodeId(3)], "node 2 backs node 1 up");
     let key = (0..)
@@ -122,20 +123,14 @@ async fn a_write_is_acknowledged_only_once_its_backup_holds_it() {
 
 #[tokio::test(start_paused = true)]
 async fn a_manager_whose_lease_ran_out_serves_nothing_until_it_is_renewed() {
-    use gobelins_adaptation::testing::MemCluster;
-    use gobelins_adaptation::{codec, AdaptationError, HostConfig, Registry};
+    use gobelins_adaptation::{codec, AdaptationError, HostConfig};
     use gobelins_kvdir::KVDIR;
     use gobelins_locator::{Key, NodeId};
     use std::time::Duration;
     use tokio::time::Instant;
 
     let config = HostConfig { request_deadline: Duration::from_secs(1), ..HostConfig::default() };
-    let cluster = MemCluster::start(2, config, || {
-        let mut registry = Registry::new();
-        registry.register(gobelins_adaptation::plugin(KvDir::new())).expect("registers");
-        registry
-    })
-    .await;
+    let cluster = kvdir_cluster(2, config).await;
     let key = (0..)
         .map(Key)
         .find(|k| cluster.snapshot().table(KVDIR).expect("table").locate(*k) == NodeId(1))
