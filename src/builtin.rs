@@ -11,8 +11,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// Largest read or write `gobelins dsm` moves at once: the bytes ride in one JSON line.
-pub const DSM_CONSOLE_MAX: u64 = 1 << 20;
+/// Largest read or write `gobelins dsm` moves at once: the bytes ride in the control socket's
+/// JSON line as numbers (up to 4 characters a byte), and that line is limited to 4 MiB.
+pub const DSM_CONSOLE_MAX: u64 = 512 * 1024;
 
 /// What `gobelins dsm` asks of the agent's DSM client.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -105,7 +105,7 @@ enum DsmOp {
         segment: u32,
         /// Where to start, in bytes.
         offset: u64,
-        /// How many bytes (at most 1 MiB).
+        /// How many bytes (at most 512 KiB).
         len: u64,
     },
     /// Write bytes into a segment through this node's DSM: the text given, or standard input
@@ -117,7 +117,7 @@ enum DsmOp {
         segment: u32,
         /// Where to start, in bytes.
         offset: u64,
-        /// The bytes, as text; `-` reads them from standard input (at most 1 MiB).
+        /// The bytes, as text; `-` reads them from standard input (at most 512 KiB).
         data: String,
     },
 }
@@ -256,7 +256,7 @@ pub(crate) fn evict(args: EvictArgs) -> anyhow::Result<()> {
 }
 
 pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
-    use gobelins::builtin::DsmCommand;
+    use gobelins::builtin::{DsmCommand, DSM_CONSOLE_MAX};
     use std::io::Read as _;
     let (dir, command) = match args.op {
         DsmOp::Read { dir, segment, offset, len } => {
@@ -265,11 +265,17 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
         DsmOp::Write { dir, segment, offset, data } => {
             let data = if data == "-" {
                 let mut bytes = Vec::new();
-                std::io::stdin().read_to_end(&mut bytes).context("reading standard input")?;
+                std::io::stdin()
+                    .take(DSM_CONSOLE_MAX + 1)
+                    .read_to_end(&mut bytes)
+                    .context("reading standard input")?;
                 bytes
             } else {
                 data.into_bytes()
             };
+            if data.len() as u64 > DSM_CONSOLE_MAX {
+                bail!("more than {DSM_CONSOLE_MAX} bytes to write; split the write");
+            }
             (dir, DsmCommand::Write { segment, offset, data })
         }
     };

@@ -469,7 +469,8 @@ fn batches(
         entries.peek()?;
         let mut batch = Vec::new();
         let mut bytes = 0;
-        while bytes < batch_bytes {
+        // At least one entry per batch, whatever `batch_bytes` says.
+        while batch.is_empty() || bytes < batch_bytes {
             let Some((key, entry)) = entries.next() else { break };
             bytes += entry.len() + 16;
             batch.push((key, ByteBuf::from(entry)));
@@ -478,4 +479,20 @@ fn batches(
         let message = Message::Batch { epoch, service, entries: batch, answered: Vec::new() };
         Some((message, n, bytes as u64))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_cover_every_entry_once_whatever_the_batch_size() {
+        let entries: Vec<(Key, Vec<u8>)> = (0..10).map(|k| (Key(k), vec![0u8; 100])).collect();
+        for batch_bytes in [0, 1, 250, 1 << 20] {
+            let sizes: Vec<u64> =
+                batches(3, ServiceId(1), entries.clone(), batch_bytes).map(|(_, n, _)| n).collect();
+            assert_eq!(sizes.iter().sum::<u64>(), 10, "batch_bytes {batch_bytes}: {sizes:?}");
+            assert!(sizes.iter().all(|&n| n > 0), "no empty batch: {sizes:?}");
+        }
+    }
 }

@@ -202,6 +202,10 @@ impl Host {
     pub fn renew(&self, registry: Registry) {
         let old = self.inner.load_full();
         let fresh = Inner::spawn(old.me, registry, Arc::clone(&old.link), old.config.clone());
+        // A node that needed a lease still does: the new life serves nothing until renewed.
+        if old.lease.borrow().is_some() {
+            fresh.lease.send_replace(Some(Instant::now()));
+        }
         self.inner.store(fresh);
         old.stop();
     }
@@ -461,6 +465,15 @@ impl Inner {
         let mut rounds = 0u32;
         let result = loop {
             rounds += 1;
+            // A life that stopped (renewed after the cluster declared this node failed, or shut
+            // down) sends nothing more: its waits end at once, and looping would only spin.
+            if *self.stopped.borrow() {
+                break Err(Reply::Refused(
+                    "this node's services stopped (declared failed, or shut down) while the \
+                     request waited; send it again"
+                        .into(),
+                ));
+            }
             let located = self
                 .router
                 .lock()
@@ -619,6 +632,17 @@ impl Inner {
                     let peers = Arc::clone(self) as Arc<dyn Peers>;
                     let ctx = Context::new(self.me, ours, None, Some(snapshot), peers);
                     let reply = match plugin.handle(&ctx, key, body).await {
+                        // The lease ran out while the handler ran: the cluster may already be
+                        // rebuilding this key elsewhere, so the answer is not given; the
+                        // requester retries at whichever node manages the key by then.
+                        Ok(_) if !self.leased() => {
+                            tracing::debug!(
+                                node = self.me.0,
+                                key = key.0,
+                                "lease ran out during the request"
+                            );
+                            Reply::Late
+                        }
                         Ok(response) => {
                             self.remember(
                                 service,

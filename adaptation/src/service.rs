@@ -193,7 +193,10 @@ pub trait Service: Send + Sync + 'static {
     /// write whose replica could not be stored, say, because the backup is dying or has
     /// already learned that this node was declared failed. The layer then neither remembers
     /// it as answered nor passes it on: the requester retries (with the same id, at whatever
-    /// node manages the key by then) until its deadline. The default: every answer counts.
+    /// node manages the key by then) until its deadline. It applies to requests for a key's
+    /// manager; a [`Context::tell`] that gets such an answer fails with
+    /// [`AdaptationError::Retry`]'s message as `Refused`, for its caller to handle. The
+    /// default: every answer counts.
     fn must_retry(_response: &Self::Response) -> bool {
         false
     }

@@ -448,6 +448,11 @@ impl Dsm {
 
     fn check(segment: &Segment, offset: u64, len: usize) -> Result<(), DsmError> {
         let end = offset.saturating_add(len as u64);
+        // Past these, page ids would wrap onto other segments' or the same segment's pages.
+        let most = (u64::from(u32::MAX) + 1) * PAGE_SIZE as u64;
+        if segment.id > crate::MAX_SEGMENT || end > most {
+            return Err(DsmError::OutOfRange { segment: segment.id, offset, end, len: most });
+        }
         if end > segment.len {
             return Err(DsmError::OutOfRange {
                 segment: segment.id,

@@ -547,4 +547,15 @@ async fn an_access_outside_a_segment_is_refused() {
     dsm.write_at(&segment, 4_090, &[7u8; 16]).await.expect("a write across two pages");
     dsm.read_at(&segment, 4_090, &mut buf).await.expect("read back");
     assert_eq!(buf, [7u8; 16]);
+
+    // Ids and offsets that would wrap onto other pages are refused, not aliased.
+    let too_far = gobelins_dsm::Segment::new(gobelins_dsm::MAX_SEGMENT + 1, 10_000);
+    let refused = dsm.write_at(&too_far, 4_090, &[9u8; 16]).await;
+    assert!(matches!(refused, Err(DsmError::OutOfRange { .. })), "{refused:?}");
+    let page_space = (u64::from(u32::MAX) + 1) * gobelins_dsm::PAGE_SIZE as u64;
+    let huge = gobelins_dsm::Segment::new(4, u64::MAX);
+    let refused = dsm.write_at(&huge, page_space + 4_090, &[9u8; 16]).await;
+    assert!(matches!(refused, Err(DsmError::OutOfRange { .. })), "{refused:?}");
+    dsm.read_at(&segment, 4_090, &mut buf).await.expect("read back");
+    assert_eq!(buf, [7u8; 16], "nothing written over the segment's pages");
 }

@@ -214,7 +214,8 @@ impl Supervisor {
             reported: AtomicU64::new(0),
             host: parts.host,
             services: parts.services,
-            renewed_for: AtomicU64::new(0),
+            // No incarnation is u64::MAX: the first declared-dead life always renews.
+            renewed_for: AtomicU64::new(u64::MAX),
             admitted: AtomicBool::new(false),
             admission: tokio::sync::Notify::new(),
             lifecycle,
@@ -684,7 +685,7 @@ impl Supervisor {
         // life the cluster declared dead, the host starts afresh and serves nothing until the
         // new life is admitted.
         let dead = record.map_or(0, |r| r.incarnation);
-        if self.renewed_for.swap(dead, Ordering::SeqCst) != dead || dead == 0 {
+        if self.renewed_for.swap(dead, Ordering::SeqCst) != dead {
             tracing::warn!(
                 node = self.me.id,
                 incarnation = dead,
