@@ -45,6 +45,13 @@ pub enum Request {
     },
     /// Send your view of the cluster.
     State,
+    /// May I go on serving as a manager? Asked of the leader by every other member each ping
+    /// interval; the asker's lease runs from when it asked, so a reply that comes late (or a
+    /// process that was frozen) cannot stretch it.
+    Lease {
+        /// The asker's incarnation: an old life is not granted one.
+        incarnation: u64,
+    },
     /// A message for the adaptation layer (a request for a manager, a migration batch, an ack).
     Adapt(#[serde(with = "serde_bytes")] Vec<u8>),
 }
@@ -93,6 +100,8 @@ pub enum Response {
     Probed(bool),
     /// To `State`.
     View(Box<View>),
+    /// To `Lease`: whether this leader, in touch with a quorum, counts the asker as a member.
+    Leased(bool),
     /// The adaptation layer's answer.
     Adapt(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The request could not be decoded.

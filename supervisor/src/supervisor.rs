@@ -228,6 +228,7 @@ impl Supervisor {
         node.host.lease(Instant::now());
         tokio::spawn(Arc::clone(&node).duties());
         tokio::spawn(Arc::clone(&node).leader_duties());
+        tokio::spawn(Arc::clone(&node).lease_duties());
         Ok(node)
     }
 
@@ -475,9 +476,9 @@ impl Supervisor {
             }
             Request::Propose(command) => Response::Proposed(self.propose_here(command).await),
             Request::Join(join) => Response::Proposed(self.admit(join).await),
-            Request::Ping => {
-                self.renew_lease(from);
-                Response::Pong
+            Request::Ping => Response::Pong,
+            Request::Lease { incarnation } => {
+                Response::Leased(self.grants_lease(from, incarnation))
             }
             Request::Probe { target } => {
                 Response::Probed(self.ping(target, self.config.probe_timeout).await)
@@ -523,17 +524,53 @@ impl Supervisor {
         self.propose_here(Command::Join { node, addr, labels, incarnation }).await
     }
 
-    /// How long a lease lasts past the ping or quorum acknowledgement that renewed it: half the
+    /// How long a lease lasts past the ask or quorum acknowledgement that renewed it: half the
     /// failure timeout, so that a node cut off stops serving before the leader (which waits a
     /// whole failure timeout, then probes) can declare it failed.
     fn lease_span(&self) -> Duration {
         self.config.failure_timeout / 2
     }
 
-    /// A ping from the leader this node follows renews its lease to serve as a manager.
-    fn renew_lease(&self, from: u64) {
-        if self.leader() == Some(from) && from != self.me.id {
-            self.host.lease(Instant::now() + self.lease_span());
+    /// Whether this node, as a leader a quorum acknowledged within half a lease, counts
+    /// `node` (at `incarnation`) as a member that may serve.
+    fn grants_lease(&self, node: u64, incarnation: u64) -> bool {
+        self.leader_ack_age().is_some()
+            && self.state().nodes.get(&node).is_some_and(|r| {
+                r.incarnation == incarnation
+                    && !matches!(r.status, NodeStatus::Failed | NodeStatus::Left)
+            })
+    }
+
+    /// As a leader a quorum acknowledged within half a lease, how long ago it did (zero for the
+    /// only voter); `None` otherwise.
+    fn leader_ack_age(&self) -> Option<Duration> {
+        let metrics = self.raft.metrics().borrow().clone();
+        if metrics.state != ServerState::Leader {
+            return None;
+        }
+        let acked = metrics.millis_since_quorum_ack.map(Duration::from_millis);
+        let alone = self.voters() == [self.me.id];
+        acked.filter(|&age| age < self.lease_span()).or(alone.then_some(Duration::ZERO))
+    }
+
+    /// A follower's lease: renewed each ping interval by asking the leader, and running from
+    /// the moment it asked. A node cut off, or frozen, stops serving half a failure timeout
+    /// after its last granted ask at the latest, before any leader can declare it failed.
+    async fn lease_duties(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.ping_interval);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(leader) = self.leader().filter(|&l| l != self.me.id) else { continue };
+            let asked = Instant::now();
+            let request = Request::Lease { incarnation: self.incarnation() };
+            if let Ok(Response::Leased(true)) =
+                self.call(leader, &request, self.config.ping_interval * 2).await
+            {
+                self.host.lease(asked + self.lease_span());
+            }
         }
     }
 
@@ -728,24 +765,15 @@ impl Supervisor {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let metrics = self.raft.metrics().borrow().clone();
-            let is_leader = metrics.state == ServerState::Leader;
-            // The leader serves while a quorum acknowledged it within half a lease: so does a
-            // follower while its pings arrive (see `renew_lease`). Alone, it needs nobody.
-            let acked = metrics.millis_since_quorum_ack.map(Duration::from_millis);
-            let alone = self.voters() == [self.me.id];
-            if is_leader {
-                if let Some(age) =
-                    acked.filter(|&age| age < self.lease_span()).or(alone.then_some(Duration::ZERO))
-                {
-                    self.host.lease(Instant::now() + self.lease_span() - age);
-                }
+            let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
+            // The leader serves while a quorum acknowledged it within half a lease (the others
+            // ask it for theirs: `lease_duties`).
+            if let Some(age) = self.leader_ack_age() {
+                self.host.lease(Instant::now() + self.lease_span() - age);
             }
             // A leader that no quorum acknowledges may be the one cut off: its verdicts on the
-            // others would be wrong, and could not commit anyway. Its pings stop renewing the
-            // others' leases after half a lease, well before a new leader could declare them
-            // failed.
-            if !is_leader || !self.in_touch() || acked.is_none_or(|age| age >= self.lease_span()) {
+            // others would be wrong, and could not commit anyway.
+            if !is_leader || !self.in_touch() {
                 *self.detector.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 continue;
             }
