@@ -213,10 +213,11 @@ impl Host {
     /// Lets this node act as the manager of its keys until `until` (a later lease extends it,
     /// an earlier one changes nothing). Once a host has had a lease, a request for a key it
     /// manages waits while the lease has run out, and is answered `Late` (retried elsewhere or
-    /// later) when it cannot wait longer. The supervisor renews it while the leader's pings keep
-    /// arriving, so a node cut off from the cluster stops serving before the cluster can
-    /// declare it failed and rebuild its entries elsewhere: it never answers with what the
-    /// cluster has since replaced. A host never given a lease serves freely (tests, tools).
+    /// later) when it cannot wait longer; an answer computed after it ran out is not given. The
+    /// supervisor renews it each time the leader grants the node's periodic ask, from the moment
+    /// it asked, so a node cut off from the cluster stops serving before the cluster can declare
+    /// it failed and rebuild its entries elsewhere: it never answers with what the cluster has
+    /// since replaced. A host never given a lease serves freely (tests, tools).
     pub fn lease(&self, until: Instant) {
         self.inner.load().lease.send_if_modified(|lease| {
             let later = lease.is_none_or(|l| until > l);
