@@ -35,6 +35,13 @@ pub enum NodeStatus {
     Failed,
 }
 
+impl NodeStatus {
+    /// A member of the cluster: joining, active or leaving (not left, not failed).
+    pub fn is_live(self) -> bool {
+        matches!(self, NodeStatus::Joining | NodeStatus::Active | NodeStatus::Leaving)
+    }
+}
+
 impl fmt::Display for NodeStatus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -257,13 +264,7 @@ impl ClusterState {
 
     /// Nodes that are members in any live sense: joining, active or leaving.
     pub fn live(&self) -> BTreeSet<u64> {
-        self.nodes
-            .iter()
-            .filter(|(_, r)| {
-                matches!(r.status, NodeStatus::Joining | NodeStatus::Active | NodeStatus::Leaving)
-            })
-            .map(|(&id, _)| id)
-            .collect()
+        self.nodes.iter().filter(|(_, r)| r.status.is_live()).map(|(&id, _)| id).collect()
     }
 
     /// Applies one committed command.

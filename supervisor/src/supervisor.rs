@@ -535,21 +535,24 @@ impl Supervisor {
     /// `node` (at `incarnation`) as a member that may serve.
     fn grants_lease(&self, node: u64, incarnation: u64) -> bool {
         self.leader_ack_age().is_some()
-            && self.state().nodes.get(&node).is_some_and(|r| {
-                r.incarnation == incarnation
-                    && !matches!(r.status, NodeStatus::Failed | NodeStatus::Left)
-            })
+            && self
+                .state()
+                .nodes
+                .get(&node)
+                .is_some_and(|r| r.incarnation == incarnation && r.status.is_live())
     }
 
     /// As a leader a quorum acknowledged within half a lease, how long ago it did (zero for the
     /// only voter); `None` otherwise.
     fn leader_ack_age(&self) -> Option<Duration> {
-        let metrics = self.raft.metrics().borrow().clone();
+        // Asked by every member each ping interval: read the metrics in place, not cloned.
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
         if metrics.state != ServerState::Leader {
             return None;
         }
         let acked = metrics.millis_since_quorum_ack.map(Duration::from_millis);
-        let alone = self.voters() == [self.me.id];
+        let alone = metrics.membership_config.membership().voter_ids().eq([self.me.id]);
         acked.filter(|&age| age < self.lease_span()).or(alone.then_some(Duration::ZERO))
     }
 
@@ -903,12 +906,8 @@ struct HostFeed {
 
 impl HostFeed {
     fn feed(&mut self, host: &Host, state: &ClusterState) {
-        let departed: BTreeSet<u64> = state
-            .nodes
-            .iter()
-            .filter(|(_, r)| matches!(r.status, NodeStatus::Failed | NodeStatus::Left))
-            .map(|(&id, _)| id)
-            .collect();
+        let departed: BTreeSet<u64> =
+            state.nodes.iter().filter(|(_, r)| !r.status.is_live()).map(|(&id, _)| id).collect();
         let progress = state.in_progress.as_ref().map(|p| (p.epoch, p.participants.len()));
         let key = (state.epoch, progress, departed);
         if self.last.as_ref() == Some(&key) {

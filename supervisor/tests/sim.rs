@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{host_name, options, start_of};
+use common::{host_name, options, start_of, Latest};
 use gobelins_adaptation::{HostConfig, Registry};
 use gobelins_supervisor::agent::{Agent, Start};
 use gobelins_supervisor::state::{Command, NodeStatus};
@@ -25,15 +25,13 @@ use std::time::Duration;
 const NODES: u64 = 5;
 
 /// `(node, status, incarnation)` for every node a view knows.
-type Statuses = Vec<(u64, NodeStatus, u64)>;
-
 /// What the hosts tell the test.
 #[derive(Default)]
 struct Record {
     /// Highest epoch each node has applied, over all its lives.
     max_epoch: BTreeMap<u64, u64>,
     /// Latest (epoch, stable, statuses) each running node holds.
-    latest: BTreeMap<u64, (u64, bool, Statuses)>,
+    latest: Latest,
     /// Joins the cluster acknowledged: (node, incarnation).
     joined: BTreeSet<(u64, u64)>,
     /// Nodes whose leave the cluster acknowledged.
@@ -179,7 +177,7 @@ fn run_seed(seed: u64) -> Result<(), String> {
             }
             done.3 = true;
         }
-        if now >= settle_from && converged(&record.borrow()) {
+        if now >= settle_from && common::converged(&record.borrow().latest) {
             break;
         }
         if now >= Duration::from_secs(100) {
@@ -200,7 +198,8 @@ fn run_seed(seed: u64) -> Result<(), String> {
     if !r.violations.is_empty() {
         return Err(r.violations.join("; "));
     }
-    let (epoch, _, statuses) = newest_stable(&r).cloned().ok_or("no node reported")?;
+    let (epoch, _, statuses) =
+        common::newest_stable(&r.latest).cloned().ok_or("no node reported")?;
     if let Some((node, max)) = r.max_epoch.iter().find(|(_, &max)| max > epoch) {
         return Err(format!("node {node} once saw epoch {max}, later than the agreed {epoch}"));
     }
@@ -232,25 +231,6 @@ fn run_seed(seed: u64) -> Result<(), String> {
 }
 
 /// The newest stable view: the reference, since a node cut off may still hold an old one.
-fn newest_stable(r: &Record) -> Option<&(u64, bool, Statuses)> {
-    r.latest.values().filter(|(_, stable, _)| *stable).max_by_key(|(epoch, _, _)| *epoch)
-}
-
-/// Whether every member that still runs holds the same stable configuration.
-fn converged(r: &Record) -> bool {
-    let Some((_, _, statuses)) = newest_stable(r) else { return false };
-    let members: BTreeSet<u64> = statuses
-        .iter()
-        .filter(|(_, s, _)| matches!(s, NodeStatus::Active))
-        .map(|(n, _, _)| *n)
-        .collect();
-    members.len() >= 3
-        && members
-            .iter()
-            .all(|m| r.latest.get(m).is_some_and(|(_, stable, s)| *stable && s == statuses))
-        && !statuses.iter().any(|(_, s, _)| matches!(s, NodeStatus::Joining | NodeStatus::Leaving))
-}
-
 #[test]
 #[ignore = "one seed of the sweep; run by `seeds_each_in_their_own_process` or by hand with GOBELINS_SIM_SEED"]
 fn one_seed() {

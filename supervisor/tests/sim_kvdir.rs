@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::{host_name, options, start_of};
+use common::{host_name, options, start_of, Latest};
 use futures::StreamExt;
 use gobelins_adaptation::{codec, plugin, Host, HostConfig, Registry};
 use gobelins_kvdir::{KvDir, Request, Response, KVDIR};
@@ -59,13 +59,11 @@ impl Fault {
 }
 
 /// `(node, status, incarnation)` for every node a view knows.
-type Statuses = Vec<(u64, NodeStatus, u64)>;
-
 /// What the nodes tell the test, and what the test tells them.
 #[derive(Default)]
 struct Record {
     /// Latest (stable, statuses) each running node holds, and its epoch.
-    latest: BTreeMap<u64, (u64, bool, Statuses)>,
+    latest: Latest,
     /// Changes node 1 saw begin, by epoch.
     begun: BTreeMap<u64, Change>,
     /// Writers that have written every key of theirs once.
@@ -351,19 +349,6 @@ async fn check_key(
 }
 
 /// Whether every active node holds the same stable view, with no join or leave pending.
-fn converged(r: &Record) -> bool {
-    let Some((_, _, statuses)) =
-        r.latest.values().filter(|(_, stable, _)| *stable).max_by_key(|(epoch, _, _)| *epoch)
-    else {
-        return false;
-    };
-    let active: Vec<u64> =
-        statuses.iter().filter(|(_, s, _)| *s == NodeStatus::Active).map(|(n, _, _)| *n).collect();
-    active.len() >= 3
-        && active.iter().all(|m| r.latest.get(m).is_some_and(|(_, st, s)| *st && s == statuses))
-        && !statuses.iter().any(|(_, s, _)| matches!(s, NodeStatus::Joining | NodeStatus::Leaving))
-}
-
 /// Where the script stands.
 enum Step {
     Filling,
@@ -460,7 +445,7 @@ fn run_seed(seed: u64) -> Result<String, String> {
                 Step::Converging { then: Box::new(Step::Leaving) }
             }
             Step::Converging { then } => {
-                if pending.is_empty() && converged(&record.borrow()) {
+                if pending.is_empty() && common::converged(&record.borrow().latest) {
                     if settled_at == Duration::ZERO {
                         settled_at = now;
                     }

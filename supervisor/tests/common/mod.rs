@@ -10,7 +10,9 @@ use gobelins_adaptation::HostConfig;
 use gobelins_locator::Labels;
 use gobelins_supervisor::agent::{AgentOptions, Start};
 use gobelins_supervisor::net::Net;
+use gobelins_supervisor::state::NodeStatus;
 use gobelins_supervisor::SupervisorConfig;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The port every simulated agent listens on, each on its own simulated host.
@@ -120,4 +122,25 @@ pub(crate) fn sweep(default: u64) {
         failures.len(),
         failures.join("\n")
     );
+}
+
+/// Each node's statuses as it last applied them: (node, status, incarnation).
+pub(crate) type Statuses = Vec<(u64, NodeStatus, u64)>;
+
+/// Each node's last applied state: (epoch, stable, statuses).
+pub(crate) type Latest = BTreeMap<u64, (u64, bool, Statuses)>;
+
+/// The newest stable state any node reported.
+pub(crate) fn newest_stable(latest: &Latest) -> Option<&(u64, bool, Statuses)> {
+    latest.values().filter(|(_, stable, _)| *stable).max_by_key(|(epoch, _, _)| *epoch)
+}
+
+/// Whether the cluster settled: at least three active members, each reporting the newest
+/// stable state, and nobody joining or leaving in it.
+pub(crate) fn converged(latest: &Latest) -> bool {
+    let Some((_, _, statuses)) = newest_stable(latest) else { return false };
+    let mut active = statuses.iter().filter(|(_, s, _)| *s == NodeStatus::Active);
+    active.clone().count() >= 3
+        && active.all(|(m, _, _)| latest.get(m).is_some_and(|(_, st, s)| *st && s == statuses))
+        && !statuses.iter().any(|(_, s, _)| matches!(s, NodeStatus::Joining | NodeStatus::Leaving))
 }
