@@ -301,6 +301,13 @@ impl Dsm {
         }
         match self.ask(page.key(), &Request::ReadFault { node: self.me() }).await? {
             Response::Copy { version, data, owner } => {
+                tracing::debug!(
+                    ?page,
+                    node = self.me().0,
+                    version,
+                    ?owner,
+                    "dsm: read through the manager"
+                );
                 self.hint(page, owner);
                 let data = data.map_or_else(zeros, |d| Arc::new(d.into_vec()));
                 frame.install_read(version, Arc::clone(&data));
@@ -332,6 +339,13 @@ impl Dsm {
         match ctx.tell::<_, Response>(owner, DSM, page.key(), &request).await {
             Ok(Response::Copy { version, data: Some(data), .. }) => {
                 self.state().hinted.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    ?page,
+                    node = self.me().0,
+                    version,
+                    owner = owner.0,
+                    "dsm: read from the probable owner"
+                );
                 let data = Arc::new(data.into_vec());
                 frame.install_read(version, Arc::clone(&data));
                 Some(ReadGuard { version, data })

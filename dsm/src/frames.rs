@@ -119,9 +119,14 @@ impl Frame {
         self.installed.notify_waiters();
     }
 
-    /// Takes write ownership at `version`; `data` is `None` when the copy held is current.
-    /// `false`, and nothing changes, when there is no data and no copy held: the page is never
-    /// made up from zeros.
+    /// Takes ownership at `version`; `data` is `None` when the copy held is current. `false`,
+    /// and nothing changes, when there is no data and no copy held: the page is never made up
+    /// from zeros.
+    ///
+    /// The frame is writable only once no direct reader is left. The manager invalidated every
+    /// copy it knows of, but not the readers this node served itself: a second local writer's
+    /// grant can arrive after the first one's, whose version this node went on to serve
+    /// directly, and those readers must be revoked before the page changes again.
     #[must_use]
     pub(crate) fn install_grant(
         &self,
@@ -136,12 +141,10 @@ impl Frame {
             None => {}
         }
         s.version = version;
-        s.write = true;
         s.owned = true;
         s.backup_node = backup;
         s.retired = None;
-        // Every copy of the older versions was invalidated before the grant.
-        s.readers.clear();
+        s.write = s.readers.is_empty();
         s.closed = false;
         drop(s);
         self.installed.notify_waiters();
@@ -391,8 +394,26 @@ mod tests {
         assert!(f.close(2).is_empty(), "not owned at that version");
         f.reopen();
         assert!(f.serve(NodeId(3)).await.is_some());
+        f.revoked(&[NodeId(2), NodeId(3)]);
         assert!(f.install_grant(2, None, None));
-        assert!(f.lock().readers.is_empty());
+        assert!(f.lock().write, "no reader left: writable");
+    }
+
+    /// Two writers on one node both fault; the second grant arrives after this node, owning
+    /// the first grant's version, served a reader directly. The manager never heard of that
+    /// reader, so the frame must not become writable until it is revoked.
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_keeps_the_readers_served_since_the_fault_was_sent() {
+        let f = Frame::default();
+        assert!(f.install_grant(68, Some(zeros()), None));
+        let (version, _) = f.serve(NodeId(5)).await.expect("the owner serves");
+        assert_eq!(version, 68);
+        assert!(f.install_grant(69, None, None));
+        let s = f.lock();
+        assert!(!s.write, "a direct reader still holds version 68");
+        assert_eq!(s.readers, [NodeId(5)].into());
+        drop(s);
+        assert_eq!(f.close(69), vec![NodeId(5)], "the writer revokes it before writing");
     }
 
     #[test]

@@ -28,7 +28,8 @@ pub enum Request {
         /// The writer.
         node: NodeId,
     },
-    /// To the manager: an evicted owner hands over its page.
+    /// To the manager: an evicted owner hands over its page. `Ok` when the manager took it,
+    /// `Missing` when its entry no longer names the sender as owner at that version.
     Surrender {
         /// The leaving owner.
         node: NodeId,

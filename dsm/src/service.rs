@@ -104,6 +104,7 @@ async fn drop_copy(
         }
     }
     frame.invalidate(version);
+    tracing::debug!(?page, node = ctx.node().0, version, next = ?owner, "dsm: copy dropped");
     match owner {
         Some(o) => state.hints.insert(page, o),
         None => state.hints.remove(&page).map(|(_, o)| o),
@@ -283,6 +284,14 @@ impl DsmService {
             }
         };
         entry.copyset.insert(reader);
+        tracing::debug!(
+            ?page,
+            manager = me.0,
+            reader = reader.0,
+            version = entry.version,
+            owner = owner.0,
+            "dsm: read copy given"
+        );
         Response::Copy { version: entry.version, data: Some(page_bytes(&data)), owner: Some(owner) }
     }
 
@@ -342,6 +351,7 @@ impl DsmService {
         entry.owner = Some(writer);
         entry.copyset = [writer].into();
         entry.backup = backup;
+        tracing::debug!(?page, manager = ctx.node().0, writer = writer.0, version = version + 1, previous = ?owner, sent = data.is_some(), "dsm: write granted");
         Response::Grant { version: version + 1, data: data.as_ref().map(page_bytes), zero, backup }
     }
 
@@ -442,7 +452,9 @@ impl DsmService {
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
-        if entry.owner == Some(from) && entry.version == version {
+        let accepted = entry.owner == Some(from) && entry.version == version;
+        tracing::debug!(?page, from = from.0, version, accepted, entry = ?entry, "dsm: surrender");
+        if accepted {
             let me = ctx.node();
             let frame = self.state().frames.frame(page);
             frame.install_owned(version, Arc::new(data.into_vec()));
@@ -450,8 +462,9 @@ impl DsmService {
             entry.copyset.remove(&from);
             entry.copyset.insert(me);
             entry.copyset.extend(readers.into_iter().filter(|&r| r != from));
+            return Response::Ok;
         }
-        Response::Ok
+        Response::Missing
     }
 
     async fn discard(&self, page: PageId) -> Response {
@@ -626,6 +639,9 @@ impl DsmService {
                         }
                         entry.copyset.insert(me);
                     }
+                    if let Named::Page(page) = named(key) {
+                        tracing::debug!(?page, node = me.0, ?entry, "dsm: entry merged");
+                    }
                     self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
                 }
                 Entry::Copy { holder, version, owned, backup } => {
@@ -693,34 +709,57 @@ impl DsmService {
     async fn hand_over(&self, ctx: &Context) {
         let me = ctx.node();
         for (page, frame) in self.state().frames.all() {
-            let _writer = frame.writer.lock().await;
-            let (version, data, readers) = {
-                let s = frame.lock();
-                match (&s.data, s.owned) {
-                    (Some(d), true) => (s.version, Arc::clone(d), s.readers.clone()),
-                    _ => continue,
-                }
-            };
             let manager = ctx.snapshot().and_then(|s| s.locate(DSM, page.key()));
             if manager == Some(me) {
                 continue; // travels with its entry in send_out
             }
-            let handed = ctx
-                .request::<_, Response>(
-                    DSM,
-                    page.key(),
-                    &Request::Surrender { node: me, version, data: page_bytes(&data), readers },
-                )
-                .await;
-            match handed {
-                Ok(_) => {
+            self.surrender_page(ctx, page, &frame).await;
+        }
+    }
+
+    /// Hands one owned page to its manager. The frame's writer lock is held only to wait for a
+    /// write in progress, never across the request: the manager may be fetching this very page
+    /// for a faulting node while it holds the entry, and the fetch needs that lock.
+    async fn surrender_page(&self, ctx: &Context, page: PageId, frame: &crate::frames::Frame) {
+        let me = ctx.node();
+        // A page that changed while it was on its way is handed over again; a local program
+        // that keeps writing to a leaving node's pages is the only way to need more.
+        for _ in 0..3 {
+            let (version, data, readers) = {
+                let _writer = frame.writer.lock().await;
+                let mut s = frame.lock();
+                let (Some(d), true) = (&s.data, s.owned) else { return };
+                let taken = (s.version, Arc::clone(d), s.readers.clone());
+                // No direct reader from now on; a local write must ask the manager.
+                s.closed = true;
+                s.write = false;
+                taken
+            };
+            let request =
+                Request::Surrender { node: me, version, data: page_bytes(&data), readers };
+            match ctx.request::<_, Response>(DSM, page.key(), &request).await {
+                Ok(Response::Ok) => {
                     let mut s = frame.lock();
-                    s.data = None;
-                    s.owned = false;
-                    s.write = false;
+                    if s.version == version {
+                        s.data = None;
+                        s.owned = false;
+                        s.write = false;
+                    }
+                    return;
+                }
+                Ok(_) => {
+                    // The manager's entry had moved on: a faulting node took the page
+                    // meanwhile (this frame then no longer owns it), or this node was granted
+                    // a newer version, which goes next round.
+                    let s = frame.lock();
+                    if !(s.owned && s.data.is_some() && s.version > version) {
+                        return;
+                    }
                 }
                 Err(e) => {
-                    tracing::warn!(?page, error = %e, "dsm: could not hand a page over before leaving")
+                    frame.reopen();
+                    tracing::warn!(?page, error = %e, "dsm: could not hand a page over before leaving; it is lost unless a faulting node fetches it before this node goes");
+                    return;
                 }
             }
         }
@@ -822,6 +861,13 @@ impl Service for DsmService {
                             let mut s = frame.lock();
                             s.closed = true;
                             entry.copyset.extend(s.readers.iter().copied());
+                            tracing::debug!(
+                                ?page,
+                                node = ctx.node().0,
+                                version = s.version,
+                                held = s.data.is_some(),
+                                "dsm: page travels with its entry"
+                            );
                             s.data.as_ref().map(page_bytes)
                         }
                         _ => None,

@@ -150,6 +150,24 @@ fn the_checker_rejects_what_sequential_consistency_forbids() {
     assert!(check(&stale_write).is_err());
 }
 
+/// Logs as `RUST_LOG` asks, with the paused clock's time, to replay a failure.
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .with_timer(Paused(tokio::time::Instant::now()))
+        .try_init();
+}
+
+/// Log times on the test's paused clock.
+struct Paused(tokio::time::Instant);
+
+impl tracing_subscriber::fmt::time::FormatTime for Paused {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        write!(w, "{:>9.3}ms", self.0.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
 /// An in-memory cluster whose hosts each run a DSM node, and the nodes by id.
 struct Cluster {
     mem: MemCluster,
@@ -214,8 +232,18 @@ async fn work(dsm: Dsm, worker: u64, seed: u64, stop: Arc<AtomicBool>) -> Outcom
                     let value = Value { count: Value::decode(&guard).count + 1, worker, seq };
                     seq += 1;
                     value.encode(&mut guard);
+                    let version = guard.version();
                     match guard.commit().await {
-                        Ok(()) => history.push(Op::Write { page, value }),
+                        Ok(()) => {
+                            tracing::debug!(
+                                worker,
+                                page,
+                                count = value.count,
+                                version,
+                                "test: wrote"
+                            );
+                            history.push(Op::Write { page, value })
+                        }
                         Err(e) => {
                             history.push(Op::Maybe { page, value });
                             errors.push(e)
@@ -242,7 +270,9 @@ async fn write_all(dsm: &Dsm, worker: u64) -> Outcome {
         let mut guard = dsm.write(pid(page)).await.expect("write");
         let value = Value { count: Value::decode(&guard).count + 1, worker, seq: u64::from(page) };
         value.encode(&mut guard);
+        let version = guard.version();
         guard.commit().await.expect("commit");
+        tracing::debug!(worker, page, count = value.count, version, "test: wrote");
         history.push(Op::Write { page, value });
     }
     (history, Vec::new())
@@ -333,6 +363,7 @@ fn unexplained(histories: &[Vec<Op>], counts: &[u64]) -> Vec<(u32, u64, u64)> {
 
 #[tokio::test(start_paused = true)]
 async fn concurrent_access_stays_sequentially_consistent_through_additions_and_evictions() {
+    logs();
     let mut cluster = Cluster::start(3, DsmConfig::default()).await;
     let mut load = Load::new();
     let mut on_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
