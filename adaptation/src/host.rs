@@ -43,6 +43,12 @@ pub struct HostConfig {
     pub batch_bytes: usize,
     /// Answers remembered per key, so that retries run once.
     pub answers_per_key: usize,
+    /// How long one attempt at a manager may take before the requester asks again (the same
+    /// request, by the same id). It bounds what a request loses to a manager holding it for a
+    /// change it will not finish, or to a connection gone silent. A retry that reaches the
+    /// manager while the first attempt is still being handled waits for it: the request still
+    /// runs once.
+    pub attempt_timeout: Duration,
 }
 
 impl Default for HostConfig {
@@ -53,6 +59,7 @@ impl Default for HostConfig {
             retry: Duration::from_millis(20),
             batch_bytes: 1 << 20,
             answers_per_key: 4,
+            attempt_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -144,6 +151,20 @@ pub(crate) struct Counters {
     pub(crate) bytes_sent: AtomicU64,
 }
 
+/// A request being handled: while it lives, a retry of the same request waits for it.
+struct Running<'a> {
+    inner: &'a Inner,
+    id: RequestId,
+    /// Dropped after the entry is removed, which wakes the retries waiting.
+    _done: watch::Sender<()>,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.inner.running.remove(&self.id);
+    }
+}
+
 /// The last answers given for one key, oldest first.
 pub(crate) type Answers = VecDeque<(RequestId, Vec<u8>)>;
 
@@ -167,6 +188,8 @@ pub(crate) struct Inner {
     /// before the hold and may still be changing an entry that is about to leave.
     pub(crate) gate: RwLock<()>,
     pub(crate) answers: DashMap<(ServiceId, Key), Answers>,
+    /// Requests being handled here; closed when the handler is done.
+    running: DashMap<RequestId, watch::Receiver<()>>,
     seq: AtomicU64,
     pub(crate) departed: watch::Sender<BTreeSet<NodeId>>,
     inputs: mpsc::UnboundedSender<Input>,
@@ -362,6 +385,7 @@ impl Inner {
             done: watch::channel(0).0,
             gate: RwLock::new(()),
             answers: DashMap::new(),
+            running: DashMap::new(),
             // Ids must not repeat across restarts of the node, or a manager would answer a new
             // request with an old request's remembered answer: start each life somewhere new.
             seq: AtomicU64::new(boot_sequence()),
@@ -491,10 +515,15 @@ impl Inner {
                 }
                 Some((_, None)) => break Err(Reply::Unknown(service.0)),
                 Some((epoch, Some(manager))) if manager == self.me => {
-                    (epoch, self.serve(id, service, key, epoch, &body, until).await)
+                    let attempt = until.min(Instant::now() + self.config.attempt_timeout);
+                    (epoch, self.serve(id, service, key, epoch, &body, attempt).await)
                 }
                 Some((epoch, Some(manager))) => {
-                    (epoch, self.call_manager(manager, id, service, key, epoch, &body, until).await)
+                    let attempt = until.min(Instant::now() + self.config.attempt_timeout);
+                    (
+                        epoch,
+                        self.call_manager(manager, id, service, key, epoch, &body, attempt).await,
+                    )
                 }
             };
             match reply {
@@ -630,6 +659,34 @@ impl Inner {
                     let Some(plugin) = self.registry.get(service) else {
                         return Reply::Unknown(service.0);
                     };
+                    let running = match self.running.entry(id) {
+                        dashmap::Entry::Occupied(first) => Err(first.get().clone()),
+                        dashmap::Entry::Vacant(slot) => {
+                            let (done, watch) = watch::channel(());
+                            slot.insert(watch);
+                            Ok(Running { inner: &**self, id, _done: done })
+                        }
+                    };
+                    let running = match running {
+                        Ok(running) => running,
+                        // A retry of a request still being handled (its caller gave up on an
+                        // attempt): wait for that one, then give its answer.
+                        Err(mut first) => {
+                            drop(gate);
+                            let ended = self.unless_stopped(until, async move {
+                                let _ = first.changed().await;
+                                true
+                            });
+                            if !ended.await {
+                                return Reply::Late;
+                            }
+                            continue;
+                        }
+                    };
+                    // The first attempt may have finished between the check above and now.
+                    if let Some(response) = self.answered(service, key, id) {
+                        return Reply::Done(response);
+                    }
                     let peers = Arc::clone(self) as Arc<dyn Peers>;
                     let ctx = Context::new(self.me, ours, None, Some(snapshot), peers);
                     let reply = match plugin.handle(&ctx, key, body).await {
@@ -659,6 +716,7 @@ impl Inner {
                         }
                         Err(e) => Reply::Refused(e.to_string()),
                     };
+                    drop(running);
                     drop(gate);
                     return reply;
                 }

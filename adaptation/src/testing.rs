@@ -55,15 +55,21 @@ impl Link for MemLink {
         let host =
             self.net.hosts.get(&to).map(|h| h.clone()).ok_or_else(|| unreachable("unknown"))?;
         let latency = self.net.latency;
+        let me = self.me;
+        // The callee's handler runs on its own, as over TCP: a caller that gives up does not
+        // stop it.
+        let handled = tokio::spawn(async move {
+            tokio::time::sleep(latency).await;
+            host.handle(me, &message).await
+        });
         let round_trip = async move {
+            let answer = handled.await.map_err(|_| unreachable("the handler panicked"))?;
             tokio::time::sleep(latency).await;
-            let answer = host.handle(self.me, &message).await;
-            tokio::time::sleep(latency).await;
-            answer
+            Ok(answer)
         };
         let answer = tokio::time::timeout(deadline, round_trip)
             .await
-            .map_err(|_| unreachable("timed out"))?;
+            .map_err(|_| unreachable("timed out"))??;
         // A node that crashed meanwhile never answered.
         if self.net.crashed.contains_key(&to) {
             return Err(unreachable("crashed"));

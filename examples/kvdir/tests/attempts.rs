@@ -1,0 +1,80 @@
+//! A request whose handler outlasts one attempt: the requester asks again by the same id, and
+//! the manager makes the retry wait for the first run instead of running it twice.
+
+use async_trait::async_trait;
+use gobelins_adaptation::testing::MemCluster;
+use gobelins_adaptation::{plugin, ChangeInfo, Context, HostConfig, Moving, Registry, Service};
+use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SLOW: ServiceId = ServiceId(9);
+
+/// Each request sleeps the milliseconds it names, then answers how many runs began so far.
+struct Slow {
+    runs: Arc<AtomicU64>,
+}
+
+#[async_trait]
+impl Service for Slow {
+    type Request = u64;
+    type Response = u64;
+    type Entry = ();
+
+    fn spec(&self) -> ServiceSpec {
+        ServiceSpec::new(SLOW, "slow").with_slots(16)
+    }
+
+    async fn handle(&self, _ctx: &Context, _key: Key, millis: u64) -> u64 {
+        let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
+        tokio::time::sleep(Duration::from_millis(millis)).await;
+        run
+    }
+
+    async fn before_migration(&self, _ctx: &Context, _change: &ChangeInfo) {}
+
+    async fn send_out(&self, _ctx: &Context, _moving: &Moving) -> Vec<(Key, ())> {
+        Vec::new()
+    }
+
+    async fn receive(&self, _ctx: &Context, _from: NodeId, _entries: Vec<(Key, ())>) {}
+
+    async fn after_migration(&self, _ctx: &Context, _change: &ChangeInfo) {}
+
+    async fn scan(&self, _ctx: &Context, _failed: NodeId, _orphans: &Moving) -> Vec<(Key, ())> {
+        Vec::new()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_handler_outlasts_an_attempt_is_retried_and_still_runs_once() {
+    let runs = Arc::new(AtomicU64::new(0));
+    let config = HostConfig {
+        attempt_timeout: Duration::from_millis(100),
+        request_deadline: Duration::from_secs(5),
+        ..HostConfig::default()
+    };
+    let counted = Arc::clone(&runs);
+    let cluster = MemCluster::start(2, config, move || {
+        let mut registry = Registry::new();
+        registry.register(plugin(Slow { runs: Arc::clone(&counted) })).expect("registers");
+        registry
+    })
+    .await;
+    let key = (0..)
+        .map(Key)
+        .find(|&k| cluster.snapshot().locate(SLOW, k) == Some(NodeId(2)))
+        .expect("node 2 manages some key");
+
+    let requester = cluster.host(NodeId(1));
+    let answer: u64 = requester
+        .context()
+        .request(SLOW, key, &350u64)
+        .await
+        .expect("answered within the deadline");
+
+    assert_eq!(answer, 1, "the answer is the first run's");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "the retries waited for the first run");
+    assert_eq!(requester.stats().requests_delayed, 1, "the requester asked more than once");
+}
