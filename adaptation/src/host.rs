@@ -664,7 +664,7 @@ impl Inner {
                         dashmap::Entry::Vacant(slot) => {
                             let (done, watch) = watch::channel(());
                             slot.insert(watch);
-                            Ok(Running { inner: &**self, id, _done: done })
+                            Ok(Running { inner: self, id, _done: done })
                         }
                     };
                     let running = match running {
