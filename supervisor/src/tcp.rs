@@ -33,7 +33,7 @@ use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
-use tokio_util::codec::Framed;
+use tokio_util::codec::{Framed, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 /// Timeouts and limits of the TCP transport.
@@ -299,7 +299,13 @@ impl<N: Net> TcpTransport<N> {
     /// Starts the connection's task and makes it the pair's connection, unless a connection
     /// opened by the lower node id already is. Returns the connection to use.
     fn register(&self, peer: u64, initiator: u64, framed: Framed<N::Stream, FrameCodec>) -> Conn {
-        let (sink, stream) = framed.split::<Wire>();
+        // Halves that do not wait on each other: a caller writing never waits for the reader's
+        // poll to end (a shared lock there costs a cross-thread wake whenever both meet).
+        let parts = framed.into_parts();
+        let (read, write) = tokio::io::split(parts.io);
+        let mut stream = FramedRead::new(read, parts.codec.clone());
+        stream.read_buffer_mut().extend_from_slice(&parts.read_buf);
+        let sink = FramedWrite::new(write, parts.codec);
         let conn = Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             initiator,
@@ -342,7 +348,7 @@ impl<N: Net> TcpTransport<N> {
         self,
         peer: u64,
         conn: Conn,
-        mut stream: futures::stream::SplitStream<Framed<N::Stream, FrameCodec>>,
+        mut stream: FramedRead<tokio::io::ReadHalf<N::Stream>, FrameCodec>,
     ) {
         let inflight = Arc::new(Semaphore::new(self.inner.config.max_inflight));
         let result: Result<()> = async {
