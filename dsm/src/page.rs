@@ -10,8 +10,13 @@
 //!   11 | slot                                   "this slot's manager died": see `taint_key`
 //! ```
 //!
-//! The service places keys by runs of one (`slot = key % slots`), so neighbouring pages of a
-//! segment fall in neighbouring slots, and a taint marker for slot `s` falls in slot `s`.
+//! The service places keys by runs of one (`slot = key % slots`), so a taint marker for slot
+//! `s` falls in slot `s`. A page's 32 bits are its number times an odd constant (a permutation
+//! of the page numbers) plus the segment's rotation: the locator gives each node a contiguous
+//! range of slots, and consecutive pages step through the slots by about 1/φ of their count,
+//! so any run of a segment's pages is shared out evenly between the nodes' ranges, as
+//! `page % n` would share it. Consecutive pages in consecutive slots piled a small segment onto
+//! one manager.
 
 use gobelins_locator::Key;
 use serde::{Deserialize, Serialize};
@@ -37,6 +42,21 @@ pub struct PageId {
     pub page: u32,
 }
 
+/// The page-number multiplier. Only its low bits decide the slot: 0x9e3 is 2531, the odd number
+/// nearest 4096/φ.
+const SPREAD: u32 = 0x9e37_79e3;
+
+/// Its inverse modulo 2^32, by Newton's iteration (each step doubles the correct low bits).
+const UNSPREAD: u32 = {
+    let mut x = SPREAD;
+    let mut i = 0;
+    while i < 5 {
+        x = x.wrapping_mul(2u32.wrapping_sub(SPREAD.wrapping_mul(x)));
+        i += 1;
+    }
+    x
+};
+
 /// Where a segment's first page falls among the slots: segments start at different slots, so
 /// that the pages of many small segments spread over every manager instead of piling onto the
 /// first slots.
@@ -48,7 +68,8 @@ impl PageId {
     /// The page's directory key.
     pub fn key(self) -> Key {
         let segment = self.segment & MAX_SEGMENT;
-        Key((u64::from(segment) << 32) | u64::from(self.page.wrapping_add(rotation(segment))))
+        let spread = self.page.wrapping_mul(SPREAD).wrapping_add(rotation(segment));
+        Key((u64::from(segment) << 32) | u64::from(spread))
     }
 }
 
@@ -70,7 +91,8 @@ pub(crate) fn named(key: Key) -> Named {
     match key.0 >> KIND_SHIFT {
         0 => {
             let segment = (key.0 >> 32) as u32;
-            Named::Page(PageId { segment, page: (key.0 as u32).wrapping_sub(rotation(segment)) })
+            let page = (key.0 as u32).wrapping_sub(rotation(segment)).wrapping_mul(UNSPREAD);
+            Named::Page(PageId { segment, page })
         }
         1 => Named::Lock(key.0 & ID_MASK),
         2 => Named::Barrier(key.0 & ID_MASK),
@@ -116,11 +138,34 @@ mod tests {
     }
 
     #[test]
-    fn segments_start_on_different_slots_and_pages_keep_their_order() {
+    fn segments_start_on_different_slots_and_every_page_key_names_its_page() {
         let slot = |segment, page| PageId { segment, page }.key().0 % 4096;
         assert_ne!(slot(1, 0), slot(2, 0));
-        assert_eq!((slot(5, 0) + 1) % 4096, slot(5, 1));
-        let far = PageId { segment: MAX_SEGMENT, page: u32::MAX };
-        assert_eq!(named(far.key()), Named::Page(far));
+        assert_eq!(SPREAD.wrapping_mul(UNSPREAD), 1);
+        for page in [0, 1, 2, 4095, 4096, 1 << 20, u32::MAX - 1, u32::MAX] {
+            for segment in [0, 1, 77, MAX_SEGMENT] {
+                let id = PageId { segment, page };
+                assert_eq!(named(id.key()), Named::Page(id));
+            }
+        }
+    }
+
+    /// The locator gives each of `n` nodes a contiguous range of slots: any run of pages must
+    /// be shared out between the ranges about evenly, as `page % n` shares it.
+    #[test]
+    fn a_run_of_pages_is_shared_evenly_between_contiguous_slot_ranges() {
+        for segment in 0..50 {
+            for n in 2..=8u64 {
+                for run in [8u32, 16, 64, 256, 2048] {
+                    let mut per_node = vec![0i64; n as usize];
+                    for page in 0..run {
+                        let slot = PageId { segment, page }.key().0 % 4096;
+                        per_node[(slot * n / 4096) as usize] += 1;
+                    }
+                    let spread = per_node.iter().max().unwrap() - per_node.iter().min().unwrap();
+                    assert!(spread <= 6, "segment {segment}, {n} nodes, {run} pages: {per_node:?}");
+                }
+            }
+        }
     }
 }
