@@ -303,16 +303,29 @@ pub async fn run(
     let mut lifecycle = agent.supervisor.lifecycle();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| SupervisorError::io("installing the SIGTERM handler", e))?;
+    let mut fatal = None;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
         _ = terminate.recv() => tracing::info!("terminated; stopping"),
-        _ = lifecycle.wait_for(|l| *l == Lifecycle::Left) => {
-            tracing::info!("this node has left the cluster; stopping");
-            // Let the CLI that asked for the leave read its final answer.
-            tokio::time::sleep(Duration::from_millis(300)).await;
+        ended = lifecycle.wait_for(|l| *l != Lifecycle::Member) => {
+            match ended.map(|l| l.clone()) {
+                Ok(Lifecycle::Fatal(why)) => fatal = Some(why),
+                _ => {
+                    tracing::info!("this node has left the cluster; stopping");
+                    // Let the CLI that asked for the leave read its final answer.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
         }
     }
     agent.stop().await;
     let _ = std::fs::remove_file(agent.dir.socket_path());
-    Ok(())
+    match fatal {
+        Some(why) => Err(SupervisorError::Storage(format!(
+            "{why}; this node stopped and the cluster will declare it failed. Check the disk \
+             under {} (full? failing?), then start the agent again: it rejoins as a new life",
+            options.data_dir.display()
+        ))),
+        None => Ok(()),
+    }
 }

@@ -106,4 +106,7 @@ pub enum Response {
     Adapt(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The request could not be decoded.
     Malformed(String),
+    /// This node stopped on an error it cannot recover from (its store failed): it answers
+    /// nothing any more, so that the cluster declares it failed.
+    Stopped(String),
 }

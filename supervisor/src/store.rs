@@ -63,6 +63,27 @@ pub fn open_with(
             path.display()
         ))
     })?;
+    ready(db, durable, &path.display().to_string())
+}
+
+/// Opens the store on one of redb's storage backends rather than a file: for tests that make
+/// the disk fail under a running node.
+pub fn open_on(
+    backend: impl redb::StorageBackend,
+    durable: bool,
+) -> Result<(LogStore, StateMachine), crate::SupervisorError> {
+    let db = Database::builder()
+        .create_with_backend(backend)
+        .map_err(|e| crate::SupervisorError::Storage(format!("opening the store: {e}")))?;
+    ready(db, durable, "the store")
+}
+
+/// Makes sure the tables exist and loads the state machine.
+fn ready(
+    db: Database,
+    durable: bool,
+    what: &str,
+) -> Result<(LogStore, StateMachine), crate::SupervisorError> {
     let db = Arc::new(db);
     let init = || -> Result<(), redb::Error> {
         let txn = db.begin_write()?;
@@ -71,9 +92,7 @@ pub fn open_with(
         txn.commit()?;
         Ok(())
     };
-    init().map_err(|e| {
-        crate::SupervisorError::Storage(format!("initialising {}: {e}", path.display()))
-    })?;
+    init().map_err(|e| crate::SupervisorError::Storage(format!("initialising {what}: {e}")))?;
     let log = LogStore { db: Arc::clone(&db), durable };
     let machine = StateMachine::load(db, durable)
         .map_err(|e| crate::SupervisorError::Storage(e.to_string()))?;

@@ -131,12 +131,17 @@ fn encode_response(response: &Response) -> Bytes {
 }
 
 /// Something the node's owner should act on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Lifecycle {
     /// A member, doing its duties.
     Member,
     /// This node left the cluster gracefully; the agent may exit.
     Left,
+    /// Raft stopped on an error this node cannot recover from, most often its store failing (a
+    /// full or failing disk). The node has stopped serving and answering its peers, which
+    /// declare it failed and rebuild its entries elsewhere; the agent must exit, and once the
+    /// disk is mended a restart rejoins as a new life.
+    Fatal(String),
 }
 
 /// One node's supervisor.
@@ -229,6 +234,7 @@ impl Supervisor {
         tokio::spawn(Arc::clone(&node).duties());
         tokio::spawn(Arc::clone(&node).leader_duties());
         tokio::spawn(Arc::clone(&node).lease_duties());
+        tokio::spawn(Arc::clone(&node).watch_raft());
         Ok(node)
     }
 
@@ -462,6 +468,12 @@ impl Supervisor {
                 return encode_response(&Response::Malformed(e.to_string()));
             }
         };
+        if let Some(why) = self.fatal() {
+            return encode_response(&Response::Stopped(format!(
+                "node {} stopped on a fatal error: {why}",
+                self.me.id
+            )));
+        }
         let response = match request {
             Request::AppendEntries(r) => Response::AppendEntries(self.raft.append_entries(r).await),
             Request::Vote(r) => Response::Vote(self.raft.vote(r).await),
@@ -574,6 +586,44 @@ impl Supervisor {
             {
                 self.host.lease(asked + self.lease_span());
             }
+        }
+    }
+
+    /// Waits for raft to stop on its own (a storage error, typically a full disk), and then
+    /// takes the node out of service: a node whose raft is gone can neither learn nor commit
+    /// configurations, yet would go on answering pings, and the cluster would never replace it.
+    async fn watch_raft(self: Arc<Self>) {
+        let mut metrics = self.raft.metrics();
+        let fatal = loop {
+            if let Err(fatal) = &metrics.borrow_and_update().running_state {
+                break fatal.to_string();
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                changed = metrics.changed() => if changed.is_err() { return },
+            }
+        };
+        if self.shutdown.is_cancelled() {
+            return; // our own shutdown stopped raft
+        }
+        tracing::error!(
+            node = self.me.id,
+            error = %fatal,
+            "raft stopped: this node's store failed (is its disk full or failing?). The node \
+             stops serving and answering its peers, so that the cluster declares it failed and \
+             rebuilds its entries elsewhere. Mend the disk, then restart the agent: it rejoins \
+             as a new life"
+        );
+        self.shutdown.cancel();
+        self.host.shutdown();
+        self.lifecycle.send_replace(Lifecycle::Fatal(fatal));
+    }
+
+    /// Why this node stopped for good, if it did.
+    fn fatal(&self) -> Option<String> {
+        match &*self.lifecycle.borrow() {
+            Lifecycle::Fatal(why) => Some(why.clone()),
+            _ => None,
         }
     }
 

@@ -28,11 +28,23 @@ async fn node_hosting(
     host: HostConfig,
 ) -> Node {
     let dir = TempDir::new().expect("temporary directory");
+    let store = store::open_with(&dir.path().join("raft.redb"), false).expect("store");
+    node_on(net, id, config, services, host, store, dir).await
+}
+
+async fn node_on(
+    net: &MemNetwork,
+    id: u64,
+    config: SupervisorConfig,
+    services: fn() -> Registry,
+    host: HostConfig,
+    (log, machine): (store::LogStore, store::StateMachine),
+    dir: TempDir,
+) -> Node {
     let dispatch = Arc::new(Dispatch::default());
     let transport = Arc::new(net.attach(id, &format!("n{id}"), dispatch.clone()));
     let link = Arc::new(TransportLink::new(transport.clone()));
     let host = Host::start(NodeId(id), services(), link, host);
-    let (log, machine) = store::open_with(&dir.path().join("raft.redb"), false).expect("store");
     let supervisor = Supervisor::start(Parts {
         me: Me { id, addr: format!("n{id}"), labels: Labels::new() },
         incarnation: 1,
@@ -309,4 +321,88 @@ async fn a_node_cut_off_stops_serving_its_keys_before_the_cluster_declares_it_fa
         answer.map(|a| codec::decode::<Response>(&a))
     );
     net.heal();
+}
+
+/// A disk in memory that can fill up: every write then fails as a full disk's does.
+#[derive(Debug)]
+struct Disk {
+    bytes: redb::backends::InMemoryBackend,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Disk {
+    fn check(&self) -> std::io::Result<()> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from(std::io::ErrorKind::StorageFull));
+        }
+        Ok(())
+    }
+}
+
+impl redb::StorageBackend for Disk {
+    fn len(&self) -> std::io::Result<u64> {
+        self.bytes.len()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.bytes.read(offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.check()?;
+        self.bytes.set_len(len)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.check()?;
+        self.bytes.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        self.bytes.write(offset, data)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_whose_disk_fills_up_stops_and_the_cluster_declares_it_failed() {
+    use gobelins_supervisor::Lifecycle;
+    let net = MemNetwork::new(11);
+    let config = SupervisorConfig::loopback();
+    let mut nodes = cluster(&net, 2, config.clone()).await;
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let disk = Disk { bytes: redb::backends::InMemoryBackend::new(), full: Arc::clone(&full) };
+    let store = store::open_on(disk, true).expect("store on the disk");
+    let dir = TempDir::new().expect("temporary directory");
+    let third =
+        node_on(&net, 3, config.clone(), Registry::new, HostConfig::default(), store, dir).await;
+    third.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
+    nodes.push(third);
+    until_active(&nodes, 3).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    until_voters(&all, 3).await;
+    let mut lifecycle = nodes[2].supervisor.lifecycle();
+    assert_eq!(*lifecycle.borrow(), Lifecycle::Member);
+
+    full.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Any change must reach node 3's log.
+    let spec = gobelins_kvdir::KvDir::declaration();
+    let registered = nodes[0]
+        .supervisor
+        .propose_until(gobelins_supervisor::state::Command::Register(spec), Duration::from_secs(10))
+        .await;
+    assert!(matches!(registered, Ok(Ok(_))), "the other two commit without node 3");
+    let stopped = tokio::time::timeout(
+        Duration::from_secs(10),
+        lifecycle.wait_for(|l| matches!(l, Lifecycle::Fatal(_))),
+    )
+    .await
+    .is_ok();
+    assert!(stopped, "node 3 saw its raft stop: {:?}", *lifecycle.borrow());
+
+    let others = [&nodes[0], &nodes[1]];
+    until_all(&others, config.failure_timeout * 20, "node 3 declared failed", |s| {
+        s.is_stable() && s.nodes[&3].status == NodeStatus::Failed
+    })
+    .await;
 }
