@@ -111,6 +111,10 @@ pub struct Stats {
     pub entries_rebuilt: u64,
     /// Entry bytes shipped.
     pub bytes_sent: u64,
+    /// Answers this node keeps as a manager so that retries run nothing twice (at most
+    /// `answers_per_key` per key; [`crate::Service::repeatable`] requests keep none).
+    #[serde(default)]
+    pub answers_kept: u64,
 }
 
 /// One change as this node carried it out: what moved and how long each phase took.
@@ -307,6 +311,7 @@ impl Host {
             entries_received: get(&c.entries_received),
             entries_rebuilt: get(&c.entries_rebuilt),
             bytes_sent: get(&c.bytes_sent),
+            answers_kept: inner.answers.iter().map(|a| a.len() as u64).sum(),
         }
     }
 
@@ -701,13 +706,13 @@ impl Inner {
                             );
                             Reply::Late
                         }
-                        Ok(response) => {
-                            self.remember(
-                                service,
-                                Answered { key, id, response: response.clone() },
-                            );
+                        Ok(answer) => {
+                            if !answer.repeatable {
+                                let response = answer.response.clone();
+                                self.remember(service, Answered { key, id, response });
+                            }
                             self.counters.served.fetch_add(1, Ordering::Relaxed);
-                            Reply::Done(response)
+                            Reply::Done(answer.response)
                         }
                         // Not remembered: the retry must run it again.
                         Err(e @ AdaptationError::Retry { .. }) => {
@@ -775,7 +780,7 @@ impl Inner {
         let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
         let ctx = self.context(Some(from));
         match plugin.handle(&ctx, key, body).await {
-            Ok(response) => Reply::Done(response),
+            Ok(answer) => Reply::Done(answer.response),
             Err(e) => Reply::Refused(e.to_string()),
         }
     }

@@ -36,4 +36,4 @@ pub use link::Link;
 pub use period::{Command, Event, Period, Phase, Role};
 pub use registry::Registry;
 pub use router::{Router, Verdict};
-pub use service::{plugin, ChangeInfo, Context, Moving, Plugin, Service};
+pub use service::{plugin, Answer, ChangeInfo, Context, Moving, Plugin, Service};

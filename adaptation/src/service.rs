@@ -201,6 +201,15 @@ pub trait Service: Send + Sync + 'static {
         false
     }
 
+    /// Whether running `request` twice is harmless: a read, say, whose second run answers what
+    /// is current by then. Its answer is then not remembered for a retry, which saves the
+    /// manager a copy of every such answer (a DSM read fault's is a whole page) and lets a
+    /// retry see the latest state rather than an answer that may have gone stale. The default:
+    /// no request is, and every answer is remembered so that a retry runs nothing twice.
+    fn repeatable(_request: &Self::Request) -> bool {
+        false
+    }
+
     /// Prepares for a change. The locator still routes by the old epoch.
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
 
@@ -241,7 +250,7 @@ pub trait Plugin: Send + Sync {
         ctx: &Context,
         key: Key,
         request: &[u8],
-    ) -> Result<Vec<u8>, AdaptationError>;
+    ) -> Result<Answer, AdaptationError>;
     /// [`Service::before_migration`].
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
     /// [`Service::send_out`], entries encoded.
@@ -268,6 +277,15 @@ pub trait Plugin: Send + Sync {
     ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError>;
 }
 
+/// What [`Plugin::handle`] answered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    /// The encoded response.
+    pub response: Vec<u8>,
+    /// The request was [`Service::repeatable`]: its answer need not be remembered.
+    pub repeatable: bool,
+}
+
 /// Wraps a typed service as a [`Plugin`].
 pub fn plugin<S: Service>(service: S) -> Box<dyn Plugin> {
     Box::new(Erased(service))
@@ -292,13 +310,14 @@ impl<S: Service> Plugin for Erased<S> {
         ctx: &Context,
         key: Key,
         request: &[u8],
-    ) -> Result<Vec<u8>, AdaptationError> {
+    ) -> Result<Answer, AdaptationError> {
         let request: S::Request = codec::decode(request)?;
+        let repeatable = S::repeatable(&request);
         let response = self.0.handle(ctx, key, request).await;
         if S::must_retry(&response) {
             return Err(AdaptationError::Retry { service: self.0.spec().id.0, key: key.0 });
         }
-        codec::encode(&response)
+        Ok(Answer { response: codec::encode(&response)?, repeatable })
     }
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {

@@ -37,6 +37,10 @@ impl Service for Kv {
         ServiceSpec::new(KV, "kv").with_slots(64)
     }
 
+    fn repeatable(request: &Request) -> bool {
+        matches!(request, Request::Get)
+    }
+
     async fn handle(&self, _ctx: &Context, key: Key, request: Request) -> Option<String> {
         let mut live = self.live.lock().expect("lock");
         match request {
@@ -82,12 +86,14 @@ fn info(epoch: u64) -> ChangeInfo {
 async fn requests_and_answers_cross_the_plugin_in_bytes() {
     let kv = plugin(Kv::default());
     let put = codec::encode(&Request::Put("hello".into())).expect("encode");
-    let answer: Option<String> =
-        codec::decode(&kv.handle(&ctx(), Key(3), &put).await.expect("put")).expect("decode");
+    let stored = kv.handle(&ctx(), Key(3), &put).await.expect("put");
+    assert!(!stored.repeatable, "a write's answer is remembered for its retries");
+    let answer: Option<String> = codec::decode(&stored.response).expect("decode");
     assert_eq!(answer, None);
     let get = codec::encode(&Request::Get).expect("encode");
-    let answer: Option<String> =
-        codec::decode(&kv.handle(&ctx(), Key(3), &get).await.expect("get")).expect("decode");
+    let read = kv.handle(&ctx(), Key(3), &get).await.expect("get");
+    assert!(read.repeatable, "a read may simply run again");
+    let answer: Option<String> = codec::decode(&read.response).expect("decode");
     assert_eq!(answer.as_deref(), Some("hello"));
 }
 
@@ -98,7 +104,8 @@ async fn malformed_requests_are_refused_and_change_nothing() {
     assert!(matches!(err, AdaptationError::Codec(_)), "{err}");
     let get = codec::encode(&Request::Get).expect("encode");
     let answer: Option<String> =
-        codec::decode(&kv.handle(&ctx(), Key(3), &get).await.expect("get")).expect("decode");
+        codec::decode(&kv.handle(&ctx(), Key(3), &get).await.expect("get").response)
+            .expect("decode");
     assert_eq!(answer, None);
 }
 
@@ -134,13 +141,14 @@ async fn a_migration_hands_over_exactly_the_entries_the_plan_moves() {
     three.receive(&ctx(), NodeId(1), sent).await.expect("receive");
     let get = codec::encode(&Request::Get).expect("encode");
     let before: Option<String> =
-        codec::decode(&three.handle(&ctx(), expected[0], &get).await.expect("get"))
+        codec::decode(&three.handle(&ctx(), expected[0], &get).await.expect("get").response)
             .expect("decode");
     assert_eq!(before, None, "staged entries are not visible before after_migration");
     three.after_migration(&ctx(), &info(2)).await;
     for &k in &expected {
         let value: Option<String> =
-            codec::decode(&three.handle(&ctx(), k, &get).await.expect("get")).expect("decode");
+            codec::decode(&three.handle(&ctx(), k, &get).await.expect("get").response)
+                .expect("decode");
         assert_eq!(value, Some(format!("v{}", k.0)));
     }
 }
@@ -157,7 +165,8 @@ async fn a_batch_that_does_not_decode_is_refused_whole() {
     kv.after_migration(&ctx(), &info(2)).await;
     let get = codec::encode(&Request::Get).expect("encode");
     let value: Option<String> =
-        codec::decode(&kv.handle(&ctx(), Key(1), &get).await.expect("get")).expect("decode");
+        codec::decode(&kv.handle(&ctx(), Key(1), &get).await.expect("get").response)
+            .expect("decode");
     assert_eq!(value, None, "no half batch was staged");
     assert!(
         kv.scan(&ctx(), NodeId(2), &Moving::new(Kv::default().spec(), Vec::new()))

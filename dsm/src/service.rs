@@ -776,6 +776,13 @@ impl Service for DsmService {
         self.state().spec.clone()
     }
 
+    /// A read fault run twice only adds the reader to the copyset again and sends the page as
+    /// it is by then; an arrival at a barrier is counted once per participant and generation.
+    /// Not remembering their answers spares the manager a copy of every page it serves.
+    fn repeatable(request: &Request) -> bool {
+        matches!(request, Request::ReadFault { .. } | Request::Arrive { .. })
+    }
+
     async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
         match (named(key), request) {
             (Named::Page(page), Request::ReadFault { node }) => {

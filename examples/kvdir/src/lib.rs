@@ -142,6 +142,11 @@ impl Service for KvDir {
         matches!(response, Response::Unreplicated)
     }
 
+    /// A read that runs again only reads again: its answer need not be kept for retries.
+    fn repeatable(request: &Request) -> bool {
+        matches!(request, Request::Get)
+    }
+
     async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
         match (ctx.from(), request) {
             (Some(_), Request::Replicate(entries)) => {

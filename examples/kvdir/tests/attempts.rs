@@ -11,7 +11,8 @@ use std::time::Duration;
 
 const SLOW: ServiceId = ServiceId(9);
 
-/// Each request sleeps the milliseconds it names, then answers how many runs began so far.
+/// Each request sleeps the milliseconds it names, then answers how many runs began so far. An
+/// odd number of milliseconds marks a request as repeatable.
 struct Slow {
     runs: Arc<AtomicU64>,
 }
@@ -24,6 +25,10 @@ impl Service for Slow {
 
     fn spec(&self) -> ServiceSpec {
         ServiceSpec::new(SLOW, "slow").with_slots(16)
+    }
+
+    fn repeatable(millis: &u64) -> bool {
+        millis % 2 == 1
     }
 
     async fn handle(&self, _ctx: &Context, _key: Key, millis: u64) -> u64 {
@@ -47,15 +52,14 @@ impl Service for Slow {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_request_whose_handler_outlasts_an_attempt_is_retried_and_still_runs_once() {
-    let runs = Arc::new(AtomicU64::new(0));
+/// Two nodes hosting `Slow`, attempts cut at 100 ms, and a key node 2 manages.
+async fn slow_cluster(runs: &Arc<AtomicU64>) -> (MemCluster, Key) {
     let config = HostConfig {
         attempt_timeout: Duration::from_millis(100),
         request_deadline: Duration::from_secs(5),
         ..HostConfig::default()
     };
-    let counted = Arc::clone(&runs);
+    let counted = Arc::clone(runs);
     let cluster = MemCluster::start(2, config, move || {
         let mut registry = Registry::new();
         registry.register(plugin(Slow { runs: Arc::clone(&counted) })).expect("registers");
@@ -66,6 +70,13 @@ async fn a_request_whose_handler_outlasts_an_attempt_is_retried_and_still_runs_o
         .map(Key)
         .find(|&k| cluster.snapshot().locate(SLOW, k) == Some(NodeId(2)))
         .expect("node 2 manages some key");
+    (cluster, key)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_handler_outlasts_an_attempt_is_retried_and_still_runs_once() {
+    let runs = Arc::new(AtomicU64::new(0));
+    let (cluster, key) = slow_cluster(&runs).await;
 
     let requester = cluster.host(NodeId(1));
     let answer: u64 = requester
@@ -77,4 +88,17 @@ async fn a_request_whose_handler_outlasts_an_attempt_is_retried_and_still_runs_o
     assert_eq!(answer, 1, "the answer is the first run's");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "the retries waited for the first run");
     assert_eq!(requester.stats().requests_delayed, 1, "the requester asked more than once");
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_answers_to_requests_that_must_not_run_twice_are_kept() {
+    let runs = Arc::new(AtomicU64::new(0));
+    let (cluster, key) = slow_cluster(&runs).await;
+    let requester = cluster.host(NodeId(1)).context();
+    let manager = cluster.host(NodeId(2));
+
+    let _: u64 = requester.request(SLOW, key, &1u64).await.expect("a repeatable request");
+    assert_eq!(manager.stats().answers_kept, 0, "nothing kept for a request that may run again");
+    let _: u64 = requester.request(SLOW, key, &2u64).await.expect("a request to run once");
+    assert_eq!(manager.stats().answers_kept, 1, "kept for its retries");
 }
