@@ -600,7 +600,10 @@ impl Supervisor {
             }
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                changed = metrics.changed() => if changed.is_err() { return },
+                changed = metrics.changed() => if changed.is_err() {
+                    // The raft core is gone without saying why (it panicked, say).
+                    break "raft stopped without a reason".to_string();
+                },
             }
         };
         if self.shutdown.is_cancelled() {

@@ -31,9 +31,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
-use tokio_util::codec::{Framed, FramedRead, FramedWrite};
+use tokio_util::codec::{Framed, FramedParts, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
 /// Timeouts and limits of the TCP transport.
@@ -127,6 +128,21 @@ impl Conn {
     fn silent_for(&self) -> Duration {
         lock(&self.last_heard).elapsed()
     }
+}
+
+/// A connection's reading and writing halves. They share only a short lock around each poll of
+/// the socket, never a waker: with `Framed::split` a caller writing while the reader was being
+/// polled had to wait for a cross-thread wake. Bytes the handshake read past its last frame
+/// are decoded before the socket is read again.
+fn halves<S: AsyncRead + AsyncWrite>(
+    framed: Framed<S, FrameCodec>,
+) -> (Framed<ReadHalf<S>, FrameCodec>, FramedWrite<WriteHalf<S>, FrameCodec>) {
+    let parts = framed.into_parts();
+    let (read, write) = tokio::io::split(parts.io);
+    let sink = FramedWrite::new(write, parts.codec.clone());
+    let mut reading = FramedParts::new::<Wire>(read, parts.codec);
+    reading.read_buf = parts.read_buf;
+    (Framed::from_parts(reading), sink)
 }
 
 /// Removes a request's waiter however the call ends, timeout or cancellation included.
@@ -299,13 +315,7 @@ impl<N: Net> TcpTransport<N> {
     /// Starts the connection's task and makes it the pair's connection, unless a connection
     /// opened by the lower node id already is. Returns the connection to use.
     fn register(&self, peer: u64, initiator: u64, framed: Framed<N::Stream, FrameCodec>) -> Conn {
-        // Halves that do not wait on each other: a caller writing never waits for the reader's
-        // poll to end (a shared lock there costs a cross-thread wake whenever both meet).
-        let parts = framed.into_parts();
-        let (read, write) = tokio::io::split(parts.io);
-        let mut stream = FramedRead::new(read, parts.codec.clone());
-        stream.read_buffer_mut().extend_from_slice(&parts.read_buf);
-        let sink = FramedWrite::new(write, parts.codec);
+        let (stream, sink) = halves(framed);
         let conn = Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             initiator,
@@ -344,12 +354,7 @@ impl<N: Net> TcpTransport<N> {
     }
 
     /// Reads the connection until it closes: answers requests, hands responses to callers.
-    async fn run(
-        self,
-        peer: u64,
-        conn: Conn,
-        mut stream: FramedRead<tokio::io::ReadHalf<N::Stream>, FrameCodec>,
-    ) {
+    async fn run(self, peer: u64, conn: Conn, mut stream: Framed<ReadHalf<N::Stream>, FrameCodec>) {
         let inflight = Arc::new(Semaphore::new(self.inner.config.max_inflight));
         let result: Result<()> = async {
             loop {
@@ -563,6 +568,31 @@ impl<N: Net> Transport for TcpTransport<N> {
             if let Some(conn) = peer.conn {
                 conn.cancel.cancel();
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::codec::Encoder;
+
+    /// The handshake may read past its last frame, into the first request the peer sent: that
+    /// request must be decoded at once, not when the peer next sends something.
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_read_with_the_handshake_is_decoded_before_the_socket_is_read_again() {
+        let (ours, _theirs) = tokio::io::duplex(1 << 16);
+        let mut codec = FrameCodec::new(DEFAULT_MAX_FRAME);
+        let mut framed = Framed::new(ours, codec.clone());
+        let request = Wire::Request { id: 7, body: Bytes::from_static(b"ping") };
+        codec.encode(request, framed.read_buffer_mut()).expect("encode");
+
+        let (mut stream, _sink) = halves(framed);
+        let next = tokio::time::timeout(Duration::from_secs(1), stream.next()).await;
+        let frame = next.expect("decoded without new bytes").expect("a frame").expect("valid");
+        match Wire::decode(frame).expect("a message") {
+            Wire::Request { id, body } => assert_eq!((id, &body[..]), (7, &b"ping"[..])),
+            other => panic!("expected the request, got {other:?}"),
         }
     }
 }
