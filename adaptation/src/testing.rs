@@ -63,7 +63,11 @@ impl Link for MemLink {
             host.handle(me, &message).await
         });
         let round_trip = async move {
-            let answer = handled.await.map_err(|_| unreachable("the handler panicked"))?;
+            let answer = handled.await.map_err(|_| {
+                unreachable(
+                    "the handler ended without answering (it panicked, or the runtime is stopping)",
+                )
+            })?;
             tokio::time::sleep(latency).await;
             Ok(answer)
         };

@@ -392,10 +392,14 @@ impl Dsm {
         }
     }
 
-    /// Takes write access to `page`: every other copy is invalidated first.
+    /// Takes write access to `page`: every other copy is invalidated first. Refused with
+    /// [`DsmError::Leaving`] once this node is being evicted.
     pub async fn write(&self, page: PageId) -> Result<WriteGuard, DsmError> {
         let frame = self.state().frames.frame(page);
         loop {
+            if self.state().leaving.load(Ordering::SeqCst) {
+                return Err(DsmError::Leaving);
+            }
             let writer = Arc::clone(&frame.writer).lock_owned().await;
             let (have, writable) = {
                 let s = frame.lock();
@@ -417,6 +421,11 @@ impl Dsm {
             }
             // The fault may take the page from another node, which may need this frame: let go.
             drop(writer);
+            // From here until its grant is installed, an eviction of this node waits for it.
+            let _fault = self.state().faults.read().await;
+            if self.state().leaving.load(Ordering::SeqCst) {
+                return Err(DsmError::Leaving);
+            }
             if let Some(version) = have {
                 self.revoke(page, &frame, version).await?;
             }

@@ -37,6 +37,10 @@ pub enum DsmError {
     /// The adaptation layer could not deliver a request.
     #[error(transparent)]
     Adaptation(#[from] AdaptationError),
+    /// This node is being evicted, or was: a write now could not be handed over with its
+    /// pages. Its programs must stop writing shared memory before it leaves.
+    #[error("this node is leaving the cluster: shared memory can no longer be written from it")]
+    Leaving,
     /// A peer answered something this version does not expect.
     #[error("protocol: {0}")]
     Protocol(String),

@@ -83,6 +83,12 @@ pub(crate) struct NodeState {
     /// Read faults answered by the hinted owner, and hints found stale.
     pub(crate) hinted: AtomicU64,
     pub(crate) stale: AtomicU64,
+    /// This node is being evicted: no more writes, no more direct reads.
+    pub(crate) leaving: std::sync::atomic::AtomicBool,
+    /// Held shared by each write fault in flight, from before it is sent until its grant is
+    /// installed; an evicted node takes it exclusively to let them land before it hands its
+    /// pages over.
+    pub(crate) faults: tokio::sync::RwLock<()>,
 }
 
 /// How this node's read faults went: straight to the probable owner, or by way of the manager.
@@ -114,12 +120,15 @@ impl DsmNode {
                 hints: DashMap::new(),
                 hinted: AtomicU64::new(0),
                 stale: AtomicU64::new(0),
+                leaving: std::sync::atomic::AtomicBool::new(false),
+                faults: tokio::sync::RwLock::new(()),
             }),
         }
     }
 
-    /// The declaration every node registers: keys placed by runs of one, so that neighbouring
-    /// pages of a segment fall in neighbouring slots (see the key layout in `page.rs`).
+    /// The declaration every node registers: keys placed by runs of one, so that a key's low
+    /// bits are its slot; page keys spread a segment's pages over the slots (see the key
+    /// layout in `page.rs`).
     pub fn declaration() -> ServiceSpec {
         ServiceSpec::new(DSM, "dsm").with_slots(DSM_SLOTS).with_runs(1)
     }

@@ -296,6 +296,11 @@ impl DsmService {
     }
 
     async fn write_fault(&self, ctx: &Context, page: PageId, writer: NodeId) -> Response {
+        if !present(ctx, writer) {
+            // A fault held through the change that evicted its node: the page would be granted
+            // to a node that is gone.
+            return Response::Invalid(format!("node {} is not in the cluster", writer.0));
+        }
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
@@ -540,6 +545,12 @@ impl DsmService {
     async fn local(&self, ctx: &Context, request: Request) -> Response {
         let frames = &self.state().frames;
         match request {
+            // A leaving node hands its pages over: readers ask their managers.
+            Request::Serve { .. }
+                if self.state().leaving.load(std::sync::atomic::Ordering::SeqCst) =>
+            {
+                Response::Missing
+            }
             Request::Serve { page, node } => match frames.frame(page).serve(node).await {
                 Some((version, data)) => Response::Copy {
                     version,
@@ -822,6 +833,15 @@ impl Service for DsmService {
             _ => {}
         }
         if change.change == Change::Evict(ctx.node()) {
+            let st = self.state();
+            st.leaving.store(true, std::sync::atomic::Ordering::SeqCst);
+            // Write faults already sent land first, so that their pages are handed over too. A
+            // fault held because its key is moving cannot land before this change ends: after
+            // a bounded wait the hand-over goes ahead, and the manager refuses that fault then,
+            // since this node is no longer in the cluster.
+            if tokio::time::timeout(st.config.fetch_wait, st.faults.write()).await.is_err() {
+                tracing::warn!("dsm: a write fault of this leaving node did not land in time; it will be refused");
+            }
             self.hand_over(ctx).await;
         }
     }

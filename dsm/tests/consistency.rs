@@ -590,3 +590,56 @@ async fn an_access_outside_a_segment_is_refused() {
     dsm.read_at(&segment, 4_090, &mut buf).await.expect("read back");
     assert_eq!(buf, [7u8; 16], "nothing written over the segment's pages");
 }
+
+/// A program on a node being evicted keeps writing through the eviction: every write it was
+/// told succeeded must survive on the nodes that stay, and the page must stay readable.
+#[tokio::test(start_paused = true)]
+async fn writes_on_a_node_during_its_own_eviction_are_kept_or_refused_never_lost() {
+    logs();
+    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+    let leaving = NodeId(2);
+    let dsm = cluster.dsm(leaving);
+    let pages: Vec<PageId> = (0..8).map(pid).collect();
+    for (i, &page) in pages.iter().enumerate() {
+        put(&dsm, page, i as u64 * 1000).await;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (dsm, pages, stop) = (dsm.clone(), pages.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            // The last count each page was acknowledged at.
+            let mut acked: Vec<u64> = (0..pages.len() as u64).map(|i| i * 1000).collect();
+            let mut refused = 0;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let i = (n % pages.len() as u64) as usize;
+                let count = acked[i] + 1;
+                let written = async {
+                    let mut guard = dsm.write(pages[i]).await?;
+                    Value { count, worker: 2, seq: n }.encode(&mut guard);
+                    guard.commit().await
+                };
+                match written.await {
+                    Ok(()) => acked[i] = count,
+                    Err(_) => refused += 1,
+                }
+                tokio::time::sleep(Duration::from_micros(100)).await;
+            }
+            (acked, refused)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    cluster.mem.evict(leaving).await;
+    stop.store(true, Ordering::Relaxed);
+    let (acked, refused) = writer.await.expect("writer");
+    eprintln!("refused during or after the eviction: {refused}");
+    let reader = cluster.dsm(NodeId(1));
+    for (i, &page) in pages.iter().enumerate() {
+        let read = tokio::time::timeout(Duration::from_secs(60), reader.read(page))
+            .await
+            .expect("the page stays readable")
+            .expect("read");
+        assert_eq!(Value::decode(&read).count, acked[i], "page {i}: the last acknowledged write");
+    }
+}
