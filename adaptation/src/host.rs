@@ -697,13 +697,20 @@ impl Inner {
                     let reply = match plugin.handle(&ctx, key, body).await {
                         // The lease ran out while the handler ran: the cluster may already be
                         // rebuilding this key elsewhere, so the answer is not given; the
-                        // requester retries at whichever node manages the key by then.
-                        Ok(_) if !self.leased() => {
+                        // requester retries at whichever node manages the key by then. What
+                        // the handler did is done, though, so the answer is kept: a retry that
+                        // finds this node still the manager gets it rather than running the
+                        // request a second time.
+                        Ok(answer) if !self.leased() => {
                             tracing::debug!(
                                 node = self.me.0,
                                 key = key.0,
                                 "lease ran out during the request"
                             );
+                            if !answer.repeatable {
+                                let response = answer.response;
+                                self.remember(service, Answered { key, id, response });
+                            }
                             Reply::Late
                         }
                         Ok(answer) => {

@@ -102,3 +102,22 @@ async fn only_answers_to_requests_that_must_not_run_twice_are_kept() {
     let _: u64 = requester.request(SLOW, key, &2u64).await.expect("a request to run once");
     assert_eq!(manager.stats().answers_kept, 1, "kept for its retries");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_request_whose_managers_lease_ran_out_while_it_ran_is_not_run_again() {
+    let runs = Arc::new(AtomicU64::new(0));
+    let (cluster, key) = slow_cluster(&runs).await;
+    let manager = cluster.host(NodeId(2));
+    manager.lease(tokio::time::Instant::now() + Duration::from_millis(100));
+    // The lease runs out while the request runs; the cluster renews it later.
+    let renewing = manager.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        renewing.lease(tokio::time::Instant::now() + Duration::from_secs(60));
+    });
+
+    let requester = cluster.host(NodeId(1)).context();
+    let answer: u64 = requester.request(SLOW, key, &300u64).await.expect("answered");
+    assert_eq!(answer, 1, "the first run's answer");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "not run again once the lease was renewed");
+}
