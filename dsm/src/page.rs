@@ -4,9 +4,9 @@
 //! what it names, so that pages, locks and barriers share the service without colliding:
 //!
 //! ```text
-//!   00 | segment (30 bits) | page + rotation (32 bits, so segments start on different slots)
-//!   01 | lock id (62 bits)                      a lock
-//!   10 | barrier id (62 bits)                   a barrier
+//!   00 | segment (30 bits) | page × SPREAD + rotation (32 bits; segments start on different slots)
+//!   01 | lock id (62 bits, low 32 spread)      a lock
+//!   10 | barrier id (62 bits, low 32 spread)   a barrier
 //!   11 | slot                                   "this slot's manager died": see `taint_key`
 //! ```
 //!
@@ -94,20 +94,30 @@ pub(crate) fn named(key: Key) -> Named {
             let page = (key.0 as u32).wrapping_sub(rotation(segment)).wrapping_mul(UNSPREAD);
             Named::Page(PageId { segment, page })
         }
-        1 => Named::Lock(key.0 & ID_MASK),
-        2 => Named::Barrier(key.0 & ID_MASK),
+        1 => Named::Lock(unspread_id(key.0 & ID_MASK)),
+        2 => Named::Barrier(unspread_id(key.0 & ID_MASK)),
         _ => Named::Taint,
     }
 }
 
+/// Lock and barrier ids spread like pages: the low 32 bits multiplied by [`SPREAD`], so that
+/// consecutive ids (a program's lock stripes, say) get managers across the cluster.
+fn spread_id(id: u64) -> u64 {
+    (id & ID_MASK & !0xffff_ffff) | u64::from((id as u32).wrapping_mul(SPREAD))
+}
+
+fn unspread_id(bits: u64) -> u64 {
+    (bits & !0xffff_ffff) | u64::from((bits as u32).wrapping_mul(UNSPREAD))
+}
+
 /// The key of lock `id` (62 bits are kept).
 pub(crate) fn lock_key(id: u64) -> Key {
-    Key(LOCK | (id & ID_MASK))
+    Key(LOCK | spread_id(id))
 }
 
 /// The key of barrier `id` (62 bits are kept).
 pub(crate) fn barrier_key(id: u64) -> Key {
-    Key(BARRIER | (id & ID_MASK))
+    Key(BARRIER | spread_id(id))
 }
 
 /// The key of the marker that says slot `slot`'s manager died and not every page in it could
@@ -127,6 +137,9 @@ mod tests {
         assert_eq!(named(page.key()), Named::Page(page));
         assert_eq!(named(lock_key(99)), Named::Lock(99));
         assert_eq!(named(barrier_key(99)), Named::Barrier(99));
+        let wide = (1 << 61) | 0xdead_beef;
+        assert_eq!(named(lock_key(wide)), Named::Lock(wide));
+        assert_eq!(named(barrier_key(u64::MAX >> 2)), Named::Barrier(u64::MAX >> 2));
         assert_eq!(named(taint_key(5)), Named::Taint);
         assert_ne!(lock_key(1), barrier_key(1));
     }
@@ -150,20 +163,26 @@ mod tests {
         }
     }
 
-    /// The locator gives each of `n` nodes a contiguous range of slots: any run of pages must
-    /// be shared out between the ranges about evenly, as `page % n` shares it.
+    /// The locator gives each of `n` nodes a contiguous range of slots: any run of pages, or of
+    /// consecutive lock ids, must be shared out between the ranges about evenly, as `page % n`
+    /// shares it.
     #[test]
     fn a_run_of_pages_is_shared_evenly_between_contiguous_slot_ranges() {
         for segment in 0..50 {
             for n in 2..=8u64 {
                 for run in [8u32, 16, 64, 256, 2048] {
                     let mut per_node = vec![0i64; n as usize];
+                    let mut locks = vec![0i64; n as usize];
                     for page in 0..run {
                         let slot = PageId { segment, page }.key().0 % 4096;
                         per_node[(slot * n / 4096) as usize] += 1;
+                        let lock = lock_key(u64::from(segment) * 10_000 + u64::from(page));
+                        locks[(lock.0 % 4096 * n / 4096) as usize] += 1;
                     }
                     let spread = per_node.iter().max().unwrap() - per_node.iter().min().unwrap();
                     assert!(spread <= 6, "segment {segment}, {n} nodes, {run} pages: {per_node:?}");
+                    let spread = locks.iter().max().unwrap() - locks.iter().min().unwrap();
+                    assert!(spread <= 6, "{n} nodes, {run} consecutive locks: {locks:?}");
                 }
             }
         }
