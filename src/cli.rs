@@ -70,6 +70,16 @@ pub(crate) struct StatusArgs {
     local: bool,
 }
 
+/// Options of `gobelins stats`.
+#[derive(Args, Debug)]
+pub(crate) struct StatsArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
 /// Options of `gobelins join`.
 #[derive(Args, Debug)]
 pub(crate) struct JoinArgs {
@@ -231,6 +241,81 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
         )?;
     }
     writeln!(out, "\ncell tree:\n{}", status["tree"].as_str().unwrap_or(""))?;
+    Ok(())
+}
+
+pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let answer = ask(&args.dir, ControlRequest::Stats)?;
+    if args.json {
+        println!("{answer}");
+        return Ok(());
+    }
+    print_stats(&answer)
+}
+
+/// This node's requests, what it served and moved, and the changes it took part in.
+fn print_stats(answer: &Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let s = &answer["stats"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    writeln!(
+        out,
+        "requests from here: {} ok ({} delayed), {} failed",
+        n(&s["requests_ok"]),
+        n(&s["requests_delayed"]),
+        n(&s["requests_failed"])
+    )?;
+    writeln!(
+        out,
+        "as manager: {} served, {} held while their keys moved, {} answers kept for retries",
+        n(&s["served"]),
+        n(&s["held"]),
+        n(&s["answers_kept"])
+    )?;
+    writeln!(
+        out,
+        "entries: {} sent ({:.1} MB), {} received, {} rebuilt after failures",
+        n(&s["entries_sent"]),
+        n(&s["bytes_sent"]) as f64 / 1e6,
+        n(&s["entries_received"]),
+        n(&s["entries_rebuilt"])
+    )?;
+    let changes = answer["changes"].as_array().cloned().unwrap_or_default();
+    if changes.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "\nchanges this node took part in (ms; newest last):")?;
+    writeln!(
+        out,
+        "{:>6}  {:<24} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8}",
+        "epoch",
+        "change",
+        "before",
+        "sending",
+        "receiving",
+        "after",
+        "stable",
+        "sent",
+        "received",
+        "rebuilt"
+    )?;
+    let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |m| format!("{m:.1}"));
+    for c in changes.iter().rev().take(20).rev() {
+        writeln!(
+            out,
+            "{:>6}  {:<24} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8}",
+            n(&c["epoch"]),
+            c["change"].as_str().unwrap_or("?"),
+            ms(&c["before_ms"]),
+            ms(&c["sending_ms"]),
+            ms(&c["receiving_ms"]),
+            ms(&c["after_ms"]),
+            ms(&c["stable_ms"]),
+            n(&c["entries_sent"]),
+            n(&c["entries_received"]),
+            n(&c["entries_rebuilt"])
+        )?;
+    }
     Ok(())
 }
 

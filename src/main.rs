@@ -19,6 +19,9 @@ enum Command {
     Agent(cli::AgentArgs),
     /// Show the cluster: nodes, statuses, epoch, leader, voters and the cell tree.
     Status(cli::StatusArgs),
+    /// Show this node's requests (ok, delayed, failed), what it served and moved, and the phases
+    /// of the changes it took part in.
+    Stats(cli::StatsArgs),
     /// Ask the local agent to (re)join the cluster through a member; waits until it is active.
     Join(cli::JoinArgs),
     /// Take the local node out of the cluster gracefully; waits until the cluster is stable.
@@ -50,6 +53,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Agent(args) => cli::agent(args),
         Command::Status(args) => cli::status(args),
+        Command::Stats(args) => cli::stats(args),
         Command::Join(args) => cli::join(args),
         Command::Leave(args) => cli::leave(args),
         Command::Evict(args) => cli::evict(args),

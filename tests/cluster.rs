@@ -304,6 +304,21 @@ fn a_node_restarted_before_anyone_noticed_comes_back_as_a_new_life_and_loses_not
             assert_eq!(value, key.to_le_bytes().to_vec(), "key {key}");
         }
     }
+
+    // What an operator reads off node 1: every request it sent completed, and it took part in
+    // the recovery of node 2's last life.
+    let stats = cli(&agents[0].dir, &["stats", "--json"]);
+    assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
+    let stats: Value = serde_json::from_slice(&stats.stdout).expect("one JSON object");
+    assert!(stats["stats"]["requests_ok"].as_u64() >= Some(2 * keys), "{stats}");
+    assert_eq!(stats["stats"]["requests_failed"].as_u64(), Some(0), "{stats}");
+    assert!(stats["changes"].as_array().is_some_and(|c| !c.is_empty()), "{stats}");
+    let table = cli(&agents[0].dir, &["stats"]);
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains("requests from here:") && table.contains("changes this node took part in"),
+        "{table}"
+    );
 }
 
 fn dsm(dir: &Path, args: &[&str]) -> Output {
