@@ -627,8 +627,12 @@ impl Inner {
         until: Instant,
     ) -> Reply {
         loop {
-            if let Some(response) = self.answered(service, key, id) {
-                return Reply::Done(response);
+            // Only while the lease holds: a node cut off may already be being replaced, and a
+            // write it remembers may not be in what the cluster rebuilds.
+            if self.leased() {
+                if let Some(response) = self.answered(service, key, id) {
+                    return Reply::Done(response);
+                }
             }
             let released = *self.released.borrow();
             // Bounded: a handle that calls back into this node while a hold waits for the gate

@@ -117,7 +117,13 @@ async fn a_request_whose_managers_lease_ran_out_while_it_ran_is_not_run_again() 
     });
 
     let requester = cluster.host(NodeId(1)).context();
+    let asked = tokio::time::Instant::now();
     let answer: u64 = requester.request(SLOW, key, &300u64).await.expect("answered");
+    assert!(
+        asked.elapsed() >= Duration::from_millis(600),
+        "answered after {:?}, before the lease was renewed",
+        asked.elapsed()
+    );
     assert_eq!(answer, 1, "the first run's answer");
     assert_eq!(runs.load(Ordering::SeqCst), 1, "not run again once the lease was renewed");
 }
