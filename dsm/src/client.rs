@@ -284,6 +284,7 @@ impl Dsm {
                     }
                 }
                 Response::Invalid(why) => return Err(DsmError::Protocol(why)),
+                Response::Departed => return Err(DsmError::Leaving),
                 other => return Ok(other),
             }
         }
@@ -449,6 +450,13 @@ impl Dsm {
                         return Err(DsmError::Protocol(format!(
                             "{page:?}: granted version {version} without the page, and this node holds no copy"
                         )));
+                    }
+                    if self.state().leaving.load(Ordering::SeqCst) {
+                        // Granted after this node's pages were handed over (the manager was
+                        // slow): hand this one over too, rather than leave with it.
+                        let ctx = self.host.context();
+                        self.node.service().surrender_page(&ctx, page, &frame).await;
+                        return Err(DsmError::Leaving);
                     }
                 }
                 Response::Lost => {

@@ -162,6 +162,8 @@ pub enum Response {
     Waiting,
     /// The request does not fit the key it was sent to.
     Invalid(String),
+    /// To a write fault: the writer is no longer in the cluster (it was being evicted).
+    Departed,
 }
 
 /// A page's directory entry: the manager's knowledge of it.

@@ -299,7 +299,7 @@ impl DsmService {
         if !present(ctx, writer) {
             // A fault held through the change that evicted its node: the page would be granted
             // to a node that is gone.
-            return Response::Invalid(format!("node {} is not in the cluster", writer.0));
+            return Response::Departed;
         }
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
@@ -731,7 +731,12 @@ impl DsmService {
     /// Hands one owned page to its manager. The frame's writer lock is held only to wait for a
     /// write in progress, never across the request: the manager may be fetching this very page
     /// for a faulting node while it holds the entry, and the fetch needs that lock.
-    async fn surrender_page(&self, ctx: &Context, page: PageId, frame: &crate::frames::Frame) {
+    pub(crate) async fn surrender_page(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        frame: &crate::frames::Frame,
+    ) {
         let me = ctx.node();
         // A page that changed while it was on its way is handed over again; a local program
         // that keeps writing to a leaving node's pages is the only way to need more.
@@ -840,7 +845,7 @@ impl Service for DsmService {
             // a bounded wait the hand-over goes ahead, and the manager refuses that fault then,
             // since this node is no longer in the cluster.
             if tokio::time::timeout(st.config.fetch_wait, st.faults.write()).await.is_err() {
-                tracing::warn!("dsm: a write fault of this leaving node did not land in time; it will be refused");
+                tracing::warn!("dsm: a write fault of this leaving node did not land in time; if it is granted later, its page is handed over as the grant lands");
             }
             self.hand_over(ctx).await;
         }

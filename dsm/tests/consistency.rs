@@ -596,50 +596,69 @@ async fn an_access_outside_a_segment_is_refused() {
 #[tokio::test(start_paused = true)]
 async fn writes_on_a_node_during_its_own_eviction_are_kept_or_refused_never_lost() {
     logs();
-    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+    write_through_eviction(DsmConfig::default()).await;
+}
+
+async fn write_through_eviction(config: DsmConfig) {
+    let mut cluster = Cluster::start(3, config).await;
     let leaving = NodeId(2);
-    let dsm = cluster.dsm(leaving);
     let pages: Vec<PageId> = (0..8).map(pid).collect();
     for (i, &page) in pages.iter().enumerate() {
-        put(&dsm, page, i as u64 * 1000).await;
+        put(&cluster.dsm(leaving), page, i as u64 * 1000).await;
     }
+    // A program on the leaving node and one on a node that stays write the same pages, so the
+    // leaving node keeps faulting pages back through its eviction. Each write stores one more
+    // than the count it found.
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (dsm, pages, stop) = (dsm.clone(), pages.clone(), Arc::clone(&stop));
+    let writer = |node: NodeId, worker: u64| {
+        let (dsm, pages, stop) = (cluster.dsm(node), pages.clone(), Arc::clone(&stop));
         tokio::spawn(async move {
-            // The last count each page was acknowledged at.
-            let mut acked: Vec<u64> = (0..pages.len() as u64).map(|i| i * 1000).collect();
+            // The highest count each page was acknowledged at.
+            let mut acked = vec![0u64; pages.len()];
             let mut refused = 0;
-            let mut n = 0u64;
+            let mut n = worker;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let i = (n % pages.len() as u64) as usize;
-                let count = acked[i] + 1;
                 let written = async {
                     let mut guard = dsm.write(pages[i]).await?;
-                    Value { count, worker: 2, seq: n }.encode(&mut guard);
-                    guard.commit().await
+                    let count = Value::decode(&guard).count + 1;
+                    Value { count, worker, seq: n }.encode(&mut guard);
+                    guard.commit().await.map(|()| count)
                 };
                 match written.await {
-                    Ok(()) => acked[i] = count,
-                    Err(_) => refused += 1,
+                    Ok(count) => acked[i] = acked[i].max(count),
+                    Err(e) => {
+                        assert!(
+                            matches!(e, DsmError::Leaving),
+                            "refused for the wrong reason: {e}"
+                        );
+                        refused += 1
+                    }
                 }
                 tokio::time::sleep(Duration::from_micros(100)).await;
             }
             (acked, refused)
         })
     };
+    let on_leaving = writer(leaving, 2);
+    let on_staying = writer(NodeId(1), 1);
     tokio::time::sleep(Duration::from_millis(20)).await;
     cluster.mem.evict(leaving).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
     stop.store(true, Ordering::Relaxed);
-    let (acked, refused) = writer.await.expect("writer");
+    let (left, refused) = on_leaving.await.expect("writer on the leaving node");
+    let (stayed, none) = on_staying.await.expect("writer on a node that stays");
     eprintln!("refused during or after the eviction: {refused}");
-    let reader = cluster.dsm(NodeId(1));
+    assert!(refused > 0, "the program kept writing through the eviction");
+    assert_eq!(none, 0, "a node that stays is never refused");
+    let reader = cluster.dsm(NodeId(3));
     for (i, &page) in pages.iter().enumerate() {
         let read = tokio::time::timeout(Duration::from_secs(60), reader.read(page))
             .await
             .expect("the page stays readable")
             .expect("read");
-        assert_eq!(Value::decode(&read).count, acked[i], "page {i}: the last acknowledged write");
+        let last = left[i].max(stayed[i]);
+        assert_eq!(Value::decode(&read).count, last, "page {i}: the last acknowledged write");
     }
 }
