@@ -104,6 +104,23 @@ fn log_of(agent: &Agent) -> String {
     std::fs::read_to_string(&agent.log).unwrap_or_default()
 }
 
+/// What each agent says of itself and logged, for a failure message.
+fn evidence(agents: &[Agent]) -> String {
+    let mut out = String::new();
+    for agent in agents {
+        let log = log_of(agent);
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        out.push_str(&format!(
+            "\n--- node {} (running: {}) local status: {}\nlog tail:\n{}\n",
+            agent.id,
+            agent.child.is_some(),
+            status(&agent.dir, true).map_or("none".into(), |s| s.to_string()),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+    }
+    out
+}
+
 #[test]
 fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
     let root = tempfile::tempdir().expect("temporary directory");
@@ -215,14 +232,24 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
         (5, "active", 2),
     ];
     for agent in agents.iter().filter(|a| a.child.is_some()) {
-        wait_until(&format!("node {} to catch up", agent.id), limit, || {
+        let started = Instant::now();
+        let caught_up = || {
             status(&agent.dir, true).is_some_and(|s| {
                 s["stable"] == true
                     && expected
                         .iter()
                         .all(|(id, st, inc)| node_status(&s, *id) == Some((st.to_string(), *inc)))
             })
-        });
+        };
+        while !caught_up() {
+            assert!(
+                started.elapsed() < limit,
+                "timed out waiting for node {} to catch up:{}",
+                agent.id,
+                evidence(&agents)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     let epochs: Vec<u64> = agents
         .iter()
