@@ -48,18 +48,14 @@ fn spawn(agent: &Agent, extra: &[&str]) -> Child {
     let log =
         std::fs::OpenOptions::new().create(true).append(true).open(&agent.log).expect("log file");
     Command::new(BIN)
-        .args([
-            "agent",
-            "--loopback-timers",
-            "--listen",
-            &agent.addr,
-            "--node-id",
-            &agent.id.to_string(),
-        ])
+        .args(["agent", "--listen", &agent.addr, "--node-id", &agent.id.to_string()])
         .arg("--data-dir")
         .arg(&agent.dir)
         .args(extra)
-        .env("RUST_LOG", "warn,openraft=error")
+        .env(
+            "RUST_LOG",
+            std::env::var("GOBELINS_TEST_AGENT_LOG").unwrap_or("warn,openraft=error".into()),
+        )
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -280,6 +276,12 @@ fn three_agents(root: &Path, limit: Duration) -> Vec<Agent> {
     }
     let all: Vec<(u64, &str, u64)> = (1..=3).map(|i| (i, "active", 1)).collect();
     wait_until("three active nodes", limit, || stable_with(&agents[0].dir, &all));
+    // Raft's voters follow the membership a little later. Until node 3 votes, the cluster is
+    // two voters, which cannot lose one: a kill before then would stop it for good.
+    wait_until("three voters", limit, || {
+        status(&agents[0].dir, false)
+            .is_some_and(|s| s["voters"].as_array().map_or(0, Vec::len) == 3)
+    });
     agents
 }
 
@@ -399,9 +401,15 @@ fn shared_memory_written_through_one_agent_reads_back_through_the_others_and_sur
     assert!(out.status.success(), "rewrite: {}", String::from_utf8_lossy(&out.stderr));
     agents[1].child.as_mut().expect("child").kill().expect("kill -9");
     agents[1].child.as_mut().expect("child").wait().expect("reap");
-    wait_until("node 2 declared failed", limit, || {
-        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "failed", 1), (3, "active", 1)])
-    });
+    let started = Instant::now();
+    while !stable_with(&agents[0].dir, &[(1, "active", 1), (2, "failed", 1), (3, "active", 1)]) {
+        assert!(
+            started.elapsed() < limit,
+            "timed out waiting for node 2 declared failed:{}",
+            evidence(&agents)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for agent in [&agents[0], &agents[2]] {
         assert_eq!(read(agent, "0", text.len()), text, "through node {}", agent.id);
         assert_eq!(read(agent, "4090", rewritten.len()), rewritten, "through node {}", agent.id);

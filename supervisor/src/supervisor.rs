@@ -160,6 +160,10 @@ pub struct Supervisor {
     services: Box<dyn Fn() -> Registry + Send + Sync>,
     /// The incarnation, declared dead by the cluster, whose host was last renewed.
     renewed_for: AtomicU64,
+    /// A change of raft voters is under way: it can wait long (a new voter far behind, or a
+    /// joint configuration that needs a node that just died), and the leader's other duties
+    /// (its lease, failure detection) must not wait with it.
+    reconciling: Arc<AtomicBool>,
     /// Whether the cluster admitted this process's life (bootstrap or join). Until then the
     /// host is not fed: a restarted process has lost its services' memory and must not serve
     /// its old keys as empty.
@@ -221,6 +225,7 @@ impl Supervisor {
             services: parts.services,
             // No incarnation is u64::MAX: the first declared-dead life always renews.
             renewed_for: AtomicU64::new(u64::MAX),
+            reconciling: Arc::new(AtomicBool::new(false)),
             admitted: AtomicBool::new(false),
             admission: tokio::sync::Notify::new(),
             lifecycle,
@@ -393,7 +398,15 @@ impl Supervisor {
         if next != self.incarnation() {
             tracing::warn!(node = self.me.id, incarnation = next, "joining as a new incarnation");
             (self.save_incarnation)(next)?;
-            self.incarnation.store(next, Ordering::SeqCst);
+            // Under the lifecycle's lock, which the duties take to judge "left" by the
+            // incarnation: a node restarted with --join replays the record of its last life as
+            // left, and that must not end the new life.
+            self.lifecycle.send_modify(|lifecycle| {
+                self.incarnation.store(next, Ordering::SeqCst);
+                if *lifecycle == Lifecycle::Left {
+                    *lifecycle = Lifecycle::Member;
+                }
+            });
         }
         Ok(next)
     }
@@ -684,10 +697,15 @@ impl Supervisor {
                 }
             }
             let mine = current.nodes.get(&self.me.id);
-            if mine.is_some_and(|r| {
-                r.status == NodeStatus::Left && r.incarnation == self.incarnation()
-            }) {
-                self.lifecycle.send_replace(Lifecycle::Left);
+            if let Some(left) = mine.filter(|r| r.status == NodeStatus::Left) {
+                self.lifecycle.send_if_modified(|lifecycle| {
+                    let ended =
+                        *lifecycle == Lifecycle::Member && left.incarnation == self.incarnation();
+                    if ended {
+                        *lifecycle = Lifecycle::Left;
+                    }
+                    ended
+                });
             }
             if self.life_admitted() {
                 fed.feed(&self.host, &current);
@@ -834,7 +852,13 @@ impl Supervisor {
                 continue;
             }
             let state = self.state();
-            self.reconcile_membership(&state).await;
+            if !self.reconciling.swap(true, Ordering::SeqCst) {
+                let (me, state) = (Arc::clone(&self), Arc::clone(&state));
+                tokio::spawn(async move {
+                    me.reconcile_membership(&state).await;
+                    me.reconciling.store(false, Ordering::SeqCst);
+                });
+            }
             let members: BTreeSet<u64> = state.live();
             let actions = {
                 let mut detector = self.detector.lock().unwrap_or_else(|p| p.into_inner());
