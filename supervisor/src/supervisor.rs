@@ -163,7 +163,7 @@ pub struct Supervisor {
     /// A change of raft voters is under way: it can wait long (a new voter far behind, or a
     /// joint configuration that needs a node that just died), and the leader's other duties
     /// (its lease, failure detection) must not wait with it.
-    reconciling: Arc<AtomicBool>,
+    reconciling: AtomicBool,
     /// Whether the cluster admitted this process's life (bootstrap or join). Until then the
     /// host is not fed: a restarted process has lost its services' memory and must not serve
     /// its old keys as empty.
@@ -225,7 +225,7 @@ impl Supervisor {
             services: parts.services,
             // No incarnation is u64::MAX: the first declared-dead life always renews.
             renewed_for: AtomicU64::new(u64::MAX),
-            reconciling: Arc::new(AtomicBool::new(false)),
+            reconciling: AtomicBool::new(false),
             admitted: AtomicBool::new(false),
             admission: tokio::sync::Notify::new(),
             lifecycle,
