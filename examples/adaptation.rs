@@ -66,6 +66,32 @@ fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
+/// Starts a server that sends every length-prefixed frame back as it reads it, on one
+/// connection; returns its address.
+async fn echo_server() -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        socket.set_nodelay(true).expect("nodelay");
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let Ok(len) = socket.read_u32().await else { return };
+            let body = &mut buf[..len as usize];
+            if socket.read_exact(body).await.is_err() {
+                return;
+            }
+            let mut frame = Vec::with_capacity(4 + body.len());
+            frame.extend_from_slice(&len.to_be_bytes());
+            frame.extend_from_slice(body);
+            if socket.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    });
+    addr
+}
+
 /// A raw length-prefixed echo over loopback TCP, one request in flight.
 struct Echo {
     socket: TcpStream,
@@ -75,26 +101,7 @@ struct Echo {
 
 impl Echo {
     async fn start(size: usize) -> Echo {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.expect("accept");
-            socket.set_nodelay(true).expect("nodelay");
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let Ok(len) = socket.read_u32().await else { return };
-                let body = &mut buf[..len as usize];
-                if socket.read_exact(body).await.is_err() {
-                    return;
-                }
-                let mut frame = Vec::with_capacity(4 + body.len());
-                frame.extend_from_slice(&len.to_be_bytes());
-                frame.extend_from_slice(body);
-                if socket.write_all(&frame).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let addr = echo_server().await;
         let socket = TcpStream::connect(addr).await.expect("connect");
         socket.set_nodelay(true).expect("nodelay");
         let mut frame = Vec::with_capacity(4 + size);
@@ -128,26 +135,7 @@ struct MuxEcho {
 
 impl MuxEcho {
     async fn start(size: usize) -> MuxEcho {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        tokio::spawn(async move {
-            let (mut socket, _) = listener.accept().await.expect("accept");
-            socket.set_nodelay(true).expect("nodelay");
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let Ok(len) = socket.read_u32().await else { return };
-                let body = &mut buf[..len as usize];
-                if socket.read_exact(body).await.is_err() {
-                    return;
-                }
-                let mut frame = Vec::with_capacity(4 + body.len());
-                frame.extend_from_slice(&len.to_be_bytes());
-                frame.extend_from_slice(body);
-                if socket.write_all(&frame).await.is_err() {
-                    return;
-                }
-            }
-        });
+        let addr = echo_server().await;
         let socket = TcpStream::connect(addr).await.expect("connect");
         socket.set_nodelay(true).expect("nodelay");
         let (mut read, write) = socket.into_split();
