@@ -210,6 +210,14 @@ pub trait Service: Send + Sync + 'static {
         false
     }
 
+    /// Whether `response` says the request changed nothing (the resource is busy, ask again
+    /// later): such an answer is given but not kept, since a retry may as well run again, and
+    /// keeping it would push out of the few answers kept per key one that a retry needs. The
+    /// default: every answer may have changed something.
+    fn changed_nothing(_response: &Self::Response) -> bool {
+        false
+    }
+
     /// Prepares for a change. The locator still routes by the old epoch.
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
 
@@ -282,7 +290,8 @@ pub trait Plugin: Send + Sync {
 pub struct Answer {
     /// The encoded response.
     pub response: Vec<u8>,
-    /// The request was [`Service::repeatable`]: its answer need not be remembered.
+    /// The request was [`Service::repeatable`], or its answer [`Service::changed_nothing`]:
+    /// the answer need not be remembered.
     pub repeatable: bool,
 }
 
@@ -317,6 +326,7 @@ impl<S: Service> Plugin for Erased<S> {
         if S::must_retry(&response) {
             return Err(AdaptationError::Retry { service: self.0.spec().id.0, key: key.0 });
         }
+        let repeatable = repeatable || S::changed_nothing(&response);
         Ok(Answer { response: codec::encode(&response)?, repeatable })
     }
 

@@ -799,6 +799,16 @@ impl Service for DsmService {
         matches!(request, Request::ReadFault { .. } | Request::Arrive { .. })
     }
 
+    /// A manager that could not reach a holder, or a lock held by another, changed nothing:
+    /// keeping those answers would push a write grant's out of the few kept per page before
+    /// its retry arrives.
+    fn changed_nothing(response: &Response) -> bool {
+        matches!(
+            response,
+            Response::Retry | Response::Busy | Response::Waiting | Response::Departed
+        )
+    }
+
     async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
         match (named(key), request) {
             (Named::Page(page), Request::ReadFault { node }) => {

@@ -12,7 +12,8 @@ use std::time::Duration;
 const SLOW: ServiceId = ServiceId(9);
 
 /// Each request sleeps the milliseconds it names, then answers how many runs began so far. An
-/// odd number of milliseconds marks a request as repeatable.
+/// odd number of milliseconds marks a request as repeatable; an answer of 0 changed nothing
+/// (asked with 4 ms).
 struct Slow {
     runs: Arc<AtomicU64>,
 }
@@ -31,7 +32,14 @@ impl Service for Slow {
         millis % 2 == 1
     }
 
+    fn changed_nothing(run: &u64) -> bool {
+        *run == 0
+    }
+
     async fn handle(&self, _ctx: &Context, _key: Key, millis: u64) -> u64 {
+        if millis == 4 {
+            return 0;
+        }
         let run = self.runs.fetch_add(1, Ordering::SeqCst) + 1;
         tokio::time::sleep(Duration::from_millis(millis)).await;
         run
@@ -99,6 +107,8 @@ async fn only_answers_to_requests_that_must_not_run_twice_are_kept() {
 
     let _: u64 = requester.request(SLOW, key, &1u64).await.expect("a repeatable request");
     assert_eq!(manager.stats().answers_kept, 0, "nothing kept for a request that may run again");
+    let _: u64 = requester.request(SLOW, key, &4u64).await.expect("an answer that changed nothing");
+    assert_eq!(manager.stats().answers_kept, 0, "nothing kept for an answer that changed nothing");
     let _: u64 = requester.request(SLOW, key, &2u64).await.expect("a request to run once");
     assert_eq!(manager.stats().answers_kept, 1, "kept for its retries");
 }
