@@ -259,8 +259,9 @@ fn phases(records: &[ChangeRecord]) -> String {
     )
 }
 
-/// A raw loopback TCP exchange shaped like a read fault: a small request, a page back.
-async fn raw_page_echo(samples: usize) -> Vec<Duration> {
+/// A server answering each 64-byte request with a page, headed by the request's first 8 bytes
+/// (a number, for a caller that has several in flight); returns its address.
+async fn page_server() -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -268,17 +269,24 @@ async fn raw_page_echo(samples: usize) -> Vec<Duration> {
         let (mut socket, _) = listener.accept().await.expect("accept");
         socket.set_nodelay(true).expect("nodelay");
         let mut request = [0u8; 64];
-        let mut page = vec![0u8; 4 + PAGE_SIZE];
-        page[..4].copy_from_slice(&(PAGE_SIZE as u32).to_le_bytes());
+        let mut page = vec![0u8; 8 + PAGE_SIZE];
         while socket.read_exact(&mut request).await.is_ok() {
+            page[..8].copy_from_slice(&request[..8]);
             if socket.write_all(&page).await.is_err() {
                 break;
             }
         }
     });
+    addr
+}
+
+/// A raw loopback TCP exchange shaped like a read fault: a small request, a page back.
+async fn raw_page_echo(samples: usize) -> Vec<Duration> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = page_server().await;
     let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
     socket.set_nodelay(true).expect("nodelay");
-    let mut back = vec![0u8; 4 + PAGE_SIZE];
+    let mut back = vec![0u8; 8 + PAGE_SIZE];
     let mut out = Vec::with_capacity(samples);
     for _ in 0..samples {
         let t = Instant::now();
@@ -295,20 +303,7 @@ async fn raw_page_echo_mux(samples: usize) -> Vec<Duration> {
     use std::collections::HashMap;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::oneshot;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("accept");
-        socket.set_nodelay(true).expect("nodelay");
-        let mut request = [0u8; 64];
-        let mut page = vec![0u8; 8 + PAGE_SIZE];
-        while socket.read_exact(&mut request).await.is_ok() {
-            page[..8].copy_from_slice(&request[..8]);
-            if socket.write_all(&page).await.is_err() {
-                break;
-            }
-        }
-    });
+    let addr = page_server().await;
     let socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
     socket.set_nodelay(true).expect("nodelay");
     let (mut read, mut write) = socket.into_split();

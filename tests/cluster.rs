@@ -82,10 +82,15 @@ fn node_status(status: &Value, id: u64) -> Option<(String, u64)> {
 }
 
 /// Polls until `check` holds, failing with `what` after `limit`.
-fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+fn wait_until(what: &str, limit: Duration, check: impl FnMut() -> bool) {
+    wait_showing(&[], what, limit, check);
+}
+
+/// [`wait_until`], failing with every agent's own status and log tail.
+fn wait_showing(agents: &[Agent], what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
     let start = Instant::now();
     while !check() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        assert!(start.elapsed() < limit, "timed out waiting for {what}{}", evidence(agents));
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -228,24 +233,14 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
         (5, "active", 2),
     ];
     for agent in agents.iter().filter(|a| a.child.is_some()) {
-        let started = Instant::now();
-        let caught_up = || {
+        wait_showing(&agents, &format!("node {} to catch up", agent.id), limit, || {
             status(&agent.dir, true).is_some_and(|s| {
                 s["stable"] == true
                     && expected
                         .iter()
                         .all(|(id, st, inc)| node_status(&s, *id) == Some((st.to_string(), *inc)))
             })
-        };
-        while !caught_up() {
-            assert!(
-                started.elapsed() < limit,
-                "timed out waiting for node {} to catch up:{}",
-                agent.id,
-                evidence(&agents)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        });
     }
     let epochs: Vec<u64> = agents
         .iter()
@@ -401,15 +396,9 @@ fn shared_memory_written_through_one_agent_reads_back_through_the_others_and_sur
     assert!(out.status.success(), "rewrite: {}", String::from_utf8_lossy(&out.stderr));
     agents[1].child.as_mut().expect("child").kill().expect("kill -9");
     agents[1].child.as_mut().expect("child").wait().expect("reap");
-    let started = Instant::now();
-    while !stable_with(&agents[0].dir, &[(1, "active", 1), (2, "failed", 1), (3, "active", 1)]) {
-        assert!(
-            started.elapsed() < limit,
-            "timed out waiting for node 2 declared failed:{}",
-            evidence(&agents)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_showing(&agents, "node 2 declared failed", limit, || {
+        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "failed", 1), (3, "active", 1)])
+    });
     for agent in [&agents[0], &agents[2]] {
         assert_eq!(read(agent, "0", text.len()), text, "through node {}", agent.id);
         assert_eq!(read(agent, "4090", rewritten.len()), rewritten, "through node {}", agent.id);

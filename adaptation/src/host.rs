@@ -711,14 +711,14 @@ impl Inner {
                                 key = key.0,
                                 "lease ran out during the request"
                             );
-                            if !answer.repeatable {
+                            if answer.keep {
                                 let response = answer.response;
                                 self.remember(service, Answered { key, id, response });
                             }
                             Reply::Late
                         }
                         Ok(answer) => {
-                            if !answer.repeatable {
+                            if answer.keep {
                                 let response = answer.response.clone();
                                 self.remember(service, Answered { key, id, response });
                             }

@@ -290,9 +290,9 @@ pub trait Plugin: Send + Sync {
 pub struct Answer {
     /// The encoded response.
     pub response: Vec<u8>,
-    /// The request was [`Service::repeatable`], or its answer [`Service::changed_nothing`]:
-    /// the answer need not be remembered.
-    pub repeatable: bool,
+    /// Remember it for retries of the request: false when the request is
+    /// [`Service::repeatable`] or the answer [`Service::changed_nothing`].
+    pub keep: bool,
 }
 
 /// Wraps a typed service as a [`Plugin`].
@@ -321,13 +321,13 @@ impl<S: Service> Plugin for Erased<S> {
         request: &[u8],
     ) -> Result<Answer, AdaptationError> {
         let request: S::Request = codec::decode(request)?;
-        let repeatable = S::repeatable(&request);
+        let keep = !S::repeatable(&request);
         let response = self.0.handle(ctx, key, request).await;
         if S::must_retry(&response) {
             return Err(AdaptationError::Retry { service: self.0.spec().id.0, key: key.0 });
         }
-        let repeatable = repeatable || S::changed_nothing(&response);
-        Ok(Answer { response: codec::encode(&response)?, repeatable })
+        let keep = keep && !S::changed_nothing(&response);
+        Ok(Answer { response: codec::encode(&response)?, keep })
     }
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {

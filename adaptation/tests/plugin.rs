@@ -87,12 +87,12 @@ async fn requests_and_answers_cross_the_plugin_in_bytes() {
     let kv = plugin(Kv::default());
     let put = codec::encode(&Request::Put("hello".into())).expect("encode");
     let stored = kv.handle(&ctx(), Key(3), &put).await.expect("put");
-    assert!(!stored.repeatable, "a write's answer is remembered for its retries");
+    assert!(stored.keep, "a write's answer is remembered for its retries");
     let answer: Option<String> = codec::decode(&stored.response).expect("decode");
     assert_eq!(answer, None);
     let get = codec::encode(&Request::Get).expect("encode");
     let read = kv.handle(&ctx(), Key(3), &get).await.expect("get");
-    assert!(read.repeatable, "a read may simply run again");
+    assert!(!read.keep, "a read may simply run again");
     let answer: Option<String> = codec::decode(&read.response).expect("decode");
     assert_eq!(answer.as_deref(), Some("hello"));
 }
