@@ -379,7 +379,8 @@ async fn write(
 async fn read(socket: &Path, key: u64) -> anyhow::Result<Option<u64>> {
     match call(socket, key, &Request::Get).await? {
         Response::Value(Some(v)) => {
-            let bytes: [u8; 8] = v.value.try_into().map_err(|_| anyhow::anyhow!("not a u64"))?;
+            let bytes: [u8; 8] =
+                v.value[..].try_into().map_err(|_| anyhow::anyhow!("not a u64"))?;
             Ok(Some(u64::from_le_bytes(bytes)))
         }
         Response::Value(None) => Ok(None),

@@ -324,7 +324,7 @@ fn a_node_restarted_before_anyone_noticed_comes_back_as_a_new_life_and_loses_not
     for socket in [socket.clone(), agents[1].dir.join("control.sock")] {
         for key in 0..keys {
             let value = match call(&socket, key, &kvdir::Request::Get) {
-                Some(kvdir::Response::Value(Some(v))) => v.value,
+                Some(kvdir::Response::Value(Some(v))) => v.value.to_vec(),
                 other => panic!("key {key} through {}: {other:?}", socket.display()),
             };
             assert_eq!(value, key.to_le_bytes().to_vec(), "key {key}");

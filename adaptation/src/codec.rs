@@ -25,6 +25,13 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, AdaptationError> {
     Ok(out)
 }
 
+/// Encodes `value` at the end of `out`.
+pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), AdaptationError> {
+    bincode::serde::encode_into_std_write(value, out, config())
+        .map(|_| ())
+        .map_err(|e| AdaptationError::Codec(e.to_string()))
+}
+
 /// Decodes a whole `T` from `bytes`; trailing bytes are an error, since they mean the two ends
 /// disagree about the format.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdaptationError> {

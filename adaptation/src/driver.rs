@@ -4,8 +4,9 @@
 use crate::host::{ChangeRecord, Inner, Progress, Update};
 use crate::period::{Command, Event, Period, Phase, Role};
 use crate::router::Router;
+use crate::run::{Packer, Run};
 use crate::service::{ChangeInfo, Moving};
-use crate::wire::{Answered, ByteBuf, Message};
+use crate::wire::{Answered, Message};
 use gobelins_locator::{Change, Key, NodeId, ServiceId, Snapshot};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -47,8 +48,8 @@ pub(crate) struct Driver {
     progress: Option<Progress>,
     /// The snapshot of the epoch being entered.
     target: Option<Arc<Snapshot>>,
-    /// Entries `scan` rebuilt, per service, until they are shipped.
-    rebuilt: BTreeMap<ServiceId, Vec<(Key, Vec<u8>)>>,
+    /// Entries `scan` rebuilt, per service and destination, until they are shipped.
+    rebuilt: BTreeMap<ServiceId, Vec<(NodeId, Run)>>,
     clock: Option<Clock>,
 }
 
@@ -234,14 +235,17 @@ impl Driver {
                         _ => return vec![Event::BeforeDone(service)],
                     };
                     let orphans = Moving::new(spec, plan.outgoing_of(service, failed));
-                    match plugin.scan(&ctx, failed, &orphans).await {
-                        Ok(entries) => {
-                            let n = entries.len() as u64;
+                    let Some(mut packer) = self.packer(service) else {
+                        return vec![Event::BeforeDone(service)];
+                    };
+                    match plugin.scan(&ctx, failed, &orphans, &mut packer).await {
+                        Ok(()) => {
+                            let n = packer.count();
                             inner.counters.entries_rebuilt.fetch_add(n, Ordering::Relaxed);
                             if let Some(clock) = &mut self.clock {
                                 clock.record.entries_rebuilt += n;
                             }
-                            self.rebuilt.insert(service, entries);
+                            self.rebuilt.insert(service, packer.finish());
                         }
                         Err(e) => tracing::error!(
                             service = service.0,
@@ -325,16 +329,26 @@ impl Driver {
         }
     }
 
+    /// Encodes entries for their managers in the epoch being entered, in batch-sized runs.
+    fn packer(&self, service: ServiceId) -> Option<Packer> {
+        let target = self.target.clone()?;
+        target.table(service)?;
+        let me = self.inner.me;
+        let locate = move |key| target.locate(service, key).unwrap_or(me);
+        Some(Packer::new(locate, self.inner.config.batch_bytes))
+    }
+
     /// Ships what leaves this node for `service`: what `send_out` exports and what `scan`
     /// rebuilt, each entry to its manager in the new epoch, destinations in parallel.
     async fn send_out(&mut self, service: ServiceId) {
         let inner = Arc::clone(&self.inner);
         let me = inner.me;
-        let (Some(plugin), Some(spec), Some(progress), Some(target)) = (
+        let (Some(plugin), Some(spec), Some(progress), Some(target), Some(mut packer)) = (
             inner.registry.get(service),
             inner.registry.spec(service),
             self.progress.as_ref(),
             self.target.clone(),
+            self.packer(service),
         ) else {
             return;
         };
@@ -343,17 +357,20 @@ impl Driver {
         let ctx = inner.context(None);
         let moves = progress.plan.outgoing_of(service, me);
         let started = Instant::now();
-        let mut entries = Vec::new();
         if !moves.is_empty() {
-            match plugin.send_out(&ctx, &Moving::new(spec.clone(), moves)).await {
-                Ok(out) => entries = out,
-                Err(e) => tracing::error!(service = service.0, error = %e, "send_out failed"),
+            if let Err(e) =
+                plugin.send_out(&ctx, &Moving::new(spec.clone(), moves), &mut packer).await
+            {
+                tracing::error!(service = service.0, error = %e, "send_out failed");
             }
         }
-        entries.extend(self.rebuilt.remove(&service).unwrap_or_default());
-        let mut by_node: BTreeMap<NodeId, Vec<(Key, Vec<u8>)>> = BTreeMap::new();
-        for (key, entry) in entries {
-            by_node.entry(table.locate(key)).or_default().push((key, entry));
+        let packed = started.elapsed();
+        for (to, run) in self.rebuilt.remove(&service).unwrap_or_default() {
+            packer.extend(to, run);
+        }
+        let mut by_node: BTreeMap<NodeId, Vec<Run>> = BTreeMap::new();
+        for (to, run) in packer.finish() {
+            by_node.entry(to).or_default().push(run);
         }
         // The answers given for keys that leave go with them.
         let mut answers: BTreeMap<NodeId, Vec<Answered>> = BTreeMap::new();
@@ -369,9 +386,9 @@ impl Driver {
                 to.extend(list.into_iter().map(|(id, response)| Answered { key, id, response }));
             }
         }
-        if let Some(mine) = by_node.remove(&me) {
-            let n = mine.len() as u64;
-            match plugin.receive(&ctx, me, mine).await {
+        for run in by_node.remove(&me).unwrap_or_default() {
+            let n = run.len() as u64;
+            match plugin.receive(&ctx, me, &run).await {
                 Ok(()) => {
                     inner.counters.entries_received.fetch_add(n, Ordering::Relaxed);
                 }
@@ -384,16 +401,16 @@ impl Driver {
         let mut shipping = JoinSet::new();
         let nodes: BTreeSet<NodeId> = by_node.keys().chain(answers.keys()).copied().collect();
         for node in nodes {
-            let list = by_node.remove(&node).unwrap_or_default();
+            let runs = by_node.remove(&node).unwrap_or_default();
             let answered = answers.remove(&node).unwrap_or_default();
             let inner = Arc::clone(&inner);
-            shipping.spawn(async move { inner.ship(epoch, service, node, list, answered).await });
+            shipping.spawn(async move { inner.ship(epoch, service, node, runs, answered).await });
         }
         let mut sent = 0;
         while let Some(done) = shipping.join_next().await {
             sent += done.unwrap_or(0);
         }
-        tracing::debug!(service = service.0, epoch, sent, ?exported, took = ?started.elapsed(), "sent out");
+        tracing::debug!(service = service.0, epoch, sent, ?packed, ?exported, took = ?started.elapsed(), "sent out");
         if let Some(clock) = &mut self.clock {
             clock.record.entries_sent += sent;
         }
@@ -401,13 +418,13 @@ impl Driver {
 }
 
 impl Inner {
-    /// Sends `entries` to `to` in batches of about `batch_bytes`; returns how many were taken.
+    /// Sends `runs` to `to`, a batch each; returns how many entries were taken.
     pub(crate) async fn ship(
         self: Arc<Self>,
         epoch: u64,
         service: ServiceId,
         to: NodeId,
-        entries: Vec<(Key, Vec<u8>)>,
+        runs: Vec<Run>,
         answered: Vec<Answered>,
     ) -> u64 {
         // A few batches in flight rather than one: the wire stays busy while the receiver
@@ -425,14 +442,17 @@ impl Inner {
                 let message = Message::Batch {
                     epoch,
                     service,
-                    entries: Vec::new(),
+                    entries: Run::default(),
                     answered: chunk.to_vec(),
                 };
                 (message, 0, 0)
             })
             .collect::<Vec<_>>()
             .into_iter()
-            .chain(batches(epoch, service, entries, self.config.batch_bytes));
+            .chain(runs.into_iter().map(|run| {
+                let (n, size) = (run.len() as u64, run.size() as u64);
+                (Message::Batch { epoch, service, entries: run, answered: Vec::new() }, n, size)
+            }));
         for (message, n, size) in &mut messages {
             if flying.len() >= IN_FLIGHT {
                 taken += flying.join_next().await.and_then(Result::ok).unwrap_or(0);
@@ -454,45 +474,5 @@ impl Inner {
         }
         tracing::debug!(node = to.0, entries = taken, answers, took = ?started.elapsed(), "shipped");
         taken
-    }
-}
-
-/// `entries` cut into batches of about `batch_bytes`, each with its entry count and size.
-fn batches(
-    epoch: u64,
-    service: ServiceId,
-    entries: Vec<(Key, Vec<u8>)>,
-    batch_bytes: usize,
-) -> impl Iterator<Item = (Message, u64, u64)> {
-    let mut entries = entries.into_iter().peekable();
-    std::iter::from_fn(move || {
-        entries.peek()?;
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        // At least one entry per batch, whatever `batch_bytes` says.
-        while batch.is_empty() || bytes < batch_bytes {
-            let Some((key, entry)) = entries.next() else { break };
-            bytes += entry.len() + 16;
-            batch.push((key, ByteBuf::from(entry)));
-        }
-        let n = batch.len() as u64;
-        let message = Message::Batch { epoch, service, entries: batch, answered: Vec::new() };
-        Some((message, n, bytes as u64))
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batches_cover_every_entry_once_whatever_the_batch_size() {
-        let entries: Vec<(Key, Vec<u8>)> = (0..10).map(|k| (Key(k), vec![0u8; 100])).collect();
-        for batch_bytes in [0, 1, 250, 1 << 20] {
-            let sizes: Vec<u64> =
-                batches(3, ServiceId(1), entries.clone(), batch_bytes).map(|(_, n, _)| n).collect();
-            assert_eq!(sizes.iter().sum::<u64>(), 10, "batch_bytes {batch_bytes}: {sizes:?}");
-            assert!(sizes.iter().all(|&n| n > 0), "no empty batch: {sizes:?}");
-        }
     }
 }

@@ -14,8 +14,9 @@ use crate::error::AdaptationError;
 use crate::link::Link;
 use crate::registry::Registry;
 use crate::router::{Router, Verdict};
+use crate::run::Run;
 use crate::service::{Context, Peers};
-use crate::wire::{Answered, ByteBuf, Message, Reply, RequestId};
+use crate::wire::{Answered, Message, Reply, RequestId};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use dashmap::DashMap;
@@ -802,11 +803,9 @@ impl Inner {
         from: NodeId,
         epoch: u64,
         service: ServiceId,
-        entries: Vec<(Key, ByteBuf)>,
+        entries: Run,
         answered: Vec<Answered>,
     ) -> Reply {
-        let entries: Vec<(Key, Vec<u8>)> =
-            entries.into_iter().map(|(k, e)| (k, e.into_vec())).collect();
         let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
         let mut begun = self.begun.subscribe();
         let until = Instant::now() + self.config.call_timeout;
@@ -822,7 +821,7 @@ impl Inner {
         }
         let count = entries.len() as u64;
         let ctx = self.context(None);
-        match plugin.receive(&ctx, from, entries).await {
+        match plugin.receive(&ctx, from, &entries).await {
             Ok(()) => {
                 for a in answered {
                     self.remember(service, a);

@@ -6,6 +6,7 @@
 
 use crate::codec;
 use crate::error::AdaptationError;
+use crate::run::{Packer, Run};
 use async_trait::async_trait;
 use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, SlotMove, Snapshot};
 use serde::de::DeserializeOwned;
@@ -145,14 +146,18 @@ pub struct Moving {
 
 impl Moving {
     /// The moves out of this node for the service `spec` describes.
-    pub fn new(spec: ServiceSpec, moves: Vec<SlotMove>) -> Self {
+    pub fn new(spec: ServiceSpec, mut moves: Vec<SlotMove>) -> Self {
+        moves.sort_unstable_by_key(|m| m.slots.start);
         Moving { spec, moves }
     }
 
     /// The new manager of `key` if it leaves this node, `None` if it stays.
     pub fn destination(&self, key: Key) -> Option<NodeId> {
+        // Called for every entry a node holds: a change can move thousands of scattered slot
+        // ranges, so a linear search would make `send_out` quadratic.
         let slot = self.spec.slot_of(key);
-        self.moves.iter().find(|m| m.slots.contains(&slot)).map(|m| m.to)
+        let at = self.moves.partition_point(|m| m.slots.end <= slot);
+        self.moves.get(at).filter(|m| m.slots.contains(&slot)).map(|m| m.to)
     }
 
     /// The slots that go to `node`.
@@ -261,28 +266,30 @@ pub trait Plugin: Send + Sync {
     ) -> Result<Answer, AdaptationError>;
     /// [`Service::before_migration`].
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
-    /// [`Service::send_out`], entries encoded.
+    /// [`Service::send_out`], each entry encoded into `packer`'s run for its destination.
     async fn send_out(
         &self,
         ctx: &Context,
         moving: &Moving,
-    ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError>;
+        packer: &mut Packer,
+    ) -> Result<(), AdaptationError>;
     /// [`Service::receive`], entries encoded; a batch that does not decode is refused whole.
     async fn receive(
         &self,
         ctx: &Context,
         from: NodeId,
-        entries: Vec<(Key, Vec<u8>)>,
+        entries: &Run,
     ) -> Result<(), AdaptationError>;
     /// [`Service::after_migration`].
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo);
-    /// [`Service::scan`], entries encoded.
+    /// [`Service::scan`], each entry encoded into `packer`'s run for its destination.
     async fn scan(
         &self,
         ctx: &Context,
         failed: NodeId,
         orphans: &Moving,
-    ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError>;
+        packer: &mut Packer,
+    ) -> Result<(), AdaptationError>;
 }
 
 /// What [`Plugin::handle`] answered.
@@ -302,10 +309,8 @@ pub fn plugin<S: Service>(service: S) -> Box<dyn Plugin> {
 
 struct Erased<S>(S);
 
-fn encode_entries<E: Serialize>(
-    entries: Vec<(Key, E)>,
-) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError> {
-    entries.into_iter().map(|(key, entry)| Ok((key, codec::encode(&entry)?))).collect()
+fn pack<E: Serialize>(entries: Vec<(Key, E)>, packer: &mut Packer) -> Result<(), AdaptationError> {
+    entries.iter().try_for_each(|(key, entry)| packer.push(*key, entry))
 }
 
 #[async_trait]
@@ -338,21 +343,18 @@ impl<S: Service> Plugin for Erased<S> {
         &self,
         ctx: &Context,
         moving: &Moving,
-    ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError> {
-        encode_entries(self.0.send_out(ctx, moving).await)
+        packer: &mut Packer,
+    ) -> Result<(), AdaptationError> {
+        pack(self.0.send_out(ctx, moving).await, packer)
     }
 
     async fn receive(
         &self,
         ctx: &Context,
         from: NodeId,
-        entries: Vec<(Key, Vec<u8>)>,
+        entries: &Run,
     ) -> Result<(), AdaptationError> {
-        // Decode the whole batch first: half a batch staged would be half an entry set.
-        let decoded = entries
-            .into_iter()
-            .map(|(key, bytes)| Ok((key, codec::decode::<S::Entry>(&bytes)?)))
-            .collect::<Result<Vec<_>, AdaptationError>>()?;
+        let decoded = entries.decode::<S::Entry>()?;
         self.0.receive(ctx, from, decoded).await;
         Ok(())
     }
@@ -366,7 +368,34 @@ impl<S: Service> Plugin for Erased<S> {
         ctx: &Context,
         failed: NodeId,
         orphans: &Moving,
-    ) -> Result<Vec<(Key, Vec<u8>)>, AdaptationError> {
-        encode_entries(self.0.scan(ctx, failed, orphans).await)
+        packer: &mut Packer,
+    ) -> Result<(), AdaptationError> {
+        pack(self.0.scan(ctx, failed, orphans).await, packer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_s_destination_is_found_among_scattered_moves_in_any_order() {
+        let spec = ServiceSpec::new(ServiceId(3), "s").with_slots(64);
+        // Every third slot moves, to one of two nodes, listed out of order.
+        let mut moves: Vec<SlotMove> = (0..64)
+            .step_by(3)
+            .map(|s| SlotMove {
+                slots: s..s + 1,
+                from: NodeId(1),
+                to: NodeId(2 + u64::from(s % 2)),
+            })
+            .collect();
+        moves.reverse();
+        let moving = Moving::new(spec.clone(), moves);
+        for k in 0..1000u64 {
+            let slot = spec.slot_of(Key(k));
+            let expected = slot.is_multiple_of(3).then(|| NodeId(2 + u64::from(slot % 2)));
+            assert_eq!(moving.destination(Key(k)), expected, "key {k}, slot {slot}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The messages hosts send each other: requests for a manager, messages to a local server,
 //! migration batches and acknowledgements.
 
+use crate::run::Run;
 use gobelins_locator::{Key, NodeId, ServiceId};
 use serde::{Deserialize, Serialize};
 pub use serde_bytes::ByteBuf;
@@ -62,7 +63,7 @@ pub enum Message {
         /// The service.
         service: ServiceId,
         /// Encoded entries.
-        entries: Vec<(Key, ByteBuf)>,
+        entries: Run,
         /// Answers the old manager gave for these keys, so retries still run once.
         answered: Vec<Answered>,
     },

@@ -3,14 +3,14 @@
 
 use async_trait::async_trait;
 use gobelins_adaptation::{
-    codec, plugin, AdaptationError, ChangeInfo, Context, Moving, Registry, Service,
+    codec, plugin, AdaptationError, ChangeInfo, Context, Moving, Packer, Registry, Run, Service,
 };
 use gobelins_locator::{
     CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, ServiceSpec, TreeConfig,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 const KV: ServiceId = ServiceId(7);
 
@@ -131,12 +131,21 @@ async fn a_migration_hands_over_exactly_the_entries_the_plan_moves() {
     }
 
     let moves = plan.outgoing(NodeId(1)).map(|(_, m)| m.clone()).collect();
-    let sent =
-        one.send_out(&ctx(), &Moving::new(Kv::default().spec(), moves)).await.expect("send out");
+    let target = Arc::new(new.clone());
+    let locate = move |k| target.locate(KV, k).expect("kv's table");
+    let mut packer = Packer::new(locate, 1 << 20);
+    one.send_out(&ctx(), &Moving::new(Kv::default().spec(), moves), &mut packer)
+        .await
+        .expect("send out");
     let expected: Vec<Key> =
         mine.iter().copied().filter(|&k| new.locate(KV, k) == Some(NodeId(3))).collect();
     assert!(!expected.is_empty(), "node 1 gives node 3 some keys");
-    assert_eq!(sent.iter().map(|(k, _)| *k).collect::<Vec<_>>(), expected);
+    let runs = packer.finish();
+    assert_eq!(runs.len(), 1, "one batch, for node 3: {runs:?}");
+    let (to, sent) = &runs[0];
+    assert_eq!(*to, NodeId(3));
+    let keys: Vec<Key> = sent.entries().map(|e| e.expect("entry").0).collect();
+    assert_eq!(keys, expected);
 
     three.receive(&ctx(), NodeId(1), sent).await.expect("receive");
     let get = codec::encode(&Request::Get).expect("encode");
@@ -156,11 +165,10 @@ async fn a_migration_hands_over_exactly_the_entries_the_plan_moves() {
 #[tokio::test]
 async fn a_batch_that_does_not_decode_is_refused_whole() {
     let kv = plugin(Kv::default());
-    let good = codec::encode(&"fine".to_string()).expect("encode");
-    let err = kv
-        .receive(&ctx(), NodeId(2), vec![(Key(1), good), (Key(2), vec![0xff; 3])])
-        .await
-        .unwrap_err();
+    let mut batch = Run::default();
+    batch.push_encoded(Key(1), &"fine".to_string()).expect("encode");
+    batch.push(Key(2), &[0xff; 3]);
+    let err = kv.receive(&ctx(), NodeId(2), &batch).await.unwrap_err();
     assert!(matches!(err, AdaptationError::Codec(_)), "{err}");
     kv.after_migration(&ctx(), &info(2)).await;
     let get = codec::encode(&Request::Get).expect("encode");
@@ -168,13 +176,11 @@ async fn a_batch_that_does_not_decode_is_refused_whole() {
         codec::decode(&kv.handle(&ctx(), Key(1), &get).await.expect("get").response)
             .expect("decode");
     assert_eq!(value, None, "no half batch was staged");
-    assert!(
-        kv.scan(&ctx(), NodeId(2), &Moving::new(Kv::default().spec(), Vec::new()))
-            .await
-            .expect("scan")
-            .is_empty(),
-        "nothing invented"
-    );
+    let mut packer = Packer::new(|_| NodeId(1), 1 << 20);
+    kv.scan(&ctx(), NodeId(2), &Moving::new(Kv::default().spec(), Vec::new()), &mut packer)
+        .await
+        .expect("scan");
+    assert_eq!(packer.count(), 0, "nothing invented");
 }
 
 struct Named(ServiceSpec);

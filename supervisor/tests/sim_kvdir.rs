@@ -314,7 +314,7 @@ async fn check_key(
     };
     let value = match read {
         Response::Value(Some(v)) => Some(u64::from_le_bytes(
-            v.value.as_slice().try_into().map_err(|_| format!("key {key}: bad value"))?,
+            v.value[..].try_into().map_err(|_| format!("key {key}: bad value"))?,
         )),
         Response::Value(None) => None,
         other => return Err(format!("key {key}: unexpected answer {other:?}")),

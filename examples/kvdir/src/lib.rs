@@ -13,6 +13,7 @@
 #![deny(missing_docs)]
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec, Snapshot};
 use serde::{Deserialize, Serialize};
@@ -30,9 +31,10 @@ const REPLICATE_CHUNK: usize = 4096;
 pub struct Versioned {
     /// Grows by one with every write of the key.
     pub version: u64,
-    /// The bytes stored.
-    #[serde(with = "serde_bytes")]
-    pub value: Vec<u8>,
+    /// The bytes stored. `Bytes`, not `Vec<u8>`: the copy an entry leaves behind as a replica
+    /// when it moves, and the copies sent to the backup, share its memory instead of copying
+    /// it. Serialized as a byte string either way.
+    pub value: Bytes,
 }
 
 /// What clients and peers ask.
@@ -157,7 +159,7 @@ impl Service for KvDir {
                 let entry = {
                     let mut live = self.live.lock().expect("live");
                     let version = live.get(&key).map_or(1, |e| e.version + 1);
-                    let entry = Versioned { version, value };
+                    let entry = Versioned { version, value: Bytes::from(value) };
                     live.insert(key, entry.clone());
                     entry
                 };

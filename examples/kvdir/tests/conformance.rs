@@ -23,7 +23,7 @@ impl Probe for KvProbe {
 
     fn value(&self, response: Response) -> Option<u64> {
         match response {
-            Response::Value(Some(v)) => Some(u64::from_le_bytes(v.value.try_into().ok()?)),
+            Response::Value(Some(v)) => Some(u64::from_le_bytes(v.value[..].try_into().ok()?)),
             _ => None,
         }
     }
@@ -60,8 +60,8 @@ async fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid
 #[tokio::test(start_paused = true)]
 async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_and_changes_nothing()
 {
-    use gobelins_adaptation::wire::{ByteBuf, Message, Reply};
-    use gobelins_adaptation::{codec, HostConfig};
+    use gobelins_adaptation::wire::{Message, Reply};
+    use gobelins_adaptation::{codec, HostConfig, Run};
     use gobelins_kvdir::{Versioned, KVDIR};
     use gobelins_locator::{Key, NodeId};
 
@@ -72,13 +72,10 @@ async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_an
         .find(|k| cluster.snapshot().table(KVDIR).expect("table").locate(*k) == NodeId(1))
         .expect("a key node 1 manages");
     let host = cluster.host(NodeId(1));
-    let stale = Versioned { version: 99, value: b"stale".to_vec() };
-    let batch = Message::Batch {
-        epoch,
-        service: KVDIR,
-        entries: vec![(key, ByteBuf::from(codec::encode(&stale).expect("encode")))],
-        answered: Vec::new(),
-    };
+    let stale = Versioned { version: 99, value: b"stale".to_vec().into() };
+    let mut entries = Run::default();
+    entries.push_encoded(key, &stale).expect("encode");
+    let batch = Message::Batch { epoch, service: KVDIR, entries, answered: Vec::new() };
     let reply = host.handle(NodeId(2), &codec::encode(&batch).expect("encode")).await;
     assert!(
         matches!(codec::decode::<Reply>(&reply).expect("decode"), Reply::Merged { epoch: e } if e == epoch),
