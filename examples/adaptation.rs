@@ -255,9 +255,7 @@ fn main() {
                 body: get.clone(),
                 wait_ms: 10_000,
             };
-            codec::encode(&gobelins_supervisor::rpc::Request::Adapt(codec::encode(&m).expect("m")))
-                .expect("encode")
-                .len()
+            gobelins_supervisor::lane::Lane::Adaptation.seal(codec::encode(&m).expect("m")).len()
         };
         // Interleaved in blocks, so that both see the same machine.
         let mut echo_client = Echo::start(request_bytes).await;
@@ -272,7 +270,7 @@ fn main() {
         let epoch = host.epoch();
         let mut redirected = Vec::with_capacity(samples / 4);
         // The transport alone: a supervisor ping, answered without the adaptation layer.
-        let ping = bytes::Bytes::from(codec::encode(&gobelins_supervisor::rpc::Request::Ping).expect("e"));
+        let ping = gobelins_supervisor::lane::request(&gobelins_supervisor::rpc::Request::Ping).expect("e");
         let mut pings = Vec::with_capacity(samples);
         for block in 0..samples / 500 {
             for i in 0..500 {

@@ -23,6 +23,7 @@ pub mod detector;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod lane;
 pub mod link;
 pub mod mem;
 pub mod net;

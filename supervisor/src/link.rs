@@ -1,10 +1,10 @@
 //! The adaptation layer's [`Link`] over the supervisor's authenticated transport: its messages
-//! travel as [`Request::Adapt`], on the same connections as raft and the failure detector.
+//! travel in their own [`Lane`], on the same connections as raft and the failure detector.
 
-use crate::rpc::{Request, Response};
+use crate::lane::Lane;
+use crate::rpc::Response;
 use crate::transport::Transport;
 use async_trait::async_trait;
-use bytes::Bytes;
 use gobelins_adaptation::{codec, AdaptationError, Link};
 use gobelins_locator::NodeId;
 use std::sync::Arc;
@@ -31,16 +31,19 @@ impl Link for TransportLink {
         deadline: Duration,
     ) -> Result<Vec<u8>, AdaptationError> {
         let unreachable = |reason: String| AdaptationError::Unreachable { node: to.0, reason };
-        let request = Bytes::from(codec::encode(&Request::Adapt(message))?);
         let answer = self
             .transport
-            .call(to.0, request, deadline)
+            .call(to.0, Lane::Adaptation.seal(message), deadline)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
-        match codec::decode::<Response>(&answer)? {
-            Response::Adapt(bytes) => Ok(bytes),
-            Response::Malformed(why) => Err(unreachable(format!("peer refused: {why}"))),
-            _ => Err(unreachable("peer answered something else".into())),
+        let codec_error = |e: crate::error::SupervisorError| AdaptationError::Codec(e.to_string());
+        match Lane::open(answer).map_err(codec_error)? {
+            (Lane::Adaptation, reply) => Ok(Vec::from(reply)),
+            (Lane::Supervisor, body) => match codec::decode::<Response>(&body)? {
+                Response::Malformed(why) => Err(unreachable(format!("peer refused: {why}"))),
+                Response::Stopped(why) => Err(unreachable(format!("peer stopped: {why}"))),
+                _ => Err(unreachable("peer answered something else".into())),
+            },
         }
     }
 }

@@ -1,11 +1,10 @@
 //! openraft's network, carried by a [`Transport`].
 
 use crate::error::SupervisorError;
+use crate::lane;
 use crate::rpc::{Request, Response};
 use crate::transport::Transport;
 use crate::types::TypeConfig;
-use bytes::Bytes;
-use gobelins_adaptation::codec;
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
 };
@@ -55,8 +54,8 @@ impl Client {
         option: &RPCOption,
     ) -> RpcResult<Response, E> {
         let bytes =
-            codec::encode(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let reply = self.transport.call(self.target, Bytes::from(bytes), option.hard_ttl()).await;
+            lane::request(&request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = self.transport.call(self.target, bytes, option.hard_ttl()).await;
         let reply = reply.map_err(|e| match e {
             // Dial failures make raft back off; a dropped or slow call is retried at once.
             SupervisorError::Unreachable(_) | SupervisorError::Handshake { .. } => {
@@ -64,7 +63,7 @@ impl Client {
             }
             other => RPCError::Network(NetworkError::new(&other)),
         })?;
-        codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        lane::decode_response(reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))
     }
 
     fn unexpected<E: std::error::Error>(&self) -> RPCError<u64, BasicNode, RaftError<u64, E>> {

@@ -52,8 +52,6 @@ pub enum Request {
         /// The asker's incarnation: an old life is not granted one.
         incarnation: u64,
     },
-    /// A message for the adaptation layer (a request for a manager, a migration batch, an ack).
-    Adapt(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// Why a proposal did not produce an outcome.
@@ -102,8 +100,6 @@ pub enum Response {
     View(Box<View>),
     /// To `Lease`: whether this leader, in touch with a quorum, counts the asker as a member.
     Leased(bool),
-    /// The adaptation layer's answer.
-    Adapt(#[serde(with = "serde_bytes")] Vec<u8>),
     /// The request could not be decoded.
     Malformed(String),
     /// This node stopped on an error it cannot recover from (its store failed): it answers

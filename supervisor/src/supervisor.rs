@@ -10,6 +10,7 @@
 
 use crate::detector::{Action, Detector};
 use crate::error::{Result, SupervisorError};
+use crate::lane::{self, Lane};
 use crate::network::Network;
 use crate::rpc::{JoinRequest, ProposeError, Request, Response, View};
 use crate::state::{ClusterState, Command, NodeStatus, Outcome, Refusal};
@@ -121,12 +122,10 @@ impl Handler for Dispatch {
 }
 
 fn encode_response(response: &Response) -> Bytes {
-    match codec::encode(response) {
-        Ok(bytes) => Bytes::from(bytes),
+    match lane::response(response) {
+        Ok(bytes) => bytes,
         // Only reachable with a payload over the codec limit; say so rather than hang the caller.
-        Err(e) => {
-            Bytes::from(codec::encode(&Response::Malformed(e.to_string())).unwrap_or_default())
-        }
+        Err(e) => lane::response(&Response::Malformed(e.to_string())).unwrap_or_default(),
     }
 }
 
@@ -351,9 +350,9 @@ impl Supervisor {
                 warned = true;
                 tracing::warn!(%seed, error = %last, "cannot join through the seed yet; retrying for {} s", deadline.as_secs());
             }
-            let bytes = Bytes::from(codec::encode(&request)?);
+            let bytes = lane::request(&request)?;
             match self.transport.call_addr(seed, bytes, self.config.rpc_timeout * 3).await {
-                Ok((_, reply)) => match codec::decode::<Response>(&reply)? {
+                Ok((_, reply)) => match lane::decode_response(reply)? {
                     // The cluster is still recovering this node's last life: it will take
                     // the new one once that is done.
                     Response::Proposed(Ok(Err(refusal @ Refusal::Recovering(_)))) => {
@@ -469,11 +468,33 @@ impl Supervisor {
     }
 
     async fn call(&self, to: u64, request: &Request, deadline: Duration) -> Result<Response> {
-        let bytes = Bytes::from(codec::encode(request)?);
-        Ok(codec::decode(&self.transport.call(to, bytes, deadline).await?)?)
+        lane::decode_response(self.transport.call(to, lane::request(request)?, deadline).await?)
     }
 
-    async fn handle(&self, from: u64, bytes: Bytes) -> Bytes {
+    /// What a node stopped on a fatal error answers to everything, so that the cluster
+    /// declares it failed.
+    fn stopped(&self) -> Option<Bytes> {
+        let why = self.fatal()?;
+        let message = format!("node {} stopped on a fatal error: {why}", self.me.id);
+        Some(encode_response(&Response::Stopped(message)))
+    }
+
+    async fn adapt(&self, from: u64, message: &[u8]) -> Bytes {
+        if let Some(stopped) = self.stopped() {
+            return stopped;
+        }
+        Lane::Adaptation.seal(self.host.handle(NodeId(from), message).await)
+    }
+
+    async fn handle(&self, from: u64, message: Bytes) -> Bytes {
+        let bytes = match Lane::open(message) {
+            Ok((Lane::Supervisor, bytes)) => bytes,
+            Ok((Lane::Adaptation, bytes)) => return self.adapt(from, &bytes).await,
+            Err(e) => {
+                tracing::warn!(node = from, error = %e, "malformed message");
+                return encode_response(&Response::Malformed(e.to_string()));
+            }
+        };
         let request = match codec::decode::<Request>(&bytes) {
             Ok(request) => request,
             Err(e) => {
@@ -481,11 +502,8 @@ impl Supervisor {
                 return encode_response(&Response::Malformed(e.to_string()));
             }
         };
-        if let Some(why) = self.fatal() {
-            return encode_response(&Response::Stopped(format!(
-                "node {} stopped on a fatal error: {why}",
-                self.me.id
-            )));
+        if let Some(stopped) = self.stopped() {
+            return stopped;
         }
         let response = match request {
             Request::AppendEntries(r) => Response::AppendEntries(self.raft.append_entries(r).await),
@@ -509,9 +527,6 @@ impl Supervisor {
                 Response::Probed(self.ping(target, self.config.probe_timeout).await)
             }
             Request::State => Response::View(Box::new(self.view())),
-            Request::Adapt(message) => {
-                Response::Adapt(self.host.handle(NodeId(from), &message).await)
-            }
         };
         encode_response(&response)
     }
