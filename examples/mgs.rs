@@ -24,7 +24,7 @@
 //! The last line is `mgs: max_overhead_pct=<x> max_orthogonality_error=<e> runs=<n>`.
 
 use gobelins_adaptation::{plugin, ChangeRecord, HostConfig, Registry};
-use gobelins_dsm::{Dsm, DsmConfig, DsmNode, PageId, Placement, Segment, PAGE_SIZE};
+use gobelins_dsm::{barrier_key, Dsm, DsmConfig, DsmNode, PageId, Placement, Segment, PAGE_SIZE};
 use gobelins_locator::Labels;
 use gobelins_supervisor::agent::{Agent, AgentOptions, Start};
 use gobelins_supervisor::net::TokioNet;
@@ -384,6 +384,48 @@ async fn read_fault_bench(
     (faults, raw, mux)
 }
 
+/// One manager round trip in each mode, interleaved in blocks: node 2 passes a barrier of one
+/// party whose manager is node 1 under both placements. DYN asks through the router (`request`:
+/// locate, the manager's gate, lease and run-once table); STAT tells node `id % n` directly. The
+/// difference is what the adaptation layer costs each DSM access that reaches a manager.
+async fn manager_round_trips(nodes: &[Node], samples: usize) -> (Vec<Duration>, Vec<Duration>) {
+    let manager = nodes[0].agent.supervisor.host().node();
+    let snapshot = nodes[0].agent.supervisor.host().context();
+    let count = nodes.len() as u64;
+    let remote = |id: u64| {
+        let dyn_manager =
+            snapshot.snapshot().and_then(|s| s.locate(gobelins_dsm::DSM, barrier_key(id)));
+        // STAT: the node at `id % n` among the nodes in id order, node 1 first.
+        dyn_manager == Some(manager) && id.is_multiple_of(count)
+    };
+    let ids: Vec<u64> = (1u64 << 40..).filter(|&id| remote(id)).take(2).collect();
+    let (dyn_id, stat_id) = (ids[0], ids[1]);
+    let reader = &nodes[1].dsm;
+    let (by_locator, by_static) = (
+        reader.clone().with_placement(Placement::Locator),
+        reader.clone().with_placement(Placement::Static),
+    );
+    let (mut dynamic, mut stat) = (Vec::new(), Vec::new());
+    for block in 0..samples / 250 {
+        // Each mode goes first in every other block.
+        for turn in 0..2 {
+            let (dsm, id, times) = if (block + turn) % 2 == 0 {
+                (&by_locator, dyn_id, &mut dynamic)
+            } else {
+                (&by_static, stat_id, &mut stat)
+            };
+            for _ in 0..250 {
+                let t = Instant::now();
+                dsm.barrier(id, 1).await.expect("barrier");
+                times.push(t.elapsed());
+            }
+        }
+    }
+    dynamic.sort();
+    stat.sort();
+    (dynamic, stat)
+}
+
 fn main() {
     let node_counts = list("--nodes", "2,3,4");
     let sizes = list("--sizes", "64,128,256");
@@ -416,6 +458,14 @@ fn main() {
                     us(&mux, 0.99),
                     ratio(&mux),
                 );
+                let (dynamic, stat) = manager_round_trips(&nodes, 10_000).await;
+                let p50 = |v: &[Duration]| v[v.len() / 2].as_secs_f64() * 1e6;
+                fault_line.push_str(&format!(
+                    "\nmanager round trip (barrier of one on node 1, from node 2): DYN p50 {:.1} µs, STAT p50 {:.1} µs (ratio {:.3}x)",
+                    p50(&dynamic),
+                    p50(&stat),
+                    p50(&dynamic) / p50(&stat)
+                ));
                 eprintln!("{fault_line}");
             }
             for &n in &sizes {

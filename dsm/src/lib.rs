@@ -40,6 +40,6 @@ mod service;
 pub use client::{Dsm, LockGuard, Placement, ReadGuard, Segment, WriteGuard};
 pub use error::DsmError;
 pub use node::{DsmConfig, DsmNode, FaultStats, DSM, DSM_SLOTS};
-pub use page::{PageId, MAX_SEGMENT, PAGE_SIZE};
+pub use page::{barrier_key, PageId, MAX_SEGMENT, PAGE_SIZE};
 pub use protocol::{Request, Response};
 pub use service::DsmService;

@@ -115,8 +115,8 @@ pub(crate) fn lock_key(id: u64) -> Key {
     Key(LOCK | spread_id(id))
 }
 
-/// The key of barrier `id` (62 bits are kept).
-pub(crate) fn barrier_key(id: u64) -> Key {
+/// The key of barrier `id` (62 bits are kept): where the locator places its manager.
+pub fn barrier_key(id: u64) -> Key {
     Key(BARRIER | spread_id(id))
 }
 
