@@ -838,16 +838,18 @@ impl Inner {
 
     /// Sends `message` to `to` until it is accepted, refused, or `to` is known gone.
     pub(crate) async fn deliver(&self, to: NodeId, message: &Message) -> bool {
-        let bytes = match codec::encode(message) {
-            Ok(bytes) => bytes,
-            Err(e) => {
-                tracing::error!(node = to.0, error = %e, "a migration message could not be encoded");
-                return false;
-            }
-        };
         let mut warned = false;
         loop {
-            let outcome = self.link.call(to, bytes.clone(), self.config.call_timeout).await;
+            // Encoded for each attempt rather than encoded once and cloned: a clone of a 1 MiB
+            // batch for an attempt that almost always succeeds is a copy into fresh memory.
+            let bytes = match codec::encode(message) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    tracing::error!(node = to.0, error = %e, "a migration message could not be encoded");
+                    return false;
+                }
+            };
+            let outcome = self.link.call(to, bytes, self.config.call_timeout).await;
             match outcome.and_then(|answer| codec::decode::<Reply>(&answer)) {
                 Ok(Reply::Accepted) => return true,
                 Ok(Reply::Refused(why)) => {
