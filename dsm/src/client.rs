@@ -240,6 +240,19 @@ impl Dsm {
         &self.node.inner
     }
 
+    /// Tells `previous`, the owner this node's grant took `page` from, that the grant landed,
+    /// so that it drops the copy it kept aside. In the background: the write need not wait,
+    /// and a message lost only leaves that copy kept, as it was before.
+    fn retire(&self, previous: NodeId, page: PageId, version: u64) {
+        let ctx = self.host.context();
+        tokio::spawn(async move {
+            let request = Request::Retire { page, version };
+            if let Err(e) = ctx.tell::<_, Response>(previous, DSM, page.key(), &request).await {
+                tracing::debug!(?page, node = previous.0, error = %e, "dsm: the previous owner was not told to drop the copy it keeps aside");
+            }
+        });
+    }
+
     fn me(&self) -> NodeId {
         self.host.node()
     }
@@ -439,7 +452,7 @@ impl Dsm {
                 }
             };
             match answer {
-                Response::Grant { version, data, zero, backup } => {
+                Response::Grant { version, data, zero, backup, previous } => {
                     let data = match (data, zero) {
                         (Some(d), _) => Some(Arc::new(d.into_vec())),
                         (None, true) => Some(zeros()),
@@ -457,6 +470,9 @@ impl Dsm {
                         let ctx = self.host.context();
                         self.node.service().surrender_page(&ctx, page, &frame).await;
                         return Err(DsmError::Leaving);
+                    }
+                    if let Some(previous) = previous.filter(|&p| p != self.me()) {
+                        self.retire(previous, page, version - 1);
                     }
                 }
                 Response::Lost => {

@@ -127,6 +127,21 @@ impl Frame {
     /// copy it knows of, but not the readers this node served itself: a second local writer's
     /// grant can arrive after the first one's, whose version this node went on to serve
     /// directly, and those readers must be revoked before the page changes again.
+    /// Forgets the copy kept aside if it is no newer than `version`: the writer it was given up
+    /// to has it. Kept, it would be memory held for ever, and, should that writer die, a
+    /// `scan` would offer it as the page's content though the writer may have written since.
+    pub(crate) fn drop_retired(&self, version: u64) {
+        let mut s = self.lock();
+        if s.retired.as_ref().is_some_and(|(v, _)| *v <= version) {
+            s.retired = None;
+        }
+    }
+
+    /// Whether a copy given up to a writer is kept aside here.
+    pub(crate) fn has_retired(&self) -> bool {
+        self.lock().retired.is_some()
+    }
+
     #[must_use]
     pub(crate) fn install_grant(
         &self,

@@ -151,6 +151,12 @@ impl DsmNode {
         }
     }
 
+    /// Pages whose copy this node gave up to a writer and still keeps aside, until the writer
+    /// says it has the page.
+    pub fn kept_aside(&self) -> usize {
+        self.inner.frames.all().iter().filter(|(_, f)| f.has_retired()).count()
+    }
+
     /// Pages this node holds a valid copy of.
     pub fn resident(&self) -> usize {
         self.inner.frames.all().iter().filter(|(_, f)| f.readable().is_some()).count()

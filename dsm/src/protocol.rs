@@ -105,6 +105,14 @@ pub enum Request {
         /// The entry's version.
         version: u64,
     },
+    /// To a page's previous owner, from the writer it gave the page up to: the grant landed,
+    /// so the copy kept aside (at or below `version`) is no longer the page's last content.
+    Retire {
+        /// The page.
+        page: PageId,
+        /// The version the previous owner gave up.
+        version: u64,
+    },
     /// To a backup node, from the owner: keep this copy in case the owner fails.
     Backup {
         /// The page.
@@ -139,6 +147,8 @@ pub enum Response {
         zero: bool,
         /// Where the owner keeps its backup copy, when backups are on.
         backup: Option<NodeId>,
+        /// The owner the page was taken from, which keeps it aside until told the grant landed.
+        previous: Option<NodeId>,
     },
     /// The new backup, which holds the content.
     BackedUp(NodeId),

@@ -332,13 +332,13 @@ impl DsmService {
         }
         entry.strays = false;
 
-        let (data, zero) = if current {
-            (None, false)
+        let (data, zero, previous) = if current {
+            (None, false, None)
         } else {
             match owner {
-                None => (None, true),
+                None => (None, true, None),
                 Some(o) => match self.fetch_from(ctx, o, page, version, false).await {
-                    Some(data) => (Some(data), false),
+                    Some(data) => (Some(data), false, Some(o)),
                     None => return Response::Retry,
                 },
             }
@@ -357,7 +357,8 @@ impl DsmService {
         entry.copyset = [writer].into();
         entry.backup = backup;
         tracing::debug!(?page, manager = ctx.node().0, writer = writer.0, version = version + 1, previous = ?owner, sent = data.is_some(), "dsm: write granted");
-        Response::Grant { version: version + 1, data: data.as_ref().map(page_bytes), zero, backup }
+        let data = data.as_ref().map(page_bytes);
+        Response::Grant { version: version + 1, data, zero, backup, previous }
     }
 
     /// Chooses where the new owner keeps its backup and makes sure that node already holds
@@ -571,6 +572,10 @@ impl DsmService {
                 } else if !drop_copy(self.state(), ctx, page, version, owner).await {
                     return Response::Retry;
                 }
+                Response::Ok
+            }
+            Request::Retire { page, version } => {
+                frames.frame(page).drop_retired(version);
                 Response::Ok
             }
             Request::Backup { page, version, data } => {

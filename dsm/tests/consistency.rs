@@ -200,6 +200,11 @@ impl Cluster {
     fn stats(&self, node: NodeId) -> FaultStats {
         self.made.lock().expect("made")[node.0 as usize].fault_stats()
     }
+
+    /// Pages whose copy `node` gave up to a writer and still keeps aside.
+    fn kept_aside(&self, node: NodeId) -> usize {
+        self.made.lock().expect("made")[node.0 as usize].kept_aside()
+    }
 }
 
 /// Writes `count` into `page` from `dsm`.
@@ -517,6 +522,40 @@ async fn a_reader_goes_straight_to_the_owner_and_a_stale_hint_falls_back_on_the_
     put(&o, page, 7).await;
     assert_eq!(get(&r, page).await, 7);
     assert_eq!(cluster.stats(reader), FaultStats { hinted: 3, stale: 1 });
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_owner_forgets_the_copy_it_gave_up_once_the_writer_has_it() {
+    let cluster = Cluster::start(3, DsmConfig::default()).await;
+    let (a, b) = (NodeId(1), NodeId(2));
+    let (da, db) = (cluster.dsm(a), cluster.dsm(b));
+    let pages: Vec<PageId> = (0..16).map(pid).collect();
+    for (i, &page) in pages.iter().enumerate() {
+        put(&da, page, i as u64).await;
+    }
+    // Every page moves to b, and back to a: each owner in turn gives its copy up to a writer.
+    for (i, &page) in pages.iter().enumerate() {
+        put(&db, page, 100 + i as u64).await;
+    }
+    // The writer tells the previous owner in the background; give that a few turns.
+    for _ in 0..100 {
+        if cluster.kept_aside(a) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(cluster.kept_aside(a), 0, "copies given up to b are no longer kept on a");
+    for (i, &page) in pages.iter().enumerate() {
+        put(&da, page, 200 + i as u64).await;
+        assert_eq!(get(&db, page).await, 200 + i as u64);
+    }
+    for _ in 0..100 {
+        if cluster.kept_aside(b) == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(cluster.kept_aside(b), 0, "nor those given back to a, on b");
 }
 
 #[tokio::test(start_paused = true)]
