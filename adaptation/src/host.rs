@@ -40,7 +40,9 @@ pub struct HostConfig {
     pub call_timeout: Duration,
     /// Pause before retrying an unreachable peer.
     pub retry: Duration,
-    /// Entries are shipped in batches of about this many bytes.
+    /// Entries are shipped in batches of about this many bytes. 256 KiB: a batch and the
+    /// buffers it passes through stay in a core's cache. Measured against 1 MiB batches
+    /// (`examples/adaptation.rs`, seven alternating runs): 367–559 MB/s against 287–344 MB/s.
     pub batch_bytes: usize,
     /// Answers remembered per key, so that retries run once.
     pub answers_per_key: usize,
@@ -58,7 +60,7 @@ impl Default for HostConfig {
             request_deadline: Duration::from_secs(10),
             call_timeout: Duration::from_secs(2),
             retry: Duration::from_millis(20),
-            batch_bytes: 1 << 20,
+            batch_bytes: 256 * 1024,
             answers_per_key: 4,
             attempt_timeout: Duration::from_secs(2),
         }
@@ -840,7 +842,7 @@ impl Inner {
     pub(crate) async fn deliver(&self, to: NodeId, message: &Message) -> bool {
         let mut warned = false;
         loop {
-            // Encoded for each attempt rather than encoded once and cloned: a clone of a 1 MiB
+            // Encoded for each attempt rather than encoded once and cloned: a clone of a
             // batch for an attempt that almost always succeeds is a copy into fresh memory.
             let bytes = match codec::encode(message) {
                 Ok(bytes) => bytes,
