@@ -17,11 +17,11 @@ fn config() -> impl bincode::config::Config {
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, AdaptationError> {
     let failed = |e: bincode::error::EncodeError| AdaptationError::Codec(e.to_string());
     // Measured first, so that the buffer is allocated once at its size: grown as it fills, it
-    // is reallocated a dozen times for a 1 KiB entry and copies a 1 MiB batch twice over.
+    // is reallocated a dozen times for a 1 KiB entry and copies a migration batch twice over.
     let mut size = bincode::enc::write::SizeWriter::default();
     bincode::serde::encode_into_writer(value, &mut size, config()).map_err(failed)?;
     // One byte more: the supervisor marks each message with a trailing lane byte, which then
-    // fits without reallocating (and copying) a 1 MiB batch.
+    // fits without reallocating (and copying) a migration batch.
     let mut out = Vec::with_capacity(size.bytes_written + 1);
     bincode::serde::encode_into_std_write(value, &mut out, config()).map_err(failed)?;
     Ok(out)

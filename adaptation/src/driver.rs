@@ -229,15 +229,20 @@ impl Driver {
                     return vec![Event::BeforeDone(service)];
                 };
                 let ctx = inner.context(None);
-                if let Change::Fail(failed) | Change::Recover(failed) = info.change {
-                    let (plan, spec) = match (&self.progress, inner.registry.spec(service)) {
-                        (Some(p), Some(spec)) => (&p.plan, spec.clone()),
-                        _ => return vec![Event::BeforeDone(service)],
-                    };
-                    let orphans = Moving::new(spec, plan.outgoing_of(service, failed));
-                    let Some(mut packer) = self.packer(service) else {
-                        return vec![Event::BeforeDone(service)];
-                    };
+                let scan = match (&info.change, &self.progress, inner.registry.spec(service)) {
+                    (Change::Fail(failed) | Change::Recover(failed), Some(p), Some(spec)) => {
+                        self.packer(service).map(|packer| {
+                            (
+                                *failed,
+                                Moving::new(spec.clone(), p.plan.outgoing_of(service, *failed)),
+                                packer,
+                            )
+                        })
+                    }
+                    _ => None,
+                };
+                // Whatever happens to the scan, the service hears of the change.
+                if let Some((failed, orphans, mut packer)) = scan {
                     match plugin.scan(&ctx, failed, &orphans, &mut packer).await {
                         Ok(()) => {
                             let n = packer.count();

@@ -2,9 +2,9 @@
 //! what one migration batch carries.
 //!
 //! One buffer per batch rather than one per entry: each entry is encoded once, straight into
-//! the buffer it is shipped from, and the receiver decodes it once, from the frame it came in.
-//! A batch of a thousand 1 KiB entries used to cost a thousand allocations and three copies on
-//! the way out (BENCHMARKS.md, "Adaptation layer").
+//! its batch's run, which the batch message then carries whole; the receiver decodes each entry
+//! from the run. A batch of a thousand 1 KiB entries used to cost a thousand allocations and a
+//! copy more of each entry on the way out (BENCHMARKS.md, "Adaptation layer").
 
 use crate::codec;
 use crate::error::AdaptationError;
@@ -29,12 +29,15 @@ impl Run {
         Run { count: 0, bytes: Vec::with_capacity(bytes) }
     }
 
-    /// Appends an entry already encoded.
-    pub fn push(&mut self, key: Key, entry: &[u8]) {
+    /// Appends an entry already encoded; one of 4 GiB or more is refused.
+    pub fn push(&mut self, key: Key, entry: &[u8]) -> Result<(), AdaptationError> {
+        let len = u32::try_from(entry.len())
+            .map_err(|_| AdaptationError::Codec(format!("an entry of {} bytes", entry.len())))?;
         self.bytes.extend_from_slice(&key.0.to_le_bytes());
-        self.bytes.extend_from_slice(&(entry.len() as u32).to_le_bytes());
+        self.bytes.extend_from_slice(&len.to_le_bytes());
         self.bytes.extend_from_slice(entry);
         self.count += 1;
+        Ok(())
     }
 
     /// Appends `entry`, encoded in place.
@@ -51,8 +54,10 @@ impl Run {
             return Err(e);
         }
         let len = self.bytes.len() - start - HEADER;
-        let len = u32::try_from(len)
-            .map_err(|_| AdaptationError::Codec(format!("an entry of {len} bytes")))?;
+        let Ok(len) = u32::try_from(len) else {
+            self.bytes.truncate(start);
+            return Err(AdaptationError::Codec(format!("an entry of {len} bytes")));
+        };
         self.bytes[start + 8..start + HEADER].copy_from_slice(&len.to_le_bytes());
         self.count += 1;
         Ok(())
@@ -82,7 +87,8 @@ impl Run {
     /// Decodes every entry, or refuses the whole run: half a batch staged would be half an
     /// entry set.
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<Vec<(Key, E)>, AdaptationError> {
-        let mut out = Vec::with_capacity(self.len());
+        // The count came off the wire: reserve no more than the bytes could hold.
+        let mut out = Vec::with_capacity(self.len().min(self.bytes.len() / HEADER));
         for item in self.entries() {
             let (key, bytes) = item?;
             out.push((key, codec::decode(bytes)?));
@@ -190,6 +196,11 @@ impl Packer {
 
     /// The runs, per destination in the order they filled.
     pub fn finish(mut self) -> Vec<(NodeId, Run)> {
+        // The runs still open were sized for a whole batch; one may hold a single entry, and
+        // rebuilt runs wait for the sending phase.
+        for (_, run) in self.open.iter_mut() {
+            run.bytes.shrink_to_fit();
+        }
         self.full.extend(std::mem::take(&mut self.open));
         self.full.retain(|(_, run)| !run.is_empty());
         self.full
@@ -204,7 +215,7 @@ mod tests {
     fn entries_come_back_in_order_with_their_keys() {
         let mut run = Run::default();
         run.push_encoded(Key(7), &"seven".to_string()).unwrap();
-        run.push(Key(9), &codec::encode(&"nine".to_string()).unwrap());
+        run.push(Key(9), &codec::encode(&"nine".to_string()).unwrap()).unwrap();
         let back: Vec<(Key, String)> = run.decode().unwrap();
         assert_eq!(back, vec![(Key(7), "seven".into()), (Key(9), "nine".into())]);
         assert_eq!(run.len(), 2);
@@ -225,8 +236,12 @@ mod tests {
         fewer.count = 1;
         assert!(fewer.decode::<u64>().is_err(), "trailing bytes must not pass unnoticed");
         // A length that points past the end, or overflows.
+        // A count announcing billions of entries is refused without reserving room for them.
+        let mut huge = run.clone();
+        huge.count = u32::MAX;
+        assert!(huge.decode::<u64>().is_err());
         let mut lying = Run::default();
-        lying.push(Key(3), &[0; 4]);
+        lying.push(Key(3), &[0; 4]).unwrap();
         lying.bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(lying.decode::<u32>().is_err());
     }

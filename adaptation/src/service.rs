@@ -145,9 +145,14 @@ pub struct Moving {
 }
 
 impl Moving {
-    /// The moves out of this node for the service `spec` describes.
+    /// The moves out of this node for the service `spec` describes. Their slot ranges must not
+    /// overlap: each slot has one new manager.
     pub fn new(spec: ServiceSpec, mut moves: Vec<SlotMove>) -> Self {
         moves.sort_unstable_by_key(|m| m.slots.start);
+        debug_assert!(
+            moves.windows(2).all(|w| w[0].slots.end <= w[1].slots.start),
+            "overlapping slot moves: {moves:?}"
+        );
         Moving { spec, moves }
     }
 

@@ -167,7 +167,7 @@ async fn a_batch_that_does_not_decode_is_refused_whole() {
     let kv = plugin(Kv::default());
     let mut batch = Run::default();
     batch.push_encoded(Key(1), &"fine".to_string()).expect("encode");
-    batch.push(Key(2), &[0xff; 3]);
+    batch.push(Key(2), &[0xff; 3]).expect("push");
     let err = kv.receive(&ctx(), NodeId(2), &batch).await.unwrap_err();
     assert!(matches!(err, AdaptationError::Codec(_)), "{err}");
     kv.after_migration(&ctx(), &info(2)).await;

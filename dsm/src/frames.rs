@@ -119,14 +119,6 @@ impl Frame {
         self.installed.notify_waiters();
     }
 
-    /// Takes ownership at `version`; `data` is `None` when the copy held is current. `false`,
-    /// and nothing changes, when there is no data and no copy held: the page is never made up
-    /// from zeros.
-    ///
-    /// The frame is writable only once no direct reader is left. The manager invalidated every
-    /// copy it knows of, but not the readers this node served itself: a second local writer's
-    /// grant can arrive after the first one's, whose version this node went on to serve
-    /// directly, and those readers must be revoked before the page changes again.
     /// Forgets the copy kept aside if it is no newer than `version`: the writer it was given up
     /// to has it. Kept, it would be memory held for ever, and, should that writer die, a
     /// `scan` would offer it as the page's content though the writer may have written since.
@@ -142,6 +134,14 @@ impl Frame {
         self.lock().retired.is_some()
     }
 
+    /// Takes ownership at `version`; `data` is `None` when the copy held is current. `false`,
+    /// and nothing changes, when there is no data and no copy held: the page is never made up
+    /// from zeros.
+    ///
+    /// The frame is writable only once no direct reader is left. The manager invalidated every
+    /// copy it knows of, but not the readers this node served itself: a second local writer's
+    /// grant can arrive after the first one's, whose version this node went on to serve
+    /// directly, and those readers must be revoked before the page changes again.
     #[must_use]
     pub(crate) fn install_grant(
         &self,
@@ -370,6 +370,18 @@ mod tests {
         assert_eq!(f.lock().aside().map(|(v, d)| (v, d[0])), Some((4, 9)));
         assert!(f.promote(4));
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((4, 9)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retire_drops_only_a_copy_no_newer_than_the_one_the_writer_took() {
+        let f = Frame::default();
+        assert!(f.install_grant(6, Some(Arc::new(vec![3; PAGE_SIZE])), None));
+        assert!(matches!(f.fetch(6, false, Duration::from_millis(10)).await, Fetched::Page(_)));
+        f.drop_retired(5);
+        assert!(f.has_retired(), "a late retire for an older version keeps the newer copy");
+        f.drop_retired(6);
+        assert!(!f.has_retired());
+        assert!(f.lock().aside().is_none(), "nothing left for a scan to offer");
     }
 
     #[tokio::test(start_paused = true)]

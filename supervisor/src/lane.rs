@@ -2,7 +2,7 @@
 //!
 //! The supervisor's own requests and answers are encoded [`Request`]s and [`Response`]s. The
 //! adaptation layer's messages travel as that layer encoded them: wrapped in an enum variant they
-//! were copied into the envelope on the way out and out of it on the way in, twice per 1 MiB
+//! were copied into the envelope on the way out and out of it on the way in, twice per
 //! migration batch. A trailing byte costs nothing, because the layer's encoder leaves room for
 //! it ([`gobelins_adaptation::codec::encode`]).
 
