@@ -7,7 +7,7 @@ use crate::router::Router;
 use crate::run::{Packer, Run};
 use crate::service::{ChangeInfo, Moving};
 use crate::wire::{Answered, Message};
-use gobelins_locator::{Change, Key, NodeId, ServiceId, Snapshot};
+use gobelins_locator::{Change, NodeId, ServiceId, Snapshot};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -379,16 +379,25 @@ impl Driver {
         }
         // The answers given for keys that leave go with them.
         let mut answers: BTreeMap<NodeId, Vec<Answered>> = BTreeMap::new();
-        let leaving: Vec<(ServiceId, Key)> = inner
+        let leaving: Vec<(ServiceId, u32, NodeId)> = inner
             .answers
             .iter()
-            .map(|e| *e.key())
-            .filter(|&(s, k)| s == service && table.locate(k) != me)
+            .filter_map(|e| {
+                let (s, slot) = *e.key();
+                let to = table.owner(slot)?;
+                (s == service && to != me).then_some((s, slot, to))
+            })
             .collect();
-        for (s, key) in leaving {
-            if let Some((_, list)) = inner.answers.remove(&(s, key)) {
-                let to = answers.entry(table.locate(key)).or_default();
-                to.extend(list.into_iter().map(|(id, response)| Answered { key, id, response }));
+        for (s, slot, to) in leaving {
+            if let Some((_, keys)) = inner.answers.remove(&(s, slot)) {
+                let to = answers.entry(to).or_default();
+                for (key, list) in keys {
+                    to.extend(list.into_iter().map(|(id, response)| Answered {
+                        key,
+                        id,
+                        response,
+                    }));
+                }
             }
         }
         for run in by_node.remove(&me).unwrap_or_default() {

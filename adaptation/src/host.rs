@@ -22,7 +22,7 @@ use async_trait::async_trait;
 use dashmap::DashMap;
 use gobelins_locator::{Change, Key, MigrationPlan, NodeId, ServiceId, ServiceSpec, Snapshot};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -194,7 +194,9 @@ pub(crate) struct Inner {
     /// Handles hold it shared; a hold takes it exclusively to wait out handles that routed
     /// before the hold and may still be changing an entry that is about to leave.
     pub(crate) gate: RwLock<()>,
-    pub(crate) answers: DashMap<(ServiceId, Key), Answers>,
+    /// The answers kept for retries, by service and slot, then key: a change hands over the
+    /// slots that leave without looking at every key answered here.
+    pub(crate) answers: DashMap<(ServiceId, u32), HashMap<Key, Answers>>,
     /// Requests being handled here; closed when the handler is done.
     running: DashMap<RequestId, watch::Receiver<()>>,
     seq: AtomicU64,
@@ -314,7 +316,11 @@ impl Host {
             entries_received: get(&c.entries_received),
             entries_rebuilt: get(&c.entries_rebuilt),
             bytes_sent: get(&c.bytes_sent),
-            answers_kept: inner.answers.iter().map(|a| a.len() as u64).sum(),
+            answers_kept: inner
+                .answers
+                .iter()
+                .map(|slot| slot.values().map(|a| a.len() as u64).sum::<u64>())
+                .sum(),
         }
     }
 
@@ -428,8 +434,15 @@ impl Inner {
         Context::new(self.me, epoch, from, snapshot, Arc::clone(self) as Arc<dyn Peers>)
     }
 
+    /// The slot of `key` in `service`, if this node hosts the service.
+    fn slot_of(&self, service: ServiceId, key: Key) -> Option<u32> {
+        self.registry.spec(service).map(|spec| spec.slot_of(key))
+    }
+
     pub(crate) fn remember(&self, service: ServiceId, answered: Answered) {
-        let mut list = self.answers.entry((service, answered.key)).or_default();
+        let Some(slot) = self.slot_of(service, answered.key) else { return };
+        let mut slot = self.answers.entry((service, slot)).or_default();
+        let list = slot.entry(answered.key).or_default();
         if list.iter().any(|(id, _)| *id == answered.id) {
             return;
         }
@@ -440,8 +453,8 @@ impl Inner {
     }
 
     fn answered(&self, service: ServiceId, key: Key, id: RequestId) -> Option<Vec<u8>> {
-        let list = self.answers.get(&(service, key))?;
-        list.iter().find(|(i, _)| *i == id).map(|(_, r)| r.clone())
+        let slot = self.answers.get(&(service, self.slot_of(service, key)?))?;
+        slot.get(&key)?.iter().find(|(i, _)| *i == id).map(|(_, r)| r.clone())
     }
 
     async fn wait_epoch(&self, at_least: u64, until: Instant) -> bool {

@@ -154,3 +154,60 @@ async fn a_manager_whose_lease_ran_out_serves_nothing_until_it_is_renewed() {
     one.lease(Instant::now() + Duration::from_secs(10));
     assert!(waiting.await.expect("task").is_ok(), "served once the lease is renewed");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_that_reaches_the_new_manager_gets_the_answer_the_old_one_gave() {
+    use gobelins_adaptation::wire::{Message, Reply, RequestId};
+    use gobelins_adaptation::{codec, HostConfig};
+    use gobelins_kvdir::KVDIR;
+    use gobelins_locator::{Key, NodeId};
+
+    let mut cluster = kvdir_cluster(2, HostConfig::default()).await;
+    let before = cluster.snapshot();
+    // Keys node 1 manages now, so that some move to the node added below.
+    let keys: Vec<Key> = (0..2000)
+        .map(Key)
+        .filter(|k| before.table(KVDIR).expect("table").locate(*k) == NodeId(1))
+        .collect();
+    let put = |key: Key, seq: u64, epoch: u64| Message::Request {
+        id: RequestId { origin: NodeId(77), seq },
+        service: KVDIR,
+        key,
+        epoch,
+        body: codec::encode(&Request::Put(b"once".to_vec())).expect("encode"),
+        wait_ms: 5_000,
+    };
+    async fn ask(host: gobelins_adaptation::Host, message: &Message) -> Reply {
+        let bytes = codec::encode(message).expect("encode");
+        codec::decode::<Reply>(&host.handle(NodeId(77), &bytes).await).expect("reply")
+    }
+    let mut first = Vec::new();
+    for (seq, &key) in keys.iter().enumerate() {
+        match ask(cluster.host(NodeId(1)), &put(key, seq as u64, before.epoch().0)).await {
+            Reply::Done(answer) => first.push(answer),
+            other => panic!("first run of {key:?}: {other:?}"),
+        }
+    }
+    let added = cluster.add().await;
+    let after = cluster.snapshot();
+    let moved: Vec<usize> = (0..keys.len())
+        .filter(|&i| after.table(KVDIR).expect("table").locate(keys[i]) == added)
+        .collect();
+    assert!(!moved.is_empty(), "the new node takes some of node 1's keys");
+    for &i in &moved {
+        // The same request, retried at the key's new manager: it must not run a second time.
+        match ask(cluster.host(added), &put(keys[i], i as u64, after.epoch().0)).await {
+            Reply::Done(answer) => assert_eq!(answer, first[i], "key {:?}", keys[i]),
+            other => panic!("retry of {:?}: {other:?}", keys[i]),
+        }
+        let get = codec::encode(&Request::Get).expect("encode");
+        let value: Response =
+            codec::decode(&cluster.host(added).request(KVDIR, keys[i], get).await.expect("get"))
+                .expect("decode");
+        assert!(
+            matches!(&value, Response::Value(Some(v)) if v.version == 1),
+            "one write of {:?}, not two: {value:?}",
+            keys[i]
+        );
+    }
+}
