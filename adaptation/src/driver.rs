@@ -388,16 +388,18 @@ impl Driver {
                 (s == service && to != me).then_some((s, slot, to))
             })
             .collect();
+        // The emptied containers are freed after the sending phase, in a task of their own:
+        // freeing them here, memory that the handling threads allocated, took 2-5 ms for 3,300
+        // answers while the entries waited.
+        let mut emptied = Vec::new();
         for (s, slot, to) in leaving {
-            if let Some((_, keys)) = inner.answers.remove(&(s, slot)) {
+            if let Some((_, mut keys)) = inner.answers.remove(&(s, slot)) {
                 let to = answers.entry(to).or_default();
-                for (key, list) in keys {
-                    to.extend(list.into_iter().map(|(id, response)| Answered {
-                        key,
-                        id,
-                        response,
-                    }));
+                for (key, list) in keys.iter_mut() {
+                    let key = *key;
+                    to.extend(list.drain(..).map(|(id, response)| Answered { key, id, response }));
                 }
+                emptied.push(keys);
             }
         }
         for run in by_node.remove(&me).unwrap_or_default() {
@@ -424,6 +426,7 @@ impl Driver {
         while let Some(done) = shipping.join_next().await {
             sent += done.unwrap_or(0);
         }
+        tokio::task::spawn_blocking(move || drop(emptied));
         tracing::debug!(service = service.0, epoch, sent, ?packed, ?exported, took = ?started.elapsed(), "sent out");
         if let Some(clock) = &mut self.clock {
             clock.record.entries_sent += sent;
