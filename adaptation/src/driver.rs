@@ -397,7 +397,11 @@ impl Driver {
                 let to = answers.entry(to).or_default();
                 for (key, list) in keys.iter_mut() {
                     let key = *key;
-                    to.extend(list.drain(..).map(|(id, response)| Answered { key, id, response }));
+                    to.extend(list.drain(..).map(|(id, response, _)| Answered {
+                        key,
+                        id,
+                        response,
+                    }));
                 }
                 emptied.push(keys);
             }

@@ -44,7 +44,8 @@ pub struct HostConfig {
     /// buffers it passes through stay in a core's cache. Measured against 1 MiB batches
     /// (`examples/adaptation.rs`, seven alternating runs): 367–559 MB/s against 287–344 MB/s.
     pub batch_bytes: usize,
-    /// Answers remembered per key, so that retries run once.
+    /// Answers remembered per key, so that retries run once. Each is forgotten after twice
+    /// `request_deadline`, when no retry of its request can come any more.
     pub answers_per_key: usize,
     /// How long one attempt at a manager may take before the requester asks again (the same
     /// request, by the same id). It bounds what a request loses to a manager holding it for a
@@ -172,8 +173,8 @@ impl Drop for Running<'_> {
     }
 }
 
-/// The last answers given for one key, oldest first.
-pub(crate) type Answers = VecDeque<(RequestId, Vec<u8>)>;
+/// The last answers given for one key, oldest first, each with when it was kept.
+pub(crate) type Answers = VecDeque<(RequestId, Vec<u8>, Instant)>;
 
 /// What every part of the host shares.
 pub(crate) struct Inner {
@@ -375,6 +376,31 @@ fn boot_sequence() -> u64 {
     gobelins_locator::mix(nanos ^ u64::from(std::process::id())) >> 1
 }
 
+/// Drops the answers kept longer than twice the request deadline, every deadline, until the
+/// host's life ends. A requester retries one request only until its deadline, so no retry comes
+/// for them; kept, they would stay for the node's life, and a DSM manager keeps a page with each
+/// write it grants.
+async fn forget_old_answers(inner: Weak<Inner>) {
+    let Some(period) = inner.upgrade().map(|i| i.config.request_deadline) else { return };
+    let mut tick = tokio::time::interval(period.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        if *inner.stopped.borrow() {
+            return;
+        }
+        let keep = inner.config.request_deadline * 2;
+        inner.answers.retain(|_, keys| {
+            keys.retain(|_, list| {
+                list.retain(|(_, _, at)| at.elapsed() < keep);
+                !list.is_empty()
+            });
+            !keys.is_empty()
+        });
+    }
+}
+
 /// Numbers lives, so that a renewed host is told apart from the one it replaces.
 static LIVES: AtomicU64 = AtomicU64::new(1);
 
@@ -412,6 +438,7 @@ impl Inner {
             this: this.clone(),
         });
         tokio::spawn(Driver::new(Arc::clone(&inner)).run(receiver));
+        tokio::spawn(forget_old_answers(Arc::downgrade(&inner)));
         inner
     }
 
@@ -443,18 +470,18 @@ impl Inner {
         let Some(slot) = self.slot_of(service, answered.key) else { return };
         let mut slot = self.answers.entry((service, slot)).or_default();
         let list = slot.entry(answered.key).or_default();
-        if list.iter().any(|(id, _)| *id == answered.id) {
+        if list.iter().any(|(id, _, _)| *id == answered.id) {
             return;
         }
         if list.len() >= self.config.answers_per_key {
             list.pop_front();
         }
-        list.push_back((answered.id, answered.response));
+        list.push_back((answered.id, answered.response, Instant::now()));
     }
 
     fn answered(&self, service: ServiceId, key: Key, id: RequestId) -> Option<Vec<u8>> {
         let slot = self.answers.get(&(service, self.slot_of(service, key)?))?;
-        slot.get(&key)?.iter().find(|(i, _)| *i == id).map(|(_, r)| r.clone())
+        slot.get(&key)?.iter().find(|(i, _, _)| *i == id).map(|(_, r, _)| r.clone())
     }
 
     async fn wait_epoch(&self, at_least: u64, until: Instant) -> bool {

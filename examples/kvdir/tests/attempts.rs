@@ -111,6 +111,11 @@ async fn only_answers_to_requests_that_must_not_run_twice_are_kept() {
     assert_eq!(manager.stats().answers_kept, 0, "nothing kept for an answer that changed nothing");
     let _: u64 = requester.request(SLOW, key, &2u64).await.expect("a request to run once");
     assert_eq!(manager.stats().answers_kept, 1, "kept for its retries");
+    // Past twice the request deadline (5 s here) no retry can come: the answer goes.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(manager.stats().answers_kept, 1, "still kept within twice the deadline");
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(manager.stats().answers_kept, 0, "forgotten once no retry can come");
 }
 
 #[tokio::test(start_paused = true)]
