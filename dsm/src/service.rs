@@ -332,17 +332,19 @@ impl DsmService {
         }
         entry.strays = false;
 
-        let (data, zero, previous) = if current {
-            (None, false, None)
+        let (data, zero) = if current {
+            (None, false)
         } else {
             match owner {
-                None => (None, true, None),
+                None => (None, true),
                 Some(o) => match self.fetch_from(ctx, o, page, version, false).await {
-                    Some(data) => (Some(data), false, Some(o)),
+                    Some(data) => (Some(data), false),
                     None => return Response::Retry,
                 },
             }
         };
+        // The page was taken from its owner only when it travels with the grant.
+        let previous = owner.filter(|_| data.is_some());
 
         let backup = if self.state().config.backups {
             match self.place_backup(ctx, page, entry, writer, data.as_ref(), zero).await {
