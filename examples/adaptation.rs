@@ -301,7 +301,7 @@ fn main() {
                     body: get.clone(),
                     wait_ms: 10_000,
                 };
-                let bytes = codec::encode(&message).expect("encode");
+                let bytes = link.seal(codec::encode(&message).expect("encode"));
                 let t = Instant::now();
                 let first = wrong.call(NodeId(1), bytes.clone(), Duration::from_secs(5)).await.expect("call");
                 assert!(matches!(codec::decode::<Reply>(&first).expect("d"), Reply::Moved { .. }));

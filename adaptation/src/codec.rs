@@ -37,12 +37,18 @@ pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), Ada
 /// Decodes a whole `T` from `bytes`; trailing bytes are an error, since they mean the two ends
 /// disagree about the format.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdaptationError> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| AdaptationError::Codec(e.to_string()))?;
+    let (value, used) = decode_prefix(bytes)?;
     if used != bytes.len() {
         return Err(AdaptationError::Codec(format!("{} trailing bytes", bytes.len() - used)));
     }
     Ok(value)
+}
+
+/// Decodes a `T` from the start of `bytes`, and says how many bytes it took: for a format that
+/// puts raw bytes after a message.
+pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), AdaptationError> {
+    bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| AdaptationError::Codec(e.to_string()))
 }
 
 #[cfg(test)]

@@ -1,10 +1,11 @@
 //! The async loop that carries out [`Period`]'s commands on one node: one task, fed by the
 //! supervisor's updates and by acks from peers, so that the machine sees one event at a time.
 
+use crate::codec;
 use crate::host::{ChangeRecord, Inner, Progress, Update};
 use crate::period::{Command, Event, Period, Phase, Role};
 use crate::router::Router;
-use crate::run::{Packer, Run};
+use crate::run::{Packed, Packer};
 use crate::service::{ChangeInfo, Moving};
 use crate::wire::{Answered, Message};
 use gobelins_locator::{Change, NodeId, ServiceId, Snapshot};
@@ -49,7 +50,7 @@ pub(crate) struct Driver {
     /// The snapshot of the epoch being entered.
     target: Option<Arc<Snapshot>>,
     /// Entries `scan` rebuilt, per service and destination, until they are shipped.
-    rebuilt: BTreeMap<ServiceId, Vec<(NodeId, Run)>>,
+    rebuilt: BTreeMap<ServiceId, Vec<(NodeId, Packed)>>,
     clock: Option<Clock>,
 }
 
@@ -285,7 +286,12 @@ impl Driver {
                     return vec![Event::Ack { from: me, epoch }];
                 }
                 tokio::spawn(async move {
-                    inner.deliver(to, &Message::Ack { epoch }).await;
+                    match codec::encode(&Message::Ack { epoch }) {
+                        Ok(ack) => {
+                            inner.deliver(to, inner.link.seal(ack)).await;
+                        }
+                        Err(e) => tracing::error!(error = %e, "an ack could not be encoded"),
+                    }
                 });
                 Vec::new()
             }
@@ -373,7 +379,7 @@ impl Driver {
         for (to, run) in self.rebuilt.remove(&service).unwrap_or_default() {
             packer.extend(to, run);
         }
-        let mut by_node: BTreeMap<NodeId, Vec<Run>> = BTreeMap::new();
+        let mut by_node: BTreeMap<NodeId, Vec<Packed>> = BTreeMap::new();
         for (to, run) in packer.finish() {
             by_node.entry(to).or_default().push(run);
         }
@@ -408,7 +414,7 @@ impl Driver {
         }
         for run in by_node.remove(&me).unwrap_or_default() {
             let n = run.len() as u64;
-            match plugin.receive(&ctx, me, &run).await {
+            match plugin.receive(&ctx, me, &run.into_run()).await {
                 Ok(()) => {
                     inner.counters.entries_received.fetch_add(n, Ordering::Relaxed);
                 }
@@ -445,7 +451,7 @@ impl Inner {
         epoch: u64,
         service: ServiceId,
         to: NodeId,
-        runs: Vec<Run>,
+        runs: Vec<Packed>,
         answered: Vec<Answered>,
     ) -> u64 {
         // A few batches in flight rather than one: the wire stays busy while the receiver
@@ -457,31 +463,45 @@ impl Inner {
         let answers = answered.len();
         let mut flying = JoinSet::new();
         let mut taken = 0;
+        let batch = |answered: Vec<Answered>| Message::Batch {
+            epoch,
+            service,
+            answered,
+            entries: Default::default(),
+        };
+        // Every batch of entries has this head; each run is written behind a copy of it.
+        let head = match codec::encode(&batch(Vec::new())) {
+            Ok(head) => head,
+            Err(e) => {
+                tracing::error!(node = to.0, error = %e, "a migration batch could not be encoded");
+                return 0;
+            }
+        };
         let mut messages = answered
             .chunks(ANSWERS_PER_BATCH)
-            .map(|chunk| {
-                let message = Message::Batch {
-                    epoch,
-                    service,
-                    entries: Run::default(),
-                    answered: chunk.to_vec(),
-                };
-                (message, 0, 0)
-            })
+            .map(|chunk| (codec::encode(&batch(chunk.to_vec())).map(|b| self.link.seal(b)), 0, 0))
             .collect::<Vec<_>>()
             .into_iter()
             .chain(runs.into_iter().map(|run| {
                 let (n, size) = (run.len() as u64, run.size() as u64);
-                (Message::Batch { epoch, service, entries: run, answered: Vec::new() }, n, size)
+                let (buf, start) = run.behind(&head);
+                (Ok(self.link.seal(buf).slice(start..)), n, size)
             }));
-        for (message, n, size) in &mut messages {
+        for (body, n, size) in &mut messages {
+            let body = match body {
+                Ok(body) => body,
+                Err(e) => {
+                    tracing::error!(node = to.0, error = %e, "migration answers could not be encoded");
+                    continue;
+                }
+            };
             if flying.len() >= IN_FLIGHT {
                 taken += flying.join_next().await.and_then(Result::ok).unwrap_or(0);
             }
             let inner = Arc::clone(&self);
             flying.spawn(async move {
                 let t0 = Instant::now();
-                if !inner.deliver(to, &message).await {
+                if !inner.deliver(to, body).await {
                     return 0;
                 }
                 tracing::trace!(entries = n, bytes = size, node = to.0, took = ?t0.elapsed(), "batch shipped");

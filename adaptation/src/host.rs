@@ -19,6 +19,7 @@ use crate::service::{Context, Peers};
 use crate::wire::{Answered, Message, Reply, RequestId};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use bytes::Bytes;
 use dashmap::DashMap;
 use gobelins_locator::{Change, Key, MigrationPlan, NodeId, ServiceId, ServiceSpec, Snapshot};
 use serde::{Deserialize, Serialize};
@@ -348,8 +349,8 @@ impl Host {
     }
 
     /// Answers a message from the host on node `from` (the supervisor's handler calls it).
-    pub async fn handle(&self, from: NodeId, bytes: &[u8]) -> Vec<u8> {
-        let reply = match codec::decode::<Message>(bytes) {
+    pub async fn handle(&self, from: NodeId, bytes: Bytes) -> Vec<u8> {
+        let reply = match Message::decode(bytes) {
             Ok(message) => self.inner.load_full().answer(from, message).await,
             Err(e) => {
                 tracing::warn!(node = from.0, error = %e, "malformed adaptation message refused");
@@ -642,7 +643,7 @@ impl Inner {
         };
         // A little longer than the manager will wait, so that its own `Late` reaches us.
         let mut departures = self.departed.subscribe();
-        let call = self.link.call(manager, bytes, left + self.config.retry);
+        let call = self.link.call(manager, self.link.seal(bytes), left + self.config.retry);
         let outcome = tokio::select! {
             outcome = call => outcome,
             // The cluster gave up on the manager while we waited (cut off, holding our request
@@ -878,20 +879,13 @@ impl Inner {
         }
     }
 
-    /// Sends `message` to `to` until it is accepted, refused, or `to` is known gone.
-    pub(crate) async fn deliver(&self, to: NodeId, message: &Message) -> bool {
+    /// Sends `message`, sealed by the link, to `to` until it is accepted, refused, or `to` is
+    /// known gone.
+    pub(crate) async fn deliver(&self, to: NodeId, message: Bytes) -> bool {
         let mut warned = false;
         loop {
-            // Encoded for each attempt rather than encoded once and cloned: a clone of a
-            // batch for an attempt that almost always succeeds is a copy into fresh memory.
-            let bytes = match codec::encode(message) {
-                Ok(bytes) => bytes,
-                Err(e) => {
-                    tracing::error!(node = to.0, error = %e, "a migration message could not be encoded");
-                    return false;
-                }
-            };
-            let outcome = self.link.call(to, bytes, self.config.call_timeout).await;
+            // Sealed once: an attempt sends the same bytes again, not a copy of them.
+            let outcome = self.link.call(to, message.clone(), self.config.call_timeout).await;
             match outcome.and_then(|answer| codec::decode::<Reply>(&answer)) {
                 Ok(Reply::Accepted) => return true,
                 Ok(Reply::Refused(why)) => {
@@ -963,7 +957,7 @@ impl Peers for Inner {
         let reply = if node == self.me {
             self.myself().local(node, service, key, &body).await
         } else {
-            let bytes = codec::encode(&Message::Local { service, key, body })?;
+            let bytes = self.link.seal(codec::encode(&Message::Local { service, key, body })?);
             let answer = self.link.call(node, bytes, self.config.call_timeout).await?;
             codec::decode(&answer)?
         };

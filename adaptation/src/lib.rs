@@ -37,5 +37,5 @@ pub use link::Link;
 pub use period::{Command, Event, Period, Phase, Role};
 pub use registry::Registry;
 pub use router::{Router, Verdict};
-pub use run::{Packer, Run};
+pub use run::{Packed, Packer, Run};
 pub use service::{plugin, Answer, ChangeInfo, Context, Moving, Plugin, Service};

@@ -8,59 +8,52 @@
 
 use crate::codec;
 use crate::error::AdaptationError;
+use bytes::Bytes;
 use gobelins_locator::{Key, NodeId};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use std::collections::BTreeMap;
 
 /// Bytes an entry's header takes in a run: its key (8) and its length (4), little-endian.
 const HEADER: usize = 12;
 
-/// Entries for one destination, each its key, its length and its encoded bytes.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Bytes left free before a packed run's entries, for the head of the batch message that will
+/// carry them: the message is written in front of its entries rather than the entries copied
+/// behind it. A batch's head (its epoch and service) takes at most 16.
+pub(crate) const HEADROOM: usize = 32;
+
+/// Entries for one destination, each its key, its length and its encoded bytes, as they came
+/// off the wire or out of a [`Packer`]. Shares its bytes: a run read from a frame is a slice of
+/// that frame, not a copy.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Run {
     count: u32,
-    #[serde(with = "serde_bytes")]
-    bytes: Vec<u8>,
+    bytes: Bytes,
 }
 
 impl Run {
-    /// An empty run with room for `bytes`.
-    pub fn with_capacity(bytes: usize) -> Self {
-        Run { count: 0, bytes: Vec::with_capacity(bytes) }
-    }
-
-    /// Appends an entry already encoded; one of 4 GiB or more is refused.
-    pub fn push(&mut self, key: Key, entry: &[u8]) -> Result<(), AdaptationError> {
-        let len = u32::try_from(entry.len())
-            .map_err(|_| AdaptationError::Codec(format!("an entry of {} bytes", entry.len())))?;
-        self.bytes.extend_from_slice(&key.0.to_le_bytes());
-        self.bytes.extend_from_slice(&len.to_le_bytes());
-        self.bytes.extend_from_slice(entry);
-        self.count += 1;
-        Ok(())
-    }
-
-    /// Appends `entry`, encoded in place.
-    pub fn push_encoded<E: Serialize>(
-        &mut self,
-        key: Key,
-        entry: &E,
-    ) -> Result<(), AdaptationError> {
-        let start = self.bytes.len();
-        self.bytes.extend_from_slice(&key.0.to_le_bytes());
-        self.bytes.extend_from_slice(&[0; 4]);
-        if let Err(e) = codec::encode_into(entry, &mut self.bytes) {
-            self.bytes.truncate(start);
-            return Err(e);
+    /// Reads the entries in `bytes`, refused whole if one is cut short: half a batch staged
+    /// would be half an entry set.
+    pub fn parse(bytes: Bytes) -> Result<Self, AdaptationError> {
+        let mut count = 0u32;
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let len = rest
+                .get(8..HEADER)
+                .map(|l| u32::from_le_bytes(l.try_into().expect("four bytes")) as usize);
+            match len.and_then(|len| rest.get(HEADER + len..)) {
+                Some(after) => rest = after,
+                None => {
+                    return Err(AdaptationError::Codec(format!(
+                        "a run cut short: {} bytes after its entry {count} do not make an entry",
+                        rest.len()
+                    )))
+                }
+            }
+            count = count.checked_add(1).ok_or_else(|| {
+                AdaptationError::Codec("a run of more than 4 billion entries".into())
+            })?;
         }
-        let len = self.bytes.len() - start - HEADER;
-        let Ok(len) = u32::try_from(len) else {
-            self.bytes.truncate(start);
-            return Err(AdaptationError::Codec(format!("an entry of {len} bytes")));
-        };
-        self.bytes[start + 8..start + HEADER].copy_from_slice(&len.to_le_bytes());
-        self.count += 1;
-        Ok(())
+        Ok(Run { count, bytes })
     }
 
     /// How many entries it holds.
@@ -78,68 +71,120 @@ impl Run {
         self.bytes.len()
     }
 
-    /// Its entries, checked: a run that came off the wire may be truncated or lie about its
-    /// count, and then the last item is an error.
-    pub fn entries(&self) -> Entries<'_> {
-        Entries { rest: &self.bytes, left: self.count, failed: false }
+    /// Its bytes, as [`Run::parse`] reads them.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
     }
 
-    /// Decodes every entry, or refuses the whole run: half a batch staged would be half an
-    /// entry set.
+    /// Its entries, in order: each key and encoded entry.
+    pub fn entries(&self) -> impl Iterator<Item = (Key, &[u8])> + '_ {
+        let mut rest = &self.bytes[..];
+        // Checked when the run was made: every header is whole and every length in bounds.
+        (0..self.count).map(move |_| {
+            let key = u64::from_le_bytes(rest[..8].try_into().expect("eight bytes"));
+            let len = u32::from_le_bytes(rest[8..HEADER].try_into().expect("four bytes")) as usize;
+            let entry = &rest[HEADER..HEADER + len];
+            rest = &rest[HEADER + len..];
+            (Key(key), entry)
+        })
+    }
+
+    /// Decodes every entry, or refuses the whole run.
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<Vec<(Key, E)>, AdaptationError> {
-        // The count came off the wire: reserve no more than the bytes could hold.
-        let mut out = Vec::with_capacity(self.len().min(self.bytes.len() / HEADER));
-        for item in self.entries() {
-            let (key, bytes) = item?;
-            out.push((key, codec::decode(bytes)?));
-        }
-        Ok(out)
+        self.entries().map(|(key, bytes)| Ok((key, codec::decode(bytes)?))).collect()
     }
 }
 
-/// The entries of a [`Run`], in order.
-pub struct Entries<'a> {
-    rest: &'a [u8],
-    left: u32,
-    failed: bool,
+/// A run being packed: its entries after [`HEADROOM`] free bytes.
+#[derive(Debug)]
+pub struct Packed {
+    count: u32,
+    buf: Vec<u8>,
 }
 
-impl<'a> Iterator for Entries<'a> {
-    type Item = Result<(Key, &'a [u8]), AdaptationError>;
+impl Packed {
+    /// An empty run with room for `bytes` of entries.
+    pub fn with_capacity(bytes: usize) -> Self {
+        // One byte more for the transport's mark behind the message (see `codec::encode`).
+        let mut buf = Vec::with_capacity(HEADROOM + bytes + 1);
+        buf.resize(HEADROOM, 0);
+        Packed { count: 0, buf }
+    }
 
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.failed {
-            return None;
+    /// Appends an entry already encoded; one of 4 GiB or more is refused.
+    pub fn push(&mut self, key: Key, entry: &[u8]) -> Result<(), AdaptationError> {
+        let len = u32::try_from(entry.len())
+            .map_err(|_| AdaptationError::Codec(format!("an entry of {} bytes", entry.len())))?;
+        self.buf.extend_from_slice(&key.0.to_le_bytes());
+        self.buf.extend_from_slice(&len.to_le_bytes());
+        self.buf.extend_from_slice(entry);
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Appends `entry`, encoded in place.
+    pub fn push_encoded<E: Serialize>(
+        &mut self,
+        key: Key,
+        entry: &E,
+    ) -> Result<(), AdaptationError> {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&key.0.to_le_bytes());
+        self.buf.extend_from_slice(&[0; 4]);
+        if let Err(e) = codec::encode_into(entry, &mut self.buf) {
+            self.buf.truncate(start);
+            return Err(e);
         }
-        if self.left == 0 {
-            if self.rest.is_empty() {
-                return None;
+        let len = self.buf.len() - start - HEADER;
+        let Ok(len) = u32::try_from(len) else {
+            self.buf.truncate(start);
+            return Err(AdaptationError::Codec(format!("an entry of {len} bytes")));
+        };
+        self.buf[start + 8..start + HEADER].copy_from_slice(&len.to_le_bytes());
+        self.count += 1;
+        Ok(())
+    }
+
+    /// How many entries it holds.
+    pub fn len(&self) -> usize {
+        self.count as usize
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Its entries' size in bytes, headers included.
+    pub fn size(&self) -> usize {
+        self.buf.len() - HEADROOM
+    }
+
+    /// The run, as a receiver reads it.
+    pub fn into_run(self) -> Run {
+        let count = self.count;
+        Run { count, bytes: Bytes::from(self.buf).slice(HEADROOM..) }
+    }
+
+    /// `head` then the entries, in the run's own buffer when `head` fits in front of them:
+    /// the buffer and where the message starts in it.
+    pub(crate) fn behind(mut self, head: &[u8]) -> (Vec<u8>, usize) {
+        match HEADROOM.checked_sub(head.len()) {
+            Some(at) => {
+                self.buf[at..HEADROOM].copy_from_slice(head);
+                (self.buf, at)
             }
-            self.failed = true;
-            return Some(Err(AdaptationError::Codec(format!(
-                "{} bytes after the last entry of a run",
-                self.rest.len()
-            ))));
-        }
-        let entry = (|| {
-            let header = self.rest.get(..HEADER)?;
-            let key = u64::from_le_bytes(header[..8].try_into().ok()?);
-            let len = u32::from_le_bytes(header[8..].try_into().ok()?) as usize;
-            let bytes = self.rest.get(HEADER..HEADER.checked_add(len)?)?;
-            self.rest = &self.rest[HEADER + len..];
-            Some((Key(key), bytes))
-        })();
-        self.left -= 1;
-        match entry {
-            Some(entry) => Some(Ok(entry)),
             None => {
-                self.failed = true;
-                Some(Err(AdaptationError::Codec(format!(
-                    "a run cut short: {} entries announced were not there",
-                    self.left + 1
-                ))))
+                let mut out = Vec::with_capacity(head.len() + self.size() + 1);
+                out.extend_from_slice(head);
+                out.extend_from_slice(&self.buf[HEADROOM..]);
+                (out, 0)
             }
         }
+    }
+
+    fn shrink(&mut self) {
+        self.buf.shrink_to(self.buf.len() + 1);
     }
 }
 
@@ -148,8 +193,8 @@ impl<'a> Iterator for Entries<'a> {
 pub struct Packer {
     locate: Box<dyn Fn(Key) -> NodeId + Send + Sync>,
     batch_bytes: usize,
-    open: BTreeMap<NodeId, Run>,
-    full: Vec<(NodeId, Run)>,
+    open: BTreeMap<NodeId, Packed>,
+    full: Vec<(NodeId, Packed)>,
     count: u64,
 }
 
@@ -171,7 +216,7 @@ impl Packer {
         // Room for a batch and the entry that overflows it, so that the buffer is not
         // reallocated (and copied) as it fills.
         let capacity = self.batch_bytes + 64 * 1024;
-        let run = self.open.entry(to).or_insert_with(|| Run::with_capacity(capacity));
+        let run = self.open.entry(to).or_insert_with(|| Packed::with_capacity(capacity));
         run.push_encoded(key, entry)?;
         let filled = run.size() >= self.batch_bytes;
         self.count += 1;
@@ -184,7 +229,7 @@ impl Packer {
     }
 
     /// Takes `run`'s entries as they are, already encoded, cut the same way.
-    pub fn extend(&mut self, to: NodeId, run: Run) {
+    pub fn extend(&mut self, to: NodeId, run: Packed) {
         self.count += run.len() as u64;
         self.full.push((to, run));
     }
@@ -195,11 +240,11 @@ impl Packer {
     }
 
     /// The runs, per destination in the order they filled.
-    pub fn finish(mut self) -> Vec<(NodeId, Run)> {
+    pub fn finish(mut self) -> Vec<(NodeId, Packed)> {
         // The runs still open were sized for a whole batch; one may hold a single entry, and
         // rebuilt runs wait for the sending phase.
         for (_, run) in self.open.iter_mut() {
-            run.bytes.shrink_to_fit();
+            run.shrink();
         }
         self.full.extend(std::mem::take(&mut self.open));
         self.full.retain(|(_, run)| !run.is_empty());
@@ -213,37 +258,56 @@ mod tests {
 
     #[test]
     fn entries_come_back_in_order_with_their_keys() {
-        let mut run = Run::default();
-        run.push_encoded(Key(7), &"seven".to_string()).unwrap();
-        run.push(Key(9), &codec::encode(&"nine".to_string()).unwrap()).unwrap();
+        let mut packed = Packed::with_capacity(0);
+        packed.push_encoded(Key(7), &"seven".to_string()).unwrap();
+        packed.push(Key(9), &codec::encode(&"nine".to_string()).unwrap()).unwrap();
+        let run = packed.into_run();
         let back: Vec<(Key, String)> = run.decode().unwrap();
         assert_eq!(back, vec![(Key(7), "seven".into()), (Key(9), "nine".into())]);
         assert_eq!(run.len(), 2);
+        assert_eq!(
+            Run::parse(run.bytes().clone()).unwrap(),
+            run,
+            "what goes on the wire reads back"
+        );
     }
 
     #[test]
-    fn a_run_cut_short_or_with_a_wrong_count_is_refused_whole() {
-        let mut run = Run::default();
-        run.push_encoded(Key(1), &1u64).unwrap();
-        run.push_encoded(Key(2), &2u64).unwrap();
-        let mut short = run.clone();
-        short.bytes.pop();
-        assert!(short.decode::<u64>().is_err());
-        let mut more = run.clone();
-        more.count = 3;
-        assert!(more.decode::<u64>().is_err());
-        let mut fewer = run.clone();
-        fewer.count = 1;
-        assert!(fewer.decode::<u64>().is_err(), "trailing bytes must not pass unnoticed");
+    fn a_run_cut_short_is_refused_whole() {
+        let mut packed = Packed::with_capacity(0);
+        packed.push_encoded(Key(1), &1u64).unwrap();
+        packed.push_encoded(Key(2), &2u64).unwrap();
+        let bytes = packed.into_run().bytes().clone();
+        assert_eq!(Run::parse(bytes.clone()).unwrap().len(), 2);
+        for cut in 1..bytes.len() {
+            let parsed = Run::parse(bytes.slice(..cut));
+            let whole_first = cut == HEADER + 1;
+            assert_eq!(parsed.is_ok(), whole_first, "cut at {cut}: {parsed:?}");
+        }
         // A length that points past the end, or overflows.
-        // A count announcing billions of entries is refused without reserving room for them.
-        let mut huge = run.clone();
-        huge.count = u32::MAX;
-        assert!(huge.decode::<u64>().is_err());
-        let mut lying = Run::default();
-        lying.push(Key(3), &[0; 4]).unwrap();
-        lying.bytes[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(lying.decode::<u32>().is_err());
+        let mut lying = bytes.to_vec();
+        lying[8..12].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(Run::parse(Bytes::from(lying)).is_err());
+    }
+
+    #[test]
+    fn a_message_goes_in_front_of_its_entries_without_moving_them() {
+        let mut packed = Packed::with_capacity(64);
+        packed.push_encoded(Key(3), &3u64).unwrap();
+        let entries = packed.buf[HEADROOM..].to_vec();
+        let at = packed.buf.as_ptr();
+        let (buf, start) = packed.behind(b"head");
+        assert_eq!(buf.as_ptr(), at, "the entries were not copied");
+        assert_eq!(&buf[start..start + 4], b"head");
+        assert_eq!(&buf[start + 4..], &entries[..]);
+        // A head longer than the room there is costs a copy, not an error.
+        let mut packed = Packed::with_capacity(64);
+        packed.push_encoded(Key(3), &3u64).unwrap();
+        let long = vec![7u8; HEADROOM + 1];
+        let (buf, start) = packed.behind(&long);
+        assert_eq!(start, 0);
+        assert_eq!(&buf[..long.len()], &long[..]);
+        assert_eq!(&buf[long.len()..], &entries[..]);
     }
 
     #[test]
@@ -253,11 +317,13 @@ mod tests {
             for k in 0..100u64 {
                 packer.push(Key(k), &k).unwrap();
             }
-            packer.extend(NodeId(5), Run::default());
+            packer.extend(NodeId(5), Packed::with_capacity(0));
             assert_eq!(packer.count(), 100);
             let runs = packer.finish();
             let mut seen = Vec::new();
-            for (to, run) in &runs {
+            for (to, run) in runs.iter().map(|(to, p)| {
+                (to, Run::parse(Bytes::copy_from_slice(&p.buf[HEADROOM..])).unwrap())
+            }) {
                 for (key, value) in run.decode::<u64>().unwrap() {
                     assert_eq!(NodeId(key.0 % 3), *to);
                     assert_eq!(key.0, value);

@@ -14,6 +14,7 @@ use crate::link::Link;
 use crate::registry::Registry;
 use crate::service::{plugin, Service};
 use async_trait::async_trait;
+use bytes::Bytes;
 use dashmap::DashMap;
 use gobelins_locator::{
     CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, ServicePlan, Snapshot,
@@ -44,7 +45,7 @@ impl Link for MemLink {
     async fn call(
         &self,
         to: NodeId,
-        message: Vec<u8>,
+        message: Bytes,
         deadline: Duration,
     ) -> Result<Vec<u8>, AdaptationError> {
         let unreachable =
@@ -60,7 +61,7 @@ impl Link for MemLink {
         // stop it.
         let handled = tokio::spawn(async move {
             tokio::time::sleep(latency).await;
-            host.handle(me, &message).await
+            host.handle(me, message).await
         });
         let round_trip = async move {
             let answer = handled.await.map_err(|_| {

@@ -1,7 +1,10 @@
 //! The messages hosts send each other: requests for a manager, messages to a local server,
 //! migration batches and acknowledgements.
 
+use crate::codec;
+use crate::error::AdaptationError;
 use crate::run::Run;
+use bytes::Bytes;
 use gobelins_locator::{Key, NodeId, ServiceId};
 use serde::{Deserialize, Serialize};
 pub use serde_bytes::ByteBuf;
@@ -62,16 +65,43 @@ pub enum Message {
         epoch: u64,
         /// The service.
         service: ServiceId,
-        /// Encoded entries.
-        entries: Run,
         /// Answers the old manager gave for these keys, so retries still run once.
         answered: Vec<Answered>,
+        /// The entries: not encoded with the message but after it, to the end of the body
+        /// ([`Message::encode`]), so that neither end copies a run to frame or unframe it.
+        #[serde(skip)]
+        entries: Run,
     },
     /// The sender has sent everything for `epoch`.
     Ack {
         /// The change.
         epoch: u64,
     },
+}
+
+impl Message {
+    /// The message's body: the message, then a batch's entries.
+    pub fn encode(&self) -> Result<Vec<u8>, AdaptationError> {
+        let mut body = codec::encode(self)?;
+        if let Message::Batch { entries, .. } = self {
+            body.reserve_exact(entries.size() + 1);
+            body.extend_from_slice(entries.bytes());
+        }
+        Ok(body)
+    }
+
+    /// Reads a body [`Message::encode`] wrote; a batch's entries are a slice of `body`.
+    pub fn decode(body: Bytes) -> Result<Message, AdaptationError> {
+        let (mut message, used) = codec::decode_prefix::<Message>(&body)?;
+        match &mut message {
+            Message::Batch { entries, .. } => *entries = Run::parse(body.slice(used..))?,
+            _ if used != body.len() => {
+                return Err(AdaptationError::Codec(format!("{} trailing bytes", body.len() - used)))
+            }
+            _ => {}
+        }
+        Ok(message)
+    }
 }
 
 /// The answer to a [`Message`].
@@ -98,4 +128,41 @@ pub enum Reply {
         /// The change.
         epoch: u64,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::run::Packed;
+
+    #[test]
+    fn a_batch_reads_back_with_its_entries_a_slice_of_the_body() {
+        let mut packed = Packed::with_capacity(0);
+        packed.push_encoded(Key(4), &"four".to_string()).unwrap();
+        let entries = packed.into_run();
+        let answered = vec![Answered {
+            key: Key(4),
+            id: RequestId { origin: NodeId(1), seq: 9 },
+            response: vec![1],
+        }];
+        let batch = Message::Batch { epoch: 3, service: ServiceId(2), answered, entries };
+        let body = Bytes::from(batch.encode().unwrap());
+        let Message::Batch { epoch, service, answered, entries } =
+            Message::decode(body.clone()).unwrap()
+        else {
+            panic!("not a batch")
+        };
+        assert_eq!((epoch, service, answered.len()), (3, ServiceId(2), 1));
+        assert_eq!(entries.decode::<String>().unwrap(), vec![(Key(4), "four".to_string())]);
+        let at = entries.bytes().as_ptr() as usize - body.as_ptr() as usize;
+        assert_eq!(at + entries.size(), body.len(), "the entries are the body's tail, not a copy");
+    }
+
+    #[test]
+    fn bytes_after_a_message_that_is_not_a_batch_are_refused() {
+        let mut body = Message::Ack { epoch: 1 }.encode().unwrap();
+        assert!(Message::decode(Bytes::from(body.clone())).is_ok());
+        body.push(0);
+        assert!(matches!(Message::decode(Bytes::from(body)), Err(AdaptationError::Codec(_))));
+    }
 }

@@ -3,7 +3,7 @@
 
 use async_trait::async_trait;
 use gobelins_adaptation::{
-    codec, plugin, AdaptationError, ChangeInfo, Context, Moving, Packer, Registry, Run, Service,
+    codec, plugin, AdaptationError, ChangeInfo, Context, Moving, Packed, Packer, Registry, Service,
 };
 use gobelins_locator::{
     CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, ServiceSpec, TreeConfig,
@@ -140,14 +140,15 @@ async fn a_migration_hands_over_exactly_the_entries_the_plan_moves() {
     let expected: Vec<Key> =
         mine.iter().copied().filter(|&k| new.locate(KV, k) == Some(NodeId(3))).collect();
     assert!(!expected.is_empty(), "node 1 gives node 3 some keys");
-    let runs = packer.finish();
+    let mut runs = packer.finish();
     assert_eq!(runs.len(), 1, "one batch, for node 3: {runs:?}");
-    let (to, sent) = &runs[0];
-    assert_eq!(*to, NodeId(3));
-    let keys: Vec<Key> = sent.entries().map(|e| e.expect("entry").0).collect();
+    let (to, sent) = runs.pop().expect("a run");
+    assert_eq!(to, NodeId(3));
+    let sent = sent.into_run();
+    let keys: Vec<Key> = sent.entries().map(|(key, _)| key).collect();
     assert_eq!(keys, expected);
 
-    three.receive(&ctx(), NodeId(1), sent).await.expect("receive");
+    three.receive(&ctx(), NodeId(1), &sent).await.expect("receive");
     let get = codec::encode(&Request::Get).expect("encode");
     let before: Option<String> =
         codec::decode(&three.handle(&ctx(), expected[0], &get).await.expect("get").response)
@@ -165,10 +166,10 @@ async fn a_migration_hands_over_exactly_the_entries_the_plan_moves() {
 #[tokio::test]
 async fn a_batch_that_does_not_decode_is_refused_whole() {
     let kv = plugin(Kv::default());
-    let mut batch = Run::default();
+    let mut batch = Packed::with_capacity(0);
     batch.push_encoded(Key(1), &"fine".to_string()).expect("encode");
     batch.push(Key(2), &[0xff; 3]).expect("push");
-    let err = kv.receive(&ctx(), NodeId(2), &batch).await.unwrap_err();
+    let err = kv.receive(&ctx(), NodeId(2), &batch.into_run()).await.unwrap_err();
     assert!(matches!(err, AdaptationError::Codec(_)), "{err}");
     kv.after_migration(&ctx(), &info(2)).await;
     let get = codec::encode(&Request::Get).expect("encode");

@@ -5,6 +5,7 @@ use crate::lane::Lane;
 use crate::rpc::Response;
 use crate::transport::Transport;
 use async_trait::async_trait;
+use bytes::Bytes;
 use gobelins_adaptation::{codec, AdaptationError, Link};
 use gobelins_locator::NodeId;
 use std::sync::Arc;
@@ -24,16 +25,20 @@ impl TransportLink {
 
 #[async_trait]
 impl Link for TransportLink {
+    fn seal(&self, message: Vec<u8>) -> Bytes {
+        Lane::Adaptation.seal(message)
+    }
+
     async fn call(
         &self,
         to: NodeId,
-        message: Vec<u8>,
+        message: Bytes,
         deadline: Duration,
     ) -> Result<Vec<u8>, AdaptationError> {
         let unreachable = |reason: String| AdaptationError::Unreachable { node: to.0, reason };
         let answer = self
             .transport
-            .call(to.0, Lane::Adaptation.seal(message), deadline)
+            .call(to.0, message, deadline)
             .await
             .map_err(|e| unreachable(e.to_string()))?;
         let codec_error = |e: crate::error::SupervisorError| AdaptationError::Codec(e.to_string());

@@ -479,7 +479,7 @@ impl Supervisor {
         Some(encode_response(&Response::Stopped(message)))
     }
 
-    async fn adapt(&self, from: u64, message: &[u8]) -> Bytes {
+    async fn adapt(&self, from: u64, message: Bytes) -> Bytes {
         if let Some(stopped) = self.stopped() {
             return stopped;
         }
@@ -489,7 +489,7 @@ impl Supervisor {
     async fn handle(&self, from: u64, message: Bytes) -> Bytes {
         let bytes = match Lane::open(message) {
             Ok((Lane::Supervisor, bytes)) => bytes,
-            Ok((Lane::Adaptation, bytes)) => return self.adapt(from, &bytes).await,
+            Ok((Lane::Adaptation, bytes)) => return self.adapt(from, bytes).await,
             Err(e) => {
                 tracing::warn!(node = from, error = %e, "malformed message");
                 return encode_response(&Response::Malformed(e.to_string()));

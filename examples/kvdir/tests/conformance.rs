@@ -61,7 +61,7 @@ async fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid
 async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_and_changes_nothing()
 {
     use gobelins_adaptation::wire::{Message, Reply};
-    use gobelins_adaptation::{codec, HostConfig, Run};
+    use gobelins_adaptation::{codec, HostConfig, Packed};
     use gobelins_kvdir::{Versioned, KVDIR};
     use gobelins_locator::{Key, NodeId};
 
@@ -73,10 +73,11 @@ async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_an
         .expect("a key node 1 manages");
     let host = cluster.host(NodeId(1));
     let stale = Versioned { version: 99, value: b"stale".to_vec().into() };
-    let mut entries = Run::default();
+    let mut entries = Packed::with_capacity(0);
     entries.push_encoded(key, &stale).expect("encode");
-    let batch = Message::Batch { epoch, service: KVDIR, entries, answered: Vec::new() };
-    let reply = host.handle(NodeId(2), &codec::encode(&batch).expect("encode")).await;
+    let entries = entries.into_run();
+    let batch = Message::Batch { epoch, service: KVDIR, answered: Vec::new(), entries };
+    let reply = host.handle(NodeId(2), batch.encode().expect("encode").into()).await;
     assert!(
         matches!(codec::decode::<Reply>(&reply).expect("decode"), Reply::Merged { epoch: e } if e == epoch),
         "a late batch is told the change is closed"
@@ -178,8 +179,8 @@ async fn a_retry_that_reaches_the_new_manager_gets_the_answer_the_old_one_gave()
         wait_ms: 5_000,
     };
     async fn ask(host: gobelins_adaptation::Host, message: &Message) -> Reply {
-        let bytes = codec::encode(message).expect("encode");
-        codec::decode::<Reply>(&host.handle(NodeId(77), &bytes).await).expect("reply")
+        let bytes = message.encode().expect("encode").into();
+        codec::decode::<Reply>(&host.handle(NodeId(77), bytes).await).expect("reply")
     }
     let mut first = Vec::new();
     for (seq, &key) in keys.iter().enumerate() {
