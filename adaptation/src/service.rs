@@ -314,8 +314,15 @@ pub fn plugin<S: Service>(service: S) -> Box<dyn Plugin> {
 
 struct Erased<S>(S);
 
-fn pack<E: Serialize>(entries: Vec<(Key, E)>, packer: &mut Packer) -> Result<(), AdaptationError> {
-    entries.iter().try_for_each(|(key, entry)| packer.push(*key, entry))
+async fn pack<E: Serialize>(
+    entries: Vec<(Key, E)>,
+    packer: &mut Packer,
+) -> Result<(), AdaptationError> {
+    for (key, entry) in entries {
+        packer.push(key, &entry)?;
+        packer.flush().await?;
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -350,7 +357,7 @@ impl<S: Service> Plugin for Erased<S> {
         moving: &Moving,
         packer: &mut Packer,
     ) -> Result<(), AdaptationError> {
-        pack(self.0.send_out(ctx, moving).await, packer)
+        pack(self.0.send_out(ctx, moving).await, packer).await
     }
 
     async fn receive(
@@ -375,7 +382,7 @@ impl<S: Service> Plugin for Erased<S> {
         orphans: &Moving,
         packer: &mut Packer,
     ) -> Result<(), AdaptationError> {
-        pack(self.0.scan(ctx, failed, orphans).await, packer)
+        pack(self.0.scan(ctx, failed, orphans).await, packer).await
     }
 }
 
