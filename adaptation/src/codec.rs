@@ -6,6 +6,10 @@ use crate::error::AdaptationError;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+/// Bytes every encoded message leaves free behind it: the supervisor marks each message with a
+/// trailing lane byte, which then fits without reallocating (and copying) a migration batch.
+pub const SPARE: usize = 1;
+
 /// Largest value decoding will materialise; matches the largest frame we accept.
 pub const DECODE_LIMIT: usize = 64 * 1024 * 1024;
 
@@ -20,9 +24,7 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, AdaptationError> {
     // is reallocated a dozen times for a 1 KiB entry and copies a migration batch twice over.
     let mut size = bincode::enc::write::SizeWriter::default();
     bincode::serde::encode_into_writer(value, &mut size, config()).map_err(failed)?;
-    // One byte more: the supervisor marks each message with a trailing lane byte, which then
-    // fits without reallocating (and copying) a migration batch.
-    let mut out = Vec::with_capacity(size.bytes_written + 1);
+    let mut out = Vec::with_capacity(size.bytes_written + SPARE);
     bincode::serde::encode_into_std_write(value, &mut out, config()).map_err(failed)?;
     Ok(out)
 }

@@ -1,7 +1,6 @@
 //! The async loop that carries out [`Period`]'s commands on one node: one task, fed by the
 //! supervisor's updates and by acks from peers, so that the machine sees one event at a time.
 
-use crate::codec;
 use crate::host::{ChangeRecord, Inner, Progress, Update};
 use crate::period::{Command, Event, Period, Phase, Role};
 use crate::router::Router;
@@ -21,6 +20,9 @@ const ANSWERS_PER_BATCH: usize = 4096;
 
 /// Batches packed and waiting for their turn to ship: beyond them, packing waits.
 const QUEUED_BATCHES: usize = 4;
+
+/// Batches on their way, all destinations together, each holding its buffer until delivered.
+const SHIPPING_BATCHES: usize = 16;
 
 /// What reaches the driver.
 pub(crate) enum Input {
@@ -289,7 +291,7 @@ impl Driver {
                     return vec![Event::Ack { from: me, epoch }];
                 }
                 tokio::spawn(async move {
-                    match codec::encode(&Message::Ack { epoch }) {
+                    match (Message::Ack { epoch }).encode() {
                         Ok(ack) => {
                             inner.deliver(to, inner.link.seal(ack)).await;
                         }
@@ -354,8 +356,9 @@ impl Driver {
 
     /// Ships what leaves this node for `service`: what `send_out` exports and what `scan`
     /// rebuilt, each entry to its manager in the new epoch. Each batch ships as soon as it is
-    /// packed, so that the receivers work while the rest is packed and a change holds only a
-    /// few batches in memory, whatever it moves.
+    /// packed, so that the receivers work while the rest is packed and the encoded batches a
+    /// change holds stay bounded ([`QUEUED_BATCHES`] and [`SHIPPING_BATCHES`]), whatever it
+    /// moves.
     async fn send_out(&mut self, service: ServiceId) {
         let inner = Arc::clone(&self.inner);
         let me = inner.me;
@@ -426,10 +429,16 @@ impl Driver {
             answering
                 .spawn(async move { inner.ship_answers(epoch, service, node, answered).await });
         }
-        let sent = shipper.await.unwrap_or_else(|e| {
-            tracing::error!(service = service.0, error = %e, "the shipping task ended abnormally");
-            0
-        });
+        let sent = match shipper.await {
+            Ok(sent) => sent,
+            // As if it had happened here: the change must not be acknowledged with batches
+            // that were never delivered.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                tracing::error!(service = service.0, error = %e, "the shipping task was cancelled");
+                0
+            }
+        };
         while answering.join_next().await.is_some() {}
         tokio::task::spawn_blocking(move || drop(emptied));
         tracing::debug!(service = service.0, epoch, sent, ?packed, ?exported, took = ?started.elapsed(), pooled = inner.pool.len(), "sent out");
@@ -453,31 +462,40 @@ impl Inner {
         // follows them all.
         const IN_FLIGHT: usize = 4;
         // Every batch of entries has this head; each run is written behind a copy of it.
-        let head = match codec::encode(&batch(epoch, service, Vec::new())) {
+        let head = match batch(epoch, service, Vec::new()).encode() {
             Ok(head) => head,
             Err(e) => {
                 tracing::error!(error = %e, "a migration batch could not be encoded");
                 return 0;
             }
         };
+        // A slow destination holds at most the budget: others keep shipping meanwhile.
+        let budget = Arc::new(Semaphore::new(SHIPPING_BATCHES));
         let mut lanes: BTreeMap<NodeId, Arc<Semaphore>> = BTreeMap::new();
         let mut flying = JoinSet::new();
         let mut taken = 0;
         while let Some((to, run)) = runs.recv().await {
+            let held = Arc::clone(&budget).acquire_owned().await.expect("never closed");
             if to == self.me {
-                self.receive_here(service, run).await;
+                let inner = Arc::clone(&self);
+                flying.spawn(async move {
+                    inner.receive_here(service, run).await;
+                    drop(held);
+                    0
+                });
                 continue;
             }
             let lane = lanes.entry(to).or_insert_with(|| Arc::new(Semaphore::new(IN_FLIGHT)));
-            let Ok(permit) = Arc::clone(lane).acquire_owned().await else { break };
+            let lane = Arc::clone(lane);
             let (n, size) = (run.len() as u64, run.size() as u64);
             let (buffer, start) = run.behind(&head);
             let body = self.link.seal(buffer).slice(start..);
             let inner = Arc::clone(&self);
             flying.spawn(async move {
+                let in_flight = lane.acquire_owned().await.expect("never closed");
                 let t0 = Instant::now();
                 let delivered = inner.deliver(to, body.clone()).await;
-                drop(permit);
+                drop((in_flight, held));
                 inner.pool.give(body);
                 if !delivered {
                     return 0;
@@ -488,12 +506,13 @@ impl Inner {
                 n
             });
             while let Some(done) = flying.try_join_next() {
-                taken += done.unwrap_or(0);
+                taken += shipped(service, done);
             }
         }
-        while let Some(n) = flying.join_next().await {
-            taken += n.unwrap_or(0);
+        while let Some(done) = flying.join_next().await {
+            taken += shipped(service, done);
         }
+        tracing::debug!(service = service.0, entries = taken, "shipped");
         taken
     }
 
@@ -519,7 +538,7 @@ impl Inner {
         answered: Vec<Answered>,
     ) {
         for chunk in answered.chunks(ANSWERS_PER_BATCH) {
-            match codec::encode(&batch(epoch, service, chunk.to_vec())) {
+            match batch(epoch, service, chunk.to_vec()).encode() {
                 Ok(body) => {
                     self.deliver(to, self.link.seal(body)).await;
                 }
@@ -529,6 +548,15 @@ impl Inner {
             }
         }
     }
+}
+
+/// The entries a shipping task delivered; one that panicked (in a service's `receive`, for
+/// rebuilt entries) delivered none.
+fn shipped(service: ServiceId, done: Result<u64, tokio::task::JoinError>) -> u64 {
+    done.unwrap_or_else(|e| {
+        tracing::error!(service = service.0, error = %e, "a batch was not shipped");
+        0
+    })
 }
 
 /// A batch of the change to `epoch` carrying `answered`; its entries, if any, follow it.

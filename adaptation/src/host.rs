@@ -646,7 +646,7 @@ impl Inner {
             body: body.to_vec(),
             wait_ms: left.as_millis() as u64,
         };
-        let bytes = match codec::encode(&message) {
+        let bytes = match message.encode() {
             Ok(bytes) => bytes,
             Err(e) => return Reply::Refused(e.to_string()),
         };
@@ -966,7 +966,7 @@ impl Peers for Inner {
         let reply = if node == self.me {
             self.myself().local(node, service, key, &body).await
         } else {
-            let bytes = self.link.seal(codec::encode(&Message::Local { service, key, body })?);
+            let bytes = self.link.seal(Message::Local { service, key, body }.encode()?);
             let answer = self.link.call(node, bytes, self.config.call_timeout).await?;
             codec::decode(&answer)?
         };

@@ -36,7 +36,9 @@ impl Pool {
         // The whole allocation, from its start: the body began after the room left for its
         // head.
         let buffer = Vec::from(buffer);
-        if buffer.capacity() < self.capacity {
+        // One grown past twice a batch's size (an entry of megabytes) is freed, not kept for
+        // the node's life.
+        if buffer.capacity() < self.capacity || buffer.capacity() > 2 * self.capacity {
             return;
         }
         let mut free = self.free.lock().unwrap_or_else(|e| e.into_inner());
@@ -79,6 +81,8 @@ mod tests {
         let pool = Pool::new(64, 1);
         pool.give(Bytes::from(vec![0u8; 16]));
         assert_eq!(pool.len(), 0, "too small for a batch");
+        pool.give(Bytes::from(vec![0u8; 1024]));
+        assert_eq!(pool.len(), 0, "grown far past a batch");
         pool.give(Bytes::from(Vec::with_capacity(64)));
         pool.give(Bytes::from(Vec::with_capacity(64)));
         assert_eq!(pool.len(), 1);

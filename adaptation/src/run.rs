@@ -43,7 +43,7 @@ impl Run {
             let len = rest
                 .get(8..HEADER)
                 .map(|l| u32::from_le_bytes(l.try_into().expect("four bytes")) as usize);
-            match len.and_then(|len| rest.get(HEADER + len..)) {
+            match len.and_then(|len| HEADER.checked_add(len)).and_then(|end| rest.get(end..)) {
                 Some(after) => rest = after,
                 None => {
                     return Err(AdaptationError::Codec(format!(
@@ -108,8 +108,7 @@ pub struct Packed {
 impl Packed {
     /// An empty run with room for `bytes` of entries.
     pub fn with_capacity(bytes: usize) -> Self {
-        // One byte more for the transport's mark behind the message (see `codec::encode`).
-        Packed::in_buffer(Vec::with_capacity(HEADROOM + bytes + 1))
+        Packed::in_buffer(Vec::with_capacity(HEADROOM + bytes + codec::SPARE))
     }
 
     /// An empty run in `buffer`.
@@ -183,7 +182,7 @@ impl Packed {
                 (self.buf, at)
             }
             None => {
-                let mut out = Vec::with_capacity(head.len() + self.size() + 1);
+                let mut out = Vec::with_capacity(head.len() + self.size() + codec::SPARE);
                 out.extend_from_slice(head);
                 out.extend_from_slice(&self.buf[HEADROOM..]);
                 (out, 0)
@@ -192,7 +191,7 @@ impl Packed {
     }
 
     fn shrink(&mut self) {
-        self.buf.shrink_to(self.buf.len() + 1);
+        self.buf.shrink_to(self.buf.len() + codec::SPARE);
     }
 }
 
@@ -200,7 +199,7 @@ impl Packed {
 /// for the entry that overflows the batch (so that the buffer is not reallocated, and copied,
 /// as it fills) and for the transport's mark behind.
 pub(crate) fn buffer_bytes(batch_bytes: usize) -> usize {
-    HEADROOM + batch_bytes + 64 * 1024 + 1
+    HEADROOM + batch_bytes + 64 * 1024 + codec::SPARE
 }
 
 /// Encodes entries into runs per destination, each cut at about `batch_bytes` (and never
@@ -279,8 +278,9 @@ impl Packer {
 
     /// Sends the runs filled so far on their way, when the layer ships as it packs (during a
     /// sending phase); waits while the batches already on their way are as many as the layer
-    /// allows, so that a change never holds more than a few batches in memory. A plug-in that
-    /// packs many entries calls it between pushes.
+    /// allows, so that the encoded batches a change holds stay bounded. A plug-in that packs
+    /// many entries calls it between pushes, holding nothing its own `receive` needs: the
+    /// wait lasts until other nodes take earlier batches.
     pub async fn flush(&mut self) -> Result<(), AdaptationError> {
         let Some(out) = &self.out else { return Ok(()) };
         while !self.full.is_empty() {
@@ -293,8 +293,7 @@ impl Packer {
 
     /// Sends every run still open on its way, after those filled.
     pub(crate) async fn close(mut self) -> Result<(), AdaptationError> {
-        self.full.extend(std::mem::take(&mut self.open));
-        self.full.retain(|(_, run)| !run.is_empty());
+        self.seal_open();
         self.flush().await
     }
 
@@ -305,9 +304,14 @@ impl Packer {
         for (_, run) in self.open.iter_mut() {
             run.shrink();
         }
+        self.seal_open();
+        self.full.into()
+    }
+
+    /// Queues the runs still open after those filled, leaving out empty ones.
+    fn seal_open(&mut self) {
         self.full.extend(std::mem::take(&mut self.open));
         self.full.retain(|(_, run)| !run.is_empty());
-        self.full.into()
     }
 }
 
@@ -412,7 +416,9 @@ mod tests {
         let (to, first) = shipped.recv().await.expect("the first run");
         assert_eq!((to, first.len()), (NodeId(2), 1));
         packer.flush().await.unwrap();
-        packer.push(Key(3), &[3u8; 4]).unwrap();
+        // Too short to fill a run: it ships when the packer closes.
+        packer.push(Key(3), &[3u8; 3]).unwrap();
+        assert_eq!(packer.open.len(), 1, "key 3 waits in a run still open");
         let closing = tokio::spawn(packer.close());
         let mut keys = Vec::new();
         while let Some((_, run)) = shipped.recv().await {

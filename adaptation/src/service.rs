@@ -271,7 +271,8 @@ pub trait Plugin: Send + Sync {
     ) -> Result<Answer, AdaptationError>;
     /// [`Service::before_migration`].
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
-    /// [`Service::send_out`], each entry encoded into `packer`'s run for its destination.
+    /// [`Service::send_out`], each entry encoded into `packer`'s run for its destination and
+    /// [`Packer::flush`]ed as runs fill, so that they ship while the rest is packed.
     async fn send_out(
         &self,
         ctx: &Context,

@@ -30,7 +30,8 @@ pub struct Answered {
     pub response: Vec<u8>,
 }
 
-/// One message between hosts.
+/// One message between hosts. Encoded with [`Message::encode`], never `codec::encode`, which
+/// would leave a batch's entries out.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Message {
     /// For the manager of `key`, routed by the sender's `epoch`.
@@ -84,7 +85,7 @@ impl Message {
     pub fn encode(&self) -> Result<Vec<u8>, AdaptationError> {
         let mut body = codec::encode(self)?;
         if let Message::Batch { entries, .. } = self {
-            body.reserve_exact(entries.size() + 1);
+            body.reserve_exact(entries.size() + codec::SPARE);
             body.extend_from_slice(entries.bytes());
         }
         Ok(body)
