@@ -8,21 +8,15 @@ use crate::run::{Packed, Packer};
 use crate::service::{ChangeInfo, Moving};
 use crate::wire::{Answered, Message};
 use gobelins_locator::{Change, NodeId, ServiceId, Snapshot};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 /// Remembered answers per migration message: small enough for any frame.
 const ANSWERS_PER_BATCH: usize = 4096;
-
-/// Batches packed and waiting for their turn to ship: beyond them, packing waits.
-const QUEUED_BATCHES: usize = 4;
-
-/// Batches on their way, all destinations together, each holding its buffer until delivered.
-const SHIPPING_BATCHES: usize = 16;
 
 /// What reaches the driver.
 pub(crate) enum Input {
@@ -355,14 +349,11 @@ impl Driver {
     }
 
     /// Ships what leaves this node for `service`: what `send_out` exports and what `scan`
-    /// rebuilt, each entry to its manager in the new epoch. Each batch ships as soon as it is
-    /// packed, so that the receivers work while the rest is packed and the encoded batches a
-    /// change holds stay bounded ([`QUEUED_BATCHES`] and [`SHIPPING_BATCHES`]), whatever it
-    /// moves.
+    /// rebuilt, each entry to its manager in the new epoch, destinations in parallel.
     async fn send_out(&mut self, service: ServiceId) {
         let inner = Arc::clone(&self.inner);
         let me = inner.me;
-        let (Some(plugin), Some(spec), Some(progress), Some(target), Some(packer)) = (
+        let (Some(plugin), Some(spec), Some(progress), Some(target), Some(mut packer)) = (
             inner.registry.get(service),
             inner.registry.spec(service),
             self.progress.as_ref(),
@@ -376,9 +367,6 @@ impl Driver {
         let ctx = inner.context(None);
         let moves = progress.plan.outgoing_of(service, me);
         let started = Instant::now();
-        let (runs, shipped) = mpsc::channel(QUEUED_BATCHES);
-        let shipper = tokio::spawn(Arc::clone(&inner).ship(epoch, service, shipped));
-        let mut packer = packer.with_pool(Arc::clone(&inner.pool)).streaming(runs);
         if !moves.is_empty() {
             if let Err(e) =
                 plugin.send_out(&ctx, &Moving::new(spec.clone(), moves), &mut packer).await
@@ -386,13 +374,14 @@ impl Driver {
                 tracing::error!(service = service.0, error = %e, "send_out failed");
             }
         }
+        let packed = started.elapsed();
         for (to, run) in self.rebuilt.remove(&service).unwrap_or_default() {
             packer.extend(to, run);
         }
-        if let Err(e) = packer.close().await {
-            tracing::error!(service = service.0, error = %e, "entries packed but not shipped");
+        let mut by_node: BTreeMap<NodeId, Vec<Packed>> = BTreeMap::new();
+        for (to, run) in packer.finish() {
+            by_node.entry(to).or_default().push(run);
         }
-        let packed = started.elapsed();
         // The answers given for keys that leave go with them.
         let mut answers: BTreeMap<NodeId, Vec<Answered>> = BTreeMap::new();
         let leaving: Vec<(ServiceId, u32, NodeId)> = inner
@@ -422,26 +411,32 @@ impl Driver {
                 emptied.push(keys);
             }
         }
-        let exported = started.elapsed();
-        let mut answering = JoinSet::new();
-        for (node, answered) in answers {
-            let inner = Arc::clone(&inner);
-            answering
-                .spawn(async move { inner.ship_answers(epoch, service, node, answered).await });
-        }
-        let sent = match shipper.await {
-            Ok(sent) => sent,
-            // As if it had happened here: the change must not be acknowledged with batches
-            // that were never delivered.
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => {
-                tracing::error!(service = service.0, error = %e, "the shipping task was cancelled");
-                0
+        for run in by_node.remove(&me).unwrap_or_default() {
+            let n = run.len() as u64;
+            match plugin.receive(&ctx, me, &run.into_run()).await {
+                Ok(()) => {
+                    inner.counters.entries_received.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::error!(service = service.0, error = %e, "rebuilt entries refused")
+                }
             }
-        };
-        while answering.join_next().await.is_some() {}
+        }
+        let exported = started.elapsed();
+        let mut shipping = JoinSet::new();
+        let nodes: BTreeSet<NodeId> = by_node.keys().chain(answers.keys()).copied().collect();
+        for node in nodes {
+            let runs = by_node.remove(&node).unwrap_or_default();
+            let answered = answers.remove(&node).unwrap_or_default();
+            let inner = Arc::clone(&inner);
+            shipping.spawn(async move { inner.ship(epoch, service, node, runs, answered).await });
+        }
+        let mut sent = 0;
+        while let Some(done) = shipping.join_next().await {
+            sent += done.unwrap_or(0);
+        }
         tokio::task::spawn_blocking(move || drop(emptied));
-        tracing::debug!(service = service.0, epoch, sent, ?packed, ?exported, took = ?started.elapsed(), pooled = inner.pool.len(), "sent out");
+        tracing::debug!(service = service.0, epoch, sent, ?packed, ?exported, took = ?started.elapsed(), "sent out");
         if let Some(clock) = &mut self.clock {
             clock.record.entries_sent += sent;
         }
@@ -449,55 +444,63 @@ impl Driver {
 }
 
 impl Inner {
-    /// Ships each run `runs` brings as a batch to its destination, as it comes; returns how
-    /// many entries were taken. Rebuilt entries for this node are handed to its service here.
+    /// Sends `runs` to `to`, a batch each; returns how many entries were taken.
     pub(crate) async fn ship(
         self: Arc<Self>,
         epoch: u64,
         service: ServiceId,
-        mut runs: mpsc::Receiver<(NodeId, Packed)>,
+        to: NodeId,
+        runs: Vec<Packed>,
+        answered: Vec<Answered>,
     ) -> u64 {
-        // A few batches in flight per destination rather than one: the wire stays busy while
-        // the receiver stages the previous one. Each is acknowledged; the ack of the change
-        // follows them all.
+        // A few batches in flight rather than one: the wire stays busy while the receiver
+        // stages the previous one. Each is acknowledged; the ack of the change follows them all.
+        // The answers a retry needs travel alongside, in batches of their own so that none
+        // outgrows a frame: they only have to be in before that ack.
         const IN_FLIGHT: usize = 4;
+        let started = Instant::now();
+        let answers = answered.len();
+        let mut flying = JoinSet::new();
+        let mut taken = 0;
+        let batch = |answered: Vec<Answered>| Message::Batch {
+            epoch,
+            service,
+            answered,
+            entries: Default::default(),
+        };
         // Every batch of entries has this head; each run is written behind a copy of it.
-        let head = match batch(epoch, service, Vec::new()).encode() {
+        let head = match batch(Vec::new()).encode() {
             Ok(head) => head,
             Err(e) => {
-                tracing::error!(error = %e, "a migration batch could not be encoded");
+                tracing::error!(node = to.0, error = %e, "a migration batch could not be encoded");
                 return 0;
             }
         };
-        // A slow destination holds at most the budget: others keep shipping meanwhile.
-        let budget = Arc::new(Semaphore::new(SHIPPING_BATCHES));
-        let mut lanes: BTreeMap<NodeId, Arc<Semaphore>> = BTreeMap::new();
-        let mut flying = JoinSet::new();
-        let mut taken = 0;
-        while let Some((to, run)) = runs.recv().await {
-            let held = Arc::clone(&budget).acquire_owned().await.expect("never closed");
-            if to == self.me {
-                let inner = Arc::clone(&self);
-                flying.spawn(async move {
-                    inner.receive_here(service, run).await;
-                    drop(held);
-                    0
-                });
-                continue;
+        let mut messages = answered
+            .chunks(ANSWERS_PER_BATCH)
+            .map(|chunk| (batch(chunk.to_vec()).encode().map(|b| self.link.seal(b)), 0, 0))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .chain(runs.into_iter().map(|run| {
+                let (n, size) = (run.len() as u64, run.size() as u64);
+                let (buf, start) = run.behind(&head);
+                (Ok(self.link.seal(buf).slice(start..)), n, size)
+            }));
+        for (body, n, size) in &mut messages {
+            let body = match body {
+                Ok(body) => body,
+                Err(e) => {
+                    tracing::error!(node = to.0, error = %e, "migration answers could not be encoded");
+                    continue;
+                }
+            };
+            if flying.len() >= IN_FLIGHT {
+                taken += flying.join_next().await.and_then(Result::ok).unwrap_or(0);
             }
-            let lane = lanes.entry(to).or_insert_with(|| Arc::new(Semaphore::new(IN_FLIGHT)));
-            let lane = Arc::clone(lane);
-            let (n, size) = (run.len() as u64, run.size() as u64);
-            let (buffer, start) = run.behind(&head);
-            let body = self.link.seal(buffer).slice(start..);
             let inner = Arc::clone(&self);
             flying.spawn(async move {
-                let in_flight = lane.acquire_owned().await.expect("never closed");
                 let t0 = Instant::now();
-                let delivered = inner.deliver(to, body.clone()).await;
-                drop((in_flight, held));
-                inner.pool.give(body);
-                if !delivered {
+                if !inner.deliver(to, body).await {
                     return 0;
                 }
                 tracing::trace!(entries = n, bytes = size, node = to.0, took = ?t0.elapsed(), "batch shipped");
@@ -505,61 +508,11 @@ impl Inner {
                 inner.counters.bytes_sent.fetch_add(size, Ordering::Relaxed);
                 n
             });
-            while let Some(done) = flying.try_join_next() {
-                taken += shipped(service, done);
-            }
         }
-        while let Some(done) = flying.join_next().await {
-            taken += shipped(service, done);
+        while let Some(n) = flying.join_next().await {
+            taken += n.unwrap_or(0);
         }
-        tracing::debug!(service = service.0, entries = taken, "shipped");
+        tracing::debug!(node = to.0, entries = taken, answers, took = ?started.elapsed(), "shipped");
         taken
     }
-
-    /// Entries `scan` rebuilt for this node, handed to its service as a batch from itself.
-    async fn receive_here(self: &Arc<Self>, service: ServiceId, run: Packed) {
-        let Some(plugin) = self.registry.get(service) else { return };
-        let n = run.len() as u64;
-        match plugin.receive(&self.context(None), self.me, &run.into_run()).await {
-            Ok(()) => {
-                self.counters.entries_received.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => tracing::error!(service = service.0, error = %e, "rebuilt entries refused"),
-        }
-    }
-
-    /// Sends `to` the answers given for keys it now manages, in batches of their own so that
-    /// none outgrows a frame: they only have to be in before the change's ack.
-    async fn ship_answers(
-        &self,
-        epoch: u64,
-        service: ServiceId,
-        to: NodeId,
-        answered: Vec<Answered>,
-    ) {
-        for chunk in answered.chunks(ANSWERS_PER_BATCH) {
-            match batch(epoch, service, chunk.to_vec()).encode() {
-                Ok(body) => {
-                    self.deliver(to, self.link.seal(body)).await;
-                }
-                Err(e) => {
-                    tracing::error!(node = to.0, error = %e, "migration answers could not be encoded")
-                }
-            }
-        }
-    }
-}
-
-/// The entries a shipping task delivered; one that panicked (in a service's `receive`, for
-/// rebuilt entries) delivered none.
-fn shipped(service: ServiceId, done: Result<u64, tokio::task::JoinError>) -> u64 {
-    done.unwrap_or_else(|e| {
-        tracing::error!(service = service.0, error = %e, "a batch was not shipped");
-        0
-    })
-}
-
-/// A batch of the change to `epoch` carrying `answered`; its entries, if any, follow it.
-fn batch(epoch: u64, service: ServiceId, answered: Vec<Answered>) -> Message {
-    Message::Batch { epoch, service, answered, entries: Default::default() }
 }

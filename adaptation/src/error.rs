@@ -76,9 +76,6 @@ pub enum AdaptationError {
     /// The manager's service failed the request (it could not decode it, say).
     #[error("the manager refused the request: {0}")]
     Refused(String),
-    /// The task shipping a sending phase's batches ended before every entry was packed.
-    #[error("the batches of the sending phase can no longer be shipped")]
-    Interrupted,
     /// A context made for a test, with no cluster behind it, was asked to send.
     #[error("this context is detached from any cluster")]
     Detached,

@@ -12,7 +12,6 @@ use crate::codec;
 use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
 use crate::link::Link;
-use crate::pool::Pool;
 use crate::registry::Registry;
 use crate::router::{Router, Verdict};
 use crate::run::Run;
@@ -200,8 +199,6 @@ pub(crate) struct Inner {
     /// The answers kept for retries, by service and slot, then key: a change hands over the
     /// slots that leave without looking at every key answered here.
     pub(crate) answers: DashMap<(ServiceId, u32), HashMap<Key, Answers>>,
-    /// Buffers of delivered batches, for the next ones.
-    pub(crate) pool: Arc<Pool>,
     /// Requests being handled here; closed when the handler is done.
     running: DashMap<RequestId, watch::Receiver<()>>,
     seq: AtomicU64,
@@ -405,9 +402,6 @@ async fn forget_old_answers(inner: Weak<Inner>) {
     }
 }
 
-/// Batch buffers a node keeps for its next batches: with batches of 256 KiB, 5 MiB.
-const POOLED_BATCHES: usize = 16;
-
 /// Numbers lives, so that a renewed host is told apart from the one it replaces.
 static LIVES: AtomicU64 = AtomicU64::new(1);
 
@@ -419,8 +413,6 @@ impl Inner {
         config: HostConfig,
     ) -> Arc<Inner> {
         let (inputs, receiver) = mpsc::unbounded_channel();
-        let pool =
-            Arc::new(Pool::new(crate::run::buffer_bytes(config.batch_bytes), POOLED_BATCHES));
         let inner = Arc::new_cyclic(|this| Inner {
             life: LIVES.fetch_add(1, Ordering::Relaxed),
             me,
@@ -434,7 +426,6 @@ impl Inner {
             done: watch::channel(0).0,
             gate: RwLock::new(()),
             answers: DashMap::new(),
-            pool,
             running: DashMap::new(),
             // Ids must not repeat across restarts of the node, or a manager would answer a new
             // request with an old request's remembered answer: start each life somewhere new.

@@ -12,7 +12,7 @@
 //! - [`router`]: [`Router`], serve, hold, moved or wait for each request.
 //! - [`service`]: the [`Service`] trait authors implement, and [`Plugin`], its form in bytes.
 //! - [`run`]: [`Run`], entries encoded back to back, and [`Packer`], which cuts them into
-//!   batches per destination ([`Packed`]) and, during a sending phase, ships each as it fills.
+//!   batches per destination ([`Packed`]).
 //! - [`registry`]: [`Registry`], the services of a node in registration order.
 //! - [`error`]: the one error type, [`AdaptationError`].
 #![deny(missing_docs)]
@@ -23,7 +23,6 @@ pub mod error;
 pub mod host;
 pub mod link;
 pub mod period;
-mod pool;
 pub mod registry;
 pub mod router;
 pub mod run;

@@ -8,13 +8,10 @@
 
 use crate::codec;
 use crate::error::AdaptationError;
-use crate::pool::Pool;
 use bytes::Bytes;
 use gobelins_locator::{Key, NodeId};
 use serde::Serialize;
-use std::collections::{BTreeMap, VecDeque};
-use std::sync::Arc;
-use tokio::sync::mpsc;
+use std::collections::BTreeMap;
 
 /// Bytes an entry's header takes in a run: its key (8) and its length (4), little-endian.
 const HEADER: usize = 12;
@@ -108,14 +105,9 @@ pub struct Packed {
 impl Packed {
     /// An empty run with room for `bytes` of entries.
     pub fn with_capacity(bytes: usize) -> Self {
-        Packed::in_buffer(Vec::with_capacity(HEADROOM + bytes + codec::SPARE))
-    }
-
-    /// An empty run in `buffer`.
-    pub(crate) fn in_buffer(mut buffer: Vec<u8>) -> Self {
-        buffer.clear();
-        buffer.resize(HEADROOM, 0);
-        Packed { count: 0, buf: buffer }
+        let mut buf = Vec::with_capacity(HEADROOM + bytes + codec::SPARE);
+        buf.resize(HEADROOM, 0);
+        Packed { count: 0, buf }
     }
 
     /// Appends an entry already encoded; one of 4 GiB or more is refused.
@@ -195,24 +187,14 @@ impl Packed {
     }
 }
 
-/// The capacity of a buffer packed with a batch of `batch_bytes`: room for the head in front,
-/// for the entry that overflows the batch (so that the buffer is not reallocated, and copied,
-/// as it fills) and for the transport's mark behind.
-pub(crate) fn buffer_bytes(batch_bytes: usize) -> usize {
-    HEADROOM + batch_bytes + 64 * 1024 + codec::SPARE
-}
-
 /// Encodes entries into runs per destination, each cut at about `batch_bytes` (and never
-/// empty), ready to ship as batches. During a sending phase the layer ships each run as soon
-/// as it fills ([`Packer::flush`]), into a buffer a delivered batch gave back.
+/// empty), ready to ship as batches.
 pub struct Packer {
     locate: Box<dyn Fn(Key) -> NodeId + Send + Sync>,
     batch_bytes: usize,
     open: BTreeMap<NodeId, Packed>,
-    full: VecDeque<(NodeId, Packed)>,
+    full: Vec<(NodeId, Packed)>,
     count: u64,
-    pool: Option<Arc<Pool>>,
-    out: Option<mpsc::Sender<(NodeId, Packed)>>,
 }
 
 impl Packer {
@@ -222,44 +204,24 @@ impl Packer {
             locate: Box::new(locate),
             batch_bytes,
             open: BTreeMap::new(),
-            full: VecDeque::new(),
+            full: Vec::new(),
             count: 0,
-            pool: None,
-            out: None,
         }
-    }
-
-    /// Packs into buffers from `pool`.
-    pub(crate) fn with_pool(mut self, pool: Arc<Pool>) -> Self {
-        self.pool = Some(pool);
-        self
-    }
-
-    /// Hands each run to `out` once it is full, at [`Packer::flush`].
-    pub(crate) fn streaming(mut self, out: mpsc::Sender<(NodeId, Packed)>) -> Self {
-        self.out = Some(out);
-        self
     }
 
     /// Encodes `entry` into the run for its destination.
     pub fn push<E: Serialize>(&mut self, key: Key, entry: &E) -> Result<(), AdaptationError> {
         let to = (self.locate)(key);
-        let run = match self.open.entry(to) {
-            std::collections::btree_map::Entry::Occupied(run) => run.into_mut(),
-            std::collections::btree_map::Entry::Vacant(slot) => {
-                let buffer = match &self.pool {
-                    Some(pool) => pool.take(),
-                    None => Vec::with_capacity(buffer_bytes(self.batch_bytes)),
-                };
-                slot.insert(Packed::in_buffer(buffer))
-            }
-        };
+        // Room for a batch and the entry that overflows it, so that the buffer is not
+        // reallocated (and copied) as it fills.
+        let capacity = self.batch_bytes + 64 * 1024;
+        let run = self.open.entry(to).or_insert_with(|| Packed::with_capacity(capacity));
         run.push_encoded(key, entry)?;
         let filled = run.size() >= self.batch_bytes;
         self.count += 1;
         if filled {
             if let Some(run) = self.open.remove(&to) {
-                self.full.push_back((to, run));
+                self.full.push((to, run));
             }
         }
         Ok(())
@@ -268,33 +230,12 @@ impl Packer {
     /// Takes `run`'s entries as they are, already encoded, cut the same way.
     pub fn extend(&mut self, to: NodeId, run: Packed) {
         self.count += run.len() as u64;
-        self.full.push_back((to, run));
+        self.full.push((to, run));
     }
 
     /// Entries packed so far.
     pub fn count(&self) -> u64 {
         self.count
-    }
-
-    /// Sends the runs filled so far on their way, when the layer ships as it packs (during a
-    /// sending phase); waits while the batches already on their way are as many as the layer
-    /// allows, so that the encoded batches a change holds stay bounded. A plug-in that packs
-    /// many entries calls it between pushes, holding nothing its own `receive` needs: the
-    /// wait lasts until other nodes take earlier batches.
-    pub async fn flush(&mut self) -> Result<(), AdaptationError> {
-        let Some(out) = &self.out else { return Ok(()) };
-        while !self.full.is_empty() {
-            // A place first, then the run: a flush abandoned while it waits loses nothing.
-            let place = out.reserve().await.map_err(|_| AdaptationError::Interrupted)?;
-            place.send(self.full.pop_front().expect("not empty"));
-        }
-        Ok(())
-    }
-
-    /// Sends every run still open on its way, after those filled.
-    pub(crate) async fn close(mut self) -> Result<(), AdaptationError> {
-        self.seal_open();
-        self.flush().await
     }
 
     /// The runs, per destination in the order they filled.
@@ -304,21 +245,15 @@ impl Packer {
         for (_, run) in self.open.iter_mut() {
             run.shrink();
         }
-        self.seal_open();
-        self.full.into()
-    }
-
-    /// Queues the runs still open after those filled, leaving out empty ones.
-    fn seal_open(&mut self) {
         self.full.extend(std::mem::take(&mut self.open));
         self.full.retain(|(_, run)| !run.is_empty());
+        self.full
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn entries_come_back_in_order_with_their_keys() {
@@ -400,31 +335,5 @@ mod tests {
                 assert!(runs.iter().all(|(_, r)| r.len() == 1), "one entry per run at 0");
             }
         }
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_streaming_packer_holds_no_more_runs_than_the_shipper_takes() {
-        let (out, mut shipped) = mpsc::channel(1);
-        let pool = Arc::new(Pool::new(buffer_bytes(16), 4));
-        let mut packer = Packer::new(|_| NodeId(2), 16).with_pool(pool).streaming(out);
-        // Each entry fills a run of its own.
-        packer.push(Key(1), &[1u8; 32]).unwrap();
-        packer.flush().await.unwrap();
-        packer.push(Key(2), &[2u8; 32]).unwrap();
-        let waited = tokio::time::timeout(Duration::from_secs(60), packer.flush()).await;
-        assert!(waited.is_err(), "a second run waits while the first is not taken");
-        let (to, first) = shipped.recv().await.expect("the first run");
-        assert_eq!((to, first.len()), (NodeId(2), 1));
-        packer.flush().await.unwrap();
-        // Too short to fill a run: it ships when the packer closes.
-        packer.push(Key(3), &[3u8; 3]).unwrap();
-        assert_eq!(packer.open.len(), 1, "key 3 waits in a run still open");
-        let closing = tokio::spawn(packer.close());
-        let mut keys = Vec::new();
-        while let Some((_, run)) = shipped.recv().await {
-            keys.extend(run.into_run().entries().map(|(k, _)| k.0));
-        }
-        closing.await.unwrap().unwrap();
-        assert_eq!(keys, vec![2, 3], "the rest, the open run last");
     }
 }

@@ -271,8 +271,7 @@ pub trait Plugin: Send + Sync {
     ) -> Result<Answer, AdaptationError>;
     /// [`Service::before_migration`].
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
-    /// [`Service::send_out`], each entry encoded into `packer`'s run for its destination and
-    /// [`Packer::flush`]ed as runs fill, so that they ship while the rest is packed.
+    /// [`Service::send_out`], each entry encoded into `packer`'s run for its destination.
     async fn send_out(
         &self,
         ctx: &Context,
@@ -315,15 +314,8 @@ pub fn plugin<S: Service>(service: S) -> Box<dyn Plugin> {
 
 struct Erased<S>(S);
 
-async fn pack<E: Serialize>(
-    entries: Vec<(Key, E)>,
-    packer: &mut Packer,
-) -> Result<(), AdaptationError> {
-    for (key, entry) in entries {
-        packer.push(key, &entry)?;
-        packer.flush().await?;
-    }
-    Ok(())
+fn pack<E: Serialize>(entries: Vec<(Key, E)>, packer: &mut Packer) -> Result<(), AdaptationError> {
+    entries.iter().try_for_each(|(key, entry)| packer.push(*key, entry))
 }
 
 #[async_trait]
@@ -358,7 +350,7 @@ impl<S: Service> Plugin for Erased<S> {
         moving: &Moving,
         packer: &mut Packer,
     ) -> Result<(), AdaptationError> {
-        pack(self.0.send_out(ctx, moving).await, packer).await
+        pack(self.0.send_out(ctx, moving).await, packer)
     }
 
     async fn receive(
@@ -383,7 +375,7 @@ impl<S: Service> Plugin for Erased<S> {
         orphans: &Moving,
         packer: &mut Packer,
     ) -> Result<(), AdaptationError> {
-        pack(self.0.scan(ctx, failed, orphans).await, packer).await
+        pack(self.0.scan(ctx, failed, orphans).await, packer)
     }
 }
 
