@@ -469,15 +469,38 @@ impl Inner {
 
     pub(crate) fn remember(&self, service: ServiceId, answered: Answered) {
         let Some(slot) = self.slot_of(service, answered.key) else { return };
-        let mut slot = self.answers.entry((service, slot)).or_default();
-        let list = slot.entry(answered.key).or_default();
+        let mut keys = self.answers.entry((service, slot)).or_default();
+        self.keep(&mut keys, answered, Instant::now());
+    }
+
+    /// Keeps `answered` for retries, taking each slot's map once for all its answers: a
+    /// change hands over one per key that moves.
+    pub(crate) fn remember_all(&self, service: ServiceId, mut answered: Vec<Answered>) {
+        let Some(spec) = self.registry.spec(service) else { return };
+        let now = Instant::now();
+        answered.sort_unstable_by_key(|a| spec.slot_of(a.key));
+        let mut answered = answered.into_iter().peekable();
+        while let Some(first) = answered.next() {
+            let slot = spec.slot_of(first.key);
+            let mut keys = self.answers.entry((service, slot)).or_default();
+            let rest = std::iter::from_fn(|| answered.next_if(|a| spec.slot_of(a.key) == slot));
+            for a in std::iter::once(first).chain(rest) {
+                self.keep(&mut keys, a, now);
+            }
+        }
+    }
+
+    /// Adds `answered` to its key's answers, unless it is there already.
+    fn keep(&self, keys: &mut HashMap<Key, Answers>, answered: Answered, at: Instant) {
+        // Most keys get one answer: room for one, not the four a growing list starts with.
+        let list = keys.entry(answered.key).or_insert_with(|| VecDeque::with_capacity(1));
         if list.iter().any(|(id, _, _)| *id == answered.id) {
             return;
         }
         if list.len() >= self.config.answers_per_key {
             list.pop_front();
         }
-        list.push_back((answered.id, answered.response, Instant::now()));
+        list.push_back((answered.id, answered.response, at));
     }
 
     fn answered(&self, service: ServiceId, key: Key, id: RequestId) -> Option<Vec<u8>> {
@@ -866,9 +889,7 @@ impl Inner {
         let ctx = self.context(None);
         match plugin.receive(&ctx, from, &entries).await {
             Ok(()) => {
-                for a in answered {
-                    self.remember(service, a);
-                }
+                self.remember_all(service, answered);
                 self.counters.entries_received.fetch_add(count, Ordering::Relaxed);
                 Reply::Accepted
             }
