@@ -476,9 +476,16 @@ impl Inner {
                 return 0;
             }
         };
-        let mut messages = answered
-            .chunks(ANSWERS_PER_BATCH)
-            .map(|chunk| (batch(chunk.to_vec()).encode().map(|b| self.link.seal(b)), 0, 0))
+        // Moved into their batches, not cloned: one allocation fewer per answer.
+        let mut chunks = Vec::new();
+        let mut rest = answered;
+        while !rest.is_empty() {
+            let tail = rest.split_off(rest.len().min(ANSWERS_PER_BATCH));
+            chunks.push(std::mem::replace(&mut rest, tail));
+        }
+        let mut messages = chunks
+            .into_iter()
+            .map(|chunk| (batch(chunk).encode().map(|b| self.link.seal(b)), 0, 0))
             .collect::<Vec<_>>()
             .into_iter()
             .chain(runs.into_iter().map(|run| {
