@@ -272,6 +272,8 @@ fn main() {
         // The transport alone: a supervisor ping, answered without the adaptation layer.
         let ping = gobelins_supervisor::lane::request(&gobelins_supervisor::rpc::Request::Ping).expect("e");
         let mut pings = Vec::with_capacity(samples);
+        // Per block: routed and redirected p50s over the two echoes' p50s.
+        let mut blocks: Vec<(f64, f64, f64, f64)> = Vec::new();
         for block in 0..samples / 500 {
             for i in 0..500 {
                 let k = remote[(block * 500 + i) % remote.len()];
@@ -309,6 +311,16 @@ fn main() {
                 assert!(matches!(codec::decode::<Reply>(&second).expect("d"), Reply::Done(_)));
                 redirected.push(t.elapsed());
             }
+            // This block's medians: the machine changes speed from one block to the next (idle
+            // vCPUs waking slowly, or not), which whole-run percentiles mix unevenly.
+            let median = |all: &[Duration], n: usize| {
+                let mut block = all[all.len() - n..].to_vec();
+                block.sort();
+                percentile(&block, 0.5).as_secs_f64()
+            };
+            let (r, e, m, d) =
+                (median(&routed, 500), median(&echo, 500), median(&mux, 500), median(&redirected, 125));
+            blocks.push((r / e, r / m, d / e, d / m));
         }
         routed.sort();
         echo.sort();
@@ -402,6 +414,19 @@ fn main() {
             bytes as f64 / 1e6,
             moved as f64 / (sending / 1e3),
             100.0 * ours_mbs / raw_mbs
+        );
+        let middle = |pick: fn(&(f64, f64, f64, f64)) -> f64| {
+            let mut ratios: Vec<f64> = blocks.iter().map(pick).collect();
+            ratios.sort_by(f64::total_cmp);
+            ratios[ratios.len() / 2]
+        };
+        println!(
+            "\nPaired by block ({} blocks of 500 requests, each against the echoes run right after it), median of the blocks' p50 ratios: round trip {:.2}x caller reads, {:.2}x multiplexed; redirected once {:.2}x caller reads, {:.2}x multiplexed.",
+            blocks.len(),
+            middle(|b| b.0),
+            middle(|b| b.1),
+            middle(|b| b.2),
+            middle(|b| b.3)
         );
         c.stop().await;
         b.stop().await;
