@@ -2,7 +2,9 @@
 //! always a typed error or a frame.
 
 use bytes::{Bytes, BytesMut};
-use gobelins_adaptation::AdaptationError;
+use gobelins_adaptation::wire::Message;
+use gobelins_adaptation::{AdaptationError, Run};
+use gobelins_locator::ServiceId;
 use gobelins_supervisor::frame::FrameCodec;
 use gobelins_supervisor::handshake::HandshakeMessage;
 use gobelins_supervisor::{codec, SupervisorError};
@@ -21,6 +23,32 @@ fn config() -> Config {
 
 proptest! {
     #![proptest_config(config())]
+
+    /// Whatever a peer's adaptation layer sends, reading it gives a message or a typed error,
+    /// and a batch's entries are exactly the bytes after its head.
+    #[test]
+    fn random_adaptation_bodies_give_messages_or_typed_errors(bytes in proptest::collection::vec(any::<u8>(), 0..512), headed in any::<bool>()) {
+        let mut body = Vec::new();
+        if headed {
+            let batch = Message::Batch { epoch: 1, service: ServiceId(1), answered: Vec::new(), entries: Run::default() };
+            body = batch.encode().expect("a head encodes");
+        }
+        let head = body.len();
+        body.extend_from_slice(&bytes);
+        match Message::decode(Bytes::from(body)) {
+            Ok(Message::Batch { entries, .. }) => {
+                let walked: usize = entries.entries().map(|(_, e)| 12 + e.len()).sum();
+                prop_assert_eq!(walked, entries.size());
+                prop_assert_eq!(entries.entries().count(), entries.len());
+                if headed {
+                    prop_assert_eq!(entries.size(), bytes.len());
+                }
+            }
+            Ok(other) => prop_assert!(!headed, "a batch head read as {:?}", other),
+            Err(AdaptationError::Codec(_)) => prop_assert!(head == 0 || !bytes.is_empty()),
+            Err(other) => prop_assert!(false, "untyped: {}", other),
+        }
+    }
 
     #[test]
     fn random_bytes_give_frames_or_typed_errors(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
