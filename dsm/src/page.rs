@@ -12,11 +12,12 @@
 //!
 //! The service places keys by runs of one (`slot = key % slots`), so a taint marker for slot
 //! `s` falls in slot `s`. A page's 32 bits are its number times an odd constant (a permutation
-//! of the page numbers) plus the segment's rotation: the locator gives each node a contiguous
-//! range of slots, and consecutive pages step through the slots by about 1/φ of their count,
-//! so any run of a segment's pages is shared out evenly between the nodes' ranges, as
-//! `page % n` would share it. Consecutive pages in consecutive slots piled a small segment onto
-//! one manager.
+//! of the page numbers) plus the segment's rotation: the locator gives each node ranges of
+//! consecutive slots (one each when a service's slots are first shared out; a node that joins
+//! later takes a share from the end of every member's ranges), and consecutive pages step
+//! through the slots by about 1/φ of their count, so any run of a segment's pages is shared out
+//! evenly between the ranges, as `page % n` would share it. Consecutive pages in consecutive
+//! slots piled a small segment onto one manager.
 
 use gobelins_locator::Key;
 use serde::{Deserialize, Serialize};
@@ -163,8 +164,9 @@ mod tests {
         }
     }
 
-    /// The locator gives each of `n` nodes a contiguous range of slots: any run of pages, or of
-    /// consecutive lock ids, must be shared out between the ranges about evenly, as `page % n`
+    /// When slots are first shared out, the locator gives each of `n` nodes one range of
+    /// consecutive slots (later joins cut the ranges further): any run of pages, or of
+    /// consecutive lock ids, must be shared out between such ranges about evenly, as `page % n`
     /// shares it.
     #[test]
     fn a_run_of_pages_is_shared_evenly_between_contiguous_slot_ranges() {
