@@ -421,7 +421,7 @@ fn main() {
             ratios[ratios.len() / 2]
         };
         println!(
-            "\nPaired by block ({} blocks of 500 requests, each against the echoes run right after it), median of the blocks' p50 ratios: round trip {:.2}x caller reads, {:.2}x multiplexed; redirected once {:.2}x caller reads, {:.2}x multiplexed.",
+            "\nPaired by block ({} blocks of 500 requests, each against the echoes run in the same block), median of the blocks' p50 ratios: round trip {:.2}x caller reads, {:.2}x multiplexed; redirected once {:.2}x caller reads, {:.2}x multiplexed.",
             blocks.len(),
             middle(|b| b.0),
             middle(|b| b.1),

@@ -477,14 +477,12 @@ impl Inner {
             }
         };
         // Moved into their batches, not cloned: one allocation fewer per answer.
-        let mut chunks = Vec::new();
-        let mut rest = answered;
-        while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(ANSWERS_PER_BATCH));
-            chunks.push(std::mem::replace(&mut rest, tail));
-        }
+        let mut answered = answered.into_iter().peekable();
+        let chunks = std::iter::from_fn(|| {
+            answered.peek()?;
+            Some(answered.by_ref().take(ANSWERS_PER_BATCH).collect::<Vec<_>>())
+        });
         let mut messages = chunks
-            .into_iter()
             .map(|chunk| (batch(chunk).encode().map(|b| self.link.seal(b)), 0, 0))
             .collect::<Vec<_>>()
             .into_iter()

@@ -478,7 +478,8 @@ impl Inner {
     pub(crate) fn remember_all(&self, service: ServiceId, mut answered: Vec<Answered>) {
         let Some(spec) = self.registry.spec(service) else { return };
         let now = Instant::now();
-        answered.sort_unstable_by_key(|a| spec.slot_of(a.key));
+        // Stable: a key's answers stay oldest first, the order `keep` evicts in.
+        answered.sort_by_key(|a| spec.slot_of(a.key));
         let mut answered = answered.into_iter().peekable();
         while let Some(first) = answered.next() {
             let slot = spec.slot_of(first.key);

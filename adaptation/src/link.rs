@@ -13,8 +13,10 @@ use std::time::Duration;
 #[async_trait]
 pub trait Link: Send + Sync + 'static {
     /// Makes an encoded message ready for [`Link::call`], once however many times it is sent:
-    /// a retried migration batch is not copied again. The link may add its own bytes behind
-    /// the message: [`crate::codec::encode`] leaves room for one.
+    /// a retried migration batch is not copied again. The link may only add its own bytes
+    /// behind the message ([`crate::codec::encode`] leaves room for one) and must leave the
+    /// message's bytes where they are: the layer seals a batch written after free room in its
+    /// buffer, then sends the sealed bytes from where the message starts.
     fn seal(&self, message: Vec<u8>) -> Bytes {
         Bytes::from(message)
     }

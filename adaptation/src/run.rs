@@ -2,8 +2,8 @@
 //! what one migration batch carries.
 //!
 //! One buffer per batch rather than one per entry: each entry is encoded once, straight into
-//! its batch's run, which the batch message then carries whole; the receiver decodes each entry
-//! from the run. A batch of a thousand 1 KiB entries used to cost a thousand allocations and a
+//! its batch's run, which follows the batch message in the same buffer; the receiver decodes
+//! each entry from the run, a slice of the frame it came in. A batch of a thousand 1 KiB entries used to cost a thousand allocations and a
 //! copy more of each entry on the way out (BENCHMARKS.md, "Adaptation layer").
 
 use crate::codec;
@@ -23,7 +23,7 @@ pub(crate) const HEADROOM: usize = 32;
 
 /// Entries for one destination, each its key, its length and its encoded bytes, as they came
 /// off the wire or out of a [`Packer`]. Shares its bytes: a run read from a frame is a slice of
-/// that frame, not a copy.
+/// that frame, not a copy, so a clone kept after `receive` keeps the whole frame in memory.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Run {
     count: u32,

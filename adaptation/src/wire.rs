@@ -30,8 +30,8 @@ pub struct Answered {
     pub response: Vec<u8>,
 }
 
-/// One message between hosts. Encoded with [`Message::encode`], never `codec::encode`, which
-/// would leave a batch's entries out.
+/// One message between hosts. Encoded with [`Message::encode`]: `codec::encode` would leave a
+/// batch's entries out.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Message {
     /// For the manager of `key`, routed by the sender's `epoch`.

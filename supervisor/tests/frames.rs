@@ -3,8 +3,8 @@
 
 use bytes::{Bytes, BytesMut};
 use gobelins_adaptation::wire::Message;
-use gobelins_adaptation::{AdaptationError, Run};
-use gobelins_locator::ServiceId;
+use gobelins_adaptation::{AdaptationError, Packed, Run};
+use gobelins_locator::{Key, ServiceId};
 use gobelins_supervisor::frame::FrameCodec;
 use gobelins_supervisor::handshake::HandshakeMessage;
 use gobelins_supervisor::{codec, SupervisorError};
@@ -23,6 +23,37 @@ fn config() -> Config {
 
 proptest! {
     #![proptest_config(config())]
+
+    /// A batch cut anywhere reads whole up to an entry boundary and is refused anywhere else;
+    /// what reads back is exactly what was packed.
+    #[test]
+    fn a_batch_cut_anywhere_reads_back_whole_entries_or_is_refused(
+        entries in proptest::collection::vec((any::<u64>(), proptest::collection::vec(any::<u8>(), 0..48)), 0..12),
+        cut in any::<proptest::sample::Index>(),
+    ) {
+        let mut packed = Packed::with_capacity(0);
+        let mut boundaries = vec![0];
+        for (key, bytes) in &entries {
+            packed.push(Key(*key), bytes).expect("pushed");
+            boundaries.push(boundaries.last().expect("one") + 12 + bytes.len());
+        }
+        let run = packed.into_run();
+        let batch = Message::Batch { epoch: 3, service: ServiceId(2), answered: Vec::new(), entries: run };
+        let body = batch.encode().expect("encodes");
+        let head = body.len() - boundaries.last().expect("one");
+        let at = head + cut.index(boundaries.last().expect("one") + 1);
+        match Message::decode(Bytes::copy_from_slice(&body[..at])) {
+            Ok(Message::Batch { entries: read, .. }) => {
+                let whole = boundaries.iter().position(|&b| b == at - head);
+                prop_assert!(whole.is_some(), "a cut inside an entry was read: {} of {:?}", at - head, boundaries);
+                let back: Vec<(u64, Vec<u8>)> = read.entries().map(|(k, e)| (k.0, e.to_vec())).collect();
+                prop_assert_eq!(&back[..], &entries[..whole.expect("checked")]);
+            }
+            Ok(other) => prop_assert!(false, "not a batch: {:?}", other),
+            Err(AdaptationError::Codec(_)) => prop_assert!(!boundaries.contains(&(at - head)), "a whole prefix was refused"),
+            Err(other) => prop_assert!(false, "untyped: {}", other),
+        }
+    }
 
     /// Whatever a peer's adaptation layer sends, reading it gives a message or a typed error,
     /// and a batch's entries are exactly the bytes after its head.
