@@ -482,23 +482,19 @@ impl Inner {
             answered.peek()?;
             Some(answered.by_ref().take(ANSWERS_PER_BATCH).collect::<Vec<_>>())
         });
-        let mut messages = chunks
-            .map(|chunk| (batch(chunk).encode().map(|b| self.link.seal(b)), 0, 0))
-            .collect::<Vec<_>>()
-            .into_iter()
-            .chain(runs.into_iter().map(|run| {
-                let (n, size) = (run.len() as u64, run.size() as u64);
-                let (buf, start) = run.behind(&head);
-                (Ok(self.link.seal(buf).slice(start..)), n, size)
-            }));
-        for (body, n, size) in &mut messages {
-            let body = match body {
-                Ok(body) => body,
-                Err(e) => {
-                    tracing::error!(node = to.0, error = %e, "migration answers could not be encoded");
-                    continue;
-                }
-            };
+        let answers_batches = chunks.filter_map(|chunk| match batch(chunk).encode() {
+            Ok(body) => Some((self.link.seal(body), 0, 0)),
+            Err(e) => {
+                tracing::error!(node = to.0, error = %e, "migration answers could not be encoded");
+                None
+            }
+        });
+        let entries_batches = runs.into_iter().map(|run| {
+            let (n, size) = (run.len() as u64, run.size() as u64);
+            let (buf, start) = run.behind(&head);
+            (self.link.seal(buf).slice(start..), n, size)
+        });
+        for (body, n, size) in answers_batches.chain(entries_batches) {
             if flying.len() >= IN_FLIGHT {
                 taken += flying.join_next().await.and_then(Result::ok).unwrap_or(0);
             }
