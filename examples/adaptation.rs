@@ -254,6 +254,7 @@ fn main() {
                 epoch: 1,
                 body: get.clone(),
                 wait_ms: 10_000,
+                settled: Default::default(),
             };
             gobelins_supervisor::lane::Lane::Adaptation.seal(codec::encode(&m).expect("m")).len()
         };
@@ -302,6 +303,7 @@ fn main() {
                     epoch,
                     body: get.clone(),
                     wait_ms: 10_000,
+                settled: Default::default(),
                 };
                 let bytes = link.seal(codec::encode(&message).expect("encode"));
                 let t = Instant::now();

@@ -6,7 +6,7 @@ use crate::period::{Command, Event, Period, Phase, Role};
 use crate::router::Router;
 use crate::run::{Packed, Packer};
 use crate::service::{ChangeInfo, Moving};
-use crate::wire::{Answered, Message};
+use crate::wire::{Answered, Message, Settlement};
 use gobelins_locator::{Change, NodeId, ServiceId, Snapshot};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -382,7 +382,10 @@ impl Driver {
         for (to, run) in packer.finish() {
             by_node.entry(to).or_default().push(run);
         }
-        // The answers given for keys that leave go with them.
+        // The answers given for keys that leave go with them, unless their senders have settled
+        // them: those go with what was settled, so that a late copy is refused at the new
+        // manager rather than run again.
+        let settled = inner.settled.lock().expect("settled").clone();
         let mut answers: BTreeMap<NodeId, Vec<Answered>> = BTreeMap::new();
         let leaving: Vec<(ServiceId, u32, NodeId)> = inner
             .answers
@@ -402,11 +405,11 @@ impl Driver {
                 let to = answers.entry(to).or_default();
                 for (key, list) in keys.iter_mut() {
                     let key = *key;
-                    to.extend(list.drain(..).map(|(id, response, _)| Answered {
-                        key,
-                        id,
-                        response,
-                    }));
+                    to.extend(
+                        list.drain(..)
+                            .filter(|(id, _, _)| !settled.covers(id))
+                            .map(|(id, response, _)| Answered { key, id, response }),
+                    );
                 }
                 emptied.push(keys);
             }
@@ -423,13 +426,16 @@ impl Driver {
             }
         }
         let exported = started.elapsed();
+        let settled = Arc::new(settled.to_wire());
         let mut shipping = JoinSet::new();
         let nodes: BTreeSet<NodeId> = by_node.keys().chain(answers.keys()).copied().collect();
         for node in nodes {
             let runs = by_node.remove(&node).unwrap_or_default();
             let answered = answers.remove(&node).unwrap_or_default();
-            let inner = Arc::clone(&inner);
-            shipping.spawn(async move { inner.ship(epoch, service, node, runs, answered).await });
+            let (inner, settled) = (Arc::clone(&inner), Arc::clone(&settled));
+            shipping.spawn(async move {
+                inner.ship(epoch, service, node, runs, answered, &settled).await
+            });
         }
         let mut sent = 0;
         while let Some(done) = shipping.join_next().await {
@@ -452,6 +458,7 @@ impl Inner {
         to: NodeId,
         runs: Vec<Packed>,
         answered: Vec<Answered>,
+        settled: &[(NodeId, Settlement)],
     ) -> u64 {
         // A few batches in flight rather than one: the wire stays busy while the receiver
         // stages the previous one. Each is acknowledged; the ack of the change follows them all.
@@ -466,6 +473,7 @@ impl Inner {
             epoch,
             service,
             answered,
+            settled: settled.to_vec(),
             entries: Default::default(),
         };
         // Every batch of entries has this head; each run is written behind a copy of it.

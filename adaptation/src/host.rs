@@ -16,7 +16,8 @@ use crate::registry::Registry;
 use crate::router::{Router, Verdict};
 use crate::run::Run;
 use crate::service::{Context, Peers};
-use crate::wire::{Answered, Message, Reply, RequestId};
+use crate::settled::{Outstanding, Settled};
+use crate::wire::{Answered, Message, Reply, RequestId, Settlement};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -201,7 +202,10 @@ pub(crate) struct Inner {
     pub(crate) answers: DashMap<(ServiceId, u32), HashMap<Key, Answers>>,
     /// Requests being handled here; closed when the handler is done.
     running: DashMap<RequestId, watch::Receiver<()>>,
-    seq: AtomicU64,
+    /// This node's requests in flight, as a sender.
+    outstanding: Outstanding,
+    /// What this node's senders have settled, as a manager.
+    pub(crate) settled: Mutex<Settled>,
     pub(crate) departed: watch::Sender<BTreeSet<NodeId>>,
     inputs: mpsc::UnboundedSender<Input>,
     pub(crate) counters: Counters,
@@ -377,10 +381,10 @@ fn boot_sequence() -> u64 {
     gobelins_locator::mix(nanos ^ u64::from(std::process::id())) >> 1
 }
 
-/// Drops the answers kept longer than twice the request deadline, every deadline, until the
-/// host's life ends. A requester retries one request only until its deadline, so no retry comes
-/// for them; kept, they would stay for the node's life, and a DSM manager keeps a page with each
-/// write it grants.
+/// Drops the answers kept longer than twice the request deadline, and those their senders have
+/// settled, every deadline, until the host's life ends. A requester retries one request only
+/// until its deadline, so no retry comes for them; kept, they would stay for the node's life,
+/// and a DSM manager keeps a page with each write it grants.
 async fn forget_old_answers(inner: Weak<Inner>) {
     let Some(period) = inner.upgrade().map(|i| i.config.request_deadline) else { return };
     let mut tick = tokio::time::interval(period.max(Duration::from_millis(1)));
@@ -392,9 +396,14 @@ async fn forget_old_answers(inner: Weak<Inner>) {
             return;
         }
         let keep = inner.config.request_deadline * 2;
+        let settled = {
+            let mut settled = inner.settled.lock().expect("settled");
+            settled.forget_quiet(keep, Instant::now());
+            settled.clone()
+        };
         inner.answers.retain(|_, keys| {
             keys.retain(|_, list| {
-                list.retain(|(_, _, at)| at.elapsed() < keep);
+                list.retain(|(id, _, at)| at.elapsed() < keep && !settled.covers(id));
                 !list.is_empty()
             });
             !keys.is_empty()
@@ -429,7 +438,8 @@ impl Inner {
             running: DashMap::new(),
             // Ids must not repeat across restarts of the node, or a manager would answer a new
             // request with an old request's remembered answer: start each life somewhere new.
-            seq: AtomicU64::new(boot_sequence()),
+            outstanding: Outstanding::new(boot_sequence()),
+            settled: Mutex::new(Settled::default()),
             departed: watch::channel(BTreeSet::new()).0,
             inputs,
             counters: Counters::default(),
@@ -557,7 +567,9 @@ impl Inner {
         key: Key,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, AdaptationError> {
-        let id = RequestId { origin: self.me, seq: self.seq.fetch_add(1, Ordering::Relaxed) };
+        // Outstanding until this function returns: managers forget its answer only after that.
+        let ticket = self.outstanding.take();
+        let id = RequestId { origin: self.me, seq: ticket.seq };
         let started = Instant::now();
         let until = started + self.config.request_deadline;
         let mut rounds = 0u32;
@@ -589,7 +601,8 @@ impl Inner {
                 Some((_, None)) => break Err(Reply::Unknown(service.0)),
                 Some((epoch, Some(manager))) if manager == self.me => {
                     let attempt = until.min(Instant::now() + self.config.attempt_timeout);
-                    (epoch, self.serve(id, service, key, epoch, &body, attempt).await)
+                    let settled = self.outstanding.settlement();
+                    (epoch, self.serve(id, settled, service, key, epoch, &body, attempt).await)
                 }
                 Some((epoch, Some(manager))) => {
                     let attempt = until.min(Instant::now() + self.config.attempt_timeout);
@@ -617,6 +630,8 @@ impl Inner {
                 }
             }
         };
+        // Settled: the answer is in hand, or never will be.
+        drop(ticket);
         let c = &self.counters;
         match result {
             Ok(response) => {
@@ -660,6 +675,7 @@ impl Inner {
             epoch,
             body: body.to_vec(),
             wait_ms: left.as_millis() as u64,
+            settled: self.outstanding.settlement(),
         };
         let bytes = match message.encode() {
             Ok(bytes) => bytes,
@@ -685,15 +701,34 @@ impl Inner {
     }
 
     /// Acts as the manager of `key` for a request routed by `epoch`.
+    #[allow(clippy::too_many_arguments)]
     async fn serve(
         self: &Arc<Self>,
         id: RequestId,
+        settled: Settlement,
         service: ServiceId,
         key: Key,
         epoch: u64,
         body: &[u8],
         until: Instant,
     ) -> Reply {
+        {
+            let mut known = self.settled.lock().expect("settled");
+            known.note(id.origin, settled, Instant::now());
+            if known.covers(&id) {
+                // Its sender has the answer or gave up, and its answer may be gone: running it
+                // again would do it twice.
+                tracing::debug!(
+                    origin = id.origin.0,
+                    seq = id.seq,
+                    "late copy of a settled request refused"
+                );
+                return Reply::Refused(format!(
+                    "request {} of node {} was settled by its sender; a late copy is not run again",
+                    id.seq, id.origin
+                ));
+            }
+        }
         loop {
             // Only while the lease holds: a node cut off may already be being replaced, and a
             // write it remembers may not be in what the cluster rebuilds.
@@ -825,9 +860,9 @@ impl Inner {
 
     async fn answer(self: &Arc<Self>, from: NodeId, message: Message) -> Reply {
         match message {
-            Message::Request { id, service, key, epoch, body, wait_ms } => {
+            Message::Request { id, service, key, epoch, body, wait_ms, settled } => {
                 let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
-                self.serve(id, service, key, epoch, &body, Instant::now() + wait).await
+                self.serve(id, settled, service, key, epoch, &body, Instant::now() + wait).await
             }
             // A life the cluster has ended (failed, or left) must not change an entry here: a
             // replica it stores after the survivors' `scan` would be a write nobody rebuilds.
@@ -839,8 +874,8 @@ impl Inner {
                 ))
             }
             Message::Local { service, key, body } => self.local(from, service, key, &body).await,
-            Message::Batch { epoch, service, entries, answered } => {
-                self.stage(from, epoch, service, entries, answered).await
+            Message::Batch { epoch, service, entries, answered, settled } => {
+                self.stage(from, epoch, service, entries, answered, &settled).await
             }
             Message::Ack { epoch } => {
                 let _ = self.inputs.send(Input::Ack { from, epoch });
@@ -872,6 +907,7 @@ impl Inner {
         service: ServiceId,
         entries: Run,
         answered: Vec<Answered>,
+        settled: &[(NodeId, Settlement)],
     ) -> Reply {
         let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
         let mut begun = self.begun.subscribe();
@@ -890,6 +926,7 @@ impl Inner {
         let ctx = self.context(None);
         match plugin.receive(&ctx, from, &entries).await {
             Ok(()) => {
+                self.settled.lock().expect("settled").merge(settled, Instant::now());
                 self.remember_all(service, answered);
                 self.counters.entries_received.fetch_add(count, Ordering::Relaxed);
                 Reply::Accepted

@@ -13,6 +13,7 @@
 //! - [`service`]: the [`Service`] trait authors implement, and [`Plugin`], its form in bytes.
 //! - [`run`]: [`Run`], entries encoded back to back, and [`Packer`], which cuts them into
 //!   batches per destination ([`Packed`]).
+//! - `settled`: which requests their senders have settled, so that their answers can go.
 //! - [`registry`]: [`Registry`], the services of a node in registration order.
 //! - [`error`]: the one error type, [`AdaptationError`].
 #![deny(missing_docs)]
@@ -27,6 +28,7 @@ pub mod registry;
 pub mod router;
 pub mod run;
 pub mod service;
+mod settled;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod wire;

@@ -18,6 +18,17 @@ pub struct RequestId {
     pub seq: u64,
 }
 
+/// What a sender has settled (received the answer of, or given up on): its requests numbered
+/// from `since`, its first number in this life, up to `below`. No retry of them will come, so a
+/// manager may forget their answers, and refuses a late copy of one rather than run it again.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settlement {
+    /// The sender's first request number in this life.
+    pub since: u64,
+    /// Every number from `since` below this one is settled.
+    pub below: u64,
+}
+
 /// A request answered before, kept so that a retry gets the same answer. Moves with its entry.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Answered {
@@ -49,6 +60,8 @@ pub enum Message {
         body: Vec<u8>,
         /// How long the sender will wait, in milliseconds.
         wait_ms: u64,
+        /// What the sender has settled.
+        settled: Settlement,
     },
     /// For the receiving node's local server of `service` (a replica, a page copy).
     Local {
@@ -68,6 +81,9 @@ pub enum Message {
         service: ServiceId,
         /// Answers the old manager gave for these keys, so retries still run once.
         answered: Vec<Answered>,
+        /// What the old manager knew its senders had settled: their answers stayed behind, and
+        /// a late copy of one of those requests must be refused here too.
+        settled: Vec<(NodeId, Settlement)>,
         /// The entries: not encoded with the message but after it, to the end of the body
         /// ([`Message::encode`]), so that neither end copies a run to frame or unframe it.
         #[serde(skip)]
@@ -146,14 +162,16 @@ mod tests {
             id: RequestId { origin: NodeId(1), seq: 9 },
             response: vec![1],
         }];
-        let batch = Message::Batch { epoch: 3, service: ServiceId(2), answered, entries };
+        let settled = vec![(NodeId(1), Settlement { since: 5, below: 9 })];
+        let batch = Message::Batch { epoch: 3, service: ServiceId(2), answered, settled, entries };
         let body = Bytes::from(batch.encode().unwrap());
-        let Message::Batch { epoch, service, answered, entries } =
+        let Message::Batch { epoch, service, answered, settled, entries } =
             Message::decode(body.clone()).unwrap()
         else {
             panic!("not a batch")
         };
         assert_eq!((epoch, service, answered.len()), (3, ServiceId(2), 1));
+        assert_eq!(settled, vec![(NodeId(1), Settlement { since: 5, below: 9 })]);
         assert_eq!(entries.decode::<String>().unwrap(), vec![(Key(4), "four".to_string())]);
         let at = entries.bytes().as_ptr() as usize - body.as_ptr() as usize;
         assert_eq!(at + entries.size(), body.len(), "the entries are the body's tail, not a copy");

@@ -23,10 +23,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// the DSM places pages, locks and barriers on other managers, and peers answer `Stopped`, so
 /// nodes of version 2 and 3 must not share a cluster; 4: every body ends with its
 /// [`crate::lane::Lane`], and migration batches carry runs of entries; 5: a batch's entries
-/// follow the encoded message instead of being encoded in it).
-pub const VERSION: u8 = 5;
+/// follow the encoded message instead of being encoded in it; 6: requests and batches carry
+/// what senders have settled).
+pub const VERSION: u8 = 6;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 5;
+pub const MIN_VERSION: u8 = 6;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

@@ -38,7 +38,7 @@ proptest! {
             boundaries.push(boundaries.last().expect("one") + 12 + bytes.len());
         }
         let run = packed.into_run();
-        let batch = Message::Batch { epoch: 3, service: ServiceId(2), answered: Vec::new(), entries: run };
+        let batch = Message::Batch { epoch: 3, service: ServiceId(2), answered: Vec::new(), settled: Vec::new(), entries: run };
         let body = batch.encode().expect("encodes");
         let head = body.len() - boundaries.last().expect("one");
         let at = head + cut.index(boundaries.last().expect("one") + 1);
@@ -61,7 +61,7 @@ proptest! {
     fn random_adaptation_bodies_give_messages_or_typed_errors(bytes in proptest::collection::vec(any::<u8>(), 0..512), headed in any::<bool>()) {
         let mut body = Vec::new();
         if headed {
-            let batch = Message::Batch { epoch: 1, service: ServiceId(1), answered: Vec::new(), entries: Run::default() };
+            let batch = Message::Batch { epoch: 1, service: ServiceId(1), answered: Vec::new(), settled: Vec::new(), entries: Run::default() };
             body = batch.encode().expect("a head encodes");
         }
         let head = body.len();

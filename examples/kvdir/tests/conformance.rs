@@ -76,7 +76,13 @@ async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_an
     let mut entries = Packed::with_capacity(0);
     entries.push_encoded(key, &stale).expect("encode");
     let entries = entries.into_run();
-    let batch = Message::Batch { epoch, service: KVDIR, answered: Vec::new(), entries };
+    let batch = Message::Batch {
+        epoch,
+        service: KVDIR,
+        answered: Vec::new(),
+        settled: Vec::new(),
+        entries,
+    };
     let reply = host.handle(NodeId(2), batch.encode().expect("encode").into()).await;
     assert!(
         matches!(codec::decode::<Reply>(&reply).expect("decode"), Reply::Merged { epoch: e } if e == epoch),
@@ -177,6 +183,7 @@ async fn a_retry_that_reaches_the_new_manager_gets_the_answer_the_old_one_gave()
         epoch,
         body: codec::encode(&Request::Put(b"once".to_vec())).expect("encode"),
         wait_ms: 5_000,
+        settled: Default::default(),
     };
     async fn ask(host: gobelins_adaptation::Host, message: &Message) -> Reply {
         let bytes = message.encode().expect("encode").into();
@@ -201,6 +208,71 @@ async fn a_retry_that_reaches_the_new_manager_gets_the_answer_the_old_one_gave()
             Reply::Done(answer) => assert_eq!(answer, first[i], "key {:?}", keys[i]),
             other => panic!("retry of {:?}: {other:?}", keys[i]),
         }
+        let get = codec::encode(&Request::Get).expect("encode");
+        let value: Response =
+            codec::decode(&cluster.host(added).request(KVDIR, keys[i], get).await.expect("get"))
+                .expect("decode");
+        assert!(
+            matches!(&value, Response::Value(Some(v)) if v.version == 1),
+            "one write of {:?}, not two: {value:?}",
+            keys[i]
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_copy_of_a_request_its_sender_settled_runs_neither_at_the_old_manager_nor_at_the_new(
+) {
+    use gobelins_adaptation::wire::{Message, Reply, RequestId, Settlement};
+    use gobelins_adaptation::{codec, HostConfig};
+    use gobelins_kvdir::KVDIR;
+    use gobelins_locator::{Key, NodeId};
+
+    let mut cluster = kvdir_cluster(2, HostConfig::default()).await;
+    let before = cluster.snapshot();
+    let keys: Vec<Key> = (0..2000)
+        .map(Key)
+        .filter(|k| before.table(KVDIR).expect("table").locate(*k) == NodeId(1))
+        .collect();
+    // Node 77 numbers its requests from 1,000 and settles each once the next is sent.
+    let since = 1_000;
+    let message = |key: Key, seq: u64, epoch: u64, body: &Request| Message::Request {
+        id: RequestId { origin: NodeId(77), seq },
+        service: KVDIR,
+        key,
+        epoch,
+        body: codec::encode(body).expect("encode"),
+        wait_ms: 5_000,
+        settled: Settlement { since, below: seq },
+    };
+    async fn ask(host: gobelins_adaptation::Host, message: &Message) -> Reply {
+        let bytes = message.encode().expect("encode").into();
+        codec::decode::<Reply>(&host.handle(NodeId(77), bytes).await).expect("reply")
+    }
+    let put = Request::Put(b"once".to_vec());
+    let epoch = before.epoch().0;
+    for (i, &key) in keys.iter().enumerate() {
+        let reply =
+            ask(cluster.host(NodeId(1)), &message(key, since + i as u64, epoch, &put)).await;
+        assert!(matches!(reply, Reply::Done(_)), "first run of {key:?}: {reply:?}");
+    }
+    // A read that tells node 1 every write before it is settled.
+    let last = since + keys.len() as u64;
+    let reply = ask(cluster.host(NodeId(1)), &message(keys[0], last, epoch, &Request::Get)).await;
+    assert!(matches!(reply, Reply::Done(_)), "{reply:?}");
+    let late = ask(cluster.host(NodeId(1)), &message(keys[0], since, epoch, &put)).await;
+    assert!(matches!(late, Reply::Refused(_)), "refused by the manager that ran it: {late:?}");
+
+    let added = cluster.add().await;
+    let after = cluster.snapshot();
+    let moved: Vec<usize> = (0..keys.len())
+        .filter(|&i| after.table(KVDIR).expect("table").locate(keys[i]) == added)
+        .collect();
+    assert!(!moved.is_empty(), "the new node takes some of node 1's keys");
+    for &i in &moved {
+        let copy = message(keys[i], since + i as u64, after.epoch().0, &put);
+        let late = ask(cluster.host(added), &copy).await;
+        assert!(matches!(late, Reply::Refused(_)), "refused by the new manager: {late:?}");
         let get = codec::encode(&Request::Get).expect("encode");
         let value: Response =
             codec::decode(&cluster.host(added).request(KVDIR, keys[i], get).await.expect("get"))

@@ -1,0 +1,178 @@
+//! Which requests their senders have settled: received the answer of, or given up on. A
+//! manager keeps each answer so that a retry of its request runs nothing twice; once the sender
+//! has settled the request no retry will come, so the answer can go, and need not travel with
+//! its entry when the key moves (as RIFL does for its completion records).
+//!
+//! Each request carries its sender's [`Settlement`]: every request numbered from `since` (the
+//! sender's first number in this life) up to `below` is settled. A manager keeps the highest it
+//! has heard per sender and life ([`Settled`]), forgets the answers that fall under it, refuses a
+//! late copy of a settled request rather than run it again, and hands what it knows to the new
+//! manager of the keys that move, so that a late copy is refused there too.
+
+use crate::wire::{RequestId, Settlement};
+use gobelins_locator::NodeId;
+use std::collections::{BTreeSet, HashMap};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// A sender's requests in flight, to tell managers which are settled.
+#[derive(Debug)]
+pub(crate) struct Outstanding {
+    since: u64,
+    /// The next number, and the numbers taken and not yet settled. One lock for both: a number
+    /// taken but not yet in the set would otherwise look settled.
+    state: std::sync::Mutex<(u64, BTreeSet<u64>)>,
+}
+
+impl Outstanding {
+    /// Numbers start at `since`, which must differ from every earlier life's numbers.
+    pub(crate) fn new(since: u64) -> Self {
+        Outstanding { since, state: std::sync::Mutex::new((since, BTreeSet::new())) }
+    }
+
+    /// A new request number, outstanding until the ticket is dropped.
+    pub(crate) fn take(&self) -> Ticket<'_> {
+        let mut state = self.state.lock().expect("outstanding");
+        let seq = state.0;
+        state.0 += 1;
+        state.1.insert(seq);
+        Ticket { outstanding: self, seq }
+    }
+
+    /// What this sender has settled: every number below the oldest still in flight.
+    pub(crate) fn settlement(&self) -> Settlement {
+        let state = self.state.lock().expect("outstanding");
+        let below = state.1.first().copied().unwrap_or(state.0);
+        Settlement { since: self.since, below }
+    }
+}
+
+/// One request in flight; settled when dropped (answered, failed or abandoned).
+#[derive(Debug)]
+pub(crate) struct Ticket<'a> {
+    outstanding: &'a Outstanding,
+    pub(crate) seq: u64,
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        self.outstanding.state.lock().expect("outstanding").1.remove(&self.seq);
+    }
+}
+
+/// What a manager knows of its senders' settlements, per sender and life.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Settled {
+    spans: HashMap<NodeId, Vec<Span>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Span {
+    since: u64,
+    below: u64,
+    heard: Instant,
+}
+
+impl Settled {
+    /// Takes in that `origin` has settled its requests up to `settlement.below`.
+    pub(crate) fn note(&mut self, origin: NodeId, settlement: Settlement, now: Instant) {
+        let spans = self.spans.entry(origin).or_default();
+        match spans.iter_mut().find(|s| s.since == settlement.since) {
+            Some(span) => {
+                span.below = span.below.max(settlement.below);
+                span.heard = now;
+            }
+            None => {
+                spans.push(Span { since: settlement.since, below: settlement.below, heard: now })
+            }
+        }
+    }
+
+    /// Whether the sender of `id` has settled it. Lives number from points far apart (a fresh
+    /// random start each), so one life's settled range never covers another's numbers.
+    pub(crate) fn covers(&self, id: &RequestId) -> bool {
+        self.spans
+            .get(&id.origin)
+            .is_some_and(|spans| spans.iter().any(|s| s.since <= id.seq && id.seq < s.below))
+    }
+
+    /// Everything known, to hand to a new manager.
+    pub(crate) fn to_wire(&self) -> Vec<(NodeId, Settlement)> {
+        self.spans
+            .iter()
+            .flat_map(|(&node, spans)| {
+                spans.iter().map(move |s| (node, Settlement { since: s.since, below: s.below }))
+            })
+            .collect()
+    }
+
+    /// Takes in what an old manager knew.
+    pub(crate) fn merge(&mut self, known: &[(NodeId, Settlement)], now: Instant) {
+        for &(node, settlement) in known {
+            self.note(node, settlement, now);
+        }
+    }
+
+    /// Forgets lives not heard of for `after`: by then no copy of their requests can come (a
+    /// requester retries only until its deadline), and their answers have expired too.
+    pub(crate) fn forget_quiet(&mut self, after: Duration, now: Instant) {
+        self.spans.retain(|_, spans| {
+            spans.retain(|s| now.saturating_duration_since(s.heard) < after);
+            !spans.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(origin: u64, seq: u64) -> RequestId {
+        RequestId { origin: NodeId(origin), seq }
+    }
+
+    #[test]
+    fn a_sender_settles_everything_below_its_oldest_request_in_flight() {
+        let outstanding = Outstanding::new(100);
+        assert_eq!(outstanding.settlement(), Settlement { since: 100, below: 100 });
+        let first = outstanding.take();
+        let second = outstanding.take();
+        let third = outstanding.take();
+        assert_eq!((first.seq, second.seq, third.seq), (100, 101, 102));
+        drop(second);
+        assert_eq!(outstanding.settlement().below, 100, "the first is still in flight");
+        drop(first);
+        assert_eq!(outstanding.settlement().below, 102, "the third is still in flight");
+        drop(third);
+        assert_eq!(outstanding.settlement().below, 103, "nothing in flight: all taken settled");
+    }
+
+    #[test]
+    fn a_manager_covers_each_life_of_a_sender_up_to_what_it_heard() {
+        let now = Instant::now();
+        let mut settled = Settled::default();
+        settled.note(NodeId(1), Settlement { since: 1_000, below: 1_010 }, now);
+        settled.note(NodeId(1), Settlement { since: 1_000, below: 1_005 }, now);
+        settled.note(NodeId(1), Settlement { since: 50, below: 60 }, now);
+        assert!(settled.covers(&id(1, 1_009)), "a late, lower settlement does not undo one");
+        assert!(!settled.covers(&id(1, 1_010)));
+        assert!(settled.covers(&id(1, 55)), "an older life's range still holds");
+        assert!(!settled.covers(&id(1, 999)), "between lives nothing is settled");
+        assert!(!settled.covers(&id(2, 1_001)), "another sender's numbers are its own");
+    }
+
+    #[test]
+    fn what_an_old_manager_knew_reaches_the_new_one_and_quiet_lives_are_forgotten() {
+        let start = Instant::now();
+        let mut old = Settled::default();
+        old.note(NodeId(3), Settlement { since: 7, below: 9 }, start);
+        let mut new = Settled::default();
+        new.note(NodeId(3), Settlement { since: 7, below: 8 }, start);
+        new.merge(&old.to_wire(), start + Duration::from_secs(5));
+        assert!(new.covers(&id(3, 8)), "the higher of the two");
+        new.forget_quiet(Duration::from_secs(10), start + Duration::from_secs(12));
+        assert!(new.covers(&id(3, 8)), "heard 7 s ago through the merge");
+        new.forget_quiet(Duration::from_secs(10), start + Duration::from_secs(16));
+        assert!(!new.covers(&id(3, 8)), "quiet for 11 s");
+    }
+}
