@@ -23,7 +23,7 @@ use gobelins_adaptation::{codec, Host, Progress, Registry, Update};
 use gobelins_locator::{Epoch, Labels, NodeId, Snapshot};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -163,6 +163,11 @@ pub struct Supervisor {
     /// joint configuration that needs a node that just died), and the leader's other duties
     /// (its lease, failure detection) must not wait with it.
     reconciling: AtomicBool,
+    /// Nodes this leader added as raft learners to admit them, and when: until their `Join`
+    /// commits they are in raft's membership but not in the cluster's state, and must not be
+    /// taken for departed learners and removed (the joiner would then wait for the next pass
+    /// to be added again before it hears of its own change).
+    joining: Mutex<HashMap<u64, Instant>>,
     /// Whether the cluster admitted this process's life (bootstrap or join). Until then the
     /// host is not fed: a restarted process has lost its services' memory and must not serve
     /// its old keys as empty.
@@ -225,6 +230,7 @@ impl Supervisor {
             // No incarnation is u64::MAX: the first declared-dead life always renews.
             renewed_for: AtomicU64::new(u64::MAX),
             reconciling: AtomicBool::new(false),
+            joining: Mutex::new(HashMap::new()),
             admitted: AtomicBool::new(false),
             admission: tokio::sync::Notify::new(),
             lifecycle,
@@ -554,6 +560,7 @@ impl Supervisor {
             .membership()
             .get_node(&join.node)
             .is_some();
+        self.joining.lock().expect("joining").insert(join.node, Instant::now());
         if !known {
             self.raft
                 .add_learner(join.node, BasicNode::new(&join.addr), false)
@@ -974,8 +981,18 @@ impl Supervisor {
             }
             return;
         }
-        let gone: BTreeSet<u64> =
-            known.iter().copied().filter(|id| !live.contains(id) && !voters.contains(id)).collect();
+        let admitting: BTreeSet<u64> = {
+            let mut joining = self.joining.lock().expect("joining");
+            // Long enough for a `Join` to commit; one that did not was refused or lost, and its
+            // node asks again.
+            joining.retain(|_, at| at.elapsed() < self.config.rpc_timeout * 4);
+            joining.keys().copied().collect()
+        };
+        let gone: BTreeSet<u64> = known
+            .iter()
+            .copied()
+            .filter(|id| !live.contains(id) && !voters.contains(id) && !admitting.contains(id))
+            .collect();
         if !gone.is_empty() {
             if let Err(error) =
                 self.raft.change_membership(ChangeMembers::RemoveNodes(gone), false).await
