@@ -712,10 +712,11 @@ impl Inner {
         body: &[u8],
         until: Instant,
     ) -> Reply {
-        {
-            let mut known = self.settled.lock().expect("settled");
-            known.note(id.origin, settled, Instant::now());
-            if known.covers(&id) {
+        self.settled.lock().expect("settled").note(id.origin, settled, Instant::now());
+        loop {
+            // Checked on every pass: a request held through a change may have been settled by
+            // its sender (given up) meanwhile.
+            if self.settled.lock().expect("settled").covers(&id) {
                 // Its sender has the answer or gave up, and its answer may be gone: running it
                 // again would do it twice.
                 tracing::debug!(
@@ -728,8 +729,6 @@ impl Inner {
                     id.seq, id.origin
                 ));
             }
-        }
-        loop {
             // Only while the lease holds: a node cut off may already be being replaced, and a
             // write it remembers may not be in what the cluster rebuilds.
             if self.leased() {

@@ -1,7 +1,7 @@
 //! The DSM as a program on a node uses it: page guards, byte ranges, locks and barriers.
 
 use crate::error::DsmError;
-use crate::frames::{zeros, Bytes, Frame};
+use crate::frames::{zeros, Bytes, Frame, Installed};
 use crate::node::{DsmNode, NodeState, DSM};
 use crate::page::{barrier_key, lock_key, named, Named, PageId, PAGE_SIZE};
 use crate::protocol::{Request, Response, Token};
@@ -414,6 +414,8 @@ impl Dsm {
             if self.state().leaving.load(Ordering::SeqCst) {
                 return Err(DsmError::Leaving);
             }
+            // One write fault of this node's at a time per page, until its grant is installed.
+            let faulting = Arc::clone(&frame.faulting).lock_owned().await;
             let writer = Arc::clone(&frame.writer).lock_owned().await;
             let (have, writable) = {
                 let s = frame.lock();
@@ -443,8 +445,8 @@ impl Dsm {
             if let Some(version) = have {
                 self.revoke(page, &frame, version).await?;
             }
-            let answer = match self.ask(page.key(), &Request::WriteFault { node: self.me() }).await
-            {
+            let fault = Request::WriteFault { node: self.me(), have };
+            let answer = match self.ask(page.key(), &fault).await {
                 Ok(answer) => answer,
                 Err(e) => {
                     frame.reopen();
@@ -458,11 +460,27 @@ impl Dsm {
                         (None, true) => Some(zeros()),
                         (None, false) => None,
                     };
-                    if !frame.install_grant(version, data, backup) {
-                        tracing::error!(?page, version, "dsm: granted write access to a copy this node no longer holds; the page's last content is on its previous owner");
-                        return Err(DsmError::Protocol(format!(
-                            "{page:?}: granted version {version} without the page, and this node holds no copy"
-                        )));
+                    match frame.install_grant(version, data, backup) {
+                        Installed::Yes => {}
+                        Installed::Stale => {
+                            // This node told the manager it lacked this version while the grant
+                            // was on its way, and the manager may have taken it back: ask again.
+                            tracing::debug!(
+                                ?page,
+                                version,
+                                "dsm: a late grant refused; faulting again"
+                            );
+                            frame.reopen();
+                            drop(faulting);
+                            continue;
+                        }
+                        Installed::NoCopy => {
+                            tracing::error!(?page, version, "dsm: granted write access to a copy this node no longer holds; the page's last content is on its previous owner");
+                            frame.reopen();
+                            return Err(DsmError::Protocol(format!(
+                                "{page:?}: granted version {version} without the page, and this node holds no copy"
+                            )));
+                        }
                     }
                     if self.state().leaving.load(Ordering::SeqCst) {
                         // Granted after this node's pages were handed over (the manager was

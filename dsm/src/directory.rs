@@ -1,7 +1,7 @@
 //! The manager's pure decisions about a page entry: repairing it when nodes leave, and
 //! rebuilding it from survivors' copies when its manager died.
 
-use crate::protocol::PageEntry;
+use crate::protocol::{Granted, PageEntry};
 use gobelins_locator::NodeId;
 
 /// One survivor's copy of a page, as `scan` reports it.
@@ -30,6 +30,9 @@ pub(crate) fn repair(
     }
     if let Some(owner) = entry.owner.filter(|&o| failed(o)) {
         entry.strays = true;
+        // The page's content is now wherever it is taken from below, not where the last grant
+        // took it from.
+        entry.granted = Granted::Unknown;
         // Readers exist only while the owner shares, and then they hold exactly its version.
         if let Some(&reader) = entry.copyset.iter().find(|&&n| n != owner) {
             entry.owner = Some(reader);
@@ -62,7 +65,15 @@ pub(crate) fn rebuild(reports: &[Report]) -> Option<PageEntry> {
     let mut copyset: std::collections::BTreeSet<NodeId> = copies.into_iter().collect();
     copyset.insert(owner);
     let backup = backups.into_iter().find(|&b| b != owner);
-    Some(PageEntry { owner: Some(owner), copyset, version, backup, lost: false, strays: true })
+    Some(PageEntry {
+        owner: Some(owner),
+        copyset,
+        version,
+        backup,
+        lost: false,
+        strays: true,
+        granted: Granted::Unknown,
+    })
 }
 
 #[cfg(test)]
@@ -81,6 +92,7 @@ mod tests {
             backup: backup.map(n),
             lost: false,
             strays: false,
+            granted: Granted::Unknown,
         }
     }
 

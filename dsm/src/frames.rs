@@ -46,6 +46,9 @@ pub(crate) struct FrameState {
     pub(crate) readers: BTreeSet<NodeId>,
     /// The owner is about to write or give up the page: it serves no more direct reads.
     pub(crate) closed: bool,
+    /// This node told a manager it does not hold this version: a grant of it (or older) that
+    /// arrives after that is refused, since the manager may have taken the page back.
+    pub(crate) refused: u64,
 }
 
 impl FrameState {
@@ -70,11 +73,27 @@ pub(crate) enum Fetched {
     Missing,
 }
 
+/// What became of a grant that reached this node.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Installed {
+    /// This node owns the page, writable once no direct reader is left.
+    Yes,
+    /// A grant this node already told the manager it does not hold, or older than its copy:
+    /// the manager has taken the page back, and the writer asks again.
+    Stale,
+    /// Granted without the page, and no copy here: the page is never made up from zeros.
+    NoCopy,
+}
+
 /// One page's frame.
 #[derive(Default)]
 pub(crate) struct Frame {
     pub(crate) state: Mutex<FrameState>,
     pub(crate) writer: Arc<AsyncMutex<()>>,
+    /// Held by a local writer from its write fault until its grant is installed: a second
+    /// local writer's fault would otherwise tell the manager what this node holds while the
+    /// first one's grant is on its way, and the manager take that grant for lost.
+    pub(crate) faulting: Arc<AsyncMutex<()>>,
     installed: Notify,
 }
 
@@ -134,9 +153,8 @@ impl Frame {
         self.lock().retired.is_some()
     }
 
-    /// Takes ownership at `version`; `data` is `None` when the copy held is current. `false`,
-    /// and nothing changes, when there is no data and no copy held: the page is never made up
-    /// from zeros.
+    /// Takes ownership at `version`; `data` is `None` when the copy held is current. Nothing
+    /// changes when the grant is stale or comes without data to a node that holds no copy.
     ///
     /// The frame is writable only once no direct reader is left. The manager invalidated every
     /// copy it knows of, but not the readers this node served itself: a second local writer's
@@ -148,11 +166,14 @@ impl Frame {
         version: u64,
         data: Option<Bytes>,
         backup: Option<NodeId>,
-    ) -> bool {
+    ) -> Installed {
         let mut s = self.lock();
+        if version <= s.refused || (s.data.is_some() && version <= s.version) {
+            return Installed::Stale;
+        }
         match data {
             Some(data) => s.data = Some(data),
-            None if s.data.is_none() => return false,
+            None if s.data.is_none() => return Installed::NoCopy,
             None => {}
         }
         s.version = version;
@@ -163,7 +184,7 @@ impl Frame {
         s.closed = false;
         drop(s);
         self.installed.notify_waiters();
-        true
+        Installed::Yes
     }
 
     /// Drops the read copy at or below `version`. A node may be both a reader and the
@@ -229,6 +250,10 @@ impl Frame {
                 }
             }
             if tokio::time::timeout_at(deadline, installed).await.is_err() {
+                // From here the manager may take the page back from the node it came from: a
+                // grant of this version arriving late must not make this node a second owner.
+                let mut s = self.lock();
+                s.refused = s.refused.max(version);
                 return Fetched::Missing;
             }
         }
@@ -278,9 +303,15 @@ impl Frame {
     /// the latest committed content whatever its label: every commit reaches it before it
     /// returns, and a node stops being the backup only after its copy is invalidated. Its
     /// label can be older than `version` when the owners since wrote nothing.
+    ///
+    /// The same takes a page back after a grant that never reached its writer: the previous
+    /// owner's copy kept aside is then the content, or, when the writer already owned the
+    /// page, the writer's own copy.
     pub(crate) fn promote(&self, version: u64) -> bool {
         let mut s = self.lock();
-        let Some((label, data)) = s.aside() else { return false };
+        let own = s.data.clone().filter(|_| s.owned).map(|d| (s.version, d));
+        let newest = [s.aside(), own].into_iter().flatten().max_by_key(|(label, _)| *label);
+        let Some((label, data)) = newest else { return false };
         if label > version {
             return false;
         }
@@ -352,7 +383,7 @@ mod tests {
         let g = Arc::clone(&f);
         let fetch = tokio::spawn(async move { g.fetch(2, true, Duration::from_secs(1)).await });
         tokio::time::sleep(Duration::from_millis(10)).await;
-        assert!(f.install_grant(2, Some(Arc::new(vec![7; PAGE_SIZE])), None));
+        assert_eq!(f.install_grant(2, Some(Arc::new(vec![7; PAGE_SIZE])), None), Installed::Yes);
         match fetch.await.expect("fetch") {
             Fetched::Page(p) => assert_eq!(p[0], 7),
             other => panic!("expected the page, got {other:?}"),
@@ -364,7 +395,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_copy_given_up_to_a_writer_is_kept_aside_and_can_be_promoted() {
         let f = Frame::default();
-        assert!(f.install_grant(4, Some(Arc::new(vec![9; PAGE_SIZE])), None));
+        assert_eq!(f.install_grant(4, Some(Arc::new(vec![9; PAGE_SIZE])), None), Installed::Yes);
         assert!(matches!(f.fetch(4, false, Duration::from_millis(10)).await, Fetched::Page(_)));
         assert!(f.readable().is_none());
         assert_eq!(f.lock().aside().map(|(v, d)| (v, d[0])), Some((4, 9)));
@@ -375,13 +406,37 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_retire_drops_only_a_copy_no_newer_than_the_one_the_writer_took() {
         let f = Frame::default();
-        assert!(f.install_grant(6, Some(Arc::new(vec![3; PAGE_SIZE])), None));
+        assert_eq!(f.install_grant(6, Some(Arc::new(vec![3; PAGE_SIZE])), None), Installed::Yes);
         assert!(matches!(f.fetch(6, false, Duration::from_millis(10)).await, Fetched::Page(_)));
         f.drop_retired(5);
         assert!(f.has_retired(), "a late retire for an older version keeps the newer copy");
         f.drop_retired(6);
         assert!(!f.has_retired());
         assert!(f.lock().aside().is_none(), "nothing left for a scan to offer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_grant_of_a_version_this_node_said_it_lacks_is_refused_when_it_comes_late() {
+        let f = Frame::default();
+        assert_eq!(f.install_grant(2, Some(zeros()), None), Installed::Yes);
+        assert!(matches!(f.fetch(3, true, Duration::from_millis(10)).await, Fetched::Missing));
+        assert_eq!(
+            f.install_grant(3, Some(Arc::new(vec![1; PAGE_SIZE])), None),
+            Installed::Stale,
+            "the manager may have taken version 3 back"
+        );
+        assert_eq!(f.install_grant(2, None, None), Installed::Stale, "older than the copy held");
+        assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((2, 0)), "nothing changed");
+        assert_eq!(f.install_grant(4, None, None), Installed::Yes, "a later grant lands");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_owner_whose_upgrade_never_arrived_is_promoted_from_its_own_copy() {
+        let f = Frame::default();
+        assert_eq!(f.install_grant(5, Some(Arc::new(vec![8; PAGE_SIZE])), None), Installed::Yes);
+        assert!(f.promote(6));
+        assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((6, 8)));
+        assert!(!f.promote(5), "never to a version older than the copy");
     }
 
     #[tokio::test(start_paused = true)]
@@ -395,7 +450,7 @@ mod tests {
         let f = Frame::default();
         let wait = Duration::from_millis(10);
         assert!(f.serve(NodeId(2)).await.is_none(), "nothing owned, nothing served");
-        assert!(f.install_grant(3, Some(Arc::new(vec![5; PAGE_SIZE])), None));
+        assert_eq!(f.install_grant(3, Some(Arc::new(vec![5; PAGE_SIZE])), None), Installed::Yes);
         let (version, data) = f.serve(NodeId(2)).await.expect("the owner serves");
         assert_eq!((version, data[0]), (3, 5));
         assert!(!f.lock().write, "a served reader ends write mode");
@@ -412,9 +467,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_manager_read_leaves_direct_readers_alone_and_a_grant_forgets_them() {
         let f = Frame::default();
-        assert!(!f.install_grant(1, None, None), "no copy to make current");
+        assert_eq!(f.install_grant(1, None, None), Installed::NoCopy, "no copy to make current");
         assert!(f.readable().is_none(), "and none made up");
-        assert!(f.install_grant(1, Some(zeros()), None));
+        assert_eq!(f.install_grant(1, Some(zeros()), None), Installed::Yes);
         f.serve(NodeId(2)).await.expect("served");
         assert!(matches!(f.fetch(1, true, Duration::ZERO).await, Fetched::Page(_)));
         assert_eq!(f.close(1), vec![NodeId(2)]);
@@ -422,7 +477,7 @@ mod tests {
         f.reopen();
         assert!(f.serve(NodeId(3)).await.is_some());
         f.revoked(&[NodeId(2), NodeId(3)]);
-        assert!(f.install_grant(2, None, None));
+        assert_eq!(f.install_grant(2, None, None), Installed::Yes);
         assert!(f.lock().write, "no reader left: writable");
     }
 
@@ -432,10 +487,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_grant_keeps_the_readers_served_since_the_fault_was_sent() {
         let f = Frame::default();
-        assert!(f.install_grant(68, Some(zeros()), None));
+        assert_eq!(f.install_grant(68, Some(zeros()), None), Installed::Yes);
         let (version, _) = f.serve(NodeId(5)).await.expect("the owner serves");
         assert_eq!(version, 68);
-        assert!(f.install_grant(69, None, None));
+        assert_eq!(f.install_grant(69, None, None), Installed::Yes);
         let s = f.lock();
         assert!(!s.write, "a direct reader still holds version 68");
         assert_eq!(s.readers, [NodeId(5)].into());

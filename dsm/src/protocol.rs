@@ -27,6 +27,9 @@ pub enum Request {
     WriteFault {
         /// The writer.
         node: NodeId,
+        /// The version of the copy the writer holds, if any. An entry that names the writer as
+        /// owner of a version it does not hold records a grant whose answer never reached it.
+        have: Option<u64>,
     },
     /// To the manager: an evicted owner hands over its page. `Ok` when the manager took it,
     /// `Missing` when its entry no longer names the sender as owner at that version.
@@ -193,6 +196,23 @@ pub struct PageEntry {
     /// copies nobody knows of, so the next write invalidates every node.
     #[serde(default)]
     pub strays: bool,
+    /// Where `version`'s content was before the grant that made `owner` its owner: what the
+    /// manager takes back when that grant never reached the writer.
+    #[serde(default)]
+    pub granted: Granted,
+}
+
+/// Where a write grant took the page's content from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Granted {
+    /// Not known: the entry was rebuilt or never granted.
+    #[default]
+    Unknown,
+    /// The page had never been written: zeros.
+    Zero,
+    /// This node's copy: the previous owner, which keeps it aside until the writer says the
+    /// grant landed, or the writer itself, which already held it.
+    From(NodeId),
 }
 
 /// A lock's entry.

@@ -6,7 +6,7 @@ use crate::directory::{rebuild, repair, Report};
 use crate::frames::{Bytes, Fetched};
 use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
-use crate::protocol::{Entry, LockEntry, PageEntry, Request, Response};
+use crate::protocol::{Entry, Granted, LockEntry, PageEntry, Request, Response};
 use async_trait::async_trait;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Change, Key, NodeId, ServiceSpec};
@@ -19,6 +19,16 @@ use tokio::sync::Mutex as AsyncMutex;
 /// How long a barrier's manager keeps an arrival waiting before telling it to ask again. Short,
 /// because a change waits for handlers in progress before it moves entries.
 const BARRIER_POLL: Duration = Duration::from_millis(20);
+
+/// Why a holder's copy could not be had.
+#[derive(Debug)]
+enum Absent {
+    /// The holder answered that it does not hold that version: after a wait for a grant on
+    /// its way, and refusing that grant should it come later.
+    Missing,
+    /// The holder, or a reader it had to revoke first, did not answer.
+    Unreachable,
+}
 
 /// The plug-in: register it with [`gobelins_adaptation::plugin`].
 pub struct DsmService {
@@ -154,7 +164,7 @@ impl DsmService {
         page: PageId,
         version: u64,
         keep: bool,
-    ) -> Option<Bytes> {
+    ) -> Result<Bytes, Absent> {
         let answer = if holder == ctx.node() {
             return self.give(ctx, page, version, keep).await;
         } else {
@@ -170,36 +180,77 @@ impl DsmService {
                 Ok(answer) => answer,
                 Err(e) => {
                     tracing::debug!(node = holder.0, ?page, error = %e, "dsm: holder unreachable");
-                    return None;
+                    return Err(Absent::Unreachable);
                 }
             }
         };
         match answer {
-            Response::Page(data) => Some(Arc::new(data.into_vec())),
-            _ => None,
+            Response::Page(data) => Ok(Arc::new(data.into_vec())),
+            Response::Missing => Err(Absent::Missing),
+            _ => Err(Absent::Unreachable),
         }
     }
 
     /// This node's copy of `page` at `version`, for a manager: kept as a read copy (`keep`) or
-    /// given up, after the readers this node served directly are invalidated. `None` when it
-    /// does not hold that version, or a reader could not be reached.
-    async fn give(&self, ctx: &Context, page: PageId, version: u64, keep: bool) -> Option<Bytes> {
+    /// given up, after the readers this node served directly are invalidated. `Missing` when it
+    /// does not hold that version, `Unreachable` when a reader could not be reached.
+    async fn give(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        version: u64,
+        keep: bool,
+    ) -> Result<Bytes, Absent> {
         let frame = self.state().frames.frame(page);
         loop {
             match frame.fetch(version, keep, self.state().config.fetch_wait).await {
-                Fetched::Page(data) => return Some(data),
-                Fetched::Missing => return None,
+                Fetched::Page(data) => return Ok(data),
+                Fetched::Missing => return Err(Absent::Missing),
                 Fetched::Revoke(readers) => {
                     let done =
                         invalidate(self.state(), ctx, page, version, readers.clone(), None).await;
                     frame.revoked(&done);
                     if done.len() < readers.len() {
                         frame.reopen();
-                        return None;
+                        return Err(Absent::Unreachable);
                     }
                 }
             }
         }
+    }
+
+    /// Takes back the grant that made `entry.owner` the owner of `entry.version`, which never
+    /// reached it (its writer gave up waiting, or says it holds an older copy): the page goes
+    /// back to where that grant took it from, relabelled with the entry's version so that
+    /// versions only grow. Whether the entry now names a holder of the content (or none, for
+    /// a page never written).
+    async fn take_back(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) -> bool {
+        let taken = match entry.granted {
+            Granted::Zero => {
+                entry.owner = None;
+                entry.copyset.clear();
+                true
+            }
+            Granted::From(source) if !self.gone(ctx, source) => {
+                let version = entry.version;
+                if !self.tell(ctx, source, page, Request::Promote { page, version }).await {
+                    return false;
+                }
+                entry.owner = Some(source);
+                entry.copyset = [source].into();
+                // Never its own backup: the next grant places one.
+                if entry.backup == Some(source) {
+                    entry.backup = None;
+                }
+                true
+            }
+            _ => false,
+        };
+        if taken {
+            tracing::warn!(?page, version = entry.version, owner = ?entry.owner, "dsm: a write grant that never reached its writer was taken back");
+            entry.granted = Granted::Unknown;
+        }
+        taken
     }
 
     /// Sends `request` to `node`'s local server, or runs it here.
@@ -270,9 +321,15 @@ impl DsmService {
         let data = match cached {
             Some((_, data)) => data,
             None => {
-                let Some(data) = self.fetch_from(ctx, owner, page, entry.version, true).await
-                else {
-                    return Response::Retry;
+                let data = match self.fetch_from(ctx, owner, page, entry.version, true).await {
+                    Ok(data) => data,
+                    Err(Absent::Missing) => {
+                        // The owner lacks the version it was granted: take the grant back, and
+                        // the reader asks again.
+                        self.take_back(ctx, page, entry).await;
+                        return Response::Retry;
+                    }
+                    Err(Absent::Unreachable) => return Response::Retry,
                 };
                 // Later readers are served from here, one round trip instead of two.
                 if owner != me {
@@ -295,7 +352,13 @@ impl DsmService {
         Response::Copy { version: entry.version, data: Some(page_bytes(&data)), owner: Some(owner) }
     }
 
-    async fn write_fault(&self, ctx: &Context, page: PageId, writer: NodeId) -> Response {
+    async fn write_fault(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        writer: NodeId,
+        have: Option<u64>,
+    ) -> Response {
         if !present(ctx, writer) {
             // A fault held through the change that evicted its node: the page would be granted
             // to a node that is gone.
@@ -307,6 +370,19 @@ impl DsmService {
         self.mend(ctx, page, entry).await;
         if entry.lost {
             return Response::Lost;
+        }
+        // Its own write faults are serialized on a node, so the writer holds what it says.
+        if entry.owner == Some(writer) && have != Some(entry.version) {
+            tracing::info!(
+                ?page,
+                writer = writer.0,
+                version = entry.version,
+                ?have,
+                "dsm: the owner does not hold the version it was granted"
+            );
+            if !self.take_back(ctx, page, entry).await {
+                return Response::Retry;
+            }
         }
         let version = entry.version;
         let owner = entry.owner;
@@ -338,8 +414,12 @@ impl DsmService {
             match owner {
                 None => (None, true),
                 Some(o) => match self.fetch_from(ctx, o, page, version, false).await {
-                    Some(data) => (Some(data), false),
-                    None => return Response::Retry,
+                    Ok(data) => (Some(data), false),
+                    Err(Absent::Missing) => {
+                        self.take_back(ctx, page, entry).await;
+                        return Response::Retry;
+                    }
+                    Err(Absent::Unreachable) => return Response::Retry,
                 },
             }
         };
@@ -358,6 +438,11 @@ impl DsmService {
         entry.owner = Some(writer);
         entry.copyset = [writer].into();
         entry.backup = backup;
+        entry.granted = match (owner, zero) {
+            (_, true) => Granted::Zero,
+            (Some(o), false) => Granted::From(o),
+            (None, false) => Granted::Unknown,
+        };
         tracing::debug!(?page, manager = ctx.node().0, writer = writer.0, version = version + 1, previous = ?owner, sent = data.is_some(), "dsm: write granted");
         let data = data.as_ref().map(page_bytes);
         Response::Grant { version: version + 1, data, zero, backup, previous }
@@ -389,8 +474,8 @@ impl DsmService {
             (None, false) => {
                 // The writer holds the current copy: read it back from there.
                 match self.fetch_from(ctx, writer, page, entry.version, true).await {
-                    Some(d) => d,
-                    None => return Err(()),
+                    Ok(d) => d,
+                    Err(_) => return Err(()),
                 }
             }
         };
@@ -564,8 +649,10 @@ impl DsmService {
             },
             Request::Fetch { page, version, keep } => {
                 match self.give(ctx, page, version, keep).await {
-                    Some(data) => Response::Page(page_bytes(&data)),
-                    None => Response::Missing,
+                    Ok(data) => Response::Page(page_bytes(&data)),
+                    Err(Absent::Missing) => Response::Missing,
+                    // A reader it served could not be revoked: ask again.
+                    Err(Absent::Unreachable) => Response::Retry,
                 }
             }
             Request::Invalidate { page, version, backup, owner } => {
@@ -821,8 +908,8 @@ impl Service for DsmService {
             (Named::Page(page), Request::ReadFault { node }) => {
                 self.read_fault(ctx, page, node).await
             }
-            (Named::Page(page), Request::WriteFault { node }) => {
-                self.write_fault(ctx, page, node).await
+            (Named::Page(page), Request::WriteFault { node, have }) => {
+                self.write_fault(ctx, page, node, have).await
             }
             (Named::Page(page), Request::Surrender { node, version, data, readers }) => {
                 self.surrender(ctx, page, node, version, data, readers).await

@@ -701,3 +701,64 @@ async fn write_through_eviction(config: DsmConfig) {
         assert_eq!(Value::decode(&read).count, last, "page {i}: the last acknowledged write");
     }
 }
+
+/// Grants `writer` write access to `page` in its name from another node, as a write fault whose
+/// answer never reached its writer would (it gave up waiting): the manager records the grant,
+/// the writer knows nothing of it.
+async fn lose_a_grant(
+    cluster: &Cluster,
+    from: NodeId,
+    writer: NodeId,
+    page: PageId,
+    have: Option<u64>,
+) {
+    use gobelins_adaptation::codec;
+    use gobelins_dsm::{Request, Response, DSM};
+    let fault = codec::encode(&Request::WriteFault { node: writer, have }).expect("encode");
+    let answer = cluster.mem.host(from).request(DSM, page.key(), fault).await.expect("asked");
+    let answer: Response = codec::decode(&answer).expect("decode");
+    assert!(matches!(answer, Response::Grant { .. }), "granted, then lost: {answer:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_write_grant_that_never_reached_its_writer_is_taken_back_and_nothing_is_lost() {
+    let cluster = Cluster::start(3, DsmConfig::default()).await;
+    let (previous, writer, reader) = (NodeId(1), NodeId(2), NodeId(3));
+    let (p, w, r) = (cluster.dsm(previous), cluster.dsm(writer), cluster.dsm(reader));
+
+    // Taken from its owner for a writer that never heard of it: a reader still gets the content,
+    // then the writer's own write starts from it.
+    let page = pid(4);
+    put(&p, page, 1).await;
+    lose_a_grant(&cluster, reader, writer, page, None).await;
+    assert_eq!(get(&r, page).await, 1, "the previous owner's copy is the page again");
+    put(&w, page, 2).await;
+    assert_eq!((get(&r, page).await, get(&p, page).await), (2, 2));
+
+    // The writer's own next write finds the grant it never got.
+    let page = pid(5);
+    put(&p, page, 1).await;
+    lose_a_grant(&cluster, reader, writer, page, None).await;
+    let mut g = w.write(page).await.expect("the writer's next fault");
+    assert_eq!(Value::decode(&g).count, 1, "it starts from the content the lost grant carried");
+    Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
+    g.commit().await.expect("commit");
+    assert_eq!(get(&r, page).await, 2);
+
+    // An owner's upgrade that never arrived: the owner's own copy is the page.
+    let page = pid(6);
+    put(&w, page, 7).await;
+    assert_eq!(get(&r, page).await, 7, "the owner now shares the page");
+    let version = w.read(page).await.expect("read").version();
+    lose_a_grant(&cluster, reader, writer, page, Some(version)).await;
+    assert_eq!(get(&p, page).await, 7);
+    put(&w, page, 8).await;
+    assert_eq!((get(&r, page).await, get(&p, page).await), (8, 8));
+
+    // A page never written, granted as zeros to a writer that never knew.
+    let page = pid(7);
+    lose_a_grant(&cluster, reader, writer, page, None).await;
+    assert_eq!(get(&r, page).await, 0, "still a page never written");
+    put(&w, page, 1).await;
+    assert_eq!(get(&r, page).await, 1);
+}
