@@ -486,7 +486,13 @@ impl Dsm {
                         // Granted after this node's pages were handed over (the manager was
                         // slow): hand this one over too, rather than leave with it.
                         let ctx = self.host.context();
-                        self.node.service().surrender_page(&ctx, page, &frame).await;
+                        // Once its manager holds the page, the copy the previous owner kept
+                        // aside is no longer its last content.
+                        if self.node.service().surrender_page(&ctx, page, &frame).await {
+                            if let Some(previous) = previous.filter(|&p| p != self.me()) {
+                                self.retire(previous, page, version - 1);
+                            }
+                        }
                         return Err(DsmError::Leaving);
                     }
                     if let Some(previous) = previous.filter(|&p| p != self.me()) {

@@ -830,7 +830,7 @@ impl DsmService {
         ctx: &Context,
         page: PageId,
         frame: &crate::frames::Frame,
-    ) {
+    ) -> bool {
         let me = ctx.node();
         // A page that changed while it was on its way is handed over again; a local program
         // that keeps writing to a leaving node's pages is the only way to need more.
@@ -838,7 +838,7 @@ impl DsmService {
             let (version, data, readers) = {
                 let _writer = frame.writer.lock().await;
                 let mut s = frame.lock();
-                let (Some(d), true) = (&s.data, s.owned) else { return };
+                let (Some(d), true) = (&s.data, s.owned) else { return false };
                 let taken = (s.version, Arc::clone(d), s.readers.clone());
                 // No direct reader from now on; a local write must ask the manager.
                 s.closed = true;
@@ -855,7 +855,7 @@ impl DsmService {
                         s.owned = false;
                         s.write = false;
                     }
-                    return;
+                    return true;
                 }
                 Ok(_) => {
                     // The manager's entry had moved on: a faulting node took the page
@@ -863,16 +863,17 @@ impl DsmService {
                     // a newer version, which goes next round.
                     let s = frame.lock();
                     if !(s.owned && s.data.is_some() && s.version > version) {
-                        return;
+                        return false;
                     }
                 }
                 Err(e) => {
                     frame.reopen();
                     tracing::warn!(?page, error = %e, "dsm: could not hand a page over before leaving; it is lost unless a faulting node fetches it before this node goes");
-                    return;
+                    return false;
                 }
             }
         }
+        false
     }
 }
 
