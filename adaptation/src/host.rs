@@ -798,6 +798,14 @@ impl Inner {
                     if let Some(response) = self.answered(service, key, id) {
                         return Reply::Done(response);
                     }
+                    // Or its sender settled it while this copy waited for the gate, and the
+                    // sweep forgot its answer: it must not run a second time.
+                    if self.settled.lock().expect("settled").covers(&id) {
+                        return Reply::Refused(format!(
+                            "request {} of node {} was settled by its sender while it waited",
+                            id.seq, id.origin
+                        ));
+                    }
                     let peers = Arc::clone(self) as Arc<dyn Peers>;
                     let ctx = Context::new(self.me, ours, None, Some(snapshot), peers);
                     let reply = match plugin.handle(&ctx, key, body).await {

@@ -259,9 +259,16 @@ impl Dsm {
 
     /// Sends `request` to the manager of `key`, asking again while the manager says to.
     async fn ask(&self, key: Key, request: &Request) -> Result<Response, DsmError> {
+        self.ask_with(key, || request.clone()).await
+    }
+
+    /// [`Dsm::ask`], with the request made afresh for every attempt: what it says of this
+    /// node's copy may have changed since the last one.
+    async fn ask_with(&self, key: Key, make: impl Fn() -> Request) -> Result<Response, DsmError> {
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_micros(500);
         loop {
+            let request = &make();
             let ctx = self.host.context();
             let answer: Response = match self.placement {
                 Placement::Locator => ctx.request(DSM, key, request).await?,
@@ -445,8 +452,13 @@ impl Dsm {
             if let Some(version) = have {
                 self.revoke(page, &frame, version).await?;
             }
-            let fault = Request::WriteFault { node: self.me(), have };
-            let answer = match self.ask(page.key(), &fault).await {
+            // Which copy this node holds can change between attempts: a manager may take a
+            // lost grant back to it.
+            let fault = || {
+                let s = frame.lock();
+                Request::WriteFault { node: self.me(), have: s.data.as_ref().map(|_| s.version) }
+            };
+            let answer = match self.ask_with(page.key(), fault).await {
                 Ok(answer) => answer,
                 Err(e) => {
                     frame.reopen();
@@ -460,9 +472,12 @@ impl Dsm {
                         (None, true) => Some(zeros()),
                         (None, false) => None,
                     };
-                    match frame.install_grant(version, data, backup) {
+                    match frame.install_grant(version, data.clone(), backup) {
                         Installed::Yes => {}
                         Installed::Stale => {
+                            if let Some(data) = data {
+                                frame.keep_refused(version, data);
+                            }
                             // This node told the manager it lacked this version while the grant
                             // was on its way, and the manager may have taken it back: ask again.
                             tracing::debug!(

@@ -187,6 +187,15 @@ impl Frame {
         Installed::Yes
     }
 
+    /// Keeps aside the page a refused grant carried: should the manager fail to take the page
+    /// back from where that grant took it, this copy is the page's content.
+    pub(crate) fn keep_refused(&self, version: u64, data: Bytes) {
+        let mut s = self.lock();
+        if s.retired.as_ref().is_none_or(|(v, _)| *v < version) {
+            s.retired = Some((version, data));
+        }
+    }
+
     /// Drops the read copy at or below `version`. A node may be both a reader and the
     /// backup of one page: the backup is kept.
     pub(crate) fn invalidate(&self, version: u64) {
@@ -250,9 +259,13 @@ impl Frame {
                 }
             }
             if tokio::time::timeout_at(deadline, installed).await.is_err() {
+                let mut s = self.lock();
+                if s.data.is_some() && s.version == version {
+                    // Installed just now: hand it over.
+                    continue;
+                }
                 // From here the manager may take the page back from the node it came from: a
                 // grant of this version arriving late must not make this node a second owner.
-                let mut s = self.lock();
                 s.refused = s.refused.max(version);
                 return Fetched::Missing;
             }
@@ -307,12 +320,12 @@ impl Frame {
     /// The same takes a page back after a grant that never reached its writer: the previous
     /// owner's copy kept aside is then the content, or, when the writer already owned the
     /// page, the writer's own copy.
-    pub(crate) fn promote(&self, version: u64) -> bool {
+    pub(crate) fn promote(&self, version: u64, exact: Option<u64>) -> bool {
         let mut s = self.lock();
         let own = s.data.clone().filter(|_| s.owned).map(|d| (s.version, d));
         let newest = [s.aside(), own].into_iter().flatten().max_by_key(|(label, _)| *label);
         let Some((label, data)) = newest else { return false };
-        if label > version {
+        if label > version || exact.is_some_and(|e| e != label) {
             return false;
         }
         s.data = Some(data);
@@ -399,7 +412,7 @@ mod tests {
         assert!(matches!(f.fetch(4, false, Duration::from_millis(10)).await, Fetched::Page(_)));
         assert!(f.readable().is_none());
         assert_eq!(f.lock().aside().map(|(v, d)| (v, d[0])), Some((4, 9)));
-        assert!(f.promote(4));
+        assert!(f.promote(4, Some(4)));
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((4, 9)));
     }
 
@@ -425,18 +438,39 @@ mod tests {
             Installed::Stale,
             "the manager may have taken version 3 back"
         );
-        assert_eq!(f.install_grant(2, None, None), Installed::Stale, "older than the copy held");
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((2, 0)), "nothing changed");
         assert_eq!(f.install_grant(4, None, None), Installed::Yes, "a later grant lands");
+
+        let g = Frame::default();
+        assert_eq!(g.install_grant(5, Some(zeros()), None), Installed::Yes);
+        assert_eq!(
+            g.install_grant(4, Some(Arc::new(vec![1; PAGE_SIZE])), None),
+            Installed::Stale,
+            "older than the copy held"
+        );
+        assert_eq!(g.readable().map(|(v, d)| (v, d[0])), Some((5, 0)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_grant_is_kept_aside_and_can_become_the_page() {
+        let f = Frame::default();
+        assert!(matches!(f.fetch(1, true, Duration::from_millis(10)).await, Fetched::Missing));
+        let page = Arc::new(vec![6; PAGE_SIZE]);
+        assert_eq!(f.install_grant(1, Some(Arc::clone(&page)), None), Installed::Stale);
+        f.keep_refused(1, page);
+        assert!(f.readable().is_none(), "not the page unless the manager says so");
+        assert!(f.promote(1, Some(1)));
+        assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((1, 6)));
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_owner_whose_upgrade_never_arrived_is_promoted_from_its_own_copy() {
         let f = Frame::default();
         assert_eq!(f.install_grant(5, Some(Arc::new(vec![8; PAGE_SIZE])), None), Installed::Yes);
-        assert!(f.promote(6));
+        assert!(f.promote(6, Some(5)));
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((6, 8)));
-        assert!(!f.promote(5), "never to a version older than the copy");
+        assert!(!f.promote(5, None), "never to a version older than the copy");
+        assert!(!f.promote(7, Some(5)), "nor from a copy of another label than asked");
     }
 
     #[tokio::test(start_paused = true)]
@@ -502,12 +536,12 @@ mod tests {
     fn promote_accepts_a_backup_no_newer_than_the_entry() {
         let f = Frame::default();
         f.store_backup(8, zeros());
-        assert!(!f.promote(7));
-        assert!(f.promote(9));
+        assert!(!f.promote(7, None));
+        assert!(f.promote(9, None));
         assert_eq!(f.readable().map(|(v, _)| v), Some(9));
         let f = Frame::default();
         f.store_backup(6, zeros());
-        assert!(f.promote(7));
+        assert!(f.promote(7, None));
         assert_eq!(f.readable().map(|(v, _)| v), Some(7));
     }
 }

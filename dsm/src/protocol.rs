@@ -107,6 +107,10 @@ pub enum Request {
         page: PageId,
         /// The entry's version.
         version: u64,
+        /// The label the copy must have: taking a grant back needs exactly the copy it took.
+        /// `None` for a backup standing in for a dead owner, which holds the latest committed
+        /// content whatever its label.
+        label: Option<u64>,
     },
     /// To a page's previous owner, from the writer it gave the page up to: the grant landed,
     /// so the copy kept aside (at or below `version`) is no longer the page's last content.

@@ -221,36 +221,57 @@ impl DsmService {
 
     /// Takes back the grant that made `entry.owner` the owner of `entry.version`, which never
     /// reached it (its writer gave up waiting, or says it holds an older copy): the page goes
-    /// back to where that grant took it from, relabelled with the entry's version so that
-    /// versions only grow. Whether the entry now names a holder of the content (or none, for
-    /// a page never written).
+    /// back to a node that holds the content that grant carried, relabelled with the entry's
+    /// version so that versions only grow. In order: where the grant took the page from (which
+    /// keeps it aside until the writer says the grant landed, or is the writer itself), the
+    /// backup placed with the grant, and the owner, should the grant have reached it after it
+    /// said it lacked it (it keeps such a grant aside). Whether the entry now names a holder of
+    /// the content (or none, for a page never written).
     async fn take_back(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) -> bool {
-        let taken = match entry.granted {
-            Granted::Zero => {
-                entry.owner = None;
-                entry.copyset.clear();
-                true
-            }
-            Granted::From(source) if !self.gone(ctx, source) => {
-                let version = entry.version;
-                if !self.tell(ctx, source, page, Request::Promote { page, version }).await {
-                    return false;
-                }
-                entry.owner = Some(source);
-                entry.copyset = [source].into();
-                // Never its own backup: the next grant places one.
-                if entry.backup == Some(source) {
-                    entry.backup = None;
-                }
-                true
-            }
-            _ => false,
-        };
-        if taken {
-            tracing::warn!(?page, version = entry.version, owner = ?entry.owner, "dsm: a write grant that never reached its writer was taken back");
+        let version = entry.version;
+        if entry.granted == Granted::Zero {
+            // Copies in the copyset stay known: the next write invalidates them.
+            entry.owner = None;
             entry.granted = Granted::Unknown;
+            tracing::warn!(
+                ?page,
+                version,
+                "dsm: a zero-filled write grant that never reached its writer was taken back"
+            );
+            return true;
         }
-        taken
+        let Some(before) = version.checked_sub(1) else { return false };
+        let source = match entry.granted {
+            Granted::From(node) => Some((node, Some(before))),
+            _ => None,
+        };
+        let candidates =
+            [source, entry.backup.map(|b| (b, None)), entry.owner.map(|o| (o, Some(version)))];
+        for (node, label) in candidates.into_iter().flatten() {
+            if self.gone(ctx, node) {
+                continue;
+            }
+            if !self.tell(ctx, node, page, Request::Promote { page, version, label }).await {
+                continue;
+            }
+            // The writer may still hold a read copy of the version before: it stays in the
+            // copyset, for the next write to invalidate.
+            entry.owner = Some(node);
+            entry.copyset.insert(node);
+            // Never its own backup: the next grant places one.
+            if entry.backup == Some(node) {
+                entry.backup = None;
+            }
+            entry.granted = Granted::Unknown;
+            tracing::warn!(
+                ?page,
+                version,
+                owner = node.0,
+                "dsm: a write grant that never reached its writer was taken back"
+            );
+            return true;
+        }
+        false
     }
 
     /// Sends `request` to `node`'s local server, or runs it here.
@@ -270,12 +291,14 @@ impl DsmService {
         backup: NodeId,
     ) -> bool {
         let version = entry.version;
-        if !self.tell(ctx, backup, page, Request::Promote { page, version }).await {
+        let promote = Request::Promote { page, version, label: None };
+        if !self.tell(ctx, backup, page, promote).await {
             return false;
         }
         entry.owner = Some(backup);
         entry.copyset = [backup].into();
         entry.backup = None;
+        entry.granted = Granted::Unknown;
         entry.lost = false;
         entry.strays = true;
         tracing::info!(?page, node = backup.0, "dsm: page rebuilt from its backup");
@@ -552,6 +575,7 @@ impl DsmService {
             let frame = self.state().frames.frame(page);
             frame.install_owned(version, Arc::new(data.into_vec()));
             entry.owner = Some(me);
+            entry.granted = Granted::Unknown;
             entry.copyset.remove(&from);
             entry.copyset.insert(me);
             entry.copyset.extend(readers.into_iter().filter(|&r| r != from));
@@ -671,8 +695,8 @@ impl DsmService {
                 frames.frame(page).store_backup(version, Arc::new(data.into_vec()));
                 Response::Ok
             }
-            Request::Promote { page, version } => {
-                if frames.frame(page).promote(version) {
+            Request::Promote { page, version, label } => {
+                if frames.frame(page).promote(version, label) {
                     Response::Ok
                 } else {
                     Response::Missing
@@ -743,6 +767,7 @@ impl DsmService {
                             entry.copyset.remove(&old);
                         }
                         entry.copyset.insert(me);
+                        entry.granted = Granted::Unknown;
                     }
                     if let Named::Page(page) = named(key) {
                         tracing::debug!(?page, node = me.0, ?entry, "dsm: entry merged");

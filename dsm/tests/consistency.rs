@@ -762,3 +762,20 @@ async fn a_write_grant_that_never_reached_its_writer_is_taken_back_and_nothing_i
     put(&w, page, 1).await;
     assert_eq!(get(&r, page).await, 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_writer_whose_grant_was_lost_does_not_keep_reading_its_old_copy() {
+    let cluster = Cluster::start(3, DsmConfig::default()).await;
+    let (previous, writer, other) = (NodeId(1), NodeId(2), NodeId(3));
+    let (p, w, x) = (cluster.dsm(previous), cluster.dsm(writer), cluster.dsm(other));
+    let page = pid(9);
+    put(&p, page, 1).await;
+    assert_eq!(get(&w, page).await, 1, "the writer holds a read copy");
+    let version = w.read(page).await.expect("read").version();
+    lose_a_grant(&cluster, other, writer, page, Some(version)).await;
+    // Another node writes: the lost grant is taken back, and the writer's old copy must be
+    // invalidated with the others.
+    put(&x, page, 2).await;
+    assert_eq!(get(&w, page).await, 2, "not the copy from before the lost grant");
+    assert_eq!(get(&p, page).await, 2);
+}
