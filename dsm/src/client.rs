@@ -417,6 +417,7 @@ impl Dsm {
     /// [`DsmError::Leaving`] once this node is being evicted.
     pub async fn write(&self, page: PageId) -> Result<WriteGuard, DsmError> {
         let frame = self.state().frames.frame(page);
+        let started = tokio::time::Instant::now();
         loop {
             if self.state().leaving.load(Ordering::SeqCst) {
                 return Err(DsmError::Leaving);
@@ -456,7 +457,11 @@ impl Dsm {
             // lost grant back to it.
             let fault = || {
                 let s = frame.lock();
-                Request::WriteFault { node: self.me(), have: s.data.as_ref().map(|_| s.version) }
+                Request::WriteFault {
+                    node: self.me(),
+                    have: s.data.as_ref().map(|_| s.version),
+                    refused: s.refused,
+                }
             };
             let answer = match self.ask_with(page.key(), fault).await {
                 Ok(answer) => answer,
@@ -487,6 +492,13 @@ impl Dsm {
                             );
                             frame.reopen();
                             drop(faulting);
+                            let waited = started.elapsed();
+                            if waited > self.state().config.access_deadline {
+                                return Err(DsmError::Stuck {
+                                    page,
+                                    waited_ms: waited.as_millis() as u64,
+                                });
+                            }
                             continue;
                         }
                         Installed::NoCopy => {

@@ -49,6 +49,10 @@ pub(crate) struct FrameState {
     /// This node told a manager it does not hold this version: a grant of it (or older) that
     /// arrives after that is refused, since the manager may have taken the page back.
     pub(crate) refused: u64,
+    /// The page a refused grant carried, should the manager fail to take the page back from
+    /// where that grant took it. Not reported to `scan`: only the manager that took the grant
+    /// back knows whether it is the page.
+    pub(crate) refused_copy: Option<(u64, Bytes)>,
 }
 
 impl FrameState {
@@ -128,6 +132,7 @@ impl Frame {
     /// that could not finish while the owner was leaving) does not keep it out.
     pub(crate) fn install_owned(&self, version: u64, data: Bytes) {
         let mut s = self.lock();
+        s.refused_copy = None;
         s.data = Some(data);
         s.version = version;
         s.write = false;
@@ -180,6 +185,7 @@ impl Frame {
         s.owned = true;
         s.backup_node = backup;
         s.retired = None;
+        s.refused_copy = None;
         s.write = s.readers.is_empty();
         s.closed = false;
         drop(s);
@@ -191,8 +197,11 @@ impl Frame {
     /// back from where that grant took it, this copy is the page's content.
     pub(crate) fn keep_refused(&self, version: u64, data: Bytes) {
         let mut s = self.lock();
-        if s.retired.as_ref().is_none_or(|(v, _)| *v < version) {
-            s.retired = Some((version, data));
+        if s.invalidated.is_some_and(|i| version <= i) {
+            return;
+        }
+        if s.refused_copy.as_ref().is_none_or(|(v, _)| *v < version) {
+            s.refused_copy = Some((version, data));
         }
     }
 
@@ -201,6 +210,9 @@ impl Frame {
     pub(crate) fn invalidate(&self, version: u64) {
         let mut s = self.lock();
         s.invalidated = Some(s.invalidated.map_or(version, |i| i.max(version)));
+        if s.refused_copy.as_ref().is_some_and(|(v, _)| *v <= version) {
+            s.refused_copy = None;
+        }
         if s.data.is_some() && s.version <= version {
             s.data = None;
             s.write = false;
@@ -322,8 +334,16 @@ impl Frame {
     /// page, the writer's own copy.
     pub(crate) fn promote(&self, version: u64, exact: Option<u64>) -> bool {
         let mut s = self.lock();
+        if s.owned && s.data.is_some() && s.version == version {
+            // Promoted already: the manager asks again when it missed the answer.
+            return true;
+        }
         let own = s.data.clone().filter(|_| s.owned).map(|d| (s.version, d));
-        let newest = [s.aside(), own].into_iter().flatten().max_by_key(|(label, _)| *label);
+        // On equal labels the contents are the same; the owned copy, then the backup, win.
+        let newest = [s.refused_copy.clone(), s.retired.clone(), s.backup.clone(), own]
+            .into_iter()
+            .flatten()
+            .max_by_key(|(label, _)| *label);
         let Some((label, data)) = newest else { return false };
         if label > version || exact.is_some_and(|e| e != label) {
             return false;
@@ -334,6 +354,7 @@ impl Frame {
         s.write = false;
         s.backup = None;
         s.retired = None;
+        s.refused_copy = None;
         s.readers.clear();
         s.closed = false;
         drop(s);
@@ -457,10 +478,16 @@ mod tests {
         assert!(matches!(f.fetch(1, true, Duration::from_millis(10)).await, Fetched::Missing));
         let page = Arc::new(vec![6; PAGE_SIZE]);
         assert_eq!(f.install_grant(1, Some(Arc::clone(&page)), None), Installed::Stale);
-        f.keep_refused(1, page);
+        f.keep_refused(1, Arc::clone(&page));
         assert!(f.readable().is_none(), "not the page unless the manager says so");
+        assert!(f.lock().aside().is_none(), "nor offered to a scan");
         assert!(f.promote(1, Some(1)));
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((1, 6)));
+
+        let g = Frame::default();
+        g.keep_refused(3, Arc::clone(&page));
+        g.invalidate(3);
+        assert!(!g.promote(3, Some(3)), "a later write's invalidation drops it");
     }
 
     #[tokio::test(start_paused = true)]
@@ -469,6 +496,7 @@ mod tests {
         assert_eq!(f.install_grant(5, Some(Arc::new(vec![8; PAGE_SIZE])), None), Installed::Yes);
         assert!(f.promote(6, Some(5)));
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((6, 8)));
+        assert!(f.promote(6, Some(5)), "asked again when the answer was lost: still yes");
         assert!(!f.promote(5, None), "never to a version older than the copy");
         assert!(!f.promote(7, Some(5)), "nor from a copy of another label than asked");
     }

@@ -30,6 +30,9 @@ pub enum Request {
         /// The version of the copy the writer holds, if any. An entry that names the writer as
         /// owner of a version it does not hold records a grant whose answer never reached it.
         have: Option<u64>,
+        /// The newest version the writer refused a grant of (it had told a manager it lacked
+        /// it, and the manager may have taken it back): the grant must be newer.
+        refused: u64,
     },
     /// To the manager: an evicted owner hands over its page. `Ok` when the manager took it,
     /// `Missing` when its entry no longer names the sender as owner at that version.
@@ -216,7 +219,12 @@ pub enum Granted {
     Zero,
     /// This node's copy: the previous owner, which keeps it aside until the writer says the
     /// grant landed, or the writer itself, which already held it.
-    From(NodeId),
+    From {
+        /// The node.
+        node: NodeId,
+        /// Its copy's version.
+        label: u64,
+    },
 }
 
 /// A lock's entry.

@@ -225,8 +225,10 @@ impl DsmService {
     /// version so that versions only grow. In order: where the grant took the page from (which
     /// keeps it aside until the writer says the grant landed, or is the writer itself), the
     /// backup placed with the grant, and the owner, should the grant have reached it after it
-    /// said it lacked it (it keeps such a grant aside). Whether the entry now names a holder of
-    /// the content (or none, for a page never written).
+    /// said it lacked it (it keeps such a grant aside). A node that does not answer stops the
+    /// search: it may have done the promotion, and asking another could make two owners.
+    /// Whether the entry is settled: it names a holder of the content, none (a page never
+    /// written), or the page is lost because every candidate said it holds nothing.
     async fn take_back(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) -> bool {
         let version = entry.version;
         if entry.granted == Granted::Zero {
@@ -240,9 +242,8 @@ impl DsmService {
             );
             return true;
         }
-        let Some(before) = version.checked_sub(1) else { return false };
         let source = match entry.granted {
-            Granted::From(node) => Some((node, Some(before))),
+            Granted::From { node, label } => Some((node, Some(label))),
             _ => None,
         };
         let candidates =
@@ -251,13 +252,17 @@ impl DsmService {
             if self.gone(ctx, node) {
                 continue;
             }
-            if !self.tell(ctx, node, page, Request::Promote { page, version, label }).await {
-                continue;
+            match self.promote_on(ctx, node, page, version, label).await {
+                Ok(()) => {}
+                Err(Absent::Missing) => continue,
+                Err(Absent::Unreachable) => return false,
             }
-            // The writer may still hold a read copy of the version before: it stays in the
-            // copyset, for the next write to invalidate.
             entry.owner = Some(node);
-            entry.copyset.insert(node);
+            entry.copyset = [node].into();
+            // The writer may still hold a read copy of the version before, and a node that
+            // timed out an earlier try may hold a promoted one: the next write invalidates
+            // every node.
+            entry.strays = true;
             // Never its own backup: the next grant places one.
             if entry.backup == Some(node) {
                 entry.backup = None;
@@ -271,7 +276,35 @@ impl DsmService {
             );
             return true;
         }
-        false
+        tracing::warn!(?page, version, "dsm: page lost: a write grant never reached its writer, and no node holds what it carried");
+        *entry = PageEntry { lost: true, version, ..PageEntry::default() };
+        true
+    }
+
+    /// Asks `node` to make its copy of `page` the owned page at `version` (see
+    /// [`Request::Promote`]).
+    async fn promote_on(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        page: PageId,
+        version: u64,
+        label: Option<u64>,
+    ) -> Result<(), Absent> {
+        let request = Request::Promote { page, version, label };
+        let answer = if node == ctx.node() {
+            self.local(ctx, request).await
+        } else {
+            match ctx.tell::<_, Response>(node, DSM, page.key(), &request).await {
+                Ok(answer) => answer,
+                Err(_) => return Err(Absent::Unreachable),
+            }
+        };
+        match answer {
+            Response::Ok => Ok(()),
+            Response::Missing => Err(Absent::Missing),
+            _ => Err(Absent::Unreachable),
+        }
     }
 
     /// Sends `request` to `node`'s local server, or runs it here.
@@ -381,6 +414,7 @@ impl DsmService {
         page: PageId,
         writer: NodeId,
         have: Option<u64>,
+        refused: u64,
     ) -> Response {
         if !present(ctx, writer) {
             // A fault held through the change that evicted its node: the page would be granted
@@ -405,6 +439,9 @@ impl DsmService {
             );
             if !self.take_back(ctx, page, entry).await {
                 return Response::Retry;
+            }
+            if entry.lost {
+                return Response::Lost;
             }
         }
         let version = entry.version;
@@ -457,18 +494,20 @@ impl DsmService {
         } else {
             None
         };
-        entry.version = version + 1;
+        // Past any version the writer refused: it would refuse this grant too.
+        let granted = version.max(refused) + 1;
+        entry.version = granted;
         entry.owner = Some(writer);
         entry.copyset = [writer].into();
         entry.backup = backup;
         entry.granted = match (owner, zero) {
             (_, true) => Granted::Zero,
-            (Some(o), false) => Granted::From(o),
+            (Some(node), false) => Granted::From { node, label: version },
             (None, false) => Granted::Unknown,
         };
-        tracing::debug!(?page, manager = ctx.node().0, writer = writer.0, version = version + 1, previous = ?owner, sent = data.is_some(), "dsm: write granted");
+        tracing::debug!(?page, manager = ctx.node().0, writer = writer.0, version = granted, previous = ?owner, sent = data.is_some(), "dsm: write granted");
         let data = data.as_ref().map(page_bytes);
-        Response::Grant { version: version + 1, data, zero, backup, previous }
+        Response::Grant { version: granted, data, zero, backup, previous }
     }
 
     /// Chooses where the new owner keeps its backup and makes sure that node already holds
@@ -934,8 +973,8 @@ impl Service for DsmService {
             (Named::Page(page), Request::ReadFault { node }) => {
                 self.read_fault(ctx, page, node).await
             }
-            (Named::Page(page), Request::WriteFault { node, have }) => {
-                self.write_fault(ctx, page, node, have).await
+            (Named::Page(page), Request::WriteFault { node, have, refused }) => {
+                self.write_fault(ctx, page, node, have, refused).await
             }
             (Named::Page(page), Request::Surrender { node, version, data, readers }) => {
                 self.surrender(ctx, page, node, version, data, readers).await

@@ -714,7 +714,8 @@ async fn lose_a_grant(
 ) {
     use gobelins_adaptation::codec;
     use gobelins_dsm::{Request, Response, DSM};
-    let fault = codec::encode(&Request::WriteFault { node: writer, have }).expect("encode");
+    let fault =
+        codec::encode(&Request::WriteFault { node: writer, have, refused: 0 }).expect("encode");
     let answer = cluster.mem.host(from).request(DSM, page.key(), fault).await.expect("asked");
     let answer: Response = codec::decode(&answer).expect("decode");
     assert!(matches!(answer, Response::Grant { .. }), "granted, then lost: {answer:?}");
@@ -778,4 +779,27 @@ async fn a_writer_whose_grant_was_lost_does_not_keep_reading_its_old_copy() {
     put(&x, page, 2).await;
     assert_eq!(get(&w, page).await, 2, "not the copy from before the lost grant");
     assert_eq!(get(&p, page).await, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_grant_whose_only_source_died_is_reported_lost_not_stuck() {
+    use gobelins_dsm::DSM;
+    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+    let page = pid(11);
+    let manager = cluster.mem.snapshot().locate(DSM, page.key()).expect("a manager");
+    let others: Vec<NodeId> = [1, 2, 3].map(NodeId).into_iter().filter(|&n| n != manager).collect();
+    let (previous, writer) = (others[0], others[1]);
+    put(&cluster.dsm(previous), page, 1).await;
+    lose_a_grant(&cluster, manager, writer, page, None).await;
+    // The only copy of the page is the one its previous owner kept aside, and it dies.
+    cluster.mem.fail(previous).await;
+    let w = cluster.dsm(writer);
+    match w.write(page).await {
+        Err(DsmError::Lost { .. }) => {}
+        Err(e) => panic!("expected the page reported lost, got {e}"),
+        Ok(_) => panic!("expected the page reported lost, got a write guard"),
+    }
+    w.discard(page).await.expect("discard");
+    put(&w, page, 5).await;
+    assert_eq!(get(&cluster.dsm(manager), page).await, 5, "started afresh");
 }
