@@ -338,16 +338,17 @@ impl Frame {
             // Promoted already: the manager asks again when it missed the answer.
             return true;
         }
-        let own = s.data.clone().filter(|_| s.owned).map(|d| (s.version, d));
-        // On equal labels the contents are the same; the owned copy, then the backup, win.
-        let newest = [s.refused_copy.clone(), s.retired.clone(), s.backup.clone(), own]
+        // A read copy counts only when asked for by its exact label: a writer whose grant was
+        // lost still holds the content the grant carried.
+        let held = s.data.clone().filter(|_| s.owned || exact == Some(s.version));
+        let held = held.map(|d| (s.version, d));
+        // On equal labels the contents are the same; the copy held, then the backup, win.
+        let newest = [s.refused_copy.clone(), s.retired.clone(), s.backup.clone(), held]
             .into_iter()
             .flatten()
+            .filter(|(label, _)| *label <= version && exact.is_none_or(|e| e == *label))
             .max_by_key(|(label, _)| *label);
-        let Some((label, data)) = newest else { return false };
-        if label > version || exact.is_some_and(|e| e != label) {
-            return false;
-        }
+        let Some((_, data)) = newest else { return false };
         s.data = Some(data);
         s.version = version;
         s.owned = true;

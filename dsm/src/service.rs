@@ -242,12 +242,23 @@ impl DsmService {
             );
             return true;
         }
-        let source = match entry.granted {
-            Granted::From { node, label } => Some((node, Some(label))),
-            _ => None,
+        let (source, before) = match entry.granted {
+            Granted::From { node, label } => (Some((node, Some(label))), Some(label)),
+            _ => (None, None),
         };
-        let candidates =
-            [source, entry.backup.map(|b| (b, None)), entry.owner.map(|o| (o, Some(version)))];
+        // Last, the writer's own read copy of the version the grant was made from, which is
+        // the content it carried (the source already covers a writer that owned the page).
+        let held = entry
+            .owner
+            .filter(|&o| source.is_none_or(|(s, _)| s != o))
+            .zip(before)
+            .map(|(o, label)| (o, Some(label)));
+        let candidates = [
+            source,
+            entry.backup.map(|b| (b, None)),
+            entry.owner.map(|o| (o, Some(version))),
+            held,
+        ];
         for (node, label) in candidates.into_iter().flatten() {
             if self.gone(ctx, node) {
                 continue;

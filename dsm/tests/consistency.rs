@@ -803,3 +803,25 @@ async fn a_lost_grant_whose_only_source_died_is_reported_lost_not_stuck() {
     put(&w, page, 5).await;
     assert_eq!(get(&cluster.dsm(manager), page).await, 5, "started afresh");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_grant_is_taken_back_to_the_writers_own_read_copy_when_its_source_died() {
+    use gobelins_dsm::DSM;
+    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+    let page = pid(13);
+    let manager = cluster.mem.snapshot().locate(DSM, page.key()).expect("a manager");
+    let others: Vec<NodeId> = [1, 2, 3].map(NodeId).into_iter().filter(|&n| n != manager).collect();
+    let (previous, writer) = (others[0], others[1]);
+    let w = cluster.dsm(writer);
+    put(&cluster.dsm(previous), page, 1).await;
+    assert_eq!(get(&w, page).await, 1, "the writer holds a read copy");
+    let version = w.read(page).await.expect("read").version();
+    lose_a_grant(&cluster, manager, writer, page, Some(version)).await;
+    cluster.mem.fail(previous).await;
+    // The writer's read copy is what the lost grant carried: the page is not lost.
+    let mut g = w.write(page).await.expect("the writer's next write");
+    assert_eq!(Value::decode(&g).count, 1);
+    Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
+    g.commit().await.expect("commit");
+    assert_eq!(get(&cluster.dsm(manager), page).await, 2);
+}
