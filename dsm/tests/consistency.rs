@@ -781,14 +781,19 @@ async fn a_writer_whose_grant_was_lost_does_not_keep_reading_its_old_copy() {
     assert_eq!(get(&p, page).await, 2);
 }
 
+/// In a cluster of three: `page`'s manager, and the two other nodes, the page's first owner and
+/// the writer whose grant is lost, so that either can fail without taking the entry with it.
+fn three_roles(cluster: &Cluster, page: PageId) -> (NodeId, NodeId, NodeId) {
+    let manager = cluster.mem.snapshot().locate(gobelins_dsm::DSM, page.key()).expect("a manager");
+    let others: Vec<NodeId> = [1, 2, 3].map(NodeId).into_iter().filter(|&n| n != manager).collect();
+    (manager, others[0], others[1])
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_lost_grant_whose_only_source_died_is_reported_lost_not_stuck() {
-    use gobelins_dsm::DSM;
     let mut cluster = Cluster::start(3, DsmConfig::default()).await;
     let page = pid(11);
-    let manager = cluster.mem.snapshot().locate(DSM, page.key()).expect("a manager");
-    let others: Vec<NodeId> = [1, 2, 3].map(NodeId).into_iter().filter(|&n| n != manager).collect();
-    let (previous, writer) = (others[0], others[1]);
+    let (manager, previous, writer) = three_roles(&cluster, page);
     put(&cluster.dsm(previous), page, 1).await;
     lose_a_grant(&cluster, manager, writer, page, None).await;
     // The only copy of the page is the one its previous owner kept aside, and it dies.
@@ -806,12 +811,9 @@ async fn a_lost_grant_whose_only_source_died_is_reported_lost_not_stuck() {
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_grant_is_taken_back_to_the_writers_own_read_copy_when_its_source_died() {
-    use gobelins_dsm::DSM;
     let mut cluster = Cluster::start(3, DsmConfig::default()).await;
     let page = pid(13);
-    let manager = cluster.mem.snapshot().locate(DSM, page.key()).expect("a manager");
-    let others: Vec<NodeId> = [1, 2, 3].map(NodeId).into_iter().filter(|&n| n != manager).collect();
-    let (previous, writer) = (others[0], others[1]);
+    let (manager, previous, writer) = three_roles(&cluster, page);
     let w = cluster.dsm(writer);
     put(&cluster.dsm(previous), page, 1).await;
     assert_eq!(get(&w, page).await, 1, "the writer holds a read copy");

@@ -162,125 +162,133 @@ async fn a_manager_whose_lease_ran_out_serves_nothing_until_it_is_renewed() {
     assert!(waiting.await.expect("task").is_ok(), "served once the lease is renewed");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_retry_that_reaches_the_new_manager_gets_the_answer_the_old_one_gave() {
-    use gobelins_adaptation::wire::{Message, Reply, RequestId};
-    use gobelins_adaptation::{codec, HostConfig};
-    use gobelins_kvdir::KVDIR;
+/// Node 77, a requester that sends its own messages: keys node 1 manages in `cluster`, so that
+/// some move to a node added later, and its requests as a host would send them.
+mod node77 {
+    use gobelins_adaptation::testing::MemCluster;
+    use gobelins_adaptation::wire::{Message, Reply, RequestId, Settlement};
+    use gobelins_adaptation::{codec, Host};
+    use gobelins_kvdir::{Request, Response, KVDIR};
     use gobelins_locator::{Key, NodeId};
 
-    let mut cluster = kvdir_cluster(2, HostConfig::default()).await;
-    let before = cluster.snapshot();
-    // Keys node 1 manages now, so that some move to the node added below.
-    let keys: Vec<Key> = (0..2000)
-        .map(Key)
-        .filter(|k| before.table(KVDIR).expect("table").locate(*k) == NodeId(1))
-        .collect();
-    let put = |key: Key, seq: u64, epoch: u64| Message::Request {
-        id: RequestId { origin: NodeId(77), seq },
-        service: KVDIR,
-        key,
-        epoch,
-        body: codec::encode(&Request::Put(b"once".to_vec())).expect("encode"),
-        wait_ms: 5_000,
-        settled: Default::default(),
-    };
-    async fn ask(host: gobelins_adaptation::Host, message: &Message) -> Reply {
+    pub(crate) fn keys_of_node_1(cluster: &MemCluster) -> Vec<Key> {
+        let table = cluster.snapshot();
+        (0..2000).map(Key).filter(|k| table.locate(KVDIR, *k) == Some(NodeId(1))).collect()
+    }
+
+    pub(crate) fn message(
+        key: Key,
+        seq: u64,
+        epoch: u64,
+        body: &Request,
+        settled: Settlement,
+    ) -> Message {
+        Message::Request {
+            id: RequestId { origin: NodeId(77), seq },
+            service: KVDIR,
+            key,
+            epoch,
+            body: codec::encode(body).expect("encode"),
+            wait_ms: 5_000,
+            settled,
+        }
+    }
+
+    pub(crate) async fn ask(host: Host, message: &Message) -> Reply {
         let bytes = message.encode().expect("encode").into();
         codec::decode::<Reply>(&host.handle(NodeId(77), bytes).await).expect("reply")
     }
+
+    /// Of `keys`, the indexes the node just added manages.
+    pub(crate) fn moved(cluster: &MemCluster, keys: &[Key], added: NodeId) -> Vec<usize> {
+        let after = cluster.snapshot();
+        let moved: Vec<usize> =
+            (0..keys.len()).filter(|&i| after.locate(KVDIR, keys[i]) == Some(added)).collect();
+        assert!(!moved.is_empty(), "the new node takes some of node 1's keys");
+        moved
+    }
+
+    /// Asserts `key` was written once, read through `node`.
+    pub(crate) async fn written_once(cluster: &MemCluster, node: NodeId, key: Key) {
+        let get = codec::encode(&Request::Get).expect("encode");
+        let value: Response =
+            codec::decode(&cluster.host(node).request(KVDIR, key, get).await.expect("get"))
+                .expect("decode");
+        assert!(
+            matches!(&value, Response::Value(Some(v)) if v.version == 1),
+            "one write of {key:?}, not two: {value:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_that_reaches_the_new_manager_gets_the_answer_the_old_one_gave() {
+    use gobelins_adaptation::wire::Reply;
+    use gobelins_adaptation::HostConfig;
+    use gobelins_locator::NodeId;
+    use node77::{ask, message, moved, written_once};
+
+    let mut cluster = kvdir_cluster(2, HostConfig::default()).await;
+    let keys = node77::keys_of_node_1(&cluster);
+    let epoch = cluster.snapshot().epoch().0;
+    let put = Request::Put(b"once".to_vec());
+    let nothing = Default::default();
     let mut first = Vec::new();
     for (seq, &key) in keys.iter().enumerate() {
-        match ask(cluster.host(NodeId(1)), &put(key, seq as u64, before.epoch().0)).await {
+        match ask(cluster.host(NodeId(1)), &message(key, seq as u64, epoch, &put, nothing)).await {
             Reply::Done(answer) => first.push(answer),
             other => panic!("first run of {key:?}: {other:?}"),
         }
     }
     let added = cluster.add().await;
-    let after = cluster.snapshot();
-    let moved: Vec<usize> = (0..keys.len())
-        .filter(|&i| after.table(KVDIR).expect("table").locate(keys[i]) == added)
-        .collect();
-    assert!(!moved.is_empty(), "the new node takes some of node 1's keys");
-    for &i in &moved {
+    let epoch = cluster.snapshot().epoch().0;
+    for i in moved(&cluster, &keys, added) {
         // The same request, retried at the key's new manager: it must not run a second time.
-        match ask(cluster.host(added), &put(keys[i], i as u64, after.epoch().0)).await {
+        match ask(cluster.host(added), &message(keys[i], i as u64, epoch, &put, nothing)).await {
             Reply::Done(answer) => assert_eq!(answer, first[i], "key {:?}", keys[i]),
             other => panic!("retry of {:?}: {other:?}", keys[i]),
         }
-        let get = codec::encode(&Request::Get).expect("encode");
-        let value: Response =
-            codec::decode(&cluster.host(added).request(KVDIR, keys[i], get).await.expect("get"))
-                .expect("decode");
-        assert!(
-            matches!(&value, Response::Value(Some(v)) if v.version == 1),
-            "one write of {:?}, not two: {value:?}",
-            keys[i]
-        );
+        written_once(&cluster, added, keys[i]).await;
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_late_copy_of_a_request_its_sender_settled_runs_neither_at_the_old_manager_nor_at_the_new(
 ) {
-    use gobelins_adaptation::wire::{Message, Reply, RequestId, Settlement};
-    use gobelins_adaptation::{codec, HostConfig};
-    use gobelins_kvdir::KVDIR;
-    use gobelins_locator::{Key, NodeId};
+    use gobelins_adaptation::wire::{Reply, Settlement};
+    use gobelins_adaptation::HostConfig;
+    use gobelins_locator::NodeId;
+    use node77::{ask, message, moved, written_once};
 
     let mut cluster = kvdir_cluster(2, HostConfig::default()).await;
-    let before = cluster.snapshot();
-    let keys: Vec<Key> = (0..2000)
-        .map(Key)
-        .filter(|k| before.table(KVDIR).expect("table").locate(*k) == NodeId(1))
-        .collect();
+    let keys = node77::keys_of_node_1(&cluster);
+    let epoch = cluster.snapshot().epoch().0;
     // Node 77 numbers its requests from 1,000 and settles each once the next is sent.
     let since = 1_000;
-    let message = |key: Key, seq: u64, epoch: u64, body: &Request| Message::Request {
-        id: RequestId { origin: NodeId(77), seq },
-        service: KVDIR,
-        key,
-        epoch,
-        body: codec::encode(body).expect("encode"),
-        wait_ms: 5_000,
-        settled: Settlement { since, below: seq },
-    };
-    async fn ask(host: gobelins_adaptation::Host, message: &Message) -> Reply {
-        let bytes = message.encode().expect("encode").into();
-        codec::decode::<Reply>(&host.handle(NodeId(77), bytes).await).expect("reply")
-    }
+    let settled = |seq| Settlement { since, below: seq };
     let put = Request::Put(b"once".to_vec());
-    let epoch = before.epoch().0;
     for (i, &key) in keys.iter().enumerate() {
+        let seq = since + i as u64;
         let reply =
-            ask(cluster.host(NodeId(1)), &message(key, since + i as u64, epoch, &put)).await;
+            ask(cluster.host(NodeId(1)), &message(key, seq, epoch, &put, settled(seq))).await;
         assert!(matches!(reply, Reply::Done(_)), "first run of {key:?}: {reply:?}");
     }
     // A read that tells node 1 every write before it is settled.
     let last = since + keys.len() as u64;
-    let reply = ask(cluster.host(NodeId(1)), &message(keys[0], last, epoch, &Request::Get)).await;
+    let read = message(keys[0], last, epoch, &Request::Get, settled(last));
+    let reply = ask(cluster.host(NodeId(1)), &read).await;
     assert!(matches!(reply, Reply::Done(_)), "{reply:?}");
-    let late = ask(cluster.host(NodeId(1)), &message(keys[0], since, epoch, &put)).await;
+    let late =
+        ask(cluster.host(NodeId(1)), &message(keys[0], since, epoch, &put, settled(since))).await;
     assert!(matches!(late, Reply::Refused(_)), "refused by the manager that ran it: {late:?}");
 
     let added = cluster.add().await;
-    let after = cluster.snapshot();
-    let moved: Vec<usize> = (0..keys.len())
-        .filter(|&i| after.table(KVDIR).expect("table").locate(keys[i]) == added)
-        .collect();
-    assert!(!moved.is_empty(), "the new node takes some of node 1's keys");
-    for &i in &moved {
-        let copy = message(keys[i], since + i as u64, after.epoch().0, &put);
-        let late = ask(cluster.host(added), &copy).await;
+    let epoch = cluster.snapshot().epoch().0;
+    for i in moved(&cluster, &keys, added) {
+        let seq = since + i as u64;
+        let late =
+            ask(cluster.host(added), &message(keys[i], seq, epoch, &put, settled(seq))).await;
         assert!(matches!(late, Reply::Refused(_)), "refused by the new manager: {late:?}");
-        let get = codec::encode(&Request::Get).expect("encode");
-        let value: Response =
-            codec::decode(&cluster.host(added).request(KVDIR, keys[i], get).await.expect("get"))
-                .expect("decode");
-        assert!(
-            matches!(&value, Response::Value(Some(v)) if v.version == 1),
-            "one write of {:?}, not two: {value:?}",
-            keys[i]
-        );
+        written_once(&cluster, added, keys[i]).await;
     }
 }
