@@ -292,3 +292,32 @@ async fn a_late_copy_of_a_request_its_sender_settled_runs_neither_at_the_old_man
         written_once(&cluster, added, keys[i]).await;
     }
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_manager_forgets_the_answers_of_requests_their_sender_has_settled() {
+    use gobelins_adaptation::{codec, HostConfig};
+    use gobelins_kvdir::KVDIR;
+    use gobelins_locator::{Key, NodeId};
+    use std::time::Duration;
+
+    // A sweep every second; answers younger than two seconds are kept unless settled.
+    let config = HostConfig { request_deadline: Duration::from_secs(1), ..HostConfig::default() };
+    let cluster = kvdir_cluster(2, config).await;
+    let table = cluster.snapshot();
+    let keys: Vec<Key> = (0..2000)
+        .map(Key)
+        .filter(|k| table.locate(KVDIR, *k) == Some(NodeId(2)))
+        .take(200)
+        .collect();
+    let (one, two) = (cluster.host(NodeId(1)), cluster.host(NodeId(2)));
+    let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
+    for &key in &keys {
+        one.request(KVDIR, key, put.clone()).await.expect("put");
+    }
+    assert!(two.stats().answers_kept >= keys.len() as u64, "each write's answer is kept");
+    // One more request tells node 2 that node 1 has every answer before it.
+    let get = codec::encode(&Request::Get).expect("encode");
+    one.request(KVDIR, keys[0], get).await.expect("get");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert_eq!(two.stats().answers_kept, 0, "settled answers are forgotten at the next sweep");
+}
