@@ -700,6 +700,23 @@ impl Inner {
         }
     }
 
+    /// `Refused` for a copy of a request its sender has settled: the sender has the answer or
+    /// gave up, and the answer may be forgotten, so running it again would do it twice.
+    fn refuse_if_settled(&self, id: RequestId) -> Option<Reply> {
+        if !self.settled.lock().expect("settled").covers(&id) {
+            return None;
+        }
+        tracing::debug!(
+            origin = id.origin.0,
+            seq = id.seq,
+            "late copy of a settled request refused"
+        );
+        Some(Reply::Refused(format!(
+            "request {} of node {} was settled by its sender; a late copy is not run again",
+            id.seq, id.origin
+        )))
+    }
+
     /// Acts as the manager of `key` for a request routed by `epoch`.
     #[allow(clippy::too_many_arguments)]
     async fn serve(
@@ -716,18 +733,8 @@ impl Inner {
         loop {
             // Checked on every pass: a request held through a change may have been settled by
             // its sender (given up) meanwhile.
-            if self.settled.lock().expect("settled").covers(&id) {
-                // Its sender has the answer or gave up, and its answer may be gone: running it
-                // again would do it twice.
-                tracing::debug!(
-                    origin = id.origin.0,
-                    seq = id.seq,
-                    "late copy of a settled request refused"
-                );
-                return Reply::Refused(format!(
-                    "request {} of node {} was settled by its sender; a late copy is not run again",
-                    id.seq, id.origin
-                ));
+            if let Some(refused) = self.refuse_if_settled(id) {
+                return refused;
             }
             // Only while the lease holds: a node cut off may already be being replaced, and a
             // write it remembers may not be in what the cluster rebuilds.
@@ -799,12 +806,9 @@ impl Inner {
                         return Reply::Done(response);
                     }
                     // Or its sender settled it while this copy waited for the gate, and the
-                    // sweep forgot its answer: it must not run a second time.
-                    if self.settled.lock().expect("settled").covers(&id) {
-                        return Reply::Refused(format!(
-                            "request {} of node {} was settled by its sender while it waited",
-                            id.seq, id.origin
-                        ));
+                    // sweep forgot its answer.
+                    if let Some(refused) = self.refuse_if_settled(id) {
+                        return refused;
                     }
                     let peers = Arc::clone(self) as Arc<dyn Peers>;
                     let ctx = Context::new(self.me, ours, None, Some(snapshot), peers);

@@ -253,6 +253,15 @@ impl Dsm {
         });
     }
 
+    /// `Stuck` once an access to `page` begun at `started` has waited past the deadline.
+    fn within_deadline(&self, page: PageId, started: tokio::time::Instant) -> Result<(), DsmError> {
+        let waited = started.elapsed();
+        if waited > self.state().config.access_deadline {
+            return Err(DsmError::Stuck { page, waited_ms: waited.as_millis() as u64 });
+        }
+        Ok(())
+    }
+
     fn me(&self) -> NodeId {
         self.host.node()
     }
@@ -290,14 +299,11 @@ impl Dsm {
             };
             match answer {
                 Response::Retry | Response::Busy | Response::Waiting => {
-                    let waited = started.elapsed();
-                    if waited > self.state().config.access_deadline {
-                        let page = match named(key) {
-                            Named::Page(page) => page,
-                            _ => PageId { segment: u32::MAX, page: key.0 as u32 },
-                        };
-                        return Err(DsmError::Stuck { page, waited_ms: waited.as_millis() as u64 });
-                    }
+                    let page = match named(key) {
+                        Named::Page(page) => page,
+                        _ => PageId { segment: u32::MAX, page: key.0 as u32 },
+                    };
+                    self.within_deadline(page, started)?;
                     if !matches!(answer, Response::Waiting) {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(20));
@@ -404,10 +410,7 @@ impl Dsm {
                 return Ok(());
             }
             frame.reopen();
-            let waited = started.elapsed();
-            if waited > self.state().config.access_deadline {
-                return Err(DsmError::Stuck { page, waited_ms: waited.as_millis() as u64 });
-            }
+            self.within_deadline(page, started)?;
             // A reader that does not answer either comes back or is declared failed.
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -492,13 +495,7 @@ impl Dsm {
                             );
                             frame.reopen();
                             drop(faulting);
-                            let waited = started.elapsed();
-                            if waited > self.state().config.access_deadline {
-                                return Err(DsmError::Stuck {
-                                    page,
-                                    waited_ms: waited.as_millis() as u64,
-                                });
-                            }
+                            self.within_deadline(page, started)?;
                             continue;
                         }
                         Installed::NoCopy => {
@@ -509,21 +506,24 @@ impl Dsm {
                             )));
                         }
                     }
-                    if self.state().leaving.load(Ordering::SeqCst) {
-                        // Granted after this node's pages were handed over (the manager was
-                        // slow): hand this one over too, rather than leave with it.
-                        let ctx = self.host.context();
-                        // Once its manager holds the page, the copy the previous owner kept
-                        // aside is no longer its last content.
-                        if self.node.service().surrender_page(&ctx, page, &frame).await {
-                            if let Some(previous) = previous.filter(|&p| p != self.me()) {
-                                self.retire(previous, page, version - 1);
-                            }
+                    // Granted after this node's pages were handed over (the manager was slow):
+                    // hand this one over too, rather than leave with it.
+                    let leaving = self.state().leaving.load(Ordering::SeqCst);
+                    let handed_over = leaving
+                        && self
+                            .node
+                            .service()
+                            .surrender_page(&self.host.context(), page, &frame)
+                            .await;
+                    // Once this node, or its manager, holds the page, the copy the previous
+                    // owner kept aside is no longer its last content.
+                    if !leaving || handed_over {
+                        if let Some(previous) = previous.filter(|&p| p != self.me()) {
+                            self.retire(previous, page, version - 1);
                         }
-                        return Err(DsmError::Leaving);
                     }
-                    if let Some(previous) = previous.filter(|&p| p != self.me()) {
-                        self.retire(previous, page, version - 1);
+                    if leaving {
+                        return Err(DsmError::Leaving);
                     }
                 }
                 Response::Lost => {

@@ -302,28 +302,31 @@ impl DsmService {
         version: u64,
         label: Option<u64>,
     ) -> Result<(), Absent> {
-        let request = Request::Promote { page, version, label };
-        let answer = if node == ctx.node() {
-            self.local(ctx, request).await
-        } else {
-            match ctx.tell::<_, Response>(node, DSM, page.key(), &request).await {
-                Ok(answer) => answer,
-                Err(_) => return Err(Absent::Unreachable),
-            }
-        };
-        match answer {
-            Response::Ok => Ok(()),
-            Response::Missing => Err(Absent::Missing),
+        match self.told(ctx, node, page, Request::Promote { page, version, label }).await {
+            Some(Response::Ok) => Ok(()),
+            Some(Response::Missing) => Err(Absent::Missing),
             _ => Err(Absent::Unreachable),
         }
     }
 
-    /// Sends `request` to `node`'s local server, or runs it here.
-    async fn tell(&self, ctx: &Context, node: NodeId, page: PageId, request: Request) -> bool {
+    /// Sends `request` to `node`'s local server, or runs it here; `None` when `node` did not
+    /// answer.
+    async fn told(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        page: PageId,
+        request: Request,
+    ) -> Option<Response> {
         if node == ctx.node() {
-            return matches!(self.local(ctx, request).await, Response::Ok);
+            return Some(self.local(ctx, request).await);
         }
-        matches!(ctx.tell::<_, Response>(node, DSM, page.key(), &request).await, Ok(Response::Ok))
+        ctx.tell::<_, Response>(node, DSM, page.key(), &request).await.ok()
+    }
+
+    /// [`DsmService::told`], and whether `node` answered `Ok`.
+    async fn tell(&self, ctx: &Context, node: NodeId, page: PageId, request: Request) -> bool {
+        matches!(self.told(ctx, node, page, request).await, Some(Response::Ok))
     }
 
     /// Makes `backup` the owner of `page` from the backup copy it keeps.
