@@ -10,6 +10,9 @@
 //! - migration throughput (entries/s, MB/s) when a node joins, against raw loopback TCP moving
 //!   the same bytes in the same write sizes.
 //!
+//! The latencies are taken in rounds, one sample of each path per round, so that a figure and
+//! its baselines see the same state of the machine.
+//!
 //! `cargo run --release --example adaptation [-- --samples 20000 --entries 20000 --value-bytes 1024]`
 
 use gobelins_adaptation::wire::{Message, Reply, RequestId};
@@ -276,26 +279,23 @@ fn main() {
         // Per block: routed and redirected p50s over the two echoes' p50s.
         let mut blocks: Vec<(f64, f64, f64, f64)> = Vec::new();
         for block in 0..samples / 500 {
+            // Each round takes one sample of every path in turn, so that all of them see the
+            // same machine: its speed changes within a block too (idle vCPUs waking slowly, or
+            // not), and a path measured apart from its baseline caught a different speed.
             for i in 0..500 {
-                let k = remote[(block * 500 + i) % remote.len()];
+                let n = block * 500 + i;
+                let k = remote[n % remote.len()];
                 let t = Instant::now();
                 host.request(KVDIR, k, get.clone()).await.expect("get");
                 routed.push(t.elapsed());
-            }
-            for _ in 0..500 {
                 echo.push(echo_client.round_trip().await);
-            }
-            for _ in 0..500 {
                 mux.push(mux_client.round_trip().await);
-            }
-            for _ in 0..500 {
                 let t = Instant::now();
                 a.transport.call(2, ping.clone(), Duration::from_secs(5)).await.expect("ping");
                 pings.push(t.elapsed());
-            }
-            for i in 0..125 {
-                let n = block * 125 + i;
-                let k = remote[n % remote.len()];
+                if i % 4 != 0 {
+                    continue;
+                }
                 let message = Message::Request {
                     id: RequestId { origin: NodeId(99), seq: (1u64 << 40) + n as u64 },
                     service: KVDIR,
@@ -303,7 +303,7 @@ fn main() {
                     epoch,
                     body: get.clone(),
                     wait_ms: 10_000,
-                settled: Default::default(),
+                    settled: Default::default(),
                 };
                 let bytes = link.seal(codec::encode(&message).expect("encode"));
                 let t = Instant::now();
@@ -313,8 +313,7 @@ fn main() {
                 assert!(matches!(codec::decode::<Reply>(&second).expect("d"), Reply::Done(_)));
                 redirected.push(t.elapsed());
             }
-            // This block's medians: the machine changes speed from one block to the next (idle
-            // vCPUs waking slowly, or not), which whole-run percentiles mix unevenly.
+            // This block's medians, for the paired line under the table.
             let median = |all: &[Duration], n: usize| {
                 let mut block = all[all.len() - n..].to_vec();
                 block.sort();
@@ -423,7 +422,7 @@ fn main() {
             ratios[ratios.len() / 2]
         };
         println!(
-            "\nPaired by block ({} blocks of 500 requests, each against the echoes run in the same block), median of the blocks' p50 ratios: round trip {:.2}x caller reads, {:.2}x multiplexed; redirected once {:.2}x caller reads, {:.2}x multiplexed.",
+            "\nBy block ({} blocks of 500 interleaved rounds), median of the blocks' p50 ratios: round trip {:.2}x caller reads, {:.2}x multiplexed; redirected once {:.2}x caller reads, {:.2}x multiplexed.",
             blocks.len(),
             middle(|b| b.0),
             middle(|b| b.1),
