@@ -11,6 +11,7 @@
 use crate::codec;
 use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
+use crate::kept::{Kept, KeptOrder};
 use crate::link::Link;
 use crate::registry::Registry;
 use crate::router::{Router, Verdict};
@@ -206,6 +207,9 @@ pub(crate) struct Inner {
     outstanding: Outstanding,
     /// What this node's senders have settled, as a manager.
     pub(crate) settled: Mutex<Settled>,
+    /// Where each kept answer is, per sender in the order kept: forgotten once settled. Taken
+    /// after `settled` when both are held.
+    kept: Mutex<KeptOrder>,
     pub(crate) departed: watch::Sender<BTreeSet<NodeId>>,
     inputs: mpsc::UnboundedSender<Input>,
     pub(crate) counters: Counters,
@@ -399,6 +403,7 @@ async fn forget_old_answers(inner: Weak<Inner>) {
         let settled = {
             let mut settled = inner.settled.lock().expect("settled");
             settled.forget_quiet(keep, Instant::now());
+            inner.kept.lock().expect("kept").expire(keep, Instant::now());
             settled.clone()
         };
         inner.answers.retain(|_, keys| {
@@ -440,6 +445,7 @@ impl Inner {
             // request with an old request's remembered answer: start each life somewhere new.
             outstanding: Outstanding::new(boot_sequence()),
             settled: Mutex::new(Settled::default()),
+            kept: Mutex::new(KeptOrder::default()),
             departed: watch::channel(BTreeSet::new()).0,
             inputs,
             counters: Counters::default(),
@@ -479,8 +485,37 @@ impl Inner {
 
     pub(crate) fn remember(&self, service: ServiceId, answered: Answered) {
         let Some(slot) = self.slot_of(service, answered.key) else { return };
-        let mut keys = self.answers.entry((service, slot)).or_default();
-        self.keep(&mut keys, answered, Instant::now());
+        let now = Instant::now();
+        let kept = Kept::new(answered.id, service, slot, answered.key, now);
+        {
+            let mut keys = self.answers.entry((service, slot)).or_default();
+            self.keep(&mut keys, answered, now);
+        }
+        self.kept.lock().expect("kept").push(kept);
+    }
+
+    /// Takes in `origin`'s settlement and forgets the answers it settles. Answers a retry may
+    /// still need stay: a settled request gets no retry (a late copy is refused).
+    fn note_settled(&self, origin: NodeId, settlement: Settlement) {
+        let now = Instant::now();
+        let keep = self.config.request_deadline * 2;
+        let forget = {
+            let mut settled = self.settled.lock().expect("settled");
+            if !settled.note(origin, settlement, now) {
+                return;
+            }
+            self.kept.lock().expect("kept").settled(origin, &settled, keep, now)
+        };
+        for gone in forget {
+            // Moved away with its slot, or pushed out by later answers: nothing left to do.
+            let Some(mut keys) = self.answers.get_mut(&(gone.service, gone.slot)) else { continue };
+            if let Some(list) = keys.get_mut(&gone.key) {
+                list.retain(|(id, _, _)| *id != gone.id);
+                if list.is_empty() {
+                    keys.remove(&gone.key);
+                }
+            }
+        }
     }
 
     /// Keeps `answered` for retries, taking each slot's map once for all its answers: a
@@ -490,15 +525,21 @@ impl Inner {
         let now = Instant::now();
         // Stable: a key's answers stay oldest first, the order `keep` evicts in.
         answered.sort_by_key(|a| spec.slot_of(a.key));
+        let mut places = Vec::with_capacity(answered.len());
         let mut answered = answered.into_iter().peekable();
         while let Some(first) = answered.next() {
             let slot = spec.slot_of(first.key);
             let mut keys = self.answers.entry((service, slot)).or_default();
             let rest = std::iter::from_fn(|| answered.next_if(|a| spec.slot_of(a.key) == slot));
             for a in std::iter::once(first).chain(rest) {
+                places.push(Kept::new(a.id, service, slot, a.key, now));
                 self.keep(&mut keys, a, now);
             }
         }
+        // Each sender's in its own order, so that they leave as its settlement passes them.
+        places.sort_by_key(|k| (k.id.origin, k.id.seq));
+        let mut order = self.kept.lock().expect("kept");
+        places.into_iter().for_each(|k| order.push(k));
     }
 
     /// Adds `answered` to its key's answers, unless it is there already.
@@ -729,7 +770,7 @@ impl Inner {
         body: &[u8],
         until: Instant,
     ) -> Reply {
-        self.settled.lock().expect("settled").note(id.origin, settled, Instant::now());
+        self.note_settled(id.origin, settled);
         loop {
             // Checked on every pass: a request held through a change may have been settled by
             // its sender (given up) meanwhile.

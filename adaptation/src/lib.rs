@@ -13,7 +13,8 @@
 //! - [`service`]: the [`Service`] trait authors implement, and [`Plugin`], its form in bytes.
 //! - [`run`]: [`Run`], entries encoded back to back, and [`Packer`], which cuts them into
 //!   batches per destination ([`Packed`]).
-//! - `settled`: which requests their senders have settled, so that their answers can go.
+//! - `settled`: which requests their senders have settled, so that their answers can go;
+//!   `kept`: the order a manager kept its answers in, so that they go as soon as settled.
 //! - [`registry`]: [`Registry`], the services of a node in registration order.
 //! - [`error`]: the one error type, [`AdaptationError`].
 #![deny(missing_docs)]
@@ -22,6 +23,7 @@ pub mod codec;
 mod driver;
 pub mod error;
 pub mod host;
+mod kept;
 pub mod link;
 pub mod period;
 pub mod registry;

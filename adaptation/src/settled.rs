@@ -74,16 +74,20 @@ struct Span {
 }
 
 impl Settled {
-    /// Takes in that `origin` has settled its requests up to `settlement.below`.
-    pub(crate) fn note(&mut self, origin: NodeId, settlement: Settlement, now: Instant) {
+    /// Takes in that `origin` has settled its requests up to `settlement.below`; whether that
+    /// settles anything more than before.
+    pub(crate) fn note(&mut self, origin: NodeId, settlement: Settlement, now: Instant) -> bool {
         let spans = self.spans.entry(origin).or_default();
         match spans.iter_mut().find(|s| s.since == settlement.since) {
             Some(span) => {
-                span.below = span.below.max(settlement.below);
                 span.heard = now;
+                let further = settlement.below > span.below;
+                span.below = span.below.max(settlement.below);
+                further
             }
             None => {
-                spans.push(Span { since: settlement.since, below: settlement.below, heard: now })
+                spans.push(Span { since: settlement.since, below: settlement.below, heard: now });
+                settlement.below > settlement.since
             }
         }
     }
