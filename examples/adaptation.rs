@@ -10,8 +10,8 @@
 //! - migration throughput (entries/s, MB/s) when a node joins, against raw loopback TCP moving
 //!   the same bytes in the same write sizes.
 //!
-//! The latencies are taken in rounds, one sample of each path per round, so that a figure and
-//! its baselines see the same state of the machine.
+//! The latencies are taken in rounds, one sample of each path per round and each path first as
+//! often as the others, so that a figure and its baselines see the same state of the machine.
 //!
 //! `cargo run --release --example adaptation [-- --samples 20000 --entries 20000 --value-bytes 1024]`
 
@@ -272,7 +272,7 @@ fn main() {
         let link = TransportLink::new(Arc::new(a.transport.clone()) as Arc<dyn Transport>);
         let wrong = TransportLink::new(Arc::new(b.transport.clone()) as Arc<dyn Transport>);
         let epoch = host.epoch();
-        let mut redirected = Vec::with_capacity(samples / 4);
+        let mut redirected = Vec::with_capacity(samples);
         // The transport alone: a supervisor ping, answered without the adaptation layer.
         let ping = gobelins_supervisor::lane::request(&gobelins_supervisor::rpc::Request::Ping).expect("e");
         let mut pings = Vec::with_capacity(samples);
@@ -285,33 +285,43 @@ fn main() {
             for i in 0..500 {
                 let n = block * 500 + i;
                 let k = remote[n % remote.len()];
-                let t = Instant::now();
-                host.request(KVDIR, k, get.clone()).await.expect("get");
-                routed.push(t.elapsed());
-                echo.push(echo_client.round_trip().await);
-                mux.push(mux_client.round_trip().await);
-                let t = Instant::now();
-                a.transport.call(2, ping.clone(), Duration::from_secs(5)).await.expect("ping");
-                pings.push(t.elapsed());
-                if i % 4 != 0 {
-                    continue;
+                // Each path takes each place in the round in turn: what one path leaves running
+                // (a task finishing, a vCPU still awake) speeds up the one after it.
+                for turn in 0..5 {
+                    match (turn + i) % 5 {
+                        0 => {
+                            let t = Instant::now();
+                            host.request(KVDIR, k, get.clone()).await.expect("get");
+                            routed.push(t.elapsed());
+                        }
+                        1 => echo.push(echo_client.round_trip().await),
+                        2 => mux.push(mux_client.round_trip().await),
+                        3 => {
+                            let t = Instant::now();
+                            a.transport.call(2, ping.clone(), Duration::from_secs(5)).await.expect("ping");
+                            pings.push(t.elapsed());
+                        }
+                        _ => {
+                            let message = Message::Request {
+                                id: RequestId { origin: NodeId(99), seq: (1u64 << 40) + n as u64 },
+                                service: KVDIR,
+                                key: k,
+                                epoch,
+                                body: get.clone(),
+                                wait_ms: 10_000,
+                                settled: Default::default(),
+                            };
+                            let bytes = link.seal(codec::encode(&message).expect("encode"));
+                            let t = Instant::now();
+                            let first =
+                                wrong.call(NodeId(1), bytes.clone(), Duration::from_secs(5)).await.expect("call");
+                            assert!(matches!(codec::decode::<Reply>(&first).expect("d"), Reply::Moved { .. }));
+                            let second = link.call(NodeId(2), bytes, Duration::from_secs(5)).await.expect("call");
+                            assert!(matches!(codec::decode::<Reply>(&second).expect("d"), Reply::Done(_)));
+                            redirected.push(t.elapsed());
+                        }
+                    }
                 }
-                let message = Message::Request {
-                    id: RequestId { origin: NodeId(99), seq: (1u64 << 40) + n as u64 },
-                    service: KVDIR,
-                    key: k,
-                    epoch,
-                    body: get.clone(),
-                    wait_ms: 10_000,
-                    settled: Default::default(),
-                };
-                let bytes = link.seal(codec::encode(&message).expect("encode"));
-                let t = Instant::now();
-                let first = wrong.call(NodeId(1), bytes.clone(), Duration::from_secs(5)).await.expect("call");
-                assert!(matches!(codec::decode::<Reply>(&first).expect("d"), Reply::Moved { .. }));
-                let second = link.call(NodeId(2), bytes, Duration::from_secs(5)).await.expect("call");
-                assert!(matches!(codec::decode::<Reply>(&second).expect("d"), Reply::Done(_)));
-                redirected.push(t.elapsed());
             }
             // This block's medians, for the paired line under the table.
             let median = |all: &[Duration], n: usize| {
@@ -320,7 +330,7 @@ fn main() {
                 percentile(&block, 0.5).as_secs_f64()
             };
             let (r, e, m, d) =
-                (median(&routed, 500), median(&echo, 500), median(&mux, 500), median(&redirected, 125));
+                (median(&routed, 500), median(&echo, 500), median(&mux, 500), median(&redirected, 500));
             blocks.push((r / e, r / m, d / e, d / m));
         }
         routed.sort();
