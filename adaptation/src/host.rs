@@ -609,8 +609,11 @@ impl Inner {
         body: Vec<u8>,
     ) -> Result<Vec<u8>, AdaptationError> {
         // Outstanding until this function returns: managers forget its answer only after that.
-        let ticket = self.outstanding.take();
-        let id = RequestId { origin: self.me, seq: ticket.seq };
+        // A repeatable request leaves no answer to forget.
+        let repeatable = self.registry.get(service).is_some_and(|p| p.repeatable(&body));
+        let ticket = (!repeatable).then(|| self.outstanding.take());
+        let seq = ticket.as_ref().map_or_else(|| self.outstanding.number(), |t| t.seq);
+        let id = RequestId { origin: self.me, seq };
         let started = Instant::now();
         let until = started + self.config.request_deadline;
         let mut rounds = 0u32;
@@ -643,7 +646,9 @@ impl Inner {
                 Some((epoch, Some(manager))) if manager == self.me => {
                     let attempt = until.min(Instant::now() + self.config.attempt_timeout);
                     let settled = self.outstanding.settlement();
-                    (epoch, self.serve(id, settled, service, key, epoch, &body, attempt).await)
+                    let served =
+                        self.serve(id, settled, service, key, epoch, &body, attempt, repeatable);
+                    (epoch, served.await)
                 }
                 Some((epoch, Some(manager))) => {
                     let attempt = until.min(Instant::now() + self.config.attempt_timeout);
@@ -769,17 +774,21 @@ impl Inner {
         epoch: u64,
         body: &[u8],
         until: Instant,
+        repeatable: bool,
     ) -> Reply {
         self.note_settled(id.origin, settled);
         loop {
             // Checked on every pass: a request held through a change may have been settled by
-            // its sender (given up) meanwhile.
-            if let Some(refused) = self.refuse_if_settled(id) {
-                return refused;
+            // its sender (given up) meanwhile. A repeatable request is never refused: no
+            // record of it is kept, and running it again is harmless.
+            if !repeatable {
+                if let Some(refused) = self.refuse_if_settled(id) {
+                    return refused;
+                }
             }
             // Only while the lease holds: a node cut off may already be being replaced, and a
             // write it remembers may not be in what the cluster rebuilds.
-            if self.leased() {
+            if !repeatable && self.leased() {
                 if let Some(response) = self.answered(service, key, id) {
                     return Reply::Done(response);
                 }
@@ -818,12 +827,17 @@ impl Inner {
                     let Some(plugin) = self.registry.get(service) else {
                         return Reply::Unknown(service.0);
                     };
-                    let running = match self.running.entry(id) {
-                        dashmap::Entry::Occupied(first) => Err(first.get().clone()),
-                        dashmap::Entry::Vacant(slot) => {
-                            let (done, watch) = watch::channel(());
-                            slot.insert(watch);
-                            Ok(Running { inner: self, id, _done: done })
+                    // Copies of a repeatable request may run side by side.
+                    let running = if repeatable {
+                        Ok(None)
+                    } else {
+                        match self.running.entry(id) {
+                            dashmap::Entry::Occupied(first) => Err(first.get().clone()),
+                            dashmap::Entry::Vacant(slot) => {
+                                let (done, watch) = watch::channel(());
+                                slot.insert(watch);
+                                Ok(Some(Running { inner: self, id, _done: done }))
+                            }
                         }
                     };
                     let running = match running {
@@ -842,14 +856,16 @@ impl Inner {
                             continue;
                         }
                     };
-                    // The first attempt may have finished between the check above and now.
-                    if let Some(response) = self.answered(service, key, id) {
-                        return Reply::Done(response);
-                    }
-                    // Or its sender settled it while this copy waited for the gate, and the
-                    // sweep forgot its answer.
-                    if let Some(refused) = self.refuse_if_settled(id) {
-                        return refused;
+                    if running.is_some() {
+                        // The first attempt may have finished between the check above and now.
+                        if let Some(response) = self.answered(service, key, id) {
+                            return Reply::Done(response);
+                        }
+                        // Or its sender settled it while this copy waited for the gate, and
+                        // its answer was forgotten.
+                        if let Some(refused) = self.refuse_if_settled(id) {
+                            return refused;
+                        }
                     }
                     let peers = Arc::clone(self) as Arc<dyn Peers>;
                     let ctx = Context::new(self.me, ours, None, Some(snapshot), peers);
@@ -914,7 +930,9 @@ impl Inner {
         match message {
             Message::Request { id, service, key, epoch, body, wait_ms, settled } => {
                 let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
-                self.serve(id, settled, service, key, epoch, &body, Instant::now() + wait).await
+                let repeatable = self.registry.get(service).is_some_and(|p| p.repeatable(&body));
+                let until = Instant::now() + wait;
+                self.serve(id, settled, service, key, epoch, &body, until, repeatable).await
             }
             // A life the cluster has ended (failed, or left) must not change an entry here: a
             // replica it stores after the survivors' `scan` would be a write nobody rebuilds.

@@ -214,8 +214,11 @@ pub trait Service: Send + Sync + 'static {
     /// Whether running `request` twice is harmless: a read, say, whose second run answers what
     /// is current by then. Its answer is then not remembered for a retry, which saves the
     /// manager a copy of every such answer (a DSM read fault's is a whole page) and lets a
-    /// retry see the latest state rather than an answer that may have gone stale. The default:
-    /// no request is, and every answer is remembered so that a retry runs nothing twice.
+    /// retry see the latest state rather than an answer that may have gone stale. Such a request
+    /// also takes a shorter path: its sender does not count it in flight, and its manager lets
+    /// two copies of it run side by side and never refuses a late one. Both ask this of their
+    /// own registration, so it must depend on the request alone. The default: no request is,
+    /// and every answer is remembered so that a retry runs nothing twice.
     fn repeatable(_request: &Self::Request) -> bool {
         false
     }
@@ -269,6 +272,13 @@ pub trait Plugin: Send + Sync {
         key: Key,
         request: &[u8],
     ) -> Result<Answer, AdaptationError>;
+    /// [`Service::repeatable`], with the request encoded; false for one that does not decode.
+    /// Such a request takes the short path: neither its sender nor its manager keeps a record
+    /// of it, since running it twice is harmless. The default: none is.
+    fn repeatable(&self, request: &[u8]) -> bool {
+        let _ = request;
+        false
+    }
     /// [`Service::before_migration`].
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
     /// [`Service::send_out`], each entry encoded into `packer`'s run for its destination.
@@ -338,6 +348,10 @@ impl<S: Service> Plugin for Erased<S> {
         }
         let keep = keep && !S::changed_nothing(&response);
         Ok(Answer { response: codec::encode(&response)?, keep })
+    }
+
+    fn repeatable(&self, request: &[u8]) -> bool {
+        codec::decode::<S::Request>(request).is_ok_and(|r| S::repeatable(&r))
     }
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {

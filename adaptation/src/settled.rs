@@ -12,6 +12,7 @@
 use crate::wire::{RequestId, Settlement};
 use gobelins_locator::NodeId;
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -19,30 +20,37 @@ use tokio::time::Instant;
 #[derive(Debug)]
 pub(crate) struct Outstanding {
     since: u64,
-    /// The next number, and the numbers taken and not yet settled. One lock for both: a number
-    /// taken but not yet in the set would otherwise look settled.
-    state: std::sync::Mutex<(u64, BTreeSet<u64>)>,
+    /// The next number.
+    next: AtomicU64,
+    /// The numbers taken and not yet settled. A number is taken and put in under this lock,
+    /// and `settlement` reads `next` under it too: one taken but not yet in would look settled.
+    taken: std::sync::Mutex<BTreeSet<u64>>,
 }
 
 impl Outstanding {
     /// Numbers start at `since`, which must differ from every earlier life's numbers.
     pub(crate) fn new(since: u64) -> Self {
-        Outstanding { since, state: std::sync::Mutex::new((since, BTreeSet::new())) }
+        Outstanding { since, next: AtomicU64::new(since), taken: Default::default() }
     }
 
     /// A new request number, outstanding until the ticket is dropped.
     pub(crate) fn take(&self) -> Ticket<'_> {
-        let mut state = self.state.lock().expect("outstanding");
-        let seq = state.0;
-        state.0 += 1;
-        state.1.insert(seq);
+        let mut taken = self.taken.lock().expect("outstanding");
+        let seq = self.next.fetch_add(1, Ordering::Relaxed);
+        taken.insert(seq);
         Ticket { outstanding: self, seq }
+    }
+
+    /// A new number for a repeatable request, which no manager keeps a record of: it may
+    /// look settled at once.
+    pub(crate) fn number(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed)
     }
 
     /// What this sender has settled: every number below the oldest still in flight.
     pub(crate) fn settlement(&self) -> Settlement {
-        let state = self.state.lock().expect("outstanding");
-        let below = state.1.first().copied().unwrap_or(state.0);
+        let taken = self.taken.lock().expect("outstanding");
+        let below = taken.first().copied().unwrap_or_else(|| self.next.load(Ordering::Relaxed));
         Settlement { since: self.since, below }
     }
 }
@@ -56,7 +64,7 @@ pub(crate) struct Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.outstanding.state.lock().expect("outstanding").1.remove(&self.seq);
+        self.outstanding.taken.lock().expect("outstanding").remove(&self.seq);
     }
 }
 
@@ -149,6 +157,16 @@ mod tests {
         assert_eq!(outstanding.settlement().below, 102, "the third is still in flight");
         drop(third);
         assert_eq!(outstanding.settlement().below, 103, "nothing in flight: all taken settled");
+    }
+
+    #[test]
+    fn a_repeatable_request_holds_nothing_back() {
+        let outstanding = Outstanding::new(100);
+        let first = outstanding.take();
+        assert_eq!(outstanding.number(), 101, "numbers are shared, never repeated");
+        assert_eq!(outstanding.settlement().below, 100, "the first is still in flight");
+        drop(first);
+        assert_eq!(outstanding.settlement().below, 102, "the repeatable one is not waited for");
     }
 
     #[test]

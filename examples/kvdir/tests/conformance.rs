@@ -294,6 +294,38 @@ async fn a_late_copy_of_a_request_its_sender_settled_runs_neither_at_the_old_man
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_late_copy_of_a_settled_read_is_answered_afresh_not_refused() {
+    use gobelins_adaptation::wire::{Reply, Settlement};
+    use gobelins_adaptation::{codec, HostConfig};
+    use gobelins_locator::NodeId;
+    use node77::{ask, message};
+
+    let cluster = kvdir_cluster(2, HostConfig::default()).await;
+    let key = node77::keys_of_node_1(&cluster)[0];
+    let epoch = cluster.snapshot().epoch().0;
+    let settled = |seq| Settlement { since: 1_000, below: seq };
+    let host = || cluster.host(NodeId(1));
+    let put = |value: &[u8]| Request::Put(value.to_vec());
+    let first = ask(host(), &message(key, 1_000, epoch, &put(b"one"), settled(1_000))).await;
+    assert!(matches!(first, Reply::Done(_)), "{first:?}");
+    let read = message(key, 1_001, epoch, &Request::Get, settled(1_001));
+    assert!(matches!(ask(host(), &read).await, Reply::Done(_)));
+    // The next write settles the read; then a late copy of the read arrives.
+    let second = ask(host(), &message(key, 1_002, epoch, &put(b"two"), settled(1_002))).await;
+    assert!(matches!(second, Reply::Done(_)), "{second:?}");
+    match ask(host(), &read).await {
+        Reply::Done(answer) => {
+            let value: Response = codec::decode(&answer).expect("decode");
+            assert!(
+                matches!(&value, Response::Value(Some(v)) if v.version == 2),
+                "a read runs again and sees the latest write: {value:?}"
+            );
+        }
+        other => panic!("a repeatable request is never refused as settled: {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_manager_forgets_the_answers_of_requests_their_sender_has_settled() {
     use gobelins_adaptation::{codec, HostConfig};
     use gobelins_kvdir::KVDIR;
