@@ -236,8 +236,17 @@ pub trait Service: Send + Sync + 'static {
 
     /// Exports the entries this node manages whose key `moving` sends elsewhere; from now on
     /// they are not this node's to serve. A service that keeps a copy (as a replica) lets a
-    /// failure of the receiver roll forward: its `scan` can return it.
+    /// failure of the receiver roll forward: its `scan` can return it. It can take that copy in
+    /// [`Service::sent`] rather than clone it here.
     async fn send_out(&self, ctx: &Context, moving: &Moving) -> Vec<(Key, Self::Entry)>;
+
+    /// Gives back what [`Service::send_out`] exported, once it is encoded for the wire and
+    /// before it is shipped: a service that keeps a copy of what leaves moves it in here, for
+    /// nothing, instead of cloning every entry in `send_out` (cloning each of 16,700 1 KiB
+    /// values was about 15% of kvdir's export). The default drops them.
+    async fn sent(&self, ctx: &Context, entries: Vec<(Key, Self::Entry)>) {
+        let _ = (ctx, entries);
+    }
 
     /// Stages entries received from `from`. They must not be visible to `handle` until
     /// [`Service::after_migration`] merges them (the layer holds their requests meanwhile).
@@ -324,7 +333,7 @@ pub fn plugin<S: Service>(service: S) -> Box<dyn Plugin> {
 
 struct Erased<S>(S);
 
-fn pack<E: Serialize>(entries: Vec<(Key, E)>, packer: &mut Packer) -> Result<(), AdaptationError> {
+fn pack<E: Serialize>(entries: &[(Key, E)], packer: &mut Packer) -> Result<(), AdaptationError> {
     entries.iter().try_for_each(|(key, entry)| packer.push(*key, entry))
 }
 
@@ -364,7 +373,11 @@ impl<S: Service> Plugin for Erased<S> {
         moving: &Moving,
         packer: &mut Packer,
     ) -> Result<(), AdaptationError> {
-        pack(self.0.send_out(ctx, moving).await, packer)
+        let entries = self.0.send_out(ctx, moving).await;
+        let packed = pack(&entries, packer);
+        // Given back even if one did not encode: the copy the service keeps is all that is left.
+        self.0.sent(ctx, entries).await;
+        packed
     }
 
     async fn receive(
@@ -389,7 +402,7 @@ impl<S: Service> Plugin for Erased<S> {
         orphans: &Moving,
         packer: &mut Packer,
     ) -> Result<(), AdaptationError> {
-        pack(self.0.scan(ctx, failed, orphans).await, packer)
+        pack(&self.0.scan(ctx, failed, orphans).await, packer)
     }
 }
 

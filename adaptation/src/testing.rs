@@ -141,12 +141,27 @@ impl MemCluster {
 
     /// Adds a node with fresh services; returns its id once the change is stable.
     pub async fn add(&mut self) -> NodeId {
+        let node = self.new_host();
+        self.change(Change::Add { node, labels: Labels::new() }).await;
+        node
+    }
+
+    /// Adds a node that crashes as soon as the change has begun, before it can pass on what it
+    /// was sent; returns its id once its failure is recovered. What moved to it can then only
+    /// be rebuilt from the copies its senders kept.
+    pub async fn add_and_crash(&mut self) -> NodeId {
+        let node = self.new_host();
+        self.change_and_crash(Change::Add { node, labels: Labels::new() }, node).await;
+        node
+    }
+
+    /// A host with fresh services for the next node, not yet in the cluster.
+    fn new_host(&mut self) -> NodeId {
         let node = NodeId(self.next);
         self.next += 1;
         let link = Arc::new(MemLink { net: Arc::clone(&self.net), me: node });
         let host = Host::start(node, (self.services)(), link, self.config.clone());
         self.net.hosts.insert(node, host);
-        self.change(Change::Add { node, labels: Labels::new() }).await;
         node
     }
 

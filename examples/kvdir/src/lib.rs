@@ -187,11 +187,12 @@ impl Service for KvDir {
         let mut live = self.live.lock().expect("live");
         let leaving: Vec<Key> =
             live.keys().copied().filter(|k| moving.destination(*k).is_some()).collect();
-        let out: Vec<(Key, Versioned)> =
-            leaving.into_iter().filter_map(|k| live.remove(&k).map(|e| (k, e))).collect();
-        // Kept as replicas: should the receiver die before it copies them on, `scan` has them.
-        merge(&mut self.replicas.lock().expect("replicas"), out.iter().cloned());
-        out
+        leaving.into_iter().filter_map(|k| live.remove(&k).map(|e| (k, e))).collect()
+    }
+
+    /// Kept as replicas: should the receiver die before it copies them on, `scan` has them.
+    async fn sent(&self, _ctx: &Context, entries: Vec<(Key, Versioned)>) {
+        merge(&mut self.replicas.lock().expect("replicas"), entries);
     }
 
     async fn receive(&self, _ctx: &Context, _from: NodeId, entries: Vec<(Key, Versioned)>) {

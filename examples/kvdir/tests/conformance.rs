@@ -58,6 +58,33 @@ async fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid
 }
 
 #[tokio::test(start_paused = true)]
+async fn what_a_node_sent_to_a_joiner_that_died_at_once_is_rebuilt_from_the_copy_it_kept() {
+    use gobelins_adaptation::{codec, HostConfig};
+    use gobelins_kvdir::KVDIR;
+    use gobelins_locator::{Key, NodeId};
+
+    // One node: no backup holds a replica, so the sender's own copy is the only one left.
+    let mut cluster = kvdir_cluster(1, HostConfig::default()).await;
+    let keys: Vec<Key> = (0..300).map(Key).collect();
+    for &key in &keys {
+        let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
+        cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
+    }
+    cluster.add_and_crash().await;
+    let stats = cluster.host(NodeId(1)).stats();
+    assert!(stats.entries_rebuilt > 0, "some keys had moved to the joiner: {stats:?}");
+    let get = codec::encode(&Request::Get).expect("encode");
+    for &key in &keys {
+        let answer = cluster.host(NodeId(1)).request(KVDIR, key, get.clone()).await.expect("get");
+        let value: Response = codec::decode(&answer).expect("decode");
+        assert!(
+            matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
+            "{key:?}: {value:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_and_changes_nothing()
 {
     use gobelins_adaptation::wire::{Message, Reply};
