@@ -180,6 +180,12 @@ impl MemCluster {
         self.net.crashed.insert(node, ());
     }
 
+    /// Ends a [`MemCluster::crash`] the cluster has not acted on: a node cut off for a moment
+    /// answers again, with its memory intact.
+    pub fn heal(&self, node: NodeId) {
+        self.net.crashed.remove(&node);
+    }
+
     /// Crashes `node` (it answers nothing from now on, and its memory is gone), then carries
     /// out the recovery the supervisor would commit.
     pub async fn fail(&mut self, node: NodeId) {

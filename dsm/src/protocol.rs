@@ -225,6 +225,16 @@ pub enum Granted {
         /// Its copy's version.
         label: u64,
     },
+    /// As `From`, and the owner has said it does not hold the version it was granted (the
+    /// grant never reached it, and it refuses it now): the content is still at `node`. Kept
+    /// while taking the grant back has not finished (a node did not answer), so that the owner
+    /// leaving or failing meanwhile takes nothing with it.
+    Disowned {
+        /// The node.
+        node: NodeId,
+        /// Its copy's version.
+        label: u64,
+    },
 }
 
 /// A lock's entry.

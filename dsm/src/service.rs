@@ -243,7 +243,12 @@ impl DsmService {
             return true;
         }
         let (source, before) = match entry.granted {
-            Granted::From { node, label } => (Some((node, Some(label))), Some(label)),
+            Granted::From { node, label } | Granted::Disowned { node, label } => {
+                // Remembered until the grant is taken back: should the owner go before a node
+                // that did not answer does, the content is still found where it was.
+                entry.granted = Granted::Disowned { node, label };
+                (Some((node, Some(label))), Some(label))
+            }
             _ => (None, None),
         };
         // Last, the writer's own read copy of the version the grant was made from, which is
@@ -353,7 +358,17 @@ impl DsmService {
     }
 
     /// Mends an entry whose nodes left: a reader or the backup takes over a dead owner's page.
-    async fn mend(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) {
+    /// False when an owner that disowned its grant is gone and a node holding what the grant
+    /// carried did not answer: the fault is asked again.
+    async fn mend(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) -> bool {
+        // An owner that never had its grant takes nothing with it: the content is where the
+        // grant took it from, failed owner or not.
+        if matches!(entry.granted, Granted::Disowned { .. })
+            && entry.owner.is_some_and(|o| self.gone(ctx, o))
+            && !self.take_back(ctx, page, entry).await
+        {
+            return false;
+        }
         let promote = entry
             .owner
             .filter(|&o| self.failed(o))
@@ -361,20 +376,23 @@ impl DsmService {
             .and(entry.backup.filter(|&b| !self.gone(ctx, b)));
         if let Some(backup) = promote {
             if self.promote(ctx, page, entry, backup).await {
-                return;
+                return true;
             }
             entry.backup = None;
         }
         if repair(entry, |n| self.gone(ctx, n), |n| self.failed(n)) && entry.lost {
             tracing::warn!(?page, "dsm: page lost: every node holding a copy failed");
         }
+        true
     }
 
     async fn read_fault(&self, ctx: &Context, page: PageId, reader: NodeId) -> Response {
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
-        self.mend(ctx, page, entry).await;
+        if !self.mend(ctx, page, entry).await {
+            return Response::Retry;
+        }
         if entry.lost {
             return Response::Lost;
         }
@@ -438,7 +456,9 @@ impl DsmService {
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
-        self.mend(ctx, page, entry).await;
+        if !self.mend(ctx, page, entry).await {
+            return Response::Retry;
+        }
         if entry.lost {
             return Response::Lost;
         }
@@ -879,7 +899,10 @@ impl DsmService {
         for (key, slot) in slots {
             let mut entry = slot.lock().await;
             match (&mut *entry, named(key)) {
-                (Live::Page(e), Named::Page(page)) => self.mend(ctx, page, e).await,
+                // One not mended now is mended at its next fault.
+                (Live::Page(e), Named::Page(page)) => {
+                    self.mend(ctx, page, e).await;
+                }
                 (Live::Lock(l), _) if l.holder.is_some_and(|t| self.gone(ctx, t.node)) => {
                     l.holder = None;
                 }

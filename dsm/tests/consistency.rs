@@ -810,6 +810,34 @@ async fn a_lost_grant_whose_only_source_died_is_reported_lost_not_stuck() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_writer_that_disowned_its_grant_takes_nothing_with_it_when_it_fails() {
+    use gobelins_adaptation::codec;
+    use gobelins_dsm::{Request, Response, DSM};
+    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+    let page = pid(15);
+    let (manager, previous, writer) = three_roles(&cluster, page);
+    put(&cluster.dsm(previous), page, 1).await;
+    lose_a_grant(&cluster, manager, writer, page, None).await;
+    // The manager learns that the writer lacks its grant, but the node that holds what the
+    // grant carried is cut off for a moment: the grant cannot be taken back yet.
+    cluster.mem.crash(previous);
+    let fault = codec::encode(&Request::ReadFault { node: manager }).expect("encode");
+    let answer = cluster.mem.host(manager).request(DSM, page.key(), fault).await.expect("asked");
+    let answer: Response = codec::decode(&answer).expect("decode");
+    assert!(matches!(answer, Response::Retry), "asked again later: {answer:?}");
+    cluster.mem.heal(previous);
+    // The writer fails before anyone asks again: it held nothing, so nothing is lost.
+    cluster.mem.fail(writer).await;
+    assert_eq!(
+        get(&cluster.dsm(manager), page).await,
+        1,
+        "the page is where the grant took it from"
+    );
+    put(&cluster.dsm(manager), page, 2).await;
+    assert_eq!(get(&cluster.dsm(previous), page).await, 2);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_lost_grant_is_taken_back_to_the_writers_own_read_copy_when_its_source_died() {
     let mut cluster = Cluster::start(3, DsmConfig::default()).await;
     let page = pid(13);
