@@ -385,7 +385,6 @@ impl Driver {
         // The answers given for keys that leave go with them, unless their senders have settled
         // them: those go with what was settled, so that a late copy is refused at the new
         // manager rather than run again.
-        let settled = inner.settled.lock().expect("settled").clone();
         let mut answers: BTreeMap<NodeId, Vec<Answered>> = BTreeMap::new();
         let leaving: Vec<(ServiceId, u32, NodeId)> = inner
             .answers
@@ -400,19 +399,24 @@ impl Driver {
         // freeing them here, memory that the handling threads allocated, took 2-5 ms for 3,300
         // answers while the entries waited.
         let mut emptied = Vec::new();
-        for (s, slot, to) in leaving {
-            if let Some((_, mut keys)) = inner.answers.remove(&(s, slot)) {
-                let to = answers.entry(to).or_default();
-                for (key, list) in keys.iter_mut() {
-                    let key = *key;
-                    to.extend(
-                        list.drain(..)
-                            .filter(|(id, _, _)| !settled.covers(id))
-                            .map(|(id, response, _)| Answered { key, id, response }),
-                    );
-                }
-                emptied.push(keys);
+        let taken: Vec<_> = leaving
+            .into_iter()
+            .filter_map(|(s, slot, to)| inner.answers.remove(&(s, slot)).map(|(_, k)| (to, k)))
+            .collect();
+        // Copied after the slots are out: an answer forgotten as settled meanwhile is covered
+        // by this copy, so a late copy of its request is refused at the new manager.
+        let settled = inner.settled.lock().expect("settled").clone();
+        for (to, mut keys) in taken {
+            let to = answers.entry(to).or_default();
+            for (key, list) in keys.iter_mut() {
+                let key = *key;
+                to.extend(
+                    list.drain(..)
+                        .filter(|(id, _, _)| !settled.covers(id))
+                        .map(|(id, response, _)| Answered { key, id, response }),
+                );
             }
+            emptied.push(keys);
         }
         for run in by_node.remove(&me).unwrap_or_default() {
             let n = run.len() as u64;

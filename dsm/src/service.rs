@@ -360,13 +360,18 @@ impl DsmService {
     /// Mends an entry whose nodes left: a reader or the backup takes over a dead owner's page.
     /// False when an owner that disowned its grant is gone and a node holding what the grant
     /// carried did not answer: the fault is asked again.
-    async fn mend(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) -> bool {
-        // An owner that never had its grant takes nothing with it: the content is where the
-        // grant took it from, failed owner or not.
-        if matches!(entry.granted, Granted::Disowned { .. })
-            && entry.owner.is_some_and(|o| self.gone(ctx, o))
-            && !self.take_back(ctx, page, entry).await
-        {
+    async fn mend(&self, ctx: &Context, page: PageId, entry: &mut PageEntry, fault: bool) -> bool {
+        // A failed owner that never had its grant takes nothing with it: the content is where
+        // the grant took it from. Only when no live reader holds the page (a reader holds what
+        // the owner held), and only at a fault: the sweep after a change must not wait on a
+        // source that does not answer, and leaves the entry for the next fault.
+        let disowned = matches!(entry.granted, Granted::Disowned { .. })
+            && entry.owner.is_some_and(|o| self.failed(o))
+            && entry.copyset.iter().all(|&n| Some(n) == entry.owner || self.gone(ctx, n));
+        if disowned && !fault {
+            return true;
+        }
+        if disowned && !self.take_back(ctx, page, entry).await {
             return false;
         }
         let promote = entry
@@ -390,7 +395,7 @@ impl DsmService {
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
-        if !self.mend(ctx, page, entry).await {
+        if !self.mend(ctx, page, entry, true).await {
             return Response::Retry;
         }
         if entry.lost {
@@ -410,7 +415,11 @@ impl DsmService {
             Some((_, data)) => data,
             None => {
                 let data = match self.fetch_from(ctx, owner, page, entry.version, true).await {
-                    Ok(data) => data,
+                    // The owner holds its version after all (a take-back promoted it).
+                    Ok(data) => {
+                        entry.granted = Granted::Unknown;
+                        data
+                    }
                     Err(Absent::Missing) => {
                         // The owner lacks the version it was granted: take the grant back, and
                         // the reader asks again.
@@ -456,7 +465,7 @@ impl DsmService {
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
-        if !self.mend(ctx, page, entry).await {
+        if !self.mend(ctx, page, entry, true).await {
             return Response::Retry;
         }
         if entry.lost {
@@ -901,7 +910,7 @@ impl DsmService {
             match (&mut *entry, named(key)) {
                 // One not mended now is mended at its next fault.
                 (Live::Page(e), Named::Page(page)) => {
-                    self.mend(ctx, page, e).await;
+                    self.mend(ctx, page, e, false).await;
                 }
                 (Live::Lock(l), _) if l.holder.is_some_and(|t| self.gone(ctx, t.node)) => {
                     l.holder = None;

@@ -386,6 +386,7 @@ async fn a_manager_forgets_the_answers_of_requests_their_sender_has_settled() {
         one.request(KVDIR, key, put.clone()).await.expect("put");
     }
     assert_eq!(two.stats().answers_kept, 1, "only the last write is not settled yet");
-    tokio::time::sleep(Duration::from_millis(2_200)).await;
+    // The keep time (2 s) and one more sweep (every second).
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
     assert_eq!(two.stats().answers_kept, 0, "an answer never settled expires at a sweep");
 }
