@@ -54,7 +54,7 @@ pub struct HostConfig {
     /// request, by the same id). It bounds what a request loses to a manager holding it for a
     /// change it will not finish, or to a connection gone silent. A retry that reaches the
     /// manager while the first attempt is still being handled waits for it: the request still
-    /// runs once.
+    /// runs once (a [`crate::Service::repeatable`] one may run again).
     pub attempt_timeout: Duration,
 }
 

@@ -195,7 +195,8 @@ pub trait Service: Send + Sync + 'static {
 
     /// Acts as the manager of `key` (`ctx.from()` is `None`): called only on the node the
     /// locator names for the key in `ctx.epoch()`, never while the key is moving (such requests
-    /// are held until it has moved), and at most once per request id. Or acts as this node's
+    /// are held until it has moved), and at most once per request id unless the request is
+    /// [`Service::repeatable`] (then a retry may run it again). Or acts as this node's
     /// local server (`ctx.from()` is the sender) for a message sent with [`Context::tell`].
     async fn handle(&self, ctx: &Context, key: Key, request: Self::Request) -> Self::Response;
 
