@@ -149,11 +149,15 @@ fn halves<S: AsyncRead + AsyncWrite>(
 struct PendingGuard<'a> {
     pending: &'a Pending,
     id: u64,
+    /// The reader took the waiter out to hand it the answer: nothing is left to remove.
+    answered: bool,
 }
 
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
-        lock(self.pending).remove(&self.id);
+        if !self.answered {
+            lock(self.pending).remove(&self.id);
+        }
     }
 }
 
@@ -390,7 +394,10 @@ impl<N: Net> TcpTransport<N> {
                         }
                     }
                     Wire::Response { id, body } => {
-                        if let Some(waiter) = lock(&conn.pending).remove(&id) {
+                        // The lock is let go before the wake: a caller woken while it is
+                        // held spins on it in its `PendingGuard`.
+                        let waiter = lock(&conn.pending).remove(&id);
+                        if let Some(waiter) = waiter {
                             let _ = waiter.send(body);
                         }
                     }
@@ -498,12 +505,14 @@ impl<N: Net> TcpTransport<N> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&conn.pending).insert(id, tx);
-        let _guard = PendingGuard { pending: &conn.pending, id };
+        let mut guard = PendingGuard { pending: &conn.pending, id, answered: false };
         let waited_since = Instant::now();
         let sent = write(Arc::clone(&conn.writer), Wire::Request { id, body: request });
         let answer = async {
             sent.await.map_err(|_| SupervisorError::Closed)?;
-            rx.await.map_err(|_| SupervisorError::Closed)
+            let answer = rx.await.map_err(|_| SupervisorError::Closed)?;
+            guard.answered = true;
+            Ok(answer)
         };
         match tokio::time::timeout_at(deadline, answer).await {
             Ok(result) => result,
