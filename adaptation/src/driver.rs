@@ -4,9 +4,10 @@
 use crate::host::{ChangeRecord, Inner, Progress, Update};
 use crate::period::{Command, Event, Period, Phase, Role};
 use crate::router::Router;
-use crate::run::{Packed, Packer};
+use crate::run::{Outlet, Packed, Packer};
 use crate::service::{ChangeInfo, Moving};
 use crate::wire::{Answered, Message, Settlement};
+use bytes::Bytes;
 use gobelins_locator::{Change, NodeId, ServiceId, Snapshot};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -17,6 +18,10 @@ use tokio::time::Instant;
 
 /// Remembered answers per migration message: small enough for any frame.
 const ANSWERS_PER_BATCH: usize = 4096;
+/// Batches in flight to one node.
+const IN_FLIGHT: usize = 4;
+/// Full runs waiting for their shipper, per destination: packing waits beyond that.
+const QUEUED: usize = 2;
 
 /// What reaches the driver.
 pub(crate) enum Input {
@@ -349,11 +354,13 @@ impl Driver {
     }
 
     /// Ships what leaves this node for `service`: what `send_out` exports and what `scan`
-    /// rebuilt, each entry to its manager in the new epoch, destinations in parallel.
+    /// rebuilt, each entry to its manager in the new epoch, destinations in parallel. Batches
+    /// leave as they fill: packing every batch before shipping the first held the whole export
+    /// in memory and let the wire idle while it was packed.
     async fn send_out(&mut self, service: ServiceId) {
         let inner = Arc::clone(&self.inner);
         let me = inner.me;
-        let (Some(plugin), Some(spec), Some(progress), Some(target), Some(mut packer)) = (
+        let (Some(plugin), Some(spec), Some(progress), Some(target), Some(packer)) = (
             inner.registry.get(service),
             inner.registry.spec(service),
             self.progress.as_ref(),
@@ -367,6 +374,20 @@ impl Driver {
         let ctx = inner.context(None);
         let moves = progress.plan.outgoing_of(service, me);
         let started = Instant::now();
+        // Each destination's shipper, and the destinations, as runs for them fill.
+        let shippers = Arc::new(std::sync::Mutex::new((JoinSet::new(), BTreeSet::new())));
+        let outlet = {
+            let (inner, shippers) = (Arc::clone(&inner), Arc::clone(&shippers));
+            Outlet::new(me, move |to| {
+                let (runs, queue) = mpsc::channel(QUEUED);
+                let ship = Arc::clone(&inner).ship_runs(epoch, service, to, queue);
+                let mut shippers = shippers.lock().expect("shippers");
+                shippers.0.spawn(ship);
+                shippers.1.insert(to);
+                runs
+            })
+        };
+        let mut packer = packer.shipping(inner.pool.clone(), outlet);
         if !moves.is_empty() {
             if let Err(e) =
                 plugin.send_out(&ctx, &Moving::new(spec.clone(), moves), &mut packer).await
@@ -378,10 +399,9 @@ impl Driver {
         for (to, run) in self.rebuilt.remove(&service).unwrap_or_default() {
             packer.extend(to, run);
         }
-        let mut by_node: BTreeMap<NodeId, Vec<Packed>> = BTreeMap::new();
-        for (to, run) in packer.finish() {
-            by_node.entry(to).or_default().push(run);
-        }
+        packer.ship_rest().await;
+        // Only the runs for this node are left: rebuilt entries it now manages itself.
+        let mine = packer.finish();
         // The answers given for keys that leave go with them, unless their senders have settled
         // them: those go with what was settled, so that a late copy is refused at the new
         // manager rather than run again.
@@ -418,7 +438,7 @@ impl Driver {
             }
             emptied.push(keys);
         }
-        for run in by_node.remove(&me).unwrap_or_default() {
+        for (_, run) in mine {
             let n = run.len() as u64;
             match plugin.receive(&ctx, me, &run.into_run()).await {
                 Ok(()) => {
@@ -430,15 +450,17 @@ impl Driver {
             }
         }
         let exported = started.elapsed();
+        // What was settled goes to every node that gets entries, with the answers or alone:
+        // a new manager refuses late copies of what it covers.
         let settled = Arc::new(settled.to_wire());
-        let mut shipping = JoinSet::new();
-        let nodes: BTreeSet<NodeId> = by_node.keys().chain(answers.keys()).copied().collect();
-        for node in nodes {
-            let runs = by_node.remove(&node).unwrap_or_default();
+        let (mut shipping, mut receivers) =
+            std::mem::take(&mut *shippers.lock().expect("shippers"));
+        receivers.extend(answers.keys().copied());
+        for node in receivers {
             let answered = answers.remove(&node).unwrap_or_default();
             let (inner, settled) = (Arc::clone(&inner), Arc::clone(&settled));
             shipping.spawn(async move {
-                inner.ship(epoch, service, node, runs, answered, &settled).await
+                inner.ship_answers(epoch, service, node, answered, &settled).await
             });
         }
         let mut sent = 0;
@@ -453,26 +475,102 @@ impl Driver {
     }
 }
 
+/// Batches to one node, a few in flight at a time rather than one: the wire stays busy while
+/// the receiver stages the previous one. Each is acknowledged; the ack of the change follows
+/// them all.
+struct Flight {
+    inner: Arc<Inner>,
+    to: NodeId,
+    flying: JoinSet<u64>,
+    taken: u64,
+}
+
+impl Flight {
+    fn new(inner: Arc<Inner>, to: NodeId) -> Self {
+        Flight { inner, to, flying: JoinSet::new(), taken: 0 }
+    }
+
+    /// Sends `body`, a batch of `n` entries in `size` bytes, once fewer than [`IN_FLIGHT`]
+    /// are.
+    async fn send(&mut self, body: Bytes, n: u64, size: u64) {
+        if self.flying.len() >= IN_FLIGHT {
+            self.taken += self.flying.join_next().await.and_then(Result::ok).unwrap_or(0);
+        }
+        let (inner, to) = (Arc::clone(&self.inner), self.to);
+        self.flying.spawn(async move {
+            let t0 = Instant::now();
+            if !inner.deliver(to, body).await {
+                return 0;
+            }
+            tracing::trace!(entries = n, bytes = size, node = to.0, took = ?t0.elapsed(), "batch shipped");
+            inner.counters.entries_sent.fetch_add(n, Ordering::Relaxed);
+            inner.counters.bytes_sent.fetch_add(size, Ordering::Relaxed);
+            n
+        });
+    }
+
+    /// Waits for every batch; how many entries were taken.
+    async fn land(mut self) -> u64 {
+        while let Some(n) = self.flying.join_next().await {
+            self.taken += n.unwrap_or(0);
+        }
+        self.taken
+    }
+}
+
 impl Inner {
-    /// Sends `runs` to `to`, a batch each; returns how many entries were taken.
-    pub(crate) async fn ship(
+    /// Sends the runs that come down `queue` to `to`, a batch each, as they come; returns how
+    /// many entries were taken.
+    pub(crate) async fn ship_runs(
         self: Arc<Self>,
         epoch: u64,
         service: ServiceId,
         to: NodeId,
-        runs: Vec<Packed>,
+        mut queue: mpsc::Receiver<Packed>,
+    ) -> u64 {
+        let started = Instant::now();
+        // Every batch of entries has this head, written in the room left in front of its run.
+        // What was settled travels in batches of its own: here it could outgrow that room, and
+        // each run would be copied behind it.
+        let head = Message::Batch {
+            epoch,
+            service,
+            answered: Vec::new(),
+            settled: Vec::new(),
+            entries: Default::default(),
+        };
+        let head = match head.encode() {
+            Ok(head) => head,
+            Err(e) => {
+                tracing::error!(node = to.0, error = %e, "a migration batch could not be encoded");
+                return 0;
+            }
+        };
+        let mut flight = Flight::new(Arc::clone(&self), to);
+        while let Some(run) = queue.recv().await {
+            let (n, size) = (run.len() as u64, run.size() as u64);
+            let (mut buf, start) = run.behind(&head);
+            buf.extend_from_slice(self.link.trailer());
+            // Back to the pool once delivered (every attempt's copy dropped).
+            let body = self.pool.bytes(buf).slice(start..);
+            flight.send(body, n, size).await;
+        }
+        let taken = flight.land().await;
+        tracing::debug!(node = to.0, entries = taken, took = ?started.elapsed(), "shipped");
+        taken
+    }
+
+    /// Sends `to` the answers a retry needs for the keys it takes, in batches of their own so
+    /// that none outgrows a frame, and what this node knows its senders settled. They only
+    /// have to be in before the ack of the change. Returns 0: no entries.
+    pub(crate) async fn ship_answers(
+        self: Arc<Self>,
+        epoch: u64,
+        service: ServiceId,
+        to: NodeId,
         answered: Vec<Answered>,
         settled: &[(NodeId, Settlement)],
     ) -> u64 {
-        // A few batches in flight rather than one: the wire stays busy while the receiver
-        // stages the previous one. Each is acknowledged; the ack of the change follows them all.
-        // The answers a retry needs travel alongside, in batches of their own so that none
-        // outgrows a frame: they only have to be in before that ack.
-        const IN_FLIGHT: usize = 4;
-        let started = Instant::now();
-        let answers = answered.len();
-        let mut flying = JoinSet::new();
-        let mut taken = 0;
         let batch = |answered: Vec<Answered>| Message::Batch {
             epoch,
             service,
@@ -480,52 +578,21 @@ impl Inner {
             settled: settled.to_vec(),
             entries: Default::default(),
         };
-        // Every batch of entries has this head; each run is written behind a copy of it.
-        let head = match batch(Vec::new()).encode() {
-            Ok(head) => head,
-            Err(e) => {
-                tracing::error!(node = to.0, error = %e, "a migration batch could not be encoded");
-                return 0;
-            }
-        };
+        let mut flight = Flight::new(Arc::clone(&self), to);
         // Moved into their batches, not cloned: one allocation fewer per answer.
         let mut answered = answered.into_iter().peekable();
-        let chunks = std::iter::from_fn(|| {
-            answered.peek()?;
-            Some(answered.by_ref().take(ANSWERS_PER_BATCH).collect::<Vec<_>>())
-        });
-        let answers_batches = chunks.filter_map(|chunk| match batch(chunk).encode() {
-            Ok(body) => Some((self.link.seal(body), 0, 0)),
-            Err(e) => {
-                tracing::error!(node = to.0, error = %e, "migration answers could not be encoded");
-                None
-            }
-        });
-        let entries_batches = runs.into_iter().map(|run| {
-            let (n, size) = (run.len() as u64, run.size() as u64);
-            let (buf, start) = run.behind(&head);
-            (self.link.seal(buf).slice(start..), n, size)
-        });
-        for (body, n, size) in answers_batches.chain(entries_batches) {
-            if flying.len() >= IN_FLIGHT {
-                taken += flying.join_next().await.and_then(Result::ok).unwrap_or(0);
-            }
-            let inner = Arc::clone(&self);
-            flying.spawn(async move {
-                let t0 = Instant::now();
-                if !inner.deliver(to, body).await {
-                    return 0;
+        loop {
+            let chunk: Vec<Answered> = answered.by_ref().take(ANSWERS_PER_BATCH).collect();
+            match batch(chunk).encode() {
+                Ok(body) => flight.send(self.link.seal(body), 0, 0).await,
+                Err(e) => {
+                    tracing::error!(node = to.0, error = %e, "migration answers could not be encoded");
                 }
-                tracing::trace!(entries = n, bytes = size, node = to.0, took = ?t0.elapsed(), "batch shipped");
-                inner.counters.entries_sent.fetch_add(n, Ordering::Relaxed);
-                inner.counters.bytes_sent.fetch_add(size, Ordering::Relaxed);
-                n
-            });
+            }
+            if answered.peek().is_none() {
+                break;
+            }
         }
-        while let Some(n) = flying.join_next().await {
-            taken += n.unwrap_or(0);
-        }
-        tracing::debug!(node = to.0, entries = taken, answers, took = ?started.elapsed(), "shipped");
-        taken
+        flight.land().await
     }
 }

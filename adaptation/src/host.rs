@@ -13,6 +13,7 @@ use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
 use crate::kept::{Kept, KeptOrder};
 use crate::link::Link;
+use crate::pool::Pool;
 use crate::registry::Registry;
 use crate::router::{Router, Verdict};
 use crate::run::Run;
@@ -217,6 +218,8 @@ pub(crate) struct Inner {
     pub(crate) stopped: watch::Sender<bool>,
     /// Until when this node may act as a manager ([`Host::lease`]); `None`: no lease needed.
     lease: watch::Sender<Option<Instant>>,
+    /// Migration batch buffers, kept from one batch (and one change) to the next.
+    pub(crate) pool: Pool,
     /// Itself, so that a context made from `&Inner` can re-enter the host.
     this: Weak<Inner>,
 }
@@ -452,6 +455,8 @@ impl Inner {
             history: Mutex::new(Vec::new()),
             stopped: watch::channel(false).0,
             lease: watch::channel(None).0,
+            // Enough for the batches in flight and queued to two destinations at once.
+            pool: Pool::new(16),
             this: this.clone(),
         });
         tokio::spawn(Driver::new(Arc::clone(&inner)).run(receiver));

@@ -13,6 +13,8 @@
 //! - [`service`]: the [`Service`] trait authors implement, and [`Plugin`], its form in bytes.
 //! - [`run`]: [`Run`], entries encoded back to back, and [`Packer`], which cuts them into
 //!   batches per destination ([`Packed`]).
+//! - `pool`: migration buffers kept for the next batch.
+//! - [`shared`]: byte strings in received entries that share their batch's memory.
 //! - `settled`: which requests their senders have settled, so that their answers can go;
 //!   `kept`: the order a manager kept its answers in, so that they go as soon as settled.
 //! - [`registry`]: [`Registry`], the services of a node in registration order.
@@ -26,11 +28,13 @@ pub mod host;
 mod kept;
 pub mod link;
 pub mod period;
+mod pool;
 pub mod registry;
 pub mod router;
 pub mod run;
 pub mod service;
 mod settled;
+pub mod shared;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod wire;

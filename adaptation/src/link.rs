@@ -12,12 +12,17 @@ use std::time::Duration;
 /// Carries a message of the layer to the layer on another node and brings its answer back.
 #[async_trait]
 pub trait Link: Send + Sync + 'static {
-    /// Makes an encoded message ready for [`Link::call`], once however many times it is sent:
-    /// a retried migration batch is not copied again. The link may only add its own bytes
-    /// behind the message ([`crate::codec::encode`] leaves room for one) and must leave the
-    /// message's bytes where they are: the layer seals a batch written after free room in its
-    /// buffer, then sends the sealed bytes from where the message starts.
-    fn seal(&self, message: Vec<u8>) -> Bytes {
+    /// The bytes the link needs behind every message it carries (the supervisor marks the
+    /// lane a message is for); none by default. [`crate::codec::encode`] leaves room for one,
+    /// so that sealing does not copy the message.
+    fn trailer(&self) -> &[u8] {
+        &[]
+    }
+
+    /// Makes an encoded message ready for [`Link::call`], once however many times it is sent
+    /// (a retried migration batch is not copied again): the message, then [`Link::trailer`].
+    fn seal(&self, mut message: Vec<u8>) -> Bytes {
+        message.extend_from_slice(self.trailer());
         Bytes::from(message)
     }
 

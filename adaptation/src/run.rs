@@ -8,10 +8,12 @@
 
 use crate::codec;
 use crate::error::AdaptationError;
+use crate::pool::Pool;
 use bytes::Bytes;
 use gobelins_locator::{Key, NodeId};
 use serde::Serialize;
 use std::collections::BTreeMap;
+use tokio::sync::mpsc;
 
 /// Bytes an entry's header takes in a run: its key (8) and its length (4), little-endian.
 const HEADER: usize = 12;
@@ -90,8 +92,11 @@ impl Run {
     }
 
     /// Decodes every entry, or refuses the whole run.
+    /// Byte strings marked [`crate::shared`] share the run's memory rather than being copied.
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<Vec<(Key, E)>, AdaptationError> {
-        self.entries().map(|(key, bytes)| Ok((key, codec::decode(bytes)?))).collect()
+        crate::shared::within(&self.bytes, || {
+            self.entries().map(|(key, bytes)| Ok((key, codec::decode(bytes)?))).collect()
+        })
     }
 }
 
@@ -105,7 +110,12 @@ pub struct Packed {
 impl Packed {
     /// An empty run with room for `bytes` of entries.
     pub fn with_capacity(bytes: usize) -> Self {
-        let mut buf = Vec::with_capacity(HEADROOM + bytes + codec::SPARE);
+        Packed::within(Vec::with_capacity(HEADROOM + bytes + codec::SPARE))
+    }
+
+    /// An empty run in `buf`, which has room for [`HEADROOM`] at least.
+    fn within(mut buf: Vec<u8>) -> Self {
+        buf.clear();
         buf.resize(HEADROOM, 0);
         Packed { count: 0, buf }
     }
@@ -188,13 +198,36 @@ impl Packed {
 }
 
 /// Encodes entries into runs per destination, each cut at about `batch_bytes` (and never
-/// empty), ready to ship as batches.
+/// empty), ready to ship as batches. During a sending phase it ships them as they fill
+/// ([`Packer::flush`]), so that a migration holds a few batches in memory rather than all of
+/// them, and the wire is busy while the rest is packed.
 pub struct Packer {
     locate: Box<dyn Fn(Key) -> NodeId + Send + Sync>,
     batch_bytes: usize,
     open: BTreeMap<NodeId, Packed>,
     full: Vec<(NodeId, Packed)>,
     count: u64,
+    pool: Option<Pool>,
+    outlet: Option<Outlet>,
+}
+
+/// Where a packer that ships as it packs hands its full runs: a short queue per destination,
+/// opened with its first run, read by that destination's shipper.
+pub(crate) struct Outlet {
+    /// Runs for this node are not shipped: they stay in the packer.
+    keep_for: NodeId,
+    lanes: BTreeMap<NodeId, mpsc::Sender<Packed>>,
+    open: Box<dyn FnMut(NodeId) -> mpsc::Sender<Packed> + Send + Sync>,
+}
+
+impl Outlet {
+    /// Runs for `keep_for` stay; the first run for any other node calls `open` for its queue.
+    pub(crate) fn new(
+        keep_for: NodeId,
+        open: impl FnMut(NodeId) -> mpsc::Sender<Packed> + Send + Sync + 'static,
+    ) -> Self {
+        Outlet { keep_for, lanes: BTreeMap::new(), open: Box::new(open) }
+    }
 }
 
 impl Packer {
@@ -206,7 +239,17 @@ impl Packer {
             open: BTreeMap::new(),
             full: Vec::new(),
             count: 0,
+            pool: None,
+            outlet: None,
         }
+    }
+
+    /// Packs into buffers from `pool` and hands full runs to `outlet` at each
+    /// [`Packer::flush`].
+    pub(crate) fn shipping(mut self, pool: Pool, outlet: Outlet) -> Self {
+        self.pool = Some(pool);
+        self.outlet = Some(outlet);
+        self
     }
 
     /// Encodes `entry` into the run for its destination.
@@ -215,7 +258,11 @@ impl Packer {
         // Room for a batch and the entry that overflows it, so that the buffer is not
         // reallocated (and copied) as it fills.
         let capacity = self.batch_bytes + 64 * 1024;
-        let run = self.open.entry(to).or_insert_with(|| Packed::with_capacity(capacity));
+        let pool = &self.pool;
+        let run = self.open.entry(to).or_insert_with(|| match pool {
+            Some(pool) => Packed::within(pool.take(HEADROOM + capacity + codec::SPARE)),
+            None => Packed::with_capacity(capacity),
+        });
         run.push_encoded(key, entry)?;
         let filled = run.size() >= self.batch_bytes;
         self.count += 1;
@@ -231,6 +278,36 @@ impl Packer {
     pub fn extend(&mut self, to: NodeId, run: Packed) {
         self.count += run.len() as u64;
         self.full.push((to, run));
+    }
+
+    /// Ships the runs that are full, waiting while their destination's shipper is behind.
+    /// Does nothing for a packer that does not ship as it packs (in `scan`, say). A
+    /// [`Plugin`](crate::Plugin) that packs its own entries calls it after each
+    /// [`Packer::push`], as the typed services' plug-in does.
+    pub async fn flush(&mut self) {
+        let Some(Outlet { keep_for, lanes, open }) = self.outlet.as_mut() else { return };
+        if self.full.iter().all(|(to, _)| to == keep_for) {
+            return;
+        }
+        for (to, run) in std::mem::take(&mut self.full) {
+            if to == *keep_for {
+                self.full.push((to, run));
+                continue;
+            }
+            let lane = lanes.entry(to).or_insert_with(|| open(to));
+            // A shipper that ended (this node is stopping) takes no more; what it would have
+            // carried is rebuilt from replicas like any entry of a node that stops mid-change.
+            let _ = lane.send(run).await;
+        }
+    }
+
+    /// Ships every run not yet shipped, the last ones not full; closes the queues.
+    pub(crate) async fn ship_rest(&mut self) {
+        self.full.extend(std::mem::take(&mut self.open));
+        self.flush().await;
+        if let Some(outlet) = self.outlet.as_mut() {
+            outlet.lanes.clear();
+        }
     }
 
     /// Entries packed so far.
@@ -334,6 +411,56 @@ mod tests {
             if batch_bytes == 0 {
                 assert!(runs.iter().all(|(_, r)| r.len() == 1), "one entry per run at 0");
             }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shipping_packer_hands_runs_over_as_they_fill_and_keeps_its_own() {
+        use std::sync::{Arc, Mutex};
+        let queues: Arc<Mutex<BTreeMap<NodeId, mpsc::Receiver<Packed>>>> = Arc::default();
+        let outlet = {
+            let queues = Arc::clone(&queues);
+            Outlet::new(NodeId(0), move |to| {
+                let (runs, queue) = mpsc::channel(16);
+                queues.lock().unwrap().insert(to, queue);
+                runs
+            })
+        };
+        // 13 bytes an entry: a run is full at its third.
+        let mut packer = Packer::new(|k: Key| NodeId(k.0 % 3), 30).shipping(Pool::new(4), outlet);
+        for k in 0..30u64 {
+            packer.push(Key(k), &k).unwrap();
+            packer.flush().await;
+        }
+        let mut got: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+        for (to, queue) in queues.lock().unwrap().iter_mut() {
+            while let Ok(run) = queue.try_recv() {
+                assert_eq!(run.len(), 3, "only full runs leave while packing");
+                let keys = run.into_run().decode::<u64>().unwrap().into_iter().map(|(k, _)| k.0);
+                got.entry(*to).or_default().extend(keys);
+            }
+        }
+        assert_eq!(got.keys().copied().collect::<Vec<_>>(), vec![NodeId(1), NodeId(2)]);
+        assert_eq!(got[&NodeId(1)].len(), 9, "three full runs before the end");
+        packer.ship_rest().await;
+        let mine = packer.finish();
+        let kept: Vec<u64> = mine
+            .into_iter()
+            .flat_map(|(to, run)| {
+                assert_eq!(to, NodeId(0));
+                run.into_run().decode::<u64>().unwrap().into_iter().map(|(k, _)| k.0)
+            })
+            .collect();
+        assert_eq!(kept, (0..30).step_by(3).collect::<Vec<_>>(), "its own runs stay");
+        for (to, queue) in queues.lock().unwrap().iter_mut() {
+            while let Some(run) = queue.recv().await {
+                let keys = run.into_run().decode::<u64>().unwrap().into_iter().map(|(k, _)| k.0);
+                got.entry(*to).or_default().extend(keys);
+            }
+        }
+        for (to, keys) in got {
+            let want: Vec<u64> = (0..30).filter(|k| k % 3 == to.0).collect();
+            assert_eq!(keys, want, "every entry for {to:?}, once, and the queue closed");
         }
     }
 }

@@ -21,16 +21,17 @@ pub enum Lane {
 }
 
 impl Lane {
-    fn byte(self) -> u8 {
+    /// The mark behind a message for this lane.
+    pub fn trailer(self) -> &'static [u8] {
         match self {
-            Lane::Supervisor => 0,
-            Lane::Adaptation => 1,
+            Lane::Supervisor => &[0],
+            Lane::Adaptation => &[1],
         }
     }
 
     /// Marks `body` as for this lane.
     pub fn seal(self, mut body: Vec<u8>) -> Bytes {
-        body.push(self.byte());
+        body.extend_from_slice(self.trailer());
         Bytes::from(body)
     }
 

@@ -25,8 +25,8 @@ impl TransportLink {
 
 #[async_trait]
 impl Link for TransportLink {
-    fn seal(&self, message: Vec<u8>) -> Bytes {
-        Lane::Adaptation.seal(message)
+    fn trailer(&self) -> &[u8] {
+        Lane::Adaptation.trailer()
     }
 
     async fn call(

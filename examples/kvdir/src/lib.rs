@@ -33,7 +33,9 @@ pub struct Versioned {
     pub version: u64,
     /// The bytes stored. `Bytes`, not `Vec<u8>`: the copy an entry leaves behind as a replica
     /// when it moves, and the copies sent to the backup, share its memory instead of copying
-    /// it. Serialized as a byte string either way.
+    /// it. Serialized as a byte string either way; received in a migration batch, it is a
+    /// slice of the batch rather than a copy.
+    #[serde(with = "gobelins_adaptation::shared")]
     pub value: Bytes,
 }
 
@@ -100,6 +102,9 @@ fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
 
 /// Keeps the newer of two versions.
 fn merge(into: &mut HashMap<Key, Versioned>, entries: impl IntoIterator<Item = (Key, Versioned)>) {
+    let entries = entries.into_iter();
+    // Grown once rather than rehashed as it fills: a change merges thousands at a time.
+    into.reserve(entries.size_hint().0);
     for (key, entry) in entries {
         match into.get(&key) {
             Some(old) if old.version >= entry.version => {}
