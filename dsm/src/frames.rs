@@ -153,6 +153,15 @@ impl Frame {
         }
     }
 
+    /// Keeps aside, as if given up here, the copy a leaving node gave up to a writer: this node
+    /// manages the page and may have to take that grant back. A newer copy kept aside stays.
+    pub(crate) fn keep_retired(&self, version: u64, data: Bytes) {
+        let mut s = self.lock();
+        if s.retired.as_ref().is_none_or(|(v, _)| *v < version) {
+            s.retired = Some((version, data));
+        }
+    }
+
     /// Whether a copy given up to a writer is kept aside here.
     pub(crate) fn has_retired(&self) -> bool {
         self.lock().retired.is_some()

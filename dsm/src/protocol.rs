@@ -132,6 +132,18 @@ pub enum Request {
         /// The page as last committed.
         data: ByteBuf,
     },
+    /// To the manager, from an evicted node: the copy it gave up to a writer and keeps aside
+    /// until told the grant landed. `Ok` when the manager keeps it in its place (its entry still
+    /// names the sender as where a grant of `label` took the page from, so that taking that
+    /// grant back finds it), `Missing` when nothing needs it any more.
+    KeepAside {
+        /// The leaving node.
+        node: NodeId,
+        /// The version of the copy, as the grant named it.
+        label: u64,
+        /// The copy.
+        data: ByteBuf,
+    },
 }
 
 /// The answers.
@@ -237,6 +249,32 @@ pub enum Granted {
     },
 }
 
+impl Granted {
+    /// The same record with `to` in place of `from`, when it says that a grant of `label`
+    /// took the page from `from`: the copy kept aside for it moved to `to`.
+    pub(crate) fn relocated(self, from: NodeId, label: u64, to: NodeId) -> Option<Granted> {
+        match self {
+            Granted::From { node, label: l } if node == from && l == label => {
+                Some(Granted::From { node: to, label })
+            }
+            Granted::Disowned { node, label: l } if node == from && l == label => {
+                Some(Granted::Disowned { node: to, label })
+            }
+            _ => None,
+        }
+    }
+
+    /// The node a grant took the page from, and that copy's version.
+    pub(crate) fn source(self) -> Option<(NodeId, u64)> {
+        match self {
+            Granted::From { node, label } | Granted::Disowned { node, label } => {
+                Some((node, label))
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A lock's entry.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LockEntry {
@@ -262,6 +300,9 @@ pub enum Entry {
         entry: PageEntry,
         /// The page, handed over with its entry.
         frame: Option<ByteBuf>,
+        /// The copy the evicted sender gave up to a writer and keeps aside, with its version,
+        /// when the entry's grant took the page from the sender: the new manager keeps it.
+        aside: Option<(u64, ByteBuf)>,
     },
     /// A survivor's copy of a page whose manager died, for `scan`.
     Copy {

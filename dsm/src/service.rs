@@ -543,6 +543,11 @@ impl DsmService {
         entry.owner = Some(writer);
         entry.copyset = [writer].into();
         entry.backup = backup;
+        // The grant before this one landed or was taken back: a copy kept aside here for it
+        // (handed over by a node that left) is no longer needed.
+        if let Some((_, label)) = entry.granted.source().filter(|&(n, _)| n == ctx.node()) {
+            self.state().frames.frame(page).drop_retired(label);
+        }
         entry.granted = match (owner, zero) {
             (_, true) => Granted::Zero,
             (Some(node), false) => Granted::From { node, label: version },
@@ -664,6 +669,33 @@ impl DsmService {
             return Response::Ok;
         }
         Response::Missing
+    }
+
+    /// Keeps here the copy a leaving node gave up to a writer, when the entry still names that
+    /// node as where the grant took the page from: the grant is then taken back from here.
+    async fn keep_aside(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        from: NodeId,
+        label: u64,
+        data: ByteBuf,
+    ) -> Response {
+        let slot = self.slot(page.key());
+        let mut live = slot.lock().await;
+        let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
+        let Some(granted) = entry.granted.relocated(from, label, ctx.node()) else {
+            return Response::Missing;
+        };
+        self.state().frames.frame(page).keep_retired(label, Arc::new(data.into_vec()));
+        tracing::debug!(
+            ?page,
+            from = from.0,
+            label,
+            "dsm: a leaving node's copy kept aside is kept here"
+        );
+        entry.granted = granted;
+        Response::Ok
     }
 
     async fn discard(&self, page: PageId) -> Response {
@@ -840,7 +872,18 @@ impl DsmService {
         let mut reports: BTreeMap<Key, Vec<Report>> = BTreeMap::new();
         for (key, entry) in staged {
             match entry {
-                Entry::Page { mut entry, frame } => {
+                Entry::Page { mut entry, frame, aside } => {
+                    if let (Some((label, data)), Named::Page(page)) = (aside, named(key)) {
+                        // The evicted manager was where the entry's grant took the page from.
+                        let sender = entry.granted.source().map(|(node, _)| node);
+                        if let Some(granted) =
+                            sender.and_then(|s| entry.granted.relocated(s, label, me))
+                        {
+                            let f = self.state().frames.frame(page);
+                            f.keep_retired(label, Arc::new(data.into_vec()));
+                            entry.granted = granted;
+                        }
+                    }
                     if let (Some(data), Named::Page(page)) = (frame, named(key)) {
                         // The evicted owner handed its page over with the entry.
                         let f = self.state().frames.frame(page);
@@ -920,7 +963,8 @@ impl DsmService {
         }
     }
 
-    /// An evicted node gives each page it owns to the page's manager, before it goes.
+    /// An evicted node gives each page it owns to the page's manager, before it goes, and each
+    /// copy it gave up to a writer and still keeps aside.
     async fn hand_over(&self, ctx: &Context) {
         let me = ctx.node();
         for (page, frame) in self.state().frames.all() {
@@ -929,6 +973,23 @@ impl DsmService {
                 continue; // travels with its entry in send_out
             }
             self.surrender_page(ctx, page, &frame).await;
+            self.hand_aside(ctx, page, &frame).await;
+        }
+    }
+
+    /// Gives the page's manager the copy this node gave up to a writer and keeps aside until
+    /// told the grant landed: should the grant turn out lost, taking it back needs that copy,
+    /// and this node will be gone.
+    async fn hand_aside(&self, ctx: &Context, page: PageId, frame: &crate::frames::Frame) {
+        let Some((label, data)) = frame.lock().retired.clone() else { return };
+        let request = Request::KeepAside { node: ctx.node(), label, data: page_bytes(&data) };
+        match ctx.request::<_, Response>(DSM, page.key(), &request).await {
+            Ok(Response::Ok) => frame.drop_retired(label),
+            // The grant landed, or was taken back: nothing needs the copy.
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving; should that grant turn out never to have reached its writer, the page will be reported lost");
+            }
         }
     }
 
@@ -1025,6 +1086,9 @@ impl Service for DsmService {
             (Named::Page(page), Request::Surrender { node, version, data, readers }) => {
                 self.surrender(ctx, page, node, version, data, readers).await
             }
+            (Named::Page(page), Request::KeepAside { node, label, data }) => {
+                self.keep_aside(ctx, page, node, label, data).await
+            }
             (Named::Page(page), Request::Rebackup { node, version, failed, data }) => {
                 self.rebackup(ctx, page, node, version, failed, data).await
             }
@@ -1119,7 +1183,22 @@ impl Service for DsmService {
                         }
                         _ => None,
                     };
-                    Entry::Page { entry, frame }
+                    // The copy this leaving manager gave up to a writer goes with the entry
+                    // whose grant may have to be taken back to it.
+                    let aside = match (named(key), entry.granted.source()) {
+                        (Named::Page(page), Some((source, label)))
+                            if leaving && source == ctx.node() =>
+                        {
+                            let frame = self.state().frames.frame(page);
+                            let s = frame.lock();
+                            s.retired
+                                .as_ref()
+                                .filter(|(v, _)| *v == label)
+                                .map(|(v, d)| (*v, page_bytes(d)))
+                        }
+                        _ => None,
+                    };
+                    Entry::Page { entry, frame, aside }
                 }
                 Live::Lock(l) => Entry::Lock(l),
                 Live::Barrier(b) => Entry::Barrier(b),

@@ -855,3 +855,37 @@ async fn a_lost_grant_is_taken_back_to_the_writers_own_read_copy_when_its_source
     g.commit().await.expect("commit");
     assert_eq!(get(&cluster.dsm(manager), page).await, 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_grants_source_that_leaves_hands_its_copy_kept_aside_to_the_manager() {
+    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+    let page = pid(17);
+    let (manager, previous, writer) = three_roles(&cluster, page);
+    put(&cluster.dsm(previous), page, 1).await;
+    lose_a_grant(&cluster, manager, writer, page, None).await;
+    // The only copy of the page is the one its previous owner kept aside, and it leaves.
+    cluster.mem.evict(previous).await;
+    let w = cluster.dsm(writer);
+    let mut g = w.write(page).await.expect("the writer's next write finds the page");
+    assert_eq!(Value::decode(&g).count, 1, "it starts from the content the lost grant carried");
+    Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
+    g.commit().await.expect("commit");
+    assert_eq!(get(&cluster.dsm(manager), page).await, 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leaving_manager_that_was_a_lost_grants_source_sends_its_copy_with_the_entry() {
+    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+    let page = pid(19);
+    let (manager, other, writer) = three_roles(&cluster, page);
+    // The manager owned the page and gave it up for a grant its writer never heard of.
+    put(&cluster.dsm(manager), page, 1).await;
+    lose_a_grant(&cluster, other, writer, page, None).await;
+    cluster.mem.evict(manager).await;
+    let w = cluster.dsm(writer);
+    let mut g = w.write(page).await.expect("the writer's next write finds the page");
+    assert_eq!(Value::decode(&g).count, 1, "it starts from the content the lost grant carried");
+    Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
+    g.commit().await.expect("commit");
+    assert_eq!(get(&cluster.dsm(other), page).await, 2);
+}

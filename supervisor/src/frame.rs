@@ -24,10 +24,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// nodes of version 2 and 3 must not share a cluster; 4: every body ends with its
 /// [`crate::lane::Lane`], and migration batches carry runs of entries; 5: a batch's entries
 /// follow the encoded message instead of being encoded in it; 6: requests and batches carry
-/// what senders have settled).
-pub const VERSION: u8 = 6;
+/// what senders have settled; 7: a DSM page entry carries the copy a leaving manager keeps
+/// aside for a grant, and leaving nodes hand such copies over).
+pub const VERSION: u8 = 7;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 6;
+pub const MIN_VERSION: u8 = 7;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and
