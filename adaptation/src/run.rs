@@ -452,10 +452,11 @@ mod tests {
             })
             .collect();
         assert_eq!(kept, (0..30).step_by(3).collect::<Vec<_>>(), "its own runs stay");
-        for (to, queue) in queues.lock().unwrap().iter_mut() {
+        let queues = std::mem::take(&mut *queues.lock().unwrap());
+        for (to, mut queue) in queues {
             while let Some(run) = queue.recv().await {
                 let keys = run.into_run().decode::<u64>().unwrap().into_iter().map(|(k, _)| k.0);
-                got.entry(*to).or_default().extend(keys);
+                got.entry(to).or_default().extend(keys);
             }
         }
         for (to, keys) in got {
