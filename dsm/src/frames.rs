@@ -387,6 +387,11 @@ impl Frames {
         Arc::clone(&self.map.entry(page).or_default())
     }
 
+    /// The frame of `page`, if this node has one.
+    pub(crate) fn get(&self, page: PageId) -> Option<Arc<Frame>> {
+        self.map.get(&page).map(|f| Arc::clone(&f))
+    }
+
     /// A snapshot of the frames, to walk without holding the map.
     pub(crate) fn all(&self) -> Vec<(PageId, Arc<Frame>)> {
         self.map.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect()

@@ -234,7 +234,7 @@ impl DsmService {
         if entry.granted == Granted::Zero {
             // Copies in the copyset stay known: the next write invalidates them.
             entry.owner = None;
-            entry.granted = Granted::Unknown;
+            self.settle_grant(ctx, page, entry);
             tracing::warn!(
                 ?page,
                 version,
@@ -283,7 +283,7 @@ impl DsmService {
             if entry.backup == Some(node) {
                 entry.backup = None;
             }
-            entry.granted = Granted::Unknown;
+            self.settle_grant(ctx, page, entry);
             tracing::warn!(
                 ?page,
                 version,
@@ -350,7 +350,7 @@ impl DsmService {
         entry.owner = Some(backup);
         entry.copyset = [backup].into();
         entry.backup = None;
-        entry.granted = Granted::Unknown;
+        self.settle_grant(ctx, page, entry);
         entry.lost = false;
         entry.strays = true;
         tracing::info!(?page, node = backup.0, "dsm: page rebuilt from its backup");
@@ -361,6 +361,7 @@ impl DsmService {
     /// False when an owner that disowned its grant is gone and a node holding what the grant
     /// carried did not answer: the fault is asked again.
     async fn mend(&self, ctx: &Context, page: PageId, entry: &mut PageEntry, fault: bool) -> bool {
+        self.release_aside(ctx, page, entry);
         // A failed owner that never had its grant takes nothing with it: the content is where
         // the grant took it from. Only when no live reader holds the page (a reader holds what
         // the owner held), and only at a fault: the sweep after a change must not wait on a
@@ -391,6 +392,26 @@ impl DsmService {
         true
     }
 
+    /// Records that the entry's last grant landed or was taken back: nothing of it is kept
+    /// aside any more.
+    fn settle_grant(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) {
+        entry.granted = Granted::Unknown;
+        self.release_aside(ctx, page, entry);
+    }
+
+    /// Drops the copy this manager keeps aside for `page` when the entry's grant does not
+    /// name this node as where it took the page from: the grant that copy was kept for
+    /// landed, or was taken back. Kept, it would hold memory for ever, and a `scan` after
+    /// this node's failure would offer it as the page's content.
+    fn release_aside(&self, ctx: &Context, page: PageId, entry: &PageEntry) {
+        if entry.granted.source().is_some_and(|(n, _)| n == ctx.node()) {
+            return;
+        }
+        if let Some(frame) = self.state().frames.get(page) {
+            frame.drop_retired(u64::MAX);
+        }
+    }
+
     async fn read_fault(&self, ctx: &Context, page: PageId, reader: NodeId) -> Response {
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
@@ -417,7 +438,7 @@ impl DsmService {
                 let data = match self.fetch_from(ctx, owner, page, entry.version, true).await {
                     // The owner holds its version after all (a take-back promoted it).
                     Ok(data) => {
-                        entry.granted = Granted::Unknown;
+                        self.settle_grant(ctx, page, entry);
                         data
                     }
                     Err(Absent::Missing) => {
@@ -544,7 +565,7 @@ impl DsmService {
         entry.copyset = [writer].into();
         entry.backup = backup;
         // The grant before this one landed or was taken back: a copy kept aside here for it
-        // (handed over by a node that left) is no longer needed.
+        // is no longer needed (one this fault just gave up, if any, is newer and stays).
         if let Some((_, label)) = entry.granted.source().filter(|&(n, _)| n == ctx.node()) {
             self.state().frames.frame(page).drop_retired(label);
         }
@@ -662,7 +683,7 @@ impl DsmService {
             let frame = self.state().frames.frame(page);
             frame.install_owned(version, Arc::new(data.into_vec()));
             entry.owner = Some(me);
-            entry.granted = Granted::Unknown;
+            self.settle_grant(ctx, page, entry);
             entry.copyset.remove(&from);
             entry.copyset.insert(me);
             entry.copyset.extend(readers.into_iter().filter(|&r| r != from));
@@ -892,7 +913,7 @@ impl DsmService {
                             entry.copyset.remove(&old);
                         }
                         entry.copyset.insert(me);
-                        entry.granted = Granted::Unknown;
+                        self.settle_grant(ctx, page, &mut entry);
                     }
                     if let Named::Page(page) = named(key) {
                         tracing::debug!(?page, node = me.0, ?entry, "dsm: entry merged");
@@ -973,24 +994,33 @@ impl DsmService {
                 continue; // travels with its entry in send_out
             }
             self.surrender_page(ctx, page, &frame).await;
-            self.hand_aside(ctx, page, &frame).await;
+            // A take-back may have promoted the copy kept aside meanwhile: then this node owns
+            // the page again, and hands it over as such.
+            if self.hand_aside(ctx, page, &frame).await {
+                self.surrender_page(ctx, page, &frame).await;
+            }
         }
     }
 
     /// Gives the page's manager the copy this node gave up to a writer and keeps aside until
     /// told the grant landed: should the grant turn out lost, taking it back needs that copy,
-    /// and this node will be gone.
-    async fn hand_aside(&self, ctx: &Context, page: PageId, frame: &crate::frames::Frame) {
-        let Some((label, data)) = frame.lock().retired.clone() else { return };
+    /// and this node will be gone. True when the page is owned here after all.
+    async fn hand_aside(&self, ctx: &Context, page: PageId, frame: &crate::frames::Frame) -> bool {
+        let Some((label, data)) = frame.lock().retired.clone() else { return false };
         let request = Request::KeepAside { node: ctx.node(), label, data: page_bytes(&data) };
         match ctx.request::<_, Response>(DSM, page.key(), &request).await {
             Ok(Response::Ok) => frame.drop_retired(label),
-            // The grant landed, or was taken back: nothing needs the copy.
-            Ok(_) => {}
+            // The grant landed, or was taken back (perhaps to this very copy): nothing needs it.
+            Ok(_) => {
+                frame.drop_retired(label);
+                let s = frame.lock();
+                return s.owned && s.data.is_some();
+            }
             Err(e) => {
                 tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving; should that grant turn out never to have reached its writer, the page will be reported lost");
             }
         }
+        false
     }
 
     /// Hands one owned page to its manager. The frame's writer lock is held only to wait for a
@@ -1183,18 +1213,15 @@ impl Service for DsmService {
                         }
                         _ => None,
                     };
-                    // The copy this leaving manager gave up to a writer goes with the entry
-                    // whose grant may have to be taken back to it.
+                    // The copy this manager gave up to a writer, or keeps for a node that left,
+                    // goes with the entry whose grant may have to be taken back to it: the
+                    // manager is the one that releases it once the grant is settled.
                     let aside = match (named(key), entry.granted.source()) {
-                        (Named::Page(page), Some((source, label)))
-                            if leaving && source == ctx.node() =>
-                        {
+                        (Named::Page(page), Some((source, label))) if source == ctx.node() => {
                             let frame = self.state().frames.frame(page);
-                            let s = frame.lock();
-                            s.retired
-                                .as_ref()
-                                .filter(|(v, _)| *v == label)
-                                .map(|(v, d)| (*v, page_bytes(d)))
+                            let mut s = frame.lock();
+                            let kept = s.retired.take_if(|(v, _)| *v == label);
+                            kept.map(|(v, d)| (v, page_bytes(&d)))
                         }
                         _ => None,
                     };

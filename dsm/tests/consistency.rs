@@ -889,3 +889,31 @@ async fn a_leaving_manager_that_was_a_lost_grants_source_sends_its_copy_with_the
     g.commit().await.expect("commit");
     assert_eq!(get(&cluster.dsm(other), page).await, 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_copy_kept_aside_for_a_grant_that_landed_is_released_by_the_manager() {
+    use gobelins_adaptation::codec;
+    use gobelins_dsm::{Request, Response, DSM};
+    let cluster = Cluster::start(3, DsmConfig::default()).await;
+    let page = pid(23);
+    let (manager, previous, writer) = three_roles(&cluster, page);
+    let p = cluster.dsm(previous);
+    put(&p, page, 1).await;
+    let label = p.read(page).await.expect("read").version();
+    put(&cluster.dsm(writer), page, 2).await;
+    // The previous owner, leaving before the writer's word that the grant landed reached it,
+    // hands the manager the copy it kept aside, which the entry still names.
+    let aside = Request::KeepAside { node: previous, label, data: vec![1u8; 4096].into() };
+    let answer = cluster
+        .mem
+        .host(previous)
+        .request(DSM, page.key(), codec::encode(&aside).expect("encode"))
+        .await
+        .expect("asked");
+    let answer: Response = codec::decode(&answer).expect("decode");
+    assert!(matches!(answer, Response::Ok), "kept by the manager: {answer:?}");
+    assert_eq!(cluster.kept_aside(manager), 1);
+    // The next fault finds the owner holding its grant: the copy is no longer needed.
+    assert_eq!(get(&cluster.dsm(manager), page).await, 2);
+    assert_eq!(cluster.kept_aside(manager), 0, "released, not kept for ever");
+}
