@@ -91,29 +91,44 @@ pub(crate) fn seed_from_env() -> u64 {
 
 /// Runs `one_seed` of this test binary once per seed, each in its own process, and fails with
 /// every failing seed's reason. `GOBELINS_SIM_SEEDS` overrides how many (`default` otherwise).
+/// A seed runs on one thread, so as many run at once as the machine has cores: the sweep is
+/// most of the suite's time.
 pub(crate) fn sweep(default: u64) {
     if std::env::var("GOBELINS_SIM_SEED").is_ok() {
         return;
     }
     let seeds: u64 =
         std::env::var("GOBELINS_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
+    let at_once = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
     let exe = std::env::current_exe().expect("test binary");
     let mut failures = Vec::new();
-    for seed in 0..seeds {
-        let out = std::process::Command::new(&exe)
-            .args(["--exact", "one_seed", "--include-ignored", "--nocapture", "--test-threads=1"])
-            .env("GOBELINS_SIM_SEED", seed.to_string())
-            .output()
-            .expect("run one seed");
-        let text = String::from_utf8_lossy(&out.stderr);
-        if out.status.success() {
-            // The seed's one-line summary, so that a passing sweep still shows what it did.
-            if let Some(line) = text.lines().find(|l| l.starts_with(&format!("seed {seed}:"))) {
-                eprintln!("{line}");
+    for first in (0..seeds).step_by(at_once as usize) {
+        let running: Vec<(u64, std::process::Child)> = (first..seeds.min(first + at_once))
+            .map(|seed| {
+                let child = std::process::Command::new(&exe)
+                    .args(["--exact", "one_seed", "--include-ignored", "--nocapture"])
+                    .arg("--test-threads=1")
+                    .env("GOBELINS_SIM_SEED", seed.to_string())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("run one seed");
+                (seed, child)
+            })
+            .collect();
+        for (seed, child) in running {
+            let out = child.wait_with_output().expect("wait for one seed");
+            let text = String::from_utf8_lossy(&out.stderr);
+            if out.status.success() {
+                // The seed's one-line summary, so that a passing sweep still shows what it did.
+                if let Some(line) = text.lines().find(|l| l.starts_with(&format!("seed {seed}:"))) {
+                    eprintln!("{line}");
+                }
+            } else {
+                let reason =
+                    text.lines().find(|l| l.contains("seed ")).unwrap_or("no reason printed");
+                failures.push(reason.to_string());
             }
-        } else {
-            let reason = text.lines().find(|l| l.contains("seed ")).unwrap_or("no reason printed");
-            failures.push(reason.to_string());
         }
     }
     assert!(
