@@ -28,6 +28,7 @@ pub mod link;
 pub mod mem;
 pub mod net;
 pub mod network;
+mod outbox;
 pub mod rpc;
 pub mod runtime;
 pub mod secret;

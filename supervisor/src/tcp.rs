@@ -20,13 +20,13 @@ use crate::error::{Result, SupervisorError};
 use crate::frame::{FrameCodec, Wire, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
 use crate::handshake::{self, Hello};
 use crate::net::{Net, TokioNet};
+use crate::outbox::Outbox;
 use crate::secret::ClusterSecret;
 use crate::transport::{Admission, Handler, Transport};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::{Sink, SinkExt, StreamExt};
+use futures::StreamExt;
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -92,25 +92,11 @@ pub struct Identity {
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Bytes>>>>;
 
 /// The writing half of a connection, shared by the callers and the answering tasks.
-type Writer = Arc<tokio::sync::Mutex<Pin<Box<dyn Sink<Wire, Error = SupervisorError> + Send>>>>;
+type Writer = Arc<Outbox>;
 
-/// Writes `wire` whole. A write abandoned half way leaves the rest of the frame in the
-/// connection's buffer, for the next write to finish: the stream never holds half a frame.
-async fn write(writer: Writer, wire: Wire) -> Result<()> {
-    writer.lock().await.send(wire).await
-}
-
-/// Writes `wire` from a task that must not wait: at once if the socket takes it, else in a
-/// task of its own.
-async fn write_or_spawn(writer: Writer, wire: Wire) {
-    let mut writing = Box::pin(write(writer, wire));
-    if futures::poll!(&mut writing).is_pending() {
-        tokio::spawn(async move {
-            // The connection may be gone; the caller then times out and retries.
-            let _ = writing.await;
-        });
-    }
-}
+/// The most answers a reader queues before it writes them, though more requests are read: a
+/// steady flood of requests must not hold back the answers to the first ones.
+const ANSWERS_PER_WRITE: usize = 64;
 
 #[derive(Clone)]
 struct Conn {
@@ -320,12 +306,13 @@ impl<N: Net> TcpTransport<N> {
     /// opened by the lower node id already is. Returns the connection to use.
     fn register(&self, peer: u64, initiator: u64, framed: Framed<N::Stream, FrameCodec>) -> Conn {
         let (stream, sink) = halves(framed);
+        let cancel = self.inner.shutdown.child_token();
         let conn = Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             initiator,
-            writer: Arc::new(tokio::sync::Mutex::new(Box::pin(sink))),
+            writer: Outbox::new(Box::pin(sink), cancel.clone()),
             pending: Arc::default(),
-            cancel: self.inner.shutdown.child_token(),
+            cancel,
             last_heard: Arc::new(Mutex::new(Instant::now())),
         };
         let chosen = {
@@ -361,10 +348,28 @@ impl<N: Net> TcpTransport<N> {
     async fn run(self, peer: u64, conn: Conn, mut stream: Framed<ReadHalf<N::Stream>, FrameCodec>) {
         let inflight = Arc::new(Semaphore::new(self.inner.config.max_inflight));
         let result: Result<()> = async {
+            // Answers queued since the reader last wrote.
+            let mut unwritten = 0;
             loop {
-                let incoming = tokio::select! {
-                    _ = conn.cancel.cancelled() => return Ok(()),
-                    incoming = stream.next() => incoming,
+                if conn.cancel.is_cancelled() {
+                    return Ok(());
+                }
+                // Answers to requests read together leave together: the reader writes what it
+                // queued when the next frame is not already read, or when it has queued many.
+                if unwritten >= ANSWERS_PER_WRITE {
+                    conn.writer.write_queued().await?;
+                    unwritten = 0;
+                }
+                let incoming = match futures::poll!(stream.next()) {
+                    Poll::Ready(incoming) => incoming,
+                    Poll::Pending => {
+                        conn.writer.write_queued().await?;
+                        unwritten = 0;
+                        tokio::select! {
+                            _ = conn.cancel.cancelled() => return Ok(()),
+                            incoming = stream.next() => incoming,
+                        }
+                    }
                 };
                 let Some(frame) = incoming else { return Ok(()) };
                 *lock(&conn.last_heard) = Instant::now();
@@ -379,8 +384,8 @@ impl<N: Net> TcpTransport<N> {
                         match futures::poll!(&mut answering) {
                             Poll::Ready(body) => {
                                 drop(permit);
-                                let wire = Wire::Response { id, body };
-                                write_or_spawn(Arc::clone(&conn.writer), wire).await;
+                                conn.writer.push(Wire::Response { id, body });
+                                unwritten += 1;
                             }
                             Poll::Pending => {
                                 let writer = Arc::clone(&conn.writer);
@@ -388,7 +393,7 @@ impl<N: Net> TcpTransport<N> {
                                     let body = answering.await;
                                     drop(permit);
                                     // The connection may be gone; the caller then times out.
-                                    let _ = write(writer, Wire::Response { id, body }).await;
+                                    let _ = writer.send(Wire::Response { id, body }).await;
                                 });
                             }
                         }
@@ -507,7 +512,7 @@ impl<N: Net> TcpTransport<N> {
         lock(&conn.pending).insert(id, tx);
         let mut guard = PendingGuard { pending: &conn.pending, id, answered: false };
         let waited_since = Instant::now();
-        let sent = write(Arc::clone(&conn.writer), Wire::Request { id, body: request });
+        let sent = conn.writer.send(Wire::Request { id, body: request });
         let answer = async {
             sent.await.map_err(|_| SupervisorError::Closed)?;
             let answer = rx.await.map_err(|_| SupervisorError::Closed)?;

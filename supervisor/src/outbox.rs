@@ -1,0 +1,226 @@
+//! The writing side of a connection, shared by every task that sends on it: callers writing
+//! their requests, the reader writing answers. Frames are queued, and whoever holds the socket
+//! writes everything queued before one flush, so that many requests or answers in flight leave
+//! in one system call instead of one each. A task that finds the socket busy leaves its frame
+//! to the holder, which looks at the queue again before it lets go.
+
+use crate::error::{Result, SupervisorError};
+use crate::frame::Wire;
+use futures::Sink;
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+/// The frame sink of a connection.
+pub(crate) type FrameSink = Pin<Box<dyn Sink<Wire, Error = SupervisorError> + Send>>;
+
+/// Frames waiting to be written on one connection, and the socket they go to.
+pub(crate) struct Outbox {
+    queue: Mutex<VecDeque<Wire>>,
+    sink: tokio::sync::Mutex<FrameSink>,
+    /// Cancelled when a write fails: the connection is then unusable, and its callers must
+    /// hear `Closed` now rather than at their deadline, since another task wrote their frame.
+    broken: CancellationToken,
+}
+
+impl Outbox {
+    pub(crate) fn new(sink: FrameSink, broken: CancellationToken) -> Arc<Outbox> {
+        Arc::new(Outbox { queue: Mutex::default(), sink: tokio::sync::Mutex::new(sink), broken })
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Wire>> {
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues `wire` without writing it: the reader does so while more requests are already
+    /// read, and writes their answers together when it has to wait.
+    pub(crate) fn push(&self, wire: Wire) {
+        self.queue().push_back(wire);
+    }
+
+    /// Queues `wire` and writes the queue, unless another task holds the socket: that task
+    /// writes it before it lets go. `Err` when the connection broke.
+    pub(crate) async fn send(self: &Arc<Self>, wire: Wire) -> Result<()> {
+        self.push(wire);
+        self.write_queued().await
+    }
+
+    /// Writes what is queued, unless another task holds the socket (it writes it then).
+    pub(crate) async fn write_queued(self: &Arc<Self>) -> Result<()> {
+        loop {
+            let Ok(sink) = self.sink.try_lock() else {
+                return self.check();
+            };
+            self.drain(sink).await?;
+            // A frame queued after the last look but before the socket was let go would wait
+            // for the next write: look once more.
+            if self.queue().is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    fn check(&self) -> Result<()> {
+        if self.broken.is_cancelled() {
+            return Err(SupervisorError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Writes every queued frame, flushing once the queue is empty. Cancel-safe: a frame is
+    /// taken from the queue only once the sink has room for it, and a holder dropped half way
+    /// hands the rest to a task of its own.
+    async fn drain(
+        self: &Arc<Self>,
+        mut sink: tokio::sync::MutexGuard<'_, FrameSink>,
+    ) -> Result<()> {
+        let mut unfinished = Unfinished { outbox: Some(Arc::clone(self)) };
+        let result = async {
+            loop {
+                poll_fn(|cx| sink.as_mut().poll_ready(cx)).await?;
+                let Some(wire) = self.queue().pop_front() else { break };
+                sink.as_mut().start_send(wire)?;
+            }
+            poll_fn(|cx| sink.as_mut().poll_flush(cx)).await
+        }
+        .await;
+        unfinished.outbox = None;
+        if result.is_err() {
+            self.broken.cancel();
+        }
+        result
+    }
+}
+
+/// Dropped before the queue was written (its holder was cancelled): writes the rest from a
+/// task of its own, so that no frame waits for a write that may never come.
+struct Unfinished {
+    outbox: Option<Arc<Outbox>>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Some(outbox) = self.outbox.take() else { return };
+        if outbox.broken.is_cancelled() {
+            return;
+        }
+        tokio::spawn(async move {
+            let sink = outbox.sink.lock().await;
+            // A failure cancels `broken`; the callers then hear `Closed`.
+            let _ = outbox.drain(sink).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::task::{Context, Poll};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A sink that records what it is sent, counts its flushes, and can be made to wait.
+    #[derive(Default)]
+    struct Recorder {
+        sent: Arc<Mutex<Vec<u64>>>,
+        flushes: Arc<AtomicUsize>,
+        stuck: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Sink<Wire> for Recorder {
+        type Error = SupervisorError;
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn start_send(self: Pin<&mut Self>, wire: Wire) -> Result<()> {
+            let id = match wire {
+                Wire::Request { id, .. } | Wire::Response { id, .. } => id,
+            };
+            self.sent.lock().unwrap().push(id);
+            Ok(())
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+            if self.stuck.load(Ordering::SeqCst) {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            self.flushes.fetch_add(1, Ordering::SeqCst);
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn request(id: u64) -> Wire {
+        Wire::Request { id, body: bytes::Bytes::new() }
+    }
+
+    #[tokio::test]
+    async fn frames_queued_while_the_socket_is_held_leave_with_the_holders_flush() {
+        let recorder = Recorder::default();
+        let (sent, flushes) = (Arc::clone(&recorder.sent), Arc::clone(&recorder.flushes));
+        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new());
+        for id in 0..5 {
+            outbox.push(request(id));
+        }
+        outbox.send(request(5)).await.unwrap();
+        assert_eq!(*sent.lock().unwrap(), vec![0, 1, 2, 3, 4, 5], "in order, every one");
+        assert_eq!(flushes.load(Ordering::SeqCst), 1, "one flush for all of them");
+    }
+
+    #[tokio::test]
+    async fn a_holder_cancelled_while_flushing_leaves_nothing_behind() {
+        let recorder = Recorder::default();
+        let (sent, flushes, stuck) = (
+            Arc::clone(&recorder.sent),
+            Arc::clone(&recorder.flushes),
+            Arc::clone(&recorder.stuck),
+        );
+        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new());
+        stuck.store(true, Ordering::SeqCst);
+        let holder = {
+            let outbox = Arc::clone(&outbox);
+            tokio::spawn(async move { outbox.send(request(1)).await })
+        };
+        tokio::task::yield_now().await;
+        // The holder is stuck in its flush: a second frame is left to it.
+        outbox.send(request(2)).await.unwrap();
+        holder.abort();
+        assert!(holder.await.unwrap_err().is_cancelled());
+        stuck.store(false, Ordering::SeqCst);
+        for _ in 0..100 {
+            if flushes.load(Ordering::SeqCst) > 0 && sent.lock().unwrap().len() == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*sent.lock().unwrap(), vec![1, 2], "the second frame was written too");
+        assert!(flushes.load(Ordering::SeqCst) >= 1, "and flushed by the task left behind");
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_breaks_the_connection_for_every_sender() {
+        struct Failing;
+        impl Sink<Wire> for Failing {
+            type Error = SupervisorError;
+            fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn start_send(self: Pin<&mut Self>, _: Wire) -> Result<()> {
+                Err(SupervisorError::Closed)
+            }
+            fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+            fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<()>> {
+                Poll::Ready(Ok(()))
+            }
+        }
+        let broken = CancellationToken::new();
+        let outbox = Outbox::new(Box::pin(Failing), broken.clone());
+        assert!(outbox.send(request(1)).await.is_err());
+        assert!(broken.is_cancelled(), "the connection is closed, so its callers hear it");
+    }
+}
