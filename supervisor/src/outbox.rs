@@ -109,7 +109,10 @@ impl Drop for Unfinished {
         tokio::spawn(async move {
             let sink = outbox.sink.lock().await;
             // A failure cancels `broken`; the callers then hear `Closed`.
-            let _ = outbox.drain(sink).await;
+            if outbox.drain(sink).await.is_ok() {
+                // What was queued while this task wrote, by tasks that found the socket held.
+                let _ = outbox.write_queued().await;
+            }
         });
     }
 }
@@ -168,6 +171,29 @@ mod tests {
         outbox.send(request(5)).await.unwrap();
         assert_eq!(*sent.lock().unwrap(), vec![0, 1, 2, 3, 4, 5], "in order, every one");
         assert_eq!(flushes.load(Ordering::SeqCst), 1, "one flush for all of them");
+    }
+
+    #[tokio::test]
+    async fn a_frame_queued_while_the_holder_flushes_is_written_by_the_holder() {
+        let recorder = Recorder::default();
+        let (sent, flushes, stuck) = (
+            Arc::clone(&recorder.sent),
+            Arc::clone(&recorder.flushes),
+            Arc::clone(&recorder.stuck),
+        );
+        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new());
+        stuck.store(true, Ordering::SeqCst);
+        let holder = {
+            let outbox = Arc::clone(&outbox);
+            tokio::spawn(async move { outbox.send(request(1)).await })
+        };
+        tokio::task::yield_now().await;
+        outbox.send(request(2)).await.unwrap();
+        assert_eq!(*sent.lock().unwrap(), vec![1], "left to the holder");
+        stuck.store(false, Ordering::SeqCst);
+        holder.await.unwrap().unwrap();
+        assert_eq!(*sent.lock().unwrap(), vec![1, 2], "the holder looked again before letting go");
+        assert_eq!(flushes.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]

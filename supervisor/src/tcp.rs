@@ -94,6 +94,23 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Bytes>>>>;
 /// The writing half of a connection, shared by the callers and the answering tasks.
 type Writer = Arc<Outbox>;
 
+/// Writes what is queued if the socket takes it now, else from a task of its own: a reader
+/// that waited for its peer to read could wait for ever, were the peer's reader waiting for it.
+async fn write_queued_or_spawn(writer: &Writer) -> Result<()> {
+    let writer = Arc::clone(writer);
+    let mut writing = Box::pin(async move { writer.write_queued().await });
+    match futures::poll!(&mut writing) {
+        Poll::Ready(result) => result,
+        Poll::Pending => {
+            // A failed write closes the connection, which the reader then sees.
+            tokio::spawn(async move {
+                let _ = writing.await;
+            });
+            Ok(())
+        }
+    }
+}
+
 /// The most answers a reader queues before it writes them, though more requests are read: a
 /// steady flood of requests must not hold back the answers to the first ones.
 const ANSWERS_PER_WRITE: usize = 64;
@@ -357,13 +374,13 @@ impl<N: Net> TcpTransport<N> {
                 // Answers to requests read together leave together: the reader writes what it
                 // queued when the next frame is not already read, or when it has queued many.
                 if unwritten >= ANSWERS_PER_WRITE {
-                    conn.writer.write_queued().await?;
+                    write_queued_or_spawn(&conn.writer).await?;
                     unwritten = 0;
                 }
                 let incoming = match futures::poll!(stream.next()) {
                     Poll::Ready(incoming) => incoming,
                     Poll::Pending => {
-                        conn.writer.write_queued().await?;
+                        write_queued_or_spawn(&conn.writer).await?;
                         unwritten = 0;
                         tokio::select! {
                             _ = conn.cancel.cancelled() => return Ok(()),
