@@ -147,18 +147,28 @@ impl Encoder<Bytes> for FrameCodec {
     }
 }
 
+impl Wire {
+    /// `FrameTooLarge` when this frame would not fit in `max_frame` bytes.
+    pub(crate) fn fits(&self, max_frame: usize) -> Result<()> {
+        let (Wire::Request { body, .. } | Wire::Response { body, .. }) = self;
+        let len = 1 + WIRE_HEADER + body.len();
+        if len > max_frame {
+            return Err(SupervisorError::FrameTooLarge { len, max: max_frame });
+        }
+        Ok(())
+    }
+}
+
 impl Encoder<Wire> for FrameCodec {
     type Error = SupervisorError;
 
     fn encode(&mut self, wire: Wire, dst: &mut BytesMut) -> Result<()> {
+        wire.fits(self.max_frame)?;
         let (kind, id, body) = match wire {
             Wire::Request { id, body } => (0u8, id, body),
             Wire::Response { id, body } => (1u8, id, body),
         };
         let len = 1 + WIRE_HEADER + body.len();
-        if len > self.max_frame {
-            return Err(SupervisorError::FrameTooLarge { len, max: self.max_frame });
-        }
         dst.reserve(HEADER + len);
         dst.put_u32(len as u32);
         dst.put_u8(VERSION);

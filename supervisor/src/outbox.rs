@@ -20,14 +20,19 @@ pub(crate) type FrameSink = Pin<Box<dyn Sink<Wire, Error = SupervisorError> + Se
 pub(crate) struct Outbox {
     queue: Mutex<VecDeque<Wire>>,
     sink: tokio::sync::Mutex<FrameSink>,
-    /// Cancelled when a write fails: the connection is then unusable, and its callers must
-    /// hear `Closed` now rather than at their deadline, since another task wrote their frame.
+    /// The connection's token, cancelled when a write fails: the connection is then
+    /// unusable, and its callers must hear `Closed` now rather than at their deadline, since
+    /// another task wrote their frame. Once cancelled, nothing more is written.
     broken: CancellationToken,
+    /// The largest frame the sink takes: a frame over it is refused to its own sender, not
+    /// found by whoever writes it, which would break the connection for all.
+    max_frame: usize,
 }
 
 impl Outbox {
-    pub(crate) fn new(sink: FrameSink, broken: CancellationToken) -> Arc<Outbox> {
-        Arc::new(Outbox { queue: Mutex::default(), sink: tokio::sync::Mutex::new(sink), broken })
+    pub(crate) fn new(sink: FrameSink, broken: CancellationToken, max_frame: usize) -> Arc<Outbox> {
+        let sink = tokio::sync::Mutex::new(sink);
+        Arc::new(Outbox { queue: Mutex::default(), sink, broken, max_frame })
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Wire>> {
@@ -35,15 +40,18 @@ impl Outbox {
     }
 
     /// Queues `wire` without writing it: the reader does so while more requests are already
-    /// read, and writes their answers together when it has to wait.
-    pub(crate) fn push(&self, wire: Wire) {
+    /// read, and writes their answers together when it has to wait. `FrameTooLarge` for a
+    /// frame the connection cannot carry.
+    pub(crate) fn push(&self, wire: Wire) -> Result<()> {
+        wire.fits(self.max_frame)?;
         self.queue().push_back(wire);
+        Ok(())
     }
 
     /// Queues `wire` and writes the queue, unless another task holds the socket: that task
-    /// writes it before it lets go. `Err` when the connection broke.
+    /// writes it before it lets go. `Err` when the frame is too large or the connection broke.
     pub(crate) async fn send(self: &Arc<Self>, wire: Wire) -> Result<()> {
-        self.push(wire);
+        self.push(wire)?;
         self.write_queued().await
     }
 
@@ -77,18 +85,28 @@ impl Outbox {
         mut sink: tokio::sync::MutexGuard<'_, FrameSink>,
     ) -> Result<()> {
         let mut unfinished = Unfinished { outbox: Some(Arc::clone(self)) };
-        let result = async {
+        let writing = async {
             loop {
                 poll_fn(|cx| sink.as_mut().poll_ready(cx)).await?;
                 let Some(wire) = self.queue().pop_front() else { break };
                 sink.as_mut().start_send(wire)?;
             }
             poll_fn(|cx| sink.as_mut().poll_flush(cx)).await
-        }
-        .await;
+        };
+        // A connection closed (silent past a deadline, replaced, shut down) while its socket
+        // is full must not keep a task writing to it, nor deliver its requests late.
+        let result = tokio::select! {
+            biased;
+            _ = self.broken.cancelled() => Err(SupervisorError::Closed),
+            result = writing => result,
+        };
         unfinished.outbox = None;
-        if result.is_err() {
+        if let Err(error) = &result {
+            if !self.broken.is_cancelled() {
+                tracing::warn!(%error, "a write on a connection failed; closing it (its callers retry on a new one)");
+            }
             self.broken.cancel();
+            self.queue().clear();
         }
         result
     }
@@ -106,7 +124,9 @@ impl Drop for Unfinished {
         if outbox.broken.is_cancelled() {
             return;
         }
-        tokio::spawn(async move {
+        // Dropped with its runtime: nothing is left to write for.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
             let sink = outbox.sink.lock().await;
             // A failure cancels `broken`; the callers then hear `Closed`.
             if outbox.drain(sink).await.is_ok() {
@@ -164,9 +184,9 @@ mod tests {
     async fn frames_queued_while_the_socket_is_held_leave_with_the_holders_flush() {
         let recorder = Recorder::default();
         let (sent, flushes) = (Arc::clone(&recorder.sent), Arc::clone(&recorder.flushes));
-        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new());
+        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new(), 1 << 20);
         for id in 0..5 {
-            outbox.push(request(id));
+            outbox.push(request(id)).unwrap();
         }
         outbox.send(request(5)).await.unwrap();
         assert_eq!(*sent.lock().unwrap(), vec![0, 1, 2, 3, 4, 5], "in order, every one");
@@ -181,7 +201,7 @@ mod tests {
             Arc::clone(&recorder.flushes),
             Arc::clone(&recorder.stuck),
         );
-        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new());
+        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new(), 1 << 20);
         stuck.store(true, Ordering::SeqCst);
         let holder = {
             let outbox = Arc::clone(&outbox);
@@ -204,7 +224,7 @@ mod tests {
             Arc::clone(&recorder.flushes),
             Arc::clone(&recorder.stuck),
         );
-        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new());
+        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new(), 1 << 20);
         stuck.store(true, Ordering::SeqCst);
         let holder = {
             let outbox = Arc::clone(&outbox);
@@ -227,6 +247,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_frame_too_large_is_refused_to_its_sender_alone() {
+        let recorder = Recorder::default();
+        let sent = Arc::clone(&recorder.sent);
+        let broken = CancellationToken::new();
+        let outbox = Outbox::new(Box::pin(recorder), broken.clone(), 64);
+        let big = Wire::Request { id: 1, body: bytes::Bytes::from(vec![0u8; 100]) };
+        assert!(matches!(outbox.send(big).await, Err(SupervisorError::FrameTooLarge { .. })));
+        assert!(!broken.is_cancelled(), "the connection stays up for everyone else");
+        outbox.send(request(2)).await.unwrap();
+        assert_eq!(*sent.lock().unwrap(), vec![2]);
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_while_its_socket_is_full_stops_writing_and_keeps_nothing() {
+        let recorder = Recorder::default();
+        let stuck = Arc::clone(&recorder.stuck);
+        let broken = CancellationToken::new();
+        let outbox = Outbox::new(Box::pin(recorder), broken.clone(), 1 << 20);
+        stuck.store(true, Ordering::SeqCst);
+        let holder = {
+            let outbox = Arc::clone(&outbox);
+            tokio::spawn(async move { outbox.send(request(1)).await })
+        };
+        tokio::task::yield_now().await;
+        outbox.send(request(2)).await.unwrap();
+        broken.cancel();
+        let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), holder).await;
+        assert!(matches!(stopped.expect("stopped").unwrap(), Err(SupervisorError::Closed)));
+        assert!(outbox.queue().is_empty(), "no request delivered late on a closed connection");
+        assert!(outbox.send(request(3)).await.is_err(), "and nothing more is sent on it");
+    }
+
+    #[tokio::test]
     async fn a_failed_write_breaks_the_connection_for_every_sender() {
         struct Failing;
         impl Sink<Wire> for Failing {
@@ -245,7 +298,7 @@ mod tests {
             }
         }
         let broken = CancellationToken::new();
-        let outbox = Outbox::new(Box::pin(Failing), broken.clone());
+        let outbox = Outbox::new(Box::pin(Failing), broken.clone(), 1 << 20);
         assert!(outbox.send(request(1)).await.is_err());
         assert!(broken.is_cancelled(), "the connection is closed, so its callers hear it");
     }

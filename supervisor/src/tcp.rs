@@ -327,7 +327,7 @@ impl<N: Net> TcpTransport<N> {
         let conn = Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             initiator,
-            writer: Outbox::new(Box::pin(sink), cancel.clone()),
+            writer: Outbox::new(Box::pin(sink), cancel.clone(), self.inner.config.max_frame),
             pending: Arc::default(),
             cancel,
             last_heard: Arc::new(Mutex::new(Instant::now())),
@@ -392,8 +392,22 @@ impl<N: Net> TcpTransport<N> {
                 *lock(&conn.last_heard) = Instant::now();
                 match Wire::decode(frame?)? {
                     Wire::Request { id, body } => {
-                        let Ok(permit) = Arc::clone(&inflight).acquire_owned().await else {
-                            return Ok(());
+                        let permit = match Arc::clone(&inflight).try_acquire_owned() {
+                            Ok(permit) => permit,
+                            Err(_) => {
+                                // Every handler slot is taken: the answers queued so far must
+                                // not wait for one to free (its handler may wait for them).
+                                write_queued_or_spawn(&conn.writer).await?;
+                                unwritten = 0;
+                                let waiting = Arc::clone(&inflight).acquire_owned();
+                                tokio::select! {
+                                    _ = conn.cancel.cancelled() => return Ok(()),
+                                    permit = waiting => match permit {
+                                        Ok(permit) => permit,
+                                        Err(_) => return Ok(()),
+                                    },
+                                }
+                            }
                         };
                         let handler = Arc::clone(&self.inner.handler);
                         let mut answering =
@@ -401,8 +415,12 @@ impl<N: Net> TcpTransport<N> {
                         match futures::poll!(&mut answering) {
                             Poll::Ready(body) => {
                                 drop(permit);
-                                conn.writer.push(Wire::Response { id, body });
-                                unwritten += 1;
+                                match conn.writer.push(Wire::Response { id, body }) {
+                                    Ok(()) => unwritten += 1,
+                                    Err(error) => {
+                                        tracing::warn!(node = peer, %error, "an answer too large for a frame was dropped; its caller will time out (raise max_frame, or make the service answer in parts)");
+                                    }
+                                }
                             }
                             Poll::Pending => {
                                 let writer = Arc::clone(&conn.writer);
@@ -427,8 +445,14 @@ impl<N: Net> TcpTransport<N> {
             }
         }
         .await;
-        if let Err(error) = result {
-            tracing::warn!(node = peer, %error, "connection closed on a bad frame or I/O error");
+        match result {
+            // Closed on this side (replaced, silent, shut down), or by a failed write, which
+            // the outbox reported: nothing of the peer's to report here.
+            Err(SupervisorError::Closed) if conn.cancel.is_cancelled() => {}
+            Err(error) => {
+                tracing::warn!(node = peer, %error, "connection closed on a bad frame or I/O error")
+            }
+            Ok(()) => {}
         }
         conn.cancel.cancel();
         // Waiters see their sender dropped and report `Closed`.
@@ -525,14 +549,25 @@ impl<N: Net> TcpTransport<N> {
         what: String,
     ) -> Result<Bytes> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         lock(&conn.pending).insert(id, tx);
         let mut guard = PendingGuard { pending: &conn.pending, id, answered: false };
         let waited_since = Instant::now();
         let sent = conn.writer.send(Wire::Request { id, body: request });
         let answer = async {
-            sent.await.map_err(|_| SupervisorError::Closed)?;
-            let answer = rx.await.map_err(|_| SupervisorError::Closed)?;
+            // The answer may come while this caller still writes frames other callers queued:
+            // it is taken then, and the writing left to a task (see `Outbox`).
+            tokio::pin!(sent);
+            let mut written = false;
+            let answer = loop {
+                tokio::select! {
+                    result = &mut sent, if !written => {
+                        result?;
+                        written = true;
+                    }
+                    answer = &mut rx => break answer.map_err(|_| SupervisorError::Closed)?,
+                }
+            };
             guard.answered = true;
             Ok(answer)
         };
