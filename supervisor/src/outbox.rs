@@ -94,11 +94,20 @@ impl Outbox {
             poll_fn(|cx| sink.as_mut().poll_flush(cx)).await
         };
         // A connection closed (silent past a deadline, replaced, shut down) while its socket
-        // is full must not keep a task writing to it, nor deliver its requests late.
-        let result = tokio::select! {
-            biased;
-            _ = self.broken.cancelled() => Err(SupervisorError::Closed),
-            result = writing => result,
+        // is full must not keep a task writing to it, nor deliver its requests late. Raced
+        // only once a write waits: watching the token costs a lock each way.
+        let mut writing = std::pin::pin!(writing);
+        let result = if self.broken.is_cancelled() {
+            Err(SupervisorError::Closed)
+        } else {
+            match futures::poll!(&mut writing) {
+                std::task::Poll::Ready(result) => result,
+                std::task::Poll::Pending => tokio::select! {
+                    biased;
+                    _ = self.broken.cancelled() => Err(SupervisorError::Closed),
+                    result = &mut writing => result,
+                },
+            }
         };
         unfinished.outbox = None;
         if let Err(error) = &result {
