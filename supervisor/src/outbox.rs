@@ -202,15 +202,26 @@ mod tests {
         assert_eq!(flushes.load(Ordering::SeqCst), 1, "one flush for all of them");
     }
 
-    #[tokio::test]
-    async fn a_frame_queued_while_the_holder_flushes_is_written_by_the_holder() {
+    /// An outbox whose socket is full: a task holds it, stuck in its flush with request 1,
+    /// and request 2 was left to that holder.
+    struct Held {
+        outbox: Arc<Outbox>,
+        sent: Arc<Mutex<Vec<u64>>>,
+        flushes: Arc<AtomicUsize>,
+        stuck: Arc<std::sync::atomic::AtomicBool>,
+        broken: CancellationToken,
+        holder: tokio::task::JoinHandle<Result<()>>,
+    }
+
+    async fn held() -> Held {
         let recorder = Recorder::default();
         let (sent, flushes, stuck) = (
             Arc::clone(&recorder.sent),
             Arc::clone(&recorder.flushes),
             Arc::clone(&recorder.stuck),
         );
-        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new(), 1 << 20);
+        let broken = CancellationToken::new();
+        let outbox = Outbox::new(Box::pin(recorder), broken.clone(), 1 << 20);
         stuck.store(true, Ordering::SeqCst);
         let holder = {
             let outbox = Arc::clone(&outbox);
@@ -219,40 +230,36 @@ mod tests {
         tokio::task::yield_now().await;
         outbox.send(request(2)).await.unwrap();
         assert_eq!(*sent.lock().unwrap(), vec![1], "left to the holder");
-        stuck.store(false, Ordering::SeqCst);
-        holder.await.unwrap().unwrap();
-        assert_eq!(*sent.lock().unwrap(), vec![1, 2], "the holder looked again before letting go");
-        assert_eq!(flushes.load(Ordering::SeqCst), 2);
+        Held { outbox, sent, flushes, stuck, broken, holder }
+    }
+
+    #[tokio::test]
+    async fn a_frame_queued_while_the_holder_flushes_is_written_by_the_holder() {
+        let h = held().await;
+        h.stuck.store(false, Ordering::SeqCst);
+        h.holder.await.unwrap().unwrap();
+        assert_eq!(
+            *h.sent.lock().unwrap(),
+            vec![1, 2],
+            "the holder looked again before letting go"
+        );
+        assert_eq!(h.flushes.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn a_holder_cancelled_while_flushing_leaves_nothing_behind() {
-        let recorder = Recorder::default();
-        let (sent, flushes, stuck) = (
-            Arc::clone(&recorder.sent),
-            Arc::clone(&recorder.flushes),
-            Arc::clone(&recorder.stuck),
-        );
-        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new(), 1 << 20);
-        stuck.store(true, Ordering::SeqCst);
-        let holder = {
-            let outbox = Arc::clone(&outbox);
-            tokio::spawn(async move { outbox.send(request(1)).await })
-        };
-        tokio::task::yield_now().await;
-        // The holder is stuck in its flush: a second frame is left to it.
-        outbox.send(request(2)).await.unwrap();
-        holder.abort();
-        assert!(holder.await.unwrap_err().is_cancelled());
-        stuck.store(false, Ordering::SeqCst);
+        let h = held().await;
+        h.holder.abort();
+        assert!(h.holder.await.unwrap_err().is_cancelled());
+        h.stuck.store(false, Ordering::SeqCst);
         for _ in 0..100 {
-            if flushes.load(Ordering::SeqCst) > 0 && sent.lock().unwrap().len() == 2 {
+            if h.flushes.load(Ordering::SeqCst) > 0 && h.sent.lock().unwrap().len() == 2 {
                 break;
             }
             tokio::task::yield_now().await;
         }
-        assert_eq!(*sent.lock().unwrap(), vec![1, 2], "the second frame was written too");
-        assert!(flushes.load(Ordering::SeqCst) >= 1, "and flushed by the task left behind");
+        assert_eq!(*h.sent.lock().unwrap(), vec![1, 2], "the second frame was written too");
+        assert!(h.flushes.load(Ordering::SeqCst) >= 1, "and flushed by the task left behind");
     }
 
     #[tokio::test]
@@ -270,22 +277,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_closed_while_its_socket_is_full_stops_writing_and_keeps_nothing() {
-        let recorder = Recorder::default();
-        let stuck = Arc::clone(&recorder.stuck);
-        let broken = CancellationToken::new();
-        let outbox = Outbox::new(Box::pin(recorder), broken.clone(), 1 << 20);
-        stuck.store(true, Ordering::SeqCst);
-        let holder = {
-            let outbox = Arc::clone(&outbox);
-            tokio::spawn(async move { outbox.send(request(1)).await })
-        };
-        tokio::task::yield_now().await;
-        outbox.send(request(2)).await.unwrap();
-        broken.cancel();
-        let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), holder).await;
+        let h = held().await;
+        h.broken.cancel();
+        let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), h.holder).await;
         assert!(matches!(stopped.expect("stopped").unwrap(), Err(SupervisorError::Closed)));
-        assert!(outbox.queue().is_empty(), "no request delivered late on a closed connection");
-        assert!(outbox.send(request(3)).await.is_err(), "and nothing more is sent on it");
+        assert!(h.outbox.queue().is_empty(), "no request delivered late on a closed connection");
+        assert!(h.outbox.send(request(3)).await.is_err(), "and nothing more is sent on it");
     }
 
     #[tokio::test]
