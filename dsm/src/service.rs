@@ -1008,19 +1008,15 @@ impl DsmService {
     async fn hand_aside(&self, ctx: &Context, page: PageId, frame: &crate::frames::Frame) -> bool {
         let Some((label, data)) = frame.lock().retired.clone() else { return false };
         let request = Request::KeepAside { node: ctx.node(), label, data: page_bytes(&data) };
-        match ctx.request::<_, Response>(DSM, page.key(), &request).await {
-            Ok(Response::Ok) => frame.drop_retired(label),
-            // The grant landed, or was taken back (perhaps to this very copy): nothing needs it.
-            Ok(_) => {
-                frame.drop_retired(label);
-                let s = frame.lock();
-                return s.owned && s.data.is_some();
-            }
-            Err(e) => {
-                tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving; should that grant turn out never to have reached its writer, the page will be reported lost");
-            }
+        if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), &request).await {
+            tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving; should that grant turn out never to have reached its writer, the page will be reported lost");
+            return false;
         }
-        false
+        // Kept by the manager, or needed by nobody: the grant landed, or was taken back,
+        // perhaps to this very copy.
+        frame.drop_retired(label);
+        let s = frame.lock();
+        s.owned && s.data.is_some()
     }
 
     /// Hands one owned page to its manager. The frame's writer lock is held only to wait for a

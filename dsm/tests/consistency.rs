@@ -837,6 +837,16 @@ async fn a_writer_that_disowned_its_grant_takes_nothing_with_it_when_it_fails() 
     assert_eq!(get(&cluster.dsm(previous), page).await, 2);
 }
 
+/// The writer whose grant was lost writes `page` again: its write starts from the content the
+/// lost grant carried (count 1), and `reader` then sees the write.
+async fn writes_on_from_the_lost_grant(writer: &Dsm, page: PageId, reader: &Dsm) {
+    let mut g = writer.write(page).await.expect("the writer's next write finds the page");
+    assert_eq!(Value::decode(&g).count, 1, "it starts from the content the lost grant carried");
+    Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
+    g.commit().await.expect("commit");
+    assert_eq!(get(reader, page).await, 2);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_lost_grant_is_taken_back_to_the_writers_own_read_copy_when_its_source_died() {
     let mut cluster = Cluster::start(3, DsmConfig::default()).await;
@@ -849,11 +859,7 @@ async fn a_lost_grant_is_taken_back_to_the_writers_own_read_copy_when_its_source
     lose_a_grant(&cluster, manager, writer, page, Some(version)).await;
     cluster.mem.fail(previous).await;
     // The writer's read copy is what the lost grant carried: the page is not lost.
-    let mut g = w.write(page).await.expect("the writer's next write");
-    assert_eq!(Value::decode(&g).count, 1);
-    Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
-    g.commit().await.expect("commit");
-    assert_eq!(get(&cluster.dsm(manager), page).await, 2);
+    writes_on_from_the_lost_grant(&w, page, &cluster.dsm(manager)).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -865,12 +871,7 @@ async fn a_lost_grants_source_that_leaves_hands_its_copy_kept_aside_to_the_manag
     lose_a_grant(&cluster, manager, writer, page, None).await;
     // The only copy of the page is the one its previous owner kept aside, and it leaves.
     cluster.mem.evict(previous).await;
-    let w = cluster.dsm(writer);
-    let mut g = w.write(page).await.expect("the writer's next write finds the page");
-    assert_eq!(Value::decode(&g).count, 1, "it starts from the content the lost grant carried");
-    Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
-    g.commit().await.expect("commit");
-    assert_eq!(get(&cluster.dsm(manager), page).await, 2);
+    writes_on_from_the_lost_grant(&cluster.dsm(writer), page, &cluster.dsm(manager)).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -882,12 +883,7 @@ async fn a_leaving_manager_that_was_a_lost_grants_source_sends_its_copy_with_the
     put(&cluster.dsm(manager), page, 1).await;
     lose_a_grant(&cluster, other, writer, page, None).await;
     cluster.mem.evict(manager).await;
-    let w = cluster.dsm(writer);
-    let mut g = w.write(page).await.expect("the writer's next write finds the page");
-    assert_eq!(Value::decode(&g).count, 1, "it starts from the content the lost grant carried");
-    Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
-    g.commit().await.expect("commit");
-    assert_eq!(get(&cluster.dsm(other), page).await, 2);
+    writes_on_from_the_lost_grant(&cluster.dsm(writer), page, &cluster.dsm(other)).await;
 }
 
 #[tokio::test(start_paused = true)]
