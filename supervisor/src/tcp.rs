@@ -26,7 +26,7 @@ use crate::transport::{Admission, Handler, Transport};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
@@ -89,7 +89,9 @@ pub struct Identity {
     pub addr: String,
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Bytes>>>>;
+/// Ordered: a closed connection fails its callers in the order they called, the same in every
+/// run of a simulation's seed (a `HashMap` drops its waiters in a new order each run).
+type Pending = Arc<Mutex<BTreeMap<u64, oneshot::Sender<Bytes>>>>;
 
 /// The writing half of a connection, shared by the callers and the answering tasks.
 type Writer = Arc<Outbox>;

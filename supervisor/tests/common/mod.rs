@@ -92,19 +92,23 @@ pub(crate) fn seed_from_env() -> u64 {
 /// Runs `one_seed` of this test binary once per seed, each in its own process, and fails with
 /// every failing seed's reason. `GOBELINS_SIM_SEEDS` overrides how many (`default` otherwise).
 /// A seed runs on one thread, so as many run at once as the machine has cores: the sweep is
-/// most of the suite's time.
+/// most of the suite's time. The first seed runs twice and must print the same summary both
+/// times: a failing seed is only worth its number if it replays.
 pub(crate) fn sweep(default: u64) {
     if std::env::var("GOBELINS_SIM_SEED").is_ok() {
         return;
     }
     let seeds: u64 =
         std::env::var("GOBELINS_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
-    let at_once = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+    let at_once = std::thread::available_parallelism().map_or(1, |n| n.get());
     let exe = std::env::current_exe().expect("test binary");
+    let runs: Vec<u64> = (0..seeds).chain((seeds > 0).then_some(0)).collect();
+    let mut summaries: Vec<(u64, String)> = Vec::new();
     let mut failures = Vec::new();
-    for first in (0..seeds).step_by(at_once as usize) {
-        let running: Vec<(u64, std::process::Child)> = (first..seeds.min(first + at_once))
-            .map(|seed| {
+    for batch in runs.chunks(at_once) {
+        let running: Vec<(u64, std::process::Child)> = batch
+            .iter()
+            .map(|&seed| {
                 let child = std::process::Command::new(&exe)
                     .args(["--exact", "one_seed", "--include-ignored", "--nocapture"])
                     .arg("--test-threads=1")
@@ -121,9 +125,10 @@ pub(crate) fn sweep(default: u64) {
             let text = String::from_utf8_lossy(&out.stderr);
             if out.status.success() {
                 // The seed's one-line summary, so that a passing sweep still shows what it did.
-                if let Some(line) = text.lines().find(|l| l.starts_with(&format!("seed {seed}:"))) {
-                    eprintln!("{line}");
-                }
+                let line = text.lines().find(|l| l.starts_with(&format!("seed {seed}:")));
+                let line = line.unwrap_or("no summary printed").to_string();
+                eprintln!("{line}");
+                summaries.push((seed, line));
             } else {
                 let reason =
                     text.lines().find(|l| l.contains("seed ")).unwrap_or("no reason printed");
@@ -131,10 +136,21 @@ pub(crate) fn sweep(default: u64) {
             }
         }
     }
+    let replays: Vec<&str> =
+        summaries.iter().filter(|(seed, _)| *seed == 0).map(|(_, l)| l.as_str()).collect();
+    if let [first, second] = replays[..] {
+        if first != second {
+            failures.push(format!(
+                "seed 0 did not replay (a source of randomness or of wall-clock time is not \
+                 the seed's; see .cargo/config.toml):\n  first run:  {first}\n  second run: {second}"
+            ));
+        }
+    }
     assert!(
         failures.is_empty(),
-        "{} of {seeds} seeds failed:\n{}",
+        "{} of {} runs failed:\n{}",
         failures.len(),
+        runs.len(),
         failures.join("\n")
     );
 }
