@@ -36,6 +36,8 @@ struct Record {
     joined: BTreeSet<(u64, u64)>,
     /// Nodes whose leave the cluster acknowledged.
     left: BTreeSet<u64>,
+    /// States the nodes saw, all lives together: a fingerprint of the run, for the replay check.
+    views: u64,
     violations: Vec<String>,
 }
 
@@ -98,6 +100,7 @@ async fn run_node(
                     .push(format!("node {id}: epoch went from {last} back to {}", current.epoch));
             }
             last = current.epoch;
+            r.views += 1;
             let max = r.max_epoch.entry(id).or_insert(0);
             *max = (*max).max(current.epoch);
             let statuses =
@@ -224,8 +227,9 @@ fn run_seed(seed: u64) -> Result<(), String> {
         }
     }
     eprintln!(
-        "seed {seed}: {script}; agreed at {:?} on epoch {epoch}: {final_status:?}",
-        sim.elapsed()
+        "seed {seed}: {script}; agreed at {:?} on epoch {epoch}, after {} views: {final_status:?}",
+        sim.elapsed(),
+        r.views
     );
     Ok(())
 }
