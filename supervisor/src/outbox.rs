@@ -16,6 +16,9 @@ use tokio_util::sync::CancellationToken;
 /// The frame sink of a connection.
 pub(crate) type FrameSink = Pin<Box<dyn Sink<Wire, Error = SupervisorError> + Send>>;
 
+/// Whether the caller of request `id` has stopped waiting for its answer.
+pub(crate) type Abandoned = Box<dyn Fn(u64) -> bool + Send + Sync>;
+
 /// Frames waiting to be written on one connection, and the socket they go to.
 pub(crate) struct Outbox {
     queue: Mutex<VecDeque<Wire>>,
@@ -27,12 +30,20 @@ pub(crate) struct Outbox {
     /// The largest frame the sink takes: a frame over it is refused to its own sender, not
     /// found by whoever writes it, which would break the connection for all.
     max_frame: usize,
+    /// A request still queued when its caller gave up is not written: a peer already behind
+    /// would spend its time on work nobody waits for, and fall further behind.
+    abandoned: Abandoned,
 }
 
 impl Outbox {
-    pub(crate) fn new(sink: FrameSink, broken: CancellationToken, max_frame: usize) -> Arc<Outbox> {
+    pub(crate) fn new(
+        sink: FrameSink,
+        broken: CancellationToken,
+        max_frame: usize,
+        abandoned: Abandoned,
+    ) -> Arc<Outbox> {
         let sink = tokio::sync::Mutex::new(sink);
-        Arc::new(Outbox { queue: Mutex::default(), sink, broken, max_frame })
+        Arc::new(Outbox { queue: Mutex::default(), sink, broken, max_frame, abandoned })
     }
 
     fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Wire>> {
@@ -89,6 +100,9 @@ impl Outbox {
             loop {
                 poll_fn(|cx| sink.as_mut().poll_ready(cx)).await?;
                 let Some(wire) = self.queue().pop_front() else { break };
+                if matches!(wire, Wire::Request { id, .. } if (self.abandoned)(id)) {
+                    continue;
+                }
                 sink.as_mut().start_send(wire)?;
             }
             poll_fn(|cx| sink.as_mut().poll_flush(cx)).await
@@ -189,11 +203,17 @@ mod tests {
         Wire::Request { id, body: bytes::Bytes::new() }
     }
 
+    /// Every caller still waits.
+    fn waited_for() -> Abandoned {
+        Box::new(|_| false)
+    }
+
     #[tokio::test]
     async fn frames_queued_while_the_socket_is_held_leave_with_the_holders_flush() {
         let recorder = Recorder::default();
         let (sent, flushes) = (Arc::clone(&recorder.sent), Arc::clone(&recorder.flushes));
-        let outbox = Outbox::new(Box::pin(recorder), CancellationToken::new(), 1 << 20);
+        let outbox =
+            Outbox::new(Box::pin(recorder), CancellationToken::new(), 1 << 20, waited_for());
         for id in 0..5 {
             outbox.push(request(id)).unwrap();
         }
@@ -210,6 +230,8 @@ mod tests {
         flushes: Arc<AtomicUsize>,
         stuck: Arc<std::sync::atomic::AtomicBool>,
         broken: CancellationToken,
+        /// Requests whose callers gave up.
+        gave_up: Arc<Mutex<Vec<u64>>>,
         holder: tokio::task::JoinHandle<Result<()>>,
     }
 
@@ -221,7 +243,12 @@ mod tests {
             Arc::clone(&recorder.stuck),
         );
         let broken = CancellationToken::new();
-        let outbox = Outbox::new(Box::pin(recorder), broken.clone(), 1 << 20);
+        let gave_up: Arc<Mutex<Vec<u64>>> = Arc::default();
+        let abandoned = {
+            let gave_up = Arc::clone(&gave_up);
+            Box::new(move |id| gave_up.lock().unwrap().contains(&id))
+        };
+        let outbox = Outbox::new(Box::pin(recorder), broken.clone(), 1 << 20, abandoned);
         stuck.store(true, Ordering::SeqCst);
         let holder = {
             let outbox = Arc::clone(&outbox);
@@ -230,7 +257,7 @@ mod tests {
         tokio::task::yield_now().await;
         outbox.send(request(2)).await.unwrap();
         assert_eq!(*sent.lock().unwrap(), vec![1], "left to the holder");
-        Held { outbox, sent, flushes, stuck, broken, holder }
+        Held { outbox, sent, flushes, stuck, broken, gave_up, holder }
     }
 
     #[tokio::test]
@@ -244,6 +271,20 @@ mod tests {
             "the holder looked again before letting go"
         );
         assert_eq!(h.flushes.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_caller_gave_up_while_it_was_queued_is_not_written() {
+        let h = held().await;
+        h.outbox.push(Wire::Response { id: 3, body: bytes::Bytes::new() }).unwrap();
+        h.gave_up.lock().unwrap().extend([2, 3]);
+        h.stuck.store(false, Ordering::SeqCst);
+        h.holder.await.unwrap().unwrap();
+        assert_eq!(
+            *h.sent.lock().unwrap(),
+            vec![1, 3],
+            "request 2 was dropped; an answer is always written"
+        );
     }
 
     #[tokio::test]
@@ -267,7 +308,7 @@ mod tests {
         let recorder = Recorder::default();
         let sent = Arc::clone(&recorder.sent);
         let broken = CancellationToken::new();
-        let outbox = Outbox::new(Box::pin(recorder), broken.clone(), 64);
+        let outbox = Outbox::new(Box::pin(recorder), broken.clone(), 64, waited_for());
         let big = Wire::Request { id: 1, body: bytes::Bytes::from(vec![0u8; 100]) };
         assert!(matches!(outbox.send(big).await, Err(SupervisorError::FrameTooLarge { .. })));
         assert!(!broken.is_cancelled(), "the connection stays up for everyone else");
@@ -304,7 +345,7 @@ mod tests {
             }
         }
         let broken = CancellationToken::new();
-        let outbox = Outbox::new(Box::pin(Failing), broken.clone(), 1 << 20);
+        let outbox = Outbox::new(Box::pin(Failing), broken.clone(), 1 << 20, waited_for());
         assert!(outbox.send(request(1)).await.is_err());
         assert!(broken.is_cancelled(), "the connection is closed, so its callers hear it");
     }

@@ -326,11 +326,17 @@ impl<N: Net> TcpTransport<N> {
     fn register(&self, peer: u64, initiator: u64, framed: Framed<N::Stream, FrameCodec>) -> Conn {
         let (stream, sink) = halves(framed);
         let cancel = self.inner.shutdown.child_token();
+        let pending: Pending = Arc::default();
+        let abandoned = {
+            let pending = Arc::clone(&pending);
+            Box::new(move |id| !lock(&pending).contains_key(&id))
+        };
+        let max_frame = self.inner.config.max_frame;
         let conn = Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             initiator,
-            writer: Outbox::new(Box::pin(sink), cancel.clone(), self.inner.config.max_frame),
-            pending: Arc::default(),
+            writer: Outbox::new(Box::pin(sink), cancel.clone(), max_frame, abandoned),
+            pending,
             cancel,
             last_heard: Arc::new(Mutex::new(Instant::now())),
         };
