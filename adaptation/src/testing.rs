@@ -260,7 +260,11 @@ impl MemCluster {
     }
 
     fn broadcast(&self, change: Option<Progress>, snapshot: Arc<Snapshot>) {
-        for host in self.net.hosts.iter() {
+        // In node order, the same in every run: a `DashMap` iterates in a new order each run.
+        let mut hosts: Vec<(NodeId, Host)> =
+            self.net.hosts.iter().map(|h| (*h.key(), h.value().clone())).collect();
+        hosts.sort_by_key(|(node, _)| *node);
+        for (_, host) in hosts {
             host.update(Update {
                 epoch: self.epoch,
                 snapshot: Some(Arc::clone(&snapshot)),
@@ -408,4 +412,23 @@ pub async fn conformance<P: Probe>(probe: P, keys: u64) -> Verdict {
 async fn write<P: Probe>(host: &Host, probe: &P, service: ServiceId, key: u64, value: u64) -> bool {
     let request = codec::encode(&probe.write(value)).expect("request encodes");
     host.request(service, Key(key), request).await.is_ok()
+}
+
+/// The seed [`replay`] runs on: `GOBELINS_TEST_SEED` if set, else 0.
+pub fn test_seed() -> u64 {
+    std::env::var("GOBELINS_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Runs `test` as `#[tokio::test(start_paused = true)]` would (one thread, the clock paused
+/// until every task waits), but with tokio's own random choices (which branch of a `select!` is
+/// polled first) drawn from [`test_seed`], so that a scenario test takes the same path in every
+/// run and a failure replays: run the test again with the seed it failed with. The choices are
+/// seeded only when tokio is built with `--cfg tokio_unstable`, as this workspace is
+/// (`.cargo/config.toml`); without it they come from the OS, as in any tokio test.
+pub fn replay<F: std::future::Future>(test: F) -> F::Output {
+    let mut builder = tokio::runtime::Builder::new_current_thread();
+    builder.enable_all().start_paused(true);
+    #[cfg(tokio_unstable)]
+    builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&test_seed().to_le_bytes()));
+    builder.build().expect("a current-thread runtime").block_on(test)
 }

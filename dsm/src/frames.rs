@@ -392,9 +392,12 @@ impl Frames {
         self.map.get(&page).map(|f| Arc::clone(&f))
     }
 
-    /// A snapshot of the frames, to walk without holding the map.
+    /// A snapshot of the frames in page order, to walk without holding the map: the same
+    /// order in every run, as a scenario test's seed needs (a `DashMap`'s changes each run).
     pub(crate) fn all(&self) -> Vec<(PageId, Arc<Frame>)> {
-        self.map.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect()
+        let mut all: Vec<_> = self.map.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
+        all.sort_unstable_by_key(|(page, _)| *page);
+        all
     }
 
     /// Forgets everything (this node left the cluster).

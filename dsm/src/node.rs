@@ -7,7 +7,7 @@ use crate::service::DsmService;
 use dashmap::DashMap;
 use gobelins_adaptation::ChangeInfo;
 use gobelins_locator::{Key, ServiceId, ServiceSpec};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -72,11 +72,11 @@ pub(crate) struct NodeState {
     /// Nodes whose failure the cluster confirmed (until their id comes back as a new life).
     pub(crate) failed: Mutex<std::collections::BTreeSet<gobelins_locator::NodeId>>,
     /// Locks this node's clients hold, for a rebuilding manager.
-    pub(crate) held: Mutex<HashMap<u64, Token>>,
+    pub(crate) held: Mutex<BTreeMap<u64, Token>>,
     /// Barriers this node's clients wait at: id → generation.
-    pub(crate) waiting: Mutex<HashMap<u64, u64>>,
+    pub(crate) waiting: Mutex<BTreeMap<u64, u64>>,
     /// Generations passed, per barrier, by this node's clients.
-    pub(crate) generations: Mutex<HashMap<u64, u64>>,
+    pub(crate) generations: Mutex<BTreeMap<u64, u64>>,
     pub(crate) seq: std::sync::atomic::AtomicU64,
     /// Probable owners: where this node last learned each page lives.
     pub(crate) hints: DashMap<crate::page::PageId, gobelins_locator::NodeId>,
@@ -113,9 +113,9 @@ impl DsmNode {
                 barriers: DashMap::new(),
                 change: Mutex::new(None),
                 failed: Mutex::new(Default::default()),
-                held: Mutex::new(HashMap::new()),
-                waiting: Mutex::new(HashMap::new()),
-                generations: Mutex::new(HashMap::new()),
+                held: Mutex::new(BTreeMap::new()),
+                waiting: Mutex::new(BTreeMap::new()),
+                generations: Mutex::new(BTreeMap::new()),
                 seq: std::sync::atomic::AtomicU64::new(0),
                 hints: DashMap::new(),
                 hinted: AtomicU64::new(0),

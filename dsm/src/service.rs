@@ -967,8 +967,10 @@ impl DsmService {
 
     /// After nodes left: every entry they held a part of is mended, and their locks freed.
     async fn sweep(&self, ctx: &Context) {
-        let slots: Vec<(Key, Arc<AsyncMutex<Live>>)> =
+        let mut slots: Vec<(Key, Arc<AsyncMutex<Live>>)> =
             self.state().live.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
+        // In key order, the same in every run (a `DashMap`'s order is new each run).
+        slots.sort_unstable_by_key(|(key, _)| *key);
         for (key, slot) in slots {
             let mut entry = slot.lock().await;
             match (&mut *entry, named(key)) {

@@ -7,7 +7,7 @@
 //! consistency asks: every read returns a value that was written, no node reads a value older
 //! than one it already saw or wrote, and a node's write follows everything it read.
 
-use gobelins_adaptation::testing::MemCluster;
+use gobelins_adaptation::testing::{replay, MemCluster};
 use gobelins_adaptation::{plugin, HostConfig, Registry};
 use gobelins_dsm::{Dsm, DsmConfig, DsmError, DsmNode, FaultStats, PageId};
 use gobelins_locator::NodeId;
@@ -366,132 +366,171 @@ fn unexplained(histories: &[Vec<Op>], counts: &[u64]) -> Vec<(u32, u64, u64)> {
         .collect()
 }
 
-#[tokio::test(start_paused = true)]
-async fn concurrent_access_stays_sequentially_consistent_through_additions_and_evictions() {
-    logs();
-    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
-    let mut load = Load::new();
-    let mut on_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
-    for node in cluster.mem.nodes() {
-        on_node.insert(node, load.start(&cluster, node));
-    }
-    let mut done = Vec::new();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+#[test]
+fn concurrent_access_stays_sequentially_consistent_through_additions_and_evictions() {
+    replay(async {
+        logs();
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let mut load = Load::new();
+        let mut on_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+        for node in cluster.mem.nodes() {
+            on_node.insert(node, load.start(&cluster, node));
+        }
+        let mut done = Vec::new();
+        tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let added = cluster.mem.add().await;
-    on_node.insert(added, load.start(&cluster, added));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        let added = cluster.mem.add().await;
+        on_node.insert(added, load.start(&cluster, added));
+        tokio::time::sleep(Duration::from_millis(300)).await;
 
-    // A node's own programs stop before it is evicted; everyone else's keep going. Its last
-    // writes leave it the only holder of some pages, which it must hand over as it leaves.
-    let evicted = NodeId(2);
-    done.extend(load.stop(&on_node.remove(&evicted).expect("workers")).await);
-    done.push(write_all(&cluster.dsm(evicted), 100).await);
-    cluster.mem.evict(evicted).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+        // A node's own programs stop before it is evicted; everyone else's keep going. Its last
+        // writes leave it the only holder of some pages, which it must hand over as it leaves.
+        let evicted = NodeId(2);
+        done.extend(load.stop(&on_node.remove(&evicted).expect("workers")).await);
+        done.push(write_all(&cluster.dsm(evicted), 100).await);
+        cluster.mem.evict(evicted).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let added = cluster.mem.add().await;
-    on_node.insert(added, load.start(&cluster, added));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let evicted = NodeId(1);
-    done.extend(load.stop(&on_node.remove(&evicted).expect("workers")).await);
-    done.push(write_all(&cluster.dsm(evicted), 101).await);
-    cluster.mem.evict(evicted).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    done.extend(load.stop_all().await);
+        let added = cluster.mem.add().await;
+        on_node.insert(added, load.start(&cluster, added));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let evicted = NodeId(1);
+        done.extend(load.stop(&on_node.remove(&evicted).expect("workers")).await);
+        done.push(write_all(&cluster.dsm(evicted), 101).await);
+        cluster.mem.evict(evicted).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        done.extend(load.stop_all().await);
 
-    let errors: Vec<&DsmError> = done.iter().flat_map(|(_, e)| e).collect();
-    assert!(errors.is_empty(), "accesses failed: {errors:?}");
-    let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
-    let ops: usize = histories.iter().map(Vec::len).sum();
-    let writes = histories.iter().flatten().filter(|o| matches!(o, Op::Write { .. })).count();
-    let hinted: u64 = (1..=5).map(|n| cluster.stats(NodeId(n)).hinted).sum();
-    eprintln!("{ops} accesses, {writes} writes, over {} changes; {hinted} read faults served by the probable owner", 4);
-    assert!(hinted > 0, "readers went straight to the owners");
-    assert!(writes > 200 && ops > 1000, "the workers ran: {ops} accesses, {writes} writes");
-    check(&histories).expect("sequentially consistent");
+        let errors: Vec<&DsmError> = done.iter().flat_map(|(_, e)| e).collect();
+        assert!(errors.is_empty(), "accesses failed: {errors:?}");
+        let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
+        let ops: usize = histories.iter().map(Vec::len).sum();
+        let writes = histories.iter().flatten().filter(|o| matches!(o, Op::Write { .. })).count();
+        let hinted: u64 = (1..=5).map(|n| cluster.stats(NodeId(n)).hinted).sum();
+        eprintln!("{ops} accesses, {writes} writes, over {} changes; {hinted} read faults served by the probable owner", 4);
+        assert!(hinted > 0, "readers went straight to the owners");
+        assert!(writes > 200 && ops > 1000, "the workers ran: {ops} accesses, {writes} writes");
+        check(&histories).expect("sequentially consistent");
 
-    // Nothing was lost: every page holds its last write, seen from a node that joined late.
-    let reader = cluster.dsm(*cluster.mem.nodes().last().expect("nodes"));
+        // Nothing was lost: every page holds its last write, seen from a node that joined late.
+        let reader = cluster.dsm(*cluster.mem.nodes().last().expect("nodes"));
+        assert_eq!(
+            final_counts(&reader).await.expect("every page readable"),
+            highest_writes(&histories)
+        );
+    })
+}
+
+/// The scenario above, run twice in processes of their own, must take the same path: a failure
+/// is replayed with `GOBELINS_TEST_SEED` (see `gobelins_adaptation::testing::replay`) only if
+/// nothing else random or timed by the wall clock steers the run.
+#[test]
+fn the_concurrency_scenario_replays_its_seed() {
+    let name = "concurrent_access_stays_sequentially_consistent_through_additions_and_evictions";
+    let summary = || {
+        let out = std::process::Command::new(std::env::current_exe().expect("test binary"))
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run the scenario");
+        assert!(
+            out.status.success(),
+            "the scenario failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        text.lines().find(|l| l.contains(" accesses, ")).expect("its summary").to_string()
+    };
+    let (first, second) = (summary(), summary());
     assert_eq!(
-        final_counts(&reader).await.expect("every page readable"),
-        highest_writes(&histories)
+        first,
+        second,
+        "two runs of seed {} took different paths",
+        gobelins_adaptation::testing::test_seed()
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn with_backups_a_failure_under_load_loses_no_page() {
-    let mut cluster = Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
-    let mut load = Load::new();
-    let mut on_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
-    for node in cluster.mem.nodes() {
-        on_node.insert(node, load.start(&cluster, node));
-    }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+#[test]
+fn with_backups_a_failure_under_load_loses_no_page() {
+    replay(async {
+        let mut cluster =
+            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let mut load = Load::new();
+        let mut on_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
+        for node in cluster.mem.nodes() {
+            on_node.insert(node, load.start(&cluster, node));
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
 
-    // The victim's programs die with it: what they had committed must survive.
-    let victim = NodeId(3);
-    let workers = on_node.remove(&victim).expect("workers");
-    for w in &workers {
-        load.stops[w].store(true, Ordering::Relaxed);
-    }
-    let mut done = Vec::new();
-    for w in &workers {
-        let (history, _) = load.tasks.remove(w).expect("worker").await.expect("worker task");
-        done.push((history, Vec::new()));
-    }
-    // Its last act: a write to every page, so that it dies as the only holder of some.
-    done.push(write_all(&cluster.dsm(victim), 99).await);
-    cluster.mem.fail(victim).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    done.extend(load.stop_all().await);
+        // The victim's programs die with it: what they had committed must survive.
+        let victim = NodeId(3);
+        let workers = on_node.remove(&victim).expect("workers");
+        for w in &workers {
+            load.stops[w].store(true, Ordering::Relaxed);
+        }
+        let mut done = Vec::new();
+        for w in &workers {
+            let (history, _) = load.tasks.remove(w).expect("worker").await.expect("worker task");
+            done.push((history, Vec::new()));
+        }
+        // Its last act: a write to every page, so that it dies as the only holder of some.
+        done.push(write_all(&cluster.dsm(victim), 99).await);
+        cluster.mem.fail(victim).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        done.extend(load.stop_all().await);
 
-    let errors: std::collections::BTreeSet<String> =
-        done.iter().flat_map(|(_, e)| e).map(|e| e.to_string()).collect();
-    let snapshot = cluster.mem.snapshot();
-    let managers: Vec<_> =
-        (0..PAGES).map(|p| snapshot.locate(gobelins_dsm::DSM, pid(p).key())).collect();
-    assert!(errors.is_empty(), "survivors' accesses failed: {errors:?}; managers {managers:?}");
-    let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
-    check(&histories).expect("sequentially consistent");
-    let reader = cluster.dsm(NodeId(1));
-    let counts = final_counts(&reader).await.expect("no page lost");
-    assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
+        let errors: std::collections::BTreeSet<String> =
+            done.iter().flat_map(|(_, e)| e).map(|e| e.to_string()).collect();
+        let snapshot = cluster.mem.snapshot();
+        let managers: Vec<_> =
+            (0..PAGES).map(|p| snapshot.locate(gobelins_dsm::DSM, pid(p).key())).collect();
+        assert!(errors.is_empty(), "survivors' accesses failed: {errors:?}; managers {managers:?}");
+        let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
+        check(&histories).expect("sequentially consistent");
+        let reader = cluster.dsm(NodeId(1));
+        let counts = final_counts(&reader).await.expect("no page lost");
+        assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
+    })
 }
 
-#[tokio::test(start_paused = true)]
-async fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zeroed() {
-    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
-    let victim = NodeId(3);
-    let writer = cluster.dsm(victim);
-    let reader = cluster.dsm(NodeId(1));
-    // Every page written by the victim alone; page 0 also read by node 1 (a surviving copy).
-    for page in 0..PAGES {
-        let mut g = writer.write(pid(page)).await.expect("write");
-        Value { count: 1, worker: 7, seq: u64::from(page) }.encode(&mut g);
-        g.commit().await.expect("commit");
-    }
-    let shared = reader.read(pid(0)).await.expect("read");
-    assert_eq!(Value::decode(&shared).count, 1);
-
-    cluster.mem.fail(victim).await;
-
-    assert_eq!(Value::decode(&reader.read(pid(0)).await.expect("copy")).count, 1);
-    let mut lost = 0;
-    for page in 1..PAGES {
-        match reader.read(pid(page)).await {
-            Err(DsmError::Lost { .. }) => lost += 1,
-            Ok(g) => {
-                panic!("page {page} came back as {:?} though its only copy died", Value::decode(&g))
-            }
-            Err(e) => panic!("page {page}: {e}"),
+#[test]
+fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zeroed() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let victim = NodeId(3);
+        let writer = cluster.dsm(victim);
+        let reader = cluster.dsm(NodeId(1));
+        // Every page written by the victim alone; page 0 also read by node 1 (a surviving copy).
+        for page in 0..PAGES {
+            let mut g = writer.write(pid(page)).await.expect("write");
+            Value { count: 1, worker: 7, seq: u64::from(page) }.encode(&mut g);
+            g.commit().await.expect("commit");
         }
-    }
-    assert_eq!(lost, PAGES - 1);
-    // The program decides; then the page starts afresh.
-    let page = pid(1);
-    reader.discard(page).await.expect("discard");
-    assert_eq!(Value::decode(&reader.read(page).await.expect("fresh")).count, 0);
+        let shared = reader.read(pid(0)).await.expect("read");
+        assert_eq!(Value::decode(&shared).count, 1);
+
+        cluster.mem.fail(victim).await;
+
+        assert_eq!(Value::decode(&reader.read(pid(0)).await.expect("copy")).count, 1);
+        let mut lost = 0;
+        for page in 1..PAGES {
+            match reader.read(pid(page)).await {
+                Err(DsmError::Lost { .. }) => lost += 1,
+                Ok(g) => {
+                    panic!(
+                        "page {page} came back as {:?} though its only copy died",
+                        Value::decode(&g)
+                    )
+                }
+                Err(e) => panic!("page {page}: {e}"),
+            }
+        }
+        assert_eq!(lost, PAGES - 1);
+        // The program decides; then the page starts afresh.
+        let page = pid(1);
+        reader.discard(page).await.expect("discard");
+        assert_eq!(Value::decode(&reader.read(page).await.expect("fresh")).count, 0);
+    })
 }
 
 #[tokio::test(start_paused = true)]
@@ -632,10 +671,12 @@ async fn an_access_outside_a_segment_is_refused() {
 
 /// A program on a node being evicted keeps writing through the eviction: every write it was
 /// told succeeded must survive on the nodes that stay, and the page must stay readable.
-#[tokio::test(start_paused = true)]
-async fn writes_on_a_node_during_its_own_eviction_are_kept_or_refused_never_lost() {
-    logs();
-    write_through_eviction(DsmConfig::default()).await;
+#[test]
+fn writes_on_a_node_during_its_own_eviction_are_kept_or_refused_never_lost() {
+    replay(async {
+        logs();
+        write_through_eviction(DsmConfig::default()).await;
+    })
 }
 
 async fn write_through_eviction(config: DsmConfig) {
