@@ -393,7 +393,7 @@ impl Frames {
     }
 
     /// A snapshot of the frames in page order, to walk without holding the map: the same
-    /// order in every run, as a scenario test's seed needs (a `DashMap`'s changes each run).
+    /// order in every run, as a scenario test's seed needs (a `DashMap`'s order changes each run).
     pub(crate) fn all(&self) -> Vec<(PageId, Arc<Frame>)> {
         let mut all: Vec<_> = self.map.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
         all.sort_unstable_by_key(|(page, _)| *page);

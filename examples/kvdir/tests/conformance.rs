@@ -1,7 +1,7 @@
 //! The replicated directory against the adaptation layer's conformance suite, on an in-memory
 //! cluster under a paused clock.
 
-use gobelins_adaptation::testing::{conformance, Probe};
+use gobelins_adaptation::testing::{conformance, replay, Probe};
 use gobelins_kvdir::{KvDir, Request, Response};
 
 struct KvProbe;
@@ -46,10 +46,10 @@ async fn kvdir_cluster(
     .await
 }
 
-#[tokio::test(start_paused = true)]
-async fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid_eviction_under_load(
-) {
-    let verdict = conformance(KvProbe, 10_000).await;
+/// On a runtime whose random choices come from `GOBELINS_TEST_SEED`: a failure replays.
+#[test]
+fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid_eviction_under_load() {
+    let verdict = replay(conformance(KvProbe, 10_000));
     eprintln!("{verdict:?}");
     assert_eq!(verdict.failed, 0, "{verdict:?}");
     assert_eq!(verdict.lost, 0, "{verdict:?}");
