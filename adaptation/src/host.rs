@@ -11,6 +11,7 @@
 use crate::codec;
 use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
+use crate::forwarded::{Forwarded, Wait};
 use crate::kept::{Kept, KeptOrder};
 use crate::link::Link;
 use crate::pool::Pool;
@@ -123,6 +124,10 @@ pub struct Stats {
     /// `answers_per_key` per key; [`crate::Service::repeatable`] requests keep none).
     #[serde(default)]
     pub answers_kept: u64,
+    /// Requests for keys this node no longer manages that it passed on to their manager,
+    /// which answered their sender directly.
+    #[serde(default)]
+    pub forwarded: u64,
 }
 
 /// One change as this node carried it out: what moved and how long each phase took.
@@ -161,6 +166,7 @@ pub(crate) struct Counters {
     pub(crate) entries_received: AtomicU64,
     pub(crate) entries_rebuilt: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
+    pub(crate) forwarded: AtomicU64,
 }
 
 /// A request being handled: while it lives, a retry of the same request waits for it.
@@ -206,6 +212,8 @@ pub(crate) struct Inner {
     running: DashMap<RequestId, watch::Receiver<()>>,
     /// This node's requests in flight, as a sender.
     outstanding: Outstanding,
+    /// Answers to this node's requests that another node forwarded to their manager.
+    forwarded: Forwarded,
     /// What this node's senders have settled, as a manager.
     pub(crate) settled: Mutex<Settled>,
     /// Where each kept answer is, per sender in the order kept: forgotten once settled. Taken
@@ -334,6 +342,7 @@ impl Host {
                 .iter()
                 .map(|slot| slot.values().map(|a| a.len() as u64).sum::<u64>())
                 .sum(),
+            forwarded: get(&c.forwarded),
         }
     }
 
@@ -350,7 +359,21 @@ impl Host {
         key: Key,
         body: Vec<u8>,
     ) -> Result<Vec<u8>, AdaptationError> {
-        self.inner.load_full().request(service, key, body).await
+        self.inner.load_full().request(service, key, body, None).await
+    }
+
+    /// [`Host::request`], sent first to `first` whatever the locator says, as a sender that
+    /// routes by an old epoch would: `first` passes it on to the key's manager if it no
+    /// longer manages the key, and the manager answers here directly. For measuring and
+    /// testing that path; services use [`Host::request`].
+    pub async fn request_via(
+        &self,
+        first: NodeId,
+        service: ServiceId,
+        key: Key,
+        body: Vec<u8>,
+    ) -> Result<Vec<u8>, AdaptationError> {
+        self.inner.load_full().request(service, key, body, Some(first)).await
     }
 
     /// A context for code outside the service callbacks (a client library on this node, say):
@@ -409,6 +432,7 @@ async fn forget_old_answers(inner: Weak<Inner>) {
             inner.kept.lock().expect("kept").expire(keep, Instant::now());
             settled.clone()
         };
+        inner.forwarded.forget_older_than(keep, Instant::now());
         inner.answers.retain(|_, keys| {
             keys.retain(|_, list| {
                 list.retain(|(id, _, at)| at.elapsed() < keep && !settled.covers(id));
@@ -447,6 +471,7 @@ impl Inner {
             // Ids must not repeat across restarts of the node, or a manager would answer a new
             // request with an old request's remembered answer: start each life somewhere new.
             outstanding: Outstanding::new(boot_sequence()),
+            forwarded: Forwarded::default(),
             settled: Mutex::new(Settled::default()),
             kept: Mutex::new(KeptOrder::default()),
             departed: watch::channel(BTreeSet::new()).0,
@@ -612,6 +637,7 @@ impl Inner {
         service: ServiceId,
         key: Key,
         body: Vec<u8>,
+        mut first: Option<NodeId>,
     ) -> Result<Vec<u8>, AdaptationError> {
         // Outstanding until this function returns: managers forget its answer only after that.
         // A repeatable request leaves no answer to forget.
@@ -622,6 +648,7 @@ impl Inner {
         let started = Instant::now();
         let until = started + self.config.request_deadline;
         let mut rounds = 0u32;
+        let mut redirected = false;
         let result = loop {
             rounds += 1;
             // A life that stopped (renewed after the cluster declared this node failed, or shut
@@ -648,19 +675,25 @@ impl Inner {
                     continue;
                 }
                 Some((_, None)) => break Err(Reply::Unknown(service.0)),
-                Some((epoch, Some(manager))) if manager == self.me => {
+                Some((epoch, Some(located))) => {
+                    let manager = first.take().unwrap_or(located);
                     let attempt = until.min(Instant::now() + self.config.attempt_timeout);
-                    let settled = self.outstanding.settlement();
-                    let served =
-                        self.serve(id, settled, service, key, epoch, &body, attempt, repeatable);
-                    (epoch, served.await)
-                }
-                Some((epoch, Some(manager))) => {
-                    let attempt = until.min(Instant::now() + self.config.attempt_timeout);
-                    (
-                        epoch,
-                        self.call_manager(manager, id, service, key, epoch, &body, attempt).await,
-                    )
+                    if manager == self.me {
+                        let settled = self.outstanding.settlement();
+                        let served = self
+                            .serve(id, settled, service, key, epoch, &body, attempt, repeatable);
+                        (epoch, served.await)
+                    } else {
+                        let called =
+                            self.call_manager(manager, id, service, key, epoch, &body, attempt);
+                        match called.await {
+                            Reply::Forwarded { to } => {
+                                redirected = true;
+                                (epoch, self.forwarded_answer(id, to, attempt).await)
+                            }
+                            reply => (epoch, reply),
+                        }
+                    }
                 }
             };
             match reply {
@@ -687,7 +720,7 @@ impl Inner {
         match result {
             Ok(response) => {
                 c.requests_ok.fetch_add(1, Ordering::Relaxed);
-                if rounds > 1 {
+                if rounds > 1 || redirected {
                     c.requests_delayed.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(response)
@@ -749,6 +782,81 @@ impl Inner {
             Ok(answer) => codec::decode(&answer).unwrap_or_else(|e| Reply::Refused(e.to_string())),
             Err(_) => Reply::Late,
         }
+    }
+
+    /// The answer to request `id`, which a node that no longer manages its key passed on to
+    /// `to`: `Late` if none comes by `until` (and the little more a direct call is given), or
+    /// if the cluster gives up on `to` meanwhile.
+    async fn forwarded_answer(&self, id: RequestId, to: NodeId, until: Instant) -> Reply {
+        let mut pending = match self.forwarded.wait(id) {
+            Wait::Ready(reply) => return reply,
+            Wait::Pending(pending) => pending,
+        };
+        let mut departures = self.departed.subscribe();
+        tokio::select! {
+            answer = tokio::time::timeout_at(until + self.config.retry, pending.answer()) => {
+                answer.ok().flatten().unwrap_or(Reply::Late)
+            }
+            _ = departures.wait_for(|gone| gone.contains(&to)) => Reply::Late,
+        }
+    }
+
+    /// Passes a request for a key this node does not manage on to the key's manager, which
+    /// answers the request's origin itself (`crate::forwarded`): `Forwarded`, or `None` when
+    /// there is nobody to pass it to and the origin must be told `Moved`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        self: &Arc<Self>,
+        from: NodeId,
+        id: RequestId,
+        service: ServiceId,
+        key: Key,
+        body: Vec<u8>,
+        until: Instant,
+        settled: Settlement,
+    ) -> Option<Reply> {
+        if from != id.origin || *self.stopped.borrow() {
+            return None;
+        }
+        let (epoch, to) = {
+            let router = self.router.lock().expect("router");
+            let router = router.as_ref()?;
+            (router.epoch(), router.snapshot().locate(service, key)?)
+        };
+        // The origin itself manages the key now: it serves it once it knows, no hop needed.
+        if to == self.me || to == from || self.departed.borrow().contains(&to) {
+            return None;
+        }
+        let wait = until.saturating_duration_since(Instant::now());
+        let message = Message::Forward {
+            id,
+            service,
+            key,
+            epoch,
+            body,
+            wait_ms: wait.as_millis() as u64,
+            settled,
+        };
+        let bytes = self.link.seal(message.encode().ok()?);
+        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+        let inner = Arc::clone(self);
+        tokio::spawn(async move {
+            let taken = inner.link.call(to, bytes, wait + inner.config.retry).await;
+            if !matches!(taken.map(|a| codec::decode::<Reply>(&a)), Ok(Ok(Reply::Accepted))) {
+                // The manager could not take it, or could not reach the origin: the origin
+                // asks again now rather than at the end of its attempt.
+                tracing::debug!(node = to.0, origin = from.0, "forwarded request not answered");
+                inner.send_answer(from, id, Reply::Late).await;
+            }
+        });
+        Some(Reply::Forwarded { to })
+    }
+
+    /// Sends `reply` to `to` as the answer to its request `id`; true once `to` took it.
+    async fn send_answer(&self, to: NodeId, id: RequestId, reply: Reply) -> bool {
+        let Ok(bytes) = (Message::Answer { id, reply }).encode() else { return false };
+        let taken = self.link.call(to, self.link.seal(bytes), self.config.call_timeout).await;
+        matches!(taken.map(|a| codec::decode::<Reply>(&a)), Ok(Ok(Reply::Accepted)))
     }
 
     /// `Refused` for a copy of a request its sender has settled: the sender has the answer or
@@ -937,7 +1045,55 @@ impl Inner {
                 let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
                 let repeatable = self.registry.get(service).is_some_and(|p| p.repeatable(&body));
                 let until = Instant::now() + wait;
-                self.serve(id, settled, service, key, epoch, &body, until, repeatable).await
+                match self.serve(id, settled, service, key, epoch, &body, until, repeatable).await {
+                    Reply::Moved { epoch } => self
+                        .forward(from, id, service, key, body, until, settled)
+                        .unwrap_or(Reply::Moved { epoch }),
+                    reply => reply,
+                }
+            }
+            Message::Forward { id, service, key, epoch, body, wait_ms, settled } => {
+                let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
+                let repeatable = self.registry.get(service).is_some_and(|p| p.repeatable(&body));
+                let until = Instant::now() + wait;
+                // Served, not passed on again: a manager that has moved on says so to the
+                // origin, which routes anew. One hop at most.
+                let reply =
+                    self.serve(id, settled, service, key, epoch, &body, until, repeatable).await;
+                if self.send_answer(id.origin, id, reply).await {
+                    Reply::Accepted
+                } else {
+                    Reply::Late
+                }
+            }
+            Message::Answer { id, .. } if id.origin != self.me => {
+                tracing::warn!(
+                    node = from.0,
+                    origin = id.origin.0,
+                    "answer to another node's request refused"
+                );
+                Reply::Refused(format!(
+                    "answer to a request of node {}, sent to node {}",
+                    id.origin, self.me
+                ))
+            }
+            Message::Answer { id, reply } => {
+                let reply = match reply {
+                    // As for a direct call: a node the cluster gave up on answers for nobody.
+                    _ if self.departed.borrow().contains(&from) => Reply::Late,
+                    // An answer is never passed on again.
+                    Reply::Forwarded { .. } => Reply::Late,
+                    reply => reply,
+                };
+                if self.forwarded.arrive(id, reply, Instant::now()) {
+                    Reply::Accepted
+                } else {
+                    tracing::warn!(
+                        node = from.0,
+                        "too many answers wait for requests nobody waits for; answer dropped"
+                    );
+                    Reply::Refused("too many unclaimed answers here".into())
+                }
             }
             // A life the cluster has ended (failed, or left) must not change an entry here: a
             // replica it stores after the survivors' `scan` would be a write nobody rebuilds.
@@ -1078,7 +1234,7 @@ impl Peers for Inner {
     ) -> Result<Vec<u8>, AdaptationError> {
         // `Peers` is implemented for the shared state, which lives in an Arc: re-enter it.
         let me = self.myself();
-        me.request(service, key, body).await
+        me.request(service, key, body, None).await
     }
 
     async fn tell(

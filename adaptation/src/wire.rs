@@ -94,6 +94,33 @@ pub enum Message {
         /// The change.
         epoch: u64,
     },
+    /// A [`Message::Request`] its receiver does not manage the key of, passed on to the
+    /// manager in the receiver's `epoch`, who answers `id.origin` with a [`Message::Answer`]
+    /// (`crate::forwarded`).
+    Forward {
+        /// The request's id: its origin gets the answer.
+        id: RequestId,
+        /// The service.
+        service: ServiceId,
+        /// The key.
+        key: Key,
+        /// The epoch the forwarding node routed by.
+        epoch: u64,
+        /// The encoded request.
+        #[serde(with = "serde_bytes")]
+        body: Vec<u8>,
+        /// How long the origin will still wait, in milliseconds.
+        wait_ms: u64,
+        /// What the origin has settled.
+        settled: Settlement,
+    },
+    /// The answer to the receiver's own request `id`, from the manager it was forwarded to.
+    Answer {
+        /// The request.
+        id: RequestId,
+        /// What the manager answered.
+        reply: Reply,
+    },
 }
 
 impl Message {
@@ -144,6 +171,12 @@ pub enum Reply {
     Merged {
         /// The change.
         epoch: u64,
+    },
+    /// The receiver does not manage the key and passed the request on to `to`, which will
+    /// send the answer in a [`Message::Answer`].
+    Forwarded {
+        /// The node the request went on to.
+        to: NodeId,
     },
 }
 
