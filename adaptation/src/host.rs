@@ -29,6 +29,7 @@ use gobelins_locator::{Change, Key, MigrationPlan, NodeId, ServiceId, ServiceSpe
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -599,12 +600,22 @@ impl Inner {
     /// `wait`'s answer, or false at `until` or as soon as this life stops: a life renewed
     /// because the cluster declared it failed will never release what it holds, and the
     /// requesters should ask the node that manages the key now.
-    async fn unless_stopped(&self, until: Instant, wait: impl Future<Output = bool>) -> bool {
-        let mut stopped = self.stopped.subscribe();
-        tokio::select! {
-            done = tokio::time::timeout_at(until, wait) => done.unwrap_or(false),
-            _ = stopped.wait_for(|&s| s) => false,
-        }
+    ///
+    /// Boxed: most requests never wait, and inline these timers would make every request's
+    /// future (allocated for each request) a kilobyte larger, too large for the allocator's
+    /// per-thread cache.
+    fn unless_stopped<'a>(
+        &'a self,
+        until: Instant,
+        wait: impl Future<Output = bool> + Send + 'a,
+    ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
+        Box::pin(async move {
+            let mut stopped = self.stopped.subscribe();
+            tokio::select! {
+                done = tokio::time::timeout_at(until, wait) => done.unwrap_or(false),
+                _ = stopped.wait_for(|&s| s) => false,
+            }
+        })
     }
 
     /// Whether this node may act as a manager now.
@@ -689,7 +700,9 @@ impl Inner {
                         match called.await {
                             Reply::Forwarded { to } => {
                                 redirected = true;
-                                (epoch, self.forwarded_answer(id, to, attempt).await)
+                                // Boxed, as the waits are: a rare path.
+                                let answer = Box::pin(self.forwarded_answer(id, to, attempt));
+                                (epoch, answer.await)
                             }
                             reply => (epoch, reply),
                         }
@@ -909,8 +922,13 @@ impl Inner {
             let released = *self.released.borrow();
             // Bounded: a handle that calls back into this node while a hold waits for the gate
             // would otherwise wait on itself (the lock is fair to the waiting writer).
-            let Ok(gate) = tokio::time::timeout_at(until, self.gate.read()).await else {
-                return Reply::Late;
+            // Free unless a hold waits for it, and then fair to the hold.
+            let gate = match self.gate.try_read() {
+                Ok(gate) => gate,
+                Err(_) => match Box::pin(tokio::time::timeout_at(until, self.gate.read())).await {
+                    Ok(gate) => gate,
+                    Err(_) => return Reply::Late,
+                },
             };
             let routed = self
                 .router
@@ -1052,19 +1070,24 @@ impl Inner {
                     reply => reply,
                 }
             }
+            // Boxed, as are batches: rare, and inline they would enlarge every request's future.
             Message::Forward { id, service, key, epoch, body, wait_ms, settled } => {
-                let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
-                let repeatable = self.registry.get(service).is_some_and(|p| p.repeatable(&body));
-                let until = Instant::now() + wait;
-                // Served, not passed on again: a manager that has moved on says so to the
-                // origin, which routes anew. One hop at most.
-                let reply =
-                    self.serve(id, settled, service, key, epoch, &body, until, repeatable).await;
-                if self.send_answer(id.origin, id, reply).await {
-                    Reply::Accepted
-                } else {
-                    Reply::Late
-                }
+                Box::pin(async move {
+                    let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
+                    let repeatable =
+                        self.registry.get(service).is_some_and(|p| p.repeatable(&body));
+                    let until = Instant::now() + wait;
+                    // Served, not passed on again: a manager that has moved on says so to the
+                    // origin, which routes anew. One hop at most.
+                    let reply =
+                        self.serve(id, settled, service, key, epoch, &body, until, repeatable);
+                    if self.send_answer(id.origin, id, reply.await).await {
+                        Reply::Accepted
+                    } else {
+                        Reply::Late
+                    }
+                })
+                .await
             }
             Message::Answer { id, .. } if id.origin != self.me => {
                 tracing::warn!(
@@ -1106,7 +1129,7 @@ impl Inner {
             }
             Message::Local { service, key, body } => self.local(from, service, key, &body).await,
             Message::Batch { epoch, service, entries, answered, settled } => {
-                self.stage(from, epoch, service, entries, answered, &settled).await
+                Box::pin(self.stage(from, epoch, service, entries, answered, &settled)).await
             }
             Message::Ack { epoch } => {
                 let _ = self.inputs.send(Input::Ack { from, epoch });
