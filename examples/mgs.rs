@@ -3,14 +3,19 @@
 //! function `page % n` (STAT) and by the locator (DYN), on N nodes talking over real loopback
 //! TCP (one agent per node, all in this process), then a run during which a node joins.
 //!
-//! `cargo run --release --example mgs -- --nodes 2,3,4 --sizes 64,128,256,512,1024 [--runs 6]`
+//! `cargo run --release --example mgs -- --nodes 2,3,4 --sizes 64,128,256,512,1024 [--runs 6]
+//! [--cell-seconds 2]`
 //!
 //! Each cell is measured in pairs: one STAT run and one DYN run back to back, the order
-//! alternating from pair to pair (an even number of runs, so that each mode goes first as
+//! alternating from pair to pair (an even number of pairs, so that each mode goes first as
 //! often), after one pair at that size to warm up. A pair sees one state of the machine, so its
 //! ratio DYN/STAT is one measurement of the overhead; the cell's overhead is the median of its
-//! pairs' overheads. The medians of each mode's times are printed too, with the overhead they
-//! give, which drift on the machine between runs moves more.
+//! pairs' overheads, printed with the quartiles of the pairs. A cell takes at least `--runs`
+//! pairs and goes on until its runs have taken `--cell-seconds` (at most 400 pairs): a small
+//! matrix runs in a few milliseconds, where one pair's ratio swings by ±10% with the machine,
+//! and six pairs of it would leave the median to chance. The medians of each mode's times are
+//! printed too, with the overhead they give, which drift on the machine between runs moves
+//! more.
 //!
 //! Column `j` of the n×n matrix lives in its own pages and is computed by node `(j / 2) % N`:
 //! columns are dealt in pairs, so that the node computing a column is the manager of its
@@ -294,62 +299,83 @@ async fn page_server() -> std::net::SocketAddr {
 }
 
 /// A raw loopback TCP exchange shaped like a read fault: a small request, a page back.
-async fn raw_page_echo(samples: usize) -> Vec<Duration> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let addr = page_server().await;
-    let mut socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    socket.set_nodelay(true).expect("nodelay");
-    let mut back = vec![0u8; 8 + PAGE_SIZE];
-    let mut out = Vec::with_capacity(samples);
-    for _ in 0..samples {
-        let t = Instant::now();
-        socket.write_all(&[1u8; 64]).await.expect("send");
-        socket.read_exact(&mut back).await.expect("receive");
-        out.push(t.elapsed());
-    }
-    out
+struct PageEcho {
+    socket: tokio::net::TcpStream,
+    back: Vec<u8>,
 }
+
+impl PageEcho {
+    async fn start() -> PageEcho {
+        let socket = tokio::net::TcpStream::connect(page_server().await).await.expect("connect");
+        socket.set_nodelay(true).expect("nodelay");
+        PageEcho { socket, back: vec![0u8; 8 + PAGE_SIZE] }
+    }
+
+    async fn round_trip(&mut self) -> Duration {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let t = Instant::now();
+        self.socket.write_all(&[1u8; 64]).await.expect("send");
+        self.socket.read_exact(&mut self.back).await.expect("receive");
+        t.elapsed()
+    }
+}
+
+type Waiters = Arc<Mutex<std::collections::HashMap<u64, tokio::sync::oneshot::Sender<()>>>>;
 
 /// The same exchange with the transport's I/O model: requests numbered on one connection, the
 /// caller writing its own, a reading task handing each page to its caller.
-async fn raw_page_echo_mux(samples: usize) -> Vec<Duration> {
-    use std::collections::HashMap;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio::sync::oneshot;
-    let addr = page_server().await;
-    let socket = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    socket.set_nodelay(true).expect("nodelay");
-    let (mut read, mut write) = socket.into_split();
-    type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<()>>>>;
-    let waiters: Waiters = Arc::default();
-    let dispatch = Arc::clone(&waiters);
-    let reader = tokio::spawn(async move {
-        let mut back = vec![0u8; 8 + PAGE_SIZE];
-        while read.read_exact(&mut back).await.is_ok() {
-            let id = u64::from_le_bytes(back[..8].try_into().expect("an id"));
-            if let Some(waiter) = dispatch.lock().expect("waiters").remove(&id) {
-                let _ = waiter.send(());
+struct PageMuxEcho {
+    write: tokio::net::tcp::OwnedWriteHalf,
+    waiters: Waiters,
+    reader: tokio::task::JoinHandle<()>,
+    next: u64,
+}
+
+impl PageMuxEcho {
+    async fn start() -> PageMuxEcho {
+        use tokio::io::AsyncReadExt;
+        let socket = tokio::net::TcpStream::connect(page_server().await).await.expect("connect");
+        socket.set_nodelay(true).expect("nodelay");
+        let (mut read, write) = socket.into_split();
+        let waiters: Waiters = Arc::default();
+        let dispatch = Arc::clone(&waiters);
+        let reader = tokio::spawn(async move {
+            let mut back = vec![0u8; 8 + PAGE_SIZE];
+            while read.read_exact(&mut back).await.is_ok() {
+                let id = u64::from_le_bytes(back[..8].try_into().expect("an id"));
+                if let Some(waiter) = dispatch.lock().expect("waiters").remove(&id) {
+                    let _ = waiter.send(());
+                }
             }
-        }
-    });
-    let mut out = Vec::with_capacity(samples);
-    let mut request = [1u8; 64];
-    for id in 0..samples as u64 {
-        let t = Instant::now();
-        request[..8].copy_from_slice(&id.to_le_bytes());
-        let (tx, rx) = oneshot::channel();
-        waiters.lock().expect("waiters").insert(id, tx);
-        write.write_all(&request).await.expect("send");
-        rx.await.expect("page");
-        out.push(t.elapsed());
+        });
+        PageMuxEcho { write, waiters, reader, next: 0 }
     }
-    reader.abort();
-    out
+
+    async fn round_trip(&mut self) -> Duration {
+        use tokio::io::AsyncWriteExt;
+        let mut request = [1u8; 64];
+        let t = Instant::now();
+        request[..8].copy_from_slice(&self.next.to_le_bytes());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.waiters.lock().expect("waiters").insert(self.next, tx);
+        self.next += 1;
+        self.write.write_all(&request).await.expect("send");
+        rx.await.expect("page");
+        t.elapsed()
+    }
+}
+
+impl Drop for PageMuxEcho {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 /// Remote read faults: node 2 reads a page that node 1 owns and manages (the page travels
 /// once), after node 1 wrote it again (which invalidates node 2's copy). Only the read is
-/// timed. Interleaved in blocks with the raw exchange.
+/// timed. Taken in rounds with the raw exchanges, one sample of each per round and each first
+/// as often as the others, as the adaptation example does: this machine changes speed from one
+/// moment to the next, and a path measured in a block of its own caught another speed.
 async fn read_fault_bench(
     nodes: &[Node],
     samples: usize,
@@ -364,19 +390,24 @@ async fn read_fault_bench(
             snapshot.snapshot().and_then(|s| s.locate(gobelins_dsm::DSM, p.key())) == Some(me)
         })
         .expect("node 1 manages some page");
+    let (mut raw_echo, mut mux_echo) = (PageEcho::start().await, PageMuxEcho::start().await);
     let (mut faults, mut raw, mut mux) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..samples / 250 {
-        for i in 0..250u32 {
-            let mut g = owner.write(page).await.expect("write");
-            g[..4].copy_from_slice(&i.to_le_bytes());
-            g.commit().await.expect("commit");
-            let t = Instant::now();
-            let copy = reader.read(page).await.expect("read");
-            faults.push(t.elapsed());
-            assert_eq!(copy[..4], i.to_le_bytes());
+    for i in 0..samples {
+        for turn in 0..3 {
+            match (turn + i) % 3 {
+                0 => {
+                    let mut g = owner.write(page).await.expect("write");
+                    g[..4].copy_from_slice(&(i as u32).to_le_bytes());
+                    g.commit().await.expect("commit");
+                    let t = Instant::now();
+                    let copy = reader.read(page).await.expect("read");
+                    faults.push(t.elapsed());
+                    assert_eq!(copy[..4], (i as u32).to_le_bytes());
+                }
+                1 => raw.push(raw_echo.round_trip().await),
+                _ => mux.push(mux_echo.round_trip().await),
+            }
         }
-        raw.extend(raw_page_echo(250).await);
-        mux.extend(raw_page_echo_mux(250).await);
     }
     faults.sort();
     raw.sort();
@@ -384,7 +415,7 @@ async fn read_fault_bench(
     (faults, raw, mux)
 }
 
-/// One manager round trip in each mode, interleaved in blocks: node 2 passes a barrier of one
+/// One manager round trip in each mode, in rounds of one each: node 2 passes a barrier of one
 /// party whose manager is node 1 under both placements. DYN asks through the router (`request`:
 /// locate, the manager's gate, lease and run-once table); STAT tells node `id % n` directly. The
 /// difference is what the adaptation layer costs each DSM access that reaches a manager.
@@ -406,19 +437,17 @@ async fn manager_round_trips(nodes: &[Node], samples: usize) -> (Vec<Duration>, 
         reader.clone().with_placement(Placement::Static),
     );
     let (mut dynamic, mut stat) = (Vec::new(), Vec::new());
-    for block in 0..samples / 250 {
-        // Each mode goes first in every other block.
+    for i in 0..samples {
+        // One of each per round, each mode first in every other round.
         for turn in 0..2 {
-            let (dsm, id, times) = if (block + turn) % 2 == 0 {
+            let (dsm, id, times) = if (i + turn) % 2 == 0 {
                 (&by_locator, dyn_id, &mut dynamic)
             } else {
                 (&by_static, stat_id, &mut stat)
             };
-            for _ in 0..250 {
-                let t = Instant::now();
-                dsm.barrier(id, 1).await.expect("barrier");
-                times.push(t.elapsed());
-            }
+            let t = Instant::now();
+            dsm.barrier(id, 1).await.expect("barrier");
+            times.push(t.elapsed());
         }
     }
     dynamic.sort();
@@ -432,6 +461,13 @@ fn main() {
     let grow = list("--grow-size", "512")[0];
     // Even, so that each mode goes first in as many pairs.
     let runs = list("--runs", "6")[0].max(2).next_multiple_of(2);
+    let cell_time = Duration::from_secs_f64(
+        std::env::args()
+            .skip_while(|a| a != "--cell-seconds")
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2.0),
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
     runtime.block_on(async {
         let mut rows = Vec::new();
@@ -474,7 +510,9 @@ fn main() {
                 run(&nodes, n, Placement::Locator).await;
                 let (mut stat, mut dynamic) = (Vec::new(), Vec::new());
                 let mut delayed = 0;
-                for r in 0..runs {
+                let cell_started = Instant::now();
+                let mut r = 0;
+                while r < runs || (r < 400 && cell_started.elapsed() < cell_time) || r % 2 == 1 {
                     // Alternate which goes first, so that drift on the machine hits both.
                     let order = if r % 2 == 0 {
                         [Placement::Static, Placement::Locator]
@@ -493,6 +531,7 @@ fn main() {
                             Placement::Locator => dynamic.push(took),
                         }
                     }
+                    r += 1;
                 }
                 let mut paired: Vec<f64> = stat
                     .iter()
@@ -501,14 +540,17 @@ fn main() {
                     .collect();
                 paired.sort_by(f64::total_cmp);
                 let overhead = (paired[paired.len() / 2 - 1] + paired[paired.len() / 2]) / 2.0;
+                let quartiles = (paired[paired.len() / 4], paired[paired.len() * 3 / 4]);
                 let (s, d) = (median(stat), median(dynamic));
                 let of_medians = (d.as_secs_f64() / s.as_secs_f64() - 1.0) * 100.0;
                 worst_overhead = worst_overhead.max(overhead);
-                rows.push((count, n, s, d, of_medians, overhead, delayed));
+                rows.push((count, n, r, s, d, of_medians, overhead, quartiles, delayed));
                 eprintln!(
-                    "nodes {count} size {n}: STAT {:.1} ms, DYN {:.1} ms ({of_medians:+.2}%); pairs {paired:.1?}: median {overhead:+.2}%; requests retried {delayed}",
+                    "nodes {count} size {n}: STAT {:.1} ms, DYN {:.1} ms ({of_medians:+.2}%); {r} pairs: median {overhead:+.2}%, quartiles {:+.2}% to {:+.2}%; requests retried {delayed}",
                     ms(s),
-                    ms(d)
+                    ms(d),
+                    quartiles.0,
+                    quartiles.1
                 );
             }
             for node in &nodes {
@@ -519,20 +561,23 @@ fn main() {
         println!("{fault_line}");
         println!();
         println!(
-            "MGS on the DSM: {runs} pairs of runs per cell, STAT = page % n, DYN = the locator; \
-             overhead = median over the pairs of DYN/STAT - 1"
+            "MGS on the DSM: at least {runs} pairs of runs per cell and {:.1} s of runs, STAT = page % n, \
+             DYN = the locator; overhead = median over the pairs of DYN/STAT - 1, with the pairs' quartiles",
+            cell_time.as_secs_f64()
         );
         println!(
-            "{:>6} {:>6} {:>12} {:>12} {:>18} {:>10} {:>9}",
-            "nodes", "size", "STAT ms", "DYN ms", "of the medians", "overhead", "retried"
+            "{:>6} {:>6} {:>6} {:>12} {:>12} {:>18} {:>10} {:>20} {:>9}",
+            "nodes", "size", "pairs", "STAT ms", "DYN ms", "of the medians", "overhead", "quartiles", "retried"
         );
-        for (count, n, s, d, of_medians, overhead, delayed) in &rows {
+        for (count, n, pairs, s, d, of_medians, overhead, (q1, q3), delayed) in &rows {
             println!(
-                "{count:>6} {n:>6} {:>12.1} {:>12.1} {:>17.2}% {:>9.2}% {delayed:>9}",
+                "{count:>6} {n:>6} {pairs:>6} {:>12.1} {:>12.1} {:>17.2}% {:>9.2}% {:>9.2}% to {:>6.2}% {delayed:>9}",
                 ms(*s),
                 ms(*d),
                 of_medians,
-                overhead
+                overhead,
+                q1,
+                q3
             );
         }
 
