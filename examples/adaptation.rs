@@ -14,7 +14,11 @@
 //! The latencies are taken in rounds, one sample of each path per round and each path first as
 //! often as the others, so that a figure and its baselines see the same state of the machine.
 //!
-//! `cargo run --release --example adaptation [-- --samples 20000 --entries 20000 --value-bytes 1024]`
+//! `cargo run --release --example adaptation [-- --samples 20000 --entries 60000 --value-bytes 1024]`
+//!
+//! 60,000 entries of 1 KiB: the join moves about 20 MB, tens of milliseconds of sending. With a
+//! third of that, the phase lasted a few milliseconds, and a page fault or a vCPU waking late
+//! moved the figure by a third from one run to the next.
 
 use gobelins_adaptation::wire::{Message, Reply, RequestId};
 use gobelins_adaptation::{codec, HostConfig, Link};
@@ -236,7 +240,7 @@ fn main() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let samples = arg("--samples", 20_000);
-    let entries = arg("--entries", 20_000);
+    let entries = arg("--entries", 60_000);
     let value_bytes = arg("--value-bytes", 1024);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
     runtime.block_on(async {

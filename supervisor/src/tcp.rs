@@ -554,7 +554,7 @@ impl<N: Net> TcpTransport<N> {
         request: Bytes,
         deadline: Instant,
         budget: Duration,
-        what: String,
+        what: impl FnOnce() -> String,
     ) -> Result<Bytes> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, mut rx) = oneshot::channel();
@@ -583,6 +583,7 @@ impl<N: Net> TcpTransport<N> {
             Ok(result) => result,
             Err(_) => {
                 // Nothing at all came back while we waited: the link is wedged, not busy.
+                let what = what();
                 if conn.silent_for() >= waited_since.elapsed() {
                     tracing::debug!(%what, "connection silent past the deadline; closing it");
                     conn.cancel.cancel();
@@ -597,10 +598,16 @@ impl<N: Net> TcpTransport<N> {
 impl<N: Net> Transport for TcpTransport<N> {
     async fn call(&self, to: u64, request: Bytes, deadline: Duration) -> Result<Bytes> {
         let until = Instant::now() + deadline;
+        // Named only if the call times out: a string per call costs more than the lookup.
+        let what = || format!("request to node {to}");
+        // A live connection needs no timer to wait for it.
+        if let Some(conn) = self.live_conn(to) {
+            return self.call_on(&conn, request, until, deadline, what).await;
+        }
         let conn = tokio::time::timeout_at(until, self.connection(to))
             .await
             .map_err(|_| SupervisorError::Unreachable(to))??;
-        self.call_on(&conn, request, until, deadline, format!("request to node {to}")).await
+        self.call_on(&conn, request, until, deadline, what).await
     }
 
     async fn call_addr(
@@ -620,7 +627,7 @@ impl<N: Net> Transport for TcpTransport<N> {
         self.set_peer(theirs.node, theirs.addr.clone());
         let conn = self.register(theirs.node, self.node(), framed);
         let response =
-            self.call_on(&conn, request, until, deadline, format!("request to {addr}")).await?;
+            self.call_on(&conn, request, until, deadline, || format!("request to {addr}")).await?;
         Ok((theirs.node, response))
     }
 
