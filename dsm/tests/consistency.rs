@@ -533,140 +533,155 @@ fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zeroed() {
     })
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_reader_goes_straight_to_the_owner_and_a_stale_hint_falls_back_on_the_manager() {
-    let cluster = Cluster::start(3, DsmConfig::default()).await;
-    let (owner, reader, writer) = (NodeId(3), NodeId(1), NodeId(2));
-    let (o, r, w) = (cluster.dsm(owner), cluster.dsm(reader), cluster.dsm(writer));
-    let page = pid(5);
-    put(&o, page, 1).await;
-    assert_eq!(get(&r, page).await, 1, "first read: through the manager, which names the owner");
-    put(&o, page, 2).await;
-    assert_eq!(get(&r, page).await, 2, "the owner's write invalidated the reader");
-    assert_eq!(cluster.stats(reader), FaultStats { hinted: 1, stale: 0 });
+#[test]
+fn a_reader_goes_straight_to_the_owner_and_a_stale_hint_falls_back_on_the_manager() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let (owner, reader, writer) = (NodeId(3), NodeId(1), NodeId(2));
+        let (o, r, w) = (cluster.dsm(owner), cluster.dsm(reader), cluster.dsm(writer));
+        let page = pid(5);
+        put(&o, page, 1).await;
+        assert_eq!(
+            get(&r, page).await,
+            1,
+            "first read: through the manager, which names the owner"
+        );
+        put(&o, page, 2).await;
+        assert_eq!(get(&r, page).await, 2, "the owner's write invalidated the reader");
+        assert_eq!(cluster.stats(reader), FaultStats { hinted: 1, stale: 0 });
 
-    // The manager never knew that reader: the owner's own next write must revoke it.
-    put(&o, page, 3).await;
-    assert_eq!(get(&r, page).await, 3);
+        // The manager never knew that reader: the owner's own next write must revoke it.
+        put(&o, page, 3).await;
+        assert_eq!(get(&r, page).await, 3);
 
-    // Another node takes the page while the reader holds no copy: its hint goes stale.
-    put(&o, page, 4).await;
-    put(&w, page, 5).await;
-    assert_eq!(get(&o, page).await, 5);
-    assert_eq!(get(&r, page).await, 5, "the hint named the old owner: the manager answered");
+        // Another node takes the page while the reader holds no copy: its hint goes stale.
+        put(&o, page, 4).await;
+        put(&w, page, 5).await;
+        assert_eq!(get(&o, page).await, 5);
+        assert_eq!(get(&r, page).await, 5, "the hint named the old owner: the manager answered");
 
-    // An owner giving the page to another writer revokes the readers it served.
-    put(&w, page, 6).await;
-    assert_eq!(get(&r, page).await, 6);
-    put(&o, page, 7).await;
-    assert_eq!(get(&r, page).await, 7);
-    assert_eq!(cluster.stats(reader), FaultStats { hinted: 3, stale: 1 });
+        // An owner giving the page to another writer revokes the readers it served.
+        put(&w, page, 6).await;
+        assert_eq!(get(&r, page).await, 6);
+        put(&o, page, 7).await;
+        assert_eq!(get(&r, page).await, 7);
+        assert_eq!(cluster.stats(reader), FaultStats { hinted: 3, stale: 1 });
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_owner_forgets_the_copy_it_gave_up_once_the_writer_has_it() {
-    let cluster = Cluster::start(3, DsmConfig::default()).await;
-    let (a, b) = (NodeId(1), NodeId(2));
-    let (da, db) = (cluster.dsm(a), cluster.dsm(b));
-    let pages: Vec<PageId> = (0..16).map(pid).collect();
-    for (i, &page) in pages.iter().enumerate() {
-        put(&da, page, i as u64).await;
-    }
-    // Every page moves to b, and back to a: each owner in turn gives its copy up to a writer.
-    for (i, &page) in pages.iter().enumerate() {
-        put(&db, page, 100 + i as u64).await;
-    }
-    // The writer tells the previous owner in the background; give that a few turns.
-    for _ in 0..100 {
-        if cluster.kept_aside(a) == 0 {
-            break;
+#[test]
+fn an_owner_forgets_the_copy_it_gave_up_once_the_writer_has_it() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let (a, b) = (NodeId(1), NodeId(2));
+        let (da, db) = (cluster.dsm(a), cluster.dsm(b));
+        let pages: Vec<PageId> = (0..16).map(pid).collect();
+        for (i, &page) in pages.iter().enumerate() {
+            put(&da, page, i as u64).await;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert_eq!(cluster.kept_aside(a), 0, "copies given up to b are no longer kept on a");
-    for (i, &page) in pages.iter().enumerate() {
-        put(&da, page, 200 + i as u64).await;
-        assert_eq!(get(&db, page).await, 200 + i as u64);
-    }
-    for _ in 0..100 {
-        if cluster.kept_aside(b) == 0 {
-            break;
+        // Every page moves to b, and back to a: each owner in turn gives its copy up to a writer.
+        for (i, &page) in pages.iter().enumerate() {
+            put(&db, page, 100 + i as u64).await;
         }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    assert_eq!(cluster.kept_aside(b), 0, "nor those given back to a, on b");
-}
-
-#[tokio::test(start_paused = true)]
-async fn readers_a_dead_owner_served_are_invalidated_before_the_next_write() {
-    let mut cluster = Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
-    let (owner, reader, writer) = (NodeId(3), NodeId(1), NodeId(2));
-    let (o, r, w) = (cluster.dsm(owner), cluster.dsm(reader), cluster.dsm(writer));
-    let page = pid(7);
-    put(&o, page, 1).await;
-    assert_eq!(get(&r, page).await, 1);
-    put(&o, page, 2).await;
-    assert_eq!(get(&r, page).await, 2);
-    assert_eq!(cluster.stats(reader).hinted, 1, "served by the owner, unknown to the manager");
-
-    // The owner dies with the list of its readers; its backup takes over.
-    cluster.mem.fail(owner).await;
-    put(&w, page, 3).await;
-    assert_eq!(get(&r, page).await, 3, "the reader's copy was invalidated, not kept");
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_cluster_wide_lock_keeps_read_modify_write_whole() {
-    let cluster = Cluster::start(3, DsmConfig::default()).await;
-    let counter = gobelins_dsm::Segment::new(9, 8);
-    let mut tasks = Vec::new();
-    for node in cluster.mem.nodes() {
-        for _ in 0..2 {
-            let dsm = cluster.dsm(node);
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..25 {
-                    let lock = dsm.lock(1).await.expect("lock");
-                    let mut bytes = [0u8; 8];
-                    dsm.read_at(&counter, 0, &mut bytes).await.expect("read");
-                    // Another node's increment in this gap would be lost without the lock.
-                    tokio::time::sleep(Duration::from_micros(300)).await;
-                    let next = u64::from_le_bytes(bytes) + 1;
-                    dsm.write_at(&counter, 0, &next.to_le_bytes()).await.expect("write");
-                    lock.unlock().await.expect("unlock");
-                }
-            }));
+        // The writer tells the previous owner in the background; give that a few turns.
+        for _ in 0..100 {
+            if cluster.kept_aside(a) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
-    }
-    for task in tasks {
-        task.await.expect("worker");
-    }
-    let mut bytes = [0u8; 8];
-    cluster.dsm(NodeId(1)).read_at(&counter, 0, &mut bytes).await.expect("read");
-    assert_eq!(u64::from_le_bytes(bytes), 150, "every increment counted once");
+        assert_eq!(cluster.kept_aside(a), 0, "copies given up to b are no longer kept on a");
+        for (i, &page) in pages.iter().enumerate() {
+            put(&da, page, 200 + i as u64).await;
+            assert_eq!(get(&db, page).await, 200 + i as u64);
+        }
+        for _ in 0..100 {
+            if cluster.kept_aside(b) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(cluster.kept_aside(b), 0, "nor those given back to a, on b");
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn an_access_outside_a_segment_is_refused() {
-    let cluster = Cluster::start(1, DsmConfig::default()).await;
-    let dsm = cluster.dsm(NodeId(1));
-    let segment = gobelins_dsm::Segment::new(4, 10_000);
-    let mut buf = [0u8; 16];
-    let refused = dsm.read_at(&segment, 9_990, &mut buf).await;
-    assert!(matches!(refused, Err(DsmError::OutOfRange { end: 10_006, .. })), "{refused:?}");
-    dsm.write_at(&segment, 4_090, &[7u8; 16]).await.expect("a write across two pages");
-    dsm.read_at(&segment, 4_090, &mut buf).await.expect("read back");
-    assert_eq!(buf, [7u8; 16]);
+#[test]
+fn readers_a_dead_owner_served_are_invalidated_before_the_next_write() {
+    replay(async {
+        let mut cluster =
+            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let (owner, reader, writer) = (NodeId(3), NodeId(1), NodeId(2));
+        let (o, r, w) = (cluster.dsm(owner), cluster.dsm(reader), cluster.dsm(writer));
+        let page = pid(7);
+        put(&o, page, 1).await;
+        assert_eq!(get(&r, page).await, 1);
+        put(&o, page, 2).await;
+        assert_eq!(get(&r, page).await, 2);
+        assert_eq!(cluster.stats(reader).hinted, 1, "served by the owner, unknown to the manager");
 
-    // Ids and offsets that would wrap onto other pages are refused, not aliased.
-    let too_far = gobelins_dsm::Segment::new(gobelins_dsm::MAX_SEGMENT + 1, 10_000);
-    let refused = dsm.write_at(&too_far, 4_090, &[9u8; 16]).await;
-    assert!(matches!(refused, Err(DsmError::OutOfRange { .. })), "{refused:?}");
-    let page_space = (u64::from(u32::MAX) + 1) * gobelins_dsm::PAGE_SIZE as u64;
-    let huge = gobelins_dsm::Segment::new(4, u64::MAX);
-    let refused = dsm.write_at(&huge, page_space + 4_090, &[9u8; 16]).await;
-    assert!(matches!(refused, Err(DsmError::OutOfRange { .. })), "{refused:?}");
-    dsm.read_at(&segment, 4_090, &mut buf).await.expect("read back");
-    assert_eq!(buf, [7u8; 16], "nothing written over the segment's pages");
+        // The owner dies with the list of its readers; its backup takes over.
+        cluster.mem.fail(owner).await;
+        put(&w, page, 3).await;
+        assert_eq!(get(&r, page).await, 3, "the reader's copy was invalidated, not kept");
+    });
+}
+
+#[test]
+fn a_cluster_wide_lock_keeps_read_modify_write_whole() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let counter = gobelins_dsm::Segment::new(9, 8);
+        let mut tasks = Vec::new();
+        for node in cluster.mem.nodes() {
+            for _ in 0..2 {
+                let dsm = cluster.dsm(node);
+                tasks.push(tokio::spawn(async move {
+                    for _ in 0..25 {
+                        let lock = dsm.lock(1).await.expect("lock");
+                        let mut bytes = [0u8; 8];
+                        dsm.read_at(&counter, 0, &mut bytes).await.expect("read");
+                        // Another node's increment in this gap would be lost without the lock.
+                        tokio::time::sleep(Duration::from_micros(300)).await;
+                        let next = u64::from_le_bytes(bytes) + 1;
+                        dsm.write_at(&counter, 0, &next.to_le_bytes()).await.expect("write");
+                        lock.unlock().await.expect("unlock");
+                    }
+                }));
+            }
+        }
+        for task in tasks {
+            task.await.expect("worker");
+        }
+        let mut bytes = [0u8; 8];
+        cluster.dsm(NodeId(1)).read_at(&counter, 0, &mut bytes).await.expect("read");
+        assert_eq!(u64::from_le_bytes(bytes), 150, "every increment counted once");
+    });
+}
+
+#[test]
+fn an_access_outside_a_segment_is_refused() {
+    replay(async {
+        let cluster = Cluster::start(1, DsmConfig::default()).await;
+        let dsm = cluster.dsm(NodeId(1));
+        let segment = gobelins_dsm::Segment::new(4, 10_000);
+        let mut buf = [0u8; 16];
+        let refused = dsm.read_at(&segment, 9_990, &mut buf).await;
+        assert!(matches!(refused, Err(DsmError::OutOfRange { end: 10_006, .. })), "{refused:?}");
+        dsm.write_at(&segment, 4_090, &[7u8; 16]).await.expect("a write across two pages");
+        dsm.read_at(&segment, 4_090, &mut buf).await.expect("read back");
+        assert_eq!(buf, [7u8; 16]);
+
+        // Ids and offsets that would wrap onto other pages are refused, not aliased.
+        let too_far = gobelins_dsm::Segment::new(gobelins_dsm::MAX_SEGMENT + 1, 10_000);
+        let refused = dsm.write_at(&too_far, 4_090, &[9u8; 16]).await;
+        assert!(matches!(refused, Err(DsmError::OutOfRange { .. })), "{refused:?}");
+        let page_space = (u64::from(u32::MAX) + 1) * gobelins_dsm::PAGE_SIZE as u64;
+        let huge = gobelins_dsm::Segment::new(4, u64::MAX);
+        let refused = dsm.write_at(&huge, page_space + 4_090, &[9u8; 16]).await;
+        assert!(matches!(refused, Err(DsmError::OutOfRange { .. })), "{refused:?}");
+        dsm.read_at(&segment, 4_090, &mut buf).await.expect("read back");
+        assert_eq!(buf, [7u8; 16], "nothing written over the segment's pages");
+    });
 }
 
 /// A program on a node being evicted keeps writing through the eviction: every write it was
@@ -762,64 +777,68 @@ async fn lose_a_grant(
     assert!(matches!(answer, Response::Grant { .. }), "granted, then lost: {answer:?}");
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_write_grant_that_never_reached_its_writer_is_taken_back_and_nothing_is_lost() {
-    let cluster = Cluster::start(3, DsmConfig::default()).await;
-    let (previous, writer, reader) = (NodeId(1), NodeId(2), NodeId(3));
-    let (p, w, r) = (cluster.dsm(previous), cluster.dsm(writer), cluster.dsm(reader));
+#[test]
+fn a_write_grant_that_never_reached_its_writer_is_taken_back_and_nothing_is_lost() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let (previous, writer, reader) = (NodeId(1), NodeId(2), NodeId(3));
+        let (p, w, r) = (cluster.dsm(previous), cluster.dsm(writer), cluster.dsm(reader));
 
-    // Taken from its owner for a writer that never heard of it: a reader still gets the content,
-    // then the writer's own write starts from it.
-    let page = pid(4);
-    put(&p, page, 1).await;
-    lose_a_grant(&cluster, reader, writer, page, None).await;
-    assert_eq!(get(&r, page).await, 1, "the previous owner's copy is the page again");
-    put(&w, page, 2).await;
-    assert_eq!((get(&r, page).await, get(&p, page).await), (2, 2));
+        // Taken from its owner for a writer that never heard of it: a reader still gets the content,
+        // then the writer's own write starts from it.
+        let page = pid(4);
+        put(&p, page, 1).await;
+        lose_a_grant(&cluster, reader, writer, page, None).await;
+        assert_eq!(get(&r, page).await, 1, "the previous owner's copy is the page again");
+        put(&w, page, 2).await;
+        assert_eq!((get(&r, page).await, get(&p, page).await), (2, 2));
 
-    // The writer's own next write finds the grant it never got.
-    let page = pid(5);
-    put(&p, page, 1).await;
-    lose_a_grant(&cluster, reader, writer, page, None).await;
-    let mut g = w.write(page).await.expect("the writer's next fault");
-    assert_eq!(Value::decode(&g).count, 1, "it starts from the content the lost grant carried");
-    Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
-    g.commit().await.expect("commit");
-    assert_eq!(get(&r, page).await, 2);
+        // The writer's own next write finds the grant it never got.
+        let page = pid(5);
+        put(&p, page, 1).await;
+        lose_a_grant(&cluster, reader, writer, page, None).await;
+        let mut g = w.write(page).await.expect("the writer's next fault");
+        assert_eq!(Value::decode(&g).count, 1, "it starts from the content the lost grant carried");
+        Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
+        g.commit().await.expect("commit");
+        assert_eq!(get(&r, page).await, 2);
 
-    // An owner's upgrade that never arrived: the owner's own copy is the page.
-    let page = pid(6);
-    put(&w, page, 7).await;
-    assert_eq!(get(&r, page).await, 7, "the owner now shares the page");
-    let version = w.read(page).await.expect("read").version();
-    lose_a_grant(&cluster, reader, writer, page, Some(version)).await;
-    assert_eq!(get(&p, page).await, 7);
-    put(&w, page, 8).await;
-    assert_eq!((get(&r, page).await, get(&p, page).await), (8, 8));
+        // An owner's upgrade that never arrived: the owner's own copy is the page.
+        let page = pid(6);
+        put(&w, page, 7).await;
+        assert_eq!(get(&r, page).await, 7, "the owner now shares the page");
+        let version = w.read(page).await.expect("read").version();
+        lose_a_grant(&cluster, reader, writer, page, Some(version)).await;
+        assert_eq!(get(&p, page).await, 7);
+        put(&w, page, 8).await;
+        assert_eq!((get(&r, page).await, get(&p, page).await), (8, 8));
 
-    // A page never written, granted as zeros to a writer that never knew.
-    let page = pid(7);
-    lose_a_grant(&cluster, reader, writer, page, None).await;
-    assert_eq!(get(&r, page).await, 0, "still a page never written");
-    put(&w, page, 1).await;
-    assert_eq!(get(&r, page).await, 1);
+        // A page never written, granted as zeros to a writer that never knew.
+        let page = pid(7);
+        lose_a_grant(&cluster, reader, writer, page, None).await;
+        assert_eq!(get(&r, page).await, 0, "still a page never written");
+        put(&w, page, 1).await;
+        assert_eq!(get(&r, page).await, 1);
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_writer_whose_grant_was_lost_does_not_keep_reading_its_old_copy() {
-    let cluster = Cluster::start(3, DsmConfig::default()).await;
-    let (previous, writer, other) = (NodeId(1), NodeId(2), NodeId(3));
-    let (p, w, x) = (cluster.dsm(previous), cluster.dsm(writer), cluster.dsm(other));
-    let page = pid(9);
-    put(&p, page, 1).await;
-    assert_eq!(get(&w, page).await, 1, "the writer holds a read copy");
-    let version = w.read(page).await.expect("read").version();
-    lose_a_grant(&cluster, other, writer, page, Some(version)).await;
-    // Another node writes: the lost grant is taken back, and the writer's old copy must be
-    // invalidated with the others.
-    put(&x, page, 2).await;
-    assert_eq!(get(&w, page).await, 2, "not the copy from before the lost grant");
-    assert_eq!(get(&p, page).await, 2);
+#[test]
+fn a_writer_whose_grant_was_lost_does_not_keep_reading_its_old_copy() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let (previous, writer, other) = (NodeId(1), NodeId(2), NodeId(3));
+        let (p, w, x) = (cluster.dsm(previous), cluster.dsm(writer), cluster.dsm(other));
+        let page = pid(9);
+        put(&p, page, 1).await;
+        assert_eq!(get(&w, page).await, 1, "the writer holds a read copy");
+        let version = w.read(page).await.expect("read").version();
+        lose_a_grant(&cluster, other, writer, page, Some(version)).await;
+        // Another node writes: the lost grant is taken back, and the writer's old copy must be
+        // invalidated with the others.
+        put(&x, page, 2).await;
+        assert_eq!(get(&w, page).await, 2, "not the copy from before the lost grant");
+        assert_eq!(get(&p, page).await, 2);
+    });
 }
 
 /// In a cluster of three: `page`'s manager, and the two other nodes, the page's first owner and
@@ -830,52 +849,57 @@ fn three_roles(cluster: &Cluster, page: PageId) -> (NodeId, NodeId, NodeId) {
     (manager, others[0], others[1])
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_lost_grant_whose_only_source_died_is_reported_lost_not_stuck() {
-    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
-    let page = pid(11);
-    let (manager, previous, writer) = three_roles(&cluster, page);
-    put(&cluster.dsm(previous), page, 1).await;
-    lose_a_grant(&cluster, manager, writer, page, None).await;
-    // The only copy of the page is the one its previous owner kept aside, and it dies.
-    cluster.mem.fail(previous).await;
-    let w = cluster.dsm(writer);
-    match w.write(page).await {
-        Err(DsmError::Lost { .. }) => {}
-        Err(e) => panic!("expected the page reported lost, got {e}"),
-        Ok(_) => panic!("expected the page reported lost, got a write guard"),
-    }
-    w.discard(page).await.expect("discard");
-    put(&w, page, 5).await;
-    assert_eq!(get(&cluster.dsm(manager), page).await, 5, "started afresh");
+#[test]
+fn a_lost_grant_whose_only_source_died_is_reported_lost_not_stuck() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let page = pid(11);
+        let (manager, previous, writer) = three_roles(&cluster, page);
+        put(&cluster.dsm(previous), page, 1).await;
+        lose_a_grant(&cluster, manager, writer, page, None).await;
+        // The only copy of the page is the one its previous owner kept aside, and it dies.
+        cluster.mem.fail(previous).await;
+        let w = cluster.dsm(writer);
+        match w.write(page).await {
+            Err(DsmError::Lost { .. }) => {}
+            Err(e) => panic!("expected the page reported lost, got {e}"),
+            Ok(_) => panic!("expected the page reported lost, got a write guard"),
+        }
+        w.discard(page).await.expect("discard");
+        put(&w, page, 5).await;
+        assert_eq!(get(&cluster.dsm(manager), page).await, 5, "started afresh");
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_writer_that_disowned_its_grant_takes_nothing_with_it_when_it_fails() {
-    use gobelins_adaptation::codec;
-    use gobelins_dsm::{Request, Response, DSM};
-    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
-    let page = pid(15);
-    let (manager, previous, writer) = three_roles(&cluster, page);
-    put(&cluster.dsm(previous), page, 1).await;
-    lose_a_grant(&cluster, manager, writer, page, None).await;
-    // The manager learns that the writer lacks its grant, but the node that holds what the
-    // grant carried is cut off for a moment: the grant cannot be taken back yet.
-    cluster.mem.crash(previous);
-    let fault = codec::encode(&Request::ReadFault { node: manager }).expect("encode");
-    let answer = cluster.mem.host(manager).request(DSM, page.key(), fault).await.expect("asked");
-    let answer: Response = codec::decode(&answer).expect("decode");
-    assert!(matches!(answer, Response::Retry), "asked again later: {answer:?}");
-    cluster.mem.heal(previous);
-    // The writer fails before anyone asks again: it held nothing, so nothing is lost.
-    cluster.mem.fail(writer).await;
-    assert_eq!(
-        get(&cluster.dsm(manager), page).await,
-        1,
-        "the page is where the grant took it from"
-    );
-    put(&cluster.dsm(manager), page, 2).await;
-    assert_eq!(get(&cluster.dsm(previous), page).await, 2);
+#[test]
+fn a_writer_that_disowned_its_grant_takes_nothing_with_it_when_it_fails() {
+    replay(async {
+        use gobelins_adaptation::codec;
+        use gobelins_dsm::{Request, Response, DSM};
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let page = pid(15);
+        let (manager, previous, writer) = three_roles(&cluster, page);
+        put(&cluster.dsm(previous), page, 1).await;
+        lose_a_grant(&cluster, manager, writer, page, None).await;
+        // The manager learns that the writer lacks its grant, but the node that holds what the
+        // grant carried is cut off for a moment: the grant cannot be taken back yet.
+        cluster.mem.crash(previous);
+        let fault = codec::encode(&Request::ReadFault { node: manager }).expect("encode");
+        let answer =
+            cluster.mem.host(manager).request(DSM, page.key(), fault).await.expect("asked");
+        let answer: Response = codec::decode(&answer).expect("decode");
+        assert!(matches!(answer, Response::Retry), "asked again later: {answer:?}");
+        cluster.mem.heal(previous);
+        // The writer fails before anyone asks again: it held nothing, so nothing is lost.
+        cluster.mem.fail(writer).await;
+        assert_eq!(
+            get(&cluster.dsm(manager), page).await,
+            1,
+            "the page is where the grant took it from"
+        );
+        put(&cluster.dsm(manager), page, 2).await;
+        assert_eq!(get(&cluster.dsm(previous), page).await, 2);
+    });
 }
 
 /// The writer whose grant was lost writes `page` again: its write starts from the content the
@@ -888,69 +912,77 @@ async fn writes_on_from_the_lost_grant(writer: &Dsm, page: PageId, reader: &Dsm)
     assert_eq!(get(reader, page).await, 2);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_lost_grant_is_taken_back_to_the_writers_own_read_copy_when_its_source_died() {
-    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
-    let page = pid(13);
-    let (manager, previous, writer) = three_roles(&cluster, page);
-    let w = cluster.dsm(writer);
-    put(&cluster.dsm(previous), page, 1).await;
-    assert_eq!(get(&w, page).await, 1, "the writer holds a read copy");
-    let version = w.read(page).await.expect("read").version();
-    lose_a_grant(&cluster, manager, writer, page, Some(version)).await;
-    cluster.mem.fail(previous).await;
-    // The writer's read copy is what the lost grant carried: the page is not lost.
-    writes_on_from_the_lost_grant(&w, page, &cluster.dsm(manager)).await;
+#[test]
+fn a_lost_grant_is_taken_back_to_the_writers_own_read_copy_when_its_source_died() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let page = pid(13);
+        let (manager, previous, writer) = three_roles(&cluster, page);
+        let w = cluster.dsm(writer);
+        put(&cluster.dsm(previous), page, 1).await;
+        assert_eq!(get(&w, page).await, 1, "the writer holds a read copy");
+        let version = w.read(page).await.expect("read").version();
+        lose_a_grant(&cluster, manager, writer, page, Some(version)).await;
+        cluster.mem.fail(previous).await;
+        // The writer's read copy is what the lost grant carried: the page is not lost.
+        writes_on_from_the_lost_grant(&w, page, &cluster.dsm(manager)).await;
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_lost_grants_source_that_leaves_hands_its_copy_kept_aside_to_the_manager() {
-    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
-    let page = pid(17);
-    let (manager, previous, writer) = three_roles(&cluster, page);
-    put(&cluster.dsm(previous), page, 1).await;
-    lose_a_grant(&cluster, manager, writer, page, None).await;
-    // The only copy of the page is the one its previous owner kept aside, and it leaves.
-    cluster.mem.evict(previous).await;
-    writes_on_from_the_lost_grant(&cluster.dsm(writer), page, &cluster.dsm(manager)).await;
+#[test]
+fn a_lost_grants_source_that_leaves_hands_its_copy_kept_aside_to_the_manager() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let page = pid(17);
+        let (manager, previous, writer) = three_roles(&cluster, page);
+        put(&cluster.dsm(previous), page, 1).await;
+        lose_a_grant(&cluster, manager, writer, page, None).await;
+        // The only copy of the page is the one its previous owner kept aside, and it leaves.
+        cluster.mem.evict(previous).await;
+        writes_on_from_the_lost_grant(&cluster.dsm(writer), page, &cluster.dsm(manager)).await;
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_leaving_manager_that_was_a_lost_grants_source_sends_its_copy_with_the_entry() {
-    let mut cluster = Cluster::start(3, DsmConfig::default()).await;
-    let page = pid(19);
-    let (manager, other, writer) = three_roles(&cluster, page);
-    // The manager owned the page and gave it up for a grant its writer never heard of.
-    put(&cluster.dsm(manager), page, 1).await;
-    lose_a_grant(&cluster, other, writer, page, None).await;
-    cluster.mem.evict(manager).await;
-    writes_on_from_the_lost_grant(&cluster.dsm(writer), page, &cluster.dsm(other)).await;
+#[test]
+fn a_leaving_manager_that_was_a_lost_grants_source_sends_its_copy_with_the_entry() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let page = pid(19);
+        let (manager, other, writer) = three_roles(&cluster, page);
+        // The manager owned the page and gave it up for a grant its writer never heard of.
+        put(&cluster.dsm(manager), page, 1).await;
+        lose_a_grant(&cluster, other, writer, page, None).await;
+        cluster.mem.evict(manager).await;
+        writes_on_from_the_lost_grant(&cluster.dsm(writer), page, &cluster.dsm(other)).await;
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_copy_kept_aside_for_a_grant_that_landed_is_released_by_the_manager() {
-    use gobelins_adaptation::codec;
-    use gobelins_dsm::{Request, Response, DSM};
-    let cluster = Cluster::start(3, DsmConfig::default()).await;
-    let page = pid(23);
-    let (manager, previous, writer) = three_roles(&cluster, page);
-    let p = cluster.dsm(previous);
-    put(&p, page, 1).await;
-    let label = p.read(page).await.expect("read").version();
-    put(&cluster.dsm(writer), page, 2).await;
-    // The previous owner, leaving before the writer's word that the grant landed reached it,
-    // hands the manager the copy it kept aside, which the entry still names.
-    let aside = Request::KeepAside { node: previous, label, data: vec![1u8; 4096].into() };
-    let answer = cluster
-        .mem
-        .host(previous)
-        .request(DSM, page.key(), codec::encode(&aside).expect("encode"))
-        .await
-        .expect("asked");
-    let answer: Response = codec::decode(&answer).expect("decode");
-    assert!(matches!(answer, Response::Ok), "kept by the manager: {answer:?}");
-    assert_eq!(cluster.kept_aside(manager), 1);
-    // The next fault finds the owner holding its grant: the copy is no longer needed.
-    assert_eq!(get(&cluster.dsm(manager), page).await, 2);
-    assert_eq!(cluster.kept_aside(manager), 0, "released, not kept for ever");
+#[test]
+fn a_copy_kept_aside_for_a_grant_that_landed_is_released_by_the_manager() {
+    replay(async {
+        use gobelins_adaptation::codec;
+        use gobelins_dsm::{Request, Response, DSM};
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let page = pid(23);
+        let (manager, previous, writer) = three_roles(&cluster, page);
+        let p = cluster.dsm(previous);
+        put(&p, page, 1).await;
+        let label = p.read(page).await.expect("read").version();
+        put(&cluster.dsm(writer), page, 2).await;
+        // The previous owner, leaving before the writer's word that the grant landed reached it,
+        // hands the manager the copy it kept aside, which the entry still names.
+        let aside = Request::KeepAside { node: previous, label, data: vec![1u8; 4096].into() };
+        let answer = cluster
+            .mem
+            .host(previous)
+            .request(DSM, page.key(), codec::encode(&aside).expect("encode"))
+            .await
+            .expect("asked");
+        let answer: Response = codec::decode(&answer).expect("decode");
+        assert!(matches!(answer, Response::Ok), "kept by the manager: {answer:?}");
+        assert_eq!(cluster.kept_aside(manager), 1);
+        // The next fault finds the owner holding its grant: the copy is no longer needed.
+        assert_eq!(get(&cluster.dsm(manager), page).await, 2);
+        assert_eq!(cluster.kept_aside(manager), 0, "released, not kept for ever");
+    });
 }

@@ -1,6 +1,7 @@
 //! In-process clusters over the in-memory transport, with paused time: partitions, delays and
 //! lost messages, and what the supervisors make of them.
 
+use gobelins_adaptation::testing::replay;
 use gobelins_adaptation::{Host, HostConfig, Registry};
 use gobelins_locator::{Labels, NodeId};
 use gobelins_supervisor::link::TransportLink;
@@ -126,123 +127,133 @@ fn statuses(state: &ClusterState) -> Vec<(u64, NodeStatus, u64)> {
     state.nodes.iter().map(|(&id, r)| (id, r.status, r.incarnation)).collect()
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_slow_lossy_network_still_forms_one_cluster() {
-    let net = MemNetwork::new(7);
-    net.set_delay(Duration::from_millis(5));
-    net.set_drop_rate(0.05);
-    let nodes = cluster(&net, 3, SupervisorConfig::default()).await;
-    until_active(&nodes, 3).await;
-    let first = statuses(&nodes[0].supervisor.state());
-    for n in &nodes[1..] {
-        assert_eq!(statuses(&n.supervisor.state()), first, "every node agrees");
-    }
+#[test]
+fn a_slow_lossy_network_still_forms_one_cluster() {
+    replay(async {
+        let net = MemNetwork::new(7);
+        net.set_delay(Duration::from_millis(5));
+        net.set_drop_rate(0.05);
+        let nodes = cluster(&net, 3, SupervisorConfig::default()).await;
+        until_active(&nodes, 3).await;
+        let first = statuses(&nodes[0].supervisor.state());
+        for n in &nodes[1..] {
+            assert_eq!(statuses(&n.supervisor.state()), first, "every node agrees");
+        }
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_slow_network_causes_no_false_failure() {
-    let net = MemNetwork::new(1);
-    let nodes = cluster(&net, 3, SupervisorConfig::default()).await;
-    until_active(&nodes, 3).await;
-    // 40 ms each way: well within the default timers, so nobody is suspected for 30 s.
-    net.set_delay(Duration::from_millis(40));
-    tokio::time::sleep(Duration::from_secs(30)).await;
-    let state = nodes[0].supervisor.state();
-    assert_eq!(state.with_status(NodeStatus::Active).count(), 3, "{:?}", statuses(&state));
-    assert_eq!(state.with_status(NodeStatus::Failed).count(), 0);
+#[test]
+fn a_slow_network_causes_no_false_failure() {
+    replay(async {
+        let net = MemNetwork::new(1);
+        let nodes = cluster(&net, 3, SupervisorConfig::default()).await;
+        until_active(&nodes, 3).await;
+        // 40 ms each way: well within the default timers, so nobody is suspected for 30 s.
+        net.set_delay(Duration::from_millis(40));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let state = nodes[0].supervisor.state();
+        assert_eq!(state.with_status(NodeStatus::Active).count(), 3, "{:?}", statuses(&state));
+        assert_eq!(state.with_status(NodeStatus::Failed).count(), 0);
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing() {
-    let net = MemNetwork::new(3);
-    let config = SupervisorConfig::loopback();
-    let nodes = cluster(&net, 3, config).await;
-    until_active(&nodes, 3).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    until_voters(&all, 3).await;
-    let leader = nodes[0].supervisor.leader().expect("a leader");
-    let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
-    net.isolate(leader, others.clone());
+#[test]
+fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing() {
+    replay(async {
+        let net = MemNetwork::new(3);
+        let config = SupervisorConfig::loopback();
+        let nodes = cluster(&net, 3, config).await;
+        until_active(&nodes, 3).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_voters(&all, 3).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let others: Vec<u64> = (1..=3).filter(|&n| n != leader).collect();
+        net.isolate(leader, others.clone());
 
-    let majority: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != leader).collect();
-    until_all(&majority, Duration::from_secs(30), "the old leader declared failed", |s| {
-        s.is_stable() && s.nodes[&leader].status == NodeStatus::Failed
-    })
-    .await;
-    assert!(
-        majority.iter().all(|n| n.supervisor.leader() != Some(leader)),
-        "a new leader took over"
-    );
-
-    net.heal();
-    until_all(&all, Duration::from_secs(60), "the old leader back as incarnation 2", |s| {
-        s.is_stable()
-            && s.nodes[&leader].status == NodeStatus::Active
-            && s.nodes[&leader].incarnation == 2
-    })
-    .await;
-    let first = statuses(&nodes[0].supervisor.state());
-    for n in &nodes[1..] {
-        assert_eq!(statuses(&n.supervisor.state()), first, "every node agrees after healing");
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_minority_cannot_change_the_configuration() {
-    let net = MemNetwork::new(5);
-    let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
-    until_active(&nodes, 3).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    until_voters(&all, 3).await;
-    // Cut node 3 off; alone, it cannot commit anything (here: evicting node 2).
-    net.isolate(3, [1, 2]);
-    let epoch = nodes[0].supervisor.state().epoch;
-    let result = tokio::time::timeout(
-        Duration::from_secs(5),
-        nodes[2].supervisor.propose(gobelins_supervisor::state::Command::Evict { node: 2 }),
-    )
-    .await;
-    assert!(!matches!(result, Ok(Ok(Ok(_)))), "a minority committed a change: {result:?}");
-    net.heal();
-    until_all(&all, Duration::from_secs(60), "one configuration after healing", |s| {
-        s.is_stable() && s.nodes[&2].status == NodeStatus::Active
-    })
-    .await;
-    assert!(nodes[0].supervisor.state().epoch >= epoch);
-}
-
-#[tokio::test(start_paused = true)]
-async fn five_nodes_vote_and_a_lost_voter_is_replaced_by_a_learner() {
-    let net = MemNetwork::new(11);
-    let nodes = cluster(&net, 6, SupervisorConfig::loopback()).await;
-    until_active(&nodes, 6).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    until_voters(&all, 5).await;
-    let voters = nodes[0].supervisor.voters();
-    let learner = (1..=6).find(|n| !voters.contains(n)).expect("one learner");
-    let leader = nodes[0].supervisor.leader().expect("a leader");
-    let lost = *voters.iter().find(|&&v| v != leader).expect("a voter that is not the leader");
-
-    net.crash(lost);
-    let survivors: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != lost).collect();
-    until_all(&survivors, Duration::from_secs(30), "the lost voter declared failed", |s| {
-        s.is_stable() && s.nodes[&lost].status == NodeStatus::Failed
-    })
-    .await;
-    let start = tokio::time::Instant::now();
-    while survivors
-        .iter()
-        .any(|n| n.supervisor.voters().contains(&lost) || n.supervisor.voters().len() != 5)
-    {
+        let majority: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != leader).collect();
+        until_all(&majority, Duration::from_secs(30), "the old leader declared failed", |s| {
+            s.is_stable() && s.nodes[&leader].status == NodeStatus::Failed
+        })
+        .await;
         assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "voters never replaced: {:?}",
-            survivors[0].supervisor.voters()
+            majority.iter().all(|n| n.supervisor.leader() != Some(leader)),
+            "a new leader took over"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let voters = survivors[0].supervisor.voters();
-    assert!(voters.contains(&learner), "the learner was promoted: {voters:?}");
+
+        net.heal();
+        until_all(&all, Duration::from_secs(60), "the old leader back as incarnation 2", |s| {
+            s.is_stable()
+                && s.nodes[&leader].status == NodeStatus::Active
+                && s.nodes[&leader].incarnation == 2
+        })
+        .await;
+        let first = statuses(&nodes[0].supervisor.state());
+        for n in &nodes[1..] {
+            assert_eq!(statuses(&n.supervisor.state()), first, "every node agrees after healing");
+        }
+    });
+}
+
+#[test]
+fn a_minority_cannot_change_the_configuration() {
+    replay(async {
+        let net = MemNetwork::new(5);
+        let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
+        until_active(&nodes, 3).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_voters(&all, 3).await;
+        // Cut node 3 off; alone, it cannot commit anything (here: evicting node 2).
+        net.isolate(3, [1, 2]);
+        let epoch = nodes[0].supervisor.state().epoch;
+        let result = tokio::time::timeout(
+            Duration::from_secs(5),
+            nodes[2].supervisor.propose(gobelins_supervisor::state::Command::Evict { node: 2 }),
+        )
+        .await;
+        assert!(!matches!(result, Ok(Ok(Ok(_)))), "a minority committed a change: {result:?}");
+        net.heal();
+        until_all(&all, Duration::from_secs(60), "one configuration after healing", |s| {
+            s.is_stable() && s.nodes[&2].status == NodeStatus::Active
+        })
+        .await;
+        assert!(nodes[0].supervisor.state().epoch >= epoch);
+    });
+}
+
+#[test]
+fn five_nodes_vote_and_a_lost_voter_is_replaced_by_a_learner() {
+    replay(async {
+        let net = MemNetwork::new(11);
+        let nodes = cluster(&net, 6, SupervisorConfig::loopback()).await;
+        until_active(&nodes, 6).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_voters(&all, 5).await;
+        let voters = nodes[0].supervisor.voters();
+        let learner = (1..=6).find(|n| !voters.contains(n)).expect("one learner");
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let lost = *voters.iter().find(|&&v| v != leader).expect("a voter that is not the leader");
+
+        net.crash(lost);
+        let survivors: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != lost).collect();
+        until_all(&survivors, Duration::from_secs(30), "the lost voter declared failed", |s| {
+            s.is_stable() && s.nodes[&lost].status == NodeStatus::Failed
+        })
+        .await;
+        let start = tokio::time::Instant::now();
+        while survivors
+            .iter()
+            .any(|n| n.supervisor.voters().contains(&lost) || n.supervisor.voters().len() != 5)
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "voters never replaced: {:?}",
+                survivors[0].supervisor.voters()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let voters = survivors[0].supervisor.voters();
+        assert!(voters.contains(&learner), "the learner was promoted: {voters:?}");
+    });
 }
 
 fn kvdir() -> Registry {
@@ -251,76 +262,82 @@ fn kvdir() -> Registry {
     registry
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_node_cut_off_stops_serving_its_keys_before_the_cluster_declares_it_failed() {
-    use gobelins_adaptation::{codec, AdaptationError};
-    use gobelins_kvdir::{Request, Response, KVDIR};
-    use gobelins_locator::Key;
+#[test]
+fn a_node_cut_off_stops_serving_its_keys_before_the_cluster_declares_it_failed() {
+    replay(async {
+        use gobelins_adaptation::{codec, AdaptationError};
+        use gobelins_kvdir::{Request, Response, KVDIR};
+        use gobelins_locator::Key;
 
-    let net = MemNetwork::new(7);
-    let config = SupervisorConfig::loopback();
-    let host = HostConfig { request_deadline: Duration::from_millis(100), ..HostConfig::default() };
-    let mut nodes = vec![node_hosting(&net, 1, config.clone(), kvdir, host.clone()).await];
-    nodes[0].supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
-    for id in 2..=3 {
-        let n = node_hosting(&net, id, config.clone(), kvdir, host.clone()).await;
-        n.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
-        nodes.push(n);
-    }
-    until_active(&nodes, 3).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    until_voters(&all, 3).await;
-    let spec = gobelins_kvdir::KvDir::declaration();
-    let registered = nodes[0]
-        .supervisor
-        .propose_until(gobelins_supervisor::state::Command::Register(spec), Duration::from_secs(10))
-        .await;
-    assert!(matches!(registered, Ok(Ok(_))), "kvdir registered: {registered:?}");
-    let cut = nodes
-        .iter()
-        .find(|n| n.supervisor.leader() != Some(n.supervisor.id()))
-        .expect("a follower");
-    let id = cut.supervisor.id();
-    let mut key = None;
-    for _ in 0..200 {
-        key = cut.supervisor.host().context().snapshot().and_then(|s| {
-            let table = s.table(KVDIR)?;
-            (0..).map(Key).find(|k| table.locate(*k) == NodeId(id))
-        });
-        if key.is_some() {
-            break;
+        let net = MemNetwork::new(7);
+        let config = SupervisorConfig::loopback();
+        let host =
+            HostConfig { request_deadline: Duration::from_millis(100), ..HostConfig::default() };
+        let mut nodes = vec![node_hosting(&net, 1, config.clone(), kvdir, host.clone()).await];
+        nodes[0].supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
+        for id in 2..=3 {
+            let n = node_hosting(&net, id, config.clone(), kvdir, host.clone()).await;
+            n.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
+            nodes.push(n);
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let key = key.expect("kvdir routed, with a key on the node to cut off");
-    let get = codec::encode(&Request::Get).expect("encode");
-    let put = codec::encode(&Request::Put(b"v1".to_vec())).expect("encode");
-    let host = cut.supervisor.host().clone();
-    let mut stored = false;
-    for _ in 0..50 {
-        if host.request(KVDIR, key, put.clone()).await.is_ok() {
-            stored = true;
-            break;
+        until_active(&nodes, 3).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_voters(&all, 3).await;
+        let spec = gobelins_kvdir::KvDir::declaration();
+        let registered = nodes[0]
+            .supervisor
+            .propose_until(
+                gobelins_supervisor::state::Command::Register(spec),
+                Duration::from_secs(10),
+            )
+            .await;
+        assert!(matches!(registered, Ok(Ok(_))), "kvdir registered: {registered:?}");
+        let cut = nodes
+            .iter()
+            .find(|n| n.supervisor.leader() != Some(n.supervisor.id()))
+            .expect("a follower");
+        let id = cut.supervisor.id();
+        let mut key = None;
+        for _ in 0..200 {
+            key = cut.supervisor.host().context().snapshot().and_then(|s| {
+                let table = s.table(KVDIR)?;
+                (0..).map(Key).find(|k| table.locate(*k) == NodeId(id))
+            });
+            if key.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-    assert!(stored, "the node serves its keys while in touch");
+        let key = key.expect("kvdir routed, with a key on the node to cut off");
+        let get = codec::encode(&Request::Get).expect("encode");
+        let put = codec::encode(&Request::Put(b"v1".to_vec())).expect("encode");
+        let host = cut.supervisor.host().clone();
+        let mut stored = false;
+        for _ in 0..50 {
+            if host.request(KVDIR, key, put.clone()).await.is_ok() {
+                stored = true;
+                break;
+            }
+        }
+        assert!(stored, "the node serves its keys while in touch");
 
-    net.isolate(id, (1..=3).filter(|&n| n != id));
-    // Past the lease (half the failure timeout), before the failure timeout itself.
-    tokio::time::sleep(config.failure_timeout * 2 / 3).await;
-    let others: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != id).collect();
-    assert!(
-        others.iter().all(|n| n.supervisor.state().nodes[&id].status == NodeStatus::Active),
-        "not declared failed yet"
-    );
-    let answer = host.request(KVDIR, key, get).await;
-    assert!(
-        matches!(answer, Err(AdaptationError::Deadline { .. })),
-        "a node cut off must not answer for keys the cluster may be rebuilding elsewhere: \
-         {:?}",
-        answer.map(|a| codec::decode::<Response>(&a))
-    );
-    net.heal();
+        net.isolate(id, (1..=3).filter(|&n| n != id));
+        // Past the lease (half the failure timeout), before the failure timeout itself.
+        tokio::time::sleep(config.failure_timeout * 2 / 3).await;
+        let others: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != id).collect();
+        assert!(
+            others.iter().all(|n| n.supervisor.state().nodes[&id].status == NodeStatus::Active),
+            "not declared failed yet"
+        );
+        let answer = host.request(KVDIR, key, get).await;
+        assert!(
+            matches!(answer, Err(AdaptationError::Deadline { .. })),
+            "a node cut off must not answer for keys the cluster may be rebuilding elsewhere: \
+             {:?}",
+            answer.map(|a| codec::decode::<Response>(&a))
+        );
+        net.heal();
+    });
 }
 
 /// A disk in memory that can fill up: every write then fails as a full disk's does.
@@ -364,45 +381,51 @@ impl redb::StorageBackend for Disk {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_node_whose_disk_fills_up_stops_and_the_cluster_declares_it_failed() {
-    use gobelins_supervisor::Lifecycle;
-    let net = MemNetwork::new(11);
-    let config = SupervisorConfig::loopback();
-    let mut nodes = cluster(&net, 2, config.clone()).await;
-    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let disk = Disk { bytes: redb::backends::InMemoryBackend::new(), full: Arc::clone(&full) };
-    let store = store::open_on(disk, true).expect("store on the disk");
-    let dir = TempDir::new().expect("temporary directory");
-    let third =
-        node_on(&net, 3, config.clone(), Registry::new, HostConfig::default(), store, dir).await;
-    third.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
-    nodes.push(third);
-    until_active(&nodes, 3).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    until_voters(&all, 3).await;
-    let mut lifecycle = nodes[2].supervisor.lifecycle();
-    assert_eq!(*lifecycle.borrow(), Lifecycle::Member);
+#[test]
+fn a_node_whose_disk_fills_up_stops_and_the_cluster_declares_it_failed() {
+    replay(async {
+        use gobelins_supervisor::Lifecycle;
+        let net = MemNetwork::new(11);
+        let config = SupervisorConfig::loopback();
+        let mut nodes = cluster(&net, 2, config.clone()).await;
+        let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let disk = Disk { bytes: redb::backends::InMemoryBackend::new(), full: Arc::clone(&full) };
+        let store = store::open_on(disk, true).expect("store on the disk");
+        let dir = TempDir::new().expect("temporary directory");
+        let third =
+            node_on(&net, 3, config.clone(), Registry::new, HostConfig::default(), store, dir)
+                .await;
+        third.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
+        nodes.push(third);
+        until_active(&nodes, 3).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_voters(&all, 3).await;
+        let mut lifecycle = nodes[2].supervisor.lifecycle();
+        assert_eq!(*lifecycle.borrow(), Lifecycle::Member);
 
-    full.store(true, std::sync::atomic::Ordering::SeqCst);
-    // Any change must reach node 3's log.
-    let spec = gobelins_kvdir::KvDir::declaration();
-    let registered = nodes[0]
-        .supervisor
-        .propose_until(gobelins_supervisor::state::Command::Register(spec), Duration::from_secs(10))
+        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Any change must reach node 3's log.
+        let spec = gobelins_kvdir::KvDir::declaration();
+        let registered = nodes[0]
+            .supervisor
+            .propose_until(
+                gobelins_supervisor::state::Command::Register(spec),
+                Duration::from_secs(10),
+            )
+            .await;
+        assert!(matches!(registered, Ok(Ok(_))), "the other two commit without node 3");
+        let stopped = tokio::time::timeout(
+            Duration::from_secs(10),
+            lifecycle.wait_for(|l| matches!(l, Lifecycle::Fatal(_))),
+        )
+        .await
+        .is_ok();
+        assert!(stopped, "node 3 saw its raft stop: {:?}", *lifecycle.borrow());
+
+        let others = [&nodes[0], &nodes[1]];
+        until_all(&others, config.failure_timeout * 20, "node 3 declared failed", |s| {
+            s.is_stable() && s.nodes[&3].status == NodeStatus::Failed
+        })
         .await;
-    assert!(matches!(registered, Ok(Ok(_))), "the other two commit without node 3");
-    let stopped = tokio::time::timeout(
-        Duration::from_secs(10),
-        lifecycle.wait_for(|l| matches!(l, Lifecycle::Fatal(_))),
-    )
-    .await
-    .is_ok();
-    assert!(stopped, "node 3 saw its raft stop: {:?}", *lifecycle.borrow());
-
-    let others = [&nodes[0], &nodes[1]];
-    until_all(&others, config.failure_timeout * 20, "node 3 declared failed", |s| {
-        s.is_stable() && s.nodes[&3].status == NodeStatus::Failed
-    })
-    .await;
+    });
 }

@@ -2,7 +2,7 @@
 //! the manager makes the retry wait for the first run instead of running it twice.
 
 use async_trait::async_trait;
-use gobelins_adaptation::testing::MemCluster;
+use gobelins_adaptation::testing::{replay, MemCluster};
 use gobelins_adaptation::{plugin, ChangeInfo, Context, HostConfig, Moving, Registry, Service};
 use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,64 +81,79 @@ async fn slow_cluster(runs: &Arc<AtomicU64>) -> (MemCluster, Key) {
     (cluster, key)
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_request_whose_handler_outlasts_an_attempt_is_retried_and_still_runs_once() {
-    let runs = Arc::new(AtomicU64::new(0));
-    let (cluster, key) = slow_cluster(&runs).await;
+#[test]
+fn a_request_whose_handler_outlasts_an_attempt_is_retried_and_still_runs_once() {
+    replay(async {
+        let runs = Arc::new(AtomicU64::new(0));
+        let (cluster, key) = slow_cluster(&runs).await;
 
-    let requester = cluster.host(NodeId(1));
-    let answer: u64 = requester
-        .context()
-        .request(SLOW, key, &350u64)
-        .await
-        .expect("answered within the deadline");
+        let requester = cluster.host(NodeId(1));
+        let answer: u64 = requester
+            .context()
+            .request(SLOW, key, &350u64)
+            .await
+            .expect("answered within the deadline");
 
-    assert_eq!(answer, 1, "the answer is the first run's");
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "the retries waited for the first run");
-    assert_eq!(requester.stats().requests_delayed, 1, "the requester asked more than once");
-}
-
-#[tokio::test(start_paused = true)]
-async fn only_answers_to_requests_that_must_not_run_twice_are_kept() {
-    let runs = Arc::new(AtomicU64::new(0));
-    let (cluster, key) = slow_cluster(&runs).await;
-    let requester = cluster.host(NodeId(1)).context();
-    let manager = cluster.host(NodeId(2));
-
-    let _: u64 = requester.request(SLOW, key, &1u64).await.expect("a repeatable request");
-    assert_eq!(manager.stats().answers_kept, 0, "nothing kept for a request that may run again");
-    let _: u64 = requester.request(SLOW, key, &4u64).await.expect("an answer that changed nothing");
-    assert_eq!(manager.stats().answers_kept, 0, "nothing kept for an answer that changed nothing");
-    let _: u64 = requester.request(SLOW, key, &2u64).await.expect("a request to run once");
-    assert_eq!(manager.stats().answers_kept, 1, "kept for its retries");
-    // Past twice the request deadline (5 s here) no retry can come: the answer goes.
-    tokio::time::sleep(Duration::from_secs(9)).await;
-    assert_eq!(manager.stats().answers_kept, 1, "still kept within twice the deadline");
-    tokio::time::sleep(Duration::from_secs(7)).await;
-    assert_eq!(manager.stats().answers_kept, 0, "forgotten once no retry can come");
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_request_whose_managers_lease_ran_out_while_it_ran_is_not_run_again() {
-    let runs = Arc::new(AtomicU64::new(0));
-    let (cluster, key) = slow_cluster(&runs).await;
-    let manager = cluster.host(NodeId(2));
-    manager.lease(tokio::time::Instant::now() + Duration::from_millis(100));
-    // The lease runs out while the request runs; the cluster renews it later.
-    let renewing = manager.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        renewing.lease(tokio::time::Instant::now() + Duration::from_secs(60));
+        assert_eq!(answer, 1, "the answer is the first run's");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the retries waited for the first run");
+        assert_eq!(requester.stats().requests_delayed, 1, "the requester asked more than once");
     });
+}
 
-    let requester = cluster.host(NodeId(1)).context();
-    let asked = tokio::time::Instant::now();
-    let answer: u64 = requester.request(SLOW, key, &300u64).await.expect("answered");
-    assert!(
-        asked.elapsed() >= Duration::from_millis(600),
-        "answered after {:?}, before the lease was renewed",
-        asked.elapsed()
-    );
-    assert_eq!(answer, 1, "the first run's answer");
-    assert_eq!(runs.load(Ordering::SeqCst), 1, "not run again once the lease was renewed");
+#[test]
+fn only_answers_to_requests_that_must_not_run_twice_are_kept() {
+    replay(async {
+        let runs = Arc::new(AtomicU64::new(0));
+        let (cluster, key) = slow_cluster(&runs).await;
+        let requester = cluster.host(NodeId(1)).context();
+        let manager = cluster.host(NodeId(2));
+
+        let _: u64 = requester.request(SLOW, key, &1u64).await.expect("a repeatable request");
+        assert_eq!(
+            manager.stats().answers_kept,
+            0,
+            "nothing kept for a request that may run again"
+        );
+        let _: u64 =
+            requester.request(SLOW, key, &4u64).await.expect("an answer that changed nothing");
+        assert_eq!(
+            manager.stats().answers_kept,
+            0,
+            "nothing kept for an answer that changed nothing"
+        );
+        let _: u64 = requester.request(SLOW, key, &2u64).await.expect("a request to run once");
+        assert_eq!(manager.stats().answers_kept, 1, "kept for its retries");
+        // Past twice the request deadline (5 s here) no retry can come: the answer goes.
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert_eq!(manager.stats().answers_kept, 1, "still kept within twice the deadline");
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        assert_eq!(manager.stats().answers_kept, 0, "forgotten once no retry can come");
+    });
+}
+
+#[test]
+fn a_request_whose_managers_lease_ran_out_while_it_ran_is_not_run_again() {
+    replay(async {
+        let runs = Arc::new(AtomicU64::new(0));
+        let (cluster, key) = slow_cluster(&runs).await;
+        let manager = cluster.host(NodeId(2));
+        manager.lease(tokio::time::Instant::now() + Duration::from_millis(100));
+        // The lease runs out while the request runs; the cluster renews it later.
+        let renewing = manager.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            renewing.lease(tokio::time::Instant::now() + Duration::from_secs(60));
+        });
+
+        let requester = cluster.host(NodeId(1)).context();
+        let asked = tokio::time::Instant::now();
+        let answer: u64 = requester.request(SLOW, key, &300u64).await.expect("answered");
+        assert!(
+            asked.elapsed() >= Duration::from_millis(600),
+            "answered after {:?}, before the lease was renewed",
+            asked.elapsed()
+        );
+        assert_eq!(answer, 1, "the first run's answer");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "not run again once the lease was renewed");
+    });
 }

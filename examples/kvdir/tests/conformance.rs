@@ -57,136 +57,153 @@ fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid_evict
     assert_eq!(verdict.changes, 9);
 }
 
-#[tokio::test(start_paused = true)]
-async fn what_a_node_sent_to_a_joiner_that_died_at_once_is_rebuilt_from_the_copy_it_kept() {
-    use gobelins_adaptation::{codec, HostConfig};
-    use gobelins_kvdir::KVDIR;
-    use gobelins_locator::{Key, NodeId};
+#[test]
+fn what_a_node_sent_to_a_joiner_that_died_at_once_is_rebuilt_from_the_copy_it_kept() {
+    replay(async {
+        use gobelins_adaptation::{codec, HostConfig};
+        use gobelins_kvdir::KVDIR;
+        use gobelins_locator::{Key, NodeId};
 
-    // One node: no backup holds a replica, so the sender's own copy is the only one left.
-    let mut cluster = kvdir_cluster(1, HostConfig::default()).await;
-    let keys: Vec<Key> = (0..300).map(Key).collect();
-    for &key in &keys {
-        let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
-        cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
-    }
-    cluster.add_and_crash().await;
-    let stats = cluster.host(NodeId(1)).stats();
-    assert!(stats.entries_rebuilt > 0, "some keys had moved to the joiner: {stats:?}");
-    let get = codec::encode(&Request::Get).expect("encode");
-    for &key in &keys {
-        let answer = cluster.host(NodeId(1)).request(KVDIR, key, get.clone()).await.expect("get");
-        let value: Response = codec::decode(&answer).expect("decode");
-        assert!(
-            matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
-            "{key:?}: {value:?}"
-        );
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_and_changes_nothing()
-{
-    use gobelins_adaptation::wire::{Message, Reply};
-    use gobelins_adaptation::{codec, HostConfig, Packed};
-    use gobelins_kvdir::{Versioned, KVDIR};
-    use gobelins_locator::{Key, NodeId};
-
-    let cluster = kvdir_cluster(2, HostConfig::default()).await;
-    let epoch = cluster.snapshot().epoch().0;
-    let key = (0..)
-        .map(Key)
-        .find(|k| cluster.snapshot().table(KVDIR).expect("table").locate(*k) == NodeId(1))
-        .expect("a key node 1 manages");
-    let host = cluster.host(NodeId(1));
-    let stale = Versioned { version: 99, value: b"stale".to_vec().into() };
-    let mut entries = Packed::with_capacity(0);
-    entries.push_encoded(key, &stale).expect("encode");
-    let entries = entries.into_run();
-    let batch = Message::Batch {
-        epoch,
-        service: KVDIR,
-        answered: Vec::new(),
-        settled: Vec::new(),
-        entries,
-    };
-    let reply = host.handle(NodeId(2), batch.encode().expect("encode").into()).await;
-    assert!(
-        matches!(codec::decode::<Reply>(&reply).expect("decode"), Reply::Merged { epoch: e } if e == epoch),
-        "a late batch is told the change is closed"
-    );
-    let get = codec::encode(&Request::Get).expect("encode");
-    let answer: Response =
-        codec::decode(&host.request(KVDIR, key, get).await.expect("get")).expect("decode");
-    assert!(matches!(answer, Response::Value(None)), "the late entry was not merged: {answer:?}");
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_write_is_acknowledged_only_once_its_backup_holds_it() {
-    use gobelins_adaptation::{codec, AdaptationError, HostConfig};
-    use gobelins_kvdir::KVDIR;
-    use gobelins_locator::{Key, NodeId};
-    use std::time::Duration;
-
-    let config = HostConfig { request_deadline: Duration::from_secs(2), ..HostConfig::default() };
-    let mut cluster = kvdir_cluster(3, config).await;
-    let snapshot = cluster.snapshot();
-    assert_eq!(snapshot.nodes(), vec![NodeId(1), NodeId(2), NodeId(3)], "node 2 backs node 1 up");
-    let key = (0..)
-        .map(Key)
-        .find(|k| snapshot.table(KVDIR).expect("table").locate(*k) == NodeId(1))
-        .expect("a key node 1 manages");
-    let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
-
-    // The backup is down and nobody has noticed: the write must not be acknowledged.
-    cluster.crash(NodeId(2));
-    let early = cluster.host(NodeId(1)).request(KVDIR, key, put.clone()).await;
-    assert!(matches!(early, Err(AdaptationError::Deadline { .. })), "{early:?}");
-
-    // Once the failure is recovered, node 1 has a live backup again and the write goes through.
-    cluster.fail(NodeId(2)).await;
-    let late = cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
-    assert!(
-        matches!(codec::decode::<Response>(&late).expect("decode"), Response::Stored { .. }),
-        "stored once a backup holds it"
-    );
-}
-
-#[tokio::test(start_paused = true)]
-async fn a_manager_whose_lease_ran_out_serves_nothing_until_it_is_renewed() {
-    use gobelins_adaptation::{codec, AdaptationError, HostConfig};
-    use gobelins_kvdir::KVDIR;
-    use gobelins_locator::{Key, NodeId};
-    use std::time::Duration;
-    use tokio::time::Instant;
-
-    let config = HostConfig { request_deadline: Duration::from_secs(1), ..HostConfig::default() };
-    let cluster = kvdir_cluster(2, config).await;
-    let key = (0..)
-        .map(Key)
-        .find(|k| cluster.snapshot().table(KVDIR).expect("table").locate(*k) == NodeId(1))
-        .expect("a key node 1 manages");
-    let get = codec::encode(&Request::Get).expect("encode");
-    let (one, two) = (cluster.host(NodeId(1)), cluster.host(NodeId(2)));
-
-    one.lease(Instant::now());
-    for (host, from) in [(&one, "its own node"), (&two, "another node")] {
-        let answer = host.request(KVDIR, key, get.clone()).await;
-        assert!(
-            matches!(answer, Err(AdaptationError::Deadline { .. })),
-            "a request from {from} is not served without a lease: {answer:?}"
-        );
-    }
-
-    // Renewed while a request waits: it is served.
-    let waiting = tokio::spawn({
-        let two = two.clone();
-        let get = get.clone();
-        async move { two.request(KVDIR, key, get).await }
+        // One node: no backup holds a replica, so the sender's own copy is the only one left.
+        let mut cluster = kvdir_cluster(1, HostConfig::default()).await;
+        let keys: Vec<Key> = (0..300).map(Key).collect();
+        for &key in &keys {
+            let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
+            cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
+        }
+        cluster.add_and_crash().await;
+        let stats = cluster.host(NodeId(1)).stats();
+        assert!(stats.entries_rebuilt > 0, "some keys had moved to the joiner: {stats:?}");
+        let get = codec::encode(&Request::Get).expect("encode");
+        for &key in &keys {
+            let answer =
+                cluster.host(NodeId(1)).request(KVDIR, key, get.clone()).await.expect("get");
+            let value: Response = codec::decode(&answer).expect("decode");
+            assert!(
+                matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
+                "{key:?}: {value:?}"
+            );
+        }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    one.lease(Instant::now() + Duration::from_secs(10));
-    assert!(waiting.await.expect("task").is_ok(), "served once the lease is renewed");
+}
+
+#[test]
+fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_and_changes_nothing() {
+    replay(async {
+        use gobelins_adaptation::wire::{Message, Reply};
+        use gobelins_adaptation::{codec, HostConfig, Packed};
+        use gobelins_kvdir::{Versioned, KVDIR};
+        use gobelins_locator::{Key, NodeId};
+
+        let cluster = kvdir_cluster(2, HostConfig::default()).await;
+        let epoch = cluster.snapshot().epoch().0;
+        let key = (0..)
+            .map(Key)
+            .find(|k| cluster.snapshot().table(KVDIR).expect("table").locate(*k) == NodeId(1))
+            .expect("a key node 1 manages");
+        let host = cluster.host(NodeId(1));
+        let stale = Versioned { version: 99, value: b"stale".to_vec().into() };
+        let mut entries = Packed::with_capacity(0);
+        entries.push_encoded(key, &stale).expect("encode");
+        let entries = entries.into_run();
+        let batch = Message::Batch {
+            epoch,
+            service: KVDIR,
+            answered: Vec::new(),
+            settled: Vec::new(),
+            entries,
+        };
+        let reply = host.handle(NodeId(2), batch.encode().expect("encode").into()).await;
+        assert!(
+            matches!(codec::decode::<Reply>(&reply).expect("decode"), Reply::Merged { epoch: e } if e == epoch),
+            "a late batch is told the change is closed"
+        );
+        let get = codec::encode(&Request::Get).expect("encode");
+        let answer: Response =
+            codec::decode(&host.request(KVDIR, key, get).await.expect("get")).expect("decode");
+        assert!(
+            matches!(answer, Response::Value(None)),
+            "the late entry was not merged: {answer:?}"
+        );
+    });
+}
+
+#[test]
+fn a_write_is_acknowledged_only_once_its_backup_holds_it() {
+    replay(async {
+        use gobelins_adaptation::{codec, AdaptationError, HostConfig};
+        use gobelins_kvdir::KVDIR;
+        use gobelins_locator::{Key, NodeId};
+        use std::time::Duration;
+
+        let config =
+            HostConfig { request_deadline: Duration::from_secs(2), ..HostConfig::default() };
+        let mut cluster = kvdir_cluster(3, config).await;
+        let snapshot = cluster.snapshot();
+        assert_eq!(
+            snapshot.nodes(),
+            vec![NodeId(1), NodeId(2), NodeId(3)],
+            "node 2 backs node 1 up"
+        );
+        let key = (0..)
+            .map(Key)
+            .find(|k| snapshot.table(KVDIR).expect("table").locate(*k) == NodeId(1))
+            .expect("a key node 1 manages");
+        let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
+
+        // The backup is down and nobody has noticed: the write must not be acknowledged.
+        cluster.crash(NodeId(2));
+        let early = cluster.host(NodeId(1)).request(KVDIR, key, put.clone()).await;
+        assert!(matches!(early, Err(AdaptationError::Deadline { .. })), "{early:?}");
+
+        // Once the failure is recovered, node 1 has a live backup again and the write goes through.
+        cluster.fail(NodeId(2)).await;
+        let late = cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
+        assert!(
+            matches!(codec::decode::<Response>(&late).expect("decode"), Response::Stored { .. }),
+            "stored once a backup holds it"
+        );
+    });
+}
+
+#[test]
+fn a_manager_whose_lease_ran_out_serves_nothing_until_it_is_renewed() {
+    replay(async {
+        use gobelins_adaptation::{codec, AdaptationError, HostConfig};
+        use gobelins_kvdir::KVDIR;
+        use gobelins_locator::{Key, NodeId};
+        use std::time::Duration;
+        use tokio::time::Instant;
+
+        let config =
+            HostConfig { request_deadline: Duration::from_secs(1), ..HostConfig::default() };
+        let cluster = kvdir_cluster(2, config).await;
+        let key = (0..)
+            .map(Key)
+            .find(|k| cluster.snapshot().table(KVDIR).expect("table").locate(*k) == NodeId(1))
+            .expect("a key node 1 manages");
+        let get = codec::encode(&Request::Get).expect("encode");
+        let (one, two) = (cluster.host(NodeId(1)), cluster.host(NodeId(2)));
+
+        one.lease(Instant::now());
+        for (host, from) in [(&one, "its own node"), (&two, "another node")] {
+            let answer = host.request(KVDIR, key, get.clone()).await;
+            assert!(
+                matches!(answer, Err(AdaptationError::Deadline { .. })),
+                "a request from {from} is not served without a lease: {answer:?}"
+            );
+        }
+
+        // Renewed while a request waits: it is served.
+        let waiting = tokio::spawn({
+            let two = two.clone();
+            let get = get.clone();
+            async move { two.request(KVDIR, key, get).await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        one.lease(Instant::now() + Duration::from_secs(10));
+        assert!(waiting.await.expect("task").is_ok(), "served once the lease is renewed");
+    });
 }
 
 /// Node 77, a requester that sends its own messages: keys node 1 manages in `cluster`, so that
@@ -248,145 +265,157 @@ mod node77 {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_retry_that_reaches_the_new_manager_gets_the_answer_the_old_one_gave() {
-    use gobelins_adaptation::wire::Reply;
-    use gobelins_adaptation::HostConfig;
-    use gobelins_locator::NodeId;
-    use node77::{ask, message, moved, written_once};
+#[test]
+fn a_retry_that_reaches_the_new_manager_gets_the_answer_the_old_one_gave() {
+    replay(async {
+        use gobelins_adaptation::wire::Reply;
+        use gobelins_adaptation::HostConfig;
+        use gobelins_locator::NodeId;
+        use node77::{ask, message, moved, written_once};
 
-    let mut cluster = kvdir_cluster(2, HostConfig::default()).await;
-    let keys = node77::keys_of_node_1(&cluster);
-    let epoch = cluster.snapshot().epoch().0;
-    let put = Request::Put(b"once".to_vec());
-    let nothing = Default::default();
-    let mut first = Vec::new();
-    for (seq, &key) in keys.iter().enumerate() {
-        match ask(cluster.host(NodeId(1)), &message(key, seq as u64, epoch, &put, nothing)).await {
-            Reply::Done(answer) => first.push(answer),
-            other => panic!("first run of {key:?}: {other:?}"),
+        let mut cluster = kvdir_cluster(2, HostConfig::default()).await;
+        let keys = node77::keys_of_node_1(&cluster);
+        let epoch = cluster.snapshot().epoch().0;
+        let put = Request::Put(b"once".to_vec());
+        let nothing = Default::default();
+        let mut first = Vec::new();
+        for (seq, &key) in keys.iter().enumerate() {
+            match ask(cluster.host(NodeId(1)), &message(key, seq as u64, epoch, &put, nothing))
+                .await
+            {
+                Reply::Done(answer) => first.push(answer),
+                other => panic!("first run of {key:?}: {other:?}"),
+            }
         }
-    }
-    let added = cluster.add().await;
-    let epoch = cluster.snapshot().epoch().0;
-    for i in moved(&cluster, &keys, added) {
-        // The same request, retried at the key's new manager: it must not run a second time.
-        match ask(cluster.host(added), &message(keys[i], i as u64, epoch, &put, nothing)).await {
-            Reply::Done(answer) => assert_eq!(answer, first[i], "key {:?}", keys[i]),
-            other => panic!("retry of {:?}: {other:?}", keys[i]),
+        let added = cluster.add().await;
+        let epoch = cluster.snapshot().epoch().0;
+        for i in moved(&cluster, &keys, added) {
+            // The same request, retried at the key's new manager: it must not run a second time.
+            match ask(cluster.host(added), &message(keys[i], i as u64, epoch, &put, nothing)).await
+            {
+                Reply::Done(answer) => assert_eq!(answer, first[i], "key {:?}", keys[i]),
+                other => panic!("retry of {:?}: {other:?}", keys[i]),
+            }
+            written_once(&cluster, added, keys[i]).await;
         }
-        written_once(&cluster, added, keys[i]).await;
-    }
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_late_copy_of_a_request_its_sender_settled_runs_neither_at_the_old_manager_nor_at_the_new(
-) {
-    use gobelins_adaptation::wire::{Reply, Settlement};
-    use gobelins_adaptation::HostConfig;
-    use gobelins_locator::NodeId;
-    use node77::{ask, message, moved, written_once};
+#[test]
+fn a_late_copy_of_a_request_its_sender_settled_runs_neither_at_the_old_manager_nor_at_the_new() {
+    replay(async {
+        use gobelins_adaptation::wire::{Reply, Settlement};
+        use gobelins_adaptation::HostConfig;
+        use gobelins_locator::NodeId;
+        use node77::{ask, message, moved, written_once};
 
-    let mut cluster = kvdir_cluster(2, HostConfig::default()).await;
-    let keys = node77::keys_of_node_1(&cluster);
-    let epoch = cluster.snapshot().epoch().0;
-    // Node 77 numbers its requests from 1,000 and settles each once the next is sent.
-    let since = 1_000;
-    let settled = |seq| Settlement { since, below: seq };
-    let put = Request::Put(b"once".to_vec());
-    for (i, &key) in keys.iter().enumerate() {
-        let seq = since + i as u64;
-        let reply =
-            ask(cluster.host(NodeId(1)), &message(key, seq, epoch, &put, settled(seq))).await;
-        assert!(matches!(reply, Reply::Done(_)), "first run of {key:?}: {reply:?}");
-    }
-    // A read that tells node 1 every write before it is settled.
-    let last = since + keys.len() as u64;
-    let read = message(keys[0], last, epoch, &Request::Get, settled(last));
-    let reply = ask(cluster.host(NodeId(1)), &read).await;
-    assert!(matches!(reply, Reply::Done(_)), "{reply:?}");
-    let late =
-        ask(cluster.host(NodeId(1)), &message(keys[0], since, epoch, &put, settled(since))).await;
-    assert!(matches!(late, Reply::Refused(_)), "refused by the manager that ran it: {late:?}");
-
-    let added = cluster.add().await;
-    let epoch = cluster.snapshot().epoch().0;
-    for i in moved(&cluster, &keys, added) {
-        let seq = since + i as u64;
+        let mut cluster = kvdir_cluster(2, HostConfig::default()).await;
+        let keys = node77::keys_of_node_1(&cluster);
+        let epoch = cluster.snapshot().epoch().0;
+        // Node 77 numbers its requests from 1,000 and settles each once the next is sent.
+        let since = 1_000;
+        let settled = |seq| Settlement { since, below: seq };
+        let put = Request::Put(b"once".to_vec());
+        for (i, &key) in keys.iter().enumerate() {
+            let seq = since + i as u64;
+            let reply =
+                ask(cluster.host(NodeId(1)), &message(key, seq, epoch, &put, settled(seq))).await;
+            assert!(matches!(reply, Reply::Done(_)), "first run of {key:?}: {reply:?}");
+        }
+        // A read that tells node 1 every write before it is settled.
+        let last = since + keys.len() as u64;
+        let read = message(keys[0], last, epoch, &Request::Get, settled(last));
+        let reply = ask(cluster.host(NodeId(1)), &read).await;
+        assert!(matches!(reply, Reply::Done(_)), "{reply:?}");
         let late =
-            ask(cluster.host(added), &message(keys[i], seq, epoch, &put, settled(seq))).await;
-        assert!(matches!(late, Reply::Refused(_)), "refused by the new manager: {late:?}");
-        written_once(&cluster, added, keys[i]).await;
-    }
-}
+            ask(cluster.host(NodeId(1)), &message(keys[0], since, epoch, &put, settled(since)))
+                .await;
+        assert!(matches!(late, Reply::Refused(_)), "refused by the manager that ran it: {late:?}");
 
-#[tokio::test(start_paused = true)]
-async fn a_late_copy_of_a_settled_read_is_answered_afresh_not_refused() {
-    use gobelins_adaptation::wire::{Reply, Settlement};
-    use gobelins_adaptation::{codec, HostConfig};
-    use gobelins_locator::NodeId;
-    use node77::{ask, message};
-
-    let cluster = kvdir_cluster(2, HostConfig::default()).await;
-    let key = node77::keys_of_node_1(&cluster)[0];
-    let epoch = cluster.snapshot().epoch().0;
-    let settled = |seq| Settlement { since: 1_000, below: seq };
-    let host = || cluster.host(NodeId(1));
-    let put = |value: &[u8]| Request::Put(value.to_vec());
-    let first = ask(host(), &message(key, 1_000, epoch, &put(b"one"), settled(1_000))).await;
-    assert!(matches!(first, Reply::Done(_)), "{first:?}");
-    let read = message(key, 1_001, epoch, &Request::Get, settled(1_001));
-    assert!(matches!(ask(host(), &read).await, Reply::Done(_)));
-    // The next write settles the read; then a late copy of the read arrives.
-    let second = ask(host(), &message(key, 1_002, epoch, &put(b"two"), settled(1_002))).await;
-    assert!(matches!(second, Reply::Done(_)), "{second:?}");
-    match ask(host(), &read).await {
-        Reply::Done(answer) => {
-            let value: Response = codec::decode(&answer).expect("decode");
-            assert!(
-                matches!(&value, Response::Value(Some(v)) if v.version == 2),
-                "a read runs again and sees the latest write: {value:?}"
-            );
+        let added = cluster.add().await;
+        let epoch = cluster.snapshot().epoch().0;
+        for i in moved(&cluster, &keys, added) {
+            let seq = since + i as u64;
+            let late =
+                ask(cluster.host(added), &message(keys[i], seq, epoch, &put, settled(seq))).await;
+            assert!(matches!(late, Reply::Refused(_)), "refused by the new manager: {late:?}");
+            written_once(&cluster, added, keys[i]).await;
         }
-        other => panic!("a repeatable request is never refused as settled: {other:?}"),
-    }
+    });
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_manager_forgets_the_answers_of_requests_their_sender_has_settled() {
-    use gobelins_adaptation::{codec, HostConfig};
-    use gobelins_kvdir::KVDIR;
-    use gobelins_locator::{Key, NodeId};
-    use std::time::Duration;
+#[test]
+fn a_late_copy_of_a_settled_read_is_answered_afresh_not_refused() {
+    replay(async {
+        use gobelins_adaptation::wire::{Reply, Settlement};
+        use gobelins_adaptation::{codec, HostConfig};
+        use gobelins_locator::NodeId;
+        use node77::{ask, message};
 
-    // A sweep every second; answers younger than two seconds are kept unless settled.
-    let config = HostConfig { request_deadline: Duration::from_secs(1), ..HostConfig::default() };
-    let cluster = kvdir_cluster(2, config).await;
-    let table = cluster.snapshot();
-    let keys: Vec<Key> = (0..2000)
-        .map(Key)
-        .filter(|k| table.locate(KVDIR, *k) == Some(NodeId(2)))
-        .take(200)
-        .collect();
-    let (one, two) = (cluster.host(NodeId(1)), cluster.host(NodeId(2)));
-    let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
-    // All at once: none is settled before the last is answered.
-    let writes = keys.iter().map(|&key| one.request(KVDIR, key, put.clone()));
-    for answer in futures::future::join_all(writes).await {
-        answer.expect("put");
-    }
-    assert!(two.stats().answers_kept >= keys.len() as u64, "each write's answer is kept");
-    // One more request tells node 2 that node 1 has every answer before it: they go at once,
-    // not at the sweep a second later.
-    let get = codec::encode(&Request::Get).expect("encode");
-    one.request(KVDIR, keys[0], get).await.expect("get");
-    assert_eq!(two.stats().answers_kept, 0, "settled answers are forgotten when settled");
-    // One after the other: each write settles the one before.
-    for &key in &keys {
-        one.request(KVDIR, key, put.clone()).await.expect("put");
-    }
-    assert_eq!(two.stats().answers_kept, 1, "only the last write is not settled yet");
-    // The keep time (2 s) and one more sweep (every second).
-    tokio::time::sleep(Duration::from_millis(3_100)).await;
-    assert_eq!(two.stats().answers_kept, 0, "an answer never settled expires at a sweep");
+        let cluster = kvdir_cluster(2, HostConfig::default()).await;
+        let key = node77::keys_of_node_1(&cluster)[0];
+        let epoch = cluster.snapshot().epoch().0;
+        let settled = |seq| Settlement { since: 1_000, below: seq };
+        let host = || cluster.host(NodeId(1));
+        let put = |value: &[u8]| Request::Put(value.to_vec());
+        let first = ask(host(), &message(key, 1_000, epoch, &put(b"one"), settled(1_000))).await;
+        assert!(matches!(first, Reply::Done(_)), "{first:?}");
+        let read = message(key, 1_001, epoch, &Request::Get, settled(1_001));
+        assert!(matches!(ask(host(), &read).await, Reply::Done(_)));
+        // The next write settles the read; then a late copy of the read arrives.
+        let second = ask(host(), &message(key, 1_002, epoch, &put(b"two"), settled(1_002))).await;
+        assert!(matches!(second, Reply::Done(_)), "{second:?}");
+        match ask(host(), &read).await {
+            Reply::Done(answer) => {
+                let value: Response = codec::decode(&answer).expect("decode");
+                assert!(
+                    matches!(&value, Response::Value(Some(v)) if v.version == 2),
+                    "a read runs again and sees the latest write: {value:?}"
+                );
+            }
+            other => panic!("a repeatable request is never refused as settled: {other:?}"),
+        }
+    });
+}
+
+#[test]
+fn a_manager_forgets_the_answers_of_requests_their_sender_has_settled() {
+    replay(async {
+        use gobelins_adaptation::{codec, HostConfig};
+        use gobelins_kvdir::KVDIR;
+        use gobelins_locator::{Key, NodeId};
+        use std::time::Duration;
+
+        // A sweep every second; answers younger than two seconds are kept unless settled.
+        let config =
+            HostConfig { request_deadline: Duration::from_secs(1), ..HostConfig::default() };
+        let cluster = kvdir_cluster(2, config).await;
+        let table = cluster.snapshot();
+        let keys: Vec<Key> = (0..2000)
+            .map(Key)
+            .filter(|k| table.locate(KVDIR, *k) == Some(NodeId(2)))
+            .take(200)
+            .collect();
+        let (one, two) = (cluster.host(NodeId(1)), cluster.host(NodeId(2)));
+        let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
+        // All at once: none is settled before the last is answered.
+        let writes = keys.iter().map(|&key| one.request(KVDIR, key, put.clone()));
+        for answer in futures::future::join_all(writes).await {
+            answer.expect("put");
+        }
+        assert!(two.stats().answers_kept >= keys.len() as u64, "each write's answer is kept");
+        // One more request tells node 2 that node 1 has every answer before it: they go at once,
+        // not at the sweep a second later.
+        let get = codec::encode(&Request::Get).expect("encode");
+        one.request(KVDIR, keys[0], get).await.expect("get");
+        assert_eq!(two.stats().answers_kept, 0, "settled answers are forgotten when settled");
+        // One after the other: each write settles the one before.
+        for &key in &keys {
+            one.request(KVDIR, key, put.clone()).await.expect("put");
+        }
+        assert_eq!(two.stats().answers_kept, 1, "only the last write is not settled yet");
+        // The keep time (2 s) and one more sweep (every second).
+        tokio::time::sleep(Duration::from_millis(3_100)).await;
+        assert_eq!(two.stats().answers_kept, 0, "an answer never settled expires at a sweep");
+    });
 }
