@@ -20,7 +20,7 @@
 //! third of that, the phase lasted a few milliseconds, and a page fault or a vCPU waking late
 //! moved the figure by a third from one run to the next.
 
-use gobelins_adaptation::wire::{Message, Reply, RequestId};
+use gobelins_adaptation::wire::{Message, Reply, RequestId, Routed};
 use gobelins_adaptation::{codec, HostConfig, Link};
 use gobelins_kvdir::{Request, Response, KVDIR};
 use gobelins_locator::Labels;
@@ -269,7 +269,7 @@ fn main() {
             host.request(KVDIR, *k, get.clone()).await.expect("warm up");
         }
         let request_bytes = {
-            let m = Message::Request {
+            let m = Message::Request(Routed {
                 id: RequestId { origin: NodeId(1), seq: 1 },
                 service: KVDIR,
                 key: remote[0],
@@ -277,7 +277,7 @@ fn main() {
                 body: get.clone(),
                 wait_ms: 10_000,
                 settled: Default::default(),
-            };
+            });
             gobelins_supervisor::lane::Lane::Adaptation.seal(codec::encode(&m).expect("m")).len()
         };
         // Interleaved in blocks, so that each path and its baselines see the same machine.
@@ -416,7 +416,7 @@ fn main() {
                         1 => echo_r.push(echo_client.round_trip().await),
                         2 => mux_r.push(mux_client.round_trip().await),
                         _ => {
-                            let message = Message::Request {
+                            let message = Message::Request(Routed {
                                 id: RequestId { origin: NodeId(99), seq: (1u64 << 40) + n as u64 },
                                 service: KVDIR,
                                 key: k,
@@ -424,7 +424,7 @@ fn main() {
                                 body: get.clone(),
                                 wait_ms: 10_000,
                                 settled: Default::default(),
-                            };
+                            });
                             let bytes = link.seal(codec::encode(&message).expect("encode"));
                             let t = Instant::now();
                             let first =

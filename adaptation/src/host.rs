@@ -20,7 +20,7 @@ use crate::router::{Router, Verdict};
 use crate::run::Run;
 use crate::service::{Context, Peers};
 use crate::settled::{Outstanding, Settled};
-use crate::wire::{Answered, Message, Reply, RequestId, Settlement};
+use crate::wire::{Answered, Message, Reply, RequestId, Routed, Settlement};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -765,7 +765,7 @@ impl Inner {
         until: Instant,
     ) -> Reply {
         let left = until.saturating_duration_since(Instant::now());
-        let message = Message::Request {
+        let message = Message::Request(Routed {
             id,
             service,
             key,
@@ -773,7 +773,7 @@ impl Inner {
             body: body.to_vec(),
             wait_ms: left.as_millis() as u64,
             settled: self.outstanding.settlement(),
-        };
+        });
         let bytes = match message.encode() {
             Ok(bytes) => bytes,
             Err(e) => return Reply::Refused(e.to_string()),
@@ -836,12 +836,14 @@ impl Inner {
             let router = router.as_ref()?;
             (router.epoch(), router.snapshot().locate(service, key)?)
         };
-        // The origin itself manages the key now: it serves it once it knows, no hop needed.
+        // Nobody to pass it to: this node manages the key after all (its epoch moved since
+        // `serve`), the origin does (it serves the key itself once it knows), or the manager
+        // is gone.
         if to == self.me || to == from || self.departed.borrow().contains(&to) {
             return None;
         }
         let wait = until.saturating_duration_since(Instant::now());
-        let message = Message::Forward {
+        let message = Message::Forward(Routed {
             id,
             service,
             key,
@@ -849,7 +851,7 @@ impl Inner {
             body,
             wait_ms: wait.as_millis() as u64,
             settled,
-        };
+        });
         let bytes = self.link.seal(message.encode().ok()?);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         let inner = Arc::clone(self);
@@ -920,9 +922,9 @@ impl Inner {
                 }
             }
             let released = *self.released.borrow();
-            // Bounded: a handle that calls back into this node while a hold waits for the gate
-            // would otherwise wait on itself (the lock is fair to the waiting writer).
-            // Free unless a hold waits for it, and then fair to the hold.
+            // Taken at once unless a hold waits for it. Then the wait is fair to the hold, and
+            // bounded: a handle that calls back into this node while a hold waits for the gate
+            // would otherwise wait on itself.
             let gate = match self.gate.try_read() {
                 Ok(gate) => gate,
                 Err(_) => match Box::pin(tokio::time::timeout_at(until, self.gate.read())).await {
@@ -1059,7 +1061,7 @@ impl Inner {
 
     async fn answer(self: &Arc<Self>, from: NodeId, message: Message) -> Reply {
         match message {
-            Message::Request { id, service, key, epoch, body, wait_ms, settled } => {
+            Message::Request(Routed { id, service, key, epoch, body, wait_ms, settled }) => {
                 let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
                 let repeatable = self.registry.get(service).is_some_and(|p| p.repeatable(&body));
                 let until = Instant::now() + wait;
@@ -1071,7 +1073,7 @@ impl Inner {
                 }
             }
             // Boxed, as are batches: rare, and inline they would enlarge every request's future.
-            Message::Forward { id, service, key, epoch, body, wait_ms, settled } => {
+            Message::Forward(Routed { id, service, key, epoch, body, wait_ms, settled }) => {
                 Box::pin(async move {
                     let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
                     let repeatable =

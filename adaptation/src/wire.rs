@@ -41,28 +41,32 @@ pub struct Answered {
     pub response: Vec<u8>,
 }
 
+/// A request for the manager of its key, as its sender routed it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Routed {
+    /// The request's id: its origin gets the answer.
+    pub id: RequestId,
+    /// The service.
+    pub service: ServiceId,
+    /// The key.
+    pub key: Key,
+    /// The epoch it was routed by.
+    pub epoch: u64,
+    /// The encoded request.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// How long the origin will wait, in milliseconds.
+    pub wait_ms: u64,
+    /// What the origin has settled.
+    pub settled: Settlement,
+}
+
 /// One message between hosts. Encoded with [`Message::encode`]: `codec::encode` would leave a
 /// batch's entries out.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Message {
-    /// For the manager of `key`, routed by the sender's `epoch`.
-    Request {
-        /// The request's id.
-        id: RequestId,
-        /// The service.
-        service: ServiceId,
-        /// The key.
-        key: Key,
-        /// The epoch the sender routed by.
-        epoch: u64,
-        /// The encoded request.
-        #[serde(with = "serde_bytes")]
-        body: Vec<u8>,
-        /// How long the sender will wait, in milliseconds.
-        wait_ms: u64,
-        /// What the sender has settled.
-        settled: Settlement,
-    },
+    /// For the manager of the request's key, routed by the sender's epoch.
+    Request(Routed),
     /// For the receiving node's local server of `service` (a replica, a page copy).
     Local {
         /// The service.
@@ -95,25 +99,9 @@ pub enum Message {
         epoch: u64,
     },
     /// A [`Message::Request`] its receiver does not manage the key of, passed on to the
-    /// manager in the receiver's `epoch`, who answers `id.origin` with a [`Message::Answer`]
-    /// (`crate::forwarded`).
-    Forward {
-        /// The request's id: its origin gets the answer.
-        id: RequestId,
-        /// The service.
-        service: ServiceId,
-        /// The key.
-        key: Key,
-        /// The epoch the forwarding node routed by.
-        epoch: u64,
-        /// The encoded request.
-        #[serde(with = "serde_bytes")]
-        body: Vec<u8>,
-        /// How long the origin will still wait, in milliseconds.
-        wait_ms: u64,
-        /// What the origin has settled.
-        settled: Settlement,
-    },
+    /// manager in the receiver's epoch (the one it carries now), who answers `id.origin` with a
+    /// [`Message::Answer`] (`crate::forwarded`).
+    Forward(Routed),
     /// The answer to the receiver's own request `id`, from the manager it was forwarded to.
     Answer {
         /// The request.

@@ -210,7 +210,7 @@ fn a_manager_whose_lease_ran_out_serves_nothing_until_it_is_renewed() {
 /// some move to a node added later, and its requests as a host would send them.
 mod node77 {
     use gobelins_adaptation::testing::MemCluster;
-    use gobelins_adaptation::wire::{Message, Reply, RequestId, Settlement};
+    use gobelins_adaptation::wire::{Message, Reply, RequestId, Routed, Settlement};
     use gobelins_adaptation::{codec, Host};
     use gobelins_kvdir::{Request, Response, KVDIR};
     use gobelins_locator::{Key, NodeId};
@@ -227,7 +227,7 @@ mod node77 {
         body: &Request,
         settled: Settlement,
     ) -> Message {
-        Message::Request {
+        Message::Request(Routed {
             id: RequestId { origin: NodeId(77), seq },
             service: KVDIR,
             key,
@@ -235,7 +235,7 @@ mod node77 {
             body: codec::encode(body).expect("encode"),
             wait_ms: 5_000,
             settled,
-        }
+        })
     }
 
     pub(crate) async fn ask(host: Host, message: &Message) -> Reply {
