@@ -267,10 +267,12 @@ fn print_stats(answer: &Value) -> anyhow::Result<()> {
     )?;
     writeln!(
         out,
-        "as manager: {} served, {} held while their keys moved, {} answers kept for retries",
+        "as manager: {} served, {} held while their keys moved, {} answers kept for retries, \
+         {} passed on to the key's new manager",
         n(&s["served"]),
         n(&s["held"]),
-        n(&s["answers_kept"])
+        n(&s["answers_kept"]),
+        n(&s["forwarded"])
     )?;
     writeln!(
         out,
