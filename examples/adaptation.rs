@@ -471,20 +471,20 @@ fn main() {
             100.0 * ours_mbs / raw_mbs,
             100.0 * ours_mbs / distinct_mbs
         );
-        let middle = |blocks: &[f64], at: usize, width: usize| {
-            let mut ratios: Vec<f64> = blocks.chunks(width).map(|b| b[at]).collect();
+        let middle = |ratios: &mut dyn Iterator<Item = f64>| {
+            let mut ratios: Vec<f64> = ratios.collect();
             ratios.sort_by(f64::total_cmp);
             ratios[ratios.len() / 2]
         };
         println!(
             "\nBy block ({} blocks of 500 interleaved rounds), median of the blocks' p50 ratios: round trip {:.2}x caller reads, {:.2}x multiplexed; redirected once {:.2}x caller reads, {:.2}x multiplexed; sent again {:.2}x caller reads, {:.2}x multiplexed.",
             blocks.len(),
-            middle(blocks.as_flattened(), 0, 2),
-            middle(blocks.as_flattened(), 1, 2),
-            middle(blocks_r.as_flattened(), 0, 4),
-            middle(blocks_r.as_flattened(), 1, 4),
-            middle(blocks_r.as_flattened(), 2, 4),
-            middle(blocks_r.as_flattened(), 3, 4)
+            middle(&mut blocks.iter().map(|b| b[0])),
+            middle(&mut blocks.iter().map(|b| b[1])),
+            middle(&mut blocks_r.iter().map(|b| b[0])),
+            middle(&mut blocks_r.iter().map(|b| b[1])),
+            middle(&mut blocks_r.iter().map(|b| b[2])),
+            middle(&mut blocks_r.iter().map(|b| b[3]))
         );
         c.stop().await;
         b.stop().await;
