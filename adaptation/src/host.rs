@@ -386,7 +386,10 @@ impl Host {
     /// Answers a message from the host on node `from` (the supervisor's handler calls it).
     pub async fn handle(&self, from: NodeId, bytes: Bytes) -> Vec<u8> {
         let reply = match Message::decode(bytes) {
-            Ok(message) => self.inner.load_full().answer(from, message).await,
+            // Boxed: with the message it owns, the answer's future is most of a kilobyte, and
+            // inline it would push the transport's per-message future past the allocator's
+            // per-thread cache; boxed apart, each allocation stays in it.
+            Ok(message) => Box::pin(self.inner.load_full().answer(from, message)).await,
             Err(e) => {
                 tracing::warn!(node = from.0, error = %e, "malformed adaptation message refused");
                 Reply::Refused(format!("malformed message: {e}"))

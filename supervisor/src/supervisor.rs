@@ -493,14 +493,20 @@ impl Supervisor {
     }
 
     async fn handle(&self, from: u64, message: Bytes) -> Bytes {
-        let bytes = match Lane::open(message) {
-            Ok((Lane::Supervisor, bytes)) => bytes,
-            Ok((Lane::Adaptation, bytes)) => return self.adapt(from, bytes).await,
+        match Lane::open(message) {
+            Ok((Lane::Adaptation, bytes)) => self.adapt(from, bytes).await,
+            // Boxed: the supervisor's own messages are the rarer ones, and their future would
+            // make every message's future (allocated once per message) larger.
+            Ok((Lane::Supervisor, bytes)) => Box::pin(self.supervise(from, bytes)).await,
             Err(e) => {
                 tracing::warn!(node = from, error = %e, "malformed message");
-                return encode_response(&Response::Malformed(e.to_string()));
+                encode_response(&Response::Malformed(e.to_string()))
             }
-        };
+        }
+    }
+
+    /// Answers a message of the supervisor's own lane.
+    async fn supervise(&self, from: u64, bytes: Bytes) -> Bytes {
         let request = match codec::decode::<Request>(&bytes) {
             Ok(request) => request,
             Err(e) => {
@@ -511,11 +517,17 @@ impl Supervisor {
         if let Some(stopped) = self.stopped() {
             return stopped;
         }
+        // The raft calls, proposals, joins and probes are boxed: their futures run to
+        // kilobytes, and inline they would make every message's future (the adaptation layer's
+        // requests included, allocated one per message) that large, past the allocator's
+        // per-thread cache.
         let response = match request {
-            Request::AppendEntries(r) => Response::AppendEntries(self.raft.append_entries(r).await),
-            Request::Vote(r) => Response::Vote(self.raft.vote(r).await),
+            Request::AppendEntries(r) => {
+                Response::AppendEntries(Box::pin(self.raft.append_entries(r)).await)
+            }
+            Request::Vote(r) => Response::Vote(Box::pin(self.raft.vote(r)).await),
             Request::InstallSnapshot(r) => {
-                Response::InstallSnapshot(self.raft.install_snapshot(r).await)
+                Response::InstallSnapshot(Box::pin(self.raft.install_snapshot(r)).await)
             }
             // A peer reports only its own part of a change.
             Request::Propose(Command::MigrationDone { node, .. }) if node != from => {
@@ -523,14 +535,16 @@ impl Supervisor {
                     "node {from} may not report for node {node}"
                 ))))
             }
-            Request::Propose(command) => Response::Proposed(self.propose_here(command).await),
-            Request::Join(join) => Response::Proposed(self.admit(join).await),
+            Request::Propose(command) => {
+                Response::Proposed(Box::pin(self.propose_here(command)).await)
+            }
+            Request::Join(join) => Response::Proposed(Box::pin(self.admit(join)).await),
             Request::Ping => Response::Pong,
             Request::Lease { incarnation } => {
                 Response::Leased(self.grants_lease(from, incarnation))
             }
             Request::Probe { target } => {
-                Response::Probed(self.ping(target, self.config.probe_timeout).await)
+                Response::Probed(Box::pin(self.ping(target, self.config.probe_timeout)).await)
             }
             Request::State => Response::View(Box::new(self.view())),
         };
