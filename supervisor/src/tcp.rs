@@ -561,8 +561,10 @@ impl<N: Net> TcpTransport<N> {
         lock(&conn.pending).insert(id, tx);
         let mut guard = PendingGuard { pending: &conn.pending, id, answered: false };
         let waited_since = Instant::now();
-        let sent = conn.writer.send(Wire::Request { id, body: request });
-        let answer = async {
+        // Built where it is awaited: a future made first and moved in afterwards keeps its
+        // room in this one's as well, and this future is allocated once per call.
+        let answered = tokio::time::timeout_at(deadline, async {
+            let sent = conn.writer.send(Wire::Request { id, body: request });
             // The answer may come while this caller still writes frames other callers queued:
             // it is taken then, and the writing left to a task (see `Outbox`).
             tokio::pin!(sent);
@@ -578,8 +580,9 @@ impl<N: Net> TcpTransport<N> {
             };
             guard.answered = true;
             Ok(answer)
-        };
-        match tokio::time::timeout_at(deadline, answer).await {
+        })
+        .await;
+        match answered {
             Ok(result) => result,
             Err(_) => {
                 // Nothing at all came back while we waited: the link is wedged, not busy.
@@ -600,13 +603,15 @@ impl<N: Net> Transport for TcpTransport<N> {
         let until = Instant::now() + deadline;
         // Named only if the call times out: a string per call costs more than the lookup.
         let what = || format!("request to node {to}");
-        // A live connection needs no timer to wait for it.
-        if let Some(conn) = self.live_conn(to) {
-            return self.call_on(&conn, request, until, deadline, what).await;
-        }
-        let conn = tokio::time::timeout_at(until, self.connection(to))
-            .await
-            .map_err(|_| SupervisorError::Unreachable(to))??;
+        // A live connection needs no timer to wait for it. Dialing is boxed: its future runs to
+        // kilobytes, and inline it would make every call's future (allocated once per call)
+        // that large.
+        let conn = match self.live_conn(to) {
+            Some(conn) => conn,
+            None => tokio::time::timeout_at(until, Box::pin(self.connection(to)))
+                .await
+                .map_err(|_| SupervisorError::Unreachable(to))??,
+        };
         self.call_on(&conn, request, until, deadline, what).await
     }
 
