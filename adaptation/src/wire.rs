@@ -99,8 +99,8 @@ pub enum Message {
         epoch: u64,
     },
     /// A [`Message::Request`] its receiver does not manage the key of, passed on to the
-    /// manager in the receiver's epoch (the one it carries now), who answers `id.origin` with a
-    /// [`Message::Answer`] (`crate::forwarded`).
+    /// manager in the receiver's epoch (its `epoch` is now the receiver's), who answers
+    /// `id.origin` with a [`Message::Answer`] (`crate::forwarded`).
     Forward(Routed),
     /// The answer to the receiver's own request `id`, from the manager it was forwarded to.
     Answer {

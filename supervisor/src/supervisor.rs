@@ -518,9 +518,9 @@ impl Supervisor {
             return stopped;
         }
         // The raft calls, proposals, joins and probes are boxed: their futures run to
-        // kilobytes, and inline they would make every message's future (the adaptation layer's
-        // requests included, allocated one per message) that large, past the allocator's
-        // per-thread cache.
+        // kilobytes, and inline they would make the future of every message of this lane
+        // (pings and leases included, allocated one per message) that large, past the
+        // allocator's per-thread cache.
         let response = match request {
             Request::AppendEntries(r) => {
                 Response::AppendEntries(Box::pin(self.raft.append_entries(r)).await)
