@@ -820,24 +820,15 @@ impl Inner {
     /// Passes a request for a key this node does not manage on to the key's manager, which
     /// answers the request's origin itself (`crate::forwarded`): `Forwarded`, or `None` when
     /// there is nobody to pass it to and the origin must be told `Moved`.
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        self: &Arc<Self>,
-        from: NodeId,
-        id: RequestId,
-        service: ServiceId,
-        key: Key,
-        body: Vec<u8>,
-        until: Instant,
-        settled: Settlement,
-    ) -> Option<Reply> {
+    fn forward(self: &Arc<Self>, from: NodeId, routed: Routed, until: Instant) -> Option<Reply> {
+        let id = routed.id;
         if from != id.origin || *self.stopped.borrow() {
             return None;
         }
         let (epoch, to) = {
             let router = self.router.lock().expect("router");
             let router = router.as_ref()?;
-            (router.epoch(), router.snapshot().locate(service, key)?)
+            (router.epoch(), router.snapshot().locate(routed.service, routed.key)?)
         };
         // Nobody to pass it to: this node manages the key after all (its epoch moved since
         // `serve`), the origin does (it serves the key itself once it knows), or the manager
@@ -846,15 +837,8 @@ impl Inner {
             return None;
         }
         let wait = until.saturating_duration_since(Instant::now());
-        let message = Message::Forward(Routed {
-            id,
-            service,
-            key,
-            epoch,
-            body,
-            wait_ms: wait.as_millis() as u64,
-            settled,
-        });
+        let message =
+            Message::Forward(Routed { epoch, wait_ms: wait.as_millis() as u64, ..routed });
         let bytes = self.link.seal(message.encode().ok()?);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         let inner = Arc::clone(self);
@@ -1062,31 +1046,31 @@ impl Inner {
         }
     }
 
+    /// Serves `routed` as its key's manager, waiting no longer than its sender will: the
+    /// reply, and when the sender stops waiting.
+    async fn serve_routed(self: &Arc<Self>, routed: &Routed) -> (Reply, Instant) {
+        let Routed { id, service, key, epoch, ref body, wait_ms, settled } = *routed;
+        let until =
+            Instant::now() + Duration::from_millis(wait_ms).min(self.config.request_deadline);
+        let repeatable = self.registry.get(service).is_some_and(|p| p.repeatable(body));
+        (self.serve(id, settled, service, key, epoch, body, until, repeatable).await, until)
+    }
+
     async fn answer(self: &Arc<Self>, from: NodeId, message: Message) -> Reply {
         match message {
-            Message::Request(Routed { id, service, key, epoch, body, wait_ms, settled }) => {
-                let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
-                let repeatable = self.registry.get(service).is_some_and(|p| p.repeatable(&body));
-                let until = Instant::now() + wait;
-                match self.serve(id, settled, service, key, epoch, &body, until, repeatable).await {
-                    Reply::Moved { epoch } => self
-                        .forward(from, id, service, key, body, until, settled)
-                        .unwrap_or(Reply::Moved { epoch }),
-                    reply => reply,
+            Message::Request(routed) => match self.serve_routed(&routed).await {
+                (Reply::Moved { epoch }, until) => {
+                    self.forward(from, routed, until).unwrap_or(Reply::Moved { epoch })
                 }
-            }
+                (reply, _) => reply,
+            },
             // Boxed, as are batches: rare, and inline they would enlarge every request's future.
-            Message::Forward(Routed { id, service, key, epoch, body, wait_ms, settled }) => {
+            Message::Forward(routed) => {
                 Box::pin(async move {
-                    let wait = Duration::from_millis(wait_ms).min(self.config.request_deadline);
-                    let repeatable =
-                        self.registry.get(service).is_some_and(|p| p.repeatable(&body));
-                    let until = Instant::now() + wait;
                     // Served, not passed on again: a manager that has moved on says so to the
                     // origin, which routes anew. One hop at most.
-                    let reply =
-                        self.serve(id, settled, service, key, epoch, &body, until, repeatable);
-                    if self.send_answer(id.origin, id, reply.await).await {
+                    let (reply, _) = self.serve_routed(&routed).await;
+                    if self.send_answer(routed.id.origin, routed.id, reply).await {
                         Reply::Accepted
                     } else {
                         Reply::Late
