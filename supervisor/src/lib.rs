@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod agent;
+mod closer;
 pub mod console;
 pub mod control;
 pub mod datadir;

@@ -4,6 +4,7 @@
 //! in one system call instead of one each. A task that finds the socket busy leaves its frame
 //! to the holder, which looks at the queue again before it lets go.
 
+use crate::closer::Closer;
 use crate::error::{Result, SupervisorError};
 use crate::frame::Wire;
 use futures::Sink;
@@ -11,7 +12,6 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use tokio_util::sync::CancellationToken;
 
 /// The frame sink of a connection.
 pub(crate) type FrameSink = Pin<Box<dyn Sink<Wire, Error = SupervisorError> + Send>>;
@@ -23,10 +23,10 @@ pub(crate) type Abandoned = Box<dyn Fn(u64) -> bool + Send + Sync>;
 pub(crate) struct Outbox {
     queue: Mutex<VecDeque<Wire>>,
     sink: tokio::sync::Mutex<FrameSink>,
-    /// The connection's token, cancelled when a write fails: the connection is then
+    /// The connection's closer, closed when a write fails: the connection is then
     /// unusable, and its callers must hear `Closed` now rather than at their deadline, since
-    /// another task wrote their frame. Once cancelled, nothing more is written.
-    broken: CancellationToken,
+    /// another task wrote their frame. Once closed, nothing more is written.
+    broken: Arc<Closer>,
     /// The largest frame the sink takes: a frame over it is refused to its own sender, not
     /// found by whoever writes it, which would break the connection for all.
     max_frame: usize,
@@ -38,7 +38,7 @@ pub(crate) struct Outbox {
 impl Outbox {
     pub(crate) fn new(
         sink: FrameSink,
-        broken: CancellationToken,
+        broken: Arc<Closer>,
         max_frame: usize,
         abandoned: Abandoned,
     ) -> Arc<Outbox> {
@@ -82,7 +82,7 @@ impl Outbox {
     }
 
     fn check(&self) -> Result<()> {
-        if self.broken.is_cancelled() {
+        if self.broken.is_closed() {
             return Err(SupervisorError::Closed);
         }
         Ok(())
@@ -109,26 +109,26 @@ impl Outbox {
         };
         // A connection closed (silent past a deadline, replaced, shut down) while its socket
         // is full must not keep a task writing to it, nor deliver its requests late. Raced
-        // only once a write waits: watching the token costs a lock each way.
+        // only once a write waits: waiting for the close costs a lock each way.
         let mut writing = std::pin::pin!(writing);
-        let result = if self.broken.is_cancelled() {
+        let result = if self.broken.is_closed() {
             Err(SupervisorError::Closed)
         } else {
             match futures::poll!(&mut writing) {
                 std::task::Poll::Ready(result) => result,
                 std::task::Poll::Pending => tokio::select! {
                     biased;
-                    _ = self.broken.cancelled() => Err(SupervisorError::Closed),
+                    _ = self.broken.closed() => Err(SupervisorError::Closed),
                     result = &mut writing => result,
                 },
             }
         };
         unfinished.outbox = None;
         if let Err(error) = &result {
-            if !self.broken.is_cancelled() {
+            if !self.broken.is_closed() {
                 tracing::warn!(%error, "a write on a connection failed; closing it (its callers retry on a new one)");
             }
-            self.broken.cancel();
+            self.broken.close();
             self.queue().clear();
         }
         result
@@ -144,14 +144,14 @@ struct Unfinished {
 impl Drop for Unfinished {
     fn drop(&mut self) {
         let Some(outbox) = self.outbox.take() else { return };
-        if outbox.broken.is_cancelled() {
+        if outbox.broken.is_closed() {
             return;
         }
         // Dropped with its runtime: nothing is left to write for.
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         runtime.spawn(async move {
             let sink = outbox.sink.lock().await;
-            // A failure cancels `broken`; the callers then hear `Closed`.
+            // A failure closes `broken`; the callers then hear `Closed`.
             if outbox.drain(sink).await.is_ok() {
                 // What was queued while this task wrote, by tasks that found the socket held.
                 let _ = outbox.write_queued().await;
@@ -165,6 +165,7 @@ mod tests {
     use super::*;
     use futures::task::{Context, Poll};
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio_util::sync::CancellationToken;
 
     /// A sink that records what it is sent, counts its flushes, and can be made to wait.
     #[derive(Default)]
@@ -212,8 +213,12 @@ mod tests {
     async fn frames_queued_while_the_socket_is_held_leave_with_the_holders_flush() {
         let recorder = Recorder::default();
         let (sent, flushes) = (Arc::clone(&recorder.sent), Arc::clone(&recorder.flushes));
-        let outbox =
-            Outbox::new(Box::pin(recorder), CancellationToken::new(), 1 << 20, waited_for());
+        let outbox = Outbox::new(
+            Box::pin(recorder),
+            Closer::new(CancellationToken::new()),
+            1 << 20,
+            waited_for(),
+        );
         for id in 0..5 {
             outbox.push(request(id)).unwrap();
         }
@@ -229,7 +234,7 @@ mod tests {
         sent: Arc<Mutex<Vec<u64>>>,
         flushes: Arc<AtomicUsize>,
         stuck: Arc<std::sync::atomic::AtomicBool>,
-        broken: CancellationToken,
+        broken: Arc<Closer>,
         /// Requests whose callers gave up.
         gave_up: Arc<Mutex<Vec<u64>>>,
         holder: tokio::task::JoinHandle<Result<()>>,
@@ -242,13 +247,13 @@ mod tests {
             Arc::clone(&recorder.flushes),
             Arc::clone(&recorder.stuck),
         );
-        let broken = CancellationToken::new();
+        let broken = Closer::new(CancellationToken::new());
         let gave_up: Arc<Mutex<Vec<u64>>> = Arc::default();
         let abandoned = {
             let gave_up = Arc::clone(&gave_up);
             Box::new(move |id| gave_up.lock().unwrap().contains(&id))
         };
-        let outbox = Outbox::new(Box::pin(recorder), broken.clone(), 1 << 20, abandoned);
+        let outbox = Outbox::new(Box::pin(recorder), Arc::clone(&broken), 1 << 20, abandoned);
         stuck.store(true, Ordering::SeqCst);
         let holder = {
             let outbox = Arc::clone(&outbox);
@@ -307,11 +312,11 @@ mod tests {
     async fn a_frame_too_large_is_refused_to_its_sender_alone() {
         let recorder = Recorder::default();
         let sent = Arc::clone(&recorder.sent);
-        let broken = CancellationToken::new();
-        let outbox = Outbox::new(Box::pin(recorder), broken.clone(), 64, waited_for());
+        let broken = Closer::new(CancellationToken::new());
+        let outbox = Outbox::new(Box::pin(recorder), Arc::clone(&broken), 64, waited_for());
         let big = Wire::Request { id: 1, body: bytes::Bytes::from(vec![0u8; 100]) };
         assert!(matches!(outbox.send(big).await, Err(SupervisorError::FrameTooLarge { .. })));
-        assert!(!broken.is_cancelled(), "the connection stays up for everyone else");
+        assert!(!broken.is_closed(), "the connection stays up for everyone else");
         outbox.send(request(2)).await.unwrap();
         assert_eq!(*sent.lock().unwrap(), vec![2]);
     }
@@ -319,7 +324,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_closed_while_its_socket_is_full_stops_writing_and_keeps_nothing() {
         let h = held().await;
-        h.broken.cancel();
+        h.broken.close();
         let stopped = tokio::time::timeout(std::time::Duration::from_secs(10), h.holder).await;
         assert!(matches!(stopped.expect("stopped").unwrap(), Err(SupervisorError::Closed)));
         assert!(h.outbox.queue().is_empty(), "no request delivered late on a closed connection");
@@ -344,9 +349,9 @@ mod tests {
                 Poll::Ready(Ok(()))
             }
         }
-        let broken = CancellationToken::new();
-        let outbox = Outbox::new(Box::pin(Failing), broken.clone(), 1 << 20, waited_for());
+        let broken = Closer::new(CancellationToken::new());
+        let outbox = Outbox::new(Box::pin(Failing), Arc::clone(&broken), 1 << 20, waited_for());
         assert!(outbox.send(request(1)).await.is_err());
-        assert!(broken.is_cancelled(), "the connection is closed, so its callers hear it");
+        assert!(broken.is_closed(), "the connection is closed, so its callers hear it");
     }
 }

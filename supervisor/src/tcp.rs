@@ -16,6 +16,7 @@
 //! When both ends dial each other at once, both keep the connection opened by the lower node id
 //! and close the other, so a pair settles on one connection without talking about it.
 
+use crate::closer::Closer;
 use crate::error::{Result, SupervisorError};
 use crate::frame::{FrameCodec, Wire, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
 use crate::handshake::{self, Hello};
@@ -124,7 +125,7 @@ struct Conn {
     initiator: u64,
     writer: Writer,
     pending: Pending,
-    cancel: CancellationToken,
+    closer: Arc<Closer>,
     /// When a frame last arrived, to tell a silent connection from a busy one.
     last_heard: Arc<Mutex<Instant>>,
 }
@@ -162,6 +163,29 @@ impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         if !self.answered {
             lock(self.pending).remove(&self.id);
+        }
+    }
+}
+
+/// Ends a connection however its reader stops, aborted by a close included: the connection is
+/// closed, its waiters hear `Closed`, and it is no longer the pair's connection.
+struct Ended<N: Net> {
+    transport: TcpTransport<N>,
+    peer: u64,
+    conn: Conn,
+}
+
+impl<N: Net> Drop for Ended<N> {
+    fn drop(&mut self) {
+        let conn = &self.conn;
+        conn.closer.close();
+        // Waiters see their sender dropped and report `Closed`.
+        lock(&conn.pending).clear();
+        let mut peers = lock(&self.transport.inner.peers);
+        if let Some(entry) = peers.get_mut(&self.peer) {
+            if entry.conn.as_ref().is_some_and(|c| c.id == conn.id) {
+                entry.conn = None;
+            }
         }
     }
 }
@@ -256,7 +280,7 @@ impl<N: Net> TcpTransport<N> {
         self.inner.shutdown.cancel();
         for peer in lock(&self.inner.peers).values_mut() {
             if let Some(conn) = peer.conn.take() {
-                conn.cancel.cancel();
+                conn.closer.close();
             }
         }
     }
@@ -325,7 +349,7 @@ impl<N: Net> TcpTransport<N> {
     /// opened by the lower node id already is. Returns the connection to use.
     fn register(&self, peer: u64, initiator: u64, framed: Framed<N::Stream, FrameCodec>) -> Conn {
         let (stream, sink) = halves(framed);
-        let cancel = self.inner.shutdown.child_token();
+        let closer = Closer::new(self.inner.shutdown.child_token());
         let pending: Pending = Arc::default();
         let abandoned = {
             let pending = Arc::clone(&pending);
@@ -335,9 +359,9 @@ impl<N: Net> TcpTransport<N> {
         let conn = Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             initiator,
-            writer: Outbox::new(Box::pin(sink), cancel.clone(), max_frame, abandoned),
+            writer: Outbox::new(Box::pin(sink), Arc::clone(&closer), max_frame, abandoned),
             pending,
-            cancel,
+            closer,
             last_heard: Arc::new(Mutex::new(Instant::now())),
         };
         let chosen = {
@@ -346,17 +370,17 @@ impl<N: Net> TcpTransport<N> {
             let preferred = self.inner.identity.node.min(peer);
             match &entry.conn {
                 Some(existing)
-                    if !existing.cancel.is_cancelled()
+                    if !existing.closer.is_closed()
                         && existing.initiator == preferred
                         && conn.initiator != preferred
                         && existing.silent_for() < self.inner.config.stall_after =>
                 {
-                    conn.cancel.cancel();
+                    conn.closer.close();
                     existing.clone()
                 }
                 _ => {
                     if let Some(old) = entry.conn.replace(conn.clone()) {
-                        old.cancel.cancel();
+                        old.closer.close();
                     }
                     entry.backoff = Duration::ZERO;
                     entry.retry_at = None;
@@ -364,19 +388,28 @@ impl<N: Net> TcpTransport<N> {
                 }
             }
         };
-        let me = self.clone();
-        tokio::spawn(async move { me.run(peer, conn, stream).await });
+        let ended = Ended { transport: self.clone(), peer, conn: conn.clone() };
+        let reader =
+            tokio::spawn(async move { ended.transport.clone().run(peer, ended, stream).await });
+        conn.closer.set_reader(reader.abort_handle());
         chosen
     }
 
     /// Reads the connection until it closes: answers requests, hands responses to callers.
-    async fn run(self, peer: u64, conn: Conn, mut stream: Framed<ReadHalf<N::Stream>, FrameCodec>) {
+    /// Closing the connection aborts it; `ended` then cleans up.
+    async fn run(
+        self,
+        peer: u64,
+        ended: Ended<N>,
+        mut stream: Framed<ReadHalf<N::Stream>, FrameCodec>,
+    ) {
+        let conn = &ended.conn;
         let inflight = Arc::new(Semaphore::new(self.inner.config.max_inflight));
         let result: Result<()> = async {
             // Answers queued since the reader last wrote.
             let mut unwritten = 0;
             loop {
-                if conn.cancel.is_cancelled() {
+                if conn.closer.is_closed() {
                     return Ok(());
                 }
                 // Answers to requests read together leave together: the reader writes what it
@@ -390,10 +423,7 @@ impl<N: Net> TcpTransport<N> {
                     Poll::Pending => {
                         write_queued_or_spawn(&conn.writer).await?;
                         unwritten = 0;
-                        tokio::select! {
-                            _ = conn.cancel.cancelled() => return Ok(()),
-                            incoming = stream.next() => incoming,
-                        }
+                        stream.next().await
                     }
                 };
                 let Some(frame) = incoming else { return Ok(()) };
@@ -409,7 +439,7 @@ impl<N: Net> TcpTransport<N> {
                                 unwritten = 0;
                                 let waiting = Arc::clone(&inflight).acquire_owned();
                                 tokio::select! {
-                                    _ = conn.cancel.cancelled() => return Ok(()),
+                                    _ = conn.closer.closed() => return Ok(()),
                                     permit = waiting => match permit {
                                         Ok(permit) => permit,
                                         Err(_) => return Ok(()),
@@ -456,20 +486,11 @@ impl<N: Net> TcpTransport<N> {
         match result {
             // Closed on this side (replaced, silent, shut down), or by a failed write, which
             // the outbox reported: nothing of the peer's to report here.
-            Err(SupervisorError::Closed) if conn.cancel.is_cancelled() => {}
+            Err(SupervisorError::Closed) if conn.closer.is_closed() => {}
             Err(error) => {
                 tracing::warn!(node = peer, %error, "connection closed on a bad frame or I/O error")
             }
             Ok(()) => {}
-        }
-        conn.cancel.cancel();
-        // Waiters see their sender dropped and report `Closed`.
-        lock(&conn.pending).clear();
-        let mut peers = lock(&self.inner.peers);
-        if let Some(entry) = peers.get_mut(&peer) {
-            if entry.conn.as_ref().is_some_and(|c| c.id == conn.id) {
-                entry.conn = None;
-            }
         }
     }
 
@@ -477,7 +498,7 @@ impl<N: Net> TcpTransport<N> {
         lock(&self.inner.peers)
             .get(&node)
             .and_then(|p| p.conn.clone())
-            .filter(|c| !c.cancel.is_cancelled())
+            .filter(|c| !c.closer.is_closed())
     }
 
     async fn connection(&self, node: u64) -> Result<Conn> {
@@ -589,7 +610,7 @@ impl<N: Net> TcpTransport<N> {
                 let what = what();
                 if conn.silent_for() >= waited_since.elapsed() {
                     tracing::debug!(%what, "connection silent past the deadline; closing it");
-                    conn.cancel.cancel();
+                    conn.closer.close();
                 }
                 Err(SupervisorError::Timeout { what, after_ms: budget.as_millis() as u64 })
             }
@@ -652,7 +673,7 @@ impl<N: Net> Transport for TcpTransport<N> {
         lock(&self.inner.dialing).remove(&node);
         if let Some(peer) = lock(&self.inner.peers).remove(&node) {
             if let Some(conn) = peer.conn {
-                conn.cancel.cancel();
+                conn.closer.close();
             }
         }
     }

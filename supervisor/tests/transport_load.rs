@@ -15,14 +15,22 @@ use std::net::TcpListener as StdListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Answers every request with its bytes over and over, to a MiB.
-struct Echo;
+/// Answers every request with its bytes over and over, to a MiB; never answers `hang`, and
+/// tells `hung` when one arrives.
+#[derive(Default)]
+struct Echo {
+    hung: tokio::sync::Notify,
+}
 
 const ANSWER: usize = 1 << 20;
 
 #[async_trait]
 impl Handler for Echo {
     async fn handle(&self, _from: u64, request: Bytes) -> Bytes {
+        if &request[..] == b"hang" {
+            self.hung.notify_one();
+            return std::future::pending().await;
+        }
         request.iter().copied().cycle().take(ANSWER).collect::<Vec<u8>>().into()
     }
 }
@@ -32,9 +40,16 @@ fn free_addr() -> String {
 }
 
 async fn transport(secret: &ClusterSecret, node: u64) -> (TcpTransport, String) {
+    transport_with(secret, node, Arc::default()).await
+}
+
+async fn transport_with(
+    secret: &ClusterSecret,
+    node: u64,
+    handler: Arc<Echo>,
+) -> (TcpTransport, String) {
     let addr = free_addr();
     let identity = Identity { secret: secret.clone(), node, addr: addr.clone() };
-    let handler = Arc::new(Echo);
     let t = TcpTransport::start(
         TokioNet,
         TcpConfig::default(),
@@ -78,4 +93,32 @@ async fn both_directions_full_of_large_calls_all_answered() {
     tokio::time::timeout(Duration::from_secs(120), all)
         .await
         .expect("every call answered, none stuck");
+}
+
+/// A connection closed under a waiting call (here forgotten, as when its node is removed)
+/// fails the call at once with `Closed`, not at its deadline: its reader stops and drops its
+/// waiters, though the peer never answers and the socket stays quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_on_a_connection_closed_under_it_fails_at_once() {
+    let secret = ClusterSecret::generate();
+    let echo = Arc::new(Echo::default());
+    let ((a, _), (_b, b_addr)) =
+        (transport(&secret, 1).await, transport_with(&secret, 2, Arc::clone(&echo)).await);
+    a.set_peer(2, b_addr);
+    a.call(2, Bytes::from_static(b"hello"), Duration::from_secs(10)).await.expect("connected");
+    let hung = echo.hung.notified();
+    let waiting = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.call(2, Bytes::from_static(b"hang"), Duration::from_secs(60)).await
+        })
+    };
+    hung.await;
+    a.forget(2);
+    let ended = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+    let result = ended.expect("the call ended long before its deadline").expect("no panic");
+    assert!(
+        matches!(result, Err(gobelins_supervisor::error::SupervisorError::Closed)),
+        "{result:?}"
+    );
 }
