@@ -1304,14 +1304,14 @@ mod tests {
             to: NodeId,
             _message: Bytes,
             _deadline: Duration,
-        ) -> Result<Vec<u8>, AdaptationError> {
+        ) -> Result<Bytes, AdaptationError> {
             if self.calls.fetch_add(1, Ordering::SeqCst) < self.fails {
                 return Err(AdaptationError::Unreachable {
                     node: to.0,
                     reason: "connection closed".into(),
                 });
             }
-            codec::encode(&Reply::Accepted)
+            codec::encode(&Reply::Accepted).map(Bytes::from)
         }
     }
 

@@ -26,7 +26,8 @@ pub trait Link: Send + Sync + 'static {
         Bytes::from(message)
     }
 
-    /// Sends `message`, sealed, to `to`'s [`crate::Host::handle`] and returns what it answered.
+    /// Sends `message`, sealed, to `to`'s [`crate::Host::handle`] and returns what it answered
+    /// (as `Bytes`: the transport's frame, not a copy of it).
     /// Fails with [`AdaptationError::Unreachable`] when `to` cannot be reached within
     /// `deadline`.
     async fn call(
@@ -34,5 +35,5 @@ pub trait Link: Send + Sync + 'static {
         to: NodeId,
         message: Bytes,
         deadline: Duration,
-    ) -> Result<Vec<u8>, AdaptationError>;
+    ) -> Result<Bytes, AdaptationError>;
 }

@@ -47,7 +47,7 @@ impl Link for MemLink {
         to: NodeId,
         message: Bytes,
         deadline: Duration,
-    ) -> Result<Vec<u8>, AdaptationError> {
+    ) -> Result<Bytes, AdaptationError> {
         let unreachable =
             |reason: &str| AdaptationError::Unreachable { node: to.0, reason: reason.into() };
         if self.net.crashed.contains_key(&self.me) || self.net.crashed.contains_key(&to) {
@@ -79,7 +79,7 @@ impl Link for MemLink {
         if self.net.crashed.contains_key(&to) {
             return Err(unreachable("crashed"));
         }
-        Ok(answer)
+        Ok(Bytes::from(answer))
     }
 }
 

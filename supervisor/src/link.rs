@@ -34,7 +34,7 @@ impl Link for TransportLink {
         to: NodeId,
         message: Bytes,
         deadline: Duration,
-    ) -> Result<Vec<u8>, AdaptationError> {
+    ) -> Result<Bytes, AdaptationError> {
         let unreachable = |reason: String| AdaptationError::Unreachable { node: to.0, reason };
         let answer = self
             .transport
@@ -43,7 +43,7 @@ impl Link for TransportLink {
             .map_err(|e| unreachable(e.to_string()))?;
         let codec_error = |e: crate::error::SupervisorError| AdaptationError::Codec(e.to_string());
         match Lane::open(answer).map_err(codec_error)? {
-            (Lane::Adaptation, reply) => Ok(Vec::from(reply)),
+            (Lane::Adaptation, reply) => Ok(reply),
             (Lane::Supervisor, body) => match codec::decode::<Response>(&body)? {
                 Response::Malformed(why) => Err(unreachable(format!("peer refused: {why}"))),
                 Response::Stopped(why) => Err(unreachable(format!("peer stopped: {why}"))),
