@@ -14,7 +14,10 @@
 //! buffers cannot wedge.
 //!
 //! When both ends dial each other at once, both keep the connection opened by the lower node id
-//! and close the other, so a pair settles on one connection without talking about it.
+//! and retire the other, so a pair settles on one connection without talking about it. A
+//! retired connection takes no new calls but stays open until the calls already on it are
+//! answered, both ways, and it has been quiet for a moment: closed at once, it failed them, and
+//! every join (both sides dial) stalled the requests in flight.
 
 use crate::closer::Closer;
 use crate::error::{Result, SupervisorError};
@@ -114,6 +117,11 @@ async fn write_queued_or_spawn(writer: &Writer) -> Result<()> {
     }
 }
 
+/// How long a retired connection must have been quiet, with nothing waiting on it, before it
+/// closes: longer than a round trip, so that what the peer sent before it switched has
+/// arrived, and short, so that a pair does not keep two connections long.
+const RETIRED_LINGER: Duration = Duration::from_millis(100);
+
 /// The most answers a reader queues before it writes them, though more requests are read: a
 /// steady flood of requests must not hold back the answers to the first ones.
 const ANSWERS_PER_WRITE: usize = 64;
@@ -128,6 +136,8 @@ struct Conn {
     closer: Arc<Closer>,
     /// When a frame last arrived, to tell a silent connection from a busy one.
     last_heard: Arc<Mutex<Instant>>,
+    /// The peer's requests being handled; all its permits are free when none is.
+    inflight: Arc<Semaphore>,
 }
 
 impl Conn {
@@ -363,6 +373,7 @@ impl<N: Net> TcpTransport<N> {
             pending,
             closer,
             last_heard: Arc::new(Mutex::new(Instant::now())),
+            inflight: Arc::new(Semaphore::new(self.inner.config.max_inflight)),
         };
         let chosen = {
             let mut peers = lock(&self.inner.peers);
@@ -375,12 +386,18 @@ impl<N: Net> TcpTransport<N> {
                         && conn.initiator != preferred
                         && existing.silent_for() < self.inner.config.stall_after =>
                 {
-                    conn.closer.close();
+                    // The peer may already have sent calls on it.
+                    self.retire(peer, conn.clone());
                     existing.clone()
                 }
                 _ => {
                     if let Some(old) = entry.conn.replace(conn.clone()) {
-                        old.closer.close();
+                        if old.silent_for() < self.inner.config.stall_after {
+                            self.retire(peer, old);
+                        } else {
+                            // Wedged: what waits on it would only wait longer.
+                            old.closer.close();
+                        }
                     }
                     entry.backoff = Duration::ZERO;
                     entry.retry_at = None;
@@ -395,6 +412,33 @@ impl<N: Net> TcpTransport<N> {
         chosen
     }
 
+    /// Takes `conn` out of use without failing what is on it: closed once no call of ours waits
+    /// on it, no request of the peer's is being handled, and nothing came for a linger (the
+    /// peer retires it too, and stops sending on it once it holds the pair's connection). A
+    /// request the peer sends after that fails `Closed`, and its caller retries on the pair's
+    /// connection, as every caller did before connections were retired.
+    fn retire(&self, peer: u64, conn: Conn) {
+        let linger = RETIRED_LINGER;
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    // Shut down: the parent token fired.
+                    _ = conn.closer.closed() => break,
+                    _ = tokio::time::sleep(linger) => {}
+                }
+                let known = lock(&inner.peers).contains_key(&peer);
+                let idle = lock(&conn.pending).is_empty()
+                    && conn.inflight.available_permits() == inner.config.max_inflight
+                    && conn.silent_for() >= linger;
+                if conn.closer.is_closed() || !known || idle {
+                    break;
+                }
+            }
+            conn.closer.close();
+        });
+    }
+
     /// Reads the connection until it closes: answers requests, hands responses to callers.
     /// Closing the connection aborts it; `ended` then cleans up.
     async fn run(
@@ -404,7 +448,7 @@ impl<N: Net> TcpTransport<N> {
         mut stream: Framed<ReadHalf<N::Stream>, FrameCodec>,
     ) {
         let conn = &ended.conn;
-        let inflight = Arc::new(Semaphore::new(self.inner.config.max_inflight));
+        let inflight = &conn.inflight;
         let result: Result<()> = async {
             // Answers queued since the reader last wrote.
             let mut unwritten = 0;

@@ -15,11 +15,12 @@ use std::net::TcpListener as StdListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Answers every request with its bytes over and over, to a MiB; never answers `hang`, and
-/// tells `hung` when one arrives.
+/// Answers every request with its bytes over and over, to a MiB; tells `hung` when a `hang`
+/// or a `slow` arrives, never answers `hang`, and answers `slow` once told `release`.
 #[derive(Default)]
 struct Echo {
     hung: tokio::sync::Notify,
+    release: tokio::sync::Notify,
 }
 
 const ANSWER: usize = 1 << 20;
@@ -30,6 +31,10 @@ impl Handler for Echo {
         if &request[..] == b"hang" {
             self.hung.notify_one();
             return std::future::pending().await;
+        }
+        if &request[..] == b"slow" {
+            self.hung.notify_one();
+            self.release.notified().await;
         }
         request.iter().copied().cycle().take(ANSWER).collect::<Vec<u8>>().into()
     }
@@ -121,4 +126,38 @@ async fn a_call_on_a_connection_closed_under_it_fails_at_once() {
         matches!(result, Err(gobelins_supervisor::error::SupervisorError::Closed)),
         "{result:?}"
     );
+}
+
+/// When both nodes dial each other (every join), each keeps the connection the lower id opened
+/// and retires the other. A call already on the retired one is still answered on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_in_flight_on_a_replaced_connection_is_still_answered() {
+    let secret = ClusterSecret::generate();
+    let echo = Arc::new(Echo::default());
+    let ((a, a_addr), (b, b_addr)) =
+        (transport_with(&secret, 1, Arc::clone(&echo)).await, transport(&secret, 2).await);
+    b.set_peer(1, a_addr);
+    // Node 2 dials: its connection is not the one the pair keeps.
+    let arrived = echo.hung.notified();
+    let slow = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            b.call(1, Bytes::from_static(b"slow"), Duration::from_secs(30)).await
+        })
+    };
+    arrived.await;
+    // Node 1 dials too: both ends replace node 2's connection with this one.
+    let (node, _) = a
+        .call_addr(&b_addr, Bytes::from_static(b"hello"), Duration::from_secs(10))
+        .await
+        .expect("node 1 reaches node 2");
+    assert_eq!(node, 2);
+    echo.release.notify_one();
+    let answered = tokio::time::timeout(Duration::from_secs(10), slow).await;
+    let answer = answered.expect("answered in time").expect("no panic").expect("answered");
+    assert_eq!(answer.len(), ANSWER);
+    assert!(answer.starts_with(b"slow"));
+    // And the pair goes on over node 1's connection.
+    let again = b.call(1, Bytes::from_static(b"again"), Duration::from_secs(10)).await;
+    assert!(again.expect("answered").starts_with(b"again"));
 }
