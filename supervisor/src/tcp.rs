@@ -474,14 +474,14 @@ impl<N: Net> TcpTransport<N> {
                 *lock(&conn.last_heard) = Instant::now();
                 match Wire::decode(frame?)? {
                     Wire::Request { id, body } => {
-                        let permit = match Arc::clone(&inflight).try_acquire_owned() {
+                        let permit = match Arc::clone(inflight).try_acquire_owned() {
                             Ok(permit) => permit,
                             Err(_) => {
                                 // Every handler slot is taken: the answers queued so far must
                                 // not wait for one to free (its handler may wait for them).
                                 write_queued_or_spawn(&conn.writer).await?;
                                 unwritten = 0;
-                                let waiting = Arc::clone(&inflight).acquire_owned();
+                                let waiting = Arc::clone(inflight).acquire_owned();
                                 tokio::select! {
                                     _ = conn.closer.closed() => return Ok(()),
                                     permit = waiting => match permit {
