@@ -277,6 +277,7 @@ fn main() {
                 body: get.clone(),
                 wait_ms: 10_000,
                 settled: Default::default(),
+                repeatable: true,
             });
             gobelins_supervisor::lane::Lane::Adaptation.seal(codec::encode(&m).expect("m")).len()
         };
@@ -424,6 +425,7 @@ fn main() {
                                 body: get.clone(),
                                 wait_ms: 10_000,
                                 settled: Default::default(),
+                                repeatable: true,
                             });
                             let bytes = link.seal(codec::encode(&message).expect("encode"));
                             let t = Instant::now();

@@ -530,8 +530,7 @@ impl Inner {
 
     /// Takes in `origin`'s settlement and forgets the answers it settles. Answers a retry may
     /// still need stay: a settled request gets no retry (a late copy is refused).
-    fn note_settled(&self, origin: NodeId, settlement: Settlement) {
-        let now = Instant::now();
+    fn note_settled(&self, origin: NodeId, settlement: Settlement, now: Instant) {
         let keep = self.config.request_deadline * 2;
         let forget = {
             let mut settled = self.settled.lock().expect("settled");
@@ -623,7 +622,12 @@ impl Inner {
 
     /// Whether this node may act as a manager now.
     fn leased(&self) -> bool {
-        self.lease.borrow().is_none_or(|l| Instant::now() < l)
+        self.leased_at(Instant::now())
+    }
+
+    /// Whether this node may act as a manager at `now`.
+    fn leased_at(&self, now: Instant) -> bool {
+        self.lease.borrow().is_none_or(|l| now < l)
     }
 
     async fn wait_lease(&self, until: Instant) -> bool {
@@ -691,15 +695,24 @@ impl Inner {
                 Some((_, None)) => break Err(Reply::Unknown(service.0)),
                 Some((epoch, Some(located))) => {
                     let manager = first.take().unwrap_or(located);
-                    let attempt = until.min(Instant::now() + self.config.attempt_timeout);
+                    // The first attempt starts when the request did: one clock read fewer.
+                    let now = if rounds == 1 { started } else { Instant::now() };
+                    let attempt = until.min(now + self.config.attempt_timeout);
+                    let routed = Routed {
+                        id,
+                        service,
+                        key,
+                        epoch,
+                        body: Vec::new(),
+                        wait_ms: attempt.saturating_duration_since(now).as_millis() as u64,
+                        settled: self.outstanding.settlement(),
+                        repeatable,
+                    };
                     if manager == self.me {
-                        let settled = self.outstanding.settlement();
-                        let served = self
-                            .serve(id, settled, service, key, epoch, &body, attempt, repeatable);
+                        let served = self.serve(&routed, &body, attempt, now);
                         (epoch, served.await)
                     } else {
-                        let called =
-                            self.call_manager(manager, id, service, key, epoch, &body, attempt);
+                        let called = self.call_manager(manager, routed, &body, attempt, now);
                         match called.await {
                             Reply::Forwarded { to } => {
                                 redirected = true;
@@ -756,27 +769,18 @@ impl Inner {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Sends `routed` (its body still to fill in) to `manager`, and waits for the answer
+    /// until `until` (and the little more that lets the manager's own `Late` come back).
     async fn call_manager(
         &self,
         manager: NodeId,
-        id: RequestId,
-        service: ServiceId,
-        key: Key,
-        epoch: u64,
+        routed: Routed,
         body: &[u8],
         until: Instant,
+        now: Instant,
     ) -> Reply {
-        let left = until.saturating_duration_since(Instant::now());
-        let message = Message::Request(Routed {
-            id,
-            service,
-            key,
-            epoch,
-            body: body.to_vec(),
-            wait_ms: left.as_millis() as u64,
-            settled: self.outstanding.settlement(),
-        });
+        let left = until.saturating_duration_since(now);
+        let message = Message::Request(Routed { body: body.to_vec(), ..routed });
         let bytes = match message.encode() {
             Ok(bytes) => bytes,
             Err(e) => return Reply::Refused(e.to_string()),
@@ -878,21 +882,21 @@ impl Inner {
         )))
     }
 
-    /// Acts as the manager of `key` for a request routed by `epoch`.
-    #[allow(clippy::too_many_arguments)]
+    /// Acts as the manager of `routed`'s key (its body is `body`), until `until`; `now` is
+    /// when it arrived.
     async fn serve(
         self: &Arc<Self>,
-        id: RequestId,
-        settled: Settlement,
-        service: ServiceId,
-        key: Key,
-        epoch: u64,
+        routed: &Routed,
         body: &[u8],
         until: Instant,
-        repeatable: bool,
+        now: Instant,
     ) -> Reply {
-        self.note_settled(id.origin, settled);
+        let Routed { id, service, key, epoch, settled, repeatable, .. } = *routed;
+        self.note_settled(id.origin, settled, now);
+        let mut arrived = Some(now);
         loop {
+            // Read once per pass: a pass after a wait needs the time anew.
+            let now = arrived.take().unwrap_or_else(Instant::now);
             // Checked on every pass: a request held through a change may have been settled by
             // its sender (given up) meanwhile. A repeatable request is never refused: no
             // record of it is kept, and running it again is harmless.
@@ -903,7 +907,7 @@ impl Inner {
             }
             // Only while the lease holds: a node cut off may already be being replaced, and a
             // write it remembers may not be in what the cluster rebuilds.
-            if !repeatable && self.leased() {
+            if !repeatable && self.leased_at(now) {
                 if let Some(response) = self.answered(service, key, id) {
                     return Reply::Done(response);
                 }
@@ -932,7 +936,7 @@ impl Inner {
                         return Reply::Late;
                     }
                 }
-                Some((Verdict::Serve, _, _)) if !self.leased() => {
+                Some((Verdict::Serve, _, _)) if !self.leased_at(now) => {
                     drop(gate);
                     if !self.wait_lease(until).await {
                         tracing::debug!(
@@ -1049,11 +1053,9 @@ impl Inner {
     /// Serves `routed` as its key's manager, waiting no longer than its sender will: the
     /// reply, and when the sender stops waiting.
     async fn serve_routed(self: &Arc<Self>, routed: &Routed) -> (Reply, Instant) {
-        let Routed { id, service, key, epoch, ref body, wait_ms, settled } = *routed;
-        let until =
-            Instant::now() + Duration::from_millis(wait_ms).min(self.config.request_deadline);
-        let repeatable = self.registry.get(service).is_some_and(|p| p.repeatable(body));
-        (self.serve(id, settled, service, key, epoch, body, until, repeatable).await, until)
+        let now = Instant::now();
+        let until = now + Duration::from_millis(routed.wait_ms).min(self.config.request_deadline);
+        (self.serve(routed, &routed.body, until, now).await, until)
     }
 
     async fn answer(self: &Arc<Self>, from: NodeId, message: Message) -> Reply {

@@ -59,6 +59,11 @@ pub struct Routed {
     pub wait_ms: u64,
     /// What the origin has settled.
     pub settled: Settlement,
+    /// The origin found it repeatable (`Service::repeatable`): the manager keeps no answer
+    /// for it and never refuses a copy of it. Taken on the origin's word, so that the manager
+    /// does not decode the request once more to judge; a sender that lies only loses the
+    /// run-once guarantee of its own request.
+    pub repeatable: bool,
 }
 
 /// One message between hosts. Encoded with [`Message::encode`]: `codec::encode` would leave a

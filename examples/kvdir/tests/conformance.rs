@@ -235,6 +235,8 @@ mod node77 {
             body: codec::encode(body).expect("encode"),
             wait_ms: 5_000,
             settled,
+            // As a sender judges it.
+            repeatable: <gobelins_kvdir::KvDir as gobelins_adaptation::Service>::repeatable(body),
         })
     }
 
