@@ -538,6 +538,46 @@ impl Dsm {
         }
     }
 
+    /// Frees `segment` on every node: each drops its copies of the segment's pages and the
+    /// directory entries it manages for them, and the segment reads as zeros afterwards, as one
+    /// never written. Without it a program that makes segments as it goes holds every page it
+    /// ever wrote, on every node that read it.
+    ///
+    /// Like freeing memory, it is for a segment nobody uses any more: an access running
+    /// meanwhile may fail, or find zeros. A change of the cluster during the free can carry
+    /// entries to a node already freed, so the free goes round the nodes again until one round
+    /// sees a single epoch from start to end; it fails with [`DsmError::Stuck`] after the
+    /// access deadline (a node unreachable and not yet declared failed, say).
+    pub async fn free(&self, segment: &Segment) -> Result<(), DsmError> {
+        Self::check(segment, 0, 0)?;
+        let started = tokio::time::Instant::now();
+        let first = segment.page(0);
+        let request = Request::Free { segment: segment.id };
+        loop {
+            let ctx = self.host.context();
+            let epoch = ctx.epoch();
+            let nodes = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
+            if nodes.is_empty() {
+                return Err(DsmError::Protocol("this node has not joined a cluster".into()));
+            }
+            let answers = futures::future::join_all(
+                nodes.iter().map(|&n| ctx.tell::<_, Response>(n, DSM, first.key(), &request)),
+            )
+            .await;
+            let freed = answers.iter().all(|a| matches!(a, Ok(Response::Ok)));
+            if freed && self.host.context().epoch() == epoch {
+                return Ok(());
+            }
+            if let Some(Ok(Response::Invalid(why))) =
+                answers.iter().find(|a| matches!(a, Ok(Response::Invalid(_))))
+            {
+                return Err(DsmError::Protocol(why.clone()));
+            }
+            self.within_deadline(first, started)?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Starts a lost page afresh, zero-filled: the way out of [`DsmError::Lost`] once the
     /// program has decided what to do about the lost contents.
     pub async fn discard(&self, page: PageId) -> Result<(), DsmError> {

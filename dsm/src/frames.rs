@@ -400,6 +400,11 @@ impl Frames {
         all
     }
 
+    /// Forgets every page of `segment` (freed).
+    pub(crate) fn free(&self, segment: u32) {
+        self.map.retain(|page, _| page.segment != segment);
+    }
+
     /// Forgets everything (this node left the cluster).
     pub(crate) fn clear(&self) {
         self.map.clear();

@@ -26,6 +26,9 @@
 //! they hold (`scan`) and the new managers rebuild the entries; a page whose every copy died is
 //! reported [`DsmError::Lost`], never zero-filled. With [`DsmConfig::backups`], every page
 //! written also lives on a second node, so that one failure loses nothing.
+//!
+//! A segment no program uses any more is given back with [`Dsm::free`]: every node drops its
+//! copies and entries of it, and it reads as zeros afterwards.
 #![deny(missing_docs)]
 
 mod client;

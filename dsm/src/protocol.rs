@@ -144,6 +144,12 @@ pub enum Request {
         /// The copy.
         data: ByteBuf,
     },
+    /// To every node, from [`crate::Dsm::free`]: drop every copy of the segment's pages and
+    /// every entry managed for them. `Busy` while a change moves entries.
+    Free {
+        /// The segment.
+        segment: u32,
+    },
 }
 
 /// The answers.

@@ -837,8 +837,26 @@ impl DsmService {
                     Response::Missing
                 }
             }
+            Request::Free { segment } => self.free(ctx, segment),
             other => Response::Invalid(format!("{other:?} is for a manager")),
         }
+    }
+
+    /// Drops all this node holds of `segment`: copies, the entries it manages and those
+    /// received in a change, hints. `Busy` during a change, whose entries are on the move:
+    /// [`crate::Dsm::free`] asks again after it.
+    fn free(&self, ctx: &Context, segment: u32) -> Response {
+        let state = self.state();
+        if state.change.lock().expect("change").is_some() {
+            return Response::Busy;
+        }
+        let of_segment = |key: &Key| matches!(named(*key), Named::Page(p) if p.segment == segment);
+        state.live.retain(|key, _| !of_segment(key));
+        state.staged.lock().expect("staged").retain(|(key, _)| !of_segment(key));
+        state.frames.free(segment);
+        state.hints.retain(|page, _| page.segment != segment);
+        tracing::debug!(node = ctx.node().0, segment, "dsm: segment freed here");
+        Response::Ok
     }
 
     /// The node's copies of orphaned keys, for `scan`.

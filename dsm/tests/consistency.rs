@@ -9,7 +9,7 @@
 
 use gobelins_adaptation::testing::{replay, MemCluster};
 use gobelins_adaptation::{plugin, HostConfig, Registry};
-use gobelins_dsm::{Dsm, DsmConfig, DsmError, DsmNode, FaultStats, PageId};
+use gobelins_dsm::{Dsm, DsmConfig, DsmError, DsmNode, FaultStats, PageId, Segment, PAGE_SIZE};
 use gobelins_locator::NodeId;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -531,6 +531,50 @@ fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zeroed() {
         reader.discard(page).await.expect("discard");
         assert_eq!(Value::decode(&reader.read(page).await.expect("fresh")).count, 0);
     })
+}
+
+#[test]
+fn a_freed_segment_leaves_nothing_on_any_node_and_reads_as_zeros() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let nodes = [NodeId(1), NodeId(2), NodeId(3)];
+        let dsm = |i: usize| cluster.dsm(nodes[i % 3]);
+        // Pages written from every node and read by every node: copies, owners, readers and
+        // entries of the segment everywhere.
+        for i in 0..PAGES {
+            put(&dsm(i as usize), pid(i), u64::from(i) + 1).await;
+        }
+        for n in 0..3 {
+            for i in 0..PAGES {
+                assert_eq!(get(&dsm(n), pid(i)).await, u64::from(i) + 1);
+            }
+        }
+        // Another segment's page, which the free must leave alone.
+        let other = PageId { segment: SEGMENT + 1, page: 7 };
+        put(&dsm(0), other, 42).await;
+        let held = |cluster: &Cluster| {
+            let made = cluster.made.lock().expect("made");
+            let resident: usize = nodes.iter().map(|n| made[n.0 as usize].resident()).sum();
+            let managed: usize = nodes.iter().map(|n| made[n.0 as usize].managed()).sum();
+            (resident, managed)
+        };
+        let before = held(&cluster);
+        assert!(before.0 >= 3 * PAGES as usize, "every node holds the segment: {before:?}");
+
+        let segment = Segment::new(SEGMENT, u64::from(pid(PAGES - 1).page + 1) * PAGE_SIZE as u64);
+        dsm(1).free(&segment).await.expect("freed");
+        assert_eq!(held(&cluster), (1, 1), "only the other segment's page and its entry are left");
+
+        for n in 0..3 {
+            for i in 0..PAGES {
+                assert_eq!(get(&dsm(n), pid(i)).await, 0, "a freed page reads as zeros");
+            }
+        }
+        assert_eq!(get(&dsm(2), other).await, 42);
+        // And the segment is usable again.
+        put(&dsm(2), pid(3), 9).await;
+        assert_eq!(get(&dsm(0), pid(3)).await, 9);
+    });
 }
 
 #[test]
