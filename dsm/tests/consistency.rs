@@ -577,6 +577,35 @@ fn a_freed_segment_leaves_nothing_on_any_node_and_reads_as_zeros() {
     });
 }
 
+/// A free that races a join (entries moving to the new node) still leaves nothing behind
+/// once it returns, the new node included.
+#[test]
+fn a_free_racing_a_join_leaves_nothing_once_it_returns() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        for i in 0..PAGES {
+            put(&cluster.dsm(NodeId(u64::from(i % 3) + 1)), pid(i), 1).await;
+        }
+        for n in 1..=3 {
+            for i in 0..PAGES {
+                get(&cluster.dsm(NodeId(n)), pid(i)).await;
+            }
+        }
+        let freer = cluster.dsm(NodeId(1));
+        let segment = Segment::new(SEGMENT, u64::from(pid(PAGES - 1).page + 1) * PAGE_SIZE as u64);
+        // Polled after the change has begun: the first round of the free meets entries on the
+        // move. (Without both the nodes' `Busy` during a change and the free's second round,
+        // the new node kept entries of the segment.)
+        let (added, freed) = tokio::join!(cluster.mem.add(), freer.free(&segment));
+        freed.expect("freed");
+        let made = cluster.made.lock().expect("made");
+        for node in [NodeId(1), NodeId(2), NodeId(3), added] {
+            let dsm = &made[node.0 as usize];
+            assert_eq!((dsm.resident(), dsm.managed()), (0, 0), "node {node} holds nothing");
+        }
+    });
+}
+
 #[test]
 fn a_reader_goes_straight_to_the_owner_and_a_stale_hint_falls_back_on_the_manager() {
     replay(async {
