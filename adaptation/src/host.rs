@@ -302,13 +302,20 @@ impl Host {
     pub fn update(&self, update: Update) {
         // Replaced, not merged: a node that left may come back as a new life.
         let inner = self.inner.load();
+        let mut newly = Vec::new();
         inner.departed.send_if_modified(|gone| {
             let changed = *gone != update.departed;
             if changed {
+                newly = update.departed.difference(gone).copied().collect();
                 gone.clone_from(&update.departed);
             }
             changed
         });
+        // Calls waiting on a node the cluster gave up on (cut off, holding a request for a
+        // change it will never finish) end now: their requests go to the new manager.
+        for node in newly {
+            inner.link.abandon(node);
+        }
         let _ = inner.inputs.send(Input::Update(update));
     }
 
@@ -785,15 +792,14 @@ impl Inner {
             Ok(bytes) => bytes,
             Err(e) => return Reply::Refused(e.to_string()),
         };
+        // Gone already: ask the new manager. Gone while we wait: `Host::update` has the link
+        // abandon the call.
+        if self.departed.borrow().contains(&manager) {
+            return Reply::Late;
+        }
         // A little longer than the manager will wait, so that its own `Late` reaches us.
-        let mut departures = self.departed.subscribe();
-        let call = self.link.call(manager, self.link.seal(bytes), left + self.config.retry);
-        let outcome = tokio::select! {
-            outcome = call => outcome,
-            // The cluster gave up on the manager while we waited (cut off, holding our request
-            // for a change it will never finish): ask the new one rather than wait it out.
-            _ = departures.wait_for(|gone| gone.contains(&manager)) => return Reply::Late,
-        };
+        let outcome =
+            self.link.call(manager, self.link.seal(bytes), left + self.config.retry).await;
         match outcome {
             // A node declared failed may still run, cut off, and answer once the cut heals; but
             // its entries are being rebuilt from replicas elsewhere, so what it did is not

@@ -26,6 +26,14 @@ pub trait Link: Send + Sync + 'static {
         Bytes::from(message)
     }
 
+    /// Ends the calls in flight to `to` at once, as failed: the cluster has given up on it
+    /// (declared it failed, or it left). A node cut off may hold a request until its
+    /// deadline, and the request's sender should ask the key's new manager instead. The host
+    /// calls it once per departure; it costs the calls themselves nothing, where a call that
+    /// watched for departures paid a registration each time. The default does nothing, and
+    /// such calls end at their deadline.
+    fn abandon(&self, _to: NodeId) {}
+
     /// Sends `message`, sealed, to `to`'s [`crate::Host::handle`] and returns what it answered
     /// (as `Bytes`: the transport's frame, not a copy of it).
     /// Fails with [`AdaptationError::Unreachable`] when `to` cannot be reached within

@@ -38,6 +38,8 @@ pub struct MemNet {
 pub struct MemLink {
     net: Arc<MemNet>,
     me: NodeId,
+    /// Per node called, what its calls watch for [`Link::abandon`].
+    abandoned: DashMap<NodeId, tokio::sync::watch::Sender<bool>>,
 }
 
 #[async_trait]
@@ -72,14 +74,30 @@ impl Link for MemLink {
             tokio::time::sleep(latency).await;
             Ok(answer)
         };
-        let answer = tokio::time::timeout(deadline, round_trip)
-            .await
-            .map_err(|_| unreachable("timed out"))??;
+        // As a transport closing its connections to a node it forgets.
+        let mut abandoned = self
+            .abandoned
+            .entry(to)
+            .or_insert_with(|| tokio::sync::watch::channel(false).0)
+            .subscribe();
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(deadline, round_trip) => {
+                answer.map_err(|_| unreachable("timed out"))??
+            }
+            _ = abandoned.wait_for(|&gone| gone) => return Err(unreachable("abandoned")),
+        };
         // A node that crashed meanwhile never answered.
         if self.net.crashed.contains_key(&to) {
             return Err(unreachable("crashed"));
         }
         Ok(Bytes::from(answer))
+    }
+
+    fn abandon(&self, to: NodeId) {
+        // Removed: calls made from now on (to a new life of the node) watch afresh.
+        if let Some((_, gone)) = self.abandoned.remove(&to) {
+            gone.send_replace(true);
+        }
     }
 }
 
@@ -91,6 +109,8 @@ pub struct MemCluster {
     services: Arc<dyn Fn() -> Registry + Send + Sync>,
     config: HostConfig,
     departed: BTreeSet<NodeId>,
+    /// Nodes declared failed that still run, cut off: they hear nothing more.
+    cut_off: BTreeSet<NodeId>,
     next: u64,
 }
 
@@ -116,6 +136,7 @@ impl MemCluster {
             services: Arc::new(services),
             config,
             departed: BTreeSet::new(),
+            cut_off: BTreeSet::new(),
             next: 1,
         };
         for _ in 0..nodes {
@@ -159,7 +180,8 @@ impl MemCluster {
     fn new_host(&mut self) -> NodeId {
         let node = NodeId(self.next);
         self.next += 1;
-        let link = Arc::new(MemLink { net: Arc::clone(&self.net), me: node });
+        let link =
+            Arc::new(MemLink { net: Arc::clone(&self.net), me: node, abandoned: DashMap::new() });
         let host = Host::start(node, (self.services)(), link, self.config.clone());
         self.net.hosts.insert(node, host);
         node
@@ -193,6 +215,16 @@ impl MemCluster {
         if let Some((_, host)) = self.net.hosts.remove(&node) {
             host.shutdown();
         }
+        self.departed.insert(node);
+        self.change(Change::Fail(node)).await;
+    }
+
+    /// Declares `node` failed while it still runs, cut off as by a partition: messages to and
+    /// from it fail and it hears nothing of the cluster any more, but what it was doing goes
+    /// on (a request it holds, say). The survivors recover its entries.
+    pub async fn fail_cut_off(&mut self, node: NodeId) {
+        self.net.crashed.insert(node, ());
+        self.cut_off.insert(node);
         self.departed.insert(node);
         self.change(Change::Fail(node)).await;
     }
@@ -261,8 +293,13 @@ impl MemCluster {
 
     fn broadcast(&self, change: Option<Progress>, snapshot: Arc<Snapshot>) {
         // In node order, the same in every run: a `DashMap` iterates in a new order each run.
-        let mut hosts: Vec<(NodeId, Host)> =
-            self.net.hosts.iter().map(|h| (*h.key(), h.value().clone())).collect();
+        let mut hosts: Vec<(NodeId, Host)> = self
+            .net
+            .hosts
+            .iter()
+            .filter(|h| !self.cut_off.contains(h.key()))
+            .map(|h| (*h.key(), h.value().clone()))
+            .collect();
         hosts.sort_by_key(|(node, _)| *node);
         for (_, host) in hosts {
             host.update(Update {

@@ -29,6 +29,13 @@ impl Link for TransportLink {
         Lane::Adaptation.trailer()
     }
 
+    /// Closes the connections to `to`, failing the calls on them. The supervisor forgets a
+    /// departed node in the same pass as it tells the host; this keeps the link's promise
+    /// whoever drives the host.
+    fn abandon(&self, to: NodeId) {
+        self.transport.forget(to.0);
+    }
+
     async fn call(
         &self,
         to: NodeId,

@@ -61,7 +61,7 @@ impl MemNetwork {
         hub.handlers.insert(node, handler);
         hub.addrs.insert(addr.to_string(), node);
         hub.down.remove(&node);
-        MemTransport { net: self.clone(), me: node }
+        MemTransport { net: self.clone(), me: node, forgotten: Mutex::default() }
     }
 
     /// Cuts the link between `a` and `b` both ways.
@@ -116,6 +116,9 @@ impl MemNetwork {
 pub struct MemTransport {
     net: MemNetwork,
     me: u64,
+    /// Per node called, what its calls watch for [`Transport::forget`]: as over TCP, where
+    /// forgetting a node closes its connections, its calls in flight fail at once.
+    forgotten: Mutex<HashMap<u64, tokio::sync::watch::Sender<bool>>>,
 }
 
 impl MemTransport {
@@ -139,7 +142,14 @@ impl MemTransport {
             }
             response
         };
-        tokio::time::timeout(deadline, exchange).await.map_err(|_| lost())
+        let mut forgotten = {
+            let mut watched = self.forgotten.lock().unwrap_or_else(|p| p.into_inner());
+            watched.entry(to).or_insert_with(|| tokio::sync::watch::channel(false).0).subscribe()
+        };
+        tokio::select! {
+            answered = tokio::time::timeout(deadline, exchange) => answered.map_err(|_| lost()),
+            _ = forgotten.wait_for(|&gone| gone) => Err(SupervisorError::Closed),
+        }
     }
 }
 
@@ -166,5 +176,10 @@ impl Transport for MemTransport {
 
     fn set_peer(&self, _node: u64, _addr: String) {}
 
-    fn forget(&self, _node: u64) {}
+    fn forget(&self, node: u64) {
+        let watched = self.forgotten.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+        if let Some(gone) = watched {
+            gone.send_replace(true);
+        }
+    }
 }

@@ -157,3 +157,47 @@ fn a_request_whose_managers_lease_ran_out_while_it_ran_is_not_run_again() {
         assert_eq!(runs.load(Ordering::SeqCst), 1, "not run again once the lease was renewed");
     });
 }
+
+/// A manager cut off while it runs a request is declared failed: the request's sender stops
+/// waiting for it at once and asks the new manager, instead of waiting out its attempt.
+#[test]
+fn a_request_held_by_a_manager_declared_failed_goes_to_the_new_manager_at_once() {
+    replay(async {
+        let runs = Arc::new(AtomicU64::new(0));
+        let config = HostConfig {
+            attempt_timeout: Duration::from_secs(2),
+            request_deadline: Duration::from_secs(10),
+            ..HostConfig::default()
+        };
+        let counted = Arc::clone(&runs);
+        let mut cluster = MemCluster::start(3, config, move || {
+            let mut registry = Registry::new();
+            registry.register(plugin(Slow { runs: Arc::clone(&counted) })).expect("registers");
+            registry
+        })
+        .await;
+        let key = (0..)
+            .map(Key)
+            .find(|&k| cluster.snapshot().locate(SLOW, k) == Some(NodeId(2)))
+            .expect("node 2 manages some key");
+        let requester = cluster.host(NodeId(1));
+        let started = tokio::time::Instant::now();
+        // 1,001 ms, odd: repeatable, so the new manager runs it again.
+        let request = tokio::spawn(async move {
+            requester.context().request::<_, u64>(SLOW, key, &1001u64).await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        cluster.fail_cut_off(NodeId(2)).await;
+        request.await.expect("no panic").expect("answered");
+        let took = started.elapsed();
+        assert_eq!(
+            runs.load(Ordering::SeqCst),
+            2,
+            "run by the cut-off manager, then by the new one"
+        );
+        assert!(
+            took < Duration::from_millis(1500),
+            "answered after {took:?}: the sender waited for the manager it had been told was gone"
+        );
+    });
+}
