@@ -67,8 +67,13 @@ async fn slow_cluster(runs: &Arc<AtomicU64>) -> (MemCluster, Key) {
         request_deadline: Duration::from_secs(5),
         ..HostConfig::default()
     };
+    slow_nodes(2, config, runs).await
+}
+
+/// `nodes` nodes hosting `Slow` with `config`, and a key node 2 manages.
+async fn slow_nodes(nodes: u64, config: HostConfig, runs: &Arc<AtomicU64>) -> (MemCluster, Key) {
     let counted = Arc::clone(runs);
-    let cluster = MemCluster::start(2, config, move || {
+    let cluster = MemCluster::start(nodes, config, move || {
         let mut registry = Registry::new();
         registry.register(plugin(Slow { runs: Arc::clone(&counted) })).expect("registers");
         registry
@@ -169,17 +174,7 @@ fn a_request_held_by_a_manager_declared_failed_goes_to_the_new_manager_at_once()
             request_deadline: Duration::from_secs(10),
             ..HostConfig::default()
         };
-        let counted = Arc::clone(&runs);
-        let mut cluster = MemCluster::start(3, config, move || {
-            let mut registry = Registry::new();
-            registry.register(plugin(Slow { runs: Arc::clone(&counted) })).expect("registers");
-            registry
-        })
-        .await;
-        let key = (0..)
-            .map(Key)
-            .find(|&k| cluster.snapshot().locate(SLOW, k) == Some(NodeId(2)))
-            .expect("node 2 manages some key");
+        let (mut cluster, key) = slow_nodes(3, config, &runs).await;
         let requester = cluster.host(NodeId(1));
         let started = tokio::time::Instant::now();
         // 1,001 ms, odd: repeatable, so the new manager runs it again.
