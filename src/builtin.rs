@@ -37,6 +37,11 @@ pub enum DsmCommand {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// Free segment `segment` on every node ([`Dsm::free`]).
+    Free {
+        /// The segment.
+        segment: u32,
+    },
 }
 
 /// The built-in services of one agent. Each [`Builtins::registry`] builds them afresh (a new
@@ -111,6 +116,10 @@ impl Console for DsmConsole {
             DsmCommand::Write { segment: id, offset, data } => {
                 let segment = segment(id, offset, data.len() as u64)?;
                 dsm.write_at(&segment, offset, &data).await.map_err(|e| e.to_string())?;
+                Ok(Vec::new())
+            }
+            DsmCommand::Free { segment: id } => {
+                dsm.free(&Segment::new(id, 0)).await.map_err(|e| e.to_string())?;
                 Ok(Vec::new())
             }
         }

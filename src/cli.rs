@@ -130,6 +130,14 @@ enum DsmOp {
         /// The bytes, as text; `-` reads them from standard input (at most 512 KiB).
         data: String,
     },
+    /// Give a segment back: every node drops its copies and directory entries of it, and it
+    /// reads as zeros afterwards. For a segment no program uses any more.
+    Free {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// The segment id.
+        segment: u32,
+    },
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -365,6 +373,11 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
             }
             (dir, DsmCommand::Write { segment, offset, data })
         }
+        DsmOp::Free { dir, segment } => (dir, DsmCommand::Free { segment }),
+    };
+    let freed = match command {
+        DsmCommand::Free { segment } => Some(segment),
+        _ => None,
     };
     let reading = matches!(command, DsmCommand::Read { .. });
     let body = gobelins::adaptation::codec::encode(&command)?;
@@ -373,6 +386,9 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
         let bytes: Vec<u8> = serde_json::from_value(answer["body"].clone())
             .context("the agent's answer has no bytes")?;
         std::io::stdout().lock().write_all(&bytes)?;
+    }
+    if let Some(segment) = freed {
+        eprintln!("segment {segment} freed on every node");
     }
     Ok(())
 }

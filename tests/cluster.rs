@@ -408,4 +408,9 @@ fn shared_memory_written_through_one_agent_reads_back_through_the_others_and_sur
     let out = dsm(&agents[0].dir, &["read", "7", "0", &(2u64 << 20).to_string()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at most"), "{out:?}");
+
+    // Given back through one node, the segment reads as zeros through the other.
+    let out = dsm(&agents[0].dir, &["free", "7"]);
+    assert!(out.status.success(), "free: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(read(&agents[2], "4090", 5000), "\0".repeat(5000), "freed, read through node 3");
 }
