@@ -9,6 +9,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub trait Net: Send + Sync + 'static {
     /// A connected stream.
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Its reading half, owned apart.
+    type ReadHalf: AsyncRead + Unpin + Send + 'static;
+    /// Its writing half, owned apart.
+    type WriteHalf: AsyncWrite + Unpin + Send + 'static;
     /// A bound listener.
     type Listener: Send + Sync + 'static;
 
@@ -18,6 +22,10 @@ pub trait Net: Send + Sync + 'static {
     async fn accept(&self, listener: &Self::Listener) -> io::Result<(Self::Stream, String)>;
     /// Connects to `addr`.
     async fn connect(&self, addr: &str) -> io::Result<Self::Stream>;
+    /// Splits a stream into halves that share no lock: the reader and the writers of one
+    /// connection poll the socket at once. (`tokio::io::split` takes a lock around each poll,
+    /// which every frame read and written paid.)
+    fn split(stream: Self::Stream) -> (Self::ReadHalf, Self::WriteHalf);
 }
 
 /// The operating system's TCP.
@@ -28,6 +36,12 @@ pub struct TokioNet;
 impl Net for TokioNet {
     type Stream = tokio::net::TcpStream;
     type Listener = tokio::net::TcpListener;
+    type ReadHalf = tokio::net::tcp::OwnedReadHalf;
+    type WriteHalf = tokio::net::tcp::OwnedWriteHalf;
+
+    fn split(stream: Self::Stream) -> (Self::ReadHalf, Self::WriteHalf) {
+        stream.into_split()
+    }
 
     async fn bind(&self, addr: &str) -> io::Result<Self::Listener> {
         tokio::net::TcpListener::bind(addr).await

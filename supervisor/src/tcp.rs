@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, FramedParts, FramedWrite};
@@ -146,15 +146,16 @@ impl Conn {
     }
 }
 
-/// A connection's reading and writing halves. They share only a short lock around each poll of
-/// the socket, never a waker: with `Framed::split` a caller writing while the reader was being
-/// polled had to wait for a cross-thread wake. Bytes the handshake read past its last frame
-/// are decoded before the socket is read again.
-fn halves<S: AsyncRead + AsyncWrite>(
+/// A connection's reading and writing halves, split by `split` (`Net::split`: owned halves
+/// that share no lock, nor a waker: with `Framed::split` a caller writing while the reader was
+/// being polled had to wait for a cross-thread wake). Bytes the handshake read past its last
+/// frame are decoded before the socket is read again.
+fn halves<S, R: AsyncRead, W: AsyncWrite>(
     framed: Framed<S, FrameCodec>,
-) -> (Framed<ReadHalf<S>, FrameCodec>, FramedWrite<WriteHalf<S>, FrameCodec>) {
+    split: impl FnOnce(S) -> (R, W),
+) -> (Framed<R, FrameCodec>, FramedWrite<W, FrameCodec>) {
     let parts = framed.into_parts();
-    let (read, write) = tokio::io::split(parts.io);
+    let (read, write) = split(parts.io);
     let sink = FramedWrite::new(write, parts.codec.clone());
     let mut reading = FramedParts::new::<Wire>(read, parts.codec);
     reading.read_buf = parts.read_buf;
@@ -358,7 +359,7 @@ impl<N: Net> TcpTransport<N> {
     /// Starts the connection's task and makes it the pair's connection, unless a connection
     /// opened by the lower node id already is. Returns the connection to use.
     fn register(&self, peer: u64, initiator: u64, framed: Framed<N::Stream, FrameCodec>) -> Conn {
-        let (stream, sink) = halves(framed);
+        let (stream, sink) = halves(framed, N::split);
         let closer = Closer::new(self.inner.shutdown.child_token());
         let pending: Pending = Arc::default();
         let abandoned = {
@@ -441,12 +442,7 @@ impl<N: Net> TcpTransport<N> {
 
     /// Reads the connection until it closes: answers requests, hands responses to callers.
     /// Closing the connection aborts it; `ended` then cleans up.
-    async fn run(
-        self,
-        peer: u64,
-        ended: Ended<N>,
-        mut stream: Framed<ReadHalf<N::Stream>, FrameCodec>,
-    ) {
+    async fn run(self, peer: u64, ended: Ended<N>, mut stream: Framed<N::ReadHalf, FrameCodec>) {
         let conn = &ended.conn;
         let inflight = &conn.inflight;
         let result: Result<()> = async {
@@ -738,7 +734,7 @@ mod tests {
         let request = Wire::Request { id: 7, body: Bytes::from_static(b"ping") };
         codec.encode(request, framed.read_buffer_mut()).expect("encode");
 
-        let (mut stream, _sink) = halves(framed);
+        let (mut stream, _sink) = halves(framed, tokio::io::split);
         let next = tokio::time::timeout(Duration::from_secs(1), stream.next()).await;
         let frame = next.expect("decoded without new bytes").expect("a frame").expect("valid");
         match Wire::decode(frame).expect("a message") {

@@ -25,6 +25,12 @@ pub(crate) struct TurmoilNet;
 impl Net for TurmoilNet {
     type Stream = turmoil::net::TcpStream;
     type Listener = turmoil::net::TcpListener;
+    type ReadHalf = turmoil::net::tcp::OwnedReadHalf;
+    type WriteHalf = turmoil::net::tcp::OwnedWriteHalf;
+
+    fn split(stream: Self::Stream) -> (Self::ReadHalf, Self::WriteHalf) {
+        stream.into_split()
+    }
 
     async fn bind(&self, addr: &str) -> std::io::Result<Self::Listener> {
         turmoil::net::TcpListener::bind(addr).await
