@@ -126,8 +126,13 @@ const RETIRED_LINGER: Duration = Duration::from_millis(100);
 /// steady flood of requests must not hold back the answers to the first ones.
 const ANSWERS_PER_WRITE: usize = 64;
 
+/// One connection, shared by its reader, its callers and the peer table. One `Arc`: every
+/// call takes the connection from the table, and a handful of counted fields cost a handful
+/// of atomic operations each way.
 #[derive(Clone)]
-struct Conn {
+struct Conn(Arc<ConnState>);
+
+struct ConnState {
     id: u64,
     /// The node that dialed: decides which of two simultaneous connections survives.
     initiator: u64,
@@ -135,12 +140,19 @@ struct Conn {
     pending: Pending,
     closer: Arc<Closer>,
     /// When a frame last arrived, to tell a silent connection from a busy one.
-    last_heard: Arc<Mutex<Instant>>,
+    last_heard: Mutex<Instant>,
     /// The peer's requests being handled; all its permits are free when none is.
     inflight: Arc<Semaphore>,
 }
 
-impl Conn {
+impl std::ops::Deref for Conn {
+    type Target = ConnState;
+    fn deref(&self) -> &ConnState {
+        &self.0
+    }
+}
+
+impl ConnState {
     fn silent_for(&self) -> Duration {
         lock(&self.last_heard).elapsed()
     }
@@ -367,15 +379,15 @@ impl<N: Net> TcpTransport<N> {
             Box::new(move |id| !lock(&pending).contains_key(&id))
         };
         let max_frame = self.inner.config.max_frame;
-        let conn = Conn {
+        let conn = Conn(Arc::new(ConnState {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             initiator,
             writer: Outbox::new(Box::pin(sink), Arc::clone(&closer), max_frame, abandoned),
             pending,
             closer,
-            last_heard: Arc::new(Mutex::new(Instant::now())),
+            last_heard: Mutex::new(Instant::now()),
             inflight: Arc::new(Semaphore::new(self.inner.config.max_inflight)),
-        };
+        }));
         let chosen = {
             let mut peers = lock(&self.inner.peers);
             let entry = peers.entry(peer).or_default();
