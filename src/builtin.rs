@@ -37,10 +37,12 @@ pub enum DsmCommand {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
-    /// Free segment `segment` on every node ([`Dsm::free`]).
+    /// Free segment `segment`, `len` bytes long, on every node ([`Dsm::free`]).
     Free {
         /// The segment.
         segment: u32,
+        /// Its length in bytes.
+        len: u64,
     },
 }
 
@@ -118,8 +120,8 @@ impl Console for DsmConsole {
                 dsm.write_at(&segment, offset, &data).await.map_err(|e| e.to_string())?;
                 Ok(Vec::new())
             }
-            DsmCommand::Free { segment: id } => {
-                dsm.free(&Segment::new(id, 0)).await.map_err(|e| e.to_string())?;
+            DsmCommand::Free { segment: id, len } => {
+                dsm.free(&Segment::new(id, len)).await.map_err(|e| e.to_string())?;
                 Ok(Vec::new())
             }
         }

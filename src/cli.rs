@@ -137,6 +137,9 @@ enum DsmOp {
         dir: DirArgs,
         /// The segment id.
         segment: u32,
+        /// Its length in bytes: the pages it spans read as zeros afterwards, even where a
+        /// node that managed them failed.
+        len: u64,
     },
 }
 
@@ -373,10 +376,10 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
             }
             (dir, DsmCommand::Write { segment, offset, data })
         }
-        DsmOp::Free { dir, segment } => (dir, DsmCommand::Free { segment }),
+        DsmOp::Free { dir, segment, len } => (dir, DsmCommand::Free { segment, len }),
     };
     let freed = match command {
-        DsmCommand::Free { segment } => Some(segment),
+        DsmCommand::Free { segment, .. } => Some(segment),
         _ => None,
     };
     let reading = matches!(command, DsmCommand::Read { .. });

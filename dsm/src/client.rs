@@ -540,7 +540,8 @@ impl Dsm {
 
     /// Frees `segment` on every node: each drops its copies of the segment's pages and the
     /// directory entries it manages for them, and the segment reads as zeros afterwards, as one
-    /// never written. Without it a program that makes segments as it goes holds every page it
+    /// never written, up to its length (past it, a page whose manager once died still reads
+    /// as lost). Without it a program that makes segments as it goes holds every page it
     /// ever wrote, on every node that read it.
     ///
     /// Like freeing memory, it is for a segment nobody uses any more: an access running
@@ -552,7 +553,7 @@ impl Dsm {
         Self::check(segment, 0, 0)?;
         let started = tokio::time::Instant::now();
         let first = segment.page(0);
-        let request = Request::Free { segment: segment.id };
+        let request = Request::Free { segment: segment.id, pages: segment.pages() };
         loop {
             let ctx = self.host.context();
             let epoch = ctx.epoch();

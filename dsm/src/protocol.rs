@@ -149,6 +149,9 @@ pub enum Request {
     Free {
         /// The segment.
         segment: u32,
+        /// The pages it spans: those in a slot whose manager died get a fresh entry, so that
+        /// they read as zeros, not as lost (a page with no entry there is taken for lost).
+        pages: u32,
     },
 }
 

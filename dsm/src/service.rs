@@ -837,15 +837,16 @@ impl DsmService {
                     Response::Missing
                 }
             }
-            Request::Free { segment } => self.free(ctx, segment),
+            Request::Free { segment, pages } => self.free(ctx, segment, pages),
             other => Response::Invalid(format!("{other:?} is for a manager")),
         }
     }
 
     /// Drops all this node holds of `segment`: copies, the entries it manages and those
     /// received in a change, hints. `Busy` during a change, whose entries are on the move:
-    /// [`crate::Dsm::free`] asks again after it.
-    fn free(&self, ctx: &Context, segment: u32) -> Response {
+    /// [`crate::Dsm::free`] asks again after it. Of its first `pages` pages, those in a slot
+    /// this node manages whose manager once died get a fresh entry: freed, they are zeros.
+    fn free(&self, ctx: &Context, segment: u32, pages: u32) -> Response {
         let state = self.state();
         if state.change.lock().expect("change").is_some() {
             return Response::Busy;
@@ -855,6 +856,22 @@ impl DsmService {
         state.staged.lock().expect("staged").retain(|(key, _)| !of_segment(key));
         state.frames.free(segment);
         state.hints.retain(|page, _| page.segment != segment);
+        // A taint marker lives with the slot it describes: these are slots this node manages.
+        let tainted: BTreeSet<u32> = state
+            .live
+            .iter()
+            .filter(|e| named(*e.key()) == Named::Taint)
+            .map(|e| state.spec.slot_of(*e.key()))
+            .collect();
+        if !tainted.is_empty() {
+            for page in 0..pages {
+                let key = PageId { segment, page }.key();
+                if tainted.contains(&state.spec.slot_of(key)) {
+                    let fresh = Live::Page(PageEntry::default());
+                    state.live.insert(key, Arc::new(AsyncMutex::new(fresh)));
+                }
+            }
+        }
         tracing::debug!(node = ctx.node().0, segment, "dsm: segment freed here");
         Response::Ok
     }

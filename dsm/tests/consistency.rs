@@ -577,6 +577,28 @@ fn a_freed_segment_leaves_nothing_on_any_node_and_reads_as_zeros() {
     });
 }
 
+/// Without backups, a page whose manager died and left no entry reads as lost; freed, the
+/// segment's pages read as zeros there too.
+#[test]
+fn a_segment_freed_after_a_failure_reads_as_zeros_where_its_manager_died() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let victim = NodeId(3);
+        for page in 0..PAGES {
+            put(&cluster.dsm(victim), pid(page), 1).await;
+        }
+        cluster.mem.fail(victim).await;
+        let reader = cluster.dsm(NodeId(1));
+        assert!(matches!(reader.read(pid(1)).await, Err(DsmError::Lost { .. })), "lost first");
+
+        let segment = Segment::new(SEGMENT, u64::from(pid(PAGES - 1).page + 1) * PAGE_SIZE as u64);
+        cluster.dsm(NodeId(2)).free(&segment).await.expect("freed");
+        for page in 0..PAGES {
+            assert_eq!(get(&reader, pid(page)).await, 0, "page {page} reads as zeros");
+        }
+    });
+}
+
 /// A free that races a join (entries moving to the new node) still leaves nothing behind
 /// once it returns, the new node included.
 #[test]
