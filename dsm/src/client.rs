@@ -550,7 +550,8 @@ impl Dsm {
     /// sees a single epoch from start to end; it fails with [`DsmError::Stuck`] after the
     /// access deadline (a node unreachable and not yet declared failed, say).
     pub async fn free(&self, segment: &Segment) -> Result<(), DsmError> {
-        Self::check(segment, 0, 0)?;
+        // Its whole length must be addressable: every node walks its pages.
+        Self::check(segment, 0, usize::try_from(segment.len).unwrap_or(usize::MAX))?;
         let started = tokio::time::Instant::now();
         let first = segment.page(0);
         let request = Request::Free { segment: segment.id, pages: segment.pages() };

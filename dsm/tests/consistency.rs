@@ -562,6 +562,9 @@ fn a_freed_segment_leaves_nothing_on_any_node_and_reads_as_zeros() {
         assert!(before.0 >= 3 * PAGES as usize, "every node holds the segment: {before:?}");
 
         let segment = Segment::new(SEGMENT, u64::from(pid(PAGES - 1).page + 1) * PAGE_SIZE as u64);
+        let endless = Segment::new(SEGMENT, u64::MAX);
+        assert!(matches!(dsm(1).free(&endless).await, Err(DsmError::OutOfRange { .. })));
+        assert_eq!(held(&cluster), before, "a free refused touches nothing");
         dsm(1).free(&segment).await.expect("freed");
         assert_eq!(held(&cluster), (1, 1), "only the other segment's page and its entry are left");
 
