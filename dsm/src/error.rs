@@ -6,9 +6,12 @@ use gobelins_adaptation::AdaptationError;
 /// Why a DSM operation failed. None of them leaves a page half written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DsmError {
-    /// Every copy of the page died with the nodes that held it. Its contents are gone; they
-    /// are never replaced by zeros. [`crate::Dsm::discard`] starts the page afresh.
-    #[error("page {page:?} was lost: every node holding a copy failed (turn on backups to survive one failure)")]
+    /// Every copy of the page died with the nodes that held it, or its manager died and no
+    /// survivor holds a copy, so that nobody can tell whether it was ever written (a page of
+    /// a segment first used after the failure, say). Its contents are never replaced by zeros
+    /// on their own: [`crate::Dsm::discard`] starts the page afresh, [`crate::Dsm::free`] its
+    /// whole segment.
+    #[error("page {page:?} is lost: every node holding a copy failed, or its manager failed and no surviving copy tells whether it was ever written. Decide what the program needs, then `discard` the page or `free` its segment to start afresh from zeros (with backups on, one failure loses no written page)")]
     Lost {
         /// The page.
         page: PageId,
