@@ -127,6 +127,14 @@ fn statuses(state: &ClusterState) -> Vec<(u64, NodeStatus, u64)> {
     state.nodes.iter().map(|(&id, r)| (id, r.status, r.incarnation)).collect()
 }
 
+/// Every node sees the same members, statuses and incarnations as the first.
+fn assert_all_agree(nodes: &[Node], when: &str) {
+    let first = statuses(&nodes[0].supervisor.state());
+    for n in &nodes[1..] {
+        assert_eq!(statuses(&n.supervisor.state()), first, "every node agrees {when}");
+    }
+}
+
 #[test]
 fn a_slow_lossy_network_still_forms_one_cluster() {
     replay(async {
@@ -135,10 +143,7 @@ fn a_slow_lossy_network_still_forms_one_cluster() {
         net.set_drop_rate(0.05);
         let nodes = cluster(&net, 3, SupervisorConfig::default()).await;
         until_active(&nodes, 3).await;
-        let first = statuses(&nodes[0].supervisor.state());
-        for n in &nodes[1..] {
-            assert_eq!(statuses(&n.supervisor.state()), first, "every node agrees");
-        }
+        assert_all_agree(&nodes, "once formed");
     });
 }
 
@@ -187,10 +192,7 @@ fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing() {
                 && s.nodes[&leader].incarnation == 2
         })
         .await;
-        let first = statuses(&nodes[0].supervisor.state());
-        for n in &nodes[1..] {
-            assert_eq!(statuses(&n.supervisor.state()), first, "every node agrees after healing");
-        }
+        assert_all_agree(&nodes, "after healing");
     });
 }
 
