@@ -32,7 +32,7 @@ enum Slot {
 /// A sender's forwarded requests and their answers, by request id.
 #[derive(Default)]
 pub(crate) struct Forwarded {
-    slots: DashMap<RequestId, Slot>,
+    slots: DashMap<RequestId, Slot, foldhash::fast::RandomState>,
 }
 
 /// Where the answer to one forwarded request will come from.

@@ -25,6 +25,8 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
+// Keys come from authenticated peers only; std's SipHash cost more than the maps' other work.
+use foldhash::fast::RandomState as Hasher;
 use gobelins_locator::{Change, Key, MigrationPlan, NodeId, ServiceId, ServiceSpec, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -208,9 +210,9 @@ pub(crate) struct Inner {
     pub(crate) gate: RwLock<()>,
     /// The answers kept for retries, by service and slot, then key: a change hands over the
     /// slots that leave without looking at every key answered here.
-    pub(crate) answers: DashMap<(ServiceId, u32), HashMap<Key, Answers>>,
+    pub(crate) answers: DashMap<(ServiceId, u32), HashMap<Key, Answers, Hasher>, Hasher>,
     /// Requests being handled here; closed when the handler is done.
-    running: DashMap<RequestId, watch::Receiver<()>>,
+    running: DashMap<RequestId, watch::Receiver<()>, Hasher>,
     /// This node's requests in flight, as a sender.
     outstanding: Outstanding,
     /// Answers to this node's requests that another node forwarded to their manager.
@@ -477,8 +479,8 @@ impl Inner {
             begun: watch::channel(0).0,
             done: watch::channel(0).0,
             gate: RwLock::new(()),
-            answers: DashMap::new(),
-            running: DashMap::new(),
+            answers: DashMap::default(),
+            running: DashMap::default(),
             // Ids must not repeat across restarts of the node, or a manager would answer a new
             // request with an old request's remembered answer: start each life somewhere new.
             outstanding: Outstanding::new(boot_sequence()),
@@ -583,7 +585,7 @@ impl Inner {
     }
 
     /// Adds `answered` to its key's answers, unless it is there already.
-    fn keep(&self, keys: &mut HashMap<Key, Answers>, answered: Answered, at: Instant) {
+    fn keep(&self, keys: &mut HashMap<Key, Answers, Hasher>, answered: Answered, at: Instant) {
         // Most keys get one answer: room for one, not the four a growing list starts with.
         let list = keys.entry(answered.key).or_insert_with(|| VecDeque::with_capacity(1));
         if list.iter().any(|(id, _, _)| *id == answered.id) {

@@ -31,7 +31,7 @@ impl Kept {
 /// order and its requests mostly end in order, so its settled answers gather at the front.
 #[derive(Debug, Default)]
 pub(crate) struct KeptOrder {
-    by_origin: HashMap<NodeId, VecDeque<Kept>>,
+    by_origin: HashMap<NodeId, VecDeque<Kept>, foldhash::fast::RandomState>,
 }
 
 impl KeptOrder {

@@ -71,7 +71,7 @@ impl Drop for Ticket<'_> {
 /// What a manager knows of its senders' settlements, per sender and life.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Settled {
-    spans: HashMap<NodeId, Vec<Span>>,
+    spans: HashMap<NodeId, Vec<Span>, foldhash::fast::RandomState>,
 }
 
 #[derive(Clone, Copy, Debug)]

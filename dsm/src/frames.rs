@@ -376,7 +376,7 @@ impl Frame {
 /// Every frame of this node.
 #[derive(Default)]
 pub(crate) struct Frames {
-    map: DashMap<PageId, Arc<Frame>>,
+    map: DashMap<PageId, Arc<Frame>, foldhash::fast::RandomState>,
 }
 
 impl Frames {

@@ -5,6 +5,8 @@ use crate::frames::Frames;
 use crate::protocol::{BarrierEntry, Entry, LockEntry, PageEntry, Token};
 use crate::service::DsmService;
 use dashmap::DashMap;
+// Keys come from authenticated peers only; std's SipHash cost more than the maps' other work.
+use foldhash::fast::RandomState as Hasher;
 use gobelins_adaptation::ChangeInfo;
 use gobelins_locator::{Key, ServiceId, ServiceSpec};
 use std::collections::BTreeMap;
@@ -62,11 +64,11 @@ pub(crate) struct NodeState {
     pub(crate) spec: ServiceSpec,
     pub(crate) frames: Frames,
     /// The entries this node manages.
-    pub(crate) live: DashMap<Key, Arc<AsyncMutex<Live>>>,
+    pub(crate) live: DashMap<Key, Arc<AsyncMutex<Live>>, Hasher>,
     /// Entries received during a change, merged when it ends.
     pub(crate) staged: Mutex<Vec<(Key, Entry)>>,
     /// Wakes arrivals waiting at a barrier this node manages.
-    pub(crate) barriers: DashMap<Key, Arc<Notify>>,
+    pub(crate) barriers: DashMap<Key, Arc<Notify>, Hasher>,
     /// The change in progress.
     pub(crate) change: Mutex<Option<ChangeInfo>>,
     /// Nodes whose failure the cluster confirmed (until their id comes back as a new life).
@@ -79,7 +81,7 @@ pub(crate) struct NodeState {
     pub(crate) generations: Mutex<BTreeMap<u64, u64>>,
     pub(crate) seq: std::sync::atomic::AtomicU64,
     /// Probable owners: where this node last learned each page lives.
-    pub(crate) hints: DashMap<crate::page::PageId, gobelins_locator::NodeId>,
+    pub(crate) hints: DashMap<crate::page::PageId, gobelins_locator::NodeId, Hasher>,
     /// Read faults answered by the hinted owner, and hints found stale.
     pub(crate) hinted: AtomicU64,
     pub(crate) stale: AtomicU64,
@@ -108,16 +110,16 @@ impl DsmNode {
                 config,
                 spec: DsmNode::declaration(),
                 frames: Frames::default(),
-                live: DashMap::new(),
+                live: DashMap::default(),
                 staged: Mutex::new(Vec::new()),
-                barriers: DashMap::new(),
+                barriers: DashMap::default(),
                 change: Mutex::new(None),
                 failed: Mutex::new(Default::default()),
                 held: Mutex::new(BTreeMap::new()),
                 waiting: Mutex::new(BTreeMap::new()),
                 generations: Mutex::new(BTreeMap::new()),
                 seq: std::sync::atomic::AtomicU64::new(0),
-                hints: DashMap::new(),
+                hints: DashMap::default(),
                 hinted: AtomicU64::new(0),
                 stale: AtomicU64::new(0),
                 leaving: std::sync::atomic::AtomicBool::new(false),
