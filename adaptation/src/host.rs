@@ -721,7 +721,7 @@ impl Inner {
                         let served = self.serve(&routed, &body, attempt, now);
                         (epoch, served.await)
                     } else {
-                        let called = self.call_manager(manager, routed, &body, attempt, now);
+                        let called = self.call_manager(manager, &routed, &body, attempt, now);
                         match called.await {
                             Reply::Forwarded { to } => {
                                 redirected = true;
@@ -783,14 +783,13 @@ impl Inner {
     async fn call_manager(
         &self,
         manager: NodeId,
-        routed: Routed,
+        routed: &Routed,
         body: &[u8],
         until: Instant,
         now: Instant,
     ) -> Reply {
         let left = until.saturating_duration_since(now);
-        let message = Message::Request(Routed { body: body.to_vec(), ..routed });
-        let bytes = match message.encode() {
+        let bytes = match routed.encode_request(body) {
             Ok(bytes) => bytes,
             Err(e) => return Reply::Refused(e.to_string()),
         };
