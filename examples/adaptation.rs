@@ -463,9 +463,9 @@ fn main() {
                             let t = Instant::now();
                             let first =
                                 wrong.call(NodeId(1), bytes.clone(), Duration::from_secs(5)).await.expect("call");
-                            assert!(matches!(codec::decode::<Reply>(&first).expect("d"), Reply::Moved { .. }));
+                            assert!(matches!(Reply::decode(&first).expect("d"), Reply::Moved { .. }));
                             let second = link.call(NodeId(2), bytes, Duration::from_secs(5)).await.expect("call");
-                            assert!(matches!(codec::decode::<Reply>(&second).expect("d"), Reply::Done(_)));
+                            assert!(matches!(Reply::decode(&second).expect("d"), Reply::Done(_)));
                             asked_again.push(t.elapsed());
                         }
                     }

@@ -8,7 +8,6 @@
 //!  services, clients ──Host::request──▶ locate ──▶ serve here, or Link::call the manager
 //! ```
 
-use crate::codec;
 use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
 use crate::forwarded::{Forwarded, Wait};
@@ -404,8 +403,8 @@ impl Host {
                 Reply::Refused(format!("malformed message: {e}"))
             }
         };
-        codec::encode(&reply).unwrap_or_else(|e| {
-            codec::encode(&Reply::Refused(e.to_string())).expect("a short string encodes")
+        reply.encode().unwrap_or_else(|e| {
+            Reply::Refused(e.to_string()).encode().expect("a short string encodes")
         })
     }
 
@@ -789,10 +788,7 @@ impl Inner {
         now: Instant,
     ) -> Reply {
         let left = until.saturating_duration_since(now);
-        let bytes = match routed.encode_request(body) {
-            Ok(bytes) => bytes,
-            Err(e) => return Reply::Refused(e.to_string()),
-        };
+        let bytes = routed.encode_request(body);
         // Gone already: ask the new manager. Gone while we wait: `Host::update` has the link
         // abandon the call.
         if self.departed.borrow().contains(&manager) {
@@ -806,7 +802,7 @@ impl Inner {
             // its entries are being rebuilt from replicas elsewhere, so what it did is not
             // the directory's. Its answer is dropped and the request retried at the new manager.
             Ok(_) if self.departed.borrow().contains(&manager) => Reply::Late,
-            Ok(answer) => codec::decode(&answer).unwrap_or_else(|e| Reply::Refused(e.to_string())),
+            Ok(answer) => Reply::decode(&answer).unwrap_or_else(|e| Reply::Refused(e.to_string())),
             Err(_) => Reply::Late,
         }
     }
@@ -855,7 +851,7 @@ impl Inner {
         let inner = Arc::clone(self);
         tokio::spawn(async move {
             let taken = inner.link.call(to, bytes, wait + inner.config.retry).await;
-            if !matches!(taken.map(|a| codec::decode::<Reply>(&a)), Ok(Ok(Reply::Accepted))) {
+            if !matches!(taken.map(|a| Reply::decode(&a)), Ok(Ok(Reply::Accepted))) {
                 // The manager could not take it, or could not reach the origin: the origin
                 // asks again now rather than at the end of its attempt.
                 tracing::debug!(node = to.0, origin = from.0, "forwarded request not answered");
@@ -869,7 +865,7 @@ impl Inner {
     async fn send_answer(&self, to: NodeId, id: RequestId, reply: Reply) -> bool {
         let Ok(bytes) = (Message::Answer { id, reply }).encode() else { return false };
         let taken = self.link.call(to, self.link.seal(bytes), self.config.call_timeout).await;
-        matches!(taken.map(|a| codec::decode::<Reply>(&a)), Ok(Ok(Reply::Accepted)))
+        matches!(taken.map(|a| Reply::decode(&a)), Ok(Ok(Reply::Accepted)))
     }
 
     /// `Refused` for a copy of a request its sender has settled: the sender has the answer or
@@ -1198,7 +1194,7 @@ impl Inner {
             let mut pause = true;
             // Sealed once: an attempt sends the same bytes again, not a copy of them.
             let outcome = self.link.call(to, message.clone(), self.config.call_timeout).await;
-            match outcome.and_then(|answer| codec::decode::<Reply>(&answer)) {
+            match outcome.and_then(|answer| Reply::decode(&answer)) {
                 Ok(Reply::Accepted) => return true,
                 Ok(Reply::Refused(why)) => {
                     tracing::error!(node = to.0, %why, "node refused a migration message");
@@ -1285,7 +1281,7 @@ impl Peers for Inner {
         } else {
             let bytes = self.link.seal(Message::Local { service, key, body }.encode()?);
             let answer = self.link.call(node, bytes, self.config.call_timeout).await?;
-            codec::decode(&answer)?
+            Reply::decode(&answer)?
         };
         match reply {
             Reply::Done(response) => Ok(response),
@@ -1320,7 +1316,7 @@ mod tests {
                     reason: "connection closed".into(),
                 });
             }
-            codec::encode(&Reply::Accepted).map(Bytes::from)
+            Reply::Accepted.encode().map(Bytes::from)
         }
     }
 

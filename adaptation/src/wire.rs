@@ -66,36 +66,73 @@ pub struct Routed {
     pub repeatable: bool,
 }
 
+/// The first byte of a [`Message::Request`] and of a [`Reply::Done`]: they are laid out by hand
+/// (below), every other message and reply by bincode, which starts with the variant's index,
+/// one byte under 251 (its varint). No index reaches this one, so the two never mix.
+const FIXED: u8 = 0xF0;
+
+/// A routed request's header: the tag, origin, number, service, key, epoch, wait, settlement
+/// (two numbers) and the repeatable flag. The body follows, to the end of the message.
+const ROUTED_HEADER: usize = 1 + 8 + 8 + 2 + 8 + 8 + 8 + 8 + 8 + 1;
+
 impl Routed {
-    /// `Message::Request(self)` with `body` for its body, encoded as [`Message::encode`]
-    /// would encode it, without copying `body` into the message first: a sender keeps its
-    /// request's body for retries, and copied, it cost every request an allocation.
-    pub fn encode_request(&self, body: &[u8]) -> Result<Vec<u8>, AdaptationError> {
-        let Routed { id, service, key, epoch, wait_ms, settled, repeatable, .. } = *self;
-        let out = RoutedOut { id, service, key, epoch, body, wait_ms, settled, repeatable };
-        codec::encode(&Outgoing::Request(out))
+    /// `Message::Request(self)` with `body` for its body, as [`Message::encode`] encodes it.
+    /// The body is borrowed: a sender keeps its request's body for retries.
+    ///
+    /// Every request crosses the wire in this layout, so it is fixed-width and written by hand:
+    /// through bincode's varints and serde, the header cost more CPU than the rest of the layer's
+    /// work on a request, and twice over, since encoding measures the message first.
+    pub fn encode_request(&self, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(ROUTED_HEADER + body.len() + codec::SPARE);
+        out.push(FIXED);
+        out.extend_from_slice(&self.id.origin.0.to_le_bytes());
+        out.extend_from_slice(&self.id.seq.to_le_bytes());
+        out.extend_from_slice(&self.service.0.to_le_bytes());
+        out.extend_from_slice(&self.key.0.to_le_bytes());
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.wait_ms.to_le_bytes());
+        out.extend_from_slice(&self.settled.since.to_le_bytes());
+        out.extend_from_slice(&self.settled.below.to_le_bytes());
+        out.push(u8::from(self.repeatable));
+        out.extend_from_slice(body);
+        out
     }
-}
 
-/// [`Message`] as far as its first variant, borrowing the body: the same bytes on the wire
-/// (a test below holds the two together).
-#[derive(Serialize)]
-enum Outgoing<'a> {
-    Request(RoutedOut<'a>),
-}
-
-/// [`Routed`], field for field, with a borrowed body.
-#[derive(Serialize)]
-struct RoutedOut<'a> {
-    id: RequestId,
-    service: ServiceId,
-    key: Key,
-    epoch: u64,
-    #[serde(with = "serde_bytes")]
-    body: &'a [u8],
-    wait_ms: u64,
-    settled: Settlement,
-    repeatable: bool,
+    /// Reads what [`Routed::encode_request`] wrote.
+    fn decode_request(bytes: &[u8]) -> Result<Routed, AdaptationError> {
+        let Some((header, body)) = bytes.split_at_checked(ROUTED_HEADER) else {
+            return Err(AdaptationError::Codec(format!(
+                "a request of {} bytes is shorter than its {ROUTED_HEADER}-byte header",
+                bytes.len()
+            )));
+        };
+        // Offsets as `encode_request` writes them.
+        let u64_at =
+            |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+        let (origin, seq) = (NodeId(u64_at(1)), u64_at(9));
+        let service = ServiceId(u16::from_le_bytes([header[17], header[18]]));
+        let (key, epoch, wait_ms) = (Key(u64_at(19)), u64_at(27), u64_at(35));
+        let settled = Settlement { since: u64_at(43), below: u64_at(51) };
+        let repeatable = match header[59] {
+            0 => false,
+            1 => true,
+            other => {
+                return Err(AdaptationError::Codec(format!(
+                    "a request's repeatable flag is {other}, not 0 or 1"
+                )))
+            }
+        };
+        Ok(Routed {
+            id: RequestId { origin, seq },
+            service,
+            key,
+            epoch,
+            body: body.to_vec(),
+            wait_ms,
+            settled,
+            repeatable,
+        })
+    }
 }
 
 /// One message between hosts. Encoded with [`Message::encode`]: `codec::encode` would leave a
@@ -151,6 +188,9 @@ pub enum Message {
 impl Message {
     /// The message's body: the message, then a batch's entries.
     pub fn encode(&self) -> Result<Vec<u8>, AdaptationError> {
+        if let Message::Request(routed) = self {
+            return Ok(routed.encode_request(&routed.body));
+        }
         let mut body = codec::encode(self)?;
         if let Message::Batch { entries, .. } = self {
             body.reserve_exact(entries.size() + codec::SPARE);
@@ -161,6 +201,9 @@ impl Message {
 
     /// Reads a body [`Message::encode`] wrote; a batch's entries are a slice of `body`.
     pub fn decode(body: Bytes) -> Result<Message, AdaptationError> {
+        if body.first() == Some(&FIXED) {
+            return Routed::decode_request(&body).map(Message::Request);
+        }
         let (mut message, used) = codec::decode_prefix::<Message>(&body)?;
         match &mut message {
             Message::Batch { entries, .. } => *entries = Run::parse(body.slice(used..))?,
@@ -205,6 +248,30 @@ pub enum Reply {
     },
 }
 
+impl Reply {
+    /// The reply as it crosses the wire: a `Done` laid out by hand (the tag, then the response
+    /// to the end), anything else by bincode. A `Done` answers nearly every request.
+    pub fn encode(&self) -> Result<Vec<u8>, AdaptationError> {
+        match self {
+            Reply::Done(response) => {
+                let mut out = Vec::with_capacity(1 + response.len() + codec::SPARE);
+                out.push(FIXED);
+                out.extend_from_slice(response);
+                Ok(out)
+            }
+            other => codec::encode(other),
+        }
+    }
+
+    /// Reads what [`Reply::encode`] wrote.
+    pub fn decode(bytes: &[u8]) -> Result<Reply, AdaptationError> {
+        match bytes.split_first() {
+            Some((&FIXED, response)) => Ok(Reply::Done(response.to_vec())),
+            _ => codec::decode(bytes),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,9 +302,8 @@ mod tests {
         assert_eq!(at + entries.size(), body.len(), "the entries are the body's tail, not a copy");
     }
 
-    #[test]
-    fn a_request_encoded_from_a_borrowed_body_is_the_message_it_stands_for() {
-        let routed = Routed {
+    fn routed() -> Routed {
+        Routed {
             id: RequestId { origin: NodeId(3), seq: u64::MAX - 7 },
             service: ServiceId(2),
             key: Key(1 << 63 | 12345),
@@ -246,15 +312,60 @@ mod tests {
             wait_ms: 2000,
             settled: Settlement { since: 1 << 40, below: (1 << 40) + 9 },
             repeatable: true,
-        };
+        }
+    }
+
+    #[test]
+    fn a_request_reads_back_field_for_field_and_is_encoded_alike_from_a_borrowed_body() {
         let body = vec![7u8; 300];
-        let borrowed = routed.encode_request(&body).unwrap();
-        let owned = Message::Request(Routed { body: body.clone(), ..routed }).encode().unwrap();
+        let borrowed = routed().encode_request(&body);
+        let owned = Message::Request(Routed { body: body.clone(), ..routed() }).encode().unwrap();
         assert_eq!(borrowed, owned);
         let Message::Request(back) = Message::decode(Bytes::from(borrowed)).unwrap() else {
             panic!("not a request")
         };
-        assert_eq!((back.id.seq, back.key, back.body), (u64::MAX - 7, Key(1 << 63 | 12345), body));
+        let sent = routed();
+        assert_eq!(
+            (back.id, back.service, back.key, back.epoch),
+            (sent.id, sent.service, sent.key, sent.epoch)
+        );
+        assert_eq!(
+            (back.wait_ms, back.settled, back.repeatable),
+            (sent.wait_ms, sent.settled, sent.repeatable)
+        );
+        assert_eq!(back.body, body);
+        let not = Routed { repeatable: false, ..routed() };
+        let Message::Request(back) = Message::decode(Bytes::from(not.encode_request(&[]))).unwrap()
+        else {
+            panic!("not a request")
+        };
+        assert!(!back.repeatable && back.body.is_empty());
+    }
+
+    #[test]
+    fn a_request_cut_short_or_with_a_bad_flag_is_refused() {
+        let whole = routed().encode_request(b"body");
+        let short = Bytes::copy_from_slice(&whole[..ROUTED_HEADER - 1]);
+        assert!(matches!(Message::decode(short), Err(AdaptationError::Codec(_))));
+        let mut flag = whole.clone();
+        flag[ROUTED_HEADER - 1] = 2;
+        assert!(matches!(Message::decode(Bytes::from(flag)), Err(AdaptationError::Codec(_))));
+    }
+
+    #[test]
+    fn a_reply_reads_back_done_and_every_other_kind() {
+        let done = Reply::Done(vec![1, 2, 3]).encode().unwrap();
+        assert_eq!(done[0], FIXED);
+        assert!(matches!(Reply::decode(&done).unwrap(), Reply::Done(r) if r == [1, 2, 3]));
+        assert!(
+            matches!(Reply::decode(&Reply::Done(Vec::new()).encode().unwrap()).unwrap(), Reply::Done(r) if r.is_empty())
+        );
+        let moved = Reply::Moved { epoch: 9 }.encode().unwrap();
+        assert!(matches!(Reply::decode(&moved).unwrap(), Reply::Moved { epoch: 9 }));
+        let refused = Reply::Refused("why".into()).encode().unwrap();
+        assert!(matches!(Reply::decode(&refused).unwrap(), Reply::Refused(w) if w == "why"));
+        // Every other message still starts with its bincode variant index, below the tag.
+        assert!(Message::Ack { epoch: 1 }.encode().unwrap()[0] < FIXED);
     }
 
     #[test]

@@ -115,7 +115,7 @@ fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_and_chan
         };
         let reply = host.handle(NodeId(2), batch.encode().expect("encode").into()).await;
         assert!(
-            matches!(codec::decode::<Reply>(&reply).expect("decode"), Reply::Merged { epoch: e } if e == epoch),
+            matches!(Reply::decode(&reply).expect("decode"), Reply::Merged { epoch: e } if e == epoch),
             "a late batch is told the change is closed"
         );
         let get = codec::encode(&Request::Get).expect("encode");
@@ -242,7 +242,7 @@ mod node77 {
 
     pub(crate) async fn ask(host: Host, message: &Message) -> Reply {
         let bytes = message.encode().expect("encode").into();
-        codec::decode::<Reply>(&host.handle(NodeId(77), bytes).await).expect("reply")
+        Reply::decode(&host.handle(NodeId(77), bytes).await).expect("reply")
     }
 
     /// Of `keys`, the indexes the node just added manages.

@@ -95,6 +95,6 @@ fn an_answer_to_another_nodes_request_is_refused() {
         };
         let bytes = bytes::Bytes::from(answer.encode().expect("encode"));
         let reply = cluster.host(NodeId(1)).handle(NodeId(2), bytes).await;
-        assert!(matches!(codec::decode(&reply).expect("decode"), Reply::Refused(_)));
+        assert!(matches!(Reply::decode(&reply).expect("decode"), Reply::Refused(_)));
     });
 }
