@@ -23,6 +23,7 @@ pub mod datadir;
 pub mod detector;
 pub mod error;
 pub mod frame;
+mod frame_writer;
 pub mod handshake;
 pub mod lane;
 pub mod link;

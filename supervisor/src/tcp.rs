@@ -22,6 +22,7 @@
 use crate::closer::Closer;
 use crate::error::{Result, SupervisorError};
 use crate::frame::{FrameCodec, Wire, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
+use crate::frame_writer::FrameWriter;
 use crate::handshake::{self, Hello};
 use crate::net::{Net, TokioNet};
 use crate::outbox::Outbox;
@@ -38,7 +39,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, Semaphore};
 use tokio::time::Instant;
-use tokio_util::codec::{Framed, FramedParts, FramedWrite};
+use tokio_util::codec::{Framed, FramedParts};
 use tokio_util::sync::CancellationToken;
 
 /// Timeouts and limits of the TCP transport.
@@ -162,13 +163,14 @@ impl ConnState {
 /// that share no lock, nor a waker: with `Framed::split` a caller writing while the reader was
 /// being polled had to wait for a cross-thread wake). Bytes the handshake read past its last
 /// frame are decoded before the socket is read again.
-fn halves<S, R: AsyncRead, W: AsyncWrite>(
+fn halves<S, R: AsyncRead, W: AsyncWrite + Unpin>(
     framed: Framed<S, FrameCodec>,
     split: impl FnOnce(S) -> (R, W),
-) -> (Framed<R, FrameCodec>, FramedWrite<W, FrameCodec>) {
+    max_frame: usize,
+) -> (Framed<R, FrameCodec>, FrameWriter<W>) {
     let parts = framed.into_parts();
     let (read, write) = split(parts.io);
-    let sink = FramedWrite::new(write, parts.codec.clone());
+    let sink = FrameWriter::new(write, max_frame);
     let mut reading = FramedParts::new::<Wire>(read, parts.codec);
     reading.read_buf = parts.read_buf;
     (Framed::from_parts(reading), sink)
@@ -372,14 +374,14 @@ impl<N: Net> TcpTransport<N> {
     /// Starts the connection's task and makes it the pair's connection, unless a connection
     /// opened by the lower node id already is. Returns the connection to use.
     fn register(&self, peer: u64, initiator: u64, framed: Framed<N::Stream, FrameCodec>) -> Conn {
-        let (stream, sink) = halves(framed, N::split);
+        let max_frame = self.inner.config.max_frame;
+        let (stream, sink) = halves(framed, N::split, max_frame);
         let closer = Closer::new(self.inner.shutdown.child_token());
         let pending: Pending = Arc::default();
         let abandoned = {
             let pending = Arc::clone(&pending);
             Box::new(move |id| !lock(&pending).contains_key(&id))
         };
-        let max_frame = self.inner.config.max_frame;
         let conn = Conn(Arc::new(ConnState {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             initiator,
@@ -747,7 +749,7 @@ mod tests {
         let request = Wire::Request { id: 7, body: Bytes::from_static(b"ping") };
         codec.encode(request, framed.read_buffer_mut()).expect("encode");
 
-        let (mut stream, _sink) = halves(framed, tokio::io::split);
+        let (mut stream, _sink) = halves(framed, tokio::io::split, DEFAULT_MAX_FRAME);
         let next = tokio::time::timeout(Duration::from_secs(1), stream.next()).await;
         let frame = next.expect("decoded without new bytes").expect("a frame").expect("valid");
         match Wire::decode(frame).expect("a message") {
