@@ -5,8 +5,9 @@
 //! ```
 //!
 //! Once a connection is admitted, every payload is a [`Wire`] message: a kind byte and a
-//! request id before the body. The body is written once, straight into the socket's buffer,
-//! and read back as a slice of the received frame, so a large message is not copied on its way.
+//! request id before the body. The body is written from its own buffer (one vectored write
+//! carries many frames, `FrameWriter`), and read back as a slice of the received frame, so a
+//! large message is not copied on its way.
 //!
 //! ```text
 //! | kind: u8 (0 request, 1 response) | id: u64 BE | body |
@@ -25,10 +26,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// [`crate::lane::Lane`], and migration batches carry runs of entries; 5: a batch's entries
 /// follow the encoded message instead of being encoded in it; 6: requests and batches carry
 /// what senders have settled; 7: a DSM page entry carries the copy a leaving manager keeps
-/// aside for a grant, and leaving nodes hand such copies over).
-pub const VERSION: u8 = 7;
+/// aside for a grant, and leaving nodes hand such copies over; 8: a routed request's header and
+/// a `Done` reply of the adaptation layer are laid out by hand, fixed-width).
+pub const VERSION: u8 = 8;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 7;
+pub const MIN_VERSION: u8 = 8;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and
