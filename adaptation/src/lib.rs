@@ -30,6 +30,7 @@ mod forwarded;
 pub mod host;
 mod kept;
 pub mod link;
+mod mirrors;
 pub mod period;
 mod pool;
 pub mod registry;
