@@ -1,6 +1,9 @@
 //! The one place that names bincode. Everything that crosses a socket or lands on disk, in this
 //! crate and in the supervisor above it, is encoded here, with a size limit on decoding so that a
 //! hostile length prefix inside a payload cannot make us allocate more than a frame may hold.
+//! Two exceptions, the most frequent messages of all, are laid out by hand in [`crate::wire`]: a
+//! routed request's header and a `Done` reply (bincode's varints cost more than the rest of the
+//! layer's work on a request).
 
 use crate::error::AdaptationError;
 use serde::de::DeserializeOwned;
