@@ -40,6 +40,7 @@ pub mod supervisor;
 pub mod tcp;
 pub mod transport;
 pub mod types;
+mod waiters;
 
 pub use error::{Result, SupervisorError};
 pub use gobelins_adaptation::codec;

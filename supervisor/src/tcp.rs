@@ -28,16 +28,17 @@ use crate::net::{Net, TokioNet};
 use crate::outbox::Outbox;
 use crate::secret::ClusterSecret;
 use crate::transport::{Admission, Handler, Transport};
+use crate::waiters::Waiters;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, FramedParts};
 use tokio_util::sync::CancellationToken;
@@ -94,9 +95,8 @@ pub struct Identity {
     pub addr: String,
 }
 
-/// Ordered: a closed connection fails its callers in the order they called, the same in every
-/// run of a simulation's seed (a `HashMap` drops its waiters in a new order each run).
-type Pending = Arc<Mutex<BTreeMap<u64, oneshot::Sender<Bytes>>>>;
+/// The calls waiting on a connection, and when each gives up (`crate::waiters`).
+type Pending = Arc<Waiters>;
 
 /// The writing half of a connection, shared by the callers and the answering tasks.
 type Writer = Arc<Outbox>;
@@ -187,7 +187,7 @@ struct PendingGuard<'a> {
 impl Drop for PendingGuard<'_> {
     fn drop(&mut self) {
         if !self.answered {
-            lock(self.pending).remove(&self.id);
+            self.pending.forget(self.id);
         }
     }
 }
@@ -205,7 +205,7 @@ impl<N: Net> Drop for Ended<N> {
         let conn = &self.conn;
         conn.closer.close();
         // Waiters see their sender dropped and report `Closed`.
-        lock(&conn.pending).clear();
+        conn.pending.fail_all();
         let mut peers = lock(&self.transport.inner.peers);
         if let Some(entry) = peers.get_mut(&self.peer) {
             if entry.conn.as_ref().is_some_and(|c| c.id == conn.id) {
@@ -377,10 +377,11 @@ impl<N: Net> TcpTransport<N> {
         let max_frame = self.inner.config.max_frame;
         let (stream, sink) = halves(framed, N::split, max_frame);
         let closer = Closer::new(self.inner.shutdown.child_token());
-        let pending: Pending = Arc::default();
+        let pending = Waiters::new();
+        tokio::spawn(Arc::clone(&pending).expire(Arc::clone(&closer)));
         let abandoned = {
             let pending = Arc::clone(&pending);
-            Box::new(move |id| !lock(&pending).contains_key(&id))
+            Box::new(move |id| !pending.waits_for(id))
         };
         let conn = Conn(Arc::new(ConnState {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
@@ -444,7 +445,7 @@ impl<N: Net> TcpTransport<N> {
                     _ = tokio::time::sleep(linger) => {}
                 }
                 let known = lock(&inner.peers).contains_key(&peer);
-                let idle = lock(&conn.pending).is_empty()
+                let idle = conn.pending.is_empty()
                     && conn.inflight.available_permits() == inner.config.max_inflight
                     && conn.silent_for() >= linger;
                 if conn.closer.is_closed() || !known || idle {
@@ -526,14 +527,7 @@ impl<N: Net> TcpTransport<N> {
                             }
                         }
                     }
-                    Wire::Response { id, body } => {
-                        // The lock is let go before the wake: a caller woken while it is
-                        // held spins on it in its `PendingGuard`.
-                        let waiter = lock(&conn.pending).remove(&id);
-                        if let Some(waiter) = waiter {
-                            let _ = waiter.send(body);
-                        }
-                    }
+                    Wire::Response { id, body } => conn.pending.answer(id, body),
                 }
             }
         }
@@ -633,33 +627,31 @@ impl<N: Net> TcpTransport<N> {
         what: impl FnOnce() -> String,
     ) -> Result<Bytes> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = oneshot::channel();
-        lock(&conn.pending).insert(id, tx);
-        let mut guard = PendingGuard { pending: &conn.pending, id, answered: false };
         let waited_since = Instant::now();
-        // Built where it is awaited: a future made first and moved in afterwards keeps its
-        // room in this one's as well, and this future is allocated once per call.
-        let answered = tokio::time::timeout_at(deadline, async {
-            let sent = conn.writer.send(Wire::Request { id, body: request });
-            // The answer may come while this caller still writes frames other callers queued:
-            // it is taken then, and the writing left to a task (see `Outbox`).
-            tokio::pin!(sent);
-            let mut written = false;
-            let answer = loop {
-                tokio::select! {
-                    result = &mut sent, if !written => {
-                        result?;
-                        written = true;
-                    }
-                    answer = &mut rx => break answer.map_err(|_| SupervisorError::Closed)?,
+        // Fails at `deadline` (the connection's expiring task drops it) or when the
+        // connection ends: no timer of its own.
+        let mut rx = conn.pending.wait(id, deadline);
+        let mut guard = PendingGuard { pending: &conn.pending, id, answered: false };
+        let sent = conn.writer.send(Wire::Request { id, body: request });
+        // The answer may come while this caller still writes frames other callers queued:
+        // it is taken then, and the writing left to a task (see `Outbox`).
+        tokio::pin!(sent);
+        let mut written = false;
+        let answer = loop {
+            tokio::select! {
+                result = &mut sent, if !written => {
+                    result?;
+                    written = true;
                 }
-            };
-            guard.answered = true;
-            Ok(answer)
-        })
-        .await;
-        match answered {
-            Ok(result) => result,
+                answer = &mut rx => break answer,
+            }
+        };
+        match answer {
+            Ok(answer) => {
+                guard.answered = true;
+                Ok(answer)
+            }
+            Err(_) if Instant::now() < deadline => Err(SupervisorError::Closed),
             Err(_) => {
                 // Nothing at all came back while we waited: the link is wedged, not busy.
                 let what = what();
