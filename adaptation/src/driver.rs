@@ -320,7 +320,7 @@ impl Driver {
                     }
                 }
                 inner.released.send_modify(|r| *r += 1);
-                inner.now.released.fetch_add(1, std::sync::atomic::Ordering::Release);
+                inner.mirrors.released.fetch_add(1, std::sync::atomic::Ordering::Release);
                 Vec::new()
             }
             Command::ReportDone { epoch } => {

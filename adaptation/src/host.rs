@@ -231,7 +231,7 @@ pub(crate) struct Inner {
     lease: watch::Sender<Option<Instant>>,
     /// `stopped`, `released`, `lease` and `departed` as every request reads them: atomics,
     /// not the watches' locks (see `crate::mirrors`).
-    pub(crate) now: Mirrors,
+    pub(crate) mirrors: Mirrors,
     /// Migration batch buffers, kept from one batch (and one change) to the next.
     pub(crate) pool: Pool,
     /// Itself, so that a context made from `&Inner` can re-enter the host.
@@ -264,7 +264,7 @@ impl Host {
         // A node that needed a lease still does: the new life serves nothing until renewed.
         if old.lease.borrow().is_some() {
             fresh.lease.send_replace(Some(Instant::now()));
-            fresh.now.mirror_lease(&fresh.lease);
+            fresh.mirrors.mirror_lease(&fresh.lease);
         }
         self.inner.store(fresh);
         old.stop();
@@ -288,7 +288,7 @@ impl Host {
             later
         });
         if later {
-            inner.now.mirror_lease(&inner.lease);
+            inner.mirrors.mirror_lease(&inner.lease);
         }
     }
 
@@ -322,7 +322,7 @@ impl Host {
             changed
         });
         if changed {
-            inner.now.departed.store(Arc::new(inner.departed.borrow().clone()));
+            inner.mirrors.departed.store(Arc::new(inner.departed.borrow().clone()));
         }
         // Calls waiting on a node the cluster gave up on (cut off, holding a request for a
         // change it will never finish) end now: their requests go to the new manager.
@@ -446,7 +446,7 @@ async fn forget_old_answers(inner: Weak<Inner>) {
     loop {
         tick.tick().await;
         let Some(inner) = inner.upgrade() else { return };
-        if inner.now.stopped.load(Ordering::Acquire) {
+        if inner.mirrors.stopped.load(Ordering::Acquire) {
             return;
         }
         let keep = inner.config.request_deadline * 2;
@@ -504,7 +504,7 @@ impl Inner {
             history: Mutex::new(Vec::new()),
             stopped: watch::channel(false).0,
             lease: watch::channel(None).0,
-            now: Mirrors::new(),
+            mirrors: Mirrors::new(),
             // Enough for the batches in flight and queued to two destinations at once.
             pool: Pool::new(16),
             this: this.clone(),
@@ -517,7 +517,7 @@ impl Inner {
     /// Stops the driver; requests in flight end at their deadline.
     fn stop(&self) {
         self.stopped.send_replace(true);
-        self.now.stopped.store(true, Ordering::Release);
+        self.mirrors.stopped.store(true, Ordering::Release);
         let _ = self.inputs.send(Input::Stop);
     }
 
@@ -649,7 +649,7 @@ impl Inner {
 
     /// Whether this node may act as a manager at `now`.
     fn leased_at(&self, now: Instant) -> bool {
-        self.now.leased_at(now)
+        self.mirrors.leased_at(now)
     }
 
     async fn wait_lease(&self, until: Instant) -> bool {
@@ -693,7 +693,7 @@ impl Inner {
             rounds += 1;
             // A life that stopped (renewed after the cluster declared this node failed, or shut
             // down) sends nothing more: its waits end at once, and looping would only spin.
-            if self.now.stopped.load(Ordering::Acquire) {
+            if self.mirrors.stopped.load(Ordering::Acquire) {
                 break Err(Reply::Refused(
                     "this node's services stopped (declared failed, or shut down) while the \
                      request waited; send it again"
@@ -805,7 +805,7 @@ impl Inner {
         let bytes = routed.encode_request(body);
         // Gone already: ask the new manager. Gone while we wait: `Host::update` has the link
         // abandon the call.
-        if self.now.departed.load().contains(&manager) {
+        if self.mirrors.departed.load().contains(&manager) {
             return Reply::Late;
         }
         // A little longer than the manager will wait, so that its own `Late` reaches us.
@@ -815,7 +815,7 @@ impl Inner {
             // A node declared failed may still run, cut off, and answer once the cut heals; but
             // its entries are being rebuilt from replicas elsewhere, so what it did is not
             // the directory's. Its answer is dropped and the request retried at the new manager.
-            Ok(_) if self.now.departed.load().contains(&manager) => Reply::Late,
+            Ok(_) if self.mirrors.departed.load().contains(&manager) => Reply::Late,
             Ok(answer) => Reply::decode(&answer).unwrap_or_else(|e| Reply::Refused(e.to_string())),
             Err(_) => Reply::Late,
         }
@@ -843,7 +843,7 @@ impl Inner {
     /// there is nobody to pass it to and the origin must be told `Moved`.
     fn forward(self: &Arc<Self>, from: NodeId, routed: Routed, until: Instant) -> Option<Reply> {
         let id = routed.id;
-        if from != id.origin || self.now.stopped.load(Ordering::Acquire) {
+        if from != id.origin || self.mirrors.stopped.load(Ordering::Acquire) {
             return None;
         }
         let (epoch, to) = {
@@ -854,7 +854,7 @@ impl Inner {
         // Nobody to pass it to: this node manages the key after all (its epoch moved since
         // `serve`), the origin does (it serves the key itself once it knows), or the manager
         // is gone.
-        if to == self.me || to == from || self.now.departed.load().contains(&to) {
+        if to == self.me || to == from || self.mirrors.departed.load().contains(&to) {
             return None;
         }
         let wait = until.saturating_duration_since(Instant::now());
@@ -929,7 +929,7 @@ impl Inner {
                     return Reply::Done(response);
                 }
             }
-            let released = self.now.released.load(Ordering::Acquire);
+            let released = self.mirrors.released.load(Ordering::Acquire);
             // Taken at once unless a hold waits for it. Then the wait is fair to the hold, and
             // bounded: a handle that calls back into this node while a hold waits for the gate
             // would otherwise wait on itself.
@@ -1111,7 +1111,7 @@ impl Inner {
             Message::Answer { id, reply } => {
                 let reply = match reply {
                     // As for a direct call: a node the cluster gave up on answers for nobody.
-                    _ if self.now.departed.load().contains(&from) => Reply::Late,
+                    _ if self.mirrors.departed.load().contains(&from) => Reply::Late,
                     // An answer is never passed on again.
                     Reply::Forwarded { .. } => Reply::Late,
                     reply => reply,
@@ -1129,7 +1129,7 @@ impl Inner {
             // A life the cluster has ended (failed, or left) must not change an entry here: a
             // replica it stores after the survivors' `scan` would be a write nobody rebuilds.
             // Its batches and acks stay welcome: the period's own epochs judge those.
-            Message::Local { .. } if self.now.departed.load().contains(&from) => {
+            Message::Local { .. } if self.mirrors.departed.load().contains(&from) => {
                 tracing::debug!(node = from.0, "local request from a departed node refused");
                 Reply::Refused(format!(
                     "node {from} was declared failed or has left; it must rejoin as a new life"
@@ -1253,14 +1253,14 @@ impl Inner {
                     }
                 }
             }
-            if self.now.departed.load().contains(&to) {
+            if self.mirrors.departed.load().contains(&to) {
                 tracing::warn!(
                     node = to.0,
                     "node is gone; what it was to receive will be rebuilt by scan where a copy survives"
                 );
                 return false;
             }
-            if self.now.stopped.load(Ordering::Acquire) {
+            if self.mirrors.stopped.load(Ordering::Acquire) {
                 return false;
             }
             if pause {

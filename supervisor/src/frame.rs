@@ -149,7 +149,26 @@ impl Encoder<Bytes> for FrameCodec {
     }
 }
 
+/// Length, version, kind and request id: what goes before a [`Wire`] message's body.
+pub(crate) const FRAME_HEADER: usize = HEADER + 1 + WIRE_HEADER;
+
 impl Wire {
+    /// The message's body, and the bytes before it in its frame.
+    pub(crate) fn into_frame(self) -> ([u8; FRAME_HEADER], Bytes) {
+        let (kind, id, body) = match self {
+            Wire::Request { id, body } => (0u8, id, body),
+            Wire::Response { id, body } => (1u8, id, body),
+        };
+        // The length counts the version byte, the kind, the id and the body.
+        let len = (FRAME_HEADER - HEADER + body.len()) as u32;
+        let mut header = [0u8; FRAME_HEADER];
+        header[..HEADER].copy_from_slice(&len.to_be_bytes());
+        header[HEADER] = VERSION;
+        header[HEADER + 1] = kind;
+        header[HEADER + 2..].copy_from_slice(&id.to_be_bytes());
+        (header, body)
+    }
+
     /// `FrameTooLarge` when this frame would not fit in `max_frame` bytes.
     pub(crate) fn fits(&self, max_frame: usize) -> Result<()> {
         let (Wire::Request { body, .. } | Wire::Response { body, .. }) = self;
@@ -166,16 +185,9 @@ impl Encoder<Wire> for FrameCodec {
 
     fn encode(&mut self, wire: Wire, dst: &mut BytesMut) -> Result<()> {
         wire.fits(self.max_frame)?;
-        let (kind, id, body) = match wire {
-            Wire::Request { id, body } => (0u8, id, body),
-            Wire::Response { id, body } => (1u8, id, body),
-        };
-        let len = 1 + WIRE_HEADER + body.len();
-        dst.reserve(HEADER + len);
-        dst.put_u32(len as u32);
-        dst.put_u8(VERSION);
-        dst.put_u8(kind);
-        dst.put_u64(id);
+        let (header, body) = wire.into_frame();
+        dst.reserve(header.len() + body.len());
+        dst.extend_from_slice(&header);
         dst.extend_from_slice(&body);
         Ok(())
     }

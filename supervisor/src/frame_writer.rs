@@ -7,7 +7,7 @@
 //! of writing it, and on a migration batch the copy was megabytes.
 
 use crate::error::{Result, SupervisorError};
-use crate::frame::{Wire, VERSION};
+use crate::frame::{Wire, FRAME_HEADER};
 use bytes::Bytes;
 use futures::Sink;
 use std::collections::VecDeque;
@@ -15,9 +15,6 @@ use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::AsyncWrite;
-
-/// Length, version, kind and request id: what goes before a body.
-const FRAME_HEADER: usize = 4 + 1 + 1 + 8;
 
 /// Bytes queued past which a new frame waits for a flush: the socket, not memory, absorbs a
 /// fast sender.
@@ -106,18 +103,8 @@ impl<W: AsyncWrite + Unpin> Sink<Wire> for FrameWriter<W> {
     fn start_send(self: Pin<&mut Self>, wire: Wire) -> Result<()> {
         let this = self.get_mut();
         wire.fits(this.max_frame)?;
-        let (kind, id, body) = match wire {
-            Wire::Request { id, body } => (0u8, id, body),
-            Wire::Response { id, body } => (1u8, id, body),
-        };
-        // The length counts the version byte, the kind, the id and the body.
-        let len = (FRAME_HEADER - 4 + body.len()) as u32;
-        let mut header = [0u8; FRAME_HEADER];
-        header[..4].copy_from_slice(&len.to_be_bytes());
-        header[4] = VERSION;
-        header[5] = kind;
-        header[6..].copy_from_slice(&id.to_be_bytes());
-        this.queued += FRAME_HEADER + body.len();
+        let (header, body) = wire.into_frame();
+        this.queued += header.len() + body.len();
         this.frames.push_back((header, body));
         Ok(())
     }

@@ -44,6 +44,17 @@ fn free_addr() -> String {
     StdListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").to_string()
 }
 
+/// A call from `from` to node `to`, made by a task of its own.
+fn call_in_background(
+    from: &TcpTransport,
+    to: u64,
+    body: &'static [u8],
+    deadline: Duration,
+) -> tokio::task::JoinHandle<gobelins_supervisor::error::Result<Bytes>> {
+    let from = from.clone();
+    tokio::spawn(async move { from.call(to, Bytes::from_static(body), deadline).await })
+}
+
 async fn transport(secret: &ClusterSecret, node: u64) -> (TcpTransport, String) {
     transport_with(secret, node, Arc::default()).await
 }
@@ -112,12 +123,7 @@ async fn a_call_on_a_connection_closed_under_it_fails_at_once() {
     a.set_peer(2, b_addr);
     a.call(2, Bytes::from_static(b"hello"), Duration::from_secs(10)).await.expect("connected");
     let hung = echo.hung.notified();
-    let waiting = {
-        let a = a.clone();
-        tokio::spawn(async move {
-            a.call(2, Bytes::from_static(b"hang"), Duration::from_secs(60)).await
-        })
-    };
+    let waiting = call_in_background(&a, 2, b"hang", Duration::from_secs(60));
     hung.await;
     a.forget(2);
     let ended = tokio::time::timeout(Duration::from_secs(5), waiting).await;
@@ -139,12 +145,7 @@ async fn a_call_in_flight_on_a_replaced_connection_is_still_answered() {
     b.set_peer(1, a_addr);
     // Node 2 dials: its connection is not the one the pair keeps.
     let arrived = echo.hung.notified();
-    let slow = {
-        let b = b.clone();
-        tokio::spawn(async move {
-            b.call(1, Bytes::from_static(b"slow"), Duration::from_secs(30)).await
-        })
-    };
+    let slow = call_in_background(&b, 1, b"slow", Duration::from_secs(30));
     arrived.await;
     // Node 1 dials too: both ends replace node 2's connection with this one.
     let (node, _) = a
