@@ -104,17 +104,14 @@ type Writer = Arc<Outbox>;
 /// Writes what is queued if the socket takes it now, else from a task of its own: a reader
 /// that waited for its peer to read could wait for ever, were the peer's reader waiting for it.
 async fn write_queued_or_spawn(writer: &Writer) -> Result<()> {
-    let writer = Arc::clone(writer);
-    let mut writing = Box::pin(async move { writer.write_queued().await });
-    match futures::poll!(&mut writing) {
+    // Polled once where it stands: a write the socket does not take now is dropped half way,
+    // and the outbox hands the rest to a task of its own (see `Outbox::drain`). Boxed to be
+    // spawned, it cost an allocation on every answer. A failed write closes the connection,
+    // which the reader then sees.
+    let writing = std::pin::pin!(writer.write_queued());
+    match futures::poll!(writing) {
         Poll::Ready(result) => result,
-        Poll::Pending => {
-            // A failed write closes the connection, which the reader then sees.
-            tokio::spawn(async move {
-                let _ = writing.await;
-            });
-            Ok(())
-        }
+        Poll::Pending => Ok(()),
     }
 }
 
