@@ -131,7 +131,7 @@ mod tests {
     }
 
     fn done(byte: u8) -> Reply {
-        Reply::Done(vec![byte])
+        Reply::Done(vec![byte].into())
     }
 
     #[tokio::test]
@@ -139,7 +139,7 @@ mod tests {
         let table = Forwarded::default();
         let Wait::Pending(mut pending) = table.wait(id(1)) else { panic!("nothing came yet") };
         assert!(table.arrive(id(1), done(7), Instant::now()));
-        assert!(matches!(pending.answer().await, Some(Reply::Done(b)) if b == [7]));
+        assert!(matches!(pending.answer().await, Some(Reply::Done(b)) if *b == [7]));
         drop(pending);
         assert_eq!(table.len(), 0);
     }
@@ -148,7 +148,7 @@ mod tests {
     async fn an_answer_that_comes_first_waits_for_its_sender() {
         let table = Forwarded::default();
         assert!(table.arrive(id(2), done(8), Instant::now()));
-        assert!(matches!(table.wait(id(2)), Wait::Ready(Reply::Done(b)) if b == [8]));
+        assert!(matches!(table.wait(id(2)), Wait::Ready(Reply::Done(b)) if *b == [8]));
         assert_eq!(table.len(), 0, "taken, not copied");
         assert!(matches!(table.wait(id(3)), Wait::Pending(_)), "another id's answer is not it");
     }

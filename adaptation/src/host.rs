@@ -187,7 +187,7 @@ impl Drop for Running<'_> {
 }
 
 /// The last answers given for one key, oldest first, each with when it was kept.
-pub(crate) type Answers = VecDeque<(RequestId, Vec<u8>, Instant)>;
+pub(crate) type Answers = VecDeque<(RequestId, Bytes, Instant)>;
 
 /// What every part of the host shares.
 pub(crate) struct Inner {
@@ -379,7 +379,7 @@ impl Host {
         service: ServiceId,
         key: Key,
         body: Vec<u8>,
-    ) -> Result<Vec<u8>, AdaptationError> {
+    ) -> Result<Bytes, AdaptationError> {
         self.inner.load_full().request(service, key, body, None).await
     }
 
@@ -393,7 +393,7 @@ impl Host {
         service: ServiceId,
         key: Key,
         body: Vec<u8>,
-    ) -> Result<Vec<u8>, AdaptationError> {
+    ) -> Result<Bytes, AdaptationError> {
         self.inner.load_full().request(service, key, body, Some(first)).await
     }
 
@@ -610,7 +610,7 @@ impl Inner {
         list.push_back((answered.id, answered.response, at));
     }
 
-    fn answered(&self, service: ServiceId, key: Key, id: RequestId) -> Option<Vec<u8>> {
+    fn answered(&self, service: ServiceId, key: Key, id: RequestId) -> Option<Bytes> {
         let slot = self.answers.get(&(service, self.slot_of(service, key)?))?;
         slot.get(&key)?.iter().find(|(i, _, _)| *i == id).map(|(_, r, _)| r.clone())
     }
@@ -678,7 +678,7 @@ impl Inner {
         key: Key,
         body: Vec<u8>,
         mut first: Option<NodeId>,
-    ) -> Result<Vec<u8>, AdaptationError> {
+    ) -> Result<Bytes, AdaptationError> {
         // Outstanding until this function returns: managers forget its answer only after that.
         // A repeatable request leaves no answer to forget.
         let repeatable = self.registry.get(service).is_some_and(|p| p.repeatable(&body));
@@ -725,7 +725,7 @@ impl Inner {
                         service,
                         key,
                         epoch,
-                        body: Vec::new(),
+                        body: Bytes::new(),
                         wait_ms: attempt.saturating_duration_since(now).as_millis() as u64,
                         settled: self.outstanding.settlement(),
                         repeatable,
@@ -1024,18 +1024,20 @@ impl Inner {
                                 "lease ran out during the request"
                             );
                             if answer.keep {
-                                let response = answer.response;
+                                let response = answer.response.into();
                                 self.remember(service, Answered { key, id, response });
                             }
                             Reply::Late
                         }
                         Ok(answer) => {
+                            // Shared with the answer kept, not copied: a DSM grant carries a page.
+                            let response = Bytes::from(answer.response);
                             if answer.keep {
-                                let response = answer.response.clone();
+                                let response = response.clone();
                                 self.remember(service, Answered { key, id, response });
                             }
                             self.counters.served.fetch_add(1, Ordering::Relaxed);
-                            Reply::Done(answer.response)
+                            Reply::Done(response)
                         }
                         // Not remembered: the retry must run it again.
                         Err(e @ AdaptationError::Retry { .. }) => {
@@ -1156,7 +1158,7 @@ impl Inner {
         let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
         let ctx = self.context(Some(from));
         match plugin.handle(&ctx, key, body).await {
-            Ok(answer) => Reply::Done(answer.response),
+            Ok(answer) => Reply::Done(answer.response.into()),
             Err(e) => Reply::Refused(e.to_string()),
         }
     }
@@ -1277,7 +1279,7 @@ impl Peers for Inner {
         service: ServiceId,
         key: Key,
         body: Vec<u8>,
-    ) -> Result<Vec<u8>, AdaptationError> {
+    ) -> Result<Bytes, AdaptationError> {
         // `Peers` is implemented for the shared state, which lives in an Arc: re-enter it.
         let me = self.myself();
         me.request(service, key, body, None).await
@@ -1289,7 +1291,7 @@ impl Peers for Inner {
         service: ServiceId,
         key: Key,
         body: Vec<u8>,
-    ) -> Result<Vec<u8>, AdaptationError> {
+    ) -> Result<Bytes, AdaptationError> {
         let reply = if node == self.me {
             self.myself().local(node, service, key, &body).await
         } else {

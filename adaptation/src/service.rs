@@ -8,6 +8,7 @@ use crate::codec;
 use crate::error::AdaptationError;
 use crate::run::{Packer, Run};
 use async_trait::async_trait;
+use bytes::Bytes;
 use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, SlotMove, Snapshot};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -43,14 +44,14 @@ pub(crate) trait Peers: Send + Sync {
         service: ServiceId,
         key: Key,
         body: Vec<u8>,
-    ) -> Result<Vec<u8>, AdaptationError>;
+    ) -> Result<Bytes, AdaptationError>;
     async fn tell(
         &self,
         node: NodeId,
         service: ServiceId,
         key: Key,
         body: Vec<u8>,
-    ) -> Result<Vec<u8>, AdaptationError>;
+    ) -> Result<Bytes, AdaptationError>;
 }
 
 impl Context {

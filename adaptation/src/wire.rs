@@ -37,8 +37,7 @@ pub struct Answered {
     /// The request.
     pub id: RequestId,
     /// The encoded response.
-    #[serde(with = "serde_bytes")]
-    pub response: Vec<u8>,
+    pub response: Bytes,
 }
 
 /// A request for the manager of its key, as its sender routed it.
@@ -52,9 +51,8 @@ pub struct Routed {
     pub key: Key,
     /// The epoch it was routed by.
     pub epoch: u64,
-    /// The encoded request.
-    #[serde(with = "serde_bytes")]
-    pub body: Vec<u8>,
+    /// The encoded request: on the manager's side, a slice of the frame it came in.
+    pub body: Bytes,
     /// How long the origin will wait, in milliseconds.
     pub wait_ms: u64,
     /// What the origin has settled.
@@ -66,10 +64,14 @@ pub struct Routed {
     pub repeatable: bool,
 }
 
-/// The first byte of a [`Message::Request`] and of a [`Reply::Done`]: they are laid out by hand
-/// (below), every other message and reply by bincode, which starts with the variant's index,
+/// The first byte of a [`Message::Request`], and the last of a [`Reply::Done`]: they are laid
+/// out by hand (below), every other message by bincode, which starts with the variant's index,
 /// one byte under 251 (its varint). No index reaches this one, so the two never mix.
 const FIXED: u8 = 0xF0;
+
+/// The last byte of a reply bincode encoded: a reply says at its end how it is laid out, so
+/// that a `Done` is its response as the service encoded it, with one byte pushed after it.
+const CODED: u8 = 0;
 
 /// A routed request's header: the tag, origin, number, service, key, epoch, wait, settlement
 /// (two numbers) and the repeatable flag. The body follows, to the end of the message.
@@ -98,9 +100,9 @@ impl Routed {
         out
     }
 
-    /// Reads what [`Routed::encode_request`] wrote.
-    fn decode_request(bytes: &[u8]) -> Result<Routed, AdaptationError> {
-        let Some((header, body)) = bytes.split_at_checked(ROUTED_HEADER) else {
+    /// Reads what [`Routed::encode_request`] wrote; the body is a slice of `bytes`.
+    fn decode_request(bytes: &Bytes) -> Result<Routed, AdaptationError> {
+        let Some((header, _)) = bytes.split_at_checked(ROUTED_HEADER) else {
             return Err(AdaptationError::Codec(format!(
                 "a request of {} bytes is shorter than its {ROUTED_HEADER}-byte header",
                 bytes.len()
@@ -127,7 +129,7 @@ impl Routed {
             service,
             key,
             epoch,
-            body: body.to_vec(),
+            body: bytes.slice(ROUTED_HEADER..),
             wait_ms,
             settled,
             repeatable,
@@ -220,7 +222,7 @@ impl Message {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
     /// The manager's encoded response.
-    Done(#[serde(with = "serde_bytes")] Vec<u8>),
+    Done(Bytes),
     /// The receiver does not manage the key in `epoch`; install it and retry.
     Moved {
         /// The receiver's epoch.
@@ -249,25 +251,28 @@ pub enum Reply {
 }
 
 impl Reply {
-    /// The reply as it crosses the wire: a `Done` laid out by hand (the tag, then the response
-    /// to the end), anything else by bincode. A `Done` answers nearly every request.
-    pub fn encode(&self) -> Result<Vec<u8>, AdaptationError> {
-        match self {
-            Reply::Done(response) => {
-                let mut out = Vec::with_capacity(1 + response.len() + codec::SPARE);
-                out.push(FIXED);
-                out.extend_from_slice(response);
-                Ok(out)
-            }
-            other => codec::encode(other),
-        }
+    /// The reply as it crosses the wire: a `Done` laid out by hand (the response, then the
+    /// tag), anything else by bincode (then its own tag). A `Done` answers nearly every
+    /// request, and its response, which the service encoded with room to spare, is sent in
+    /// place rather than copied behind a header.
+    pub fn encode(self) -> Result<Vec<u8>, AdaptationError> {
+        let (mut out, tag) = match self {
+            Reply::Done(response) => (Vec::from(response), FIXED),
+            other => (codec::encode(&other)?, CODED),
+        };
+        out.push(tag);
+        Ok(out)
     }
 
-    /// Reads what [`Reply::encode`] wrote.
-    pub fn decode(bytes: &[u8]) -> Result<Reply, AdaptationError> {
-        match bytes.split_first() {
-            Some((&FIXED, response)) => Ok(Reply::Done(response.to_vec())),
-            _ => codec::decode(bytes),
+    /// Reads what [`Reply::encode`] wrote; a `Done`'s response is a slice of `bytes`.
+    pub fn decode(bytes: &Bytes) -> Result<Reply, AdaptationError> {
+        match bytes.split_last() {
+            Some((&FIXED, _)) => Ok(Reply::Done(bytes.slice(..bytes.len() - 1))),
+            Some((&CODED, coded)) => codec::decode(coded),
+            Some((other, _)) => {
+                Err(AdaptationError::Codec(format!("a reply ending in unknown tag {other}")))
+            }
+            None => Err(AdaptationError::Codec("an empty reply".into())),
         }
     }
 }
@@ -285,7 +290,7 @@ mod tests {
         let answered = vec![Answered {
             key: Key(4),
             id: RequestId { origin: NodeId(1), seq: 9 },
-            response: vec![1],
+            response: vec![1].into(),
         }];
         let settled = vec![(NodeId(1), Settlement { since: 5, below: 9 })];
         let batch = Message::Batch { epoch: 3, service: ServiceId(2), answered, settled, entries };
@@ -308,7 +313,7 @@ mod tests {
             service: ServiceId(2),
             key: Key(1 << 63 | 12345),
             epoch: 41,
-            body: Vec::new(),
+            body: Bytes::new(),
             wait_ms: 2000,
             settled: Settlement { since: 1 << 40, below: (1 << 40) + 9 },
             repeatable: true,
@@ -319,11 +324,15 @@ mod tests {
     fn a_request_reads_back_field_for_field_and_is_encoded_alike_from_a_borrowed_body() {
         let body = vec![7u8; 300];
         let borrowed = routed().encode_request(&body);
-        let owned = Message::Request(Routed { body: body.clone(), ..routed() }).encode().unwrap();
+        let owned =
+            Message::Request(Routed { body: body.clone().into(), ..routed() }).encode().unwrap();
         assert_eq!(borrowed, owned);
-        let Message::Request(back) = Message::decode(Bytes::from(borrowed)).unwrap() else {
+        let frame = Bytes::from(borrowed);
+        let Message::Request(back) = Message::decode(frame.clone()).unwrap() else {
             panic!("not a request")
         };
+        let at = back.body.as_ptr() as usize - frame.as_ptr() as usize;
+        assert_eq!(at, ROUTED_HEADER, "the body is the frame's tail, not a copy");
         let sent = routed();
         assert_eq!(
             (back.id, back.service, back.key, back.epoch),
@@ -373,15 +382,20 @@ mod tests {
             let mut tagged = bytes.clone();
             tagged.insert(0, FIXED);
             let _ = Message::decode(Bytes::from(tagged.clone()));
-            let _ = Reply::decode(&bytes);
-            let _ = Reply::decode(&tagged);
+            let _ = Reply::decode(&Bytes::from(bytes.clone()));
+            let mut ended = bytes.clone();
+            ended.push(FIXED);
+            let _ = Reply::decode(&Bytes::from(ended.clone()));
+            ended.pop();
+            ended.push(CODED);
+            let _ = Reply::decode(&Bytes::from(ended));
             let (origin, seq, service, key, epoch, wait_ms, since, below, repeatable) = fields;
             let sent = Routed {
                 id: RequestId { origin: NodeId(origin), seq },
                 service: ServiceId(service),
                 key: Key(key),
                 epoch,
-                body: Vec::new(),
+                body: Bytes::new(),
                 wait_ms,
                 settled: Settlement { since, below },
                 repeatable,
@@ -396,18 +410,39 @@ mod tests {
         }
     }
 
+    fn round_trip(reply: Reply) -> Reply {
+        Reply::decode(&Bytes::from(reply.encode().unwrap())).unwrap()
+    }
+
     #[test]
     fn a_reply_reads_back_done_and_every_other_kind() {
-        let done = Reply::Done(vec![1, 2, 3]).encode().unwrap();
-        assert_eq!(done[0], FIXED);
-        assert!(matches!(Reply::decode(&done).unwrap(), Reply::Done(r) if r == [1, 2, 3]));
+        let done = Reply::Done(Bytes::from_static(&[1, 2, 3])).encode().unwrap();
+        assert_eq!(done, [1, 2, 3, FIXED]);
         assert!(
-            matches!(Reply::decode(&Reply::Done(Vec::new()).encode().unwrap()).unwrap(), Reply::Done(r) if r.is_empty())
+            matches!(round_trip(Reply::Done(vec![1, 2, 3].into())), Reply::Done(r) if r == [1, 2, 3][..])
         );
-        let moved = Reply::Moved { epoch: 9 }.encode().unwrap();
-        assert!(matches!(Reply::decode(&moved).unwrap(), Reply::Moved { epoch: 9 }));
-        let refused = Reply::Refused("why".into()).encode().unwrap();
-        assert!(matches!(Reply::decode(&refused).unwrap(), Reply::Refused(w) if w == "why"));
+        assert!(matches!(round_trip(Reply::Done(Bytes::new())), Reply::Done(r) if r.is_empty()));
+        // A response that ends in the other tag is still a response.
+        assert!(
+            matches!(round_trip(Reply::Done(vec![CODED].into())), Reply::Done(r) if r == [CODED][..])
+        );
+        assert!(matches!(round_trip(Reply::Moved { epoch: 9 }), Reply::Moved { epoch: 9 }));
+        assert!(
+            matches!(round_trip(Reply::Refused("why".into())), Reply::Refused(w) if w == "why")
+        );
+        assert!(
+            matches!(round_trip(Reply::Forwarded { to: NodeId(3) }), Reply::Forwarded { to } if to == NodeId(3))
+        );
+        let frame = Bytes::from(Reply::Done(vec![5u8; 64].into()).encode().unwrap());
+        let Reply::Done(response) = Reply::decode(&frame).unwrap() else { panic!("not done") };
+        assert_eq!(
+            response.as_ptr(),
+            frame.as_ptr(),
+            "the response is the frame's head, not a copy"
+        );
+        // Nothing, or an unknown tag, is refused.
+        assert!(matches!(Reply::decode(&Bytes::new()), Err(AdaptationError::Codec(_))));
+        assert!(matches!(Reply::decode(&Bytes::from_static(&[7])), Err(AdaptationError::Codec(_))));
         // Every other message still starts with its bincode variant index, below the tag.
         assert!(Message::Ack { epoch: 1 }.encode().unwrap()[0] < FIXED);
     }

@@ -27,10 +27,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// follow the encoded message instead of being encoded in it; 6: requests and batches carry
 /// what senders have settled; 7: a DSM page entry carries the copy a leaving manager keeps
 /// aside for a grant, and leaving nodes hand such copies over; 8: a routed request's header and
-/// a `Done` reply of the adaptation layer are laid out by hand, fixed-width).
-pub const VERSION: u8 = 8;
+/// a `Done` reply of the adaptation layer are laid out by hand, fixed-width; 9: an adaptation
+/// reply says how it is laid out in its last byte, not its first).
+pub const VERSION: u8 = 9;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 8;
+pub const MIN_VERSION: u8 = 9;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and
@@ -270,8 +271,16 @@ mod tests {
     #[test]
     fn unknown_versions_and_empty_frames_are_refused() {
         let mut codec = FrameCodec::default();
-        let mut buf = BytesMut::from(&[0, 0, 0, 2, 9, 0][..]);
-        assert!(matches!(codec.decode(&mut buf), Err(SupervisorError::UnsupportedVersion(9))));
+        let newer = VERSION + 1;
+        let mut buf = BytesMut::from(&[0, 0, 0, 2, newer, 0][..]);
+        assert!(
+            matches!(codec.decode(&mut buf), Err(SupervisorError::UnsupportedVersion(v)) if v == newer)
+        );
+        let older = MIN_VERSION - 1;
+        let mut buf = BytesMut::from(&[0, 0, 0, 2, older, 0][..]);
+        assert!(
+            matches!(codec.decode(&mut buf), Err(SupervisorError::UnsupportedVersion(v)) if v == older)
+        );
         let mut buf = BytesMut::from(&[0, 0, 0, 0][..]);
         assert!(matches!(codec.decode(&mut buf), Err(SupervisorError::EmptyFrame)));
     }

@@ -115,7 +115,7 @@ fn a_batch_that_reaches_its_receiver_after_the_change_merged_is_refused_and_chan
         };
         let reply = host.handle(NodeId(2), batch.encode().expect("encode").into()).await;
         assert!(
-            matches!(Reply::decode(&reply).expect("decode"), Reply::Merged { epoch: e } if e == epoch),
+            matches!(Reply::decode(&reply.into()).expect("decode"), Reply::Merged { epoch: e } if e == epoch),
             "a late batch is told the change is closed"
         );
         let get = codec::encode(&Request::Get).expect("encode");
@@ -232,7 +232,7 @@ mod node77 {
             service: KVDIR,
             key,
             epoch,
-            body: codec::encode(body).expect("encode"),
+            body: codec::encode(body).expect("encode").into(),
             wait_ms: 5_000,
             settled,
             // As a sender judges it.
@@ -242,7 +242,7 @@ mod node77 {
 
     pub(crate) async fn ask(host: Host, message: &Message) -> Reply {
         let bytes = message.encode().expect("encode").into();
-        Reply::decode(&host.handle(NodeId(77), bytes).await).expect("reply")
+        Reply::decode(&host.handle(NodeId(77), bytes).await.into()).expect("reply")
     }
 
     /// Of `keys`, the indexes the node just added manages.

@@ -91,10 +91,10 @@ fn an_answer_to_another_nodes_request_is_refused() {
         let (cluster, _) = three_nodes().await;
         let answer = Message::Answer {
             id: RequestId { origin: NodeId(3), seq: 1 },
-            reply: Reply::Done(Vec::new()),
+            reply: Reply::Done(bytes::Bytes::new()),
         };
         let bytes = bytes::Bytes::from(answer.encode().expect("encode"));
         let reply = cluster.host(NodeId(1)).handle(NodeId(2), bytes).await;
-        assert!(matches!(Reply::decode(&reply).expect("decode"), Reply::Refused(_)));
+        assert!(matches!(Reply::decode(&reply.into()).expect("decode"), Reply::Refused(_)));
     });
 }
