@@ -25,7 +25,9 @@
 //! first hands the pages it owns to their managers. After a failure, survivors report the copies
 //! they hold (`scan`) and the new managers rebuild the entries; a page whose every copy died is
 //! reported [`DsmError::Lost`], never zero-filled. With [`DsmConfig::backups`], every page
-//! written also lives on a second node, so that one failure loses nothing.
+//! written also lives on a second node, so that one failure loses nothing; before a change ends,
+//! each manager gives a new backup to its pages whose backup is gone, so that the next failure,
+//! once the cluster has recovered, loses nothing either.
 //!
 //! A segment no program uses any more is given back with [`Dsm::free`]: every node drops its
 //! copies and entries of it, and it reads as zeros afterwards.

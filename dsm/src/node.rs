@@ -25,7 +25,9 @@ pub const DSM_SLOTS: u32 = 4096;
 #[derive(Clone, Debug)]
 pub struct DsmConfig {
     /// Keep a backup copy of every page written on a second node (ICARE), so that a single
-    /// failure loses no page. Costs a round trip per commit.
+    /// failure loses no page, and give pages new backups after each change, so that failures
+    /// one after another lose none either. Costs a round trip per commit, and one per page left
+    /// without a backup by a change.
     pub backups: bool,
     /// How long a manager waits for a page's holder to hand it over before telling the
     /// faulting node to ask again.

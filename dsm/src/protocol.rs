@@ -132,6 +132,18 @@ pub enum Request {
         /// The page as last committed.
         data: ByteBuf,
     },
+    /// To a page's owner, from its manager after a change left the page with no live backup
+    /// (its backup's node died, or the owner was promoted from a backup): store the page as
+    /// last committed on `node` and keep it there from now on. `Missing` when the sender no
+    /// longer owns the page at `version`.
+    BackupTo {
+        /// The page.
+        page: PageId,
+        /// The entry's version.
+        version: u64,
+        /// The new backup node.
+        node: NodeId,
+    },
     /// To the manager, from an evicted node: the copy it gave up to a writer and keeps aside
     /// until told the grant landed. `Ok` when the manager keeps it in its place (its entry still
     /// names the sender as where a grant of `label` took the page from, so that taking that

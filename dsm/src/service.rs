@@ -8,6 +8,7 @@ use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
 use crate::protocol::{Entry, Granted, LockEntry, PageEntry, Request, Response};
 use async_trait::async_trait;
+use futures::StreamExt;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Change, Key, NodeId, ServiceSpec};
 use serde_bytes::ByteBuf;
@@ -19,6 +20,10 @@ use tokio::sync::Mutex as AsyncMutex;
 /// How long a barrier's manager keeps an arrival waiting before telling it to ask again. Short,
 /// because a change waits for handlers in progress before it moves entries.
 const BARRIER_POLL: Duration = Duration::from_millis(20);
+
+/// Pages given a new backup at once after a change: enough to overlap the round trips, few
+/// enough not to flood the owners while they serve requests.
+const RESTORING: usize = 16;
 
 /// Why a holder's copy could not be had.
 #[derive(Debug)]
@@ -633,6 +638,38 @@ impl DsmService {
         Ok(Some(chosen))
     }
 
+    /// As the owner of `page` at `version`: stores the page on `node` and makes `node` its
+    /// backup. Under the frame's writer lock, so that no commit runs meanwhile: a commit's own
+    /// backup must not cross this copy on its way to the same node.
+    async fn back_up_to(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        version: u64,
+        node: NodeId,
+    ) -> Response {
+        let Some(frame) = self.state().frames.get(page) else { return Response::Missing };
+        let writer = frame.writer.lock();
+        // A commit waiting on the manager (its backup died) must not hold this up for long:
+        // the manager asks again after the next change, or that commit finds a backup itself.
+        let Ok(_writer) = tokio::time::timeout(self.state().config.fetch_wait, writer).await else {
+            return Response::Retry;
+        };
+        let data = {
+            let s = frame.lock();
+            match &s.data {
+                Some(data) if s.owned && s.version == version => Arc::clone(data),
+                _ => return Response::Missing,
+            }
+        };
+        let request = Request::Backup { page, version, data: page_bytes(&data) };
+        if !self.tell(ctx, node, page, request).await {
+            return Response::Retry;
+        }
+        frame.lock().backup_node = Some(node);
+        Response::Ok
+    }
+
     async fn rebackup(
         &self,
         ctx: &Context,
@@ -830,6 +867,10 @@ impl DsmService {
                 frames.frame(page).store_backup(version, Arc::new(data.into_vec()));
                 Response::Ok
             }
+            // Boxed: it tells the backup node in turn, through `told`, which may run `local`.
+            Request::BackupTo { page, version, node } => {
+                Box::pin(self.back_up_to(ctx, page, version, node)).await
+            }
             Request::Promote { page, version, label } => {
                 if frames.frame(page).promote(version, label) {
                     Response::Ok
@@ -1018,6 +1059,68 @@ impl DsmService {
                 }
                 _ => {}
             }
+        }
+        if self.state().config.backups {
+            self.restore_backups(ctx).await;
+        }
+    }
+
+    /// With backups on, gives each page this node manages whose backup is gone (its node died
+    /// or left, or the owner was promoted from it) a new one before the change ends. Until
+    /// then the owner holds the page's only copy, and a second failure, however much later,
+    /// would lose it: a commit finds a new backup too, but a page not written again never
+    /// commits.
+    async fn restore_backups(&self, ctx: &Context) {
+        let Some(nodes) = ctx.snapshot().map(|s| s.nodes().to_vec()) else { return };
+        let mut slots: Vec<(Key, Arc<AsyncMutex<Live>>)> =
+            self.state().live.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
+        slots.sort_unstable_by_key(|(key, _)| *key);
+        let mut exposed = Vec::new();
+        for (key, slot) in slots {
+            let (Named::Page(page), Live::Page(e)) = (named(key), &*slot.lock().await) else {
+                continue;
+            };
+            let Some(owner) = e.owner.filter(|&o| !e.lost && !self.gone(ctx, o)) else { continue };
+            if e.backup.is_some_and(|b| b != owner && !self.gone(ctx, b)) {
+                continue;
+            }
+            // The next live node after the owner, as a grant chooses.
+            let live: Vec<NodeId> = nodes.iter().copied().filter(|&n| !self.gone(ctx, n)).collect();
+            if let Some(to) = next_node(&live, owner, None) {
+                exposed.push((page, Arc::clone(&slot), owner, e.version, to));
+            }
+        }
+        if exposed.is_empty() {
+            return;
+        }
+        let wanted = exposed.len();
+        let restored: Vec<bool> = futures::stream::iter(exposed)
+            .map(|(page, slot, owner, version, to)| async move {
+                let request = Request::BackupTo { page, version, node: to };
+                if !self.tell(ctx, owner, page, request).await {
+                    return false;
+                }
+                // A grant since then placed a backup of its own; this one is only extra.
+                let mut live = slot.lock().await;
+                if let Live::Page(e) = &mut *live {
+                    if e.owner == Some(owner) && e.version == version {
+                        e.backup = Some(to);
+                    }
+                }
+                true
+            })
+            .buffer_unordered(RESTORING)
+            .collect()
+            .await;
+        let done = restored.iter().filter(|&&r| r).count();
+        if done < wanted {
+            tracing::warn!(node = ctx.node().0, pages = wanted - done, "dsm: pages left with no backup after the change (their owner did not answer); each gets one at its next commit, and until then a failure of its owner loses it");
+        } else {
+            tracing::info!(
+                node = ctx.node().0,
+                pages = done,
+                "dsm: pages given a new backup after the change"
+            );
         }
     }
 

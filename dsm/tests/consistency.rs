@@ -494,6 +494,34 @@ fn with_backups_a_failure_under_load_loses_no_page() {
 }
 
 #[test]
+fn with_backups_failures_one_after_another_lose_no_page() {
+    replay(async {
+        let mut cluster =
+            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        // Pages owned by nodes 2 and 3, each backed up on the node after it.
+        for page in 0..PAGES {
+            let writer = if page % 2 == 0 { NodeId(2) } else { NodeId(3) };
+            put(&cluster.dsm(writer), pid(page), u64::from(page) + 100).await;
+        }
+        // One failure at a time, each once the cluster has recovered from the one before: 3
+        // leaves 2's pages with no backup and its own promoted on 4, then 4 and 2 die too.
+        for victim in [NodeId(3), NodeId(4), NodeId(2)] {
+            cluster.mem.fail(victim).await;
+        }
+        let reader = cluster.dsm(NodeId(1));
+        let mut wrong = Vec::new();
+        for page in 0..PAGES {
+            match reader.read(pid(page)).await {
+                Ok(g) if Value::decode(&g).count == u64::from(page) + 100 => {}
+                Ok(g) => wrong.push(format!("page {page} reads {:?}", Value::decode(&g))),
+                Err(e) => wrong.push(format!("page {page}: {e}")),
+            }
+        }
+        assert!(wrong.is_empty(), "after three failures one at a time: {wrong:?}");
+    })
+}
+
+#[test]
 fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zeroed() {
     replay(async {
         let mut cluster = Cluster::start(3, DsmConfig::default()).await;
