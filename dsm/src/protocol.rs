@@ -132,6 +132,12 @@ pub enum Request {
         /// The page as last committed.
         data: ByteBuf,
     },
+    /// To a page's manager, from a node leaving the cluster that keeps the page's backup:
+    /// choose another backup before it goes. Always `Ok`.
+    Abandon {
+        /// The leaving node.
+        node: NodeId,
+    },
     /// To a page's owner, from its manager after a change left the page with no live backup
     /// (its backup's node died, or the owner was promoted from a backup): store the page as
     /// last committed on `node` and keep it there from now on. `Missing` when the sender no

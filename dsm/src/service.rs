@@ -670,6 +670,41 @@ impl DsmService {
         Response::Ok
     }
 
+    /// The node after `after` that a backup goes to, leaving out `leaving` and nodes gone.
+    fn live_after(&self, ctx: &Context, after: NodeId, leaving: NodeId) -> Option<NodeId> {
+        let nodes = ctx.snapshot()?.nodes().to_vec();
+        let live: Vec<NodeId> =
+            nodes.into_iter().filter(|&n| n != leaving && !self.gone(ctx, n)).collect();
+        next_node(&live, after, None)
+    }
+
+    /// `leaving` keeps `page`'s backup and is about to go: the owner stores the page on
+    /// another node now (see [`Request::Abandon`]). This manager may take no part in the
+    /// change, so its sweep would not see to it.
+    async fn abandon(&self, ctx: &Context, page: PageId, leaving: NodeId) -> Response {
+        let slot = self.slot(page.key());
+        let mut live = slot.lock().await;
+        let Live::Page(entry) = &mut *live else { return Response::Ok };
+        if entry.backup != Some(leaving) {
+            return Response::Ok;
+        }
+        let owner = entry.owner.filter(|&o| o != leaving && !self.gone(ctx, o));
+        let to = owner.and_then(|o| self.live_after(ctx, o, leaving));
+        let (Some(owner), Some(to)) = (owner, to) else {
+            entry.backup = None;
+            return Response::Ok;
+        };
+        let request = Request::BackupTo { page, version: entry.version, node: to };
+        if self.tell(ctx, owner, page, request).await {
+            entry.backup = Some(to);
+        } else {
+            // The owner's next commit, finding its backup gone, asks for another.
+            tracing::warn!(?page, owner = owner.0, "dsm: a page whose backup node is leaving could not be given another now; it gets one at its next commit, and until then a failure of its owner loses it");
+            entry.backup = None;
+        }
+        Response::Ok
+    }
+
     async fn rebackup(
         &self,
         ctx: &Context,
@@ -718,12 +753,25 @@ impl DsmService {
         if accepted {
             let me = ctx.node();
             let frame = self.state().frames.frame(page);
-            frame.install_owned(version, Arc::new(data.into_vec()));
+            let data = Arc::new(data.into_vec());
+            frame.install_owned(version, Arc::clone(&data));
             entry.owner = Some(me);
             self.settle_grant(ctx, page, entry);
             entry.copyset.remove(&from);
             entry.copyset.insert(me);
             entry.copyset.extend(readers.into_iter().filter(|&r| r != from));
+            // This node may have been the page's backup: then the page needs another before
+            // the leaving node goes, or it has one copy. This node may take no part in the
+            // change, so its sweep would not see to it.
+            let exposed = entry.backup.is_none_or(|b| b == me || b == from);
+            if self.state().config.backups && exposed {
+                let request = Request::Backup { page, version, data: page_bytes(&data) };
+                entry.backup = match self.live_after(ctx, me, from) {
+                    Some(to) if self.tell(ctx, to, page, request).await => Some(to),
+                    _ => None,
+                };
+                frame.lock().backup_node = entry.backup;
+            }
             return Response::Ok;
         }
         Response::Missing
@@ -1139,6 +1187,12 @@ impl DsmService {
             if self.hand_aside(ctx, page, &frame).await {
                 self.surrender_page(ctx, page, &frame).await;
             }
+            if frame.lock().backup.is_some() {
+                let request = Request::Abandon { node: me };
+                if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), &request).await {
+                    tracing::warn!(?page, error = %e, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of; it gets one at its owner's next commit, and until then a failure of its owner loses it");
+                }
+            }
         }
     }
 
@@ -1259,6 +1313,7 @@ impl Service for DsmService {
                 self.rebackup(ctx, page, node, version, failed, data).await
             }
             (Named::Page(page), Request::Discard) => self.discard(page).await,
+            (Named::Page(page), Request::Abandon { node }) => self.abandon(ctx, page, node).await,
             (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
                 self.lock_op(key, request).await
             }

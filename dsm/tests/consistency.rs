@@ -13,7 +13,7 @@ use gobelins_dsm::{Dsm, DsmConfig, DsmError, DsmNode, FaultStats, PageId, Segmen
 use gobelins_locator::NodeId;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -519,6 +519,64 @@ fn with_backups_failures_one_after_another_lose_no_page() {
         }
         assert!(wrong.is_empty(), "after three failures one at a time: {wrong:?}");
     })
+}
+
+#[test]
+fn with_backups_a_node_leaving_leaves_every_page_on_two_nodes() {
+    // Twelve nodes, so that half of them take no part in the leave, and must still see to
+    // the pages it was the backup of. Each survivor in turn is then the one to fail next.
+    for victim in (1..=12).map(NodeId).filter(|&n| n != NodeId(1) && n != NodeId(3)) {
+        replay(async {
+            let mut cluster =
+                Cluster::start(12, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+            // Pages owned by 2, some backed up on 3; and pages owned by 3, one managed by
+            // each other node, which is also the page's backup: the node before it in the
+            // table wrote it first, and a later writer keeps the backup it finds.
+            let snapshot = cluster.mem.snapshot();
+            let nodes = snapshot.nodes().to_vec();
+            let before = |m: NodeId| {
+                let at = nodes.iter().position(|&n| n == m).expect("a member");
+                nodes[(at + nodes.len() - 1) % nodes.len()]
+            };
+            let mut written: Vec<(PageId, u64)> = Vec::new();
+            for page in (0..PAGES).step_by(2) {
+                written.push((pid(page), u64::from(page) + 200));
+            }
+            let mut managed = BTreeSet::new();
+            for page in (0..).map(|p| PageId { segment: SEGMENT, page: p * 7 + 1 }) {
+                let Some(manager) = snapshot.locate(gobelins_dsm::DSM, page.key()) else { break };
+                if manager != NodeId(3) && managed.insert(manager) {
+                    written.push((page, u64::from(page.page) + 300));
+                }
+                if managed.len() == 11 {
+                    break;
+                }
+            }
+            for &(page, count) in &written {
+                if count >= 300 {
+                    let manager = snapshot.locate(gobelins_dsm::DSM, page.key()).expect("managed");
+                    put(&cluster.dsm(before(manager)), page, 1).await;
+                    put(&cluster.dsm(NodeId(3)), page, count).await;
+                } else {
+                    put(&cluster.dsm(NodeId(2)), page, count).await;
+                }
+            }
+            // 3 leaves: 2's pages it keeps the backup of need one elsewhere, and its own pages,
+            // handed to their managers, need one where the manager was their backup.
+            cluster.mem.evict(NodeId(3)).await;
+            cluster.mem.fail(victim).await;
+            let reader = cluster.dsm(NodeId(1));
+            let mut wrong = Vec::new();
+            for &(page, count) in &written {
+                match reader.read(page).await {
+                    Ok(g) if Value::decode(&g).count == count => {}
+                    Ok(g) => wrong.push(format!("{page:?} reads {:?}", Value::decode(&g))),
+                    Err(e) => wrong.push(format!("{page:?}: {e}")),
+                }
+            }
+            assert!(wrong.is_empty(), "3 left, then {victim} failed: {wrong:?}");
+        })
+    }
 }
 
 #[test]
