@@ -132,24 +132,6 @@ pub enum Request {
         /// The page as last committed.
         data: ByteBuf,
     },
-    /// To a page's manager, from a node leaving the cluster that keeps the page's backup:
-    /// choose another backup before it goes. Always `Ok`.
-    Abandon {
-        /// The leaving node.
-        node: NodeId,
-    },
-    /// To a page's owner, from its manager after a change left the page with no live backup
-    /// (its backup's node died, or the owner was promoted from a backup): store the page as
-    /// last committed on `node` and keep it there from now on. `Missing` when the sender no
-    /// longer owns the page at `version`.
-    BackupTo {
-        /// The page.
-        page: PageId,
-        /// The entry's version.
-        version: u64,
-        /// The new backup node.
-        node: NodeId,
-    },
     /// To the manager, from an evicted node: the copy it gave up to a writer and keeps aside
     /// until told the grant landed. `Ok` when the manager keeps it in its place (its entry still
     /// names the sender as where a grant of `label` took the page from, so that taking that
@@ -170,6 +152,28 @@ pub enum Request {
         /// The pages it spans: those in a slot whose manager died get a fresh entry, so that
         /// they read as zeros, not as lost (a page with no entry there is taken for lost).
         pages: u32,
+    },
+    /// To a page's manager, from a node leaving the cluster that keeps the page's backup:
+    /// choose another backup before it goes. Always `Ok`.
+    Abandon {
+        /// The leaving node.
+        node: NodeId,
+    },
+    /// To a page's owner, from its manager after a change left the page with no live backup
+    /// (its backup's node died or is leaving, or the owner was promoted from its backup):
+    /// store the page as last committed on `node`, and commit there from now on. `Ok` once
+    /// done; `BackedUp(b)` when the owner already commits to a live backup `b` other than
+    /// `replaces` (a commit found one meanwhile); `Busy` while a write is in progress (its
+    /// commit finds a backup itself); `Missing` when it no longer owns the page at `version`.
+    BackupTo {
+        /// The page.
+        page: PageId,
+        /// The entry's version.
+        version: u64,
+        /// The new backup node.
+        node: NodeId,
+        /// The backup the manager's entry names, which is gone, leaving, or the owner itself.
+        replaces: Option<NodeId>,
     },
 }
 

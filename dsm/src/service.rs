@@ -25,6 +25,11 @@ const BARRIER_POLL: Duration = Duration::from_millis(20);
 /// enough not to flood the owners while they serve requests.
 const RESTORING: usize = 16;
 
+/// How often, and how far apart, a manager asks an owner busy writing to move its backup off
+/// a leaving node: its write commits to the leaving node, which still answers, in moments.
+const ABANDON_TRIES: usize = 5;
+const ABANDON_PAUSE: Duration = Duration::from_millis(10);
+
 /// Why a holder's copy could not be had.
 #[derive(Debug)]
 enum Absent {
@@ -638,35 +643,44 @@ impl DsmService {
         Ok(Some(chosen))
     }
 
-    /// As the owner of `page` at `version`: stores the page on `node` and makes `node` its
-    /// backup. Under the frame's writer lock, so that no commit runs meanwhile: a commit's own
-    /// backup must not cross this copy on its way to the same node.
+    /// As the owner of `page` at `version`: stores the page on `node` and commits there from
+    /// now on (see [`Request::BackupTo`]).
     async fn back_up_to(
         &self,
         ctx: &Context,
         page: PageId,
         version: u64,
         node: NodeId,
+        replaces: Option<NodeId>,
     ) -> Response {
+        let me = ctx.node();
         let Some(frame) = self.state().frames.get(page) else { return Response::Missing };
-        let writer = frame.writer.lock();
-        // A commit waiting on the manager (its backup died) must not hold this up for long:
-        // the manager asks again after the next change, or that commit finds a backup itself.
-        let Ok(_writer) = tokio::time::timeout(self.state().config.fetch_wait, writer).await else {
-            return Response::Retry;
-        };
+        // Not waited for: a write in progress whose backup is gone asks this page's manager
+        // for another, and that manager may be the one asking here. Its commit finds a backup.
+        let Ok(_writer) = frame.writer.try_lock() else { return Response::Busy };
         let data = {
             let s = frame.lock();
-            match &s.data {
-                Some(data) if s.owned && s.version == version => Arc::clone(data),
-                _ => return Response::Missing,
+            let Some(data) = s.data.clone().filter(|_| s.owned && s.version == version) else {
+                return Response::Missing;
+            };
+            let live = |b: NodeId| b != me && Some(b) != replaces && !self.gone(ctx, b);
+            if let Some(current) = s.backup_node.filter(|&b| live(b)) {
+                return Response::BackedUp(current);
             }
+            data
         };
         let request = Request::Backup { page, version, data: page_bytes(&data) };
         if !self.tell(ctx, node, page, request).await {
             return Response::Retry;
         }
-        frame.lock().backup_node = Some(node);
+        let mut s = frame.lock();
+        // A grant of a newer version may have landed meanwhile, with a backup of its own.
+        if !(s.owned && s.version == version) {
+            return Response::Missing;
+        }
+        s.backup_node = Some(node);
+        // A copy kept here as the page's backup before this node owned it is nobody's now.
+        s.backup = None;
         Response::Ok
     }
 
@@ -690,17 +704,26 @@ impl DsmService {
         }
         let owner = entry.owner.filter(|&o| o != leaving && !self.gone(ctx, o));
         let to = owner.and_then(|o| self.live_after(ctx, o, leaving));
-        let (Some(owner), Some(to)) = (owner, to) else {
-            entry.backup = None;
-            return Response::Ok;
-        };
-        let request = Request::BackupTo { page, version: entry.version, node: to };
-        if self.tell(ctx, owner, page, request).await {
-            entry.backup = Some(to);
-        } else {
-            // The owner's next commit, finding its backup gone, asks for another.
-            tracing::warn!(?page, owner = owner.0, "dsm: a page whose backup node is leaving could not be given another now; it gets one at its next commit, and until then a failure of its owner loses it");
-            entry.backup = None;
+        let (Some(owner), Some(to)) = (owner, to) else { return Response::Ok };
+        let request =
+            Request::BackupTo { page, version: entry.version, node: to, replaces: Some(leaving) };
+        // A write in progress commits to the leaving node, which still answers: once it has,
+        // the owner can move.
+        for _ in 0..ABANDON_TRIES {
+            match self.told(ctx, owner, page, request.clone()).await {
+                Some(Response::Ok) => entry.backup = Some(to),
+                Some(Response::BackedUp(current)) => entry.backup = Some(current),
+                Some(Response::Busy) => {
+                    tokio::time::sleep(ABANDON_PAUSE).await;
+                    continue;
+                }
+                _ => {}
+            }
+            break;
+        }
+        if entry.backup == Some(leaving) {
+            // Not assumed either way: the owner may have moved, and its next commit tells.
+            tracing::warn!(?page, owner = owner.0, "dsm: a page whose backup node is leaving could not be given another now; it gets one at its owner's next commit or the next change this manager takes part in, and until then a failure of its owner loses it");
         }
         Response::Ok
     }
@@ -763,7 +786,7 @@ impl DsmService {
             // This node may have been the page's backup: then the page needs another before
             // the leaving node goes, or it has one copy. This node may take no part in the
             // change, so its sweep would not see to it.
-            let exposed = entry.backup.is_none_or(|b| b == me || b == from);
+            let exposed = entry.backup.is_none_or(|b| b == me || b == from || self.gone(ctx, b));
             if self.state().config.backups && exposed {
                 let request = Request::Backup { page, version, data: page_bytes(&data) };
                 entry.backup = match self.live_after(ctx, me, from) {
@@ -916,8 +939,8 @@ impl DsmService {
                 Response::Ok
             }
             // Boxed: it tells the backup node in turn, through `told`, which may run `local`.
-            Request::BackupTo { page, version, node } => {
-                Box::pin(self.back_up_to(ctx, page, version, node)).await
+            Request::BackupTo { page, version, node, replaces } => {
+                Box::pin(self.back_up_to(ctx, page, version, node, replaces)).await
             }
             Request::Promote { page, version, label } => {
                 if frames.frame(page).promote(version, label) {
@@ -1135,7 +1158,7 @@ impl DsmService {
             // The next live node after the owner, as a grant chooses.
             let live: Vec<NodeId> = nodes.iter().copied().filter(|&n| !self.gone(ctx, n)).collect();
             if let Some(to) = next_node(&live, owner, None) {
-                exposed.push((page, Arc::clone(&slot), owner, e.version, to));
+                exposed.push((page, Arc::clone(&slot), owner, e.version, to, e.backup));
             }
         }
         if exposed.is_empty() {
@@ -1143,16 +1166,20 @@ impl DsmService {
         }
         let wanted = exposed.len();
         let restored: Vec<bool> = futures::stream::iter(exposed)
-            .map(|(page, slot, owner, version, to)| async move {
-                let request = Request::BackupTo { page, version, node: to };
-                if !self.tell(ctx, owner, page, request).await {
-                    return false;
-                }
-                // A grant since then placed a backup of its own; this one is only extra.
+            .map(|(page, slot, owner, version, to, replaces)| async move {
+                let request = Request::BackupTo { page, version, node: to, replaces };
+                let chosen = match self.told(ctx, owner, page, request).await {
+                    Some(Response::Ok) => to,
+                    Some(Response::BackedUp(current)) => current,
+                    // Busy: a write in progress finds a backup as it commits.
+                    _ => return false,
+                };
+                // Unless the entry moved on meanwhile: a grant, or a commit's `Rebackup`,
+                // placed a backup of its own, and the owner commits there.
                 let mut live = slot.lock().await;
                 if let Live::Page(e) = &mut *live {
-                    if e.owner == Some(owner) && e.version == version {
-                        e.backup = Some(to);
+                    if e.owner == Some(owner) && e.version == version && e.backup == replaces {
+                        e.backup = Some(chosen);
                     }
                 }
                 true
@@ -1162,7 +1189,7 @@ impl DsmService {
             .await;
         let done = restored.iter().filter(|&&r| r).count();
         if done < wanted {
-            tracing::warn!(node = ctx.node().0, pages = wanted - done, "dsm: pages left with no backup after the change (their owner did not answer); each gets one at its next commit, and until then a failure of its owner loses it");
+            tracing::warn!(node = ctx.node().0, pages = wanted - done, "dsm: pages left with no backup after the change (their owner was writing them, or did not answer); each gets one at its next commit, and until then a failure of its owner loses it");
         } else {
             tracing::info!(
                 node = ctx.node().0,
@@ -1187,13 +1214,29 @@ impl DsmService {
             if self.hand_aside(ctx, page, &frame).await {
                 self.surrender_page(ctx, page, &frame).await;
             }
-            if frame.lock().backup.is_some() {
-                let request = Request::Abandon { node: me };
-                if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), &request).await {
+        }
+        // The pages this node keeps the backup of: their managers have the owners move them.
+        // Not those it manages: their entries go to managers that take part in the change,
+        // whose sweep sees to them, and a request for them would wait for the change to end.
+        let managed_elsewhere = |page: &PageId| {
+            ctx.snapshot().and_then(|s| s.locate(DSM, page.key())).is_some_and(|m| m != me)
+        };
+        let backups: Vec<PageId> = self
+            .state()
+            .frames
+            .all()
+            .into_iter()
+            .filter(|(page, frame)| managed_elsewhere(page) && frame.lock().backup.is_some())
+            .map(|(page, _)| page)
+            .collect();
+        let request = &Request::Abandon { node: me };
+        futures::stream::iter(backups)
+            .for_each_concurrent(RESTORING, |page| async move {
+                if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), request).await {
                     tracing::warn!(?page, error = %e, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of; it gets one at its owner's next commit, and until then a failure of its owner loses it");
                 }
-            }
-        }
+            })
+            .await;
     }
 
     /// Gives the page's manager the copy this node gave up to a writer and keeps aside until
