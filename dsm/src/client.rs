@@ -480,6 +480,12 @@ impl Dsm {
                         (None, true) => Some(zeros()),
                         (None, false) => None,
                     };
+                    // Taken before the grant is installed and kept for the write: a fault of
+                    // another node answered meanwhile takes the page only once this node has
+                    // written it. Let go, two nodes writing one page could take it from each
+                    // other for ever, neither writing. Nothing holds it long: a fetch of the
+                    // version granted here waits for the grant without it.
+                    let writer = Arc::clone(&frame.writer).lock_owned().await;
                     match frame.install_grant(version, data.clone(), backup) {
                         Installed::Yes => {}
                         Installed::Stale => {
@@ -509,6 +515,7 @@ impl Dsm {
                     // Granted after this node's pages were handed over (the manager was slow):
                     // hand this one over too, rather than leave with it.
                     let leaving = self.state().leaving.load(Ordering::SeqCst);
+                    let writer = (!leaving).then_some(writer);
                     let handed_over = leaving
                         && self
                             .node
@@ -524,6 +531,20 @@ impl Dsm {
                     }
                     if leaving {
                         return Err(DsmError::Leaving);
+                    }
+                    let s = frame.lock();
+                    if let (Some(writer), true) = (writer, s.write && s.version == version) {
+                        if let Some(data) = s.data.as_ref().map(|d| d.to_vec()) {
+                            drop(s);
+                            return Ok(WriteGuard {
+                                dsm: self.clone(),
+                                page,
+                                frame,
+                                version,
+                                data,
+                                _writer: writer,
+                            });
+                        }
                     }
                 }
                 Response::Lost => {
