@@ -41,8 +41,8 @@ impl Segment {
     }
 
     /// Pages it spans.
-    pub fn pages(&self) -> u32 {
-        self.len.div_ceil(PAGE_SIZE as u64) as u32
+    pub fn pages(&self) -> u64 {
+        self.len.div_ceil(PAGE_SIZE as u64)
     }
 
     /// Its page `page`.
@@ -561,9 +561,8 @@ impl Dsm {
 
     /// Frees `segment` on every node: each drops its copies of the segment's pages and the
     /// directory entries it manages for them, and the segment reads as zeros afterwards, as one
-    /// never written, up to its length (past it, a page whose manager once died still reads
-    /// as lost). Without it a program that makes segments as it goes holds every page it
-    /// ever wrote, on every node that read it.
+    /// never written, even where a page's manager once died. Without it a program that makes
+    /// segments as it goes holds every page it ever wrote, on every node that read it.
     ///
     /// Like freeing memory, it is for a segment nobody uses any more: an access running
     /// meanwhile may fail, or find zeros. A change of the cluster during the free can carry
@@ -571,11 +570,10 @@ impl Dsm {
     /// sees a single epoch from start to end; it fails with [`DsmError::Stuck`] after the
     /// access deadline (a node unreachable and not yet declared failed, say).
     pub async fn free(&self, segment: &Segment) -> Result<(), DsmError> {
-        // Its whole length must be addressable: every node walks its pages.
         Self::check(segment, 0, usize::try_from(segment.len).unwrap_or(usize::MAX))?;
         let started = tokio::time::Instant::now();
         let first = segment.page(0);
-        let request = Request::Free { segment: segment.id, pages: segment.pages() };
+        let request = Request::Free { segment: segment.id };
         loop {
             let ctx = self.host.context();
             let epoch = ctx.epoch();

@@ -9,7 +9,7 @@ use dashmap::DashMap;
 use foldhash::fast::RandomState as Hasher;
 use gobelins_adaptation::ChangeInfo;
 use gobelins_locator::{Key, ServiceId, ServiceSpec};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,6 +52,7 @@ pub(crate) enum Live {
     Page(PageEntry),
     Lock(LockEntry),
     Barrier(BarrierEntry),
+    /// The slot's manager died: see [`NodeState::freed`].
     Taint,
 }
 
@@ -69,6 +70,10 @@ pub(crate) struct NodeState {
     pub(crate) live: DashMap<Key, Arc<AsyncMutex<Live>>, Hasher>,
     /// Entries received during a change, merged when it ends.
     pub(crate) staged: Mutex<Vec<(Key, Entry)>>,
+    /// Per taint marker this node holds (by its key), the segments freed since the slot's
+    /// manager died: their pages read as zeros there. Beside the markers, not in them, so that
+    /// a fault reads it without waiting for a marker a change holds.
+    pub(crate) freed: Mutex<HashMap<Key, BTreeSet<u32>>>,
     /// Wakes arrivals waiting at a barrier this node manages.
     pub(crate) barriers: DashMap<Key, Arc<Notify>, Hasher>,
     /// The change in progress.
@@ -114,6 +119,7 @@ impl DsmNode {
                 frames: Frames::default(),
                 live: DashMap::default(),
                 staged: Mutex::new(Vec::new()),
+                freed: Mutex::default(),
                 barriers: DashMap::default(),
                 change: Mutex::new(None),
                 failed: Mutex::new(Default::default()),
@@ -159,6 +165,12 @@ impl DsmNode {
     /// says it has the page.
     pub fn kept_aside(&self) -> usize {
         self.inner.frames.all().iter().filter(|(_, f)| f.has_retired()).count()
+    }
+
+    /// Directory entries this node manages: pages, locks, barriers, and markers of slots
+    /// whose manager died.
+    pub fn entries(&self) -> usize {
+        self.inner.live.len()
     }
 
     /// Pages this node holds a valid copy of.

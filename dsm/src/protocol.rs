@@ -145,13 +145,12 @@ pub enum Request {
         data: ByteBuf,
     },
     /// To every node, from [`crate::Dsm::free`]: drop every copy of the segment's pages and
-    /// every entry managed for them. `Busy` while a change moves entries.
+    /// every entry managed for them, and count the segment freed in the slots whose manager
+    /// died, so that its pages read as zeros there, not as lost. `Busy` while a change moves
+    /// entries.
     Free {
         /// The segment.
         segment: u32,
-        /// The pages it spans: those in a slot whose manager died get a fresh entry, so that
-        /// they read as zeros, not as lost (a page with no entry there is taken for lost).
-        pages: u32,
     },
     /// To a page's manager, from a node leaving the cluster that keeps the page's backup:
     /// choose another backup before it goes. Always `Ok`.
@@ -350,6 +349,10 @@ pub enum Entry {
     Lock(LockEntry),
     /// A barrier's entry.
     Barrier(BarrierEntry),
-    /// The slot's manager died: pages of the slot with no entry were lost.
-    Taint,
+    /// The slot's manager died: pages of the slot with no entry were lost, except those of
+    /// the segments freed since (`freed`), which read as zeros.
+    Taint {
+        /// The segments freed since the manager died.
+        freed: BTreeSet<u32>,
+    },
 }

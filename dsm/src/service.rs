@@ -155,8 +155,13 @@ impl DsmService {
             return Arc::clone(&s);
         }
         let fresh = match named(key) {
-            Named::Page(_) => {
-                let tainted = st.live.contains_key(&taint_key(st.spec.slot_of(key)));
+            Named::Page(page) => {
+                let marker = taint_key(st.spec.slot_of(key));
+                let freed = || {
+                    let freed = st.freed.lock().expect("freed");
+                    freed.get(&marker).is_some_and(|segments| segments.contains(&page.segment))
+                };
+                let tainted = st.live.contains_key(&marker) && !freed();
                 Live::Page(PageEntry { lost: tainted, ..PageEntry::default() })
             }
             Named::Lock(_) => Live::Lock(LockEntry::default()),
@@ -949,16 +954,16 @@ impl DsmService {
                     Response::Missing
                 }
             }
-            Request::Free { segment, pages } => self.free(ctx, segment, pages),
+            Request::Free { segment } => self.free(ctx, segment),
             other => Response::Invalid(format!("{other:?} is for a manager")),
         }
     }
 
     /// Drops all this node holds of `segment`: copies, the entries it manages and those
     /// received in a change, hints. `Busy` during a change, whose entries are on the move:
-    /// [`crate::Dsm::free`] asks again after it. Of its first `pages` pages, those in a slot
-    /// this node manages whose manager once died get a fresh entry: freed, they are zeros.
-    fn free(&self, ctx: &Context, segment: u32, pages: u32) -> Response {
+    /// [`crate::Dsm::free`] asks again after it. In the slots this node manages whose manager
+    /// once died, the segment's pages read as zeros from now on, not as lost.
+    fn free(&self, ctx: &Context, segment: u32) -> Response {
         let state = self.state();
         if state.change.lock().expect("change").is_some() {
             return Response::Busy;
@@ -969,21 +974,14 @@ impl DsmService {
         state.frames.free(segment);
         state.hints.retain(|page, _| page.segment != segment);
         // A taint marker lives with the slot it describes: these are slots this node manages.
-        let tainted: BTreeSet<u32> = state
-            .live
-            .iter()
-            .filter(|e| named(*e.key()) == Named::Taint)
-            .map(|e| state.spec.slot_of(*e.key()))
-            .collect();
-        if !tainted.is_empty() {
-            for page in 0..pages {
-                let key = PageId { segment, page }.key();
-                if tainted.contains(&state.spec.slot_of(key)) {
-                    let fresh = Live::Page(PageEntry::default());
-                    state.live.insert(key, Arc::new(AsyncMutex::new(fresh)));
-                }
-            }
+        // One mark per marker, whatever the segment's length.
+        let markers: Vec<Key> =
+            state.live.iter().map(|e| *e.key()).filter(|&k| named(k) == Named::Taint).collect();
+        let mut freed = state.freed.lock().expect("freed");
+        for key in markers {
+            freed.entry(key).or_default().insert(segment);
         }
+        drop(freed);
         tracing::debug!(node = ctx.node().0, segment, "dsm: segment freed here");
         Response::Ok
     }
@@ -1087,7 +1085,10 @@ impl DsmService {
                         }
                     }
                 }
-                Entry::Taint => {
+                Entry::Taint { freed } => {
+                    // A marker made in this change (its slot's manager died) replaces the one
+                    // before: what was freed before that death is no longer known to be zeros.
+                    self.state().freed.lock().expect("freed").insert(key, freed);
                     self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Taint)));
                 }
             }
@@ -1463,7 +1464,10 @@ impl Service for DsmService {
                 }
                 Live::Lock(l) => Entry::Lock(l),
                 Live::Barrier(b) => Entry::Barrier(b),
-                Live::Taint => Entry::Taint,
+                Live::Taint => {
+                    let freed = self.state().freed.lock().expect("freed").remove(&key);
+                    Entry::Taint { freed: freed.unwrap_or_default() }
+                }
             };
             out.push((key, entry));
         }
@@ -1488,7 +1492,8 @@ impl Service for DsmService {
         self.state().failed.lock().expect("failed").insert(failed);
         // Whatever this node is to rebuild, a page of it that nobody reports was lost.
         let mut staged = self.state().staged.lock().expect("staged");
-        staged.extend(orphans.slots_to(me).map(|slot| (taint_key(slot), Entry::Taint)));
+        let taint = |slot| (taint_key(slot), Entry::Taint { freed: BTreeSet::new() });
+        staged.extend(orphans.slots_to(me).map(taint));
         drop(staged);
         self.reports(me, orphans)
     }

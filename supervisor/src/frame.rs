@@ -28,7 +28,8 @@ use tokio_util::codec::{Decoder, Encoder};
 /// what senders have settled; 7: a DSM page entry carries the copy a leaving manager keeps
 /// aside for a grant, and leaving nodes hand such copies over; 8: a routed request's header and
 /// a `Done` reply of the adaptation layer are laid out by hand, fixed-width; 9: an adaptation
-/// reply says how it is laid out in its last byte, not its first).
+/// reply says how it is laid out in its last byte, not its first, and the DSM moves backups
+/// (`BackupTo`, `Abandon`) and frees segments by marking its taint markers).
 pub const VERSION: u8 = 9;
 /// The oldest protocol version this node reads.
 pub const MIN_VERSION: u8 = 9;
