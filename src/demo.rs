@@ -89,13 +89,22 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if args.nodes < 3 {
         bail!("--nodes must be at least 3: the demo evicts one node and kills another");
     }
-    let root = args.dir.clone().unwrap_or_else(|| {
-        std::env::temp_dir().join(format!("gobelins-demo-{}", std::process::id()))
-    });
-    if root.exists() && std::fs::read_dir(&root)?.next().is_some() {
-        bail!("{} is not empty; give --dir an empty or new directory", root.display());
-    }
-    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    let root = match &args.dir {
+        Some(dir) => {
+            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+                bail!("{} is not empty; give --dir an empty or new directory", dir.display());
+            }
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            dir.clone()
+        }
+        // Made new, under a name nobody could guess and private to this user: another user of
+        // the machine cannot have made it first, and plant a secret or a link in it.
+        None => tempfile::Builder::new()
+            .prefix("gobelins-demo-")
+            .tempdir()
+            .context("creating a directory for the demo under the temporary directory")?
+            .keep(),
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = runtime.block_on(demo(args, &root));
     if !args.keep && result.is_ok() {
