@@ -97,13 +97,7 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             dir.clone()
         }
-        // Made new, under a name nobody could guess and private to this user: another user of
-        // the machine cannot have made it first, and plant a secret or a link in it.
-        None => tempfile::Builder::new()
-            .prefix("gobelins-demo-")
-            .tempdir()
-            .context("creating a directory for the demo under the temporary directory")?
-            .keep(),
+        None => fresh_root()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = runtime.block_on(demo(args, &root));
@@ -113,6 +107,18 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
         eprintln!("demo: data directories and agent logs are in {}", root.display());
     }
     result
+}
+
+/// A directory for the demo, made new under a name nobody could guess and private to this
+/// user: another user of the machine cannot have made it first, nor plant a secret or a link
+/// in it, nor read the cluster's secret from it.
+fn fresh_root() -> anyhow::Result<PathBuf> {
+    let dir = tempfile::Builder::new()
+        .prefix("gobelins-demo-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .context("creating a directory for the demo under the temporary directory")?;
+    Ok(dir.keep())
 }
 
 async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
@@ -450,4 +456,21 @@ async fn report(
         slowest(|r| r.stable_ms.unwrap_or(0.0)),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_default_directory_is_new_each_time_and_private() {
+        let (a, b) = (fresh_root().unwrap(), fresh_root().unwrap());
+        assert_ne!(a, b);
+        for dir in [a, b] {
+            let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+            std::fs::remove_dir(&dir).unwrap();
+            assert_eq!(mode, 0o700, "{} is {mode:o}", dir.display());
+        }
+    }
 }
