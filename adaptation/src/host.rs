@@ -34,6 +34,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, RwLock};
 use tokio::time::Instant;
@@ -841,7 +842,12 @@ impl Inner {
     /// Passes a request for a key this node does not manage on to the key's manager, which
     /// answers the request's origin itself (`crate::forwarded`): `Forwarded`, or `None` when
     /// there is nobody to pass it to and the origin must be told `Moved`.
-    fn forward(self: &Arc<Self>, from: NodeId, routed: Routed, until: Instant) -> Option<Reply> {
+    async fn forward(
+        self: &Arc<Self>,
+        from: NodeId,
+        routed: Routed,
+        until: Instant,
+    ) -> Option<Reply> {
         let id = routed.id;
         if from != id.origin || self.mirrors.stopped.load(Ordering::Acquire) {
             return None;
@@ -863,7 +869,7 @@ impl Inner {
         let bytes = self.link.seal(message.encode().ok()?);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
         let inner = Arc::clone(self);
-        tokio::spawn(async move {
+        let mut passing = Box::pin(async move {
             let taken = inner.link.call(to, bytes, wait + inner.config.retry).await;
             if !matches!(taken.map(|a| Reply::decode(&a)), Ok(Ok(Reply::Accepted))) {
                 // The manager could not take it, or could not reach the origin: the origin
@@ -872,6 +878,12 @@ impl Inner {
                 inner.send_answer(from, id, Reply::Late).await;
             }
         });
+        // Polled once here, so that the request leaves for its manager now, ahead of this
+        // node's own reply to the origin: spawned straight away, it waited for that write.
+        let once = std::future::poll_fn(|cx| Poll::Ready(passing.as_mut().poll(cx).is_pending()));
+        if once.await {
+            tokio::spawn(passing);
+        }
         Some(Reply::Forwarded { to })
     }
 
@@ -1081,7 +1093,10 @@ impl Inner {
         match message {
             Message::Request(routed) => match self.serve_routed(&routed).await {
                 (Reply::Moved { epoch }, until) => {
-                    self.forward(from, routed, until).unwrap_or(Reply::Moved { epoch })
+                    // Boxed: a rare path, which would enlarge every request's future.
+                    Box::pin(self.forward(from, routed, until))
+                        .await
+                        .unwrap_or(Reply::Moved { epoch })
                 }
                 (reply, _) => reply,
             },
