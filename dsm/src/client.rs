@@ -416,6 +416,32 @@ impl Dsm {
         }
     }
 
+    /// A guard for writing `page` now, holding `writer` until it commits or drops; `None`
+    /// (and `writer` let go) unless this node may write the page, at `version` if given.
+    fn writable(
+        &self,
+        page: PageId,
+        frame: &Arc<Frame>,
+        writer: OwnedMutexGuard<()>,
+        version: Option<u64>,
+    ) -> Option<WriteGuard> {
+        let s = frame.lock();
+        if !s.write || version.is_some_and(|v| v != s.version) {
+            return None;
+        }
+        let data = s.data.as_ref()?.to_vec();
+        let version = s.version;
+        drop(s);
+        Some(WriteGuard {
+            dsm: self.clone(),
+            page,
+            frame: Arc::clone(frame),
+            version,
+            data,
+            _writer: writer,
+        })
+    }
+
     /// Takes write access to `page`: every other copy is invalidated first. Refused with
     /// [`DsmError::Leaving`] once this node is being evicted.
     pub async fn write(&self, page: PageId) -> Result<WriteGuard, DsmError> {
@@ -428,26 +454,15 @@ impl Dsm {
             // One write fault of this node's at a time per page, until its grant is installed.
             let faulting = Arc::clone(&frame.faulting).lock_owned().await;
             let writer = Arc::clone(&frame.writer).lock_owned().await;
-            let (have, writable) = {
+            let have = {
                 let s = frame.lock();
-                (s.data.as_ref().map(|_| s.version), s.write && s.data.is_some())
+                s.data.as_ref().map(|_| s.version)
             };
-            if writable {
-                let s = frame.lock();
-                let data = s.data.as_ref().map(|d| d.to_vec()).expect("writable");
-                let version = s.version;
-                drop(s);
-                return Ok(WriteGuard {
-                    dsm: self.clone(),
-                    page,
-                    frame,
-                    version,
-                    data,
-                    _writer: writer,
-                });
+            // Not writable: the writer lock goes, for the fault may take the page from another
+            // node, which may need this frame.
+            if let Some(guard) = self.writable(page, &frame, writer, None) {
+                return Ok(guard);
             }
-            // The fault may take the page from another node, which may need this frame: let go.
-            drop(writer);
             // From here until its grant is installed, an eviction of this node waits for it.
             let _fault = self.state().faults.read().await;
             if self.state().leaving.load(Ordering::SeqCst) {
@@ -532,19 +547,10 @@ impl Dsm {
                     if leaving {
                         return Err(DsmError::Leaving);
                     }
-                    let s = frame.lock();
-                    if let (Some(writer), true) = (writer, s.write && s.version == version) {
-                        if let Some(data) = s.data.as_ref().map(|d| d.to_vec()) {
-                            drop(s);
-                            return Ok(WriteGuard {
-                                dsm: self.clone(),
-                                page,
-                                frame,
-                                version,
-                                data,
-                                _writer: writer,
-                            });
-                        }
+                    if let Some(guard) =
+                        writer.and_then(|w| self.writable(page, &frame, w, Some(version)))
+                    {
+                        return Ok(guard);
                     }
                 }
                 Response::Lost => {
