@@ -1144,6 +1144,7 @@ impl DsmService {
     /// commits.
     async fn restore_backups(&self, ctx: &Context) {
         let Some(nodes) = ctx.snapshot().map(|s| s.nodes().to_vec()) else { return };
+        let live: Vec<NodeId> = nodes.into_iter().filter(|&n| !self.gone(ctx, n)).collect();
         let mut slots: Vec<(Key, Arc<AsyncMutex<Live>>)> =
             self.state().live.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
         slots.sort_unstable_by_key(|(key, _)| *key);
@@ -1157,7 +1158,6 @@ impl DsmService {
                 continue;
             }
             // The next live node after the owner, as a grant chooses.
-            let live: Vec<NodeId> = nodes.iter().copied().filter(|&n| !self.gone(ctx, n)).collect();
             if let Some(to) = next_node(&live, owner, None) {
                 exposed.push((page, Arc::clone(&slot), owner, e.version, to, e.backup));
             }
