@@ -66,16 +66,31 @@ pub enum ControlRequest {
 /// How long a leave, evict or join may take before the CLI is told to look again.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
 
+/// Binds a socket at `path` that only this user may use. It is bound under another name, made
+/// private, then renamed into place: bound at `path` directly, it would have the umask's mode
+/// until made private, and a client could connect meanwhile.
+fn bind_private(path: &Path) -> Result<UnixListener> {
+    let mut binding = path.as_os_str().to_owned();
+    binding.push(format!(".{}.binding", std::process::id()));
+    let binding = std::path::PathBuf::from(binding);
+    // Sockets left by a previous run of this agent; the data directory is ours alone.
+    let _ = std::fs::remove_file(&binding);
+    let listener = UnixListener::bind(&binding).map_err(|e| {
+        SupervisorError::io(format!("binding control socket {}", binding.display()), e)
+    })?;
+    std::fs::set_permissions(&binding, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&binding, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&binding);
+            SupervisorError::io(format!("securing control socket {}", path.display()), e)
+        })?;
+    Ok(listener)
+}
+
 /// Serves the control socket at `path` until the process ends.
 pub async fn serve(path: &Path, node: Arc<Supervisor>, consoles: Consoles) -> Result<()> {
     let consoles = Arc::new(consoles);
-    // A socket left by a previous run of this agent; the data directory is ours alone.
-    let _ = std::fs::remove_file(path);
-    let listener = UnixListener::bind(path).map_err(|e| {
-        SupervisorError::io(format!("binding control socket {}", path.display()), e)
-    })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| SupervisorError::io(format!("securing {}", path.display()), e))?;
+    let listener = bind_private(path)?;
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -298,4 +313,22 @@ pub async fn request(
         }
     }
     Err(SupervisorError::Closed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_socket_is_private_replaces_a_stale_one_and_leaves_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        std::fs::write(&path, b"a stale socket").unwrap();
+        let listener = bind_private(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the socket is left");
+        let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        listener.accept().await.unwrap();
+    }
 }
