@@ -887,11 +887,12 @@ impl Inner {
         Some(Reply::Forwarded { to })
     }
 
-    /// Sends `reply` to `to` as the answer to its request `id`; true once `to` took it.
+    /// Sends `reply` to `to` as the answer to its request `id`; true once it is on its way.
+    /// Told, not called: nothing is done with `to`'s receipt, and on a redirect, which costs
+    /// six messages against two for a direct request, one fewer is CPU the origin waits for.
     async fn send_answer(&self, to: NodeId, id: RequestId, reply: Reply) -> bool {
         let Ok(bytes) = (Message::Answer { id, reply }).encode() else { return false };
-        let taken = self.link.call(to, self.link.seal(bytes), self.config.call_timeout).await;
-        matches!(taken.map(|a| Reply::decode(&a)), Ok(Ok(Reply::Accepted)))
+        self.link.tell(to, self.link.seal(bytes), self.config.call_timeout).await.is_ok()
     }
 
     /// `Refused` for a copy of a request its sender has settled: the sender has the answer or

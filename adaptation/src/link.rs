@@ -44,4 +44,17 @@ pub trait Link: Send + Sync + 'static {
         message: Bytes,
         deadline: Duration,
     ) -> Result<Bytes, AdaptationError>;
+
+    /// Sends `message`, sealed, to `to`'s [`crate::Host::handle`], whose answer nobody reads:
+    /// `Ok` once it is on its way, which does not mean `to` took it. For a message whose
+    /// sender does nothing with the answer, it saves the answer's crossing. The default makes
+    /// a call and drops the answer.
+    async fn tell(
+        &self,
+        to: NodeId,
+        message: Bytes,
+        deadline: Duration,
+    ) -> Result<(), AdaptationError> {
+        self.call(to, message, deadline).await.map(|_| ())
+    }
 }

@@ -42,6 +42,10 @@ pub const HANDSHAKE_MAX_FRAME: usize = 4 * 1024;
 const HEADER: usize = 4;
 const WIRE_HEADER: usize = 1 + 8;
 
+/// The id of a request that wants no answer ([`crate::transport::Transport::tell`]): calls
+/// number theirs from 1, and the receiver writes no response to this one.
+pub const NO_ANSWER: u64 = 0;
+
 /// A message between two admitted peers: a request, or the response to the request of the
 /// same id.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -36,6 +36,18 @@ impl Link for TransportLink {
         self.transport.forget(to.0);
     }
 
+    async fn tell(
+        &self,
+        to: NodeId,
+        message: Bytes,
+        deadline: Duration,
+    ) -> Result<(), AdaptationError> {
+        self.transport
+            .tell(to.0, message, deadline)
+            .await
+            .map_err(|e| AdaptationError::Unreachable { node: to.0, reason: e.to_string() })
+    }
+
     async fn call(
         &self,
         to: NodeId,

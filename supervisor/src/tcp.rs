@@ -21,7 +21,7 @@
 
 use crate::closer::Closer;
 use crate::error::{Result, SupervisorError};
-use crate::frame::{FrameCodec, Wire, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME};
+use crate::frame::{FrameCodec, Wire, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME, NO_ANSWER};
 use crate::frame_writer::FrameWriter;
 use crate::handshake::{self, Hello};
 use crate::net::{Net, TokioNet};
@@ -378,7 +378,8 @@ impl<N: Net> TcpTransport<N> {
         tokio::spawn(Arc::clone(&pending).expire(Arc::clone(&closer)));
         let abandoned = {
             let pending = Arc::clone(&pending);
-            Box::new(move |id| !pending.waits_for(id))
+            // A told message has nobody waiting for its answer, and none to abandon.
+            Box::new(move |id| id != NO_ANSWER && !pending.waits_for(id))
         };
         let conn = Conn(Arc::new(ConnState {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
@@ -504,6 +505,7 @@ impl<N: Net> TcpTransport<N> {
                         let mut answering =
                             Box::pin(async move { handler.handle(peer, body).await });
                         match futures::poll!(&mut answering) {
+                            Poll::Ready(_) if id == NO_ANSWER => drop(permit),
                             Poll::Ready(body) => {
                                 drop(permit);
                                 match conn.writer.push(Wire::Response { id, body }) {
@@ -518,6 +520,9 @@ impl<N: Net> TcpTransport<N> {
                                 tokio::spawn(async move {
                                     let body = answering.await;
                                     drop(permit);
+                                    if id == NO_ANSWER {
+                                        return;
+                                    }
                                     // The connection may be gone; the caller then times out.
                                     let _ = writer.send(Wire::Response { id, body }).await;
                                 });
@@ -615,6 +620,18 @@ impl<N: Net> TcpTransport<N> {
         Ok((theirs, framed))
     }
 
+    /// The connection to `to`, dialed if there is none live, by `until`. A live connection
+    /// needs no timer to wait for it. Dialing is boxed: its future runs to kilobytes, and
+    /// inline it would make every call's future (allocated once per call) that large.
+    async fn conn_until(&self, to: u64, until: Instant) -> Result<Conn> {
+        match self.live_conn(to) {
+            Some(conn) => Ok(conn),
+            None => tokio::time::timeout_at(until, Box::pin(self.connection(to)))
+                .await
+                .map_err(|_| SupervisorError::Unreachable(to))?,
+        }
+    }
+
     async fn call_on(
         &self,
         conn: &Conn,
@@ -668,16 +685,13 @@ impl<N: Net> Transport for TcpTransport<N> {
         let until = Instant::now() + deadline;
         // Named only if the call times out: a string per call costs more than the lookup.
         let what = || format!("request to node {to}");
-        // A live connection needs no timer to wait for it. Dialing is boxed: its future runs to
-        // kilobytes, and inline it would make every call's future (allocated once per call)
-        // that large.
-        let conn = match self.live_conn(to) {
-            Some(conn) => conn,
-            None => tokio::time::timeout_at(until, Box::pin(self.connection(to)))
-                .await
-                .map_err(|_| SupervisorError::Unreachable(to))??,
-        };
+        let conn = self.conn_until(to, until).await?;
         self.call_on(&conn, request, until, deadline, what).await
+    }
+
+    async fn tell(&self, to: u64, message: Bytes, deadline: Duration) -> Result<()> {
+        let conn = self.conn_until(to, Instant::now() + deadline).await?;
+        conn.writer.send(Wire::Request { id: NO_ANSWER, body: message }).await
     }
 
     async fn call_addr(
