@@ -888,8 +888,8 @@ impl Inner {
     }
 
     /// Sends `reply` to `to` as the answer to its request `id`; true once it is on its way.
-    /// Told, not called: nothing is done with `to`'s receipt, and on a redirect, which costs
-    /// six messages against two for a direct request, one fewer is CPU the origin waits for.
+    /// Told, not called: nothing is done with `to`'s receipt. A redirect then costs five
+    /// messages instead of six (a direct request costs two), and the origin waits for that CPU.
     async fn send_answer(&self, to: NodeId, id: RequestId, reply: Reply) -> bool {
         let Ok(bytes) = (Message::Answer { id, reply }).encode() else { return false };
         self.link.tell(to, self.link.seal(bytes), self.config.call_timeout).await.is_ok()
