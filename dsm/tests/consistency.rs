@@ -543,7 +543,7 @@ fn with_backups_a_node_leaving_leaves_every_page_on_two_nodes() {
                 written.push((pid(page), u64::from(page) + 200));
             }
             let mut managed = BTreeSet::new();
-            for page in (0..).map(|p| PageId { segment: SEGMENT, page: p * 7 + 1 }) {
+            for page in (0..100_000).map(|p| PageId { segment: SEGMENT, page: p * 7 + 1 }) {
                 let Some(manager) = snapshot.locate(gobelins_dsm::DSM, page.key()) else { break };
                 if manager != NodeId(3) && managed.insert(manager) {
                     written.push((page, u64::from(page.page) + 300));
@@ -552,6 +552,7 @@ fn with_backups_a_node_leaving_leaves_every_page_on_two_nodes() {
                     break;
                 }
             }
+            assert_eq!(managed.len(), 11, "a page managed by every node but the leaver");
             for &(page, count) in &written {
                 if count >= 300 {
                     let manager = snapshot.locate(gobelins_dsm::DSM, page.key()).expect("managed");
