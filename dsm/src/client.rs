@@ -40,11 +40,6 @@ impl Segment {
         Segment { id, len }
     }
 
-    /// Pages it spans.
-    pub fn pages(&self) -> u64 {
-        self.len.div_ceil(PAGE_SIZE as u64)
-    }
-
     /// Its page `page`.
     pub fn page(&self, page: u32) -> PageId {
         PageId { segment: self.id, page }

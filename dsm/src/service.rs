@@ -30,6 +30,10 @@ const RESTORING: usize = 16;
 const ABANDON_TRIES: usize = 5;
 const ABANDON_PAUSE: Duration = Duration::from_millis(10);
 
+/// A page the sweep found with no live backup: the page, its entry, its owner, the entry's
+/// version, the node to back it up on, and the backup the entry names now.
+type Exposed = (PageId, Arc<AsyncMutex<Live>>, NodeId, u64, NodeId, Option<NodeId>);
+
 /// Why a holder's copy could not be had.
 #[derive(Debug)]
 enum Absent {
@@ -1119,12 +1123,27 @@ impl DsmService {
             self.state().live.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
         // In key order, the same in every run (a `DashMap`'s order is new each run).
         slots.sort_unstable_by_key(|(key, _)| *key);
+        // With backups on, the live nodes a page left without a backup may get one on.
+        let backups = self.state().config.backups;
+        let live: Vec<NodeId> = ctx
+            .snapshot()
+            .filter(|_| backups)
+            .map(|s| s.nodes().iter().copied().filter(|&n| !self.gone(ctx, n)).collect())
+            .unwrap_or_default();
+        let mut exposed = Vec::new();
         for (key, slot) in slots {
             let mut entry = slot.lock().await;
             match (&mut *entry, named(key)) {
                 // One not mended now is mended at its next fault.
                 (Live::Page(e), Named::Page(page)) => {
                     self.mend(ctx, page, e, false).await;
+                    let owner = e.owner.filter(|&o| !e.lost && !self.gone(ctx, o));
+                    let backed = |o| e.backup.is_some_and(|b| b != o && !self.gone(ctx, b));
+                    // The next live node after the owner, as a grant chooses.
+                    let to = owner.filter(|&o| !backed(o)).and_then(|o| next_node(&live, o, None));
+                    if let (Some(owner), Some(to)) = (owner, to) {
+                        exposed.push((page, Arc::clone(&slot), owner, e.version, to, e.backup));
+                    }
                 }
                 (Live::Lock(l), _) if l.holder.is_some_and(|t| self.gone(ctx, t.node)) => {
                     l.holder = None;
@@ -1132,39 +1151,18 @@ impl DsmService {
                 _ => {}
             }
         }
-        if self.state().config.backups {
-            self.restore_backups(ctx).await;
+        if !exposed.is_empty() {
+            self.restore_backups(ctx, exposed).await;
         }
     }
 
     /// With backups on, gives each page this node manages whose backup is gone (its node died
-    /// or left, or the owner was promoted from it) a new one before the change ends. Until
+    /// or left, or the owner was promoted from it; `sweep` finds them) a new one before the
+    /// change ends. Until
     /// then the owner holds the page's only copy, and a second failure, however much later,
     /// would lose it: a commit finds a new backup too, but a page not written again never
     /// commits.
-    async fn restore_backups(&self, ctx: &Context) {
-        let Some(nodes) = ctx.snapshot().map(|s| s.nodes().to_vec()) else { return };
-        let live: Vec<NodeId> = nodes.into_iter().filter(|&n| !self.gone(ctx, n)).collect();
-        let mut slots: Vec<(Key, Arc<AsyncMutex<Live>>)> =
-            self.state().live.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
-        slots.sort_unstable_by_key(|(key, _)| *key);
-        let mut exposed = Vec::new();
-        for (key, slot) in slots {
-            let (Named::Page(page), Live::Page(e)) = (named(key), &*slot.lock().await) else {
-                continue;
-            };
-            let Some(owner) = e.owner.filter(|&o| !e.lost && !self.gone(ctx, o)) else { continue };
-            if e.backup.is_some_and(|b| b != owner && !self.gone(ctx, b)) {
-                continue;
-            }
-            // The next live node after the owner, as a grant chooses.
-            if let Some(to) = next_node(&live, owner, None) {
-                exposed.push((page, Arc::clone(&slot), owner, e.version, to, e.backup));
-            }
-        }
-        if exposed.is_empty() {
-            return;
-        }
+    async fn restore_backups(&self, ctx: &Context, exposed: Vec<Exposed>) {
         let wanted = exposed.len();
         let restored: Vec<bool> = futures::stream::iter(exposed)
             .map(|(page, slot, owner, version, to, replaces)| async move {
