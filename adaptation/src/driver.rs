@@ -16,8 +16,10 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-/// Remembered answers per migration message: small enough for any frame.
+/// Remembered answers per migration message, at most.
 const ANSWERS_PER_BATCH: usize = 4096;
+/// An answer's bytes in a batch besides its response, at most: key, request id, lengths.
+const ANSWER_OVERHEAD: usize = 64;
 /// Batches in flight to one node.
 const IN_FLIGHT: usize = 4;
 /// Full runs waiting for their shipper, per destination: packing waits beyond that.
@@ -583,7 +585,7 @@ impl Inner {
         // Moved into their batches, not cloned: one allocation fewer per answer.
         let mut answered = answered.into_iter().peekable();
         loop {
-            let chunk: Vec<Answered> = answered.by_ref().take(ANSWERS_PER_BATCH).collect();
+            let chunk = next_answers(&mut answered, self.config.batch_bytes);
             match batch(chunk).encode() {
                 Ok(body) => flight.send(self.link.seal(body), 0, 0).await,
                 Err(e) => {
@@ -598,6 +600,28 @@ impl Inner {
     }
 }
 
+/// The next batch of `answers`: at most [`ANSWERS_PER_BATCH`], and no more bytes of
+/// responses than `batch_bytes` unless the first alone has more. Cut by count alone, 4,096
+/// answers carrying a DSM page each outgrew the transport's largest frame, and the batch was
+/// refused for ever.
+fn next_answers(
+    answers: &mut std::iter::Peekable<impl Iterator<Item = Answered>>,
+    batch_bytes: usize,
+) -> Vec<Answered> {
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    while chunk.len() < ANSWERS_PER_BATCH {
+        let Some(next) = answers.peek() else { break };
+        let size = next.response.len() + ANSWER_OVERHEAD;
+        if !chunk.is_empty() && bytes + size > batch_bytes {
+            break;
+        }
+        bytes += size;
+        chunk.extend(answers.next());
+    }
+    chunk
+}
+
 /// Frees `garbage` on a thread of the blocking pool, on a runtime whose workers serve requests.
 /// A current-thread runtime (the simulations', the tests') frees it in place: a thread of its
 /// own would hold back the paused clock for as long as the freeing takes on the wall clock, and
@@ -608,5 +632,75 @@ fn free_aside<T: Send + 'static>(garbage: T) {
         drop(garbage);
     } else {
         tokio::task::spawn_blocking(move || drop(garbage));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::AdaptationError;
+    use crate::host::HostConfig;
+    use crate::link::Link;
+    use crate::registry::Registry;
+    use crate::wire::{Reply, RequestId};
+    use async_trait::async_trait;
+    use gobelins_locator::Key;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// Takes every message, and keeps the answers each batch carried and its size.
+    #[derive(Default)]
+    struct Recording {
+        batches: Mutex<Vec<(usize, usize)>>,
+    }
+
+    #[async_trait]
+    impl Link for Recording {
+        async fn call(
+            &self,
+            _to: NodeId,
+            message: Bytes,
+            _deadline: Duration,
+        ) -> Result<Bytes, AdaptationError> {
+            let size = message.len();
+            if let Message::Batch { answered, .. } = Message::decode(message)? {
+                self.batches.lock().unwrap().push((answered.len(), size));
+            }
+            Reply::Accepted.encode().map(Bytes::from)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_kept_for_moving_keys_travel_in_batches_no_larger_than_the_setting() {
+        let link = Arc::new(Recording::default());
+        let config = HostConfig { batch_bytes: 256 * 1024, ..HostConfig::default() };
+        let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), config);
+        // As many answers as a count alone lets into one batch, each with a page: 16 MiB.
+        let answered: Vec<Answered> = (0..ANSWERS_PER_BATCH as u64)
+            .map(|seq| Answered {
+                key: Key(seq),
+                id: RequestId { origin: NodeId(2), seq },
+                response: Bytes::from(vec![7u8; 4096]),
+            })
+            .collect();
+        let settled = [(NodeId(2), Settlement { since: 1, below: 1 })];
+        Arc::clone(&inner).ship_answers(4, ServiceId(1), NodeId(3), answered, &settled).await;
+        inner.stop();
+        let batches = link.batches.lock().unwrap().clone();
+        let carried: usize = batches.iter().map(|&(n, _)| n).sum();
+        assert_eq!(carried, ANSWERS_PER_BATCH, "every answer travels");
+        let largest = batches.iter().map(|&(_, size)| size).max().unwrap();
+        assert!(largest <= 256 * 1024 + 1024, "a batch of {largest} bytes: {batches:?}");
+        // One answer larger than the setting still travels, alone.
+        let big = Answered {
+            key: Key(1),
+            id: RequestId { origin: NodeId(2), seq: 1 },
+            response: Bytes::from(vec![1u8; 300 * 1024]),
+        };
+        let small = Answered { response: Bytes::from_static(b"ok"), ..big.clone() };
+        let mut answers = vec![big, small].into_iter().peekable();
+        assert_eq!(next_answers(&mut answers, 256 * 1024).len(), 1);
+        assert_eq!(next_answers(&mut answers, 256 * 1024).len(), 1);
+        assert!(next_answers(&mut answers, 256 * 1024).is_empty());
     }
 }

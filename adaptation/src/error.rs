@@ -52,6 +52,15 @@ pub enum AdaptationError {
         /// What the transport said.
         reason: String,
     },
+    /// A message larger than the link carries (the transport's largest frame): sending it
+    /// again cannot help.
+    #[error("a message of {bytes} bytes is larger than the link carries ({max} bytes)")]
+    TooLarge {
+        /// The message's size.
+        bytes: u64,
+        /// The largest the link carries.
+        max: u64,
+    },
     /// A request could not complete before its deadline: its manager stayed unreachable, or the
     /// change it waited for did not end. It may or may not have run; retrying it with the same
     /// id runs it at most once.

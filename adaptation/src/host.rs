@@ -472,7 +472,7 @@ async fn forget_old_answers(inner: Weak<Inner>) {
 static LIVES: AtomicU64 = AtomicU64::new(1);
 
 impl Inner {
-    fn spawn(
+    pub(crate) fn spawn(
         me: NodeId,
         registry: Registry,
         link: Arc<dyn Link>,
@@ -516,7 +516,7 @@ impl Inner {
     }
 
     /// Stops the driver; requests in flight end at their deadline.
-    fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.stopped.send_replace(true);
         self.mirrors.stopped.store(true, Ordering::Release);
         let _ = self.inputs.send(Input::Stop);
@@ -818,6 +818,7 @@ impl Inner {
             // the directory's. Its answer is dropped and the request retried at the new manager.
             Ok(_) if self.mirrors.departed.load().contains(&manager) => Reply::Late,
             Ok(answer) => Reply::decode(&answer).unwrap_or_else(|e| Reply::Refused(e.to_string())),
+            Err(e @ AdaptationError::TooLarge { .. }) => Reply::Refused(e.to_string()),
             Err(_) => Reply::Late,
         }
     }
@@ -1252,6 +1253,11 @@ impl Inner {
                 }
                 Ok(other) => {
                     tracing::debug!(node = to.0, ?other, "migration message not taken yet")
+                }
+                Err(e @ AdaptationError::TooLarge { .. }) => {
+                    // Sent again it would be refused again, and the change would never end.
+                    tracing::error!(node = to.0, error = %e, "a migration message is larger than the transport carries: an entry of this service is too large to move, and is not moved (raise max_frame on every node, or keep the service's entries smaller)");
+                    return false;
                 }
                 Err(e) => {
                     failures += 1;

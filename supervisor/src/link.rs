@@ -1,6 +1,7 @@
 //! The adaptation layer's [`Link`] over the supervisor's authenticated transport: its messages
 //! travel in their own [`Lane`], on the same connections as raft and the failure detector.
 
+use crate::error::SupervisorError;
 use crate::lane::Lane;
 use crate::rpc::Response;
 use crate::transport::Transport;
@@ -55,12 +56,13 @@ impl Link for TransportLink {
         deadline: Duration,
     ) -> Result<Bytes, AdaptationError> {
         let unreachable = |reason: String| AdaptationError::Unreachable { node: to.0, reason };
-        let answer = self
-            .transport
-            .call(to.0, message, deadline)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let codec_error = |e: crate::error::SupervisorError| AdaptationError::Codec(e.to_string());
+        let answer = self.transport.call(to.0, message, deadline).await.map_err(|e| match e {
+            SupervisorError::FrameTooLarge { len, max } => {
+                AdaptationError::TooLarge { bytes: len as u64, max: max as u64 }
+            }
+            e => unreachable(e.to_string()),
+        })?;
+        let codec_error = |e: SupervisorError| AdaptationError::Codec(e.to_string());
         match Lane::open(answer).map_err(codec_error)? {
             (Lane::Adaptation, reply) => Ok(reply),
             (Lane::Supervisor, body) => match codec::decode::<Response>(&body)? {
