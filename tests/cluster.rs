@@ -296,6 +296,17 @@ fn call(socket: &Path, key: u64, request: &kvdir::Request) -> Option<kvdir::Resp
 
 #[test]
 fn a_node_restarted_before_anyone_noticed_comes_back_as_a_new_life_and_loses_nothing() {
+    restarted_before_anyone_noticed(false);
+}
+
+/// The same restart by a unit that always passes `--join`: the same life asking to join again
+/// used to be answered as still a member, and served its keys from empty services.
+#[test]
+fn a_node_restarted_with_join_before_anyone_noticed_comes_back_as_a_new_life_too() {
+    restarted_before_anyone_noticed(true);
+}
+
+fn restarted_before_anyone_noticed(with_join: bool) {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(30);
     let mut agents = three_agents(root.path(), limit);
@@ -317,7 +328,10 @@ fn a_node_restarted_before_anyone_noticed_comes_back_as_a_new_life_and_loses_not
     // lost its services' memory, so its last life must be recovered like a crash.
     agents[1].child.as_mut().expect("child").kill().expect("kill -9");
     agents[1].child.as_mut().expect("child").wait().expect("reap");
-    agents[1].child = Some(spawn(&agents[1], &[]));
+    let secret = agents[0].dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let join = ["--join", agents[0].addr.as_str(), "--secret-file", secret.as_str()];
+    agents[1].child = Some(spawn(&agents[1], if with_join { &join } else { &[] }));
     wait_until("node 2 back as a new life", limit, || {
         stable_with(&agents[0].dir, &[(1, "active", 1), (2, "active", 2), (3, "active", 1)])
     });

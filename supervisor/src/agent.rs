@@ -78,7 +78,22 @@ impl<N: Net> Agent<N> {
     ) -> Result<Self> {
         let dir = DataDir::open(&options.data_dir)?;
         let existing = dir.secret()?;
-        let secret = match (&options.start, existing, &options.secret_file) {
+        // A directory that holds a secret was admitted to its cluster before (a joining node
+        // keeps the secret only once admitted). Asked to join again, as a unit that always
+        // passes --join would, it is a restart: its services lost their memory with the process,
+        // so its last life must be recovered like a crash, not answered as the same life.
+        let start = match (&options.start, &existing) {
+            (Start::Join(seed), Some(secret)) => {
+                tracing::info!(
+                    %seed,
+                    cluster = %secret.cluster,
+                    "this data directory is already a member of its cluster: resuming it, as a new life (--join is not needed)"
+                );
+                Start::Resume
+            }
+            (start, _) => start.clone(),
+        };
+        let secret = match (&start, existing, &options.secret_file) {
             (Start::Bootstrap, Some(secret), _) => {
                 return Err(SupervisorError::AlreadyBootstrapped {
                     dir: options.data_dir.clone(),
@@ -176,7 +191,7 @@ impl<N: Net> Agent<N> {
         .await?;
         tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
 
-        match &options.start {
+        match &start {
             Start::Bootstrap => {
                 let outcome = supervisor.bootstrap().await?;
                 tracing::info!(?outcome, "cluster bootstrapped");
@@ -202,7 +217,7 @@ impl<N: Net> Agent<N> {
             }
             Start::Resume => {}
         }
-        if options.start == Start::Resume {
+        if start == Start::Resume {
             tokio::spawn(start_new_life(Arc::clone(&supervisor)));
         }
         tokio::spawn(register(Arc::clone(&supervisor)));
@@ -311,7 +326,7 @@ pub async fn run(
             match ended.map(|l| l.clone()) {
                 Ok(Lifecycle::Fatal(why)) => fatal = Some(why),
                 _ => {
-                    tracing::info!("this node has left the cluster; stopping");
+                    tracing::warn!("this node is not a member of the cluster any more (it left, was evicted, or had left before this start); stopping. To take part again, start it with an empty --data-dir and --join");
                     // Let the CLI that asked for the leave read its final answer.
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
