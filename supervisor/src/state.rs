@@ -231,6 +231,12 @@ pub struct ClusterState {
     /// them from the survivors.
     #[serde(default)]
     pub interrupted: BTreeMap<u64, Vec<ServicePlan>>,
+    /// Leavers kept until the recoveries of these nodes end. A node that received a leaver's
+    /// entries and died before it reported the leave done may not have copied them on: the
+    /// leaver still holds them, so it stays (leaving, out of the tree) and takes part in the
+    /// recovery, where its copies rebuild them, rather than take them away with it.
+    #[serde(default)]
+    pub lingering: BTreeMap<u64, BTreeSet<u64>>,
 }
 
 impl Default for ClusterState {
@@ -249,6 +255,7 @@ impl ClusterState {
             in_progress: None,
             queue: VecDeque::new(),
             interrupted: BTreeMap::new(),
+            lingering: BTreeMap::new(),
         })
     }
 
@@ -373,6 +380,25 @@ impl ClusterState {
             // Recovery goes before voluntary changes: its entries have no manager meanwhile.
             self.queue.push_front(Change::Fail(NodeId(node)));
         }
+        // A dead leaver takes nothing away that anyone waits for.
+        self.lingering.remove(&node);
+        if let Some(progress) = &self.in_progress {
+            let recovered = self
+                .queue
+                .iter()
+                .any(|c| matches!(c, Change::Fail(n) | Change::Recover(n) if n.0 == node));
+            match progress.change {
+                Change::Evict(leaver)
+                    if leaver.0 != node
+                        && recovered
+                        && !progress.done.contains(&node)
+                        && progress.plan.outgoing(leaver).any(|(_, m)| m.to.0 == node) =>
+                {
+                    self.lingering.entry(leaver.0).or_default().insert(node);
+                }
+                _ => {}
+            }
+        }
         match &mut self.in_progress {
             // A dead node reports nothing: stop waiting for it.
             Some(progress) => {
@@ -449,14 +475,34 @@ impl ClusterState {
         let Some(progress) = self.in_progress.take() else { return };
         let (node, from, to) = match progress.change {
             Change::Add { node, .. } => (node.0, NodeStatus::Joining, NodeStatus::Active),
+            // A leaver a dead receiver's recovery needs stays until that recovery ends.
+            Change::Evict(node) if self.lingering.contains_key(&node.0) => return,
             Change::Evict(node) => (node.0, NodeStatus::Leaving, NodeStatus::Left),
-            Change::Fail(_)
-            | Change::Recover(_)
-            | Change::Register(_)
-            | Change::Rebalance { .. } => return,
+            Change::Fail(dead) | Change::Recover(dead) => {
+                self.recovered(dead.0);
+                return;
+            }
+            Change::Register(_) | Change::Rebalance { .. } => return,
         };
         if self.nodes.get(&node).map(|r| r.status) == Some(from) {
             self.set_status(node, to);
+        }
+    }
+
+    /// `dead`'s entries are rebuilt: the leavers that stayed for it and for nobody else go.
+    fn recovered(&mut self, dead: u64) {
+        let mut released = Vec::new();
+        self.lingering.retain(|&leaver, waits| {
+            waits.remove(&dead);
+            if waits.is_empty() {
+                released.push(leaver);
+            }
+            !waits.is_empty()
+        });
+        for leaver in released {
+            if self.nodes.get(&leaver).map(|r| r.status) == Some(NodeStatus::Leaving) {
+                self.set_status(leaver, NodeStatus::Left);
+            }
         }
     }
 

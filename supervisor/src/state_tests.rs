@@ -304,3 +304,37 @@ fn a_node_dying_during_its_own_eviction_is_recovered_with_the_moves_it_had_not_f
     assert!(state.is_stable());
     assert_eq!(status(&state, 3), NodeStatus::Failed, "a dead leaver stays failed");
 }
+
+#[test]
+fn a_leaver_whose_receiver_dies_before_reporting_stays_for_its_recovery() {
+    let mut state = ClusterState::default();
+    state.apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "kv"))).expect("reg");
+    for n in 1..=4 {
+        state.apply(&join(n)).expect("join");
+        settle(&mut state);
+    }
+    state.apply(&Evict { node: 4 }).expect("evict");
+    let eviction = state.in_progress.clone().expect("the eviction began");
+    let receiver = eviction.plan.outgoing(NodeId(4)).map(|(_, m)| m.to.0).next().expect("a move");
+    // The receiver dies before it reports: what node 4 handed it may have no other copy.
+    state.apply(&Fail { node: receiver, incarnation: 1 }).expect("fail");
+    for node in eviction.participants.iter().filter(|&&n| n != receiver) {
+        state.apply(&done(*node, eviction.epoch)).expect("report");
+    }
+    assert_eq!(status(&state, 4), NodeStatus::Leaving, "node 4 stays for the recovery");
+    let recovery = state.in_progress.clone().expect("the recovery begins next");
+    assert_eq!(recovery.change, Change::Fail(NodeId(receiver)));
+    assert!(recovery.participants.contains(&4), "node 4 reports what it handed over");
+    settle(&mut state);
+    assert_eq!(status(&state, 4), NodeStatus::Left, "and leaves once it is rebuilt");
+    assert!(state.lingering.is_empty());
+    assert!(state.is_stable());
+
+    // A receiver that reported the leave done had copied everything on: nobody stays.
+    state.apply(&Evict { node: 3 }).expect("evict");
+    let eviction = state.in_progress.clone().expect("the eviction began");
+    let receiver = eviction.plan.outgoing(NodeId(3)).map(|(_, m)| m.to.0).next().expect("a move");
+    state.apply(&done(receiver, eviction.epoch)).expect("report");
+    state.apply(&Fail { node: receiver, incarnation: 1 }).expect("fail");
+    assert!(state.lingering.is_empty());
+}
