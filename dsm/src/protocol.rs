@@ -1,10 +1,36 @@
 //! What nodes say to page managers and to each other, and the entries that migrate.
 
-use crate::page::PageId;
+use crate::page::{PageId, PAGE_SIZE};
 use gobelins_locator::NodeId;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_bytes::ByteBuf;
 use std::collections::{BTreeMap, BTreeSet};
+
+/// A page's bytes off the wire: exactly [`PAGE_SIZE`] of them. A peer's shorter page would
+/// otherwise be installed, and a later access past its end would panic on every reader.
+fn page<'de, D: Deserializer<'de>>(d: D) -> Result<ByteBuf, D::Error> {
+    checked(ByteBuf::deserialize(d)?)
+}
+
+fn maybe_page<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteBuf>, D::Error> {
+    Option::<ByteBuf>::deserialize(d)?.map(checked).transpose()
+}
+
+fn maybe_labelled_page<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<(u64, ByteBuf)>, D::Error> {
+    Option::<(u64, ByteBuf)>::deserialize(d)?
+        .map(|(label, data)| checked(data).map(|data| (label, data)))
+        .transpose()
+}
+
+fn checked<E: serde::de::Error>(data: ByteBuf) -> Result<ByteBuf, E> {
+    if data.len() == PAGE_SIZE {
+        Ok(data)
+    } else {
+        Err(E::custom(format!("a page of {} bytes, not {PAGE_SIZE}", data.len())))
+    }
+}
 
 /// Who holds a lock: a node and the number it drew.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,6 +68,7 @@ pub enum Request {
         /// The version it owns.
         version: u64,
         /// The page.
+        #[serde(deserialize_with = "page")]
         data: ByteBuf,
         /// Readers it served directly, which the manager did not know of.
         readers: BTreeSet<NodeId>,
@@ -56,6 +83,7 @@ pub enum Request {
         /// The backup it could not reach.
         failed: NodeId,
         /// The content to back up.
+        #[serde(deserialize_with = "page")]
         data: ByteBuf,
     },
     /// To the manager: start a lost page afresh, zero-filled.
@@ -130,6 +158,7 @@ pub enum Request {
         /// The owner's version.
         version: u64,
         /// The page as last committed.
+        #[serde(deserialize_with = "page")]
         data: ByteBuf,
     },
     /// To the manager, from an evicted node: the copy it gave up to a writer and keeps aside
@@ -142,6 +171,7 @@ pub enum Request {
         /// The version of the copy, as the grant named it.
         label: u64,
         /// The copy.
+        #[serde(deserialize_with = "page")]
         data: ByteBuf,
     },
     /// To every node, from [`crate::Dsm::free`]: drop every copy of the segment's pages and
@@ -184,6 +214,7 @@ pub enum Response {
         /// The page's version.
         version: u64,
         /// The page, unless zero.
+        #[serde(deserialize_with = "maybe_page")]
         data: Option<ByteBuf>,
         /// Its owner: where to read it next time (a hint).
         owner: Option<NodeId>,
@@ -194,6 +225,7 @@ pub enum Response {
         /// The new version.
         version: u64,
         /// The page, when the writer lacks it.
+        #[serde(deserialize_with = "maybe_page")]
         data: Option<ByteBuf>,
         /// The page was never written: start from zeros.
         zero: bool,
@@ -209,7 +241,7 @@ pub enum Response {
     /// The manager could not reach the page's holder this time; ask again.
     Retry,
     /// A fetched page.
-    Page(ByteBuf),
+    Page(#[serde(deserialize_with = "page")] ByteBuf),
     /// The holder no longer has (or never had) that version.
     Missing,
     /// Done.
@@ -329,9 +361,11 @@ pub enum Entry {
         /// The entry.
         entry: PageEntry,
         /// The page, handed over with its entry.
+        #[serde(deserialize_with = "maybe_page")]
         frame: Option<ByteBuf>,
         /// The copy the evicted sender gave up to a writer and keeps aside, with its version,
         /// when the entry's grant took the page from the sender: the new manager keeps it.
+        #[serde(deserialize_with = "maybe_labelled_page")]
         aside: Option<(u64, ByteBuf)>,
     },
     /// A survivor's copy of a page whose manager died, for `scan`.
@@ -355,4 +389,35 @@ pub enum Entry {
         /// The segments freed since the manager died.
         freed: BTreeSet<u32>,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gobelins_adaptation::codec;
+
+    #[test]
+    fn a_page_of_any_other_length_than_a_page_is_refused_as_it_is_read() {
+        let page = PageId { segment: 1, page: 2 };
+        let backup = |len| Request::Backup { page, version: 3, data: ByteBuf::from(vec![7; len]) };
+        let bytes = codec::encode(&backup(PAGE_SIZE)).expect("encode");
+        assert!(codec::decode::<Request>(&bytes).is_ok());
+        for len in [0, 100, PAGE_SIZE - 1, PAGE_SIZE + 1] {
+            let bytes = codec::encode(&backup(len)).expect("encode");
+            assert!(codec::decode::<Request>(&bytes).is_err(), "{len} bytes");
+            let copy =
+                Response::Copy { version: 1, data: Some(ByteBuf::from(vec![0; len])), owner: None };
+            let bytes = codec::encode(&copy).expect("encode");
+            assert!(codec::decode::<Response>(&bytes).is_err(), "a copy of {len} bytes");
+            let entry = Entry::Page {
+                entry: PageEntry::default(),
+                frame: None,
+                aside: Some((4, ByteBuf::from(vec![0; len]))),
+            };
+            let bytes = codec::encode(&entry).expect("encode");
+            assert!(codec::decode::<Entry>(&bytes).is_err(), "an entry's page of {len} bytes");
+        }
+        let zero = Response::Copy { version: 1, data: None, owner: None };
+        assert!(codec::decode::<Response>(&codec::encode(&zero).expect("encode")).is_ok());
+    }
 }
