@@ -509,10 +509,11 @@ fn run_seed(seed: u64) -> Result<String, String> {
         if now >= Duration::from_secs(280) {
             let r = record.borrow();
             return Err(format!(
-                "{script}: did not finish in time ({} writes ok, {} failed, filled {}, stopped {}); \
-                 latest views: {:?}",
+                "{script}: did not finish in time ({} writes ok, {} failed (first: {:?}), filled {}, \
+                 stopped {}); latest views: {:?}",
                 r.ok,
                 r.failed.len(),
+                r.failed.first(),
                 r.filled,
                 r.stopped,
                 r.latest

@@ -90,9 +90,22 @@ pub(crate) fn seed_from_env() -> u64 {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
-        .without_time()
+        .with_timer(SimTime)
         .try_init();
     seed.parse().expect("GOBELINS_SIM_SEED is a number")
+}
+
+/// Stamps a replayed seed's log lines with the simulation's clock, which the script's events
+/// and the requests' stories are told in.
+struct SimTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for SimTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        match turmoil::sim_elapsed() {
+            Some(t) => write!(w, "{:>9.3}s", t.as_secs_f64()),
+            None => write!(w, "{:>10}", "-"),
+        }
+    }
 }
 
 /// Runs `one_seed` of this test binary once per seed, each in its own process, and fails with
