@@ -315,10 +315,12 @@ impl Driver {
             Command::ReleaseHeld { .. } => {
                 if let Some(router) = inner.router.lock().expect("router").as_mut() {
                     router.release();
-                    if let Some(Change::Fail(dead) | Change::Recover(dead)) =
-                        self.progress.as_ref().map(|p| &p.change)
-                    {
-                        router.recovered(*dead);
+                    match self.progress.as_ref().map(|p| (&p.change, p.epoch)) {
+                        Some((Change::Fail(dead) | Change::Recover(dead), _)) => {
+                            router.recovered(*dead)
+                        }
+                        Some((_, epoch)) => router.outlived(epoch),
+                        None => {}
                     }
                 }
                 inner.released.send_modify(|r| *r += 1);

@@ -46,9 +46,10 @@ pub struct Router {
     snapshot: Arc<Snapshot>,
     /// Per service, the slot ranges whose manager changes in the period under way.
     moving: BTreeMap<ServiceId, Vec<Range<u32>>>,
-    /// Slots a node died before handing over, per dead node: held past the period's end,
-    /// until the change that recovers the node has rebuilt them.
-    orphaned: BTreeMap<NodeId, BTreeMap<ServiceId, Vec<Range<u32>>>>,
+    /// Slots a node died before handing over, per dead node, with the epoch of the change
+    /// they were to move in: held past the period's end, until the change that recovers the
+    /// node has rebuilt them.
+    orphaned: BTreeMap<NodeId, (u64, BTreeMap<ServiceId, Vec<Range<u32>>>)>,
 }
 
 impl Router {
@@ -92,7 +93,8 @@ impl Router {
     /// `dead` died before handing over its moves in `plan`: keep holding the slots it was to
     /// send here after the period ends, until [`Router::recovered`].
     pub fn keep_orphans(&mut self, dead: NodeId, plan: &MigrationPlan) {
-        let mine = self.orphaned.entry(dead).or_default();
+        let (epoch, mine) = self.orphaned.entry(dead).or_default();
+        *epoch = (*epoch).max(plan.to.0);
         for service in &plan.services {
             let slots = service.moves.iter().filter(|m| m.from == dead && m.to == self.me);
             mine.entry(service.service).or_default().extend(slots.map(|m| m.slots.clone()));
@@ -102,6 +104,15 @@ impl Router {
     /// The change that recovers `dead` is over: its orphans have been rebuilt.
     pub fn recovered(&mut self, dead: NodeId) {
         self.orphaned.remove(&dead);
+    }
+
+    /// A change at `epoch` that recovers nobody is over. Recoveries go before every other
+    /// change, so none is coming for the orphans kept before it: their sender left rather
+    /// than failed (this node saw the change it left in only after the cluster was done with
+    /// it, as a new life catching up does), and what it sent was rebuilt, or delivered, by
+    /// then. Held longer, they would be held for ever.
+    pub fn outlived(&mut self, epoch: u64) {
+        self.orphaned.retain(|_, (kept, _)| *kept >= epoch);
     }
 
     /// Decides what to do with a request for `key` of `service` from a sender at `epoch`.
@@ -122,7 +133,7 @@ impl Router {
         let held = |ranges: &BTreeMap<ServiceId, Vec<Range<u32>>>| {
             ranges.get(&service).is_some_and(|r| r.iter().any(|r| r.contains(&slot)))
         };
-        if held(&self.moving) || self.orphaned.values().any(held) {
+        if held(&self.moving) || self.orphaned.values().any(|(_, slots)| held(slots)) {
             return Verdict::Hold;
         }
         if table.locate(key) == self.me {
@@ -207,5 +218,36 @@ mod tests {
         assert_eq!(router.route(KV, leaving, 5), Verdict::Moved { epoch: 5 });
         router.install(old);
         assert_eq!(router.epoch(), 5, "epochs never go back");
+    }
+
+    #[test]
+    fn orphans_are_held_until_their_sender_is_recovered_or_a_later_change_ends() {
+        let mut t = tree(3);
+        let old = Arc::new(t.snapshot(Epoch(4)).expect("snapshot"));
+        t.add_node(NodeId(4), Labels::new()).expect("add");
+        let new = Arc::new(t.snapshot(Epoch(5)).expect("snapshot"));
+        let plan = MigrationPlan::between(&old, &new);
+        // Node 4 receives; node 1 is the sender that dies before it has handed its keys over.
+        let orphan = (0..)
+            .map(Key)
+            .find(|&k| old.locate(KV, k) == Some(NodeId(1)) && new.locate(KV, k) == Some(NodeId(4)))
+            .expect("node 1 gives node 4 some keys");
+        let fresh = || {
+            let mut router = Router::new(NodeId(4), Arc::clone(&new));
+            router.keep_orphans(NodeId(1), &plan);
+            router
+        };
+
+        let mut router = fresh();
+        assert_eq!(router.route(KV, orphan, 5), Verdict::Hold);
+        router.outlived(5);
+        assert_eq!(router.route(KV, orphan, 5), Verdict::Hold, "the change it died in ends");
+        router.recovered(NodeId(1));
+        assert_eq!(router.route(KV, orphan, 5), Verdict::Serve, "its recovery rebuilt them");
+
+        // Its sender left instead, and no recovery will come: a later change releases them.
+        let mut router = fresh();
+        router.outlived(6);
+        assert_eq!(router.route(KV, orphan, 5), Verdict::Serve);
     }
 }
