@@ -1328,6 +1328,11 @@ impl Peers for Inner {
             other => Err(AdaptationError::Refused(format!("unexpected answer {other:?}"))),
         }
     }
+
+    fn gone(&self, node: NodeId) -> bool {
+        let stopped = node == self.me && self.mirrors.stopped.load(Ordering::Acquire);
+        stopped || self.mirrors.departed.load().contains(&node)
+    }
 }
 
 #[cfg(test)]

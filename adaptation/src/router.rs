@@ -45,12 +45,15 @@ pub struct Router {
     me: NodeId,
     snapshot: Arc<Snapshot>,
     /// Per service, the slot ranges whose manager changes in the period under way.
-    moving: BTreeMap<ServiceId, Vec<Range<u32>>>,
+    moving: Slots,
     /// Slots a node died before handing over, per dead node, with the epoch of the change
     /// they were to move in: held past the period's end, until the change that recovers the
     /// node has rebuilt them.
-    orphaned: BTreeMap<NodeId, (u64, BTreeMap<ServiceId, Vec<Range<u32>>>)>,
+    orphaned: BTreeMap<NodeId, (u64, Slots)>,
 }
+
+/// Slot ranges, per service.
+type Slots = BTreeMap<ServiceId, Vec<Range<u32>>>;
 
 impl Router {
     /// A router for node `me` at `snapshot`'s epoch.
@@ -130,7 +133,7 @@ impl Router {
             };
         };
         let slot = table.slot_of(key);
-        let held = |ranges: &BTreeMap<ServiceId, Vec<Range<u32>>>| {
+        let held = |ranges: &Slots| {
             ranges.get(&service).is_some_and(|r| r.iter().any(|r| r.contains(&slot)))
         };
         if held(&self.moving) || self.orphaned.values().any(|(_, slots)| held(slots)) {

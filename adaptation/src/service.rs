@@ -52,6 +52,7 @@ pub(crate) trait Peers: Send + Sync {
         key: Key,
         body: Vec<u8>,
     ) -> Result<Bytes, AdaptationError>;
+    fn gone(&self, node: NodeId) -> bool;
 }
 
 impl Context {
@@ -91,6 +92,13 @@ impl Context {
     /// The locator's table at [`Context::epoch`]: who manages what, and the live nodes.
     pub fn snapshot(&self) -> Option<&Snapshot> {
         self.snapshot.as_deref()
+    }
+
+    /// Whether nothing sent to `node` will land any more: the cluster has given up on it (it
+    /// failed or left), or `node` is this node and its host has stopped or been given up on.
+    /// A callback that retries a peer until it answers stops on it. `false` when detached.
+    pub fn gone(&self, node: NodeId) -> bool {
+        self.peers.as_ref().is_some_and(|p| p.gone(node))
     }
 
     /// Sends `request` to the manager of `key` of `service`, wherever it is, and waits for its

@@ -101,6 +101,24 @@ impl Link for MemLink {
     }
 }
 
+/// [`MemCluster::crash`] and [`MemCluster::heal`], usable while a change is under way.
+#[derive(Clone)]
+pub struct Faults {
+    net: Arc<MemNet>,
+}
+
+impl Faults {
+    /// As [`MemCluster::crash`].
+    pub fn crash(&self, node: NodeId) {
+        self.net.crashed.insert(node, ());
+    }
+
+    /// As [`MemCluster::heal`].
+    pub fn heal(&self, node: NodeId) {
+        self.net.crashed.remove(&node);
+    }
+}
+
 /// A cluster of hosts in one process, driven like the supervisor drives real ones.
 pub struct MemCluster {
     net: Arc<MemNet>,
@@ -206,6 +224,11 @@ impl MemCluster {
     /// answers again, with its memory intact.
     pub fn heal(&self, node: NodeId) {
         self.net.crashed.remove(&node);
+    }
+
+    /// A handle that crashes and heals nodes while a change borrows the cluster.
+    pub fn faults(&self) -> Faults {
+        Faults { net: Arc::clone(&self.net) }
     }
 
     /// Crashes `node` (it answers nothing from now on, and its memory is gone), then carries

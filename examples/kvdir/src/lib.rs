@@ -19,6 +19,7 @@ use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// The service's id in the cluster.
 pub const KVDIR: ServiceId = ServiceId(10);
@@ -211,8 +212,20 @@ impl Service for KvDir {
             merge(&mut live, staged);
             live.iter().map(|(k, v)| (*k, v.clone())).collect()
         };
-        // The backup may have changed with the configuration.
-        self.replicate(ctx, all).await;
+        // The backup may have changed with the configuration. Until it holds them, the copies
+        // the senders kept are the only others, and a leaver takes its own away once this
+        // node reports the change done: so the change waits for them, unless the cluster gives
+        // up on the backup (its recovery copies them on again) or on this node.
+        let Some(to) = ctx.snapshot().and_then(|s| backup(s, ctx.node())) else { return };
+        let mut pause = Duration::from_millis(10);
+        while !self.replicate(ctx, all.clone()).await {
+            if ctx.gone(to) || ctx.gone(ctx.node()) {
+                tracing::warn!(backup = to.0, "kvdir: entries left without a replica: the cluster gave up on their backup or on this node");
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
     }
 
     async fn scan(

@@ -1,8 +1,14 @@
 //! The replicated directory against the adaptation layer's conformance suite, on an in-memory
 //! cluster under a paused clock.
 
-use gobelins_adaptation::testing::{conformance, replay, Probe};
-use gobelins_kvdir::{KvDir, Request, Response};
+use gobelins_adaptation::testing::{conformance, replay, Faults, MemCluster, Probe};
+use gobelins_adaptation::{
+    codec, plugin, ChangeInfo, Context, HostConfig, Moving, Registry, Service,
+};
+use gobelins_kvdir::{KvDir, Request, Response, Versioned, KVDIR};
+use gobelins_locator::{Key, NodeId, ServiceSpec};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 struct KvProbe;
 
@@ -419,5 +425,110 @@ fn a_manager_forgets_the_answers_of_requests_their_sender_has_settled() {
         // The keep time (2 s) and one more sweep (every second).
         tokio::time::sleep(Duration::from_millis(3_100)).await;
         assert_eq!(two.stats().answers_kept, 0, "an answer never settled expires at a sweep");
+    });
+}
+
+/// kvdir, except that node 4, once armed, cuts its backup (node 1) off as it starts copying
+/// what it received on to it, and heals it 3 s later: the moment the receiver of a leave is
+/// left with the only copy of what the leaver handed it, when it was the leaver's backup.
+struct CutsItsBackup {
+    kv: KvDir,
+    armed: Arc<Mutex<Option<Faults>>>,
+}
+
+#[async_trait::async_trait]
+impl Service for CutsItsBackup {
+    type Request = Request;
+    type Response = Response;
+    type Entry = Versioned;
+
+    fn spec(&self) -> ServiceSpec {
+        self.kv.spec()
+    }
+
+    fn must_retry(response: &Response) -> bool {
+        KvDir::must_retry(response)
+    }
+
+    fn repeatable(request: &Request) -> bool {
+        KvDir::repeatable(request)
+    }
+
+    async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
+        self.kv.handle(ctx, key, request).await
+    }
+
+    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.kv.before_migration(ctx, change).await
+    }
+
+    async fn send_out(&self, ctx: &Context, moving: &Moving) -> Vec<(Key, Versioned)> {
+        self.kv.send_out(ctx, moving).await
+    }
+
+    async fn sent(&self, ctx: &Context, entries: Vec<(Key, Versioned)>) {
+        self.kv.sent(ctx, entries).await
+    }
+
+    async fn receive(&self, ctx: &Context, from: NodeId, entries: Vec<(Key, Versioned)>) {
+        self.kv.receive(ctx, from, entries).await
+    }
+
+    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        let armed = match ctx.node() {
+            NodeId(4) => self.armed.lock().expect("armed").take(),
+            _ => None,
+        };
+        if let Some(faults) = armed {
+            faults.crash(NodeId(1));
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                faults.heal(NodeId(1));
+            });
+        }
+        self.kv.after_migration(ctx, change).await
+    }
+
+    async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Versioned)> {
+        self.kv.scan(ctx, failed, orphans).await
+    }
+}
+
+/// A receiver must not report a leave done before its backup holds what it received: the
+/// leaver then goes, and the receiver's own failure would lose the only copy left.
+#[test]
+fn a_receiver_reports_a_leave_done_only_once_its_backup_holds_what_it_received() {
+    replay(async {
+        let armed: Arc<Mutex<Option<Faults>>> = Arc::default();
+        let on_node_2 = Arc::clone(&armed);
+        let mut cluster = MemCluster::start(4, HostConfig::default(), move || {
+            let mut registry = Registry::new();
+            let service = CutsItsBackup { kv: KvDir::new(), armed: Arc::clone(&on_node_2) };
+            registry.register(plugin(service)).expect("registers");
+            registry
+        })
+        .await;
+        let keys: Vec<Key> = (0..400).map(Key).collect();
+        for &key in &keys {
+            let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
+            cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
+        }
+        // Node 3 leaves. Node 4, its backup, holds the only other copy of what it hands node 4,
+        // until node 4 copies it on to node 1, its backup once node 3 is gone.
+        *armed.lock().expect("armed") = Some(cluster.faults());
+        cluster.evict(NodeId(3)).await;
+        assert!(armed.lock().expect("armed").is_none(), "node 4 took part in the leave");
+        // Node 4 dies: its entries are rebuilt from node 1's replicas.
+        cluster.fail(NodeId(4)).await;
+        let get = codec::encode(&Request::Get).expect("encode");
+        for &key in &keys {
+            let answer =
+                cluster.host(NodeId(2)).request(KVDIR, key, get.clone()).await.expect("get");
+            let value: Response = codec::decode(&answer).expect("decode");
+            assert!(
+                matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
+                "{key:?}: {value:?}"
+            );
+        }
     });
 }
