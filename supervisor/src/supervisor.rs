@@ -31,6 +31,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+/// Failure timeouts a proposal waits to commit on this node as leader: well past a healthy
+/// commit (milliseconds) or a leader change (which answers at once), well short of an operator
+/// waiting on a silent command.
+const COMMIT_WAIT_TIMEOUTS: u32 = 5;
+
 /// Timers of the supervisor. The defaults suit a LAN; [`SupervisorConfig::loopback`] suits
 /// processes on one machine.
 #[derive(Clone, Debug)]
@@ -446,9 +451,19 @@ impl Supervisor {
         }
     }
 
-    /// Proposes through this node's raft; `NoLeader` if this node is not the leader.
+    /// Proposes through this node's raft; `NoLeader` if this node is not the leader. A leader
+    /// cut off from the majority keeps believing it leads, and its proposals wait for a quorum
+    /// that does not come: they are given up after a while, with what to check.
     async fn propose_here(&self, command: Command) -> std::result::Result<Outcome, ProposeError> {
-        match self.raft.client_write(command).await {
+        let wait = self.config.failure_timeout * COMMIT_WAIT_TIMEOUTS;
+        let Ok(written) = tokio::time::timeout(wait, self.raft.client_write(command)).await else {
+            return Err(ProposeError::Raft(format!(
+                "not committed within {} ms: a majority of the voters must be up and reachable \
+                 from this leader (`gobelins status` lists them); it may still commit once they are",
+                wait.as_millis()
+            )));
+        };
+        match written {
             Ok(response) => {
                 response.data.0.ok_or_else(|| ProposeError::Raft("entry had no outcome".into()))
             }

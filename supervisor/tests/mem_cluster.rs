@@ -223,6 +223,31 @@ fn a_minority_cannot_change_the_configuration() {
 }
 
 #[test]
+fn a_leader_cut_off_from_the_majority_answers_a_proposal_with_an_error_instead_of_waiting() {
+    replay(async {
+        let net = MemNetwork::new(5);
+        let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
+        until_active(&nodes, 3).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_voters(&all, 3).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        net.isolate(leader, (1..=3).filter(|&n| n != leader));
+        let at_leader = &nodes[leader as usize - 1].supervisor;
+        let other = (1..=3).find(|&n| n != leader).expect("another node");
+        let answer = tokio::time::timeout(
+            Duration::from_secs(30),
+            at_leader.propose(gobelins_supervisor::state::Command::Evict { node: other }),
+        )
+        .await;
+        match answer {
+            Ok(Err(error)) => assert!(error.to_string().contains("majority"), "{error}"),
+            other => panic!("an answer saying why was expected: {other:?}"),
+        }
+        net.heal();
+    });
+}
+
+#[test]
 fn five_nodes_vote_and_a_lost_voter_is_replaced_by_a_learner() {
     replay(async {
         let net = MemNetwork::new(11);
