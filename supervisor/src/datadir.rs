@@ -83,6 +83,7 @@ impl DataDir {
         std::fs::write(&temporary, format!("{value}\n"))
             .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
             .and_then(|()| std::fs::rename(&temporary, &path))
+            .and_then(|()| sync_dir(&self.root))
             .map_err(|e| SupervisorError::io(format!("writing {}", path.display()), e))
     }
 
@@ -105,4 +106,10 @@ impl DataDir {
     pub fn save_incarnation(&self, incarnation: u64) -> Result<()> {
         self.write_number("incarnation", incarnation)
     }
+}
+
+/// Makes the names created or renamed in `dir` durable: without it, a power cut after a rename
+/// can bring the old file back (an incarnation already used, say).
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -84,25 +84,53 @@ impl ClusterSecret {
         Self::from_text(&text)
     }
 
-    /// Writes a secret file readable by its owner only.
+    /// Writes a secret file readable by its owner only, once: an existing file is never
+    /// replaced. The file appears whole or not at all (written aside, then linked into place),
+    /// so that a crash while writing cannot leave a truncated secret behind.
     pub fn save(&self, path: &Path) -> Result<()> {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| SupervisorError::io(format!("creating {}", path.display()), e))?;
-        file.write_all(self.to_text().as_bytes())
-            .and_then(|()| file.sync_all())
-            .map_err(|e| SupervisorError::io(format!("writing {}", path.display()), e))
+        let aside = path.with_extension("new");
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let written = (|| {
+            // A file left by a crash while writing holds nothing anyone relies on.
+            let _ = std::fs::remove_file(&aside);
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&aside)?;
+            file.write_all(self.to_text().as_bytes())?;
+            file.sync_all()?;
+            // Unlike a rename, a link fails on an existing file.
+            std::fs::hard_link(&aside, path)?;
+            std::fs::remove_file(&aside)?;
+            crate::datadir::sync_dir(dir)
+        })();
+        written.map_err(|e| SupervisorError::io(format!("writing {}", path.display()), e))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_is_written_once_whole_and_private_whatever_a_crash_left() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.secret");
+        // A crash while writing an earlier attempt left half a file aside.
+        std::fs::write(dir.path().join("cluster.new"), b"half").unwrap();
+        let secret = ClusterSecret::generate();
+        secret.save(&path).unwrap();
+        assert_eq!(ClusterSecret::load(&path).unwrap(), secret);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "nothing left aside");
+        // Never replaced.
+        assert!(ClusterSecret::generate().save(&path).is_err());
+        assert_eq!(ClusterSecret::load(&path).unwrap(), secret);
+    }
 
     #[test]
     fn a_secret_survives_its_file_format() {
