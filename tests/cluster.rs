@@ -295,6 +295,28 @@ fn call(socket: &Path, key: u64, request: &kvdir::Request) -> Option<kvdir::Resp
 }
 
 #[test]
+fn a_bootstrap_that_failed_on_a_taken_port_can_be_run_again_on_another() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let taken = TcpListener::bind(("127.0.0.1", 0)).expect("bind a port");
+    let taken_addr = taken.local_addr().expect("address").to_string();
+    let mut agent = Agent {
+        id: 1,
+        addr: taken_addr,
+        dir: root.path().join("n1"),
+        log: root.path().join("n1.log"),
+        child: None,
+    };
+    let failed = spawn(&agent, &["--bootstrap"]).wait_with_output().expect("run the agent");
+    assert!(!failed.status.success(), "the port was taken");
+    agent.addr = free_addr("127.0.0.1");
+    agent.child = Some(spawn(&agent, &["--bootstrap"]));
+    wait_until("the second bootstrap", Duration::from_secs(30), || {
+        stable_with(&agent.dir, &[(1, "active", 1)])
+    });
+    drop(taken);
+}
+
+#[test]
 fn a_node_restarted_before_anyone_noticed_comes_back_as_a_new_life_and_loses_nothing() {
     restarted_before_anyone_noticed(false);
 }

@@ -79,32 +79,18 @@ impl<N: Net> Agent<N> {
         let dir = DataDir::open(&options.data_dir)?;
         let existing = dir.secret()?;
         // A directory that holds a secret was admitted to its cluster before (a joining node
-        // keeps the secret only once admitted). Asked to join again, as a unit that always
-        // passes --join would, it is a restart: its services lost their memory with the process,
-        // so its last life must be recovered like a crash, not answered as the same life.
-        let start = match (&options.start, &existing) {
-            (Start::Join(seed), Some(secret)) => {
-                tracing::info!(
-                    %seed,
-                    cluster = %secret.cluster,
-                    "this data directory is already a member of its cluster: resuming it, as a new life (--join is not needed)"
-                );
-                Start::Resume
-            }
-            (start, _) => start.clone(),
-        };
-        let secret = match (&start, existing, &options.secret_file) {
+        // keeps the secret only once admitted): a join from it is a restart.
+        let restarted = existing.is_some();
+        let secret = match (&options.start, existing, &options.secret_file) {
             (Start::Bootstrap, Some(secret), _) => {
                 return Err(SupervisorError::AlreadyBootstrapped {
                     dir: options.data_dir.clone(),
                     cluster: secret.cluster.to_string(),
                 });
             }
-            (Start::Bootstrap, None, _) => {
-                let secret = ClusterSecret::generate();
-                dir.save_secret(&secret)?;
-                secret
-            }
+            // Kept once the node listens: a bootstrap that fails before (its port taken, say)
+            // must leave a directory that can bootstrap again.
+            (Start::Bootstrap, None, _) => ClusterSecret::generate(),
             // Kept only once the cluster has admitted this node: a wrong file must not stick.
             (Start::Join(_), None, Some(file)) => ClusterSecret::load(file)?,
             (Start::Join(_), None, None) => {
@@ -191,8 +177,21 @@ impl<N: Net> Agent<N> {
         .await?;
         tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
 
+        // Restarted with --join, as by a unit that always passes it, while the cluster still
+        // counts this node's last life as a member: the services lost their memory with the
+        // process, so that life is recovered like a crash, as a restart without --join does,
+        // rather than answered as the same life and served from empty services. A node that
+        // left, or was declared failed, joins as a new life.
+        let start = match &options.start {
+            Start::Join(seed) if restarted && supervisor.last_life_is_member(seed).await => {
+                tracing::info!(%seed, "this node's last life is still a member: resuming as a new life (--join is not needed)");
+                Start::Resume
+            }
+            start => start.clone(),
+        };
         match &start {
             Start::Bootstrap => {
+                dir.save_secret(&secret)?;
                 let outcome = supervisor.bootstrap().await?;
                 tracing::info!(?outcome, "cluster bootstrapped");
             }

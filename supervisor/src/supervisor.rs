@@ -389,6 +389,28 @@ impl Supervisor {
         )))
     }
 
+    /// Whether the cluster, asked through `seed` (or, if it does not answer, this node's own
+    /// copy of the state), counts this node's current life as a member.
+    pub async fn last_life_is_member(&self, seed: &str) -> bool {
+        let asked = async {
+            let bytes = lane::request(&Request::State).ok()?;
+            let (_, reply) =
+                self.transport.call_addr(seed, bytes, self.config.rpc_timeout * 3).await.ok()?;
+            match lane::decode_response(reply).ok()? {
+                Response::View(view) => Some(view.state),
+                _ => None,
+            }
+        };
+        let state = match asked.await {
+            Some(state) => Arc::new(state),
+            None => self.state(),
+        };
+        state
+            .nodes
+            .get(&self.me.id)
+            .is_some_and(|r| r.incarnation == self.incarnation() && r.status.is_live())
+    }
+
     /// Joins through `seed`; a node the cluster remembers as departed comes back as a new life
     /// of itself (a higher incarnation, persisted first).
     pub async fn join_cluster(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
