@@ -186,19 +186,58 @@ impl std::ops::DerefMut for WriteGuard {
     }
 }
 
-/// A lock held; [`LockGuard::unlock`] releases it.
+/// A lock held; [`LockGuard::unlock`] releases it. A guard dropped without it (an early
+/// return, a panic unwinding) releases the lock in a task of its own, as does an unlock whose
+/// release failed: a lock is never left held by a node that no longer holds its guard.
 #[derive(Debug)]
 pub struct LockGuard {
     dsm: Dsm,
     id: u64,
     token: Token,
+    released: bool,
 }
 
 impl LockGuard {
-    /// Releases the lock.
-    pub async fn unlock(self) -> Result<(), DsmError> {
-        self.dsm.state().held.lock().expect("held").remove(&self.id);
-        self.dsm.ask(lock_key(self.id), &Request::Release(self.token)).await.map(|_| ())
+    /// Releases the lock. On an error the release goes on in the background until it lands.
+    pub async fn unlock(mut self) -> Result<(), DsmError> {
+        release(&self.dsm, self.id, self.token).await?;
+        self.released = true;
+        Ok(())
+    }
+}
+
+/// Asks the manager of lock `id` to release `token`; once it has, the node stops reporting
+/// the lock as held (a manager rebuilding the lock meanwhile must still see its holder).
+async fn release(dsm: &Dsm, id: u64, token: Token) -> Result<(), DsmError> {
+    dsm.ask(lock_key(id), &Request::Release(token)).await?;
+    let mut held = dsm.state().held.lock().expect("held");
+    if held.get(&id) == Some(&token) {
+        held.remove(&id);
+    }
+    Ok(())
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let (dsm, id, token) = (self.dsm.clone(), self.id, self.token);
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(lock = id, "dsm: a lock guard dropped outside a runtime cannot release its lock; it stays held until this node leaves or fails");
+            return;
+        };
+        runtime.spawn(async move {
+            // Each attempt asks until the access deadline; a node that cannot reach the lock's
+            // manager for that long is about to be declared failed, which frees it too.
+            for _ in 0..3 {
+                match release(&dsm, id, token).await {
+                    Ok(()) => return,
+                    Err(e) => tracing::warn!(lock = id, error = %e, "dsm: releasing a dropped lock failed; asking again"),
+                }
+            }
+            tracing::error!(lock = id, "dsm: a dropped lock could not be released; it stays held until this node leaves or fails");
+        });
     }
 }
 
@@ -664,7 +703,7 @@ impl Dsm {
         match self.ask(lock_key(id), &Request::Acquire(token)).await? {
             Response::Granted => {
                 self.state().held.lock().expect("held").insert(id, token);
-                Ok(LockGuard { dsm: self.clone(), id, token })
+                Ok(LockGuard { dsm: self.clone(), id, token, released: false })
             }
             other => Err(DsmError::Protocol(format!("acquire answered {other:?}"))),
         }

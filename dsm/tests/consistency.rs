@@ -885,6 +885,23 @@ fn a_cluster_wide_lock_keeps_read_modify_write_whole() {
 }
 
 #[test]
+fn a_lock_whose_guard_is_dropped_is_released() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let (one, two) = (cluster.dsm(NodeId(1)), cluster.dsm(NodeId(2)));
+        for id in 0..8 {
+            // An early return drops the guard without unlocking.
+            let guard = one.lock(id).await.expect("lock");
+            drop(guard);
+            let taken = tokio::time::timeout(Duration::from_secs(5), two.lock(id)).await;
+            let guard = taken.expect("the dropped lock is free again").expect("lock");
+            guard.unlock().await.expect("unlock");
+            one.lock(id).await.expect("and free after an unlock").unlock().await.expect("unlock");
+        }
+    });
+}
+
+#[test]
 fn an_access_outside_a_segment_is_refused() {
     replay(async {
         let cluster = Cluster::start(1, DsmConfig::default()).await;
