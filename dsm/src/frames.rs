@@ -75,6 +75,9 @@ pub(crate) enum Fetched {
     Revoke(Vec<NodeId>),
     /// The holder no longer has (or never had) that version.
     Missing,
+    /// A write of the page here went on past the wait (a program holding its write guard):
+    /// ask again later.
+    Busy,
 }
 
 /// What became of a grant that reached this node.
@@ -247,7 +250,8 @@ impl Frame {
 
     /// Hands `version` to the manager: keeps a read copy (`keep`) or drops it. Waits for a
     /// write in progress to commit, and for a grant still on its way here to arrive, up to
-    /// `wait`. Before the page is given up, the readers this owner served directly must be
+    /// `wait` in all: a manager's handler waits here, holding the page's entry and holding up
+    /// the next change, so a write guard a program keeps for long gets [`Fetched::Busy`]. Before the page is given up, the readers this owner served directly must be
     /// invalidated ([`Fetched::Revoke`]); the caller does that and asks again.
     pub(crate) async fn fetch(&self, version: u64, keep: bool, wait: Duration) -> Fetched {
         let deadline = tokio::time::Instant::now() + wait;
@@ -256,7 +260,10 @@ impl Frame {
             tokio::pin!(installed);
             installed.as_mut().enable();
             {
-                let _writer = self.writer.lock().await;
+                let Ok(_writer) = tokio::time::timeout_at(deadline, self.writer.lock()).await
+                else {
+                    return Fetched::Busy;
+                };
                 let mut s = self.lock();
                 if s.data.is_some() && s.version == version {
                     if !keep && !s.readers.is_empty() {
@@ -522,6 +529,18 @@ mod tests {
         assert!(f.promote(6, Some(5)), "asked again when the answer was lost: still yes");
         assert!(!f.promote(5, None), "never to a version older than the copy");
         assert!(!f.promote(7, Some(5)), "nor from a copy of another label than asked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_write_kept_going_past_the_wait_makes_a_fetch_busy_not_wait_for_it() {
+        let f = Frame::default();
+        assert_eq!(f.install_grant(3, Some(Arc::new(vec![5; PAGE_SIZE])), None), Installed::Yes);
+        let writing = f.writer.lock().await;
+        let started = tokio::time::Instant::now();
+        assert!(matches!(f.fetch(3, false, Duration::from_millis(50)).await, Fetched::Busy));
+        assert_eq!(started.elapsed(), Duration::from_millis(50), "waited the wait, no more");
+        drop(writing);
+        assert!(matches!(f.fetch(3, false, Duration::from_millis(50)).await, Fetched::Page(_)));
     }
 
     #[tokio::test(start_paused = true)]

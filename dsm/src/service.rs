@@ -225,6 +225,7 @@ impl DsmService {
             match frame.fetch(version, keep, self.state().config.fetch_wait).await {
                 Fetched::Page(data) => return Ok(data),
                 Fetched::Missing => return Err(Absent::Missing),
+                Fetched::Busy => return Err(Absent::Unreachable),
                 Fetched::Revoke(readers) => {
                     let done =
                         invalidate(self.state(), ctx, page, version, readers.clone(), None).await;
