@@ -11,6 +11,14 @@ pub(crate) struct Report {
     pub(crate) version: u64,
     pub(crate) owned: bool,
     pub(crate) backup: bool,
+    pub(crate) digest: u64,
+}
+
+/// The digest a [`Report`] carries of its copy's content.
+pub(crate) fn digest(data: &[u8]) -> u64 {
+    use sha2::Digest as _;
+    let sum = sha2::Sha256::digest(data);
+    u64::from_le_bytes(sum[..8].try_into().expect("a SHA-256 sum is 32 bytes"))
 }
 
 /// Mends `entry` after nodes left. `gone` nodes (failed, or no longer in the cluster) hold no
@@ -54,10 +62,20 @@ pub(crate) fn repair(
 /// only ever a leftover that the newest one supersedes. Whoever owned it may have died too,
 /// with the list of readers it served directly, so the entry is marked as having strays.
 /// `None` when nobody holds anything.
+///
+/// An owner commits many times at one version, each time to its backup. When a backup does not
+/// answer, the commit goes to another, and the first may keep an older commit under the same
+/// version. With no other copy of that version left, backups whose contents disagree cannot be
+/// told apart: the page is reported lost rather than rebuilt from what may be the stale one.
 pub(crate) fn rebuild(reports: &[Report]) -> Option<PageEntry> {
     let version = reports.iter().map(|r| r.version).max()?;
     let current: Vec<&Report> = reports.iter().filter(|r| r.version == version).collect();
     let copies: Vec<NodeId> = current.iter().filter(|r| !r.backup).map(|r| r.holder).collect();
+    let mut digests = current.iter().filter(|r| r.backup).map(|r| r.digest);
+    let first = digests.next();
+    if copies.is_empty() && digests.any(|d| Some(d) != first) {
+        return Some(PageEntry { version, lost: true, strays: true, ..PageEntry::default() });
+    }
     let owned = current.iter().find(|r| r.owned && !r.backup).map(|r| r.holder);
     let backups: Vec<NodeId> = current.iter().filter(|r| r.backup).map(|r| r.holder).collect();
     let owner =
@@ -143,7 +161,8 @@ mod tests {
 
     #[test]
     fn rebuild_keeps_the_newest_copies_and_their_owner() {
-        let r = |h, version, owned, backup| Report { holder: n(h), version, owned, backup };
+        let r =
+            |h, version, owned, backup| Report { holder: n(h), version, owned, backup, digest: 1 };
         let e = rebuild(&[
             r(2, 3, false, false),
             r(3, 5, false, false),
@@ -159,9 +178,26 @@ mod tests {
 
     #[test]
     fn rebuild_from_a_backup_alone_makes_it_the_owner() {
-        let e = rebuild(&[Report { holder: n(6), version: 9, owned: false, backup: true }])
-            .expect("the backup survives");
+        let e =
+            rebuild(&[Report { holder: n(6), version: 9, owned: false, backup: true, digest: 1 }])
+                .expect("the backup survives");
         assert_eq!((e.owner, e.version, e.backup), (Some(n(6)), 9, None));
         assert_eq!(rebuild(&[]), None);
+    }
+
+    #[test]
+    fn backups_of_one_version_that_disagree_make_a_lost_page_unless_a_copy_survives() {
+        let b = |h, digest| Report { holder: n(h), version: 9, owned: false, backup: true, digest };
+        let agreeing = rebuild(&[b(3, 7), b(5, 7)]).expect("backups survive");
+        assert!(!agreeing.lost);
+        assert_eq!(agreeing.owner, Some(n(3)));
+        let disagreeing = rebuild(&[b(3, 7), b(5, 8)]).expect("an entry");
+        assert!(disagreeing.lost, "one of them is a stale commit: {disagreeing:?}");
+        assert_eq!(disagreeing.owner, None);
+        let owned = Report { holder: n(4), version: 9, owned: true, backup: false, digest: 8 };
+        let e = rebuild(&[b(3, 7), b(5, 8), owned]).expect("the owner's copy survives");
+        assert_eq!((e.owner, e.lost), (Some(n(4)), false));
+        assert_eq!(digest(&[1; 4096]), digest(&[1; 4096]));
+        assert_ne!(digest(&[1; 4096]), digest(&[2; 4096]));
     }
 }

@@ -378,6 +378,9 @@ pub enum Entry {
         owned: bool,
         /// The copy is a backup (kept for an owner), not a read copy.
         backup: bool,
+        /// A digest of the copy's content: two backups of one version that disagree mean one
+        /// of them is stale (see [`crate::directory::rebuild`]).
+        digest: u64,
     },
     /// A lock's entry.
     Lock(LockEntry),

@@ -2,7 +2,7 @@
 //! Hudak's fixed distributed manager, with the manager found by the locator), the holder's
 //! side, and what happens to entries and frames when the cluster changes.
 
-use crate::directory::{rebuild, repair, Report};
+use crate::directory::{digest, rebuild, repair, Report};
 use crate::frames::{Bytes, Fetched};
 use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
@@ -999,18 +999,30 @@ impl DsmService {
                 continue;
             }
             let s = frame.lock();
-            if s.data.is_some() {
+            if let Some(data) = &s.data {
                 out.push((
                     page.key(),
-                    Entry::Copy { holder: me, version: s.version, owned: s.owned, backup: false },
+                    Entry::Copy {
+                        holder: me,
+                        version: s.version,
+                        owned: s.owned,
+                        backup: false,
+                        digest: digest(data),
+                    },
                 ));
             }
             // A copy kept aside (a backup, or one given up to a writer the manager may have
             // died before granting): its holder must promote it before serving it.
-            if let Some((version, _)) = s.aside() {
+            if let Some((version, data)) = s.aside() {
                 out.push((
                     page.key(),
-                    Entry::Copy { holder: me, version, owned: false, backup: true },
+                    Entry::Copy {
+                        holder: me,
+                        version,
+                        owned: false,
+                        backup: true,
+                        digest: digest(&data),
+                    },
                 ));
             }
         }
@@ -1070,8 +1082,9 @@ impl DsmService {
                     }
                     self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
                 }
-                Entry::Copy { holder, version, owned, backup } => {
-                    reports.entry(key).or_default().push(Report { holder, version, owned, backup });
+                Entry::Copy { holder, version, owned, backup, digest } => {
+                    let report = Report { holder, version, owned, backup, digest };
+                    reports.entry(key).or_default().push(report);
                 }
                 Entry::Lock(lock) => {
                     let slot = self.slot(key);

@@ -29,10 +29,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// aside for a grant, and leaving nodes hand such copies over; 8: a routed request's header and
 /// a `Done` reply of the adaptation layer are laid out by hand, fixed-width; 9: an adaptation
 /// reply says how it is laid out in its last byte, not its first, and the DSM moves backups
-/// (`BackupTo`, `Abandon`) and frees segments by marking its taint markers).
-pub const VERSION: u8 = 9;
+/// (`BackupTo`, `Abandon`) and frees segments by marking its taint markers; 10: a survivor's
+/// report of a DSM copy carries a digest of its content).
+pub const VERSION: u8 = 10;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 9;
+pub const MIN_VERSION: u8 = 10;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and
