@@ -58,6 +58,8 @@ pub(crate) struct Driver {
     /// Entries `scan` rebuilt, per service and destination, until they are shipped.
     rebuilt: BTreeMap<ServiceId, Vec<(NodeId, Packed)>>,
     clock: Option<Clock>,
+    /// Participants of the change being entered that had died before this node began it.
+    gone_at_begin: Vec<NodeId>,
 }
 
 impl Driver {
@@ -70,6 +72,7 @@ impl Driver {
             target: None,
             rebuilt: BTreeMap::new(),
             clock: None,
+            gone_at_begin: Vec::new(),
         }
     }
 
@@ -137,6 +140,15 @@ impl Driver {
                     .iter()
                     .copied()
                     .filter(|n| !update.departed.contains(n))
+                    .collect();
+                // A sender that died before this node even began the change (a lagging node
+                // learns of both at once) never handed its slots over: held past the period
+                // like those of a sender that dies during it, until its recovery rebuilds them.
+                self.gone_at_begin = progress
+                    .participants
+                    .iter()
+                    .copied()
+                    .filter(|n| update.departed.contains(n))
                     .collect();
                 let epoch = progress.epoch;
                 self.clock = Some(Clock {
@@ -224,6 +236,9 @@ impl Driver {
                     (inner.router.lock().expect("router").as_mut(), &self.progress)
                 {
                     router.hold(&progress.plan);
+                    for node in std::mem::take(&mut self.gone_at_begin) {
+                        router.keep_orphans(node, &progress.plan);
+                    }
                 }
                 inner.begun.send_replace(epoch);
                 tracing::debug!(node = me.0, epoch, "change begun: moving keys held");

@@ -1373,6 +1373,62 @@ mod tests {
         (started.elapsed(), link.calls.load(Ordering::SeqCst))
     }
 
+    /// Node 4 joins. Node 1, which was to hand it some slots, died before node 4 even began the
+    /// change: node 4 learns of both at once, as a lagging node does. Those slots must stay
+    /// held after the change, until node 1's recovery rebuilds them, not be served empty.
+    #[tokio::test(start_paused = true)]
+    async fn slots_of_a_sender_dead_before_this_node_began_stay_held_after_the_change() {
+        use gobelins_locator::{CellTree, Epoch, Labels, MigrationPlan, ServiceSpec, TreeConfig};
+        const KV: ServiceId = ServiceId(1);
+        let mut tree = CellTree::new(TreeConfig::default()).expect("config");
+        tree.register_service(ServiceSpec::new(KV, "kv").with_slots(1024)).expect("register");
+        for n in 1..=3 {
+            tree.add_node(NodeId(n), Labels::new()).expect("add");
+        }
+        let old = Arc::new(tree.snapshot(Epoch(4)).expect("snapshot"));
+        tree.add_node(NodeId(4), Labels::new()).expect("add");
+        let new = Arc::new(tree.snapshot(Epoch(5)).expect("snapshot"));
+        let plan = MigrationPlan::between(&old, &new);
+        let orphan = (0..)
+            .map(Key)
+            .find(|&k| old.locate(KV, k) == Some(NodeId(1)) && new.locate(KV, k) == Some(NodeId(4)))
+            .expect("node 1 hands node 4 some keys");
+        let host = Host::start(
+            NodeId(4),
+            Registry::new(),
+            Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) }),
+            HostConfig::default(),
+        );
+        let departed = BTreeSet::from([NodeId(1)]);
+        let change = Progress {
+            epoch: 5,
+            change: Change::Add { node: NodeId(4), labels: Labels::new() },
+            participants: BTreeSet::from([NodeId(1), NodeId(4)]),
+            plan,
+        };
+        let mut done = host.done();
+        host.update(Update {
+            epoch: 5,
+            snapshot: Some(Arc::clone(&new)),
+            change: Some(change),
+            departed: departed.clone(),
+        });
+        tokio::time::timeout(Duration::from_secs(10), done.wait_for(|&d| d >= 5))
+            .await
+            .expect("node 4 finishes its part")
+            .expect("host alive");
+        host.update(Update { epoch: 5, snapshot: Some(new), change: None, departed });
+        let inner = host.inner.load();
+        let mut released = inner.released.subscribe();
+        tokio::time::timeout(Duration::from_secs(10), released.wait_for(|&r| r >= 1))
+            .await
+            .expect("the change ends on node 4")
+            .expect("host alive");
+        let verdict = inner.router.lock().expect("router").as_ref().map(|r| r.route(KV, orphan, 5));
+        assert_eq!(verdict, Some(Verdict::Hold));
+        host.shutdown();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_migration_message_whose_connection_closed_is_sent_again_at_once() {
         assert_eq!(deliver_over(1).await, (Duration::ZERO, 2));
