@@ -212,6 +212,8 @@ impl MemCluster {
         if let Some((_, host)) = self.net.hosts.remove(&node) {
             host.shutdown();
         }
+        // As the supervisor does once the node has left: everyone learns it is gone.
+        self.broadcast(None, self.snapshot());
     }
 
     /// Crashes `node` without the cluster knowing yet, as before a failure detector notices:

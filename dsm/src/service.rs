@@ -146,6 +146,14 @@ impl DsmService {
         self.state().failed.lock().expect("failed").contains(&n)
     }
 
+    /// Whether the copies `n` held are gone for good: it failed, or it left and the cluster
+    /// is done with its leave. A page a leaving owner could not hand over (its manager did not
+    /// answer) is then rebuilt from what survives, or reported lost, rather than asked of a
+    /// node that is no longer there until every access to it fails.
+    fn lost_holder(&self, ctx: &Context, n: NodeId) -> bool {
+        self.failed(n) || ctx.gone(n)
+    }
+
     /// Whether `n` holds nothing any more: it failed, or left the cluster.
     fn gone(&self, ctx: &Context, n: NodeId) -> bool {
         gone(self.state(), ctx, n)
@@ -387,7 +395,7 @@ impl DsmService {
         // the owner held), and only at a fault: the sweep after a change must not wait on a
         // source that does not answer, and leaves the entry for the next fault.
         let disowned = matches!(entry.granted, Granted::Disowned { .. })
-            && entry.owner.is_some_and(|o| self.failed(o))
+            && entry.owner.is_some_and(|o| self.lost_holder(ctx, o))
             && entry.copyset.iter().all(|&n| Some(n) == entry.owner || self.gone(ctx, n));
         if disowned && !fault {
             return true;
@@ -397,7 +405,7 @@ impl DsmService {
         }
         let promote = entry
             .owner
-            .filter(|&o| self.failed(o))
+            .filter(|&o| self.lost_holder(ctx, o))
             .filter(|&o| entry.copyset.iter().all(|&n| n == o || self.gone(ctx, n)))
             .and(entry.backup.filter(|&b| !self.gone(ctx, b)));
         if let Some(backup) = promote {
@@ -406,7 +414,7 @@ impl DsmService {
             }
             entry.backup = None;
         }
-        if repair(entry, |n| self.gone(ctx, n), |n| self.failed(n)) && entry.lost {
+        if repair(entry, |n| self.gone(ctx, n), |n| self.lost_holder(ctx, n)) && entry.lost {
             tracing::warn!(?page, "dsm: page lost: every node holding a copy failed");
         }
         true

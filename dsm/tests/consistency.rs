@@ -884,6 +884,41 @@ fn a_cluster_wide_lock_keeps_read_modify_write_whole() {
     });
 }
 
+/// Node 3 owns a page whose manager, node 2, is cut off while node 3 leaves, for longer than
+/// node 3 asks it to take the page: the page cannot be handed over. Once the leave is done, an
+/// access finds the page in its backup, or, without backups, is told it is lost; it is not
+/// sent to node 3, gone, until it fails as stuck.
+#[test]
+fn a_page_its_leaving_owner_could_not_hand_over_is_rebuilt_or_reported_lost() {
+    for backups in [true, false] {
+        replay(async move {
+            let mut cluster =
+                Cluster::start(3, DsmConfig { backups, ..DsmConfig::default() }).await;
+            let snapshot = cluster.mem.snapshot();
+            let page = (0..)
+                .map(pid)
+                .find(|p| snapshot.locate(gobelins_dsm::DSM, p.key()) == Some(NodeId(2)))
+                .expect("a page node 2 manages");
+            put(&cluster.dsm(NodeId(3)), page, 7).await;
+            let faults = cluster.mem.faults();
+            faults.crash(NodeId(2));
+            let healing = async {
+                tokio::time::sleep(Duration::from_secs(40)).await;
+                faults.heal(NodeId(2));
+            };
+            tokio::join!(cluster.mem.evict(NodeId(3)), healing);
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), cluster.dsm(NodeId(1)).read(page))
+                    .await
+                    .expect("an answer well before the access deadline");
+            match (backups, read.map(|guard| Value::decode(&guard).count)) {
+                (true, Ok(7)) | (false, Err(DsmError::Lost { .. })) => {}
+                (_, other) => panic!("backups {backups}: {other:?}"),
+            }
+        });
+    }
+}
+
 #[test]
 fn a_lock_whose_guard_is_dropped_is_released() {
     replay(async {
