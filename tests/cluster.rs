@@ -295,6 +295,34 @@ fn call(socket: &Path, key: u64, request: &kvdir::Request) -> Option<kvdir::Resp
 }
 
 #[test]
+fn a_node_refused_for_its_id_is_admitted_when_started_again_with_another() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let first = start(root.path(), 1, &free_addr("127.0.0.1"), &["--bootstrap"]);
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path");
+    let join = ["--join", first.addr.as_str(), "--secret-file", secret];
+    // Node 1's id, from another address: refused, with advice to pick another id.
+    let mut second = Agent {
+        id: 1,
+        addr: free_addr("127.0.0.2"),
+        dir: root.path().join("n2"),
+        log: root.path().join("n2.log"),
+        child: None,
+    };
+    let refused = spawn(&second, &join).wait_with_output().expect("run the agent");
+    assert!(!refused.status.success(), "node id 1 is taken");
+    assert!(log_of(&second).contains("another --node-id"), "{}", log_of(&second));
+    // The advice, followed with the same directory, works.
+    second.id = 2;
+    second.child = Some(spawn(&second, &join));
+    wait_until("node 2 admitted", limit, || {
+        stable_with(&first.dir, &[(1, "active", 1), (2, "active", 1)])
+    });
+}
+
+#[test]
 fn a_bootstrap_that_failed_on_a_taken_port_can_be_run_again_on_another() {
     let root = tempfile::tempdir().expect("temporary directory");
     let taken = TcpListener::bind(("127.0.0.1", 0)).expect("bind a port");

@@ -126,7 +126,11 @@ impl<N: Net> Agent<N> {
             (Some(saved), _) => saved,
             (None, asked) => {
                 let id = asked.unwrap_or_else(|| rand::rng().random_range(1..1_000_000));
-                dir.save_node_id(id)?;
+                // A first join keeps its id only once admitted, as it does the secret: refused
+                // (the id is in use, say), the node may be started again with another.
+                if !matches!(options.start, Start::Join(_)) {
+                    dir.save_node_id(id)?;
+                }
                 id
             }
         };
@@ -209,6 +213,9 @@ impl<N: Net> Agent<N> {
                         )));
                     }
                     tracing::info!(?outcome, %seed, "join accepted");
+                }
+                if dir.node_id()?.is_none() {
+                    dir.save_node_id(node)?;
                 }
                 if dir.secret()?.is_none() {
                     dir.save_secret(&secret)?;
