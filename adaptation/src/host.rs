@@ -53,8 +53,9 @@ pub struct HostConfig {
     /// buffers it passes through stay in a core's cache. Measured against 1 MiB batches
     /// (`examples/adaptation.rs`, seven alternating runs): 367–559 MB/s against 287–344 MB/s.
     pub batch_bytes: usize,
-    /// Answers remembered per key, so that retries run once. Each is forgotten after twice
-    /// `request_deadline`, when no retry of its request can come any more.
+    /// Answers remembered per key, so that retries run once. Each is forgotten once its sender
+    /// settled it, or after twice `request_deadline`, when no retry of its request can come any
+    /// more. While none of a key's answers is settled, it keeps up to 16 times as many.
     pub answers_per_key: usize,
     /// How long one attempt at a manager may take before the requester asks again (the same
     /// request, by the same id). It bounds what a request loses to a manager holding it for a
@@ -427,6 +428,9 @@ impl Host {
     }
 }
 
+/// How many times `answers_per_key` a key's answers may grow to while none of them is settled.
+const UNSETTLED_ROOM: usize = 16;
+
 /// A starting point for request numbers that differs from one start of the process to the next.
 fn boot_sequence() -> u64 {
     let nanos = std::time::SystemTime::now()
@@ -606,7 +610,21 @@ impl Inner {
             return;
         }
         if list.len() >= self.config.answers_per_key {
-            list.pop_front();
+            // Out first: an answer its sender settled, which no retry needs. One a retry may
+            // still need stays, up to `UNSETTLED_ROOM` times the setting: pushed out, its
+            // request would run a second time if retried (a hot key answers many senders
+            // before their settlements come back).
+            let settled = self.settled.lock().expect("settled");
+            match list.iter().position(|(id, _, _)| settled.covers(id)) {
+                Some(at) => {
+                    list.remove(at);
+                }
+                None if list.len() >= self.config.answers_per_key * UNSETTLED_ROOM => {
+                    tracing::warn!(key = answered.key.0, kept = list.len(), "an answer a retry may still need was pushed out by later ones: should that retry come, its request runs again");
+                    list.pop_front();
+                }
+                None => {}
+            }
         }
         list.push_back((answered.id, answered.response, at));
     }
@@ -1371,6 +1389,40 @@ mod tests {
         assert!(inner.deliver(NodeId(2), Bytes::from_static(b"batch")).await);
         inner.stop();
         (started.elapsed(), link.calls.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_keeps_the_answers_retries_may_need_and_lets_settled_ones_go_first() {
+        let link = Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) });
+        let config = HostConfig { answers_per_key: 2, ..HostConfig::default() };
+        let inner = Inner::spawn(NodeId(1), Registry::new(), link, config);
+        let mut keys = HashMap::default();
+        let answer = |seq| Answered {
+            key: Key(7),
+            id: RequestId { origin: NodeId(2), seq },
+            response: Bytes::from_static(b"done"),
+        };
+        let now = Instant::now();
+        for seq in 1..=5 {
+            inner.keep(&mut keys, answer(seq), now);
+        }
+        let held = |keys: &HashMap<Key, Answers, Hasher>| -> Vec<u64> {
+            keys[&Key(7)].iter().map(|(id, _, _)| id.seq).collect()
+        };
+        assert_eq!(held(&keys), vec![1, 2, 3, 4, 5], "none settled: a retry of any may come");
+        inner.settled.lock().expect("settled").note(
+            NodeId(2),
+            Settlement { since: 1, below: 3 },
+            now,
+        );
+        inner.keep(&mut keys, answer(6), now);
+        assert_eq!(held(&keys), vec![2, 3, 4, 5, 6], "a settled one goes first");
+        // Past the room, the oldest goes.
+        for seq in 7..40 {
+            inner.keep(&mut keys, answer(seq), now);
+        }
+        assert_eq!(keys[&Key(7)].len(), 2 * UNSETTLED_ROOM);
+        inner.stop();
     }
 
     /// Node 4 joins. Node 1, which was to hand it some slots, died before node 4 even began the
