@@ -142,14 +142,26 @@ impl Driver {
                     .filter(|n| !update.departed.contains(n))
                     .collect();
                 // A sender that died before this node even began the change (a lagging node
-                // learns of both at once) never handed its slots over: held past the period
-                // like those of a sender that dies during it, until its recovery rebuilds them.
-                self.gone_at_begin = progress
-                    .participants
-                    .iter()
-                    .copied()
-                    .filter(|n| update.departed.contains(n))
-                    .collect();
+                // learns of both at once: the cluster took it out of the participants) never
+                // handed its slots over: held past the period like those of a sender that dies
+                // during it, until its recovery rebuilds them. Not in a recovery, whose plan
+                // moves the dead node's slots by design, rebuilt by `scan` in this change.
+                self.gone_at_begin = match progress.change {
+                    Change::Fail(_) | Change::Recover(_) => Vec::new(),
+                    _ => progress
+                        .plan
+                        .services
+                        .iter()
+                        .flat_map(|s| &s.moves)
+                        .filter(|m| m.to == me && m.from != me)
+                        .map(|m| m.from)
+                        .filter(|n| {
+                            !progress.participants.contains(n) || update.departed.contains(n)
+                        })
+                        .collect::<BTreeSet<NodeId>>()
+                        .into_iter()
+                        .collect(),
+                };
                 let epoch = progress.epoch;
                 self.clock = Some(Clock {
                     record: ChangeRecord {

@@ -1451,11 +1451,12 @@ mod tests {
             Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) }),
             HostConfig::default(),
         );
+        // As the supervisor hands it over: the dead node is out of the participants.
         let departed = BTreeSet::from([NodeId(1)]);
         let change = Progress {
             epoch: 5,
             change: Change::Add { node: NodeId(4), labels: Labels::new() },
-            participants: BTreeSet::from([NodeId(1), NodeId(4)]),
+            participants: BTreeSet::from([NodeId(4)]),
             plan,
         };
         let mut done = host.done();

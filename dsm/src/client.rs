@@ -198,7 +198,8 @@ pub struct LockGuard {
 }
 
 impl LockGuard {
-    /// Releases the lock. On an error the release goes on in the background until it lands.
+    /// Releases the lock. On an error the release is tried again in the background, a few
+    /// times over (each up to the access deadline).
     pub async fn unlock(mut self) -> Result<(), DsmError> {
         release(&self.dsm, self.id, self.token).await?;
         self.released = true;

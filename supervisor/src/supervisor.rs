@@ -389,8 +389,10 @@ impl Supervisor {
         )))
     }
 
-    /// Whether the cluster, asked through `seed` (or, if it does not answer, this node's own
-    /// copy of the state), counts this node's current life as a member.
+    /// Whether the cluster, asked through `seed`, counts this node's current life as a member.
+    /// `false` if the seed does not answer: this node's own copy of the state may be stale (a
+    /// node removed from raft as it left never applies the entry that says so), and a join
+    /// that cannot reach its seed says so.
     pub async fn last_life_is_member(&self, seed: &str) -> bool {
         let asked = async {
             let bytes = lane::request(&Request::State).ok()?;
@@ -401,10 +403,7 @@ impl Supervisor {
                 _ => None,
             }
         };
-        let state = match asked.await {
-            Some(state) => Arc::new(state),
-            None => self.state(),
-        };
+        let Some(state) = asked.await else { return false };
         state
             .nodes
             .get(&self.me.id)

@@ -27,6 +27,11 @@ pub const KVDIR: ServiceId = ServiceId(10);
 /// Replicas are copied in messages of at most this many entries.
 const REPLICATE_CHUNK: usize = 4096;
 
+/// How long a change waits for this node's backup to take the entries it received: past a
+/// failure detector's verdict on a backup that is down, short of holding up the changes behind
+/// it for a backup that is only cut off from this node.
+const REPLICA_PATIENCE: Duration = Duration::from_secs(10);
+
 /// A value and its version: the entry that migrates.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Versioned {
@@ -215,12 +220,15 @@ impl Service for KvDir {
         // The backup may have changed with the configuration. Until it holds them, the copies
         // the senders kept are the only others, and a leaver takes its own away once this
         // node reports the change done: so the change waits for them, unless the cluster gives
-        // up on the backup (its recovery copies them on again) or on this node.
+        // up on the backup (its recovery copies them on again) or on this node. A backup cut
+        // off from this node alone is never given up on: after `REPLICA_PATIENCE` the change
+        // goes on, and the entries have one copy until they are next written.
         let Some(to) = ctx.snapshot().and_then(|s| backup(s, ctx.node())) else { return };
+        let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(10);
         while !self.replicate(ctx, all.clone()).await {
-            if ctx.gone(to) || ctx.gone(ctx.node()) {
-                tracing::warn!(backup = to.0, "kvdir: entries left without a replica: the cluster gave up on their backup or on this node");
+            if ctx.gone(to) || ctx.gone(ctx.node()) || started.elapsed() >= REPLICA_PATIENCE {
+                tracing::warn!(backup = to.0, "kvdir: entries left without a replica until they are next written: their backup did not take them");
                 return;
             }
             tokio::time::sleep(pause).await;
