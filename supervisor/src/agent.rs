@@ -76,7 +76,9 @@ impl<N: Net> Agent<N> {
         options: &AgentOptions,
         services: impl Fn() -> Registry + Send + Sync + 'static,
     ) -> Result<Self> {
+        let addr = advertised(options)?;
         let dir = DataDir::open(&options.data_dir)?;
+        fits_a_socket(&dir.socket_path())?;
         let existing = dir.secret()?;
         // A directory that holds a secret was admitted to its cluster before (a joining node
         // keeps the secret only once admitted): a join from it is a restart.
@@ -141,7 +143,6 @@ impl<N: Net> Agent<N> {
                 1
             }
         };
-        let addr = options.advertise.clone().unwrap_or_else(|| options.listen.clone());
         let me = Me { id: node, addr: addr.clone(), labels: options.labels.clone() };
 
         let (log, machine) = store::open_with(&dir.store_path(), options.durable)?;
@@ -241,6 +242,39 @@ impl<N: Net> Agent<N> {
 /// way a crash does: the cluster commits its failure (and rebuilds its entries from the
 /// survivors' replicas), and this process joins as a new life. Until then its host serves
 /// nothing.
+/// The address peers reach this node at: `--advertise`, else `--listen`, which must then be
+/// one they can dial.
+fn advertised(options: &AgentOptions) -> Result<String> {
+    if let Some(advertise) = &options.advertise {
+        return Ok(advertise.clone());
+    }
+    match options.listen.parse::<std::net::SocketAddr>() {
+        Ok(listen) if listen.ip().is_unspecified() => Err(SupervisorError::Config(format!(
+            "--listen {} takes every address of this machine, which peers cannot dial: add \
+             --advertise HOST:PORT, the address the other nodes reach this one at",
+            options.listen
+        ))),
+        _ => Ok(options.listen.clone()),
+    }
+}
+
+/// Refuses, before the node joins anything, a data directory whose control socket's path is
+/// longer than a Unix socket's address holds: found only once admitted, it stopped the node.
+fn fits_a_socket(path: &std::path::Path) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt as _;
+    // `sun_path` holds 108 bytes on Linux, its terminating zero included.
+    const MOST: usize = 107;
+    let len = path.as_os_str().as_bytes().len();
+    if len > MOST {
+        return Err(SupervisorError::Config(format!(
+            "the control socket {} would be {len} bytes long, more than a Unix socket's {MOST}: \
+             use a --data-dir with a shorter path",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 async fn start_new_life(supervisor: Arc<Supervisor>) {
     let (me, incarnation) = (supervisor.id(), supervisor.incarnation());
     let live = supervisor.state().nodes.get(&me).is_some_and(|r| {
@@ -348,5 +382,45 @@ pub async fn run(
             options.data_dir.display()
         ))),
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_address_must_be_advertised_as_one_peers_can_dial() {
+        let mut options = AgentOptions {
+            data_dir: "/tmp/x".into(),
+            listen: "0.0.0.0:7400".into(),
+            advertise: None,
+            start: Start::Resume,
+            secret_file: None,
+            labels: Labels::new(),
+            node_id: None,
+            config: SupervisorConfig::default(),
+            durable: true,
+            host: HostConfig::default(),
+        };
+        let refused = advertised(&options).unwrap_err().to_string();
+        assert!(refused.contains("--advertise"), "{refused}");
+        options.listen = "[::]:7400".into();
+        assert!(advertised(&options).is_err());
+        options.advertise = Some("10.0.0.5:7400".into());
+        assert_eq!(advertised(&options).unwrap(), "10.0.0.5:7400");
+        options.advertise = None;
+        options.listen = "127.0.0.1:7400".into();
+        assert_eq!(advertised(&options).unwrap(), "127.0.0.1:7400");
+        options.listen = "node-3.example:7400".into();
+        assert_eq!(advertised(&options).unwrap(), "node-3.example:7400");
+    }
+
+    #[test]
+    fn a_data_directory_too_deep_for_its_socket_is_refused_up_front() {
+        assert!(fits_a_socket(std::path::Path::new("/var/lib/gobelins/control.sock")).is_ok());
+        let deep = format!("/{}/control.sock", "d".repeat(100));
+        let refused = fits_a_socket(std::path::Path::new(&deep)).unwrap_err().to_string();
+        assert!(refused.contains("shorter path"), "{refused}");
     }
 }
