@@ -196,14 +196,21 @@ fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing() {
     });
 }
 
+/// Three active nodes, all voting.
+async fn three_voters(net: &MemNetwork) -> Vec<Node> {
+    let nodes = cluster(net, 3, SupervisorConfig::loopback()).await;
+    until_active(&nodes, 3).await;
+    let all: Vec<&Node> = nodes.iter().collect();
+    until_voters(&all, 3).await;
+    nodes
+}
+
 #[test]
 fn a_minority_cannot_change_the_configuration() {
     replay(async {
         let net = MemNetwork::new(5);
-        let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
-        until_active(&nodes, 3).await;
+        let nodes = three_voters(&net).await;
         let all: Vec<&Node> = nodes.iter().collect();
-        until_voters(&all, 3).await;
         // Cut node 3 off; alone, it cannot commit anything (here: evicting node 2).
         net.isolate(3, [1, 2]);
         let epoch = nodes[0].supervisor.state().epoch;
@@ -226,10 +233,7 @@ fn a_minority_cannot_change_the_configuration() {
 fn a_leader_cut_off_from_the_majority_answers_a_proposal_with_an_error_instead_of_waiting() {
     replay(async {
         let net = MemNetwork::new(5);
-        let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
-        until_active(&nodes, 3).await;
-        let all: Vec<&Node> = nodes.iter().collect();
-        until_voters(&all, 3).await;
+        let nodes = three_voters(&net).await;
         let leader = nodes[0].supervisor.leader().expect("a leader");
         net.isolate(leader, (1..=3).filter(|&n| n != leader));
         let at_leader = &nodes[leader as usize - 1].supervisor;
