@@ -537,6 +537,17 @@ impl ClusterState {
                     if let Change::Fail(dead) | Change::Recover(dead) = &change {
                         // What it had not handed over is rebuilt with the rest.
                         plan.absorb(self.interrupted.remove(&dead.0).unwrap_or_default());
+                    } else {
+                        // A dead node whose recovery waits (for a joiner, when it was the last
+                        // in the tree) sends nothing: what this change moves out of it is
+                        // rebuilt by that recovery, with the rest of its slots.
+                        let dead: Vec<u64> = self.with_status(NodeStatus::Failed).collect();
+                        for node in dead {
+                            let moves = plan.moves_from(NodeId(node));
+                            if !moves.is_empty() {
+                                self.interrupted.entry(node).or_default().extend(moves);
+                            }
+                        }
                     }
                     let empty = participants.is_empty();
                     self.in_progress = Some(InProgress {

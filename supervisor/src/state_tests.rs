@@ -338,3 +338,35 @@ fn a_leaver_whose_receiver_dies_before_reporting_stays_for_its_recovery() {
     state.apply(&Fail { node: receiver, incarnation: 1 }).expect("fail");
     assert!(state.lingering.is_empty());
 }
+
+#[test]
+fn slots_a_joiner_takes_from_a_dead_last_node_are_rebuilt_by_its_recovery() {
+    let mut state = ClusterState::default();
+    state.apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "kv"))).expect("reg");
+    for n in 1..=2 {
+        state.apply(&join(n)).expect("join");
+        settle(&mut state);
+    }
+    // Node 2 leaves; node 1, its receiver and now the last node in the tree, dies first.
+    state.apply(&Evict { node: 2 }).expect("evict");
+    let eviction = state.in_progress.clone().expect("the eviction began");
+    state.apply(&Fail { node: 1, incarnation: 1 }).expect("fail");
+    state.apply(&done(2, eviction.epoch)).expect("report");
+    assert!(state.in_progress.is_none(), "node 1's recovery waits for a joiner");
+    assert_eq!(status(&state, 2), NodeStatus::Leaving, "node 2 stays for it");
+    // Node 3 joins: it takes part of node 1's slots, which nobody sends.
+    state.apply(&join(3)).expect("join");
+    let addition = state.in_progress.clone().expect("the join began");
+    let taken: u64 = addition.plan.moves_from(NodeId(1)).iter().map(|s| s.moved_slots()).sum();
+    assert!(taken > 0, "node 3 takes slots of the dead node 1");
+    state.apply(&done(3, addition.epoch)).expect("report");
+    let recovery = state.in_progress.clone().expect("the recovery begins next");
+    assert_eq!(recovery.change, Change::Fail(NodeId(1)));
+    assert!(recovery.participants.contains(&2), "node 2's copies take part");
+    let rebuilt: u64 = recovery.plan.services.iter().map(|s| s.moved_slots()).sum();
+    let all = u64::from(ServiceSpec::new(gobelins_locator::ServiceId(1), "kv").slots);
+    assert_eq!(rebuilt, all, "every slot node 1 had, those node 3 took included");
+    settle(&mut state);
+    assert_eq!(status(&state, 2), NodeStatus::Left);
+    assert!(state.interrupted.is_empty() && state.lingering.is_empty());
+}
