@@ -366,7 +366,7 @@ pub async fn run(
             match ended.map(|l| l.clone()) {
                 Ok(Lifecycle::Fatal(why)) => fatal = Some(why),
                 _ => {
-                    tracing::warn!("this node is not a member of the cluster any more (it left, was evicted, or had left before this start); stopping. To take part again, start it with an empty --data-dir and --join");
+                    tracing::warn!("this node is not a member of the cluster any more (it left, was evicted, or had left before this start); stopping. To take part again, start it with --join ADDR (the address of a member), as a new life of this node");
                     // Let the CLI that asked for the leave read its final answer.
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }
