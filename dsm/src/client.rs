@@ -242,6 +242,16 @@ impl Drop for LockGuard {
     }
 }
 
+/// Refuses a page whose segment id is past [`crate::MAX_SEGMENT`]: its key keeps the low 30
+/// bits only, so its manager would take it for another segment's page, while this node kept
+/// its copy under the id it was given, where no invalidation of that other page reaches it.
+fn page_of_a_segment(page: PageId) -> Result<(), DsmError> {
+    if page.segment > crate::MAX_SEGMENT {
+        return Err(DsmError::NoSuchSegment { page });
+    }
+    Ok(())
+}
+
 /// A node's handle on the DSM. Cheap to clone.
 #[derive(Clone)]
 pub struct Dsm {
@@ -354,6 +364,7 @@ impl Dsm {
     /// Reads `page`: from the copy held here, else from its probable owner, else through its
     /// manager.
     pub async fn read(&self, page: PageId) -> Result<ReadGuard, DsmError> {
+        page_of_a_segment(page)?;
         let frame = self.state().frames.frame(page);
         if let Some((version, data)) = frame.readable() {
             return Ok(ReadGuard { version, data });
@@ -480,6 +491,7 @@ impl Dsm {
     /// Takes write access to `page`: every other copy is invalidated first. Refused with
     /// [`DsmError::Leaving`] once this node is being evicted.
     pub async fn write(&self, page: PageId) -> Result<WriteGuard, DsmError> {
+        page_of_a_segment(page)?;
         let frame = self.state().frames.frame(page);
         let started = tokio::time::Instant::now();
         loop {
@@ -643,6 +655,7 @@ impl Dsm {
     /// Starts a lost page afresh, zero-filled: the way out of [`DsmError::Lost`] once the
     /// program has decided what to do about the lost contents.
     pub async fn discard(&self, page: PageId) -> Result<(), DsmError> {
+        page_of_a_segment(page)?;
         self.ask(page.key(), &Request::Discard).await.map(|_| ())
     }
 

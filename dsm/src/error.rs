@@ -16,6 +16,13 @@ pub enum DsmError {
         /// The page.
         page: PageId,
     },
+    /// A page of a segment id past [`crate::MAX_SEGMENT`]: its key would name another
+    /// segment's page.
+    #[error("page {page:?}: segment ids go up to {max}", max = crate::MAX_SEGMENT)]
+    NoSuchSegment {
+        /// The page.
+        page: PageId,
+    },
     /// An access outside the segment.
     #[error("bytes {offset}..{end} are outside segment {segment} of {len} bytes")]
     OutOfRange {

@@ -937,6 +937,21 @@ fn a_lock_whose_guard_is_dropped_is_released() {
 }
 
 #[test]
+fn a_page_of_a_segment_past_the_last_id_is_refused_not_aliased() {
+    replay(async {
+        let cluster = Cluster::start(2, DsmConfig::default()).await;
+        let dsm = cluster.dsm(NodeId(1));
+        let past = PageId { segment: gobelins_dsm::MAX_SEGMENT + 1, page: 3 };
+        assert!(matches!(dsm.read(past).await, Err(DsmError::NoSuchSegment { .. })));
+        assert!(matches!(dsm.write(past).await, Err(DsmError::NoSuchSegment { .. })));
+        assert!(matches!(dsm.discard(past).await, Err(DsmError::NoSuchSegment { .. })));
+        let last = PageId { segment: gobelins_dsm::MAX_SEGMENT, page: 3 };
+        put(&dsm, last, 5).await;
+        assert_eq!(get(&cluster.dsm(NodeId(2)), last).await, 5);
+    });
+}
+
+#[test]
 fn an_access_outside_a_segment_is_refused() {
     replay(async {
         let cluster = Cluster::start(1, DsmConfig::default()).await;
