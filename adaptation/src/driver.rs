@@ -20,6 +20,8 @@ use tokio::time::Instant;
 const ANSWERS_PER_BATCH: usize = 4096;
 /// An answer's bytes in a batch besides its response, at most: key, request id, lengths.
 const ANSWER_OVERHEAD: usize = 64;
+/// Change records a host keeps for `gobelins stats` and the demo: the latest.
+pub(crate) const HISTORY: usize = 256;
 /// Batches in flight to one node.
 const IN_FLIGHT: usize = 4;
 /// Full runs waiting for their shipper, per destination: packing waits beyond that.
@@ -359,7 +361,13 @@ impl Driver {
                 if let Some(clock) = &mut self.clock {
                     clock.record.after_ms = clock.lap();
                     clock.done_at = Some(clock.mark);
-                    inner.history.lock().expect("history").push(clock.record.clone());
+                    let mut history = inner.history.lock().expect("history");
+                    // The latest changes are what operators read; a node up for months
+                    // would otherwise keep, and copy on every status, one record per change.
+                    if history.len() >= HISTORY {
+                        history.remove(0);
+                    }
+                    history.push(clock.record.clone());
                 }
                 Vec::new()
             }

@@ -369,7 +369,7 @@ impl Host {
         }
     }
 
-    /// The changes this node took part in, oldest first.
+    /// The latest changes this node took part in (256 at most), oldest first.
     pub fn history(&self) -> Vec<ChangeRecord> {
         self.inner.load().history.lock().expect("history").clone()
     }

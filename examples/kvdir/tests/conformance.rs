@@ -532,3 +532,19 @@ fn a_receiver_reports_a_leave_done_only_once_its_backup_holds_what_it_received()
         }
     });
 }
+
+#[test]
+fn a_node_keeps_the_latest_changes_it_took_part_in_not_all() {
+    replay(async {
+        let mut cluster = kvdir_cluster(1, HostConfig::default()).await;
+        for _ in 0..140 {
+            let added = cluster.add().await;
+            cluster.evict(added).await;
+        }
+        let history = cluster.host(NodeId(1)).history();
+        assert_eq!(history.len(), 256, "the latest 256 of 281 changes");
+        let epochs: Vec<u64> = history.iter().map(|r| r.epoch).collect();
+        assert!(epochs.windows(2).all(|w| w[0] < w[1]), "oldest first");
+        assert_eq!(epochs.last(), Some(&281), "the newest is kept");
+    });
+}
