@@ -137,11 +137,16 @@ impl WriteGuard {
     /// is replaced (the manager chooses another); an error means the changes were discarded.
     pub async fn commit(self) -> Result<(), DsmError> {
         let data = Arc::new(self.data);
-        let backup = self.frame.lock().backup_node;
+        let (backup, commit) = {
+            let mut s = self.frame.lock();
+            s.commits = s.commits.saturating_add(1);
+            (s.backup_node, s.commits)
+        };
         if let Some(node) = backup.filter(|&b| b != self.dsm.me()) {
             let request = Request::Backup {
                 page: self.page,
                 version: self.version,
+                commit,
                 data: ByteBuf::from(data.to_vec()),
             };
             let ctx = self.dsm.host.context();
@@ -151,6 +156,7 @@ impl WriteGuard {
                 let request = Request::Rebackup {
                     node: self.dsm.me(),
                     version: self.version,
+                    commit,
                     failed: node,
                     data: ByteBuf::from(data.to_vec()),
                 };

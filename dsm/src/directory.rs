@@ -11,6 +11,8 @@ pub(crate) struct Report {
     pub(crate) version: u64,
     pub(crate) owned: bool,
     pub(crate) backup: bool,
+    /// For a backup: which of its owner's commits at `version` it holds.
+    pub(crate) commit: u64,
     pub(crate) digest: u64,
 }
 
@@ -65,19 +67,23 @@ pub(crate) fn repair(
 ///
 /// An owner commits many times at one version, each time to its backup. When a backup does not
 /// answer, the commit goes to another, and the first may keep an older commit under the same
-/// version. With no other copy of that version left, backups whose contents disagree cannot be
-/// told apart: the page is reported lost rather than rebuilt from what may be the stale one.
+/// version: of the backups, only those holding the latest commit count. Should two of those
+/// still disagree, with no other copy of that version left, they cannot be told apart: the
+/// page is reported lost rather than rebuilt from what may be a stale one.
 pub(crate) fn rebuild(reports: &[Report]) -> Option<PageEntry> {
     let version = reports.iter().map(|r| r.version).max()?;
     let current: Vec<&Report> = reports.iter().filter(|r| r.version == version).collect();
     let copies: Vec<NodeId> = current.iter().filter(|r| !r.backup).map(|r| r.holder).collect();
-    let mut digests = current.iter().filter(|r| r.backup).map(|r| r.digest);
+    let latest = current.iter().filter(|r| r.backup).map(|r| r.commit).max();
+    let newest: Vec<&Report> =
+        current.iter().copied().filter(|r| r.backup && Some(r.commit) == latest).collect();
+    let mut digests = newest.iter().map(|r| r.digest);
     let first = digests.next();
     if copies.is_empty() && digests.any(|d| Some(d) != first) {
         return Some(PageEntry { version, lost: true, strays: true, ..PageEntry::default() });
     }
     let owned = current.iter().find(|r| r.owned && !r.backup).map(|r| r.holder);
-    let backups: Vec<NodeId> = current.iter().filter(|r| r.backup).map(|r| r.holder).collect();
+    let backups: Vec<NodeId> = newest.iter().map(|r| r.holder).collect();
     let owner =
         owned.or_else(|| copies.iter().min().copied()).or_else(|| backups.iter().min().copied())?;
     let mut copyset: std::collections::BTreeSet<NodeId> = copies.into_iter().collect();
@@ -161,8 +167,14 @@ mod tests {
 
     #[test]
     fn rebuild_keeps_the_newest_copies_and_their_owner() {
-        let r =
-            |h, version, owned, backup| Report { holder: n(h), version, owned, backup, digest: 1 };
+        let r = |h, version, owned, backup| Report {
+            holder: n(h),
+            version,
+            owned,
+            backup,
+            commit: 0,
+            digest: 1,
+        };
         let e = rebuild(&[
             r(2, 3, false, false),
             r(3, 5, false, false),
@@ -178,25 +190,45 @@ mod tests {
 
     #[test]
     fn rebuild_from_a_backup_alone_makes_it_the_owner() {
-        let e =
-            rebuild(&[Report { holder: n(6), version: 9, owned: false, backup: true, digest: 1 }])
-                .expect("the backup survives");
+        let e = rebuild(&[Report {
+            holder: n(6),
+            version: 9,
+            owned: false,
+            backup: true,
+            commit: 2,
+            digest: 1,
+        }])
+        .expect("the backup survives");
         assert_eq!((e.owner, e.version, e.backup), (Some(n(6)), 9, None));
         assert_eq!(rebuild(&[]), None);
     }
 
     #[test]
-    fn backups_of_one_version_that_disagree_make_a_lost_page_unless_a_copy_survives() {
-        let b = |h, digest| Report { holder: n(h), version: 9, owned: false, backup: true, digest };
+    fn the_latest_commit_of_the_newest_version_wins_and_backups_that_still_disagree_are_lost() {
+        let b = |h, digest| Report {
+            holder: n(h),
+            version: 9,
+            owned: false,
+            backup: true,
+            commit: 4,
+            digest,
+        };
         let agreeing = rebuild(&[b(3, 7), b(5, 7)]).expect("backups survive");
         assert!(!agreeing.lost);
         assert_eq!(agreeing.owner, Some(n(3)));
         let disagreeing = rebuild(&[b(3, 7), b(5, 8)]).expect("an entry");
         assert!(disagreeing.lost, "one of them is a stale commit: {disagreeing:?}");
         assert_eq!(disagreeing.owner, None);
-        let owned = Report { holder: n(4), version: 9, owned: true, backup: false, digest: 8 };
+        let owned =
+            Report { holder: n(4), version: 9, owned: true, backup: false, commit: 0, digest: 8 };
         let e = rebuild(&[b(3, 7), b(5, 8), owned]).expect("the owner's copy survives");
         assert_eq!((e.owner, e.lost), (Some(n(4)), false));
+        // A backup holding an older commit of the version is a leftover: the newer one wins.
+        let stale = Report { commit: 3, ..b(2, 6) };
+        let e = rebuild(&[stale, b(5, 7)]).expect("backups survive");
+        assert_eq!((e.owner, e.lost, e.backup), (Some(n(5)), false, None));
+        let e = rebuild(&[stale, b(3, 7), b(5, 7)]).expect("backups survive");
+        assert_eq!((e.owner, e.backup), (Some(n(3)), Some(n(5))), "never the stale one");
         assert_eq!(digest(&[1; 4096]), digest(&[1; 4096]));
         assert_ne!(digest(&[1; 4096]), digest(&[2; 4096]));
     }

@@ -38,6 +38,13 @@ pub(crate) struct FrameState {
     pub(crate) backup_node: Option<NodeId>,
     /// A backup this node keeps for the page's owner: the version whose content it is.
     pub(crate) backup: Option<(u64, Bytes)>,
+    /// Which of the owner's commits at that version the backup holds (see `commits`).
+    pub(crate) backup_commit: u64,
+    /// As owner in write mode: the commits made at `version` so far. A backup is stamped with
+    /// the commit it holds, so that of two backups of one version, left on two nodes when a
+    /// commit went to another backup, the newer is known. [`FINAL`] once the version can take
+    /// no more commits here (the page was handed over or promoted, read-only).
+    pub(crate) commits: u64,
     /// The copy this node gave up to a writer, kept aside: if the manager dies before the
     /// writer gets it, this is the page's latest content, and `scan` reports it.
     pub(crate) retired: Option<(u64, Bytes)>,
@@ -55,12 +62,19 @@ pub(crate) struct FrameState {
     pub(crate) refused_copy: Option<(u64, Bytes)>,
 }
 
+/// The commit stamp of a version's last content: what an owner gave up, handed over or was
+/// promoted to, after which that version takes no more commits (writing needs a new grant).
+pub(crate) const FINAL: u64 = u64::MAX;
+
 impl FrameState {
-    /// The copy kept aside (backup or retired) with the newest content.
-    pub(crate) fn aside(&self) -> Option<(u64, Bytes)> {
-        match (&self.backup, &self.retired) {
-            (Some(b), Some(r)) => Some(if r.0 > b.0 { r.clone() } else { b.clone() }),
-            (b, r) => b.clone().or_else(|| r.clone()),
+    /// The copy kept aside (backup or retired) with the newest content: its version, its
+    /// commit stamp and the page. A copy given up to a writer is its version's last content.
+    pub(crate) fn aside(&self) -> Option<(u64, u64, Bytes)> {
+        let backup = self.backup.as_ref().map(|(v, d)| (*v, self.backup_commit, Arc::clone(d)));
+        let retired = self.retired.as_ref().map(|(v, d)| (*v, FINAL, Arc::clone(d)));
+        match (backup, retired) {
+            (Some(b), Some(r)) => Some(if (r.0, r.1) > (b.0, b.1) { r } else { b }),
+            (b, r) => b.or(r),
         }
     }
 }
@@ -135,6 +149,7 @@ impl Frame {
     /// that could not finish while the owner was leaving) does not keep it out.
     pub(crate) fn install_owned(&self, version: u64, data: Bytes) {
         let mut s = self.lock();
+        s.commits = FINAL;
         s.refused_copy = None;
         s.data = Some(data);
         s.version = version;
@@ -194,6 +209,7 @@ impl Frame {
             None => {}
         }
         s.version = version;
+        s.commits = 0;
         s.owned = true;
         s.backup_node = backup;
         s.retired = None;
@@ -240,11 +256,13 @@ impl Frame {
         }
     }
 
-    /// Keeps a backup for the owner, unless a newer one is already here.
-    pub(crate) fn store_backup(&self, version: u64, data: Bytes) {
+    /// Keeps a backup for the owner, unless a newer one (a later version, or a later commit
+    /// of this one) is already here.
+    pub(crate) fn store_backup(&self, version: u64, commit: u64, data: Bytes) {
         let mut s = self.lock();
-        if s.backup.as_ref().is_none_or(|(v, _)| *v <= version) {
+        if s.backup.as_ref().is_none_or(|(v, _)| (*v, s.backup_commit) <= (version, commit)) {
             s.backup = Some((version, data));
+            s.backup_commit = commit;
         }
     }
 
@@ -367,6 +385,7 @@ impl Frame {
         let Some((_, data)) = newest else { return false };
         s.data = Some(data);
         s.version = version;
+        s.commits = FINAL;
         s.owned = true;
         s.write = false;
         s.backup = None;
@@ -462,7 +481,7 @@ mod tests {
         assert_eq!(f.install_grant(4, Some(Arc::new(vec![9; PAGE_SIZE])), None), Installed::Yes);
         assert!(matches!(f.fetch(4, false, Duration::from_millis(10)).await, Fetched::Page(_)));
         assert!(f.readable().is_none());
-        assert_eq!(f.lock().aside().map(|(v, d)| (v, d[0])), Some((4, 9)));
+        assert_eq!(f.lock().aside().map(|(v, _, d)| (v, d[0])), Some((4, 9)));
         assert!(f.promote(4, Some(4)));
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((4, 9)));
     }
@@ -605,13 +624,38 @@ mod tests {
     #[test]
     fn promote_accepts_a_backup_no_newer_than_the_entry() {
         let f = Frame::default();
-        f.store_backup(8, zeros());
+        f.store_backup(8, 3, zeros());
         assert!(!f.promote(7, None));
         assert!(f.promote(9, None));
         assert_eq!(f.readable().map(|(v, _)| v), Some(9));
         let f = Frame::default();
-        f.store_backup(6, zeros());
+        f.store_backup(6, 0, zeros());
         assert!(f.promote(7, None));
         assert_eq!(f.readable().map(|(v, _)| v), Some(7));
+    }
+
+    #[test]
+    fn a_backup_keeps_the_latest_commit_of_the_latest_version_and_says_which() {
+        let f = Frame::default();
+        let page = |b: u8| Arc::new(vec![b; PAGE_SIZE]);
+        f.store_backup(5, 2, page(2));
+        f.store_backup(5, 1, page(1));
+        assert_eq!(f.lock().aside().map(|(v, c, d)| (v, c, d[0])), Some((5, 2, 2)), "older commit");
+        f.store_backup(5, 3, page(3));
+        f.store_backup(4, 9, page(9));
+        assert_eq!(
+            f.lock().aside().map(|(v, c, d)| (v, c, d[0])),
+            Some((5, 3, 3)),
+            "older version"
+        );
+        // A copy given up to a writer is its version's last content.
+        f.keep_retired(5, page(7));
+        assert_eq!(f.lock().aside().map(|(v, c, d)| (v, c, d[0])), Some((5, FINAL, 7)));
+        // A writer's commits count from its grant.
+        let w = Frame::default();
+        assert_eq!(w.install_grant(6, Some(page(0)), None), Installed::Yes);
+        assert_eq!(w.lock().commits, 0);
+        w.install_owned(6, page(0));
+        assert_eq!(w.lock().commits, FINAL, "handed over: no more commits at 6");
     }
 }

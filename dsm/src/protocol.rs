@@ -80,6 +80,8 @@ pub enum Request {
         node: NodeId,
         /// Its version.
         version: u64,
+        /// The commit whose content this is.
+        commit: u64,
         /// The backup it could not reach.
         failed: NodeId,
         /// The content to back up.
@@ -157,6 +159,8 @@ pub enum Request {
         page: PageId,
         /// The owner's version.
         version: u64,
+        /// Which of the owner's commits at that version this is (see `FrameState::commits`).
+        commit: u64,
         /// The page as last committed.
         #[serde(deserialize_with = "page")]
         data: ByteBuf,
@@ -378,6 +382,9 @@ pub enum Entry {
         owned: bool,
         /// The copy is a backup (kept for an owner), not a read copy.
         backup: bool,
+        /// For a backup, which of its owner's commits at that version it holds: the newest
+        /// wins a rebuild.
+        commit: u64,
         /// A digest of the copy's content: two backups of one version that disagree mean one
         /// of them is stale (see [`crate::directory::rebuild`]).
         digest: u64,
@@ -402,7 +409,12 @@ mod tests {
     #[test]
     fn a_page_of_any_other_length_than_a_page_is_refused_as_it_is_read() {
         let page = PageId { segment: 1, page: 2 };
-        let backup = |len| Request::Backup { page, version: 3, data: ByteBuf::from(vec![7; len]) };
+        let backup = |len| Request::Backup {
+            page,
+            version: 3,
+            commit: 1,
+            data: ByteBuf::from(vec![7; len]),
+        };
         let bytes = codec::encode(&backup(PAGE_SIZE)).expect("encode");
         assert!(codec::decode::<Request>(&bytes).is_ok());
         for len in [0, 100, PAGE_SIZE - 1, PAGE_SIZE + 1] {

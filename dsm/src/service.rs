@@ -643,7 +643,13 @@ impl DsmService {
                 ctx,
                 chosen,
                 page,
-                Request::Backup { page, version: entry.version, data: page_bytes(&content) },
+                // The writer's commits at this version count from 1.
+                Request::Backup {
+                    page,
+                    version: entry.version,
+                    commit: 0,
+                    data: page_bytes(&content),
+                },
             )
             .await;
         if !stored {
@@ -676,7 +682,7 @@ impl DsmService {
         // Not waited for: a write in progress whose backup is gone asks this page's manager
         // for another, and that manager may be the one asking here. Its commit finds a backup.
         let Ok(_writer) = frame.writer.try_lock() else { return Response::Busy };
-        let data = {
+        let (data, commit) = {
             let s = frame.lock();
             let Some(data) = s.data.clone().filter(|_| s.owned && s.version == version) else {
                 return Response::Missing;
@@ -685,9 +691,9 @@ impl DsmService {
             if let Some(current) = s.backup_node.filter(|&b| live(b)) {
                 return Response::BackedUp(current);
             }
-            data
+            (data, s.commits)
         };
-        let request = Request::Backup { page, version, data: page_bytes(&data) };
+        let request = Request::Backup { page, version, commit, data: page_bytes(&data) };
         if !self.tell(ctx, node, page, request).await {
             return Response::Retry;
         }
@@ -746,15 +752,17 @@ impl DsmService {
         Response::Ok
     }
 
+    /// `owner` could not reach `failed`, its backup, with `content`: its version, the commit
+    /// and the page.
     async fn rebackup(
         &self,
         ctx: &Context,
         page: PageId,
         owner: NodeId,
-        version: u64,
         failed: NodeId,
-        data: ByteBuf,
+        content: (u64, u64, ByteBuf),
     ) -> Response {
+        let (version, commit, data) = content;
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
@@ -769,7 +777,8 @@ impl DsmService {
             entry.backup = None;
             return Response::Ok;
         };
-        let stored = self.tell(ctx, chosen, page, Request::Backup { page, version, data }).await;
+        let request = Request::Backup { page, version, commit, data };
+        let stored = self.tell(ctx, chosen, page, request).await;
         if !stored {
             return Response::Retry;
         }
@@ -806,7 +815,9 @@ impl DsmService {
             // change, so its sweep would not see to it.
             let exposed = entry.backup.is_none_or(|b| b == me || b == from || self.gone(ctx, b));
             if self.state().config.backups && exposed {
-                let request = Request::Backup { page, version, data: page_bytes(&data) };
+                // The leaving owner's last content of this version.
+                let commit = crate::frames::FINAL;
+                let request = Request::Backup { page, version, commit, data: page_bytes(&data) };
                 entry.backup = match self.live_after(ctx, me, from) {
                     Some(to) if self.tell(ctx, to, page, request).await => Some(to),
                     _ => None,
@@ -952,8 +963,8 @@ impl DsmService {
                 frames.frame(page).drop_retired(version);
                 Response::Ok
             }
-            Request::Backup { page, version, data } => {
-                frames.frame(page).store_backup(version, Arc::new(data.into_vec()));
+            Request::Backup { page, version, commit, data } => {
+                frames.frame(page).store_backup(version, commit, Arc::new(data.into_vec()));
                 Response::Ok
             }
             // Boxed: it tells the backup node in turn, through `told`, which may run `local`.
@@ -1015,13 +1026,14 @@ impl DsmService {
                         version: s.version,
                         owned: s.owned,
                         backup: false,
+                        commit: s.commits,
                         digest: digest(data),
                     },
                 ));
             }
             // A copy kept aside (a backup, or one given up to a writer the manager may have
             // died before granting): its holder must promote it before serving it.
-            if let Some((version, data)) = s.aside() {
+            if let Some((version, commit, data)) = s.aside() {
                 out.push((
                     page.key(),
                     Entry::Copy {
@@ -1029,6 +1041,7 @@ impl DsmService {
                         version,
                         owned: false,
                         backup: true,
+                        commit,
                         digest: digest(&data),
                     },
                 ));
@@ -1090,8 +1103,8 @@ impl DsmService {
                     }
                     self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
                 }
-                Entry::Copy { holder, version, owned, backup, digest } => {
-                    let report = Report { holder, version, owned, backup, digest };
+                Entry::Copy { holder, version, owned, backup, commit, digest } => {
+                    let report = Report { holder, version, owned, backup, commit, digest };
                     reports.entry(key).or_default().push(report);
                 }
                 Entry::Lock(lock) => {
@@ -1373,8 +1386,8 @@ impl Service for DsmService {
             (Named::Page(page), Request::KeepAside { node, label, data }) => {
                 self.keep_aside(ctx, page, node, label, data).await
             }
-            (Named::Page(page), Request::Rebackup { node, version, failed, data }) => {
-                self.rebackup(ctx, page, node, version, failed, data).await
+            (Named::Page(page), Request::Rebackup { node, version, commit, failed, data }) => {
+                self.rebackup(ctx, page, node, failed, (version, commit, data)).await
             }
             (Named::Page(page), Request::Discard) => self.discard(page).await,
             (Named::Page(page), Request::Abandon { node }) => self.abandon(ctx, page, node).await,

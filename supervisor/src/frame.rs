@@ -29,8 +29,9 @@ use tokio_util::codec::{Decoder, Encoder};
 /// aside for a grant, and leaving nodes hand such copies over; 8: a routed request's header and
 /// a `Done` reply of the adaptation layer are laid out by hand, fixed-width; 9: an adaptation
 /// reply says how it is laid out in its last byte, not its first, and the DSM moves backups
-/// (`BackupTo`, `Abandon`) and frees segments by marking its taint markers; 10: a survivor's
-/// report of a DSM copy carries a digest of its content).
+/// (`BackupTo`, `Abandon`) and frees segments by marking its taint markers; 10: a DSM backup
+/// says which of its owner's commits it holds, and a survivor's report of a copy carries that
+/// and a digest of its content).
 pub const VERSION: u8 = 10;
 /// The oldest protocol version this node reads.
 pub const MIN_VERSION: u8 = 10;
