@@ -43,10 +43,7 @@ impl Link for TransportLink {
         message: Bytes,
         deadline: Duration,
     ) -> Result<(), AdaptationError> {
-        self.transport
-            .tell(to.0, message, deadline)
-            .await
-            .map_err(|e| AdaptationError::Unreachable { node: to.0, reason: e.to_string() })
+        self.transport.tell(to.0, message, deadline).await.map_err(|e| not_sent(to, e))
     }
 
     async fn call(
@@ -56,12 +53,8 @@ impl Link for TransportLink {
         deadline: Duration,
     ) -> Result<Bytes, AdaptationError> {
         let unreachable = |reason: String| AdaptationError::Unreachable { node: to.0, reason };
-        let answer = self.transport.call(to.0, message, deadline).await.map_err(|e| match e {
-            SupervisorError::FrameTooLarge { len, max } => {
-                AdaptationError::TooLarge { bytes: len as u64, max: max as u64 }
-            }
-            e => unreachable(e.to_string()),
-        })?;
+        let answer =
+            self.transport.call(to.0, message, deadline).await.map_err(|e| not_sent(to, e))?;
         let codec_error = |e: SupervisorError| AdaptationError::Codec(e.to_string());
         match Lane::open(answer).map_err(codec_error)? {
             (Lane::Adaptation, reply) => Ok(reply),
@@ -71,5 +64,35 @@ impl Link for TransportLink {
                 _ => Err(unreachable("peer answered something else".into())),
             },
         }
+    }
+}
+
+/// What the layer makes of a message the transport could not carry to `to`: a message larger
+/// than a frame will never go (sending it again cannot help); anything else is `to` out of
+/// reach for now.
+fn not_sent(to: NodeId, error: SupervisorError) -> AdaptationError {
+    match error {
+        SupervisorError::FrameTooLarge { len, max } => {
+            AdaptationError::TooLarge { bytes: len as u64, max: max as u64 }
+        }
+        e => AdaptationError::Unreachable { node: to.0, reason: e.to_string() },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_message_too_large_for_a_frame_is_not_taken_for_a_peer_out_of_reach() {
+        let too_large = SupervisorError::FrameTooLarge { len: 20 << 20, max: 16 << 20 };
+        assert!(matches!(
+            not_sent(NodeId(3), too_large),
+            AdaptationError::TooLarge { bytes, max } if bytes == 20 << 20 && max == 16 << 20
+        ));
+        assert!(matches!(
+            not_sent(NodeId(3), SupervisorError::Closed),
+            AdaptationError::Unreachable { node: 3, .. }
+        ));
     }
 }
