@@ -22,12 +22,17 @@ fn config() -> impl bincode::config::Config {
 
 /// Encodes `value`.
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, AdaptationError> {
+    encode_leaving(value, SPARE)
+}
+
+/// Encodes `value`, leaving `room` bytes free behind it for what will be pushed after it.
+pub fn encode_leaving<T: Serialize>(value: &T, room: usize) -> Result<Vec<u8>, AdaptationError> {
     let failed = |e: bincode::error::EncodeError| AdaptationError::Codec(e.to_string());
     // Measured first, so that the buffer is allocated once at its size: grown as it fills, it
     // is reallocated a dozen times for a 1 KiB entry and copies a migration batch twice over.
     let mut size = bincode::enc::write::SizeWriter::default();
     bincode::serde::encode_into_writer(value, &mut size, config()).map_err(failed)?;
-    let mut out = Vec::with_capacity(size.bytes_written + SPARE);
+    let mut out = Vec::with_capacity(size.bytes_written + room);
     bincode::serde::encode_into_std_write(value, &mut out, config()).map_err(failed)?;
     Ok(out)
 }

@@ -379,7 +379,7 @@ impl<S: Service> Plugin for Erased<S> {
             return Err(AdaptationError::Retry { service: self.0.spec().id.0, key: key.0 });
         }
         let keep = keep && !S::changed_nothing(&response);
-        Ok(Answer { response: codec::encode(&response)?, keep })
+        Ok(Answer { response: codec::encode_leaving(&response, crate::wire::RESPONSE_ROOM)?, keep })
     }
 
     fn repeatable(&self, request: &[u8]) -> bool {

@@ -73,6 +73,10 @@ const FIXED: u8 = 0xF0;
 /// that a `Done` is its response as the service encoded it, with one byte pushed after it.
 const CODED: u8 = 0;
 
+/// Bytes a service leaves free behind its encoded response: the reply's tag, then what the
+/// link seals a message with. With less, the second push reallocated and copied every answer.
+pub const RESPONSE_ROOM: usize = 1 + codec::SPARE;
+
 /// A routed request's header: the tag, origin, number, service, key, epoch, wait, settlement
 /// (two numbers) and the repeatable flag. The body follows, to the end of the message.
 const ROUTED_HEADER: usize = 1 + 8 + 8 + 2 + 8 + 8 + 8 + 8 + 8 + 1;

@@ -2,6 +2,7 @@
 //! real migration plan, bad bytes refused, the registry's order.
 
 use async_trait::async_trait;
+use gobelins_adaptation::wire::Reply;
 use gobelins_adaptation::{
     codec, plugin, AdaptationError, ChangeInfo, Context, Moving, Packed, Packer, Registry, Service,
 };
@@ -95,6 +96,23 @@ async fn requests_and_answers_cross_the_plugin_in_bytes() {
     assert!(!read.keep, "a read may simply run again");
     let answer: Option<String> = codec::decode(&read.response).expect("decode");
     assert_eq!(answer.as_deref(), Some("hello"));
+}
+
+/// An answer crosses the wire as the service encoded it: made a `Done` reply and sealed by a
+/// link, it stays in the buffer it was encoded in, and fills it (a `Bytes` made of a full
+/// buffer needs no allocation of its own).
+#[tokio::test]
+async fn an_answer_is_sealed_for_the_wire_in_the_buffer_it_was_encoded_in() {
+    let kv = plugin(Kv::default());
+    let put = codec::encode(&Request::Put("x".repeat(300))).expect("encode");
+    kv.handle(&ctx(), Key(3), &put).await.expect("put");
+    let get = codec::encode(&Request::Get).expect("encode");
+    let answer = kv.handle(&ctx(), Key(3), &get).await.expect("get").response;
+    let at = answer.as_ptr();
+    let mut sealed = Reply::Done(answer.into()).encode().expect("encode");
+    sealed.extend_from_slice(&[1; codec::SPARE]);
+    assert_eq!(sealed.as_ptr(), at, "not copied");
+    assert_eq!(sealed.len(), sealed.capacity(), "no room left over, none missing");
 }
 
 #[tokio::test]
