@@ -9,7 +9,7 @@
 
 use crate::closer::Closer;
 use bytes::Bytes;
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -28,7 +28,9 @@ struct Waiter {
 /// The waiters of one connection, by request id. Ordered: a closed connection fails its
 /// callers in the order they called, the same in every run of a simulation's seed.
 pub(crate) struct Waiters {
-    calls: Mutex<BTreeMap<u64, Waiter>>,
+    /// A hash map, not a tree: with one call in flight, a tree allocated a node for each call
+    /// and freed it at the answer; the map keeps its table.
+    calls: Mutex<HashMap<u64, Waiter, foldhash::fast::RandomState>>,
     /// When the expiring task wakes next, in nanoseconds from `born`. Written under `calls`'
     /// lock, so that a call added while the task computes it is either seen by the task or
     /// sees the task's new wake.
@@ -44,7 +46,7 @@ impl Waiters {
         Arc::new(Waiters { calls: Mutex::default(), next, wake: Notify::new(), born })
     }
 
-    fn calls(&self) -> MutexGuard<'_, BTreeMap<u64, Waiter>> {
+    fn calls(&self) -> MutexGuard<'_, HashMap<u64, Waiter, foldhash::fast::RandomState>> {
         self.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
