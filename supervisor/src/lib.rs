@@ -34,6 +34,7 @@ mod outbox;
 pub mod rpc;
 pub mod runtime;
 pub mod secret;
+mod slots;
 pub mod state;
 pub mod store;
 pub mod supervisor;

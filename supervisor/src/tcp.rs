@@ -27,6 +27,7 @@ use crate::handshake::{self, Hello};
 use crate::net::{Net, TokioNet};
 use crate::outbox::Outbox;
 use crate::secret::ClusterSecret;
+use crate::slots::Slots;
 use crate::transport::{Admission, Handler, Transport};
 use crate::waiters::Waiters;
 use async_trait::async_trait;
@@ -137,10 +138,12 @@ struct ConnState {
     writer: Writer,
     pending: Pending,
     closer: Arc<Closer>,
-    /// When a frame last arrived, to tell a silent connection from a busy one.
-    last_heard: Mutex<Instant>,
-    /// The peer's requests being handled; all its permits are free when none is.
-    inflight: Arc<Semaphore>,
+    /// When a frame last arrived, in nanoseconds after `born`, to tell a silent connection
+    /// from a busy one. Written for every frame: an atomic, where a mutex cost a lock each.
+    last_heard: AtomicU64,
+    born: Instant,
+    /// The peer's requests being handled.
+    inflight: Arc<Slots>,
 }
 
 impl std::ops::Deref for Conn {
@@ -151,8 +154,14 @@ impl std::ops::Deref for Conn {
 }
 
 impl ConnState {
+    fn heard(&self) {
+        let nanos = self.born.elapsed().as_nanos();
+        self.last_heard.store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
     fn silent_for(&self) -> Duration {
-        lock(&self.last_heard).elapsed()
+        let heard = self.born + Duration::from_nanos(self.last_heard.load(Ordering::Relaxed));
+        heard.elapsed()
     }
 }
 
@@ -387,8 +396,9 @@ impl<N: Net> TcpTransport<N> {
             writer: Outbox::new(Box::pin(sink), Arc::clone(&closer), max_frame, abandoned),
             pending,
             closer,
-            last_heard: Mutex::new(Instant::now()),
-            inflight: Arc::new(Semaphore::new(self.inner.config.max_inflight)),
+            last_heard: AtomicU64::new(0),
+            born: Instant::now(),
+            inflight: Slots::new(self.inner.config.max_inflight),
         }));
         let chosen = {
             let mut peers = lock(&self.inner.peers);
@@ -443,9 +453,8 @@ impl<N: Net> TcpTransport<N> {
                     _ = tokio::time::sleep(linger) => {}
                 }
                 let known = lock(&inner.peers).contains_key(&peer);
-                let idle = conn.pending.is_empty()
-                    && conn.inflight.available_permits() == inner.config.max_inflight
-                    && conn.silent_for() >= linger;
+                let idle =
+                    conn.pending.is_empty() && conn.inflight.idle() && conn.silent_for() >= linger;
                 if conn.closer.is_closed() || !known || idle {
                     break;
                 }
@@ -481,23 +490,19 @@ impl<N: Net> TcpTransport<N> {
                     }
                 };
                 let Some(frame) = incoming else { return Ok(()) };
-                *lock(&conn.last_heard) = Instant::now();
+                conn.heard();
                 match Wire::decode(frame?)? {
                     Wire::Request { id, body } => {
-                        let permit = match Arc::clone(inflight).try_acquire_owned() {
-                            Ok(permit) => permit,
-                            Err(_) => {
+                        let permit = match inflight.try_take() {
+                            Some(permit) => permit,
+                            None => {
                                 // Every handler slot is taken: the answers queued so far must
                                 // not wait for one to free (its handler may wait for them).
                                 write_queued_or_spawn(&conn.writer).await?;
                                 unwritten = 0;
-                                let waiting = Arc::clone(inflight).acquire_owned();
                                 tokio::select! {
                                     _ = conn.closer.closed() => return Ok(()),
-                                    permit = waiting => match permit {
-                                        Ok(permit) => permit,
-                                        Err(_) => return Ok(()),
-                                    },
+                                    permit = inflight.take() => permit,
                                 }
                             }
                         };
@@ -641,7 +646,6 @@ impl<N: Net> TcpTransport<N> {
         what: impl FnOnce() -> String,
     ) -> Result<Bytes> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let waited_since = Instant::now();
         // Fails at `deadline` (the connection's expiring task drops it) or when the
         // connection ends: no timer of its own.
         let mut rx = conn.pending.wait(id, deadline);
@@ -653,11 +657,13 @@ impl<N: Net> TcpTransport<N> {
         let mut written = false;
         let answer = loop {
             tokio::select! {
+                // In order: a random start costs a random number per poll.
+                biased;
+                answer = &mut rx => break answer,
                 result = &mut sent, if !written => {
                     result?;
                     written = true;
                 }
-                answer = &mut rx => break answer,
             }
         };
         match answer {
@@ -669,7 +675,8 @@ impl<N: Net> TcpTransport<N> {
             Err(_) => {
                 // Nothing at all came back while we waited: the link is wedged, not busy.
                 let what = what();
-                if conn.silent_for() >= waited_since.elapsed() {
+                // The call began a budget before its deadline: no clock read per call.
+                if conn.silent_for() >= deadline.elapsed() + budget {
                     tracing::debug!(%what, "connection silent past the deadline; closing it");
                     conn.closer.close();
                 }
