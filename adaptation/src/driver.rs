@@ -257,7 +257,7 @@ impl Driver {
                 inner.begun.send_replace(epoch);
                 tracing::debug!(node = me.0, epoch, "change begun: moving keys held");
                 // Wait out the handles that routed before the hold.
-                drop(inner.gate.write().await);
+                inner.gate.hold().await;
                 Vec::new()
             }
             Command::BeforeMigration(service) => {

@@ -11,6 +11,7 @@
 use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
 use crate::forwarded::{Forwarded, Wait};
+use crate::gate::Gate;
 use crate::kept::{Kept, KeptOrder};
 use crate::link::Link;
 use crate::mirrors::Mirrors;
@@ -36,7 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::Poll;
 use std::time::Duration;
-use tokio::sync::{mpsc, watch, RwLock};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 /// Timers and sizes of a host.
@@ -209,7 +210,7 @@ pub(crate) struct Inner {
     pub(crate) done: watch::Sender<u64>,
     /// Handles hold it shared; a hold takes it exclusively to wait out handles that routed
     /// before the hold and may still be changing an entry that is about to leave.
-    pub(crate) gate: RwLock<()>,
+    pub(crate) gate: Gate,
     /// The answers kept for retries, by service and slot, then key: a change hands over the
     /// slots that leave without looking at every key answered here.
     pub(crate) answers: DashMap<(ServiceId, u32), HashMap<Key, Answers, Hasher>, Hasher>,
@@ -324,7 +325,7 @@ impl Host {
             changed
         });
         if changed {
-            inner.mirrors.departed.store(Arc::new(inner.departed.borrow().clone()));
+            inner.mirrors.mirror_departed(&inner.departed.borrow());
         }
         // Calls waiting on a node the cluster gave up on (cut off, holding a request for a
         // change it will never finish) end now: their requests go to the new manager.
@@ -494,7 +495,7 @@ impl Inner {
             released: watch::channel(0).0,
             begun: watch::channel(0).0,
             done: watch::channel(0).0,
-            gate: RwLock::new(()),
+            gate: Gate::new(),
             answers: DashMap::default(),
             running: DashMap::default(),
             // Ids must not repeat across restarts of the node, or a manager would answer a new
@@ -824,7 +825,7 @@ impl Inner {
         let bytes = routed.encode_request(body);
         // Gone already: ask the new manager. Gone while we wait: `Host::update` has the link
         // abandon the call.
-        if self.mirrors.departed.load().contains(&manager) {
+        if self.mirrors.is_departed(manager) {
             return Reply::Late;
         }
         // A little longer than the manager will wait, so that its own `Late` reaches us.
@@ -834,7 +835,7 @@ impl Inner {
             // A node declared failed may still run, cut off, and answer once the cut heals; but
             // its entries are being rebuilt from replicas elsewhere, so what it did is not
             // the directory's. Its answer is dropped and the request retried at the new manager.
-            Ok(_) if self.mirrors.departed.load().contains(&manager) => Reply::Late,
+            Ok(_) if self.mirrors.is_departed(manager) => Reply::Late,
             Ok(answer) => Reply::decode(&answer).unwrap_or_else(|e| Reply::Refused(e.to_string())),
             Err(e @ AdaptationError::TooLarge { .. }) => Reply::Refused(e.to_string()),
             Err(_) => Reply::Late,
@@ -879,7 +880,7 @@ impl Inner {
         // Nobody to pass it to: this node manages the key after all (its epoch moved since
         // `serve`), the origin does (it serves the key itself once it knows), or the manager
         // is gone.
-        if to == self.me || to == from || self.mirrors.departed.load().contains(&to) {
+        if to == self.me || to == from || self.mirrors.is_departed(to) {
             return None;
         }
         let wait = until.saturating_duration_since(Instant::now());
@@ -965,11 +966,11 @@ impl Inner {
             // Taken at once unless a hold waits for it. Then the wait is fair to the hold, and
             // bounded: a handle that calls back into this node while a hold waits for the gate
             // would otherwise wait on itself.
-            let gate = match self.gate.try_read() {
-                Ok(gate) => gate,
-                Err(_) => match Box::pin(tokio::time::timeout_at(until, self.gate.read())).await {
-                    Ok(gate) => gate,
-                    Err(_) => return Reply::Late,
+            let gate = match self.gate.try_pass() {
+                Some(gate) => gate,
+                None => match Box::pin(self.gate.pass(until)).await {
+                    Some(gate) => gate,
+                    None => return Reply::Late,
                 },
             };
             let routed = self
@@ -1148,7 +1149,7 @@ impl Inner {
             Message::Answer { id, reply } => {
                 let reply = match reply {
                     // As for a direct call: a node the cluster gave up on answers for nobody.
-                    _ if self.mirrors.departed.load().contains(&from) => Reply::Late,
+                    _ if self.mirrors.is_departed(from) => Reply::Late,
                     // An answer is never passed on again.
                     Reply::Forwarded { .. } => Reply::Late,
                     reply => reply,
@@ -1166,7 +1167,7 @@ impl Inner {
             // A life the cluster has ended (failed, or left) must not change an entry here: a
             // replica it stores after the survivors' `scan` would be a write nobody rebuilds.
             // Its batches and acks stay welcome: the period's own epochs judge those.
-            Message::Local { .. } if self.mirrors.departed.load().contains(&from) => {
+            Message::Local { .. } if self.mirrors.is_departed(from) => {
                 tracing::debug!(node = from.0, "local request from a departed node refused");
                 Reply::Refused(format!(
                     "node {from} was declared failed or has left; it must rejoin as a new life"
@@ -1295,7 +1296,7 @@ impl Inner {
                     }
                 }
             }
-            if self.mirrors.departed.load().contains(&to) {
+            if self.mirrors.is_departed(to) {
                 tracing::warn!(
                     node = to.0,
                     "node is gone; what it was to receive will be rebuilt by scan where a copy survives"
@@ -1349,7 +1350,7 @@ impl Peers for Inner {
 
     fn gone(&self, node: NodeId) -> bool {
         let stopped = node == self.me && self.mirrors.stopped.load(Ordering::Acquire);
-        stopped || self.mirrors.departed.load().contains(&node)
+        stopped || self.mirrors.is_departed(node)
     }
 }
 

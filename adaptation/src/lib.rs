@@ -27,6 +27,7 @@ pub mod codec;
 mod driver;
 pub mod error;
 mod forwarded;
+mod gate;
 pub mod host;
 mod kept;
 pub mod link;
