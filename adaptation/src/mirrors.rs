@@ -11,6 +11,7 @@ use arc_swap::ArcSwap;
 use gobelins_locator::NodeId;
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -23,7 +24,10 @@ pub(crate) struct Mirrors {
     /// How many times held requests were released.
     pub(crate) released: AtomicU64,
     /// The nodes the cluster has given up on.
-    pub(crate) departed: ArcSwap<BTreeSet<NodeId>>,
+    departed: ArcSwap<BTreeSet<NodeId>>,
+    /// Bit `id % 256` of each of them: a clear bit answers "not departed" (nearly every
+    /// request asks, of its manager, twice) without loading the set.
+    departed_bits: [AtomicU64; 4],
     /// The lease's end, in nanoseconds from `born`; `NO_LEASE` for none.
     lease_until: AtomicU64,
     born: Instant,
@@ -35,6 +39,7 @@ impl Mirrors {
             stopped: AtomicBool::new(false),
             released: AtomicU64::new(0),
             departed: ArcSwap::from_pointee(BTreeSet::new()),
+            departed_bits: Default::default(),
             lease_until: AtomicU64::new(NO_LEASE),
             born: Instant::now(),
         }
@@ -51,6 +56,27 @@ impl Mirrors {
         self.lease_until.store(until, Ordering::Release);
     }
 
+    /// Copies the departed nodes from their watch, after it changed: the set first, then
+    /// the bits, so that a reader who sees a node's bit finds the node in the set.
+    pub(crate) fn mirror_departed(&self, departed: &BTreeSet<NodeId>) {
+        let mut bits = [0u64; 4];
+        for node in departed {
+            let bit = node.0 % 256;
+            bits[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        self.departed.store(Arc::new(departed.clone()));
+        for (word, bits) in self.departed_bits.iter().zip(bits) {
+            word.store(bits, Ordering::Release);
+        }
+    }
+
+    /// Whether the cluster has given up on `node`.
+    pub(crate) fn is_departed(&self, node: NodeId) -> bool {
+        let bit = node.0 % 256;
+        let word = self.departed_bits[(bit / 64) as usize].load(Ordering::Acquire);
+        word & (1 << (bit % 64)) != 0 && self.departed.load().contains(&node)
+    }
+
     /// Whether the lease, if there is one, still holds at `now`.
     pub(crate) fn leased_at(&self, now: Instant) -> bool {
         let until = self.lease_until.load(Ordering::Acquire);
@@ -62,6 +88,19 @@ impl Mirrors {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_departed_mirror_says_what_its_set_says_even_where_ids_share_a_bit() {
+        let now = Mirrors::new();
+        assert!(!now.is_departed(NodeId(3)));
+        now.mirror_departed(&BTreeSet::from([NodeId(3), NodeId(300)]));
+        for (node, gone) in [(3, true), (300, true), (259, false), (44, false), (556, false)] {
+            assert_eq!(now.is_departed(NodeId(node)), gone, "node {node}");
+        }
+        now.mirror_departed(&BTreeSet::from([NodeId(300)]));
+        assert!(!now.is_departed(NodeId(3)), "a node no longer in the set");
+        assert!(now.is_departed(NodeId(300)));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn the_lease_mirror_says_what_its_watch_says() {
