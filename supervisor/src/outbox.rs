@@ -22,7 +22,9 @@ pub(crate) type Abandoned = Box<dyn Fn(u64) -> bool + Send + Sync>;
 /// Frames waiting to be written on one connection, and the socket they go to.
 pub(crate) struct Outbox {
     queue: Mutex<VecDeque<Wire>>,
-    sink: tokio::sync::Mutex<FrameSink>,
+    /// The futures crate's lock, not tokio's: taken and let go once per write, and tokio's
+    /// took its waiter list's lock to let go even when nobody waited.
+    sink: futures::lock::Mutex<FrameSink>,
     /// The connection's closer, closed when a write fails: the connection is then
     /// unusable, and its callers must hear `Closed` now rather than at their deadline, since
     /// another task wrote their frame. Once closed, nothing more is written.
@@ -42,7 +44,7 @@ impl Outbox {
         max_frame: usize,
         abandoned: Abandoned,
     ) -> Arc<Outbox> {
-        let sink = tokio::sync::Mutex::new(sink);
+        let sink = futures::lock::Mutex::new(sink);
         Arc::new(Outbox { queue: Mutex::default(), sink, broken, max_frame, abandoned })
     }
 
@@ -69,7 +71,7 @@ impl Outbox {
     /// Writes what is queued, unless another task holds the socket (it writes it then).
     pub(crate) async fn write_queued(self: &Arc<Self>) -> Result<()> {
         loop {
-            let Ok(sink) = self.sink.try_lock() else {
+            let Some(sink) = self.sink.try_lock() else {
                 return self.check();
             };
             self.drain(sink).await?;
@@ -93,7 +95,7 @@ impl Outbox {
     /// hands the rest to a task of its own.
     async fn drain(
         self: &Arc<Self>,
-        mut sink: tokio::sync::MutexGuard<'_, FrameSink>,
+        mut sink: futures::lock::MutexGuard<'_, FrameSink>,
     ) -> Result<()> {
         let mut unfinished = Unfinished { outbox: Some(Arc::clone(self)) };
         let writing = async {
