@@ -484,8 +484,12 @@ impl<N: Net> TcpTransport<N> {
                 let incoming = match futures::poll!(stream.next()) {
                     Poll::Ready(incoming) => incoming,
                     Poll::Pending => {
-                        write_queued_or_spawn(&conn.writer).await?;
-                        unwritten = 0;
+                        // Only answers this reader queued wait for it: a caller writes its own
+                        // frames, or leaves them to whoever holds the socket.
+                        if unwritten > 0 {
+                            write_queued_or_spawn(&conn.writer).await?;
+                            unwritten = 0;
+                        }
                         stream.next().await
                     }
                 };
