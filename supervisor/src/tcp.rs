@@ -163,6 +163,14 @@ impl ConnState {
         let heard = self.born + Duration::from_nanos(self.last_heard.load(Ordering::Relaxed));
         heard.elapsed()
     }
+
+    /// Nothing came on this connection for the last `waited`, or since it opened if that is
+    /// later: a call that dialed it waited on it only from then.
+    fn silent_through(&self, waited: Duration) -> bool {
+        let heard = self.born + Duration::from_nanos(self.last_heard.load(Ordering::Relaxed));
+        let began = Instant::now().checked_sub(waited).map_or(self.born, |b| b.max(self.born));
+        heard <= began
+    }
 }
 
 /// A connection's reading and writing halves, split by `split` (`Net::split`: owned halves
@@ -680,7 +688,7 @@ impl<N: Net> TcpTransport<N> {
                 // Nothing at all came back while we waited: the link is wedged, not busy.
                 let what = what();
                 // The call began a budget before its deadline: no clock read per call.
-                if conn.silent_for() >= deadline.elapsed() + budget {
+                if conn.silent_through(deadline.elapsed() + budget) {
                     tracing::debug!(%what, "connection silent past the deadline; closing it");
                     conn.closer.close();
                 }
@@ -752,6 +760,47 @@ impl<N: Net> Transport for TcpTransport<N> {
 mod tests {
     use super::*;
     use tokio_util::codec::Encoder;
+
+    /// Answers `hang` never, anything else at once.
+    struct Hangs;
+
+    #[async_trait]
+    impl Handler for Hangs {
+        async fn handle(&self, _from: u64, request: Bytes) -> Bytes {
+            if &request[..] == b"hang" {
+                std::future::pending::<()>().await;
+            }
+            request
+        }
+    }
+
+    async fn started(secret: &ClusterSecret, node: u64) -> (TcpTransport, String) {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .to_string();
+        let identity = Identity { secret: secret.clone(), node, addr: addr.clone() };
+        let admit = Arc::new(crate::transport::AdmitAll);
+        let config = TcpConfig::default();
+        let t = TcpTransport::start(TokioNet, config, identity, 1, None, Arc::new(Hangs), admit)
+            .await
+            .expect("start");
+        (t, addr)
+    }
+
+    /// A call that heard nothing back by its deadline closes its connection, wedged, though
+    /// the call dialed it: the time spent dialing is not silence the connection owes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_call_that_hears_nothing_closes_the_connection_it_dialed() {
+        let secret = ClusterSecret::generate();
+        let ((a, _), (_b, b_addr)) = (started(&secret, 1).await, started(&secret, 2).await);
+        a.set_peer(2, b_addr);
+        let call = a.call(2, Bytes::from_static(b"hang"), Duration::from_millis(300)).await;
+        assert!(matches!(call, Err(SupervisorError::Timeout { .. })), "{call:?}");
+        assert!(a.live_conn(2).is_none(), "the silent connection was kept");
+        let answer = a.call(2, Bytes::from_static(b"hello"), Duration::from_secs(5)).await;
+        assert_eq!(&answer.expect("a new connection")[..], b"hello");
+    }
 
     /// The handshake may read past its last frame, into the first request the peer sent: that
     /// request must be decoded at once, not when the peer next sends something.
