@@ -101,7 +101,8 @@ impl Waiters {
 
     /// Fails every waiter: the connection ended.
     pub(crate) fn fail_all(&self) {
-        self.calls().clear();
+        let failed: Vec<(u64, Waiter)> = self.calls().drain().collect();
+        in_call_order(failed);
     }
 
     /// Fails each call whose deadline has passed, until the connection closes.
@@ -116,12 +117,27 @@ impl Waiters {
             }
             let now = Instant::now();
             let mut calls = self.calls();
-            // A dropped sender is the caller's timeout.
-            calls.retain(|_, waiter| waiter.deadline > now);
+            let late: Vec<u64> =
+                calls.iter().filter(|(_, w)| w.deadline <= now).map(|(id, _)| *id).collect();
+            let late: Vec<(u64, Waiter)> =
+                late.into_iter().filter_map(|id| calls.remove_entry(&id)).collect();
             let earliest = calls.values().map(|waiter| waiter.deadline).min();
             let next = earliest.unwrap_or(now + IDLE);
             self.next.store(self.nanos(next), Ordering::Relaxed);
+            drop(calls);
+            // A dropped sender is the caller's timeout.
+            in_call_order(late);
         }
+    }
+}
+
+/// Drops `failed` waiters, which fails their calls, in the order the calls were made: the
+/// map's order depends on its hasher's seed, which differs from run to run, and a simulation's
+/// seed must replay the same.
+fn in_call_order(mut failed: Vec<(u64, Waiter)>) {
+    failed.sort_unstable_by_key(|(id, _)| *id);
+    for waiter in failed {
+        drop(waiter);
     }
 }
 
@@ -154,6 +170,37 @@ mod tests {
         assert!(late.await.is_err());
         assert_eq!(start.elapsed(), Duration::from_secs(5));
         assert!(waiters.is_empty());
+    }
+
+    /// Callers are failed in the order they called, whatever the map's order: a closed
+    /// connection's, and those whose deadlines pass together.
+    #[tokio::test(start_paused = true)]
+    async fn failed_callers_hear_it_in_the_order_they_called() {
+        for closed in [true, false] {
+            let (waiters, _closer) = started().await;
+            let heard = Arc::new(Mutex::new(Vec::new()));
+            let deadline = Instant::now() + Duration::from_millis(20);
+            for id in (1..=40u64).map(|i| i * 7919 % 1000) {
+                let answer = waiters.wait(id, deadline);
+                let heard = Arc::clone(&heard);
+                tokio::spawn(async move {
+                    assert!(answer.await.is_err(), "failed, not answered");
+                    heard.lock().unwrap().push(id);
+                });
+            }
+            tokio::task::yield_now().await;
+            if closed {
+                waiters.fail_all();
+            } else {
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let heard = heard.lock().unwrap().clone();
+            let mut sorted = heard.clone();
+            sorted.sort_unstable();
+            assert_eq!(heard.len(), 40);
+            assert_eq!(heard, sorted, "closed: {closed}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
