@@ -67,6 +67,9 @@ impl Gate {
     pub(crate) async fn hold(&self) {
         let _one = self.holds.lock().await;
         self.state.fetch_or(HOLD, Ordering::AcqRel);
+        // Reopened however the wait ends, dropped half way included: a hold left standing
+        // would keep every request out until the next one.
+        let _reopen = Reopen(self);
         loop {
             let drained = self.drained.notified();
             tokio::pin!(drained);
@@ -76,14 +79,22 @@ impl Gate {
             }
             drained.await;
         }
-        self.state.fetch_and(!HOLD, Ordering::AcqRel);
-        self.reopened.notify_waiters();
     }
 
     fn leave(&self) {
         if self.state.fetch_sub(1, Ordering::AcqRel) == HOLD | 1 {
             self.drained.notify_one();
         }
+    }
+}
+
+/// Ends a hold: lets new handles in, and wakes those it kept out.
+struct Reopen<'a>(&'a Gate);
+
+impl Drop for Reopen<'_> {
+    fn drop(&mut self) {
+        self.0.state.fetch_and(!HOLD, Ordering::AcqRel);
+        self.0.reopened.notify_waiters();
     }
 }
 
@@ -145,6 +156,16 @@ mod tests {
         drop(inside);
         holding.await.expect("task");
         assert!(gate.pass(Instant::now()).await.is_some(), "no hold: passes at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hold_given_up_while_it_waits_lets_handles_in_again() {
+        let gate = Gate::new();
+        let inside = gate.try_pass().expect("passes");
+        let given_up = tokio::time::timeout(Duration::from_millis(10), gate.hold()).await;
+        assert!(given_up.is_err(), "a handle is inside: the hold waits");
+        assert!(gate.try_pass().is_some(), "the hold is gone: handles pass again");
+        drop(inside);
     }
 
     #[tokio::test(start_paused = true)]
