@@ -118,7 +118,7 @@ pub struct Dispatch {
 
 #[async_trait]
 impl Handler for Dispatch {
-    async fn handle(&self, from: u64, request: Bytes) -> Bytes {
+    async fn handle(self: Arc<Self>, from: u64, request: Bytes) -> Bytes {
         match self.node.get().and_then(Weak::upgrade) {
             Some(node) => node.handle(from, request).await,
             None => encode_response(&Response::Malformed("node is starting".into())),

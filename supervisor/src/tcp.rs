@@ -518,9 +518,7 @@ impl<N: Net> TcpTransport<N> {
                                 }
                             }
                         };
-                        let handler = Arc::clone(&self.inner.handler);
-                        let mut answering =
-                            Box::pin(async move { handler.handle(peer, body).await });
+                        let mut answering = Arc::clone(&self.inner.handler).handle(peer, body);
                         match futures::poll!(&mut answering) {
                             Poll::Ready(_) if id == NO_ANSWER => drop(permit),
                             Poll::Ready(body) => {
@@ -766,7 +764,7 @@ mod tests {
 
     #[async_trait]
     impl Handler for Hangs {
-        async fn handle(&self, _from: u64, request: Bytes) -> Bytes {
+        async fn handle(self: Arc<Self>, _from: u64, request: Bytes) -> Bytes {
             if &request[..] == b"hang" {
                 std::future::pending::<()>().await;
             }

@@ -7,6 +7,7 @@
 use crate::error::Result;
 use async_trait::async_trait;
 use bytes::Bytes;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Sends requests to other nodes.
@@ -42,8 +43,10 @@ pub trait Transport: Send + Sync + 'static {
 /// Answers requests that arrive from peers. Runs concurrently for many requests; must not block.
 #[async_trait]
 pub trait Handler: Send + Sync + 'static {
-    /// Answers one request from node `from`.
-    async fn handle(&self, from: u64, request: Bytes) -> Bytes;
+    /// Answers one request from node `from`. Takes the handler by `Arc`, so that the answer's
+    /// future owns what it needs and can outlive the reader that started it: borrowed, it had
+    /// to be boxed a second time to be spawned.
+    async fn handle(self: Arc<Self>, from: u64, request: Bytes) -> Bytes;
 }
 
 /// Decides whether a peer that passed the handshake may talk to this node.

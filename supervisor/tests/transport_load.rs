@@ -27,7 +27,7 @@ const ANSWER: usize = 1 << 20;
 
 #[async_trait]
 impl Handler for Echo {
-    async fn handle(&self, _from: u64, request: Bytes) -> Bytes {
+    async fn handle(self: Arc<Self>, _from: u64, request: Bytes) -> Bytes {
         if &request[..] == b"hang" {
             self.hung.notify_one();
             return std::future::pending().await;
