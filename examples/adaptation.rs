@@ -19,6 +19,10 @@
 //!
 //! `cargo run --release --example adaptation [-- --samples 20000 --entries 60000 --value-bytes 1024]`
 //!
+//! `-- --only routed|ping|echo|mux [--count 10000]` runs one path alone and exits, for a
+//! profiler: under `valgrind --tool=callgrind`, the difference of two counts (13,000 and 3,000
+//! iterations, say) divided by 10,000 is what one operation of the path costs.
+//!
 //! 60,000 entries of 1 KiB: the join moves about 20 MB, tens of milliseconds of sending. With a
 //! third of that, the phase lasted a few milliseconds, and a page fault or a vCPU waking late
 //! moved the figure by a third from one run to the next.
@@ -48,6 +52,11 @@ fn arg(name: &str, default: usize) -> usize {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+fn text_arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
 }
 
 fn free_addr() -> String {
@@ -289,6 +298,34 @@ fn main() {
         let mut mux_client = MuxEcho::start(request_bytes).await;
         // The transport alone: a supervisor ping, answered without the adaptation layer.
         let ping = gobelins_supervisor::lane::request(&gobelins_supervisor::rpc::Request::Ping).expect("e");
+        // One path alone, `--count` times, then out: for a profiler, which counts what a
+        // path costs as the difference of two counts (see BENCHMARKS.md, stop 22).
+        if let Some(path) = text_arg("--only") {
+            let count = arg("--count", 10_000);
+            let mut took = Vec::with_capacity(count);
+            for i in 0..count {
+                let t = Instant::now();
+                match path.as_str() {
+                    "routed" => {
+                        host.request(KVDIR, remote[i % remote.len()], get.clone()).await.expect("get");
+                    }
+                    "ping" => {
+                        a.transport.call(2, ping.clone(), Duration::from_secs(5)).await.expect("ping");
+                    }
+                    "echo" => {
+                        echo_client.round_trip().await;
+                    }
+                    "mux" => {
+                        mux_client.round_trip().await;
+                    }
+                    other => panic!("--only takes routed, ping, echo or mux, not {other}"),
+                }
+                took.push(t.elapsed());
+            }
+            took.sort();
+            println!("{path}: {count} in a row, p50 {}", us(percentile(&took, 0.5)));
+            std::process::exit(0);
+        }
         let (mut routed, mut echo, mut mux, mut pings) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // Per block: the routed p50 over the two echoes' p50s.
         let mut blocks: Vec<[f64; 2]> = Vec::new();

@@ -208,8 +208,8 @@ pub(crate) struct Inner {
     pub(crate) begun: watch::Sender<u64>,
     /// The last epoch this node reported done.
     pub(crate) done: watch::Sender<u64>,
-    /// Handles hold it shared; a hold takes it exclusively to wait out handles that routed
-    /// before the hold and may still be changing an entry that is about to leave.
+    /// Handles pass it; a hold waits out the handles that routed before the hold and may
+    /// still be changing an entry that is about to leave.
     pub(crate) gate: Gate,
     /// The answers kept for retries, by service and slot, then key: a change hands over the
     /// slots that leave without looking at every key answered here.

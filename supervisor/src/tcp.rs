@@ -793,7 +793,7 @@ mod tests {
         let secret = ClusterSecret::generate();
         let ((a, _), (_b, b_addr)) = (started(&secret, 1).await, started(&secret, 2).await);
         a.set_peer(2, b_addr);
-        let call = a.call(2, Bytes::from_static(b"hang"), Duration::from_millis(300)).await;
+        let call = a.call(2, Bytes::from_static(b"hang"), Duration::from_secs(1)).await;
         assert!(matches!(call, Err(SupervisorError::Timeout { .. })), "{call:?}");
         assert!(a.live_conn(2).is_none(), "the silent connection was kept");
         let answer = a.call(2, Bytes::from_static(b"hello"), Duration::from_secs(5)).await;
