@@ -293,7 +293,7 @@ impl MemCluster {
             Some(old) => MigrationPlan::between(old, &after),
             None => MigrationPlan::nothing(Epoch(self.epoch - 1), Epoch(self.epoch)),
         };
-        plan.absorb(unfinished);
+        plan.absorb(unfinished, &after);
         let mut participants = report.participants.clone();
         if matches!(change, Change::Fail(_) | Change::Recover(_)) {
             participants.extend(self.tree.nodes());

@@ -76,14 +76,42 @@ impl MigrationPlan {
             .collect()
     }
 
-    /// Adds `extra` moves (another change's unfinished ones) to this plan.
-    pub fn absorb(&mut self, extra: Vec<ServicePlan>) {
+    /// Adds `extra` moves (what a node that died had not handed over, from earlier changes)
+    /// to this plan, which leads to `new`. Each slot goes to its manager in `new`, not where
+    /// the earlier change sent it: a change since may have moved it on, and whoever the
+    /// earlier change named would rebuild entries it does not manage. Moves stay in slot
+    /// order, services in id order, and every node that receives is a participant.
+    pub fn absorb(&mut self, extra: Vec<ServicePlan>, new: &Snapshot) {
         for plan in extra {
+            let table = new.table(plan.service);
+            let mut moves: Vec<SlotMove> = Vec::new();
+            for m in plan.moves {
+                for slot in m.slots.clone() {
+                    let to = table.and_then(|t| t.owner(slot)).unwrap_or(m.to);
+                    match moves.last_mut() {
+                        Some(last)
+                            if last.slots.end == slot && last.from == m.from && last.to == to =>
+                        {
+                            last.slots.end += 1;
+                        }
+                        _ => moves.push(SlotMove { slots: slot..slot + 1, from: m.from, to }),
+                    }
+                }
+            }
+            self.participants.extend(moves.iter().map(|m| m.to));
             match self.services.iter_mut().find(|s| s.service == plan.service) {
-                Some(service) => service.moves.extend(plan.moves),
-                None => self.services.push(plan),
+                Some(service) => {
+                    service.moves.extend(moves);
+                    service.moves.sort_by_key(|m| m.slots.start);
+                }
+                None => self.services.push(ServicePlan {
+                    service: plan.service,
+                    name: plan.name,
+                    moves,
+                }),
             }
         }
+        self.services.sort_by_key(|s| s.service);
     }
 
     /// Compares two snapshots slot by slot.

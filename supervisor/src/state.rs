@@ -530,13 +530,18 @@ impl ClusterState {
                         self.nodes.get(n).is_some_and(|r| r.status != NodeStatus::Failed)
                     });
                     let epoch = self.epoch;
-                    let mut plan = match (&before, self.tree.snapshot(Epoch(epoch))) {
-                        (Some(old), Ok(new)) => MigrationPlan::between(old, &new),
+                    let after = self.tree.snapshot(Epoch(epoch));
+                    let mut plan = match (&before, &after) {
+                        (Some(old), Ok(new)) => MigrationPlan::between(old, new),
                         _ => MigrationPlan::nothing(Epoch(epoch - 1), Epoch(epoch)),
                     };
                     if let Change::Fail(dead) | Change::Recover(dead) = &change {
-                        // What it had not handed over is rebuilt with the rest.
-                        plan.absorb(self.interrupted.remove(&dead.0).unwrap_or_default());
+                        // What it had not handed over is rebuilt with the rest, each slot at
+                        // its manager now.
+                        let unfinished = self.interrupted.remove(&dead.0).unwrap_or_default();
+                        if let Ok(new) = &after {
+                            plan.absorb(unfinished, new);
+                        }
                     } else {
                         // A dead node whose recovery waits (for a joiner, when it was the last
                         // in the tree) sends nothing: what this change moves out of it is

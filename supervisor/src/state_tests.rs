@@ -370,3 +370,51 @@ fn slots_a_joiner_takes_from_a_dead_last_node_are_rebuilt_by_its_recovery() {
     assert_eq!(status(&state, 2), NodeStatus::Left);
     assert!(state.interrupted.is_empty() && state.lingering.is_empty());
 }
+
+/// Two joins run while a dead last node's recovery waits: the second takes part of what the
+/// first took from the dead node, which nobody sent. The recovery rebuilds each such slot at
+/// its manager when the recovery runs, not where the first join had planned to send it.
+#[test]
+fn a_dead_last_node_s_slots_are_rebuilt_at_their_manager_of_the_recovery_s_epoch() {
+    let mut state = ClusterState::default();
+    state.apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "kv"))).expect("reg");
+    for n in 1..=2 {
+        state.apply(&join(n)).expect("join");
+        settle(&mut state);
+    }
+    // Node 2 leaves; node 1, its receiver and the last node in the tree, dies; two nodes ask
+    // to join before the leave ends.
+    state.apply(&Evict { node: 2 }).expect("evict");
+    let eviction = state.in_progress.clone().expect("the eviction began");
+    state.apply(&Fail { node: 1, incarnation: 1 }).expect("fail");
+    state.apply(&join(3)).expect("join");
+    state.apply(&join(4)).expect("join");
+    state.apply(&done(2, eviction.epoch)).expect("report");
+    let mut recovery = None;
+    while let Some(progress) = state.in_progress.clone() {
+        if progress.change == Change::Fail(NodeId(1)) {
+            recovery = Some(progress);
+            break;
+        }
+        for node in progress.participants {
+            state.apply(&done(node, progress.epoch)).expect("participant report");
+        }
+    }
+    let recovery = recovery.expect("node 1's recovery runs once a node joined");
+    let managers = state.tree.snapshot(Epoch(recovery.epoch)).expect("nodes remain");
+    let table = managers.table(gobelins_locator::ServiceId(1)).expect("the service");
+    let mut rebuilt = 0;
+    for service in &recovery.plan.services {
+        for m in &service.moves {
+            for slot in m.slots.clone() {
+                assert_eq!(Some(m.to), table.owner(slot), "slot {slot} rebuilt at {:?}", m.to);
+                rebuilt += 1;
+            }
+        }
+    }
+    let all = ServiceSpec::new(gobelins_locator::ServiceId(1), "kv").slots;
+    assert_eq!(rebuilt, all, "every slot node 1 had, each once");
+    for (to, _) in recovery.plan.services.iter().flat_map(|s| s.moves.iter().map(|m| (m.to, m))) {
+        assert!(recovery.plan.participants.contains(&to), "node {to:?} receives, so takes part");
+    }
+}
