@@ -276,7 +276,7 @@ fn epochs_never_go_backwards_and_every_change_settles() {
 #[test]
 fn a_node_dying_during_its_own_eviction_is_recovered_with_the_moves_it_had_not_finished() {
     let mut state = ClusterState::default();
-    state.apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "kv"))).expect("reg");
+    state.apply(&Register(kv())).expect("reg");
     for n in 1..=3 {
         state.apply(&join(n)).expect("join");
         settle(&mut state);
@@ -308,7 +308,7 @@ fn a_node_dying_during_its_own_eviction_is_recovered_with_the_moves_it_had_not_f
 #[test]
 fn a_leaver_whose_receiver_dies_before_reporting_stays_for_its_recovery() {
     let mut state = ClusterState::default();
-    state.apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "kv"))).expect("reg");
+    state.apply(&Register(kv())).expect("reg");
     for n in 1..=4 {
         state.apply(&join(n)).expect("join");
         settle(&mut state);
@@ -339,19 +339,29 @@ fn a_leaver_whose_receiver_dies_before_reporting_stays_for_its_recovery() {
     assert!(state.lingering.is_empty());
 }
 
-#[test]
-fn slots_a_joiner_takes_from_a_dead_last_node_are_rebuilt_by_its_recovery() {
+/// The service `kv` on nodes 1 and 2; node 2 leaves, and node 1, its receiver and then the
+/// last node in the tree, dies before node 2 reports. Returns the state and the leave's epoch.
+fn leaving_while_its_receiver_the_last_node_dies() -> (ClusterState, u64) {
     let mut state = ClusterState::default();
-    state.apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "kv"))).expect("reg");
+    state.apply(&Register(kv())).expect("reg");
     for n in 1..=2 {
         state.apply(&join(n)).expect("join");
         settle(&mut state);
     }
-    // Node 2 leaves; node 1, its receiver and now the last node in the tree, dies first.
     state.apply(&Evict { node: 2 }).expect("evict");
     let eviction = state.in_progress.clone().expect("the eviction began");
     state.apply(&Fail { node: 1, incarnation: 1 }).expect("fail");
-    state.apply(&done(2, eviction.epoch)).expect("report");
+    (state, eviction.epoch)
+}
+
+fn kv() -> ServiceSpec {
+    ServiceSpec::new(gobelins_locator::ServiceId(1), "kv")
+}
+
+#[test]
+fn slots_a_joiner_takes_from_a_dead_last_node_are_rebuilt_by_its_recovery() {
+    let (mut state, eviction) = leaving_while_its_receiver_the_last_node_dies();
+    state.apply(&done(2, eviction)).expect("report");
     assert!(state.in_progress.is_none(), "node 1's recovery waits for a joiner");
     assert_eq!(status(&state, 2), NodeStatus::Leaving, "node 2 stays for it");
     // Node 3 joins: it takes part of node 1's slots, which nobody sends.
@@ -364,7 +374,7 @@ fn slots_a_joiner_takes_from_a_dead_last_node_are_rebuilt_by_its_recovery() {
     assert_eq!(recovery.change, Change::Fail(NodeId(1)));
     assert!(recovery.participants.contains(&2), "node 2's copies take part");
     let rebuilt: u64 = recovery.plan.services.iter().map(|s| s.moved_slots()).sum();
-    let all = u64::from(ServiceSpec::new(gobelins_locator::ServiceId(1), "kv").slots);
+    let all = u64::from(kv().slots);
     assert_eq!(rebuilt, all, "every slot node 1 had, those node 3 took included");
     settle(&mut state);
     assert_eq!(status(&state, 2), NodeStatus::Left);
@@ -376,20 +386,11 @@ fn slots_a_joiner_takes_from_a_dead_last_node_are_rebuilt_by_its_recovery() {
 /// its manager when the recovery runs, not where the first join had planned to send it.
 #[test]
 fn a_dead_last_node_s_slots_are_rebuilt_at_their_manager_of_the_recovery_s_epoch() {
-    let mut state = ClusterState::default();
-    state.apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "kv"))).expect("reg");
-    for n in 1..=2 {
-        state.apply(&join(n)).expect("join");
-        settle(&mut state);
-    }
-    // Node 2 leaves; node 1, its receiver and the last node in the tree, dies; two nodes ask
-    // to join before the leave ends.
-    state.apply(&Evict { node: 2 }).expect("evict");
-    let eviction = state.in_progress.clone().expect("the eviction began");
-    state.apply(&Fail { node: 1, incarnation: 1 }).expect("fail");
+    let (mut state, eviction) = leaving_while_its_receiver_the_last_node_dies();
+    // Two nodes ask to join before the leave ends.
     state.apply(&join(3)).expect("join");
     state.apply(&join(4)).expect("join");
-    state.apply(&done(2, eviction.epoch)).expect("report");
+    state.apply(&done(2, eviction)).expect("report");
     let mut recovery = None;
     while let Some(progress) = state.in_progress.clone() {
         if progress.change == Change::Fail(NodeId(1)) {
@@ -412,7 +413,7 @@ fn a_dead_last_node_s_slots_are_rebuilt_at_their_manager_of_the_recovery_s_epoch
             }
         }
     }
-    let all = ServiceSpec::new(gobelins_locator::ServiceId(1), "kv").slots;
+    let all = kv().slots;
     assert_eq!(rebuilt, all, "every slot node 1 had, each once");
     for (to, _) in recovery.plan.services.iter().flat_map(|s| s.moves.iter().map(|m| (m.to, m))) {
         assert!(recovery.plan.participants.contains(&to), "node {to:?} receives, so takes part");
