@@ -11,7 +11,7 @@
 
 use crate::wire::{RequestId, Settlement};
 use gobelins_locator::NodeId;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -22,9 +22,11 @@ pub(crate) struct Outstanding {
     since: u64,
     /// The next number.
     next: AtomicU64,
-    /// The numbers taken and not yet settled. A number is taken and put in under this lock,
-    /// and `settlement` reads `next` under it too: one taken but not yet in would look settled.
-    taken: std::sync::Mutex<BTreeSet<u64>>,
+    /// The numbers taken and not yet settled, in increasing order. A number is taken and put
+    /// in under this lock, and `settlement` reads `next` under it too: one taken but not yet in
+    /// would look settled. A queue, not a tree: numbers come in order, mostly leave in order,
+    /// and the queue keeps its room, where a tree allocated a node for a lone request.
+    taken: std::sync::Mutex<VecDeque<u64>>,
 }
 
 impl Outstanding {
@@ -37,7 +39,7 @@ impl Outstanding {
     pub(crate) fn take(&self) -> Ticket<'_> {
         let mut taken = self.taken.lock().expect("outstanding");
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        taken.insert(seq);
+        taken.push_back(seq);
         Ticket { outstanding: self, seq }
     }
 
@@ -50,7 +52,7 @@ impl Outstanding {
     /// What this sender has settled: every number below the oldest still in flight.
     pub(crate) fn settlement(&self) -> Settlement {
         let taken = self.taken.lock().expect("outstanding");
-        let below = taken.first().copied().unwrap_or_else(|| self.next.load(Ordering::Relaxed));
+        let below = taken.front().copied().unwrap_or_else(|| self.next.load(Ordering::Relaxed));
         Settlement { since: self.since, below }
     }
 }
@@ -64,7 +66,12 @@ pub(crate) struct Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        self.outstanding.taken.lock().expect("outstanding").remove(&self.seq);
+        let mut taken = self.outstanding.taken.lock().expect("outstanding");
+        if taken.front() == Some(&self.seq) {
+            taken.pop_front();
+        } else if let Ok(at) = taken.binary_search(&self.seq) {
+            taken.remove(at);
+        }
     }
 }
 
