@@ -179,13 +179,14 @@ pub(crate) struct Counters {
 struct Running<'a> {
     inner: &'a Inner,
     id: RequestId,
-    /// Dropped after the entry is removed, which wakes the retries waiting.
-    _done: watch::Sender<()>,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        self.inner.running.remove(&self.id);
+        // Retries rarely wait: the host-wide signal goes out only when one does.
+        if let Some((_, true)) = self.inner.running.remove(&self.id) {
+            self.inner.finished.notify_waiters();
+        }
     }
 }
 
@@ -214,8 +215,12 @@ pub(crate) struct Inner {
     /// The answers kept for retries, by service and slot, then key: a change hands over the
     /// slots that leave without looking at every key answered here.
     pub(crate) answers: DashMap<(ServiceId, u32), HashMap<Key, Answers, Hasher>, Hasher>,
-    /// Requests being handled here; closed when the handler is done.
-    running: DashMap<RequestId, watch::Receiver<()>, Hasher>,
+    /// Requests being handled here, each with whether a retry of it waits for it to end. A
+    /// flag, not a channel each: a channel cost an allocation and eight wake-up lists' locks
+    /// on every request that is not repeatable.
+    running: DashMap<RequestId, bool, Hasher>,
+    /// Signalled when a request a retry waits for ends; each waiter looks for its own.
+    finished: tokio::sync::Notify,
     /// This node's requests in flight, as a sender.
     outstanding: Outstanding,
     /// Answers to this node's requests that another node forwarded to their manager.
@@ -498,6 +503,7 @@ impl Inner {
             gate: Gate::new(),
             answers: DashMap::default(),
             running: DashMap::default(),
+            finished: tokio::sync::Notify::new(),
             // Ids must not repeat across restarts of the node, or a manager would answer a new
             // request with an old request's remembered answer: start each life somewhere new.
             outstanding: Outstanding::new(boot_sequence()),
@@ -556,16 +562,19 @@ impl Inner {
         self.kept.lock().expect("kept").push(kept);
     }
 
-    /// Takes in `origin`'s settlement and forgets the answers it settles. Answers a retry may
-    /// still need stay: a settled request gets no retry (a late copy is refused).
-    fn note_settled(&self, origin: NodeId, settlement: Settlement, now: Instant) {
+    /// Takes in the settlement request `id` carries from its sender and forgets the answers it
+    /// settles. Answers a retry may still need stay: a settled request gets no retry (a late
+    /// copy is refused). Returns whether `id` itself is settled, looked up under the same lock.
+    fn note_settled(&self, id: RequestId, settlement: Settlement, now: Instant) -> bool {
         let keep = self.config.request_deadline * 2;
-        let forget = {
+        let (covered, forget) = {
             let mut settled = self.settled.lock().expect("settled");
-            if !settled.note(origin, settlement, now) {
-                return;
+            let news = settled.note(id.origin, settlement, now);
+            let covered = settled.covers(&id);
+            if !news {
+                return covered;
             }
-            self.kept.lock().expect("kept").settled(origin, &settled, keep, now)
+            (covered, self.kept.lock().expect("kept").settled(id.origin, &settled, keep, now))
         };
         for gone in forget {
             // Moved away with its slot, or pushed out by later answers: nothing left to do.
@@ -577,6 +586,7 @@ impl Inner {
                 }
             }
         }
+        covered
     }
 
     /// Keeps `answered` for retries, taking each slot's map once for all its answers: a
@@ -660,6 +670,22 @@ impl Inner {
                 _ = stopped.wait_for(|&s| s) => false,
             }
         })
+    }
+
+    /// Returns once request `id` is no longer being handled here.
+    async fn running_ends(&self, id: RequestId) {
+        loop {
+            // Listening before looking: an end signalled between the look and the wait is
+            // not missed.
+            let ended = self.finished.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            match self.running.get_mut(&id) {
+                Some(mut waits) => *waits = true,
+                None => return,
+            }
+            ended.await;
+        }
     }
 
     /// Whether this node may act as a manager now.
@@ -921,15 +947,20 @@ impl Inner {
         if !self.settled.lock().expect("settled").covers(&id) {
             return None;
         }
+        Some(Self::refused(id))
+    }
+
+    /// The refusal of a copy of request `id`, which its sender has settled.
+    fn refused(id: RequestId) -> Reply {
         tracing::debug!(
             origin = id.origin.0,
             seq = id.seq,
             "late copy of a settled request refused"
         );
-        Some(Reply::Refused(format!(
+        Reply::Refused(format!(
             "request {} of node {} was settled by its sender; a late copy is not run again",
             id.seq, id.origin
-        )))
+        ))
     }
 
     /// Acts as the manager of `routed`'s key (its body is `body`), until `until`; `now` is
@@ -942,7 +973,7 @@ impl Inner {
         now: Instant,
     ) -> Reply {
         let Routed { id, service, key, epoch, settled, repeatable, .. } = *routed;
-        self.note_settled(id.origin, settled, now);
+        let mut covered = Some(self.note_settled(id, settled, now));
         let mut arrived = Some(now);
         loop {
             // Read once per pass: a pass after a wait needs the time anew.
@@ -951,8 +982,12 @@ impl Inner {
             // its sender (given up) meanwhile. A repeatable request is never refused: no
             // record of it is kept, and running it again is harmless.
             if !repeatable {
-                if let Some(refused) = self.refuse_if_settled(id) {
-                    return refused;
+                let settled = match covered.take() {
+                    Some(first_pass) => first_pass,
+                    None => self.settled.lock().expect("settled").covers(&id),
+                };
+                if settled {
+                    return Self::refused(id);
                 }
             }
             // Only while the lease holds: a node cut off may already be being replaced, and a
@@ -1006,11 +1041,10 @@ impl Inner {
                         Ok(None)
                     } else {
                         match self.running.entry(id) {
-                            dashmap::Entry::Occupied(first) => Err(first.get().clone()),
+                            dashmap::Entry::Occupied(_) => Err(()),
                             dashmap::Entry::Vacant(slot) => {
-                                let (done, watch) = watch::channel(());
-                                slot.insert(watch);
-                                Ok(Some(Running { inner: self, id, _done: done }))
+                                slot.insert(false);
+                                Ok(Some(Running { inner: self, id }))
                             }
                         }
                     };
@@ -1018,10 +1052,10 @@ impl Inner {
                         Ok(running) => running,
                         // A retry of a request still being handled (its caller gave up on an
                         // attempt): wait for that one, then give its answer.
-                        Err(mut first) => {
+                        Err(()) => {
                             drop(gate);
                             let ended = self.unless_stopped(until, async move {
-                                let _ = first.changed().await;
+                                self.running_ends(id).await;
                                 true
                             });
                             if !ended.await {
