@@ -55,9 +55,10 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdaptationError> {
 }
 
 /// Decodes a `T` from the start of `bytes`, and says how many bytes it took: for a format that
-/// puts raw bytes after a message.
+/// puts raw bytes after a message. Decoded as borrowing from `bytes`, so that a type may copy
+/// a byte string out once (bincode's owning decoder zero-fills a buffer of its own first).
 pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), AdaptationError> {
-    bincode::serde::decode_from_slice(bytes, config())
+    bincode::serde::borrow_decode_from_slice(bytes, config())
         .map_err(|e| AdaptationError::Codec(e.to_string()))
 }
 
