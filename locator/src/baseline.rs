@@ -2,6 +2,10 @@
 //! [`crate::mix`], so every scheme sees the same hash and only the schemes differ.
 
 /// The report's static function: `hash % n`. Moves almost every key when `n` changes.
+///
+/// # Panics
+///
+/// If `n` is zero: there is no bucket to name.
 #[inline(always)]
 pub fn modulo(hash: u64, n: u32) -> u32 {
     (hash % u64::from(n)) as u32
@@ -9,8 +13,13 @@ pub fn modulo(hash: u64, n: u32) -> u32 {
 
 /// Jump consistent hash (Lamping and Veach, 2014): a bucket in `0..n` that moves only the keys
 /// the new bucket takes when `n` grows by one; it can only remove the last bucket cheaply.
+///
+/// # Panics
+///
+/// If `n` is zero: there is no bucket to name (the loop alone would return `u32::MAX`).
 #[inline]
 pub fn jump(hash: u64, n: u32) -> u32 {
+    assert!(n > 0, "jump hash needs at least one bucket");
     let mut key = hash;
     let (mut bucket, mut next) = (-1i64, 0i64);
     while next < i64::from(n) {
@@ -23,8 +32,14 @@ pub fn jump(hash: u64, n: u32) -> u32 {
 
 /// Rendezvous (highest random weight) hashing: the node whose combined hash with the key is
 /// highest. Moves the fewest keys, but costs one hash per node per lookup.
+///
+/// # Panics
+///
+/// If `node_hashes` is empty: there is no node to name (the loop alone would return 0, an
+/// index into nothing).
 #[inline]
 pub fn rendezvous(hash: u64, node_hashes: &[u64]) -> u32 {
+    assert!(!node_hashes.is_empty(), "rendezvous hashing needs at least one node");
     let mut best = (0u64, 0u32);
     for (i, &node) in node_hashes.iter().enumerate() {
         let weight = crate::hash::mix(hash ^ node);
@@ -39,6 +54,18 @@ pub fn rendezvous(hash: u64, node_hashes: &[u64]) -> u32 {
 mod tests {
     use super::*;
     use crate::hash::mix;
+
+    #[test]
+    #[should_panic(expected = "at least one bucket")]
+    fn jump_refuses_zero_buckets() {
+        jump(mix(1), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "at least one node")]
+    fn rendezvous_refuses_an_empty_cluster() {
+        rendezvous(mix(1), &[]);
+    }
 
     #[test]
     fn jump_moves_only_keys_to_the_new_bucket() {

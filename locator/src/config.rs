@@ -51,9 +51,10 @@ impl TreeConfig {
         Ok(())
     }
 
-    /// The `(key, value)` path of a node in level order, stopping at the first level it has no
-    /// label for. Keys that are no level are refused rather than ignored: a typo in `--label`
-    /// would otherwise place a node where the operator did not mean.
+    /// The `(key, value)` path of a node in level order, down to the lowest level it has a
+    /// label for. Keys that are no level, and a level given without the ones above it, are
+    /// refused rather than ignored: a typo in `--label` would otherwise place a node where the
+    /// operator did not mean.
     pub(crate) fn label_path(&self, labels: &Labels) -> Result<Vec<(String, String)>> {
         if let Some(key) = labels.keys().find(|k| !self.label_levels.contains(k)) {
             return Err(LocatorError::UnknownLabel {
@@ -61,11 +62,21 @@ impl TreeConfig {
                 levels: self.label_levels.join(","),
             });
         }
-        Ok(self
+        let path: Vec<(String, String)> = self
             .label_levels
             .iter()
             .map_while(|level| labels.get(level).map(|v| (level.clone(), v.clone())))
-            .collect())
+            .collect();
+        if let Some(given) =
+            self.label_levels[path.len()..].iter().find(|l| labels.contains_key(*l))
+        {
+            return Err(LocatorError::LabelGap {
+                given: given.clone(),
+                missing: self.label_levels[path.len()].clone(),
+                levels: self.label_levels.join(","),
+            });
+        }
+        Ok(path)
     }
 }
 
@@ -76,5 +87,39 @@ pub fn parse_label(text: &str) -> Result<(String, String)> {
             Ok((k.trim().to_string(), v.trim().to_string()))
         }
         _ => Err(LocatorError::BadLabel(text.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> Labels {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn a_node_s_path_follows_the_levels_down_to_its_lowest_label() {
+        let config = TreeConfig::default().with_label_levels(["zone", "rack", "host"]);
+        let path = config.label_path(&labels(&[("rack", "3"), ("zone", "a")])).unwrap();
+        assert_eq!(path, vec![("zone".into(), "a".into()), ("rack".into(), "3".into())]);
+        assert_eq!(config.label_path(&Labels::new()).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_level_given_without_the_level_above_it_is_refused() {
+        let config = TreeConfig::default().with_label_levels(["zone", "rack", "host"]);
+        assert_eq!(
+            config.label_path(&labels(&[("zone", "a"), ("host", "h1")])),
+            Err(LocatorError::LabelGap {
+                given: "host".into(),
+                missing: "rack".into(),
+                levels: "zone,rack,host".into(),
+            })
+        );
+        assert!(matches!(
+            config.label_path(&labels(&[("rack", "3")])),
+            Err(LocatorError::LabelGap { .. })
+        ));
     }
 }

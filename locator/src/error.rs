@@ -43,6 +43,19 @@ pub enum LocatorError {
         /// The levels the tree was configured with, comma separated.
         levels: String,
     },
+    /// A label for a level below one the node has no label for: the node's place in the
+    /// tree would ignore it.
+    #[error(
+        "label `{given}` needs a label for the level above it, `{missing}` (levels: [{levels}])"
+    )]
+    LabelGap {
+        /// The lower level the node carried.
+        given: String,
+        /// The upper level it lacks.
+        missing: String,
+        /// The levels the tree was configured with, comma separated.
+        levels: String,
+    },
     /// A label that is not written `key=value`.
     #[error("label `{0}` is not of the form key=value")]
     BadLabel(String),
