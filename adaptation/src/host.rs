@@ -564,13 +564,20 @@ impl Inner {
 
     /// Takes in the settlement request `id` carries from its sender and forgets the answers it
     /// settles. Answers a retry may still need stay: a settled request gets no retry (a late
-    /// copy is refused). Returns whether `id` itself is settled, looked up under the same lock.
-    fn note_settled(&self, id: RequestId, settlement: Settlement, now: Instant) -> bool {
+    /// copy is refused). With `look_up`, returns whether `id` itself is settled, looked up
+    /// under the same lock (else false).
+    fn note_settled(
+        &self,
+        id: RequestId,
+        settlement: Settlement,
+        now: Instant,
+        look_up: bool,
+    ) -> bool {
         let keep = self.config.request_deadline * 2;
         let (covered, forget) = {
             let mut settled = self.settled.lock().expect("settled");
             let news = settled.note(id.origin, settlement, now);
-            let covered = settled.covers(&id);
+            let covered = look_up && settled.covers(&id);
             if !news {
                 return covered;
             }
@@ -763,16 +770,23 @@ impl Inner {
                 Some((_, None)) => break Err(Reply::Unknown(service.0)),
                 Some((epoch, Some(located))) => {
                     let manager = first.take().unwrap_or(located);
-                    // The first attempt starts when the request did: one clock read fewer.
-                    let now = if rounds == 1 { started } else { Instant::now() };
-                    let attempt = until.min(now + self.config.attempt_timeout);
+                    // The first attempt starts when the request did, and its length needs no
+                    // clock: one read and two subtractions of instants fewer per request.
+                    let (now, left) = if rounds == 1 {
+                        (started, self.config.request_deadline.min(self.config.attempt_timeout))
+                    } else {
+                        let now = Instant::now();
+                        let left = until.saturating_duration_since(now);
+                        (now, left.min(self.config.attempt_timeout))
+                    };
+                    let attempt = now + left;
                     let routed = Routed {
                         id,
                         service,
                         key,
                         epoch,
                         body: Bytes::new(),
-                        wait_ms: attempt.saturating_duration_since(now).as_millis() as u64,
+                        wait_ms: left.as_millis() as u64,
                         settled: self.outstanding.settlement(),
                         repeatable,
                     };
@@ -780,7 +794,7 @@ impl Inner {
                         let served = self.serve(&routed, &body, attempt, now);
                         (epoch, served.await)
                     } else {
-                        let called = self.call_manager(manager, &routed, &body, attempt, now);
+                        let called = self.call_manager(manager, &routed, &body, left);
                         match called.await {
                             Reply::Forwarded { to } => {
                                 redirected = true;
@@ -838,16 +852,14 @@ impl Inner {
     }
 
     /// Sends `routed` (its body still to fill in) to `manager`, and waits for the answer
-    /// until `until` (and the little more that lets the manager's own `Late` come back).
+    /// for `left` (and the little more that lets the manager's own `Late` come back).
     async fn call_manager(
         &self,
         manager: NodeId,
         routed: &Routed,
         body: &[u8],
-        until: Instant,
-        now: Instant,
+        left: Duration,
     ) -> Reply {
-        let left = until.saturating_duration_since(now);
         let bytes = routed.encode_request(body);
         // Gone already: ask the new manager. Gone while we wait: `Host::update` has the link
         // abandon the call.
@@ -973,7 +985,7 @@ impl Inner {
         now: Instant,
     ) -> Reply {
         let Routed { id, service, key, epoch, settled, repeatable, .. } = *routed;
-        let mut covered = Some(self.note_settled(id, settled, now));
+        let mut covered = Some(self.note_settled(id, settled, now, !repeatable));
         let mut arrived = Some(now);
         loop {
             // Read once per pass: a pass after a wait needs the time anew.
@@ -990,9 +1002,11 @@ impl Inner {
                     return Self::refused(id);
                 }
             }
+            // Looked up once per pass, for both uses below.
+            let leased = self.leased_at(now);
             // Only while the lease holds: a node cut off may already be being replaced, and a
             // write it remembers may not be in what the cluster rebuilds.
-            if !repeatable && self.leased_at(now) {
+            if !repeatable && leased {
                 if let Some(response) = self.answered(service, key, id) {
                     return Reply::Done(response);
                 }
@@ -1021,7 +1035,7 @@ impl Inner {
                         return Reply::Late;
                     }
                 }
-                Some((Verdict::Serve, _, _)) if !self.leased_at(now) => {
+                Some((Verdict::Serve, _, _)) if !leased => {
                     drop(gate);
                     if !self.wait_lease(until).await {
                         tracing::debug!(
