@@ -13,6 +13,7 @@ use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, SlotMove, Sn
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::collections::BTreeSet;
+use std::future::Future;
 use std::sync::Arc;
 
 /// Where a callback runs, and the way out of it: a service reaches other managers and other
@@ -190,7 +191,10 @@ impl Moving {
 ///
 /// In one change the layer calls, on each participant: `scan` (after a failure only),
 /// `before_migration`, `send_out`, `receive` for each batch that arrives, `after_migration`.
-#[async_trait]
+///
+/// Write the methods as `async fn`, with no attribute on the `impl`: each future must be
+/// `Send`, so hold no `std` lock guard across an `.await`. The layer stores them inside its own
+/// boxes, so a request costs no allocation of the service's own for its `handle`.
 pub trait Service: Send + Sync + 'static {
     /// A request to the manager of a key.
     type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
@@ -207,7 +211,12 @@ pub trait Service: Send + Sync + 'static {
     /// are held until it has moved), and at most once per request id unless the request is
     /// [`Service::repeatable`] (then a retry may run it again). Or acts as this node's
     /// local server (`ctx.from()` is the sender) for a message sent with [`Context::tell`].
-    async fn handle(&self, ctx: &Context, key: Key, request: Self::Request) -> Self::Response;
+    fn handle(
+        &self,
+        ctx: &Context,
+        key: Key,
+        request: Self::Request,
+    ) -> impl Future<Output = Self::Response> + Send;
 
     /// Whether `response` says the request did not take effect and must be tried again: a
     /// write whose replica could not be stored, say, because the backup is dying or has
@@ -242,42 +251,64 @@ pub trait Service: Send + Sync + 'static {
     }
 
     /// Prepares for a change. The locator still routes by the old epoch.
-    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
+    fn before_migration(
+        &self,
+        ctx: &Context,
+        change: &ChangeInfo,
+    ) -> impl Future<Output = ()> + Send;
 
     /// Exports the entries this node manages whose key `moving` sends elsewhere; from now on
     /// they are not this node's to serve. A service that keeps a copy (as a replica) lets a
     /// failure of the receiver roll forward: its `scan` can return it. It can take that copy in
     /// [`Service::sent`] rather than clone it here.
-    async fn send_out(&self, ctx: &Context, moving: &Moving) -> Vec<(Key, Self::Entry)>;
+    fn send_out(
+        &self,
+        ctx: &Context,
+        moving: &Moving,
+    ) -> impl Future<Output = Vec<(Key, Self::Entry)>> + Send;
 
     /// Gives back what [`Service::send_out`] exported, once it is encoded for the wire (some
     /// of it may be on its way already; the change completes only after this returns and every
     /// batch is acknowledged): a service that keeps a copy of what leaves moves it in here, for
     /// nothing, instead of cloning every entry in `send_out` (cloning each of 16,700 1 KiB
     /// values was about 15% of kvdir's export). The default drops them.
-    async fn sent(&self, ctx: &Context, entries: Vec<(Key, Self::Entry)>) {
+    fn sent(
+        &self,
+        ctx: &Context,
+        entries: Vec<(Key, Self::Entry)>,
+    ) -> impl Future<Output = ()> + Send {
         let _ = (ctx, entries);
+        std::future::ready(())
     }
 
     /// Stages entries received from `from`. They must not be visible to `handle` until
     /// [`Service::after_migration`] merges them (the layer holds their requests meanwhile).
-    async fn receive(&self, ctx: &Context, from: NodeId, entries: Vec<(Key, Self::Entry)>);
+    fn receive(
+        &self,
+        ctx: &Context,
+        from: NodeId,
+        entries: Vec<(Key, Self::Entry)>,
+    ) -> impl Future<Output = ()> + Send;
 
     /// Merges what was staged; the node returns to its stable state. `ctx` routes by the new
     /// epoch. Entries rebuilt by several survivors after a failure may arrive more than once:
     /// the service keeps the newest.
-    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo);
+    fn after_migration(
+        &self,
+        ctx: &Context,
+        change: &ChangeInfo,
+    ) -> impl Future<Output = ()> + Send;
 
     /// After `failed` died, rebuilds from what this node holds locally (a replica, a page copy)
     /// the entries of the keys in `orphans`: those `failed` managed or had not yet handed over
     /// (`orphans.destination(key)` is `Some` for them, naming the new manager). Entries it
     /// cannot rebuild are simply not returned: they are lost, never invented.
-    async fn scan(
+    fn scan(
         &self,
         ctx: &Context,
         failed: NodeId,
         orphans: &Moving,
-    ) -> Vec<(Key, Self::Entry)>;
+    ) -> impl Future<Output = Vec<(Key, Self::Entry)>> + Send;
 }
 
 /// A service as the layer holds it: the same methods, in bytes.

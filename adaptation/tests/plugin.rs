@@ -1,7 +1,6 @@
 //! A small key-value service through the plug-in API: requests in bytes, entries moving with a
 //! real migration plan, bad bytes refused, the registry's order.
 
-use async_trait::async_trait;
 use gobelins_adaptation::wire::Reply;
 use gobelins_adaptation::{
     codec, plugin, AdaptationError, ChangeInfo, Context, Moving, Packed, Packer, Registry, Service,
@@ -28,7 +27,6 @@ struct Kv {
     staged: Mutex<Vec<(Key, String)>>,
 }
 
-#[async_trait]
 impl Service for Kv {
     type Request = Request;
     type Response = Option<String>;
@@ -204,7 +202,6 @@ async fn a_batch_that_does_not_decode_is_refused_whole() {
 
 struct Named(ServiceSpec);
 
-#[async_trait]
 impl Service for Named {
     type Request = ();
     type Response = ();

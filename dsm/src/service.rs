@@ -7,7 +7,6 @@ use crate::frames::{Bytes, Fetched};
 use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
 use crate::protocol::{Entry, Granted, LockEntry, PageEntry, Request, Response};
-use async_trait::async_trait;
 use futures::StreamExt;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Change, Key, NodeId, ServiceSpec};
@@ -1345,7 +1344,6 @@ impl DsmService {
     }
 }
 
-#[async_trait]
 impl Service for DsmService {
     type Request = Request;
     type Response = Response;

@@ -12,7 +12,6 @@
 //!   survivors may hold different versions of one key; the newest wins when they are merged.
 #![deny(missing_docs)]
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec, Snapshot};
@@ -141,7 +140,6 @@ impl KvDir {
     }
 }
 
-#[async_trait]
 impl Service for KvDir {
     type Request = Request;
     type Response = Response;

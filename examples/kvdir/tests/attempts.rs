@@ -1,7 +1,6 @@
 //! A request whose handler outlasts one attempt: the requester asks again by the same id, and
 //! the manager makes the retry wait for the first run instead of running it twice.
 
-use async_trait::async_trait;
 use gobelins_adaptation::testing::{replay, MemCluster};
 use gobelins_adaptation::{plugin, ChangeInfo, Context, HostConfig, Moving, Registry, Service};
 use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec};
@@ -18,7 +17,6 @@ struct Slow {
     runs: Arc<AtomicU64>,
 }
 
-#[async_trait]
 impl Service for Slow {
     type Request = u64;
     type Response = u64;

@@ -436,7 +436,6 @@ struct CutsItsBackup {
     armed: Arc<Mutex<Option<Faults>>>,
 }
 
-#[async_trait::async_trait]
 impl Service for CutsItsBackup {
     type Request = Request;
     type Response = Response;
