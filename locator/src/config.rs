@@ -48,7 +48,18 @@ impl TreeConfig {
         if self.cell_capacity == 0 {
             return Err(LocatorError::ZeroCapacity);
         }
+        if let Some((i, level)) =
+            self.label_levels.iter().enumerate().find(|(i, l)| self.label_levels[..*i].contains(l))
+        {
+            return Err(LocatorError::DuplicateLevel { level: level.clone(), at: i });
+        }
         Ok(())
+    }
+
+    /// Checks a node's labels against the levels, as adding the node would: `UnknownLabel` or
+    /// `LabelGap`. For a supervisor to refuse a join it could not place, to the joiner's face.
+    pub fn check_labels(&self, labels: &Labels) -> Result<()> {
+        self.label_path(labels).map(|_| ())
     }
 
     /// The `(key, value)` path of a node in level order, down to the lowest level it has a
@@ -104,6 +115,16 @@ mod tests {
         let path = config.label_path(&labels(&[("rack", "3"), ("zone", "a")])).unwrap();
         assert_eq!(path, vec![("zone".into(), "a".into()), ("rack".into(), "3".into())]);
         assert_eq!(config.label_path(&Labels::new()).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_level_named_twice_is_refused() {
+        let config = TreeConfig::default().with_label_levels(["zone", "rack", "zone"]);
+        assert_eq!(
+            config.validate(),
+            Err(LocatorError::DuplicateLevel { level: "zone".into(), at: 2 })
+        );
+        assert_eq!(TreeConfig::default().with_label_levels(["zone", "rack"]).validate(), Ok(()));
     }
 
     #[test]

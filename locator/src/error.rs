@@ -46,15 +46,23 @@ pub enum LocatorError {
     /// A label for a level below one the node has no label for: the node's place in the
     /// tree would ignore it.
     #[error(
-        "label `{given}` needs a label for the level above it, `{missing}` (levels: [{levels}])"
+        "label `{given}` is set but level `{missing}` above it is not: a node carries every level above its lowest (levels: [{levels}])"
     )]
     LabelGap {
-        /// The lower level the node carried.
+        /// A lower level the node carried.
         given: String,
-        /// The upper level it lacks.
+        /// The first level from the top it lacks.
         missing: String,
         /// The levels the tree was configured with, comma separated.
         levels: String,
+    },
+    /// A label level named twice in the tree's configuration.
+    #[error("label level `{level}` is named twice (again at position {at}); name each level once")]
+    DuplicateLevel {
+        /// The level.
+        level: String,
+        /// Where it appears the second time, from 0.
+        at: usize,
     },
     /// A label that is not written `key=value`.
     #[error("label `{0}` is not of the form key=value")]

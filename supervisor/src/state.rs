@@ -325,6 +325,9 @@ impl ClusterState {
                 }
             }
         }
+        // Checked now so that the joiner hears why; the locator would refuse the change only
+        // when its turn came, and the joiner would wait for a membership that never comes.
+        self.tree.config().check_labels(labels).map_err(|e| Refusal::Locator(e.to_string()))?;
         let record = NodeRecord {
             addr: addr.to_string(),
             labels: labels.clone(),

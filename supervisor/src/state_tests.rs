@@ -419,3 +419,27 @@ fn a_dead_last_node_s_slots_are_rebuilt_at_their_manager_of_the_recovery_s_epoch
         assert!(recovery.plan.participants.contains(&to), "node {to:?} receives, so takes part");
     }
 }
+
+#[test]
+fn a_join_whose_labels_the_locator_cannot_place_is_refused_to_the_joiner() {
+    let config = TreeConfig::default().with_label_levels(["zone", "rack"]);
+    let mut state = ClusterState::new(config).expect("a valid configuration");
+    let labelled = |node: u64, pairs: &[(&str, &str)]| Join {
+        node,
+        addr: format!("127.0.0.{node}:7000"),
+        labels: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        incarnation: 1,
+    };
+    for (command, why) in [
+        (labelled(1, &[("rack", "3")]), "set but level `zone` above it is not"),
+        (labelled(1, &[("room", "b")]), "not a level of this tree"),
+    ] {
+        match state.apply(&command) {
+            Err(Refusal::Locator(text)) => assert!(text.contains(why), "{text}"),
+            other => panic!("{command:?} gave {other:?}"),
+        }
+        assert!(state.nodes.is_empty(), "nothing recorded for a refused join");
+        assert!(state.is_stable(), "no change queued for it");
+    }
+    assert_eq!(state.apply(&labelled(1, &[("zone", "a"), ("rack", "3")])), Ok(Began { epoch: 1 }));
+}
