@@ -55,10 +55,11 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdaptationError> {
 }
 
 /// Decodes a `T` from the start of `bytes`, and says how many bytes it took: for a format that
-/// puts raw bytes after a message. Decoded as borrowing from `bytes`, so that a type may copy
-/// a byte string out once (bincode's owning decoder zero-fills a buffer of its own first).
+/// puts raw bytes after a message. The decoder borrows from `bytes`: a type that asks for a byte
+/// string with `deserialize_bytes` gets it where it lies and copies it once (`deserialize_byte_buf`,
+/// as `ByteBuf` asks, makes bincode zero-fill a buffer of its own and copy into it).
 pub fn decode_prefix<T: DeserializeOwned>(bytes: &[u8]) -> Result<(T, usize), AdaptationError> {
-    bincode::serde::borrow_decode_from_slice(bytes, config())
+    bincode::serde::decode_from_slice(bytes, config())
         .map_err(|e| AdaptationError::Codec(e.to_string()))
 }
 

@@ -183,9 +183,8 @@ struct Running<'a> {
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        // Retries rarely wait: the host-wide signal goes out only when one does.
-        if let Some((_, true)) = self.inner.running.remove(&self.id) {
-            self.inner.finished.notify_waiters();
+        if let Some((_, Some(ended))) = self.inner.running.remove(&self.id) {
+            ended.notify_waiters();
         }
     }
 }
@@ -215,12 +214,10 @@ pub(crate) struct Inner {
     /// The answers kept for retries, by service and slot, then key: a change hands over the
     /// slots that leave without looking at every key answered here.
     pub(crate) answers: DashMap<(ServiceId, u32), HashMap<Key, Answers, Hasher>, Hasher>,
-    /// Requests being handled here, each with whether a retry of it waits for it to end. A
-    /// flag, not a channel each: a channel cost an allocation and eight wake-up lists' locks
-    /// on every request that is not repeatable.
-    running: DashMap<RequestId, bool, Hasher>,
-    /// Signalled when a request a retry waits for ends; each waiter looks for its own.
-    finished: tokio::sync::Notify,
+    /// Requests being handled here, each with the signal of its end once a retry of it waits
+    /// for that. Made only then: a channel for every request that is not repeatable cost an
+    /// allocation and eight wake-up lists' locks, and retries rarely wait.
+    running: DashMap<RequestId, Option<Arc<tokio::sync::Notify>>, Hasher>,
     /// This node's requests in flight, as a sender.
     outstanding: Outstanding,
     /// Answers to this node's requests that another node forwarded to their manager.
@@ -503,7 +500,6 @@ impl Inner {
             gate: Gate::new(),
             answers: DashMap::default(),
             running: DashMap::default(),
-            finished: tokio::sync::Notify::new(),
             // Ids must not repeat across restarts of the node, or a manager would answer a new
             // request with an old request's remembered answer: start each life somewhere new.
             outstanding: Outstanding::new(boot_sequence()),
@@ -682,16 +678,23 @@ impl Inner {
     /// Returns once request `id` is no longer being handled here.
     async fn running_ends(&self, id: RequestId) {
         loop {
-            // Listening before looking: an end signalled between the look and the wait is
-            // not missed.
-            let ended = self.finished.notified();
+            let signal = match self.running.get_mut(&id) {
+                None => return,
+                Some(mut run) => {
+                    Arc::clone(run.get_or_insert_with(|| Arc::new(tokio::sync::Notify::new())))
+                }
+            };
+            let ended = signal.notified();
             tokio::pin!(ended);
             ended.as_mut().enable();
-            match self.running.get_mut(&id) {
-                Some(mut waits) => *waits = true,
-                None => return,
+            // Looked at again once listening: an end between the two looks is not missed. A
+            // run that ended and began again (another copy) is waited for afresh.
+            let same = |run: &Option<Arc<tokio::sync::Notify>>| {
+                run.as_ref().is_some_and(|s| Arc::ptr_eq(s, &signal))
+            };
+            if self.running.get(&id).is_some_and(|run| same(&run)) {
+                ended.await;
             }
-            ended.await;
         }
     }
 
@@ -771,7 +774,7 @@ impl Inner {
                 Some((epoch, Some(located))) => {
                     let manager = first.take().unwrap_or(located);
                     // The first attempt starts when the request did, and its length needs no
-                    // clock: one read and two subtractions of instants fewer per request.
+                    // instants: two subtractions of instants fewer per request.
                     let (now, left) = if rounds == 1 {
                         (started, self.config.request_deadline.min(self.config.attempt_timeout))
                     } else {
@@ -1057,7 +1060,7 @@ impl Inner {
                         match self.running.entry(id) {
                             dashmap::Entry::Occupied(_) => Err(()),
                             dashmap::Entry::Vacant(slot) => {
-                                slot.insert(false);
+                                slot.insert(None);
                                 Ok(Some(Running { inner: self, id }))
                             }
                         }

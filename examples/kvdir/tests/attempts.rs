@@ -100,10 +100,10 @@ fn a_request_whose_handler_outlasts_an_attempt_is_retried_and_still_runs_once() 
 
         assert_eq!(answer, 1, "the answer is the first run's");
         assert_eq!(runs.load(Ordering::SeqCst), 1, "the retries waited for the first run");
-        // The retry waiting when the first run ends hears of it then, not at the end of its
-        // own attempt (400 ms).
+        // The first run ends at about 350 ms. The retry waiting for it at the manager hears of
+        // it then, not when its own wait there ends (about 361 ms).
         let took = started.elapsed();
-        assert!(took < Duration::from_millis(380), "answered {took:?} after it was sent");
+        assert!(took < Duration::from_millis(356), "answered {took:?} after it was sent");
         assert_eq!(requester.stats().requests_delayed, 1, "the requester asked more than once");
     });
 }
