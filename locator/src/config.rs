@@ -57,7 +57,8 @@ impl TreeConfig {
     }
 
     /// Checks a node's labels against the levels, as adding the node would: `UnknownLabel` or
-    /// `LabelGap`. For a supervisor to refuse a join it could not place, to the joiner's face.
+    /// `LabelGap`. For a supervisor to refuse a join it could not place, so that the joiner
+    /// hears why.
     pub fn check_labels(&self, labels: &Labels) -> Result<()> {
         self.label_path(labels).map(|_| ())
     }
