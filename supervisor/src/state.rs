@@ -541,6 +541,9 @@ impl ClusterState {
                     if let Change::Fail(dead) | Change::Recover(dead) = &change {
                         // What it had not handed over is rebuilt with the rest, each slot at
                         // its manager now.
+                        // With no node left (no snapshot) there is nowhere to rebuild. It does
+                        // not come up: a last node's `Fail` waits for a joiner (`LastNode`
+                        // below), and a leaver is never the last.
                         let unfinished = self.interrupted.remove(&dead.0).unwrap_or_default();
                         if let Ok(new) = &after {
                             plan.absorb(unfinished, new);

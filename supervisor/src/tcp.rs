@@ -159,17 +159,20 @@ impl ConnState {
         self.last_heard.store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
+    /// When a frame last arrived (when the connection opened, if none has).
+    fn heard_at(&self) -> Instant {
+        self.born + Duration::from_nanos(self.last_heard.load(Ordering::Relaxed))
+    }
+
     fn silent_for(&self) -> Duration {
-        let heard = self.born + Duration::from_nanos(self.last_heard.load(Ordering::Relaxed));
-        heard.elapsed()
+        self.heard_at().elapsed()
     }
 
     /// Nothing came on this connection for the last `waited`, or since it opened if that is
     /// later: a call that dialed it waited on it only from then.
     fn silent_through(&self, waited: Duration) -> bool {
-        let heard = self.born + Duration::from_nanos(self.last_heard.load(Ordering::Relaxed));
         let began = Instant::now().checked_sub(waited).map_or(self.born, |b| b.max(self.born));
-        heard <= began
+        self.heard_at() <= began
     }
 }
 

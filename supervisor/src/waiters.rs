@@ -117,10 +117,7 @@ impl Waiters {
             }
             let now = Instant::now();
             let mut calls = self.calls();
-            let late: Vec<u64> =
-                calls.iter().filter(|(_, w)| w.deadline <= now).map(|(id, _)| *id).collect();
-            let late: Vec<(u64, Waiter)> =
-                late.into_iter().filter_map(|id| calls.remove_entry(&id)).collect();
+            let late: Vec<(u64, Waiter)> = calls.extract_if(|_, w| w.deadline <= now).collect();
             let earliest = calls.values().map(|waiter| waiter.deadline).min();
             let next = earliest.unwrap_or(now + IDLE);
             self.next.store(self.nanos(next), Ordering::Relaxed);
