@@ -1,9 +1,9 @@
 //! The one place that names bincode. Everything that crosses a socket or lands on disk, in this
 //! crate and in the supervisor above it, is encoded here, with a size limit on decoding so that a
 //! hostile length prefix inside a payload cannot make us allocate more than a frame may hold.
-//! Two exceptions, the most frequent messages of all, are laid out by hand in [`crate::wire`]: a
-//! routed request's header and a `Done` reply (bincode's varints cost more than the rest of the
-//! layer's work on a request).
+//! Three exceptions, the most frequent messages of all, are laid out by hand in [`crate::wire`]:
+//! a routed request's header, a told message's header and a `Done` reply (bincode's varints
+//! cost more than the rest of the layer's work on a request).
 
 use crate::error::AdaptationError;
 use serde::de::DeserializeOwned;
@@ -27,12 +27,22 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, AdaptationError> {
 
 /// Encodes `value`, leaving `room` bytes free behind it for what will be pushed after it.
 pub fn encode_leaving<T: Serialize>(value: &T, room: usize) -> Result<Vec<u8>, AdaptationError> {
+    encode_after(&[], value, room)
+}
+
+/// Encodes `value` behind `prefix`, leaving `room` bytes free behind it.
+pub fn encode_after<T: Serialize>(
+    prefix: &[u8],
+    value: &T,
+    room: usize,
+) -> Result<Vec<u8>, AdaptationError> {
     let failed = |e: bincode::error::EncodeError| AdaptationError::Codec(e.to_string());
     // Measured first, so that the buffer is allocated once at its size: grown as it fills, it
     // is reallocated a dozen times for a 1 KiB entry and copies a migration batch twice over.
     let mut size = bincode::enc::write::SizeWriter::default();
     bincode::serde::encode_into_writer(value, &mut size, config()).map_err(failed)?;
-    let mut out = Vec::with_capacity(size.bytes_written + room);
+    let mut out = Vec::with_capacity(prefix.len() + size.bytes_written + room);
+    out.extend_from_slice(prefix);
     bincode::serde::encode_into_std_write(value, &mut out, config()).map_err(failed)?;
     Ok(out)
 }

@@ -1382,12 +1382,12 @@ impl Peers for Inner {
         node: NodeId,
         service: ServiceId,
         key: Key,
-        body: Vec<u8>,
+        message: Vec<u8>,
     ) -> Result<Bytes, AdaptationError> {
         let reply = if node == self.me {
-            self.myself().local(node, service, key, &body).await
+            self.myself().local(node, service, key, Message::local_body(&message)).await
         } else {
-            let bytes = self.link.seal(Message::Local { service, key, body }.encode()?);
+            let bytes = self.link.seal(message);
             let answer = self.link.call(node, bytes, self.config.call_timeout).await?;
             Reply::decode(&answer)?
         };

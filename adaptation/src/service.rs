@@ -7,6 +7,7 @@
 use crate::codec;
 use crate::error::AdaptationError;
 use crate::run::{Packer, Run};
+use crate::wire::Message;
 use async_trait::async_trait;
 use bytes::Bytes;
 use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, SlotMove, Snapshot};
@@ -46,12 +47,13 @@ pub(crate) trait Peers: Send + Sync {
         key: Key,
         body: Vec<u8>,
     ) -> Result<Bytes, AdaptationError>;
+    /// `message` is the whole `Message::Local`, as [`Message::encode_local`] wrote it.
     async fn tell(
         &self,
         node: NodeId,
         service: ServiceId,
         key: Key,
-        body: Vec<u8>,
+        message: Vec<u8>,
     ) -> Result<Bytes, AdaptationError>;
     fn gone(&self, node: NodeId) -> bool;
 }
@@ -132,7 +134,8 @@ impl Context {
         R: DeserializeOwned,
     {
         let peers = self.peers.as_ref().ok_or(AdaptationError::Detached)?;
-        codec::decode(&peers.tell(node, service, key, codec::encode(request)?).await?)
+        let message = Message::encode_local(service, key, request)?;
+        codec::decode(&peers.tell(node, service, key, message).await?)
     }
 }
 

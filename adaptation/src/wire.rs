@@ -65,9 +65,19 @@ pub struct Routed {
 }
 
 /// The first byte of a [`Message::Request`], and the last of a [`Reply::Done`]: they are laid
-/// out by hand (below), every other message by bincode, which starts with the variant's index,
-/// one byte under 251 (its varint). No index reaches this one, so the two never mix.
+/// out by hand (below), as is a [`Message::Local`] (tag [`LOCAL`]); every other message is laid
+/// out by bincode, which starts with the variant's index, one byte under 251 (its varint). No
+/// index reaches these tags, so the layouts never mix.
 const FIXED: u8 = 0xF0;
+
+/// The first byte of a [`Message::Local`], laid out by hand as a routed request is: the tag,
+/// the service and the key, then the body to the end. Told messages carry pages and replicas:
+/// through bincode, the body was copied into the message, and on the way in zero-filled into a
+/// buffer of its own and copied again.
+const LOCAL: u8 = 0xF1;
+
+/// A told message's header: the tag, service and key.
+const LOCAL_HEADER: usize = 1 + 2 + 8;
 
 /// The last byte of a reply bincode encoded: a reply says at its end how it is laid out, so
 /// that a `Done` is its response as the service encoded it, with one byte pushed after it.
@@ -154,8 +164,7 @@ pub enum Message {
         /// The key it concerns.
         key: Key,
         /// The encoded request.
-        #[serde(with = "serde_bytes")]
-        body: Vec<u8>,
+        body: Bytes,
     },
     /// Entries for their new manager in the change to `epoch`.
     Batch {
@@ -192,10 +201,32 @@ pub enum Message {
 }
 
 impl Message {
+    /// `Message::Local` for `request`, encoded straight behind its header: the request is
+    /// encoded once, into the message.
+    pub fn encode_local<Q: Serialize>(
+        service: ServiceId,
+        key: Key,
+        request: &Q,
+    ) -> Result<Vec<u8>, AdaptationError> {
+        codec::encode_after(&local_header(service, key), request, codec::SPARE)
+    }
+
+    /// The body of a message [`Message::encode_local`] wrote.
+    pub fn local_body(message: &[u8]) -> &[u8] {
+        message.get(LOCAL_HEADER..).unwrap_or_default()
+    }
+
     /// The message's body: the message, then a batch's entries.
     pub fn encode(&self) -> Result<Vec<u8>, AdaptationError> {
-        if let Message::Request(routed) = self {
-            return Ok(routed.encode_request(&routed.body));
+        match self {
+            Message::Request(routed) => return Ok(routed.encode_request(&routed.body)),
+            Message::Local { service, key, body } => {
+                let mut out = Vec::with_capacity(LOCAL_HEADER + body.len() + codec::SPARE);
+                out.extend_from_slice(&local_header(*service, *key));
+                out.extend_from_slice(body);
+                return Ok(out);
+            }
+            _ => {}
         }
         let mut body = codec::encode(self)?;
         if let Message::Batch { entries, .. } = self {
@@ -207,8 +238,10 @@ impl Message {
 
     /// Reads a body [`Message::encode`] wrote; a batch's entries are a slice of `body`.
     pub fn decode(body: Bytes) -> Result<Message, AdaptationError> {
-        if body.first() == Some(&FIXED) {
-            return Routed::decode_request(&body).map(Message::Request);
+        match body.first() {
+            Some(&FIXED) => return Routed::decode_request(&body).map(Message::Request),
+            Some(&LOCAL) => return decode_local(&body),
+            _ => {}
         }
         let (mut message, used) = codec::decode_prefix::<Message>(&body)?;
         match &mut message {
@@ -220,6 +253,27 @@ impl Message {
         }
         Ok(message)
     }
+}
+
+fn local_header(service: ServiceId, key: Key) -> [u8; LOCAL_HEADER] {
+    let mut header = [0; LOCAL_HEADER];
+    header[0] = LOCAL;
+    header[1..3].copy_from_slice(&service.0.to_le_bytes());
+    header[3..].copy_from_slice(&key.0.to_le_bytes());
+    header
+}
+
+/// Reads a `Message::Local`; its body is a slice of `bytes`.
+fn decode_local(bytes: &Bytes) -> Result<Message, AdaptationError> {
+    let Some((header, _)) = bytes.split_at_checked(LOCAL_HEADER) else {
+        return Err(AdaptationError::Codec(format!(
+            "a told message of {} bytes is shorter than its {LOCAL_HEADER}-byte header",
+            bytes.len()
+        )));
+    };
+    let service = ServiceId(u16::from_le_bytes([header[1], header[2]]));
+    let key = Key(u64::from_le_bytes(header[3..].try_into().expect("8 bytes")));
+    Ok(Message::Local { service, key, body: bytes.slice(LOCAL_HEADER..) })
 }
 
 /// The answer to a [`Message`].
@@ -365,6 +419,29 @@ mod tests {
         assert!(matches!(Message::decode(Bytes::from(flag)), Err(AdaptationError::Codec(_))));
     }
 
+    #[test]
+    fn a_told_message_reads_back_with_its_body_a_slice_and_is_encoded_alike_either_way() {
+        let (service, key) = (ServiceId(3), Key(u64::MAX - 5));
+        let request = (7u64, String::from("a replica"));
+        let encoded = Message::encode_local(service, key, &request).unwrap();
+        let body = codec::encode(&request).unwrap();
+        assert_eq!(Message::local_body(&encoded), &body[..]);
+        let built = Message::Local { service, key, body: Bytes::from(body.clone()) };
+        assert_eq!(built.encode().unwrap(), encoded);
+        let bytes = Bytes::from(encoded);
+        let Message::Local { service: s, key: k, body: b } =
+            Message::decode(bytes.clone()).unwrap()
+        else {
+            panic!("not a told message")
+        };
+        assert_eq!((s, k, &b[..]), (service, key, &body[..]));
+        assert_eq!(b.as_ptr(), bytes[LOCAL_HEADER..].as_ptr(), "the body is not copied");
+        let short = bytes.slice(..LOCAL_HEADER - 1);
+        assert!(matches!(Message::decode(short), Err(AdaptationError::Codec(_))));
+        let empty = Message::decode(bytes.slice(..LOCAL_HEADER)).unwrap();
+        assert!(matches!(empty, Message::Local { body, .. } if body.is_empty()));
+    }
+
     proptest::proptest! {
         // Seeded, as every test here: the same cases in every run.
         #![proptest_config(proptest::test_runner::Config {
@@ -385,6 +462,8 @@ mod tests {
             let _ = Message::decode(Bytes::from(bytes.clone()));
             let mut tagged = bytes.clone();
             tagged.insert(0, FIXED);
+            let _ = Message::decode(Bytes::from(tagged.clone()));
+            tagged[0] = LOCAL;
             let _ = Message::decode(Bytes::from(tagged.clone()));
             let _ = Reply::decode(&Bytes::from(bytes.clone()));
             let mut ended = bytes.clone();

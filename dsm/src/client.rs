@@ -4,11 +4,10 @@ use crate::error::DsmError;
 use crate::frames::{zeros, Bytes, Frame, Installed};
 use crate::node::{DsmNode, NodeState, DSM};
 use crate::page::{barrier_key, lock_key, named, Named, PageId, PAGE_SIZE};
-use crate::protocol::{Request, Response, Token};
+use crate::protocol::{PageBytes, Request, Response, Token};
 use crate::service;
 use gobelins_adaptation::Host;
 use gobelins_locator::{Key, NodeId};
-use serde_bytes::ByteBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -147,7 +146,7 @@ impl WriteGuard {
                 page: self.page,
                 version: self.version,
                 commit,
-                data: ByteBuf::from(data.to_vec()),
+                data: PageBytes::shared(&data),
             };
             let ctx = self.dsm.host.context();
             let stored = ctx.tell::<_, Response>(node, DSM, self.page.key(), &request).await;
@@ -158,7 +157,7 @@ impl WriteGuard {
                     version: self.version,
                     commit,
                     failed: node,
-                    data: ByteBuf::from(data.to_vec()),
+                    data: PageBytes::shared(&data),
                 };
                 match self.dsm.ask(self.page.key(), &request).await {
                     Ok(Response::BackedUp(new)) => self.frame.lock().backup_node = Some(new),
@@ -388,7 +387,7 @@ impl Dsm {
                     "dsm: read through the manager"
                 );
                 self.hint(page, owner);
-                let data = data.map_or_else(zeros, |d| Arc::new(d.into_vec()));
+                let data = data.map_or_else(zeros, |d| d.into_shared());
                 frame.install_read(version, Arc::clone(&data));
                 Ok(ReadGuard { version, data })
             }
@@ -425,7 +424,7 @@ impl Dsm {
                     owner = owner.0,
                     "dsm: read from the probable owner"
                 );
-                let data = Arc::new(data.into_vec());
+                let data = data.into_shared();
                 frame.install_read(version, Arc::clone(&data));
                 Some(ReadGuard { version, data })
             }
@@ -544,7 +543,7 @@ impl Dsm {
             match answer {
                 Response::Grant { version, data, zero, backup, previous } => {
                     let data = match (data, zero) {
-                        (Some(d), _) => Some(Arc::new(d.into_vec())),
+                        (Some(d), _) => Some(d.into_shared()),
                         (None, true) => Some(zeros()),
                         (None, false) => None,
                     };

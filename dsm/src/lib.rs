@@ -46,5 +46,5 @@ pub use client::{Dsm, LockGuard, Placement, ReadGuard, Segment, WriteGuard};
 pub use error::DsmError;
 pub use node::{DsmConfig, DsmNode, FaultStats, DSM, DSM_SLOTS};
 pub use page::{barrier_key, PageId, MAX_SEGMENT, PAGE_SIZE};
-pub use protocol::{Request, Response};
+pub use protocol::{PageBytes, Request, Response};
 pub use service::DsmService;

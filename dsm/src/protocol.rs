@@ -2,33 +2,61 @@
 
 use crate::page::{PageId, PAGE_SIZE};
 use gobelins_locator::NodeId;
-use serde::{Deserialize, Deserializer, Serialize};
-use serde_bytes::ByteBuf;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
-/// A page's bytes off the wire: exactly [`PAGE_SIZE`] of them. A peer's shorter page would
-/// otherwise be installed, and a later access past its end would panic on every reader.
-fn page<'de, D: Deserializer<'de>>(d: D) -> Result<ByteBuf, D::Error> {
-    Ok(Page::deserialize(d)?.0)
+/// A page's bytes in a message. Shared with the frame that holds the page, so that sending one
+/// copies it only into the message being encoded (as a `ByteBuf` it was copied once more
+/// first, into a buffer of its own). Read from a message, its size is checked before anything
+/// is allocated, and its bytes are copied once: a peer's page of another size would otherwise
+/// be installed, and a later access past its end would panic on every reader.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PageBytes(Arc<Vec<u8>>);
+
+impl PageBytes {
+    /// The bytes, as frames hold them.
+    pub(crate) fn shared(data: &Arc<Vec<u8>>) -> PageBytes {
+        PageBytes(Arc::clone(data))
+    }
+
+    /// The bytes, to be held by a frame.
+    pub(crate) fn into_shared(self) -> Arc<Vec<u8>> {
+        self.0
+    }
 }
 
-fn maybe_page<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ByteBuf>, D::Error> {
-    Ok(Option::<Page>::deserialize(d)?.map(|p| p.0))
+impl From<Vec<u8>> for PageBytes {
+    fn from(bytes: Vec<u8>) -> PageBytes {
+        PageBytes(Arc::new(bytes))
+    }
 }
 
-fn maybe_labelled_page<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<(u64, ByteBuf)>, D::Error> {
-    Ok(Option::<(u64, Page)>::deserialize(d)?.map(|(label, p)| (label, p.0)))
+impl std::ops::Deref for PageBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
 }
 
-/// A page read from a message: its size checked before anything is allocated, and its bytes
-/// copied once. As a `ByteBuf` it asked bincode for a buffer of its own, which bincode
-/// zero-fills before copying into it: about 1,400 instructions a page.
-struct Page(ByteBuf);
+/// The length, not 4,096 numbers: a response is printed whole in a protocol error.
+impl std::fmt::Debug for PageBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PageBytes({} bytes)", self.0.len())
+    }
+}
 
-impl<'de> Deserialize<'de> for Page {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Page, D::Error> {
+impl Serialize for PageBytes {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for PageBytes {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<PageBytes, D::Error> {
+        // `deserialize_bytes`: bincode lends the bytes where they lie. Asked for a buffer of
+        // its own, it zero-fills one before copying into it, about 1,400 instructions a page.
         d.deserialize_bytes(PageVisitor)
     }
 }
@@ -46,20 +74,20 @@ impl PageVisitor {
 }
 
 impl<'de> serde::de::Visitor<'de> for PageVisitor {
-    type Value = Page;
+    type Value = PageBytes;
 
     fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "a page of {PAGE_SIZE} bytes")
     }
 
-    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Page, E> {
+    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<PageBytes, E> {
         Self::checked(bytes.len())?;
-        Ok(Page(ByteBuf::from(bytes.to_vec())))
+        Ok(PageBytes::from(bytes.to_vec()))
     }
 
-    fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<Page, E> {
+    fn visit_byte_buf<E: serde::de::Error>(self, bytes: Vec<u8>) -> Result<PageBytes, E> {
         Self::checked(bytes.len())?;
-        Ok(Page(ByteBuf::from(bytes)))
+        Ok(PageBytes::from(bytes))
     }
 }
 
@@ -99,8 +127,7 @@ pub enum Request {
         /// The version it owns.
         version: u64,
         /// The page.
-        #[serde(deserialize_with = "page")]
-        data: ByteBuf,
+        data: PageBytes,
         /// Readers it served directly, which the manager did not know of.
         readers: BTreeSet<NodeId>,
     },
@@ -116,8 +143,7 @@ pub enum Request {
         /// The backup it could not reach.
         failed: NodeId,
         /// The content to back up.
-        #[serde(deserialize_with = "page")]
-        data: ByteBuf,
+        data: PageBytes,
     },
     /// To the manager: start a lost page afresh, zero-filled.
     Discard,
@@ -193,8 +219,7 @@ pub enum Request {
         /// Which of the owner's commits at that version this is (see `FrameState::commits`).
         commit: u64,
         /// The page as last committed.
-        #[serde(deserialize_with = "page")]
-        data: ByteBuf,
+        data: PageBytes,
     },
     /// To the manager, from an evicted node: the copy it gave up to a writer and keeps aside
     /// until told the grant landed. `Ok` when the manager keeps it in its place (its entry still
@@ -206,8 +231,7 @@ pub enum Request {
         /// The version of the copy, as the grant named it.
         label: u64,
         /// The copy.
-        #[serde(deserialize_with = "page")]
-        data: ByteBuf,
+        data: PageBytes,
     },
     /// To every node, from [`crate::Dsm::free`]: drop every copy of the segment's pages and
     /// every entry managed for them, and count the segment freed in the slots whose manager
@@ -249,8 +273,7 @@ pub enum Response {
         /// The page's version.
         version: u64,
         /// The page, unless zero.
-        #[serde(deserialize_with = "maybe_page")]
-        data: Option<ByteBuf>,
+        data: Option<PageBytes>,
         /// Its owner: where to read it next time (a hint).
         owner: Option<NodeId>,
     },
@@ -260,8 +283,7 @@ pub enum Response {
         /// The new version.
         version: u64,
         /// The page, when the writer lacks it.
-        #[serde(deserialize_with = "maybe_page")]
-        data: Option<ByteBuf>,
+        data: Option<PageBytes>,
         /// The page was never written: start from zeros.
         zero: bool,
         /// Where the owner keeps its backup copy, when backups are on.
@@ -276,7 +298,7 @@ pub enum Response {
     /// The manager could not reach the page's holder this time; ask again.
     Retry,
     /// A fetched page.
-    Page(#[serde(deserialize_with = "page")] ByteBuf),
+    Page(PageBytes),
     /// The holder no longer has (or never had) that version.
     Missing,
     /// Done.
@@ -396,12 +418,10 @@ pub enum Entry {
         /// The entry.
         entry: PageEntry,
         /// The page, handed over with its entry.
-        #[serde(deserialize_with = "maybe_page")]
-        frame: Option<ByteBuf>,
+        frame: Option<PageBytes>,
         /// The copy the evicted sender gave up to a writer and keeps aside, with its version,
         /// when the entry's grant took the page from the sender: the new manager keeps it.
-        #[serde(deserialize_with = "maybe_labelled_page")]
-        aside: Option<(u64, ByteBuf)>,
+        aside: Option<(u64, PageBytes)>,
     },
     /// A survivor's copy of a page whose manager died, for `scan`.
     Copy {
@@ -444,21 +464,24 @@ mod tests {
             page,
             version: 3,
             commit: 1,
-            data: ByteBuf::from(vec![7; len]),
+            data: PageBytes::from(vec![7; len]),
         };
         let bytes = codec::encode(&backup(PAGE_SIZE)).expect("encode");
         assert!(codec::decode::<Request>(&bytes).is_ok());
         for len in [0, 100, PAGE_SIZE - 1, PAGE_SIZE + 1] {
             let bytes = codec::encode(&backup(len)).expect("encode");
             assert!(codec::decode::<Request>(&bytes).is_err(), "{len} bytes");
-            let copy =
-                Response::Copy { version: 1, data: Some(ByteBuf::from(vec![0; len])), owner: None };
+            let copy = Response::Copy {
+                version: 1,
+                data: Some(PageBytes::from(vec![0; len])),
+                owner: None,
+            };
             let bytes = codec::encode(&copy).expect("encode");
             assert!(codec::decode::<Response>(&bytes).is_err(), "a copy of {len} bytes");
             let entry = Entry::Page {
                 entry: PageEntry::default(),
                 frame: None,
-                aside: Some((4, ByteBuf::from(vec![0; len]))),
+                aside: Some((4, PageBytes::from(vec![0; len]))),
             };
             let bytes = codec::encode(&entry).expect("encode");
             assert!(codec::decode::<Entry>(&bytes).is_err(), "an entry's page of {len} bytes");

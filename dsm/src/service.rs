@@ -6,11 +6,10 @@ use crate::directory::{digest, rebuild, repair, Report};
 use crate::frames::{Bytes, Fetched};
 use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
-use crate::protocol::{Entry, Granted, LockEntry, PageEntry, Request, Response};
+use crate::protocol::{Entry, Granted, LockEntry, PageBytes, PageEntry, Request, Response};
 use futures::StreamExt;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Change, Key, NodeId, ServiceSpec};
-use serde_bytes::ByteBuf;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -65,8 +64,8 @@ fn next_node(nodes: &[NodeId], after: NodeId, avoid: Option<NodeId>) -> Option<N
         .find(|&n| n != after && Some(n) != avoid)
 }
 
-fn page_bytes(data: &Bytes) -> ByteBuf {
-    ByteBuf::from(data.to_vec())
+fn page_bytes(data: &Bytes) -> PageBytes {
+    PageBytes::shared(data)
 }
 
 /// Whether `n` holds nothing any more: it failed, or left the cluster.
@@ -211,7 +210,7 @@ impl DsmService {
             }
         };
         match answer {
-            Response::Page(data) => Ok(Arc::new(data.into_vec())),
+            Response::Page(data) => Ok(data.into_shared()),
             Response::Missing => Err(Absent::Missing),
             _ => Err(Absent::Unreachable),
         }
@@ -759,7 +758,7 @@ impl DsmService {
         page: PageId,
         owner: NodeId,
         failed: NodeId,
-        content: (u64, u64, ByteBuf),
+        content: (u64, u64, PageBytes),
     ) -> Response {
         let (version, commit, data) = content;
         let slot = self.slot(page.key());
@@ -791,7 +790,7 @@ impl DsmService {
         page: PageId,
         from: NodeId,
         version: u64,
-        data: ByteBuf,
+        data: PageBytes,
         readers: BTreeSet<NodeId>,
     ) -> Response {
         let slot = self.slot(page.key());
@@ -802,7 +801,7 @@ impl DsmService {
         if accepted {
             let me = ctx.node();
             let frame = self.state().frames.frame(page);
-            let data = Arc::new(data.into_vec());
+            let data = data.into_shared();
             frame.install_owned(version, Arc::clone(&data));
             entry.owner = Some(me);
             self.settle_grant(ctx, page, entry);
@@ -836,7 +835,7 @@ impl DsmService {
         page: PageId,
         from: NodeId,
         label: u64,
-        data: ByteBuf,
+        data: PageBytes,
     ) -> Response {
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
@@ -844,7 +843,7 @@ impl DsmService {
         let Some(granted) = entry.granted.relocated(from, label, ctx.node()) else {
             return Response::Missing;
         };
-        self.state().frames.frame(page).keep_retired(label, Arc::new(data.into_vec()));
+        self.state().frames.frame(page).keep_retired(label, data.into_shared());
         tracing::debug!(
             ?page,
             from = from.0,
@@ -963,7 +962,7 @@ impl DsmService {
                 Response::Ok
             }
             Request::Backup { page, version, commit, data } => {
-                frames.frame(page).store_backup(version, commit, Arc::new(data.into_vec()));
+                frames.frame(page).store_backup(version, commit, data.into_shared());
                 Response::Ok
             }
             // Boxed: it tells the backup node in turn, through `told`, which may run `local`.
@@ -1083,14 +1082,14 @@ impl DsmService {
                             sender.and_then(|s| entry.granted.relocated(s, label, me))
                         {
                             let f = self.state().frames.frame(page);
-                            f.keep_retired(label, Arc::new(data.into_vec()));
+                            f.keep_retired(label, data.into_shared());
                             entry.granted = granted;
                         }
                     }
                     if let (Some(data), Named::Page(page)) = (frame, named(key)) {
                         // The evicted owner handed its page over with the entry.
                         let f = self.state().frames.frame(page);
-                        f.install_owned(entry.version, Arc::new(data.into_vec()));
+                        f.install_owned(entry.version, data.into_shared());
                         if let Some(old) = entry.owner.replace(me) {
                             entry.copyset.remove(&old);
                         }
