@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 
 /// The frame sink of a connection.
 pub(crate) type FrameSink = Pin<Box<dyn Sink<Wire, Error = SupervisorError> + Send>>;
@@ -64,7 +65,30 @@ impl Outbox {
     /// Queues `wire` and writes the queue, unless another task holds the socket: that task
     /// writes it before it lets go. `Err` when the frame is too large or the connection broke.
     pub(crate) async fn send(self: &Arc<Self>, wire: Wire) -> Result<()> {
-        self.push(wire)?;
+        wire.fits(self.max_frame)?;
+        // The socket free and nothing older queued (a lone call, an answer): the frame goes
+        // to the socket without passing through the queue, two of its locks fewer.
+        if let Some(mut sink) = self.sink.try_lock() {
+            if self.queue().is_empty() && !self.broken.is_closed() {
+                match poll_fn(|cx| Poll::Ready(sink.as_mut().poll_ready(cx))).await {
+                    Poll::Ready(Ok(())) => {
+                        if let Err(error) = sink.as_mut().start_send(wire) {
+                            return Err(self.failed(error));
+                        }
+                    }
+                    Poll::Ready(Err(error)) => return Err(self.failed(error)),
+                    // The sink is full: the frame waits its turn in the queue.
+                    Poll::Pending => self.queue().push_back(wire),
+                }
+                self.drain(sink).await?;
+                if self.queue().is_empty() {
+                    return Ok(());
+                }
+                return self.write_queued().await;
+            }
+            drop(sink);
+        }
+        self.queue().push_back(wire);
         self.write_queued().await
     }
 
@@ -97,43 +121,66 @@ impl Outbox {
         self: &Arc<Self>,
         mut sink: futures::lock::MutexGuard<'_, FrameSink>,
     ) -> Result<()> {
-        let mut unfinished = Unfinished { outbox: Some(Arc::clone(self)) };
-        let writing = async {
-            loop {
-                poll_fn(|cx| sink.as_mut().poll_ready(cx)).await?;
-                let Some(wire) = self.queue().pop_front() else { break };
-                if matches!(wire, Wire::Request { id, .. } if (self.abandoned)(id)) {
-                    continue;
-                }
-                sink.as_mut().start_send(wire)?;
-            }
-            poll_fn(|cx| sink.as_mut().poll_flush(cx)).await
+        if self.broken.is_closed() {
+            return Err(self.failed(SupervisorError::Closed));
+        }
+        // Most often the socket takes everything at once. Nothing then waits, so there is
+        // nothing to make cancel-safe and no close to race: a write is one pass of the loop
+        // below, without the guard, the race and the future they cost.
+        let at_once = poll_fn(|cx| Poll::Ready(self.write_now(&mut sink, cx))).await;
+        let result = match at_once {
+            Poll::Ready(result) => result,
+            Poll::Pending => self.drain_waiting(sink).await,
         };
+        result.map_err(|error| self.failed(error))
+    }
+
+    /// Hands the sink every queued frame it has room for, then flushes it, as far as the socket
+    /// takes it without waiting. Frames handed over stay with the sink, which a later flush
+    /// writes, whoever makes it.
+    fn write_now(&self, sink: &mut FrameSink, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        loop {
+            ready!(sink.as_mut().poll_ready(cx))?;
+            let Some(wire) = self.queue().pop_front() else { break };
+            if matches!(wire, Wire::Request { id, .. } if (self.abandoned)(id)) {
+                continue;
+            }
+            sink.as_mut().start_send(wire)?;
+        }
+        sink.as_mut().poll_flush(cx)
+    }
+
+    /// [`Outbox::drain`] once the socket is full: waits for it to take the rest. Cancel-safe:
+    /// a frame is taken from the queue only once the sink has room for it, and a holder
+    /// dropped half way hands the rest to a task of its own.
+    async fn drain_waiting(
+        self: &Arc<Self>,
+        mut sink: futures::lock::MutexGuard<'_, FrameSink>,
+    ) -> Result<()> {
+        let mut unfinished = Unfinished { outbox: Some(Arc::clone(self)) };
+        let writing = poll_fn(|cx| self.write_now(&mut sink, cx));
         // A connection closed (silent past a deadline, replaced, shut down) while its socket
         // is full must not keep a task writing to it, nor deliver its requests late. Raced
         // only once a write waits: waiting for the close costs a lock each way.
         let mut writing = std::pin::pin!(writing);
-        let result = if self.broken.is_closed() {
-            Err(SupervisorError::Closed)
-        } else {
-            match futures::poll!(&mut writing) {
-                std::task::Poll::Ready(result) => result,
-                std::task::Poll::Pending => tokio::select! {
-                    biased;
-                    _ = self.broken.closed() => Err(SupervisorError::Closed),
-                    result = &mut writing => result,
-                },
-            }
+        let result = tokio::select! {
+            biased;
+            _ = self.broken.closed() => Err(SupervisorError::Closed),
+            result = &mut writing => result,
         };
         unfinished.outbox = None;
-        if let Err(error) = &result {
-            if !self.broken.is_closed() {
-                tracing::warn!(%error, "a write on a connection failed; closing it (its callers retry on a new one)");
-            }
-            self.broken.close();
-            self.queue().clear();
-        }
         result
+    }
+
+    /// A write failed, or the connection closed while it waited: the connection is
+    /// unusable. Returns `error`.
+    fn failed(&self, error: SupervisorError) -> SupervisorError {
+        if !self.broken.is_closed() {
+            tracing::warn!(%error, "a write on a connection failed; closing it (its callers retry on a new one)");
+        }
+        self.broken.close();
+        self.queue().clear();
+        error
     }
 }
 
@@ -277,7 +324,8 @@ mod tests {
             vec![1, 2],
             "the holder looked again before letting go"
         );
-        assert_eq!(h.flushes.load(Ordering::SeqCst), 2);
+        // Taken into the write the holder was waiting on, not one of its own.
+        assert_eq!(h.flushes.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
