@@ -291,7 +291,8 @@ fn main() {
                 settled: Default::default(),
                 repeatable: true,
             });
-            gobelins_supervisor::lane::Lane::Adaptation.seal(codec::encode(&m).expect("m")).len()
+            // As the layer lays it out (its header by hand), not as bincode would.
+            gobelins_supervisor::lane::Lane::Adaptation.seal(m.encode().expect("m")).len()
         };
         // Interleaved in blocks, so that each path and its baselines see the same machine.
         let mut echo_client = Echo::start(request_bytes).await;

@@ -7,7 +7,6 @@ use crate::run::Run;
 use bytes::Bytes;
 use gobelins_locator::{Key, NodeId, ServiceId};
 use serde::{Deserialize, Serialize};
-pub use serde_bytes::ByteBuf;
 
 /// Names one request across retries, so that a manager runs it once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -213,6 +212,7 @@ impl Message {
 
     /// The body of a message [`Message::encode_local`] wrote.
     pub fn local_body(message: &[u8]) -> &[u8] {
+        debug_assert!(message.len() >= LOCAL_HEADER, "not a told message");
         message.get(LOCAL_HEADER..).unwrap_or_default()
     }
 
@@ -246,6 +246,12 @@ impl Message {
         let (mut message, used) = codec::decode_prefix::<Message>(&body)?;
         match &mut message {
             Message::Batch { entries, .. } => *entries = Run::parse(body.slice(used..))?,
+            // Never written so: a peer that does disagrees about the format.
+            Message::Request(_) | Message::Local { .. } => {
+                return Err(AdaptationError::Codec(
+                    "a request or told message in bincode's layout, not its own".into(),
+                ))
+            }
             _ if used != body.len() => {
                 return Err(AdaptationError::Codec(format!("{} trailing bytes", body.len() - used)))
             }
@@ -527,7 +533,28 @@ mod tests {
         assert!(matches!(Reply::decode(&Bytes::new()), Err(AdaptationError::Codec(_))));
         assert!(matches!(Reply::decode(&Bytes::from_static(&[7])), Err(AdaptationError::Codec(_))));
         // Every other message still starts with its bincode variant index, below the tag.
-        assert!(Message::Ack { epoch: 1 }.encode().unwrap()[0] < FIXED);
+        let others = [
+            Message::Ack { epoch: 1 },
+            Message::Batch {
+                epoch: 1,
+                service: ServiceId(1),
+                entries: Run::default(),
+                answered: Vec::new(),
+                settled: Vec::new(),
+            },
+            Message::Forward(routed()),
+            Message::Answer { id: routed().id, reply: Reply::Late },
+        ];
+        for message in others {
+            assert!(message.encode().unwrap()[0] < FIXED, "{message:?}");
+        }
+        const { assert!(FIXED < LOCAL) };
+        // The two laid out by hand are refused in bincode's layout.
+        let bincode = codec::encode(&Message::Request(routed())).unwrap();
+        assert!(matches!(Message::decode(Bytes::from(bincode)), Err(AdaptationError::Codec(_))));
+        let told = Message::Local { service: ServiceId(1), key: Key(2), body: Bytes::new() };
+        let bincode = codec::encode(&told).unwrap();
+        assert!(matches!(Message::decode(Bytes::from(bincode)), Err(AdaptationError::Codec(_))));
     }
 
     #[test]

@@ -467,7 +467,17 @@ mod tests {
             data: PageBytes::from(vec![7; len]),
         };
         let bytes = codec::encode(&backup(PAGE_SIZE)).expect("encode");
-        assert!(codec::decode::<Request>(&bytes).is_ok());
+        let Ok(Request::Backup { data, .. }) = codec::decode::<Request>(&bytes) else {
+            panic!("a whole page refused")
+        };
+        assert_eq!(&data[..], &[7; PAGE_SIZE][..]);
+        // Laid out as a byte string was before (a length, then the bytes), which is how
+        // bincode lays out a vector of bytes.
+        let page = vec![9u8; PAGE_SIZE];
+        assert_eq!(
+            codec::encode(&PageBytes::from(page.clone())).expect("encode"),
+            codec::encode(&page).expect("encode")
+        );
         for len in [0, 100, PAGE_SIZE - 1, PAGE_SIZE + 1] {
             let bytes = codec::encode(&backup(len)).expect("encode");
             assert!(codec::decode::<Request>(&bytes).is_err(), "{len} bytes");
