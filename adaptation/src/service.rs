@@ -13,6 +13,7 @@ use bytes::Bytes;
 use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, SlotMove, Snapshot};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use std::any::Any;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
@@ -46,7 +47,10 @@ pub(crate) trait Peers: Send + Sync {
         service: ServiceId,
         key: Key,
         body: Vec<u8>,
+        repeatable: Option<bool>,
     ) -> Result<Bytes, AdaptationError>;
+    /// [`Service::repeatable`] of `request`, if it is of the type `service` takes.
+    fn repeatable(&self, service: ServiceId, request: &dyn Any) -> Option<bool>;
     /// `message` is the whole `Message::Local`, as [`Message::encode_local`] wrote it.
     async fn tell(
         &self,
@@ -113,11 +117,14 @@ impl Context {
         request: &Q,
     ) -> Result<R, AdaptationError>
     where
-        Q: Serialize + Sync,
+        Q: Serialize + Sync + 'static,
         R: DeserializeOwned,
     {
         let peers = self.peers.as_ref().ok_or(AdaptationError::Detached)?;
-        codec::decode(&peers.request(service, key, codec::encode(request)?).await?)
+        // `Service::repeatable` asked of the request in hand, when it is the service's own
+        // type: the host would otherwise decode the body again to ask.
+        let repeatable = peers.repeatable(service, request);
+        codec::decode(&peers.request(service, key, codec::encode(request)?, repeatable).await?)
     }
 
     /// Sends `request` to the local server of `service` on `node` (a replica holder, say):
@@ -333,6 +340,12 @@ pub trait Plugin: Send + Sync {
         let _ = request;
         false
     }
+    /// [`Service::repeatable`] of a request not yet encoded; `None` when `request` is not of
+    /// the service's request type. The default: no judgement.
+    fn repeatable_typed(&self, request: &dyn Any) -> Option<bool> {
+        let _ = request;
+        None
+    }
     /// [`Service::before_migration`].
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo);
     /// [`Service::send_out`], each entry encoded into `packer`'s run for its destination.
@@ -418,6 +431,10 @@ impl<S: Service> Plugin for Erased<S> {
 
     fn repeatable(&self, request: &[u8]) -> bool {
         codec::decode::<S::Request>(request).is_ok_and(|r| S::repeatable(&r))
+    }
+
+    fn repeatable_typed(&self, request: &dyn Any) -> Option<bool> {
+        request.downcast_ref::<S::Request>().map(S::repeatable)
     }
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
