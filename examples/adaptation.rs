@@ -497,7 +497,7 @@ fn main() {
                                 settled: Default::default(),
                                 repeatable: true,
                             });
-                            let bytes = link.seal(codec::encode(&message).expect("encode"));
+                            let bytes = link.seal(message.encode().expect("encode"));
                             let t = Instant::now();
                             let first =
                                 wrong.call(NodeId(1), bytes.clone(), Duration::from_secs(5)).await.expect("call");
