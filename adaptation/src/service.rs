@@ -51,7 +51,8 @@ pub(crate) trait Peers: Send + Sync {
     ) -> Result<Bytes, AdaptationError>;
     /// [`Service::repeatable`] of `request`, if it is of the type `service` takes.
     fn repeatable(&self, service: ServiceId, request: &dyn Any) -> Option<bool>;
-    /// `message` is the whole `Message::Local`, as [`Message::encode_local`] wrote it.
+    /// `message` is the whole `Message::Local`, as [`Message::encode_local`] wrote it for the
+    /// same `service` and `key`.
     async fn tell(
         &self,
         node: NodeId,
@@ -109,7 +110,9 @@ impl Context {
     }
 
     /// Sends `request` to the manager of `key` of `service`, wherever it is, and waits for its
-    /// answer: held through a migration, retried after a failure, run once.
+    /// answer: held through a migration, retried after a failure, run once. `Q` is `'static`
+    /// so that, when it is the service's own `Request` type, [`Service::repeatable`] is asked
+    /// of it as it is rather than of a second decoding.
     pub async fn request<Q, R>(
         &self,
         service: ServiceId,

@@ -211,7 +211,7 @@ impl Message {
     }
 
     /// The body of a message [`Message::encode_local`] wrote.
-    pub fn local_body(message: &[u8]) -> &[u8] {
+    pub(crate) fn local_body(message: &[u8]) -> &[u8] {
         debug_assert!(message.len() >= LOCAL_HEADER, "not a told message");
         message.get(LOCAL_HEADER..).unwrap_or_default()
     }

@@ -2,7 +2,8 @@
 //! their requests, the reader writing answers. Frames are queued, and whoever holds the socket
 //! writes everything queued before one flush, so that many requests or answers in flight leave
 //! in one system call instead of one each. A task that finds the socket busy leaves its frame
-//! to the holder, which looks at the queue again before it lets go.
+//! to the holder, which looks at the queue again before it lets go. A frame that finds the
+//! socket free and nothing queued goes to it directly.
 
 use crate::closer::Closer;
 use crate::error::{Result, SupervisorError};
@@ -62,8 +63,9 @@ impl Outbox {
         Ok(())
     }
 
-    /// Queues `wire` and writes the queue, unless another task holds the socket: that task
-    /// writes it before it lets go. `Err` when the frame is too large or the connection broke.
+    /// Writes `wire`, after what is queued, unless another task holds the socket: the frame is
+    /// queued then, and that task writes it before it lets go. `Err` when the frame is too
+    /// large or the connection broke.
     pub(crate) async fn send(self: &Arc<Self>, wire: Wire) -> Result<()> {
         wire.fits(self.max_frame)?;
         // The socket free and nothing older queued (a lone call, an answer): the frame goes
@@ -222,11 +224,18 @@ mod tests {
         sent: Arc<Mutex<Vec<u64>>>,
         flushes: Arc<AtomicUsize>,
         stuck: Arc<std::sync::atomic::AtomicBool>,
+        /// How many more times the sink says it has no room for a frame.
+        full: Arc<AtomicUsize>,
     }
 
     impl Sink<Wire> for Recorder {
         type Error = SupervisorError;
-        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<()>> {
+        fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+            if self.full.load(Ordering::SeqCst) > 0 {
+                self.full.fetch_sub(1, Ordering::SeqCst);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
             Poll::Ready(Ok(()))
         }
         fn start_send(self: Pin<&mut Self>, wire: Wire) -> Result<()> {
@@ -274,6 +283,27 @@ mod tests {
         outbox.send(request(5)).await.unwrap();
         assert_eq!(*sent.lock().unwrap(), vec![0, 1, 2, 3, 4, 5], "in order, every one");
         assert_eq!(flushes.load(Ordering::SeqCst), 1, "one flush for all of them");
+    }
+
+    /// A frame that finds the socket free but the sink without room waits in the queue, and
+    /// leaves once the sink has room, alone and once.
+    #[tokio::test]
+    async fn a_frame_the_sink_has_no_room_for_yet_waits_its_turn_and_leaves_once() {
+        let recorder = Recorder::default();
+        let (sent, flushes, full) =
+            (Arc::clone(&recorder.sent), Arc::clone(&recorder.flushes), Arc::clone(&recorder.full));
+        full.store(2, Ordering::SeqCst);
+        let outbox = Outbox::new(
+            Box::pin(recorder),
+            Closer::new(CancellationToken::new()),
+            1 << 20,
+            waited_for(),
+        );
+        outbox.send(request(1)).await.unwrap();
+        assert_eq!(*sent.lock().unwrap(), vec![1]);
+        assert_eq!(flushes.load(Ordering::SeqCst), 1);
+        assert_eq!(full.load(Ordering::SeqCst), 0, "the sink was asked until it had room");
+        assert!(outbox.queue().is_empty());
     }
 
     /// An outbox whose socket is full: a task holds it, stuck in its flush with request 1,
