@@ -115,12 +115,7 @@ impl Routed {
 
     /// Reads what [`Routed::encode_request`] wrote; the body is a slice of `bytes`.
     fn decode_request(bytes: &Bytes) -> Result<Routed, AdaptationError> {
-        let Some((header, _)) = bytes.split_at_checked(ROUTED_HEADER) else {
-            return Err(AdaptationError::Codec(format!(
-                "a request of {} bytes is shorter than its {ROUTED_HEADER}-byte header",
-                bytes.len()
-            )));
-        };
+        let header = header_of(bytes, ROUTED_HEADER, "a request")?;
         // Offsets as `encode_request` writes them.
         let u64_at =
             |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
@@ -261,6 +256,16 @@ impl Message {
     }
 }
 
+/// The first `len` bytes of `what`, a message laid out by hand: `Codec` if it is shorter.
+fn header_of<'a>(bytes: &'a [u8], len: usize, what: &str) -> Result<&'a [u8], AdaptationError> {
+    bytes.get(..len).ok_or_else(|| {
+        AdaptationError::Codec(format!(
+            "{what} of {} bytes is shorter than its {len}-byte header",
+            bytes.len()
+        ))
+    })
+}
+
 fn local_header(service: ServiceId, key: Key) -> [u8; LOCAL_HEADER] {
     let mut header = [0; LOCAL_HEADER];
     header[0] = LOCAL;
@@ -271,12 +276,7 @@ fn local_header(service: ServiceId, key: Key) -> [u8; LOCAL_HEADER] {
 
 /// Reads a `Message::Local`; its body is a slice of `bytes`.
 fn decode_local(bytes: &Bytes) -> Result<Message, AdaptationError> {
-    let Some((header, _)) = bytes.split_at_checked(LOCAL_HEADER) else {
-        return Err(AdaptationError::Codec(format!(
-            "a told message of {} bytes is shorter than its {LOCAL_HEADER}-byte header",
-            bytes.len()
-        )));
-    };
+    let header = header_of(bytes, LOCAL_HEADER, "a told message")?;
     let service = ServiceId(u16::from_le_bytes([header[1], header[2]]));
     let key = Key(u64::from_le_bytes(header[3..].try_into().expect("8 bytes")));
     Ok(Message::Local { service, key, body: bytes.slice(LOCAL_HEADER..) })
