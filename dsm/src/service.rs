@@ -64,10 +64,6 @@ fn next_node(nodes: &[NodeId], after: NodeId, avoid: Option<NodeId>) -> Option<N
         .find(|&n| n != after && Some(n) != avoid)
 }
 
-fn page_bytes(data: &Bytes) -> PageBytes {
-    PageBytes::shared(data)
-}
-
 /// Whether `n` holds nothing any more: it failed, or left the cluster.
 pub(crate) fn gone(state: &NodeState, ctx: &Context, n: NodeId) -> bool {
     !present(ctx, n) || state.failed.lock().expect("failed").contains(&n)
@@ -493,7 +489,11 @@ impl DsmService {
             owner = owner.0,
             "dsm: read copy given"
         );
-        Response::Copy { version: entry.version, data: Some(page_bytes(&data)), owner: Some(owner) }
+        Response::Copy {
+            version: entry.version,
+            data: Some(PageBytes::shared(&data)),
+            owner: Some(owner),
+        }
     }
 
     async fn write_fault(
@@ -601,7 +601,7 @@ impl DsmService {
             (None, false) => Granted::Unknown,
         };
         tracing::debug!(?page, manager = ctx.node().0, writer = writer.0, version = granted, previous = ?owner, sent = data.is_some(), "dsm: write granted");
-        let data = data.as_ref().map(page_bytes);
+        let data = data.as_ref().map(PageBytes::shared);
         Response::Grant { version: granted, data, zero, backup, previous }
     }
 
@@ -646,7 +646,7 @@ impl DsmService {
                     page,
                     version: entry.version,
                     commit: 0,
-                    data: page_bytes(&content),
+                    data: PageBytes::shared(&content),
                 },
             )
             .await;
@@ -691,7 +691,7 @@ impl DsmService {
             }
             (data, s.commits)
         };
-        let request = Request::Backup { page, version, commit, data: page_bytes(&data) };
+        let request = Request::Backup { page, version, commit, data: PageBytes::shared(&data) };
         if !self.tell(ctx, node, page, request).await {
             return Response::Retry;
         }
@@ -815,7 +815,8 @@ impl DsmService {
             if self.state().config.backups && exposed {
                 // The leaving owner's last content of this version.
                 let commit = crate::frames::FINAL;
-                let request = Request::Backup { page, version, commit, data: page_bytes(&data) };
+                let request =
+                    Request::Backup { page, version, commit, data: PageBytes::shared(&data) };
                 entry.backup = match self.live_after(ctx, me, from) {
                     Some(to) if self.tell(ctx, to, page, request).await => Some(to),
                     _ => None,
@@ -936,14 +937,14 @@ impl DsmService {
             Request::Serve { page, node } => match frames.frame(page).serve(node).await {
                 Some((version, data)) => Response::Copy {
                     version,
-                    data: Some(page_bytes(&data)),
+                    data: Some(PageBytes::shared(&data)),
                     owner: Some(ctx.node()),
                 },
                 None => Response::Missing,
             },
             Request::Fetch { page, version, keep } => {
                 match self.give(ctx, page, version, keep).await {
-                    Ok(data) => Response::Page(page_bytes(&data)),
+                    Ok(data) => Response::Page(PageBytes::shared(&data)),
                     Err(Absent::Missing) => Response::Missing,
                     // A reader it served could not be revoked: ask again.
                     Err(Absent::Unreachable) => Response::Retry,
@@ -1276,7 +1277,8 @@ impl DsmService {
     /// and this node will be gone. True when the page is owned here after all.
     async fn hand_aside(&self, ctx: &Context, page: PageId, frame: &crate::frames::Frame) -> bool {
         let Some((label, data)) = frame.lock().retired.clone() else { return false };
-        let request = Request::KeepAside { node: ctx.node(), label, data: page_bytes(&data) };
+        let request =
+            Request::KeepAside { node: ctx.node(), label, data: PageBytes::shared(&data) };
         if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), &request).await {
             tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving; should that grant turn out never to have reached its writer, the page will be reported lost");
             return false;
@@ -1312,7 +1314,7 @@ impl DsmService {
                 taken
             };
             let request =
-                Request::Surrender { node: me, version, data: page_bytes(&data), readers };
+                Request::Surrender { node: me, version, data: PageBytes::shared(&data), readers };
             match ctx.request::<_, Response>(DSM, page.key(), &request).await {
                 Ok(Response::Ok) => {
                     let mut s = frame.lock();
@@ -1474,7 +1476,7 @@ impl Service for DsmService {
                                 held = s.data.is_some(),
                                 "dsm: page travels with its entry"
                             );
-                            s.data.as_ref().map(page_bytes)
+                            s.data.as_ref().map(PageBytes::shared)
                         }
                         _ => None,
                     };
@@ -1486,7 +1488,7 @@ impl Service for DsmService {
                             let frame = self.state().frames.frame(page);
                             let mut s = frame.lock();
                             let kept = s.retired.take_if(|(v, _)| *v == label);
-                            kept.map(|(v, d)| (v, page_bytes(&d)))
+                            kept.map(|(v, d)| (v, PageBytes::shared(&d)))
                         }
                         _ => None,
                     };
