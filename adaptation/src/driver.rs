@@ -8,7 +8,7 @@ use crate::run::{Outlet, Packed, Packer};
 use crate::service::{ChangeInfo, Moving};
 use crate::wire::{Answered, Message, Settlement};
 use bytes::Bytes;
-use gobelins_locator::{Change, NodeId, ServiceId, Snapshot};
+use gobelins_locator::{Change, Key, NodeId, ServiceId, Snapshot};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -446,37 +446,30 @@ impl Driver {
         // them: those go with what was settled, so that a late copy is refused at the new
         // manager rather than run again.
         let mut answers: BTreeMap<NodeId, Vec<Answered>> = BTreeMap::new();
-        let leaving: Vec<(ServiceId, u32, NodeId)> = inner
+        let leaving: Vec<(Key, NodeId)> = inner
             .answers
             .iter()
             .filter_map(|e| {
-                let (s, slot) = *e.key();
-                let to = table.owner(slot)?;
-                (s == service && to != me).then_some((s, slot, to))
+                let (s, key) = *e.key();
+                let to = table.owner(table.slot_of(key))?;
+                (s == service && to != me).then_some((key, to))
             })
             .collect();
-        // The emptied containers are freed after the sending phase, in a task of their own:
-        // freeing them here, memory that the handling threads allocated, took 2-5 ms for 3,300
-        // answers while the entries waited.
-        let mut emptied = Vec::new();
         let taken: Vec<_> = leaving
             .into_iter()
-            .filter_map(|(s, slot, to)| inner.answers.remove(&(s, slot)).map(|(_, k)| (to, k)))
+            .filter_map(|(key, to)| {
+                inner.answers.remove(&(service, key)).map(|(_, l)| (to, key, l))
+            })
             .collect();
-        // Copied after the slots are out: an answer forgotten as settled meanwhile is covered
+        // Copied after the keys are out: an answer forgotten as settled meanwhile is covered
         // by this copy, so a late copy of its request is refused at the new manager.
         let settled = inner.settled.lock().expect("settled").clone();
-        for (to, mut keys) in taken {
-            let to = answers.entry(to).or_default();
-            for (key, list) in keys.iter_mut() {
-                let key = *key;
-                to.extend(
-                    list.drain(..)
-                        .filter(|(id, _, _)| !settled.covers(id))
-                        .map(|(id, response, _)| Answered { key, id, response }),
-                );
-            }
-            emptied.push(keys);
+        for (to, key, list) in taken {
+            answers.entry(to).or_default().extend(
+                list.into_iter()
+                    .filter(|(id, _, _)| !settled.covers(id))
+                    .map(|(id, response, _)| Answered { key, id, response }),
+            );
         }
         for (_, run) in mine {
             let n = run.len() as u64;
@@ -507,7 +500,6 @@ impl Driver {
         while let Some(done) = shipping.join_next().await {
             sent += done.unwrap_or(0);
         }
-        free_aside(emptied);
         tracing::debug!(service = service.0, epoch, sent, ?packed, ?exported, took = ?started.elapsed(), "sent out");
         if let Some(clock) = &mut self.clock {
             clock.record.entries_sent += sent;
@@ -657,19 +649,6 @@ fn next_answers(
         chunk.extend(answers.next());
     }
     chunk
-}
-
-/// Frees `garbage` on a thread of the blocking pool, on a runtime whose workers serve requests.
-/// A current-thread runtime (the simulations', the tests') frees it in place: a thread of its
-/// own would hold back the paused clock for as long as the freeing takes on the wall clock, and
-/// a seed would no longer replay the same run.
-fn free_aside<T: Send + 'static>(garbage: T) {
-    use tokio::runtime::{Handle, RuntimeFlavor};
-    if Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread {
-        drop(garbage);
-    } else {
-        tokio::task::spawn_blocking(move || drop(garbage));
-    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
 use crate::forwarded::{Forwarded, Wait};
 use crate::gate::Gate;
-use crate::kept::{Kept, KeptOrder};
+use crate::kept::{Forget, Kept, KeptOrder};
 use crate::link::Link;
 use crate::mirrors::Mirrors;
 use crate::pool::Pool;
@@ -30,8 +30,9 @@ use dashmap::DashMap;
 use foldhash::fast::RandomState as Hasher;
 use gobelins_locator::{Change, Key, MigrationPlan, NodeId, ServiceId, ServiceSpec, Snapshot};
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 use std::any::Any;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,8 +191,9 @@ impl Drop for Running<'_> {
     }
 }
 
-/// The last answers given for one key, oldest first, each with when it was kept.
-pub(crate) type Answers = VecDeque<(RequestId, Bytes, Instant)>;
+/// The last answers given for one key, oldest first, each with when it was kept: mostly one,
+/// kept in place (most keys get one answer before its sender settles it).
+pub(crate) type Answers = SmallVec<[(RequestId, Bytes, Instant); 1]>;
 
 /// What every part of the host shares.
 pub(crate) struct Inner {
@@ -212,9 +214,11 @@ pub(crate) struct Inner {
     /// Handles pass it; a hold waits out the handles that routed before the hold and may
     /// still be changing an entry that is about to leave.
     pub(crate) gate: Gate,
-    /// The answers kept for retries, by service and slot, then key: a change hands over the
-    /// slots that leave without looking at every key answered here.
-    pub(crate) answers: DashMap<(ServiceId, u32), HashMap<Key, Answers, Hasher>, Hasher>,
+    /// The answers kept for retries, by service and key. Few are kept at a time, since each
+    /// goes once its sender settles it, so a change finds those of the slots that leave by
+    /// looking at them all. Kept by slot before, each answer to a slot nobody had answered
+    /// lately (most of them, with the DSM's 4,096) paid a map of its own.
+    pub(crate) answers: DashMap<(ServiceId, Key), Answers, Hasher>,
     /// Requests being handled here, each with the signal of its end once a retry of it waits
     /// for that. Made only then: a channel for every request that is not repeatable cost an
     /// allocation and eight wake-up lists' locks, and retries rarely wait.
@@ -364,11 +368,7 @@ impl Host {
             entries_received: get(&c.entries_received),
             entries_rebuilt: get(&c.entries_rebuilt),
             bytes_sent: get(&c.bytes_sent),
-            answers_kept: inner
-                .answers
-                .iter()
-                .map(|slot| slot.values().map(|a| a.len() as u64).sum::<u64>())
-                .sum(),
+            answers_kept: inner.answers.iter().map(|answers| answers.len() as u64).sum(),
             forwarded: get(&c.forwarded),
         }
     }
@@ -466,12 +466,9 @@ async fn forget_old_answers(inner: Weak<Inner>) {
             settled.clone()
         };
         inner.forwarded.forget_older_than(keep, Instant::now());
-        inner.answers.retain(|_, keys| {
-            keys.retain(|_, list| {
-                list.retain(|(id, _, at)| at.elapsed() < keep && !settled.covers(id));
-                !list.is_empty()
-            });
-            !keys.is_empty()
+        inner.answers.retain(|_, list| {
+            list.retain(|(id, _, at)| at.elapsed() < keep && !settled.covers(id));
+            !list.is_empty()
         });
     }
 }
@@ -543,19 +540,13 @@ impl Inner {
         Context::new(self.me, epoch, from, snapshot, Arc::clone(self) as Arc<dyn Peers>)
     }
 
-    /// The slot of `key` in `service`, if this node hosts the service.
-    fn slot_of(&self, service: ServiceId, key: Key) -> Option<u32> {
-        self.registry.spec(service).map(|spec| spec.slot_of(key))
-    }
-
     pub(crate) fn remember(&self, service: ServiceId, answered: Answered) {
-        let Some(slot) = self.slot_of(service, answered.key) else { return };
-        let now = Instant::now();
-        let kept = Kept::new(answered.id, service, slot, answered.key, now);
-        {
-            let mut keys = self.answers.entry((service, slot)).or_default();
-            self.keep(&mut keys, answered, now);
+        if self.registry.spec(service).is_none() {
+            return;
         }
+        let now = Instant::now();
+        let kept = Kept::new(answered.id, service, answered.key, now);
+        self.keep(service, answered, now);
         self.kept.lock().expect("kept").push(kept);
     }
 
@@ -571,45 +562,39 @@ impl Inner {
         look_up: bool,
     ) -> bool {
         let keep = self.config.request_deadline * 2;
-        let (covered, forget) = {
+        let mut forget = Forget::new();
+        let covered = {
             let mut settled = self.settled.lock().expect("settled");
             let news = settled.note(id.origin, settlement, now);
             let covered = look_up && settled.covers(&id);
             if !news {
                 return covered;
             }
-            (covered, self.kept.lock().expect("kept").settled(id.origin, &settled, keep, now))
+            let mut kept = self.kept.lock().expect("kept");
+            kept.settled(id.origin, &settled, keep, now, &mut forget);
+            covered
         };
         for gone in forget {
             // Moved away with its slot, or pushed out by later answers: nothing left to do.
-            let Some(mut keys) = self.answers.get_mut(&(gone.service, gone.slot)) else { continue };
-            if let Some(list) = keys.get_mut(&gone.key) {
+            self.answers.remove_if_mut(&(gone.service, gone.key), |_, list| {
                 list.retain(|(id, _, _)| *id != gone.id);
-                if list.is_empty() {
-                    keys.remove(&gone.key);
-                }
-            }
+                list.is_empty()
+            });
         }
         covered
     }
 
-    /// Keeps `answered` for retries, taking each slot's map once for all its answers: a
-    /// change hands over one per key that moves.
-    pub(crate) fn remember_all(&self, service: ServiceId, mut answered: Vec<Answered>) {
-        let Some(spec) = self.registry.spec(service) else { return };
+    /// Keeps `answered` (a key's answers oldest first) for retries: a change hands them over
+    /// with the keys that move.
+    pub(crate) fn remember_all(&self, service: ServiceId, answered: Vec<Answered>) {
+        if self.registry.spec(service).is_none() {
+            return;
+        }
         let now = Instant::now();
-        // Stable: a key's answers stay oldest first, the order `keep` evicts in.
-        answered.sort_by_key(|a| spec.slot_of(a.key));
         let mut places = Vec::with_capacity(answered.len());
-        let mut answered = answered.into_iter().peekable();
-        while let Some(first) = answered.next() {
-            let slot = spec.slot_of(first.key);
-            let mut keys = self.answers.entry((service, slot)).or_default();
-            let rest = std::iter::from_fn(|| answered.next_if(|a| spec.slot_of(a.key) == slot));
-            for a in std::iter::once(first).chain(rest) {
-                places.push(Kept::new(a.id, service, slot, a.key, now));
-                self.keep(&mut keys, a, now);
-            }
+        for a in answered {
+            places.push(Kept::new(a.id, service, a.key, now));
+            self.keep(service, a, now);
         }
         // Each sender's in its own order, so that they leave as its settlement passes them.
         places.sort_by_key(|k| (k.id.origin, k.id.seq));
@@ -618,9 +603,8 @@ impl Inner {
     }
 
     /// Adds `answered` to its key's answers, unless it is there already.
-    fn keep(&self, keys: &mut HashMap<Key, Answers, Hasher>, answered: Answered, at: Instant) {
-        // Most keys get one answer: room for one, not the four a growing list starts with.
-        let list = keys.entry(answered.key).or_insert_with(|| VecDeque::with_capacity(1));
+    fn keep(&self, service: ServiceId, answered: Answered, at: Instant) {
+        let mut list = self.answers.entry((service, answered.key)).or_default();
         if list.iter().any(|(id, _, _)| *id == answered.id) {
             return;
         }
@@ -636,17 +620,17 @@ impl Inner {
                 }
                 None if list.len() >= self.config.answers_per_key * UNSETTLED_ROOM => {
                     tracing::warn!(key = answered.key.0, kept = list.len(), "an answer a retry may still need was pushed out by later ones: should that retry come, its request runs again");
-                    list.pop_front();
+                    list.remove(0);
                 }
                 None => {}
             }
         }
-        list.push_back((answered.id, answered.response, at));
+        list.push((answered.id, answered.response, at));
     }
 
     fn answered(&self, service: ServiceId, key: Key, id: RequestId) -> Option<Bytes> {
-        let slot = self.answers.get(&(service, self.slot_of(service, key)?))?;
-        slot.get(&key)?.iter().find(|(i, _, _)| *i == id).map(|(_, r, _)| r.clone())
+        let list = self.answers.get(&(service, key))?;
+        list.iter().find(|(i, _, _)| *i == id).map(|(_, r, _)| r.clone())
     }
 
     async fn wait_epoch(&self, at_least: u64, until: Instant) -> bool {
@@ -799,7 +783,8 @@ impl Inner {
                         repeatable,
                     };
                     if manager == self.me {
-                        let served = self.serve(&routed, &body, attempt, now);
+                        // A first attempt served here has never left this node: see `serve`.
+                        let served = self.serve(&routed, &body, attempt, now, rounds == 1);
                         (epoch, served.await)
                     } else {
                         let called = self.call_manager(manager, &routed, &body, left);
@@ -985,15 +970,27 @@ impl Inner {
 
     /// Acts as the manager of `routed`'s key (its body is `body`), until `until`; `now` is
     /// when it arrived.
+    ///
+    /// `fresh` says that the request is this node's own, on its first attempt: it has never
+    /// left this node, so no copy of it runs or will run anywhere, no earlier attempt left an
+    /// answer to find, and the answer goes straight to the caller, which asks no more once it
+    /// has it. Such a request needs no run-once record, as a repeatable one needs none: for a
+    /// DSM whose managers are spread evenly, half of the requests, each of which paid a kept
+    /// answer (four allocations), a run-once entry and a settlement it did not need.
     async fn serve(
         self: &Arc<Self>,
         routed: &Routed,
         body: &[u8],
         until: Instant,
         now: Instant,
+        fresh: bool,
     ) -> Reply {
         let Routed { id, service, key, epoch, settled, repeatable, .. } = *routed;
-        let mut covered = Some(self.note_settled(id, settled, now, !repeatable));
+        debug_assert!(!fresh || id.origin == self.me, "only this node's own request is fresh");
+        // Whether this request is run once: its copies looked for, its answer kept.
+        let once = !(repeatable || fresh);
+        // A fresh request carries this node's own settlement, which nothing here waits for.
+        let mut covered = (!fresh).then(|| self.note_settled(id, settled, now, once));
         let mut arrived = Some(now);
         loop {
             // Read once per pass: a pass after a wait needs the time anew.
@@ -1001,7 +998,7 @@ impl Inner {
             // Checked on every pass: a request held through a change may have been settled by
             // its sender (given up) meanwhile. A repeatable request is never refused: no
             // record of it is kept, and running it again is harmless.
-            if !repeatable {
+            if once {
                 let settled = match covered.take() {
                     Some(first_pass) => first_pass,
                     None => self.settled.lock().expect("settled").covers(&id),
@@ -1014,7 +1011,7 @@ impl Inner {
             let leased = self.leased_at(now);
             // Only while the lease holds: a node cut off may already be being replaced, and a
             // write it remembers may not be in what the cluster rebuilds.
-            if !repeatable && leased {
+            if once && leased {
                 if let Some(response) = self.answered(service, key, id) {
                     return Reply::Done(response);
                 }
@@ -1058,8 +1055,9 @@ impl Inner {
                     let Some(plugin) = self.registry.get(service) else {
                         return Reply::Unknown(service.0);
                     };
-                    // Copies of a repeatable request may run side by side.
-                    let running = if repeatable {
+                    // Copies of a repeatable request may run side by side; a fresh one has
+                    // none.
+                    let running = if !once {
                         Ok(None)
                     } else {
                         match self.running.entry(id) {
@@ -1121,7 +1119,7 @@ impl Inner {
                         Ok(answer) => {
                             // Shared with the answer kept, not copied: a DSM grant carries a page.
                             let response = Bytes::from(answer.response);
-                            if answer.keep {
+                            if answer.keep && !fresh {
                                 let response = response.clone();
                                 self.remember(service, Answered { key, id, response });
                             }
@@ -1163,7 +1161,7 @@ impl Inner {
     async fn serve_routed(self: &Arc<Self>, routed: &Routed) -> (Reply, Instant) {
         let now = Instant::now();
         let until = now + Duration::from_millis(routed.wait_ms).min(self.config.request_deadline);
-        (self.serve(routed, &routed.body, until, now).await, until)
+        (self.serve(routed, &routed.body, until, now, false).await, until)
     }
 
     async fn answer(self: &Arc<Self>, from: NodeId, message: Message) -> Reply {
@@ -1455,10 +1453,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_key_keeps_the_answers_retries_may_need_and_lets_settled_ones_go_first() {
+        const KV: ServiceId = ServiceId(1);
         let link = Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) });
         let config = HostConfig { answers_per_key: 2, ..HostConfig::default() };
         let inner = Inner::spawn(NodeId(1), Registry::new(), link, config);
-        let mut keys = HashMap::default();
         let answer = |seq| Answered {
             key: Key(7),
             id: RequestId { origin: NodeId(2), seq },
@@ -1466,24 +1464,31 @@ mod tests {
         };
         let now = Instant::now();
         for seq in 1..=5 {
-            inner.keep(&mut keys, answer(seq), now);
+            inner.keep(KV, answer(seq), now);
         }
-        let held = |keys: &HashMap<Key, Answers, Hasher>| -> Vec<u64> {
-            keys[&Key(7)].iter().map(|(id, _, _)| id.seq).collect()
+        let held = || -> Vec<u64> {
+            inner
+                .answers
+                .get(&(KV, Key(7)))
+                .expect("kept")
+                .iter()
+                .map(|(id, _, _)| id.seq)
+                .collect()
         };
-        assert_eq!(held(&keys), vec![1, 2, 3, 4, 5], "none settled: a retry of any may come");
+        assert_eq!(held(), vec![1, 2, 3, 4, 5], "none settled: a retry of any may come");
         inner.settled.lock().expect("settled").note(
             NodeId(2),
             Settlement { since: 1, below: 3 },
             now,
         );
-        inner.keep(&mut keys, answer(6), now);
-        assert_eq!(held(&keys), vec![2, 3, 4, 5, 6], "a settled one goes first");
+        inner.keep(KV, answer(6), now);
+        assert_eq!(held(), vec![2, 3, 4, 5, 6], "a settled one goes first");
         // Past the room, the oldest goes.
         for seq in 7..40 {
-            inner.keep(&mut keys, answer(seq), now);
+            inner.keep(KV, answer(seq), now);
         }
-        assert_eq!(keys[&Key(7)].len(), 2 * UNSETTLED_ROOM);
+        assert_eq!(held().len(), 2 * UNSETTLED_ROOM);
+        assert_eq!(held()[0], 40 - 2 * UNSETTLED_ROOM as u64, "the oldest went first");
         inner.stop();
     }
 

@@ -7,6 +7,7 @@
 use crate::settled::Settled;
 use crate::wire::RequestId;
 use gobelins_locator::{Key, NodeId, ServiceId};
+use smallvec::SmallVec;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -16,16 +17,19 @@ use tokio::time::Instant;
 pub(crate) struct Kept {
     pub(crate) id: RequestId,
     pub(crate) service: ServiceId,
-    pub(crate) slot: u32,
     pub(crate) key: Key,
     at: Instant,
 }
 
 impl Kept {
-    pub(crate) fn new(id: RequestId, service: ServiceId, slot: u32, key: Key, at: Instant) -> Self {
-        Kept { id, service, slot, key, at }
+    pub(crate) fn new(id: RequestId, service: ServiceId, key: Key, at: Instant) -> Self {
+        Kept { id, service, key, at }
     }
 }
+
+/// The places [`KeptOrder::settled`] takes out: mostly one or two, kept inline, since one is
+/// taken out for nearly every answer kept.
+pub(crate) type Forget = SmallVec<[Kept; 4]>;
 
 /// Each sender's kept answers, in the order they were kept. A sender's numbers are taken in
 /// order and its requests mostly end in order, so its settled answers gather at the front.
@@ -39,31 +43,32 @@ impl KeptOrder {
         self.by_origin.entry(kept.id.origin).or_default().push_back(kept);
     }
 
-    /// Takes out, oldest first, `origin`'s answers that `settled` covers or that are older than
-    /// `keep` (already expired). Stops at the first that is neither: one answered ahead of an
-    /// older request still in flight waits for that one, or for its expiry.
+    /// Takes out into `out`, oldest first, `origin`'s answers that `settled` covers or that are
+    /// older than `keep` (already expired). Stops at the first that is neither: one answered
+    /// ahead of an older request still in flight waits for that one, or for its expiry.
+    ///
+    /// A sender's queue stays when emptied, with its room, until the sweep: its next answer
+    /// would otherwise allocate it again (one queue per sender, so few are kept). `out` is the
+    /// caller's, filled in place: returned, the list was copied on every request.
     pub(crate) fn settled(
         &mut self,
         origin: NodeId,
         settled: &Settled,
         keep: Duration,
         now: Instant,
-    ) -> Vec<Kept> {
-        let Some(queue) = self.by_origin.get_mut(&origin) else { return Vec::new() };
-        let mut out = Vec::new();
+        out: &mut Forget,
+    ) {
+        let Some(queue) = self.by_origin.get_mut(&origin) else { return };
         while let Some(front) = queue.front() {
             if !(settled.covers(&front.id) || now.saturating_duration_since(front.at) >= keep) {
                 break;
             }
             out.extend(queue.pop_front());
         }
-        if queue.is_empty() {
-            self.by_origin.remove(&origin);
-        }
-        out
     }
 
-    /// Forgets the places of answers older than `keep`: the sweep drops those answers.
+    /// Forgets the places of answers older than `keep`, and the senders left with none: the
+    /// sweep drops those answers.
     pub(crate) fn expire(&mut self, keep: Duration, now: Instant) {
         self.by_origin.retain(|_, queue| {
             while queue.front().is_some_and(|k| now.saturating_duration_since(k.at) >= keep) {
@@ -85,14 +90,22 @@ mod tests {
     use super::*;
     use crate::wire::Settlement;
 
+    /// What node 1's settlement takes out, answers kept up to `KEEP`.
+    fn taken(order: &mut KeptOrder, settled: &Settled, now: Instant) -> Forget {
+        let mut out = Forget::new();
+        order.settled(NodeId(1), settled, KEEP, now, &mut out);
+        out
+    }
+
+    const KEEP: Duration = Duration::from_secs(20);
+
     fn kept(origin: u64, seq: u64, at: Instant) -> Kept {
-        Kept::new(RequestId { origin: NodeId(origin), seq }, ServiceId(1), 0, Key(seq), at)
+        Kept::new(RequestId { origin: NodeId(origin), seq }, ServiceId(1), Key(seq), at)
     }
 
     #[test]
     fn a_senders_answers_come_out_as_its_settlement_passes_them_and_no_further() {
         let now = Instant::now();
-        let keep = Duration::from_secs(20);
         let mut order = KeptOrder::default();
         for seq in [10, 11, 13, 12] {
             order.push(kept(1, seq, now));
@@ -100,12 +113,10 @@ mod tests {
         order.push(kept(2, 10, now));
         let mut settled = Settled::default();
         settled.note(NodeId(1), Settlement { since: 10, below: 13 }, now);
-        let out: Vec<u64> =
-            order.settled(NodeId(1), &settled, keep, now).iter().map(|k| k.id.seq).collect();
+        let out: Vec<u64> = taken(&mut order, &settled, now).iter().map(|k| k.id.seq).collect();
         assert_eq!(out, vec![10, 11], "13 is not settled, and 12 waits behind it");
         settled.note(NodeId(1), Settlement { since: 10, below: 14 }, now);
-        let out: Vec<u64> =
-            order.settled(NodeId(1), &settled, keep, now).iter().map(|k| k.id.seq).collect();
+        let out: Vec<u64> = taken(&mut order, &settled, now).iter().map(|k| k.id.seq).collect();
         assert_eq!(out, vec![13, 12]);
         assert_eq!(order.len(), 1, "node 2's answer is its own");
     }
@@ -113,7 +124,6 @@ mod tests {
     #[test]
     fn an_expired_place_does_not_hold_back_the_settled_ones_behind_it() {
         let start = Instant::now();
-        let keep = Duration::from_secs(20);
         let mut order = KeptOrder::default();
         // A life that ended: its numbers are far from the new life's and never settled.
         order.push(kept(1, 5_000, start));
@@ -121,9 +131,9 @@ mod tests {
         order.push(kept(1, 10, later));
         let mut settled = Settled::default();
         settled.note(NodeId(1), Settlement { since: 10, below: 11 }, later);
-        assert_eq!(order.settled(NodeId(1), &settled, keep, later).len(), 2);
+        assert_eq!(taken(&mut order, &settled, later).len(), 2);
         order.push(kept(3, 1, start));
-        order.expire(keep, later);
+        order.expire(KEEP, later);
         assert_eq!(order.len(), 0);
     }
 }

@@ -321,6 +321,13 @@ impl Reply {
     /// place rather than copied behind a header.
     pub fn encode(self) -> Result<Vec<u8>, AdaptationError> {
         let (mut out, tag) = match self {
+            // Given back whole when nothing else holds it. One kept for retries is copied,
+            // with room for the tag and what the link seals behind it, not grown for each.
+            Reply::Done(response) if !response.is_unique() => {
+                let mut out = Vec::with_capacity(response.len() + 1 + codec::SPARE);
+                out.extend_from_slice(&response);
+                (out, FIXED)
+            }
             Reply::Done(response) => (Vec::from(response), FIXED),
             other => (codec::encode(&other)?, CODED),
         };

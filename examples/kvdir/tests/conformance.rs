@@ -428,6 +428,39 @@ fn a_manager_forgets_the_answers_of_requests_their_sender_has_settled() {
     });
 }
 
+#[test]
+fn a_manager_keeps_no_answer_to_its_own_request_on_its_first_attempt() {
+    replay(async {
+        use gobelins_adaptation::{codec, HostConfig};
+        use gobelins_kvdir::KVDIR;
+        use gobelins_locator::{Key, NodeId};
+
+        let cluster = kvdir_cluster(2, HostConfig::default()).await;
+        let table = cluster.snapshot();
+        let key = (0..)
+            .map(Key)
+            .find(|k| table.locate(KVDIR, *k) == Some(NodeId(2)))
+            .expect("node 2 manages some key");
+        let (one, two) = (cluster.host(NodeId(1)), cluster.host(NodeId(2)));
+        let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
+        two.request(KVDIR, key, put.clone()).await.expect("put");
+        assert_eq!(
+            two.stats().answers_kept,
+            0,
+            "a request that never left its node has no copy anywhere: nothing to keep"
+        );
+        one.request(KVDIR, key, put).await.expect("put");
+        assert_eq!(two.stats().answers_kept, 1, "another node's request may be retried: kept");
+        let get = codec::encode(&Request::Get).expect("encode");
+        let value = codec::decode::<Response>(&two.request(KVDIR, key, get).await.expect("get"))
+            .expect("decode");
+        assert!(
+            matches!(&value, Response::Value(Some(v)) if v.version == 2),
+            "each write ran once: {value:?}"
+        );
+    });
+}
+
 /// kvdir, except that node 4, once armed, cuts its backup (node 1) off as it starts copying
 /// what it received on to it, and heals it 3 s later: the moment the receiver of a leave is
 /// left with the only copy of what the leaver handed it, when it was the leaver's backup.
