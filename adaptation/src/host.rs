@@ -772,6 +772,8 @@ impl Inner {
                         (now, left.min(self.config.attempt_timeout))
                     };
                     let attempt = now + left;
+                    // A first attempt served here has never left this node: see `serve`.
+                    let fresh = rounds == 1 && manager == self.me;
                     let routed = Routed {
                         id,
                         service,
@@ -779,12 +781,16 @@ impl Inner {
                         epoch,
                         body: Bytes::new(),
                         wait_ms: left.as_millis() as u64,
-                        settled: self.outstanding.settlement(),
+                        // Not read for a fresh request.
+                        settled: if fresh {
+                            Settlement::default()
+                        } else {
+                            self.outstanding.settlement()
+                        },
                         repeatable,
                     };
                     if manager == self.me {
-                        // A first attempt served here has never left this node: see `serve`.
-                        let served = self.serve(&routed, &body, attempt, now, rounds == 1);
+                        let served = self.serve(&routed, &body, attempt, now, fresh);
                         (epoch, served.await)
                     } else {
                         let called = self.call_manager(manager, &routed, &body, left);
