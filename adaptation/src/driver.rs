@@ -451,8 +451,11 @@ impl Driver {
             .iter()
             .filter_map(|e| {
                 let (s, key) = *e.key();
+                if s != service {
+                    return None;
+                }
                 let to = table.owner(table.slot_of(key))?;
-                (s == service && to != me).then_some((key, to))
+                (to != me).then_some((key, to))
             })
             .collect();
         let taken: Vec<_> = leaving
@@ -462,8 +465,13 @@ impl Driver {
             })
             .collect();
         // Copied after the keys are out: an answer forgotten as settled meanwhile is covered
-        // by this copy, so a late copy of its request is refused at the new manager.
-        let settled = inner.settled.lock().expect("settled").clone();
+        // by this copy, so a late copy of its request is refused at the new manager. With
+        // this node's own settlement, which its fresh requests do not carry.
+        let settled = {
+            let mut settled = inner.settled.lock().expect("settled");
+            inner.note_own(&mut settled, Instant::now());
+            settled.clone()
+        };
         for (to, key, list) in taken {
             answers.entry(to).or_default().extend(
                 list.into_iter()

@@ -128,8 +128,9 @@ pub struct Stats {
     pub entries_rebuilt: u64,
     /// Entry bytes shipped.
     pub bytes_sent: u64,
-    /// Answers this node keeps as a manager so that retries run nothing twice (at most
-    /// `answers_per_key` per key; [`crate::Service::repeatable`] requests keep none).
+    /// Answers this node keeps as a manager so that retries run nothing twice (mostly at most
+    /// `answers_per_key` per key; [`crate::Service::repeatable`] requests keep none, nor does
+    /// a manager's own request served on its first attempt, of which no copy exists).
     #[serde(default)]
     pub answers_kept: u64,
     /// Requests for keys this node no longer manages that it passed on to their manager,
@@ -215,9 +216,8 @@ pub(crate) struct Inner {
     /// still be changing an entry that is about to leave.
     pub(crate) gate: Gate,
     /// The answers kept for retries, by service and key. Few are kept at a time, since each
-    /// goes once its sender settles it, so a change finds those of the slots that leave by
-    /// looking at them all. Kept by slot before, each answer to a slot nobody had answered
-    /// lately (most of them, with the DSM's 4,096) paid a map of its own.
+    /// goes once its sender settles it (or at the sweep), so a change finds those of the slots
+    /// that leave by looking at them all, rather than keeping a map per slot.
     pub(crate) answers: DashMap<(ServiceId, Key), Answers, Hasher>,
     /// Requests being handled here, each with the signal of its end once a retry of it waits
     /// for that. Made only then: a channel for every request that is not repeatable cost an
@@ -461,6 +461,7 @@ async fn forget_old_answers(inner: Weak<Inner>) {
         let keep = inner.config.request_deadline * 2;
         let settled = {
             let mut settled = inner.settled.lock().expect("settled");
+            inner.note_own(&mut settled, Instant::now());
             settled.forget_quiet(keep, Instant::now());
             inner.kept.lock().expect("kept").expire(keep, Instant::now());
             settled.clone()
@@ -550,6 +551,14 @@ impl Inner {
         self.kept.lock().expect("kept").push(kept);
     }
 
+    /// Notes in `settled` what this node itself has settled, read from its own requests in
+    /// flight. Its fresh requests carry no settlement, so its own answers kept here (a
+    /// migration handed them over, or a lease ran out as one was answered) would otherwise
+    /// wait for a retry served here, or for their expiry.
+    pub(crate) fn note_own(&self, settled: &mut Settled, now: Instant) {
+        settled.note(self.me, self.outstanding.settlement(), now);
+    }
+
     /// Takes in the settlement request `id` carries from its sender and forgets the answers it
     /// settles. Answers a retry may still need stay: a settled request gets no retry (a late
     /// copy is refused). With `look_up`, returns whether `id` itself is settled, looked up
@@ -575,7 +584,7 @@ impl Inner {
             covered
         };
         for gone in forget {
-            // Moved away with its slot, or pushed out by later answers: nothing left to do.
+            // Moved away with its key, or pushed out by later answers: nothing left to do.
             self.answers.remove_if_mut(&(gone.service, gone.key), |_, list| {
                 list.retain(|(id, _, _)| *id != gone.id);
                 list.is_empty()
@@ -591,8 +600,12 @@ impl Inner {
             return;
         }
         let now = Instant::now();
+        // This node's own answers that it has settled since: no retry of them will come.
+        let own = self.outstanding.settlement();
+        let settled_here =
+            |id: &RequestId| id.origin == self.me && own.since <= id.seq && id.seq < own.below;
         let mut places = Vec::with_capacity(answered.len());
-        for a in answered {
+        for a in answered.into_iter().filter(|a| !settled_here(&a.id)) {
             places.push(Kept::new(a.id, service, a.key, now));
             self.keep(service, a, now);
         }
@@ -1003,7 +1016,8 @@ impl Inner {
             let now = arrived.take().unwrap_or_else(Instant::now);
             // Checked on every pass: a request held through a change may have been settled by
             // its sender (given up) meanwhile. A repeatable request is never refused: no
-            // record of it is kept, and running it again is harmless.
+            // record of it is kept, and running it again is harmless. Nor is a fresh one: no
+            // copy of it can be late.
             if once {
                 let settled = match covered.take() {
                     Some(first_pass) => first_pass,

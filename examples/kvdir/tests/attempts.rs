@@ -166,6 +166,33 @@ fn a_request_whose_managers_lease_ran_out_while_it_ran_is_not_run_again() {
     });
 }
 
+/// The same, sent by the manager itself: its first attempt keeps no run-once record, except
+/// on this path, where the answer is not given and a retry will come.
+#[test]
+fn a_managers_own_request_whose_lease_ran_out_while_it_ran_is_not_run_again() {
+    replay(async {
+        let runs = Arc::new(AtomicU64::new(0));
+        let (cluster, key) = slow_cluster(&runs).await;
+        let manager = cluster.host(NodeId(2));
+        manager.lease(tokio::time::Instant::now() + Duration::from_millis(100));
+        let renewing = manager.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            renewing.lease(tokio::time::Instant::now() + Duration::from_secs(60));
+        });
+
+        let asked = tokio::time::Instant::now();
+        let answer: u64 = manager.context().request(SLOW, key, &300u64).await.expect("answered");
+        assert!(asked.elapsed() >= Duration::from_millis(600), "answered before the renewal");
+        assert_eq!(answer, 1, "the first run's answer");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "not run again once the lease was renewed");
+        assert!(
+            manager.stats().requests_delayed >= 1,
+            "answered by a retry, not the first attempt"
+        );
+    });
+}
+
 /// A manager cut off while it runs a request is declared failed: the request's sender stops
 /// waiting for it at once and asks the new manager, instead of waiting out its attempt.
 #[test]

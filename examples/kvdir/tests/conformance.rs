@@ -444,6 +444,7 @@ fn a_manager_keeps_no_answer_to_its_own_request_on_its_first_attempt() {
         let (one, two) = (cluster.host(NodeId(1)), cluster.host(NodeId(2)));
         let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
         two.request(KVDIR, key, put.clone()).await.expect("put");
+        assert_eq!(two.stats().requests_delayed, 0, "answered on its first attempt");
         assert_eq!(
             two.stats().answers_kept,
             0,
@@ -457,6 +458,47 @@ fn a_manager_keeps_no_answer_to_its_own_request_on_its_first_attempt() {
         assert!(
             matches!(&value, Response::Value(Some(v)) if v.version == 2),
             "each write ran once: {value:?}"
+        );
+    });
+}
+
+#[test]
+fn a_node_handed_answers_to_its_own_settled_requests_keeps_none_of_them() {
+    replay(async {
+        use gobelins_adaptation::{codec, HostConfig};
+        use gobelins_kvdir::KVDIR;
+        use gobelins_locator::{Key, NodeId};
+
+        let mut cluster = kvdir_cluster(3, HostConfig::default()).await;
+        let table = cluster.snapshot();
+        let keys: Vec<Key> = (0..4000)
+            .map(Key)
+            .filter(|k| table.locate(KVDIR, *k) == Some(NodeId(2)))
+            .take(200)
+            .collect();
+        let one = cluster.host(NodeId(1));
+        let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
+        // All at once: node 2 hears of none settled, and keeps every answer.
+        let writes = keys.iter().map(|&key| one.request(KVDIR, key, put.clone()));
+        for answer in futures::future::join_all(writes).await {
+            answer.expect("put");
+        }
+        assert!(cluster.host(NodeId(2)).stats().answers_kept >= keys.len() as u64);
+        // Node 2 leaves: its keys, and the answers it kept for them, go to nodes 1 and 3.
+        cluster.evict(NodeId(2)).await;
+        let table = cluster.snapshot();
+        let to_one = keys.iter().filter(|k| table.locate(KVDIR, **k) == Some(NodeId(1))).count();
+        let to_three = keys.len() - to_one;
+        assert!(to_one > 0 && to_three > 0, "both take some of node 2's keys");
+        assert_eq!(
+            cluster.host(NodeId(3)).stats().answers_kept,
+            to_three as u64,
+            "node 3 keeps node 1's answers: it cannot know yet that node 1 settled them"
+        );
+        assert_eq!(
+            one.stats().answers_kept,
+            0,
+            "node 1 knows it settled its own requests: no retry of them will come"
         );
     });
 }
