@@ -994,8 +994,8 @@ impl Inner {
     /// left this node, so no copy of it runs or will run anywhere, no earlier attempt left an
     /// answer to find, and the answer goes straight to the caller, which asks no more once it
     /// has it. Such a request needs no run-once record, as a repeatable one needs none: for a
-    /// DSM whose managers are spread evenly, half of the requests, each of which paid a kept
-    /// answer (four allocations), a run-once entry and a settlement it did not need.
+    /// DSM on two nodes, half of the requests, each of which paid a kept answer (four
+    /// allocations), a run-once entry and a settlement it did not need.
     async fn serve(
         self: &Arc<Self>,
         routed: &Routed,
@@ -1008,7 +1008,7 @@ impl Inner {
         debug_assert!(!fresh || id.origin == self.me, "only this node's own request is fresh");
         // Whether this request is run once: its copies looked for, its answer kept.
         let once = !(repeatable || fresh);
-        // A fresh request carries this node's own settlement, which nothing here waits for.
+        // A fresh request carries no settlement: its node notes its own (`Inner::note_own`).
         let mut covered = (!fresh).then(|| self.note_settled(id, settled, now, once));
         let mut arrived = Some(now);
         loop {

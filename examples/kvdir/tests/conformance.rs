@@ -52,6 +52,12 @@ async fn kvdir_cluster(
     .await
 }
 
+/// The first `n` keys `node` manages.
+fn keys_managed_by(cluster: &MemCluster, node: NodeId, n: usize) -> Vec<Key> {
+    let table = cluster.snapshot();
+    (0..).map(Key).filter(|k| table.locate(KVDIR, *k) == Some(node)).take(n).collect()
+}
+
 /// On a runtime whose random choices come from `GOBELINS_TEST_SEED`: a failure replays.
 #[test]
 fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid_eviction_under_load() {
@@ -262,13 +268,18 @@ mod node77 {
 
     /// Asserts `key` was written once, read through `node`.
     pub(crate) async fn written_once(cluster: &MemCluster, node: NodeId, key: Key) {
+        written(cluster, node, key, 1).await
+    }
+
+    /// Asserts `key` was written `times` times (each write ran once), read through `node`.
+    pub(crate) async fn written(cluster: &MemCluster, node: NodeId, key: Key, times: u64) {
         let get = codec::encode(&Request::Get).expect("encode");
         let value: Response =
             codec::decode(&cluster.host(node).request(KVDIR, key, get).await.expect("get"))
                 .expect("decode");
         assert!(
-            matches!(&value, Response::Value(Some(v)) if v.version == 1),
-            "one write of {key:?}, not two: {value:?}"
+            matches!(&value, Response::Value(Some(v)) if v.version == times),
+            "{times} writes of {key:?}, no more: {value:?}"
         );
     }
 }
@@ -391,19 +402,14 @@ fn a_manager_forgets_the_answers_of_requests_their_sender_has_settled() {
     replay(async {
         use gobelins_adaptation::{codec, HostConfig};
         use gobelins_kvdir::KVDIR;
-        use gobelins_locator::{Key, NodeId};
+        use gobelins_locator::NodeId;
         use std::time::Duration;
 
         // A sweep every second; answers younger than two seconds are kept unless settled.
         let config =
             HostConfig { request_deadline: Duration::from_secs(1), ..HostConfig::default() };
         let cluster = kvdir_cluster(2, config).await;
-        let table = cluster.snapshot();
-        let keys: Vec<Key> = (0..2000)
-            .map(Key)
-            .filter(|k| table.locate(KVDIR, *k) == Some(NodeId(2)))
-            .take(200)
-            .collect();
+        let keys = keys_managed_by(&cluster, NodeId(2), 200);
         let (one, two) = (cluster.host(NodeId(1)), cluster.host(NodeId(2)));
         let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
         // All at once: none is settled before the last is answered.
@@ -452,13 +458,7 @@ fn a_manager_keeps_no_answer_to_its_own_request_on_its_first_attempt() {
         );
         one.request(KVDIR, key, put).await.expect("put");
         assert_eq!(two.stats().answers_kept, 1, "another node's request may be retried: kept");
-        let get = codec::encode(&Request::Get).expect("encode");
-        let value = codec::decode::<Response>(&two.request(KVDIR, key, get).await.expect("get"))
-            .expect("decode");
-        assert!(
-            matches!(&value, Response::Value(Some(v)) if v.version == 2),
-            "each write ran once: {value:?}"
-        );
+        node77::written(&cluster, NodeId(2), key, 2).await;
     });
 }
 
@@ -467,15 +467,10 @@ fn a_node_handed_answers_to_its_own_settled_requests_keeps_none_of_them() {
     replay(async {
         use gobelins_adaptation::{codec, HostConfig};
         use gobelins_kvdir::KVDIR;
-        use gobelins_locator::{Key, NodeId};
+        use gobelins_locator::NodeId;
 
         let mut cluster = kvdir_cluster(3, HostConfig::default()).await;
-        let table = cluster.snapshot();
-        let keys: Vec<Key> = (0..4000)
-            .map(Key)
-            .filter(|k| table.locate(KVDIR, *k) == Some(NodeId(2)))
-            .take(200)
-            .collect();
+        let keys = keys_managed_by(&cluster, NodeId(2), 200);
         let one = cluster.host(NodeId(1));
         let put = codec::encode(&Request::Put(b"v".to_vec())).expect("encode");
         // All at once: node 2 hears of none settled, and keeps every answer.
