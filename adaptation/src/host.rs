@@ -130,7 +130,8 @@ pub struct Stats {
     pub bytes_sent: u64,
     /// Answers this node keeps as a manager so that retries run nothing twice (mostly at most
     /// `answers_per_key` per key; [`crate::Service::repeatable`] requests keep none, nor does
-    /// a manager's own request served on its first attempt, of which no copy exists).
+    /// a manager's own request served on its first attempt, of which no copy exists, unless
+    /// its lease runs out while it runs).
     #[serde(default)]
     pub answers_kept: u64,
     /// Requests for keys this node no longer manages that it passed on to their manager,

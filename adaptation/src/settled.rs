@@ -4,12 +4,15 @@
 //! its entry when the key moves (as RIFL does for its completion records).
 //!
 //! Each request that leaves its node carries its sender's [`Settlement`]: every request
-//! numbered from `since` (the sender's first number in this life) up to `below` is settled. (A
-//! node's own request served by itself on its first attempt keeps no answer, and carries none:
-//! the node notes its own settlement when it hands answers over, and at the sweep.) A manager keeps the highest it
-//! has heard per sender and life ([`Settled`]), forgets the answers that fall under it, refuses a
-//! late copy of a settled request rather than run it again, and hands what it knows to the new
-//! manager of the keys that move, so that a late copy is refused there too.
+//! numbered from `since` (the sender's first number in this life) up to `below` is settled. A
+//! manager keeps the highest it has heard per sender and life ([`Settled`]), forgets the answers
+//! that fall under it, refuses a late copy of a settled request rather than run it again, and
+//! hands what it knows to the new manager of the keys that move, so that a late copy is refused
+//! there too.
+//!
+//! A node's own request served by itself on its first attempt carries no settlement, and keeps
+//! no answer unless its lease runs out while it runs. The node notes its own settlement when it
+//! hands answers over, and at each sweep.
 
 use crate::wire::{RequestId, Settlement};
 use gobelins_locator::NodeId;

@@ -54,7 +54,8 @@ pub struct Routed {
     pub body: Bytes,
     /// How long the origin will wait, in milliseconds.
     pub wait_ms: u64,
-    /// What the origin has settled.
+    /// What the origin has settled (the default for a fresh request, which never leaves its
+    /// node: see `Inner::serve`).
     pub settled: Settlement,
     /// The origin found it repeatable (`Service::repeatable`): the manager keeps no answer
     /// for it and never refuses a copy of it. Taken on the origin's word, so that the manager

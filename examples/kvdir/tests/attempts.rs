@@ -141,8 +141,8 @@ fn only_answers_to_requests_that_must_not_run_twice_are_kept() {
 
 /// Node `from` sends node 2 a request that outlasts node 2's lease, which the cluster renews
 /// later: the answer, how long it took, how many times the request ran, and how many of
-/// `from`'s requests were answered only after a retry.
-async fn across_a_lapsed_lease(from: NodeId) -> (u64, Duration, u64, u64) {
+/// `from`'s requests were answered only after a retry; with the cluster, still running.
+async fn across_a_lapsed_lease(from: NodeId) -> (MemCluster, u64, Duration, u64, u64) {
     let runs = Arc::new(AtomicU64::new(0));
     let (cluster, key) = slow_cluster(&runs).await;
     let manager = cluster.host(NodeId(2));
@@ -157,13 +157,14 @@ async fn across_a_lapsed_lease(from: NodeId) -> (u64, Duration, u64, u64) {
     let asked = tokio::time::Instant::now();
     let answer: u64 = requester.context().request(SLOW, key, &300u64).await.expect("answered");
     let took = asked.elapsed();
-    (answer, took, runs.load(Ordering::SeqCst), requester.stats().requests_delayed)
+    let delayed = requester.stats().requests_delayed;
+    (cluster, answer, took, runs.load(Ordering::SeqCst), delayed)
 }
 
 #[test]
 fn a_request_whose_managers_lease_ran_out_while_it_ran_is_not_run_again() {
     replay(async {
-        let (answer, took, runs, _) = across_a_lapsed_lease(NodeId(1)).await;
+        let (_cluster, answer, took, runs, _) = across_a_lapsed_lease(NodeId(1)).await;
         assert!(
             took >= Duration::from_millis(600),
             "answered after {took:?}, before the lease was renewed"
@@ -178,11 +179,18 @@ fn a_request_whose_managers_lease_ran_out_while_it_ran_is_not_run_again() {
 #[test]
 fn a_managers_own_request_whose_lease_ran_out_while_it_ran_is_not_run_again() {
     replay(async {
-        let (answer, took, runs, delayed) = across_a_lapsed_lease(NodeId(2)).await;
+        let (cluster, answer, took, runs, delayed) = across_a_lapsed_lease(NodeId(2)).await;
         assert!(took >= Duration::from_millis(600), "answered after {took:?}, before the renewal");
         assert_eq!(answer, 1, "the first run's answer");
         assert_eq!(runs, 1, "not run again once the lease was renewed");
         assert!(delayed >= 1, "answered by a retry, not by the first attempt");
+        // The answer kept for that retry is the node's own, and no request of another node
+        // settles it. The sweep (every request deadline, 5 s) notes what the node itself has
+        // settled and drops it, well before it would expire (twice the deadline).
+        let manager = cluster.host(NodeId(2));
+        assert_eq!(manager.stats().answers_kept, 1, "kept for the retry");
+        tokio::time::sleep(Duration::from_millis(5_500)).await;
+        assert_eq!(manager.stats().answers_kept, 0, "dropped at the sweep as settled");
     });
 }
 

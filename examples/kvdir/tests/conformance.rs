@@ -52,10 +52,13 @@ async fn kvdir_cluster(
     .await
 }
 
-/// The first `n` keys `node` manages.
+/// The first `n` keys `node` manages, among the first 100,000.
 fn keys_managed_by(cluster: &MemCluster, node: NodeId, n: usize) -> Vec<Key> {
     let table = cluster.snapshot();
-    (0..).map(Key).filter(|k| table.locate(KVDIR, *k) == Some(node)).take(n).collect()
+    let keys: Vec<Key> =
+        (0..100_000).map(Key).filter(|k| table.locate(KVDIR, *k) == Some(node)).take(n).collect();
+    assert_eq!(keys.len(), n, "node {node} manages too few keys");
+    keys
 }
 
 /// On a runtime whose random choices come from `GOBELINS_TEST_SEED`: a failure replays.
