@@ -1,6 +1,6 @@
 //! One node's adaptation layer at work: it serves requests for the keys this node manages,
 //! sends requests for other keys to their managers, and carries out each configuration change
-//! the supervisor hands it (the driver of [`crate::Period`] lives in [`crate::driver`]).
+//! the supervisor hands it (the driver of [`crate::Period`] lives in the crate's `driver` module).
 //!
 //! ```text
 //!  supervisor ──Update(epoch, snapshot, change)──▶ Host::update ──▶ driver (one task)

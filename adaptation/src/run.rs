@@ -100,7 +100,7 @@ impl Run {
     }
 }
 
-/// A run being packed: its entries after [`HEADROOM`] free bytes.
+/// A run being packed: its entries after `HEADROOM` (32) free bytes.
 #[derive(Debug)]
 pub struct Packed {
     count: u32,
@@ -113,7 +113,7 @@ impl Packed {
         Packed::within(Vec::with_capacity(HEADROOM + bytes + codec::SPARE))
     }
 
-    /// An empty run in `buf`, which has room for [`HEADROOM`] at least.
+    /// An empty run in `buf`, which has room for `HEADROOM` bytes at least.
     fn within(mut buf: Vec<u8>) -> Self {
         buf.clear();
         buf.resize(HEADROOM, 0);
