@@ -542,10 +542,8 @@ impl Inner {
         Context::new(self.me, epoch, from, snapshot, Arc::clone(self) as Arc<dyn Peers>)
     }
 
+    /// Keeps the answer `serve` just gave for `service`, which this node hosts.
     pub(crate) fn remember(&self, service: ServiceId, answered: Answered) {
-        if self.registry.spec(service).is_none() {
-            return;
-        }
         let now = Instant::now();
         let kept = Kept::new(answered.id, service, answered.key, now);
         self.keep(service, answered, now);

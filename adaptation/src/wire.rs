@@ -325,7 +325,7 @@ impl Reply {
             // Given back whole when nothing else holds it. One kept for retries is copied,
             // with room for the tag and what the link seals behind it, not grown for each.
             Reply::Done(response) if !response.is_unique() => {
-                let mut out = Vec::with_capacity(response.len() + 1 + codec::SPARE);
+                let mut out = Vec::with_capacity(response.len() + RESPONSE_ROOM);
                 out.extend_from_slice(&response);
                 (out, FIXED)
             }
