@@ -27,37 +27,48 @@ pub(crate) struct Outstanding {
     since: u64,
     /// The next number.
     next: AtomicU64,
-    /// The numbers taken and not yet settled, in increasing order. A number is taken and put
-    /// in under this lock, and `settlement` reads `next` under it too: one taken but not yet in
-    /// would look settled. A queue, not a tree: numbers come in order, mostly leave in order,
-    /// and the queue keeps its room, where a tree allocated a node for a lone request.
-    taken: std::sync::Mutex<VecDeque<u64>>,
+    taken: std::sync::Mutex<Taken>,
+}
+
+/// The run-once numbers taken and not yet settled, and where the settlement stands when none
+/// is in flight.
+#[derive(Debug)]
+struct Taken {
+    /// In increasing order. A number is taken and put in under the lock: one taken but not yet
+    /// in would look settled. A queue, not a tree: numbers come in order, mostly leave in
+    /// order, and the queue keeps its room, where a tree allocated a node for a lone request.
+    queue: VecDeque<u64>,
+    /// One past the last run-once number taken. Repeatable numbers do not move it: no manager
+    /// keeps a record of them, so a settlement that moved with them would be news to the
+    /// manager at every request, and each would pay for a look at the kept answers for nothing.
+    floor: u64,
 }
 
 impl Outstanding {
     /// Numbers start at `since`, which must differ from every earlier life's numbers.
     pub(crate) fn new(since: u64) -> Self {
-        Outstanding { since, next: AtomicU64::new(since), taken: Default::default() }
+        let taken = Taken { queue: VecDeque::new(), floor: since };
+        Outstanding { since, next: AtomicU64::new(since), taken: std::sync::Mutex::new(taken) }
     }
 
     /// A new request number, outstanding until the ticket is dropped.
     pub(crate) fn take(&self) -> Ticket<'_> {
         let mut taken = self.taken.lock().expect("outstanding");
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
-        taken.push_back(seq);
+        taken.queue.push_back(seq);
+        taken.floor = seq + 1;
         Ticket { outstanding: self, seq }
     }
 
-    /// A new number for a repeatable request, which no manager keeps a record of: it may
-    /// look settled at once.
+    /// A new number for a repeatable request, which no manager keeps a record of.
     pub(crate) fn number(&self) -> u64 {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// What this sender has settled: every number below the oldest still in flight.
+    /// What this sender has settled: every run-once number below the oldest still in flight.
     pub(crate) fn settlement(&self) -> Settlement {
         let taken = self.taken.lock().expect("outstanding");
-        let below = taken.front().copied().unwrap_or_else(|| self.next.load(Ordering::Relaxed));
+        let below = taken.queue.front().copied().unwrap_or(taken.floor);
         Settlement { since: self.since, below }
     }
 }
@@ -73,8 +84,8 @@ impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         let mut taken = self.outstanding.taken.lock().expect("outstanding");
         // Mostly the front, which `remove` takes without shifting the rest.
-        if let Ok(at) = taken.binary_search(&self.seq) {
-            taken.remove(at);
+        if let Ok(at) = taken.queue.binary_search(&self.seq) {
+            taken.queue.remove(at);
         }
     }
 }
@@ -171,13 +182,23 @@ mod tests {
     }
 
     #[test]
-    fn a_repeatable_request_holds_nothing_back() {
+    fn a_repeatable_request_neither_holds_back_nor_moves_the_settlement() {
         let outstanding = Outstanding::new(100);
         let first = outstanding.take();
         assert_eq!(outstanding.number(), 101, "numbers are shared, never repeated");
         assert_eq!(outstanding.settlement().below, 100, "the first is still in flight");
         drop(first);
-        assert_eq!(outstanding.settlement().below, 102, "the repeatable one is not waited for");
+        assert_eq!(outstanding.settlement().below, 101, "the repeatable one is not waited for");
+        assert_eq!(outstanding.number(), 102);
+        assert_eq!(
+            outstanding.settlement().below,
+            101,
+            "a repeatable number settles nothing a manager keeps, so it is no news to one"
+        );
+        let third = outstanding.take();
+        assert_eq!((third.seq, outstanding.settlement().below), (103, 103));
+        drop(third);
+        assert_eq!(outstanding.settlement().below, 104);
     }
 
     #[test]
