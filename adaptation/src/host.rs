@@ -19,11 +19,10 @@ use crate::pool::Pool;
 use crate::registry::Registry;
 use crate::router::{Router, Verdict};
 use crate::run::Run;
-use crate::service::{Context, Peers};
+use crate::service::Context;
 use crate::settled::{Outstanding, Settled};
 use crate::wire::{Answered, Message, Reply, RequestId, Routed, Settlement};
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
 // Keys come from authenticated peers only; std's SipHash cost more than the maps' other work.
@@ -245,8 +244,6 @@ pub(crate) struct Inner {
     pub(crate) mirrors: Mirrors,
     /// Migration batch buffers, kept from one batch (and one change) to the next.
     pub(crate) pool: Pool,
-    /// Itself, so that a context made from `&Inner` can re-enter the host.
-    this: Weak<Inner>,
 }
 
 /// One node's adaptation layer. Cheap to clone; every clone is the same host.
@@ -486,7 +483,7 @@ impl Inner {
         config: HostConfig,
     ) -> Arc<Inner> {
         let (inputs, receiver) = mpsc::unbounded_channel();
-        let inner = Arc::new_cyclic(|this| Inner {
+        let inner = Arc::new(Inner {
             life: LIVES.fetch_add(1, Ordering::Relaxed),
             me,
             registry,
@@ -515,7 +512,6 @@ impl Inner {
             mirrors: Mirrors::new(),
             // Enough for the batches in flight and queued to two destinations at once.
             pool: Pool::new(16),
-            this: this.clone(),
         });
         tokio::spawn(Driver::new(Arc::clone(&inner)).run(receiver));
         tokio::spawn(forget_old_answers(Arc::downgrade(&inner)));
@@ -529,17 +525,13 @@ impl Inner {
         let _ = self.inputs.send(Input::Stop);
     }
 
-    fn myself(&self) -> Arc<Inner> {
-        self.this.upgrade().expect("a host is alive while its contexts are")
-    }
-
     /// A context at the epoch requests are routed by.
     pub(crate) fn context(self: &Arc<Self>, from: Option<NodeId>) -> Context {
         let (epoch, snapshot) = match &*self.router.lock().expect("router") {
             Some(r) => (r.epoch(), Some(Arc::clone(r.snapshot()))),
             None => (0, None),
         };
-        Context::new(self.me, epoch, from, snapshot, Arc::clone(self) as Arc<dyn Peers>)
+        Context::new(self.me, epoch, from, snapshot, Arc::clone(self))
     }
 
     /// Keeps the answer `serve` just gave for `service`, which this node hosts.
@@ -725,7 +717,7 @@ impl Inner {
         self.wait_epoch(epoch + 1, soon).await;
     }
 
-    async fn request(
+    pub(crate) async fn request(
         self: &Arc<Self>,
         service: ServiceId,
         key: Key,
@@ -1114,8 +1106,7 @@ impl Inner {
                             return refused;
                         }
                     }
-                    let peers = Arc::clone(self) as Arc<dyn Peers>;
-                    let ctx = Context::new(self.me, ours, None, Some(snapshot), peers);
+                    let ctx = Context::new(self.me, ours, None, Some(snapshot), Arc::clone(self));
                     let reply = match plugin.handle(&ctx, key, body).await {
                         // The lease ran out while the handler ran: the cluster may already be
                         // rebuilding this key elsewhere, so the answer is not given; the
@@ -1386,33 +1377,24 @@ impl Inner {
     }
 }
 
-#[async_trait]
-impl Peers for Inner {
-    async fn request(
-        &self,
-        service: ServiceId,
-        key: Key,
-        body: Vec<u8>,
-        repeatable: Option<bool>,
-    ) -> Result<Bytes, AdaptationError> {
-        // `Peers` is implemented for the shared state, which lives in an Arc: re-enter it.
-        let me = self.myself();
-        me.request(service, key, body, None, repeatable).await
-    }
-
-    fn repeatable(&self, service: ServiceId, request: &dyn Any) -> Option<bool> {
+/// What a [`Context`] sends through.
+impl Inner {
+    /// [`Service::repeatable`] of `request`, if it is of the type `service` takes.
+    pub(crate) fn repeatable_of(&self, service: ServiceId, request: &dyn Any) -> Option<bool> {
         self.registry.get(service)?.repeatable_typed(request)
     }
 
-    async fn tell(
-        &self,
+    /// Sends `message` (the whole `Message::Local`, as [`Message::encode_local`] wrote it for
+    /// the same `service` and `key`) to the local server of `service` on `node`.
+    pub(crate) async fn tell(
+        self: &Arc<Self>,
         node: NodeId,
         service: ServiceId,
         key: Key,
         message: Vec<u8>,
     ) -> Result<Bytes, AdaptationError> {
         let reply = if node == self.me {
-            self.myself().local(node, service, key, Message::local_body(&message)).await
+            self.local(node, service, key, Message::local_body(&message)).await
         } else {
             let bytes = self.link.seal(message);
             let answer = self.link.call(node, bytes, self.config.call_timeout).await?;
@@ -1426,7 +1408,8 @@ impl Peers for Inner {
         }
     }
 
-    fn gone(&self, node: NodeId) -> bool {
+    /// Whether nothing sent to `node` will land any more.
+    pub(crate) fn gone(&self, node: NodeId) -> bool {
         let stopped = node == self.me && self.mirrors.stopped.load(Ordering::Acquire);
         stopped || self.mirrors.is_departed(node)
     }
@@ -1435,6 +1418,7 @@ impl Peers for Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use async_trait::async_trait;
 
     /// A link whose first `fails` calls find the connection closed; the next are accepted.
     struct Flaky {

@@ -6,10 +6,10 @@
 
 use crate::codec;
 use crate::error::AdaptationError;
+use crate::host::Inner;
 use crate::run::{Packer, Run};
 use crate::wire::Message;
 use async_trait::async_trait;
-use bytes::Bytes;
 use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, SlotMove, Snapshot};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -26,7 +26,10 @@ pub struct Context {
     epoch: u64,
     from: Option<NodeId>,
     snapshot: Option<Arc<Snapshot>>,
-    peers: Option<Arc<dyn Peers>>,
+    /// The host it sends through. Held as itself, not as a trait object: a request's future
+    /// is then part of its caller's, where through a trait it was boxed, and at most of a
+    /// kilobyte, allocated and freed for every request.
+    peers: Option<Arc<Inner>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -39,37 +42,13 @@ impl std::fmt::Debug for Context {
     }
 }
 
-/// How a context sends: implemented by the host.
-#[async_trait]
-pub(crate) trait Peers: Send + Sync {
-    async fn request(
-        &self,
-        service: ServiceId,
-        key: Key,
-        body: Vec<u8>,
-        repeatable: Option<bool>,
-    ) -> Result<Bytes, AdaptationError>;
-    /// [`Service::repeatable`] of `request`, if it is of the type `service` takes.
-    fn repeatable(&self, service: ServiceId, request: &dyn Any) -> Option<bool>;
-    /// `message` is the whole `Message::Local`, as [`Message::encode_local`] wrote it for the
-    /// same `service` and `key`.
-    async fn tell(
-        &self,
-        node: NodeId,
-        service: ServiceId,
-        key: Key,
-        message: Vec<u8>,
-    ) -> Result<Bytes, AdaptationError>;
-    fn gone(&self, node: NodeId) -> bool;
-}
-
 impl Context {
     pub(crate) fn new(
         node: NodeId,
         epoch: u64,
         from: Option<NodeId>,
         snapshot: Option<Arc<Snapshot>>,
-        peers: Arc<dyn Peers>,
+        peers: Arc<Inner>,
     ) -> Self {
         Context { node, epoch, from, snapshot, peers: Some(peers) }
     }
@@ -126,8 +105,10 @@ impl Context {
         let peers = self.peers.as_ref().ok_or(AdaptationError::Detached)?;
         // `Service::repeatable` asked of the request in hand, when it is the service's own
         // type: the host would otherwise decode the body again to ask.
-        let repeatable = peers.repeatable(service, request);
-        codec::decode(&peers.request(service, key, codec::encode(request)?, repeatable).await?)
+        let repeatable = peers.repeatable_of(service, request);
+        codec::decode(
+            &peers.request(service, key, codec::encode(request)?, None, repeatable).await?,
+        )
     }
 
     /// Sends `request` to the local server of `service` on `node` (a replica holder, say):
