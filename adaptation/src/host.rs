@@ -8,6 +8,7 @@
 //!  services, clients ──Host::request──▶ locate ──▶ serve here, or Link::call the manager
 //! ```
 
+use crate::deadline::Deadline;
 use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
 use crate::forwarded::{Forwarded, Wait};
@@ -735,7 +736,7 @@ impl Inner {
         let seq = ticket.as_ref().map_or_else(|| self.outstanding.number(), |t| t.seq);
         let id = RequestId { origin: self.me, seq };
         let started = Instant::now();
-        let until = started + self.config.request_deadline;
+        let until = Deadline::new(started, self.config.request_deadline);
         let mut rounds = 0u32;
         let mut redirected = false;
         let result = loop {
@@ -758,7 +759,7 @@ impl Inner {
             let reply = match located {
                 // No configuration yet: wait for the first one.
                 None => {
-                    if !self.wait_epoch(1, until).await {
+                    if !self.wait_epoch(1, until.at()).await {
                         break Err(Reply::Late);
                     }
                     continue;
@@ -772,10 +773,9 @@ impl Inner {
                         (started, self.config.request_deadline.min(self.config.attempt_timeout))
                     } else {
                         let now = Instant::now();
-                        let left = until.saturating_duration_since(now);
-                        (now, left.min(self.config.attempt_timeout))
+                        (now, until.left(now).min(self.config.attempt_timeout))
                     };
-                    let attempt = now + left;
+                    let attempt = Deadline::new(now, left);
                     // A first attempt served here has never left this node: see `serve`.
                     let fresh = rounds == 1 && manager == self.me;
                     let routed = Routed {
@@ -802,7 +802,7 @@ impl Inner {
                             Reply::Forwarded { to } => {
                                 redirected = true;
                                 // Boxed, as the waits are: a rare path.
-                                let answer = Box::pin(self.forwarded_answer(id, to, attempt));
+                                let answer = Box::pin(self.forwarded_answer(id, to, attempt.at()));
                                 (epoch, answer.await)
                             }
                             reply => (epoch, reply),
@@ -815,16 +815,16 @@ impl Inner {
                 (_, Reply::Unknown(s)) => break Err(Reply::Unknown(s)),
                 (_, Reply::Refused(why)) => break Err(Reply::Refused(why)),
                 (ours, Reply::Moved { epoch }) if epoch > ours => {
-                    if !self.wait_epoch(epoch, until).await {
+                    if !self.wait_epoch(epoch, until.at()).await {
                         break Err(Reply::Late);
                     }
                 }
                 // Unreachable, late, or a manager behind us: try again shortly.
                 (ours, _) => {
-                    if Instant::now() >= until {
+                    if until.passed(Instant::now()) {
                         break Err(Reply::Late);
                     }
-                    self.pause(ours, until).await;
+                    self.pause(ours, until.at()).await;
                 }
             }
         };
@@ -907,7 +907,7 @@ impl Inner {
         self: &Arc<Self>,
         from: NodeId,
         routed: Routed,
-        until: Instant,
+        until: Deadline,
     ) -> Option<Reply> {
         let id = routed.id;
         if from != id.origin || self.mirrors.stopped.load(Ordering::Acquire) {
@@ -924,7 +924,7 @@ impl Inner {
         if to == self.me || to == from || self.mirrors.is_departed(to) {
             return None;
         }
-        let wait = until.saturating_duration_since(Instant::now());
+        let wait = until.left(Instant::now());
         let message =
             Message::Forward(Routed { epoch, wait_ms: wait.as_millis() as u64, ..routed });
         let bytes = self.link.seal(message.encode().ok()?);
@@ -991,7 +991,7 @@ impl Inner {
         self: &Arc<Self>,
         routed: &Routed,
         body: &[u8],
-        until: Instant,
+        until: Deadline,
         now: Instant,
         fresh: bool,
     ) -> Reply {
@@ -1033,7 +1033,7 @@ impl Inner {
             // would otherwise wait on itself.
             let gate = match self.gate.try_pass() {
                 Some(gate) => gate,
-                None => match Box::pin(self.gate.pass(until)).await {
+                None => match Box::pin(self.gate.pass(until.at())).await {
                     Some(gate) => gate,
                     None => return Reply::Late,
                 },
@@ -1047,13 +1047,13 @@ impl Inner {
             match routed {
                 None => {
                     drop(gate);
-                    if !self.wait_epoch(epoch.max(1), until).await {
+                    if !self.wait_epoch(epoch.max(1), until.at()).await {
                         return Reply::Late;
                     }
                 }
                 Some((Verdict::Serve, _, _)) if !leased => {
                     drop(gate);
-                    if !self.wait_lease(until).await {
+                    if !self.wait_lease(until.at()).await {
                         tracing::debug!(
                             node = self.me.0,
                             key = key.0,
@@ -1085,7 +1085,7 @@ impl Inner {
                         // attempt): wait for that one, then give its answer.
                         Err(()) => {
                             drop(gate);
-                            let ended = self.unless_stopped(until, async move {
+                            let ended = self.unless_stopped(until.at(), async move {
                                 self.running_ends(id).await;
                                 true
                             });
@@ -1150,13 +1150,13 @@ impl Inner {
                 Some((Verdict::Hold, _, _)) => {
                     drop(gate);
                     self.counters.held.fetch_add(1, Ordering::Relaxed);
-                    if !self.wait_release(released, until).await {
+                    if !self.wait_release(released, until.at()).await {
                         return Reply::Late;
                     }
                 }
                 Some((Verdict::Wait { epoch }, _, _)) => {
                     drop(gate);
-                    if !self.wait_epoch(epoch, until).await {
+                    if !self.wait_epoch(epoch, until.at()).await {
                         return Reply::Late;
                     }
                 }
@@ -1168,9 +1168,10 @@ impl Inner {
 
     /// Serves `routed` as its key's manager, waiting no longer than its sender will: the
     /// reply, and when the sender stops waiting.
-    async fn serve_routed(self: &Arc<Self>, routed: &Routed) -> (Reply, Instant) {
+    async fn serve_routed(self: &Arc<Self>, routed: &Routed) -> (Reply, Deadline) {
         let now = Instant::now();
-        let until = now + Duration::from_millis(routed.wait_ms).min(self.config.request_deadline);
+        let wait = Duration::from_millis(routed.wait_ms).min(self.config.request_deadline);
+        let until = Deadline::new(now, wait);
         (self.serve(routed, &routed.body, until, now, false).await, until)
     }
 

@@ -24,6 +24,7 @@
 #![deny(missing_docs)]
 
 pub mod codec;
+mod deadline;
 mod driver;
 pub mod error;
 mod forwarded;
