@@ -20,7 +20,7 @@ use crate::pool::Pool;
 use crate::registry::Registry;
 use crate::router::{Router, Verdict};
 use crate::run::Run;
-use crate::service::Context;
+use crate::service::{Context, Plugin};
 use crate::settled::{Outstanding, Settled};
 use crate::wire::{Answered, Message, Reply, RequestId, Routed, Settlement};
 use arc_swap::ArcSwap;
@@ -750,62 +750,86 @@ impl Inner {
                         .into(),
                 ));
             }
-            let located = self
-                .router
-                .lock()
-                .expect("router")
-                .as_ref()
-                .map(|r| (r.epoch(), r.snapshot().locate(service, key)));
-            let reply = match located {
-                // No configuration yet: wait for the first one.
-                None => {
-                    if !self.wait_epoch(1, until.at()).await {
-                        break Err(Reply::Late);
-                    }
-                    continue;
+            let mut located = self.router.lock().expect("router").as_ref().map(|r| {
+                let (epoch, located) = (r.epoch(), r.snapshot().locate(service, key));
+                // A first attempt at a key this node manages, while the lease holds, passes the
+                // gate under this same look at the router, then takes the router's verdict: a
+                // change's hold marks its keys in the router before it waits at the gate, so
+                // it either comes after this pass (and waits for the request), or the verdict
+                // already holds the key. The request is then served at once if it can be.
+                let fresh = (rounds == 1
+                    && first.is_none()
+                    && located == Some(self.me)
+                    && self.leased_at(started))
+                .then(|| self.gate.try_pass())
+                .flatten()
+                .map(|pass| (pass, r.route(service, key, epoch), Arc::clone(r.snapshot())));
+                (epoch, located, fresh)
+            });
+            // Served here on its first attempt, with nothing in its way: no hold, no wait.
+            let fast = match located.as_mut() {
+                Some((epoch, _, fresh @ Some((_, Verdict::Serve, _)))) => {
+                    fresh.take().map(|(pass, _, snapshot)| (*epoch, pass, snapshot))
                 }
-                Some((_, None)) => break Err(Reply::Unknown(service.0)),
-                Some((epoch, Some(located))) => {
-                    let manager = first.take().unwrap_or(located);
-                    // The first attempt starts when the request did, and its length needs no
-                    // instants: two subtractions of instants fewer per request.
-                    let (now, left) = if rounds == 1 {
-                        (started, self.config.request_deadline.min(self.config.attempt_timeout))
-                    } else {
-                        let now = Instant::now();
-                        (now, until.left(now).min(self.config.attempt_timeout))
-                    };
-                    let attempt = Deadline::new(now, left);
-                    // A first attempt served here has never left this node: see `serve`.
-                    let fresh = rounds == 1 && manager == self.me;
-                    let routed = Routed {
-                        id,
-                        service,
-                        key,
-                        epoch,
-                        body: Bytes::new(),
-                        wait_ms: left.as_millis() as u64,
-                        // Not read for a fresh request.
-                        settled: if fresh {
-                            Settlement::default()
+                _ => None,
+            };
+            let reply = if let Some((epoch, pass, snapshot)) = fast {
+                let reply = self.serve_fresh(service, key, id, epoch, snapshot, &body).await;
+                drop(pass);
+                (epoch, reply)
+            } else {
+                match located.map(|(epoch, located, _)| (epoch, located)) {
+                    // No configuration yet: wait for the first one.
+                    None => {
+                        if !self.wait_epoch(1, until.at()).await {
+                            break Err(Reply::Late);
+                        }
+                        continue;
+                    }
+                    Some((_, None)) => break Err(Reply::Unknown(service.0)),
+                    Some((epoch, Some(located))) => {
+                        let manager = first.take().unwrap_or(located);
+                        // The first attempt starts when the request did, and its length needs no
+                        // instants: two subtractions of instants fewer per request.
+                        let (now, left) = if rounds == 1 {
+                            (started, self.config.request_deadline.min(self.config.attempt_timeout))
                         } else {
-                            self.outstanding.settlement()
-                        },
-                        repeatable,
-                    };
-                    if manager == self.me {
-                        let served = self.serve(&routed, &body, attempt, now, fresh);
-                        (epoch, served.await)
-                    } else {
-                        let called = self.call_manager(manager, &routed, &body, left);
-                        match called.await {
-                            Reply::Forwarded { to } => {
-                                redirected = true;
-                                // Boxed, as the waits are: a rare path.
-                                let answer = Box::pin(self.forwarded_answer(id, to, attempt.at()));
-                                (epoch, answer.await)
+                            let now = Instant::now();
+                            (now, until.left(now).min(self.config.attempt_timeout))
+                        };
+                        let attempt = Deadline::new(now, left);
+                        // A first attempt served here has never left this node: see `serve`.
+                        let fresh = rounds == 1 && manager == self.me;
+                        let routed = Routed {
+                            id,
+                            service,
+                            key,
+                            epoch,
+                            body: Bytes::new(),
+                            wait_ms: left.as_millis() as u64,
+                            // Not read for a fresh request.
+                            settled: if fresh {
+                                Settlement::default()
+                            } else {
+                                self.outstanding.settlement()
+                            },
+                            repeatable,
+                        };
+                        if manager == self.me {
+                            let served = self.serve(&routed, &body, attempt, now, fresh);
+                            (epoch, served.await)
+                        } else {
+                            let called = self.call_manager(manager, &routed, &body, left);
+                            match called.await {
+                                Reply::Forwarded { to } => {
+                                    redirected = true;
+                                    // Boxed, as the waits are: a rare path.
+                                    let answer =
+                                        Box::pin(self.forwarded_answer(id, to, attempt.at()));
+                                    (epoch, answer.await)
+                                }
+                                reply => (epoch, reply),
                             }
-                            reply => (epoch, reply),
                         }
                     }
                 }
@@ -1107,42 +1131,7 @@ impl Inner {
                         }
                     }
                     let ctx = Context::new(self.me, ours, None, Some(snapshot), Arc::clone(self));
-                    let reply = match plugin.handle(&ctx, key, body).await {
-                        // The lease ran out while the handler ran: the cluster may already be
-                        // rebuilding this key elsewhere, so the answer is not given; the
-                        // requester retries at whichever node manages the key by then. What
-                        // the handler did is done, though, so the answer is kept: a retry that
-                        // finds this node still the manager gets it rather than running the
-                        // request a second time.
-                        Ok(answer) if !self.leased() => {
-                            tracing::debug!(
-                                node = self.me.0,
-                                key = key.0,
-                                "lease ran out during the request"
-                            );
-                            if answer.keep {
-                                let response = answer.response.into();
-                                self.remember(service, Answered { key, id, response });
-                            }
-                            Reply::Late
-                        }
-                        Ok(answer) => {
-                            // Shared with the answer kept, not copied: a DSM grant carries a page.
-                            let response = Bytes::from(answer.response);
-                            if answer.keep && !fresh {
-                                let response = response.clone();
-                                self.remember(service, Answered { key, id, response });
-                            }
-                            self.counters.served.fetch_add(1, Ordering::Relaxed);
-                            Reply::Done(response)
-                        }
-                        // Not remembered: the retry must run it again.
-                        Err(e @ AdaptationError::Retry { .. }) => {
-                            tracing::debug!(error = %e, "request to be retried");
-                            Reply::Late
-                        }
-                        Err(e) => Reply::Refused(e.to_string()),
-                    };
+                    let reply = self.handled(plugin, &ctx, service, key, id, body, !fresh).await;
                     drop(running);
                     drop(gate);
                     return reply;
@@ -1163,6 +1152,72 @@ impl Inner {
                 Some((Verdict::Moved { epoch }, _, _)) => return Reply::Moved { epoch },
                 Some((Verdict::Unknown, _, _)) => return Reply::Unknown(service.0),
             }
+        }
+    }
+
+    /// Serves this node's own request for a key it manages, on its first attempt, with nothing
+    /// in its way: the lease held when it started, it passed the gate, and the router's verdict
+    /// under that pass was `Serve` at `epoch` (see `Inner::request`); `snapshot` is the
+    /// router's then. What [`Inner::serve`] does for such a request, without its loop and its
+    /// waits: a DSM on two nodes sends half of its requests this way.
+    async fn serve_fresh(
+        self: &Arc<Self>,
+        service: ServiceId,
+        key: Key,
+        id: RequestId,
+        epoch: u64,
+        snapshot: Arc<Snapshot>,
+        body: &[u8],
+    ) -> Reply {
+        let Some(plugin) = self.registry.get(service) else {
+            return Reply::Unknown(service.0);
+        };
+        let ctx = Context::new(self.me, epoch, None, Some(snapshot), Arc::clone(self));
+        self.handled(plugin, &ctx, service, key, id, body, false).await
+    }
+
+    /// Runs `plugin`'s handler for request `id` at `key` as the key's manager, and judges its
+    /// answer. With `keep`, an answer the service wants kept is remembered for retries.
+    async fn handled(
+        self: &Arc<Self>,
+        plugin: &dyn Plugin,
+        ctx: &Context,
+        service: ServiceId,
+        key: Key,
+        id: RequestId,
+        body: &[u8],
+        keep: bool,
+    ) -> Reply {
+        match plugin.handle(ctx, key, body).await {
+            // The lease ran out while the handler ran: the cluster may already be rebuilding
+            // this key elsewhere, so the answer is not given; the requester retries at
+            // whichever node manages the key by then. What the handler did is done, though, so
+            // the answer is kept: a retry that finds this node still the manager gets it rather
+            // than running the request a second time.
+            Ok(answer) if !self.leased() => {
+                tracing::debug!(node = self.me.0, key = key.0, "lease ran out during the request");
+                if answer.keep {
+                    let response = answer.response.into();
+                    self.remember(service, Answered { key, id, response });
+                }
+                Reply::Late
+            }
+            Ok(answer) => {
+                // Shared with the answer kept, not copied: a DSM grant carries a page.
+                let response = Bytes::from(answer.response);
+                if answer.keep && keep {
+                    let response = response.clone();
+                    self.remember(service, Answered { key, id, response });
+                }
+                self.counters.served.fetch_add(1, Ordering::Relaxed);
+                Reply::Done(response)
+            }
+            // Not remembered: the retry must run it again.
+            Err(e @ AdaptationError::Retry { .. }) => {
+                tracing::debug!(error = %e, "request to be retried");
+                Reply::Late
+            }
+            Err(e) => Reply::Refused(e.to_string()),
         }
     }
 
