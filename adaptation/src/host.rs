@@ -12,7 +12,7 @@ use crate::deadline::Deadline;
 use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
 use crate::forwarded::{Forwarded, Wait};
-use crate::gate::Gate;
+use crate::gate::{Gate, Pass};
 use crate::kept::{Forget, Kept, KeptOrder};
 use crate::link::Link;
 use crate::mirrors::Mirrors;
@@ -1227,7 +1227,47 @@ impl Inner {
         let now = Instant::now();
         let wait = Duration::from_millis(routed.wait_ms).min(self.config.request_deadline);
         let until = Deadline::new(now, wait);
+        // A repeatable request with nothing in its way is served at once: it keeps no record
+        // to look for or to make, and most requests need none of `serve`'s waits.
+        if let Some((pass, ours, snapshot)) = self.enter_repeatable(routed, now) {
+            let Routed { id, service, key, .. } = *routed;
+            let reply = match self.registry.get(service) {
+                Some(plugin) => {
+                    let ctx = Context::new(self.me, ours, None, Some(snapshot), Arc::clone(self));
+                    self.handled(plugin, &ctx, service, key, id, &routed.body, true).await
+                }
+                None => Reply::Unknown(service.0),
+            };
+            drop(pass);
+            return (reply, until);
+        }
         (self.serve(routed, &routed.body, until, now, false).await, until)
+    }
+
+    /// For a repeatable request that arrived at `now`, while the lease holds: its sender's
+    /// settlement noted, a pass through the gate, and this node's epoch and router snapshot,
+    /// if the router's verdict under that pass is `Serve`. `None` sends it through
+    /// [`Inner::serve`], which notes the settlement again (it is no news then).
+    fn enter_repeatable(
+        &self,
+        routed: &Routed,
+        now: Instant,
+    ) -> Option<(Pass<'_>, u64, Arc<Snapshot>)> {
+        if !routed.repeatable {
+            return None;
+        }
+        self.note_settled(routed.id, routed.settled, now, false);
+        if !self.leased_at(now) {
+            return None;
+        }
+        let router = self.router.lock().expect("router");
+        let router = router.as_ref()?;
+        // Passed under the look at the router, as in `Inner::request`: a change's hold marks
+        // its keys in the router before it waits at the gate.
+        let pass = self.gate.try_pass()?;
+        let verdict = router.route(routed.service, routed.key, routed.epoch);
+        matches!(verdict, Verdict::Serve)
+            .then(|| (pass, router.epoch(), Arc::clone(router.snapshot())))
     }
 
     async fn answer(self: &Arc<Self>, from: NodeId, message: Message) -> Reply {

@@ -194,6 +194,42 @@ fn a_managers_own_request_whose_lease_ran_out_while_it_ran_is_not_run_again() {
     });
 }
 
+/// Node `from` sends node 2, whose lease has run out, a request taking `millis`; the cluster
+/// renews the lease 600 ms later. How many times the request ran, and how long it took.
+async fn to_an_unleased_manager(from: NodeId, millis: u64) -> (u64, Duration) {
+    let runs = Arc::new(AtomicU64::new(0));
+    let (cluster, key) = slow_cluster(&runs).await;
+    let manager = cluster.host(NodeId(2));
+    manager.lease(tokio::time::Instant::now());
+    let renewing = manager.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        renewing.lease(tokio::time::Instant::now() + Duration::from_secs(60));
+    });
+    let asked = tokio::time::Instant::now();
+    let _: u64 = cluster.host(from).context().request(SLOW, key, &millis).await.expect("answered");
+    (runs.load(Ordering::SeqCst), asked.elapsed())
+}
+
+/// A manager without a lease may already be being replaced: it runs nothing, not even a
+/// request that may run twice or its own request, until the lease is renewed. Each of these
+/// takes a short path when nothing is in its way; a lapsed lease is in its way.
+#[test]
+fn a_manager_whose_lease_ran_out_runs_no_request_until_it_is_renewed() {
+    replay(async {
+        for (from, millis, what) in [
+            (NodeId(1), 1, "another node's repeatable request"),
+            (NodeId(1), 2, "another node's request"),
+            (NodeId(2), 1, "its own repeatable request"),
+            (NodeId(2), 2, "its own request"),
+        ] {
+            let (runs, took) = to_an_unleased_manager(from, millis).await;
+            assert_eq!(runs, 1, "{what}: run {runs} times, once only after the renewal");
+            assert!(took >= Duration::from_millis(600), "{what}: answered after {took:?}");
+        }
+    });
+}
+
 /// A manager cut off while it runs a request is declared failed: the request's sender stops
 /// waiting for it at once and asks the new manager, instead of waiting out its attempt.
 #[test]
