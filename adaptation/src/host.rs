@@ -20,7 +20,7 @@ use crate::pool::Pool;
 use crate::registry::Registry;
 use crate::router::{Router, Verdict};
 use crate::run::Run;
-use crate::service::{Context, Plugin};
+use crate::service::Context;
 use crate::settled::{Outstanding, Settled};
 use crate::wire::{Answered, Message, Reply, RequestId, Routed, Settlement};
 use arc_swap::ArcSwap;
@@ -1087,9 +1087,9 @@ impl Inner {
                     }
                 }
                 Some((Verdict::Serve, ours, snapshot)) => {
-                    let Some(plugin) = self.registry.get(service) else {
+                    if self.registry.get(service).is_none() {
                         return Reply::Unknown(service.0);
-                    };
+                    }
                     // Copies of a repeatable request may run side by side; a fresh one has
                     // none.
                     let running = if !once {
@@ -1131,7 +1131,7 @@ impl Inner {
                         }
                     }
                     let ctx = Context::new(self.me, ours, None, Some(snapshot), Arc::clone(self));
-                    let reply = self.handled(plugin, &ctx, service, key, id, body, !fresh).await;
+                    let reply = self.handled(&ctx, service, key, id, body, !fresh).await;
                     drop(running);
                     drop(gate);
                     return reply;
@@ -1169,18 +1169,14 @@ impl Inner {
         snapshot: Arc<Snapshot>,
         body: &[u8],
     ) -> Reply {
-        let Some(plugin) = self.registry.get(service) else {
-            return Reply::Unknown(service.0);
-        };
         let ctx = Context::new(self.me, epoch, None, Some(snapshot), Arc::clone(self));
-        self.handled(plugin, &ctx, service, key, id, body, false).await
+        self.handled(&ctx, service, key, id, body, false).await
     }
 
-    /// Runs `plugin`'s handler for request `id` at `key` as the key's manager, and judges its
-    /// answer. With `keep`, an answer the service wants kept is remembered for retries.
+    /// Runs the handler of `service` for request `id` at `key` as the key's manager, and judges
+    /// its answer. With `keep`, an answer the service wants kept is remembered for retries.
     async fn handled(
         self: &Arc<Self>,
-        plugin: &dyn Plugin,
         ctx: &Context,
         service: ServiceId,
         key: Key,
@@ -1188,6 +1184,9 @@ impl Inner {
         body: &[u8],
         keep: bool,
     ) -> Reply {
+        let Some(plugin) = self.registry.get(service) else {
+            return Reply::Unknown(service.0);
+        };
         match plugin.handle(ctx, key, body).await {
             // The lease ran out while the handler ran: the cluster may already be rebuilding
             // this key elsewhere, so the answer is not given; the requester retries at
@@ -1231,13 +1230,8 @@ impl Inner {
         // to look for or to make, and most requests need none of `serve`'s waits.
         if let Some((pass, ours, snapshot)) = self.enter_repeatable(routed, now) {
             let Routed { id, service, key, .. } = *routed;
-            let reply = match self.registry.get(service) {
-                Some(plugin) => {
-                    let ctx = Context::new(self.me, ours, None, Some(snapshot), Arc::clone(self));
-                    self.handled(plugin, &ctx, service, key, id, &routed.body, true).await
-                }
-                None => Reply::Unknown(service.0),
-            };
+            let ctx = Context::new(self.me, ours, None, Some(snapshot), Arc::clone(self));
+            let reply = self.handled(&ctx, service, key, id, &routed.body, true).await;
             drop(pass);
             return (reply, until);
         }
