@@ -28,6 +28,10 @@ pub(crate) struct Outstanding {
     /// The next number.
     next: AtomicU64,
     taken: std::sync::Mutex<Taken>,
+    /// What `settlement` says, written under the lock whenever it moves and read without it:
+    /// every request that leaves its node reads it. It only grows, and passes a number only
+    /// once that number is settled, so a late read says less than is settled, never more.
+    below: AtomicU64,
 }
 
 /// The run-once numbers taken and not yet settled, and where the settlement stands when none
@@ -48,7 +52,12 @@ impl Outstanding {
     /// Numbers start at `since`, which must differ from every earlier life's numbers.
     pub(crate) fn new(since: u64) -> Self {
         let taken = Taken { queue: VecDeque::new(), floor: since };
-        Outstanding { since, next: AtomicU64::new(since), taken: std::sync::Mutex::new(taken) }
+        Outstanding {
+            since,
+            next: AtomicU64::new(since),
+            taken: std::sync::Mutex::new(taken),
+            below: AtomicU64::new(since),
+        }
     }
 
     /// A new request number, outstanding until the ticket is dropped.
@@ -57,6 +66,7 @@ impl Outstanding {
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         taken.queue.push_back(seq);
         taken.floor = seq + 1;
+        self.below.store(taken.below(), Ordering::Release);
         Ticket { outstanding: self, seq }
     }
 
@@ -67,9 +77,14 @@ impl Outstanding {
 
     /// What this sender has settled: every run-once number below the oldest still in flight.
     pub(crate) fn settlement(&self) -> Settlement {
-        let taken = self.taken.lock().expect("outstanding");
-        let below = taken.queue.front().copied().unwrap_or(taken.floor);
-        Settlement { since: self.since, below }
+        Settlement { since: self.since, below: self.below.load(Ordering::Acquire) }
+    }
+}
+
+impl Taken {
+    /// Every run-once number below the oldest in flight.
+    fn below(&self) -> u64 {
+        self.queue.front().copied().unwrap_or(self.floor)
     }
 }
 
@@ -87,6 +102,7 @@ impl Drop for Ticket<'_> {
         if let Ok(at) = taken.queue.binary_search(&self.seq) {
             taken.queue.remove(at);
         }
+        self.outstanding.below.store(taken.below(), Ordering::Release);
     }
 }
 
