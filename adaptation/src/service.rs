@@ -27,8 +27,8 @@ pub struct Context {
     from: Option<NodeId>,
     snapshot: Option<Arc<Snapshot>>,
     /// The host it sends through. Held as itself, not as a trait object: a request's future
-    /// is then part of its caller's, where through a trait it was boxed, and at most of a
-    /// kilobyte, allocated and freed for every request.
+    /// is then part of its caller's. Through a trait it was boxed: 808 bytes allocated and
+    /// freed for every request.
     peers: Option<Arc<Inner>>,
 }
 

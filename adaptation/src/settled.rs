@@ -4,7 +4,9 @@
 //! its entry when the key moves (as RIFL does for its completion records).
 //!
 //! Each request that leaves its node carries its sender's [`Settlement`]: every request
-//! numbered from `since` (the sender's first number in this life) up to `below` is settled. A
+//! numbered from `since` (the sender's first number in this life) up to `below` is settled.
+//! Requests that may run twice (repeatable) take numbers too, but never move `below`: no
+//! manager keeps a record of them. A
 //! manager keeps the highest it has heard per sender and life ([`Settled`]), forgets the answers
 //! that fall under it, refuses a late copy of a settled request rather than run it again, and
 //! hands what it knows to the new manager of the keys that move, so that a late copy is refused
