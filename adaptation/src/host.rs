@@ -594,8 +594,7 @@ impl Inner {
         let now = Instant::now();
         // This node's own answers that it has settled since: no retry of them will come.
         let own = self.outstanding.settlement();
-        let settled_here =
-            |id: &RequestId| id.origin == self.me && own.since <= id.seq && id.seq < own.below;
+        let settled_here = |id: &RequestId| id.origin == self.me && own.covers(id.seq);
         let mut places = Vec::with_capacity(answered.len());
         for a in answered.into_iter().filter(|a| !settled_here(&a.id)) {
             places.push(Kept::new(a.id, service, a.key, now));
@@ -750,33 +749,20 @@ impl Inner {
                         .into(),
                 ));
             }
-            let mut located = self.router.lock().expect("router").as_ref().map(|r| {
+            let located = self.router.lock().expect("router").as_ref().map(|r| {
                 let (epoch, located) = (r.epoch(), r.snapshot().locate(service, key));
-                // A first attempt at a key this node manages, while the lease holds, passes the
-                // gate under this same look at the router, then takes the router's verdict: a
-                // change's hold marks its keys in the router before it waits at the gate, so
-                // it either comes after this pass (and waits for the request), or the verdict
-                // already holds the key. The request is then served at once if it can be.
-                let fresh = (rounds == 1
+                // A first attempt at a key this node manages, while the lease holds, is served
+                // at once if nothing is in its way (`Inner::enter`).
+                let entered = (rounds == 1
                     && first.is_none()
                     && located == Some(self.me)
                     && self.leased_at(started))
-                .then(|| self.gate.try_pass())
-                .flatten()
-                .map(|pass| (pass, r.route(service, key, epoch), Arc::clone(r.snapshot())));
-                (epoch, located, fresh)
+                .then(|| self.enter(r, service, key, epoch))
+                .flatten();
+                (epoch, located, entered)
             });
-            // Served here on its first attempt, with nothing in its way: no hold, no wait.
-            let fast = match located.as_mut() {
-                Some((epoch, _, fresh @ Some((_, Verdict::Serve, _)))) => {
-                    fresh.take().map(|(pass, _, snapshot)| (*epoch, pass, snapshot))
-                }
-                _ => None,
-            };
-            let reply = if let Some((epoch, pass, snapshot)) = fast {
-                let reply = self.serve_fresh(service, key, id, epoch, snapshot, &body).await;
-                drop(pass);
-                (epoch, reply)
+            let reply = if let Some((epoch, _, Some(entered))) = located {
+                (epoch, self.serve_entered(entered, service, key, id, &body, false).await)
             } else {
                 match located.map(|(epoch, located, _)| (epoch, located)) {
                     // No configuration yet: wait for the first one.
@@ -1155,22 +1141,41 @@ impl Inner {
         }
     }
 
-    /// Serves this node's own request for a key it manages, on its first attempt, with nothing
-    /// in its way: the lease held when it started, it passed the gate, and the router's verdict
-    /// under that pass was `Serve` at `epoch` (see `Inner::request`); `snapshot` is the
-    /// router's then. What [`Inner::serve`] does for such a request, without its loop and its
-    /// waits: a DSM on two nodes sends half of its requests this way.
-    async fn serve_fresh(
+    /// Under the look at the router `r` that found this node the manager of `key`: a pass
+    /// through the gate and, if the router's verdict for a sender at `epoch` is `Serve` under
+    /// that pass, the router's epoch and snapshot. A change's hold marks its keys in the router
+    /// before it waits at the gate, so it either comes after this pass (and waits for the
+    /// request), or the verdict already holds the key. `None` when the gate or the verdict is
+    /// in the way: the request then goes through [`Inner::serve`].
+    fn enter(
+        &self,
+        r: &Router,
+        service: ServiceId,
+        key: Key,
+        epoch: u64,
+    ) -> Option<(Pass<'_>, u64, Arc<Snapshot>)> {
+        let pass = self.gate.try_pass()?;
+        matches!(r.route(service, key, epoch), Verdict::Serve)
+            .then(|| (pass, r.epoch(), Arc::clone(r.snapshot())))
+    }
+
+    /// Serves request `id` once [`Inner::enter`] let it in, without `serve`'s loop and waits:
+    /// a node's own request on its first attempt (a DSM on two nodes sends half of its
+    /// requests so), and a repeatable request from another node. With `keep`, an answer the
+    /// service wants kept is remembered.
+    async fn serve_entered(
         self: &Arc<Self>,
+        (pass, epoch, snapshot): (Pass<'_>, u64, Arc<Snapshot>),
         service: ServiceId,
         key: Key,
         id: RequestId,
-        epoch: u64,
-        snapshot: Arc<Snapshot>,
         body: &[u8],
+        keep: bool,
     ) -> Reply {
         let ctx = Context::new(self.me, epoch, None, Some(snapshot), Arc::clone(self));
-        self.handled(&ctx, service, key, id, body, false).await
+        let reply = self.handled(&ctx, service, key, id, body, keep).await;
+        drop(pass);
+        reply
     }
 
     /// Runs the handler of `service` for request `id` at `key` as the key's manager, and judges
@@ -1228,20 +1233,17 @@ impl Inner {
         let until = Deadline::new(now, wait);
         // A repeatable request with nothing in its way is served at once: it keeps no record
         // to look for or to make, and most requests need none of `serve`'s waits.
-        if let Some((pass, ours, snapshot)) = self.enter_repeatable(routed, now) {
+        if let Some(entered) = self.enter_repeatable(routed, now) {
             let Routed { id, service, key, .. } = *routed;
-            let ctx = Context::new(self.me, ours, None, Some(snapshot), Arc::clone(self));
-            let reply = self.handled(&ctx, service, key, id, &routed.body, true).await;
-            drop(pass);
+            let reply = self.serve_entered(entered, service, key, id, &routed.body, true).await;
             return (reply, until);
         }
         (self.serve(routed, &routed.body, until, now, false).await, until)
     }
 
-    /// For a repeatable request that arrived at `now`, while the lease holds: its sender's
-    /// settlement noted, a pass through the gate, and this node's epoch and router snapshot,
-    /// if the router's verdict under that pass is `Serve`. `None` sends it through
-    /// [`Inner::serve`], which notes the settlement again (it is no news then).
+    /// For a repeatable request that arrived at `now`: its sender's settlement noted and, while
+    /// the lease holds, [`Inner::enter`]. `None` sends it through [`Inner::serve`], which notes
+    /// the settlement again (it is no news then).
     fn enter_repeatable(
         &self,
         routed: &Routed,
@@ -1255,13 +1257,7 @@ impl Inner {
             return None;
         }
         let router = self.router.lock().expect("router");
-        let router = router.as_ref()?;
-        // Passed under the look at the router, as in `Inner::request`: a change's hold marks
-        // its keys in the router before it waits at the gate.
-        let pass = self.gate.try_pass()?;
-        let verdict = router.route(routed.service, routed.key, routed.epoch);
-        matches!(verdict, Verdict::Serve)
-            .then(|| (pass, router.epoch(), Arc::clone(router.snapshot())))
+        self.enter(router.as_ref()?, routed.service, routed.key, routed.epoch)
     }
 
     async fn answer(self: &Arc<Self>, from: NodeId, message: Message) -> Reply {

@@ -116,8 +116,7 @@ pub(crate) struct Settled {
 
 #[derive(Clone, Copy, Debug)]
 struct Span {
-    since: u64,
-    below: u64,
+    settled: Settlement,
     heard: Instant,
 }
 
@@ -126,15 +125,15 @@ impl Settled {
     /// settles anything more than before.
     pub(crate) fn note(&mut self, origin: NodeId, settlement: Settlement, now: Instant) -> bool {
         let spans = self.spans.entry(origin).or_default();
-        match spans.iter_mut().find(|s| s.since == settlement.since) {
+        match spans.iter_mut().find(|s| s.settled.since == settlement.since) {
             Some(span) => {
                 span.heard = now;
-                let further = settlement.below > span.below;
-                span.below = span.below.max(settlement.below);
+                let further = settlement.below > span.settled.below;
+                span.settled.below = span.settled.below.max(settlement.below);
                 further
             }
             None => {
-                spans.push(Span { since: settlement.since, below: settlement.below, heard: now });
+                spans.push(Span { settled: settlement, heard: now });
                 settlement.below > settlement.since
             }
         }
@@ -145,16 +144,14 @@ impl Settled {
     pub(crate) fn covers(&self, id: &RequestId) -> bool {
         self.spans
             .get(&id.origin)
-            .is_some_and(|spans| spans.iter().any(|s| s.since <= id.seq && id.seq < s.below))
+            .is_some_and(|spans| spans.iter().any(|s| s.settled.covers(id.seq)))
     }
 
     /// Everything known, to hand to a new manager.
     pub(crate) fn to_wire(&self) -> Vec<(NodeId, Settlement)> {
         self.spans
             .iter()
-            .flat_map(|(&node, spans)| {
-                spans.iter().map(move |s| (node, Settlement { since: s.since, below: s.below }))
-            })
+            .flat_map(|(&node, spans)| spans.iter().map(move |s| (node, s.settled)))
             .collect()
     }
 

@@ -28,6 +28,13 @@ pub struct Settlement {
     pub below: u64,
 }
 
+impl Settlement {
+    /// Whether request number `seq` of the sender's life is settled.
+    pub fn covers(&self, seq: u64) -> bool {
+        self.since <= seq && seq < self.below
+    }
+}
+
 /// A request answered before, kept so that a retry gets the same answer. Moves with its entry.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Answered {

@@ -139,15 +139,22 @@ fn only_answers_to_requests_that_must_not_run_twice_are_kept() {
     });
 }
 
-/// Node `from` sends node 2 a request that outlasts node 2's lease, which the cluster renews
-/// later: the answer, how long it took, how many times the request ran, and how many of
-/// `from`'s requests were answered only after a retry; with the cluster, still running.
-async fn across_a_lapsed_lease(from: NodeId) -> (MemCluster, u64, Duration, u64, u64) {
+/// A lease that runs out 100 ms into a request of 300 ms.
+const LAPSE: Duration = Duration::from_millis(100);
+
+/// Node `from` sends node 2, whose lease runs out `lease` from now, a request that takes
+/// `millis`; the cluster renews the lease 600 ms from now. The answer, how long it took, how many
+/// times the request ran, and how many of `from`'s requests were answered only after a retry;
+/// with the cluster, still running.
+async fn across_a_lapsed_lease(
+    from: NodeId,
+    lease: Duration,
+    millis: u64,
+) -> (MemCluster, u64, Duration, u64, u64) {
     let runs = Arc::new(AtomicU64::new(0));
     let (cluster, key) = slow_cluster(&runs).await;
     let manager = cluster.host(NodeId(2));
-    manager.lease(tokio::time::Instant::now() + Duration::from_millis(100));
-    // The lease runs out while the request runs; the cluster renews it later.
+    manager.lease(tokio::time::Instant::now() + lease);
     let renewing = manager.clone();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(600)).await;
@@ -155,7 +162,7 @@ async fn across_a_lapsed_lease(from: NodeId) -> (MemCluster, u64, Duration, u64,
     });
     let requester = cluster.host(from);
     let asked = tokio::time::Instant::now();
-    let answer: u64 = requester.context().request(SLOW, key, &300u64).await.expect("answered");
+    let answer: u64 = requester.context().request(SLOW, key, &millis).await.expect("answered");
     let took = asked.elapsed();
     let delayed = requester.stats().requests_delayed;
     (cluster, answer, took, runs.load(Ordering::SeqCst), delayed)
@@ -164,7 +171,7 @@ async fn across_a_lapsed_lease(from: NodeId) -> (MemCluster, u64, Duration, u64,
 #[test]
 fn a_request_whose_managers_lease_ran_out_while_it_ran_is_not_run_again() {
     replay(async {
-        let (_cluster, answer, took, runs, _) = across_a_lapsed_lease(NodeId(1)).await;
+        let (_cluster, answer, took, runs, _) = across_a_lapsed_lease(NodeId(1), LAPSE, 300).await;
         assert!(
             took >= Duration::from_millis(600),
             "answered after {took:?}, before the lease was renewed"
@@ -179,7 +186,8 @@ fn a_request_whose_managers_lease_ran_out_while_it_ran_is_not_run_again() {
 #[test]
 fn a_managers_own_request_whose_lease_ran_out_while_it_ran_is_not_run_again() {
     replay(async {
-        let (cluster, answer, took, runs, delayed) = across_a_lapsed_lease(NodeId(2)).await;
+        let (cluster, answer, took, runs, delayed) =
+            across_a_lapsed_lease(NodeId(2), LAPSE, 300).await;
         assert!(took >= Duration::from_millis(600), "answered after {took:?}, before the renewal");
         assert_eq!(answer, 1, "the first run's answer");
         assert_eq!(runs, 1, "not run again once the lease was renewed");
@@ -194,23 +202,6 @@ fn a_managers_own_request_whose_lease_ran_out_while_it_ran_is_not_run_again() {
     });
 }
 
-/// Node `from` sends node 2, whose lease has run out, a request taking `millis`; the cluster
-/// renews the lease 600 ms later. How many times the request ran, and how long it took.
-async fn to_an_unleased_manager(from: NodeId, millis: u64) -> (u64, Duration) {
-    let runs = Arc::new(AtomicU64::new(0));
-    let (cluster, key) = slow_cluster(&runs).await;
-    let manager = cluster.host(NodeId(2));
-    manager.lease(tokio::time::Instant::now());
-    let renewing = manager.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        renewing.lease(tokio::time::Instant::now() + Duration::from_secs(60));
-    });
-    let asked = tokio::time::Instant::now();
-    let _: u64 = cluster.host(from).context().request(SLOW, key, &millis).await.expect("answered");
-    (runs.load(Ordering::SeqCst), asked.elapsed())
-}
-
 /// A manager without a lease may already be being replaced: it runs nothing, not even a
 /// request that may run twice or its own request, until the lease is renewed. Each of these
 /// takes a short path when nothing is in its way; a lapsed lease is in its way.
@@ -223,7 +214,8 @@ fn a_manager_whose_lease_ran_out_runs_no_request_until_it_is_renewed() {
             (NodeId(2), 1, "its own repeatable request"),
             (NodeId(2), 2, "its own request"),
         ] {
-            let (runs, took) = to_an_unleased_manager(from, millis).await;
+            let (_cluster, _, took, runs, _) =
+                across_a_lapsed_lease(from, Duration::ZERO, millis).await;
             assert_eq!(runs, 1, "{what}: run {runs} times, once only after the renewal");
             assert!(took >= Duration::from_millis(600), "{what}: answered after {took:?}");
         }
