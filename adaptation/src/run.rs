@@ -100,7 +100,7 @@ impl Run {
     }
 }
 
-/// A run being packed: its entries after `HEADROOM` (32) free bytes.
+/// A run being packed: its entries after `HEADROOM` free bytes.
 #[derive(Debug)]
 pub struct Packed {
     count: u32,
