@@ -18,6 +18,16 @@ impl Deadline {
         Deadline { from, wait }
     }
 
+    /// When it started.
+    pub(crate) fn from(self) -> Instant {
+        self.from
+    }
+
+    /// Its length from its start.
+    pub(crate) fn wait(self) -> Duration {
+        self.wait
+    }
+
     /// The instant it falls on.
     pub(crate) fn at(self) -> Instant {
         self.from + self.wait

@@ -805,7 +805,7 @@ impl Inner {
                             let served = self.serve(&routed, &body, attempt, now, fresh);
                             (epoch, served.await)
                         } else {
-                            let called = self.call_manager(manager, &routed, &body, left);
+                            let called = self.call_manager(manager, &routed, &body, attempt);
                             match called.await {
                                 Reply::Forwarded { to } => {
                                     redirected = true;
@@ -865,13 +865,13 @@ impl Inner {
     }
 
     /// Sends `routed` (its body still to fill in) to `manager`, and waits for the answer
-    /// for `left` (and the little more that lets the manager's own `Late` come back).
+    /// until `attempt` ends (and the little more that lets the manager's own `Late` come back).
     async fn call_manager(
         &self,
         manager: NodeId,
         routed: &Routed,
         body: &[u8],
-        left: Duration,
+        attempt: Deadline,
     ) -> Reply {
         let bytes = routed.encode_request(body);
         // Gone already: ask the new manager. Gone while we wait: `Host::update` has the link
@@ -880,8 +880,10 @@ impl Inner {
             return Reply::Late;
         }
         // A little longer than the manager will wait, so that its own `Late` reaches us.
-        let outcome =
-            self.link.call(manager, self.link.seal(bytes), left + self.config.retry).await;
+        // From when the attempt began: the link need not read the clock again.
+        let (started, left) = (attempt.from(), attempt.wait());
+        let sealed = self.link.seal(bytes);
+        let outcome = self.link.call_at(manager, sealed, started, left + self.config.retry).await;
         match outcome {
             // A node declared failed may still run, cut off, and answer once the cut heals; but
             // its entries are being rebuilt from replicas elsewhere, so what it did is not

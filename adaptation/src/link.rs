@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use gobelins_locator::NodeId;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Carries a message of the layer to the layer on another node and brings its answer back.
 #[async_trait]
@@ -44,6 +45,19 @@ pub trait Link: Send + Sync + 'static {
         message: Bytes,
         deadline: Duration,
     ) -> Result<Bytes, AdaptationError>;
+
+    /// [`Link::call`] for a caller that read the clock already: the call began at `started`,
+    /// and `deadline` runs from then. The default reads the clock again.
+    async fn call_at(
+        &self,
+        to: NodeId,
+        message: Bytes,
+        started: Instant,
+        deadline: Duration,
+    ) -> Result<Bytes, AdaptationError> {
+        let _ = started;
+        self.call(to, message, deadline).await
+    }
 
     /// Sends `message`, sealed, to `to`'s [`crate::Host::handle`], whose answer nobody reads:
     /// `Ok` once it is on its way, which does not mean `to` took it. For a message whose

@@ -11,6 +11,7 @@ use gobelins_adaptation::{codec, AdaptationError, Link};
 use gobelins_locator::NodeId;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Carries adaptation messages between agents.
 pub struct TransportLink {
@@ -52,18 +53,35 @@ impl Link for TransportLink {
         message: Bytes,
         deadline: Duration,
     ) -> Result<Bytes, AdaptationError> {
-        let unreachable = |reason: String| AdaptationError::Unreachable { node: to.0, reason };
         let answer =
             self.transport.call(to.0, message, deadline).await.map_err(|e| not_sent(to, e))?;
-        let codec_error = |e: SupervisorError| AdaptationError::Codec(e.to_string());
-        match Lane::open(answer).map_err(codec_error)? {
-            (Lane::Adaptation, reply) => Ok(reply),
-            (Lane::Supervisor, body) => match codec::decode::<Response>(&body)? {
-                Response::Malformed(why) => Err(unreachable(format!("peer refused: {why}"))),
-                Response::Stopped(why) => Err(unreachable(format!("peer stopped: {why}"))),
-                _ => Err(unreachable("peer answered something else".into())),
-            },
-        }
+        opened(to, answer)
+    }
+
+    async fn call_at(
+        &self,
+        to: NodeId,
+        message: Bytes,
+        started: Instant,
+        deadline: Duration,
+    ) -> Result<Bytes, AdaptationError> {
+        let called = self.transport.call_at(to.0, message, started, deadline);
+        opened(to, called.await.map_err(|e| not_sent(to, e))?)
+    }
+}
+
+/// The layer's answer in what `to` sent back, or why there is none: the peer's supervisor
+/// answered instead (it refused the message, or its node stopped).
+fn opened(to: NodeId, answer: Bytes) -> Result<Bytes, AdaptationError> {
+    let unreachable = |reason: String| AdaptationError::Unreachable { node: to.0, reason };
+    let codec_error = |e: SupervisorError| AdaptationError::Codec(e.to_string());
+    match Lane::open(answer).map_err(codec_error)? {
+        (Lane::Adaptation, reply) => Ok(reply),
+        (Lane::Supervisor, body) => match codec::decode::<Response>(&body)? {
+            Response::Malformed(why) => Err(unreachable(format!("peer refused: {why}"))),
+            Response::Stopped(why) => Err(unreachable(format!("peer stopped: {why}"))),
+            _ => Err(unreachable("peer answered something else".into())),
+        },
     }
 }
 

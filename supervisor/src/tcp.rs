@@ -702,7 +702,17 @@ impl<N: Net> TcpTransport<N> {
 #[async_trait]
 impl<N: Net> Transport for TcpTransport<N> {
     async fn call(&self, to: u64, request: Bytes, deadline: Duration) -> Result<Bytes> {
-        let until = Instant::now() + deadline;
+        self.call_at(to, request, Instant::now(), deadline).await
+    }
+
+    async fn call_at(
+        &self,
+        to: u64,
+        request: Bytes,
+        started: Instant,
+        deadline: Duration,
+    ) -> Result<Bytes> {
+        let until = started + deadline;
         // Named only if the call times out: a string per call costs more than the lookup.
         let what = || format!("request to node {to}");
         let conn = self.conn_until(to, until).await?;
