@@ -122,9 +122,7 @@ impl MigrationPlan {
             let id = new_table.spec().id;
             let Some(old_table) = old.table(id) else { continue };
             let mut moves: Vec<SlotMove> = Vec::new();
-            for (slot, (&from, &to)) in
-                old_table.owners().iter().zip(new_table.owners()).enumerate()
-            {
+            for (slot, (from, to)) in old_table.owners().zip(new_table.owners()).enumerate() {
                 if from == to {
                     continue;
                 }

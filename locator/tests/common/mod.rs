@@ -40,8 +40,8 @@ pub(crate) fn assert_invariants(tree: &CellTree) {
         assert_eq!(table.owners().len(), spec.slots as usize);
         let scope = tree.scope_of(spec.id).expect("registered");
         for owner in table.owners() {
-            assert!(live.contains(owner), "{}: slot managed by dead {owner}", spec.id);
-            let leaf = tree.leaf_of(*owner).expect("live");
+            assert!(live.contains(&owner), "{}: slot managed by dead {owner}", spec.id);
+            let leaf = tree.leaf_of(owner).expect("live");
             assert!(within(tree, leaf, scope), "{}: {owner} manages outside scope", spec.id);
         }
         let counts = tree.slot_counts(spec.id);
@@ -76,13 +76,8 @@ pub(crate) fn slots_of(snapshot: &Snapshot, node: NodeId) -> BTreeMap<ServiceId,
     snapshot
         .tables()
         .map(|t| {
-            let mine = t
-                .owners()
-                .iter()
-                .enumerate()
-                .filter(|(_, o)| **o == node)
-                .map(|(s, _)| s as u32)
-                .collect();
+            let mine =
+                t.owners().enumerate().filter(|(_, o)| *o == node).map(|(s, _)| s as u32).collect();
             (t.spec().id, mine)
         })
         .collect()
