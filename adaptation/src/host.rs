@@ -562,6 +562,10 @@ impl Inner {
         now: Instant,
         look_up: bool,
     ) -> bool {
+        // A repeatable request whose manager had heard its sender's settlement carries none.
+        if !look_up && settlement == Settlement::default() {
+            return false;
+        }
         let keep = self.config.request_deadline * 2;
         let mut forget = Forget::new();
         let covered = {
@@ -796,6 +800,8 @@ impl Inner {
                             // Not read for a fresh request.
                             settled: if fresh {
                                 Settlement::default()
+                            } else if repeatable {
+                                self.outstanding.news_for(manager)
                             } else {
                                 self.outstanding.settlement()
                             },
@@ -814,7 +820,16 @@ impl Inner {
                                         Box::pin(self.forwarded_answer(id, to, attempt.at()));
                                     (epoch, answer.await)
                                 }
-                                reply => (epoch, reply),
+                                reply => {
+                                    let carried = routed.settled;
+                                    if repeatable
+                                        && matches!(reply, Reply::Done(_))
+                                        && carried != Settlement::default()
+                                    {
+                                        self.outstanding.told(manager, carried);
+                                    }
+                                    (epoch, reply)
+                                }
                             }
                         }
                     }

@@ -3,10 +3,13 @@
 //! has settled the request no retry will come, so the answer can go, and need not travel with
 //! its entry when the key moves (as RIFL does for its completion records).
 //!
-//! Each request that leaves its node carries its sender's [`Settlement`]: every request
-//! numbered from `since` (the sender's first number in this life) up to `below` is settled.
-//! Requests that may run twice (repeatable) take numbers too, but never move `below`: no
-//! manager keeps a record of them. A
+//! Each run-once request that leaves its node carries its sender's [`Settlement`]: every
+//! request numbered from `since` (the sender's first number in this life) up to `below` is
+//! settled. Requests that may run twice (repeatable) take numbers too, but never move `below`:
+//! no manager keeps a record of them. A repeatable request carries the settlement only when
+//! its manager has not answered one that carried the same (see [`Outstanding::news_for`]):
+//! noting what it already knew cost the manager a lock and a look in a hash map per request,
+//! which a DSM's read faults and barriers paid for nothing. A
 //! manager keeps the highest it has heard per sender and life ([`Settled`]), forgets the answers
 //! that fall under it, refuses a late copy of a settled request rather than run it again, and
 //! hands what it knows to the new manager of the keys that move, so that a late copy is refused
@@ -34,6 +37,22 @@ pub(crate) struct Outstanding {
     /// every request that leaves its node reads it. It only grows, and passes a number only
     /// once that number is settled, so a late read says less than is settled, never more.
     below: AtomicU64,
+    /// Per manager (its id modulo [`TOLD`]), a tag of the last settlement it answered a
+    /// repeatable request that carried: see [`Outstanding::news_for`].
+    told: [AtomicU64; TOLD],
+}
+
+/// Places for what managers were told. Managers whose ids share a place take turns: each
+/// hears the settlement again after the other did, which is only a note more.
+const TOLD: usize = 64;
+
+/// The tag of `settlement` as told to `manager`. Two managers sharing a place would need the
+/// same tag for a settlement to be taken as told to one when it was told to the other; and
+/// even then the manager only forgets its kept answers later (at their expiry, or with the
+/// sender's next run-once request), never wrongly.
+fn told_tag(manager: NodeId, settlement: Settlement) -> u64 {
+    let spread = manager.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    spread ^ settlement.below ^ settlement.since.rotate_left(32)
 }
 
 /// The run-once numbers taken and not yet settled, and where the settlement stands when none
@@ -59,6 +78,7 @@ impl Outstanding {
             next: AtomicU64::new(since),
             taken: std::sync::Mutex::new(taken),
             below: AtomicU64::new(since),
+            told: std::array::from_fn(|_| AtomicU64::new(0)),
         }
     }
 
@@ -80,6 +100,24 @@ impl Outstanding {
     /// What this sender has settled: every run-once number below the oldest still in flight.
     pub(crate) fn settlement(&self) -> Settlement {
         Settlement { since: self.since, below: self.below.load(Ordering::Acquire) }
+    }
+
+    /// What a repeatable request to `manager` carries: the settlement, unless `manager` has
+    /// answered a request that carried it already (then the default, which says nothing).
+    pub(crate) fn news_for(&self, manager: NodeId) -> Settlement {
+        let settlement = self.settlement();
+        let told = self.told[manager.0 as usize % TOLD].load(Ordering::Relaxed);
+        if told == told_tag(manager, settlement) {
+            Settlement::default()
+        } else {
+            settlement
+        }
+    }
+
+    /// `manager` answered a request that carried `settlement`, so it has noted it.
+    pub(crate) fn told(&self, manager: NodeId, settlement: Settlement) {
+        let tag = told_tag(manager, settlement);
+        self.told[manager.0 as usize % TOLD].store(tag, Ordering::Relaxed);
     }
 }
 
@@ -214,6 +252,22 @@ mod tests {
         assert_eq!((third.seq, outstanding.settlement().below), (103, 103));
         drop(third);
         assert_eq!(outstanding.settlement().below, 104);
+    }
+
+    #[test]
+    fn a_repeatable_request_carries_the_settlement_until_its_manager_has_answered_one_that_did() {
+        let outstanding = Outstanding::new(100);
+        let (one, two) = (NodeId(1), NodeId(1 + TOLD as u64));
+        drop(outstanding.take());
+        let settled = outstanding.settlement();
+        assert_eq!(outstanding.news_for(one), settled, "never told: news");
+        outstanding.told(one, settled);
+        assert_eq!(outstanding.news_for(one), Settlement::default(), "told: nothing to carry");
+        assert_eq!(outstanding.news_for(two), settled, "a manager sharing the place was not told");
+        outstanding.told(two, settled);
+        assert_eq!(outstanding.news_for(one), settled, "its place taken: told again, a note more");
+        drop(outstanding.take());
+        assert_eq!(outstanding.news_for(two).below, 102, "the settlement moved: news again");
     }
 
     #[test]

@@ -61,8 +61,9 @@ pub struct Routed {
     pub body: Bytes,
     /// How long the origin will wait, in milliseconds.
     pub wait_ms: u64,
-    /// What the origin has settled (the default for a fresh request, which never leaves its
-    /// node: see `Inner::serve`).
+    /// What the origin has settled: the default for a fresh request, which never leaves its
+    /// node (see `Inner::serve`), and for a repeatable one whose manager heard it already
+    /// (see `crate::settled`).
     pub settled: Settlement,
     /// The origin found it repeatable (`Service::repeatable`): the manager keeps no answer
     /// for it and never refuses a copy of it. Taken on the origin's word, so that the manager
