@@ -4,16 +4,19 @@
 //! TCP (one agent per node, all in this process), then a run during which a node joins.
 //!
 //! `cargo run --release --example mgs -- --nodes 2,3,4 --sizes 64,128,256,512,1024 [--runs 6]
-//! [--cell-seconds 2]`
+//! [--cell-seconds 5]`
 //!
 //! Each cell is measured in pairs: one STAT run and one DYN run back to back, the order
 //! alternating from pair to pair (an even number of pairs, so that each mode goes first as
 //! often), after one pair at that size to warm up. A pair sees one state of the machine, so its
 //! ratio DYN/STAT is one measurement of the overhead; the cell's overhead is the median of its
 //! pairs' overheads, printed with the quartiles of the pairs. A cell takes at least `--runs`
-//! pairs and goes on until its runs have taken `--cell-seconds` (at most 400 pairs): a small
+//! pairs and goes on until its runs have taken `--cell-seconds` (at most 1,000 pairs): a small
 //! matrix runs in a few milliseconds, where one pair's ratio swings by ±10% with the machine,
-//! and six pairs of it would leave the median to chance. The medians of each mode's times are
+//! and six pairs of it would leave the median to chance. With 2 s (about 140 pairs of 2 × 64)
+//! the same cell's median moved by 3 points between runs, and the worst of fifteen such
+//! medians stood above the overhead by about that much; 5 s (about 400 pairs) narrows that
+//! spread by two fifths. The medians of each mode's times are
 //! printed too, with the overhead they give, which drift on the machine between runs moves
 //! more.
 //!
@@ -470,7 +473,7 @@ fn main() {
             .skip_while(|a| a != "--cell-seconds")
             .nth(1)
             .and_then(|v| v.parse().ok())
-            .unwrap_or(2.0),
+            .unwrap_or(5.0),
     );
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
     runtime.block_on(async {
@@ -516,7 +519,7 @@ fn main() {
                 let mut delayed = 0;
                 let cell_started = Instant::now();
                 let mut r = 0;
-                while r < runs || (r < 400 && cell_started.elapsed() < cell_time) || r % 2 == 1 {
+                while r < runs || (r < 1000 && cell_started.elapsed() < cell_time) || r % 2 == 1 {
                     // Alternate which goes first, so that drift on the machine hits both.
                     let order = if r % 2 == 0 {
                         [Placement::Static, Placement::Locator]
