@@ -650,6 +650,22 @@ impl<N: Net> TcpTransport<N> {
         }
     }
 
+    /// A call that began at `started` and ends `deadline` after it. Not through
+    /// [`Transport::call_at`] from `call`: each trait call boxes its future.
+    async fn call_from(
+        &self,
+        to: u64,
+        request: Bytes,
+        started: Instant,
+        deadline: Duration,
+    ) -> Result<Bytes> {
+        let until = started + deadline;
+        // Named only if the call times out: a string per call costs more than the lookup.
+        let what = || format!("request to node {to}");
+        let conn = self.conn_until(to, until).await?;
+        self.call_on(&conn, request, until, deadline, what).await
+    }
+
     async fn call_on(
         &self,
         conn: &Conn,
@@ -702,7 +718,7 @@ impl<N: Net> TcpTransport<N> {
 #[async_trait]
 impl<N: Net> Transport for TcpTransport<N> {
     async fn call(&self, to: u64, request: Bytes, deadline: Duration) -> Result<Bytes> {
-        self.call_at(to, request, Instant::now(), deadline).await
+        self.call_from(to, request, Instant::now(), deadline).await
     }
 
     async fn call_at(
@@ -712,11 +728,7 @@ impl<N: Net> Transport for TcpTransport<N> {
         started: Instant,
         deadline: Duration,
     ) -> Result<Bytes> {
-        let until = started + deadline;
-        // Named only if the call times out: a string per call costs more than the lookup.
-        let what = || format!("request to node {to}");
-        let conn = self.conn_until(to, until).await?;
-        self.call_on(&conn, request, until, deadline, what).await
+        self.call_from(to, request, started, deadline).await
     }
 
     async fn tell(&self, to: u64, message: Bytes, deadline: Duration) -> Result<()> {
