@@ -5,7 +5,7 @@
 //!   caller reads its answer from the socket itself, and one with the transport's I/O model
 //!   (many calls share a connection, a reading task hands each answer to its caller);
 //! - a request redirected once (sent to a node that no longer manages the key, which passes it
-//!   on to the manager, which answers the sender) against the same echoes; and, for
+//!   on to the manager and relays its reply) against the same echoes; and, for
 //!   comparison, the same request told `Moved` and sent again (two round trips);
 //! - pipelined requests per second to one manager;
 //! - migration throughput (entries/s, MB/s) when a node joins, against raw loopback TCP moving
@@ -459,12 +459,10 @@ fn main() {
 
         // Redirected once, now that there are three nodes: node 1 sends to node 3 (as a sender
         // routing by an old epoch would), which passes the request on to node 2, its manager,
-        // which answers node 1. Without forwarding: node 2 asks node 1, which does not manage
-        // the key and says so (a request whose origin is not its sender is not passed on),
-        // then asks the manager. Measured apart from the direct round trips, against echoes of
-        // its own: a redirect leaves work behind on the two other nodes (the forwarding node's
-        // call ending, the acknowledgement of the answer), which on this one machine runs into
-        // whatever is measured next, baselines included; on a cluster it runs on other machines.
+        // and relays node 2's reply to node 1. Without forwarding: node 2 asks node 1, which
+        // does not manage the key and says so (a request whose origin is not its sender is not
+        // passed on), then asks the manager. Measured apart from the direct round trips, against
+        // echoes of its own, taken with node 3 joined.
         let snapshot = a.supervisor.state().tree.snapshot(gobelins_locator::Epoch(0)).expect("snap");
         let managed_by_2: Vec<Key> =
             (0..).map(Key).filter(|&k| snapshot.locate(KVDIR, k) == Some(NodeId(2))).take(1024).collect();

@@ -11,7 +11,6 @@
 use crate::deadline::Deadline;
 use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
-use crate::forwarded::{Forwarded, Wait};
 use crate::gate::{Gate, Pass};
 use crate::kept::{Forget, Kept, KeptOrder};
 use crate::link::Link;
@@ -37,7 +36,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::Poll;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -135,7 +133,8 @@ pub struct Stats {
     #[serde(default)]
     pub answers_kept: u64,
     /// Requests for keys this node no longer manages that it passed on to their manager,
-    /// which answered their sender directly.
+    /// relaying the manager's reply to their sender (who counts them as neither delayed nor
+    /// redirected: nothing told it to ask again).
     #[serde(default)]
     pub forwarded: u64,
 }
@@ -226,8 +225,6 @@ pub(crate) struct Inner {
     running: DashMap<RequestId, Option<Arc<tokio::sync::Notify>>, Hasher>,
     /// This node's requests in flight, as a sender.
     outstanding: Outstanding,
-    /// Answers to this node's requests that another node forwarded to their manager.
-    forwarded: Forwarded,
     /// What this node's senders have settled, as a manager.
     pub(crate) settled: Mutex<Settled>,
     /// Where each kept answer is, per sender in the order kept: forgotten once settled. Taken
@@ -390,7 +387,7 @@ impl Host {
 
     /// [`Host::request`], sent first to `first` whatever the locator says, as a sender that
     /// routes by an old epoch would: `first` passes it on to the key's manager if it no
-    /// longer manages the key, and the manager answers here directly. For measuring and
+    /// longer manages the key, and relays the manager's reply here. For measuring and
     /// testing that path; services use [`Host::request`].
     pub async fn request_via(
         &self,
@@ -465,7 +462,6 @@ async fn forget_old_answers(inner: Weak<Inner>) {
             inner.kept.lock().expect("kept").expire(keep, Instant::now());
             settled.clone()
         };
-        inner.forwarded.forget_older_than(keep, Instant::now());
         inner.answers.retain(|_, list| {
             list.retain(|(id, _, at)| at.elapsed() < keep && !settled.covers(id));
             !list.is_empty()
@@ -501,7 +497,6 @@ impl Inner {
             // Ids must not repeat across restarts of the node, or a manager would answer a new
             // request with an old request's remembered answer: start each life somewhere new.
             outstanding: Outstanding::new(boot_sequence()),
-            forwarded: Forwarded::default(),
             settled: Mutex::new(Settled::default()),
             kept: Mutex::new(KeptOrder::default()),
             departed: watch::channel(BTreeSet::new()).0,
@@ -741,7 +736,6 @@ impl Inner {
         let started = Instant::now();
         let until = Deadline::new(started, self.config.request_deadline);
         let mut rounds = 0u32;
-        let mut redirected = false;
         let result = loop {
             rounds += 1;
             // A life that stopped (renewed after the cluster declared this node failed, or shut
@@ -812,25 +806,16 @@ impl Inner {
                             (epoch, served.await)
                         } else {
                             let called = self.call_manager(manager, &routed, &body, attempt);
-                            match called.await {
-                                Reply::Forwarded { to } => {
-                                    redirected = true;
-                                    // Boxed, as the waits are: a rare path.
-                                    let answer =
-                                        Box::pin(self.forwarded_answer(id, to, attempt.at()));
-                                    (epoch, answer.await)
-                                }
-                                reply => {
-                                    let carried = routed.settled;
-                                    if repeatable
-                                        && matches!(reply, Reply::Done(_))
-                                        && carried != Settlement::default()
-                                    {
-                                        self.outstanding.told(manager, carried);
-                                    }
-                                    (epoch, reply)
-                                }
+                            let reply = called.await;
+                            // A node that relayed it to the key's manager noted it too.
+                            let carried = routed.settled;
+                            if repeatable
+                                && matches!(reply, Reply::Done(_))
+                                && carried != Settlement::default()
+                            {
+                                self.outstanding.told(manager, carried);
                             }
+                            (epoch, reply)
                         }
                     }
                 }
@@ -859,7 +844,7 @@ impl Inner {
         match result {
             Ok(response) => {
                 c.requests_ok.fetch_add(1, Ordering::Relaxed);
-                if rounds > 1 || redirected {
+                if rounds > 1 {
                     c.requests_delayed.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(response)
@@ -899,6 +884,11 @@ impl Inner {
         let (started, left) = (attempt.from(), attempt.wait());
         let sealed = self.link.seal(bytes);
         let outcome = self.link.call_at(manager, sealed, started, left + self.config.retry).await;
+        self.reply_from(manager, outcome)
+    }
+
+    /// What a call to `manager` came to.
+    fn reply_from(&self, manager: NodeId, outcome: Result<Bytes, AdaptationError>) -> Reply {
         match outcome {
             // A node declared failed may still run, cut off, and answer once the cut heals; but
             // its entries are being rebuilt from replicas elsewhere, so what it did is not
@@ -910,32 +900,16 @@ impl Inner {
         }
     }
 
-    /// The answer to request `id`, which a node that no longer manages its key passed on to
-    /// `to`: `Late` if none comes by `until` (and the little more a direct call is given), or
-    /// if the cluster gives up on `to` meanwhile.
-    async fn forwarded_answer(&self, id: RequestId, to: NodeId, until: Instant) -> Reply {
-        let mut pending = match self.forwarded.wait(id) {
-            Wait::Ready(reply) => return reply,
-            Wait::Pending(pending) => pending,
-        };
-        let mut departures = self.departed.subscribe();
-        tokio::select! {
-            answer = tokio::time::timeout_at(until + self.config.retry, pending.answer()) => {
-                answer.ok().flatten().unwrap_or(Reply::Late)
-            }
-            _ = departures.wait_for(|gone| gone.contains(&to)) => Reply::Late,
-        }
-    }
-
-    /// Passes a request for a key this node does not manage on to the key's manager, which
-    /// answers the request's origin itself (`crate::forwarded`): `Forwarded`, or `None` when
-    /// there is nobody to pass it to and the origin must be told `Moved`.
-    async fn forward(
-        self: &Arc<Self>,
-        from: NodeId,
-        routed: Routed,
-        until: Deadline,
-    ) -> Option<Reply> {
+    /// Passes a request for a key this node does not manage on to the key's manager, and
+    /// relays the manager's reply to the request's origin: `None` when there is nobody to pass
+    /// it to and the origin must be told `Moved`.
+    ///
+    /// Relayed, not answered by the manager to the origin directly: that took one one-way hop
+    /// fewer, but five messages instead of four, and the origin had to wait for two of them,
+    /// from two nodes. On one machine the second wait cost a sleeping thread's wake-up:
+    /// 95 µs a redirect against 18 µs relayed (BENCHMARKS.md, stop 28). Each message now
+    /// answers the one before it, and no answer arrives that its receiver did not ask for.
+    async fn forward(&self, from: NodeId, routed: Routed, until: Deadline) -> Option<Reply> {
         let id = routed.id;
         if from != id.origin || self.mirrors.stopped.load(Ordering::Acquire) {
             return None;
@@ -956,31 +930,15 @@ impl Inner {
             Message::Forward(Routed { epoch, wait_ms: wait.as_millis() as u64, ..routed });
         let bytes = self.link.seal(message.encode().ok()?);
         self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        let inner = Arc::clone(self);
-        let mut passing = Box::pin(async move {
-            let taken = inner.link.call(to, bytes, wait + inner.config.retry).await;
-            if !matches!(taken.map(|a| Reply::decode(&a)), Ok(Ok(Reply::Accepted))) {
-                // The manager could not take it, or could not reach the origin: the origin
-                // asks again now rather than at the end of its attempt.
-                tracing::debug!(node = to.0, origin = from.0, "forwarded request not answered");
-                inner.send_answer(from, id, Reply::Late).await;
-            }
-        });
-        // Polled once here, so that the request leaves for its manager now, ahead of this
-        // node's own reply to the origin: spawned straight away, it waited for that write.
-        let once = std::future::poll_fn(|cx| Poll::Ready(passing.as_mut().poll(cx).is_pending()));
-        if once.await {
-            tokio::spawn(passing);
+        // Longer than the manager will wait, so that its own `Late` comes back, and shorter
+        // than the origin waits for this node, so that ours reaches it.
+        let taken = self.link.call(to, bytes, wait + self.config.retry / 2).await;
+        let reply = self.reply_from(to, taken);
+        if matches!(reply, Reply::Late) {
+            // The origin asks again now, rather than at the end of its attempt.
+            tracing::debug!(node = to.0, origin = from.0, "forwarded request not answered");
         }
-        Some(Reply::Forwarded { to })
-    }
-
-    /// Sends `reply` to `to` as the answer to its request `id`; true once it is on its way.
-    /// Told, not called: nothing is done with `to`'s receipt. A redirect then costs five
-    /// messages instead of six (a direct request costs two), and the origin waits for that CPU.
-    async fn send_answer(&self, to: NodeId, id: RequestId, reply: Reply) -> bool {
-        let Ok(bytes) = (Message::Answer { id, reply }).encode() else { return false };
-        self.link.tell(to, self.link.seal(bytes), self.config.call_timeout).await.is_ok()
+        Some(reply)
     }
 
     /// `Refused` for a copy of a request its sender has settled: the sender has the answer or
@@ -1299,49 +1257,10 @@ impl Inner {
                 }
                 (reply, _) => reply,
             },
-            // Boxed, as are batches: rare, and inline they would enlarge every request's future.
-            Message::Forward(routed) => {
-                Box::pin(async move {
-                    // Served, not passed on again: a manager that has moved on says so to the
-                    // origin, which routes anew. One hop at most.
-                    let (reply, _) = self.serve_routed(&routed).await;
-                    if self.send_answer(routed.id.origin, routed.id, reply).await {
-                        Reply::Accepted
-                    } else {
-                        Reply::Late
-                    }
-                })
-                .await
-            }
-            Message::Answer { id, .. } if id.origin != self.me => {
-                tracing::warn!(
-                    node = from.0,
-                    origin = id.origin.0,
-                    "answer to another node's request refused"
-                );
-                Reply::Refused(format!(
-                    "answer to a request of node {}, sent to node {}",
-                    id.origin, self.me
-                ))
-            }
-            Message::Answer { id, reply } => {
-                let reply = match reply {
-                    // As for a direct call: a node the cluster gave up on answers for nobody.
-                    _ if self.mirrors.is_departed(from) => Reply::Late,
-                    // An answer is never passed on again.
-                    Reply::Forwarded { .. } => Reply::Late,
-                    reply => reply,
-                };
-                if self.forwarded.arrive(id, reply, Instant::now()) {
-                    Reply::Accepted
-                } else {
-                    tracing::warn!(
-                        node = from.0,
-                        "too many answers wait for requests nobody waits for; answer dropped"
-                    );
-                    Reply::Refused("too many unclaimed answers here".into())
-                }
-            }
+            // Served, not passed on again: a manager that has moved on says so, and the origin
+            // routes anew. One hop at most. Boxed, as are batches: rare, and inline it would
+            // enlarge every request's future.
+            Message::Forward(routed) => Box::pin(self.serve_routed(&routed)).await.0,
             // A life the cluster has ended (failed, or left) must not change an entry here: a
             // replica it stores after the survivors' `scan` would be a write nobody rebuilds.
             // Its batches and acks stay welcome: the period's own epochs judge those.

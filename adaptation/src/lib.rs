@@ -13,8 +13,6 @@
 //! - [`service`]: the [`Service`] trait authors implement, and [`Plugin`], its form in bytes.
 //! - [`run`]: [`Run`], entries encoded back to back, and [`Packer`], which cuts them into
 //!   batches per destination ([`Packed`]).
-//! - `forwarded`: answers to requests a node that no longer managed their key passed on to
-//!   the manager, which answers the sender directly.
 //! - `pool`: migration buffers kept for the next batch.
 //! - [`shared`]: byte strings in received entries that share their batch's memory.
 //! - `settled`: which requests their senders have settled, so that their answers can go;
@@ -27,7 +25,6 @@ pub mod codec;
 mod deadline;
 mod driver;
 pub mod error;
-mod forwarded;
 mod gate;
 pub mod host;
 mod kept;

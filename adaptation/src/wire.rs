@@ -191,16 +191,9 @@ pub enum Message {
         epoch: u64,
     },
     /// A [`Message::Request`] its receiver does not manage the key of, passed on to the
-    /// manager in the receiver's epoch (its `epoch` is now the receiver's), who answers
-    /// `id.origin` with a [`Message::Answer`] (`crate::forwarded`).
+    /// manager in the receiver's epoch (its `epoch` is now the receiver's), whose reply the
+    /// receiver relays to `id.origin` as its own.
     Forward(Routed),
-    /// The answer to the receiver's own request `id`, from the manager it was forwarded to.
-    Answer {
-        /// The request.
-        id: RequestId,
-        /// What the manager answered.
-        reply: Reply,
-    },
 }
 
 impl Message {
@@ -314,12 +307,6 @@ pub enum Reply {
     Merged {
         /// The change.
         epoch: u64,
-    },
-    /// The receiver does not manage the key and passed the request on to `to`, which will
-    /// send the answer in a [`Message::Answer`].
-    Forwarded {
-        /// The node the request went on to.
-        to: NodeId,
     },
 }
 
@@ -535,9 +522,6 @@ mod tests {
         assert!(
             matches!(round_trip(Reply::Refused("why".into())), Reply::Refused(w) if w == "why")
         );
-        assert!(
-            matches!(round_trip(Reply::Forwarded { to: NodeId(3) }), Reply::Forwarded { to } if to == NodeId(3))
-        );
         let frame = Bytes::from(Reply::Done(vec![5u8; 64].into()).encode().unwrap());
         let Reply::Done(response) = Reply::decode(&frame).unwrap() else { panic!("not done") };
         assert_eq!(
@@ -559,7 +543,6 @@ mod tests {
                 settled: Vec::new(),
             },
             Message::Forward(routed()),
-            Message::Answer { id: routed().id, reply: Reply::Late },
         ];
         for message in others {
             assert!(message.encode().unwrap()[0] < FIXED, "{message:?}");

@@ -32,10 +32,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// (`BackupTo`, `Abandon`) and frees segments by marking its taint markers; 10: a DSM backup
 /// says which of its owner's commits it holds, and a survivor's report of a copy carries that
 /// and a digest of its content; 11: an adaptation message told to a node's local server
-/// (`Message::Local`) is laid out by hand too).
-pub const VERSION: u8 = 11;
+/// (`Message::Local`) is laid out by hand too; 12: a node that passes a request on to its key's
+/// manager relays the manager's reply, and the manager no longer answers the origin itself).
+pub const VERSION: u8 = 12;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 11;
+pub const MIN_VERSION: u8 = 12;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and
