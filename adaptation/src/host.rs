@@ -192,6 +192,10 @@ impl Drop for Running<'_> {
     }
 }
 
+/// A request [`Inner::enter`] let in: its pass through the gate, and the router's epoch and
+/// snapshot under that pass.
+type Entered<'a> = (Pass<'a>, u64, Arc<Snapshot>);
+
 /// The last answers given for one key, oldest first, each with when it was kept: mostly one,
 /// kept in place (most keys get one answer before its sender settles it).
 pub(crate) type Answers = SmallVec<[(RequestId, Bytes, Instant); 1]>;
@@ -756,7 +760,8 @@ impl Inner {
                     && located == Some(self.me)
                     && self.leased_at(started))
                 .then(|| self.enter(r, service, key, epoch))
-                .flatten();
+                .flatten()
+                .and_then(Result::ok);
                 (epoch, located, entered)
             });
             let reply = if let Some((epoch, _, Some(entered))) = located {
@@ -1120,18 +1125,22 @@ impl Inner {
     /// through the gate and, if the router's verdict for a sender at `epoch` is `Serve` under
     /// that pass, the router's epoch and snapshot. A change's hold marks its keys in the router
     /// before it waits at the gate, so it either comes after this pass (and waits for the
-    /// request), or the verdict already holds the key. `None` when the gate or the verdict is
-    /// in the way: the request then goes through [`Inner::serve`].
+    /// request), or the verdict already holds the key. `Err` with the router's epoch when the
+    /// verdict is `Moved`, as [`Inner::serve`] would find it under the same pass. `None` when
+    /// the gate or another verdict is in the way: the request then goes through `serve`.
     fn enter(
         &self,
         r: &Router,
         service: ServiceId,
         key: Key,
         epoch: u64,
-    ) -> Option<(Pass<'_>, u64, Arc<Snapshot>)> {
+    ) -> Option<Result<Entered<'_>, u64>> {
         let pass = self.gate.try_pass()?;
-        matches!(r.route(service, key, epoch), Verdict::Serve)
-            .then(|| (pass, r.epoch(), Arc::clone(r.snapshot())))
+        match r.route(service, key, epoch) {
+            Verdict::Serve => Some(Ok((pass, r.epoch(), Arc::clone(r.snapshot())))),
+            Verdict::Moved { epoch } => Some(Err(epoch)),
+            _ => None,
+        }
     }
 
     /// Serves request `id` once [`Inner::enter`] let it in, without `serve`'s loop and waits:
@@ -1140,7 +1149,7 @@ impl Inner {
     /// service wants kept is remembered.
     async fn serve_entered(
         self: &Arc<Self>,
-        (pass, epoch, snapshot): (Pass<'_>, u64, Arc<Snapshot>),
+        (pass, epoch, snapshot): Entered<'_>,
         service: ServiceId,
         key: Key,
         id: RequestId,
@@ -1219,22 +1228,22 @@ impl Inner {
         let until = Deadline::new(now, wait);
         // A repeatable request with nothing in its way is served at once: it keeps no record
         // to look for or to make, and most requests need none of `serve`'s waits.
-        if let Some(entered) = self.enter_repeatable(routed, now) {
-            let Routed { id, service, key, .. } = *routed;
-            let reply = self.serve_entered(entered, service, key, id, &routed.body, true).await;
-            return (reply, until);
+        match self.enter_repeatable(routed, now) {
+            Some(Ok(entered)) => {
+                let Routed { id, service, key, .. } = *routed;
+                let reply = self.serve_entered(entered, service, key, id, &routed.body, true);
+                (reply.await, until)
+            }
+            // Sent by an old epoch: passed on (`Inner::forward`) without `serve`'s second look.
+            Some(Err(epoch)) => (Reply::Moved { epoch }, until),
+            None => (self.serve(routed, &routed.body, until, now, false).await, until),
         }
-        (self.serve(routed, &routed.body, until, now, false).await, until)
     }
 
     /// For a repeatable request that arrived at `now`: its sender's settlement noted and, while
     /// the lease holds, [`Inner::enter`]. `None` sends it through [`Inner::serve`], which notes
     /// the settlement again (it is no news then).
-    fn enter_repeatable(
-        &self,
-        routed: &Routed,
-        now: Instant,
-    ) -> Option<(Pass<'_>, u64, Arc<Snapshot>)> {
+    fn enter_repeatable(&self, routed: &Routed, now: Instant) -> Option<Result<Entered<'_>, u64>> {
         if !routed.repeatable {
             return None;
         }
