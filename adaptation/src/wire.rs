@@ -73,7 +73,8 @@ pub struct Routed {
 }
 
 /// The first byte of a [`Message::Request`], and the last of a [`Reply::Done`]: they are laid
-/// out by hand (below), as is a [`Message::Local`] (tag [`LOCAL`]); every other message is laid
+/// out by hand (below), as are a [`Message::Local`] (tag [`LOCAL`]) and a [`Message::Forward`]
+/// (tag [`FORWARD`]); every other message is laid
 /// out by bincode, which starts with the variant's index, one byte under 251 (its varint). No
 /// index reaches these tags, so the layouts never mix.
 const FIXED: u8 = 0xF0;
@@ -84,6 +85,9 @@ const FIXED: u8 = 0xF0;
 /// buffer of its own and copied again.
 const LOCAL: u8 = 0xF1;
 
+/// The first byte of a [`Message::Forward`], laid out as a [`Message::Request`] is: the node
+/// that passes a request on neither encodes nor its manager decodes it through bincode.
+const FORWARD: u8 = 0xF2;
 /// A told message's header: the tag, service and key.
 const LOCAL_HEADER: usize = 1 + 2 + 8;
 
@@ -107,8 +111,13 @@ impl Routed {
     /// through bincode's varints and serde, the header cost more CPU than the rest of the layer's
     /// work on a request, and twice over, since encoding measures the message first.
     pub fn encode_request(&self, body: &[u8]) -> Vec<u8> {
+        self.encode_tagged(FIXED, body)
+    }
+
+    /// `self` with `body`, laid out by hand behind `tag`.
+    fn encode_tagged(&self, tag: u8, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(ROUTED_HEADER + body.len() + codec::SPARE);
-        out.push(FIXED);
+        out.push(tag);
         out.extend_from_slice(&self.id.origin.0.to_le_bytes());
         out.extend_from_slice(&self.id.seq.to_le_bytes());
         out.extend_from_slice(&self.service.0.to_le_bytes());
@@ -122,7 +131,8 @@ impl Routed {
         out
     }
 
-    /// Reads what [`Routed::encode_request`] wrote; the body is a slice of `bytes`.
+    /// Reads what [`Routed::encode_request`] wrote, whatever its tag; the body is a slice of
+    /// `bytes`.
     fn decode_request(bytes: &Bytes) -> Result<Routed, AdaptationError> {
         let header = header_of(bytes, ROUTED_HEADER, "a request")?;
         // Offsets as `encode_request` writes them.
@@ -217,6 +227,7 @@ impl Message {
     pub fn encode(&self) -> Result<Vec<u8>, AdaptationError> {
         match self {
             Message::Request(routed) => return Ok(routed.encode_request(&routed.body)),
+            Message::Forward(routed) => return Ok(routed.encode_tagged(FORWARD, &routed.body)),
             Message::Local { service, key, body } => {
                 let mut out = Vec::with_capacity(LOCAL_HEADER + body.len() + codec::SPARE);
                 out.extend_from_slice(&local_header(*service, *key));
@@ -238,15 +249,16 @@ impl Message {
         match body.first() {
             Some(&FIXED) => return Routed::decode_request(&body).map(Message::Request),
             Some(&LOCAL) => return decode_local(&body),
+            Some(&FORWARD) => return Routed::decode_request(&body).map(Message::Forward),
             _ => {}
         }
         let (mut message, used) = codec::decode_prefix::<Message>(&body)?;
         match &mut message {
             Message::Batch { entries, .. } => *entries = Run::parse(body.slice(used..))?,
             // Never written so: a peer that does disagrees about the format.
-            Message::Request(_) | Message::Local { .. } => {
+            Message::Request(_) | Message::Local { .. } | Message::Forward(_) => {
                 return Err(AdaptationError::Codec(
-                    "a request or told message in bincode's layout, not its own".into(),
+                    "a request, forward or told message in bincode's layout, not its own".into(),
                 ))
             }
             _ if used != body.len() => {
@@ -542,15 +554,35 @@ mod tests {
                 answered: Vec::new(),
                 settled: Vec::new(),
             },
-            Message::Forward(routed()),
         ];
         for message in others {
             assert!(message.encode().unwrap()[0] < FIXED, "{message:?}");
         }
-        const { assert!(FIXED < LOCAL) };
-        // The two laid out by hand are refused in bincode's layout.
-        let bincode = codec::encode(&Message::Request(routed())).unwrap();
-        assert!(matches!(Message::decode(Bytes::from(bincode)), Err(AdaptationError::Codec(_))));
+        const { assert!(FIXED < LOCAL && LOCAL < FORWARD) };
+        // A request passed on reads back as one, body and all.
+        let with_body = || Routed { body: Bytes::from_static(b"body"), ..routed() };
+        let forward = Bytes::from(Message::Forward(with_body()).encode().unwrap());
+        assert_eq!(forward[0], FORWARD);
+        let Message::Forward(back) = Message::decode(forward).unwrap() else {
+            panic!("not a forward")
+        };
+        let sent = with_body();
+        assert_eq!(
+            (back.id, back.key, back.epoch, back.wait_ms),
+            (sent.id, sent.key, sent.epoch, sent.wait_ms)
+        );
+        assert_eq!(
+            (back.settled, back.repeatable, back.body),
+            (sent.settled, sent.repeatable, sent.body)
+        );
+        // Those laid out by hand are refused in bincode's layout.
+        for message in [Message::Request(routed()), Message::Forward(routed())] {
+            let bincode = codec::encode(&message).unwrap();
+            assert!(matches!(
+                Message::decode(Bytes::from(bincode)),
+                Err(AdaptationError::Codec(_))
+            ));
+        }
         let told = Message::Local { service: ServiceId(1), key: Key(2), body: Bytes::new() };
         let bincode = codec::encode(&told).unwrap();
         assert!(matches!(Message::decode(Bytes::from(bincode)), Err(AdaptationError::Codec(_))));
