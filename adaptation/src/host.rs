@@ -192,6 +192,15 @@ impl Drop for Running<'_> {
     }
 }
 
+/// What names a request on every attempt of it.
+struct Trip {
+    service: ServiceId,
+    key: Key,
+    id: RequestId,
+    /// Whether the service may run it twice (`Service::repeatable`).
+    repeatable: bool,
+}
+
 /// A request [`Inner::enter`] let in: its pass through the gate, and the router's epoch and
 /// snapshot under that pass.
 type Entered<'a> = (Pass<'a>, u64, Arc<Snapshot>);
@@ -725,7 +734,7 @@ impl Inner {
         service: ServiceId,
         key: Key,
         body: Vec<u8>,
-        mut first: Option<NodeId>,
+        first: Option<NodeId>,
         judged: Option<bool>,
     ) -> Result<Bytes, AdaptationError> {
         // Outstanding until this function returns: managers forget its answer only after that.
@@ -736,111 +745,17 @@ impl Inner {
             .unwrap_or_else(|| self.registry.get(service).is_some_and(|p| p.repeatable(&body)));
         let ticket = (!repeatable).then(|| self.outstanding.take());
         let seq = ticket.as_ref().map_or_else(|| self.outstanding.number(), |t| t.seq);
-        let id = RequestId { origin: self.me, seq };
+        let trip = Trip { service, key, id: RequestId { origin: self.me, seq }, repeatable };
         let started = Instant::now();
         let until = Deadline::new(started, self.config.request_deadline);
-        let mut rounds = 0u32;
-        let result = loop {
-            rounds += 1;
-            // A life that stopped (renewed after the cluster declared this node failed, or shut
-            // down) sends nothing more: its waits end at once, and looping would only spin.
-            if self.mirrors.stopped.load(Ordering::Acquire) {
-                break Err(Reply::Refused(
-                    "this node's services stopped (declared failed, or shut down) while the \
-                     request waited; send it again"
-                        .into(),
-                ));
-            }
-            let located = self.router.lock().expect("router").as_ref().map(|r| {
-                let (epoch, located) = (r.epoch(), r.snapshot().locate(service, key));
-                // A first attempt at a key this node manages, while the lease holds, is served
-                // at once if nothing is in its way (`Inner::enter`).
-                let entered = (rounds == 1
-                    && first.is_none()
-                    && located == Some(self.me)
-                    && self.leased_at(started))
-                .then(|| self.enter(r, service, key, epoch))
-                .flatten()
-                .and_then(Result::ok);
-                (epoch, located, entered)
-            });
-            let reply = if let Some((epoch, _, Some(entered))) = located {
-                (epoch, self.serve_entered(entered, service, key, id, &body, false).await)
-            } else {
-                match located.map(|(epoch, located, _)| (epoch, located)) {
-                    // No configuration yet: wait for the first one.
-                    None => {
-                        if !self.wait_epoch(1, until.at()).await {
-                            break Err(Reply::Late);
-                        }
-                        continue;
-                    }
-                    Some((_, None)) => break Err(Reply::Unknown(service.0)),
-                    Some((epoch, Some(located))) => {
-                        let manager = first.take().unwrap_or(located);
-                        // The first attempt starts when the request did, and its length needs no
-                        // instants: two subtractions of instants fewer per request.
-                        let (now, left) = if rounds == 1 {
-                            (started, self.config.request_deadline.min(self.config.attempt_timeout))
-                        } else {
-                            let now = Instant::now();
-                            (now, until.left(now).min(self.config.attempt_timeout))
-                        };
-                        let attempt = Deadline::new(now, left);
-                        // A first attempt served here has never left this node: see `serve`.
-                        let fresh = rounds == 1 && manager == self.me;
-                        let routed = Routed {
-                            id,
-                            service,
-                            key,
-                            epoch,
-                            body: Bytes::new(),
-                            wait_ms: left.as_millis() as u64,
-                            // Not read for a fresh request.
-                            settled: if fresh {
-                                Settlement::default()
-                            } else if repeatable {
-                                self.outstanding.news_for(manager)
-                            } else {
-                                self.outstanding.settlement()
-                            },
-                            repeatable,
-                        };
-                        if manager == self.me {
-                            let served = self.serve(&routed, &body, attempt, now, fresh);
-                            (epoch, served.await)
-                        } else {
-                            let called = self.call_manager(manager, &routed, &body, attempt);
-                            let reply = called.await;
-                            // A node that relayed it to the key's manager noted it too.
-                            let carried = routed.settled;
-                            if repeatable
-                                && matches!(reply, Reply::Done(_))
-                                && carried != Settlement::default()
-                            {
-                                self.outstanding.told(manager, carried);
-                            }
-                            (epoch, reply)
-                        }
-                    }
-                }
-            };
-            match reply {
-                (_, Reply::Done(response)) => break Ok(response),
-                (_, Reply::Unknown(s)) => break Err(Reply::Unknown(s)),
-                (_, Reply::Refused(why)) => break Err(Reply::Refused(why)),
-                (ours, Reply::Moved { epoch }) if epoch > ours => {
-                    if !self.wait_epoch(epoch, until.at()).await {
-                        break Err(Reply::Late);
-                    }
-                }
-                // Unreachable, late, or a manager behind us: try again shortly.
-                (ours, _) => {
-                    if until.passed(Instant::now()) {
-                        break Err(Reply::Late);
-                    }
-                    self.pause(ours, until.at()).await;
-                }
+        // The first attempt here, the others apart and boxed: nearly every request needs only
+        // the first, and its future carries none of the waits'.
+        let (result, rounds) = match self.attempt(&trip, &body, first, 1, until).await {
+            Some((_, Reply::Done(response))) => (Ok(response), 1),
+            tried => {
+                // A first attempt that found no configuration did not go to `first` yet.
+                let first = if tried.is_none() { first } else { None };
+                Box::pin(self.again(&trip, &body, first, tried, until)).await
             }
         };
         // Settled: the answer is in hand, or never will be.
@@ -867,6 +782,127 @@ impl Inner {
                 })
             }
         }
+    }
+
+    /// The attempts after the first, which `tried` came to, until one is answered or the
+    /// request's time is up: the reply it ended on, and the attempts made.
+    async fn again(
+        self: &Arc<Self>,
+        trip: &Trip,
+        body: &[u8],
+        mut first: Option<NodeId>,
+        mut tried: Option<(u64, Reply)>,
+        until: Deadline,
+    ) -> (Result<Bytes, Reply>, u32) {
+        let mut rounds = 1u32;
+        loop {
+            match tried {
+                Some((_, Reply::Done(response))) => return (Ok(response), rounds),
+                Some((_, reply @ (Reply::Unknown(_) | Reply::Refused(_)))) => {
+                    return (Err(reply), rounds)
+                }
+                // No configuration yet: wait for the first one.
+                None => {
+                    if !self.wait_epoch(1, until.at()).await {
+                        return (Err(Reply::Late), rounds);
+                    }
+                }
+                Some((ours, Reply::Moved { epoch })) if epoch > ours => {
+                    if !self.wait_epoch(epoch, until.at()).await {
+                        return (Err(Reply::Late), rounds);
+                    }
+                }
+                // Unreachable, late, or a manager behind us: try again shortly.
+                Some((ours, _)) => {
+                    if until.passed(Instant::now()) {
+                        return (Err(Reply::Late), rounds);
+                    }
+                    self.pause(ours, until.at()).await;
+                }
+            }
+            rounds += 1;
+            tried = self.attempt(trip, body, first.take(), rounds, until).await;
+        }
+    }
+
+    /// Attempt `round` of `trip`, whose body is `body`: served here or sent to the manager of
+    /// its key by this node's epoch now (to `first`, if given, whatever the locator says).
+    /// The epoch it was routed by and the reply; `None` before this node has a configuration.
+    async fn attempt(
+        self: &Arc<Self>,
+        trip: &Trip,
+        body: &[u8],
+        first: Option<NodeId>,
+        round: u32,
+        until: Deadline,
+    ) -> Option<(u64, Reply)> {
+        let Trip { service, key, id, repeatable } = *trip;
+        // A life that stopped (renewed after the cluster declared this node failed, or shut
+        // down) sends nothing more: its waits end at once, and trying again would only spin.
+        if self.mirrors.stopped.load(Ordering::Acquire) {
+            let why = "this node's services stopped (declared failed, or shut down) while the \
+                       request waited; send it again";
+            return Some((0, Reply::Refused(why.into())));
+        }
+        let started = until.from();
+        let (epoch, located, entered) = self.router.lock().expect("router").as_ref().map(|r| {
+            let (epoch, located) = (r.epoch(), r.snapshot().locate(service, key));
+            // A first attempt at a key this node manages, while the lease holds, is served
+            // at once if nothing is in its way (`Inner::enter`).
+            let entered = (round == 1
+                && first.is_none()
+                && located == Some(self.me)
+                && self.leased_at(started))
+            .then(|| self.enter(r, service, key, epoch))
+            .flatten()
+            .and_then(Result::ok);
+            (epoch, located, entered)
+        })?;
+        if let Some(entered) = entered {
+            return Some((epoch, self.serve_entered(entered, service, key, id, body, false).await));
+        }
+        let Some(located) = located else { return Some((epoch, Reply::Unknown(service.0))) };
+        let manager = first.unwrap_or(located);
+        // The first attempt starts when the request did, and its length needs no instants:
+        // two subtractions of instants fewer per request.
+        let (now, left) = if round == 1 {
+            (started, self.config.request_deadline.min(self.config.attempt_timeout))
+        } else {
+            let now = Instant::now();
+            (now, until.left(now).min(self.config.attempt_timeout))
+        };
+        let attempt = Deadline::new(now, left);
+        // A first attempt served here has never left this node: see `serve`.
+        let fresh = round == 1 && manager == self.me;
+        let routed = Routed {
+            id,
+            service,
+            key,
+            epoch,
+            body: Bytes::new(),
+            wait_ms: left.as_millis() as u64,
+            // Not read for a fresh request.
+            settled: if fresh {
+                Settlement::default()
+            } else if repeatable {
+                self.outstanding.news_for(manager)
+            } else {
+                self.outstanding.settlement()
+            },
+            repeatable,
+        };
+        if manager == self.me {
+            // Boxed: a node's own request comes here only when something was in its way.
+            let served = Box::pin(self.serve(&routed, body, attempt, now, fresh));
+            return Some((epoch, served.await));
+        }
+        let reply = self.call_manager(manager, &routed, body, attempt).await;
+        // A node that relayed it to the key's manager noted it too.
+        let carried = routed.settled;
+        if repeatable && matches!(reply, Reply::Done(_)) && carried != Settlement::default() {
+            self.outstanding.told(manager, carried);
+        }
+        Some((epoch, reply))
     }
 
     /// Sends `routed` (its body still to fill in) to `manager`, and waits for the answer
