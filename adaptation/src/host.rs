@@ -34,7 +34,7 @@ use std::any::Any;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -64,6 +64,14 @@ pub struct HostConfig {
     /// manager while the first attempt is still being handled waits for it: the request still
     /// runs once (a [`crate::Service::repeatable`] one may run again).
     pub attempt_timeout: Duration,
+    /// Requests this node passes on to their manager at once, for senders that routed them
+    /// by an old epoch; past that, a sender is told `Moved` and asks the manager itself. Each
+    /// holds one of its sender's handler slots here while it waits for the manager, on
+    /// another connection. Kept well under the transport's slots per connection (256 by
+    /// default), relays alone never fill them: a reader out of slots stops reading its
+    /// connection, answers included, and two nodes relaying to each other would wait on each
+    /// other until their deadlines.
+    pub max_relays: usize,
 }
 
 impl Default for HostConfig {
@@ -75,6 +83,7 @@ impl Default for HostConfig {
             batch_bytes: 256 * 1024,
             answers_per_key: 4,
             attempt_timeout: Duration::from_secs(2),
+            max_relays: 64,
         }
     }
 }
@@ -192,6 +201,26 @@ impl Drop for Running<'_> {
     }
 }
 
+/// One request being passed on (`Inner::forward`); dropped, it makes room for another.
+struct Relay<'a>(&'a AtomicUsize);
+
+impl<'a> Relay<'a> {
+    /// A place among the `most` requests relayed at once, if one is free.
+    fn take(relaying: &'a AtomicUsize, most: usize) -> Option<Relay<'a>> {
+        if relaying.fetch_add(1, Ordering::AcqRel) >= most {
+            relaying.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Relay(relaying))
+    }
+}
+
+impl Drop for Relay<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What names a request on every attempt of it.
 struct Trip {
     service: ServiceId,
@@ -238,6 +267,8 @@ pub(crate) struct Inner {
     running: DashMap<RequestId, Option<Arc<tokio::sync::Notify>>, Hasher>,
     /// This node's requests in flight, as a sender.
     outstanding: Outstanding,
+    /// Requests this node passes on to their manager now (`Inner::forward`).
+    relaying: AtomicUsize,
     /// What this node's senders have settled, as a manager.
     pub(crate) settled: Mutex<Settled>,
     /// Where each kept answer is, per sender in the order kept: forgotten once settled. Taken
@@ -510,6 +541,7 @@ impl Inner {
             // Ids must not repeat across restarts of the node, or a manager would answer a new
             // request with an old request's remembered answer: start each life somewhere new.
             outstanding: Outstanding::new(boot_sequence()),
+            relaying: AtomicUsize::new(0),
             settled: Mutex::new(Settled::default()),
             kept: Mutex::new(KeptOrder::default()),
             departed: watch::channel(BTreeSet::new()).0,
@@ -966,6 +998,14 @@ impl Inner {
         if to == self.me || to == from || self.mirrors.is_departed(to) {
             return None;
         }
+        let Some(_relay) = Relay::take(&self.relaying, self.config.max_relays) else {
+            tracing::debug!(
+                origin = from.0,
+                most = self.config.max_relays,
+                "as many requests as may be are being passed on; the origin is told Moved"
+            );
+            return None;
+        };
         let wait = until.left(Instant::now());
         let message =
             Message::Forward(Routed { epoch, wait_ms: wait.as_millis() as u64, ..routed });

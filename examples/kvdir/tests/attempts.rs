@@ -255,3 +255,27 @@ fn a_request_held_by_a_manager_declared_failed_goes_to_the_new_manager_at_once()
         );
     });
 }
+
+/// A node passes on at most `max_relays` requests at once for senders routing by an old epoch;
+/// the others are told `Moved`, and their senders ask the manager themselves.
+#[test]
+fn a_node_passes_on_at_most_so_many_requests_at_once() {
+    replay(async {
+        let runs = Arc::new(AtomicU64::new(0));
+        let config = HostConfig { max_relays: 4, ..HostConfig::default() };
+        let (cluster, key) = slow_nodes(3, config, &runs).await;
+        let sender = cluster.host(NodeId(1));
+        // 51 ms: odd, so repeatable, and long enough that all six are in flight at once.
+        let body = gobelins_adaptation::codec::encode(&51u64).expect("encode");
+        let sent = (0..6).map(|_| sender.request_via(NodeId(3), SLOW, key, body.clone()));
+        let answers = futures::future::join_all(sent).await;
+
+        assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+        assert_eq!(cluster.host(NodeId(3)).stats().forwarded, 4, "four passed on");
+        assert_eq!(cluster.host(NodeId(2)).stats().served, 6, "all six served by the manager");
+        assert_eq!(sender.stats().requests_delayed, 2, "two told Moved, and sent again");
+        // Their places are free again once they are answered.
+        sender.request_via(NodeId(3), SLOW, key, body).await.expect("answered");
+        assert_eq!(cluster.host(NodeId(3)).stats().forwarded, 5, "passed on");
+    });
+}
