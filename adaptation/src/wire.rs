@@ -74,9 +74,9 @@ pub struct Routed {
 
 /// The first byte of a [`Message::Request`], and the last of a [`Reply::Done`]: they are laid
 /// out by hand (below), as are a [`Message::Local`] (tag [`LOCAL`]) and a [`Message::Forward`]
-/// (tag [`FORWARD`]); every other message is laid
-/// out by bincode, which starts with the variant's index, one byte under 251 (its varint). No
-/// index reaches these tags, so the layouts never mix.
+/// (tag [`FORWARD`]); every other message is laid out by bincode, which starts with the
+/// variant's index, one byte under 251 (its varint). No index reaches these tags, so the
+/// layouts never mix.
 const FIXED: u8 = 0xF0;
 
 /// The first byte of a [`Message::Local`], laid out by hand as a routed request is: the tag,
@@ -88,6 +88,7 @@ const LOCAL: u8 = 0xF1;
 /// The first byte of a [`Message::Forward`], laid out as a [`Message::Request`] is: the node
 /// that passes a request on neither encodes nor its manager decodes it through bincode.
 const FORWARD: u8 = 0xF2;
+
 /// A told message's header: the tag, service and key.
 const LOCAL_HEADER: usize = 1 + 2 + 8;
 
@@ -386,6 +387,18 @@ mod tests {
         assert_eq!(at + entries.size(), body.len(), "the entries are the body's tail, not a copy");
     }
 
+    /// `back` read back what `sent` says, but for the body.
+    fn assert_same_header(back: &Routed, sent: &Routed) {
+        assert_eq!(
+            (back.id, back.service, back.key, back.epoch),
+            (sent.id, sent.service, sent.key, sent.epoch)
+        );
+        assert_eq!(
+            (back.wait_ms, back.settled, back.repeatable),
+            (sent.wait_ms, sent.settled, sent.repeatable)
+        );
+    }
+
     fn routed() -> Routed {
         Routed {
             id: RequestId { origin: NodeId(3), seq: u64::MAX - 7 },
@@ -412,15 +425,7 @@ mod tests {
         };
         let at = back.body.as_ptr() as usize - frame.as_ptr() as usize;
         assert_eq!(at, ROUTED_HEADER, "the body is the frame's tail, not a copy");
-        let sent = routed();
-        assert_eq!(
-            (back.id, back.service, back.key, back.epoch),
-            (sent.id, sent.service, sent.key, sent.epoch)
-        );
-        assert_eq!(
-            (back.wait_ms, back.settled, back.repeatable),
-            (sent.wait_ms, sent.settled, sent.repeatable)
-        );
+        assert_same_header(&back, &routed());
         assert_eq!(back.body, body);
         let not = Routed { repeatable: false, ..routed() };
         let Message::Request(back) = Message::decode(Bytes::from(not.encode_request(&[]))).unwrap()
@@ -566,15 +571,8 @@ mod tests {
         let Message::Forward(back) = Message::decode(forward).unwrap() else {
             panic!("not a forward")
         };
-        let sent = with_body();
-        assert_eq!(
-            (back.id, back.key, back.epoch, back.wait_ms),
-            (sent.id, sent.key, sent.epoch, sent.wait_ms)
-        );
-        assert_eq!(
-            (back.settled, back.repeatable, back.body),
-            (sent.settled, sent.repeatable, sent.body)
-        );
+        assert_same_header(&back, &with_body());
+        assert_eq!(back.body, with_body().body);
         // Those laid out by hand are refused in bincode's layout.
         for message in [Message::Request(routed()), Message::Forward(routed())] {
             let bincode = codec::encode(&message).unwrap();
