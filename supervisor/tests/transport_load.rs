@@ -185,3 +185,69 @@ async fn a_told_message_is_handled_and_waits_for_no_answer() {
         assert!(answer.expect("answered") == want, "a call after a tell got other bytes");
     }
 }
+
+/// Answers `back` only once it has called node 1 back and heard its answer, as a manager that
+/// copies a write to its backup does; answers anything else at once.
+#[derive(Default)]
+struct CallsBack {
+    transport: std::sync::OnceLock<TcpTransport>,
+}
+
+#[async_trait]
+impl Handler for CallsBack {
+    async fn handle(self: Arc<Self>, _from: u64, request: Bytes) -> Bytes {
+        if &request[..] == b"back" {
+            let transport = self.transport.get().expect("started").clone();
+            transport
+                .call(1, Bytes::from_static(b"ping"), Duration::from_secs(30))
+                .await
+                .expect("called back");
+        }
+        request
+    }
+}
+
+/// More requests than a connection has handler slots, each of whose handlers waits for its own
+/// call back to the sender, on the same connection: the reader holds the requests it has no
+/// slot for and goes on reading the answers behind them. A reader that stopped at the first
+/// request without a slot never read those answers, and every call waited for its deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_past_the_handler_slots_do_not_hold_up_the_answers_behind_them() {
+    let secret = ClusterSecret::generate();
+    let config = TcpConfig { max_inflight: 4, ..TcpConfig::default() };
+    let start = |node: u64, handler: Arc<CallsBack>| {
+        let (secret, config) = (secret.clone(), config.clone());
+        async move {
+            let addr = free_addr();
+            let identity = Identity { secret, node, addr: addr.clone() };
+            let t = TcpTransport::start(
+                TokioNet,
+                config,
+                identity,
+                1,
+                None,
+                handler,
+                Arc::new(AdmitAll),
+            )
+            .await
+            .expect("start");
+            (t, addr)
+        }
+    };
+    let (one, two) = (Arc::new(CallsBack::default()), Arc::new(CallsBack::default()));
+    let ((a, a_addr), (b, b_addr)) =
+        (start(1, Arc::clone(&one)).await, start(2, Arc::clone(&two)).await);
+    one.transport.set(a.clone()).ok().expect("once");
+    two.transport.set(b.clone()).ok().expect("once");
+    a.set_peer(2, b_addr);
+    b.set_peer(1, a_addr);
+    a.call(2, Bytes::from_static(b"hello"), Duration::from_secs(10)).await.expect("connected");
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..40 {
+        calls.spawn(call_in_background(&a, 2, b"back", Duration::from_secs(5)));
+    }
+    while let Some(done) = calls.join_next().await {
+        let answer = done.expect("task").expect("task").expect("answered before its deadline");
+        assert_eq!(&answer[..], b"back");
+    }
+}
