@@ -68,9 +68,9 @@ pub struct HostConfig {
     /// by an old epoch; past that, a sender is told `Moved` and asks the manager itself. Each
     /// holds one of its sender's handler slots here while it waits for the manager, on
     /// another connection. Kept well under the transport's slots per connection (256 by
-    /// default), relays alone never fill them: a reader out of slots stops reading its
-    /// connection, answers included, and two nodes relaying to each other would wait on each
-    /// other until their deadlines.
+    /// default), relays alone never take them all: the sender's other requests are not held
+    /// behind them, and a reader that has held as many requests as it may stops reading, so
+    /// two nodes relaying to each other could then wait on each other until their deadlines.
     pub max_relays: usize,
 }
 
