@@ -64,19 +64,21 @@ async fn transport_with(
     node: u64,
     handler: Arc<Echo>,
 ) -> (TcpTransport, String) {
+    started(secret, node, TcpConfig::default(), handler).await
+}
+
+/// Node `node`'s transport with `config`, answering with `handler`, and its address.
+async fn started(
+    secret: &ClusterSecret,
+    node: u64,
+    config: TcpConfig,
+    handler: Arc<dyn Handler>,
+) -> (TcpTransport, String) {
     let addr = free_addr();
     let identity = Identity { secret: secret.clone(), node, addr: addr.clone() };
-    let t = TcpTransport::start(
-        TokioNet,
-        TcpConfig::default(),
-        identity,
-        1,
-        None,
-        handler,
-        Arc::new(AdmitAll),
-    )
-    .await
-    .expect("start");
+    let t = TcpTransport::start(TokioNet, config, identity, 1, None, handler, Arc::new(AdmitAll))
+        .await
+        .expect("start");
     (t, addr)
 }
 
@@ -215,28 +217,10 @@ impl Handler for CallsBack {
 async fn requests_past_the_handler_slots_do_not_hold_up_the_answers_behind_them() {
     let secret = ClusterSecret::generate();
     let config = TcpConfig { max_inflight: 4, ..TcpConfig::default() };
-    let start = |node: u64, handler: Arc<CallsBack>| {
-        let (secret, config) = (secret.clone(), config.clone());
-        async move {
-            let addr = free_addr();
-            let identity = Identity { secret, node, addr: addr.clone() };
-            let t = TcpTransport::start(
-                TokioNet,
-                config,
-                identity,
-                1,
-                None,
-                handler,
-                Arc::new(AdmitAll),
-            )
-            .await
-            .expect("start");
-            (t, addr)
-        }
-    };
     let (one, two) = (Arc::new(CallsBack::default()), Arc::new(CallsBack::default()));
-    let ((a, a_addr), (b, b_addr)) =
-        (start(1, Arc::clone(&one)).await, start(2, Arc::clone(&two)).await);
+    let (a, a_addr) =
+        started(&secret, 1, config.clone(), Arc::clone(&one) as Arc<dyn Handler>).await;
+    let (b, b_addr) = started(&secret, 2, config, Arc::clone(&two) as Arc<dyn Handler>).await;
     one.transport.set(a.clone()).ok().expect("once");
     two.transport.set(b.clone()).ok().expect("once");
     a.set_peer(2, b_addr);
