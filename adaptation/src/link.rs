@@ -58,17 +58,4 @@ pub trait Link: Send + Sync + 'static {
         let _ = started;
         self.call(to, message, deadline).await
     }
-
-    /// Sends `message`, sealed, to `to`'s [`crate::Host::handle`], whose answer nobody reads:
-    /// `Ok` once it is on its way, which does not mean `to` took it. For a message whose
-    /// sender does nothing with the answer, it saves the answer's crossing. The default makes
-    /// a call and drops the answer.
-    async fn tell(
-        &self,
-        to: NodeId,
-        message: Bytes,
-        deadline: Duration,
-    ) -> Result<(), AdaptationError> {
-        self.call(to, message, deadline).await.map(|_| ())
-    }
 }

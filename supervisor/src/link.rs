@@ -38,15 +38,6 @@ impl Link for TransportLink {
         self.transport.forget(to.0);
     }
 
-    async fn tell(
-        &self,
-        to: NodeId,
-        message: Bytes,
-        deadline: Duration,
-    ) -> Result<(), AdaptationError> {
-        self.transport.tell(to.0, message, deadline).await.map_err(|e| not_sent(to, e))
-    }
-
     async fn call(
         &self,
         to: NodeId,
