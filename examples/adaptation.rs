@@ -11,13 +11,16 @@
 //! - migration throughput (entries/s, MB/s) when a node joins, against raw loopback TCP moving
 //!   the same bytes in the same write sizes.
 //!
+//! - the same round trip and the transport's ping with cold caches (each after megabytes were
+//!   written on both sides), for what the layer costs a program whose own work evicts it.
+//!
 //! The latencies are taken in rounds, one sample of each path per round and each path first as
 //! often as the others, so that a figure and its baselines see the same state of the machine.
 //! The same paths are then timed in runs of their own, taking turns, and printed apart: on a VM
 //! whose idle vCPUs wake slowly, a path's p50 depends on what ran just before it, and the two
 //! layouts can disagree, most for the multiplexed echo.
 //!
-//! `cargo run --release --example adaptation [-- --samples 20000 --entries 60000 --value-bytes 1024]`
+//! `cargo run --release --example adaptation [-- --samples 20000 --entries 60000 --value-bytes 1024 --cold 2000]`
 //!
 //! `-- --only routed|ping|echo|mux [--count 10000]` runs one path alone and exits, for a
 //! profiler: under `valgrind --tool=callgrind`, the difference of two counts (13,000 and 3,000
@@ -80,6 +83,26 @@ fn options(root: &Path, id: u64, start: Start) -> AgentOptions {
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+/// Bytes written between two cold samples: more than a core's private caches hold.
+const EVICT_BYTES: usize = 4 << 20;
+
+/// Writes a byte into every cache line of `scratch`, on this thread and, at the same time, on
+/// a runtime worker (the one likely to serve the next request): what a program's own work does
+/// to the layer's code and data between two of its requests, as MGS's does on the DSM.
+async fn evict(scratch: &mut [u8], other: &Arc<std::sync::Mutex<Vec<u8>>>, round: usize) {
+    let other = Arc::clone(other);
+    let worker = tokio::spawn(async move {
+        let mut other = other.lock().expect("scratch");
+        for line in other.chunks_mut(64) {
+            line[0] = line[0].wrapping_add(round as u8);
+        }
+    });
+    for line in scratch.chunks_mut(64) {
+        line[0] = line[0].wrapping_add(round as u8);
+    }
+    worker.await.expect("eviction");
 }
 
 fn us(d: Duration) -> String {
@@ -391,6 +414,30 @@ fn main() {
             v.sort();
         }
 
+        // Cold: the routed request and the ping, taking turns, each after the caches were
+        // filled with other data on both sides. The difference of the two is what the layer
+        // costs a program whose own work evicts it between requests.
+        let cold_samples = arg("--cold", 2_000);
+        let mut scratch = vec![0u8; EVICT_BYTES];
+        let other = Arc::new(std::sync::Mutex::new(vec![0u8; EVICT_BYTES]));
+        let (mut cold_routed, mut cold_pings) = (Vec::new(), Vec::new());
+        for i in 0..cold_samples {
+            let k = remote[i % remote.len()];
+            for turn in 0..2 {
+                evict(&mut scratch, &other, i).await;
+                let t = Instant::now();
+                if (turn + i) % 2 == 0 {
+                    host.request(KVDIR, k, get.clone()).await.expect("get");
+                    cold_routed.push(t.elapsed());
+                } else {
+                    a.transport.call(2, ping.clone(), Duration::from_secs(5)).await.expect("ping");
+                    cold_pings.push(t.elapsed());
+                }
+            }
+        }
+        cold_routed.sort();
+        cold_pings.sort();
+
         // Pipelined: 256 requests in flight from node 1 to node 2's keys for 2 s.
         let stop = Instant::now() + Duration::from_secs(2);
         let mut tasks = tokio::task::JoinSet::new();
@@ -565,6 +612,18 @@ fn main() {
             us(run_p50[3]),
             run_p50[0].as_secs_f64() / run_p50[2].as_secs_f64(),
             run_p50[0].as_secs_f64() / run_p50[3].as_secs_f64()
+        );
+        let layer = |routed: &[Duration], pings: &[Duration]| {
+            (percentile(routed, 0.5).as_secs_f64() - percentile(pings, 0.5).as_secs_f64()) * 1e6
+        };
+        println!(
+            "Cold ({} pairs, each sample after {} MiB written on this thread and on a worker): p50 round trip {}, transport ping {}; the layer adds {:.2} µs cold against {:.2} µs in the interleaved rounds above.",
+            cold_routed.len(),
+            EVICT_BYTES >> 20,
+            us(percentile(&cold_routed, 0.5)),
+            us(percentile(&cold_pings, 0.5)),
+            layer(&cold_routed, &cold_pings),
+            layer(&routed, &pings)
         );
         c.stop().await;
         b.stop().await;
