@@ -9,8 +9,7 @@
 //!   comparison, the same request told `Moved` and sent again (two round trips);
 //! - pipelined requests per second to one manager;
 //! - migration throughput (entries/s, MB/s) when a node joins, against raw loopback TCP moving
-//!   the same bytes in the same write sizes.
-//!
+//!   the same bytes in the same write sizes;
 //! - the same round trip and the transport's ping with cold caches (each after megabytes were
 //!   written on both sides), for what the layer costs a program whose own work evicts it.
 //!

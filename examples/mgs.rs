@@ -620,8 +620,9 @@ fn main() {
         }
         // Against the target: which cells' overhead is surely under 1%, surely over,
         // or not known at the pairs they had time for.
-        let under = rows.iter().filter(|row| row.7 .1 < 1.0).count();
-        let over = rows.iter().filter(|row| row.7 .0 >= 1.0).count();
+        let ranges: Vec<(f64, f64)> = rows.iter().map(|&(.., range, _, _)| range).collect();
+        let under = ranges.iter().filter(|&&(_, high)| high < 1.0).count();
+        let over = ranges.iter().filter(|&&(low, _)| low >= 1.0).count();
         println!(
             "against 1%: {under} of {} cells surely under, {over} surely over, {} cannot tell at this many pairs",
             rows.len(),
