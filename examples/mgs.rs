@@ -264,17 +264,29 @@ fn delayed_requests(nodes: &[Node]) -> u64 {
     nodes.iter().map(|n| n.agent.supervisor.host().stats().requests_delayed).sum()
 }
 
-/// A range that holds the median of the pairs' population with about 95% confidence, from
-/// `sorted` alone (order statistics: the count of pairs below the median is binomial, n and
-/// 1/2). A cell whose range straddles a target cannot say on which side of it the overhead
+/// A range that holds the median of the pairs' population with at least about 95% confidence,
+/// from `sorted` alone (order statistics: the count of pairs below the median is binomial, n
+/// and 1/2). A cell whose range straddles a target cannot say on which side of it the overhead
 /// lies, however its own median falls: with six pairs of a large matrix, the range is the
-/// smallest pair to the largest.
-fn median_range(sorted: &[f64]) -> (f64, f64) {
+/// smallest pair to the largest. `None` under six pairs, where even that range holds the
+/// median less often (two pairs: half the time).
+fn median_range(sorted: &[f64]) -> Option<(f64, f64)> {
+    if sorted.len() < 6 {
+        return None;
+    }
     let n = sorted.len() as f64;
     let half_width = 0.98 * n.sqrt();
     let low = ((n / 2.0 - half_width).floor() as usize).clamp(1, sorted.len());
     let high = ((n / 2.0 + half_width).ceil() as usize).clamp(1, sorted.len());
-    (sorted[low - 1], sorted[high - 1])
+    Some((sorted[low - 1], sorted[high - 1]))
+}
+
+/// A cell's range as the table prints it.
+fn range_text(range: Option<(f64, f64)>) -> String {
+    match range {
+        Some((low, high)) => format!("{low:+.2}% to {high:+.2}%"),
+        None => "too few pairs".into(),
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -570,11 +582,10 @@ fn main() {
                 worst_overhead = worst_overhead.max(overhead);
                 rows.push((count, n, r, s, d, of_medians, overhead, range, quartiles, delayed));
                 eprintln!(
-                    "nodes {count} size {n}: STAT {:.1} ms, DYN {:.1} ms ({of_medians:+.2}%); {r} pairs: median {overhead:+.2}% (95% range {:+.2}% to {:+.2}%), quartiles {:+.2}% to {:+.2}%; requests retried {delayed}",
+                    "nodes {count} size {n}: STAT {:.1} ms, DYN {:.1} ms ({of_medians:+.2}%); {r} pairs: median {overhead:+.2}% (95% range {}), quartiles {:+.2}% to {:+.2}%; requests retried {delayed}",
                     ms(s),
                     ms(d),
-                    range.0,
-                    range.1,
+                    range_text(range),
                     quartiles.0,
                     quartiles.1
                 );
@@ -605,22 +616,21 @@ fn main() {
             "quartiles",
             "retried"
         );
-        for (count, n, pairs, s, d, of_medians, overhead, (low, high), (q1, q3), delayed) in &rows {
+        for (count, n, pairs, s, d, of_medians, overhead, range, (q1, q3), delayed) in &rows {
             println!(
-                "{count:>6} {n:>6} {pairs:>6} {:>12.1} {:>12.1} {:>17.2}% {:>9.2}% {:>9.2}% to {:>6.2}% {:>9.2}% to {:>6.2}% {delayed:>9}",
+                "{count:>6} {n:>6} {pairs:>6} {:>12.1} {:>12.1} {:>17.2}% {:>9.2}% {:>20} {:>9.2}% to {:>6.2}% {delayed:>9}",
                 ms(*s),
                 ms(*d),
                 of_medians,
                 overhead,
-                low,
-                high,
+                range_text(*range),
                 q1,
                 q3
             );
         }
         // Against the target: which cells' overhead is surely under 1%, surely over,
         // or not known at the pairs they had time for.
-        let ranges: Vec<(f64, f64)> = rows.iter().map(|&(.., range, _, _)| range).collect();
+        let ranges: Vec<(f64, f64)> = rows.iter().filter_map(|&(.., range, _, _)| range).collect();
         let under = ranges.iter().filter(|&&(_, high)| high < 1.0).count();
         let over = ranges.iter().filter(|&&(low, _)| low >= 1.0).count();
         println!(
