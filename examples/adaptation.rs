@@ -21,9 +21,11 @@
 //!
 //! `cargo run --release --example adaptation [-- --samples 20000 --entries 60000 --value-bytes 1024 --cold 2000]`
 //!
-//! `-- --only routed|ping|echo|mux [--count 10000]` runs one path alone and exits, for a
-//! profiler: under `valgrind --tool=callgrind`, the difference of two counts (13,000 and 3,000
-//! iterations, say) divided by 10,000 is what one operation of the path costs.
+//! `-- --only routed|typed|tell|ping|echo|mux [--count 10000]` runs one path alone and exits,
+//! for a profiler: under `valgrind --tool=callgrind`, the difference of two counts (13,000 and
+//! 3,000 iterations, say) divided by 10,000 is what one operation of the path costs. `typed` is
+//! the get a service's code sends through the router, `tell` the same get sent straight to the
+//! manager's local server (as the DSM's STAT sends): their difference is what routing costs.
 //!
 //! 60,000 entries of 1 KiB: the join moves about 20 MB, tens of milliseconds of sending. With a
 //! third of that, the phase lasted a few milliseconds, and a page fault or a vCPU waking late
@@ -335,13 +337,24 @@ fn main() {
                     "ping" => {
                         a.transport.call(2, ping.clone(), Duration::from_secs(5)).await.expect("ping");
                     }
+                    // The same get, typed, through the router (as a service's own requests go),
+                    // and told straight to node 2's local server (the DSM's STAT): what routing
+                    // costs over a request sent where the caller already knows.
+                    "typed" => {
+                        let k = remote[i % remote.len()];
+                        let _: Response = host.context().request(KVDIR, k, &Request::Get).await.expect("typed");
+                    }
+                    "tell" => {
+                        let k = remote[i % remote.len()];
+                        let _: Response = host.context().tell(NodeId(2), KVDIR, k, &Request::Get).await.expect("tell");
+                    }
                     "echo" => {
                         echo_client.round_trip().await;
                     }
                     "mux" => {
                         mux_client.round_trip().await;
                     }
-                    other => panic!("--only takes routed, ping, echo or mux, not {other}"),
+                    other => panic!("--only takes routed, typed, tell, ping, echo or mux, not {other}"),
                 }
                 took.push(t.elapsed());
             }
