@@ -360,7 +360,11 @@ fn main() {
             }
             took.sort();
             println!("{path}: {count} in a row, p50 {}", us(percentile(&took, 0.5)));
-            std::process::exit(0);
+            // Out by the agents' stop and the data directory's drop: an exit here left both
+            // nodes' directories, cluster secret included, in the temporary directory each run.
+            b.stop().await;
+            a.stop().await;
+            return;
         }
         let (mut routed, mut echo, mut mux, mut pings) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         // Per block: the routed p50 over the two echoes' p50s.
