@@ -46,8 +46,10 @@ pub const HANDSHAKE_MAX_FRAME: usize = 4 * 1024;
 const HEADER: usize = 4;
 const WIRE_HEADER: usize = 1 + 8;
 
-/// The id of a request that wants no answer ([`crate::transport::Transport::tell`]): calls
-/// number theirs from 1, and the receiver writes no response to this one.
+/// The id of a request that wants no answer: calls number theirs from 1, and the receiver
+/// writes no response to this one. Nothing in this version sends one (the adaptation layer's
+/// forwarded answer, the last told message, went with the relay); a receiver still takes one
+/// without answering, so that an id nobody waits for never gets a response.
 pub const NO_ANSWER: u64 = 0;
 
 /// A message between two admitted peers: a request, or the response to the request of the

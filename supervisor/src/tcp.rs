@@ -791,11 +791,6 @@ impl<N: Net> Transport for TcpTransport<N> {
         self.call_from(to, request, started, deadline).await
     }
 
-    async fn tell(&self, to: u64, message: Bytes, deadline: Duration) -> Result<()> {
-        let conn = self.conn_until(to, Instant::now() + deadline).await?;
-        conn.writer.send(Wire::Request { id: NO_ANSWER, body: message }).await
-    }
-
     async fn call_addr(
         &self,
         addr: &str,

@@ -42,13 +42,6 @@ pub trait Transport: Send + Sync + 'static {
         deadline: Duration,
     ) -> Result<(u64, Bytes)>;
 
-    /// Sends `message` to `to`, which answers nothing: for a notice whose sender has nothing to
-    /// do with its receipt. `Ok` once the message is written to a connection, which does not
-    /// mean `to` handled it. The default makes a call and drops the answer.
-    async fn tell(&self, to: u64, message: Bytes, deadline: Duration) -> Result<()> {
-        self.call(to, message, deadline).await.map(|_| ())
-    }
-
     /// Records where `node` listens, so that calls to it can dial.
     fn set_peer(&self, node: u64, addr: String);
 

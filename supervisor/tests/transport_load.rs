@@ -165,29 +165,6 @@ async fn a_call_in_flight_on_a_replaced_connection_is_still_answered() {
     assert!(again.expect("answered").starts_with(b"again"));
 }
 
-/// A told message reaches the peer's handler, and the teller waits for nothing: not even for a
-/// handler that never answers. Calls on the same connection still get their own answers.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_told_message_is_handled_and_waits_for_no_answer() {
-    let secret = ClusterSecret::generate();
-    let echo = Arc::new(Echo::default());
-    let ((a, _), (_b, b_addr)) =
-        (transport(&secret, 1).await, transport_with(&secret, 2, Arc::clone(&echo)).await);
-    a.set_peer(2, b_addr);
-    let hung = echo.hung.notified();
-    let told = a.tell(2, Bytes::from_static(b"hang"), Duration::from_secs(10));
-    tokio::time::timeout(Duration::from_secs(5), told)
-        .await
-        .expect("told without waiting for the handler")
-        .expect("written");
-    tokio::time::timeout(Duration::from_secs(5), hung).await.expect("the handler got it");
-    for body in [&b"after one"[..], b"after two"] {
-        let answer = a.call(2, Bytes::from_static(body), Duration::from_secs(10)).await;
-        let want: Vec<u8> = body.iter().copied().cycle().take(ANSWER).collect();
-        assert!(answer.expect("answered") == want, "a call after a tell got other bytes");
-    }
-}
-
 /// Answers `back` only once it has called node 1 back and heard its answer, as a manager that
 /// copies a write to its backup does; answers anything else at once.
 #[derive(Default)]
