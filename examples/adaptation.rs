@@ -11,7 +11,9 @@
 //! - migration throughput (entries/s, MB/s) when a node joins, against raw loopback TCP moving
 //!   the same bytes in the same write sizes;
 //! - the same round trip and the transport's ping with cold caches (each after megabytes were
-//!   written on both sides), for what the layer costs a program whose own work evicts it.
+//!   written on both sides), for what the layer costs a program whose own work evicts it; and,
+//!   just as cold, a typed get routed against the same get told to its manager's local server:
+//!   what the DSM's DYN pays over its STAT per remote request.
 //!
 //! The latencies are taken in rounds, one sample of each path per round and each path first as
 //! often as the others, so that a figure and its baselines see the same state of the machine.
@@ -21,7 +23,8 @@
 //!
 //! `cargo run --release --example adaptation [-- --samples 20000 --entries 60000 --value-bytes 1024 --cold 2000]`
 //!
-//! `-- --only routed|typed|tell|ping|echo|mux [--count 10000]` runs one path alone and exits,
+//! `-- --only routed|typed|tell|ping|echo|mux [--count 10000] [--evict]` runs one path alone
+//! (each request after the caches were filled, with `--evict`) and exits,
 //! for a profiler: under `valgrind --tool=callgrind`, the difference of two counts (13,000 and
 //! 3,000 iterations, say) divided by 10,000 is what one operation of the path costs. `typed` is
 //! the get a service's code sends through the router, `tell` the same get sent straight to the
@@ -327,8 +330,17 @@ fn main() {
         // path costs as the difference of two counts (see BENCHMARKS.md, stop 22).
         if let Some(path) = text_arg("--only") {
             let count = arg("--count", 10_000);
+            // With `--evict`, each request goes after the caches were filled with other data,
+            // as in the cold rounds: under callgrind's cache simulation, the misses a cold
+            // request takes.
+            let evicting = std::env::args().any(|a| a == "--evict");
+            let mut scratch = vec![0u8; if evicting { EVICT_BYTES } else { 0 }];
+            let other = Arc::new(std::sync::Mutex::new(scratch.clone()));
             let mut took = Vec::with_capacity(count);
             for i in 0..count {
+                if evicting {
+                    evict(&mut scratch, &other, i).await;
+                }
                 let t = Instant::now();
                 match path.as_str() {
                     "routed" => {
@@ -430,29 +442,50 @@ fn main() {
             v.sort();
         }
 
-        // Cold: the routed request and the ping, taking turns, each after the caches were
-        // filled with other data on both sides. The difference of the two is what the layer
-        // costs a program whose own work evicts it between requests.
+        // Cold: the routed request, the ping, and the typed get routed and told, taking turns,
+        // each after the caches were filled with other data on both sides. The routed request
+        // over the ping is what the layer costs a program whose own work evicts it between
+        // requests; the typed get routed over the same get told to its manager's local server
+        // is what the DSM's DYN pays over its STAT per remote request (MGS, issue 5).
         let cold_samples = arg("--cold", 2_000);
         let mut scratch = vec![0u8; EVICT_BYTES];
         let other = Arc::new(std::sync::Mutex::new(vec![0u8; EVICT_BYTES]));
-        let (mut cold_routed, mut cold_pings) = (Vec::new(), Vec::new());
+        let mut cold: [Vec<Duration>; 4] = Default::default();
+        // Per round, the typed get routed less the same get told, in nanoseconds: paired, so
+        // that the machine's drift from round to round cancels.
+        let mut routing_cold = Vec::with_capacity(cold_samples);
+        let ctx = host.context();
         for i in 0..cold_samples {
             let k = remote[i % remote.len()];
-            for turn in 0..2 {
+            let mut took = [Duration::ZERO; 4];
+            for turn in 0..4 {
+                let path = (turn + i) % 4;
                 evict(&mut scratch, &other, i).await;
                 let t = Instant::now();
-                if (turn + i) % 2 == 0 {
-                    host.request(KVDIR, k, get.clone()).await.expect("get");
-                    cold_routed.push(t.elapsed());
-                } else {
-                    a.transport.call(2, ping.clone(), Duration::from_secs(5)).await.expect("ping");
-                    cold_pings.push(t.elapsed());
+                match path {
+                    0 => {
+                        host.request(KVDIR, k, get.clone()).await.expect("get");
+                    }
+                    1 => {
+                        a.transport.call(2, ping.clone(), Duration::from_secs(5)).await.expect("ping");
+                    }
+                    2 => {
+                        let _: Response = ctx.request(KVDIR, k, &Request::Get).await.expect("typed");
+                    }
+                    _ => {
+                        let _: Response = ctx.tell(NodeId(2), KVDIR, k, &Request::Get).await.expect("told");
+                    }
                 }
+                took[path] = t.elapsed();
+                cold[path].push(took[path]);
             }
+            routing_cold.push(took[2].as_nanos() as i64 - took[3].as_nanos() as i64);
         }
-        cold_routed.sort();
-        cold_pings.sort();
+        for v in cold.iter_mut() {
+            v.sort();
+        }
+        routing_cold.sort();
+        let [cold_routed, cold_pings, cold_typed, cold_told] = cold;
 
         // Pipelined: 256 requests in flight from node 1 to node 2's keys for 2 s.
         let stop = Instant::now() + Duration::from_secs(2);
@@ -640,6 +673,14 @@ fn main() {
             us(percentile(&cold_pings, 0.5)),
             layer(&cold_routed, &cold_pings),
             layer(&routed, &pings)
+        );
+        let routing = routing_cold[routing_cold.len() / 2] as f64 / 1e3;
+        println!(
+            "Cold, the typed get routed against the same get told to its manager's local server (DYN against STAT, per remote request): p50 {} against {}; routing adds {:.2} µs (median of the {} rounds' differences).",
+            us(percentile(&cold_typed, 0.5)),
+            us(percentile(&cold_told, 0.5)),
+            routing,
+            routing_cold.len()
         );
         c.stop().await;
         b.stop().await;
