@@ -8,6 +8,7 @@
 //!  services, clients ──Host::request──▶ locate ──▶ serve here, or Link::call the manager
 //! ```
 
+use crate::codec;
 use crate::deadline::Deadline;
 use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
@@ -792,6 +793,74 @@ impl Inner {
         };
         // Settled: the answer is in hand, or never will be.
         drop(ticket);
+        self.settle(service, key, started, result, rounds)
+    }
+
+    /// A request the service may run twice, from a typed sender ([`Context::request`]). When
+    /// the key's manager is another node, its first attempt is the same as
+    /// [`Inner::request`]'s, with the message encoded in one piece (as a told one is) and
+    /// none of the other cases' code on its way: a DSM's read faults and barrier arrivals
+    /// go so, and a routed request's instructions, not its bytes, are what it pays over a
+    /// told one when the caches are cold (BENCHMARKS.md, stop 30).
+    pub(crate) async fn request_repeatable<Q: Serialize>(
+        self: &Arc<Self>,
+        service: ServiceId,
+        key: Key,
+        request: &Q,
+    ) -> Result<Bytes, AdaptationError> {
+        let Some((epoch, manager)) = self.remote_manager(service, key) else {
+            return self.request(service, key, codec::encode(request)?, None, Some(true)).await;
+        };
+        let started = Instant::now();
+        let id = RequestId { origin: self.me, seq: self.outstanding.number() };
+        let left = self.config.request_deadline.min(self.config.attempt_timeout);
+        let routed = Routed {
+            id,
+            service,
+            key,
+            epoch,
+            body: Bytes::new(),
+            wait_ms: left.as_millis() as u64,
+            settled: self.outstanding.news_for(manager),
+            repeatable: true,
+        };
+        let message = routed.encode_typed(request)?;
+        let attempt = Deadline::new(started, left);
+        let (result, rounds) = match self.send_to_manager(manager, &routed, message, attempt).await
+        {
+            Reply::Done(response) => (Ok(response), 1),
+            tried => {
+                let trip = Trip { service, key, id, repeatable: true };
+                let until = Deadline::new(started, self.config.request_deadline);
+                let body = codec::encode(request)?;
+                Box::pin(self.again(&trip, &body, None, Some((epoch, tried)), until)).await
+            }
+        };
+        self.settle(service, key, started, result, rounds)
+    }
+
+    /// The epoch and the manager of `key` when that manager is another node, and this node
+    /// still sends.
+    fn remote_manager(&self, service: ServiceId, key: Key) -> Option<(u64, NodeId)> {
+        if self.mirrors.stopped.load(Ordering::Acquire) {
+            return None;
+        }
+        let router = self.router.lock().expect("router");
+        let router = router.as_ref()?;
+        let manager = router.snapshot().locate(service, key)?;
+        (manager != self.me).then(|| (router.epoch(), manager))
+    }
+
+    /// Counts request of `service` at `key`, begun at `started`, as it ended after `rounds`
+    /// attempts, and says what its sender gets.
+    fn settle(
+        &self,
+        service: ServiceId,
+        key: Key,
+        started: Instant,
+        result: Result<Bytes, Reply>,
+        rounds: u32,
+    ) -> Result<Bytes, AdaptationError> {
         let c = &self.counters;
         match result {
             Ok(response) => {
@@ -928,25 +997,20 @@ impl Inner {
             let served = Box::pin(self.serve(&routed, body, attempt, now, fresh));
             return Some((epoch, served.await));
         }
-        let reply = self.call_manager(manager, &routed, body, attempt).await;
-        // A node that relayed it to the key's manager noted it too.
-        let carried = routed.settled;
-        if repeatable && matches!(reply, Reply::Done(_)) && carried != Settlement::default() {
-            self.outstanding.told(manager, carried);
-        }
-        Some((epoch, reply))
+        let message = routed.encode_request(body);
+        Some((epoch, self.send_to_manager(manager, &routed, message, attempt).await))
     }
 
-    /// Sends `routed` (its body still to fill in) to `manager`, and waits for the answer
-    /// until `attempt` ends (and the little more that lets the manager's own `Late` come back).
-    async fn call_manager(
+    /// Sends `message`, which is `routed` encoded with its body, to `manager`, and waits for
+    /// the answer until `attempt` ends (and the little more that lets the manager's own `Late`
+    /// come back).
+    async fn send_to_manager(
         &self,
         manager: NodeId,
         routed: &Routed,
-        body: &[u8],
+        message: Vec<u8>,
         attempt: Deadline,
     ) -> Reply {
-        let bytes = routed.encode_request(body);
         // Gone already: ask the new manager. Gone while we wait: `Host::update` has the link
         // abandon the call.
         if self.mirrors.is_departed(manager) {
@@ -955,9 +1019,16 @@ impl Inner {
         // A little longer than the manager will wait, so that its own `Late` reaches us.
         // From when the attempt began: the link need not read the clock again.
         let (started, left) = (attempt.from(), attempt.wait());
-        let sealed = self.link.seal(bytes);
+        let sealed = self.link.seal(message);
         let outcome = self.link.call_at(manager, sealed, started, left + self.config.retry).await;
-        self.reply_from(manager, outcome)
+        let reply = self.reply_from(manager, outcome);
+        // A node that relayed it to the key's manager noted it too.
+        let carried = routed.settled;
+        if routed.repeatable && matches!(reply, Reply::Done(_)) && carried != Settlement::default()
+        {
+            self.outstanding.told(manager, carried);
+        }
+        reply
     }
 
     /// What a call to `manager` came to.
@@ -1316,6 +1387,33 @@ impl Inner {
         }
     }
 
+    /// Serves a request from node `from`, or passes it on to its key's manager.
+    async fn serve_request(self: &Arc<Self>, from: NodeId, routed: Routed) -> Reply {
+        match self.serve_routed(&routed).await {
+            (Reply::Moved { epoch }, until) => {
+                // Boxed: a rare path, which would enlarge every request's future.
+                Box::pin(self.forward(from, routed, until)).await.unwrap_or(Reply::Moved { epoch })
+            }
+            (reply, _) => reply,
+        }
+    }
+
+    /// [`Inner::serve_request`] for a repeatable request, with the case where nothing is in its
+    /// way apart: a DSM's read faults and barrier arrivals come so. The code it runs is what
+    /// a cold request pays for, line by line, and `serve_routed` holds all of `serve`'s waits
+    /// (BENCHMARKS.md, stop 30).
+    async fn serve_repeatable(self: &Arc<Self>, from: NodeId, routed: Routed) -> Reply {
+        match self.enter_repeatable(&routed, Instant::now()) {
+            Some(Ok(entered)) => {
+                let Routed { id, service, key, .. } = routed;
+                self.serve_entered(entered, service, key, id, &routed.body, true).await
+            }
+            // Everything else: boxed, and from the start (noting the settlement again is no
+            // news, and the gate's pass was not taken).
+            _ => Box::pin(self.serve_request(from, routed)).await,
+        }
+    }
+
     /// For a repeatable request that arrived at `now`: its sender's settlement noted and, while
     /// the lease holds, [`Inner::enter`]. `None` sends it through [`Inner::serve`], which notes
     /// the settlement again (it is no news then).
@@ -1333,15 +1431,10 @@ impl Inner {
 
     async fn answer(self: &Arc<Self>, from: NodeId, message: Message) -> Reply {
         match message {
-            Message::Request(routed) => match self.serve_routed(&routed).await {
-                (Reply::Moved { epoch }, until) => {
-                    // Boxed: a rare path, which would enlarge every request's future.
-                    Box::pin(self.forward(from, routed, until))
-                        .await
-                        .unwrap_or(Reply::Moved { epoch })
-                }
-                (reply, _) => reply,
-            },
+            Message::Request(routed) if routed.repeatable => {
+                self.serve_repeatable(from, routed).await
+            }
+            Message::Request(routed) => self.serve_request(from, routed).await,
             // Served, not passed on again: a manager that has moved on says so, and the origin
             // routes anew. One hop at most. Boxed, as are batches: rare, and inline it would
             // enlarge every request's future.

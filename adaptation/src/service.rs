@@ -105,10 +105,11 @@ impl Context {
         let peers = self.peers.as_ref().ok_or(AdaptationError::Detached)?;
         // `Service::repeatable` asked of the request in hand, when it is the service's own
         // type: the host would otherwise decode the body again to ask.
-        let repeatable = peers.repeatable_of(service, request);
-        codec::decode(
-            &peers.request(service, key, codec::encode(request)?, None, repeatable).await?,
-        )
+        let answer = match peers.repeatable_of(service, request) {
+            Some(true) => peers.request_repeatable(service, key, request).await?,
+            judged => peers.request(service, key, codec::encode(request)?, None, judged).await?,
+        };
+        codec::decode(&answer)
     }
 
     /// Sends `request` to the local server of `service` on `node` (a replica holder, say):

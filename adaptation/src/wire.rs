@@ -115,21 +115,38 @@ impl Routed {
         self.encode_tagged(FIXED, body)
     }
 
+    /// The request with the typed `request` as its body, encoded behind the header in one
+    /// buffer: what [`Routed::encode_request`] writes for that body, without encoding the
+    /// body apart first and copying it.
+    pub(crate) fn encode_typed<Q: Serialize>(
+        &self,
+        request: &Q,
+    ) -> Result<Vec<u8>, AdaptationError> {
+        codec::encode_after(&self.header(FIXED), request, codec::SPARE)
+    }
+
     /// `self` with `body`, laid out by hand behind `tag`.
     fn encode_tagged(&self, tag: u8, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(ROUTED_HEADER + body.len() + codec::SPARE);
-        out.push(tag);
-        out.extend_from_slice(&self.id.origin.0.to_le_bytes());
-        out.extend_from_slice(&self.id.seq.to_le_bytes());
-        out.extend_from_slice(&self.service.0.to_le_bytes());
-        out.extend_from_slice(&self.key.0.to_le_bytes());
-        out.extend_from_slice(&self.epoch.to_le_bytes());
-        out.extend_from_slice(&self.wait_ms.to_le_bytes());
-        out.extend_from_slice(&self.settled.since.to_le_bytes());
-        out.extend_from_slice(&self.settled.below.to_le_bytes());
-        out.push(u8::from(self.repeatable));
+        out.extend_from_slice(&self.header(tag));
         out.extend_from_slice(body);
         out
+    }
+
+    /// The header `tag` and the fields, as [`Routed::decode_request`] reads them.
+    fn header(&self, tag: u8) -> [u8; ROUTED_HEADER] {
+        let mut header = [0u8; ROUTED_HEADER];
+        header[0] = tag;
+        header[1..9].copy_from_slice(&self.id.origin.0.to_le_bytes());
+        header[9..17].copy_from_slice(&self.id.seq.to_le_bytes());
+        header[17..19].copy_from_slice(&self.service.0.to_le_bytes());
+        header[19..27].copy_from_slice(&self.key.0.to_le_bytes());
+        header[27..35].copy_from_slice(&self.epoch.to_le_bytes());
+        header[35..43].copy_from_slice(&self.wait_ms.to_le_bytes());
+        header[43..51].copy_from_slice(&self.settled.since.to_le_bytes());
+        header[51..59].copy_from_slice(&self.settled.below.to_le_bytes());
+        header[59] = u8::from(self.repeatable);
+        header
     }
 
     /// Reads what [`Routed::encode_request`] wrote, whatever its tag; the body is a slice of
