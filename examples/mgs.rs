@@ -21,7 +21,10 @@
 //! more. Each cell also gets a range that holds its median with about 95% confidence (order
 //! statistics of its pairs), and a line after the table counts the cells surely under 1%,
 //! surely over, and those whose pairs cannot tell: a large matrix has time for six pairs,
-//! whose range runs from the smallest to the largest.
+//! whose range runs from the smallest to the largest. `routed` is how many requests a DYN run
+//! sends through the router between its first and last barrier (STAT tells them instead), and
+//! `µs/routed` the median over the pairs of DYN's time less STAT's, per such request: the
+//! overhead as a cost per request, which the adaptation example's cold rounds time alone.
 //!
 //! Column `j` of the n×n matrix lives in its own pages and is computed by node `(j / 2) % N`:
 //! columns are dealt in pairs, so that the node computing a column is the manager of its
@@ -34,7 +37,7 @@
 //!
 //! The last line is `mgs: max_overhead_pct=<x> max_orthogonality_error=<e> runs=<n>`.
 
-use gobelins_adaptation::{plugin, ChangeRecord, HostConfig, Registry};
+use gobelins_adaptation::{plugin, ChangeRecord, Host, HostConfig, Registry};
 use gobelins_dsm::{barrier_key, Dsm, DsmConfig, DsmNode, PageId, Placement, Segment, PAGE_SIZE};
 use gobelins_locator::Labels;
 use gobelins_supervisor::agent::{Agent, AgentOptions, Start};
@@ -179,14 +182,16 @@ fn computed_by(j: usize, parties: usize) -> usize {
     (j / 2) % parties
 }
 
-/// One node's part of MGS. Returns the time from the start barrier to the end barrier.
+/// One node's part of MGS. Returns the time from the start barrier to the end barrier, and
+/// the requests this node's host routed in that time.
 async fn worker(
     dsm: Dsm,
+    host: Host,
     layout: std::sync::Arc<Layout>,
     me: usize,
     parties: usize,
     mut at_quarter: Option<tokio::sync::oneshot::Sender<()>>,
-) -> Duration {
+) -> (Duration, u64) {
     let n = layout.n;
     let barrier = u64::from(layout.segment.id);
     let mine: Vec<usize> = (0..n).filter(|&j| computed_by(j, parties) == me).collect();
@@ -198,6 +203,7 @@ async fn worker(
     // The column buffers, reused: allocated afresh for each column, a 1024 × 1024 run on two
     // nodes made 1.6 million allocations of 8 KiB, all of them in the timed part.
     let (mut bytes, mut q, mut a) = (Vec::new(), Vec::new(), Vec::new());
+    let routed_before = host.stats().requests_ok;
     let started = Instant::now();
     for k in 0..n {
         if k == n / 4 {
@@ -221,7 +227,7 @@ async fn worker(
         }
     }
     dsm.barrier(barrier, parties as u32).await.expect("barrier");
-    started.elapsed()
+    (started.elapsed(), host.stats().requests_ok - routed_before)
 }
 
 /// max |QᵀQ − I| over the result, read through `dsm`.
@@ -243,8 +249,9 @@ async fn orthogonality_error(dsm: &Dsm, layout: &Layout) -> f64 {
 
 static SEGMENTS: AtomicU32 = AtomicU32::new(1);
 
-/// One MGS run on `nodes` in `placement`; returns its time and error.
-async fn run(nodes: &[Node], n: usize, placement: Placement) -> (Duration, f64) {
+/// One MGS run on `nodes` in `placement`; returns its time, its error, and the requests the
+/// nodes routed in the timed part (none under STAT, which tells the manager).
+async fn run(nodes: &[Node], n: usize, placement: Placement) -> (Duration, f64, u64) {
     run_signalling(nodes, n, placement, None).await
 }
 
@@ -254,25 +261,29 @@ async fn run_signalling(
     n: usize,
     placement: Placement,
     mut at_quarter: Option<tokio::sync::oneshot::Sender<()>>,
-) -> (Duration, f64) {
+) -> (Duration, f64, u64) {
     let layout = std::sync::Arc::new(Layout::new(SEGMENTS.fetch_add(1, Ordering::Relaxed), n));
     let parties = nodes.len();
     let mut tasks = Vec::new();
     for (me, node) in nodes.iter().enumerate() {
         let dsm = node.dsm.clone().with_placement(placement);
         let signal = at_quarter.take();
-        tasks.push(tokio::spawn(worker(dsm, std::sync::Arc::clone(&layout), me, parties, signal)));
+        let host = node.agent.supervisor.host().clone();
+        let layout = std::sync::Arc::clone(&layout);
+        tasks.push(tokio::spawn(worker(dsm, host, layout, me, parties, signal)));
     }
-    let mut took = Duration::ZERO;
+    let (mut took, mut routed) = (Duration::ZERO, 0);
     for t in tasks {
-        took = took.max(t.await.expect("worker"));
+        let (its, routed_by_it) = t.await.expect("worker");
+        took = took.max(its);
+        routed += routed_by_it;
     }
     let dsm = nodes[0].dsm.clone().with_placement(placement);
     let error = orthogonality_error(&dsm, &layout).await;
     // Every run makes a segment of its own. Kept, 41 runs of 512 × 512 on two nodes held
     // 211 MB (every node keeps every page it read); freed after each run, 20 MB.
     dsm.free(&layout.segment).await.expect("free the run's segment");
-    (took, error)
+    (took, error, routed)
 }
 
 /// Requests the nodes' hosts had to send more than once (a manager unreachable, late, or
@@ -561,6 +572,8 @@ fn main() {
                 run(&nodes, n, Placement::Static).await;
                 run(&nodes, n, Placement::Locator).await;
                 let (mut stat, mut dynamic) = (Vec::new(), Vec::new());
+                // Per DYN run, the requests it routed: what its time over STAT's is paid for.
+                let mut routed = Vec::new();
                 let mut delayed = 0;
                 let cell_started = Instant::now();
                 let mut r = 0;
@@ -573,14 +586,17 @@ fn main() {
                     };
                     for placement in order {
                         let before = delayed_requests(&nodes);
-                        let (took, error) = run(&nodes, n, placement).await;
+                        let (took, error, routed_in_run) = run(&nodes, n, placement).await;
                         delayed += delayed_requests(&nodes) - before;
                         assert!(error < 1e-8, "MGS went wrong: max |QᵀQ − I| = {error:e}");
                         worst_error = worst_error.max(error);
                         total_runs += 1;
                         match placement {
                             Placement::Static => stat.push(took),
-                            Placement::Locator => dynamic.push(took),
+                            Placement::Locator => {
+                                dynamic.push(took);
+                                routed.push(routed_in_run);
+                            }
                         }
                     }
                     r += 1;
@@ -594,12 +610,27 @@ fn main() {
                 let overhead = (paired[paired.len() / 2 - 1] + paired[paired.len() / 2]) / 2.0;
                 let quartiles = (paired[paired.len() / 4], paired[paired.len() * 3 / 4]);
                 let range = median_range(&paired);
+                // DYN's time over STAT's in each pair, per request the DYN run routed: the
+                // overhead as a cost per request, to hold against the adaptation example's
+                // (cold, routed against told).
+                let mut per_request: Vec<f64> = stat
+                    .iter()
+                    .zip(&dynamic)
+                    .zip(&routed)
+                    .map(|((s, d), &r)| (d.as_secs_f64() - s.as_secs_f64()) * 1e6 / r.max(1) as f64)
+                    .collect();
+                per_request.sort_by(f64::total_cmp);
+                let middle = per_request.len() / 2;
+                let per_request = (per_request[middle - 1] + per_request[middle]) / 2.0;
+                routed.sort_unstable();
+                let routed_per_run = routed[routed.len() / 2];
                 let (s, d) = (median(stat), median(dynamic));
                 let of_medians = (d.as_secs_f64() / s.as_secs_f64() - 1.0) * 100.0;
                 worst_overhead = worst_overhead.max(overhead);
-                rows.push((count, n, r, s, d, of_medians, overhead, range, quartiles, delayed));
+                let cost = (routed_per_run, per_request);
+                rows.push((count, n, r, s, d, of_medians, overhead, range, quartiles, cost, delayed));
                 eprintln!(
-                    "nodes {count} size {n}: STAT {:.1} ms, DYN {:.1} ms ({of_medians:+.2}%); {r} pairs: median {overhead:+.2}% (95% range {}), quartiles {:+.2}% to {:+.2}%; requests retried {delayed}",
+                    "nodes {count} size {n}: STAT {:.1} ms, DYN {:.1} ms ({of_medians:+.2}%); {r} pairs: median {overhead:+.2}% (95% range {}), quartiles {:+.2}% to {:+.2}%; {routed_per_run} requests routed a DYN run, {per_request:+.2} µs each over STAT; requests retried {delayed}",
                     ms(s),
                     ms(d),
                     range_text(range),
@@ -621,7 +652,7 @@ fn main() {
             cell_time.as_secs_f64()
         );
         println!(
-            "{:>6} {:>6} {:>6} {:>12} {:>12} {:>18} {:>10} {:>20} {:>20} {:>9}",
+            "{:>6} {:>6} {:>6} {:>12} {:>12} {:>18} {:>10} {:>20} {:>20} {:>8} {:>10} {:>9}",
             "nodes",
             "size",
             "pairs",
@@ -631,11 +662,14 @@ fn main() {
             "overhead",
             "95% range",
             "quartiles",
+            "routed",
+            "µs/routed",
             "retried"
         );
-        for (count, n, pairs, s, d, of_medians, overhead, range, (q1, q3), delayed) in &rows {
+        for (count, n, pairs, s, d, of_medians, overhead, range, (q1, q3), cost, delayed) in &rows {
+            let (routed, per_request) = cost;
             println!(
-                "{count:>6} {n:>6} {pairs:>6} {:>12.1} {:>12.1} {:>17.2}% {:>9.2}% {:>20} {:>9.2}% to {:>6.2}% {delayed:>9}",
+                "{count:>6} {n:>6} {pairs:>6} {:>12.1} {:>12.1} {:>17.2}% {:>9.2}% {:>20} {:>9.2}% to {:>6.2}% {routed:>8} {per_request:>+10.2} {delayed:>9}",
                 ms(*s),
                 ms(*d),
                 of_medians,
@@ -647,7 +681,7 @@ fn main() {
         }
         // Against the target: which cells' overhead is surely under 1%, surely over,
         // or not known at the pairs they had time for.
-        let ranges: Vec<(f64, f64)> = rows.iter().filter_map(|&(.., range, _, _)| range).collect();
+        let ranges: Vec<(f64, f64)> = rows.iter().filter_map(|&(.., range, _, _, _)| range).collect();
         let under = ranges.iter().filter(|&&(_, high)| high < 1.0).count();
         let over = ranges.iter().filter(|&&(low, _)| low >= 1.0).count();
         println!(
@@ -673,7 +707,7 @@ fn main() {
             let node = start_node(&options(root.path(), count as u64 + 1, Start::Join(seed))).await;
             (node, t)
         };
-        let ((took, error), (joined, join_started)) = tokio::join!(computation, joiner);
+        let ((took, error, _), (joined, join_started)) = tokio::join!(computation, joiner);
         assert!(error < 1e-8, "MGS went wrong during the join: max |QᵀQ − I| = {error:e}");
         worst_error = worst_error.max(error);
         total_runs += 1;
