@@ -231,6 +231,16 @@ struct Trip {
     repeatable: bool,
 }
 
+impl Trip {
+    /// The request as it goes to a manager at `epoch`, which may wait `left` for it, carrying
+    /// `settled`; its body goes in when it is encoded.
+    fn routed(&self, epoch: u64, left: Duration, settled: Settlement) -> Routed {
+        let Trip { service, key, id, repeatable } = *self;
+        let wait_ms = left.as_millis() as u64;
+        Routed { id, service, key, epoch, body: Bytes::new(), wait_ms, settled, repeatable }
+    }
+}
+
 /// A request [`Inner::enter`] let in: its pass through the gate, and the router's epoch and
 /// snapshot under that pass.
 type Entered<'a> = (Pass<'a>, u64, Arc<Snapshot>);
@@ -799,9 +809,9 @@ impl Inner {
     /// A request the service may run twice, from a typed sender ([`Context::request`]). When
     /// the key's manager is another node, its first attempt is the same as
     /// [`Inner::request`]'s, with the message encoded in one piece (as a told one is) and
-    /// none of the other cases' code on its way: a DSM's read faults and barrier arrivals
-    /// go so, and a routed request's instructions, not its bytes, are what it pays over a
-    /// told one when the caches are cold (BENCHMARKS.md, stop 30).
+    /// none of the other cases' code on its way. A DSM's read faults and barrier arrivals go
+    /// so; with cold caches, a request pays for each line of code it runs, and these lines
+    /// were most of what a routed request cost over a told one (BENCHMARKS.md, stop 30).
     pub(crate) async fn request_repeatable<Q: Serialize>(
         self: &Arc<Self>,
         service: ServiceId,
@@ -813,24 +823,15 @@ impl Inner {
         };
         let started = Instant::now();
         let id = RequestId { origin: self.me, seq: self.outstanding.number() };
+        let trip = Trip { service, key, id, repeatable: true };
         let left = self.config.request_deadline.min(self.config.attempt_timeout);
-        let routed = Routed {
-            id,
-            service,
-            key,
-            epoch,
-            body: Bytes::new(),
-            wait_ms: left.as_millis() as u64,
-            settled: self.outstanding.news_for(manager),
-            repeatable: true,
-        };
+        let routed = trip.routed(epoch, left, self.outstanding.news_for(manager));
         let message = routed.encode_typed(request)?;
         let attempt = Deadline::new(started, left);
         let (result, rounds) = match self.send_to_manager(manager, &routed, message, attempt).await
         {
             Reply::Done(response) => (Ok(response), 1),
             tried => {
-                let trip = Trip { service, key, id, repeatable: true };
                 let until = Deadline::new(started, self.config.request_deadline);
                 let body = codec::encode(request)?;
                 Box::pin(self.again(&trip, &body, None, Some((epoch, tried)), until)).await
@@ -851,7 +852,7 @@ impl Inner {
         (manager != self.me).then(|| (router.epoch(), manager))
     }
 
-    /// Counts request of `service` at `key`, begun at `started`, as it ended after `rounds`
+    /// Counts a request of `service` at `key`, begun at `started`, as it ended after `rounds`
     /// attempts, and says what its sender gets.
     fn settle(
         &self,
@@ -975,23 +976,15 @@ impl Inner {
         let attempt = Deadline::new(now, left);
         // A first attempt served here has never left this node: see `serve`.
         let fresh = round == 1 && manager == self.me;
-        let routed = Routed {
-            id,
-            service,
-            key,
-            epoch,
-            body: Bytes::new(),
-            wait_ms: left.as_millis() as u64,
-            // Not read for a fresh request.
-            settled: if fresh {
-                Settlement::default()
-            } else if repeatable {
-                self.outstanding.news_for(manager)
-            } else {
-                self.outstanding.settlement()
-            },
-            repeatable,
+        // Not read for a fresh request.
+        let settled = if fresh {
+            Settlement::default()
+        } else if repeatable {
+            self.outstanding.news_for(manager)
+        } else {
+            self.outstanding.settlement()
         };
+        let routed = trip.routed(epoch, left, settled);
         if manager == self.me {
             // Boxed: a node's own request comes here only when something was in its way.
             let served = Box::pin(self.serve(&routed, body, attempt, now, fresh));
@@ -1399,8 +1392,8 @@ impl Inner {
     }
 
     /// [`Inner::serve_request`] for a repeatable request, with the case where nothing is in its
-    /// way apart: a DSM's read faults and barrier arrivals come so. The code it runs is what
-    /// a cold request pays for, line by line, and `serve_routed` holds all of `serve`'s waits
+    /// way apart: a DSM's read faults and barrier arrivals come so. A cold request pays for
+    /// each line of code it runs, and `serve_routed` holds all of `serve`'s waits
     /// (BENCHMARKS.md, stop 30).
     async fn serve_repeatable(self: &Arc<Self>, from: NodeId, routed: Routed) -> Reply {
         match self.enter_repeatable(&routed, Instant::now()) {

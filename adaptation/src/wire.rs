@@ -453,6 +453,18 @@ mod tests {
     }
 
     #[test]
+    fn a_typed_request_encoded_in_one_piece_is_the_same_message_as_its_body_encoded_apart() {
+        let request = (7u64, String::from("a read fault"), vec![1u8; 40]);
+        let whole = routed().encode_typed(&request).unwrap();
+        assert_eq!(whole, routed().encode_request(&codec::encode(&request).unwrap()));
+        let Message::Request(back) = Message::decode(Bytes::from(whole)).unwrap() else {
+            panic!("not a request")
+        };
+        assert_same_header(&back, &routed());
+        assert_eq!(codec::decode::<(u64, String, Vec<u8>)>(&back.body).unwrap(), request);
+    }
+
+    #[test]
     fn a_request_cut_short_or_with_a_bad_flag_is_refused() {
         let whole = routed().encode_request(b"body");
         let short = Bytes::copy_from_slice(&whole[..ROUTED_HEADER - 1]);
