@@ -22,7 +22,8 @@
 //! statistics of its pairs), and a line after the table counts the cells surely under 1%,
 //! surely over, and those whose pairs cannot tell: a large matrix has time for six pairs,
 //! whose range runs from the smallest to the largest. `routed` is how many requests a DYN run
-//! sends through the router between its first and last barrier (STAT tells them instead), and
+//! sends through the router from its first barrier to its last, both included (STAT tells
+//! them instead), and
 //! `µs/routed` the median over the pairs of DYN's time less STAT's, per such request: the
 //! overhead as a cost per request, which the adaptation example's cold rounds time alone.
 //!
@@ -183,7 +184,7 @@ fn computed_by(j: usize, parties: usize) -> usize {
 }
 
 /// One node's part of MGS. Returns the time from the start barrier to the end barrier, and
-/// the requests this node's host routed in that time.
+/// the requests this node's host routed from its arrival at the one to the other.
 async fn worker(
     dsm: Dsm,
     host: Host,
@@ -199,11 +200,14 @@ async fn worker(
         let column: Vec<f64> = (0..n).map(|i| entry(7, i, j)).collect();
         layout.write(&dsm, j, &column).await;
     }
+    // Read before the start barrier, not after: `Host::stats` also walks the kept answers,
+    // and after the barrier it would run inside the other nodes' timed parts. The count
+    // takes in this node's arrival at the start barrier.
+    let routed_before = host.stats().requests_ok;
     dsm.barrier(barrier, parties as u32).await.expect("barrier");
     // The column buffers, reused: allocated afresh for each column, a 1024 × 1024 run on two
     // nodes made 1.6 million allocations of 8 KiB, all of them in the timed part.
     let (mut bytes, mut q, mut a) = (Vec::new(), Vec::new(), Vec::new());
-    let routed_before = host.stats().requests_ok;
     let started = Instant::now();
     for k in 0..n {
         if k == n / 4 {
@@ -250,7 +254,7 @@ async fn orthogonality_error(dsm: &Dsm, layout: &Layout) -> f64 {
 static SEGMENTS: AtomicU32 = AtomicU32::new(1);
 
 /// One MGS run on `nodes` in `placement`; returns its time, its error, and the requests the
-/// nodes routed in the timed part (none under STAT, which tells the manager).
+/// nodes routed from the start barrier to the end one (none under STAT, which tells the manager).
 async fn run(nodes: &[Node], n: usize, placement: Placement) -> (Duration, f64, u64) {
     run_signalling(nodes, n, placement, None).await
 }
