@@ -62,8 +62,9 @@ pub enum AdaptationError {
         max: u64,
     },
     /// A request could not complete before its deadline: its manager stayed unreachable, or the
-    /// change it waited for did not end. It may or may not have run; retrying it with the same
-    /// id runs it at most once.
+    /// change it waited for did not end. It may or may not have run: sending it again is a
+    /// new request, with a new id, which may run it a second time. Send again only what is
+    /// safe to run twice, or read the key first to learn whether the first one took effect.
     #[error("request for key {key} of service {service} did not complete within {waited_ms} ms")]
     Deadline {
         /// The service.

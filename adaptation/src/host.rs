@@ -667,7 +667,9 @@ impl Inner {
         if list.iter().any(|(id, _, _)| *id == answered.id) {
             return;
         }
-        if list.len() >= self.config.answers_per_key {
+        // At least one: with none, there would be nothing to push out and nowhere to keep.
+        let most = self.config.answers_per_key.max(1);
+        if list.len() >= most {
             // Out first: an answer its sender settled, which no retry needs. One a retry may
             // still need stays, up to `UNSETTLED_ROOM` times the setting: pushed out, its
             // request would run a second time if retried (a hot key answers many senders
@@ -677,7 +679,7 @@ impl Inner {
                 Some(at) => {
                     list.remove(at);
                 }
-                None if list.len() >= self.config.answers_per_key * UNSETTLED_ROOM => {
+                None if list.len() >= most * UNSETTLED_ROOM => {
                     tracing::warn!(key = answered.key.0, kept = list.len(), "an answer a retry may still need was pushed out by later ones: should that retry come, its request runs again");
                     list.remove(0);
                 }
@@ -1696,6 +1698,25 @@ mod tests {
         }
         assert_eq!(held().len(), 2 * UNSETTLED_ROOM);
         assert_eq!(held()[0], 40 - 2 * UNSETTLED_ROOM as u64, "the oldest went first");
+        inner.stop();
+    }
+
+    /// A config asking for no answer kept per key keeps one: with none, the first answer to
+    /// keep pushed out of an empty list panicked, under the settled map's lock.
+    #[tokio::test(start_paused = true)]
+    async fn a_config_of_no_answers_per_key_keeps_one_and_does_not_panic() {
+        const KV: ServiceId = ServiceId(1);
+        let link = Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) });
+        let config = HostConfig { answers_per_key: 0, ..HostConfig::default() };
+        let inner = Inner::spawn(NodeId(1), Registry::new(), link, config);
+        let now = Instant::now();
+        for seq in 1..=3 {
+            let id = RequestId { origin: NodeId(2), seq };
+            inner.keep(KV, Answered { key: Key(7), id, response: Bytes::from_static(b"ok") }, now);
+        }
+        let kept = inner.answers.get(&(KV, Key(7))).map(|l| l.len());
+        assert_eq!(kept, Some(3), "none settled: each may still be retried");
+        assert!(!inner.settled.is_poisoned(), "no panic under the settled map's lock");
         inner.stop();
     }
 

@@ -377,19 +377,33 @@ pub fn plugin<S: Service>(service: S) -> Box<dyn Plugin> {
 struct Erased<S>(S);
 
 /// Encodes `entries` into `packer`, shipping each run as it fills; gives them back. Owned
-/// rather than borrowed across the waits: an entry need not be `Sync`.
+/// rather than borrowed across the waits: an entry need not be `Sync`. An entry that does not
+/// encode is left out, named in the log, and the others still go: stopping at it lost every
+/// entry after it without a word. The first such error is returned.
 async fn pack<E: Serialize>(
     entries: Vec<(Key, E)>,
     packer: &mut Packer,
 ) -> (Vec<(Key, E)>, Result<(), AdaptationError>) {
+    let mut first = None;
+    let mut failed = 0usize;
     for i in 0..entries.len() {
         let (key, entry) = &entries[i];
         if let Err(e) = packer.push(*key, entry) {
-            return (entries, Err(e));
+            tracing::error!(key = key.0, error = %e, "an entry that does not encode was left out of the migration: its new manager will not have it (fix the service's Entry type; the copy this node keeps, if any, is all that is left)");
+            failed += 1;
+            first.get_or_insert(e);
+            continue;
         }
         packer.flush().await;
     }
-    (entries, Ok(()))
+    let packed = match first {
+        None => Ok(()),
+        Some(e) if failed == 1 => Err(e),
+        Some(e) => {
+            Err(AdaptationError::Codec(format!("{failed} entries did not encode; the first: {e}")))
+        }
+    };
+    (entries, packed)
 }
 
 #[async_trait]
@@ -468,6 +482,33 @@ impl<S: Service> Plugin for Erased<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An entry whose value refuses to encode.
+    struct Refuses(bool);
+
+    impl Serialize for Refuses {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            if self.0 {
+                return Err(serde::ser::Error::custom("this entry does not encode"));
+            }
+            s.serialize_u8(1)
+        }
+    }
+
+    #[tokio::test]
+    async fn an_entry_that_does_not_encode_is_left_out_and_the_others_still_go() {
+        let entries: Vec<(Key, Refuses)> = (0..10).map(|k| (Key(k), Refuses(k == 3))).collect();
+        let mut packer = Packer::new(|_| NodeId(2), 1 << 20);
+        let (back, packed) = pack(entries, &mut packer).await;
+        assert!(packed.is_err(), "the failure is reported");
+        assert_eq!(back.len(), 10, "every entry comes back to the service");
+        let shipped: Vec<u64> = packer
+            .finish()
+            .into_iter()
+            .flat_map(|(_, run)| run.into_run().entries().map(|(k, _)| k.0).collect::<Vec<_>>())
+            .collect();
+        assert_eq!(shipped, vec![0, 1, 2, 4, 5, 6, 7, 8, 9], "all but the one that failed");
+    }
 
     #[test]
     fn a_key_s_destination_is_found_among_scattered_moves_in_any_order() {
