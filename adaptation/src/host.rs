@@ -1163,10 +1163,12 @@ impl Inner {
             // Taken at once unless a hold waits for it. Then the wait is fair to the hold, and
             // bounded: a handle that calls back into this node while a hold waits for the gate
             // would otherwise wait on itself.
-            let gate = match self.gate.try_pass() {
-                Some(gate) => gate,
+            let (gate, leased) = match self.gate.try_pass() {
+                Some(gate) => (gate, leased),
+                // The lease is looked at again after the wait: it may have run out meanwhile,
+                // and a handler that never yields is not looked at after it runs.
                 None => match Box::pin(self.gate.pass(until.at())).await {
-                    Some(gate) => gate,
+                    Some(gate) => (gate, self.leased()),
                     None => return Reply::Late,
                 },
             };

@@ -279,3 +279,70 @@ fn a_node_passes_on_at_most_so_many_requests_at_once() {
         assert_eq!(cluster.host(NodeId(3)).stats().forwarded, 5, "passed on");
     });
 }
+
+/// A request that waited at the gate while a change's hold waited out a slow handler, and
+/// whose manager's lease ran out meanwhile, is served only once the lease is renewed. Its
+/// handler never yields, so nothing looks at the lease after it runs: the look before the
+/// wait must not stand for after it.
+#[test]
+fn a_request_that_waited_at_the_gate_while_the_lease_ran_out_waits_for_the_renewal() {
+    replay(async {
+        let config = HostConfig {
+            attempt_timeout: Duration::from_secs(2),
+            request_deadline: Duration::from_secs(5),
+            ..HostConfig::default()
+        };
+        // The keys node 2 manages before node 3 joins and after: what the change leaves there
+        // is served there throughout, through the gate (the same tree in every run).
+        let staying: Vec<Key> = {
+            let runs = Arc::new(AtomicU64::new(0));
+            let (mut cluster, _) = slow_nodes(2, config.clone(), &runs).await;
+            let before = cluster.snapshot();
+            cluster.add().await;
+            let after = cluster.snapshot();
+            (0..)
+                .map(Key)
+                .filter(|&k| before.locate(SLOW, k) == Some(NodeId(2)))
+                .filter(|&k| after.locate(SLOW, k) == Some(NodeId(2)))
+                .take(4)
+                .collect()
+        };
+        let runs = Arc::new(AtomicU64::new(0));
+        let (mut cluster, slow_key) = slow_nodes(2, config, &runs).await;
+        let (requester, manager) = (cluster.host(NodeId(1)), cluster.host(NodeId(2)));
+        let start = tokio::time::Instant::now();
+        manager.lease(start + Duration::from_millis(100));
+        let renewing = manager.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            renewing.lease(tokio::time::Instant::now() + Duration::from_secs(60));
+        });
+        // Holds a pass until 400 ms: the change's hold waits for it, and keeps the gate shut.
+        let slow = requester.context();
+        let holding = tokio::spawn(async move {
+            let _: Result<u64, _> = slow.request(SLOW, slow_key, &400u64).await;
+        });
+        let asking = async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let mut answered = Vec::new();
+            for &key in &staying {
+                // 4 ms: answered at once, never yielding.
+                let _: u64 = requester.context().request(SLOW, key, &4u64).await.expect("answered");
+                answered.push(start.elapsed());
+            }
+            answered
+        };
+        let ((), answered) = tokio::join!(
+            async {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                cluster.add().await;
+            },
+            asking
+        );
+        holding.await.expect("the slow request's task");
+        assert_eq!(answered.len(), staying.len());
+        for took in answered {
+            assert!(took >= Duration::from_millis(600), "served {took:?} in, before the renewal");
+        }
+    });
+}
