@@ -312,6 +312,22 @@ impl Dsm {
         Ok(())
     }
 
+    /// `WaitedTooLong` once a barrier or lock at `key`, waited for since `started`, has
+    /// waited past the wait deadline, if one is set.
+    fn within_wait(&self, key: Key, started: tokio::time::Instant) -> Result<(), DsmError> {
+        let Some(deadline) = self.state().config.wait_deadline else { return Ok(()) };
+        let waited = started.elapsed();
+        if waited <= deadline {
+            return Ok(());
+        }
+        let what = match named(key) {
+            Named::Lock(id) => format!("lock {id}"),
+            Named::Barrier(id) => format!("barrier {id}"),
+            _ => format!("key {}", key.0),
+        };
+        Err(DsmError::WaitedTooLong { what, waited_ms: waited.as_millis() as u64 })
+    }
+
     fn me(&self) -> NodeId {
         self.host.node()
     }
@@ -348,6 +364,17 @@ impl Dsm {
                 }
             };
             match answer {
+                // Waiting for the other nodes at a barrier, or for a lock's holder: as long as
+                // the program needs, not the access deadline (a slow phase is no fault).
+                Response::Busy | Response::Waiting
+                    if matches!(named(key), Named::Lock(_) | Named::Barrier(_)) =>
+                {
+                    self.within_wait(key, started)?;
+                    if matches!(answer, Response::Busy) {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(20));
+                    }
+                }
                 Response::Retry | Response::Busy | Response::Waiting => {
                     let page = match named(key) {
                         Named::Page(page) => page,
@@ -714,22 +741,34 @@ impl Dsm {
         Ok(())
     }
 
-    /// Takes cluster-wide lock `id`, waiting while another holds it. A lock held by a node
-    /// that fails is freed.
+    /// Takes cluster-wide lock `id`, waiting while another holds it (as long as it takes,
+    /// unless [`crate::DsmConfig::wait_deadline`] is set). A lock held by a node that fails is
+    /// freed. Cancel-safe: dropped before it returns (under a timeout, say), or failed, it
+    /// releases whatever the manager may have granted it meanwhile.
     pub async fn lock(&self, id: u64) -> Result<LockGuard, DsmError> {
         let token =
             Token { node: self.me(), seq: self.state().seq.fetch_add(1, Ordering::Relaxed) };
+        // Made before asking: a grant whose answer never reaches this node (the caller gave
+        // up, or the answer was lost) would otherwise hold the lock for good. Its release is
+        // harmless when nothing was granted: the manager lets go of this token only.
+        let mut guard = LockGuard { dsm: self.clone(), id, token, released: false };
         match self.ask(lock_key(id), &Request::Acquire(token)).await? {
             Response::Granted => {
                 self.state().held.lock().expect("held").insert(id, token);
-                Ok(LockGuard { dsm: self.clone(), id, token, released: false })
+                Ok(guard)
             }
-            other => Err(DsmError::Protocol(format!("acquire answered {other:?}"))),
+            other => {
+                // Not granted: nothing to release.
+                guard.released = true;
+                Err(DsmError::Protocol(format!("acquire answered {other:?}")))
+            }
         }
     }
 
     /// Waits until `parties` nodes have reached barrier `id` (one participant per node: every
-    /// node calls it the same number of times).
+    /// node calls it the same number of times), as long as it takes unless
+    /// [`crate::DsmConfig::wait_deadline`] is set. A call that fails, or is dropped before it
+    /// returns, may be made again: it waits for the same passage.
     pub async fn barrier(&self, id: u64, parties: u32) -> Result<(), DsmError> {
         let generation = {
             let mut gens = self.state().generations.lock().expect("generations");
@@ -738,12 +777,34 @@ impl Dsm {
             *g
         };
         self.state().waiting.lock().expect("waiting").insert(id, generation);
+        let mut arrival = Arrival { state: self.state(), id, passed: false };
         let request = Request::Arrive { participant: self.me().0, generation, parties };
-        let answer = self.ask(barrier_key(id), &request).await;
-        self.state().waiting.lock().expect("waiting").remove(&id);
-        match answer? {
-            Response::Passed => Ok(()),
+        match self.ask(barrier_key(id), &request).await? {
+            Response::Passed => {
+                arrival.passed = true;
+                Ok(())
+            }
             other => Err(DsmError::Protocol(format!("a barrier answered {other:?}"))),
+        }
+    }
+}
+
+/// This node at a barrier, until it passes or gives up (an error, or its caller dropped the
+/// wait): then the next call waits for the same passage (an arrival counts once), not for the
+/// one after, which the other nodes would reach a phase later.
+struct Arrival<'a> {
+    state: &'a NodeState,
+    id: u64,
+    passed: bool,
+}
+
+impl Drop for Arrival<'_> {
+    fn drop(&mut self) {
+        self.state.waiting.lock().expect("waiting").remove(&self.id);
+        if !self.passed {
+            if let Some(g) = self.state.generations.lock().expect("generations").get_mut(&self.id) {
+                *g -= 1;
+            }
         }
     }
 }

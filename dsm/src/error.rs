@@ -44,6 +44,16 @@ pub enum DsmError {
         /// How long the access tried.
         waited_ms: u64,
     },
+    /// A barrier or a lock waited past [`crate::DsmConfig::wait_deadline`]: the other nodes
+    /// did not all arrive, or the holder did not let go. A barrier may be called again: it
+    /// waits for the same passage.
+    #[error("{what} waited {waited_ms} ms, past the wait deadline (DsmConfig::wait_deadline)")]
+    WaitedTooLong {
+        /// The barrier or lock, named.
+        what: String,
+        /// How long it waited.
+        waited_ms: u64,
+    },
     /// The adaptation layer could not deliver a request.
     #[error(transparent)]
     Adaptation(#[from] AdaptationError),

@@ -34,6 +34,11 @@ pub struct DsmConfig {
     pub fetch_wait: Duration,
     /// How long an access keeps asking before it fails with [`crate::DsmError::Stuck`].
     pub access_deadline: Duration,
+    /// How long a barrier waits for the other nodes, and a lock for its holder, before it
+    /// fails with [`crate::DsmError::WaitedTooLong`]; `None` (the default): as long as it
+    /// takes, as a program's phases may be long. An unreachable manager still fails the wait
+    /// at the adaptation layer's request deadline.
+    pub wait_deadline: Option<Duration>,
 }
 
 impl Default for DsmConfig {
@@ -42,6 +47,7 @@ impl Default for DsmConfig {
             backups: false,
             fetch_wait: Duration::from_secs(1),
             access_deadline: Duration::from_secs(30),
+            wait_deadline: None,
         }
     }
 }

@@ -936,6 +936,64 @@ fn a_lock_whose_guard_is_dropped_is_released() {
     });
 }
 
+/// A lock whose caller gave up while the grant was on its way (the request reached the
+/// manager after 200 µs, its answer would have come back after 400 µs) is released, not held
+/// by nobody for good.
+#[test]
+fn a_lock_whose_caller_gave_up_as_it_was_granted_is_released() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let (one, two) = (cluster.dsm(NodeId(1)), cluster.dsm(NodeId(2)));
+        for id in 0..8 {
+            let gave_up = tokio::time::timeout(Duration::from_micros(300), one.lock(id)).await;
+            // A lock node 1 manages is granted at once; any other, not in time.
+            drop(gave_up);
+            let taken = tokio::time::timeout(Duration::from_secs(5), two.lock(id)).await;
+            let guard =
+                taken.unwrap_or_else(|_| panic!("lock {id}: never released")).expect("lock");
+            guard.unlock().await.expect("unlock");
+        }
+    });
+}
+
+/// A barrier waits for a slow node as long as it takes: a phase of 45 s is no fault, where
+/// the access deadline (30 s) once failed it.
+#[test]
+fn a_barrier_waits_for_a_slow_node_past_the_access_deadline() {
+    replay(async {
+        let cluster = Cluster::start(2, DsmConfig::default()).await;
+        let (one, two) = (cluster.dsm(NodeId(1)), cluster.dsm(NodeId(2)));
+        let early = tokio::spawn(async move { one.barrier(3, 2).await });
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        two.barrier(3, 2).await.expect("the slow node passes");
+        early.await.expect("task").expect("the early node waited for it");
+    });
+}
+
+/// A barrier that gave up (past its wait deadline, or dropped by its caller) and is called
+/// again waits for the same passage: the nodes stay in step through the barriers after it.
+#[test]
+fn a_barrier_called_again_after_giving_up_keeps_the_nodes_in_step() {
+    replay(async {
+        let config =
+            DsmConfig { wait_deadline: Some(Duration::from_secs(1)), ..DsmConfig::default() };
+        let cluster = Cluster::start(2, config).await;
+        let (one, two) = (cluster.dsm(NodeId(1)), cluster.dsm(NodeId(2)));
+        let waited = one.barrier(3, 2).await;
+        assert!(matches!(waited, Err(DsmError::WaitedTooLong { .. })), "{waited:?}");
+        // Dropped by its caller, too.
+        assert!(tokio::time::timeout(Duration::from_millis(300), one.barrier(3, 2)).await.is_err());
+        for round in 0..3 {
+            let (a, b) = tokio::join!(one.barrier(3, 2), async {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                two.barrier(3, 2).await
+            });
+            a.unwrap_or_else(|e| panic!("round {round}: node 1: {e}"));
+            b.unwrap_or_else(|e| panic!("round {round}: node 2: {e}"));
+        }
+    });
+}
+
 #[test]
 fn a_page_of_a_segment_past_the_last_id_is_refused_not_aliased() {
     replay(async {
