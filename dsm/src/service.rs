@@ -28,6 +28,11 @@ const RESTORING: usize = 16;
 const ABANDON_TRIES: usize = 5;
 const ABANDON_PAUSE: Duration = Duration::from_millis(10);
 
+/// How often, and how far apart, a recovery asks again a backup that did not answer its
+/// promotion (each ask waits up to the layer's call timeout): the page is lost otherwise.
+const PROMOTE_TRIES: usize = 3;
+const PROMOTE_PAUSE: Duration = Duration::from_millis(50);
+
 /// A page the sweep found with no live backup: the page, its entry, its owner, the entry's
 /// version, the node to back it up on, and the backup the entry names now.
 type Exposed = (PageId, Arc<AsyncMutex<Live>>, NodeId, u64, NodeId, Option<NodeId>);
@@ -356,19 +361,16 @@ impl DsmService {
         matches!(self.told(ctx, node, page, request).await, Some(Response::Ok))
     }
 
-    /// Makes `backup` the owner of `page` from the backup copy it keeps.
+    /// Makes `backup` the owner of `page` from the backup copy it keeps. `Missing` when it
+    /// does not hold that version; `Unreachable` when it did not answer, and may well hold it.
     async fn promote(
         &self,
         ctx: &Context,
         page: PageId,
         entry: &mut PageEntry,
         backup: NodeId,
-    ) -> bool {
-        let version = entry.version;
-        let promote = Request::Promote { page, version, label: None };
-        if !self.tell(ctx, backup, page, promote).await {
-            return false;
-        }
+    ) -> Result<(), Absent> {
+        self.promote_on(ctx, backup, page, entry.version, None).await?;
         entry.owner = Some(backup);
         entry.copyset = [backup].into();
         entry.backup = None;
@@ -376,7 +378,35 @@ impl DsmService {
         entry.lost = false;
         entry.strays = true;
         tracing::info!(?page, node = backup.0, "dsm: page rebuilt from its backup");
-        true
+        Ok(())
+    }
+
+    /// [`DsmService::promote`], asked again a few times while `backup` does not answer and is
+    /// not gone: a connection reset or one slow answer must not make a page whose copy
+    /// survives lost for good.
+    async fn promote_patiently(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        entry: &mut PageEntry,
+        backup: NodeId,
+    ) -> Result<(), Absent> {
+        let mut tries = 0;
+        loop {
+            match self.promote(ctx, page, entry, backup).await {
+                Err(Absent::Unreachable) if tries < PROMOTE_TRIES && !self.gone(ctx, backup) => {
+                    tries += 1;
+                    tracing::debug!(
+                        ?page,
+                        node = backup.0,
+                        tries,
+                        "dsm: the backup did not answer a promotion; asking again"
+                    );
+                    tokio::time::sleep(PROMOTE_PAUSE).await;
+                }
+                done => return done,
+            }
+        }
     }
 
     /// Mends an entry whose nodes left: a reader or the backup takes over a dead owner's page.
@@ -403,10 +433,21 @@ impl DsmService {
             .filter(|&o| entry.copyset.iter().all(|&n| n == o || self.gone(ctx, n)))
             .and(entry.backup.filter(|&b| !self.gone(ctx, b)));
         if let Some(backup) = promote {
-            if self.promote(ctx, page, entry, backup).await {
-                return true;
+            match self.promote(ctx, page, entry, backup).await {
+                Ok(()) => return true,
+                // It did not answer, and the cluster has not given up on it: it may well hold
+                // the page. The fault is asked again (the sweep leaves it for the next fault)
+                // rather than the page called lost for good.
+                Err(Absent::Unreachable) if !self.gone(ctx, backup) => {
+                    tracing::warn!(
+                        ?page,
+                        node = backup.0,
+                        "dsm: a page's backup did not answer its promotion; the page waits for it"
+                    );
+                    return false;
+                }
+                Err(_) => entry.backup = None,
             }
-            entry.backup = None;
         }
         if repair(entry, |n| self.gone(ctx, n), |n| self.lost_holder(ctx, n)) && entry.lost {
             tracing::warn!(?page, "dsm: page lost: every node holding a copy failed");
@@ -1137,8 +1178,8 @@ impl DsmService {
             let Some(mut entry) = rebuild(&reports) else { continue };
             let only_backups = !reports.iter().any(|r| !r.backup && r.version == entry.version);
             if let (true, Some(holder)) = (only_backups, entry.owner) {
-                if !self.promote(ctx, page, &mut entry, holder).await {
-                    tracing::warn!(?page, "dsm: page lost: its backup could not be restored");
+                if self.promote_patiently(ctx, page, &mut entry, holder).await.is_err() {
+                    tracing::warn!(?page, node = holder.0, "dsm: page lost: its backup could not be restored (it does not hold that version, or it never answered)");
                     entry =
                         PageEntry { lost: true, version: entry.version, ..PageEntry::default() };
                 }
