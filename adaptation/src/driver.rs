@@ -372,6 +372,11 @@ impl Driver {
                 Vec::new()
             }
             Command::DropSent { epoch } => {
+                // Each service drops what it kept of the entries it sent.
+                let ctx = inner.context(None);
+                for plugin in inner.registry.iter() {
+                    plugin.stable(&ctx, epoch).await;
+                }
                 if let Some(clock) = self.clock.take() {
                     let stable = clock.done_at.map(|at| at.elapsed().as_secs_f64() * 1e3);
                     let mut history = inner.history.lock().expect("history");

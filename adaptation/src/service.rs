@@ -92,6 +92,13 @@ impl Context {
     /// answer: held through a migration, retried after a failure, run once. `Q` is `'static`
     /// so that, when it is the service's own `Request` type, [`Service::repeatable`] is asked
     /// of it as it is rather than of a second decoding.
+    ///
+    /// From inside [`Service::handle`], prefer [`Context::tell`] to a node the handler knows
+    /// (a replica's holder, a page's owner), as the example services do. A handler's own
+    /// request to a manager may wait for a change: when one begins, this node waits for the
+    /// handlers already running before it lets new requests in, so a handler whose request
+    /// needs this node as a manager, or a key that moves, waits until that request's
+    /// deadline, and the change and this node's other requests wait with it.
     pub async fn request<Q, R>(
         &self,
         service: ServiceId,
@@ -276,6 +283,17 @@ pub trait Service: Send + Sync + 'static {
         std::future::ready(())
     }
 
+    /// The change to `epoch` is stable: every participant finished it, and the cluster moved
+    /// on. What this node kept of the entries it sent in that change (see
+    /// [`Service::sent`]) is no longer needed should their receiver fail: their new managers
+    /// have them, and have copied them on as the service does. Drop those copies here, or
+    /// they stay for as long as the node runs. Called on the nodes that took part in the
+    /// change. The default does nothing.
+    fn stable(&self, ctx: &Context, epoch: u64) -> impl Future<Output = ()> + Send {
+        let _ = (ctx, epoch);
+        std::future::ready(())
+    }
+
     /// Stages entries received from `from`. They must not be visible to `handle` until
     /// [`Service::after_migration`] merges them (the layer holds their requests meanwhile).
     fn receive(
@@ -349,6 +367,10 @@ pub trait Plugin: Send + Sync {
     ) -> Result<(), AdaptationError>;
     /// [`Service::after_migration`].
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo);
+    /// [`Service::stable`]. The default does nothing.
+    async fn stable(&self, ctx: &Context, epoch: u64) {
+        let _ = (ctx, epoch);
+    }
     /// [`Service::scan`], each entry encoded into `packer`'s run for its destination.
     async fn scan(
         &self,
@@ -466,6 +488,10 @@ impl<S: Service> Plugin for Erased<S> {
 
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
         self.0.after_migration(ctx, change).await;
+    }
+
+    async fn stable(&self, ctx: &Context, epoch: u64) {
+        self.0.stable(ctx, epoch).await;
     }
 
     async fn scan(

@@ -78,6 +78,9 @@ pub struct KvDir {
     live: Mutex<HashMap<Key, Versioned>>,
     staged: Mutex<Vec<(Key, Versioned)>>,
     replicas: Mutex<HashMap<Key, Versioned>>,
+    /// Keys whose entries this node sent away in the change under way, and keeps as replicas
+    /// until it is stable.
+    sent: Mutex<Vec<Key>>,
 }
 
 impl KvDir {
@@ -94,6 +97,12 @@ impl KvDir {
     /// Entries this node manages right now.
     pub fn managed(&self) -> usize {
         self.live.lock().expect("live").len()
+    }
+
+    /// Replicas this node holds right now: of the entries it backs up, and of those it sent
+    /// away in a change not yet stable.
+    pub fn replicas(&self) -> usize {
+        self.replicas.lock().expect("replicas").len()
     }
 }
 
@@ -201,7 +210,24 @@ impl Service for KvDir {
 
     /// Kept as replicas: should the receiver die before it copies them on, `scan` has them.
     async fn sent(&self, _ctx: &Context, entries: Vec<(Key, Versioned)>) {
+        self.sent.lock().expect("sent").extend(entries.iter().map(|(k, _)| *k));
         merge(&mut self.replicas.lock().expect("replicas"), entries);
+    }
+
+    /// The entries sent away are with their new managers, and copied on to those managers'
+    /// backups: the copies kept here go, unless this node is now such a backup. Kept, every
+    /// node would in time hold a replica of every entry that ever left it.
+    async fn stable(&self, ctx: &Context, _epoch: u64) {
+        let sent = std::mem::take(&mut *self.sent.lock().expect("sent"));
+        let Some(table) = ctx.snapshot() else { return };
+        let me = ctx.node();
+        let backs_up = |key: Key| {
+            table.locate(KVDIR, key).and_then(|manager| backup(table, manager)) == Some(me)
+        };
+        let mut replicas = self.replicas.lock().expect("replicas");
+        for key in sent.into_iter().filter(|&k| !backs_up(k)) {
+            replicas.remove(&key);
+        }
     }
 
     async fn receive(&self, _ctx: &Context, _from: NodeId, entries: Vec<(Key, Versioned)>) {

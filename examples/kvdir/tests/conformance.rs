@@ -620,3 +620,111 @@ fn a_node_keeps_the_latest_changes_it_took_part_in_not_all() {
         assert_eq!(epochs.last(), Some(&281), "the newest is kept");
     });
 }
+
+/// kvdir, shared with the test, which counts its replicas.
+struct Shared(Arc<KvDir>);
+
+impl Service for Shared {
+    type Request = Request;
+    type Response = Response;
+    type Entry = Versioned;
+
+    fn spec(&self) -> ServiceSpec {
+        self.0.spec()
+    }
+
+    fn must_retry(response: &Response) -> bool {
+        KvDir::must_retry(response)
+    }
+
+    fn repeatable(request: &Request) -> bool {
+        KvDir::repeatable(request)
+    }
+
+    async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
+        self.0.handle(ctx, key, request).await
+    }
+
+    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.0.before_migration(ctx, change).await
+    }
+
+    async fn send_out(&self, ctx: &Context, moving: &Moving) -> Vec<(Key, Versioned)> {
+        self.0.send_out(ctx, moving).await
+    }
+
+    async fn sent(&self, ctx: &Context, entries: Vec<(Key, Versioned)>) {
+        self.0.sent(ctx, entries).await
+    }
+
+    async fn stable(&self, ctx: &Context, epoch: u64) {
+        self.0.stable(ctx, epoch).await
+    }
+
+    async fn receive(&self, ctx: &Context, from: NodeId, entries: Vec<(Key, Versioned)>) {
+        self.0.receive(ctx, from, entries).await
+    }
+
+    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.0.after_migration(ctx, change).await
+    }
+
+    async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Versioned)> {
+        self.0.scan(ctx, failed, orphans).await
+    }
+}
+
+/// A sender keeps what it sent until the change is stable, then lets it go unless it backs
+/// that entry up: kept, every node would in time hold a replica of every entry that ever left
+/// it. Nodes 1 and 2 back each other up; node 3 joins after node 2, and backs nothing up
+/// that node 2 sends it.
+#[test]
+fn a_sender_lets_go_of_what_it_sent_once_the_change_is_stable() {
+    replay(async {
+        let made: Arc<Mutex<Vec<Arc<KvDir>>>> = Arc::default();
+        let kept = Arc::clone(&made);
+        let mut cluster = MemCluster::start(2, HostConfig::default(), move || {
+            let kv = Arc::new(KvDir::new());
+            kept.lock().expect("made").push(Arc::clone(&kv));
+            let mut registry = Registry::new();
+            registry.register(plugin(Shared(kv))).expect("registers");
+            registry
+        })
+        .await;
+        // The first registry is read for its declarations only; node n's is the nth built.
+        let node = |n: u64| Arc::clone(&made.lock().expect("made")[n as usize]);
+        let keys: Vec<Key> = (0..600).map(Key).collect();
+        for &key in &keys {
+            let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
+            cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
+        }
+        let before = cluster.snapshot();
+        let of_node_1 =
+            keys.iter().filter(|&&k| before.locate(KVDIR, k) == Some(NodeId(1))).count();
+        assert_eq!(node(2).replicas(), of_node_1, "node 2 backs up node 1");
+        cluster.add().await;
+        // The hosts hear that the change is stable as `add` returns; node 2's record of the
+        // change gets its time to stable once node 2 has dealt with it (services first).
+        let stable =
+            || cluster.host(NodeId(2)).history().last().is_some_and(|r| r.stable_ms.is_some());
+        for _ in 0..1_000 {
+            if stable() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(stable(), "node 2 heard that the change is stable");
+        let after = cluster.snapshot();
+        let sent_by_2 = keys
+            .iter()
+            .filter(|&&k| before.locate(KVDIR, k) == Some(NodeId(2)))
+            .filter(|&&k| after.locate(KVDIR, k) != Some(NodeId(2)))
+            .count();
+        assert!(sent_by_2 > 0, "node 2 handed the newcomer some keys");
+        assert_eq!(
+            node(2).replicas(),
+            of_node_1,
+            "node 2 keeps its replicas of node 1's entries, not the {sent_by_2} it sent"
+        );
+    });
+}
