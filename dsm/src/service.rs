@@ -925,10 +925,25 @@ impl DsmService {
                 if lock.holder == Some(token) {
                     lock.holder = None;
                 }
+                drop(live);
+                drop(slot);
+                self.forget_free_lock(key);
                 Response::Ok
             }
             _ => Response::Invalid("not a lock request".into()),
         }
+    }
+
+    /// Drops the entry of lock `key` once nobody holds it: a program that takes a lock per
+    /// object would otherwise leave an entry for every id it ever used, each moved at every
+    /// change. A lock without an entry is a free one. Only while no request holds the entry
+    /// (the map's is its only reference), checked under the map's lock, which a request
+    /// needs to take it: none can be granted on an entry no longer in the map.
+    fn forget_free_lock(&self, key: Key) {
+        self.state().live.remove_if(&key, |_, slot| {
+            Arc::strong_count(slot) == 1
+                && slot.try_lock().is_ok_and(|l| matches!(&*l, Live::Lock(l) if l.holder.is_none()))
+        });
     }
 
     async fn arrive(&self, key: Key, participant: u64, generation: u64, parties: u32) -> Response {

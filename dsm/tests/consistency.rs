@@ -956,6 +956,33 @@ fn a_lock_whose_caller_gave_up_as_it_was_granted_is_released() {
     });
 }
 
+/// A lock taken and let go leaves no entry behind: a program taking a lock per object would
+/// otherwise leave one for every id it ever used, on its manager and in every change.
+#[test]
+fn a_lock_let_go_leaves_no_entry_behind() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let entries = || -> usize {
+            let made = cluster.made.lock().expect("made");
+            made.iter().skip(1).map(|n| n.entries()).sum()
+        };
+        let before = entries();
+        let (one, two) = (cluster.dsm(NodeId(1)), cluster.dsm(NodeId(2)));
+        for id in 100..200 {
+            one.lock(id).await.expect("lock").unlock().await.expect("unlock");
+        }
+        assert_eq!(entries(), before, "no entry left by 100 locks taken and let go");
+        // One held keeps its entry, and stays held.
+        let held = one.lock(7).await.expect("lock");
+        assert_eq!(entries(), before + 1);
+        let taken = tokio::time::timeout(Duration::from_millis(200), two.lock(7)).await;
+        assert!(taken.is_err(), "held by node 1");
+        held.unlock().await.expect("unlock");
+        two.lock(7).await.expect("free again").unlock().await.expect("unlock");
+        assert_eq!(entries(), before);
+    });
+}
+
 /// A barrier waits for a slow node as long as it takes: a phase of 45 s is no fault, where
 /// the access deadline (30 s) once failed it.
 #[test]
