@@ -258,6 +258,30 @@ impl DsmService {
     /// written), or the page is lost because every candidate said it holds nothing.
     async fn take_back(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) -> bool {
         let version = entry.version;
+        // First, the owner's own copy of this very version: the grant did reach it, and it
+        // gave the page up to a later write fault that then failed (a backup it could not
+        // place, an answer lost). Nothing is newer, and anything else would undo its writes.
+        if let Some(owner) = entry.owner.filter(|&o| !self.gone(ctx, o)) {
+            match self.promote_on(ctx, owner, page, version, Some(version)).await {
+                Ok(()) => {
+                    entry.copyset = [owner].into();
+                    entry.strays = true;
+                    if entry.backup == Some(owner) {
+                        entry.backup = None;
+                    }
+                    self.settle_grant(ctx, page, entry);
+                    tracing::info!(
+                        ?page,
+                        version,
+                        owner = owner.0,
+                        "dsm: the owner took back the page a failed write fault took"
+                    );
+                    return true;
+                }
+                Err(Absent::Missing) => {}
+                Err(Absent::Unreachable) => return false,
+            }
+        }
         if entry.granted == Granted::Zero {
             // Copies in the copyset stay known: the next write invalidates them.
             entry.owner = None;
@@ -620,7 +644,19 @@ impl DsmService {
         let backup = if self.state().config.backups {
             match self.place_backup(ctx, page, entry, writer, data.as_ref(), zero).await {
                 Ok(b) => b,
-                Err(()) => return Response::Retry,
+                Err(()) => {
+                    // The owner gave its page up for this grant, which is not made: it takes
+                    // it back now, from the copy it keeps aside, rather than leave the entry
+                    // naming an owner with no page until the fault is asked again.
+                    if let Some(o) = previous {
+                        if let Err(absent) =
+                            self.promote_on(ctx, o, page, version, Some(version)).await
+                        {
+                            tracing::debug!(?page, owner = o.0, ?absent, "dsm: the owner did not take back the page a failed grant took; the next fault will");
+                        }
+                    }
+                    return Response::Retry;
+                }
             }
         } else {
             None

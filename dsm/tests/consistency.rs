@@ -956,6 +956,36 @@ fn a_lock_whose_caller_gave_up_as_it_was_granted_is_released() {
     });
 }
 
+/// A write fault that took the page from its owner and then could not finish (the new backup
+/// it chose was cut off) leaves the page with its owner: the owner's writes are not replaced
+/// by zeros, or by an older copy, when the fault is asked again.
+#[test]
+fn a_write_fault_that_could_not_finish_leaves_the_owner_its_page() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let (owner, writer, cut) = (NodeId(1), NodeId(2), NodeId(3));
+        // A page managed by neither the cut node nor the writer: its manager fetches from the
+        // owner, then places the writer's backup on the node after the writer, the cut one.
+        let snapshot = cluster.mem.snapshot();
+        let page = (0..)
+            .map(pid)
+            .find(|p| snapshot.locate(gobelins_dsm::DSM, p.key()) == Some(owner))
+            .expect("a page node 1 manages");
+        let (o, w) = (cluster.dsm(owner), cluster.dsm(writer));
+        put(&o, page, 5).await;
+        cluster.mem.crash(cut);
+        let faults = cluster.mem.faults();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            faults.heal(cut);
+        });
+        let g = w.write(page).await.expect("granted once the cut node is back");
+        assert_eq!(Value::decode(&g).count, 5, "the writer got the owner's page");
+        drop(g);
+        assert_eq!(get(&cluster.dsm(NodeId(3)), page).await, 5);
+    });
+}
+
 /// A lock taken and let go leaves no entry behind: a program taking a lock per object would
 /// otherwise leave one for every id it ever used, on its manager and in every change.
 #[test]
