@@ -932,14 +932,27 @@ impl DsmService {
         Response::Ok
     }
 
-    async fn discard(&self, page: PageId) -> Response {
+    async fn discard(&self, ctx: &Context, page: PageId) -> Response {
         let slot = self.slot(page.key());
         let mut live = slot.lock().await;
         if let Live::Page(entry) = &mut *live {
             if entry.lost {
-                // The dead owner's direct readers may still hold the lost contents.
                 *entry =
                     PageEntry { version: entry.version + 1, strays: true, ..PageEntry::default() };
+            }
+            // The dead owner's direct readers may still hold the lost contents, unknown to
+            // this manager: every node drops its copy before the page reads as zeros, or they
+            // would read the old page while the others read the new one. Asked again while a
+            // node does not answer (the entry keeps its strays until then).
+            if entry.strays && entry.owner.is_none() {
+                let everyone = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
+                // The copies of the lost version and before: the fresh one may be cached.
+                let lost = entry.version.saturating_sub(1);
+                let done = invalidate(self.state(), ctx, page, lost, everyone.clone(), None).await;
+                if done.len() < everyone.len() {
+                    return Response::Retry;
+                }
+                entry.strays = false;
             }
         }
         Response::Ok
@@ -1480,7 +1493,7 @@ impl Service for DsmService {
             (Named::Page(page), Request::Rebackup { node, version, commit, failed, data }) => {
                 self.rebackup(ctx, page, node, failed, (version, commit, data)).await
             }
-            (Named::Page(page), Request::Discard) => self.discard(page).await,
+            (Named::Page(page), Request::Discard) => self.discard(ctx, page).await,
             (Named::Page(page), Request::Abandon { node }) => self.abandon(ctx, page, node).await,
             (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
                 self.lock_op(key, request).await

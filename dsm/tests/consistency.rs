@@ -986,6 +986,33 @@ fn a_write_fault_that_could_not_finish_leaves_the_owner_its_page() {
     });
 }
 
+/// A lost page discarded reads as zeros everywhere, on the readers its dead owner served
+/// directly too (unknown to the manager, they kept the lost contents).
+#[test]
+fn a_discarded_page_reads_as_zeros_on_the_readers_its_dead_owner_served() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let (manager, reader, owner) = (NodeId(1), NodeId(2), NodeId(3));
+        let snapshot = cluster.mem.snapshot();
+        let page = (0..)
+            .map(pid)
+            .find(|p| snapshot.locate(gobelins_dsm::DSM, p.key()) == Some(manager))
+            .expect("a page node 1 manages");
+        let (o, r, m) = (cluster.dsm(owner), cluster.dsm(reader), cluster.dsm(manager));
+        put(&o, page, 1).await;
+        assert_eq!(get(&r, page).await, 1);
+        put(&o, page, 2).await;
+        assert_eq!(get(&r, page).await, 2);
+        assert_eq!(cluster.stats(reader).hinted, 1, "served by the owner, unknown to the manager");
+
+        cluster.mem.fail(owner).await;
+        assert!(matches!(m.read(page).await, Err(DsmError::Lost { .. })));
+        m.discard(page).await.expect("discard");
+        assert_eq!(get(&m, page).await, 0, "afresh");
+        assert_eq!(get(&r, page).await, 0, "the stray copy went with the discard");
+    });
+}
+
 /// A lock taken and let go leaves no entry behind: a program taking a lock per object would
 /// otherwise leave one for every id it ever used, on its manager and in every change.
 #[test]
