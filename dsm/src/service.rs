@@ -1157,18 +1157,26 @@ impl DsmService {
                 out.push((key, Entry::Lock(LockEntry { holder: Some(token) })));
             }
         }
-        for (&id, &generation) in self.state().waiting.lock().expect("waiting").iter() {
+        // Every barrier this node used: where it waits, and the last passage it passed. A node
+        // whose answer `Passed` died with the manager still waits at a passage the others
+        // passed; rebuilt from the waiting nodes alone, it would wait there for nodes already
+        // at the next one, and they for it.
+        let waiting = self.state().waiting.lock().expect("waiting").clone();
+        for (&id, &generation) in self.state().generations.lock().expect("generations").iter() {
             let key = crate::page::barrier_key(id);
-            if orphans.destination(key).is_some() {
-                let arrived = BTreeMap::from([(generation, BTreeSet::from([me.0]))]);
-                out.push((
-                    key,
-                    Entry::Barrier(crate::protocol::BarrierEntry {
-                        passed: generation.saturating_sub(1),
-                        arrived,
-                    }),
-                ));
+            if orphans.destination(key).is_none() {
+                continue;
             }
+            let barrier = match waiting.get(&id) {
+                Some(&at) => crate::protocol::BarrierEntry {
+                    passed: at.saturating_sub(1),
+                    arrived: BTreeMap::from([(at, BTreeSet::from([me.0]))]),
+                },
+                None => {
+                    crate::protocol::BarrierEntry { passed: generation, arrived: BTreeMap::new() }
+                }
+            };
+            out.push((key, Entry::Barrier(barrier)));
         }
         out
     }
@@ -1633,5 +1641,35 @@ impl Service for DsmService {
         staged.extend(orphans.slots_to(me).map(taint));
         drop(staged);
         self.reports(me, orphans)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::DsmConfig;
+    use gobelins_locator::SlotMove;
+
+    #[test]
+    fn a_node_reports_the_passage_it_passed_as_well_as_the_one_it_waits_at() {
+        let node = DsmNode::new(DsmConfig::default());
+        let service = node.service();
+        // Barrier 5: passed its third passage. Barrier 6: waits at its second.
+        node.inner.generations.lock().expect("generations").extend([(5, 3), (6, 2)]);
+        node.inner.waiting.lock().expect("waiting").insert(6, 2);
+        let spec = service.spec();
+        let everything = SlotMove { slots: 0..spec.slots, from: NodeId(9), to: NodeId(1) };
+        let reports = service.reports(NodeId(1), &Moving::new(spec, vec![everything]));
+        let barrier = |id| {
+            reports.iter().find_map(|(k, e)| match e {
+                Entry::Barrier(b) if *k == crate::page::barrier_key(id) => Some(b.clone()),
+                _ => None,
+            })
+        };
+        let passed = barrier(5).expect("reported though it waits at none of its passages");
+        assert_eq!((passed.passed, passed.arrived.len()), (3, 0));
+        let waits = barrier(6).expect("reported");
+        assert_eq!(waits.passed, 1);
+        assert_eq!(waits.arrived, BTreeMap::from([(2, BTreeSet::from([1]))]));
     }
 }
