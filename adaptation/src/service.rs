@@ -408,6 +408,9 @@ async fn pack<E: Serialize>(
 ) -> (Vec<(Key, E)>, Result<(), AdaptationError>) {
     let mut first = None;
     let mut failed = 0usize;
+    // By index: an iterator would hold a borrow of `entries` across the waits, which needs
+    // the entries to be `Sync`.
+    #[allow(clippy::needless_range_loop)]
     for i in 0..entries.len() {
         let (key, entry) = &entries[i];
         if let Err(e) = packer.push(*key, entry) {
