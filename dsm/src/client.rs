@@ -773,13 +773,16 @@ impl Dsm {
     /// [`crate::DsmConfig::wait_deadline`] is set. A call that fails, or is dropped before it
     /// returns, may be made again: it waits for the same passage.
     pub async fn barrier(&self, id: u64, parties: u32) -> Result<(), DsmError> {
+        // Both maps under both locks, `generations` first, here, when it ends, and in the
+        // reports a recovery reads: a report must never see a passage counted that this node
+        // neither passed nor waits at.
         let generation = {
             let mut gens = self.state().generations.lock().expect("generations");
             let g = gens.entry(id).or_insert(0);
             *g += 1;
+            self.state().waiting.lock().expect("waiting").insert(id, *g);
             *g
         };
-        self.state().waiting.lock().expect("waiting").insert(id, generation);
         let mut arrival = Arrival { state: self.state(), id, passed: false };
         let request = Request::Arrive { participant: self.me().0, generation, parties };
         match self.ask(barrier_key(id), &request).await? {
@@ -803,9 +806,10 @@ struct Arrival<'a> {
 
 impl Drop for Arrival<'_> {
     fn drop(&mut self) {
+        let mut gens = self.state.generations.lock().expect("generations");
         self.state.waiting.lock().expect("waiting").remove(&self.id);
         if !self.passed {
-            if let Some(g) = self.state.generations.lock().expect("generations").get_mut(&self.id) {
+            if let Some(g) = gens.get_mut(&self.id) {
                 *g -= 1;
             }
         }

@@ -937,22 +937,18 @@ impl DsmService {
         let mut live = slot.lock().await;
         if let Live::Page(entry) = &mut *live {
             if entry.lost {
-                *entry =
-                    PageEntry { version: entry.version + 1, strays: true, ..PageEntry::default() };
-            }
-            // The dead owner's direct readers may still hold the lost contents, unknown to
-            // this manager: every node drops its copy before the page reads as zeros, or they
-            // would read the old page while the others read the new one. Asked again while a
-            // node does not answer (the entry keeps its strays until then).
-            if entry.strays && entry.owner.is_none() {
+                // The dead owner's direct readers may still hold the lost contents, unknown
+                // to this manager: every node drops its copy before the page reads as zeros,
+                // or they would read the old page while the others read the new one. The
+                // page stays lost until then: asked again while a node does not answer.
                 let everyone = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
-                // The copies of the lost version and before: the fresh one may be cached.
-                let lost = entry.version.saturating_sub(1);
-                let done = invalidate(self.state(), ctx, page, lost, everyone.clone(), None).await;
+                let done =
+                    invalidate(self.state(), ctx, page, entry.version, everyone.clone(), None)
+                        .await;
                 if done.len() < everyone.len() {
                     return Response::Retry;
                 }
-                entry.strays = false;
+                *entry = PageEntry { version: entry.version + 1, ..PageEntry::default() };
             }
         }
         Response::Ok
@@ -1161,8 +1157,10 @@ impl DsmService {
         // whose answer `Passed` died with the manager still waits at a passage the others
         // passed; rebuilt from the waiting nodes alone, it would wait there for nodes already
         // at the next one, and they for it.
-        let waiting = self.state().waiting.lock().expect("waiting").clone();
-        for (&id, &generation) in self.state().generations.lock().expect("generations").iter() {
+        // Both under both locks, `generations` first, as `Dsm::barrier` changes them.
+        let generations = self.state().generations.lock().expect("generations");
+        let waiting = self.state().waiting.lock().expect("waiting");
+        for (&id, &generation) in generations.iter() {
             let key = crate::page::barrier_key(id);
             if orphans.destination(key).is_none() {
                 continue;
