@@ -78,9 +78,9 @@ pub struct KvDir {
     live: Mutex<HashMap<Key, Versioned>>,
     staged: Mutex<Vec<(Key, Versioned)>>,
     replicas: Mutex<HashMap<Key, Versioned>>,
-    /// Keys whose entries this node sent away in the change under way, and keeps as replicas
-    /// until it is stable.
-    sent: Mutex<Vec<Key>>,
+    /// Keys whose entries this node sent away, each with the node it sent it to: it keeps
+    /// them as replicas until a stable epoch finds them safe with their managers.
+    sent: Mutex<Vec<(Key, NodeId)>>,
 }
 
 impl KvDir {
@@ -203,31 +203,39 @@ impl Service for KvDir {
 
     async fn send_out(&self, _ctx: &Context, moving: &Moving) -> Vec<(Key, Versioned)> {
         let mut live = self.live.lock().expect("live");
-        let leaving: Vec<Key> =
-            live.keys().copied().filter(|k| moving.destination(*k).is_some()).collect();
-        leaving.into_iter().filter_map(|k| live.remove(&k).map(|e| (k, e))).collect()
+        let leaving: Vec<(Key, NodeId)> =
+            live.keys().filter_map(|&k| moving.destination(k).map(|to| (k, to))).collect();
+        let out = leaving.iter().filter_map(|&(k, _)| live.remove(&k).map(|e| (k, e))).collect();
+        self.sent.lock().expect("sent").extend(leaving);
+        out
     }
 
     /// Kept as replicas: should the receiver die before it copies them on, `scan` has them.
     async fn sent(&self, _ctx: &Context, entries: Vec<(Key, Versioned)>) {
-        self.sent.lock().expect("sent").extend(entries.iter().map(|(k, _)| *k));
         merge(&mut self.replicas.lock().expect("replicas"), entries);
     }
 
-    /// The entries sent away are with their new managers, and copied on to those managers'
-    /// backups: the copies kept here go, unless this node is now such a backup. Kept, every
+    /// A copy kept of an entry sent away goes once it is safe without it: its receiver
+    /// manages it and lives (the change is stable, so it has copied it on to its backup), or
+    /// it has moved on since (the change that moved it, a recovery say, is stable too). Kept
+    /// while its receiver manages it but has failed: the recovery to come rebuilds it from
+    /// this copy. And kept if this node is now the backup of its manager. Kept for ever, every
     /// node would in time hold a replica of every entry that ever left it.
     async fn stable(&self, ctx: &Context, _epoch: u64) {
-        let sent = std::mem::take(&mut *self.sent.lock().expect("sent"));
         let Some(table) = ctx.snapshot() else { return };
         let me = ctx.node();
-        let backs_up = |key: Key| {
-            table.locate(KVDIR, key).and_then(|manager| backup(table, manager)) == Some(me)
-        };
+        let mut sent = self.sent.lock().expect("sent");
         let mut replicas = self.replicas.lock().expect("replicas");
-        for key in sent.into_iter().filter(|&k| !backs_up(k)) {
-            replicas.remove(&key);
-        }
+        sent.retain(|&(key, to)| {
+            let manager = table.locate(KVDIR, key);
+            if manager == Some(to) && ctx.gone(to) {
+                return true;
+            }
+            if manager.and_then(|m| backup(table, m)) != Some(me) {
+                replicas.remove(&key);
+            }
+            false
+        });
     }
 
     async fn receive(&self, _ctx: &Context, _from: NodeId, entries: Vec<(Key, Versioned)>) {
