@@ -399,6 +399,11 @@ impl Host {
         self.inner.load().done.subscribe()
     }
 
+    /// The timers and sizes this host runs with.
+    pub fn config(&self) -> HostConfig {
+        self.inner.load().config.clone()
+    }
+
     /// The epoch requests are routed by here.
     pub fn epoch(&self) -> u64 {
         *self.inner.load().epoch.borrow()

@@ -203,6 +203,8 @@ pub struct LockGuard {
     id: u64,
     token: Token,
     released: bool,
+    /// Made before the lock was granted, by a [`Dsm::lock`] still asking.
+    asking: bool,
 }
 
 impl LockGuard {
@@ -226,6 +228,25 @@ async fn release(dsm: &Dsm, id: u64, token: Token) -> Result<(), DsmError> {
     Ok(())
 }
 
+/// [`release`], asked again on failure a few times over: whether it was released.
+async fn release_patiently(dsm: &Dsm, id: u64, token: Token) -> bool {
+    // Each attempt asks until the access deadline; a node that cannot reach the lock's
+    // manager for that long is about to be declared failed, which frees it too.
+    for _ in 0..3 {
+        match release(dsm, id, token).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(lock = id, error = %e, "dsm: releasing a dropped lock failed; asking again")
+            }
+        }
+    }
+    tracing::error!(
+        lock = id,
+        "dsm: a dropped lock could not be released; it stays held until this node leaves or fails"
+    );
+    false
+}
+
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if self.released {
@@ -236,16 +257,18 @@ impl Drop for LockGuard {
             tracing::error!(lock = id, "dsm: a lock guard dropped outside a runtime cannot release its lock; it stays held until this node leaves or fails");
             return;
         };
+        let asking = self.asking;
         runtime.spawn(async move {
-            // Each attempt asks until the access deadline; a node that cannot reach the lock's
-            // manager for that long is about to be declared failed, which frees it too.
-            for _ in 0..3 {
-                match release(&dsm, id, token).await {
-                    Ok(()) => return,
-                    Err(e) => tracing::warn!(lock = id, error = %e, "dsm: releasing a dropped lock failed; asking again"),
-                }
+            if !release_patiently(&dsm, id, token).await {
+                return;
             }
-            tracing::error!(lock = id, "dsm: a dropped lock could not be released; it stays held until this node leaves or fails");
+            // A lock given up on while it was asked for: a copy of the request for it may
+            // still be held at its manager (through a change) or on its way, and be granted
+            // after this release. No copy is served once the request's deadline has passed.
+            if asking {
+                tokio::time::sleep(dsm.host.config().request_deadline).await;
+                release_patiently(&dsm, id, token).await;
+            }
         });
     }
 }
@@ -754,10 +777,11 @@ impl Dsm {
         // Made before asking: a grant whose answer never reaches this node (the caller gave
         // up, or the answer was lost) would otherwise hold the lock for good. Its release is
         // harmless when nothing was granted: the manager lets go of this token only.
-        let mut guard = LockGuard { dsm: self.clone(), id, token, released: false };
+        let mut guard = LockGuard { dsm: self.clone(), id, token, released: false, asking: true };
         match self.ask(lock_key(id), &Request::Acquire(token)).await? {
             Response::Granted => {
                 self.state().held.lock().expect("held").insert(id, token);
+                guard.asking = false;
                 Ok(guard)
             }
             other => {

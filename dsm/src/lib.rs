@@ -45,6 +45,6 @@ mod service;
 pub use client::{Dsm, LockGuard, Placement, ReadGuard, Segment, WriteGuard};
 pub use error::DsmError;
 pub use node::{DsmConfig, DsmNode, FaultStats, DSM, DSM_SLOTS};
-pub use page::{barrier_key, PageId, MAX_SEGMENT, PAGE_SIZE};
-pub use protocol::{PageBytes, Request, Response};
+pub use page::{barrier_key, lock_key, PageId, MAX_SEGMENT, PAGE_SIZE};
+pub use protocol::{PageBytes, Request, Response, Token};
 pub use service::DsmService;

@@ -111,8 +111,8 @@ fn unspread_id(bits: u64) -> u64 {
     (bits & !0xffff_ffff) | u64::from((bits as u32).wrapping_mul(UNSPREAD))
 }
 
-/// The key of lock `id` (62 bits are kept).
-pub(crate) fn lock_key(id: u64) -> Key {
+/// The key of lock `id` (62 bits are kept): where the locator places its manager.
+pub fn lock_key(id: u64) -> Key {
     Key(LOCK | spread_id(id))
 }
 

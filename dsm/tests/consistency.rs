@@ -1040,6 +1040,43 @@ fn a_lock_let_go_leaves_no_entry_behind() {
     });
 }
 
+/// A lock given up on while it was asked for is released again once no copy of its request
+/// can still be served: a copy held at the manager through a change, or on its way, may be
+/// granted after the first release. Such a late copy is sent here by hand.
+#[test]
+fn a_lock_given_up_on_is_released_again_after_a_late_copy_of_its_request() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let (one, two) = (cluster.dsm(NodeId(1)), cluster.dsm(NodeId(2)));
+        let id = (0..)
+            .find(|&id| {
+                cluster.mem.snapshot().locate(gobelins_dsm::DSM, gobelins_dsm::lock_key(id))
+                    != Some(NodeId(1))
+            })
+            .expect("a lock another node manages");
+        // Node 1's first lock: token 0. Given up on before its answer came back.
+        let gave_up = tokio::time::timeout(Duration::from_micros(300), one.lock(id)).await;
+        assert!(gave_up.is_err(), "answered in time");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let token = gobelins_dsm::Token { node: NodeId(1), seq: 0 };
+        let late: gobelins_dsm::Response = cluster
+            .mem
+            .host(NodeId(1))
+            .context()
+            .request(
+                gobelins_dsm::DSM,
+                gobelins_dsm::lock_key(id),
+                &gobelins_dsm::Request::Acquire(token),
+            )
+            .await
+            .expect("the late copy");
+        assert!(matches!(late, gobelins_dsm::Response::Granted), "granted after the first release");
+        let taken = tokio::time::timeout(Duration::from_secs(15), two.lock(id)).await;
+        let guard = taken.expect("released again").expect("lock");
+        guard.unlock().await.expect("unlock");
+    });
+}
+
 /// A barrier waits for a slow node as long as it takes: a phase of 45 s is no fault, where
 /// the access deadline (30 s) once failed it.
 #[test]
