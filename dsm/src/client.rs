@@ -13,6 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
 
+/// How long a barrier or lock waits, without a wait deadline, between two lines in the log.
+const WAIT_WARNING: Duration = Duration::from_secs(60);
+
 /// How a node finds a page's manager.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Placement {
@@ -339,19 +342,34 @@ impl Dsm {
     }
 
     /// `WaitedTooLong` once a barrier or lock at `key`, waited for since `started`, has
-    /// waited past the wait deadline, if one is set.
-    fn within_wait(&self, key: Key, started: tokio::time::Instant) -> Result<(), DsmError> {
-        let Some(deadline) = self.state().config.wait_deadline else { return Ok(()) };
+    /// waited past the wait deadline, if one is set. Without one, says in the log each time
+    /// the wait passes `warn_at`, which then moves a minute on: a party that failed never
+    /// arrives, and an operator should see what the program waits for.
+    fn within_wait(
+        &self,
+        key: Key,
+        started: tokio::time::Instant,
+        warn_at: &mut Duration,
+    ) -> Result<(), DsmError> {
         let waited = started.elapsed();
-        if waited <= deadline {
-            return Ok(());
-        }
-        let what = match named(key) {
+        let what = || match named(key) {
             Named::Lock(id) => format!("lock {id}"),
             Named::Barrier(id) => format!("barrier {id}"),
             _ => format!("key {}", key.0),
         };
-        Err(DsmError::WaitedTooLong { what, waited_ms: waited.as_millis() as u64 })
+        match self.state().config.wait_deadline {
+            Some(deadline) if waited > deadline => {
+                Err(DsmError::WaitedTooLong { what: what(), waited_ms: waited.as_millis() as u64 })
+            }
+            Some(_) => Ok(()),
+            None => {
+                if waited >= *warn_at {
+                    *warn_at += WAIT_WARNING;
+                    tracing::warn!(node = self.me().0, waited_s = waited.as_secs(), "dsm: {} still waits for the other nodes (a barrier) or its holder (a lock); a node that failed never arrives: set DsmConfig::wait_deadline to bound the wait", what());
+                }
+                Ok(())
+            }
+        }
     }
 
     fn me(&self) -> NodeId {
@@ -368,6 +386,7 @@ impl Dsm {
     async fn ask_with(&self, key: Key, make: impl Fn() -> Request) -> Result<Response, DsmError> {
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_micros(500);
+        let mut warn_at = WAIT_WARNING;
         loop {
             let request = &make();
             let ctx = self.host.context();
@@ -395,7 +414,7 @@ impl Dsm {
                 Response::Busy | Response::Waiting
                     if matches!(named(key), Named::Lock(_) | Named::Barrier(_)) =>
                 {
-                    self.within_wait(key, started)?;
+                    self.within_wait(key, started, &mut warn_at)?;
                     if matches!(answer, Response::Busy) {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(20));

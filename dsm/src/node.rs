@@ -36,8 +36,9 @@ pub struct DsmConfig {
     pub access_deadline: Duration,
     /// How long a barrier waits for the other nodes, and a lock for its holder, before it
     /// fails with [`crate::DsmError::WaitedTooLong`]; `None` (the default): as long as it
-    /// takes, as a program's phases may be long. An unreachable manager still fails the wait
-    /// at the adaptation layer's request deadline.
+    /// takes, as a program's phases may be long, with a line in the log every minute of it (a
+    /// node that failed never arrives). An unreachable manager still fails the wait at the
+    /// adaptation layer's request deadline.
     pub wait_deadline: Option<Duration>,
 }
 

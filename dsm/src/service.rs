@@ -407,18 +407,25 @@ impl DsmService {
 
     /// [`DsmService::promote`], asked again a few times while `backup` does not answer and is
     /// not gone: a connection reset or one slow answer must not make a page whose copy
-    /// survives lost for good.
+    /// survives lost for good. A node in `unanswering` (it did not answer one page's tries)
+    /// is asked once: a node that stopped answering costs a recovery one call per page, not
+    /// several.
     async fn promote_patiently(
         &self,
         ctx: &Context,
         page: PageId,
         entry: &mut PageEntry,
         backup: NodeId,
+        unanswering: &mut BTreeSet<NodeId>,
     ) -> Result<(), Absent> {
-        let mut tries = 0;
+        let mut tries = if unanswering.contains(&backup) { PROMOTE_TRIES } else { 0 };
         loop {
             match self.promote(ctx, page, entry, backup).await {
-                Err(Absent::Unreachable) if tries < PROMOTE_TRIES && !self.gone(ctx, backup) => {
+                Err(Absent::Unreachable) if tries >= PROMOTE_TRIES => {
+                    unanswering.insert(backup);
+                    return Err(Absent::Unreachable);
+                }
+                Err(Absent::Unreachable) if !self.gone(ctx, backup) => {
                     tries += 1;
                     tracing::debug!(
                         ?page,
@@ -1243,12 +1250,15 @@ impl DsmService {
             }
         }
         let mut rebuilt = 0usize;
+        let mut unanswering = BTreeSet::new();
         for (key, reports) in reports {
             let Named::Page(page) = named(key) else { continue };
             let Some(mut entry) = rebuild(&reports) else { continue };
             let only_backups = !reports.iter().any(|r| !r.backup && r.version == entry.version);
             if let (true, Some(holder)) = (only_backups, entry.owner) {
-                if self.promote_patiently(ctx, page, &mut entry, holder).await.is_err() {
+                let promoted =
+                    self.promote_patiently(ctx, page, &mut entry, holder, &mut unanswering).await;
+                if promoted.is_err() {
                     tracing::warn!(?page, node = holder.0, "dsm: page lost: its backup could not be restored (it does not hold that version, or it never answered)");
                     entry =
                         PageEntry { lost: true, version: entry.version, ..PageEntry::default() };
