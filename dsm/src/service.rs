@@ -264,18 +264,7 @@ impl DsmService {
         if let Some(owner) = entry.owner.filter(|&o| !self.gone(ctx, o)) {
             match self.promote_on(ctx, owner, page, version, Some(version)).await {
                 Ok(()) => {
-                    entry.copyset = [owner].into();
-                    entry.strays = true;
-                    if entry.backup == Some(owner) {
-                        entry.backup = None;
-                    }
-                    self.settle_grant(ctx, page, entry);
-                    tracing::info!(
-                        ?page,
-                        version,
-                        owner = owner.0,
-                        "dsm: the owner took back the page a failed write fault took"
-                    );
+                    self.taken_back_by(ctx, page, entry, owner);
                     return true;
                 }
                 Err(Absent::Missing) => {}
@@ -309,12 +298,8 @@ impl DsmService {
             .filter(|&o| source.is_none_or(|(s, _)| s != o))
             .zip(before)
             .map(|(o, label)| (o, Some(label)));
-        let candidates = [
-            source,
-            entry.backup.map(|b| (b, None)),
-            entry.owner.map(|o| (o, Some(version))),
-            held,
-        ];
+        // The owner's own copy of this version was asked for above.
+        let candidates = [source, entry.backup.map(|b| (b, None)), held];
         for (node, label) in candidates.into_iter().flatten() {
             if self.gone(ctx, node) {
                 continue;
@@ -324,28 +309,33 @@ impl DsmService {
                 Err(Absent::Missing) => continue,
                 Err(Absent::Unreachable) => return false,
             }
-            entry.owner = Some(node);
-            entry.copyset = [node].into();
-            // The writer may still hold a read copy of the version before, and a node that
-            // timed out an earlier try may hold a promoted one: the next write invalidates
-            // every node.
-            entry.strays = true;
-            // Never its own backup: the next grant places one.
-            if entry.backup == Some(node) {
-                entry.backup = None;
-            }
-            self.settle_grant(ctx, page, entry);
-            tracing::warn!(
-                ?page,
-                version,
-                owner = node.0,
-                "dsm: a write grant that never reached its writer was taken back"
-            );
+            self.taken_back_by(ctx, page, entry, node);
             return true;
         }
         tracing::warn!(?page, version, "dsm: page lost: a write grant never reached its writer, and no node holds what it carried");
         *entry = PageEntry { lost: true, version, ..PageEntry::default() };
         true
+    }
+
+    /// Records that `node` promoted its copy of `page` to the owned page at the entry's
+    /// version, taking back a grant that never reached its writer.
+    fn taken_back_by(&self, ctx: &Context, page: PageId, entry: &mut PageEntry, node: NodeId) {
+        entry.owner = Some(node);
+        entry.copyset = [node].into();
+        // The writer may still hold a read copy of the version before, and a node that timed
+        // out an earlier try may hold a promoted one: the next write invalidates every node.
+        entry.strays = true;
+        // Never its own backup: the next grant places one.
+        if entry.backup == Some(node) {
+            entry.backup = None;
+        }
+        self.settle_grant(ctx, page, entry);
+        tracing::warn!(
+            ?page,
+            version = entry.version,
+            owner = node.0,
+            "dsm: a write grant that never reached its writer was taken back"
+        );
     }
 
     /// Asks `node` to make its copy of `page` the owned page at `version` (see

@@ -839,11 +839,7 @@ fn readers_a_dead_owner_served_are_invalidated_before_the_next_write() {
         let (owner, reader, writer) = (NodeId(3), NodeId(1), NodeId(2));
         let (o, r, w) = (cluster.dsm(owner), cluster.dsm(reader), cluster.dsm(writer));
         let page = pid(7);
-        put(&o, page, 1).await;
-        assert_eq!(get(&r, page).await, 1);
-        put(&o, page, 2).await;
-        assert_eq!(get(&r, page).await, 2);
-        assert_eq!(cluster.stats(reader).hinted, 1, "served by the owner, unknown to the manager");
+        read_straight_from_the_owner(&cluster, &o, &r, reader, page).await;
 
         // The owner dies with the list of its readers; its backup takes over.
         cluster.mem.fail(owner).await;
@@ -956,6 +952,31 @@ fn a_lock_whose_caller_gave_up_as_it_was_granted_is_released() {
     });
 }
 
+/// Makes `r` (node `reader`) a reader `o` served straight, unknown to the page's manager: it
+/// read version 1 through the manager, then version 2 from the owner its hint named.
+async fn read_straight_from_the_owner(
+    cluster: &Cluster,
+    o: &Dsm,
+    r: &Dsm,
+    reader: NodeId,
+    page: PageId,
+) {
+    put(o, page, 1).await;
+    assert_eq!(get(r, page).await, 1);
+    put(o, page, 2).await;
+    assert_eq!(get(r, page).await, 2);
+    assert_eq!(cluster.stats(reader).hinted, 1, "served by the owner, unknown to the manager");
+}
+
+/// The first test page `node` manages.
+fn managed_by(cluster: &Cluster, node: NodeId) -> PageId {
+    let snapshot = cluster.mem.snapshot();
+    (0..)
+        .map(pid)
+        .find(|p| snapshot.locate(gobelins_dsm::DSM, p.key()) == Some(node))
+        .expect("a page the node manages")
+}
+
 /// A write fault that took the page from its owner and then could not finish (the new backup
 /// it chose was cut off) leaves the page with its owner: the owner's writes are not replaced
 /// by zeros, or by an older copy, when the fault is asked again.
@@ -966,11 +987,7 @@ fn a_write_fault_that_could_not_finish_leaves_the_owner_its_page() {
         let (owner, writer, cut) = (NodeId(1), NodeId(2), NodeId(3));
         // A page managed by neither the cut node nor the writer: its manager fetches from the
         // owner, then places the writer's backup on the node after the writer, the cut one.
-        let snapshot = cluster.mem.snapshot();
-        let page = (0..)
-            .map(pid)
-            .find(|p| snapshot.locate(gobelins_dsm::DSM, p.key()) == Some(owner))
-            .expect("a page node 1 manages");
+        let page = managed_by(&cluster, owner);
         let (o, w) = (cluster.dsm(owner), cluster.dsm(writer));
         put(&o, page, 5).await;
         cluster.mem.crash(cut);
@@ -993,17 +1010,9 @@ fn a_discarded_page_reads_as_zeros_on_the_readers_its_dead_owner_served() {
     replay(async {
         let mut cluster = Cluster::start(3, DsmConfig::default()).await;
         let (manager, reader, owner) = (NodeId(1), NodeId(2), NodeId(3));
-        let snapshot = cluster.mem.snapshot();
-        let page = (0..)
-            .map(pid)
-            .find(|p| snapshot.locate(gobelins_dsm::DSM, p.key()) == Some(manager))
-            .expect("a page node 1 manages");
+        let page = managed_by(&cluster, manager);
         let (o, r, m) = (cluster.dsm(owner), cluster.dsm(reader), cluster.dsm(manager));
-        put(&o, page, 1).await;
-        assert_eq!(get(&r, page).await, 1);
-        put(&o, page, 2).await;
-        assert_eq!(get(&r, page).await, 2);
-        assert_eq!(cluster.stats(reader).hinted, 1, "served by the owner, unknown to the manager");
+        read_straight_from_the_owner(&cluster, &o, &r, reader, page).await;
 
         cluster.mem.fail(owner).await;
         assert!(matches!(m.read(page).await, Err(DsmError::Lost { .. })));
