@@ -267,9 +267,11 @@ impl Drop for LockGuard {
             }
             // A lock given up on while it was asked for: a copy of the request for it may
             // still be held at its manager (through a change) or on its way, and be granted
-            // after this release. No copy is served once the request's deadline has passed.
+            // after this release. A manager serves a copy for up to the request's deadline
+            // from when the copy reached it, so twice that is past the last (the margin the
+            // layer keeps answers for, too).
             if asking {
-                tokio::time::sleep(dsm.host.config().request_deadline).await;
+                tokio::time::sleep(dsm.host.config().request_deadline * 2).await;
                 release_patiently(&dsm, id, token).await;
             }
         });

@@ -249,7 +249,9 @@ impl DsmService {
     /// Takes back the grant that made `entry.owner` the owner of `entry.version`, which never
     /// reached it (its writer gave up waiting, or says it holds an older copy): the page goes
     /// back to a node that holds the content that grant carried, relabelled with the entry's
-    /// version so that versions only grow. In order: where the grant took the page from (which
+    /// version so that versions only grow. In order: the owner's own copy of the entry's
+    /// version (the grant did reach it, and a later write fault that took it failed), where
+    /// the grant took the page from (which
     /// keeps it aside until the writer says the grant landed, or is the writer itself), the
     /// backup placed with the grant, and the owner, should the grant have reached it after it
     /// said it lacked it (it keeps such a grant aside). A node that does not answer stops the
@@ -298,8 +300,14 @@ impl DsmService {
             .filter(|&o| source.is_none_or(|(s, _)| s != o))
             .zip(before)
             .map(|(o, label)| (o, Some(label)));
-        // The owner's own copy of this version was asked for above.
-        let candidates = [source, entry.backup.map(|b| (b, None)), held];
+        // The owner again, last: a grant it said it lacked may have reached it since (it
+        // keeps such a grant aside).
+        let candidates = [
+            source,
+            entry.backup.map(|b| (b, None)),
+            entry.owner.map(|o| (o, Some(version))),
+            held,
+        ];
         for (node, label) in candidates.into_iter().flatten() {
             if self.gone(ctx, node) {
                 continue;
@@ -425,7 +433,11 @@ impl DsmService {
                     );
                     tokio::time::sleep(PROMOTE_PAUSE).await;
                 }
-                done => return done,
+                done => {
+                    // It answers again: full patience for its next page.
+                    unanswering.remove(&backup);
+                    return done;
+                }
             }
         }
     }

@@ -1080,7 +1080,8 @@ fn a_lock_given_up_on_is_released_again_after_a_late_copy_of_its_request() {
             .await
             .expect("the late copy");
         assert!(matches!(late, gobelins_dsm::Response::Granted), "granted after the first release");
-        let taken = tokio::time::timeout(Duration::from_secs(15), two.lock(id)).await;
+        // Released again twice the request deadline (10 s) after it was given up on.
+        let taken = tokio::time::timeout(Duration::from_secs(25), two.lock(id)).await;
         let guard = taken.expect("released again").expect("lock");
         guard.unlock().await.expect("unlock");
     });

@@ -78,9 +78,9 @@ pub struct KvDir {
     live: Mutex<HashMap<Key, Versioned>>,
     staged: Mutex<Vec<(Key, Versioned)>>,
     replicas: Mutex<HashMap<Key, Versioned>>,
-    /// Keys whose entries this node sent away, each with the node it sent it to: it keeps
-    /// them as replicas until a stable epoch finds them safe with their managers.
-    sent: Mutex<Vec<(Key, NodeId)>>,
+    /// Keys whose entries this node sent away: it keeps them as replicas until a stable epoch
+    /// finds them safe with their managers.
+    sent: Mutex<Vec<Key>>,
 }
 
 impl KvDir {
@@ -203,9 +203,9 @@ impl Service for KvDir {
 
     async fn send_out(&self, _ctx: &Context, moving: &Moving) -> Vec<(Key, Versioned)> {
         let mut live = self.live.lock().expect("live");
-        let leaving: Vec<(Key, NodeId)> =
-            live.keys().filter_map(|&k| moving.destination(k).map(|to| (k, to))).collect();
-        let out = leaving.iter().filter_map(|&(k, _)| live.remove(&k).map(|e| (k, e))).collect();
+        let leaving: Vec<Key> =
+            live.keys().copied().filter(|k| moving.destination(*k).is_some()).collect();
+        let out = leaving.iter().filter_map(|&k| live.remove(&k).map(|e| (k, e))).collect();
         self.sent.lock().expect("sent").extend(leaving);
         out
     }
@@ -217,8 +217,8 @@ impl Service for KvDir {
 
     /// A copy kept of an entry sent away goes once it is safe without it: its receiver
     /// manages it and lives (the change is stable, so it has copied it on to its backup), or
-    /// it has moved on since (the change that moved it, a recovery say, is stable too). Kept
-    /// while its receiver manages it but has failed: the recovery to come rebuilds it from
+    /// it has moved on since to a live manager (the change that moved it, a recovery say, is
+    /// stable too). Kept while its manager has failed: the recovery to come rebuilds it from
     /// this copy. And kept if this node is now the backup of its manager. Kept for ever, every
     /// node would in time hold a replica of every entry that ever left it.
     async fn stable(&self, ctx: &Context, _epoch: u64) {
@@ -226,9 +226,11 @@ impl Service for KvDir {
         let me = ctx.node();
         let mut sent = self.sent.lock().expect("sent");
         let mut replicas = self.replicas.lock().expect("replicas");
-        sent.retain(|&(key, to)| {
+        sent.retain(|&key| {
             let manager = table.locate(KVDIR, key);
-            if manager == Some(to) && ctx.gone(to) {
+            // Its manager failed (the receiver, or the node a recovery rebuilt it on): the
+            // recovery to come may need this copy.
+            if manager.is_some_and(|m| ctx.gone(m)) {
                 return true;
             }
             if manager.and_then(|m| backup(table, m)) != Some(me) {
