@@ -346,17 +346,73 @@ fn a_bootstrap_that_failed_on_a_taken_port_can_be_run_again_on_another() {
 
 #[test]
 fn a_node_restarted_before_anyone_noticed_comes_back_as_a_new_life_and_loses_nothing() {
-    restarted_before_anyone_noticed(false);
+    restarted_before_anyone_noticed(Restart::Plain);
 }
 
 /// The same restart by a unit that always passes `--join`: the same life asking to join again
 /// used to be answered as still a member, and served its keys from empty services.
 #[test]
 fn a_node_restarted_with_join_before_anyone_noticed_comes_back_as_a_new_life_too() {
-    restarted_before_anyone_noticed(true);
+    restarted_before_anyone_noticed(Restart::Join);
 }
 
-fn restarted_before_anyone_noticed(with_join: bool) {
+/// The same with a seed that says nothing for its first seconds: a silent seed was taken to
+/// mean "not a member", and the join it answered a moment later admitted the same life again.
+#[test]
+fn a_node_restarted_with_join_through_a_seed_slow_to_answer_comes_back_as_a_new_life() {
+    restarted_before_anyone_noticed(Restart::JoinThroughSilentSeed);
+}
+
+/// The same while the rest of the cluster is stopped for longer than one proposal of the last
+/// life's failure waits: the node gave up after one, and the cluster waited on it for ever.
+#[test]
+fn a_node_restarted_while_the_cluster_has_no_quorum_comes_back_once_it_has() {
+    restarted_before_anyone_noticed(Restart::WithoutQuorum);
+}
+
+/// How node 2 is restarted after its kill -9.
+#[derive(Clone, Copy, PartialEq)]
+enum Restart {
+    Plain,
+    Join,
+    JoinThroughSilentSeed,
+    WithoutQuorum,
+}
+
+/// An address that accepts connections and says nothing on them until `opens`, then passes
+/// the bytes of each new one both ways to `to`.
+fn seed_silent_until(opens: Instant, to: &str) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let addr = listener.local_addr().expect("address").to_string();
+    let to = to.to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for client in listener.incoming().flatten() {
+            if Instant::now() < opens {
+                held.push(client);
+                continue;
+            }
+            let Ok(server) = TcpStream::connect(&to) else { continue };
+            let (Ok(c), Ok(s)) = (client.try_clone(), server.try_clone()) else { continue };
+            for (mut from, mut into) in [(c, s), (server, client)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// Sends `signal` (`-STOP`, `-CONT`) to the agent's process.
+fn signal(agent: &Agent, signal: &str) {
+    let pid = agent.child.as_ref().expect("running").id().to_string();
+    let sent = Command::new("kill").args([signal, &pid]).status().expect("run kill");
+    assert!(sent.success(), "kill {signal} {pid}");
+}
+
+fn restarted_before_anyone_noticed(restart: Restart) {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(30);
     let mut agents = three_agents(root.path(), limit);
@@ -376,14 +432,36 @@ fn restarted_before_anyone_noticed(with_join: bool) {
 
     // Killed and restarted at once, before the failure detector could notice: the process
     // lost its services' memory, so its last life must be recovered like a crash.
+    if restart == Restart::WithoutQuorum {
+        signal(&agents[0], "-STOP");
+        signal(&agents[2], "-STOP");
+    }
     agents[1].child.as_mut().expect("child").kill().expect("kill -9");
     agents[1].child.as_mut().expect("child").wait().expect("reap");
     let secret = agents[0].dir.join("cluster.secret");
     let secret = secret.to_str().expect("utf-8 path").to_string();
-    let join = ["--join", agents[0].addr.as_str(), "--secret-file", secret.as_str()];
+    let seed = match restart {
+        // Silent for longer than the restarted node used to ask before it gave up (3 s).
+        Restart::JoinThroughSilentSeed => {
+            seed_silent_until(Instant::now() + Duration::from_secs(5), &agents[0].addr)
+        }
+        _ => agents[0].addr.clone(),
+    };
+    let join = ["--join", seed.as_str(), "--secret-file", secret.as_str()];
+    let with_join = matches!(restart, Restart::Join | Restart::JoinThroughSilentSeed);
     agents[1].child = Some(spawn(&agents[1], if with_join { &join } else { &[] }));
-    wait_until("node 2 back as a new life", limit, || {
-        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "active", 2), (3, "active", 1)])
+    if restart == Restart::WithoutQuorum {
+        // Longer than one proposal of the last life's failure waits for a leader (10 s).
+        std::thread::sleep(Duration::from_secs(13));
+        signal(&agents[0], "-CONT");
+        signal(&agents[2], "-CONT");
+    }
+    wait_showing(&agents, "node 2 back as a new life", limit, || {
+        status(&agents[0].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && node_status(&s, 2).is_some_and(|(st, inc)| st == "active" && inc >= 2)
+                && [1, 3].iter().all(|&n| node_status(&s, n).is_some_and(|(st, _)| st == "active"))
+        })
     });
     for socket in [socket.clone(), agents[1].dir.join("control.sock")] {
         for key in 0..keys {

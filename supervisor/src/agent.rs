@@ -7,7 +7,7 @@ use crate::error::{Result, SupervisorError};
 use crate::link::TransportLink;
 use crate::net::{Net, TokioNet};
 use crate::secret::ClusterSecret;
-use crate::state::{Command, NodeStatus, Refusal};
+use crate::state::{Command, Refusal};
 use crate::store;
 use crate::supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
 use crate::tcp::{Identity, TcpConfig, TcpTransport};
@@ -18,6 +18,14 @@ use rand::Rng;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How long a join keeps asking its seed, and how long a restarted node asks the seed whether
+/// its last life is still a member.
+const JOIN_WINDOW: Duration = Duration::from_secs(30);
+
+/// How long one proposal of a restarted node's last life's failure waits for a leader before
+/// it is made again.
+const FAIL_WINDOW: Duration = Duration::from_secs(10);
 
 /// How the agent enters the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -188,9 +196,21 @@ impl<N: Net> Agent<N> {
         // rather than answered as the same life and served from empty services. A node that
         // left, or was declared failed, joins as a new life.
         let start = match &options.start {
-            Start::Join(seed) if restarted && supervisor.last_life_is_member(seed).await => {
-                tracing::info!(%seed, "this node's last life is still a member: resuming as a new life (--join is not needed)");
-                Start::Resume
+            Start::Join(seed) if restarted => {
+                match supervisor.last_life_is_member(seed, JOIN_WINDOW).await {
+                    Some(true) => {
+                        tracing::info!(%seed, "this node's last life is still a member: resuming as a new life (--join is not needed)");
+                        Start::Resume
+                    }
+                    Some(false) => options.start.clone(),
+                    // The seed may be down: this node's own state decides, and the other
+                    // members it knows end its last life.
+                    None if supervisor.last_life_is_member_here() => {
+                        tracing::warn!(%seed, "the seed did not answer; this node's own state counts its last life as a member: resuming as a new life through the other members");
+                        Start::Resume
+                    }
+                    None => options.start.clone(),
+                }
             }
             start => start.clone(),
         };
@@ -205,7 +225,7 @@ impl<N: Net> Agent<N> {
                 // from raft right after it left never applies the entry that says so. A join
                 // repeated by the same life is answered with where it stands.
                 {
-                    let outcome = supervisor.join_cluster(seed, Duration::from_secs(30)).await?;
+                    let outcome = supervisor.join_cluster(seed, JOIN_WINDOW).await?;
                     if let Err(refusal) = outcome {
                         supervisor.shutdown().await;
                         tcp.shutdown();
@@ -238,10 +258,6 @@ impl<N: Net> Agent<N> {
     }
 }
 
-/// After a restart the services' memory of the last life is gone, so that life must end the
-/// way a crash does: the cluster commits its failure (and rebuilds its entries from the
-/// survivors' replicas), and this process joins as a new life. Until then its host serves
-/// nothing.
 /// The address peers reach this node at: `--advertise`, else `--listen`, which must then be
 /// one they can dial.
 fn advertised(options: &AgentOptions) -> Result<String> {
@@ -275,34 +291,54 @@ fn fits_a_socket(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// After a restart the services' memory of the last life is gone, so that life must end the
+/// way a crash does: the cluster commits its failure (and rebuilds its entries from the
+/// survivors' replicas), and this process joins as a new life. Until then its host serves
+/// nothing.
+///
+/// Its failure is proposed again and again while this node's own state counts it live: a
+/// restart while the cluster has no quorum (a whole rack powered back up one machine at a
+/// time) must not give up, for this process answers pings, so no detector will end that life
+/// for it, and every change that waits on it would wait for ever.
 async fn start_new_life(supervisor: Arc<Supervisor>) {
     let (me, incarnation) = (supervisor.id(), supervisor.incarnation());
-    let live = supervisor.state().nodes.get(&me).is_some_and(|r| {
-        r.incarnation == incarnation
-            && matches!(r.status, NodeStatus::Joining | NodeStatus::Active | NodeStatus::Leaving)
-    });
-    if live {
-        let fail = Command::Fail { node: me, incarnation };
-        match supervisor.propose_until(fail, Duration::from_secs(60)).await {
-            Ok(Ok(_)) => tracing::warn!(
-                node = me,
-                incarnation,
-                "restarted: the cluster recovers this node's last life from replicas; rejoining as a new one"
-            ),
-            Ok(Err(Refusal::LastNode(_))) => {
-                tracing::warn!(
-                    node = me,
-                    "restarted as the only node of the cluster: its services start empty"
-                );
-                supervisor.admit_life();
-                return;
-            }
-            Ok(Err(refusal)) => tracing::debug!(%refusal, "last life already ended"),
-            Err(error) => tracing::warn!(%error, "could not end the last life yet; asking the peers"),
-        }
-    }
     let pause = supervisor.config().failure_timeout;
+    let mut ended = false;
     while !supervisor.life_admitted() {
+        let live = supervisor
+            .state()
+            .nodes
+            .get(&me)
+            .is_some_and(|r| r.incarnation == incarnation && r.status.is_live());
+        if live && !ended {
+            let fail = Command::Fail { node: me, incarnation };
+            match supervisor.propose_until(fail, FAIL_WINDOW).await {
+                Ok(Ok(_)) => {
+                    ended = true;
+                    tracing::warn!(
+                        node = me,
+                        incarnation,
+                        "restarted: the cluster recovers this node's last life from replicas; rejoining as a new one"
+                    );
+                }
+                Ok(Err(Refusal::LastNode(_))) => {
+                    tracing::warn!(
+                        node = me,
+                        "restarted as the only node of the cluster: its services start empty"
+                    );
+                    supervisor.admit_life();
+                    return;
+                }
+                Ok(Err(refusal)) => {
+                    ended = true;
+                    tracing::debug!(%refusal, "last life already ended");
+                }
+                Err(error) => tracing::warn!(
+                    %error,
+                    "could not end this node's last life yet: no leader answers (is a majority of the cluster down?); asking again"
+                ),
+            }
+        }
         Arc::clone(&supervisor).check_fenced().await;
         if *supervisor.lifecycle().borrow() == Lifecycle::Left {
             return;

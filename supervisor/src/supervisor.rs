@@ -389,25 +389,47 @@ impl Supervisor {
         )))
     }
 
-    /// Whether the cluster, asked through `seed`, counts this node's current life as a member.
-    /// `false` if the seed does not answer: this node's own copy of the state may be stale (a
-    /// node removed from raft as it left never applies the entry that says so), and a join
-    /// that cannot reach its seed says so.
-    pub async fn last_life_is_member(&self, seed: &str) -> bool {
-        let asked = async {
-            let bytes = lane::request(&Request::State).ok()?;
-            let (_, reply) =
-                self.transport.call_addr(seed, bytes, self.config.rpc_timeout * 3).await.ok()?;
-            match lane::decode_response(reply).ok()? {
-                Response::View(view) => Some(view.state),
-                _ => None,
+    /// Whether the cluster, asked through `seed`, counts this node's current life as a member;
+    /// `None` if the seed gave no answer to trust before `deadline`. A silent seed is asked
+    /// again rather than taken for "no": one that answers a join a moment later would admit the
+    /// same life again, served from empty services. A seed whose copy of the state is older
+    /// than this node's own is asked again too: it may not have heard of this node's join yet.
+    pub async fn last_life_is_member(&self, seed: &str, deadline: Duration) -> Option<bool> {
+        let until = Instant::now() + deadline;
+        loop {
+            let asked = async {
+                let bytes = lane::request(&Request::State).ok()?;
+                let (_, reply) =
+                    self.transport.call_addr(seed, bytes, self.config.rpc_timeout).await.ok()?;
+                match lane::decode_response(reply).ok()? {
+                    Response::View(view) => Some(view.state),
+                    _ => None,
+                }
+            };
+            if let Some(state) = asked.await.filter(|s| s.epoch >= self.state().epoch) {
+                return Some(
+                    state
+                        .nodes
+                        .get(&self.me.id)
+                        .is_some_and(|r| r.incarnation == self.incarnation() && r.status.is_live()),
+                );
             }
-        };
-        let Some(state) = asked.await else { return false };
-        state
-            .nodes
-            .get(&self.me.id)
-            .is_some_and(|r| r.incarnation == self.incarnation() && r.status.is_live())
+            if Instant::now() >= until {
+                return None;
+            }
+            tracing::debug!(%seed, "no answer to trust yet on this node's last life; asking again");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Whether this node's own copy of the state counts its current life as joining or active.
+    /// A leaving life is left out: a node removed from raft as it left never applies the entry
+    /// that ends it, so its own copy may say "leaving" for ever.
+    pub fn last_life_is_member_here(&self) -> bool {
+        self.state().nodes.get(&self.me.id).is_some_and(|r| {
+            r.incarnation == self.incarnation()
+                && matches!(r.status, NodeStatus::Joining | NodeStatus::Active)
+        })
     }
 
     /// Joins through `seed`; a node the cluster remembers as departed comes back as a new life
