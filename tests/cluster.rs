@@ -344,6 +344,40 @@ fn a_bootstrap_that_failed_on_a_taken_port_can_be_run_again_on_another() {
     drop(taken);
 }
 
+/// One node of two leaves: the other must keep a raft quorum of its own. The leaver stopped on
+/// a timer once it had left, while it was still one of two voters, and the survivor could
+/// commit nothing again: not the change of voters, not a join.
+#[test]
+fn the_survivor_of_a_two_node_cluster_one_leaves_still_admits_a_node() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let addrs: Vec<String> = (1..=3).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
+    let first = start(root.path(), 1, &addrs[0], &["--bootstrap"]);
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let join = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
+    let mut agents = vec![first];
+    agents.push(start(root.path(), 2, &addrs[1], &join));
+    wait_showing(&agents, "two voters", limit, || {
+        status(&agents[0].dir, false)
+            .is_some_and(|s| s["voters"].as_array().map_or(0, Vec::len) == 2)
+    });
+
+    // The bootstrap node leaves: the leader, most likely, which must hand over to the other.
+    let leave = cli(&agents[0].dir, &["leave"]);
+    assert!(leave.status.success(), "leave: {}", String::from_utf8_lossy(&leave.stderr));
+    let exited = agents[0].child.as_mut().expect("child").wait().expect("wait");
+    assert!(exited.success(), "a node that left exits cleanly");
+    agents[0].child = None;
+
+    let join = ["--join", addrs[1].as_str(), "--secret-file", secret.as_str()];
+    agents.push(start(root.path(), 3, &addrs[2], &join));
+    wait_showing(&agents, "node 3 admitted by the survivor alone", limit, || {
+        stable_with(&agents[1].dir, &[(1, "left", 1), (2, "active", 1), (3, "active", 1)])
+    });
+}
+
 #[test]
 fn a_node_restarted_before_anyone_noticed_comes_back_as_a_new_life_and_loses_nothing() {
     restarted_before_anyone_noticed(Restart::Plain);

@@ -1023,8 +1023,9 @@ impl Supervisor {
     }
 
     /// Keeps raft's membership in line with the cluster: every live node a member, up to
-    /// `max_voters` active nodes voting (voters are kept while they live, so that a change of
-    /// voters happens only when one is lost), failed and departed nodes removed.
+    /// `max_voters` active nodes voting (voters are kept while they live and stay, so that a
+    /// change of voters happens only when one is lost or leaves), failed and departed nodes
+    /// removed.
     async fn reconcile_membership(&self, state: &ClusterState) {
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
@@ -1038,8 +1039,15 @@ impl Supervisor {
                 tracing::debug!(node = id, %error, "adding learner");
             }
         }
-        let mut desired: BTreeSet<u64> =
-            voters.iter().copied().filter(|v| live.contains(v)).collect();
+        // A leaving node stops voting when its leave begins, not once it has left: it stops
+        // its process soon after, and a change of voters needs the votes of the old ones. Of
+        // two voters, one gone before the change committed would leave the other without a
+        // quorum for good.
+        let voting = |id: &u64| {
+            live.contains(id)
+                && state.nodes.get(id).is_some_and(|r| r.status != NodeStatus::Leaving)
+        };
+        let mut desired: BTreeSet<u64> = voters.iter().copied().filter(voting).collect();
         for id in state.with_status(NodeStatus::Active) {
             if desired.len() >= self.config.max_voters {
                 break;
@@ -1047,7 +1055,8 @@ impl Supervisor {
             desired.insert(id);
         }
         if desired != voters && !desired.is_empty() {
-            match self.raft.change_membership(desired.clone(), false).await {
+            // Kept as a learner: a leaver still follows the state until its leave is done.
+            match self.raft.change_membership(desired.clone(), true).await {
                 Ok(_) => tracing::info!(?desired, "raft voters changed"),
                 Err(error) => tracing::debug!(%error, "changing voters"),
             }
