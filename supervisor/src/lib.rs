@@ -35,6 +35,7 @@ pub mod rpc;
 pub mod runtime;
 pub mod secret;
 mod slots;
+mod sources;
 pub mod state;
 pub mod store;
 pub mod supervisor;

@@ -28,6 +28,7 @@ use crate::net::{Net, TokioNet};
 use crate::outbox::Outbox;
 use crate::secret::ClusterSecret;
 use crate::slots::{Slot, Slots};
+use crate::sources::Sources;
 use crate::transport::{Admission, Handler, Transport};
 use crate::waiters::Waiters;
 use async_trait::async_trait;
@@ -59,6 +60,9 @@ pub struct TcpConfig {
     pub backoff_max: Duration,
     /// Handshakes with not-yet-authenticated peers at once; more are dropped at accept.
     pub max_handshakes: usize,
+    /// Of those, handshakes from one source address at once: a host that opens connections
+    /// and says nothing takes this many slots, not all of them.
+    pub max_handshakes_per_source: usize,
     /// Requests from one peer handled at once. Past that, the reader holds the requests it
     /// reads (up to 16 MiB of them) until a slot frees, and goes on reading the answers behind
     /// them; past that too, it stops reading, so a flood slows its sender instead of spawning
@@ -81,6 +85,7 @@ impl Default for TcpConfig {
             // timeout; an unreachable peer then costs one dial per quarter second.
             backoff_max: Duration::from_millis(250),
             max_handshakes: 64,
+            max_handshakes_per_source: 8,
             max_inflight: 256,
             stall_after: Duration::from_secs(2),
         }
@@ -268,6 +273,7 @@ struct Inner<N: Net> {
     dialing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>, foldhash::fast::RandomState>>,
     next_id: AtomicU64,
     handshakes: Arc<Semaphore>,
+    sources: Arc<Sources>,
     shutdown: CancellationToken,
 }
 
@@ -304,6 +310,7 @@ impl<N: Net> TcpTransport<N> {
             .await
             .map_err(|e| SupervisorError::io(format!("listening on {listen}"), e))?;
         let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
+        let sources = Sources::new(config.max_handshakes_per_source);
         let transport = TcpTransport {
             inner: Arc::new(Inner {
                 net,
@@ -316,6 +323,7 @@ impl<N: Net> TcpTransport<N> {
                 dialing: Mutex::default(),
                 next_id: AtomicU64::new(1),
                 handshakes,
+                sources,
                 shutdown: CancellationToken::new(),
             }),
         };
@@ -362,6 +370,10 @@ impl<N: Net> TcpTransport<N> {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let Some(counted) = self.inner.sources.admit(&peer) else {
+                        tracing::warn!(%peer, "too many handshakes in progress from this address; dropped a connection (a peer that connects and says nothing?)");
+                        continue;
+                    };
                     let Ok(permit) = Arc::clone(&self.inner.handshakes).try_acquire_owned() else {
                         tracing::warn!(%peer, "too many handshakes in progress; dropped a connection");
                         continue;
@@ -369,7 +381,7 @@ impl<N: Net> TcpTransport<N> {
                     let me = self.clone();
                     tokio::spawn(async move {
                         let admitted = me.admit_incoming(stream, &peer).await;
-                        drop(permit);
+                        drop((permit, counted));
                         if let Err(error) = admitted {
                             tracing::warn!(%peer, %error, "refused an incoming connection");
                         }
@@ -686,7 +698,9 @@ impl<N: Net> TcpTransport<N> {
                 after_ms: config.connect_timeout.as_millis() as u64,
             })?
             .map_err(|e| SupervisorError::io(format!("connecting to {addr}"), e))?;
-        let mut framed = Framed::new(stream, FrameCodec::new(config.max_frame));
+        // Small until the peer has proven it holds the secret, as on the accepting side: a
+        // server that is not ours at a mistyped address must not make this node buffer 16 MiB.
+        let mut framed = Framed::new(stream, FrameCodec::new(HANDSHAKE_MAX_FRAME));
         let theirs = handshake::initiate(
             &mut framed,
             &self.inner.identity.secret,
@@ -695,6 +709,7 @@ impl<N: Net> TcpTransport<N> {
             config.handshake_timeout,
         )
         .await?;
+        framed.codec_mut().set_max_frame(config.max_frame);
         Ok((theirs, framed))
     }
 
@@ -864,6 +879,24 @@ mod tests {
             .await
             .expect("start");
         (t, addr)
+    }
+
+    /// A host that opens as many connections as the node has handshake slots and says nothing
+    /// takes only its own share of them: a peer from another address still gets in at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_that_say_nothing_from_one_host_do_not_keep_a_peer_out() {
+        let secret = ClusterSecret::generate();
+        let ((a, _), (_b, b_addr)) = (started(&secret, 1).await, started(&secret, 2).await);
+        let mut silent = Vec::new();
+        for _ in 0..TcpConfig::default().max_handshakes {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket.bind("127.0.0.3:0".parse().expect("address")).expect("bind 127.0.0.3");
+            silent.push(socket.connect(b_addr.parse().expect("address")).await.expect("connect"));
+        }
+        // Within a handshake's timeout (2 s), while the silent ones would still hold their slots.
+        a.set_peer(2, b_addr);
+        let call = a.call(2, Bytes::from_static(b"ping"), Duration::from_secs(1)).await;
+        assert_eq!(call.expect("answered"), Bytes::from_static(b"ping"));
     }
 
     /// A call that heard nothing back by its deadline closes its connection, wedged, though
