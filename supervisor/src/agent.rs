@@ -245,7 +245,11 @@ impl<N: Net> Agent<N> {
             Start::Resume => {}
         }
         if start == Start::Resume {
-            tokio::spawn(start_new_life(Arc::clone(&supervisor)));
+            if let Some(outcome) = supervisor.finish_bootstrap().await? {
+                tracing::warn!(?outcome, "this node's bootstrap had stopped before the node joined its own cluster; finished it");
+            } else {
+                tokio::spawn(start_new_life(Arc::clone(&supervisor)));
+            }
         }
         tokio::spawn(register(Arc::clone(&supervisor)));
         Ok(Agent { supervisor, transport: tcp, dir })

@@ -330,11 +330,35 @@ impl Supervisor {
 
     /// Makes this node the first member of a new cluster.
     pub async fn bootstrap(&self) -> Result<Outcome> {
-        let members = BTreeMap::from([(self.me.id, BasicNode::new(&self.me.addr))]);
-        self.raft.initialize(members).await.map_err(|e| SupervisorError::Raft(e.to_string()))?;
+        self.start_raft_alone().await?;
         let outcome = self.propose_until(self.join_command(), Duration::from_secs(10)).await?;
         self.admit_life();
         Ok(outcome)
+    }
+
+    /// The first half of [`Supervisor::bootstrap`]: raft started with this node its only
+    /// voter, and no node in the cluster's state yet.
+    pub async fn start_raft_alone(&self) -> Result<()> {
+        let members = BTreeMap::from([(self.me.id, BasicNode::new(&self.me.addr))]);
+        self.raft.initialize(members).await.map_err(|e| SupervisorError::Raft(e.to_string()))
+    }
+
+    /// Finishes a bootstrap that stopped between its two halves (killed, or its own join not
+    /// committed in time): raft holds this node alone and the cluster's state no node at all,
+    /// which no other history leaves. A joiner's raft always lists the node it joined through.
+    /// `None` if there is nothing to finish.
+    pub async fn finish_bootstrap(&self) -> Result<Option<Outcome>> {
+        let alone = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            metrics.membership_config.membership().voter_ids().eq([self.me.id])
+        };
+        if !alone || !self.state().nodes.is_empty() {
+            return Ok(None);
+        }
+        let outcome = self.propose_until(self.join_command(), Duration::from_secs(10)).await?;
+        self.admit_life();
+        Ok(Some(outcome))
     }
 
     /// Lets this process's life serve: its host is fed the cluster's state from now on.

@@ -412,6 +412,36 @@ impl redb::StorageBackend for Disk {
     }
 }
 
+/// A bootstrap stopped after raft started and before the node's own join committed left a
+/// directory that refused `--bootstrap` and, started without it, was never admitted.
+#[test]
+fn a_bootstrap_stopped_half_way_is_finished_and_nothing_else_is_taken_for_one() {
+    replay(async {
+        let net = MemNetwork::new(12);
+        let config = SupervisorConfig::loopback();
+        let first = node(&net, 1, config.clone()).await;
+        first.supervisor.start_raft_alone().await.expect("raft started");
+        let finished = first.supervisor.finish_bootstrap().await.expect("finished");
+        assert!(matches!(finished, Some(Ok(_))), "{finished:?}");
+        let nodes = vec![first, node(&net, 2, config).await];
+        nodes[1]
+            .supervisor
+            .join_via("n1", Duration::from_secs(30))
+            .await
+            .expect("join")
+            .expect("ok");
+        until_active(&nodes, 2).await;
+        for node in &nodes {
+            let again = node.supervisor.finish_bootstrap().await.expect("asked");
+            assert!(
+                again.is_none(),
+                "node {}: a finished bootstrap, or a joiner",
+                node.supervisor.id()
+            );
+        }
+    });
+}
+
 #[test]
 fn a_node_whose_disk_fills_up_stops_and_the_cluster_declares_it_failed() {
     replay(async {
