@@ -7,7 +7,7 @@ use crate::error::{Result, SupervisorError};
 use crate::link::TransportLink;
 use crate::net::{Net, TokioNet};
 use crate::secret::ClusterSecret;
-use crate::state::{Command, Refusal};
+use crate::state::{check_declaration, Command, Refusal};
 use crate::store;
 use crate::supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
 use crate::tcp::{Identity, TcpConfig, TcpTransport};
@@ -353,14 +353,25 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
 
 /// Registers the services this node hosts that the cluster does not know yet. Every agent
 /// does it; the first registration of an id wins and the others change nothing.
+/// A service this node declares otherwise than the cluster holds it stops the node: hosting
+/// it would map keys to other slots than every other node does.
 async fn register(supervisor: Arc<Supervisor>) {
     for spec in supervisor.host().specs() {
-        if supervisor.state().tree.services().any(|s| s.id == spec.id) {
+        let known = supervisor.state().tree.services().any(|s| s.id == spec.id);
+        if let Err(refusal) = check_declaration(&supervisor.state(), &spec) {
+            supervisor.stop_refused(refusal.to_string());
+            return;
+        }
+        if known {
             continue;
         }
         let name = spec.name.clone();
         match supervisor.propose_until(Command::Register(spec), Duration::from_secs(60)).await {
             Ok(Ok(_)) => tracing::info!(service = %name, "service registered"),
+            Ok(Err(refusal @ Refusal::ServiceDeclaredOtherwise { .. })) => {
+                supervisor.stop_refused(refusal.to_string());
+                return;
+            }
             Ok(Err(refusal)) => {
                 tracing::error!(service = %name, %refusal, "the cluster refused the service")
             }
@@ -399,12 +410,14 @@ pub async fn run(
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| SupervisorError::io("installing the SIGTERM handler", e))?;
     let mut fatal = None;
+    let mut refused = None;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
         _ = terminate.recv() => tracing::info!("terminated; stopping"),
         ended = lifecycle.wait_for(|l| *l != Lifecycle::Member) => {
             match ended.map(|l| l.clone()) {
                 Ok(Lifecycle::Fatal(why)) => fatal = Some(why),
+                Ok(Lifecycle::Refused(why)) => refused = Some(why),
                 _ => {
                     tracing::warn!("this node is not a member of the cluster any more (it left, was evicted, or had left before this start); stopping. To take part again, start it with --join ADDR (the address of a member), as a new life of this node");
                     // Let the CLI that asked for the leave read its final answer.
@@ -415,6 +428,9 @@ pub async fn run(
     }
     agent.stop().await;
     let _ = std::fs::remove_file(agent.dir.socket_path());
+    if let Some(why) = refused {
+        return Err(SupervisorError::Refused(why));
+    }
     match fatal {
         Some(why) => Err(SupervisorError::Storage(format!(
             "{why}; this node stopped and the cluster will declare it failed. Check the disk \

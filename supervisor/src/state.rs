@@ -170,6 +170,37 @@ pub enum Refusal {
     /// to the new one.
     #[error("node {0}'s last life is still being dealt with; try again once that change is done")]
     Recovering(u64),
+    /// A service registered again under its id with another declaration (slots, placement,
+    /// size): the two would map keys to different slots, and entries would go astray.
+    #[error(
+        "service {id} is registered in this cluster as {registered}, and this node declares it          as {declared}: a service's declaration cannot change in a running cluster; run one          build of it on every node"
+    )]
+    ServiceDeclaredOtherwise {
+        /// The service's id.
+        id: u16,
+        /// The declaration the cluster holds.
+        registered: String,
+        /// The one proposed.
+        declared: String,
+    },
+}
+
+/// [`Refusal::ServiceDeclaredOtherwise`] if the cluster holds `spec`'s id with another
+/// declaration; the name shown to operators may differ.
+pub fn check_declaration(state: &ClusterState, spec: &ServiceSpec) -> Result<(), Refusal> {
+    let Some(registered) = state.tree.services().find(|s| s.id == spec.id) else { return Ok(()) };
+    let same = |s: &ServiceSpec| (s.slots, s.placement, s.size);
+    if same(registered) == same(spec) {
+        return Ok(());
+    }
+    let show = |s: &ServiceSpec| {
+        format!("{} ({} slots, {:?}, {:?})", s.name, s.slots, s.placement, s.size)
+    };
+    Err(Refusal::ServiceDeclaredOtherwise {
+        id: spec.id.0,
+        registered: show(registered),
+        declared: show(spec),
+    })
 }
 
 /// What a successful command did.
@@ -285,7 +316,9 @@ impl ClusterState {
             Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
             Command::Register(spec) => {
                 if self.tree.services().any(|s| s.id == spec.id) {
-                    // Every agent registers what it hosts; the first one wins.
+                    // Every agent registers what it hosts; the first one wins, and the others
+                    // must declare it alike.
+                    check_declaration(self, spec)?;
                     return Ok(Applied::Registered);
                 }
                 // Checked now so that the proposer hears why; applied in its turn, as an
@@ -328,6 +361,11 @@ impl ClusterState {
         // Checked now so that the joiner hears why; the locator would refuse the change only
         // when its turn came, and the joiner would wait for a membership that never comes.
         self.tree.config().check_labels(labels).map_err(|e| Refusal::Locator(e.to_string()))?;
+        // So is a join the locator would refuse now: no room for another node in a service of
+        // too few slots, say. Refused in its turn, it was waited on by its node for ever, and
+        // the record of that node's last life, which fences the older ones, was gone with it.
+        let add = Change::Add { node: NodeId(node), labels: labels.clone() };
+        self.tree.clone().apply(&add).map_err(|e| Refusal::Locator(e.to_string()))?;
         let record = NodeRecord {
             addr: addr.to_string(),
             labels: labels.clone(),

@@ -227,15 +227,30 @@ fn a_node_that_fails_before_its_turn_loses_its_queued_join() {
 }
 
 #[test]
-fn a_node_the_locator_has_no_room_for_is_forgotten() {
+fn a_node_the_locator_has_no_room_for_hears_why_and_its_last_life_stays_on_record() {
     let mut state = ClusterState::default();
     state
-        .apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "tiny").with_slots(1)))
+        .apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "tiny").with_slots(2)))
         .unwrap();
-    state.apply(&join(1)).unwrap();
+    for n in 1..=2 {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    state.apply(&Leave { node: 2 }).unwrap();
     settle(&mut state);
-    assert_eq!(state.apply(&join(2)), Ok(Recorded { stable: true }));
-    assert!(!state.nodes.contains_key(&2), "node 2 may try again later");
+    state.apply(&join(3)).unwrap();
+    settle(&mut state);
+    assert_eq!(status(&state, 2), NodeStatus::Left);
+
+    // Two slots, two nodes: node 2's new life finds no room.
+    match state.apply(&rejoin(2, 2)) {
+        Err(Refusal::Locator(why)) => assert!(why.contains("room"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(status(&state, 2), NodeStatus::Left, "its last life's record is kept");
+    assert_eq!(state.nodes[&2].incarnation, 1);
+    assert!(state.is_stable(), "no change queued for it");
+    assert_eq!(state.apply(&rejoin(2, 1)), Err(Refusal::StaleIncarnation { node: 2, last: 1 }));
 }
 
 #[test]
@@ -442,4 +457,26 @@ fn a_join_whose_labels_the_locator_cannot_place_is_refused_to_the_joiner() {
         assert!(state.is_stable(), "no change queued for it");
     }
     assert_eq!(state.apply(&labelled(1, &[("zone", "a"), ("rack", "3")])), Ok(Began { epoch: 1 }));
+}
+
+#[test]
+fn a_service_registered_again_must_be_declared_alike() {
+    let mut state = ClusterState::default();
+    state.apply(&join(1)).unwrap();
+    settle(&mut state);
+    assert_eq!(state.apply(&Register(kv())), Ok(Registered));
+    settle(&mut state);
+
+    let renamed = ServiceSpec { name: "kv, built elsewhere".into(), ..kv() };
+    assert_eq!(state.apply(&Register(renamed)), Ok(Registered), "a name is only shown");
+    let resized = kv().with_slots(kv().slots * 2);
+    match state.apply(&Register(resized.clone())) {
+        Err(Refusal::ServiceDeclaredOtherwise { id, .. }) => assert_eq!(id, kv().id.0),
+        other => panic!("{other:?}"),
+    }
+    assert!(check_declaration(&state, &resized).is_err());
+    assert_eq!(check_declaration(&state, &kv()), Ok(()));
+    let unknown = ServiceSpec::new(gobelins_locator::ServiceId(99), "new");
+    assert_eq!(check_declaration(&state, &unknown), Ok(()), "not registered yet");
+    assert_eq!(state.tree.services().find(|s| s.id == kv().id).map(|s| s.slots), Some(kv().slots));
 }

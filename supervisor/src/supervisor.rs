@@ -146,6 +146,9 @@ pub enum Lifecycle {
     /// declare it failed and rebuild its entries elsewhere; the agent must exit, and once the
     /// disk is mended a restart rejoins as a new life.
     Fatal(String),
+    /// The cluster refused what this node is (a service declared otherwise than the cluster
+    /// holds it): stopped as on [`Lifecycle::Fatal`], and the agent must exit saying why.
+    Refused(String),
 }
 
 /// One node's supervisor.
@@ -751,6 +754,15 @@ impl Supervisor {
         self.shutdown.cancel();
         self.host.shutdown();
         self.lifecycle.send_replace(Lifecycle::Fatal(fatal));
+    }
+
+    /// Stops this node for good because the cluster refused what it is: it stops serving and
+    /// answering its peers, which declare it failed and rebuild its entries elsewhere.
+    pub fn stop_refused(&self, why: String) {
+        tracing::error!(node = self.me.id, "{why}; this node stops");
+        self.shutdown.cancel();
+        self.host.shutdown();
+        self.lifecycle.send_replace(Lifecycle::Refused(why));
     }
 
     /// Why this node stopped for good, if it did.
