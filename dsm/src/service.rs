@@ -1499,6 +1499,16 @@ impl Service for DsmService {
             (Named::Page(page), Request::ReadFault { node }) => {
                 self.read_fault(ctx, page, node).await
             }
+            // Versions and generations count up from a peer's: one near the top of the range
+            // would wrap them (a page stuck behind version 0, a barrier passed for ever). None
+            // this cluster gave out comes near 2^63 (292 years at a billion a second), so one
+            // that does is refused before anything changes.
+            (Named::Page(_), Request::WriteFault { refused: n, .. })
+            | (Named::Barrier(_), Request::Arrive { generation: n, .. })
+                if n >= NEVER_REACHED =>
+            {
+                Response::Invalid(format!("{n} is no version or generation this cluster gave out"))
+            }
             (Named::Page(page), Request::WriteFault { node, have, refused }) => {
                 self.write_fault(ctx, page, node, have, refused).await
             }
@@ -1654,11 +1664,30 @@ impl Service for DsmService {
     }
 }
 
+/// Past every version and barrier generation a cluster gives out.
+const NEVER_REACHED: u64 = 1 << 63;
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::node::DsmConfig;
     use gobelins_locator::SlotMove;
+
+    #[tokio::test]
+    async fn a_version_or_generation_no_cluster_gave_out_is_refused_and_changes_nothing() {
+        let node = DsmNode::new(DsmConfig::default());
+        let service = node.service();
+        let ctx = Context::detached(NodeId(1), 1, None);
+        let page = PageId { segment: 1, page: 0 };
+        let wrap = Request::WriteFault { node: NodeId(2), have: None, refused: u64::MAX - 1 };
+        let arrive = |generation| Request::Arrive { participant: 2, generation, parties: 2 };
+        for (key, request) in [(page.key(), wrap), (crate::page::barrier_key(3), arrive(u64::MAX))]
+        {
+            let answer = service.handle(&ctx, key, request).await;
+            assert!(matches!(answer, Response::Invalid(_)), "{answer:?}");
+        }
+        assert!(service.state().live.is_empty(), "no entry made for either");
+    }
 
     #[test]
     fn a_node_reports_the_passage_it_passed_as_well_as_the_one_it_waits_at() {
