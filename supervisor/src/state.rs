@@ -170,6 +170,22 @@ pub enum Refusal {
     /// to the new one.
     #[error("node {0}'s last life is still being dealt with; try again once that change is done")]
     Recovering(u64),
+    /// A service whose slots, with those of the services registered already, would pass
+    /// [`MAX_CLUSTER_SLOTS`].
+    #[error(
+        "service {id} asks for {slots} slots, and the cluster's services hold {held} already, \
+         of {max} at most (the cluster's state names every slot's manager, and must fit a \
+         snapshot and a frame): declare fewer slots",
+        max = MAX_CLUSTER_SLOTS
+    )]
+    TooManySlots {
+        /// The service's id.
+        id: u16,
+        /// The slots it asks for.
+        slots: u32,
+        /// The slots registered or queued before it.
+        held: u64,
+    },
     /// A service registered again under its id with another declaration (slots, placement,
     /// size): the two would map keys to different slots, and entries would go astray.
     #[error(
@@ -184,6 +200,12 @@ pub enum Refusal {
         declared: String,
     },
 }
+
+/// Slots of all services together. The cluster's state names each slot's manager, and it
+/// must fit a snapshot (read back with a 64 MiB limit, 8 bytes a slot) and a state view sent
+/// whole in a 16 MiB frame (up to 9 bytes a slot): about 9 MiB at this many. Past it, nodes
+/// could not restart nor newcomers catch up. Sixteen services of the default 65,536 slots.
+pub const MAX_CLUSTER_SLOTS: u64 = 1 << 20;
 
 /// [`Refusal::ServiceDeclaredOtherwise`] if the cluster holds `spec`'s id with another
 /// declaration; the name shown to operators may differ.
@@ -320,6 +342,15 @@ impl ClusterState {
                     // must declare it alike.
                     check_declaration(self, spec)?;
                     return Ok(Applied::Registered);
+                }
+                let queued = self.queue.iter().filter_map(|c| match c {
+                    Change::Register(s) => Some(u64::from(s.slots)),
+                    _ => None,
+                });
+                let held: u64 = self.tree.services().map(|s| u64::from(s.slots)).sum();
+                let held = held + queued.sum::<u64>();
+                if held + u64::from(spec.slots) > MAX_CLUSTER_SLOTS {
+                    return Err(Refusal::TooManySlots { id: spec.id.0, slots: spec.slots, held });
                 }
                 // Checked now so that the proposer hears why; applied in its turn, as an
                 // epoch of its own, so that snapshots of one epoch never differ.

@@ -480,3 +480,33 @@ fn a_service_registered_again_must_be_declared_alike() {
     assert_eq!(check_declaration(&state, &unknown), Ok(()), "not registered yet");
     assert_eq!(state.tree.services().find(|s| s.id == kv().id).map(|s| s.slots), Some(kv().slots));
 }
+
+#[test]
+fn services_may_not_hold_more_slots_together_than_the_state_can_carry() {
+    let mut state = ClusterState::default();
+    for n in 1..=2 {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    let service = |id: u16, slots: u32| {
+        Register(ServiceSpec::new(gobelins_locator::ServiceId(id), "big").with_slots(slots))
+    };
+    let half = (MAX_CLUSTER_SLOTS / 2) as u32;
+    assert_eq!(state.apply(&service(1, half)), Ok(Registered));
+    settle(&mut state);
+    // Queued behind a leave, not yet in the tree, and counted all the same.
+    state.apply(&Leave { node: 2 }).unwrap();
+    assert_eq!(state.apply(&service(2, half / 2)), Ok(Registered));
+    assert!(state.queue.iter().any(|c| matches!(c, Change::Register(_))), "queued");
+    match state.apply(&service(3, half)) {
+        Err(Refusal::TooManySlots { id: 3, held, .. }) => {
+            assert_eq!(held, u64::from(half + half / 2))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(state.apply(&service(4, half / 2)), Ok(Registered), "what still fits");
+    assert!(
+        state.apply(&service(5, gobelins_locator::MAX_SLOTS)).is_err(),
+        "one service alone past the budget"
+    );
+}
