@@ -337,6 +337,8 @@ impl Driver {
                     }
                 }
                 if let (Some(plugin), Some(info)) = (inner.registry.get(service), self.info()) {
+                    // Batches being staged go first; those that come after are refused.
+                    *inner.merging.write().await = info.epoch;
                     plugin.after_migration(&inner.context(None), &info).await;
                 }
                 vec![Event::AfterDone(service)]

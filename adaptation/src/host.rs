@@ -265,6 +265,11 @@ pub(crate) struct Inner {
     pub(crate) begun: watch::Sender<u64>,
     /// The last epoch this node reported done.
     pub(crate) done: watch::Sender<u64>,
+    /// The last epoch whose entries this node began to merge (`after_migration`). A batch is
+    /// staged under its read lock, a merge begins under its write lock: a batch sent again
+    /// that comes in once the merge has begun is refused, not staged for the next change's
+    /// merge, where it would overwrite what the entries became meanwhile.
+    pub(crate) merging: tokio::sync::RwLock<u64>,
     /// Handles pass it; a hold waits out the handles that routed before the hold and may
     /// still be changing an entry that is about to leave.
     pub(crate) gate: Gate,
@@ -551,6 +556,7 @@ impl Inner {
             released: watch::channel(0).0,
             begun: watch::channel(0).0,
             done: watch::channel(0).0,
+            merging: tokio::sync::RwLock::new(0),
             gate: Gate::new(),
             answers: DashMap::default(),
             running: DashMap::default(),
@@ -1495,7 +1501,8 @@ impl Inner {
         ) {
             return Reply::Late;
         }
-        if *self.done.borrow() >= epoch {
+        let merging = self.merging.read().await;
+        if *merging >= epoch || *self.done.borrow() >= epoch {
             tracing::debug!(node = from.0, epoch, "batch for a change already merged here refused");
             return Reply::Merged { epoch };
         }
@@ -1781,6 +1788,115 @@ mod tests {
             .expect("host alive");
         let verdict = inner.router.lock().expect("router").as_ref().map(|r| r.route(KV, orphan, 5));
         assert_eq!(verdict, Some(Verdict::Hold));
+        host.shutdown();
+    }
+
+    /// Receives `KV`'s entries and counts them; its merge waits for the test.
+    struct SlowMerge {
+        received: Arc<AtomicU64>,
+        merging: Arc<tokio::sync::Notify>,
+        merge: Arc<tokio::sync::Notify>,
+    }
+
+    impl crate::Service for SlowMerge {
+        type Request = ();
+        type Response = ();
+        type Entry = u64;
+
+        fn spec(&self) -> gobelins_locator::ServiceSpec {
+            gobelins_locator::ServiceSpec::new(ServiceId(1), "kv").with_slots(1024)
+        }
+
+        async fn handle(&self, _: &Context, _: Key, _: ()) {}
+
+        async fn before_migration(&self, _: &Context, _: &crate::ChangeInfo) {}
+
+        async fn send_out(&self, _: &Context, _: &crate::Moving) -> Vec<(Key, u64)> {
+            Vec::new()
+        }
+
+        async fn receive(&self, _: &Context, _: NodeId, entries: Vec<(Key, u64)>) {
+            self.received.fetch_add(entries.len() as u64, Ordering::SeqCst);
+        }
+
+        async fn after_migration(&self, _: &Context, _: &crate::ChangeInfo) {
+            self.merging.notify_one();
+            self.merge.notified().await;
+        }
+
+        async fn scan(&self, _: &Context, _: NodeId, _: &crate::Moving) -> Vec<(Key, u64)> {
+            Vec::new()
+        }
+    }
+
+    /// Node 2 joins and node 1 hands it entries. A batch node 1 sends again (its first answer
+    /// lost), which comes in while node 2 merges the change's entries, is refused: staged
+    /// then, it stayed for the next change's merge and overwrote what its entries had become.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_sent_again_during_the_merge_is_refused_not_kept_for_the_next_merge() {
+        use crate::run::Packed;
+        use gobelins_locator::{CellTree, Epoch, Labels, MigrationPlan, ServiceSpec, TreeConfig};
+        const KV: ServiceId = ServiceId(1);
+        let mut tree = CellTree::new(TreeConfig::default()).expect("config");
+        tree.register_service(ServiceSpec::new(KV, "kv").with_slots(1024)).expect("register");
+        tree.add_node(NodeId(1), Labels::new()).expect("add");
+        let old = Arc::new(tree.snapshot(Epoch(1)).expect("snapshot"));
+        tree.add_node(NodeId(2), Labels::new()).expect("add");
+        let new = Arc::new(tree.snapshot(Epoch(2)).expect("snapshot"));
+        let plan = MigrationPlan::between(&old, &new);
+        let moved = (0..).map(Key).find(|&k| new.locate(KV, k) == Some(NodeId(2))).expect("a key");
+
+        let (received, merging, merge) = Default::default();
+        let service = SlowMerge {
+            received: Arc::clone(&received),
+            merging: Arc::clone(&merging),
+            merge: Arc::clone(&merge),
+        };
+        let mut registry = Registry::new();
+        registry.register(crate::plugin(service)).expect("register");
+        let link = Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) });
+        let host = Host::start(NodeId(2), registry, link, HostConfig::default());
+        host.update(Update {
+            epoch: 2,
+            snapshot: Some(Arc::clone(&new)),
+            change: Some(Progress {
+                epoch: 2,
+                change: Change::Add { node: NodeId(2), labels: Labels::new() },
+                participants: BTreeSet::from([NodeId(1), NodeId(2)]),
+                plan,
+            }),
+            departed: BTreeSet::new(),
+        });
+        let batch = || {
+            let mut entries = Packed::with_capacity(0);
+            entries.push_encoded(moved, &7u64).expect("encode");
+            let entries = entries.into_run();
+            let message = Message::Batch {
+                epoch: 2,
+                service: KV,
+                entries,
+                answered: Vec::new(),
+                settled: Vec::new(),
+            };
+            Bytes::from(message.encode().expect("encode"))
+        };
+        let reply = |bytes: Vec<u8>| Reply::decode(&Bytes::from(bytes)).expect("a reply");
+        assert!(matches!(reply(host.handle(NodeId(1), batch()).await), Reply::Accepted));
+        let ack = Bytes::from((Message::Ack { epoch: 2 }).encode().expect("encode"));
+        assert!(matches!(reply(host.handle(NodeId(1), ack).await), Reply::Accepted));
+        tokio::time::timeout(Duration::from_secs(10), merging.notified())
+            .await
+            .expect("node 2 begins its merge");
+
+        let again = reply(host.handle(NodeId(1), batch()).await);
+        assert!(matches!(again, Reply::Merged { epoch: 2 }), "{again:?}");
+        assert_eq!(received.load(Ordering::SeqCst), 1, "the entry was received once");
+        merge.notify_one();
+        let mut done = host.done();
+        tokio::time::timeout(Duration::from_secs(10), done.wait_for(|&d| d >= 2))
+            .await
+            .expect("node 2 finishes its part")
+            .expect("host alive");
         host.shutdown();
     }
 
