@@ -1540,9 +1540,11 @@ impl Inner {
                     tracing::warn!(
                         node = to.0,
                         epoch,
-                        "entries reached their new manager after it closed the change; expected \
-                         when this node was cut off during it: the cluster has rebuilt them from \
-                         replicas, and this node rejoins as a new life"
+                        "entries reached their new manager once it had begun to merge the \
+                         change: a copy sent again whose first answer was lost (the first was \
+                         taken, nothing is missing), or this node was cut off during the change \
+                         (the cluster rebuilt them from replicas, and this node rejoins as a new \
+                         life)"
                     );
                     return false;
                 }

@@ -25,7 +25,10 @@ const JOIN_WINDOW: Duration = Duration::from_secs(30);
 
 /// How long one proposal of a restarted node's last life's failure waits for a leader before
 /// it is made again.
-const FAIL_WINDOW: Duration = Duration::from_secs(10);
+const FAIL_WINDOW: Duration = Duration::from_secs(5);
+
+/// How long a node that left waits, before it stops, to be out of raft's voters.
+const VOTER_WAIT: Duration = Duration::from_secs(5);
 
 /// How the agent enters the cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -420,6 +423,16 @@ pub async fn run(
                 Ok(Lifecycle::Refused(why)) => refused = Some(why),
                 _ => {
                     tracing::warn!("this node is not a member of the cluster any more (it left, was evicted, or had left before this start); stopping. To take part again, start it with --join ADDR (the address of a member), as a new life of this node");
+                    // Still a voter, it waits for the change of voters that leaves it out, which
+                    // needs its vote: of two voters, the other would have no quorum for good.
+                    // The change began with the leave, and is usually done by now.
+                    let until = tokio::time::Instant::now() + VOTER_WAIT;
+                    while agent.supervisor.is_voter() && tokio::time::Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if agent.supervisor.is_voter() {
+                        tracing::warn!("stopping while raft still counts this node a voter: the cluster may need a majority of its other voters to go on");
+                    }
                     // Let the CLI that asked for the leave read its final answer.
                     tokio::time::sleep(Duration::from_millis(300)).await;
                 }

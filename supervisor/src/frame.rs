@@ -33,10 +33,13 @@ use tokio_util::codec::{Decoder, Encoder};
 /// says which of its owner's commits it holds, and a survivor's report of a copy carries that
 /// and a digest of its content; 11: an adaptation message told to a node's local server
 /// (`Message::Local`) is laid out by hand too; 12: a node that passes a request on to its key's
-/// manager relays the manager's reply, and the manager no longer answers the origin itself).
-pub const VERSION: u8 = 12;
+/// manager relays the manager's reply, and the manager no longer answers the origin itself;
+/// 13: the replicated state refuses a join the locator has no room for, a service declared
+/// otherwise than registered, and slots past the cluster's budget, with refusals of their own:
+/// nodes of 12 would apply the same log otherwise).
+pub const VERSION: u8 = 13;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 12;
+pub const MIN_VERSION: u8 = 13;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

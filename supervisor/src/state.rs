@@ -10,8 +10,8 @@
 //! ```
 
 use gobelins_locator::{
-    CellTree, Change, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServicePlan, ServiceSpec,
-    TreeConfig,
+    CellTree, Change, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServiceId, ServicePlan,
+    ServiceSpec, TreeConfig,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -189,7 +189,9 @@ pub enum Refusal {
     /// A service registered again under its id with another declaration (slots, placement,
     /// size): the two would map keys to different slots, and entries would go astray.
     #[error(
-        "service {id} is registered in this cluster as {registered}, and this node declares it          as {declared}: a service's declaration cannot change in a running cluster; run one          build of it on every node"
+        "service {id} is registered in this cluster as {registered}, and this node declares it \
+         as {declared}: a service's declaration cannot change in a running cluster; run one \
+         build of it on every node"
     )]
     ServiceDeclaredOtherwise {
         /// The service's id.
@@ -210,7 +212,7 @@ pub const MAX_CLUSTER_SLOTS: u64 = 1 << 20;
 /// [`Refusal::ServiceDeclaredOtherwise`] if the cluster holds `spec`'s id with another
 /// declaration; the name shown to operators may differ.
 pub fn check_declaration(state: &ClusterState, spec: &ServiceSpec) -> Result<(), Refusal> {
-    let Some(registered) = state.tree.services().find(|s| s.id == spec.id) else { return Ok(()) };
+    let Some(registered) = state.declared(spec.id) else { return Ok(()) };
     let same = |s: &ServiceSpec| (s.slots, s.placement, s.size);
     if same(registered) == same(spec) {
         return Ok(());
@@ -337,9 +339,9 @@ impl ClusterState {
             Command::Fail { node, incarnation } => self.fail(*node, *incarnation),
             Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
             Command::Register(spec) => {
-                if self.tree.services().any(|s| s.id == spec.id) {
-                    // Every agent registers what it hosts; the first one wins, and the others
-                    // must declare it alike.
+                if self.declared(spec.id).is_some() {
+                    // Every agent registers what it hosts; the first one wins (registered, or
+                    // queued to be), and the others must declare it alike.
                     check_declaration(self, spec)?;
                     return Ok(Applied::Registered);
                 }
@@ -361,6 +363,16 @@ impl ClusterState {
                 Ok(Applied::Registered)
             }
         }
+    }
+
+    /// How service `id` is declared: registered, or queued to be.
+    pub fn declared(&self, id: ServiceId) -> Option<&ServiceSpec> {
+        self.tree.services().find(|s| s.id == id).or_else(|| {
+            self.queue.iter().find_map(|c| match c {
+                Change::Register(s) if s.id == id => Some(s),
+                _ => None,
+            })
+        })
     }
 
     fn join(&mut self, node: u64, addr: &str, labels: &Labels, incarnation: u64) -> Outcome {
@@ -392,11 +404,16 @@ impl ClusterState {
         // Checked now so that the joiner hears why; the locator would refuse the change only
         // when its turn came, and the joiner would wait for a membership that never comes.
         self.tree.config().check_labels(labels).map_err(|e| Refusal::Locator(e.to_string()))?;
-        // So is a join the locator would refuse now: no room for another node in a service of
-        // too few slots, say. Refused in its turn, it was waited on by its node for ever, and
-        // the record of that node's last life, which fences the older ones, was gone with it.
+        // So is a join the locator would refuse in its turn: no room for another node in a
+        // service of too few slots, say. Refused then, it was waited on by its node for ever,
+        // and the record of that node's last life, which fences the older ones, was gone with
+        // it. Its turn comes after the changes queued, which are tried first, as they will be.
+        let mut probe = self.tree.clone();
+        for queued in &self.queue {
+            let _ = probe.apply(queued);
+        }
         let add = Change::Add { node: NodeId(node), labels: labels.clone() };
-        self.tree.clone().apply(&add).map_err(|e| Refusal::Locator(e.to_string()))?;
+        probe.apply(&add).map_err(|e| Refusal::Locator(e.to_string()))?;
         let record = NodeRecord {
             addr: addr.to_string(),
             labels: labels.clone(),

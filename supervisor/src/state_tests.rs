@@ -505,8 +505,41 @@ fn services_may_not_hold_more_slots_together_than_the_state_can_carry() {
         other => panic!("{other:?}"),
     }
     assert_eq!(state.apply(&service(4, half / 2)), Ok(Registered), "what still fits");
+    let mut fresh = ClusterState::default();
+    let alone = fresh.apply(&service(5, gobelins_locator::MAX_SLOTS));
+    assert!(matches!(alone, Err(Refusal::TooManySlots { id: 5, held: 0, .. })), "{alone:?}");
+}
+
+#[test]
+fn joins_and_registrations_are_judged_with_the_changes_queued_before_them() {
+    let mut state = ClusterState::default();
+    let tiny = |id: u16, slots: u32| {
+        Register(ServiceSpec::new(gobelins_locator::ServiceId(id), "tiny").with_slots(slots))
+    };
+    state.apply(&tiny(1, 4)).unwrap();
+    state.apply(&join(1)).unwrap();
+    settle(&mut state);
+    // Node 2's join in progress, 3's and 5's queued behind it: four nodes for four slots.
+    assert_eq!(state.apply(&join(2)), Ok(Began { epoch: 3 }));
+    for n in [3, 5] {
+        assert!(matches!(state.apply(&join(n)), Ok(Queued { .. })), "node {n}");
+    }
+    match state.apply(&join(6)) {
+        Err(Refusal::Locator(why)) => assert!(why.contains("room"), "{why}"),
+        other => panic!("the joins queued take the last room: {other:?}"),
+    }
+    assert!(!state.nodes.contains_key(&6));
+
+    assert!(matches!(state.apply(&tiny(3, 8)), Ok(Registered)));
     assert!(
-        state.apply(&service(5, gobelins_locator::MAX_SLOTS)).is_err(),
-        "one service alone past the budget"
+        matches!(state.apply(&tiny(3, 16)), Err(Refusal::ServiceDeclaredOtherwise { id: 3, .. })),
+        "queued, not yet registered, and declared otherwise"
     );
+    assert_eq!(state.apply(&tiny(3, 8)), Ok(Registered));
+    let queued = state.queue.iter().filter(|c| matches!(c, Change::Register(_))).count();
+    assert_eq!(queued, 1, "registered once however many agents ask");
+    settle(&mut state);
+    for n in [2, 3, 5] {
+        assert_eq!(status(&state, n), NodeStatus::Active, "node {n}");
+    }
 }

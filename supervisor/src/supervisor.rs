@@ -416,24 +416,35 @@ impl Supervisor {
         )))
     }
 
-    /// Whether the cluster, asked through `seed`, counts this node's current life as a member;
-    /// `None` if the seed gave no answer to trust before `deadline`. A silent seed is asked
-    /// again rather than taken for "no": one that answers a join a moment later would admit the
-    /// same life again, served from empty services. A seed whose copy of the state is older
-    /// than this node's own is asked again too: it may not have heard of this node's join yet.
+    /// Whether the cluster counts this node's current life as a member, asked through `seed`
+    /// and the members this node's own state lists, all at once; `None` if none gave an answer
+    /// to trust before `deadline`. Silence is asked again rather than taken for "no": a seed
+    /// that answers a join a moment later would admit the same life again, served from empty
+    /// services. An answer from a copy of the state older than this node's own is asked again
+    /// too: it may not have heard of this node's join yet.
     pub async fn last_life_is_member(&self, seed: &str, deadline: Duration) -> Option<bool> {
         let until = Instant::now() + deadline;
+        let own = self.state();
+        let mut asked: Vec<String> = vec![seed.to_string()];
+        asked.extend(
+            own.nodes
+                .iter()
+                .filter(|(&id, r)| id != self.me.id && r.status.is_live() && r.addr != seed)
+                .map(|(_, r)| r.addr.clone()),
+        );
         loop {
-            let asked = async {
+            let answers = futures::future::join_all(asked.iter().map(|addr| async move {
                 let bytes = lane::request(&Request::State).ok()?;
                 let (_, reply) =
-                    self.transport.call_addr(seed, bytes, self.config.rpc_timeout).await.ok()?;
+                    self.transport.call_addr(addr, bytes, self.config.rpc_timeout).await.ok()?;
                 match lane::decode_response(reply).ok()? {
                     Response::View(view) => Some(view.state),
                     _ => None,
                 }
-            };
-            if let Some(state) = asked.await.filter(|s| s.epoch >= self.state().epoch) {
+            }))
+            .await;
+            let newest = answers.into_iter().flatten().max_by_key(|s| s.epoch);
+            if let Some(state) = newest.filter(|s| s.epoch >= own.epoch) {
                 return Some(
                     state
                         .nodes
@@ -756,6 +767,13 @@ impl Supervisor {
         self.lifecycle.send_replace(Lifecycle::Fatal(fatal));
     }
 
+    /// Whether raft, as this node last heard, counts it among the voters.
+    pub fn is_voter(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.membership_config.membership().voter_ids().any(|v| v == self.me.id)
+    }
+
     /// Stops this node for good because the cluster refused what it is: it stops serving and
     /// answering its peers, which declare it failed and rebuild its entries elsewhere.
     pub fn stop_refused(&self, why: String) {
@@ -768,7 +786,7 @@ impl Supervisor {
     /// Why this node stopped for good, if it did.
     fn fatal(&self) -> Option<String> {
         match &*self.lifecycle.borrow() {
-            Lifecycle::Fatal(why) => Some(why.clone()),
+            Lifecycle::Fatal(why) | Lifecycle::Refused(why) => Some(why.clone()),
             _ => None,
         }
     }
