@@ -193,6 +193,17 @@ impl<N: Net> Agent<N> {
         .await?;
         tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
 
+        // A service this build declares otherwise than the cluster this node belonged to: the
+        // node is refused here, before it enters again, rather than admitted, stopped and
+        // recovered at every restart (a unit restarting it on failure, say).
+        for spec in supervisor.host().specs() {
+            if let Err(refusal) = check_declaration(&supervisor.state(), &spec) {
+                supervisor.shutdown().await;
+                tcp.shutdown();
+                return Err(SupervisorError::Refused(refusal.to_string()));
+            }
+        }
+
         // Restarted with --join, as by a unit that always passes it, while the cluster still
         // counts this node's last life as a member: the services lost their memory with the
         // process, so that life is recovered like a crash, as a restart without --join does,
@@ -356,6 +367,7 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
 
 /// Registers the services this node hosts that the cluster does not know yet. Every agent
 /// does it; the first registration of an id wins and the others change nothing.
+///
 /// A service this node declares otherwise than the cluster holds it stops the node: hosting
 /// it would map keys to other slots than every other node does.
 async fn register(supervisor: Arc<Supervisor>) {
