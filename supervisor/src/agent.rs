@@ -426,6 +426,8 @@ pub async fn run(
         .map_err(|e| SupervisorError::io("installing the SIGTERM handler", e))?;
     let mut fatal = None;
     let mut refused = None;
+    // A node that had left before this start has nothing to wait for on its way out.
+    let left_before = *lifecycle.borrow() == Lifecycle::Left;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
         _ = terminate.recv() => tracing::info!("terminated; stopping"),
@@ -439,11 +441,12 @@ pub async fn run(
                     // needs its vote: of two voters, the other would have no quorum for good.
                     // The change began with the leave, and is usually done by now.
                     let until = tokio::time::Instant::now() + VOTER_WAIT;
-                    while agent.supervisor.is_voter() && tokio::time::Instant::now() < until {
+                    let out = || left_before || agent.supervisor.out_of_voters();
+                    while !out() && tokio::time::Instant::now() < until {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
-                    if agent.supervisor.is_voter() {
-                        tracing::warn!("stopping while raft still counts this node a voter: the cluster may need a majority of its other voters to go on");
+                    if !out() {
+                        tracing::warn!("stopping before raft committed a membership without this node's vote: if the cluster had two voters, check that the other one still has a quorum");
                     }
                     // Let the CLI that asked for the leave read its final answer.
                     tokio::time::sleep(Duration::from_millis(300)).await;

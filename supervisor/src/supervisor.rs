@@ -432,8 +432,10 @@ impl Supervisor {
                 .filter(|(&id, r)| id != self.me.id && r.status.is_live() && r.addr != seed)
                 .map(|(_, r)| r.addr.clone()),
         );
+        // The seed alone first: every answer carries the whole state.
+        let mut round = asked.len().min(1);
         loop {
-            let answers = futures::future::join_all(asked.iter().map(|addr| async move {
+            let answers = futures::future::join_all(asked[..round].iter().map(|addr| async move {
                 let bytes = lane::request(&Request::State).ok()?;
                 let (_, reply) =
                     self.transport.call_addr(addr, bytes, self.config.rpc_timeout).await.ok()?;
@@ -443,7 +445,10 @@ impl Supervisor {
                 }
             }))
             .await;
-            let newest = answers.into_iter().flatten().max_by_key(|s| s.epoch);
+            round = asked.len();
+            // The first of the newest: the seed's, when it is as new as any.
+            let newest =
+                answers.into_iter().flatten().reduce(|a, b| if b.epoch > a.epoch { b } else { a });
             if let Some(state) = newest.filter(|s| s.epoch >= own.epoch) {
                 return Some(
                     state
@@ -767,11 +772,15 @@ impl Supervisor {
         self.lifecycle.send_replace(Lifecycle::Fatal(fatal));
     }
 
-    /// Whether raft, as this node last heard, counts it among the voters.
-    pub fn is_voter(&self) -> bool {
+    /// Whether raft has committed a membership in which this node does not vote, as far as
+    /// this node knows. Applied, not only written: a leader that leaves appends the last
+    /// membership, without itself, before the others have it.
+    pub fn out_of_voters(&self) -> bool {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow();
-        metrics.membership_config.membership().voter_ids().any(|v| v == self.me.id)
+        let membership = &metrics.membership_config;
+        !membership.membership().voter_ids().any(|v| v == self.me.id)
+            && membership.log_id() <= &metrics.last_applied
     }
 
     /// Stops this node for good because the cluster refused what it is: it stops serving and
