@@ -372,12 +372,12 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
 /// it would map keys to other slots than every other node does.
 async fn register(supervisor: Arc<Supervisor>) {
     for spec in supervisor.host().specs() {
-        let known = supervisor.state().tree.services().any(|s| s.id == spec.id);
-        if let Err(refusal) = check_declaration(&supervisor.state(), &spec) {
+        let state = supervisor.state();
+        if let Err(refusal) = check_declaration(&state, &spec) {
             supervisor.stop_refused(refusal.to_string());
             return;
         }
-        if known {
+        if state.declared(spec.id).is_some() {
             continue;
         }
         let name = spec.name.clone();

@@ -12,6 +12,11 @@ fn rejoin(node: u64, incarnation: u64) -> Command {
     Join { node, addr: format!("127.0.0.{node}:7000"), labels: Labels::new(), incarnation }
 }
 
+/// A service of `slots` slots under id `id`.
+fn register(id: u16, slots: u32) -> Command {
+    Register(ServiceSpec::new(gobelins_locator::ServiceId(id), "s").with_slots(slots))
+}
+
 fn done(node: u64, epoch: u64) -> Command {
     MigrationDone { node, epoch }
 }
@@ -229,9 +234,7 @@ fn a_node_that_fails_before_its_turn_loses_its_queued_join() {
 #[test]
 fn a_node_the_locator_has_no_room_for_hears_why_and_its_last_life_stays_on_record() {
     let mut state = ClusterState::default();
-    state
-        .apply(&Register(ServiceSpec::new(gobelins_locator::ServiceId(1), "tiny").with_slots(2)))
-        .unwrap();
+    state.apply(&register(1, 2)).unwrap();
     for n in 1..=2 {
         state.apply(&join(n)).unwrap();
         settle(&mut state);
@@ -488,35 +491,29 @@ fn services_may_not_hold_more_slots_together_than_the_state_can_carry() {
         state.apply(&join(n)).unwrap();
         settle(&mut state);
     }
-    let service = |id: u16, slots: u32| {
-        Register(ServiceSpec::new(gobelins_locator::ServiceId(id), "big").with_slots(slots))
-    };
     let half = (MAX_CLUSTER_SLOTS / 2) as u32;
-    assert_eq!(state.apply(&service(1, half)), Ok(Registered));
+    assert_eq!(state.apply(&register(1, half)), Ok(Registered));
     settle(&mut state);
     // Queued behind a leave, not yet in the tree, and counted all the same.
     state.apply(&Leave { node: 2 }).unwrap();
-    assert_eq!(state.apply(&service(2, half / 2)), Ok(Registered));
+    assert_eq!(state.apply(&register(2, half / 2)), Ok(Registered));
     assert!(state.queue.iter().any(|c| matches!(c, Change::Register(_))), "queued");
-    match state.apply(&service(3, half)) {
+    match state.apply(&register(3, half)) {
         Err(Refusal::TooManySlots { id: 3, held, .. }) => {
             assert_eq!(held, u64::from(half + half / 2))
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(state.apply(&service(4, half / 2)), Ok(Registered), "what still fits");
+    assert_eq!(state.apply(&register(4, half / 2)), Ok(Registered), "what still fits");
     let mut fresh = ClusterState::default();
-    let alone = fresh.apply(&service(5, gobelins_locator::MAX_SLOTS));
+    let alone = fresh.apply(&register(5, gobelins_locator::MAX_SLOTS));
     assert!(matches!(alone, Err(Refusal::TooManySlots { id: 5, held: 0, .. })), "{alone:?}");
 }
 
 #[test]
 fn joins_and_registrations_are_judged_with_the_changes_queued_before_them() {
     let mut state = ClusterState::default();
-    let tiny = |id: u16, slots: u32| {
-        Register(ServiceSpec::new(gobelins_locator::ServiceId(id), "tiny").with_slots(slots))
-    };
-    state.apply(&tiny(1, 4)).unwrap();
+    state.apply(&register(1, 4)).unwrap();
     state.apply(&join(1)).unwrap();
     settle(&mut state);
     // Node 2's join in progress, 3's and 5's queued behind it: four nodes for four slots.
@@ -530,12 +527,15 @@ fn joins_and_registrations_are_judged_with_the_changes_queued_before_them() {
     }
     assert!(!state.nodes.contains_key(&6));
 
-    assert!(matches!(state.apply(&tiny(3, 8)), Ok(Registered)));
+    assert!(matches!(state.apply(&register(3, 8)), Ok(Registered)));
     assert!(
-        matches!(state.apply(&tiny(3, 16)), Err(Refusal::ServiceDeclaredOtherwise { id: 3, .. })),
+        matches!(
+            state.apply(&register(3, 16)),
+            Err(Refusal::ServiceDeclaredOtherwise { id: 3, .. })
+        ),
         "queued, not yet registered, and declared otherwise"
     );
-    assert_eq!(state.apply(&tiny(3, 8)), Ok(Registered));
+    assert_eq!(state.apply(&register(3, 8)), Ok(Registered));
     let queued = state.queue.iter().filter(|c| matches!(c, Change::Register(_))).count();
     assert_eq!(queued, 1, "registered once however many agents ask");
     settle(&mut state);
