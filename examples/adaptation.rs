@@ -8,8 +8,8 @@
 //!   on to the manager and relays its reply) against the same echoes; and, for
 //!   comparison, the same request told `Moved` and sent again (two round trips);
 //! - pipelined requests per second to one manager;
-//! - migration throughput (entries/s, MB/s) when a node joins, against raw loopback TCP moving
-//!   the same bytes in the same write sizes;
+//! - migration throughput (entries/s, MB/s) as nodes join one by one (`--joins`, the median
+//!   join shown), each against raw loopback TCP moving the same bytes in the same write sizes;
 //! - the same round trip and the transport's ping with cold caches (each after megabytes were
 //!   written on both sides), for what the layer costs a program whose own work evicts it; and,
 //!   just as cold, a typed get routed against the same get told to its manager's local server:
@@ -21,7 +21,7 @@
 //! whose idle vCPUs wake slowly, a path's p50 depends on what ran just before it, and the two
 //! layouts can disagree, most for the multiplexed echo.
 //!
-//! `cargo run --release --example adaptation [-- --samples 20000 --entries 60000 --value-bytes 1024 --cold 2000]`
+//! `cargo run --release --example adaptation [-- --samples 20000 --entries 60000 --value-bytes 1024 --cold 2000 --joins 5]`
 //!
 //! `-- --only routed|typed|tell|ping|echo|mux [--count 10000] [--evict]` runs one path alone
 //! (each request after the caches were filled, with `--evict`) and exits,
@@ -259,6 +259,74 @@ async fn raw_transfer(total: usize, write_size: usize, distinct: bool) -> Durati
     took
 }
 
+/// One node's join: what its senders shipped, how long their sending phase took, and raw
+/// loopback TCP moving the same bytes in the same write sizes just after.
+struct Migration {
+    node: u64,
+    bytes: u64,
+    moved: u64,
+    sending_ms: f64,
+    raw: Duration,
+    raw_distinct: Duration,
+}
+
+impl Migration {
+    fn ours_mbs(&self) -> f64 {
+        self.bytes as f64 / 1e6 / (self.sending_ms / 1e3)
+    }
+
+    fn mbs(&self, raw: Duration) -> f64 {
+        self.bytes as f64 / 1e6 / raw.as_secs_f64()
+    }
+
+    /// The migration's throughput over raw TCP's when every byte is its own, as a
+    /// migration's are.
+    fn per_byte_ratio(&self) -> f64 {
+        self.ours_mbs() / self.mbs(self.raw_distinct)
+    }
+}
+
+/// Starts node `id`, joining through `seed`, waits until the cluster is stable with it active,
+/// and measures the migration `senders` made for it.
+async fn join_and_measure(
+    root: &tempfile::TempDir,
+    seed: &str,
+    id: u64,
+    senders: &[&Agent<TokioNet>],
+    migrations: &mut Vec<Migration>,
+) -> Agent<TokioNet> {
+    let before: Vec<_> = senders.iter().map(|s| s.supervisor.host().stats()).collect();
+    let joined = Agent::start(
+        TokioNet,
+        &options(root.path(), id, Start::Join(seed.to_string())),
+        gobelins::services,
+    )
+    .await
+    .expect("join");
+    let first = &senders[0].supervisor;
+    while !(first.state().is_stable()
+        && first.state().nodes.get(&id).is_some_and(|r| r.status == NodeStatus::Active))
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let epoch = first.state().epoch;
+    let (mut bytes, mut moved, mut sending_ms) = (0, 0, 0.0f64);
+    for (sender, before) in senders.iter().zip(&before) {
+        let host = sender.supervisor.host();
+        let stats = host.stats();
+        bytes += stats.bytes_sent - before.bytes_sent;
+        moved += stats.entries_sent - before.entries_sent;
+        if let Some(r) = host.history().iter().find(|r| r.epoch == epoch) {
+            sending_ms = sending_ms.max(r.sending_ms);
+        }
+    }
+    let batch_bytes = HostConfig::default().batch_bytes;
+    let raw = raw_transfer(bytes as usize, batch_bytes, false).await;
+    let raw_distinct = raw_transfer(bytes as usize, batch_bytes, true).await;
+    migrations.push(Migration { node: id, bytes, moved, sending_ms, raw, raw_distinct });
+    joined
+}
+
 async fn put(agent: &Agent<TokioNet>, key: u64, value: Vec<u8>) {
     let body = codec::encode(&Request::Put(value)).expect("encode");
     let answer = agent.supervisor.host().request(KVDIR, Key(key), body).await.expect("put");
@@ -281,6 +349,7 @@ fn main() {
     let samples = arg("--samples", 20_000);
     let entries = arg("--entries", 60_000);
     let value_bytes = arg("--value-bytes", 1024);
+    let migration_rounds = arg("--joins", 5).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
     runtime.block_on(async {
         let root = tempfile::tempdir().expect("temp dir");
@@ -524,34 +593,8 @@ fn main() {
             });
         }
         while fill.join_next().await.is_some() {}
-        let before_a = a.supervisor.host().stats();
-        let before_b = b.supervisor.host().stats();
-        let c = Agent::start(TokioNet, &options(root.path(), 3, Start::Join(seed.clone())), gobelins::services)
-            .await
-            .expect("join 3");
-        while !(a.supervisor.state().is_stable()
-            && a.supervisor.state().nodes.get(&3).is_some_and(|r| r.status == NodeStatus::Active))
-        {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let epoch = a.supervisor.state().epoch;
-        let mut bytes = 0;
-        let mut moved = 0;
-        let mut sending = 0.0f64;
-        for (agent, before) in [(&*a, &before_a), (&b, &before_b)] {
-            let stats = agent.supervisor.host().stats();
-            bytes += stats.bytes_sent - before.bytes_sent;
-            moved += stats.entries_sent - before.entries_sent;
-            if let Some(r) = agent.supervisor.host().history().iter().find(|r| r.epoch == epoch) {
-                sending = sending.max(r.sending_ms);
-            }
-        }
-        let batch_bytes = HostConfig::default().batch_bytes;
-        let raw = raw_transfer(bytes as usize, batch_bytes, false).await;
-        let raw_distinct = raw_transfer(bytes as usize, batch_bytes, true).await;
-        let ours_mbs = bytes as f64 / 1e6 / (sending / 1e3);
-        let raw_mbs = bytes as f64 / 1e6 / raw.as_secs_f64();
-        let distinct_mbs = bytes as f64 / 1e6 / raw_distinct.as_secs_f64();
+        let mut migrations = Vec::new();
+        let c = join_and_measure(&root, &seed, 3, &[&*a, &b], &mut migrations).await;
 
         // Redirected once, now that there are three nodes: node 1 sends to node 3 (as a sender
         // routing by an old epoch would), which passes the request on to node 2, its manager,
@@ -611,6 +654,17 @@ fn main() {
             v.sort();
         }
 
+        // More joins, each measured against raw TCP right after it: one migration is tens of
+        // milliseconds, and a page fault or a late vCPU moved the one figure by a third from
+        // run to run. The row shows the join whose ratio to per-byte raw TCP is the median.
+        let mut joined = vec![c];
+        for id in 4..3 + migration_rounds as u64 {
+            let mut senders: Vec<&Agent<TokioNet>> = vec![&*a, &b];
+            senders.extend(joined.iter());
+            let next = join_and_measure(&root, &seed, id, &senders, &mut migrations).await;
+            joined.push(next);
+        }
+
         println!("| figure | ours | raw echo, caller reads | ratio | raw echo, multiplexed (the transport's I/O model) | ratio | target |");
         println!("| --- | --- | --- | --- | --- | --- | --- |");
         let (r50, r99) = (percentile(&routed, 0.5), percentile(&routed, 0.99));
@@ -630,12 +684,20 @@ fn main() {
         row("redirected once (passed on by the node asked), p50, against its own section's echoes", percentile(&redirected, 0.5), er50, mr50, "≤ 2.2x");
         row("told Moved and sent again (no forwarding), p50, same section", percentile(&asked_again, 0.5), er50, mr50, "");
         println!("| pipelined requests to one manager (256 in flight) | {per_second:.0}/s | | | | | ≥ 100,000/s |");
+        let mut by_ratio: Vec<&Migration> = migrations.iter().collect();
+        by_ratio.sort_by(|x, y| x.per_byte_ratio().total_cmp(&y.per_byte_ratio()));
+        let m = by_ratio[by_ratio.len() / 2];
         println!(
-            "| migration on join ({moved} entries of {value_bytes} B, {:.1} MB) | {:.0} entries/s, {ours_mbs:.0} MB/s | raw TCP, one chunk sent again and again: {raw_mbs:.0} MB/s | {:.0}% | raw TCP, every byte its own (read where it lies, kept where it lands): {distinct_mbs:.0} MB/s | {:.0}% | ≥ 60% |",
-            bytes as f64 / 1e6,
-            moved as f64 / (sending / 1e3),
-            100.0 * ours_mbs / raw_mbs,
-            100.0 * ours_mbs / distinct_mbs
+            "| migration on join (median of {} joins; this one {} entries of {value_bytes} B, {:.1} MB) | {:.0} entries/s, {:.0} MB/s | raw TCP, one chunk sent again and again: {:.0} MB/s | {:.0}% | raw TCP, every byte its own (read where it lies, kept where it lands): {:.0} MB/s | {:.0}% | ≥ 60% |",
+            migrations.len(),
+            m.moved,
+            m.bytes as f64 / 1e6,
+            m.moved as f64 / (m.sending_ms / 1e3),
+            m.ours_mbs(),
+            m.mbs(m.raw),
+            100.0 * m.ours_mbs() / m.mbs(m.raw),
+            m.mbs(m.raw_distinct),
+            100.0 * m.per_byte_ratio()
         );
         let middle = |ratios: &mut dyn Iterator<Item = f64>| {
             let mut ratios: Vec<f64> = ratios.collect();
@@ -682,7 +744,17 @@ fn main() {
             routing,
             routing_cold.len()
         );
-        c.stop().await;
+        let each: Vec<String> = migrations
+            .iter()
+            .map(|m| {
+                let (node, mb, ms) = (m.node, m.bytes as f64 / 1e6, m.sending_ms);
+                format!("node {node} {mb:.1} MB in {ms:.1} ms, {:.0}%", 100.0 * m.per_byte_ratio())
+            })
+            .collect();
+        println!("Each join, migration against per-byte raw TCP: {}.", each.join(", "));
+        for agent in joined.iter().rev() {
+            agent.stop().await;
+        }
         b.stop().await;
         a.stop().await;
     });
