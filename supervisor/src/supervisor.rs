@@ -13,7 +13,7 @@ use crate::error::{Result, SupervisorError};
 use crate::lane::{self, Lane};
 use crate::network::Network;
 use crate::rpc::{JoinRequest, ProposeError, Request, Response, View};
-use crate::state::{ClusterState, Command, NodeStatus, Outcome, Refusal};
+use crate::state::{ClusterState, Command, NodeRecord, NodeStatus, Outcome, Refusal};
 use crate::store::{LogStore, StateMachine};
 use crate::transport::{Handler, Transport};
 use crate::types::Raft;
@@ -853,22 +853,29 @@ impl Supervisor {
                     }
                 }
             }
-            let mine = current.nodes.get(&self.me.id);
-            if let Some(left) = mine.filter(|r| r.status == NodeStatus::Left) {
-                self.lifecycle.send_if_modified(|lifecycle| {
-                    let ended =
-                        *lifecycle == Lifecycle::Member && left.incarnation == self.incarnation();
-                    if ended {
-                        *lifecycle = Lifecycle::Left;
-                    }
-                    ended
-                });
+            if let Some(mine) = current.nodes.get(&self.me.id) {
+                self.end_if_left(mine);
             }
             if self.life_admitted() {
                 fed.feed(&self.host, &current);
             }
             self.report_progress(&current);
         }
+    }
+
+    /// Ends this life as left if `record`, this node's in some copy of the state, says this
+    /// life has left. Returns whether this call ended it.
+    fn end_if_left(&self, record: &NodeRecord) -> bool {
+        if record.status != NodeStatus::Left {
+            return false;
+        }
+        self.lifecycle.send_if_modified(|lifecycle| {
+            let ended = *lifecycle == Lifecycle::Member && record.incarnation == self.incarnation();
+            if ended {
+                *lifecycle = Lifecycle::Left;
+            }
+            ended
+        })
     }
 
     /// Whether this node hears from a working leader: a follower knows one, a leader has had
@@ -942,6 +949,22 @@ impl Supervisor {
             return;
         }
         let record = view.state.nodes.get(&self.me.id);
+        // A leaver the leader took out of raft before it sent the entry that ends the leave
+        // never applies that entry: its own state says "leaving" for ever, and the peers' say
+        // "left". Without this, it stayed up doing nothing, and at each restart proposed the
+        // end of a life already ended, refused for want of a leader, every few seconds.
+        let left =
+            |r: &&NodeRecord| r.status == NodeStatus::Left && r.incarnation == self.incarnation();
+        if let Some(record) = record.filter(left) {
+            if self.end_if_left(record) {
+                tracing::warn!(
+                    node = self.me.id,
+                    peer_epoch = view.state.epoch,
+                    "the cluster has this node as left, though its own state never heard the end of the leave"
+                );
+            }
+            return;
+        }
         let fenced = match record {
             Some(r) => r.status == NodeStatus::Failed,
             None => view.state.epoch > ours,

@@ -490,3 +490,122 @@ fn a_node_whose_disk_fills_up_stops_and_the_cluster_declares_it_failed() {
         .await;
     });
 }
+
+/// The node whose merges do not wait, in [`slow_merges`]: the leaver of the test below.
+static QUICK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A service of no entries whose merge takes two seconds, except on node [`QUICK`].
+struct SlowMerges;
+
+impl gobelins_adaptation::Service for SlowMerges {
+    type Request = ();
+    type Response = ();
+    type Entry = ();
+
+    fn spec(&self) -> gobelins_locator::ServiceSpec {
+        gobelins_locator::ServiceSpec::new(gobelins_locator::ServiceId(40), "slow").with_slots(64)
+    }
+
+    async fn handle(&self, _: &gobelins_adaptation::Context, _: gobelins_locator::Key, _: ()) {}
+
+    async fn before_migration(
+        &self,
+        _: &gobelins_adaptation::Context,
+        _: &gobelins_adaptation::ChangeInfo,
+    ) {
+    }
+
+    async fn send_out(
+        &self,
+        _: &gobelins_adaptation::Context,
+        _: &gobelins_adaptation::Moving,
+    ) -> Vec<(gobelins_locator::Key, ())> {
+        Vec::new()
+    }
+
+    async fn receive(
+        &self,
+        _: &gobelins_adaptation::Context,
+        _: NodeId,
+        _: Vec<(gobelins_locator::Key, ())>,
+    ) {
+    }
+
+    async fn after_migration(
+        &self,
+        ctx: &gobelins_adaptation::Context,
+        _: &gobelins_adaptation::ChangeInfo,
+    ) {
+        if ctx.node().0 != QUICK.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+
+    async fn scan(
+        &self,
+        _: &gobelins_adaptation::Context,
+        _: NodeId,
+        _: &gobelins_adaptation::Moving,
+    ) -> Vec<(gobelins_locator::Key, ())> {
+        Vec::new()
+    }
+}
+
+fn slow_merges() -> Registry {
+    let mut registry = Registry::new();
+    registry.register(gobelins_adaptation::plugin(SlowMerges)).expect("slow");
+    registry
+}
+
+/// A leaver cut off from the leader once it has done its part never applies the entry that
+/// ends its leave (the leader takes it out of raft first): its own state says "leaving" for
+/// ever. The other nodes' say "left", and it ends its life on their word, rather than staying
+/// up doing nothing (and, restarted, proposing its own failure every few seconds).
+#[test]
+fn a_leaver_that_never_hears_the_end_of_its_leave_ends_on_the_word_of_its_peers() {
+    replay(async {
+        use gobelins_supervisor::state::Command;
+        use gobelins_supervisor::Lifecycle;
+        let net = MemNetwork::new(21);
+        let config = SupervisorConfig::loopback();
+        let start = |id| node_hosting(&net, id, config.clone(), slow_merges, HostConfig::default());
+        let mut nodes = vec![start(1).await];
+        nodes[0].supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
+        for id in 2..=3 {
+            let n = start(id).await;
+            n.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
+            nodes.push(n);
+        }
+        until_active(&nodes, 3).await;
+        until_voters(&nodes.iter().collect::<Vec<_>>(), 3).await;
+        let leader_id = nodes[0].supervisor.leader().expect("a leader");
+        let by_id = |id: u64| nodes.iter().find(|n| n.supervisor.id() == id).expect("node");
+        let leaver_id = (1..=3).rev().find(|&id| id != leader_id).expect("a follower");
+        let other_id = (1..=3).find(|&id| id != leader_id && id != leaver_id).expect("another");
+        let (leader, leaver, other) = (by_id(leader_id), by_id(leaver_id), by_id(other_id));
+        QUICK.store(leaver_id, std::sync::atomic::Ordering::SeqCst);
+
+        let mut seen = leaver.supervisor.watch_state();
+        let leave = Command::Leave { node: leaver_id };
+        assert!(matches!(leader.supervisor.propose(leave).await, Ok(Ok(_))));
+        // The leaver's part is done (its merge does not wait) while the others still merge.
+        seen.wait_for(|s| s.in_progress.as_ref().is_some_and(|p| p.done.contains(&leaver_id)))
+            .await
+            .expect("the leaver reports its part");
+        net.partition(leaver_id, leader_id);
+
+        until_all(&[leader, other], Duration::from_secs(30), "the leave ended", |s| {
+            s.is_stable() && s.nodes[&leaver_id].status == NodeStatus::Left
+        })
+        .await;
+        let mut lifecycle = leaver.supervisor.lifecycle();
+        let ended = tokio::time::timeout(
+            Duration::from_secs(30),
+            lifecycle.wait_for(|l| *l == Lifecycle::Left),
+        )
+        .await;
+        let own = leaver.supervisor.state().nodes[&leaver_id].status;
+        assert_eq!(own, NodeStatus::Leaving, "its own state never heard the end of the leave");
+        assert!(ended.is_ok(), "its life ended on the peers' word");
+    });
+}
