@@ -190,80 +190,22 @@ impl<N: Net> Agent<N> {
             host,
             services: Box::new(services),
         })
-        .await?;
-        tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
-
-        // A service this build declares otherwise than the cluster this node belonged to: the
-        // node is refused here, before it enters again, rather than admitted, stopped and
-        // recovered at every restart (a unit restarting it on failure, say).
-        for spec in supervisor.host().specs() {
-            if let Err(refusal) = check_declaration(&supervisor.state(), &spec) {
-                supervisor.shutdown().await;
+        .await;
+        let supervisor = match supervisor {
+            Ok(supervisor) => supervisor,
+            Err(error) => {
                 tcp.shutdown();
-                return Err(SupervisorError::Refused(refusal.to_string()));
+                return Err(error);
             }
-        }
-
-        // Restarted with --join, as by a unit that always passes it, while the cluster still
-        // counts this node's last life as a member: the services lost their memory with the
-        // process, so that life is recovered like a crash, as a restart without --join does,
-        // rather than answered as the same life and served from empty services. A node that
-        // left, or was declared failed, joins as a new life.
-        let start = match &options.start {
-            Start::Join(seed) if restarted => {
-                match supervisor.last_life_is_member(seed, JOIN_WINDOW).await {
-                    Some(true) => {
-                        tracing::info!(%seed, "this node's last life is still a member: resuming as a new life (--join is not needed)");
-                        Start::Resume
-                    }
-                    Some(false) => options.start.clone(),
-                    // The seed may be down: this node's own state decides, and the other
-                    // members it knows end its last life.
-                    None if supervisor.last_life_is_member_here() => {
-                        tracing::warn!(%seed, "the seed did not answer; this node's own state counts its last life as a member: resuming as a new life through the other members");
-                        Start::Resume
-                    }
-                    None => options.start.clone(),
-                }
-            }
-            start => start.clone(),
         };
-        match &start {
-            Start::Bootstrap => {
-                dir.save_secret(&secret)?;
-                let outcome = supervisor.bootstrap().await?;
-                tracing::info!(?outcome, "cluster bootstrapped");
-            }
-            Start::Join(seed) => {
-                // The cluster decides, not our own state, which may be stale: a node removed
-                // from raft right after it left never applies the entry that says so. A join
-                // repeated by the same life is answered with where it stands.
-                {
-                    let outcome = supervisor.join_cluster(seed, JOIN_WINDOW).await?;
-                    if let Err(refusal) = outcome {
-                        supervisor.shutdown().await;
-                        tcp.shutdown();
-                        return Err(SupervisorError::Refused(format!(
-                            "the cluster refused this node: {refusal}"
-                        )));
-                    }
-                    tracing::info!(?outcome, %seed, "join accepted");
-                }
-                if dir.node_id()?.is_none() {
-                    dir.save_node_id(node)?;
-                }
-                if dir.secret()?.is_none() {
-                    dir.save_secret(&secret)?;
-                }
-            }
-            Start::Resume => {}
-        }
-        if start == Start::Resume {
-            if let Some(outcome) = supervisor.finish_bootstrap().await? {
-                tracing::warn!(?outcome, "this node's bootstrap had stopped before the node joined its own cluster; finished it");
-            } else {
-                tokio::spawn(start_new_life(Arc::clone(&supervisor)));
-            }
+        tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
+        // Whatever stops the start from here on stops raft, the transport and their tasks too:
+        // left running, they kept the port and the store's lock, and a caller that started the
+        // agent again in the same process (a join retried with the right secret) was refused.
+        if let Err(error) = enter(&supervisor, &dir, options, &secret, node, restarted).await {
+            supervisor.shutdown().await;
+            tcp.shutdown();
+            return Err(error);
         }
         tokio::spawn(register(Arc::clone(&supervisor)));
         Ok(Agent { supervisor, transport: tcp, dir })
@@ -274,6 +216,87 @@ impl<N: Net> Agent<N> {
         self.supervisor.shutdown().await;
         self.transport.shutdown();
     }
+}
+
+/// Enters the cluster as `options.start` says, once the supervisor of node `node` runs:
+/// bootstraps, joins (`restarted`: from a data directory admitted before), or resumes.
+async fn enter(
+    supervisor: &Arc<Supervisor>,
+    dir: &DataDir,
+    options: &AgentOptions,
+    secret: &ClusterSecret,
+    node: u64,
+    restarted: bool,
+) -> Result<()> {
+    // A service this build declares otherwise than the cluster this node belonged to: the
+    // node is refused here, before it enters again, rather than admitted, stopped and
+    // recovered at every restart (a unit restarting it on failure, say).
+    for spec in supervisor.host().specs() {
+        if let Err(refusal) = check_declaration(&supervisor.state(), &spec) {
+            return Err(SupervisorError::Refused(refusal.to_string()));
+        }
+    }
+
+    // Restarted with --join, as by a unit that always passes it, while the cluster still
+    // counts this node's last life as a member: the services lost their memory with the
+    // process, so that life is recovered like a crash, as a restart without --join does,
+    // rather than answered as the same life and served from empty services. A node that
+    // left, or was declared failed, joins as a new life.
+    let start = match &options.start {
+        Start::Join(seed) if restarted => {
+            match supervisor.last_life_is_member(seed, JOIN_WINDOW).await {
+                Some(true) => {
+                    tracing::info!(%seed, "this node's last life is still a member: resuming as a new life (--join is not needed)");
+                    Start::Resume
+                }
+                Some(false) => options.start.clone(),
+                // The seed may be down: this node's own state decides, and the other
+                // members it knows end its last life.
+                None if supervisor.last_life_is_member_here() => {
+                    tracing::warn!(%seed, "the seed did not answer; this node's own state counts its last life as a member: resuming as a new life through the other members");
+                    Start::Resume
+                }
+                None => options.start.clone(),
+            }
+        }
+        start => start.clone(),
+    };
+    match &start {
+        Start::Bootstrap => {
+            dir.save_secret(secret)?;
+            let outcome = supervisor.bootstrap().await?;
+            tracing::info!(?outcome, "cluster bootstrapped");
+        }
+        Start::Join(seed) => {
+            // The cluster decides, not our own state, which may be stale: a node removed
+            // from raft right after it left never applies the entry that says so. A join
+            // repeated by the same life is answered with where it stands.
+            {
+                let outcome = supervisor.join_cluster(seed, JOIN_WINDOW).await?;
+                if let Err(refusal) = outcome {
+                    return Err(SupervisorError::Refused(format!(
+                        "the cluster refused this node: {refusal}"
+                    )));
+                }
+                tracing::info!(?outcome, %seed, "join accepted");
+            }
+            if dir.node_id()?.is_none() {
+                dir.save_node_id(node)?;
+            }
+            if dir.secret()?.is_none() {
+                dir.save_secret(secret)?;
+            }
+        }
+        Start::Resume => {}
+    }
+    if start == Start::Resume {
+        if let Some(outcome) = supervisor.finish_bootstrap().await? {
+            tracing::warn!(?outcome, "this node's bootstrap had stopped before the node joined its own cluster; finished it");
+        } else {
+            tokio::spawn(start_new_life(Arc::clone(supervisor)));
+        }
+    }
+    Ok(())
 }
 
 /// The address peers reach this node at: `--advertise`, else `--listen`, which must then be
