@@ -334,13 +334,13 @@ fn print_stats(answer: &Value) -> anyhow::Result<()> {
 
 pub(crate) fn join(args: JoinArgs) -> anyhow::Result<()> {
     let status = ask(&args.dir, ControlRequest::Join { seed: args.seed })?;
-    eprintln!("joined; the cluster is stable at epoch {}", status["epoch"]);
+    eprintln!("joined; this node is active at epoch {}", status["epoch"]);
     Ok(())
 }
 
 pub(crate) fn leave(args: DirArgs) -> anyhow::Result<()> {
     let status = ask(&args, ControlRequest::Leave)?;
-    eprintln!("left; the cluster is stable at epoch {} without this node", status["epoch"]);
+    eprintln!("left at epoch {}; this agent stops", status["epoch"]);
     Ok(())
 }
 
@@ -349,7 +349,7 @@ pub(crate) fn evict(args: EvictArgs) -> anyhow::Result<()> {
         bail!("node ids start at 1");
     }
     let status = ask(&args.dir, ControlRequest::Evict { node: args.node })?;
-    eprintln!("node {} evicted; the cluster is stable at epoch {}", args.node, status["epoch"]);
+    eprintln!("node {} is out of the cluster at epoch {}", args.node, status["epoch"]);
     Ok(())
 }
 

@@ -24,9 +24,9 @@ enum Command {
     Stats(cli::StatsArgs),
     /// Ask the local agent to (re)join the cluster through a member; waits until it is active.
     Join(cli::JoinArgs),
-    /// Take the local node out of the cluster gracefully; waits until the cluster is stable.
+    /// Take the local node out of the cluster gracefully; waits until it has handed over its entries and left.
     Leave(cli::DirArgs),
-    /// Remove another node from the cluster; waits until the cluster is stable.
+    /// Remove another node from the cluster; waits until it has handed over its entries and left (or failed on its way out).
     Evict(cli::EvictArgs),
     /// Read or write distributed shared memory through the local agent.
     Dsm(cli::DsmArgs),

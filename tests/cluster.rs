@@ -159,10 +159,11 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
             .is_some_and(|s| s["voters"].as_array().map_or(0, Vec::len) == 5)
     });
 
-    // Node 5 leaves gracefully: the command returns once the cluster is stable without it.
+    // Node 5 leaves gracefully: the command returns once it has left.
     let leave = cli(&agents[4].dir, &["leave"]);
     assert!(leave.status.success(), "leave: {}", String::from_utf8_lossy(&leave.stderr));
-    assert!(stable_with(&agents[0].dir, &[(5, "left", 1)]));
+    // Left already; stable once what the cluster queued after it (a rebalance) is done.
+    wait_until("node 5 left", limit, || stable_with(&agents[0].dir, &[(5, "left", 1)]));
     let exited = agents[4].child.as_mut().expect("child").wait().expect("wait");
     assert!(exited.success(), "a node that left exits cleanly");
     agents[4].child = None;
@@ -375,6 +376,28 @@ fn the_survivor_of_a_two_node_cluster_one_leaves_still_admits_a_node() {
     agents.push(start(root.path(), 3, &addrs[2], &join));
     wait_showing(&agents, "node 3 admitted by the survivor alone", limit, || {
         stable_with(&agents[1].dir, &[(1, "left", 1), (2, "active", 1), (3, "active", 1)])
+    });
+}
+
+/// A node evicted while it answers nothing (stopped) cannot hand its entries over; the cluster
+/// declares it failed and rebuilds them from replicas. The eviction then ends, and says why,
+/// instead of waiting out its minute for a "left" that never comes and reporting a failure.
+#[test]
+fn evicting_a_node_that_fails_on_its_way_out_ends_once_it_is_declared_failed() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let agents = three_agents(root.path(), limit);
+    signal(&agents[2], "-STOP");
+    let started = Instant::now();
+    let evict = cli(&agents[0].dir, &["evict", "3"]);
+    let took = started.elapsed();
+    signal(&agents[2], "-CONT");
+    let said = String::from_utf8_lossy(&evict.stderr);
+    assert!(evict.status.success(), "evict: {said}{}", evidence(&agents));
+    assert!(said.contains("failed before its leave ended"), "{said}");
+    assert!(took < Duration::from_secs(50), "ended once declared failed: {took:?}");
+    wait_until("node 3 failed, the cluster stable", limit, || {
+        stable_with(&agents[0].dir, &[(3, "failed", 1)])
     });
 }
 

@@ -6,7 +6,7 @@
 
 use crate::console::Consoles;
 use crate::error::{Result, SupervisorError};
-use crate::rpc::View;
+use crate::rpc::{ProposeError, View};
 use crate::state::{Command, NodeStatus};
 use crate::supervisor::Supervisor;
 use gobelins_locator::{Key, ServiceId};
@@ -66,13 +66,14 @@ pub enum ControlRequest {
 /// How long a leave, evict or join may take before the CLI is told to look again.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
 
+/// How long a leave or evict is proposed again while no leader answers.
+const PROPOSE_WINDOW: Duration = Duration::from_secs(10);
+
 /// Binds a socket at `path` that only this user may use. It is bound under another name, made
 /// private, then renamed into place: bound at `path` directly, it would have the umask's mode
 /// until made private, and a client could connect meanwhile.
 fn bind_private(path: &Path) -> Result<UnixListener> {
-    let mut binding = path.as_os_str().to_owned();
-    binding.push(format!(".{}.binding", std::process::id()));
-    let binding = std::path::PathBuf::from(binding);
+    let binding = binding_path(path);
     // Sockets left by a previous run of this agent; the data directory is ours alone.
     let _ = std::fs::remove_file(&binding);
     let listener = UnixListener::bind(&binding).map_err(|e| {
@@ -85,6 +86,15 @@ fn bind_private(path: &Path) -> Result<UnixListener> {
             SupervisorError::io(format!("securing control socket {}", path.display()), e)
         })?;
     Ok(listener)
+}
+
+/// Where the socket at `path` is bound before it is renamed into place: beside it, under a
+/// name no longer than its own, so that a path the agent checked at its start binds too (a
+/// longer name, as the pid once made it, failed past the point of no return: admitted, then
+/// stopped, at every start). Only one agent gets this far in a data directory: a second one
+/// stops on the store's lock.
+pub fn binding_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension("bind")
 }
 
 /// Serves the control socket at `path` until the process ends.
@@ -194,17 +204,38 @@ async fn change(
     target: u64,
     until: NodeStatus,
 ) -> Result<()> {
-    match node.propose(command).await {
+    // Through an election, whose leader is not known for a moment, rather than refused. Only
+    // then: a proposal a leader received may have committed, and sent again it is refused.
+    let give_up = tokio::time::Instant::now() + PROPOSE_WINDOW;
+    let proposed = loop {
+        match node.propose(command.clone()).await {
+            Err(ProposeError::NoLeader) if tokio::time::Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => break other,
+        }
+    };
+    match proposed {
         Ok(Ok(applied)) => {
             flush(write, &[json!({ "progress": format!("accepted: {applied:?}") })]).await?;
             wait_for(write, node, target, until).await
         }
         Ok(Err(refusal)) => flush(write, &[json!({ "error": refusal.to_string() })]).await,
-        Err(e) => flush(write, &[json!({ "error": format!("{e}; is the cluster up?") })]).await,
+        // A proposal that reached a leader but was not answered in time may still commit.
+        Err(e) => {
+            let why = format!(
+                "{e}; is a majority of the cluster up? The change may still happen: see \
+                 `gobelins status` before asking again"
+            );
+            flush(write, &[json!({ "error": why })]).await
+        }
     }
 }
 
-/// Streams progress until `target` reaches `until` and the cluster is stable.
+/// Streams progress until `target` reaches `until`, which the cluster records as the change
+/// that takes it there ends. Not until the cluster is stable too: the changes queued after
+/// it (a rebalance, another node's leave) may take longer than a leaver's agent stays up, and
+/// its CLI then read "connection closed" for a leave that had succeeded.
 async fn wait_for(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     node: &Supervisor,
@@ -216,8 +247,21 @@ async fn wait_for(
     while tokio::time::Instant::now() < deadline {
         let view = node.cluster_view().await;
         let status = view.state.nodes.get(&target).map(|r| r.status);
-        if status == Some(until) && view.state.is_stable() {
+        if status == Some(until) {
             return flush(write, &[json!({ "ok": status_json(&view) })]).await;
+        }
+        // On its way out, a node that fails is out for good: its entries are rebuilt from
+        // their replicas instead of handed over. Waiting for "left" would last the full minute.
+        if until == NodeStatus::Left && status == Some(NodeStatus::Failed) {
+            let why = format!(
+                "node {target} failed before its leave ended: the cluster rebuilds its entries \
+                 from their replicas (`gobelins stats` counts any it could not)"
+            );
+            return flush(
+                write,
+                &[json!({ "progress": why }), json!({ "ok": status_json(&view) })],
+            )
+            .await;
         }
         let progress = match &view.state.in_progress {
             Some(p) => format!(
@@ -328,6 +372,23 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "only the socket is left");
+        let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
+        listener.accept().await.unwrap();
+    }
+
+    /// The longest data directory the agent accepts at its start (its socket's path 107
+    /// bytes, all `sun_path` holds) binds its socket too: the name it is bound under first
+    /// is no longer. With the pid in that name, the bind failed once the node was admitted.
+    #[tokio::test]
+    async fn a_socket_path_the_start_accepts_binds() {
+        use std::os::unix::ffi::OsStrExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().as_os_str().as_bytes().len() + "/control.sock".len();
+        let long = dir.path().join("d".repeat(107 - base - 1));
+        std::fs::create_dir(&long).unwrap();
+        let path = long.join("control.sock");
+        assert_eq!(path.as_os_str().as_bytes().len(), 107);
+        let listener = bind_private(&path).unwrap();
         let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
         listener.accept().await.unwrap();
     }
