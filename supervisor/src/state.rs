@@ -113,7 +113,11 @@ pub enum Command {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Refusal {
     /// The node is already a member (or on its way in).
-    #[error("node {0} is already a member; evict it first or give this node another --node-id")]
+    #[error(
+        "node {0} is already a member: if another machine holds that id, start this one with \
+         another --node-id (or none, to draw one); evict node {0} only if it is this machine's \
+         own last life, gone without the cluster noticing"
+    )]
     AlreadyMember(u64),
     /// A failed or departed node came back without a newer incarnation.
     #[error("node {node} must rejoin with an incarnation above {last}")]

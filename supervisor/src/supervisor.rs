@@ -480,6 +480,12 @@ impl Supervisor {
     pub async fn join_cluster(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
         match self.join_via(seed, deadline).await? {
             Err(Refusal::StaleIncarnation { last, .. }) => {
+                // The life that ended may be this process's own (`gobelins join` asked of an
+                // agent declared failed before its own check noticed): its services' memory
+                // must not come back with the new life.
+                if last >= self.incarnation() {
+                    self.start_services_afresh(last);
+                }
                 self.renew_incarnation(last)?;
                 self.join_via(seed, deadline).await
             }
@@ -915,6 +921,22 @@ impl Supervisor {
         });
     }
 
+    /// Starts the services afresh, once per life `dead` the cluster ended: what they hold is
+    /// stale, for the cluster rebuilt those entries elsewhere. The host serves nothing until the
+    /// new life is admitted.
+    fn start_services_afresh(&self, dead: u64) {
+        if self.renewed_for.swap(dead, Ordering::SeqCst) != dead {
+            tracing::warn!(
+                node = self.me.id,
+                incarnation = dead,
+                "the cluster ended this node's life: starting services afresh"
+            );
+            self.admitted.store(false, Ordering::SeqCst);
+            self.host.renew((self.services)());
+            self.host.lease(Instant::now());
+        }
+    }
+
     /// Asks the peers whether the cluster declared this node failed; if so, fences: rejoins
     /// under a new incarnation, as a new life of the same node, through the freshest leader.
     /// Every peer is asked and the newest view decides, since a peer that left or was cut off
@@ -975,17 +997,7 @@ impl Supervisor {
         // What the services hold is stale: the cluster rebuilt those entries elsewhere. Once per
         // life the cluster declared dead, the host starts afresh and serves nothing until the
         // new life is admitted.
-        let dead = record.map_or(0, |r| r.incarnation);
-        if self.renewed_for.swap(dead, Ordering::SeqCst) != dead {
-            tracing::warn!(
-                node = self.me.id,
-                incarnation = dead,
-                "declared failed while running: starting services afresh"
-            );
-            self.admitted.store(false, Ordering::SeqCst);
-            self.host.renew((self.services)());
-            self.host.lease(Instant::now());
-        }
+        self.start_services_afresh(record.map_or(0, |r| r.incarnation));
         // A life the cluster has not seen yet: above both ours and the one it declared dead.
         if let Err(error) = self.renew_incarnation(record.map_or(0, |r| r.incarnation)) {
             tracing::error!(%error, "cannot persist the new incarnation; not rejoining");

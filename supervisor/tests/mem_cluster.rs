@@ -609,3 +609,32 @@ fn a_leaver_that_never_hears_the_end_of_its_leave_ends_on_the_word_of_its_peers(
         assert!(ended.is_ok(), "its life ended on the peers' word");
     });
 }
+
+/// A join asked of a node the cluster declared failed (`gobelins join`), before its own check
+/// noticed: the new life starts with fresh services, as the check's rejoin does. It came back
+/// with what its old life held, which the cluster had rebuilt elsewhere meanwhile.
+#[test]
+fn a_join_asked_of_a_node_declared_failed_starts_its_services_afresh() {
+    replay(async {
+        let net = MemNetwork::new(5);
+        let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
+        until_active(&nodes, 3).await;
+        until_voters(&nodes.iter().collect::<Vec<_>>(), 3).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let cut = (1..=3).rev().find(|&id| id != leader).expect("a follower");
+        let others: Vec<u64> = (1..=3).filter(|&id| id != cut).collect();
+        net.isolate(cut, others.clone());
+        let majority: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != cut).collect();
+        until_all(&majority, Duration::from_secs(30), "the cut node declared failed", |s| {
+            s.is_stable() && s.nodes[&cut].status == NodeStatus::Failed
+        })
+        .await;
+        let node = &nodes[cut as usize - 1].supervisor;
+        let life = node.host().life();
+        net.heal();
+        let joined = node.join_cluster(&format!("n{leader}"), Duration::from_secs(30)).await;
+        assert!(matches!(joined, Ok(Ok(_))), "{joined:?}");
+        assert!(node.host().life() > life, "its services started afresh");
+        assert_eq!(node.incarnation(), 2);
+    });
+}
