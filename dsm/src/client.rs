@@ -220,14 +220,20 @@ impl LockGuard {
     }
 }
 
-/// Asks the manager of lock `id` to release `token`; once it has, the node stops reporting
-/// the lock as held (a manager rebuilding the lock meanwhile must still see its holder).
+/// Asks the manager of lock `id` to release `token`. The node stops reporting the lock as
+/// held first: it has left its critical section. Reported until the release was answered, a
+/// manager that died between granting the lock to the next node and that answer was rebuilt
+/// with two holders reporting, kept the first it heard, and the release then freed the lock
+/// under its new holder. Released without a report, the lock is rebuilt free or held by the
+/// next node, and a release that lands later frees nothing (it names its own token).
 async fn release(dsm: &Dsm, id: u64, token: Token) -> Result<(), DsmError> {
-    dsm.ask(lock_key(id), &Request::Release(token)).await?;
-    let mut held = dsm.state().held.lock().expect("held");
-    if held.get(&id) == Some(&token) {
-        held.remove(&id);
+    {
+        let mut held = dsm.state().held.lock().expect("held");
+        if held.get(&id) == Some(&token) {
+            held.remove(&id);
+        }
     }
+    dsm.ask(lock_key(id), &Request::Release(token)).await?;
     Ok(())
 }
 

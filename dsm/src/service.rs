@@ -963,13 +963,16 @@ impl DsmService {
         Response::Ok
     }
 
-    async fn lock_op(&self, key: Key, request: Request) -> Response {
+    async fn lock_op(&self, ctx: &Context, key: Key, request: Request) -> Response {
         let slot = self.slot(key);
         let mut live = slot.lock().await;
         let Live::Lock(lock) = &mut *live else { return Response::Invalid("not a lock".into()) };
         match request {
+            // A holder the cluster is done with holds nothing. The sweep after a change frees
+            // its locks too, but only on that change's participants: a lock whose manager sits
+            // in another cell than an evicted holder stayed held until some later change.
             Request::Acquire(token) => match lock.holder {
-                Some(h) if h != token => Response::Busy,
+                Some(h) if h != token && !self.lost_holder(ctx, h.node) => Response::Busy,
                 _ => {
                     lock.holder = Some(token);
                     Response::Granted
@@ -1524,7 +1527,7 @@ impl Service for DsmService {
             (Named::Page(page), Request::Discard) => self.discard(ctx, page).await,
             (Named::Page(page), Request::Abandon { node }) => self.abandon(ctx, page, node).await,
             (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
-                self.lock_op(key, request).await
+                self.lock_op(ctx, key, request).await
             }
             (Named::Barrier(_), Request::Arrive { participant, generation, parties }) => {
                 self.arrive(key, participant, generation, parties).await
