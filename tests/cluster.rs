@@ -413,6 +413,14 @@ fn a_node_restarted_with_join_before_anyone_noticed_comes_back_as_a_new_life_too
     restarted_before_anyone_noticed(Restart::Join);
 }
 
+/// The same restart of a node that died after its first join was accepted but before it kept
+/// the secret: its data directory looked new, so its join was sent as a first one, and the
+/// cluster, which counted that life a member, let it back in as the same life.
+#[test]
+fn a_node_that_died_before_it_kept_the_secret_comes_back_as_a_new_life_too() {
+    restarted_before_anyone_noticed(Restart::JoinWithoutTheSecretKept);
+}
+
 /// The same with a seed that says nothing for its first seconds: a silent seed was taken to
 /// mean "not a member", and the join it answered a moment later admitted the same life again.
 #[test]
@@ -445,6 +453,9 @@ enum Restart {
     Plain,
     Join,
     JoinThroughSilentSeed,
+    /// With `--join`, from a data directory without the secret: as if the node had died
+    /// after its first join was accepted, before it kept the secret.
+    JoinWithoutTheSecretKept,
     WithoutQuorum,
 }
 
@@ -517,7 +528,13 @@ fn restarted_before_anyone_noticed(restart: Restart) {
         _ => agents[0].addr.clone(),
     };
     let join = ["--join", seed.as_str(), "--secret-file", secret.as_str()];
-    let with_join = matches!(restart, Restart::Join | Restart::JoinThroughSilentSeed);
+    if restart == Restart::JoinWithoutTheSecretKept {
+        std::fs::remove_file(agents[1].dir.join("cluster.secret")).expect("remove the secret");
+    }
+    let with_join = matches!(
+        restart,
+        Restart::Join | Restart::JoinThroughSilentSeed | Restart::JoinWithoutTheSecretKept
+    );
     agents[1].child = Some(spawn(&agents[1], if with_join { &join } else { &[] }));
     if restart == Restart::WithoutQuorum {
         // Longer than two proposals of the last life's failure wait for a leader (5 s each).
@@ -532,6 +549,9 @@ fn restarted_before_anyone_noticed(restart: Restart) {
                 && [1, 3].iter().all(|&n| node_status(&s, n).is_some_and(|(st, _)| st == "active"))
         })
     });
+    if restart == Restart::JoinWithoutTheSecretKept {
+        assert!(agents[1].dir.join("cluster.secret").exists(), "the secret is kept now");
+    }
     for socket in [socket.clone(), agents[1].dir.join("control.sock")] {
         for key in 0..keys {
             let value = match call(&socket, key, &kvdir::Request::Get) {

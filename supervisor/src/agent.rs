@@ -92,8 +92,12 @@ impl<N: Net> Agent<N> {
         fits_a_socket(&dir.socket_path())?;
         let existing = dir.secret()?;
         // A directory that holds a secret was admitted to its cluster before (a joining node
-        // keeps the secret only once admitted): a join from it is a restart.
-        let restarted = existing.is_some();
+        // keeps the secret only once admitted): a join from it is a restart. So is one that
+        // holds an incarnation, written at the first start: a node that died after its first
+        // join was accepted but before it kept the secret (a crash, a full disk) is a member
+        // the cluster may have handed entries to, and asked again as the same life it was let
+        // back in with empty services. Asking the seed first costs a refused one nothing.
+        let restarted = existing.is_some() || dir.incarnation()?.is_some();
         let secret = match (&options.start, existing, &options.secret_file) {
             (Start::Bootstrap, Some(secret), _) => {
                 return Err(SupervisorError::AlreadyBootstrapped {
@@ -247,6 +251,11 @@ async fn enter(
             match supervisor.last_life_is_member(seed, JOIN_WINDOW).await {
                 Some(true) => {
                     tracing::info!(%seed, "this node's last life is still a member: resuming as a new life (--join is not needed)");
+                    // The seed answered through the secret given: it is the cluster's, and
+                    // a node that died before it kept it keeps it now.
+                    if dir.secret()?.is_none() {
+                        dir.save_secret(secret)?;
+                    }
                     Start::Resume
                 }
                 Some(false) => options.start.clone(),
