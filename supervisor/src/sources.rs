@@ -2,7 +2,7 @@
 //! nothing must not take every handshake slot, and with them every join and reconnection.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
 /// Counts the handshakes in progress from each source address, up to a limit each.
@@ -29,7 +29,7 @@ impl Sources {
         let Ok(addr) = peer.parse::<SocketAddr>() else {
             return Some(Counted { sources: Arc::clone(self), ip: None });
         };
-        let ip = addr.ip();
+        let ip = source(addr.ip());
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
         let count = counts.entry(ip).or_default();
         if *count >= self.limit {
@@ -37,6 +37,22 @@ impl Sources {
         }
         *count += 1;
         Some(Counted { sources: Arc::clone(self), ip: Some(ip) })
+    }
+}
+
+/// What a handshake counts against: an IPv4 address, or the /64 of an IPv6 one, since one
+/// host commonly holds a whole /64: counted address by address, it took every slot, eight at
+/// a time. An IPv4 address mapped into IPv6 counts as itself.
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -74,5 +90,17 @@ mod tests {
         let sources = Sources::new(1);
         drop(sources.admit("10.0.0.1:4000"));
         assert!(sources.counts.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_addresses_of_one_ipv6_64_count_as_one_source() {
+        let sources = Sources::new(2);
+        let _a = sources.admit("[2001:db8:1:2::1]:4000").expect("first");
+        let _b = sources.admit("[2001:db8:1:2:ffff::9]:4000").expect("second, same /64");
+        assert!(sources.admit("[2001:db8:1:2::3]:4000").is_none(), "a third from that /64");
+        assert!(sources.admit("[2001:db8:1:3::1]:4000").is_some(), "another /64");
+        let _c = sources.admit("10.0.0.1:4000").expect("an IPv4 host");
+        let _d = sources.admit("[::ffff:10.0.0.1]:4000").expect("the same host, mapped");
+        assert!(sources.admit("10.0.0.1:4001").is_none(), "counted as one");
     }
 }
