@@ -216,6 +216,11 @@ impl Driver {
             None => *router = Some(Router::new(self.inner.me, snapshot)),
         }
         drop(router);
+        self.announce(epoch);
+    }
+
+    /// Wakes the requests waiting for the routing epoch to reach `epoch`.
+    fn announce(&self, epoch: u64) {
         self.inner.epoch.send_if_modified(|e| {
             let newer = epoch > *e;
             if newer {
@@ -238,21 +243,29 @@ impl Driver {
         let me = inner.me;
         match command {
             Command::HoldMovingKeys { epoch } => {
-                let fresh = inner.router.lock().expect("router").is_none();
-                if fresh {
+                let mut installed = None;
+                {
+                    let mut router = inner.router.lock().expect("router");
                     // A node joining: it has no old table; it routes by the new one and holds
-                    // what it is about to receive.
-                    if let Some(target) = self.target.clone() {
-                        self.install(target);
+                    // what it is about to receive. Made, held and published under one lock,
+                    // and the epoch told only then: a request woken by a table installed
+                    // apart from its holds (one waiting for this node's first epoch, on
+                    // another thread) was served on an entry that had not arrived.
+                    if router.is_none() {
+                        if let Some(target) = self.target.clone() {
+                            installed = Some(target.epoch().0);
+                            *router = Some(Router::new(me, target));
+                        }
+                    }
+                    if let (Some(router), Some(progress)) = (router.as_mut(), &self.progress) {
+                        router.hold(&progress.plan);
+                        for node in std::mem::take(&mut self.gone_at_begin) {
+                            router.keep_orphans(node, &progress.plan);
+                        }
                     }
                 }
-                if let (Some(router), Some(progress)) =
-                    (inner.router.lock().expect("router").as_mut(), &self.progress)
-                {
-                    router.hold(&progress.plan);
-                    for node in std::mem::take(&mut self.gone_at_begin) {
-                        router.keep_orphans(node, &progress.plan);
-                    }
+                if let Some(first) = installed {
+                    self.announce(first);
                 }
                 inner.begun.send_replace(epoch);
                 tracing::debug!(node = me.0, epoch, "change begun: moving keys held");

@@ -89,7 +89,8 @@ impl Context {
     }
 
     /// Sends `request` to the manager of `key` of `service`, wherever it is, and waits for its
-    /// answer: held through a migration, retried after a failure, run once. `Q` is `'static`
+    /// answer: held through a migration, retried after a failure, run once (except across its
+    /// manager's failure: the answers it kept die with it; see docs/writing-a-service.md). `Q` is `'static`
     /// so that, when it is the service's own `Request` type, [`Service::repeatable`] is asked
     /// of it as it is rather than of a second decoding.
     ///
