@@ -139,7 +139,18 @@ impl MemCluster {
         config: HostConfig,
         services: impl Fn() -> Registry + Send + Sync + 'static,
     ) -> Self {
-        let mut tree = CellTree::new(TreeConfig::default()).expect("default tree config");
+        Self::start_shaped(nodes, TreeConfig::default(), config, services).await
+    }
+
+    /// [`MemCluster::start`] with a tree of this shape: small cells, say, for a cluster of
+    /// several cells on a few nodes.
+    pub async fn start_shaped(
+        nodes: u64,
+        shape: TreeConfig,
+        config: HostConfig,
+        services: impl Fn() -> Registry + Send + Sync + 'static,
+    ) -> Self {
+        let mut tree = CellTree::new(shape).expect("a valid tree config");
         for spec in services().specs() {
             tree.register_service(spec).expect("service registers");
         }

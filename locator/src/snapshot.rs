@@ -8,7 +8,7 @@
 
 use crate::error::{LocatorError, Result};
 use crate::hash::mix;
-use crate::ids::{Epoch, Key, NodeId, ServiceId};
+use crate::ids::{CellId, Epoch, Key, NodeId, ServiceId};
 use crate::service::{Placement, ServiceSpec};
 use crate::tree::ServiceState;
 use arc_swap::{ArcSwap, Cache, Guard};
@@ -110,16 +110,20 @@ impl ServiceTable {
 pub struct Snapshot {
     epoch: Epoch,
     nodes: Vec<NodeId>,
+    /// The leaf cell of each node, in the order of `nodes`.
+    leaves: Vec<CellId>,
     /// Indexed by service id; `None` where no service has that id.
     tables: Vec<Option<ServiceTable>>,
 }
 
 impl Snapshot {
+    /// `members`: every node with its leaf cell, ascending by node.
     pub(crate) fn build<'a>(
         epoch: Epoch,
-        nodes: Vec<NodeId>,
+        members: impl Iterator<Item = (NodeId, CellId)>,
         services: impl Iterator<Item = &'a ServiceState>,
     ) -> Snapshot {
+        let (nodes, leaves) = members.unzip();
         let mut tables: Vec<Option<ServiceTable>> = Vec::new();
         for state in services.filter(|s| !s.owners.is_empty()) {
             let at = usize::from(state.spec.id.0);
@@ -128,7 +132,7 @@ impl Snapshot {
             }
             tables[at] = Some(ServiceTable::new(state));
         }
-        Snapshot { epoch, nodes, tables }
+        Snapshot { epoch, nodes, leaves, tables }
     }
 
     /// The epoch this snapshot belongs to.
@@ -139,6 +143,14 @@ impl Snapshot {
     /// The member nodes, ascending.
     pub fn nodes(&self) -> &[NodeId] {
         &self.nodes
+    }
+
+    /// The nodes of `node`'s leaf cell, itself included, ascending; none if it is not a
+    /// member. A change takes part every node of the cells it touches, so what a node keeps
+    /// on its cell mates (a replica, say) is looked after in every change that moves them.
+    pub fn cell_mates(&self, node: NodeId) -> impl Iterator<Item = NodeId> + '_ {
+        let leaf = self.nodes.binary_search(&node).ok().map(|at| self.leaves[at]);
+        self.nodes.iter().zip(&self.leaves).filter(move |(_, l)| Some(**l) == leaf).map(|(n, _)| *n)
     }
 
     /// The manager of `(service, key)`, or `None` for a service that is not registered.

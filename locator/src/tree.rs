@@ -133,7 +133,8 @@ impl CellTree {
         if self.nodes.is_empty() {
             return Err(LocatorError::EmptyCluster);
         }
-        Ok(Snapshot::build(epoch, self.nodes.keys().copied().collect(), self.services.values()))
+        let members = self.nodes.iter().map(|(&id, member)| (id, member.leaf));
+        Ok(Snapshot::build(epoch, members, self.services.values()))
     }
 
     /// Whether `cell` is `ancestor` or lies below it.

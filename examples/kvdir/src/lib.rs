@@ -106,12 +106,26 @@ impl KvDir {
     }
 }
 
-/// The node after `node` in the table, wrapping around: where `node` keeps its replicas.
+/// Where `node` keeps its replicas: the next node of its own cell, wrapping around. Every
+/// change that adds or takes away one of them takes part every node of that cell, so `node`
+/// copies its entries to a new backup in `after_migration`. The next node of the whole table
+/// could sit in another cell: evicted, it took `node`'s replicas with it, and `node`, no part
+/// of that change, never copied them to its next backup. A node alone in its cell keeps them
+/// on the next node of the table.
 fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
-    let nodes = snapshot.nodes();
-    let at = nodes.iter().position(|&n| n == node)?;
-    let next = nodes[(at + 1) % nodes.len()];
-    (next != node).then_some(next)
+    let (mut first, mut after) = (None, None);
+    for mate in snapshot.cell_mates(node).filter(|&m| m != node) {
+        first = first.or(Some(mate));
+        if mate > node && after.is_none() {
+            after = Some(mate);
+        }
+    }
+    after.or(first).or_else(|| {
+        let nodes = snapshot.nodes();
+        let at = nodes.iter().position(|&n| n == node)?;
+        let next = nodes[(at + 1) % nodes.len()];
+        (next != node).then_some(next)
+    })
 }
 
 /// Keeps the newer of two versions.

@@ -728,3 +728,47 @@ fn a_sender_lets_go_of_what_it_sent_once_the_change_is_stable() {
         );
     });
 }
+
+/// A cluster of several cells (of two nodes at most). A node keeps its replicas on a node of
+/// its own cell. Kept on the next node of the whole table, in another cell, they left with
+/// that node when it was evicted, and the node they belonged to, no part of that change (its
+/// participants are the evicted node's cell), never copied its entries to its next backup: its
+/// failure then lost them.
+#[test]
+fn a_node_evicted_from_another_cell_takes_no_replica_away() {
+    replay(async {
+        let shape = gobelins_locator::TreeConfig { cell_capacity: 2, ..Default::default() };
+        let mut cluster = MemCluster::start_shaped(4, shape, HostConfig::default(), || {
+            let mut registry = Registry::new();
+            registry.register(plugin(KvDir::new())).expect("registers");
+            registry
+        })
+        .await;
+        let table = cluster.snapshot();
+        let nodes = table.nodes().to_vec();
+        // A node whose next node in the table sits in another cell.
+        let (node, next) = (0..nodes.len())
+            .map(|i| (nodes[i], nodes[(i + 1) % nodes.len()]))
+            .find(|&(n, next)| !table.cell_mates(n).any(|m| m == next))
+            .expect("two cells");
+        let keys = keys_managed_by(&cluster, node, 50);
+        let host =
+            cluster.host(nodes.iter().copied().find(|&n| n != node && n != next).expect("a third"));
+        for (i, &key) in keys.iter().enumerate() {
+            let put = codec::encode(&Request::Put((i as u64).to_le_bytes().to_vec())).expect("e");
+            host.request(KVDIR, key, put).await.expect("put");
+        }
+        cluster.evict(next).await;
+        cluster.fail(node).await;
+        let get = codec::encode(&Request::Get).expect("encode");
+        for (i, &key) in keys.iter().enumerate() {
+            let answer = host.request(KVDIR, key, get.clone()).await.expect("get");
+            match codec::decode::<Response>(&answer).expect("decode") {
+                Response::Value(Some(v)) => {
+                    assert_eq!(v.value[..], (i as u64).to_le_bytes(), "key {key:?}")
+                }
+                other => panic!("key {key:?} of node {node}, lost: {other:?}"),
+            }
+        }
+    });
+}
