@@ -207,6 +207,26 @@ impl Cluster {
     }
 }
 
+/// The first lock id whose manager `placed` accepts.
+fn a_lock(cluster: &Cluster, placed: impl Fn(Option<NodeId>) -> bool) -> u64 {
+    let table = cluster.mem.snapshot();
+    (0..)
+        .find(|&id| placed(table.locate(gobelins_dsm::DSM, gobelins_dsm::lock_key(id))))
+        .expect("such a lock")
+}
+
+/// Asks the manager of lock `id`, through `node`'s host, to grant it to `token`.
+async fn acquire(
+    cluster: &Cluster,
+    node: NodeId,
+    id: u64,
+    token: gobelins_dsm::Token,
+) -> gobelins_dsm::Response {
+    let request = gobelins_dsm::Request::Acquire(token);
+    let ctx = cluster.mem.host(node).context();
+    ctx.request(gobelins_dsm::DSM, gobelins_dsm::lock_key(id), &request).await.expect("asked")
+}
+
 /// Writes `count` into `page` from `dsm`.
 async fn put(dsm: &Dsm, page: PageId, count: u64) {
     let mut g = dsm.write(page).await.expect("write");
@@ -1057,28 +1077,13 @@ fn a_lock_given_up_on_is_released_again_after_a_late_copy_of_its_request() {
     replay(async {
         let cluster = Cluster::start(3, DsmConfig::default()).await;
         let (one, two) = (cluster.dsm(NodeId(1)), cluster.dsm(NodeId(2)));
-        let id = (0..)
-            .find(|&id| {
-                cluster.mem.snapshot().locate(gobelins_dsm::DSM, gobelins_dsm::lock_key(id))
-                    != Some(NodeId(1))
-            })
-            .expect("a lock another node manages");
+        let id = a_lock(&cluster, |manager| manager != Some(NodeId(1)));
         // Node 1's first lock: token 0. Given up on before its answer came back.
         let gave_up = tokio::time::timeout(Duration::from_micros(300), one.lock(id)).await;
         assert!(gave_up.is_err(), "answered in time");
         tokio::time::sleep(Duration::from_millis(10)).await;
         let token = gobelins_dsm::Token { node: NodeId(1), seq: 0 };
-        let late: gobelins_dsm::Response = cluster
-            .mem
-            .host(NodeId(1))
-            .context()
-            .request(
-                gobelins_dsm::DSM,
-                gobelins_dsm::lock_key(id),
-                &gobelins_dsm::Request::Acquire(token),
-            )
-            .await
-            .expect("the late copy");
+        let late = acquire(&cluster, NodeId(1), id, token).await;
         assert!(matches!(late, gobelins_dsm::Response::Granted), "granted after the first release");
         // Released again twice the request deadline (10 s) after it was given up on.
         let taken = tokio::time::timeout(Duration::from_secs(25), two.lock(id)).await;
@@ -1478,29 +1483,14 @@ fn a_copy_kept_aside_for_a_grant_that_landed_is_released_by_the_manager() {
 fn a_lock_whose_release_went_unanswered_as_its_manager_died_is_rebuilt_free() {
     replay(async {
         let mut cluster = Cluster::start(3, DsmConfig::default()).await;
-        let id = (0..)
-            .find(|&id| {
-                cluster.mem.snapshot().locate(gobelins_dsm::DSM, gobelins_dsm::lock_key(id))
-                    == Some(NodeId(3))
-            })
-            .expect("a lock node 3 manages");
+        let id = a_lock(&cluster, |manager| manager == Some(NodeId(3)));
         let guard = cluster.dsm(NodeId(1)).lock(id).await.expect("lock");
         cluster.mem.crash(NodeId(3));
         let releasing = tokio::spawn(async move { guard.unlock().await });
         tokio::time::sleep(Duration::from_millis(1)).await;
         cluster.mem.fail(NodeId(3)).await;
         let token = gobelins_dsm::Token { node: NodeId(2), seq: 1 << 40 };
-        let answer: gobelins_dsm::Response = cluster
-            .mem
-            .host(NodeId(2))
-            .context()
-            .request(
-                gobelins_dsm::DSM,
-                gobelins_dsm::lock_key(id),
-                &gobelins_dsm::Request::Acquire(token),
-            )
-            .await
-            .expect("asked");
+        let answer = acquire(&cluster, NodeId(2), id, token).await;
         assert!(matches!(answer, gobelins_dsm::Response::Granted), "rebuilt held: {answer:?}");
         releasing.await.expect("task").expect("the release is answered by the new manager");
     });

@@ -93,7 +93,7 @@ fn bind_private(path: &Path) -> Result<UnixListener> {
 /// longer name, as the pid once made it, failed past the point of no return: admitted, then
 /// stopped, at every start). Only one agent gets this far in a data directory: a second one
 /// stops on the store's lock.
-pub fn binding_path(path: &Path) -> std::path::PathBuf {
+fn binding_path(path: &Path) -> std::path::PathBuf {
     path.with_extension("bind")
 }
 

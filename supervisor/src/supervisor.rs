@@ -994,12 +994,10 @@ impl Supervisor {
         if !fenced {
             return;
         }
-        // What the services hold is stale: the cluster rebuilt those entries elsewhere. Once per
-        // life the cluster declared dead, the host starts afresh and serves nothing until the
-        // new life is admitted.
-        self.start_services_afresh(record.map_or(0, |r| r.incarnation));
+        let dead = record.map_or(0, |r| r.incarnation);
+        self.start_services_afresh(dead);
         // A life the cluster has not seen yet: above both ours and the one it declared dead.
-        if let Err(error) = self.renew_incarnation(record.map_or(0, |r| r.incarnation)) {
+        if let Err(error) = self.renew_incarnation(dead) {
             tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
             return;
         }

@@ -1,13 +1,52 @@
-//! An agent whose start fails once its supervisor runs leaves nothing running behind it.
+//! How an agent's start ends when it cannot enter its cluster: refused before it enters (a
+//! build that declares a service otherwise than its cluster holds it, which would map that
+//! service's keys to other slots than every other node does), or failed once its supervisor
+//! runs, leaving nothing running behind it.
 
-use gobelins_adaptation::{HostConfig, Registry};
-use gobelins_locator::Labels;
+use gobelins_adaptation::{plugin, Context, HostConfig, Registry};
+use gobelins_kvdir::{KvDir, KVDIR};
+use gobelins_locator::{Key, Labels, NodeId, ServiceSpec};
 use gobelins_supervisor::agent::{Agent, AgentOptions, Start};
 use gobelins_supervisor::net::TokioNet;
 use gobelins_supervisor::secret::ClusterSecret;
 use gobelins_supervisor::{SupervisorConfig, SupervisorError};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// kvdir's id, declared with twice kvdir's slots: another build of it.
+struct Resized;
+
+impl gobelins_adaptation::Service for Resized {
+    type Request = ();
+    type Response = ();
+    type Entry = ();
+
+    fn spec(&self) -> ServiceSpec {
+        let kvdir = KvDir::declaration();
+        kvdir.clone().with_slots(kvdir.slots * 2)
+    }
+
+    async fn handle(&self, _: &Context, _: Key, _: ()) {}
+
+    async fn before_migration(&self, _: &Context, _: &gobelins_adaptation::ChangeInfo) {}
+
+    async fn send_out(&self, _: &Context, _: &gobelins_adaptation::Moving) -> Vec<(Key, ())> {
+        Vec::new()
+    }
+
+    async fn receive(&self, _: &Context, _: NodeId, _: Vec<(Key, ())>) {}
+
+    async fn after_migration(&self, _: &Context, _: &gobelins_adaptation::ChangeInfo) {}
+
+    async fn scan(
+        &self,
+        _: &Context,
+        _: NodeId,
+        _: &gobelins_adaptation::Moving,
+    ) -> Vec<(Key, ())> {
+        Vec::new()
+    }
+}
 
 fn options(
     dir: &Path,
@@ -82,4 +121,54 @@ async fn a_join_refused_at_the_handshake_leaves_its_port_and_store_free_for_the_
     assert!(first.supervisor.state().nodes.contains_key(&2), "node 2 is a member");
     second.stop().await;
     first.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_whose_build_declares_a_service_otherwise_is_refused_before_it_enters() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let dir = root.path().join("n1");
+    let kvdir = || {
+        let mut registry = Registry::new();
+        registry.register(plugin(KvDir::new())).expect("kvdir");
+        registry
+    };
+    let agent =
+        Agent::start(TokioNet, &options(&dir, 1, &free_addr(), Start::Bootstrap, None), kvdir)
+            .await
+            .expect("bootstrap");
+    let registered = async {
+        while !agent.supervisor.state().tree.services().any(|s| s.id == KVDIR) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), registered).await.expect("kvdir registered");
+    agent.stop().await;
+    drop(agent);
+
+    let resized = || {
+        let mut registry = Registry::new();
+        registry.register(plugin(Resized)).expect("resized kvdir");
+        registry
+    };
+    // The store is free once raft's tasks have let it go: asked again until it is.
+    let refused = async {
+        loop {
+            match Agent::start(
+                TokioNet,
+                &options(&dir, 1, &free_addr(), Start::Resume, None),
+                resized,
+            )
+            .await
+            {
+                Err(SupervisorError::Refused(why)) => return why,
+                Err(SupervisorError::Storage(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Ok(_) => panic!("admitted with kvdir declared otherwise"),
+                Err(other) => panic!("{other}"),
+            }
+        }
+    };
+    let why = tokio::time::timeout(Duration::from_secs(30), refused).await.expect("an answer");
+    assert!(why.contains("declaration cannot change"), "{why}");
 }
