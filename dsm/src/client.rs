@@ -447,9 +447,14 @@ impl Dsm {
     }
 
     /// Reads `page`: from the copy held here, else from its probable owner, else through its
-    /// manager.
+    /// manager. Refused with [`DsmError::Leaving`] once this node is being evicted, as a write
+    /// is: the writers' invalidations skip a node that is out of the new table, so a copy it
+    /// still held could be older than a value it had read since.
     pub async fn read(&self, page: PageId) -> Result<ReadGuard, DsmError> {
         page_of_a_segment(page)?;
+        if self.state().leaving.load(Ordering::SeqCst) {
+            return Err(DsmError::Leaving);
+        }
         let frame = self.state().frames.frame(page);
         if let Some((version, data)) = frame.readable() {
             return Ok(ReadGuard { version, data });
