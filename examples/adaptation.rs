@@ -293,8 +293,7 @@ async fn join_and_measure(
     seed: &str,
     id: u64,
     senders: &[&Agent<TokioNet>],
-    migrations: &mut Vec<Migration>,
-) -> Agent<TokioNet> {
+) -> (Agent<TokioNet>, Migration) {
     let before: Vec<_> = senders.iter().map(|s| s.supervisor.host().stats()).collect();
     let joined = Agent::start(
         TokioNet,
@@ -323,8 +322,7 @@ async fn join_and_measure(
     let batch_bytes = HostConfig::default().batch_bytes;
     let raw = raw_transfer(bytes as usize, batch_bytes, false).await;
     let raw_distinct = raw_transfer(bytes as usize, batch_bytes, true).await;
-    migrations.push(Migration { node: id, bytes, moved, sending_ms, raw, raw_distinct });
-    joined
+    (joined, Migration { node: id, bytes, moved, sending_ms, raw, raw_distinct })
 }
 
 async fn put(agent: &Agent<TokioNet>, key: u64, value: Vec<u8>) {
@@ -593,8 +591,8 @@ fn main() {
             });
         }
         while fill.join_next().await.is_some() {}
-        let mut migrations = Vec::new();
-        let c = join_and_measure(&root, &seed, 3, &[&*a, &b], &mut migrations).await;
+        let (c, first) = join_and_measure(&root, &seed, 3, &[&*a, &b]).await;
+        let mut migrations = vec![first];
 
         // Redirected once, now that there are three nodes: node 1 sends to node 3 (as a sender
         // routing by an old epoch would), which passes the request on to node 2, its manager,
@@ -661,7 +659,8 @@ fn main() {
         for id in 4..3 + migration_rounds as u64 {
             let mut senders: Vec<&Agent<TokioNet>> = vec![&*a, &b];
             senders.extend(joined.iter());
-            let next = join_and_measure(&root, &seed, id, &senders, &mut migrations).await;
+            let (next, migration) = join_and_measure(&root, &seed, id, &senders).await;
+            migrations.push(migration);
             joined.push(next);
         }
 

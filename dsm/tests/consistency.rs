@@ -1502,7 +1502,7 @@ fn a_lock_whose_release_went_unanswered_as_its_manager_died_is_rebuilt_free() {
 /// it again". During the eviction, when the copy is still readable, is not reproduced here:
 /// this harness runs a change to its end.)
 #[test]
-fn a_node_evicted_reads_no_copy_it_kept() {
+fn an_evicted_node_is_refused_its_reads_with_leaving() {
     replay(async {
         let mut cluster = Cluster::start(3, DsmConfig::default()).await;
         let (writer, leaver) = (cluster.dsm(NodeId(1)), cluster.dsm(NodeId(3)));

@@ -113,14 +113,9 @@ impl KvDir {
 /// of that change, never copied them to its next backup. A node alone in its cell keeps them
 /// on the next node of the table.
 fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
-    let (mut first, mut after) = (None, None);
-    for mate in snapshot.cell_mates(node).filter(|&m| m != node) {
-        first = first.or(Some(mate));
-        if mate > node && after.is_none() {
-            after = Some(mate);
-        }
-    }
-    after.or(first).or_else(|| {
+    let mut mates = snapshot.cell_mates(node).filter(|&m| m != node).peekable();
+    let first = mates.peek().copied();
+    mates.find(|&m| m > node).or(first).or_else(|| {
         let nodes = snapshot.nodes();
         let at = nodes.iter().position(|&n| n == node)?;
         let next = nodes[(at + 1) % nodes.len()];
