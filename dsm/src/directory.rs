@@ -1,6 +1,7 @@
 //! The manager's pure decisions about a page entry: repairing it when nodes leave, and
 //! rebuilding it from survivors' copies when its manager died.
 
+use crate::frames::FINAL;
 use crate::protocol::{Granted, PageEntry};
 use gobelins_locator::NodeId;
 
@@ -13,6 +14,8 @@ pub(crate) struct Report {
     pub(crate) backup: bool,
     /// For a backup: which of its owner's commits at `version` it holds.
     pub(crate) commit: u64,
+    /// For a copy given up to a writer and kept aside: that writer.
+    pub(crate) writer: Option<NodeId>,
     pub(crate) digest: u64,
 }
 
@@ -70,7 +73,29 @@ pub(crate) fn repair(
 /// version: of the backups, only those holding the latest commit count. Should two of those
 /// still disagree, with no other copy of that version left, they cannot be told apart: the
 /// page is reported lost rather than rebuilt from what may be a stale one.
-pub(crate) fn rebuild(reports: &[Report]) -> Option<PageEntry> {
+///
+/// A copy given up to a writer that is `gone` too says nothing of what that writer wrote
+/// since: its writes died with it, unless they reached a backup, and every one of them did
+/// before it returned. So such a copy is never offered as the page, and without a newer copy,
+/// or a backup of at least its version to vouch that the writer committed nothing, the page is
+/// lost rather than rolled back.
+pub(crate) fn rebuild(reports: &[Report], gone: impl Fn(NodeId) -> bool) -> Option<PageEntry> {
+    let doubtful = |r: &Report| r.writer.is_some_and(&gone);
+    let doubt = reports.iter().filter(|r| doubtful(r)).map(|r| r.version).max();
+    let reports: Vec<Report> = reports.iter().filter(|r| !doubtful(r)).copied().collect();
+    if let Some(given) = doubt {
+        let vouched = reports
+            .iter()
+            .any(|r| r.version > given || (r.backup && r.commit != FINAL && r.version >= given));
+        if !vouched {
+            return Some(PageEntry {
+                version: given,
+                lost: true,
+                strays: true,
+                ..PageEntry::default()
+            });
+        }
+    }
     let version = reports.iter().map(|r| r.version).max()?;
     let current: Vec<&Report> = reports.iter().filter(|r| r.version == version).collect();
     let copies: Vec<NodeId> = current.iter().filter(|r| !r.backup).map(|r| r.holder).collect();
@@ -173,14 +198,18 @@ mod tests {
             owned,
             backup,
             commit: 0,
+            writer: None,
             digest: 1,
         };
-        let e = rebuild(&[
-            r(2, 3, false, false),
-            r(3, 5, false, false),
-            r(4, 5, true, false),
-            r(5, 5, false, true),
-        ])
+        let e = rebuild(
+            &[
+                r(2, 3, false, false),
+                r(3, 5, false, false),
+                r(4, 5, true, false),
+                r(5, 5, false, true),
+            ],
+            |_| false,
+        )
         .expect("copies survive");
         assert_eq!(e.version, 5);
         assert_eq!(e.owner, Some(n(4)));
@@ -190,17 +219,21 @@ mod tests {
 
     #[test]
     fn rebuild_from_a_backup_alone_makes_it_the_owner() {
-        let e = rebuild(&[Report {
-            holder: n(6),
-            version: 9,
-            owned: false,
-            backup: true,
-            commit: 2,
-            digest: 1,
-        }])
+        let e = rebuild(
+            &[Report {
+                holder: n(6),
+                version: 9,
+                owned: false,
+                backup: true,
+                commit: 2,
+                writer: None,
+                digest: 1,
+            }],
+            |_| false,
+        )
         .expect("the backup survives");
         assert_eq!((e.owner, e.version, e.backup), (Some(n(6)), 9, None));
-        assert_eq!(rebuild(&[]), None);
+        assert_eq!(rebuild(&[], |_| false), None);
     }
 
     #[test]
@@ -211,25 +244,74 @@ mod tests {
             owned: false,
             backup: true,
             commit: 4,
+            writer: None,
             digest,
         };
-        let agreeing = rebuild(&[b(3, 7), b(5, 7)]).expect("backups survive");
+        let agreeing = rebuild(&[b(3, 7), b(5, 7)], |_| false).expect("backups survive");
         assert!(!agreeing.lost);
         assert_eq!(agreeing.owner, Some(n(3)));
-        let disagreeing = rebuild(&[b(3, 7), b(5, 8)]).expect("an entry");
+        let disagreeing = rebuild(&[b(3, 7), b(5, 8)], |_| false).expect("an entry");
         assert!(disagreeing.lost, "one of them is a stale commit: {disagreeing:?}");
         assert_eq!(disagreeing.owner, None);
-        let owned =
-            Report { holder: n(4), version: 9, owned: true, backup: false, commit: 0, digest: 8 };
-        let e = rebuild(&[b(3, 7), b(5, 8), owned]).expect("the owner's copy survives");
+        let owned = Report {
+            holder: n(4),
+            version: 9,
+            owned: true,
+            backup: false,
+            commit: 0,
+            writer: None,
+            digest: 8,
+        };
+        let e = rebuild(&[b(3, 7), b(5, 8), owned], |_| false).expect("the owner's copy survives");
         assert_eq!((e.owner, e.lost), (Some(n(4)), false));
         // A backup holding an older commit of the version is a leftover: the newer one wins.
         let stale = Report { commit: 3, ..b(2, 6) };
-        let e = rebuild(&[stale, b(5, 7)]).expect("backups survive");
+        let e = rebuild(&[stale, b(5, 7)], |_| false).expect("backups survive");
         assert_eq!((e.owner, e.lost, e.backup), (Some(n(5)), false, None));
-        let e = rebuild(&[stale, b(3, 7), b(5, 7)]).expect("backups survive");
+        let e = rebuild(&[stale, b(3, 7), b(5, 7)], |_| false).expect("backups survive");
         assert_eq!((e.owner, e.backup), (Some(n(3)), Some(n(5))), "never the stale one");
         assert_eq!(digest(&[1; 4096]), digest(&[1; 4096]));
         assert_ne!(digest(&[1; 4096]), digest(&[2; 4096]));
+    }
+
+    #[test]
+    fn a_copy_given_up_to_a_writer_that_died_too_is_never_offered_as_the_page() {
+        let given = |writer| Report {
+            holder: n(2),
+            version: 6,
+            owned: false,
+            backup: true,
+            commit: FINAL,
+            writer: Some(n(writer)),
+            digest: 1,
+        };
+        let dead = |x: NodeId| x == n(3);
+        // The writer lives: it holds what it wrote, or never got the grant.
+        let e = rebuild(&[given(4)], dead).expect("the copy survives");
+        assert_eq!((e.owner, e.version, e.lost), (Some(n(2)), 6, false));
+        // The writer died with its manager: what it wrote since died too.
+        let e = rebuild(&[given(3)], dead).expect("an entry");
+        assert!(e.lost && e.owner.is_none(), "rolled back to the copy given up: {e:?}");
+        // Nor is an older copy left somewhere the page.
+        let older =
+            Report { holder: n(5), commit: 0, writer: None, backup: false, version: 5, ..given(3) };
+        assert!(rebuild(&[older, given(3)], dead).expect("an entry").lost);
+        // A backup of the copy's version vouches that the writer committed nothing: every
+        // commit reaches the backup, under a newer version, before it returns.
+        let backup = Report { holder: n(5), commit: 0, writer: None, ..given(3) };
+        let e = rebuild(&[given(3), backup], dead).expect("the backup survives");
+        assert_eq!((e.owner, e.version, e.lost), (Some(n(5)), 6, false));
+        // And a newer copy wins as ever.
+        let newer = Report {
+            holder: n(6),
+            version: 7,
+            owned: true,
+            backup: false,
+            commit: 1,
+            writer: None,
+            digest: 2,
+        };
+        let e = rebuild(&[given(3), newer], dead).expect("the newer copy survives");
+        assert_eq!((e.owner, e.version, e.lost), (Some(n(6)), 7, false));
     }
 }

@@ -47,7 +47,7 @@ pub(crate) struct FrameState {
     pub(crate) commits: u64,
     /// The copy this node gave up to a writer, kept aside: if the manager dies before the
     /// writer gets it, this is the page's latest content, and `scan` reports it.
-    pub(crate) retired: Option<(u64, Bytes)>,
+    pub(crate) retired: Option<Retired>,
     /// Readers this node, as owner, served directly (they came on a probable-owner hint): the
     /// manager does not know them, so the owner invalidates them before the page changes.
     pub(crate) readers: BTreeSet<NodeId>,
@@ -66,17 +66,17 @@ pub(crate) struct FrameState {
 /// promoted to, after which that version takes no more commits (writing needs a new grant).
 pub(crate) const FINAL: u64 = u64::MAX;
 
-impl FrameState {
-    /// The copy kept aside (backup or retired) with the newest content: its version, its
-    /// commit stamp and the page. A copy given up to a writer is its version's last content.
-    pub(crate) fn aside(&self) -> Option<(u64, u64, Bytes)> {
-        let backup = self.backup.as_ref().map(|(v, d)| (*v, self.backup_commit, Arc::clone(d)));
-        let retired = self.retired.as_ref().map(|(v, d)| (*v, FINAL, Arc::clone(d)));
-        match (backup, retired) {
-            (Some(b), Some(r)) => Some(if (r.0, r.1) > (b.0, b.1) { r } else { b }),
-            (b, r) => b.or(r),
-        }
-    }
+/// A copy a node gave up to a writer, kept aside until the writer says the grant landed.
+#[derive(Clone, Debug)]
+pub(crate) struct Retired {
+    /// Its version.
+    pub(crate) version: u64,
+    /// The page.
+    pub(crate) data: Bytes,
+    /// The writer it was given up to, when one holds the grant. Should that writer die with
+    /// the manager that granted it, it may have written since: this copy is then not
+    /// the page's last content, and cannot say so itself.
+    pub(crate) writer: Option<NodeId>,
 }
 
 /// What a holder's frame gives a manager that asked for the page.
@@ -166,17 +166,17 @@ impl Frame {
     /// `scan` would offer it as the page's content though the writer may have written since.
     pub(crate) fn drop_retired(&self, version: u64) {
         let mut s = self.lock();
-        if s.retired.as_ref().is_some_and(|(v, _)| *v <= version) {
+        if s.retired.as_ref().is_some_and(|r| r.version <= version) {
             s.retired = None;
         }
     }
 
     /// Keeps aside, as if given up here, the copy a leaving node gave up to a writer: this node
     /// manages the page and may have to take that grant back. A newer copy kept aside stays.
-    pub(crate) fn keep_retired(&self, version: u64, data: Bytes) {
+    pub(crate) fn keep_retired(&self, retired: Retired) {
         let mut s = self.lock();
-        if s.retired.as_ref().is_none_or(|(v, _)| *v < version) {
-            s.retired = Some((version, data));
+        if s.retired.as_ref().is_none_or(|r| r.version < retired.version) {
+            s.retired = Some(retired);
         }
     }
 
@@ -266,19 +266,26 @@ impl Frame {
         }
     }
 
-    /// Hands `version` to the manager: keeps a read copy (`keep`) or drops it. Waits for a
+    /// Hands `version` to the manager: keeps a read copy (no `writer`: a reader faulted) or
+    /// gives the page up to `writer`, keeping it aside until told the grant landed. Waits for a
     /// write in progress to commit, and for a grant still on its way here to arrive, up to
     /// `wait` in all: a manager's handler waits here, holding the page's entry and holding up
     /// the next change, so a write guard a program keeps for long gets [`Fetched::Busy`]. Before the page is given up, the readers this owner served directly must be
     /// invalidated ([`Fetched::Revoke`]); the caller does that and asks again.
-    pub(crate) async fn fetch(&self, version: u64, keep: bool, wait: Duration) -> Fetched {
+    pub(crate) async fn fetch(
+        &self,
+        version: u64,
+        writer: Option<NodeId>,
+        wait: Duration,
+    ) -> Fetched {
+        let keep = writer.is_none();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let installed = self.installed.notified();
             tokio::pin!(installed);
             installed.as_mut().enable();
             {
-                let Ok(_writer) = tokio::time::timeout_at(deadline, self.writer.lock()).await
+                let Ok(_writing) = tokio::time::timeout_at(deadline, self.writer.lock()).await
                 else {
                     return Fetched::Busy;
                 };
@@ -296,7 +303,7 @@ impl Frame {
                         s.write = false;
                         s.owned = false;
                         s.invalidated = Some(s.invalidated.map_or(version, |i| i.max(version)));
-                        s.retired = Some((version, Arc::clone(&data)));
+                        s.retired = Some(Retired { version, data: Arc::clone(&data), writer });
                     }
                     return Fetched::Page(data);
                 }
@@ -377,7 +384,8 @@ impl Frame {
         let held = s.data.clone().filter(|_| s.owned || exact == Some(s.version));
         let held = held.map(|d| (s.version, d));
         // On equal labels the contents are the same; the copy held, then the backup, win.
-        let newest = [s.refused_copy.clone(), s.retired.clone(), s.backup.clone(), held]
+        let retired = s.retired.as_ref().map(|r| (r.version, Arc::clone(&r.data)));
+        let newest = [s.refused_copy.clone(), retired, s.backup.clone(), held]
             .into_iter()
             .flatten()
             .filter(|(label, _)| *label <= version && exact.is_none_or(|e| e == *label))
@@ -441,6 +449,9 @@ impl Frames {
 mod tests {
     use super::*;
 
+    /// The writer a test gives a page up to.
+    const WRITER: NodeId = NodeId(9);
+
     #[test]
     fn a_read_copy_invalidated_on_its_way_is_not_kept() {
         let f = Frame::default();
@@ -464,7 +475,7 @@ mod tests {
     async fn fetch_waits_for_a_grant_on_its_way() {
         let f = Arc::new(Frame::default());
         let g = Arc::clone(&f);
-        let fetch = tokio::spawn(async move { g.fetch(2, true, Duration::from_secs(1)).await });
+        let fetch = tokio::spawn(async move { g.fetch(2, None, Duration::from_secs(1)).await });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(f.install_grant(2, Some(Arc::new(vec![7; PAGE_SIZE])), None), Installed::Yes);
         match fetch.await.expect("fetch") {
@@ -479,9 +490,13 @@ mod tests {
     async fn a_copy_given_up_to_a_writer_is_kept_aside_and_can_be_promoted() {
         let f = Frame::default();
         assert_eq!(f.install_grant(4, Some(Arc::new(vec![9; PAGE_SIZE])), None), Installed::Yes);
-        assert!(matches!(f.fetch(4, false, Duration::from_millis(10)).await, Fetched::Page(_)));
+        assert!(matches!(
+            f.fetch(4, Some(WRITER), Duration::from_millis(10)).await,
+            Fetched::Page(_)
+        ));
         assert!(f.readable().is_none());
-        assert_eq!(f.lock().aside().map(|(v, _, d)| (v, d[0])), Some((4, 9)));
+        let kept = f.lock().retired.clone().map(|r| (r.version, r.data[0], r.writer));
+        assert_eq!(kept, Some((4, 9, Some(WRITER))), "kept aside, with the writer it went to");
         assert!(f.promote(4, Some(4)));
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((4, 9)));
     }
@@ -490,19 +505,21 @@ mod tests {
     async fn a_retire_drops_only_a_copy_no_newer_than_the_one_the_writer_took() {
         let f = Frame::default();
         assert_eq!(f.install_grant(6, Some(Arc::new(vec![3; PAGE_SIZE])), None), Installed::Yes);
-        assert!(matches!(f.fetch(6, false, Duration::from_millis(10)).await, Fetched::Page(_)));
+        assert!(matches!(
+            f.fetch(6, Some(WRITER), Duration::from_millis(10)).await,
+            Fetched::Page(_)
+        ));
         f.drop_retired(5);
         assert!(f.has_retired(), "a late retire for an older version keeps the newer copy");
         f.drop_retired(6);
         assert!(!f.has_retired());
-        assert!(f.lock().aside().is_none(), "nothing left for a scan to offer");
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_grant_of_a_version_this_node_said_it_lacks_is_refused_when_it_comes_late() {
         let f = Frame::default();
         assert_eq!(f.install_grant(2, Some(zeros()), None), Installed::Yes);
-        assert!(matches!(f.fetch(3, true, Duration::from_millis(10)).await, Fetched::Missing));
+        assert!(matches!(f.fetch(3, None, Duration::from_millis(10)).await, Fetched::Missing));
         assert_eq!(
             f.install_grant(3, Some(Arc::new(vec![1; PAGE_SIZE])), None),
             Installed::Stale,
@@ -524,12 +541,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_refused_grant_is_kept_aside_and_can_become_the_page() {
         let f = Frame::default();
-        assert!(matches!(f.fetch(1, true, Duration::from_millis(10)).await, Fetched::Missing));
+        assert!(matches!(f.fetch(1, None, Duration::from_millis(10)).await, Fetched::Missing));
         let page = Arc::new(vec![6; PAGE_SIZE]);
         assert_eq!(f.install_grant(1, Some(Arc::clone(&page)), None), Installed::Stale);
         f.keep_refused(1, Arc::clone(&page));
         assert!(f.readable().is_none(), "not the page unless the manager says so");
-        assert!(f.lock().aside().is_none(), "nor offered to a scan");
+        let offered = |s: &FrameState| s.backup.is_some() || s.retired.is_some();
+        assert!(!offered(&f.lock()), "nor offered to a scan");
         assert!(f.promote(1, Some(1)));
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((1, 6)));
 
@@ -556,16 +574,22 @@ mod tests {
         assert_eq!(f.install_grant(3, Some(Arc::new(vec![5; PAGE_SIZE])), None), Installed::Yes);
         let writing = f.writer.lock().await;
         let started = tokio::time::Instant::now();
-        assert!(matches!(f.fetch(3, false, Duration::from_millis(50)).await, Fetched::Busy));
+        assert!(matches!(f.fetch(3, Some(WRITER), Duration::from_millis(50)).await, Fetched::Busy));
         assert_eq!(started.elapsed(), Duration::from_millis(50), "waited the wait, no more");
         drop(writing);
-        assert!(matches!(f.fetch(3, false, Duration::from_millis(50)).await, Fetched::Page(_)));
+        assert!(matches!(
+            f.fetch(3, Some(WRITER), Duration::from_millis(50)).await,
+            Fetched::Page(_)
+        ));
     }
 
     #[tokio::test(start_paused = true)]
     async fn fetch_of_a_version_never_granted_gives_up() {
         let f = Frame::default();
-        assert!(matches!(f.fetch(5, false, Duration::from_millis(50)).await, Fetched::Missing));
+        assert!(matches!(
+            f.fetch(5, Some(WRITER), Duration::from_millis(50)).await,
+            Fetched::Missing
+        ));
     }
 
     #[tokio::test(start_paused = true)]
@@ -577,13 +601,13 @@ mod tests {
         let (version, data) = f.serve(NodeId(2)).await.expect("the owner serves");
         assert_eq!((version, data[0]), (3, 5));
         assert!(!f.lock().write, "a served reader ends write mode");
-        match f.fetch(3, false, wait).await {
+        match f.fetch(3, Some(WRITER), wait).await {
             Fetched::Revoke(readers) => assert_eq!(readers, vec![NodeId(2)]),
             other => panic!("expected a revocation first, got {other:?}"),
         }
         assert!(f.serve(NodeId(4)).await.is_none(), "closed while revoking");
         f.revoked(&[NodeId(2)]);
-        assert!(matches!(f.fetch(3, false, wait).await, Fetched::Page(_)));
+        assert!(matches!(f.fetch(3, Some(WRITER), wait).await, Fetched::Page(_)));
         assert!(f.serve(NodeId(4)).await.is_none(), "given up");
     }
 
@@ -594,7 +618,7 @@ mod tests {
         assert!(f.readable().is_none(), "and none made up");
         assert_eq!(f.install_grant(1, Some(zeros()), None), Installed::Yes);
         f.serve(NodeId(2)).await.expect("served");
-        assert!(matches!(f.fetch(1, true, Duration::ZERO).await, Fetched::Page(_)));
+        assert!(matches!(f.fetch(1, None, Duration::ZERO).await, Fetched::Page(_)));
         assert_eq!(f.close(1), vec![NodeId(2)]);
         assert!(f.close(2).is_empty(), "not owned at that version");
         f.reopen();
@@ -638,19 +662,16 @@ mod tests {
     fn a_backup_keeps_the_latest_commit_of_the_latest_version_and_says_which() {
         let f = Frame::default();
         let page = |b: u8| Arc::new(vec![b; PAGE_SIZE]);
+        let backup = |f: &Frame| {
+            let s = f.lock();
+            s.backup.as_ref().map(|(v, d)| (*v, s.backup_commit, d[0]))
+        };
         f.store_backup(5, 2, page(2));
         f.store_backup(5, 1, page(1));
-        assert_eq!(f.lock().aside().map(|(v, c, d)| (v, c, d[0])), Some((5, 2, 2)), "older commit");
+        assert_eq!(backup(&f), Some((5, 2, 2)), "older commit");
         f.store_backup(5, 3, page(3));
         f.store_backup(4, 9, page(9));
-        assert_eq!(
-            f.lock().aside().map(|(v, c, d)| (v, c, d[0])),
-            Some((5, 3, 3)),
-            "older version"
-        );
-        // A copy given up to a writer is its version's last content.
-        f.keep_retired(5, page(7));
-        assert_eq!(f.lock().aside().map(|(v, c, d)| (v, c, d[0])), Some((5, FINAL, 7)));
+        assert_eq!(backup(&f), Some((5, 3, 3)), "older version");
         // A writer's commits count from its grant.
         let w = Frame::default();
         assert_eq!(w.install_grant(6, Some(page(0)), None), Installed::Yes);

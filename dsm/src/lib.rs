@@ -24,7 +24,9 @@
 //! The plug-in ([`DsmService`]) moves directory entries when managers change; an evicted node
 //! first hands the pages it owns to their managers. After a failure, survivors report the copies
 //! they hold (`scan`) and the new managers rebuild the entries; a page whose every copy died is
-//! reported [`DsmError::Lost`], never zero-filled. With [`DsmConfig::backups`], every page
+//! reported [`DsmError::Lost`], never zero-filled, and never rolled back either: the copy an
+//! owner gave up to a writer is not offered as the page once that writer died too, since it
+//! may have written since. With [`DsmConfig::backups`], every page
 //! written also lives on a second node, so that one failure loses nothing; before a change ends,
 //! each manager gives a new backup to its pages whose backup is gone, so that the next failure,
 //! once the cluster has recovered, loses nothing either.

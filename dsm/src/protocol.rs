@@ -169,14 +169,14 @@ pub enum Request {
         node: NodeId,
     },
     /// To a holder, from the manager: send your copy of `page` at `version`; keep a read
-    /// copy (a reader faulted) or drop it (a writer faulted).
+    /// copy (a reader faulted) or give it up to a writer, keeping it aside.
     Fetch {
         /// The page.
         page: PageId,
         /// The version the manager knows the holder has.
         version: u64,
-        /// Keep a read-only copy.
-        keep: bool,
+        /// The writer the page is given up to; `None` keeps a read-only copy.
+        writer: Option<NodeId>,
     },
     /// To a copy holder, from the manager: drop copies of `page` at or below `version`; a
     /// node that stops being the page's backup drops its backup copy too.
@@ -436,6 +436,9 @@ pub enum Entry {
         /// For a backup, which of its owner's commits at that version it holds: the newest
         /// wins a rebuild.
         commit: u64,
+        /// For a copy given up to a writer and kept aside: that writer. Should it be gone
+        /// too, it may have written since, and the copy is not offered as the page.
+        writer: Option<NodeId>,
         /// A digest of the copy's content: two backups of one version that disagree mean one
         /// of them is stale (see [`crate::directory::rebuild`]).
         digest: u64,

@@ -3,7 +3,7 @@
 //! side, and what happens to entries and frames when the cluster changes.
 
 use crate::directory::{digest, rebuild, repair, Report};
-use crate::frames::{Bytes, Fetched};
+use crate::frames::{Bytes, Fetched, Retired, FINAL};
 use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
 use crate::protocol::{Entry, Granted, LockEntry, PageBytes, PageEntry, Request, Response};
@@ -189,17 +189,17 @@ impl DsmService {
         holder: NodeId,
         page: PageId,
         version: u64,
-        keep: bool,
+        writer: Option<NodeId>,
     ) -> Result<Bytes, Absent> {
         let answer = if holder == ctx.node() {
-            return self.give(ctx, page, version, keep).await;
+            return self.give(ctx, page, version, writer).await;
         } else {
             let asked = ctx
                 .tell::<_, Response>(
                     holder,
                     DSM,
                     page.key(),
-                    &Request::Fetch { page, version, keep },
+                    &Request::Fetch { page, version, writer },
                 )
                 .await;
             match asked {
@@ -217,19 +217,20 @@ impl DsmService {
         }
     }
 
-    /// This node's copy of `page` at `version`, for a manager: kept as a read copy (`keep`) or
-    /// given up, after the readers this node served directly are invalidated. `Missing` when it
+    /// This node's copy of `page` at `version`, for a manager: kept as a read copy (no
+    /// `writer`) or given up to `writer`, after the readers this node served directly are
+    /// invalidated. `Missing` when it
     /// does not hold that version, `Unreachable` when a reader could not be reached.
     async fn give(
         &self,
         ctx: &Context,
         page: PageId,
         version: u64,
-        keep: bool,
+        writer: Option<NodeId>,
     ) -> Result<Bytes, Absent> {
         let frame = self.state().frames.frame(page);
         loop {
-            match frame.fetch(version, keep, self.state().config.fetch_wait).await {
+            match frame.fetch(version, writer, self.state().config.fetch_wait).await {
                 Fetched::Page(data) => return Ok(data),
                 Fetched::Missing => return Err(Absent::Missing),
                 Fetched::Busy => return Err(Absent::Unreachable),
@@ -531,7 +532,7 @@ impl DsmService {
         let data = match cached {
             Some((_, data)) => data,
             None => {
-                let data = match self.fetch_from(ctx, owner, page, entry.version, true).await {
+                let data = match self.fetch_from(ctx, owner, page, entry.version, None).await {
                     // The owner holds its version after all (a take-back promoted it).
                     Ok(data) => {
                         self.settle_grant(ctx, page, entry);
@@ -637,7 +638,7 @@ impl DsmService {
         } else {
             match owner {
                 None => (None, true),
-                Some(o) => match self.fetch_from(ctx, o, page, version, false).await {
+                Some(o) => match self.fetch_from(ctx, o, page, version, Some(writer)).await {
                     Ok(data) => (Some(data), false),
                     Err(Absent::Missing) => {
                         self.take_back(ctx, page, entry).await;
@@ -716,7 +717,7 @@ impl DsmService {
             (None, true) => crate::frames::zeros(),
             (None, false) => {
                 // The writer holds the current copy: read it back from there.
-                match self.fetch_from(ctx, writer, page, entry.version, true).await {
+                match self.fetch_from(ctx, writer, page, entry.version, None).await {
                     Ok(d) => d,
                     Err(_) => return Err(()),
                 }
@@ -930,7 +931,8 @@ impl DsmService {
         let Some(granted) = entry.granted.relocated(from, label, ctx.node()) else {
             return Response::Missing;
         };
-        self.state().frames.frame(page).keep_retired(label, data.into_shared());
+        let retired = Retired { version: label, data: data.into_shared(), writer: entry.owner };
+        self.state().frames.frame(page).keep_retired(retired);
         tracing::debug!(
             ?page,
             from = from.0,
@@ -1055,8 +1057,8 @@ impl DsmService {
                 },
                 None => Response::Missing,
             },
-            Request::Fetch { page, version, keep } => {
-                match self.give(ctx, page, version, keep).await {
+            Request::Fetch { page, version, writer } => {
+                match self.give(ctx, page, version, writer).await {
                     Ok(data) => Response::Page(PageBytes::shared(&data)),
                     Err(Absent::Missing) => Response::Missing,
                     // A reader it served could not be revoked: ask again.
@@ -1130,33 +1132,26 @@ impl DsmService {
                 continue;
             }
             let s = frame.lock();
+            let copy = |version, owned, backup, commit, writer, data: &[u8]| Entry::Copy {
+                holder: me,
+                version,
+                owned,
+                backup,
+                commit,
+                writer,
+                digest: digest(data),
+            };
             if let Some(data) = &s.data {
-                out.push((
-                    page.key(),
-                    Entry::Copy {
-                        holder: me,
-                        version: s.version,
-                        owned: s.owned,
-                        backup: false,
-                        commit: s.commits,
-                        digest: digest(data),
-                    },
-                ));
+                out.push((page.key(), copy(s.version, s.owned, false, s.commits, None, data)));
             }
-            // A copy kept aside (a backup, or one given up to a writer the manager may have
-            // died before granting): its holder must promote it before serving it.
-            if let Some((version, commit, data)) = s.aside() {
-                out.push((
-                    page.key(),
-                    Entry::Copy {
-                        holder: me,
-                        version,
-                        owned: false,
-                        backup: true,
-                        commit,
-                        digest: digest(&data),
-                    },
-                ));
+            // Copies kept aside, a backup and one given up to a writer the manager may have
+            // died before granting, each reported: their holder must promote one before
+            // serving it.
+            if let Some((version, data)) = &s.backup {
+                out.push((page.key(), copy(*version, false, true, s.backup_commit, None, data)));
+            }
+            if let Some(r) = &s.retired {
+                out.push((page.key(), copy(r.version, false, true, FINAL, r.writer, &r.data)));
             }
         }
         for (&id, &token) in self.state().held.lock().expect("held").iter() {
@@ -1206,7 +1201,8 @@ impl DsmService {
                             sender.and_then(|s| entry.granted.relocated(s, label, me))
                         {
                             let f = self.state().frames.frame(page);
-                            f.keep_retired(label, data.into_shared());
+                            let data = data.into_shared();
+                            f.keep_retired(Retired { version: label, data, writer: entry.owner });
                             entry.granted = granted;
                         }
                     }
@@ -1225,8 +1221,8 @@ impl DsmService {
                     }
                     self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
                 }
-                Entry::Copy { holder, version, owned, backup, commit, digest } => {
-                    let report = Report { holder, version, owned, backup, commit, digest };
+                Entry::Copy { holder, version, owned, backup, commit, writer, digest } => {
+                    let report = Report { holder, version, owned, backup, commit, writer, digest };
                     reports.entry(key).or_default().push(report);
                 }
                 Entry::Lock(lock) => {
@@ -1258,7 +1254,10 @@ impl DsmService {
         let mut unanswering = BTreeSet::new();
         for (key, reports) in reports {
             let Named::Page(page) = named(key) else { continue };
-            let Some(mut entry) = rebuild(&reports) else { continue };
+            let Some(mut entry) = rebuild(&reports, |n| self.gone(ctx, n)) else { continue };
+            if entry.lost {
+                tracing::warn!(?page, version = entry.version, "dsm: page lost with its manager: the only copies left are one given up to a writer that died too, which may have written since, or backups that disagree");
+            }
             let only_backups = !reports.iter().any(|r| !r.backup && r.version == entry.version);
             if let (true, Some(holder)) = (only_backups, entry.owner) {
                 let promoted =
@@ -1402,7 +1401,9 @@ impl DsmService {
     /// told the grant landed: should the grant turn out lost, taking it back needs that copy,
     /// and this node will be gone. True when the page is owned here after all.
     async fn hand_aside(&self, ctx: &Context, page: PageId, frame: &crate::frames::Frame) -> bool {
-        let Some((label, data)) = frame.lock().retired.clone() else { return false };
+        let Some(Retired { version: label, data, .. }) = frame.lock().retired.clone() else {
+            return false;
+        };
         let request =
             Request::KeepAside { node: ctx.node(), label, data: PageBytes::shared(&data) };
         if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), &request).await {
@@ -1623,8 +1624,8 @@ impl Service for DsmService {
                         (Named::Page(page), Some((source, label))) if source == ctx.node() => {
                             let frame = self.state().frames.frame(page);
                             let mut s = frame.lock();
-                            let kept = s.retired.take_if(|(v, _)| *v == label);
-                            kept.map(|(v, d)| (v, PageBytes::shared(&d)))
+                            let kept = s.retired.take_if(|r| r.version == label);
+                            kept.map(|r| (r.version, PageBytes::shared(&r.data)))
                         }
                         _ => None,
                     };

@@ -851,6 +851,32 @@ fn an_owner_forgets_the_copy_it_gave_up_once_the_writer_has_it() {
     });
 }
 
+/// A writer that manages its page takes it from the previous owner, which keeps its copy
+/// aside until the writer tells it the grant landed, in the background. Should the writer die
+/// before that word arrives, it dies with the only entry of the page and with what it wrote:
+/// the copy kept aside is the page as it was before, and must not come back as the page.
+#[test]
+fn a_writer_that_dies_with_its_manager_before_the_previous_owner_forgets_leaves_no_rollback() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let page = pid(12);
+        let (writer, previous, reader) = three_roles(&cluster, page);
+        put(&cluster.dsm(previous), page, 1).await;
+        // No await between the write and the crash: the word to the previous owner, sent in
+        // the background, has not left. (With backups on, the commit waits for the backup,
+        // and the word leaves meanwhile.)
+        put(&cluster.dsm(writer), page, 2).await;
+        cluster.mem.crash(writer);
+        assert_eq!(cluster.kept_aside(previous), 1, "the previous owner still keeps its copy");
+        cluster.mem.fail(writer).await;
+        match cluster.dsm(reader).read(page).await {
+            Err(DsmError::Lost { .. }) => {}
+            Ok(g) => panic!("the page came back as {:?}, its write undone", Value::decode(&g)),
+            Err(e) => panic!("expected the page reported lost, got {e}"),
+        }
+    });
+}
+
 #[test]
 fn readers_a_dead_owner_served_are_invalidated_before_the_next_write() {
     replay(async {
