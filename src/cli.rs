@@ -227,6 +227,10 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
         ),
         _ => "stable".to_string(),
     };
+    if let Some(what) = status["entering"].as_str() {
+        writeln!(out, "this agent is entering the cluster: {what}")?;
+        writeln!(out, "below, its own view until then (it may be stale):")?;
+    }
     writeln!(out, "epoch {}, {change}, leader {}", status["epoch"], show(&status["leader"]))?;
     writeln!(
         out,

@@ -647,3 +647,37 @@ fn shared_memory_written_through_one_agent_reads_back_through_the_others_and_sur
     assert!(out.status.success(), "free: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(read(&agents[2], "4090", 5000), "\0".repeat(5000), "freed, read through node 3");
 }
+
+/// A join that takes long (its seed says nothing at first) still answers `status` on the
+/// control socket, saying what the agent is doing, and refuses the commands that need a
+/// member with that; once admitted, it says nothing of entering. Before, the socket was served
+/// only once the agent had entered, and `status` said the agent was not running.
+#[test]
+fn an_agent_entering_the_cluster_answers_status_and_says_what_it_waits_for() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let first = start(root.path(), 1, &free_addr("127.0.0.1"), &["--bootstrap"]);
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    let seed = seed_silent_until(Instant::now() + Duration::from_secs(4), &first.addr);
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("a UTF-8 path");
+    let joining = ["--join", seed.as_str(), "--secret-file", secret];
+    let second = start(root.path(), 2, &free_addr("127.0.0.2"), &joining);
+    let mut entering = String::new();
+    wait_until("node 2 answering as it enters", limit, || {
+        let said = status(&second.dir, true).and_then(|s| s["entering"].as_str().map(String::from));
+        entering = said.unwrap_or_default();
+        !entering.is_empty()
+    });
+    assert!(entering.starts_with(&format!("joining the cluster through {seed}")), "{entering}");
+    let out = cli(&second.dir, &["leave"]);
+    assert!(!out.status.success(), "a leave before the node is a member");
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("still entering the cluster"), "{said}");
+    wait_until("node 2 admitted", limit, || {
+        stable_with(&first.dir, &[(1, "active", 1), (2, "active", 1)])
+    });
+    wait_until("node 2 no longer entering", limit, || {
+        status(&second.dir, true).is_some_and(|s| s["entering"].is_null())
+    });
+}

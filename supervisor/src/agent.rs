@@ -3,6 +3,7 @@
 use crate::console::Consoles;
 use crate::control;
 use crate::datadir::DataDir;
+use crate::entering::Entering;
 use crate::error::{Result, SupervisorError};
 use crate::link::TransportLink;
 use crate::net::{Net, TokioNet};
@@ -77,16 +78,65 @@ pub struct Agent<N: Net> {
     pub dir: DataDir,
 }
 
+/// An agent whose supervisor runs and that has yet to enter the cluster
+/// ([`Launched::enter`]): its control socket can answer meanwhile, since a join may take a
+/// minute.
+pub struct Launched<N: Net> {
+    supervisor: Arc<Supervisor>,
+    transport: TcpTransport<N>,
+    dir: DataDir,
+    secret: ClusterSecret,
+    restarted: bool,
+}
+
+impl<N: Net> Launched<N> {
+    /// The node's supervisor.
+    pub fn supervisor(&self) -> &Arc<Supervisor> {
+        &self.supervisor
+    }
+
+    /// Its data directory.
+    pub fn dir(&self) -> &DataDir {
+        &self.dir
+    }
+
+    /// Enters the cluster as `options.start` says. Returns once this node is admitted (or
+    /// bootstrapped); its services are registered with the cluster in the background.
+    /// Whatever stops it stops raft, the transport and their tasks too: left running, they
+    /// kept the port and the store's lock, and a caller that started the agent again in the
+    /// same process (a join retried with the right secret) was refused.
+    pub async fn enter(self, options: &AgentOptions) -> Result<Agent<N>> {
+        let Launched { supervisor, transport, dir, secret, restarted } = self;
+        let node = supervisor.id();
+        if let Err(error) = enter(&supervisor, &dir, options, &secret, node, restarted).await {
+            supervisor.shutdown().await;
+            transport.shutdown();
+            return Err(error);
+        }
+        tokio::spawn(register(Arc::clone(&supervisor)));
+        Ok(Agent { supervisor, transport, dir })
+    }
+}
+
 impl<N: Net> Agent<N> {
     /// Opens the data directory, starts the transport, the adaptation layer hosting `services`
-    /// and raft, and enters the cluster as `options.start` says. Returns once this node is
-    /// admitted (or bootstrapped); its services are registered with the cluster in the
-    /// background.
+    /// and raft, and enters the cluster as `options.start` says: [`Agent::launch`], then
+    /// [`Launched::enter`].
     pub async fn start(
         net: N,
         options: &AgentOptions,
         services: impl Fn() -> Registry + Send + Sync + 'static,
     ) -> Result<Self> {
+        Self::launch(net, options, services).await?.enter(options).await
+    }
+
+    /// Opens the data directory (taking its store's lock), starts the transport, the
+    /// adaptation layer hosting `services` and raft: everything but entering the cluster.
+    pub async fn launch(
+        net: N,
+        options: &AgentOptions,
+        services: impl Fn() -> Registry + Send + Sync + 'static,
+    ) -> Result<Launched<N>> {
         let addr = advertised(options)?;
         let dir = DataDir::open(&options.data_dir)?;
         fits_a_socket(&dir.socket_path())?;
@@ -203,16 +253,7 @@ impl<N: Net> Agent<N> {
             }
         };
         tracing::info!(node, %addr, cluster = %secret.cluster, "agent started");
-        // Whatever stops the start from here on stops raft, the transport and their tasks too:
-        // left running, they kept the port and the store's lock, and a caller that started the
-        // agent again in the same process (a join retried with the right secret) was refused.
-        if let Err(error) = enter(&supervisor, &dir, options, &secret, node, restarted).await {
-            supervisor.shutdown().await;
-            tcp.shutdown();
-            return Err(error);
-        }
-        tokio::spawn(register(Arc::clone(&supervisor)));
-        Ok(Agent { supervisor, transport: tcp, dir })
+        Ok(Launched { supervisor, transport: tcp, dir, secret, restarted })
     }
 
     /// Stops raft and closes every connection.
@@ -438,7 +479,25 @@ pub async fn run(
     services: impl Fn() -> Registry + Send + Sync + 'static,
     consoles: Consoles,
 ) -> Result<()> {
-    let agent = Agent::start(TokioNet, &options, services).await?;
+    let launched = Agent::launch(TokioNet, &options, services).await?;
+    // Served while the node enters the cluster, which can take a minute (a seed slow to
+    // answer, a restart that waits for the cluster to end its last life): an operator asking
+    // meanwhile is told what the agent is doing, not that it is not running.
+    let entering = Entering::new(match &options.start {
+        Start::Bootstrap => "bootstrapping a new cluster".to_string(),
+        Start::Join(seed) => format!("joining the cluster through {seed}"),
+        Start::Resume => "resuming its place in the cluster".to_string(),
+    });
+    let socket = launched.dir().socket_path();
+    control::serve(&socket, Arc::clone(launched.supervisor()), consoles, entering.clone()).await?;
+    let agent = match launched.enter(&options).await {
+        Ok(agent) => agent,
+        Err(error) => {
+            let _ = std::fs::remove_file(&socket);
+            return Err(error);
+        }
+    };
+    entering.done();
     if options.start == Start::Bootstrap {
         let secret =
             agent.dir.secret()?.ok_or_else(|| SupervisorError::Config("secret vanished".into()))?;
@@ -452,7 +511,6 @@ pub async fn run(
             agent.dir.secret_path().display()
         );
     }
-    control::serve(&agent.dir.socket_path(), Arc::clone(&agent.supervisor), consoles).await?;
     let mut lifecycle = agent.supervisor.lifecycle();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| SupervisorError::io("installing the SIGTERM handler", e))?;

@@ -5,6 +5,7 @@
 //! 0700 data directory: only the agent's user can drive it.
 
 use crate::console::Consoles;
+use crate::entering::Entering;
 use crate::error::{Result, SupervisorError};
 use crate::rpc::{ProposeError, View};
 use crate::state::{Command, NodeStatus};
@@ -97,8 +98,15 @@ fn binding_path(path: &Path) -> std::path::PathBuf {
     path.with_extension("bind")
 }
 
-/// Serves the control socket at `path` until the process ends.
-pub async fn serve(path: &Path, node: Arc<Supervisor>, consoles: Consoles) -> Result<()> {
+/// Serves the control socket at `path` until the process ends. While the node is `entering`
+/// the cluster, `status` answers with this node's own view and what it is doing, `stats` as
+/// ever, and every other command is refused with that.
+pub async fn serve(
+    path: &Path,
+    node: Arc<Supervisor>,
+    consoles: Consoles,
+    entering: Entering,
+) -> Result<()> {
     let consoles = Arc::new(consoles);
     let listener = bind_private(path)?;
     tokio::spawn(async move {
@@ -107,8 +115,9 @@ pub async fn serve(path: &Path, node: Arc<Supervisor>, consoles: Consoles) -> Re
                 Ok((stream, _)) => {
                     let node = Arc::clone(&node);
                     let consoles = Arc::clone(&consoles);
+                    let entering = entering.clone();
                     tokio::spawn(async move {
-                        if let Err(error) = answer(stream, node, &consoles).await {
+                        if let Err(error) = answer(stream, node, &consoles, &entering).await {
                             tracing::debug!(%error, "control connection ended");
                         }
                     });
@@ -123,7 +132,12 @@ pub async fn serve(path: &Path, node: Arc<Supervisor>, consoles: Consoles) -> Re
     Ok(())
 }
 
-async fn answer(stream: UnixStream, node: Arc<Supervisor>, consoles: &Consoles) -> Result<()> {
+async fn answer(
+    stream: UnixStream,
+    node: Arc<Supervisor>,
+    consoles: &Consoles,
+    entering: &Entering,
+) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // A call's body rides in the line, as JSON numbers: up to about 1 MiB of request.
@@ -134,6 +148,20 @@ async fn answer(stream: UnixStream, node: Arc<Supervisor>, consoles: &Consoles) 
             return flush(&mut write, &[json!({ "error": format!("bad request: {e}") })]).await
         }
     };
+    if let Some(what) = entering.now() {
+        match request {
+            ControlRequest::Stats => {}
+            ControlRequest::Status { .. } => {
+                let mut status = status_json(&node.view());
+                status["entering"] = json!(what);
+                return flush(&mut write, &[json!({ "ok": status })]).await;
+            }
+            _ => {
+                let why = format!("the agent is still entering the cluster: {what}. Try again once `gobelins status` no longer says so; the agent's log tells what it waits for");
+                return flush(&mut write, &[json!({ "error": why })]).await;
+            }
+        }
+    }
     match request {
         ControlRequest::Call { service, key, body } => {
             let line = match node.host().request(ServiceId(service), Key(key), body).await {

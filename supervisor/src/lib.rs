@@ -10,7 +10,8 @@
 //! - [`transport`], [`net`], [`tcp`]: request/response between nodes over TCP; [`mem`]: the
 //!   in-memory transport with fault injection that tests use.
 //! - [`secret`]: the cluster id and key; [`handshake`]: both ends prove they hold the key.
-//! - [`control`]: the agent's control socket; [`console`]: the commands services offer on it.
+//! - [`control`]: the agent's control socket; [`console`]: the commands services offer on it;
+//!   [`entering`]: what the agent is doing while it enters the cluster, for the socket to say.
 //! - [`link`]: the adaptation layer's messages over the transport; the supervisor feeds its
 //!   [`gobelins_adaptation::Host`] every applied state and reports what the host finished.
 #![deny(missing_docs)]
@@ -21,6 +22,7 @@ pub mod console;
 pub mod control;
 pub mod datadir;
 pub mod detector;
+pub mod entering;
 pub mod error;
 pub mod frame;
 mod frame_writer;
