@@ -95,7 +95,13 @@ impl Run {
     /// Byte strings marked [`crate::shared`] share the run's memory rather than being copied.
     pub fn decode<E: serde::de::DeserializeOwned>(&self) -> Result<Vec<(Key, E)>, AdaptationError> {
         crate::shared::within(&self.bytes, || {
-            self.entries().map(|(key, bytes)| Ok((key, codec::decode(bytes)?))).collect()
+            // Sized once: collected into a `Result`, the vector grew from empty, a run's worth
+            // of copies and reallocations per batch.
+            let mut decoded = Vec::with_capacity(self.len());
+            for (key, bytes) in self.entries() {
+                decoded.push((key, codec::decode(bytes)?));
+            }
+            Ok(decoded)
         })
     }
 }
@@ -301,10 +307,15 @@ impl Packer {
         }
     }
 
-    /// Ships every run not yet shipped, the last ones not full; closes the queues.
-    pub(crate) async fn ship_rest(&mut self) {
+    /// Ships the runs still open, part full, and leaves the queues open for more.
+    pub(crate) async fn ship_open(&mut self) {
         self.full.extend(std::mem::take(&mut self.open));
         self.flush().await;
+    }
+
+    /// Ships every run not yet shipped, the last ones not full; closes the queues.
+    pub(crate) async fn ship_rest(&mut self) {
+        self.ship_open().await;
         if let Some(outlet) = self.outlet.as_mut() {
             outlet.lanes.clear();
         }

@@ -474,6 +474,8 @@ impl<S: Service> Plugin for Erased<S> {
     ) -> Result<(), AdaptationError> {
         let entries = self.0.send_out(ctx, moving).await;
         let (entries, packed) = pack(entries, packer).await;
+        // On the wire before the service keeps its copies, which takes a while for many.
+        packer.ship_open().await;
         // Given back even if one did not encode: the copy the service keeps is all that is left.
         self.0.sent(ctx, entries).await;
         packed

@@ -5,9 +5,9 @@
 //! hosts for `gobelins demo`.
 //!
 //! - The manager of a key holds its entry: a value and a version that grows with every write.
-//! - Every write is copied to the manager's *backup*, the next node in the table, before it is
-//!   acknowledged. After each change the manager copies all its entries to its (maybe new)
-//!   backup.
+//! - Every write is copied to the manager's *backup*, the next node of its cell, before it is
+//!   acknowledged. After each change the manager copies its backup what it received, or every
+//!   entry if the backup is new.
 //! - `scan(failed, orphans)` returns the replicas this node holds of the orphaned keys. Two
 //!   survivors may hold different versions of one key; the newest wins when they are merged.
 #![deny(missing_docs)]
@@ -72,15 +72,23 @@ pub enum Response {
     Unreplicated,
 }
 
+/// Entries by key. foldhash rather than the standard SipHash: a change looks up every entry
+/// it moves, and SipHash made that a tenth of a migration. Seeded per map, so clients cannot
+/// choose keys that collide.
+type Entries = HashMap<Key, Versioned, foldhash::fast::RandomState>;
+
 /// One node's part of the directory.
 #[derive(Default)]
 pub struct KvDir {
-    live: Mutex<HashMap<Key, Versioned>>,
+    live: Mutex<Entries>,
     staged: Mutex<Vec<(Key, Versioned)>>,
-    replicas: Mutex<HashMap<Key, Versioned>>,
+    replicas: Mutex<Entries>,
     /// Keys whose entries this node sent away: it keeps them as replicas until a stable epoch
     /// finds them safe with their managers.
     sent: Mutex<Vec<Key>>,
+    /// The backup this node last copied every entry to, and did so in full: while it stays
+    /// the backup, a change copies it only what this node received.
+    replicated_to: Mutex<Option<NodeId>>,
 }
 
 impl KvDir {
@@ -124,7 +132,7 @@ fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
 }
 
 /// Keeps the newer of two versions.
-fn merge(into: &mut HashMap<Key, Versioned>, entries: impl IntoIterator<Item = (Key, Versioned)>) {
+fn merge(into: &mut Entries, entries: impl IntoIterator<Item = (Key, Versioned)>) {
     let entries = entries.into_iter();
     // Grown once rather than rehashed as it fills: a change merges thousands at a time.
     into.reserve(entries.size_hint().0);
@@ -211,11 +219,14 @@ impl Service for KvDir {
     async fn before_migration(&self, _ctx: &Context, _change: &ChangeInfo) {}
 
     async fn send_out(&self, _ctx: &Context, moving: &Moving) -> Vec<(Key, Versioned)> {
-        let mut live = self.live.lock().expect("live");
-        let leaving: Vec<Key> =
-            live.keys().copied().filter(|k| moving.destination(*k).is_some()).collect();
-        let out = leaving.iter().filter_map(|&k| live.remove(&k).map(|e| (k, e))).collect();
-        self.sent.lock().expect("sent").extend(leaving);
+        // Taken out in the pass that finds them, rather than found, then looked up again.
+        let out: Vec<(Key, Versioned)> = self
+            .live
+            .lock()
+            .expect("live")
+            .extract_if(|key, _| moving.destination(*key).is_some())
+            .collect();
+        self.sent.lock().expect("sent").extend(out.iter().map(|(key, _)| *key));
         out
     }
 
@@ -254,11 +265,33 @@ impl Service for KvDir {
     }
 
     async fn after_migration(&self, ctx: &Context, _change: &ChangeInfo) {
+        let snapshot = ctx.snapshot();
+        let to = snapshot.and_then(|s| backup(s, ctx.node()));
+        // A backup that stays holds every entry but those received: copying it all again made
+        // each change cost as much as the whole directory, on every node. Only a cell mate is
+        // sure to have stayed: its death and its return as a new life, its memory gone, are
+        // changes this node takes part in, where its backup changes. A backup in another
+        // cell (this node is alone in its own) could die and come back unseen.
+        let mate = |to: NodeId| snapshot.is_some_and(|s| s.cell_mates(ctx.node()).any(|m| m == to));
+        let whole = {
+            let mut replicated_to = self.replicated_to.lock().expect("replicated_to");
+            let whole = *replicated_to != to || !to.is_some_and(mate);
+            // Set again once the copy succeeds: one that fails leaves the next change to copy
+            // every entry.
+            *replicated_to = None;
+            whole
+        };
         let all: Vec<(Key, Versioned)> = {
             let staged = std::mem::take(&mut *self.staged.lock().expect("staged"));
+            let received: Vec<Key> =
+                if whole { Vec::new() } else { staged.iter().map(|(k, _)| *k).collect() };
             let mut live = self.live.lock().expect("live");
             merge(&mut live, staged);
-            live.iter().map(|(k, v)| (*k, v.clone())).collect()
+            if whole {
+                live.iter().map(|(k, v)| (*k, v.clone())).collect()
+            } else {
+                received.iter().filter_map(|k| live.get(k).map(|v| (*k, v.clone()))).collect()
+            }
         };
         // The backup may have changed with the configuration. Until it holds them, the copies
         // the senders kept are the only others, and a leaver takes its own away once this
@@ -266,17 +299,18 @@ impl Service for KvDir {
         // up on the backup (its recovery copies them on again) or on this node. A backup cut
         // off from this node alone is never given up on: after `REPLICA_PATIENCE` the change
         // goes on, and the entries have one copy until they are next written.
-        let Some(to) = ctx.snapshot().and_then(|s| backup(s, ctx.node())) else { return };
+        let Some(to) = to else { return };
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(10);
         while !self.replicate(ctx, all.clone()).await {
             if ctx.gone(to) || ctx.gone(ctx.node()) || started.elapsed() >= REPLICA_PATIENCE {
-                tracing::warn!(backup = to.0, "kvdir: entries left without a replica until they are next written: their backup did not take them");
+                tracing::warn!(backup = to.0, "kvdir: entries left without a replica until they are next written, or the next change copies every entry: their backup did not take them");
                 return;
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
+        *self.replicated_to.lock().expect("replicated_to") = Some(to);
     }
 
     async fn scan(

@@ -772,3 +772,37 @@ fn a_node_evicted_from_another_cell_takes_no_replica_away() {
         }
     });
 }
+
+/// A manager whose backup is evicted copies every entry it holds to its new backup, not only
+/// those the change brought it: the new backup is then the only other copy, and must rebuild
+/// them all when the manager fails next.
+#[test]
+fn a_manager_copies_every_entry_to_a_new_backup() {
+    replay(async {
+        let mut cluster = kvdir_cluster(3, HostConfig::default()).await;
+        let table = cluster.snapshot();
+        let nodes = table.nodes().to_vec();
+        let node = nodes[0];
+        let backup =
+            table.cell_mates(node).filter(|&m| m > node).min().expect("a cell mate after it");
+        let keys = keys_managed_by(&cluster, node, 200);
+        let other = nodes.iter().copied().find(|&n| n != node && n != backup).expect("a third");
+        let host = cluster.host(other);
+        for (i, &key) in keys.iter().enumerate() {
+            let put = codec::encode(&Request::Put((i as u64).to_le_bytes().to_vec())).expect("e");
+            host.request(KVDIR, key, put).await.expect("put");
+        }
+        cluster.evict(backup).await;
+        cluster.fail(node).await;
+        let get = codec::encode(&Request::Get).expect("encode");
+        for (i, &key) in keys.iter().enumerate() {
+            let answer = host.request(KVDIR, key, get.clone()).await.expect("get");
+            match codec::decode::<Response>(&answer).expect("decode") {
+                Response::Value(Some(v)) => {
+                    assert_eq!(v.value[..], (i as u64).to_le_bytes(), "key {key:?}")
+                }
+                other => panic!("key {key:?} of node {node}, lost: {other:?}"),
+            }
+        }
+    });
+}
