@@ -49,6 +49,13 @@ pub enum SupervisorError {
     /// The connection closed while a request was in flight.
     #[error("connection closed")]
     Closed,
+    /// The peer took none of what was queued for it: stuck, or reading nothing while it goes
+    /// on sending requests.
+    #[error("the peer took none of the {bytes} bytes queued for it (stuck, or not reading what it asked for); closing the connection, whose callers retry on a new one")]
+    Unread {
+        /// Bytes queued.
+        bytes: usize,
+    },
     /// Reading or writing a socket or file failed.
     #[error("{context}: {source}")]
     Io {

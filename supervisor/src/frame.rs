@@ -184,10 +184,15 @@ impl Wire {
         (header, body)
     }
 
+    /// Its frame's length, the version byte included.
+    pub(crate) fn frame_len(&self) -> usize {
+        let (Wire::Request { body, .. } | Wire::Response { body, .. }) = self;
+        1 + WIRE_HEADER + body.len()
+    }
+
     /// `FrameTooLarge` when this frame would not fit in `max_frame` bytes.
     pub(crate) fn fits(&self, max_frame: usize) -> Result<()> {
-        let (Wire::Request { body, .. } | Wire::Response { body, .. }) = self;
-        let len = 1 + WIRE_HEADER + body.len();
+        let len = self.frame_len();
         if len > max_frame {
             return Err(SupervisorError::FrameTooLarge { len, max: max_frame });
         }

@@ -21,9 +21,43 @@ pub(crate) type FrameSink = Pin<Box<dyn Sink<Wire, Error = SupervisorError> + Se
 /// Whether the caller of request `id` has stopped waiting for its answer.
 pub(crate) type Abandoned = Box<dyn Fn(u64) -> bool + Send + Sync>;
 
+/// How many of the largest frames a connection may queue before it is given up on: beyond a
+/// burst, what a peer does not read would otherwise grow without bound, answers to requests it
+/// keeps sending most of all.
+const QUEUED_FRAMES: usize = 16;
+
+/// Frames waiting for the socket, and their bytes.
+#[derive(Default)]
+struct Queue {
+    frames: VecDeque<Wire>,
+    bytes: usize,
+}
+
+impl Queue {
+    fn push_back(&mut self, wire: Wire) {
+        self.bytes += wire.frame_len();
+        self.frames.push_back(wire);
+    }
+
+    fn pop_front(&mut self) -> Option<Wire> {
+        let wire = self.frames.pop_front()?;
+        self.bytes -= wire.frame_len();
+        Some(wire)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.bytes = 0;
+    }
+}
+
 /// Frames waiting to be written on one connection, and the socket they go to.
 pub(crate) struct Outbox {
-    queue: Mutex<VecDeque<Wire>>,
+    queue: Mutex<Queue>,
     /// The futures crate's lock, not tokio's: taken and let go once per write, and tokio's
     /// took its waiter list's lock to let go even when nobody waited.
     sink: futures::lock::Mutex<FrameSink>,
@@ -50,8 +84,21 @@ impl Outbox {
         Arc::new(Outbox { queue: Mutex::default(), sink, broken, max_frame, abandoned })
     }
 
-    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Wire>> {
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Queues `wire`, or, past [`QUEUED_FRAMES`] of the largest frames, gives the connection
+    /// up: closes it and returns `Unread`.
+    fn enqueue(&self, wire: Wire) -> Result<()> {
+        let mut queue = self.queue();
+        queue.push_back(wire);
+        let bytes = queue.bytes;
+        if bytes <= QUEUED_FRAMES * self.max_frame || queue.frames.len() == 1 {
+            return Ok(());
+        }
+        drop(queue);
+        Err(self.failed(SupervisorError::Unread { bytes }))
     }
 
     /// Queues `wire` without writing it: the reader does so while more requests are already
@@ -59,8 +106,7 @@ impl Outbox {
     /// frame the connection cannot carry.
     pub(crate) fn push(&self, wire: Wire) -> Result<()> {
         wire.fits(self.max_frame)?;
-        self.queue().push_back(wire);
-        Ok(())
+        self.enqueue(wire)
     }
 
     /// Writes `wire`, after what is queued, unless another task holds the socket: the frame is
@@ -80,7 +126,7 @@ impl Outbox {
                     }
                     Poll::Ready(Err(error)) => return Err(self.failed(error)),
                     // The sink is full: the frame waits its turn in the queue.
-                    Poll::Pending => self.queue().push_back(wire),
+                    Poll::Pending => self.enqueue(wire)?,
                 }
                 self.drain(sink).await?;
                 if self.queue().is_empty() {
@@ -90,7 +136,7 @@ impl Outbox {
             }
             drop(sink);
         }
-        self.queue().push_back(wire);
+        self.enqueue(wire)?;
         self.write_queued().await
     }
 
@@ -178,7 +224,7 @@ impl Outbox {
     /// unusable. Returns `error`.
     fn failed(&self, error: SupervisorError) -> SupervisorError {
         if !self.broken.is_closed() {
-            tracing::warn!(%error, "a write on a connection failed; closing it (its callers retry on a new one)");
+            tracing::warn!(%error, "a connection's writing failed; closing it (its callers retry on a new one)");
         }
         self.broken.close();
         self.queue().clear();
@@ -399,6 +445,25 @@ mod tests {
         assert!(!broken.is_closed(), "the connection stays up for everyone else");
         outbox.send(request(2)).await.unwrap();
         assert_eq!(*sent.lock().unwrap(), vec![2]);
+    }
+
+    /// A peer that sends requests and reads nothing: the answers queued for it grow only to
+    /// a bound, then the connection is given up on, and what it held goes.
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_is_given_up_on_before_its_answers_grow_without_bound() {
+        let broken = Closer::new(CancellationToken::new());
+        let outbox =
+            Outbox::new(Box::pin(Recorder::default()), Arc::clone(&broken), 64, waited_for());
+        let answer = |id| Wire::Response { id, body: bytes::Bytes::from(vec![0u8; 40]) };
+        let fit = QUEUED_FRAMES * 64 / answer(0).frame_len();
+        for id in 0..fit as u64 {
+            outbox.push(answer(id)).expect("a burst fits");
+        }
+        assert!(!broken.is_closed());
+        let refused = outbox.push(answer(fit as u64));
+        assert!(matches!(refused, Err(SupervisorError::Unread { .. })), "{refused:?}");
+        assert!(broken.is_closed(), "the connection is given up on");
+        assert!(outbox.queue().is_empty(), "and nothing it queued is kept");
     }
 
     #[tokio::test]

@@ -613,10 +613,12 @@ impl<N: Net> TcpTransport<N> {
                 drop(permit);
                 match conn.writer.push(Wire::Response { id, body }) {
                     Ok(()) => 1,
-                    Err(error) => {
+                    Err(error @ SupervisorError::FrameTooLarge { .. }) => {
                         tracing::warn!(node = peer, %error, "an answer too large for a frame was dropped; its caller will time out (raise max_frame, or make the service answer in parts)");
                         0
                     }
+                    // The outbox closed the connection, and said why.
+                    Err(_) => 0,
                 }
             }
             Poll::Pending => {
