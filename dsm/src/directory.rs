@@ -1,7 +1,6 @@
 //! The manager's pure decisions about a page entry: repairing it when nodes leave, and
 //! rebuilding it from survivors' copies when its manager died.
 
-use crate::frames::FINAL;
 use crate::protocol::{Granted, PageEntry};
 use gobelins_locator::NodeId;
 
@@ -14,7 +13,9 @@ pub(crate) struct Report {
     pub(crate) backup: bool,
     /// For a backup: which of its owner's commits at `version` it holds.
     pub(crate) commit: u64,
-    /// For a copy given up to a writer and kept aside: that writer.
+    /// A copy given up to a writer and kept aside, not a backup.
+    pub(crate) retired: bool,
+    /// For a copy given up to a writer and kept aside: that writer, if known.
     pub(crate) writer: Option<NodeId>,
     pub(crate) digest: u64,
 }
@@ -76,17 +77,18 @@ pub(crate) fn repair(
 ///
 /// A copy given up to a writer that is `gone` too says nothing of what that writer wrote
 /// since: its writes died with it, unless they reached a backup, and every one of them did
-/// before it returned. So such a copy is never offered as the page, and without a newer copy,
-/// or a backup of at least its version to vouch that the writer committed nothing, the page is
-/// lost rather than rolled back.
+/// before it returned, under a newer version. So such a copy is never offered as the page, and
+/// without a newer copy, or a backup (whatever its commit stamp: a backup placed after a
+/// promotion or a hand-over is stamped final) of at least its version to vouch that the writer
+/// committed nothing, the page is lost rather than rolled back.
 pub(crate) fn rebuild(reports: &[Report], gone: impl Fn(NodeId) -> bool) -> Option<PageEntry> {
-    let doubtful = |r: &Report| r.writer.is_some_and(&gone);
+    let doubtful = |r: &Report| r.retired && r.writer.is_some_and(&gone);
     let doubt = reports.iter().filter(|r| doubtful(r)).map(|r| r.version).max();
     let reports: Vec<Report> = reports.iter().filter(|r| !doubtful(r)).copied().collect();
     if let Some(given) = doubt {
         let vouched = reports
             .iter()
-            .any(|r| r.version > given || (r.backup && r.commit != FINAL && r.version >= given));
+            .any(|r| r.version > given || (r.backup && !r.retired && r.version >= given));
         if !vouched {
             return Some(PageEntry {
                 version: given,
@@ -128,6 +130,7 @@ pub(crate) fn rebuild(reports: &[Report], gone: impl Fn(NodeId) -> bool) -> Opti
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::frames::FINAL;
 
     fn n(id: u64) -> NodeId {
         NodeId(id)
@@ -198,6 +201,7 @@ mod tests {
             owned,
             backup,
             commit: 0,
+            retired: false,
             writer: None,
             digest: 1,
         };
@@ -226,6 +230,7 @@ mod tests {
                 owned: false,
                 backup: true,
                 commit: 2,
+                retired: false,
                 writer: None,
                 digest: 1,
             }],
@@ -244,6 +249,7 @@ mod tests {
             owned: false,
             backup: true,
             commit: 4,
+            retired: false,
             writer: None,
             digest,
         };
@@ -259,6 +265,7 @@ mod tests {
             owned: true,
             backup: false,
             commit: 0,
+            retired: false,
             writer: None,
             digest: 8,
         };
@@ -282,6 +289,7 @@ mod tests {
             owned: false,
             backup: true,
             commit: FINAL,
+            retired: true,
             writer: Some(n(writer)),
             digest: 1,
         };
@@ -293,14 +301,28 @@ mod tests {
         let e = rebuild(&[given(3)], dead).expect("an entry");
         assert!(e.lost && e.owner.is_none(), "rolled back to the copy given up: {e:?}");
         // Nor is an older copy left somewhere the page.
-        let older =
-            Report { holder: n(5), commit: 0, writer: None, backup: false, version: 5, ..given(3) };
+        let older = Report {
+            holder: n(5),
+            commit: 0,
+            retired: false,
+            writer: None,
+            backup: false,
+            version: 5,
+            ..given(3)
+        };
         assert!(rebuild(&[older, given(3)], dead).expect("an entry").lost);
         // A backup of the copy's version vouches that the writer committed nothing: every
         // commit reaches the backup, under a newer version, before it returns.
-        let backup = Report { holder: n(5), commit: 0, writer: None, ..given(3) };
+        let backup = Report { holder: n(5), commit: 0, retired: false, writer: None, ..given(3) };
         let e = rebuild(&[given(3), backup], dead).expect("the backup survives");
         assert_eq!((e.owner, e.version, e.lost), (Some(n(5)), 6, false));
+        // Whatever its stamp: a backup placed after a promotion or a hand-over is final.
+        let final_backup = Report { commit: FINAL, ..backup };
+        let e = rebuild(&[given(3), final_backup], dead).expect("the backup survives");
+        assert_eq!((e.owner, e.version, e.lost), (Some(n(5)), 6, false));
+        // Another copy given up (its writer alive) is no backup, and vouches for nothing.
+        let other = Report { holder: n(7), writer: Some(n(4)), ..given(3) };
+        assert!(rebuild(&[given(3), other], dead).expect("an entry").lost);
         // And a newer copy wins as ever.
         let newer = Report {
             holder: n(6),
@@ -308,6 +330,7 @@ mod tests {
             owned: true,
             backup: false,
             commit: 1,
+            retired: false,
             writer: None,
             digest: 2,
         };

@@ -234,12 +234,18 @@ impl Frame {
     }
 
     /// Drops the read copy at or below `version`. A node may be both a reader and the
-    /// backup of one page: the backup is kept.
+    /// backup of one page: the backup is kept. A copy given up to a writer at or below it
+    /// goes too: the manager has gone past that grant (or discarded the page), and kept, it
+    /// could come back as the page in a rebuild once its writer, back as a new life, no
+    /// longer counts as gone.
     pub(crate) fn invalidate(&self, version: u64) {
         let mut s = self.lock();
         s.invalidated = Some(s.invalidated.map_or(version, |i| i.max(version)));
         if s.refused_copy.as_ref().is_some_and(|(v, _)| *v <= version) {
             s.refused_copy = None;
+        }
+        if s.retired.as_ref().is_some_and(|r| r.version <= version) {
+            s.retired = None;
         }
         if s.data.is_some() && s.version <= version {
             s.data = None;
@@ -512,6 +518,16 @@ mod tests {
         f.drop_retired(5);
         assert!(f.has_retired(), "a late retire for an older version keeps the newer copy");
         f.drop_retired(6);
+        assert!(!f.has_retired());
+        // An invalidation past it (a later grant, a discard) drops it too.
+        assert_eq!(f.install_grant(8, Some(Arc::new(vec![4; PAGE_SIZE])), None), Installed::Yes);
+        assert!(matches!(
+            f.fetch(8, Some(WRITER), Duration::from_millis(10)).await,
+            Fetched::Page(_)
+        ));
+        f.invalidate(7);
+        assert!(f.has_retired(), "an older invalidation keeps it");
+        f.invalidate(8);
         assert!(!f.has_retired());
     }
 

@@ -436,8 +436,10 @@ pub enum Entry {
         /// For a backup, which of its owner's commits at that version it holds: the newest
         /// wins a rebuild.
         commit: u64,
-        /// For a copy given up to a writer and kept aside: that writer. Should it be gone
-        /// too, it may have written since, and the copy is not offered as the page.
+        /// A copy given up to a writer and kept aside, not a backup.
+        retired: bool,
+        /// For a copy given up to a writer and kept aside: that writer, if known. Should it
+        /// be gone too, it may have written since, and the copy is not offered as the page.
         writer: Option<NodeId>,
         /// A digest of the copy's content: two backups of one version that disagree mean one
         /// of them is stale (see [`crate::directory::rebuild`]).

@@ -1132,13 +1132,16 @@ impl DsmService {
                 continue;
             }
             let s = frame.lock();
-            let copy = |version, owned, backup, commit, writer, data: &[u8]| Entry::Copy {
+            // `given`: for a copy given up to a writer, that writer if known.
+            type Given = Option<Option<NodeId>>;
+            let copy = |version, owned, backup, commit, given: Given, data: &[u8]| Entry::Copy {
                 holder: me,
                 version,
                 owned,
                 backup,
                 commit,
-                writer,
+                retired: given.is_some(),
+                writer: given.flatten(),
                 digest: digest(data),
             };
             if let Some(data) = &s.data {
@@ -1151,7 +1154,8 @@ impl DsmService {
                 out.push((page.key(), copy(*version, false, true, s.backup_commit, None, data)));
             }
             if let Some(r) = &s.retired {
-                out.push((page.key(), copy(r.version, false, true, FINAL, r.writer, &r.data)));
+                let retired = copy(r.version, false, true, FINAL, Some(r.writer), &r.data);
+                out.push((page.key(), retired));
             }
         }
         for (&id, &token) in self.state().held.lock().expect("held").iter() {
@@ -1221,8 +1225,9 @@ impl DsmService {
                     }
                     self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
                 }
-                Entry::Copy { holder, version, owned, backup, commit, writer, digest } => {
-                    let report = Report { holder, version, owned, backup, commit, writer, digest };
+                Entry::Copy { holder, version, owned, backup, commit, retired, writer, digest } => {
+                    let report =
+                        Report { holder, version, owned, backup, commit, retired, writer, digest };
                     reports.entry(key).or_default().push(report);
                 }
                 Entry::Lock(lock) => {
