@@ -7,7 +7,7 @@
 //! - The manager of a key holds its entry: a value and a version that grows with every write.
 //! - Every write is copied to the manager's *backup*, the next node of its cell, before it is
 //!   acknowledged. After each change the manager copies its backup what it received, or every
-//!   entry if the backup is new.
+//!   entry if the backup is new (or not a cell mate, or a copy to it failed since).
 //! - `scan(failed, orphans)` returns the replicas this node holds of the orphaned keys. Two
 //!   survivors may hold different versions of one key; the newest wins when they are merged.
 #![deny(missing_docs)]
@@ -73,8 +73,9 @@ pub enum Response {
 }
 
 /// Entries by key. foldhash rather than the standard SipHash: a change looks up every entry
-/// it moves, and SipHash made that a tenth of a migration. Seeded per map, so clients cannot
-/// choose keys that collide.
+/// it moves, and SipHash made that a tenth of a migration. foldhash is seeded per map, which
+/// makes keys that collide hard to choose, though it claims no more than minimal resistance to
+/// such attacks.
 type Entries = HashMap<Key, Versioned, foldhash::fast::RandomState>;
 
 /// One node's part of the directory.
@@ -206,7 +207,10 @@ impl Service for KvDir {
                 // already has been declared failed and the survivors rebuilt the key from the
                 // backup's older copy: the layer retries it instead. It stays here meanwhile,
                 // not undone: the backup may have stored it though its answer was lost, and an
-                // entry must never mean two values at one version.
+                // entry must never mean two values at one version. Should every retry fail
+                // too, a read may still see it: the next change copies the backup every entry,
+                // this one among them.
+                *self.replicated_to.lock().expect("replicated_to") = None;
                 Response::Unreplicated
             }
             (_, Request::Get) => {

@@ -806,3 +806,39 @@ fn a_manager_copies_every_entry_to_a_new_backup() {
         }
     });
 }
+
+/// A write whose copy to the backup failed at every try is not acknowledged, but it stays on
+/// its manager, where a read can see it. The next change copies it to the backup, though the
+/// backup stays the same node: the manager's failure after that must not take back what a
+/// read saw.
+#[test]
+fn a_write_a_read_saw_though_its_backup_missed_it_outlives_its_manager() {
+    replay(async {
+        use gobelins_adaptation::AdaptationError;
+        let config =
+            HostConfig { request_deadline: Duration::from_secs(2), ..HostConfig::default() };
+        let mut cluster = kvdir_cluster(3, config).await;
+        let (manager, backup) = (NodeId(1), NodeId(2));
+        let key = keys_managed_by(&cluster, manager, 1)[0];
+        let put = codec::encode(&Request::Put(b"seen".to_vec())).expect("encode");
+        cluster.crash(backup);
+        let write = cluster.host(manager).request(KVDIR, key, put).await;
+        assert!(matches!(write, Err(AdaptationError::Deadline { .. })), "{write:?}");
+        cluster.heal(backup);
+        let get = codec::encode(&Request::Get).expect("encode");
+        let read = |answer: bytes::Bytes| match codec::decode::<Response>(&answer).expect("decode") {
+            Response::Value(v) => v.map(|v| v.value.to_vec()),
+            other => panic!("{other:?}"),
+        };
+        let host = cluster.host(NodeId(3));
+        let seen = read(host.request(KVDIR, key, get.clone()).await.expect("get"));
+        assert_eq!(seen.as_deref(), Some(&b"seen"[..]), "a read sees the write");
+        // A change the manager takes part in, its backup unchanged.
+        cluster.add().await;
+        let table = cluster.snapshot();
+        assert_eq!(table.cell_mates(manager).filter(|&m| m > manager).min(), Some(backup));
+        cluster.fail(manager).await;
+        let after = read(host.request(KVDIR, key, get).await.expect("get"));
+        assert_eq!(after, seen, "what a read saw is still there");
+    });
+}
