@@ -488,12 +488,14 @@ pub async fn run(
         Start::Join(seed) => format!("joining the cluster through {seed}"),
         Start::Resume => "resuming its place in the cluster".to_string(),
     });
-    let socket = launched.dir().socket_path();
-    control::serve(&socket, Arc::clone(launched.supervisor()), consoles, entering.clone()).await?;
+    let path = launched.dir().socket_path();
+    let socket =
+        control::serve(&path, Arc::clone(launched.supervisor()), consoles, entering.clone())
+            .await?;
     let agent = match launched.enter(&options).await {
         Ok(agent) => agent,
         Err(error) => {
-            let _ = std::fs::remove_file(&socket);
+            socket.remove();
             return Err(error);
         }
     };
@@ -545,7 +547,7 @@ pub async fn run(
         }
     }
     agent.stop().await;
-    let _ = std::fs::remove_file(agent.dir.socket_path());
+    socket.remove();
     if let Some(why) = refused {
         return Err(SupervisorError::Refused(why));
     }

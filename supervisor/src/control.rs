@@ -98,6 +98,35 @@ fn binding_path(path: &Path) -> std::path::PathBuf {
     path.with_extension("bind")
 }
 
+/// The control socket an agent bound: removed on the agent's way out only if it is still this
+/// one. Once the agent let its store go, another agent started on the same data directory may
+/// have bound its own there, which removing by name would take away.
+pub struct ControlSocket {
+    path: std::path::PathBuf,
+    inode: u64,
+}
+
+impl ControlSocket {
+    /// The socket now at `path`.
+    fn at(path: &Path) -> Result<ControlSocket> {
+        use std::os::unix::fs::MetadataExt as _;
+        let inode = std::fs::symlink_metadata(path)
+            .map_err(|e| {
+                SupervisorError::io(format!("reading control socket {}", path.display()), e)
+            })?
+            .ino();
+        Ok(ControlSocket { path: path.to_path_buf(), inode })
+    }
+
+    /// Removes the socket, unless another took its place.
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt as _;
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Serves the control socket at `path` until the process ends. While the node is `entering`
 /// the cluster, `status` answers with this node's own view and what it is doing, `stats` as
 /// ever, and every other command is refused with that.
@@ -106,9 +135,10 @@ pub async fn serve(
     node: Arc<Supervisor>,
     consoles: Consoles,
     entering: Entering,
-) -> Result<()> {
+) -> Result<ControlSocket> {
     let consoles = Arc::new(consoles);
     let listener = bind_private(path)?;
+    let socket = ControlSocket::at(path)?;
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
@@ -129,7 +159,7 @@ pub async fn serve(
             }
         }
     });
-    Ok(())
+    Ok(socket)
 }
 
 async fn answer(
@@ -154,6 +184,9 @@ async fn answer(
             ControlRequest::Status { .. } => {
                 let mut status = status_json(&node.view());
                 status["entering"] = json!(what);
+                // Its own view, which can be stale: one polling for a stable cluster must not
+                // take it for the cluster's.
+                status["stable"] = json!(false);
                 return flush(&mut write, &[json!({ "ok": status })]).await;
             }
             _ => {
@@ -390,6 +423,21 @@ pub async fn request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_agent_on_its_way_out_removes_its_own_socket_not_one_that_took_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let _first = bind_private(&path).unwrap();
+        let first = ControlSocket::at(&path).unwrap();
+        // A second agent, started once the first let its store go, binds its own.
+        let _second = bind_private(&path).unwrap();
+        let second = ControlSocket::at(&path).unwrap();
+        first.remove();
+        assert!(path.exists(), "the second agent's socket stays");
+        second.remove();
+        assert!(!path.exists());
+    }
 
     #[tokio::test]
     async fn the_socket_is_private_replaces_a_stale_one_and_leaves_nothing_else() {

@@ -826,7 +826,8 @@ fn a_write_a_read_saw_though_its_backup_missed_it_outlives_its_manager() {
         assert!(matches!(write, Err(AdaptationError::Deadline { .. })), "{write:?}");
         cluster.heal(backup);
         let get = codec::encode(&Request::Get).expect("encode");
-        let read = |answer: bytes::Bytes| match codec::decode::<Response>(&answer).expect("decode") {
+        let read = |answer: bytes::Bytes| match codec::decode::<Response>(&answer).expect("decode")
+        {
             Response::Value(v) => v.map(|v| v.value.to_vec()),
             other => panic!("{other:?}"),
         };
