@@ -2,14 +2,14 @@
 //! service the adaptation layer calls and the [`crate::Dsm`] clients on the node.
 
 use crate::frames::Frames;
-use crate::protocol::{BarrierEntry, Entry, LockEntry, PageEntry, Token};
+use crate::protocol::{BarrierEntry, Entry, Freed, LockEntry, PageEntry, Token};
 use crate::service::DsmService;
 use dashmap::DashMap;
 // Keys come from authenticated peers only; std's SipHash cost more than the maps' other work.
 use foldhash::fast::RandomState as Hasher;
 use gobelins_adaptation::ChangeInfo;
 use gobelins_locator::{Key, ServiceId, ServiceSpec};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -80,7 +80,7 @@ pub(crate) struct NodeState {
     /// Per taint marker this node holds (by its key), the segments freed since the slot's
     /// manager died: their pages read as zeros there. Beside the markers, not in them, so that
     /// a fault reads it without waiting for a marker a change holds.
-    pub(crate) freed: Mutex<HashMap<Key, BTreeSet<u32>>>,
+    pub(crate) freed: Mutex<HashMap<Key, Freed>>,
     /// Wakes arrivals waiting at a barrier this node manages.
     pub(crate) barriers: DashMap<Key, Arc<Notify>, Hasher>,
     /// The change in progress.
@@ -166,6 +166,12 @@ impl DsmNode {
             hinted: self.inner.hinted.load(Ordering::Relaxed),
             stale: self.inner.stale.load(Ordering::Relaxed),
         }
+    }
+
+    /// Ranges of freed segment ids this node keeps, over the markers of the slots it manages
+    /// whose manager died: what frees after a failure cost in memory.
+    pub fn freed_ranges(&self) -> usize {
+        self.inner.freed.lock().expect("freed").values().map(|f| f.len()).sum()
     }
 
     /// Pages whose copy this node gave up to a writer and still keeps aside, until the writer

@@ -4,6 +4,10 @@ use crate::page::{PageId, PAGE_SIZE};
 use gobelins_locator::NodeId;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::collections::{BTreeMap, BTreeSet};
+
+/// Segments freed, as ranges of ids: a program that makes segments as it goes and frees them
+/// in turn keeps one range, where a set kept every id it ever freed, once per marker.
+pub(crate) type Freed = rangemap::RangeInclusiveSet<u32>;
 use std::sync::Arc;
 
 /// A page's bytes in a message. Shared with the frame that holds the page, so that sending one
@@ -453,7 +457,7 @@ pub enum Entry {
     /// the segments freed since (`freed`), which read as zeros.
     Taint {
         /// The segments freed since the manager died.
-        freed: BTreeSet<u32>,
+        freed: Freed,
     },
 }
 

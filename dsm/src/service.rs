@@ -6,7 +6,7 @@ use crate::directory::{digest, rebuild, repair, Report};
 use crate::frames::{Bytes, Fetched, Retired, FINAL};
 use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
-use crate::protocol::{Entry, Granted, LockEntry, PageBytes, PageEntry, Request, Response};
+use crate::protocol::{Entry, Freed, Granted, LockEntry, PageBytes, PageEntry, Request, Response};
 use futures::StreamExt;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Change, Key, NodeId, ServiceSpec};
@@ -1117,7 +1117,7 @@ impl DsmService {
             state.live.iter().map(|e| *e.key()).filter(|&k| named(k) == Named::Taint).collect();
         let mut freed = state.freed.lock().expect("freed");
         for key in markers {
-            freed.entry(key).or_default().insert(segment);
+            freed.entry(key).or_default().insert(segment..=segment);
         }
         drop(freed);
         tracing::debug!(node = ctx.node().0, segment, "dsm: segment freed here");
@@ -1666,7 +1666,7 @@ impl Service for DsmService {
         self.state().failed.lock().expect("failed").insert(failed);
         // Whatever this node is to rebuild, a page of it that nobody reports was lost.
         let mut staged = self.state().staged.lock().expect("staged");
-        let taint = |slot| (taint_key(slot), Entry::Taint { freed: BTreeSet::new() });
+        let taint = |slot| (taint_key(slot), Entry::Taint { freed: Freed::new() });
         staged.extend(orphans.slots_to(me).map(taint));
         drop(staged);
         self.reports(me, orphans)

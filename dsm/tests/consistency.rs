@@ -750,6 +750,36 @@ fn a_segment_freed_after_a_failure_reads_as_zeros_where_its_manager_died() {
     });
 }
 
+/// A program that makes segments as it goes and frees them in turn, after a failure: what the
+/// nodes keep of the frees stays one range per slot whose manager died, however many it frees.
+#[test]
+fn segments_freed_one_after_another_after_a_failure_cost_one_range_per_tainted_slot() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let victim = NodeId(3);
+        put(&cluster.dsm(victim), pid(0), 1).await;
+        cluster.mem.fail(victim).await;
+        let nodes = cluster.mem.nodes();
+        let kept = || -> usize {
+            let made = cluster.made.lock().expect("made");
+            nodes.iter().map(|n| made[n.0 as usize].freed_ranges()).sum()
+        };
+        let freer = cluster.dsm(NodeId(1));
+        freer.free(&Segment::new(1000, 4096)).await.expect("freed");
+        let one = kept();
+        assert!(one > 0, "the slots whose manager died keep the free");
+        for id in 1001..1200 {
+            freer.free(&Segment::new(id, 4096)).await.expect("freed");
+        }
+        assert_eq!(kept(), one, "199 frees more, no range more");
+        let page = PageId { segment: 1100, page: 0 };
+        let mut g = freer.write(page).await.expect("a freed segment is written afresh");
+        g[0] = 5;
+        g.commit().await.expect("commit");
+        assert_eq!(cluster.dsm(NodeId(2)).read(page).await.expect("read")[0], 5);
+    });
+}
+
 /// A free that races a join (entries moving to the new node) still leaves nothing behind
 /// once it returns, the new node included.
 #[test]
