@@ -115,7 +115,9 @@ pub(crate) fn rebuild(reports: &[Report], gone: impl Fn(NodeId) -> bool) -> Opti
         owned.or_else(|| copies.iter().min().copied()).or_else(|| backups.iter().min().copied())?;
     let mut copyset: std::collections::BTreeSet<NodeId> = copies.into_iter().collect();
     copyset.insert(owner);
-    let backup = backups.into_iter().find(|&b| b != owner);
+    // A copy given up to a writer is no backup: the next write's invalidation drops it, and
+    // a grant would count on a backup that holds nothing.
+    let backup = newest.iter().filter(|r| !r.retired).map(|r| r.holder).find(|&b| b != owner);
     Some(PageEntry {
         owner: Some(owner),
         copyset,
@@ -323,18 +325,11 @@ mod tests {
         // Another copy given up (its writer alive) is no backup, and vouches for nothing.
         let other = Report { holder: n(7), writer: Some(n(4)), ..given(3) };
         assert!(rebuild(&[given(3), other], dead).expect("an entry").lost);
-        // And a newer copy wins as ever.
-        let newer = Report {
-            holder: n(6),
-            version: 7,
-            owned: true,
-            backup: false,
-            commit: 1,
-            retired: false,
-            writer: None,
-            digest: 2,
-        };
-        let e = rebuild(&[given(3), newer], dead).expect("the newer copy survives");
-        assert_eq!((e.owner, e.version, e.lost), (Some(n(6)), 7, false));
+        // Nor is it ever made the entry's backup, tied with a real one: the next write's
+        // invalidation drops it, and a grant would count on a backup holding nothing.
+        let e = rebuild(&[other, final_backup], dead).expect("copies");
+        assert_eq!((e.owner, e.backup), (Some(n(5)), None), "the real backup is the owner");
+        let e = rebuild(&[Report { holder: n(1), ..other }, final_backup], dead).expect("copies");
+        assert_eq!((e.owner, e.backup), (Some(n(1)), Some(n(5))));
     }
 }

@@ -171,7 +171,7 @@ impl DsmNode {
     /// Ranges of freed segment ids this node keeps, over the markers of the slots it manages
     /// whose manager died: what frees after a failure cost in memory.
     pub fn freed_ranges(&self) -> usize {
-        self.inner.freed.lock().expect("freed").values().map(|f| f.len()).sum()
+        self.inner.freed.lock().expect("freed").values().map(Freed::ranges).sum()
     }
 
     /// Pages whose copy this node gave up to a writer and still keeps aside, until the writer

@@ -170,7 +170,7 @@ impl DsmService {
                 let marker = taint_key(st.spec.slot_of(key));
                 let freed = || {
                     let freed = st.freed.lock().expect("freed");
-                    freed.get(&marker).is_some_and(|segments| segments.contains(&page.segment))
+                    freed.get(&marker).is_some_and(|segments| segments.contains(page.segment))
                 };
                 let tainted = st.live.contains_key(&marker) && !freed();
                 Live::Page(PageEntry { lost: tainted, ..PageEntry::default() })
@@ -1117,7 +1117,7 @@ impl DsmService {
             state.live.iter().map(|e| *e.key()).filter(|&k| named(k) == Named::Taint).collect();
         let mut freed = state.freed.lock().expect("freed");
         for key in markers {
-            freed.entry(key).or_default().insert(segment..=segment);
+            freed.entry(key).or_default().insert(segment);
         }
         drop(freed);
         tracing::debug!(node = ctx.node().0, segment, "dsm: segment freed here");
@@ -1666,7 +1666,7 @@ impl Service for DsmService {
         self.state().failed.lock().expect("failed").insert(failed);
         // Whatever this node is to rebuild, a page of it that nobody reports was lost.
         let mut staged = self.state().staged.lock().expect("staged");
-        let taint = |slot| (taint_key(slot), Entry::Taint { freed: Freed::new() });
+        let taint = |slot| (taint_key(slot), Entry::Taint { freed: Freed::default() });
         staged.extend(orphans.slots_to(me).map(taint));
         drop(staged);
         self.reports(me, orphans)

@@ -49,9 +49,9 @@ pub enum SupervisorError {
     /// The connection closed while a request was in flight.
     #[error("connection closed")]
     Closed,
-    /// The peer took none of what was queued for it: stuck, or reading nothing while it goes
-    /// on sending requests.
-    #[error("the peer took none of the {bytes} bytes queued for it (stuck, or not reading what it asked for); closing the connection, whose callers retry on a new one")]
+    /// Too much waits for the peer: it is stuck, or reads too slowly or not at all while it
+    /// goes on sending requests.
+    #[error("{bytes} bytes wait for the peer, which reads too slowly or not at all (stuck, or not reading what it asked for); closing the connection, whose callers retry on a new one")]
     Unread {
         /// Bytes queued.
         bytes: usize,
@@ -99,6 +99,7 @@ impl SupervisorError {
             SupervisorError::Timeout { .. }
                 | SupervisorError::Unreachable(_)
                 | SupervisorError::Closed
+                | SupervisorError::Unread { .. }
                 | SupervisorError::Raft(_)
         )
     }

@@ -87,9 +87,19 @@ pub struct KvDir {
     /// Keys whose entries this node sent away: it keeps them as replicas until a stable epoch
     /// finds them safe with their managers.
     sent: Mutex<Vec<Key>>,
-    /// The backup this node last copied every entry to, and did so in full: while it stays
-    /// the backup, a change copies it only what this node received.
-    replicated_to: Mutex<Option<NodeId>>,
+    /// The backup this node last copied every entry to, in full: while it stays the backup,
+    /// a change copies it only what this node received.
+    replicated: Mutex<Replicated>,
+}
+
+/// Where a node's entries were last copied in full, and how many writes' copies failed.
+#[derive(Default)]
+struct Replicated {
+    /// The backup, until a copy to it fails.
+    to: Option<NodeId>,
+    /// Writes whose copy failed, counted so that a change that began before one of them does
+    /// not set `to` again as it ends.
+    missed: u64,
 }
 
 impl KvDir {
@@ -210,7 +220,9 @@ impl Service for KvDir {
                 // entry must never mean two values at one version. Should every retry fail
                 // too, a read may still see it: the next change copies the backup every entry,
                 // this one among them.
-                *self.replicated_to.lock().expect("replicated_to") = None;
+                let mut replicated = self.replicated.lock().expect("replicated");
+                replicated.to = None;
+                replicated.missed += 1;
                 Response::Unreplicated
             }
             (_, Request::Get) => {
@@ -277,13 +289,13 @@ impl Service for KvDir {
         // changes this node takes part in, where its backup changes. A backup in another
         // cell (this node is alone in its own) could die and come back unseen.
         let mate = |to: NodeId| snapshot.is_some_and(|s| s.cell_mates(ctx.node()).any(|m| m == to));
-        let whole = {
-            let mut replicated_to = self.replicated_to.lock().expect("replicated_to");
-            let whole = *replicated_to != to || !to.is_some_and(mate);
-            // Set again once the copy succeeds: one that fails leaves the next change to copy
-            // every entry.
-            *replicated_to = None;
-            whole
+        let (whole, missed) = {
+            let mut replicated = self.replicated.lock().expect("replicated");
+            let whole = replicated.to != to || !to.is_some_and(mate);
+            // Set again once the copy succeeds, unless a write's copy failed meanwhile: either
+            // leaves the next change to copy every entry.
+            replicated.to = None;
+            (whole, replicated.missed)
         };
         let all: Vec<(Key, Versioned)> = {
             let staged = std::mem::take(&mut *self.staged.lock().expect("staged"));
@@ -314,7 +326,10 @@ impl Service for KvDir {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
-        *self.replicated_to.lock().expect("replicated_to") = Some(to);
+        let mut replicated = self.replicated.lock().expect("replicated");
+        if replicated.missed == missed {
+            replicated.to = Some(to);
+        }
     }
 
     async fn scan(
