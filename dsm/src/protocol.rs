@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 /// range, which a peer's bytes must not be able to cause.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(try_from = "Vec<(u32, u32)>", into = "Vec<(u32, u32)>")]
-pub(crate) struct Freed(rangemap::RangeInclusiveSet<u32>);
+pub struct Freed(rangemap::RangeInclusiveSet<u32>);
 
 impl Freed {
     /// Counts segment `id` freed.
