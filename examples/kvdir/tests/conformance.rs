@@ -752,25 +752,37 @@ fn a_node_evicted_from_another_cell_takes_no_replica_away() {
             .find(|&(n, next)| !table.cell_mates(n).any(|m| m == next))
             .expect("two cells");
         let keys = keys_managed_by(&cluster, node, 50);
-        let host =
-            cluster.host(nodes.iter().copied().find(|&n| n != node && n != next).expect("a third"));
-        for (i, &key) in keys.iter().enumerate() {
-            let put = codec::encode(&Request::Put((i as u64).to_le_bytes().to_vec())).expect("e");
-            host.request(KVDIR, key, put).await.expect("put");
-        }
-        cluster.evict(next).await;
-        cluster.fail(node).await;
-        let get = codec::encode(&Request::Get).expect("encode");
-        for (i, &key) in keys.iter().enumerate() {
-            let answer = host.request(KVDIR, key, get.clone()).await.expect("get");
-            match codec::decode::<Response>(&answer).expect("decode") {
-                Response::Value(Some(v)) => {
-                    assert_eq!(v.value[..], (i as u64).to_le_bytes(), "key {key:?}")
-                }
-                other => panic!("key {key:?} of node {node}, lost: {other:?}"),
-            }
-        }
+        let third = nodes.iter().copied().find(|&n| n != node && n != next).expect("a third");
+        evict_then_fail_and_read_back(&mut cluster, third, &keys, next, node).await;
     });
+}
+
+/// Writes `keys` (all managed by `failed`) through `through`, evicts `evicted`, fails
+/// `failed`, and checks that every key reads back as written.
+async fn evict_then_fail_and_read_back(
+    cluster: &mut MemCluster,
+    through: NodeId,
+    keys: &[Key],
+    evicted: NodeId,
+    failed: NodeId,
+) {
+    let host = cluster.host(through);
+    for (i, &key) in keys.iter().enumerate() {
+        let put = codec::encode(&Request::Put((i as u64).to_le_bytes().to_vec())).expect("e");
+        host.request(KVDIR, key, put).await.expect("put");
+    }
+    cluster.evict(evicted).await;
+    cluster.fail(failed).await;
+    let get = codec::encode(&Request::Get).expect("encode");
+    for (i, &key) in keys.iter().enumerate() {
+        let answer = host.request(KVDIR, key, get.clone()).await.expect("get");
+        match codec::decode::<Response>(&answer).expect("decode") {
+            Response::Value(Some(v)) => {
+                assert_eq!(v.value[..], (i as u64).to_le_bytes(), "key {key:?}")
+            }
+            other => panic!("key {key:?} of node {failed}, lost: {other:?}"),
+        }
+    }
 }
 
 /// A manager whose backup is evicted copies every entry it holds to its new backup, not only
@@ -786,24 +798,8 @@ fn a_manager_copies_every_entry_to_a_new_backup() {
         let backup =
             table.cell_mates(node).filter(|&m| m > node).min().expect("a cell mate after it");
         let keys = keys_managed_by(&cluster, node, 200);
-        let other = nodes.iter().copied().find(|&n| n != node && n != backup).expect("a third");
-        let host = cluster.host(other);
-        for (i, &key) in keys.iter().enumerate() {
-            let put = codec::encode(&Request::Put((i as u64).to_le_bytes().to_vec())).expect("e");
-            host.request(KVDIR, key, put).await.expect("put");
-        }
-        cluster.evict(backup).await;
-        cluster.fail(node).await;
-        let get = codec::encode(&Request::Get).expect("encode");
-        for (i, &key) in keys.iter().enumerate() {
-            let answer = host.request(KVDIR, key, get.clone()).await.expect("get");
-            match codec::decode::<Response>(&answer).expect("decode") {
-                Response::Value(Some(v)) => {
-                    assert_eq!(v.value[..], (i as u64).to_le_bytes(), "key {key:?}")
-                }
-                other => panic!("key {key:?} of node {node}, lost: {other:?}"),
-            }
-        }
+        let third = nodes.iter().copied().find(|&n| n != node && n != backup).expect("a third");
+        evict_then_fail_and_read_back(&mut cluster, third, &keys, backup, node).await;
     });
 }
 
