@@ -225,6 +225,8 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
             p["done"].as_array().map_or(0, Vec::len),
             p["participants"].as_array().map_or(0, Vec::len)
         ),
+        // The agent's own view while it enters: the cluster may be changing without it.
+        _ if status["entering"].is_string() => "not known to be stable".to_string(),
         _ => "stable".to_string(),
     };
     if let Some(what) = status["entering"].as_str() {

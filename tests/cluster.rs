@@ -648,7 +648,7 @@ fn shared_memory_written_through_one_agent_reads_back_through_the_others_and_sur
     assert_eq!(read(&agents[2], "4090", 5000), "\0".repeat(5000), "freed, read through node 3");
 }
 
-/// A join that takes long (its seed says nothing at first) still answers `status` on the
+/// A join that takes long (its seed says nothing for 8 s) still answers `status` on the
 /// control socket, saying what the agent is doing, and refuses the commands that need a
 /// member with that; once admitted, it says nothing of entering. Before, the socket was served
 /// only once the agent had entered, and `status` said the agent was not running.
@@ -658,7 +658,8 @@ fn an_agent_entering_the_cluster_answers_status_and_says_what_it_waits_for() {
     let limit = Duration::from_secs(30);
     let first = start(root.path(), 1, &free_addr("127.0.0.1"), &["--bootstrap"]);
     wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
-    let seed = seed_silent_until(Instant::now() + Duration::from_secs(4), &first.addr);
+    // Silent long enough for the checks below, on a slow machine too.
+    let seed = seed_silent_until(Instant::now() + Duration::from_secs(8), &first.addr);
     let secret = first.dir.join("cluster.secret");
     let secret = secret.to_str().expect("a UTF-8 path");
     let joining = ["--join", seed.as_str(), "--secret-file", secret];
@@ -670,6 +671,10 @@ fn an_agent_entering_the_cluster_answers_status_and_says_what_it_waits_for() {
         !entering.is_empty()
     });
     assert!(entering.starts_with(&format!("joining the cluster through {seed}")), "{entering}");
+    let shown = cli(&second.dir, &["status"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("this agent is entering the cluster: joining"), "{shown}");
+    assert!(shown.contains("not known to be stable"), "its own view is not the cluster's: {shown}");
     let out = cli(&second.dir, &["leave"]);
     assert!(!out.status.success(), "a leave before the node is a member");
     let said = String::from_utf8_lossy(&out.stderr);
