@@ -489,16 +489,11 @@ pub async fn run(
         Start::Resume => "resuming its place in the cluster".to_string(),
     });
     let path = launched.dir().socket_path();
-    let socket =
+    // Removed as `run` returns, whichever way.
+    let _socket =
         control::serve(&path, Arc::clone(launched.supervisor()), consoles, entering.clone())
             .await?;
-    let agent = match launched.enter(&options).await {
-        Ok(agent) => agent,
-        Err(error) => {
-            socket.remove();
-            return Err(error);
-        }
-    };
+    let agent = launched.enter(&options).await?;
     entering.done();
     if options.start == Start::Bootstrap {
         let secret =
@@ -547,7 +542,6 @@ pub async fn run(
         }
     }
     agent.stop().await;
-    socket.remove();
     if let Some(why) = refused {
         return Err(SupervisorError::Refused(why));
     }

@@ -98,9 +98,10 @@ fn binding_path(path: &Path) -> std::path::PathBuf {
     path.with_extension("bind")
 }
 
-/// The control socket an agent bound: removed on the agent's way out only if it is still this
-/// one. Once the agent let its store go, another agent started on the same data directory may
-/// have bound its own there, which removing by name would take away.
+/// The control socket an agent bound, removed when this is dropped (the agent's way out,
+/// whichever way it takes), and only if it is still this one: once the agent let its store
+/// go, another agent started on the same data directory may have bound its own there, which
+/// removing by name would take away.
 pub struct ControlSocket {
     path: std::path::PathBuf,
     inode: u64,
@@ -117,9 +118,11 @@ impl ControlSocket {
             .ino();
         Ok(ControlSocket { path: path.to_path_buf(), inode })
     }
+}
 
+impl Drop for ControlSocket {
     /// Removes the socket, unless another took its place.
-    pub fn remove(&self) {
+    fn drop(&mut self) {
         use std::os::unix::fs::MetadataExt as _;
         if std::fs::symlink_metadata(&self.path).is_ok_and(|m| m.ino() == self.inode) {
             let _ = std::fs::remove_file(&self.path);
@@ -433,9 +436,9 @@ mod tests {
         // A second agent, started once the first let its store go, binds its own.
         let _second = bind_private(&path).unwrap();
         let second = ControlSocket::at(&path).unwrap();
-        first.remove();
+        drop(first);
         assert!(path.exists(), "the second agent's socket stays");
-        second.remove();
+        drop(second);
         assert!(!path.exists());
     }
 
