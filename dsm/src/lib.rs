@@ -39,6 +39,7 @@ mod client;
 mod directory;
 mod error;
 mod frames;
+mod freed;
 mod node;
 mod page;
 mod protocol;

@@ -2,7 +2,8 @@
 //! service the adaptation layer calls and the [`crate::Dsm`] clients on the node.
 
 use crate::frames::Frames;
-use crate::protocol::{BarrierEntry, Entry, Freed, LockEntry, PageEntry, Token};
+use crate::freed::Freed;
+use crate::protocol::{BarrierEntry, Entry, LockEntry, PageEntry, Token};
 use crate::service::DsmService;
 use dashmap::DashMap;
 // Keys come from authenticated peers only; std's SipHash cost more than the maps' other work.

@@ -4,9 +4,10 @@
 
 use crate::directory::{digest, rebuild, repair, Report};
 use crate::frames::{Bytes, Fetched, Retired, FINAL};
+use crate::freed::Freed;
 use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
-use crate::protocol::{Entry, Freed, Granted, LockEntry, PageBytes, PageEntry, Request, Response};
+use crate::protocol::{Entry, Granted, LockEntry, PageBytes, PageEntry, Request, Response};
 use futures::StreamExt;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Change, Key, NodeId, ServiceSpec};
@@ -1132,17 +1133,18 @@ impl DsmService {
                 continue;
             }
             let s = frame.lock();
-            // `given`: for a copy given up to a writer, that writer if known.
-            type Given = Option<Option<NodeId>>;
-            let copy = |version, owned, backup, commit, given: Given, data: &[u8]| Entry::Copy {
-                holder: me,
-                version,
-                owned,
-                backup,
-                commit,
-                retired: given.is_some(),
-                writer: given.flatten(),
-                digest: digest(data),
+            // `retired`: the copy given up to a writer, when it is that copy.
+            let copy = |version, owned, backup, commit, retired: Option<&Retired>, data: &[u8]| {
+                Entry::Copy {
+                    holder: me,
+                    version,
+                    owned,
+                    backup,
+                    commit,
+                    retired: retired.is_some(),
+                    writer: retired.and_then(|r| r.writer),
+                    digest: digest(data),
+                }
             };
             if let Some(data) = &s.data {
                 out.push((page.key(), copy(s.version, s.owned, false, s.commits, None, data)));
@@ -1154,7 +1156,7 @@ impl DsmService {
                 out.push((page.key(), copy(*version, false, true, s.backup_commit, None, data)));
             }
             if let Some(r) = &s.retired {
-                let retired = copy(r.version, false, true, FINAL, Some(r.writer), &r.data);
+                let retired = copy(r.version, false, true, FINAL, Some(r), &r.data);
                 out.push((page.key(), retired));
             }
         }
