@@ -457,58 +457,6 @@ mod tests {
         assert_eq!(&buf[long.len()..], &entries[..]);
     }
 
-    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-    struct Valued {
-        version: u64,
-        #[serde(with = "crate::shared")]
-        value: Bytes,
-    }
-
-    /// A long value marked shared is kept by reference, not copied into the run; the run
-    /// reads back, and goes on the wire, byte for byte as if it had been copied.
-    #[test]
-    fn a_long_shared_value_is_kept_where_it_lies_and_the_batch_is_the_same_bytes() {
-        let long = Bytes::from(vec![7u8; 1024]);
-        let short = Bytes::from(vec![8u8; crate::shared::GATHER_MIN - 1]);
-        let entries = [
-            (Key(1), Valued { version: 1, value: long.clone() }),
-            (Key(2), Valued { version: 2, value: short.clone() }),
-            (Key(3), Valued { version: 3, value: long.slice(..crate::shared::GATHER_MIN) }),
-        ];
-        let mut packed = Packed::with_capacity(0);
-        let mut copied = Vec::new();
-        for (key, entry) in &entries {
-            packed.push_encoded(*key, entry).unwrap();
-            let bytes = codec::encode(entry).unwrap();
-            copied.extend_from_slice(&key.0.to_le_bytes());
-            copied.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
-            copied.extend_from_slice(&bytes);
-        }
-        assert_eq!(packed.parts.len(), 2, "the two long values, not the short one");
-        assert!(packed.parts.iter().all(|(_, v)| v.as_ptr() == long.as_ptr()), "not copied");
-        assert_eq!(packed.size(), copied.len());
-        let around = HEADROOM + short.len() + 3 * (HEADER + 4);
-        assert!(packed.buf.len() <= around, "the buffer holds the short value and what is around");
-        let pool = Pool::new(1);
-        let Sealed::Parts(pieces) = packed.sealed(b"head", b"T", &pool) else {
-            panic!("a run with values kept apart is sent in pieces")
-        };
-        assert!(pieces.iter().any(|p| p.as_ptr() == long.as_ptr() && p.len() == 1024));
-        let wire: Vec<u8> = pieces.iter().flat_map(|p| p.iter().copied()).collect();
-        assert_eq!(wire, [&b"head"[..], &copied, b"T"].concat());
-        // Kept here instead (a node's own runs, rebuilt ones), it is made whole.
-        let mut packed = Packed::with_capacity(0);
-        for (key, entry) in &entries {
-            packed.push_encoded(*key, entry).unwrap();
-        }
-        let run = packed.into_run();
-        assert_eq!(run.bytes()[..], copied[..]);
-        let back: Vec<(Key, Valued)> = run.decode().unwrap();
-        assert_eq!(back, entries);
-        // Outside a packer, the value is written as it always was.
-        assert_eq!(codec::encode(&entries[0].1).unwrap().len(), 1024 + 1 + 3);
-    }
-
     #[test]
     fn the_packer_cuts_runs_per_destination_and_loses_nothing() {
         for batch_bytes in [0, 30, 1 << 20] {

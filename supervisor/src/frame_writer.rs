@@ -207,47 +207,11 @@ mod tests {
         assert_eq!(reading.await.expect("reader"), wires());
     }
 
-    /// A request in pieces (more of them than one vectored write takes), among whole frames,
-    /// through pipes that take a few bytes or a few kilobytes at a time, reads back as the
-    /// request of the pieces joined.
-    #[tokio::test]
-    async fn a_request_in_pieces_reads_back_as_one_request_of_them_joined() {
-        let parts: Vec<Bytes> = (0..3000usize)
-            .map(|i| Bytes::from(vec![i as u8; if i % 3 == 0 { 0 } else { i % 41 }]))
-            .collect();
-        let joined: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
-        for pipe in [7, 4096] {
-            let (ours, theirs) = tokio::io::duplex(pipe);
-            let mut writer = FrameWriter::new(ours, 1 << 20);
-            let reading = tokio::spawn(async move {
-                let mut frames = FramedRead::new(theirs, FrameCodec::new(1 << 20));
-                let mut got = Vec::new();
-                while let Some(frame) = frames.next().await {
-                    got.push(Wire::decode(frame.expect("frame")).expect("wire"));
-                }
-                got
-            });
-            let small = |id| Wire::Response { id, body: Bytes::from_static(b"small") };
-            writer.feed(small(1)).await.expect("queued");
-            let gathered = Wire::Gathered { id: 2, parts: parts.clone().into() };
-            assert_eq!(gathered.frame_len(), 1 + 9 + joined.len());
-            writer.feed(gathered).await.expect("queued");
-            writer.feed(small(3)).await.expect("queued");
-            writer.close().await.expect("closed");
-            let want =
-                vec![small(1), Wire::Request { id: 2, body: Bytes::from(joined.clone()) }, small(3)];
-            assert_eq!(reading.await.expect("reader"), want, "through a pipe of {pipe} bytes");
-        }
-    }
-
     #[tokio::test]
     async fn a_frame_over_the_limit_is_refused_and_nothing_is_queued() {
         let (ours, _theirs) = tokio::io::duplex(64);
         let mut writer = FrameWriter::new(ours, 100);
         let big = Wire::Request { id: 1, body: Bytes::from(vec![0; 100]) };
-        assert!(matches!(writer.feed(big).await, Err(SupervisorError::FrameTooLarge { .. })));
-        let pieces = vec![Bytes::from(vec![0; 50]); 2].into();
-        let big = Wire::Gathered { id: 2, parts: pieces };
         assert!(matches!(writer.feed(big).await, Err(SupervisorError::FrameTooLarge { .. })));
         assert_eq!((writer.frames.len(), writer.queued), (0, 0));
     }
