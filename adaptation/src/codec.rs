@@ -54,41 +54,6 @@ pub fn encode_into<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), Ada
         .map_err(|e| AdaptationError::Codec(e.to_string()))
 }
 
-/// Encodes `value` at the end of `out`, except the values marked [`crate::shared`] long
-/// enough to be gathered: each is left out of `out` and pushed on `parts` with the offset in
-/// `out` where it belongs. `out` with each part put back at its offset is what
-/// [`encode_into`] writes. Returns the bytes left out.
-pub(crate) fn encode_gathered<T: Serialize>(
-    value: &T,
-    out: &mut Vec<u8>,
-    parts: &mut Vec<(usize, bytes::Bytes)>,
-) -> Result<usize, AdaptationError> {
-    let mut writer = Gathering { out, parts, gathered: 0 };
-    crate::shared::gathering(|| bincode::serde::encode_into_writer(value, &mut writer, config()))
-        .map_err(|e| AdaptationError::Codec(e.to_string()))?;
-    Ok(writer.gathered)
-}
-
-/// A writer that copies what it is given, but keeps a value on offer by reference.
-struct Gathering<'a> {
-    out: &'a mut Vec<u8>,
-    parts: &'a mut Vec<(usize, bytes::Bytes)>,
-    gathered: usize,
-}
-
-impl bincode::enc::write::Writer for Gathering<'_> {
-    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
-        match (bytes.len() >= crate::shared::GATHER_MIN).then(|| crate::shared::taken(bytes)) {
-            Some(Some(value)) => {
-                self.gathered += value.len();
-                self.parts.push((self.out.len(), value));
-            }
-            _ => self.out.extend_from_slice(bytes),
-        }
-        Ok(())
-    }
-}
-
 /// Decodes a whole `T` from `bytes`; trailing bytes are an error, since they mean the two ends
 /// disagree about the format.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AdaptationError> {

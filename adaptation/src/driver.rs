@@ -4,10 +4,10 @@
 use crate::host::{ChangeRecord, Inner, Progress, Update};
 use crate::period::{Command, Event, Period, Phase, Role};
 use crate::router::Router;
-use crate::link::Sealed;
 use crate::run::{Outlet, Packed, Packer};
 use crate::service::{ChangeInfo, Moving};
 use crate::wire::{Answered, Message, Settlement};
+use bytes::Bytes;
 use gobelins_locator::{Change, Key, NodeId, ServiceId, Snapshot};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -336,7 +336,7 @@ impl Driver {
                 tokio::spawn(async move {
                     match (Message::Ack { epoch }).encode() {
                         Ok(ack) => {
-                            inner.deliver(to, Sealed::Whole(inner.link.seal(ack))).await;
+                            inner.deliver(to, inner.link.seal(ack)).await;
                         }
                         Err(e) => tracing::error!(error = %e, "an ack could not be encoded"),
                     }
@@ -552,7 +552,7 @@ impl Flight {
 
     /// Sends `body`, a batch of `n` entries in `size` bytes, once fewer than [`IN_FLIGHT`]
     /// are.
-    async fn send(&mut self, body: Sealed, n: u64, size: u64) {
+    async fn send(&mut self, body: Bytes, n: u64, size: u64) {
         if self.flying.len() >= IN_FLIGHT {
             self.taken += self.flying.join_next().await.and_then(Result::ok).unwrap_or(0);
         }
@@ -609,7 +609,10 @@ impl Inner {
         let mut flight = Flight::new(Arc::clone(&self), to);
         while let Some(run) = queue.recv().await {
             let (n, size) = (run.len() as u64, run.size() as u64);
-            let body = run.sealed(&head, self.link.trailer(), &self.pool);
+            let (mut buf, start) = run.behind(&head);
+            buf.extend_from_slice(self.link.trailer());
+            // Back to the pool once delivered (every attempt's copy dropped).
+            let body = self.pool.bytes(buf).slice(start..);
             flight.send(body, n, size).await;
         }
         let taken = flight.land().await;
@@ -641,7 +644,7 @@ impl Inner {
         loop {
             let chunk = next_answers(&mut answered, self.config.batch_bytes);
             match batch(chunk).encode() {
-                Ok(body) => flight.send(Sealed::Whole(self.link.seal(body)), 0, 0).await,
+                Ok(body) => flight.send(self.link.seal(body), 0, 0).await,
                 Err(e) => {
                     tracing::error!(node = to.0, error = %e, "migration answers could not be encoded");
                 }
@@ -685,7 +688,6 @@ mod tests {
     use crate::registry::Registry;
     use crate::wire::{Reply, RequestId};
     use async_trait::async_trait;
-    use bytes::Bytes;
     use gobelins_locator::Key;
     use std::sync::Mutex;
     use std::time::Duration;

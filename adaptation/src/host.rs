@@ -14,7 +14,7 @@ use crate::driver::{Driver, Input};
 use crate::error::AdaptationError;
 use crate::gate::{Gate, Pass};
 use crate::kept::{Forget, Kept, KeptOrder};
-use crate::link::{Link, Sealed};
+use crate::link::Link;
 use crate::mirrors::Mirrors;
 use crate::pool::Pool;
 use crate::registry::Registry;
@@ -1524,12 +1524,12 @@ impl Inner {
 
     /// Sends `message`, sealed by the link, to `to` until it is accepted, refused, or `to` is
     /// known gone.
-    pub(crate) async fn deliver(&self, to: NodeId, message: Sealed) -> bool {
+    pub(crate) async fn deliver(&self, to: NodeId, message: Bytes) -> bool {
         let mut failures = 0u32;
         loop {
             let mut pause = true;
             // Sealed once: an attempt sends the same bytes again, not a copy of them.
-            let outcome = message.call(&*self.link, to, self.config.call_timeout).await;
+            let outcome = self.link.call(to, message.clone(), self.config.call_timeout).await;
             match outcome.and_then(|answer| Reply::decode(&answer)) {
                 Ok(Reply::Accepted) => return true,
                 Ok(Reply::Refused(why)) => {
@@ -1671,7 +1671,7 @@ mod tests {
         let link = Arc::new(Flaky { fails, calls: AtomicU64::new(0) });
         let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), HostConfig::default());
         let started = Instant::now();
-        assert!(inner.deliver(NodeId(2), Sealed::Whole(Bytes::from_static(b"batch"))).await);
+        assert!(inner.deliver(NodeId(2), Bytes::from_static(b"batch")).await);
         inner.stop();
         (started.elapsed(), link.calls.load(Ordering::SeqCst))
     }

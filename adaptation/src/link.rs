@@ -7,32 +7,8 @@ use crate::error::AdaptationError;
 use async_trait::async_trait;
 use bytes::Bytes;
 use gobelins_locator::NodeId;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// A message made ready for the link: one buffer, or pieces sent one after another as one
-/// message (a migration batch, its long values where they lie).
-#[derive(Clone, Debug)]
-pub(crate) enum Sealed {
-    Whole(Bytes),
-    Parts(Arc<[Bytes]>),
-}
-
-impl Sealed {
-    /// Sends it through `link`.
-    pub(crate) async fn call(
-        &self,
-        link: &dyn Link,
-        to: NodeId,
-        deadline: Duration,
-    ) -> Result<Bytes, AdaptationError> {
-        match self {
-            Sealed::Whole(message) => link.call(to, message.clone(), deadline).await,
-            Sealed::Parts(parts) => link.call_parts(to, Arc::clone(parts), deadline).await,
-        }
-    }
-}
 
 /// Carries a message of the layer to the layer on another node and brings its answer back.
 #[async_trait]
@@ -69,22 +45,6 @@ pub trait Link: Send + Sync + 'static {
         message: Bytes,
         deadline: Duration,
     ) -> Result<Bytes, AdaptationError>;
-
-    /// [`Link::call`] with a message in pieces, sent one after another as one message: the
-    /// peer receives their concatenation. A link over a socket writes them where they lie
-    /// (a migration batch's values are not copied into it); the default joins them first.
-    async fn call_parts(
-        &self,
-        to: NodeId,
-        parts: Arc<[Bytes]>,
-        deadline: Duration,
-    ) -> Result<Bytes, AdaptationError> {
-        let mut message = Vec::with_capacity(parts.iter().map(Bytes::len).sum());
-        for part in parts.iter() {
-            message.extend_from_slice(part);
-        }
-        self.call(to, Bytes::from(message), deadline).await
-    }
 
     /// [`Link::call`] for a caller that read the clock already: the call began at `started`,
     /// and `deadline` runs from then. The default reads the clock again.

@@ -8,7 +8,6 @@
 
 use crate::codec;
 use crate::error::AdaptationError;
-use crate::link::Sealed;
 use crate::pool::Pool;
 use bytes::Bytes;
 use gobelins_locator::{Key, NodeId};
@@ -107,16 +106,11 @@ impl Run {
     }
 }
 
-/// A run being packed: its entries after `HEADROOM` free bytes, but for the long values
-/// marked [`crate::shared`], kept by reference with where each belongs in the buffer.
+/// A run being packed: its entries after `HEADROOM` free bytes.
 #[derive(Debug)]
 pub struct Packed {
     count: u32,
     buf: Vec<u8>,
-    /// Values left out of `buf`, each with the offset in `buf` it goes before, in order.
-    parts: Vec<(usize, Bytes)>,
-    /// Their bytes.
-    gathered: usize,
 }
 
 impl Packed {
@@ -129,7 +123,7 @@ impl Packed {
     fn within(mut buf: Vec<u8>) -> Self {
         buf.clear();
         buf.resize(HEADROOM, 0);
-        Packed { count: 0, buf, parts: Vec::new(), gathered: 0 }
+        Packed { count: 0, buf }
     }
 
     /// Appends an entry already encoded; one of 4 GiB or more is refused.
@@ -149,26 +143,19 @@ impl Packed {
         key: Key,
         entry: &E,
     ) -> Result<(), AdaptationError> {
-        let (start, parts) = (self.buf.len(), self.parts.len());
+        let start = self.buf.len();
         self.buf.extend_from_slice(&key.0.to_le_bytes());
         self.buf.extend_from_slice(&[0; 4]);
-        let encoded = codec::encode_gathered(entry, &mut self.buf, &mut self.parts);
-        let len = encoded.and_then(|gathered| {
-            let len = self.buf.len() - start - HEADER + gathered;
-            let len = u32::try_from(len)
-                .map_err(|_| AdaptationError::Codec(format!("an entry of {len} bytes")))?;
-            Ok((len, gathered))
-        });
-        let (len, gathered) = match len {
-            Ok(len) => len,
-            Err(e) => {
-                self.buf.truncate(start);
-                self.parts.truncate(parts);
-                return Err(e);
-            }
+        if let Err(e) = codec::encode_into(entry, &mut self.buf) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        let len = self.buf.len() - start - HEADER;
+        let Ok(len) = u32::try_from(len) else {
+            self.buf.truncate(start);
+            return Err(AdaptationError::Codec(format!("an entry of {len} bytes")));
         };
         self.buf[start + 8..start + HEADER].copy_from_slice(&len.to_le_bytes());
-        self.gathered += gathered;
         self.count += 1;
         Ok(())
     }
@@ -185,65 +172,18 @@ impl Packed {
 
     /// Its entries' size in bytes, headers included.
     pub fn size(&self) -> usize {
-        self.buf.len() - HEADROOM + self.gathered
+        self.buf.len() - HEADROOM
     }
 
-    /// The run, as a receiver reads it: its values copied in among the rest, if any was
-    /// gathered.
+    /// The run, as a receiver reads it.
     pub fn into_run(self) -> Run {
         let count = self.count;
-        if self.parts.is_empty() {
-            return Run { count, bytes: Bytes::from(self.buf).slice(HEADROOM..) };
-        }
-        let mut out = Vec::with_capacity(self.size() + codec::SPARE);
-        let mut from = HEADROOM;
-        for (at, value) in &self.parts {
-            out.extend_from_slice(&self.buf[from..*at]);
-            out.extend_from_slice(value);
-            from = *at;
-        }
-        out.extend_from_slice(&self.buf[from..]);
-        Run { count, bytes: Bytes::from(out) }
-    }
-
-    /// The body of a batch: `head`, the entries, then `trailer`, as one buffer lent from
-    /// `pool` when no value was gathered, else as the pieces to write one after another (the
-    /// buffer's slices and the values between them, where they lie).
-    pub(crate) fn sealed(self, head: &[u8], trailer: &[u8], pool: &Pool) -> Sealed {
-        if self.parts.is_empty() {
-            let (mut buf, start) = self.behind(head);
-            buf.extend_from_slice(trailer);
-            // Back to the pool once delivered (every attempt's copy dropped).
-            return Sealed::Whole(pool.bytes(buf).slice(start..));
-        }
-        let Packed { mut buf, parts, .. } = self;
-        let mut pieces = Vec::with_capacity(2 * parts.len() + 2);
-        let mut from = match HEADROOM.checked_sub(head.len()) {
-            Some(at) => {
-                buf[at..HEADROOM].copy_from_slice(head);
-                at
-            }
-            None => {
-                pieces.push(Bytes::copy_from_slice(head));
-                HEADROOM
-            }
-        };
-        buf.extend_from_slice(trailer);
-        let buf = pool.bytes(buf);
-        for (at, value) in parts {
-            if at > from {
-                pieces.push(buf.slice(from..at));
-            }
-            pieces.push(value);
-            from = at;
-        }
-        pieces.push(buf.slice(from..));
-        Sealed::Parts(pieces.into())
+        Run { count, bytes: Bytes::from(self.buf).slice(HEADROOM..) }
     }
 
     /// `head` then the entries, in the run's own buffer when `head` fits in front of them:
     /// the buffer and where the message starts in it.
-    fn behind(mut self, head: &[u8]) -> (Vec<u8>, usize) {
+    pub(crate) fn behind(mut self, head: &[u8]) -> (Vec<u8>, usize) {
         match HEADROOM.checked_sub(head.len()) {
             Some(at) => {
                 self.buf[at..HEADROOM].copy_from_slice(head);

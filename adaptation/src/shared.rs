@@ -8,11 +8,6 @@
 //! slice of the batch's frame, and decoded from anything else, a copy as usual. The encoding is
 //! the same byte string as [`Bytes`]'s own.
 //!
-//! On the way out the value is not copied either: packed into a migration batch, a value of
-//! [`GATHER_MIN`] bytes or more is not written into the batch's buffer but kept by reference
-//! and handed to the socket where it lies, in a gathered write (BENCHMARKS.md, stop 35: the
-//! copy into the batch was a quarter of a migration's CPU).
-//!
 //! The cost: a frame stays in memory while any value sliced from it does. For a directory
 //! whose values live until overwritten that is about what was received; a service that keeps a
 //! few small values from large batches should copy them instead (`Bytes::copy_from_slice`).
@@ -20,49 +15,11 @@
 use bytes::Bytes;
 use serde::de::{Deserializer, Error, Visitor};
 use serde::Serializer;
-use std::cell::{Cell, RefCell};
-
-/// Values shorter than this are copied into a batch: an extra slice in a gathered write
-/// costs the kernel about what copying a few hundred bytes does.
-pub(crate) const GATHER_MIN: usize = 256;
+use std::cell::RefCell;
 
 thread_local! {
     /// The frame entries are being decoded from on this thread, while they are.
     static FRAME: RefCell<Option<Bytes>> = const { RefCell::new(None) };
-    /// Whether entries are being packed on this thread, their values to be gathered.
-    static GATHERING: Cell<bool> = const { Cell::new(false) };
-    /// The value being serialized, offered to the packing writer, which takes it by
-    /// reference when the bytes it is asked to write are this value's.
-    static OFFERED: RefCell<Option<Bytes>> = const { RefCell::new(None) };
-}
-
-/// Runs `encode` with the values [`serialize`] meets offered to [`taken`].
-pub(crate) fn gathering<R>(encode: impl FnOnce() -> R) -> R {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            GATHERING.with(|g| g.set(self.0));
-            OFFERED.with(|o| o.borrow_mut().take());
-        }
-    }
-    let _reset = Reset(GATHERING.with(|g| g.replace(true)));
-    encode()
-}
-
-/// The value on offer, if `bytes` is exactly it (same memory, same length): the writer then
-/// keeps the value rather than copying `bytes`.
-pub(crate) fn taken(bytes: &[u8]) -> Option<Bytes> {
-    OFFERED.with(|o| {
-        let mut offered = o.borrow_mut();
-        let same = offered
-            .as_ref()
-            .is_some_and(|v| v.as_ptr() == bytes.as_ptr() && v.len() == bytes.len());
-        if same {
-            offered.take()
-        } else {
-            None
-        }
-    })
 }
 
 /// Runs `decode` with `frame` as the memory [`deserialize`] may share. Decoding is synchronous,
@@ -80,17 +37,9 @@ pub(crate) fn within<R>(frame: &Bytes, decode: impl FnOnce() -> R) -> R {
     decode()
 }
 
-/// Serializes `bytes` as a byte string, as [`Bytes`] does. Packed into a batch, a long one is
-/// offered to the batch's writer to keep by reference.
+/// Serializes `bytes` as a byte string, as [`Bytes`] does.
 pub fn serialize<S: Serializer>(bytes: &Bytes, serializer: S) -> Result<S::Ok, S::Error> {
-    if bytes.len() < GATHER_MIN || !GATHERING.with(Cell::get) {
-        return serializer.serialize_bytes(bytes);
-    }
-    OFFERED.with(|o| *o.borrow_mut() = Some(bytes.clone()));
-    let done = serializer.serialize_bytes(bytes);
-    // Not taken by a writer that only counts, say: not offered to the next write.
-    OFFERED.with(|o| o.borrow_mut().take());
-    done
+    serializer.serialize_bytes(bytes)
 }
 
 /// Deserializes a byte string: a slice of the frame being decoded when it lies in one, else a

@@ -18,7 +18,6 @@
 
 use crate::error::{Result, SupervisorError};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use std::sync::Arc;
 use tokio_util::codec::{Decoder, Encoder};
 
 /// The protocol version this node writes (2: [`Wire`] headers instead of an encoded enum; 3:
@@ -74,40 +73,6 @@ pub enum Wire {
         /// What the handler answered.
         body: Bytes,
     },
-    /// A request whose body is `parts` one after another, written where each lies (a
-    /// migration batch and the values it carries). It goes on the wire as the [`Wire::Request`]
-    /// of their concatenation, and is read back as one.
-    Gathered {
-        /// Matches the response.
-        id: u64,
-        /// The body's pieces, in order.
-        parts: Arc<[Bytes]>,
-    },
-}
-
-/// A frame's body as it is written: one buffer, or pieces one after another.
-#[derive(Debug)]
-pub(crate) enum Body {
-    Whole(Bytes),
-    Parts { parts: Arc<[Bytes]>, len: usize },
-}
-
-impl Body {
-    /// Its length in bytes.
-    pub(crate) fn len(&self) -> usize {
-        match self {
-            Body::Whole(body) => body.len(),
-            Body::Parts { len, .. } => *len,
-        }
-    }
-
-    /// Its pieces, in order.
-    pub(crate) fn pieces(&self) -> &[Bytes] {
-        match self {
-            Body::Whole(body) => std::slice::from_ref(body),
-            Body::Parts { parts, .. } => parts,
-        }
-    }
 }
 
 impl Wire {
@@ -204,14 +169,10 @@ pub(crate) const FRAME_HEADER: usize = HEADER + 1 + WIRE_HEADER;
 
 impl Wire {
     /// The message's body, and the bytes before it in its frame.
-    pub(crate) fn into_frame(self) -> ([u8; FRAME_HEADER], Body) {
+    pub(crate) fn into_frame(self) -> ([u8; FRAME_HEADER], Bytes) {
         let (kind, id, body) = match self {
-            Wire::Request { id, body } => (0u8, id, Body::Whole(body)),
-            Wire::Response { id, body } => (1u8, id, Body::Whole(body)),
-            Wire::Gathered { id, parts } => {
-                let len = parts.iter().map(Bytes::len).sum();
-                (0u8, id, Body::Parts { parts, len })
-            }
+            Wire::Request { id, body } => (0u8, id, body),
+            Wire::Response { id, body } => (1u8, id, body),
         };
         // The length counts the version byte, the kind, the id and the body.
         let len = (FRAME_HEADER - HEADER + body.len()) as u32;
@@ -225,11 +186,8 @@ impl Wire {
 
     /// Its frame's length, the version byte included.
     pub(crate) fn frame_len(&self) -> usize {
-        let body = match self {
-            Wire::Request { body, .. } | Wire::Response { body, .. } => body.len(),
-            Wire::Gathered { parts, .. } => parts.iter().map(Bytes::len).sum(),
-        };
-        1 + WIRE_HEADER + body
+        let (Wire::Request { body, .. } | Wire::Response { body, .. }) = self;
+        1 + WIRE_HEADER + body.len()
     }
 
     /// `FrameTooLarge` when this frame would not fit in `max_frame` bytes.
@@ -250,9 +208,7 @@ impl Encoder<Wire> for FrameCodec {
         let (header, body) = wire.into_frame();
         dst.reserve(header.len() + body.len());
         dst.extend_from_slice(&header);
-        for piece in body.pieces() {
-            dst.extend_from_slice(piece);
-        }
+        dst.extend_from_slice(&body);
         Ok(())
     }
 }

@@ -7,7 +7,8 @@
 //! of writing it, and on a migration batch the copy was megabytes.
 
 use crate::error::{Result, SupervisorError};
-use crate::frame::{Body, Wire, FRAME_HEADER};
+use crate::frame::{Wire, FRAME_HEADER};
+use bytes::Bytes;
 use futures::Sink;
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -19,20 +20,15 @@ use tokio::io::AsyncWrite;
 /// fast sender.
 const BACKPRESSURE: usize = 64 * 1024;
 
-/// Slices handed to one vectored write of whole frames.
+/// Slices handed to one vectored write; the kernel takes at most 1024.
 const SLICES: usize = 64;
-
-/// Slices handed to one vectored write when a frame in pieces is queued (a migration batch,
-/// two pieces per value): the kernel's limit, so that one write moves as much as a write of a
-/// whole batch would.
-const GATHERED_SLICES: usize = 1024;
 
 /// Queues frames and writes them out. Partial writes are picked up where they stopped.
 pub(crate) struct FrameWriter<W> {
     io: W,
     max_frame: usize,
     /// Each queued frame's header and body, oldest first.
-    frames: VecDeque<([u8; FRAME_HEADER], Body)>,
+    frames: VecDeque<([u8; FRAME_HEADER], Bytes)>,
     /// Bytes of the oldest frame already written.
     written: usize,
     /// Bytes queued and not yet written.
@@ -52,10 +48,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
             // making sixty-four slices ready for it cost more than the rest of this function,
             // and walking the queue for two, a tenth of a frame's writing.
             let lone = self.frames.front().filter(|_| self.frames.len() == 1);
-            let lone = lone.and_then(|(header, body)| match body {
-                Body::Whole(body) => Some((header, body)),
-                Body::Parts { .. } => None,
-            });
             let n = if let Some((header, body)) = lone {
                 let written = self.written;
                 let io = Pin::new(&mut self.io);
@@ -68,10 +60,6 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
                     io.poll_write(cx, &body[written - header.len()..])
                 };
                 ready!(result)
-            } else if self.frames.iter().any(|(_, body)| matches!(body, Body::Parts { .. })) {
-                let mut slices = vec![IoSlice::new(&[]); GATHERED_SLICES];
-                let count = slices_of(&self.frames, self.written, &mut slices);
-                ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]))
             } else {
                 let mut slices = [IoSlice::new(&[]); SLICES];
                 let count = slices_of(&self.frames, self.written, &mut slices);
@@ -105,14 +93,13 @@ impl<W: AsyncWrite + Unpin> FrameWriter<W> {
 /// Fills `slices` with what is left to write of `frames`, the first `skip` bytes written
 /// already; returns how many it filled.
 fn slices_of<'a>(
-    frames: &'a VecDeque<([u8; FRAME_HEADER], Body)>,
+    frames: &'a VecDeque<([u8; FRAME_HEADER], Bytes)>,
     mut skip: usize,
     slices: &mut [IoSlice<'a>],
 ) -> usize {
     let mut count = 0;
     for (header, body) in frames {
-        let pieces = body.pieces().iter().map(|piece| &piece[..]);
-        for part in std::iter::once(&header[..]).chain(pieces) {
+        for part in [&header[..], &body[..]] {
             if skip >= part.len() {
                 skip -= part.len();
                 continue;
@@ -166,7 +153,6 @@ impl<W: AsyncWrite + Unpin> Sink<Wire> for FrameWriter<W> {
 mod tests {
     use super::*;
     use crate::frame::FrameCodec;
-    use bytes::Bytes;
     use futures::{SinkExt, StreamExt};
     use tokio_util::codec::FramedRead;
 

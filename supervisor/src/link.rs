@@ -49,17 +49,6 @@ impl Link for TransportLink {
         opened(to, answer)
     }
 
-    async fn call_parts(
-        &self,
-        to: NodeId,
-        parts: Arc<[Bytes]>,
-        deadline: Duration,
-    ) -> Result<Bytes, AdaptationError> {
-        let answer =
-            self.transport.call_parts(to.0, parts, deadline).await.map_err(|e| not_sent(to, e))?;
-        opened(to, answer)
-    }
-
     async fn call_at(
         &self,
         to: NodeId,

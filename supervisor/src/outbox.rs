@@ -190,11 +190,7 @@ impl Outbox {
         loop {
             ready!(sink.as_mut().poll_ready(cx))?;
             let Some(wire) = self.queue().pop_front() else { break };
-            let request = match wire {
-                Wire::Request { id, .. } | Wire::Gathered { id, .. } => Some(id),
-                Wire::Response { .. } => None,
-            };
-            if request.is_some_and(|id| (self.abandoned)(id)) {
+            if matches!(wire, Wire::Request { id, .. } if (self.abandoned)(id)) {
                 continue;
             }
             sink.as_mut().start_send(wire)?;
@@ -290,7 +286,7 @@ mod tests {
         }
         fn start_send(self: Pin<&mut Self>, wire: Wire) -> Result<()> {
             let id = match wire {
-                Wire::Request { id, .. } | Wire::Response { id, .. } | Wire::Gathered { id, .. } => id,
+                Wire::Request { id, .. } | Wire::Response { id, .. } => id,
             };
             self.sent.lock().unwrap().push(id);
             Ok(())

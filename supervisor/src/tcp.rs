@@ -587,7 +587,6 @@ impl<N: Net> TcpTransport<N> {
                         }
                     }
                     Wire::Response { id, body } => conn.pending.answer(id, body),
-                    Wire::Gathered { .. } => unreachable!("a request is read whole"),
                 }
             }
         }
@@ -733,7 +732,7 @@ impl<N: Net> TcpTransport<N> {
     async fn call_from(
         &self,
         to: u64,
-        request: impl FnOnce(u64) -> Wire,
+        request: Bytes,
         started: Instant,
         deadline: Duration,
     ) -> Result<Bytes> {
@@ -744,11 +743,10 @@ impl<N: Net> TcpTransport<N> {
         self.call_on(&conn, request, until, deadline, what).await
     }
 
-    /// Sends `request(id)`, a request numbered `id`, and waits for its answer.
     async fn call_on(
         &self,
         conn: &Conn,
-        request: impl FnOnce(u64) -> Wire,
+        request: Bytes,
         deadline: Instant,
         budget: Duration,
         what: impl FnOnce() -> String,
@@ -758,7 +756,7 @@ impl<N: Net> TcpTransport<N> {
         // connection ends: no timer of its own.
         let mut rx = conn.pending.wait(id, deadline);
         let mut guard = PendingGuard { pending: &conn.pending, id, answered: false };
-        let sent = conn.writer.send(request(id));
+        let sent = conn.writer.send(Wire::Request { id, body: request });
         // The answer may come while this caller still writes frames other callers queued:
         // it is taken then, and the writing left to a task (see `Outbox`).
         tokio::pin!(sent);
@@ -797,17 +795,6 @@ impl<N: Net> TcpTransport<N> {
 #[async_trait]
 impl<N: Net> Transport for TcpTransport<N> {
     async fn call(&self, to: u64, request: Bytes, deadline: Duration) -> Result<Bytes> {
-        let request = |id| Wire::Request { id, body: request };
-        self.call_from(to, request, Instant::now(), deadline).await
-    }
-
-    async fn call_parts(
-        &self,
-        to: u64,
-        parts: Arc<[Bytes]>,
-        deadline: Duration,
-    ) -> Result<Bytes> {
-        let request = |id| Wire::Gathered { id, parts };
         self.call_from(to, request, Instant::now(), deadline).await
     }
 
@@ -818,7 +805,6 @@ impl<N: Net> Transport for TcpTransport<N> {
         started: Instant,
         deadline: Duration,
     ) -> Result<Bytes> {
-        let request = |id| Wire::Request { id, body: request };
         self.call_from(to, request, started, deadline).await
     }
 
@@ -838,7 +824,6 @@ impl<N: Net> Transport for TcpTransport<N> {
             })??;
         self.set_peer(theirs.node, theirs.addr.clone());
         let conn = self.register(theirs.node, self.node(), framed);
-        let request = |id| Wire::Request { id, body: request };
         let response =
             self.call_on(&conn, request, until, deadline, || format!("request to {addr}")).await?;
         Ok((theirs.node, response))

@@ -33,21 +33,6 @@ pub trait Transport: Send + Sync + 'static {
         self.call(to, request, deadline).await
     }
 
-    /// [`Transport::call`] with a request in pieces: the peer receives their concatenation.
-    /// TCP writes them where they lie, in one vectored write; the default joins them first.
-    async fn call_parts(
-        &self,
-        to: u64,
-        parts: Arc<[Bytes]>,
-        deadline: Duration,
-    ) -> Result<Bytes> {
-        let mut request = Vec::with_capacity(parts.iter().map(Bytes::len).sum());
-        for part in parts.iter() {
-            request.extend_from_slice(part);
-        }
-        self.call(to, Bytes::from(request), deadline).await
-    }
-
     /// Like [`Transport::call`], to an address whose node is not known yet (a seed to join
     /// through). Returns the responder's node id with the response.
     async fn call_addr(
