@@ -1186,6 +1186,69 @@ fn a_barrier_called_again_after_giving_up_keeps_the_nodes_in_step() {
     });
 }
 
+/// Barriers keep their parties in step while the entries behind them move (a node added, one
+/// evicted) and while their manager dies: no party passes a round before every party has
+/// reached it, and every round is passed.
+#[test]
+fn barriers_keep_their_parties_in_step_through_changes_and_their_managers_failure() {
+    const IDS: u64 = 8;
+    const ROUNDS: u64 = 60;
+    replay(async {
+        let mut cluster = Cluster::start(4, DsmConfig::default()).await;
+        let parties = [NodeId(1), NodeId(2)];
+        // The round each party has reached, set before it arrives at that round's barrier.
+        let reached: Arc<Mutex<BTreeMap<NodeId, u64>>> = Arc::default();
+        let mut tasks = Vec::new();
+        for party in parties {
+            let (dsm, reached) = (cluster.dsm(party), Arc::clone(&reached));
+            tasks.push(tokio::spawn(async move {
+                for round in 1..=ROUNDS {
+                    reached.lock().expect("reached").insert(party, round);
+                    dsm.barrier(round % IDS, parties.len() as u32)
+                        .await
+                        .unwrap_or_else(|e| panic!("{party:?}, round {round}: {e}"));
+                    let behind: Vec<_> = reached
+                        .lock()
+                        .expect("reached")
+                        .iter()
+                        .filter(|(_, r)| **r < round)
+                        .map(|(n, r)| (*n, *r))
+                        .collect();
+                    assert!(behind.is_empty(), "{party:?} passed round {round} before {behind:?}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let added = cluster.mem.add().await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        cluster.mem.evict(NodeId(4)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // The node that is not a party manages some of the barriers now: it dies with them.
+        let managed: Vec<u64> = {
+            let table = cluster.mem.snapshot();
+            (0..IDS)
+                .filter(|&id| {
+                    table.locate(gobelins_dsm::DSM, gobelins_dsm::barrier_key(id))
+                        == Some(NodeId(3))
+                })
+                .collect()
+        };
+        assert!(!managed.is_empty(), "node 3 manages none of the barriers");
+        let least = reached.lock().expect("reached").values().min().copied();
+        assert!(least < Some(ROUNDS / 2), "the changes came too late: round {least:?}");
+        cluster.mem.fail(NodeId(3)).await;
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(60), task)
+                .await
+                .expect("every round passed")
+                .expect("no party passed early");
+        }
+        assert_eq!(reached.lock().expect("reached").values().min(), Some(&ROUNDS));
+        assert!(cluster.mem.nodes().contains(&added));
+    });
+}
+
 #[test]
 fn a_page_of_a_segment_past_the_last_id_is_refused_not_aliased() {
     replay(async {
