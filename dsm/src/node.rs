@@ -187,6 +187,12 @@ impl DsmNode {
         self.inner.live.len()
     }
 
+    /// Barriers this node keeps a wake-up for: those it manages and has seen a node arrive
+    /// at.
+    pub fn barrier_wakeups(&self) -> usize {
+        self.inner.barriers.len()
+    }
+
     /// Pages this node holds a valid copy of.
     pub fn resident(&self) -> usize {
         self.inner.frames.all().iter().filter(|(_, f)| f.readable().is_some()).count()

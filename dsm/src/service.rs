@@ -1639,7 +1639,12 @@ impl Service for DsmService {
                     Entry::Page { entry, frame, aside }
                 }
                 Live::Lock(l) => Entry::Lock(l),
-                Live::Barrier(b) => Entry::Barrier(b),
+                Live::Barrier(b) => {
+                    // Its wake-up stays with the manager. Nobody waits on it here: the change
+                    // waited out the arrivals routed before it held the key.
+                    self.state().barriers.remove(&key);
+                    Entry::Barrier(b)
+                }
                 Live::Taint => {
                     let freed = self.state().freed.lock().expect("freed").remove(&key);
                     Entry::Taint { freed: freed.unwrap_or_default() }

@@ -1235,6 +1235,18 @@ fn barriers_keep_their_parties_in_step_through_changes_and_their_managers_failur
                 .collect()
         };
         assert!(!managed.is_empty(), "node 3 manages none of the barriers");
+        // A node keeps wake-ups only for the barriers it manages: the evicted node's and the
+        // moved ones went with their entries.
+        let table = cluster.mem.snapshot();
+        for node in cluster.mem.nodes() {
+            let managing = (0..IDS)
+                .filter(|&id| {
+                    table.locate(gobelins_dsm::DSM, gobelins_dsm::barrier_key(id)) == Some(node)
+                })
+                .count();
+            let wakeups = cluster.made.lock().expect("made")[node.0 as usize].barrier_wakeups();
+            assert!(wakeups <= managing, "{node:?}: {wakeups} wake-ups for {managing} barriers");
+        }
         let least = reached.lock().expect("reached").values().min().copied();
         assert!(least < Some(ROUNDS / 2), "the changes came too late: round {least:?}");
         cluster.mem.fail(NodeId(3)).await;
