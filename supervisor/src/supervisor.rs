@@ -1119,9 +1119,9 @@ impl Supervisor {
     }
 
     /// Keeps raft's membership in line with the cluster: every live node a member, up to
-    /// `max_voters` active nodes voting (voters are kept while they live and stay, so that a
-    /// change of voters happens only when one is lost or leaves), failed and departed nodes
-    /// removed.
+    /// `max_voters` active nodes voting, always an odd number of them (voters are kept while
+    /// they live and stay, so that a change of voters happens only when one is lost or leaves,
+    /// or a node joins an even number), failed and departed nodes removed.
     async fn reconcile_membership(&self, state: &ClusterState) {
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
@@ -1149,6 +1149,20 @@ impl Supervisor {
                 break;
             }
             desired.insert(id);
+        }
+        // An odd number: a voter more in an even set survives no more failures, and of two
+        // voters neither may fail (a node killed in a cluster of two was never declared
+        // failed: the survivor had lost its quorum). One that only just came in steps out
+        // first, this node last.
+        if desired.len() % 2 == 0 {
+            let me = self.id();
+            let step_out = (desired.iter().rev())
+                .find(|&&id| !voters.contains(&id) && id != me)
+                .or_else(|| desired.iter().rev().find(|&&id| id != me))
+                .copied();
+            if let Some(id) = step_out {
+                desired.remove(&id);
+            }
         }
         if desired != voters && !desired.is_empty() {
             // Kept as a learner: a leaver still follows the state until its leave is done.

@@ -287,6 +287,30 @@ fn five_nodes_vote_and_a_lost_voter_is_replaced_by_a_learner() {
     });
 }
 
+/// In a cluster of two, one node votes, and a node killed there is declared failed by the
+/// other. With both voting, a survivor had lost its quorum and declared nothing, for ever.
+#[test]
+fn in_a_cluster_of_two_one_votes_and_the_other_killed_is_declared_failed() {
+    replay(async {
+        let net = MemNetwork::new(3);
+        let nodes = cluster(&net, 2, SupervisorConfig::loopback()).await;
+        until_active(&nodes, 2).await;
+        // Long enough for a second voter to have been added, had it been.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let voters = nodes[0].supervisor.voters();
+        assert_eq!(voters.len(), 1, "two nodes, one voter: {voters:?}");
+        let (survivor, killed) = match voters.contains(&1) {
+            true => (&nodes[0], 2),
+            false => (&nodes[1], 1),
+        };
+        net.crash(killed);
+        until_all(&[survivor], Duration::from_secs(30), "the killed node declared failed", |s| {
+            s.is_stable() && s.nodes[&killed].status == NodeStatus::Failed
+        })
+        .await;
+    });
+}
+
 fn kvdir() -> Registry {
     let mut registry = Registry::new();
     registry.register(gobelins_adaptation::plugin(gobelins_kvdir::KvDir::new())).expect("kvdir");
