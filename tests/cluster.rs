@@ -347,7 +347,8 @@ fn a_bootstrap_that_failed_on_a_taken_port_can_be_run_again_on_another() {
 
 /// One node of two leaves: the other must keep a raft quorum of its own. The leaver stopped on
 /// a timer once it had left, while it was still one of two voters, and the survivor could
-/// commit nothing again: not the change of voters, not a join.
+/// commit nothing again: not the change of voters, not a join. Two nodes now have one voter,
+/// the bootstrap node here, and it is the one that leaves: the vote must pass to the other.
 #[test]
 fn the_survivor_of_a_two_node_cluster_one_leaves_still_admits_a_node() {
     let root = tempfile::tempdir().expect("temporary directory");
@@ -360,9 +361,9 @@ fn the_survivor_of_a_two_node_cluster_one_leaves_still_admits_a_node() {
     let join = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
     let mut agents = vec![first];
     agents.push(start(root.path(), 2, &addrs[1], &join));
-    wait_showing(&agents, "two voters", limit, || {
-        status(&agents[0].dir, false)
-            .is_some_and(|s| s["voters"].as_array().map_or(0, Vec::len) == 2)
+    wait_showing(&agents, "node 2 active, node 1 the one voter", limit, || {
+        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "active", 1)])
+            && status(&agents[0].dir, false).is_some_and(|s| s["voters"] == serde_json::json!([1]))
     });
 
     // The bootstrap node leaves: the leader, most likely, which must hand over to the other.
