@@ -1501,6 +1501,17 @@ impl Inner {
         ) {
             return Reply::Late;
         }
+        // A batch of a change before the one this node has begun is a copy of one whose
+        // change ended without this node's part in it (it was declared failed, and this is
+        // its next life): staged now, it would be merged into the change begun.
+        if *begun.borrow() > epoch {
+            tracing::debug!(
+                node = from.0,
+                epoch,
+                "batch for a change before the one begun here refused"
+            );
+            return Reply::Merged { epoch };
+        }
         let merging = self.merging.read().await;
         if *merging >= epoch || *self.done.borrow() >= epoch {
             tracing::debug!(node = from.0, epoch, "batch for a change already merged here refused");
@@ -1899,6 +1910,64 @@ mod tests {
             .await
             .expect("node 2 finishes its part")
             .expect("host alive");
+        host.shutdown();
+    }
+
+    /// Node 2, a new life, begins the change that adds it (epoch 5). A copy of a batch of an
+    /// earlier change (epoch 2), sent again by a node that did not hear that this node's
+    /// former life was declared failed, is refused: staged, it was merged into epoch 5.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_of_a_change_before_the_one_begun_is_refused_not_merged_into_it() {
+        use crate::run::Packed;
+        use gobelins_locator::{CellTree, Epoch, Labels, MigrationPlan, ServiceSpec, TreeConfig};
+        const KV: ServiceId = ServiceId(1);
+        let mut tree = CellTree::new(TreeConfig::default()).expect("config");
+        tree.register_service(ServiceSpec::new(KV, "kv").with_slots(1024)).expect("register");
+        tree.add_node(NodeId(1), Labels::new()).expect("add");
+        let old = Arc::new(tree.snapshot(Epoch(4)).expect("snapshot"));
+        tree.add_node(NodeId(2), Labels::new()).expect("add");
+        let new = Arc::new(tree.snapshot(Epoch(5)).expect("snapshot"));
+        let plan = MigrationPlan::between(&old, &new);
+        let moved = (0..).map(Key).find(|&k| new.locate(KV, k) == Some(NodeId(2))).expect("a key");
+        let received: Arc<AtomicU64> = Arc::default();
+        let service = SlowMerge {
+            received: Arc::clone(&received),
+            merging: Arc::default(),
+            merge: Arc::default(),
+        };
+        let mut registry = Registry::new();
+        registry.register(crate::plugin(service)).expect("register");
+        let link = Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) });
+        let host = Host::start(NodeId(2), registry, link, HostConfig::default());
+        host.update(Update {
+            epoch: 5,
+            snapshot: Some(Arc::clone(&new)),
+            change: Some(Progress {
+                epoch: 5,
+                change: Change::Add { node: NodeId(2), labels: Labels::new() },
+                participants: BTreeSet::from([NodeId(1), NodeId(2)]),
+                plan,
+            }),
+            departed: BTreeSet::new(),
+        });
+        let batch = |epoch| {
+            let mut entries = Packed::with_capacity(0);
+            entries.push_encoded(moved, &7u64).expect("encode");
+            let entries = entries.into_run();
+            let message = Message::Batch {
+                epoch,
+                service: KV,
+                entries,
+                answered: Vec::new(),
+                settled: Vec::new(),
+            };
+            Bytes::from(message.encode().expect("encode"))
+        };
+        let reply = |bytes: Vec<u8>| Reply::decode(&Bytes::from(bytes)).expect("a reply");
+        assert!(matches!(reply(host.handle(NodeId(1), batch(5)).await), Reply::Accepted));
+        let stale = reply(host.handle(NodeId(3), batch(2)).await);
+        assert!(matches!(stale, Reply::Merged { epoch: 2 }), "{stale:?}");
+        assert_eq!(received.load(Ordering::SeqCst), 1, "only the batch of the change begun");
         host.shutdown();
     }
 

@@ -297,6 +297,8 @@ pub trait Service: Send + Sync + 'static {
 
     /// Stages entries received from `from`. They must not be visible to `handle` until
     /// [`Service::after_migration`] merges them (the layer holds their requests meanwhile).
+    /// The same entries can come twice (a sender whose call timed out as its batch was staged
+    /// sends it again): staging keeps one copy per key, never a second.
     fn receive(
         &self,
         ctx: &Context,
