@@ -1154,7 +1154,7 @@ impl Supervisor {
         // voters neither may fail (a node killed in a cluster of two was never declared
         // failed: the survivor had lost its quorum). One that only just came in steps out
         // first, this node last.
-        if desired.len() % 2 == 0 {
+        if desired.len().is_multiple_of(2) {
             let me = self.id();
             let step_out = (desired.iter().rev())
                 .find(|&&id| !voters.contains(&id) && id != me)
