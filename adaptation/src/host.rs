@@ -1845,55 +1845,67 @@ mod tests {
     /// Node 2 joins and node 1 hands it entries. A batch node 1 sends again (its first answer
     /// lost), which comes in while node 2 merges the change's entries, is refused: staged
     /// then, it stayed for the next change's merge and overwrote what its entries had become.
-    #[tokio::test(start_paused = true)]
-    async fn a_batch_sent_again_during_the_merge_is_refused_not_kept_for_the_next_merge() {
-        use crate::run::Packed;
+    const KV: ServiceId = ServiceId(1);
+
+    /// Node 2's host, running `service`, in the change to `epoch` that adds it next to node
+    /// 1; and a key node 1 hands it.
+    fn node_two_joining(epoch: u64, service: SlowMerge) -> (Host, Key) {
         use gobelins_locator::{CellTree, Epoch, Labels, MigrationPlan, ServiceSpec, TreeConfig};
-        const KV: ServiceId = ServiceId(1);
         let mut tree = CellTree::new(TreeConfig::default()).expect("config");
         tree.register_service(ServiceSpec::new(KV, "kv").with_slots(1024)).expect("register");
         tree.add_node(NodeId(1), Labels::new()).expect("add");
-        let old = Arc::new(tree.snapshot(Epoch(1)).expect("snapshot"));
+        let old = Arc::new(tree.snapshot(Epoch(epoch - 1)).expect("snapshot"));
         tree.add_node(NodeId(2), Labels::new()).expect("add");
-        let new = Arc::new(tree.snapshot(Epoch(2)).expect("snapshot"));
+        let new = Arc::new(tree.snapshot(Epoch(epoch)).expect("snapshot"));
         let plan = MigrationPlan::between(&old, &new);
         let moved = (0..).map(Key).find(|&k| new.locate(KV, k) == Some(NodeId(2))).expect("a key");
-
-        let (received, merging, merge) = Default::default();
-        let service = SlowMerge {
-            received: Arc::clone(&received),
-            merging: Arc::clone(&merging),
-            merge: Arc::clone(&merge),
-        };
         let mut registry = Registry::new();
         registry.register(crate::plugin(service)).expect("register");
         let link = Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) });
         let host = Host::start(NodeId(2), registry, link, HostConfig::default());
         host.update(Update {
-            epoch: 2,
+            epoch,
             snapshot: Some(Arc::clone(&new)),
             change: Some(Progress {
-                epoch: 2,
+                epoch,
                 change: Change::Add { node: NodeId(2), labels: Labels::new() },
                 participants: BTreeSet::from([NodeId(1), NodeId(2)]),
                 plan,
             }),
             departed: BTreeSet::new(),
         });
-        let batch = || {
-            let mut entries = Packed::with_capacity(0);
-            entries.push_encoded(moved, &7u64).expect("encode");
-            let entries = entries.into_run();
-            let message = Message::Batch {
-                epoch: 2,
-                service: KV,
-                entries,
-                answered: Vec::new(),
-                settled: Vec::new(),
-            };
-            Bytes::from(message.encode().expect("encode"))
+        (host, moved)
+    }
+
+    /// A migration batch of the change to `epoch` carrying `key`.
+    fn batch(epoch: u64, key: Key) -> Bytes {
+        let mut entries = crate::run::Packed::with_capacity(0);
+        entries.push_encoded(key, &7u64).expect("encode");
+        let entries = entries.into_run();
+        let message = Message::Batch {
+            epoch,
+            service: KV,
+            entries,
+            answered: Vec::new(),
+            settled: Vec::new(),
         };
-        let reply = |bytes: Vec<u8>| Reply::decode(&Bytes::from(bytes)).expect("a reply");
+        Bytes::from(message.encode().expect("encode"))
+    }
+
+    fn reply(bytes: Vec<u8>) -> Reply {
+        Reply::decode(&Bytes::from(bytes)).expect("a reply")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_sent_again_during_the_merge_is_refused_not_kept_for_the_next_merge() {
+        let (received, merging, merge) = Default::default();
+        let service = SlowMerge {
+            received: Arc::clone(&received),
+            merging: Arc::clone(&merging),
+            merge: Arc::clone(&merge),
+        };
+        let (host, moved) = node_two_joining(2, service);
+        let batch = || batch(2, moved);
         assert!(matches!(reply(host.handle(NodeId(1), batch()).await), Reply::Accepted));
         let ack = Bytes::from((Message::Ack { epoch: 2 }).encode().expect("encode"));
         assert!(matches!(reply(host.handle(NodeId(1), ack).await), Reply::Accepted));
@@ -1918,54 +1930,15 @@ mod tests {
     /// former life was declared failed, is refused: staged, it was merged into epoch 5.
     #[tokio::test(start_paused = true)]
     async fn a_batch_of_a_change_before_the_one_begun_is_refused_not_merged_into_it() {
-        use crate::run::Packed;
-        use gobelins_locator::{CellTree, Epoch, Labels, MigrationPlan, ServiceSpec, TreeConfig};
-        const KV: ServiceId = ServiceId(1);
-        let mut tree = CellTree::new(TreeConfig::default()).expect("config");
-        tree.register_service(ServiceSpec::new(KV, "kv").with_slots(1024)).expect("register");
-        tree.add_node(NodeId(1), Labels::new()).expect("add");
-        let old = Arc::new(tree.snapshot(Epoch(4)).expect("snapshot"));
-        tree.add_node(NodeId(2), Labels::new()).expect("add");
-        let new = Arc::new(tree.snapshot(Epoch(5)).expect("snapshot"));
-        let plan = MigrationPlan::between(&old, &new);
-        let moved = (0..).map(Key).find(|&k| new.locate(KV, k) == Some(NodeId(2))).expect("a key");
         let received: Arc<AtomicU64> = Arc::default();
         let service = SlowMerge {
             received: Arc::clone(&received),
             merging: Arc::default(),
             merge: Arc::default(),
         };
-        let mut registry = Registry::new();
-        registry.register(crate::plugin(service)).expect("register");
-        let link = Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) });
-        let host = Host::start(NodeId(2), registry, link, HostConfig::default());
-        host.update(Update {
-            epoch: 5,
-            snapshot: Some(Arc::clone(&new)),
-            change: Some(Progress {
-                epoch: 5,
-                change: Change::Add { node: NodeId(2), labels: Labels::new() },
-                participants: BTreeSet::from([NodeId(1), NodeId(2)]),
-                plan,
-            }),
-            departed: BTreeSet::new(),
-        });
-        let batch = |epoch| {
-            let mut entries = Packed::with_capacity(0);
-            entries.push_encoded(moved, &7u64).expect("encode");
-            let entries = entries.into_run();
-            let message = Message::Batch {
-                epoch,
-                service: KV,
-                entries,
-                answered: Vec::new(),
-                settled: Vec::new(),
-            };
-            Bytes::from(message.encode().expect("encode"))
-        };
-        let reply = |bytes: Vec<u8>| Reply::decode(&Bytes::from(bytes)).expect("a reply");
-        assert!(matches!(reply(host.handle(NodeId(1), batch(5)).await), Reply::Accepted));
-        let stale = reply(host.handle(NodeId(3), batch(2)).await);
+        let (host, moved) = node_two_joining(5, service);
+        assert!(matches!(reply(host.handle(NodeId(1), batch(5, moved)).await), Reply::Accepted));
+        let stale = reply(host.handle(NodeId(3), batch(2, moved)).await);
         assert!(matches!(stale, Reply::Merged { epoch: 2 }), "{stale:?}");
         assert_eq!(received.load(Ordering::SeqCst), 1, "only the batch of the change begun");
         host.shutdown();

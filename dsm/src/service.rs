@@ -1640,8 +1640,9 @@ impl Service for DsmService {
                 }
                 Live::Lock(l) => Entry::Lock(l),
                 Live::Barrier(b) => {
-                    // Its wake-up stays with the manager. Nobody waits on it here: the change
-                    // waited out the arrivals routed before it held the key.
+                    // Its wake-up goes too: the new manager makes its own, and nobody waits
+                    // on this one (the change waited out the arrivals routed before it held
+                    // the key).
                     self.state().barriers.remove(&key);
                     Entry::Barrier(b)
                 }

@@ -1121,7 +1121,7 @@ impl Supervisor {
     /// Keeps raft's membership in line with the cluster: every live node a member, up to
     /// `max_voters` active nodes voting, always an odd number of them (voters are kept while
     /// they live and stay, so that a change of voters happens only when one is lost or leaves,
-    /// or a node joins an even number), failed and departed nodes removed.
+    /// or a join makes room for two more), failed and departed nodes removed.
     async fn reconcile_membership(&self, state: &ClusterState) {
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
