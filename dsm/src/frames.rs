@@ -458,6 +458,14 @@ mod tests {
     /// The writer a test gives a page up to.
     const WRITER: NodeId = NodeId(9);
 
+    /// `f` owns `version` of the page, every byte `byte`, then gives it up to [`WRITER`].
+    async fn own_then_give_up(f: &Frame, version: u64, byte: u8) {
+        let page = Some(Arc::new(vec![byte; PAGE_SIZE]));
+        assert_eq!(f.install_grant(version, page, None), Installed::Yes);
+        let fetched = f.fetch(version, Some(WRITER), Duration::from_millis(10)).await;
+        assert!(matches!(fetched, Fetched::Page(_)));
+    }
+
     #[test]
     fn a_read_copy_invalidated_on_its_way_is_not_kept() {
         let f = Frame::default();
@@ -495,11 +503,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_copy_given_up_to_a_writer_is_kept_aside_and_can_be_promoted() {
         let f = Frame::default();
-        assert_eq!(f.install_grant(4, Some(Arc::new(vec![9; PAGE_SIZE])), None), Installed::Yes);
-        assert!(matches!(
-            f.fetch(4, Some(WRITER), Duration::from_millis(10)).await,
-            Fetched::Page(_)
-        ));
+        own_then_give_up(&f, 4, 9).await;
         assert!(f.readable().is_none());
         let kept = f.lock().retired.clone().map(|r| (r.version, r.data[0], r.writer));
         assert_eq!(kept, Some((4, 9, Some(WRITER))), "kept aside, with the writer it went to");
@@ -510,21 +514,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_retire_drops_only_a_copy_no_newer_than_the_one_the_writer_took() {
         let f = Frame::default();
-        assert_eq!(f.install_grant(6, Some(Arc::new(vec![3; PAGE_SIZE])), None), Installed::Yes);
-        assert!(matches!(
-            f.fetch(6, Some(WRITER), Duration::from_millis(10)).await,
-            Fetched::Page(_)
-        ));
+        own_then_give_up(&f, 6, 3).await;
         f.drop_retired(5);
         assert!(f.has_retired(), "a late retire for an older version keeps the newer copy");
         f.drop_retired(6);
         assert!(!f.has_retired());
         // An invalidation past it (a later grant, a discard) drops it too.
-        assert_eq!(f.install_grant(8, Some(Arc::new(vec![4; PAGE_SIZE])), None), Installed::Yes);
-        assert!(matches!(
-            f.fetch(8, Some(WRITER), Duration::from_millis(10)).await,
-            Fetched::Page(_)
-        ));
+        own_then_give_up(&f, 8, 4).await;
         f.invalidate(7);
         assert!(f.has_retired(), "an older invalidation keeps it");
         f.invalidate(8);
