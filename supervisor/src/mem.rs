@@ -1,8 +1,8 @@
 //! An in-memory transport with fault injection, for in-process cluster tests.
 //!
 //! Every node of a [`MemNetwork`] calls the others' handlers directly. Faults are set on the
-//! network: links cut both ways (partitions), nodes taken down, a delay per message, and a
-//! seeded drop rate. A message that cannot arrive makes the caller wait its full deadline, as
+//! network: links cut both ways (partitions), answers lost one way, nodes taken down, a delay
+//! per message, and a seeded drop rate. A message that cannot arrive makes the caller wait its full deadline, as
 //! a lost TCP segment would.
 
 use crate::error::{Result, SupervisorError};
@@ -19,6 +19,8 @@ struct Hub {
     handlers: HashMap<u64, Arc<dyn Handler>>,
     addrs: HashMap<String, u64>,
     cut: BTreeSet<(u64, u64)>,
+    /// (answering, calling): the calling node's requests arrive, their answers do not.
+    muted: BTreeSet<(u64, u64)>,
     down: BTreeSet<u64>,
     delay: Duration,
     drop_rate: f64,
@@ -43,6 +45,7 @@ impl MemNetwork {
                 handlers: HashMap::new(),
                 addrs: HashMap::new(),
                 cut: BTreeSet::new(),
+                muted: BTreeSet::new(),
                 down: BTreeSet::new(),
                 delay: Duration::ZERO,
                 drop_rate: 0.0,
@@ -76,9 +79,18 @@ impl MemNetwork {
         }
     }
 
-    /// Restores every cut link.
+    /// Loses every answer `answering` sends to a call made by `calling`; the calls themselves
+    /// arrive and are carried out, and calls the other way are untouched: an answer lost after
+    /// the work was done, as when a leader commits and crashes before it replies.
+    pub fn mute(&self, answering: u64, calling: u64) {
+        self.hub().muted.insert((answering, calling));
+    }
+
+    /// Restores every cut link and every muted answer.
     pub fn heal(&self) {
-        self.hub().cut.clear();
+        let mut hub = self.hub();
+        hub.cut.clear();
+        hub.muted.clear();
     }
 
     /// Takes `node` down: nothing reaches it and it reaches nothing, until attached again.
@@ -98,12 +110,14 @@ impl MemNetwork {
         self.hub().drop_rate = rate;
     }
 
-    /// The handler of `to` if a message from `from` can get there now, and the delay.
-    fn route(&self, from: u64, to: u64) -> (Option<Arc<dyn Handler>>, Duration) {
+    /// The handler of `to` if a message from `from` can get there now, and the delay; `answer`
+    /// says the message answers a call `to` made.
+    fn route(&self, from: u64, to: u64, answer: bool) -> (Option<Arc<dyn Handler>>, Duration) {
         let mut hub = self.hub();
         let rate = hub.drop_rate.clamp(0.0, 1.0);
         let dropped = rate > 0.0 && hub.rng.random_bool(rate);
         let blocked = dropped
+            || (answer && hub.muted.contains(&(from, to)))
             || hub.down.contains(&from)
             || hub.down.contains(&to)
             || hub.cut.contains(&pair(from, to));
@@ -128,14 +142,14 @@ impl MemTransport {
             after_ms: deadline.as_millis() as u64,
         };
         let exchange = async {
-            let (handler, delay) = self.net.route(self.me, to);
+            let (handler, delay) = self.net.route(self.me, to, false);
             tokio::time::sleep(delay).await;
             let Some(handler) = handler else {
                 std::future::pending::<()>().await;
                 unreachable!("pending never completes");
             };
             let response = handler.handle(self.me, request).await;
-            let (back, delay) = self.net.route(to, self.me);
+            let (back, delay) = self.net.route(to, self.me, true);
             tokio::time::sleep(delay).await;
             if back.is_none() {
                 std::future::pending::<()>().await;

@@ -167,6 +167,10 @@ pub struct Supervisor {
     services: Box<dyn Fn() -> Registry + Send + Sync>,
     /// The incarnation, declared dead by the cluster, whose host was last renewed.
     renewed_for: AtomicU64,
+    /// The incarnation this process last moved to (0: none; a restarted process starts at the
+    /// one it persisted). Only a life this process made may be admitted by asking again: a
+    /// restarted process's last life is recovered, never resumed with empty services.
+    renewed_to: AtomicU64,
     /// A change of raft voters is under way: it can wait long (a new voter far behind, or a
     /// joint configuration that needs a node that just died), and the leader's other duties
     /// (its lease, failure detection) must not wait with it.
@@ -237,6 +241,7 @@ impl Supervisor {
             services: parts.services,
             // No incarnation is u64::MAX: the first declared-dead life always renews.
             renewed_for: AtomicU64::new(u64::MAX),
+            renewed_to: AtomicU64::new(0),
             reconciling: AtomicBool::new(false),
             joining: Mutex::new(HashMap::new()),
             admitted: AtomicBool::new(false),
@@ -500,6 +505,7 @@ impl Supervisor {
         if next != self.incarnation() {
             tracing::warn!(node = self.me.id, incarnation = next, "joining as a new incarnation");
             (self.save_incarnation)(next)?;
+            self.renewed_to.store(next, Ordering::SeqCst);
             // Under the lifecycle's lock, which the duties take to judge "left" by the
             // incarnation: a node restarted with --join replays the record of its last life as
             // left, and that must not end the new life.
@@ -991,15 +997,30 @@ impl Supervisor {
             Some(r) => r.status == NodeStatus::Failed,
             None => view.state.epoch > ours,
         };
-        if !fenced {
+        // This process's rejoin was committed but its answer lost (the leader crashed before it
+        // replied, or the attempts ran out): the cluster waits for this life, which, never
+        // admitted, serves nothing and reports nothing. The same life asking again is answered
+        // with where its join stands.
+        let unanswered = !self.life_admitted()
+            && self.renewed_to.load(Ordering::SeqCst) == self.incarnation()
+            && record.is_some_and(|r| r.incarnation == self.incarnation() && r.status.is_live());
+        if !fenced && !unanswered {
             return;
         }
-        let dead = record.map_or(0, |r| r.incarnation);
-        self.start_services_afresh(dead);
-        // A life the cluster has not seen yet: above both ours and the one it declared dead.
-        if let Err(error) = self.renew_incarnation(dead) {
-            tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
-            return;
+        if fenced {
+            let dead = record.map_or(0, |r| r.incarnation);
+            self.start_services_afresh(dead);
+            // A life the cluster has not seen yet: above both ours and the one it declared dead.
+            if let Err(error) = self.renew_incarnation(dead) {
+                tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
+                return;
+            }
+        } else {
+            tracing::warn!(
+                node = self.me.id,
+                incarnation = self.incarnation(),
+                "the cluster took this node's rejoin but its answer never came; asking again"
+            );
         }
         // Through the leader of the newest view, else through any member it lists as live.
         let live = view.state.live();

@@ -196,6 +196,54 @@ fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing() {
     });
 }
 
+#[test]
+fn a_rejoin_committed_whose_answer_was_lost_is_asked_again_and_admitted() {
+    replay(async {
+        let net = MemNetwork::new(13);
+        let config = SupervisorConfig::loopback();
+        let nodes = three_voters(&net).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let (x, other) = match leader {
+            1 => (2, 3),
+            2 => (1, 3),
+            _ => (1, 2),
+        };
+        let at = |id: u64| &nodes[id as usize - 1];
+        net.isolate(x, [leader, other]);
+        let majority = [at(leader), at(other)];
+        until_all(&majority, Duration::from_secs(30), "the cut-off node declared failed", |s| {
+            s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
+        })
+        .await;
+        // Two members, one voter: the leader, which therefore stays the leader and the node x
+        // rejoins through.
+        until_voters(&majority, 1).await;
+
+        // x hears it was declared failed (from the other node) and rejoins through the leader,
+        // which commits the join; every answer the leader sends x is lost.
+        net.heal();
+        net.mute(leader, x);
+        until_all(&[at(leader)], Duration::from_secs(30), "x's rejoin committed", |s| {
+            s.nodes[&x].incarnation == 2 && s.nodes[&x].status.is_live()
+        })
+        .await;
+        // Past the rejoin's own retries.
+        tokio::time::sleep(config.rpc_timeout * 6).await;
+        assert!(!at(x).supervisor.life_admitted(), "the rejoin's answer was lost");
+
+        net.heal();
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_all(&all, Duration::from_secs(60), "x admitted as incarnation 2", |s| {
+            s.is_stable()
+                && s.nodes[&x].status == NodeStatus::Active
+                && s.nodes[&x].incarnation == 2
+        })
+        .await;
+        assert!(at(x).supervisor.life_admitted());
+        assert_all_agree(&nodes, "after the rejoin");
+    });
+}
+
 /// Three active nodes, all voting.
 async fn three_voters(net: &MemNetwork) -> Vec<Node> {
     let nodes = cluster(net, 3, SupervisorConfig::loopback()).await;
