@@ -387,6 +387,9 @@ impl Supervisor {
         let request = Request::Join(self.join_request());
         let until = Instant::now() + deadline;
         let mut last = String::from("no attempt");
+        // The seed answered, and only the cluster's recovery of this node's last life stood in
+        // the way: the seed is fine, and the advice must say so.
+        let mut recovering = false;
         let mut warned = false;
         while Instant::now() < until {
             if !warned && last != "no attempt" {
@@ -399,7 +402,8 @@ impl Supervisor {
                     // The cluster is still recovering this node's last life: it will take
                     // the new one once that is done.
                     Response::Proposed(Ok(Err(refusal @ Refusal::Recovering(_)))) => {
-                        last = refusal.to_string()
+                        recovering = true;
+                        last = refusal.to_string();
                     }
                     Response::Proposed(Ok(outcome)) => {
                         if outcome.is_ok() {
@@ -407,18 +411,25 @@ impl Supervisor {
                         }
                         return Ok(outcome);
                     }
-                    Response::Proposed(Err(e)) => last = e.to_string(),
-                    _ => last = "seed answered with the wrong message".into(),
+                    Response::Proposed(Err(e)) => (recovering, last) = (false, e.to_string()),
+                    _ => {
+                        (recovering, last) = (false, "seed answered with the wrong message".into())
+                    }
                 },
                 // A refused handshake will not get better by retrying: wrong secret or cluster.
                 Err(e @ SupervisorError::Handshake { .. }) => return Err(e),
-                Err(e) => last = e.to_string(),
+                Err(e) => (recovering, last) = (false, e.to_string()),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(SupervisorError::Config(format!(
-            "could not join through {seed}: {last}; is an agent of this cluster running there?"
-        )))
+        let advice = if recovering {
+            "the seed answered, but the change that deals with this node's last life has not \
+             finished: `gobelins status` on a member shows the change under way and what it \
+             waits for; start this node again once the cluster is stable"
+        } else {
+            "is an agent of this cluster running there?"
+        };
+        Err(SupervisorError::Config(format!("could not join through {seed}: {last}; {advice}")))
     }
 
     /// Whether the cluster counts this node's current life as a member, asked through `seed`
