@@ -13,7 +13,7 @@ use crate::error::{Result, SupervisorError};
 use crate::lane::{self, Lane};
 use crate::network::Network;
 use crate::rpc::{JoinRequest, ProposeError, Request, Response, View};
-use crate::state::{ClusterState, Command, NodeRecord, NodeStatus, Outcome, Refusal};
+use crate::state::{Applied, ClusterState, Command, NodeRecord, NodeStatus, Outcome, Refusal};
 use crate::store::{LogStore, StateMachine};
 use crate::transport::{Handler, Transport};
 use crate::types::Raft;
@@ -404,6 +404,24 @@ impl Supervisor {
                     Response::Proposed(Ok(Err(refusal @ Refusal::Recovering(_)))) => {
                         recovering = true;
                         last = refusal.to_string();
+                    }
+                    // A join always begins a change or waits for one, which this process must
+                    // take part in: a life whose join ended already was served by another run
+                    // of this node, whose memory this one does not have.
+                    Response::Proposed(Ok(Ok(Applied::Recorded { .. })))
+                        if !self.life_admitted() =>
+                    {
+                        return Err(SupervisorError::Refused(format!(
+                            "node {}'s life {} is already active in the cluster, but this process \
+                             never served it: its entries are elsewhere, and serving them empty \
+                             would lose them. An agent restarted from its data directory recovers \
+                             that life by itself and rejoins as a new one (no join is needed); if \
+                             this node's data directory was wiped, stop this agent until the \
+                             cluster declares the node failed (`gobelins status`), then start it \
+                             again",
+                            self.me.id,
+                            self.incarnation()
+                        )));
                     }
                     Response::Proposed(Ok(outcome)) => {
                         if outcome.is_ok() {

@@ -244,6 +244,45 @@ fn a_rejoin_committed_whose_answer_was_lost_is_asked_again_and_admitted() {
     });
 }
 
+#[test]
+fn a_node_whose_data_directory_was_wiped_is_not_admitted_as_its_active_life_with_nothing() {
+    replay(async {
+        let net = MemNetwork::new(17);
+        let config = SupervisorConfig::loopback();
+        let mut nodes = cluster(&net, 4, config.clone()).await;
+        until_active(&nodes, 4).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_voters(&all, 3).await;
+        // The learner: its wiped log is raft's business only as a learner's.
+        let voters = nodes[0].supervisor.voters();
+        let wiped = (1..=4).find(|id| !voters.contains(id)).expect("a learner");
+        let old = nodes.remove(wiped as usize - 1);
+        old.supervisor.shutdown().await;
+        net.crash(wiped);
+        drop(old);
+
+        // Started again at once, before anyone noticed, with an empty data directory: the same
+        // id, address and first incarnation as the life the cluster counts as active.
+        let fresh = node(&net, wiped, config).await;
+        let joined = fresh.supervisor.join_via("n1", Duration::from_secs(10)).await;
+        match joined {
+            Err(error) => assert!(error.to_string().contains("never served it"), "{error}"),
+            other => panic!("admitted as the active life it never served: {other:?}"),
+        }
+        assert!(!fresh.supervisor.life_admitted());
+
+        // The agent exits on that refusal; the others, whose leader replicated to the wiped log
+        // meanwhile, go on and recover the life it had.
+        fresh.supervisor.shutdown().await;
+        net.crash(wiped);
+        let others: Vec<&Node> = nodes.iter().collect();
+        until_all(&others, Duration::from_secs(30), "the wiped node's life declared failed", |s| {
+            s.is_stable() && s.nodes[&wiped].status == NodeStatus::Failed
+        })
+        .await;
+    });
+}
+
 /// Three active nodes, all voting.
 async fn three_voters(net: &MemNetwork) -> Vec<Node> {
     let nodes = cluster(net, 3, SupervisorConfig::loopback()).await;
