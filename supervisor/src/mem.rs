@@ -22,6 +22,8 @@ struct Hub {
     /// (answering, calling): the calling node's requests arrive, their answers do not.
     muted: BTreeSet<(u64, u64)>,
     down: BTreeSet<u64>,
+    /// Calls made, whether or not they arrived, by (caller, callee).
+    calls: HashMap<(u64, u64), u64>,
     delay: Duration,
     drop_rate: f64,
     rng: StdRng,
@@ -47,6 +49,7 @@ impl MemNetwork {
                 cut: BTreeSet::new(),
                 muted: BTreeSet::new(),
                 down: BTreeSet::new(),
+                calls: HashMap::new(),
                 delay: Duration::ZERO,
                 drop_rate: 0.0,
                 rng: StdRng::seed_from_u64(seed),
@@ -100,6 +103,11 @@ impl MemNetwork {
         hub.handlers.remove(&node);
     }
 
+    /// How many calls `from` made to `to` so far, whether or not they arrived.
+    pub fn calls(&self, from: u64, to: u64) -> u64 {
+        self.hub().calls.get(&(from, to)).copied().unwrap_or(0)
+    }
+
     /// Delays every message by `delay`, each way.
     pub fn set_delay(&self, delay: Duration) {
         self.hub().delay = delay;
@@ -114,6 +122,9 @@ impl MemNetwork {
     /// says the message answers a call `to` made.
     fn route(&self, from: u64, to: u64, answer: bool) -> (Option<Arc<dyn Handler>>, Duration) {
         let mut hub = self.hub();
+        if !answer {
+            *hub.calls.entry((from, to)).or_default() += 1;
+        }
         let rate = hub.drop_rate.clamp(0.0, 1.0);
         let dropped = rate > 0.0 && hub.rng.random_bool(rate);
         let blocked = dropped

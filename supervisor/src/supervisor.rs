@@ -977,29 +977,21 @@ impl Supervisor {
     /// Every peer is asked and the newest view decides, since a peer that left or was cut off
     /// holds a frozen view.
     pub(crate) async fn check_fenced(self: Arc<Self>) {
-        let peers: Vec<(u64, String)> = self
-            .state()
+        // The members first. Nodes this node's state has as departed only when no member
+        // answers: one may have come back as a new life this node has not heard of, but asking
+        // them on every check had every follower dial every node that ever left, every few
+        // seconds, for ever.
+        let state = self.state();
+        let (members, departed): (Vec<_>, Vec<_>) = state
             .nodes
             .iter()
             .filter(|(&id, _)| id != self.me.id)
-            .map(|(&id, r)| (id, r.addr.clone()))
-            .collect();
-        let me = &self;
-        let asks = peers.into_iter().map(|(peer, addr)| {
-            me.transport.set_peer(peer, addr);
-            async move {
-                match me.call(peer, &Request::State, me.config.rpc_timeout).await {
-                    Ok(Response::View(view)) => Some(view),
-                    Ok(_) => None,
-                    Err(error) => {
-                        tracing::debug!(node = me.me.id, peer, %error, "fence check: peer did not answer");
-                        None
-                    }
-                }
-            }
-        });
-        let views = futures::future::join_all(asks).await;
-        let Some(view) = views.into_iter().flatten().max_by_key(|v| v.state.epoch) else { return };
+            .partition(|(_, r)| r.status.is_live());
+        let mut view = self.newest_view(&members).await;
+        if view.is_none() {
+            view = self.newest_view(&departed).await;
+        }
+        let Some(view) = view else { return };
         // Only a view newer than or as new as ours may tell us we were declared failed.
         let ours = self.state().epoch;
         if view.state.epoch < ours {
@@ -1068,6 +1060,24 @@ impl Supervisor {
             Ok(Err(refusal)) => tracing::warn!(%refusal, "rejoin refused; will try again"),
             Err(error) => tracing::warn!(%error, "rejoin failed; will try again"),
         }
+    }
+
+    /// The newest view of the cluster among those `peers` give.
+    async fn newest_view(&self, peers: &[(&u64, &NodeRecord)]) -> Option<Box<View>> {
+        let asks = peers.iter().map(|&(&peer, record)| {
+            self.transport.set_peer(peer, record.addr.clone());
+            async move {
+                match self.call(peer, &Request::State, self.config.rpc_timeout).await {
+                    Ok(Response::View(view)) => Some(view),
+                    Ok(_) => None,
+                    Err(error) => {
+                        tracing::debug!(node = self.me.id, peer, %error, "fence check: peer did not answer");
+                        None
+                    }
+                }
+            }
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().max_by_key(|v| v.state.epoch)
     }
 
     /// The leader's periodic work: raft membership follows the cluster state, and the failure

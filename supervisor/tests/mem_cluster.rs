@@ -283,6 +283,35 @@ fn a_node_whose_data_directory_was_wiped_is_not_admitted_as_its_active_life_with
     });
 }
 
+#[test]
+fn members_do_not_keep_calling_a_node_that_left() {
+    replay(async {
+        use gobelins_supervisor::state::Command;
+        let net = MemNetwork::new(19);
+        let nodes = three_voters(&net).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let leaver = (1..=3).rev().find(|&id| id != leader).expect("a follower");
+        let follower = (1..=3).find(|&id| id != leader && id != leaver).expect("another");
+        let leave = Command::Leave { node: leaver };
+        let at_leader = &nodes[leader as usize - 1].supervisor;
+        assert!(matches!(at_leader.propose(leave).await, Ok(Ok(_))));
+        let others: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != leaver).collect();
+        until_all(&others, Duration::from_secs(30), "the leave ended", |s| {
+            s.is_stable() && s.nodes[&leaver].status == NodeStatus::Left
+        })
+        .await;
+        net.crash(leaver);
+        // Past the calls already under way.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+
+        let before = (net.calls(follower, leaver), net.calls(leader, leaver));
+        // Twenty fence checks' worth on the follower.
+        tokio::time::sleep(SupervisorConfig::loopback().failure_timeout * 60).await;
+        let after = (net.calls(follower, leaver), net.calls(leader, leaver));
+        assert_eq!(after, before, "calls to the node that left, (follower, leader)");
+    });
+}
+
 /// Three active nodes, all voting.
 async fn three_voters(net: &MemNetwork) -> Vec<Node> {
     let nodes = cluster(net, 3, SupervisorConfig::loopback()).await;
