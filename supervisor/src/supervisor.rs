@@ -167,8 +167,8 @@ pub struct Supervisor {
     services: Box<dyn Fn() -> Registry + Send + Sync>,
     /// The incarnation, declared dead by the cluster, whose host was last renewed.
     renewed_for: AtomicU64,
-    /// The incarnation this process last moved to (0: none; a restarted process starts at the
-    /// one it persisted). Only a life this process made may be admitted by asking again: a
+    /// The incarnation this process last moved to, or whose services it started afresh for
+    /// (`u64::MAX`: none; a restarted process starts at the one it persisted). Only a life this process made may be admitted by asking again: a
     /// restarted process's last life is recovered, never resumed with empty services.
     renewed_to: AtomicU64,
     /// A change of raft voters is under way: it can wait long (a new voter far behind, or a
@@ -241,7 +241,7 @@ impl Supervisor {
             services: parts.services,
             // No incarnation is u64::MAX: the first declared-dead life always renews.
             renewed_for: AtomicU64::new(u64::MAX),
-            renewed_to: AtomicU64::new(0),
+            renewed_to: AtomicU64::new(u64::MAX),
             reconciling: AtomicBool::new(false),
             joining: Mutex::new(HashMap::new()),
             admitted: AtomicBool::new(false),
@@ -384,7 +384,9 @@ impl Supervisor {
 
     /// Asks the cluster at `seed` to admit this node; retries until `deadline`.
     pub async fn join_via(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
-        let request = Request::Join(self.join_request());
+        let join = self.join_request();
+        let asked = join.incarnation;
+        let request = Request::Join(join);
         let until = Instant::now() + deadline;
         let mut last = String::from("no attempt");
         // The seed answered, and only the cluster's recovery of this node's last life stood in
@@ -414,17 +416,17 @@ impl Supervisor {
                         return Err(SupervisorError::Refused(format!(
                             "node {}'s life {} is already active in the cluster, but this process \
                              never served it: its entries are elsewhere, and serving them empty \
-                             would lose them. An agent restarted from its data directory recovers \
-                             that life by itself and rejoins as a new one (no join is needed); if \
-                             this node's data directory was wiped, stop this agent until the \
-                             cluster declares the node failed (`gobelins status`), then start it \
-                             again",
+                             would lose them. An agent restarted from its data directory (this \
+                             one, started again) recovers that life by itself and rejoins as a new \
+                             one: no join is needed",
                             self.me.id,
                             self.incarnation()
                         )));
                     }
                     Response::Proposed(Ok(outcome)) => {
-                        if outcome.is_ok() {
+                        // An answer that took long may be for a life declared failed since,
+                        // which another call renewed: that life's own join admits it.
+                        if outcome.is_ok() && self.incarnation() == asked {
                             self.admit_life();
                         }
                         return Ok(outcome);
@@ -443,7 +445,7 @@ impl Supervisor {
         let advice = if recovering {
             "the seed answered, but the change that deals with this node's last life has not \
              finished: `gobelins status` on a member shows the change under way and what it \
-             waits for; start this node again once the cluster is stable"
+             waits for"
         } else {
             "is an agent of this cluster running there?"
         };
@@ -1036,6 +1038,9 @@ impl Supervisor {
                 tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
                 return;
             }
+            // Made here even when the incarnation did not move (no record of this node in the
+            // newest view): its services were started afresh, so asking again is safe.
+            self.renewed_to.store(self.incarnation(), Ordering::SeqCst);
         } else {
             tracing::warn!(
                 node = self.me.id,
