@@ -243,6 +243,7 @@ impl<N: Net> Agent<N> {
             }),
             host,
             services: Box::new(services),
+            fresh: !restarted,
         })
         .await;
         let supervisor = match supervisor {

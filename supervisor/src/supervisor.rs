@@ -22,6 +22,7 @@ use bytes::Bytes;
 use gobelins_adaptation::{codec, Host, Progress, Registry, Update};
 use gobelins_locator::{Epoch, Labels, NodeId, Snapshot};
 use openraft::error::{ClientWriteError, RaftError};
+use openraft::raft::VoteResponse;
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -190,6 +191,8 @@ pub struct Supervisor {
     lifecycle: watch::Sender<Lifecycle>,
     /// Persists a new incarnation before the node rejoins with it.
     save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
+    /// Started on a data directory never admitted to a cluster (see [`Parts::fresh`]).
+    fresh: bool,
     shutdown: CancellationToken,
 }
 
@@ -216,6 +219,10 @@ pub struct Parts {
     /// Builds the same services afresh, for a new life of the host after this node was declared
     /// failed while it still ran.
     pub services: Box<dyn Fn() -> Registry + Send + Sync>,
+    /// The data directory was never admitted to a cluster. Until this process's life is
+    /// admitted, it grants no raft vote: were the directory a voter's, wiped, its empty log
+    /// could elect a leader that lacks entries this node helped commit.
+    pub fresh: bool,
 }
 
 impl Supervisor {
@@ -248,6 +255,7 @@ impl Supervisor {
             admission: tokio::sync::Notify::new(),
             lifecycle,
             save_incarnation: parts.save_incarnation,
+            fresh: parts.fresh,
             shutdown: CancellationToken::new(),
         });
         // Set once, here; a second set would mean two supervisors on one transport.
@@ -668,6 +676,18 @@ impl Supervisor {
         let response = match request {
             Request::AppendEntries(r) => {
                 Response::AppendEntries(Box::pin(self.raft.append_entries(r)).await)
+            }
+            Request::Vote(r) if self.fresh && !self.life_admitted() => {
+                tracing::warn!(
+                    node = self.me.id,
+                    candidate = r.vote.leader_id().voted_for(),
+                    "vote refused: this node's data directory is new and the cluster has not admitted it; if it was a voter's, wiped, its log no longer holds what it voted on"
+                );
+                Response::Vote(Ok(VoteResponse {
+                    vote: r.vote,
+                    vote_granted: false,
+                    last_log_id: None,
+                }))
             }
             Request::Vote(r) => Response::Vote(Box::pin(self.raft.vote(r)).await),
             Request::InstallSnapshot(r) => {

@@ -57,6 +57,7 @@ async fn node_on(
         save_incarnation: Box::new(|_| Ok(())),
         host,
         services: Box::new(services),
+        fresh: true,
     })
     .await
     .expect("supervisor starts");
@@ -280,6 +281,48 @@ fn a_node_whose_data_directory_was_wiped_is_not_admitted_as_its_active_life_with
             s.is_stable() && s.nodes[&wiped].status == NodeStatus::Failed
         })
         .await;
+    });
+}
+
+/// The entry a wiped voter helped commit must survive: its empty log must not make up the
+/// quorum that elects a node which never had the entry.
+#[test]
+fn a_voter_whose_data_directory_was_wiped_elects_no_leader_that_lacks_what_it_committed() {
+    replay(async {
+        use gobelins_supervisor::state::Command;
+        let net = MemNetwork::new(23);
+        let config = SupervisorConfig::loopback();
+        let mut nodes = three_voters(&net).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let wiped = (1..=3).rev().find(|&id| id != leader).expect("a follower");
+        let behind = (1..=3).find(|&id| id != leader && id != wiped).expect("another");
+
+        // Committed by the leader and the node about to be wiped, while the third hears nothing.
+        net.isolate(behind, [leader, wiped]);
+        let spec = gobelins_kvdir::KvDir::declaration();
+        let at_leader = Arc::clone(&nodes[leader as usize - 1].supervisor);
+        let registered = at_leader.propose(Command::Register(spec.clone())).await;
+        assert!(matches!(registered, Ok(Ok(_))), "{registered:?}");
+
+        // The wiped node comes back at once on an empty directory; the leader dies.
+        for id in [wiped, leader] {
+            let old = &nodes[id as usize - 1];
+            old.supervisor.shutdown().await;
+            net.crash(id);
+        }
+        nodes[wiped as usize - 1] = node(&net, wiped, config).await;
+        net.heal();
+
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        for id in [behind, wiped] {
+            let n = &nodes[id as usize - 1].supervisor;
+            if n.leader() == Some(id) {
+                assert!(
+                    n.state().declared(spec.id).is_some(),
+                    "node {id} leads without the registration the old quorum committed"
+                );
+            }
+        }
     });
 }
 
