@@ -8,9 +8,10 @@
 //!
 //! Each cell is measured in pairs: one STAT run and one DYN run back to back, the order
 //! alternating from pair to pair (an even number of pairs, so that each mode goes first as
-//! often), after one pair at that size to warm up. A pair sees one state of the machine, so its
-//! ratio DYN/STAT is one measurement of the overhead; the cell's overhead is the median of its
-//! pairs' overheads, printed with the quartiles of the pairs. A cell takes at least `--runs`
+//! often), after one pair at that size to warm up. Two pairs in a row (STAT, DYN, DYN, STAT)
+//! see one state of the machine and owe nothing to which run came first in a pair, so their
+//! summed times' ratio DYN/STAT is one measurement of the overhead; the cell's overhead is the
+//! median of these, printed with their quartiles. A cell takes at least `--runs`
 //! pairs and goes on until its runs have taken `--cell-seconds` (at most 1,000 pairs): a small
 //! matrix runs in a few milliseconds, where one pair's ratio swings by ±10% with the machine,
 //! and six pairs of it would leave the median to chance. With 2 s (about 140 pairs of 2 × 64)
@@ -19,9 +20,9 @@
 //! spread by two fifths. The medians of each mode's times are
 //! printed too, with the overhead they give, which drift on the machine between runs moves
 //! more. Each cell also gets a range that holds its median with about 95% confidence (order
-//! statistics of its pairs), and a line after the table counts the cells surely under 1%,
-//! surely over, and those whose pairs cannot tell: a large matrix has time for six pairs,
-//! whose range runs from the smallest to the largest. `routed` is how many requests a DYN run
+//! statistics of its pairs of pairs), and a line after the table counts the cells surely under
+//! 1%, surely over, and those whose pairs cannot tell: a large matrix has time for six pairs,
+//! three pairs of pairs, too few for a range. `routed` is how many requests a DYN run
 //! sends through the router from its first barrier to its last, both included (STAT tells
 //! them instead), and
 //! `µs/routed` the median over the pairs of DYN's time less STAT's, per such request: the
@@ -37,6 +38,11 @@
 //! The result is checked: max |QᵀQ − I| must stay under 1e-8.
 //!
 //! The last line is `mgs: max_overhead_pct=<x> max_orthogonality_error=<e> runs=<n>`.
+//!
+//! `--null` measures what the table can tell on this machine: the same cells, pairs and
+//! statistics, but both runs of every pair STAT, so that every "overhead" is noise. Its last
+//! line is `mgs --null: max_overhead_pct=<x> ...`, the largest median a placement that costs
+//! nothing would show; the join during MGS is left out.
 
 use gobelins_adaptation::{plugin, ChangeRecord, Host, HostConfig, Registry};
 use gobelins_dsm::{barrier_key, Dsm, DsmConfig, DsmNode, PageId, Placement, Segment, PAGE_SIZE};
@@ -313,6 +319,20 @@ fn median_range(sorted: &[f64]) -> Option<(f64, f64)> {
     Some((sorted[low - 1], sorted[high - 1]))
 }
 
+/// The overheads of a cell's pairs taken two at a time, sorted: pair `2i` ran STAT first and
+/// pair `2i + 1` the other first, so each two make STAT, B, B, STAT, whose sums cancel what a
+/// run owes to its place in the pair. One pair alone does not: in `--null` runs the run second
+/// in its pair was about 3% slower at 2 × 64, so a pair's ratio was +3% or −3% by its order
+/// alone, and the median of pairs fell anywhere between (BENCHMARKS.md, DSM, stop 36).
+fn abba(stat: &[Duration], second: &[Duration]) -> Vec<f64> {
+    let secs = |v: &[Duration], i: usize| v[2 * i].as_secs_f64() + v[2 * i + 1].as_secs_f64();
+    let mut quads: Vec<f64> = (0..stat.len().min(second.len()) / 2)
+        .map(|i| (secs(second, i) / secs(stat, i) - 1.0) * 100.0)
+        .collect();
+    quads.sort_by(f64::total_cmp);
+    quads
+}
+
 /// A cell's range as the table prints it.
 fn range_text(range: Option<(f64, f64)>) -> String {
     match range {
@@ -535,6 +555,9 @@ fn main() {
             .and_then(|v| v.parse().ok())
             .unwrap_or(5.0),
     );
+    let null = std::env::args().any(|a| a == "--null");
+    // The second run of every pair: DYN, or STAT again to measure the noise alone.
+    let second = if null { Placement::Static } else { Placement::Locator };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
     runtime.block_on(async {
         let mut rows = Vec::new();
@@ -584,36 +607,30 @@ fn main() {
                 while r < runs || (r < 1000 && cell_started.elapsed() < cell_time) || r % 2 == 1 {
                     // Alternate which goes first, so that drift on the machine hits both.
                     let order = if r % 2 == 0 {
-                        [Placement::Static, Placement::Locator]
+                        [(Placement::Static, false), (second, true)]
                     } else {
-                        [Placement::Locator, Placement::Static]
+                        [(second, true), (Placement::Static, false)]
                     };
-                    for placement in order {
+                    for (placement, is_second) in order {
                         let before = delayed_requests(&nodes);
                         let (took, error, routed_in_run) = run(&nodes, n, placement).await;
                         delayed += delayed_requests(&nodes) - before;
                         assert!(error < 1e-8, "MGS went wrong: max |QᵀQ − I| = {error:e}");
                         worst_error = worst_error.max(error);
                         total_runs += 1;
-                        match placement {
-                            Placement::Static => stat.push(took),
-                            Placement::Locator => {
-                                dynamic.push(took);
-                                routed.push(routed_in_run);
-                            }
+                        if is_second {
+                            dynamic.push(took);
+                            routed.push(routed_in_run);
+                        } else {
+                            stat.push(took);
                         }
                     }
                     r += 1;
                 }
-                let mut paired: Vec<f64> = stat
-                    .iter()
-                    .zip(&dynamic)
-                    .map(|(s, d)| (d.as_secs_f64() / s.as_secs_f64() - 1.0) * 100.0)
-                    .collect();
-                paired.sort_by(f64::total_cmp);
-                let overhead = (paired[paired.len() / 2 - 1] + paired[paired.len() / 2]) / 2.0;
-                let quartiles = (paired[paired.len() / 4], paired[paired.len() * 3 / 4]);
-                let range = median_range(&paired);
+                let quads = abba(&stat, &dynamic);
+                let overhead = (quads[(quads.len() - 1) / 2] + quads[quads.len() / 2]) / 2.0;
+                let quartiles = (quads[quads.len() / 4], quads[quads.len() * 3 / 4]);
+                let range = median_range(&quads);
                 // DYN's time over STAT's in each pair, per request the DYN run routed: the
                 // overhead as a cost per request, to hold against the adaptation example's
                 // (cold, routed against told).
@@ -651,10 +668,13 @@ fn main() {
         println!();
         println!(
             "MGS on the DSM: at least {runs} pairs of runs per cell and {:.1} s of runs, STAT = page % n, \
-             DYN = the locator; overhead = median over the pairs of DYN/STAT - 1, with a range that \
-             holds it with 95% confidence and the pairs' quartiles",
+             DYN = the locator; overhead = median over two pairs at a time (STAT DYN DYN STAT) of \
+             DYN/STAT - 1, with a range that holds it with 95% confidence and the quartiles",
             cell_time.as_secs_f64()
         );
+        if null {
+            println!("--null: the DYN column is STAT run again; every overhead below is the machine's noise");
+        }
         println!(
             "{:>6} {:>6} {:>6} {:>12} {:>12} {:>18} {:>10} {:>20} {:>20} {:>8} {:>10} {:>9}",
             "nodes",
@@ -694,6 +714,12 @@ fn main() {
             rows.len() - under - over
         );
 
+        if null {
+            println!(
+                "mgs --null: max_overhead_pct={worst_overhead:.2} max_orthogonality_error={worst_error:.2e} runs={total_runs}"
+            );
+            return;
+        }
         // Figure 10: a node joins while MGS runs (DYN); the change's phases, and the run's time
         // against the same size without a change.
         let count = node_counts[0];
