@@ -204,10 +204,15 @@ impl<N: Net> Agent<N> {
         let incarnation = match dir.incarnation()? {
             Some(i) => i,
             None => {
+                // First: a crash between the two leaves a directory that starts afresh again.
+                dir.mark_unadmitted()?;
                 dir.save_incarnation(1)?;
                 1
             }
         };
+        // Not `!restarted`: a start refused (its join, say) leaves an incarnation behind, and
+        // a wiped voter started twice must not vote on its second start either.
+        let fresh = dir.unadmitted()?;
         let me = Me { id: node, addr: addr.clone(), labels: options.labels.clone() };
 
         let (log, machine) = store::open_with(&dir.store_path(), options.durable)?;
@@ -243,7 +248,11 @@ impl<N: Net> Agent<N> {
             }),
             host,
             services: Box::new(services),
-            fresh: !restarted,
+            fresh,
+            admitted_first: {
+                let dir = dir.clone();
+                Box::new(move || dir.clear_unadmitted())
+            },
         })
         .await;
         let supervisor = match supervisor {

@@ -5,6 +5,7 @@
 //!   cluster.secret       cluster id and key (0600), from --bootstrap or --secret-file
 //!   node.id              this node's id
 //!   incarnation          this node's current life; raised when it rejoins after a failure
+//!   unadmitted           present until a cluster first admits this directory's node
 //!   raft.redb            raft log, vote and snapshots
 //!   control.sock         the CLI's Unix socket (0600)
 //! ```
@@ -106,7 +107,33 @@ impl DataDir {
     pub fn save_incarnation(&self, incarnation: u64) -> Result<()> {
         self.write_number("incarnation", incarnation)
     }
+
+    /// Marks the directory as never admitted to a cluster: written at its first start, before
+    /// the incarnation, and kept through restarts until the node is first admitted. Such a
+    /// node grants no raft vote, for its raft store may be a wiped voter's.
+    pub fn mark_unadmitted(&self) -> Result<()> {
+        self.write_number(UNADMITTED, 1)
+    }
+
+    /// Whether the directory's node was never admitted to a cluster (see
+    /// [`DataDir::mark_unadmitted`]). A directory older than the mark counts as admitted.
+    pub fn unadmitted(&self) -> Result<bool> {
+        Ok(self.read_number(UNADMITTED)?.is_some())
+    }
+
+    /// Removes the mark: the node was admitted.
+    pub fn clear_unadmitted(&self) -> Result<()> {
+        let path = self.root.join(UNADMITTED);
+        match std::fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.root),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+        .map_err(|e| SupervisorError::io(format!("removing {}", path.display()), e))
+    }
 }
+
+const UNADMITTED: &str = "unadmitted";
 
 /// Makes the names created or renamed in `dir` durable: without it, a power cut after a rename
 /// can bring the old file back (an incarnation already used, say).

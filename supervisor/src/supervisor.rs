@@ -191,8 +191,11 @@ pub struct Supervisor {
     lifecycle: watch::Sender<Lifecycle>,
     /// Persists a new incarnation before the node rejoins with it.
     save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
-    /// Started on a data directory never admitted to a cluster (see [`Parts::fresh`]).
-    fresh: bool,
+    /// Started on a data directory never admitted to a cluster, and not admitted since (see
+    /// [`Parts::fresh`]).
+    fresh: AtomicBool,
+    /// Records in the data directory that its node was admitted.
+    admitted_first: Box<dyn Fn() -> Result<()> + Send + Sync>,
     shutdown: CancellationToken,
 }
 
@@ -219,10 +222,13 @@ pub struct Parts {
     /// Builds the same services afresh, for a new life of the host after this node was declared
     /// failed while it still ran.
     pub services: Box<dyn Fn() -> Registry + Send + Sync>,
-    /// The data directory was never admitted to a cluster. Until this process's life is
+    /// The data directory was never admitted to a cluster. Until a life of this node is
     /// admitted, it grants no raft vote: were the directory a voter's, wiped, its empty log
     /// could elect a leader that lacks entries this node helped commit.
     pub fresh: bool,
+    /// Called once, at the first admission of a fresh node, to record it (see
+    /// [`crate::datadir::DataDir::clear_unadmitted`]).
+    pub admitted_first: Box<dyn Fn() -> Result<()> + Send + Sync>,
 }
 
 impl Supervisor {
@@ -255,7 +261,8 @@ impl Supervisor {
             admission: tokio::sync::Notify::new(),
             lifecycle,
             save_incarnation: parts.save_incarnation,
-            fresh: parts.fresh,
+            fresh: AtomicBool::new(parts.fresh),
+            admitted_first: parts.admitted_first,
             shutdown: CancellationToken::new(),
         });
         // Set once, here; a second set would mean two supervisors on one transport.
@@ -282,6 +289,12 @@ impl Supervisor {
     /// This node's id.
     pub fn id(&self) -> u64 {
         self.me.id
+    }
+
+    /// Whether this node still refuses raft votes: started on a data directory never admitted
+    /// to a cluster, and not admitted since.
+    pub fn fresh(&self) -> bool {
+        self.fresh.load(Ordering::SeqCst)
     }
 
     /// This node's current incarnation.
@@ -380,6 +393,12 @@ impl Supervisor {
     /// Lets this process's life serve: its host is fed the cluster's state from now on.
     pub fn admit_life(&self) {
         self.admitted.store(true, Ordering::SeqCst);
+        if self.fresh.swap(false, Ordering::SeqCst) {
+            if let Err(error) = (self.admitted_first)() {
+                // Kept, the mark only makes the next start refuse votes until it is admitted.
+                tracing::warn!(%error, "cannot record in the data directory that this node was admitted");
+            }
+        }
         // The cluster just vouched for this node: it may serve until the leader's pings take over.
         self.host.lease(Instant::now() + self.lease_span());
         self.admission.notify_one();
@@ -677,7 +696,7 @@ impl Supervisor {
             Request::AppendEntries(r) => {
                 Response::AppendEntries(Box::pin(self.raft.append_entries(r)).await)
             }
-            Request::Vote(r) if self.fresh && !self.life_admitted() => {
+            Request::Vote(r) if self.fresh.load(Ordering::SeqCst) => {
                 tracing::warn!(
                     node = self.me.id,
                     candidate = r.vote.leader_id().voted_for(),
@@ -1000,9 +1019,10 @@ impl Supervisor {
     /// holds a frozen view.
     pub(crate) async fn check_fenced(self: Arc<Self>) {
         // The members first. Nodes this node's state has as departed only when no member
-        // answers: one may have come back as a new life this node has not heard of, but asking
-        // them on every check had every follower dial every node that ever left, every few
-        // seconds, for ever.
+        // answers with a view as new as this node's own (a member may be cut off too, or a
+        // leaver whose view froze): one may have come back as a new life this node has not
+        // heard of. Asking them on every check had every follower dial every node that ever
+        // left, every few seconds, for ever.
         let state = self.state();
         let (members, departed): (Vec<_>, Vec<_>) = state
             .nodes
@@ -1010,8 +1030,9 @@ impl Supervisor {
             .filter(|(&id, _)| id != self.me.id)
             .partition(|(_, r)| r.status.is_live());
         let mut view = self.newest_view(&members).await;
-        if view.is_none() {
-            view = self.newest_view(&departed).await;
+        if view.as_ref().is_none_or(|v| v.state.epoch < state.epoch) {
+            let theirs = self.newest_view(&departed).await;
+            view = [view, theirs].into_iter().flatten().max_by_key(|v| v.state.epoch);
         }
         let Some(view) = view else { return };
         // Only a view newer than or as new as ours may tell us we were declared failed.

@@ -7,6 +7,7 @@ use gobelins_adaptation::{plugin, Context, HostConfig, Registry};
 use gobelins_kvdir::{KvDir, KVDIR};
 use gobelins_locator::{Key, Labels, NodeId, ServiceSpec};
 use gobelins_supervisor::agent::{Agent, AgentOptions, Start};
+use gobelins_supervisor::datadir::DataDir;
 use gobelins_supervisor::net::TokioNet;
 use gobelins_supervisor::secret::ClusterSecret;
 use gobelins_supervisor::{SupervisorConfig, SupervisorError};
@@ -100,6 +101,8 @@ async fn a_join_refused_at_the_handshake_leaves_its_port_and_store_free_for_the_
         "the wrong secret is refused at the handshake: {:?}",
         refused.as_ref().err()
     );
+    // Never admitted: the next start, a restart by its incarnation, still grants no vote.
+    assert!(DataDir::open(&dir).expect("dir").unadmitted().expect("read"), "still unadmitted");
 
     // The store is free once raft's tasks have let it go, a moment after the error: asked
     // again until it is. Left running, they held it for as long as the process lived.
@@ -119,6 +122,9 @@ async fn a_join_refused_at_the_handshake_leaves_its_port_and_store_free_for_the_
         .await
         .expect("the store and the port free again");
     assert!(first.supervisor.state().nodes.contains_key(&2), "node 2 is a member");
+    assert!(!second.supervisor.fresh(), "admitted: it votes");
+    assert!(!DataDir::open(&dir).expect("dir").unadmitted().expect("read"), "admitted, recorded");
+    assert!(!first.dir.unadmitted().expect("read"), "a bootstrap admits its node");
     second.stop().await;
     first.stop().await;
 }

@@ -58,6 +58,7 @@ async fn node_on(
         host,
         services: Box::new(services),
         fresh: true,
+        admitted_first: Box::new(|| Ok(())),
     })
     .await
     .expect("supervisor starts");
