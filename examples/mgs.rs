@@ -14,19 +14,18 @@
 //! median of these, printed with their quartiles. A cell takes at least `--runs`
 //! pairs and goes on until its runs have taken `--cell-seconds` (at most 1,000 pairs): a small
 //! matrix runs in a few milliseconds, where one pair's ratio swings by ±10% with the machine,
-//! and six pairs of it would leave the median to chance. With 2 s (about 140 pairs of 2 × 64)
-//! the same cell's median moved by 3 points between runs, and the worst of fifteen such
-//! medians stood above the overhead by about that much; 5 s (about 400 pairs) narrows that
-//! spread by two fifths. The medians of each mode's times are
+//! and six pairs of it would leave the median to chance (stops 26 and 29 of BENCHMARKS.md, with
+//! single pairs: at 2 s a cell's median moved by 3 points between runs; 5 s narrowed that by
+//! two fifths). The medians of each mode's times are
 //! printed too, with the overhead they give, which drift on the machine between runs moves
 //! more. Each cell also gets a range that holds its median with about 95% confidence (order
 //! statistics of its pairs of pairs), and a line after the table counts the cells surely under
 //! 1%, surely over, and those whose pairs cannot tell: a large matrix has time for six pairs,
 //! three pairs of pairs, too few for a range. `routed` is how many requests a DYN run
 //! sends through the router from its first barrier to its last, both included (STAT tells
-//! them instead), and
-//! `µs/routed` the median over the pairs of DYN's time less STAT's, per such request: the
-//! overhead as a cost per request, which the adaptation example's cold rounds time alone.
+//! them instead), and `µs/routed` the median over the pairs of pairs of DYN's time less
+//! STAT's, per such request: the overhead as a cost per request, which the adaptation example's
+//! cold rounds time alone (meaningless under `--null`, where nothing is routed).
 //!
 //! Column `j` of the n×n matrix lives in its own pages and is computed by node `(j / 2) % N`:
 //! columns are dealt in pairs, so that the node computing a column is the manager of its
@@ -302,12 +301,12 @@ fn delayed_requests(nodes: &[Node]) -> u64 {
     nodes.iter().map(|n| n.agent.supervisor.host().stats().requests_delayed).sum()
 }
 
-/// A range that holds the median of the pairs' population with at least about 95% confidence,
-/// from `sorted` alone (order statistics: the count of pairs below the median is binomial, n
-/// and 1/2). A cell whose range straddles a target cannot say on which side of it the overhead
-/// lies, however its own median falls: with six pairs of a large matrix, the range is the
-/// smallest pair to the largest. `None` under six pairs, where even that range holds the
-/// median less often (two pairs: half the time).
+/// A range that holds the median of the population `sorted` samples with at least about 95%
+/// confidence (order statistics: the count of samples below the median is binomial, n and
+/// 1/2); the samples are a cell's pairs of pairs. A cell whose range straddles a target cannot
+/// say on which side of it the overhead lies, however its own median falls: with six samples,
+/// the range is the smallest to the largest. `None` under six, where even that range holds the
+/// median less often (two: half the time).
 fn median_range(sorted: &[f64]) -> Option<(f64, f64)> {
     if sorted.len() < 6 {
         return None;
@@ -634,15 +633,17 @@ fn main() {
                 // DYN's time over STAT's in each pair, per request the DYN run routed: the
                 // overhead as a cost per request, to hold against the adaptation example's
                 // (cold, routed against told).
-                let mut per_request: Vec<f64> = stat
-                    .iter()
-                    .zip(&dynamic)
-                    .zip(&routed)
-                    .map(|((s, d), &r)| (d.as_secs_f64() - s.as_secs_f64()) * 1e6 / r.max(1) as f64)
+                // Taken two pairs at a time too, for the reason `abba` gives.
+                let mut per_request: Vec<f64> = (0..stat.len() / 2)
+                    .map(|i| {
+                        let sum = |v: &[Duration]| (v[2 * i] + v[2 * i + 1]).as_secs_f64();
+                        let requests = (routed[2 * i] + routed[2 * i + 1]).max(1) as f64;
+                        (sum(&dynamic) - sum(&stat)) * 1e6 / requests
+                    })
                     .collect();
                 per_request.sort_by(f64::total_cmp);
-                let middle = per_request.len() / 2;
-                let per_request = (per_request[middle - 1] + per_request[middle]) / 2.0;
+                let per_request =
+                    (per_request[(per_request.len() - 1) / 2] + per_request[per_request.len() / 2]) / 2.0;
                 routed.sort_unstable();
                 let routed_per_run = routed[routed.len() / 2];
                 let (s, d) = (median(stat), median(dynamic));
