@@ -169,8 +169,9 @@ pub struct Supervisor {
     /// The incarnation, declared dead by the cluster, whose host was last renewed.
     renewed_for: AtomicU64,
     /// The incarnation this process last moved to, or whose services it started afresh for
-    /// (`u64::MAX`: none; a restarted process starts at the one it persisted). Only a life this process made may be admitted by asking again: a
-    /// restarted process's last life is recovered, never resumed with empty services.
+    /// (`u64::MAX`: none; a restarted process starts at the one it persisted). Only a life this
+    /// process made may be admitted by asking again: a restarted process's last life is
+    /// recovered, never resumed with empty services.
     renewed_to: AtomicU64,
     /// A change of raft voters is under way: it can wait long (a new voter far behind, or a
     /// joint configuration that needs a node that just died), and the leader's other duties
@@ -1015,8 +1016,8 @@ impl Supervisor {
 
     /// Asks the peers whether the cluster declared this node failed; if so, fences: rejoins
     /// under a new incarnation, as a new life of the same node, through the freshest leader.
-    /// Every peer is asked and the newest view decides, since a peer that left or was cut off
-    /// holds a frozen view.
+    /// The newest view the peers give decides, since a peer that left or was cut off holds a
+    /// frozen view. Asks again, too, when this process's rejoin was taken but not answered.
     pub(crate) async fn check_fenced(self: Arc<Self>) {
         // The members first. Nodes this node's state has as departed only when no member
         // answers with a view as new as this node's own (a member may be cut off too, or a

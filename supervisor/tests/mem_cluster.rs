@@ -116,6 +116,16 @@ async fn until_active(nodes: &[Node], count: usize) {
     .await;
 }
 
+/// Waits until every node holds a stable configuration with `node` active as incarnation 2.
+async fn until_back_as_second_life(nodes: &[&Node], node: u64) {
+    until_all(nodes, Duration::from_secs(60), &format!("node {node} back as incarnation 2"), |s| {
+        s.is_stable()
+            && s.nodes[&node].status == NodeStatus::Active
+            && s.nodes[&node].incarnation == 2
+    })
+    .await;
+}
+
 /// Waits until every node sees `count` raft voters.
 async fn until_voters(nodes: &[&Node], count: usize) {
     let start = tokio::time::Instant::now();
@@ -188,12 +198,7 @@ fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing() {
         );
 
         net.heal();
-        until_all(&all, Duration::from_secs(60), "the old leader back as incarnation 2", |s| {
-            s.is_stable()
-                && s.nodes[&leader].status == NodeStatus::Active
-                && s.nodes[&leader].incarnation == 2
-        })
-        .await;
+        until_back_as_second_life(&all, leader).await;
         assert_all_agree(&nodes, "after healing");
     });
 }
@@ -235,12 +240,7 @@ fn a_rejoin_committed_whose_answer_was_lost_is_asked_again_and_admitted() {
 
         net.heal();
         let all: Vec<&Node> = nodes.iter().collect();
-        until_all(&all, Duration::from_secs(60), "x admitted as incarnation 2", |s| {
-            s.is_stable()
-                && s.nodes[&x].status == NodeStatus::Active
-                && s.nodes[&x].incarnation == 2
-        })
-        .await;
+        until_back_as_second_life(&all, x).await;
         assert!(at(x).supervisor.life_admitted());
         assert_all_agree(&nodes, "after the rejoin");
     });
