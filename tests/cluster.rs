@@ -260,15 +260,20 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
 
 /// Three agents on 127.0.0.1-3, nodes 1 (bootstrap), 2 and 3, active and stable.
 fn three_agents(root: &Path, limit: Duration) -> Vec<Agent> {
+    three_agents_with(root, limit, &[])
+}
+
+/// [`three_agents`], each agent started with `extra` too.
+fn three_agents_with(root: &Path, limit: Duration, extra: &[&str]) -> Vec<Agent> {
     let addrs: Vec<String> = (1..=3).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
-    let first = start(root, 1, &addrs[0], &["--bootstrap"]);
+    let first = start(root, 1, &addrs[0], &[&["--bootstrap"], extra].concat());
     wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
     let secret = first.dir.join("cluster.secret");
     let secret = secret.to_str().expect("utf-8 path").to_string();
     let mut agents = vec![first];
     for i in 2..=3u64 {
-        let extra = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
-        agents.push(start(root, i, &addrs[i as usize - 1], &extra));
+        let join = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
+        agents.push(start(root, i, &addrs[i as usize - 1], &[&join, extra].concat()));
     }
     let all: Vec<(u64, &str, u64)> = (1..=3).map(|i| (i, "active", 1)).collect();
     wait_until("three active nodes", limit, || stable_with(&agents[0].dir, &all));
@@ -437,6 +442,56 @@ fn a_node_restarted_while_the_cluster_has_no_quorum_comes_back_once_it_has() {
 }
 
 /// The child's exit status, failing if it has not exited within `limit`.
+/// A node killed, its data directory wiped, and started again with its old id before the
+/// cluster noticed: refused rather than served as the life it had, with empty services. Started
+/// once more (as a unit that restarts it would), it recovers that life from the replicas and
+/// rejoins as a new one, and nothing written is lost.
+#[test]
+fn a_node_whose_data_directory_was_wiped_is_refused_then_comes_back_as_a_new_life() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    // Slow to declare a failure: the wiped node's first start must find its old life active.
+    let timers = ["--failure-timeout-ms", "20000"];
+    let mut agents = three_agents_with(root.path(), limit, &timers);
+    let socket = agents[0].dir.join("control.sock");
+    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
+    let keys = 300u64;
+    for key in 0..keys {
+        let put = kvdir::Request::Put(key.to_le_bytes().to_vec());
+        assert!(matches!(call(&socket, key, &put), Some(kvdir::Response::Stored { .. })));
+    }
+
+    let wiped = &mut agents[2];
+    wiped.child.as_mut().expect("child").kill().expect("kill -9");
+    wiped.child.take().expect("child").wait().expect("reap");
+    std::fs::remove_dir_all(&wiped.dir).expect("wipe the data directory");
+    let secret = agents[0].dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let join = ["--join", agents[0].addr.as_str(), "--secret-file", secret.as_str()];
+    let args = [&join[..], &timers].concat();
+    let mut refused = spawn(&agents[2], &args);
+    assert!(!exit_within(&mut refused, limit).success(), "the wiped node is refused");
+    assert!(log_of(&agents[2]).contains("never served it"), "{}", log_of(&agents[2]));
+
+    agents[2].child = Some(spawn(&agents[2], &args));
+    wait_showing(&agents, "node 3 back as a new life", limit, || {
+        status(&agents[0].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && node_status(&s, 3).is_some_and(|(st, inc)| st == "active" && inc >= 2)
+                && [1, 2].iter().all(|&n| node_status(&s, n).is_some_and(|(st, _)| st == "active"))
+        })
+    });
+    for socket in [socket.clone(), agents[2].dir.join("control.sock")] {
+        for key in 0..keys {
+            let value = match call(&socket, key, &kvdir::Request::Get) {
+                Some(kvdir::Response::Value(Some(v))) => v.value.to_vec(),
+                other => panic!("key {key} through {}: {other:?}", socket.display()),
+            };
+            assert_eq!(value, key.to_le_bytes().to_vec(), "key {key}");
+        }
+    }
+}
+
 fn exit_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     let start = Instant::now();
     loop {
