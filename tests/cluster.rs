@@ -456,10 +456,7 @@ fn a_node_whose_data_directory_was_wiped_is_refused_then_comes_back_as_a_new_lif
     let socket = agents[0].dir.join("control.sock");
     wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 300u64;
-    for key in 0..keys {
-        let put = kvdir::Request::Put(key.to_le_bytes().to_vec());
-        assert!(matches!(call(&socket, key, &put), Some(kvdir::Response::Stored { .. })));
-    }
+    put_keys(&socket, keys);
 
     let wiped = &mut agents[2];
     wiped.child.as_mut().expect("child").kill().expect("kill -9");
@@ -482,13 +479,29 @@ fn a_node_whose_data_directory_was_wiped_is_refused_then_comes_back_as_a_new_lif
         })
     });
     for socket in [socket.clone(), agents[2].dir.join("control.sock")] {
-        for key in 0..keys {
-            let value = match call(&socket, key, &kvdir::Request::Get) {
-                Some(kvdir::Response::Value(Some(v))) => v.value.to_vec(),
-                other => panic!("key {key} through {}: {other:?}", socket.display()),
-            };
-            assert_eq!(value, key.to_le_bytes().to_vec(), "key {key}");
-        }
+        assert_keys_read_back(&socket, keys);
+    }
+}
+
+/// Writes keys `0..keys` through the agent at `socket`, each key's value its own bytes.
+fn put_keys(socket: &Path, keys: u64) {
+    for key in 0..keys {
+        let put = kvdir::Request::Put(key.to_le_bytes().to_vec());
+        assert!(
+            matches!(call(socket, key, &put), Some(kvdir::Response::Stored { .. })),
+            "write {key}"
+        );
+    }
+}
+
+/// Every key [`put_keys`] wrote reads back as written through the agent at `socket`.
+fn assert_keys_read_back(socket: &Path, keys: u64) {
+    for key in 0..keys {
+        let value = match call(socket, key, &kvdir::Request::Get) {
+            Some(kvdir::Response::Value(Some(v))) => v.value.to_vec(),
+            other => panic!("key {key} through {}: {other:?}", socket.display()),
+        };
+        assert_eq!(value, key.to_le_bytes().to_vec(), "key {key}");
     }
 }
 
@@ -558,13 +571,7 @@ fn restarted_before_anyone_noticed(restart: Restart) {
     let failed_before = stats_of(&agents[0].dir)["stats"]["requests_failed"].as_u64();
 
     let keys = 600u64;
-    for key in 0..keys {
-        let put = kvdir::Request::Put(key.to_le_bytes().to_vec());
-        assert!(
-            matches!(call(&socket, key, &put), Some(kvdir::Response::Stored { .. })),
-            "write {key}"
-        );
-    }
+    put_keys(&socket, keys);
 
     // Killed and restarted at once, before the failure detector could notice: the process
     // lost its services' memory, so its last life must be recovered like a crash.
@@ -609,13 +616,7 @@ fn restarted_before_anyone_noticed(restart: Restart) {
         assert!(agents[1].dir.join("cluster.secret").exists(), "the secret is kept now");
     }
     for socket in [socket.clone(), agents[1].dir.join("control.sock")] {
-        for key in 0..keys {
-            let value = match call(&socket, key, &kvdir::Request::Get) {
-                Some(kvdir::Response::Value(Some(v))) => v.value.to_vec(),
-                other => panic!("key {key} through {}: {other:?}", socket.display()),
-            };
-            assert_eq!(value, key.to_le_bytes().to_vec(), "key {key}");
-        }
+        assert_keys_read_back(&socket, keys);
     }
 
     // What an operator reads off node 1: every request it sent completed, and it took part in
