@@ -4,7 +4,8 @@
 //!  handle_tick(now, members) ──▶ Ping(n) for each member; Confirm(n) for each silent too long
 //!  handle_pong(n, now)       ──▶ n is alive
 //!  handle_probes(n, answers) ──▶ DeclareFailed(n) if no witness reached n; otherwise n gets
-//!                                 another full timeout (the leader's own link may be the problem)
+//!                                 another full timeout (the leader's own link may be the problem),
+//!                                 up to CUT_OFF_ROUNDS times in a row: then DeclareCutOff(n)
 //! ```
 //!
 //! Only the leader runs it; a new leader starts with a full grace period for every node, so an
@@ -13,6 +14,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Suspicions in a row that witnesses clear before a node the leader still cannot reach is
+/// declared failed anyway. Such a node is alive but of no use to the cluster: it cannot renew
+/// its lease (so it serves nothing), nor learn a configuration (so every change it takes part
+/// in waits for it). Cleared for ever, it stalled every later change, the failures of other
+/// nodes included, until the cut healed. A few rounds first: a leader's link that drops pings
+/// for a moment must not cost a node its life.
+pub const CUT_OFF_ROUNDS: u32 = 3;
 
 /// What the detector asks its driver to do.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,6 +37,9 @@ pub enum Action {
     },
     /// Commit the failure of this node.
     DeclareFailed(u64),
+    /// Commit the failure of this node, which witnesses still reach but the leader has not
+    /// reached for `CUT_OFF_ROUNDS` suspicions in a row.
+    DeclareCutOff(u64),
 }
 
 /// Heartbeat bookkeeping of the leader.
@@ -38,6 +50,8 @@ pub struct Detector {
     witnesses: usize,
     last_heard: BTreeMap<u64, Instant>,
     confirming: BTreeSet<u64>,
+    /// Suspicions in a row that witnesses cleared, per node; gone when the leader hears it.
+    cleared: BTreeMap<u64, u32>,
 }
 
 impl Detector {
@@ -50,6 +64,7 @@ impl Detector {
             witnesses,
             last_heard: BTreeMap::new(),
             confirming: BTreeSet::new(),
+            cleared: BTreeMap::new(),
         }
     }
 
@@ -57,6 +72,7 @@ impl Detector {
     pub fn handle_tick(&mut self, now: Instant, members: &BTreeSet<u64>) -> Vec<Action> {
         self.last_heard.retain(|n, _| members.contains(n));
         self.confirming.retain(|n| members.contains(n));
+        self.cleared.retain(|n, _| members.contains(n));
         let mut actions = Vec::new();
         for &node in members.iter().filter(|&&n| n != self.me) {
             let heard = *self.last_heard.entry(node).or_insert(now);
@@ -86,6 +102,7 @@ impl Detector {
     pub fn handle_pong(&mut self, node: u64, now: Instant) {
         if let Some(heard) = self.last_heard.get_mut(&node) {
             *heard = now;
+            self.cleared.remove(&node);
         }
     }
 
@@ -100,6 +117,12 @@ impl Detector {
             return None;
         }
         if reached.iter().any(|&r| r) {
+            let cleared = self.cleared.entry(suspect).or_insert(0);
+            *cleared += 1;
+            if *cleared >= CUT_OFF_ROUNDS {
+                self.cleared.remove(&suspect);
+                return Some(Action::DeclareCutOff(suspect));
+            }
             self.last_heard.insert(suspect, now);
             None
         } else {
@@ -170,6 +193,49 @@ mod tests {
         assert_eq!(d.handle_probes(2, &[true], at), None);
         d.handle_pong(3, at + Duration::from_millis(900));
         assert!(confirms(&d.handle_tick(at + Duration::from_millis(900), &m)).is_empty());
+    }
+
+    #[test]
+    fn a_suspect_only_witnesses_reach_is_declared_cut_off_after_a_few_rounds() {
+        let start = Instant::now();
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let m = members(&[1, 2, 3]);
+        d.handle_tick(start, &m);
+        let mut at = start;
+        for round in 1..=CUT_OFF_ROUNDS {
+            at += Duration::from_secs(1);
+            d.handle_pong(3, at);
+            assert_eq!(
+                confirms(&d.handle_tick(at, &m)),
+                vec![&Action::Confirm { suspect: 2, witnesses: vec![3] }],
+                "round {round}"
+            );
+            let verdict = d.handle_probes(2, &[true], at);
+            if round < CUT_OFF_ROUNDS {
+                assert_eq!(verdict, None, "round {round}");
+            } else {
+                assert_eq!(verdict, Some(Action::DeclareCutOff(2)));
+            }
+        }
+    }
+
+    #[test]
+    fn a_suspect_the_leader_hears_again_starts_its_count_afresh() {
+        let start = Instant::now();
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let m = members(&[1, 2, 3]);
+        d.handle_tick(start, &m);
+        let mut at = start;
+        for round in 0..CUT_OFF_ROUNDS * 3 {
+            at += Duration::from_secs(1);
+            d.handle_pong(3, at);
+            assert!(!confirms(&d.handle_tick(at, &m)).is_empty(), "suspected in round {round}");
+            assert_eq!(d.handle_probes(2, &[true], at), None, "round {round}");
+            // Every other round, one ping gets through.
+            if round % 2 == 1 {
+                d.handle_pong(2, at);
+            }
+        }
     }
 
     #[test]

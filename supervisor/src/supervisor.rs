@@ -1207,15 +1207,27 @@ impl Supervisor {
                     Box::pin(self.carry_out(next)).await;
                 }
             }
-            Action::DeclareFailed(node) => {
+            Action::DeclareFailed(node) | Action::DeclareCutOff(node) => {
                 let Some(incarnation) = self.state().nodes.get(&node).map(|r| r.incarnation) else {
                     return;
                 };
-                tracing::warn!(
-                    node,
-                    incarnation,
-                    "declaring node failed: silent and unreachable from witnesses"
-                );
+                if matches!(action, Action::DeclareFailed(_)) {
+                    tracing::warn!(
+                        node,
+                        incarnation,
+                        "declaring node failed: silent and unreachable from witnesses"
+                    );
+                } else {
+                    tracing::warn!(
+                        node,
+                        incarnation,
+                        rounds = crate::detector::CUT_OFF_ROUNDS,
+                        "declaring node failed: witnesses reach it but this leader has not for \
+                         several failure timeouts, so it can neither hold a lease nor take part \
+                         in changes; its entries are rebuilt elsewhere, and it rejoins as a new \
+                         life once the link between it and the leader is mended"
+                    );
+                }
                 // Only while still leader: a deposed leader's late verdict must not be forwarded
                 // to its successor, which has its own, fresher view.
                 if let Err(error) = self.propose_here(Command::Fail { node, incarnation }).await {

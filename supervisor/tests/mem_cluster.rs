@@ -356,6 +356,48 @@ fn members_do_not_keep_calling_a_node_that_left() {
     });
 }
 
+/// A node cut off from the leader alone, while the others still reach it, can neither hold a
+/// lease nor learn a configuration. The witnesses' word used to clear it at every suspicion, so
+/// it was never declared failed, and every change it took part in waited for the cut to heal.
+/// Now the leader declares it failed after a few such rounds, the next change completes, and the
+/// node comes back as a new life once the cut heals.
+#[test]
+fn a_node_cut_off_from_the_leader_alone_is_declared_failed_and_changes_go_on() {
+    replay(async {
+        let net = MemNetwork::new(23);
+        let config = SupervisorConfig::loopback();
+        let nodes = three_voters(&net).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let cut = (1..=3).find(|&id| id != leader).expect("a follower");
+        net.partition(leader, cut);
+        let rest: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != cut).collect();
+        until_all(&rest, Duration::from_secs(30), "the node cut off declared failed", |s| {
+            s.is_stable() && s.nodes[&cut].status == NodeStatus::Failed
+        })
+        .await;
+        assert!(
+            rest.iter().all(|n| n.supervisor.leader() == Some(leader)),
+            "the leader kept its place"
+        );
+
+        let joiner = node(&net, 4, config).await;
+        let seed = format!("n{leader}");
+        let joined = joiner.supervisor.join_via(&seed, Duration::from_secs(30)).await;
+        assert!(matches!(joined, Ok(Ok(_))), "node 4 joins: {joined:?}");
+        let mut with_joiner = rest.clone();
+        with_joiner.push(&joiner);
+        until_all(&with_joiner, Duration::from_secs(30), "node 4 active", |s| {
+            s.is_stable() && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
+        })
+        .await;
+
+        net.heal();
+        let mut all: Vec<&Node> = nodes.iter().collect();
+        all.push(&joiner);
+        until_back_as_second_life(&all, cut).await;
+    });
+}
+
 /// Three active nodes, all voting.
 async fn three_voters(net: &MemNetwork) -> Vec<Node> {
     let nodes = cluster(net, 3, SupervisorConfig::loopback()).await;
