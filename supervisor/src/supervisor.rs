@@ -1208,9 +1208,17 @@ impl Supervisor {
                 }
             }
             Action::DeclareFailed(node) | Action::DeclareCutOff(node) => {
-                let Some(incarnation) = self.state().nodes.get(&node).map(|r| r.incarnation) else {
+                let state = self.state();
+                let Some(record) = state.nodes.get(&node) else { return };
+                let incarnation = record.incarnation;
+                // A leaver whose part is done needs nothing more from the leader: its leave
+                // ends on its peers' word. Declared failed, it would come back as a new life.
+                let leaving_done = record.status == NodeStatus::Leaving
+                    && state.in_progress.as_ref().is_some_and(|p| p.done.contains(&node));
+                if matches!(action, Action::DeclareCutOff(_)) && leaving_done {
+                    tracing::debug!(node, "cut off from the leader while its leave ends; left be");
                     return;
-                };
+                }
                 if matches!(action, Action::DeclareFailed(_)) {
                     tracing::warn!(
                         node,
