@@ -5,7 +5,8 @@
 //!  handle_pong(n, now)       ──▶ n is alive
 //!  handle_probes(n, answers) ──▶ DeclareFailed(n) if no witness reached n; otherwise n gets
 //!                                 another full timeout (the leader's own link may be the problem),
-//!                                 up to CUT_OFF_ROUNDS times in a row: then DeclareCutOff(n)
+//!                                 up to CUT_OFF_ROUNDS times in a row: then DeclareCutOff(n),
+//!                                 or Withheld(..) if other nodes only the leader misses too
 //! ```
 //!
 //! Only the leader runs it; a new leader starts with a full grace period for every node, so an
@@ -40,6 +41,9 @@ pub enum Action {
     /// Commit the failure of this node, which witnesses still reach but the leader has not
     /// reached for `CUT_OFF_ROUNDS` suspicions in a row.
     DeclareCutOff(u64),
+    /// Nothing is declared: these nodes are all out of the leader's reach while witnesses
+    /// reach them, which points at the leader's own links rather than theirs.
+    Withheld(Vec<u64>),
 }
 
 /// Heartbeat bookkeeping of the leader.
@@ -120,6 +124,13 @@ impl Detector {
             let cleared = self.cleared.entry(suspect).or_insert(0);
             *cleared += 1;
             if *cleared >= CUT_OFF_ROUNDS {
+                // More than one node only the leader misses: the leader is the odd one out.
+                // Declaring them all failed would take healthy nodes out one by one.
+                let missed: Vec<u64> = self.cleared.keys().copied().collect();
+                self.last_heard.insert(suspect, now);
+                if missed.len() > 1 {
+                    return Some(Action::Withheld(missed));
+                }
                 self.cleared.remove(&suspect);
                 return Some(Action::DeclareCutOff(suspect));
             }
@@ -234,6 +245,32 @@ mod tests {
             // Every other round, one ping gets through.
             if round % 2 == 1 {
                 d.handle_pong(2, at);
+            }
+        }
+    }
+
+    #[test]
+    fn several_nodes_only_the_leader_misses_are_not_declared() {
+        let start = Instant::now();
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let m = members(&[1, 2, 3, 4, 5]);
+        d.handle_tick(start, &m);
+        let mut at = start;
+        for round in 1..=CUT_OFF_ROUNDS * 2 {
+            at += Duration::from_secs(1);
+            d.handle_pong(4, at);
+            d.handle_pong(5, at);
+            let suspects: Vec<u64> = confirms(&d.handle_tick(at, &m))
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Confirm { suspect, .. } => Some(*suspect),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(suspects, vec![2, 3], "round {round}");
+            let verdicts = [d.handle_probes(2, &[true], at), d.handle_probes(3, &[true], at)];
+            for verdict in verdicts.into_iter().flatten() {
+                assert_eq!(verdict, Action::Withheld(vec![2, 3]), "round {round}");
             }
         }
     }

@@ -725,7 +725,18 @@ impl Supervisor {
             Request::Join(join) => Response::Proposed(Box::pin(self.admit(join)).await),
             Request::Ping => Response::Pong,
             Request::Lease { incarnation } => {
-                Response::Leased(self.grants_lease(from, incarnation))
+                let granted = self.grants_lease(from, incarnation);
+                // A node that renews its lease is heard, whatever became of the leader's
+                // pings to it (queued behind other calls on the same connection, say): it is
+                // in touch, and must not be declared cut off.
+                if granted {
+                    if let Some(d) =
+                        self.detector.lock().unwrap_or_else(|p| p.into_inner()).as_mut()
+                    {
+                        d.handle_pong(from, Instant::now());
+                    }
+                }
+                Response::Leased(granted)
             }
             Request::Probe { target } => {
                 Response::Probed(Box::pin(self.ping(target, self.config.probe_timeout)).await)
@@ -949,11 +960,13 @@ impl Supervisor {
     /// Ends this life as left if `record`, this node's in some copy of the state, says this
     /// life has left. Returns whether this call ended it.
     fn end_if_left(&self, record: &NodeRecord) -> bool {
-        if record.status != NodeStatus::Left {
-            return false;
-        }
+        record.status == NodeStatus::Left && self.end_as_left(record.incarnation)
+    }
+
+    /// Ends life `incarnation` as left, if it is this node's and it has not ended yet.
+    fn end_as_left(&self, incarnation: u64) -> bool {
         self.lifecycle.send_if_modified(|lifecycle| {
-            let ended = *lifecycle == Lifecycle::Member && record.incarnation == self.incarnation();
+            let ended = *lifecycle == Lifecycle::Member && incarnation == self.incarnation();
             if ended {
                 *lifecycle = Lifecycle::Left;
             }
@@ -1070,6 +1083,24 @@ impl Supervisor {
             && self.renewed_to.load(Ordering::SeqCst) == self.incarnation()
             && record.is_some_and(|r| r.incarnation == self.incarnation() && r.status.is_live());
         if !fenced && !unanswered {
+            return;
+        }
+        // A leaver declared failed (cut off while it left) leaves: the survivors rebuilt what
+        // it still held. Rejoining would undo the operator's leave, which the CLI had already
+        // reported as under way.
+        let leaving = state.nodes.get(&self.me.id).is_some_and(|r| {
+            r.status == NodeStatus::Leaving && r.incarnation == self.incarnation()
+        });
+        let dead_here = record.is_some_and(|r| r.incarnation == self.incarnation());
+        if fenced && leaving && dead_here {
+            if self.end_as_left(self.incarnation()) {
+                tracing::warn!(
+                    node = self.me.id,
+                    peer_epoch = view.state.epoch,
+                    "declared failed while leaving; the leave ends here, and the entries this \
+                     node still held were rebuilt from replicas"
+                );
+            }
             return;
         }
         if fenced {
@@ -1207,6 +1238,12 @@ impl Supervisor {
                     Box::pin(self.carry_out(next)).await;
                 }
             }
+            Action::Withheld(nodes) => tracing::warn!(
+                ?nodes,
+                "this leader has not reached these nodes for several failure timeouts, though \
+                 others do: its own links are the likelier fault, so none is declared failed; \
+                 check this node's network"
+            ),
             Action::DeclareFailed(node) | Action::DeclareCutOff(node) => {
                 let state = self.state();
                 let Some(record) = state.nodes.get(&node) else { return };

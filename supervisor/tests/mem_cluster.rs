@@ -370,9 +370,18 @@ fn a_node_cut_off_from_the_leader_alone_is_declared_failed_and_changes_go_on() {
         let leader = nodes[0].supervisor.leader().expect("a leader");
         let cut = (1..=3).find(|&id| id != leader).expect("a follower");
         net.partition(leader, cut);
-        let rest: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != cut).collect();
-        until_all(&rest, Duration::from_secs(30), "the node cut off declared failed", |s| {
-            s.is_stable() && s.nodes[&cut].status == NodeStatus::Failed
+        // A change that needs the node cut off: it never learns it.
+        let joiner = node(&net, 4, config).await;
+        let seed = format!("n{leader}");
+        let joined = joiner.supervisor.join_via(&seed, Duration::from_secs(30)).await;
+        assert!(matches!(joined, Ok(Ok(_))), "node 4's join is taken: {joined:?}");
+
+        let mut rest: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != cut).collect();
+        rest.push(&joiner);
+        until_all(&rest, Duration::from_secs(30), "node 4 active, the node cut off failed", |s| {
+            s.is_stable()
+                && s.nodes[&cut].status == NodeStatus::Failed
+                && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
         })
         .await;
         assert!(
@@ -380,21 +389,77 @@ fn a_node_cut_off_from_the_leader_alone_is_declared_failed_and_changes_go_on() {
             "the leader kept its place"
         );
 
-        let joiner = node(&net, 4, config).await;
-        let seed = format!("n{leader}");
-        let joined = joiner.supervisor.join_via(&seed, Duration::from_secs(30)).await;
-        assert!(matches!(joined, Ok(Ok(_))), "node 4 joins: {joined:?}");
-        let mut with_joiner = rest.clone();
-        with_joiner.push(&joiner);
-        until_all(&with_joiner, Duration::from_secs(30), "node 4 active", |s| {
-            s.is_stable() && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
-        })
-        .await;
-
         net.heal();
         let mut all: Vec<&Node> = nodes.iter().collect();
         all.push(&joiner);
         until_back_as_second_life(&all, cut).await;
+    });
+}
+
+/// A leaver cut off from the leader after it learned of its leave, before it could report its
+/// part, is declared failed; once the cut heals it ends as left rather than rejoining, which
+/// would undo the leave.
+#[test]
+fn a_leaver_declared_failed_while_cut_off_from_the_leader_ends_as_left() {
+    replay(async {
+        use gobelins_supervisor::state::Command;
+        use gobelins_supervisor::Lifecycle;
+        let net = MemNetwork::new(29);
+        let config = SupervisorConfig::loopback();
+        let start = |id| {
+            node_hosting(&net, id, config.clone(), slow_merges_everywhere, HostConfig::default())
+        };
+        let mut nodes = vec![start(1).await];
+        nodes[0].supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
+        for id in 2..=3 {
+            let n = start(id).await;
+            n.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
+            nodes.push(n);
+        }
+        until_active(&nodes, 3).await;
+        until_voters(&nodes.iter().collect::<Vec<_>>(), 3).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let leaver_id = (1..=3).rev().find(|&id| id != leader).expect("a follower");
+        let leaver = nodes.iter().find(|n| n.supervisor.id() == leaver_id).expect("leaver");
+        let mut seen = leaver.supervisor.watch_state();
+        let at_leader = &nodes.iter().find(|n| n.supervisor.id() == leader).expect("leader");
+        let leave = Command::Leave { node: leaver_id };
+        assert!(matches!(at_leader.supervisor.propose(leave).await, Ok(Ok(_))));
+        let learned = tokio::time::timeout(
+            Duration::from_secs(30),
+            seen.wait_for(|s| s.nodes[&leaver_id].status == NodeStatus::Leaving),
+        )
+        .await
+        .is_ok_and(|seen| seen.is_ok());
+        assert!(learned, "the leaver learns of its leave");
+        // Its merge takes two seconds: cut off before it can report its part.
+        net.partition(leaver_id, leader);
+
+        let rest: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != leaver_id).collect();
+        until_all(&rest, Duration::from_secs(30), "the leaver declared failed", |s| {
+            s.is_stable() && s.nodes[&leaver_id].status == NodeStatus::Failed
+        })
+        .await;
+        net.heal();
+        let mut lifecycle = leaver.supervisor.lifecycle();
+        // `is_ok` at once, here and above: the borrow `wait_for` returns holds the watch's
+        // lock, and a sender on this thread would wait for it for ever.
+        let ended = tokio::time::timeout(
+            Duration::from_secs(30),
+            lifecycle.wait_for(|l| *l == Lifecycle::Left),
+        )
+        .await
+        .is_ok();
+        assert!(ended, "the leaver's life ended as left");
+        // And it did not come back.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let state = rest[0].supervisor.state();
+        assert_eq!(
+            (state.nodes[&leaver_id].status, state.nodes[&leaver_id].incarnation),
+            (NodeStatus::Failed, 1),
+            "{:?}",
+            statuses(&state)
+        );
     });
 }
 
@@ -720,8 +785,11 @@ fn a_node_whose_disk_fills_up_stops_and_the_cluster_declares_it_failed() {
 /// The node whose merges do not wait, in [`slow_merges`]: the leaver of the test below.
 static QUICK: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// A service of no entries whose merge takes two seconds, except on node [`QUICK`].
-struct SlowMerges;
+/// A service of no entries whose merge takes two seconds, except on node [`QUICK`] unless
+/// `everywhere`.
+struct SlowMerges {
+    everywhere: bool,
+}
 
 impl gobelins_adaptation::Service for SlowMerges {
     type Request = ();
@@ -762,7 +830,7 @@ impl gobelins_adaptation::Service for SlowMerges {
         ctx: &gobelins_adaptation::Context,
         _: &gobelins_adaptation::ChangeInfo,
     ) {
-        if ctx.node().0 != QUICK.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.everywhere || ctx.node().0 != QUICK.load(std::sync::atomic::Ordering::SeqCst) {
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     }
@@ -779,7 +847,13 @@ impl gobelins_adaptation::Service for SlowMerges {
 
 fn slow_merges() -> Registry {
     let mut registry = Registry::new();
-    registry.register(gobelins_adaptation::plugin(SlowMerges)).expect("slow");
+    registry.register(gobelins_adaptation::plugin(SlowMerges { everywhere: false })).expect("slow");
+    registry
+}
+
+fn slow_merges_everywhere() -> Registry {
+    let mut registry = Registry::new();
+    registry.register(gobelins_adaptation::plugin(SlowMerges { everywhere: true })).expect("slow");
     registry
 }
 
