@@ -405,19 +405,7 @@ fn a_leaver_declared_failed_while_cut_off_from_the_leader_ends_as_left() {
         use gobelins_supervisor::state::Command;
         use gobelins_supervisor::Lifecycle;
         let net = MemNetwork::new(29);
-        let config = SupervisorConfig::loopback();
-        let start = |id| {
-            node_hosting(&net, id, config.clone(), slow_merges_everywhere, HostConfig::default())
-        };
-        let mut nodes = vec![start(1).await];
-        nodes[0].supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
-        for id in 2..=3 {
-            let n = start(id).await;
-            n.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
-            nodes.push(n);
-        }
-        until_active(&nodes, 3).await;
-        until_voters(&nodes.iter().collect::<Vec<_>>(), 3).await;
+        let nodes = three_voters_hosting(&net, slow_merges_everywhere, HostConfig::default()).await;
         let leader = nodes[0].supervisor.leader().expect("a leader");
         let leaver_id = (1..=3).rev().find(|&id| id != leader).expect("a follower");
         let leaver = nodes.iter().find(|n| n.supervisor.id() == leaver_id).expect("leaver");
@@ -469,6 +457,25 @@ async fn three_voters(net: &MemNetwork) -> Vec<Node> {
     until_active(&nodes, 3).await;
     let all: Vec<&Node> = nodes.iter().collect();
     until_voters(&all, 3).await;
+    nodes
+}
+
+/// Three active nodes on the loopback timers, all voting, each hosting `services`.
+async fn three_voters_hosting(
+    net: &MemNetwork,
+    services: fn() -> Registry,
+    host: HostConfig,
+) -> Vec<Node> {
+    let config = SupervisorConfig::loopback();
+    let mut nodes = vec![node_hosting(net, 1, config.clone(), services, host.clone()).await];
+    nodes[0].supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
+    for id in 2..=3 {
+        let n = node_hosting(net, id, config.clone(), services, host.clone()).await;
+        n.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
+        nodes.push(n);
+    }
+    until_active(&nodes, 3).await;
+    until_voters(&nodes.iter().collect::<Vec<_>>(), 3).await;
     nodes
 }
 
@@ -592,19 +599,9 @@ fn a_node_cut_off_stops_serving_its_keys_before_the_cluster_declares_it_failed()
         use gobelins_locator::Key;
 
         let net = MemNetwork::new(7);
-        let config = SupervisorConfig::loopback();
         let host =
             HostConfig { request_deadline: Duration::from_millis(100), ..HostConfig::default() };
-        let mut nodes = vec![node_hosting(&net, 1, config.clone(), kvdir, host.clone()).await];
-        nodes[0].supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
-        for id in 2..=3 {
-            let n = node_hosting(&net, id, config.clone(), kvdir, host.clone()).await;
-            n.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
-            nodes.push(n);
-        }
-        until_active(&nodes, 3).await;
-        let all: Vec<&Node> = nodes.iter().collect();
-        until_voters(&all, 3).await;
+        let nodes = three_voters_hosting(&net, kvdir, host).await;
         let spec = gobelins_kvdir::KvDir::declaration();
         let registered = nodes[0]
             .supervisor
@@ -645,7 +642,7 @@ fn a_node_cut_off_stops_serving_its_keys_before_the_cluster_declares_it_failed()
 
         net.isolate(id, (1..=3).filter(|&n| n != id));
         // Past the lease (half the failure timeout), before the failure timeout itself.
-        tokio::time::sleep(config.failure_timeout * 2 / 3).await;
+        tokio::time::sleep(SupervisorConfig::loopback().failure_timeout * 2 / 3).await;
         let others: Vec<&Node> = nodes.iter().filter(|n| n.supervisor.id() != id).collect();
         assert!(
             others.iter().all(|n| n.supervisor.state().nodes[&id].status == NodeStatus::Active),
@@ -867,17 +864,7 @@ fn a_leaver_that_never_hears_the_end_of_its_leave_ends_on_the_word_of_its_peers(
         use gobelins_supervisor::state::Command;
         use gobelins_supervisor::Lifecycle;
         let net = MemNetwork::new(21);
-        let config = SupervisorConfig::loopback();
-        let start = |id| node_hosting(&net, id, config.clone(), slow_merges, HostConfig::default());
-        let mut nodes = vec![start(1).await];
-        nodes[0].supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
-        for id in 2..=3 {
-            let n = start(id).await;
-            n.supervisor.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("ok");
-            nodes.push(n);
-        }
-        until_active(&nodes, 3).await;
-        until_voters(&nodes.iter().collect::<Vec<_>>(), 3).await;
+        let nodes = three_voters_hosting(&net, slow_merges, HostConfig::default()).await;
         let leader_id = nodes[0].supervisor.leader().expect("a leader");
         let by_id = |id: u64| nodes.iter().find(|n| n.supervisor.id() == id).expect("node");
         let leaver_id = (1..=3).rev().find(|&id| id != leader_id).expect("a follower");
