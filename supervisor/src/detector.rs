@@ -76,7 +76,11 @@ impl Detector {
     pub fn handle_tick(&mut self, now: Instant, members: &BTreeSet<u64>) -> Vec<Action> {
         self.last_heard.retain(|n, _| members.contains(n));
         self.confirming.retain(|n| members.contains(n));
+        let missed = self.cleared.len();
         self.cleared.retain(|n, _| members.contains(n));
+        if self.cleared.len() < missed {
+            self.start_counts_afresh();
+        }
         let mut actions = Vec::new();
         for &node in members.iter().filter(|&&n| n != self.me) {
             let heard = *self.last_heard.entry(node).or_insert(now);
@@ -106,8 +110,17 @@ impl Detector {
     pub fn handle_pong(&mut self, node: u64, now: Instant) {
         if let Some(heard) = self.last_heard.get_mut(&node) {
             *heard = now;
-            self.cleared.remove(&node);
+            if self.cleared.remove(&node).is_some() {
+                self.start_counts_afresh();
+            }
         }
+    }
+
+    /// After a verdict withheld, or when one of the nodes only the leader missed is heard or
+    /// gone: the others must each be the only one missed for `CUT_OFF_ROUNDS` rounds of their
+    /// own before they are declared, not carry the rounds they were missed alongside it.
+    fn start_counts_afresh(&mut self) {
+        self.cleared.values_mut().for_each(|count| *count = 0);
     }
 
     /// The witnesses answered whether they reached `suspect`.
@@ -129,6 +142,7 @@ impl Detector {
                 let missed: Vec<u64> = self.cleared.keys().copied().collect();
                 self.last_heard.insert(suspect, now);
                 if missed.len() > 1 {
+                    self.start_counts_afresh();
                     return Some(Action::Withheld(missed));
                 }
                 self.cleared.remove(&suspect);
@@ -272,6 +286,17 @@ mod tests {
             for verdict in verdicts.into_iter().flatten() {
                 assert_eq!(verdict, Action::Withheld(vec![2, 3]), "round {round}");
             }
+        }
+        // Node 3 leaves the members: node 2 is declared only after as many rounds alone.
+        let m = members(&[1, 2, 4, 5]);
+        for round in 1..=CUT_OFF_ROUNDS {
+            at += Duration::from_secs(1);
+            d.handle_pong(4, at);
+            d.handle_pong(5, at);
+            assert!(!confirms(&d.handle_tick(at, &m)).is_empty(), "suspected in round {round}");
+            let verdict = d.handle_probes(2, &[true], at);
+            let expected = (round == CUT_OFF_ROUNDS).then_some(Action::DeclareCutOff(2));
+            assert_eq!(verdict, expected, "alone, round {round}");
         }
     }
 

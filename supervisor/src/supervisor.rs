@@ -1085,12 +1085,15 @@ impl Supervisor {
         if !fenced && !unanswered {
             return;
         }
-        // A leaver declared failed (cut off while it left) leaves: the survivors rebuilt what
-        // it still held. Rejoining would undo the operator's leave, which the CLI had already
-        // reported as under way.
-        let leaving = state.nodes.get(&self.me.id).is_some_and(|r| {
-            r.status == NodeStatus::Leaving && r.incarnation == self.incarnation()
-        });
+        // A leaver declared failed while it ran (cut off as it left) leaves: the survivors
+        // rebuilt what it still held. Rejoining would undo the operator's leave, which the CLI
+        // had already reported as under way. Only a life this process served: a leaver
+        // restarted ends its last life itself and rejoins (`start_new_life`), whatever its own
+        // state, read from disk and perhaps behind, says.
+        let leaving = self.life_admitted()
+            && state.nodes.get(&self.me.id).is_some_and(|r| {
+                r.status == NodeStatus::Leaving && r.incarnation == self.incarnation()
+            });
         let dead_here = record.is_some_and(|r| r.incarnation == self.incarnation());
         if fenced && leaving && dead_here {
             if self.end_as_left(self.incarnation()) {
