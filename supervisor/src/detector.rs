@@ -134,22 +134,21 @@ impl Detector {
             return None;
         }
         if reached.iter().any(|&r| r) {
+            self.last_heard.insert(suspect, now);
             let cleared = self.cleared.entry(suspect).or_insert(0);
             *cleared += 1;
-            if *cleared >= CUT_OFF_ROUNDS {
-                // More than one node only the leader misses: the leader is the odd one out.
-                // Declaring them all failed would take healthy nodes out one by one.
-                let missed: Vec<u64> = self.cleared.keys().copied().collect();
-                self.last_heard.insert(suspect, now);
-                if missed.len() > 1 {
-                    self.start_counts_afresh();
-                    return Some(Action::Withheld(missed));
-                }
-                self.cleared.remove(&suspect);
-                return Some(Action::DeclareCutOff(suspect));
+            if *cleared < CUT_OFF_ROUNDS {
+                return None;
             }
-            self.last_heard.insert(suspect, now);
-            None
+            // More than one node only the leader misses: the leader is the odd one out.
+            // Declaring them all failed would take healthy nodes out one by one.
+            let missed: Vec<u64> = self.cleared.keys().copied().collect();
+            if missed.len() > 1 {
+                self.start_counts_afresh();
+                return Some(Action::Withheld(missed));
+            }
+            self.cleared.remove(&suspect);
+            Some(Action::DeclareCutOff(suspect))
         } else {
             Some(Action::DeclareFailed(suspect))
         }

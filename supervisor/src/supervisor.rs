@@ -1255,11 +1255,12 @@ impl Supervisor {
                 // ends on its peers' word. Declared failed, it would come back as a new life.
                 let leaving_done = record.status == NodeStatus::Leaving
                     && state.in_progress.as_ref().is_some_and(|p| p.done.contains(&node));
-                if matches!(action, Action::DeclareCutOff(_)) && leaving_done {
+                let cut_off = matches!(action, Action::DeclareCutOff(_));
+                if cut_off && leaving_done {
                     tracing::debug!(node, "cut off from the leader while its leave ends; left be");
                     return;
                 }
-                if matches!(action, Action::DeclareFailed(_)) {
+                if !cut_off {
                     tracing::warn!(
                         node,
                         incarnation,

@@ -453,11 +453,7 @@ fn a_leaver_declared_failed_while_cut_off_from_the_leader_ends_as_left() {
 
 /// Three active nodes, all voting.
 async fn three_voters(net: &MemNetwork) -> Vec<Node> {
-    let nodes = cluster(net, 3, SupervisorConfig::loopback()).await;
-    until_active(&nodes, 3).await;
-    let all: Vec<&Node> = nodes.iter().collect();
-    until_voters(&all, 3).await;
-    nodes
+    three_voters_hosting(net, Registry::new, HostConfig::default()).await
 }
 
 /// Three active nodes on the loopback timers, all voting, each hosting `services`.
