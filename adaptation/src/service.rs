@@ -178,6 +178,12 @@ impl Moving {
         self.moves.get(at).filter(|m| m.slots.contains(&slot)).map(|m| m.to)
     }
 
+    /// Every slot that leaves, in ascending order. A service that keeps its entries grouped
+    /// by slot can take these out whole, without looking at the entries that stay.
+    pub fn slots(&self) -> impl Iterator<Item = u32> + '_ {
+        self.moves.iter().flat_map(|m| m.slots.clone())
+    }
+
     /// The slots that go to `node`.
     pub fn slots_to(&self, node: NodeId) -> impl Iterator<Item = u32> + '_ {
         self.moves.iter().filter(move |m| m.to == node).flat_map(|m| m.slots.clone())
@@ -563,5 +569,7 @@ mod tests {
             let expected = slot.is_multiple_of(3).then(|| NodeId(2 + u64::from(slot % 2)));
             assert_eq!(moving.destination(Key(k)), expected, "key {k}, slot {slot}");
         }
+        let every_third: Vec<u32> = (0..64).step_by(3).collect();
+        assert_eq!(moving.slots().collect::<Vec<_>>(), every_third, "every slot that leaves");
     }
 }

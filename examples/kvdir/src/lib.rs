@@ -8,15 +8,19 @@
 //! - Every write is copied to the manager's *backup*, the next node of its cell, before it is
 //!   acknowledged. After each change the manager copies its backup what it received, or every
 //!   entry if the backup is new (or not a cell mate, or a copy to it failed since).
+//! - Entries are grouped by slot: a change takes out the slots that leave, whole, and never
+//!   looks at the entries that stay.
 //! - `scan(failed, orphans)` returns the replicas this node holds of the orphaned keys. Two
 //!   survivors may hold different versions of one key; the newest wins when they are merged.
 #![deny(missing_docs)]
 
+mod by_slot;
+
+use by_slot::BySlot;
 use bytes::Bytes;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec, Snapshot};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -72,21 +76,15 @@ pub enum Response {
     Unreplicated,
 }
 
-/// Entries by key. foldhash rather than the standard SipHash: a change looks up every entry
-/// it moves, and SipHash made that a tenth of a migration. foldhash is seeded per map, which
-/// makes keys that collide hard to choose, though it claims no more than minimal resistance to
-/// such attacks.
-type Entries = HashMap<Key, Versioned, foldhash::fast::RandomState>;
-
 /// One node's part of the directory.
-#[derive(Default)]
 pub struct KvDir {
-    live: Mutex<Entries>,
+    live: Mutex<BySlot>,
     staged: Mutex<Vec<(Key, Versioned)>>,
-    replicas: Mutex<Entries>,
-    /// Keys whose entries this node sent away: it keeps them as replicas until a stable epoch
-    /// finds them safe with their managers.
-    sent: Mutex<Vec<Key>>,
+    replicas: Mutex<BySlot>,
+    /// Copies of the entries this node sent away, kept until a stable epoch finds them safe
+    /// with their managers. Apart from `replicas` rather than merged into it: a merge hashes
+    /// every entry, and `sent` runs while the last batches are still on their way.
+    sent: Mutex<Vec<(Key, Versioned)>>,
     /// The backup this node last copied every entry to, in full: while it stays the backup,
     /// a change copies it only what this node received.
     replicated: Mutex<Replicated>,
@@ -100,6 +98,18 @@ struct Replicated {
     /// Writes whose copy failed, counted so that a change that began before one of them does
     /// not set `to` again as it ends.
     missed: u64,
+}
+
+impl Default for KvDir {
+    fn default() -> Self {
+        KvDir {
+            live: Mutex::new(BySlot::new(KvDir::declaration())),
+            staged: Mutex::default(),
+            replicas: Mutex::new(BySlot::new(KvDir::declaration())),
+            sent: Mutex::default(),
+            replicated: Mutex::default(),
+        }
+    }
 }
 
 impl KvDir {
@@ -118,10 +128,11 @@ impl KvDir {
         self.live.lock().expect("live").len()
     }
 
-    /// Replicas this node holds right now: of the entries it backs up, and of those it sent
-    /// away in a change not yet stable.
+    /// Copies this node holds right now: of the entries it backs up, and of those it sent
+    /// away in a change not yet stable (a key can count in both).
     pub fn replicas(&self) -> usize {
-        self.replicas.lock().expect("replicas").len()
+        let sent = self.sent.lock().expect("sent").len();
+        sent + self.replicas.lock().expect("replicas").len()
     }
 }
 
@@ -140,21 +151,6 @@ fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
         let next = nodes[(at + 1) % nodes.len()];
         (next != node).then_some(next)
     })
-}
-
-/// Keeps the newer of two versions.
-fn merge(into: &mut Entries, entries: impl IntoIterator<Item = (Key, Versioned)>) {
-    let entries = entries.into_iter();
-    // Grown once rather than rehashed as it fills: a change merges thousands at a time.
-    into.reserve(entries.size_hint().0);
-    for (key, entry) in entries {
-        match into.get(&key) {
-            Some(old) if old.version >= entry.version => {}
-            _ => {
-                into.insert(key, entry);
-            }
-        }
-    }
 }
 
 impl KvDir {
@@ -198,13 +194,13 @@ impl Service for KvDir {
     async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
         match (ctx.from(), request) {
             (Some(_), Request::Replicate(entries)) => {
-                merge(&mut self.replicas.lock().expect("replicas"), entries);
+                self.replicas.lock().expect("replicas").merge(entries);
                 Response::Kept
             }
             (_, Request::Put(value)) => {
                 let entry = {
                     let mut live = self.live.lock().expect("live");
-                    let version = live.get(&key).map_or(1, |e| e.version + 1);
+                    let version = live.get(key).map_or(1, |e| e.version + 1);
                     let entry = Versioned { version, value: Bytes::from(value) };
                     live.insert(key, entry.clone());
                     entry
@@ -225,9 +221,7 @@ impl Service for KvDir {
                 replicated.missed += 1;
                 Response::Unreplicated
             }
-            (_, Request::Get) => {
-                Response::Value(self.live.lock().expect("live").get(&key).cloned())
-            }
+            (_, Request::Get) => Response::Value(self.live.lock().expect("live").get(key).cloned()),
             (None, Request::Replicate(_)) => Response::Kept,
         }
     }
@@ -235,45 +229,44 @@ impl Service for KvDir {
     async fn before_migration(&self, _ctx: &Context, _change: &ChangeInfo) {}
 
     async fn send_out(&self, _ctx: &Context, moving: &Moving) -> Vec<(Key, Versioned)> {
-        // Taken out in the pass that finds them, rather than found, then looked up again.
-        let out: Vec<(Key, Versioned)> = self
-            .live
-            .lock()
-            .expect("live")
-            .extract_if(|key, _| moving.destination(*key).is_some())
-            .collect();
-        self.sent.lock().expect("sent").extend(out.iter().map(|(key, _)| *key));
-        out
+        self.live.lock().expect("live").take(moving.slots())
     }
 
-    /// Kept as replicas: should the receiver die before it copies them on, `scan` has them.
+    /// Kept as they are: should the receiver die before it copies them on, `scan` has them.
     async fn sent(&self, _ctx: &Context, entries: Vec<(Key, Versioned)>) {
-        merge(&mut self.replicas.lock().expect("replicas"), entries);
+        let mut sent = self.sent.lock().expect("sent");
+        if sent.is_empty() {
+            *sent = entries;
+        } else {
+            sent.extend(entries);
+        }
     }
 
     /// A copy kept of an entry sent away goes once it is safe without it: its receiver
     /// manages it and lives (the change is stable, so it has copied it on to its backup), or
     /// it has moved on since to a live manager (the change that moved it, a recovery say, is
     /// stable too). Kept while its manager has failed: the recovery to come rebuilds it from
-    /// this copy. And kept if this node is now the backup of its manager. Kept for ever, every
-    /// node would in time hold a replica of every entry that ever left it.
+    /// this copy. And kept, as a replica, if this node is now the backup of its manager. Kept
+    /// for ever, every node would in time hold a replica of every entry that ever left it.
     async fn stable(&self, ctx: &Context, _epoch: u64) {
         let Some(table) = ctx.snapshot() else { return };
         let me = ctx.node();
         let mut sent = self.sent.lock().expect("sent");
         let mut replicas = self.replicas.lock().expect("replicas");
-        sent.retain(|&key| {
+        for (key, entry) in std::mem::take(&mut *sent) {
             let manager = table.locate(KVDIR, key);
             // Its manager failed (the receiver, or the node a recovery rebuilt it on): the
             // recovery to come may need this copy.
             if manager.is_some_and(|m| ctx.gone(m)) {
-                return true;
+                sent.push((key, entry));
+            } else if manager.and_then(|m| backup(table, m)) == Some(me) {
+                replicas.merge([(key, entry)]);
+            } else {
+                // Any older replica of it too: this node backs up neither the key's manager
+                // nor, since it managed the key, the node that did before.
+                replicas.remove(key);
             }
-            if manager.and_then(|m| backup(table, m)) != Some(me) {
-                replicas.remove(&key);
-            }
-            false
-        });
+        }
     }
 
     async fn receive(&self, _ctx: &Context, _from: NodeId, entries: Vec<(Key, Versioned)>) {
@@ -302,11 +295,11 @@ impl Service for KvDir {
             let received: Vec<Key> =
                 if whole { Vec::new() } else { staged.iter().map(|(k, _)| *k).collect() };
             let mut live = self.live.lock().expect("live");
-            merge(&mut live, staged);
+            live.merge(staged);
             if whole {
                 live.iter().map(|(k, v)| (*k, v.clone())).collect()
             } else {
-                received.iter().filter_map(|k| live.get(k).map(|v| (*k, v.clone()))).collect()
+                received.iter().filter_map(|&k| live.get(k).map(|v| (k, v.clone()))).collect()
             }
         };
         // The backup may have changed with the configuration. Until it holds them, the copies
@@ -338,12 +331,15 @@ impl Service for KvDir {
         _failed: NodeId,
         orphans: &Moving,
     ) -> Vec<(Key, Versioned)> {
-        self.replicas
-            .lock()
-            .expect("replicas")
-            .iter()
-            .filter(|(k, _)| orphans.destination(**k).is_some())
-            .map(|(k, v)| (*k, v.clone()))
-            .collect()
+        // Locked in the order `stable` locks them, so that neither waits on the other.
+        let sent = self.sent.lock().expect("sent");
+        let mut found = BySlot::new(KvDir::declaration());
+        found.merge(self.replicas.lock().expect("replicas").copies(orphans.slots()));
+        found.merge(
+            sent.iter()
+                .filter(|(k, _)| orphans.destination(*k).is_some())
+                .map(|(k, v)| (*k, v.clone())),
+        );
+        found.take(orphans.slots())
     }
 }
