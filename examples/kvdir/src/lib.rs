@@ -35,6 +35,10 @@ const REPLICATE_CHUNK: usize = 4096;
 /// it for a backup that is only cut off from this node.
 const REPLICA_PATIENCE: Duration = Duration::from_secs(10);
 
+/// How long a change waits for the nodes told to forget their copies of this node's entries:
+/// a node that does not answer keeps them until the next change, which costs memory, not data.
+const FORGET_PATIENCE: Duration = Duration::from_millis(500);
+
 /// A value and its version: the entry that migrates.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Versioned {
@@ -57,6 +61,13 @@ pub enum Request {
     Get,
     /// Keep these copies (to a backup's local server).
     Replicate(Vec<(Key, Versioned)>),
+    /// Every entry the sender manages at `epoch` now has a copy on the sender's backup: drop
+    /// the copies of them you hold, unless you are that backup (to the local server of the
+    /// nodes that may hold them from an earlier configuration).
+    Forget {
+        /// The epoch whose table says which entries the sender manages.
+        epoch: u64,
+    },
 }
 
 /// The answers.
@@ -95,6 +106,9 @@ pub struct KvDir {
 struct Replicated {
     /// The backup, until a copy to it fails.
     to: Option<NodeId>,
+    /// The last backup a change copied entries to, whether it stays the backup or not: once
+    /// another backup holds them all, it is told to forget its copies.
+    last: Option<NodeId>,
     /// Writes whose copy failed, counted so that a change that began before one of them does
     /// not set `to` again as it ends.
     missed: u64,
@@ -154,6 +168,63 @@ fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
 }
 
 impl KvDir {
+    /// Drops the copies this node holds of what `from` manages at `epoch`, which `from`'s
+    /// backup now holds too: a former backup's copies, and those a backup kept of entries its
+    /// manager has since sent away. Kept, they made every node hold in time a copy of every
+    /// entry that ever passed through its cell. Only at the epoch the sender meant: a table
+    /// read at another could name slots this node must keep copies of.
+    fn forget(&self, ctx: &Context, from: NodeId, epoch: u64) {
+        let Some(table) = ctx.snapshot().filter(|t| t.epoch().0 == epoch) else {
+            tracing::debug!(
+                node = from.0,
+                epoch,
+                at = ctx.epoch(),
+                "kvdir: copies to forget read at another epoch; kept"
+            );
+            return;
+        };
+        let Some(slots) = table.table(KVDIR) else { return };
+        if backup(table, from) == Some(ctx.node()) {
+            return;
+        }
+        let theirs = slots.owners().enumerate().filter(|&(_, owner)| owner == from);
+        self.replicas.lock().expect("replicas").take(theirs.map(|(slot, _)| slot as u32));
+    }
+
+    /// Tells the nodes that may hold copies of what this node manages, other than its backup
+    /// `to`, which now holds them all, to forget theirs: the change's other participants (the
+    /// cell, where backups and senders are), and the last backup before `to`. Waited for, a
+    /// little: an answer seen means the copies went before this change is done, so before a
+    /// later change can make that node a backup again.
+    async fn tell_to_forget(
+        &self,
+        ctx: &Context,
+        change: &ChangeInfo,
+        to: NodeId,
+        last: Option<NodeId>,
+    ) {
+        let me = ctx.node();
+        let Some(table) = ctx.snapshot() else { return };
+        if !table.table(KVDIR).is_some_and(|t| t.owners().any(|owner| owner == me)) {
+            return;
+        }
+        let mut told: Vec<NodeId> = change.participants.iter().copied().chain(last).collect();
+        told.sort_unstable();
+        told.dedup();
+        told.retain(|&n| n != me && n != to && !ctx.gone(n));
+        let forget = &Request::Forget { epoch: table.epoch().0 };
+        let calls = told.iter().map(|&n| async move {
+            let call = ctx.tell::<Request, Response>(n, KVDIR, Key(0), forget);
+            let error = match tokio::time::timeout(FORGET_PATIENCE, call).await {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer in time".to_string(),
+            };
+            tracing::debug!(node = n.0, %error, "kvdir: a node may keep copies of entries this node manages, until a later change tells it again");
+        });
+        futures::future::join_all(calls).await;
+    }
+
     /// Copies `entries` to this node's backup; false if some were not stored there.
     async fn replicate(&self, ctx: &Context, entries: Vec<(Key, Versioned)>) -> bool {
         let Some(to) = ctx.snapshot().and_then(|s| backup(s, ctx.node())) else { return true };
@@ -222,7 +293,11 @@ impl Service for KvDir {
                 Response::Unreplicated
             }
             (_, Request::Get) => Response::Value(self.live.lock().expect("live").get(key).cloned()),
-            (None, Request::Replicate(_)) => Response::Kept,
+            (Some(from), Request::Forget { epoch }) => {
+                self.forget(ctx, from, epoch);
+                Response::Kept
+            }
+            (None, Request::Replicate(_) | Request::Forget { .. }) => Response::Kept,
         }
     }
 
@@ -273,7 +348,7 @@ impl Service for KvDir {
         self.staged.lock().expect("staged").extend(entries);
     }
 
-    async fn after_migration(&self, ctx: &Context, _change: &ChangeInfo) {
+    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
         let snapshot = ctx.snapshot();
         let to = snapshot.and_then(|s| backup(s, ctx.node()));
         // A backup that stays holds every entry but those received: copying it all again made
@@ -290,8 +365,16 @@ impl Service for KvDir {
             replicated.to = None;
             (whole, replicated.missed)
         };
+        // Copies this node holds of entries it now manages, as a former backup of their last
+        // manager, would die with it: merged with what it received (the newer version wins,
+        // and goes to the backup), they leave the replicas.
+        let own_copies = snapshot.and_then(|s| s.table(KVDIR)).map(|slots| {
+            let mine = slots.owners().enumerate().filter(|&(_, owner)| owner == ctx.node());
+            self.replicas.lock().expect("replicas").take(mine.map(|(slot, _)| slot as u32))
+        });
         let all: Vec<(Key, Versioned)> = {
-            let staged = std::mem::take(&mut *self.staged.lock().expect("staged"));
+            let mut staged = std::mem::take(&mut *self.staged.lock().expect("staged"));
+            staged.extend(own_copies.into_iter().flatten());
             let received: Vec<Key> =
                 if whole { Vec::new() } else { staged.iter().map(|(k, _)| *k).collect() };
             let mut live = self.live.lock().expect("live");
@@ -319,10 +402,14 @@ impl Service for KvDir {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
-        let mut replicated = self.replicated.lock().expect("replicated");
-        if replicated.missed == missed {
-            replicated.to = Some(to);
-        }
+        let last = {
+            let mut replicated = self.replicated.lock().expect("replicated");
+            if replicated.missed == missed {
+                replicated.to = Some(to);
+            }
+            replicated.last.replace(to)
+        };
+        self.tell_to_forget(ctx, change, to, last).await;
     }
 
     async fn scan(

@@ -677,7 +677,7 @@ impl Service for Shared {
 /// A sender keeps what it sent until the change is stable, then lets it go unless it backs
 /// that entry up: kept, every node would in time hold a replica of every entry that ever left
 /// it. Nodes 1 and 2 back each other up; node 3 joins after node 2, and backs nothing up
-/// that node 2 sends it.
+/// that node 2 sends it. Node 2 stays node 1's backup.
 #[test]
 fn a_sender_lets_go_of_what_it_sent_once_the_change_is_stable() {
     replay(async {
@@ -721,11 +721,72 @@ fn a_sender_lets_go_of_what_it_sent_once_the_change_is_stable() {
             .filter(|&&k| after.locate(KVDIR, k) != Some(NodeId(2)))
             .count();
         assert!(sent_by_2 > 0, "node 2 handed the newcomer some keys");
+        // Node 1 handed the newcomer some too: their copies are on node 3's backup now.
+        let still_node_1 =
+            keys.iter().filter(|&&k| after.locate(KVDIR, k) == Some(NodeId(1))).count();
+        assert!(still_node_1 < of_node_1, "node 1 handed the newcomer some keys");
         assert_eq!(
             node(2).replicas(),
-            of_node_1,
-            "node 2 keeps its replicas of node 1's entries, not the {sent_by_2} it sent"
+            still_node_1,
+            "node 2 keeps its replicas of what node 1 still manages, not the {sent_by_2} it sent"
         );
+    });
+}
+
+/// Once a change is stable, a key has two copies: its manager's and its manager's backup's.
+/// Former backups, and backups of the nodes that sent entries away, forget theirs: kept, every
+/// node came in time to hold a copy of every entry that ever passed through its cell.
+#[test]
+fn after_each_change_every_entry_has_one_copy_besides_its_manager_s() {
+    replay(async {
+        let made: Arc<Mutex<Vec<Arc<KvDir>>>> = Arc::default();
+        let kept = Arc::clone(&made);
+        let mut cluster = MemCluster::start(3, HostConfig::default(), move || {
+            let kv = Arc::new(KvDir::new());
+            kept.lock().expect("made").push(Arc::clone(&kv));
+            let mut registry = Registry::new();
+            registry.register(plugin(Shared(kv))).expect("registers");
+            registry
+        })
+        .await;
+        // The first registry is read for its declarations only; node n's is the nth built.
+        let node = |n: NodeId| Arc::clone(&made.lock().expect("made")[n.0 as usize]);
+        let keys = 2_000u64;
+        for key in 0..keys {
+            let put = codec::encode(&Request::Put(key.to_le_bytes().to_vec())).expect("encode");
+            cluster.host(NodeId(1)).request(KVDIR, Key(key), put).await.expect("put");
+        }
+        let mut steps = vec!["start".to_string()];
+        for step in 0..4 {
+            match step {
+                0 | 1 => steps.push(format!("{} added", cluster.add().await)),
+                2 => {
+                    cluster.evict(NodeId(2)).await;
+                    steps.push("node 2 evicted".into());
+                }
+                _ => {
+                    cluster.fail(NodeId(4)).await;
+                    steps.push("node 4 failed".into());
+                }
+            }
+            let nodes = cluster.nodes();
+            // Each node lets go of what it sent once it hears the change is stable.
+            for _ in 0..1_000 {
+                if nodes.iter().all(|&n| {
+                    cluster.host(n).history().last().is_some_and(|r| r.stable_ms.is_some())
+                }) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let managed: usize = nodes.iter().map(|&n| node(n).managed()).sum();
+            let copies: usize = nodes.iter().map(|&n| node(n).replicas()).sum();
+            assert_eq!(
+                (managed, copies),
+                (keys as usize, keys as usize),
+                "entries managed and copies held after {steps:?}"
+            );
+        }
     });
 }
 
