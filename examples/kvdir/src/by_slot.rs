@@ -91,6 +91,15 @@ impl BySlot {
         out
     }
 
+    /// Takes the entries of `slots` out as they lie, for their caller to drop: a slot at a
+    /// time, without moving an entry.
+    pub(crate) fn detach(&mut self, slots: impl Iterator<Item = u32>) -> Detached {
+        let detached: Vec<Entries> =
+            slots.map(|slot| std::mem::take(&mut self.slots[slot as usize])).collect();
+        self.len -= detached.iter().map(Entries::len).sum::<usize>();
+        Detached(detached)
+    }
+
     /// Copies of the entries of `slots`.
     pub(crate) fn copies(&self, slots: impl Iterator<Item = u32>) -> Vec<(Key, Versioned)> {
         slots
@@ -99,6 +108,9 @@ impl BySlot {
             .collect()
     }
 }
+
+/// Entries taken out of a [`BySlot`], slot by slot, that nothing reads any more.
+pub(crate) struct Detached(#[allow(dead_code)] Vec<Entries>);
 
 #[cfg(test)]
 mod tests {
@@ -140,5 +152,9 @@ mod tests {
         map.remove(Key(7));
         map.remove(Key(7));
         assert_eq!((map.len(), map.get(Key(7))), (1, None));
+        map.merge([(Key(7), entry(1))]);
+        let slot = crate::KvDir::declaration().slot_of(Key(7));
+        let _detached = map.detach([slot].into_iter());
+        assert_eq!((map.len(), map.get(Key(7))), (1, None), "detached, no longer held");
     }
 }
