@@ -59,6 +59,13 @@ impl Context {
         Context { node, epoch, from: None, snapshot, peers: None }
     }
 
+    /// The same context as this node's local server sees a [`Context::tell`] from `from`: for
+    /// unit tests of a service's local server, with [`Context::detached`].
+    pub fn told_by(mut self, from: NodeId) -> Self {
+        self.from = Some(from);
+        self
+    }
+
     /// This node.
     pub fn node(&self) -> NodeId {
         self.node

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec, Snapshot};
 use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -60,7 +61,12 @@ pub enum Request {
     /// Read the key (to its manager).
     Get,
     /// Keep these copies (to a backup's local server).
-    Replicate(Vec<(Key, Versioned)>),
+    Replicate {
+        /// The epoch the sender was at: a `Forget` of an earlier one must not drop them.
+        epoch: u64,
+        /// The copies.
+        entries: Vec<(Key, Versioned)>,
+    },
     /// Every entry the sender manages at `epoch` now has a copy on the sender's backup: drop
     /// the copies of them you hold, unless you are that backup (to the local server of the
     /// nodes that may hold them from an earlier configuration).
@@ -99,6 +105,9 @@ pub struct KvDir {
     /// The backup this node last copied every entry to, in full: while it stays the backup,
     /// a change copies it only what this node received.
     replicated: Mutex<Replicated>,
+    /// The latest epoch copies came from. Updated under the `replicas` lock, read under it by
+    /// `forget`.
+    copies_at: AtomicU64,
 }
 
 /// Where a node's entries were last copied in full, and how many writes' copies failed.
@@ -122,6 +131,7 @@ impl Default for KvDir {
             replicas: Mutex::new(BySlot::new(KvDir::declaration())),
             sent: Mutex::default(),
             replicated: Mutex::default(),
+            copies_at: AtomicU64::new(0),
         }
     }
 }
@@ -184,15 +194,24 @@ impl KvDir {
             return;
         };
         let Some(slots) = table.table(KVDIR) else { return };
-        if backup(table, from) == Some(ctx.node()) {
+        // A node given up on and not yet recovered: what it managed is rebuilt from copies
+        // like these, and the sender may manage slots whose entries have not reached it.
+        if backup(table, from) == Some(ctx.node()) || table.nodes().iter().any(|&n| ctx.gone(n)) {
             return;
         }
         let theirs = slots.owners().enumerate().filter(|&(_, owner)| owner == from);
-        let forgotten =
-            self.replicas.lock().expect("replicas").detach(theirs.map(|(slot, _)| slot as u32));
-        // Freed on a thread of their own: tens of thousands of entries took 10 to 15 ms
-        // to free, and the sender's change waits for this answer.
-        tokio::task::spawn_blocking(move || drop(forgotten));
+        let forgotten = {
+            let mut replicas = self.replicas.lock().expect("replicas");
+            // Copies from a later epoch came meanwhile: this message was delayed, and this
+            // node, no part of that change, may not have installed its table yet.
+            if self.copies_at.load(Ordering::Relaxed) > epoch {
+                return;
+            }
+            replicas.detach(theirs.map(|(slot, _)| slot as u32))
+        };
+        // Freed in a task of its own: tens of thousands of entries took 10 to 15 ms to free,
+        // and the sender's change waits for this answer.
+        tokio::spawn(async move { drop(forgotten) });
     }
 
     /// Tells the nodes that may hold copies of what this node manages, other than its backup
@@ -210,6 +229,12 @@ impl KvDir {
         let me = ctx.node();
         let Some(table) = ctx.snapshot() else { return };
         if !table.table(KVDIR).is_some_and(|t| t.owners().any(|owner| owner == me)) {
+            return;
+        }
+        // A participant that died during the change, or a node given up on and not recovered
+        // yet, leaves this node managing slots whose entries have not all reached it: their
+        // recovery rebuilds them from the copies others hold.
+        if change.participants.iter().chain(table.nodes()).any(|&n| ctx.gone(n)) {
             return;
         }
         let mut told: Vec<NodeId> = change.participants.iter().copied().chain(last).collect();
@@ -235,8 +260,8 @@ impl KvDir {
         let mut stored = true;
         for chunk in entries.chunks(REPLICATE_CHUNK) {
             let key = chunk[0].0;
-            let sent: Result<Response, _> =
-                ctx.tell(to, KVDIR, key, &Request::Replicate(chunk.to_vec())).await;
+            let copies = Request::Replicate { epoch: ctx.epoch(), entries: chunk.to_vec() };
+            let sent: Result<Response, _> = ctx.tell(to, KVDIR, key, &copies).await;
             if let Err(e) = sent {
                 // The backup is dying or gone, or has learned that this node was declared
                 // failed; either way the cluster is about to change.
@@ -268,8 +293,10 @@ impl Service for KvDir {
 
     async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
         match (ctx.from(), request) {
-            (Some(_), Request::Replicate(entries)) => {
-                self.replicas.lock().expect("replicas").merge(entries);
+            (Some(_), Request::Replicate { epoch, entries }) => {
+                let mut replicas = self.replicas.lock().expect("replicas");
+                replicas.merge(entries);
+                self.copies_at.fetch_max(epoch, Ordering::Relaxed);
                 Response::Kept
             }
             (_, Request::Put(value)) => {
@@ -301,7 +328,7 @@ impl Service for KvDir {
                 self.forget(ctx, from, epoch);
                 Response::Kept
             }
-            (None, Request::Replicate(_) | Request::Forget { .. }) => Response::Kept,
+            (None, Request::Replicate { .. } | Request::Forget { .. }) => Response::Kept,
         }
     }
 
@@ -432,5 +459,60 @@ impl Service for KvDir {
                 .map(|(k, v)| (*k, v.clone())),
         );
         found.take(orphans.slots())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gobelins_locator::{CellTree, Epoch, Labels, TreeConfig};
+    use std::sync::Arc;
+
+    /// Nodes 1 to `n` in one cell, at `epoch`.
+    fn table(n: u64, epoch: u64) -> Arc<Snapshot> {
+        let mut tree = CellTree::new(TreeConfig::default()).expect("default config");
+        tree.register_service(KvDir::declaration()).expect("register");
+        for i in 1..=n {
+            tree.add_node(NodeId(i), Labels::new()).expect("add");
+        }
+        Arc::new(tree.snapshot(Epoch(epoch)).expect("non-empty"))
+    }
+
+    fn copies_of(table: &Snapshot, manager: NodeId) -> Vec<(Key, Versioned)> {
+        (0..2_000)
+            .map(Key)
+            .filter(|&k| table.locate(KVDIR, k) == Some(manager))
+            .map(|k| (k, Versioned { version: 1, value: Bytes::from_static(b"v") }))
+            .collect()
+    }
+
+    /// Node 1 holds copies of what node 2 manages, though it is not node 2's backup (node 3
+    /// is). A `Forget` from node 2 drops them at the epoch it names; not at another, and not
+    /// once copies from a later epoch have come: the message was delayed, and those may be
+    /// copies this node must keep, sent by a manager whose table this node has not installed.
+    #[tokio::test]
+    async fn copies_are_forgotten_only_at_the_epoch_named_and_not_after_later_copies() {
+        let at_5 = table(3, 5);
+        assert_eq!(backup(&at_5, NodeId(2)), Some(NodeId(3)));
+        let kv = KvDir::new();
+        let ctx = |epoch: u64| Context::detached(NodeId(1), epoch, Some(table(3, epoch)));
+        let copies = |epoch| Request::Replicate { epoch, entries: copies_of(&at_5, NodeId(2)) };
+        let held = copies_of(&at_5, NodeId(2)).len();
+        assert!(held > 0);
+
+        kv.handle(&ctx(5).told_by(NodeId(2)), Key(0), copies(5)).await;
+        kv.handle(&ctx(6).told_by(NodeId(2)), Key(0), Request::Forget { epoch: 5 }).await;
+        assert_eq!(kv.replicas(), held, "a table at another epoch is not the one meant");
+
+        kv.handle(&ctx(5).told_by(NodeId(2)), Key(0), copies(6)).await;
+        kv.handle(&ctx(5).told_by(NodeId(2)), Key(0), Request::Forget { epoch: 5 }).await;
+        assert_eq!(kv.replicas(), held, "copies from a later epoch came before the message");
+
+        let kv = KvDir::new();
+        kv.handle(&ctx(5).told_by(NodeId(2)), Key(0), copies(5)).await;
+        kv.handle(&ctx(5).told_by(NodeId(3)), Key(0), Request::Forget { epoch: 5 }).await;
+        assert_eq!(kv.replicas(), held, "node 3 manages none of them");
+        kv.handle(&ctx(5).told_by(NodeId(2)), Key(0), Request::Forget { epoch: 5 }).await;
+        assert_eq!(kv.replicas(), 0, "forgotten");
     }
 }

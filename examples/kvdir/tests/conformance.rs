@@ -790,6 +790,43 @@ fn after_each_change_every_entry_has_one_copy_besides_its_manager_s() {
     });
 }
 
+/// A leaver of a cell of four dies before it hands anything over, and the change ends without
+/// it: what it managed is rebuilt by its recovery, from its backup's copies. The receivers
+/// end the change with slots whose entries have not reached them yet, and must not have
+/// those copies forgotten meanwhile as if their backups held them.
+#[test]
+fn a_leaver_dead_before_it_sent_anything_loses_nothing_in_a_cell_of_four() {
+    replay(async {
+        let mut cluster = kvdir_cluster(4, HostConfig::default()).await;
+        assert!(cluster.snapshot().cell_mates(NodeId(1)).count() >= 4, "one cell of four");
+        let host = cluster.host(NodeId(1));
+        let keys = 2_000u64;
+        for key in 0..keys {
+            let put = codec::encode(&Request::Put(key.to_le_bytes().to_vec())).expect("encode");
+            host.request(KVDIR, Key(key), put).await.expect("put");
+        }
+        cluster.change_and_crash(gobelins_locator::Change::Evict(NodeId(4)), NodeId(4)).await;
+        let mut lost = Vec::new();
+        for key in 0..keys {
+            let get = codec::encode(&Request::Get).expect("encode");
+            let answer = host.request(KVDIR, Key(key), get).await.expect("get");
+            let value = match codec::decode(&answer).expect("decode") {
+                Response::Value(Some(v)) => u64::from_le_bytes(v.value[..].try_into().expect("8")),
+                _ => u64::MAX,
+            };
+            if value != key {
+                lost.push(key);
+            }
+        }
+        assert!(
+            lost.is_empty(),
+            "{} keys lost, the first {:?}",
+            lost.len(),
+            &lost[..lost.len().min(5)]
+        );
+    });
+}
+
 /// A cluster of several cells (of two nodes at most). A node keeps its replicas on a node of
 /// its own cell. Kept on the next node of the whole table, in another cell, they left with
 /// that node when it was evicted, and the node they belonged to, no part of that change (its
