@@ -152,6 +152,19 @@ impl KvDir {
         self.live.lock().expect("live").len()
     }
 
+    /// The version of the copy this node holds of `key`'s entry, as a backup or as the
+    /// sender of a change not yet stable (the newer, if both).
+    pub fn copy_of(&self, key: Key) -> Option<u64> {
+        let sent = self.sent.lock().expect("sent");
+        let kept = sent.iter().filter(|(k, _)| *k == key).map(|(_, e)| e.version);
+        kept.chain(self.replicas.lock().expect("replicas").get(key).map(|e| e.version)).max()
+    }
+
+    /// The version of this node's entry of `key`, if it manages it.
+    pub fn version_of(&self, key: Key) -> Option<u64> {
+        self.live.lock().expect("live").get(key).map(|e| e.version)
+    }
+
     /// Copies this node holds right now: of the entries it backs up, and of those it sent
     /// away in a change not yet stable (a key can count in both).
     pub fn replicas(&self) -> usize {

@@ -786,6 +786,17 @@ fn after_each_change_every_entry_has_one_copy_besides_its_manager_s() {
                 (keys as usize, keys as usize),
                 "entries managed and copies held after {steps:?}"
             );
+            // One copy each, then, unless a key with two hides one with none.
+            for key in (0..keys).map(Key) {
+                let version = nodes.iter().find_map(|&n| node(n).version_of(key));
+                let held: Vec<NodeId> =
+                    nodes.iter().copied().filter(|&n| node(n).copy_of(key) == version).collect();
+                assert_eq!(
+                    held.len(),
+                    1,
+                    "{key:?} at version {version:?}, copies on {held:?}, after {steps:?}"
+                );
+            }
         }
     });
 }
