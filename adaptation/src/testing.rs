@@ -277,7 +277,27 @@ impl MemCluster {
     /// without the victim, and the victim's failure is recovered (`Fail` if it is still in
     /// the tree, `Recover` if the change took it out), moves it had not finished included.
     pub async fn change_and_crash(&mut self, change: Change, victim: NodeId) {
+        self.crash_during(change, victim, None).await;
+    }
+
+    /// As [`MemCluster::change_and_crash`], but `lagging` hears of the change only with the
+    /// victim's death, in one update, as a node that applied both at once would: it never
+    /// sees the victim among the participants.
+    pub async fn change_and_crash_unseen_by(
+        &mut self,
+        change: Change,
+        victim: NodeId,
+        lagging: NodeId,
+    ) {
+        self.crash_during(change, victim, Some(lagging)).await;
+    }
+
+    async fn crash_during(&mut self, change: Change, victim: NodeId, lagging: Option<NodeId>) {
+        let cut = lagging.filter(|&node| self.cut_off.insert(node));
         let mut progress = self.begin(change, Vec::new());
+        if let Some(node) = cut {
+            self.cut_off.remove(&node);
+        }
         self.net.crashed.insert(victim, ());
         if let Some((_, host)) = self.net.hosts.remove(&victim) {
             host.shutdown();

@@ -19,7 +19,7 @@ mod by_slot;
 use by_slot::BySlot;
 use bytes::Bytes;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
-use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec, Snapshot};
+use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, Snapshot};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -246,8 +246,14 @@ impl KvDir {
         }
         // A participant that died during the change, or a node given up on and not recovered
         // yet, leaves this node managing slots whose entries have not all reached it: their
-        // recovery rebuilds them from the copies others hold.
-        if change.participants.iter().chain(table.nodes()).any(|&n| ctx.gone(n)) {
+        // recovery rebuilds them from the copies others hold. A leaver is out of the table,
+        // and, dead, out of the participants too for a node that heard of its leave and its
+        // death at once (helper-54): it is looked for by name.
+        let leaver = match change.change {
+            Change::Evict(node) => Some(node),
+            _ => None,
+        };
+        if change.participants.iter().chain(table.nodes()).chain(&leaver).any(|&n| ctx.gone(n)) {
             return;
         }
         let mut told: Vec<NodeId> = change.participants.iter().copied().chain(last).collect();

@@ -807,35 +807,49 @@ fn after_each_change_every_entry_has_one_copy_besides_its_manager_s() {
 /// those copies forgotten meanwhile as if their backups held them.
 #[test]
 fn a_leaver_dead_before_it_sent_anything_loses_nothing_in_a_cell_of_four() {
-    replay(async {
-        let mut cluster = kvdir_cluster(4, HostConfig::default()).await;
-        assert!(cluster.snapshot().cell_mates(NodeId(1)).count() >= 4, "one cell of four");
-        let host = cluster.host(NodeId(1));
-        let keys = 2_000u64;
-        for key in 0..keys {
-            let put = codec::encode(&Request::Put(key.to_le_bytes().to_vec())).expect("encode");
-            host.request(KVDIR, Key(key), put).await.expect("put");
+    replay(leaver_dead_before_it_sent_anything(None));
+}
+
+/// The same, with a receiver that hears of the leave only with the leaver's death, and so
+/// never sees the leaver among the participants (helper-54).
+#[test]
+fn a_leaver_dead_before_it_sent_anything_loses_nothing_though_a_receiver_never_saw_it_take_part() {
+    replay(leaver_dead_before_it_sent_anything(Some(NodeId(2))));
+}
+
+/// Node 4 of a cell of four leaves and dies at once; `lagging` hears of it only then.
+async fn leaver_dead_before_it_sent_anything(lagging: Option<NodeId>) {
+    let mut cluster = kvdir_cluster(4, HostConfig::default()).await;
+    assert!(cluster.snapshot().cell_mates(NodeId(1)).count() >= 4, "one cell of four");
+    let host = cluster.host(NodeId(1));
+    let keys = 2_000u64;
+    for key in 0..keys {
+        let put = codec::encode(&Request::Put(key.to_le_bytes().to_vec())).expect("encode");
+        host.request(KVDIR, Key(key), put).await.expect("put");
+    }
+    let leave = gobelins_locator::Change::Evict(NodeId(4));
+    match lagging {
+        None => cluster.change_and_crash(leave, NodeId(4)).await,
+        Some(node) => cluster.change_and_crash_unseen_by(leave, NodeId(4), node).await,
+    }
+    let mut lost = Vec::new();
+    for key in 0..keys {
+        let get = codec::encode(&Request::Get).expect("encode");
+        let answer = host.request(KVDIR, Key(key), get).await.expect("get");
+        let value = match codec::decode(&answer).expect("decode") {
+            Response::Value(Some(v)) => u64::from_le_bytes(v.value[..].try_into().expect("8")),
+            _ => u64::MAX,
+        };
+        if value != key {
+            lost.push(key);
         }
-        cluster.change_and_crash(gobelins_locator::Change::Evict(NodeId(4)), NodeId(4)).await;
-        let mut lost = Vec::new();
-        for key in 0..keys {
-            let get = codec::encode(&Request::Get).expect("encode");
-            let answer = host.request(KVDIR, Key(key), get).await.expect("get");
-            let value = match codec::decode(&answer).expect("decode") {
-                Response::Value(Some(v)) => u64::from_le_bytes(v.value[..].try_into().expect("8")),
-                _ => u64::MAX,
-            };
-            if value != key {
-                lost.push(key);
-            }
-        }
-        assert!(
-            lost.is_empty(),
-            "{} keys lost, the first {:?}",
-            lost.len(),
-            &lost[..lost.len().min(5)]
-        );
-    });
+    }
+    assert!(
+        lost.is_empty(),
+        "{} keys lost, the first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(5)]
+    );
 }
 
 /// A cluster of several cells (of two nodes at most). A node keeps its replicas on a node of
