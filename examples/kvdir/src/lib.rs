@@ -28,8 +28,17 @@ use std::time::Duration;
 /// The service's id in the cluster.
 pub const KVDIR: ServiceId = ServiceId(10);
 
-/// Replicas are copied in messages of at most this many entries.
+/// Replicas are copied in messages of at most this many entries...
 const REPLICATE_CHUNK: usize = 4096;
+
+/// ... and about this many bytes of values: cut by count alone, 4,096 entries of 4 KiB or more
+/// made a message larger than a frame may be, and a copy in full then failed every time.
+const REPLICATE_BYTES: usize = 4 << 20;
+
+/// The largest value a `Put` may store. An entry migrates in a batch of about
+/// `HostConfig::batch_bytes` with others, and a batch larger than a frame is dropped whole:
+/// this keeps every batch of the default configuration well within the 16 MiB frame.
+pub const MAX_VALUE: usize = 4 << 20;
 
 /// How long a change waits for this node's backup to take the entries it received: past a
 /// failure detector's verdict on a backup that is down, short of holding up the changes behind
@@ -91,6 +100,11 @@ pub enum Response {
     /// The write could not be copied to the backup. Never seen by a client: the layer retries
     /// the request ([`Service::must_retry`]).
     Unreplicated,
+    /// The value is larger than [`MAX_VALUE`]; nothing was stored.
+    TooLarge {
+        /// The largest value accepted, in bytes.
+        max: u64,
+    },
 }
 
 /// One node's part of the directory.
@@ -190,6 +204,29 @@ fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
     })
 }
 
+/// `entries` in slices of at most [`REPLICATE_CHUNK`] entries and, unless one value alone is
+/// larger, [`REPLICATE_BYTES`] of values.
+fn chunks(entries: &[(Key, Versioned)]) -> impl Iterator<Item = &[(Key, Versioned)]> {
+    let mut rest = entries;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut end = 0;
+        while end < rest.len().min(REPLICATE_CHUNK) {
+            bytes += rest[end].1.value.len();
+            if end > 0 && bytes > REPLICATE_BYTES {
+                break;
+            }
+            end += 1;
+        }
+        let (chunk, after) = rest.split_at(end);
+        rest = after;
+        Some(chunk)
+    })
+}
+
 impl KvDir {
     /// Drops the copies this node holds of what `from` manages at `epoch`, which `from`'s
     /// backup now holds too: a former backup's copies, and those a backup kept of entries its
@@ -277,7 +314,7 @@ impl KvDir {
     async fn replicate(&self, ctx: &Context, entries: Vec<(Key, Versioned)>) -> bool {
         let Some(to) = ctx.snapshot().and_then(|s| backup(s, ctx.node())) else { return true };
         let mut stored = true;
-        for chunk in entries.chunks(REPLICATE_CHUNK) {
+        for chunk in chunks(&entries) {
             let key = chunk[0].0;
             let copies = Request::Replicate { epoch: ctx.epoch(), entries: chunk.to_vec() };
             let sent: Result<Response, _> = ctx.tell(to, KVDIR, key, &copies).await;
@@ -317,6 +354,9 @@ impl Service for KvDir {
                 replicas.merge(entries);
                 self.copies_at.fetch_max(epoch, Ordering::Relaxed);
                 Response::Kept
+            }
+            (_, Request::Put(value)) if value.len() > MAX_VALUE => {
+                Response::TooLarge { max: MAX_VALUE as u64 }
             }
             (_, Request::Put(value)) => {
                 let entry = {
@@ -503,6 +543,33 @@ mod tests {
             .filter(|&k| table.locate(KVDIR, k) == Some(manager))
             .map(|k| (k, Versioned { version: 1, value: Bytes::from_static(b"v") }))
             .collect()
+    }
+
+    #[test]
+    fn copies_go_in_messages_cut_by_bytes_as_well_as_by_count() {
+        let entry = |n: usize| Versioned { version: 1, value: Bytes::from(vec![0u8; n]) };
+        let big: Vec<(Key, Versioned)> = (0..5_000).map(|k| (Key(k), entry(4096))).collect();
+        let cut: Vec<usize> = chunks(&big).map(<[_]>::len).collect();
+        assert_eq!(cut.iter().sum::<usize>(), 5_000, "every entry travels");
+        assert!(cut.iter().all(|&n| n * 4096 <= REPLICATE_BYTES), "{cut:?}");
+        let small: Vec<(Key, Versioned)> = (0..5_000).map(|k| (Key(k), entry(8))).collect();
+        let cut: Vec<usize> = chunks(&small).map(<[_]>::len).collect();
+        assert_eq!(cut, vec![REPLICATE_CHUNK, 5_000 - REPLICATE_CHUNK], "by count");
+        let huge = vec![(Key(1), entry(REPLICATE_BYTES + 1)), (Key(2), entry(1))];
+        let cut: Vec<usize> = chunks(&huge).map(<[_]>::len).collect();
+        assert_eq!(cut, vec![1, 1], "a value larger than a message goes alone");
+    }
+
+    #[tokio::test]
+    async fn a_value_too_large_to_migrate_is_refused_and_nothing_is_stored() {
+        let kv = KvDir::new();
+        let ctx = Context::detached(NodeId(1), 5, Some(table(1, 5)));
+        let put = Request::Put(vec![0; MAX_VALUE + 1]);
+        let refused = kv.handle(&ctx, Key(3), put).await;
+        assert_eq!(refused, Response::TooLarge { max: MAX_VALUE as u64 });
+        assert_eq!((kv.managed(), kv.version_of(Key(3))), (0, None));
+        let stored = kv.handle(&ctx, Key(3), Request::Put(vec![0; MAX_VALUE])).await;
+        assert_eq!(stored, Response::Stored { version: 1 });
     }
 
     /// Node 1 holds copies of what node 2 manages, though it is not node 2's backup (node 3
