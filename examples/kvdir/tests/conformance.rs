@@ -674,6 +674,33 @@ impl Service for Shared {
     }
 }
 
+/// Every node's kvdir, in the order built.
+#[derive(Clone, Default)]
+struct Made(Arc<Mutex<Vec<Arc<KvDir>>>>);
+
+impl Made {
+    /// Node n's instance: the first registry is read for its declarations only, so node n's
+    /// is the nth built.
+    fn node(&self, n: NodeId) -> Arc<KvDir> {
+        Arc::clone(&self.0.lock().expect("made")[n.0 as usize])
+    }
+}
+
+/// `nodes` in-memory nodes hosting kvdir, with each node's instance at hand.
+async fn cluster_with_instances(nodes: u64) -> (MemCluster, Made) {
+    let made = Made::default();
+    let kept = made.clone();
+    let cluster = MemCluster::start(nodes, HostConfig::default(), move || {
+        let kv = Arc::new(KvDir::new());
+        kept.0.lock().expect("made").push(Arc::clone(&kv));
+        let mut registry = Registry::new();
+        registry.register(plugin(Shared(kv))).expect("registers");
+        registry
+    })
+    .await;
+    (cluster, made)
+}
+
 /// A sender keeps what it sent until the change is stable, then lets it go unless it backs
 /// that entry up: kept, every node would in time hold a replica of every entry that ever left
 /// it. Nodes 1 and 2 back each other up; node 3 joins after node 2, and backs nothing up
@@ -681,18 +708,8 @@ impl Service for Shared {
 #[test]
 fn a_sender_lets_go_of_what_it_sent_once_the_change_is_stable() {
     replay(async {
-        let made: Arc<Mutex<Vec<Arc<KvDir>>>> = Arc::default();
-        let kept = Arc::clone(&made);
-        let mut cluster = MemCluster::start(2, HostConfig::default(), move || {
-            let kv = Arc::new(KvDir::new());
-            kept.lock().expect("made").push(Arc::clone(&kv));
-            let mut registry = Registry::new();
-            registry.register(plugin(Shared(kv))).expect("registers");
-            registry
-        })
-        .await;
-        // The first registry is read for its declarations only; node n's is the nth built.
-        let node = |n: u64| Arc::clone(&made.lock().expect("made")[n as usize]);
+        let (mut cluster, made) = cluster_with_instances(2).await;
+        let node = |n: u64| made.node(NodeId(n));
         let keys: Vec<Key> = (0..600).map(Key).collect();
         for &key in &keys {
             let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
@@ -739,18 +756,8 @@ fn a_sender_lets_go_of_what_it_sent_once_the_change_is_stable() {
 #[test]
 fn after_each_change_every_entry_has_one_copy_besides_its_manager_s() {
     replay(async {
-        let made: Arc<Mutex<Vec<Arc<KvDir>>>> = Arc::default();
-        let kept = Arc::clone(&made);
-        let mut cluster = MemCluster::start(3, HostConfig::default(), move || {
-            let kv = Arc::new(KvDir::new());
-            kept.lock().expect("made").push(Arc::clone(&kv));
-            let mut registry = Registry::new();
-            registry.register(plugin(Shared(kv))).expect("registers");
-            registry
-        })
-        .await;
-        // The first registry is read for its declarations only; node n's is the nth built.
-        let node = |n: NodeId| Arc::clone(&made.lock().expect("made")[n.0 as usize]);
+        let (mut cluster, made) = cluster_with_instances(3).await;
+        let node = |n: NodeId| made.node(n);
         let keys = 2_000u64;
         for key in 0..keys {
             let put = codec::encode(&Request::Put(key.to_le_bytes().to_vec())).expect("encode");
