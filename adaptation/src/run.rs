@@ -175,6 +175,16 @@ impl Packed {
         self.buf.len() - HEADROOM
     }
 
+    /// Moves its last entry, which starts `at` bytes into its entries, to the empty `next`.
+    fn move_last(&mut self, at: usize, mut next: Packed) -> Packed {
+        debug_assert!(next.is_empty() && self.count > 1);
+        next.buf.extend_from_slice(&self.buf[HEADROOM + at..]);
+        next.count = 1;
+        self.buf.truncate(HEADROOM + at);
+        self.count -= 1;
+        next
+    }
+
     /// The run, as a receiver reads it.
     pub fn into_run(self) -> Run {
         let count = self.count;
@@ -258,21 +268,31 @@ impl Packer {
         self
     }
 
-    /// Encodes `entry` into the run for its destination.
+    /// Encodes `entry` into the run for its destination. A run holds at most `batch_bytes`,
+    /// unless one entry alone is larger: the entry that overflows a run starts the next one.
+    /// Over by one large entry, a run could be over the largest frame, and a batch that does
+    /// not fit in one never lands.
     pub fn push<E: Serialize>(&mut self, key: Key, entry: &E) -> Result<(), AdaptationError> {
         let to = (self.locate)(key);
-        // Room for a batch and the entry that overflows it, so that the buffer is not
-        // reallocated (and copied) as it fills.
+        // Room for a batch and an entry more, so that the buffer is not reallocated (and
+        // copied) as it fills.
         let capacity = self.batch_bytes + 64 * 1024;
         let pool = &self.pool;
-        let run = self.open.entry(to).or_insert_with(|| match pool {
+        let fresh = || match pool {
             Some(pool) => Packed::within(pool.take(HEADROOM + capacity + codec::SPARE)),
             None => Packed::with_capacity(capacity),
-        });
+        };
+        let run = self.open.entry(to).or_insert_with(&fresh);
+        let at = run.size();
         run.push_encoded(key, entry)?;
-        let filled = run.size() >= self.batch_bytes;
         self.count += 1;
-        if filled {
+        if run.size() > self.batch_bytes && run.len() > 1 {
+            let next = run.move_last(at, fresh());
+            if let Some(full) = self.open.insert(to, next) {
+                self.full.push((to, full));
+            }
+        }
+        if self.open.get(&to).is_some_and(|run| run.size() >= self.batch_bytes) {
             if let Some(run) = self.open.remove(&to) {
                 self.full.push((to, run));
             }
@@ -422,7 +442,29 @@ mod tests {
             if batch_bytes == 0 {
                 assert!(runs.iter().all(|(_, r)| r.len() == 1), "one entry per run at 0");
             }
+            // 13 bytes an entry: the third would take a run over 30.
+            if batch_bytes == 30 {
+                assert!(runs.iter().all(|(_, r)| r.size() <= 30), "no run over batch_bytes");
+                // 34, 33 and 33 entries: 17, 16 and 16 runs of two, and a run of one each.
+                assert_eq!(runs.iter().filter(|(_, r)| r.len() == 2).count(), 49);
+            }
         }
+    }
+
+    /// An entry larger than a batch goes alone, and the run it would have overflowed leaves
+    /// without it: over `batch_bytes` by one large entry, a batch could be over the largest
+    /// frame, and one that does not fit in a frame never lands.
+    #[test]
+    fn an_entry_that_overflows_a_run_starts_the_next_one() {
+        let mut packer = Packer::new(|_| NodeId(1), 100);
+        for k in 0..5u64 {
+            packer.push(Key(k), &k).unwrap();
+        }
+        packer.push(Key(5), &vec![7u8; 200]).unwrap();
+        packer.push(Key(6), &6u64).unwrap();
+        let runs: Vec<(usize, usize)> =
+            packer.finish().iter().map(|(_, run)| (run.len(), run.size())).collect();
+        assert_eq!(runs, vec![(5, 65), (1, 213), (1, 13)], "(entries, bytes) per run");
     }
 
     #[tokio::test]
@@ -438,7 +480,7 @@ mod tests {
             })
         };
         // 13 bytes an entry: a run is full at its third.
-        let mut packer = Packer::new(|k: Key| NodeId(k.0 % 3), 30).shipping(Pool::new(4), outlet);
+        let mut packer = Packer::new(|k: Key| NodeId(k.0 % 3), 39).shipping(Pool::new(4), outlet);
         for k in 0..30u64 {
             packer.push(Key(k), &k).unwrap();
             packer.flush().await;
