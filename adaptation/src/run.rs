@@ -445,7 +445,7 @@ mod tests {
             // 13 bytes an entry: the third would take a run over 30.
             if batch_bytes == 30 {
                 assert!(runs.iter().all(|(_, r)| r.size() <= 30), "no run over batch_bytes");
-                // 34, 33 and 33 entries: 17, 16 and 16 runs of two, and a run of one each.
+                // 34, 33 and 33 entries: 17, 16 and 16 runs of two, and the last two a run of one.
                 assert_eq!(runs.iter().filter(|(_, r)| r.len() == 2).count(), 49);
             }
         }
