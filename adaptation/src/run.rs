@@ -288,11 +288,9 @@ impl Packer {
         self.count += 1;
         if run.size() > self.batch_bytes && run.len() > 1 {
             let next = run.move_last(at, fresh());
-            if let Some(full) = self.open.insert(to, next) {
-                self.full.push((to, full));
-            }
+            self.full.push((to, std::mem::replace(run, next)));
         }
-        if self.open.get(&to).is_some_and(|run| run.size() >= self.batch_bytes) {
+        if run.size() >= self.batch_bytes {
             if let Some(run) = self.open.remove(&to) {
                 self.full.push((to, run));
             }
