@@ -1,7 +1,7 @@
 //! The async loop that carries out [`Period`]'s commands on one node: one task, fed by the
 //! supervisor's updates and by acks from peers, so that the machine sees one event at a time.
 
-use crate::host::{ChangeRecord, Inner, Progress, Update};
+use crate::host::{ChangeRecord, Delivery, Inner, Progress, Update};
 use crate::period::{Command, Event, Period, Phase, Role};
 use crate::router::Router;
 use crate::run::{Outlet, Packed, Packer};
@@ -559,7 +559,7 @@ impl Flight {
         let (inner, to) = (Arc::clone(&self.inner), self.to);
         self.flying.spawn(async move {
             let t0 = Instant::now();
-            if !inner.deliver(to, body).await {
+            if inner.deliver(to, body).await != Delivery::Taken {
                 return 0;
             }
             tracing::trace!(entries = n, bytes = size, node = to.0, took = ?t0.elapsed(), "batch shipped");

@@ -1533,20 +1533,20 @@ impl Inner {
         }
     }
 
-    /// Sends `message`, sealed by the link, to `to` until it is accepted, refused, or `to` is
-    /// known gone.
-    pub(crate) async fn deliver(&self, to: NodeId, message: Bytes) -> bool {
+    /// Sends `message`, sealed by the link, to `to` until it is taken, or `to` is known gone,
+    /// or this host stops. A message refused is not given up: its entries would be lost, the
+    /// change reported done over them and their new manager serving them as absent. It is sent
+    /// again, less and less often, and the change waits for it.
+    pub(crate) async fn deliver(&self, to: NodeId, message: Bytes) -> Delivery {
         let mut failures = 0u32;
+        let mut refusals = 0u32;
+        let mut said: Option<Instant> = None;
         loop {
-            let mut pause = true;
+            let mut pause = self.config.retry;
             // Sealed once: an attempt sends the same bytes again, not a copy of them.
             let outcome = self.link.call(to, message.clone(), self.config.call_timeout).await;
-            match outcome.and_then(|answer| Reply::decode(&answer)) {
-                Ok(Reply::Accepted) => return true,
-                Ok(Reply::Refused(why)) => {
-                    tracing::error!(node = to.0, %why, "node refused a migration message");
-                    return false;
-                }
+            let refused = match outcome.and_then(|answer| Reply::decode(&answer)) {
+                Ok(Reply::Accepted) => return Delivery::Taken,
                 Ok(Reply::Merged { epoch }) => {
                     tracing::warn!(
                         node = to.0,
@@ -1557,23 +1557,18 @@ impl Inner {
                          (the cluster rebuilt them from replicas, and this node rejoins as a new \
                          life)"
                     );
-                    return false;
+                    return Delivery::Merged;
                 }
-                Ok(Reply::Unknown(service)) => {
-                    tracing::error!(
-                        node = to.0,
-                        service,
-                        "node does not host this service; its entries cannot go there"
-                    );
-                    return false;
-                }
+                Ok(Reply::Refused(why)) => Some(why),
+                Ok(Reply::Unknown(service)) => Some(format!("it does not host service {service}")),
+                // Sent again it is refused again, here; but dropped, its entries are lost.
+                Err(e @ AdaptationError::TooLarge { .. }) => Some(format!(
+                    "{e}: an entry of this service alone is larger than a frame (raise max_frame \
+                     on every node, or keep the service's entries smaller)"
+                )),
                 Ok(other) => {
-                    tracing::debug!(node = to.0, ?other, "migration message not taken yet")
-                }
-                Err(e @ AdaptationError::TooLarge { .. }) => {
-                    // Sent again it would be refused again, and the change would never end.
-                    tracing::error!(node = to.0, error = %e, "a migration message is larger than the transport carries: an entry of this service is too large to move, and is not moved (raise max_frame on every node, or keep the service's entries smaller)");
-                    return false;
+                    tracing::debug!(node = to.0, ?other, "migration message not taken yet");
+                    None
                 }
                 Err(e) => {
                     failures += 1;
@@ -1584,13 +1579,33 @@ impl Inner {
                         // whole change (a 20 ms stall in one join of four, measured).
                         1 => {
                             tracing::debug!(node = to.0, error = %e, "migration message not delivered; sending it again");
-                            pause = false;
+                            pause = Duration::ZERO;
                         }
                         2 => {
                             tracing::warn!(node = to.0, error = %e, "migration message not delivered; retrying")
                         }
                         _ => {}
                     }
+                    None
+                }
+            };
+            if let Some(why) = refused {
+                refusals += 1;
+                // A refusal does not pass by itself: what cures it is an operator's act.
+                pause =
+                    (self.config.retry * 2u32.saturating_pow(refusals.min(16))).min(REFUSED_PAUSE);
+                if said.is_none_or(|at| at.elapsed() >= REFUSED_SAY_EVERY) {
+                    said = Some(Instant::now());
+                    tracing::error!(
+                        node = to.0,
+                        %why,
+                        refusals,
+                        "node refuses a migration message; its entries stay on this node and are \
+                         sent again until it takes them, and the change cannot end before. Most \
+                         often the nodes run different builds: run the same gobelins build on \
+                         every node. To end the change without that node, stop it: the cluster \
+                         rebuilds what it was to take from the copies this node keeps"
+                    );
                 }
             }
             if self.mirrors.is_departed(to) {
@@ -1598,17 +1613,35 @@ impl Inner {
                     node = to.0,
                     "node is gone; what it was to receive will be rebuilt by scan where a copy survives"
                 );
-                return false;
+                return Delivery::Gone;
             }
             if self.mirrors.stopped.load(Ordering::Acquire) {
-                return false;
+                return Delivery::Gone;
             }
-            if pause {
-                tokio::time::sleep(self.config.retry).await;
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
             }
         }
     }
 }
+
+/// How [`Inner::deliver`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Delivery {
+    /// The receiver took it.
+    Taken,
+    /// The receiver had already merged the change it belongs to: a copy of one it took, or
+    /// this node's own part in the change ended without it.
+    Merged,
+    /// The receiver is gone, or this host stopped: `scan` rebuilds what it carried.
+    Gone,
+}
+
+/// The longest pause between two attempts at a message its receiver refused.
+const REFUSED_PAUSE: Duration = Duration::from_secs(5);
+
+/// How often a refusal that goes on is logged again.
+const REFUSED_SAY_EVERY: Duration = Duration::from_secs(30);
 
 /// What a [`Context`] sends through.
 impl Inner {
@@ -1653,10 +1686,18 @@ mod tests {
     use super::*;
     use async_trait::async_trait;
 
-    /// A link whose first `fails` calls find the connection closed; the next are accepted.
+    /// A link whose first `fails` calls find the connection closed and the `refusals` after
+    /// them are refused; the next are accepted.
     struct Flaky {
         fails: u64,
+        refusals: u64,
         calls: AtomicU64,
+    }
+
+    impl Flaky {
+        fn new(fails: u64) -> Self {
+            Flaky { fails, refusals: 0, calls: AtomicU64::new(0) }
+        }
     }
 
     #[async_trait]
@@ -1667,11 +1708,15 @@ mod tests {
             _message: Bytes,
             _deadline: Duration,
         ) -> Result<Bytes, AdaptationError> {
-            if self.calls.fetch_add(1, Ordering::SeqCst) < self.fails {
+            let call = self.calls.fetch_add(1, Ordering::SeqCst);
+            if call < self.fails {
                 return Err(AdaptationError::Unreachable {
                     node: to.0,
                     reason: "connection closed".into(),
                 });
+            }
+            if call < self.fails + self.refusals {
+                return Reply::Refused("entries do not decode".into()).encode().map(Bytes::from);
             }
             Reply::Accepted.encode().map(Bytes::from)
         }
@@ -1679,10 +1724,10 @@ mod tests {
 
     /// How long `deliver` took over a link failing `fails` times, and the calls it made.
     async fn deliver_over(fails: u64) -> (Duration, u64) {
-        let link = Arc::new(Flaky { fails, calls: AtomicU64::new(0) });
+        let link = Arc::new(Flaky::new(fails));
         let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), HostConfig::default());
         let started = Instant::now();
-        assert!(inner.deliver(NodeId(2), Bytes::from_static(b"batch")).await);
+        assert_eq!(inner.deliver(NodeId(2), Bytes::from_static(b"batch")).await, Delivery::Taken);
         inner.stop();
         (started.elapsed(), link.calls.load(Ordering::SeqCst))
     }
@@ -1690,7 +1735,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_key_keeps_the_answers_retries_may_need_and_lets_settled_ones_go_first() {
         const KV: ServiceId = ServiceId(1);
-        let link = Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) });
+        let link = Arc::new(Flaky::new(0));
         let config = HostConfig { answers_per_key: 2, ..HostConfig::default() };
         let inner = Inner::spawn(NodeId(1), Registry::new(), link, config);
         let answer = |seq| Answered {
@@ -1733,7 +1778,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_config_of_no_answers_per_key_keeps_one_and_does_not_panic() {
         const KV: ServiceId = ServiceId(1);
-        let link = Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) });
+        let link = Arc::new(Flaky::new(0));
         let config = HostConfig { answers_per_key: 0, ..HostConfig::default() };
         let inner = Inner::spawn(NodeId(1), Registry::new(), link, config);
         let now = Instant::now();
@@ -1767,12 +1812,8 @@ mod tests {
             .map(Key)
             .find(|&k| old.locate(KV, k) == Some(NodeId(1)) && new.locate(KV, k) == Some(NodeId(4)))
             .expect("node 1 hands node 4 some keys");
-        let host = Host::start(
-            NodeId(4),
-            Registry::new(),
-            Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) }),
-            HostConfig::default(),
-        );
+        let host =
+            Host::start(NodeId(4), Registry::new(), Arc::new(Flaky::new(0)), HostConfig::default());
         // As the supervisor hands it over: the dead node is out of the participants.
         let departed = BTreeSet::from([NodeId(1)]);
         let change = Progress {
@@ -1861,7 +1902,7 @@ mod tests {
         let moved = (0..).map(Key).find(|&k| new.locate(KV, k) == Some(NodeId(2))).expect("a key");
         let mut registry = Registry::new();
         registry.register(crate::plugin(service)).expect("register");
-        let link = Arc::new(Flaky { fails: 0, calls: AtomicU64::new(0) });
+        let link = Arc::new(Flaky::new(0));
         let host = Host::start(NodeId(2), registry, link, HostConfig::default());
         host.update(Update {
             epoch,
@@ -1953,5 +1994,39 @@ mod tests {
     async fn a_migration_message_that_fails_again_waits_before_each_further_try() {
         let retry = HostConfig::default().retry;
         assert_eq!(deliver_over(3).await, (retry * 2, 4));
+    }
+
+    /// A refusal is not the end of a batch: dropped, its entries were lost, and the change
+    /// reported done over them. It is sent again, with pauses that grow, until taken.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_migration_message_is_sent_again_until_it_is_taken() {
+        let link = Arc::new(Flaky { refusals: 4, ..Flaky::new(0) });
+        let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), HostConfig::default());
+        let started = Instant::now();
+        assert_eq!(inner.deliver(NodeId(2), Bytes::from_static(b"batch")).await, Delivery::Taken);
+        assert_eq!(link.calls.load(Ordering::SeqCst), 5, "four refusals, then taken");
+        let retry = HostConfig::default().retry;
+        assert_eq!(started.elapsed(), retry * (2 + 4 + 8 + 16), "pauses that double");
+        inner.stop();
+    }
+
+    /// Refused for ever, a batch waits for as long as its receiver lives; once the receiver is
+    /// gone, `scan` rebuilds what it carried, and delivering ends.
+    #[tokio::test(start_paused = true)]
+    async fn a_message_refused_for_ever_is_given_up_only_once_its_receiver_is_gone() {
+        let link = Arc::new(Flaky { refusals: u64::MAX / 2, ..Flaky::new(0) });
+        let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), HostConfig::default());
+        let delivering = {
+            let inner = Arc::clone(&inner);
+            tokio::spawn(async move { inner.deliver(NodeId(2), Bytes::from_static(b"b")).await })
+        };
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        assert!(!delivering.is_finished(), "still trying after ten minutes");
+        let calls = link.calls.load(Ordering::SeqCst);
+        assert!((100..=200).contains(&calls), "a try every {REFUSED_PAUSE:?} at most: {calls}");
+        inner.mirrors.mirror_departed(&BTreeSet::from([NodeId(2)]));
+        let ended = tokio::time::timeout(REFUSED_PAUSE * 2, delivering).await;
+        assert_eq!(ended.expect("ends").expect("joins"), Delivery::Gone);
+        inner.stop();
     }
 }

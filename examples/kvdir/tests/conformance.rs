@@ -3,10 +3,12 @@
 
 use gobelins_adaptation::testing::{conformance, replay, Faults, MemCluster, Probe};
 use gobelins_adaptation::{
-    codec, plugin, ChangeInfo, Context, HostConfig, Moving, Registry, Service,
+    codec, plugin, AdaptationError as Error, Answer, ChangeInfo, Context, HostConfig, Moving,
+    Packer, Plugin, Registry, Run, Service,
 };
 use gobelins_kvdir::{KvDir, Request, Response, Versioned, KVDIR};
 use gobelins_locator::{Key, NodeId, ServiceSpec};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -967,5 +969,101 @@ fn a_write_a_read_saw_though_its_backup_missed_it_outlives_its_manager() {
         cluster.fail(manager).await;
         let after = read(host.request(KVDIR, key, get).await.expect("get"));
         assert_eq!(after, seen, "what a read saw is still there");
+    });
+}
+
+/// kvdir, but the batches of entries it is sent are refused while `refusals` lasts, one each,
+/// as a node of another build that cannot decode them would.
+struct Refusing {
+    kv: Box<dyn Plugin>,
+    refusals: Arc<AtomicU64>,
+}
+
+#[async_trait::async_trait]
+impl Plugin for Refusing {
+    fn spec(&self) -> ServiceSpec {
+        self.kv.spec()
+    }
+    async fn handle(&self, ctx: &Context, key: Key, request: &[u8]) -> Result<Answer, Error> {
+        self.kv.handle(ctx, key, request).await
+    }
+    fn repeatable(&self, request: &[u8]) -> bool {
+        self.kv.repeatable(request)
+    }
+    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.kv.before_migration(ctx, change).await
+    }
+    async fn send_out(
+        &self,
+        ctx: &Context,
+        moving: &Moving,
+        out: &mut Packer,
+    ) -> Result<(), Error> {
+        self.kv.send_out(ctx, moving, out).await
+    }
+    async fn receive(&self, ctx: &Context, from: NodeId, entries: &Run) -> Result<(), Error> {
+        let refuse =
+            self.refusals.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        if refuse.is_ok() {
+            return Err(Error::Codec("entries of another build".into()));
+        }
+        self.kv.receive(ctx, from, entries).await
+    }
+    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.kv.after_migration(ctx, change).await
+    }
+    async fn stable(&self, ctx: &Context, epoch: u64) {
+        self.kv.stable(ctx, epoch).await
+    }
+    async fn scan(
+        &self,
+        ctx: &Context,
+        failed: NodeId,
+        orphans: &Moving,
+        out: &mut Packer,
+    ) -> Result<(), Error> {
+        self.kv.scan(ctx, failed, orphans, out).await
+    }
+}
+
+/// A batch its receiver refuses is sent again until it is taken, and the change ends only
+/// then. Dropped, as it was, its entries were lost: the joiner served them as absent, and the
+/// sender let its copy go once the change was stable.
+#[test]
+fn a_batch_refused_for_a_while_is_sent_again_and_the_change_ends_only_once_it_is_taken() {
+    replay(async {
+        let refusals = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&refusals);
+        let mut cluster = MemCluster::start(3, HostConfig::default(), move || {
+            let refusing = Refusing { kv: plugin(KvDir::new()), refusals: Arc::clone(&counter) };
+            let mut registry = Registry::new();
+            registry.register(Box::new(refusing)).expect("registers");
+            registry
+        })
+        .await;
+        let keys: Vec<Key> = (0..2_000).map(Key).collect();
+        for &key in &keys {
+            let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
+            cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
+        }
+        refusals.store(3, Ordering::SeqCst);
+        let joiner = cluster.add().await;
+        assert_eq!(refusals.load(Ordering::SeqCst), 0, "the joiner refused three batches");
+        assert!(
+            cluster.host(joiner).stats().entries_received > 0,
+            "the joiner took entries in the end"
+        );
+        // Stable: the senders have let their own copies go.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let get = codec::encode(&Request::Get).expect("encode");
+        let mut lost = 0;
+        for &key in &keys {
+            let answer = cluster.host(NodeId(1)).request(KVDIR, key, get.clone()).await;
+            let value: Response = codec::decode(&answer.expect("get")).expect("decode");
+            if !matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()) {
+                lost += 1;
+            }
+        }
+        assert_eq!(lost, 0, "{lost} keys lost");
     });
 }
