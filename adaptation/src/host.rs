@@ -147,6 +147,11 @@ pub struct Stats {
     /// redirected: nothing told it to ask again).
     #[serde(default)]
     pub forwarded: u64,
+    /// Times a migration message this node sent was refused by its receiver. Each refused
+    /// message is sent again until taken, and its change waits for it: a count that grows
+    /// means a change that cannot end (the log names the receiver and why).
+    #[serde(default)]
+    pub batches_refused: u64,
 }
 
 /// One change as this node carried it out: what moved and how long each phase took.
@@ -186,6 +191,7 @@ pub(crate) struct Counters {
     pub(crate) entries_rebuilt: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) forwarded: AtomicU64,
+    pub(crate) batches_refused: AtomicU64,
 }
 
 /// A request being handled: while it lives, a retry of the same request waits for it.
@@ -431,6 +437,7 @@ impl Host {
             bytes_sent: get(&c.bytes_sent),
             answers_kept: inner.answers.iter().map(|answers| answers.len() as u64).sum(),
             forwarded: get(&c.forwarded),
+            batches_refused: get(&c.batches_refused),
         }
     }
 
@@ -1591,6 +1598,7 @@ impl Inner {
             };
             if let Some(why) = refused {
                 refusals += 1;
+                self.counters.batches_refused.fetch_add(1, Ordering::Relaxed);
                 // A refusal does not pass by itself: what cures it is an operator's act.
                 pause =
                     (self.config.retry * 2u32.saturating_pow(refusals.min(16))).min(REFUSED_PAUSE);
@@ -2005,6 +2013,7 @@ mod tests {
         let started = Instant::now();
         assert_eq!(inner.deliver(NodeId(2), Bytes::from_static(b"batch")).await, Delivery::Taken);
         assert_eq!(link.calls.load(Ordering::SeqCst), 5, "four refusals, then taken");
+        assert_eq!(inner.counters.batches_refused.load(Ordering::Relaxed), 4, "each counted");
         let retry = HostConfig::default().retry;
         assert_eq!(started.elapsed(), retry * (2 + 4 + 8 + 16), "pauses that double");
         inner.stop();
