@@ -1,7 +1,7 @@
 //! The async loop that carries out [`Period`]'s commands on one node: one task, fed by the
 //! supervisor's updates and by acks from peers, so that the machine sees one event at a time.
 
-use crate::host::{ChangeRecord, Delivery, Inner, Progress, Update};
+use crate::host::{ChangeRecord, Delivery, Inner, OnRefusal, Progress, Update};
 use crate::period::{Command, Event, Period, Phase, Role};
 use crate::router::Router;
 use crate::run::{Outlet, Packed, Packer};
@@ -336,7 +336,7 @@ impl Driver {
                 tokio::spawn(async move {
                     match (Message::Ack { epoch }).encode() {
                         Ok(ack) => {
-                            inner.deliver(to, inner.link.seal(ack)).await;
+                            inner.deliver(to, inner.link.seal(ack), OnRefusal::SendAgain).await;
                         }
                         Err(e) => tracing::error!(error = %e, "an ack could not be encoded"),
                     }
@@ -541,13 +541,14 @@ impl Driver {
 struct Flight {
     inner: Arc<Inner>,
     to: NodeId,
+    refused: OnRefusal,
     flying: JoinSet<u64>,
     taken: u64,
 }
 
 impl Flight {
-    fn new(inner: Arc<Inner>, to: NodeId) -> Self {
-        Flight { inner, to, flying: JoinSet::new(), taken: 0 }
+    fn new(inner: Arc<Inner>, to: NodeId, refused: OnRefusal) -> Self {
+        Flight { inner, to, refused, flying: JoinSet::new(), taken: 0 }
     }
 
     /// Sends `body`, a batch of `n` entries in `size` bytes, once fewer than [`IN_FLIGHT`]
@@ -556,10 +557,10 @@ impl Flight {
         if self.flying.len() >= IN_FLIGHT {
             self.taken += self.flying.join_next().await.and_then(Result::ok).unwrap_or(0);
         }
-        let (inner, to) = (Arc::clone(&self.inner), self.to);
+        let (inner, to, refused) = (Arc::clone(&self.inner), self.to, self.refused);
         self.flying.spawn(async move {
             let t0 = Instant::now();
-            if inner.deliver(to, body).await != Delivery::Taken {
+            if inner.deliver(to, body, refused).await != Delivery::Taken {
                 return 0;
             }
             tracing::trace!(entries = n, bytes = size, node = to.0, took = ?t0.elapsed(), "batch shipped");
@@ -606,7 +607,7 @@ impl Inner {
                 return 0;
             }
         };
-        let mut flight = Flight::new(Arc::clone(&self), to);
+        let mut flight = Flight::new(Arc::clone(&self), to, OnRefusal::SendAgain);
         while let Some(run) = queue.recv().await {
             let (n, size) = (run.len() as u64, run.size() as u64);
             let (mut buf, start) = run.behind(&head);
@@ -638,7 +639,7 @@ impl Inner {
             settled: settled.to_vec(),
             entries: Default::default(),
         };
-        let mut flight = Flight::new(Arc::clone(&self), to);
+        let mut flight = Flight::new(Arc::clone(&self), to, OnRefusal::GiveUp);
         // Moved into their batches, not cloned: one allocation fewer per answer.
         let mut answered = answered.into_iter().peekable();
         loop {

@@ -1541,18 +1541,19 @@ impl Inner {
     }
 
     /// Sends `message`, sealed by the link, to `to` until it is taken, or `to` is known gone,
-    /// or this host stops. A message refused is not given up: its entries would be lost, the
-    /// change reported done over them and their new manager serving them as absent. It is sent
-    /// again, less and less often, and the change waits for it.
-    pub(crate) async fn deliver(&self, to: NodeId, message: Bytes) -> Delivery {
+    /// or this host stops. A message refused is sent again, less and less often, unless
+    /// `refused` says to give it up: given up, the entries of a batch would be lost, the change
+    /// reported done over them and their new manager serving them as absent.
+    pub(crate) async fn deliver(&self, to: NodeId, message: Bytes, refused: OnRefusal) -> Delivery {
         let mut failures = 0u32;
         let mut refusals = 0u32;
         let mut said: Option<Instant> = None;
+        let mut too_large = false;
         loop {
             let mut pause = self.config.retry;
             // Sealed once: an attempt sends the same bytes again, not a copy of them.
             let outcome = self.link.call(to, message.clone(), self.config.call_timeout).await;
-            let refused = match outcome.and_then(|answer| Reply::decode(&answer)) {
+            let why = match outcome.and_then(|answer| Reply::decode(&answer)) {
                 Ok(Reply::Accepted) => return Delivery::Taken,
                 Ok(Reply::Merged { epoch }) => {
                     tracing::warn!(
@@ -1568,11 +1569,12 @@ impl Inner {
                 }
                 Ok(Reply::Refused(why)) => Some(why),
                 Ok(Reply::Unknown(service)) => Some(format!("it does not host service {service}")),
-                // Sent again it is refused again, here; but dropped, its entries are lost.
-                Err(e @ AdaptationError::TooLarge { .. }) => Some(format!(
-                    "{e}: an entry of this service alone is larger than a frame (raise max_frame \
-                     on every node, or keep the service's entries smaller)"
-                )),
+                // Refused here, by this node's own frame limit, however often it is sent; but
+                // dropped, its entries are lost.
+                Err(e @ AdaptationError::TooLarge { .. }) => {
+                    too_large = true;
+                    Some(e.to_string())
+                }
                 Ok(other) => {
                     tracing::debug!(node = to.0, ?other, "migration message not taken yet");
                     None
@@ -1596,24 +1598,42 @@ impl Inner {
                     None
                 }
             };
-            if let Some(why) = refused {
-                refusals += 1;
+            if let Some(why) = why {
                 self.counters.batches_refused.fetch_add(1, Ordering::Relaxed);
+                if refused == OnRefusal::GiveUp {
+                    tracing::warn!(node = to.0, %why, "node refused a migration message that carries no entries (answers kept for retries): given up, a late retry of one of those requests may run again");
+                    return Delivery::Refused;
+                }
+                refusals += 1;
                 // A refusal does not pass by itself: what cures it is an operator's act.
                 pause =
                     (self.config.retry * 2u32.saturating_pow(refusals.min(16))).min(REFUSED_PAUSE);
                 if said.is_none_or(|at| at.elapsed() >= REFUSED_SAY_EVERY) {
                     said = Some(Instant::now());
-                    tracing::error!(
-                        node = to.0,
-                        %why,
-                        refusals,
-                        "node refuses a migration message; its entries stay on this node and are \
-                         sent again until it takes them, and the change cannot end before. Most \
-                         often the nodes run different builds: run the same gobelins build on \
-                         every node. To end the change without that node, stop it: the cluster \
-                         rebuilds what it was to take from the copies this node keeps"
-                    );
+                    if too_large {
+                        tracing::error!(
+                            node = to.0,
+                            error = %why,
+                            refusals,
+                            "a migration batch is larger than a frame: one entry of this service \
+                             alone is. It stays on this node and is tried again, and the change \
+                             cannot end before. Stopping a node does not help: the entry would \
+                             be rebuilt for another one. Raise max_frame on every node, or keep \
+                             the service's entries smaller"
+                        );
+                    } else {
+                        tracing::error!(
+                            node = to.0,
+                            %why,
+                            refusals,
+                            "node refuses a migration batch; its entries stay on this node and \
+                             are sent again until it takes them, and the change cannot end \
+                             before. Most often the nodes run different builds: run the same \
+                             gobelins build on every node. To end the change without that node, \
+                             stop it: the cluster rebuilds what it was to take where a copy \
+                             survives"
+                        );
+                    }
                 }
             }
             if self.mirrors.is_departed(to) {
@@ -1633,11 +1653,22 @@ impl Inner {
     }
 }
 
+/// What [`Inner::deliver`] does with a message its receiver refuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OnRefusal {
+    /// Send it again until it is taken: it carries entries, or an ack the change waits for.
+    SendAgain,
+    /// Give it up: it carries only what retries of requests may need.
+    GiveUp,
+}
+
 /// How [`Inner::deliver`] ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Delivery {
     /// The receiver took it.
     Taken,
+    /// The receiver refused it, and [`OnRefusal::GiveUp`] said to give it up.
+    Refused,
     /// The receiver had already merged the change it belongs to: a copy of one it took, or
     /// this node's own part in the change ended without it.
     Merged,
@@ -1735,7 +1766,8 @@ mod tests {
         let link = Arc::new(Flaky::new(fails));
         let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), HostConfig::default());
         let started = Instant::now();
-        assert_eq!(inner.deliver(NodeId(2), Bytes::from_static(b"batch")).await, Delivery::Taken);
+        let batch = Bytes::from_static(b"batch");
+        assert_eq!(inner.deliver(NodeId(2), batch, OnRefusal::SendAgain).await, Delivery::Taken);
         inner.stop();
         (started.elapsed(), link.calls.load(Ordering::SeqCst))
     }
@@ -2011,7 +2043,8 @@ mod tests {
         let link = Arc::new(Flaky { refusals: 4, ..Flaky::new(0) });
         let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), HostConfig::default());
         let started = Instant::now();
-        assert_eq!(inner.deliver(NodeId(2), Bytes::from_static(b"batch")).await, Delivery::Taken);
+        let batch = Bytes::from_static(b"batch");
+        assert_eq!(inner.deliver(NodeId(2), batch, OnRefusal::SendAgain).await, Delivery::Taken);
         assert_eq!(link.calls.load(Ordering::SeqCst), 5, "four refusals, then taken");
         assert_eq!(inner.counters.batches_refused.load(Ordering::Relaxed), 4, "each counted");
         let retry = HostConfig::default().retry;
@@ -2027,7 +2060,8 @@ mod tests {
         let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), HostConfig::default());
         let delivering = {
             let inner = Arc::clone(&inner);
-            tokio::spawn(async move { inner.deliver(NodeId(2), Bytes::from_static(b"b")).await })
+            let batch = Bytes::from_static(b"batch");
+            tokio::spawn(async move { inner.deliver(NodeId(2), batch, OnRefusal::SendAgain).await })
         };
         tokio::time::sleep(Duration::from_secs(600)).await;
         assert!(!delivering.is_finished(), "still trying after ten minutes");
@@ -2036,6 +2070,19 @@ mod tests {
         inner.mirrors.mirror_departed(&BTreeSet::from([NodeId(2)]));
         let ended = tokio::time::timeout(REFUSED_PAUSE * 2, delivering).await;
         assert_eq!(ended.expect("ends").expect("joins"), Delivery::Gone);
+        inner.stop();
+    }
+
+    /// A batch of answers alone carries no entry: refused, it is given up at once rather
+    /// than hold up the change for what a late retry may need.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_message_of_answers_alone_is_given_up_at_once() {
+        let link = Arc::new(Flaky { refusals: 1, ..Flaky::new(0) });
+        let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), HostConfig::default());
+        let answers = Bytes::from_static(b"answers");
+        assert_eq!(inner.deliver(NodeId(2), answers, OnRefusal::GiveUp).await, Delivery::Refused);
+        assert_eq!(link.calls.load(Ordering::SeqCst), 1, "not sent again");
+        assert_eq!(inner.counters.batches_refused.load(Ordering::Relaxed), 1, "counted");
         inner.stop();
     }
 }
