@@ -479,7 +479,7 @@ fn a_node_whose_data_directory_was_wiped_is_refused_then_comes_back_as_a_new_lif
         })
     });
     for socket in [socket.clone(), agents[2].dir.join("control.sock")] {
-        assert_keys_read_back(&socket, keys);
+        assert_keys_read_back(&agents, &socket, keys);
     }
 }
 
@@ -494,15 +494,24 @@ fn put_keys(socket: &Path, keys: u64) {
     }
 }
 
-/// Every key [`put_keys`] wrote reads back as written through the agent at `socket`.
-fn assert_keys_read_back(socket: &Path, keys: u64) {
-    for key in 0..keys {
-        let value = match call(socket, key, &kvdir::Request::Get) {
-            Some(kvdir::Response::Value(Some(v))) => v.value.to_vec(),
-            other => panic!("key {key} through {}: {other:?}", socket.display()),
-        };
-        assert_eq!(value, key.to_le_bytes().to_vec(), "key {key}");
-    }
+/// Every key [`put_keys`] wrote reads back as written through the agent at `socket`. On a
+/// failure, says how many keys were wrong, not just the first, and what the agents logged:
+/// a run that loses keys is rare, and the first sight of it must be enough to start from.
+fn assert_keys_read_back(agents: &[Agent], socket: &Path, keys: u64) {
+    let wrong: Vec<(u64, Option<kvdir::Response>)> = (0..keys)
+        .filter_map(|key| match call(socket, key, &kvdir::Request::Get) {
+            Some(kvdir::Response::Value(Some(v))) if v.value[..] == key.to_le_bytes() => None,
+            other => Some((key, other)),
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "{} of {keys} keys through {} did not read back as written; the first: {:?}{}",
+        wrong.len(),
+        socket.display(),
+        &wrong[..wrong.len().min(5)],
+        evidence(agents)
+    );
 }
 
 fn exit_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
@@ -616,7 +625,7 @@ fn restarted_before_anyone_noticed(restart: Restart) {
         assert!(agents[1].dir.join("cluster.secret").exists(), "the secret is kept now");
     }
     for socket in [socket.clone(), agents[1].dir.join("control.sock")] {
-        assert_keys_read_back(&socket, keys);
+        assert_keys_read_back(&agents, &socket, keys);
     }
 
     // What an operator reads off node 1: every request it sent completed, and it took part in
