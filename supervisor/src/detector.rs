@@ -94,7 +94,15 @@ impl Detector {
                     .filter(|w| !self.confirming.contains(w))
                     .take(self.witnesses)
                     .collect();
-                if witnesses.is_empty() {
+                let others = members.iter().any(|&w| w != self.me && w != node);
+                if witnesses.is_empty() && others {
+                    // Every other member is a suspect too. With a quorum acknowledging the
+                    // leader that cannot be true of them all: the leader itself was not
+                    // listening (its process stopped, its metrics not yet fresh). Asked again
+                    // once the others' verdicts are in; declared now, a live node was taken
+                    // out alongside a dead one, and the entries they both held were lost.
+                    self.confirming.remove(&node);
+                } else if witnesses.is_empty() {
                     // Nobody else to ask: the leader's own silence is all the evidence there is.
                     self.confirming.remove(&node);
                     actions.push(Action::DeclareFailed(node));
@@ -307,6 +315,34 @@ mod tests {
         d.handle_tick(start, &m);
         let actions = d.handle_tick(start + Duration::from_secs(2), &m);
         assert_eq!(confirms(&actions), vec![&Action::DeclareFailed(2)]);
+    }
+
+    /// Both other nodes of three silent: the first is confirmed through the second, and the
+    /// second is not declared for want of a witness. Declared at once, as it was, a node
+    /// resumed a moment after the leader lost its life with the one that had really died.
+    #[test]
+    fn a_node_is_not_declared_for_want_of_witnesses_while_the_others_are_suspects_too() {
+        let start = Instant::now();
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let m = members(&[1, 2, 3]);
+        let mut at = start;
+        while at < start + Duration::from_secs(1) {
+            assert!(confirms(&d.handle_tick(at, &m)).is_empty(), "not yet");
+            at += Duration::from_millis(100);
+        }
+        assert_eq!(
+            confirms(&d.handle_tick(at, &m)),
+            vec![&Action::Confirm { suspect: 2, witnesses: vec![3] }]
+        );
+        // Node 3 answers; node 2 is dead.
+        d.handle_pong(3, at);
+        assert_eq!(d.handle_probes(2, &[false], at), Some(Action::DeclareFailed(2)));
+        at += Duration::from_millis(100);
+        // Node 2 is asked about again until its failure commits; node 3 was heard.
+        assert_eq!(
+            confirms(&d.handle_tick(at, &m)),
+            vec![&Action::Confirm { suspect: 2, witnesses: vec![3] }]
+        );
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod mem;
 pub mod net;
 pub mod network;
 mod outbox;
+mod pauses;
 pub mod rpc;
 pub mod runtime;
 pub mod secret;

@@ -12,6 +12,7 @@ use crate::detector::{Action, Detector};
 use crate::error::{Result, SupervisorError};
 use crate::lane::{self, Lane};
 use crate::network::Network;
+use crate::pauses::Pauses;
 use crate::rpc::{JoinRequest, ProposeError, Request, Response, View};
 use crate::state::{Applied, ClusterState, Command, NodeRecord, NodeStatus, Outcome, Refusal};
 use crate::store::{LogStore, StateMachine};
@@ -1165,10 +1166,30 @@ impl Supervisor {
     /// detector watches every member.
     async fn leader_duties(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.ping_interval);
+        // After a pause, one tick and then the period again: not a burst of the ticks missed.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pauses = Pauses::new(self.lease_span());
         loop {
             tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+            }
+            // Back from a pause, raft's metrics may still be those from before it (a quorum's
+            // acknowledgement fresh, though the others may have moved on), and every member
+            // looks silent for the whole gap. Granted a lease on them, this node served as a
+            // leader it may no longer be; judged on them, a live node resumed with it was
+            // declared failed. One tick off, and the detector starts afresh, with a full
+            // grace period for every member.
+            if let Some(gap) = pauses.tick(Instant::now()) {
+                tracing::warn!(
+                    node = self.me.id,
+                    gap_ms = gap.as_millis() as u64,
+                    "this node was not running for a while (stopped, its machine paused, or \
+                     starved of CPU): the others' silence over that time is not held against \
+                     them"
+                );
+                *self.detector.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                continue;
             }
             let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
             // The leader serves while a quorum acknowledged it within half a lease (the others
