@@ -86,6 +86,13 @@ impl SupervisorConfig {
         }
     }
 
+    /// How long a lease lasts past the ask or quorum acknowledgement that renewed it: half the
+    /// failure timeout, so that a node cut off stops serving before the leader (which waits a
+    /// whole failure timeout, then probes) can declare it failed.
+    fn lease_span(&self) -> Duration {
+        self.failure_timeout / 2
+    }
+
     fn raft(&self) -> Result<openraft::Config> {
         let election = self.raft_election.as_millis() as u64;
         openraft::Config {
@@ -162,6 +169,8 @@ pub struct Supervisor {
     state: watch::Receiver<Arc<ClusterState>>,
     config: SupervisorConfig,
     detector: Mutex<Option<Detector>>,
+    /// The leader loop's ticks: a pause of this process shows as one woken late.
+    pauses: Pauses,
     reported: AtomicU64,
     host: Host,
     /// Builds the services afresh for a new life of the host (see [`Host::renew`]), when the
@@ -238,6 +247,7 @@ impl Supervisor {
     pub async fn start(parts: Parts) -> Result<Arc<Self>> {
         let state = parts.machine.subscribe();
         let raft_config = Arc::new(parts.config.raft()?);
+        let lease_span = parts.config.lease_span();
         let network = Network::new(Arc::clone(&parts.transport));
         let raft = Raft::new(parts.me.id, raft_config, network, parts.log, parts.machine)
             .await
@@ -251,6 +261,7 @@ impl Supervisor {
             state,
             config: parts.config,
             detector: Mutex::new(None),
+            pauses: Pauses::new(lease_span),
             reported: AtomicU64::new(0),
             host: parts.host,
             services: parts.services,
@@ -781,17 +792,18 @@ impl Supervisor {
         self.propose_here(Command::Join { node, addr, labels, incarnation }).await
     }
 
-    /// How long a lease lasts past the ask or quorum acknowledgement that renewed it: half the
-    /// failure timeout, so that a node cut off stops serving before the leader (which waits a
-    /// whole failure timeout, then probes) can declare it failed.
+    /// [`SupervisorConfig::lease_span`].
     fn lease_span(&self) -> Duration {
-        self.config.failure_timeout / 2
+        self.config.lease_span()
     }
 
     /// Whether this node, as a leader a quorum acknowledged within half a lease, counts
     /// `node` (at `incarnation`) as a member that may serve.
     fn grants_lease(&self, node: u64, incarnation: u64) -> bool {
-        self.leader_ack_age().is_some()
+        // Just back from a pause, raft's metrics may predate it: no grant until a tick on time.
+        let within = self.config.ping_interval + self.lease_span();
+        self.pauses.ticked_on_time(within, Instant::now())
+            && self.leader_ack_age().is_some()
             && self
                 .state()
                 .nodes
@@ -1168,19 +1180,18 @@ impl Supervisor {
         let mut tick = tokio::time::interval(self.config.ping_interval);
         // After a pause, one tick and then the period again: not a burst of the ticks missed.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut pauses = Pauses::new(self.lease_span());
         loop {
-            tokio::select! {
+            let due = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+                due = tick.tick() => due,
+            };
             // Back from a pause, raft's metrics may still be those from before it (a quorum's
             // acknowledgement fresh, though the others may have moved on), and every member
             // looks silent for the whole gap. Granted a lease on them, this node served as a
             // leader it may no longer be; judged on them, a live node resumed with it was
             // declared failed. One tick off, and the detector starts afresh, with a full
             // grace period for every member.
-            if let Some(gap) = pauses.tick(Instant::now()) {
+            if let Some(gap) = self.pauses.tick(due, Instant::now()) {
                 tracing::warn!(
                     node = self.me.id,
                     gap_ms = gap.as_millis() as u64,
