@@ -147,9 +147,10 @@ pub struct Stats {
     /// redirected: nothing told it to ask again).
     #[serde(default)]
     pub forwarded: u64,
-    /// Times a migration message this node sent was refused by its receiver. Each refused
-    /// message is sent again until taken, and its change waits for it: a count that grows
-    /// means a change that cannot end (the log names the receiver and why).
+    /// Times a migration message this node sent was refused by its receiver. A batch of
+    /// entries refused is sent again until taken, and its change waits for it: a count that
+    /// grows means a change that cannot end (the log names the receiver and why). A batch of
+    /// answers alone is given up.
     #[serde(default)]
     pub batches_refused: u64,
 }
