@@ -797,12 +797,19 @@ impl Supervisor {
         self.config.lease_span()
     }
 
+    /// Whether the leader loop has ticked on time lately. Just back from a pause it has not,
+    /// whatever ran first when this process resumed, and what was measured across the pause
+    /// (raft's metrics, probes that ran out) says nothing of the others.
+    fn running_on_time(&self) -> bool {
+        let within = self.config.ping_interval + self.lease_span();
+        self.pauses.ticked_on_time(within, Instant::now())
+    }
+
     /// Whether this node, as a leader a quorum acknowledged within half a lease, counts
     /// `node` (at `incarnation`) as a member that may serve.
     fn grants_lease(&self, node: u64, incarnation: u64) -> bool {
         // Just back from a pause, raft's metrics may predate it: no grant until a tick on time.
-        let within = self.config.ping_interval + self.lease_span();
-        self.pauses.ticked_on_time(within, Instant::now())
+        self.running_on_time()
             && self.leader_ack_age().is_some()
             && self
                 .state()
@@ -1268,6 +1275,16 @@ impl Supervisor {
                     .and_then(|d| d.handle_probes(suspect, &reached, Instant::now()));
                 if reached.iter().any(|&r| r) {
                     tracing::info!(node = suspect, "suspicion not confirmed by witnesses");
+                }
+                // Probes sent before a pause of this node ran out during it: their "not
+                // reached" says nothing of the suspect. Asked again if it stays silent.
+                if next.is_some() && !self.running_on_time() {
+                    tracing::warn!(
+                        node = suspect,
+                        "verdict on a suspect dropped: this node was not running while its \
+                         witnesses were asked"
+                    );
+                    return;
                 }
                 if let Some(next) = next {
                     Box::pin(self.carry_out(next)).await;
