@@ -36,8 +36,9 @@ const REPLICATE_CHUNK: usize = 4096;
 const REPLICATE_BYTES: usize = 4 << 20;
 
 /// The largest value a `Put` may store. An entry migrates in a batch of about
-/// `HostConfig::batch_bytes` with others, and a batch larger than a frame is dropped whole:
-/// this keeps every batch of the default configuration well within the 16 MiB frame.
+/// `HostConfig::batch_bytes` with others, or alone when it is larger, and a batch larger than a
+/// frame can never move (its change waits for ever): this keeps every batch of the default
+/// configuration well within the 16 MiB frame.
 pub const MAX_VALUE: usize = 4 << 20;
 
 /// How long a change waits for this node's backup to take the entries it received: past a

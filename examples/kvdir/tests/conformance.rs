@@ -54,6 +54,14 @@ async fn kvdir_cluster(
     .await
 }
 
+/// Writes each of `keys` through node 1, its value its own bytes.
+async fn put_own_bytes(cluster: &MemCluster, keys: &[Key]) {
+    for &key in keys {
+        let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
+        cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
+    }
+}
+
 /// The first `n` keys `node` manages, among the first 100,000.
 fn keys_managed_by(cluster: &MemCluster, node: NodeId, n: usize) -> Vec<Key> {
     let table = cluster.snapshot();
@@ -84,10 +92,7 @@ fn what_a_node_sent_to_a_joiner_that_died_at_once_is_rebuilt_from_the_copy_it_ke
         // One node: no backup holds a replica, so the sender's own copy is the only one left.
         let mut cluster = kvdir_cluster(1, HostConfig::default()).await;
         let keys: Vec<Key> = (0..300).map(Key).collect();
-        for &key in &keys {
-            let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
-            cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
-        }
+        put_own_bytes(&cluster, &keys).await;
         cluster.add_and_crash().await;
         let stats = cluster.host(NodeId(1)).stats();
         assert!(stats.entries_rebuilt > 0, "some keys had moved to the joiner: {stats:?}");
@@ -583,10 +588,7 @@ fn a_receiver_reports_a_leave_done_only_once_its_backup_holds_what_it_received()
         })
         .await;
         let keys: Vec<Key> = (0..400).map(Key).collect();
-        for &key in &keys {
-            let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
-            cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
-        }
+        put_own_bytes(&cluster, &keys).await;
         // Node 3 leaves. Node 4, its backup, holds the only other copy of what it hands node 4,
         // until node 4 copies it on to node 1, its backup once node 3 is gone.
         *armed.lock().expect("armed") = Some(cluster.faults());
@@ -713,10 +715,7 @@ fn a_sender_lets_go_of_what_it_sent_once_the_change_is_stable() {
         let (mut cluster, made) = cluster_with_instances(2).await;
         let node = |n: u64| made.node(NodeId(n));
         let keys: Vec<Key> = (0..600).map(Key).collect();
-        for &key in &keys {
-            let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
-            cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
-        }
+        put_own_bytes(&cluster, &keys).await;
         let before = cluster.snapshot();
         let of_node_1 =
             keys.iter().filter(|&&k| before.locate(KVDIR, k) == Some(NodeId(1))).count();
@@ -1043,10 +1042,7 @@ fn a_batch_refused_for_a_while_is_sent_again_and_the_change_ends_only_once_it_is
         })
         .await;
         let keys: Vec<Key> = (0..2_000).map(Key).collect();
-        for &key in &keys {
-            let put = codec::encode(&Request::Put(key.0.to_le_bytes().to_vec())).expect("encode");
-            cluster.host(NodeId(1)).request(KVDIR, key, put).await.expect("put");
-        }
+        put_own_bytes(&cluster, &keys).await;
         refusals.store(3, Ordering::SeqCst);
         let joiner = cluster.add().await;
         let refused: u64 =
