@@ -10,7 +10,9 @@
 //! - pipelined requests per second to one manager;
 //! - migration throughput (entries/s, MB/s) as nodes join one by one (`--joins`, the median
 //!   join shown), each against raw loopback TCP moving the same bytes in the same write sizes
-//!   (per byte: the median of three transfers);
+//!   (per byte: the median of three transfers), the bytes kept where they land in memory fresh
+//!   from the kernel, as a joiner keeps its entries (the target), and in memory touched before
+//!   (TCP at its best, for comparison);
 //! - the same round trip and the transport's ping with cold caches (each after megabytes were
 //!   written on both sides), for what the layer costs a program whose own work evicts it; and,
 //!   just as cold, a typed get routed against the same get told to its manager's local server:
@@ -222,29 +224,63 @@ impl MuxEcho {
 }
 
 /// Seconds to move `total` bytes over loopback TCP in writes of `write_size`, acknowledged once.
-/// With `distinct`, every byte sent is a byte of its own, filled before the clock starts, and
-/// the reader keeps every byte it reads in memory of its own, as a migration reads its entries
-/// where they lie and its receiver keeps them; without, one `write_size` chunk is sent again and
-/// again and read into one reused buffer, both staying in the cache.
-async fn raw_transfer(total: usize, write_size: usize, distinct: bool) -> Duration {
+/// Where a raw transfer's bytes come from and where they land.
+#[derive(Clone, Copy, PartialEq)]
+enum Landing {
+    /// One `write_size` chunk sent again and again and read into one reused buffer, both staying
+    /// in the cache: the wire alone.
+    Reused,
+    /// Every byte its own, filled before the clock starts, and kept where it lands in memory the
+    /// reader touched before the clock: TCP at its best for the same bytes.
+    Touched,
+    /// Every byte its own, kept where it lands in memory fresh from the kernel, each page faulted
+    /// in as the bytes reach it: what a joining node does with what it receives, since the
+    /// entries it keeps are memory it did not have. A buffer from the allocator is neither this
+    /// nor `Touched` for sure: it is recycled memory or fresh depending on what the process
+    /// freed before, and 20.8 MB took 4.5 to 8 ms one way and 18 to 25 ms the other here
+    /// (BENCHMARKS.md, adaptation layer, stop 40): the old baseline flipped between the two.
+    Fresh,
+}
+
+/// Raw loopback TCP moving `total` bytes in writes of `write_size`, timed from the first write
+/// until the reader has every byte (it answers one byte then), the reader's buffer made ready
+/// before the clock starts.
+async fn raw_transfer(total: usize, write_size: usize, landing: Landing) -> Duration {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let (ready, is_ready) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn(async move {
         let (mut socket, _) = listener.accept().await.expect("accept");
-        let mut buf = vec![0u8; if distinct { total } else { 1 << 20 }];
+        let mut fresh =
+            memmap2::MmapMut::map_anon(if landing == Landing::Fresh { total } else { 0 })
+                .expect("an anonymous mapping for the raw baseline");
+        let mut heap = vec![
+            0u8;
+            match landing {
+                Landing::Reused => 1 << 20,
+                Landing::Touched => total,
+                Landing::Fresh => 0,
+            }
+        ];
+        // `vec!` of zeros may be fresh pages the kernel has not given yet; touch one byte a page.
+        heap.iter_mut().step_by(4096).for_each(|b| *b = 1);
+        let buf: &mut [u8] = if landing == Landing::Fresh { &mut fresh[..] } else { &mut heap[..] };
+        ready.send(()).expect("the writer waits");
         let mut got = 0;
         while got < total {
-            let at = if distinct { got } else { 0 };
+            let at = if landing == Landing::Reused { 0 } else { got };
             let n = socket.read(&mut buf[at..]).await.expect("read");
             assert!(n > 0, "sender closed early");
             got += n;
         }
         socket.write_all(&[1]).await.expect("ack");
-        buf
+        (fresh, heap)
     });
     let mut socket = TcpStream::connect(addr).await.expect("connect");
     socket.set_nodelay(true).expect("nodelay");
+    let distinct = landing != Landing::Reused;
     let source: Vec<u8> = (0..if distinct { total } else { write_size }).map(|i| i as u8).collect();
+    is_ready.await.expect("the reader is ready");
     let t = Instant::now();
     let mut sent = 0;
     while sent < total {
@@ -260,6 +296,18 @@ async fn raw_transfer(total: usize, write_size: usize, distinct: bool) -> Durati
     took
 }
 
+/// The median of three raw transfers: two of the same bytes a moment apart differed by up to
+/// 3.6x here (BENCHMARKS.md, adaptation layer, stop 36), and one sample went into a ratio whole.
+async fn raw_median(total: usize, write_size: usize, landing: Landing) -> Duration {
+    let mut samples = [
+        raw_transfer(total, write_size, landing).await,
+        raw_transfer(total, write_size, landing).await,
+        raw_transfer(total, write_size, landing).await,
+    ];
+    samples.sort();
+    samples[1]
+}
+
 /// One node's join: what its senders shipped, how long their sending phase took, and raw
 /// loopback TCP moving the same bytes in the same write sizes just after (per byte, the median
 /// of three).
@@ -272,7 +320,11 @@ struct Migration {
     /// entry if its backup is new, to its backup.
     after_ms: f64,
     raw: Duration,
-    raw_distinct: Duration,
+    /// Every byte its own, kept in memory touched before the clock (median of three).
+    raw_touched: Duration,
+    /// Every byte its own, kept in fresh memory, as the joiner keeps what it receives (median of
+    /// three): the baseline the target is judged against.
+    raw_fresh: Duration,
 }
 
 impl Migration {
@@ -284,10 +336,16 @@ impl Migration {
         self.bytes as f64 / 1e6 / raw.as_secs_f64()
     }
 
-    /// The migration's throughput over raw TCP's when every byte is its own, as a
-    /// migration's are.
+    /// The migration's throughput over raw TCP's when every byte is its own and lands in fresh
+    /// memory, as a migration's do.
     fn per_byte_ratio(&self) -> f64 {
-        self.ours_mbs() / self.mbs(self.raw_distinct)
+        self.ours_mbs() / self.mbs(self.raw_fresh)
+    }
+
+    /// The same over raw TCP into memory touched before: what page faults on the joiner cost
+    /// the migration, next to the wire.
+    fn touched_ratio(&self) -> f64 {
+        self.ours_mbs() / self.mbs(self.raw_touched)
     }
 }
 
@@ -331,18 +389,13 @@ async fn join_and_measure(
         .filter_map(|s| s.host().history().iter().find(|r| r.epoch == epoch).map(|r| r.after_ms))
         .fold(0.0f64, f64::max);
     let batch_bytes = HostConfig::default().batch_bytes;
-    let raw = raw_transfer(bytes as usize, batch_bytes, false).await;
-    // The per-byte baseline, which the target is judged against, is the median of three: two
-    // transfers of the same bytes a moment apart differed by up to 3.6x here (BENCHMARKS.md,
-    // adaptation layer, stop 36), and one sample put that into the ratio whole.
-    let mut samples = [
-        raw_transfer(bytes as usize, batch_bytes, true).await,
-        raw_transfer(bytes as usize, batch_bytes, true).await,
-        raw_transfer(bytes as usize, batch_bytes, true).await,
-    ];
-    samples.sort();
-    let raw_distinct = samples[1];
-    (joined, Migration { node: id, bytes, moved, sending_ms, after_ms, raw, raw_distinct })
+    let raw = raw_transfer(bytes as usize, batch_bytes, Landing::Reused).await;
+    let raw_touched = raw_median(bytes as usize, batch_bytes, Landing::Touched).await;
+    let raw_fresh = raw_median(bytes as usize, batch_bytes, Landing::Fresh).await;
+    (
+        joined,
+        Migration { node: id, bytes, moved, sending_ms, after_ms, raw, raw_touched, raw_fresh },
+    )
 }
 
 async fn put(agent: &Agent<TokioNet>, key: u64, value: Vec<u8>) {
@@ -707,7 +760,7 @@ fn main() {
         by_ratio.sort_by(|x, y| x.per_byte_ratio().total_cmp(&y.per_byte_ratio()));
         let m = by_ratio[by_ratio.len() / 2];
         println!(
-            "| migration on join (median of {} joins; this one {} entries of {value_bytes} B, {:.1} MB) | {:.0} entries/s, {:.0} MB/s | raw TCP, one chunk sent again and again: {:.0} MB/s | {:.0}% | raw TCP, every byte its own (read where it lies, kept where it lands): {:.0} MB/s | {:.0}% | ≥ 60% |",
+            "| migration on join (median of {} joins; this one {} entries of {value_bytes} B, {:.1} MB) | {:.0} entries/s, {:.0} MB/s | raw TCP, one chunk sent again and again: {:.0} MB/s | {:.0}% | raw TCP, every byte its own (read where it lies, kept where it lands, in memory fresh from the kernel as a joiner's): {:.0} MB/s | {:.0}% | ≥ 60% |",
             migrations.len(),
             m.moved,
             m.bytes as f64 / 1e6,
@@ -715,8 +768,14 @@ fn main() {
             m.ours_mbs(),
             m.mbs(m.raw),
             100.0 * m.ours_mbs() / m.mbs(m.raw),
-            m.mbs(m.raw_distinct),
+            m.mbs(m.raw_fresh),
             100.0 * m.per_byte_ratio()
+        );
+        println!(
+            "| the same join against raw TCP with every byte its own kept in memory touched before the clock (no page faults: TCP at its best) | {:.0} MB/s | {:.0} MB/s | {:.0}% | | | |",
+            m.ours_mbs(),
+            m.mbs(m.raw_touched),
+            100.0 * m.touched_ratio()
         );
         let middle = |ratios: &mut dyn Iterator<Item = f64>| {
             let mut ratios: Vec<f64> = ratios.collect();
@@ -767,12 +826,15 @@ fn main() {
             .iter()
             .map(|m| {
                 let (node, mb, ms) = (m.node, m.bytes as f64 / 1e6, m.sending_ms);
-                let ratio = 100.0 * m.per_byte_ratio();
-                format!("node {node} {mb:.1} MB in {ms:.1} ms, {ratio:.0}% (after migration {:.1} ms)", m.after_ms)
+                let (fresh, touched) = (100.0 * m.per_byte_ratio(), 100.0 * m.touched_ratio());
+                format!(
+                    "node {node} {mb:.1} MB in {ms:.1} ms, {fresh:.0}% ({touched:.0}% into touched memory; after migration {:.1} ms)",
+                    m.after_ms
+                )
             })
             .collect();
         println!(
-            "Each join, migration against per-byte raw TCP, and the slowest participant's after-migration phase: {}.",
+            "Each join, migration against per-byte raw TCP into fresh memory (and into memory touched before), and the slowest participant's after-migration phase: {}.",
             each.join(", ")
         );
         for agent in joined.iter().rev() {
