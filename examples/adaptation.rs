@@ -223,7 +223,6 @@ impl MuxEcho {
     }
 }
 
-/// Seconds to move `total` bytes over loopback TCP in writes of `write_size`, acknowledged once.
 /// Where a raw transfer's bytes come from and where they land.
 #[derive(Clone, Copy, PartialEq)]
 enum Landing {
@@ -234,11 +233,16 @@ enum Landing {
     /// reader touched before the clock: TCP at its best for the same bytes.
     Touched,
     /// Every byte its own, kept where it lands in memory fresh from the kernel, each page faulted
-    /// in as the bytes reach it: what a joining node does with what it receives, since the
-    /// entries it keeps are memory it did not have. A buffer from the allocator is neither this
-    /// nor `Touched` for sure: it is recycled memory or fresh depending on what the process
-    /// freed before, and 20.8 MB took 4.5 to 8 ms one way and 18 to 25 ms the other here
-    /// (BENCHMARKS.md, adaptation layer, stop 40): the old baseline flipped between the two.
+    /// in as the bytes reach it. A joining node keeps what it receives in memory it did not have
+    /// (the transport's frame buffers, which the decoded entries keep), so this is the raw
+    /// transfer doing the joiner's job; it is the dearer end, since a joiner's allocator may hand
+    /// it memory freed before, and several senders' streams fault on both cores at once where
+    /// this one reader faults alone. A buffer from the allocator is neither this nor `Touched`
+    /// for sure: 20.8 MB took from 4.5 to 25 ms depending on what the process freed before
+    /// (BENCHMARKS.md, adaptation layer, stop 40), and the old baseline, such a buffer, swung
+    /// with it. How dear a fresh page is depends on the machine (a VM here; transparent huge
+    /// pages on `madvise`, so this mapping faults 4 KiB at a time): the example prints the
+    /// setting.
     Fresh,
 }
 
@@ -251,20 +255,21 @@ async fn raw_transfer(total: usize, write_size: usize, landing: Landing) -> Dura
     let (ready, is_ready) = tokio::sync::oneshot::channel();
     let reader = tokio::spawn(async move {
         let (mut socket, _) = listener.accept().await.expect("accept");
-        let mut fresh =
-            memmap2::MmapMut::map_anon(if landing == Landing::Fresh { total } else { 0 })
-                .expect("an anonymous mapping for the raw baseline");
-        let mut heap = vec![
-            0u8;
-            match landing {
-                Landing::Reused => 1 << 20,
-                Landing::Touched => total,
-                Landing::Fresh => 0,
-            }
-        ];
+        let mut fresh = (landing == Landing::Fresh).then(|| {
+            memmap2::MmapMut::map_anon(total).expect("an anonymous mapping for the raw baseline")
+        });
+        let heap_bytes = match landing {
+            Landing::Reused => 1 << 20,
+            Landing::Touched => total,
+            Landing::Fresh => 0,
+        };
+        let mut heap = vec![0u8; heap_bytes];
         // `vec!` of zeros may be fresh pages the kernel has not given yet; touch one byte a page.
         heap.iter_mut().step_by(4096).for_each(|b| *b = 1);
-        let buf: &mut [u8] = if landing == Landing::Fresh { &mut fresh[..] } else { &mut heap[..] };
+        let buf: &mut [u8] = match fresh.as_mut() {
+            Some(mapping) => &mut mapping[..],
+            None => &mut heap[..],
+        };
         ready.send(()).expect("the writer waits");
         let mut got = 0;
         while got < total {
@@ -280,7 +285,11 @@ async fn raw_transfer(total: usize, write_size: usize, landing: Landing) -> Dura
     socket.set_nodelay(true).expect("nodelay");
     let distinct = landing != Landing::Reused;
     let source: Vec<u8> = (0..if distinct { total } else { write_size }).map(|i| i as u8).collect();
-    is_ready.await.expect("the reader is ready");
+    if is_ready.await.is_err() {
+        // The reader ended before it was ready: its panic says why.
+        reader.await.expect("the raw baseline's reader");
+        unreachable!("a reader that ended without a panic was ready");
+    }
     let t = Instant::now();
     let mut sent = 0;
     while sent < total {
@@ -309,8 +318,8 @@ async fn raw_median(total: usize, write_size: usize, landing: Landing) -> Durati
 }
 
 /// One node's join: what its senders shipped, how long their sending phase took, and raw
-/// loopback TCP moving the same bytes in the same write sizes just after (per byte, the median
-/// of three).
+/// loopback TCP moving the same bytes in the same write sizes just after (each the median of
+/// three).
 struct Migration {
     node: u64,
     bytes: u64,
@@ -389,7 +398,7 @@ async fn join_and_measure(
         .filter_map(|s| s.host().history().iter().find(|r| r.epoch == epoch).map(|r| r.after_ms))
         .fold(0.0f64, f64::max);
     let batch_bytes = HostConfig::default().batch_bytes;
-    let raw = raw_transfer(bytes as usize, batch_bytes, Landing::Reused).await;
+    let raw = raw_median(bytes as usize, batch_bytes, Landing::Reused).await;
     let raw_touched = raw_median(bytes as usize, batch_bytes, Landing::Touched).await;
     let raw_fresh = raw_median(bytes as usize, batch_bytes, Landing::Fresh).await;
     (
@@ -771,11 +780,16 @@ fn main() {
             m.mbs(m.raw_fresh),
             100.0 * m.per_byte_ratio()
         );
+        by_ratio.sort_by(|x, y| x.touched_ratio().total_cmp(&y.touched_ratio()));
+        let t = by_ratio[by_ratio.len() / 2];
         println!(
-            "| the same join against raw TCP with every byte its own kept in memory touched before the clock (no page faults: TCP at its best) | {:.0} MB/s | {:.0} MB/s | {:.0}% | | | |",
-            m.ours_mbs(),
-            m.mbs(m.raw_touched),
-            100.0 * m.touched_ratio()
+            "| migration on join against raw TCP with every byte its own kept in memory touched before the clock, no page faults: TCP at its best (the median join by this ratio: node {}, {:.1} MB) | {:.0} entries/s, {:.0} MB/s | raw TCP into touched memory: {:.0} MB/s | {:.0}% | | | |",
+            t.node,
+            t.bytes as f64 / 1e6,
+            t.moved as f64 / (t.sending_ms / 1e3),
+            t.ours_mbs(),
+            t.mbs(t.raw_touched),
+            100.0 * t.touched_ratio()
         );
         let middle = |ratios: &mut dyn Iterator<Item = f64>| {
             let mut ratios: Vec<f64> = ratios.collect();
@@ -834,8 +848,11 @@ fn main() {
             })
             .collect();
         println!(
-            "Each join, migration against per-byte raw TCP into fresh memory (and into memory touched before), and the slowest participant's after-migration phase: {}.",
-            each.join(", ")
+            "Each join, migration against per-byte raw TCP into fresh memory (and into memory touched before), and the slowest participant's after-migration phase: {}. Transparent huge pages: {}.",
+            each.join(", "),
+            std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "unknown".into())
         );
         for agent in joined.iter().rev() {
             agent.stop().await;
