@@ -484,6 +484,64 @@ fn a_node_whose_data_directory_was_wiped_is_refused_then_comes_back_as_a_new_lif
 }
 
 /// Writes keys `0..keys` through the agent at `socket`, each key's value its own bytes.
+/// A node killed while it leaves (a host rebooted under `gobelins leave`, say) and started again
+/// from its data directory: the cluster recovers its last life from replicas and the node comes
+/// back as a new one, since the leave never ended and the restarted process cannot tell what of
+/// it was done. Nothing it held is lost, and the others keep their first lives.
+#[test]
+fn a_node_killed_while_it_leaves_and_started_again_loses_nothing() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let mut agents = three_agents(root.path(), limit);
+    let socket = agents[0].dir.join("control.sock");
+    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
+    let keys = 600u64;
+    put_keys(&socket, keys);
+
+    // Node 2 stopped, the leave cannot end (node 2 takes part in it, and raft's voters are
+    // nodes 1 and 2 once the leaver stops voting): node 3 stays leaving until it is killed.
+    signal(&agents[1], "-STOP");
+    let mut leave = Command::new(BIN)
+        .arg("leave")
+        .arg("--data-dir")
+        .arg(&agents[2].dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run gobelins leave");
+    let leaving = |agents: &[Agent]| {
+        status(&agents[0].dir, false)
+            .is_some_and(|s| node_status(&s, 3).is_some_and(|(st, _)| st == "leaving"))
+    };
+    wait_showing(&agents, "node 3 leaving", limit, || leaving(&agents));
+    agents[2].child.as_mut().expect("child").kill().expect("kill -9");
+    agents[2].child.as_mut().expect("child").wait().expect("reap");
+    signal(&agents[1], "-CONT");
+    // The CLI's agent died under it: it ends, saying so, rather than waiting for ever.
+    let ended = exit_within(&mut leave, limit);
+    assert!(!ended.success(), "a leave whose agent was killed is not reported done");
+
+    agents[2].child = Some(spawn(&agents[2], &[]));
+    wait_showing(&agents, "node 3 back as a new life, the cluster stable", limit, || {
+        status(&agents[0].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && node_status(&s, 3).is_some_and(|(st, inc)| st == "active" && inc >= 2)
+        })
+    });
+    let now = status(&agents[0].dir, false).expect("status");
+    for node in [1, 2] {
+        assert_eq!(
+            node_status(&now, node),
+            Some(("active".to_string(), 1)),
+            "node {node} kept its first life{}",
+            evidence(&agents)
+        );
+    }
+    for socket in [socket.clone(), agents[2].dir.join("control.sock")] {
+        assert_keys_read_back(&agents, &socket, keys);
+    }
+}
+
 fn put_keys(socket: &Path, keys: u64) {
     for key in 0..keys {
         let put = kvdir::Request::Put(key.to_le_bytes().to_vec());
