@@ -9,10 +9,10 @@
 //!   comparison, the same request told `Moved` and sent again (two round trips);
 //! - pipelined requests per second to one manager;
 //! - migration throughput (entries/s, MB/s) as nodes join one by one (`--joins`, the median
-//!   join shown), each against raw loopback TCP moving the same bytes in the same write sizes
-//!   (per byte: the median of three transfers), the bytes kept where they land in memory fresh
-//!   from the kernel, as a joiner keeps its entries (the target), and in memory touched before
-//!   (TCP at its best, for comparison);
+//!   join shown), each against raw loopback TCP moving the same bytes in the same write sizes,
+//!   one connection per sender carrying its bytes, all at once (the median of three transfers),
+//!   the bytes kept where they land in memory fresh from the kernel, as a joiner keeps its
+//!   entries (the target), and in memory touched before (TCP at its best, for comparison);
 //! - the same round trip and the transport's ping with cold caches (each after megabytes were
 //!   written on both sides), for what the layer costs a program whose own work evicts it; and,
 //!   just as cold, a typed get routed against the same get told to its manager's local server:
@@ -236,8 +236,7 @@ enum Landing {
     /// in as the bytes reach it. A joining node keeps what it receives in memory it did not have
     /// (the transport's frame buffers, which the decoded entries keep), so this is the raw
     /// transfer doing the joiner's job; it is the dearer end, since a joiner's allocator may hand
-    /// it memory freed before, and several senders' streams fault on both cores at once where
-    /// this one reader faults alone. A buffer from the allocator is neither this nor `Touched`
+    /// it memory freed before. A buffer from the allocator is neither this nor `Touched`
     /// for sure: 20.8 MB took from 4.5 to 25 ms depending on what the process freed before
     /// (BENCHMARKS.md, adaptation layer, stop 40), and the old baseline, such a buffer, swung
     /// with it. How dear a fresh page is depends on the machine (a VM here; transparent huge
@@ -246,80 +245,125 @@ enum Landing {
     Fresh,
 }
 
-/// Raw loopback TCP moving `total` bytes in writes of `write_size`, timed from the first write
-/// until the reader has every byte (it answers one byte then), the reader's buffer made ready
-/// before the clock starts.
-async fn raw_transfer(total: usize, write_size: usize, landing: Landing) -> Duration {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (ready, is_ready) = tokio::sync::oneshot::channel();
-    let reader = tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("accept");
-        let mut fresh = (landing == Landing::Fresh).then(|| {
-            memmap2::MmapMut::map_anon(total).expect("an anonymous mapping for the raw baseline")
+/// One raw loopback TCP connection made ready to move `total` bytes: its reader waiting with its
+/// buffer made, its writer with its bytes.
+struct RawStream {
+    socket: TcpStream,
+    source: Vec<u8>,
+    total: usize,
+    write_size: usize,
+    distinct: bool,
+    reader: tokio::task::JoinHandle<(Option<memmap2::MmapMut>, Vec<u8>)>,
+}
+
+impl RawStream {
+    async fn open(total: usize, write_size: usize, landing: Landing) -> RawStream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (ready, is_ready) = tokio::sync::oneshot::channel();
+        let reader = tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut fresh = (landing == Landing::Fresh).then(|| {
+                memmap2::MmapMut::map_anon(total)
+                    .expect("an anonymous mapping for the raw baseline")
+            });
+            let heap_bytes = match landing {
+                Landing::Reused => 1 << 20,
+                Landing::Touched => total,
+                Landing::Fresh => 0,
+            };
+            let mut heap = vec![0u8; heap_bytes];
+            // `vec!` of zeros may be fresh pages the kernel has not given yet; touch one byte a
+            // page.
+            heap.iter_mut().step_by(4096).for_each(|b| *b = 1);
+            let buf: &mut [u8] = match fresh.as_mut() {
+                Some(mapping) => &mut mapping[..],
+                None => &mut heap[..],
+            };
+            ready.send(()).expect("the writer waits");
+            let mut got = 0;
+            while got < total {
+                let at = if landing == Landing::Reused { 0 } else { got };
+                let n = socket.read(&mut buf[at..]).await.expect("read");
+                assert!(n > 0, "sender closed early");
+                got += n;
+            }
+            socket.write_all(&[1]).await.expect("ack");
+            (fresh, heap)
         });
-        let heap_bytes = match landing {
-            Landing::Reused => 1 << 20,
-            Landing::Touched => total,
-            Landing::Fresh => 0,
-        };
-        let mut heap = vec![0u8; heap_bytes];
-        // `vec!` of zeros may be fresh pages the kernel has not given yet; touch one byte a page.
-        heap.iter_mut().step_by(4096).for_each(|b| *b = 1);
-        let buf: &mut [u8] = match fresh.as_mut() {
-            Some(mapping) => &mut mapping[..],
-            None => &mut heap[..],
-        };
-        ready.send(()).expect("the writer waits");
-        let mut got = 0;
-        while got < total {
-            let at = if landing == Landing::Reused { 0 } else { got };
-            let n = socket.read(&mut buf[at..]).await.expect("read");
-            assert!(n > 0, "sender closed early");
-            got += n;
+        let socket = TcpStream::connect(addr).await.expect("connect");
+        socket.set_nodelay(true).expect("nodelay");
+        let distinct = landing != Landing::Reused;
+        let source: Vec<u8> =
+            (0..if distinct { total } else { write_size }).map(|i| i as u8).collect();
+        if is_ready.await.is_err() {
+            // The reader ended before it was ready: its panic says why.
+            reader.await.expect("the raw baseline's reader");
+            unreachable!("a reader that ended without a panic was ready");
         }
-        socket.write_all(&[1]).await.expect("ack");
-        (fresh, heap)
-    });
-    let mut socket = TcpStream::connect(addr).await.expect("connect");
-    socket.set_nodelay(true).expect("nodelay");
-    let distinct = landing != Landing::Reused;
-    let source: Vec<u8> = (0..if distinct { total } else { write_size }).map(|i| i as u8).collect();
-    if is_ready.await.is_err() {
-        // The reader ended before it was ready: its panic says why.
-        reader.await.expect("the raw baseline's reader");
-        unreachable!("a reader that ended without a panic was ready");
+        RawStream { socket, source, total, write_size, distinct, reader }
     }
+
+    /// Writes every byte once `go` opens, and returns when the reader has them all, handing
+    /// back the reader, whose buffers are dropped after the clock stops.
+    async fn send(
+        mut self,
+        go: Arc<tokio::sync::Barrier>,
+    ) -> tokio::task::JoinHandle<(Option<memmap2::MmapMut>, Vec<u8>)> {
+        go.wait().await;
+        let mut sent = 0;
+        while sent < self.total {
+            let n = self.write_size.min(self.total - sent);
+            let at = if self.distinct { sent } else { 0 };
+            self.socket.write_all(&self.source[at..at + n]).await.expect("write");
+            sent += n;
+        }
+        let mut ack = [0u8; 1];
+        self.socket.read_exact(&mut ack).await.expect("ack");
+        self.reader
+    }
+}
+
+/// Raw loopback TCP moving `shares` bytes over as many connections at once (one per sender of
+/// the migration it is compared with, each its sender's bytes), in writes of `write_size`:
+/// timed from the first write until every reader has every byte, the readers' buffers made
+/// before the clock starts and dropped after it stops.
+async fn raw_transfer(shares: &[usize], write_size: usize, landing: Landing) -> Duration {
+    let mut streams = Vec::new();
+    for &total in shares {
+        streams.push(RawStream::open(total, write_size, landing).await);
+    }
+    let go = Arc::new(tokio::sync::Barrier::new(streams.len() + 1));
+    let writers: Vec<_> =
+        streams.into_iter().map(|s| tokio::spawn(s.send(Arc::clone(&go)))).collect();
+    go.wait().await;
     let t = Instant::now();
-    let mut sent = 0;
-    while sent < total {
-        let n = write_size.min(total - sent);
-        let at = if distinct { sent } else { 0 };
-        socket.write_all(&source[at..at + n]).await.expect("write");
-        sent += n;
+    let mut readers = Vec::new();
+    for writer in writers {
+        readers.push(writer.await.expect("writer"));
     }
-    let mut ack = [0u8; 1];
-    socket.read_exact(&mut ack).await.expect("ack");
     let took = t.elapsed();
-    drop(reader.await.expect("reader"));
+    for reader in readers {
+        drop(reader.await.expect("reader"));
+    }
     took
 }
 
 /// The median of three raw transfers: two of the same bytes a moment apart differed by up to
 /// 3.6x here (BENCHMARKS.md, adaptation layer, stop 36), and one sample went into a ratio whole.
-async fn raw_median(total: usize, write_size: usize, landing: Landing) -> Duration {
+async fn raw_median(shares: &[usize], write_size: usize, landing: Landing) -> Duration {
     let mut samples = [
-        raw_transfer(total, write_size, landing).await,
-        raw_transfer(total, write_size, landing).await,
-        raw_transfer(total, write_size, landing).await,
+        raw_transfer(shares, write_size, landing).await,
+        raw_transfer(shares, write_size, landing).await,
+        raw_transfer(shares, write_size, landing).await,
     ];
     samples.sort();
     samples[1]
 }
 
 /// One node's join: what its senders shipped, how long their sending phase took, and raw
-/// loopback TCP moving the same bytes in the same write sizes just after (each the median of
-/// three).
+/// loopback TCP moving the same bytes in the same write sizes just after, one connection per
+/// sender carrying that sender's bytes, all at once (each the median of three).
 struct Migration {
     node: u64,
     bytes: u64,
@@ -382,10 +426,15 @@ async fn join_and_measure(
     }
     let epoch = first.state().epoch;
     let (mut bytes, mut moved, mut sending_ms) = (0, 0, 0.0f64);
+    let mut shares = Vec::new();
     for (sender, before) in senders.iter().zip(&before) {
         let host = sender.supervisor.host();
         let stats = host.stats();
-        bytes += stats.bytes_sent - before.bytes_sent;
+        let sent = stats.bytes_sent - before.bytes_sent;
+        if sent > 0 {
+            shares.push(sent as usize);
+        }
+        bytes += sent;
         moved += stats.entries_sent - before.entries_sent;
         if let Some(r) = host.history().iter().find(|r| r.epoch == epoch) {
             sending_ms = sending_ms.max(r.sending_ms);
@@ -398,9 +447,9 @@ async fn join_and_measure(
         .filter_map(|s| s.host().history().iter().find(|r| r.epoch == epoch).map(|r| r.after_ms))
         .fold(0.0f64, f64::max);
     let batch_bytes = HostConfig::default().batch_bytes;
-    let raw = raw_median(bytes as usize, batch_bytes, Landing::Reused).await;
-    let raw_touched = raw_median(bytes as usize, batch_bytes, Landing::Touched).await;
-    let raw_fresh = raw_median(bytes as usize, batch_bytes, Landing::Fresh).await;
+    let raw = raw_median(&shares, batch_bytes, Landing::Reused).await;
+    let raw_touched = raw_median(&shares, batch_bytes, Landing::Touched).await;
+    let raw_fresh = raw_median(&shares, batch_bytes, Landing::Fresh).await;
     (
         joined,
         Migration { node: id, bytes, moved, sending_ms, after_ms, raw, raw_touched, raw_fresh },
