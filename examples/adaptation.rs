@@ -237,7 +237,7 @@ enum Landing {
     /// (the transport's frame buffers, which the decoded entries keep), so this is the raw
     /// transfer doing the joiner's job; it is the dearer end, since a joiner's allocator may hand
     /// it memory freed before. A buffer from the allocator is neither this nor `Touched`
-    /// for sure: 20.8 MB took from 4.5 to 25 ms depending on what the process freed before
+    /// for sure: 20.8 MB took from 5.9 to 25.5 ms depending on what the process freed before
     /// (BENCHMARKS.md, adaptation layer, stop 40), and the old baseline, such a buffer, swung
     /// with it. How dear a fresh page is depends on the machine (a VM here; transparent huge
     /// pages on `madvise`, so this mapping faults 4 KiB at a time): the example prints the
@@ -304,13 +304,12 @@ impl RawStream {
         RawStream { socket, source, total, write_size, distinct, reader }
     }
 
-    /// Writes every byte once `go` opens, and returns when the reader has them all, handing
-    /// back the reader, whose buffers are dropped after the clock stops.
-    async fn send(
-        mut self,
-        go: Arc<tokio::sync::Barrier>,
-    ) -> tokio::task::JoinHandle<(Option<memmap2::MmapMut>, Vec<u8>)> {
+    /// Writes every byte once `go` opens, and returns when the reader has them all: when it
+    /// began and ended, and what is dropped only after the clock stops (its bytes and the
+    /// reader, with the reader's buffers: freeing megabytes may be an munmap).
+    async fn send(mut self, go: Arc<tokio::sync::Barrier>) -> Sent {
         go.wait().await;
+        let began = Instant::now();
         let mut sent = 0;
         while sent < self.total {
             let n = self.write_size.min(self.total - sent);
@@ -320,33 +319,45 @@ impl RawStream {
         }
         let mut ack = [0u8; 1];
         self.socket.read_exact(&mut ack).await.expect("ack");
-        self.reader
+        Sent { began, ended: Instant::now(), source: self.source, reader: self.reader }
     }
+}
+
+/// One connection's transfer, timed by its writer.
+struct Sent {
+    began: Instant,
+    ended: Instant,
+    source: Vec<u8>,
+    reader: tokio::task::JoinHandle<(Option<memmap2::MmapMut>, Vec<u8>)>,
 }
 
 /// Raw loopback TCP moving `shares` bytes over as many connections at once (one per sender of
 /// the migration it is compared with, each its sender's bytes), in writes of `write_size`:
-/// timed from the first write until every reader has every byte, the readers' buffers made
-/// before the clock starts and dropped after it stops.
+/// from the first write of any until the last reader has every byte, each connection timed by
+/// its own writer (the first past the barrier may start before any other task wakes). The
+/// readers' buffers are made before and dropped after.
 async fn raw_transfer(shares: &[usize], write_size: usize, landing: Landing) -> Duration {
     let mut streams = Vec::new();
     for &total in shares {
         streams.push(RawStream::open(total, write_size, landing).await);
     }
-    let go = Arc::new(tokio::sync::Barrier::new(streams.len() + 1));
+    let go = Arc::new(tokio::sync::Barrier::new(streams.len()));
     let writers: Vec<_> =
         streams.into_iter().map(|s| tokio::spawn(s.send(Arc::clone(&go)))).collect();
-    go.wait().await;
-    let t = Instant::now();
-    let mut readers = Vec::new();
+    let mut done = Vec::new();
     for writer in writers {
-        readers.push(writer.await.expect("writer"));
+        done.push(writer.await.expect("writer"));
     }
-    let took = t.elapsed();
-    for reader in readers {
-        drop(reader.await.expect("reader"));
+    let (Some(began), Some(ended)) =
+        (done.iter().map(|s| s.began).min(), done.iter().map(|s| s.ended).max())
+    else {
+        return Duration::ZERO;
+    };
+    for sent in done {
+        drop(sent.source);
+        drop(sent.reader.await.expect("reader"));
     }
-    took
+    ended - began
 }
 
 /// The median of three raw transfers: two of the same bytes a moment apart differed by up to
