@@ -165,13 +165,15 @@ impl Driver {
                         .collect(),
                 };
                 let epoch = progress.epoch;
+                let now = Instant::now();
                 self.clock = Some(Clock {
                     record: ChangeRecord {
                         epoch,
                         change: progress.change.to_string(),
+                        begun_at: Some(now.into_std()),
                         ..ChangeRecord::default()
                     },
-                    mark: Instant::now(),
+                    mark: now,
                     done_at: None,
                 });
                 self.progress = Some(progress);
@@ -327,7 +329,9 @@ impl Driver {
             Command::SendAck { to, epoch } => {
                 if let Some(clock) = &mut self.clock {
                     if clock.record.sending_ms == 0.0 {
+                        let from = clock.mark.into_std();
                         clock.record.sending_ms = clock.lap();
+                        clock.record.sending = Some((from, clock.mark.into_std()));
                     }
                 }
                 if to == me {

@@ -178,6 +178,14 @@ pub struct ChangeRecord {
     pub entries_received: u64,
     /// Entries it rebuilt with `scan`.
     pub entries_rebuilt: u64,
+    /// When this node began the change: from then on it stages the batches sent to it. An
+    /// instant of this process, for an observer in it (the migration benchmark sets one node's
+    /// against another's); not carried in `stats`.
+    #[serde(skip)]
+    pub begun_at: Option<std::time::Instant>,
+    /// When its sending phase began (its new table installed) and ended, as `begun_at`.
+    #[serde(skip)]
+    pub sending: Option<(std::time::Instant, std::time::Instant)>,
 }
 
 #[derive(Default)]
