@@ -864,9 +864,13 @@ fn main() {
         row("redirected once (passed on by the node asked), p50, against its own section's echoes", percentile(&redirected, 0.5), er50, mr50, "≤ 2.2x");
         row("told Moved and sent again (no forwarding), p50, same section", percentile(&asked_again, 0.5), er50, mr50, "");
         println!("| pipelined requests to one manager (256 in flight) | {per_second:.0}/s | | | | | ≥ 100,000/s |");
-        let mut by_ratio: Vec<&Migration> = migrations.iter().collect();
-        by_ratio.sort_by(|x, y| x.per_byte_ratio().total_cmp(&y.per_byte_ratio()));
-        let m = by_ratio[by_ratio.len() / 2];
+        // The join whose `ratio` is the median: each row shows its own.
+        let median_join = |ratio: fn(&Migration) -> f64| {
+            let mut by_ratio: Vec<&Migration> = migrations.iter().collect();
+            by_ratio.sort_by(|x, y| ratio(x).total_cmp(&ratio(y)));
+            by_ratio[by_ratio.len() / 2]
+        };
+        let m = median_join(Migration::per_byte_ratio);
         println!(
             "| migration on join (median of {} joins; this one {} entries of {value_bytes} B, {:.1} MB) | {:.0} entries/s, {:.0} MB/s | raw TCP, one chunk sent again and again: {:.0} MB/s | {:.0}% | raw TCP, every byte its own (read where it lies, kept where it lands, in memory fresh from the kernel as a joiner's): {:.0} MB/s | {:.0}% | ≥ 60% |",
             migrations.len(),
@@ -879,8 +883,7 @@ fn main() {
             m.mbs(m.raw_fresh),
             100.0 * m.per_byte_ratio()
         );
-        by_ratio.sort_by(|x, y| x.touched_ratio().total_cmp(&y.touched_ratio()));
-        let t = by_ratio[by_ratio.len() / 2];
+        let t = median_join(Migration::touched_ratio);
         println!(
             "| migration on join against raw TCP with every byte its own kept in memory touched before the clock, no page faults: TCP at its best (the median join by this ratio: node {}, {:.1} MB) | {:.0} entries/s, {:.0} MB/s | raw TCP into touched memory: {:.0} MB/s | {:.0}% | | | |",
             t.node,
@@ -890,10 +893,7 @@ fn main() {
             t.mbs(t.raw_touched),
             100.0 * t.touched_ratio()
         );
-        by_ratio.sort_by(|x, y| {
-            (x.moving_mbs() / x.mbs(x.raw_fresh)).total_cmp(&(y.moving_mbs() / y.mbs(y.raw_fresh)))
-        });
-        let w = by_ratio[by_ratio.len() / 2];
+        let w = median_join(|m| m.moving_mbs() / m.mbs(m.raw_fresh));
         println!(
             "| migration on join, timed from when the joiner could stage what came (its change begun; the senders waited {:.1} ms for it here) to the last sender's end (the median join by this ratio: node {}, {:.1} MB; no target: for where the time goes) | {:.0} entries/s, {:.0} MB/s | raw TCP into fresh memory: {:.0} MB/s | {:.0}% | raw TCP into touched memory: {:.0} MB/s | {:.0}% | |",
             w.waited_ms,
