@@ -90,8 +90,17 @@ pub enum Response {
     Vote(Result<VoteResponse<u64>, RaftError<u64>>),
     /// To `InstallSnapshot`.
     InstallSnapshot(Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>),
-    /// To `Propose` and `Join`.
+    /// To `Propose`.
     Proposed(Result<Outcome, ProposeError>),
+    /// To `Join`: the outcome, and the leader's state once the join began a change. The joiner
+    /// begins its part from that state: its own log, new, would catch up with the entry that
+    /// began the change only after the other participants had begun sending to it.
+    Admitted {
+        /// What proposing the join gave.
+        outcome: Result<Outcome, ProposeError>,
+        /// The leader's applied state, the change begun, when the outcome is `Began`.
+        state: Option<Box<ClusterState>>,
+    },
     /// To `Ping`.
     Pong,
     /// To `Probe`: whether the target answered.

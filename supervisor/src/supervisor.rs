@@ -21,7 +21,7 @@ use crate::types::Raft;
 use async_trait::async_trait;
 use bytes::Bytes;
 use gobelins_adaptation::{codec, Host, Progress, Registry, Update};
-use gobelins_locator::{Epoch, Labels, NodeId, Snapshot};
+use gobelins_locator::{Change, Epoch, Labels, NodeId, Snapshot};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::VoteResponse;
 use openraft::{BasicNode, ChangeMembers, ServerState};
@@ -199,6 +199,12 @@ pub struct Supervisor {
     /// Wakes the duties loop when this life is admitted, so that the host is fed the state it
     /// may already have applied without waiting for the next tick (a joiner's first change).
     admission: tokio::sync::Notify,
+    /// The state a join's answer carried, with the incarnation it admitted: fed to the host
+    /// until this node's own applied state reaches its epoch.
+    head_start: Mutex<Option<(u64, Arc<ClusterState>)>>,
+    /// The incarnation this process is asking the cluster to admit, 0 when not asking: a
+    /// change its join began, once applied here, admits it as the answer would.
+    asking: AtomicU64,
     lifecycle: watch::Sender<Lifecycle>,
     /// Persists a new incarnation before the node rejoins with it.
     save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
@@ -272,6 +278,8 @@ impl Supervisor {
             joining: Mutex::new(HashMap::new()),
             admitted: AtomicBool::new(false),
             admission: tokio::sync::Notify::new(),
+            head_start: Mutex::new(None),
+            asking: AtomicU64::new(0),
             lifecycle,
             save_incarnation: parts.save_incarnation,
             fresh: AtomicBool::new(parts.fresh),
@@ -424,6 +432,16 @@ impl Supervisor {
 
     /// Asks the cluster at `seed` to admit this node; retries until `deadline`.
     pub async fn join_via(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
+        // Left set if this call is dropped: it only lets a change that this life's join began
+        // admit it, which the answer to that join would have done.
+        self.asking.store(self.incarnation(), Ordering::SeqCst);
+        let outcome = self.ask_to_join(seed, deadline).await;
+        self.asking.store(0, Ordering::SeqCst);
+        outcome
+    }
+
+    /// [`Supervisor::join_via`], the asking.
+    async fn ask_to_join(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
         let join = self.join_request();
         let asked = join.incarnation;
         let request = Request::Join(join);
@@ -443,14 +461,17 @@ impl Supervisor {
                 Ok((_, reply)) => match lane::decode_response(reply)? {
                     // The cluster is still recovering this node's last life: it will take
                     // the new one once that is done.
-                    Response::Proposed(Ok(Err(refusal @ Refusal::Recovering(_)))) => {
+                    Response::Admitted {
+                        outcome: Ok(Err(refusal @ Refusal::Recovering(_))),
+                        ..
+                    } => {
                         recovering = true;
                         last = refusal.to_string();
                     }
                     // A join always begins a change or waits for one, which this process must
                     // take part in: a life whose join ended already was served by another run
                     // of this node, whose memory this one does not have.
-                    Response::Proposed(Ok(Ok(Applied::Recorded { .. })))
+                    Response::Admitted { outcome: Ok(Ok(Applied::Recorded { .. })), .. }
                         if !self.life_admitted() =>
                     {
                         return Err(SupervisorError::Refused(format!(
@@ -463,15 +484,21 @@ impl Supervisor {
                             self.incarnation()
                         )));
                     }
-                    Response::Proposed(Ok(outcome)) => {
+                    Response::Admitted { outcome: Ok(outcome), state } => {
                         // An answer that took long may be for a life declared failed since,
                         // which another call renewed: that life's own join admits it.
                         if outcome.is_ok() && self.incarnation() == asked {
+                            if let Some(state) = state {
+                                *self.head_start.lock().expect("head start") =
+                                    Some((asked, Arc::from(state)));
+                            }
                             self.admit_life();
                         }
                         return Ok(outcome);
                     }
-                    Response::Proposed(Err(e)) => (recovering, last) = (false, e.to_string()),
+                    Response::Admitted { outcome: Err(e), .. } => {
+                        (recovering, last) = (false, e.to_string())
+                    }
                     _ => {
                         (recovering, last) = (false, "seed answered with the wrong message".into())
                     }
@@ -734,7 +761,10 @@ impl Supervisor {
             Request::Propose(command) => {
                 Response::Proposed(Box::pin(self.propose_here(command)).await)
             }
-            Request::Join(join) => Response::Proposed(Box::pin(self.admit(join)).await),
+            Request::Join(join) => {
+                let (outcome, state) = Box::pin(self.admit(join)).await;
+                Response::Admitted { outcome, state }
+            }
             Request::Ping => Response::Pong,
             Request::Lease { incarnation } => {
                 let granted = self.grants_lease(from, incarnation);
@@ -759,19 +789,38 @@ impl Supervisor {
     }
 
     /// Admits a joining node: as leader, makes it a raft learner (so it receives the entry that
-    /// adds it) and proposes its `Join`; otherwise hands the request to the leader.
-    async fn admit(&self, join: JoinRequest) -> std::result::Result<Outcome, ProposeError> {
+    /// adds it) and proposes its `Join`; otherwise hands the request to the leader. A join that
+    /// began a change comes back with the state it began, which the joiner begins from.
+    async fn admit(
+        &self,
+        join: JoinRequest,
+    ) -> (std::result::Result<Outcome, ProposeError>, Option<Box<ClusterState>>) {
         let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
         if !is_leader {
-            let leader =
-                self.leader().filter(|&l| l != self.me.id).ok_or(ProposeError::NoLeader)?;
+            let Some(leader) = self.leader().filter(|&l| l != self.me.id) else {
+                return (Err(ProposeError::NoLeader), None);
+            };
             return match self.call(leader, &Request::Join(join), self.config.rpc_timeout * 2).await
             {
-                Ok(Response::Proposed(result)) => result,
-                Ok(_) => Err(ProposeError::Unreachable("wrong answer".into())),
-                Err(e) => Err(ProposeError::Unreachable(e.to_string())),
+                Ok(Response::Admitted { outcome, state }) => (outcome, state),
+                Ok(_) => (Err(ProposeError::Unreachable("wrong answer".into())), None),
+                Err(e) => (Err(ProposeError::Unreachable(e.to_string())), None),
             };
         }
+        let node = join.node;
+        let outcome = self.admit_here(join).await;
+        // Applied here before the proposal returned, so this state has the change begun (or
+        // a later one, which the joiner's part would still be in: it cannot end without it).
+        let state = match &outcome {
+            Ok(Ok(Applied::Began { .. })) => Some(Box::new((*self.state()).clone()))
+                .filter(|s| s.in_progress.as_ref().is_some_and(|p| p.participants.contains(&node))),
+            _ => None,
+        };
+        (outcome, state)
+    }
+
+    /// [`Supervisor::admit`] on the leader.
+    async fn admit_here(&self, join: JoinRequest) -> std::result::Result<Outcome, ProposeError> {
         self.transport.set_peer(join.node, join.addr.clone());
         let known = self
             .raft
@@ -951,7 +1000,7 @@ impl Supervisor {
                     }
                 }
             }
-            let current = state.borrow_and_update().clone();
+            let current = self.ahead(state.borrow_and_update().clone());
             for (&id, record) in &current.nodes {
                 match record.status {
                     // Once, on the way out: forgetting on every pass would also cut the
@@ -970,10 +1019,48 @@ impl Supervisor {
             if let Some(mine) = current.nodes.get(&self.me.id) {
                 self.end_if_left(mine);
             }
+            if !self.life_admitted() && self.own_join_begun(&current) {
+                self.admit_life();
+            }
             if self.life_admitted() {
                 fed.feed(&self.host, &current);
             }
             self.report_progress(&current);
+        }
+    }
+
+    /// Whether `state` has the change begun that the join this process is asking for began.
+    /// Committed, it admits this life as the join's answer will: on a machine under load, the
+    /// answer can come milliseconds after the change reached this node's log, while the other
+    /// participants have begun to send to it.
+    fn own_join_begun(&self, state: &ClusterState) -> bool {
+        let asking = self.asking.load(Ordering::SeqCst);
+        let me = self.me.id;
+        asking != 0
+            && asking == self.incarnation()
+            && state
+                .nodes
+                .get(&me)
+                .is_some_and(|r| r.incarnation == asking && r.status == NodeStatus::Joining)
+            && state
+                .in_progress
+                .as_ref()
+                .is_some_and(|p| matches!(p.change, Change::Add { node, .. } if node == NodeId(me)))
+    }
+
+    /// `applied`, or the state this life's join answer carried while `applied` has not reached
+    /// its epoch: a joiner begins its part of the change its join began from the answer.
+    fn ahead(&self, applied: Arc<ClusterState>) -> Arc<ClusterState> {
+        let mut head_start = self.head_start.lock().expect("head start");
+        match head_start.as_ref() {
+            Some((life, ahead)) if *life == self.incarnation() && ahead.epoch > applied.epoch => {
+                Arc::clone(ahead)
+            }
+            Some(_) => {
+                *head_start = None;
+                applied
+            }
+            None => applied,
         }
     }
 

@@ -6,7 +6,7 @@ use gobelins_adaptation::{Host, HostConfig, Registry};
 use gobelins_locator::{Labels, NodeId};
 use gobelins_supervisor::link::TransportLink;
 use gobelins_supervisor::mem::MemNetwork;
-use gobelins_supervisor::state::{ClusterState, NodeStatus};
+use gobelins_supervisor::state::{Applied, ClusterState, NodeStatus};
 use gobelins_supervisor::{store, Dispatch, Me, Parts, Supervisor, SupervisorConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -204,7 +204,7 @@ fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing() {
 }
 
 #[test]
-fn a_rejoin_committed_whose_answer_was_lost_is_asked_again_and_admitted() {
+fn a_rejoin_committed_whose_answers_are_lost_is_admitted_by_the_change_in_its_own_log() {
     replay(async {
         let net = MemNetwork::new(13);
         let config = SupervisorConfig::loopback();
@@ -227,21 +227,19 @@ fn a_rejoin_committed_whose_answer_was_lost_is_asked_again_and_admitted() {
         until_voters(&majority, 1).await;
 
         // x hears it was declared failed (from the other node) and rejoins through the leader,
-        // which commits the join; every answer the leader sends x is lost.
+        // which commits the join; every answer the leader sends x is lost, but its log reaches
+        // x, and the change the rejoin began admits it there: the change ends, answers lost.
         net.heal();
         net.mute(leader, x);
-        until_all(&[at(leader)], Duration::from_secs(30), "x's rejoin committed", |s| {
-            s.nodes[&x].incarnation == 2 && s.nodes[&x].status.is_live()
-        })
-        .await;
-        // Past the rejoin's own retries.
-        tokio::time::sleep(config.rpc_timeout * 6).await;
-        assert!(!at(x).supervisor.life_admitted(), "the rejoin's answer was lost");
-
-        net.heal();
         let all: Vec<&Node> = nodes.iter().collect();
         until_back_as_second_life(&all, x).await;
         assert!(at(x).supervisor.life_admitted());
+        // Past the rejoin's own retries, none of which was answered.
+        tokio::time::sleep(config.rpc_timeout * 6).await;
+
+        net.heal();
+        tokio::time::sleep(config.rpc_timeout).await;
+        until_back_as_second_life(&all, x).await;
         assert_all_agree(&nodes, "after the rejoin");
     });
 }
@@ -919,5 +917,75 @@ fn a_join_asked_of_a_node_declared_failed_starts_its_services_afresh() {
         assert!(matches!(joined, Ok(Ok(_))), "{joined:?}");
         assert!(node.host().life() > life, "its services started afresh");
         assert_eq!(node.incarnation(), 2);
+    });
+}
+
+/// Three voters hosting kvdir, and a follower of theirs to join through.
+async fn three_voters_and_a_follower(net: &MemNetwork) -> (Vec<Node>, u64, u64) {
+    let nodes = three_voters_hosting(net, kvdir, HostConfig::default()).await;
+    let leader = nodes[0].supervisor.leader().expect("a leader");
+    let seed = (1..=3).find(|&id| id != leader).expect("a follower");
+    (nodes, leader, seed)
+}
+
+#[test]
+fn a_joiner_whose_answers_are_lost_begins_from_its_own_log_and_its_change_ends() {
+    replay(async {
+        let net = MemNetwork::new(17);
+        let (nodes, _, seed) = three_voters_and_a_follower(&net).await;
+        // Every answer the seed sends the joiner is lost: the join commits, and the joiner
+        // hears of it only through the log the leader replicates to it.
+        net.mute(seed, 4);
+        let joiner =
+            node_hosting(&net, 4, SupervisorConfig::loopback(), kvdir, HostConfig::default()).await;
+        let asking = {
+            let supervisor = Arc::clone(&joiner.supervisor);
+            tokio::spawn(async move {
+                supervisor.join_via(&format!("n{seed}"), Duration::from_secs(30)).await
+            })
+        };
+        let mut all: Vec<&Node> = nodes.iter().collect();
+        all.push(&joiner);
+        until_all(&all, Duration::from_secs(10), "node 4 active", |s| {
+            s.is_stable() && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
+        })
+        .await;
+        assert!(!asking.is_finished(), "no answer reached the joiner");
+        assert!(joiner.supervisor.life_admitted(), "its change admitted it");
+
+        net.heal();
+        let joined = asking.await.expect("the join's task");
+        assert!(matches!(joined, Ok(Ok(_))), "{joined:?}");
+    });
+}
+
+#[test]
+fn a_joiner_begins_its_change_from_its_join_answer_before_its_log_has_it() {
+    replay(async {
+        let net = MemNetwork::new(19);
+        let (nodes, leader, seed) = three_voters_and_a_follower(&net).await;
+        // The leader cannot replicate to the joiner: its own log stays empty, and the state
+        // the answer carries, through the seed, is all it has of its change.
+        net.partition(leader, 4);
+        let joiner =
+            node_hosting(&net, 4, SupervisorConfig::loopback(), kvdir, HostConfig::default()).await;
+        let joined = joiner.supervisor.join_via(&format!("n{seed}"), Duration::from_secs(30)).await;
+        let Ok(Ok(Applied::Began { epoch })) = joined else {
+            panic!("the join begins a change: {joined:?}")
+        };
+        let start = tokio::time::Instant::now();
+        while joiner.supervisor.host().epoch() < epoch {
+            assert!(start.elapsed() < Duration::from_secs(1), "the joiner began its change");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(joiner.supervisor.state().epoch < epoch, "its own log does not have the change");
+
+        net.heal();
+        let mut all: Vec<&Node> = nodes.iter().collect();
+        all.push(&joiner);
+        until_all(&all, Duration::from_secs(30), "node 4 active", |s| {
+            s.is_stable() && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
+        })
+        .await;
     });
 }
