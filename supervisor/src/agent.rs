@@ -201,13 +201,13 @@ impl<N: Net> Agent<N> {
                 id
             }
         };
-        let incarnation = match dir.incarnation()? {
-            Some(i) => i,
+        let (incarnation, made_incarnation) = match dir.incarnation()? {
+            Some(i) => (i, false),
             None => {
                 // First: a crash between the two leaves a directory that starts afresh again.
                 dir.mark_unadmitted()?;
                 dir.save_incarnation(1)?;
-                1
+                (1, true)
             }
         };
         // Not `!restarted`: a start refused (its join, say) leaves an incarnation behind, and
@@ -253,6 +253,7 @@ impl<N: Net> Agent<N> {
                 let dir = dir.clone();
                 Box::new(move || dir.clear_unadmitted())
             },
+            made_incarnation,
         })
         .await;
         let supervisor = match supervisor {

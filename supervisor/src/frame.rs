@@ -36,10 +36,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// manager relays the manager's reply, and the manager no longer answers the origin itself;
 /// 13: the replicated state refuses a join the locator has no room for, a service declared
 /// otherwise than registered, and slots past the cluster's budget, with refusals of their own:
-/// nodes of 12 would apply the same log otherwise).
-pub const VERSION: u8 = 13;
+/// nodes of 12 would apply the same log otherwise; 14: a join is answered with `Admitted`,
+/// which carries the state the joiner begins its change from).
+pub const VERSION: u8 = 14;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 13;
+pub const MIN_VERSION: u8 = 14;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

@@ -202,9 +202,13 @@ pub struct Supervisor {
     /// The state a join's answer carried, with the incarnation it admitted: fed to the host
     /// until this node's own applied state reaches its epoch.
     head_start: Mutex<Option<(u64, Arc<ClusterState>)>>,
-    /// The incarnation this process is asking the cluster to admit, 0 when not asking: a
-    /// change its join began, once applied here, admits it as the answer would.
-    asking: AtomicU64,
+    /// The incarnations this process is asking the cluster to admit, with how many calls ask:
+    /// a change the join of one it made began, once applied here, admits it as the answer
+    /// would.
+    asking: Mutex<BTreeMap<u64, usize>>,
+    /// The incarnation this process started with, if it wrote it itself (its data directory
+    /// had none): no earlier run served that life.
+    made_at_start: Option<u64>,
     lifecycle: watch::Sender<Lifecycle>,
     /// Persists a new incarnation before the node rejoins with it.
     save_incarnation: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
@@ -246,6 +250,9 @@ pub struct Parts {
     /// Called once, at the first admission of a fresh node, to record it (see
     /// [`crate::datadir::DataDir::clear_unadmitted`]).
     pub admitted_first: Box<dyn Fn() -> Result<()> + Send + Sync>,
+    /// This process wrote `incarnation` itself: the data directory had none, so no earlier run
+    /// of this node served that life, and its own log cannot hold a join of it from before.
+    pub made_incarnation: bool,
 }
 
 impl Supervisor {
@@ -279,7 +286,8 @@ impl Supervisor {
             admitted: AtomicBool::new(false),
             admission: tokio::sync::Notify::new(),
             head_start: Mutex::new(None),
-            asking: AtomicU64::new(0),
+            asking: Mutex::new(BTreeMap::new()),
+            made_at_start: parts.made_incarnation.then_some(parts.incarnation),
             lifecycle,
             save_incarnation: parts.save_incarnation,
             fresh: AtomicBool::new(parts.fresh),
@@ -432,12 +440,8 @@ impl Supervisor {
 
     /// Asks the cluster at `seed` to admit this node; retries until `deadline`.
     pub async fn join_via(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
-        // Left set if this call is dropped: it only lets a change that this life's join began
-        // admit it, which the answer to that join would have done.
-        self.asking.store(self.incarnation(), Ordering::SeqCst);
-        let outcome = self.ask_to_join(seed, deadline).await;
-        self.asking.store(0, Ordering::SeqCst);
-        outcome
+        let _asking = Asking::new(self, self.incarnation());
+        self.ask_to_join(seed, deadline).await
     }
 
     /// [`Supervisor::join_via`], the asking.
@@ -489,8 +493,13 @@ impl Supervisor {
                         // which another call renewed: that life's own join admits it.
                         if outcome.is_ok() && self.incarnation() == asked {
                             if let Some(state) = state {
-                                *self.head_start.lock().expect("head start") =
-                                    Some((asked, Arc::from(state)));
+                                let mut head_start = self.head_start.lock().expect("head start");
+                                // Two calls may ask at once: the older answer is not kept.
+                                if head_start.as_ref().is_none_or(|(life, kept)| {
+                                    *life != asked || kept.epoch < state.epoch
+                                }) {
+                                    *head_start = Some((asked, Arc::from(state)));
+                                }
                             }
                             self.admit_life();
                         }
@@ -1029,19 +1038,22 @@ impl Supervisor {
         }
     }
 
-    /// Whether `state` has the change begun that the join this process is asking for began.
-    /// Committed, it admits this life as the join's answer will: on a machine under load, the
-    /// answer can come milliseconds after the change reached this node's log, while the other
-    /// participants have begun to send to it.
+    /// Whether `state` has the change begun that the join this process is asking for began,
+    /// for a life this process made. Committed, it admits this life as the join's answer
+    /// will: on a machine under load, the answer can come milliseconds after the change
+    /// reached this node's log, while the other participants have begun to send to it. Only a
+    /// life made here: a restarted process's own log, read from disk, may hold the join of a
+    /// life an earlier run served and the cluster has since declared failed.
     fn own_join_begun(&self, state: &ClusterState) -> bool {
-        let asking = self.asking.load(Ordering::SeqCst);
+        let life = self.incarnation();
         let me = self.me.id;
-        asking != 0
-            && asking == self.incarnation()
-            && state
-                .nodes
-                .get(&me)
-                .is_some_and(|r| r.incarnation == asking && r.status == NodeStatus::Joining)
+        let made_here =
+            self.renewed_to.load(Ordering::SeqCst) == life || self.made_at_start == Some(life);
+        made_here
+            && self.asking.lock().expect("asking").contains_key(&life)
+            && state.nodes.get(&me).is_some_and(|r| {
+                r.incarnation == life && r.status == NodeStatus::Joining && r.addr == self.me.addr
+            })
             && state
                 .in_progress
                 .as_ref()
@@ -1053,7 +1065,7 @@ impl Supervisor {
     fn ahead(&self, applied: Arc<ClusterState>) -> Arc<ClusterState> {
         let mut head_start = self.head_start.lock().expect("head start");
         match head_start.as_ref() {
-            Some((life, ahead)) if *life == self.incarnation() && ahead.epoch > applied.epoch => {
+            Some((life, ahead)) if *life == self.incarnation() && !caught_up(&applied, ahead) => {
                 Arc::clone(ahead)
             }
             Some(_) => {
@@ -1129,6 +1141,7 @@ impl Supervisor {
                 "the cluster ended this node's life: starting services afresh"
             );
             self.admitted.store(false, Ordering::SeqCst);
+            *self.head_start.lock().expect("head start") = None;
             self.host.renew((self.services)());
             self.host.lease(Instant::now());
         }
@@ -1498,6 +1511,49 @@ impl Supervisor {
     }
 }
 
+/// Whether `applied` has come as far as `ahead` in what the host is fed: a later epoch, or the
+/// same one with no fewer departed nodes and no more participants. The epoch alone moves only
+/// when a change begins: a node failed during it would be fed as departed, then not.
+fn caught_up(applied: &ClusterState, ahead: &ClusterState) -> bool {
+    let departed = |s: &ClusterState| -> BTreeSet<u64> {
+        s.nodes.iter().filter(|(_, r)| !r.status.is_live()).map(|(&id, _)| id).collect()
+    };
+    let participants = |s: &ClusterState| s.in_progress.as_ref().map(|p| p.participants.clone());
+    applied.epoch > ahead.epoch
+        || (applied.epoch == ahead.epoch
+            && departed(applied).is_superset(&departed(ahead))
+            && match (participants(applied), participants(ahead)) {
+                (Some(a), Some(b)) => a.is_subset(&b),
+                (None, _) => true,
+                (Some(_), None) => false,
+            })
+}
+
+/// One call of [`Supervisor::join_via`] asking for `incarnation`, until it ends or is dropped.
+struct Asking<'a> {
+    supervisor: &'a Supervisor,
+    incarnation: u64,
+}
+
+impl<'a> Asking<'a> {
+    fn new(supervisor: &'a Supervisor, incarnation: u64) -> Self {
+        *supervisor.asking.lock().expect("asking").entry(incarnation).or_default() += 1;
+        Asking { supervisor, incarnation }
+    }
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        let mut asking = self.supervisor.asking.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = asking.get_mut(&self.incarnation) {
+            *count -= 1;
+            if *count == 0 {
+                asking.remove(&self.incarnation);
+            }
+        }
+    }
+}
+
 type FeedKey = (u64, Option<(u64, usize)>, BTreeSet<u64>);
 
 /// Hands the host each new word of the replicated state, once.
@@ -1532,5 +1588,32 @@ impl HostFeed {
             departed: key.2.iter().map(|&n| NodeId(n)).collect(),
         });
         self.last = Some(key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Three nodes at `epoch`, those in `failed` failed.
+    fn state(epoch: u64, failed: &[u64]) -> ClusterState {
+        let mut state = ClusterState { epoch, ..ClusterState::default() };
+        for id in 1..=3 {
+            let status = if failed.contains(&id) { NodeStatus::Failed } else { NodeStatus::Active };
+            let addr = format!("n{id}");
+            state
+                .nodes
+                .insert(id, NodeRecord { addr, labels: Labels::new(), status, incarnation: 1 });
+        }
+        state
+    }
+
+    #[test]
+    fn a_head_start_is_left_only_once_the_own_state_has_all_it_told() {
+        let ahead = state(5, &[3]);
+        assert!(!caught_up(&state(4, &[3]), &ahead), "an older epoch");
+        assert!(!caught_up(&state(5, &[]), &ahead), "the same epoch, a failure not heard of yet");
+        assert!(caught_up(&state(5, &[3]), &ahead));
+        assert!(caught_up(&state(6, &[]), &ahead), "a later epoch");
     }
 }
