@@ -200,7 +200,7 @@ pub struct Supervisor {
     /// may already have applied without waiting for the next tick (a joiner's first change).
     admission: tokio::sync::Notify,
     /// The state a join's answer carried, with the incarnation it admitted: fed to the host
-    /// until this node's own applied state reaches its epoch.
+    /// until this node's own applied state has caught up with it ([`caught_up`]).
     head_start: Mutex<Option<(u64, Arc<ClusterState>)>>,
     /// The incarnations this process is asking the cluster to admit, with how many calls ask:
     /// a change the join of one it made began, once applied here, admits it as the answer
@@ -1060,8 +1060,8 @@ impl Supervisor {
                 .is_some_and(|p| matches!(p.change, Change::Add { node, .. } if node == NodeId(me)))
     }
 
-    /// `applied`, or the state this life's join answer carried while `applied` has not reached
-    /// its epoch: a joiner begins its part of the change its join began from the answer.
+    /// `applied`, or the state this life's join answer carried while `applied` has not caught
+    /// up with it: a joiner begins its part of the change its join began from the answer.
     fn ahead(&self, applied: Arc<ClusterState>) -> Arc<ClusterState> {
         let mut head_start = self.head_start.lock().expect("head start");
         match head_start.as_ref() {
