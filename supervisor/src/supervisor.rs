@@ -493,13 +493,7 @@ impl Supervisor {
                         // which another call renewed: that life's own join admits it.
                         if outcome.is_ok() && self.incarnation() == asked {
                             if let Some(state) = state {
-                                let mut head_start = self.head_start.lock().expect("head start");
-                                // Two calls may ask at once: the older answer is not kept.
-                                if head_start.as_ref().is_none_or(|(life, kept)| {
-                                    *life != asked || kept.epoch < state.epoch
-                                }) {
-                                    *head_start = Some((asked, Arc::from(state)));
-                                }
+                                self.keep_head_start(asked, state);
                             }
                             self.admit_life();
                         }
@@ -1058,6 +1052,18 @@ impl Supervisor {
                 .in_progress
                 .as_ref()
                 .is_some_and(|p| matches!(p.change, Change::Add { node, .. } if node == NodeId(me)))
+    }
+
+    /// Keeps `state`, from the answer to `life`'s join, as the head start, unless the one kept
+    /// is newer: two calls may ask at once.
+    fn keep_head_start(&self, life: u64, state: Box<ClusterState>) {
+        let mut head_start = self.head_start.lock().expect("head start");
+        if head_start
+            .as_ref()
+            .is_none_or(|(kept_for, kept)| *kept_for != life || kept.epoch < state.epoch)
+        {
+            *head_start = Some((life, Arc::from(state)));
+        }
     }
 
     /// `applied`, or the state this life's join answer carried while `applied` has not caught

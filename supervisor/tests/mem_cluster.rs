@@ -928,6 +928,27 @@ fn a_join_asked_of_a_node_declared_failed_starts_its_services_afresh() {
     });
 }
 
+/// Node 4 asking to join through `seed`, in a task of its own.
+fn ask_in_background(
+    supervisor: &Arc<Supervisor>,
+    seed: u64,
+) -> tokio::task::JoinHandle<gobelins_supervisor::Result<gobelins_supervisor::state::Outcome>> {
+    let supervisor = Arc::clone(supervisor);
+    tokio::spawn(
+        async move { supervisor.join_via(&format!("n{seed}"), Duration::from_secs(30)).await },
+    )
+}
+
+/// Waits until `nodes` and `joiner` all hold a stable configuration with node 4 active.
+async fn until_node_4_active(nodes: &[Node], joiner: &Node) {
+    let mut all: Vec<&Node> = nodes.iter().collect();
+    all.push(joiner);
+    until_all(&all, Duration::from_secs(30), "node 4 active", |s| {
+        s.is_stable() && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
+    })
+    .await;
+}
+
 /// Three voters hosting kvdir, and a follower of theirs to join through.
 async fn three_voters_and_a_follower(net: &MemNetwork) -> (Vec<Node>, u64, u64) {
     let nodes = three_voters_hosting(net, kvdir, HostConfig::default()).await;
@@ -946,18 +967,8 @@ fn a_joiner_whose_answers_are_lost_begins_from_its_own_log_and_its_change_ends()
         net.mute(seed, 4);
         let joiner =
             node_hosting(&net, 4, SupervisorConfig::loopback(), kvdir, HostConfig::default()).await;
-        let asking = {
-            let supervisor = Arc::clone(&joiner.supervisor);
-            tokio::spawn(async move {
-                supervisor.join_via(&format!("n{seed}"), Duration::from_secs(30)).await
-            })
-        };
-        let mut all: Vec<&Node> = nodes.iter().collect();
-        all.push(&joiner);
-        until_all(&all, Duration::from_secs(10), "node 4 active", |s| {
-            s.is_stable() && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
-        })
-        .await;
+        let asking = ask_in_background(&joiner.supervisor, seed);
+        until_node_4_active(&nodes, &joiner).await;
         assert!(!asking.is_finished(), "no answer reached the joiner");
         assert!(joiner.supervisor.life_admitted(), "its change admitted it");
 
@@ -989,12 +1000,7 @@ fn a_joiner_begins_its_change_from_its_join_answer_before_its_log_has_it() {
         assert!(joiner.supervisor.state().epoch < epoch, "its own log does not have the change");
 
         net.heal();
-        let mut all: Vec<&Node> = nodes.iter().collect();
-        all.push(&joiner);
-        until_all(&all, Duration::from_secs(30), "node 4 active", |s| {
-            s.is_stable() && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
-        })
-        .await;
+        until_node_4_active(&nodes, &joiner).await;
     });
 }
 
@@ -1018,12 +1024,7 @@ fn a_restarted_joiner_is_not_admitted_by_the_join_its_last_run_left_in_its_log()
         // its join's answer: its join begins, in its own log too, and it never takes part.
         net.mute(seed, 4);
         let first = run(false).await;
-        let asking = {
-            let supervisor = Arc::clone(&first);
-            tokio::spawn(async move {
-                supervisor.join_via(&format!("n{seed}"), Duration::from_secs(30)).await
-            })
-        };
+        let asking = ask_in_background(&first, seed);
         let start = tokio::time::Instant::now();
         while !joining(&first.state()) {
             assert!(start.elapsed() < Duration::from_secs(10), "its join began");
