@@ -1,11 +1,13 @@
 //! An in-memory transport with fault injection, for in-process cluster tests.
 //!
 //! Every node of a [`MemNetwork`] calls the others' handlers directly. Faults are set on the
-//! network: links cut both ways (partitions), answers lost one way, nodes taken down, a delay
-//! per message, and a seeded drop rate. A message that cannot arrive makes the caller wait its full deadline, as
+//! network: links cut both ways (partitions), answers lost one way, raft's log replication
+//! lost one way, nodes taken down, a delay per message, and a seeded drop rate. A message that cannot arrive makes the caller wait its full deadline, as
 //! a lost TCP segment would.
 
 use crate::error::{Result, SupervisorError};
+use crate::lane::Lane;
+use crate::rpc::Request;
 use crate::transport::{Handler, Transport};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -21,6 +23,8 @@ struct Hub {
     cut: BTreeSet<(u64, u64)>,
     /// (answering, calling): the calling node's requests arrive, their answers do not.
     muted: BTreeSet<(u64, u64)>,
+    /// (from, to): raft's log replication from `from` to `to` is lost, other calls arrive.
+    stalled: BTreeSet<(u64, u64)>,
     down: BTreeSet<u64>,
     /// Calls made, whether or not they arrived, by (caller, callee).
     calls: HashMap<(u64, u64), u64>,
@@ -48,6 +52,7 @@ impl MemNetwork {
                 addrs: HashMap::new(),
                 cut: BTreeSet::new(),
                 muted: BTreeSet::new(),
+                stalled: BTreeSet::new(),
                 down: BTreeSet::new(),
                 calls: HashMap::new(),
                 delay: Duration::ZERO,
@@ -89,11 +94,19 @@ impl MemNetwork {
         self.hub().muted.insert((answering, calling));
     }
 
-    /// Restores every cut link and every muted answer.
+    /// Loses the raft log replication (`AppendEntries`, `InstallSnapshot`) `from` sends to
+    /// `to`; every other call arrives, both ways: a leader whose replication task to `to` lags
+    /// behind its other calls, as on a loaded machine.
+    pub fn stall_log(&self, from: u64, to: u64) {
+        self.hub().stalled.insert((from, to));
+    }
+
+    /// Restores every cut link, muted answer and stalled log.
     pub fn heal(&self) {
         let mut hub = self.hub();
         hub.cut.clear();
         hub.muted.clear();
+        hub.stalled.clear();
     }
 
     /// Takes `node` down: nothing reaches it and it reaches nothing, until attached again.
@@ -118,22 +131,41 @@ impl MemNetwork {
         self.hub().drop_rate = rate;
     }
 
-    /// The handler of `to` if a message from `from` can get there now, and the delay; `answer`
+    /// The handler of `to` if `message` from `from` can get there now, and the delay; `answer`
     /// says the message answers a call `to` made.
-    fn route(&self, from: u64, to: u64, answer: bool) -> (Option<Arc<dyn Handler>>, Duration) {
+    fn route(
+        &self,
+        from: u64,
+        to: u64,
+        message: &Bytes,
+        answer: bool,
+    ) -> (Option<Arc<dyn Handler>>, Duration) {
         let mut hub = self.hub();
+        let stalled = !answer && hub.stalled.contains(&(from, to)) && replicates_log(message);
         if !answer {
             *hub.calls.entry((from, to)).or_default() += 1;
         }
         let rate = hub.drop_rate.clamp(0.0, 1.0);
         let dropped = rate > 0.0 && hub.rng.random_bool(rate);
         let blocked = dropped
+            || stalled
             || (answer && hub.muted.contains(&(from, to)))
             || hub.down.contains(&from)
             || hub.down.contains(&to)
             || hub.cut.contains(&pair(from, to));
         let handler = if blocked { None } else { hub.handlers.get(&to).cloned() };
         (handler, hub.delay)
+    }
+}
+
+/// Whether `message` is a supervisor's `AppendEntries` or `InstallSnapshot`.
+fn replicates_log(message: &Bytes) -> bool {
+    match Lane::open(message.clone()) {
+        Ok((Lane::Supervisor, body)) => matches!(
+            gobelins_adaptation::codec::decode::<Request>(&body),
+            Ok(Request::AppendEntries(_) | Request::InstallSnapshot(_))
+        ),
+        _ => false,
     }
 }
 
@@ -153,14 +185,14 @@ impl MemTransport {
             after_ms: deadline.as_millis() as u64,
         };
         let exchange = async {
-            let (handler, delay) = self.net.route(self.me, to, false);
+            let (handler, delay) = self.net.route(self.me, to, &request, false);
             tokio::time::sleep(delay).await;
             let Some(handler) = handler else {
                 std::future::pending::<()>().await;
                 unreachable!("pending never completes");
             };
             let response = handler.handle(self.me, request).await;
-            let (back, delay) = self.net.route(to, self.me, true);
+            let (back, delay) = self.net.route(to, self.me, &response, true);
             tokio::time::sleep(delay).await;
             if back.is_none() {
                 std::future::pending::<()>().await;

@@ -52,6 +52,12 @@ pub enum Request {
         /// The asker's incarnation: an old life is not granted one.
         incarnation: u64,
     },
+    /// The leader applied the state that began a change the receiver takes part in. The
+    /// receiver may begin its part from it: its own log would show the change one replication
+    /// round later, and on a loaded machine the other participants spend that round waiting
+    /// for it. Last of the variants, so that a node of the same protocol version that does not
+    /// know it answers `Malformed` and only misses the head start.
+    Begun(Box<ClusterState>),
 }
 
 /// Why a proposal did not produce an outcome.
@@ -114,4 +120,6 @@ pub enum Response {
     /// This node stopped on an error it cannot recover from (its store failed): it answers
     /// nothing any more, so that the cluster declares it failed.
     Stopped(String),
+    /// To `Begun`: whether the receiver begins from the state told.
+    Heard(bool),
 }

@@ -4,9 +4,12 @@
 use gobelins_adaptation::testing::replay;
 use gobelins_adaptation::{Host, HostConfig, Registry};
 use gobelins_locator::{Labels, NodeId};
+use gobelins_supervisor::lane;
 use gobelins_supervisor::link::TransportLink;
 use gobelins_supervisor::mem::MemNetwork;
+use gobelins_supervisor::rpc::{Request, Response};
 use gobelins_supervisor::state::{Applied, ClusterState, NodeStatus, Refusal};
+use gobelins_supervisor::transport::Transport;
 use gobelins_supervisor::{store, Dispatch, Me, Parts, Supervisor, SupervisorConfig};
 use std::sync::Arc;
 use std::time::Duration;
@@ -998,6 +1001,56 @@ fn a_joiner_begins_its_change_from_its_join_answer_before_its_log_has_it() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(joiner.supervisor.state().epoch < epoch, "its own log does not have the change");
+
+        net.heal();
+        until_node_4_active(&nodes, &joiner).await;
+    });
+}
+
+#[test]
+fn a_participant_begins_its_change_from_the_leaders_word_before_its_log_has_it() {
+    replay(async {
+        let net = MemNetwork::new(29);
+        let (nodes, leader, seed) = three_voters_and_a_follower(&net).await;
+        let index = |id: u64| nodes.iter().position(|n| n.supervisor.id() == id).expect("a node");
+        let other = (1..=3).find(|&id| id != leader && id != seed).expect("another voter");
+        // The leader's log stops reaching `other`, whose part in node 4's join comes from the
+        // leader's word alone: the leader and the seed are a quorum without it.
+        net.stall_log(leader, other);
+        let joiner =
+            node_hosting(&net, 4, SupervisorConfig::loopback(), kvdir, HostConfig::default()).await;
+        let joined = joiner.supervisor.join_via(&format!("n{seed}"), Duration::from_secs(30)).await;
+        let Ok(Ok(Applied::Began { epoch })) = joined else {
+            panic!("the join begins a change: {joined:?}")
+        };
+        let begun = nodes[index(leader)].supervisor.state();
+        assert!(begun
+            .in_progress
+            .as_ref()
+            .is_some_and(|p| p.epoch == epoch && p.participants.contains(&other)));
+        let behind = &nodes[index(other)].supervisor;
+        let start = tokio::time::Instant::now();
+        while behind.host().epoch() < epoch {
+            assert!(start.elapsed() < Duration::from_secs(1), "node {other} began its part");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(behind.state().epoch < epoch, "its own log does not have the change");
+        // Its part done, its report reaches the leader, and the change ends without its log.
+        until_all(&[&nodes[index(leader)]], Duration::from_secs(30), "node 4 active", |s| {
+            s.is_stable() && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
+        })
+        .await;
+        assert!(behind.state().epoch < epoch, "its log still does not have the change");
+
+        // The same word from a node that is not its leader is not heard.
+        let word = Request::Begun(Box::new(ClusterState::clone(&begun)));
+        let stranger = net.attach(9, "n9", Arc::new(Dispatch::default()));
+        let answer = stranger
+            .call(other, lane::request(&word).expect("encoded"), Duration::from_secs(1))
+            .await
+            .and_then(lane::decode_response)
+            .map(|r| matches!(r, Response::Heard(false)));
+        assert!(matches!(answer, Ok(true)), "not heard, and said so: {answer:?}");
 
         net.heal();
         until_node_4_active(&nodes, &joiner).await;
