@@ -33,11 +33,11 @@ pub(crate) struct DemoArgs {
     /// Clients writing concurrently during the changes.
     #[arg(long, default_value_t = 8)]
     clients: u64,
-    /// Where the agents keep their data and logs (default: a fresh directory under /tmp,
-    /// removed at the end unless --keep).
+    /// Where the agents keep their data and logs, kept at the end (default: a fresh
+    /// directory under /tmp, removed at the end of a successful run unless --keep).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Keep the data directories and logs.
+    /// Keep the data directories and logs of a successful run (a --dir is always kept).
     #[arg(long)]
     keep: bool,
 }
@@ -101,7 +101,8 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = runtime.block_on(demo(args, &root));
-    if !args.keep && result.is_ok() {
+    // A directory the user named is theirs: only the demo's own goes.
+    if !args.keep && args.dir.is_none() && result.is_ok() {
         let _ = std::fs::remove_dir_all(&root);
     } else {
         eprintln!("demo: data directories and agent logs are in {}", root.display());

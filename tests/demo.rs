@@ -42,6 +42,8 @@ fn the_demo_fails_no_request_and_loses_no_entry() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let kept = std::fs::read_dir(dir.path().join("demo")).map(|entries| entries.count());
+    assert!(matches!(kept, Ok(n) if n > 0), "the --dir given keeps the agents' data: {kept:?}");
     let last = stdout.lines().last().expect("the demo prints");
     assert!(last.starts_with("demo: requests_ok="), "{last}");
     assert_eq!(field(last, "requests_failed"), 0, "{stdout}");
