@@ -37,7 +37,9 @@ use tokio_util::codec::{Decoder, Encoder};
 /// 13: the replicated state refuses a join the locator has no room for, a service declared
 /// otherwise than registered, and slots past the cluster's budget, with refusals of their own:
 /// nodes of 12 would apply the same log otherwise; 14: a join is answered with `Admitted`,
-/// which carries the state the joiner begins its change from).
+/// which carries the state the joiner begins its change from; still 14: the leader's word that
+/// a change began, `Request::Begun`, and its answer `Heard`, came last in their enums, so a node
+/// without them answers `Malformed`, logs it as a malformed request, and only begins later).
 pub const VERSION: u8 = 14;
 /// The oldest protocol version this node reads.
 pub const MIN_VERSION: u8 = 14;

@@ -94,9 +94,9 @@ impl MemNetwork {
         self.hub().muted.insert((answering, calling));
     }
 
-    /// Loses the raft log replication (`AppendEntries`, `InstallSnapshot`) `from` sends to
-    /// `to`; every other call arrives, both ways: a leader whose replication task to `to` lags
-    /// behind its other calls, as on a loaded machine.
+    /// Loses the raft log replication (`AppendEntries` with entries, `InstallSnapshot`) `from`
+    /// sends to `to`; heartbeats and every other call arrive, both ways, so `to` keeps its
+    /// leader: a leader whose replication to `to` lags behind its other calls.
     pub fn stall_log(&self, from: u64, to: u64) {
         self.hub().stalled.insert((from, to));
     }
@@ -158,13 +158,12 @@ impl MemNetwork {
     }
 }
 
-/// Whether `message` is a supervisor's `AppendEntries` or `InstallSnapshot`.
+/// Whether `message` is a supervisor's `AppendEntries` with entries or `InstallSnapshot`.
 fn replicates_log(message: &Bytes) -> bool {
-    match Lane::open(message.clone()) {
-        Ok((Lane::Supervisor, body)) => matches!(
-            gobelins_adaptation::codec::decode::<Request>(&body),
-            Ok(Request::AppendEntries(_) | Request::InstallSnapshot(_))
-        ),
+    let Ok((Lane::Supervisor, body)) = Lane::open(message.clone()) else { return false };
+    match gobelins_adaptation::codec::decode::<Request>(&body) {
+        Ok(Request::AppendEntries(r)) => !r.entries.is_empty(),
+        Ok(Request::InstallSnapshot(_)) => true,
         _ => false,
     }
 }

@@ -1068,7 +1068,8 @@ impl Supervisor {
     /// As leader, tells the other participants of the change `state` began, once per change.
     /// Each would learn of it from its own log one replication round after this node applied
     /// it. Under load, with the senders packing, that round took 1 to 9 ms, and every sender's
-    /// batches wait for their receiver to begin.
+    /// batches wait for their receiver to begin. Only the beginning is told: a failure during
+    /// the change, which keeps its epoch, reaches each node through its log.
     fn tell_participants(self: &Arc<Self>, state: &Arc<ClusterState>) -> bool {
         let Some(progress) = &state.in_progress else { return false };
         let epoch = progress.epoch;
@@ -1091,6 +1092,7 @@ impl Supervisor {
         let mut told: Vec<u64> =
             progress.participants.iter().copied().filter(|&n| n != self.me.id).collect();
         told.sort_by_key(|&n| std::cmp::Reverse(received(n)));
+        let any = !told.is_empty();
         for node in told {
             let me = Arc::clone(self);
             let request = request.clone();
@@ -1105,13 +1107,13 @@ impl Supervisor {
                 }
             });
         }
-        true
+        any
     }
 
     /// Begins from `state`, a change's beginning told by `from`, if `from` is the leader this
     /// node knows, this life takes part in the change, and its own applied state has not come
-    /// that far. A leader tells only what it applied, so `state` is committed: beginning from
-    /// it is applying it early. A joiner still asking for its life is admitted by it as by its
+    /// that far. A leader tells only a committed state (its applied state, or a head start it
+    /// was told), so beginning from it is applying it early. A joiner still asking for its life is admitted by it as by its
     /// join's answer ([`Supervisor::own_join_begun`]).
     fn hear_begun(&self, from: u64, state: ClusterState) -> bool {
         let life = self.incarnation();
@@ -1139,8 +1141,8 @@ impl Supervisor {
         }
     }
 
-    /// `applied`, or the state this life's join answer carried while `applied` has not caught
-    /// up with it: a joiner begins its part of the change its join began from the answer.
+    /// `applied`, or the head start (a join's answer, the leader's word) while `applied` has
+    /// not caught up with it: a participant begins its part of a change from it.
     fn ahead(&self, applied: Arc<ClusterState>) -> Arc<ClusterState> {
         let mut head_start = self.head_start.lock().expect("head start");
         match head_start.as_ref() {

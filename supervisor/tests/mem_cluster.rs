@@ -1035,12 +1035,17 @@ fn a_participant_begins_its_change_from_the_leaders_word_before_its_log_has_it()
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert!(behind.state().epoch < epoch, "its own log does not have the change");
-        // Its part done, its report reaches the leader, and the change ends without its log.
+        // Its part done, its report reaches the leader, and the change ends without its log:
+        // in the change's own epoch, with it active, not declared failed.
         until_all(&[&nodes[index(leader)]], Duration::from_secs(30), "node 4 active", |s| {
             s.is_stable() && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
         })
         .await;
+        let ended = nodes[index(leader)].supervisor.state();
+        assert_eq!(ended.epoch, epoch);
+        assert_eq!(ended.nodes[&other].status, NodeStatus::Active);
         assert!(behind.state().epoch < epoch, "its log still does not have the change");
+        assert_eq!(behind.leader(), Some(leader), "it kept its leader");
 
         // The same word from a node that is not its leader is not heard.
         let word = Request::Begun(Box::new(ClusterState::clone(&begun)));
