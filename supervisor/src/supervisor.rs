@@ -1073,10 +1073,11 @@ impl Supervisor {
     fn tell_participants(self: &Arc<Self>, state: &Arc<ClusterState>) -> bool {
         let Some(progress) = &state.in_progress else { return false };
         let epoch = progress.epoch;
-        if self.told.load(Ordering::SeqCst) >= epoch || self.leader() != Some(self.me.id) {
+        if self.leader() != Some(self.me.id)
+            || self.told.fetch_max(epoch, Ordering::SeqCst) >= epoch
+        {
             return false;
         }
-        self.told.fetch_max(epoch, Ordering::SeqCst);
         let request = match lane::request(&Request::Begun(Box::new(ClusterState::clone(state)))) {
             Ok(request) => request,
             Err(error) => {

@@ -952,6 +952,28 @@ async fn until_node_4_active(nodes: &[Node], joiner: &Node) {
     .await;
 }
 
+/// Node 4, hosting kvdir, asks to join through `seed`; returns it and the epoch its join began.
+async fn node_4_begins_joining(net: &MemNetwork, seed: u64) -> (Node, u64) {
+    let joiner =
+        node_hosting(net, 4, SupervisorConfig::loopback(), kvdir, HostConfig::default()).await;
+    let joined = joiner.supervisor.join_via(&format!("n{seed}"), Duration::from_secs(30)).await;
+    let Ok(Ok(Applied::Began { epoch })) = joined else {
+        panic!("the join begins a change: {joined:?}")
+    };
+    (joiner, epoch)
+}
+
+/// Waits (1 s of paused time at most) until `node`'s host has begun the change of `epoch`, and
+/// checks that its own applied state has not.
+async fn until_begun_ahead_of_its_log(node: &Supervisor, epoch: u64) {
+    let start = tokio::time::Instant::now();
+    while node.host().epoch() < epoch {
+        assert!(start.elapsed() < Duration::from_secs(1), "node {} began its part", node.id());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(node.state().epoch < epoch, "its own log does not have the change");
+}
+
 /// Three voters hosting kvdir, and a follower of theirs to join through.
 async fn three_voters_and_a_follower(net: &MemNetwork) -> (Vec<Node>, u64, u64) {
     let nodes = three_voters_hosting(net, kvdir, HostConfig::default()).await;
@@ -989,18 +1011,8 @@ fn a_joiner_begins_its_change_from_its_join_answer_before_its_log_has_it() {
         // The leader cannot replicate to the joiner: its own log stays empty, and the state
         // the answer carries, through the seed, is all it has of its change.
         net.partition(leader, 4);
-        let joiner =
-            node_hosting(&net, 4, SupervisorConfig::loopback(), kvdir, HostConfig::default()).await;
-        let joined = joiner.supervisor.join_via(&format!("n{seed}"), Duration::from_secs(30)).await;
-        let Ok(Ok(Applied::Began { epoch })) = joined else {
-            panic!("the join begins a change: {joined:?}")
-        };
-        let start = tokio::time::Instant::now();
-        while joiner.supervisor.host().epoch() < epoch {
-            assert!(start.elapsed() < Duration::from_secs(1), "the joiner began its change");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(joiner.supervisor.state().epoch < epoch, "its own log does not have the change");
+        let (joiner, epoch) = node_4_begins_joining(&net, seed).await;
+        until_begun_ahead_of_its_log(&joiner.supervisor, epoch).await;
 
         net.heal();
         until_node_4_active(&nodes, &joiner).await;
@@ -1017,24 +1029,14 @@ fn a_participant_begins_its_change_from_the_leaders_word_before_its_log_has_it()
         // The leader's log stops reaching `other`, whose part in node 4's join comes from the
         // leader's word alone: the leader and the seed are a quorum without it.
         net.stall_log(leader, other);
-        let joiner =
-            node_hosting(&net, 4, SupervisorConfig::loopback(), kvdir, HostConfig::default()).await;
-        let joined = joiner.supervisor.join_via(&format!("n{seed}"), Duration::from_secs(30)).await;
-        let Ok(Ok(Applied::Began { epoch })) = joined else {
-            panic!("the join begins a change: {joined:?}")
-        };
+        let (joiner, epoch) = node_4_begins_joining(&net, seed).await;
         let begun = nodes[index(leader)].supervisor.state();
         assert!(begun
             .in_progress
             .as_ref()
             .is_some_and(|p| p.epoch == epoch && p.participants.contains(&other)));
         let behind = &nodes[index(other)].supervisor;
-        let start = tokio::time::Instant::now();
-        while behind.host().epoch() < epoch {
-            assert!(start.elapsed() < Duration::from_secs(1), "node {other} began its part");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert!(behind.state().epoch < epoch, "its own log does not have the change");
+        until_begun_ahead_of_its_log(behind, epoch).await;
         // Its part done, its report reaches the leader, and the change ends without its log:
         // in the change's own epoch, with it active, not declared failed.
         until_all(&[&nodes[index(leader)]], Duration::from_secs(30), "node 4 active", |s| {
