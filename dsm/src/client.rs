@@ -828,6 +828,13 @@ impl Dsm {
     /// node calls it the same number of times), as long as it takes unless
     /// [`crate::DsmConfig::wait_deadline`] is set. A call that fails, or is dropped before it
     /// returns, may be made again: it waits for the same passage.
+    ///
+    /// Every id ever used is kept for the life of the cluster: a counter of passages on each
+    /// node, and an entry at its manager, moved at every change like a page's. Nothing tells
+    /// when a program is done with an id, and one forgotten on one side only would let a
+    /// later call pass without waiting. So reuse an id for a barrier met again and again (one
+    /// id for a whole loop of phases, as the MGS example does per segment) rather than take
+    /// a new one per phase.
     pub async fn barrier(&self, id: u64, parties: u32) -> Result<(), DsmError> {
         // Both maps under both locks, `generations` first, here, when it ends, and in the
         // reports a recovery reads: a report must never see a passage counted that this node
