@@ -2,9 +2,13 @@
 //! rendezvous hashing over the same nodes, with the same key hash; then lookups from one and
 //! from two threads at once.
 //!
+//! Then what every node computes at each change of the configuration: the new epoch's
+//! snapshot, and the change applied to the tree, on a tree shaped like an agent's (three
+//! services of 65,536 slots, two of 4,096, six nodes), against a copy of that tree.
+//!
 //! `cargo bench -p gobelins-locator`
 
-use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use gobelins_locator::baseline::{jump, modulo, rendezvous};
 use gobelins_locator::{
     mix, CellTree, Epoch, Key, Labels, NodeId, ServiceId, ServiceSpec, SnapshotCell, TreeConfig,
@@ -123,12 +127,44 @@ fn threads(c: &mut Criterion) {
     group.finish();
 }
 
+/// Six nodes holding the agent's services: the process, file and scheduler services at the
+/// default 65,536 slots each, and two of 4,096 (the DSM, the example directory).
+fn agent_shaped() -> CellTree {
+    let mut tree = CellTree::new(TreeConfig::default()).expect("default config");
+    for id in 1..=3 {
+        tree.register_service(ServiceSpec::new(ServiceId(id), "big")).expect("register");
+    }
+    for id in 4..=5 {
+        let spec = ServiceSpec::new(ServiceId(id), "small").with_slots(4096);
+        tree.register_service(spec).expect("register");
+    }
+    for i in 1..=6 {
+        tree.add_node(NodeId(i), Labels::new()).expect("add");
+    }
+    tree
+}
+
+fn epoch(c: &mut Criterion) {
+    let tree = agent_shaped();
+    let mut group = c.benchmark_group("epoch");
+    group.bench_function("clone_tree (baseline)", |b| b.iter(|| black_box(tree.clone())));
+    group.bench_function("snapshot", |b| b.iter(|| tree.snapshot(black_box(Epoch(2)))));
+    group.bench_function("add_node", |b| {
+        b.iter_batched(
+            || tree.clone(),
+            |mut t| t.add_node(NodeId(7), Labels::new()).expect("add"),
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = schemes, threads
+    targets = schemes, threads, epoch
 }
 criterion_main!(benches);

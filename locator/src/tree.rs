@@ -165,10 +165,14 @@ impl CellTree {
         let members = self.cells[&leaf].members();
         let mut holdings: Vec<Holding> =
             members.iter().map(|&node| Holding { node, slots: Vec::new() }).collect();
-        for (slot, owner) in state.owners.iter().enumerate() {
-            if let Ok(i) = members.binary_search(owner) {
-                holdings[i].slots.push(slot as u32);
+        // Runs of slots share an owner: one search a run, not one a slot.
+        let mut slot = 0u32;
+        for run in state.owners.chunk_by(|a, b| a == b) {
+            let end = slot + run.len() as u32;
+            if let Ok(i) = members.binary_search(&run[0]) {
+                holdings[i].slots.extend(slot..end);
             }
+            slot = end;
         }
         holdings
     }
@@ -179,8 +183,11 @@ impl CellTree {
         let mut per_node: BTreeMap<NodeId, u64> = BTreeMap::new();
         for state in self.services.values() {
             let weight = state.spec.weight();
-            for owner in &state.owners {
-                *per_node.entry(*owner).or_insert(0) += weight;
+            // A map update a run of slots with one owner, not one a slot: every node plans
+            // every change, over 65,536 slots a service (`cargo bench -p gobelins-locator --
+            // epoch`: a node added, 3.1 ms before, 0.67 ms with this and `holdings`'s runs).
+            for run in state.owners.chunk_by(|a, b| a == b) {
+                *per_node.entry(run[0]).or_insert(0) += weight * run.len() as u64;
             }
         }
         self.leaves()
