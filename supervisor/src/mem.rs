@@ -2,8 +2,9 @@
 //!
 //! Every node of a [`MemNetwork`] calls the others' handlers directly. Faults are set on the
 //! network: links cut both ways (partitions), answers lost one way, raft's log replication
-//! lost one way, nodes taken down, a delay per message, and a seeded drop rate. A message that cannot arrive makes the caller wait its full deadline, as
-//! a lost TCP segment would.
+//! lost one way, a leader's word of a change begun lost one way, nodes taken down, a delay per
+//! message, and a seeded drop rate. A message that cannot arrive makes the caller wait its
+//! full deadline, as a lost TCP segment would.
 
 use crate::error::{Result, SupervisorError};
 use crate::lane::Lane;
@@ -25,6 +26,9 @@ struct Hub {
     muted: BTreeSet<(u64, u64)>,
     /// (from, to): raft's log replication from `from` to `to` is lost, other calls arrive.
     stalled: BTreeSet<(u64, u64)>,
+    /// (from, to): the leader's word of a change begun (`Request::Begun`) from `from` to `to`
+    /// is lost, other calls arrive.
+    untold: BTreeSet<(u64, u64)>,
     down: BTreeSet<u64>,
     /// Calls made, whether or not they arrived, by (caller, callee).
     calls: HashMap<(u64, u64), u64>,
@@ -53,6 +57,7 @@ impl MemNetwork {
                 cut: BTreeSet::new(),
                 muted: BTreeSet::new(),
                 stalled: BTreeSet::new(),
+                untold: BTreeSet::new(),
                 down: BTreeSet::new(),
                 calls: HashMap::new(),
                 delay: Duration::ZERO,
@@ -101,12 +106,26 @@ impl MemNetwork {
         self.hub().stalled.insert((from, to));
     }
 
-    /// Restores every cut link, muted answer and stalled log.
+    /// Loses the leader's word of a change begun (`Request::Begun`) that `from` sends to `to`;
+    /// every other call arrives, both ways: `to` hears of the change only from its log or from
+    /// the answer to its own join.
+    pub fn lose_begun(&self, from: u64, to: u64) {
+        self.hub().untold.insert((from, to));
+    }
+
+    /// Lets the answers `answering` sends to `calling`'s calls through again (see
+    /// [`MemNetwork::mute`]); every other fault stays.
+    pub fn unmute(&self, answering: u64, calling: u64) {
+        self.hub().muted.remove(&(answering, calling));
+    }
+
+    /// Restores every cut link, muted answer, stalled log and lost word.
     pub fn heal(&self) {
         let mut hub = self.hub();
         hub.cut.clear();
         hub.muted.clear();
         hub.stalled.clear();
+        hub.untold.clear();
     }
 
     /// Takes `node` down: nothing reaches it and it reaches nothing, until attached again.
@@ -142,6 +161,7 @@ impl MemNetwork {
     ) -> (Option<Arc<dyn Handler>>, Duration) {
         let mut hub = self.hub();
         let stalled = !answer && hub.stalled.contains(&(from, to)) && replicates_log(message);
+        let untold = !answer && hub.untold.contains(&(from, to)) && tells_begun(message);
         if !answer {
             *hub.calls.entry((from, to)).or_default() += 1;
         }
@@ -149,6 +169,7 @@ impl MemNetwork {
         let dropped = rate > 0.0 && hub.rng.random_bool(rate);
         let blocked = dropped
             || stalled
+            || untold
             || (answer && hub.muted.contains(&(from, to)))
             || hub.down.contains(&from)
             || hub.down.contains(&to)
@@ -158,14 +179,24 @@ impl MemNetwork {
     }
 }
 
+/// The supervisor's request `message` carries, if it carries one.
+fn supervisor_request(message: &Bytes) -> Option<Request> {
+    let Ok((Lane::Supervisor, body)) = Lane::open(message.clone()) else { return None };
+    gobelins_adaptation::codec::decode::<Request>(&body).ok()
+}
+
 /// Whether `message` is a supervisor's `AppendEntries` with entries or `InstallSnapshot`.
 fn replicates_log(message: &Bytes) -> bool {
-    let Ok((Lane::Supervisor, body)) = Lane::open(message.clone()) else { return false };
-    match gobelins_adaptation::codec::decode::<Request>(&body) {
-        Ok(Request::AppendEntries(r)) => !r.entries.is_empty(),
-        Ok(Request::InstallSnapshot(_)) => true,
+    match supervisor_request(message) {
+        Some(Request::AppendEntries(r)) => !r.entries.is_empty(),
+        Some(Request::InstallSnapshot(_)) => true,
         _ => false,
     }
+}
+
+/// Whether `message` is a supervisor's `Begun`: a leader's word of a change begun.
+fn tells_begun(message: &Bytes) -> bool {
+    matches!(supervisor_request(message), Some(Request::Begun(_)))
 }
 
 /// One node's end of a [`MemNetwork`].

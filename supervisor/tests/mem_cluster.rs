@@ -255,6 +255,86 @@ fn a_rejoin_committed_whose_answers_are_lost_is_admitted_by_the_change_in_its_ow
     });
 }
 
+/// A node declared failed while it ran rejoins as a new life; the rejoin commits, but its answer
+/// is lost, the leader's log does not reach it, and neither does the leader's word of the change
+/// the rejoin began. Nothing tells it that it was taken: the fence check, finding this life
+/// joining in the cluster's state though never admitted here, asks again, and that answer admits
+/// it.
+#[test]
+fn a_rejoin_whose_answer_log_and_word_are_lost_is_admitted_when_the_fence_check_asks_again() {
+    replay(async {
+        let net = MemNetwork::new(31);
+        let config = SupervisorConfig::loopback();
+        let nodes = three_voters_hosting(&net, kvdir, HostConfig::default()).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let (x, other) = match leader {
+            1 => (2, 3),
+            2 => (1, 3),
+            _ => (1, 2),
+        };
+        let at = |id: u64| &nodes[id as usize - 1];
+        net.isolate(x, [leader, other]);
+        let majority = [at(leader), at(other)];
+        until_all(&majority, Duration::from_secs(30), "the cut-off node declared failed", |s| {
+            s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
+        })
+        .await;
+        // Two members, one voter: the leader, which therefore stays the leader and the node x
+        // rejoins through.
+        until_voters(&majority, 1).await;
+        let rejoiner = &at(x).supervisor;
+        let life = rejoiner.host().life();
+
+        // The cut heals, but for x: every answer the leader sends it is lost, the leader's log
+        // does not reach it (its heartbeats do, so x keeps its leader), nor does the leader's
+        // word of a change begun. x's fence check finds it failed and rejoins as a new life.
+        net.heal();
+        net.mute(leader, x);
+        net.stall_log(leader, x);
+        net.lose_begun(leader, x);
+        let taken = |s: &ClusterState| {
+            s.nodes.get(&x).is_some_and(|r| r.incarnation == 2 && r.status == NodeStatus::Joining)
+                && s.in_progress.as_ref().is_some_and(|p| p.participants.contains(&x))
+        };
+        until_all(&majority, Duration::from_secs(30), "x's rejoin committed", taken).await;
+        let epoch = at(leader).supervisor.state().in_progress.as_ref().expect("x's change").epoch;
+        // Past the rejoin the fence check made on finding x failed: begun at most an RPC timeout
+        // after the views it went by, it asks for five RPC timeouts, and its last call waits
+        // three more.
+        tokio::time::sleep(config.rpc_timeout * 12).await;
+        assert_eq!(rejoiner.incarnation(), 2, "x rejoined as a new life");
+        assert!(rejoiner.host().life() > life, "its services started afresh");
+        assert!(
+            !rejoiner.life_admitted(),
+            "neither the rejoin's answer, nor x's log, nor the leader's word reached it"
+        );
+        assert!(rejoiner.state().epoch < epoch, "x's log does not have its rejoin");
+
+        // Answers get through again, and nothing else. That rejoin has given up, so only a new
+        // ask can hear that the cluster took it: the fence check's, on finding this life
+        // joining in the cluster's state and never admitted here.
+        net.unmute(leader, x);
+        let start = tokio::time::Instant::now();
+        while !rejoiner.life_admitted() {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "x asked again whether its rejoin was taken, and was answered"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(rejoiner.incarnation(), 2);
+        // The answer's state, its log still stalled, has it take its part in its change. Its
+        // report is not waited for while the log is stalled: behind the leader's log, x may not
+        // know its leader (the heartbeats it cannot match), and that is not what this tests.
+        until_begun_ahead_of_its_log(rejoiner, epoch).await;
+
+        net.heal();
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_back_as_second_life(&all, x).await;
+        assert_all_agree(&nodes, "after the rejoin");
+    });
+}
+
 #[test]
 fn a_node_whose_data_directory_was_wiped_is_not_admitted_as_its_active_life_with_nothing() {
     replay(async {
