@@ -9,8 +9,8 @@ use gobelins_supervisor::link::TransportLink;
 use gobelins_supervisor::mem::MemNetwork;
 use gobelins_supervisor::rpc::{Request, Response};
 use gobelins_supervisor::state::{Applied, ClusterState, NodeStatus, Refusal};
-use gobelins_supervisor::transport::Transport;
-use gobelins_supervisor::{store, Dispatch, Me, Parts, Supervisor, SupervisorConfig};
+use gobelins_supervisor::transport::{Handler, Transport};
+use gobelins_supervisor::{codec, store, Dispatch, Me, Parts, Supervisor, SupervisorConfig};
 use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
@@ -60,8 +60,25 @@ async fn supervisor_on(
     (log, machine): (store::LogStore, store::StateMachine),
     made: bool,
 ) -> Arc<Supervisor> {
+    let stores = (log, machine);
+    supervisor_behind(net, id, config, services, host, stores, made, |d| d).await
+}
+
+/// [`supervisor_on`], with the requests to the node handled by what `front` makes of its
+/// dispatch.
+#[allow(clippy::too_many_arguments)]
+async fn supervisor_behind(
+    net: &MemNetwork,
+    id: u64,
+    config: SupervisorConfig,
+    services: fn() -> Registry,
+    host: HostConfig,
+    (log, machine): (store::LogStore, store::StateMachine),
+    made: bool,
+    front: impl FnOnce(Arc<Dispatch>) -> Arc<dyn Handler>,
+) -> Arc<Supervisor> {
     let dispatch = Arc::new(Dispatch::default());
-    let transport = Arc::new(net.attach(id, &format!("n{id}"), dispatch.clone()));
+    let transport = Arc::new(net.attach(id, &format!("n{id}"), front(dispatch.clone())));
     let link = Arc::new(TransportLink::new(transport.clone()));
     let host = Host::start(NodeId(id), services(), link, host);
     Supervisor::start(Parts {
@@ -1194,5 +1211,195 @@ fn a_restarted_joiner_is_not_admitted_by_the_join_its_last_run_left_in_its_log()
         );
         assert!(!second.life_admitted(), "not admitted by what its last run left in its log");
         second.shutdown().await;
+    });
+}
+
+/// A node's handler that can leave one probe unanswered until its caller's deadline, and says
+/// when it holds it.
+struct Spy {
+    inner: Arc<Dispatch>,
+    /// (caller, suspect): the next probe of `suspect` asked by `caller` is left unanswered.
+    hold: std::sync::Mutex<Option<(u64, u64)>>,
+    held: tokio::sync::Notify,
+}
+
+impl Spy {
+    fn hold_probe(&self, caller: u64, suspect: u64) {
+        *self.hold.lock().expect("hold") = Some((caller, suspect));
+    }
+
+    /// Whether `request` from `from` is the probe to leave unanswered; disarms if it is.
+    fn holds(&self, from: u64, request: &bytes::Bytes) -> bool {
+        let mut hold = self.hold.lock().expect("hold");
+        let Some((caller, suspect)) = *hold else { return false };
+        let probe = from == caller
+            && match lane::Lane::open(request.clone()) {
+                Ok((lane::Lane::Supervisor, body)) => matches!(
+                    codec::decode::<Request>(&body),
+                    Ok(Request::Probe { target }) if target == suspect
+                ),
+                _ => false,
+            };
+        if probe {
+            *hold = None;
+        }
+        probe
+    }
+}
+
+#[async_trait::async_trait]
+impl Handler for Spy {
+    async fn handle(self: Arc<Self>, from: u64, request: bytes::Bytes) -> bytes::Bytes {
+        if self.holds(from, &request) {
+            self.held.notify_one();
+            // The caller's deadline ends the wait: the in-memory transport drops this future.
+            std::future::pending::<()>().await;
+        }
+        Arc::clone(&self.inner).handle(from, request).await
+    }
+}
+
+/// Three active voters on `config`, each behind a [`Spy`] (`spies[id - 1]`).
+async fn spied_three_voters(
+    net: &MemNetwork,
+    config: SupervisorConfig,
+) -> (Vec<Node>, Vec<Arc<Spy>>) {
+    let (mut nodes, mut spies) = (Vec::new(), Vec::new());
+    for id in 1..=3 {
+        let dir = TempDir::new().expect("temporary directory");
+        let stores = store::open_with(&dir.path().join("raft.redb"), false).expect("store");
+        let mut spy = None;
+        let front = |inner: Arc<Dispatch>| -> Arc<dyn Handler> {
+            let made = Arc::new(Spy {
+                inner,
+                hold: std::sync::Mutex::new(None),
+                held: tokio::sync::Notify::new(),
+            });
+            spy = Some(Arc::clone(&made));
+            made
+        };
+        let supervisor = supervisor_behind(
+            net,
+            id,
+            config.clone(),
+            Registry::new,
+            HostConfig::default(),
+            stores,
+            true,
+            front,
+        )
+        .await;
+        if id == 1 {
+            supervisor.bootstrap().await.expect("bootstrap").expect("accepted");
+        } else {
+            let joined = supervisor.join_via("n1", Duration::from_secs(30)).await;
+            joined.expect("join").expect("accepted");
+        }
+        nodes.push(Node { supervisor, _dir: dir });
+        spies.push(spy.expect("the node's handler was made"));
+    }
+    until_active(&nodes, 3).await;
+    until_voters(&nodes.iter().collect::<Vec<_>>(), 3).await;
+    (nodes, spies)
+}
+
+/// What the nodes log at warning level and above, kept for the test to read.
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("logs").extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Captures this thread's logs, every node's (they all run on the test's runtime), until
+    /// the guard is dropped.
+    fn capture(&self) -> tracing::subscriber::DefaultGuard {
+        let logs = self.clone();
+        tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(move || logs.clone())
+                .finish(),
+        )
+    }
+
+    fn contain(&self, text: &str) -> bool {
+        String::from_utf8_lossy(&self.0.lock().expect("logs")).contains(text)
+    }
+}
+
+/// A leader stopped (its process paused, its machine suspended) while a witness was asked
+/// about a suspect finds, resumed, that its probe ran out: "not reached", which says nothing
+/// of the suspect. Taken for a verdict, it would declare failed a node that only this leader
+/// missed for a moment. Dropped, the suspect is asked about again if it stays silent; here it
+/// is heard again and stays the life it is.
+#[test]
+fn probes_that_ran_out_while_the_leader_was_stopped_declare_no_node_failed() {
+    replay(async {
+        let logs = Logs::default();
+        let _capture = logs.capture();
+        let config = SupervisorConfig {
+            // The probe's deadline (40 ms) comes before the leader loop's next tick (50 ms).
+            // On resuming, tokio wakes the timers a pause overran in the order they were due,
+            // so the leader reads its probe's verdict before its loop notices the pause and
+            // starts its detector afresh: the order the guard is for. The warning checked at
+            // the end says whether it still is.
+            probe_timeout: Duration::from_millis(20),
+            // No election for the pause (every node stops with the leader: they share the
+            // runtime) or the partition to set off: the leader's verdict could commit.
+            raft_election: Duration::from_secs(5),
+            ..SupervisorConfig::loopback()
+        };
+        // Longer than a leader may go without a tick on time and still count as running (the
+        // ping interval and half the failure timeout: 200 ms).
+        let pause = Duration::from_millis(400);
+        let net = MemNetwork::new(37);
+        let (nodes, spies) = spied_three_voters(&net, config.clone()).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let suspect = (1..=3).rev().find(|&id| id != leader).expect("a follower");
+        let witness = (1..=3).find(|&id| id != leader && id != suspect).expect("another");
+        let spy = &spies[witness as usize - 1];
+
+        // Only the leader misses the suspect; the witness reaches it.
+        spy.hold_probe(leader, suspect);
+        net.partition(leader, suspect);
+        let asked = tokio::time::timeout(config.failure_timeout * 3, spy.held.notified()).await;
+        assert!(asked.is_ok(), "the leader suspects node {suspect} and asks node {witness}");
+        // The process stops with the probe out, and resumes past its deadline.
+        tokio::time::advance(pause).await;
+        tokio::time::sleep(config.ping_interval * 2).await;
+        net.heal();
+
+        let end = tokio::time::Instant::now() + Duration::from_secs(3);
+        while tokio::time::Instant::now() < end {
+            for n in &nodes {
+                let state = n.supervisor.state();
+                let record = &state.nodes[&suspect];
+                assert!(
+                    record.status == NodeStatus::Active && record.incarnation == 1,
+                    "node {} has node {suspect} as {:?} (life {}): declared failed on a probe \
+                     that ran out while the leader was stopped; {:?}",
+                    n.supervisor.id(),
+                    record.status,
+                    record.incarnation,
+                    statuses(&state)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(
+            logs.contain("verdict on a suspect dropped"),
+            "the leader's loop handled the pause before its probe's verdict was read: the test \
+             no longer reaches the guard it is for"
+        );
     });
 }
