@@ -3,6 +3,11 @@
 //! Tables: `logs` (index → encoded entry), `meta` (vote, committed, last purged, snapshot). The
 //! state machine lives in memory and is rebuilt at start from the last snapshot plus the log; a
 //! snapshot is written whenever openraft builds or installs one.
+//!
+//! A durable write waits for the disk (redb syncs at every commit), which takes from a fraction
+//! of a millisecond to tens of milliseconds on a busy or networked disk; it runs on tokio's
+//! blocking threads so that it holds no runtime worker, and the node's requests, its leader's
+//! pings and its failure detector go on meanwhile.
 
 // openraft fixes the error type of its storage traits; our helpers return the same one.
 #![allow(clippy::result_large_err)]
@@ -116,14 +121,42 @@ fn begin_write(db: &Database, durable: bool) -> StorageResult<redb::WriteTransac
     Ok(txn)
 }
 
-fn put_meta<T: Serialize>(db: &Database, durable: bool, key: &str, value: &T) -> StorageResult<()> {
-    let bytes = codec::encode(value).map_err(codec_err)?;
-    let txn = begin_write(db, durable)?;
-    {
-        let mut table = txn.open_table(META).map_err(write_err)?;
-        table.insert(key, bytes.as_slice()).map_err(write_err)?;
+/// Runs `work`, a write of `db`, off the runtime's workers when it is synced to disk (see the
+/// module's doc); inline when it is not, since it does not wait for the disk then, and a
+/// simulation keeps its order of events.
+async fn writing<T: Send + 'static>(
+    db: &Arc<Database>,
+    durable: bool,
+    work: impl FnOnce(&Database) -> StorageResult<T> + Send + 'static,
+) -> StorageResult<T> {
+    if !durable {
+        return work(db);
     }
-    txn.commit().map_err(write_err)
+    let db = Arc::clone(db);
+    match tokio::task::spawn_blocking(move || work(&db)).await {
+        Ok(result) => result,
+        Err(e) => {
+            Err(write_err(std::io::Error::other(format!("a store write did not finish: {e}"))))
+        }
+    }
+}
+
+async fn put_meta<T: Serialize>(
+    db: &Arc<Database>,
+    durable: bool,
+    key: &'static str,
+    value: &T,
+) -> StorageResult<()> {
+    let bytes = codec::encode(value).map_err(codec_err)?;
+    writing(db, durable, move |db| {
+        let txn = begin_write(db, durable)?;
+        {
+            let mut table = txn.open_table(META).map_err(write_err)?;
+            table.insert(key, bytes.as_slice()).map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)
+    })
+    .await
 }
 
 /// The raft log and vote.
@@ -131,6 +164,25 @@ fn put_meta<T: Serialize>(db: &Database, durable: bool, key: &str, value: &T) ->
 pub struct LogStore {
     db: Arc<Database>,
     durable: bool,
+}
+
+impl LogStore {
+    /// Changes the log table in one transaction, committed (see [`writing`]).
+    async fn edit_logs(
+        &self,
+        edit: impl FnOnce(&mut redb::Table<'_, u64, &[u8]>) -> StorageResult<()> + Send + 'static,
+    ) -> StorageResult<()> {
+        let durable = self.durable;
+        writing(&self.db, durable, move |db| {
+            let txn = begin_write(db, durable)?;
+            {
+                let mut table = txn.open_table(LOGS).map_err(write_err)?;
+                edit(&mut table)?;
+            }
+            txn.commit().map_err(write_err)
+        })
+        .await
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -172,7 +224,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
-        put_meta(&self.db, self.durable, VOTE, vote)
+        put_meta(&self.db, self.durable, VOTE, vote).await
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
@@ -180,7 +232,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> StorageResult<()> {
-        put_meta(&self.db, self.durable, COMMITTED, &committed)
+        put_meta(&self.db, self.durable, COMMITTED, &committed).await
     }
 
     async fn read_committed(&mut self) -> StorageResult<Option<LogId<u64>>> {
@@ -192,41 +244,37 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + openraft::OptionalSend,
         I::IntoIter: openraft::OptionalSend,
     {
-        let txn = begin_write(&self.db, self.durable)?;
-        {
-            let mut table = txn.open_table(LOGS).map_err(write_err)?;
-            for entry in entries {
-                let bytes = codec::encode(&entry).map_err(codec_err)?;
-                table.insert(entry.log_id.index, bytes.as_slice()).map_err(write_err)?;
-            }
-        }
-        // Commit is durable (redb's default): the callback may then say the entries are on disk.
-        let result = txn.commit().map_err(|e| std::io::Error::other(e.to_string()));
-        let failed = result.as_ref().err().map(|e| std::io::Error::other(e.to_string()));
+        let encoded = entries
+            .into_iter()
+            .map(|entry| Ok((entry.log_id.index, codec::encode(&entry).map_err(codec_err)?)))
+            .collect::<StorageResult<Vec<(u64, Vec<u8>)>>>()?;
+        // Committed durably (redb's default): the callback may then say the entries are on disk.
+        let written = self
+            .edit_logs(move |table| {
+                for (index, bytes) in &encoded {
+                    table.insert(*index, bytes.as_slice()).map_err(write_err)?;
+                }
+                Ok(())
+            })
+            .await;
+        let result = written.as_ref().map(|_| ()).map_err(|e| std::io::Error::other(e.to_string()));
         callback.log_io_completed(result);
-        match failed {
-            Some(e) => Err(write_err(e)),
-            None => Ok(()),
-        }
+        written
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
-        let txn = begin_write(&self.db, self.durable)?;
-        {
-            let mut table = txn.open_table(LOGS).map_err(write_err)?;
-            table.retain_in(log_id.index.., |_, _| false).map_err(write_err)?;
-        }
-        txn.commit().map_err(write_err)
+        self.edit_logs(move |table| {
+            table.retain_in(log_id.index.., |_, _| false).map_err(write_err)
+        })
+        .await
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
-        put_meta(&self.db, self.durable, PURGED, &log_id)?;
-        let txn = begin_write(&self.db, self.durable)?;
-        {
-            let mut table = txn.open_table(LOGS).map_err(write_err)?;
-            table.retain_in(..=log_id.index, |_, _| false).map_err(write_err)?;
-        }
-        txn.commit().map_err(write_err)
+        put_meta(&self.db, self.durable, PURGED, &log_id).await?;
+        self.edit_logs(move |table| {
+            table.retain_in(..=log_id.index, |_, _| false).map_err(write_err)
+        })
+        .await
     }
 }
 
@@ -307,7 +355,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             self.durable,
             SNAPSHOT,
             &StoredSnapshot { meta: meta.clone(), data: data.clone() },
-        )?;
+        )
+        .await?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -367,7 +416,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.state = codec::decode(&data).map_err(codec_err)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        put_meta(&self.db, self.durable, SNAPSHOT, &StoredSnapshot { meta: meta.clone(), data })?;
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        put_meta(&self.db, self.durable, SNAPSHOT, &stored).await?;
         self.publish();
         Ok(())
     }
