@@ -341,12 +341,19 @@ async fn enter(
                 }
                 tracing::info!(?outcome, %seed, "join accepted");
             }
-            if dir.node_id()?.is_none() {
-                dir.save_node_id(node)?;
-            }
-            if dir.secret()?.is_none() {
-                dir.save_secret(secret)?;
-            }
+            // Off the runtime's workers: the join has begun, and the other nodes are sending
+            // this one its entries, which these workers receive while the disk syncs.
+            let (dir, secret) = (dir.clone(), secret.clone());
+            on_disk(move || {
+                if dir.node_id()?.is_none() {
+                    dir.save_node_id(node)?;
+                }
+                if dir.secret()?.is_none() {
+                    dir.save_secret(&secret)?;
+                }
+                Ok(())
+            })
+            .await?;
         }
         Start::Resume => {}
     }
@@ -563,6 +570,17 @@ pub async fn run(
             options.data_dir.display()
         ))),
         None => Ok(()),
+    }
+}
+
+/// Runs `write`, which syncs files of the data directory, on a blocking thread, where waiting
+/// for the disk holds no runtime worker.
+async fn on_disk(write: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+    match tokio::task::spawn_blocking(write).await {
+        Ok(written) => written,
+        Err(e) => Err(SupervisorError::Storage(format!(
+            "a write to the data directory did not finish: {e}"
+        ))),
     }
 }
 

@@ -219,7 +219,7 @@ pub struct Supervisor {
     /// [`Parts::fresh`]).
     fresh: AtomicBool,
     /// Records in the data directory that its node was admitted.
-    admitted_first: Box<dyn Fn() -> Result<()> + Send + Sync>,
+    admitted_first: Arc<dyn Fn() -> Result<()> + Send + Sync>,
     shutdown: CancellationToken,
 }
 
@@ -295,7 +295,7 @@ impl Supervisor {
             lifecycle,
             save_incarnation: parts.save_incarnation,
             fresh: AtomicBool::new(parts.fresh),
-            admitted_first: parts.admitted_first,
+            admitted_first: Arc::from(parts.admitted_first),
             shutdown: CancellationToken::new(),
         });
         // Set once, here; a second set would mean two supervisors on one transport.
@@ -427,10 +427,15 @@ impl Supervisor {
     pub fn admit_life(&self) {
         self.admitted.store(true, Ordering::SeqCst);
         if self.fresh.swap(false, Ordering::SeqCst) {
-            if let Err(error) = (self.admitted_first)() {
-                // Kept, the mark only makes the next start refuse votes until it is admitted.
-                tracing::warn!(%error, "cannot record in the data directory that this node was admitted");
-            }
+            // On a blocking thread: the disk's sync would hold a runtime worker while the
+            // change that admits this node sends it its entries.
+            let record = Arc::clone(&self.admitted_first);
+            tokio::task::spawn_blocking(move || {
+                if let Err(error) = record() {
+                    // Kept, the mark only makes the next start refuse votes until it is admitted.
+                    tracing::warn!(%error, "cannot record in the data directory that this node was admitted");
+                }
+            });
         }
         // The cluster just vouched for this node: it may serve until the leader's pings take over.
         self.host.lease(Instant::now() + self.lease_span());

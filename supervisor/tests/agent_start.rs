@@ -123,7 +123,13 @@ async fn a_join_refused_at_the_handshake_leaves_its_port_and_store_free_for_the_
         .expect("the store and the port free again");
     assert!(first.supervisor.state().nodes.contains_key(&2), "node 2 is a member");
     assert!(!second.supervisor.fresh(), "admitted: it votes");
-    assert!(!DataDir::open(&dir).expect("dir").unadmitted().expect("read"), "admitted, recorded");
+    // Recorded on a blocking thread, a moment after the admission.
+    let recorded = async {
+        while DataDir::open(&dir).expect("dir").unadmitted().expect("read") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), recorded).await.expect("admitted, recorded");
     assert!(!first.dir.unadmitted().expect("read"), "a bootstrap admits its node");
     second.stop().await;
     first.stop().await;
