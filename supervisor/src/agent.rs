@@ -573,10 +573,10 @@ pub async fn run(
     }
 }
 
-/// Runs `write`, which syncs files of the data directory, on a blocking thread, where waiting
-/// for the disk holds no runtime worker.
+/// Runs `write`, which syncs files of the data directory, where waiting for the disk holds no
+/// runtime worker (see `crate::disk`).
 async fn on_disk(write: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
-    match tokio::task::spawn_blocking(write).await {
+    match crate::disk::on_disk(write).await {
         Ok(written) => written,
         Err(e) => Err(SupervisorError::Storage(format!(
             "a write to the data directory did not finish: {e}"

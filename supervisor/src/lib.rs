@@ -22,6 +22,7 @@ pub mod console;
 pub mod control;
 pub mod datadir;
 pub mod detector;
+mod disk;
 pub mod entering;
 pub mod error;
 pub mod frame;

@@ -4,10 +4,9 @@
 //! state machine lives in memory and is rebuilt at start from the last snapshot plus the log; a
 //! snapshot is written whenever openraft builds or installs one.
 //!
-//! A durable write waits for the disk (redb syncs at every commit), which takes from a fraction
-//! of a millisecond to tens of milliseconds on a busy or networked disk; it runs on tokio's
-//! blocking threads so that it holds no runtime worker, and the node's requests, its leader's
-//! pings and its failure detector go on meanwhile.
+//! A durable write waits for the disk (redb syncs at every commit): on the agent's runtime it
+//! runs on tokio's blocking threads, so that the node's requests, migrations, its leader's pings
+//! and its failure detector go on meanwhile (see `crate::disk`).
 
 // openraft fixes the error type of its storage traits; our helpers return the same one.
 #![allow(clippy::result_large_err)]
@@ -122,8 +121,7 @@ fn begin_write(db: &Database, durable: bool) -> StorageResult<redb::WriteTransac
 }
 
 /// Runs `work`, a write of `db`, off the runtime's workers when it is synced to disk (see the
-/// module's doc); inline when it is not, since it does not wait for the disk then, and a
-/// simulation keeps its order of events.
+/// module's doc); inline when it is not, since it does not wait for the disk then.
 async fn writing<T: Send + 'static>(
     db: &Arc<Database>,
     durable: bool,
@@ -133,7 +131,7 @@ async fn writing<T: Send + 'static>(
         return work(db);
     }
     let db = Arc::clone(db);
-    match tokio::task::spawn_blocking(move || work(&db)).await {
+    match crate::disk::on_disk(move || work(&db)).await {
         Ok(result) => result,
         Err(e) => {
             Err(write_err(std::io::Error::other(format!("a store write did not finish: {e}"))))

@@ -427,15 +427,20 @@ impl Supervisor {
     pub fn admit_life(&self) {
         self.admitted.store(true, Ordering::SeqCst);
         if self.fresh.swap(false, Ordering::SeqCst) {
-            // On a blocking thread: the disk's sync would hold a runtime worker while the
-            // change that admits this node sends it its entries.
             let record = Arc::clone(&self.admitted_first);
-            tokio::task::spawn_blocking(move || {
+            let record = move || {
                 if let Err(error) = record() {
                     // Kept, the mark only makes the next start refuse votes until it is admitted.
                     tracing::warn!(%error, "cannot record in the data directory that this node was admitted");
                 }
-            });
+            };
+            // Off the workers where that is safe: the disk's sync would hold one while the
+            // change that admits this node sends it its entries.
+            if crate::disk::off_workers() {
+                tokio::task::spawn_blocking(record);
+            } else {
+                record();
+            }
         }
         // The cluster just vouched for this node: it may serve until the leader's pings take over.
         self.host.lease(Instant::now() + self.lease_span());

@@ -74,12 +74,17 @@ impl redb::StorageBackend for SlowDisk {
     }
 }
 
-/// A durable write waits for the disk without holding the runtime: on a runtime of one thread,
-/// another task runs while the disk syncs, and it is that task that lets the sync finish.
+/// A durable write waits for the disk without holding the runtime: on an agent's runtime of one
+/// worker, another task runs while the disk syncs, and it is that task that lets the sync finish.
 #[test]
 fn a_durable_write_lets_the_runtime_run_while_the_disk_syncs() {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
-    runtime.block_on(async {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("rt");
+    // On the worker, not on this thread: `block_on` runs its future here, beside the worker.
+    let on_the_worker = runtime.spawn(async {
         let gate = Arc::new(Gate::default());
         let disk = SlowDisk { bytes: redb::backends::InMemoryBackend::new(), gate: gate.clone() };
         let (mut log, _machine) = store::open_on(disk, true).expect("store opens");
@@ -96,9 +101,10 @@ fn a_durable_write_lets_the_runtime_run_while_the_disk_syncs() {
         log.save_vote(&Vote::new(1, 1)).await.expect("the vote is saved");
         assert!(
             gate.go.load(Ordering::SeqCst),
-            "the disk's sync held the runtime's only thread: nothing else ran until it gave up"
+            "the disk's sync held the runtime's only worker: nothing else ran until it gave up"
         );
         other.await.expect("the other task ends");
         assert_eq!(log.read_vote().await.expect("read"), Some(Vote::new(1, 1)));
     });
+    runtime.block_on(on_the_worker).expect("the writer's task ends");
 }
