@@ -1,7 +1,7 @@
 //! In-process clusters over the in-memory transport, with paused time: partitions, delays and
 //! lost messages, and what the supervisors make of them.
 
-use gobelins_adaptation::testing::replay;
+use gobelins_adaptation::testing::test_seed;
 use gobelins_adaptation::{Host, HostConfig, Registry};
 use gobelins_locator::{Labels, NodeId};
 use gobelins_supervisor::lane;
@@ -18,6 +18,14 @@ use tempfile::TempDir;
 struct Node {
     supervisor: Arc<Supervisor>,
     _dir: TempDir,
+}
+
+/// [`gobelins_adaptation::testing::replay`], with the rafts' election timeouts drawn from the
+/// test's seed too: without it they came from the OS, and a scenario that depends on who wins
+/// an election took different paths from one run of the same seed to the next.
+fn replay<F: std::future::Future>(test: F) -> F::Output {
+    gobelins_supervisor::runtime::seed_this_thread(test_seed());
+    gobelins_adaptation::testing::replay(test)
 }
 
 async fn node(net: &MemNetwork, id: u64, config: SupervisorConfig) -> Node {
