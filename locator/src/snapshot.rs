@@ -41,7 +41,7 @@ enum Slots {
 
 /// The nodes of `owners`, ascending, once each. Every node builds each epoch's tables, up to
 /// three times a change: with a copy and a sort of each table's 65,536 owners, for a handful
-/// of distinct nodes, a build took 1.38 ms; without, 0.32 ms (`cargo bench -p
+/// of distinct nodes, a build took 1.44 ms; without, 0.36 ms (`cargo bench -p
 /// gobelins-locator -- epoch`).
 fn distinct(owners: &[NodeId]) -> Box<[NodeId]> {
     let mut out: Vec<NodeId> = Vec::new();
