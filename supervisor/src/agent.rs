@@ -344,7 +344,7 @@ async fn enter(
             // Off the runtime's workers: the join has begun, and the other nodes are sending
             // this one its entries, which these workers receive while the disk syncs.
             let (dir, secret) = (dir.clone(), secret.clone());
-            on_disk(move || {
+            on_data_dir(move || {
                 if dir.node_id()?.is_none() {
                     dir.save_node_id(node)?;
                 }
@@ -575,7 +575,7 @@ pub async fn run(
 
 /// Runs `write`, which syncs files of the data directory, where waiting for the disk holds no
 /// runtime worker (see `crate::disk`).
-async fn on_disk(write: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+async fn on_data_dir(write: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
     match crate::disk::on_disk(write).await {
         Ok(written) => written,
         Err(e) => Err(SupervisorError::Storage(format!(

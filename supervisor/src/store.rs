@@ -121,7 +121,8 @@ fn begin_write(db: &Database, durable: bool) -> StorageResult<redb::WriteTransac
 }
 
 /// Runs `work`, a write of `db`, off the runtime's workers when it is synced to disk (see the
-/// module's doc); inline when it is not, since it does not wait for the disk then.
+/// module's doc); inline when it is not, since it does not wait for the disk then, and on a
+/// current-thread runtime (see `crate::disk`).
 async fn writing<T: Send + 'static>(
     db: &Arc<Database>,
     durable: bool,
@@ -246,7 +247,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .into_iter()
             .map(|entry| Ok((entry.log_id.index, codec::encode(&entry).map_err(codec_err)?)))
             .collect::<StorageResult<Vec<(u64, Vec<u8>)>>>()?;
-        // Committed durably (redb's default): the callback may then say the entries are on disk.
+        // Committed, and synced unless the store was opened non-durable (for simulations): the
+        // callback may then say the entries are written.
         let written = self
             .edit_logs(move |table| {
                 for (index, bytes) in &encoded {

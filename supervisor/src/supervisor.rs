@@ -251,7 +251,8 @@ pub struct Parts {
     /// could elect a leader that lacks entries this node helped commit.
     pub fresh: bool,
     /// Called once, at the first admission of a fresh node, to record it (see
-    /// [`crate::datadir::DataDir::clear_unadmitted`]).
+    /// [`crate::datadir::DataDir::clear_unadmitted`]); on the agent's runtime, on a blocking
+    /// thread, after [`Supervisor::admit_life`] has returned.
     pub admitted_first: Box<dyn Fn() -> Result<()> + Send + Sync>,
     /// This process wrote `incarnation` itself: the data directory had none, so no earlier run
     /// of this node served that life, and its own log cannot hold a join of it from before.
@@ -427,11 +428,11 @@ impl Supervisor {
     pub fn admit_life(&self) {
         self.admitted.store(true, Ordering::SeqCst);
         if self.fresh.swap(false, Ordering::SeqCst) {
-            let record = Arc::clone(&self.admitted_first);
+            let (record, node) = (Arc::clone(&self.admitted_first), self.me.id);
             let record = move || {
                 if let Err(error) = record() {
                     // Kept, the mark only makes the next start refuse votes until it is admitted.
-                    tracing::warn!(%error, "cannot record in the data directory that this node was admitted");
+                    tracing::warn!(node, %error, "cannot record in the data directory that this node was admitted");
                 }
             };
             // Off the workers where that is safe: the disk's sync would hold one while the

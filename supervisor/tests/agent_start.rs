@@ -123,14 +123,8 @@ async fn a_join_refused_at_the_handshake_leaves_its_port_and_store_free_for_the_
         .expect("the store and the port free again");
     assert!(first.supervisor.state().nodes.contains_key(&2), "node 2 is a member");
     assert!(!second.supervisor.fresh(), "admitted: it votes");
-    // Recorded on a blocking thread, a moment after the admission.
-    let recorded = async {
-        while DataDir::open(&dir).expect("dir").unadmitted().expect("read") {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(5), recorded).await.expect("admitted, recorded");
-    assert!(!first.dir.unadmitted().expect("read"), "a bootstrap admits its node");
+    until_recorded(&dir).await;
+    until_recorded(first.dir.path()).await;
     second.stop().await;
     first.stop().await;
 }
@@ -183,4 +177,15 @@ async fn an_agent_whose_build_declares_a_service_otherwise_is_refused_before_it_
     };
     let why = tokio::time::timeout(Duration::from_secs(30), refused).await.expect("an answer");
     assert!(why.contains("declaration cannot change"), "{why}");
+}
+
+/// Waits until the data directory at `dir` records its node as admitted: on a blocking
+/// thread, a moment after the admission.
+async fn until_recorded(dir: &std::path::Path) {
+    let recorded = async {
+        while DataDir::open(dir).expect("dir").unadmitted().expect("read") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), recorded).await.expect("admitted, recorded");
 }

@@ -65,10 +65,9 @@ async fn supervisor_on(
     config: SupervisorConfig,
     services: fn() -> Registry,
     host: HostConfig,
-    (log, machine): (store::LogStore, store::StateMachine),
+    stores: (store::LogStore, store::StateMachine),
     made: bool,
 ) -> Arc<Supervisor> {
-    let stores = (log, machine);
     supervisor_behind(net, id, config, services, host, stores, made, |d| d).await
 }
 
@@ -288,6 +287,8 @@ fn a_rejoin_committed_whose_answers_are_lost_is_admitted_by_the_change_in_its_ow
 #[test]
 fn a_rejoin_whose_answer_log_and_word_are_lost_is_admitted_when_the_fence_check_asks_again() {
     replay(async {
+        let logs = Logs::default();
+        let _capture = logs.capture();
         let net = MemNetwork::new(31);
         let config = SupervisorConfig::loopback();
         let nodes = three_voters_hosting(&net, kvdir, HostConfig::default()).await;
@@ -334,6 +335,10 @@ fn a_rejoin_whose_answer_log_and_word_are_lost_is_admitted_when_the_fence_check_
             "neither the rejoin's answer, nor x's log, nor the leader's word reached it"
         );
         assert!(rejoiner.state().epoch < epoch, "x's log does not have its rejoin");
+        // The rejoin made on finding x failed has given up, so its answer cannot be what
+        // admits x below: the sleep is a margin worked out from its timeouts, and this keeps it
+        // honest if they grow.
+        assert!(logs.contain("rejoin failed; will try again"), "the first rejoin gave up");
 
         // Answers get through again, and nothing else. That rejoin has given up, so only a new
         // ask can hear that the cluster took it: the fence check's, on finding this life
@@ -348,6 +353,10 @@ fn a_rejoin_whose_answer_log_and_word_are_lost_is_admitted_when_the_fence_check_
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(rejoiner.incarnation(), 2);
+        assert!(
+            logs.contain("the cluster took this node's rejoin but its answer never came"),
+            "the fence check asked again"
+        );
         // The answer's state, its log still stalled, has it take its part in its change. Its
         // report is not waited for while the log is stalled: behind the leader's log, x may not
         // know its leader (the heartbeats it cannot match), and that is not what this tests.
