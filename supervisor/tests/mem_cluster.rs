@@ -245,27 +245,33 @@ fn a_cut_off_leader_is_replaced_declared_failed_and_rejoins_after_healing() {
     });
 }
 
+/// Cuts a follower of three voters off until the other two declare it failed and keep one
+/// voter: the leader, which therefore stays the leader and the node the cut-off one rejoins
+/// through. Returns (leader, the cut-off node, the other).
+async fn a_follower_declared_failed(net: &MemNetwork, nodes: &[Node]) -> (u64, u64, u64) {
+    let leader = nodes[0].supervisor.leader().expect("a leader");
+    let (x, other) = match leader {
+        1 => (2, 3),
+        2 => (1, 3),
+        _ => (1, 2),
+    };
+    let at = |id: u64| &nodes[id as usize - 1];
+    net.isolate(x, [leader, other]);
+    let majority = [at(leader), at(other)];
+    until_all(&majority, Duration::from_secs(30), "the cut-off node declared failed", |s| {
+        s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
+    })
+    .await;
+    until_voters(&majority, 1).await;
+    (leader, x, other)
+}
+
 #[test]
 fn a_rejoin_committed_whose_answers_are_lost_is_admitted_by_the_change_in_its_own_log() {
     replay(async {
         let net = MemNetwork::new(13);
         let nodes = three_voters(&net).await;
-        let leader = nodes[0].supervisor.leader().expect("a leader");
-        let (x, other) = match leader {
-            1 => (2, 3),
-            2 => (1, 3),
-            _ => (1, 2),
-        };
-        let at = |id: u64| &nodes[id as usize - 1];
-        net.isolate(x, [leader, other]);
-        let majority = [at(leader), at(other)];
-        until_all(&majority, Duration::from_secs(30), "the cut-off node declared failed", |s| {
-            s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
-        })
-        .await;
-        // Two members, one voter: the leader, which therefore stays the leader and the node x
-        // rejoins through.
-        until_voters(&majority, 1).await;
+        let (leader, x, _) = a_follower_declared_failed(&net, &nodes).await;
 
         // x hears it was declared failed (from the other node) and rejoins through the leader,
         // which commits the join; every answer the leader sends x is lost, but its log reaches
@@ -274,7 +280,7 @@ fn a_rejoin_committed_whose_answers_are_lost_is_admitted_by_the_change_in_its_ow
         net.mute(leader, x);
         let all: Vec<&Node> = nodes.iter().collect();
         until_back_as_second_life(&all, x).await;
-        assert!(at(x).supervisor.life_admitted());
+        assert!(nodes[x as usize - 1].supervisor.life_admitted());
         assert_all_agree(&nodes, "after the rejoin");
     });
 }
@@ -292,22 +298,9 @@ fn a_rejoin_whose_answer_log_and_word_are_lost_is_admitted_when_the_fence_check_
         let net = MemNetwork::new(31);
         let config = SupervisorConfig::loopback();
         let nodes = three_voters_hosting(&net, kvdir, HostConfig::default()).await;
-        let leader = nodes[0].supervisor.leader().expect("a leader");
-        let (x, other) = match leader {
-            1 => (2, 3),
-            2 => (1, 3),
-            _ => (1, 2),
-        };
+        let (leader, x, other) = a_follower_declared_failed(&net, &nodes).await;
         let at = |id: u64| &nodes[id as usize - 1];
-        net.isolate(x, [leader, other]);
         let majority = [at(leader), at(other)];
-        until_all(&majority, Duration::from_secs(30), "the cut-off node declared failed", |s| {
-            s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
-        })
-        .await;
-        // Two members, one voter: the leader, which therefore stays the leader and the node x
-        // rejoins through.
-        until_voters(&majority, 1).await;
         let rejoiner = &at(x).supervisor;
         let life = rejoiner.host().life();
 
