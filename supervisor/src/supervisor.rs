@@ -1125,8 +1125,8 @@ impl Supervisor {
     /// Begins from `state`, a change's beginning told by `from`, if `from` is the leader this
     /// node knows, this life takes part in the change, and its own applied state has not come
     /// that far. A leader tells only a committed state (its applied state, or a head start it
-    /// was told), so beginning from it is applying it early. A joiner still asking for its life is admitted by it as by its
-    /// join's answer ([`Supervisor::own_join_begun`]).
+    /// was told), so beginning from it is applying it early. A joiner still asking for its
+    /// life is admitted by it as by its join's answer ([`Supervisor::own_join_begun`]).
     fn hear_begun(&self, from: u64, state: ClusterState) -> bool {
         let life = self.incarnation();
         let me = self.me.id;
