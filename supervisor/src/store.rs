@@ -7,6 +7,14 @@
 //! A durable write waits for the disk (redb syncs at every commit): on the agent's runtime it
 //! runs on tokio's blocking threads, so that the node's requests, migrations, its leader's pings
 //! and its failure detector go on meanwhile (see `crate::disk`).
+//!
+//! A node must restart from what is on disk: the stored snapshot, then the logs after it. Two
+//! tasks write that pair: openraft's core purges logs, while the state machine's task installs a
+//! received snapshot and a builder task stores a built one. openraft asks for the purge that an
+//! install allows as soon as it hands the install over, so the store orders them itself: a
+//! purge waits until a snapshot covering it is on disk when one is being received
+//! ([`Covered`]), and a snapshot never replaces a newer one (a build that started before an
+//! install can end after it).
 
 // openraft fixes the error type of its storage traits; our helpers return the same one.
 #![allow(clippy::result_large_err)]
@@ -35,6 +43,14 @@ const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "last_purged";
 const SNAPSHOT: &str = "snapshot";
+/// The stored snapshot's last log id, written with it: read to compare without decoding the
+/// whole snapshot.
+const SNAPSHOT_LAST: &str = "snapshot_last";
+
+/// How long a purge waits for the snapshot that covers it before it gives up: generous, as a
+/// snapshot's write is one synced transaction. Giving up is an error that stops the raft node,
+/// with the logs kept, rather than a core that waits forever.
+const COVER_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
 
@@ -97,9 +113,9 @@ fn ready(
         Ok(())
     };
     init().map_err(|e| crate::SupervisorError::Storage(format!("initialising {what}: {e}")))?;
-    let log = LogStore { db: Arc::clone(&db), durable };
-    let machine = StateMachine::load(db, durable)
+    let machine = StateMachine::load(Arc::clone(&db), durable)
         .map_err(|e| crate::SupervisorError::Storage(e.to_string()))?;
+    let log = LogStore { db, durable, covered: machine.covered.subscribe() };
     Ok((log, machine))
 }
 
@@ -163,9 +179,34 @@ async fn put_meta<T: Serialize>(
 pub struct LogStore {
     db: Arc<Database>,
     durable: bool,
+    covered: watch::Receiver<Covered>,
 }
 
 impl LogStore {
+    /// Waits, when a snapshot is being received, until one covering `log_id` is on disk (see the
+    /// module's doc). `Err`, with nothing purged, if the snapshot's write failed or never came.
+    async fn wait_covered(&self, log_id: LogId<u64>) -> StorageResult<()> {
+        let enough = |c: &Covered| c.upto >= Some(log_id) || c.failed || !c.receiving;
+        let mut covered = self.covered.clone();
+        if !enough(&covered.borrow()) {
+            let waited = tokio::time::timeout(COVER_WAIT, covered.wait_for(enough)).await;
+            if waited.is_err() {
+                return Err(uncovered(
+                    log_id,
+                    "no snapshot covering them reached the disk in 60 s",
+                ));
+            }
+        }
+        let now = *covered.borrow();
+        if now.upto >= Some(log_id) || !now.receiving {
+            Ok(())
+        } else if now.failed {
+            Err(uncovered(log_id, "the write of the snapshot covering them failed"))
+        } else {
+            Err(uncovered(log_id, "the state machine stopped before it stored their snapshot"))
+        }
+    }
+
     /// Changes the log table in one transaction, committed (see [`writing`]).
     async fn edit_logs(
         &self,
@@ -270,6 +311,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        self.wait_covered(log_id).await?;
         put_meta(&self.db, self.durable, PURGED, &log_id).await?;
         self.edit_logs(move |table| {
             table.retain_in(..=log_id.index, |_, _| false).map_err(write_err)
@@ -278,11 +320,79 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+fn uncovered(log_id: LogId<u64>, why: &str) -> StorageError<u64> {
+    write_err(std::io::Error::other(format!(
+        "logs up to {log_id} were not purged: {why}; the logs are kept, and the node restarts \
+         from them. Check the disk of the data directory"
+    )))
+}
+
+/// What the log store knows of the snapshot on disk: the state machine moves it, purges wait on
+/// it.
+#[derive(Clone, Copy, Debug, Default)]
+struct Covered {
+    /// The last log id of the stored snapshot.
+    upto: Option<LogId<u64>>,
+    /// A snapshot is being received: openraft may ask to purge the logs it covers before the
+    /// state machine's task has stored it.
+    receiving: bool,
+    /// A snapshot's write failed: openraft stops the node, and no purge waits for it any more.
+    failed: bool,
+}
+
 /// A snapshot as stored: openraft's metadata and the encoded cluster state.
 #[derive(Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta<u64, BasicNode>,
     data: Vec<u8>,
+}
+
+/// The last log id of the snapshot in `table`; `None` if there is none.
+fn stored_last(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+) -> StorageResult<Option<LogId<u64>>> {
+    if let Some(bytes) = table.get(SNAPSHOT_LAST).map_err(read_err)? {
+        return codec::decode(bytes.value()).map_err(codec_err);
+    }
+    // A data directory written before the key existed: decode the snapshot once.
+    match table.get(SNAPSHOT).map_err(read_err)? {
+        Some(bytes) => {
+            let stored: StoredSnapshot = codec::decode(bytes.value()).map_err(codec_err)?;
+            Ok(stored.meta.last_log_id)
+        }
+        None => Ok(None),
+    }
+}
+
+/// Stores `stored` unless the stored snapshot is newer, checked in the same transaction, and
+/// tells the waiting purges (see the module's doc).
+async fn keep_snapshot(
+    db: &Arc<Database>,
+    durable: bool,
+    covered: &watch::Sender<Covered>,
+    stored: &StoredSnapshot,
+) -> StorageResult<()> {
+    let last = stored.meta.last_log_id;
+    let bytes = codec::encode(stored).map_err(codec_err)?;
+    let last_bytes = codec::encode(&last).map_err(codec_err)?;
+    let written = writing(db, durable, move |db| {
+        let txn = begin_write(db, durable)?;
+        {
+            let mut table = txn.open_table(META).map_err(write_err)?;
+            if stored_last(&table)? > last {
+                return Ok(());
+            }
+            table.insert(SNAPSHOT, bytes.as_slice()).map_err(write_err)?;
+            table.insert(SNAPSHOT_LAST, last_bytes.as_slice()).map_err(write_err)?;
+        }
+        txn.commit().map_err(write_err)
+    })
+    .await;
+    covered.send_modify(|c| match written {
+        Ok(()) => c.upto = c.upto.max(last),
+        Err(_) => c.failed = true,
+    });
+    written
 }
 
 /// The applied cluster state.
@@ -293,6 +403,7 @@ pub struct StateMachine {
     membership: StoredMembership<u64, BasicNode>,
     state: ClusterState,
     published: watch::Sender<Arc<ClusterState>>,
+    covered: Arc<watch::Sender<Covered>>,
     snapshots_built: u64,
 }
 
@@ -308,6 +419,7 @@ impl StateMachine {
             None => (None, StoredMembership::default(), ClusterState::default()),
         };
         let (published, _) = watch::channel(Arc::new(state.clone()));
+        let covered = Covered { upto: last_applied, ..Covered::default() };
         Ok(StateMachine {
             db,
             durable,
@@ -315,6 +427,7 @@ impl StateMachine {
             membership,
             state,
             published,
+            covered: Arc::new(watch::Sender::new(covered)),
             snapshots_built: 0,
         })
     }
@@ -336,6 +449,7 @@ pub struct SnapshotBuilder {
     last_applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, BasicNode>,
     state: ClusterState,
+    covered: Arc<watch::Sender<Covered>>,
     id: u64,
 }
 
@@ -350,13 +464,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: self.membership.clone(),
             snapshot_id: format!("{last}-{}", self.id),
         };
-        put_meta(
-            &self.db,
-            self.durable,
-            SNAPSHOT,
-            &StoredSnapshot { meta: meta.clone(), data: data.clone() },
-        )
-        .await?;
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        keep_snapshot(&self.db, self.durable, &self.covered, &stored).await?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -399,11 +508,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             last_applied: self.last_applied,
             membership: self.membership.clone(),
             state: self.state.clone(),
+            covered: Arc::clone(&self.covered),
             id: self.snapshots_built,
         }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
+        self.covered.send_modify(|c| c.receiving = true);
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
@@ -417,7 +528,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         let stored = StoredSnapshot { meta: meta.clone(), data };
-        put_meta(&self.db, self.durable, SNAPSHOT, &stored).await?;
+        keep_snapshot(&self.db, self.durable, &self.covered, &stored).await?;
+        self.covered.send_modify(|c| c.receiving = false);
         self.publish();
         Ok(())
     }

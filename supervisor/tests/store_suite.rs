@@ -1,11 +1,14 @@
-//! The redb store passes openraft's storage conformance suite, and waits for its disk off the
-//! runtime's threads.
+//! The redb store passes openraft's storage conformance suite, waits for its disk off the
+//! runtime's threads, and orders its snapshot writes against purges.
 
 use gobelins_supervisor::store::{self, LogStore, StateMachine};
 use gobelins_supervisor::types::TypeConfig;
-use openraft::storage::RaftLogStorage;
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
-use openraft::{StorageError, Vote};
+use openraft::{
+    CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot, StorageError,
+    Vote,
+};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +44,8 @@ struct Gate {
     armed: AtomicBool,
     syncing: AtomicBool,
     go: AtomicBool,
+    /// Every sync fails.
+    broken: AtomicBool,
 }
 
 impl redb::StorageBackend for SlowDisk {
@@ -57,6 +62,9 @@ impl redb::StorageBackend for SlowDisk {
     }
 
     fn sync_data(&self) -> std::io::Result<()> {
+        if self.gate.broken.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("the disk is broken"));
+        }
         if self.gate.armed.load(Ordering::SeqCst) {
             self.gate.syncing.store(true, Ordering::SeqCst);
             let start = std::time::Instant::now();
@@ -107,4 +115,101 @@ fn a_durable_write_lets_the_runtime_run_while_the_disk_syncs() {
         assert_eq!(log.read_vote().await.expect("read"), Some(Vote::new(1, 1)));
     });
     runtime.block_on(on_the_worker).expect("the writer's task ends");
+}
+
+fn log_id(term: u64, index: u64) -> LogId<u64> {
+    LogId::new(CommittedLeaderId::new(term, 1), index)
+}
+
+/// A state machine that has applied `count` blank entries of `term`.
+async fn applied(machine: &mut StateMachine, term: u64, count: u64) {
+    let entries = (1..=count)
+        .map(|i| Entry::<TypeConfig> { log_id: log_id(term, i), payload: EntryPayload::Blank });
+    machine.apply(entries).await.expect("blank entries apply");
+}
+
+/// A snapshot of `count` entries of `term`, as a leader's store builds it.
+async fn leaders_snapshot(term: u64, count: u64) -> (TempDir, Snapshot<TypeConfig>) {
+    let dir = TempDir::new().expect("temporary directory");
+    let (_log, mut leader) = store::open(&dir.path().join("raft.redb")).expect("store opens");
+    applied(&mut leader, term, count).await;
+    let snapshot = leader.get_snapshot_builder().await.build_snapshot().await.expect("built");
+    (dir, snapshot)
+}
+
+async fn install(machine: &mut StateMachine, snapshot: Snapshot<TypeConfig>) -> Result<(), String> {
+    machine.begin_receiving_snapshot().await.expect("receiving begins");
+    machine.install_snapshot(&snapshot.meta, snapshot.snapshot).await.map_err(|e| e.to_string())
+}
+
+/// A build that began before an install and ends after it must not replace the installed
+/// snapshot: openraft purges the logs the install covers, and a restart from the older snapshot
+/// would find them gone.
+#[tokio::test]
+async fn a_snapshot_built_before_an_install_does_not_replace_it_when_it_ends_after() {
+    let dir = TempDir::new().expect("temporary directory");
+    let path = dir.path().join("raft.redb");
+    let (_leader_dir, newer) = leaders_snapshot(2, 10).await;
+    {
+        let (_log, mut machine) = store::open(&path).expect("store opens");
+        applied(&mut machine, 1, 3).await;
+        let mut late = machine.get_snapshot_builder().await;
+        install(&mut machine, newer).await.expect("the snapshot installs");
+        let built = late.build_snapshot().await.expect("the late build ends");
+        assert_eq!(built.meta.last_log_id, Some(log_id(1, 3)), "the build kept its own state");
+        let current = machine.get_current_snapshot().await.expect("read").expect("a snapshot");
+        assert_eq!(
+            current.meta.last_log_id,
+            Some(log_id(2, 10)),
+            "the late build replaced the newer, installed snapshot"
+        );
+    }
+    let (_log, mut restarted) = store::open(&path).expect("store opens again");
+    let (last_applied, _) = restarted.applied_state().await.expect("applied state");
+    assert_eq!(last_applied, Some(log_id(2, 10)), "a restart begins from the older snapshot");
+}
+
+/// openraft asks to purge the logs an install covers as soon as it hands the install to the
+/// state machine's task: the purge must wait until that snapshot is on disk.
+#[tokio::test(start_paused = true)]
+async fn logs_are_purged_only_once_the_snapshot_covering_them_is_on_disk() {
+    let dir = TempDir::new().expect("temporary directory");
+    let (log, mut machine) = store::open(&dir.path().join("raft.redb")).expect("store opens");
+    let (_leader_dir, snapshot) = leaders_snapshot(2, 10).await;
+    machine.begin_receiving_snapshot().await.expect("receiving begins");
+    let mut purging = tokio::spawn({
+        let mut log = log.clone();
+        async move { log.purge(log_id(2, 10)).await.map_err(|e| e.to_string()) }
+    });
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut purging).await;
+    assert!(early.is_err(), "the purge ran before the snapshot covering it was stored: {early:?}");
+    let purged = log.clone().get_log_state().await.expect("log state").last_purged_log_id;
+    assert_eq!(purged, None, "logs were marked purged while the purge waited");
+
+    machine.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("installs");
+    purging.await.expect("the purge's task ends").expect("the purge ends once covered");
+    let purged = log.clone().get_log_state().await.expect("log state").last_purged_log_id;
+    assert_eq!(purged, Some(log_id(2, 10)));
+}
+
+/// If the install's write fails, the waiting purge fails too, at once, with the logs kept:
+/// openraft then stops the node, rather than its core waiting forever.
+#[tokio::test(start_paused = true)]
+async fn a_purge_waiting_for_a_snapshot_whose_write_failed_fails_with_the_logs_kept() {
+    let gate = Arc::new(Gate::default());
+    let disk = SlowDisk { bytes: redb::backends::InMemoryBackend::new(), gate: gate.clone() };
+    let (log, mut machine) = store::open_on(disk, true).expect("store opens");
+    let (_leader_dir, snapshot) = leaders_snapshot(2, 10).await;
+    machine.begin_receiving_snapshot().await.expect("receiving begins");
+    let purging = tokio::spawn({
+        let mut log = log.clone();
+        async move { log.purge(log_id(2, 10)).await.map_err(|e| e.to_string()) }
+    });
+    gate.broken.store(true, Ordering::SeqCst);
+    let installed = machine.install_snapshot(&snapshot.meta, snapshot.snapshot).await;
+    assert!(installed.is_err(), "the install's write should fail on the broken disk");
+    let started = tokio::time::Instant::now();
+    let error = purging.await.expect("the purge's task ends").expect_err("nothing is purged");
+    assert!(error.contains("failed"), "the purge did not say why: {error}");
+    assert!(started.elapsed() < Duration::from_secs(1), "the purge waited out its bound");
 }
