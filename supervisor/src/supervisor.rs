@@ -56,6 +56,14 @@ pub struct SupervisorConfig {
     pub raft_heartbeat: Duration,
     /// Raft election timeout, lower bound (the upper bound is twice it).
     pub raft_election: Duration,
+    /// Log entries applied since the last raft snapshot that make the next one. A snapshot is
+    /// the whole cluster state, synced to disk; the logs it covers are then purged, all but the
+    /// last `logs_kept`. A node that joins, or comes back, behind the purged logs gets the
+    /// snapshot.
+    pub snapshot_every: u64,
+    /// Logs kept after a snapshot covers them, so that a follower a little behind catches up
+    /// from logs rather than from a whole snapshot.
+    pub logs_kept: u64,
 }
 
 impl Default for SupervisorConfig {
@@ -68,6 +76,8 @@ impl Default for SupervisorConfig {
             max_voters: 5,
             raft_heartbeat: Duration::from_millis(100),
             raft_election: Duration::from_millis(500),
+            snapshot_every: 5000,
+            logs_kept: 1000,
         }
     }
 }
@@ -83,6 +93,7 @@ impl SupervisorConfig {
             max_voters: 5,
             raft_heartbeat: Duration::from_millis(30),
             raft_election: Duration::from_millis(150),
+            ..SupervisorConfig::default()
         }
     }
 
@@ -100,6 +111,8 @@ impl SupervisorConfig {
             heartbeat_interval: self.raft_heartbeat.as_millis() as u64,
             election_timeout_min: election,
             election_timeout_max: election * 2,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.logs_kept,
             ..openraft::Config::default()
         }
         .validate()
@@ -354,6 +367,12 @@ impl Supervisor {
     /// The leader this node knows of.
     pub fn leader(&self) -> Option<u64> {
         self.raft.metrics().borrow().current_leader
+    }
+
+    /// The last log index of this node's raft snapshot, built or installed; `None` before its
+    /// first.
+    pub fn snapshot_index(&self) -> Option<u64> {
+        self.raft.metrics().borrow().snapshot.map(|s| s.index)
     }
 
     /// Raft voters as this node sees them.

@@ -1413,3 +1413,64 @@ fn probes_that_ran_out_while_the_leader_was_stopped_declare_no_node_failed() {
         );
     });
 }
+
+/// A cluster that snapshots every few entries and keeps no log behind its snapshots: a joiner
+/// cannot be brought up from logs, only from a snapshot, and it restarts from the one it
+/// installed.
+#[test]
+fn a_joiner_behind_the_purged_logs_is_brought_up_by_a_snapshot_and_restarts_from_it() {
+    replay(async {
+        let net = MemNetwork::new(29);
+        let config =
+            SupervisorConfig { snapshot_every: 4, logs_kept: 0, ..SupervisorConfig::loopback() };
+        let nodes = cluster(&net, 3, config.clone()).await;
+        until_active(&nodes, 3).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let leading = &nodes[leader as usize - 1].supervisor;
+        let start = tokio::time::Instant::now();
+        while leading.snapshot_index().is_none() {
+            assert!(start.elapsed() < Duration::from_secs(10), "the leader built no snapshot");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        // The joiner never builds a snapshot of its own: one it has, it was sent.
+        let joiners = SupervisorConfig { snapshot_every: 1_000_000, ..config };
+        let dir = TempDir::new().expect("temporary directory");
+        let path = dir.path().join("raft.redb");
+        let run = |made| {
+            let stores = store::open_with(&path, true).expect("store");
+            supervisor_on(
+                &net,
+                4,
+                joiners.clone(),
+                Registry::new,
+                HostConfig::default(),
+                stores,
+                made,
+            )
+        };
+        let first = run(true).await;
+        first.join_via("n1", Duration::from_secs(30)).await.expect("join").expect("accepted");
+        let all: Vec<&Node> = nodes.iter().collect();
+        let joined = |s: &ClusterState| {
+            s.is_stable() && s.nodes.get(&4).is_some_and(|r| r.status == NodeStatus::Active)
+        };
+        until_all(&all, Duration::from_secs(30), "node 4 active", joined).await;
+        let start = tokio::time::Instant::now();
+        while !joined(&first.state()) {
+            assert!(start.elapsed() < Duration::from_secs(10), "node 4 sees itself active");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(first.snapshot_index().is_some(), "node 4 was brought up without a snapshot");
+        let before = (first.state().epoch, statuses(&first.state()));
+
+        // Stopped and started again on its store: its state is what it had, rebuilt from the
+        // installed snapshot and the logs after it.
+        first.shutdown().await;
+        drop(first);
+        let second = run(false).await;
+        let after = (second.state().epoch, statuses(&second.state()));
+        assert_eq!(after, before, "the restart did not rebuild the state it had");
+        second.shutdown().await;
+    });
+}
