@@ -61,7 +61,13 @@ pub(crate) fn options(root: &Path, id: u64, start: Start, host: HostConfig) -> A
         secret_file: Some(root.join("n1").join("cluster.secret")),
         labels: Labels::new(),
         node_id: Some(id),
-        config: SupervisorConfig::loopback(),
+        // Snapshots every few entries, and few logs kept behind them: a node that restarts or
+        // lags is brought up by a snapshot, and purges race installs, in every seed.
+        config: SupervisorConfig {
+            snapshot_every: 16,
+            logs_kept: 2,
+            ..SupervisorConfig::loopback()
+        },
         durable: false,
         host,
     }
