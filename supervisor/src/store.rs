@@ -14,7 +14,9 @@
 //! install allows as soon as it hands the install over, so the store orders them itself: a
 //! purge waits until a snapshot covering it is on disk when one is being received
 //! ([`Covered`]), and a snapshot never replaces a newer one (a build that started before an
-//! install can end after it).
+//! install can end after it). The raft core waits out the install's write in that purge, and
+//! handles nothing else meanwhile: that wait is also what keeps it from appending logs past a
+//! snapshot that is not yet on disk.
 
 // openraft fixes the error type of its storage traits; our helpers return the same one.
 #![allow(clippy::result_large_err)]
@@ -186,19 +188,24 @@ impl LogStore {
     /// Waits, when a snapshot is being received, until one covering `log_id` is on disk (see the
     /// module's doc). `Err`, with nothing purged, if the snapshot's write failed or never came.
     async fn wait_covered(&self, log_id: LogId<u64>) -> StorageResult<()> {
-        let enough = |c: &Covered| c.upto >= Some(log_id) || c.failed || !c.receiving;
+        // With a snapshot stored, every purge openraft asks for is covered by it or by the one
+        // being installed: only a store that never had one (openraft's storage suite) purges
+        // uncovered.
+        let bare = |c: &Covered| c.upto.is_none() && !c.receiving;
+        let enough = |c: &Covered| c.upto >= Some(log_id) || c.failed || bare(c);
         let mut covered = self.covered.clone();
         if !enough(&covered.borrow()) {
             let waited = tokio::time::timeout(COVER_WAIT, covered.wait_for(enough)).await;
             if waited.is_err() {
-                return Err(uncovered(
-                    log_id,
-                    "no snapshot covering them reached the disk in 60 s",
-                ));
+                let why = format!(
+                    "no snapshot covering them reached the disk in {} s",
+                    COVER_WAIT.as_secs()
+                );
+                return Err(uncovered(log_id, &why));
             }
         }
         let now = *covered.borrow();
-        if now.upto >= Some(log_id) || !now.receiving {
+        if now.upto >= Some(log_id) || bare(&now) {
             Ok(())
         } else if now.failed {
             Err(uncovered(log_id, "the write of the snapshot covering them failed"))
@@ -312,9 +319,18 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
         self.wait_covered(log_id).await?;
-        put_meta(&self.db, self.durable, PURGED, &log_id).await?;
-        self.edit_logs(move |table| {
-            table.retain_in(..=log_id.index, |_, _| false).map_err(write_err)
+        let purged = codec::encode(&log_id).map_err(codec_err)?;
+        let durable = self.durable;
+        // The mark and the logs together: a restart never finds one without the other.
+        writing(&self.db, durable, move |db| {
+            let txn = begin_write(db, durable)?;
+            {
+                let mut meta = txn.open_table(META).map_err(write_err)?;
+                meta.insert(PURGED, purged.as_slice()).map_err(write_err)?;
+                let mut logs = txn.open_table(LOGS).map_err(write_err)?;
+                logs.retain_in(..=log_id.index, |_, _| false).map_err(write_err)?;
+            }
+            txn.commit().map_err(write_err)
         })
         .await
     }
@@ -373,26 +389,37 @@ async fn keep_snapshot(
     stored: &StoredSnapshot,
 ) -> StorageResult<()> {
     let last = stored.meta.last_log_id;
+    let written = write_snapshot(db, durable, stored).await;
+    covered.send_modify(|c| match written {
+        Ok(()) => c.upto = c.upto.max(last),
+        Err(_) => c.failed = true,
+    });
+    written
+}
+
+/// [`keep_snapshot`]'s write.
+async fn write_snapshot(
+    db: &Arc<Database>,
+    durable: bool,
+    stored: &StoredSnapshot,
+) -> StorageResult<()> {
+    let last = stored.meta.last_log_id;
     let bytes = codec::encode(stored).map_err(codec_err)?;
     let last_bytes = codec::encode(&last).map_err(codec_err)?;
-    let written = writing(db, durable, move |db| {
+    writing(db, durable, move |db| {
         let txn = begin_write(db, durable)?;
         {
             let mut table = txn.open_table(META).map_err(write_err)?;
             if stored_last(&table)? > last {
-                return Ok(());
+                drop(table);
+                return txn.abort().map_err(write_err);
             }
             table.insert(SNAPSHOT, bytes.as_slice()).map_err(write_err)?;
             table.insert(SNAPSHOT_LAST, last_bytes.as_slice()).map_err(write_err)?;
         }
         txn.commit().map_err(write_err)
     })
-    .await;
-    covered.send_modify(|c| match written {
-        Ok(()) => c.upto = c.upto.max(last),
-        Err(_) => c.failed = true,
-    });
-    written
+    .await
 }
 
 /// The applied cluster state.
@@ -408,6 +435,21 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
+    /// Takes the received snapshot as the applied state, and stores it.
+    async fn install(
+        &mut self,
+        meta: &SnapshotMeta<u64, BasicNode>,
+        data: Vec<u8>,
+    ) -> StorageResult<()> {
+        let state = codec::decode(&data).map_err(codec_err)?;
+        let stored = StoredSnapshot { meta: meta.clone(), data };
+        keep_snapshot(&self.db, self.durable, &self.covered, &stored).await?;
+        self.state = state;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        Ok(())
+    }
+
     fn load(db: Arc<Database>, durable: bool) -> StorageResult<Self> {
         let stored: Option<StoredSnapshot> = get_meta(&db, SNAPSHOT)?;
         let (last_applied, membership, state) = match stored {
@@ -523,13 +565,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<u64, BasicNode>,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
-        let data = snapshot.into_inner();
-        self.state = codec::decode(&data).map_err(codec_err)?;
-        self.last_applied = meta.last_log_id;
-        self.membership = meta.last_membership.clone();
-        let stored = StoredSnapshot { meta: meta.clone(), data };
-        keep_snapshot(&self.db, self.durable, &self.covered, &stored).await?;
-        self.covered.send_modify(|c| c.receiving = false);
+        let installed = self.install(meta, snapshot.into_inner()).await;
+        // Whichever way it ends, the purge waiting for it must hear.
+        self.covered.send_modify(|c| match installed {
+            Ok(()) => c.receiving = false,
+            Err(_) => c.failed = true,
+        });
+        installed?;
         self.publish();
         Ok(())
     }

@@ -192,7 +192,30 @@ async fn logs_are_purged_only_once_the_snapshot_covering_them_is_on_disk() {
     assert_eq!(purged, Some(log_id(2, 10)));
 }
 
-/// If the install's write fails, the waiting purge fails too, at once, with the logs kept:
+/// A stream's install clears what the store knows of snapshots being received; a second stream
+/// begun before that install ended must still hold the purge its own install allows.
+#[tokio::test(start_paused = true)]
+async fn a_purge_waits_for_its_own_snapshot_when_an_earlier_one_was_installed_meanwhile() {
+    let dir = TempDir::new().expect("temporary directory");
+    let (log, mut machine) = store::open(&dir.path().join("raft.redb")).expect("store opens");
+    let (_first_dir, first) = leaders_snapshot(2, 10).await;
+    let (_second_dir, second) = leaders_snapshot(2, 20).await;
+    machine.begin_receiving_snapshot().await.expect("the first stream begins");
+    machine.begin_receiving_snapshot().await.expect("the second stream begins");
+    machine.install_snapshot(&first.meta, first.snapshot).await.expect("the first installs");
+    let mut purging = tokio::spawn({
+        let mut log = log.clone();
+        async move { log.purge(log_id(2, 20)).await.map_err(|e| e.to_string()) }
+    });
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut purging).await;
+    assert!(early.is_err(), "the purge ran before its own snapshot was stored: {early:?}");
+    machine.install_snapshot(&second.meta, second.snapshot).await.expect("the second installs");
+    purging.await.expect("the purge's task ends").expect("the purge ends once covered");
+    let purged = log.clone().get_log_state().await.expect("log state").last_purged_log_id;
+    assert_eq!(purged, Some(log_id(2, 20)));
+}
+
+/// If the install's write fails, the waiting purge fails too, at once, with nothing purged:
 /// openraft then stops the node, rather than its core waiting forever.
 #[tokio::test(start_paused = true)]
 async fn a_purge_waiting_for_a_snapshot_whose_write_failed_fails_with_the_logs_kept() {
@@ -201,15 +224,21 @@ async fn a_purge_waiting_for_a_snapshot_whose_write_failed_fails_with_the_logs_k
     let (log, mut machine) = store::open_on(disk, true).expect("store opens");
     let (_leader_dir, snapshot) = leaders_snapshot(2, 10).await;
     machine.begin_receiving_snapshot().await.expect("receiving begins");
-    let purging = tokio::spawn({
+    let mut purging = tokio::spawn({
         let mut log = log.clone();
         async move { log.purge(log_id(2, 10)).await.map_err(|e| e.to_string()) }
     });
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut purging).await;
+    assert!(early.is_err(), "the purge ran before the snapshot covering it was stored: {early:?}");
     gate.broken.store(true, Ordering::SeqCst);
     let installed = machine.install_snapshot(&snapshot.meta, snapshot.snapshot).await;
     assert!(installed.is_err(), "the install's write should fail on the broken disk");
     let started = tokio::time::Instant::now();
     let error = purging.await.expect("the purge's task ends").expect_err("nothing is purged");
-    assert!(error.contains("failed"), "the purge did not say why: {error}");
+    assert!(error.contains("were not purged"), "the purge did not say why: {error}");
+    assert!(error.contains("failed"), "the purge did not say the write failed: {error}");
     assert!(started.elapsed() < Duration::from_secs(1), "the purge waited out its bound");
+    gate.broken.store(false, Ordering::SeqCst);
+    let purged = log.clone().get_log_state().await.expect("log state").last_purged_log_id;
+    assert_eq!(purged, None, "logs were marked purged");
 }
