@@ -460,6 +460,18 @@ impl StateMachine {
             ),
             None => (None, StoredMembership::default(), ClusterState::default()),
         };
+        // An agent older than the key stores snapshots without it: made true again here, or a
+        // late build would be compared with a stale key.
+        let last_kept = get_meta::<Option<LogId<u64>>>(&db, SNAPSHOT_LAST)?;
+        if last_applied.is_some() && last_kept != Some(last_applied) {
+            let bytes = codec::encode(&last_applied).map_err(codec_err)?;
+            let txn = begin_write(&db, durable)?;
+            {
+                let mut table = txn.open_table(META).map_err(write_err)?;
+                table.insert(SNAPSHOT_LAST, bytes.as_slice()).map_err(write_err)?;
+            }
+            txn.commit().map_err(write_err)?;
+        }
         let (published, _) = watch::channel(Arc::new(state.clone()));
         let covered = Covered { upto: last_applied, ..Covered::default() };
         Ok(StateMachine {

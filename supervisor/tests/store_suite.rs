@@ -242,3 +242,37 @@ async fn a_purge_waiting_for_a_snapshot_whose_write_failed_fails_with_the_logs_k
     let purged = log.clone().get_log_state().await.expect("log state").last_purged_log_id;
     assert_eq!(purged, None, "logs were marked purged");
 }
+
+const META: redb::TableDefinition<'_, &str, &[u8]> = redb::TableDefinition::new("meta");
+
+fn raw_meta(path: &std::path::Path, key: &str) -> Option<Vec<u8>> {
+    use redb::ReadableDatabase as _;
+    let db = redb::Database::create(path).expect("the store's file opens");
+    let txn = db.begin_read().expect("read");
+    let table = txn.open_table(META).expect("meta");
+    table.get(key).expect("get").map(|v| v.value().to_vec())
+}
+
+/// An agent older than the `snapshot_last` key stores a snapshot without updating it; the next
+/// start makes the key true again, so that a late build is compared with the snapshot stored.
+#[tokio::test]
+async fn a_snapshot_stored_without_its_last_log_key_has_the_key_made_true_at_the_next_start() {
+    let (newer_dir, _) = leaders_snapshot(2, 10).await;
+    let (older_dir, _) = leaders_snapshot(1, 3).await;
+    let (newer, older) = (newer_dir.path().join("raft.redb"), older_dir.path().join("raft.redb"));
+    let newer_key = raw_meta(&newer, "snapshot_last").expect("the key beside the snapshot");
+    assert_ne!(raw_meta(&older, "snapshot_last"), Some(newer_key.clone()));
+    {
+        // What an older agent does: the snapshot replaced, the key left as it was.
+        let snapshot = raw_meta(&newer, "snapshot").expect("a stored snapshot");
+        let db = redb::Database::create(&older).expect("the store's file opens");
+        let txn = db.begin_write().expect("write");
+        txn.open_table(META).expect("meta").insert("snapshot", snapshot.as_slice()).expect("put");
+        txn.commit().expect("commit");
+    }
+    let (_log, mut machine) = store::open(&older).expect("the store opens");
+    let (last_applied, _) = machine.applied_state().await.expect("applied state");
+    assert_eq!(last_applied, Some(log_id(2, 10)));
+    drop((_log, machine));
+    assert_eq!(raw_meta(&older, "snapshot_last"), Some(newer_key), "the key is still stale");
+}
