@@ -305,9 +305,7 @@ async fn enter(
                     tracing::info!(%seed, "this node's last life is still a member: resuming as a new life (--join is not needed)");
                     // The seed answered through the secret given: it is the cluster's, and
                     // a node that died before it kept it keeps it now.
-                    if dir.secret()?.is_none() {
-                        dir.save_secret(secret)?;
-                    }
+                    keep_identity(dir, secret, node)?;
                     Start::Resume
                 }
                 Some(false) => options.start.clone(),
@@ -315,6 +313,8 @@ async fn enter(
                 // members it knows end its last life.
                 None if supervisor.last_life_is_member_here() => {
                     tracing::warn!(%seed, "the seed did not answer; this node's own state counts its last life as a member: resuming as a new life through the other members");
+                    // Its own state came from peers that proved the same secret.
+                    keep_identity(dir, secret, node)?;
                     Start::Resume
                 }
                 None => options.start.clone(),
@@ -324,9 +324,13 @@ async fn enter(
     };
     match &start {
         Start::Bootstrap => {
+            // Marked before the secret is kept: a bootstrap stopped from here on is finished
+            // by the next start, which needs no --bootstrap since the secret is there.
+            dir.mark_bootstrapping()?;
             dir.save_secret(secret)?;
             let outcome = supervisor.bootstrap().await?;
             tracing::info!(?outcome, "cluster bootstrapped");
+            bootstrap_done(dir).await;
         }
         Start::Join(seed) => {
             // The cluster decides, not our own state, which may be stale: a node removed
@@ -358,11 +362,42 @@ async fn enter(
         Start::Resume => {}
     }
     if start == Start::Resume {
-        if let Some(outcome) = supervisor.finish_bootstrap().await? {
+        let begun = dir.bootstrapping()?;
+        let finished = if begun {
+            supervisor.finish_begun_bootstrap().await?
+        } else {
+            supervisor.finish_bootstrap().await?
+        };
+        if let Some(outcome) = finished {
             tracing::warn!(?outcome, "this node's bootstrap had stopped before the node joined its own cluster; finished it");
         } else {
             tokio::spawn(start_new_life(Arc::clone(supervisor)));
         }
+        if begun {
+            bootstrap_done(dir).await;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the bootstrapping mark. Only warns if it cannot: a mark left behind is harmless,
+/// since the next start finds the bootstrap done and resumes as usual.
+async fn bootstrap_done(dir: &DataDir) {
+    let owned = dir.clone();
+    if let Err(error) = on_data_dir(move || owned.clear_bootstrapping()).await {
+        tracing::warn!(%error, dir = %dir.path().display(), "cannot remove the bootstrapping mark; harmless, the next start finds the bootstrap done");
+    }
+}
+
+/// Keeps the node's id and the secret, if missing, for a node the cluster counts as a member:
+/// one that died after its first join was accepted but before it kept them. A later start
+/// without `--node-id` or `--join` then resumes as this node, in this cluster.
+fn keep_identity(dir: &DataDir, secret: &ClusterSecret, node: u64) -> Result<()> {
+    if dir.node_id()?.is_none() {
+        dir.save_node_id(node)?;
+    }
+    if dir.secret()?.is_none() {
+        dir.save_secret(secret)?;
     }
     Ok(())
 }

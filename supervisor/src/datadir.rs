@@ -6,6 +6,7 @@
 //!   node.id              this node's id
 //!   incarnation          this node's current life; raised when it rejoins after a failure
 //!   unadmitted           present until a cluster first admits this directory's node
+//!   bootstrapping        present while this directory's node bootstraps a cluster
 //!   raft.redb            raft log, vote and snapshots
 //!   control.sock         the CLI's Unix socket (0600)
 //! ```
@@ -123,7 +124,32 @@ impl DataDir {
 
     /// Removes the mark: the node was admitted.
     pub fn clear_unadmitted(&self) -> Result<()> {
-        let path = self.root.join(UNADMITTED);
+        self.remove(UNADMITTED)
+    }
+
+    /// Marks the directory's node as bootstrapping a cluster: written before the secret is
+    /// kept, removed once the node is the cluster's first member. A directory that holds the
+    /// secret and this mark stopped in its bootstrap, perhaps before raft kept anything, and
+    /// its next start finishes the bootstrap (a joiner's directory may hold the secret and an
+    /// empty raft store too, and must not start a cluster of its own).
+    pub fn mark_bootstrapping(&self) -> Result<()> {
+        self.write_number(BOOTSTRAPPING, 1)
+    }
+
+    /// Whether the directory's node stopped in its bootstrap (see
+    /// [`DataDir::mark_bootstrapping`]).
+    pub fn bootstrapping(&self) -> Result<bool> {
+        Ok(self.read_number(BOOTSTRAPPING)?.is_some())
+    }
+
+    /// Removes the mark: the bootstrap is done.
+    pub fn clear_bootstrapping(&self) -> Result<()> {
+        self.remove(BOOTSTRAPPING)
+    }
+
+    /// Removes the file `name`, durably; one already gone is fine.
+    fn remove(&self, name: &str) -> Result<()> {
+        let path = self.root.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => sync_dir(&self.root),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -134,6 +160,7 @@ impl DataDir {
 }
 
 const UNADMITTED: &str = "unadmitted";
+const BOOTSTRAPPING: &str = "bootstrapping";
 
 /// Makes the names created or renamed in `dir` durable: without it, a power cut after a rename
 /// can bring the old file back (an incarnation already used, say).

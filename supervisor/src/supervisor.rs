@@ -443,6 +443,22 @@ impl Supervisor {
         Ok(Some(outcome))
     }
 
+    /// [`Supervisor::finish_bootstrap`] for a node whose data directory says it began a
+    /// bootstrap (see [`crate::datadir::DataDir::mark_bootstrapping`]): one that stopped before
+    /// raft kept anything, which left raft without members and the state without nodes, is
+    /// run again whole.
+    pub async fn finish_begun_bootstrap(&self) -> Result<Option<Outcome>> {
+        let memberless = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            metrics.membership_config.membership().voter_ids().next().is_none()
+        };
+        if memberless && self.state().nodes.is_empty() {
+            return self.bootstrap().await.map(Some);
+        }
+        self.finish_bootstrap().await
+    }
+
     /// Lets this process's life serve: its host is fed the cluster's state from now on.
     pub fn admit_life(&self) {
         self.admitted.store(true, Ordering::SeqCst);

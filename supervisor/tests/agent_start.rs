@@ -189,3 +189,90 @@ async fn until_recorded(dir: &std::path::Path) {
     };
     tokio::time::timeout(Duration::from_secs(5), recorded).await.expect("admitted, recorded");
 }
+
+/// Waits until `agent`'s own state holds node `id` active, and its life is admitted.
+async fn until_active_alone(agent: &Agent<TokioNet>, id: u64, what: &str) {
+    let active = async {
+        loop {
+            let state = agent.supervisor.state();
+            let on = state.nodes.get(&id).is_some_and(|r| r.status.is_live());
+            if on && state.is_stable() && agent.supervisor.life_admitted() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(15), active).await.is_err() {
+        panic!("{what}: node {id} is not an active member: {:?}", agent.supervisor.state().nodes);
+    }
+}
+
+/// A bootstrap killed after it kept the secret but before raft kept anything: started again
+/// without --bootstrap, as the refusal of a second --bootstrap advises, the node finishes it.
+/// Before, it waited for ever for a cluster with no member, saying nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_killed_before_raft_kept_anything_is_finished_by_the_next_start() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let path = root.path().join("n1");
+    // What the bootstrap had written when it was killed, in its order.
+    let dir = DataDir::open(&path).expect("dir");
+    dir.save_node_id(1).expect("id");
+    dir.mark_unadmitted().expect("mark");
+    dir.save_incarnation(1).expect("incarnation");
+    dir.mark_bootstrapping().expect("bootstrapping");
+    dir.save_secret(&ClusterSecret::generate()).expect("secret");
+
+    let again = options(&path, 1, &free_addr(), Start::Bootstrap, None);
+    let refused = Agent::start(TokioNet, &again, Registry::new).await;
+    assert!(
+        matches!(refused, Err(SupervisorError::AlreadyBootstrapped { .. })),
+        "a second --bootstrap is refused: {:?}",
+        refused.as_ref().err()
+    );
+    let resumed = options(&path, 1, &free_addr(), Start::Resume, None);
+    let agent = Agent::start(TokioNet, &resumed, Registry::new).await.expect("the start resumes");
+    until_active_alone(&agent, 1, "the bootstrap finished").await;
+    assert!(!dir.bootstrapping().expect("read"), "the bootstrapping mark is removed");
+    until_recorded(&path).await;
+    agent.stop().await;
+}
+
+/// A bootstrap that finished, but whose mark stayed (the disk failed as it was removed): the
+/// next start resumes the node as any restart does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_bootstrap_whose_mark_stayed_restarts_as_usual() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let path = root.path().join("n1");
+    let first = options(&path, 1, &free_addr(), Start::Bootstrap, None);
+    let agent = Agent::start(TokioNet, &first, Registry::new).await.expect("bootstrap");
+    let dir = DataDir::open(&path).expect("dir");
+    assert!(!dir.bootstrapping().expect("read"), "the mark goes once the bootstrap is done");
+    until_recorded(&path).await;
+    agent.stop().await;
+    drop(agent);
+
+    dir.mark_bootstrapping().expect("the mark, left behind");
+    let resumed = options(&path, 1, &free_addr(), Start::Resume, None);
+    let again = async {
+        loop {
+            match Agent::start(TokioNet, &resumed, Registry::new).await {
+                Ok(agent) => return agent,
+                // raft's tasks let the store go a moment after the stop.
+                Err(SupervisorError::Storage(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(other) => panic!("the restart: {other}"),
+            }
+        }
+    };
+    let agent = tokio::time::timeout(Duration::from_secs(20), again).await.expect("the store free");
+    until_active_alone(&agent, 1, "the restart").await;
+    assert!(!dir.bootstrapping().expect("read"), "the mark is removed");
+    assert_eq!(
+        agent.supervisor.incarnation(),
+        1,
+        "a lone node keeps its life: {:?}",
+        agent.supervisor.state().nodes
+    );
+    agent.stop().await;
+}
