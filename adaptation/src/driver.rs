@@ -294,21 +294,22 @@ impl Driver {
                 };
                 // Whatever happens to the scan, the service hears of the change.
                 if let Some((failed, orphans, mut packer)) = scan {
-                    match plugin.scan(&ctx, failed, &orphans, &mut packer).await {
-                        Ok(()) => {
-                            let n = packer.count();
-                            inner.counters.entries_rebuilt.fetch_add(n, Ordering::Relaxed);
-                            if let Some(clock) = &mut self.clock {
-                                clock.record.entries_rebuilt += n;
-                            }
-                            self.rebuilt.insert(service, packer.finish());
-                        }
-                        Err(e) => tracing::error!(
+                    // What the scan packed is rebuilt even if it failed part-way: an entry that
+                    // did not encode is left out, not every entry with it.
+                    if let Err(e) = plugin.scan(&ctx, failed, &orphans, &mut packer).await {
+                        tracing::error!(
                             service = service.0,
                             error = %e,
-                            "scan failed; entries of node {failed} held here are not rebuilt"
-                        ),
+                            packed = packer.count(),
+                            "scan failed part-way; of the entries of node {failed} held here, only those packed are rebuilt: the others are lost unless another node rebuilds them"
+                        );
                     }
+                    let n = packer.count();
+                    inner.counters.entries_rebuilt.fetch_add(n, Ordering::Relaxed);
+                    if let Some(clock) = &mut self.clock {
+                        clock.record.entries_rebuilt += n;
+                    }
+                    self.rebuilt.insert(service, packer.finish());
                 }
                 plugin.before_migration(&ctx, &info).await;
                 vec![Event::BeforeDone(service)]
