@@ -1559,6 +1559,12 @@ impl Inner {
         let mut said: Option<Instant> = None;
         let mut too_large = false;
         loop {
+            // A stopped life sends nothing more. Not even once: its ack for a change, sent after
+            // a batch it gave up as it stopped, would have the receiver count its entries in,
+            // release their slots and serve them as absent until the failure is recovered.
+            if self.mirrors.stopped.load(Ordering::Acquire) {
+                return Delivery::Gone;
+            }
             let mut pause = self.config.retry;
             // Sealed once: an attempt sends the same bytes again, not a copy of them.
             let outcome = self.link.call(to, message.clone(), self.config.call_timeout).await;
@@ -1779,6 +1785,19 @@ mod tests {
         assert_eq!(inner.deliver(NodeId(2), batch, OnRefusal::SendAgain).await, Delivery::Taken);
         inner.stop();
         (started.elapsed(), link.calls.load(Ordering::SeqCst))
+    }
+
+    /// A life stopped while it sent a batch, which it then gave up, must not send the ack that
+    /// follows: its receiver would count the batch as taken.
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_life_sends_no_more_migration_messages() {
+        let link = Arc::new(Flaky::new(0));
+        let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), HostConfig::default());
+        inner.stop();
+        let ack = Message::Ack { epoch: 2 }.encode().expect("an ack encodes");
+        let delivered = inner.deliver(NodeId(2), inner.link.seal(ack), OnRefusal::SendAgain).await;
+        assert_eq!(delivered, Delivery::Gone);
+        assert_eq!(link.calls.load(Ordering::SeqCst), 0, "the stopped life sent its ack");
     }
 
     #[tokio::test(start_paused = true)]
