@@ -160,10 +160,17 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<HandshakeMessage> {
     match framed.next().await {
         Some(frame) => Ok(codec::decode(&frame?)?),
-        None => Err(SupervisorError::Handshake {
-            peer: peer.into(),
-            reason: "closed the connection".into(),
-        }),
+        // Not a refusal, which says so before it closes: a busy peer (at its limit of
+        // handshakes) closes without a word, and asking again later may get in.
+        None => Err(SupervisorError::io(
+            format!("handshake with {peer}"),
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the peer closed the connection before the handshake ended (busy with other \
+                 handshakes, a gobelins build of another protocol version, or not a gobelins \
+                 agent)",
+            ),
+        )),
     }
 }
 

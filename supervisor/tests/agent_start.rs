@@ -276,3 +276,56 @@ async fn a_finished_bootstrap_whose_mark_stayed_restarts_as_usual() {
     );
     agent.stop().await;
 }
+
+/// An address that, until `opens`, reads what each connection sends and closes it without a
+/// word (a seed at its limit of handshakes does so), then passes each new one both ways to `to`.
+fn seed_closing_until(opens: std::time::Instant, to: &str) -> String {
+    use std::io::Read as _;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let addr = listener.local_addr().expect("address").to_string();
+    let to = to.to_string();
+    std::thread::spawn(move || {
+        for mut client in listener.incoming().flatten() {
+            if std::time::Instant::now() < opens {
+                let _ = client.set_read_timeout(Some(Duration::from_millis(200)));
+                let _ = client.read(&mut [0u8; 1024]);
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                continue;
+            }
+            let Ok(server) = std::net::TcpStream::connect(&to) else { continue };
+            let (Ok(c), Ok(s)) = (client.try_clone(), server.try_clone()) else { continue };
+            for (mut from, mut into) in [(c, s), (server, client)] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut into);
+                    let _ = into.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// A seed that closes the join's handshakes without a word for a while (busy: at its limit of
+/// handshakes) is asked again until it lets the join in. Before, the first such close ended the
+/// join for good, as a refusal of the secret does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_through_a_seed_that_closes_its_handshakes_for_a_while_gets_in() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let first = Agent::start(
+        TokioNet,
+        &options(&root.path().join("n1"), 1, &free_addr(), Start::Bootstrap, None),
+        Registry::new,
+    )
+    .await
+    .expect("bootstrap");
+    let seed = seed_closing_until(
+        std::time::Instant::now() + Duration::from_secs(2),
+        &first.supervisor.view().state.nodes[&1].addr,
+    );
+    let secret = Some(first.dir.secret_path());
+    let join = options(&root.path().join("n2"), 2, &free_addr(), Start::Join(seed), secret);
+    let second = Agent::start(TokioNet, &join, Registry::new).await.expect("the join gets in");
+    assert!(first.supervisor.state().nodes.contains_key(&2), "node 2 is a member");
+    second.stop().await;
+    first.stop().await;
+}
