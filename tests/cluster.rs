@@ -592,8 +592,8 @@ enum Restart {
     Plain,
     Join,
     JoinThroughSilentSeed,
-    /// With `--join`, from a data directory without the secret: as if the node had died
-    /// after its first join was accepted, before it kept the secret.
+    /// With `--join`, from a data directory without the secret or the node's id: as if the
+    /// node had died after its first join was accepted, before it kept them.
     JoinWithoutTheSecretKept,
     WithoutQuorum,
 }
@@ -663,6 +663,7 @@ fn restarted_before_anyone_noticed(restart: Restart) {
     let join = ["--join", seed.as_str(), "--secret-file", secret.as_str()];
     if restart == Restart::JoinWithoutTheSecretKept {
         std::fs::remove_file(agents[1].dir.join("cluster.secret")).expect("remove the secret");
+        std::fs::remove_file(agents[1].dir.join("node.id")).expect("remove the id");
     }
     let with_join = matches!(
         restart,
@@ -696,6 +697,8 @@ fn restarted_before_anyone_noticed(restart: Restart) {
     }
     if restart == Restart::JoinWithoutTheSecretKept {
         assert!(agents[1].dir.join("cluster.secret").exists(), "the secret is kept now");
+        // Without it, a start without --node-id would have drawn another id at random.
+        assert!(agents[1].dir.join("node.id").exists(), "the node's id is kept now");
     }
     for socket in [socket.clone(), agents[1].dir.join("control.sock")] {
         assert_keys_read_back(&agents, &socket, keys);
