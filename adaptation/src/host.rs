@@ -1713,6 +1713,14 @@ impl Inner {
         key: Key,
         message: Vec<u8>,
     ) -> Result<Bytes, AdaptationError> {
+        // A stopped life's handlers may still run, and what they would tell (a replica, say)
+        // is of a life the cluster has ended or is ending: its node may be back as a new one,
+        // which the receiver could not tell apart by its id.
+        if self.mirrors.stopped.load(Ordering::Acquire) {
+            return Err(AdaptationError::Refused(
+                "this life of the node has stopped: it tells nothing more".into(),
+            ));
+        }
         let reply = if node == self.me {
             self.local(node, service, key, Message::local_body(&message)).await
         } else {
@@ -1785,6 +1793,18 @@ mod tests {
         assert_eq!(inner.deliver(NodeId(2), batch, OnRefusal::SendAgain).await, Delivery::Taken);
         inner.stop();
         (started.elapsed(), link.calls.load(Ordering::SeqCst))
+    }
+
+    /// A stopped life tells nothing more: a handler of it still running would push what the
+    /// cluster has since replaced.
+    #[tokio::test(start_paused = true)]
+    async fn a_stopped_life_tells_nothing() {
+        let link = Arc::new(Flaky::new(0));
+        let inner = Inner::spawn(NodeId(1), Registry::new(), link.clone(), HostConfig::default());
+        inner.stop();
+        let told = inner.tell(NodeId(2), ServiceId(1), Key(7), b"replica".to_vec()).await;
+        assert!(matches!(told, Err(AdaptationError::Refused(_))), "{told:?}");
+        assert_eq!(link.calls.load(Ordering::SeqCst), 0, "the stopped life told its peer");
     }
 
     /// A life stopped while it sent a batch, which it then gave up, must not send the ack that
