@@ -142,6 +142,26 @@ async fn install(machine: &mut StateMachine, snapshot: Snapshot<TypeConfig>) -> 
     machine.install_snapshot(&snapshot.meta, snapshot.snapshot).await.map_err(|e| e.to_string())
 }
 
+/// A purge up to `upto` in a task of its own, checked to be still waiting a second later (on a
+/// paused clock): `what` says what it would have run ahead of.
+async fn purge_waiting(
+    log: &LogStore,
+    upto: LogId<u64>,
+    what: &str,
+) -> tokio::task::JoinHandle<Result<(), String>> {
+    let mut purging = tokio::spawn({
+        let mut log = log.clone();
+        async move { log.purge(upto).await.map_err(|e| e.to_string()) }
+    });
+    let early = tokio::time::timeout(Duration::from_secs(1), &mut purging).await;
+    assert!(early.is_err(), "the purge {what}: {early:?}");
+    purging
+}
+
+async fn last_purged(log: &LogStore) -> Option<LogId<u64>> {
+    log.clone().get_log_state().await.expect("log state").last_purged_log_id
+}
+
 /// A build that began before an install and ends after it must not replace the installed
 /// snapshot: openraft purges the logs the install covers, and a restart from the older snapshot
 /// would find them gone.
@@ -177,18 +197,13 @@ async fn logs_are_purged_only_once_the_snapshot_covering_them_is_on_disk() {
     let (log, mut machine) = store::open(&dir.path().join("raft.redb")).expect("store opens");
     let (_leader_dir, snapshot) = leaders_snapshot(2, 10).await;
     machine.begin_receiving_snapshot().await.expect("receiving begins");
-    let mut purging = tokio::spawn({
-        let mut log = log.clone();
-        async move { log.purge(log_id(2, 10)).await.map_err(|e| e.to_string()) }
-    });
-    let early = tokio::time::timeout(Duration::from_secs(1), &mut purging).await;
-    assert!(early.is_err(), "the purge ran before the snapshot covering it was stored: {early:?}");
-    let purged = log.clone().get_log_state().await.expect("log state").last_purged_log_id;
+    let purging = purge_waiting(&log, log_id(2, 10), "ran ahead of its snapshot").await;
+    let purged = last_purged(&log).await;
     assert_eq!(purged, None, "logs were marked purged while the purge waited");
 
     machine.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("installs");
     purging.await.expect("the purge's task ends").expect("the purge ends once covered");
-    let purged = log.clone().get_log_state().await.expect("log state").last_purged_log_id;
+    let purged = last_purged(&log).await;
     assert_eq!(purged, Some(log_id(2, 10)));
 }
 
@@ -203,15 +218,10 @@ async fn a_purge_waits_for_its_own_snapshot_when_an_earlier_one_was_installed_me
     machine.begin_receiving_snapshot().await.expect("the first stream begins");
     machine.begin_receiving_snapshot().await.expect("the second stream begins");
     machine.install_snapshot(&first.meta, first.snapshot).await.expect("the first installs");
-    let mut purging = tokio::spawn({
-        let mut log = log.clone();
-        async move { log.purge(log_id(2, 20)).await.map_err(|e| e.to_string()) }
-    });
-    let early = tokio::time::timeout(Duration::from_secs(1), &mut purging).await;
-    assert!(early.is_err(), "the purge ran before its own snapshot was stored: {early:?}");
+    let purging = purge_waiting(&log, log_id(2, 20), "ran ahead of its own snapshot").await;
     machine.install_snapshot(&second.meta, second.snapshot).await.expect("the second installs");
     purging.await.expect("the purge's task ends").expect("the purge ends once covered");
-    let purged = log.clone().get_log_state().await.expect("log state").last_purged_log_id;
+    let purged = last_purged(&log).await;
     assert_eq!(purged, Some(log_id(2, 20)));
 }
 
@@ -224,12 +234,7 @@ async fn a_purge_waiting_for_a_snapshot_whose_write_failed_fails_with_the_logs_k
     let (log, mut machine) = store::open_on(disk, true).expect("store opens");
     let (_leader_dir, snapshot) = leaders_snapshot(2, 10).await;
     machine.begin_receiving_snapshot().await.expect("receiving begins");
-    let mut purging = tokio::spawn({
-        let mut log = log.clone();
-        async move { log.purge(log_id(2, 10)).await.map_err(|e| e.to_string()) }
-    });
-    let early = tokio::time::timeout(Duration::from_secs(1), &mut purging).await;
-    assert!(early.is_err(), "the purge ran before the snapshot covering it was stored: {early:?}");
+    let purging = purge_waiting(&log, log_id(2, 10), "ran ahead of its snapshot").await;
     gate.broken.store(true, Ordering::SeqCst);
     let installed = machine.install_snapshot(&snapshot.meta, snapshot.snapshot).await;
     assert!(installed.is_err(), "the install's write should fail on the broken disk");
@@ -239,7 +244,7 @@ async fn a_purge_waiting_for_a_snapshot_whose_write_failed_fails_with_the_logs_k
     assert!(error.contains("failed"), "the purge did not say the write failed: {error}");
     assert!(started.elapsed() < Duration::from_secs(1), "the purge waited out its bound");
     gate.broken.store(false, Ordering::SeqCst);
-    let purged = log.clone().get_log_state().await.expect("log state").last_purged_log_id;
+    let purged = last_purged(&log).await;
     assert_eq!(purged, None, "logs were marked purged");
 }
 
