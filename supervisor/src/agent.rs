@@ -313,8 +313,11 @@ async fn enter(
                 // members it knows end its last life.
                 None if supervisor.last_life_is_member_here() => {
                     tracing::warn!(%seed, "the seed did not answer; this node's own state counts its last life as a member: resuming as a new life through the other members");
-                    // Its own state came from peers that proved the same secret.
-                    keep_identity(dir, secret, node)?;
+                    // Its id, which its own state counts as a member; not the secret, which
+                    // no peer has vouched for in this run.
+                    if dir.node_id()?.is_none() {
+                        dir.save_node_id(node)?;
+                    }
                     Start::Resume
                 }
                 None => options.start.clone(),
@@ -389,9 +392,10 @@ async fn bootstrap_done(dir: &DataDir) {
     }
 }
 
-/// Keeps the node's id and the secret, if missing, for a node the cluster counts as a member:
-/// one that died after its first join was accepted but before it kept them. A later start
-/// without `--node-id` or `--join` then resumes as this node, in this cluster.
+/// Keeps the node's id and the secret, if missing, for a node the cluster (through a seed that
+/// proved the secret) counts as a member: one that died after its first join was accepted but
+/// before it kept them. A later start without `--node-id` or `--join` then resumes as this
+/// node, in this cluster.
 fn keep_identity(dir: &DataDir, secret: &ClusterSecret, node: u64) -> Result<()> {
     if dir.node_id()?.is_none() {
         dir.save_node_id(node)?;
