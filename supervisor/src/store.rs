@@ -12,9 +12,9 @@
 //! tasks write that pair: openraft's core purges logs, while the state machine's task installs a
 //! received snapshot and a builder task stores a built one. openraft asks for the purge that an
 //! install allows as soon as it hands the install over, so the store orders them itself: a
-//! purge waits until a snapshot covering it is on disk when one is being received
-//! ([`Covered`]), and a snapshot never replaces a newer one (a build that started before an
-//! install can end after it). The raft core waits out the install's write in that purge, and
+//! purge waits until a snapshot covering it is on disk ([`Covered`]; only a store that never
+//! held nor received one purges without), and a snapshot never replaces a newer one (a build
+//! that started before an install can end after it). The raft core waits out the install's write in that purge, and
 //! handles nothing else meanwhile: that wait is also what keeps it from appending logs past a
 //! snapshot that is not yet on disk.
 
@@ -185,8 +185,8 @@ pub struct LogStore {
 }
 
 impl LogStore {
-    /// Waits, when a snapshot is being received, until one covering `log_id` is on disk (see the
-    /// module's doc). `Err`, with nothing purged, if the snapshot's write failed or never came.
+    /// Waits until a snapshot covering `log_id` is on disk (see the module's doc). `Err`, with
+    /// nothing purged, if the snapshot's write failed or never came.
     async fn wait_covered(&self, log_id: LogId<u64>) -> StorageResult<()> {
         // With a snapshot stored, every purge openraft asks for is covered by it or by the one
         // being installed: only a store that never had one (openraft's storage suite) purges
