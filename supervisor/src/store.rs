@@ -12,7 +12,7 @@
 //! tasks write that pair: openraft's core purges logs, while the state machine's task installs a
 //! received snapshot and a builder task stores a built one. openraft asks for the purge that an
 //! install allows as soon as it hands the install over, so the store orders them itself: a
-//! purge waits until a snapshot covering it is on disk ([`Covered`]; only a store that never
+//! purge waits until a snapshot covering it is on disk (`Covered`; only a store that never
 //! held nor received one purges without), and a snapshot never replaces a newer one (a build
 //! that started before an install can end after it). The raft core waits out the install's write in that purge, and
 //! handles nothing else meanwhile: that wait is also what keeps it from appending logs past a
