@@ -367,15 +367,9 @@ struct StoredSnapshot {
 fn stored_last(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
 ) -> StorageResult<Option<LogId<u64>>> {
-    if let Some(bytes) = table.get(SNAPSHOT_LAST).map_err(read_err)? {
-        return codec::decode(bytes.value()).map_err(codec_err);
-    }
-    // A data directory written before the key existed: decode the snapshot once.
-    match table.get(SNAPSHOT).map_err(read_err)? {
-        Some(bytes) => {
-            let stored: StoredSnapshot = codec::decode(bytes.value()).map_err(codec_err)?;
-            Ok(stored.meta.last_log_id)
-        }
+    // Always beside a stored snapshot: written with it, and made true at start (`load`).
+    match table.get(SNAPSHOT_LAST).map_err(read_err)? {
+        Some(bytes) => codec::decode(bytes.value()).map_err(codec_err),
         None => Ok(None),
     }
 }
