@@ -20,6 +20,9 @@ pub(crate) struct Gate {
     drained: Notify,
     /// Told when a hold ends, for the handles it kept out.
     reopened: Notify,
+    /// Told when a hold begins, for the handles inside that wait on something else and would
+    /// keep it waiting.
+    holding: Notify,
     /// One hold at a time.
     holds: tokio::sync::Mutex<()>,
 }
@@ -33,6 +36,7 @@ impl Gate {
             state: AtomicUsize::new(0),
             drained: Notify::new(),
             reopened: Notify::new(),
+            holding: Notify::new(),
             holds: tokio::sync::Mutex::new(()),
         }
     }
@@ -67,6 +71,7 @@ impl Gate {
     pub(crate) async fn hold(&self) {
         let _one = self.holds.lock().await;
         self.state.fetch_or(HOLD, Ordering::AcqRel);
+        self.holding.notify_waiters();
         // Reopened however the wait ends, dropped half way included: a hold left standing
         // would keep every request out until the next one.
         let _reopen = Reopen(self);
@@ -78,6 +83,20 @@ impl Gate {
                 break;
             }
             drained.await;
+        }
+    }
+
+    /// Returns once a hold waits: at once if one does now.
+    pub(crate) async fn held(&self) {
+        loop {
+            // Listening before looking, as `pass` does.
+            let holding = self.holding.notified();
+            tokio::pin!(holding);
+            holding.as_mut().enable();
+            if self.state.load(Ordering::Acquire) & HOLD != 0 {
+                return;
+            }
+            holding.await;
         }
     }
 
@@ -166,6 +185,33 @@ mod tests {
         assert!(given_up.is_err(), "a handle is inside: the hold waits");
         assert!(gate.try_pass().is_some(), "the hold is gone: handles pass again");
         drop(inside);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_handle_waiting_on_something_else_hears_of_a_hold_and_lets_it_end() {
+        let gate = Arc::new(Gate::new());
+        let parked = tokio::spawn({
+            let gate = Arc::clone(&gate);
+            async move {
+                let _inside = gate.try_pass().expect("passes");
+                // A long poll: it would keep the hold waiting for the whole minute.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => false,
+                    _ = gate.held() => true,
+                }
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!parked.is_finished(), "no hold yet: the handle waits on");
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(1), gate.hold())
+            .await
+            .expect("the parked handle leaves as the hold begins");
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        assert!(parked.await.expect("task"), "woken by the hold, not by its own wait");
+        // The hold has ended: a handle waiting now waits for the next one.
+        let _inside = gate.try_pass().expect("passes");
+        assert!(tokio::time::timeout(Duration::from_secs(5), gate.held()).await.is_err());
     }
 
     #[tokio::test(start_paused = true)]

@@ -95,6 +95,19 @@ impl Context {
         self.peers.as_ref().is_some_and(|p| p.gone(node))
     }
 
+    /// Returns once a configuration change has begun on this node (at once if one is
+    /// beginning now); never on a detached context. A change's first step waits for every
+    /// [`Service::handle`] running on this node. A handler that parks on something else (the
+    /// other arrivals at a barrier, a long poll) waits on this too, and answers at once when
+    /// it returns, for its caller to ask again: the request is then held through the change
+    /// instead of holding the change up.
+    pub async fn change_waits(&self) {
+        match &self.peers {
+            Some(peers) => peers.gate.held().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// Sends `request` to the manager of `key` of `service`, wherever it is, and waits for its
     /// answer: held through a migration, retried after a failure, run once (except across its
     /// manager's failure: the answers it kept die with it; see docs/writing-a-service.md). `Q` is `'static`
@@ -227,6 +240,8 @@ pub trait Service: Send + Sync + 'static {
     /// are held until it has moved), and at most once per request id unless the request is
     /// [`Service::repeatable`] (then a retry may run it again). Or acts as this node's
     /// local server (`ctx.from()` is the sender) for a message sent with [`Context::tell`].
+    /// A change begins by waiting for the handlers running on this node: one that waits on
+    /// something else also waits on [`Context::change_waits`], and answers when it returns.
     fn handle(
         &self,
         ctx: &Context,

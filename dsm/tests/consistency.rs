@@ -1162,6 +1162,35 @@ fn a_barrier_waits_for_a_slow_node_past_the_access_deadline() {
     });
 }
 
+/// A change does not wait out a barrier's poll. Its first step waits for the handlers running
+/// on each node, and the barrier's manager keeps an arrival parked for 20 ms before it tells
+/// the node to ask again: one join in three during MGS spent that in its before-migration
+/// phase. The parked arrival now answers as the change begins, and asks again through it.
+#[test]
+fn a_change_does_not_wait_for_an_arrival_parked_at_a_barrier() {
+    replay(async {
+        let mut cluster = Cluster::start(2, DsmConfig::default()).await;
+        let (one, two) = (cluster.dsm(NodeId(1)), cluster.dsm(NodeId(2)));
+        let early = tokio::spawn(async move { one.barrier(3, 2).await });
+        // Its arrival is parked at the barrier's manager by now.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let joined = cluster.mem.add().await;
+        let mut befores = Vec::new();
+        for node in [NodeId(1), NodeId(2), joined] {
+            let history = cluster.mem.host(node).history();
+            let record = history.last().expect("the join is in every participant's history");
+            befores.push(record.before_ms);
+        }
+        assert!(
+            befores.iter().all(|&ms| ms < 5.0),
+            "before migration waited for the parked arrival: {befores:?} ms"
+        );
+        assert!(!early.is_finished(), "node 2 has not arrived yet");
+        two.barrier(3, 2).await.expect("node 2 passes");
+        early.await.expect("task").expect("node 1 asked again through the change and passes");
+    });
+}
+
 /// A barrier that gave up (past its wait deadline, or dropped by its caller) and is called
 /// again waits for the same passage: the nodes stay in step through the barriers after it.
 #[test]
