@@ -86,6 +86,10 @@ pub enum SupervisorError {
     /// Consensus refused or failed an operation.
     #[error("consensus: {0}")]
     Raft(String),
+    /// The peer stopped on a fatal error (its message says which), and answers every request
+    /// so until it is restarted.
+    #[error("{0}; the cluster declares it failed, and elects another leader if it led")]
+    PeerStopped(String),
     /// The cluster refused a configuration change.
     #[error("refused: {0}")]
     Refused(String),
@@ -101,6 +105,7 @@ impl SupervisorError {
                 | SupervisorError::Closed
                 | SupervisorError::Unread { .. }
                 | SupervisorError::Raft(_)
+                | SupervisorError::PeerStopped(_)
         )
     }
 

@@ -63,7 +63,12 @@ pub fn response(response: &Response) -> Result<Bytes> {
 /// Decodes an answer of the supervisor; one for the other lane is an error.
 pub fn decode_response(message: Bytes) -> Result<Response> {
     match Lane::open(message)? {
-        (Lane::Supervisor, body) => Ok(codec::decode(&body)?),
+        // Taken for an error here, once for every caller: each once reported it as "the wrong
+        // answer", which sent the operator looking for a bug rather than at the stopped node.
+        (Lane::Supervisor, body) => match codec::decode(&body)? {
+            Response::Stopped(why) => Err(SupervisorError::PeerStopped(why)),
+            response => Ok(response),
+        },
         (Lane::Adaptation, _) => {
             Err(SupervisorError::Codec("an adaptation answer to a supervisor request".into()))
         }

@@ -63,7 +63,11 @@ impl Client {
             }
             other => RPCError::Network(NetworkError::new(&other)),
         })?;
-        lane::decode_response(reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+        lane::decode_response(reply).map_err(|e| match e {
+            // It stays so until restarted: raft backs off, as from a node it cannot dial.
+            SupervisorError::PeerStopped(_) => RPCError::Unreachable(Unreachable::new(&e)),
+            other => RPCError::Network(NetworkError::new(&other)),
+        })
     }
 
     fn unexpected<E: std::error::Error>(&self) -> RPCError<u64, BasicNode, RaftError<u64, E>> {

@@ -512,7 +512,14 @@ impl Supervisor {
             }
             let bytes = lane::request(&request)?;
             match self.transport.call_addr(seed, bytes, self.config.rpc_timeout * 3).await {
-                Ok((_, reply)) => match lane::decode_response(reply)? {
+                Ok((_, reply)) => match lane::decode_response(reply).map_err(|e| match e {
+                    // The seed will not get better by asking it again, but the cluster may
+                    // take the join through another member.
+                    SupervisorError::PeerStopped(_) => SupervisorError::Refused(format!(
+                        "{seed} takes no joins: {e}. Join through another member of the cluster"
+                    )),
+                    e => e,
+                })? {
                     // The cluster is still recovering this node's last life: it will take
                     // the new one once that is done.
                     Response::Admitted {

@@ -888,6 +888,24 @@ fn a_node_whose_disk_fills_up_stops_and_the_cluster_declares_it_failed() {
             s.is_stable() && s.nodes[&3].status == NodeStatus::Failed
         })
         .await;
+
+        // A node stopped so still answers, to say why: a join through it is told so at once,
+        // not "the wrong message" after its whole window.
+        let fourth = node(&net, 4, config).await;
+        let joining = fourth.supervisor.join_via("n3", Duration::from_secs(30));
+        let joined = tokio::time::timeout(Duration::from_secs(5), joining).await;
+        let error = joined.expect("told at once").expect_err("node 3 takes no joins").to_string();
+        assert!(
+            error.contains("stopped on a fatal error") && error.contains("another member"),
+            "{error}"
+        );
+        // Nor does raft ask it again at once, over and over: it took the answer for a network
+        // error and retried without a pause, and the cluster's paused clock never moved again.
+        let asked = || net.calls(1, 3) + net.calls(2, 3);
+        let before = asked();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let again = asked() - before;
+        assert!(again < 30, "node 3 was asked {again} times in a second");
     });
 }
 
