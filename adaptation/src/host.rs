@@ -1510,7 +1510,9 @@ impl Inner {
     ) -> Reply {
         let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
         let mut begun = self.begun.subscribe();
-        let until = Instant::now() + self.config.call_timeout;
+        // Half the sender's deadline, so that `Late` reaches it before it gives up and sends
+        // a copy: staged too, that copy's entries were received twice.
+        let until = Instant::now() + self.config.call_timeout / 2;
         if !matches!(
             tokio::time::timeout_at(until, begun.wait_for(|&b| b >= epoch)).await,
             Ok(Ok(_))
@@ -1979,6 +1981,13 @@ mod tests {
     /// Node 2's host, running `service`, in the change to `epoch` that adds it next to node
     /// 1; and a key node 1 hands it.
     fn node_two_joining(epoch: u64, service: SlowMerge) -> (Host, Key) {
+        let (host, moved, update) = node_two_before_joining(epoch, service);
+        host.update(update);
+        (host, moved)
+    }
+
+    /// [`node_two_joining`]'s host before it hears of the change, and the update that tells it.
+    fn node_two_before_joining(epoch: u64, service: SlowMerge) -> (Host, Key, Update) {
         use gobelins_locator::{CellTree, Epoch, Labels, MigrationPlan, ServiceSpec, TreeConfig};
         let mut tree = CellTree::new(TreeConfig::default()).expect("config");
         tree.register_service(ServiceSpec::new(KV, "kv").with_slots(1024)).expect("register");
@@ -1992,7 +2001,7 @@ mod tests {
         registry.register(crate::plugin(service)).expect("register");
         let link = Arc::new(Flaky::new(0));
         let host = Host::start(NodeId(2), registry, link, HostConfig::default());
-        host.update(Update {
+        let update = Update {
             epoch,
             snapshot: Some(Arc::clone(&new)),
             change: Some(Progress {
@@ -2002,8 +2011,8 @@ mod tests {
                 plan,
             }),
             departed: BTreeSet::new(),
-        });
-        (host, moved)
+        };
+        (host, moved, update)
     }
 
     /// A migration batch of the change to `epoch` carrying `key`.
@@ -2070,6 +2079,37 @@ mod tests {
         let stale = reply(host.handle(NodeId(3), batch(2, moved)).await);
         assert!(matches!(stale, Reply::Merged { epoch: 2 }), "{stale:?}");
         assert_eq!(received.load(Ordering::SeqCst), 1, "only the batch of the change begun");
+        host.shutdown();
+    }
+
+    /// A batch that comes before its receiver has begun the change waits for it, but answers
+    /// before its sender gives up: else a receiver that began just before the sender's deadline
+    /// staged a copy the sender sent again, and counted its entries twice.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_waiting_for_its_change_answers_before_its_sender_gives_up() {
+        let received: Arc<AtomicU64> = Arc::default();
+        let service = SlowMerge {
+            received: Arc::clone(&received),
+            merging: Arc::default(),
+            merge: Arc::default(),
+        };
+        let (host, moved, update) = node_two_before_joining(2, service);
+        let deadline = HostConfig::default().call_timeout;
+        let told = tokio::spawn({
+            let host = host.clone();
+            async move {
+                tokio::time::sleep(deadline * 9 / 10).await;
+                host.update(update);
+            }
+        });
+        let started = Instant::now();
+        let first = reply(host.handle(NodeId(1), batch(2, moved)).await);
+        assert!(matches!(first, Reply::Late), "{first:?}");
+        assert!(started.elapsed() <= deadline / 2, "answered in {:?}", started.elapsed());
+        told.await.expect("task");
+        // Sent again, as its sender does: taken, once.
+        assert!(matches!(reply(host.handle(NodeId(1), batch(2, moved)).await), Reply::Accepted));
+        assert_eq!(received.load(Ordering::SeqCst), 1, "the entry was received once");
         host.shutdown();
     }
 
