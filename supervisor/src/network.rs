@@ -70,10 +70,23 @@ impl Client {
         })
     }
 
-    fn unexpected<E: std::error::Error>(&self) -> RPCError<u64, BasicNode, RaftError<u64, E>> {
-        let error =
-            SupervisorError::Codec(format!("node {} answered with the wrong message", self.target));
-        RPCError::Network(NetworkError::new(&error))
+    /// A peer that refused the message (it is starting, or cannot read it) or answered
+    /// something else. Unreachable, not a network error: raft sends again at once after a
+    /// network error, and a peer that cannot read the message refuses it as fast as it comes.
+    fn unexpected<E: std::error::Error>(
+        &self,
+        answer: &Response,
+    ) -> RPCError<u64, BasicNode, RaftError<u64, E>> {
+        let error = match answer {
+            Response::Malformed(why) => {
+                SupervisorError::Codec(format!("node {} refused the message: {why}", self.target))
+            }
+            _ => SupervisorError::Codec(format!(
+                "node {} answered with the wrong message",
+                self.target
+            )),
+        };
+        RPCError::Unreachable(Unreachable::new(&error))
     }
 }
 
@@ -88,7 +101,7 @@ impl RaftNetwork<TypeConfig> for Client {
             Response::AppendEntries(Err(e)) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
-            _ => Err(self.unexpected()),
+            other => Err(self.unexpected(&other)),
         }
     }
 
@@ -102,7 +115,7 @@ impl RaftNetwork<TypeConfig> for Client {
             Response::InstallSnapshot(Err(e)) => {
                 Err(RPCError::RemoteError(RemoteError::new(self.target, e)))
             }
-            _ => Err(self.unexpected()),
+            other => Err(self.unexpected(&other)),
         }
     }
 
@@ -114,7 +127,7 @@ impl RaftNetwork<TypeConfig> for Client {
         match self.send(Request::Vote(rpc), &option).await? {
             Response::Vote(Ok(r)) => Ok(r),
             Response::Vote(Err(e)) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
-            _ => Err(self.unexpected()),
+            other => Err(self.unexpected(&other)),
         }
     }
 }

@@ -903,6 +903,7 @@ fn a_node_whose_disk_fills_up_stops_and_the_cluster_declares_it_failed() {
         // error and retried without a pause, and the cluster's paused clock never moved again.
         let asked = || net.calls(1, 3) + net.calls(2, 3);
         let before = asked();
+        let _spin = Watchdog::new(120, "node 3's answers were taken for network errors");
         tokio::time::sleep(Duration::from_secs(1)).await;
         let again = asked() - before;
         assert!(again < 30, "node 3 was asked {again} times in a second");
@@ -1491,4 +1492,68 @@ fn a_joiner_behind_the_purged_logs_is_brought_up_by_a_snapshot_and_restarts_from
         assert_eq!(after, before, "the restart did not rebuild the state it had");
         second.shutdown().await;
     });
+}
+
+/// A peer that refuses whatever it is sent, as a node still starting does, or one that cannot
+/// read what it is sent.
+struct Refuser;
+
+#[async_trait::async_trait]
+impl Handler for Refuser {
+    async fn handle(self: Arc<Self>, _: u64, _: bytes::Bytes) -> bytes::Bytes {
+        lane::response(&Response::Malformed("cannot read it".into())).expect("encodes")
+    }
+}
+
+/// A voter that refuses every message is backed off from, as one that cannot be dialled is.
+/// Raft took a refusal for a network error and sent again at once: the leader's replication to
+/// it left no time for anything else, and the paused clock of the cluster never moved again.
+#[test]
+fn a_voter_that_refuses_every_message_is_not_asked_again_at_once() {
+    replay(async {
+        let net = MemNetwork::new(13);
+        let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_voters(&all, 3).await;
+        nodes[2].supervisor.shutdown().await;
+        net.crash(3);
+        net.attach(3, "n3", Arc::new(Refuser));
+        let asked = || net.calls(1, 3) + net.calls(2, 3);
+        let before = asked();
+        let _spin = Watchdog::new(120, "node 3's refusals were answered at once, over and over");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let again = asked() - before;
+        assert!(again < 30, "node 3 was asked {again} times in a second");
+    });
+}
+
+/// Ends this test binary, saying `what`, unless dropped within `secs` seconds of real time. A
+/// cluster that spins never lets its paused clock move: without this, a test of such a spin
+/// would hang instead of failing.
+struct Watchdog(Arc<std::sync::atomic::AtomicBool>);
+
+impl Watchdog {
+    fn new(secs: u64, what: &'static str) -> Watchdog {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dropped = Arc::new(AtomicBool::new(false));
+        let seen = Arc::clone(&dropped);
+        std::thread::spawn(move || {
+            let until = std::time::Instant::now() + Duration::from_secs(secs);
+            while std::time::Instant::now() < until {
+                if seen.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            eprintln!("{what}: still running after {secs} s of real time");
+            std::process::exit(101);
+        });
+        Watchdog(dropped)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
