@@ -174,7 +174,8 @@ async fn answer(
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     // A call's body rides in the line, as JSON numbers: up to about 1 MiB of request.
-    BufReader::new(read.take(4 * 1024 * 1024)).read_line(&mut line).await?;
+    let mut read = BufReader::new(read.take(4 * 1024 * 1024));
+    read.read_line(&mut line).await?;
     let request: ControlRequest = match serde_json::from_str(&line) {
         Ok(request) => request,
         Err(e) => {
@@ -229,11 +230,12 @@ async fn answer(
         }
         ControlRequest::Leave => {
             let id = node.id();
-            change(&mut write, &node, Command::Leave { node: id }, id, NodeStatus::Left).await
+            let leave = Command::Leave { node: id };
+            change((&mut read, &mut write), &node, leave, id, NodeStatus::Left).await
         }
         ControlRequest::Evict { node: target } => {
-            change(&mut write, &node, Command::Evict { node: target }, target, NodeStatus::Left)
-                .await
+            let evict = Command::Evict { node: target };
+            change((&mut read, &mut write), &node, evict, target, NodeStatus::Left).await
         }
         ControlRequest::Join { seed } => {
             let line = match node.join_cluster(&seed, Duration::from_secs(10)).await {
@@ -248,7 +250,26 @@ async fn answer(
             if failed {
                 return Ok(());
             }
-            wait_for(&mut write, &node, node.id(), NodeStatus::Active).await
+            wait_for((&mut read, &mut write), &node, node.id(), NodeStatus::Active).await
+        }
+    }
+}
+
+/// The client's side of a control connection, past its request.
+type Reader = BufReader<tokio::io::Take<tokio::net::unix::OwnedReadHalf>>;
+
+/// Returns once the client has hung up. The end of what it sends is not enough: a client
+/// may shut its side down after its request and read on (`socat`, `nc -N`), so only a socket
+/// closed both ways counts. Anything the client sends after its request is read and ignored.
+async fn hung_up(read: &mut Reader, write: &tokio::net::unix::OwnedWriteHalf) {
+    let mut byte = [0u8; 1];
+    while let Ok(1..) = read.read(&mut byte).await {}
+    loop {
+        match write.ready(tokio::io::Interest::WRITABLE).await {
+            Ok(ready) if !ready.is_write_closed() => {
+                tokio::time::sleep(Duration::from_secs(1)).await
+            }
+            _ => return,
         }
     }
 }
@@ -262,7 +283,7 @@ async fn flush(write: &mut tokio::net::unix::OwnedWriteHalf, lines: &[Value]) ->
 }
 
 async fn change(
-    write: &mut tokio::net::unix::OwnedWriteHalf,
+    (read, write): (&mut Reader, &mut tokio::net::unix::OwnedWriteHalf),
     node: &Supervisor,
     command: Command,
     target: u64,
@@ -282,7 +303,7 @@ async fn change(
     match proposed {
         Ok(Ok(applied)) => {
             flush(write, &[json!({ "progress": format!("accepted: {applied:?}") })]).await?;
-            wait_for(write, node, target, until).await
+            wait_for((read, write), node, target, until).await
         }
         Ok(Err(refusal)) => flush(write, &[json!({ "error": refusal.to_string() })]).await,
         // A proposal that reached a leader but was not answered in time may still commit.
@@ -301,7 +322,7 @@ async fn change(
 /// it (a rebalance, another node's leave) may take longer than a leaver's agent stays up, and
 /// its CLI then read "connection closed" for a leave that had succeeded.
 async fn wait_for(
-    write: &mut tokio::net::unix::OwnedWriteHalf,
+    (read, write): (&mut Reader, &mut tokio::net::unix::OwnedWriteHalf),
     node: &Supervisor,
     target: u64,
     until: NodeStatus,
@@ -343,7 +364,15 @@ async fn wait_for(
             flush(write, &[json!({ "progress": progress })]).await?;
             last = progress;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        // A client gone (an operator's Ctrl-C) is not asked about for the rest of the minute:
+        // each pass asks the leader for the whole state.
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            _ = hung_up(read, write) => {
+                tracing::info!(node = target, "the control client went away; the change goes on without it (`gobelins status` follows it)");
+                return Ok(());
+            }
+        }
     }
     flush(
         write,

@@ -1557,3 +1557,69 @@ impl Drop for Watchdog {
         self.0.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// A control client that hangs up while its change is under way (an operator's Ctrl-C) is not
+/// followed any more: its agent asked the leader for the whole state every 10 ms, for up to a
+/// minute, to tell nobody.
+#[test]
+fn a_control_client_that_hangs_up_is_not_followed_for_the_rest_of_the_minute() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    replay(async {
+        let net = MemNetwork::new(14);
+        let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_voters(&all, 3).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let mut others = (1..=3).filter(|&id| id != leader);
+        let (asker, evicted) =
+            (others.next().expect("a follower"), others.next().expect("another"));
+        // The evicted node never hears of its eviction, which therefore never ends.
+        net.stall_log(leader, evicted);
+        net.lose_begun(leader, evicted);
+        let dir = TempDir::new().expect("temporary directory");
+        let path = dir.path().join("control.sock");
+        let entering = gobelins_supervisor::entering::Entering::new(String::new());
+        entering.done();
+        let supervisor = Arc::clone(&nodes[asker as usize - 1].supervisor);
+        let _socket = gobelins_supervisor::control::serve(
+            &path,
+            supervisor,
+            gobelins_supervisor::console::Consoles::new(),
+            entering,
+        )
+        .await
+        .expect("control socket");
+        let asked = || net.calls(asker, leader);
+        let before = asked();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let idle = asked() - before;
+
+        let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
+        let (client, mut sending) = client.into_split();
+        let request = format!("{{\"cmd\":\"evict\",\"node\":{evicted}}}\n");
+        sending.write_all(request.as_bytes()).await.expect("request sent");
+        // Done sending, as `socat` is once its input ends: it still reads what comes.
+        sending.shutdown().await.expect("half-closed");
+        let mut lines = tokio::io::BufReader::new(client).lines();
+        let first = lines.next_line().await.expect("reads").expect("a line");
+        assert!(first.contains("accepted"), "{first}");
+        let second = lines.next_line().await.expect("reads").expect("a line");
+        assert!(second.contains("progress"), "the change is under way: {second}");
+        let before = asked();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let followed = asked() - before;
+        assert!(
+            followed > idle + 50,
+            "a client that only stopped sending is still followed: {followed} asks, {idle} when idle"
+        );
+        drop((lines, sending));
+
+        let before = asked();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after_hang_up = asked() - before;
+        assert!(
+            after_hang_up <= idle + 5,
+            "node {asker} asked the leader {after_hang_up} times in a second for a client gone, {idle} when idle"
+        );
+    });
+}
