@@ -1510,8 +1510,9 @@ impl Inner {
     ) -> Reply {
         let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
         let mut begun = self.begun.subscribe();
-        // Half the sender's deadline, so that `Late` reaches it before it gives up and sends
-        // a copy: staged too, that copy's entries were received twice.
+        // Half the sender's deadline (if it is set as this node's), so that `Late` reaches it
+        // before it gives up and sends a copy: staged too, that copy's entries were received
+        // twice. A copy sent again after a failed connection can still land twice.
         let until = Instant::now() + self.config.call_timeout / 2;
         if !matches!(
             tokio::time::timeout_at(until, begun.wait_for(|&b| b >= epoch)).await,
@@ -1530,7 +1531,10 @@ impl Inner {
             );
             return Reply::Merged { epoch };
         }
-        let merging = self.merging.read().await;
+        // Under the same bound: a merge in progress holds this wait too.
+        let Ok(merging) = tokio::time::timeout_at(until, self.merging.read()).await else {
+            return Reply::Late;
+        };
         if *merging >= epoch || *self.done.borrow() >= epoch {
             tracing::debug!(node = from.0, epoch, "batch for a change already merged here refused");
             return Reply::Merged { epoch };
@@ -2111,6 +2115,35 @@ mod tests {
         assert!(matches!(reply(host.handle(NodeId(1), batch(2, moved)).await), Reply::Accepted));
         assert_eq!(received.load(Ordering::SeqCst), 1, "the entry was received once");
         host.shutdown();
+    }
+
+    /// A change waits for the handlers of a key's manager, not for a message told to the
+    /// local server: only the first hears of it, and a told handler that answered at once was
+    /// asked again at once, over and over while the change's first step lasted.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_managers_handler_hears_that_a_change_waits_for_it() {
+        let inner = Inner::spawn(
+            NodeId(1),
+            Registry::new(),
+            Arc::new(Flaky::new(0)),
+            HostConfig::default(),
+        );
+        let inside = inner.gate.try_pass().expect("passes");
+        let holding = tokio::spawn({
+            let inner = Arc::clone(&inner);
+            async move { inner.gate.hold().await }
+        });
+        tokio::task::yield_now().await;
+        let managing = inner.context(None);
+        tokio::time::timeout(Duration::from_secs(1), managing.change_waits())
+            .await
+            .expect("a manager's handler hears of the change");
+        let told = inner.context(Some(NodeId(2)));
+        let heard = tokio::time::timeout(Duration::from_secs(1), told.change_waits()).await;
+        assert!(heard.is_err(), "a told handler does not: the change does not wait for it");
+        drop(inside);
+        holding.await.expect("task");
+        inner.stop();
     }
 
     #[tokio::test(start_paused = true)]

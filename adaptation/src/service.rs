@@ -96,15 +96,19 @@ impl Context {
     }
 
     /// Returns once a configuration change has begun on this node (at once if one is
-    /// beginning now); never on a detached context. A change's first step waits for every
-    /// [`Service::handle`] running on this node. A handler that parks on something else (the
-    /// other arrivals at a barrier, a long poll) waits on this too, and answers at once when
-    /// it returns, for its caller to ask again: the request is then held through the change
+    /// beginning now). A change's first step waits for every [`Service::handle`] running on
+    /// this node as a key's manager. A handler that parks on something else (the other
+    /// arrivals at a barrier, a long poll) waits on this too, and answers at once when it
+    /// returns, for its caller to ask again: the request is then held through the change
     /// instead of holding the change up.
+    ///
+    /// Never returns for a message told to the local server ([`Context::from`] is `Some`),
+    /// which a change does not wait for: a handler that answered at once would be asked again
+    /// at once, over and over until the change's first step ended. Nor on a detached context.
     pub async fn change_waits(&self) {
-        match &self.peers {
-            Some(peers) => peers.gate.held().await,
-            None => std::future::pending().await,
+        match (&self.peers, self.from) {
+            (Some(peers), None) => peers.gate.held().await,
+            _ => std::future::pending().await,
         }
     }
 
@@ -240,8 +244,9 @@ pub trait Service: Send + Sync + 'static {
     /// are held until it has moved), and at most once per request id unless the request is
     /// [`Service::repeatable`] (then a retry may run it again). Or acts as this node's
     /// local server (`ctx.from()` is the sender) for a message sent with [`Context::tell`].
-    /// A change begins by waiting for the handlers running on this node: one that waits on
-    /// something else also waits on [`Context::change_waits`], and answers when it returns.
+    /// A change begins by waiting for the managers' handlers running on this node: one that
+    /// waits on something else also waits on [`Context::change_waits`], and answers when it
+    /// returns.
     fn handle(
         &self,
         ctx: &Context,

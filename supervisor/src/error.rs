@@ -105,7 +105,6 @@ impl SupervisorError {
                 | SupervisorError::Closed
                 | SupervisorError::Unread { .. }
                 | SupervisorError::Raft(_)
-                | SupervisorError::PeerStopped(_)
         )
     }
 

@@ -60,7 +60,8 @@ pub fn response(response: &Response) -> Result<Bytes> {
     Ok(Lane::Supervisor.seal(codec::encode(response)?))
 }
 
-/// Decodes an answer of the supervisor; one for the other lane is an error.
+/// Decodes an answer of the supervisor; one for the other lane is an error, and so is
+/// `Stopped` ([`SupervisorError::PeerStopped`]).
 pub fn decode_response(message: Bytes) -> Result<Response> {
     match Lane::open(message)? {
         // Taken for an error here, once for every caller: each once reported it as "the wrong
