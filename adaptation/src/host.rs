@@ -373,6 +373,12 @@ impl Host {
         }
     }
 
+    /// Until when this node may act as the manager of its keys: `None` if it was never given a
+    /// lease (it then serves freely).
+    pub fn leased_until(&self) -> Option<Instant> {
+        *self.inner.load().lease.borrow()
+    }
+
     /// Which life this is: changes with every [`Host::renew`], so that the supervisor knows to
     /// subscribe to the new life's reports and feed it from the start.
     pub fn life(&self) -> u64 {

@@ -218,10 +218,10 @@ pub struct Supervisor {
     head_start: Mutex<Option<(u64, Arc<ClusterState>)>>,
     /// The epoch of the last change this node, as leader, told its participants of.
     told: AtomicU64,
-    /// The incarnations this process is asking the cluster to admit, with how many calls ask:
-    /// a change the join of one it made began, once applied here, admits it as the answer
-    /// would.
-    asking: Mutex<BTreeMap<u64, usize>>,
+    /// The incarnations this process is asking the cluster to admit, with how many calls ask
+    /// and when the first of them began: a change the join of one it made began, once applied
+    /// here, admits it as the answer would.
+    asking: Mutex<BTreeMap<u64, (usize, Instant)>>,
     /// The incarnation this process started with, if it wrote it itself (its data directory
     /// had none): no earlier run served that life.
     made_at_start: Option<u64>,
@@ -459,8 +459,19 @@ impl Supervisor {
         self.finish_bootstrap().await
     }
 
-    /// Lets this process's life serve: its host is fed the cluster's state from now on.
+    /// Lets this process's life serve: its host is fed the cluster's state from now on, and
+    /// its lease runs from now. For a node alone in its cluster, which nobody can declare
+    /// failed; a join's admission leases from its ask.
     pub fn admit_life(&self) {
+        self.admit_life_asked(Instant::now());
+    }
+
+    /// [`Supervisor::admit_life`], the lease running from `asked`, when this process began to
+    /// ask to be admitted: the cluster watches the node from the join's commit, after that,
+    /// and declares it failed a failure timeout later if it stays silent. Leased from the
+    /// answer's arrival, a process frozen while the answer waited served for half a failure
+    /// timeout after it woke, when the cluster may have rebuilt its entries elsewhere.
+    fn admit_life_asked(&self, asked: Instant) {
         self.admitted.store(true, Ordering::SeqCst);
         if self.fresh.swap(false, Ordering::SeqCst) {
             let (record, node) = (Arc::clone(&self.admitted_first), self.me.id);
@@ -479,8 +490,15 @@ impl Supervisor {
             }
         }
         // The cluster just vouched for this node: it may serve until the leader's pings take over.
-        self.host.lease(Instant::now() + self.lease_span());
+        self.host.lease(asked + self.lease_span());
         self.wake.notify_one();
+    }
+
+    /// When the calls still asking the cluster to admit `life` began to; now if none is (its
+    /// callers hold an ask, or saw one).
+    fn asked_since(&self, life: u64) -> Instant {
+        let asking = self.asking.lock().expect("asking");
+        asking.get(&life).map_or_else(Instant::now, |&(_, since)| since)
     }
 
     /// Whether this process's life was admitted by the cluster.
@@ -552,7 +570,7 @@ impl Supervisor {
                             if let Some(state) = state {
                                 self.keep_head_start(asked, state);
                             }
-                            self.admit_life();
+                            self.admit_life_asked(self.asked_since(asked));
                         }
                         return Ok(outcome);
                     }
@@ -1081,7 +1099,7 @@ impl Supervisor {
                 self.end_if_left(mine);
             }
             if !self.life_admitted() && self.own_join_begun(&current) {
-                self.admit_life();
+                self.admit_life_asked(self.asked_since(self.incarnation()));
             }
             // Before this node's own part: its senders' packing would hold the calls back.
             if self.tell_participants(&current) {
@@ -1672,7 +1690,8 @@ struct Asking<'a> {
 
 impl<'a> Asking<'a> {
     fn new(supervisor: &'a Supervisor, incarnation: u64) -> Self {
-        *supervisor.asking.lock().expect("asking").entry(incarnation).or_default() += 1;
+        let mut asking = supervisor.asking.lock().expect("asking");
+        asking.entry(incarnation).or_insert((0, Instant::now())).0 += 1;
         Asking { supervisor, incarnation }
     }
 }
@@ -1680,7 +1699,7 @@ impl<'a> Asking<'a> {
 impl Drop for Asking<'_> {
     fn drop(&mut self) {
         let mut asking = self.supervisor.asking.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = asking.get_mut(&self.incarnation) {
+        if let Some((count, _)) = asking.get_mut(&self.incarnation) {
             *count -= 1;
             if *count == 0 {
                 asking.remove(&self.incarnation);

@@ -1623,3 +1623,43 @@ fn a_control_client_that_hangs_up_is_not_followed_for_the_rest_of_the_minute() {
         );
     });
 }
+
+/// A joiner's first lease runs from its ask, not from when it learned it was admitted: the
+/// cluster watches it from its join's commit, which came after the ask, and a process frozen
+/// meanwhile would have served for half a failure timeout after it woke, when the cluster may
+/// have declared it failed and rebuilt its entries elsewhere.
+#[test]
+fn a_joiners_first_lease_runs_from_its_ask() {
+    replay(async {
+        let net = MemNetwork::new(15);
+        let config = SupervisorConfig::loopback();
+        let nodes = cluster(&net, 1, config.clone()).await;
+        let joiner = node(&net, 2, config.clone()).await;
+        // Slow messages, and no answer from node 1 ever reaches node 2: it learns that it was
+        // admitted from its log, and no lease is granted to it.
+        let delay = Duration::from_millis(25);
+        net.set_delay(delay);
+        net.mute(1, 2);
+        let asked = tokio::time::Instant::now();
+        let asking = tokio::spawn({
+            let supervisor = Arc::clone(&joiner.supervisor);
+            async move { supervisor.join_via("n1", Duration::from_secs(60)).await }
+        });
+        let start = tokio::time::Instant::now();
+        while !joiner.supervisor.life_admitted() {
+            assert!(start.elapsed() < Duration::from_secs(30), "node 2 admitted from its log");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let admitted = tokio::time::Instant::now();
+        assert!(admitted >= asked + delay * 2, "the join took its round trip");
+        let lease = joiner.supervisor.host().leased_until().expect("a lease");
+        assert!(
+            lease <= asked + config.failure_timeout / 2,
+            "leased {:?} past the ask, admitted {:?} after it",
+            lease - asked,
+            admitted - asked
+        );
+        asking.abort();
+        drop(nodes);
+    });
+}
