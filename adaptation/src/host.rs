@@ -1952,6 +1952,19 @@ mod tests {
         merge: Arc<tokio::sync::Notify>,
     }
 
+    impl SlowMerge {
+        /// One whose merge the test never lets through, and the count of what it received.
+        fn counting() -> (SlowMerge, Arc<AtomicU64>) {
+            let received: Arc<AtomicU64> = Arc::default();
+            let service = SlowMerge {
+                received: Arc::clone(&received),
+                merging: Arc::default(),
+                merge: Arc::default(),
+            };
+            (service, received)
+        }
+    }
+
     impl crate::Service for SlowMerge {
         type Request = ();
         type Response = ();
@@ -2078,12 +2091,7 @@ mod tests {
     /// former life was declared failed, is refused: staged, it was merged into epoch 5.
     #[tokio::test(start_paused = true)]
     async fn a_batch_of_a_change_before_the_one_begun_is_refused_not_merged_into_it() {
-        let received: Arc<AtomicU64> = Arc::default();
-        let service = SlowMerge {
-            received: Arc::clone(&received),
-            merging: Arc::default(),
-            merge: Arc::default(),
-        };
+        let (service, received) = SlowMerge::counting();
         let (host, moved) = node_two_joining(5, service);
         assert!(matches!(reply(host.handle(NodeId(1), batch(5, moved)).await), Reply::Accepted));
         let stale = reply(host.handle(NodeId(3), batch(2, moved)).await);
@@ -2097,12 +2105,7 @@ mod tests {
     /// staged a copy the sender sent again, and counted its entries twice.
     #[tokio::test(start_paused = true)]
     async fn a_batch_waiting_for_its_change_answers_before_its_sender_gives_up() {
-        let received: Arc<AtomicU64> = Arc::default();
-        let service = SlowMerge {
-            received: Arc::clone(&received),
-            merging: Arc::default(),
-            merge: Arc::default(),
-        };
+        let (service, received) = SlowMerge::counting();
         let (host, moved, update) = node_two_before_joining(2, service);
         let deadline = HostConfig::default().call_timeout;
         let told = tokio::spawn({

@@ -1512,9 +1512,7 @@ impl Handler for Refuser {
 fn a_voter_that_refuses_every_message_is_not_asked_again_at_once() {
     replay(async {
         let net = MemNetwork::new(13);
-        let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
-        let all: Vec<&Node> = nodes.iter().collect();
-        until_voters(&all, 3).await;
+        let nodes = three_voters(&net).await;
         nodes[2].supervisor.shutdown().await;
         net.crash(3);
         net.attach(3, "n3", Arc::new(Refuser));
@@ -1566,9 +1564,7 @@ fn a_control_client_that_hangs_up_is_not_followed_for_the_rest_of_the_minute() {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     replay(async {
         let net = MemNetwork::new(14);
-        let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
-        let all: Vec<&Node> = nodes.iter().collect();
-        until_voters(&all, 3).await;
+        let nodes = three_voters(&net).await;
         let leader = nodes[0].supervisor.leader().expect("a leader");
         let mut others = (1..=3).filter(|&id| id != leader);
         let (asker, evicted) =
