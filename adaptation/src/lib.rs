@@ -18,6 +18,13 @@
 //! - `settled`: which requests their senders have settled, so that their answers can go;
 //!   `kept`: the order a manager kept its answers in, so that they go as soon as settled.
 //! - [`registry`]: [`Registry`], the services of a node in registration order.
+//! - [`host`]: [`Host`], one node's layer at work: routing, serving, and each change carried
+//!   out; `driver`, the loop that feeds [`Period`] its events and runs its commands; `gate`,
+//!   what a served request passes and a change's hold waits at; `mirrors`, the watched values a
+//!   request reads, as atomics; `deadline`, a request's deadline.
+//! - [`link`]: [`Link`], the one call to another node the layer needs from the network.
+//! - [`wire`]: the messages hosts send each other.
+//! - `testing` (feature `testing`): an in-memory cluster and the conformance suite.
 //! - [`error`]: the one error type, [`AdaptationError`].
 #![deny(missing_docs)]
 

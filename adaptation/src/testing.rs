@@ -404,8 +404,9 @@ pub struct Verdict {
 }
 
 /// Runs `probe`'s service on a 3-node in-memory cluster over `keys` keys: writes them all,
-/// then, with writers running, adds a node, evicts one and (if the service says it survives)
-/// crashes one, and reads every key back. A conforming service fails no request and loses no
+/// then, with writers running, adds a node and evicts one; if the service says it survives a
+/// failure, crashes the added node, adds another and kills it in the middle of its own
+/// eviction; then reads every key back. A conforming service fails no request and loses no
 /// key. Run it under a paused tokio clock to keep it deterministic and fast.
 pub async fn conformance<P: Probe>(probe: P, keys: u64) -> Verdict {
     let probe = Arc::new(probe);
