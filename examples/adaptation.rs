@@ -24,7 +24,7 @@
 //! whose idle vCPUs wake slowly, a path's p50 depends on what ran just before it, and the two
 //! layouts can disagree, most for the multiplexed echo.
 //!
-//! `cargo run --release --example adaptation [-- --samples 20000 --entries 60000 --value-bytes 1024 --cold 2000 --joins 5]`
+//! `cargo run --release --example adaptation [-- --samples 20000 --entries 180000 --value-bytes 1024 --cold 2000 --joins 5]`
 //!
 //! `-- --only routed|typed|tell|ping|echo|mux [--count 10000] [--evict]` runs one path alone
 //! (each request after the caches were filled, with `--evict`) and exits,
@@ -33,9 +33,13 @@
 //! the get a service's code sends through the router, `tell` the same get sent straight to the
 //! manager's local server (as the DSM's STAT sends): their difference is what routing costs.
 //!
-//! 60,000 entries of 1 KiB: the join moves about 20 MB, tens of milliseconds of sending. With a
-//! third of that, the phase lasted a few milliseconds, and a page fault or a vCPU waking late
-//! moved the figure by a third from one run to the next.
+//! 180,000 entries of 1 KiB: the joins move 27 to 63 MB each, 20 to 95 ms of sending. A change
+//! has a start that does not grow with what it moves: its participants begin one to five
+//! milliseconds apart, the joiner last, and the bytes wait for it. With 60,000 entries (9 to
+//! 21 MB a join) that start was a quarter of a window, and the median join ranged from 51% to
+//! 70% of raw TCP over nine runs; with 180,000, from 61% to 97% (BENCHMARKS.md, adaptation
+//! layer, stop 46). With 20,000, the phase lasted a few milliseconds, and a page fault or a
+//! vCPU waking late moved the figure by a third from one run to the next.
 
 use gobelins_adaptation::wire::{Message, Reply, RequestId, Routed};
 use gobelins_adaptation::{codec, HostConfig, Link};
@@ -526,7 +530,7 @@ fn main() {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let samples = arg("--samples", 20_000);
-    let entries = arg("--entries", 60_000);
+    let entries = arg("--entries", 180_000);
     let value_bytes = arg("--value-bytes", 1024);
     let migration_rounds = arg("--joins", 5).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
