@@ -193,6 +193,7 @@ async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
 
+    // Counted from the changes the agents carried out, not from the steps asked for.
     let mut changes = 0;
     let added = args.nodes + 1;
     let evicted = args.nodes;
@@ -201,11 +202,14 @@ async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
     // An addition.
     let before = ChangeStart::now(&observer, &tally).await?;
     let agent = spawn(&exe, root, added, Some(&seed))?;
-    wait_until(&agent, "joined", |s| member(s, added) == Some("active") && stable(s)).await?;
+    // Connected: the process started, reached the seed, and its join is committed (the
+    // cluster lists it). The change that moves entries to it begins there.
+    wait_until(&agent, "admitted", |s| member(s, added).is_some()).await?;
     let admitted = before.at.elapsed();
+    wait_until(&agent, "joined", |s| member(s, added) == Some("active") && stable(s)).await?;
     agents.insert(added, agent);
-    report(&format!("add node {added}"), before, &agents, &tally, Some(admitted)).await?;
-    changes += 1;
+    changes +=
+        report(&format!("add node {added}"), before, &agents, &tally, Some(admitted)).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // An eviction.
@@ -214,13 +218,12 @@ async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("evicting node {evicted}"))?;
     wait_until(&agents[&1], "evicted", |s| member(s, evicted) == Some("left") && stable(s)).await?;
-    report(&format!("evict node {evicted}"), before, &agents, &tally, None).await?;
+    changes += report(&format!("evict node {evicted}"), before, &agents, &tally, None).await?;
     if let Some(mut gone) = agents.remove(&evicted) {
         if let Some(mut child) = gone.child.take() {
             let _ = child.wait();
         }
     }
-    changes += 1;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A failure.
@@ -233,8 +236,7 @@ async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
     }
     wait_until(&agents[&1], "recovered", |s| member(s, added) == Some("failed") && stable(s))
         .await?;
-    report(&format!("kill -9 node {added}"), before, &agents, &tally, None).await?;
-    changes += 1;
+    changes += report(&format!("kill -9 node {added}"), before, &agents, &tally, None).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     stop.store(true, Ordering::Relaxed);
@@ -418,13 +420,15 @@ impl ChangeStart {
     }
 }
 
+/// Prints what a change cost the clients and each phase; returns how many changes (epochs) the
+/// agents carried out since `before`.
 async fn report(
     what: &str,
     before: ChangeStart,
     agents: &BTreeMap<u64, Agent>,
     tally: &Tally,
     admitted: Option<Duration>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<usize> {
     let took = before.at.elapsed();
     let (ok, delayed, failed) = tally.read();
     let mut records: Vec<ChangeRecord> = Vec::new();
@@ -439,7 +443,10 @@ async fn report(
     let epochs: std::collections::BTreeSet<u64> = records.iter().map(|r| r.epoch).collect();
     println!("change: {what}: stable after {} ms (epochs {epochs:?})", took.as_millis());
     if let Some(admitted) = admitted {
-        println!("  connect    agent started and admitted in {} ms", admitted.as_millis());
+        println!(
+            "  connect    agent started, reached the seed, its join committed in {} ms",
+            admitted.as_millis()
+        );
     }
     println!(
         "  requests   ok={} delayed={} failed={}",
@@ -456,7 +463,7 @@ async fn report(
         slowest(|r| r.after_ms),
         slowest(|r| r.stable_ms.unwrap_or(0.0)),
     );
-    Ok(())
+    Ok(epochs.len())
 }
 
 #[cfg(test)]

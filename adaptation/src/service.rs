@@ -331,7 +331,8 @@ pub trait Service: Send + Sync + 'static {
     /// Stages entries received from `from`. They must not be visible to `handle` until
     /// [`Service::after_migration`] merges them (the layer holds their requests meanwhile).
     /// The same entries can come twice (a sender whose call timed out as its batch was staged
-    /// sends it again): staging keeps one copy per key, never a second.
+    /// sends it again): a key must end with one entry after the merge, and nothing may be
+    /// counted twice (kvdir stages both copies; its merge keeps the newest version).
     fn receive(
         &self,
         ctx: &Context,
