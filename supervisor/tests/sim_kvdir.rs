@@ -7,8 +7,10 @@
 //! - no request failed (held, redirected, retried, but completed);
 //! - every key reads back its last acknowledged write (or the value of a write that was still
 //!   unanswered when it was given up on, which may or may not have landed);
-//! - at the stable epoch all active nodes hold the same table, and every key's entry lives on
-//!   exactly one node: its manager.
+//! - at the stable epoch after the join (writers still running) and at the last one, every
+//!   active node's adaptation layer holds the same table, and every key's entry lives on exactly
+//!   one node: its manager;
+//! - each fault struck while its change was still in progress, as a node saw it.
 //!
 //! `GOBELINS_SIM_SEED=3 cargo test -p gobelins-supervisor --test sim_kvdir -- --exact one_seed
 //! --include-ignored --nocapture` replays seed 3; `GOBELINS_SIM_SEEDS` sets the sweep's size.
@@ -35,6 +37,8 @@ use std::time::Duration;
 const KEYS: u64 = 10_000;
 /// Writers per writing node; each owns the keys `k % (2 * WRITERS) == its index`.
 const WRITERS: u64 = 8;
+/// A fault strikes up to this long after node 1 saw its change begin.
+const MAX_DELAY_MS: u64 = 10;
 /// Nodes 1 and 2 carry the writers and are never struck; the faults fall on 3, 4 and 5.
 const STRUCK: [u64; 3] = [3, 4, 5];
 
@@ -88,6 +92,14 @@ struct Record {
     verify_now: bool,
     /// What the check found.
     verdict: Option<Result<String, String>>,
+    /// Node 1 checks where the entries are, with the writers running.
+    check_now: bool,
+    /// What that check found.
+    checked: Option<Result<String, String>>,
+    /// Each running node's adaptation layer, for the table it routes by.
+    hosts: BTreeMap<u64, Host>,
+    /// For each fault struck, whether the change it was meant for was still in progress then.
+    mid_change: Vec<bool>,
 }
 
 type Shared = Rc<RefCell<Record>>;
@@ -121,6 +133,7 @@ async fn run_node(root: PathBuf, id: u64, record: Shared) -> turmoil::Result {
         }
     };
     let supervisor = Arc::clone(&agent.supervisor);
+    record.borrow_mut().hosts.insert(id, supervisor.host().clone());
     if id <= 2 {
         for w in 0..WRITERS {
             let index = (id - 1) * WRITERS + w;
@@ -236,27 +249,50 @@ async fn writer(supervisor: Arc<Supervisor>, host: Host, index: u64, record: Sha
 /// Once told, reads every key back through the router and asks every active node's local
 /// server which entries it holds.
 async fn verifier(supervisor: Arc<Supervisor>, record: Shared) {
-    while !record.borrow().verify_now {
+    loop {
+        let (check, verify) = {
+            let r = record.borrow();
+            (r.check_now, r.verify_now)
+        };
+        if check {
+            let found = settled_check(&supervisor, &record, false).await;
+            let mut r = record.borrow_mut();
+            r.check_now = false;
+            r.checked = Some(found);
+        } else if verify {
+            let verdict = settled_check(&supervisor, &record, true).await;
+            record.borrow_mut().verdict = Some(verdict);
+            return;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // A node that was cut off may rejoin while the check runs, and keys move to it: a check
-    // counts only if the configuration held still from its start to its end.
-    let verdict = loop {
+}
+
+/// [`verify`], again until the configuration held still from its start to its end: a node that
+/// was cut off may rejoin while the check runs, and keys move to it.
+async fn settled_check(
+    supervisor: &Supervisor,
+    record: &Shared,
+    values: bool,
+) -> Result<String, String> {
+    loop {
         let before = supervisor.state();
-        let verdict = verify(&supervisor, &record).await;
+        let verdict = verify(supervisor, record, values).await;
         let after = supervisor.state();
         if after.epoch == before.epoch && after.is_stable() {
-            break verdict;
+            return verdict;
         }
         // A check that fails at once (no table yet, say) awaits nothing: looping straight back
         // would never yield, and the simulated clock, which this task holds, would stop with
         // the cluster in mid-change (seed 190 hung so at 8.55 s).
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    record.borrow_mut().verdict = Some(verdict);
+    }
 }
 
-async fn verify(supervisor: &Supervisor, record: &Shared) -> Result<String, String> {
+/// Checks that every active node routes by node 1's table, and that each key's entry is held
+/// by its manager alone; with `values`, also reads every key back against its last
+/// acknowledged write (only once the writers have stopped).
+async fn verify(supervisor: &Supervisor, record: &Shared, values: bool) -> Result<String, String> {
     let host = supervisor.host();
     let snapshot = host.context().snapshot().ok_or("no table at the stable epoch")?.clone();
     let active: Vec<u64> = supervisor.state().with_status(NodeStatus::Active).collect();
@@ -264,13 +300,28 @@ async fn verify(supervisor: &Supervisor, record: &Shared) -> Result<String, Stri
     if table != active.iter().copied().collect() {
         return Err(format!("the table names {table:?}, the active nodes are {active:?}"));
     }
+    for &node in &active {
+        let theirs = record.borrow().hosts.get(&node).map(|h| h.context().snapshot().cloned());
+        match theirs {
+            Some(Some(theirs)) if theirs == snapshot => {}
+            Some(Some(theirs)) => {
+                return Err(format!(
+                    "node {node} routes by epoch {}'s table, node 1 by epoch {}'s, or the same epoch differs",
+                    theirs.epoch().0,
+                    snapshot.epoch().0
+                ))
+            }
+            _ => return Err(format!("node {node} is active but has no table")),
+        }
+    }
     let (acked, uncertain, stories) = {
         let r = record.borrow();
         (r.acked.clone(), r.uncertain.clone(), r.stories.clone())
     };
+    let reads = values.then_some((&acked, &uncertain, &stories));
     // Keys are checked many at a time: one by one, the sweep would take minutes of wall time.
     let checks = futures::stream::iter(0..KEYS)
-        .map(|key| check_key(host, &snapshot, &active, key, &acked, &uncertain, &stories))
+        .map(|key| check_key(host, &snapshot, &active, key, reads))
         .buffer_unordered(64);
     let found: Vec<Result<Option<Problem>, String>> = checks.collect().await;
     let mut lost = Vec::new();
@@ -291,7 +342,11 @@ async fn verify(supervisor: &Supervisor, record: &Shared) -> Result<String, Stri
             misplaced.iter().take(3).cloned().collect::<Vec<_>>().join("; "),
         ));
     }
-    Ok(format!("{KEYS} keys read back, each held by its manager alone, on nodes {active:?}"))
+    let read = if values { "read back, " } else { "" };
+    Ok(format!(
+        "{KEYS} keys {read}each held by its manager alone, on nodes {active:?} at epoch {}",
+        snapshot.epoch().0
+    ))
 }
 
 /// What the check of one key can find wrong.
@@ -300,37 +355,25 @@ enum Problem {
     Misplaced(String),
 }
 
-/// Reads `key` through the router and asks each active node's local server whether it holds
-/// the key's entry.
+/// The writes acknowledged, those given up on, and each key's last writes.
+type Written<'a> = (&'a BTreeMap<u64, u64>, &'a BTreeMap<u64, u64>, &'a BTreeMap<u64, Vec<String>>);
+
+/// Asks each active node's local server whether it holds `key`'s entry; with `written`, first
+/// reads it through the router against its last acknowledged write.
 async fn check_key(
     host: &Host,
     snapshot: &Snapshot,
     active: &[u64],
     key: u64,
-    acked: &BTreeMap<u64, u64>,
-    uncertain: &BTreeMap<u64, u64>,
-    stories: &BTreeMap<u64, Vec<String>>,
+    written: Option<Written<'_>>,
 ) -> Result<Option<Problem>, String> {
-    let get = codec::encode(&Request::Get).expect("request encodes");
-    let read = match host.request(KVDIR, Key(key), get).await {
-        Ok(bytes) => codec::decode::<Response>(&bytes).map_err(|e| e.to_string())?,
-        Err(error) => return Err(format!("read of key {key} failed: {error}")),
+    let value = match written {
+        Some(written) => match read_back(host, key, written).await? {
+            Ok(value) => value,
+            Err(lost) => return Ok(Some(Problem::Lost(lost))),
+        },
+        None => None,
     };
-    let value = match read {
-        Response::Value(Some(v)) => Some(u64::from_le_bytes(
-            v.value[..].try_into().map_err(|_| format!("key {key}: bad value"))?,
-        )),
-        Response::Value(None) => None,
-        other => return Err(format!("key {key}: unexpected answer {other:?}")),
-    };
-    let expected = acked.get(&key).copied();
-    if value != expected && (value.is_none() || value != uncertain.get(&key).copied()) {
-        let lost = format!(
-            "key {key}: read {value:?}, last acknowledged {expected:?}; its last writes: {:?}",
-            stories.get(&key)
-        );
-        return Ok(Some(Problem::Lost(lost)));
-    }
     let manager = snapshot.locate(KVDIR, Key(key)).map(|n| n.0);
     let ctx = host.context();
     let mut holders = Vec::new();
@@ -352,12 +395,44 @@ async fn check_key(
     Ok(None)
 }
 
-/// Whether every active node holds the same stable view, with no join or leave pending.
+/// Reads `key` through the router: its value, or what is wrong with it (`Err` inside) if that
+/// is neither its last acknowledged write nor a write given up on.
+async fn read_back(
+    host: &Host,
+    key: u64,
+    (acked, uncertain, stories): Written<'_>,
+) -> Result<Result<Option<u64>, String>, String> {
+    let get = codec::encode(&Request::Get).expect("request encodes");
+    let read = match host.request(KVDIR, Key(key), get).await {
+        Ok(bytes) => codec::decode::<Response>(&bytes).map_err(|e| e.to_string())?,
+        Err(error) => return Err(format!("read of key {key} failed: {error}")),
+    };
+    let value = match read {
+        Response::Value(Some(v)) => Some(u64::from_le_bytes(
+            v.value[..].try_into().map_err(|_| format!("key {key}: bad value"))?,
+        )),
+        Response::Value(None) => None,
+        other => return Err(format!("key {key}: unexpected answer {other:?}")),
+    };
+    let expected = acked.get(&key).copied();
+    if value != expected && (value.is_none() || value != uncertain.get(&key).copied()) {
+        return Ok(Err(format!(
+            "key {key}: read {value:?}, last acknowledged {expected:?}; its last writes: {:?}",
+            stories.get(&key)
+        )));
+    }
+    Ok(Ok(value))
+}
+
 /// Where the script stands.
 enum Step {
     Filling,
     Joining,
-    Converging { then: Box<Step> },
+    Converging {
+        then: Box<Step>,
+    },
+    /// Node 1 checks where the entries are, before the leave.
+    Checking,
     Leaving,
     Stopping,
     Verifying,
@@ -369,10 +444,13 @@ fn run_seed(seed: u64) -> Result<String, String> {
     let record: Shared = Rc::default();
     let mut rng = SmallRng::seed_from_u64(seed);
     let first = Fault::draw(&mut rng, &STRUCK);
-    let first_delay = Duration::from_millis(rng.random_range(0..40));
+    // Within the change: a migration here lasts about 15 to 25 ms of simulated time, and a
+    // delay of up to 40 ms had half of the faults strike after it (a sweep of 12 seeds: 13
+    // of 24).
+    let first_delay = Duration::from_millis(rng.random_range(0..MAX_DELAY_MS));
     let leaver = [3, 4][rng.random_range(0..2)];
     let second = Fault::draw(&mut rng, &STRUCK);
-    let second_delay = Duration::from_millis(rng.random_range(0..40));
+    let second_delay = Duration::from_millis(rng.random_range(0..MAX_DELAY_MS));
     let script = format!(
         "join of n5 struck by {first:?} after {first_delay:?}; leave of n{leaver} struck by \
          {second:?} after {second_delay:?}"
@@ -401,12 +479,18 @@ fn run_seed(seed: u64) -> Result<String, String> {
     let mut pending: Vec<(Duration, Fault, bool)> = Vec::new();
     let mut step = Step::Filling;
     let mut settled_at = Duration::ZERO;
+    let mut after_join = String::new();
     loop {
         sim.step().map_err(|e| format!("{script}: simulation failed: {e}"))?;
         let now = sim.elapsed();
         pending.retain(|&(at, fault, undo)| {
             if now < at {
                 return true;
+            }
+            if !undo {
+                let mut r = record.borrow_mut();
+                let in_progress = r.latest.get(&1).is_some_and(|&(_, stable, _)| !stable);
+                r.mid_change.push(in_progress);
             }
             match (fault, undo) {
                 (Fault::Crash { node, after }, false) => {
@@ -458,8 +542,8 @@ fn run_seed(seed: u64) -> Result<String, String> {
                         settled_at = Duration::ZERO;
                         match *then {
                             Step::Leaving => {
-                                record.borrow_mut().leave_now = Some(leaver);
-                                Step::Leaving
+                                record.borrow_mut().check_now = true;
+                                Step::Checking
                             }
                             _ => {
                                 record.borrow_mut().stop = true;
@@ -472,6 +556,22 @@ fn run_seed(seed: u64) -> Result<String, String> {
                 } else {
                     settled_at = Duration::ZERO;
                     Step::Converging { then }
+                }
+            }
+            Step::Checking => {
+                let checked = record.borrow_mut().checked.take();
+                match checked {
+                    Some(Ok(found)) => {
+                        after_join = found;
+                        record.borrow_mut().leave_now = Some(leaver);
+                        Step::Leaving
+                    }
+                    Some(Err(problem)) => {
+                        return Err(format!(
+                            "{script}: at the stable epoch after the join: {problem}"
+                        ))
+                    }
+                    None => Step::Checking,
                 }
             }
             Step::Leaving
@@ -488,6 +588,13 @@ fn run_seed(seed: u64) -> Result<String, String> {
                 let verdict = record.borrow_mut().verdict.take();
                 if let Some(verdict) = verdict {
                     let r = record.borrow();
+                    if let Some(late) = r.mid_change.iter().position(|&mid| !mid) {
+                        return Err(format!(
+                            "{script}: fault {} struck after its change was stable: the seed \
+                             tests nothing of a migration (MAX_DELAY_MS is too long for it)",
+                            late + 1
+                        ));
+                    }
                     if !r.failed.is_empty() {
                         return Err(format!(
                             "{script}: {} requests failed, first: {}",
@@ -496,10 +603,16 @@ fn run_seed(seed: u64) -> Result<String, String> {
                         ));
                     }
                     let epoch = r.latest.get(&1).map_or(0, |l| l.0);
+                    let struck: Vec<&str> = r
+                        .mid_change
+                        .iter()
+                        .map(|&mid| if mid { "mid-change" } else { "after its change" })
+                        .collect();
                     return verdict
                         .map(|v| {
                             format!(
-                                "{script}; {} writes ok, 0 failed; at {:?}, epoch {epoch}: {v}",
+                                "{script}; faults struck {struck:?}; after the join, {after_join}; \
+                                 {} writes ok, 0 failed; at {:?}, epoch {epoch}: {v}",
                                 r.ok,
                                 sim.elapsed()
                             )

@@ -150,10 +150,17 @@ pub(crate) fn sweep(default: u64) {
             let text = String::from_utf8_lossy(&out.stderr);
             if out.status.success() {
                 // The seed's one-line summary, so that a passing sweep still shows what it did.
-                let line = text.lines().find(|l| l.starts_with(&format!("seed {seed}:")));
-                let line = line.unwrap_or("no summary printed").to_string();
-                eprintln!("{line}");
-                summaries.push((seed, line));
+                // A run that exits well without its summary did not run the seed (a filter
+                // that matched no test, say): that is no pass.
+                match text.lines().find(|l| l.starts_with(&format!("seed {seed}:"))) {
+                    Some(line) => {
+                        eprintln!("{line}");
+                        summaries.push((seed, line.to_string()));
+                    }
+                    None => {
+                        failures.push(format!("seed {seed}: exited well but printed no summary"))
+                    }
+                }
             } else {
                 let reason =
                     text.lines().find(|l| l.contains("seed ")).unwrap_or("no reason printed");
