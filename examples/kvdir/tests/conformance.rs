@@ -1066,3 +1066,55 @@ fn a_batch_refused_for_a_while_is_sent_again_and_the_change_ends_only_once_it_is
         assert_eq!(lost, 0, "{lost} keys lost");
     });
 }
+
+/// A manager and its backup die together: nothing holds the manager's entries any more. Its
+/// keys read as absent (never an invented value), and kvdir reports the slots lost, once, on
+/// the lowest survivor. A single failure, before, reports nothing.
+#[test]
+fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
+    replay(async {
+        let (mut cluster, made) = cluster_with_instances(5).await;
+        let keys: Vec<Key> = (0..2_000).map(Key).collect();
+        put_own_bytes(&cluster, &keys).await;
+        let reported = |cluster: &MemCluster| -> u64 {
+            cluster.nodes().iter().map(|&n| made.node(n).slots_lost()).sum()
+        };
+
+        cluster.fail(NodeId(5)).await;
+        assert_eq!(reported(&cluster), 0, "node 5's backup holds all it had: nothing is lost");
+
+        // In one cell of nodes 1 to 4, node 2's backup is node 3, the next one up.
+        let table = cluster.snapshot();
+        let of_node_2: Vec<Key> =
+            keys.iter().copied().filter(|&k| table.locate(KVDIR, k) == Some(NodeId(2))).collect();
+        assert!(!of_node_2.is_empty(), "node 2 manages some keys");
+        assert!(
+            of_node_2.iter().all(|&k| made.node(NodeId(3)).copy_of(k).is_some()),
+            "node 3 backs node 2 up"
+        );
+        let slots = table.table(KVDIR).expect("kvdir's table");
+        let slots_of_2 = slots.owners().filter(|&owner| owner == NodeId(2)).count() as u64;
+
+        cluster.fail_and_crash(NodeId(2), NodeId(3)).await;
+        assert_eq!(
+            (made.node(NodeId(1)).slots_lost(), made.node(NodeId(4)).slots_lost()),
+            (slots_of_2, 0),
+            "node 1, the lowest survivor, reports node 2's {slots_of_2} slots; node 4 does not"
+        );
+        let get = codec::encode(&Request::Get).expect("encode");
+        for &key in &keys {
+            let answer =
+                cluster.host(NodeId(1)).request(KVDIR, key, get.clone()).await.expect("get");
+            let value: Response = codec::decode(&answer).expect("decode");
+            if of_node_2.contains(&key) {
+                assert!(matches!(value, Response::Value(None)), "key {}: {value:?}", key.0);
+            } else {
+                assert!(
+                    matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
+                    "key {} survives: {value:?}",
+                    key.0
+                );
+            }
+        }
+    });
+}
