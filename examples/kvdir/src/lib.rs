@@ -123,20 +123,6 @@ pub struct KvDir {
     /// The latest epoch copies came from. Updated under the `replicas` lock, read under it by
     /// `forget`.
     copies_at: AtomicU64,
-    /// What `scan` saw of the last failure, for `after_migration` to report a loss.
-    orphaned: Mutex<Option<Orphaned>>,
-    /// Slots this node reported lost: rebuilt after their manager's failure while the only
-    /// other copy of their entries, on its backup, was gone too.
-    slots_lost: AtomicU64,
-}
-
-/// A failure as `scan` saw it, at the epoch before the change.
-struct Orphaned {
-    failed: NodeId,
-    /// The failed node's backup: the only node holding a copy of every entry it managed.
-    backup: Option<NodeId>,
-    /// How many slots the failed node left.
-    slots: u64,
 }
 
 /// Where a node's entries were last copied in full, and how many writes' copies failed.
@@ -161,8 +147,6 @@ impl Default for KvDir {
             sent: Mutex::default(),
             replicated: Mutex::default(),
             copies_at: AtomicU64::new(0),
-            orphaned: Mutex::default(),
-            slots_lost: AtomicU64::new(0),
         }
     }
 }
@@ -194,12 +178,6 @@ impl KvDir {
     /// The version of this node's entry of `key`, if it manages it.
     pub fn version_of(&self, key: Key) -> Option<u64> {
         self.live.lock().expect("live").get(key).map(|e| e.version)
-    }
-
-    /// Slots this node reported lost: after a failure whose manager's backup was gone too,
-    /// their entries had no copy left but those senders kept (see `after_migration`).
-    pub fn slots_lost(&self) -> u64 {
-        self.slots_lost.load(Ordering::Relaxed)
     }
 
     /// Copies this node holds right now: of the entries it backs up, and of those it sent
@@ -251,33 +229,6 @@ fn chunks(entries: &[(Key, Versioned)]) -> impl Iterator<Item = &[(Key, Versione
 }
 
 impl KvDir {
-    /// After a failure whose manager's backup died too (in the same recovery, or before it
-    /// could take part), nothing but what senders kept holds the failed node's entries: its
-    /// slots were rebuilt from next to nothing, and reads of the keys lost answer `None`, as
-    /// for a key never written. The layer cannot tell that apart from a slot that was empty,
-    /// so kvdir says it, once per failure: on the lowest participant that survived.
-    fn report_lost(&self, ctx: &Context, change: &ChangeInfo) {
-        let Some(orphaned) = self.orphaned.lock().expect("orphaned").take() else { return };
-        let Change::Fail(failed) = change.change else { return };
-        if orphaned.failed != failed || orphaned.backup.is_some_and(|b| !ctx.gone(b)) {
-            return;
-        }
-        if change.participants.iter().find(|&&n| !ctx.gone(n)) != Some(&ctx.node()) {
-            return;
-        }
-        self.slots_lost.fetch_add(orphaned.slots, Ordering::Relaxed);
-        tracing::error!(
-            failed = failed.0,
-            backup = orphaned.backup.map(|b| b.0),
-            slots = orphaned.slots,
-            epoch = change.epoch,
-            "kvdir: node {failed} failed and its backup died with it: the entries of its {} slots \
-             had no other copy, and those no sender kept are lost (reads answer nothing). \
-             Restore them from outside the cluster if they matter",
-            orphaned.slots
-        );
-    }
-
     /// Drops the copies this node holds of what `from` manages at `epoch`, which `from`'s
     /// backup now holds too: a former backup's copies, and those a backup kept of entries its
     /// manager has since sent away. Kept, they made every node hold in time a copy of every
@@ -489,7 +440,6 @@ impl Service for KvDir {
     }
 
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
-        self.report_lost(ctx, change);
         let snapshot = ctx.snapshot();
         let to = snapshot.and_then(|s| backup(s, ctx.node()));
         // A backup that stays holds every entry but those received: copying it all again made
@@ -553,13 +503,12 @@ impl Service for KvDir {
         self.tell_to_forget(ctx, change, to, last).await;
     }
 
-    async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Versioned)> {
-        // Routing is still on the epoch before the failure: its table names the failed node's
-        // backup. Whether that backup survives is known only once the change has gone on
-        // without the nodes that died (`after_migration`).
-        let backup = ctx.snapshot().and_then(|table| backup(table, failed));
-        let slots = orphans.slots().count() as u64;
-        *self.orphaned.lock().expect("orphaned") = Some(Orphaned { failed, backup, slots });
+    async fn scan(
+        &self,
+        _ctx: &Context,
+        _failed: NodeId,
+        orphans: &Moving,
+    ) -> Vec<(Key, Versioned)> {
         // Locked in the order `stable` locks them, so that neither waits on the other.
         let sent = self.sent.lock().expect("sent");
         let mut found = BySlot::new(KvDir::declaration());
