@@ -1066,3 +1066,53 @@ fn a_batch_refused_for_a_while_is_sent_again_and_the_change_ends_only_once_it_is
         assert_eq!(lost, 0, "{lost} keys lost");
     });
 }
+
+/// Only the evicted node's cell takes part in its eviction: the nodes of the other cell install
+/// the new table and run no adaptation period (no record of the change, nothing sent or
+/// received), and their keys stay where they were.
+#[test]
+fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
+    replay(async {
+        let shape = gobelins_locator::TreeConfig { cell_capacity: 2, ..Default::default() };
+        let mut cluster = MemCluster::start_shaped(4, shape, HostConfig::default(), || {
+            let mut registry = Registry::new();
+            registry.register(plugin(KvDir::new())).expect("registers");
+            registry
+        })
+        .await;
+        let keys: Vec<Key> = (0..2_000).map(Key).collect();
+        put_own_bytes(&cluster, &keys).await;
+        let before = cluster.snapshot();
+        let evicted = NodeId(1);
+        let (cell, other): (Vec<NodeId>, Vec<NodeId>) =
+            before.nodes().iter().partition(|&&n| before.cell_mates(evicted).any(|m| m == n));
+        assert!(!other.is_empty() && cell.len() >= 2, "two cells: {cell:?}, {other:?}");
+        let stats = |cluster: &MemCluster, n: NodeId| cluster.host(n).stats();
+        let moved_before: Vec<(u64, u64)> = other
+            .iter()
+            .map(|&n| (stats(&cluster, n).entries_sent, stats(&cluster, n).entries_received))
+            .collect();
+        cluster.evict(evicted).await;
+        let epoch = cluster.snapshot().epoch().0;
+        for &n in cell.iter().filter(|&&n| n != evicted) {
+            let history = cluster.host(n).history();
+            assert!(history.iter().any(|r| r.epoch == epoch), "node {n} of the cell took part");
+        }
+        for (&n, moved) in other.iter().zip(&moved_before) {
+            let history = cluster.host(n).history();
+            assert!(
+                history.iter().all(|r| r.epoch != epoch),
+                "node {n}, of another cell, ran the period: {history:?}"
+            );
+            let now = stats(&cluster, n);
+            assert_eq!((now.entries_sent, now.entries_received), *moved, "node {n} moved nothing");
+            assert_eq!(cluster.host(n).epoch(), epoch, "node {n} installed the new table");
+        }
+        let after = cluster.snapshot();
+        for &key in &keys {
+            if let Some(owner) = before.locate(KVDIR, key).filter(|o| other.contains(o)) {
+                assert_eq!(after.locate(KVDIR, key), Some(owner), "key {} stays", key.0);
+            }
+        }
+    });
+}
