@@ -479,21 +479,24 @@ fn run_seed(seed: u64) -> Result<String, String> {
         Ok(())
     });
 
-    // Faults waiting for their time: (when, what, is the undoing).
-    let mut pending: Vec<(Duration, Fault, bool)> = Vec::new();
+    // Faults waiting for their time: (when, what, is the undoing, the epoch of the change
+    // it is meant for).
+    let mut pending: Vec<(Duration, Fault, bool, u64)> = Vec::new();
     let mut step = Step::Filling;
     let mut settled_at = Duration::ZERO;
     let mut after_join = String::new();
     loop {
         sim.step().map_err(|e| format!("{script}: simulation failed: {e}"))?;
         let now = sim.elapsed();
-        pending.retain(|&(at, fault, undo)| {
+        pending.retain(|&(at, fault, undo, epoch)| {
             if now < at {
                 return true;
             }
             if !undo {
+                // Its own change, not one queued after it: node 1 still at that epoch, unstable.
                 let mut r = record.borrow_mut();
-                let in_progress = r.latest.get(&1).is_some_and(|&(_, stable, _)| !stable);
+                let in_progress =
+                    r.latest.get(&1).is_some_and(|&(at, stable, _)| at == epoch && !stable);
                 r.mid_change.push(in_progress);
             }
             match (fault, undo) {
@@ -516,25 +519,32 @@ fn run_seed(seed: u64) -> Result<String, String> {
             }
             false
         });
-        let strike = |pending: &mut Vec<(Duration, Fault, bool)>, fault: Fault, delay: Duration| {
+        let strike = |pending: &mut Vec<(Duration, Fault, bool, u64)>,
+                      fault: Fault,
+                      delay: Duration,
+                      epoch: u64| {
             let (Fault::Crash { after, .. } | Fault::Cut { after, .. }) = fault;
-            pending.push((now + delay, fault, false));
-            pending.push((now + delay + after, fault, true));
+            pending.push((now + delay, fault, false, epoch));
+            pending.push((now + delay + after, fault, true, epoch));
         };
-        let began = |r: &Record, wanted: &dyn Fn(&Change) -> bool| r.begun.values().any(wanted);
+        // The epoch of the last change node 1 saw begin that is `wanted`.
+        let began = |r: &Record, wanted: &dyn Fn(&Change) -> bool| {
+            r.begun.iter().filter(|(_, change)| wanted(change)).map(|(&epoch, _)| epoch).max()
+        };
         step = match step {
             Step::Filling if record.borrow().filled == 2 * WRITERS => {
                 record.borrow_mut().join_now = true;
                 Step::Joining
             }
-            Step::Joining
-                if began(
-                    &record.borrow(),
-                    &|c| matches!(c, Change::Add { node, .. } if node.0 == 5),
-                ) =>
-            {
-                strike(&mut pending, first, first_delay);
-                Step::Converging { then: Box::new(Step::Leaving) }
+            Step::Joining => {
+                let join = |c: &Change| matches!(c, Change::Add { node, .. } if node.0 == 5);
+                match began(&record.borrow(), &join) {
+                    Some(epoch) => {
+                        strike(&mut pending, first, first_delay, epoch);
+                        Step::Converging { then: Box::new(Step::Leaving) }
+                    }
+                    None => Step::Joining,
+                }
             }
             Step::Converging { then } => {
                 if pending.is_empty() && common::converged(&record.borrow().latest) {
@@ -578,11 +588,15 @@ fn run_seed(seed: u64) -> Result<String, String> {
                     None => Step::Checking,
                 }
             }
-            Step::Leaving
-                if began(&record.borrow(), &|c| matches!(c, Change::Evict(n) if n.0 == leaver)) =>
-            {
-                strike(&mut pending, second, second_delay);
-                Step::Converging { then: Box::new(Step::Stopping) }
+            Step::Leaving => {
+                let leave = |c: &Change| matches!(c, Change::Evict(n) if n.0 == leaver);
+                match began(&record.borrow(), &leave) {
+                    Some(epoch) => {
+                        strike(&mut pending, second, second_delay, epoch);
+                        Step::Converging { then: Box::new(Step::Stopping) }
+                    }
+                    None => Step::Leaving,
+                }
             }
             Step::Stopping if record.borrow().stopped == 2 * WRITERS => {
                 record.borrow_mut().verify_now = true;
