@@ -860,6 +860,17 @@ async fn leaver_dead_before_it_sent_anything(lagging: Option<NodeId>) {
     );
 }
 
+/// Four in-memory nodes hosting kvdir, in cells of two nodes at most.
+async fn two_cells_of_two() -> MemCluster {
+    let shape = gobelins_locator::TreeConfig { cell_capacity: 2, ..Default::default() };
+    MemCluster::start_shaped(4, shape, HostConfig::default(), || {
+        let mut registry = Registry::new();
+        registry.register(plugin(KvDir::new())).expect("registers");
+        registry
+    })
+    .await
+}
+
 /// A cluster of several cells (of two nodes at most). A node keeps its replicas on a node of
 /// its own cell. Kept on the next node of the whole table, in another cell, they left with
 /// that node when it was evicted, and the node they belonged to, no part of that change (its
@@ -868,13 +879,7 @@ async fn leaver_dead_before_it_sent_anything(lagging: Option<NodeId>) {
 #[test]
 fn a_node_evicted_from_another_cell_takes_no_replica_away() {
     replay(async {
-        let shape = gobelins_locator::TreeConfig { cell_capacity: 2, ..Default::default() };
-        let mut cluster = MemCluster::start_shaped(4, shape, HostConfig::default(), || {
-            let mut registry = Registry::new();
-            registry.register(plugin(KvDir::new())).expect("registers");
-            registry
-        })
-        .await;
+        let mut cluster = two_cells_of_two().await;
         let table = cluster.snapshot();
         let nodes = table.nodes().to_vec();
         // A node whose next node in the table sits in another cell.
@@ -1073,13 +1078,7 @@ fn a_batch_refused_for_a_while_is_sent_again_and_the_change_ends_only_once_it_is
 #[test]
 fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
     replay(async {
-        let shape = gobelins_locator::TreeConfig { cell_capacity: 2, ..Default::default() };
-        let mut cluster = MemCluster::start_shaped(4, shape, HostConfig::default(), || {
-            let mut registry = Registry::new();
-            registry.register(plugin(KvDir::new())).expect("registers");
-            registry
-        })
-        .await;
+        let mut cluster = two_cells_of_two().await;
         let keys: Vec<Key> = (0..2_000).map(Key).collect();
         put_own_bytes(&cluster, &keys).await;
         let before = cluster.snapshot();
