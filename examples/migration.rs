@@ -1,0 +1,203 @@
+//! Migration throughput with every agent a `gobelins agent` process of its own, against raw
+//! loopback TCP moving the same bytes in the same write sizes into fresh memory.
+//!
+//! `cargo build --release && cargo run --release --example migration [-- --entries 90000 --joins 3]`
+//!
+//! Two agents start, kvdir gets `--entries` entries of 1 KiB through the control socket, then
+//! nodes join one at a time. For each join: the bytes every sender shipped and the slowest
+//! sender's sending phase, from the agents' own records (`gobelins stats`), against raw TCP
+//! moving each sender's bytes over a connection of its own, all at once, into memory fresh from
+//! the kernel (the median of three). In `examples/adaptation.rs` the agents share one process,
+//! and every joiner after the first receives into memory the shared allocator recycled; here
+//! each joiner is a new process, as on a machine of its own (BENCHMARKS.md, adaptation layer,
+//! stop 46).
+
+// Shared with the adaptation example, which uses every landing; this one only `Fresh`.
+#[allow(dead_code)]
+#[path = "raw/mod.rs"]
+mod raw;
+
+use gobelins_adaptation::{codec, ChangeRecord, HostConfig};
+use gobelins_kvdir::{Request, KVDIR};
+use gobelins_supervisor::control::{self, ControlRequest};
+use raw::{raw_median, Landing};
+use serde_json::Value;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number"))
+        .unwrap_or(default)
+}
+
+fn binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("own path");
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("gobelins")).expect("target dir");
+    assert!(bin.exists(), "{} is missing: run `cargo build --release` first", bin.display());
+    bin
+}
+
+/// One agent process, killed when dropped.
+struct Node {
+    id: u64,
+    dir: PathBuf,
+    addr: String,
+    child: Child,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    fn spawn(bin: &Path, root: &Path, id: u64, seed: Option<&Node>) -> Node {
+        let dir = root.join(format!("n{id}"));
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .to_string();
+        let mut command = Command::new(bin);
+        command.args(["agent", "--listen", &addr, "--node-id", &id.to_string(), "--data-dir"]);
+        command.arg(&dir);
+        match seed {
+            None => command.arg("--bootstrap"),
+            Some(seed) => command
+                .args(["--join", &seed.addr, "--secret-file"])
+                .arg(seed.dir.join("cluster.secret")),
+        };
+        let child = command
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn gobelins agent");
+        Node { id, dir, addr, child }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    async fn ask(&self, request: &ControlRequest) -> Option<Value> {
+        control::request(&self.socket(), request, |_| {}).await.ok()
+    }
+}
+
+/// Waits until `observer` reports a stable cluster in which every node of `ids` is active.
+async fn settle(observer: &Node, ids: &[u64]) {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = observer.ask(&ControlRequest::Status { local: false }).await {
+            let active = |id: u64| {
+                status["nodes"].as_array().is_some_and(|nodes| {
+                    nodes.iter().any(|n| n["id"] == id && n["status"] == "active")
+                })
+            };
+            if status["stable"] == true && ids.iter().all(|&id| active(id)) {
+                return;
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "the cluster did not settle");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Bytes a node's layer has sent in migrations so far, and its records of changes.
+async fn stats(node: &Node) -> (u64, Vec<ChangeRecord>) {
+    let answer = node.ask(&ControlRequest::Stats).await.expect("stats");
+    let sent = answer["stats"]["bytes_sent"].as_u64().expect("bytes_sent");
+    let changes = serde_json::from_value(answer["changes"].clone()).expect("change records");
+    (sent, changes)
+}
+
+/// Writes `entries` values of `size` bytes through node 1's control socket, 16 at a time.
+async fn load(node: &Node, entries: u64, size: usize) {
+    let socket = Arc::new(node.socket());
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..16u64 {
+        let socket = Arc::clone(&socket);
+        writers.spawn(async move {
+            for key in (w..entries).step_by(16) {
+                let value: Vec<u8> = (0..size).map(|i| (key as usize + i) as u8).collect();
+                let body = codec::encode(&Request::Put(value)).expect("encode");
+                let call = ControlRequest::Call { service: KVDIR.0, key, body };
+                control::request(&socket, &call, |_| {}).await.expect("put");
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.expect("writer");
+    }
+}
+
+fn main() {
+    let entries = arg("--entries", 90_000) as u64;
+    let joins = arg("--joins", 3) as u64;
+    let bin = binary();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
+    runtime.block_on(async {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut nodes = vec![Node::spawn(&bin, root.path(), 1, None)];
+        settle(&nodes[0], &[1]).await;
+        nodes.push(Node::spawn(&bin, root.path(), 2, Some(&nodes[0])));
+        settle(&nodes[0], &[1, 2]).await;
+        let loaded = Instant::now();
+        load(&nodes[0], entries, 1024).await;
+        println!(
+            "{entries} entries of 1 KiB written through node 1 in {:.1} s; {joins} nodes join, each a process of its own",
+            loaded.elapsed().as_secs_f64()
+        );
+        println!("| join | senders | MB | migration ms | MB/s | raw TCP into fresh memory, MB/s | ratio |");
+        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        let batch_bytes = HostConfig::default().batch_bytes;
+        let mut ratios = Vec::new();
+        for id in 3..3 + joins {
+            let mut before = Vec::new();
+            for node in &nodes {
+                before.push(stats(node).await.0);
+            }
+            let joiner = Node::spawn(&bin, root.path(), id, Some(&nodes[0]));
+            let ids: Vec<u64> = nodes.iter().map(|n| n.id).chain([id]).collect();
+            settle(&nodes[0], &ids).await;
+            let (mut shares, mut sending_ms) = (Vec::new(), 0.0f64);
+            for (node, before) in nodes.iter().zip(&before) {
+                let (sent, changes) = stats(node).await;
+                if sent > *before {
+                    shares.push((sent - before) as usize);
+                }
+                let added = format!("add n{id}");
+                if let Some(record) = changes.iter().rev().find(|r| r.change.starts_with(&added)) {
+                    sending_ms = sending_ms.max(record.sending_ms);
+                }
+            }
+            let bytes: usize = shares.iter().sum();
+            let raw = raw_median(&shares, batch_bytes, Landing::Fresh).await;
+            let ours = bytes as f64 / 1e6 / (sending_ms / 1e3);
+            let theirs = bytes as f64 / 1e6 / raw.as_secs_f64();
+            ratios.push(ours / theirs);
+            println!(
+                "| node {id} | {} | {:.1} | {sending_ms:.1} | {ours:.0} | {theirs:.0} | {:.0}% |",
+                shares.len(),
+                bytes as f64 / 1e6,
+                ours / theirs * 100.0
+            );
+            nodes.push(joiner);
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        ratios.sort_by(f64::total_cmp);
+        println!(
+            "migration: median join {:.0}% of raw TCP into fresh memory (target 60%)",
+            ratios[ratios.len() / 2] * 100.0
+        );
+    });
+}
