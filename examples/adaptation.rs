@@ -64,18 +64,10 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-#[path = "raw/mod.rs"]
-mod raw;
-use raw::{raw_median, Landing};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+#[path = "bench/mod.rs"]
+mod bench;
+use bench::arg;
+use bench::raw::{raw_median, Landing};
 
 fn text_arg(name: &str) -> Option<String> {
     let args: Vec<String> = std::env::args().collect();

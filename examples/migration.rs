@@ -14,28 +14,20 @@
 
 // Shared with the adaptation example, which uses every landing; this one only `Fresh`.
 #[allow(dead_code)]
-#[path = "raw/mod.rs"]
-mod raw;
+#[path = "bench/mod.rs"]
+mod bench;
 
+use bench::arg;
+use bench::raw::{raw_median, Landing};
 use gobelins_adaptation::{codec, ChangeRecord, HostConfig};
 use gobelins_kvdir::{Request, KVDIR};
 use gobelins_supervisor::control::{self, ControlRequest};
-use raw::{raw_median, Landing};
 use serde_json::Value;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map(|v| v.parse().expect("a number"))
-        .unwrap_or(default)
-}
 
 fn binary() -> PathBuf {
     let exe = std::env::current_exe().expect("own path");

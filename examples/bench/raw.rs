@@ -1,5 +1,5 @@
 //! Raw loopback TCP moving the bytes a migration moved, in the same write sizes: the baseline
-//! of the migration figures of `examples/adaptation.rs` and `examples/migration.rs`.
+//! of the migration figures of both examples.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
