@@ -208,6 +208,11 @@ impl Moving {
         self.moves.iter().flat_map(|m| m.slots.clone())
     }
 
+    /// The moves themselves, in ascending order of slots: which slots go to which node.
+    pub fn moves(&self) -> &[SlotMove] {
+        &self.moves
+    }
+
     /// The slots that go to `node`.
     pub fn slots_to(&self, node: NodeId) -> impl Iterator<Item = u32> + '_ {
         self.moves.iter().filter(move |m| m.to == node).flat_map(|m| m.slots.clone())
@@ -426,6 +431,93 @@ pub struct Answer {
     /// Remember it for retries of the request: false when the request is
     /// [`Service::repeatable`] or the answer [`Service::changed_nothing`].
     pub keep: bool,
+}
+
+/// A service registered as `plugin(Arc::clone(&service))` stays at hand to its author: to
+/// read its counters, or, in a test, what each node holds.
+impl<S: Service> Service for Arc<S> {
+    type Request = S::Request;
+    type Response = S::Response;
+    type Entry = S::Entry;
+
+    fn spec(&self) -> ServiceSpec {
+        (**self).spec()
+    }
+
+    fn must_retry(response: &Self::Response) -> bool {
+        S::must_retry(response)
+    }
+
+    fn repeatable(request: &Self::Request) -> bool {
+        S::repeatable(request)
+    }
+
+    fn changed_nothing(response: &Self::Response) -> bool {
+        S::changed_nothing(response)
+    }
+
+    fn handle(
+        &self,
+        ctx: &Context,
+        key: Key,
+        request: Self::Request,
+    ) -> impl Future<Output = Self::Response> + Send {
+        (**self).handle(ctx, key, request)
+    }
+
+    fn before_migration(
+        &self,
+        ctx: &Context,
+        change: &ChangeInfo,
+    ) -> impl Future<Output = ()> + Send {
+        (**self).before_migration(ctx, change)
+    }
+
+    fn send_out(
+        &self,
+        ctx: &Context,
+        moving: &Moving,
+    ) -> impl Future<Output = Vec<(Key, Self::Entry)>> + Send {
+        (**self).send_out(ctx, moving)
+    }
+
+    fn sent(
+        &self,
+        ctx: &Context,
+        entries: Vec<(Key, Self::Entry)>,
+    ) -> impl Future<Output = ()> + Send {
+        (**self).sent(ctx, entries)
+    }
+
+    fn stable(&self, ctx: &Context, epoch: u64) -> impl Future<Output = ()> + Send {
+        (**self).stable(ctx, epoch)
+    }
+
+    fn receive(
+        &self,
+        ctx: &Context,
+        from: NodeId,
+        entries: Vec<(Key, Self::Entry)>,
+    ) -> impl Future<Output = ()> + Send {
+        (**self).receive(ctx, from, entries)
+    }
+
+    fn after_migration(
+        &self,
+        ctx: &Context,
+        change: &ChangeInfo,
+    ) -> impl Future<Output = ()> + Send {
+        (**self).after_migration(ctx, change)
+    }
+
+    fn scan(
+        &self,
+        ctx: &Context,
+        failed: NodeId,
+        orphans: &Moving,
+    ) -> impl Future<Output = Vec<(Key, Self::Entry)>> + Send {
+        (**self).scan(ctx, failed, orphans)
+    }
 }
 
 /// Wraps a typed service as a [`Plugin`].

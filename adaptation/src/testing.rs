@@ -247,12 +247,25 @@ impl MemCluster {
     /// Crashes `node` (it answers nothing from now on, and its memory is gone), then carries
     /// out the recovery the supervisor would commit.
     pub async fn fail(&mut self, node: NodeId) {
+        self.kill(node);
+        self.change(Change::Fail(node)).await;
+    }
+
+    /// As [`MemCluster::fail`], and `victim` dies as soon as that recovery has begun, before
+    /// it can hand anything over (as [`MemCluster::change_and_crash`]): two failures at once,
+    /// `victim` perhaps the only other holder of what `node` had.
+    pub async fn fail_and_crash(&mut self, node: NodeId, victim: NodeId) {
+        self.kill(node);
+        self.change_and_crash(Change::Fail(node), victim).await;
+    }
+
+    /// `node` answers nothing from now on, its memory is gone, and the cluster knows it.
+    fn kill(&mut self, node: NodeId) {
         self.net.crashed.insert(node, ());
         if let Some((_, host)) = self.net.hosts.remove(&node) {
             host.shutdown();
         }
         self.departed.insert(node);
-        self.change(Change::Fail(node)).await;
     }
 
     /// Declares `node` failed while it still runs, cut off as by a partition: messages to and
@@ -298,11 +311,7 @@ impl MemCluster {
         if let Some(node) = cut {
             self.cut_off.remove(&node);
         }
-        self.net.crashed.insert(victim, ());
-        if let Some((_, host)) = self.net.hosts.remove(&victim) {
-            host.shutdown();
-        }
-        self.departed.insert(victim);
+        self.kill(victim);
         progress.participants.remove(&victim);
         let unfinished = progress.plan.moves_from(victim);
         self.broadcast(Some(progress.clone()), self.snapshot());

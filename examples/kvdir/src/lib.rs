@@ -12,17 +12,21 @@
 //!   looks at the entries that stay.
 //! - `scan(failed, orphans)` returns the replicas this node holds of the orphaned keys. Two
 //!   survivors may hold different versions of one key; the newest wins when they are merged.
+//! - A survivor that holds every entry of an orphaned slot vouches for it to its new manager,
+//!   which reports the slots nobody could vouch for: their entries may be lost (`ledger`).
 #![deny(missing_docs)]
 
 mod by_slot;
+mod ledger;
 
 use by_slot::BySlot;
 use bytes::Bytes;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, Snapshot};
+use ledger::{Ledger, Vouch};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The service's id in the cluster.
@@ -49,6 +53,11 @@ const REPLICA_PATIENCE: Duration = Duration::from_secs(10);
 /// How long a change waits for the nodes told to forget their copies of this node's entries:
 /// a node that does not answer keeps them until the next change, which costs memory, not data.
 const FORGET_PATIENCE: Duration = Duration::from_millis(500);
+
+/// How long a survivor waits for a new manager to take its word for slots it rebuilds, and a
+/// manager for its backup to take its word that it holds every entry. Either unheard makes a
+/// recovery report slots lost that were not.
+const WORD_PATIENCE: Duration = Duration::from_secs(2);
 
 /// A value and its version: the entry that migrates.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +92,23 @@ pub enum Request {
     Forget {
         /// The epoch whose table says which entries the sender manages.
         epoch: u64,
+    },
+    /// Every entry the sender manages has a copy here: it copied them at the end of the
+    /// change to `epoch` (to its backup's local server).
+    Copied {
+        /// The epoch the change led to.
+        epoch: u64,
+    },
+    /// The sender holds every entry of `slots` of `failed`, and rebuilds them (to the local
+    /// server of their new manager, as the recovery of `failed` begins).
+    Vouch {
+        /// The node that failed.
+        failed: NodeId,
+        /// The slots.
+        slots: Vec<u32>,
+        /// Whether its copies are current; if not, the writes since the failed node's last
+        /// change are on its backup at the recovery's start.
+        current: bool,
     },
 }
 
@@ -123,6 +149,10 @@ pub struct KvDir {
     /// The latest epoch copies came from. Updated under the `replicas` lock, read under it by
     /// `forget`.
     copies_at: AtomicU64,
+    /// Who holds whole copies of what, for a recovery to say what it could not rebuild.
+    ledger: Mutex<Ledger>,
+    /// Slots this node rebuilt after a failure that no survivor could vouch for.
+    slots_lost: AtomicU64,
 }
 
 /// Where a node's entries were last copied in full, and how many writes' copies failed.
@@ -147,6 +177,8 @@ impl Default for KvDir {
             sent: Mutex::default(),
             replicated: Mutex::default(),
             copies_at: AtomicU64::new(0),
+            ledger: Mutex::default(),
+            slots_lost: AtomicU64::new(0),
         }
     }
 }
@@ -180,6 +212,12 @@ impl KvDir {
         self.live.lock().expect("live").get(key).map(|e| e.version)
     }
 
+    /// Slots this node rebuilt after failures, as their new manager, that no survivor holding
+    /// every entry of them could vouch for: their entries may be lost (see `after_migration`).
+    pub fn slots_lost(&self) -> u64 {
+        self.slots_lost.load(Ordering::Relaxed)
+    }
+
     /// Copies this node holds right now: of the entries it backs up, and of those it sent
     /// away in a change not yet stable (a key can count in both).
     pub fn replicas(&self) -> usize {
@@ -194,7 +232,7 @@ impl KvDir {
 /// could sit in another cell: evicted, it took `node`'s replicas with it, and `node`, no part
 /// of that change, never copied them to its next backup. A node alone in its cell keeps them
 /// on the next node of the table.
-fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
+pub(crate) fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
     let mut mates = snapshot.cell_mates(node).filter(|&m| m != node).peekable();
     let first = mates.peek().copied();
     mates.find(|&m| m > node).or(first).or_else(|| {
@@ -311,6 +349,69 @@ impl KvDir {
         futures::future::join_all(calls).await;
     }
 
+    /// Tells `to`, this node's backup, that it holds a copy of every entry this node manages
+    /// since the change to `epoch`: should this node fail, it vouches for them.
+    async fn say_copied(&self, ctx: &Context, to: NodeId, epoch: u64) {
+        let word = Request::Copied { epoch };
+        let said = tokio::time::timeout(WORD_PATIENCE, ctx.tell(to, KVDIR, Key(0), &word)).await;
+        if !matches!(said, Ok(Ok(Response::Kept))) {
+            tracing::warn!(backup = to.0, epoch, "kvdir: the backup did not hear that it holds every entry of this node; should this node fail before the next change, its recovery reports its slots lost");
+        }
+    }
+
+    /// Tells the new managers of `failed`'s slots those of them this node holds every entry
+    /// of, as the recovery begins. Waited for: a new manager judges what it rebuilt once this
+    /// node's batches have come, and they follow.
+    async fn vouch(&self, ctx: &Context, failed: NodeId, orphans: &Moving) {
+        let Some(table) = ctx.snapshot() else { return };
+        let me = ctx.node();
+        let all: Vec<u32> = orphans.slots().collect();
+        let vouched = self.ledger.lock().expect("ledger").vouch(me, failed, table, &all);
+        let Some((slots, current)) = vouched else { return };
+        let words = orphans.moves().iter().filter_map(|m| {
+            let from = slots.partition_point(|&s| s < m.slots.start);
+            let to = slots.partition_point(|&s| s < m.slots.end);
+            (from < to).then(|| (m.to, slots[from..to].to_vec()))
+        });
+        let mut by_node: std::collections::BTreeMap<NodeId, Vec<u32>> = Default::default();
+        for (node, slots) in words {
+            by_node.entry(node).or_default().extend(slots);
+        }
+        let calls = by_node.into_iter().map(|(node, slots)| async move {
+            if node == me {
+                let vouch = Vouch { by: me, slots, current };
+                self.ledger.lock().expect("ledger").heard(failed, vouch);
+                return;
+            }
+            let word = Request::Vouch { failed, slots, current };
+            let said = ctx.tell::<Request, Response>(node, KVDIR, Key(0), &word);
+            if !matches!(tokio::time::timeout(WORD_PATIENCE, said).await, Ok(Ok(Response::Kept))) {
+                tracing::warn!(node = node.0, failed = failed.0, "kvdir: a new manager did not hear that this node holds every entry of slots it rebuilds; it reports them lost");
+            }
+        });
+        futures::future::join_all(calls).await;
+    }
+
+    /// The recovery of `failed` ends here: reports the slots this node rebuilt that no
+    /// survivor could vouch for. What was found of them is kept, and reads of a key missing
+    /// from them answer nothing, as for a key never written: kvdir cannot tell the two apart.
+    fn report_lost(&self, ctx: &Context, failed: NodeId, epoch: u64) {
+        let me = ctx.node();
+        let lost = self.ledger.lock().expect("ledger").unvouched(me, failed, |n| ctx.gone(n));
+        if lost.is_empty() {
+            return;
+        }
+        self.slots_lost.fetch_add(lost.len() as u64, Ordering::Relaxed);
+        tracing::error!(
+            failed = failed.0,
+            epoch,
+            slots = lost.len(),
+            first = ?&lost[..lost.len().min(8)],
+            "kvdir: node {failed} failed, and no survivor holding every entry of {} of its slots is left (its backup died too, or before it held them all): those slots are rebuilt from what copies remained, and entries written to them may be lost; a read of one answers nothing. Restore those keys from outside the cluster if they matter",
+            lost.len()
+        );
+    }
+
     /// Copies `entries` to this node's backup; false if some were not stored there.
     async fn replicate(&self, ctx: &Context, entries: Vec<(Key, Versioned)>) -> bool {
         let Some(to) = ctx.snapshot().and_then(|s| backup(s, ctx.node())) else { return true };
@@ -388,13 +489,32 @@ impl Service for KvDir {
                 self.forget(ctx, from, epoch);
                 Response::Kept
             }
-            (None, Request::Replicate { .. } | Request::Forget { .. }) => Response::Kept,
+            (Some(from), Request::Copied { epoch }) => {
+                self.ledger.lock().expect("ledger").copied(from, epoch);
+                Response::Kept
+            }
+            (Some(from), Request::Vouch { failed, slots, current }) => {
+                let vouch = Vouch { by: from, slots, current };
+                self.ledger.lock().expect("ledger").heard(failed, vouch);
+                Response::Kept
+            }
+            (
+                None,
+                Request::Replicate { .. }
+                | Request::Forget { .. }
+                | Request::Copied { .. }
+                | Request::Vouch { .. },
+            ) => Response::Kept,
         }
     }
 
-    async fn before_migration(&self, _ctx: &Context, _change: &ChangeInfo) {}
+    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        let table = ctx.snapshot().map(|t| Arc::new(t.clone()));
+        self.ledger.lock().expect("ledger").begin(change.epoch, table);
+    }
 
     async fn send_out(&self, _ctx: &Context, moving: &Moving) -> Vec<(Key, Versioned)> {
+        self.ledger.lock().expect("ledger").send_out(moving.moves());
         self.live.lock().expect("live").take(moving.slots())
     }
 
@@ -414,7 +534,8 @@ impl Service for KvDir {
     /// stable too). Kept while its manager has failed: the recovery to come rebuilds it from
     /// this copy. And kept, as a replica, if this node is now the backup of its manager. Kept
     /// for ever, every node would in time hold a replica of every entry that ever left it.
-    async fn stable(&self, ctx: &Context, _epoch: u64) {
+    async fn stable(&self, ctx: &Context, epoch: u64) {
+        self.ledger.lock().expect("ledger").stable(epoch, |n| ctx.gone(n));
         let Some(table) = ctx.snapshot() else { return };
         let me = ctx.node();
         let mut sent = self.sent.lock().expect("sent");
@@ -440,6 +561,10 @@ impl Service for KvDir {
     }
 
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.ledger.lock().expect("ledger").end(change.epoch);
+        if let Change::Fail(failed) | Change::Recover(failed) = change.change {
+            self.report_lost(ctx, failed, change.epoch);
+        }
         let snapshot = ctx.snapshot();
         let to = snapshot.and_then(|s| backup(s, ctx.node()));
         // A backup that stays holds every entry but those received: copying it all again made
@@ -493,22 +618,27 @@ impl Service for KvDir {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
-        let last = {
+        let (last, whole) = {
             let mut replicated = self.replicated.lock().expect("replicated");
-            if replicated.missed == missed {
+            let whole = replicated.missed == missed;
+            if whole {
                 replicated.to = Some(to);
             }
-            replicated.last.replace(to)
+            (replicated.last.replace(to), whole)
         };
+        if whole {
+            self.say_copied(ctx, to, change.epoch).await;
+        }
         self.tell_to_forget(ctx, change, to, last).await;
     }
 
-    async fn scan(
-        &self,
-        _ctx: &Context,
-        _failed: NodeId,
-        orphans: &Moving,
-    ) -> Vec<(Key, Versioned)> {
+    async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Versioned)> {
+        let mine: Vec<u32> = orphans.slots_to(ctx.node()).collect();
+        if let (Some(table), false) = (ctx.snapshot(), mine.is_empty()) {
+            let table = Arc::new(table.clone());
+            self.ledger.lock().expect("ledger").rebuild(failed, table, mine);
+        }
+        self.vouch(ctx, failed, orphans).await;
         // Locked in the order `stable` locks them, so that neither waits on the other.
         let sent = self.sent.lock().expect("sent");
         let mut found = BySlot::new(KvDir::declaration());
@@ -530,9 +660,15 @@ mod tests {
 
     /// Nodes 1 to `n` in one cell, at `epoch`.
     fn table(n: u64, epoch: u64) -> Arc<Snapshot> {
+        let nodes: Vec<u64> = (1..=n).collect();
+        table_of(&nodes, epoch)
+    }
+
+    /// `nodes`, added in this order to one cell, at `epoch`.
+    pub(crate) fn table_of(nodes: &[u64], epoch: u64) -> Arc<Snapshot> {
         let mut tree = CellTree::new(TreeConfig::default()).expect("default config");
         tree.register_service(KvDir::declaration()).expect("register");
-        for i in 1..=n {
+        for &i in nodes {
             tree.add_node(NodeId(i), Labels::new()).expect("add");
         }
         Arc::new(tree.snapshot(Epoch(epoch)).expect("non-empty"))

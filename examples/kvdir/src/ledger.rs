@@ -1,0 +1,279 @@
+//! Where copies of other nodes' entries are, as one node knows it: enough, once a node has
+//! failed, for each new manager of its slots to say which came back whole and which may have
+//! lost entries.
+//!
+//! An acknowledged write has two copies, on the key's manager and on its backup. After the
+//! manager fails, a slot is whole again on its new manager if a survivor that held every entry
+//! of it *vouches* for it, lives, and so delivered what it held:
+//! - **the backup of record**: the failed node's backup, to which it copied every entry it
+//!   managed at the end of the last change both took part in (`Request::Copied`);
+//! - **the backup before**, when the failed node died during a change, before it could copy
+//!   its entries to a new backup: that node holds them all as of the change's start;
+//! - **a sender**, for the slots it sent the failed node in the change it died during: it
+//!   keeps their copies while their receiver is gone.
+//!
+//! The last two hold nothing written since the change began: the failed node's backup at the
+//! recovery's start holds that, and must live too. A slot no survivor vouches for is reported
+//! lost. It may have been empty, or a sender may have kept some of its entries: nobody can
+//! tell, so the report says "may have lost", and rebuilds what it found.
+
+use crate::{backup, KVDIR};
+use gobelins_locator::{NodeId, SlotMove, Snapshot};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// One node's record of the copies it holds for others, and of what it was told by them.
+#[derive(Default)]
+pub(crate) struct Ledger {
+    /// For each manager this node backs up, the change at whose end it copied this node every
+    /// entry it managed.
+    copied: HashMap<NodeId, u64>,
+    /// The last two changes this node took part in, latest first.
+    took_part: [Option<u64>; 2],
+    /// The table as the latest change this node took part in began.
+    began: Option<Arc<Snapshot>>,
+    /// The change `sent_to` belongs to.
+    sending: Option<u64>,
+    /// The slots this node sent out in that change, by receiver, while this node keeps their
+    /// copies (until the change is stable with the receiver alive).
+    sent_to: HashMap<NodeId, Vec<u32>>,
+    /// What survivors vouched for of each failed node's slots.
+    vouched: HashMap<NodeId, Vec<Vouch>>,
+    /// The recovery under way, as this node's `scan` saw it.
+    rebuilding: Option<Rebuilding>,
+}
+
+/// A survivor's word that it holds every entry of some slots of a failed node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Vouch {
+    /// The survivor.
+    pub(crate) by: NodeId,
+    /// The slots.
+    pub(crate) slots: Vec<u32>,
+    /// Whether it holds what was written since the failed node's last change too. If not, the
+    /// failed node's backup at the recovery's start holds that.
+    pub(crate) current: bool,
+}
+
+/// What a recovery gives this node to rebuild.
+struct Rebuilding {
+    failed: NodeId,
+    /// The table the recovery began from.
+    table: Arc<Snapshot>,
+    /// The failed node's slots this node now manages.
+    mine: Vec<u32>,
+}
+
+/// The slots `node` manages in `table`, as a mask over every slot.
+fn managed_by(table: &Snapshot, node: NodeId) -> Vec<bool> {
+    table.table(KVDIR).map_or_else(Vec::new, |t| t.owners().map(|owner| owner == node).collect())
+}
+
+impl Ledger {
+    /// `manager` copied this node every entry it manages, at the end of the change to `epoch`.
+    pub(crate) fn copied(&mut self, manager: NodeId, epoch: u64) {
+        let at = self.copied.entry(manager).or_default();
+        *at = (*at).max(epoch);
+    }
+
+    /// A change this node takes part in, to `epoch`, begins from `table`.
+    pub(crate) fn begin(&mut self, epoch: u64, table: Option<Arc<Snapshot>>) {
+        self.began = table;
+        self.sending = Some(epoch);
+        self.sent_to.clear();
+    }
+
+    /// This node sends out `moves` in the change that began.
+    pub(crate) fn send_out(&mut self, moves: &[SlotMove]) {
+        for m in moves {
+            self.sent_to.entry(m.to).or_default().extend(m.slots.clone());
+        }
+    }
+
+    /// This node finished its part in the change to `epoch`.
+    pub(crate) fn end(&mut self, epoch: u64) {
+        self.took_part = [Some(epoch), self.took_part[0]];
+    }
+
+    /// The change to `epoch` is stable: the copies of what went to live receivers are dropped.
+    pub(crate) fn stable(&mut self, epoch: u64, gone: impl Fn(NodeId) -> bool) {
+        if self.sending == Some(epoch) {
+            self.sent_to.retain(|&to, _| gone(to));
+        }
+    }
+
+    /// What this node vouches for among `orphans`, the slots `failed` leaves, in a recovery
+    /// that begins from `table`: the slots, and whether they are current.
+    pub(crate) fn vouch(
+        &self,
+        me: NodeId,
+        failed: NodeId,
+        table: &Snapshot,
+        orphans: &[u32],
+    ) -> Option<(Vec<u32>, bool)> {
+        let copied = self.copied.get(&failed).copied();
+        let among = |mask: &[bool]| -> Vec<u32> {
+            orphans.iter().copied().filter(|&s| mask.get(s as usize) == Some(&true)).collect()
+        };
+        // Cell mates take part in the same changes: the copy is current if it was made at the
+        // end of the last one. A node alone in its cell takes part in none until its cell
+        // grows, which gives it a new backup.
+        let alone = table.cell_mates(failed).all(|m| m == failed);
+        if backup(table, failed) == Some(me)
+            && copied.is_some()
+            && (copied == self.took_part[0] || alone)
+        {
+            return Some((among(&managed_by(table, failed)), true));
+        }
+        let mut slots = Vec::new();
+        // It died during the last change, before copying its new backup what it had.
+        if let Some(began) = &self.began {
+            if backup(began, failed) == Some(me) && copied.is_some() && copied == self.took_part[1]
+            {
+                slots.extend(among(&managed_by(began, failed)));
+            }
+        }
+        if self.sending.is_some() && self.sending == self.took_part[0] {
+            if let Some(sent) = self.sent_to.get(&failed) {
+                let mut mask = vec![false; orphans.iter().max().map_or(0, |&m| m as usize + 1)];
+                for &s in sent {
+                    if let Some(m) = mask.get_mut(s as usize) {
+                        *m = true;
+                    }
+                }
+                slots.extend(among(&mask));
+            }
+        }
+        slots.sort_unstable();
+        slots.dedup();
+        (!slots.is_empty()).then_some((slots, false))
+    }
+
+    /// `vouch` came for slots of `failed`.
+    pub(crate) fn heard(&mut self, failed: NodeId, vouch: Vouch) {
+        self.vouched.entry(failed).or_default().push(vouch);
+    }
+
+    /// This node's `scan` saw the recovery of `failed` begin from `table`, which gives this
+    /// node the slots `mine`.
+    pub(crate) fn rebuild(&mut self, failed: NodeId, table: Arc<Snapshot>, mine: Vec<u32>) {
+        self.rebuilding = Some(Rebuilding { failed, table, mine });
+    }
+
+    /// The recovery of `failed` ends on this node: the slots it rebuilt that no survivor
+    /// still alive vouched for.
+    pub(crate) fn unvouched(
+        &mut self,
+        me: NodeId,
+        failed: NodeId,
+        gone: impl Fn(NodeId) -> bool,
+    ) -> Vec<u32> {
+        let vouches = self.vouched.remove(&failed).unwrap_or_default();
+        let Some(rebuilding) = self.rebuilding.take_if(|r| r.failed == failed) else {
+            return Vec::new();
+        };
+        let alive = |n: NodeId| n == me || !gone(n);
+        let writes_since = backup(&rebuilding.table, failed).is_none_or(alive);
+        let mut covered = Vec::new();
+        for vouch in vouches.iter().filter(|v| alive(v.by) && (v.current || writes_since)) {
+            for &s in &vouch.slots {
+                if covered.len() <= s as usize {
+                    covered.resize(s as usize + 1, false);
+                }
+                covered[s as usize] = true;
+            }
+        }
+        rebuilding.mine.into_iter().filter(|&s| covered.get(s as usize) != Some(&true)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tests::table_of;
+    use std::ops::Range;
+
+    fn n(i: u64) -> NodeId {
+        NodeId(i)
+    }
+
+    /// The slots `node` manages in `table`.
+    fn slots_of(table: &Snapshot, node: NodeId) -> Vec<u32> {
+        let mask = managed_by(table, node);
+        (0..mask.len() as u32).filter(|&s| mask[s as usize]).collect()
+    }
+
+    fn moving(slots: Range<u32>, from: u64, to: u64) -> SlotMove {
+        SlotMove { slots, from: n(from), to: n(to) }
+    }
+
+    /// Node 3 backs node 2 up in a cell of four. Its copy is current if node 2 copied it
+    /// everything at the end of the last change node 3 took part in, not an earlier one.
+    #[test]
+    fn the_backup_of_record_vouches_for_every_slot_if_it_was_copied_all_at_the_last_change() {
+        let at_5 = table_of(&[1, 2, 3, 4], 5);
+        let of_2 = slots_of(&at_5, n(2));
+        assert!(!of_2.is_empty());
+        assert_eq!(backup(&at_5, n(2)), Some(n(3)));
+        let mut ledger = Ledger::default();
+        ledger.begin(5, Some(table_of(&[1, 2, 3], 4)));
+        ledger.end(5);
+        ledger.copied(n(2), 4);
+        assert_eq!(ledger.vouch(n(3), n(2), &at_5, &of_2), None, "copied before the last change");
+        ledger.copied(n(2), 5);
+        assert_eq!(ledger.vouch(n(3), n(2), &at_5, &of_2), Some((of_2.clone(), true)));
+        assert_eq!(ledger.vouch(n(4), n(2), &at_5, &of_2), None, "node 4 is not its backup");
+    }
+
+    /// Node 3 joins between nodes 2 and 4, and node 2 dies before it copies node 3 its
+    /// entries: node 4, its backup when the join began, vouches for what node 2 had then, and
+    /// a new manager takes its word only while node 3, which holds the writes since, lives.
+    #[test]
+    fn a_former_backup_vouches_for_a_node_that_died_during_the_change_while_the_new_one_lives() {
+        let at_5 = table_of(&[1, 2, 4], 5);
+        let at_6 = table_of(&[1, 2, 4, 3], 6);
+        assert_eq!((backup(&at_5, n(2)), backup(&at_6, n(2))), (Some(n(4)), Some(n(3))));
+        let mut ledger = Ledger::default();
+        ledger.begin(5, Some(table_of(&[1, 2], 4)));
+        ledger.end(5);
+        ledger.copied(n(2), 5);
+        ledger.begin(6, Some(Arc::clone(&at_5)));
+        ledger.end(6);
+        let orphans = slots_of(&at_6, n(2));
+        let had = slots_of(&at_5, n(2));
+        let (vouched, current) = ledger.vouch(n(4), n(2), &at_6, &orphans).expect("a vouch");
+        assert!(!current);
+        assert!(!vouched.is_empty() && vouched.iter().all(|s| had.contains(s)), "{vouched:?}");
+
+        let mut manager = Ledger::default();
+        let judge = |manager: &mut Ledger, gone: &[u64]| {
+            manager.rebuild(n(2), Arc::clone(&at_6), vouched.clone());
+            manager.heard(n(2), Vouch { by: n(4), slots: vouched.clone(), current });
+            manager.unvouched(n(1), n(2), |node| gone.contains(&node.0))
+        };
+        assert_eq!(judge(&mut manager, &[2]), Vec::<u32>::new());
+        assert_eq!(judge(&mut manager, &[2, 3]), vouched, "the writes since died with node 3");
+        assert_eq!(judge(&mut manager, &[2, 4]), vouched, "the voucher died before it delivered");
+    }
+
+    /// Node 1 sent slots to node 3 in the change it last took part in: it vouches for them
+    /// while node 3 is gone, and not once that change was stable with node 3 alive (it then
+    /// dropped its copies).
+    #[test]
+    fn a_sender_vouches_for_what_it_sent_while_its_receiver_is_gone() {
+        let at_6 = table_of(&[1, 2, 3], 6);
+        let sent: Vec<u32> = slots_of(&at_6, n(3)).into_iter().take(5).collect();
+        let moves: Vec<SlotMove> = sent.iter().map(|&s| moving(s..s + 1, 1, 3)).collect();
+        let orphans = slots_of(&at_6, n(3));
+        let sender = |gone_at_stable: bool| {
+            let mut ledger = Ledger::default();
+            ledger.begin(6, Some(table_of(&[1, 2], 5)));
+            ledger.send_out(&moves);
+            ledger.end(6);
+            ledger.stable(6, |node| gone_at_stable && node == n(3));
+            ledger
+        };
+        assert_eq!(sender(true).vouch(n(1), n(3), &at_6, &orphans), Some((sent.clone(), false)));
+        assert_eq!(sender(false).vouch(n(1), n(3), &at_6, &orphans), None);
+    }
+}
