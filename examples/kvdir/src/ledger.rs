@@ -10,7 +10,8 @@
 //! - **the backup before**, when the failed node died during a change, before it could copy
 //!   its entries to a new backup: that node holds them all as of the change's start;
 //! - **a sender**, for the slots it sent the failed node in the change it died during: it
-//!   keeps their copies while their receiver is gone.
+//!   keeps their copies while their receiver is gone. A survivor that vouched for slots in a
+//!   recovery counts as their sender, should their new manager die before it copies them on.
 //!
 //! The last two hold nothing written since the change began: the failed node's backup at the
 //! recovery's start holds that, and must live too. A slot no survivor vouches for is reported
@@ -25,9 +26,9 @@ use std::sync::Arc;
 /// One node's record of the copies it holds for others, and of what it was told by them.
 #[derive(Default)]
 pub(crate) struct Ledger {
-    /// For each manager this node backs up, the change at whose end it copied this node every
-    /// entry it managed.
-    copied: HashMap<NodeId, u64>,
+    /// For each manager this node backs up, the last two changes at whose end it copied this
+    /// node every entry it managed, latest first.
+    copied: HashMap<NodeId, [Option<u64>; 2]>,
     /// The last two changes this node took part in, latest first.
     took_part: [Option<u64>; 2],
     /// The table as the latest change this node took part in began.
@@ -37,8 +38,14 @@ pub(crate) struct Ledger {
     /// The slots this node sent out in that change, by receiver, while this node keeps their
     /// copies (until the change is stable with the receiver alive).
     sent_to: HashMap<NodeId, Vec<u32>>,
+    /// The slots this node vouched for in the recovery beginning, by new manager: they count as
+    /// sent in it once it has begun.
+    vouched_to: HashMap<NodeId, Vec<u32>>,
     /// What survivors vouched for of each failed node's slots.
     vouched: HashMap<NodeId, Vec<Vouch>>,
+    /// For each failed node, the epoch of the last recovery of it this node judged: a vouch
+    /// made before it came too late for that one, and must not count for a later life's.
+    judged: HashMap<NodeId, u64>,
     /// The recovery under way, as this node's `scan` saw it.
     rebuilding: Option<Rebuilding>,
 }
@@ -48,11 +55,13 @@ pub(crate) struct Ledger {
 pub(crate) struct Vouch {
     /// The survivor.
     pub(crate) by: NodeId,
-    /// The slots.
-    pub(crate) slots: Vec<u32>,
-    /// Whether it holds what was written since the failed node's last change too. If not, the
-    /// failed node's backup at the recovery's start holds that.
-    pub(crate) current: bool,
+    /// The epoch its table was at as it vouched.
+    pub(crate) at: u64,
+    /// Slots whose every entry it holds, up to the latest write.
+    pub(crate) current: Vec<u32>,
+    /// Slots whose every entry it holds as of the last change's start: the failed node's
+    /// backup at the recovery's start holds the writes since.
+    pub(crate) older: Vec<u32>,
 }
 
 /// What a recovery gives this node to rebuild.
@@ -73,14 +82,26 @@ impl Ledger {
     /// `manager` copied this node every entry it manages, at the end of the change to `epoch`.
     pub(crate) fn copied(&mut self, manager: NodeId, epoch: u64) {
         let at = self.copied.entry(manager).or_default();
-        *at = (*at).max(epoch);
+        if at[0].is_none_or(|latest| latest < epoch) {
+            *at = [Some(epoch), at[0]];
+        }
+    }
+
+    /// Whether `manager` copied this node every entry at the end of the change to `epoch`.
+    fn copied_at(&self, manager: NodeId, epoch: Option<u64>) -> bool {
+        epoch.is_some() && self.copied.get(&manager).is_some_and(|at| at.contains(&epoch))
     }
 
     /// A change this node takes part in, to `epoch`, begins from `table`.
     pub(crate) fn begin(&mut self, epoch: u64, table: Option<Arc<Snapshot>>) {
         self.began = table;
         self.sending = Some(epoch);
-        self.sent_to.clear();
+        self.sent_to = std::mem::take(&mut self.vouched_to);
+    }
+
+    /// This node vouched for `slots` to `to`, their new manager, in the recovery beginning.
+    pub(crate) fn vouched_to(&mut self, to: NodeId, slots: impl IntoIterator<Item = u32>) {
+        self.vouched_to.entry(to).or_default().extend(slots);
     }
 
     /// This node sends out `moves` in the change that began.
@@ -103,34 +124,32 @@ impl Ledger {
     }
 
     /// What this node vouches for among `orphans`, the slots `failed` leaves, in a recovery
-    /// that begins from `table`: the slots, and whether they are current.
+    /// that begins from `table`, at epoch `at`.
     pub(crate) fn vouch(
         &self,
         me: NodeId,
         failed: NodeId,
         table: &Snapshot,
         orphans: &[u32],
-    ) -> Option<(Vec<u32>, bool)> {
-        let copied = self.copied.get(&failed).copied();
+    ) -> Option<Vouch> {
+        let at = table.epoch().0;
         let among = |mask: &[bool]| -> Vec<u32> {
             orphans.iter().copied().filter(|&s| mask.get(s as usize) == Some(&true)).collect()
         };
+        let mut vouch = Vouch { by: me, at, current: Vec::new(), older: Vec::new() };
         // Cell mates take part in the same changes: the copy is current if it was made at the
-        // end of the last one. A node alone in its cell takes part in none until its cell
-        // grows, which gives it a new backup.
-        let alone = table.cell_mates(failed).all(|m| m == failed);
-        if backup(table, failed) == Some(me)
-            && copied.is_some()
-            && (copied == self.took_part[0] || alone)
-        {
-            return Some((among(&managed_by(table, failed)), true));
+        // end of the last one. (A node alone in its cell keeps its copies in another cell,
+        // whose changes it takes no part in: its backup cannot tell whether its copy is
+        // current, and does not vouch.)
+        if backup(table, failed) == Some(me) && self.copied_at(failed, self.took_part[0]) {
+            vouch.current = among(&managed_by(table, failed));
         }
-        let mut slots = Vec::new();
-        // It died during the last change, before copying its new backup what it had.
+        // It may have died during the last change, before copying its new backup what it had,
+        // or once it had, but before the cluster heard its part was done: the slots it was
+        // sending are orphans too.
         if let Some(began) = &self.began {
-            if backup(began, failed) == Some(me) && copied.is_some() && copied == self.took_part[1]
-            {
-                slots.extend(among(&managed_by(began, failed)));
+            if backup(began, failed) == Some(me) && self.copied_at(failed, self.took_part[1]) {
+                vouch.older.extend(among(&managed_by(began, failed)));
             }
         }
         if self.sending.is_some() && self.sending == self.took_part[0] {
@@ -141,16 +160,20 @@ impl Ledger {
                         *m = true;
                     }
                 }
-                slots.extend(among(&mask));
+                vouch.older.extend(among(&mask));
             }
         }
-        slots.sort_unstable();
-        slots.dedup();
-        (!slots.is_empty()).then_some((slots, false))
+        vouch.older.sort_unstable();
+        vouch.older.dedup();
+        vouch.older.retain(|s| vouch.current.binary_search(s).is_err());
+        (!vouch.current.is_empty() || !vouch.older.is_empty()).then_some(vouch)
     }
 
     /// `vouch` came for slots of `failed`.
     pub(crate) fn heard(&mut self, failed: NodeId, vouch: Vouch) {
+        if self.judged.get(&failed).is_some_and(|&judged| vouch.at < judged) {
+            return;
+        }
         self.vouched.entry(failed).or_default().push(vouch);
     }
 
@@ -160,23 +183,27 @@ impl Ledger {
         self.rebuilding = Some(Rebuilding { failed, table, mine });
     }
 
-    /// The recovery of `failed` ends on this node: the slots it rebuilt that no survivor
-    /// still alive vouched for.
+    /// The recovery of `failed`, to `epoch`, ends on this node: the slots it rebuilt that no
+    /// survivor still alive vouched for.
     pub(crate) fn unvouched(
         &mut self,
         me: NodeId,
         failed: NodeId,
+        epoch: u64,
         gone: impl Fn(NodeId) -> bool,
     ) -> Vec<u32> {
-        let vouches = self.vouched.remove(&failed).unwrap_or_default();
+        let since = self.judged.insert(failed, epoch).unwrap_or(0);
+        let mut vouches = self.vouched.remove(&failed).unwrap_or_default();
+        vouches.retain(|v| v.at >= since);
         let Some(rebuilding) = self.rebuilding.take_if(|r| r.failed == failed) else {
             return Vec::new();
         };
         let alive = |n: NodeId| n == me || !gone(n);
         let writes_since = backup(&rebuilding.table, failed).is_none_or(alive);
         let mut covered = Vec::new();
-        for vouch in vouches.iter().filter(|v| alive(v.by) && (v.current || writes_since)) {
-            for &s in &vouch.slots {
+        for vouch in vouches.iter().filter(|v| alive(v.by)) {
+            let older = if writes_since { &vouch.older[..] } else { &[] };
+            for &s in vouch.current.iter().chain(older) {
                 if covered.len() <= s as usize {
                     covered.resize(s as usize + 1, false);
                 }
@@ -207,6 +234,11 @@ mod tests {
         SlotMove { slots, from: n(from), to: n(to) }
     }
 
+    /// `by`'s word, at `at`, for `current` and `older` slots.
+    fn word(by: u64, at: u64, current: &[u32], older: &[u32]) -> Vouch {
+        Vouch { by: n(by), at, current: current.to_vec(), older: older.to_vec() }
+    }
+
     /// Node 3 backs node 2 up in a cell of four. Its copy is current if node 2 copied it
     /// everything at the end of the last change node 3 took part in, not an earlier one.
     #[test]
@@ -221,8 +253,29 @@ mod tests {
         ledger.copied(n(2), 4);
         assert_eq!(ledger.vouch(n(3), n(2), &at_5, &of_2), None, "copied before the last change");
         ledger.copied(n(2), 5);
-        assert_eq!(ledger.vouch(n(3), n(2), &at_5, &of_2), Some((of_2.clone(), true)));
+        assert_eq!(ledger.vouch(n(3), n(2), &at_5, &of_2), Some(word(3, 5, &of_2, &[])));
         assert_eq!(ledger.vouch(n(4), n(2), &at_5, &of_2), None, "node 4 is not its backup");
+    }
+
+    /// Node 2 sent slots to node 4, a joiner, copied node 3 everything, and died before the
+    /// cluster heard its part was done: the slots it sent are orphans too, and node 3, which
+    /// held them as node 2's backup when the join began, vouches for them as well.
+    #[test]
+    fn the_backup_of_record_vouches_for_what_its_manager_had_as_the_last_change_began() {
+        let at_5 = table_of(&[1, 2, 3], 5);
+        let at_6 = table_of(&[1, 2, 3, 4], 6);
+        let (had, has) = (slots_of(&at_5, n(2)), slots_of(&at_6, n(2)));
+        let sent: Vec<u32> = had.iter().copied().filter(|s| !has.contains(s)).collect();
+        assert!(!sent.is_empty());
+        let mut ledger = Ledger::default();
+        ledger.begin(5, Some(table_of(&[1, 2], 4)));
+        ledger.end(5);
+        ledger.copied(n(2), 5);
+        ledger.begin(6, Some(Arc::clone(&at_5)));
+        ledger.end(6);
+        ledger.copied(n(2), 6);
+        let orphans: Vec<u32> = (0..4096).filter(|s| had.contains(s) || has.contains(s)).collect();
+        assert_eq!(ledger.vouch(n(3), n(2), &at_6, &orphans), Some(word(3, 6, &has, &sent)));
     }
 
     /// Node 3 joins between nodes 2 and 4, and node 2 dies before it copies node 3 its
@@ -241,19 +294,20 @@ mod tests {
         ledger.end(6);
         let orphans = slots_of(&at_6, n(2));
         let had = slots_of(&at_5, n(2));
-        let (vouched, current) = ledger.vouch(n(4), n(2), &at_6, &orphans).expect("a vouch");
-        assert!(!current);
-        assert!(!vouched.is_empty() && vouched.iter().all(|s| had.contains(s)), "{vouched:?}");
+        let vouch = ledger.vouch(n(4), n(2), &at_6, &orphans).expect("a vouch");
+        assert!(vouch.current.is_empty());
+        let older = vouch.older.clone();
+        assert!(!older.is_empty() && older.iter().all(|s| had.contains(s)), "{older:?}");
 
-        let mut manager = Ledger::default();
-        let judge = |manager: &mut Ledger, gone: &[u64]| {
-            manager.rebuild(n(2), Arc::clone(&at_6), vouched.clone());
-            manager.heard(n(2), Vouch { by: n(4), slots: vouched.clone(), current });
-            manager.unvouched(n(1), n(2), |node| gone.contains(&node.0))
+        let judge = |gone: &[u64]| {
+            let mut manager = Ledger::default();
+            manager.rebuild(n(2), Arc::clone(&at_6), older.clone());
+            manager.heard(n(2), vouch.clone());
+            manager.unvouched(n(1), n(2), 7, |node| gone.contains(&node.0))
         };
-        assert_eq!(judge(&mut manager, &[2]), Vec::<u32>::new());
-        assert_eq!(judge(&mut manager, &[2, 3]), vouched, "the writes since died with node 3");
-        assert_eq!(judge(&mut manager, &[2, 4]), vouched, "the voucher died before it delivered");
+        assert_eq!(judge(&[2]), Vec::<u32>::new());
+        assert_eq!(judge(&[2, 3]), older, "the writes since died with node 3");
+        assert_eq!(judge(&[2, 4]), older, "the voucher died before it delivered");
     }
 
     /// Node 1 sent slots to node 3 in the change it last took part in: it vouches for them
@@ -273,7 +327,39 @@ mod tests {
             ledger.stable(6, |node| gone_at_stable && node == n(3));
             ledger
         };
-        assert_eq!(sender(true).vouch(n(1), n(3), &at_6, &orphans), Some((sent.clone(), false)));
+        assert_eq!(sender(true).vouch(n(1), n(3), &at_6, &orphans), Some(word(1, 6, &[], &sent)));
         assert_eq!(sender(false).vouch(n(1), n(3), &at_6, &orphans), None);
+    }
+
+    /// Node 3 vouched to node 4 for slots of node 2 in node 2's recovery, and node 4 died
+    /// before copying them on: in node 4's recovery node 3 vouches for them again.
+    #[test]
+    fn what_a_node_vouched_for_counts_as_sent_should_its_new_manager_die() {
+        let at_6 = table_of(&[1, 2, 3, 4], 6);
+        let given: Vec<u32> = slots_of(&at_6, n(2)).into_iter().take(3).collect();
+        let mut ledger = Ledger::default();
+        ledger.vouched_to(n(4), given.iter().copied());
+        ledger.begin(7, Some(Arc::clone(&at_6)));
+        ledger.end(7);
+        ledger.stable(7, |node| node == n(4));
+        let at_7 = table_of(&[1, 3, 4], 7);
+        assert_eq!(ledger.vouch(n(3), n(4), &at_7, &given), Some(word(3, 7, &[], &given)));
+    }
+
+    /// A vouch that comes after its recovery was judged counts for no later recovery of a
+    /// node of the same name (a new life of it).
+    #[test]
+    fn a_late_vouch_counts_for_no_later_recovery() {
+        let at_6 = table_of(&[1, 2, 3], 6);
+        let mine = slots_of(&at_6, n(2));
+        let mut manager = Ledger::default();
+        manager.rebuild(n(2), Arc::clone(&at_6), mine.clone());
+        assert_eq!(manager.unvouched(n(1), n(2), 7, |node| node == n(2)), mine, "none came");
+        manager.heard(n(2), word(3, 6, &mine, &[]));
+        manager.rebuild(n(2), Arc::clone(&at_6), mine.clone());
+        assert_eq!(manager.unvouched(n(1), n(2), 9, |node| node == n(2)), mine, "too late");
+        manager.heard(n(2), word(3, 9, &mine, &[]));
+        manager.rebuild(n(2), Arc::clone(&at_6), mine.clone());
+        assert_eq!(manager.unvouched(n(1), n(2), 10, |node| node == n(2)), Vec::<u32>::new());
     }
 }

@@ -99,16 +99,18 @@ pub enum Request {
         /// The epoch the change led to.
         epoch: u64,
     },
-    /// The sender holds every entry of `slots` of `failed`, and rebuilds them (to the local
-    /// server of their new manager, as the recovery of `failed` begins).
+    /// The sender holds every entry of these slots of `failed`, and rebuilds them (to the
+    /// local server of their new manager, as the recovery of `failed` begins).
     Vouch {
         /// The node that failed.
         failed: NodeId,
-        /// The slots.
-        slots: Vec<u32>,
-        /// Whether its copies are current; if not, the writes since the failed node's last
-        /// change are on its backup at the recovery's start.
-        current: bool,
+        /// The epoch the sender's table was at.
+        at: u64,
+        /// Slots whose every entry it holds, up to the latest write.
+        current: Vec<u32>,
+        /// Slots whose every entry it holds as of the last change's start: the writes since
+        /// are on the failed node's backup at the recovery's start.
+        older: Vec<u32>,
     },
 }
 
@@ -367,23 +369,33 @@ impl KvDir {
         let me = ctx.node();
         let all: Vec<u32> = orphans.slots().collect();
         let vouched = self.ledger.lock().expect("ledger").vouch(me, failed, table, &all);
-        let Some((slots, current)) = vouched else { return };
-        let words = orphans.moves().iter().filter_map(|m| {
-            let from = slots.partition_point(|&s| s < m.slots.start);
-            let to = slots.partition_point(|&s| s < m.slots.end);
-            (from < to).then(|| (m.to, slots[from..to].to_vec()))
-        });
-        let mut by_node: std::collections::BTreeMap<NodeId, Vec<u32>> = Default::default();
-        for (node, slots) in words {
-            by_node.entry(node).or_default().extend(slots);
+        let Some(vouch) = vouched else { return };
+        // Both lists ascend, as the moves do: each move's share is a range of each.
+        let share = |slots: &[u32], of: &std::ops::Range<u32>| -> Vec<u32> {
+            let from = slots.partition_point(|&s| s < of.start);
+            slots[from..slots.partition_point(|&s| s < of.end)].to_vec()
+        };
+        let mut words: std::collections::BTreeMap<NodeId, Vouch> = Default::default();
+        for m in orphans.moves() {
+            let word = words.entry(m.to).or_insert_with(|| Vouch {
+                current: Vec::new(),
+                older: Vec::new(),
+                ..vouch.clone()
+            });
+            word.current.extend(share(&vouch.current, &m.slots));
+            word.older.extend(share(&vouch.older, &m.slots));
         }
-        let calls = by_node.into_iter().map(|(node, slots)| async move {
+        words.retain(|_, w| !w.current.is_empty() || !w.older.is_empty());
+        let calls = words.into_iter().map(|(node, word)| async move {
             if node == me {
-                let vouch = Vouch { by: me, slots, current };
-                self.ledger.lock().expect("ledger").heard(failed, vouch);
+                self.ledger.lock().expect("ledger").heard(failed, word);
                 return;
             }
-            let word = Request::Vouch { failed, slots, current };
+            // Should `node` die before it copies them on, this node rebuilds them again.
+            let slots = word.current.iter().chain(&word.older).copied();
+            self.ledger.lock().expect("ledger").vouched_to(node, slots);
+            let Vouch { at, current, older, .. } = word;
+            let word = Request::Vouch { failed, at, current, older };
             let said = ctx.tell::<Request, Response>(node, KVDIR, Key(0), &word);
             if !matches!(tokio::time::timeout(WORD_PATIENCE, said).await, Ok(Ok(Response::Kept))) {
                 tracing::warn!(node = node.0, failed = failed.0, "kvdir: a new manager did not hear that this node holds every entry of slots it rebuilds; it reports them lost");
@@ -397,7 +409,8 @@ impl KvDir {
     /// from them answer nothing, as for a key never written: kvdir cannot tell the two apart.
     fn report_lost(&self, ctx: &Context, failed: NodeId, epoch: u64) {
         let me = ctx.node();
-        let lost = self.ledger.lock().expect("ledger").unvouched(me, failed, |n| ctx.gone(n));
+        let lost =
+            self.ledger.lock().expect("ledger").unvouched(me, failed, epoch, |n| ctx.gone(n));
         if lost.is_empty() {
             return;
         }
@@ -493,8 +506,8 @@ impl Service for KvDir {
                 self.ledger.lock().expect("ledger").copied(from, epoch);
                 Response::Kept
             }
-            (Some(from), Request::Vouch { failed, slots, current }) => {
-                let vouch = Vouch { by: from, slots, current };
+            (Some(from), Request::Vouch { failed, at, current, older }) => {
+                let vouch = Vouch { by: from, at, current, older };
                 self.ledger.lock().expect("ledger").heard(failed, vouch);
                 Response::Kept
             }
@@ -618,17 +631,15 @@ impl Service for KvDir {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
-        let (last, whole) = {
+        let last = {
             let mut replicated = self.replicated.lock().expect("replicated");
-            let whole = replicated.missed == missed;
-            if whole {
+            if replicated.missed == missed {
                 replicated.to = Some(to);
             }
-            (replicated.last.replace(to), whole)
+            replicated.last.replace(to)
         };
-        if whole {
-            self.say_copied(ctx, to, change.epoch).await;
-        }
+        // Even if a write's copy failed meanwhile: that write was not acknowledged.
+        self.say_copied(ctx, to, change.epoch).await;
         self.tell_to_forget(ctx, change, to, last).await;
     }
 
