@@ -299,6 +299,15 @@ fn print_stats(answer: &Value) -> anyhow::Result<()> {
         n(&s["entries_received"]),
         n(&s["entries_rebuilt"])
     )?;
+    // Said only when something was: a line of zeros would be read past at the moment it matters.
+    let lost = s["reported_lost"].as_object().cloned().unwrap_or_default();
+    for (service, count) in lost.iter().filter(|(_, c)| n(c) > 0) {
+        writeln!(
+            out,
+            "REPORTED LOST by {service}: {} (its log says which and what to do)",
+            n(count)
+        )?;
+    }
     let changes = answer["changes"].as_array().cloned().unwrap_or_default();
     if changes.is_empty() {
         return Ok(());

@@ -32,7 +32,7 @@ use gobelins_locator::{Change, Key, MigrationPlan, NodeId, ServiceId, ServiceSpe
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use std::any::Any;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -153,6 +153,11 @@ pub struct Stats {
     /// answers alone is given up.
     #[serde(default)]
     pub batches_refused: u64,
+    /// Per service, by name: how much it reported lost after failures, in its own unit
+    /// ([`crate::Service::reported_lost`]). Anything but 0 means data may be gone: the
+    /// service's log says what.
+    #[serde(default)]
+    pub reported_lost: BTreeMap<String, u64>,
 }
 
 /// One change as this node carried it out: what moved and how long each phase took.
@@ -453,6 +458,15 @@ impl Host {
             answers_kept: inner.answers.iter().map(|answers| answers.len() as u64).sum(),
             forwarded: get(&c.forwarded),
             batches_refused: get(&c.batches_refused),
+            reported_lost: inner
+                .registry
+                .specs()
+                .into_iter()
+                .filter_map(|spec| {
+                    let plugin = inner.registry.get(spec.id)?;
+                    Some((spec.name.clone(), plugin.reported_lost()))
+                })
+                .collect(),
         }
     }
 

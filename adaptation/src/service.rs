@@ -364,6 +364,14 @@ pub trait Service: Send + Sync + 'static {
         failed: NodeId,
         orphans: &Moving,
     ) -> impl Future<Output = Vec<(Key, Self::Entry)>> + Send;
+
+    /// How much this node has reported lost so far, in the service's own unit (kvdir counts
+    /// slots whose entries may be lost): what it rebuilt after failures that no survivor could
+    /// vouch was whole. `gobelins stats` shows it per service, for an operator to act on. The
+    /// default: nothing.
+    fn reported_lost(&self) -> u64 {
+        0
+    }
 }
 
 /// A service as the layer holds it: the same methods, in bytes.
@@ -421,6 +429,10 @@ pub trait Plugin: Send + Sync {
         orphans: &Moving,
         packer: &mut Packer,
     ) -> Result<(), AdaptationError>;
+    /// [`Service::reported_lost`]. The default: nothing.
+    fn reported_lost(&self) -> u64 {
+        0
+    }
 }
 
 /// What [`Plugin::handle`] answered.
@@ -518,6 +530,10 @@ impl<S: Service> Service for Arc<S> {
     ) -> impl Future<Output = Vec<(Key, Self::Entry)>> + Send {
         (**self).scan(ctx, failed, orphans)
     }
+
+    fn reported_lost(&self) -> u64 {
+        (**self).reported_lost()
+    }
 }
 
 /// Wraps a typed service as a [`Plugin`].
@@ -564,6 +580,10 @@ async fn pack<E: Serialize>(
 impl<S: Service> Plugin for Erased<S> {
     fn spec(&self) -> ServiceSpec {
         self.0.spec()
+    }
+
+    fn reported_lost(&self) -> u64 {
+        self.0.reported_lost()
     }
 
     async fn handle(

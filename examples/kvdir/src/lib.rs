@@ -643,6 +643,12 @@ impl Service for KvDir {
         self.tell_to_forget(ctx, change, to, last).await;
     }
 
+    /// Slots, not entries: a slot no survivor vouched for may have lost any of its entries,
+    /// or none (see [`KvDir::slots_lost`]).
+    fn reported_lost(&self) -> u64 {
+        self.slots_lost()
+    }
+
     async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Versioned)> {
         let mine: Vec<u32> = orphans.slots_to(ctx.node()).collect();
         if let (Some(table), false) = (ctx.snapshot(), mine.is_empty()) {
