@@ -265,8 +265,8 @@ async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
     // survivor held a whole copy of everything the dead node had, and nothing may be reported.
     let mut reported = 0;
     for agent in agents.values() {
-        let answer = control::request(&agent.socket(), &ControlRequest::Stats, |_| {}).await?;
-        let stats: gobelins_adaptation::Stats = serde_json::from_value(answer["stats"].clone())?;
+        let stats: gobelins_adaptation::Stats =
+            serde_json::from_value(agent_stats(agent).await?["stats"].clone())?;
         reported += stats.reported_lost.values().sum::<u64>();
     }
     println!(
@@ -419,6 +419,11 @@ async fn read(socket: &Path, key: u64) -> anyhow::Result<Option<u64>> {
     }
 }
 
+/// What `gobelins stats` shows of `agent`: its counters and the changes it took part in.
+async fn agent_stats(agent: &Agent) -> anyhow::Result<Value> {
+    Ok(control::request(&agent.socket(), &ControlRequest::Stats, |_| {}).await?)
+}
+
 /// The clients' counters and the epoch when a change was asked for.
 struct ChangeStart {
     at: Instant,
@@ -446,8 +451,8 @@ async fn report(
     let (ok, delayed, failed) = tally.read();
     let mut records: Vec<ChangeRecord> = Vec::new();
     for agent in agents.values() {
-        let answer = control::request(&agent.socket(), &ControlRequest::Stats, |_| {}).await?;
-        let history: Vec<ChangeRecord> = serde_json::from_value(answer["changes"].clone())?;
+        let history: Vec<ChangeRecord> =
+            serde_json::from_value(agent_stats(agent).await?["changes"].clone())?;
         records.extend(history.into_iter().filter(|r| r.epoch > before.epoch));
     }
     let sent: u64 = records.iter().map(|r| r.entries_sent).sum();

@@ -458,15 +458,11 @@ impl Host {
             answers_kept: inner.answers.iter().map(|answers| answers.len() as u64).sum(),
             forwarded: get(&c.forwarded),
             batches_refused: get(&c.batches_refused),
-            reported_lost: inner
-                .registry
-                .specs()
-                .into_iter()
-                .filter_map(|spec| {
-                    let plugin = inner.registry.get(spec.id)?;
-                    Some((spec.name.clone(), plugin.reported_lost()))
-                })
-                .collect(),
+            reported_lost: inner.registry.iter().fold(BTreeMap::new(), |mut lost, plugin| {
+                // Names need not be unique: two services of one name add up.
+                *lost.entry(plugin.spec().name).or_default() += plugin.reported_lost();
+                lost
+            }),
         }
     }
 

@@ -88,6 +88,12 @@ impl Context {
         self.snapshot.as_deref()
     }
 
+    /// [`Context::snapshot`], shared rather than borrowed: for a service that keeps the table
+    /// past the callback (kvdir keeps the one a change began from).
+    pub fn shared_snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
     /// Whether nothing sent to `node` will land any more: the cluster has given up on it (it
     /// failed or left), or `node` is this node and its host has stopped or been given up on.
     /// A callback that retries a peer until it answers stops on it. `false` when detached.

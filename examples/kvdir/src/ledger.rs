@@ -23,6 +23,9 @@ use gobelins_locator::{NodeId, SlotMove, Snapshot};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// How many epochs a vouch is kept for a recovery yet to be judged.
+const VOUCH_GRACE: u64 = 16;
+
 /// One node's record of the copies it holds for others, and of what it was told by them.
 #[derive(Default)]
 pub(crate) struct Ledger {
@@ -78,6 +81,17 @@ fn managed_by(table: &Snapshot, node: NodeId) -> Vec<bool> {
     table.table(KVDIR).map_or_else(Vec::new, |t| t.owners().map(|owner| owner == node).collect())
 }
 
+/// `slots` as a mask over the first `len` slots; any past them is left out.
+fn mask(slots: &[u32], len: usize) -> Vec<bool> {
+    let mut mask = vec![false; len];
+    for &s in slots {
+        if let Some(m) = mask.get_mut(s as usize) {
+            *m = true;
+        }
+    }
+    mask
+}
+
 impl Ledger {
     /// `manager` copied this node every entry it manages, at the end of the change to `epoch`.
     pub(crate) fn copied(&mut self, manager: NodeId, epoch: u64) {
@@ -114,6 +128,12 @@ impl Ledger {
     /// This node finished its part in the change to `epoch`.
     pub(crate) fn end(&mut self, epoch: u64) {
         self.took_part = [Some(epoch), self.took_part[0]];
+        // Vouches for a recovery this node was not given any slots of, or that came after it
+        // ended; a few epochs' grace for a voucher whose table lagged.
+        self.vouched.retain(|_, vouches| {
+            vouches.retain(|v| v.at + VOUCH_GRACE >= epoch);
+            !vouches.is_empty()
+        });
     }
 
     /// The change to `epoch` is stable: the copies of what went to live receivers are dropped.
@@ -124,7 +144,7 @@ impl Ledger {
     }
 
     /// What this node vouches for among `orphans`, the slots `failed` leaves, in a recovery
-    /// that begins from `table`, at epoch `at`.
+    /// that begins from `table`.
     pub(crate) fn vouch(
         &self,
         me: NodeId,
@@ -139,8 +159,8 @@ impl Ledger {
         let mut vouch = Vouch { by: me, at, current: Vec::new(), older: Vec::new() };
         // Cell mates take part in the same changes: the copy is current if it was made at the
         // end of the last one. (A node alone in its cell keeps its copies in another cell,
-        // whose changes it takes no part in: its backup cannot tell whether its copy is
-        // current, and does not vouch.)
+        // whose changes it takes no part in: its backup vouches only if that node's last
+        // copy came at the end of a change both took part in, a recovery say.)
         if backup(table, failed) == Some(me) && self.copied_at(failed, self.took_part[0]) {
             vouch.current = among(&managed_by(table, failed));
         }
@@ -154,13 +174,8 @@ impl Ledger {
         }
         if self.sending.is_some() && self.sending == self.took_part[0] {
             if let Some(sent) = self.sent_to.get(&failed) {
-                let mut mask = vec![false; orphans.iter().max().map_or(0, |&m| m as usize + 1)];
-                for &s in sent {
-                    if let Some(m) = mask.get_mut(s as usize) {
-                        *m = true;
-                    }
-                }
-                vouch.older.extend(among(&mask));
+                let len = orphans.iter().max().map_or(0, |&m| m as usize + 1);
+                vouch.older.extend(among(&mask(sent, len)));
             }
         }
         vouch.older.sort_unstable();
@@ -200,16 +215,13 @@ impl Ledger {
         };
         let alive = |n: NodeId| n == me || !gone(n);
         let writes_since = backup(&rebuilding.table, failed).is_none_or(alive);
-        let mut covered = Vec::new();
+        let mut slots = Vec::new();
         for vouch in vouches.iter().filter(|v| alive(v.by)) {
             let older = if writes_since { &vouch.older[..] } else { &[] };
-            for &s in vouch.current.iter().chain(older) {
-                if covered.len() <= s as usize {
-                    covered.resize(s as usize + 1, false);
-                }
-                covered[s as usize] = true;
-            }
+            slots.extend(vouch.current.iter().chain(older));
         }
+        // The slots came from peers: only those of the service count, whatever else is sent.
+        let covered = mask(&slots, rebuilding.table.table(KVDIR).map_or(0, |t| t.owners().len()));
         rebuilding.mine.into_iter().filter(|&s| covered.get(s as usize) != Some(&true)).collect()
     }
 }

@@ -26,7 +26,7 @@ use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, Snapshot};
 use ledger::{Ledger, Vouch};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// The service's id in the cluster.
@@ -245,6 +245,21 @@ pub(crate) fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
     })
 }
 
+/// Tells `request` to `node`'s kvdir and waits at most `patience` for it to be kept.
+async fn tell_within(
+    ctx: &Context,
+    node: NodeId,
+    request: &Request,
+    patience: Duration,
+) -> Result<(), String> {
+    match tokio::time::timeout(patience, ctx.tell(node, KVDIR, Key(0), request)).await {
+        Ok(Ok(Response::Kept)) => Ok(()),
+        Ok(Ok(other)) => Err(format!("answered {other:?}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no answer in time".to_string()),
+    }
+}
+
 /// `entries` in slices of at most [`REPLICATE_CHUNK`] entries and, unless one value alone is
 /// larger, [`REPLICATE_BYTES`] of values.
 fn chunks(entries: &[(Key, Versioned)]) -> impl Iterator<Item = &[(Key, Versioned)]> {
@@ -340,12 +355,7 @@ impl KvDir {
         told.retain(|&n| n != me && n != to && !ctx.gone(n));
         let forget = &Request::Forget { epoch: table.epoch().0 };
         let calls = told.iter().map(|&n| async move {
-            let call = ctx.tell::<Request, Response>(n, KVDIR, Key(0), forget);
-            let error = match tokio::time::timeout(FORGET_PATIENCE, call).await {
-                Ok(Ok(_)) => return,
-                Ok(Err(e)) => e.to_string(),
-                Err(_) => "no answer in time".to_string(),
-            };
+            let Err(error) = tell_within(ctx, n, forget, FORGET_PATIENCE).await else { return };
             tracing::debug!(node = n.0, %error, "kvdir: a node may keep copies of entries this node manages, until a later change tells it again");
         });
         futures::future::join_all(calls).await;
@@ -354,10 +364,8 @@ impl KvDir {
     /// Tells `to`, this node's backup, that it holds a copy of every entry this node manages
     /// since the change to `epoch`: should this node fail, it vouches for them.
     async fn say_copied(&self, ctx: &Context, to: NodeId, epoch: u64) {
-        let word = Request::Copied { epoch };
-        let said = tokio::time::timeout(WORD_PATIENCE, ctx.tell(to, KVDIR, Key(0), &word)).await;
-        if !matches!(said, Ok(Ok(Response::Kept))) {
-            tracing::warn!(backup = to.0, epoch, "kvdir: the backup did not hear that it holds every entry of this node; should this node fail before the next change, its recovery reports its slots lost");
+        if let Err(error) = tell_within(ctx, to, &Request::Copied { epoch }, WORD_PATIENCE).await {
+            tracing::warn!(backup = to.0, epoch, %error, "kvdir: the backup did not hear that it holds every entry of this node; should this node fail before the next change, its recovery reports its slots lost");
         }
     }
 
@@ -373,7 +381,8 @@ impl KvDir {
         // Both lists ascend, as the moves do: each move's share is a range of each.
         let share = |slots: &[u32], of: &std::ops::Range<u32>| -> Vec<u32> {
             let from = slots.partition_point(|&s| s < of.start);
-            slots[from..slots.partition_point(|&s| s < of.end)].to_vec()
+            let to = slots.partition_point(|&s| s < of.end).max(from);
+            slots[from..to].to_vec()
         };
         let mut words: std::collections::BTreeMap<NodeId, Vouch> = Default::default();
         for m in orphans.moves() {
@@ -396,9 +405,8 @@ impl KvDir {
             self.ledger.lock().expect("ledger").vouched_to(node, slots);
             let Vouch { at, current, older, .. } = word;
             let word = Request::Vouch { failed, at, current, older };
-            let said = ctx.tell::<Request, Response>(node, KVDIR, Key(0), &word);
-            if !matches!(tokio::time::timeout(WORD_PATIENCE, said).await, Ok(Ok(Response::Kept))) {
-                tracing::warn!(node = node.0, failed = failed.0, "kvdir: a new manager did not hear that this node holds every entry of slots it rebuilds; it reports them lost");
+            if let Err(error) = tell_within(ctx, node, &word, WORD_PATIENCE).await {
+                tracing::warn!(node = node.0, failed = failed.0, %error, "kvdir: a new manager did not hear that this node holds every entry of slots it rebuilds; it reports them lost");
             }
         });
         futures::future::join_all(calls).await;
@@ -522,7 +530,7 @@ impl Service for KvDir {
     }
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
-        let table = ctx.snapshot().map(|t| Arc::new(t.clone()));
+        let table = ctx.shared_snapshot();
         self.ledger.lock().expect("ledger").begin(change.epoch, table);
     }
 
@@ -651,8 +659,7 @@ impl Service for KvDir {
 
     async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Versioned)> {
         let mine: Vec<u32> = orphans.slots_to(ctx.node()).collect();
-        if let (Some(table), false) = (ctx.snapshot(), mine.is_empty()) {
-            let table = Arc::new(table.clone());
+        if let (Some(table), false) = (ctx.shared_snapshot(), mine.is_empty()) {
             self.ledger.lock().expect("ledger").rebuild(failed, table, mine);
         }
         self.vouch(ctx, failed, orphans).await;

@@ -19,9 +19,7 @@ impl Probe for KvProbe {
     type S = Arc<KvDir>;
 
     fn make(&self) -> Arc<KvDir> {
-        let kv = Arc::new(KvDir::new());
-        self.0 .0.lock().expect("made").push(Arc::clone(&kv));
-        kv
+        self.0.make()
     }
 
     fn write(&self, value: u64) -> Request {
@@ -641,6 +639,13 @@ impl Made {
     fn node(&self, n: NodeId) -> Arc<KvDir> {
         Arc::clone(&self.0.lock().expect("made")[n.0 as usize])
     }
+
+    /// A new instance, kept.
+    fn make(&self) -> Arc<KvDir> {
+        let kv = Arc::new(KvDir::new());
+        self.0.lock().expect("made").push(Arc::clone(&kv));
+        kv
+    }
 }
 
 /// `nodes` in-memory nodes hosting kvdir, with each node's instance at hand.
@@ -648,10 +653,8 @@ async fn cluster_with_instances(nodes: u64) -> (MemCluster, Made) {
     let made = Made::default();
     let kept = made.clone();
     let cluster = MemCluster::start(nodes, HostConfig::default(), move || {
-        let kv = Arc::new(KvDir::new());
-        kept.0.lock().expect("made").push(Arc::clone(&kv));
         let mut registry = Registry::new();
-        registry.register(plugin(kv)).expect("registers");
+        registry.register(plugin(kept.make())).expect("registers");
         registry
     })
     .await;
@@ -1105,6 +1108,12 @@ fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
             slots_of_2,
             "node 2's {slots_of_2} slots are reported, by their new managers, and nothing else"
         );
+        let in_stats: u64 = cluster
+            .nodes()
+            .iter()
+            .map(|&n| cluster.host(n).stats().reported_lost.get("kvdir").copied().unwrap_or(0))
+            .sum();
+        assert_eq!(in_stats, slots_of_2, "what `gobelins stats` shows, per service");
         let get = codec::encode(&Request::Get).expect("encode");
         for &key in &keys {
             let answer =
