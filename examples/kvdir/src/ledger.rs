@@ -246,6 +246,20 @@ mod tests {
         SlotMove { slots, from: n(from), to: n(to) }
     }
 
+    /// A node that took part in the changes to epochs 5 and 6, the second begun from `at_5`,
+    /// to which node 2 said it copied every entry at the end of the changes to `copied`.
+    fn through_5_and_6(at_5: &Arc<Snapshot>, copied: &[u64]) -> Ledger {
+        let mut ledger = Ledger::default();
+        ledger.begin(5, Some(table_of(&[1, 2], 4)));
+        ledger.end(5);
+        ledger.begin(6, Some(Arc::clone(at_5)));
+        ledger.end(6);
+        for &epoch in copied {
+            ledger.copied(n(2), epoch);
+        }
+        ledger
+    }
+
     /// `by`'s word, at `at`, for `current` and `older` slots.
     fn word(by: u64, at: u64, current: &[u32], older: &[u32]) -> Vouch {
         Vouch { by: n(by), at, current: current.to_vec(), older: older.to_vec() }
@@ -279,13 +293,7 @@ mod tests {
         let (had, has) = (slots_of(&at_5, n(2)), slots_of(&at_6, n(2)));
         let sent: Vec<u32> = had.iter().copied().filter(|s| !has.contains(s)).collect();
         assert!(!sent.is_empty());
-        let mut ledger = Ledger::default();
-        ledger.begin(5, Some(table_of(&[1, 2], 4)));
-        ledger.end(5);
-        ledger.copied(n(2), 5);
-        ledger.begin(6, Some(Arc::clone(&at_5)));
-        ledger.end(6);
-        ledger.copied(n(2), 6);
+        let ledger = through_5_and_6(&at_5, &[5, 6]);
         let orphans: Vec<u32> = (0..4096).filter(|s| had.contains(s) || has.contains(s)).collect();
         assert_eq!(ledger.vouch(n(3), n(2), &at_6, &orphans), Some(word(3, 6, &has, &sent)));
     }
@@ -298,12 +306,7 @@ mod tests {
         let at_5 = table_of(&[1, 2, 4], 5);
         let at_6 = table_of(&[1, 2, 4, 3], 6);
         assert_eq!((backup(&at_5, n(2)), backup(&at_6, n(2))), (Some(n(4)), Some(n(3))));
-        let mut ledger = Ledger::default();
-        ledger.begin(5, Some(table_of(&[1, 2], 4)));
-        ledger.end(5);
-        ledger.copied(n(2), 5);
-        ledger.begin(6, Some(Arc::clone(&at_5)));
-        ledger.end(6);
+        let ledger = through_5_and_6(&at_5, &[5]);
         let orphans = slots_of(&at_6, n(2));
         let had = slots_of(&at_5, n(2));
         let vouch = ledger.vouch(n(4), n(2), &at_6, &orphans).expect("a vouch");
