@@ -41,6 +41,12 @@ impl BySlot {
         self.slots[self.slot(key)].get(&key)
     }
 
+    /// Whether `key`'s slot holds a marker that it lost entries (a key from
+    /// [`crate::RESERVED`] up).
+    pub(crate) fn marked(&self, key: Key) -> bool {
+        self.slots[self.slot(key)].keys().any(|k| k.0 >= crate::RESERVED)
+    }
+
     /// Stores `entry` under `key`, whatever its version.
     pub(crate) fn insert(&mut self, key: Key, entry: Versioned) {
         let slot = self.slot(key);

@@ -13,7 +13,8 @@
 //! - `scan(failed, orphans)` returns the replicas this node holds of the orphaned keys. Two
 //!   survivors may hold different versions of one key; the newest wins when they are merged.
 //! - A survivor that holds every entry of an orphaned slot vouches for it to its new manager,
-//!   which reports the slots nobody could vouch for: their entries may be lost (`ledger`).
+//!   which reports the slots nobody could vouch for: their entries may be lost (`ledger`). Such
+//!   a slot keeps a marker, and a read of a key it lacks answers `Lost`, not `Value(None)`.
 #![deny(missing_docs)]
 
 mod by_slot;
@@ -134,6 +135,24 @@ pub enum Response {
         /// The largest value accepted, in bytes.
         max: u64,
     },
+    /// The key has no entry, and its slot lost entries: its manager failed with no survivor
+    /// holding all of them (see [`KvDir::slots_lost`]). It may have had a value, which is
+    /// gone; nobody can tell. Until the key is written again, a read answers this, never
+    /// `Value(None)`.
+    Lost,
+    /// Keys from [`RESERVED`] up are kvdir's own; nothing was read or stored.
+    Reserved,
+}
+
+/// Keys from here up are kvdir's own: a slot that lost entries keeps a marker under one of
+/// them, which migrates, is copied to the backup and is rebuilt with the slot's other entries.
+/// A client's `Put` or `Get` of one is refused ([`Response::Reserved`]).
+pub const RESERVED: u64 = 1 << 63;
+
+/// The key of the marker that says `slot` lost entries: the first reserved key in that slot.
+fn marker_key(spec: &ServiceSpec, slot: u32) -> Key {
+    // Keys hash onto slots: a slot has one reserved key in `spec.slots` or so.
+    (RESERVED..).map(Key).find(|&k| spec.slot_of(k) == slot).expect("every slot has reserved keys")
 }
 
 /// One node's part of the directory.
@@ -196,7 +215,7 @@ impl KvDir {
         ServiceSpec::new(KVDIR, "kvdir").with_slots(4096)
     }
 
-    /// Entries this node manages right now.
+    /// Entries this node manages right now (a slot's mark that it lost entries counts as one).
     pub fn managed(&self) -> usize {
         self.live.lock().expect("live").len()
     }
@@ -423,12 +442,17 @@ impl KvDir {
             return;
         }
         self.slots_lost.fetch_add(lost.len() as u64, Ordering::Relaxed);
+        // Staged, so that they are merged and copied to the backup with what was received.
+        let spec = KvDir::declaration();
+        let marker = Versioned { version: 1, value: Bytes::new() };
+        let markers = lost.iter().map(|&slot| (marker_key(&spec, slot), marker.clone()));
+        self.staged.lock().expect("staged").extend(markers);
         tracing::error!(
             failed = failed.0,
             epoch,
             slots = lost.len(),
             first = ?&lost[..lost.len().min(8)],
-            "kvdir: node {failed} failed, and no survivor holding every entry of {} of its slots is left (its backup died too, or before it held them all): those slots are rebuilt from what copies remained, and entries written to them may be lost; a read of one answers nothing. Restore those keys from outside the cluster if they matter",
+            "kvdir: node {failed} failed, and no survivor holding every entry of {} of its slots is left (its backup died too, or before it held them all): those slots are rebuilt from what copies remained, and entries written to them may be lost; a read of a key they lack answers Lost until it is written again. Restore those keys from outside the cluster if they matter",
             lost.len()
         );
     }
@@ -478,6 +502,7 @@ impl Service for KvDir {
                 self.copies_at.fetch_max(epoch, Ordering::Relaxed);
                 Response::Kept
             }
+            (_, Request::Put(_) | Request::Get) if key.0 >= RESERVED => Response::Reserved,
             (_, Request::Put(value)) if value.len() > MAX_VALUE => {
                 Response::TooLarge { max: MAX_VALUE as u64 }
             }
@@ -505,7 +530,13 @@ impl Service for KvDir {
                 replicated.missed += 1;
                 Response::Unreplicated
             }
-            (_, Request::Get) => Response::Value(self.live.lock().expect("live").get(key).cloned()),
+            (_, Request::Get) => {
+                let live = self.live.lock().expect("live");
+                match live.get(key) {
+                    None if live.marked(key) => Response::Lost,
+                    entry => Response::Value(entry.cloned()),
+                }
+            }
             (Some(from), Request::Forget { epoch }) => {
                 self.forget(ctx, from, epoch);
                 Response::Kept

@@ -1072,9 +1072,10 @@ fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
     });
 }
 
-/// A manager and its backup die together: nothing holds the manager's entries any more. Its
-/// keys read as absent (never an invented value), and the new managers of its slots report
-/// them, each its own, once. A single failure before it reports nothing.
+/// A manager and its backup die together: nothing holds the manager's entries any more. The
+/// new managers of its slots report them, each its own, once, and its keys read as `Lost`,
+/// never as absent, even once their slots have moved on; a key written again reads its value.
+/// A single failure before it reports nothing.
 #[test]
 fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
     replay(async {
@@ -1114,20 +1115,45 @@ fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
             .map(|&n| cluster.host(n).stats().reported_lost.get("kvdir").copied().unwrap_or(0))
             .sum();
         assert_eq!(in_stats, slots_of_2, "what `gobelins stats` shows, per service");
-        let get = codec::encode(&Request::Get).expect("encode");
-        for &key in &keys {
-            let answer =
-                cluster.host(NodeId(1)).request(KVDIR, key, get.clone()).await.expect("get");
-            let value: Response = codec::decode(&answer).expect("decode");
-            if of_node_2.contains(&key) {
-                assert!(matches!(value, Response::Value(None)), "key {}: {value:?}", key.0);
-            } else {
-                assert!(
-                    matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
-                    "key {} survives: {value:?}",
-                    key.0
-                );
+        /// `request` for `key`, through node 1.
+        async fn ask(cluster: &MemCluster, key: Key, request: Request) -> Response {
+            let body = codec::encode(&request).expect("encode");
+            let answer = cluster.host(NodeId(1)).request(KVDIR, key, body).await.expect("answer");
+            codec::decode(&answer).expect("decode")
+        }
+        /// Node 2's keys read as lost, every other key its value.
+        async fn read_all(cluster: &MemCluster, keys: &[Key], of_node_2: &[Key]) {
+            for &key in keys {
+                let value = ask(cluster, key, Request::Get).await;
+                if of_node_2.contains(&key) {
+                    assert_eq!(value, Response::Lost, "key {} was node 2's", key.0);
+                } else {
+                    assert!(
+                        matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
+                        "key {} survives: {value:?}",
+                        key.0
+                    );
+                }
             }
         }
+        read_all(&cluster, &keys, &of_node_2).await;
+        // A key never written, in one of node 2's slots: nobody can tell it from a lost one.
+        let unwritten = (2_000..100_000)
+            .map(Key)
+            .find(|&k| table.locate(KVDIR, k) == Some(NodeId(2)))
+            .expect("node 2 managed keys past the written ones");
+        assert_eq!(ask(&cluster, unwritten, Request::Get).await, Response::Lost);
+        // The marks move with their slots.
+        cluster.add().await;
+        cluster.add().await;
+        read_all(&cluster, &keys, &of_node_2).await;
+        // Written again, a key reads its value; a client may not touch the marks' keys.
+        let again = of_node_2[0];
+        let put = Request::Put(b"again".to_vec());
+        assert!(matches!(ask(&cluster, again, put).await, Response::Stored { .. }));
+        let read = ask(&cluster, again, Request::Get).await;
+        assert!(matches!(&read, Response::Value(Some(v)) if &v.value[..] == b"again"), "{read:?}");
+        let reserved = Key(gobelins_kvdir::RESERVED + 5);
+        assert_eq!(ask(&cluster, reserved, Request::Get).await, Response::Reserved);
     });
 }
