@@ -432,8 +432,8 @@ impl KvDir {
     }
 
     /// The recovery of `failed` ends here: reports the slots this node rebuilt that no
-    /// survivor could vouch for. What was found of them is kept, and reads of a key missing
-    /// from them answer nothing, as for a key never written: kvdir cannot tell the two apart.
+    /// survivor could vouch for, and marks them. What was found of them is kept; a read of a
+    /// key they lack answers `Lost`, a key never written too: kvdir cannot tell the two apart.
     fn report_lost(&self, ctx: &Context, failed: NodeId, epoch: u64) {
         let me = ctx.node();
         let lost =
