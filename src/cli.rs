@@ -267,12 +267,11 @@ pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
         println!("{answer}");
         return Ok(());
     }
-    print_stats(&answer)
+    write_stats(&mut std::io::stdout().lock(), &answer)
 }
 
 /// This node's requests, what it served and moved, and the changes it took part in.
-fn print_stats(answer: &Value) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+fn write_stats(out: &mut impl std::io::Write, answer: &Value) -> anyhow::Result<()> {
     let s = &answer["stats"];
     let n = |v: &Value| v.as_u64().unwrap_or(0);
     writeln!(
@@ -409,4 +408,27 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
         eprintln!("segment {segment} freed on every node");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn stats_text(reported_lost: Value) -> String {
+        let answer = json!({ "stats": { "requests_ok": 5, "reported_lost": reported_lost } });
+        let mut out = Vec::new();
+        write_stats(&mut out, &answer).expect("written");
+        String::from_utf8(out).expect("text")
+    }
+
+    #[test]
+    fn stats_say_what_a_service_reported_lost_and_nothing_when_none_was() {
+        let lost = stats_text(json!({ "dsm": 0, "kvdir": 3 }));
+        assert!(lost.contains("REPORTED LOST by kvdir: 3"), "{lost}");
+        assert!(!lost.contains("by dsm"), "{lost}");
+        let none = stats_text(json!({ "dsm": 0, "kvdir": 0 }));
+        assert!(!none.contains("REPORTED LOST"), "{none}");
+        assert!(none.contains("requests from here: 5 ok"), "{none}");
+    }
 }
