@@ -32,6 +32,11 @@ pub struct MemNet {
     hosts: DashMap<NodeId, Host>,
     crashed: DashMap<NodeId, ()>,
     latency: Duration,
+    /// A node that crashes as it is about to tell a peer that it has sent everything for a
+    /// change (its `Ack` of that epoch): every batch it sent has then been taken.
+    crash_at_ack: std::sync::Mutex<Option<(NodeId, u64)>>,
+    /// Told when that node has crashed so.
+    crashed_at_ack: tokio::sync::Notify,
 }
 
 /// One host's way into a [`MemNet`].
@@ -53,6 +58,11 @@ impl Link for MemLink {
         let unreachable =
             |reason: &str| AdaptationError::Unreachable { node: to.0, reason: reason.into() };
         if self.net.crashed.contains_key(&self.me) || self.net.crashed.contains_key(&to) {
+            return Err(unreachable("crashed"));
+        }
+        if self.crashes_at(&message) {
+            self.net.crashed.insert(self.me, ());
+            self.net.crashed_at_ack.notify_one();
             return Err(unreachable("crashed"));
         }
         let host =
@@ -98,6 +108,21 @@ impl Link for MemLink {
         if let Some((_, gone)) = self.abandoned.remove(&to) {
             gone.send_replace(true);
         }
+    }
+}
+
+impl MemLink {
+    /// Whether this node is to crash rather than send `message`: it is its `Ack` of the epoch
+    /// [`MemCluster::fail_and_crash_once_sent`] armed.
+    fn crashes_at(&self, message: &Bytes) -> bool {
+        let armed = *self.net.crash_at_ack.lock().expect("crash_at_ack");
+        armed.is_some_and(|(node, epoch)| {
+            node == self.me
+                && matches!(
+                    crate::wire::Message::decode(message.clone()),
+                    Ok(crate::wire::Message::Ack { epoch: e }) if e == epoch
+                )
+        })
     }
 }
 
@@ -159,6 +184,8 @@ impl MemCluster {
                 hosts: DashMap::new(),
                 crashed: DashMap::new(),
                 latency: Duration::from_micros(200),
+                crash_at_ack: std::sync::Mutex::new(None),
+                crashed_at_ack: tokio::sync::Notify::new(),
             }),
             tree,
             epoch: 0,
@@ -268,6 +295,20 @@ impl MemCluster {
         self.departed.insert(node);
     }
 
+    /// As [`MemCluster::fail_and_crash`], but `victim` dies only once every entry it rebuilt
+    /// for others has been taken by its new manager, as it is about to say so: the others then
+    /// hold what it handed over, and its death has taken only what it rebuilt for itself.
+    pub async fn fail_and_crash_once_sent(&mut self, node: NodeId, victim: NodeId) {
+        self.kill(node);
+        let progress = self.begin(Change::Fail(node), Vec::new());
+        *self.net.crash_at_ack.lock().expect("crash_at_ack") = Some((victim, progress.epoch));
+        tokio::time::timeout(Duration::from_secs(60), self.net.crashed_at_ack.notified())
+            .await
+            .expect("the victim sends out within a minute");
+        *self.net.crash_at_ack.lock().expect("crash_at_ack") = None;
+        self.without(progress, victim).await;
+    }
+
     /// Declares `node` failed while it still runs, cut off as by a partition: messages to and
     /// from it fail and it hears nothing of the cluster any more, but what it was doing goes
     /// on (a request it holds, say). The survivors recover its entries.
@@ -307,10 +348,16 @@ impl MemCluster {
 
     async fn crash_during(&mut self, change: Change, victim: NodeId, lagging: Option<NodeId>) {
         let cut = lagging.filter(|&node| self.cut_off.insert(node));
-        let mut progress = self.begin(change, Vec::new());
+        let progress = self.begin(change, Vec::new());
         if let Some(node) = cut {
             self.cut_off.remove(&node);
         }
+        self.without(progress, victim).await;
+    }
+
+    /// Kills `victim`, a participant of the change under way, and carries out what the
+    /// supervisor would: the change finishes without it, then its failure is recovered.
+    async fn without(&mut self, mut progress: Progress, victim: NodeId) {
         self.kill(victim);
         progress.participants.remove(&victim);
         let unfinished = progress.plan.moves_from(victim);

@@ -36,6 +36,11 @@ impl BySlot {
         self.len
     }
 
+    /// How many entries `slot` holds.
+    pub(crate) fn slot_len(&self, slot: u32) -> usize {
+        self.slots.get(slot as usize).map_or(0, Entries::len)
+    }
+
     /// The entry of `key`.
     pub(crate) fn get(&self, key: Key) -> Option<&Versioned> {
         self.slots[self.slot(key)].get(&key)

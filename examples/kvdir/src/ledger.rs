@@ -4,7 +4,7 @@
 //!
 //! An acknowledged write has two copies, on the key's manager and on its backup. After the
 //! manager fails, a slot is whole again on its new manager if a survivor that held every entry
-//! of it *vouches* for it, lives, and so delivered what it held:
+//! of it *vouches* for it and delivered what it held (it lives, or all it announced came):
 //! - **the backup of record**: the failed node's backup, to which it copied every entry it
 //!   managed at the end of the last change both took part in (`Request::Copied`);
 //! - **the backup before**, when the failed node died during a change, before it could copy
@@ -14,13 +14,15 @@
 //!   recovery counts as their sender, should their new manager die before it copies them on.
 //!
 //! The last two hold nothing written since the change began: the failed node's backup at the
-//! recovery's start holds that, and must live too. A slot no survivor vouches for is reported
+//! recovery's start holds that, and must live too. A voucher that dies during the recovery
+//! still counts if its new manager received every entry it said it would send (a vouch says
+//! how many): it died after handing them over. A slot no survivor vouches for is reported
 //! lost. It may have been empty, or a sender may have kept some of its entries: nobody can
 //! tell, so the report says "may have lost", and rebuilds what it found.
 
 use crate::{backup, KVDIR};
-use gobelins_locator::{NodeId, SlotMove, Snapshot};
-use std::collections::HashMap;
+use gobelins_locator::{Key, NodeId, SlotMove, Snapshot};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 /// How many epochs a vouch is kept for a recovery yet to be judged.
@@ -46,6 +48,8 @@ pub(crate) struct Ledger {
     vouched_to: HashMap<NodeId, Vec<u32>>,
     /// What survivors vouched for of each failed node's slots.
     vouched: HashMap<NodeId, Vec<Vouch>>,
+    /// The entries, with their slots, received from each node with a vouch still to judge.
+    delivered: HashMap<NodeId, HashSet<(u32, Key)>>,
     /// For each failed node, the epoch of the last recovery of it this node judged: a vouch
     /// made before it came too late for that one, and must not count for a later life's.
     judged: HashMap<NodeId, u64>,
@@ -65,6 +69,8 @@ pub(crate) struct Vouch {
     /// Slots whose every entry it holds as of the last change's start: the failed node's
     /// backup at the recovery's start holds the writes since.
     pub(crate) older: Vec<u32>,
+    /// How many entries of these slots it sends: received, they count even if it dies.
+    pub(crate) entries: u64,
 }
 
 /// What a recovery gives this node to rebuild.
@@ -134,6 +140,33 @@ impl Ledger {
             vouches.retain(|v| v.at + VOUCH_GRACE >= epoch);
             !vouches.is_empty()
         });
+        self.forget_deliveries();
+    }
+
+    /// Whether a vouch by `from` waits to be judged here: what it sends is then counted.
+    pub(crate) fn expects(&self, from: NodeId) -> bool {
+        self.vouched.values().flatten().any(|v| v.by == from)
+    }
+
+    /// `entries`, each with its slot, came from `from`, which vouched to this node.
+    pub(crate) fn received(&mut self, from: NodeId, entries: impl IntoIterator<Item = (u32, Key)>) {
+        self.delivered.entry(from).or_default().extend(entries);
+    }
+
+    /// Whether every entry `vouch` announced has come: distinct keys of its slots, so that a
+    /// batch received twice counts once.
+    fn handed_over(&self, vouch: &Vouch, len: usize) -> bool {
+        let slots = mask(&[&vouch.current[..], &vouch.older[..]].concat(), len);
+        let came = self.delivered.get(&vouch.by).map_or(0, |keys| {
+            keys.iter().filter(|(slot, _)| slots.get(*slot as usize) == Some(&true)).count()
+        });
+        came as u64 == vouch.entries
+    }
+
+    /// What came from nodes with no vouch left to judge.
+    fn forget_deliveries(&mut self) {
+        let vouchers: HashSet<NodeId> = self.vouched.values().flatten().map(|v| v.by).collect();
+        self.delivered.retain(|by, _| vouchers.contains(by));
     }
 
     /// The change to `epoch` is stable: the copies of what went to live receivers are dropped.
@@ -156,7 +189,7 @@ impl Ledger {
         let among = |mask: &[bool]| -> Vec<u32> {
             orphans.iter().copied().filter(|&s| mask.get(s as usize) == Some(&true)).collect()
         };
-        let mut vouch = Vouch { by: me, at, current: Vec::new(), older: Vec::new() };
+        let mut vouch = Vouch { by: me, at, current: Vec::new(), older: Vec::new(), entries: 0 };
         // Cell mates take part in the same changes: the copy is current if it was made at the
         // end of the last one. (A node alone in its cell keeps its copies in another cell,
         // whose changes it takes no part in: its backup vouches only if that node's last
@@ -210,19 +243,27 @@ impl Ledger {
         let since = self.judged.insert(failed, epoch).unwrap_or(0);
         let mut vouches = self.vouched.remove(&failed).unwrap_or_default();
         vouches.retain(|v| v.at >= since);
-        let Some(rebuilding) = self.rebuilding.take_if(|r| r.failed == failed) else {
-            return Vec::new();
-        };
-        let alive = |n: NodeId| n == me || !gone(n);
-        let writes_since = backup(&rebuilding.table, failed).is_none_or(alive);
-        let mut slots = Vec::new();
-        for vouch in vouches.iter().filter(|v| alive(v.by)) {
-            let older = if writes_since { &vouch.older[..] } else { &[] };
-            slots.extend(vouch.current.iter().chain(older));
-        }
-        // The slots came from peers: only those of the service count, whatever else is sent.
-        let covered = mask(&slots, rebuilding.table.table(KVDIR).map_or(0, |t| t.owners().len()));
-        rebuilding.mine.into_iter().filter(|&s| covered.get(s as usize) != Some(&true)).collect()
+        let rebuilding = self.rebuilding.take_if(|r| r.failed == failed);
+        let judged = rebuilding.map_or_else(Vec::new, |rebuilding| {
+            let len = rebuilding.table.table(KVDIR).map_or(0, |t| t.owners().len());
+            let alive = |n: NodeId| n == me || !gone(n);
+            let writes_since = backup(&rebuilding.table, failed).is_none_or(alive);
+            let mut slots = Vec::new();
+            for vouch in vouches.iter().filter(|v| alive(v.by) || self.handed_over(v, len)) {
+                let older = if writes_since { &vouch.older[..] } else { &[] };
+                slots.extend(vouch.current.iter().chain(older));
+            }
+            // The slots came from peers: only those of the service count, whatever else is
+            // sent.
+            let covered = mask(&slots, len);
+            rebuilding
+                .mine
+                .into_iter()
+                .filter(|&s| covered.get(s as usize) != Some(&true))
+                .collect()
+        });
+        self.forget_deliveries();
+        judged
     }
 }
 
@@ -262,7 +303,7 @@ mod tests {
 
     /// `by`'s word, at `at`, for `current` and `older` slots.
     fn word(by: u64, at: u64, current: &[u32], older: &[u32]) -> Vouch {
-        Vouch { by: n(by), at, current: current.to_vec(), older: older.to_vec() }
+        Vouch { by: n(by), at, current: current.to_vec(), older: older.to_vec(), entries: 0 }
     }
 
     /// Node 3 backs node 2 up in a cell of four. Its copy is current if node 2 copied it
@@ -309,8 +350,10 @@ mod tests {
         let ledger = through_5_and_6(&at_5, &[5]);
         let orphans = slots_of(&at_6, n(2));
         let had = slots_of(&at_5, n(2));
-        let vouch = ledger.vouch(n(4), n(2), &at_6, &orphans).expect("a vouch");
+        let mut vouch = ledger.vouch(n(4), n(2), &at_6, &orphans).expect("a vouch");
         assert!(vouch.current.is_empty());
+        // As kvdir's `vouch` counts them: what it found of those slots, and sends.
+        vouch.entries = 3;
         let older = vouch.older.clone();
         assert!(!older.is_empty() && older.iter().all(|s| had.contains(s)), "{older:?}");
 
@@ -376,5 +419,30 @@ mod tests {
         manager.heard(n(2), word(3, 9, &mine, &[]));
         manager.rebuild(n(2), Arc::clone(&at_6), mine.clone());
         assert_eq!(manager.unvouched(n(1), n(2), 10, |node| node == n(2)), Vec::<u32>::new());
+    }
+
+    /// Node 3 vouched to node 1 for two of node 2's slots, three entries, and died during
+    /// the recovery: its word counts once all three came (a batch received twice counts
+    /// once), not before, and the count is of its slots alone.
+    #[test]
+    fn a_voucher_that_died_after_handing_everything_over_still_counts() {
+        let at_6 = table_of(&[1, 2, 3], 6);
+        let mine: Vec<u32> = slots_of(&at_6, n(2)).into_iter().take(2).collect();
+        let other = slots_of(&at_6, n(1))[0];
+        let judge = |came: &[(u32, u64)]| {
+            let mut manager = Ledger::default();
+            manager.rebuild(n(2), Arc::clone(&at_6), mine.clone());
+            manager.heard(n(2), Vouch { entries: 3, ..word(3, 6, &mine, &[]) });
+            assert!(manager.expects(n(3)) && !manager.expects(n(4)));
+            manager.received(n(3), came.iter().map(|&(slot, key)| (slot, Key(key))));
+            let lost = manager.unvouched(n(1), n(2), 7, |node| node == n(2) || node == n(3));
+            assert!(manager.delivered.is_empty(), "forgotten once judged");
+            lost
+        };
+        let (a, b) = (mine[0], mine[1]);
+        assert_eq!(judge(&[(a, 10), (a, 11), (b, 12)]), Vec::<u32>::new());
+        assert_eq!(judge(&[(a, 10), (a, 10), (b, 12), (b, 12)]), mine, "two of three came");
+        assert_eq!(judge(&[(a, 10), (b, 12), (other, 13)]), mine, "one came for another slot");
+        assert_eq!(judge(&[]), mine, "it died before it sent anything");
     }
 }

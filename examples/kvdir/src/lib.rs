@@ -112,6 +112,8 @@ pub enum Request {
         /// Slots whose every entry it holds as of the last change's start: the writes since
         /// are on the failed node's backup at the recovery's start.
         older: Vec<u32>,
+        /// How many entries of these slots it sends this node.
+        entries: u64,
     },
 }
 
@@ -391,7 +393,7 @@ impl KvDir {
     /// Tells the new managers of `failed`'s slots those of them this node holds every entry
     /// of, as the recovery begins. Waited for: a new manager judges what it rebuilt once this
     /// node's batches have come, and they follow.
-    async fn vouch(&self, ctx: &Context, failed: NodeId, orphans: &Moving) {
+    async fn vouch(&self, ctx: &Context, failed: NodeId, orphans: &Moving, found: &BySlot) {
         let Some(table) = ctx.snapshot() else { return };
         let me = ctx.node();
         let all: Vec<u32> = orphans.slots().collect();
@@ -410,8 +412,11 @@ impl KvDir {
                 older: Vec::new(),
                 ..vouch.clone()
             });
-            word.current.extend(share(&vouch.current, &m.slots));
-            word.older.extend(share(&vouch.older, &m.slots));
+            let (current, older) = (share(&vouch.current, &m.slots), share(&vouch.older, &m.slots));
+            word.entries +=
+                current.iter().chain(&older).map(|&s| found.slot_len(s) as u64).sum::<u64>();
+            word.current.extend(current);
+            word.older.extend(older);
         }
         words.retain(|_, w| !w.current.is_empty() || !w.older.is_empty());
         let calls = words.into_iter().map(|(node, word)| async move {
@@ -422,8 +427,8 @@ impl KvDir {
             // Should `node` die before it copies them on, this node rebuilds them again.
             let slots = word.current.iter().chain(&word.older).copied();
             self.ledger.lock().expect("ledger").vouched_to(node, slots);
-            let Vouch { at, current, older, .. } = word;
-            let word = Request::Vouch { failed, at, current, older };
+            let Vouch { at, current, older, entries, .. } = word;
+            let word = Request::Vouch { failed, at, current, older, entries };
             if let Err(error) = tell_within(ctx, node, &word, WORD_PATIENCE).await {
                 tracing::warn!(node = node.0, failed = failed.0, %error, "kvdir: a new manager did not hear that this node holds every entry of slots it rebuilds; it reports them lost");
             }
@@ -545,8 +550,8 @@ impl Service for KvDir {
                 self.ledger.lock().expect("ledger").copied(from, epoch);
                 Response::Kept
             }
-            (Some(from), Request::Vouch { failed, at, current, older }) => {
-                let vouch = Vouch { by: from, at, current, older };
+            (Some(from), Request::Vouch { failed, at, current, older, entries }) => {
+                let vouch = Vouch { by: from, at, current, older, entries };
                 self.ledger.lock().expect("ledger").heard(failed, vouch);
                 Response::Kept
             }
@@ -608,7 +613,15 @@ impl Service for KvDir {
         }
     }
 
-    async fn receive(&self, _ctx: &Context, _from: NodeId, entries: Vec<(Key, Versioned)>) {
+    async fn receive(&self, _ctx: &Context, from: NodeId, entries: Vec<(Key, Versioned)>) {
+        {
+            // Counted only from a node that vouched to this one, in a recovery.
+            let mut ledger = self.ledger.lock().expect("ledger");
+            if ledger.expects(from) {
+                let spec = KvDir::declaration();
+                ledger.received(from, entries.iter().map(|(k, _)| (spec.slot_of(*k), *k)));
+            }
+        }
         self.staged.lock().expect("staged").extend(entries);
     }
 
@@ -693,16 +706,19 @@ impl Service for KvDir {
         if let (Some(table), false) = (ctx.shared_snapshot(), mine.is_empty()) {
             self.ledger.lock().expect("ledger").rebuild(failed, table, mine);
         }
-        self.vouch(ctx, failed, orphans).await;
-        // Locked in the order `stable` locks them, so that neither waits on the other.
-        let sent = self.sent.lock().expect("sent");
         let mut found = BySlot::new(KvDir::declaration());
-        found.merge(self.replicas.lock().expect("replicas").copies(orphans.slots()));
-        found.merge(
-            sent.iter()
-                .filter(|(k, _)| orphans.destination(*k).is_some())
-                .map(|(k, v)| (*k, v.clone())),
-        );
+        {
+            // Locked in the order `stable` locks them, so that neither waits on the other.
+            let sent = self.sent.lock().expect("sent");
+            found.merge(self.replicas.lock().expect("replicas").copies(orphans.slots()));
+            found.merge(
+                sent.iter()
+                    .filter(|(k, _)| orphans.destination(*k).is_some())
+                    .map(|(k, v)| (*k, v.clone())),
+            );
+        }
+        // Once found: each word says how many entries of its slots follow.
+        self.vouch(ctx, failed, orphans, &found).await;
         found.take(orphans.slots())
     }
 }

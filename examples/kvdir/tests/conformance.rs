@@ -7,7 +7,7 @@ use gobelins_adaptation::{
     Packer, Plugin, Registry, Run, Service,
 };
 use gobelins_kvdir::{KvDir, Request, Response, Versioned, KVDIR};
-use gobelins_locator::{Key, NodeId, ServiceSpec};
+use gobelins_locator::{CellTree, Change, Key, Labels, NodeId, ServiceSpec, Snapshot, TreeConfig};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1155,5 +1155,58 @@ fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
         assert!(matches!(&read, Response::Value(Some(v)) if &v.value[..] == b"again"), "{read:?}");
         let reserved = Key(gobelins_kvdir::RESERVED + 5);
         assert_eq!(ask(&cluster, reserved, Request::Get).await, Response::Reserved);
+    });
+}
+
+/// Node 2 fails, and node 3, its backup, dies during that recovery once every entry it
+/// rebuilt for the others has been taken: it said how many it would send, and they all came.
+/// Only the slots the recovery gave node 3 itself are reported (it was their last holder);
+/// every other key of node 2 reads its value.
+#[test]
+fn a_backup_dead_once_it_handed_everything_over_is_taken_at_its_word() {
+    replay(async {
+        let (mut cluster, made) = cluster_with_instances(5).await;
+        let keys: Vec<Key> = (0..2_000).map(Key).collect();
+        put_own_bytes(&cluster, &keys).await;
+        cluster.fail(NodeId(5)).await;
+        let before = cluster.snapshot();
+        // The table node 2's recovery leads to, from the same history of the locator.
+        let mut tree = CellTree::new(TreeConfig::default()).expect("a valid config");
+        tree.register_service(KvDir::declaration()).expect("registers");
+        for node in (1..=5).map(NodeId) {
+            tree.apply(&Change::Add { node, labels: Labels::new() }).expect("adds");
+        }
+        tree.apply(&Change::Fail(NodeId(5))).expect("fails");
+        let owners = |table: &Snapshot| -> Vec<NodeId> {
+            table.table(KVDIR).expect("kvdir's table").owners().collect()
+        };
+        let replayed = tree.snapshot(before.epoch()).expect("nodes");
+        assert_eq!(owners(&replayed), owners(&before), "the same history, the same table");
+        tree.apply(&Change::Fail(NodeId(2))).expect("fails");
+        let after = owners(&tree.snapshot(before.epoch()).expect("nodes"));
+        let given_to_3: Vec<u32> = (0..after.len() as u32)
+            .filter(|&s| owners(&before)[s as usize] == NodeId(2) && after[s as usize] == NodeId(3))
+            .collect();
+        let slots_of_2 = owners(&before).iter().filter(|&&o| o == NodeId(2)).count();
+        assert!(!given_to_3.is_empty() && given_to_3.len() < slots_of_2, "{given_to_3:?}");
+
+        cluster.fail_and_crash_once_sent(NodeId(2), NodeId(3)).await;
+        let reported: u64 = cluster.nodes().iter().map(|&n| made.node(n).slots_lost()).sum();
+        assert_eq!(reported, given_to_3.len() as u64, "only what node 3 rebuilt for itself");
+        let spec = KvDir::declaration();
+        for &key in &keys {
+            let body = codec::encode(&Request::Get).expect("encode");
+            let answer = cluster.host(NodeId(1)).request(KVDIR, key, body).await.expect("answer");
+            let value: Response = codec::decode(&answer).expect("decode");
+            if given_to_3.contains(&spec.slot_of(key)) {
+                assert_eq!(value, Response::Lost, "key {} died with nodes 2 and 3", key.0);
+            } else {
+                assert!(
+                    matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
+                    "key {} survives: {value:?}",
+                    key.0
+                );
+            }
+        }
     });
 }
