@@ -100,6 +100,9 @@ pub(crate) struct NodeState {
     /// Read faults answered by the hinted owner, and hints found stale.
     pub(crate) hinted: AtomicU64,
     pub(crate) stale: AtomicU64,
+    /// Pages this node, as their manager, found lost (each time one became so): what
+    /// `reported_lost` says.
+    pub(crate) lost: AtomicU64,
     /// This node is being evicted: no more writes, no more direct reads.
     pub(crate) leaving: std::sync::atomic::AtomicBool,
     /// Held shared by each write fault in flight, from before it is sent until its grant is
@@ -138,6 +141,7 @@ impl DsmNode {
                 hints: DashMap::default(),
                 hinted: AtomicU64::new(0),
                 stale: AtomicU64::new(0),
+                lost: AtomicU64::new(0),
                 leaving: std::sync::atomic::AtomicBool::new(false),
                 faults: tokio::sync::RwLock::new(()),
             }),

@@ -12,6 +12,7 @@ use futures::StreamExt;
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Change, Key, NodeId, ServiceSpec};
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
@@ -181,7 +182,18 @@ impl DsmService {
             Named::Barrier(_) => Live::Barrier(Default::default()),
             Named::Taint => Live::Taint,
         };
-        Arc::clone(&st.live.entry(key).or_insert_with(|| Arc::new(AsyncMutex::new(fresh))))
+        Arc::clone(&st.live.entry(key).or_insert_with(|| {
+            // Counted once, by whoever makes the entry.
+            if matches!(fresh, Live::Page(PageEntry { lost: true, .. })) {
+                self.found_lost(1);
+            }
+            Arc::new(AsyncMutex::new(fresh))
+        }))
+    }
+
+    /// `pages` more pages this node manages became lost.
+    fn found_lost(&self, pages: u64) {
+        self.state().lost.fetch_add(pages, Ordering::Relaxed);
     }
 
     /// Asks `holder` for its copy of `page` at `version`.
@@ -324,6 +336,7 @@ impl DsmService {
             return true;
         }
         tracing::warn!(?page, version, "dsm: page lost: a write grant never reached its writer, and no node holds what it carried");
+        self.found_lost(u64::from(!entry.lost));
         *entry = PageEntry { lost: true, version, ..PageEntry::default() };
         true
     }
@@ -485,8 +498,10 @@ impl DsmService {
                 Err(_) => entry.backup = None,
             }
         }
+        let was_lost = entry.lost;
         if repair(entry, |n| self.gone(ctx, n), |n| self.lost_holder(ctx, n)) && entry.lost {
             tracing::warn!(?page, "dsm: page lost: every node holding a copy failed");
+            self.found_lost(u64::from(!was_lost));
         }
         true
     }
@@ -1277,6 +1292,7 @@ impl DsmService {
             let Some(mut entry) = rebuild(&reports, |n| self.gone(ctx, n)) else { continue };
             if entry.lost {
                 tracing::warn!(?page, version = entry.version, "dsm: page lost with its manager: the only copies left are one given up to a writer that died too, which may have written since, or backups that disagree");
+                self.found_lost(1);
             }
             let only_backups = !reports.iter().any(|r| !r.backup && r.version == entry.version);
             if let (true, Some(holder)) = (only_backups, entry.owner) {
@@ -1284,6 +1300,7 @@ impl DsmService {
                     self.promote_patiently(ctx, page, &mut entry, holder, &mut unanswering).await;
                 if promoted.is_err() {
                     tracing::warn!(?page, node = holder.0, "dsm: page lost: its backup could not be restored (it does not hold that version, or it never answered)");
+                    self.found_lost(u64::from(!entry.lost));
                     entry =
                         PageEntry { lost: true, version: entry.version, ..PageEntry::default() };
                 }
@@ -1499,6 +1516,14 @@ impl Service for DsmService {
 
     fn spec(&self) -> ServiceSpec {
         self.state().spec.clone()
+    }
+
+    /// Pages: each time one this node manages became lost (its every copy died, or what is
+    /// left cannot be trusted), or was first asked for in a slot whose manager died without
+    /// anyone reporting it. Every access to such a page answers [`crate::DsmError::Lost`]
+    /// until a program discards it or frees its segment.
+    fn reported_lost(&self) -> u64 {
+        self.state().lost.load(Ordering::Relaxed)
     }
 
     /// A read fault run twice only adds the reader to the copyset again and sends the page as

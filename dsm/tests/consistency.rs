@@ -632,6 +632,10 @@ fn with_backups_a_leave_and_then_a_failure_under_load_lose_no_page() {
         check(&histories).expect("sequentially consistent");
         let counts = final_counts(&cluster.dsm(NodeId(1))).await.expect("no page lost");
         assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
+        let reported: u64 = (cluster.mem.nodes().into_iter())
+            .map(|n| cluster.mem.host(n).stats().reported_lost.get("dsm").copied().unwrap_or(0))
+            .sum();
+        assert_eq!(reported, 0, "nothing reported lost either");
     })
 }
 
@@ -668,6 +672,15 @@ fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zeroed() {
             }
         }
         assert_eq!(lost, PAGES - 1);
+        // What `gobelins stats` shows: each lost page once, on its manager, however often it
+        // is read.
+        let reported = |cluster: &Cluster| -> u64 {
+            let hosts = [NodeId(1), NodeId(2)].map(|n| cluster.mem.host(n).stats());
+            hosts.iter().map(|s| s.reported_lost.get("dsm").copied().unwrap_or(0)).sum()
+        };
+        assert_eq!(reported(&cluster), u64::from(PAGES - 1));
+        assert!(matches!(reader.read(pid(1)).await, Err(DsmError::Lost { .. })));
+        assert_eq!(reported(&cluster), u64::from(PAGES - 1), "counted once");
         // The program decides; then the page starts afresh.
         let page = pid(1);
         reader.discard(page).await.expect("discard");
