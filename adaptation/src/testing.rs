@@ -114,15 +114,20 @@ impl Link for MemLink {
 impl MemLink {
     /// Whether this node is to crash rather than send `message`: it is its `Ack` of the epoch
     /// [`MemCluster::fail_and_crash_once_sent`] armed.
+    /// Disarmed as it fires: of the acks a node sends its peers at once, one crashes it.
     fn crashes_at(&self, message: &Bytes) -> bool {
-        let armed = *self.net.crash_at_ack.lock().expect("crash_at_ack");
-        armed.is_some_and(|(node, epoch)| {
+        let mut armed = self.net.crash_at_ack.lock().expect("crash_at_ack");
+        let fires = armed.is_some_and(|(node, epoch)| {
             node == self.me
                 && matches!(
                     crate::wire::Message::decode(message.clone()),
                     Ok(crate::wire::Message::Ack { epoch: e }) if e == epoch
                 )
-        })
+        });
+        if fires {
+            *armed = None;
+        }
+        fires
     }
 }
 
@@ -305,7 +310,6 @@ impl MemCluster {
         tokio::time::timeout(Duration::from_secs(60), self.net.crashed_at_ack.notified())
             .await
             .expect("the victim sends out within a minute");
-        *self.net.crash_at_ack.lock().expect("crash_at_ack") = None;
         self.without(progress, victim).await;
     }
 

@@ -1521,7 +1521,8 @@ impl Service for DsmService {
     /// Pages: each time one this node manages became lost (its every copy died, or what is
     /// left cannot be trusted), or was first asked for in a slot whose manager died without
     /// anyone reporting it. Every access to such a page answers [`crate::DsmError::Lost`]
-    /// until a program discards it or frees its segment.
+    /// until a program discards it or frees its segment. Counted by the node that found it
+    /// lost: a lost page that moves on to another manager is not counted again there.
     fn reported_lost(&self) -> u64 {
         self.state().lost.load(Ordering::Relaxed)
     }

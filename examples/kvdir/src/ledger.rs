@@ -148,9 +148,15 @@ impl Ledger {
         self.vouched.values().flatten().any(|v| v.by == from)
     }
 
-    /// `entries`, each with its slot, came from `from`, which vouched to this node.
+    /// `entries`, each with its slot, came from `from`, which vouched to this node: those of
+    /// the slots it vouched for are kept, to be counted.
     pub(crate) fn received(&mut self, from: NodeId, entries: impl IntoIterator<Item = (u32, Key)>) {
-        self.delivered.entry(from).or_default().extend(entries);
+        let vouched: HashSet<u32> = (self.vouched.values().flatten())
+            .filter(|v| v.by == from)
+            .flat_map(|v| v.current.iter().chain(&v.older).copied())
+            .collect();
+        let kept = entries.into_iter().filter(|(slot, _)| vouched.contains(slot));
+        self.delivered.entry(from).or_default().extend(kept);
     }
 
     /// Whether every entry `vouch` announced has come: distinct keys of its slots, so that a
@@ -217,11 +223,13 @@ impl Ledger {
         (!vouch.current.is_empty() || !vouch.older.is_empty()).then_some(vouch)
     }
 
-    /// `vouch` came for slots of `failed`.
+    /// `vouch` came for slots of `failed`. Its sender's batches follow it: whatever came from
+    /// that node before is of other changes, and is not counted.
     pub(crate) fn heard(&mut self, failed: NodeId, vouch: Vouch) {
         if self.judged.get(&failed).is_some_and(|&judged| vouch.at < judged) {
             return;
         }
+        self.delivered.remove(&vouch.by);
         self.vouched.entry(failed).or_default().push(vouch);
     }
 
@@ -423,26 +431,36 @@ mod tests {
 
     /// Node 3 vouched to node 1 for two of node 2's slots, three entries, and died during
     /// the recovery: its word counts once all three came (a batch received twice counts
-    /// once), not before, and the count is of its slots alone.
+    /// once), not before, and the count is of its slots alone, and of what came after its word.
     #[test]
     fn a_voucher_that_died_after_handing_everything_over_still_counts() {
         let at_6 = table_of(&[1, 2, 3], 6);
         let mine: Vec<u32> = slots_of(&at_6, n(2)).into_iter().take(2).collect();
         let other = slots_of(&at_6, n(1))[0];
+        let (a, b) = (mine[0], mine[1]);
         let judge = |came: &[(u32, u64)]| {
             let mut manager = Ledger::default();
             manager.rebuild(n(2), Arc::clone(&at_6), mine.clone());
             manager.heard(n(2), Vouch { entries: 3, ..word(3, 6, &mine, &[]) });
             assert!(manager.expects(n(3)) && !manager.expects(n(4)));
             manager.received(n(3), came.iter().map(|&(slot, key)| (slot, Key(key))));
+            assert!(manager.delivered[&n(3)].iter().all(|(slot, _)| mine.contains(slot)));
             let lost = manager.unvouched(n(1), n(2), 7, |node| node == n(2) || node == n(3));
             assert!(manager.delivered.is_empty(), "forgotten once judged");
             lost
         };
-        let (a, b) = (mine[0], mine[1]);
         assert_eq!(judge(&[(a, 10), (a, 11), (b, 12)]), Vec::<u32>::new());
         assert_eq!(judge(&[(a, 10), (a, 10), (b, 12), (b, 12)]), mine, "two of three came");
         assert_eq!(judge(&[(a, 10), (b, 12), (other, 13)]), mine, "one came for another slot");
         assert_eq!(judge(&[]), mine, "it died before it sent anything");
+
+        // What came from node 3 before its word, under an older vouch of its still pending
+        // here, is of another change: it does not count for this one.
+        let mut manager = Ledger::default();
+        manager.rebuild(n(2), Arc::clone(&at_6), mine.clone());
+        manager.heard(n(4), word(3, 5, &mine, &[]));
+        manager.received(n(3), [(a, Key(10)), (a, Key(11)), (b, Key(12))]);
+        manager.heard(n(2), Vouch { entries: 3, ..word(3, 6, &mine, &[]) });
+        assert_eq!(manager.unvouched(n(1), n(2), 7, |node| node == n(2) || node == n(3)), mine);
     }
 }
