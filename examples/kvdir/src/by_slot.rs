@@ -47,9 +47,9 @@ impl BySlot {
     }
 
     /// Whether `key`'s slot holds a marker that it lost entries (a key from
-    /// [`crate::RESERVED`] up).
+    /// [`crate::RESERVED`] up, at an even version: an odd one says the loss was forgiven).
     pub(crate) fn marked(&self, key: Key) -> bool {
-        self.slots[self.slot(key)].keys().any(|k| k.0 >= crate::RESERVED)
+        self.slots[self.slot(key)].iter().any(|(k, e)| k.0 >= crate::RESERVED && e.version % 2 == 0)
     }
 
     /// Stores `entry` under `key`, whatever its version.

@@ -115,6 +115,10 @@ pub enum Request {
         /// How many entries of these slots it sends this node.
         entries: u64,
     },
+    /// The caller accepts that the entries the key's slot was reported to have lost are gone
+    /// (to the key's manager): the keys the slot lacks read as absent again, not as `Lost`,
+    /// until a later failure loses entries of it again.
+    Forgive,
 }
 
 /// The answers.
@@ -139,17 +143,27 @@ pub enum Response {
     },
     /// The key has no entry, and its slot lost entries: its manager failed with no survivor
     /// holding all of them (see [`KvDir::slots_lost`]). It may have had a value, which is
-    /// gone; nobody can tell. Until the key is written again, a read answers this, never
-    /// `Value(None)`.
+    /// gone; nobody can tell. Until the key is written again, or the slot forgiven
+    /// ([`Request::Forgive`]), a read answers this, never `Value(None)`.
     Lost,
     /// Keys from [`RESERVED`] up are kvdir's own; nothing was read or stored.
     Reserved,
+    /// The key's slot no longer says it lost entries (or never did).
+    Forgiven,
 }
 
 /// Keys from here up are kvdir's own: a slot that lost entries keeps a marker under one of
 /// them, which migrates, is copied to the backup and is rebuilt with the slot's other entries.
 /// A client's `Put` or `Get` of one is refused ([`Response::Reserved`]).
 pub const RESERVED: u64 = 1 << 63;
+
+/// A marker's version says what it says, and orders what was said at different epochs: a
+/// loss judged at epoch `e` is `2e`, its forgiveness at epoch `f` (never before `e`) `2f + 1`,
+/// so that the later word wins wherever copies of the two meet (a merge keeps the newer
+/// version).
+fn marker_version(epoch: u64, forgiven: bool) -> u64 {
+    2 * epoch + u64::from(forgiven)
+}
 
 /// The key of the marker that says `slot` lost entries: the first reserved key in that slot.
 fn marker_key(spec: &ServiceSpec, slot: u32) -> Key {
@@ -449,7 +463,7 @@ impl KvDir {
         self.slots_lost.fetch_add(lost.len() as u64, Ordering::Relaxed);
         // Staged, so that they are merged and copied to the backup with what was received.
         let spec = KvDir::declaration();
-        let marker = Versioned { version: 1, value: Bytes::new() };
+        let marker = Versioned { version: marker_version(epoch, false), value: Bytes::new() };
         let markers = lost.iter().map(|&slot| (marker_key(&spec, slot), marker.clone()));
         self.staged.lock().expect("staged").extend(markers);
         tracing::error!(
@@ -457,9 +471,27 @@ impl KvDir {
             epoch,
             slots = lost.len(),
             first = ?&lost[..lost.len().min(8)],
-            "kvdir: node {failed} failed, and no survivor holding every entry of {} of its slots is left (its backup died too, or before it held them all): those slots are rebuilt from what copies remained, and entries written to them may be lost; a read of a key they lack answers Lost until it is written again. Restore those keys from outside the cluster if they matter",
+            "kvdir: node {failed} failed, and no survivor holding every entry of {} of its slots is left (its backup died too, or before it held them all): those slots are rebuilt from what copies remained, and entries written to them may be lost; a read of a key they lack answers Lost until it is written again. Restore those keys from outside the cluster if they matter, then send Forgive for a key of each slot: the keys it still lacks then read as absent",
             lost.len()
         );
+    }
+
+    /// Copies `entry`, just written under `key` here, to this node's backup: `done` once it
+    /// holds it.
+    async fn store(&self, ctx: &Context, key: Key, entry: Versioned, done: Response) -> Response {
+        if self.replicate(ctx, vec![(key, entry)]).await {
+            return done;
+        }
+        // A write acknowledged with one copy would be lost if this node failed now, or already
+        // has been declared failed and the survivors rebuilt the key from the backup's older
+        // copy: the layer retries it instead. It stays here meanwhile, not undone: the backup
+        // may have stored it though its answer was lost, and an entry must never mean two
+        // values at one version. Should every retry fail too, a read may still see it: the
+        // next change copies the backup every entry, this one among them.
+        let mut replicated = self.replicated.lock().expect("replicated");
+        replicated.to = None;
+        replicated.missed += 1;
+        Response::Unreplicated
     }
 
     /// Copies `entries` to this node's backup; false if some were not stored there.
@@ -507,7 +539,9 @@ impl Service for KvDir {
                 self.copies_at.fetch_max(epoch, Ordering::Relaxed);
                 Response::Kept
             }
-            (_, Request::Put(_) | Request::Get) if key.0 >= RESERVED => Response::Reserved,
+            (_, Request::Put(_) | Request::Get | Request::Forgive) if key.0 >= RESERVED => {
+                Response::Reserved
+            }
             (_, Request::Put(value)) if value.len() > MAX_VALUE => {
                 Response::TooLarge { max: MAX_VALUE as u64 }
             }
@@ -520,21 +554,26 @@ impl Service for KvDir {
                     entry
                 };
                 let version = entry.version;
-                if self.replicate(ctx, vec![(key, entry)]).await {
-                    return Response::Stored { version };
-                }
-                // A write acknowledged with one copy would be lost if this node failed now, or
-                // already has been declared failed and the survivors rebuilt the key from the
-                // backup's older copy: the layer retries it instead. It stays here meanwhile,
-                // not undone: the backup may have stored it though its answer was lost, and an
-                // entry must never mean two values at one version. Should every retry fail
-                // too, a read may still see it: the next change copies the backup every entry,
-                // this one among them.
-                let mut replicated = self.replicated.lock().expect("replicated");
-                replicated.to = None;
-                replicated.missed += 1;
-                Response::Unreplicated
+                self.store(ctx, key, entry, Response::Stored { version }).await
             }
+            (_, Request::Forgive) => {
+                let spec = KvDir::declaration();
+                let marker = marker_key(&spec, spec.slot_of(key));
+                let entry = {
+                    let mut live = self.live.lock().expect("live");
+                    match live.get(marker) {
+                        Some(lost) if lost.version % 2 == 0 => {
+                            let version = marker_version(ctx.epoch(), true).max(lost.version + 1);
+                            let entry = Versioned { version, value: Bytes::new() };
+                            live.insert(marker, entry.clone());
+                            entry
+                        }
+                        _ => return Response::Forgiven,
+                    }
+                };
+                self.store(ctx, marker, entry, Response::Forgiven).await
+            }
+
             (_, Request::Get) => {
                 let live = self.live.lock().expect("live");
                 match live.get(key) {

@@ -1075,7 +1075,8 @@ fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
 /// A manager and its backup die together: nothing holds the manager's entries any more. The
 /// new managers of its slots report them, each its own, once, and its keys read as `Lost`,
 /// never as absent, even once their slots have moved on; a key written again reads its value.
-/// A single failure before it reports nothing.
+/// A slot forgiven reads absent keys as absent again, through a move and a failure. A single
+/// failure before it reports nothing.
 #[test]
 fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
     replay(async {
@@ -1155,6 +1156,30 @@ fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
         assert!(matches!(&read, Response::Value(Some(v)) if &v.value[..] == b"again"), "{read:?}");
         let reserved = Key(gobelins_kvdir::RESERVED + 5);
         assert_eq!(ask(&cluster, reserved, Request::Get).await, Response::Reserved);
+        assert_eq!(ask(&cluster, reserved, Request::Forgive).await, Response::Reserved);
+
+        // The program accepts one slot's loss: the keys it lacks read as absent again, those
+        // of node 2's other slots still as lost; and so it stays as the slot moves, and once
+        // its manager dies too.
+        let spec = KvDir::declaration();
+        let forgiven = of_node_2[1];
+        let slot = spec.slot_of(forgiven);
+        let still_lost = *(of_node_2.iter())
+            .find(|&&k| spec.slot_of(k) != slot && k != again)
+            .expect("another slot");
+        assert_eq!(ask(&cluster, forgiven, Request::Forgive).await, Response::Forgiven);
+        assert_eq!(ask(&cluster, forgiven, Request::Forgive).await, Response::Forgiven, "again");
+        /// The forgiven key reads absent, the other lost.
+        async fn check(cluster: &MemCluster, forgiven: Key, still_lost: Key) {
+            assert_eq!(ask(cluster, forgiven, Request::Get).await, Response::Value(None));
+            assert_eq!(ask(cluster, still_lost, Request::Get).await, Response::Lost);
+        }
+        check(&cluster, forgiven, still_lost).await;
+        cluster.add().await;
+        check(&cluster, forgiven, still_lost).await;
+        let manager = cluster.snapshot().locate(KVDIR, forgiven).expect("a manager");
+        cluster.fail(manager).await;
+        check(&cluster, forgiven, still_lost).await;
     });
 }
 
