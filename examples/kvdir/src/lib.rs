@@ -154,7 +154,7 @@ pub enum Response {
 
 /// Keys from here up are kvdir's own: a slot that lost entries keeps a marker under one of
 /// them, which migrates, is copied to the backup and is rebuilt with the slot's other entries.
-/// A client's `Put` or `Get` of one is refused ([`Response::Reserved`]).
+/// A client's `Put`, `Get` or `Forgive` of one is refused ([`Response::Reserved`]).
 pub const RESERVED: u64 = 1 << 63;
 
 /// A marker's version says what it says, and orders what was said at different epochs: a
@@ -573,7 +573,6 @@ impl Service for KvDir {
                 };
                 self.store(ctx, marker, entry, Response::Forgiven).await
             }
-
             (_, Request::Get) => {
                 let live = self.live.lock().expect("live");
                 match live.get(key) {

@@ -1072,6 +1072,18 @@ fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
     });
 }
 
+/// Five nodes, 2,000 keys written, then node 5 failed alone: its backup holds all it had, and
+/// nothing is reported lost.
+async fn five_after_a_single_failure() -> (MemCluster, Made, Vec<Key>) {
+    let (mut cluster, made) = cluster_with_instances(5).await;
+    let keys: Vec<Key> = (0..2_000).map(Key).collect();
+    put_own_bytes(&cluster, &keys).await;
+    cluster.fail(NodeId(5)).await;
+    let reported: u64 = cluster.nodes().iter().map(|&n| made.node(n).slots_lost()).sum();
+    assert_eq!(reported, 0, "node 5's backup holds all it had: nothing is lost");
+    (cluster, made, keys)
+}
+
 /// A manager and its backup die together: nothing holds the manager's entries any more. The
 /// new managers of its slots report them, each its own, once, and its keys read as `Lost`,
 /// never as absent, even once their slots have moved on; a key written again reads its value.
@@ -1080,15 +1092,10 @@ fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
 #[test]
 fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
     replay(async {
-        let (mut cluster, made) = cluster_with_instances(5).await;
-        let keys: Vec<Key> = (0..2_000).map(Key).collect();
-        put_own_bytes(&cluster, &keys).await;
+        let (mut cluster, made, keys) = five_after_a_single_failure().await;
         let reported = |cluster: &MemCluster| -> u64 {
             cluster.nodes().iter().map(|&n| made.node(n).slots_lost()).sum()
         };
-
-        cluster.fail(NodeId(5)).await;
-        assert_eq!(reported(&cluster), 0, "node 5's backup holds all it had: nothing is lost");
 
         // In one cell of nodes 1 to 4, node 2's backup is node 3, the next one up.
         let table = cluster.snapshot();
@@ -1190,10 +1197,7 @@ fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
 #[test]
 fn a_backup_dead_once_it_handed_everything_over_is_taken_at_its_word() {
     replay(async {
-        let (mut cluster, made) = cluster_with_instances(5).await;
-        let keys: Vec<Key> = (0..2_000).map(Key).collect();
-        put_own_bytes(&cluster, &keys).await;
-        cluster.fail(NodeId(5)).await;
+        let (mut cluster, made, keys) = five_after_a_single_failure().await;
         let before = cluster.snapshot();
         // The table node 2's recovery leads to, from the same history of the locator.
         let mut tree = CellTree::new(TreeConfig::default()).expect("a valid config");
