@@ -1072,6 +1072,30 @@ fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
     });
 }
 
+/// `request` for `key`, through node 1.
+async fn ask(cluster: &MemCluster, key: Key, request: Request) -> Response {
+    let body = codec::encode(&request).expect("encode");
+    let answer = cluster.host(NodeId(1)).request(KVDIR, key, body).await.expect("answer");
+    codec::decode(&answer).expect("decode")
+}
+
+/// The keys `lost` names read as lost, every other key its value (each written as its own
+/// bytes).
+async fn read_all(cluster: &MemCluster, keys: &[Key], lost: impl Fn(Key) -> bool) {
+    for &key in keys {
+        let value = ask(cluster, key, Request::Get).await;
+        if lost(key) {
+            assert_eq!(value, Response::Lost, "key {} is lost", key.0);
+        } else {
+            assert!(
+                matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
+                "key {} survives: {value:?}",
+                key.0
+            );
+        }
+    }
+}
+
 /// Five nodes, 2,000 keys written, then node 5 failed alone: its backup holds all it had, and
 /// nothing is reported lost.
 async fn five_after_a_single_failure() -> (MemCluster, Made, Vec<Key>) {
@@ -1123,28 +1147,8 @@ fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
             .map(|&n| cluster.host(n).stats().reported_lost.get("kvdir").copied().unwrap_or(0))
             .sum();
         assert_eq!(in_stats, slots_of_2, "what `gobelins stats` shows, per service");
-        /// `request` for `key`, through node 1.
-        async fn ask(cluster: &MemCluster, key: Key, request: Request) -> Response {
-            let body = codec::encode(&request).expect("encode");
-            let answer = cluster.host(NodeId(1)).request(KVDIR, key, body).await.expect("answer");
-            codec::decode(&answer).expect("decode")
-        }
-        /// Node 2's keys read as lost, every other key its value.
-        async fn read_all(cluster: &MemCluster, keys: &[Key], of_node_2: &[Key]) {
-            for &key in keys {
-                let value = ask(cluster, key, Request::Get).await;
-                if of_node_2.contains(&key) {
-                    assert_eq!(value, Response::Lost, "key {} was node 2's", key.0);
-                } else {
-                    assert!(
-                        matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
-                        "key {} survives: {value:?}",
-                        key.0
-                    );
-                }
-            }
-        }
-        read_all(&cluster, &keys, &of_node_2).await;
+        let was_2s = |key: Key| of_node_2.contains(&key);
+        read_all(&cluster, &keys, was_2s).await;
         // A key never written, in one of node 2's slots: nobody can tell it from a lost one.
         let unwritten = (2_000..100_000)
             .map(Key)
@@ -1154,7 +1158,7 @@ fn a_manager_and_its_backup_dead_together_are_reported_lost_never_invented() {
         // The marks move with their slots.
         cluster.add().await;
         cluster.add().await;
-        read_all(&cluster, &keys, &of_node_2).await;
+        read_all(&cluster, &keys, was_2s).await;
         // Written again, a key reads its value; a client may not touch the marks' keys.
         let again = of_node_2[0];
         let put = Request::Put(b"again".to_vec());
@@ -1223,19 +1227,6 @@ fn a_backup_dead_once_it_handed_everything_over_is_taken_at_its_word() {
         let reported: u64 = cluster.nodes().iter().map(|&n| made.node(n).slots_lost()).sum();
         assert_eq!(reported, given_to_3.len() as u64, "only what node 3 rebuilt for itself");
         let spec = KvDir::declaration();
-        for &key in &keys {
-            let body = codec::encode(&Request::Get).expect("encode");
-            let answer = cluster.host(NodeId(1)).request(KVDIR, key, body).await.expect("answer");
-            let value: Response = codec::decode(&answer).expect("decode");
-            if given_to_3.contains(&spec.slot_of(key)) {
-                assert_eq!(value, Response::Lost, "key {} died with nodes 2 and 3", key.0);
-            } else {
-                assert!(
-                    matches!(&value, Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes()),
-                    "key {} survives: {value:?}",
-                    key.0
-                );
-            }
-        }
+        read_all(&cluster, &keys, |key| given_to_3.contains(&spec.slot_of(key))).await;
     });
 }
