@@ -143,6 +143,84 @@ enum DsmOp {
     },
 }
 
+/// Options of `gobelins kv`.
+#[derive(Args, Debug)]
+pub(crate) struct KvArgs {
+    #[command(subcommand)]
+    op: KvOp,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum KvOp {
+    /// Print a key's value to standard output, as it is, from the key's manager.
+    Get {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// The key.
+        key: u64,
+    },
+    /// Store a value under a key: the text given, or standard input with `-`.
+    Put {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// The key.
+        key: u64,
+        /// The value, as text; `-` reads it from standard input (at most 4 MiB).
+        value: String,
+    },
+    /// Accept that the entries of the key's slot that kvdir reported lost are gone: the keys
+    /// the slot lacks read as absent again, not as lost. For once what mattered is restored
+    /// (the agents' log names the slots; `gobelins stats` counts them).
+    Forgive {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// Any key of the slot.
+        key: u64,
+    },
+}
+
+pub(crate) fn kv(args: KvArgs) -> anyhow::Result<()> {
+    use gobelins::kvdir::{Request, Response, KVDIR, MAX_VALUE, RESERVED};
+    use std::io::Read as _;
+    let (dir, key, request) = match args.op {
+        KvOp::Get { dir, key } => (dir, key, Request::Get),
+        KvOp::Put { dir, key, value } => {
+            let value = if value == "-" {
+                let mut bytes = Vec::new();
+                std::io::stdin()
+                    .take(MAX_VALUE as u64 + 1)
+                    .read_to_end(&mut bytes)
+                    .context("reading standard input")?;
+                bytes
+            } else {
+                value.into_bytes()
+            };
+            (dir, key, Request::Put(value))
+        }
+        KvOp::Forgive { dir, key } => (dir, key, Request::Forgive),
+    };
+    let body = gobelins::adaptation::codec::encode(&request)?;
+    let answer = ask(&dir, ControlRequest::Call { service: KVDIR.0, key, body })?;
+    let bytes: Vec<u8> = serde_json::from_value(answer["body"].clone())
+        .context("the agent's answer has no body")?;
+    match gobelins::adaptation::codec::decode::<Response>(&bytes)? {
+        Response::Value(Some(entry)) => std::io::stdout().lock().write_all(&entry.value)?,
+        Response::Value(None) => bail!("key {key} has no value"),
+        Response::Lost => bail!(
+            "key {key} has no value, and its slot lost entries in a failure: it may have had one. \
+             Write it again, or `gobelins kv forgive {key}` once what mattered is restored"
+        ),
+        Response::Stored { version } => eprintln!("key {key} stored at version {version}"),
+        Response::Forgiven => {
+            eprintln!("key {key}'s slot reads the keys it lacks as absent (none is lost)")
+        }
+        Response::TooLarge { max } => bail!("the value is larger than {max} bytes; nothing stored"),
+        Response::Reserved => bail!("keys from {RESERVED} up are kvdir's own"),
+        other => bail!("unexpected answer from key {key}'s manager: {other:?}"),
+    }
+    Ok(())
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

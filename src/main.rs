@@ -30,6 +30,9 @@ enum Command {
     Evict(cli::EvictArgs),
     /// Read or write distributed shared memory through the local agent.
     Dsm(cli::DsmArgs),
+    /// Read or write the kvdir service (the example key-value directory) through the local
+    /// agent, or accept a slot's reported loss.
+    Kv(cli::KvArgs),
     /// Start a local cluster of real agents, keep clients writing to it, and walk it through an
     /// addition, an eviction and a kill -9, showing what each change cost.
     Demo(demo::DemoArgs),
@@ -58,6 +61,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Leave(args) => cli::leave(args),
         Command::Evict(args) => cli::evict(args),
         Command::Dsm(args) => cli::dsm(args),
+        Command::Kv(args) => cli::kv(args),
         Command::Demo(args) => demo::run(&args),
     }
 }

@@ -480,6 +480,20 @@ fn a_node_whose_data_directory_was_wiped_is_refused_then_comes_back_as_a_new_lif
     for socket in [socket.clone(), agents[2].dir.join("control.sock")] {
         assert_keys_read_back(&agents, &socket, keys);
     }
+
+    // The same directory from the command line, through another node.
+    let dir = &agents[1].dir;
+    let put = cli(dir, &["kv", "put", "7", "from the command line"]);
+    assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
+    let got = cli(dir, &["kv", "get", "7"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "from the command line");
+    let absent = cli(dir, &["kv", "get", "1000000"]);
+    assert!(!absent.status.success(), "a key never written has no value");
+    assert!(String::from_utf8_lossy(&absent.stderr).contains("has no value"));
+    let forgiven = cli(dir, &["kv", "forgive", "7"]);
+    assert!(forgiven.status.success(), "{}", String::from_utf8_lossy(&forgiven.stderr));
+    let reserved = cli(dir, &["kv", "get", &(1u64 << 63).to_string()]);
+    assert!(String::from_utf8_lossy(&reserved.stderr).contains("kvdir's own"));
 }
 
 /// A node killed while it leaves (a host rebooted under `gobelins leave`, say) and started again
