@@ -201,8 +201,8 @@ pub(crate) fn kv(args: KvArgs) -> anyhow::Result<()> {
     };
     let body = gobelins::adaptation::codec::encode(&request)?;
     let answer = ask(&dir, ControlRequest::Call { service: KVDIR.0, key, body })?;
-    let bytes: Vec<u8> = serde_json::from_value(answer["body"].clone())
-        .context("the agent's answer has no body")?;
+    let bytes: Vec<u8> =
+        serde_json::from_value(answer["body"].clone()).context("the agent's answer has no body")?;
     match gobelins::adaptation::codec::decode::<Response>(&bytes)? {
         Response::Value(Some(entry)) => std::io::stdout().lock().write_all(&entry.value)?,
         Response::Value(None) => bail!("key {key} has no value"),
