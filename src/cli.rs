@@ -169,7 +169,7 @@ enum KvOp {
         value: String,
     },
     /// Accept that the entries of the key's slot that kvdir reported lost are gone: the keys
-    /// the slot lacks read as absent again, not as lost. For once what mattered is restored
+    /// the slot lacks read as absent again, not as lost. Use it once what mattered is restored
     /// (the agents' log names the slots; `gobelins stats` counts them).
     Forgive {
         #[command(flatten)]

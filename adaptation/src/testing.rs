@@ -305,8 +305,10 @@ impl MemCluster {
     /// hold what it handed over, and its death has taken only what it rebuilt for itself.
     pub async fn fail_and_crash_once_sent(&mut self, node: NodeId, victim: NodeId) {
         self.kill(node);
+        // Armed before the change begins: the victim's ack cannot go first.
+        *self.net.crash_at_ack.lock().expect("crash_at_ack") = Some((victim, self.epoch + 1));
         let progress = self.begin(Change::Fail(node), Vec::new());
-        *self.net.crash_at_ack.lock().expect("crash_at_ack") = Some((victim, progress.epoch));
+        debug_assert_eq!(progress.epoch, self.epoch);
         tokio::time::timeout(Duration::from_secs(60), self.net.crashed_at_ack.notified())
             .await
             .expect("the victim sends out within a minute");
