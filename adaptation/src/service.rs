@@ -373,8 +373,8 @@ pub trait Service: Send + Sync + 'static {
 
     /// How much this node has reported lost so far, in the service's own unit (kvdir counts
     /// slots whose entries may be lost, the DSM pages): what it rebuilt after failures that no
-    /// survivor could vouch was whole. `gobelins stats` shows it per service, for an operator to act on. The
-    /// default: nothing.
+    /// survivor could vouch was whole. `gobelins stats` shows it per service, for an operator
+    /// to act on. The default: nothing.
     fn reported_lost(&self) -> u64 {
         0
     }
