@@ -39,6 +39,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+
+/// A message's answer, being worked out.
+type Answering = Pin<Box<dyn Future<Output = Reply> + Send>>;
 use tokio::time::Instant;
 
 /// Timers and sizes of a host.
@@ -505,10 +508,7 @@ impl Host {
     /// Answers a message from the host on node `from` (the supervisor's handler calls it).
     pub async fn handle(&self, from: NodeId, bytes: Bytes) -> Vec<u8> {
         let reply = match Message::decode(bytes) {
-            // Boxed: with the message it owns, the answer's future is most of a kilobyte, and
-            // inline it would push the transport's per-message future past the allocator's
-            // per-thread cache; boxed apart, each allocation stays in it.
-            Ok(message) => Box::pin(self.inner.load_full().answer(from, message)).await,
+            Ok(message) => self.inner.load_full().answer(from, message).await,
             Err(e) => {
                 tracing::warn!(node = from.0, error = %e, "malformed adaptation message refused");
                 Reply::Refused(format!("malformed message: {e}"))
@@ -1469,32 +1469,31 @@ impl Inner {
         self.enter(router.as_ref()?, routed.service, routed.key, routed.epoch)
     }
 
-    async fn answer(self: &Arc<Self>, from: NodeId, message: Message) -> Reply {
+    /// The answer to `message` from node `from`, each kind of message in a box of its own.
+    /// The transport's per-message future stays within the allocator's per-thread cache
+    /// (1,032 bytes here), and so does each box: one future for every kind held all of their
+    /// waits, twice that size, and a box past the cache costs its allocation and its free a
+    /// slow path each, about 500 instructions a request (BENCHMARKS.md, stop 49).
+    fn answer(self: Arc<Self>, from: NodeId, message: Message) -> Answering {
         match message {
             Message::Request(routed) if routed.repeatable => {
-                self.serve_repeatable(from, routed).await
+                Box::pin(async move { self.serve_repeatable(from, routed).await })
             }
-            Message::Request(routed) => self.serve_request(from, routed).await,
+            Message::Request(routed) => {
+                Box::pin(async move { self.serve_request(from, routed).await })
+            }
             // Served, not passed on again: a manager that has moved on says so, and the origin
-            // routes anew. One hop at most. Boxed, as are batches: rare, and inline it would
-            // enlarge every request's future.
-            Message::Forward(routed) => Box::pin(self.serve_routed(&routed)).await.0,
-            // A life the cluster has ended (failed, or left) must not change an entry here: a
-            // replica it stores after the survivors' `scan` would be a write nobody rebuilds.
-            // Its batches and acks stay welcome: the period's own epochs judge those.
-            Message::Local { .. } if self.mirrors.is_departed(from) => {
-                tracing::debug!(node = from.0, "local request from a departed node refused");
-                Reply::Refused(format!(
-                    "node {from} was declared failed or has left; it must rejoin as a new life"
-                ))
+            // routes anew. One hop at most.
+            Message::Forward(routed) => Box::pin(async move { self.serve_routed(&routed).await.0 }),
+            Message::Local { service, key, body } => {
+                Box::pin(async move { self.local(from, service, key, &body).await })
             }
-            Message::Local { service, key, body } => self.local(from, service, key, &body).await,
-            Message::Batch { epoch, service, entries, answered, settled } => {
-                Box::pin(self.stage(from, epoch, service, entries, answered, &settled)).await
-            }
+            Message::Batch { epoch, service, entries, answered, settled } => Box::pin(async move {
+                self.stage(from, epoch, service, entries, answered, &settled).await
+            }),
             Message::Ack { epoch } => {
                 let _ = self.inputs.send(Input::Ack { from, epoch });
-                Reply::Accepted
+                Box::pin(std::future::ready(Reply::Accepted))
             }
         }
     }
@@ -1506,6 +1505,15 @@ impl Inner {
         key: Key,
         body: &[u8],
     ) -> Reply {
+        // A life the cluster has ended (failed, or left) must not change an entry here: a
+        // replica it stores after the survivors' `scan` would be a write nobody rebuilds. Its
+        // batches and acks stay welcome: the period's own epochs judge those.
+        if self.mirrors.is_departed(from) {
+            tracing::debug!(node = from.0, "local request from a departed node refused");
+            return Reply::Refused(format!(
+                "node {from} was declared failed or has left; it must rejoin as a new life"
+            ));
+        }
         let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
         let ctx = self.context(Some(from));
         match plugin.handle(&ctx, key, body).await {
