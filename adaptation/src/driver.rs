@@ -37,6 +37,7 @@ pub(crate) enum Input {
 /// Where the current change's phases began, for its record.
 struct Clock {
     record: ChangeRecord,
+    begun: Instant,
     mark: Instant,
     done_at: Option<Instant>,
 }
@@ -48,6 +49,11 @@ impl Clock {
         let ms = (now - self.mark).as_secs_f64() * 1e3;
         self.mark = now;
         ms
+    }
+
+    /// Milliseconds since the change began here.
+    fn since_begin(&self) -> f64 {
+        self.begun.elapsed().as_secs_f64() * 1e3
     }
 }
 
@@ -173,6 +179,7 @@ impl Driver {
                         begun_at: Some(now.into_std()),
                         ..ChangeRecord::default()
                     },
+                    begun: now,
                     mark: now,
                     done_at: None,
                 });
@@ -362,6 +369,9 @@ impl Driver {
                 vec![Event::AfterDone(service)]
             }
             Command::ReleaseHeld { .. } => {
+                if let Some(clock) = &mut self.clock {
+                    clock.record.held_ms = clock.since_begin();
+                }
                 if let Some(router) = inner.router.lock().expect("router").as_mut() {
                     router.release();
                     match self.progress.as_ref().map(|p| (&p.change, p.epoch)) {
@@ -375,6 +385,12 @@ impl Driver {
                 inner.released.send_modify(|r| *r += 1);
                 inner.mirrors.released.fetch_add(1, std::sync::atomic::Ordering::Release);
                 Vec::new()
+            }
+            Command::AfterRelease(service) => {
+                if let (Some(plugin), Some(info)) = (inner.registry.get(service), self.info()) {
+                    plugin.after_release(&inner.context(None), &info).await;
+                }
+                vec![Event::ReleasedDone(service)]
             }
             Command::ReportDone { epoch } => {
                 inner.done.send_replace(epoch);

@@ -176,8 +176,12 @@ pub struct ChangeRecord {
     pub sending_ms: f64,
     /// Milliseconds waiting for the other participants' entries and acks.
     pub receiving_ms: f64,
-    /// Milliseconds in after migration.
+    /// Milliseconds in after migration: `after_migration`, then (requests released)
+    /// `after_release`.
     pub after_ms: f64,
+    /// Milliseconds from the change's start here to the release of the requests it held for
+    /// the keys that moved: how long such a request waited at most, on this node.
+    pub held_ms: f64,
     /// Milliseconds from the report of done to the stable epoch (`None` until then).
     pub stable_ms: Option<f64>,
     /// Entries this node sent.

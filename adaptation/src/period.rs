@@ -6,7 +6,8 @@
 //!  SentOut(s) for every service ─▶ SendAck(p) to every participant, itself included
 //!  Ack(p, e) from every live participant (only if this node receives)        phase Receiving
 //!      ─▶ AfterMigration(s) for each service                               phase After
-//!  AfterDone(s) for every service ─▶ ReleaseHeld(e), ReportDone(e)          phase Done
+//!  AfterDone(s) for every service ─▶ ReleaseHeld(e), AfterRelease(s) each   phase Released
+//!  ReleasedDone(s) for every service ─▶ ReportDone(e)                       phase Done
 //!  Stable(e) ─▶ DropSent(e)                                                 phase Idle
 //! ```
 //!
@@ -15,6 +16,12 @@
 //! connection, so an ack from a sender means all its batches have arrived. A node that receives
 //! nothing has nothing to wait for and goes straight from sending to after-migration. What a
 //! node sent is kept until `Stable`, so that a failure in the middle can roll forward.
+//!
+//! After migration comes in two steps: what requests for the moved keys need (the merge) runs
+//! while they are held, and what only the change's durability needs (a service copying what
+//! it received to a backup) runs once they are released, before the change is reported done.
+//! Until that report the senders keep their copies, so the second step loses nothing by
+//! letting requests through, and they wait for the merge alone.
 
 use crate::error::AdaptationError;
 use gobelins_locator::{NodeId, ServiceId};
@@ -70,6 +77,8 @@ pub enum Event {
     },
     /// A service finished `after_migration`.
     AfterDone(ServiceId),
+    /// A service finished `after_release`.
+    ReleasedDone(ServiceId),
     /// A participant of the change to `epoch` died; nobody waits for it any more (its failure
     /// is a change of its own). It may arrive before that change begins here.
     ParticipantFailed {
@@ -113,6 +122,9 @@ pub enum Command {
         /// The epoch now in force.
         epoch: u64,
     },
+    /// Call the service's `after_release`: what must end before the change is reported done
+    /// but need not hold requests.
+    AfterRelease(ServiceId),
     /// Report `MigrationDone` for `epoch` through consensus.
     ReportDone {
         /// The epoch.
@@ -138,6 +150,8 @@ pub enum Phase {
     Receiving,
     /// Services are merging what arrived.
     After,
+    /// Held requests released; services are finishing the change (`after_release`).
+    Released,
     /// Reported done; keeping what was sent until the epoch is stable.
     Done,
 }
@@ -212,6 +226,10 @@ impl Period {
             Event::Ack { from, epoch } => Ok(self.ack(from, epoch)),
             Event::AfterDone(service) => {
                 self.done_with(Phase::After, service, "after_migration")?;
+                Ok(if self.waiting.is_empty() { self.release() } else { Vec::new() })
+            }
+            Event::ReleasedDone(service) => {
+                self.done_with(Phase::Released, service, "after_release")?;
                 Ok(if self.waiting.is_empty() { self.report() } else { Vec::new() })
             }
             Event::ParticipantFailed { node, epoch } => {
@@ -332,6 +350,17 @@ impl Period {
         let mut commands: Vec<Command> =
             self.services.iter().map(|&s| Command::AfterMigration(s)).collect();
         if self.waiting.is_empty() {
+            commands.extend(self.release());
+        }
+        commands
+    }
+
+    fn release(&mut self) -> Vec<Command> {
+        self.phase = Phase::Released;
+        self.waiting = self.services.iter().copied().collect();
+        let mut commands = vec![Command::ReleaseHeld { epoch: self.epoch }];
+        commands.extend(self.services.iter().map(|&s| Command::AfterRelease(s)));
+        if self.waiting.is_empty() {
             commands.extend(self.report());
         }
         commands
@@ -340,7 +369,7 @@ impl Period {
     fn report(&mut self) -> Vec<Command> {
         self.phase = Phase::Done;
         self.finished = self.epoch;
-        vec![Command::ReleaseHeld { epoch: self.epoch }, Command::ReportDone { epoch: self.epoch }]
+        vec![Command::ReportDone { epoch: self.epoch }]
     }
 
     fn stable(&mut self, epoch: u64) -> Vec<Command> {
@@ -353,7 +382,7 @@ impl Period {
             // moved would otherwise be served by two managers.
             commands.push(Command::InstallSnapshot { epoch });
         }
-        if self.phase != Phase::Done {
+        if !matches!(self.phase, Phase::Released | Phase::Done) {
             // The cluster declared the epoch stable without us (we were presumed dead, say):
             // release what we hold rather than hold it for ever.
             commands.push(Command::ReleaseHeld { epoch });

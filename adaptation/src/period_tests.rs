@@ -60,12 +60,26 @@ fn a_member_of_the_affected_cell_goes_through_the_four_phases() {
         vec![
             (ack(2, 5), vec![AfterMigration(A), AfterMigration(B)]),
             (Event::AfterDone(A), vec![]),
-            (Event::AfterDone(B), vec![ReleaseHeld { epoch: 5 }, ReportDone { epoch: 5 }]),
+            (Event::AfterDone(B), released(5)),
+        ],
+    );
+    assert_eq!(p.phase(), Phase::Released, "requests go on; the change is not reported done");
+    script(
+        &mut p,
+        vec![
+            (Event::ReleasedDone(A), vec![]),
+            (Event::ReleasedDone(B), vec![ReportDone { epoch: 5 }]),
         ],
     );
     assert_eq!(p.phase(), Phase::Done, "keeps what it sent until the epoch is stable");
     script(&mut p, vec![(Event::Stable(5), vec![DropSent { epoch: 5 }])]);
     assert_eq!(p.phase(), Phase::Idle);
+}
+
+/// What the last `AfterDone` of `epoch` produces: the requests released, then each service's
+/// `after_release`.
+fn released(epoch: u64) -> Vec<Command> {
+    vec![ReleaseHeld { epoch }, AfterRelease(A), AfterRelease(B)]
 }
 
 /// Begins `epoch` and lets both services finish `before_migration`, checking that common
@@ -141,9 +155,11 @@ fn late_and_foreign_acks_change_nothing() {
         &mut p,
         vec![
             (Event::AfterDone(A), vec![]),
-            (Event::AfterDone(B), vec![ReleaseHeld { epoch: 5 }, ReportDone { epoch: 5 }]),
+            (Event::AfterDone(B), released(5)),
             (ack(2, 5), vec![]),
+            (Event::ReleasedDone(A), vec![]),
             (ack(2, 3), vec![]),
+            (Event::ReleasedDone(B), vec![ReportDone { epoch: 5 }]),
             (Event::Stable(4), vec![]),
         ],
     );
@@ -181,8 +197,11 @@ fn the_next_change_means_the_last_one_is_stable() {
     p.handle(begin(5, &[1], Role::Bystander)).expect("begins");
     p.handle(Event::BeforeDone(A)).expect("ok");
     p.handle(Event::BeforeDone(B)).expect("ok");
-    p.handle(Event::AfterDone(A)).expect("ok");
-    p.handle(Event::AfterDone(B)).expect("ok");
+    for event in
+        [Event::AfterDone(A), Event::AfterDone(B), Event::ReleasedDone(A), Event::ReleasedDone(B)]
+    {
+        p.handle(event).expect("ok");
+    }
     assert_eq!(p.phase(), Phase::Done);
     let commands = p.handle(begin(6, &[1, 2], Role::Both)).expect("begins");
     assert_eq!(&commands[..2], &[DropSent { epoch: 5 }, HoldMovingKeys { epoch: 6 }]);
@@ -209,6 +228,8 @@ fn a_redelivered_or_old_begin_does_not_restart_an_epoch() {
         Event::BeforeDone(B),
         Event::AfterDone(A),
         Event::AfterDone(B),
+        Event::ReleasedDone(A),
+        Event::ReleasedDone(B),
         Event::Stable(5),
     ] {
         p.handle(event).expect("runs");
@@ -232,4 +253,50 @@ fn a_death_reported_before_the_change_begins_is_remembered() {
     script(&mut p, vec![(dead, vec![]), (ack(2, 5), vec![])]);
     assert_eq!(prepare(&mut p, 5, &[1, 2, 3], Role::Receiver), snapshot_and_acks(5, &[1, 2]));
     script(&mut p, vec![(ack(1, 5), vec![AfterMigration(A), AfterMigration(B)])]);
+}
+
+#[test]
+fn a_node_the_cluster_went_on_without_after_it_released_does_not_release_twice() {
+    let mut p = Period::new(n(1));
+    let prepared = prepare(&mut p, 5, &[1], Role::Bystander);
+    assert_eq!(
+        prepared,
+        [snapshot_and_acks(5, &[1]), vec![AfterMigration(A), AfterMigration(B)]].concat()
+    );
+    script(
+        &mut p,
+        vec![
+            (Event::AfterDone(A), vec![]),
+            (Event::AfterDone(B), released(5)),
+            (Event::ReleasedDone(A), vec![]),
+            (Event::Stable(5), vec![DropSent { epoch: 5 }]),
+        ],
+    );
+    assert_eq!(p.phase(), Phase::Idle);
+    assert_eq!(
+        p.handle(Event::ReleasedDone(B)),
+        Err(AdaptationError::Unexpected { service: 2, phase: "after_release" }),
+        "the change ended without it"
+    );
+}
+
+#[test]
+fn a_node_without_services_releases_and_reports_at_once() {
+    let mut p = Period::new(n(1));
+    let begun = p.handle(Event::Begin {
+        epoch: 3,
+        participants: nodes(&[1]),
+        services: Vec::new(),
+        role: Role::Both,
+    });
+    assert_eq!(
+        begun,
+        Ok(vec![
+            HoldMovingKeys { epoch: 3 },
+            InstallSnapshot { epoch: 3 },
+            SendAck { to: n(1), epoch: 3 },
+        ])
+    );
+    script(&mut p, vec![(ack(1, 3), vec![ReleaseHeld { epoch: 3 }, ReportDone { epoch: 3 }])]);
+    assert_eq!(p.phase(), Phase::Done);
 }

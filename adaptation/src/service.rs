@@ -360,6 +360,18 @@ pub trait Service: Send + Sync + 'static {
         change: &ChangeInfo,
     ) -> impl Future<Output = ()> + Send;
 
+    /// Finishes the change once its held requests are released: work that must end before
+    /// this node reports the change done, but that requests need not wait for, such as
+    /// copying what was received to a backup. Until the report, the senders keep their copies
+    /// of what they sent, so a failure meanwhile loses nothing; requests for the moved keys
+    /// are served while it runs, by the merged entries (writes they make must reach a backup
+    /// on their own, as at any time). Runs after every service's `after_migration`. The
+    /// default does nothing.
+    fn after_release(&self, ctx: &Context, change: &ChangeInfo) -> impl Future<Output = ()> + Send {
+        let _ = (ctx, change);
+        std::future::ready(())
+    }
+
     /// After `failed` died, rebuilds from what this node holds locally (a replica, a page copy)
     /// the entries of the keys in `orphans`: those `failed` managed or had not yet handed over
     /// (`orphans.destination(key)` is `Some` for them, naming the new manager). Entries it
@@ -423,6 +435,10 @@ pub trait Plugin: Send + Sync {
     ) -> Result<(), AdaptationError>;
     /// [`Service::after_migration`].
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo);
+    /// [`Service::after_release`]. The default does nothing.
+    async fn after_release(&self, ctx: &Context, change: &ChangeInfo) {
+        let _ = (ctx, change);
+    }
     /// [`Service::stable`]. The default does nothing.
     async fn stable(&self, ctx: &Context, epoch: u64) {
         let _ = (ctx, epoch);
@@ -526,6 +542,10 @@ impl<S: Service> Service for Arc<S> {
         change: &ChangeInfo,
     ) -> impl Future<Output = ()> + Send {
         (**self).after_migration(ctx, change)
+    }
+
+    fn after_release(&self, ctx: &Context, change: &ChangeInfo) -> impl Future<Output = ()> + Send {
+        (**self).after_release(ctx, change)
     }
 
     fn scan(
@@ -648,6 +668,10 @@ impl<S: Service> Plugin for Erased<S> {
 
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
         self.0.after_migration(ctx, change).await;
+    }
+
+    async fn after_release(&self, ctx: &Context, change: &ChangeInfo) {
+        self.0.after_release(ctx, change).await;
     }
 
     async fn stable(&self, ctx: &Context, epoch: u64) {
