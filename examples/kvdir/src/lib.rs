@@ -183,6 +183,9 @@ pub struct KvDir {
     /// The backup this node last copied every entry to, in full: while it stays the backup,
     /// a change copies it only what this node received.
     replicated: Mutex<Replicated>,
+    /// What the last change's `after_migration` left its `after_release` to copy to the
+    /// backup.
+    copying: Mutex<Option<Copying>>,
     /// The latest epoch copies came from. Updated under the `replicas` lock, read under it by
     /// `forget`.
     copies_at: AtomicU64,
@@ -205,6 +208,17 @@ struct Replicated {
     missed: u64,
 }
 
+/// Entries a change leaves to copy to the backup once its requests are released.
+struct Copying {
+    /// The epoch the change led to.
+    epoch: u64,
+    /// The backup.
+    to: NodeId,
+    entries: Vec<(Key, Versioned)>,
+    /// [`Replicated::missed`] when the change merged what it received.
+    missed: u64,
+}
+
 impl Default for KvDir {
     fn default() -> Self {
         KvDir {
@@ -213,6 +227,7 @@ impl Default for KvDir {
             replicas: Mutex::new(BySlot::new(KvDir::declaration())),
             sent: Mutex::default(),
             replicated: Mutex::default(),
+            copying: Mutex::default(),
             copies_at: AtomicU64::new(0),
             ledger: Mutex::default(),
             slots_lost: AtomicU64::new(0),
@@ -631,6 +646,9 @@ impl Service for KvDir {
     /// for ever, every node would in time hold a replica of every entry that ever left it.
     async fn stable(&self, ctx: &Context, epoch: u64) {
         self.ledger.lock().expect("ledger").stable(epoch, |n| ctx.gone(n));
+        // Left by a change the cluster finished without this node's `after_release`: the next
+        // change copies every entry (`replicated.to` stays unset), so these need not wait.
+        self.copying.lock().expect("copying").take_if(|c| c.epoch <= epoch);
         let Some(table) = ctx.snapshot() else { return };
         let me = ctx.node();
         let mut sent = self.sent.lock().expect("sent");
@@ -704,16 +722,30 @@ impl Service for KvDir {
                 received.iter().filter_map(|&k| live.get(k).map(|v| (k, v.clone()))).collect()
             }
         };
+        // Copied once the requests held for the moved keys are released (`after_release`):
+        // they wait for the merge above, not for the copy, which was most of a join's
+        // after-migration phase (BENCHMARKS.md, stop 49).
+        let copying = to.map(|to| Copying { epoch: change.epoch, to, entries: all, missed });
+        *self.copying.lock().expect("copying") = copying;
+    }
+
+    async fn after_release(&self, ctx: &Context, change: &ChangeInfo) {
+        let copying = self.copying.lock().expect("copying").take();
+        let Some(Copying { epoch, to, entries, missed }) = copying else { return };
+        if epoch != change.epoch {
+            return;
+        }
         // The backup may have changed with the configuration. Until it holds them, the copies
         // the senders kept are the only others, and a leaver takes its own away once this
         // node reports the change done: so the change waits for them, unless the cluster gives
         // up on the backup (its recovery copies them on again) or on this node. A backup cut
         // off from this node alone is never given up on: after `REPLICA_PATIENCE` the change
-        // goes on, and the entries have one copy until they are next written.
-        let Some(to) = to else { return };
+        // goes on, and the entries have one copy until they are next written. Writes served
+        // meanwhile copy themselves, and the backup keeps the newer version of an entry
+        // whichever copy comes first.
         let started = tokio::time::Instant::now();
         let mut pause = Duration::from_millis(10);
-        while !self.replicate(ctx, all.clone()).await {
+        while !self.replicate(ctx, entries.clone()).await {
             if ctx.gone(to) || ctx.gone(ctx.node()) || started.elapsed() >= REPLICA_PATIENCE {
                 tracing::warn!(backup = to.0, "kvdir: entries left without a replica until they are next written, or the next change copies every entry: their backup did not take them");
                 return;

@@ -572,6 +572,10 @@ impl Service for CutsItsBackup {
         self.kv.after_migration(ctx, change).await
     }
 
+    async fn after_release(&self, ctx: &Context, change: &ChangeInfo) {
+        self.kv.after_release(ctx, change).await
+    }
+
     async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Versioned)> {
         self.kv.scan(ctx, failed, orphans).await
     }
