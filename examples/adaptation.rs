@@ -239,6 +239,11 @@ struct Migration {
     /// The slowest participant's after-migration phase: copying what it received, or every
     /// entry if its backup is new, to its backup.
     after_ms: f64,
+    /// The longest a participant held the requests for the keys that moved: from its start of
+    /// the change to their release, after its merge.
+    held_ms: f64,
+    /// The longest a participant took from its start of the change to its report of done.
+    done_ms: f64,
     /// How long the first sender waited for the joiner to begin the change, and the time from
     /// then (or from the first sender's start, if later) to the last sender's end: the
     /// migration while its receiver could stage what came. A receiver stages nothing before it
@@ -319,12 +324,17 @@ async fn join_and_measure(
             sending_ms = sending_ms.max(r.sending_ms);
         }
     }
-    let after_ms = senders
-        .iter()
-        .map(|s| &s.supervisor)
-        .chain([&joined.supervisor])
-        .filter_map(|s| s.host().history().iter().find(|r| r.epoch == epoch).map(|r| r.after_ms))
-        .fold(0.0f64, f64::max);
+    let slowest = |of: fn(&gobelins_adaptation::ChangeRecord) -> f64| {
+        senders
+            .iter()
+            .map(|s| &s.supervisor)
+            .chain([&joined.supervisor])
+            .filter_map(|s| s.host().history().iter().find(|r| r.epoch == epoch).map(of))
+            .fold(0.0f64, f64::max)
+    };
+    let (after_ms, held_ms) = (slowest(|r| r.after_ms), slowest(|r| r.held_ms));
+    // Until stop 49, requests were released as the change was reported done.
+    let done_ms = slowest(|r| r.before_ms + r.sending_ms + r.receiving_ms + r.after_ms);
     let record = |s: &Arc<gobelins_supervisor::Supervisor>| {
         s.host().history().iter().find(|r| r.epoch == epoch).cloned()
     };
@@ -353,6 +363,8 @@ async fn join_and_measure(
             moved,
             sending_ms,
             after_ms,
+            held_ms,
+            done_ms,
             waited_ms,
             moving_ms,
             raw,
@@ -813,14 +825,16 @@ fn main() {
                 let (node, mb, ms) = (m.node, m.bytes as f64 / 1e6, m.sending_ms);
                 let (fresh, touched) = (100.0 * m.per_byte_ratio(), 100.0 * m.touched_ratio());
                 format!(
-                    "node {node} {mb:.1} MB in {ms:.1} ms, {fresh:.0}% ({touched:.0}% into touched memory; {:.1} ms of it before the joiner began; after migration {:.1} ms)",
+                    "node {node} {mb:.1} MB in {ms:.1} ms, {fresh:.0}% ({touched:.0}% into touched memory; {:.1} ms of it before the joiner began; after migration {:.1} ms; moved keys held {:.1} ms of the {:.1} ms to done)",
                     m.waited_ms,
-                    m.after_ms
+                    m.after_ms,
+                    m.held_ms,
+                    m.done_ms
                 )
             })
             .collect();
         println!(
-            "Each join, migration against per-byte raw TCP into fresh memory (and into memory touched before), and the slowest participant's after-migration phase: {}. Transparent huge pages: {}.",
+            "Each join, migration against per-byte raw TCP into fresh memory (and into memory touched before), the slowest participant's after-migration phase, and the longest any held the requests for the keys that moved: {}. Transparent huge pages: {}.",
             each.join(", "),
             std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
                 .map(|s| s.trim().to_string())

@@ -392,13 +392,14 @@ fn write_stats(out: &mut impl std::io::Write, answer: &Value) -> anyhow::Result<
     writeln!(out, "\nchanges this node took part in (ms; newest last):")?;
     writeln!(
         out,
-        "{:>6}  {:<24} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8}",
+        "{:>6}  {:<24} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8}",
         "epoch",
         "change",
         "before",
         "sending",
         "receiving",
         "after",
+        "held",
         "stable",
         "sent",
         "received",
@@ -408,13 +409,14 @@ fn write_stats(out: &mut impl std::io::Write, answer: &Value) -> anyhow::Result<
     for c in changes.iter().rev().take(20).rev() {
         writeln!(
             out,
-            "{:>6}  {:<24} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>8} {:>8}",
+            "{:>6}  {:<24} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8}",
             n(&c["epoch"]),
             c["change"].as_str().unwrap_or("?"),
             ms(&c["before_ms"]),
             ms(&c["sending_ms"]),
             ms(&c["receiving_ms"]),
             ms(&c["after_ms"]),
+            ms(&c["held_ms"]),
             ms(&c["stable_ms"]),
             n(&c["entries_sent"]),
             n(&c["entries_received"]),

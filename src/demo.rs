@@ -490,6 +490,10 @@ async fn report(
         slowest(|r| r.after_ms),
         slowest(|r| r.stable_ms.unwrap_or(0.0)),
     );
+    println!(
+        "  held       requests for the moved keys held at most {:.1} ms (released after the merge, before the copy to backups)",
+        slowest(|r| r.held_ms),
+    );
     Ok(epochs.len())
 }
 
