@@ -180,7 +180,9 @@ pub struct ChangeRecord {
     /// `after_release`.
     pub after_ms: f64,
     /// Milliseconds from the change's start here to the release of the requests it held for
-    /// the keys that moved: how long such a request waited at most, on this node.
+    /// the keys that moved: how long such a request waited at most, on this node. Absent
+    /// (0) from the stats of a build before it.
+    #[serde(default)]
     pub held_ms: f64,
     /// Milliseconds from the report of done to the stable epoch (`None` until then).
     pub stable_ms: Option<f64>,
@@ -1489,6 +1491,15 @@ impl Inner {
             // Served, not passed on again: a manager that has moved on says so, and the origin
             // routes anew. One hop at most.
             Message::Forward(routed) => Box::pin(async move { self.serve_routed(&routed).await.0 }),
+            // A life the cluster has ended (failed, or left) must not change an entry here: a
+            // replica it stores after the survivors' `scan` would be a write nobody rebuilds.
+            // Its batches and acks stay welcome: the period's own epochs judge those.
+            Message::Local { .. } if self.mirrors.is_departed(from) => {
+                tracing::debug!(node = from.0, "local request from a departed node refused");
+                Box::pin(std::future::ready(Reply::Refused(format!(
+                    "node {from} was declared failed or has left; it must rejoin as a new life"
+                ))))
+            }
             Message::Local { service, key, body } => {
                 Box::pin(async move { self.local(from, service, key, &body).await })
             }
@@ -1509,15 +1520,6 @@ impl Inner {
         key: Key,
         body: &[u8],
     ) -> Reply {
-        // A life the cluster has ended (failed, or left) must not change an entry here: a
-        // replica it stores after the survivors' `scan` would be a write nobody rebuilds. Its
-        // batches and acks stay welcome: the period's own epochs judge those.
-        if self.mirrors.is_departed(from) {
-            tracing::debug!(node = from.0, "local request from a departed node refused");
-            return Reply::Refused(format!(
-                "node {from} was declared failed or has left; it must rejoin as a new life"
-            ));
-        }
         let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
         let ctx = self.context(Some(from));
         match plugin.handle(&ctx, key, body).await {

@@ -234,7 +234,9 @@ impl Moving {
 /// part; none may block the thread (await instead).
 ///
 /// In one change the layer calls, on each participant: `scan` (after a failure only),
-/// `before_migration`, `send_out`, `receive` for each batch that arrives, `after_migration`.
+/// `before_migration`, `send_out`, `receive` for each batch that arrives, `after_migration`,
+/// then, with the requests it held released, `after_release`; once the change is stable,
+/// `stable`. A service that wraps another forwards each of them.
 ///
 /// Write the methods as `async fn`, with no attribute on the `impl`: each future must be
 /// `Send`, so hold no `std` lock guard across an `.await`. The layer stores them inside its own

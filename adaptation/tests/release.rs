@@ -8,6 +8,7 @@ use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::watch;
 
 const KV: ServiceId = ServiceId(7);
@@ -102,7 +103,11 @@ async fn moved_keys_are_served_while_after_release_runs_and_the_change_waits_for
 
     let checked = async {
         // Every participant of the join (nodes 1, 2 and 3) is in `after_release`.
-        entered.wait_for(|&n| n == 3).await.expect("the services live");
+        let all_in = entered.wait_for(|&n| n == 3);
+        tokio::time::timeout(Duration::from_secs(60), all_in)
+            .await
+            .expect("the three participants reach after_release")
+            .expect("the services live");
         let get = gobelins_adaptation::codec::encode(&Request::Get).expect("encodes");
         for &key in &keys {
             let answer = first.request(KV, key, get.clone()).await.expect("answered, not held");

@@ -576,6 +576,10 @@ impl Service for CutsItsBackup {
         self.kv.after_release(ctx, change).await
     }
 
+    async fn stable(&self, ctx: &Context, epoch: u64) {
+        self.kv.stable(ctx, epoch).await
+    }
+
     async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Versioned)> {
         self.kv.scan(ctx, failed, orphans).await
     }
@@ -977,8 +981,14 @@ impl Plugin for Refusing {
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
         self.kv.after_migration(ctx, change).await
     }
+    async fn after_release(&self, ctx: &Context, change: &ChangeInfo) {
+        self.kv.after_release(ctx, change).await
+    }
     async fn stable(&self, ctx: &Context, epoch: u64) {
         self.kv.stable(ctx, epoch).await
+    }
+    fn reported_lost(&self) -> u64 {
+        self.kv.reported_lost()
     }
     async fn scan(
         &self,
@@ -1232,5 +1242,117 @@ fn a_backup_dead_once_it_handed_everything_over_is_taken_at_its_word() {
         assert_eq!(reported, given_to_3.len() as u64, "only what node 3 rebuilt for itself");
         let spec = KvDir::declaration();
         read_all(&cluster, &keys, |key| given_to_3.contains(&spec.slot_of(key))).await;
+    });
+}
+
+/// Kvdir whose `after_release` waits on node 3 until `gate` opens, saying so in `inside`.
+struct GatedRelease {
+    kv: Box<dyn Plugin>,
+    gate: tokio::sync::watch::Receiver<bool>,
+    inside: tokio::sync::watch::Sender<bool>,
+}
+
+#[async_trait::async_trait]
+impl Plugin for GatedRelease {
+    fn spec(&self) -> ServiceSpec {
+        self.kv.spec()
+    }
+    async fn handle(&self, ctx: &Context, key: Key, request: &[u8]) -> Result<Answer, Error> {
+        self.kv.handle(ctx, key, request).await
+    }
+    fn repeatable(&self, request: &[u8]) -> bool {
+        self.kv.repeatable(request)
+    }
+    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.kv.before_migration(ctx, change).await
+    }
+    async fn send_out(
+        &self,
+        ctx: &Context,
+        moving: &Moving,
+        out: &mut Packer,
+    ) -> Result<(), Error> {
+        self.kv.send_out(ctx, moving, out).await
+    }
+    async fn receive(&self, ctx: &Context, from: NodeId, entries: &Run) -> Result<(), Error> {
+        self.kv.receive(ctx, from, entries).await
+    }
+    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        self.kv.after_migration(ctx, change).await
+    }
+    async fn after_release(&self, ctx: &Context, change: &ChangeInfo) {
+        if ctx.node() == NodeId(3) {
+            self.inside.send_replace(true);
+            let _ = self.gate.clone().wait_for(|&open| open).await;
+        }
+        self.kv.after_release(ctx, change).await
+    }
+    async fn stable(&self, ctx: &Context, epoch: u64) {
+        self.kv.stable(ctx, epoch).await
+    }
+    fn reported_lost(&self) -> u64 {
+        self.kv.reported_lost()
+    }
+    async fn scan(
+        &self,
+        ctx: &Context,
+        failed: NodeId,
+        orphans: &Moving,
+        out: &mut Packer,
+    ) -> Result<(), Error> {
+        self.kv.scan(ctx, failed, orphans, out).await
+    }
+}
+
+/// A joiner serves the keys it received once it has merged them, before it has copied them
+/// to its backup. A write it takes then is copied to the backup on its own; should the joiner
+/// die before its copy of the rest, the senders' copies and that write rebuild every key,
+/// each at its latest value, and nothing is reported lost.
+#[test]
+fn a_write_served_before_the_joiner_copied_what_it_received_outlives_the_joiner() {
+    replay(async {
+        let (open, gate) = tokio::sync::watch::channel(true);
+        let (inside, mut entered) = tokio::sync::watch::channel(false);
+        let mut cluster = MemCluster::start(2, HostConfig::default(), move || {
+            let mut registry = Registry::new();
+            let kv = plugin(KvDir::new());
+            let service = GatedRelease { kv, gate: gate.clone(), inside: inside.clone() };
+            registry.register(Box::new(service)).expect("registers");
+            registry
+        })
+        .await;
+        let keys: Vec<Key> = (0..400).map(Key).collect();
+        put_own_bytes(&cluster, &keys).await;
+        let (faults, first) = (cluster.faults(), cluster.host(NodeId(1)));
+        let later = |key: Key| (key.0 + 1_000_000).to_le_bytes().to_vec();
+        open.send_replace(false);
+        let written = async {
+            let all_in = entered.wait_for(|&inside| inside);
+            tokio::time::timeout(Duration::from_secs(60), all_in)
+                .await
+                .expect("node 3 reaches after_release")
+                .expect("node 3 lives");
+            for &key in &keys {
+                let put = codec::encode(&Request::Put(later(key))).expect("encode");
+                first.request(KVDIR, key, put).await.expect("written during the copy");
+            }
+            // Node 3 dies before it copies what it received to its backup.
+            faults.crash(NodeId(3));
+            open.send_replace(true);
+        };
+        let (joined, ()) = tokio::join!(cluster.add(), written);
+        assert_eq!(joined, NodeId(3));
+        let moved = keys
+            .iter()
+            .filter(|&&k| cluster.snapshot().locate(KVDIR, k) == Some(NodeId(3)))
+            .count();
+        assert!(moved > 0, "the join gave node 3 some of the keys");
+        cluster.fail(NodeId(3)).await;
+        for &key in &keys {
+            match ask(&cluster, key, Request::Get).await {
+                Response::Value(Some(v)) => assert_eq!(v.value[..], later(key), "{key:?}"),
+                other => panic!("{key:?}: {other:?}"),
+            }
+        }
     });
 }
