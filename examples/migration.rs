@@ -149,8 +149,8 @@ fn main() {
             "{entries} entries of 1 KiB written through node 1 in {:.1} s; {joins} nodes join, each a process of its own",
             loaded.elapsed().as_secs_f64()
         );
-        println!("| join | senders | MB | migration ms | MB/s | raw TCP into fresh memory, MB/s | ratio |");
-        println!("| --- | --- | --- | --- | --- | --- | --- |");
+        println!("| join | senders | MB | migration ms | MB/s | raw TCP into fresh memory, MB/s | ratio | moved keys held, ms | to done, ms |");
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
         let batch_bytes = HostConfig::default().batch_bytes;
         let mut ratios = Vec::new();
         for id in 3..3 + joins {
@@ -162,14 +162,24 @@ fn main() {
             let ids: Vec<u64> = nodes.iter().map(|n| n.id).chain([id]).collect();
             settle(&nodes[0], &ids).await;
             let (mut shares, mut sending_ms) = (Vec::new(), 0.0f64);
+            // The longest any participant held requests for the keys that moved, and took to
+            // report the change done (until stop 49, the two were the same).
+            let (mut held_ms, mut done_ms) = (0.0f64, 0.0f64);
+            let added = format!("add n{id}");
             for (node, before) in nodes.iter().zip(&before) {
                 let (sent, changes) = stats(node).await;
                 if sent > *before {
                     shares.push((sent - before) as usize);
                 }
-                let added = format!("add n{id}");
                 if let Some(record) = changes.iter().rev().find(|r| r.change.starts_with(&added)) {
                     sending_ms = sending_ms.max(record.sending_ms);
+                }
+            }
+            for node in nodes.iter().chain([&joiner]) {
+                let (_, changes) = stats(node).await;
+                if let Some(r) = changes.iter().rev().find(|r| r.change.starts_with(&added)) {
+                    held_ms = held_ms.max(r.held_ms);
+                    done_ms = done_ms.max(r.before_ms + r.sending_ms + r.receiving_ms + r.after_ms);
                 }
             }
             let bytes: usize = shares.iter().sum();
@@ -178,7 +188,7 @@ fn main() {
             let theirs = bytes as f64 / 1e6 / raw.as_secs_f64();
             ratios.push(ours / theirs);
             println!(
-                "| node {id} | {} | {:.1} | {sending_ms:.1} | {ours:.0} | {theirs:.0} | {:.0}% |",
+                "| node {id} | {} | {:.1} | {sending_ms:.1} | {ours:.0} | {theirs:.0} | {:.0}% | {held_ms:.1} | {done_ms:.1} |",
                 shares.len(),
                 bytes as f64 / 1e6,
                 ours / theirs * 100.0
