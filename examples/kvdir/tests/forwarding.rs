@@ -53,6 +53,13 @@ fn a_request_sent_to_a_node_that_does_not_manage_its_key_is_answered_by_the_mana
         let stats = sender.stats();
         // Relayed: nothing told the sender to ask again.
         assert_eq!((stats.requests_ok, stats.requests_delayed), (1, 0), "{stats:?}");
+        // A read, which may run twice and takes a shorter path, is passed on as well.
+        let read = codec::encode(&Request::Get).expect("encode");
+        let answer = sender.request_via(NodeId(3), KVDIR, key, read).await.expect("get");
+        assert!(matches!(codec::decode(&answer).expect("decode"), Response::Value(Some(_))));
+        assert_eq!(cluster.host(NodeId(3)).stats().forwarded, 2, "node 3 passed the read on");
+        let stats = sender.stats();
+        assert_eq!((stats.requests_ok, stats.requests_delayed), (2, 0), "{stats:?}");
         assert_eq!(get(&cluster, key).await, Some(vec![7]));
     });
 }
