@@ -40,34 +40,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
-/// A request's body: this node's own, or a slice of the frame it arrived in.
-#[derive(Clone, Copy)]
-enum Body<'a> {
-    Own(&'a [u8]),
-    Received(&'a Bytes),
-}
-
-impl<'a> Body<'a> {
-    fn bytes(self) -> &'a [u8] {
-        match self {
-            Body::Own(bytes) => bytes,
-            Body::Received(bytes) => bytes,
-        }
-    }
-
-    /// The frame the values a service marks `shared` may be slices of: a received request
-    /// large enough for it (`shared::MIN_SHARED_REQUEST`). A backup took kvdir's copies of a
-    /// joiner's entries into an allocation, and a copy, each.
-    fn frame(self) -> Option<&'a Bytes> {
-        match self {
-            Body::Received(bytes) if bytes.len() >= crate::shared::MIN_SHARED_REQUEST => {
-                Some(bytes)
-            }
-            _ => None,
-        }
-    }
-}
-
 /// A message's answer, being worked out.
 type Answering = Pin<Box<dyn Future<Output = Reply> + Send>>;
 use tokio::time::Instant;
@@ -1040,10 +1012,7 @@ impl Inner {
             (epoch, located, entered)
         })?;
         if let Some(entered) = entered {
-            return Some((
-                epoch,
-                self.serve_entered(entered, service, key, id, Body::Own(body), false).await,
-            ));
+            return Some((epoch, self.serve_entered(entered, service, key, id, body, false).await));
         }
         let Some(located) = located else { return Some((epoch, Reply::Unknown(service.0))) };
         let manager = first.unwrap_or(located);
@@ -1069,7 +1038,7 @@ impl Inner {
         let routed = trip.routed(epoch, left, settled);
         if manager == self.me {
             // Boxed: a node's own request comes here only when something was in its way.
-            let served = Box::pin(self.serve(&routed, Body::Own(body), attempt, now, fresh));
+            let served = Box::pin(self.serve(&routed, body, attempt, now, fresh));
             return Some((epoch, served.await));
         }
         let message = routed.encode_request(body);
@@ -1202,7 +1171,7 @@ impl Inner {
     async fn serve(
         self: &Arc<Self>,
         routed: &Routed,
-        body: Body<'_>,
+        body: &[u8],
         until: Deadline,
         now: Instant,
         fresh: bool,
@@ -1377,7 +1346,7 @@ impl Inner {
         service: ServiceId,
         key: Key,
         id: RequestId,
-        body: Body<'_>,
+        body: &[u8],
         keep: bool,
     ) -> Reply {
         let ctx = Context::new(self.me, epoch, None, Some(snapshot), Arc::clone(self));
@@ -1394,17 +1363,16 @@ impl Inner {
         service: ServiceId,
         key: Key,
         id: RequestId,
-        body: Body<'_>,
+        body: &[u8],
         keep: bool,
     ) -> Reply {
         let Some(plugin) = self.registry.get(service) else {
             return Reply::Unknown(service.0);
         };
-        let handling = plugin.handle(ctx, key, body.bytes());
-        let mut handling = crate::shared::first_poll_within(body.frame(), handling);
+        let mut handling = plugin.handle(ctx, key, body);
         let mut waited = false;
         let handled = std::future::poll_fn(|cx| {
-            let poll = Pin::new(&mut handling).poll(cx);
+            let poll = handling.as_mut().poll(cx);
             waited |= poll.is_pending();
             poll
         });
@@ -1455,16 +1423,12 @@ impl Inner {
         match self.enter_repeatable(routed, now) {
             Some(Ok(entered)) => {
                 let Routed { id, service, key, .. } = *routed;
-                let body = Body::Received(&routed.body);
-                let reply = self.serve_entered(entered, service, key, id, body, true);
+                let reply = self.serve_entered(entered, service, key, id, &routed.body, true);
                 (reply.await, until)
             }
             // Sent by an old epoch: passed on (`Inner::forward`) without `serve`'s second look.
             Some(Err(epoch)) => (Reply::Moved { epoch }, until),
-            None => {
-                let body = Body::Received(&routed.body);
-                (self.serve(routed, body, until, now, false).await, until)
-            }
+            None => (self.serve(routed, &routed.body, until, now, false).await, until),
         }
     }
 
@@ -1494,8 +1458,7 @@ impl Inner {
         match self.enter_repeatable(&routed, now) {
             Some(Ok(entered)) => {
                 let Routed { id, service, key, .. } = routed;
-                self.serve_entered(entered, service, key, id, Body::Received(&routed.body), true)
-                    .await
+                self.serve_entered(entered, service, key, id, &routed.body, true).await
             }
             // Sent by an old epoch: passed on at once, as `serve_request` would after a second
             // look at the router (a request redirected once cost 2.3x an echo with it).
@@ -1551,7 +1514,7 @@ impl Inner {
                 ))))
             }
             Message::Local { service, key, body } => {
-                Box::pin(async move { self.local(from, service, key, Body::Received(&body)).await })
+                Box::pin(async move { self.local(from, service, key, &body).await })
             }
             Message::Batch { epoch, service, entries, answered, settled } => Box::pin(async move {
                 self.stage(from, epoch, service, entries, answered, &settled).await
@@ -1568,12 +1531,11 @@ impl Inner {
         from: NodeId,
         service: ServiceId,
         key: Key,
-        body: Body<'_>,
+        body: &[u8],
     ) -> Reply {
         let Some(plugin) = self.registry.get(service) else { return Reply::Unknown(service.0) };
         let ctx = self.context(Some(from));
-        let handling = plugin.handle(&ctx, key, body.bytes());
-        match crate::shared::first_poll_within(body.frame(), handling).await {
+        match plugin.handle(&ctx, key, body).await {
             Ok(answer) => Reply::Done(answer.response.into()),
             Err(e) => Reply::Refused(e.to_string()),
         }
@@ -1809,7 +1771,7 @@ impl Inner {
             ));
         }
         let reply = if node == self.me {
-            self.local(node, service, key, Body::Own(Message::local_body(&message))).await
+            self.local(node, service, key, Message::local_body(&message)).await
         } else {
             let bytes = self.link.seal(message);
             let answer = self.link.call(node, bytes, self.config.call_timeout).await?;
@@ -2289,57 +2251,5 @@ mod tests {
         assert_eq!(link.calls.load(Ordering::SeqCst), 1, "not sent again");
         assert_eq!(inner.counters.batches_refused.load(Ordering::Relaxed), 1, "counted");
         inner.stop();
-    }
-
-    /// Keeps the value of the last request it handled.
-    #[derive(Default)]
-    struct Keeps(Mutex<Option<Bytes>>);
-
-    #[derive(Serialize, Deserialize)]
-    struct Held(#[serde(with = "crate::shared")] Bytes);
-
-    impl crate::Service for Arc<Keeps> {
-        type Request = Held;
-        type Response = ();
-        type Entry = ();
-        fn spec(&self) -> ServiceSpec {
-            ServiceSpec::new(ServiceId(1), "keeps").with_slots(8)
-        }
-        async fn handle(&self, _: &Context, _: Key, request: Held) {
-            *self.0.lock().expect("kept") = Some(request.0);
-        }
-        async fn before_migration(&self, _: &Context, _: &crate::ChangeInfo) {}
-        async fn send_out(&self, _: &Context, _: &crate::Moving) -> Vec<(Key, ())> {
-            Vec::new()
-        }
-        async fn receive(&self, _: &Context, _: NodeId, _: Vec<(Key, ())>) {}
-        async fn after_migration(&self, _: &Context, _: &crate::ChangeInfo) {}
-        async fn scan(&self, _: &Context, _: NodeId, _: &crate::Moving) -> Vec<(Key, ())> {
-            Vec::new()
-        }
-    }
-
-    #[tokio::test]
-    async fn a_large_told_request_shares_its_frame_with_the_values_kept_and_a_small_one_does_not() {
-        let keeps = Arc::new(Keeps::default());
-        let mut registry = Registry::new();
-        registry.register(crate::plugin(Arc::clone(&keeps))).expect("register");
-        let host = Host::start(NodeId(2), registry, Arc::new(Flaky::new(0)), HostConfig::default());
-        let inside = |frame: &Bytes, value: &Bytes| {
-            let (start, end) = (frame.as_ptr() as usize, frame.as_ptr() as usize + frame.len());
-            let at = value.as_ptr() as usize;
-            at >= start && at + value.len() <= end
-        };
-        for (size, shared) in [(crate::shared::MIN_SHARED_REQUEST, true), (1024, false)] {
-            let held = Held(Bytes::from(vec![3u8; size]));
-            let frame = Message::encode_local(ServiceId(1), Key(5), &held).expect("encode");
-            let frame = Bytes::from(frame);
-            let answer = reply(host.handle(NodeId(1), frame.clone()).await);
-            assert!(matches!(answer, Reply::Done(_)), "{answer:?}");
-            let kept = keeps.0.lock().expect("kept").take().expect("handled");
-            assert_eq!(kept.len(), size);
-            assert_eq!(inside(&frame, &kept), shared, "a request of {size} bytes");
-        }
-        host.shutdown();
     }
 }

@@ -8,9 +8,6 @@
 //! slice of the batch's frame, and decoded from anything else, a copy as usual. The encoding is
 //! the same byte string as [`Bytes`]'s own.
 //!
-//! The same holds for a large request a service's `handle` receives (kvdir's copies to a
-//! backup come so, 4 MiB at a time): see [`MIN_SHARED_REQUEST`].
-//!
 //! The cost: a frame stays in memory while any value sliced from it does. For a directory
 //! whose values live until overwritten that is about what was received; a service that keeps a
 //! few small values from large batches should copy them instead (`Bytes::copy_from_slice`).
@@ -23,22 +20,6 @@ use std::cell::RefCell;
 thread_local! {
     /// The frame entries are being decoded from on this thread, while they are.
     static FRAME: RefCell<Option<Bytes>> = const { RefCell::new(None) };
-}
-
-/// The smallest request whose values may be slices of it rather than copies. A small
-/// request's copies cost little, and a slice of it would keep the rest of its frame alive.
-pub(crate) const MIN_SHARED_REQUEST: usize = 64 << 10;
-
-/// `handling`, whose first poll decodes its request, with that poll run [`within`] `frame`.
-pub(crate) fn first_poll_within<'a, F: std::future::Future + Unpin + 'a>(
-    frame: Option<&'a Bytes>,
-    mut handling: F,
-) -> impl std::future::Future<Output = F::Output> + Unpin + 'a {
-    let mut frame = frame;
-    std::future::poll_fn(move |cx| match frame.take() {
-        Some(frame) => within(frame, || std::pin::Pin::new(&mut handling).poll(cx)),
-        None => std::pin::Pin::new(&mut handling).poll(cx),
-    })
 }
 
 /// Runs `decode` with `frame` as the memory [`deserialize`] may share. Decoding is synchronous,

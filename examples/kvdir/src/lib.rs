@@ -67,8 +67,8 @@ pub struct Versioned {
     pub version: u64,
     /// The bytes stored. `Bytes`, not `Vec<u8>`: the copy an entry leaves behind as a replica
     /// when it moves, and the copies sent to the backup, share its memory instead of copying
-    /// it. Serialized as a byte string either way; received in a migration batch, or in a
-    /// copy for a backup of 64 KiB or more, it is a slice of what arrived rather than a copy.
+    /// it. Serialized as a byte string either way; received in a migration batch, it is a
+    /// slice of the batch rather than a copy.
     #[serde(with = "gobelins_adaptation::shared")]
     pub value: Bytes,
 }
