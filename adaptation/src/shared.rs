@@ -8,9 +8,11 @@
 //! slice of the batch's frame, and decoded from anything else, a copy as usual. The encoding is
 //! the same byte string as [`Bytes`]'s own.
 //!
-//! The cost: a frame stays in memory while any value sliced from it does. For a directory
-//! whose values live until overwritten that is about what was received; a service that keeps a
-//! few small values from large batches should copy them instead (`Bytes::copy_from_slice`).
+//! The cost: a frame stays in memory while any value sliced from it does. While most of a
+//! batch's values live, that is about what was received. Once most are overwritten, the few
+//! left keep their whole batch (`HostConfig::batch_bytes`, 256 KiB by default): one value of
+//! 1 KiB can hold 256 times its size. A service whose values are overwritten unevenly, or that
+//! keeps a few small values from large batches, should copy them (`Bytes::copy_from_slice`).
 
 use bytes::Bytes;
 use serde::de::{Deserializer, Error, Visitor};
