@@ -940,16 +940,31 @@ fn a_write_a_read_saw_though_its_backup_missed_it_outlives_its_manager() {
     });
 }
 
-/// kvdir, but the batches of entries it is sent are refused while `refusals` lasts, one each,
-/// as a node of another build that cannot decode them would. Batches of answers alone (an
-/// empty run) are taken: given up when refused, they would not test the entries' fate.
-struct Refusing {
+/// kvdir with two hooks. The batches of entries it is sent are refused while `refusals` lasts,
+/// one each, as a node of another build that cannot decode them would. Batches of answers alone
+/// (an empty run) are taken: given up when refused, they would not test the entries' fate. And
+/// with a `gate`, node 3's `after_release` waits until it opens.
+struct Hooked {
     kv: Box<dyn Plugin>,
     refusals: Arc<AtomicU64>,
+    gate: Option<Gate>,
+}
+
+/// Where node 3's `after_release` waits, and how it says it is waiting.
+#[derive(Clone)]
+struct Gate {
+    open: tokio::sync::watch::Receiver<bool>,
+    inside: tokio::sync::watch::Sender<bool>,
+}
+
+impl Hooked {
+    fn kvdir() -> Hooked {
+        Hooked { kv: plugin(KvDir::new()), refusals: Arc::default(), gate: None }
+    }
 }
 
 #[async_trait::async_trait]
-impl Plugin for Refusing {
+impl Plugin for Hooked {
     fn spec(&self) -> ServiceSpec {
         self.kv.spec()
     }
@@ -982,6 +997,10 @@ impl Plugin for Refusing {
         self.kv.after_migration(ctx, change).await
     }
     async fn after_release(&self, ctx: &Context, change: &ChangeInfo) {
+        if let Some(gate) = self.gate.as_ref().filter(|_| ctx.node() == NodeId(3)) {
+            gate.inside.send_replace(true);
+            let _ = gate.open.clone().wait_for(|&open| open).await;
+        }
         self.kv.after_release(ctx, change).await
     }
     async fn stable(&self, ctx: &Context, epoch: u64) {
@@ -1010,7 +1029,7 @@ fn a_batch_refused_for_a_while_is_sent_again_and_the_change_ends_only_once_it_is
         let refusals = Arc::new(AtomicU64::new(0));
         let counter = Arc::clone(&refusals);
         let mut cluster = MemCluster::start(3, HostConfig::default(), move || {
-            let refusing = Refusing { kv: plugin(KvDir::new()), refusals: Arc::clone(&counter) };
+            let refusing = Hooked { refusals: Arc::clone(&counter), ..Hooked::kvdir() };
             let mut registry = Registry::new();
             registry.register(Box::new(refusing)).expect("registers");
             registry
@@ -1245,65 +1264,6 @@ fn a_backup_dead_once_it_handed_everything_over_is_taken_at_its_word() {
     });
 }
 
-/// Kvdir whose `after_release` waits on node 3 until `gate` opens, saying so in `inside`.
-struct GatedRelease {
-    kv: Box<dyn Plugin>,
-    gate: tokio::sync::watch::Receiver<bool>,
-    inside: tokio::sync::watch::Sender<bool>,
-}
-
-#[async_trait::async_trait]
-impl Plugin for GatedRelease {
-    fn spec(&self) -> ServiceSpec {
-        self.kv.spec()
-    }
-    async fn handle(&self, ctx: &Context, key: Key, request: &[u8]) -> Result<Answer, Error> {
-        self.kv.handle(ctx, key, request).await
-    }
-    fn repeatable(&self, request: &[u8]) -> bool {
-        self.kv.repeatable(request)
-    }
-    async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
-        self.kv.before_migration(ctx, change).await
-    }
-    async fn send_out(
-        &self,
-        ctx: &Context,
-        moving: &Moving,
-        out: &mut Packer,
-    ) -> Result<(), Error> {
-        self.kv.send_out(ctx, moving, out).await
-    }
-    async fn receive(&self, ctx: &Context, from: NodeId, entries: &Run) -> Result<(), Error> {
-        self.kv.receive(ctx, from, entries).await
-    }
-    async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
-        self.kv.after_migration(ctx, change).await
-    }
-    async fn after_release(&self, ctx: &Context, change: &ChangeInfo) {
-        if ctx.node() == NodeId(3) {
-            self.inside.send_replace(true);
-            let _ = self.gate.clone().wait_for(|&open| open).await;
-        }
-        self.kv.after_release(ctx, change).await
-    }
-    async fn stable(&self, ctx: &Context, epoch: u64) {
-        self.kv.stable(ctx, epoch).await
-    }
-    fn reported_lost(&self) -> u64 {
-        self.kv.reported_lost()
-    }
-    async fn scan(
-        &self,
-        ctx: &Context,
-        failed: NodeId,
-        orphans: &Moving,
-        out: &mut Packer,
-    ) -> Result<(), Error> {
-        self.kv.scan(ctx, failed, orphans, out).await
-    }
-}
-
 /// A joiner serves the keys it received once it has merged them, before it has copied them
 /// to its backup. A write it takes then is copied to the backup on its own; should the joiner
 /// die before its copy of the rest, the senders' copies and that write rebuild every key,
@@ -1311,12 +1271,12 @@ impl Plugin for GatedRelease {
 #[test]
 fn a_write_served_before_the_joiner_copied_what_it_received_outlives_the_joiner() {
     replay(async {
-        let (open, gate) = tokio::sync::watch::channel(true);
+        let (open, open_rx) = tokio::sync::watch::channel(true);
         let (inside, mut entered) = tokio::sync::watch::channel(false);
         let mut cluster = MemCluster::start(2, HostConfig::default(), move || {
             let mut registry = Registry::new();
-            let kv = plugin(KvDir::new());
-            let service = GatedRelease { kv, gate: gate.clone(), inside: inside.clone() };
+            let gate = Gate { open: open_rx.clone(), inside: inside.clone() };
+            let service = Hooked { gate: Some(gate), ..Hooked::kvdir() };
             registry.register(Box::new(service)).expect("registers");
             registry
         })
