@@ -39,10 +39,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 
 /// A message's answer, being worked out.
 type Answering = Pin<Box<dyn Future<Output = Reply> + Send>>;
-use tokio::time::Instant;
 
 /// Timers and sizes of a host.
 #[derive(Clone, Debug)]
@@ -1490,9 +1490,9 @@ impl Inner {
 
     /// The answer to `message` from node `from`, each kind of message in a box of its own.
     /// The transport's per-message future stays within the allocator's per-thread cache
-    /// (1,032 bytes here), and so does each box: one future for every kind held all of their
-    /// waits, twice that size, and a box past the cache costs its allocation and its free a
-    /// slow path each, about 500 instructions a request (BENCHMARKS.md, stop 49).
+    /// (1,032 bytes here), and so does each box. One box for every kind held all of their
+    /// waits, 1,137 bytes, and a box past the cache costs its allocation and its free a slow
+    /// path each (BENCHMARKS.md, stop 49).
     fn answer(self: Arc<Self>, from: NodeId, message: Message) -> Answering {
         match message {
             Message::Request(routed) if routed.repeatable => {

@@ -280,7 +280,7 @@ impl KvDir {
 
 /// Where `node` keeps its replicas: the next node of its own cell, wrapping around. Every
 /// change that adds or takes away one of them takes part every node of that cell, so `node`
-/// copies its entries to a new backup in `after_migration` and `after_release`. The next node of the whole table
+/// copies its entries to a new backup in `after_release`. The next node of the whole table
 /// could sit in another cell: evicted, it took `node`'s replicas with it, and `node`, no part
 /// of that change, never copied them to its next backup. A node alone in its cell keeps them
 /// on the next node of the table.
