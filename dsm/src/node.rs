@@ -109,6 +109,9 @@ pub(crate) struct NodeState {
     /// installed; an evicted node takes it exclusively to let them land before it hands its
     /// pages over.
     pub(crate) faults: tokio::sync::RwLock<()>,
+    /// Pages the last change's sweep found without a live backup, with that change's epoch:
+    /// given a new one in `after_release`, once the faults the change held are released.
+    pub(crate) exposed: Mutex<Option<(u64, Vec<crate::service::Exposed>)>>,
 }
 
 /// How this node's read faults went: straight to the probable owner, or by way of the manager.
@@ -133,6 +136,7 @@ impl DsmNode {
                 freed: Mutex::default(),
                 barriers: DashMap::default(),
                 change: Mutex::new(None),
+                exposed: Mutex::new(None),
                 failed: Mutex::new(Default::default()),
                 held: Mutex::new(BTreeMap::new()),
                 waiting: Mutex::new(BTreeMap::new()),

@@ -38,7 +38,7 @@ const PROMOTE_PAUSE: Duration = Duration::from_millis(50);
 
 /// A page the sweep found with no live backup: the page, its entry, its owner, the entry's
 /// version, the node to back it up on, and the backup the entry names now.
-type Exposed = (PageId, Arc<AsyncMutex<Live>>, NodeId, u64, NodeId, Option<NodeId>);
+pub(crate) type Exposed = (PageId, Arc<AsyncMutex<Live>>, NodeId, u64, NodeId, Option<NodeId>);
 
 /// Why a holder's copy could not be had.
 #[derive(Debug)]
@@ -1314,7 +1314,8 @@ impl DsmService {
     }
 
     /// After nodes left: every entry they held a part of is mended, and their locks freed.
-    async fn sweep(&self, ctx: &Context) {
+    /// With backups on, the pages left without a live backup, for `restore_backups`.
+    async fn sweep(&self, ctx: &Context) -> Vec<Exposed> {
         let mut slots: Vec<(Key, Arc<AsyncMutex<Live>>)> =
             self.state().live.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
         // In key order, the same in every run (a `DashMap`'s order is new each run).
@@ -1347,15 +1348,13 @@ impl DsmService {
                 _ => {}
             }
         }
-        if !exposed.is_empty() {
-            self.restore_backups(ctx, exposed).await;
-        }
+        exposed
     }
 
     /// With backups on, gives each page this node manages whose backup is gone (its node died
     /// or left, or the owner was promoted from it; `sweep` finds them) a new one before the
-    /// change ends. Until
-    /// then the owner holds the page's only copy, and a second failure, however much later,
+    /// change ends, in `after_release`: faults are not held for it. Until then the owner
+    /// holds the page's only copy, and a second failure, however much later,
     /// would lose it: a commit finds a new backup too, but a page not written again never
     /// commits.
     async fn restore_backups(&self, ctx: &Context, exposed: Vec<Exposed>) {
@@ -1701,10 +1700,25 @@ impl Service for DsmService {
 
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
         self.merge(ctx).await;
-        self.sweep(ctx).await;
+        let exposed = self.sweep(ctx).await;
+        // Given new backups once the faults are released: a fault that races a restore is
+        // settled by `restore_backups`' own check (the entry moved on) and the owner's `Busy`.
+        *self.state().exposed.lock().expect("exposed") = Some((change.epoch, exposed));
         *self.state().change.lock().expect("change") = None;
         if change.change == Change::Evict(ctx.node()) {
             self.state().frames.clear();
+        }
+    }
+
+    /// The pages the sweep found exposed get new backups, with faults flowing again; the change
+    /// is not done until they have them.
+    async fn after_release(&self, ctx: &Context, change: &ChangeInfo) {
+        let exposed = self.state().exposed.lock().expect("exposed").take();
+        match exposed {
+            Some((epoch, exposed)) if epoch == change.epoch && !exposed.is_empty() => {
+                self.restore_backups(ctx, exposed).await;
+            }
+            _ => {}
         }
     }
 

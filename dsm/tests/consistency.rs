@@ -1692,3 +1692,34 @@ fn an_evicted_node_is_refused_its_reads_with_leaving() {
         );
     });
 }
+
+/// With backups on, a failure leaves the pages the dead node backed up with one copy, and
+/// their managers give each a new backup before the change ends. That copy runs once the
+/// change has released the faults it held, so it delays the change, not the programs; and
+/// every page is on two nodes again once the change is done.
+#[test]
+fn with_backups_pages_get_new_backups_after_faults_are_released() {
+    replay(async {
+        let mut cluster =
+            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        // Node 1 owns every page; the next live node, node 2, keeps their backups.
+        let writer = cluster.dsm(NodeId(1));
+        for page in 0..PAGES {
+            put(&writer, pid(page), 1).await;
+        }
+        cluster.mem.fail(NodeId(2)).await;
+        let released_first: Vec<NodeId> = (cluster.mem.nodes().into_iter())
+            .filter(|&n| {
+                let history = cluster.mem.host(n).history();
+                let r = history.last().expect("the recovery's record");
+                let done = r.before_ms + r.sending_ms + r.receiving_ms + r.after_ms;
+                done - r.held_ms > 0.1
+            })
+            .collect();
+        assert!(!released_first.is_empty(), "some manager restored backups after the release");
+        // Node 1 dies too: the backups given after the first failure hold every page.
+        cluster.mem.fail(NodeId(1)).await;
+        let counts = final_counts(&cluster.dsm(NodeId(3))).await.expect("no page lost");
+        assert_eq!(counts, vec![1; PAGES as usize]);
+    })
+}
