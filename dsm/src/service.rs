@@ -1704,7 +1704,6 @@ impl Service for DsmService {
         // Given new backups once the faults are released: a fault that races a restore is
         // settled by `restore_backups`' own check (the entry moved on) and the owner's `Busy`.
         *self.state().exposed.lock().expect("exposed") = Some((change.epoch, exposed));
-        *self.state().change.lock().expect("change") = None;
         if change.change == Change::Evict(ctx.node()) {
             self.state().frames.clear();
         }
@@ -1720,6 +1719,18 @@ impl Service for DsmService {
             }
             _ => {}
         }
+        // Only now: until the backups are placed, a `free` must answer `Busy` and come again,
+        // or a backup copy still on its way could land after it and outlive the segment.
+        *self.state().change.lock().expect("change") = None;
+    }
+
+    /// The change to `epoch` is stable. What it left is dropped here too when this node's
+    /// part was cut short (the cluster went on without it): otherwise `free` would answer
+    /// `Busy` until the next change.
+    async fn stable(&self, _ctx: &Context, epoch: u64) {
+        let state = self.state();
+        state.change.lock().expect("change").take_if(|c| c.epoch <= epoch);
+        state.exposed.lock().expect("exposed").take_if(|(e, _)| *e <= epoch);
     }
 
     async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Entry)> {
