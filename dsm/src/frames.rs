@@ -403,6 +403,9 @@ impl Frame {
         s.owned = true;
         s.write = false;
         s.backup = None;
+        // The backup of an earlier time this node owned the page holds nothing of this
+        // version: kept, `BackupTo` would name it without copying a byte there.
+        s.backup_node = None;
         s.retired = None;
         s.refused_copy = None;
         s.readers.clear();
@@ -509,6 +512,20 @@ mod tests {
         assert_eq!(kept, Some((4, 9, Some(WRITER))), "kept aside, with the writer it went to");
         assert!(f.promote(4, Some(4)));
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((4, 9)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_owner_promoted_again_starts_without_the_backup_of_its_earlier_ownership() {
+        let f = Frame::default();
+        let page = Some(Arc::new(vec![1u8; PAGE_SIZE]));
+        assert_eq!(f.install_grant(4, page, Some(NodeId(5))), Installed::Yes);
+        assert_eq!(f.lock().backup_node, Some(NodeId(5)));
+        let fetched = f.fetch(4, Some(WRITER), Duration::from_millis(10)).await;
+        assert!(matches!(fetched, Fetched::Page(_)), "given up to a writer");
+        // Later this node keeps the writer's backup, and is promoted from it.
+        f.store_backup(6, 2, zeros());
+        assert!(f.promote(6, None));
+        assert_eq!(f.lock().backup_node, None, "node 5 holds nothing of version 6");
     }
 
     #[tokio::test(start_paused = true)]
