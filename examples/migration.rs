@@ -166,18 +166,17 @@ fn main() {
             // report the change done (until stop 49, the two were the same).
             let (mut held_ms, mut done_ms) = (0.0f64, 0.0f64);
             let added = format!("add n{id}");
-            for (node, before) in nodes.iter().zip(&before) {
+            // The joiner sent nothing: it counts for the held and done times alone.
+            let counted = nodes.iter().zip(before.iter().map(Some)).chain([(&joiner, None)]);
+            for (node, before) in counted {
                 let (sent, changes) = stats(node).await;
-                if sent > *before {
+                if let Some(&before) = before.filter(|&&b| sent > b) {
                     shares.push((sent - before) as usize);
                 }
-                if let Some(record) = changes.iter().rev().find(|r| r.change.starts_with(&added)) {
-                    sending_ms = sending_ms.max(record.sending_ms);
-                }
-            }
-            for node in nodes.iter().chain([&joiner]) {
-                let (_, changes) = stats(node).await;
                 if let Some(r) = changes.iter().rev().find(|r| r.change.starts_with(&added)) {
+                    if before.is_some() {
+                        sending_ms = sending_ms.max(r.sending_ms);
+                    }
                     held_ms = held_ms.max(r.held_ms);
                     done_ms = done_ms.max(r.before_ms + r.sending_ms + r.receiving_ms + r.after_ms);
                 }
