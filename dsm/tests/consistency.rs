@@ -1754,3 +1754,29 @@ fn with_backups_the_backups_a_failure_under_load_placed_survive_their_owners() {
         assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
     })
 }
+
+/// An owner promoted from the backup it kept must be given a new backup that holds the page,
+/// even when it owned the page once before: the backup of that time holds nothing of the
+/// version since (`BackupTo` once named it without copying a byte there, and the page was then
+/// lost with its owner).
+#[test]
+fn an_owner_promoted_from_its_backup_gives_the_page_a_backup_that_holds_it() {
+    replay(async {
+        let mut cluster =
+            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let page = managed_by(&cluster, NodeId(3));
+        // A backup stays where it is until its own node writes: it then moves to the node
+        // after that writer. Node 1 writes first, backed up on node 2; the backup then moves
+        // to node 3, to node 4, and back to node 1, which holds node 4's last write.
+        for writer in 1..=4 {
+            put(&cluster.dsm(NodeId(writer)), page, writer).await;
+        }
+        // Node 4 dies: node 1 is promoted from its backup and given a new one, node 2.
+        // (Nothing reads the page meanwhile: a reader's copy would outlive node 1 too.)
+        cluster.mem.fail(NodeId(4)).await;
+        // Node 1 dies: the page lives on in the backup the recovery gave it.
+        cluster.mem.fail(NodeId(1)).await;
+        let read = cluster.dsm(NodeId(3)).read(page).await.map(|p| Value::decode(&p).count);
+        assert_eq!(read.ok(), Some(4), "the last committed write survived both failures");
+    })
+}
