@@ -46,6 +46,12 @@ impl BySlot {
         self.slots[self.slot(key)].get(&key)
     }
 
+    /// The entry of `key`, to change in place.
+    pub(crate) fn get_mut(&mut self, key: Key) -> Option<&mut Versioned> {
+        let slot = self.slot(key);
+        self.slots[slot].get_mut(&key)
+    }
+
     /// Whether `key`'s slot holds a marker that it lost entries (a key from
     /// [`crate::RESERVED`] up, at an even version: an odd one says the loss was forgiven).
     pub(crate) fn marked(&self, key: Key) -> bool {

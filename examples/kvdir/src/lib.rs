@@ -27,7 +27,7 @@ use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, Snapshot};
 use ledger::{Ledger, Vouch};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The service's id in the cluster.
@@ -68,7 +68,7 @@ pub struct Versioned {
     /// The bytes stored. `Bytes`, not `Vec<u8>`: the copy an entry leaves behind as a replica
     /// when it moves, and the copies sent to the backup, share its memory instead of copying
     /// it. Serialized as a byte string either way; received in a migration batch, it is a
-    /// slice of the batch rather than a copy.
+    /// slice of the batch rather than a copy, until the change is stable.
     #[serde(with = "gobelins_adaptation::shared")]
     pub value: Bytes,
 }
@@ -173,8 +173,13 @@ fn marker_key(spec: &ServiceSpec, slot: u32) -> Key {
 
 /// One node's part of the directory.
 pub struct KvDir {
-    live: Mutex<BySlot>,
+    /// Shared with the task that gives values received in a change memory of their own once
+    /// it is stable (`own_memory`).
+    live: Arc<Mutex<BySlot>>,
     staged: Mutex<Vec<(Key, Versioned)>>,
+    /// The keys received in batches since the last stable epoch, and where each value lay:
+    /// a slice of its batch, until `own_memory` copies it.
+    received: Mutex<Vec<(Key, usize)>>,
     replicas: Mutex<BySlot>,
     /// Copies of the entries this node sent away, kept until a stable epoch finds them safe
     /// with their managers. Apart from `replicas` rather than merged into it: a merge hashes
@@ -222,8 +227,9 @@ struct Copying {
 impl Default for KvDir {
     fn default() -> Self {
         KvDir {
-            live: Mutex::new(BySlot::new(KvDir::declaration())),
+            live: Arc::new(Mutex::new(BySlot::new(KvDir::declaration()))),
             staged: Mutex::default(),
+            received: Mutex::default(),
             replicas: Mutex::new(BySlot::new(KvDir::declaration())),
             sent: Mutex::default(),
             replicated: Mutex::default(),
@@ -275,6 +281,47 @@ impl KvDir {
     pub fn replicas(&self) -> usize {
         let sent = self.sent.lock().expect("sent").len();
         sent + self.replicas.lock().expect("replicas").len()
+    }
+
+    /// How many of the entries this node manages share their value's memory with others:
+    /// most often, values received in a change that is not yet stable, still slices of the
+    /// batches they came in (see [`Versioned::value`]).
+    pub fn shared_values(&self) -> usize {
+        let live = self.live.lock().expect("live");
+        live.iter().filter(|(_, e)| !e.value.is_empty() && !e.value.is_unique()).count()
+    }
+}
+
+/// Values copied out of their batches at a time, between which requests get the lock.
+const OWN_MEMORY_CHUNK: usize = 1024;
+
+/// Gives each value of `received` that `live` still holds as it came (a slice of its batch, at
+/// the address recorded) memory of its own. Values a batch brought share its memory, which
+/// spared the receiver a copy while requests waited for the change. But the few values of a
+/// batch that later writes do not replace would keep the whole batch: so they are copied once
+/// the change is stable, in the background, a chunk at a time. The copy has the same bytes, so
+/// replacing a value that merely lies at a recorded address changes nothing either.
+async fn own_memory(live: Arc<Mutex<BySlot>>, received: Vec<(Key, usize)>) {
+    for chunk in received.chunks(OWN_MEMORY_CHUNK) {
+        let found: Vec<(Key, Bytes)> = {
+            let live = live.lock().expect("live");
+            let held = |&(key, at): &(Key, usize)| {
+                let e = live.get(key).filter(|e| e.value.as_ptr() as usize == at)?;
+                Some((key, e.value.clone()))
+            };
+            chunk.iter().filter_map(held).collect()
+        };
+        let copies: Vec<Bytes> = found.iter().map(|(_, v)| Bytes::copy_from_slice(v)).collect();
+        {
+            let mut live = live.lock().expect("live");
+            for ((key, was), copy) in found.into_iter().zip(copies) {
+                // Unless a write replaced it meanwhile.
+                if let Some(e) = live.get_mut(key).filter(|e| e.value.as_ptr() == was.as_ptr()) {
+                    e.value = copy;
+                }
+            }
+        }
+        tokio::task::yield_now().await;
     }
 }
 
@@ -649,6 +696,10 @@ impl Service for KvDir {
         // Left by a change the cluster finished without this node's `after_release`: the next
         // change copies every entry (`replicated.to` stays unset), so these need not wait.
         self.copying.lock().expect("copying").take_if(|c| c.epoch <= epoch);
+        let received = std::mem::take(&mut *self.received.lock().expect("received"));
+        if !received.is_empty() {
+            tokio::spawn(own_memory(Arc::clone(&self.live), received));
+        }
         let Some(table) = ctx.snapshot() else { return };
         let me = ctx.node();
         let mut sent = self.sent.lock().expect("sent");
@@ -678,6 +729,9 @@ impl Service for KvDir {
                 ledger.received(from, entries.iter().map(|(k, _)| (spec.slot_of(*k), *k)));
             }
         }
+        let sliced = entries.iter().filter(|(_, e)| !e.value.is_empty());
+        let at = sliced.map(|(k, e)| (*k, e.value.as_ptr() as usize));
+        self.received.lock().expect("received").extend(at);
         self.staged.lock().expect("staged").extend(entries);
     }
 

@@ -1316,3 +1316,36 @@ fn a_write_served_before_the_joiner_copied_what_it_received_outlives_the_joiner(
         }
     });
 }
+
+/// A joiner's values arrive as slices of the batches they came in, which saves it a copy
+/// while requests wait. Once the change is stable, each still held is copied into memory of its
+/// own: otherwise the few values of a batch that later writes did not replace would keep the
+/// whole batch, 256 times the size of a 1 KiB value.
+#[test]
+fn a_joiners_values_stop_sharing_their_batches_once_the_change_is_stable() {
+    replay(async {
+        let (mut cluster, made) = cluster_with_instances(2).await;
+        let keys: Vec<Key> = (0..2_000).map(Key).collect();
+        put_own_bytes(&cluster, &keys).await;
+        let joiner = cluster.add().await;
+        let kv = made.node(joiner);
+        assert!(kv.managed() > 200, "the joiner took its share: {}", kv.managed());
+        // Copied in the background once the joiner hears the change is stable.
+        for _ in 0..1_000 {
+            if kv.shared_values() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(kv.shared_values(), 0, "values still share the batches they came in");
+        // Copies of the same bytes: every key reads what was written.
+        let get = codec::encode(&Request::Get).expect("encode");
+        for &key in &keys {
+            let answer = cluster.host(joiner).request(KVDIR, key, get.clone()).await.expect("get");
+            match codec::decode::<Response>(&answer).expect("decode") {
+                Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes() => {}
+                other => panic!("{key:?}: {other:?}"),
+            }
+        }
+    });
+}
