@@ -352,6 +352,9 @@ async fn join_and_measure(
         _ => (0.0, sending_ms),
     };
     let batch_bytes = HostConfig::default().batch_bytes;
+    // Once the change is stable, the joiner's kvdir copies what it received into memory of
+    // its own, in the background: the baselines must not share the cores with it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let raw = raw_median(&shares, batch_bytes, Landing::Reused).await;
     let raw_touched = raw_median(&shares, batch_bytes, Landing::Touched).await;
     let raw_fresh = raw_median(&shares, batch_bytes, Landing::Fresh).await;
