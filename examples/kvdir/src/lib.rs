@@ -27,7 +27,7 @@ use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, Snapshot};
 use ledger::{Ledger, Vouch};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// The service's id in the cluster.
@@ -68,7 +68,8 @@ pub struct Versioned {
     /// The bytes stored. `Bytes`, not `Vec<u8>`: the copy an entry leaves behind as a replica
     /// when it moves, and the copies sent to the backup, share its memory instead of copying
     /// it. Serialized as a byte string either way; received in a migration batch, it is a
-    /// slice of the batch rather than a copy, until the change is stable.
+    /// slice of the batch rather than a copy, which kvdir copies into memory of its own in the
+    /// background once the change is stable (`own_memory`).
     #[serde(with = "gobelins_adaptation::shared")]
     pub value: Bytes,
 }
@@ -177,9 +178,12 @@ pub struct KvDir {
     /// it is stable (`own_memory`).
     live: Arc<Mutex<BySlot>>,
     staged: Mutex<Vec<(Key, Versioned)>>,
-    /// The keys received in batches since the last stable epoch, and where each value lay:
-    /// a slice of its batch, until `own_memory` copies it.
-    received: Mutex<Vec<(Key, usize)>>,
+    /// The keys received in batches, and where each value lay: a slice of its batch, until
+    /// `own_memory` copies it.
+    arrived: Mutex<Arrived>,
+    /// The task copying what the last stable change brought (`own_memory`): the next change
+    /// waits for it, lest it take values away before they are copied.
+    owning: Mutex<Option<tokio::task::JoinHandle<()>>>,
     replicas: Mutex<BySlot>,
     /// Copies of the entries this node sent away, kept until a stable epoch finds them safe
     /// with their managers. Apart from `replicas` rather than merged into it: a merge hashes
@@ -213,6 +217,15 @@ struct Replicated {
     missed: u64,
 }
 
+/// Where the values received in batches lay, by key.
+#[derive(Default)]
+struct Arrived {
+    /// Received in the change under way, not merged into `live` yet.
+    pending: Vec<(Key, usize)>,
+    /// Merged, to copy once their change is stable.
+    merged: Vec<(Key, usize)>,
+}
+
 /// Entries a change leaves to copy to the backup once its requests are released.
 struct Copying {
     /// The epoch the change led to.
@@ -229,7 +242,8 @@ impl Default for KvDir {
         KvDir {
             live: Arc::new(Mutex::new(BySlot::new(KvDir::declaration()))),
             staged: Mutex::default(),
-            received: Mutex::default(),
+            arrived: Mutex::default(),
+            owning: Mutex::default(),
             replicas: Mutex::new(BySlot::new(KvDir::declaration())),
             sent: Mutex::default(),
             replicated: Mutex::default(),
@@ -283,9 +297,10 @@ impl KvDir {
         sent + self.replicas.lock().expect("replicas").len()
     }
 
-    /// How many of the entries this node manages share their value's memory with others:
-    /// most often, values received in a change that is not yet stable, still slices of the
-    /// batches they came in (see [`Versioned::value`]).
+    /// How many of the entries this node manages share their value's memory with another
+    /// handle: most often, values received in a change not yet stable, still slices of the
+    /// batches they came in (see [`Versioned::value`]). A lower bound: the last value left of
+    /// a batch holds the only handle to it, and `Bytes` cannot tell it from a value of its own.
     pub fn shared_values(&self) -> usize {
         let live = self.live.lock().expect("live");
         live.iter().filter(|(_, e)| !e.value.is_empty() && !e.value.is_unique()).count()
@@ -299,10 +314,12 @@ const OWN_MEMORY_CHUNK: usize = 1024;
 /// the address recorded) memory of its own. Values a batch brought share its memory, which
 /// spared the receiver a copy while requests waited for the change. But the few values of a
 /// batch that later writes do not replace would keep the whole batch: so they are copied once
-/// the change is stable, in the background, a chunk at a time. The copy has the same bytes, so
-/// replacing a value that merely lies at a recorded address changes nothing either.
-async fn own_memory(live: Arc<Mutex<BySlot>>, received: Vec<(Key, usize)>) {
+/// the change is stable, in the background, a chunk at a time. A value is replaced only by a
+/// copy of itself, read under the same lock, so a write racing the copy is never undone. Ends
+/// early when this life of the node has ended (`live` dropped).
+async fn own_memory(live: Weak<Mutex<BySlot>>, received: Vec<(Key, usize)>) {
     for chunk in received.chunks(OWN_MEMORY_CHUNK) {
+        let Some(live) = live.upgrade() else { return };
         let found: Vec<(Key, Bytes)> = {
             let live = live.lock().expect("live");
             let held = |&(key, at): &(Key, usize)| {
@@ -316,7 +333,10 @@ async fn own_memory(live: Arc<Mutex<BySlot>>, received: Vec<(Key, usize)>) {
             let mut live = live.lock().expect("live");
             for ((key, was), copy) in found.into_iter().zip(copies) {
                 // Unless a write replaced it meanwhile.
-                if let Some(e) = live.get_mut(key).filter(|e| e.value.as_ptr() == was.as_ptr()) {
+                let same = |e: &&mut Versioned| {
+                    e.value.as_ptr() == was.as_ptr() && e.value.len() == was.len()
+                };
+                if let Some(e) = live.get_mut(key).filter(same) {
                     e.value = copy;
                 }
             }
@@ -666,6 +686,12 @@ impl Service for KvDir {
     }
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        // A value `send_out` took before its copy would keep its batch from `sent`, then from
+        // `replicas`. Most often long done: it began when the last change was stable.
+        let owning = self.owning.lock().expect("owning").take();
+        if let Some(task) = owning {
+            let _ = task.await;
+        }
         let table = ctx.shared_snapshot();
         self.ledger.lock().expect("ledger").begin(change.epoch, table);
     }
@@ -696,9 +722,10 @@ impl Service for KvDir {
         // Left by a change the cluster finished without this node's `after_release`: the next
         // change copies every entry (`replicated.to` stays unset), so these need not wait.
         self.copying.lock().expect("copying").take_if(|c| c.epoch <= epoch);
-        let received = std::mem::take(&mut *self.received.lock().expect("received"));
-        if !received.is_empty() {
-            tokio::spawn(own_memory(Arc::clone(&self.live), received));
+        let merged = std::mem::take(&mut self.arrived.lock().expect("arrived").merged);
+        if !merged.is_empty() {
+            let task = tokio::spawn(own_memory(Arc::downgrade(&self.live), merged));
+            *self.owning.lock().expect("owning") = Some(task);
         }
         let Some(table) = ctx.snapshot() else { return };
         let me = ctx.node();
@@ -731,7 +758,7 @@ impl Service for KvDir {
         }
         let sliced = entries.iter().filter(|(_, e)| !e.value.is_empty());
         let at = sliced.map(|(k, e)| (*k, e.value.as_ptr() as usize));
-        self.received.lock().expect("received").extend(at);
+        self.arrived.lock().expect("arrived").pending.extend(at);
         self.staged.lock().expect("staged").extend(entries);
     }
 
@@ -765,6 +792,10 @@ impl Service for KvDir {
         });
         let all: Vec<(Key, Versioned)> = {
             let mut staged = std::mem::take(&mut *self.staged.lock().expect("staged"));
+            let mut arrived = self.arrived.lock().expect("arrived");
+            let pending = std::mem::take(&mut arrived.pending);
+            arrived.merged.extend(pending);
+            drop(arrived);
             staged.extend(own_copies.into_iter().flatten());
             let received: Vec<Key> =
                 if whole { Vec::new() } else { staged.iter().map(|(k, _)| *k).collect() };

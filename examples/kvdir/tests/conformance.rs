@@ -1330,6 +1330,8 @@ fn a_joiners_values_stop_sharing_their_batches_once_the_change_is_stable() {
         let joiner = cluster.add().await;
         let kv = made.node(joiner);
         assert!(kv.managed() > 200, "the joiner took its share: {}", kv.managed());
+        // As `add` returns, the joiner has not heard yet that the change is stable.
+        assert!(kv.shared_values() > 200, "received as slices: {}", kv.shared_values());
         // Copied in the background once the joiner hears the change is stable.
         for _ in 0..1_000 {
             if kv.shared_values() == 0 {
