@@ -32,6 +32,8 @@ pub struct MemNet {
     hosts: DashMap<NodeId, Host>,
     crashed: DashMap<NodeId, ()>,
     latency: Duration,
+    /// Nodes that messages take longer to reach, and by how much.
+    slow: DashMap<NodeId, Duration>,
     /// A node that crashes as it is about to tell a peer that it has sent everything for a
     /// change (its `Ack` of that epoch): every batch it sent has then been taken.
     crash_at_ack: std::sync::Mutex<Option<(NodeId, u64)>>,
@@ -68,11 +70,12 @@ impl Link for MemLink {
         let host =
             self.net.hosts.get(&to).map(|h| h.clone()).ok_or_else(|| unreachable("unknown"))?;
         let latency = self.net.latency;
+        let there = latency + self.net.slow.get(&to).map_or(Duration::ZERO, |d| *d);
         let me = self.me;
         // The callee's handler runs on its own, as over TCP: a caller that gives up does not
         // stop it.
         let handled = tokio::spawn(async move {
-            tokio::time::sleep(latency).await;
+            tokio::time::sleep(there).await;
             host.handle(me, message).await
         });
         let round_trip = async move {
@@ -147,6 +150,12 @@ impl Faults {
     pub fn heal(&self, node: NodeId) {
         self.net.crashed.remove(&node);
     }
+
+    /// Messages to `node` take `by` longer to arrive from now on, as to a loaded or distant
+    /// node (zero ends it); its answers are not slowed.
+    pub fn slow(&self, node: NodeId, by: Duration) {
+        self.net.slow.insert(node, by);
+    }
 }
 
 /// A cluster of hosts in one process, driven like the supervisor drives real ones.
@@ -189,6 +198,7 @@ impl MemCluster {
                 hosts: DashMap::new(),
                 crashed: DashMap::new(),
                 latency: Duration::from_micros(200),
+                slow: DashMap::new(),
                 crash_at_ack: std::sync::Mutex::new(None),
                 crashed_at_ack: tokio::sync::Notify::new(),
             }),

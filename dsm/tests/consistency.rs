@@ -1728,7 +1728,8 @@ fn with_backups_pages_get_new_backups_after_faults_are_released() {
 /// on. The backups it recorded must hold the pages: the owners then die one after another,
 /// each once the cluster has recovered from the one before, and every committed write must
 /// still be read back. (Without the restore, a page is lost; a restore that ignored a fault
-/// having moved its entry on is not caught here, nor in any other test.)
+/// having moved its entry on is caught by
+/// `a_write_during_the_restore_of_its_pages_backup_keeps_the_writers_backup`.)
 #[test]
 fn with_backups_the_backups_a_failure_under_load_placed_survive_their_owners() {
     replay(async {
@@ -1778,5 +1779,43 @@ fn an_owner_promoted_from_its_backup_gives_the_page_a_backup_that_holds_it() {
         cluster.mem.fail(NodeId(1)).await;
         let read = cluster.dsm(NodeId(3)).read(page).await.map(|p| Value::decode(&p).count);
         assert_eq!(read.ok(), Some(4), "the last committed write survived both failures");
+    })
+}
+
+/// A write fault served while the page's manager gives the page a new backup after a failure
+/// (in `after_release`, faults flowing) moves the entry on: the writer commits to a backup of
+/// its own, and the restore must not record its own choice over it. Recorded, the entry would
+/// name a backup holding the version before the write, and the writer's failure would bring
+/// that version back.
+#[test]
+fn a_write_during_the_restore_of_its_pages_backup_keeps_the_writers_backup() {
+    replay(async {
+        let mut cluster =
+            Cluster::start(5, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let page = managed_by(&cluster, NodeId(5));
+        // Node 1 owns the page, backed up on node 2.
+        put(&cluster.dsm(NodeId(1)), page, 1).await;
+        // Once node 2 is gone, node 3 (the node after node 1) gets the page's new backup.
+        // Slow to reach, it keeps the restore's request on its way for a while.
+        cluster.mem.faults().slow(NodeId(3), Duration::from_millis(50));
+        // Node 4 writes the page 10 ms into node 2's recovery: after the manager's sweep found
+        // the page without a backup, while its restore waits for node 3.
+        let w = cluster.dsm(NodeId(4));
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            put(&w, page, 2).await;
+        });
+        cluster.mem.fail(NodeId(2)).await;
+        writer.await.expect("written");
+        let record = cluster.mem.host(NodeId(5)).history().last().cloned().expect("record");
+        let done = record.before_ms + record.sending_ms + record.receiving_ms + record.after_ms;
+        assert!(
+            record.held_ms < 10.0 && 10.0 < done,
+            "the write began within the manager's restore: released at {} ms, done at {done} ms",
+            record.held_ms
+        );
+        cluster.mem.faults().slow(NodeId(3), Duration::ZERO);
+        cluster.mem.fail(NodeId(4)).await;
+        assert_eq!(get(&cluster.dsm(NodeId(5)), page).await, 2, "the write survived its writer");
     })
 }
