@@ -19,6 +19,7 @@
 
 mod by_slot;
 mod ledger;
+mod unstored;
 
 use by_slot::BySlot;
 use bytes::Bytes;
@@ -202,6 +203,8 @@ pub struct KvDir {
     ledger: Mutex<Ledger>,
     /// Slots this node rebuilt after a failure that no survivor could vouch for.
     slots_lost: AtomicU64,
+    /// Copies the backup did not store, for the log.
+    unstored: Mutex<unstored::Unstored>,
 }
 
 /// Where a node's entries were last copied in full, and how many writes' copies failed.
@@ -251,6 +254,7 @@ impl Default for KvDir {
             copies_at: AtomicU64::new(0),
             ledger: Mutex::default(),
             slots_lost: AtomicU64::new(0),
+            unstored: Mutex::default(),
         }
     }
 }
@@ -587,7 +591,11 @@ impl KvDir {
             if let Err(e) = sent {
                 // The backup is dying or gone, or has learned that this node was declared
                 // failed; either way the cluster is about to change.
-                tracing::warn!(backup = to.0, error = %e, "kvdir: replica not stored");
+                let now = tokio::time::Instant::now();
+                let said = self.unstored.lock().expect("unstored").refused(to, now);
+                if let Some(unsaid) = said {
+                    tracing::warn!(backup = to.0, error = %e, more_since_last_said = unsaid, said_again_after_s = unstored::SAY_EVERY.as_secs(), "kvdir: replicas not stored on the backup (it is dying or gone, or this node was declared failed); the writes are retried until the cluster changes, and the next change copies the backup every entry");
+                }
                 stored = false;
             }
         }
