@@ -57,13 +57,14 @@ pub enum SupervisorError {
         bytes: usize,
     },
     /// Reading or writing a socket or file failed.
-    #[error("{context}: {source}")]
+    #[error("{context}: {cause}")]
     Io {
         /// What was being done.
         context: String,
-        /// The underlying error.
-        #[source]
-        source: std::io::Error,
+        /// The underlying error: said in the message, and not given as its source as well,
+        /// which made a report of the whole chain say it twice ("No such file or directory
+        /// (os error 2): No such file or directory (os error 2)").
+        cause: std::io::Error,
     },
     /// The embedded store failed.
     #[error("storage: {0}")]
@@ -93,6 +94,10 @@ pub enum SupervisorError {
     /// The cluster refused a configuration change.
     #[error("refused: {0}")]
     Refused(String),
+    /// What an agent answered on its control socket when a command failed, as it said it: a
+    /// timeout or an unknown service is no refusal.
+    #[error("{0}")]
+    Agent(String),
 }
 
 impl SupervisorError {
@@ -109,8 +114,8 @@ impl SupervisorError {
     }
 
     /// Wraps an I/O error with what was being done.
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        SupervisorError::Io { context: context.into(), source }
+    pub fn io(context: impl Into<String>, cause: std::io::Error) -> Self {
+        SupervisorError::Io { context: context.into(), cause }
     }
 }
 
@@ -131,3 +136,26 @@ impl From<std::io::Error> for SupervisorError {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = SupervisorError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reported with its chain (`{:#}`, as `gobelins` prints its errors), an I/O error says its
+    /// cause once.
+    #[test]
+    fn an_io_error_says_its_cause_once() {
+        let error = SupervisorError::io(
+            "connecting to the agent",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        let mut said = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            said.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        let cause = std::io::Error::from(std::io::ErrorKind::NotFound).to_string();
+        assert_eq!(said.matches(&cause).count(), 1, "{said}");
+    }
+}

@@ -253,6 +253,22 @@ pub enum Applied {
     Registered,
 }
 
+impl fmt::Display for Applied {
+    /// As an operator reads it after `gobelins join`, `leave` or `evict`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Applied::Queued { position: 0 } => f.write_str("queued; it starts next"),
+            Applied::Queued { position } => {
+                write!(f, "queued behind {position} other change(s)")
+            }
+            Applied::Began { epoch } => write!(f, "began, leading to epoch {epoch}"),
+            Applied::Recorded { stable: true } => f.write_str("recorded; the cluster is stable"),
+            Applied::Recorded { stable: false } => f.write_str("recorded"),
+            Applied::Registered => f.write_str("registered"),
+        }
+    }
+}
+
 /// The answer to a command, as raft returns it to the proposer.
 pub type Outcome = Result<Applied, Refusal>;
 
