@@ -312,6 +312,16 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
         writeln!(out, "below, its own view until then (it may be stale):")?;
     }
     writeln!(out, "epoch {}, {change}, leader {}", status["epoch"], show(&status["leader"]))?;
+    if let Some(ms) = status["quorum_lost_ms"].as_u64() {
+        writeln!(
+            out,
+            "WARNING: the leader has heard from no majority of the voters for {:.1} s: nothing \
+             can commit (no join, leave or eviction, no failure recovered) until enough of them \
+             answer again; the states below are the last committed. The leader's log names the \
+             silent voters.",
+            ms as f64 / 1e3
+        )?;
+    }
     writeln!(
         out,
         "{:>8}  {:<22} {:<8} {:>5} {:<6} labels",

@@ -239,7 +239,7 @@ async fn answer(
         }
         ControlRequest::Join { seed } => {
             let line = match node.join_cluster(&seed, Duration::from_secs(10)).await {
-                Ok(Ok(applied)) => json!({ "progress": format!("accepted: {applied:?}") }),
+                Ok(Ok(applied)) => json!({ "progress": format!("accepted: {applied}") }),
                 Ok(Err(refusal)) => {
                     json!({ "error": format!("the cluster refused this node: {refusal}") })
                 }
@@ -302,7 +302,7 @@ async fn change(
     };
     match proposed {
         Ok(Ok(applied)) => {
-            flush(write, &[json!({ "progress": format!("accepted: {applied:?}") })]).await?;
+            flush(write, &[json!({ "progress": format!("accepted: {applied}") })]).await?;
             wait_for((read, write), node, target, until).await
         }
         Ok(Err(refusal)) => flush(write, &[json!({ "error": refusal.to_string() })]).await,
@@ -411,6 +411,7 @@ pub fn status_json(view: &View) -> Value {
         "epoch": state.epoch,
         "stable": state.is_stable(),
         "leader": view.leader,
+        "quorum_lost_ms": view.quorum_lost_ms,
         "voters": view.voters,
         "nodes": nodes,
         "in_progress": in_progress,
@@ -444,7 +445,7 @@ pub async fn request(
         if let Some(progress) = value.get("progress").and_then(Value::as_str) {
             on_line(progress);
         } else if let Some(error) = value.get("error").and_then(Value::as_str) {
-            return Err(SupervisorError::Refused(error.to_string()));
+            return Err(SupervisorError::Agent(error.to_string()));
         } else if let Some(ok) = value.get("ok") {
             return Ok(ok.clone());
         }

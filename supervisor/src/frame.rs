@@ -39,10 +39,12 @@ use tokio_util::codec::{Decoder, Encoder};
 /// nodes of 12 would apply the same log otherwise; 14: a join is answered with `Admitted`,
 /// which carries the state the joiner begins its change from; still 14: the leader's word that
 /// a change began, `Request::Begun`, and its answer `Heard`, came last in their enums, so a node
-/// without them answers `Malformed`, logs it as a malformed request, and only begins later).
-pub const VERSION: u8 = 14;
+/// without them answers `Malformed`, logs it as a malformed request, and only begins later;
+/// 15: a node's view, the answer to `Request::State`, says how long its leader has heard from
+/// no majority of the voters).
+pub const VERSION: u8 = 15;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 14;
+pub const MIN_VERSION: u8 = 15;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

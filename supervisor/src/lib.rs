@@ -35,6 +35,7 @@ pub mod net;
 pub mod network;
 mod outbox;
 mod pauses;
+mod quorum;
 pub mod rpc;
 pub mod runtime;
 pub mod secret;

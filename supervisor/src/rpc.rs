@@ -85,6 +85,9 @@ pub struct View {
     pub voters: Vec<u64>,
     /// Its applied cluster state.
     pub state: ClusterState,
+    /// When it leads and has heard from no majority of the voters for longer than the failure
+    /// timeout: for how long, in milliseconds. Nothing commits meanwhile.
+    pub quorum_lost_ms: Option<u64>,
 }
 
 /// The answer to a [`Request`].

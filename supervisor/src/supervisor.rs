@@ -387,7 +387,45 @@ impl Supervisor {
             leader: self.leader(),
             voters: self.voters(),
             state: (*self.state()).clone(),
+            quorum_lost_ms: self.quorum_lost().map(|lost| lost.as_millis() as u64),
         }
+    }
+
+    /// While this node leads and has heard from no majority of the voters for longer than the
+    /// failure timeout: since when it last did, as far as raft's metrics tell.
+    pub fn quorum_lost(&self) -> Option<Duration> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        if metrics.state != ServerState::Leader
+            || metrics.membership_config.membership().voter_ids().eq([self.me.id])
+        {
+            return None;
+        }
+        // Unknown only right after an election, which a majority just granted.
+        let age = Duration::from_millis(metrics.millis_since_quorum_ack?);
+        (age >= self.config.failure_timeout).then_some(age)
+    }
+
+    /// Says that this leader hears from no majority of the voters, and which voters did not
+    /// answer a ping just now.
+    async fn say_quorum_lost(self: Arc<Self>, lost: Duration) {
+        let voters: Vec<u64> = self.voters().into_iter().filter(|&v| v != self.me.id).collect();
+        let deadline = self.config.ping_interval * 2;
+        let me = &self;
+        let pings = voters.iter().map(|&v| async move { (v, me.ping(v, deadline).await) });
+        let silent: Vec<u64> = futures::future::join_all(pings)
+            .await
+            .into_iter()
+            .filter_map(|(v, answered)| (!answered).then_some(v))
+            .collect();
+        tracing::warn!(
+            node = self.me.id,
+            lost_for_ms = lost.as_millis() as u64,
+            ?silent,
+            ?voters,
+            said_again_after_s = crate::quorum::SAY_EVERY.as_secs(),
+            "this leader hears from no majority of the voters: nothing can commit (no join, leave or eviction, no failure recovered) until enough of them answer again. Bring the silent voters back (restart them with their data directories), or mend the network between them and this node; they cannot be declared failed without a majority"
+        );
     }
 
     /// The freshest view available: the leader's if it answers, else our own.
@@ -1440,11 +1478,22 @@ impl Supervisor {
         let mut tick = tokio::time::interval(self.config.ping_interval);
         // After a pause, one tick and then the period again: not a burst of the ticks missed.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut quorum = crate::quorum::QuorumWatch::default();
         loop {
             let due = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
                 due = tick.tick() => due,
             };
+            match self.quorum_lost() {
+                Some(lost) if quorum.lost(tokio::time::Instant::now()) => {
+                    tokio::spawn(Arc::clone(&self).say_quorum_lost(lost));
+                }
+                None if quorum.back() => tracing::warn!(
+                    node = self.me.id,
+                    "this node hears from a majority of the voters again, or leads no more: changes can commit"
+                ),
+                _ => {}
+            }
             // Back from a pause, raft's metrics may still be those from before it (a quorum's
             // acknowledgement fresh, though the others may have moved on), and every member
             // looks silent for the whole gap. Granted a lease on them, this node served as a

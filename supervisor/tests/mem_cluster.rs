@@ -1674,3 +1674,35 @@ fn a_joiners_first_lease_runs_from_its_ask() {
         drop(nodes);
     });
 }
+
+/// A leader cut off from both other voters (which cannot elect one of their own, cut off from
+/// each other too) keeps its last committed state, which still says every node is active: its
+/// view says that it has heard from no majority, once that has lasted a failure timeout, and no
+/// more once the network heals.
+#[test]
+fn a_leader_that_hears_from_no_majority_says_so_in_its_view() {
+    replay(async {
+        let net = MemNetwork::new(3);
+        let config = SupervisorConfig::loopback();
+        let nodes = cluster(&net, 3, config.clone()).await;
+        until_active(&nodes, 3).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_voters(&all, 3).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let of_leader = &nodes[(leader - 1) as usize].supervisor;
+        assert_eq!(of_leader.view().quorum_lost_ms, None, "a majority hears it");
+        for node in (1..=3).filter(|&n| n != leader) {
+            net.isolate(node, (1..=3).filter(|&n| n != node));
+        }
+        tokio::time::sleep(config.failure_timeout * 3).await;
+        let view = of_leader.view();
+        assert_eq!(view.leader, Some(leader), "it still leads, alone");
+        let lost = view.quorum_lost_ms.expect("it says it hears from no majority");
+        assert!(lost >= config.failure_timeout.as_millis() as u64, "lost for {lost} ms");
+        net.heal();
+        tokio::time::sleep(config.failure_timeout * 3).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let view = nodes[(leader - 1) as usize].supervisor.view();
+        assert_eq!(view.quorum_lost_ms, None, "a majority hears it again");
+    });
+}
