@@ -38,11 +38,23 @@ enum Command {
     Demo(demo::DemoArgs),
 }
 
+/// The log filter without `RUST_LOG`. Quiet: our warnings say what to fix. Raft's own chatter
+/// needs `RUST_LOG`, and so do its replication errors: one per follower it cannot reach,
+/// several a second, for a node killed or evicted on purpose too. The failure detector says
+/// which node went silent, and the leader says when it hears from no majority.
+const DEFAULT_LOG: &str = "warn,openraft=error,openraft::replication=off";
+
 fn main() -> std::process::ExitCode {
-    // Quiet by default: our warnings say what to fix; raft's own chatter needs RUST_LOG.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
+    // Colours only for a terminal: an agent's log is most often a file (the demo's, systemd's
+    // journal), where the escapes are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .init();
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
