@@ -409,7 +409,9 @@ fn keep_identity(dir: &DataDir, secret: &ClusterSecret, node: u64) -> Result<()>
 /// The address peers reach this node at: `--advertise`, else `--listen`, which must then be
 /// one they can dial.
 fn advertised(options: &AgentOptions) -> Result<String> {
+    host_and_port("--listen", &options.listen)?;
     if let Some(advertise) = &options.advertise {
+        host_and_port("--advertise", advertise)?;
         return Ok(advertise.clone());
     }
     match options.listen.parse::<std::net::SocketAddr>() {
@@ -419,6 +421,19 @@ fn advertised(options: &AgentOptions) -> Result<String> {
             options.listen
         ))),
         _ => Ok(options.listen.clone()),
+    }
+}
+
+/// Refuses an address without a port (`--listen localhost`) before anything is written: found
+/// when binding, it came after the data directory was made, in words that named no remedy.
+fn host_and_port(flag: &str, addr: &str) -> Result<()> {
+    let port = addr.rsplit_once(':').filter(|(host, _)| !host.is_empty()).map(|(_, p)| p);
+    match port.map(str::parse::<u16>) {
+        Some(Ok(_)) => Ok(()),
+        _ => Err(SupervisorError::Config(format!(
+            "{flag} {addr} is not HOST:PORT: give an address with its port, such as \
+             127.0.0.1:7400, [::1]:7400 or node-3.example:7400"
+        ))),
     }
 }
 
@@ -652,6 +667,14 @@ mod tests {
         assert_eq!(advertised(&options).unwrap(), "127.0.0.1:7400");
         options.listen = "node-3.example:7400".into();
         assert_eq!(advertised(&options).unwrap(), "node-3.example:7400");
+        for wrong in ["localhost", "127.0.0.1", ":7400", "localhost:port", "[::1]"] {
+            options.listen = wrong.into();
+            let refused = advertised(&options).unwrap_err().to_string();
+            assert!(refused.contains("not HOST:PORT"), "{wrong}: {refused}");
+        }
+        options.listen = "127.0.0.1:7400".into();
+        options.advertise = Some("node-3.example".into());
+        assert!(advertised(&options).is_err(), "an advertised address needs its port too");
     }
 
     #[test]
