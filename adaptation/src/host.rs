@@ -931,6 +931,9 @@ impl Inner {
                         service: service.0,
                         key: key.0,
                         waited_ms: started.elapsed().as_millis() as u64,
+                        manager: self.router.lock().expect("router").as_ref().and_then(|r| {
+                            r.snapshot().locate(service, key).map(|manager| manager.0)
+                        }),
                     },
                 })
             }
