@@ -315,10 +315,10 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
     if let Some(ms) = status["quorum_lost_ms"].as_u64() {
         writeln!(
             out,
-            "WARNING: the leader has heard from no majority of the voters for {:.1} s: nothing \
-             can commit (no join, leave or eviction, no failure recovered) until enough of them \
-             answer again; the states below are the last committed. The leader's log names the \
-             silent voters.",
+            "WARNING: this leader has heard from no majority of the voters for {:.1} s: it can \
+             commit nothing (no join, leave or eviction, no failure recovered), and the states \
+             below are the last it committed. Its log names the silent voters; if they are up \
+             and reach each other, they may have another leader: ask one of them.",
             ms as f64 / 1e3
         )?;
     }

@@ -65,7 +65,7 @@ pub enum AdaptationError {
     /// change it waited for did not end. It may or may not have run: sending it again is a
     /// new request, with a new id, which may run it a second time. Send again only what is
     /// safe to run twice, or read the key first to learn whether the first one took effect.
-    #[error("request for key {key} of service {service} did not complete within {waited_ms} ms: {}", manager_said(.manager))]
+    #[error("request for key {key} of service {service} did not complete within {waited_ms} ms: {}", manager_said(.manager, *.here))]
     Deadline {
         /// The service.
         service: u16,
@@ -75,6 +75,8 @@ pub enum AdaptationError {
         waited_ms: u64,
         /// The key's manager by the sender's table as it gave up, if it had one.
         manager: Option<u64>,
+        /// Whether that manager is the sender's own node.
+        here: bool,
     },
     /// The manager's service could not complete the request now and asked for it to be tried
     /// again ([`crate::Service::must_retry`]); the requester retries until its deadline.
@@ -94,11 +96,17 @@ pub enum AdaptationError {
 }
 
 /// What a request that ran out of time can tell its sender about where it waited.
-fn manager_said(manager: &Option<u64>) -> String {
-    let what = "did not answer in time, or a change it waited for did not end (`gobelins status` \
-                says whether the cluster is changing, or has lost its majority)";
+fn manager_said(manager: &Option<u64>, here: bool) -> String {
+    let look = "(`gobelins status` says whether the cluster is changing, or has lost its majority)";
     match manager {
-        Some(node) => format!("its manager, node {node}, {what}"),
+        Some(node) if here => format!(
+            "this node, node {node}, manages the key, and could not serve it in time: a change \
+             it waited for did not end, or its lease ran out {look}"
+        ),
+        Some(node) => format!(
+            "its manager, node {node}, did not answer in time, or a change it waited for did \
+             not end {look}"
+        ),
         None => "this node has no configuration yet: it has not joined a cluster".into(),
     }
 }
@@ -109,12 +117,19 @@ mod tests {
 
     #[test]
     fn a_request_out_of_time_names_its_manager_and_where_to_look() {
-        let late =
-            AdaptationError::Deadline { service: 10, key: 7, waited_ms: 10_001, manager: Some(2) };
-        let said = late.to_string();
+        let late = |manager, here| AdaptationError::Deadline {
+            service: 10,
+            key: 7,
+            waited_ms: 10_001,
+            manager,
+            here,
+        };
+        let said = late(Some(2), false).to_string();
         assert!(said.contains("its manager, node 2,"), "{said}");
         assert!(said.contains("gobelins status"), "{said}");
-        let alone = AdaptationError::Deadline { service: 10, key: 7, waited_ms: 5, manager: None };
-        assert!(alone.to_string().contains("has not joined a cluster"), "{alone}");
+        let here = late(Some(1), true).to_string();
+        assert!(here.contains("this node, node 1, manages the key"), "{here}");
+        let alone = late(None, false).to_string();
+        assert!(alone.contains("has not joined a cluster"), "{alone}");
     }
 }

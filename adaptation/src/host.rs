@@ -927,14 +927,18 @@ impl Inner {
                 Err(match reply {
                     Reply::Unknown(s) => AdaptationError::UnknownService(s),
                     Reply::Refused(why) => AdaptationError::Refused(why),
-                    _ => AdaptationError::Deadline {
-                        service: service.0,
-                        key: key.0,
-                        waited_ms: started.elapsed().as_millis() as u64,
-                        manager: self.router.lock().expect("router").as_ref().and_then(|r| {
-                            r.snapshot().locate(service, key).map(|manager| manager.0)
-                        }),
-                    },
+                    _ => {
+                        let router = self.router.lock().expect("router");
+                        let manager =
+                            router.as_ref().and_then(|r| r.snapshot().locate(service, key));
+                        AdaptationError::Deadline {
+                            service: service.0,
+                            key: key.0,
+                            waited_ms: started.elapsed().as_millis() as u64,
+                            manager: manager.map(|m| m.0),
+                            here: manager == Some(self.me),
+                        }
+                    }
                 })
             }
         }

@@ -427,11 +427,15 @@ fn advertised(options: &AgentOptions) -> Result<String> {
 /// Refuses an address without a port (`--listen localhost`) before anything is written: found
 /// when binding, it came after the data directory was made, in words that named no remedy.
 fn host_and_port(flag: &str, addr: &str) -> Result<()> {
-    let port = addr.rsplit_once(':').filter(|(host, _)| !host.is_empty()).map(|(_, p)| p);
+    // An IPv6 host is bracketed: `::1` would otherwise read as host `:` and port 1.
+    let host_ok = |host: &str| {
+        !host.is_empty() && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')))
+    };
+    let port = addr.rsplit_once(':').filter(|(host, _)| host_ok(host)).map(|(_, p)| p);
     match port.map(str::parse::<u16>) {
-        Some(Ok(_)) => Ok(()),
+        Some(Ok(port)) if port != 0 => Ok(()),
         _ => Err(SupervisorError::Config(format!(
-            "{flag} {addr} is not HOST:PORT: give an address with its port, such as \
+            "{flag} {addr} is not HOST:PORT: give an address with its port (not 0), such as \
              127.0.0.1:7400, [::1]:7400 or node-3.example:7400"
         ))),
     }
@@ -667,7 +671,10 @@ mod tests {
         assert_eq!(advertised(&options).unwrap(), "127.0.0.1:7400");
         options.listen = "node-3.example:7400".into();
         assert_eq!(advertised(&options).unwrap(), "node-3.example:7400");
-        for wrong in ["localhost", "127.0.0.1", ":7400", "localhost:port", "[::1]"] {
+        options.listen = "[::1]:7400".into();
+        assert_eq!(advertised(&options).unwrap(), "[::1]:7400");
+        let wrong = ["localhost", "127.0.0.1", ":7400", "localhost:port", "[::1]", "::1"];
+        for wrong in wrong.into_iter().chain(["2001:db8::5", "127.0.0.1:0"]) {
             options.listen = wrong.into();
             let refused = advertised(&options).unwrap_err().to_string();
             assert!(refused.contains("not HOST:PORT"), "{wrong}: {refused}");

@@ -113,6 +113,18 @@ impl SupervisorError {
         )
     }
 
+    /// Whether this is the peer closing or dying under an open connection (a reset, a broken
+    /// pipe, the stream ending), not a fault on this side: the failure detector says so if the
+    /// peer stays away, and a new connection is dialed if it is back.
+    pub fn is_peer_gone(&self) -> bool {
+        use std::io::ErrorKind::*;
+        matches!(
+            self,
+            SupervisorError::Io { cause, .. }
+                if matches!(cause.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
+        )
+    }
+
     /// Wraps an I/O error with what was being done.
     pub fn io(context: impl Into<String>, cause: std::io::Error) -> Self {
         SupervisorError::Io { context: context.into(), cause }

@@ -40,7 +40,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Client {
         self.transport.set_peer(target, node.addr.clone());
-        Client { target, transport: Arc::clone(&self.transport) }
+        Client { target, transport: Arc::clone(&self.transport), refusals: Default::default() }
     }
 }
 
@@ -48,7 +48,23 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 pub struct Client {
     target: u64,
     transport: Arc<dyn Transport>,
+    /// Since when the peer has refused raft's messages, and when that was last said
+    /// (`Client::say_refused`).
+    refusals: std::sync::Mutex<Refusals>,
 }
+
+/// A peer's refusals of raft's messages.
+#[derive(Default)]
+struct Refusals {
+    since: Option<std::time::Instant>,
+    said_at: Option<std::time::Instant>,
+}
+
+/// How long a peer refuses raft's messages before it is said: a node refuses them for a moment
+/// as it starts.
+const REFUSED_PATIENCE: Duration = Duration::from_secs(5);
+/// Said again at most this often while it lasts.
+const REFUSED_SAY_EVERY: Duration = Duration::from_secs(30);
 
 type RpcResult<T, E = openraft::error::Infallible> =
     Result<T, RPCError<u64, BasicNode, RaftError<u64, E>>>;
@@ -71,7 +87,35 @@ impl Client {
         })?;
         // An answer that does not decode, or says the peer stopped, will be the same the next
         // time: raft backs off, as from a node it cannot dial.
-        lane::decode_response(reply).map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
+        let answer = lane::decode_response(reply).map_err(|e| {
+            if !matches!(e, SupervisorError::PeerStopped(_)) {
+                self.say_refused(&e);
+            }
+            RPCError::Unreachable(Unreachable::new(&e))
+        })?;
+        if !matches!(answer, Response::Malformed(_)) {
+            self.refusals.lock().unwrap_or_else(|p| p.into_inner()).since = None;
+        }
+        Ok(answer)
+    }
+
+    /// Says that the peer has answered raft's messages with something other than their
+    /// answers for [`REFUSED_PATIENCE`], then at most every [`REFUSED_SAY_EVERY`]. The default
+    /// log leaves out raft's replication errors, one per failed message, which for an
+    /// unreachable peer would only repeat what the failure detector says; this is the case the
+    /// detector cannot see, since such a peer answers its pings.
+    fn say_refused(&self, error: &SupervisorError) {
+        let now = std::time::Instant::now();
+        let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let since = *refusals.since.get_or_insert(now);
+        if now < since + REFUSED_PATIENCE
+            || refusals.said_at.is_some_and(|at| now < at + REFUSED_SAY_EVERY)
+        {
+            return;
+        }
+        refusals.said_at = Some(now);
+        let for_s = (now - since).as_secs();
+        tracing::warn!(node = self.target, %error, for_s, "a peer has answered raft's messages with something else for a while (a node of another build, or one that cannot read them); raft keeps asking it. Said again at most every 30 s while it lasts");
     }
 
     /// A peer that refused the message (it is starting, or cannot read it) or answered
@@ -90,6 +134,7 @@ impl Client {
                 self.target
             )),
         };
+        self.say_refused(&error);
         RPCError::Unreachable(Unreachable::new(&error))
     }
 }

@@ -223,8 +223,13 @@ impl Outbox {
     /// A write failed, or the connection closed while it waited: the connection is
     /// unusable. Returns `error`.
     fn failed(&self, error: SupervisorError) -> SupervisorError {
+        // Once: every writer waiting on the connection fails with it.
         if !self.broken.is_closed() {
-            tracing::warn!(%error, "a connection's writing failed; closing it (its callers retry on a new one)");
+            if error.is_peer_gone() {
+                tracing::debug!(%error, "the peer reset a connection being written; closing it (its callers retry on a new one)");
+            } else {
+                tracing::warn!(%error, "a connection's writing failed; closing it (its callers retry on a new one)");
+            }
         }
         self.broken.close();
         self.queue().clear();

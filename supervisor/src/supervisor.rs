@@ -184,6 +184,9 @@ pub struct Supervisor {
     detector: Mutex<Option<Detector>>,
     /// The leader loop's ticks: a pause of this process shows as one woken late.
     pauses: Pauses,
+    /// While this node leads with no acknowledgement of a majority on record (raft has none
+    /// right after an election, nor after a change of voters, until replies come): since when.
+    unacked_since: Mutex<Option<Instant>>,
     reported: AtomicU64,
     host: Host,
     /// Builds the services afresh for a new life of the host (see [`Host::renew`]), when the
@@ -292,6 +295,7 @@ impl Supervisor {
             config: parts.config,
             detector: Mutex::new(None),
             pauses: Pauses::new(lease_span),
+            unacked_since: Mutex::new(None),
             reported: AtomicU64::new(0),
             host: parts.host,
             services: parts.services,
@@ -392,17 +396,27 @@ impl Supervisor {
     }
 
     /// While this node leads and has heard from no majority of the voters for longer than the
-    /// failure timeout: since when it last did, as far as raft's metrics tell.
+    /// failure timeout: for how long, as far as raft's metrics tell.
     pub fn quorum_lost(&self) -> Option<Duration> {
-        let metrics = self.raft.metrics();
-        let metrics = metrics.borrow();
-        if metrics.state != ServerState::Leader
-            || metrics.membership_config.membership().voter_ids().eq([self.me.id])
-        {
+        let (leads, acked) = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            let alone = metrics.membership_config.membership().voter_ids().eq([self.me.id]);
+            (metrics.state == ServerState::Leader && !alone, metrics.millis_since_quorum_ack)
+        };
+        let mut unacked = self.unacked_since.lock().unwrap_or_else(|p| p.into_inner());
+        if !leads {
+            *unacked = None;
             return None;
         }
-        // Unknown only right after an election, which a majority just granted.
-        let age = Duration::from_millis(metrics.millis_since_quorum_ack?);
+        let age = match acked {
+            Some(ms) => {
+                *unacked = None;
+                Duration::from_millis(ms)
+            }
+            // None on record yet: counted from when this node first saw none.
+            None => unacked.get_or_insert_with(Instant::now).elapsed(),
+        };
         (age >= self.config.failure_timeout).then_some(age)
     }
 
@@ -424,7 +438,7 @@ impl Supervisor {
             ?silent,
             ?voters,
             said_again_after_s = crate::quorum::SAY_EVERY.as_secs(),
-            "this leader hears from no majority of the voters: nothing can commit (no join, leave or eviction, no failure recovered) until enough of them answer again. Bring the silent voters back (restart them with their data directories), or mend the network between them and this node; they cannot be declared failed without a majority"
+            "this leader hears from no majority of the voters, so it can commit nothing (no join, leave or eviction, no failure recovered). If the silent voters are down, nothing commits until enough of them are back: restart them with their data directories. If they are up but cut off from this node, and reach each other, they have elected another leader and go on without this node, which they will declare failed: mend the network"
         );
     }
 
@@ -1484,16 +1498,6 @@ impl Supervisor {
                 _ = self.shutdown.cancelled() => return,
                 due = tick.tick() => due,
             };
-            match self.quorum_lost() {
-                Some(lost) if quorum.lost(tokio::time::Instant::now()) => {
-                    tokio::spawn(Arc::clone(&self).say_quorum_lost(lost));
-                }
-                None if quorum.back() => tracing::warn!(
-                    node = self.me.id,
-                    "this node hears from a majority of the voters again, or leads no more: changes can commit"
-                ),
-                _ => {}
-            }
             // Back from a pause, raft's metrics may still be those from before it (a quorum's
             // acknowledgement fresh, though the others may have moved on), and every member
             // looks silent for the whole gap. Granted a lease on them, this node served as a
@@ -1510,6 +1514,18 @@ impl Supervisor {
                 );
                 *self.detector.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 continue;
+            }
+            // After the pause check: raft's acknowledgement ages span a pause, which is this
+            // node's own silence, not the voters'.
+            match self.quorum_lost() {
+                Some(lost) if quorum.lost(tokio::time::Instant::now()) => {
+                    tokio::spawn(Arc::clone(&self).say_quorum_lost(lost));
+                }
+                None if quorum.back() => tracing::warn!(
+                    node = self.me.id,
+                    "this node hears from a majority of the voters again, or leads no more"
+                ),
+                _ => {}
             }
             let is_leader = self.raft.metrics().borrow().state == ServerState::Leader;
             // The leader serves while a quorum acknowledged it within half a lease (the others

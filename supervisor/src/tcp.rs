@@ -123,12 +123,6 @@ async fn write_queued_or_spawn(writer: &Writer) -> Result<()> {
     }
 }
 
-/// Whether `cause` is the peer closing or dying under an open connection, not a fault here.
-fn peer_went_away(cause: &std::io::Error) -> bool {
-    use std::io::ErrorKind::*;
-    matches!(cause.kind(), ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof)
-}
-
 /// How long a retired connection must have been quiet, with nothing waiting on it, before it
 /// closes: longer than a round trip, so that what the peer sent before it switched has
 /// arrived, and short, so that a pair does not keep two connections long.
@@ -601,15 +595,17 @@ impl<N: Net> TcpTransport<N> {
             // Closed on this side (replaced, silent, shut down), or by a failed write, which
             // the outbox reported: nothing of the peer's to report here.
             Err(SupervisorError::Closed) if conn.closer.is_closed() => {}
-            // The peer went away (killed, crashed, or its machine restarted): the failure
-            // detector says so if it stays away, and a new connection is dialed if it is back.
-            Err(SupervisorError::Io { cause, .. }) if peer_went_away(&cause) => {
-                tracing::debug!(node = peer, %cause, "connection reset by the peer")
+            // The peer went away (killed, crashed, or its machine restarted).
+            Err(error) if error.is_peer_gone() => {
+                tracing::debug!(node = peer, %error, "connection reset by the peer")
             }
             Err(error @ SupervisorError::Io { .. }) => {
                 tracing::warn!(node = peer, %error, "connection closed on an I/O error")
             }
-            Err(error) => tracing::warn!(node = peer, %error, "connection closed on a bad frame"),
+            Err(error @ SupervisorError::Codec(_)) => {
+                tracing::warn!(node = peer, %error, "connection closed on a frame that does not decode")
+            }
+            Err(error) => tracing::warn!(node = peer, %error, "connection closed on an error"),
             Ok(()) => {}
         }
     }
