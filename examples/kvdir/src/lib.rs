@@ -732,7 +732,16 @@ impl Service for KvDir {
         self.copying.lock().expect("copying").take_if(|c| c.epoch <= epoch);
         let merged = std::mem::take(&mut self.arrived.lock().expect("arrived").merged);
         if !merged.is_empty() {
-            let task = tokio::spawn(own_memory(Arc::downgrade(&self.live), merged));
+            // After the copy before it, if one still runs: a change this node took no part
+            // in has no `before_migration` to wait for it, and one handle is kept.
+            let before = self.owning.lock().expect("owning").take();
+            let live = Arc::downgrade(&self.live);
+            let task = tokio::spawn(async move {
+                if let Some(before) = before {
+                    let _ = before.await;
+                }
+                own_memory(live, merged).await;
+            });
             *self.owning.lock().expect("owning") = Some(task);
         }
         let Some(table) = ctx.snapshot() else { return };
