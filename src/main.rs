@@ -41,7 +41,8 @@ enum Command {
 /// The log filter without `RUST_LOG`. Quiet: our warnings say what to fix. Raft's own chatter
 /// needs `RUST_LOG`, and so do its replication errors: one per follower it cannot reach,
 /// several a second, for a node killed or evicted on purpose too. The failure detector says
-/// which node went silent, and the leader says when it hears from no majority.
+/// which node went silent, the leader says when it hears from no majority, and raft's network
+/// names a peer that answers its messages with something else for a while.
 const DEFAULT_LOG: &str = "warn,openraft=error,openraft::replication=off";
 
 fn main() -> std::process::ExitCode {

@@ -115,7 +115,8 @@ impl Client {
         }
         refusals.said_at = Some(now);
         let for_s = (now - since).as_secs();
-        tracing::warn!(node = self.target, %error, for_s, "a peer has answered raft's messages with something else for a while (a node of another build, or one that cannot read them); raft keeps asking it. Said again at most every 30 s while it lasts");
+        let said_again_after_s = REFUSED_SAY_EVERY.as_secs();
+        tracing::warn!(node = self.target, %error, for_s, said_again_after_s, "a peer has answered raft's messages with something else for a while (a node of another build, or one that cannot read them); raft keeps asking it");
     }
 
     /// A peer that refused the message (it is starting, or cannot read it) or answered
