@@ -1359,12 +1359,31 @@ impl DsmService {
     /// commits.
     async fn restore_backups(&self, ctx: &Context, exposed: Vec<Exposed>) {
         let wanted = exposed.len();
+        // A node that did not answer for one page is not asked for its others: each would
+        // wait out a call timeout of its own, 16 at a time, and the change with them (a slow
+        // or hung node not declared failed yet). Their pages get a backup at their next
+        // commit, as a page whose owner was busy does.
+        let unanswering: std::sync::Mutex<BTreeSet<NodeId>> = Default::default();
+        let unanswering = &unanswering;
+        let answers = |n: NodeId| !unanswering.lock().expect("unanswering").contains(&n);
         let restored: Vec<bool> = futures::stream::iter(exposed)
             .map(|(page, slot, owner, version, to, replaces)| async move {
+                if !answers(owner) || !answers(to) || self.gone(ctx, owner) {
+                    return false;
+                }
                 let request = Request::BackupTo { page, version, node: to, replaces };
                 let chosen = match self.told(ctx, owner, page, request).await {
                     Some(Response::Ok) => to,
                     Some(Response::BackedUp(current)) => current,
+                    // The owner could not store the page on `to`.
+                    Some(Response::Retry) => {
+                        unanswering.lock().expect("unanswering").insert(to);
+                        return false;
+                    }
+                    None => {
+                        unanswering.lock().expect("unanswering").insert(owner);
+                        return false;
+                    }
                     // Busy: a write in progress finds a backup as it commits.
                     _ => return false,
                 };

@@ -1819,3 +1819,46 @@ fn a_write_during_the_restore_of_its_pages_backup_keeps_the_writers_backup() {
         assert_eq!(get(&cluster.dsm(NodeId(5)), page).await, 2, "the write survived its writer");
     })
 }
+
+/// A page owner that stops answering during a failure's restore of backups, without being
+/// declared failed (slow, or hung), costs each manager's restore one call timeout, not one for
+/// every 16 of its pages: the change, and the next one behind it, waited that long.
+#[test]
+fn an_owner_that_stops_answering_costs_the_restore_one_call_timeout() {
+    replay(async {
+        let mut cluster =
+            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        // Node 1 owns 192 pages, backed up on node 2: each manager has more than three times
+        // the 16 a restore asks for at once.
+        let owner = cluster.dsm(NodeId(1));
+        for page in 0..192 {
+            put(&owner, pid(page), 1).await;
+        }
+        // Node 2 fails. Node 3 is slow to reach by 100 ms, which draws the recovery out; 10 ms
+        // in, once node 1 has sent its part, node 1 stops answering: every message to it takes
+        // a minute. Nodes 3 and 4 then restore the backups of the pages they manage, which
+        // means asking node 1.
+        let faults = cluster.mem.faults();
+        faults.slow(NodeId(3), Duration::from_millis(100));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            faults.slow(NodeId(1), Duration::from_secs(60));
+        });
+        cluster.mem.fail(NodeId(2)).await;
+        // Asked 16 pages at a time, 64 each, one call timeout a round: 8 s before.
+        let call_timeout = HostConfig::default().call_timeout.as_secs_f64() * 1e3;
+        for manager in [3, 4].map(NodeId) {
+            let r = cluster.mem.host(manager).history().last().cloned().expect("record");
+            let restoring = r.before_ms + r.sending_ms + r.receiving_ms + r.after_ms - r.held_ms;
+            assert!(r.held_ms > 10.0, "node {manager} restored after node 1 went quiet: {r:?}");
+            assert!(
+                call_timeout <= restoring && restoring < 1.5 * call_timeout,
+                "node {manager} restored for {restoring} ms (a call timeout is {call_timeout} ms)"
+            );
+        }
+        cluster.mem.faults().slow(NodeId(1), Duration::ZERO);
+        cluster.mem.faults().slow(NodeId(3), Duration::ZERO);
+        let counts = final_counts(&cluster.dsm(NodeId(3))).await.expect("no page lost");
+        assert_eq!(counts, vec![1; PAGES as usize]);
+    })
+}
