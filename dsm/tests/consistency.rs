@@ -189,6 +189,11 @@ impl Cluster {
         Cluster { mem, made }
     }
 
+    /// `nodes` nodes keeping a backup of every dirty page.
+    async fn with_backups(nodes: u64) -> Cluster {
+        Cluster::start(nodes, DsmConfig { backups: true, ..DsmConfig::default() }).await
+    }
+
     /// The DSM of `node`: the first registry built is only read for its declarations, then
     /// node `n` is the `n`th built.
     fn dsm(&self, node: NodeId) -> Dsm {
@@ -473,8 +478,7 @@ fn the_concurrency_scenario_replays_its_seed() {
 #[test]
 fn with_backups_a_failure_under_load_loses_no_page() {
     replay(async {
-        let mut cluster =
-            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let mut cluster = Cluster::with_backups(4).await;
         let mut load = Load::new();
         let mut on_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
         for node in cluster.mem.nodes() {
@@ -516,8 +520,7 @@ fn with_backups_a_failure_under_load_loses_no_page() {
 #[test]
 fn with_backups_failures_one_after_another_lose_no_page() {
     replay(async {
-        let mut cluster =
-            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let mut cluster = Cluster::with_backups(4).await;
         // Pages owned by nodes 2 and 3, each backed up on the node after it.
         for page in 0..PAGES {
             let writer = if page % 2 == 0 { NodeId(2) } else { NodeId(3) };
@@ -547,8 +550,7 @@ fn with_backups_a_node_leaving_leaves_every_page_on_two_nodes() {
     // the pages it was the backup of. Each survivor in turn is then the one to fail next.
     for victim in (1..=12).map(NodeId).filter(|&n| n != NodeId(1) && n != NodeId(3)) {
         replay(async {
-            let mut cluster =
-                Cluster::start(12, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+            let mut cluster = Cluster::with_backups(12).await;
             // Pages owned by 2, some backed up on 3; and pages owned by 3, one managed by
             // each other node, which is also the page's backup: the node before it in the
             // table wrote it first, and a later writer keeps the backup it finds.
@@ -603,8 +605,7 @@ fn with_backups_a_node_leaving_leaves_every_page_on_two_nodes() {
 #[test]
 fn with_backups_a_leave_and_then_a_failure_under_load_lose_no_page() {
     replay(async {
-        let mut cluster =
-            Cluster::start(8, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let mut cluster = Cluster::with_backups(8).await;
         let mut load = Load::new();
         let mut on_node: BTreeMap<NodeId, Vec<u64>> = BTreeMap::new();
         for node in [1, 2, 4, 5].map(NodeId) {
@@ -923,8 +924,7 @@ fn a_writer_that_dies_with_its_manager_before_the_previous_owner_forgets_leaves_
 #[test]
 fn readers_a_dead_owner_served_are_invalidated_before_the_next_write() {
     replay(async {
-        let mut cluster =
-            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let mut cluster = Cluster::with_backups(4).await;
         let (owner, reader, writer) = (NodeId(3), NodeId(1), NodeId(2));
         let (o, r, w) = (cluster.dsm(owner), cluster.dsm(reader), cluster.dsm(writer));
         let page = pid(7);
@@ -1072,7 +1072,7 @@ fn managed_by(cluster: &Cluster, node: NodeId) -> PageId {
 #[test]
 fn a_write_fault_that_could_not_finish_leaves_the_owner_its_page() {
     replay(async {
-        let cluster = Cluster::start(3, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let cluster = Cluster::with_backups(3).await;
         let (owner, writer, cut) = (NodeId(1), NodeId(2), NodeId(3));
         // A page managed by neither the cut node nor the writer: its manager fetches from the
         // owner, then places the writer's backup on the node after the writer, the cut one.
@@ -1700,8 +1700,7 @@ fn an_evicted_node_is_refused_its_reads_with_leaving() {
 #[test]
 fn with_backups_pages_get_new_backups_after_faults_are_released() {
     replay(async {
-        let mut cluster =
-            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let mut cluster = Cluster::with_backups(4).await;
         // Node 1 owns every page; the next live node, node 2, keeps their backups.
         let writer = cluster.dsm(NodeId(1));
         for page in 0..PAGES {
@@ -1733,8 +1732,7 @@ fn with_backups_pages_get_new_backups_after_faults_are_released() {
 #[test]
 fn with_backups_the_backups_a_failure_under_load_placed_survive_their_owners() {
     replay(async {
-        let mut cluster =
-            Cluster::start(6, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let mut cluster = Cluster::with_backups(6).await;
         let mut load = Load::new();
         for node in [1, 2, 3, 4].map(NodeId) {
             load.start(&cluster, node);
@@ -1763,8 +1761,7 @@ fn with_backups_the_backups_a_failure_under_load_placed_survive_their_owners() {
 #[test]
 fn an_owner_promoted_from_its_backup_gives_the_page_a_backup_that_holds_it() {
     replay(async {
-        let mut cluster =
-            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let mut cluster = Cluster::with_backups(4).await;
         let page = managed_by(&cluster, NodeId(3));
         // A backup stays where it is until its own node writes: it then moves to the node
         // after that writer. Node 1 writes first, backed up on node 2; the backup then moves
@@ -1790,8 +1787,7 @@ fn an_owner_promoted_from_its_backup_gives_the_page_a_backup_that_holds_it() {
 #[test]
 fn a_write_during_the_restore_of_its_pages_backup_keeps_the_writers_backup() {
     replay(async {
-        let mut cluster =
-            Cluster::start(5, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let mut cluster = Cluster::with_backups(5).await;
         let page = managed_by(&cluster, NodeId(5));
         // Node 1 owns the page, backed up on node 2.
         put(&cluster.dsm(NodeId(1)), page, 1).await;
@@ -1826,8 +1822,7 @@ fn a_write_during_the_restore_of_its_pages_backup_keeps_the_writers_backup() {
 #[test]
 fn an_owner_that_stops_answering_costs_the_restore_one_call_timeout() {
     replay(async {
-        let mut cluster =
-            Cluster::start(4, DsmConfig { backups: true, ..DsmConfig::default() }).await;
+        let mut cluster = Cluster::with_backups(4).await;
         // Node 1 owns 192 pages, backed up on node 2: each manager has more than three times
         // the 16 a restore asks for at once.
         let owner = cluster.dsm(NodeId(1));
