@@ -335,7 +335,10 @@ pub trait Service: Send + Sync + 'static {
     /// [`Service::sent`]) is no longer needed should their receiver fail: their new managers
     /// have them, and have copied them on as the service does. Drop those copies here, or
     /// they stay for as long as the node runs. Called on the nodes that took part in the
-    /// change. The default does nothing.
+    /// change, this one included when the cluster finished the change without it (it was
+    /// presumed dead, or cut off): then its [`Service::after_migration`] or
+    /// [`Service::after_release`] may not have run, or may still be running, and what they
+    /// would have done must not be assumed done. The default does nothing.
     fn stable(&self, ctx: &Context, epoch: u64) -> impl Future<Output = ()> + Send {
         let _ = (ctx, epoch);
         std::future::ready(())
