@@ -199,6 +199,11 @@ pub struct Supervisor {
     /// process made may be admitted by asking again: a restarted process's last life is
     /// recovered, never resumed with empty services.
     renewed_to: AtomicU64,
+    /// Held while an incarnation is renewed: a restart's join and the fencing check can both
+    /// find the last life dead at once, and two writers of the incarnation file raced on its
+    /// temporary file (the second found it renamed away, and logged an error for a rejoin that
+    /// went through).
+    renewing: Mutex<()>,
     /// A change of raft voters is under way: it can wait long (a new voter far behind, or a
     /// joint configuration that needs a node that just died), and the leader's other duties
     /// (its lease, failure detection) must not wait with it.
@@ -302,6 +307,7 @@ impl Supervisor {
             // No incarnation is u64::MAX: the first declared-dead life always renews.
             renewed_for: AtomicU64::new(u64::MAX),
             renewed_to: AtomicU64::new(u64::MAX),
+            renewing: Mutex::new(()),
             reconciling: AtomicBool::new(false),
             joining: Mutex::new(HashMap::new()),
             admitted: AtomicBool::new(false),
@@ -729,6 +735,7 @@ impl Supervisor {
     /// Moves to an incarnation above `seen` (the last one the cluster knows), persisted before it
     /// is used; returns the incarnation now in force.
     pub fn renew_incarnation(&self, seen: u64) -> Result<u64> {
+        let _renewing = self.renewing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let next = self.incarnation().max(seen + 1);
         if next != self.incarnation() {
             tracing::warn!(node = self.me.id, incarnation = next, "joining as a new incarnation");

@@ -1706,3 +1706,61 @@ fn a_leader_that_hears_from_no_majority_says_so_in_its_view() {
         assert_eq!(view.quorum_lost_ms, None, "a majority hears it again");
     });
 }
+
+/// A restart's join and the fencing check can both find this node's last life dead at once.
+/// The new incarnation is written once: two writers raced on the file's temporary copy, and the
+/// second, finding it renamed away, logged an error for a rejoin that went through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_renewals_of_one_dead_life_save_the_new_incarnation_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Mutex};
+    let net = MemNetwork::new(1);
+    let dir = TempDir::new().expect("temporary directory");
+    let (log, machine) = store::open_with(&dir.path().join("raft.redb"), false).expect("store");
+    let dispatch = Arc::new(Dispatch::default());
+    let transport = Arc::new(net.attach(1, "n1", dispatch.clone()));
+    let link = Arc::new(TransportLink::new(transport.clone()));
+    let host = Host::start(NodeId(1), Registry::new(), link, HostConfig::default());
+    // The first save waits (at most half a second) for a second one to begin beside it.
+    let saves = Arc::new(AtomicUsize::new(0));
+    let (first_began, began) = mpsc::channel();
+    let (second_began, second) = mpsc::channel::<()>();
+    let (second, counted) = (Mutex::new(second), Arc::clone(&saves));
+    let save = move |_| {
+        if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+            first_began.send(()).expect("test waits");
+            let _ = second.lock().expect("one first save").recv_timeout(Duration::from_millis(500));
+        } else {
+            let _ = second_began.send(());
+        }
+        Ok(())
+    };
+    let supervisor = Supervisor::start(Parts {
+        me: Me { id: 1, addr: "n1".into(), labels: Labels::new() },
+        incarnation: 3,
+        transport,
+        dispatch,
+        log,
+        machine,
+        config: SupervisorConfig::default(),
+        save_incarnation: Box::new(save),
+        host,
+        services: Box::new(Registry::new),
+        fresh: false,
+        admitted_first: Box::new(|| Ok(())),
+        made_incarnation: false,
+    })
+    .await
+    .expect("supervisor starts");
+    let renewing = |s: &Arc<Supervisor>| {
+        let s = Arc::clone(s);
+        std::thread::spawn(move || s.renew_incarnation(3).expect("renewed"))
+    };
+    let first = renewing(&supervisor);
+    began.recv().expect("the first save begins");
+    let second = renewing(&supervisor);
+    assert_eq!((first.join().expect("first"), second.join().expect("second")), (4, 4));
+    assert_eq!(saves.load(Ordering::SeqCst), 1, "the new incarnation is saved once");
+    assert_eq!(supervisor.incarnation(), 4);
+    supervisor.shutdown().await;
+}
