@@ -195,6 +195,11 @@ pub(crate) fn kv(args: KvArgs) -> anyhow::Result<()> {
             } else {
                 value.into_bytes()
             };
+            if value.len() > MAX_VALUE {
+                bail!(
+                    "the value is larger than kvdir's limit of {MAX_VALUE} bytes; nothing stored"
+                );
+            }
             (dir, key, Request::Put(value))
         }
         KvOp::Forgive { dir, key } => (dir, key, Request::Forgive),

@@ -17,7 +17,7 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 /// A request from the CLI.
@@ -63,6 +63,11 @@ pub enum ControlRequest {
         body: Vec<u8>,
     },
 }
+
+/// The longest request line the control socket reads. A call's body rides in it as JSON
+/// numbers, up to four characters a byte: this carries kvdir's largest value (4 MiB) whatever
+/// its bytes. The socket is its user's alone, so the limit guards against mistakes, not peers.
+pub const MAX_REQUEST_LINE: usize = 20 << 20;
 
 /// How long a leave, evict or join may take before the CLI is told to look again.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
@@ -172,15 +177,10 @@ async fn answer(
     entering: &Entering,
 ) -> Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    // A call's body rides in the line, as JSON numbers: up to about 1 MiB of request.
-    let mut read = BufReader::new(read.take(4 * 1024 * 1024));
-    read.read_line(&mut line).await?;
-    let request: ControlRequest = match serde_json::from_str(&line) {
+    let mut read = BufReader::new(read.take(MAX_REQUEST_LINE as u64 + 1));
+    let request = match read_request(&mut read).await? {
         Ok(request) => request,
-        Err(e) => {
-            return flush(&mut write, &[json!({ "error": format!("bad request: {e}") })]).await
-        }
+        Err(why) => return flush(&mut write, &[json!({ "error": why })]).await,
     };
     if let Some(what) = entering.now() {
         match request {
@@ -272,6 +272,29 @@ async fn hung_up(read: &mut Reader, write: &tokio::net::unix::OwnedWriteHalf) {
             _ => return,
         }
     }
+}
+
+/// Reads a request line from `read`, which yields at most one byte over
+/// [`MAX_REQUEST_LINE`]: the request, or what to answer instead.
+async fn read_request(
+    read: &mut (impl AsyncBufRead + Unpin),
+) -> Result<std::result::Result<ControlRequest, String>> {
+    let mut line = String::new();
+    read.read_line(&mut line).await?;
+    if line.len() > MAX_REQUEST_LINE {
+        return Ok(Err(too_long(line.len())));
+    }
+    Ok(serde_json::from_str(&line).map_err(|e| format!("bad request: {e}")))
+}
+
+/// Why a request line of `len` bytes is refused.
+fn too_long(len: usize) -> String {
+    format!(
+        "the request is {:.1} MiB as the control socket carries it (JSON), over its limit of {} \
+         MiB; nothing was done",
+        len as f64 / (1 << 20) as f64,
+        MAX_REQUEST_LINE >> 20
+    )
 }
 
 async fn flush(write: &mut tokio::net::unix::OwnedWriteHalf, lines: &[Value]) -> Result<()> {
@@ -436,9 +459,27 @@ pub async fn request(
             e,
         )
     })?;
-    let body = serde_json::to_string(request).map_err(|e| SupervisorError::Codec(e.to_string()))?;
-    stream.write_all(format!("{body}\n").as_bytes()).await?;
+    let mut body =
+        serde_json::to_string(request).map_err(|e| SupervisorError::Codec(e.to_string()))?;
+    if body.len() > MAX_REQUEST_LINE {
+        return Err(SupervisorError::Agent(too_long(body.len())));
+    }
+    body.push('\n');
+    let written = stream.write_all(body.as_bytes()).await;
     let mut lines = BufReader::new(stream).lines();
+    // An agent that refused the request may have closed the socket before it was all written:
+    // its answer, if it gave one, says why better than the broken pipe does.
+    if let Err(error) = written {
+        return match lines.next_line().await {
+            Ok(Some(line)) => match serde_json::from_str::<Value>(&line) {
+                Ok(value) if value["error"].is_string() => {
+                    Err(SupervisorError::Agent(value["error"].as_str().unwrap_or("").to_string()))
+                }
+                _ => Err(error.into()),
+            },
+            _ => Err(error.into()),
+        };
+    }
     while let Some(line) = lines.next_line().await? {
         let value: Value =
             serde_json::from_str(&line).map_err(|e| SupervisorError::Codec(e.to_string()))?;
@@ -500,5 +541,41 @@ mod tests {
         let listener = bind_private(&path).unwrap();
         let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
         listener.accept().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_request_line_over_the_limit_is_answered_why() {
+        let line = vec![b'1'; MAX_REQUEST_LINE + 10];
+        let mut read = BufReader::new(line.as_slice().take(MAX_REQUEST_LINE as u64 + 1));
+        let why = read_request(&mut read).await.unwrap().expect_err("refused");
+        assert!(why.contains("over its limit of 20 MiB"), "{why}");
+        let mut read = BufReader::new(&b"{\"cmd\":\"status\",\"local\":true}\n"[..]);
+        assert!(matches!(
+            read_request(&mut read).await.unwrap(),
+            Ok(ControlRequest::Status { local: true })
+        ));
+    }
+
+    /// An agent refuses a request it has not read to the end, and closes: the client's write
+    /// then fails, but what the agent said is what the operator reads.
+    #[tokio::test]
+    async fn a_request_refused_before_it_was_all_written_reports_the_refusal() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = bind_private(&path).unwrap();
+        let agent = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut start = vec![0; 64 * 1024];
+            stream.read_exact(&mut start).await.unwrap();
+            stream.write_all(b"{\"error\":\"refused after 64 KiB\"}\n").await.unwrap();
+        });
+        // 12 MiB as JSON: far more than the socket buffers.
+        let call = ControlRequest::Call { service: 10, key: 1, body: vec![0; 6 << 20] };
+        let answer = request(&path, &call, |_| {}).await;
+        agent.await.unwrap();
+        assert!(
+            matches!(&answer, Err(SupervisorError::Agent(why)) if why == "refused after 64 KiB"),
+            "{answer:?}"
+        );
     }
 }
