@@ -685,6 +685,17 @@ fn restarted_before_anyone_noticed(restart: Restart) {
     );
     agents[1].child = Some(spawn(&agents[1], if with_join { &join } else { &[] }));
     if restart == Restart::WithoutQuorum {
+        // Its new life cannot be admitted while no majority answers: it says so, rather than
+        // that the cluster is stable, and refuses requests for that reason at once.
+        wait_until("node 2 says it waits to be admitted", limit, || {
+            status(&agents[1].dir, true).is_some_and(|s| {
+                s["stable"] == false
+                    && s["entering"].as_str().is_some_and(|e| e.contains("admit it as a new one"))
+            })
+        });
+        let refused = cli(&agents[1].dir, &["kv", "get", "1"]);
+        let said = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && said.contains("still entering the cluster"), "{said}");
         // Longer than two proposals of the last life's failure wait for a leader (5 s each).
         std::thread::sleep(Duration::from_secs(13));
         signal(&agents[0], "-CONT");

@@ -514,6 +514,16 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
     }
 }
 
+/// Ends `entering` once this node's life is admitted, or is over (it left, or stopped).
+async fn entered_once_admitted(supervisor: Arc<Supervisor>, entering: Entering) {
+    let lifecycle = supervisor.lifecycle();
+    while !supervisor.life_admitted() && *lifecycle.borrow() == Lifecycle::Member {
+        // Admission has no signal to wait on; this is what a status asked meanwhile may lag.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    entering.done();
+}
+
 /// Registers the services this node hosts that the cluster does not know yet. Every agent
 /// does it; the first registration of an id wins and the others change nothing.
 ///
@@ -570,7 +580,19 @@ pub async fn run(
         control::serve(&path, Arc::clone(launched.supervisor()), consoles, entering.clone())
             .await?;
     let agent = launched.enter(&options).await?;
-    entering.done();
+    if agent.supervisor.life_admitted() {
+        entering.done();
+    } else {
+        // A restart: the cluster must end the last life before it admits this one, which
+        // needs a majority of the voters. Until then this node serves nothing, and an operator
+        // asking is told so, not that the cluster is stable or that the node never joined.
+        entering.now_doing(
+            "restarted: waiting for the cluster to end this node's last life and admit it as a \
+             new one (a majority of the voters must be up)"
+                .to_string(),
+        );
+        tokio::spawn(entered_once_admitted(Arc::clone(&agent.supervisor), entering.clone()));
+    }
     if options.start == Start::Bootstrap {
         let secret =
             agent.dir.secret()?.ok_or_else(|| SupervisorError::Config("secret vanished".into()))?;

@@ -184,7 +184,8 @@ async fn answer(
     };
     if let Some(what) = entering.now() {
         match request {
-            ControlRequest::Stats => {}
+            // Another node's eviction is the cluster's to carry out, not this node's.
+            ControlRequest::Stats | ControlRequest::Evict { .. } => {}
             ControlRequest::Status { .. } => {
                 let mut status = status_json(&node.view());
                 status["entering"] = json!(what);

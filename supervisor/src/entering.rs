@@ -14,6 +14,13 @@ impl Entering {
         Entering(Arc::new(Mutex::new(Some((what, Instant::now())))))
     }
 
+    /// Now doing `what`, still entering; the time it has taken runs on.
+    pub fn now_doing(&self, what: String) {
+        if let Some((doing, _)) = self.0.lock().expect("entering").as_mut() {
+            *doing = what;
+        }
+    }
+
     /// The node has entered the cluster.
     pub fn done(&self) {
         *self.0.lock().expect("entering") = None;
@@ -38,7 +45,12 @@ mod tests {
             entering.clone().now().as_deref(),
             Some("joining the cluster through a:1 (12 s)")
         );
+        entering.now_doing("waiting to be admitted".into());
+        tokio::time::advance(std::time::Duration::from_secs(3)).await;
+        assert_eq!(entering.now().as_deref(), Some("waiting to be admitted (15 s)"));
         entering.done();
+        assert_eq!(entering.now(), None);
+        entering.now_doing("too late".into());
         assert_eq!(entering.now(), None);
     }
 }
