@@ -853,3 +853,51 @@ fn an_agent_entering_the_cluster_answers_status_and_says_what_it_waits_for() {
         status(&second.dir, true).is_some_and(|s| s["entering"].is_null())
     });
 }
+
+/// The whole cluster killed, then a majority of its voters started again, and the last voter
+/// later; a fourth node, no voter, never comes back. The voters that came back carry on without
+/// it. Before, each restarted voter's end of its last life handed its vote to that fourth node,
+/// still counted active, and the cluster waited for it for good.
+#[test]
+fn a_cluster_killed_whole_comes_back_without_the_node_that_does_not() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(60);
+    let mut agents = three_agents(root.path(), limit);
+    let secret = agents[0].dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let join = ["--join", agents[0].addr.as_str(), "--secret-file", secret.as_str()];
+    agents.push(start(root.path(), 4, &free_addr("127.0.0.4"), &join));
+    let four: Vec<(u64, &str, u64)> = (1..=4).map(|i| (i, "active", 1)).collect();
+    wait_until("four active nodes", limit, || stable_with(&agents[0].dir, &four));
+    let voters = |s: &Value| -> Vec<u64> {
+        s["voters"].as_array().map_or(vec![], |v| v.iter().filter_map(Value::as_u64).collect())
+    };
+    let now = status(&agents[0].dir, false).expect("status");
+    assert_eq!(voters(&now), [1, 2, 3], "three voters of four nodes: {now}");
+
+    for agent in &mut agents {
+        let mut child = agent.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+    }
+    for i in [1, 0] {
+        agents[i].child = Some(spawn(&agents[i], &[]));
+    }
+    // Nodes 3 and 4 are declared failed; 1 and 2 are admitted again as new lives.
+    let back = |s: &Value, up: &[u64], down: &[u64]| {
+        s["stable"] == true
+            && up.iter().all(|&n| node_status(s, n).is_some_and(|(st, i)| st == "active" && i >= 2))
+            && down.iter().all(|&n| node_status(s, n).is_some_and(|(st, _)| st == "failed"))
+    };
+    wait_showing(&agents, "nodes 1 and 2 back, 3 and 4 failed", limit, || {
+        status(&agents[0].dir, false).is_some_and(|s| back(&s, &[1, 2], &[3, 4]))
+    });
+    agents[2].child = Some(spawn(&agents[2], &[]));
+    wait_showing(&agents, "node 3 back too", limit, || {
+        status(&agents[0].dir, false).is_some_and(|s| back(&s, &[1, 2, 3], &[4]))
+    });
+    // Every node that came back votes: the cluster survives another failure.
+    wait_showing(&agents, "nodes 1 to 3 voting", limit, || {
+        status(&agents[0].dir, false).is_some_and(|s| voters(&s) == [1, 2, 3])
+    });
+}

@@ -41,10 +41,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// a change began, `Request::Begun`, and its answer `Heard`, came last in their enums, so a node
 /// without them answers `Malformed`, logs it as a malformed request, and only begins later;
 /// 15: a node's view, the answer to `Request::State`, says how long its leader has heard from
-/// no majority of the voters).
-pub const VERSION: u8 = 15;
+/// no majority of the voters; 16: the replicated state's `Command::Dead`, the detector's
+/// verdict, which may end the last live node's life).
+pub const VERSION: u8 = 16;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 15;
+pub const MIN_VERSION: u8 = 16;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

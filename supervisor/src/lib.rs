@@ -47,6 +47,7 @@ pub mod supervisor;
 pub mod tcp;
 pub mod transport;
 pub mod types;
+mod voters;
 mod waiters;
 
 pub use error::{Result, SupervisorError};

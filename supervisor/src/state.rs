@@ -107,6 +107,18 @@ pub enum Command {
     },
     /// A service registers on the locator.
     Register(ServiceSpec),
+    /// The leader's failure detector confirmed a node dead. Unlike [`Command::Fail`], which a
+    /// restarted node proposes to end its own last life and which is refused for the last
+    /// live node (that node then carries on alone), it ends the life of the last live node
+    /// too: after a whole cluster stopped, the voters that came back may find the only life
+    /// left counted live to be one that never returns, and every change waits for it. Last in
+    /// the enum, so that the log's older entries decode as they did.
+    Dead {
+        /// The node.
+        node: u64,
+        /// The incarnation that was seen failing; a stale report about an earlier life is refused.
+        incarnation: u64,
+    },
 }
 
 /// Why a command changed nothing. Sent back to whoever proposed it.
@@ -356,7 +368,8 @@ impl ClusterState {
                 self.join(*node, addr, labels, *incarnation)
             }
             Command::Leave { node } | Command::Evict { node } => self.remove(*node),
-            Command::Fail { node, incarnation } => self.fail(*node, *incarnation),
+            Command::Fail { node, incarnation } => self.fail(*node, *incarnation, false),
+            Command::Dead { node, incarnation } => self.fail(*node, *incarnation, true),
             Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
             Command::Register(spec) => {
                 if self.declared(spec.id).is_some() {
@@ -459,7 +472,8 @@ impl ClusterState {
         self.enqueue(Change::Evict(NodeId(node)))
     }
 
-    fn fail(&mut self, node: u64, incarnation: u64) -> Outcome {
+    /// Ends `node`'s life `incarnation`; `even_last` when it may be the last live one.
+    fn fail(&mut self, node: u64, incarnation: u64, even_last: bool) -> Outcome {
         let record = self.nodes.get(&node).ok_or(Refusal::UnknownNode(node))?;
         if record.incarnation != incarnation {
             return Err(Refusal::WrongIncarnation {
@@ -471,7 +485,7 @@ impl ClusterState {
         if matches!(record.status, NodeStatus::Left | NodeStatus::Failed) {
             return Err(Refusal::UnknownNode(node));
         }
-        if self.live().len() == 1 {
+        if self.live().len() == 1 && !even_last {
             return Err(Refusal::LastNode(node));
         }
         self.set_status(node, NodeStatus::Failed);

@@ -543,3 +543,27 @@ fn joins_and_registrations_are_judged_with_the_changes_queued_before_them() {
         assert_eq!(status(&state, n), NodeStatus::Active, "node {n}");
     }
 }
+
+/// After the whole cluster stopped, the leader's detector may find the only life left counted
+/// live to be a node that never comes back: its verdict ends that life too, where a node's own
+/// `Fail` of its last life is refused, and the nodes that came back then rejoin.
+#[test]
+fn the_detectors_verdict_ends_even_the_last_live_life_and_the_others_rejoin() {
+    let mut state = ClusterState::default();
+    for node in [1, 2] {
+        state.apply(&join(node)).expect("accepted");
+        settle(&mut state);
+    }
+    state.apply(&Fail { node: 1, incarnation: 1 }).expect("node 1's life ends");
+    settle(&mut state);
+    assert_eq!(state.apply(&Fail { node: 2, incarnation: 1 }), Err(Refusal::LastNode(2)));
+    state.apply(&Dead { node: 2, incarnation: 1 }).expect("node 2's life ends");
+    assert_eq!(status(&state, 2), NodeStatus::Failed);
+    assert!(state.live().is_empty());
+    // Node 1 comes back as a new life, and the cluster is whole again with it alone.
+    assert!(matches!(state.apply(&rejoin(1, 2)), Ok(Began { .. })), "{state:#?}");
+    settle(&mut state);
+    assert_eq!(status(&state, 1), NodeStatus::Active);
+    assert!(state.is_stable(), "{state:#?}");
+    assert!(state.tree.contains(NodeId(1)) && !state.tree.contains(NodeId(2)));
+}

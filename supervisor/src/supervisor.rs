@@ -18,13 +18,14 @@ use crate::state::{Applied, ClusterState, Command, NodeRecord, NodeStatus, Outco
 use crate::store::{LogStore, StateMachine};
 use crate::transport::{Handler, Transport};
 use crate::types::Raft;
+use crate::voters::{can_commit, desired_voters};
 use async_trait::async_trait;
 use bytes::Bytes;
 use gobelins_adaptation::{codec, Host, Progress, Registry, Update};
 use gobelins_locator::{Change, Epoch, Labels, NodeId, Snapshot};
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::VoteResponse;
-use openraft::{BasicNode, ChangeMembers, ServerState};
+use openraft::{BasicNode, ChangeMembers, Membership, ServerState};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -1456,23 +1457,69 @@ impl Supervisor {
                 "the cluster took this node's rejoin but its answer never came; asking again"
             );
         }
-        // Through the leader of the newest view, else through any member it lists as live.
+        // Through the leader of the newest view, whatever its own life's status (after the
+        // whole cluster stopped, the leader may be a restarted node whose last life ended as
+        // this one's did), else through any member it lists as live. A leader asks itself.
         let live = view.state.live();
-        let via = view
-            .leader
-            .filter(|l| live.contains(l))
-            .into_iter()
-            .chain(live.iter().copied())
-            .filter(|n| *n != self.me.id)
-            .find_map(|n| view.state.nodes.get(&n).map(|r| r.addr.clone()));
-        let Some(via) = via else { return };
-        match self.join_via(&via, self.config.rpc_timeout * 5).await {
-            Ok(Ok(applied)) => tracing::info!(?applied, %via, "rejoining"),
+        let joined = if self.leader() == Some(self.me.id) {
+            let _asking = Asking::new(&self, self.incarnation());
+            self.join_here().await
+        } else {
+            let via = view
+                .leader
+                .into_iter()
+                .chain(live.iter().copied())
+                .filter(|n| *n != self.me.id)
+                .find_map(|n| view.state.nodes.get(&n).map(|r| r.addr.clone()));
+            let Some(via) = via else { return };
+            self.join_via(&via, self.config.rpc_timeout * 5).await.map_err(|e| (via, e))
+        };
+        match joined {
+            Ok(Ok(applied)) => tracing::info!(?applied, "rejoining"),
             // An earlier attempt got through though its answer was lost.
-            Ok(Err(Refusal::AlreadyMember(_))) => tracing::debug!(%via, "rejoin already under way"),
+            Ok(Err(Refusal::AlreadyMember(_))) => tracing::debug!("rejoin already under way"),
             Ok(Err(refusal)) => tracing::warn!(%refusal, "rejoin refused; will try again"),
-            Err(error) => tracing::warn!(%error, "rejoin failed; will try again"),
+            Err((via, error)) => tracing::warn!(%via, %error, "rejoin failed; will try again"),
         }
+    }
+
+    /// [`Supervisor::ask_to_join`] of this node, which leads: once, through its own raft.
+    async fn join_here(&self) -> std::result::Result<Outcome, (String, SupervisorError)> {
+        let join = self.join_request();
+        let asked = join.incarnation;
+        match self.admit(join).await {
+            (Ok(outcome), state) => {
+                if outcome.is_ok() && self.incarnation() == asked {
+                    if let Some(state) = state {
+                        self.keep_head_start(asked, state);
+                    }
+                    self.admit_life_asked(self.asked_since(asked));
+                }
+                Ok(outcome)
+            }
+            (Err(error), _) => Err(("this node".into(), SupervisorError::Raft(error.to_string()))),
+        }
+    }
+
+    /// Which of `nodes` answer a ping now. A node declared failed was forgotten by the
+    /// transport; its address comes back from raft's membership or the cluster's state.
+    async fn answering(
+        &self,
+        nodes: &BTreeSet<u64>,
+        membership: &Membership<u64, BasicNode>,
+    ) -> BTreeSet<u64> {
+        let state = &self.state();
+        let asks = nodes.iter().map(|&id| async move {
+            let addr = membership
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+                .or_else(|| state.nodes.get(&id).map(|r| r.addr.clone()));
+            if let Some(addr) = addr {
+                self.transport.set_peer(id, addr);
+            }
+            self.ping(id, self.config.ping_interval * 2).await.then_some(id)
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
 
     /// The newest view of the cluster among those `peers` give.
@@ -1653,7 +1700,7 @@ impl Supervisor {
                 }
                 // Only while still leader: a deposed leader's late verdict must not be forwarded
                 // to its successor, which has its own, fresher view.
-                if let Err(error) = self.propose_here(Command::Fail { node, incarnation }).await {
+                if let Err(error) = self.propose_here(Command::Dead { node, incarnation }).await {
                     tracing::warn!(node, %error, "could not commit the failure");
                 }
             }
@@ -1677,42 +1724,33 @@ impl Supervisor {
                 tracing::debug!(node = id, %error, "adding learner");
             }
         }
-        // A leaving node stops voting when its leave begins, not once it has left: it stops
-        // its process soon after, and a change of voters needs the votes of the old ones. Of
-        // two voters, one gone before the change committed would leave the other without a
-        // quorum for good.
-        let voting = |id: &u64| {
-            live.contains(id)
-                && state.nodes.get(id).is_some_and(|r| r.status != NodeStatus::Leaving)
-        };
-        let mut desired: BTreeSet<u64> = voters.iter().copied().filter(voting).collect();
-        for id in state.with_status(NodeStatus::Active) {
-            if desired.len() >= self.config.max_voters {
-                break;
+        // Who answers is asked only when a change looks due with the live nodes taken to
+        // answer and the others not: most passes change nothing, and ask nobody.
+        let (me, max) = (self.id(), self.config.max_voters);
+        let due = desired_voters(me, &voters, state, max, |id| live.contains(&id));
+        if due != voters && !due.is_empty() {
+            let asked: BTreeSet<u64> = voters
+                .iter()
+                .chain(&due)
+                .copied()
+                .chain(state.with_status(NodeStatus::Active))
+                .filter(|&id| id != me)
+                .collect();
+            let answering = self.answering(&asked, &membership).await;
+            let answers = |id: u64| id == me || answering.contains(&id);
+            let desired = desired_voters(me, &voters, state, max, answers);
+            if desired != voters && !desired.is_empty() {
+                if !can_commit(&desired, answers) {
+                    tracing::debug!(?voters, ?desired, ?answering, "voters not changed: too few of the new ones answer for the change to commit");
+                    return;
+                }
+                // Kept as a learner: a leaver still follows the state until its leave is done.
+                match self.raft.change_membership(desired.clone(), true).await {
+                    Ok(_) => tracing::info!(?desired, "raft voters changed"),
+                    Err(error) => tracing::debug!(%error, "changing voters"),
+                }
+                return;
             }
-            desired.insert(id);
-        }
-        // An odd number: a voter more in an even set survives no more failures, and of two
-        // voters neither may fail (a node killed in a cluster of two was never declared
-        // failed: the survivor had lost its quorum). One that only just came in steps out
-        // first, this node last.
-        if desired.len().is_multiple_of(2) {
-            let me = self.id();
-            let step_out = (desired.iter().rev())
-                .find(|&&id| !voters.contains(&id) && id != me)
-                .or_else(|| desired.iter().rev().find(|&&id| id != me))
-                .copied();
-            if let Some(id) = step_out {
-                desired.remove(&id);
-            }
-        }
-        if desired != voters && !desired.is_empty() {
-            // Kept as a learner: a leaver still follows the state until its leave is done.
-            match self.raft.change_membership(desired.clone(), true).await {
-                Ok(_) => tracing::info!(?desired, "raft voters changed"),
-                Err(error) => tracing::debug!(%error, "changing voters"),
-            }
-            return;
         }
         let admitting: BTreeSet<u64> = {
             let mut joining = self.joining.lock().expect("joining");

@@ -1,0 +1,131 @@
+//! Which nodes vote in raft: a pure function of raft's voters, the cluster's state and which
+//! nodes answer the leader.
+
+use crate::state::{ClusterState, NodeStatus};
+use std::collections::BTreeSet;
+
+/// The voters raft should have, for leader `me` whose raft has `voters`, given the cluster's
+/// `state`, at most `max` voters, and `answers`, whether a node's process answers:
+///
+/// - a voter keeps its seat while its life is live and not leaving. Its life ended, it keeps
+///   it while its process answers: after the whole cluster stopped, each voter started again
+///   ends its last life before it rejoins as a new one, with the same id and the same raft
+///   log, and its vote is what lets the others recover;
+/// - active nodes that answer fill the empty seats;
+/// - the number is kept odd: a voter more in an even set survives no more failures, and of two
+///   voters neither may fail. One that only just came in steps out first, `me` last.
+///
+/// Asked with `answers` true of the live nodes only, it says whether a change may be due
+/// before anyone is pinged.
+pub(crate) fn desired_voters(
+    me: u64,
+    voters: &BTreeSet<u64>,
+    state: &ClusterState,
+    max: usize,
+    answers: impl Fn(u64) -> bool,
+) -> BTreeSet<u64> {
+    let status = |id: u64| state.nodes.get(&id).map(|r| r.status);
+    // A leaving node stops voting when its leave begins, not once it has left: it stops its
+    // process soon after, and a change of voters needs the votes of the old ones.
+    let keeps = |id: u64| match status(id) {
+        Some(NodeStatus::Leaving) => false,
+        Some(s) if s.is_live() => true,
+        Some(NodeStatus::Failed) => id == me || answers(id),
+        _ => false,
+    };
+    let mut desired: BTreeSet<u64> = voters.iter().copied().filter(|&id| keeps(id)).collect();
+    for id in state.with_status(NodeStatus::Active) {
+        if desired.len() >= max {
+            break;
+        }
+        if id == me || answers(id) {
+            desired.insert(id);
+        }
+    }
+    if desired.len().is_multiple_of(2) {
+        let step_out = (desired.iter().rev())
+            .find(|&&id| !voters.contains(&id) && id != me)
+            .or_else(|| desired.iter().rev().find(|&&id| id != me))
+            .copied();
+        if let Some(id) = step_out {
+            desired.remove(&id);
+        }
+    }
+    desired
+}
+
+/// Whether raft can commit a change from its voters to `desired`: joint consensus needs a
+/// majority of each, and a change that cannot commit blocks every later one. Only the new
+/// majority is asked here; the old one acknowledged the leader, or it would not reconcile.
+pub(crate) fn can_commit(desired: &BTreeSet<u64>, answers: impl Fn(u64) -> bool) -> bool {
+    desired.iter().filter(|&&id| answers(id)).count() * 2 > desired.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Command;
+    use gobelins_locator::Labels;
+
+    /// A state of nodes `1..=n`, all active, then those in `failed` declared failed.
+    fn state(n: u64, failed: &[u64]) -> ClusterState {
+        let mut state = ClusterState::default();
+        for node in 1..=n {
+            let join = Command::Join {
+                node,
+                addr: format!("n{node}"),
+                labels: Labels::new(),
+                incarnation: 1,
+            };
+            state.apply(&join).expect("accepted");
+            while let Some(epoch) = state.in_progress.as_ref().map(|p| p.epoch) {
+                let participants = state.in_progress.as_ref().expect("change").participants.clone();
+                for p in participants {
+                    let _ = state.apply(&Command::MigrationDone { node: p, epoch });
+                }
+            }
+        }
+        for &node in failed {
+            state.apply(&Command::Dead { node, incarnation: 1 }).expect("fails");
+        }
+        state
+    }
+
+    fn set(ids: &[u64]) -> BTreeSet<u64> {
+        ids.iter().copied().collect()
+    }
+
+    #[test]
+    fn a_voter_lost_is_replaced_by_an_active_node_that_answers() {
+        let state = state(4, &[3]);
+        let desired = desired_voters(1, &set(&[1, 2, 3]), &state, 5, |n| n != 3);
+        assert_eq!(desired, set(&[1, 2, 4]));
+        // Node 4 silent (dead, not declared yet): not given the seat.
+        let desired = desired_voters(1, &set(&[1, 2, 3]), &state, 5, |n| n == 2);
+        assert_eq!(desired, set(&[1]), "two voters are one too many to lose none");
+    }
+
+    /// The whole cluster stopped; nodes 1 and 2 came back and ended their last lives, node 3
+    /// is still down and counted live, node 4 (no voter) never comes back. Before, the seats of
+    /// 1 and 2 went to node 4, and the change waited for a majority of {2, 3, 4}.
+    #[test]
+    fn restarted_voters_keep_their_seats_and_silent_nodes_are_given_none() {
+        let state = state(4, &[1, 2]);
+        let answers = |n: u64| n == 2;
+        let voters = set(&[1, 2, 3]);
+        // Without asking, a change looks due.
+        assert_eq!(
+            desired_voters(1, &voters, &state, 5, |n| state.live().contains(&n)),
+            set(&[1, 3, 4])
+        );
+        // Asked, nothing changes.
+        assert_eq!(desired_voters(1, &voters, &state, 5, answers), voters);
+    }
+
+    #[test]
+    fn a_change_only_a_minority_of_its_voters_answer_cannot_commit() {
+        assert!(!can_commit(&set(&[2, 3, 4]), |n| n == 2));
+        assert!(can_commit(&set(&[2, 3, 4]), |n| n != 4));
+        assert!(!can_commit(&set(&[1, 2]), |n| n == 1));
+    }
+}
