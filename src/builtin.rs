@@ -2,7 +2,7 @@
 //! this node's part of them (`gobelins dsm read|write`).
 
 use crate::adaptation::{codec, plugin, Host, Registry};
-use crate::dsm::{Dsm, DsmConfig, DsmNode, Segment, DSM};
+use crate::dsm::{Dsm, DsmConfig, DsmNode, PageId, Segment, DSM};
 use crate::kvdir::KvDir;
 use crate::supervisor::console::{Console, Consoles};
 use arc_swap::ArcSwap;
@@ -43,6 +43,14 @@ pub enum DsmCommand {
         segment: u32,
         /// Its length in bytes.
         len: u64,
+    },
+    /// Start page `page` of segment `segment` afresh, zero-filled, after it was reported lost
+    /// ([`Dsm::discard`]).
+    Discard {
+        /// The segment.
+        segment: u32,
+        /// The page within it.
+        page: u32,
     },
 }
 
@@ -122,6 +130,10 @@ impl Console for DsmConsole {
             }
             DsmCommand::Free { segment: id, len } => {
                 dsm.free(&Segment::new(id, len)).await.map_err(|e| e.to_string())?;
+                Ok(Vec::new())
+            }
+            DsmCommand::Discard { segment, page } => {
+                dsm.discard(PageId { segment, page }).await.map_err(|e| e.to_string())?;
                 Ok(Vec::new())
             }
         }

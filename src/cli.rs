@@ -141,6 +141,16 @@ enum DsmOp {
         /// node that managed them failed.
         len: u64,
     },
+    /// Start a page reported lost afresh, zero-filled, once what it held is dealt with (the
+    /// page of byte `offset` is `offset / 4096`).
+    Discard {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// The segment id.
+        segment: u32,
+        /// The page within the segment.
+        page: u32,
+    },
 }
 
 /// Options of `gobelins kv`.
@@ -486,6 +496,7 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
             (dir, DsmCommand::Write { segment, offset, data })
         }
         DsmOp::Free { dir, segment, len } => (dir, DsmCommand::Free { segment, len }),
+        DsmOp::Discard { dir, segment, page } => (dir, DsmCommand::Discard { segment, page }),
     };
     let freed = match command {
         DsmCommand::Free { segment, .. } => Some(segment),
@@ -501,6 +512,9 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
     }
     if let Some(segment) = freed {
         eprintln!("segment {segment} freed on every node");
+    }
+    if let DsmCommand::Discard { segment, page } = command {
+        eprintln!("page {page} of segment {segment} starts afresh from zeros");
     }
     Ok(())
 }

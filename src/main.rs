@@ -58,6 +58,16 @@ fn main() -> std::process::ExitCode {
         .init();
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // Whoever read the output stopped early (`gobelins status | head -1`): as for any
+        // command in a pipe, nothing to say about it.
+        Err(error)
+            if error.chain().any(|e| {
+                e.downcast_ref::<std::io::Error>()
+                    .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            std::process::ExitCode::FAILURE
+        }
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE

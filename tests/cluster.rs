@@ -393,6 +393,10 @@ fn evicting_a_node_that_fails_on_its_way_out_ends_once_it_is_declared_failed() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(30);
     let agents = three_agents(root.path(), limit);
+    // The node the operator is on is not evicted by a slip of the id: `leave` is its way out.
+    let own = cli(&agents[0].dir, &["evict", "1"]);
+    let said = String::from_utf8_lossy(&own.stderr);
+    assert!(!own.status.success() && said.contains("`gobelins leave`"), "{said}");
     signal(&agents[2], "-STOP");
     let started = Instant::now();
     let evict = cli(&agents[0].dir, &["evict", "3"]);
@@ -801,6 +805,12 @@ fn shared_memory_written_through_one_agent_reads_back_through_the_others_and_sur
         assert_eq!(read(agent, "0", text.len()), text, "through node {}", agent.id);
         assert_eq!(read(agent, "4090", rewritten.len()), rewritten, "through node {}", agent.id);
     }
+
+    // A page that is not lost is left as it is by a discard, which only starts lost pages
+    // afresh: an operator who discards the wrong page loses nothing.
+    let out = dsm(&agents[2].dir, &["discard", "7", "0"]);
+    assert!(out.status.success(), "discard: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(read(&agents[0], "0", text.len()), text, "a discard of a page not lost");
 
     // Bad input gets a clear refusal: more than the console moves at once.
     let out = dsm(&agents[0].dir, &["read", "7", "0", &(2u64 << 20).to_string()]);

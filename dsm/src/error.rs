@@ -11,7 +11,7 @@ pub enum DsmError {
     /// a segment first used after the failure, say). Its contents are never replaced by zeros
     /// on their own: [`crate::Dsm::discard`] starts the page afresh, [`crate::Dsm::free`] its
     /// whole segment.
-    #[error("page {page:?} is lost: every node holding a copy failed, or its manager failed and no surviving copy tells whether it was ever written. Decide what the program needs, then `discard` the page or `free` its segment to start afresh from zeros (with backups on, one failure loses no written page)")]
+    #[error("page {} of segment {} is lost: every node holding a copy failed, or its manager failed and no surviving copy tells whether it was ever written. Decide what the program needs, then discard the page (`gobelins dsm discard {1} {0}`, or `Dsm::discard`) or free its segment (`gobelins dsm free`, `Dsm::free`) to start afresh from zeros (with backups on, one failure loses no written page)", .page.page, .page.segment)]
     Lost {
         /// The page.
         page: PageId,
@@ -64,4 +64,16 @@ pub enum DsmError {
     /// A peer answered something this version does not expect.
     #[error("protocol: {0}")]
     Protocol(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_page_is_named_as_an_operator_types_it_with_the_command_that_starts_it_afresh() {
+        let said = DsmError::Lost { page: PageId { segment: 7, page: 3 } }.to_string();
+        assert!(said.starts_with("page 3 of segment 7 is lost"), "{said}");
+        assert!(said.contains("`gobelins dsm discard 7 3`"), "{said}");
+    }
 }

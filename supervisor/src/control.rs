@@ -234,6 +234,12 @@ async fn answer(
             let leave = Command::Leave { node: id };
             change((&mut read, &mut write), &node, leave, id, NodeStatus::Left).await
         }
+        // Not this node: `leave` is the way out for it, and an evict typed with the wrong id
+        // should not take down the node the operator is on.
+        ControlRequest::Evict { node: target } if target == node.id() => {
+            let why = format!("node {target} is this agent's own node: `gobelins leave` takes it out gracefully; `evict` removes other nodes");
+            flush(&mut write, &[json!({ "error": why })]).await
+        }
         ControlRequest::Evict { node: target } => {
             let evict = Command::Evict { node: target };
             change((&mut read, &mut write), &node, evict, target, NodeStatus::Left).await
