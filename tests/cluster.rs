@@ -911,3 +911,37 @@ fn a_cluster_killed_whole_comes_back_without_the_node_that_does_not() {
         status(&agents[0].dir, false).is_some_and(|s| voters(&s) == [1, 2, 3])
     });
 }
+
+/// Every node of a cluster killed and started again. They come back as new lives, and what
+/// the services held is reported lost, not answered as never written: before, the node whose
+/// end of its last life came last was refused as the last member, carried on with empty
+/// services, and its keys read as absent.
+#[test]
+fn a_cluster_killed_whole_and_started_again_reports_what_it_lost() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(60);
+    let mut agents = three_agents(root.path(), limit);
+    let socket = agents[0].dir.join("control.sock");
+    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
+    let keys = 60u64;
+    put_keys(&socket, keys);
+    for agent in &mut agents {
+        let mut child = agent.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+    }
+    for agent in &mut agents {
+        agent.child = Some(spawn(agent, &[]));
+    }
+    wait_showing(&agents, "three new lives", limit, || {
+        status(&agents[0].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && (1..=3)
+                    .all(|n| node_status(&s, n).is_some_and(|(st, i)| st == "active" && i >= 2))
+        })
+    });
+    for key in 0..keys {
+        let got = call(&socket, key, &kvdir::Request::Get);
+        assert_eq!(got, Some(kvdir::Response::Lost), "key {key}{}", evidence(&agents));
+    }
+}

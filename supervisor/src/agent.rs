@@ -8,7 +8,7 @@ use crate::error::{Result, SupervisorError};
 use crate::link::TransportLink;
 use crate::net::{Net, TokioNet};
 use crate::secret::ClusterSecret;
-use crate::state::{check_declaration, Command, Refusal};
+use crate::state::{check_declaration, Command, NodeStatus, Refusal};
 use crate::store;
 use crate::supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
 use crate::tcp::{Identity, TcpConfig, TcpTransport};
@@ -488,13 +488,33 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
                         "restarted: the cluster recovers this node's last life from replicas; rejoining as a new one"
                     );
                 }
-                Ok(Err(Refusal::LastNode(_))) => {
+                // The cluster's only node ever, or the others all left: it carries on alone.
+                Ok(Err(Refusal::LastNode(_))) if others_left(&supervisor) => {
                     tracing::warn!(
                         node = me,
                         "restarted as the only node of the cluster: its services start empty"
                     );
                     supervisor.admit_life();
                     return;
+                }
+                // The last life counted live, but others failed and may come back (the whole
+                // cluster stopped, say): carried on, its empty services would answer for the
+                // entries of its last life as never written. Ended, their loss is reported, and
+                // it rejoins as a new life, as the others do.
+                Ok(Err(Refusal::LastNode(_))) => {
+                    match supervisor
+                        .propose_until(Command::Dead { node: me, incarnation }, FAIL_WINDOW)
+                        .await
+                    {
+                        Ok(Ok(_)) => {
+                            ended = true;
+                            tracing::warn!(node = me, incarnation, "restarted as the last member counted live, others having failed: this node's last life ends, its entries are reported lost where no copy survives, and it rejoins as a new one");
+                        }
+                        Ok(Err(refusal)) => tracing::debug!(%refusal, "last life already ended"),
+                        Err(error) => {
+                            tracing::warn!(%error, "could not end this node's last life yet; asking again")
+                        }
+                    }
                 }
                 Ok(Err(refusal)) => {
                     ended = true;
@@ -512,6 +532,13 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
         }
         tokio::time::sleep(pause).await;
     }
+}
+
+/// Whether every other node the cluster has known has left it: none can come back as a member
+/// without joining anew.
+fn others_left(supervisor: &Supervisor) -> bool {
+    let me = supervisor.id();
+    supervisor.state().nodes.iter().all(|(&id, r)| id == me || r.status == NodeStatus::Left)
 }
 
 /// Ends `entering` once this node's life is admitted, or is over (it left, or stopped).

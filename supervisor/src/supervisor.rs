@@ -1133,7 +1133,12 @@ impl Supervisor {
                 _ = self.wake.notified() => {}
                 _ = retry.tick() => {}
                 _ = fence_check.tick() => {
-                    if !self.in_touch() || self.leader() != Some(self.me.id) {
+                    // A leader too, once the cluster has ended its life: declared failed while
+                    // paused, say, then elected once it ran again.
+                    let ended = self.state().nodes.get(&self.me.id).is_some_and(|r| {
+                        r.status == NodeStatus::Failed && r.incarnation == self.incarnation()
+                    });
+                    if !self.in_touch() || self.leader() != Some(self.me.id) || ended {
                         let me = Arc::clone(&self);
                         tokio::spawn(async move { me.check_fenced().await });
                     }
@@ -1381,6 +1386,10 @@ impl Supervisor {
             let theirs = self.newest_view(&departed).await;
             view = [view, theirs].into_iter().flatten().max_by_key(|v| v.state.epoch);
         }
+        // A leader that nobody else answers (a lone voter back, the others down) reads its own:
+        // its state is the cluster's.
+        let view =
+            view.or_else(|| (self.leader() == Some(self.me.id)).then(|| Box::new(self.view())));
         let Some(view) = view else { return };
         // Only a view newer than or as new as ours may tell us we were declared failed.
         let ours = self.state().epoch;
