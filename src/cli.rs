@@ -302,7 +302,7 @@ fn ask(dir: &DirArgs, request: ControlRequest) -> anyhow::Result<Value> {
 pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
     let status = ask(&args.dir, ControlRequest::Status { local: args.local })?;
     if args.json {
-        println!("{status}");
+        writeln!(std::io::stdout().lock(), "{status}")?;
         return Ok(());
     }
     print_status(&status)
@@ -367,7 +367,7 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
 pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
     let answer = ask(&args.dir, ControlRequest::Stats)?;
     if args.json {
-        println!("{answer}");
+        writeln!(std::io::stdout().lock(), "{answer}")?;
         return Ok(());
     }
     write_stats(&mut std::io::stdout().lock(), &answer)

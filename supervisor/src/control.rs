@@ -286,12 +286,14 @@ async fn hung_up(read: &mut Reader, write: &tokio::net::unix::OwnedWriteHalf) {
 async fn read_request(
     read: &mut (impl AsyncBufRead + Unpin),
 ) -> Result<std::result::Result<ControlRequest, String>> {
-    let mut line = String::new();
-    read.read_line(&mut line).await?;
+    // Bytes, not a string: a line cut at the limit may end inside a character, and must still
+    // be answered.
+    let mut line = Vec::new();
+    read.read_until(b'\n', &mut line).await?;
     if line.len() > MAX_REQUEST_LINE {
         return Ok(Err(too_long(line.len())));
     }
-    Ok(serde_json::from_str(&line).map_err(|e| format!("bad request: {e}")))
+    Ok(serde_json::from_slice(&line).map_err(|e| format!("bad request: {e}")))
 }
 
 /// Why a request line of `len` bytes is refused.
@@ -552,7 +554,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_line_over_the_limit_is_answered_why() {
-        let line = vec![b'1'; MAX_REQUEST_LINE + 10];
+        // Cut at the limit inside a character.
+        let line = "é".repeat(MAX_REQUEST_LINE).into_bytes();
         let mut read = BufReader::new(line.as_slice().take(MAX_REQUEST_LINE as u64 + 1));
         let why = read_request(&mut read).await.unwrap().expect_err("refused");
         assert!(why.contains("over its limit of 20 MiB"), "{why}");
