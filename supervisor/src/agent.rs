@@ -8,7 +8,7 @@ use crate::error::{Result, SupervisorError};
 use crate::link::TransportLink;
 use crate::net::{Net, TokioNet};
 use crate::secret::ClusterSecret;
-use crate::state::{check_declaration, Command, NodeStatus, Refusal};
+use crate::state::{check_declaration, Command, Refusal};
 use crate::store;
 use crate::supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
 use crate::tcp::{Identity, TcpConfig, TcpTransport};
@@ -488,8 +488,11 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
                         "restarted: the cluster recovers this node's last life from replicas; rejoining as a new one"
                     );
                 }
-                // The cluster's only node ever, or the others all left: it carries on alone.
-                Ok(Err(Refusal::LastNode(_))) if others_left(&supervisor) => {
+                // The only node the locator holds: ended, its life's recovery would wait for
+                // another node to join (its entries need somewhere to go), and its own new life
+                // may not join while its old one is recovered. It carries on alone, its
+                // services empty.
+                Ok(Err(Refusal::LastNode(_))) if alone_in_tree(&supervisor) => {
                     tracing::warn!(
                         node = me,
                         "restarted as the only node of the cluster: its services start empty"
@@ -497,10 +500,10 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
                     supervisor.admit_life();
                     return;
                 }
-                // The last life counted live, but others failed and may come back (the whole
-                // cluster stopped, say): carried on, its empty services would answer for the
-                // entries of its last life as never written. Ended, their loss is reported, and
-                // it rejoins as a new life, as the others do.
+                // The last life counted live, but the locator holds other nodes, failed (the
+                // whole cluster stopped, say): carried on, its empty services would answer for
+                // the entries of its last life as never written. Ended, their loss is reported,
+                // and it rejoins as a new life, as the others do.
                 Ok(Err(Refusal::LastNode(_))) => {
                     match supervisor
                         .propose_until(Command::Dead { node: me, incarnation }, FAIL_WINDOW)
@@ -534,11 +537,10 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
     }
 }
 
-/// Whether every other node the cluster has known has left it: none can come back as a member
-/// without joining anew.
-fn others_left(supervisor: &Supervisor) -> bool {
-    let me = supervisor.id();
-    supervisor.state().nodes.iter().all(|(&id, r)| id == me || r.status == NodeStatus::Left)
+/// Whether this node is the only one the locator's tree holds.
+fn alone_in_tree(supervisor: &Supervisor) -> bool {
+    let me = NodeId(supervisor.id());
+    supervisor.state().tree.nodes().all(|n| n == me)
 }
 
 /// Ends `entering` once this node's life is admitted, or is over (it left, or stopped).
