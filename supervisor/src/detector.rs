@@ -74,6 +74,19 @@ impl Detector {
 
     /// Called every ping interval with the current members.
     pub fn handle_tick(&mut self, now: Instant, members: &BTreeSet<u64>) -> Vec<Action> {
+        self.handle_tick_asking(now, members, &BTreeSet::new())
+    }
+
+    /// [`Detector::handle_tick`], with `also` asked to witness too, after the members: nodes
+    /// that answer the leader but are no members (voters whose life ended, back after the
+    /// whole cluster stopped). Without them, the last member left would be judged on the
+    /// leader's silence alone.
+    pub fn handle_tick_asking(
+        &mut self,
+        now: Instant,
+        members: &BTreeSet<u64>,
+        also: &BTreeSet<u64>,
+    ) -> Vec<Action> {
         self.last_heard.retain(|n, _| members.contains(n));
         self.confirming.retain(|n| members.contains(n));
         let missed = self.cleared.len();
@@ -89,6 +102,7 @@ impl Detector {
             {
                 let witnesses: Vec<u64> = members
                     .iter()
+                    .chain(also.iter().filter(|w| !members.contains(w)))
                     .copied()
                     .filter(|&w| w != self.me && w != node)
                     .filter(|w| !self.confirming.contains(w))
@@ -208,6 +222,26 @@ mod tests {
         // While confirming, the suspect is not confirmed twice.
         assert!(confirms(&d.handle_tick(at + Duration::from_millis(100), &m)).is_empty());
         assert_eq!(d.handle_probes(2, &[false, false], at), Some(Action::DeclareFailed(2)));
+    }
+
+    /// After the whole cluster stopped, the leader's life and another voter's have ended, and
+    /// node 3 is the last member: it is judged by that voter's probe, not by the leader's
+    /// silence alone.
+    #[test]
+    fn the_last_member_is_confirmed_by_a_voter_that_is_no_member() {
+        let start = Instant::now();
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let (m, also) = (members(&[3]), members(&[2]));
+        d.handle_tick_asking(start, &m, &also);
+        let at = start + Duration::from_secs(1);
+        assert_eq!(
+            confirms(&d.handle_tick_asking(at, &m, &also)),
+            vec![&Action::Confirm { suspect: 3, witnesses: vec![2] }]
+        );
+        // Asked nobody, the leader declares it at once.
+        let mut alone = Detector::new(1, Duration::from_secs(1), 2);
+        alone.handle_tick(start, &m);
+        assert_eq!(confirms(&alone.handle_tick(at, &m)), vec![&Action::DeclareFailed(3)]);
     }
 
     #[test]

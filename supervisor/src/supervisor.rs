@@ -1611,12 +1611,20 @@ impl Supervisor {
                 });
             }
             let members: BTreeSet<u64> = state.live();
+            // Voters whose life ended but who keep their seat while they answer (back after the
+            // whole cluster stopped) witness for the members.
+            let also: BTreeSet<u64> = (self.raft.metrics().borrow())
+                .membership_config
+                .membership()
+                .voter_ids()
+                .filter(|id| !members.contains(id))
+                .collect();
             let actions = {
                 let mut detector = self.detector.lock().unwrap_or_else(|p| p.into_inner());
                 let detector = detector.get_or_insert_with(|| {
                     Detector::new(self.me.id, self.config.failure_timeout, 2)
                 });
-                detector.handle_tick(Instant::now(), &members)
+                detector.handle_tick_asking(Instant::now(), &members, &also)
             };
             for action in actions {
                 let me = Arc::clone(&self);
