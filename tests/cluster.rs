@@ -864,6 +864,15 @@ fn an_agent_entering_the_cluster_answers_status_and_says_what_it_waits_for() {
     });
 }
 
+/// Every agent killed with `kill -9`, as by a power cut, and reaped.
+fn kill_all(agents: &mut [Agent]) {
+    for agent in agents {
+        let mut child = agent.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+    }
+}
+
 /// The whole cluster killed, then a majority of its voters started again, and the last voter
 /// later; a fourth node, no voter, never comes back. The voters that came back carry on without
 /// it. Before, each restarted voter's end of its last life handed its vote to that fourth node,
@@ -885,11 +894,7 @@ fn a_cluster_killed_whole_comes_back_without_the_node_that_does_not() {
     let now = status(&agents[0].dir, false).expect("status");
     assert_eq!(voters(&now), [1, 2, 3], "three voters of four nodes: {now}");
 
-    for agent in &mut agents {
-        let mut child = agent.child.take().expect("running");
-        child.kill().expect("kill -9");
-        child.wait().expect("reap");
-    }
+    kill_all(&mut agents);
     for i in [1, 0] {
         agents[i].child = Some(spawn(&agents[i], &[]));
     }
@@ -925,11 +930,7 @@ fn a_cluster_killed_whole_and_started_again_reports_what_it_lost() {
     wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 60u64;
     put_keys(&socket, keys);
-    for agent in &mut agents {
-        let mut child = agent.child.take().expect("running");
-        child.kill().expect("kill -9");
-        child.wait().expect("reap");
-    }
+    kill_all(&mut agents);
     for agent in &mut agents {
         agent.child = Some(spawn(agent, &[]));
     }
