@@ -864,6 +864,19 @@ fn an_agent_entering_the_cluster_answers_status_and_says_what_it_waits_for() {
     });
 }
 
+/// Every key [`put_keys`] wrote reads as lost through the agent at `socket`, once it answers
+/// (it stops saying it enters the cluster a moment after its life is admitted).
+fn assert_all_lost(agents: &[Agent], socket: &Path, keys: u64) {
+    let limit = Duration::from_secs(10);
+    wait_showing(agents, "the agent answering", limit, || {
+        call(socket, 0, &kvdir::Request::Get).is_some()
+    });
+    for key in 0..keys {
+        let got = call(socket, key, &kvdir::Request::Get);
+        assert_eq!(got, Some(kvdir::Response::Lost), "key {key}{}", evidence(agents));
+    }
+}
+
 /// Every agent killed with `kill -9`, as by a power cut, and reaped.
 fn kill_all(agents: &mut [Agent]) {
     for agent in agents {
@@ -941,8 +954,45 @@ fn a_cluster_killed_whole_and_started_again_reports_what_it_lost() {
                     .all(|n| node_status(&s, n).is_some_and(|(st, i)| st == "active" && i >= 2))
         })
     });
-    for key in 0..keys {
-        let got = call(&socket, key, &kvdir::Request::Get);
-        assert_eq!(got, Some(kvdir::Response::Lost), "key {key}{}", evidence(&agents));
-    }
+    assert_all_lost(&agents, &socket, keys);
+}
+
+/// A cluster of two killed whole, its voter started first, then the other node. The two come
+/// back as new lives, and their keys read as lost, not as never written.
+#[test]
+fn a_two_node_cluster_killed_whole_comes_back_and_reports_what_it_lost() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(60);
+    let addrs: Vec<String> = (1..=2).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
+    let first = start(root.path(), 1, &addrs[0], &["--bootstrap"]);
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let join = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
+    let mut agents = vec![first];
+    agents.push(start(root.path(), 2, &addrs[1], &join));
+    wait_showing(&agents, "node 2 active, node 1 the one voter", limit, || {
+        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "active", 1)])
+            && status(&agents[0].dir, false).is_some_and(|s| s["voters"] == serde_json::json!([1]))
+    });
+    let socket = agents[1].dir.join("control.sock");
+    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
+    let keys = 40u64;
+    put_keys(&socket, keys);
+    kill_all(&mut agents);
+
+    agents[0].child = Some(spawn(&agents[0], &[]));
+    wait_showing(&agents, "node 1's last life ended", limit, || {
+        status(&agents[0].dir, true)
+            .is_some_and(|s| node_status(&s, 1).is_some_and(|(st, i)| i > 1 || st == "failed"))
+    });
+    agents[1].child = Some(spawn(&agents[1], &[]));
+    wait_showing(&agents, "two new lives", limit, || {
+        status(&agents[0].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && (1..=2)
+                    .all(|n| node_status(&s, n).is_some_and(|(st, i)| st == "active" && i >= 2))
+        })
+    });
+    assert_all_lost(&agents, &socket, keys);
 }

@@ -8,7 +8,7 @@ use crate::error::{Result, SupervisorError};
 use crate::link::TransportLink;
 use crate::net::{Net, TokioNet};
 use crate::secret::ClusterSecret;
-use crate::state::{check_declaration, Command, Refusal};
+use crate::state::{check_declaration, Command, NodeStatus, Refusal};
 use crate::store;
 use crate::supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
 use crate::tcp::{Identity, TcpConfig, TcpTransport};
@@ -488,11 +488,10 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
                         "restarted: the cluster recovers this node's last life from replicas; rejoining as a new one"
                     );
                 }
-                // The only node the locator holds: ended, its life's recovery would wait for
-                // another node to join (its entries need somewhere to go), and its own new life
-                // may not join while its old one is recovered. It carries on alone, its
-                // services empty.
-                Ok(Err(Refusal::LastNode(_))) if alone_in_tree(&supervisor) => {
+                // The cluster's only node ever, or the others all left: ended, its life's
+                // recovery would wait for another node to join (its entries need somewhere to
+                // go), and none is expected. It carries on alone, its services empty.
+                Ok(Err(Refusal::LastNode(_))) if others_left(&supervisor) => {
                     tracing::warn!(
                         node = me,
                         "restarted as the only node of the cluster: its services start empty"
@@ -500,10 +499,12 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
                     supervisor.admit_life();
                     return;
                 }
-                // The last life counted live, but the locator holds other nodes, failed (the
-                // whole cluster stopped, say): carried on, its empty services would answer for
-                // the entries of its last life as never written. Ended, their loss is reported,
-                // and it rejoins as a new life, as the others do.
+                // The last life counted live, but others failed and may come back (the whole
+                // cluster stopped, say): carried on, its empty services would answer for the
+                // entries of its last life as never written. Ended, their loss is reported, and
+                // it rejoins as a new life. Should it be the locator's last node, its recovery
+                // waits for another node's join (a failed one back as a new life, or a new one),
+                // and its own rejoin with it.
                 Ok(Err(Refusal::LastNode(_))) => {
                     match supervisor
                         .propose_until(Command::Dead { node: me, incarnation }, FAIL_WINDOW)
@@ -512,6 +513,9 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
                         Ok(Ok(_)) => {
                             ended = true;
                             tracing::warn!(node = me, incarnation, "restarted as the last member counted live, others having failed: this node's last life ends, its entries are reported lost where no copy survives, and it rejoins as a new one");
+                            if alone_in_tree(&supervisor) {
+                                tracing::warn!(node = me, "this node's last life was the last the locator held: its recovery, and this node's rejoin, wait for another node to join (start a failed node again, or a new one with --join)");
+                            }
                         }
                         Ok(Err(refusal)) => tracing::debug!(%refusal, "last life already ended"),
                         Err(error) => {
@@ -535,6 +539,13 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
         }
         tokio::time::sleep(pause).await;
     }
+}
+
+/// Whether every other node the cluster has known has left it: none will come back as a
+/// member without joining anew.
+fn others_left(supervisor: &Supervisor) -> bool {
+    let me = supervisor.id();
+    supervisor.state().nodes.iter().all(|(&id, r)| id == me || r.status == NodeStatus::Left)
 }
 
 /// Whether this node is the only one the locator's tree holds.

@@ -77,10 +77,11 @@ impl Detector {
         self.handle_tick_asking(now, members, &BTreeSet::new())
     }
 
-    /// [`Detector::handle_tick`], with `also` asked to witness too, after the members: nodes
-    /// that answer the leader but are no members (voters whose life ended, back after the
-    /// whole cluster stopped). Without them, the last member left would be judged on the
-    /// leader's silence alone.
+    /// [`Detector::handle_tick`], with `also` asked to witness for the last member left (the
+    /// only one besides the leader): nodes that are no members but may answer (voters whose
+    /// life ended, back after the whole cluster stopped). Without them, that member would be
+    /// judged on the leader's silence alone. Never while other members are there: when they
+    /// are all suspects too, the verdicts wait, and a witness from `also` must not decide.
     pub fn handle_tick_asking(
         &mut self,
         now: Instant,
@@ -100,15 +101,16 @@ impl Detector {
             actions.push(Action::Ping(node));
             if now.saturating_duration_since(heard) >= self.timeout && self.confirming.insert(node)
             {
+                let others = members.iter().any(|&w| w != self.me && w != node);
+                let asked = if others { &BTreeSet::new() } else { also };
                 let witnesses: Vec<u64> = members
                     .iter()
-                    .chain(also.iter().filter(|w| !members.contains(w)))
+                    .chain(asked.iter().filter(|w| !members.contains(w)))
                     .copied()
                     .filter(|&w| w != self.me && w != node)
                     .filter(|w| !self.confirming.contains(w))
                     .take(self.witnesses)
                     .collect();
-                let others = members.iter().any(|&w| w != self.me && w != node);
                 if witnesses.is_empty() && others {
                     // Every other member is a suspect too. With a quorum acknowledging the
                     // leader that cannot be true of them all: the leader itself was not
@@ -237,6 +239,17 @@ mod tests {
         assert_eq!(
             confirms(&d.handle_tick_asking(at, &m, &also)),
             vec![&Action::Confirm { suspect: 3, witnesses: vec![2] }]
+        );
+        // With other members, all suspects at once, the verdicts wait: no voter outside them
+        // decides.
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let m2 = members(&[1, 2, 3]);
+        d.handle_tick_asking(start, &m2, &members(&[4]));
+        let actions = d.handle_tick_asking(at, &m2, &members(&[4]));
+        assert_eq!(
+            confirms(&actions),
+            vec![&Action::Confirm { suspect: 2, witnesses: vec![3] }],
+            "node 3, a suspect too, waits for node 2's verdict"
         );
         // Asked nobody, the leader declares it at once.
         let mut alone = Detector::new(1, Duration::from_secs(1), 2);

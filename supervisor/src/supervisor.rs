@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use gobelins_adaptation::{codec, Host, Progress, Registry, Update};
 use gobelins_locator::{Change, Epoch, Labels, NodeId, Snapshot};
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::raft::VoteResponse;
 use openraft::{BasicNode, ChangeMembers, Membership, ServerState};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -971,10 +971,18 @@ impl Supervisor {
             .is_some();
         self.joining.lock().expect("joining").insert(join.node, Instant::now());
         if !known {
-            self.raft
-                .add_learner(join.node, BasicNode::new(&join.addr), false)
-                .await
-                .map_err(|e| ProposeError::Raft(e.to_string()))?;
+            self.raft.add_learner(join.node, BasicNode::new(&join.addr), false).await.map_err(
+                |e| match e {
+                    // Passing (a change of voters under way); the joiner asks again, and its
+                    // operator needs no raft log id.
+                    RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                        ChangeMembershipError::InProgress(_),
+                    )) => ProposeError::Raft(
+                        "the cluster is changing its raft voters; ask again shortly".into(),
+                    ),
+                    e => ProposeError::Raft(e.to_string()),
+                },
+            )?;
         }
         let JoinRequest { node, addr, labels, incarnation } = join;
         self.propose_here(Command::Join { node, addr, labels, incarnation }).await
@@ -1613,12 +1621,20 @@ impl Supervisor {
             let members: BTreeSet<u64> = state.live();
             // Voters whose life ended but who keep their seat while they answer (back after the
             // whole cluster stopped) witness for the members.
-            let also: BTreeSet<u64> = (self.raft.metrics().borrow())
-                .membership_config
-                .membership()
-                .voter_ids()
-                .filter(|id| !members.contains(id))
-                .collect();
+            let also: BTreeSet<u64> = {
+                let metrics = self.raft.metrics();
+                let metrics = metrics.borrow();
+                let membership = metrics.membership_config.membership();
+                let also: BTreeSet<u64> =
+                    membership.voter_ids().filter(|id| !members.contains(id)).collect();
+                // The transport forgot them when their life ended: a probe needs the address.
+                for &id in &also {
+                    if let Some(node) = membership.get_node(&id) {
+                        self.transport.set_peer(id, node.addr.clone());
+                    }
+                }
+                also
+            };
             let actions = {
                 let mut detector = self.detector.lock().unwrap_or_else(|p| p.into_inner());
                 let detector = detector.get_or_insert_with(|| {
