@@ -358,18 +358,7 @@ fn a_bootstrap_that_failed_on_a_taken_port_can_be_run_again_on_another() {
 fn the_survivor_of_a_two_node_cluster_one_leaves_still_admits_a_node() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(30);
-    let addrs: Vec<String> = (1..=3).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
-    let first = start(root.path(), 1, &addrs[0], &["--bootstrap"]);
-    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
-    let join = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
-    let mut agents = vec![first];
-    agents.push(start(root.path(), 2, &addrs[1], &join));
-    wait_showing(&agents, "node 2 active, node 1 the one voter", limit, || {
-        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "active", 1)])
-            && status(&agents[0].dir, false).is_some_and(|s| s["voters"] == serde_json::json!([1]))
-    });
+    let (mut agents, secret) = two_agents(root.path(), limit);
 
     // The bootstrap node leaves: the leader, most likely, which must hand over to the other.
     let leave = cli(&agents[0].dir, &["leave"]);
@@ -378,8 +367,8 @@ fn the_survivor_of_a_two_node_cluster_one_leaves_still_admits_a_node() {
     assert!(exited.success(), "a node that left exits cleanly");
     agents[0].child = None;
 
-    let join = ["--join", addrs[1].as_str(), "--secret-file", secret.as_str()];
-    agents.push(start(root.path(), 3, &addrs[2], &join));
+    let join = ["--join", agents[1].addr.as_str(), "--secret-file", secret.as_str()];
+    agents.push(start(root.path(), 3, &free_addr("127.0.0.3"), &join));
     wait_showing(&agents, "node 3 admitted by the survivor alone", limit, || {
         stable_with(&agents[1].dir, &[(1, "left", 1), (2, "active", 1), (3, "active", 1)])
     });
@@ -864,10 +853,37 @@ fn an_agent_entering_the_cluster_answers_status_and_says_what_it_waits_for() {
     });
 }
 
-/// Every key [`put_keys`] wrote reads as lost through the agent at `socket`, once it answers
-/// (it stops saying it enters the cluster a moment after its life is admitted).
-fn assert_all_lost(agents: &[Agent], socket: &Path, keys: u64) {
-    let limit = Duration::from_secs(10);
+/// A cluster of two agents: node 1 bootstrapped it, node 2 joined, and node 1 is the one
+/// voter. With the path of the cluster's secret.
+fn two_agents(root: &Path, limit: Duration) -> (Vec<Agent>, String) {
+    let addrs: Vec<String> = (1..=2).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
+    let first = start(root, 1, &addrs[0], &["--bootstrap"]);
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let join = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
+    let mut agents = vec![first];
+    agents.push(start(root, 2, &addrs[1], &join));
+    wait_showing(&agents, "node 2 active, node 1 the one voter", limit, || {
+        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "active", 1)])
+            && status(&agents[0].dir, false).is_some_and(|s| s["voters"] == serde_json::json!([1]))
+    });
+    (agents, secret)
+}
+
+/// Every one of `agents` comes back as a new life, and every key [`put_keys`] wrote reads as
+/// lost through the agent at `socket` once it answers (it stops saying it enters the cluster a
+/// moment after its life is admitted).
+fn back_as_new_lives_with_keys_lost(agents: &[Agent], socket: &Path, keys: u64) {
+    let limit = Duration::from_secs(60);
+    wait_showing(agents, "every node back as a new life", limit, || {
+        status(&agents[0].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && agents
+                    .iter()
+                    .all(|a| node_status(&s, a.id).is_some_and(|(st, i)| st == "active" && i >= 2))
+        })
+    });
     wait_showing(agents, "the agent answering", limit, || {
         call(socket, 0, &kvdir::Request::Get).is_some()
     });
@@ -947,14 +963,7 @@ fn a_cluster_killed_whole_and_started_again_reports_what_it_lost() {
     for agent in &mut agents {
         agent.child = Some(spawn(agent, &[]));
     }
-    wait_showing(&agents, "three new lives", limit, || {
-        status(&agents[0].dir, false).is_some_and(|s| {
-            s["stable"] == true
-                && (1..=3)
-                    .all(|n| node_status(&s, n).is_some_and(|(st, i)| st == "active" && i >= 2))
-        })
-    });
-    assert_all_lost(&agents, &socket, keys);
+    back_as_new_lives_with_keys_lost(&agents, &socket, keys);
 }
 
 /// A cluster of two killed whole, its voter started first, then the other node. The two come
@@ -963,18 +972,7 @@ fn a_cluster_killed_whole_and_started_again_reports_what_it_lost() {
 fn a_two_node_cluster_killed_whole_comes_back_and_reports_what_it_lost() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(60);
-    let addrs: Vec<String> = (1..=2).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
-    let first = start(root.path(), 1, &addrs[0], &["--bootstrap"]);
-    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
-    let join = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
-    let mut agents = vec![first];
-    agents.push(start(root.path(), 2, &addrs[1], &join));
-    wait_showing(&agents, "node 2 active, node 1 the one voter", limit, || {
-        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "active", 1)])
-            && status(&agents[0].dir, false).is_some_and(|s| s["voters"] == serde_json::json!([1]))
-    });
+    let (mut agents, _) = two_agents(root.path(), limit);
     let socket = agents[1].dir.join("control.sock");
     wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 40u64;
@@ -987,12 +985,5 @@ fn a_two_node_cluster_killed_whole_comes_back_and_reports_what_it_lost() {
             .is_some_and(|s| node_status(&s, 1).is_some_and(|(st, i)| i > 1 || st == "failed"))
     });
     agents[1].child = Some(spawn(&agents[1], &[]));
-    wait_showing(&agents, "two new lives", limit, || {
-        status(&agents[0].dir, false).is_some_and(|s| {
-            s["stable"] == true
-                && (1..=2)
-                    .all(|n| node_status(&s, n).is_some_and(|(st, i)| st == "active" && i >= 2))
-        })
-    });
-    assert_all_lost(&agents, &socket, keys);
+    back_as_new_lives_with_keys_lost(&agents, &socket, keys);
 }
