@@ -457,7 +457,7 @@ pub fn status_json(view: &View) -> Value {
 pub async fn request(
     path: &Path,
     request: &ControlRequest,
-    mut on_line: impl FnMut(&str),
+    on_line: impl FnMut(&str),
 ) -> Result<Value> {
     let mut stream = UnixStream::connect(path).await.map_err(|e| {
         SupervisorError::io(
@@ -475,20 +475,24 @@ pub async fn request(
     }
     body.push('\n');
     let written = stream.write_all(body.as_bytes()).await;
-    let mut lines = BufReader::new(stream).lines();
-    // An agent that refused the request may have closed the socket before it was all written:
-    // its answer, if it gave one, says why better than the broken pipe does.
-    if let Err(error) = written {
-        return match lines.next_line().await {
-            Ok(Some(line)) => match serde_json::from_str::<Value>(&line) {
-                Ok(value) if value["error"].is_string() => {
-                    Err(SupervisorError::Agent(value["error"].as_str().unwrap_or("").to_string()))
-                }
-                _ => Err(error.into()),
-            },
+    let answer = read_answer(BufReader::new(stream), on_line).await;
+    match written {
+        Ok(()) => answer,
+        // An agent that refused the request may have closed the socket before it was all
+        // written: its answer, if it gave one, says why better than the broken pipe does.
+        Err(error) => match answer {
+            Err(refused @ SupervisorError::Agent(_)) => Err(refused),
             _ => Err(error.into()),
-        };
+        },
     }
+}
+
+/// Reads the agent's answer: progress lines to `on_line`, then its result or its error.
+async fn read_answer(
+    read: impl AsyncBufRead + Unpin,
+    mut on_line: impl FnMut(&str),
+) -> Result<Value> {
+    let mut lines = read.lines();
     while let Some(line) = lines.next_line().await? {
         let value: Value =
             serde_json::from_str(&line).map_err(|e| SupervisorError::Codec(e.to_string()))?;
