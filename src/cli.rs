@@ -40,9 +40,15 @@ pub(crate) struct AgentArgs {
     /// The cluster secret, copied from the bootstrap node's data directory (for --join).
     #[arg(long)]
     secret_file: Option<PathBuf>,
-    /// A label placing this node in the cell tree, such as zone=a (repeatable).
+    /// A label placing this node in the cell tree, such as zone=a (repeatable); its key must be
+    /// one of the levels the cluster was bootstrapped with.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
+    /// With --bootstrap (or to finish one that stopped): the label keys that group nodes into
+    /// cells, top first, such as zone,rack. Set once for the cluster's life; nodes give values
+    /// with --label zone=a.
+    #[arg(long, value_delimiter = ',', conflicts_with = "join", value_name = "KEY,...")]
+    levels: Vec<String>,
     /// This node's id (chosen at random on first start if absent).
     #[arg(long)]
     node_id: Option<u64>,
@@ -265,6 +271,12 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(ms) = args.failure_timeout_ms {
         config.failure_timeout = Duration::from_millis(ms.max(1));
     }
+    if let Some(bad) = args.levels.iter().find(|l| l.is_empty() || l.contains('=')) {
+        bail!(
+            "--levels takes label keys separated by commas, such as zone,rack; `{bad}` is not one"
+        );
+    }
+    config.label_levels = args.levels;
     if config.failure_timeout < config.ping_interval * 2 {
         bail!(
             "--failure-timeout-ms ({} ms) must be at least twice the ping interval ({} ms), or every \
@@ -360,7 +372,14 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
             labels.join(" ")
         )?;
     }
-    writeln!(out, "\ncell tree:\n{}", status["tree"].as_str().unwrap_or(""))?;
+    let levels: Vec<&str> =
+        status["levels"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let levels = if levels.is_empty() { "none".to_string() } else { levels.join(", ") };
+    writeln!(
+        out,
+        "\ncell tree (label levels: {levels}):\n{}",
+        status["tree"].as_str().unwrap_or("")
+    )?;
     Ok(())
 }
 

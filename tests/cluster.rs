@@ -350,6 +350,59 @@ fn a_bootstrap_that_failed_on_a_taken_port_can_be_run_again_on_another() {
     drop(taken);
 }
 
+/// Labels place nodes in the cell tree only under levels the bootstrap gave. A bootstrap whose
+/// own label is no level said it had bootstrapped, and left a cluster without a member.
+#[test]
+fn a_bootstrap_gives_the_tree_its_label_levels_and_a_label_outside_them_is_refused() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let mut first = Agent {
+        id: 1,
+        addr: free_addr("127.0.0.1"),
+        dir: root.path().join("n1"),
+        log: root.path().join("n1.log"),
+        child: None,
+    };
+    let refused = spawn(&first, &["--bootstrap", "--label", "zone=a"])
+        .wait_with_output()
+        .expect("run the agent");
+    assert!(!refused.status.success(), "zone is no level: {}", log_of(&first));
+    assert!(log_of(&first).contains("--levels"), "says how: {}", log_of(&first));
+    // Finished by a start with the levels, as the error says.
+    first.child = Some(spawn(&first, &["--label", "zone=a", "--levels", "zone"]));
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let join = |label: &str| {
+        ["--join", first.addr.as_str(), "--secret-file", &secret, "--label", label]
+            .map(str::to_string)
+    };
+    let mut second = Agent {
+        id: 2,
+        addr: free_addr("127.0.0.2"),
+        dir: root.path().join("n2"),
+        log: root.path().join("n2.log"),
+        child: None,
+    };
+    let refused = spawn(&second, &join("rack=3").each_ref().map(String::as_str))
+        .wait_with_output()
+        .expect("run the agent");
+    assert!(!refused.status.success(), "rack is no level");
+    assert!(
+        log_of(&second).contains("not a level of this tree (levels: [zone])"),
+        "{}",
+        log_of(&second)
+    );
+    second.child = Some(spawn(&second, &join("zone=b").each_ref().map(String::as_str)));
+    wait_until("node 2 admitted", limit, || {
+        stable_with(&first.dir, &[(1, "active", 1), (2, "active", 1)])
+    });
+    let shown = status(&first.dir, false).expect("status");
+    assert_eq!(shown["levels"], serde_json::json!(["zone"]));
+    let tree = shown["tree"].as_str().unwrap_or("");
+    assert!(tree.contains("zone=a") && tree.contains("zone=b"), "{tree}");
+}
+
 /// One node of two leaves: the other must keep a raft quorum of its own. The leaver stopped on
 /// a timer once it had left, while it was still one of two voters, and the survivor could
 /// commit nothing again: not the change of voters, not a join. Two nodes now have one voter,

@@ -374,6 +374,11 @@ async fn enter(
         if let Some(outcome) = finished {
             tracing::warn!(?outcome, "this node's bootstrap had stopped before the node joined its own cluster; finished it");
         } else {
+            let (asked, held) = (&supervisor.config().label_levels, supervisor.state());
+            let held = &held.tree.config().label_levels;
+            if !asked.is_empty() && asked != held {
+                tracing::warn!(asked = ?asked, held = ?held, "--levels ignored: the cluster's label levels were set at its bootstrap and do not change");
+            }
             tokio::spawn(start_new_life(Arc::clone(supervisor)));
         }
         if begun {

@@ -449,6 +449,7 @@ pub fn status_json(view: &View) -> Value {
         "in_progress": in_progress,
         "queue": state.queue.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "tree": state.tree.render(),
+        "levels": state.tree.config().label_levels,
     })
 }
 

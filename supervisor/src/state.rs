@@ -119,6 +119,13 @@ pub enum Command {
         /// The incarnation that was seen failing; a stale report about an earlier life is refused.
         incarnation: u64,
     },
+    /// The bootstrap gives the cell tree its label levels, top first (`--levels zone,rack`),
+    /// before any node or service is in it: they decide where every entry goes, so they never
+    /// change afterwards. After [`Command::Dead`], for the log's older entries.
+    Shape {
+        /// The label keys from the top of the tree down.
+        levels: Vec<String>,
+    },
 }
 
 /// Why a command changed nothing. Sent back to whoever proposed it.
@@ -217,6 +224,16 @@ pub enum Refusal {
         /// The one proposed.
         declared: String,
     },
+    /// Label levels given to a cell tree that holds nodes or services already, or other
+    /// levels than it has: they are set once, by the bootstrap.
+    #[error(
+        "the cell tree's label levels are [{held}], set when the cluster was bootstrapped; they \
+         cannot change in a running cluster"
+    )]
+    Shaped {
+        /// The levels the tree has, comma separated.
+        held: String,
+    },
 }
 
 /// Slots of all services together. The cluster's state names each slot's manager, and it
@@ -263,6 +280,8 @@ pub enum Applied {
     },
     /// The service was registered.
     Registered,
+    /// The cell tree has the label levels asked for.
+    Shaped,
 }
 
 impl fmt::Display for Applied {
@@ -277,6 +296,7 @@ impl fmt::Display for Applied {
             Applied::Recorded { stable: true } => f.write_str("recorded; the cluster is stable"),
             Applied::Recorded { stable: false } => f.write_str("recorded"),
             Applied::Registered => f.write_str("registered"),
+            Applied::Shaped => f.write_str("the cell tree's label levels are set"),
         }
     }
 }
@@ -371,6 +391,7 @@ impl ClusterState {
             Command::Fail { node, incarnation } => self.fail(*node, *incarnation, false),
             Command::Dead { node, incarnation } => self.fail(*node, *incarnation, true),
             Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
+            Command::Shape { levels } => self.shape(levels),
             Command::Register(spec) => {
                 if self.declared(spec.id).is_some() {
                     // Every agent registers what it hosts; the first one wins (registered, or
@@ -408,6 +429,21 @@ impl ClusterState {
         })
     }
 
+    /// Gives the empty tree `levels`. The same levels again (a bootstrap finished by a
+    /// restart) change nothing.
+    fn shape(&mut self, levels: &[String]) -> Outcome {
+        let held = &self.tree.config().label_levels;
+        if held == levels {
+            return Ok(Applied::Shaped);
+        }
+        if !self.nodes.is_empty() || self.tree.services().next().is_some() {
+            return Err(Refusal::Shaped { held: held.join(",") });
+        }
+        let config = self.tree.config().clone().with_label_levels(levels.iter().cloned());
+        self.tree = CellTree::new(config).map_err(|e| Refusal::Locator(e.to_string()))?;
+        Ok(Applied::Shaped)
+    }
+
     fn join(&mut self, node: u64, addr: &str, labels: &Labels, incarnation: u64) -> Outcome {
         if let Some(record) = self.nodes.get(&node) {
             match record.status {
@@ -436,7 +472,12 @@ impl ClusterState {
         }
         // Checked now so that the joiner hears why; the locator would refuse the change only
         // when its turn came, and the joiner would wait for a membership that never comes.
-        self.tree.config().check_labels(labels).map_err(|e| Refusal::Locator(e.to_string()))?;
+        self.tree.config().check_labels(labels).map_err(|e| {
+            Refusal::Locator(format!(
+                "{e}; a cluster's label levels are given when it is bootstrapped (`gobelins agent \
+                 --bootstrap --levels zone,rack`)"
+            ))
+        })?;
         // So is a join the locator would refuse in its turn: no room for another node in a
         // service of too few slots, say. Refused then, it was waited on by its node for ever,
         // and the record of that node's last life, which fences the older ones, was gone with

@@ -463,6 +463,40 @@ fn a_join_whose_labels_the_locator_cannot_place_is_refused_to_the_joiner() {
 }
 
 #[test]
+fn the_bootstrap_shapes_the_tree_once_and_its_levels_never_change() {
+    let levels = |l: &[&str]| Shape { levels: l.iter().map(|s| s.to_string()).collect() };
+    let zone = |node: u64, z: &str| Join {
+        node,
+        addr: format!("127.0.0.{node}:7000"),
+        labels: Labels::from([("zone".to_string(), z.to_string())]),
+        incarnation: 1,
+    };
+    let mut state = ClusterState::default();
+    match state.apply(&zone(1, "a")) {
+        Err(Refusal::Locator(text)) => assert!(text.contains("--levels"), "says how: {text}"),
+        other => panic!("a label on a tree without levels gave {other:?}"),
+    }
+    // Given again, as a bootstrap finished by a restart asks, and then others while empty.
+    state = table(&[
+        (levels(&["zone"]), Ok(Shaped)),
+        (levels(&["zone"]), Ok(Shaped)),
+        (
+            levels(&["zone", "zone"]),
+            Err(Refusal::Locator(
+                "label level `zone` is named twice (again at position 1); name each level once"
+                    .into(),
+            )),
+        ),
+        (levels(&["zone", "rack"]), Ok(Shaped)),
+        (zone(1, "a"), Ok(Began { epoch: 1 })),
+        (levels(&["zone", "rack"]), Ok(Shaped)),
+        (levels(&["zone"]), Err(Refusal::Shaped { held: "zone,rack".into() })),
+        (levels(&[]), Err(Refusal::Shaped { held: "zone,rack".into() })),
+    ]);
+    assert_eq!(state.tree.config().label_levels, ["zone", "rack"]);
+}
+
+#[test]
 fn a_service_registered_again_must_be_declared_alike() {
     let mut state = ClusterState::default();
     state.apply(&join(1)).unwrap();

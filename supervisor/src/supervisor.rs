@@ -65,6 +65,9 @@ pub struct SupervisorConfig {
     /// Logs kept after a snapshot covers them, so that a follower a little behind catches up
     /// from logs rather than from a whole snapshot.
     pub logs_kept: u64,
+    /// The label levels a bootstrap gives the cluster's cell tree, top first (`--levels
+    /// zone,rack`); a node that joins takes the cluster's.
+    pub label_levels: Vec<String>,
 }
 
 impl Default for SupervisorConfig {
@@ -79,6 +82,7 @@ impl Default for SupervisorConfig {
             raft_election: Duration::from_millis(500),
             snapshot_every: 5000,
             logs_kept: 1000,
+            label_levels: Vec::new(),
         }
     }
 }
@@ -472,9 +476,28 @@ impl Supervisor {
     /// Makes this node the first member of a new cluster.
     pub async fn bootstrap(&self) -> Result<Outcome> {
         self.start_raft_alone().await?;
+        self.join_own_cluster().await
+    }
+
+    /// Gives the new cluster's tree its label levels, if any, and joins it as its first
+    /// member. A refusal (a `--label` that is not a level, say) is an error: taken for an
+    /// admission, it left a cluster without a member that said it was bootstrapped.
+    async fn join_own_cluster(&self) -> Result<Outcome> {
+        let refused = |refusal: Refusal| {
+            SupervisorError::Refused(format!(
+                "{refusal}. Nothing else was done: start the agent again with the same \
+                 --data-dir, mended flags and without --bootstrap to finish the bootstrap"
+            ))
+        };
+        if !self.config.label_levels.is_empty() {
+            let levels = self.config.label_levels.clone();
+            let shape = Command::Shape { levels };
+            self.propose_until(shape, Duration::from_secs(10)).await?.map_err(refused)?;
+        }
         let outcome = self.propose_until(self.join_command(), Duration::from_secs(10)).await?;
+        let outcome = outcome.map_err(refused)?;
         self.admit_life();
-        Ok(outcome)
+        Ok(Ok(outcome))
     }
 
     /// The first half of [`Supervisor::bootstrap`]: raft started with this node its only
@@ -497,9 +520,7 @@ impl Supervisor {
         if !alone || !self.state().nodes.is_empty() {
             return Ok(None);
         }
-        let outcome = self.propose_until(self.join_command(), Duration::from_secs(10)).await?;
-        self.admit_life();
-        Ok(Some(outcome))
+        self.join_own_cluster().await.map(Some)
     }
 
     /// [`Supervisor::finish_bootstrap`] for a node whose data directory says it began a
