@@ -40,6 +40,9 @@ struct Clock {
     begun: Instant,
     mark: Instant,
     done_at: Option<Instant>,
+    /// The node's count of entries received as the change began: what it received in the
+    /// change is the count's growth by its merge, when batches stop being taken.
+    received_before: u64,
 }
 
 impl Clock {
@@ -182,6 +185,7 @@ impl Driver {
                     begun: now,
                     mark: now,
                     done_at: None,
+                    received_before: self.inner.counters.entries_received.load(Ordering::Relaxed),
                 });
                 self.progress = Some(progress);
                 self.target = update.snapshot;
@@ -360,6 +364,8 @@ impl Driver {
                     if clock.record.receiving_ms == 0.0 {
                         clock.record.receiving_ms = clock.lap();
                     }
+                    let now = inner.counters.entries_received.load(Ordering::Relaxed);
+                    clock.record.entries_received = now.saturating_sub(clock.received_before);
                 }
                 if let (Some(plugin), Some(info)) = (inner.registry.get(service), self.info()) {
                     // Batches being staged go first; those that come after are refused.

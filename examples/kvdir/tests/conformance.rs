@@ -1080,12 +1080,24 @@ fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
             .iter()
             .map(|&n| (stats(&cluster, n).entries_sent, stats(&cluster, n).entries_received))
             .collect();
+        let stayed: Vec<NodeId> = cell.iter().copied().filter(|&n| n != evicted).collect();
+        let received_before: Vec<u64> =
+            stayed.iter().map(|&n| stats(&cluster, n).entries_received).collect();
         cluster.evict(evicted).await;
         let epoch = cluster.snapshot().epoch().0;
-        for &n in cell.iter().filter(|&&n| n != evicted) {
+        for &n in &stayed {
             let history = cluster.host(n).history();
             assert!(history.iter().any(|r| r.epoch == epoch), "node {n} of the cell took part");
         }
+        // Each change's record counts what the node received in it (it said 0, always).
+        let mut received = 0;
+        for (&n, before) in stayed.iter().zip(&received_before) {
+            let record = cluster.host(n).history().into_iter().find(|r| r.epoch == epoch);
+            let grew = stats(&cluster, n).entries_received - before;
+            assert_eq!(record.map(|r| r.entries_received), Some(grew), "node {n}");
+            received += grew;
+        }
+        assert!(received > 0, "the evicted node's entries were received");
         for (&n, moved) in other.iter().zip(&moved_before) {
             let history = cluster.host(n).history();
             assert!(
