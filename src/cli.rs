@@ -222,8 +222,7 @@ pub(crate) fn kv(args: KvArgs) -> anyhow::Result<()> {
     };
     let body = gobelins::adaptation::codec::encode(&request)?;
     let answer = ask(&dir, ControlRequest::Call { service: KVDIR.0, key, body })?;
-    let bytes: Vec<u8> =
-        serde_json::from_value(answer["body"].clone()).context("the agent's answer has no body")?;
+    let bytes = control::answer_body(&answer)?;
     match gobelins::adaptation::codec::decode::<Response>(&bytes)? {
         Response::Value(Some(entry)) => std::io::stdout().lock().write_all(&entry.value)?,
         Response::Value(None) => bail!("key {key} has no value"),
@@ -270,6 +269,10 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     if let Some(ms) = args.failure_timeout_ms {
         config.failure_timeout = Duration::from_millis(ms.max(1));
+    }
+    if args.node_id == Some(0) {
+        // Accepted, node 0 joined and could not be evicted: `evict` refuses it.
+        bail!("--node-id 0 is not a node id: ids start at 1");
     }
     if let Some(bad) = args.levels.iter().find(|l| l.is_empty() || l.contains('=')) {
         bail!(
@@ -525,8 +528,7 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
     let body = gobelins::adaptation::codec::encode(&command)?;
     let answer = ask(&dir, ControlRequest::Local { service: gobelins::dsm::DSM.0, body })?;
     if reading {
-        let bytes: Vec<u8> = serde_json::from_value(answer["body"].clone())
-            .context("the agent's answer has no bytes")?;
+        let bytes = control::answer_body(&answer)?;
         std::io::stdout().lock().write_all(&bytes)?;
     }
     if let Some(segment) = freed {

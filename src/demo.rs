@@ -385,7 +385,7 @@ async fn call(socket: &Path, key: u64, request: &Request) -> anyhow::Result<Resp
     let answer =
         control::request(socket, &ControlRequest::Call { service: KVDIR.0, key, body }, |_| {})
             .await?;
-    let bytes: Vec<u8> = serde_json::from_value(answer["body"].clone())?;
+    let bytes = control::answer_body(&answer)?;
     Ok(codec::decode(&bytes)?)
 }
 

@@ -296,7 +296,7 @@ fn call(socket: &Path, key: u64, request: &kvdir::Request) -> Option<kvdir::Resp
             |_| {},
         ))
         .ok()?;
-    let bytes: Vec<u8> = serde_json::from_value(answer["body"].clone()).ok()?;
+    let bytes = control::answer_body(&answer).ok()?;
     codec::decode(&bytes).ok()
 }
 

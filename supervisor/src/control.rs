@@ -50,6 +50,7 @@ pub enum ControlRequest {
         /// The key.
         key: u64,
         /// The encoded request.
+        #[serde(with = "hex_body")]
         body: Vec<u8>,
     },
     /// This node's adaptation counters and the changes it took part in.
@@ -60,13 +61,37 @@ pub enum ControlRequest {
         /// The service.
         service: u16,
         /// The command, encoded as the service's console expects.
+        #[serde(with = "hex_body")]
         body: Vec<u8>,
     },
 }
 
-/// The longest request line the control socket reads. A call's body rides in it as JSON
-/// numbers, up to four characters a byte: this carries kvdir's largest value (4 MiB) whatever
-/// its bytes. The socket is its user's alone, so the limit guards against mistakes, not peers.
+/// A body rides the control socket as a hex string: as JSON numbers, one a byte, a 4 MiB
+/// value took the agent's runtime worker about 200 ms to parse, long enough for its peers to
+/// hear nothing from it.
+mod hex_body {
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(body: &[u8], to: S) -> Result<S::Ok, S::Error> {
+        to.serialize_str(&hex::encode(body))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(from: D) -> Result<Vec<u8>, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(from)?;
+        hex::decode(text.as_bytes()).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The body of an agent's answer to [`ControlRequest::Call`] or [`ControlRequest::Local`].
+pub fn answer_body(answer: &Value) -> Result<Vec<u8>> {
+    let text = answer["body"]
+        .as_str()
+        .ok_or_else(|| SupervisorError::Codec("the agent's answer has no body".into()))?;
+    hex::decode(text).map_err(|e| SupervisorError::Codec(format!("the agent's answer: {e}")))
+}
+
+/// The longest request line the control socket reads. A call's body rides in it as hex, two
+/// characters a byte: this carries kvdir's largest value (4 MiB) with room to spare. The socket is its user's alone, so the limit guards against mistakes, not peers.
 pub const MAX_REQUEST_LINE: usize = 20 << 20;
 
 /// How long a leave, evict or join may take before the CLI is told to look again.
@@ -147,9 +172,14 @@ pub async fn serve(
     let consoles = Arc::new(consoles);
     let listener = bind_private(path)?;
     let socket = ControlSocket::at(path)?;
+    // The agent bound the socket: its owner is the agent's user.
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(path)?);
     tokio::spawn(async move {
         loop {
             match listener.accept().await {
+                Ok((stream, _)) if !may_drive(&stream, owner) => {
+                    tokio::spawn(refuse_stranger(stream, owner));
+                }
                 Ok((stream, _)) => {
                     let node = Arc::clone(&node);
                     let consoles = Arc::clone(&consoles);
@@ -168,6 +198,24 @@ pub async fn serve(
         }
     });
     Ok(socket)
+}
+
+/// Whether the process at the other end of `stream` runs as `owner`, the agent's user, or as
+/// root. The socket's mode says the same, but a mode can be loosened by mistake.
+fn may_drive(stream: &UnixStream, owner: u32) -> bool {
+    stream.peer_cred().is_ok_and(|cred| allowed(cred.uid(), owner))
+}
+
+fn allowed(uid: u32, owner: u32) -> bool {
+    uid == owner || uid == 0
+}
+
+async fn refuse_stranger(stream: UnixStream, owner: u32) {
+    let uid = stream.peer_cred().map(|c| c.uid()).ok();
+    tracing::warn!(?uid, owner, "refused a control connection from another user: the control socket serves the agent's own user (and root) only; check who can reach the data directory");
+    let (_, mut write) = stream.into_split();
+    let why = format!("this agent's control socket serves its own user (uid {owner}) only");
+    let _ = flush(&mut write, &[json!({ "error": why })]).await;
 }
 
 async fn answer(
@@ -203,7 +251,7 @@ async fn answer(
     match request {
         ControlRequest::Call { service, key, body } => {
             let line = match node.host().request(ServiceId(service), Key(key), body).await {
-                Ok(response) => json!({ "ok": { "body": response } }),
+                Ok(response) => json!({ "ok": { "body": hex::encode(response) } }),
                 Err(e) => json!({ "error": e.to_string() }),
             };
             flush(&mut write, &[line]).await
@@ -211,7 +259,7 @@ async fn answer(
         ControlRequest::Local { service, body } => {
             let line = match consoles.get(&service) {
                 Some(console) => match console.run(node.host(), body).await {
-                    Ok(answer) => json!({ "ok": { "body": answer } }),
+                    Ok(answer) => json!({ "ok": { "body": hex::encode(answer) } }),
                     Err(why) => json!({ "error": why }),
                 },
                 None => json!({
@@ -293,7 +341,20 @@ async fn read_request(
     if line.len() > MAX_REQUEST_LINE {
         return Ok(Err(too_long(line.len())));
     }
-    Ok(serde_json::from_slice(&line).map_err(|e| format!("bad request: {e}")))
+    let long = line_is_long(line.len());
+    let parse = move || serde_json::from_slice(&line).map_err(|e| format!("bad request: {e}"));
+    if long {
+        // Megabytes of hex take milliseconds to decode: not on a worker that answers peers.
+        return tokio::task::spawn_blocking(parse)
+            .await
+            .map_err(|e| SupervisorError::Agent(format!("parsing the request: {e}")));
+    }
+    Ok(parse())
+}
+
+/// Whether a request line is long enough to parse off the runtime's workers.
+fn line_is_long(len: usize) -> bool {
+    len > 256 << 10
 }
 
 /// Why a request line of `len` bytes is refused.
@@ -569,6 +630,36 @@ mod tests {
             read_request(&mut read).await.unwrap(),
             Ok(ControlRequest::Status { local: true })
         ));
+    }
+
+    #[tokio::test]
+    async fn only_the_agents_user_and_root_may_drive_it() {
+        assert!(allowed(1000, 1000) && allowed(0, 1000) && !allowed(1001, 1000));
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let me = ours.peer_cred().unwrap().uid();
+        assert!(may_drive(&ours, me), "the agent's own user");
+        if me != 0 {
+            assert!(!may_drive(&ours, me + 1), "another user");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_rides_as_hex_and_comes_back_whole() {
+        for len in [3, 300 << 10] {
+            let body: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+            let call = ControlRequest::Call { service: 10, key: 1, body: body.clone() };
+            let line = serde_json::to_string(&call).unwrap() + "\n";
+            assert!(line.len() < 2 * len + 64, "two characters a byte: {} for {len}", line.len());
+            assert_eq!(line_is_long(line.len()), len > 1000);
+            let mut read = BufReader::new(line.as_bytes());
+            match read_request(&mut read).await.unwrap() {
+                Ok(ControlRequest::Call { body: read, .. }) => assert!(read == body, "{len}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        let answer = json!({ "body": hex::encode([0u8, 255, 16]) });
+        assert_eq!(answer_body(&answer).unwrap(), [0, 255, 16]);
+        assert!(answer_body(&json!({ "body": [0, 255] })).is_err(), "numbers are no longer read");
     }
 
     /// An agent refuses a request it has not read to the end, and closes: the client's write
