@@ -107,6 +107,12 @@ impl Ledger {
         }
     }
 
+    /// This node dropped its copies of what `manager` manages, whose backup holds them now:
+    /// it vouches for none of them as a backup before.
+    pub(crate) fn forgot(&mut self, manager: NodeId) {
+        self.copied.remove(&manager);
+    }
+
     /// Whether `manager` copied this node every entry at the end of the change to `epoch`.
     fn copied_at(&self, manager: NodeId, epoch: Option<u64>) -> bool {
         epoch.is_some() && self.copied.get(&manager).is_some_and(|at| at.contains(&epoch))
@@ -374,6 +380,19 @@ mod tests {
         assert_eq!(judge(&[2]), Vec::<u32>::new());
         assert_eq!(judge(&[2, 3]), older, "the writes since died with node 3");
         assert_eq!(judge(&[2, 4]), older, "the voucher died before it delivered");
+    }
+
+    /// Node 4 dropped its copies of node 2's entries once node 3 held them all: it vouches
+    /// for none of them as node 2's backup before.
+    #[test]
+    fn a_former_backup_that_dropped_its_copies_vouches_for_nothing() {
+        let at_5 = table_of(&[1, 2, 4], 5);
+        let at_6 = table_of(&[1, 2, 4, 3], 6);
+        let mut ledger = through_5_and_6(&at_5, &[5]);
+        let orphans = slots_of(&at_6, n(2));
+        assert!(ledger.vouch(n(4), n(2), &at_6, &orphans).is_some(), "its word before");
+        ledger.forgot(n(2));
+        assert_eq!(ledger.vouch(n(4), n(2), &at_6, &orphans), None);
     }
 
     /// Node 1 sent slots to node 3 in the change it last took part in: it vouches for them

@@ -436,6 +436,9 @@ impl KvDir {
             }
             replicas.detach(theirs.map(|(slot, _)| slot as u32))
         };
+        // Holding none of them, this node must not vouch for them as a backup before: it did
+        // (a backup replaced while it lived), and a recovery took its word for entries gone.
+        self.ledger.lock().expect("ledger").forgot(from);
         // Freed in a task of its own: tens of thousands of entries took 10 to 16 ms to free,
         // and the sender's change waits for this answer.
         tokio::spawn(forgotten.free());
@@ -524,9 +527,11 @@ impl KvDir {
                 self.ledger.lock().expect("ledger").heard(failed, word);
                 return;
             }
-            // Should `node` die before it copies them on, this node rebuilds them again.
-            let slots = word.current.iter().chain(&word.older).copied();
-            self.ledger.lock().expect("ledger").vouched_to(node, slots);
+            // Should `node` die before it copies them on, this node rebuilds them again, and
+            // vouches for them as their sender: for what it holds up to the latest write only.
+            // Its word for the rest (`older`) held while `failed`'s backup lived, which the
+            // recovery of `node` cannot check: those slots are reported then.
+            self.ledger.lock().expect("ledger").vouched_to(node, word.current.iter().copied());
             let Vouch { at, current, older, entries, .. } = word;
             let word = Request::Vouch { failed, at, current, older, entries };
             if let Err(error) = tell_within(ctx, node, &word, WORD_PATIENCE).await {

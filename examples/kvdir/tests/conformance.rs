@@ -1153,6 +1153,39 @@ async fn five_after_a_single_failure() -> (MemCluster, Made, Vec<Key>) {
     (cluster, made, keys)
 }
 
+/// A node joins next to node 4 and becomes its backup in node 1's place; node 1 drops its
+/// copies. Then node 4 and its new backup die together, node 5 as node 4's recovery begins,
+/// with some of node 4's slots given to it: every key of node 4 reads `Lost`. Node 1 vouched
+/// for them as node 4's backup before, its copies gone, and counted that word as sent to
+/// node 5; in node 5's recovery its word was taken, and those keys read as never written.
+#[test]
+fn a_former_backup_that_dropped_its_copies_vouches_for_none_of_them() {
+    replay(async {
+        let (mut cluster, made) = cluster_with_instances(4).await;
+        let keys: Vec<Key> = (0..2_000).map(Key).collect();
+        put_own_bytes(&cluster, &keys).await;
+        let of = |cluster: &MemCluster, node: u64| -> Vec<Key> {
+            let table = cluster.snapshot();
+            keys.iter().copied().filter(|&k| table.locate(KVDIR, k) == Some(NodeId(node))).collect()
+        };
+        let held_by = |node: u64, keys: &[Key]| {
+            keys.iter().all(|&k| made.node(NodeId(node)).copy_of(k).is_some())
+        };
+        assert!(
+            held_by(1, &of(&cluster, 4)),
+            "node 1, next after node 4 wrapping round, backs it up"
+        );
+        cluster.add().await;
+        let of_node_4 = of(&cluster, 4);
+        assert!(!of_node_4.is_empty() && held_by(5, &of_node_4), "node 5 backs node 4 up");
+        let dropped = of_node_4.iter().all(|&k| made.node(NodeId(1)).copy_of(k).is_none());
+        assert!(dropped, "node 1 dropped its copies");
+
+        cluster.fail_and_crash(NodeId(4), NodeId(5)).await;
+        read_all(&cluster, &keys, |key| of_node_4.contains(&key)).await;
+    });
+}
+
 /// A manager and its backup die together: nothing holds the manager's entries any more. The
 /// new managers of its slots report them, each its own, once, and its keys read as `Lost`,
 /// never as absent, even once their slots have moved on; a key written again reads its value.
