@@ -30,6 +30,7 @@ mod frame_writer;
 pub mod handshake;
 pub mod lane;
 pub mod link;
+mod log_budget;
 pub mod mem;
 pub mod net;
 pub mod network;

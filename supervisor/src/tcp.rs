@@ -24,6 +24,7 @@ use crate::error::{Result, SupervisorError};
 use crate::frame::{FrameCodec, Wire, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME, NO_ANSWER};
 use crate::frame_writer::FrameWriter;
 use crate::handshake::{self, Hello};
+use crate::log_budget::LogBudget;
 use crate::net::{Net, TokioNet};
 use crate::outbox::Outbox;
 use crate::secret::ClusterSecret;
@@ -261,6 +262,10 @@ struct Peer {
     retry_at: Option<Instant>,
 }
 
+/// Connections refused before their handshake ended: lines logged per window, and the window.
+const REFUSALS_LOGGED: u32 = 5;
+const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
+
 struct Inner<N: Net> {
     net: N,
     config: TcpConfig,
@@ -274,6 +279,8 @@ struct Inner<N: Net> {
     next_id: AtomicU64,
     handshakes: Arc<Semaphore>,
     sources: Arc<Sources>,
+    /// Lines about connections refused or dropped before their handshake ended.
+    refusals: Mutex<LogBudget>,
     shutdown: CancellationToken,
 }
 
@@ -324,6 +331,7 @@ impl<N: Net> TcpTransport<N> {
                 next_id: AtomicU64::new(1),
                 handshakes,
                 sources,
+                refusals: Mutex::new(LogBudget::new(REFUSALS_WINDOW, REFUSALS_LOGGED)),
                 shutdown: CancellationToken::new(),
             }),
         };
@@ -371,11 +379,11 @@ impl<N: Net> TcpTransport<N> {
             match accepted {
                 Ok((stream, peer)) => {
                     let Some(counted) = self.inner.sources.admit(&peer) else {
-                        tracing::warn!(%peer, "too many handshakes in progress from this address; dropped a connection (a peer that connects and says nothing?)");
+                        self.refused(|| tracing::warn!(%peer, "too many handshakes in progress from this address; dropped a connection (a peer that connects and says nothing?)"));
                         continue;
                     };
                     let Ok(permit) = Arc::clone(&self.inner.handshakes).try_acquire_owned() else {
-                        tracing::warn!(%peer, "too many handshakes in progress; dropped a connection");
+                        self.refused(|| tracing::warn!(%peer, "too many handshakes in progress; dropped a connection"));
                         continue;
                     };
                     let me = self.clone();
@@ -383,7 +391,9 @@ impl<N: Net> TcpTransport<N> {
                         let admitted = me.admit_incoming(stream, &peer).await;
                         drop((permit, counted));
                         if let Err(error) = admitted {
-                            tracing::warn!(%peer, %error, "refused an incoming connection");
+                            me.refused(
+                                || tracing::warn!(%peer, %error, "refused an incoming connection"),
+                            );
                         }
                     });
                 }
@@ -393,6 +403,26 @@ impl<N: Net> TcpTransport<N> {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
+        }
+    }
+
+    /// Logs a connection refused or dropped before it proved the secret with `log`, while the
+    /// budget of such lines lasts: anyone who reaches the port can cause them.
+    fn refused(&self, log: impl FnOnce()) {
+        let mut budget = lock(&self.inner.refusals);
+        let take = budget.take(Instant::now());
+        let window = budget.window();
+        drop(budget);
+        if take.skipped > 0 {
+            tracing::warn!(
+                skipped = take.skipped,
+                "{} more connections refused or dropped before their handshake ended were not logged in the last {} s (a flood, or a peer with the wrong secret retrying: see the lines logged)",
+                take.skipped,
+                window.as_secs()
+            );
+        }
+        if take.log {
+            log();
         }
     }
 
