@@ -82,11 +82,23 @@ impl DataDir {
         // Write then rename, so that a crash leaves the old or the new number, never half.
         let path = self.root.join(name);
         let temporary = self.root.join(format!("{name}.new"));
-        std::fs::write(&temporary, format!("{value}\n"))
+        let written = std::fs::write(&temporary, format!("{value}\n"))
             .and_then(|()| std::fs::File::open(&temporary)?.sync_all())
-            .and_then(|()| std::fs::rename(&temporary, &path))
-            .and_then(|()| sync_dir(&self.root))
-            .map_err(|e| SupervisorError::io(format!("writing {}", path.display()), e))
+            .and_then(|()| std::fs::rename(&temporary, &path));
+        if written.is_err() {
+            // Left behind, an empty `.new` said nothing and misled whoever looked (a full disk).
+            let _ = std::fs::remove_file(&temporary);
+        }
+        written.and_then(|()| sync_dir(&self.root)).map_err(|e| {
+            SupervisorError::io(
+                format!(
+                    "writing {} (is the disk full or read-only? free space, then start the agent \
+                     again with the same --data-dir)",
+                    path.display()
+                ),
+                e,
+            )
+        })
     }
 
     /// This node's id, if set.
@@ -166,4 +178,24 @@ const BOOTSTRAPPING: &str = "bootstrapping";
 /// can bring the old file back (an incarnation already used, say).
 pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A number that cannot be written says what to check and leaves no `.new` file behind.
+    #[test]
+    fn a_number_that_cannot_be_written_leaves_nothing_behind_and_says_what_to_check() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(root.path()).unwrap();
+        dir.save_incarnation(3).unwrap();
+        assert_eq!(dir.incarnation().unwrap(), Some(3));
+        // A rename onto a directory that holds something fails, as a full disk's write does.
+        std::fs::remove_file(root.path().join("incarnation")).unwrap();
+        std::fs::create_dir_all(root.path().join("incarnation").join("in-the-way")).unwrap();
+        let error = dir.save_incarnation(4).expect_err("cannot replace a directory").to_string();
+        assert!(error.contains("is the disk full"), "{error}");
+        assert!(!root.path().join("incarnation.new").exists(), "the temporary file is gone");
+    }
 }

@@ -1090,17 +1090,24 @@ impl Supervisor {
         if self.shutdown.is_cancelled() {
             return; // our own shutdown stopped raft
         }
+        self.stop_on_storage(format!("raft stopped: {fatal}"));
+    }
+
+    /// Stops this node for good because its data directory cannot be written: it stops serving
+    /// and answering its peers, so that the cluster declares it failed and rebuilds its entries
+    /// elsewhere, and the agent exits saying so.
+    fn stop_on_storage(&self, why: String) {
         tracing::error!(
             node = self.me.id,
-            error = %fatal,
-            "raft stopped: this node's store failed (is its disk full or failing?). The node \
-             stops serving and answering its peers, so that the cluster declares it failed and \
-             rebuilds its entries elsewhere. Mend the disk, then restart the agent: it rejoins \
-             as a new life"
+            error = %why,
+            "this node's data directory cannot be written (is its disk full or failing?). The \
+             node stops serving and answering its peers, so that the cluster declares it failed \
+             and rebuilds its entries elsewhere. Mend the disk, then restart the agent: it \
+             rejoins as a new life"
         );
         self.shutdown.cancel();
         self.host.shutdown();
-        self.lifecycle.send_replace(Lifecycle::Fatal(fatal));
+        self.lifecycle.send_replace(Lifecycle::Fatal(why));
     }
 
     /// Whether raft has committed a membership in which this node does not vote, as far as
@@ -1482,7 +1489,9 @@ impl Supervisor {
             self.start_services_afresh(dead);
             // A life the cluster has not seen yet: above both ours and the one it declared dead.
             if let Err(error) = self.renew_incarnation(dead) {
-                tracing::error!(%error, "cannot persist the new incarnation; not rejoining");
+                // Asked again and again, it failed every ping interval for as long as the disk
+                // stayed full, and said meanwhile that it waited for a quorum.
+                self.stop_on_storage(format!("cannot persist the new incarnation: {error}"));
                 return;
             }
             // Made here even when the incarnation did not move (no record of this node in the
