@@ -133,8 +133,9 @@ impl Console for DsmConsole {
                 Ok(Vec::new())
             }
             DsmCommand::Discard { segment, page } => {
-                dsm.discard(PageId { segment, page }).await.map_err(|e| e.to_string())?;
-                Ok(Vec::new())
+                let discarded =
+                    dsm.discard(PageId { segment, page }).await.map_err(|e| e.to_string())?;
+                Ok(vec![u8::from(discarded)])
             }
         }
     }

@@ -143,8 +143,9 @@ enum DsmOp {
         dir: DirArgs,
         /// The segment id.
         segment: u32,
-        /// Its length in bytes: the pages it spans read as zeros afterwards, even where a
-        /// node that managed them failed.
+        /// Its length in bytes, as the program made it. The whole segment is freed, whatever
+        /// the length: every page of it reads as zeros afterwards, even where a node that
+        /// managed it failed.
         len: u64,
     },
     /// Start a page reported lost afresh, zero-filled, once what it held is dealt with (the
@@ -535,7 +536,11 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
         eprintln!("segment {segment} freed on every node");
     }
     if let DsmCommand::Discard { segment, page } = command {
-        eprintln!("page {page} of segment {segment} starts afresh from zeros");
+        if control::answer_body(&answer)? == [1] {
+            eprintln!("page {page} of segment {segment} starts afresh from zeros");
+        } else {
+            eprintln!("page {page} of segment {segment} was not lost: it keeps its contents");
+        }
     }
     Ok(())
 }

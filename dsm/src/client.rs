@@ -743,17 +743,22 @@ impl Dsm {
     }
 
     /// Starts a lost page afresh, zero-filled: the way out of [`DsmError::Lost`] once the
-    /// program has decided what to do about the lost contents.
-    pub async fn discard(&self, page: PageId) -> Result<(), DsmError> {
+    /// program has decided what to do about the lost contents. `false` if the page was not
+    /// lost: it keeps its contents.
+    pub async fn discard(&self, page: PageId) -> Result<bool, DsmError> {
         page_of_a_segment(page)?;
-        self.ask(page.key(), &Request::Discard).await.map(|_| ())
+        Ok(!matches!(self.ask(page.key(), &Request::Discard).await?, Response::Kept))
     }
 
     fn check(segment: &Segment, offset: u64, len: usize) -> Result<(), DsmError> {
         let end = offset.saturating_add(len as u64);
         // Past these, page ids would wrap onto other segments' or the same segment's pages.
         let most = (u64::from(u32::MAX) + 1) * PAGE_SIZE as u64;
-        if segment.id > crate::MAX_SEGMENT || end > most {
+        if segment.id > crate::MAX_SEGMENT {
+            let page = PageId { segment: segment.id, page: (offset / PAGE_SIZE as u64) as u32 };
+            return Err(DsmError::NoSuchSegment { page });
+        }
+        if end > most {
             return Err(DsmError::OutOfRange { segment: segment.id, offset, end, len: most });
         }
         if end > segment.len {

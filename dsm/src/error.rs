@@ -18,7 +18,7 @@ pub enum DsmError {
     },
     /// A page of a segment id past [`crate::MAX_SEGMENT`]: its key would name another
     /// segment's page.
-    #[error("page {page:?}: segment ids go up to {max}", max = crate::MAX_SEGMENT)]
+    #[error("segment {} does not exist: segment ids go up to {max}", .page.segment, max = crate::MAX_SEGMENT)]
     NoSuchSegment {
         /// The page.
         page: PageId,
@@ -58,8 +58,9 @@ pub enum DsmError {
     #[error(transparent)]
     Adaptation(#[from] AdaptationError),
     /// This node is being evicted, or was: a write now could not be handed over with its
-    /// pages. Its programs must stop writing shared memory before it leaves.
-    #[error("this node is leaving the cluster: shared memory can no longer be written from it")]
+    /// pages, and a copy it reads may be older than one it read before. Its programs must stop
+    /// using shared memory before it leaves. A range access may have done its first pages.
+    #[error("this node is leaving the cluster: shared memory can no longer be read or written through it (use another node; a multi-page write may have written its first pages)")]
     Leaving,
     /// A peer answered something this version does not expect.
     #[error("protocol: {0}")]

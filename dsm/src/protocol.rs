@@ -316,6 +316,8 @@ pub enum Response {
     Invalid(String),
     /// To a write fault: the writer is no longer in the cluster (it was being evicted).
     Departed,
+    /// To a discard: the page was not lost, and keeps its contents.
+    Kept,
 }
 
 /// A page's directory entry: the manager's knowledge of it.

@@ -977,9 +977,10 @@ impl DsmService {
                     return Response::Retry;
                 }
                 *entry = PageEntry { version: entry.version + 1, ..PageEntry::default() };
+                return Response::Ok;
             }
         }
-        Response::Ok
+        Response::Kept
     }
 
     async fn lock_op(&self, ctx: &Context, key: Key, request: Request) -> Response {

@@ -682,10 +682,13 @@ fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zeroed() {
         assert_eq!(reported(&cluster), u64::from(PAGES - 1));
         assert!(matches!(reader.read(pid(1)).await, Err(DsmError::Lost { .. })));
         assert_eq!(reported(&cluster), u64::from(PAGES - 1), "counted once");
-        // The program decides; then the page starts afresh.
+        // The program decides; then the page starts afresh. A page that was not lost is not
+        // discarded, and says so.
         let page = pid(1);
-        reader.discard(page).await.expect("discard");
+        assert!(reader.discard(page).await.expect("discard"), "page 1 was lost");
         assert_eq!(Value::decode(&reader.read(page).await.expect("fresh")).count, 0);
+        assert!(!reader.discard(pid(0)).await.expect("discard"), "page 0 was not lost");
+        assert_eq!(Value::decode(&reader.read(pid(0)).await.expect("kept")).count, 1);
     })
 }
 
@@ -1312,6 +1315,13 @@ fn a_page_of_a_segment_past_the_last_id_is_refused_not_aliased() {
         assert!(matches!(dsm.read(past).await, Err(DsmError::NoSuchSegment { .. })));
         assert!(matches!(dsm.write(past).await, Err(DsmError::NoSuchSegment { .. })));
         assert!(matches!(dsm.discard(past).await, Err(DsmError::NoSuchSegment { .. })));
+        // The byte-range calls too, saying so rather than that the bytes lie past its end.
+        let segment = gobelins_dsm::Segment::new(past.segment, 8192);
+        let said = dsm.write_at(&segment, 0, b"x").await.expect_err("no such segment").to_string();
+        assert!(said.starts_with(&format!("segment {} does not exist", past.segment)), "{said}");
+        let mut buf = [0u8; 1];
+        let read = dsm.read_at(&segment, 0, &mut buf).await;
+        assert!(matches!(read, Err(DsmError::NoSuchSegment { .. })), "{read:?}");
         let last = PageId { segment: gobelins_dsm::MAX_SEGMENT, page: 3 };
         put(&dsm, last, 5).await;
         assert_eq!(get(&cluster.dsm(NodeId(2)), last).await, 5);
