@@ -179,13 +179,26 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
 const TOLD: &str =
     "not admitted: this node belongs to another cluster or the secret differs; check --secret-file";
 
+/// What a connecting node tells the node it dialed whose Hello or proof it refused: the
+/// fault is likelier the dialer's (a joiner given another cluster's secret file).
+const TOLD_BY_DIALER: &str = "the node that connected holds another cluster's secret (or a changed one), and refused this node's proof; check the secret file it was given";
+
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S, FrameCodec>,
     peer: &str,
     reason: String,
 ) -> SupervisorError {
+    refuse_telling(framed, peer, reason, TOLD).await
+}
+
+async fn refuse_telling<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, FrameCodec>,
+    peer: &str,
+    reason: String,
+    told: &str,
+) -> SupervisorError {
     // Best effort: the peer may already be gone, and the error we return matters more.
-    let _ = send(framed, &HandshakeMessage::Refused(TOLD.into())).await;
+    let _ = send(framed, &HandshakeMessage::Refused(told.into())).await;
     SupervisorError::Handshake { peer: peer.into(), reason }
 }
 
@@ -220,11 +233,11 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
             other => return Err(unexpected(peer, &other)),
         };
         if let Err(reason) = check_hello(secret.cluster, &theirs) {
-            return Err(refuse(framed, peer, reason).await);
+            return Err(refuse_telling(framed, peer, reason, TOLD_BY_DIALER).await);
         }
         if !verify(secret, ACCEPTOR, &ours, &theirs, &their_proof)? {
-            let reason = "the peer's proof does not match our cluster secret: the secret files differ; check --secret-file".to_string();
-            return Err(refuse(framed, peer, reason).await);
+            let reason = "the peer's proof does not match our cluster secret: the secret files differ; check --secret-file (or this data directory's cluster.secret)".to_string();
+            return Err(refuse_telling(framed, peer, reason, TOLD_BY_DIALER).await);
         }
         send(framed, &HandshakeMessage::Proof(proof(secret, INITIATOR, &ours, &theirs)?)).await?;
         match receive(framed, peer).await? {
@@ -333,7 +346,9 @@ mod tests {
         let (a, b) = run(wrong, right).await;
         let (a, b) = (a.unwrap_err().to_string(), b.unwrap_err().to_string());
         assert!(a.contains("secret files differ"), "{a}");
-        assert!(b.contains("refused by peer"), "{b}");
+        // The acceptor, dialed by a node with a changed key, is not told to check its own.
+        assert!(b.contains("refused by peer: the node that connected holds"), "{b}");
+        assert!(!b.contains("check --secret-file"), "{b}");
     }
 
     #[tokio::test]

@@ -260,6 +260,9 @@ struct Peer {
     conn: Option<Conn>,
     backoff: Duration,
     retry_at: Option<Instant>,
+    /// Why the last dial's handshake failed (a secret that differs, say): what a call refused
+    /// during the backoff says, rather than only that the node is unreachable.
+    refused: Option<String>,
 }
 
 /// Connections refused before their handshake ended: lines logged per window, and the window.
@@ -495,6 +498,7 @@ impl<N: Net> TcpTransport<N> {
                     }
                     entry.backoff = Duration::ZERO;
                     entry.retry_at = None;
+                    entry.refused = None;
                     conn.clone()
                 }
             }
@@ -695,7 +699,13 @@ impl<N: Net> TcpTransport<N> {
             let peers = lock(&self.inner.peers);
             let peer = peers.get(&node).ok_or(SupervisorError::Unreachable(node))?;
             if peer.retry_at.is_some_and(|at| Instant::now() < at) {
-                return Err(SupervisorError::Unreachable(node));
+                return Err(match &peer.refused {
+                    Some(reason) => SupervisorError::Handshake {
+                        peer: peer.addr.clone().unwrap_or_default(),
+                        reason: reason.clone(),
+                    },
+                    None => SupervisorError::Unreachable(node),
+                });
             }
             peer.addr.clone().ok_or(SupervisorError::Unreachable(node))?
         };
@@ -713,6 +723,11 @@ impl<N: Net> TcpTransport<N> {
             Err(error) => {
                 self.failed_dial(node);
                 tracing::debug!(node, %addr, %error, "dial failed");
+                let refused = match &error {
+                    SupervisorError::Handshake { reason, .. } => Some(reason.clone()),
+                    _ => None,
+                };
+                lock(&self.inner.peers).entry(node).or_default().refused = refused;
                 Err(match error {
                     SupervisorError::Handshake { .. } => error,
                     _ => SupervisorError::Unreachable(node),
