@@ -370,7 +370,9 @@ fn a_bootstrap_gives_the_tree_its_label_levels_and_a_label_outside_them_is_refus
     assert!(log_of(&first).contains("--levels"), "says how: {}", log_of(&first));
     // Finished by a start with the levels, as the error says.
     first.child = Some(spawn(&first, &["--label", "zone=a", "--levels", "zone"]));
-    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    wait_showing(std::slice::from_ref(&first), "the bootstrap finished", limit, || {
+        stable_with(&first.dir, &[(1, "active", 1)])
+    });
     let secret = first.dir.join("cluster.secret");
     let secret = secret.to_str().expect("utf-8 path").to_string();
     let join = |label: &str| {
@@ -997,6 +999,10 @@ fn a_cluster_killed_whole_comes_back_without_the_node_that_does_not() {
     wait_showing(&agents, "nodes 1 to 3 voting", limit, || {
         status(&agents[0].dir, false).is_some_and(|s| voters(&s) == [1, 2, 3])
     });
+    // Evicting node 4 now has nothing to do, and says why.
+    let evict = cli(&agents[0].dir, &["evict", "4"]);
+    let said = String::from_utf8_lossy(&evict.stderr);
+    assert!(!evict.status.success() && said.contains("node 4 failed already"), "{said}");
 }
 
 /// Every node of a cluster killed and started again. They come back as new lives, and what

@@ -289,6 +289,20 @@ async fn answer(
             flush(&mut write, &[json!({ "error": why })]).await
         }
         ControlRequest::Evict { node: target } => {
+            let view = node.cluster_view().await;
+            let why = match view.state.nodes.get(&target).map(|r| r.status) {
+                Some(NodeStatus::Failed) => Some(format!("node {target} failed already: nothing to evict (its entries were rebuilt from their replicas; `gobelins status` lists it)")),
+                Some(NodeStatus::Left) => Some(format!("node {target} left already: nothing to evict")),
+                // Neither in the cluster's state nor with a leader to ask: this agent has
+                // not joined yet, and its raft knows nobody.
+                None if view.leader.is_none() && view.state.nodes.is_empty() => Some(
+                    "this agent has not joined a cluster yet: ask a member's agent (`--data-dir` of a running member)".to_string(),
+                ),
+                _ => None,
+            };
+            if let Some(why) = why {
+                return flush(&mut write, &[json!({ "error": why })]).await;
+            }
             let evict = Command::Evict { node: target };
             change((&mut read, &mut write), &node, evict, target, NodeStatus::Left).await
         }

@@ -512,11 +512,7 @@ impl Supervisor {
     /// which no other history leaves. A joiner's raft always lists the node it joined through.
     /// `None` if there is nothing to finish.
     pub async fn finish_bootstrap(&self) -> Result<Option<Outcome>> {
-        let alone = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow();
-            metrics.membership_config.membership().voter_ids().eq([self.me.id])
-        };
+        let alone = self.voters_in_store().await? == [self.me.id];
         if !alone || !self.state().nodes.is_empty() {
             return Ok(None);
         }
@@ -528,15 +524,22 @@ impl Supervisor {
     /// raft kept anything, which left raft without members and the state without nodes, is
     /// run again whole.
     pub async fn finish_begun_bootstrap(&self) -> Result<Option<Outcome>> {
-        let memberless = {
-            let metrics = self.raft.metrics();
-            let metrics = metrics.borrow();
-            metrics.membership_config.membership().voter_ids().next().is_none()
-        };
+        let memberless = self.voters_in_store().await?.is_empty();
         if memberless && self.state().nodes.is_empty() {
             return self.bootstrap().await.map(Some);
         }
         self.finish_bootstrap().await
+    }
+
+    /// The voters of the membership raft loaded from its store, asked of raft's core. Its
+    /// metrics may not show that membership yet just after a start: read there, a bootstrap
+    /// refused and started again looked memberless, was initialized a second time, and the
+    /// agent exited on raft's refusal.
+    async fn voters_in_store(&self) -> Result<Vec<u64>> {
+        self.raft
+            .with_raft_state(|st| st.membership_state.effective().voter_ids().collect())
+            .await
+            .map_err(|e| SupervisorError::Raft(e.to_string()))
     }
 
     /// Lets this process's life serve: its host is fed the cluster's state from now on, and
