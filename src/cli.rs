@@ -265,11 +265,14 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
     } else {
         SupervisorConfig::default()
     };
+    if args.ping_interval_ms == Some(0) || args.failure_timeout_ms == Some(0) {
+        bail!("--ping-interval-ms and --failure-timeout-ms take a number of milliseconds above 0");
+    }
     if let Some(ms) = args.ping_interval_ms {
-        config.ping_interval = Duration::from_millis(ms.max(1));
+        config.ping_interval = Duration::from_millis(ms);
     }
     if let Some(ms) = args.failure_timeout_ms {
-        config.failure_timeout = Duration::from_millis(ms.max(1));
+        config.failure_timeout = Duration::from_millis(ms);
     }
     if args.node_id == Some(0) {
         // Accepted, node 0 joined and could not be evicted: `evict` refuses it.
@@ -475,6 +478,7 @@ fn write_stats(out: &mut impl std::io::Write, answer: &Value) -> anyhow::Result<
 }
 
 pub(crate) fn join(args: JoinArgs) -> anyhow::Result<()> {
+    agent::host_and_port("the seed", &args.seed)?;
     let status = ask(&args.dir, ControlRequest::Join { seed: args.seed })?;
     eprintln!("joined; this node is active at epoch {}", status["epoch"]);
     Ok(())

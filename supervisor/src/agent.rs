@@ -415,6 +415,9 @@ fn keep_identity(dir: &DataDir, secret: &ClusterSecret, node: u64) -> Result<()>
 /// one they can dial.
 fn advertised(options: &AgentOptions) -> Result<String> {
     host_and_port("--listen", &options.listen)?;
+    if let Start::Join(seed) = &options.start {
+        host_and_port("--join", seed)?;
+    }
     if let Some(advertise) = &options.advertise {
         host_and_port("--advertise", advertise)?;
         return Ok(advertise.clone());
@@ -429,9 +432,15 @@ fn advertised(options: &AgentOptions) -> Result<String> {
     }
 }
 
+/// What a stop by signal leaves to the cluster, said as the agent stops.
+const STOPPED: &str = "The cluster declares this node failed and rebuilds its entries from \
+     replicas; started again with the same --data-dir, it rejoins as a new life. `gobelins \
+     leave` takes a node out without a failure";
+
 /// Refuses an address without a port (`--listen localhost`) before anything is written: found
 /// when binding, it came after the data directory was made, in words that named no remedy.
-fn host_and_port(flag: &str, addr: &str) -> Result<()> {
+/// `flag` names where the address was given.
+pub fn host_and_port(flag: &str, addr: &str) -> Result<()> {
     // An IPv6 host is bracketed: `::1` would otherwise read as host `:` and port 1.
     let host_ok = |host: &str| {
         !host.is_empty() && (!host.contains(':') || (host.starts_with('[') && host.ends_with(']')))
@@ -659,8 +668,10 @@ pub async fn run(
     // A node that had left before this start has nothing to wait for on its way out.
     let left_before = *lifecycle.borrow() == Lifecycle::Left;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
-        _ = terminate.recv() => tracing::info!("terminated; stopping"),
+        // At the default level: otherwise the log just ended, and an operator could not tell a
+        // stop asked for from a crash.
+        _ = tokio::signal::ctrl_c() => tracing::warn!("interrupted; stopping. {STOPPED}"),
+        _ = terminate.recv() => tracing::warn!("terminated (SIGTERM); stopping. {STOPPED}"),
         ended = lifecycle.wait_for(|l| *l != Lifecycle::Member) => {
             match ended.map(|l| l.clone()) {
                 Ok(Lifecycle::Fatal(why)) => fatal = Some(why),
@@ -749,6 +760,10 @@ mod tests {
         options.listen = "127.0.0.1:7400".into();
         options.advertise = Some("node-3.example".into());
         assert!(advertised(&options).is_err(), "an advertised address needs its port too");
+        options.advertise = None;
+        options.start = Start::Join("garbage".into());
+        let refused = advertised(&options).unwrap_err().to_string();
+        assert!(refused.contains("--join garbage is not HOST:PORT"), "{refused}");
     }
 
     #[test]

@@ -536,13 +536,12 @@ pub async fn request(
     on_line: impl FnMut(&str),
 ) -> Result<Value> {
     let mut stream = UnixStream::connect(path).await.map_err(|e| {
-        SupervisorError::io(
-            format!(
-                "connecting to the agent at {} (is `gobelins agent` running with this --data-dir?)",
-                path.display()
-            ),
-            e,
-        )
+        let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+            "the agent runs as another user: run this command as that user, or as root"
+        } else {
+            "is `gobelins agent` running with this --data-dir?"
+        };
+        SupervisorError::io(format!("connecting to the agent at {} ({hint})", path.display()), e)
     })?;
     let mut body =
         serde_json::to_string(request).map_err(|e| SupervisorError::Codec(e.to_string()))?;

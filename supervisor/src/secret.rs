@@ -79,7 +79,16 @@ impl ClusterSecret {
     /// Reads a secret file.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| {
-            SupervisorError::io(format!("reading secret file {}", path.display()), e)
+            let what = if e.kind() == std::io::ErrorKind::InvalidData {
+                format!(
+                    "reading secret file {} (not text: is it the cluster.secret of the \
+                     bootstrap node's data directory?)",
+                    path.display()
+                )
+            } else {
+                format!("reading secret file {}", path.display())
+            };
+            SupervisorError::io(what, e)
         })?;
         Self::from_text(&text)
     }
