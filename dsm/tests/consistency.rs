@@ -1344,7 +1344,7 @@ fn an_access_outside_a_segment_is_refused() {
         // Ids and offsets that would wrap onto other pages are refused, not aliased.
         let too_far = gobelins_dsm::Segment::new(gobelins_dsm::MAX_SEGMENT + 1, 10_000);
         let refused = dsm.write_at(&too_far, 4_090, &[9u8; 16]).await;
-        assert!(matches!(refused, Err(DsmError::OutOfRange { .. })), "{refused:?}");
+        assert!(matches!(refused, Err(DsmError::NoSuchSegment { .. })), "{refused:?}");
         let page_space = (u64::from(u32::MAX) + 1) * gobelins_dsm::PAGE_SIZE as u64;
         let huge = gobelins_dsm::Segment::new(4, u64::MAX);
         let refused = dsm.write_at(&huge, page_space + 4_090, &[9u8; 16]).await;
