@@ -278,7 +278,8 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
         // Accepted, node 0 joined and could not be evicted: `evict` refuses it.
         bail!("--node-id 0 is not a node id: ids start at 1");
     }
-    if let Some(bad) = args.levels.iter().find(|l| l.is_empty() || l.contains('=')) {
+    let bad = |l: &String| l.is_empty() || l.contains('=') || l.contains(char::is_whitespace);
+    if let Some(bad) = args.levels.iter().find(|l| bad(l)) {
         bail!(
             "--levels takes label keys separated by commas, such as zone,rack; `{bad}` is not one"
         );
@@ -543,7 +544,10 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
         if control::answer_body(&answer)? == [1] {
             eprintln!("page {page} of segment {segment} starts afresh from zeros");
         } else {
-            eprintln!("page {page} of segment {segment} was not lost: it keeps its contents");
+            eprintln!(
+                "page {page} of segment {segment} is not lost (or was started afresh already): \
+                 nothing discarded"
+            );
         }
     }
     Ok(())

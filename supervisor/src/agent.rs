@@ -433,9 +433,9 @@ fn advertised(options: &AgentOptions) -> Result<String> {
 }
 
 /// What a stop by signal leaves to the cluster, said as the agent stops.
-const STOPPED: &str = "The cluster declares this node failed and rebuilds its entries from \
-     replicas; started again with the same --data-dir, it rejoins as a new life. `gobelins \
-     leave` takes a node out without a failure";
+const STOPPED: &str = "The cluster's other members declare this node failed and rebuild its \
+     entries from replicas; started again with the same --data-dir, it rejoins as a new life. \
+     `gobelins leave` takes a node out without a failure";
 
 /// Refuses an address without a port (`--listen localhost`) before anything is written: found
 /// when binding, it came after the data directory was made, in words that named no remedy.

@@ -8,7 +8,7 @@ use crate::console::Consoles;
 use crate::entering::Entering;
 use crate::error::{Result, SupervisorError};
 use crate::rpc::{ProposeError, View};
-use crate::state::{Command, NodeStatus};
+use crate::state::{Command, NodeStatus, Refusal};
 use crate::supervisor::Supervisor;
 use gobelins_locator::{Key, ServiceId};
 use serde::{Deserialize, Serialize};
@@ -214,7 +214,7 @@ async fn refuse_stranger(stream: UnixStream, owner: u32) {
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
     tracing::warn!(?uid, owner, "refused a control connection from another user: the control socket serves the agent's own user (and root) only; check who can reach the data directory");
     let (_, mut write) = stream.into_split();
-    let why = format!("this agent's control socket serves its own user (uid {owner}) only");
+    let why = format!("this agent's control socket serves its own user (uid {owner}) and root only: run the command as that user");
     let _ = flush(&mut write, &[json!({ "error": why })]).await;
 }
 
@@ -289,18 +289,11 @@ async fn answer(
             flush(&mut write, &[json!({ "error": why })]).await
         }
         ControlRequest::Evict { node: target } => {
-            let view = node.cluster_view().await;
-            let why = match view.state.nodes.get(&target).map(|r| r.status) {
-                Some(NodeStatus::Failed) => Some(format!("node {target} failed already: nothing to evict (its entries were rebuilt from their replicas; `gobelins status` lists it)")),
-                Some(NodeStatus::Left) => Some(format!("node {target} left already: nothing to evict")),
-                // Neither in the cluster's state nor with a leader to ask: this agent has
-                // not joined yet, and its raft knows nobody.
-                None if view.leader.is_none() && view.state.nodes.is_empty() => Some(
-                    "this agent has not joined a cluster yet: ask a member's agent (`--data-dir` of a running member)".to_string(),
-                ),
-                _ => None,
-            };
-            if let Some(why) = why {
+            // Neither a node in its state nor a leader to ask: this agent has not joined yet,
+            // and its raft knows nobody.
+            let view = node.view();
+            if view.leader.is_none() && view.state.nodes.is_empty() {
+                let why = "this agent has not joined a cluster yet: ask a member's agent (`--data-dir` of a running member)";
                 return flush(&mut write, &[json!({ "error": why })]).await;
             }
             let evict = Command::Evict { node: target };
@@ -411,6 +404,17 @@ async fn change(
         Ok(Ok(applied)) => {
             flush(write, &[json!({ "progress": format!("accepted: {applied}") })]).await?;
             wait_for((read, write), node, target, until).await
+        }
+        // Told apart only now, from the state of the leader that refused: a node that failed
+        // or left is no member, and had been said to be "not a member of this cluster".
+        Ok(Err(Refusal::UnknownNode(node_id))) => {
+            let view = node.cluster_view().await;
+            let why = match view.state.nodes.get(&node_id).map(|r| r.status) {
+                Some(NodeStatus::Failed) => format!("node {node_id} failed already: nothing to do (its entries were rebuilt from their replicas; `gobelins status` lists it)"),
+                Some(NodeStatus::Left) => format!("node {node_id} left already: nothing to do"),
+                _ => Refusal::UnknownNode(node_id).to_string(),
+            };
+            flush(write, &[json!({ "error": why })]).await
         }
         Ok(Err(refusal)) => flush(write, &[json!({ "error": refusal.to_string() })]).await,
         // A proposal that reached a leader but was not answered in time may still commit.

@@ -436,11 +436,17 @@ impl ClusterState {
         if held == levels {
             return Ok(Applied::Shaped);
         }
-        if !self.nodes.is_empty() || self.tree.services().next().is_some() {
+        if !self.nodes.is_empty() {
             return Err(Refusal::Shaped { held: held.join(",") });
         }
+        // Services registered with no node (a directory of a build that took a refused
+        // bootstrap for done) hold no slot yet: they carry over as they are.
         let config = self.tree.config().clone().with_label_levels(levels.iter().cloned());
-        self.tree = CellTree::new(config).map_err(|e| Refusal::Locator(e.to_string()))?;
+        let mut tree = CellTree::new(config).map_err(|e| Refusal::Locator(e.to_string()))?;
+        for spec in self.tree.services() {
+            tree.register_service(spec.clone()).map_err(|e| Refusal::Locator(e.to_string()))?;
+        }
+        self.tree = tree;
         Ok(Applied::Shaped)
     }
 

@@ -494,6 +494,12 @@ fn the_bootstrap_shapes_the_tree_once_and_its_levels_never_change() {
         (levels(&[]), Err(Refusal::Shaped { held: "zone,rack".into() })),
     ]);
     assert_eq!(state.tree.config().label_levels, ["zone", "rack"]);
+
+    // A service registered before any node (by a build that took a refused bootstrap for
+    // done) stays registered through the shaping.
+    let mut state = table(&[(register(1, 64), Ok(Registered)), (levels(&["zone"]), Ok(Shaped))]);
+    assert_eq!(state.tree.services().map(|s| s.id.0).collect::<Vec<_>>(), [1]);
+    assert_eq!(state.apply(&zone(1, "a")), Ok(Began { epoch: 2 }));
 }
 
 #[test]

@@ -419,7 +419,7 @@ impl<N: Net> TcpTransport<N> {
         if take.skipped > 0 {
             tracing::warn!(
                 skipped = take.skipped,
-                "{} more connections refused or dropped before their handshake ended were not logged in the last {} s (a flood, or a peer with the wrong secret retrying: see the lines logged)",
+                "{} more connections refused or dropped before their handshake ended were not logged, since the lines before this one (at most 5 every {} s; a flood, or a peer with the wrong secret retrying: see those lines)",
                 take.skipped,
                 window.as_secs()
             );
@@ -715,10 +715,9 @@ impl<N: Net> TcpTransport<N> {
             }
             Ok((theirs, _)) => {
                 self.failed_dial(node);
-                Err(SupervisorError::Handshake {
-                    peer: addr,
-                    reason: format!("expected node {node}, found node {}", theirs.node),
-                })
+                let reason = format!("expected node {node}, found node {}", theirs.node);
+                lock(&self.inner.peers).entry(node).or_default().refused = Some(reason.clone());
+                Err(SupervisorError::Handshake { peer: addr, reason })
             }
             Err(error) => {
                 self.failed_dial(node);
@@ -891,6 +890,7 @@ impl<N: Net> Transport for TcpTransport<N> {
         if peer.addr.as_deref() != Some(addr.as_str()) {
             peer.addr = Some(addr);
             peer.retry_at = None;
+            peer.refused = None;
         }
     }
 
