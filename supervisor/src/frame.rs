@@ -153,6 +153,21 @@ impl Decoder for FrameCodec {
         frame.advance(1);
         Ok(Some(frame.freeze()))
     }
+
+    /// A connection closed in the middle of a frame says so (tokio-util's own words were
+    /// "bytes remaining on stream").
+    fn decode_eof(&mut self, src: &mut BytesMut) -> Result<Option<Bytes>> {
+        match self.decode(src)? {
+            None if !src.is_empty() => Err(SupervisorError::io(
+                "reading a frame",
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the peer closed the connection {} bytes into a frame", src.len()),
+                ),
+            )),
+            frame => Ok(frame),
+        }
+    }
 }
 
 impl Encoder<Bytes> for FrameCodec {
@@ -246,6 +261,18 @@ mod tests {
             out,
             vec![Bytes::from_static(b"hello"), Bytes::new(), Bytes::from(vec![7; 1000])]
         );
+    }
+
+    #[test]
+    fn a_connection_closed_inside_a_frame_says_so_and_one_closed_between_frames_ends() {
+        let mut codec = FrameCodec::default();
+        let whole = encoded(b"hello");
+        let mut cut = BytesMut::from(&whole[..whole.len() - 2]);
+        let said = codec.decode_eof(&mut cut).expect_err("a cut frame").to_string();
+        assert!(said.contains("the peer closed the connection 8 bytes into a frame"), "{said}");
+        let mut buf = whole.clone();
+        assert_eq!(codec.decode_eof(&mut buf).unwrap(), Some(Bytes::from_static(b"hello")));
+        assert_eq!(codec.decode_eof(&mut buf).unwrap(), None);
     }
 
     #[test]

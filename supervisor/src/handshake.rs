@@ -154,22 +154,28 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     framed.send(Bytes::from(codec::encode(message)?)).await
 }
 
+/// The next handshake message from `peer`, which this node dialed (`dialed`) or which dialed
+/// it.
 async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S, FrameCodec>,
     peer: &str,
+    dialed: bool,
 ) -> Result<HandshakeMessage> {
+    // Not a refusal, which says so before it closes: a busy peer (at its limit of handshakes)
+    // closes without a word, and asking again later may get in. A node that dialed this one
+    // and hung up is only gone.
+    let why = if dialed {
+        "the peer closed the connection before the handshake ended (busy with other \
+         handshakes, a gobelins build of another protocol version, or not a gobelins agent)"
+    } else {
+        "the peer closed the connection before the handshake ended (it gave up, or is not a \
+         gobelins agent)"
+    };
     match framed.next().await {
         Some(frame) => Ok(codec::decode(&frame?)?),
-        // Not a refusal, which says so before it closes: a busy peer (at its limit of
-        // handshakes) closes without a word, and asking again later may get in.
         None => Err(SupervisorError::io(
             format!("handshake with {peer}"),
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "the peer closed the connection before the handshake ended (busy with other \
-                 handshakes, a gobelins build of another protocol version, or not a gobelins \
-                 agent)",
-            ),
+            std::io::Error::new(std::io::ErrorKind::UnexpectedEof, why),
         )),
     }
 }
@@ -227,7 +233,7 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
 ) -> Result<Hello> {
     let run = async {
         send(framed, &HandshakeMessage::Hello(ours.clone())).await?;
-        let (theirs, their_proof) = match receive(framed, peer).await? {
+        let (theirs, their_proof) = match receive(framed, peer, true).await? {
             HandshakeMessage::Welcome { hello, proof } => (hello, proof),
             HandshakeMessage::Refused(reason) => return Err(refused_by_peer(peer, reason)),
             other => return Err(unexpected(peer, &other)),
@@ -240,7 +246,7 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
             return Err(refuse_telling(framed, peer, reason, TOLD_BY_DIALER).await);
         }
         send(framed, &HandshakeMessage::Proof(proof(secret, INITIATOR, &ours, &theirs)?)).await?;
-        match receive(framed, peer).await? {
+        match receive(framed, peer, true).await? {
             HandshakeMessage::Admitted => Ok(theirs),
             HandshakeMessage::Refused(reason) => Err(refused_by_peer(peer, reason)),
             other => Err(unexpected(peer, &other)),
@@ -260,7 +266,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
     admit: impl FnOnce(&Hello) -> std::result::Result<(), String>,
 ) -> Result<Hello> {
     let run = async {
-        let theirs = match receive(framed, peer).await? {
+        let theirs = match receive(framed, peer, false).await? {
             HandshakeMessage::Hello(hello) => hello,
             other => return Err(unexpected(peer, &other)),
         };
@@ -272,7 +278,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             hello: ours.clone(),
         };
         send(framed, &welcome).await?;
-        match receive(framed, peer).await? {
+        match receive(framed, peer, false).await? {
             HandshakeMessage::Proof(p) if verify(secret, INITIATOR, &theirs, &ours, &p)? => {
                 match admit(&theirs) {
                     Ok(()) => {

@@ -870,7 +870,8 @@ impl<N: Net> Transport for TcpTransport<N> {
         let (theirs, framed) =
             tokio::time::timeout_at(until, self.dial(addr)).await.map_err(|_| {
                 SupervisorError::Timeout {
-                    what: format!("reaching {addr}"),
+                    // The connection may have been made: the handshake is what did not end.
+                    what: format!("connecting to {addr} and proving the cluster secret"),
                     after_ms: deadline.as_millis() as u64,
                 }
             })??;
