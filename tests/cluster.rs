@@ -21,6 +21,19 @@ struct Agent {
     child: Option<Child>,
 }
 
+impl Agent {
+    /// Another agent of the same id, directory and log, not started.
+    fn clone_paths(&self) -> Agent {
+        Agent {
+            id: self.id,
+            addr: self.addr.clone(),
+            dir: self.dir.clone(),
+            log: self.log.clone(),
+            child: None,
+        }
+    }
+}
+
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
@@ -348,6 +361,12 @@ fn a_bootstrap_that_failed_on_a_taken_port_can_be_run_again_on_another() {
         stable_with(&agent.dir, &[(1, "active", 1)])
     });
     drop(taken);
+    // A second agent on the running one's directory is told so, whatever it was asked.
+    let mut twin = agent.clone_paths();
+    twin.addr = free_addr("127.0.0.1");
+    let refused = spawn(&twin, &["--bootstrap"]).wait_with_output().expect("run the agent");
+    assert!(!refused.status.success(), "the directory is in use");
+    assert!(log_of(&twin).contains("an agent is already running"), "{}", log_of(&twin));
 }
 
 /// Labels place nodes in the cell tree only under levels the bootstrap gave. A bootstrap whose

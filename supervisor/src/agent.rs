@@ -140,6 +140,15 @@ impl<N: Net> Agent<N> {
         let addr = advertised(options)?;
         let dir = DataDir::open(&options.data_dir)?;
         fits_a_socket(&dir.socket_path())?;
+        // Said first: a --bootstrap was told the directory holds a cluster, and anything else
+        // learned it from the raft store's lock, in the store's words.
+        if std::os::unix::net::UnixStream::connect(dir.socket_path()).is_ok() {
+            return Err(SupervisorError::Config(format!(
+                "an agent is already running with --data-dir {} (its control socket answers): \
+                 stop it first, or give this one another --data-dir",
+                options.data_dir.display()
+            )));
+        }
         let existing = dir.secret()?;
         // A directory that holds a secret was admitted to its cluster before (a joining node
         // keeps the secret only once admitted): a join from it is a restart. So is one that
