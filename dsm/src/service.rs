@@ -1359,7 +1359,6 @@ impl DsmService {
     /// would lose it: a commit finds a new backup too, but a page not written again never
     /// commits.
     async fn restore_backups(&self, ctx: &Context, exposed: Vec<Exposed>) {
-        let wanted = exposed.len();
         // A node that did not answer for one page is not asked for its others: each would
         // wait out a call timeout of its own, 16 at a time, and the change with them (a slow
         // or hung node not declared failed yet). Their pages get a backup at their next
@@ -1367,10 +1366,10 @@ impl DsmService {
         let unanswering: std::sync::Mutex<BTreeSet<NodeId>> = Default::default();
         let unanswering = &unanswering;
         let answers = |n: NodeId| !unanswering.lock().expect("unanswering").contains(&n);
-        let restored: Vec<bool> = futures::stream::iter(exposed)
+        let restored: Vec<Restore> = futures::stream::iter(exposed)
             .map(|(page, slot, owner, version, to, replaces)| async move {
                 if !answers(owner) || !answers(to) || self.gone(ctx, owner) {
-                    return false;
+                    return Restore::Unanswered;
                 }
                 let request = Request::BackupTo { page, version, node: to, replaces };
                 let chosen = match self.told(ctx, owner, page, request).await {
@@ -1379,14 +1378,15 @@ impl DsmService {
                     // The owner could not store the page on `to`.
                     Some(Response::Retry) => {
                         unanswering.lock().expect("unanswering").insert(to);
-                        return false;
+                        return Restore::Unanswered;
                     }
                     None => {
                         unanswering.lock().expect("unanswering").insert(owner);
-                        return false;
+                        return Restore::Unanswered;
                     }
-                    // Busy: a write in progress finds a backup as it commits.
-                    _ => return false,
+                    // Busy, or that version is gone: a write in progress, or done since, finds
+                    // a backup as it commits.
+                    _ => return Restore::Written,
                 };
                 // Unless the entry moved on meanwhile: a grant, or a commit's `Rebackup`,
                 // placed a backup of its own, and the owner commits there.
@@ -1396,14 +1396,18 @@ impl DsmService {
                         e.backup = Some(chosen);
                     }
                 }
-                true
+                Restore::Done
             })
             .buffer_unordered(RESTORING)
             .collect()
             .await;
-        let done = restored.iter().filter(|&&r| r).count();
-        if done < wanted {
-            tracing::warn!(node = ctx.node().0, pages = wanted - done, "dsm: pages left with no backup after the change (their owner was writing them, or did not answer); each gets one at its next commit, and until then a failure of its owner loses it");
+        let count = |of: Restore| restored.iter().filter(|&&r| r == of).count();
+        let (done, written, unanswered) =
+            (count(Restore::Done), count(Restore::Written), count(Restore::Unanswered));
+        if unanswered > 0 {
+            tracing::warn!(node = ctx.node().0, pages = unanswered, written, "dsm: pages left with no backup after the change, their owner (or the node chosen for the backup) not answering; each gets one at its next commit, and until then a failure of its owner loses it");
+        } else if written > 0 {
+            tracing::info!(node = ctx.node().0, pages = done, written, "dsm: pages given a new backup after the change; those being written get theirs as they commit");
         } else {
             tracing::info!(
                 node = ctx.node().0,
@@ -1763,6 +1767,18 @@ impl Service for DsmService {
         drop(staged);
         self.reports(me, orphans)
     }
+}
+
+/// How one page's backup fared after a change.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Restore {
+    /// It has one.
+    Done,
+    /// Its owner is writing it, or moved on from that version (a write since, or a grant to
+    /// another writer): that commit places a backup.
+    Written,
+    /// Its owner, or the node chosen for the backup, did not answer.
+    Unanswered,
 }
 
 /// Past every version and barrier generation a cluster gives out.
