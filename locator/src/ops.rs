@@ -18,15 +18,35 @@ impl CellTree {
     /// Applies one change. On error the tree is unchanged.
     pub fn apply(&mut self, change: &Change) -> Result<ChangeReport> {
         let mut next = self.clone();
-        let report = match change {
+        let mut report = match change {
             Change::Register(spec) => next.register(spec.clone())?,
             Change::Add { node, labels } => next.add(*node, labels)?,
             Change::Evict(node) | Change::Fail(node) => next.remove(*node)?,
             Change::Rebalance { max_over_avg_permille } => next.rebalance(*max_over_avg_permille),
             Change::Recover(_) => ChangeReport::default(),
         };
+        // A node alone in its cell keeps its replicas outside it, on the node after it in the
+        // table (`CellTree::next_after`). A change that adds or takes away that node, in
+        // another cell, changes where they go: the lone node takes part, to copy them there.
+        // It did not, the node it had copied them to left, and its failure then lost them.
+        let lone_before = match change {
+            Change::Add { node, .. } => next.lone_before(*node),
+            Change::Evict(node) | Change::Fail(node) => {
+                self.lone_before(*node).filter(|p| next.nodes.contains_key(p))
+            }
+            _ => None,
+        };
+        report.participants.extend(lone_before);
         *self = next;
         Ok(report)
+    }
+
+    /// The node before `node` in the table, wrapping round, if it is another node and alone in
+    /// its leaf cell: the node that keeps its replicas on `node`.
+    pub fn lone_before(&self, node: NodeId) -> Option<NodeId> {
+        let before = self.nodes.range(..node).next_back().or_else(|| self.nodes.last_key_value());
+        let (&before, member) = before.filter(|(&b, _)| b != node)?;
+        (self.cells[&member.leaf].members().len() == 1).then_some(before)
     }
 
     /// Registers a service (see [`Change::Register`]).

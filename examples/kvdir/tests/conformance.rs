@@ -835,6 +835,47 @@ async fn two_cells_of_two() -> MemCluster {
     .await
 }
 
+/// A node alone in its cell keeps its replicas on the next node of the table, in another cell.
+/// That node leaves, then the lone node fails: its keys all read back. The lone node took no
+/// part in the leave, never copied its entries to its next backup, and its failure lost them
+/// (an audit: a zone of one node, 152 keys of 600).
+#[test]
+fn a_node_alone_in_its_cell_keeps_a_replica_when_its_backup_leaves() {
+    replay(async {
+        let shape = gobelins_locator::TreeConfig { cell_capacity: 2, ..Default::default() };
+        let mut cluster = MemCluster::start_shaped(5, shape, HostConfig::default(), || {
+            let mut registry = Registry::new();
+            registry.register(plugin(KvDir::new())).expect("registers");
+            registry
+        })
+        .await;
+        let keys: Vec<Key> = (0..2_000).map(Key).collect();
+        put_own_bytes(&cluster, &keys).await;
+        // A lone node and the next one in the table, neither node 1, which the reads go
+        // through.
+        let lone_and_next = |table: &Snapshot| {
+            let nodes = table.nodes().to_vec();
+            (0..nodes.len()).map(|i| (nodes[i], nodes[(i + 1) % nodes.len()])).find(|&(n, next)| {
+                table.cell_mates(n).eq([n]) && n != NodeId(1) && next != NodeId(1)
+            })
+        };
+        let mut found = lone_and_next(&cluster.snapshot());
+        while found.is_none() && cluster.nodes().len() < 9 {
+            cluster.add().await;
+            found = lone_and_next(&cluster.snapshot());
+        }
+        let (lone, next) = found.expect("a node alone in its cell");
+        let of_lone: Vec<Key> = {
+            let table = cluster.snapshot();
+            keys.iter().copied().filter(|&k| table.locate(KVDIR, k) == Some(lone)).collect()
+        };
+        assert!(!of_lone.is_empty(), "node {lone} manages keys");
+        cluster.evict(next).await;
+        cluster.fail(lone).await;
+        read_all(&cluster, &keys, |_| false).await;
+    });
+}
+
 /// A cluster of several cells (of two nodes at most). A node keeps its replicas on a node of
 /// its own cell. Kept on the next node of the whole table, in another cell, they left with
 /// that node when it was evicted, and the node they belonged to, no part of that change (its
