@@ -253,7 +253,12 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut labels = Labels::new();
     for text in &args.labels {
         let (key, value) = parse_label(text)?;
-        labels.insert(key, value);
+        if value.contains(',') {
+            bail!("--label {text}: one level a --label, as --label zone=a --label rack=r1");
+        }
+        if let Some(first) = labels.insert(key.clone(), value) {
+            bail!("--label {key} given twice ({key}={first} first): give each level once");
+        }
     }
     let start = match (args.bootstrap, args.join) {
         (true, _) => Start::Bootstrap,

@@ -22,6 +22,13 @@ struct Agent {
 }
 
 impl Agent {
+    /// Kills the agent (`kill -9`) and waits for it.
+    fn kill(&mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("kill -9");
+        child.wait().expect("reap");
+    }
+
     /// Another agent of the same id, directory and log, not started.
     fn clone_paths(&self) -> Agent {
         Agent {
@@ -424,6 +431,14 @@ fn a_bootstrap_gives_the_tree_its_label_levels_and_a_label_outside_them_is_refus
     assert_eq!(shown["levels"], serde_json::json!(["zone"]));
     let tree = shown["tree"].as_str().unwrap_or("");
     assert!(tree.contains("zone=a") && tree.contains("zone=b"), "{tree}");
+
+    // Restarted with a key that is no level, node 2 cannot rejoin: it stops and says why,
+    // where it asked again for ever and said it waited for a quorum.
+    second.kill();
+    let mut child = spawn(&second, &["--label", "rack=3"]);
+    let status = exit_within(&mut child, limit);
+    assert!(!status.success(), "{}", log_of(&second));
+    assert!(log_of(&second).contains("refused this node's rejoin"), "{}", log_of(&second));
 }
 
 /// One node of two leaves: the other must keep a raft quorum of its own. The leaver stopped on
@@ -971,11 +986,7 @@ fn back_as_new_lives_with_keys_lost(agents: &[Agent], socket: &Path, keys: u64) 
 
 /// Every agent killed with `kill -9`, as by a power cut, and reaped.
 fn kill_all(agents: &mut [Agent]) {
-    for agent in agents {
-        let mut child = agent.child.take().expect("running");
-        child.kill().expect("kill -9");
-        child.wait().expect("reap");
-    }
+    agents.iter_mut().for_each(Agent::kill);
 }
 
 /// The whole cluster killed, then a majority of its voters started again, and the last voter

@@ -293,6 +293,13 @@ async fn enter(
     node: u64,
     restarted: bool,
 ) -> Result<()> {
+    // A restart rejoins with the labels given now: a unit that lost them moves the node
+    // elsewhere in the tree, which must not go unsaid.
+    if let Some(last) = supervisor.state().nodes.get(&node).filter(|_| restarted) {
+        if last.labels != options.labels {
+            tracing::warn!(before = ?last.labels, now = ?options.labels, "this node's labels differ from its last life's: it rejoins in another place of the cell tree");
+        }
+    }
     // A service this build declares otherwise than the cluster this node belonged to: the
     // node is refused here, before it enters again, rather than admitted, stopped and
     // recovered at every restart (a unit restarting it on failure, say).

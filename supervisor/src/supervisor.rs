@@ -1528,6 +1528,11 @@ impl Supervisor {
             Ok(Ok(applied)) => tracing::info!(?applied, "rejoining"),
             // An earlier attempt got through though its answer was lost.
             Ok(Err(Refusal::AlreadyMember(_))) => tracing::debug!("rejoin already under way"),
+            // Its labels: asking again changes nothing.
+            Ok(Err(refusal @ Refusal::Locator(_))) => self.stop_refused(format!(
+                "the cluster refused this node's rejoin: {refusal}. Start it again with --label \
+                 values the cluster takes"
+            )),
             Ok(Err(refusal)) => tracing::warn!(%refusal, "rejoin refused; will try again"),
             Err((via, error)) => tracing::warn!(%via, %error, "rejoin failed; will try again"),
         }
