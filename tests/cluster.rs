@@ -57,11 +57,16 @@ fn free_addr(ip: &str) -> String {
 }
 
 fn start(root: &Path, id: u64, addr: &str, extra: &[&str]) -> Agent {
-    let dir = root.join(format!("n{id}"));
-    let log = root.join(format!("n{id}.log"));
-    let mut agent = Agent { id, addr: addr.to_string(), dir, log, child: None };
+    let mut agent = unstarted(root, id, addr.to_string());
     agent.child = Some(spawn(&agent, extra));
     agent
+}
+
+/// Node `id`, its directory and log under `root`, not started.
+fn unstarted(root: &Path, id: u64, addr: String) -> Agent {
+    let dir = root.join(format!("n{id}"));
+    let log = root.join(format!("n{id}.log"));
+    Agent { id, addr, dir, log, child: None }
 }
 
 fn spawn(agent: &Agent, extra: &[&str]) -> Child {
@@ -332,13 +337,8 @@ fn a_node_refused_for_its_id_is_admitted_when_started_again_with_another() {
     let secret = secret.to_str().expect("utf-8 path");
     let join = ["--join", first.addr.as_str(), "--secret-file", secret];
     // Node 1's id, from another address: refused, with advice to pick another id.
-    let mut second = Agent {
-        id: 1,
-        addr: free_addr("127.0.0.2"),
-        dir: root.path().join("n2"),
-        log: root.path().join("n2.log"),
-        child: None,
-    };
+    let mut second = unstarted(root.path(), 2, free_addr("127.0.0.2"));
+    second.id = 1;
     let refused = spawn(&second, &join).wait_with_output().expect("run the agent");
     assert!(!refused.status.success(), "node id 1 is taken");
     assert!(log_of(&second).contains("another --node-id"), "{}", log_of(&second));
@@ -355,13 +355,7 @@ fn a_bootstrap_that_failed_on_a_taken_port_can_be_run_again_on_another() {
     let root = tempfile::tempdir().expect("temporary directory");
     let taken = TcpListener::bind(("127.0.0.1", 0)).expect("bind a port");
     let taken_addr = taken.local_addr().expect("address").to_string();
-    let mut agent = Agent {
-        id: 1,
-        addr: taken_addr,
-        dir: root.path().join("n1"),
-        log: root.path().join("n1.log"),
-        child: None,
-    };
+    let mut agent = unstarted(root.path(), 1, taken_addr);
     let failed = spawn(&agent, &["--bootstrap"]).wait_with_output().expect("run the agent");
     assert!(!failed.status.success(), "the port was taken");
     agent.addr = free_addr("127.0.0.1");
@@ -384,13 +378,7 @@ fn a_bootstrap_that_failed_on_a_taken_port_can_be_run_again_on_another() {
 fn a_bootstrap_gives_the_tree_its_label_levels_and_a_label_outside_them_is_refused() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(30);
-    let mut first = Agent {
-        id: 1,
-        addr: free_addr("127.0.0.1"),
-        dir: root.path().join("n1"),
-        log: root.path().join("n1.log"),
-        child: None,
-    };
+    let mut first = unstarted(root.path(), 1, free_addr("127.0.0.1"));
     let refused = spawn(&first, &["--bootstrap", "--label", "zone=a"])
         .wait_with_output()
         .expect("run the agent");
@@ -407,13 +395,7 @@ fn a_bootstrap_gives_the_tree_its_label_levels_and_a_label_outside_them_is_refus
         ["--join", first.addr.as_str(), "--secret-file", &secret, "--label", label]
             .map(str::to_string)
     };
-    let mut second = Agent {
-        id: 2,
-        addr: free_addr("127.0.0.2"),
-        dir: root.path().join("n2"),
-        log: root.path().join("n2.log"),
-        child: None,
-    };
+    let mut second = unstarted(root.path(), 2, free_addr("127.0.0.2"));
     let refused = spawn(&second, &join("rack=3").each_ref().map(String::as_str))
         .wait_with_output()
         .expect("run the agent");

@@ -826,8 +826,13 @@ async fn leaver_dead_before_it_sent_anything(lagging: Option<NodeId>) {
 
 /// Four in-memory nodes hosting kvdir, in cells of two nodes at most.
 async fn two_cells_of_two() -> MemCluster {
+    cells_of_two(4).await
+}
+
+/// `nodes` nodes in cells of two at most.
+async fn cells_of_two(nodes: u64) -> MemCluster {
     let shape = gobelins_locator::TreeConfig { cell_capacity: 2, ..Default::default() };
-    MemCluster::start_shaped(4, shape, HostConfig::default(), || {
+    MemCluster::start_shaped(nodes, shape, HostConfig::default(), || {
         let mut registry = Registry::new();
         registry.register(plugin(KvDir::new())).expect("registers");
         registry
@@ -842,13 +847,7 @@ async fn two_cells_of_two() -> MemCluster {
 #[test]
 fn a_node_alone_in_its_cell_keeps_a_replica_when_its_backup_leaves() {
     replay(async {
-        let shape = gobelins_locator::TreeConfig { cell_capacity: 2, ..Default::default() };
-        let mut cluster = MemCluster::start_shaped(5, shape, HostConfig::default(), || {
-            let mut registry = Registry::new();
-            registry.register(plugin(KvDir::new())).expect("registers");
-            registry
-        })
-        .await;
+        let mut cluster = cells_of_two(5).await;
         let keys: Vec<Key> = (0..2_000).map(Key).collect();
         put_own_bytes(&cluster, &keys).await;
         // A lone node and the next one in the table, neither node 1, which the reads go
