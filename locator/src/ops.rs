@@ -26,7 +26,7 @@ impl CellTree {
             Change::Recover(_) => ChangeReport::default(),
         };
         // A node alone in its cell keeps its replicas outside it, on the node after it in the
-        // table (`CellTree::next_after`). A change that adds or takes away that node, in
+        // table (`CellTree::lone_before`). A change that adds or takes away that node, in
         // another cell, changes where they go: the lone node takes part, to copy them there.
         // It did not, the node it had copied them to left, and its failure then lost them.
         let lone_before = match change {

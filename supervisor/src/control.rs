@@ -91,7 +91,8 @@ pub fn answer_body(answer: &Value) -> Result<Vec<u8>> {
 }
 
 /// The longest request line the control socket reads. A call's body rides in it as hex, two
-/// characters a byte: this carries kvdir's largest value (4 MiB) with room to spare. The socket is its user's alone, so the limit guards against mistakes, not peers.
+/// characters a byte: this carries kvdir's largest value (4 MiB) with room to spare. The
+/// socket is its user's alone, so the limit guards against mistakes, not peers.
 pub const MAX_REQUEST_LINE: usize = 20 << 20;
 
 /// How long a leave, evict or join may take before the CLI is told to look again.
