@@ -224,6 +224,9 @@ pub enum Refusal {
         /// The one proposed.
         declared: String,
     },
+    /// The node's labels do not fit the tree's levels: asked again, they never will.
+    #[error("labels: {0}")]
+    Labels(String),
     /// Label levels given to a cell tree that holds nodes or services already, or other
     /// levels than it has: they are set once, by the bootstrap.
     #[error(
@@ -479,7 +482,7 @@ impl ClusterState {
         // Checked now so that the joiner hears why; the locator would refuse the change only
         // when its turn came, and the joiner would wait for a membership that never comes.
         self.tree.config().check_labels(labels).map_err(|e| {
-            Refusal::Locator(format!(
+            Refusal::Labels(format!(
                 "{e}; a cluster's label levels are given when it is bootstrapped (`gobelins agent \
                  --bootstrap --levels zone,rack`)"
             ))

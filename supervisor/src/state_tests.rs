@@ -453,7 +453,7 @@ fn a_join_whose_labels_the_locator_cannot_place_is_refused_to_the_joiner() {
         (labelled(1, &[("room", "b")]), "not a level of this tree"),
     ] {
         match state.apply(&command) {
-            Err(Refusal::Locator(text)) => assert!(text.contains(why), "{text}"),
+            Err(Refusal::Labels(text)) => assert!(text.contains(why), "{text}"),
             other => panic!("{command:?} gave {other:?}"),
         }
         assert!(state.nodes.is_empty(), "nothing recorded for a refused join");
@@ -473,7 +473,7 @@ fn the_bootstrap_shapes_the_tree_once_and_its_levels_never_change() {
     };
     let mut state = ClusterState::default();
     match state.apply(&zone(1, "a")) {
-        Err(Refusal::Locator(text)) => assert!(text.contains("--levels"), "says how: {text}"),
+        Err(Refusal::Labels(text)) => assert!(text.contains("--levels"), "says how: {text}"),
         other => panic!("a label on a tree without levels gave {other:?}"),
     }
     // Given again, as a bootstrap finished by a restart asks, and then others while empty.

@@ -1529,7 +1529,7 @@ impl Supervisor {
             // An earlier attempt got through though its answer was lost.
             Ok(Err(Refusal::AlreadyMember(_))) => tracing::debug!("rejoin already under way"),
             // Its labels: asking again changes nothing.
-            Ok(Err(refusal @ Refusal::Locator(_))) => self.stop_refused(format!(
+            Ok(Err(refusal @ Refusal::Labels(_))) => self.stop_refused(format!(
                 "the cluster refused this node's rejoin: {refusal}. Start it again with --label \
                  values the cluster takes"
             )),
