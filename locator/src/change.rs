@@ -71,8 +71,8 @@ impl fmt::Display for Change {
 }
 
 /// What a change touched: the leaf cells whose slots changed hands and the nodes that take part
-/// in the migration (the affected cells' members, the requesting node, and the node before it
-/// in the table if that one is alone in its cell: see [`crate::CellTree::lone_before`]).
+/// in the migration (the affected cells' members, the requesting node, and every node whose
+/// replica holder changes with the new holder: see [`crate::CellTree::replica_holder`]).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ChangeReport {
     /// Leaf cells whose members gave or received slots.

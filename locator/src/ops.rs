@@ -25,28 +25,39 @@ impl CellTree {
             Change::Rebalance { max_over_avg_permille } => next.rebalance(*max_over_avg_permille),
             Change::Recover(_) => ChangeReport::default(),
         };
-        // A node alone in its cell keeps its replicas outside it, on the node after it in the
-        // table (`CellTree::lone_before`). A change that adds or takes away that node, in
-        // another cell, changes where they go: the lone node takes part, to copy them there.
-        // It did not, the node it had copied them to left, and its failure then lost them.
-        let lone_before = match change {
-            Change::Add { node, .. } => next.lone_before(*node),
-            Change::Evict(node) | Change::Fail(node) => {
-                self.lone_before(*node).filter(|p| next.nodes.contains_key(p))
+        // A node whose replica holder (`CellTree::replica_holder`) changes takes part, to copy
+        // its entries to the new one, and so does the new one, which then vouches for them.
+        // Left out, a node alone in its cell whose next node in the table left, or one whose
+        // cell split or merged, never copied them, and its failure then lost them.
+        if matches!(change, Change::Add { .. } | Change::Evict(_) | Change::Fail(_)) {
+            let moved: Vec<(NodeId, Option<NodeId>)> = next
+                .nodes
+                .keys()
+                .filter(|n| self.nodes.contains_key(n))
+                .map(|&n| (n, next.replica_holder(n)))
+                .filter(|&(n, holder)| self.replica_holder(n) != holder)
+                .collect();
+            for (node, holder) in moved {
+                report.participants.insert(node);
+                report.participants.extend(holder);
             }
-            _ => None,
-        };
-        report.participants.extend(lone_before);
+        }
         *self = next;
         Ok(report)
     }
 
-    /// The node before `node` in the table, wrapping round, if it is another node and alone in
-    /// its leaf cell: the node that keeps its replicas on `node`.
-    pub fn lone_before(&self, node: NodeId) -> Option<NodeId> {
-        let before = self.nodes.range(..node).next_back().or_else(|| self.nodes.last_key_value());
-        let (&before, member) = before.filter(|(&b, _)| b != node)?;
-        (self.cells[&member.leaf].members().len() == 1).then_some(before)
+    /// Where `node` keeps what it replicates: the next node of its leaf cell, wrapping round,
+    /// or, alone in its cell, the next node of the whole table. A service that keeps one
+    /// replica per entry (kvdir) keeps it there; a change that moves it takes part `node` and
+    /// the new holder (see [`CellTree::apply`]). `None` for a node alone in the cluster.
+    pub fn replica_holder(&self, node: NodeId) -> Option<NodeId> {
+        let leaf = self.nodes.get(&node)?.leaf;
+        let mates = || self.cells[&leaf].members().iter().copied().filter(|&m| m != node);
+        if let Some(holder) = mates().filter(|&m| m > node).min().or_else(|| mates().min()) {
+            return Some(holder);
+        }
+        let after = self.nodes.range(node..).map(|(&n, _)| n).find(|&n| n != node);
+        after.or_else(|| self.nodes.keys().next().copied()).filter(|&n| n != node)
     }
 
     /// Registers a service (see [`Change::Register`]).

@@ -178,6 +178,19 @@ impl Snapshot {
         self.nodes.iter().zip(&self.leaves).filter(move |(_, l)| Some(**l) == leaf).map(|(n, _)| *n)
     }
 
+    /// Where `node` keeps what it replicates, as [`crate::CellTree::replica_holder`] says: the
+    /// next node of its leaf cell, wrapping round, or, alone in its cell, the next node of the
+    /// table. Every change that moves it takes part `node` and the new holder.
+    pub fn replica_holder(&self, node: NodeId) -> Option<NodeId> {
+        let mut mates = self.cell_mates(node).filter(|&m| m != node).peekable();
+        let first = mates.peek().copied();
+        mates.find(|&m| m > node).or(first).or_else(|| {
+            let at = self.nodes.iter().position(|&n| n == node)?;
+            let next = self.nodes[(at + 1) % self.nodes.len()];
+            (next != node).then_some(next)
+        })
+    }
+
     /// The manager of `(service, key)`, or `None` for a service that is not registered.
     #[inline(always)]
     pub fn locate(&self, service: ServiceId, key: Key) -> Option<NodeId> {

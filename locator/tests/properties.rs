@@ -133,33 +133,33 @@ fn check_movement(
         _ => {}
     }
     assert!(plan.participants.is_subset(&report.participants), "{change}: plan outside report");
+    for &n in new.nodes() {
+        assert_eq!(new.replica_holder(n), tree.replica_holder(n), "{change}: node {n}");
+    }
     if let Some(node) = change.node() {
-        // Only one cell's members, the requesting node, and the node before it in the table if
-        // that one is alone in its cell (it keeps its replicas on the next node) take part.
-        let lone = |n: NodeId| new.cell_mates(n).eq([n]);
-        let before = |table: &[NodeId]| -> Option<NodeId> {
-            let at = table.iter().position(|&n| n == node)?;
-            Some(table[(at + table.len() - 1) % table.len()]).filter(|&b| b != node)
-        };
-        let extra = match change {
-            Change::Add { .. } => before(new.nodes()),
-            _ => before(old.nodes()).filter(|&b| new.nodes().contains(&b)),
+        // Every node whose replica holder moves takes part, with its new holder; beyond them,
+        // only one cell's members and the requesting node.
+        let mut holders = BTreeSet::new();
+        for &n in new.nodes().iter().filter(|n| old.nodes().contains(n)) {
+            let holder = new.replica_holder(n);
+            if old.replica_holder(n) != holder {
+                holders.insert(n);
+                holders.extend(holder);
+            }
         }
-        .filter(|&b| lone(b));
+        let missing: Vec<_> = holders.difference(&report.participants).collect();
         assert!(
-            extra.is_none_or(|b| report.participants.contains(&b)),
-            "{change}: the lone node {extra:?} before it in the table takes no part"
+            missing.is_empty(),
+            "{change}: {missing:?} take no part; their replica holder moved"
         );
         let others: BTreeSet<NodeId> = report
             .participants
             .iter()
             .copied()
-            .filter(|n| *n != node && Some(*n) != extra)
+            .filter(|n| *n != node && !holders.contains(n))
             .collect();
         let cells: BTreeSet<_> = others.iter().map(|n| tree.leaf_of(*n).expect("live")).collect();
         assert!(cells.len() <= 1, "{change}: participants span cells {cells:?}");
-        let capacity = tree.config().cell_capacity as usize;
-        assert!(report.participants.len() <= capacity + 2, "{change}: {:?}", report.participants);
     }
 }
 

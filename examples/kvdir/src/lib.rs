@@ -349,21 +349,13 @@ async fn own_memory(live: Weak<Mutex<BySlot>>, received: Vec<(Key, usize)>) {
     }
 }
 
-/// Where `node` keeps its replicas: the next node of its own cell, wrapping around. Every
-/// change that adds or takes away one of them takes part every node of that cell, so `node`
-/// copies its entries to a new backup in `after_release`. The next node of the whole table
-/// could sit in another cell: evicted, it took `node`'s replicas with it, and `node`, no part
-/// of that change, never copied them to its next backup. A node alone in its cell keeps them
-/// on the next node of the table.
+/// Where `node` keeps its replicas: the next node of its own cell, wrapping around, or, alone
+/// in its cell, the next node of the table. This is the locator's replica holder
+/// (`Snapshot::replica_holder`): every change that moves it takes part `node` and the new
+/// holder, so `node` copies its entries to the new backup in `after_release`, and the new one
+/// takes part in that change, as the ledger's vouch needs.
 pub(crate) fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
-    let mut mates = snapshot.cell_mates(node).filter(|&m| m != node).peekable();
-    let first = mates.peek().copied();
-    mates.find(|&m| m > node).or(first).or_else(|| {
-        let nodes = snapshot.nodes();
-        let at = nodes.iter().position(|&n| n == node)?;
-        let next = nodes[(at + 1) % nodes.len()];
-        (next != node).then_some(next)
-    })
+    snapshot.replica_holder(node)
 }
 
 /// Tells `request` to `node`'s kvdir and waits at most `patience` for it to be kept.

@@ -872,6 +872,11 @@ fn a_node_alone_in_its_cell_keeps_a_replica_when_its_backup_leaves() {
         cluster.evict(next).await;
         cluster.fail(lone).await;
         read_all(&cluster, &keys, |_| false).await;
+        // And its new backup, which took part in the eviction, vouched for every slot.
+        let reported: u64 = (cluster.nodes().iter())
+            .map(|&n| cluster.host(n).stats().reported_lost.get("kvdir").copied().unwrap_or(0))
+            .sum();
+        assert_eq!(reported, 0, "slots reported lost after a single failure");
     });
 }
 
@@ -1101,9 +1106,10 @@ fn a_batch_refused_for_a_while_is_sent_again_and_the_change_ends_only_once_it_is
     });
 }
 
-/// Only the evicted node's cell takes part in its eviction: the nodes of the other cell install
-/// the new table and run no adaptation period (no record of the change, nothing sent or
-/// received), and their keys stay where they were.
+/// Only the evicted node's cell takes part in its eviction, and the new replica holder of a node
+/// whose holder moved (its cell mate, left alone, now keeps its replicas on the next node of the
+/// table): the other nodes of the other cell install the new table and run no adaptation period
+/// (no record of the change, nothing sent or received), and their keys stay where they were.
 #[test]
 fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
     replay(async {
@@ -1138,7 +1144,22 @@ fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
             received += grew;
         }
         assert!(received > 0, "the evicted node's entries were received");
-        for (&n, moved) in other.iter().zip(&moved_before) {
+        let after = cluster.snapshot();
+        let holders: Vec<NodeId> = (after.nodes().iter())
+            .filter(|&&n| before.replica_holder(n) != after.replica_holder(n))
+            .filter_map(|&n| after.replica_holder(n))
+            .filter(|h| other.contains(h))
+            .collect();
+        assert_eq!(
+            holders.len(),
+            1,
+            "the evicted node's mate, left alone, keeps its replicas in the other cell"
+        );
+        for &n in &holders {
+            let history = cluster.host(n).history();
+            assert!(history.iter().any(|r| r.epoch == epoch), "new holder {n} took part");
+        }
+        for (&n, moved) in other.iter().zip(&moved_before).filter(|(n, _)| !holders.contains(n)) {
             let history = cluster.host(n).history();
             assert!(
                 history.iter().all(|r| r.epoch != epoch),
@@ -1148,7 +1169,6 @@ fn a_node_of_another_cell_takes_no_part_in_an_eviction() {
             assert_eq!((now.entries_sent, now.entries_received), *moved, "node {n} moved nothing");
             assert_eq!(cluster.host(n).epoch(), epoch, "node {n} installed the new table");
         }
-        let after = cluster.snapshot();
         for &key in &keys {
             if let Some(owner) = before.locate(KVDIR, key).filter(|o| other.contains(o)) {
                 assert_eq!(after.locate(KVDIR, key), Some(owner), "key {} stays", key.0);
