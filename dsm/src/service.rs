@@ -1386,7 +1386,8 @@ impl DsmService {
                     }
                     // Busy, or that version is gone: a write in progress, or done since, finds
                     // a backup as it commits.
-                    _ => return Restore::Written,
+                    Some(Response::Busy | Response::Missing) => return Restore::Written,
+                    Some(_) => return Restore::Unanswered,
                 };
                 // Unless the entry moved on meanwhile: a grant, or a commit's `Rebackup`,
                 // placed a backup of its own, and the owner commits there.
