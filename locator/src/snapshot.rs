@@ -185,7 +185,7 @@ impl Snapshot {
         let mut mates = self.cell_mates(node).filter(|&m| m != node).peekable();
         let first = mates.peek().copied();
         mates.find(|&m| m > node).or(first).or_else(|| {
-            let at = self.nodes.iter().position(|&n| n == node)?;
+            let at = self.nodes.binary_search(&node).ok()?;
             let next = self.nodes[(at + 1) % self.nodes.len()];
             (next != node).then_some(next)
         })

@@ -142,7 +142,10 @@ impl<N: Net> Agent<N> {
         fits_a_socket(&dir.socket_path())?;
         // Said first: a --bootstrap was told the directory holds a cluster, and anything else
         // learned it from the raft store's lock, in the store's words.
-        if std::os::unix::net::UnixStream::connect(dir.socket_path()).is_ok() {
+        // Not a blocking connect on the runtime: a hung agent with a full backlog would hold it
+        // for good. One that does not accept within the second counts as running.
+        let asked = tokio::net::UnixStream::connect(dir.socket_path());
+        if tokio::time::timeout(Duration::from_secs(1), asked).await.map_or(true, |c| c.is_ok()) {
             return Err(SupervisorError::Config(format!(
                 "an agent is already running with --data-dir {} (its control socket answers): \
                  stop it first, or give this one another --data-dir",
