@@ -248,6 +248,7 @@ impl Driver {
             epoch: p.epoch,
             change: p.change.clone(),
             participants: p.participants.clone(),
+            acked: self.period.acked(),
         })
     }
 

@@ -204,6 +204,11 @@ impl Period {
         self.epoch
     }
 
+    /// Participants whose ack came in the change in progress (or last carried out).
+    pub fn acked(&self) -> BTreeSet<NodeId> {
+        self.acks.clone()
+    }
+
     /// Participants whose ack is still awaited.
     pub fn awaiting(&self) -> BTreeSet<NodeId> {
         self.participants.difference(&self.acks).copied().collect()

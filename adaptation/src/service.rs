@@ -178,6 +178,11 @@ pub struct ChangeInfo {
     pub change: Change,
     /// Every node taking part.
     pub participants: BTreeSet<NodeId>,
+    /// The participants whose part has arrived here in full (their ack came, after all they
+    /// sent this node), as of the callback. In `after_migration` of a node that receives, every
+    /// participant that did not die during the change: one missing from it may have held what
+    /// nobody else did (a recovery's only other copy of an entry, say).
+    pub acked: BTreeSet<NodeId>,
 }
 
 /// The slots of one service that leave this node in a change, and where each goes.

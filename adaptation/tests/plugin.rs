@@ -78,7 +78,12 @@ fn ctx() -> Context {
 }
 
 fn info(epoch: u64) -> ChangeInfo {
-    ChangeInfo { epoch, change: Change::Evict(NodeId(9)), participants: BTreeSet::new() }
+    ChangeInfo {
+        epoch,
+        change: Change::Evict(NodeId(9)),
+        participants: BTreeSet::new(),
+        acked: BTreeSet::new(),
+    }
 }
 
 #[tokio::test]

@@ -29,17 +29,21 @@
 //! may have written since. With [`DsmConfig::backups`], every page
 //! written also lives on a second node, so that one failure loses nothing; before a change ends,
 //! each manager gives a new backup to its pages whose backup is gone, so that the next failure,
-//! once the cluster has recovered, loses nothing either.
+//! once the cluster has recovered, loses nothing either. A page nobody reports after a failure
+//! was then never written, and reads as zeros, as long as its dead manager had vouched for it
+//! to its replica holder and every node reported (see `cover.rs`); otherwise it reads as lost.
 //!
 //! A segment no program uses any more is given back with [`Dsm::free`]: every node drops its
 //! copies and entries of it, and it reads as zeros afterwards.
 #![deny(missing_docs)]
 
 mod client;
+mod cover;
 mod directory;
 mod error;
 mod frames;
 mod freed;
+mod held;
 mod node;
 mod page;
 mod protocol;

@@ -112,6 +112,29 @@ pub(crate) struct NodeState {
     /// Pages the last change's sweep found without a live backup, with that change's epoch:
     /// given a new one in `after_release`, once the faults the change held are released.
     pub(crate) exposed: Mutex<Option<(u64, Vec<crate::service::Exposed>)>>,
+    /// This node's word to its replica holder for the slots it manages (`crate::cover`).
+    /// Held across the round trip that gives or takes it back, so that the two never cross.
+    pub(crate) word: AsyncMutex<Word>,
+    /// Counts entries found not kept elsewhere: a word being given is not sent if this moved
+    /// meanwhile, as one of them may have been checked before it changed.
+    pub(crate) exposures: AtomicU64,
+    /// As a replica holder: each node's word.
+    pub(crate) vouches: Mutex<HashMap<gobelins_locator::NodeId, crate::cover::Vouch>>,
+}
+
+/// This node's word to its replica holder.
+pub(crate) struct Word {
+    /// The last message's number. Starts from the clock, so that a new life's words come after
+    /// the last life's at a holder that still keeps one.
+    pub(crate) seq: u64,
+    /// The holder, while it has the word.
+    pub(crate) holder: Option<gobelins_locator::NodeId>,
+}
+
+/// Nanoseconds since the epoch, where a node's words start counting.
+fn clock_seq() -> u64 {
+    let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    since.map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
 }
 
 /// How this node's read faults went: straight to the probable owner, or by way of the manager.
@@ -148,6 +171,9 @@ impl DsmNode {
                 lost: AtomicU64::new(0),
                 leaving: std::sync::atomic::AtomicBool::new(false),
                 faults: tokio::sync::RwLock::new(()),
+                word: AsyncMutex::new(Word { seq: clock_seq(), holder: None }),
+                exposures: AtomicU64::new(0),
+                vouches: Mutex::default(),
             }),
         }
     }

@@ -264,6 +264,23 @@ pub enum Request {
         /// The backup the manager's entry names, which is gone, leaving, or the owner itself.
         replaces: Option<NodeId>,
     },
+    /// To the sender's replica holder, once a change is stable: every page of the slots the
+    /// sender manages, but `unclean`, has a copy on another live node (see `crate::cover`).
+    /// `Ok`.
+    Cover {
+        /// The stable epoch the word is given at.
+        epoch: u64,
+        /// Orders the sender's words: an older one arriving late is ignored.
+        seq: u64,
+        /// The slots left out.
+        unclean: Vec<u32>,
+    },
+    /// To the sender's replica holder: the sender takes back its last [`Request::Cover`].
+    /// `Ok`.
+    Uncover {
+        /// Orders the sender's words.
+        seq: u64,
+    },
 }
 
 /// The answers.
@@ -457,6 +474,12 @@ pub enum Entry {
     Taint {
         /// The segments freed since the manager died.
         freed: Freed,
+    },
+    /// The dead manager's word for the slot, passed on by its replica holder: the epoch it
+    /// was given at (see `crate::cover`).
+    Covered {
+        /// That epoch.
+        epoch: u64,
     },
 }
 

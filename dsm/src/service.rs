@@ -2,9 +2,11 @@
 //! Hudak's fixed distributed manager, with the manager found by the locator), the holder's
 //! side, and what happens to entries and frames when the cluster changes.
 
+use crate::cover::{kept_elsewhere, vouches};
 use crate::directory::{digest, rebuild, repair, Report};
 use crate::frames::{Bytes, Fetched, Retired, FINAL};
 use crate::freed::Freed;
+use crate::held::{Held, EXPOSED};
 use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
 use crate::protocol::{Entry, Granted, LockEntry, PageBytes, PageEntry, Request, Response};
@@ -528,7 +530,7 @@ impl DsmService {
 
     async fn read_fault(&self, ctx: &Context, page: PageId, reader: NodeId) -> Response {
         let slot = self.slot(page.key());
-        let mut live = slot.lock().await;
+        let mut live = self.hold(ctx, &slot).await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
         if !self.mend(ctx, page, entry, true).await {
             return Response::Retry;
@@ -602,7 +604,7 @@ impl DsmService {
             return Response::Departed;
         }
         let slot = self.slot(page.key());
-        let mut live = slot.lock().await;
+        let mut live = self.hold(ctx, &slot).await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
         if !self.mend(ctx, page, entry, true).await {
             return Response::Retry;
@@ -823,7 +825,7 @@ impl DsmService {
     /// change, so its sweep would not see to it.
     async fn abandon(&self, ctx: &Context, page: PageId, leaving: NodeId) -> Response {
         let slot = self.slot(page.key());
-        let mut live = slot.lock().await;
+        let mut live = self.hold(ctx, &slot).await;
         let Live::Page(entry) = &mut *live else { return Response::Ok };
         if entry.backup != Some(leaving) {
             return Response::Ok;
@@ -866,7 +868,7 @@ impl DsmService {
     ) -> Response {
         let (version, commit, data) = content;
         let slot = self.slot(page.key());
-        let mut live = slot.lock().await;
+        let mut live = self.hold(ctx, &slot).await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
         if entry.owner != Some(owner) || entry.version != version {
             return Response::Invalid(format!(
@@ -898,7 +900,7 @@ impl DsmService {
         readers: BTreeSet<NodeId>,
     ) -> Response {
         let slot = self.slot(page.key());
-        let mut live = slot.lock().await;
+        let mut live = self.hold(ctx, &slot).await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
         let accepted = entry.owner == Some(from) && entry.version == version;
         tracing::debug!(?page, from = from.0, version, accepted, entry = ?entry, "dsm: surrender");
@@ -943,7 +945,7 @@ impl DsmService {
         data: PageBytes,
     ) -> Response {
         let slot = self.slot(page.key());
-        let mut live = slot.lock().await;
+        let mut live = self.hold(ctx, &slot).await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
         let Some(granted) = entry.granted.relocated(from, label, ctx.node()) else {
             return Response::Missing;
@@ -962,7 +964,7 @@ impl DsmService {
 
     async fn discard(&self, ctx: &Context, page: PageId) -> Response {
         let slot = self.slot(page.key());
-        let mut live = slot.lock().await;
+        let mut live = self.hold(ctx, &slot).await;
         if let Live::Page(entry) = &mut *live {
             if entry.lost {
                 // The dead owner's direct readers may still hold the lost contents, unknown
@@ -1107,6 +1109,18 @@ impl DsmService {
                 frames.frame(page).drop_retired(version);
                 Response::Ok
             }
+            Request::Cover { epoch, seq, unclean } => {
+                let Some(from) = ctx.from() else { return Response::Invalid("not told".into()) };
+                let mut vouches = self.state().vouches.lock().expect("vouches");
+                vouches.entry(from).or_default().cover(seq, epoch, unclean);
+                Response::Ok
+            }
+            Request::Uncover { seq } => {
+                let Some(from) = ctx.from() else { return Response::Invalid("not told".into()) };
+                let mut vouches = self.state().vouches.lock().expect("vouches");
+                vouches.entry(from).or_default().uncover(seq);
+                Response::Ok
+            }
             Request::Backup { page, version, commit, data } => {
                 frames.frame(page).store_backup(version, commit, data.into_shared());
                 Response::Ok
@@ -1124,6 +1138,47 @@ impl DsmService {
             }
             Request::Free { segment } => self.free(ctx, segment),
             other => Response::Invalid(format!("{other:?} is for a manager")),
+        }
+    }
+
+    /// Runs one request: as the key's manager, or as this node's local server when told.
+    async fn serve(&self, ctx: &Context, key: Key, request: Request) -> Response {
+        match (named(key), request) {
+            (Named::Page(page), Request::ReadFault { node }) => {
+                self.read_fault(ctx, page, node).await
+            }
+            // Versions and generations count up from a peer's: one near the top of the range
+            // would wrap them (a page stuck behind version 0, a barrier passed for ever). None
+            // this cluster gave out comes near 2^63 (292 years at a billion a second), so one
+            // that does is refused before anything changes.
+            (Named::Page(_), Request::WriteFault { refused: n, .. })
+            | (Named::Barrier(_), Request::Arrive { generation: n, .. })
+                if n >= NEVER_REACHED =>
+            {
+                Response::Invalid(format!("{n} is no version or generation this cluster gave out"))
+            }
+            (Named::Page(page), Request::WriteFault { node, have, refused }) => {
+                self.write_fault(ctx, page, node, have, refused).await
+            }
+            (Named::Page(page), Request::Surrender { node, version, data, readers }) => {
+                self.surrender(ctx, page, node, version, data, readers).await
+            }
+            (Named::Page(page), Request::KeepAside { node, label, data }) => {
+                self.keep_aside(ctx, page, node, label, data).await
+            }
+            (Named::Page(page), Request::Rebackup { node, version, commit, failed, data }) => {
+                self.rebackup(ctx, page, node, failed, (version, commit, data)).await
+            }
+            (Named::Page(page), Request::Discard) => self.discard(ctx, page).await,
+            (Named::Page(page), Request::Abandon { node }) => self.abandon(ctx, page, node).await,
+            (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
+                self.lock_op(ctx, key, request).await
+            }
+            (Named::Barrier(_), Request::Arrive { participant, generation, parties }) => {
+                self.arrive(ctx, key, participant, generation, parties).await
+            }
+            (_, request) if ctx.from().is_some() => self.local(ctx, request).await,
+            (what, request) => Response::Invalid(format!("{request:?} does not apply to {what:?}")),
         }
     }
 
@@ -1152,6 +1207,120 @@ impl DsmService {
         drop(freed);
         tracing::debug!(node = ctx.node().0, segment, "dsm: segment freed here");
         Response::Ok
+    }
+
+    /// The taint markers of this recovery that the dead manager's word lets go, every node
+    /// of the cluster having reported (see `crate::cover`).
+    fn vouched(
+        &self,
+        ctx: &Context,
+        change: &ChangeInfo,
+        staged: &[(Key, Entry)],
+    ) -> BTreeSet<Key> {
+        if !matches!(change.change, Change::Fail(_) | Change::Recover(_)) {
+            return BTreeSet::new();
+        }
+        // A holder before the last may still keep an older word: the newest counts.
+        let mut words: BTreeMap<Key, u64> = BTreeMap::new();
+        for (key, entry) in staged {
+            if let Entry::Covered { epoch } = entry {
+                let word = words.entry(*key).or_default();
+                *word = (*word).max(*epoch);
+            }
+        }
+        let cluster = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
+        let vouches =
+            |&(_, epoch): &(Key, u64)| vouches(epoch, change.epoch, &cluster, &change.acked);
+        words.into_iter().filter(vouches).map(|(key, _)| key).collect()
+    }
+
+    /// Gives this node's word to its replica holder, at stable `epoch`, for the slots whose
+    /// every page has a copy on another live node (see `crate::cover`).
+    async fn give_word(&self, ctx: &Context, epoch: u64) {
+        let st = self.state();
+        let me = ctx.node();
+        let holder = ctx.snapshot().and_then(|s| s.replica_holder(me));
+        let mut word = st.word.lock().await;
+        // A later change has begun: its own stable epoch gives the word. (One beginning while
+        // this word is on its way makes it worthless: it counts only for a failure of this
+        // node that comes right after `epoch`.)
+        let Some(holder) =
+            holder.filter(|_| ctx.epoch() == epoch && st.change.lock().expect("change").is_none())
+        else {
+            return;
+        };
+        let seen = st.exposures.load(Ordering::SeqCst);
+        let mut unclean = BTreeSet::new();
+        for e in st.live.iter() {
+            let clean = match e.value().try_lock() {
+                Ok(live) => match &*live {
+                    Live::Page(entry) => kept_elsewhere(entry, me, |n| self.gone(ctx, n)),
+                    Live::Taint => false,
+                    Live::Lock(_) | Live::Barrier(_) => true,
+                },
+                // Being changed: not known.
+                Err(_) => false,
+            };
+            if !clean {
+                unclean.insert(st.spec.slot_of(*e.key()));
+            }
+        }
+        if st.exposures.load(Ordering::SeqCst) != seen {
+            return;
+        }
+        word.seq += 1;
+        let word_unclean = unclean.len();
+        let request =
+            Request::Cover { epoch, seq: word.seq, unclean: unclean.into_iter().collect() };
+        match ctx.tell::<_, Response>(holder, DSM, taint_key(0), &request).await {
+            Ok(Response::Ok) => {
+                word.holder = Some(holder);
+                tracing::debug!(
+                    node = me.0,
+                    holder = holder.0,
+                    epoch,
+                    unclean = word_unclean,
+                    "dsm: word given to the replica holder"
+                );
+            }
+            answer => {
+                tracing::debug!(node = me.0, holder = holder.0, ?answer, "dsm: the replica holder did not take this node's word; its slots stay tainted should it die");
+            }
+        }
+    }
+
+    /// The entry of `key`, a page this node manages, left not kept elsewhere by a request:
+    /// takes this node's word back, before the answer goes.
+    async fn take_word_back(&self, ctx: &Context, key: Key) {
+        let st = self.state();
+        let mut word = st.word.lock().await;
+        let Some(holder) = word.holder else { return };
+        word.seq += 1;
+        let request = Request::Uncover { seq: word.seq };
+        // Until the holder has it, or is gone: its word would otherwise let a page whose only
+        // copy is here read as zeros after this node's death.
+        loop {
+            match ctx.tell::<_, Response>(holder, DSM, taint_key(0), &request).await {
+                Ok(_) => break,
+                Err(_) if ctx.gone(holder) || ctx.gone(ctx.node()) => break,
+                Err(e) => {
+                    tracing::debug!(holder = holder.0, error = %e, "dsm: the replica holder did not take this node's word back; asking again");
+                    tokio::time::sleep(ABANDON_PAUSE).await;
+                }
+            }
+        }
+        word.holder = None;
+        tracing::debug!(
+            node = ctx.node().0,
+            holder = holder.0,
+            ?key,
+            "dsm: word taken back: a page may have no copy elsewhere"
+        );
+    }
+
+    /// Locks a page entry for a handler of its manager (see [`Held`]).
+    async fn hold<'a>(&'a self, ctx: &Context, slot: &'a Arc<AsyncMutex<Live>>) -> Held<'a> {
+        Held { guard: slot.lock().await, me: ctx.node(), exposures: &self.state().exposures }
     }
 
     /// The node's copies of orphaned keys, for `scan`.
@@ -1222,9 +1391,10 @@ impl DsmService {
     }
 
     /// Merges what arrived during a change into the live directory.
-    async fn merge(&self, ctx: &Context) {
+    async fn merge(&self, ctx: &Context, change: &ChangeInfo) {
         let staged = std::mem::take(&mut *self.state().staged.lock().expect("staged"));
         let me = ctx.node();
+        let vouched = self.vouched(ctx, change, &staged);
         let mut reports: BTreeMap<Key, Vec<Report>> = BTreeMap::new();
         for (key, entry) in staged {
             match entry {
@@ -1278,13 +1448,23 @@ impl DsmService {
                         }
                     }
                 }
+                // Its dead manager vouched, and every node reported: nothing unreported was
+                // ever written.
+                Entry::Taint { .. } if vouched.contains(&key) => {}
                 Entry::Taint { freed } => {
                     // A marker made in this change (its slot's manager died) replaces the one
                     // before: what was freed before that death is no longer known to be zeros.
                     self.state().freed.lock().expect("freed").insert(key, freed);
                     self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Taint)));
                 }
+                Entry::Covered { .. } => {}
             }
+        }
+        if !vouched.is_empty() {
+            tracing::info!(
+                slots = vouched.len(),
+                "dsm: slots of a dead manager that vouched for them rebuilt with no page lost"
+            );
         }
         let mut rebuilt = 0usize;
         let mut unanswering = BTreeSet::new();
@@ -1569,43 +1749,25 @@ impl Service for DsmService {
     }
 
     async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
-        match (named(key), request) {
-            (Named::Page(page), Request::ReadFault { node }) => {
-                self.read_fault(ctx, page, node).await
-            }
-            // Versions and generations count up from a peer's: one near the top of the range
-            // would wrap them (a page stuck behind version 0, a barrier passed for ever). None
-            // this cluster gave out comes near 2^63 (292 years at a billion a second), so one
-            // that does is refused before anything changes.
-            (Named::Page(_), Request::WriteFault { refused: n, .. })
-            | (Named::Barrier(_), Request::Arrive { generation: n, .. })
-                if n >= NEVER_REACHED =>
-            {
-                Response::Invalid(format!("{n} is no version or generation this cluster gave out"))
-            }
-            (Named::Page(page), Request::WriteFault { node, have, refused }) => {
-                self.write_fault(ctx, page, node, have, refused).await
-            }
-            (Named::Page(page), Request::Surrender { node, version, data, readers }) => {
-                self.surrender(ctx, page, node, version, data, readers).await
-            }
-            (Named::Page(page), Request::KeepAside { node, label, data }) => {
-                self.keep_aside(ctx, page, node, label, data).await
-            }
-            (Named::Page(page), Request::Rebackup { node, version, commit, failed, data }) => {
-                self.rebackup(ctx, page, node, failed, (version, commit, data)).await
-            }
-            (Named::Page(page), Request::Discard) => self.discard(ctx, page).await,
-            (Named::Page(page), Request::Abandon { node }) => self.abandon(ctx, page, node).await,
-            (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
-                self.lock_op(ctx, key, request).await
-            }
-            (Named::Barrier(_), Request::Arrive { participant, generation, parties }) => {
-                self.arrive(ctx, key, participant, generation, parties).await
-            }
-            (_, request) if ctx.from().is_some() => self.local(ctx, request).await,
-            (what, request) => Response::Invalid(format!("{request:?} does not apply to {what:?}")),
+        // As a page's manager, with backups on: its entry may no longer be kept elsewhere,
+        // which this node's word to its replica holder must not say for long.
+        let managed = self.state().config.backups
+            && ctx.from().is_none()
+            && matches!(named(key), Named::Page(_));
+        if !managed {
+            return self.serve(ctx, key, request).await;
         }
+        let exposed = std::cell::Cell::new(false);
+        let (answer, exposed) = EXPOSED
+            .scope(exposed, async {
+                let answer = self.serve(ctx, key, request).await;
+                (answer, EXPOSED.with(std::cell::Cell::get))
+            })
+            .await;
+        if exposed {
+            self.take_word_back(ctx, key).await;
+        }
+        answer
     }
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
@@ -1617,6 +1779,10 @@ impl Service for DsmService {
             // A node id back as a new life holds nothing of the old one's, and is not failed.
             Change::Add { node, .. } => {
                 self.state().failed.lock().expect("failed").remove(node);
+                self.state().vouches.lock().expect("vouches").remove(node);
+            }
+            Change::Evict(node) => {
+                self.state().vouches.lock().expect("vouches").remove(node);
             }
             _ => {}
         }
@@ -1724,7 +1890,7 @@ impl Service for DsmService {
     }
 
     async fn after_migration(&self, ctx: &Context, change: &ChangeInfo) {
-        self.merge(ctx).await;
+        self.merge(ctx, change).await;
         let exposed = self.sweep(ctx).await;
         // Given new backups once the faults are released: a fault that races a restore is
         // settled by `restore_backups`' own check (the entry moved on) and the owner's `Busy`.
@@ -1752,10 +1918,15 @@ impl Service for DsmService {
     /// The change to `epoch` is stable. What it left is dropped here too when this node's
     /// part was cut short (the cluster went on without it): otherwise `free` would answer
     /// `Busy` until the next change.
-    async fn stable(&self, _ctx: &Context, epoch: u64) {
+    async fn stable(&self, ctx: &Context, epoch: u64) {
         let state = self.state();
         state.change.lock().expect("change").take_if(|c| c.epoch <= epoch);
         state.exposed.lock().expect("exposed").take_if(|(e, _)| *e <= epoch);
+        if state.config.backups {
+            // In the background: a holder slow to answer must not hold up the next change.
+            let (service, ctx) = (DsmService { node: self.node.clone() }, ctx.clone());
+            tokio::spawn(async move { service.give_word(&ctx, epoch).await });
+        }
     }
 
     async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Entry)> {
@@ -1766,7 +1937,15 @@ impl Service for DsmService {
         let taint = |slot| (taint_key(slot), Entry::Taint { freed: Freed::default() });
         staged.extend(orphans.slots_to(me).map(taint));
         drop(staged);
-        self.reports(me, orphans)
+        let mut out = self.reports(me, orphans);
+        // The dead node's word, if this node holds it: what its slots' new managers need to
+        // drop their taints where nothing was lost.
+        let word = self.state().vouches.lock().expect("vouches").remove(&failed);
+        if let Some(word) = word {
+            let covered = orphans.slots().filter_map(|s| Some((s, word.covers(s)?)));
+            out.extend(covered.map(|(slot, epoch)| (taint_key(slot), Entry::Covered { epoch })));
+        }
+        out
     }
 }
 

@@ -544,6 +544,140 @@ fn with_backups_failures_one_after_another_lose_no_page() {
     })
 }
 
+/// The pages of `segment` that `manager` manages, by number, among the first `count`.
+fn pages_managed_by(cluster: &Cluster, manager: NodeId, segment: u32, count: u32) -> Vec<u32> {
+    let table = cluster.mem.snapshot();
+    (0..count)
+        .filter(|&p| {
+            let key = PageId { segment, page: p }.key();
+            table.locate(gobelins_dsm::DSM, key) == Some(manager)
+        })
+        .collect()
+}
+
+/// What `dsm` reads of `page`: its count, or the error.
+async fn outcome(dsm: &Dsm, page: PageId) -> Result<u64, String> {
+    dsm.read(page).await.map(|g| Value::decode(&g).count).map_err(|e| e.to_string())
+}
+
+/// With backups on, one failure loses no page: a page nobody reports after it was never
+/// written. It reads as zeros, not lost, and a segment first used after the failure is
+/// written as any other. The dead manager vouched for its slots to its replica holder once
+/// the cluster was stable, and every survivor reported.
+#[test]
+fn with_backups_a_page_never_written_reads_as_zeros_after_its_manager_died() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(4).await;
+        let victim = NodeId(3);
+        // Even pages written, each from another node, the victim included.
+        for page in (0..PAGES).step_by(2) {
+            let writer = NodeId(1 + u64::from(page / 2) % 4);
+            put(&cluster.dsm(writer), pid(page), u64::from(page) + 1).await;
+        }
+        let unwritten: Vec<u32> = (1..PAGES).step_by(2).collect();
+        let table = cluster.mem.snapshot();
+        let victims = |p: &&u32| table.locate(gobelins_dsm::DSM, pid(**p).key()) == Some(victim);
+        assert!(unwritten.iter().any(|p| victims(&p)), "the victim manages a page never written");
+        let fresh = SEGMENT + 7;
+        assert!(!pages_managed_by(&cluster, victim, fresh, 64).is_empty());
+
+        cluster.mem.fail(victim).await;
+
+        let reader = cluster.dsm(NodeId(1));
+        let mut wrong = Vec::new();
+        for page in 0..PAGES {
+            let want = if page % 2 == 0 { u64::from(page) + 1 } else { 0 };
+            let read = outcome(&reader, pid(page)).await;
+            if read != Ok(want) {
+                wrong.push(format!("page {page}: {read:?}, not {want}"));
+            }
+        }
+        for page in 0..64 {
+            let id = PageId { segment: fresh, page };
+            match reader.write(id).await {
+                Ok(mut g) => {
+                    g[0] = 9;
+                    g.commit().await.expect("commit");
+                }
+                Err(e) => wrong.push(format!("the new segment's page {page}: {e}")),
+            }
+        }
+        assert!(wrong.is_empty(), "after one failure with backups on: {wrong:?}");
+        let lost: u64 = cluster
+            .mem
+            .nodes()
+            .into_iter()
+            .map(|n| cluster.mem.host(n).stats().reported_lost.get("dsm").copied().unwrap_or(0))
+            .sum();
+        assert_eq!(lost, 0, "no page reported lost");
+    })
+}
+
+/// The dead manager's word counts only if every node reported: a node dying with it may
+/// have held a page's only other copy. Then a page nobody reports reads as lost, never as
+/// zeros, though the dead manager's replica holder lives and passed its word on.
+#[test]
+fn with_backups_a_node_dying_during_the_recovery_leaves_unreported_pages_lost() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(4).await;
+        let victim = NodeId(3);
+        let holder = cluster.mem.snapshot().replica_holder(victim).expect("a replica holder");
+        let other = NodeId(1);
+        assert_ne!(holder, other);
+        let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
+        assert!(pages.len() >= 2, "the victim manages pages: {pages:?}");
+        // Written by the victim, backed up on the node after it, which lives.
+        let written = PageId { segment: SEGMENT, page: pages[0] };
+        put(&cluster.dsm(victim), written, 5).await;
+        let unwritten = PageId { segment: SEGMENT, page: pages[1] };
+
+        cluster.mem.fail_and_crash(victim, other).await;
+
+        let reader = cluster.dsm(NodeId(2));
+        assert_eq!(outcome(&reader, written).await, Ok(5));
+        let read = outcome(&reader, unwritten).await;
+        assert!(read.as_ref().is_err_and(|e| e.contains("lost")), "{read:?}");
+    })
+}
+
+/// A manager takes its word back before a page it manages stops having a copy elsewhere:
+/// here its owner, the manager itself, is told its backup is unreachable and no other node
+/// can take one. Its death then leaves its slots tainted: a page nobody reports reads lost.
+#[test]
+fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(2).await;
+        let (victim, survivor) = (NodeId(1), NodeId(2));
+        let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
+        assert!(pages.len() >= 2, "the victim manages pages: {pages:?}");
+        let written = PageId { segment: SEGMENT, page: pages[0] };
+        let unwritten = PageId { segment: SEGMENT, page: pages[1] };
+        let dsm = cluster.dsm(victim);
+        let mut g = dsm.write(written).await.expect("write");
+        g[0] = 1;
+        let version = g.version();
+        g.commit().await.expect("commit");
+        // As the owner does when a commit cannot reach its backup: the manager finds no other
+        // node to back the page up on, and the page is kept on the victim alone.
+        let request = gobelins_dsm::Request::Rebackup {
+            node: victim,
+            version,
+            commit: 1,
+            failed: survivor,
+            data: gobelins_dsm::PageBytes::from(vec![1; PAGE_SIZE]),
+        };
+        let ctx = cluster.mem.host(victim).context();
+        let answer: gobelins_dsm::Response =
+            ctx.request(gobelins_dsm::DSM, written.key(), &request).await.expect("asked");
+        assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
+
+        cluster.mem.fail(victim).await;
+
+        let read = outcome(&cluster.dsm(survivor), unwritten).await;
+        assert!(read.as_ref().is_err_and(|e| e.contains("lost")), "{read:?}");
+    })
+}
+
 #[test]
 fn with_backups_a_node_leaving_leaves_every_page_on_two_nodes() {
     // Twelve nodes, so that half of them take no part in the leave, and must still see to

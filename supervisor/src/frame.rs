@@ -43,10 +43,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// 15: a node's view, the answer to `Request::State`, says how long its leader has heard from
 /// no majority of the voters; 16: the replicated state's `Command::Dead`, the detector's
 /// verdict, which may end the last live node's life; 17: `Command::Shape`, the label levels a
-/// bootstrap gives the cell tree).
-pub const VERSION: u8 = 17;
+/// bootstrap gives the cell tree; 18: the DSM's `Request::Cover` and `Uncover`, a manager's
+/// word to its replica holder, and `Entry::Covered`, which a recovery's batches carry).
+pub const VERSION: u8 = 18;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 17;
+pub const MIN_VERSION: u8 = 18;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

@@ -1,0 +1,140 @@
+//! Telling a page never written from a page lost, once its manager died.
+//!
+//! A manager's entries die with it. Survivors report the copies they hold and the new managers
+//! rebuild those pages' entries, but a page nobody reports was either never written or lost
+//! with every copy. Without more to go on, the dead manager's slots are tainted: every such
+//! page answers `Lost`, never zeros. With backups on, that taint was wrong for nearly every
+//! page it covered: a page written lives on two nodes, so after one failure a page nobody
+//! reports was never written (the first write to a new segment failed too).
+//!
+//! So a manager vouches for its slots to its replica holder (the locator's
+//! [`gobelins_locator::Snapshot::replica_holder`]) once a change is stable: `Cover`, naming
+//! the slots it cannot vouch for, those with an entry whose page may have no copy outside the
+//! manager (lost, or owned there with no live backup) or with a taint of their own. Before an
+//! entry stops being kept elsewhere, the manager takes its word back (`Uncover`) and waits
+//! for the holder to have it. When the manager dies, the holder passes its word on with the
+//! survivors' reports, and the new manager of a slot drops the slot's taint only if:
+//!
+//! - the word is of the epoch just before the failure (no change since could have moved a
+//!   copy without the manager taking part), and
+//! - every node of the cluster reported its copies of the slot: a node that died with the
+//!   manager, or took no part in the recovery, may have held a page's only other copy.
+//!
+//! Anything else, and the slot stays tainted as before: the vouch only ever turns a `Lost`
+//! that nothing could back into zeros, never the other way.
+
+use crate::protocol::PageEntry;
+use gobelins_locator::NodeId;
+use std::collections::BTreeSet;
+
+/// Whether `entry`'s page, should its manager `me` die, still has a copy on a live node that
+/// reports it: never written, or owned or backed up by a live node other than `me`.
+pub(crate) fn kept_elsewhere(entry: &PageEntry, me: NodeId, gone: impl Fn(NodeId) -> bool) -> bool {
+    if entry.lost {
+        return false;
+    }
+    let elsewhere = |n: &NodeId| *n != me && !gone(*n);
+    entry.owner.is_none() || entry.owner.iter().chain(&entry.backup).any(elsewhere)
+}
+
+/// What a replica holder keeps of one node's word.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Vouch {
+    /// The last message applied: an older one arriving late changes nothing.
+    seq: u64,
+    /// The epoch vouched at, and the slots left out; `None` once the word is taken back.
+    word: Option<(u64, BTreeSet<u32>)>,
+}
+
+impl Vouch {
+    /// The node vouches, at `epoch`, for every slot it manages but `unclean`.
+    pub(crate) fn cover(&mut self, seq: u64, epoch: u64, unclean: Vec<u32>) {
+        if seq > self.seq {
+            self.seq = seq;
+            self.word = Some((epoch, unclean.into_iter().collect()));
+        }
+    }
+
+    /// The node takes its word back.
+    pub(crate) fn uncover(&mut self, seq: u64) {
+        if seq > self.seq {
+            self.seq = seq;
+            self.word = None;
+        }
+    }
+
+    /// The epoch the node vouched for `slot` at, if it did.
+    pub(crate) fn covers(&self, slot: u32) -> Option<u64> {
+        self.word.as_ref().filter(|(_, unclean)| !unclean.contains(&slot)).map(|&(e, _)| e)
+    }
+}
+
+/// Whether a dead manager's word, given at `word`, lets its slot's taint go in the recovery
+/// to `epoch`: it is of the epoch before, and every node of `cluster` has `acked`, that is,
+/// reported every copy it holds.
+pub(crate) fn vouches(word: u64, epoch: u64, cluster: &[NodeId], acked: &BTreeSet<NodeId>) -> bool {
+    word + 1 == epoch && !cluster.is_empty() && cluster.iter().all(|n| acked.contains(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Granted;
+
+    fn n(id: u64) -> NodeId {
+        NodeId(id)
+    }
+
+    fn entry(owner: Option<u64>, backup: Option<u64>, lost: bool) -> PageEntry {
+        PageEntry {
+            owner: owner.map(n),
+            copyset: owner.map(n).into_iter().collect(),
+            version: 3,
+            backup: backup.map(n),
+            lost,
+            strays: false,
+            granted: Granted::Unknown,
+        }
+    }
+
+    #[test]
+    fn a_page_is_kept_elsewhere_only_on_a_live_node_other_than_its_manager() {
+        let me = n(1);
+        let alive = |_| false;
+        assert!(kept_elsewhere(&entry(None, None, false), me, alive), "never written");
+        assert!(kept_elsewhere(&entry(Some(2), None, false), me, alive), "owned elsewhere");
+        assert!(kept_elsewhere(&entry(Some(1), Some(2), false), me, alive), "backed up elsewhere");
+        assert!(!kept_elsewhere(&entry(Some(1), None, false), me, alive), "only here");
+        assert!(!kept_elsewhere(&entry(Some(1), Some(1), false), me, alive), "its own backup");
+        assert!(!kept_elsewhere(&entry(None, None, true), me, alive), "lost");
+        let two_gone = |x| x == n(2);
+        assert!(!kept_elsewhere(&entry(Some(1), Some(2), false), me, two_gone), "backup gone");
+        assert!(!kept_elsewhere(&entry(Some(2), None, false), me, two_gone), "owner gone");
+        assert!(kept_elsewhere(&entry(Some(2), Some(3), false), me, two_gone), "its backup lives");
+    }
+
+    #[test]
+    fn a_word_taken_back_stays_taken_back_whatever_arrives_late() {
+        let mut v = Vouch::default();
+        v.cover(1, 7, vec![4]);
+        assert_eq!((v.covers(3), v.covers(4)), (Some(7), None), "slot 4 left out");
+        v.uncover(2);
+        assert_eq!(v.covers(3), None);
+        v.cover(1, 7, vec![]);
+        assert_eq!(v.covers(3), None, "an older word arriving late");
+        v.cover(3, 8, vec![]);
+        assert_eq!(v.covers(4), Some(8));
+    }
+
+    #[test]
+    fn a_slot_is_vouched_for_only_by_the_word_before_the_failure_and_every_node_reporting() {
+        let cluster = [n(1), n(2), n(4)];
+        let all: BTreeSet<NodeId> = cluster.into_iter().collect();
+        assert!(vouches(6, 7, &cluster, &all));
+        assert!(!vouches(6, 8, &cluster, &all), "a change in between");
+        assert!(!vouches(6, 6, &cluster, &all));
+        let silent: BTreeSet<NodeId> = [n(1), n(2)].into();
+        assert!(!vouches(6, 7, &cluster, &silent), "node 4 did not report");
+        assert!(!vouches(6, 7, &[], &all), "no cluster known");
+    }
+}

@@ -1,0 +1,52 @@
+//! A page entry as its manager's handler holds it: on release, whether the page is still
+//! kept elsewhere is noted for the handler, which takes its node's word back before it
+//! answers if not (see `crate::cover`).
+
+use crate::cover::kept_elsewhere;
+use crate::node::Live;
+use gobelins_locator::NodeId;
+use std::cell::Cell;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::MutexGuard;
+
+tokio::task_local! {
+    /// Set when an entry a handler held was left not kept elsewhere.
+    pub(crate) static EXPOSED: Cell<bool>;
+}
+
+/// The guard of a page entry's lock, for a handler of its manager.
+pub(crate) struct Held<'a> {
+    pub(crate) guard: MutexGuard<'a, Live>,
+    pub(crate) me: NodeId,
+    pub(crate) exposures: &'a AtomicU64,
+}
+
+impl Deref for Held<'_> {
+    type Target = Live;
+
+    fn deref(&self) -> &Live {
+        &self.guard
+    }
+}
+
+impl DerefMut for Held<'_> {
+    fn deref_mut(&mut self) -> &mut Live {
+        &mut self.guard
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        // Only a handler run inside `EXPOSED`'s scope (backups on) cares. Nodes that left
+        // do so in a change, after which the word is given again: a page entry only needs its
+        // own fields looked at here.
+        let Ok(()) = EXPOSED.try_with(|_| ()) else { return };
+        if let Live::Page(entry) = &*self.guard {
+            if !kept_elsewhere(entry, self.me, |_| false) {
+                self.exposures.fetch_add(1, Ordering::SeqCst);
+                let _ = EXPOSED.try_with(|e| e.set(true));
+            }
+        }
+    }
+}
