@@ -29,8 +29,10 @@ pub enum Placement {
 /// A region of pages, `len` bytes long, named by `id`. Nothing is created cluster-wide: a page
 /// never written reads as zeros. After a node fails, a page of a directory slot it managed
 /// that no survivor holds reads as [`DsmError::Lost`] even if it was never written, since
-/// nobody can tell: a program that picks segment ids as it goes should [`Dsm::free`] a
-/// segment before its first use, which makes its pages zeros again everywhere.
+/// nobody can tell, unless backups are on and the dead node had vouched that every page of
+/// the slot had a copy elsewhere (see `cover.rs`): without backups, or after failures one
+/// upon another, a program that picks segment ids as it goes should [`Dsm::free`] a segment
+/// before its first use, which makes its pages zeros again everywhere.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
     /// The segment id, at most [`crate::MAX_SEGMENT`].

@@ -118,6 +118,9 @@ pub(crate) struct NodeState {
     /// Counts entries found not kept elsewhere: a word being given is not sent if this moved
     /// meanwhile, as one of them may have been checked before it changed.
     pub(crate) exposures: AtomicU64,
+    /// The last change this node carried out to its end (`after_release`): only its stable
+    /// epoch gives a word, not one whose part here was cut short.
+    pub(crate) finished: AtomicU64,
     /// As a replica holder: each node's word.
     pub(crate) vouches: Mutex<HashMap<gobelins_locator::NodeId, crate::cover::Vouch>>,
 }
@@ -127,8 +130,13 @@ pub(crate) struct Word {
     /// The last message's number. Starts from the clock, so that a new life's words come after
     /// the last life's at a holder that still keeps one.
     pub(crate) seq: u64,
-    /// The holder, while it has the word.
+    /// The holder the word was last sent to, from the moment it is sent (its answer may be
+    /// lost after it took the word), until the word is taken back.
     pub(crate) holder: Option<gobelins_locator::NodeId>,
+    /// The epoch of the last word sent: a word for an older one, late, is not sent.
+    pub(crate) epoch: u64,
+    /// The slots the word leaves out: a page of theirs may have no copy elsewhere already.
+    pub(crate) unclean: std::collections::BTreeSet<u32>,
 }
 
 /// Nanoseconds since the epoch, where a node's words start counting.
@@ -171,7 +179,13 @@ impl DsmNode {
                 lost: AtomicU64::new(0),
                 leaving: std::sync::atomic::AtomicBool::new(false),
                 faults: tokio::sync::RwLock::new(()),
-                word: AsyncMutex::new(Word { seq: clock_seq(), holder: None }),
+                word: AsyncMutex::new(Word {
+                    seq: clock_seq(),
+                    holder: None,
+                    epoch: 0,
+                    unclean: Default::default(),
+                }),
+                finished: AtomicU64::new(0),
                 exposures: AtomicU64::new(0),
                 vouches: Mutex::default(),
             }),
@@ -225,6 +239,15 @@ impl DsmNode {
     /// at.
     pub fn barrier_wakeups(&self) -> usize {
         self.inner.barriers.len()
+    }
+
+    /// The node this node last gave its word to, that every page of the slots it manages has
+    /// a copy elsewhere, and the epoch of that word; `None` once taken back, or while it is
+    /// being given or taken back. With backups on, a failure of this node then leaves the
+    /// slots it vouched for with no page lost (see `cover.rs`).
+    pub fn word(&self) -> Option<(gobelins_locator::NodeId, u64)> {
+        let word = self.inner.word.try_lock().ok()?;
+        word.holder.map(|h| (h, word.epoch))
     }
 
     /// Pages this node holds a valid copy of.

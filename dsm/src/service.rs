@@ -1234,22 +1234,11 @@ impl DsmService {
         words.into_iter().filter(vouches).map(|(key, _)| key).collect()
     }
 
-    /// Gives this node's word to its replica holder, at stable `epoch`, for the slots whose
-    /// every page has a copy on another live node (see `crate::cover`).
-    async fn give_word(&self, ctx: &Context, epoch: u64) {
+    /// The slots this node manages that have an entry not kept elsewhere, or one being
+    /// changed, or a taint of their own.
+    fn unclean_slots(&self, ctx: &Context) -> BTreeSet<u32> {
         let st = self.state();
         let me = ctx.node();
-        let holder = ctx.snapshot().and_then(|s| s.replica_holder(me));
-        let mut word = st.word.lock().await;
-        // A later change has begun: its own stable epoch gives the word. (One beginning while
-        // this word is on its way makes it worthless: it counts only for a failure of this
-        // node that comes right after `epoch`.)
-        let Some(holder) =
-            holder.filter(|_| ctx.epoch() == epoch && st.change.lock().expect("change").is_none())
-        else {
-            return;
-        };
-        let seen = st.exposures.load(Ordering::SeqCst);
         let mut unclean = BTreeSet::new();
         for e in st.live.iter() {
             let clean = match e.value().try_lock() {
@@ -1265,16 +1254,48 @@ impl DsmService {
                 unclean.insert(st.spec.slot_of(*e.key()));
             }
         }
-        if st.exposures.load(Ordering::SeqCst) != seen {
-            return;
+        unclean
+    }
+
+    /// Gives this node's word to its replica holder, at stable `epoch`, for the slots whose
+    /// every page has a copy on another live node (see `crate::cover`).
+    async fn give_word(&self, ctx: &Context, epoch: u64) {
+        let st = self.state();
+        let me = ctx.node();
+        let holder = ctx.snapshot().and_then(|s| s.replica_holder(me));
+        let mut word = st.word.lock().await;
+        // Only once this node carried the change out to its end (not cut short: its merge
+        // may not have run), and before a later change begins: that one's stable epoch
+        // gives the word. (One beginning while this word is on its way makes it worthless: it
+        // counts only for a failure of this node that comes right after `epoch`.)
+        let current = st.finished.load(Ordering::SeqCst) == epoch
+            && word.epoch < epoch
+            && st.change.lock().expect("change").is_none();
+        let Some(holder) = holder.filter(|_| current) else { return };
+        // Pages exposed while the entries are looked at may have been looked at before: look
+        // again, a few times, rather than give no word for this epoch.
+        let mut unclean = None;
+        for _ in 0..WORD_TRIES {
+            let seen = st.exposures.load(Ordering::SeqCst);
+            let found = self.unclean_slots(ctx);
+            if st.exposures.load(Ordering::SeqCst) == seen {
+                unclean = Some(found);
+                break;
+            }
+            tokio::task::yield_now().await;
         }
+        let Some(unclean) = unclean else { return };
         word.seq += 1;
+        word.epoch = epoch;
+        // Before the answer: the holder may take the word and its answer be lost, and a word
+        // taken back that the holder never had costs nothing.
+        word.holder = Some(holder);
         let word_unclean = unclean.len();
         let request =
-            Request::Cover { epoch, seq: word.seq, unclean: unclean.into_iter().collect() };
+            Request::Cover { epoch, seq: word.seq, unclean: unclean.iter().copied().collect() };
+        word.unclean = unclean;
         match ctx.tell::<_, Response>(holder, DSM, taint_key(0), &request).await {
             Ok(Response::Ok) => {
-                word.holder = Some(holder);
                 tracing::debug!(
                     node = me.0,
                     holder = holder.0,
@@ -1290,19 +1311,28 @@ impl DsmService {
     }
 
     /// The entry of `key`, a page this node manages, left not kept elsewhere by a request:
-    /// takes this node's word back, before the answer goes.
-    async fn take_word_back(&self, ctx: &Context, key: Key) {
+    /// takes this node's word back, before the answer goes, unless the word leaves the slot
+    /// out. `false` when the holder, still in the cluster, did not answer in time: the answer
+    /// must not go then (a write it grants would be the page's only copy, which the holder's
+    /// word would have read as zeros after this node's death).
+    async fn take_word_back(&self, ctx: &Context, key: Key) -> bool {
         let st = self.state();
         let mut word = st.word.lock().await;
-        let Some(holder) = word.holder else { return };
+        let Some(holder) = word.holder else { return true };
+        if word.unclean.contains(&st.spec.slot_of(key)) {
+            return true;
+        }
         word.seq += 1;
         let request = Request::Uncover { seq: word.seq };
-        // Until the holder has it, or is gone: its word would otherwise let a page whose only
-        // copy is here read as zeros after this node's death.
+        let deadline = tokio::time::Instant::now() + WORD_PATIENCE;
         loop {
             match ctx.tell::<_, Response>(holder, DSM, taint_key(0), &request).await {
                 Ok(_) => break,
                 Err(_) if ctx.gone(holder) || ctx.gone(ctx.node()) => break,
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    tracing::warn!(node = ctx.node().0, holder = holder.0, error = %e, "dsm: could not take this node's word back from its replica holder; the request is answered `Retry` until the holder answers or the cluster gives up on it");
+                    return false;
+                }
                 Err(e) => {
                     tracing::debug!(holder = holder.0, error = %e, "dsm: the replica holder did not take this node's word back; asking again");
                     tokio::time::sleep(ABANDON_PAUSE).await;
@@ -1316,6 +1346,7 @@ impl DsmService {
             ?key,
             "dsm: word taken back: a page may have no copy elsewhere"
         );
+        true
     }
 
     /// Locks a page entry for a handler of its manager (see [`Held`]).
@@ -1751,9 +1782,19 @@ impl Service for DsmService {
     async fn handle(&self, ctx: &Context, key: Key, request: Request) -> Response {
         // As a page's manager, with backups on: its entry may no longer be kept elsewhere,
         // which this node's word to its replica holder must not say for long.
+        // By what it asks, not by how it came: under `Placement::Static` a manager is told.
         let managed = self.state().config.backups
-            && ctx.from().is_none()
-            && matches!(named(key), Named::Page(_));
+            && matches!(named(key), Named::Page(_))
+            && matches!(
+                request,
+                Request::ReadFault { .. }
+                    | Request::WriteFault { .. }
+                    | Request::Surrender { .. }
+                    | Request::KeepAside { .. }
+                    | Request::Rebackup { .. }
+                    | Request::Discard
+                    | Request::Abandon { .. }
+            );
         if !managed {
             return self.serve(ctx, key, request).await;
         }
@@ -1764,8 +1805,8 @@ impl Service for DsmService {
                 (answer, EXPOSED.with(std::cell::Cell::get))
             })
             .await;
-        if exposed {
-            self.take_word_back(ctx, key).await;
+        if exposed && !self.take_word_back(ctx, key).await {
+            return Response::Retry;
         }
         answer
     }
@@ -1913,6 +1954,7 @@ impl Service for DsmService {
         // Only now: until the backups are placed, a `free` must answer `Busy` and come again,
         // or a backup copy still on its way could land after it and outlive the segment.
         *self.state().change.lock().expect("change") = None;
+        self.state().finished.fetch_max(change.epoch, Ordering::SeqCst);
     }
 
     /// The change to `epoch` is stable. What it left is dropped here too when this node's
@@ -1960,6 +2002,14 @@ enum Restore {
     /// Its owner, or the node chosen for the backup, did not answer.
     Unanswered,
 }
+
+/// How often a word is looked for again when pages were exposed while it was: a program
+/// reading a lost page over and over exposes one each time.
+const WORD_TRIES: usize = 5;
+
+/// How long a manager asks its replica holder to take its word back before it answers the
+/// request that exposed a page `Retry`.
+const WORD_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Past every version and barrier generation a cluster gives out.
 const NEVER_REACHED: u64 = 1 << 63;

@@ -555,6 +555,20 @@ fn pages_managed_by(cluster: &Cluster, manager: NodeId, segment: u32, count: u32
         .collect()
 }
 
+/// Waits until `node` has given its replica holder its word for the cluster's epoch, which
+/// it does in the background once a change is stable.
+async fn word_given(cluster: &Cluster, node: NodeId) {
+    let epoch = cluster.mem.host(node).context().epoch();
+    let made = || cluster.made.lock().expect("made")[node.0 as usize].clone();
+    for _ in 0..1000 {
+        if made().word().is_some_and(|(_, e)| e == epoch) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("node {node} gave no word at epoch {epoch}");
+}
+
 /// What `dsm` reads of `page`: its count, or the error.
 async fn outcome(dsm: &Dsm, page: PageId) -> Result<u64, String> {
     dsm.read(page).await.map(|g| Value::decode(&g).count).map_err(|e| e.to_string())
@@ -569,6 +583,7 @@ fn with_backups_a_page_never_written_reads_as_zeros_after_its_manager_died() {
     replay(async {
         let mut cluster = Cluster::with_backups(4).await;
         let victim = NodeId(3);
+        word_given(&cluster, victim).await;
         // Even pages written, each from another node, the victim included.
         for page in (0..PAGES).step_by(2) {
             let writer = NodeId(1 + u64::from(page / 2) % 4);
@@ -624,6 +639,7 @@ fn with_backups_a_node_dying_during_the_recovery_leaves_unreported_pages_lost() 
         let holder = cluster.mem.snapshot().replica_holder(victim).expect("a replica holder");
         let other = NodeId(1);
         assert_ne!(holder, other);
+        word_given(&cluster, victim).await;
         let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
         assert!(pages.len() >= 2, "the victim manages pages: {pages:?}");
         // Written by the victim, backed up on the node after it, which lives.
@@ -648,6 +664,7 @@ fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere(
     replay(async {
         let mut cluster = Cluster::with_backups(2).await;
         let (victim, survivor) = (NodeId(1), NodeId(2));
+        word_given(&cluster, victim).await;
         let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
         assert!(pages.len() >= 2, "the victim manages pages: {pages:?}");
         let written = PageId { segment: SEGMENT, page: pages[0] };
@@ -670,11 +687,54 @@ fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere(
         let answer: gobelins_dsm::Response =
             ctx.request(gobelins_dsm::DSM, written.key(), &request).await.expect("asked");
         assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
+        assert_eq!(cluster.made.lock().expect("made")[1].word(), None, "the word is taken back");
 
         cluster.mem.fail(victim).await;
 
         let read = outcome(&cluster.dsm(survivor), unwritten).await;
         assert!(read.as_ref().is_err_and(|e| e.contains("lost")), "{read:?}");
+    })
+}
+
+/// A manager whose replica holder does not answer, though the cluster has not given up on
+/// it, cannot take its word back: the request that left a page with no copy elsewhere is
+/// answered `Retry` after a bounded wait, rather than hang (a change waits for every handler)
+/// or go out while the holder's word would read the page as zeros after the manager's death.
+#[test]
+fn with_backups_a_manager_whose_replica_holder_is_silent_answers_retry_rather_than_hang() {
+    replay(async {
+        let cluster = Cluster::with_backups(2).await;
+        let (manager, holder) = (NodeId(1), NodeId(2));
+        word_given(&cluster, manager).await;
+        let page = PageId {
+            segment: SEGMENT,
+            page: pages_managed_by(&cluster, manager, SEGMENT, 2048)[0],
+        };
+        let dsm = cluster.dsm(manager);
+        let mut g = dsm.write(page).await.expect("write");
+        g[0] = 1;
+        let version = g.version();
+        g.commit().await.expect("commit");
+        let rebackup = gobelins_dsm::Request::Rebackup {
+            node: manager,
+            version,
+            commit: 1,
+            failed: holder,
+            data: gobelins_dsm::PageBytes::from(vec![1; PAGE_SIZE]),
+        };
+        let ctx = cluster.mem.host(manager).context();
+        cluster.mem.crash(holder);
+        let asked = tokio::time::Instant::now();
+        let answer: gobelins_dsm::Response =
+            ctx.request(gobelins_dsm::DSM, page.key(), &rebackup).await.expect("asked");
+        assert!(matches!(answer, gobelins_dsm::Response::Retry), "{answer:?}");
+        assert!(asked.elapsed() < Duration::from_secs(5), "answered in {:?}", asked.elapsed());
+        // The holder answers again: the word is taken back, and the request goes through.
+        cluster.mem.heal(holder);
+        let answer: gobelins_dsm::Response =
+            ctx.request(gobelins_dsm::DSM, page.key(), &rebackup).await.expect("asked");
+        assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
+        assert_eq!(cluster.made.lock().expect("made")[1].word(), None, "the word is taken back");
     })
 }
 
