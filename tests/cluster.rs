@@ -1039,6 +1039,35 @@ fn a_cluster_killed_whole_and_started_again_reports_what_it_lost() {
     back_as_new_lives_with_keys_lost(&agents, &socket, keys);
 }
 
+/// A cluster of one node killed and started again: its keys and pages read as lost, not as
+/// never written. Before, the only node the cluster ever had carried on alone with empty
+/// services, and every key read as absent, every page as zeros.
+#[test]
+fn a_lone_node_killed_and_started_again_reports_what_it_lost() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(60);
+    let mut agents = vec![start(root.path(), 1, &free_addr("127.0.0.1"), &["--bootstrap"])];
+    wait_until("the bootstrap node", limit, || stable_with(&agents[0].dir, &[(1, "active", 1)]));
+    let socket = agents[0].dir.join("control.sock");
+    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
+    let keys = 20u64;
+    put_keys(&socket, keys);
+    assert!(dsm(&agents[0].dir, &["write", "7", "0", "hello"]).status.success());
+    kill_all(&mut agents);
+
+    agents[0].child = Some(spawn(&agents[0], &[]));
+    wait_showing(&agents, "the agent answering", limit, || {
+        call(&socket, 0, &kvdir::Request::Get).is_some()
+    });
+    for key in 0..keys {
+        let got = call(&socket, key, &kvdir::Request::Get);
+        assert_eq!(got, Some(kvdir::Response::Lost), "key {key}{}", evidence(&agents));
+    }
+    let read = dsm(&agents[0].dir, &["read", "7", "0", "5"]);
+    let said = String::from_utf8_lossy(&read.stderr);
+    assert!(!read.status.success() && said.contains("lost"), "dsm read: {said}");
+}
+
 /// A cluster of two killed whole, its voter started first, then the other node. The two come
 /// back as new lives, and their keys read as lost, not as never written.
 #[test]

@@ -365,6 +365,16 @@ impl Host {
         old.stop();
     }
 
+    /// This node came back as the only node of its cluster, its services empty: each reports
+    /// what its last life managed as lost (see [`crate::Service::restarted_alone`]).
+    pub async fn restarted_alone(&self) {
+        let inner = self.inner.load_full();
+        let ctx = inner.context(None);
+        for plugin in inner.registry.iter() {
+            plugin.restarted_alone(&ctx).await;
+        }
+    }
+
     /// Lets this node act as the manager of its keys until `until` (a later lease extends it,
     /// an earlier one changes nothing). Once a host has had a lease, a request for a key it
     /// manages waits while the lease has run out, and is answered `Late` (retried elsewhere or

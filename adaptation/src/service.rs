@@ -400,6 +400,16 @@ pub trait Service: Send + Sync + 'static {
     fn reported_lost(&self) -> u64 {
         0
     }
+
+    /// This node came back, its memory gone with its last life, as the only node of its
+    /// cluster: no survivor rebuilt what that life managed, and this node manages every slot
+    /// again. Called once, before it serves a request, for the service to report those entries
+    /// lost rather than answer for them as never written (kvdir marks every slot as having
+    /// lost entries, the DSM taints them). The default does nothing.
+    fn restarted_alone(&self, ctx: &Context) -> impl Future<Output = ()> + Send {
+        let _ = ctx;
+        std::future::ready(())
+    }
 }
 
 /// A service as the layer holds it: the same methods, in bytes.
@@ -464,6 +474,10 @@ pub trait Plugin: Send + Sync {
     /// [`Service::reported_lost`]. The default: nothing.
     fn reported_lost(&self) -> u64 {
         0
+    }
+    /// [`Service::restarted_alone`]. The default does nothing.
+    async fn restarted_alone(&self, ctx: &Context) {
+        let _ = ctx;
     }
 }
 
@@ -569,6 +583,10 @@ impl<S: Service> Service for Arc<S> {
 
     fn reported_lost(&self) -> u64 {
         (**self).reported_lost()
+    }
+
+    fn restarted_alone(&self, ctx: &Context) -> impl Future<Output = ()> + Send {
+        (**self).restarted_alone(ctx)
     }
 }
 
@@ -686,6 +704,10 @@ impl<S: Service> Plugin for Erased<S> {
 
     async fn stable(&self, ctx: &Context, epoch: u64) {
         self.0.stable(ctx, epoch).await;
+    }
+
+    async fn restarted_alone(&self, ctx: &Context) {
+        self.0.restarted_alone(ctx).await;
     }
 
     async fn scan(

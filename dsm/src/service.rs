@@ -1762,6 +1762,16 @@ impl Service for DsmService {
         self.state().lost.load(Ordering::Relaxed)
     }
 
+    /// Every slot is tainted, as after its manager's failure: a page reads as lost, never as
+    /// zeros, until a program discards it or frees its segment.
+    async fn restarted_alone(&self, _ctx: &Context) {
+        let st = self.state();
+        for slot in 0..st.spec.slots {
+            st.live.insert(taint_key(slot), Arc::new(AsyncMutex::new(Live::Taint)));
+        }
+        tracing::error!("dsm: this node came back as the only node of its cluster, its pages gone with its last life: every page reads as lost until a program discards it or frees its segment (`gobelins dsm discard`, `gobelins dsm free`)");
+    }
+
     /// A read fault run twice only adds the reader to the copyset again and sends the page as
     /// it is by then; an arrival at a barrier is counted once per participant and generation.
     /// Not remembering their answers spares the manager a copy of every page it serves.

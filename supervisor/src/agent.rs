@@ -527,8 +527,9 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
                 Ok(Err(Refusal::LastNode(_))) if others_left(&supervisor) => {
                     tracing::warn!(
                         node = me,
-                        "restarted as the only node of the cluster: its services start empty"
+                        "restarted as the only node of the cluster: its services start empty, and report what its last life held as lost"
                     );
+                    supervisor.host().restarted_alone().await;
                     supervisor.admit_life();
                     return;
                 }

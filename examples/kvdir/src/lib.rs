@@ -870,6 +870,20 @@ impl Service for KvDir {
         self.slots_lost()
     }
 
+    /// Every slot is marked as having lost entries: a key read answers `Lost`, not "no
+    /// value", until written again or forgiven.
+    async fn restarted_alone(&self, ctx: &Context) {
+        let spec = KvDir::declaration();
+        let marker = Versioned { version: marker_version(ctx.epoch(), false), value: Bytes::new() };
+        let markers = (0..spec.slots).map(|slot| (marker_key(&spec, slot), marker.clone()));
+        self.live.lock().expect("live").merge(markers);
+        self.slots_lost.fetch_add(u64::from(spec.slots), Ordering::Relaxed);
+        tracing::error!(
+            slots = spec.slots,
+            "kvdir: this node came back as the only node of its cluster, its entries gone with its last life: every key reads Lost until written again. Restore the keys that matter from outside the cluster, then send Forgive for a key of each slot (`gobelins kv forgive`): the keys it lacks then read as absent"
+        );
+    }
+
     async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Versioned)> {
         let mine: Vec<u32> = orphans.slots_to(ctx.node()).collect();
         if let (Some(table), false) = (ctx.shared_snapshot(), mine.is_empty()) {
