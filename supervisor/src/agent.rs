@@ -504,6 +504,8 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
     let (me, incarnation) = (supervisor.id(), supervisor.incarnation());
     let pause = supervisor.config().failure_timeout;
     let mut ended = false;
+    // Rounds in a row in which every member proved another secret than this node's.
+    let mut refused = 0;
     while !supervisor.life_admitted() {
         let live = supervisor
             .state()
@@ -571,9 +573,21 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
         if *supervisor.lifecycle().borrow() == Lifecycle::Left {
             return;
         }
+        // Asking again changes nothing: the secret file does not change under a running node.
+        // A few rounds, not one: a member dialed as it restarts with its own file unchanged
+        // proves the same secret as ever.
+        refused = if supervisor.refused_by_every_member() { refused + 1 } else { 0 };
+        if refused >= SECRET_ROUNDS {
+            supervisor.stop_refused("every member of the cluster proves another secret than this node's: this data directory's cluster.secret differs from the cluster's (replaced, or copied from another cluster). Copy cluster.secret unchanged from a member's data directory, then start this node again".into());
+            return;
+        }
         tokio::time::sleep(pause).await;
     }
 }
+
+/// Rounds of a restarted node's attempts to rejoin in which every member proves another secret
+/// before it stops, rather than ask again for ever.
+const SECRET_ROUNDS: u32 = 3;
 
 /// Whether every other node the cluster has known has left it: none will come back as a
 /// member without joining anew.

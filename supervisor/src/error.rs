@@ -35,6 +35,15 @@ pub enum SupervisorError {
         /// What was wrong, in words an operator can act on.
         reason: String,
     },
+    /// The peer proved it holds another secret than this node's: another cluster's, or
+    /// another key of this cluster. The dialer finds it out, as the peer proves itself first.
+    #[error("handshake with {peer}: {reason}")]
+    SecretDiffers {
+        /// Address or node of the peer.
+        peer: String,
+        /// What was wrong, in words an operator can act on.
+        reason: String,
+    },
     /// The peer did not answer in time.
     #[error("{what} timed out after {after_ms} ms")]
     Timeout {

@@ -44,7 +44,8 @@ use tokio_util::codec::{Decoder, Encoder};
 /// no majority of the voters; 16: the replicated state's `Command::Dead`, the detector's
 /// verdict, which may end the last live node's life; 17: `Command::Shape`, the label levels a
 /// bootstrap gives the cell tree; 18: the DSM's `Request::Cover` and `Uncover`, a manager's
-/// word to its replica holder, and `Entry::Covered`, which a recovery's batches carry).
+/// word to its replica holder, and `Entry::Covered`, which a recovery's batches carry; and the
+/// handshake's `RefusedSecret`).
 pub const VERSION: u8 = 18;
 /// The oldest protocol version this node reads.
 pub const MIN_VERSION: u8 = 18;

@@ -85,6 +85,9 @@ pub enum HandshakeMessage {
     Admitted,
     /// The sender gives up, and says why.
     Refused(String),
+    /// The sender gives up because the other side holds another secret (another cluster's, or
+    /// another key), and says so: a restarted node that every member tells this stops.
+    RefusedSecret(String),
 }
 
 /// Checks that a peer's Hello is for our cluster and speaks a version we read.
@@ -193,8 +196,12 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S, FrameCodec>,
     peer: &str,
     reason: String,
+    secret: bool,
 ) -> SupervisorError {
-    refuse_telling(framed, peer, reason, TOLD).await
+    let told = if secret { HandshakeMessage::RefusedSecret } else { HandshakeMessage::Refused };
+    // Best effort: the peer may already be gone, and the error we return matters more.
+    let _ = send(framed, &told(TOLD.into())).await;
+    SupervisorError::Handshake { peer: peer.into(), reason }
 }
 
 async fn refuse_telling<S: AsyncRead + AsyncWrite + Unpin>(
@@ -204,8 +211,18 @@ async fn refuse_telling<S: AsyncRead + AsyncWrite + Unpin>(
     told: &str,
 ) -> SupervisorError {
     // Best effort: the peer may already be gone, and the error we return matters more.
-    let _ = send(framed, &HandshakeMessage::Refused(told.into())).await;
+    let _ = send(framed, &HandshakeMessage::RefusedSecret(told.into())).await;
     SupervisorError::Handshake { peer: peer.into(), reason }
+}
+
+/// A refusal made because the peer holds another secret.
+fn differs(error: SupervisorError) -> SupervisorError {
+    match error {
+        SupervisorError::Handshake { peer, reason } => {
+            SupervisorError::SecretDiffers { peer, reason }
+        }
+        other => other,
+    }
 }
 
 fn refused_by_peer(peer: &str, reason: String) -> SupervisorError {
@@ -219,6 +236,7 @@ fn unexpected(peer: &str, got: &HandshakeMessage) -> SupervisorError {
         HandshakeMessage::Proof(_) => "Proof",
         HandshakeMessage::Admitted => "Admitted",
         HandshakeMessage::Refused(_) => "Refused",
+        HandshakeMessage::RefusedSecret(_) => "RefusedSecret",
     };
     SupervisorError::Handshake { peer: peer.into(), reason: format!("unexpected {what} message") }
 }
@@ -236,19 +254,25 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
         let (theirs, their_proof) = match receive(framed, peer, true).await? {
             HandshakeMessage::Welcome { hello, proof } => (hello, proof),
             HandshakeMessage::Refused(reason) => return Err(refused_by_peer(peer, reason)),
+            HandshakeMessage::RefusedSecret(reason) => {
+                return Err(differs(refused_by_peer(peer, reason)))
+            }
             other => return Err(unexpected(peer, &other)),
         };
         if let Err(reason) = check_hello(secret.cluster, &theirs) {
-            return Err(refuse_telling(framed, peer, reason, TOLD_BY_DIALER).await);
+            let another = theirs.magic == MAGIC && theirs.cluster != secret.cluster;
+            let error = refuse_telling(framed, peer, reason, TOLD_BY_DIALER).await;
+            return Err(if another { differs(error) } else { error });
         }
         if !verify(secret, ACCEPTOR, &ours, &theirs, &their_proof)? {
             let reason = "the peer's proof does not match our cluster secret: the secret files differ; check --secret-file (or this data directory's cluster.secret)".to_string();
-            return Err(refuse_telling(framed, peer, reason, TOLD_BY_DIALER).await);
+            return Err(differs(refuse_telling(framed, peer, reason, TOLD_BY_DIALER).await));
         }
         send(framed, &HandshakeMessage::Proof(proof(secret, INITIATOR, &ours, &theirs)?)).await?;
         match receive(framed, peer, true).await? {
             HandshakeMessage::Admitted => Ok(theirs),
             HandshakeMessage::Refused(reason) => Err(refused_by_peer(peer, reason)),
+            HandshakeMessage::RefusedSecret(reason) => Err(differs(refused_by_peer(peer, reason))),
             other => Err(unexpected(peer, &other)),
         }
     };
@@ -271,7 +295,8 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             other => return Err(unexpected(peer, &other)),
         };
         if let Err(reason) = check_hello(secret.cluster, &theirs) {
-            return Err(refuse(framed, peer, reason).await);
+            let another = theirs.magic == MAGIC && theirs.cluster != secret.cluster;
+            return Err(refuse(framed, peer, reason, another).await);
         }
         let welcome = HandshakeMessage::Welcome {
             proof: proof(secret, ACCEPTOR, &theirs, &ours)?,
@@ -297,9 +322,12 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
                 framed,
                 peer,
                 "wrong cluster secret: the peer could not prove it holds the key".into(),
+                true,
             )
             .await),
-            HandshakeMessage::Refused(reason) => Err(refused_by_peer(peer, reason)),
+            HandshakeMessage::Refused(reason) | HandshakeMessage::RefusedSecret(reason) => {
+                Err(refused_by_peer(peer, reason))
+            }
             other => Err(unexpected(peer, &other)),
         }
     };
@@ -350,7 +378,9 @@ mod tests {
         let right = ClusterSecret::generate();
         let wrong = ClusterSecret { cluster: right.cluster, key: [7; 32] };
         let (a, b) = run(wrong, right).await;
-        let (a, b) = (a.unwrap_err().to_string(), b.unwrap_err().to_string());
+        let (a, b) = (a.unwrap_err(), b.unwrap_err());
+        assert!(matches!(a, SupervisorError::SecretDiffers { .. }), "{a}");
+        let (a, b) = (a.to_string(), b.to_string());
         assert!(a.contains("secret files differ"), "{a}");
         // The acceptor, dialed by a node with a changed key, is not told to check its own.
         assert!(b.contains("refused by peer: the node that connected holds"), "{b}");
@@ -360,7 +390,10 @@ mod tests {
     #[tokio::test]
     async fn another_cluster_is_refused_with_advice() {
         let (a, b) = run(ClusterSecret::generate(), ClusterSecret::generate()).await;
-        let (a, b) = (a.unwrap_err().to_string(), b.unwrap_err().to_string());
+        let (a, b) = (a.unwrap_err(), b.unwrap_err());
+        // The dialer hears that the secret differs, which a restarted node acts on.
+        assert!(matches!(a, SupervisorError::SecretDiffers { .. }), "{a}");
+        let (a, b) = (a.to_string(), b.to_string());
         assert!(b.contains("check --secret-file"), "{b}");
         assert!(a.contains("refused by peer"), "{a}");
     }

@@ -1124,6 +1124,20 @@ impl Supervisor {
             && membership.log_id() <= &metrics.last_applied
     }
 
+    /// Whether every other member this node's state counts live proved, at the last dial to
+    /// it, that it holds another secret than this node's: this node's secret is the odd one.
+    pub(crate) fn refused_by_every_member(&self) -> bool {
+        let state = self.state();
+        let mut members =
+            state.nodes.iter().filter(|(&id, r)| id != self.me.id && r.status.is_live());
+        let mut any = false;
+        let every = members.all(|(&id, _)| {
+            any = true;
+            self.transport.secret_differs(id)
+        });
+        any && every
+    }
+
     /// Stops this node for good because the cluster refused what it is: it stops serving and
     /// answering its peers, which declare it failed and rebuild its entries elsewhere.
     pub fn stop_refused(&self, why: String) {

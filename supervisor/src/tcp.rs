@@ -263,6 +263,8 @@ struct Peer {
     /// Why the last dial's handshake failed (a secret that differs, say): what a call refused
     /// during the backoff says, rather than only that the node is unreachable.
     refused: Option<String>,
+    /// The last dial found the peer holding another secret.
+    secret_differs: bool,
 }
 
 /// Connections refused before their handshake ended: lines logged per window, and the window.
@@ -499,6 +501,7 @@ impl<N: Net> TcpTransport<N> {
                     entry.backoff = Duration::ZERO;
                     entry.retry_at = None;
                     entry.refused = None;
+                    entry.secret_differs = false;
                     conn.clone()
                 }
             }
@@ -722,11 +725,23 @@ impl<N: Net> TcpTransport<N> {
             Err(error) => {
                 self.failed_dial(node);
                 tracing::debug!(node, %addr, %error, "dial failed");
+                let differs = matches!(error, SupervisorError::SecretDiffers { .. });
+                // Callers see a handshake refused, whatever its cause.
+                let error = match error {
+                    SupervisorError::SecretDiffers { peer, reason } => {
+                        SupervisorError::Handshake { peer, reason }
+                    }
+                    other => other,
+                };
                 let refused = match &error {
                     SupervisorError::Handshake { reason, .. } => Some(reason.clone()),
                     _ => None,
                 };
-                lock(&self.inner.peers).entry(node).or_default().refused = refused;
+                let mut peers = lock(&self.inner.peers);
+                let peer = peers.entry(node).or_default();
+                peer.refused = refused;
+                peer.secret_differs = differs;
+                drop(peers);
                 Err(match error {
                     SupervisorError::Handshake { .. } => error,
                     _ => SupervisorError::Unreachable(node),
@@ -892,7 +907,12 @@ impl<N: Net> Transport for TcpTransport<N> {
             peer.addr = Some(addr);
             peer.retry_at = None;
             peer.refused = None;
+            peer.secret_differs = false;
         }
+    }
+
+    fn secret_differs(&self, node: u64) -> bool {
+        lock(&self.inner.peers).get(&node).is_some_and(|p| p.secret_differs)
     }
 
     fn forget(&self, node: u64) {

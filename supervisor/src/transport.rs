@@ -47,6 +47,13 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Forgets `node` and closes any connection to it.
     fn forget(&self, node: u64);
+
+    /// Whether the last dial to `node` found it holding another secret than this node's
+    /// (until a dial succeeds). The default: never.
+    fn secret_differs(&self, node: u64) -> bool {
+        let _ = node;
+        false
+    }
 }
 
 /// Answers requests that arrive from peers. Runs concurrently for many requests; must not block.
