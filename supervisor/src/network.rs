@@ -80,7 +80,9 @@ impl Client {
         let reply = self.transport.call(self.target, bytes, option.hard_ttl()).await;
         let reply = reply.map_err(|e| match e {
             // Dial failures make raft back off; a dropped or slow call is retried at once.
-            SupervisorError::Unreachable(_) | SupervisorError::Handshake { .. } => {
+            SupervisorError::Unreachable(_)
+            | SupervisorError::Handshake { .. }
+            | SupervisorError::SecretDiffers { .. } => {
                 RPCError::Unreachable(Unreachable::new(&e))
             }
             other => RPCError::Network(NetworkError::new(&other)),
