@@ -22,14 +22,37 @@ pub struct DataDir {
     root: PathBuf,
 }
 
+/// Refuses `root`, owned by `owner`, for an agent running as `me`.
+fn owned_by(root: &Path, owner: u32, me: u32) -> Result<()> {
+    if owner == me {
+        return Ok(());
+    }
+    Err(SupervisorError::Config(format!(
+        "data directory {} belongs to user {owner}, and this agent runs as user {me}: that user \
+         could replace what the agent keeps there (its cluster secret, raft log and control \
+         socket). Run the agent as user {owner}, or give it a directory of its own (`chown \
+         {me} {}`)",
+        root.display(),
+        root.display()
+    )))
+}
+
 impl DataDir {
-    /// Opens `root`, creating it private to its user if missing.
+    /// Opens `root`, creating it private to its user if missing. Refuses a directory another
+    /// user owns: made private to them, they could still replace what it keeps (the secret,
+    /// the raft log, the control socket the CLI talks to).
     pub fn open(root: &Path) -> Result<Self> {
-        std::fs::create_dir_all(root)
-            .and_then(|()| std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700)))
-            .map_err(|e| {
-                SupervisorError::io(format!("preparing data directory {}", root.display()), e)
-            })?;
+        use std::os::unix::fs::MetadataExt as _;
+        let preparing =
+            |e| SupervisorError::io(format!("preparing data directory {}", root.display()), e);
+        std::fs::create_dir_all(root).map_err(preparing)?;
+        let owner = std::fs::metadata(root).map_err(preparing)?.uid();
+        // The process's effective user owns its `/proc/self` (Linux).
+        if let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid()) {
+            owned_by(root, owner, me)?;
+        }
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
+            .map_err(preparing)?;
         Ok(DataDir { root: root.to_path_buf() })
     }
 
@@ -183,6 +206,19 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_of_another_user_is_refused_saying_whose_and_what_to_do() {
+        let path = Path::new("/srv/g1");
+        assert!(owned_by(path, 1000, 1000).is_ok());
+        let refused = owned_by(path, 1000, 0).unwrap_err().to_string();
+        assert!(refused.contains("belongs to user 1000"), "{refused}");
+        assert!(refused.contains("runs as user 0"), "{refused}");
+        assert!(refused.contains("chown 0 /srv/g1"), "{refused}");
+        // The directory this process makes is its own.
+        let root = tempfile::tempdir().unwrap();
+        assert!(DataDir::open(&root.path().join("made")).is_ok());
+    }
 
     /// A number that cannot be written says what to check and leaves no `.new` file behind.
     #[test]
