@@ -82,9 +82,7 @@ impl Client {
             // Dial failures make raft back off; a dropped or slow call is retried at once.
             SupervisorError::Unreachable(_)
             | SupervisorError::Handshake { .. }
-            | SupervisorError::SecretDiffers { .. } => {
-                RPCError::Unreachable(Unreachable::new(&e))
-            }
+            | SupervisorError::SecretDiffers { .. } => RPCError::Unreachable(Unreachable::new(&e)),
             other => RPCError::Network(NetworkError::new(&other)),
         })?;
         // An answer that does not decode, or says the peer stopped, will be the same the next
