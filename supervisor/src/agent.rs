@@ -575,11 +575,17 @@ async fn start_new_life(supervisor: Arc<Supervisor>) {
         }
         // Asking again changes nothing: the secret file does not change under a running node.
         // A few rounds, not one: a member dialed as it restarts with its own file unchanged
-        // proves the same secret as ever.
-        refused = if supervisor.refused_by_every_member() { refused + 1 } else { 0 };
-        if refused >= SECRET_ROUNDS {
-            supervisor.stop_refused("every member of the cluster proves another secret than this node's: this data directory's cluster.secret differs from the cluster's (replaced, or copied from another cluster). Copy cluster.secret unchanged from a member's data directory, then start this node again".into());
+        // proves the same secret as ever. Only several members that agree with one another
+        // show this node's file to be the odd one: a single one (or whatever answers at its
+        // address: another cluster's agent on a reused port) may be the wrong one itself.
+        let (members, differ) = supervisor.members_with_another_secret();
+        refused = if differ > 0 && differ == members { refused + 1 } else { 0 };
+        if refused >= SECRET_ROUNDS && members >= 2 {
+            supervisor.stop_refused(format!("every member of the cluster ({members}) proves another secret than this node's: this data directory's cluster.secret differs from the cluster's (replaced, or copied from another cluster). Copy cluster.secret unchanged from a member's data directory, then start this node again"));
             return;
+        }
+        if refused == SECRET_ROUNDS {
+            tracing::error!(node = me, "the only other member proves another secret than this node's, and this node keeps asking: one of the two cluster.secret files differs (replaced, or copied from another cluster), or another program answers at that member's address. Compare the two files; copy the right one unchanged, then start the wrong node again");
         }
         tokio::time::sleep(pause).await;
     }

@@ -1127,18 +1127,18 @@ impl Supervisor {
             && membership.log_id() <= &metrics.last_applied
     }
 
-    /// Whether every other member this node's state counts live proved, at the last dial to
-    /// it, that it holds another secret than this node's: this node's secret is the odd one.
-    pub(crate) fn refused_by_every_member(&self) -> bool {
+    /// How many other members this node's state counts live, and how many of them proved, at
+    /// the last dial to each, that they hold another secret than this node's.
+    pub(crate) fn members_with_another_secret(&self) -> (usize, usize) {
         let state = self.state();
-        let mut members =
-            state.nodes.iter().filter(|(&id, r)| id != self.me.id && r.status.is_live());
-        let mut any = false;
-        let every = members.all(|(&id, _)| {
-            any = true;
-            self.transport.secret_differs(id)
-        });
-        any && every
+        let members: Vec<u64> = state
+            .nodes
+            .iter()
+            .filter(|(&id, r)| id != self.me.id && r.status.is_live())
+            .map(|(&id, _)| id)
+            .collect();
+        let differ = members.iter().filter(|&&id| self.transport.secret_differs(id)).count();
+        (members.len(), differ)
     }
 
     /// Stops this node for good because the cluster refused what it is: it stops serving and

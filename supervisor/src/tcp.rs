@@ -719,7 +719,12 @@ impl<N: Net> TcpTransport<N> {
             Ok((theirs, _)) => {
                 self.failed_dial(node);
                 let reason = format!("expected node {node}, found node {}", theirs.node);
-                lock(&self.inner.peers).entry(node).or_default().refused = Some(reason.clone());
+                let mut peers = lock(&self.inner.peers);
+                let peer = peers.entry(node).or_default();
+                peer.refused = Some(reason.clone());
+                // It proved our secret: some other node of ours took the address.
+                peer.secret_differs = false;
+                drop(peers);
                 Err(SupervisorError::Handshake { peer: addr, reason })
             }
             Err(error) => {
