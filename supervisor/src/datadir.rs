@@ -22,34 +22,38 @@ pub struct DataDir {
     root: PathBuf,
 }
 
-/// Refuses `root`, owned by `owner`, for an agent running as `me`.
-fn owned_by(root: &Path, owner: u32, me: u32) -> Result<()> {
-    if owner == me {
-        return Ok(());
-    }
-    Err(SupervisorError::Config(format!(
-        "data directory {} belongs to user {owner}, and this agent runs as user {me}: that user \
-         could replace what the agent keeps there (its cluster secret, raft log and control \
-         socket). Run the agent as user {owner}, or give it a directory of its own (`chown \
-         {me} {}`)",
-        root.display(),
-        root.display()
-    )))
+/// What to say of `root`, owned by `owner`, for an agent running as `me`: `None` when it is
+/// its own.
+fn another_owner(root: &Path, owner: u32, me: u32) -> Option<String> {
+    (owner != me).then(|| {
+        format!(
+            "data directory {} belongs to user {owner}, and this agent runs as user {me}: that \
+             user can replace what the agent keeps there (its cluster secret, raft log and \
+             control socket). Unless the filesystem reports another owner for every file \
+             (NFS with root_squash, a uid= mount, a user namespace), run the agent as user \
+             {owner}, or give it a directory of its own (`sudo chown {me} {}`)",
+            root.display(),
+            root.display()
+        )
+    })
 }
 
 impl DataDir {
-    /// Opens `root`, creating it private to its user if missing. Refuses a directory another
-    /// user owns: made private to them, they could still replace what it keeps (the secret,
-    /// the raft log, the control socket the CLI talks to).
+    /// Opens `root`, creating it private to its user if missing. Warns of a directory another
+    /// user owns: made private to them, they can still replace what it keeps (the secret, the
+    /// raft log, the control socket the CLI talks to). A warning, not a refusal: some
+    /// filesystems report another owner for what the agent itself made.
     pub fn open(root: &Path) -> Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
         let preparing =
             |e| SupervisorError::io(format!("preparing data directory {}", root.display()), e);
         std::fs::create_dir_all(root).map_err(preparing)?;
         let owner = std::fs::metadata(root).map_err(preparing)?.uid();
-        // The process's effective user owns its `/proc/self` (Linux).
-        if let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid()) {
-            owned_by(root, owner, me)?;
+        // The process's effective user owns its `/proc/self` (Linux; without `/proc`, no
+        // warning).
+        let me = std::fs::metadata("/proc/self").map(|m| m.uid());
+        if let Some(warning) = me.ok().and_then(|me| another_owner(root, owner, me)) {
+            tracing::warn!("{warning}");
         }
         std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o700))
             .map_err(preparing)?;
@@ -208,13 +212,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_directory_of_another_user_is_refused_saying_whose_and_what_to_do() {
+    fn a_directory_of_another_user_is_warned_of_saying_whose_and_what_to_do() {
         let path = Path::new("/srv/g1");
-        assert!(owned_by(path, 1000, 1000).is_ok());
-        let refused = owned_by(path, 1000, 0).unwrap_err().to_string();
-        assert!(refused.contains("belongs to user 1000"), "{refused}");
-        assert!(refused.contains("runs as user 0"), "{refused}");
-        assert!(refused.contains("chown 0 /srv/g1"), "{refused}");
+        assert_eq!(another_owner(path, 1000, 1000), None);
+        let warning = another_owner(path, 1000, 0).expect("a warning");
+        assert!(warning.contains("belongs to user 1000"), "{warning}");
+        assert!(warning.contains("runs as user 0"), "{warning}");
+        assert!(warning.contains("sudo chown 0 /srv/g1"), "{warning}");
         // The directory this process makes is its own.
         let root = tempfile::tempdir().unwrap();
         assert!(DataDir::open(&root.path().join("made")).is_ok());
