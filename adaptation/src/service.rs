@@ -405,7 +405,8 @@ pub trait Service: Send + Sync + 'static {
     /// cluster: no survivor rebuilt what that life managed, and this node manages every slot
     /// again. Called once, before it serves a request, for the service to report those entries
     /// lost rather than answer for them as never written (kvdir marks every slot as having
-    /// lost entries, the DSM taints them). The default does nothing.
+    /// lost entries, the DSM taints them). The context has no table and no epoch yet (0): the
+    /// node is not fed the cluster's state before this returns. The default does nothing.
     fn restarted_alone(&self, ctx: &Context) -> impl Future<Output = ()> + Send {
         let _ = ctx;
         std::future::ready(())
