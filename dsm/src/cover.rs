@@ -73,7 +73,10 @@ impl Vouch {
 /// to `epoch`: it is of the epoch before, and every node of `cluster` has `acked`, that is,
 /// reported every copy it holds.
 pub(crate) fn vouches(word: u64, epoch: u64, cluster: &[NodeId], acked: &BTreeSet<NodeId>) -> bool {
-    word + 1 == epoch && !cluster.is_empty() && cluster.iter().all(|n| acked.contains(n))
+    // A peer's word may name any epoch: one at the top of the range follows none.
+    word.checked_add(1) == Some(epoch)
+        && !cluster.is_empty()
+        && cluster.iter().all(|n| acked.contains(n))
 }
 
 #[cfg(test)]
@@ -136,5 +139,6 @@ mod tests {
         let silent: BTreeSet<NodeId> = [n(1), n(2)].into();
         assert!(!vouches(6, 7, &cluster, &silent), "node 4 did not report");
         assert!(!vouches(6, 7, &[], &all), "no cluster known");
+        assert!(!vouches(u64::MAX, 0, &cluster, &all), "no epoch follows the last");
     }
 }

@@ -656,6 +656,28 @@ fn with_backups_a_node_dying_during_the_recovery_leaves_unreported_pages_lost() 
     })
 }
 
+/// Writes `page` from `manager`, and returns what an owner tells its manager when a commit
+/// cannot reach its backup, `backup`: sent to `manager` in a cluster of two, it leaves the
+/// page with no copy on another node.
+async fn written_without_backup(
+    cluster: &Cluster,
+    manager: NodeId,
+    backup: NodeId,
+    page: PageId,
+) -> gobelins_dsm::Request {
+    let mut g = cluster.dsm(manager).write(page).await.expect("write");
+    g[0] = 1;
+    let version = g.version();
+    g.commit().await.expect("commit");
+    gobelins_dsm::Request::Rebackup {
+        node: manager,
+        version,
+        commit: 1,
+        failed: backup,
+        data: gobelins_dsm::PageBytes::from(vec![1; PAGE_SIZE]),
+    }
+}
+
 /// A manager takes its word back before a page it manages stops having a copy elsewhere:
 /// here its owner, the manager itself, is told its backup is unreachable and no other node
 /// can take one. Its death then leaves its slots tainted: a page nobody reports reads lost.
@@ -669,20 +691,9 @@ fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere(
         assert!(pages.len() >= 2, "the victim manages pages: {pages:?}");
         let written = PageId { segment: SEGMENT, page: pages[0] };
         let unwritten = PageId { segment: SEGMENT, page: pages[1] };
-        let dsm = cluster.dsm(victim);
-        let mut g = dsm.write(written).await.expect("write");
-        g[0] = 1;
-        let version = g.version();
-        g.commit().await.expect("commit");
-        // As the owner does when a commit cannot reach its backup: the manager finds no other
-        // node to back the page up on, and the page is kept on the victim alone.
-        let request = gobelins_dsm::Request::Rebackup {
-            node: victim,
-            version,
-            commit: 1,
-            failed: survivor,
-            data: gobelins_dsm::PageBytes::from(vec![1; PAGE_SIZE]),
-        };
+        // The manager finds no other node to back the page up on: it is kept on the victim
+        // alone.
+        let request = written_without_backup(&cluster, victim, survivor, written).await;
         let ctx = cluster.mem.host(victim).context();
         let answer: gobelins_dsm::Response =
             ctx.request(gobelins_dsm::DSM, written.key(), &request).await.expect("asked");
@@ -710,18 +721,7 @@ fn with_backups_a_manager_whose_replica_holder_is_silent_answers_retry_rather_th
             segment: SEGMENT,
             page: pages_managed_by(&cluster, manager, SEGMENT, 2048)[0],
         };
-        let dsm = cluster.dsm(manager);
-        let mut g = dsm.write(page).await.expect("write");
-        g[0] = 1;
-        let version = g.version();
-        g.commit().await.expect("commit");
-        let rebackup = gobelins_dsm::Request::Rebackup {
-            node: manager,
-            version,
-            commit: 1,
-            failed: holder,
-            data: gobelins_dsm::PageBytes::from(vec![1; PAGE_SIZE]),
-        };
+        let rebackup = written_without_backup(&cluster, manager, holder, page).await;
         let ctx = cluster.mem.host(manager).context();
         cluster.mem.crash(holder);
         let asked = tokio::time::Instant::now();
