@@ -1094,6 +1094,30 @@ fn a_member_restarted_with_another_secret_stops_and_says_so() {
     assert!(log.contains("every member of the cluster (2) proves another secret"), "{log}");
 }
 
+/// The survivor of a two-node cluster, killed and started again after the other node failed,
+/// waits for a join (its last life's entries need a node to go to), and says so. It said that
+/// a majority of the voters must be up, though its only voter was.
+#[test]
+fn a_survivor_restarted_after_the_other_node_failed_says_it_waits_for_a_join() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(60);
+    let (mut agents, _) = two_agents(root.path(), limit);
+    agents[1].kill();
+    wait_showing(&agents, "node 2 declared failed", limit, || {
+        stable_with(&agents[0].dir, &[(1, "active", 1), (2, "failed", 1)])
+    });
+    agents[0].kill();
+    agents[0].child = Some(spawn(&agents[0], &[]));
+    let mut entering = String::new();
+    wait_showing(&agents, "node 1 saying it waits for a join", limit, || {
+        let said =
+            status(&agents[0].dir, true).and_then(|s| s["entering"].as_str().map(String::from));
+        entering = said.unwrap_or_default();
+        entering.contains("waits for another node to join")
+    });
+    assert!(!entering.contains("majority"), "{entering}");
+}
+
 /// A cluster of two killed whole, its voter started first, then the other node. The two come
 /// back as new lives, and their keys read as lost, not as never written.
 #[test]

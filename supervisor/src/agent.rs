@@ -608,10 +608,24 @@ fn alone_in_tree(supervisor: &Supervisor) -> bool {
     supervisor.state().tree.nodes().all(|n| n == me)
 }
 
+/// What a restarted node whose last life was the last the locator held waits for.
+const WAITS_FOR_A_JOIN: &str = "restarted as the last node the locator held: its last life has \
+     ended, and its recovery, with this node's rejoin, waits for another node to join (start a \
+     failed node again, or a new one with --join)";
+
 /// Ends `entering` once this node's life is admitted, or is over (it left, or stopped).
 async fn entered_once_admitted(supervisor: Arc<Supervisor>, entering: Entering) {
     let lifecycle = supervisor.lifecycle();
+    let me = supervisor.id();
+    let mut told = false;
     while !supervisor.life_admitted() && *lifecycle.borrow() == Lifecycle::Member {
+        // Its last life ended as the last node the locator held: a majority of the voters is
+        // up (this one), and nothing happens until another node joins.
+        let ended = supervisor.state().nodes.get(&me).is_some_and(|r| !r.status.is_live());
+        if !told && ended && alone_in_tree(&supervisor) {
+            entering.now_doing(WAITS_FOR_A_JOIN.to_string());
+            told = true;
+        }
         // Admission has no signal to wait on; this is what a status asked meanwhile may lag.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
