@@ -19,7 +19,8 @@ tokio::task_local! {
 pub(crate) struct Held<'a> {
     pub(crate) guard: MutexGuard<'a, Live>,
     pub(crate) me: NodeId,
-    pub(crate) exposures: &'a AtomicU64,
+    /// The node's count of exposed entries; `None` with backups off, where no word is given.
+    pub(crate) exposures: Option<&'a AtomicU64>,
 }
 
 impl Deref for Held<'_> {
@@ -38,13 +39,12 @@ impl DerefMut for Held<'_> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        // Only a handler run inside `EXPOSED`'s scope (backups on) cares. Nodes that left
-        // do so in a change, after which the word is given again: a page entry only needs its
-        // own fields looked at here.
-        let Ok(()) = EXPOSED.try_with(|_| ()) else { return };
+        // Nodes that left do so in a change, after which the word is given again: a page
+        // entry only needs its own fields looked at here.
+        let Some(exposures) = self.exposures else { return };
         if let Live::Page(entry) = &*self.guard {
             if !kept_elsewhere(entry, self.me, |_| false) {
-                self.exposures.fetch_add(1, Ordering::SeqCst);
+                exposures.fetch_add(1, Ordering::SeqCst);
                 let _ = EXPOSED.try_with(|e| e.set(true));
             }
         }

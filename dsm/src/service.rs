@@ -1351,7 +1351,9 @@ impl DsmService {
 
     /// Locks a page entry for a handler of its manager (see [`Held`]).
     async fn hold<'a>(&'a self, ctx: &Context, slot: &'a Arc<AsyncMutex<Live>>) -> Held<'a> {
-        Held { guard: slot.lock().await, me: ctx.node(), exposures: &self.state().exposures }
+        let st = self.state();
+        let exposures = st.config.backups.then_some(&st.exposures);
+        Held { guard: slot.lock().await, me: ctx.node(), exposures }
     }
 
     /// The node's copies of orphaned keys, for `scan`.

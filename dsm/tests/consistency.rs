@@ -206,6 +206,13 @@ impl Cluster {
         self.made.lock().expect("made")[node.0 as usize].fault_stats()
     }
 
+    /// Pages the cluster's nodes reported lost, summed: what `gobelins stats` shows each.
+    fn reported_lost(&self) -> u64 {
+        let nodes = self.mem.nodes().into_iter();
+        let lost = nodes.map(|n| self.mem.host(n).stats().reported_lost.get("dsm").copied());
+        lost.map(|l| l.unwrap_or(0)).sum()
+    }
+
     /// Pages whose copy `node` gave up to a writer and still keeps aside.
     fn kept_aside(&self, node: NodeId) -> usize {
         self.made.lock().expect("made")[node.0 as usize].kept_aside()
@@ -618,13 +625,7 @@ fn with_backups_a_page_never_written_reads_as_zeros_after_its_manager_died() {
             }
         }
         assert!(wrong.is_empty(), "after one failure with backups on: {wrong:?}");
-        let lost: u64 = cluster
-            .mem
-            .nodes()
-            .into_iter()
-            .map(|n| cluster.mem.host(n).stats().reported_lost.get("dsm").copied().unwrap_or(0))
-            .sum();
-        assert_eq!(lost, 0, "no page reported lost");
+        assert_eq!(cluster.reported_lost(), 0, "no page reported lost");
     })
 }
 
@@ -827,10 +828,7 @@ fn with_backups_a_leave_and_then_a_failure_under_load_lose_no_page() {
         check(&histories).expect("sequentially consistent");
         let counts = final_counts(&cluster.dsm(NodeId(1))).await.expect("no page lost");
         assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
-        let reported: u64 = (cluster.mem.nodes().into_iter())
-            .map(|n| cluster.mem.host(n).stats().reported_lost.get("dsm").copied().unwrap_or(0))
-            .sum();
-        assert_eq!(reported, 0, "nothing reported lost either");
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost either");
     })
 }
 
@@ -869,13 +867,9 @@ fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zeroed() {
         assert_eq!(lost, PAGES - 1);
         // What `gobelins stats` shows: each lost page once, on its manager, however often it
         // is read.
-        let reported = |cluster: &Cluster| -> u64 {
-            let hosts = [NodeId(1), NodeId(2)].map(|n| cluster.mem.host(n).stats());
-            hosts.iter().map(|s| s.reported_lost.get("dsm").copied().unwrap_or(0)).sum()
-        };
-        assert_eq!(reported(&cluster), u64::from(PAGES - 1));
+        assert_eq!(cluster.reported_lost(), u64::from(PAGES - 1));
         assert!(matches!(reader.read(pid(1)).await, Err(DsmError::Lost { .. })));
-        assert_eq!(reported(&cluster), u64::from(PAGES - 1), "counted once");
+        assert_eq!(cluster.reported_lost(), u64::from(PAGES - 1), "counted once");
         // The program decides; then the page starts afresh. A page that was not lost is not
         // discarded, and says so.
         let page = pid(1);

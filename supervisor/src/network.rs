@@ -80,9 +80,9 @@ impl Client {
         let reply = self.transport.call(self.target, bytes, option.hard_ttl()).await;
         let reply = reply.map_err(|e| match e {
             // Dial failures make raft back off; a dropped or slow call is retried at once.
-            SupervisorError::Unreachable(_)
-            | SupervisorError::Handshake { .. }
-            | SupervisorError::SecretDiffers { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+            SupervisorError::Unreachable(_) | SupervisorError::Handshake { .. } => {
+                RPCError::Unreachable(Unreachable::new(&e))
+            }
             other => RPCError::Network(NetworkError::new(&other)),
         })?;
         // An answer that does not decode, or says the peer stopped, will be the same the next

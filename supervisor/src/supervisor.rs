@@ -665,9 +665,6 @@ impl Supervisor {
                     }
                 },
                 // A refused handshake will not get better by retrying: wrong secret or cluster.
-                Err(SupervisorError::SecretDiffers { peer, reason }) => {
-                    return Err(SupervisorError::Handshake { peer, reason })
-                }
                 Err(e @ SupervisorError::Handshake { .. }) => return Err(e),
                 Err(e) => (recovering, last) = (false, e.to_string()),
             }

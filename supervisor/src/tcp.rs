@@ -254,6 +254,17 @@ impl<N: Net> Drop for Ended<N> {
     }
 }
 
+/// What a transport's caller sees of a dial's error: a handshake refused, whatever its cause.
+/// That the peer holds another secret is kept per peer (`Peer::secret_differs`).
+fn refused(error: SupervisorError) -> SupervisorError {
+    match error {
+        SupervisorError::SecretDiffers { peer, reason } => {
+            SupervisorError::Handshake { peer, reason }
+        }
+        other => other,
+    }
+}
+
 #[derive(Default)]
 struct Peer {
     addr: Option<String>,
@@ -731,13 +742,7 @@ impl<N: Net> TcpTransport<N> {
                 self.failed_dial(node);
                 tracing::debug!(node, %addr, %error, "dial failed");
                 let differs = matches!(error, SupervisorError::SecretDiffers { .. });
-                // Callers see a handshake refused, whatever its cause.
-                let error = match error {
-                    SupervisorError::SecretDiffers { peer, reason } => {
-                        SupervisorError::Handshake { peer, reason }
-                    }
-                    other => other,
-                };
+                let error = refused(error);
                 let refused = match &error {
                     SupervisorError::Handshake { reason, .. } => Some(reason.clone()),
                     _ => None,
@@ -887,14 +892,14 @@ impl<N: Net> Transport for TcpTransport<N> {
         deadline: Duration,
     ) -> Result<(u64, Bytes)> {
         let until = Instant::now() + deadline;
-        let (theirs, framed) =
-            tokio::time::timeout_at(until, self.dial(addr)).await.map_err(|_| {
-                SupervisorError::Timeout {
-                    // The connection may have been made: the handshake is what did not end.
-                    what: format!("connecting to {addr} and proving the cluster secret"),
-                    after_ms: deadline.as_millis() as u64,
-                }
-            })??;
+        let dialed = tokio::time::timeout_at(until, self.dial(addr)).await.map_err(|_| {
+            SupervisorError::Timeout {
+                // The connection may have been made: the handshake is what did not end.
+                what: format!("connecting to {addr} and proving the cluster secret"),
+                after_ms: deadline.as_millis() as u64,
+            }
+        })?;
+        let (theirs, framed) = dialed.map_err(refused)?;
         self.set_peer(theirs.node, theirs.addr.clone());
         let conn = self.register(theirs.node, self.node(), framed);
         let response =
