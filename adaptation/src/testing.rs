@@ -261,11 +261,16 @@ impl MemCluster {
     /// Evicts `node`: it sends its entries away, then leaves.
     pub async fn evict(&mut self, node: NodeId) {
         self.change(Change::Evict(node)).await;
+        self.depart(node);
+    }
+
+    /// `node`, evicted, stops; as the supervisor does once it has left, everyone learns it is
+    /// gone.
+    fn depart(&mut self, node: NodeId) {
         self.departed.insert(node);
         if let Some((_, host)) = self.net.hosts.remove(&node) {
             host.shutdown();
         }
-        // As the supervisor does once the node has left: everyone learns it is gone.
         self.broadcast(None, self.snapshot());
     }
 
@@ -346,6 +351,7 @@ impl MemCluster {
     /// hand anything over; then carries out what the supervisor would: the change finishes
     /// without the victim, and the victim's failure is recovered (`Fail` if it is still in
     /// the tree, `Recover` if the change took it out), moves it had not finished included.
+    /// A node the change evicts stops before that recovery.
     pub async fn change_and_crash(&mut self, change: Change, victim: NodeId) {
         self.crash_during(change, victim, None).await;
     }
@@ -377,8 +383,16 @@ impl MemCluster {
         self.kill(victim);
         progress.participants.remove(&victim);
         let unfinished = progress.plan.moves_from(victim);
+        let change = progress.change.clone();
         self.broadcast(Some(progress.clone()), self.snapshot());
         self.finish(progress).await;
+        // A node evicted meanwhile is gone before the victim's recovery: what it could not
+        // hand over is not there for the survivors to report.
+        if let Change::Evict(leaver) = change {
+            if leaver != victim {
+                self.depart(leaver);
+            }
+        }
         // Consensus takes a moment to start the recovery; requests keep arriving meanwhile.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let recovery =

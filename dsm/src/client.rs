@@ -2,6 +2,7 @@
 
 use crate::error::DsmError;
 use crate::frames::{zeros, Bytes, Frame, Installed};
+use crate::leave::Handed;
 use crate::node::{DsmNode, NodeState, DSM};
 use crate::page::{barrier_key, lock_key, named, Named, PageId, PAGE_SIZE};
 use crate::protocol::{PageBytes, Request, Response, Token};
@@ -670,12 +671,17 @@ impl Dsm {
                     // hand this one over too, rather than leave with it.
                     let leaving = self.state().leaving.load(Ordering::SeqCst);
                     let writer = (!leaving).then_some(writer);
-                    let handed_over = leaving
-                        && self
-                            .node
-                            .service()
-                            .surrender_page(&self.host.context(), page, &frame)
-                            .await;
+                    let mut handed = None;
+                    if leaving {
+                        let service = self.node.service();
+                        handed =
+                            Some(service.surrender_page(&self.host.context(), page, &frame).await);
+                    }
+                    if handed == Some(Handed::Unanswered) {
+                        frame.reopen();
+                        tracing::warn!(?page, "dsm: could not hand a page granted as this node leaves to its manager; it is lost unless a faulting node fetches it before this node goes");
+                    }
+                    let handed_over = handed == Some(Handed::Over);
                     // Once this node, or its manager, holds the page, the copy the previous
                     // owner kept aside is no longer its last content.
                     if !leaving || handed_over {

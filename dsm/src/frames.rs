@@ -60,6 +60,10 @@ pub(crate) struct FrameState {
     /// where that grant took it. Not reported to `scan`: only the manager that took the grant
     /// back knows whether it is the page.
     pub(crate) refused_copy: Option<(u64, Bytes)>,
+    /// The backup is a leaving owner's page, left here because its manager did not answer
+    /// (see `crate::Request::Foster`): nobody's entry names this node. Cleared once an entry
+    /// may: a recovery was told of it, a backup was stored over it, or it was promoted.
+    pub(crate) fostered: bool,
 }
 
 /// The commit stamp of a version's last content: what an owner gave up, handed over or was
@@ -264,12 +268,39 @@ impl Frame {
 
     /// Keeps a backup for the owner, unless a newer one (a later version, or a later commit
     /// of this one) is already here.
-    pub(crate) fn store_backup(&self, version: u64, commit: u64, data: Bytes) {
+    pub(crate) fn store_backup(&self, version: u64, commit: u64, data: Bytes) -> bool {
         let mut s = self.lock();
         if s.backup.as_ref().is_none_or(|(v, _)| (*v, s.backup_commit) <= (version, commit)) {
             s.backup = Some((version, data));
             s.backup_commit = commit;
+            s.fostered = false;
+            return true;
         }
+        false
+    }
+
+    /// Keeps a leaving owner's page as a fostered backup (see [`FrameState::fostered`]).
+    pub(crate) fn foster(&self, version: u64, data: Bytes) {
+        if self.store_backup(version, FINAL, data) {
+            self.lock().fostered = true;
+        }
+    }
+
+    /// The fostered backup of `version`, while nobody's entry may name this node for it.
+    pub(crate) fn fostered(&self, version: u64) -> Option<Bytes> {
+        let s = self.lock();
+        let (v, data) = s.backup.as_ref().filter(|_| s.fostered)?;
+        (*v == version).then(|| Arc::clone(data))
+    }
+
+    /// Drops the fostered backup, once its manager has the page: true when it was one still.
+    pub(crate) fn drop_fostered(&self) -> bool {
+        let mut s = self.lock();
+        let dropped = std::mem::take(&mut s.fostered);
+        if dropped {
+            s.backup = None;
+        }
+        dropped
     }
 
     /// Hands `version` to the manager: keeps a read copy (no `writer`: a reader faulted) or
@@ -408,6 +439,7 @@ impl Frame {
         s.backup_node = None;
         s.retired = None;
         s.refused_copy = None;
+        s.fostered = false;
         s.readers.clear();
         s.closed = false;
         drop(s);
@@ -672,6 +704,26 @@ mod tests {
         assert_eq!(s.readers, [NodeId(5)].into());
         drop(s);
         assert_eq!(f.close(69), vec![NodeId(5)], "the writer revokes it before writing");
+    }
+
+    #[test]
+    fn a_fostered_backup_is_dropped_once_handed_on_unless_an_entry_may_name_it() {
+        let f = Frame::default();
+        f.foster(5, zeros());
+        assert!(f.fostered(5).is_some());
+        assert!(f.fostered(4).is_none(), "only the version fostered");
+        assert!(f.drop_fostered());
+        assert!(f.lock().backup.is_none());
+        // A manager's backup stored over it: the entry names this node now.
+        f.foster(5, zeros());
+        f.store_backup(5, FINAL, zeros());
+        assert!(f.fostered(5).is_none());
+        assert!(!f.drop_fostered());
+        assert!(f.lock().backup.is_some(), "kept as the manager's backup");
+        // A newer backup already here is not replaced, nor marked.
+        f.foster(4, zeros());
+        assert!(!f.drop_fostered());
+        assert_eq!(f.lock().backup.as_ref().map(|(v, _)| *v), Some(5));
     }
 
     #[test]

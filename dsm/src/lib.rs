@@ -44,6 +44,7 @@ mod error;
 mod frames;
 mod freed;
 mod held;
+mod leave;
 mod node;
 mod page;
 mod protocol;

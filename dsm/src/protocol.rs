@@ -281,6 +281,22 @@ pub enum Request {
         /// Orders the sender's words.
         seq: u64,
     },
+    /// To a live node, from a leaving owner whose page's manager did not answer (it may have
+    /// died, and its entry with it): keep the page as a backup, which that manager's recovery
+    /// finds, and hand it to the manager on the leaver's behalf should it answer after all.
+    /// `Ok` once kept.
+    Foster {
+        /// The page.
+        page: PageId,
+        /// The leaving owner.
+        leaver: NodeId,
+        /// The version it owns.
+        version: u64,
+        /// The page as last committed.
+        data: PageBytes,
+        /// Readers the leaver served directly, which the manager did not know of.
+        readers: BTreeSet<NodeId>,
+    },
 }
 
 /// The answers.

@@ -26,7 +26,7 @@ const BARRIER_POLL: Duration = Duration::from_millis(20);
 
 /// Pages given a new backup at once after a change: enough to overlap the round trips, few
 /// enough not to flood the owners while they serve requests.
-const RESTORING: usize = 16;
+pub(crate) const RESTORING: usize = 16;
 
 /// How often, and how far apart, a manager asks an owner busy writing to move its backup off
 /// a leaving node: its write commits to the leaving node, which still answers, in moments.
@@ -141,7 +141,7 @@ async fn drop_copy(
 }
 
 impl DsmService {
-    fn state(&self) -> &crate::node::NodeState {
+    pub(crate) fn state(&self) -> &crate::node::NodeState {
         &self.node.inner
     }
 
@@ -159,7 +159,7 @@ impl DsmService {
     }
 
     /// Whether `n` holds nothing any more: it failed, or left the cluster.
-    fn gone(&self, ctx: &Context, n: NodeId) -> bool {
+    pub(crate) fn gone(&self, ctx: &Context, n: NodeId) -> bool {
         gone(self.state(), ctx, n)
     }
 
@@ -397,7 +397,13 @@ impl DsmService {
     }
 
     /// [`DsmService::told`], and whether `node` answered `Ok`.
-    async fn tell(&self, ctx: &Context, node: NodeId, page: PageId, request: Request) -> bool {
+    pub(crate) async fn tell(
+        &self,
+        ctx: &Context,
+        node: NodeId,
+        page: PageId,
+        request: Request,
+    ) -> bool {
         matches!(self.told(ctx, node, page, request).await, Some(Response::Ok))
     }
 
@@ -902,7 +908,11 @@ impl DsmService {
         let slot = self.slot(page.key());
         let mut live = self.hold(ctx, &slot).await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
-        let accepted = entry.owner == Some(from) && entry.version == version;
+        // Or the entry was marked lost meanwhile, its owner gone: the page of a leaver whose
+        // manager did not answer, handed on by the node it was left on (`Request::Foster`).
+        // No write came since: a write to a lost page needs a discard, a new version.
+        let lost = entry.lost && entry.owner.is_none();
+        let accepted = (entry.owner == Some(from) || lost) && entry.version == version;
         tracing::debug!(?page, from = from.0, version, accepted, entry = ?entry, "dsm: surrender");
         if accepted {
             let me = ctx.node();
@@ -910,6 +920,7 @@ impl DsmService {
             let data = data.into_shared();
             frame.install_owned(version, Arc::clone(&data));
             entry.owner = Some(me);
+            entry.lost = false;
             self.settle_grant(ctx, page, entry);
             entry.copyset.remove(&from);
             entry.copyset.insert(me);
@@ -1123,6 +1134,11 @@ impl DsmService {
             }
             Request::Backup { page, version, commit, data } => {
                 frames.frame(page).store_backup(version, commit, data.into_shared());
+                Response::Ok
+            }
+            Request::Foster { page, leaver, version, data, readers } => {
+                frames.frame(page).foster(version, data.into_shared());
+                self.hand_on(ctx, page, leaver, version, readers);
                 Response::Ok
             }
             // Boxed: it tells the backup node in turn, through `told`, which may run `local`.
@@ -1363,7 +1379,9 @@ impl DsmService {
             if orphans.destination(page.key()).is_none() {
                 continue;
             }
-            let s = frame.lock();
+            let mut s = frame.lock();
+            // The recovery now knows of a fostered backup: whether it stays is its entry's.
+            s.fostered = false;
             // `retired`: the copy given up to a writer, when it is that copy.
             let copy = |version, owned, backup, commit, retired: Option<&Retired>, data: &[u8]| {
                 Entry::Copy {
@@ -1630,120 +1648,6 @@ impl DsmService {
             );
         }
     }
-
-    /// An evicted node gives each page it owns to the page's manager, before it goes, and each
-    /// copy it gave up to a writer and still keeps aside.
-    async fn hand_over(&self, ctx: &Context) {
-        let me = ctx.node();
-        for (page, frame) in self.state().frames.all() {
-            let manager = ctx.snapshot().and_then(|s| s.locate(DSM, page.key()));
-            if manager == Some(me) {
-                continue; // travels with its entry in send_out
-            }
-            self.surrender_page(ctx, page, &frame).await;
-            // A take-back may have promoted the copy kept aside meanwhile: then this node owns
-            // the page again, and hands it over as such.
-            if self.hand_aside(ctx, page, &frame).await {
-                self.surrender_page(ctx, page, &frame).await;
-            }
-        }
-        // The pages this node keeps the backup of: their managers have the owners move them.
-        // Not those it manages: their entries go to managers that take part in the change,
-        // whose sweep sees to them, and a request for them would wait for the change to end.
-        let managed_elsewhere = |page: &PageId| {
-            ctx.snapshot().and_then(|s| s.locate(DSM, page.key())).is_some_and(|m| m != me)
-        };
-        let backups: Vec<PageId> = self
-            .state()
-            .frames
-            .all()
-            .into_iter()
-            .filter(|(page, frame)| managed_elsewhere(page) && frame.lock().backup.is_some())
-            .map(|(page, _)| page)
-            .collect();
-        let request = &Request::Abandon { node: me };
-        futures::stream::iter(backups)
-            .for_each_concurrent(RESTORING, |page| async move {
-                if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), request).await {
-                    tracing::warn!(?page, error = %e, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of; it gets one at its owner's next commit, and until then a failure of its owner loses it");
-                }
-            })
-            .await;
-    }
-
-    /// Gives the page's manager the copy this node gave up to a writer and keeps aside until
-    /// told the grant landed: should the grant turn out lost, taking it back needs that copy,
-    /// and this node will be gone. True when the page is owned here after all.
-    async fn hand_aside(&self, ctx: &Context, page: PageId, frame: &crate::frames::Frame) -> bool {
-        let Some(Retired { version: label, data, .. }) = frame.lock().retired.clone() else {
-            return false;
-        };
-        let request =
-            Request::KeepAside { node: ctx.node(), label, data: PageBytes::shared(&data) };
-        if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), &request).await {
-            tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving; should that grant turn out never to have reached its writer, the page will be reported lost");
-            return false;
-        }
-        // Kept by the manager, or needed by nobody: the grant landed, or was taken back,
-        // perhaps to this very copy.
-        frame.drop_retired(label);
-        let s = frame.lock();
-        s.owned && s.data.is_some()
-    }
-
-    /// Hands one owned page to its manager. The frame's writer lock is held only to wait for a
-    /// write in progress, never across the request: the manager may be fetching this very page
-    /// for a faulting node while it holds the entry, and the fetch needs that lock.
-    pub(crate) async fn surrender_page(
-        &self,
-        ctx: &Context,
-        page: PageId,
-        frame: &crate::frames::Frame,
-    ) -> bool {
-        let me = ctx.node();
-        // A page that changed while it was on its way is handed over again; a local program
-        // that keeps writing to a leaving node's pages is the only way to need more.
-        for _ in 0..3 {
-            let (version, data, readers) = {
-                let _writer = frame.writer.lock().await;
-                let mut s = frame.lock();
-                let (Some(d), true) = (&s.data, s.owned) else { return false };
-                let taken = (s.version, Arc::clone(d), s.readers.clone());
-                // No direct reader from now on; a local write must ask the manager.
-                s.closed = true;
-                s.write = false;
-                taken
-            };
-            let request =
-                Request::Surrender { node: me, version, data: PageBytes::shared(&data), readers };
-            match ctx.request::<_, Response>(DSM, page.key(), &request).await {
-                Ok(Response::Ok) => {
-                    let mut s = frame.lock();
-                    if s.version == version {
-                        s.data = None;
-                        s.owned = false;
-                        s.write = false;
-                    }
-                    return true;
-                }
-                Ok(_) => {
-                    // The manager's entry had moved on: a faulting node took the page
-                    // meanwhile (this frame then no longer owns it), or this node was granted
-                    // a newer version, which goes next round.
-                    let s = frame.lock();
-                    if !(s.owned && s.data.is_some() && s.version > version) {
-                        return false;
-                    }
-                }
-                Err(e) => {
-                    frame.reopen();
-                    tracing::warn!(?page, error = %e, "dsm: could not hand a page over before leaving; it is lost unless a faulting node fetches it before this node goes");
-                    return false;
-                }
-            }
-        }
-        false
-    }
 }
 
 impl Service for DsmService {
@@ -1892,17 +1796,23 @@ impl Service for DsmService {
                             let frame = self.state().frames.frame(page);
                             // A write in progress commits first; no reader is served after.
                             let _writer = frame.writer.lock().await;
-                            let mut s = frame.lock();
-                            s.closed = true;
-                            entry.copyset.extend(s.readers.iter().copied());
+                            let (version, data) = {
+                                let mut s = frame.lock();
+                                s.closed = true;
+                                entry.copyset.extend(s.readers.iter().copied());
+                                (s.version, s.data.clone())
+                            };
                             tracing::debug!(
                                 ?page,
                                 node = ctx.node().0,
-                                version = s.version,
-                                held = s.data.is_some(),
+                                version,
+                                held = data.is_some(),
                                 "dsm: page travels with its entry"
                             );
-                            s.data.as_ref().map(PageBytes::shared)
+                            if let (Some(data), Some(to)) = (&data, moving.destination(key)) {
+                                self.second_copy(ctx, page, &mut entry, to, version, data).await;
+                            }
+                            data.as_ref().map(PageBytes::shared)
                         }
                         _ => None,
                     };
@@ -2031,6 +1941,33 @@ mod tests {
     use super::*;
     use crate::node::DsmConfig;
     use gobelins_locator::SlotMove;
+
+    /// A leaver's page, handed on by the node it was left on after its entry was marked lost
+    /// (its owner gone): taken back at the entry's version, and only at that version.
+    #[tokio::test]
+    async fn an_entry_marked_lost_takes_its_leavers_page_of_that_version_back() {
+        let node = DsmNode::new(DsmConfig::default());
+        let service = node.service();
+        let ctx = Context::detached(NodeId(1), 1, None);
+        let page = PageId { segment: 1, page: 0 };
+        let lost = PageEntry { version: 4, lost: true, ..PageEntry::default() };
+        service.state().live.insert(page.key(), Arc::new(AsyncMutex::new(Live::Page(lost))));
+        let surrender = |version| Request::Surrender {
+            node: NodeId(3),
+            version,
+            data: PageBytes::shared(&Arc::new(vec![7; crate::PAGE_SIZE])),
+            readers: BTreeSet::new(),
+        };
+        let older = service.handle(&ctx, page.key(), surrender(3)).await;
+        assert!(matches!(older, Response::Missing), "{older:?}");
+        let taken = service.handle(&ctx, page.key(), surrender(4)).await;
+        assert!(matches!(taken, Response::Ok), "{taken:?}");
+        let slot = service.slot(page.key());
+        let Live::Page(entry) = &*slot.lock().await else { panic!("a page entry") };
+        assert_eq!((entry.owner, entry.lost), (Some(NodeId(1)), false));
+        let held = service.state().frames.get(page).and_then(|f| f.readable());
+        assert_eq!(held.map(|(v, d)| (v, d[0])), Some((4, 7)));
+    }
 
     #[tokio::test]
     async fn a_version_or_generation_no_cluster_gave_out_is_refused_and_changes_nothing() {

@@ -45,10 +45,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// verdict, which may end the last live node's life; 17: `Command::Shape`, the label levels a
 /// bootstrap gives the cell tree; 18: the DSM's `Request::Cover` and `Uncover`, a manager's
 /// word to its replica holder, and `Entry::Covered`, which a recovery's batches carry; and the
-/// handshake's `RefusedSecret`).
-pub const VERSION: u8 = 18;
+/// handshake's `RefusedSecret`; 19: the DSM's `Request::Foster`, a leaving owner's page left
+/// on a live node when its manager does not answer).
+pub const VERSION: u8 = 19;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 18;
+pub const MIN_VERSION: u8 = 19;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

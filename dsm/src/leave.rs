@@ -1,0 +1,318 @@
+//! What an evicted node does with its pages before it goes: it hands each page it owns to the
+//! page's manager. A manager that does not answer may have died, its entries with it, and the
+//! cluster cannot act on that death before this leave ends: the page is then left on a live
+//! node, for that manager's recovery to find, rather than taken away.
+
+use crate::frames::{Bytes, Frame, Retired, FINAL};
+use crate::node::DSM;
+use crate::page::PageId;
+use crate::protocol::{PageBytes, PageEntry, Request, Response};
+use crate::service::{DsmService, RESTORING};
+use futures::StreamExt;
+use gobelins_adaptation::Context;
+use gobelins_locator::NodeId;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a node keeping a leaver's page waits between two attempts to hand it to its
+/// manager: each attempt already waits up to the layer's request deadline.
+const HAND_ON_PAUSE: Duration = Duration::from_secs(1);
+
+/// How one page's hand-over went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Handed {
+    /// The manager has it.
+    Over,
+    /// Not this node's to hand over: not owned here, or taken by a faulting node meanwhile.
+    NotOwned,
+    /// The manager did not answer before the request's deadline. The frame stays closed.
+    Unanswered,
+}
+
+/// Managers that did not answer this leave: the pages they manage go to another live node at
+/// once, rather than each waiting out a request's deadline.
+type Silent = Mutex<BTreeSet<NodeId>>;
+
+impl DsmService {
+    /// An evicted node gives each page it owns to the page's manager, before it goes, and each
+    /// copy it gave up to a writer and still keeps aside; then asks for new backups of the
+    /// pages it keeps the backup of. Pages at once, a few at a time: a manager that died waits
+    /// out one request's deadline for all its pages, not one per page.
+    pub(crate) async fn hand_over(&self, ctx: &Context) {
+        let me = ctx.node();
+        let silent = &Silent::default();
+        let manager = |page: &PageId| ctx.snapshot().and_then(|s| s.locate(DSM, page.key()));
+        // Not the pages it manages: they travel with their entries in send_out.
+        let owned: Vec<(PageId, NodeId, Arc<Frame>)> = self
+            .state()
+            .frames
+            .all()
+            .into_iter()
+            .filter_map(|(page, frame)| Some((page, manager(&page)?, frame)))
+            .filter(|&(_, m, _)| m != me)
+            .collect();
+        futures::stream::iter(owned)
+            .for_each_concurrent(RESTORING, |(page, manager, frame)| async move {
+                self.leave_page(ctx, page, manager, &frame, silent).await;
+            })
+            .await;
+        // The pages this node keeps the backup of: their managers have the owners move them.
+        // Not those it manages: their entries go to managers that take part in the change,
+        // whose sweep sees to them, and a request for them would wait for the change to end.
+        let backups: Vec<(PageId, NodeId)> = self
+            .state()
+            .frames
+            .all()
+            .into_iter()
+            .filter(|(_, frame)| frame.lock().backup.is_some())
+            .filter_map(|(page, _)| Some((page, manager(&page)?)))
+            .filter(|&(_, m)| m != me)
+            .collect();
+        let request = &Request::Abandon { node: me };
+        futures::stream::iter(backups)
+            .for_each_concurrent(RESTORING, |(page, manager)| async move {
+                if is_silent(silent, manager) {
+                    tracing::warn!(?page, manager = manager.0, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of, its manager not answering; it gets one at its owner's next commit, and until then a failure of its owner loses it");
+                    return;
+                }
+                if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), request).await {
+                    silent.lock().expect("silent").insert(manager);
+                    tracing::warn!(?page, error = %e, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of; it gets one at its owner's next commit, and until then a failure of its owner loses it");
+                }
+            })
+            .await;
+    }
+
+    /// Hands one page over to `manager`, or, should it not answer, leaves it on a live node.
+    async fn leave_page(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        manager: NodeId,
+        frame: &Frame,
+        silent: &Silent,
+    ) {
+        if !is_silent(silent, manager) {
+            let mut handed = self.surrender_page(ctx, page, frame).await;
+            // A take-back may have promoted the copy kept aside meanwhile: then this node owns
+            // the page again, and hands it over as such.
+            if handed != Handed::Unanswered && self.hand_aside(ctx, page, frame).await {
+                handed = self.surrender_page(ctx, page, frame).await;
+            }
+            if handed != Handed::Unanswered {
+                return;
+            }
+            silent.lock().expect("silent").insert(manager);
+        } else if frame.lock().retired.is_some() {
+            tracing::warn!(?page, manager = manager.0, "dsm: could not hand over a copy kept aside for a write grant before leaving, the page's manager not answering; should that grant turn out never to have reached its writer, the page will be reported lost");
+        }
+        if !self.foster(ctx, page, manager, frame).await {
+            frame.reopen();
+            tracing::warn!(?page, manager = manager.0, "dsm: could not hand a page over before leaving, its manager not answering, nor leave it on another node; it is lost unless a faulting node fetches it before this node goes");
+        }
+    }
+
+    /// Gives the page's manager the copy this node gave up to a writer and keeps aside until
+    /// told the grant landed: should the grant turn out lost, taking it back needs that copy,
+    /// and this node will be gone. True when the page is owned here after all.
+    async fn hand_aside(&self, ctx: &Context, page: PageId, frame: &Frame) -> bool {
+        let Some(Retired { version: label, data, .. }) = frame.lock().retired.clone() else {
+            return false;
+        };
+        let request =
+            Request::KeepAside { node: ctx.node(), label, data: PageBytes::shared(&data) };
+        if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), &request).await {
+            tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving; should that grant turn out never to have reached its writer, the page will be reported lost");
+            return false;
+        }
+        // Kept by the manager, or needed by nobody: the grant landed, or was taken back,
+        // perhaps to this very copy.
+        frame.drop_retired(label);
+        let s = frame.lock();
+        s.owned && s.data.is_some()
+    }
+
+    /// Hands one owned page to its manager. The frame's writer lock is held only to wait for a
+    /// write in progress, never across the request: the manager may be fetching this very page
+    /// for a faulting node while it holds the entry, and the fetch needs that lock.
+    pub(crate) async fn surrender_page(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        frame: &Frame,
+    ) -> Handed {
+        let me = ctx.node();
+        // A page that changed while it was on its way is handed over again; a local program
+        // that keeps writing to a leaving node's pages is the only way to need more.
+        for _ in 0..3 {
+            let (version, data, readers) = {
+                let _writer = frame.writer.lock().await;
+                let mut s = frame.lock();
+                let (Some(d), true) = (&s.data, s.owned) else { return Handed::NotOwned };
+                let taken = (s.version, Arc::clone(d), s.readers.clone());
+                // No direct reader from now on; a local write must ask the manager.
+                s.closed = true;
+                s.write = false;
+                taken
+            };
+            let request =
+                Request::Surrender { node: me, version, data: PageBytes::shared(&data), readers };
+            match ctx.request::<_, Response>(DSM, page.key(), &request).await {
+                Ok(Response::Ok) => {
+                    let mut s = frame.lock();
+                    if s.version == version {
+                        s.data = None;
+                        s.owned = false;
+                        s.write = false;
+                    }
+                    return Handed::Over;
+                }
+                Ok(_) => {
+                    // The manager's entry had moved on: a faulting node took the page
+                    // meanwhile (this frame then no longer owns it), or this node was granted
+                    // a newer version, which goes next round.
+                    let s = frame.lock();
+                    if !(s.owned && s.data.is_some() && s.version > version) {
+                        return Handed::NotOwned;
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(?page, error = %e, "dsm: a page's manager did not take it from this leaving node");
+                    return Handed::Unanswered;
+                }
+            }
+        }
+        Handed::NotOwned
+    }
+
+    /// `page`'s manager did not answer this leaving owner, and may have died with its entry.
+    /// Unless the page's backup is on a live node other than the manager (it holds the last
+    /// commit, and the manager's recovery finds it), the page is left on the first live node
+    /// after the manager that takes it. The frame stays closed: a local write asks the
+    /// manager, so nothing is committed here that the fostered copy lacks.
+    async fn foster(&self, ctx: &Context, page: PageId, manager: NodeId, frame: &Frame) -> bool {
+        let me = ctx.node();
+        let usable = |n: NodeId| n != me && n != manager && !self.gone(ctx, n);
+        let (version, data, readers) = {
+            let _writer = frame.writer.lock().await;
+            let s = frame.lock();
+            let (Some(d), true) = (&s.data, s.owned) else { return true };
+            if s.backup_node.is_some_and(usable) {
+                return true;
+            }
+            (s.version, Arc::clone(d), s.readers.clone())
+        };
+        for to in after(ctx, manager).filter(|&n| usable(n)) {
+            let request = Request::Foster {
+                page,
+                leaver: me,
+                version,
+                data: PageBytes::shared(&data),
+                readers: readers.clone(),
+            };
+            if self.tell(ctx, to, page, request).await {
+                tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page's manager did not answer this leaving node; the page is left on another node, from which that manager's recovery rebuilds it (or which hands it to the manager should it answer)");
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A page this leaving node owns and manages travels to its new manager `to` with its
+    /// entry. With backups on, unless its backup is on a live node other than `to`, the page
+    /// is stored on another first: `to` may die before this change ends, and the page with it,
+    /// while this node is gone.
+    pub(crate) async fn second_copy(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        entry: &mut PageEntry,
+        to: NodeId,
+        version: u64,
+        data: &Bytes,
+    ) {
+        if !self.state().config.backups {
+            return;
+        }
+        let me = ctx.node();
+        let usable = |n: NodeId| n != me && n != to && !self.gone(ctx, n);
+        if entry.backup.is_some_and(usable) {
+            return;
+        }
+        for node in after(ctx, to).filter(|&n| usable(n)) {
+            let data = PageBytes::shared(data);
+            let request = Request::Backup { page, version, commit: FINAL, data };
+            if self.tell(ctx, node, page, request).await {
+                entry.backup = Some(node);
+                return;
+            }
+        }
+        tracing::warn!(?page, manager = to.0, "dsm: a page leaving with its entry could not be stored on a second node; until its new manager gives it a backup, that node's failure loses it");
+    }
+
+    /// Hands a page a leaving owner left here (see [`Request::Foster`]) to its manager on the
+    /// leaver's behalf, in the background until the manager answers. Then the copy is dropped,
+    /// unless an entry may name this node for it by then: a recovery was told of it (it
+    /// answers `Missing`), or the manager placed its own backup here.
+    pub(crate) fn hand_on(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        leaver: NodeId,
+        version: u64,
+        readers: BTreeSet<NodeId>,
+    ) {
+        let (service, ctx) = (self.node.service(), ctx.clone());
+        tokio::spawn(async move {
+            loop {
+                let Some(frame) = service.state().frames.get(page) else { return };
+                let Some(data) = frame.fostered(version) else { return };
+                if ctx.gone(ctx.node()) {
+                    return;
+                }
+                let request = Request::Surrender {
+                    node: leaver,
+                    version,
+                    data: PageBytes::shared(&data),
+                    readers: readers.clone(),
+                };
+                match ctx.request::<_, Response>(DSM, page.key(), &request).await {
+                    Ok(answer @ (Response::Ok | Response::Missing)) => {
+                        if frame.drop_fostered() {
+                            tracing::info!(
+                                ?page,
+                                leaver = leaver.0,
+                                ?answer,
+                                "dsm: a page a leaving node left here was handed to its manager"
+                            );
+                        }
+                        return;
+                    }
+                    Ok(Response::Retry | Response::Busy) => tokio::time::sleep(HAND_ON_PAUSE).await,
+                    Ok(other) => {
+                        tracing::warn!(?page, leaver = leaver.0, answer = ?other, "dsm: the manager of a page a leaving node left here refused it; this node keeps it as a backup, which a recovery of that manager would find");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(?page, error = %e, "dsm: the manager of a page a leaving node left here does not answer yet");
+                        tokio::time::sleep(HAND_ON_PAUSE).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// The cluster's nodes after `node` in its table, wrapping: where a page goes when `node`
+/// cannot take it, spread as backups are.
+fn after(ctx: &Context, node: NodeId) -> impl Iterator<Item = NodeId> {
+    let nodes = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
+    let at = nodes.iter().position(|&n| n == node).unwrap_or(0);
+    let count = nodes.len();
+    nodes.into_iter().cycle().skip(at + 1).take(count)
+}
+
+fn is_silent(silent: &Silent, manager: NodeId) -> bool {
+    silent.lock().expect("silent").contains(&manager)
+}
