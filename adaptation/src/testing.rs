@@ -168,6 +168,9 @@ pub struct MemCluster {
     departed: BTreeSet<NodeId>,
     /// Nodes declared failed that still run, cut off: they hear nothing more.
     cut_off: BTreeSet<NodeId>,
+    /// Evicted nodes that stay for the recovery of a node they sent entries to, which died
+    /// before it had them all.
+    lingering: BTreeSet<NodeId>,
     next: u64,
 }
 
@@ -208,6 +211,7 @@ impl MemCluster {
             config,
             departed: BTreeSet::new(),
             cut_off: BTreeSet::new(),
+            lingering: BTreeSet::new(),
             next: 1,
         };
         for _ in 0..nodes {
@@ -351,7 +355,8 @@ impl MemCluster {
     /// hand anything over; then carries out what the supervisor would: the change finishes
     /// without the victim, and the victim's failure is recovered (`Fail` if it is still in
     /// the tree, `Recover` if the change took it out), moves it had not finished included.
-    /// A node the change evicts stops before that recovery.
+    /// A node the change evicts leaves before that recovery, or after it when it sent the
+    /// victim entries (it stays to report them, as the supervisor has it).
     pub async fn change_and_crash(&mut self, change: Change, victim: NodeId) {
         self.crash_during(change, victim, None).await;
     }
@@ -383,15 +388,22 @@ impl MemCluster {
         self.kill(victim);
         progress.participants.remove(&victim);
         let unfinished = progress.plan.moves_from(victim);
-        let change = progress.change.clone();
+        // A node evicted meanwhile leaves once its change ends, as the supervisor has it,
+        // unless it sent the victim entries: then it stays to take part in the victim's
+        // recovery, and leaves after.
+        let leaver = match progress.change {
+            Change::Evict(leaver) if leaver != victim => Some(leaver),
+            _ => None,
+        };
+        let lingers = leaver.filter(|&l| progress.plan.outgoing(l).any(|(_, m)| m.to == victim));
         self.broadcast(Some(progress.clone()), self.snapshot());
         self.finish(progress).await;
-        // A node evicted meanwhile is gone before the victim's recovery: what it could not
-        // hand over is not there for the survivors to report.
-        if let Change::Evict(leaver) = change {
-            if leaver != victim {
-                self.depart(leaver);
+        match (leaver, lingers) {
+            (Some(leaver), None) => self.depart(leaver),
+            (_, Some(leaver)) => {
+                self.lingering.insert(leaver);
             }
+            _ => {}
         }
         // Consensus takes a moment to start the recovery; requests keep arriving meanwhile.
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -399,6 +411,9 @@ impl MemCluster {
             if self.tree.contains(victim) { Change::Fail(victim) } else { Change::Recover(victim) };
         let progress = self.begin(recovery, unfinished);
         self.finish(progress).await;
+        for leaver in std::mem::take(&mut self.lingering) {
+            self.depart(leaver);
+        }
     }
 
     fn begin(&mut self, change: Change, unfinished: Vec<ServicePlan>) -> Progress {
@@ -414,6 +429,7 @@ impl MemCluster {
         let mut participants = report.participants.clone();
         if matches!(change, Change::Fail(_) | Change::Recover(_)) {
             participants.extend(self.tree.nodes());
+            participants.extend(&self.lingering);
         }
         participants.retain(|n| !self.departed.contains(n));
         let progress = Progress { epoch: self.epoch, change, participants, plan };

@@ -678,8 +678,17 @@ impl Dsm {
                             Some(service.surrender_page(&self.host.context(), page, &frame).await);
                     }
                     if handed == Some(Handed::Unanswered) {
-                        frame.reopen();
-                        tracing::warn!(?page, "dsm: could not hand a page granted as this node leaves to its manager; it is lost unless a faulting node fetches it before this node goes");
+                        let ctx = self.host.context();
+                        let manager = ctx.snapshot().and_then(|s| s.locate(DSM, page.key()));
+                        let service = self.node.service();
+                        let fostered = match manager {
+                            Some(m) => service.foster(&ctx, page, m, &frame).await,
+                            None => false,
+                        };
+                        if !fostered {
+                            frame.reopen();
+                            tracing::warn!(?page, "dsm: could not hand a page granted as this node leaves to its manager, nor leave it on another node; it is lost unless a faulting node fetches it before this node goes");
+                        }
                     }
                     let handed_over = handed == Some(Handed::Over);
                     // Once this node, or its manager, holds the page, the copy the previous

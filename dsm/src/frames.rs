@@ -151,9 +151,12 @@ impl Frame {
     /// Takes ownership, read-only, of `version` handed over by a leaving owner. Unlike a read
     /// copy it is the page itself, so an earlier invalidation of this version (a write fault
     /// that could not finish while the owner was leaving) does not keep it out.
-    pub(crate) fn install_owned(&self, version: u64, data: Bytes) {
+    pub(crate) fn install_owned(&self, version: u64, data: Bytes, backup: Option<NodeId>) {
         let mut s = self.lock();
         s.commits = FINAL;
+        // Where the entry says its backup is: one left from an earlier time this node owned
+        // the page holds nothing of this version.
+        s.backup_node = backup;
         s.refused_copy = None;
         s.data = Some(data);
         s.version = version;
@@ -279,11 +282,23 @@ impl Frame {
         false
     }
 
-    /// Keeps a leaving owner's page as a fostered backup (see [`FrameState::fostered`]).
+    /// Keeps a leaving owner's page as a fostered backup (see [`FrameState::fostered`]). A
+    /// backup of that version or newer already here may be one an entry names (the manager
+    /// took the page after all, and placed its backup here): it is not marked, so that
+    /// handing the page on never drops it.
     pub(crate) fn foster(&self, version: u64, data: Bytes) {
-        if self.store_backup(version, FINAL, data) {
-            self.lock().fostered = true;
+        let mut s = self.lock();
+        if s.backup.as_ref().is_some_and(|(v, _)| *v >= version) {
+            if s.backup.as_ref().is_some_and(|(v, _)| *v == version) {
+                // The leaver's last content of that version: no commit of it is newer.
+                s.backup = Some((version, data));
+                s.backup_commit = FINAL;
+            }
+            return;
         }
+        s.backup = Some((version, data));
+        s.backup_commit = FINAL;
+        s.fostered = true;
     }
 
     /// The fostered backup of `version`, while nobody's entry may name this node for it.
@@ -515,7 +530,7 @@ mod tests {
     fn a_page_handed_over_is_kept_even_after_its_version_was_invalidated() {
         let f = Frame::default();
         f.invalidate(5);
-        f.install_owned(5, zeros());
+        f.install_owned(5, zeros(), None);
         let s = f.lock();
         assert!(s.data.is_some() && s.owned && s.version == 5);
     }
@@ -724,6 +739,15 @@ mod tests {
         f.foster(4, zeros());
         assert!(!f.drop_fostered());
         assert_eq!(f.lock().backup.as_ref().map(|(v, _)| *v), Some(5));
+        // Nor one of the same version, which an entry may name: it takes the leaver's last
+        // content, unmarked.
+        let page = |b: u8| Arc::new(vec![b; PAGE_SIZE]);
+        let f = Frame::default();
+        f.store_backup(6, 2, page(1));
+        f.foster(6, page(2));
+        assert!(f.fostered(6).is_none());
+        assert_eq!(f.lock().backup.as_ref().map(|(_, d)| d[0]), Some(2));
+        assert_eq!(f.lock().backup_commit, FINAL);
     }
 
     #[test]
@@ -757,7 +781,7 @@ mod tests {
         let w = Frame::default();
         assert_eq!(w.install_grant(6, Some(page(0)), None), Installed::Yes);
         assert_eq!(w.lock().commits, 0);
-        w.install_owned(6, page(0));
+        w.install_owned(6, page(0), None);
         assert_eq!(w.lock().commits, FINAL, "handed over: no more commits at 6");
     }
 }

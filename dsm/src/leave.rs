@@ -191,7 +191,19 @@ impl DsmService {
     /// commit, and the manager's recovery finds it), the page is left on the first live node
     /// after the manager that takes it. The frame stays closed: a local write asks the
     /// manager, so nothing is committed here that the fostered copy lacks.
-    async fn foster(&self, ctx: &Context, page: PageId, manager: NodeId, frame: &Frame) -> bool {
+    ///
+    /// Only with backups on: without, a page has one copy by design, and one left on another
+    /// node would be a copy no entry names, which a later write would not reach.
+    pub(crate) async fn foster(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        manager: NodeId,
+        frame: &Frame,
+    ) -> bool {
+        if !self.state().config.backups {
+            return false;
+        }
         let me = ctx.node();
         let usable = |n: NodeId| n != me && n != manager && !self.gone(ctx, n);
         let (version, data, readers) = {
@@ -223,14 +235,16 @@ impl DsmService {
     /// entry. With backups on, unless its backup is on a live node other than `to`, the page
     /// is stored on another first: `to` may die before this change ends, and the page with it,
     /// while this node is gone.
+    /// Nodes in `silent` did not answer an earlier page: they are not asked again, so that a
+    /// node dead but not yet known as such costs one call's timeout, not one per page, while
+    /// the change holds requests.
     pub(crate) async fn second_copy(
         &self,
         ctx: &Context,
         page: PageId,
         entry: &mut PageEntry,
-        to: NodeId,
-        version: u64,
-        data: &Bytes,
+        (to, version, data): (NodeId, u64, &Bytes),
+        silent: &mut BTreeSet<NodeId>,
     ) {
         if !self.state().config.backups {
             return;
@@ -240,13 +254,16 @@ impl DsmService {
         if entry.backup.is_some_and(usable) {
             return;
         }
-        for node in after(ctx, to).filter(|&n| usable(n)) {
+        let candidates: Vec<NodeId> =
+            after(ctx, to).filter(|&n| usable(n) && !silent.contains(&n)).collect();
+        for node in candidates {
             let data = PageBytes::shared(data);
             let request = Request::Backup { page, version, commit: FINAL, data };
             if self.tell(ctx, node, page, request).await {
                 entry.backup = Some(node);
                 return;
             }
+            silent.insert(node);
         }
         tracing::warn!(?page, manager = to.0, "dsm: a page leaving with its entry could not be stored on a second node; until its new manager gives it a backup, that node's failure loses it");
     }

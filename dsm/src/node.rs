@@ -229,6 +229,12 @@ impl DsmNode {
         self.inner.frames.all().iter().filter(|(_, f)| f.has_retired()).count()
     }
 
+    /// Pages a leaving node left here because their manager did not answer it, not yet handed
+    /// on to that manager nor found by its recovery.
+    pub fn fostered(&self) -> usize {
+        self.inner.frames.all().iter().filter(|(_, f)| f.lock().fostered).count()
+    }
+
     /// Directory entries this node manages: pages, locks, barriers, and markers of slots
     /// whose manager died.
     pub fn entries(&self) -> usize {

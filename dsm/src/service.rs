@@ -918,7 +918,7 @@ impl DsmService {
             let me = ctx.node();
             let frame = self.state().frames.frame(page);
             let data = data.into_shared();
-            frame.install_owned(version, Arc::clone(&data));
+            frame.install_owned(version, Arc::clone(&data), entry.backup.filter(|&b| b != me));
             entry.owner = Some(me);
             entry.lost = false;
             self.settle_grant(ctx, page, entry);
@@ -1465,7 +1465,8 @@ impl DsmService {
                     if let (Some(data), Named::Page(page)) = (frame, named(key)) {
                         // The evicted owner handed its page over with the entry.
                         let f = self.state().frames.frame(page);
-                        f.install_owned(entry.version, data.into_shared());
+                        let backup = entry.backup.filter(|&b| b != me);
+                        f.install_owned(entry.version, data.into_shared(), backup);
                         if let Some(old) = entry.owner.replace(me) {
                             entry.copyset.remove(&old);
                         }
@@ -1773,6 +1774,8 @@ impl Service for DsmService {
             .filter(|&k| moving.destination(k).is_some())
             .collect();
         let mut out = Vec::with_capacity(keys.len());
+        // Nodes that did not take a leaving page's second copy (see `second_copy`).
+        let mut silent = BTreeSet::new();
         for key in keys {
             let Some((_, slot)) = self.state().live.remove(&key) else { continue };
             let live = Arc::try_unwrap(slot).map(AsyncMutex::into_inner);
@@ -1810,7 +1813,8 @@ impl Service for DsmService {
                                 "dsm: page travels with its entry"
                             );
                             if let (Some(data), Some(to)) = (&data, moving.destination(key)) {
-                                self.second_copy(ctx, page, &mut entry, to, version, data).await;
+                                let copy = (to, version, data);
+                                self.second_copy(ctx, page, &mut entry, copy, &mut silent).await;
                             }
                             data.as_ref().map(PageBytes::shared)
                         }
