@@ -71,6 +71,9 @@ pub(crate) struct Driver {
     clock: Option<Clock>,
     /// Participants of the change being entered that had died before this node began it.
     gone_at_begin: Vec<NodeId>,
+    /// The epoch of a change this node saw in progress without taking part in it (another
+    /// cell's, say), until it is stable.
+    watched: Option<u64>,
 }
 
 impl Driver {
@@ -84,6 +87,7 @@ impl Driver {
             rebuilt: BTreeMap::new(),
             clock: None,
             gone_at_begin: Vec::new(),
+            watched: None,
         }
     }
 
@@ -135,12 +139,16 @@ impl Driver {
                 self.step(Event::Stable(current)).await;
             }
         }
+        if self.period.phase() == Phase::Idle {
+            self.watch(&update).await;
+        }
         match update.change {
             Some(progress)
                 if progress.participants.contains(&me)
                     && self.period.phase() == Phase::Idle
                     && progress.epoch > self.period.epoch() =>
             {
+                self.watched = None;
                 let role = match &progress.change {
                     Change::Add { node, .. } if *node == me => Role::Receiver,
                     Change::Evict(node) if *node == me => Role::Sender,
@@ -200,6 +208,32 @@ impl Driver {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// A change this node took no part in is stable once the cluster is past it: the services
+    /// hear so as the participants do (a DSM manager gives its word at that epoch, say). Only
+    /// for a change seen in progress: one this node heard of only once it was over may have
+    /// been meant for it, and finished without it.
+    async fn watch(&mut self, update: &Update) {
+        if let Some(epoch) = self.watched {
+            let past = match &update.change {
+                None => update.epoch >= epoch,
+                Some(next) => next.epoch > epoch,
+            };
+            if past {
+                self.watched = None;
+                let ctx = self.inner.context(None);
+                for plugin in self.inner.registry.iter() {
+                    plugin.stable(&ctx, epoch).await;
+                }
+            }
+        }
+        let me = self.inner.me;
+        if let Some(change) = update.change.as_ref().filter(|c| !c.participants.contains(&me)) {
+            if change.epoch > self.period.epoch() {
+                self.watched = Some(change.epoch);
+            }
         }
     }
 

@@ -121,6 +121,9 @@ pub(crate) struct NodeState {
     /// The last change this node carried out to its end (`after_release`): only its stable
     /// epoch gives a word, not one whose part here was cut short.
     pub(crate) finished: AtomicU64,
+    /// The last change this node began (`before_migration`). A later stable epoch is one it
+    /// took no part in: it gives a word there too, if it finished the last it began.
+    pub(crate) began: AtomicU64,
     /// As a replica holder: each node's word.
     pub(crate) vouches: Mutex<HashMap<gobelins_locator::NodeId, crate::cover::Vouch>>,
 }
@@ -186,6 +189,7 @@ impl DsmNode {
                     unclean: Default::default(),
                 }),
                 finished: AtomicU64::new(0),
+                began: AtomicU64::new(0),
                 exposures: AtomicU64::new(0),
                 vouches: Mutex::default(),
             }),

@@ -1281,10 +1281,13 @@ impl DsmService {
         let holder = ctx.snapshot().and_then(|s| s.replica_holder(me));
         let mut word = st.word.lock().await;
         // Only once this node carried the change out to its end (not cut short: its merge
-        // may not have run), and before a later change begins: that one's stable epoch
-        // gives the word. (One beginning while this word is on its way makes it worthless: it
-        // counts only for a failure of this node that comes right after `epoch`.)
-        let current = st.finished.load(Ordering::SeqCst) == epoch
+        // may not have run), or took no part in it and carried out the last it began; and
+        // before a later change begins: that one's stable epoch gives the word. (One beginning
+        // while this word is on its way makes it worthless: it counts only for a failure of
+        // this node that comes right after `epoch`.)
+        let (finished, began) =
+            (st.finished.load(Ordering::SeqCst), st.began.load(Ordering::SeqCst));
+        let current = (finished == epoch || (began < epoch && finished == began))
             && word.epoch < epoch
             && st.change.lock().expect("change").is_none();
         let Some(holder) = holder.filter(|_| current) else { return };
@@ -1730,6 +1733,7 @@ impl Service for DsmService {
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
         *self.state().change.lock().expect("change") = Some(change.clone());
+        self.state().began.fetch_max(change.epoch, Ordering::SeqCst);
         match &change.change {
             Change::Fail(n) | Change::Recover(n) => {
                 self.state().failed.lock().expect("failed").insert(*n);

@@ -10,7 +10,7 @@
 use gobelins_adaptation::testing::{replay, MemCluster};
 use gobelins_adaptation::{plugin, HostConfig, Registry};
 use gobelins_dsm::{Dsm, DsmConfig, DsmError, DsmNode, FaultStats, PageId, Segment, PAGE_SIZE};
-use gobelins_locator::{Change, NodeId};
+use gobelins_locator::{Change, NodeId, TreeConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -176,9 +176,14 @@ struct Cluster {
 
 impl Cluster {
     async fn start(nodes: u64, config: DsmConfig) -> Cluster {
+        Cluster::start_shaped(nodes, TreeConfig::default(), config).await
+    }
+
+    /// [`Cluster::start`] with a tree of this shape: cells of a few nodes, say.
+    async fn start_shaped(nodes: u64, shape: TreeConfig, config: DsmConfig) -> Cluster {
         let made = Arc::new(Mutex::new(Vec::new()));
         let m = Arc::clone(&made);
-        let mem = MemCluster::start(nodes, HostConfig::default(), move || {
+        let mem = MemCluster::start_shaped(nodes, shape, HostConfig::default(), move || {
             let node = DsmNode::new(config.clone());
             m.lock().expect("made").push(node.clone());
             let mut registry = Registry::new();
@@ -579,6 +584,39 @@ async fn word_given(cluster: &Cluster, node: NodeId) {
 /// What `dsm` reads of `page`: its count, or the error.
 async fn outcome(dsm: &Dsm, page: PageId) -> Result<u64, String> {
     dsm.read(page).await.map(|g| Value::decode(&g).count).map_err(|e| e.to_string())
+}
+
+/// In a cluster of several cells, a manager that took no part in the last change (another
+/// cell's) vouches at its stable epoch too: once it dies, a page never written that it managed
+/// reads as zeros, not lost. Before, only participants gave their word, and a failure after
+/// another cell's change tainted the dead manager's slots.
+#[test]
+fn with_backups_a_manager_outside_the_last_change_still_vouches_for_its_slots() {
+    replay(async {
+        let shape = TreeConfig::default().with_cell_capacity(2);
+        let config = DsmConfig { backups: true, ..DsmConfig::default() };
+        let mut cluster = Cluster::start_shaped(6, shape, config).await;
+        let added = cluster.mem.add().await;
+        let epoch = cluster.mem.host(NodeId(1)).context().epoch();
+        let outside = |n: NodeId| {
+            let history = cluster.mem.host(n).history();
+            history.last().is_none_or(|record| record.epoch < epoch)
+        };
+        let mut candidates =
+            cluster.mem.nodes().into_iter().filter(|&n| n != NodeId(1) && n != added);
+        let victim = candidates.rfind(|&n| outside(n)).expect("a node outside the change");
+        word_given(&cluster, victim).await;
+        // A segment nobody wrote.
+        let unwritten = pages_managed_by(&cluster, victim, 9, 4096);
+        assert!(unwritten.len() >= 16, "pages the victim manages");
+        cluster.mem.fail(victim).await;
+        let reader = cluster.dsm(NodeId(1));
+        for &page in &unwritten[..16] {
+            let read = outcome(&reader, PageId { segment: 9, page }).await;
+            assert_eq!(read, Ok(0), "page {page}, managed by node {victim}");
+        }
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    })
 }
 
 /// With backups on, one failure loses no page: a page nobody reports after it was never
