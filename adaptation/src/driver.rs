@@ -213,9 +213,15 @@ impl Driver {
 
     /// A change this node took no part in is stable once the cluster is past it: the services
     /// hear so as the participants do (a DSM manager gives its word at that epoch, say). Only
-    /// for a change seen in progress: one this node heard of only once it was over may have
-    /// been meant for it, and finished without it.
+    /// for a change seen in progress that moves nothing to or from this node, while the
+    /// cluster counts it as live: one meant for it that went on without it (it was declared
+    /// failed before it began), or heard of only once it was over, is not its to call stable.
     async fn watch(&mut self, update: &Update) {
+        let me = self.inner.me;
+        if update.departed.contains(&me) {
+            self.watched = None;
+            return;
+        }
         if let Some(epoch) = self.watched {
             let past = match &update.change {
                 None => update.epoch >= epoch,
@@ -229,11 +235,11 @@ impl Driver {
                 }
             }
         }
-        let me = self.inner.me;
-        if let Some(change) = update.change.as_ref().filter(|c| !c.participants.contains(&me)) {
-            if change.epoch > self.period.epoch() {
-                self.watched = Some(change.epoch);
-            }
+        let Some(change) = update.change.as_ref() else { return };
+        let mine = |m: &gobelins_locator::SlotMove| m.from == me || m.to == me;
+        let moves_mine = change.plan.services.iter().flat_map(|s| &s.moves).any(mine);
+        if change.epoch > self.period.epoch() && !change.participants.contains(&me) && !moves_mine {
+            self.watched = Some(change.epoch);
         }
     }
 

@@ -343,9 +343,10 @@ pub trait Service: Send + Sync + 'static {
     /// change, this one included when the cluster finished the change without it (it was
     /// presumed dead, or cut off): then its [`Service::after_migration`] or
     /// [`Service::after_release`] may not have run, or may still be running, and what they
-    /// would have done must not be assumed done. Called too on a node that saw the change go
-    /// by without taking part in it (another cell's): nothing of its own moved, and none of
-    /// its other callbacks ran for that epoch. The default does nothing.
+    /// would have done must not be assumed done. Called too on a node that saw the change in
+    /// progress without taking part in it (another cell's), and that the cluster counts as
+    /// live: nothing of its own moved, and none of its other callbacks ran for that epoch. Not
+    /// for a change it heard of only once it was over. The default does nothing.
     fn stable(&self, ctx: &Context, epoch: u64) -> impl Future<Output = ()> + Send {
         let _ = (ctx, epoch);
         std::future::ready(())

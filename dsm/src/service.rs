@@ -1278,6 +1278,11 @@ impl DsmService {
     async fn give_word(&self, ctx: &Context, epoch: u64) {
         let st = self.state();
         let me = ctx.node();
+        // A node the cluster gave up on vouches for nothing: its slots' entries are rebuilt
+        // without it, and what it holds may be what never reached it.
+        if ctx.gone(me) {
+            return;
+        }
         let holder = ctx.snapshot().and_then(|s| s.replica_holder(me));
         let mut word = st.word.lock().await;
         // Only once this node carried the change out to its end (not cut short: its merge
