@@ -192,13 +192,84 @@ enum KvOp {
         #[command(flatten)]
         dir: DirArgs,
         /// Any key of the slot.
-        key: u64,
+        #[arg(required_unless_present = "all")]
+        key: Option<u64>,
+        /// Every slot, a few at a time: after every node of the cluster stopped at once (a
+        /// power cut), when every key reads as lost. Slots that lost nothing are left as they
+        /// are.
+        #[arg(long, conflicts_with = "key")]
+        all: bool,
     },
+}
+
+/// Forgives every slot of kvdir through the agent of `dir`, with a key of each, found by
+/// walking the keys from 0: a slot's keys are spread by a hash.
+fn forgive_all(dir: &DirArgs) -> anyhow::Result<()> {
+    use gobelins::kvdir::{KvDir, Request, Response, KVDIR};
+    use gobelins::locator::Key;
+    let spec = KvDir::declaration();
+    let mut of_slot: Vec<Option<u64>> = vec![None; spec.slots as usize];
+    let mut missing = of_slot.len();
+    for key in 0u64.. {
+        let slot = &mut of_slot[spec.slot_of(Key(key)) as usize];
+        if slot.is_none() {
+            *slot = Some(key);
+            missing -= 1;
+            if missing == 0 {
+                break;
+            }
+        }
+    }
+    let body = gobelins::adaptation::codec::encode(&Request::Forgive)?;
+    let socket = dir.data_dir.join("control.sock");
+    let forgive = |key: u64| {
+        let (socket, body) = (socket.clone(), body.clone());
+        async move {
+            let call = ControlRequest::Call { service: KVDIR.0, key, body };
+            let answer = control::request(&socket, &call, |_| {}).await?;
+            let bytes = control::answer_body(&answer)?;
+            match gobelins::adaptation::codec::decode::<Response>(&bytes)? {
+                Response::Forgiven => Ok(()),
+                other => bail!("key {key}: unexpected answer {other:?}"),
+            }
+        }
+    };
+    let failed = runtime()?.block_on(async {
+        let mut asked = tokio::task::JoinSet::new();
+        let mut failed = Vec::new();
+        for key in of_slot.into_iter().flatten() {
+            if asked.len() >= 16 {
+                if let Some(Ok(Err(e))) = asked.join_next().await {
+                    failed.push(e);
+                }
+            }
+            asked.spawn(forgive(key));
+        }
+        while let Some(done) = asked.join_next().await {
+            if let Ok(Err(e)) = done {
+                failed.push(e);
+            }
+        }
+        failed
+    });
+    if let Some(first) = failed.first() {
+        bail!(
+            "{} of {} slots were not forgiven (the first: {first:#}); run it again once the \
+             cluster is stable",
+            failed.len(),
+            spec.slots
+        );
+    }
+    eprintln!("every one of kvdir's {} slots reads the keys it lacks as absent", spec.slots);
+    Ok(())
 }
 
 pub(crate) fn kv(args: KvArgs) -> anyhow::Result<()> {
     use gobelins::kvdir::{Request, Response, KVDIR, MAX_VALUE, RESERVED};
     use std::io::Read as _;
+    if let KvOp::Forgive { dir, key: None, .. } = &args.op {
+        return forgive_all(dir);
+    }
     let (dir, key, request) = match args.op {
         KvOp::Get { dir, key } => (dir, key, Request::Get),
         KvOp::Put { dir, key, value } => {
@@ -219,7 +290,9 @@ pub(crate) fn kv(args: KvArgs) -> anyhow::Result<()> {
             }
             (dir, key, Request::Put(value))
         }
-        KvOp::Forgive { dir, key } => (dir, key, Request::Forgive),
+        KvOp::Forgive { dir, key, .. } => {
+            (dir, key.context("a key to forgive the slot of, or --all")?, Request::Forgive)
+        }
     };
     let body = gobelins::adaptation::codec::encode(&request)?;
     let answer = ask(&dir, ControlRequest::Call { service: KVDIR.0, key, body })?;

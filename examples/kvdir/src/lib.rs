@@ -880,7 +880,7 @@ impl Service for KvDir {
         self.slots_lost.fetch_add(u64::from(spec.slots), Ordering::Relaxed);
         tracing::error!(
             slots = spec.slots,
-            "kvdir: this node came back as the only node of its cluster, its entries gone with its last life: every key reads Lost until written again. Write again the keys that matter from outside the cluster; `gobelins kv forgive KEY` makes the keys of KEY's slot (one of {}) that are not written again read as absent",
+            "kvdir: this node came back as the only node of its cluster, its entries gone with its last life: every key reads Lost until written again. Write again the keys that matter from outside the cluster; `gobelins kv forgive KEY` makes the keys of KEY's slot (one of {}) that are not written again read as absent, `gobelins kv forgive --all` those of every slot",
             spec.slots
         );
     }
