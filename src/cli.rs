@@ -236,19 +236,22 @@ fn forgive_all(dir: &DirArgs) -> anyhow::Result<()> {
     };
     let failed = runtime()?.block_on(async {
         let mut asked = tokio::task::JoinSet::new();
-        let mut failed = Vec::new();
+        let mut failed: Vec<anyhow::Error> = Vec::new();
+        let mut note = |done: Result<anyhow::Result<()>, tokio::task::JoinError>| match done {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failed.push(e),
+            Err(e) => failed.push(e.into()),
+        };
         for key in of_slot.into_iter().flatten() {
             if asked.len() >= 16 {
-                if let Some(Ok(Err(e))) = asked.join_next().await {
-                    failed.push(e);
+                if let Some(done) = asked.join_next().await {
+                    note(done);
                 }
             }
             asked.spawn(forgive(key));
         }
         while let Some(done) = asked.join_next().await {
-            if let Ok(Err(e)) = done {
-                failed.push(e);
-            }
+            note(done);
         }
         failed
     });

@@ -63,7 +63,16 @@ pub(crate) struct FrameState {
     /// The backup is a leaving owner's page, left here because its manager did not answer
     /// (see `crate::Request::Foster`): nobody's entry names this node. Cleared once an entry
     /// may: a recovery was told of it, a backup was stored over it, or it was promoted.
-    pub(crate) fostered: bool,
+    pub(crate) fostered: Option<Fostered>,
+}
+
+/// Whose page a fostered backup is, for handing it on on their behalf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Fostered {
+    /// The owner that left.
+    pub(crate) leaver: NodeId,
+    /// The readers it served directly, which the page's manager does not know of.
+    pub(crate) readers: BTreeSet<NodeId>,
 }
 
 /// The commit stamp of a version's last content: what an owner gave up, handed over or was
@@ -276,7 +285,7 @@ impl Frame {
         if s.backup.as_ref().is_none_or(|(v, _)| (*v, s.backup_commit) <= (version, commit)) {
             s.backup = Some((version, data));
             s.backup_commit = commit;
-            s.fostered = false;
+            s.fostered = None;
             return true;
         }
         false
@@ -286,7 +295,7 @@ impl Frame {
     /// backup of that version or newer already here may be one an entry names (the manager
     /// took the page after all, and placed its backup here): it is not marked, so that
     /// handing the page on never drops it.
-    pub(crate) fn foster(&self, version: u64, data: Bytes) {
+    pub(crate) fn foster(&self, version: u64, data: Bytes, whose: Fostered) {
         let mut s = self.lock();
         if s.backup.as_ref().is_some_and(|(v, _)| *v >= version) {
             if s.backup.as_ref().is_some_and(|(v, _)| *v == version) {
@@ -298,20 +307,27 @@ impl Frame {
         }
         s.backup = Some((version, data));
         s.backup_commit = FINAL;
-        s.fostered = true;
+        s.fostered = Some(whose);
     }
 
     /// The fostered backup of `version`, while nobody's entry may name this node for it.
     pub(crate) fn fostered(&self, version: u64) -> Option<Bytes> {
         let s = self.lock();
-        let (v, data) = s.backup.as_ref().filter(|_| s.fostered)?;
+        let (v, data) = s.backup.as_ref().filter(|_| s.fostered.is_some())?;
         (*v == version).then(|| Arc::clone(data))
+    }
+
+    /// The fostered backup, its version and whose it is, if this frame holds one.
+    pub(crate) fn fostered_copy(&self) -> Option<(u64, Bytes, Fostered)> {
+        let s = self.lock();
+        let (version, data) = s.backup.clone()?;
+        Some((version, data, s.fostered.clone()?))
     }
 
     /// Drops the fostered backup, once its manager has the page: true when it was one still.
     pub(crate) fn drop_fostered(&self) -> bool {
         let mut s = self.lock();
-        let dropped = std::mem::take(&mut s.fostered);
+        let dropped = s.fostered.take().is_some();
         if dropped {
             s.backup = None;
         }
@@ -454,7 +470,7 @@ impl Frame {
         s.backup_node = None;
         s.retired = None;
         s.refused_copy = None;
-        s.fostered = false;
+        s.fostered = None;
         s.readers.clear();
         s.closed = false;
         drop(s);
@@ -723,20 +739,25 @@ mod tests {
 
     #[test]
     fn a_fostered_backup_is_dropped_once_handed_on_unless_an_entry_may_name_it() {
+        let whose = || Fostered { leaver: NodeId(4), readers: BTreeSet::new() };
         let f = Frame::default();
-        f.foster(5, zeros());
+        f.foster(5, zeros(), whose());
+        assert_eq!(f.fostered_copy().map(|(v, _, w)| (v, w)), Some((5, whose())));
+        assert!(f.drop_fostered());
+        let f = Frame::default();
+        f.foster(5, zeros(), whose());
         assert!(f.fostered(5).is_some());
         assert!(f.fostered(4).is_none(), "only the version fostered");
         assert!(f.drop_fostered());
         assert!(f.lock().backup.is_none());
         // A manager's backup stored over it: the entry names this node now.
-        f.foster(5, zeros());
+        f.foster(5, zeros(), whose());
         f.store_backup(5, FINAL, zeros());
         assert!(f.fostered(5).is_none());
         assert!(!f.drop_fostered());
         assert!(f.lock().backup.is_some(), "kept as the manager's backup");
         // A newer backup already here is not replaced, nor marked.
-        f.foster(4, zeros());
+        f.foster(4, zeros(), whose());
         assert!(!f.drop_fostered());
         assert_eq!(f.lock().backup.as_ref().map(|(v, _)| *v), Some(5));
         // Nor one of the same version, which an entry may name: it takes the leaver's last
@@ -744,7 +765,7 @@ mod tests {
         let page = |b: u8| Arc::new(vec![b; PAGE_SIZE]);
         let f = Frame::default();
         f.store_backup(6, 2, page(1));
-        f.foster(6, page(2));
+        f.foster(6, page(2), whose());
         assert!(f.fostered(6).is_none());
         assert_eq!(f.lock().backup.as_ref().map(|(_, d)| d[0]), Some(2));
         assert_eq!(f.lock().backup_commit, FINAL);

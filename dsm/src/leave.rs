@@ -57,6 +57,21 @@ impl DsmService {
                 self.leave_page(ctx, page, manager, &frame, silent).await;
             })
             .await;
+        // Pages another leaver left here, not yet handed on: left on another live node in
+        // turn, which hands them on. No entry names this node for them.
+        let fostered: Vec<(PageId, NodeId, Arc<Frame>)> = self
+            .state()
+            .frames
+            .all()
+            .into_iter()
+            .filter(|(_, frame)| frame.lock().fostered.is_some())
+            .filter_map(|(page, frame)| Some((page, manager(&page)?, frame)))
+            .collect();
+        futures::stream::iter(fostered)
+            .for_each_concurrent(RESTORING, |(page, manager, frame)| async move {
+                self.foster_again(ctx, page, manager, &frame).await;
+            })
+            .await;
         // The pages this node keeps the backup of: their managers have the owners move them.
         // Not those it manages: their entries go to managers that take part in the change,
         // whose sweep sees to them, and a request for them would wait for the change to end.
@@ -65,7 +80,10 @@ impl DsmService {
             .frames
             .all()
             .into_iter()
-            .filter(|(_, frame)| frame.lock().backup.is_some())
+            .filter(|(_, frame)| {
+                let s = frame.lock();
+                s.backup.is_some() && s.fostered.is_none()
+            })
             .filter_map(|(page, _)| Some((page, manager(&page)?)))
             .filter(|&(_, m)| m != me)
             .collect();
@@ -229,6 +247,29 @@ impl DsmService {
             }
         }
         false
+    }
+
+    /// A page another leaver left here, which this node now leaves too: it goes on to the next
+    /// live node after its manager, on the first leaver's behalf.
+    async fn foster_again(&self, ctx: &Context, page: PageId, manager: NodeId, frame: &Frame) {
+        let me = ctx.node();
+        let Some((version, data, whose)) = frame.fostered_copy() else { return };
+        let usable = |n: NodeId| n != me && n != manager && n != whose.leaver && !self.gone(ctx, n);
+        for to in after(ctx, manager).filter(|&n| usable(n)) {
+            let request = Request::Foster {
+                page,
+                leaver: whose.leaver,
+                version,
+                data: PageBytes::shared(&data),
+                readers: whose.readers.clone(),
+            };
+            if self.tell(ctx, to, page, request).await {
+                frame.drop_fostered();
+                tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page a leaving node left here, not yet handed to its manager, is left on another node as this one leaves");
+                return;
+            }
+        }
+        tracing::warn!(?page, manager = manager.0, "dsm: a page a leaving node left here, not yet handed to its manager, could not be left on another node as this one leaves; it is lost unless its manager's recovery finds another copy");
     }
 
     /// A page this leaving node owns and manages travels to its new manager `to` with its

@@ -236,7 +236,7 @@ impl DsmNode {
     /// Pages a leaving node left here because their manager did not answer it, not yet handed
     /// on to that manager nor found by its recovery.
     pub fn fostered(&self) -> usize {
-        self.inner.frames.all().iter().filter(|(_, f)| f.lock().fostered).count()
+        self.inner.frames.all().iter().filter(|(_, f)| f.lock().fostered.is_some()).count()
     }
 
     /// Directory entries this node manages: pages, locks, barriers, and markers of slots

@@ -1137,7 +1137,8 @@ impl DsmService {
                 Response::Ok
             }
             Request::Foster { page, leaver, version, data, readers } => {
-                frames.frame(page).foster(version, data.into_shared());
+                let whose = crate::frames::Fostered { leaver, readers: readers.clone() };
+                frames.frame(page).foster(version, data.into_shared(), whose);
                 self.hand_on(ctx, page, leaver, version, readers);
                 Response::Ok
             }
@@ -1389,7 +1390,7 @@ impl DsmService {
             }
             let mut s = frame.lock();
             // The recovery now knows of a fostered backup: whether it stays is its entry's.
-            s.fostered = false;
+            s.fostered = None;
             // `retired`: the copy given up to a writer, when it is that copy.
             let copy = |version, owned, backup, commit, retired: Option<&Retired>, data: &[u8]| {
                 Entry::Copy {

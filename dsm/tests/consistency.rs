@@ -1274,6 +1274,46 @@ fn with_backups_a_page_left_on_another_node_is_handed_on_once_its_manager_answer
     })
 }
 
+/// A page left on another node (its leaving owner's manager cut off) is left on another again
+/// when that node leaves too, before the manager's recovery: that recovery then finds it.
+/// Cells of two, so that the first leave takes no part of the manager's cell.
+#[test]
+fn with_backups_a_page_left_on_a_node_that_leaves_in_turn_goes_on_to_another() {
+    replay(async {
+        let shape = TreeConfig::default().with_cell_capacity(2);
+        let config = DsmConfig { backups: true, ..DsmConfig::default() };
+        let mut cluster = Cluster::start_shaped(6, shape, config).await;
+        let table = cluster.mem.snapshot();
+        let nodes = table.nodes().to_vec();
+        let next = |n: NodeId| {
+            nodes[(nodes.iter().position(|&m| m == n).expect("a node") + 1) % nodes.len()]
+        };
+        // The leaver writes the page, so its backup is on the next node: the manager, in
+        // another cell. The page is left on the node after the manager, its cell mate.
+        let leaver = nodes
+            .iter()
+            .copied()
+            .find(|&l| !table.cell_mates(l).any(|m| m == next(l)) && next(next(l)) != l)
+            .expect("a node whose next is in another cell");
+        let (manager, fosterer) = (next(leaver), next(next(leaver)));
+        let page = (0..)
+            .map(pid)
+            .find(|p| table.locate(gobelins_dsm::DSM, p.key()) == Some(manager))
+            .expect("a page the manager manages");
+        put(&cluster.dsm(leaver), page, 7).await;
+        let made = |n: NodeId| cluster.made.lock().expect("made")[n.0 as usize].clone();
+        cluster.mem.faults().crash(manager);
+        cluster.mem.evict(leaver).await;
+        assert_eq!(made(fosterer).fostered(), 1, "the page left on node {fosterer}");
+        // The fosterer leaves as the manager dies: the page goes on before it does.
+        cluster.mem.change_and_crash(Change::Evict(fosterer), manager).await;
+        let reader = nodes.iter().copied().find(|n| ![leaver, manager, fosterer].contains(n));
+        let read = outcome(&cluster.dsm(reader.expect("a node left")), page).await;
+        assert_eq!(read, Ok(7), "leaver {leaver}, manager {manager}, fosterer {fosterer}");
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    })
+}
+
 /// With backups on, a node that leaves as another dies loses no page: the pages it owns whose
 /// manager died with their backup (which it cannot hand over) it leaves on a live node for
 /// the recovery to find. Its leave also does not wait on the dead manager page by page.
