@@ -69,10 +69,12 @@ pub(crate) struct FrameState {
 /// Whose page a fostered backup is, for handing it on on their behalf.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Fostered {
-    /// The owner that left.
+    /// The node that left: the page's owner, or the node that kept its backup.
     pub(crate) leaver: NodeId,
     /// The readers it served directly, which the page's manager does not know of.
     pub(crate) readers: BTreeSet<NodeId>,
+    /// For a backup the leaver kept, the owner's commit it holds; `None` for a page it owned.
+    pub(crate) backup: Option<u64>,
 }
 
 /// The commit stamp of a version's last content: what an owner gave up, handed over or was
@@ -296,17 +298,18 @@ impl Frame {
     /// took the page after all, and placed its backup here): it is not marked, so that
     /// handing the page on never drops it.
     pub(crate) fn foster(&self, version: u64, data: Bytes, whose: Fostered) {
+        // An owner's last content of its version: no commit of it is newer.
+        let commit = whose.backup.unwrap_or(FINAL);
         let mut s = self.lock();
         if s.backup.as_ref().is_some_and(|(v, _)| *v >= version) {
-            if s.backup.as_ref().is_some_and(|(v, _)| *v == version) {
-                // The leaver's last content of that version: no commit of it is newer.
+            if s.backup.as_ref().is_some_and(|(v, _)| *v == version) && commit >= s.backup_commit {
                 s.backup = Some((version, data));
-                s.backup_commit = FINAL;
+                s.backup_commit = commit;
             }
             return;
         }
         s.backup = Some((version, data));
-        s.backup_commit = FINAL;
+        s.backup_commit = commit;
         s.fostered = Some(whose);
     }
 
@@ -322,6 +325,13 @@ impl Frame {
         let s = self.lock();
         let (version, data) = s.backup.clone()?;
         Some((version, data, s.fostered.clone()?))
+    }
+
+    /// The backup this node keeps for the page's owner: its version, commit and content.
+    pub(crate) fn backup_copy(&self) -> Option<(u64, u64, Bytes)> {
+        let s = self.lock();
+        let (version, data) = s.backup.clone()?;
+        Some((version, s.backup_commit, data))
     }
 
     /// Drops the fostered backup, once its manager has the page: true when it was one still.
@@ -739,7 +749,7 @@ mod tests {
 
     #[test]
     fn a_fostered_backup_is_dropped_once_handed_on_unless_an_entry_may_name_it() {
-        let whose = || Fostered { leaver: NodeId(4), readers: BTreeSet::new() };
+        let whose = || Fostered { leaver: NodeId(4), readers: BTreeSet::new(), backup: None };
         let f = Frame::default();
         f.foster(5, zeros(), whose());
         assert_eq!(f.fostered_copy().map(|(v, _, w)| (v, w)), Some((5, whose())));

@@ -3,7 +3,7 @@
 //! cluster cannot act on that death before this leave ends: the page is then left on a live
 //! node, for that manager's recovery to find, rather than taken away.
 
-use crate::frames::{Bytes, Frame, Retired, FINAL};
+use crate::frames::{Bytes, Fostered, Frame, Retired, FINAL};
 use crate::node::DSM;
 use crate::page::PageId;
 use crate::protocol::{PageBytes, PageEntry, Request, Response};
@@ -72,9 +72,11 @@ impl DsmService {
                 self.foster_again(ctx, page, manager, &frame).await;
             })
             .await;
-        // The pages this node keeps the backup of: their managers have the owners move them.
-        // Not those it manages: their entries go to managers that take part in the change,
-        // whose sweep sees to them, and a request for them would wait for the change to end.
+        // The pages this node keeps the backup of: their managers have the owners move them,
+        // or store this node's copy elsewhere themselves should the owner not answer. Those it
+        // manages, this node sees to itself, before their entries go: a request for them
+        // would wait for the change to end, and the new manager's sweep could only ask the
+        // owner, which may have died.
         let backups: Vec<(PageId, NodeId)> = self
             .state()
             .frames
@@ -85,21 +87,77 @@ impl DsmService {
                 s.backup.is_some() && s.fostered.is_none()
             })
             .filter_map(|(page, _)| Some((page, manager(&page)?)))
-            .filter(|&(_, m)| m != me)
             .collect();
-        let request = &Request::Abandon { node: me };
         futures::stream::iter(backups)
             .for_each_concurrent(RESTORING, |(page, manager)| async move {
-                if is_silent(silent, manager) {
-                    tracing::warn!(?page, manager = manager.0, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of, its manager not answering; it gets one at its owner's next commit, and until then a failure of its owner loses it");
+                let Some(frame) = self.state().frames.get(page) else { return };
+                let copy = || frame.backup_copy().map(|(v, c, d)| (v, c, PageBytes::shared(&d)));
+                if manager == me {
+                    if self.state().live.contains_key(&page.key()) {
+                        self.abandon(ctx, page, me, copy()).await;
+                    }
                     return;
                 }
-                if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), request).await {
-                    silent.lock().expect("silent").insert(manager);
-                    tracing::warn!(?page, error = %e, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of; it gets one at its owner's next commit, and until then a failure of its owner loses it");
+                if !is_silent(silent, manager) {
+                    let request = Request::Abandon { node: me, copy: copy() };
+                    match ctx.request::<_, Response>(DSM, page.key(), &request).await {
+                        Ok(_) => return,
+                        Err(e) => {
+                            silent.lock().expect("silent").insert(manager);
+                            tracing::info!(?page, error = %e, "dsm: the manager of a page this leaving node keeps the backup of did not answer");
+                        }
+                    }
+                }
+                if !self.foster_backup(ctx, page, manager, &frame).await {
+                    tracing::warn!(?page, manager = manager.0, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of, nor leave its copy on another node; it gets one at its owner's next commit, and until then a failure of its owner loses it");
                 }
             })
             .await;
+    }
+
+    /// The manager of a page this leaving node keeps the backup of did not answer: it may
+    /// have died, the page's owner too. The copy is left on the first live node after the
+    /// manager that takes it, where that manager's recovery finds it, or which asks the
+    /// manager again on this node's behalf (see [`DsmService::hand_on`]).
+    async fn foster_backup(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        manager: NodeId,
+        frame: &Frame,
+    ) -> bool {
+        let Some((version, commit, data)) = frame.backup_copy() else { return true };
+        let whose = Fostered { leaver: ctx.node(), readers: BTreeSet::new(), backup: Some(commit) };
+        self.leave_on_another(ctx, page, manager, (version, &data, whose)).await
+    }
+
+    /// Sends `page` at `version`, `whose` it is, to the first live node after `manager` that
+    /// takes it, other than this node, the manager and the node that left it. False when none
+    /// did.
+    async fn leave_on_another(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        manager: NodeId,
+        (version, data, whose): (u64, &Bytes, Fostered),
+    ) -> bool {
+        let me = ctx.node();
+        let usable = |n: NodeId| n != me && n != manager && n != whose.leaver && !self.gone(ctx, n);
+        for to in after(ctx, manager).filter(|&n| usable(n)) {
+            let request = Request::Foster {
+                page,
+                leaver: whose.leaver,
+                version,
+                data: PageBytes::shared(data),
+                readers: whose.readers.clone(),
+                backup: whose.backup,
+            };
+            if self.tell(ctx, to, page, request).await {
+                tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page's manager did not answer this leaving node; the page is left on another node, from which that manager's recovery rebuilds it (or which hands it to the manager should it answer)");
+                return true;
+            }
+        }
+        false
     }
 
     /// Hands one page over to `manager`, or, should it not answer, leaves it on a live node.
@@ -233,41 +291,17 @@ impl DsmService {
             }
             (s.version, Arc::clone(d), s.readers.clone())
         };
-        for to in after(ctx, manager).filter(|&n| usable(n)) {
-            let request = Request::Foster {
-                page,
-                leaver: me,
-                version,
-                data: PageBytes::shared(&data),
-                readers: readers.clone(),
-            };
-            if self.tell(ctx, to, page, request).await {
-                tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page's manager did not answer this leaving node; the page is left on another node, from which that manager's recovery rebuilds it (or which hands it to the manager should it answer)");
-                return true;
-            }
-        }
-        false
+        let whose = Fostered { leaver: me, readers, backup: None };
+        self.leave_on_another(ctx, page, manager, (version, &data, whose)).await
     }
 
     /// A page another leaver left here, which this node now leaves too: it goes on to the next
     /// live node after its manager, on the first leaver's behalf.
     async fn foster_again(&self, ctx: &Context, page: PageId, manager: NodeId, frame: &Frame) {
-        let me = ctx.node();
         let Some((version, data, whose)) = frame.fostered_copy() else { return };
-        let usable = |n: NodeId| n != me && n != manager && n != whose.leaver && !self.gone(ctx, n);
-        for to in after(ctx, manager).filter(|&n| usable(n)) {
-            let request = Request::Foster {
-                page,
-                leaver: whose.leaver,
-                version,
-                data: PageBytes::shared(&data),
-                readers: whose.readers.clone(),
-            };
-            if self.tell(ctx, to, page, request).await {
-                frame.drop_fostered();
-                tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page a leaving node left here, not yet handed to its manager, is left on another node as this one leaves");
-                return;
-            }
+        if self.leave_on_another(ctx, page, manager, (version, &data, whose)).await {
+            frame.drop_fostered();
+            return;
         }
         tracing::warn!(?page, manager = manager.0, "dsm: a page a leaving node left here, not yet handed to its manager, could not be left on another node as this one leaves; it is lost unless its manager's recovery finds another copy");
     }
@@ -309,19 +343,13 @@ impl DsmService {
         tracing::warn!(?page, manager = to.0, "dsm: a page leaving with its entry could not be stored on a second node; until its new manager gives it a backup, that node's failure loses it");
     }
 
-    /// Hands a page a leaving owner left here (see [`Request::Foster`]) to its manager on the
+    /// Hands a page a leaving node left here (see [`Request::Foster`]) to its manager on the
     /// leaver's behalf, in the background until the manager answers. Then the copy is dropped,
     /// unless an entry may name this node for it by then: a recovery was told of it (it
     /// answers `Missing`), or the manager placed its own backup here.
-    pub(crate) fn hand_on(
-        &self,
-        ctx: &Context,
-        page: PageId,
-        leaver: NodeId,
-        version: u64,
-        readers: BTreeSet<NodeId>,
-    ) {
+    pub(crate) fn hand_on(&self, ctx: &Context, page: PageId, version: u64, whose: Fostered) {
         let (service, ctx) = (self.node.service(), ctx.clone());
+        let leaver = whose.leaver;
         tokio::spawn(async move {
             loop {
                 let Some(frame) = service.state().frames.get(page) else { return };
@@ -329,11 +357,19 @@ impl DsmService {
                 if ctx.gone(ctx.node()) {
                     return;
                 }
-                let request = Request::Surrender {
-                    node: leaver,
-                    version,
-                    data: PageBytes::shared(&data),
-                    readers: readers.clone(),
+                // As the leaver would have asked: to take its page, or to find another backup
+                // than it (the manager answers `Ok` once it did, or had no need to).
+                let data = PageBytes::shared(&data);
+                let request = match whose.backup {
+                    None => Request::Surrender {
+                        node: leaver,
+                        version,
+                        data,
+                        readers: whose.readers.clone(),
+                    },
+                    Some(commit) => {
+                        Request::Abandon { node: leaver, copy: Some((version, commit, data)) }
+                    }
                 };
                 match ctx.request::<_, Response>(DSM, page.key(), &request).await {
                     Ok(answer @ (Response::Ok | Response::Missing)) => {

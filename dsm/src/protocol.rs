@@ -247,6 +247,10 @@ pub enum Request {
     Abandon {
         /// The leaving node.
         node: NodeId,
+        /// Its backup copy: the version, the owner's commit it holds, the page. Should the
+        /// owner not answer (it may have died, and be declared so only after this leave), the
+        /// manager stores it on the new backup node itself.
+        copy: Option<(u64, u64, PageBytes)>,
     },
     /// To a page's owner, from its manager after a change left the page with no live backup
     /// (its backup's node died or is leaving, or the owner was promoted from its backup):
@@ -281,21 +285,25 @@ pub enum Request {
         /// Orders the sender's words.
         seq: u64,
     },
-    /// To a live node, from a leaving owner whose page's manager did not answer (it may have
-    /// died, and its entry with it): keep the page as a backup, which that manager's recovery
-    /// finds, and hand it to the manager on the leaver's behalf should it answer after all.
-    /// `Ok` once kept.
+    /// To a live node, from a leaving owner (or backup) whose page's manager did not answer
+    /// (it may have died, and its entry with it): keep the page as a backup, which that
+    /// manager's recovery finds, and hand it to the manager on the leaver's behalf should it
+    /// answer after all. `Ok` once kept.
     Foster {
         /// The page.
         page: PageId,
-        /// The leaving owner.
+        /// The leaving node.
         leaver: NodeId,
-        /// The version it owns.
+        /// The version it owns, or keeps the backup of.
         version: u64,
         /// The page as last committed.
         data: PageBytes,
         /// Readers the leaver served directly, which the manager did not know of.
         readers: BTreeSet<NodeId>,
+        /// `None` when the leaver owned the page (it is handed on as a [`Request::Surrender`]);
+        /// the owner's commit the copy holds when the leaver kept the page's backup (handed
+        /// on as a [`Request::Abandon`]).
+        backup: Option<u64>,
     },
 }
 

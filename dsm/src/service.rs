@@ -829,7 +829,16 @@ impl DsmService {
     /// `leaving` keeps `page`'s backup and is about to go: the owner stores the page on
     /// another node now (see [`Request::Abandon`]). This manager may take no part in the
     /// change, so its sweep would not see to it.
-    async fn abandon(&self, ctx: &Context, page: PageId, leaving: NodeId) -> Response {
+    /// `copy` is the leaving node's backup copy: should the owner not answer at all, this
+    /// manager stores it on the new backup node itself. The owner may have died, to be declared
+    /// so only after this leave; the leaving node's copy would go with it.
+    pub(crate) async fn abandon(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        leaving: NodeId,
+        copy: Option<(u64, u64, PageBytes)>,
+    ) -> Response {
         let slot = self.slot(page.key());
         let mut live = self.hold(ctx, &slot).await;
         let Live::Page(entry) = &mut *live else { return Response::Ok };
@@ -843,6 +852,7 @@ impl DsmService {
             Request::BackupTo { page, version: entry.version, node: to, replaces: Some(leaving) };
         // A write in progress commits to the leaving node, which still answers: once it has,
         // the owner can move.
+        let mut silent = false;
         for _ in 0..ABANDON_TRIES {
             match self.told(ctx, owner, page, request.clone()).await {
                 Some(Response::Ok) => entry.backup = Some(to),
@@ -851,9 +861,20 @@ impl DsmService {
                     tokio::time::sleep(ABANDON_PAUSE).await;
                     continue;
                 }
+                None => silent = true,
                 _ => {}
             }
             break;
+        }
+        // Only for an owner that answered nothing: one busy writing commits to the leaving
+        // node a copy newer than this one.
+        let copy = copy.filter(|&(version, _, _)| silent && version == entry.version);
+        if let (Some((version, commit, data)), true) = (copy, entry.backup == Some(leaving)) {
+            let request = Request::Backup { page, version, commit, data };
+            if self.tell(ctx, to, page, request).await {
+                entry.backup = Some(to);
+                tracing::info!(?page, owner = owner.0, node = to.0, "dsm: a page whose owner does not answer has its leaving backup's copy stored on another node");
+            }
         }
         if entry.backup == Some(leaving) {
             // Not assumed either way: the owner may have moved, and its next commit tells.
@@ -1136,10 +1157,10 @@ impl DsmService {
                 frames.frame(page).store_backup(version, commit, data.into_shared());
                 Response::Ok
             }
-            Request::Foster { page, leaver, version, data, readers } => {
-                let whose = crate::frames::Fostered { leaver, readers: readers.clone() };
-                frames.frame(page).foster(version, data.into_shared(), whose);
-                self.hand_on(ctx, page, leaver, version, readers);
+            Request::Foster { page, leaver, version, data, readers, backup } => {
+                let whose = crate::frames::Fostered { leaver, readers, backup };
+                frames.frame(page).foster(version, data.into_shared(), whose.clone());
+                self.hand_on(ctx, page, version, whose);
                 Response::Ok
             }
             // Boxed: it tells the backup node in turn, through `told`, which may run `local`.
@@ -1187,7 +1208,9 @@ impl DsmService {
                 self.rebackup(ctx, page, node, failed, (version, commit, data)).await
             }
             (Named::Page(page), Request::Discard) => self.discard(ctx, page).await,
-            (Named::Page(page), Request::Abandon { node }) => self.abandon(ctx, page, node).await,
+            (Named::Page(page), Request::Abandon { node, copy }) => {
+                self.abandon(ctx, page, node, copy).await
+            }
             (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
                 self.lock_op(ctx, key, request).await
             }

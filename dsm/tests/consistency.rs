@@ -1314,6 +1314,40 @@ fn with_backups_a_page_left_on_a_node_that_leaves_in_turn_goes_on_to_another() {
     })
 }
 
+/// With backups on, a node that leaves as the owner of the pages it backs up dies loses none of
+/// them: where the page's manager lives, it stores the leaver's copy on another node itself,
+/// the owner not answering; where the manager is the dead owner, the leaver leaves its copy on
+/// another node for the recovery to find.
+#[test]
+fn with_backups_a_node_leaving_as_the_owner_of_its_backups_dies_loses_no_page() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(4).await;
+        let nodes = cluster.mem.snapshot().nodes().to_vec();
+        // The owner writes, so its backup is on the next node: the leaver.
+        let (owner, leaver) = (nodes[1], nodes[2]);
+        let pages: Vec<PageId> =
+            (0..64).map(|p| PageId { segment: SEGMENT, page: p * 131 }).collect();
+        for (i, &page) in pages.iter().enumerate() {
+            put(&cluster.dsm(owner), page, i as u64 + 1).await;
+        }
+        let table = cluster.mem.snapshot();
+        let by_owner =
+            pages.iter().filter(|p| table.locate(gobelins_dsm::DSM, p.key()) == Some(owner));
+        assert!(by_owner.count() >= 8, "pages the owner manages too");
+        cluster.mem.change_and_crash(Change::Evict(leaver), owner).await;
+        let reader = cluster.dsm(nodes[0]);
+        let mut wrong = Vec::new();
+        for (i, &page) in pages.iter().enumerate() {
+            match outcome(&reader, page).await {
+                Ok(count) if count == i as u64 + 1 => {}
+                other => wrong.push(format!("{page:?}: {other:?}")),
+            }
+        }
+        assert!(wrong.is_empty(), "{} of {} pages: {wrong:?}", wrong.len(), pages.len());
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    })
+}
+
 /// With backups on, a node that leaves as another dies loses no page: the pages it owns whose
 /// manager died with their backup (which it cannot hand over) it leaves on a live node for
 /// the recovery to find. Its leave also does not wait on the dead manager page by page.
