@@ -1097,6 +1097,11 @@ fn a_cluster_killed_whole_and_started_again_reports_what_it_lost() {
     }
     let neither = cli(&agents[1].dir, &["kv", "forgive"]);
     assert!(!neither.status.success(), "a key or --all");
+    // No agent there: one plain error, as for a key, not one for each of 4,096 slots.
+    let nowhere = cli(&root.path().join("nowhere"), &["kv", "forgive", "--all"]);
+    let said = String::from_utf8_lossy(&nowhere.stderr);
+    assert!(!nowhere.status.success() && said.contains("`gobelins agent` running"), "{said}");
+    assert!(!said.contains("slots were not forgiven"), "{said}");
 }
 
 /// A cluster of one node killed and started again: its keys and pages read as lost, not as
