@@ -64,6 +64,10 @@ pub(crate) struct FrameState {
     /// (see `crate::Request::Foster`): nobody's entry names this node. Cleared once an entry
     /// may: a recovery was told of it, a backup was stored over it, or it was promoted.
     pub(crate) fostered: Option<Fostered>,
+    /// This node leaves, and took its backup copy to hand it on: it stores no more commits,
+    /// which its owner then makes through the manager (`Rebackup`). One acknowledged here
+    /// after the copy was taken would be missing from it.
+    pub(crate) sealed: bool,
 }
 
 /// Whose page a fostered backup is, for handing it on on their behalf.
@@ -284,6 +288,9 @@ impl Frame {
     /// of this one) is already here.
     pub(crate) fn store_backup(&self, version: u64, commit: u64, data: Bytes) -> bool {
         let mut s = self.lock();
+        if s.sealed {
+            return false;
+        }
         if s.backup.as_ref().is_none_or(|(v, _)| (*v, s.backup_commit) <= (version, commit)) {
             s.backup = Some((version, data));
             s.backup_commit = commit;
@@ -305,6 +312,10 @@ impl Frame {
             if s.backup.as_ref().is_some_and(|(v, _)| *v == version) && commit >= s.backup_commit {
                 s.backup = Some((version, data));
                 s.backup_commit = commit;
+                // Fostered already, for another leaver: the content is now this one's.
+                if s.fostered.is_some() {
+                    s.fostered = Some(whose);
+                }
             }
             return;
         }
@@ -328,20 +339,25 @@ impl Frame {
     }
 
     /// The backup this node keeps for the page's owner: its version, commit and content.
+    /// Seals the frame as it is taken (see [`FrameState::sealed`]): this leaving node's
+    /// copy holds every commit it acknowledged.
     pub(crate) fn backup_copy(&self) -> Option<(u64, u64, Bytes)> {
-        let s = self.lock();
+        let mut s = self.lock();
+        s.sealed = true;
         let (version, data) = s.backup.clone()?;
         Some((version, s.backup_commit, data))
     }
 
-    /// Drops the fostered backup, once its manager has the page: true when it was one still.
-    pub(crate) fn drop_fostered(&self) -> bool {
+    /// Drops the fostered backup `leaver` left here, once its manager has the page: true when
+    /// it was one still (not replaced by another leaver's, nor named by an entry since).
+    pub(crate) fn drop_fostered(&self, leaver: NodeId) -> bool {
         let mut s = self.lock();
-        let dropped = s.fostered.take().is_some();
-        if dropped {
-            s.backup = None;
+        if s.fostered.as_ref().is_none_or(|f| f.leaver != leaver) {
+            return false;
         }
-        dropped
+        s.fostered = None;
+        s.backup = None;
+        true
     }
 
     /// Hands `version` to the manager: keeps a read copy (no `writer`: a reader faulted) or
@@ -753,22 +769,22 @@ mod tests {
         let f = Frame::default();
         f.foster(5, zeros(), whose());
         assert_eq!(f.fostered_copy().map(|(v, _, w)| (v, w)), Some((5, whose())));
-        assert!(f.drop_fostered());
+        assert!(f.drop_fostered(NodeId(4)));
         let f = Frame::default();
         f.foster(5, zeros(), whose());
         assert!(f.fostered(5).is_some());
         assert!(f.fostered(4).is_none(), "only the version fostered");
-        assert!(f.drop_fostered());
+        assert!(f.drop_fostered(NodeId(4)));
         assert!(f.lock().backup.is_none());
         // A manager's backup stored over it: the entry names this node now.
         f.foster(5, zeros(), whose());
         f.store_backup(5, FINAL, zeros());
         assert!(f.fostered(5).is_none());
-        assert!(!f.drop_fostered());
+        assert!(!f.drop_fostered(NodeId(4)));
         assert!(f.lock().backup.is_some(), "kept as the manager's backup");
         // A newer backup already here is not replaced, nor marked.
         f.foster(4, zeros(), whose());
-        assert!(!f.drop_fostered());
+        assert!(!f.drop_fostered(NodeId(4)));
         assert_eq!(f.lock().backup.as_ref().map(|(v, _)| *v), Some(5));
         // Nor one of the same version, which an entry may name: it takes the leaver's last
         // content, unmarked.

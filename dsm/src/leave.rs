@@ -299,8 +299,9 @@ impl DsmService {
     /// live node after its manager, on the first leaver's behalf.
     async fn foster_again(&self, ctx: &Context, page: PageId, manager: NodeId, frame: &Frame) {
         let Some((version, data, whose)) = frame.fostered_copy() else { return };
+        let leaver = whose.leaver;
         if self.leave_on_another(ctx, page, manager, (version, &data, whose)).await {
-            frame.drop_fostered();
+            frame.drop_fostered(leaver);
             return;
         }
         tracing::warn!(?page, manager = manager.0, "dsm: a page a leaving node left here, not yet handed to its manager, could not be left on another node as this one leaves; it is lost unless its manager's recovery finds another copy");
@@ -373,7 +374,7 @@ impl DsmService {
                 };
                 match ctx.request::<_, Response>(DSM, page.key(), &request).await {
                     Ok(answer @ (Response::Ok | Response::Missing)) => {
-                        if frame.drop_fostered() {
+                        if frame.drop_fostered(leaver) {
                             tracing::info!(
                                 ?page,
                                 leaver = leaver.0,

@@ -852,7 +852,6 @@ impl DsmService {
             Request::BackupTo { page, version: entry.version, node: to, replaces: Some(leaving) };
         // A write in progress commits to the leaving node, which still answers: once it has,
         // the owner can move.
-        let mut silent = false;
         for _ in 0..ABANDON_TRIES {
             match self.told(ctx, owner, page, request.clone()).await {
                 Some(Response::Ok) => entry.backup = Some(to),
@@ -861,14 +860,15 @@ impl DsmService {
                     tokio::time::sleep(ABANDON_PAUSE).await;
                     continue;
                 }
-                None => silent = true,
                 _ => {}
             }
             break;
         }
-        // Only for an owner that answered nothing: one busy writing commits to the leaving
-        // node a copy newer than this one.
-        let copy = copy.filter(|&(version, _, _)| silent && version == entry.version);
+        // The leaving node sealed its copy as it took it: a commit after that went to this
+        // manager (`Rebackup`), which this entry's lock orders after this, so the copy holds
+        // every commit acknowledged through the leaving node. Only for an owner that did not
+        // move its backup itself.
+        let copy = copy.filter(|&(version, _, _)| version == entry.version);
         if let (Some((version, commit, data)), true) = (copy, entry.backup == Some(leaving)) {
             let request = Request::Backup { page, version, commit, data };
             if self.tell(ctx, to, page, request).await {
@@ -1154,7 +1154,13 @@ impl DsmService {
                 Response::Ok
             }
             Request::Backup { page, version, commit, data } => {
-                frames.frame(page).store_backup(version, commit, data.into_shared());
+                let frame = frames.frame(page);
+                // Not once this leaving node took its copy: the owner asks the manager for
+                // another backup, rather than be told a commit is kept that the copy lacks.
+                if frame.lock().sealed {
+                    return Response::Departed;
+                }
+                frame.store_backup(version, commit, data.into_shared());
                 Response::Ok
             }
             Request::Foster { page, leaver, version, data, readers, backup } => {

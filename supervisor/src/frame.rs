@@ -46,10 +46,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// bootstrap gives the cell tree; 18: the DSM's `Request::Cover` and `Uncover`, a manager's
 /// word to its replica holder, and `Entry::Covered`, which a recovery's batches carry; and the
 /// handshake's `RefusedSecret`; 19: the DSM's `Request::Foster`, a leaving owner's page left
-/// on a live node when its manager does not answer).
-pub const VERSION: u8 = 19;
+/// on a live node when its manager does not answer; 20: `Request::Abandon` carries the leaving
+/// node's backup copy, and `Foster` says whether the page was owned or backed up).
+pub const VERSION: u8 = 20;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 19;
+pub const MIN_VERSION: u8 = 20;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and
