@@ -619,6 +619,25 @@ fn with_backups_a_manager_outside_the_last_change_still_vouches_for_its_slots() 
     })
 }
 
+/// Writes `i + 1` into the `i`th of `pages` through `dsm`.
+async fn write_counts(dsm: &Dsm, pages: &[PageId]) {
+    for (i, &page) in pages.iter().enumerate() {
+        put(dsm, page, i as u64 + 1).await;
+    }
+}
+
+/// The pages of `pages` that do not read back `i + 1` through `dsm`, with what they read.
+async fn misread(dsm: &Dsm, pages: &[PageId]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (i, &page) in pages.iter().enumerate() {
+        match outcome(dsm, page).await {
+            Ok(count) if count == i as u64 + 1 => {}
+            other => wrong.push(format!("{page:?}: {other:?}")),
+        }
+    }
+    wrong
+}
+
 /// With backups on, one failure loses no page: a page nobody reports after it was never
 /// written. It reads as zeros, not lost, and a segment first used after the failure is
 /// written as any other. The dead manager vouched for its slots to its replica holder once
@@ -1327,22 +1346,13 @@ fn with_backups_a_node_leaving_as_the_owner_of_its_backups_dies_loses_no_page() 
         let (owner, leaver) = (nodes[1], nodes[2]);
         let pages: Vec<PageId> =
             (0..64).map(|p| PageId { segment: SEGMENT, page: p * 131 }).collect();
-        for (i, &page) in pages.iter().enumerate() {
-            put(&cluster.dsm(owner), page, i as u64 + 1).await;
-        }
+        write_counts(&cluster.dsm(owner), &pages).await;
         let table = cluster.mem.snapshot();
         let by_owner =
             pages.iter().filter(|p| table.locate(gobelins_dsm::DSM, p.key()) == Some(owner));
         assert!(by_owner.count() >= 8, "pages the owner manages too");
         cluster.mem.change_and_crash(Change::Evict(leaver), owner).await;
-        let reader = cluster.dsm(nodes[0]);
-        let mut wrong = Vec::new();
-        for (i, &page) in pages.iter().enumerate() {
-            match outcome(&reader, page).await {
-                Ok(count) if count == i as u64 + 1 => {}
-                other => wrong.push(format!("{page:?}: {other:?}")),
-            }
-        }
+        let wrong = misread(&cluster.dsm(nodes[0]), &pages).await;
         assert!(wrong.is_empty(), "{} of {} pages: {wrong:?}", wrong.len(), pages.len());
         assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
     })
@@ -1423,9 +1433,7 @@ fn with_backups_a_node_leaving_as_another_dies_loses_no_page() {
         // Pages the leaver owns, a fifth of them managed by the victim, some backed up there.
         let pages: Vec<PageId> =
             (0..64).map(|p| PageId { segment: SEGMENT, page: p * 131 }).collect();
-        for (i, &page) in pages.iter().enumerate() {
-            put(&cluster.dsm(leaver), page, i as u64 + 1).await;
-        }
+        write_counts(&cluster.dsm(leaver), &pages).await;
         // The victim manages some, their backup on it too (the node after their writer); the
         // leaver manages others, which travel to the four nodes left, the victim among them
         // (without their second copy, seven of them were lost).
@@ -1439,14 +1447,7 @@ fn with_backups_a_node_leaving_as_another_dies_loses_no_page() {
         let began = tokio::time::Instant::now();
         cluster.mem.change_and_crash(Change::Evict(leaver), victim).await;
         let took = began.elapsed();
-        let reader = cluster.dsm(NodeId(1));
-        let mut wrong = Vec::new();
-        for (i, &page) in pages.iter().enumerate() {
-            match outcome(&reader, page).await {
-                Ok(count) if count == i as u64 + 1 => {}
-                other => wrong.push(format!("{page:?}: {other:?}")),
-            }
-        }
+        let wrong = misread(&cluster.dsm(NodeId(1)), &pages).await;
         assert!(wrong.is_empty(), "{} of {} pages: {wrong:?}", wrong.len(), pages.len());
         assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
         assert!(took < Duration::from_secs(30), "the leave and the recovery took {took:?}");
