@@ -126,6 +126,10 @@ pub(crate) struct NodeState {
     pub(crate) began: AtomicU64,
     /// As a replica holder: each node's word.
     pub(crate) vouches: Mutex<HashMap<gobelins_locator::NodeId, crate::cover::Vouch>>,
+    /// As a manager: owners that did not answer a request to move their backup off a leaving
+    /// node, and when. A leave sends one such request per page, and an owner stopped or dead
+    /// would cost each of them a call timeout in turn.
+    pub(crate) unanswering: Mutex<HashMap<gobelins_locator::NodeId, tokio::time::Instant>>,
 }
 
 /// This node's word to its replica holder.
@@ -192,6 +196,7 @@ impl DsmNode {
                 began: AtomicU64::new(0),
                 exposures: AtomicU64::new(0),
                 vouches: Mutex::default(),
+                unanswering: Mutex::new(HashMap::new()),
             }),
         }
     }

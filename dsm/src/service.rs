@@ -33,6 +33,10 @@ pub(crate) const RESTORING: usize = 16;
 const ABANDON_TRIES: usize = 5;
 const ABANDON_PAUSE: Duration = Duration::from_millis(10);
 
+/// How long a manager takes an owner that did not answer one such request as not answering:
+/// it is not asked again for the leaving node's other pages, whose copies it stores at once.
+const OWNER_SILENCE: Duration = Duration::from_secs(5);
+
 /// How often, and how far apart, a recovery asks again a backup that did not answer its
 /// promotion (each ask waits up to the layer's call timeout): the page is lost otherwise.
 const PROMOTE_TRIES: usize = 3;
@@ -850,9 +854,17 @@ impl DsmService {
         let (Some(owner), Some(to)) = (owner, to) else { return Response::Ok };
         let request =
             Request::BackupTo { page, version: entry.version, node: to, replaces: Some(leaving) };
+        let silent = {
+            let mut unanswering = self.state().unanswering.lock().expect("unanswering");
+            unanswering.retain(|_, since| since.elapsed() < OWNER_SILENCE);
+            unanswering.contains_key(&owner)
+        };
         // A write in progress commits to the leaving node, which still answers: once it has,
         // the owner can move.
         for _ in 0..ABANDON_TRIES {
+            if silent {
+                break;
+            }
             match self.told(ctx, owner, page, request.clone()).await {
                 Some(Response::Ok) => entry.backup = Some(to),
                 Some(Response::BackedUp(current)) => entry.backup = Some(current),
@@ -860,7 +872,11 @@ impl DsmService {
                     tokio::time::sleep(ABANDON_PAUSE).await;
                     continue;
                 }
-                _ => {}
+                Some(_) => {}
+                None => {
+                    let now = tokio::time::Instant::now();
+                    self.state().unanswering.lock().expect("unanswering").insert(owner, now);
+                }
             }
             break;
         }

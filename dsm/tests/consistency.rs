@@ -1358,6 +1358,51 @@ fn with_backups_a_node_leaving_as_the_owner_of_its_backups_dies_loses_no_page() 
     })
 }
 
+/// An owner that stops answering (stopped, or dead but not yet declared so) as the node
+/// keeping its backups leaves costs each manager one call timeout, not one for every page it
+/// asks that owner to move: the leave waits for them. The copies the managers store instead
+/// hold the pages, which read back after the owner's death.
+#[test]
+fn with_backups_an_owner_silent_as_its_backups_leave_costs_one_call_timeout() {
+    replay(async {
+        // In cells of two, the owner (node 2) is in a cell the leave (of node 3, the next
+        // node, where its backups are) does not touch: it takes no part in the change, which
+        // would wait for it.
+        let shape = TreeConfig::default().with_cell_capacity(2);
+        let config = DsmConfig { backups: true, ..DsmConfig::default() };
+        let mut cluster = Cluster::start_shaped(6, shape, config).await;
+        let nodes = cluster.mem.snapshot().nodes().to_vec();
+        let (owner, leaver) = (nodes[1], nodes[2]);
+        // None the owner manages: the leaver would wait a request deadline for its answer,
+        // and then leave the copy elsewhere, which another test sees to.
+        let table = cluster.mem.snapshot();
+        let pages: Vec<PageId> = (0..200)
+            .map(|p| PageId { segment: SEGMENT, page: p * 131 })
+            .filter(|p| table.locate(gobelins_dsm::DSM, p.key()) != Some(owner))
+            .take(96)
+            .collect();
+        write_counts(&cluster.dsm(owner), &pages).await;
+        let host = cluster.mem.host(leaver);
+        cluster.mem.faults().slow(owner, Duration::from_secs(60));
+        let owner_changes = cluster.mem.host(owner).history().len();
+        cluster.mem.evict(leaver).await;
+        assert_eq!(cluster.mem.host(owner).history().len(), owner_changes, "not a participant");
+        let leave = host.history().last().cloned().expect("the leaver's record");
+        let call_timeout = HostConfig::default().call_timeout.as_secs_f64() * 1e3;
+        // 96 pages asked 16 at a time, a call timeout each: 12 s before.
+        assert!(
+            leave.before_ms < 1.5 * call_timeout,
+            "the leaver handed over for {} ms (a call timeout is {call_timeout} ms)",
+            leave.before_ms
+        );
+        cluster.mem.faults().slow(owner, Duration::ZERO);
+        cluster.mem.fail(owner).await;
+        let wrong = misread(&cluster.dsm(nodes[0]), &pages).await;
+        assert!(wrong.is_empty(), "{} of {} pages: {wrong:?}", wrong.len(), pages.len());
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    })
+}
+
 /// An owner writing on while the node keeping its backups leaves, then dying: every page
 /// reads its last acknowledged write. The leaving node's copy, which its manager may store
 /// elsewhere, must hold every commit it acknowledged: it takes no more once it took it.
