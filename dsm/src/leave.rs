@@ -19,6 +19,15 @@ use std::time::Duration;
 /// manager: each attempt already waits up to the layer's request deadline.
 const HAND_ON_PAUSE: Duration = Duration::from_secs(1);
 
+/// How long a leaving node waits for a page's manager to take its page, or to see to its
+/// backup, before leaving the page on another live node. A manager that died cannot be
+/// declared so before this leave ends: without this, the leave waited out the layer's
+/// request deadline (10 s by default) for it. A manager only slow is no worse off: the node
+/// the page is left on hands it over once it answers. Twice the layer's call timeout (2 s by
+/// default): the manager may itself wait one for a node it asks on this node's behalf (the
+/// page's owner, stopped say, or a new backup).
+const MANAGER_PATIENCE: Duration = Duration::from_secs(4);
+
 /// How one page's hand-over went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Handed {
@@ -26,19 +35,19 @@ pub(crate) enum Handed {
     Over,
     /// Not this node's to hand over: not owned here, or taken by a faulting node meanwhile.
     NotOwned,
-    /// The manager did not answer before the request's deadline. The frame stays closed.
+    /// The manager did not answer within [`MANAGER_PATIENCE`]. The frame stays closed.
     Unanswered,
 }
 
 /// Managers that did not answer this leave: the pages they manage go to another live node at
-/// once, rather than each waiting out a request's deadline.
+/// once, rather than each waiting for it in turn.
 type Silent = Mutex<BTreeSet<NodeId>>;
 
 impl DsmService {
     /// An evicted node gives each page it owns to the page's manager, before it goes, and each
     /// copy it gave up to a writer and still keeps aside; then asks for new backups of the
-    /// pages it keeps the backup of. Pages at once, a few at a time: a manager that died waits
-    /// out one request's deadline for all its pages, not one per page.
+    /// pages it keeps the backup of. Pages at once, a few at a time: a manager that died costs
+    /// [`MANAGER_PATIENCE`] for all its pages, not that per page.
     pub(crate) async fn hand_over(&self, ctx: &Context) {
         let me = ctx.node();
         let silent = &Silent::default();
@@ -100,7 +109,7 @@ impl DsmService {
                 }
                 if !is_silent(silent, manager) {
                     let request = Request::Abandon { node: me, copy: copy() };
-                    match ctx.request::<_, Response>(DSM, page.key(), &request).await {
+                    match ask_manager(ctx, page, &request).await {
                         Ok(_) => return,
                         Err(e) => {
                             silent.lock().expect("silent").insert(manager);
@@ -234,7 +243,7 @@ impl DsmService {
             };
             let request =
                 Request::Surrender { node: me, version, data: PageBytes::shared(&data), readers };
-            match ctx.request::<_, Response>(DSM, page.key(), &request).await {
+            match ask_manager(ctx, page, &request).await {
                 Ok(Response::Ok) => {
                     let mut s = frame.lock();
                     if s.version == version {
@@ -396,6 +405,15 @@ impl DsmService {
                 }
             }
         });
+    }
+}
+
+/// `request` to `page`'s manager, given up after [`MANAGER_PATIENCE`]. The manager may still
+/// carry it out: what it answers those who ask on this node's behalf after says so.
+async fn ask_manager(ctx: &Context, page: PageId, request: &Request) -> Result<Response, String> {
+    match tokio::time::timeout(MANAGER_PATIENCE, ctx.request(DSM, page.key(), request)).await {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", MANAGER_PATIENCE.as_secs())),
     }
 }
 

@@ -1403,6 +1403,41 @@ fn with_backups_an_owner_silent_as_its_backups_leave_costs_one_call_timeout() {
     })
 }
 
+/// A manager that stops answering (stopped, or dead but not yet declared so) as a node leaves
+/// costs the leave four seconds, not a request deadline (10 s): the leaver leaves the pages it
+/// could not hand over where they can be found, and they read back once the manager answers.
+#[test]
+fn with_backups_a_manager_silent_as_a_node_leaves_costs_the_leave_four_seconds() {
+    replay(async {
+        // In cells of two, node 2 takes no part in the leave of node 3, which would wait for
+        // it.
+        let shape = TreeConfig::default().with_cell_capacity(2);
+        let config = DsmConfig { backups: true, ..DsmConfig::default() };
+        let mut cluster = Cluster::start_shaped(6, shape, config).await;
+        let nodes = cluster.mem.snapshot().nodes().to_vec();
+        let (manager, leaver) = (nodes[1], nodes[2]);
+        let table = cluster.mem.snapshot();
+        let pages: Vec<PageId> = (0..400)
+            .map(|p| PageId { segment: SEGMENT, page: p * 131 })
+            .filter(|p| table.locate(gobelins_dsm::DSM, p.key()) == Some(manager))
+            .take(32)
+            .collect();
+        assert!(pages.len() >= 16, "pages the silent manager manages");
+        write_counts(&cluster.dsm(leaver), &pages).await;
+        let host = cluster.mem.host(leaver);
+        cluster.mem.faults().slow(manager, Duration::from_secs(60));
+        let manager_changes = cluster.mem.host(manager).history().len();
+        cluster.mem.evict(leaver).await;
+        assert_eq!(cluster.mem.host(manager).history().len(), manager_changes, "not a participant");
+        let leave = host.history().last().cloned().expect("the leaver's record");
+        assert!(leave.before_ms < 5_000.0, "the leaver handed over for {} ms", leave.before_ms);
+        cluster.mem.faults().slow(manager, Duration::ZERO);
+        let wrong = misread(&cluster.dsm(nodes[0]), &pages).await;
+        assert!(wrong.is_empty(), "{} of {} pages: {wrong:?}", wrong.len(), pages.len());
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    })
+}
+
 /// An owner writing on while the node keeping its backups leaves, then dying: every page
 /// reads its last acknowledged write. The leaving node's copy, which its manager may store
 /// elsewhere, must hold every commit it acknowledged: it takes no more once it took it.
