@@ -1501,6 +1501,69 @@ fn with_backups_an_owner_writing_through_its_backups_leave_then_dying_loses_no_w
     })
 }
 
+/// The seal on a leaving node's backups: an owner that its managers cannot reach (stopped,
+/// say) writes on through the leave, its commits reaching the leaving node, and dies as soon
+/// as the leave ends. Every page reads its last acknowledged write. The managers store the
+/// leaving node's copy elsewhere, the owner not answering them; a commit the leaving node
+/// acknowledged after it took that copy would be missing from it.
+#[test]
+fn with_backups_an_owner_out_of_its_managers_reach_writing_through_a_leave_loses_no_write() {
+    replay(async {
+        // In cells of two, the owner (node 2) takes no part in the leave of node 3.
+        let shape = TreeConfig::default().with_cell_capacity(2);
+        let config = DsmConfig { backups: true, ..DsmConfig::default() };
+        let mut cluster = Cluster::start_shaped(6, shape, config).await;
+        let nodes = cluster.mem.snapshot().nodes().to_vec();
+        let (owner, leaver) = (nodes[1], nodes[2]);
+        let table = cluster.mem.snapshot();
+        let pages: Vec<PageId> = (0..200)
+            .map(|p| PageId { segment: SEGMENT, page: p * 131 })
+            .filter(|p| table.locate(gobelins_dsm::DSM, p.key()) != Some(owner))
+            .take(32)
+            .collect();
+        write_counts(&cluster.dsm(owner), &pages).await;
+        let acked = Arc::new(Mutex::new((1..=pages.len() as u64).collect::<Vec<u64>>()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (dsm, pages, acked, stop) =
+                (cluster.dsm(owner), pages.clone(), acked.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut count = 1000u64;
+                while !stop.load(Ordering::SeqCst) {
+                    count += 1;
+                    for (i, &page) in pages.iter().enumerate() {
+                        let Ok(mut g) = dsm.write(page).await else { continue };
+                        Value { count, worker: 0, seq: count }.encode(&mut g);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        if g.commit().await.is_ok() {
+                            acked.lock().expect("acked")[i] = count;
+                        }
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                    }
+                }
+            })
+        };
+        // Messages to the owner take a minute from now on; its own, and its answers, do not.
+        cluster.mem.faults().slow(owner, Duration::from_secs(60));
+        cluster.mem.evict(leaver).await;
+        stop.store(true, Ordering::SeqCst);
+        writer.await.expect("the writer ends");
+        cluster.mem.fail(owner).await;
+        let reader = cluster.dsm(nodes[0]);
+        let acked = acked.lock().expect("acked").clone();
+        let mut wrong = Vec::new();
+        for (i, &page) in pages.iter().enumerate() {
+            match outcome(&reader, page).await {
+                Ok(count) if count == acked[i] => {}
+                other => wrong.push(format!("{page:?}: {other:?}, acknowledged {}", acked[i])),
+            }
+        }
+        assert!(wrong.is_empty(), "{} of {}: {wrong:?}", wrong.len(), pages.len());
+    })
+}
+
 /// With backups on, a node that leaves as another dies loses no page: the pages it owns whose
 /// manager died with their backup (which it cannot hand over) it leaves on a live node for
 /// the recovery to find. Its leave also does not wait on the dead manager page by page.
