@@ -796,6 +796,14 @@ impl DsmService {
         // Not waited for: a write in progress whose backup is gone asks this page's manager
         // for another, and that manager may be the one asking here. Its commit finds a backup.
         let Ok(_writer) = frame.writer.try_lock() else { return Response::Busy };
+        // The manager names this node the owner at `version`, and only a recovery that made it
+        // so from the read copy it holds (its owner failed: `repair`) leaves that copy not
+        // marked owned. It is the page now: marked so, it can be backed up, and promoted from
+        // its backup should this node fail in turn. Left a read copy, the page had no backup
+        // until written again, and a third failure (a rolling restart) lost it.
+        if !frame.lock().owned && frame.promote(version, Some(version)) {
+            tracing::debug!(?page, version, "dsm: a read copy this node holds is the page now");
+        }
         let (data, commit) = {
             let s = frame.lock();
             let Some(data) = s.data.clone().filter(|_| s.owned && s.version == version) else {

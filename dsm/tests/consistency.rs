@@ -1564,6 +1564,30 @@ fn with_backups_an_owner_out_of_its_managers_reach_writing_through_a_leave_loses
     })
 }
 
+/// One failure at a time, each recovered before the next, loses no written page: as in a
+/// rolling restart, the owner of pages another node read dies (a reader becomes their owner),
+/// then the node keeping their backup, then that reader. The recovery after the second
+/// failure gives the pages a new backup, from the copy the reader holds. Before, the reader
+/// answered that it did not own them, and a third failure lost them.
+#[test]
+fn with_backups_failures_one_at_a_time_lose_no_page_a_reader_took_over() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(5).await;
+        let (writer, backup, reader) = (NodeId(2), NodeId(3), NodeId(1));
+        let pages: Vec<PageId> =
+            (0..48).map(|p| PageId { segment: SEGMENT, page: p * 131 }).collect();
+        write_counts(&cluster.dsm(writer), &pages).await;
+        let wrong = misread(&cluster.dsm(reader), &pages).await;
+        assert!(wrong.is_empty(), "read before: {wrong:?}");
+        for node in [writer, backup, reader] {
+            cluster.mem.fail(node).await;
+        }
+        let wrong = misread(&cluster.dsm(NodeId(4)), &pages).await;
+        assert!(wrong.is_empty(), "{} of {} pages: {wrong:?}", wrong.len(), pages.len());
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    })
+}
+
 /// With backups on, a node that leaves as another dies loses no page: the pages it owns whose
 /// manager died with their backup (which it cannot hand over) it leaves on a live node for
 /// the recovery to find. Its leave also does not wait on the dead manager page by page.
