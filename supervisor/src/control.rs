@@ -66,6 +66,21 @@ pub enum ControlRequest {
     },
 }
 
+impl ControlRequest {
+    /// What it asks, in a word, for a log line.
+    fn kind(&self) -> &'static str {
+        match self {
+            ControlRequest::Status { .. } => "status",
+            ControlRequest::Leave => "leave",
+            ControlRequest::Evict { .. } => "evict",
+            ControlRequest::Join { .. } => "join",
+            ControlRequest::Call { .. } => "call",
+            ControlRequest::Stats => "stats",
+            ControlRequest::Local { .. } => "local",
+        }
+    }
+}
+
 /// A body rides the control socket as a hex string: as JSON numbers, one a byte, a 4 MiB
 /// value took the agent's runtime worker about 200 ms to parse, long enough for its peers to
 /// hear nothing from it.
@@ -97,6 +112,16 @@ pub const MAX_REQUEST_LINE: usize = 20 << 20;
 
 /// How long a leave, evict or join may take before the CLI is told to look again.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long the CLI waits for the agent's first answer line. Every request answers within
+/// the adaptation layer's request deadline (10 s by default) or sends progress: silence
+/// this long is an agent stopped (`SIGSTOP`), hung or overloaded, and a command that hangs
+/// without a word helps no operator.
+const FIRST_LINE_PATIENCE: Duration = Duration::from_secs(30);
+
+/// How long the CLI waits between two later lines: a change's progress comes as it moves,
+/// and the agent gives up on the change itself after [`CHANGE_DEADLINE`].
+const NEXT_LINE_PATIENCE: Duration = Duration::from_secs(90);
 
 /// How long a leave or evict is proposed again while no leader answers.
 const PROPOSE_WINDOW: Duration = Duration::from_secs(10);
@@ -225,12 +250,19 @@ async fn answer(
     consoles: &Consoles,
     entering: &Entering,
 ) -> Result<()> {
+    let client = stream.peer_cred().ok().and_then(|c| c.pid());
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read.take(MAX_REQUEST_LINE as u64 + 1));
     let request = match read_request(&mut read).await? {
         Ok(request) => request,
         Err(why) => return flush(&mut write, &[json!({ "error": why })]).await,
     };
+    // A CLI that gave up waiting (this agent was stopped, say) told its operator so: what it
+    // asked for is not carried out now, long after, behind the operator's back.
+    if let Some(pid) = client.filter(|&pid| process_gone(pid)) {
+        tracing::warn!(request = request.kind(), pid, "a control request whose client exited before this agent read it is not carried out (the agent was stopped or too slow to answer, and the command gave up)");
+        return Ok(());
+    }
     if let Some(what) = entering.now() {
         match request {
             // Another node's eviction is the cluster's to carry out, not this node's.
@@ -335,6 +367,13 @@ async fn hung_up(read: &mut Reader, write: &tokio::net::unix::OwnedWriteHalf) {
             _ => return,
         }
     }
+}
+
+/// Whether the process `pid` has exited: a CLI that gave up waiting. Only where `/proc` says
+/// so; a pid of another namespace (0) tells nothing.
+fn process_gone(pid: i32) -> bool {
+    let proc = Path::new("/proc");
+    pid > 0 && proc.join("self").exists() && !proc.join(pid.to_string()).exists()
 }
 
 /// Reads a request line from `read`, which yields at most one byte over
@@ -555,7 +594,14 @@ pub async fn request(
     }
     body.push('\n');
     let written = stream.write_all(body.as_bytes()).await;
-    let answer = read_answer(BufReader::new(stream), on_line).await;
+    let patience = (FIRST_LINE_PATIENCE, NEXT_LINE_PATIENCE);
+    let answer = read_answer(BufReader::new(stream), patience, on_line).await;
+    let answer = answer.map_err(|e| match e {
+        SupervisorError::AgentSilent { after_s, .. } => {
+            SupervisorError::AgentSilent { path: path.display().to_string(), after_s }
+        }
+        other => other,
+    });
     match written {
         Ok(()) => answer,
         // An agent that refused the request may have closed the socket before it was all
@@ -568,12 +614,21 @@ pub async fn request(
 }
 
 /// Reads the agent's answer: progress lines to `on_line`, then its result or its error.
+/// Gives up after `(first, next)` of silence before the first line, or between two.
 async fn read_answer(
     read: impl AsyncBufRead + Unpin,
+    (first, next): (Duration, Duration),
     mut on_line: impl FnMut(&str),
 ) -> Result<Value> {
     let mut lines = read.lines();
-    while let Some(line) = lines.next_line().await? {
+    let mut patience = first;
+    loop {
+        let Ok(line) = tokio::time::timeout(patience, lines.next_line()).await else {
+            let after_s = patience.as_secs();
+            return Err(SupervisorError::AgentSilent { path: String::new(), after_s });
+        };
+        let Some(line) = line? else { break };
+        patience = next;
         let value: Value =
             serde_json::from_str(&line).map_err(|e| SupervisorError::Codec(e.to_string()))?;
         if let Some(progress) = value.get("progress").and_then(Value::as_str) {
@@ -678,6 +733,39 @@ mod tests {
         let answer = json!({ "body": hex::encode([0u8, 255, 16]) });
         assert_eq!(answer_body(&answer).unwrap(), [0, 255, 16]);
         assert!(answer_body(&json!({ "body": [0, 255] })).is_err(), "numbers are no longer read");
+    }
+
+    /// An agent that answers nothing (stopped, say) is given up on, with what to do, rather
+    /// than waited for without end; so is one that falls silent after a first line.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_agent_is_given_up_on() {
+        let patience = (FIRST_LINE_PATIENCE, NEXT_LINE_PATIENCE);
+        let (ours, _agent) = tokio::io::duplex(64);
+        let silent = read_answer(BufReader::new(ours), patience, |_| {}).await;
+        assert!(matches!(silent, Err(SupervisorError::AgentSilent { after_s: 30, .. })));
+        let (ours, mut agent) = tokio::io::duplex(64);
+        agent.write_all(b"{\"progress\":\"accepted\"}\n").await.unwrap();
+        let mut lines = Vec::new();
+        let silent = read_answer(BufReader::new(ours), patience, |l| lines.push(l.to_string()));
+        assert!(matches!(silent.await, Err(SupervisorError::AgentSilent { after_s: 90, .. })));
+        assert_eq!(lines, ["accepted"]);
+        let error = SupervisorError::AgentSilent { path: "/d/control.sock".into(), after_s: 30 };
+        let said = error.to_string();
+        assert!(said.contains("/d/control.sock") && said.contains("kill -CONT"), "{said}");
+    }
+
+    /// A client process that went away before the agent read its request (it gave up on an
+    /// agent that was stopped) is told apart from one waiting for its answer.
+    #[tokio::test]
+    async fn a_request_whose_client_went_away_is_told_apart() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let exited = child.id() as i32;
+        child.wait().unwrap();
+        assert!(process_gone(exited), "pid {exited} exited");
+        assert!(!process_gone(std::process::id() as i32), "this process");
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        let pid = ours.peer_cred().unwrap().pid();
+        assert_eq!(pid, Some(std::process::id() as i32), "the peer's pid is known");
     }
 
     /// An agent refuses a request it has not read to the end, and closes: the client's write

@@ -44,6 +44,15 @@ pub enum SupervisorError {
         /// What was wrong, in words an operator can act on.
         reason: String,
     },
+    /// The local agent read nothing back over its control socket for this long: stopped,
+    /// hung or overloaded.
+    #[error("the agent at {path} answered nothing for {after_s} s: it may be stopped (`ps -o stat= -p PID` shows T; `kill -CONT PID` resumes it), hung or overloaded; its log says what it does. This command gave up; should the agent resume, it does not carry out a request whose client went away, unless it had begun it")]
+    AgentSilent {
+        /// The control socket.
+        path: String,
+        /// How long nothing came.
+        after_s: u64,
+    },
     /// The peer did not answer in time.
     #[error("{what} timed out after {after_ms} ms")]
     Timeout {
