@@ -423,13 +423,22 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
             p["done"].as_array().map_or(0, Vec::len),
             p["participants"].as_array().map_or(0, Vec::len)
         ),
-        // The agent's own view while it enters: the cluster may be changing without it.
-        _ if status["entering"].is_string() => "not known to be stable".to_string(),
+        // The agent's own view while it enters, or with no leader answering: the cluster may
+        // be changing without it.
+        _ if status["entering"].is_string() || status["own_view"] == true => {
+            "not known to be stable".to_string()
+        }
         _ => "stable".to_string(),
     };
     if let Some(what) = status["entering"].as_str() {
         writeln!(out, "this agent is entering the cluster: {what}")?;
         writeln!(out, "below, its own view until then (it may be stale):")?;
+    } else if status["own_view"] == true {
+        let leader = match status["leader"].as_u64() {
+            Some(leader) => format!("its leader, node {leader}, did not answer"),
+            None => "it knows of no leader".to_string(),
+        };
+        writeln!(out, "WARNING: node {} cannot reach the cluster's leader: {leader}. Below is its own view, as it last knew the cluster: it may be stale (a node cut off from the others sees them as they were, itself included). An election may be under way; if this lasts, check this node's network and log, or ask another node (`--data-dir` of its agent).", status["node"])?;
     }
     writeln!(out, "epoch {}, {change}, leader {}", status["epoch"], show(&status["leader"]))?;
     if let Some(ms) = status["quorum_lost_ms"].as_u64() {

@@ -976,6 +976,35 @@ fn an_agent_entering_the_cluster_answers_status_and_says_what_it_waits_for() {
     });
 }
 
+/// A node cut off from the others (here they are stopped) says its status is its own view,
+/// which may be stale, and not that the cluster is stable with every node active.
+#[test]
+fn a_node_that_cannot_reach_a_leader_says_its_status_is_its_own_view() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let agents = three_agents(root.path(), limit);
+    assert!(status(&agents[1].dir, false).is_some_and(|s| s["own_view"].is_null()));
+    for agent in [&agents[0], &agents[2]] {
+        signal(agent, "-STOP");
+    }
+    let mut seen = Value::Null;
+    wait_showing(&agents, "node 2 showing its own view", limit, || {
+        seen = status(&agents[1].dir, false).unwrap_or_default();
+        seen["own_view"] == true
+    });
+    assert_eq!(seen["stable"], false, "{seen}");
+    let shown = cli(&agents[1].dir, &["status"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("node 2 cannot reach the cluster's leader"), "{shown}");
+    assert!(shown.contains("not known to be stable"), "{shown}");
+    for agent in [&agents[0], &agents[2]] {
+        signal(agent, "-CONT");
+    }
+    wait_showing(&agents, "a leader again", limit, || {
+        status(&agents[1].dir, false).is_some_and(|s| s["own_view"].is_null())
+    });
+}
+
 /// A cluster of two agents: node 1 bootstrapped it, node 2 joined, and node 1 is the one
 /// voter. With the path of the cluster's secret.
 fn two_agents(root: &Path, limit: Duration) -> (Vec<Agent>, String) {

@@ -308,7 +308,15 @@ async fn answer(
         }
         ControlRequest::Status { local } => {
             let view = if local { node.view() } else { node.cluster_view().await };
-            flush(&mut write, &[json!({ "ok": status_json(&view) })]).await
+            let mut status = status_json(&view);
+            // No leader answered: this node's own view, as it last knew the cluster. A node
+            // cut off from the others sees them all active, and a poll for a stable cluster
+            // must not take that for the cluster's.
+            if !local && view.leader != Some(view.node) {
+                status["own_view"] = json!(true);
+                status["stable"] = json!(false);
+            }
+            flush(&mut write, &[json!({ "ok": status })]).await
         }
         ControlRequest::Leave => {
             let id = node.id();
