@@ -171,6 +171,12 @@ impl WriteGuard {
                 match self.dsm.ask(self.page.key(), &request).await {
                     Ok(Response::BackedUp(new)) => self.frame.lock().backup_node = Some(new),
                     Ok(Response::Ok) => self.frame.lock().backup_node = None,
+                    // Refused (`Invalid`): the manager's entry names another owner, or a newer
+                    // version.
+                    Err(DsmError::Protocol(_)) => {
+                        self.frame.lock().write = false;
+                        return Err(DsmError::Disowned { page: self.page });
+                    }
                     Ok(other) => {
                         self.frame.lock().write = false;
                         return Err(DsmError::Protocol(format!("rebackup answered {other:?}")));
@@ -432,18 +438,18 @@ impl Dsm {
                     }
                 }
                 Response::Retry | Response::Busy | Response::Waiting => {
-                    let page = match named(key) {
-                        Named::Page(page) => page,
-                        _ => PageId { segment: u32::MAX, page: key.0 as u32 },
-                    };
-                    self.within_deadline(page, started)?;
+                    self.within_deadline(page_named(key), started)?;
                     if !matches!(answer, Response::Waiting) {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(20));
                     }
                 }
                 Response::Invalid(why) => return Err(DsmError::Protocol(why)),
-                Response::Departed => return Err(DsmError::Leaving),
+                Response::Departed if self.state().leaving.load(Ordering::SeqCst) => {
+                    return Err(DsmError::Leaving)
+                }
+                // Not leaving: out of the manager's table all the same.
+                Response::Departed => return Err(DsmError::NotMember { page: page_named(key) }),
                 other => return Ok(other),
             }
         }
@@ -898,5 +904,13 @@ impl Drop for Arrival<'_> {
                 *g -= 1;
             }
         }
+    }
+}
+
+/// The page `key` names, for an error; a lock's or a barrier's key, as a page of no segment.
+fn page_named(key: Key) -> PageId {
+    match named(key) {
+        Named::Page(page) => page,
+        _ => PageId { segment: u32::MAX, page: key.0 as u32 },
     }
 }

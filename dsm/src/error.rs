@@ -62,6 +62,22 @@ pub enum DsmError {
     /// using shared memory before it leaves. A range access may have done its first pages.
     #[error("this node is leaving the cluster: shared memory can no longer be read or written through it (use another node; a multi-page write may have written its first pages)")]
     Leaving,
+    /// The page's manager does not count this node as a member: the cluster declared it
+    /// failed (cut off by the network, or stopped, a while), and it has yet to rejoin as a new
+    /// life. Nothing was written; the access can be made again once the node is active.
+    #[error("page {page:?}: this node is not a member of the cluster now: the cluster declared it failed (cut off or stopped for a while) and it rejoins as a new life. Nothing was written; try again once `gobelins status` shows it active, or use another node")]
+    NotMember {
+        /// The page.
+        page: PageId,
+    },
+    /// The page was given to another node while this one wrote it: the cluster declared this
+    /// node failed meanwhile (cut off, or stopped) and rebuilt the page from its copies. The
+    /// write was discarded; no other node saw it.
+    #[error("page {page:?}: this node no longer owns the page: the cluster declared it failed while it wrote (cut off or stopped for a while) and rebuilt the page elsewhere. This write was discarded and no other node saw it: write again")]
+    Disowned {
+        /// The page.
+        page: PageId,
+    },
     /// A peer answered something this version does not expect.
     #[error("protocol: {0}")]
     Protocol(String),

@@ -1588,6 +1588,38 @@ fn with_backups_failures_one_at_a_time_lose_no_page_a_reader_took_over() {
     })
 }
 
+/// A node the cluster declared failed while it ran (cut off), heard again before it rejoins:
+/// a write to a page it owned is refused, saying that the page was rebuilt elsewhere, and
+/// none of it is seen; a write to another page is told it is not a member. Before, they were
+/// told `protocol: node 2 does not own …` and that the node was leaving.
+#[test]
+fn with_backups_a_node_declared_failed_is_refused_its_writes_and_told_why() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(4).await;
+        let cut = NodeId(2);
+        let dsm = cluster.dsm(cut);
+        let table = cluster.mem.snapshot();
+        let pages: Vec<PageId> = (0..100)
+            .map(|p| PageId { segment: SEGMENT, page: p * 131 })
+            .filter(|p| table.locate(gobelins_dsm::DSM, p.key()) != Some(cut))
+            .take(2)
+            .collect();
+        let (owned, other) = (pages[0], pages[1]);
+        put(&dsm, owned, 1).await;
+        cluster.mem.fail_cut_off(cut).await;
+        cluster.mem.heal(cut);
+        let mut g = dsm.write(owned).await.expect("write access it still holds");
+        Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
+        let committed = g.commit().await;
+        assert!(matches!(committed, Err(DsmError::Disowned { .. })), "{committed:?}");
+        let said = committed.unwrap_err().to_string();
+        assert!(said.contains("no longer owns the page"), "{said}");
+        let written = dsm.write(other).await.map(|_| ());
+        assert!(matches!(written, Err(DsmError::NotMember { .. })), "{written:?}");
+        assert_eq!(outcome(&cluster.dsm(NodeId(1)), owned).await, Ok(1), "the last acknowledged");
+    })
+}
+
 /// With backups on, a node that leaves as another dies loses no page: the pages it owns whose
 /// manager died with their backup (which it cannot hand over) it leaves on a live node for
 /// the recovery to find. Its leave also does not wait on the dead manager page by page.
