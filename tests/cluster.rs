@@ -983,25 +983,31 @@ fn a_node_that_cannot_reach_a_leader_says_its_status_is_its_own_view() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(30);
     let agents = three_agents(root.path(), limit);
-    assert!(status(&agents[1].dir, false).is_some_and(|s| s["own_view"].is_null()));
-    for agent in [&agents[0], &agents[2]] {
+    let leader = status(&agents[0].dir, false).and_then(|s| s["leader"].as_u64()).expect("leader");
+    // A node that is not the leader watches; the two others stop.
+    let watcher = agents.iter().position(|a| a.id != leader).expect("a follower");
+    let others: Vec<&Agent> = agents.iter().filter(|a| a.id != agents[watcher].id).collect();
+    let dir = &agents[watcher].dir;
+    assert!(status(dir, false).is_some_and(|s| s["own_view"].is_null() && s["stable"] == true));
+    for agent in &others {
         signal(agent, "-STOP");
     }
     let mut seen = Value::Null;
-    wait_showing(&agents, "node 2 showing its own view", limit, || {
-        seen = status(&agents[1].dir, false).unwrap_or_default();
+    wait_showing(&agents, "the watcher showing its own view", limit, || {
+        seen = status(dir, false).unwrap_or_default();
         seen["own_view"] == true
     });
     assert_eq!(seen["stable"], false, "{seen}");
-    let shown = cli(&agents[1].dir, &["status"]);
+    let shown = cli(dir, &["status"]);
     let shown = String::from_utf8_lossy(&shown.stdout);
-    assert!(shown.contains("node 2 cannot reach the cluster's leader"), "{shown}");
+    let said = format!("node {} cannot reach the cluster's leader", agents[watcher].id);
+    assert!(shown.contains(&said), "{shown}");
     assert!(shown.contains("not known to be stable"), "{shown}");
-    for agent in [&agents[0], &agents[2]] {
+    for agent in &others {
         signal(agent, "-CONT");
     }
     wait_showing(&agents, "a leader again", limit, || {
-        status(&agents[1].dir, false).is_some_and(|s| s["own_view"].is_null())
+        status(dir, false).is_some_and(|s| s["own_view"].is_null())
     });
 }
 

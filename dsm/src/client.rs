@@ -174,7 +174,9 @@ impl WriteGuard {
                     // Refused (`Invalid`): the manager's entry names another owner, or a newer
                     // version.
                     Err(DsmError::Protocol(_)) => {
-                        self.frame.lock().write = false;
+                        // Not kept as the page either: read here, or served on a hint, it would
+                        // go stale at the next write where the page lives now.
+                        self.frame.invalidate(self.version);
                         return Err(DsmError::Disowned { page: self.page });
                     }
                     Ok(other) => {

@@ -276,6 +276,26 @@ impl Frame {
         }
     }
 
+    /// Takes the read copy held at exactly `version` as the page, owned here: a recovery made
+    /// this reader the page's owner in the manager's entry (`repair`), its owner having
+    /// failed. Only a valid read copy counts, never a copy kept aside, refused or backed up:
+    /// those are left on a node the entry may have moved on from (a grant took the page), and
+    /// a request that reaches it late must not make it an owner again.
+    pub(crate) fn adopt_read_copy(&self, version: u64) -> bool {
+        let mut s = self.lock();
+        let valid = s.invalidated.is_none_or(|i| i < version) && s.refused < version;
+        if s.owned || s.data.is_none() || s.version != version || !valid {
+            return false;
+        }
+        s.owned = true;
+        s.write = false;
+        s.commits = FINAL;
+        s.backup_node = None;
+        s.readers.clear();
+        s.closed = false;
+        true
+    }
+
     /// Drops the backup copy at or below `version`: this node is no longer the backup.
     pub(crate) fn drop_backup(&self, version: u64) {
         let mut s = self.lock();

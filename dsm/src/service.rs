@@ -801,7 +801,7 @@ impl DsmService {
         // marked owned. It is the page now: marked so, it can be backed up, and promoted from
         // its backup should this node fail in turn. Left a read copy, the page had no backup
         // until written again, and a third failure (a rolling restart) lost it.
-        if !frame.lock().owned && frame.promote(version, Some(version)) {
+        if frame.adopt_read_copy(version) {
             tracing::debug!(?page, version, "dsm: a read copy this node holds is the page now");
         }
         let (data, commit) = {

@@ -1614,6 +1614,8 @@ fn with_backups_a_node_declared_failed_is_refused_its_writes_and_told_why() {
         assert!(matches!(committed, Err(DsmError::Disowned { .. })), "{committed:?}");
         let said = committed.unwrap_err().to_string();
         assert!(said.contains("no longer owns the page"), "{said}");
+        // Read here too, the write is not there.
+        assert_eq!(outcome(&dsm, owned).await, Ok(1), "the discarded write through the node");
         let written = dsm.write(other).await.map(|_| ());
         assert!(matches!(written, Err(DsmError::NotMember { .. })), "{written:?}");
         assert_eq!(outcome(&cluster.dsm(NodeId(1)), owned).await, Ok(1), "the last acknowledged");

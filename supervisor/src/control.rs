@@ -113,11 +113,13 @@ pub const MAX_REQUEST_LINE: usize = 20 << 20;
 /// How long a leave, evict or join may take before the CLI is told to look again.
 const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
 
-/// How long the CLI waits for the agent's first answer line. Every request answers within
-/// the adaptation layer's request deadline (10 s by default) or sends progress: silence
-/// this long is an agent stopped (`SIGSTOP`), hung or overloaded, and a command that hangs
-/// without a word helps no operator.
-const FIRST_LINE_PATIENCE: Duration = Duration::from_secs(30);
+/// How long the CLI waits for the agent's first answer line: for `status` and `stats`, which
+/// ask the leader at most, and for the others, whose requests answer within the adaptation
+/// layer's request deadline (10 s by default) or say at once that a change is being asked
+/// for. Silence this long is an agent stopped (`SIGSTOP`), hung or overloaded, and a command
+/// that hangs without a word helps no operator.
+const FIRST_LINE_PATIENCE: (Duration, Duration) =
+    (Duration::from_secs(30), Duration::from_secs(60));
 
 /// How long the CLI waits between two later lines: a change's progress comes as it moves,
 /// and the agent gives up on the change itself after [`CHANGE_DEADLINE`].
@@ -250,7 +252,7 @@ async fn answer(
     consoles: &Consoles,
     entering: &Entering,
 ) -> Result<()> {
-    let client = stream.peer_cred().ok().and_then(|c| c.pid());
+    let client = stream.peer_cred().ok().and_then(|c| Some((c.pid()?, c.uid())));
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read.take(MAX_REQUEST_LINE as u64 + 1));
     let request = match read_request(&mut read).await? {
@@ -259,7 +261,7 @@ async fn answer(
     };
     // A CLI that gave up waiting (this agent was stopped, say) told its operator so: what it
     // asked for is not carried out now, long after, behind the operator's back.
-    if let Some(pid) = client.filter(|&pid| process_gone(pid)) {
+    if let Some((pid, _)) = client.filter(|&(pid, uid)| client_exited(pid, uid)) {
         tracing::warn!(request = request.kind(), pid, "a control request whose client exited before this agent read it is not carried out (the agent was stopped or too slow to answer, and the command gave up)");
         return Ok(());
     }
@@ -312,8 +314,14 @@ async fn answer(
             // No leader answered: this node's own view, as it last knew the cluster. A node
             // cut off from the others sees them all active, and a poll for a stable cluster
             // must not take that for the cluster's.
-            if !local && view.leader != Some(view.node) {
+            let me = node.id();
+            if !local && view.node == me && view.leader != Some(me) {
                 status["own_view"] = json!(true);
+                status["stable"] = json!(false);
+            }
+            // A leader cut off from a majority still calls itself leader: what it shows is
+            // what it last committed, and may be stale too.
+            if view.quorum_lost_ms.is_some() {
                 status["stable"] = json!(false);
             }
             flush(&mut write, &[json!({ "ok": status })]).await
@@ -341,6 +349,8 @@ async fn answer(
             change((&mut read, &mut write), &node, evict, target, NodeStatus::Left).await
         }
         ControlRequest::Join { seed } => {
+            let asking = format!("asking the cluster through {seed}");
+            flush(&mut write, &[json!({ "progress": asking })]).await?;
             let line = match node.join_cluster(&seed, Duration::from_secs(10)).await {
                 Ok(Ok(applied)) => json!({ "progress": format!("accepted: {applied}") }),
                 Ok(Err(refusal)) => {
@@ -377,11 +387,18 @@ async fn hung_up(read: &mut Reader, write: &tokio::net::unix::OwnedWriteHalf) {
     }
 }
 
-/// Whether the process `pid` has exited: a CLI that gave up waiting. Only where `/proc` says
-/// so; a pid of another namespace (0) tells nothing.
-fn process_gone(pid: i32) -> bool {
+/// Whether the client process `pid`, of user `uid`, has exited: a CLI that gave up waiting.
+/// Judged only where `/proc` can tell: it must be this process's own (not another pid
+/// namespace's, whose numbers differ from the peer's), and the client must run as this
+/// agent's user (`hidepid` hides other users' processes, root's included). Otherwise the
+/// request is carried out, as before.
+fn client_exited(pid: i32, uid: u32) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
     let proc = Path::new("/proc");
-    pid > 0 && proc.join("self").exists() && !proc.join(pid.to_string()).exists()
+    let me = std::process::id().to_string();
+    let ours = std::fs::read_link(proc.join("self")).is_ok_and(|own| own == Path::new(&me));
+    let same_user = std::fs::metadata(proc.join("self")).is_ok_and(|m| m.uid() == uid);
+    pid > 0 && ours && same_user && !proc.join(pid.to_string()).exists()
 }
 
 /// Reads a request line from `read`, which yields at most one byte over
@@ -437,6 +454,9 @@ async fn change(
     target: u64,
     until: NodeStatus,
 ) -> Result<()> {
+    // At once: proposing may take a while (through an election, or a leader waiting for its
+    // voters), and the CLI takes silence for an agent that stopped.
+    flush(write, &[json!({ "progress": "asking the cluster's leader" })]).await?;
     // Through an election, whose leader is not known for a moment, rather than refused. Only
     // then: a proposal a leader received may have committed, and sent again it is refused.
     let give_up = tokio::time::Instant::now() + PROPOSE_WINDOW;
@@ -602,8 +622,11 @@ pub async fn request(
     }
     body.push('\n');
     let written = stream.write_all(body.as_bytes()).await;
-    let patience = (FIRST_LINE_PATIENCE, NEXT_LINE_PATIENCE);
-    let answer = read_answer(BufReader::new(stream), patience, on_line).await;
+    let first = match request {
+        ControlRequest::Status { .. } | ControlRequest::Stats => FIRST_LINE_PATIENCE.0,
+        _ => FIRST_LINE_PATIENCE.1,
+    };
+    let answer = read_answer(BufReader::new(stream), (first, NEXT_LINE_PATIENCE), on_line).await;
     let answer = answer.map_err(|e| match e {
         SupervisorError::AgentSilent { after_s, .. } => {
             SupervisorError::AgentSilent { path: path.display().to_string(), after_s }
@@ -747,7 +770,7 @@ mod tests {
     /// than waited for without end; so is one that falls silent after a first line.
     #[tokio::test(start_paused = true)]
     async fn a_silent_agent_is_given_up_on() {
-        let patience = (FIRST_LINE_PATIENCE, NEXT_LINE_PATIENCE);
+        let patience = (FIRST_LINE_PATIENCE.0, NEXT_LINE_PATIENCE);
         let (ours, _agent) = tokio::io::duplex(64);
         let silent = read_answer(BufReader::new(ours), patience, |_| {}).await;
         assert!(matches!(silent, Err(SupervisorError::AgentSilent { after_s: 30, .. })));
@@ -762,18 +785,20 @@ mod tests {
         assert!(said.contains("/d/control.sock") && said.contains("kill -CONT"), "{said}");
     }
 
-    /// A client process that went away before the agent read its request (it gave up on an
-    /// agent that was stopped) is told apart from one waiting for its answer.
+    /// A client process that exited before the agent read its request (it gave up on an
+    /// agent that was stopped) is told apart from one waiting for its answer. A process of
+    /// another user is not judged: `hidepid` may hide a live one.
     #[tokio::test]
-    async fn a_request_whose_client_went_away_is_told_apart() {
+    async fn a_request_whose_client_exited_is_told_apart() {
+        use std::os::unix::fs::MetadataExt as _;
+        let uid = std::fs::metadata("/proc/self").unwrap().uid();
         let mut child = std::process::Command::new("true").spawn().unwrap();
         let exited = child.id() as i32;
         child.wait().unwrap();
-        assert!(process_gone(exited), "pid {exited} exited");
-        assert!(!process_gone(std::process::id() as i32), "this process");
-        let (ours, _theirs) = UnixStream::pair().unwrap();
-        let pid = ours.peer_cred().unwrap().pid();
-        assert_eq!(pid, Some(std::process::id() as i32), "the peer's pid is known");
+        assert!(client_exited(exited, uid), "pid {exited} exited");
+        assert!(!client_exited(exited, uid + 1), "another user's: not judged");
+        assert!(!client_exited(std::process::id() as i32, uid), "this process");
+        assert!(!client_exited(0, uid), "a pid of another namespace");
     }
 
     /// An agent refuses a request it has not read to the end, and closes: the client's write
