@@ -1358,6 +1358,25 @@ fn with_backups_a_node_leaving_as_the_owner_of_its_backups_dies_loses_no_page() 
     })
 }
 
+/// Six nodes with backups, in cells of two: a leave in one cell leaves the others out of
+/// the change, so that a node out of reach there does not hold it up.
+async fn six_in_cells_of_two() -> Cluster {
+    let shape = TreeConfig::default().with_cell_capacity(2);
+    let config = DsmConfig { backups: true, ..DsmConfig::default() };
+    Cluster::start_shaped(6, shape, config).await
+}
+
+/// Up to `count` of the test segment's pages `131 p` whose manager is `node` (`managed`), or
+/// is not.
+fn pages_by_manager(cluster: &Cluster, node: NodeId, managed: bool, count: usize) -> Vec<PageId> {
+    let table = cluster.mem.snapshot();
+    (0..400)
+        .map(|p| PageId { segment: SEGMENT, page: p * 131 })
+        .filter(|p| (table.locate(gobelins_dsm::DSM, p.key()) == Some(node)) == managed)
+        .take(count)
+        .collect()
+}
+
 /// An owner that stops answering (stopped, or dead but not yet declared so) as the node
 /// keeping its backups leaves costs each manager one call timeout, not one for every page it
 /// asks that owner to move: the leave waits for them. The copies the managers store instead
@@ -1365,22 +1384,14 @@ fn with_backups_a_node_leaving_as_the_owner_of_its_backups_dies_loses_no_page() 
 #[test]
 fn with_backups_an_owner_silent_as_its_backups_leave_costs_one_call_timeout() {
     replay(async {
-        // In cells of two, the owner (node 2) is in a cell the leave (of node 3, the next
-        // node, where its backups are) does not touch: it takes no part in the change, which
-        // would wait for it.
-        let shape = TreeConfig::default().with_cell_capacity(2);
-        let config = DsmConfig { backups: true, ..DsmConfig::default() };
-        let mut cluster = Cluster::start_shaped(6, shape, config).await;
+        // The owner (node 2) is in a cell the leave (of node 3, the next node, where its
+        // backups are) does not touch.
+        let mut cluster = six_in_cells_of_two().await;
         let nodes = cluster.mem.snapshot().nodes().to_vec();
         let (owner, leaver) = (nodes[1], nodes[2]);
-        // None the owner manages: the leaver would wait a request deadline for its answer,
-        // and then leave the copy elsewhere, which another test sees to.
-        let table = cluster.mem.snapshot();
-        let pages: Vec<PageId> = (0..200)
-            .map(|p| PageId { segment: SEGMENT, page: p * 131 })
-            .filter(|p| table.locate(gobelins_dsm::DSM, p.key()) != Some(owner))
-            .take(96)
-            .collect();
+        // None the owner manages: the leaver would wait for its answer, and then leave the
+        // copy elsewhere, which another test sees to.
+        let pages = pages_by_manager(&cluster, owner, false, 96);
         write_counts(&cluster.dsm(owner), &pages).await;
         let host = cluster.mem.host(leaver);
         cluster.mem.faults().slow(owner, Duration::from_secs(60));
@@ -1409,19 +1420,11 @@ fn with_backups_an_owner_silent_as_its_backups_leave_costs_one_call_timeout() {
 #[test]
 fn with_backups_a_manager_silent_as_a_node_leaves_costs_the_leave_four_seconds() {
     replay(async {
-        // In cells of two, node 2 takes no part in the leave of node 3, which would wait for
-        // it.
-        let shape = TreeConfig::default().with_cell_capacity(2);
-        let config = DsmConfig { backups: true, ..DsmConfig::default() };
-        let mut cluster = Cluster::start_shaped(6, shape, config).await;
+        // Node 2 takes no part in the leave of node 3.
+        let mut cluster = six_in_cells_of_two().await;
         let nodes = cluster.mem.snapshot().nodes().to_vec();
         let (manager, leaver) = (nodes[1], nodes[2]);
-        let table = cluster.mem.snapshot();
-        let pages: Vec<PageId> = (0..400)
-            .map(|p| PageId { segment: SEGMENT, page: p * 131 })
-            .filter(|p| table.locate(gobelins_dsm::DSM, p.key()) == Some(manager))
-            .take(32)
-            .collect();
+        let pages = pages_by_manager(&cluster, manager, true, 32);
         assert!(pages.len() >= 16, "pages the silent manager manages");
         write_counts(&cluster.dsm(leaver), &pages).await;
         let host = cluster.mem.host(leaver);
@@ -1509,18 +1512,11 @@ fn with_backups_an_owner_writing_through_its_backups_leave_then_dying_loses_no_w
 #[test]
 fn with_backups_an_owner_out_of_its_managers_reach_writing_through_a_leave_loses_no_write() {
     replay(async {
-        // In cells of two, the owner (node 2) takes no part in the leave of node 3.
-        let shape = TreeConfig::default().with_cell_capacity(2);
-        let config = DsmConfig { backups: true, ..DsmConfig::default() };
-        let mut cluster = Cluster::start_shaped(6, shape, config).await;
+        // The owner (node 2) takes no part in the leave of node 3.
+        let mut cluster = six_in_cells_of_two().await;
         let nodes = cluster.mem.snapshot().nodes().to_vec();
         let (owner, leaver) = (nodes[1], nodes[2]);
-        let table = cluster.mem.snapshot();
-        let pages: Vec<PageId> = (0..200)
-            .map(|p| PageId { segment: SEGMENT, page: p * 131 })
-            .filter(|p| table.locate(gobelins_dsm::DSM, p.key()) != Some(owner))
-            .take(32)
-            .collect();
+        let pages = pages_by_manager(&cluster, owner, false, 32);
         write_counts(&cluster.dsm(owner), &pages).await;
         let acked = Arc::new(Mutex::new((1..=pages.len() as u64).collect::<Vec<u64>>()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -1598,12 +1594,7 @@ fn with_backups_a_node_declared_failed_is_refused_its_writes_and_told_why() {
         let mut cluster = Cluster::with_backups(4).await;
         let cut = NodeId(2);
         let dsm = cluster.dsm(cut);
-        let table = cluster.mem.snapshot();
-        let pages: Vec<PageId> = (0..100)
-            .map(|p| PageId { segment: SEGMENT, page: p * 131 })
-            .filter(|p| table.locate(gobelins_dsm::DSM, p.key()) != Some(cut))
-            .take(2)
-            .collect();
+        let pages = pages_by_manager(&cluster, cut, false, 2);
         let (owned, other) = (pages[0], pages[1]);
         put(&dsm, owned, 1).await;
         cluster.mem.fail_cut_off(cut).await;
