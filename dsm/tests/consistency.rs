@@ -1452,30 +1452,11 @@ fn with_backups_an_owner_writing_through_its_backups_leave_then_dying_loses_no_w
         let (owner, leaver) = (nodes[1], nodes[2]);
         let pages: Vec<PageId> =
             (0..16).map(|p| PageId { segment: SEGMENT, page: p * 131 }).collect();
-        let acked = Arc::new(Mutex::new(vec![0u64; pages.len()]));
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (dsm, pages, acked, stop) =
-                (cluster.dsm(owner), pages.clone(), acked.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut round = 0u64;
-                while !stop.load(Ordering::SeqCst) {
-                    round += 1;
-                    for (i, &page) in pages.iter().enumerate() {
-                        let Ok(mut g) = dsm.write(page).await else { continue };
-                        Value { count: round, worker: 0, seq: round }.encode(&mut g);
-                        // Held a while, as a program computing does: a manager asking this
-                        // owner to move its backup meanwhile hears `Busy` until it gives up.
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        if g.commit().await.is_ok() {
-                            acked.lock().expect("acked")[i] = round;
-                        }
-                    }
-                }
-            })
-        };
+        // Each write held a while, as a program computing does: a manager asking this owner
+        // to move its backup meanwhile hears `Busy` until it gives up.
+        let writer = Writer::start(cluster.dsm(owner), &pages, 0, Duration::from_millis(100));
         let rounds = |at_least: u64| {
-            let acked = acked.clone();
+            let acked = writer.acked.clone();
             async move {
                 while acked.lock().expect("acked").iter().any(|&a| a < at_least) {
                     tokio::time::sleep(Duration::from_millis(1)).await;
@@ -1483,23 +1464,14 @@ fn with_backups_an_owner_writing_through_its_backups_leave_then_dying_loses_no_w
             }
         };
         rounds(2).await;
-        let before = acked.lock().expect("acked").clone();
+        let before = writer.acked();
         cluster.mem.evict(leaver).await;
         // And on after the leave, to the backups the pages have now.
         let after = before.iter().max().expect("pages") + 2;
         tokio::time::timeout(Duration::from_secs(30), rounds(after)).await.expect("writes go on");
-        stop.store(true, Ordering::SeqCst);
-        writer.await.expect("the writer ends");
+        let acked = writer.stop().await;
         cluster.mem.fail(owner).await;
-        let reader = cluster.dsm(nodes[0]);
-        let acked = acked.lock().expect("acked").clone();
-        let mut wrong = Vec::new();
-        for (i, &page) in pages.iter().enumerate() {
-            match outcome(&reader, page).await {
-                Ok(count) if count == acked[i] => {}
-                other => wrong.push(format!("{page:?}: {other:?}, acknowledged {}", acked[i])),
-            }
-        }
+        let wrong = misread_acked(&cluster.dsm(nodes[0]), &pages, &acked).await;
         assert!(wrong.is_empty(), "{wrong:?}");
     })
 }
@@ -1518,46 +1490,77 @@ fn with_backups_an_owner_out_of_its_managers_reach_writing_through_a_leave_loses
         let (owner, leaver) = (nodes[1], nodes[2]);
         let pages = pages_by_manager(&cluster, owner, false, 32);
         write_counts(&cluster.dsm(owner), &pages).await;
-        let acked = Arc::new(Mutex::new((1..=pages.len() as u64).collect::<Vec<u64>>()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let writer = {
-            let (dsm, pages, acked, stop) =
-                (cluster.dsm(owner), pages.clone(), acked.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut count = 1000u64;
-                while !stop.load(Ordering::SeqCst) {
-                    count += 1;
-                    for (i, &page) in pages.iter().enumerate() {
-                        let Ok(mut g) = dsm.write(page).await else { continue };
-                        Value { count, worker: 0, seq: count }.encode(&mut g);
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                        if g.commit().await.is_ok() {
-                            acked.lock().expect("acked")[i] = count;
-                        }
-                        if stop.load(Ordering::SeqCst) {
-                            return;
-                        }
-                    }
-                }
-            })
-        };
+        let writer = Writer::start(cluster.dsm(owner), &pages, 1000, Duration::from_millis(5));
         // Messages to the owner take a minute from now on; its own, and its answers, do not.
         cluster.mem.faults().slow(owner, Duration::from_secs(60));
         cluster.mem.evict(leaver).await;
-        stop.store(true, Ordering::SeqCst);
-        writer.await.expect("the writer ends");
+        let acked = writer.stop().await;
         cluster.mem.fail(owner).await;
-        let reader = cluster.dsm(nodes[0]);
-        let acked = acked.lock().expect("acked").clone();
-        let mut wrong = Vec::new();
-        for (i, &page) in pages.iter().enumerate() {
-            match outcome(&reader, page).await {
-                Ok(count) if count == acked[i] => {}
-                other => wrong.push(format!("{page:?}: {other:?}, acknowledged {}", acked[i])),
-            }
-        }
+        let wrong = misread_acked(&cluster.dsm(nodes[0]), &pages, &acked).await;
         assert!(wrong.is_empty(), "{} of {}: {wrong:?}", wrong.len(), pages.len());
     })
+}
+
+/// A program writing round after round into each of its pages through one node, each write
+/// held `hold` before its commit, until stopped.
+struct Writer {
+    /// Per page, the last round whose commit returned.
+    acked: Arc<Mutex<Vec<u64>>>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    /// Writes rounds `after + 1`, `after + 2`… into `pages` through `dsm`.
+    fn start(dsm: Dsm, pages: &[PageId], after: u64, hold: Duration) -> Writer {
+        let acked = Arc::new(Mutex::new(vec![0u64; pages.len()]));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (pages, task_acked, task_stop) = (pages.to_vec(), acked.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut round = after;
+            while !task_stop.load(Ordering::SeqCst) {
+                round += 1;
+                for (i, &page) in pages.iter().enumerate() {
+                    let Ok(mut g) = dsm.write(page).await else { continue };
+                    Value { count: round, worker: 0, seq: round }.encode(&mut g);
+                    tokio::time::sleep(hold).await;
+                    if g.commit().await.is_ok() {
+                        task_acked.lock().expect("acked")[i] = round;
+                    }
+                    if task_stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                }
+            }
+        });
+        Writer { acked, stop, task }
+    }
+
+    fn acked(&self) -> Vec<u64> {
+        self.acked.lock().expect("acked").clone()
+    }
+
+    /// Stops after the write in progress; what each page last had acknowledged.
+    async fn stop(self) -> Vec<u64> {
+        self.stop.store(true, Ordering::SeqCst);
+        self.task.await.expect("the writer ends");
+        let acked = self.acked.lock().expect("acked").clone();
+        acked
+    }
+}
+
+/// The pages of `pages` that do not read back their acknowledged round (`write_counts`'
+/// `i + 1` when none was) through `reader`, with what they read.
+async fn misread_acked(reader: &Dsm, pages: &[PageId], acked: &[u64]) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (i, &page) in pages.iter().enumerate() {
+        let want = if acked[i] == 0 { i as u64 + 1 } else { acked[i] };
+        match outcome(reader, page).await {
+            Ok(count) if count == want => {}
+            other => wrong.push(format!("{page:?}: {other:?}, acknowledged {want}")),
+        }
+    }
+    wrong
 }
 
 /// One failure at a time, each recovered before the next, loses no written page: as in a
