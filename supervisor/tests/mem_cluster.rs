@@ -1612,6 +1612,8 @@ fn a_control_client_that_hangs_up_is_not_followed_for_the_rest_of_the_minute() {
         // Done sending, as `socat` is once its input ends: it still reads what comes.
         sending.shutdown().await.expect("half-closed");
         let mut lines = tokio::io::BufReader::new(client).lines();
+        let asking = lines.next_line().await.expect("reads").expect("a line");
+        assert!(asking.contains("asking the cluster's leader"), "said at once: {asking}");
         let first = lines.next_line().await.expect("reads").expect("a line");
         assert!(first.contains("accepted"), "{first}");
         let second = lines.next_line().await.expect("reads").expect("a line");
