@@ -423,9 +423,12 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
             p["done"].as_array().map_or(0, Vec::len),
             p["participants"].as_array().map_or(0, Vec::len)
         ),
-        // The agent's own view while it enters, or with no leader answering: the cluster may
-        // be changing without it.
-        _ if status["entering"].is_string() || status["own_view"] == true => {
+        // The agent's own view while it enters, or with no leader answering, or a leader's
+        // that hears from no majority: the cluster may be changing without it.
+        _ if status["entering"].is_string()
+            || status["own_view"] == true
+            || status["quorum_lost_ms"].is_u64() =>
+        {
             "not known to be stable".to_string()
         }
         _ => "stable".to_string(),
