@@ -395,10 +395,14 @@ async fn hung_up(read: &mut Reader, write: &tokio::net::unix::OwnedWriteHalf) {
 fn client_exited(pid: i32, uid: u32) -> bool {
     use std::os::unix::fs::MetadataExt as _;
     let proc = Path::new("/proc");
+    // The client's entry first: it is there for every request but one given up on, and the
+    // two checks after it are then not made.
+    if pid <= 0 || proc.join(pid.to_string()).exists() {
+        return false;
+    }
     let me = std::process::id().to_string();
     let ours = std::fs::read_link(proc.join("self")).is_ok_and(|own| own == Path::new(&me));
-    let same_user = std::fs::metadata(proc.join("self")).is_ok_and(|m| m.uid() == uid);
-    pid > 0 && ours && same_user && !proc.join(pid.to_string()).exists()
+    ours && std::fs::metadata(proc.join("self")).is_ok_and(|m| m.uid() == uid)
 }
 
 /// Reads a request line from `read`, which yields at most one byte over
