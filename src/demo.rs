@@ -317,7 +317,6 @@ fn spawn(exe: &Path, root: &Path, id: u64, seed: Option<&str>) -> anyhow::Result
         .args(["agent", "--loopback-timers", "--listen", &addr, "--node-id", &id.to_string()])
         .arg("--data-dir")
         .arg(&dir)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| crate::DEFAULT_LOG.into()))
         .stdout(Stdio::null())
         .stderr(log);
     match seed {

@@ -2,6 +2,7 @@
 
 mod cli;
 mod demo;
+mod quiet;
 
 use clap::{Parser, Subcommand};
 
@@ -39,23 +40,26 @@ enum Command {
 }
 
 /// The log filter without `RUST_LOG`. Quiet: our warnings say what to fix. Raft's own chatter
-/// needs `RUST_LOG`, and so do its replication errors: one per follower it cannot reach,
-/// several a second, for a node killed or evicted on purpose too. The failure detector says
-/// which node went silent, the leader says when it hears from no majority, and raft's network
-/// names a peer that answers its messages with something else for a while.
+/// needs `RUST_LOG`, and so do its replication errors (one per follower it cannot reach,
+/// several a second, for a node killed or evicted on purpose too) and its unanswered calls for
+/// votes (`quiet`). The failure detector says which node went silent, the leader says when it
+/// hears from no majority, a voter says when it hears from no leader, and raft's network names
+/// a peer that answers its messages with something else for a while.
 const DEFAULT_LOG: &str = "warn,openraft=error,openraft::replication=off";
 
 fn main() -> std::process::ExitCode {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // `RUST_LOG` gets what it asks for; only the default leaves raft's votes out.
+    let (filter, quiet) = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(filter) => (filter, None),
+        Err(_) => (tracing_subscriber::EnvFilter::new(DEFAULT_LOG), Some(quiet::UnansweredVotes)),
+    };
     // Colours only for a terminal: an agent's log is most often a file (the demo's, systemd's
     // journal), where the escapes are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
+    let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    tracing_subscriber::registry().with(filter).with(quiet).with(output).init();
     match run(Cli::parse().command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         // Whoever read the output stopped early (`gobelins status | head -1`): as for any

@@ -72,19 +72,20 @@ fn unstarted(root: &Path, id: u64, addr: String) -> Agent {
 fn spawn(agent: &Agent, extra: &[&str]) -> Child {
     let log =
         std::fs::OpenOptions::new().create(true).append(true).open(&agent.log).expect("log file");
-    Command::new(BIN)
+    let mut command = Command::new(BIN);
+    command
         .args(["agent", "--listen", &agent.addr, "--node-id", &agent.id.to_string()])
         .arg("--data-dir")
         .arg(&agent.dir)
         .args(extra)
-        .env(
-            "RUST_LOG",
-            std::env::var("GOBELINS_TEST_AGENT_LOG").unwrap_or("warn,openraft=error".into()),
-        )
         .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn gobelins agent")
+        .stderr(log);
+    // The agent's own default log unless asked: the one an operator reads.
+    match std::env::var("GOBELINS_TEST_AGENT_LOG") {
+        Ok(filter) => command.env("RUST_LOG", filter),
+        Err(_) => command.env_remove("RUST_LOG"),
+    };
+    command.spawn().expect("spawn gobelins agent")
 }
 
 fn cli(dir: &Path, args: &[&str]) -> Output {
@@ -1003,11 +1004,20 @@ fn a_node_that_cannot_reach_a_leader_says_its_status_is_its_own_view() {
     let said = format!("node {} cannot reach the cluster's leader", agents[watcher].id);
     assert!(shown.contains(&said), "{shown}");
     assert!(shown.contains("not known to be stable"), "{shown}");
+    // Its log says what its lack of a leader means, and not raft's every unanswered vote.
+    wait_showing(&agents, "the watcher saying it hears from no leader", limit, || {
+        log_of(&agents[watcher]).contains("this voter has heard from no leader")
+    });
+    let log = log_of(&agents[watcher]);
+    assert!(!log.contains("while requesting vote"), "{log}");
     for agent in &others {
         signal(agent, "-CONT");
     }
     wait_showing(&agents, "a leader again", limit, || {
         status(dir, false).is_some_and(|s| s["own_view"].is_null())
+    });
+    wait_showing(&agents, "the watcher saying it knows a leader again", limit, || {
+        log_of(&agents[watcher]).contains("this node knows a leader again")
     });
 }
 

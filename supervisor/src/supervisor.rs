@@ -434,15 +434,7 @@ impl Supervisor {
     /// Says that this leader hears from no majority of the voters, and which voters did not
     /// answer a ping just now.
     async fn say_quorum_lost(self: Arc<Self>, lost: Duration) {
-        let voters: Vec<u64> = self.voters().into_iter().filter(|&v| v != self.me.id).collect();
-        let deadline = self.config.ping_interval * 2;
-        let me = &self;
-        let pings = voters.iter().map(|&v| async move { (v, me.ping(v, deadline).await) });
-        let silent: Vec<u64> = futures::future::join_all(pings)
-            .await
-            .into_iter()
-            .filter_map(|(v, answered)| (!answered).then_some(v))
-            .collect();
+        let (voters, silent) = self.silent_voters().await;
         tracing::warn!(
             node = self.me.id,
             lost_for_ms = lost.as_millis() as u64,
@@ -450,6 +442,42 @@ impl Supervisor {
             ?voters,
             said_again_after_s = crate::quorum::SAY_EVERY.as_secs(),
             "this leader hears from no majority of the voters, so it can commit nothing (no join, leave or eviction, no failure recovered). If the silent voters are down, nothing commits until enough of them are back: restart them with their data directories. If they are up but cut off from this node, and reach each other, they have elected another leader and go on without this node, which they will declare failed: mend the network"
+        );
+    }
+
+    /// The other voters, and those of them that did not answer a ping just now.
+    async fn silent_voters(&self) -> (Vec<u64>, Vec<u64>) {
+        let voters: Vec<u64> = self.voters().into_iter().filter(|&v| v != self.me.id).collect();
+        let deadline = self.config.ping_interval * 2;
+        let pings = voters.iter().map(|&v| async move { (v, self.ping(v, deadline).await) });
+        let silent = futures::future::join_all(pings)
+            .await
+            .into_iter()
+            .filter_map(|(v, answered)| (!answered).then_some(v))
+            .collect();
+        (voters, silent)
+    }
+
+    /// Whether this node is a voter that knows no leader (it is not one itself).
+    fn leaderless_voter(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        metrics.current_leader.is_none()
+            && metrics.state != ServerState::Leader
+            && metrics.membership_config.membership().voter_ids().any(|v| v == self.me.id)
+    }
+
+    /// Says that this voter has known no leader for `lost`, and which voters did not answer a
+    /// ping just now.
+    async fn say_leaderless(self: Arc<Self>, lost: Duration) {
+        let (voters, silent) = self.silent_voters().await;
+        tracing::warn!(
+            node = self.me.id,
+            leaderless_for_ms = lost.as_millis() as u64,
+            ?silent,
+            ?voters,
+            said_again_after_s = crate::quorum::SAY_EVERY.as_secs(),
+            "this voter has heard from no leader, and its calls for votes win no majority: nothing it asks commits (no join, leave or eviction), and its `gobelins status` shows its own view. If the silent voters are down, restart them with their data directories. If they are up and reach each other, they go on without this node and will declare it failed: mend the network between them and this node"
         );
     }
 
@@ -1616,6 +1644,9 @@ impl Supervisor {
         // After a pause, one tick and then the period again: not a burst of the ticks missed.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut quorum = crate::quorum::QuorumWatch::default();
+        let (mut leaderless, mut no_leader) =
+            (crate::quorum::Leaderless::default(), crate::quorum::QuorumWatch::default());
+        let leaderless_after = crate::quorum::leaderless_after(self.config.raft_election);
         loop {
             let due = tokio::select! {
                 _ = self.shutdown.cancelled() => return,
@@ -1647,6 +1678,18 @@ impl Supervisor {
                 None if quorum.back() => tracing::warn!(
                     node = self.me.id,
                     "this node hears from a majority of the voters again, or leads no more"
+                ),
+                _ => {}
+            }
+            let now = tokio::time::Instant::now();
+            match leaderless.observe(self.leaderless_voter(), now) {
+                Some(lost) if lost >= leaderless_after && no_leader.lost(now) => {
+                    tokio::spawn(Arc::clone(&self).say_leaderless(lost));
+                }
+                None if no_leader.back() => tracing::warn!(
+                    node = self.me.id,
+                    leader = ?self.leader(),
+                    "this node knows a leader again, or votes no more"
                 ),
                 _ => {}
             }
