@@ -817,6 +817,38 @@ mod tests {
         assert_eq!(f.lock().backup_commit, FINAL);
     }
 
+    /// A `BackupTo` that comes late (the page went to a writer meanwhile) must not make this
+    /// node a second, stale owner: only a valid read copy at exactly the entry's version is
+    /// taken as the page, never a copy given up, refused, backed up or invalidated.
+    #[tokio::test(start_paused = true)]
+    async fn only_a_valid_read_copy_at_the_entry_s_version_is_adopted_as_the_page() {
+        let f = Frame::default();
+        f.install_read(4, zeros());
+        assert!(!f.adopt_read_copy(5), "another version");
+        assert!(f.adopt_read_copy(4));
+        assert!(f.lock().owned && f.lock().commits == FINAL);
+        assert!(!f.adopt_read_copy(4), "owned already");
+
+        let given_up = Frame::default();
+        own_then_give_up(&given_up, 3, 1).await;
+        assert!(!given_up.adopt_read_copy(3), "a copy given up to a writer");
+        assert!(!given_up.lock().owned && given_up.readable().is_none());
+
+        let backup = Frame::default();
+        backup.store_backup(4, FINAL, zeros());
+        assert!(!backup.adopt_read_copy(4), "a backup");
+
+        let invalidated = Frame::default();
+        invalidated.install_read(4, zeros());
+        invalidated.invalidate(4);
+        assert!(!invalidated.adopt_read_copy(4), "an invalidated copy");
+
+        let refused = Frame::default();
+        refused.keep_refused(5, zeros());
+        assert!(!refused.adopt_read_copy(5), "a refused grant's copy");
+        assert!(!refused.lock().owned);
+    }
+
     #[test]
     fn promote_accepts_a_backup_no_newer_than_the_entry() {
         let f = Frame::default();
