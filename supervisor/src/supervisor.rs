@@ -625,9 +625,6 @@ impl Supervisor {
 
     /// [`Supervisor::join_via`], the asking.
     async fn ask_to_join(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
-        let join = self.join_request();
-        let asked = join.incarnation;
-        let request = Request::Join(join);
         let until = Instant::now() + deadline;
         let mut last = String::from("no attempt");
         // The seed answered, and only the cluster's recovery of this node's last life stood in
@@ -639,32 +636,37 @@ impl Supervisor {
                 warned = true;
                 tracing::warn!(%seed, error = %last, "cannot join through the seed yet; retrying for {} s", deadline.as_secs());
             }
-            let bytes = lane::request(&request)?;
+            // Built again for every attempt: this process may have moved to a new life
+            // meanwhile (its fence check found the last one ended and rejoined as the next).
+            let join = self.join_request();
+            let asked = join.incarnation;
+            let bytes = lane::request(&Request::Join(join))?;
             match self.transport.call_addr(seed, bytes, self.config.rpc_timeout * 3).await {
-                Ok((_, reply)) => match lane::decode_response(reply).map_err(|e| match e {
-                    // The seed will not get better by asking it again, but the cluster may
-                    // take the join through another member.
-                    SupervisorError::PeerStopped(_) => SupervisorError::Refused(format!(
+                Ok((_, reply)) => {
+                    match lane::decode_response(reply).map_err(|e| match e {
+                        // The seed will not get better by asking it again, but the cluster may
+                        // take the join through another member.
+                        SupervisorError::PeerStopped(_) => SupervisorError::Refused(format!(
                         "{seed} takes no joins: {e}. Join through another member of the cluster"
                     )),
-                    e => e,
-                })? {
-                    // The cluster is still recovering this node's last life: it will take
-                    // the new one once that is done.
-                    Response::Admitted {
-                        outcome: Ok(Err(refusal @ Refusal::Recovering(_))),
-                        ..
-                    } => {
-                        recovering = true;
-                        last = refusal.to_string();
-                    }
-                    // A join always begins a change or waits for one, which this process must
-                    // take part in: a life whose join ended already was served by another run
-                    // of this node, whose memory this one does not have.
-                    Response::Admitted { outcome: Ok(Ok(Applied::Recorded { .. })), .. }
-                        if !self.life_admitted() =>
-                    {
-                        return Err(SupervisorError::Refused(format!(
+                        e => e,
+                    })? {
+                        // The cluster is still recovering this node's last life: it will take
+                        // the new one once that is done.
+                        Response::Admitted {
+                            outcome: Ok(Err(refusal @ Refusal::Recovering(_))),
+                            ..
+                        } => {
+                            recovering = true;
+                            last = refusal.to_string();
+                        }
+                        // A join always begins a change or waits for one, which this process must
+                        // take part in: a life whose join ended already was served by another run
+                        // of this node, whose memory this one does not have.
+                        Response::Admitted {
+                            outcome: Ok(Ok(Applied::Recorded { .. })), ..
+                        } if !self.life_admitted() => {
+                            return Err(SupervisorError::Refused(format!(
                             "node {}'s life {} is already active in the cluster, but this process \
                              never served it: its entries are elsewhere, and serving them empty \
                              would lose them. An agent restarted from its data directory (this \
@@ -673,25 +675,41 @@ impl Supervisor {
                             self.me.id,
                             self.incarnation()
                         )));
-                    }
-                    Response::Admitted { outcome: Ok(outcome), state } => {
-                        // An answer that took long may be for a life declared failed since,
-                        // which another call renewed: that life's own join admits it.
-                        if outcome.is_ok() && self.incarnation() == asked {
-                            if let Some(state) = state {
-                                self.keep_head_start(asked, state);
-                            }
-                            self.admit_life_asked(self.asked_since(asked));
                         }
-                        return Ok(outcome);
+                        // A life this process left behind while the answer was on its way: the
+                        // new one, admitted meanwhile by this process's other call, is no clash of
+                        // ids. Asked again as that life, the cluster says where its join stands.
+                        Response::Admitted {
+                            outcome: Ok(Err(refusal @ Refusal::AlreadyMember(_))),
+                            ..
+                        } if self.incarnation() != asked => {
+                            tracing::debug!(
+                                asked,
+                                "asked as a life left since; asking as the new one"
+                            );
+                            (recovering, last) = (false, refusal.to_string());
+                            continue;
+                        }
+                        Response::Admitted { outcome: Ok(outcome), state } => {
+                            // An answer that took long may be for a life declared failed since,
+                            // which another call renewed: that life's own join admits it.
+                            if outcome.is_ok() && self.incarnation() == asked {
+                                if let Some(state) = state {
+                                    self.keep_head_start(asked, state);
+                                }
+                                self.admit_life_asked(self.asked_since(asked));
+                            }
+                            return Ok(outcome);
+                        }
+                        Response::Admitted { outcome: Err(e), .. } => {
+                            (recovering, last) = (false, e.to_string())
+                        }
+                        _ => {
+                            (recovering, last) =
+                                (false, "seed answered with the wrong message".into())
+                        }
                     }
-                    Response::Admitted { outcome: Err(e), .. } => {
-                        (recovering, last) = (false, e.to_string())
-                    }
-                    _ => {
-                        (recovering, last) = (false, "seed answered with the wrong message".into())
-                    }
-                },
+                }
                 // A refused handshake will not get better by retrying: wrong secret or cluster.
                 Err(e @ SupervisorError::Handshake { .. }) => return Err(e),
                 Err(e) => (recovering, last) = (false, e.to_string()),

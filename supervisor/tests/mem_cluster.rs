@@ -1057,7 +1057,34 @@ fn a_join_asked_of_a_node_declared_failed_starts_its_services_afresh() {
     });
 }
 
-/// Node 4 asking to join through `seed`, in a task of its own.
+/// A restarted node asks to rejoin as its last life through a seed whose answers are lost,
+/// while its fence check finds that life ended and rejoins as the next one through the leader.
+/// The first ask, answered at last, must not read the new life it was overtaken by as a clash
+/// of ids: it asked again as its last life, was told "already a member", and the agent exited.
+#[test]
+fn a_join_overtaken_by_this_process_s_own_rejoin_as_a_new_life_is_no_clash() {
+    replay(async {
+        let net = MemNetwork::new(7);
+        let nodes = three_voters(&net).await;
+        let (leader, x, other) = a_follower_declared_failed(&net, &nodes).await;
+        let node = &nodes[x as usize - 1].supervisor;
+        assert_eq!(node.incarnation(), 1);
+        // Asked as life 1, through the node whose answers to x are lost once the links heal.
+        let asked = ask_in_background(node, other);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        net.heal();
+        net.mute(other, x);
+        let all: Vec<&Node> = nodes.iter().collect();
+        until_back_as_second_life(&all, x).await;
+        assert_eq!(node.incarnation(), 2, "the fence check rejoined through the leader {leader}");
+        net.unmute(other, x);
+        let answered = asked.await.expect("the ask ends");
+        assert!(matches!(answered, Ok(Ok(_))), "{answered:?}");
+        assert_all_agree(&nodes, "after the rejoin");
+    });
+}
+
+/// `supervisor` (node 4, mostly) asking to join through `seed`, in a task of its own.
 fn ask_in_background(
     supervisor: &Arc<Supervisor>,
     seed: u64,
@@ -1243,8 +1270,10 @@ fn a_restarted_joiner_is_not_admitted_by_the_join_its_last_run_left_in_its_log()
                 );
             }
             // Its own rejoin got there first: having learned that its life ended, it renewed
-            // its incarnation and asked as a new life while this old one was on its way.
-            Ok(Err(Refusal::AlreadyMember(4))) => {
+            // its incarnation and asked as a new life while this old one was on its way. This
+            // ask, refused as the old life, asked again as the new one (before, it ended with
+            // "already a member", and the agent exited).
+            Ok(Ok(_)) => {
                 let leader = nodes.iter().find(|n| n.supervisor.id() == leader).expect("leader");
                 let record = leader.supervisor.state().nodes[&4].clone();
                 assert!(
