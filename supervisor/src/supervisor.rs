@@ -683,11 +683,8 @@ impl Supervisor {
                             outcome: Ok(Err(refusal @ Refusal::AlreadyMember(_))),
                             ..
                         } if self.incarnation() != asked => {
-                            tracing::debug!(
-                                asked,
-                                "asked as a life left since; asking as the new one"
-                            );
-                            (recovering, last) = (false, refusal.to_string());
+                            // Not kept as the last error: the seed refuses nothing.
+                            tracing::debug!(asked, %refusal, "asked as a life left since");
                             continue;
                         }
                         Response::Admitted { outcome: Ok(outcome), state } => {
