@@ -491,7 +491,8 @@ impl Host {
     }
 
     /// Sends an encoded request to the manager of `key` of `service`, wherever it is, and
-    /// returns its encoded answer. Held through migrations, retried after failures, run once.
+    /// returns its encoded answer. Held through migrations, retried after failures, run once
+    /// (except across its manager's failure: the answers it kept die with it).
     pub async fn request(
         &self,
         service: ServiceId,
@@ -1699,8 +1700,9 @@ impl Inner {
                             "a migration batch is larger than a frame: one entry of this service \
                              alone is. It stays on this node and is tried again, and the change \
                              cannot end before. Stopping a node does not help: the entry would \
-                             be rebuilt for another one. Raise max_frame on every node, or keep \
-                             the service's entries smaller"
+                             be rebuilt for another one. The frame limit is fixed in this build \
+                             (16 MiB): the service must keep its entries under it; report this \
+                             to its authors"
                         );
                     } else {
                         tracing::error!(

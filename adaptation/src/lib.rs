@@ -4,7 +4,8 @@
 //! A [`Host`] on every node hosts the registered services: it routes each request to its
 //! key's manager, holds requests for keys that move, migrates entries in four phases on every
 //! change (driven by the [`Period`] state machine), rebuilds entries with `scan` after a
-//! failure, and runs a retried request once.
+//! failure, and runs a retried request once (except across its manager's failure: the answers
+//! it kept die with it).
 //!
 //! Modules:
 //! - [`codec`]: the one module that names bincode, for this crate and the supervisor.
