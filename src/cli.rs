@@ -578,13 +578,13 @@ fn write_stats(out: &mut impl std::io::Write, answer: &Value) -> anyhow::Result<
 pub(crate) fn join(args: JoinArgs) -> anyhow::Result<()> {
     agent::host_and_port("the seed", &args.seed)?;
     let status = ask(&args.dir, ControlRequest::Join { seed: args.seed })?;
-    eprintln!("joined; this node is active at epoch {}", status["epoch"]);
+    eprintln!("joined; this node is active (the cluster is at epoch {})", status["epoch"]);
     Ok(())
 }
 
 pub(crate) fn leave(args: DirArgs) -> anyhow::Result<()> {
     let status = ask(&args, ControlRequest::Leave)?;
-    eprintln!("left at epoch {}; this agent stops", status["epoch"]);
+    eprintln!("left (the cluster is at epoch {}); this agent stops", status["epoch"]);
     Ok(())
 }
 
@@ -593,7 +593,7 @@ pub(crate) fn evict(args: EvictArgs) -> anyhow::Result<()> {
         bail!("node ids start at 1");
     }
     let status = ask(&args.dir, ControlRequest::Evict { node: args.node })?;
-    eprintln!("node {} is out of the cluster at epoch {}", args.node, status["epoch"]);
+    eprintln!("node {} is out of the cluster (now at epoch {})", args.node, status["epoch"]);
     Ok(())
 }
 

@@ -631,9 +631,15 @@ pub async fn request(
         _ => FIRST_LINE_PATIENCE.1,
     };
     let answer = read_answer(BufReader::new(stream), (first, NEXT_LINE_PATIENCE), on_line).await;
+    let path = path.display().to_string();
     let answer = answer.map_err(|e| match e {
         SupervisorError::AgentSilent { after_s, .. } => {
-            SupervisorError::AgentSilent { path: path.display().to_string(), after_s }
+            SupervisorError::AgentSilent { path, after_s }
+        }
+        SupervisorError::Closed => SupervisorError::AgentGone { path, taken: written.is_ok() },
+        // Reset as it went away with the request unread.
+        SupervisorError::Io { cause, .. } if gone(&cause) => {
+            SupervisorError::AgentGone { path, taken: written.is_ok() }
         }
         other => other,
     });
@@ -642,10 +648,18 @@ pub async fn request(
         // An agent that refused the request may have closed the socket before it was all
         // written: its answer, if it gave one, says why better than the broken pipe does.
         Err(error) => match answer {
-            Err(refused @ SupervisorError::Agent(_)) => Err(refused),
+            Err(refused @ (SupervisorError::Agent(_) | SupervisorError::AgentGone { .. })) => {
+                Err(refused)
+            }
             _ => Err(error.into()),
         },
     }
+}
+
+/// Whether `error` on the control socket means the agent closed it: it stopped, or left.
+fn gone(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset};
+    matches!(error.kind(), BrokenPipe | ConnectionReset | ConnectionAborted)
 }
 
 /// Reads the agent's answer: progress lines to `on_line`, then its result or its error.
@@ -787,6 +801,32 @@ mod tests {
         let error = SupervisorError::AgentSilent { path: "/d/control.sock".into(), after_s: 30 };
         let said = error.to_string();
         assert!(said.contains("/d/control.sock") && said.contains("kill -CONT"), "{said}");
+    }
+
+    /// An agent that goes away as a request comes (its node left, say) is said to have, with
+    /// whether the request may have been carried out; not a bare "broken pipe".
+    #[tokio::test]
+    async fn an_agent_that_closes_without_answering_is_said_to_have_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let agent = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut line = String::new();
+            BufReader::new(stream).read_line(&mut line).await.unwrap();
+            line
+        });
+        let gone = super::request(&path, &ControlRequest::Stats, |_| {}).await;
+        assert!(agent.await.unwrap().contains("stats"), "the request was read");
+        match gone {
+            Err(error @ SupervisorError::AgentGone { taken: true, .. }) => {
+                let said = error.to_string();
+                assert!(said.contains("may or may not have been carried out"), "{said}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let unsent = SupervisorError::AgentGone { path: "/d/control.sock".into(), taken: false };
+        assert!(unsent.to_string().contains("nothing was done"), "{unsent}");
     }
 
     /// A client process that exited before the agent read its request (it gave up on an

@@ -53,6 +53,15 @@ pub enum SupervisorError {
         /// How long nothing came.
         after_s: u64,
     },
+    /// The local agent closed its control connection without an answer: it stopped, or its
+    /// node left the cluster, as the request came.
+    #[error("the agent at {path} closed the connection {} (it stopped, or its node left the cluster)", if *.taken { "before it answered: the request may or may not have been carried out. Check (`gobelins status`, or read back what was written) before asking again through a running agent" } else { "before it took the request: nothing was done. Ask again through a running agent (`gobelins status` on another node lists them)" })]
+    AgentGone {
+        /// The control socket.
+        path: String,
+        /// Whether the whole request was sent before the connection closed.
+        taken: bool,
+    },
     /// The peer did not answer in time.
     #[error("{what} timed out after {after_ms} ms")]
     Timeout {
