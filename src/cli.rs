@@ -442,6 +442,13 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
             None => "it knows of no leader".to_string(),
         };
         writeln!(out, "WARNING: node {} cannot reach the cluster's leader: {leader}. Below is its own view, as it last knew the cluster: it may be stale (a node cut off from the others sees them as they were, itself included). An election may be under way; if this lasts, check this node's network and log, or ask another node (`--data-dir` of its agent).", status["node"])?;
+        if let Some(ms) = status["leaderless_ms"].as_u64() {
+            writeln!(
+                out,
+                "WARNING: this node votes, and has known no leader for {:.1} s: its elections win                  no majority. A majority of the voters (listed below) is down or cut off from it,                  and nothing commits through it until enough of them are back; its log names the                  silent ones.",
+                ms as f64 / 1e3
+            )?;
+        }
     }
     writeln!(out, "epoch {}, {change}, leader {}", status["epoch"], show(&status["leader"]))?;
     if let Some(ms) = status["quorum_lost_ms"].as_u64() {

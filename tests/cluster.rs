@@ -1010,6 +1010,12 @@ fn a_node_that_cannot_reach_a_leader_says_its_status_is_its_own_view() {
     });
     let log = log_of(&agents[watcher]);
     assert!(!log.contains("while requesting vote"), "{log}");
+    // So does its status: for how long its elections have won no majority.
+    let seen = status(dir, false).unwrap_or_default();
+    assert!(seen["leaderless_ms"].as_u64().is_some_and(|ms| ms >= 5_000), "{seen}");
+    let shown = cli(dir, &["status"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("has known no leader for"), "{shown}");
     for agent in &others {
         signal(agent, "-CONT");
     }

@@ -318,6 +318,12 @@ async fn answer(
             if !local && view.node == me && view.leader != Some(me) {
                 status["own_view"] = json!(true);
                 status["stable"] = json!(false);
+                // A voter's elections have won no majority for longer than a few may take.
+                let after = crate::quorum::leaderless_after(node.config().raft_election);
+                let lost = node.leaderless_for(tokio::time::Instant::now());
+                if let Some(lost) = lost.filter(|&lost| lost >= after) {
+                    status["leaderless_ms"] = json!(lost.as_millis() as u64);
+                }
             }
             // A leader cut off from a majority still calls itself leader: what it shows is
             // what it last committed, and may be stale too.

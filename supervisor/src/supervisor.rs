@@ -192,6 +192,8 @@ pub struct Supervisor {
     /// While this node leads with no acknowledgement of a majority on record (raft has none
     /// right after an election, nor after a change of voters, until replies come): since when.
     unacked_since: Mutex<Option<Instant>>,
+    /// Since when this node, a voter, has known no leader (see `crate::quorum::Leaderless`).
+    leaderless: Mutex<crate::quorum::Leaderless>,
     reported: AtomicU64,
     host: Host,
     /// Builds the services afresh for a new life of the host (see [`Host::renew`]), when the
@@ -306,6 +308,7 @@ impl Supervisor {
             detector: Mutex::new(None),
             pauses: Pauses::new(lease_span),
             unacked_since: Mutex::new(None),
+            leaderless: Mutex::default(),
             reported: AtomicU64::new(0),
             host: parts.host,
             services: parts.services,
@@ -465,6 +468,12 @@ impl Supervisor {
         metrics.current_leader.is_none()
             && metrics.state != ServerState::Leader
             && metrics.membership_config.membership().voter_ids().any(|v| v == self.me.id)
+    }
+
+    /// While this node is a voter that knows no leader, for how long it has known none.
+    pub fn leaderless_for(&self, now: Instant) -> Option<Duration> {
+        let leaderless = self.leaderless_voter();
+        self.leaderless.lock().unwrap_or_else(|p| p.into_inner()).observe(leaderless, now)
     }
 
     /// Says that this voter has known no leader for `lost`, and which voters did not answer a
@@ -1659,8 +1668,7 @@ impl Supervisor {
         // After a pause, one tick and then the period again: not a burst of the ticks missed.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut quorum = crate::quorum::QuorumWatch::default();
-        let (mut leaderless, mut no_leader) =
-            (crate::quorum::Leaderless::default(), crate::quorum::QuorumWatch::default());
+        let mut no_leader = crate::quorum::QuorumWatch::default();
         let leaderless_after = crate::quorum::leaderless_after(self.config.raft_election);
         loop {
             let due = tokio::select! {
@@ -1697,7 +1705,7 @@ impl Supervisor {
                 _ => {}
             }
             let now = tokio::time::Instant::now();
-            match leaderless.observe(self.leaderless_voter(), now) {
+            match self.leaderless_for(now) {
                 Some(lost) if lost >= leaderless_after && no_leader.lost(now) => {
                     tokio::spawn(Arc::clone(&self).say_leaderless(lost));
                 }
