@@ -251,15 +251,34 @@ impl MemCluster {
         node
     }
 
+    /// Brings `node`, failed before, back as a new life with fresh services (as an agent
+    /// restarted from its data directory comes back once its last life is recovered): the
+    /// same id joins again. Returns once the change is stable.
+    pub async fn rejoin(&mut self, node: NodeId) {
+        assert!(!self.tree.nodes().any(|n| n == node), "node {node} is still a member");
+        self.departed.remove(&node);
+        self.cut_off.remove(&node);
+        self.net.crashed.remove(&node);
+        self.start_host(node);
+        self.change(Change::Add { node, labels: Labels::new() }).await;
+    }
+
     /// A host with fresh services for the next node, not yet in the cluster.
     fn new_host(&mut self) -> NodeId {
         let node = NodeId(self.next);
         self.next += 1;
+        self.start_host(node);
+        node
+    }
+
+    /// Starts a host with fresh services as `node`, in place of any before it.
+    fn start_host(&mut self, node: NodeId) {
         let link =
             Arc::new(MemLink { net: Arc::clone(&self.net), me: node, abandoned: DashMap::new() });
         let host = Host::start(node, (self.services)(), link, self.config.clone());
-        self.net.hosts.insert(node, host);
-        node
+        if let Some(old) = self.net.hosts.insert(node, host) {
+            old.shutdown();
+        }
     }
 
     /// Evicts `node`: it sends its entries away, then leaves.

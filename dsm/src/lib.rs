@@ -41,6 +41,7 @@ mod client;
 mod cover;
 mod directory;
 mod error;
+mod failed;
 mod frames;
 mod freed;
 mod held;

@@ -87,7 +87,7 @@ pub(crate) struct NodeState {
     /// The change in progress.
     pub(crate) change: Mutex<Option<ChangeInfo>>,
     /// Nodes whose failure the cluster confirmed (until their id comes back as a new life).
-    pub(crate) failed: Mutex<std::collections::BTreeSet<gobelins_locator::NodeId>>,
+    pub(crate) failed: Mutex<crate::failed::Failed>,
     /// Locks this node's clients hold, for a rebuilding manager.
     pub(crate) held: Mutex<BTreeMap<u64, Token>>,
     /// Barriers this node's clients wait at: id → generation.

@@ -80,7 +80,7 @@ fn next_node(nodes: &[NodeId], after: NodeId, avoid: Option<NodeId>) -> Option<N
 
 /// Whether `n` holds nothing any more: it failed, or left the cluster.
 pub(crate) fn gone(state: &NodeState, ctx: &Context, n: NodeId) -> bool {
-    !present(ctx, n) || state.failed.lock().expect("failed").contains(&n)
+    !present(ctx, n) || state.failed.lock().expect("failed").holds(ctx, n)
 }
 
 /// Invalidates the read copies of `page` up to `version` that `nodes` hold, all at once, and
@@ -149,9 +149,10 @@ impl DsmService {
         &self.node.inner
     }
 
-    /// Whether `n` failed: its copies are gone, and the pages it owned must be rebuilt.
-    fn failed(&self, n: NodeId) -> bool {
-        self.state().failed.lock().expect("failed").contains(&n)
+    /// Whether `n` failed, and is not back since: its copies are gone, and the pages it owned
+    /// must be rebuilt.
+    fn failed(&self, ctx: &Context, n: NodeId) -> bool {
+        self.state().failed.lock().expect("failed").holds(ctx, n)
     }
 
     /// Whether the copies `n` held are gone for good: it failed, or it left and the cluster
@@ -159,7 +160,7 @@ impl DsmService {
     /// answer) is then rebuilt from what survives, or reported lost, rather than asked of a
     /// node that is no longer there until every access to it fails.
     fn lost_holder(&self, ctx: &Context, n: NodeId) -> bool {
-        self.failed(n) || ctx.gone(n)
+        self.failed(ctx, n) || ctx.gone(n)
     }
 
     /// Whether `n` holds nothing any more: it failed, or left the cluster.
@@ -1795,7 +1796,7 @@ impl Service for DsmService {
         self.state().began.fetch_max(change.epoch, Ordering::SeqCst);
         match &change.change {
             Change::Fail(n) | Change::Recover(n) => {
-                self.state().failed.lock().expect("failed").insert(*n);
+                self.state().failed.lock().expect("failed").insert(*n, change.epoch);
             }
             // A node id back as a new life holds nothing of the old one's, and is not failed.
             Change::Add { node, .. } => {
@@ -1962,7 +1963,8 @@ impl Service for DsmService {
 
     async fn scan(&self, ctx: &Context, failed: NodeId, orphans: &Moving) -> Vec<(Key, Entry)> {
         let me = ctx.node();
-        self.state().failed.lock().expect("failed").insert(failed);
+        // The change's epoch is the next one: the table this node routes by is the last.
+        self.state().failed.lock().expect("failed").insert(failed, ctx.epoch() + 1);
         // Whatever this node is to rebuild, a page of it that nobody reports was lost.
         let mut staged = self.state().staged.lock().expect("staged");
         let taint = |slot| (taint_key(slot), Entry::Taint { freed: Freed::default() });

@@ -1359,6 +1359,62 @@ async fn six_in_cells_of_two() -> Cluster {
     Cluster::start_shaped(6, shape, config).await
 }
 
+/// A node back as a new life (an agent restarted from its data directory) holds the pages it
+/// writes as any node does, on every manager. A manager that took no part in its return
+/// (another cell's) counted it failed still, and took a page it owned, backed up on a node
+/// back as a new life too, for lost (a helper's rolling restart of a cluster in zones lost a
+/// written page so, four times out of four).
+#[test]
+fn with_backups_nodes_back_as_new_lives_are_not_failed_to_managers_outside_their_return() {
+    replay(async {
+        let mut cluster = six_in_cells_of_two().await;
+        let x = NodeId(3);
+        let mate = cluster.mem.snapshot().replica_holder(x).expect("where node 3 keeps backups");
+        let mut returns = Vec::new();
+        for node in [x, mate] {
+            cluster.mem.fail(node).await;
+            cluster.mem.rejoin(node).await;
+            returns.push(cluster.mem.host(NodeId(1)).context().epoch());
+            // The new life's DSM, built last, in the place of the old one's.
+            let mut made = cluster.made.lock().expect("made");
+            let new = made.pop().expect("the new life's DSM");
+            made[node.0 as usize] = new;
+        }
+        let table = cluster.mem.snapshot();
+        assert_eq!(table.replica_holder(x), Some(mate), "back in one cell, {table:?}");
+        let took_part = |n: NodeId, epoch: u64| {
+            cluster.mem.host(n).history().iter().any(|record| record.epoch == epoch)
+        };
+        let outside: Vec<NodeId> = cluster
+            .mem
+            .nodes()
+            .into_iter()
+            .filter(|&n| returns.iter().all(|&epoch| !took_part(n, epoch)))
+            .collect();
+        assert!(!outside.is_empty(), "managers outside both returns");
+        let pages: Vec<PageId> =
+            outside.iter().flat_map(|&m| pages_by_manager(&cluster, m, true, 4)).collect();
+        assert!(!pages.is_empty());
+        write_counts(&cluster.dsm(x), &pages).await;
+        let reader = outside[0];
+        let wrong = misread(&cluster.dsm(reader), &pages).await;
+        assert!(wrong.is_empty(), "read through node {reader}: {wrong:?}");
+        // Node 3 writes them again, as their owner: every reader sees the new values.
+        for (i, &page) in pages.iter().enumerate() {
+            put(&cluster.dsm(x), page, i as u64 + 1001).await;
+        }
+        let acked: Vec<u64> = (0..pages.len() as u64).map(|i| i + 1001).collect();
+        let wrong = misread_acked(&cluster.dsm(reader), &pages, &acked).await;
+        assert!(wrong.is_empty(), "written again, read through node {reader}: {wrong:?}");
+        // Another node fails: every manager looks over its entries after the recovery.
+        let other = cluster.mem.nodes().into_iter().find(|&n| ![x, mate, reader].contains(&n));
+        cluster.mem.fail(other.expect("another node")).await;
+        let wrong = misread_acked(&cluster.dsm(reader), &pages, &acked).await;
+        assert!(wrong.is_empty(), "after node {other:?} failed: {wrong:?}");
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    })
+}
+
 /// Up to `count` of the test segment's pages `131 p` whose manager is `node` (`managed`), or
 /// is not.
 fn pages_by_manager(cluster: &Cluster, node: NodeId, managed: bool, count: usize) -> Vec<PageId> {
