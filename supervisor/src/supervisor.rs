@@ -650,6 +650,9 @@ impl Supervisor {
             let join = self.join_request();
             let asked = join.incarnation;
             let bytes = lane::request(&Request::Join(join))?;
+            // The answer vouches for this node as of no earlier than now: a lease counted from
+            // later would outlast it. (This call's own ask may be for a life it has left.)
+            let sent = Instant::now();
             match self.transport.call_addr(seed, bytes, self.config.rpc_timeout * 3).await {
                 Ok((_, reply)) => {
                     match lane::decode_response(reply).map_err(|e| match e {
@@ -703,7 +706,7 @@ impl Supervisor {
                                 if let Some(state) = state {
                                     self.keep_head_start(asked, state);
                                 }
-                                self.admit_life_asked(self.asked_since(asked));
+                                self.admit_life_asked(self.asked_since(asked).min(sent));
                             }
                             return Ok(outcome);
                         }
