@@ -445,7 +445,10 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
         if let Some(ms) = status["leaderless_ms"].as_u64() {
             writeln!(
                 out,
-                "WARNING: this node votes, and has known no leader for {:.1} s: its elections win                  no majority. A majority of the voters (listed below) is down or cut off from it,                  and nothing commits through it until enough of them are back; its log names the                  silent ones.",
+                "WARNING: this node votes, and has known no leader for {:.1} s: its elections win \
+                 no majority. A majority of the voters (listed below) is down or cut off from it, \
+                 and nothing commits through it until enough of them are back; its log names the \
+                 silent ones.",
                 ms as f64 / 1e3
             )?;
         }

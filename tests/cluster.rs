@@ -1009,7 +1009,8 @@ fn a_node_that_cannot_reach_a_leader_says_its_status_is_its_own_view() {
         log_of(&agents[watcher]).contains("this voter has heard from no leader")
     });
     let log = log_of(&agents[watcher]);
-    assert!(!log.contains("while requesting vote"), "{log}");
+    let default_log = std::env::var("GOBELINS_TEST_AGENT_LOG").is_err();
+    assert!(!default_log || !log.contains("while requesting vote"), "{log}");
     // So does its status: for how long its elections have won no majority.
     let seen = status(dir, false).unwrap_or_default();
     assert!(seen["leaderless_ms"].as_u64().is_some_and(|ms| ms >= 5_000), "{seen}");

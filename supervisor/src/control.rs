@@ -643,9 +643,10 @@ pub async fn request(
             SupervisorError::AgentSilent { path, after_s }
         }
         SupervisorError::Closed => SupervisorError::AgentGone { path, taken: written.is_ok() },
-        // Reset as it went away with the request unread.
+        // Reset: it went away with the request unread (a socket closed with bytes still to
+        // read resets its peer), so nothing was done.
         SupervisorError::Io { cause, .. } if gone(&cause) => {
-            SupervisorError::AgentGone { path, taken: written.is_ok() }
+            SupervisorError::AgentGone { path, taken: false }
         }
         other => other,
     });

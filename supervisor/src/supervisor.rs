@@ -649,6 +649,9 @@ impl Supervisor {
             // meanwhile (its fence check found the last one ended and rejoined as the next).
             let join = self.join_request();
             let asked = join.incarnation;
+            // This call asks as that life now, whatever life it began asking as: a change that
+            // admits it as it begins looks for an ask of it (`own_join_begun`).
+            let _asking = Asking::new(self, asked);
             let bytes = lane::request(&Request::Join(join))?;
             // The answer vouches for this node as of no earlier than now: a lease counted from
             // later would outlast it. (This call's own ask may be for a life it has left.)
@@ -663,6 +666,16 @@ impl Supervisor {
                     )),
                         e => e,
                     })? {
+                        // An answer for a life this process left while it was on its way (its
+                        // fence check found it ended and rejoined as the next): what it says of
+                        // that life, even "already a member" (the new one, admitted meanwhile),
+                        // is no word on this one. Asked again as the new life, the cluster says
+                        // where its join stands.
+                        Response::Admitted { outcome, .. } if self.incarnation() != asked => {
+                            // Not kept as the last error: the seed refuses nothing.
+                            tracing::debug!(asked, ?outcome, "answered for a life left since");
+                            continue;
+                        }
                         // The cluster is still recovering this node's last life: it will take
                         // the new one once that is done.
                         Response::Admitted {
@@ -688,20 +701,9 @@ impl Supervisor {
                             self.incarnation()
                         )));
                         }
-                        // A life this process left behind while the answer was on its way: the
-                        // new one, admitted meanwhile by this process's other call, is no clash of
-                        // ids. Asked again as that life, the cluster says where its join stands.
-                        Response::Admitted {
-                            outcome: Ok(Err(refusal @ Refusal::AlreadyMember(_))),
-                            ..
-                        } if self.incarnation() != asked => {
-                            // Not kept as the last error: the seed refuses nothing.
-                            tracing::debug!(asked, %refusal, "asked as a life left since");
-                            continue;
-                        }
                         Response::Admitted { outcome: Ok(outcome), state } => {
-                            // An answer that took long may be for a life declared failed since,
-                            // which another call renewed: that life's own join admits it.
+                            // Renewed since the arm above looked, it is the new life's join
+                            // that admits it.
                             if outcome.is_ok() && self.incarnation() == asked {
                                 if let Some(state) = state {
                                     self.keep_head_start(asked, state);
