@@ -410,11 +410,10 @@ pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
         writeln!(std::io::stdout().lock(), "{status}")?;
         return Ok(());
     }
-    print_status(&status)
+    write_status(&mut std::io::stdout().lock(), &status)
 }
 
-fn print_status(status: &Value) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result<()> {
     let show = |v: &Value| if v.is_null() { "none".to_string() } else { v.to_string() };
     let change = match status.get("in_progress") {
         Some(p) if !p.is_null() => format!(
@@ -431,6 +430,10 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
         {
             "not known to be stable".to_string()
         }
+        _ if status["nodes"].as_array().into_iter().flatten().any(|n| n["suspected"] == true) => {
+            "not stable: a node is suspected".to_string()
+        }
+        _ if status["stable"] == false => "not stable: changes are queued".to_string(),
         _ => "stable".to_string(),
     };
     if let Some(what) = status["entering"].as_str() {
@@ -463,6 +466,16 @@ fn print_status(status: &Value) -> anyhow::Result<()> {
              and reach each other, they may have another leader: ask one of them.",
             ms as f64 / 1e3
         )?;
+    }
+    for node in status["nodes"].as_array().into_iter().flatten() {
+        let Some(ms) = node["silent_ms"].as_u64() else { continue };
+        let id = &node["id"];
+        let s = ms as f64 / 1e3;
+        if node["suspected"] == true {
+            writeln!(out, "WARNING: node {id} has not answered the leader for {s:.1} s: other nodes are trying it, and it is declared failed if they cannot reach it either")?;
+        } else {
+            writeln!(out, "note: node {id} has not answered the leader for {s:.1} s")?;
+        }
     }
     writeln!(
         out,
@@ -670,6 +683,36 @@ mod tests {
         let mut out = Vec::new();
         write_stats(&mut out, &answer).expect("written");
         String::from_utf8(out).expect("text")
+    }
+
+    fn status_text(nodes: Value, stable: bool) -> String {
+        let status = json!({ "node": 1, "epoch": 4, "stable": stable, "leader": 1,
+            "nodes": nodes, "in_progress": null, "tree": "", "levels": [] });
+        let mut out = Vec::new();
+        write_status(&mut out, &status).expect("written");
+        String::from_utf8(out).expect("text")
+    }
+
+    #[test]
+    fn status_says_which_nodes_the_leader_has_not_heard_from() {
+        let node = |id: u64, silent: Value, suspected: bool| {
+            json!({ "id": id, "addr": "127.0.0.1:7400", "status": "active", "incarnation": 1,
+                "labels": {}, "voter": true, "silent_ms": silent, "suspected": suspected })
+        };
+        let quiet = status_text(json!([node(1, json!(null), false)]), true);
+        assert!(quiet.contains("epoch 4, stable"), "{quiet}");
+        assert!(!quiet.contains("has not answered"), "{quiet}");
+        let nodes = json!([
+            node(1, json!(null), false),
+            node(2, json!(600), false),
+            node(3, json!(1250), true)
+        ]);
+        let shown = status_text(nodes, false);
+        assert!(shown.contains("not stable: a node is suspected"), "{shown}");
+        assert!(shown.contains("note: node 2 has not answered the leader for 0.6 s"), "{shown}");
+        assert!(shown.contains("WARNING: node 3 has not answered the leader for 1.2 s"), "{shown}");
+        let queued = status_text(json!([node(1, json!(null), false)]), false);
+        assert!(queued.contains("not stable: changes are queued"), "{queued}");
     }
 
     #[test]

@@ -577,6 +577,7 @@ pub fn status_json(view: &View) -> Value {
         .nodes
         .iter()
         .map(|(id, r)| {
+            let silent = view.silent.get(id);
             json!({
                 "id": id,
                 "addr": r.addr,
@@ -584,9 +585,13 @@ pub fn status_json(view: &View) -> Value {
                 "incarnation": r.incarnation,
                 "labels": r.labels,
                 "voter": view.voters.contains(id),
+                "silent_ms": silent.map(|&(ms, _)| ms),
+                "suspected": silent.is_some_and(|&(_, suspected)| suspected),
             })
         })
         .collect();
+    // A suspect is a failure not yet committed: the change that recovers it is on its way.
+    let suspected = view.silent.values().any(|&(_, suspected)| suspected);
     let in_progress = state.in_progress.as_ref().map(|p| {
         json!({
             "epoch": p.epoch,
@@ -598,7 +603,7 @@ pub fn status_json(view: &View) -> Value {
     json!({
         "node": view.node,
         "epoch": state.epoch,
-        "stable": state.is_stable(),
+        "stable": state.is_stable() && !suspected,
         "leader": view.leader,
         "quorum_lost_ms": view.quorum_lost_ms,
         "voters": view.voters,

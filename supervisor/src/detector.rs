@@ -130,6 +130,18 @@ impl Detector {
         actions
     }
 
+    /// The members this leader has not heard from for `late` or longer, with for how long, and
+    /// whether witnesses are being asked about each (a suspect). Silence is counted from the
+    /// last answer, or from when this node began to lead.
+    pub fn silent(&self, now: Instant, late: Duration) -> BTreeMap<u64, (Duration, bool)> {
+        self.last_heard
+            .iter()
+            .map(|(&n, &heard)| (n, now.saturating_duration_since(heard)))
+            .filter(|&(n, age)| age >= late || self.confirming.contains(&n))
+            .map(|(n, age)| (n, (age, self.confirming.contains(&n))))
+            .collect()
+    }
+
     /// A node answered a ping.
     pub fn handle_pong(&mut self, node: u64, now: Instant) {
         if let Some(heard) = self.last_heard.get_mut(&node) {
@@ -189,6 +201,26 @@ mod tests {
 
     fn confirms(actions: &[Action]) -> Vec<&Action> {
         actions.iter().filter(|a| !matches!(a, Action::Ping(_))).collect()
+    }
+
+    #[test]
+    fn silence_is_shown_from_late_on_and_suspects_are_marked() {
+        let start = Instant::now();
+        let late = Duration::from_millis(500);
+        let mut d = Detector::new(1, Duration::from_secs(1), 2);
+        let m = members(&[1, 2, 3]);
+        d.handle_tick(start, &m);
+        let at = |ms| start + Duration::from_millis(ms);
+        d.handle_pong(3, at(400));
+        assert!(d.silent(at(450), late).is_empty(), "nobody late yet");
+        let silent = d.silent(at(600), late);
+        assert_eq!(silent, BTreeMap::from([(2, (Duration::from_millis(600), false))]));
+        d.handle_pong(3, at(1000));
+        assert_eq!(confirms(&d.handle_tick(at(1000), &m)).len(), 1, "node 2 is suspected");
+        assert_eq!(d.silent(at(1000), late)[&2], (Duration::from_secs(1), true));
+        assert!(!d.silent(at(1000), late).contains_key(&3), "node 3 answered");
+        d.handle_probes(2, &[true], at(1100));
+        assert!(d.silent(at(1100), late).is_empty(), "a witness reached node 2");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// A node asking to join, sent to any member and forwarded to the leader.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -88,6 +89,10 @@ pub struct View {
     /// When it leads and has heard from no majority of the voters for longer than the failure
     /// timeout: for how long, in milliseconds. Nothing commits meanwhile.
     pub quorum_lost_ms: Option<u64>,
+    /// When it leads: the members it has not heard from for half the failure timeout or more,
+    /// with for how long in milliseconds, and whether witnesses are being asked about them (the
+    /// node is suspected, and declared failed if they cannot reach it either).
+    pub silent: BTreeMap<u64, (u64, bool)>,
 }
 
 /// The answer to a [`Request`].

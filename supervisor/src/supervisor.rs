@@ -406,7 +406,24 @@ impl Supervisor {
             voters: self.voters(),
             state: (*self.state()).clone(),
             quorum_lost_ms: self.quorum_lost().map(|lost| lost.as_millis() as u64),
+            silent: self.silent_members(),
         }
+    }
+
+    /// While this node leads: the members its detector has not heard from for half the
+    /// failure timeout or more, in milliseconds, and whether each is suspected. Between a
+    /// node's death and its failure's commit the cluster still shows it active: this says so.
+    pub fn silent_members(&self) -> BTreeMap<u64, (u64, bool)> {
+        let live = self.state().live();
+        let detector = self.detector.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(detector) = detector.as_ref() else { return BTreeMap::new() };
+        // The detector forgets a node gone from the members only at its next tick.
+        detector
+            .silent(Instant::now(), self.config.failure_timeout / 2)
+            .into_iter()
+            .filter(|(n, _)| live.contains(n))
+            .map(|(n, (age, suspected))| (n, (age.as_millis() as u64, suspected)))
+            .collect()
     }
 
     /// While this node leads and has heard from no majority of the voters for longer than the

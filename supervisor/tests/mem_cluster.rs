@@ -11,6 +11,7 @@ use gobelins_supervisor::rpc::{Request, Response};
 use gobelins_supervisor::state::{Applied, ClusterState, NodeStatus, Refusal};
 use gobelins_supervisor::transport::{Handler, Transport};
 use gobelins_supervisor::{codec, store, Dispatch, Me, Parts, Supervisor, SupervisorConfig};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tempfile::TempDir;
@@ -694,6 +695,49 @@ fn in_a_cluster_of_two_one_votes_and_the_other_killed_is_declared_failed() {
             s.is_stable() && s.nodes[&killed].status == NodeStatus::Failed
         })
         .await;
+    });
+}
+
+/// Between a node's death and the commit of its failure the cluster's state still shows it
+/// active: the leader's view says it is silent, then suspected, so that `status` does not call
+/// such a cluster stable.
+#[test]
+fn the_leader_s_view_shows_a_dead_node_silent_then_suspected_before_its_failure_commits() {
+    replay(async {
+        let net = MemNetwork::new(5);
+        let nodes = cluster(&net, 3, SupervisorConfig::loopback()).await;
+        until_active(&nodes, 3).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let leading = &nodes[(leader - 1) as usize].supervisor;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(leading.view().silent, BTreeMap::new(), "every node answers");
+        let killed = (1..=3).find(|&n| n != leader).expect("a follower");
+
+        net.crash(killed);
+        let (mut late, mut suspected) = (false, false);
+        loop {
+            let view = leading.view();
+            if view.state.nodes[&killed].status != NodeStatus::Active {
+                break;
+            }
+            match view.silent.get(&killed) {
+                Some(&(_, false)) => late = true,
+                Some(&(ms, true)) => {
+                    suspected = true;
+                    assert!(ms >= 300, "suspected after the failure timeout, not {ms} ms");
+                }
+                None => assert!(!late && !suspected, "silence is never forgotten meanwhile"),
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(late && suspected, "late: {late}, suspected: {suspected}");
+        let at_leader = [&nodes[(leader - 1) as usize]];
+        until_all(&at_leader, Duration::from_secs(30), "the failure recovered", |s| {
+            s.is_stable() && s.nodes[&killed].status == NodeStatus::Failed
+        })
+        .await;
+        let view = leading.view();
+        assert!(!view.silent.contains_key(&killed), "a failed node is no member to hear from");
     });
 }
 
