@@ -1,42 +1,113 @@
-//! Handshakes in progress per source address: one host that opens connections and says
-//! nothing must not take every handshake slot, and with them every join and reconnection.
+//! Handshakes in progress, per source address and in all. One host that opens connections and
+//! says nothing must not take every handshake slot, and with them every join and reconnection;
+//! nor must a few hosts that each take their share. When every slot is taken, a newcomer from
+//! a quieter address takes the oldest slot of the busiest one: a peer that holds the secret
+//! ends its handshake in a few round trips, long before it is the oldest again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
 
-/// Counts the handshakes in progress from each source address, up to a limit each.
+/// Counts the handshakes in progress from each source address and in all, up to a limit each.
 pub(crate) struct Sources {
-    limit: usize,
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    per_source: usize,
+    all: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    next: u64,
+    /// Per source; `None` for peers on another kind of network, which share one count.
+    counts: HashMap<Option<IpAddr>, usize>,
+    /// In progress, oldest first: the source, and what ends the handshake when it is evicted.
+    pending: BTreeMap<u64, (Option<IpAddr>, CancellationToken)>,
+}
+
+/// Why a connection got no handshake slot.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Busy {
+    /// Its address has its share in progress already.
+    Source,
+    /// Every slot is taken, by addresses with no more in progress than this one.
+    All,
 }
 
 /// One handshake counted against its source; uncounted when dropped.
 pub(crate) struct Counted {
     sources: Arc<Sources>,
-    ip: Option<IpAddr>,
+    seq: u64,
+    evicted: CancellationToken,
+}
+
+/// A slot given, and the source whose oldest handshake was ended to make room for it.
+pub(crate) struct Admitted {
+    /// The slot, held for the handshake.
+    pub(crate) counted: Counted,
+    /// The address whose handshake was evicted, if one was.
+    pub(crate) evicted: Option<String>,
 }
 
 impl Sources {
-    pub(crate) fn new(limit: usize) -> Arc<Sources> {
-        Arc::new(Sources { limit, counts: Mutex::default() })
+    pub(crate) fn new(per_source: usize, all: usize) -> Arc<Sources> {
+        Arc::new(Sources { per_source, all, state: Mutex::default() })
     }
 
-    /// Counts a handshake from `peer` (an `ip:port`), or `None` if its address has `limit` in
-    /// progress already. A peer whose address does not parse (another kind of network) is
-    /// not limited.
-    pub(crate) fn admit(self: &Arc<Self>, peer: &str) -> Option<Counted> {
-        let Ok(addr) = peer.parse::<SocketAddr>() else {
-            return Some(Counted { sources: Arc::clone(self), ip: None });
-        };
-        let ip = source(addr.ip());
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(ip).or_default();
-        if *count >= self.limit {
-            return None;
+    /// Counts a handshake from `peer` (an `ip:port`). A peer whose address does not parse
+    /// (another kind of network) is not limited on its own, only in all.
+    pub(crate) fn admit(self: &Arc<Self>, peer: &str) -> Result<Admitted, Busy> {
+        let ip = peer.parse::<SocketAddr>().ok().map(|addr| source(addr.ip()));
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = state.counts.get(&ip).copied().unwrap_or(0);
+        if ip.is_some() && mine >= self.per_source {
+            return Err(Busy::Source);
         }
-        *count += 1;
-        Some(Counted { sources: Arc::clone(self), ip: Some(ip) })
+        let mut evicted = None;
+        if state.pending.len() >= self.all {
+            let busiest = state.counts.values().copied().max().unwrap_or(0);
+            // Only from an address busier than the newcomer's would be: two hosts taking
+            // turns at one slot each would otherwise evict each other for ever.
+            if busiest <= mine {
+                return Err(Busy::All);
+            }
+            let victim = state
+                .pending
+                .iter()
+                .find(|(_, (from, _))| state.counts.get(from) == Some(&busiest))
+                .map(|(&seq, _)| seq)
+                .expect("a source's count is its handshakes in progress");
+            let (from, ends) = state.pending.remove(&victim).expect("found just now");
+            ends.cancel();
+            state.uncount(from);
+            evicted =
+                Some(from.map_or_else(|| "another kind of network".into(), |ip| ip.to_string()));
+        }
+        let seq = state.next;
+        state.next += 1;
+        let ends = CancellationToken::new();
+        state.pending.insert(seq, (ip, ends.clone()));
+        *state.counts.entry(ip).or_default() += 1;
+        let counted = Counted { sources: Arc::clone(self), seq, evicted: ends };
+        Ok(Admitted { counted, evicted })
+    }
+}
+
+impl State {
+    fn uncount(&mut self, from: Option<IpAddr>) {
+        if let Some(count) = self.counts.get_mut(&from) {
+            *count -= 1;
+            if *count == 0 {
+                self.counts.remove(&from);
+            }
+        }
+    }
+}
+
+impl Counted {
+    /// Resolves when this handshake's slot was given to a newcomer: the handshake must end.
+    pub(crate) async fn evicted(&self) {
+        self.evicted.cancelled().await
     }
 }
 
@@ -58,13 +129,9 @@ fn source(ip: IpAddr) -> IpAddr {
 
 impl Drop for Counted {
     fn drop(&mut self) {
-        let Some(ip) = self.ip else { return };
-        let mut counts = self.sources.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&ip) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&ip);
-            }
+        let mut state = self.sources.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((from, _)) = state.pending.remove(&self.seq) {
+            state.uncount(from);
         }
     }
 }
@@ -73,34 +140,73 @@ impl Drop for Counted {
 mod tests {
     use super::*;
 
+    fn admit(sources: &Arc<Sources>, peer: &str) -> Option<Counted> {
+        sources.admit(peer).ok().map(|a| a.counted)
+    }
+
     #[test]
     fn a_source_gets_its_limit_and_no_more_and_others_are_not_counted_against_it() {
-        let sources = Sources::new(2);
-        let first = sources.admit("10.0.0.1:4000").expect("first");
-        let _second = sources.admit("10.0.0.1:4001").expect("second");
-        assert!(sources.admit("10.0.0.1:4002").is_none(), "a third from the same host");
-        assert!(sources.admit("10.0.0.2:4000").is_some(), "another host");
+        let sources = Sources::new(2, 64);
+        let first = admit(&sources, "10.0.0.1:4000").expect("first");
+        let _second = admit(&sources, "10.0.0.1:4001").expect("second");
+        assert_eq!(sources.admit("10.0.0.1:4002").err(), Some(Busy::Source), "a third");
+        assert!(admit(&sources, "10.0.0.2:4000").is_some(), "another host");
         drop(first);
-        assert!(sources.admit("10.0.0.1:4003").is_some(), "a slot freed");
-        assert!(sources.admit("not an address").is_some(), "another kind of network");
+        assert!(admit(&sources, "10.0.0.1:4003").is_some(), "a slot freed");
+        assert!(admit(&sources, "not an address").is_some(), "another kind of network");
     }
 
     #[test]
     fn a_source_with_nothing_in_progress_is_forgotten() {
-        let sources = Sources::new(1);
-        drop(sources.admit("10.0.0.1:4000"));
-        assert!(sources.counts.lock().unwrap().is_empty());
+        let sources = Sources::new(1, 64);
+        drop(admit(&sources, "10.0.0.1:4000"));
+        let state = sources.state.lock().unwrap();
+        assert!(state.counts.is_empty() && state.pending.is_empty());
     }
 
     #[test]
     fn the_addresses_of_one_ipv6_64_count_as_one_source() {
-        let sources = Sources::new(2);
-        let _a = sources.admit("[2001:db8:1:2::1]:4000").expect("first");
-        let _b = sources.admit("[2001:db8:1:2:ffff::9]:4000").expect("second, same /64");
-        assert!(sources.admit("[2001:db8:1:2::3]:4000").is_none(), "a third from that /64");
-        assert!(sources.admit("[2001:db8:1:3::1]:4000").is_some(), "another /64");
-        let _c = sources.admit("10.0.0.1:4000").expect("an IPv4 host");
-        let _d = sources.admit("[::ffff:10.0.0.1]:4000").expect("the same host, mapped");
-        assert!(sources.admit("10.0.0.1:4001").is_none(), "counted as one");
+        let sources = Sources::new(2, 64);
+        let _a = admit(&sources, "[2001:db8:1:2::1]:4000").expect("first");
+        let _b = admit(&sources, "[2001:db8:1:2:ffff::9]:4000").expect("second, same /64");
+        assert!(admit(&sources, "[2001:db8:1:2::3]:4000").is_none(), "a third from that /64");
+        assert!(admit(&sources, "[2001:db8:1:3::1]:4000").is_some(), "another /64");
+        let _c = admit(&sources, "10.0.0.1:4000").expect("an IPv4 host");
+        let _d = admit(&sources, "[::ffff:10.0.0.1]:4000").expect("the same host, mapped");
+        assert!(admit(&sources, "10.0.0.1:4001").is_none(), "counted as one");
+    }
+
+    /// Hosts that each take their share of the slots and say nothing do not keep out a peer
+    /// from another address: it takes the oldest slot of the busiest host.
+    #[tokio::test]
+    async fn with_every_slot_taken_a_newcomer_evicts_the_oldest_of_the_busiest_source() {
+        let sources = Sources::new(2, 4);
+        let held: Vec<Counted> = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.1:2", "10.0.0.2:2"]
+            .iter()
+            .map(|peer| admit(&sources, peer).expect("a slot"))
+            .collect();
+        let admitted = sources.admit("10.0.0.3:1").expect("the newcomer gets in");
+        assert_eq!(admitted.evicted.as_deref(), Some("10.0.0.1"));
+        held[0].evicted().await;
+        for other in &held[1..] {
+            assert!(!other.evicted.is_cancelled(), "one eviction for one newcomer");
+        }
+        // 10.0.0.2 is now the busiest, with two against one each for the others.
+        let next = sources.admit("10.0.0.4:1").expect("another newcomer");
+        assert_eq!(next.evicted.as_deref(), Some("10.0.0.2"));
+        assert!(held[1].evicted.is_cancelled(), "10.0.0.2's oldest");
+        // Every address has one: a new address takes the oldest slot of all, 10.0.0.1's.
+        let fifth = sources.admit("10.0.0.5:1").expect("a fifth address");
+        assert_eq!(fifth.evicted.as_deref(), Some("10.0.0.1"));
+        assert!(held[2].evicted.is_cancelled());
+        // An address with one already would evict one as busy as itself: it waits its turn.
+        assert_eq!(sources.admit("10.0.0.2:3").err(), Some(Busy::All), "no busier than its own");
+        drop(admitted);
+        assert!(admit(&sources, "10.0.0.2:3").is_some(), "a slot freed");
+        // An evicted handshake's slot is counted once: dropping it later frees nothing more.
+        drop(held);
+        let state = sources.state.lock().unwrap();
+        assert_eq!(state.pending.len(), 2, "the two newcomers still held");
+        assert_eq!(state.counts.values().sum::<usize>(), 2);
     }
 }

@@ -24,24 +24,23 @@ use crate::error::{Result, SupervisorError};
 use crate::frame::{FrameCodec, Wire, DEFAULT_MAX_FRAME, HANDSHAKE_MAX_FRAME, NO_ANSWER};
 use crate::frame_writer::FrameWriter;
 use crate::handshake::{self, Hello};
-use crate::log_budget::LogBudget;
 use crate::net::{Net, TokioNet};
 use crate::outbox::Outbox;
 use crate::secret::ClusterSecret;
 use crate::slots::{Slot, Slots};
-use crate::sources::Sources;
+use crate::sources::{Admitted, Busy, Sources};
 use crate::transport::{Admission, Handler, Transport};
 use crate::waiters::Waiters;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use gobelins_adaptation::log_budget::LogBudget;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, FramedParts};
 use tokio_util::sync::CancellationToken;
@@ -59,7 +58,9 @@ pub struct TcpConfig {
     pub backoff_min: Duration,
     /// Longest wait between dials to an unreachable peer.
     pub backoff_max: Duration,
-    /// Handshakes with not-yet-authenticated peers at once; more are dropped at accept.
+    /// Handshakes with not-yet-authenticated peers at once. Past that, a newcomer takes the
+    /// oldest slot of the address with the most in progress, if it is busier than the
+    /// newcomer's; otherwise the newcomer is dropped at accept.
     pub max_handshakes: usize,
     /// Of those, handshakes from one source address at once: a host that opens connections
     /// and says nothing takes this many slots, not all of them.
@@ -293,7 +294,7 @@ struct Inner<N: Net> {
     peers: Mutex<HashMap<u64, Peer, foldhash::fast::RandomState>>,
     dialing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>, foldhash::fast::RandomState>>,
     next_id: AtomicU64,
-    handshakes: Arc<Semaphore>,
+    /// Handshakes in progress, per source address and in all.
     sources: Arc<Sources>,
     /// Lines about connections refused or dropped before their handshake ended.
     refusals: Mutex<LogBudget>,
@@ -332,8 +333,7 @@ impl<N: Net> TcpTransport<N> {
             .bind(&listen)
             .await
             .map_err(|e| SupervisorError::io(format!("listening on {listen}"), e))?;
-        let handshakes = Arc::new(Semaphore::new(config.max_handshakes));
-        let sources = Sources::new(config.max_handshakes_per_source);
+        let sources = Sources::new(config.max_handshakes_per_source, config.max_handshakes);
         let transport = TcpTransport {
             inner: Arc::new(Inner {
                 net,
@@ -345,7 +345,6 @@ impl<N: Net> TcpTransport<N> {
                 peers: Mutex::default(),
                 dialing: Mutex::default(),
                 next_id: AtomicU64::new(1),
-                handshakes,
                 sources,
                 refusals: Mutex::new(LogBudget::new(REFUSALS_WINDOW, REFUSALS_LOGGED)),
                 shutdown: CancellationToken::new(),
@@ -394,18 +393,31 @@ impl<N: Net> TcpTransport<N> {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    let Some(counted) = self.inner.sources.admit(&peer) else {
-                        self.refused(|| tracing::warn!(%peer, "too many handshakes in progress from this address; dropped a connection (a peer that connects and says nothing?)"));
-                        continue;
-                    };
-                    let Ok(permit) = Arc::clone(&self.inner.handshakes).try_acquire_owned() else {
-                        self.refused(|| tracing::warn!(%peer, "too many handshakes in progress; dropped a connection"));
-                        continue;
+                    let counted = match self.inner.sources.admit(&peer) {
+                        Ok(Admitted { counted, evicted: None }) => counted,
+                        Ok(Admitted { counted, evicted: Some(from) }) => {
+                            self.refused(|| tracing::warn!(%peer, evicted_from = %from, "every handshake slot was taken: ended the oldest handshake from the address with the most in progress to let this connection in (hosts that connect and say nothing?)"));
+                            counted
+                        }
+                        Err(Busy::Source) => {
+                            self.refused(|| tracing::warn!(%peer, "too many handshakes in progress from this address; dropped a connection (a peer that connects and says nothing?)"));
+                            continue;
+                        }
+                        Err(Busy::All) => {
+                            self.refused(|| tracing::warn!(%peer, "every handshake slot is taken, by addresses with no more in progress than this one; dropped a connection (many hosts that connect and say nothing?)"));
+                            continue;
+                        }
                     };
                     let me = self.clone();
                     tokio::spawn(async move {
-                        let admitted = me.admit_incoming(stream, &peer).await;
-                        drop((permit, counted));
+                        let admitted = tokio::select! {
+                            admitted = me.admit_incoming(stream, &peer) => admitted,
+                            _ = counted.evicted() => Err(SupervisorError::Handshake {
+                                peer: peer.clone(),
+                                reason: "its slot went to a newer connection: every handshake slot was taken, and its address had the most in progress".into(),
+                            }),
+                        };
+                        drop(counted);
                         if let Err(error) = admitted {
                             me.refused(
                                 || tracing::warn!(%peer, %error, "refused an incoming connection"),
@@ -980,6 +992,29 @@ mod tests {
             silent.push(socket.connect(b_addr.parse().expect("address")).await.expect("connect"));
         }
         // Within a handshake's timeout (2 s), while the silent ones would still hold their slots.
+        a.set_peer(2, b_addr);
+        let call = a.call(2, Bytes::from_static(b"ping"), Duration::from_secs(1)).await;
+        assert_eq!(call.expect("answered"), Bytes::from_static(b"ping"));
+    }
+
+    /// Hosts that each open their share of the handshake slots and say nothing, enough of them
+    /// to take every slot, do not keep a peer out either: it takes the oldest slot of one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hosts_that_take_every_handshake_slot_and_say_nothing_do_not_keep_a_peer_out() {
+        let secret = ClusterSecret::generate();
+        let ((a, _), (_b, b_addr)) = (started(&secret, 1).await, started(&secret, 2).await);
+        let config = TcpConfig::default();
+        let hosts = config.max_handshakes.div_ceil(config.max_handshakes_per_source);
+        let mut silent = Vec::new();
+        for host in 0..hosts {
+            for _ in 0..config.max_handshakes_per_source {
+                let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+                let from = format!("127.0.1.{}:0", host + 1);
+                socket.bind(from.parse().expect("address")).expect("bind a loopback address");
+                silent
+                    .push(socket.connect(b_addr.parse().expect("address")).await.expect("connect"));
+            }
+        }
         a.set_peer(2, b_addr);
         let call = a.call(2, Bytes::from_static(b"ping"), Duration::from_secs(1)).await;
         assert_eq!(call.expect("answered"), Bytes::from_static(b"ping"));
