@@ -198,9 +198,14 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(
     reason: String,
     secret: bool,
 ) -> SupervisorError {
-    let told = if secret { HandshakeMessage::RefusedSecret } else { HandshakeMessage::Refused };
+    // A Hello refused for its versions or its magic says nothing of a secret: the dialer is
+    // told the reason itself (say, which node to upgrade).
+    let told = match secret {
+        true => HandshakeMessage::RefusedSecret(TOLD.into()),
+        false => HandshakeMessage::Refused(reason.clone()),
+    };
     // Best effort: the peer may already be gone, and the error we return matters more.
-    let _ = send(framed, &told(TOLD.into())).await;
+    let _ = send(framed, &told).await;
     SupervisorError::Handshake { peer: peer.into(), reason }
 }
 
@@ -396,6 +401,30 @@ mod tests {
         let (a, b) = (a.to_string(), b.to_string());
         assert!(b.contains("check --secret-file"), "{b}");
         assert!(a.contains("refused by peer"), "{a}");
+    }
+
+    /// A dialer of another protocol version is told which versions do not overlap, not that
+    /// its secret differs.
+    #[tokio::test]
+    async fn a_dialer_of_another_protocol_version_is_told_so() {
+        let secret = ClusterSecret::generate();
+        let (a, b) = tokio::io::duplex(4096);
+        let mut a = Framed::new(a, FrameCodec::default());
+        let mut b = Framed::new(b, FrameCodec::default());
+        let mut old = Hello::new(secret.cluster, 1, 1, "127.0.0.1:1".into());
+        (old.min_version, old.max_version) = (MIN_VERSION - 1, MIN_VERSION - 1);
+        let ours = Hello::new(secret.cluster, 2, 1, "127.0.0.1:2".into());
+        let deadline = Duration::from_secs(5);
+        let (a, b) = tokio::join!(
+            initiate(&mut a, &secret, old, "n2", deadline),
+            accept(&mut b, &secret, ours, "n1", deadline, |_| Ok(()))
+        );
+        let (a, b) = (a.unwrap_err(), b.unwrap_err());
+        assert!(!matches!(a, SupervisorError::SecretDiffers { .. }), "{a}");
+        let (a, b) = (a.to_string(), b.to_string());
+        assert!(a.contains("do not overlap") && a.contains("upgrade the older node"), "{a}");
+        assert!(!a.contains("secret"), "{a}");
+        assert!(b.contains("do not overlap"), "{b}");
     }
 
     #[tokio::test(start_paused = true)]

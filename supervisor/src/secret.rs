@@ -90,6 +90,13 @@ impl ClusterSecret {
             };
             SupervisorError::io(what, e)
         })?;
+        if let Some(mode) = exposed(path) {
+            tracing::warn!(
+                file = %path.display(),
+                mode = format!("{mode:o}"),
+                "the cluster secret file can be read by other users: whoever reads it can join the cluster, and serve or read its data. `chmod 600` it (the agent keeps its own copy in its data directory, readable by its user only)"
+            );
+        }
         Self::from_text(&text)
     }
 
@@ -120,6 +127,13 @@ impl ClusterSecret {
     }
 }
 
+/// The mode of the file at `path` when users other than its owner may read it.
+fn exposed(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+    (mode & 0o044 != 0).then_some(mode)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,10 +149,25 @@ mod tests {
         secret.save(&path).unwrap();
         assert_eq!(ClusterSecret::load(&path).unwrap(), secret);
         assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(exposed(&path), None);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "nothing left aside");
         // Never replaced.
         assert!(ClusterSecret::generate().save(&path).is_err());
         assert_eq!(ClusterSecret::load(&path).unwrap(), secret);
+    }
+
+    #[test]
+    fn a_secret_file_others_may_read_is_named() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("copied.secret");
+        std::fs::write(&path, ClusterSecret::generate().to_text()).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(exposed(&path), Some(0o644));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        assert_eq!(exposed(&path), Some(0o640), "its group");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(exposed(&path), None);
     }
 
     #[test]
