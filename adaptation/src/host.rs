@@ -15,6 +15,7 @@ use crate::error::AdaptationError;
 use crate::gate::{Gate, Pass};
 use crate::kept::{Forget, Kept, KeptOrder};
 use crate::link::Link;
+use crate::log_budget::{budgeted, LogBudget};
 use crate::mirrors::Mirrors;
 use crate::pool::Pool;
 use crate::registry::Registry;
@@ -339,13 +340,17 @@ pub struct Host {
     /// The current life's state. A node the cluster declared failed while it still ran gets a
     /// new life ([`Host::renew`]): every clone must then reach the new one.
     inner: Arc<ArcSwap<Inner>>,
+    /// Lines about messages that could not be decoded: a peer of another build sends nothing
+    /// else.
+    malformed: Arc<Mutex<LogBudget>>,
 }
 
 impl Host {
     /// Starts the host of node `me` with its services; `link` reaches the other hosts.
     /// Must be called inside a tokio runtime (it spawns the driver).
     pub fn start(me: NodeId, registry: Registry, link: Arc<dyn Link>, config: HostConfig) -> Host {
-        Host { inner: Arc::new(ArcSwap::new(Inner::spawn(me, registry, link, config))) }
+        let inner = Arc::new(ArcSwap::new(Inner::spawn(me, registry, link, config)));
+        Host { inner, malformed: Arc::new(crate::log_budget::malformed()) }
     }
 
     /// Ends this life and starts a new one with fresh `registry` services: what a process
@@ -527,7 +532,9 @@ impl Host {
         let reply = match Message::decode(bytes) {
             Ok(message) => self.inner.load_full().answer(from, message).await,
             Err(e) => {
-                tracing::warn!(node = from.0, error = %e, "malformed adaptation message refused");
+                budgeted(&self.malformed, "undecodable adaptation messages", || {
+                    tracing::warn!(node = from.0, error = %e, "an adaptation message from this node could not be decoded, and was refused: is it running another gobelins build? (`gobelins --version` on both; a cluster's nodes must run builds of one protocol version)");
+                });
                 Reply::Refused(format!("malformed message: {e}"))
             }
         };

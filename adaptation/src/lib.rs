@@ -37,6 +37,7 @@ mod gate;
 pub mod host;
 mod kept;
 pub mod link;
+pub mod log_budget;
 mod mirrors;
 pub mod period;
 mod pool;

@@ -30,7 +30,6 @@ mod frame_writer;
 pub mod handshake;
 pub mod lane;
 pub mod link;
-mod log_budget;
 pub mod mem;
 pub mod net;
 pub mod network;

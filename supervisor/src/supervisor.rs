@@ -21,6 +21,7 @@ use crate::types::Raft;
 use crate::voters::{can_commit, desired_voters};
 use async_trait::async_trait;
 use bytes::Bytes;
+use gobelins_adaptation::log_budget::{budgeted, LogBudget};
 use gobelins_adaptation::{codec, Host, Progress, Registry, Update};
 use gobelins_locator::{Change, Epoch, Labels, NodeId, Snapshot};
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
@@ -187,6 +188,8 @@ pub struct Supervisor {
     state: watch::Receiver<Arc<ClusterState>>,
     config: SupervisorConfig,
     detector: Mutex<Option<Detector>>,
+    /// Lines about messages that could not be decoded.
+    malformed: Mutex<LogBudget>,
     /// The leader loop's ticks: a pause of this process shows as one woken late.
     pauses: Pauses,
     /// While this node leads with no acknowledgement of a majority on record (raft has none
@@ -306,6 +309,7 @@ impl Supervisor {
             state,
             config: parts.config,
             detector: Mutex::new(None),
+            malformed: gobelins_adaptation::log_budget::malformed(),
             pauses: Pauses::new(lease_span),
             unacked_since: Mutex::new(None),
             leaderless: Mutex::default(),
@@ -946,7 +950,9 @@ impl Supervisor {
             // make every message's future (allocated once per message) larger.
             Ok((Lane::Supervisor, bytes)) => Box::pin(self.supervise(from, bytes)).await,
             Err(e) => {
-                tracing::warn!(node = from, error = %e, "malformed message");
+                budgeted(&self.malformed, "undecodable messages", || {
+                    tracing::warn!(node = from, error = %e, "a message from this node could not be decoded, and was answered Malformed: is it running another gobelins build? (`gobelins --version` on both; a cluster's nodes must run builds of one protocol version)");
+                });
                 encode_response(&Response::Malformed(e.to_string()))
             }
         }
@@ -957,7 +963,9 @@ impl Supervisor {
         let request = match codec::decode::<Request>(&bytes) {
             Ok(request) => request,
             Err(e) => {
-                tracing::warn!(node = from, error = %e, "malformed request");
+                budgeted(&self.malformed, "undecodable messages", || {
+                    tracing::warn!(node = from, error = %e, "a request from this node could not be decoded, and was answered Malformed: is it running another gobelins build? (`gobelins --version` on both; a cluster's nodes must run builds of one protocol version)");
+                });
                 return encode_response(&Response::Malformed(e.to_string()));
             }
         };

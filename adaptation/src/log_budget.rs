@@ -1,13 +1,16 @@
-//! How many lines a noisy kind of event may log: connections refused before they proved the
+//! How many lines a noisy kind of event may log. Connections refused before they proved the
 //! cluster secret come from anyone who can reach the port, and one line each let a flood of
-//! them fill the disk the raft store shares (330,000 lines in 25 s, in an audit).
+//! them fill the disk the raft store shares (330,000 lines in 25 s, in an audit); messages a
+//! peer of another build sends cannot be decoded, one after another. A service whose handler
+//! logs what a peer sent it can use it too.
 
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// A window's worth of lines, then silence counted until the next window.
 #[derive(Debug)]
-pub(crate) struct LogBudget {
+pub struct LogBudget {
     window: Duration,
     per_window: u32,
     started: Option<Instant>,
@@ -17,21 +20,21 @@ pub(crate) struct LogBudget {
 
 /// What to log for one event.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Take {
+pub struct Take {
     /// Whether this event's line is logged.
-    pub(crate) log: bool,
+    pub log: bool,
     /// Lines not logged in the window that just ended, to be said in one line now.
-    pub(crate) skipped: u64,
+    pub skipped: u64,
 }
 
 impl LogBudget {
     /// `per_window` lines every `window`.
-    pub(crate) fn new(window: Duration, per_window: u32) -> Self {
+    pub fn new(window: Duration, per_window: u32) -> Self {
         LogBudget { window, per_window, started: None, used: 0, skipped: 0 }
     }
 
     /// An event at `now`.
-    pub(crate) fn take(&mut self, now: Instant) -> Take {
+    pub fn take(&mut self, now: Instant) -> Take {
         let mut ended = 0;
         if self.started.is_none_or(|started| now.duration_since(started) >= self.window) {
             ended = std::mem::take(&mut self.skipped);
@@ -47,14 +50,52 @@ impl LogBudget {
     }
 
     /// The window's length, for the line that counts what was skipped.
-    pub(crate) fn window(&self) -> Duration {
+    pub fn window(&self) -> Duration {
         self.window
     }
+}
+
+/// Logs one event of a kind with `log` while `budget` lasts, first saying how many lines of
+/// `what` the window before left out.
+pub fn budgeted(budget: &Mutex<LogBudget>, what: &str, log: impl FnOnce()) {
+    let (take, window, per_window) = {
+        let mut budget = budget.lock().unwrap_or_else(|p| p.into_inner());
+        (budget.take(Instant::now()), budget.window(), budget.per_window)
+    };
+    if take.skipped > 0 {
+        tracing::warn!(
+            skipped = take.skipped,
+            "{} more lines of {what} were not logged, since the lines before this one (at most {} every {} s)",
+            take.skipped,
+            per_window,
+            window.as_secs()
+        );
+    }
+    if take.log {
+        log();
+    }
+}
+
+/// The budget for messages from authenticated peers that could not be decoded: 5 lines
+/// every 10 s.
+pub fn malformed() -> Mutex<LogBudget> {
+    Mutex::new(LogBudget::new(Duration::from_secs(10), 5))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn budgeted_logs_a_window_s_worth_and_no_more() {
+        let budget = Mutex::new(LogBudget::new(Duration::from_secs(3600), 2));
+        let mut logged = 0;
+        for _ in 0..10 {
+            budgeted(&budget, "test lines", || logged += 1);
+        }
+        assert_eq!(logged, 2);
+        assert_eq!(budget.lock().unwrap().skipped, 8);
+    }
 
     #[test]
     fn a_window_logs_its_lines_then_counts_the_rest_and_the_next_one_says_how_many() {
