@@ -9,7 +9,7 @@ use crate::entering::Entering;
 use crate::error::{Result, SupervisorError};
 use crate::rpc::{ProposeError, View};
 use crate::state::{Command, NodeStatus, Refusal};
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Lifecycle, Supervisor};
 use gobelins_locator::{Key, ServiceId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -355,6 +355,26 @@ async fn answer(
             change((&mut read, &mut write), &node, evict, target, NodeStatus::Left).await
         }
         ControlRequest::Join { seed } => {
+            // On its way out after a leave: joined now, the node was active for the moment
+            // before the agent stopped, and the cluster then declared it failed.
+            if *node.lifecycle().borrow() != Lifecycle::Member {
+                let why = "this agent is stopping: its node left the cluster, or stopped on an error (its log says which). Start the agent again with --join ADDR (a member's address) to take part as a new life of this node";
+                return flush(&mut write, &[json!({ "error": why })]).await;
+            }
+            let view = node.cluster_view().await;
+            let me = node.id();
+            let active = view.state.nodes.get(&me).is_some_and(|r| {
+                r.status == NodeStatus::Active && r.incarnation == node.incarnation()
+            });
+            // By the word of a leader, not this node's own view, which may be stale.
+            if active && view.leader == Some(view.node) {
+                let already = format!("node {me} is already an active member: nothing to do");
+                return flush(
+                    &mut write,
+                    &[json!({ "progress": already }), json!({ "ok": status_json(&view) })],
+                )
+                .await;
+            }
             let asking = format!("asking the cluster through {seed}");
             flush(&mut write, &[json!({ "progress": asking })]).await?;
             let line = match node.join_cluster(&seed, Duration::from_secs(10)).await {
