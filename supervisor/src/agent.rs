@@ -139,6 +139,8 @@ impl<N: Net> Agent<N> {
     ) -> Result<Launched<N>> {
         let addr = advertised(options)?;
         let dir = DataDir::open(&options.data_dir)?;
+        // Until the raft store's lock is taken, which then keeps a second agent out.
+        let starting = dir.lock()?;
         fits_a_socket(&dir.socket_path())?;
         // Said first: a --bootstrap was told the directory holds a cluster, and anything else
         // learned it from the raft store's lock, in the store's words.
@@ -222,12 +224,36 @@ impl<N: Net> Agent<N> {
                 (1, true)
             }
         };
+        // A member's directory whose raft store is gone (deleted, or moved aside after an
+        // error opening it): the store held the votes this node cast and the log it
+        // acknowledged. Voting again with an empty log, it elected a leader that lacked a
+        // committed change, and the cluster lost it; resumed, it knew no peer and waited for
+        // good, saying nothing.
+        if restarted && !dir.unadmitted()? && !dir.store_path().exists() {
+            let missing = format!(
+                "the raft store {} is missing from this data directory, whose node was a member \
+                 of cluster {}",
+                dir.store_path().display(),
+                secret.cluster
+            );
+            if !matches!(options.start, Start::Join(_)) {
+                return Err(SupervisorError::Config(format!(
+                    "{missing}: this node no longer knows its peers, nor what it voted. Put the \
+                     file back if you have it; otherwise start the agent with --join ADDR (a \
+                     member's address): it comes back as a new life, and votes only once the \
+                     cluster has admitted it again"
+                )));
+            }
+            tracing::warn!("{missing}: it joins as a new life, and votes only once the cluster has admitted it again");
+            dir.mark_unadmitted()?;
+        }
         // Not `!restarted`: a start refused (its join, say) leaves an incarnation behind, and
         // a wiped voter started twice must not vote on its second start either.
         let fresh = dir.unadmitted()?;
         let me = Me { id: node, addr: addr.clone(), labels: options.labels.clone() };
 
         let (log, machine) = store::open_with(&dir.store_path(), options.durable)?;
+        drop(starting);
         let admission = Arc::new(StateAdmission::new(machine.subscribe()));
         let dispatch = Arc::new(Dispatch::default());
         let tcp = TcpTransport::start(

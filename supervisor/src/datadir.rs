@@ -60,6 +60,26 @@ impl DataDir {
         Ok(DataDir { root: root.to_path_buf() })
     }
 
+    /// Takes the directory's lock (`flock` on the directory itself) for as long as the file
+    /// returned is open: a second agent started on it at the same moment is refused before
+    /// it writes anything. Held until the raft store's own lock is taken: two agents started
+    /// together on a fresh directory each wrote their node id, and one ran as a node whose id
+    /// the other then replaced, which no restart could bring back.
+    pub fn lock(&self) -> Result<std::fs::File> {
+        let opening =
+            |e| SupervisorError::io(format!("opening data directory {}", self.root.display()), e);
+        let file = std::fs::File::open(&self.root).map_err(opening)?;
+        match file.try_lock() {
+            Ok(()) => Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => Err(SupervisorError::Config(format!(
+                "another agent is starting with --data-dir {}: stop it first, or give this one \
+                 another --data-dir",
+                self.root.display()
+            ))),
+            Err(std::fs::TryLockError::Error(e)) => Err(opening(e)),
+        }
+    }
+
     /// The directory.
     pub fn path(&self) -> &Path {
         &self.root
@@ -210,6 +230,17 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_locked_by_one_start_refuses_another_until_it_is_let_go() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(root.path()).unwrap();
+        let held = dir.lock().expect("the first start takes the lock");
+        let refused = DataDir::open(root.path()).unwrap().lock().unwrap_err().to_string();
+        assert!(refused.contains("another agent is starting"), "{refused}");
+        drop(held);
+        assert!(dir.lock().is_ok(), "let go with its file");
+    }
 
     #[test]
     fn a_directory_of_another_user_is_warned_of_saying_whose_and_what_to_do() {
