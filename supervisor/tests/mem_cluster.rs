@@ -1710,6 +1710,69 @@ fn a_control_client_that_hangs_up_is_not_followed_for_the_rest_of_the_minute() {
     });
 }
 
+/// `gobelins join` asked of an active member says there is nothing to do; asked of an agent
+/// whose node left, it is refused: joined in the moment before that agent stopped, the node
+/// was active, then declared failed.
+#[test]
+fn a_join_asked_of_an_active_node_does_nothing_and_of_a_node_that_left_is_refused() {
+    use gobelins_supervisor::state::Command;
+    use gobelins_supervisor::Lifecycle;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    replay(async {
+        let net = MemNetwork::new(16);
+        let nodes = three_voters(&net).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let asker = (1..=3).find(|&id| id != leader).expect("a follower");
+        let supervisor = Arc::clone(&nodes[asker as usize - 1].supervisor);
+        let dir = TempDir::new().expect("temporary directory");
+        let path = dir.path().join("control.sock");
+        let entering = gobelins_supervisor::entering::Entering::new(String::new());
+        entering.done();
+        let _socket = gobelins_supervisor::control::serve(
+            &path,
+            Arc::clone(&supervisor),
+            gobelins_supervisor::console::Consoles::new(),
+            entering,
+        )
+        .await
+        .expect("control socket");
+        let join = |seed: u64| {
+            let path = path.clone();
+            async move {
+                let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
+                let (client, mut sending) = client.into_split();
+                let request = format!("{{\"cmd\":\"join\",\"seed\":\"n{seed}\"}}\n");
+                sending.write_all(request.as_bytes()).await.expect("request sent");
+                let mut lines = tokio::io::BufReader::new(client).lines();
+                let mut said = Vec::new();
+                while let Some(line) = lines.next_line().await.expect("reads") {
+                    said.push(line);
+                }
+                said.join("\n")
+            }
+        };
+        let said = join(leader).await;
+        assert!(said.contains("already an active member: nothing to do"), "{said}");
+        assert!(said.contains("\"ok\""), "{said}");
+
+        let leave = Command::Leave { node: asker };
+        let at_leader = &nodes[leader as usize - 1].supervisor;
+        assert!(matches!(at_leader.propose(leave).await, Ok(Ok(_))));
+        let mut lifecycle = supervisor.lifecycle();
+        let left = tokio::time::timeout(
+            Duration::from_secs(30),
+            lifecycle.wait_for(|l| *l == Lifecycle::Left),
+        )
+        .await
+        .is_ok();
+        assert!(left, "the node left");
+        let said = join(leader).await;
+        assert!(said.contains("this agent is stopping"), "{said}");
+        let state = at_leader.state();
+        assert_eq!(state.nodes[&asker].status, NodeStatus::Left, "no join was asked");
+    });
+}
+
 /// A joiner's first lease runs from its ask, not from when it learned it was admitted: the
 /// cluster watches it from its join's commit, which came after the ask, and a process frozen
 /// meanwhile would have served for half a failure timeout after it woke, when the cluster may
