@@ -345,7 +345,17 @@ async fn enter(
     // left, or was declared failed, joins as a new life.
     let start = match &options.start {
         Start::Join(seed) if restarted => {
-            match supervisor.last_life_is_member(seed, JOIN_WINDOW).await {
+            let asked = supervisor.last_life_is_member(seed, JOIN_WINDOW).await;
+            let asked = asked.map_err(|refused| {
+                SupervisorError::Config(format!(
+                    "{refused}. The seed holds another secret than this data directory's \
+                     cluster ({}): to move this node to the seed's cluster, start it with an \
+                     empty --data-dir and that cluster's --secret-file; to bring it back to its \
+                     own, give --join a member of cluster {}",
+                    secret.cluster, secret.cluster
+                ))
+            })?;
+            match asked {
                 Some(true) => {
                     tracing::info!(%seed, "this node's last life is still a member: resuming as a new life (--join is not needed)");
                     // The seed answered through the secret given: it is the cluster's, and

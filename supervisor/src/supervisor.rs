@@ -744,6 +744,9 @@ impl Supervisor {
                 }
                 // A refused handshake will not get better by retrying: wrong secret or cluster.
                 Err(e @ SupervisorError::Handshake { .. }) => return Err(e),
+                Err(SupervisorError::SecretDiffers { peer, reason }) => {
+                    return Err(SupervisorError::Handshake { peer, reason })
+                }
                 Err(e) => (recovering, last) = (false, e.to_string()),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -763,8 +766,15 @@ impl Supervisor {
     /// to trust before `deadline`. Silence is asked again rather than taken for "no": a seed
     /// that answers a join a moment later would admit the same life again, served from empty
     /// services. An answer from a copy of the state older than this node's own is asked again
-    /// too: it may not have heard of this node's join yet.
-    pub async fn last_life_is_member(&self, seed: &str, deadline: Duration) -> Option<bool> {
+    /// too: it may not have heard of this node's join yet. A seed that holds another secret
+    /// is an error: one of another cluster than this directory's was taken for a seed down,
+    /// and the node resumed its old cluster alone on its own state, instead of the one asked
+    /// for.
+    pub async fn last_life_is_member(
+        &self,
+        seed: &str,
+        deadline: Duration,
+    ) -> Result<Option<bool>> {
         let until = Instant::now() + deadline;
         let own = self.state();
         let mut asked: Vec<String> = vec![seed.to_string()];
@@ -778,29 +788,41 @@ impl Supervisor {
         let mut round = 1;
         loop {
             let answers = futures::future::join_all(asked[..round].iter().map(|addr| async move {
-                let bytes = lane::request(&Request::State).ok()?;
-                let (_, reply) =
-                    self.transport.call_addr(addr, bytes, self.config.rpc_timeout).await.ok()?;
-                match lane::decode_response(reply).ok()? {
-                    Response::View(view) => Some(view.state),
+                let Ok(bytes) = lane::request(&Request::State) else { return Ok(None) };
+                let reply =
+                    match self.transport.call_addr(addr, bytes, self.config.rpc_timeout).await {
+                        Ok((_, reply)) => reply,
+                        // Not a refusal for now (a member's id on another address, until
+                        // the cluster declares that life failed): a seed of another cluster.
+                        Err(SupervisorError::SecretDiffers { peer, reason }) => {
+                            return Err(SupervisorError::Handshake { peer, reason })
+                        }
+                        Err(_) => return Ok(None),
+                    };
+                Ok(match lane::decode_response(reply) {
+                    Ok(Response::View(view)) => Some(view.state),
                     _ => None,
-                }
+                })
             }))
             .await;
+            let mut answers = answers.into_iter();
+            // Only the seed's: a member of this node's own state that proves another secret
+            // is the odd one (see `members_with_another_secret`).
+            let seed_said = answers.next().expect("the seed is asked first");
+            let answers = seed_said?.into_iter().chain(answers.flatten().flatten());
             round = asked.len();
             // The first of the newest: the seed's, when it is as new as any.
-            let newest =
-                answers.into_iter().flatten().reduce(|a, b| if b.epoch > a.epoch { b } else { a });
+            let newest = answers.reduce(|a, b| if b.epoch > a.epoch { b } else { a });
             if let Some(state) = newest.filter(|s| s.epoch >= own.epoch) {
-                return Some(
+                return Ok(Some(
                     state
                         .nodes
                         .get(&self.me.id)
                         .is_some_and(|r| r.incarnation == self.incarnation() && r.status.is_live()),
-                );
+                ));
             }
             if Instant::now() >= until {
-                return None;
+                return Ok(None);
             }
             tracing::debug!(%seed, "no answer to trust yet on this node's last life; asking again");
             tokio::time::sleep(Duration::from_millis(200)).await;

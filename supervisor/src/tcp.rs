@@ -911,7 +911,9 @@ impl<N: Net> Transport for TcpTransport<N> {
                 after_ms: deadline.as_millis() as u64,
             }
         })?;
-        let (theirs, framed) = dialed.map_err(refused)?;
+        // Not `refused`: a caller dialing an address (a seed) must tell a peer of another
+        // cluster from one that refused it for now.
+        let (theirs, framed) = dialed?;
         self.set_peer(theirs.node, theirs.addr.clone());
         let conn = self.register(theirs.node, self.node(), framed);
         let response =

@@ -34,7 +34,8 @@ pub trait Transport: Send + Sync + 'static {
     }
 
     /// Like [`Transport::call`], to an address whose node is not known yet (a seed to join
-    /// through). Returns the responder's node id with the response.
+    /// through). Returns the responder's node id with the response. A peer that holds another
+    /// secret is [`crate::SupervisorError::SecretDiffers`], not `Handshake`.
     async fn call_addr(
         &self,
         addr: &str,

@@ -329,3 +329,92 @@ async fn a_join_through_a_seed_that_closes_its_handshakes_for_a_while_gets_in() 
     second.stop().await;
     first.stop().await;
 }
+
+/// A member's directory whose raft store is gone: resumed, it is refused, saying to join; it
+/// knew no peer and waited for good, and a voter voted with an empty log. Started with
+/// --join, it comes back as a new life.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_raft_store_is_gone_must_join_again() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let seed = free_addr();
+    let first = Agent::start(
+        TokioNet,
+        &options(&root.path().join("n1"), 1, &seed, Start::Bootstrap, None),
+        Registry::new,
+    )
+    .await
+    .expect("bootstrap");
+    let (dir, listen) = (root.path().join("n2"), free_addr());
+    let secret = Some(first.dir.secret_path());
+    let join = options(&dir, 2, &listen, Start::Join(seed.clone()), secret);
+    let second = Agent::start(TokioNet, &join, Registry::new).await.expect("joined");
+    until_recorded(&dir).await;
+    second.stop().await;
+    drop(second);
+    // raft's tasks let the store go a moment after the stop.
+    let store = dir.join("raft.redb");
+    let removed = async {
+        while std::fs::remove_file(&store).is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), removed).await.expect("store removed");
+
+    let resumed = options(&dir, 2, &listen, Start::Resume, None);
+    match Agent::start(TokioNet, &resumed, Registry::new).await {
+        Err(SupervisorError::Config(why)) => {
+            assert!(why.contains("raft store") && why.contains("--join ADDR"), "{why}")
+        }
+        other => panic!("a resume without its store: {:?}", other.err()),
+    }
+    let back = Agent::start(TokioNet, &join, Registry::new).await.expect("joined again");
+    until_recorded(&dir).await;
+    let life = first.supervisor.state().nodes[&2].incarnation;
+    assert!(life >= 2, "a new life, not {life}");
+    back.stop().await;
+    first.stop().await;
+}
+
+/// A member's directory started with --join through a seed of another cluster is refused,
+/// naming both: it resumed its own cluster alone, its entries all lost, and only the seed's
+/// log said why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_s_directory_joined_through_another_cluster_s_seed_is_refused() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let seed = free_addr();
+    let first = Agent::start(
+        TokioNet,
+        &options(&root.path().join("n1"), 1, &seed, Start::Bootstrap, None),
+        Registry::new,
+    )
+    .await
+    .expect("bootstrap");
+    let (dir, listen) = (root.path().join("n3"), free_addr());
+    let other =
+        Agent::start(TokioNet, &options(&dir, 3, &listen, Start::Bootstrap, None), Registry::new)
+            .await
+            .expect("another cluster");
+    let theirs = other.dir.secret().expect("read").expect("a secret").cluster;
+    until_recorded(&dir).await;
+    other.stop().await;
+    drop(other);
+
+    let join = options(&dir, 3, &listen, Start::Join(seed.clone()), None);
+    let refused = async {
+        loop {
+            match Agent::start(TokioNet, &join, Registry::new).await {
+                // raft's tasks let the store go a moment after the stop.
+                Err(SupervisorError::Storage(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(SupervisorError::Config(why)) => return why,
+                Ok(_) => panic!("resumed its own cluster through another's seed"),
+                Err(other) => panic!("{other}"),
+            }
+        }
+    };
+    let why =
+        tokio::time::timeout(Duration::from_secs(20), refused).await.expect("refused at once");
+    assert!(why.contains(&theirs.to_string()) && why.contains("empty --data-dir"), "{why}");
+    first.stop().await;
+}
