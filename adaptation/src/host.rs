@@ -49,7 +49,9 @@ type Answering = Pin<Box<dyn Future<Output = Reply> + Send>>;
 #[derive(Clone, Debug)]
 pub struct HostConfig {
     /// How long a request may take, holds and retries included, before it fails with
-    /// [`AdaptationError::Deadline`].
+    /// [`AdaptationError::Deadline`]. It bounds the layer's waits, not the service's `handle`:
+    /// a request its own node manages runs `handle` in the caller's task, and is not dropped
+    /// half-way when the deadline passes.
     pub request_deadline: Duration,
     /// Deadline of one migration batch or ack on the wire; it is retried after that.
     pub call_timeout: Duration,
@@ -543,7 +545,9 @@ impl Host {
         })
     }
 
-    /// Stops the driver; requests in flight end at their deadline.
+    /// Stops the driver. Requests in flight end at once, not at their deadline: with
+    /// `Refused` at their next attempt, or `Deadline` when held, as a life that stopped will
+    /// not serve them.
     pub fn shutdown(&self) {
         self.inner.load().stop();
     }
@@ -637,7 +641,9 @@ impl Inner {
         inner
     }
 
-    /// Stops the driver; requests in flight end at their deadline.
+    /// Stops the driver. Requests in flight end at once, not at their deadline: with
+    /// `Refused` at their next attempt, or `Deadline` when held, as a life that stopped will
+    /// not serve them.
     pub(crate) fn stop(&self) {
         self.stopped.send_replace(true);
         self.mirrors.stopped.store(true, Ordering::Release);
@@ -986,7 +992,7 @@ impl Inner {
                     }
                 }
                 Some((ours, Reply::Moved { epoch })) if epoch > ours => {
-                    if !self.wait_epoch(epoch, until.at()).await {
+                    if !self.wait_epoch(epoch, until.at()).await || until.passed(Instant::now()) {
                         return (Err(Reply::Late), rounds);
                     }
                 }
@@ -1039,7 +1045,15 @@ impl Inner {
         if let Some(entered) = entered {
             return Some((epoch, self.serve_entered(entered, service, key, id, body, false).await));
         }
-        let Some(located) = located else { return Some((epoch, Reply::Unknown(service.0))) };
+        let Some(located) = located else {
+            // Hosted here but not in this node's configuration yet: the cluster registers it
+            // (an epoch this node has still to hear of, or to install as a participant), and
+            // the request waits for that, not fails.
+            if self.registry.get(service).is_some() {
+                return Some((epoch, Reply::Moved { epoch: epoch + 1 }));
+            }
+            return Some((epoch, Reply::Unknown(service.0)));
+        };
         let manager = first.unwrap_or(located);
         // The first attempt starts when the request did, and its length needs no instants:
         // two subtractions of instants fewer per request.

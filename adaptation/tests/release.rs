@@ -124,3 +124,41 @@ async fn moved_keys_are_served_while_after_release_runs_and_the_change_waits_for
     let moved = keys.iter().filter(|&&k| before.locate(KV, k) != after.locate(KV, k)).count();
     assert!(moved > 0, "the join moved some of the keys read during it");
 }
+
+/// A request for a service this node hosts but its configuration does not hold yet (the
+/// cluster registers it at the next epoch) waits for the registration: it failed at once
+/// with `UnknownService`, on a node that had merely not heard of it yet.
+#[tokio::test(start_paused = true)]
+async fn a_request_for_a_hosted_service_not_yet_registered_waits_for_its_registration() {
+    let services = || {
+        let (_open, gate) = watch::channel(true);
+        let slow = Slow {
+            live: Mutex::default(),
+            staged: Mutex::default(),
+            gate,
+            inside: watch::channel(0usize).0,
+        };
+        let mut registry = Registry::new();
+        registry.register(plugin(Arc::new(slow))).expect("registers");
+        registry
+    };
+    let shape = gobelins_locator::TreeConfig::default();
+    let mut cluster =
+        MemCluster::start_registering(2, shape, HostConfig::default(), services, |_| false).await;
+    let first = cluster.host(NodeId(1));
+    let put = gobelins_adaptation::codec::encode(&Request::Put(42)).expect("encodes");
+    let asked = tokio::spawn(async move { first.request(KV, Key(5), put).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!asked.is_finished(), "it waits rather than failing");
+    let spec = services().specs().pop().expect("a spec");
+    cluster.change(gobelins_locator::Change::Register(spec)).await;
+    let answer = asked.await.expect("the task ends").expect("served once registered");
+    let previous: Option<u64> = gobelins_adaptation::codec::decode(&answer).expect("decodes");
+    assert_eq!(previous, None);
+    // A service no node hosts is still unknown at once.
+    let other = cluster.host(NodeId(2)).request(ServiceId(99), Key(5), Vec::new()).await;
+    assert!(
+        matches!(other, Err(gobelins_adaptation::AdaptationError::UnknownService(99))),
+        "{other:?}"
+    );
+}
