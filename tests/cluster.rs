@@ -977,6 +977,41 @@ fn an_agent_entering_the_cluster_answers_status_and_says_what_it_waits_for() {
     });
 }
 
+/// An agent stopped (SIGTERM) while it enters the cluster says so in its log and takes its
+/// control socket with it: it died at once, saying nothing, the socket left behind.
+#[test]
+fn an_agent_stopped_while_it_enters_the_cluster_says_so_and_removes_its_socket() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let first = start(root.path(), 1, &free_addr("127.0.0.1"), &["--bootstrap"]);
+    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
+    let seed = seed_silent_until(Instant::now() + Duration::from_secs(60), &first.addr);
+    let secret = first.dir.join("cluster.secret");
+    let secret = secret.to_str().expect("a UTF-8 path");
+    let joining = ["--join", seed.as_str(), "--secret-file", secret];
+    let mut second = start(root.path(), 2, &free_addr("127.0.0.2"), &joining);
+    wait_until("node 2 answering as it enters", limit, || {
+        status(&second.dir, true).is_some_and(|s| s["entering"].is_string())
+    });
+    signal(&second, "-TERM");
+    let exited = exit_within(second.child.as_mut().expect("running"), limit);
+    assert!(exited.success(), "a stop asked for: {exited:?}");
+    let log = log_of(&second);
+    assert!(log.contains("terminated (SIGTERM) while joining the cluster through"), "{log}");
+    assert!(!second.dir.join("control.sock").exists(), "the control socket is removed");
+    // The last member stopped takes the cluster down: its log says so, not that the others
+    // rebuild its entries.
+    let mut first = first;
+    signal(&first, "-TERM");
+    let exited = exit_within(first.child.as_mut().expect("running"), limit);
+    assert!(exited.success(), "a stop asked for: {exited:?}");
+    let log = log_of(&first);
+    assert!(
+        log.contains("terminated (SIGTERM); stopping. This node is the cluster's only member"),
+        "{log}"
+    );
+}
+
 /// A node cut off from the others (here they are stopped) says its status is its own view,
 /// which may be stale, and not that the cluster is stable with every node active.
 #[test]

@@ -492,6 +492,31 @@ const STOPPED: &str = "The cluster's other members declare this node failed and 
      entries from replicas; started again with the same --data-dir, it rejoins as a new life. \
      `gobelins leave` takes a node out without a failure";
 
+/// What stopping now leaves to the cluster, by this node's own state: a node that left has
+/// nothing to hand over, and the last member takes the cluster down with it.
+fn stopped(supervisor: &Supervisor) -> String {
+    let state = supervisor.state();
+    let me = supervisor.id();
+    let live = state.nodes.get(&me).is_some_and(|r| r.status.is_live());
+    if !live {
+        return "This node had left the cluster (or the cluster had declared it failed): \
+                nothing is lost. To take part again, start it with --join ADDR (a member's \
+                address)"
+            .to_string();
+    }
+    if state.live().len() == 1 {
+        return "This node is the cluster's only member: the cluster and its services are down \
+                until it is started again with the same --data-dir"
+            .to_string();
+    }
+    STOPPED.to_string()
+}
+
+/// What a stop by signal before the node entered its cluster leaves behind.
+const STOPPED_ENTERING: &str = "If the cluster had admitted this node already, it declares it \
+     failed and rebuilds its entries from replicas; started again with the same command line, \
+     the agent asks again";
+
 /// Refuses an address without a port (`--listen localhost`) before anything is written: found
 /// when binding, it came after the data directory was made, in words that named no remedy.
 /// `flag` names where the address was given.
@@ -723,7 +748,22 @@ pub async fn run(
     let _socket =
         control::serve(&path, Arc::clone(launched.supervisor()), consoles, entering.clone())
             .await?;
-    let agent = launched.enter(&options).await?;
+    // Before entering: a join can take a minute, and a stop asked for meanwhile killed the
+    // process at once, saying nothing, with its control socket left behind.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| SupervisorError::io("installing the SIGTERM handler", e))?;
+    let entered = tokio::select! {
+        entered = launched.enter(&options) => entered,
+        _ = tokio::signal::ctrl_c() => {
+            tracing::warn!("interrupted while {}; stopping. {STOPPED_ENTERING}", entering.now().unwrap_or_default());
+            return Ok(());
+        }
+        _ = terminate.recv() => {
+            tracing::warn!("terminated (SIGTERM) while {}; stopping. {STOPPED_ENTERING}", entering.now().unwrap_or_default());
+            return Ok(());
+        }
+    };
+    let agent = entered?;
     if agent.supervisor.life_admitted() {
         entering.done();
     } else {
@@ -751,8 +791,6 @@ pub async fn run(
         );
     }
     let mut lifecycle = agent.supervisor.lifecycle();
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| SupervisorError::io("installing the SIGTERM handler", e))?;
     let mut fatal = None;
     let mut refused = None;
     // A node that had left before this start has nothing to wait for on its way out.
@@ -760,8 +798,12 @@ pub async fn run(
     tokio::select! {
         // At the default level: otherwise the log just ended, and an operator could not tell a
         // stop asked for from a crash.
-        _ = tokio::signal::ctrl_c() => tracing::warn!("interrupted; stopping. {STOPPED}"),
-        _ = terminate.recv() => tracing::warn!("terminated (SIGTERM); stopping. {STOPPED}"),
+        _ = tokio::signal::ctrl_c() => {
+            tracing::warn!("interrupted; stopping. {}", stopped(&agent.supervisor))
+        }
+        _ = terminate.recv() => {
+            tracing::warn!("terminated (SIGTERM); stopping. {}", stopped(&agent.supervisor))
+        }
         ended = lifecycle.wait_for(|l| *l != Lifecycle::Member) => {
             match ended.map(|l| l.clone()) {
                 Ok(Lifecycle::Fatal(why)) => fatal = Some(why),
