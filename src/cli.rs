@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use clap::Args;
 use gobelins_adaptation::HostConfig;
-use gobelins_locator::{parse_label, Labels};
+use gobelins_locator::{parse_label, Labels, TreeConfig};
 use gobelins_supervisor::agent::{self, AgentOptions, Start};
 use gobelins_supervisor::control::{self, ControlRequest};
 use gobelins_supervisor::SupervisorConfig;
@@ -38,7 +38,7 @@ pub(crate) struct AgentArgs {
     #[arg(long, value_name = "ADDR")]
     join: Option<String>,
     /// The cluster secret, copied from the bootstrap node's data directory (for --join).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "bootstrap")]
     secret_file: Option<PathBuf>,
     /// A label placing this node in the cell tree, such as zone=a (repeatable); its key must be
     /// one of the levels the cluster was bootstrapped with.
@@ -368,6 +368,27 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
         bail!(
             "--levels takes label keys separated by commas, such as zone,rack; `{bad}` is not one"
         );
+    }
+    // Checked before anything is written: found by the bootstrap's own join, they left a
+    // half-bootstrapped directory behind.
+    if args.bootstrap {
+        let shape = TreeConfig { label_levels: args.levels.clone(), ..TreeConfig::default() };
+        let checked = shape.validate().and_then(|()| shape.check_labels(&labels));
+        checked.map_err(|e| {
+            anyhow::anyhow!(
+                "{e}. Nothing was written: mend --levels or --label (a node's labels give a \
+                 value to the cluster's levels from the top, such as --levels zone,rack \
+                 --label zone=a --label rack=r1)"
+            )
+        })?;
+    }
+    if let Start::Join(seed) = &start {
+        if *seed == args.listen || Some(seed) == args.advertise.as_ref() {
+            bail!(
+                "--join {seed} is this agent's own address: give the address of a member of \
+                 the cluster to join (to start a new cluster, use --bootstrap)"
+            );
+        }
     }
     config.label_levels = args.levels;
     if config.failure_timeout < config.ping_interval * 2 {

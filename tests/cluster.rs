@@ -389,10 +389,17 @@ fn a_bootstrap_gives_the_tree_its_label_levels_and_a_label_outside_them_is_refus
     let refused = spawn(&first, &["--bootstrap", "--label", "zone=a"])
         .wait_with_output()
         .expect("run the agent");
-    assert!(!refused.status.success(), "zone is no level: {}", log_of(&first));
-    assert!(log_of(&first).contains("--levels"), "says how: {}", log_of(&first));
-    // Finished by a start with the levels, as the error says.
-    first.child = Some(spawn(&first, &["--label", "zone=a", "--levels", "zone"]));
+    let said = log_of(&first);
+    assert!(!refused.status.success(), "zone is no level: {said}");
+    assert!(said.contains("--levels") && said.contains("Nothing was written"), "{said}");
+    // Refused before it wrote anything: it left no half-bootstrapped directory behind.
+    assert!(!first.dir.join("cluster.secret").exists() && !first.dir.join("node.id").exists());
+    let twice = spawn(&first, &["--bootstrap", "--levels", "zone,zone"]).wait().expect("runs");
+    assert!(!twice.success() && log_of(&first).contains("named twice"), "{}", log_of(&first));
+    let own = spawn(&first, &["--join", &first.addr.clone()]).wait().expect("runs");
+    let said = log_of(&first);
+    assert!(!own.success() && said.contains("this agent's own address"), "{said}");
+    first.child = Some(spawn(&first, &["--bootstrap", "--label", "zone=a", "--levels", "zone"]));
     wait_showing(std::slice::from_ref(&first), "the bootstrap finished", limit, || {
         stable_with(&first.dir, &[(1, "active", 1)])
     });

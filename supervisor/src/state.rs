@@ -482,10 +482,14 @@ impl ClusterState {
         // Checked now so that the joiner hears why; the locator would refuse the change only
         // when its turn came, and the joiner would wait for a membership that never comes.
         self.tree.config().check_labels(labels).map_err(|e| {
-            Refusal::Labels(format!(
-                "{e}; a cluster's label levels are given when it is bootstrapped (`gobelins agent \
-                 --bootstrap --levels zone,rack`)"
-            ))
+            let how = if self.tree.config().label_levels.is_empty() {
+                "this cluster was bootstrapped without label levels (`--levels`), so its nodes \
+                 take no --label"
+            } else {
+                "give this node a --label of each of those levels, from the top (a cluster's \
+                 levels are set once, by its bootstrap's --levels, and do not change)"
+            };
+            Refusal::Labels(format!("{e}; {how}"))
         })?;
         // So is a join the locator would refuse in its turn: no room for another node in a
         // service of too few slots, say. Refused then, it was waited on by its node for ever,

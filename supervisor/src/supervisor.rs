@@ -543,8 +543,9 @@ impl Supervisor {
     async fn join_own_cluster(&self) -> Result<Outcome> {
         let refused = |refusal: Refusal| {
             SupervisorError::Refused(format!(
-                "{refusal}. Nothing else was done: start the agent again with the same \
-                 --data-dir, mended flags and without --bootstrap to finish the bootstrap"
+                "{refusal}. The bootstrap stopped half-way, before this node was a member: \
+                 start the agent again with the same --data-dir, mended flags and without \
+                 --bootstrap to finish it"
             ))
         };
         if !self.config.label_levels.is_empty() {
