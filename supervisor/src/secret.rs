@@ -90,6 +90,12 @@ impl ClusterSecret {
             };
             SupervisorError::io(what, e)
         })?;
+        let text_of = |error: SupervisorError| match error {
+            SupervisorError::Config(why) => {
+                SupervisorError::Config(format!("{}: {why}", path.display()))
+            }
+            other => other,
+        };
         if let Some(mode) = exposed(path) {
             tracing::warn!(
                 file = %path.display(),
@@ -97,7 +103,7 @@ impl ClusterSecret {
                 "the cluster secret file can be read by other users: whoever reads it can join the cluster, and serve or read its data. `chmod 600` it (the agent keeps its own copy in its data directory, readable by its user only)"
             );
         }
-        Self::from_text(&text)
+        Self::from_text(&text).map_err(text_of)
     }
 
     /// Writes a secret file readable by its owner only, once: an existing file is never
@@ -123,7 +129,20 @@ impl ClusterSecret {
             std::fs::remove_file(&aside)?;
             crate::datadir::sync_dir(dir)
         })();
-        written.map_err(|e| SupervisorError::io(format!("writing {}", path.display()), e))
+        if written.is_err() {
+            // Left behind, half a secret said nothing and misled whoever looked (a full disk).
+            let _ = std::fs::remove_file(&aside);
+        }
+        written.map_err(|e| {
+            SupervisorError::io(
+                format!(
+                    "writing {} (is the disk full or read-only? free space, then start the \
+                     agent again with the same command line)",
+                    path.display()
+                ),
+                e,
+            )
+        })
     }
 }
 
@@ -168,6 +187,16 @@ mod tests {
         assert_eq!(exposed(&path), Some(0o640), "its group");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(exposed(&path), None);
+    }
+
+    #[test]
+    fn a_secret_file_that_is_no_secret_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cluster.secret");
+        std::fs::write(&path, "gobelins-cluster-v1 half").unwrap();
+        let said = ClusterSecret::load(&path).unwrap_err().to_string();
+        assert!(said.contains(&path.display().to_string()), "{said}");
+        assert!(said.contains("is not a gobelins cluster secret"), "{said}");
     }
 
     #[test]

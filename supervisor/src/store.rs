@@ -80,13 +80,41 @@ pub fn open_with(
     durable: bool,
 ) -> Result<(LogStore, StateMachine), crate::SupervisorError> {
     let db = Database::create(path).map_err(|e| {
-        crate::SupervisorError::Storage(format!(
-            "opening {}: {e}; is another agent using this data directory?",
-            path.display()
-        ))
+        crate::SupervisorError::Storage(format!("opening {}: {e}; {}", path.display(), advice(&e)))
     })?;
     ready(db, durable, &path.display().to_string())
 }
+
+/// What to do about a store that does not open, by why: every failure said "is another agent
+/// using this data directory?", a damaged file and a full disk included.
+fn advice(error: &redb::DatabaseError) -> &'static str {
+    use std::io::ErrorKind;
+    match error {
+        redb::DatabaseError::DatabaseAlreadyOpen => {
+            "another agent has it open: stop it first, or give this one another --data-dir"
+        }
+        redb::DatabaseError::Storage(redb::StorageError::Io(io)) => match io.kind() {
+            ErrorKind::WouldBlock => {
+                "another agent has it open: stop it first, or give this one another --data-dir"
+            }
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => {
+                "the disk is full: free space, then start the agent again"
+            }
+            ErrorKind::PermissionDenied | ErrorKind::ReadOnlyFilesystem => {
+                "the agent cannot write it: run it as the data directory's owner, on a \
+                 writable filesystem"
+            }
+            _ => DAMAGED,
+        },
+        _ => DAMAGED,
+    }
+}
+
+/// What to do about a raft store that is damaged.
+const DAMAGED: &str = "the file may be damaged. Move it aside (keep it: `mv raft.redb \
+     raft.redb.damaged` in the data directory), then start the agent with --join ADDR (a \
+     member's address): it comes back as a new life, gets the cluster's state from the \
+     others, and votes once the cluster has admitted it again";
 
 /// Opens the store on one of redb's storage backends rather than a file: for tests that make
 /// the disk fail under a running node.
@@ -585,5 +613,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
         let stored: Option<StoredSnapshot> = get_meta(&self.db, SNAPSHOT)?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_that_does_not_open_is_given_the_advice_its_cause_calls_for() {
+        use redb::{DatabaseError, StorageError};
+        let io = |kind| DatabaseError::Storage(StorageError::Io(std::io::Error::from(kind)));
+        assert!(advice(&DatabaseError::DatabaseAlreadyOpen).contains("another agent"));
+        assert!(advice(&io(std::io::ErrorKind::StorageFull)).contains("disk is full"));
+        let damaged = DatabaseError::Storage(StorageError::Corrupted("bad magic".into()));
+        assert!(advice(&damaged).contains("--join ADDR"), "{}", advice(&damaged));
+        assert!(!advice(&damaged).contains("another agent"));
     }
 }

@@ -107,13 +107,21 @@ impl Admission for StateAdmission {
             matches!(record.status, NodeStatus::Joining | NodeStatus::Active | NodeStatus::Leaving);
         if live && record.addr != addr {
             return Err(format!(
-                "node id {node} is in use by the member at {}; give this node another --node-id",
+                "node id {node} is in use by the member at {}; give this node another \
+                 --node-id. If that member is this node, restarted on another address, wait \
+                 until the cluster declares its last life failed (`gobelins status` on a \
+                 member), then start it again",
                 record.addr
             ));
         }
         if live && incarnation < record.incarnation {
             return Err(format!(
-                "node {node} is in incarnation {}, not {incarnation}",
+                "node {node} is a member in its life (incarnation) {}, and this agent starts \
+                 life {incarnation}: its data directory is not that node's last (wiped, or \
+                 restored from an old copy). If that node is dead, wait until the cluster \
+                 declares it failed (`gobelins status` on a member), or `gobelins evict \
+                 {node}` there, then start this agent again; if it runs, give this agent \
+                 another --node-id",
                 record.incarnation
             ));
         }
