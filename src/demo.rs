@@ -34,7 +34,8 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 8)]
     clients: u64,
     /// Where the agents keep their data and logs, kept at the end (default: a fresh
-    /// directory under /tmp, removed at the end of a successful run unless --keep).
+    /// directory under $TMPDIR, else /tmp, removed at the end of a successful run unless
+    /// --keep).
     #[arg(long)]
     dir: Option<PathBuf>,
     /// Keep the data directories and logs of a successful run (a --dir is always kept).
@@ -89,9 +90,18 @@ pub(crate) fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if args.nodes < 3 {
         bail!("--nodes must be at least 3: the demo evicts one node and kills another");
     }
+    // A client with no key of its own would spin without ever yielding its thread.
+    if args.clients == 0 || args.clients > args.keys {
+        bail!(
+            "--clients ({}) must be between 1 and --keys ({}): each client writes keys of its own",
+            args.clients,
+            args.keys
+        );
+    }
     let root = match &args.dir {
         Some(dir) => {
-            if dir.exists() && std::fs::read_dir(dir)?.next().is_some() {
+            let reading = || format!("reading --dir {}", dir.display());
+            if dir.exists() && std::fs::read_dir(dir).with_context(reading)?.next().is_some() {
                 bail!("{} is not empty; give --dir an empty or new directory", dir.display());
             }
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -500,6 +510,23 @@ async fn report(
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn more_clients_than_keys_are_refused_before_anything_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = |clients, keys| DemoArgs {
+            nodes: 3,
+            keys,
+            clients,
+            dir: Some(dir.path().join("demo")),
+            keep: false,
+        };
+        for (clients, keys) in [(9, 8), (0, 8)] {
+            let said = run(&args(clients, keys)).unwrap_err().to_string();
+            assert!(said.contains("--clients"), "{said}");
+        }
+        assert!(!dir.path().join("demo").exists(), "nothing was made");
+    }
 
     #[test]
     fn the_default_directory_is_new_each_time_and_private() {
