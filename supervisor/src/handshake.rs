@@ -174,7 +174,19 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         "the peer closed the connection before the handshake ended (it gave up, or is not a \
          gobelins agent)"
     };
+    // What another program sends first (an SSH banner, say) reads as a huge frame: said as
+    // what it is, not as a frame's size.
+    let stranger = |what: String| SupervisorError::Handshake {
+        peer: peer.into(),
+        reason: format!(
+            "not a gobelins agent: {what}. Is this the address a gobelins agent listens on \
+             (its --listen or --advertise)?"
+        ),
+    };
     match framed.next().await {
+        Some(Err(SupervisorError::FrameTooLarge { len, max })) => Err(stranger(format!(
+            "its first bytes announce a message of {len} bytes, where a handshake's is at most {max}"
+        ))),
         Some(frame) => Ok(codec::decode(&frame?)?),
         None => Err(SupervisorError::io(
             format!("handshake with {peer}"),
@@ -425,6 +437,21 @@ mod tests {
         assert!(a.contains("do not overlap") && a.contains("upgrade the older node"), "{a}");
         assert!(!a.contains("secret"), "{a}");
         assert!(b.contains("do not overlap"), "{b}");
+    }
+
+    /// Another program that speaks first (an SSH banner) is said to be no gobelins agent, not
+    /// a frame too large.
+    #[tokio::test]
+    async fn a_peer_that_speaks_another_protocol_is_said_to_be_no_gobelins_agent() {
+        use tokio::io::AsyncWriteExt as _;
+        let (a, mut b) = tokio::io::duplex(4096);
+        let mut a = Framed::new(a, FrameCodec::new(crate::frame::HANDSHAKE_MAX_FRAME));
+        b.write_all(b"SSH-2.0-OpenSSH_9.2p1 Debian-2\r\n").await.unwrap();
+        let secret = ClusterSecret::generate();
+        let hello = Hello::new(secret.cluster, 1, 1, String::new());
+        let err = initiate(&mut a, &secret, hello, "n2", Duration::from_secs(3)).await.unwrap_err();
+        let said = err.to_string();
+        assert!(said.contains("not a gobelins agent") && said.contains("--listen"), "{said}");
     }
 
     #[tokio::test(start_paused = true)]
