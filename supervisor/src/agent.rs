@@ -200,7 +200,8 @@ impl<N: Net> Agent<N> {
         let node = match (dir.node_id()?, options.node_id) {
             (Some(saved), Some(asked)) if saved != asked => {
                 return Err(SupervisorError::Config(format!(
-                    "{} belongs to node {saved}, not {asked}",
+                    "{} belongs to node {saved}, not {asked}: start it with --node-id {saved} \
+                     (or none), or give node {asked} a data directory of its own",
                     options.data_dir.display()
                 )));
             }

@@ -101,8 +101,9 @@ pub enum SupervisorError {
     Config(String),
     /// The data directory already holds a cluster.
     #[error(
-        "{} already holds cluster {cluster}; start the agent without --bootstrap to rejoin it, or \
-         use an empty --data-dir for a new cluster",
+        "{} already holds cluster {cluster}: to restart this node, start the agent without \
+         --bootstrap (a unit that restarts it must not pass --bootstrap). Only for a second, \
+         separate cluster: an empty --data-dir",
         dir.display()
     )]
     AlreadyBootstrapped {

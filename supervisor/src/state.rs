@@ -156,7 +156,7 @@ pub enum Refusal {
     #[error("node {0} is still joining; try again once it is active")]
     StillJoining(u64),
     /// The last active node cannot leave.
-    #[error("node {0} is the last active node and cannot leave")]
+    #[error("node {0} is the last active node and cannot leave: there is no node to hand its entries to. Add a node first, or stop its agent to stop the cluster (started again with the same --data-dir, it comes back)")]
     LastNode(u64),
     /// A report for an epoch that is not in progress.
     #[error("epoch {got} is not in progress (current epoch {current})")]
