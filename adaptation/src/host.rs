@@ -1045,15 +1045,7 @@ impl Inner {
         if let Some(entered) = entered {
             return Some((epoch, self.serve_entered(entered, service, key, id, body, false).await));
         }
-        let Some(located) = located else {
-            // Hosted here but not in this node's configuration yet: the cluster registers it
-            // (an epoch this node has still to hear of, or to install as a participant), and
-            // the request waits for that, not fails.
-            if self.registry.get(service).is_some() {
-                return Some((epoch, Reply::Moved { epoch: epoch + 1 }));
-            }
-            return Some((epoch, Reply::Unknown(service.0)));
-        };
+        let Some(located) = located else { return Some((epoch, Reply::Unknown(service.0))) };
         let manager = first.unwrap_or(located);
         // The first attempt starts when the request did, and its length needs no instants:
         // two subtractions of instants fewer per request.

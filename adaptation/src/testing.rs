@@ -17,8 +17,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
 use gobelins_locator::{
-    CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, ServicePlan,
-    ServiceSpec, Snapshot, TreeConfig,
+    CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, ServicePlan, Snapshot,
+    TreeConfig,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -192,22 +192,8 @@ impl MemCluster {
         config: HostConfig,
         services: impl Fn() -> Registry + Send + Sync + 'static,
     ) -> Self {
-        Self::start_registering(nodes, shape, config, services, |_| true).await
-    }
-
-    /// [`MemCluster::start_shaped`], with only the services `registered` picks registered
-    /// cluster-wide: the others are hosted but not registered yet, as on nodes whose build
-    /// brings a service the cluster has still to register (`Change::Register`, through
-    /// [`MemCluster::change`]).
-    pub async fn start_registering(
-        nodes: u64,
-        shape: TreeConfig,
-        config: HostConfig,
-        services: impl Fn() -> Registry + Send + Sync + 'static,
-        registered: impl Fn(&ServiceSpec) -> bool,
-    ) -> Self {
         let mut tree = CellTree::new(shape).expect("a valid tree config");
-        for spec in services().specs().into_iter().filter(|spec| registered(spec)) {
+        for spec in services().specs() {
             tree.register_service(spec).expect("service registers");
         }
         let mut cluster = MemCluster {
