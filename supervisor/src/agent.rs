@@ -247,6 +247,9 @@ impl<N: Net> Agent<N> {
             }
             tracing::warn!("{missing}: it joins as a new life, and votes only once the cluster has admitted it again");
             dir.mark_unadmitted()?;
+            // A bootstrap's mark left behind: "finished" on an empty store, the bootstrap made
+            // a second cluster of one node under the same secret. A node told to join joins.
+            dir.clear_bootstrapping()?;
         }
         // Not `!restarted`: a start refused (its join, say) leaves an incarnation behind, and
         // a wiped voter started twice must not vote on its second start either.
@@ -516,7 +519,8 @@ fn stopped(supervisor: &Supervisor) -> String {
 /// What a stop by signal before the node entered its cluster leaves behind.
 const STOPPED_ENTERING: &str = "If the cluster had admitted this node already, it declares it \
      failed and rebuilds its entries from replicas; started again with the same command line, \
-     the agent asks again";
+     the agent asks again (a first join stopped so, without --node-id, may come back under \
+     another id)";
 
 /// Refuses an address without a port (`--listen localhost`) before anything is written: found
 /// when binding, it came after the data directory was made, in words that named no remedy.

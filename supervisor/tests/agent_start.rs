@@ -418,3 +418,60 @@ async fn a_member_s_directory_joined_through_another_cluster_s_seed_is_refused()
     assert!(why.contains(&theirs.to_string()) && why.contains("empty --data-dir"), "{why}");
     first.stop().await;
 }
+
+/// A bootstrap node whose `bootstrapping` mark stayed and whose raft store is gone, started
+/// with --join as the error says, joins its cluster: "finished" on an empty store, its
+/// bootstrap made a second cluster of one node under the same secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_node_without_its_store_joins_and_does_not_bootstrap_again() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let (dir, listen) = (root.path().join("n1"), free_addr());
+    let first =
+        Agent::start(TokioNet, &options(&dir, 1, &listen, Start::Bootstrap, None), Registry::new)
+            .await
+            .expect("bootstrap");
+    until_recorded(&dir).await;
+    // Three, so that the two others keep a quorum of the voters without node 1.
+    let seed = free_addr();
+    let mut others = Vec::new();
+    for (id, addr) in [(2, seed.clone()), (3, free_addr())] {
+        let secret = Some(first.dir.secret_path());
+        let at = root.path().join(format!("n{id}"));
+        let join = options(&at, id, &addr, Start::Join(listen.clone()), secret);
+        others.push(Agent::start(TokioNet, &join, Registry::new).await.expect("joined"));
+        until_recorded(&at).await;
+    }
+    let voting = async {
+        while first.supervisor.voters().len() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), voting).await.expect("three voters");
+    first.stop().await;
+    drop(first);
+    let marked = DataDir::open(&dir).expect("dir");
+    marked.mark_bootstrapping().expect("the mark, left behind");
+    std::fs::remove_file(dir.join("raft.redb")).expect("store removed");
+
+    let back = options(&dir, 1, &listen, Start::Join(seed.clone()), None);
+    let again = async {
+        loop {
+            match Agent::start(TokioNet, &back, Registry::new).await {
+                Ok(agent) => return agent,
+                // raft's tasks let the port go a moment after the stop.
+                Err(SupervisorError::Storage(_) | SupervisorError::Io { .. }) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(other) => panic!("{other}"),
+            }
+        }
+    };
+    let back = tokio::time::timeout(Duration::from_secs(20), again).await.expect("back");
+    until_active_alone(&back, 1, "node 1 back").await;
+    assert!(back.supervisor.state().nodes.contains_key(&2), "in node 2's cluster, not alone");
+    assert!(!marked.bootstrapping().expect("read"), "the mark is gone");
+    back.stop().await;
+    for other in others {
+        other.stop().await;
+    }
+}
