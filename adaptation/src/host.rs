@@ -15,7 +15,7 @@ use crate::error::AdaptationError;
 use crate::gate::{Gate, Pass};
 use crate::kept::{Forget, Kept, KeptOrder};
 use crate::link::Link;
-use crate::log_budget::{budgeted, LogBudget};
+use crate::log_budget::{budgeted, say_ended, LogBudget};
 use crate::mirrors::Mirrors;
 use crate::pool::Pool;
 use crate::registry::Registry;
@@ -334,7 +334,13 @@ pub(crate) struct Inner {
     pub(crate) mirrors: Mirrors,
     /// Migration batch buffers, kept from one batch (and one change) to the next.
     pub(crate) pool: Pool,
+    /// Lines about messages that could not be decoded: a peer of another build sends nothing
+    /// else.
+    pub(crate) malformed: Mutex<LogBudget>,
 }
+
+/// What the lines `Inner::malformed` budgets are about.
+const MALFORMED: &str = "undecodable adaptation messages";
 
 /// One node's adaptation layer. Cheap to clone; every clone is the same host.
 #[derive(Clone)]
@@ -342,17 +348,13 @@ pub struct Host {
     /// The current life's state. A node the cluster declared failed while it still ran gets a
     /// new life ([`Host::renew`]): every clone must then reach the new one.
     inner: Arc<ArcSwap<Inner>>,
-    /// Lines about messages that could not be decoded: a peer of another build sends nothing
-    /// else.
-    malformed: Arc<Mutex<LogBudget>>,
 }
 
 impl Host {
     /// Starts the host of node `me` with its services; `link` reaches the other hosts.
     /// Must be called inside a tokio runtime (it spawns the driver).
     pub fn start(me: NodeId, registry: Registry, link: Arc<dyn Link>, config: HostConfig) -> Host {
-        let inner = Arc::new(ArcSwap::new(Inner::spawn(me, registry, link, config)));
-        Host { inner, malformed: Arc::new(crate::log_budget::malformed()) }
+        Host { inner: Arc::new(ArcSwap::new(Inner::spawn(me, registry, link, config))) }
     }
 
     /// Ends this life and starts a new one with fresh `registry` services: what a process
@@ -531,10 +533,11 @@ impl Host {
 
     /// Answers a message from the host on node `from` (the supervisor's handler calls it).
     pub async fn handle(&self, from: NodeId, bytes: Bytes) -> Vec<u8> {
+        let inner = self.inner.load_full();
         let reply = match Message::decode(bytes) {
-            Ok(message) => self.inner.load_full().answer(from, message).await,
+            Ok(message) => inner.answer(from, message).await,
             Err(e) => {
-                budgeted(&self.malformed, "undecodable adaptation messages", || {
+                budgeted(&inner.malformed, MALFORMED, || {
                     tracing::warn!(node = from.0, error = %e, "an adaptation message from this node could not be decoded, and was refused: is it running another gobelins build? (`gobelins --version` on both; a cluster's nodes must run builds of one protocol version)");
                 });
                 Reply::Refused(format!("malformed message: {e}"))
@@ -579,6 +582,7 @@ async fn forget_old_answers(inner: Weak<Inner>) {
         if inner.mirrors.stopped.load(Ordering::Acquire) {
             return;
         }
+        say_ended(&inner.malformed, MALFORMED);
         let keep = inner.config.request_deadline * 2;
         let settled = {
             let mut settled = inner.settled.lock().expect("settled");
@@ -635,6 +639,7 @@ impl Inner {
             mirrors: Mirrors::new(),
             // Enough for the batches in flight and queued to two destinations at once.
             pool: Pool::new(16),
+            malformed: crate::log_budget::malformed(),
         });
         tokio::spawn(Driver::new(Arc::clone(&inner)).run(receiver));
         tokio::spawn(forget_old_answers(Arc::downgrade(&inner)));

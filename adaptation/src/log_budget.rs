@@ -49,6 +49,18 @@ impl LogBudget {
         Take { log: false, skipped: ended }
     }
 
+    /// Lines left out in a window that has ended by `now`, taken: to be said without waiting
+    /// for the next event, which may never come (a flood that stopped).
+    pub fn ended(&mut self, now: Instant) -> u64 {
+        match self.started {
+            Some(started) if now.duration_since(started) >= self.window && self.skipped > 0 => {
+                self.started = None;
+                std::mem::take(&mut self.skipped)
+            }
+            _ => 0,
+        }
+    }
+
     /// The window's length, for the line that counts what was skipped.
     pub fn window(&self) -> Duration {
         self.window
@@ -76,6 +88,23 @@ pub fn budgeted(budget: &Mutex<LogBudget>, what: &str, log: impl FnOnce()) {
     }
 }
 
+/// Says how many lines of `what` a window that has ended left out, if any: called now and
+/// then, so that the count of a flood's last window is not left for an event that may never
+/// come.
+pub fn say_ended(budget: &Mutex<LogBudget>, what: &str) {
+    let (skipped, window) = {
+        let mut budget = budget.lock().unwrap_or_else(|p| p.into_inner());
+        (budget.ended(Instant::now()), budget.window())
+    };
+    if skipped > 0 {
+        tracing::warn!(
+            skipped,
+            "{skipped} more lines of {what} were not logged in the last {} s",
+            window.as_secs()
+        );
+    }
+}
+
 /// The budget for messages from authenticated peers that could not be decoded: 5 lines
 /// every 10 s.
 pub fn malformed() -> Mutex<LogBudget> {
@@ -85,6 +114,21 @@ pub fn malformed() -> Mutex<LogBudget> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_a_window_left_out_is_told_once_it_ends_without_another_event() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut budget = LogBudget::new(Duration::from_secs(10), 1);
+        assert_eq!(budget.ended(at(0)), 0, "no window yet");
+        budget.take(at(0));
+        budget.take(at(1));
+        budget.take(at(2));
+        assert_eq!(budget.ended(at(9_999)), 0, "the window runs on");
+        assert_eq!(budget.ended(at(10_000)), 2);
+        assert_eq!(budget.ended(at(20_000)), 0, "told once");
+        assert_eq!(budget.take(at(20_001)), Take { log: true, skipped: 0 });
+    }
 
     #[test]
     fn budgeted_logs_a_window_s_worth_and_no_more() {

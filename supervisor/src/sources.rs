@@ -1,18 +1,23 @@
 //! Handshakes in progress, per source address and in all. One host that opens connections and
 //! says nothing must not take every handshake slot, and with them every join and reconnection;
 //! nor must a few hosts that each take their share. When every slot is taken, a newcomer from
-//! a quieter address takes the oldest slot of the busiest one: a peer that holds the secret
-//! ends its handshake in a few round trips, long before it is the oldest again.
+//! a quieter address takes the oldest slot of the busiest one, if that handshake has already
+//! lasted a while: a peer that holds the secret ends its own in a few round trips, so only
+//! ones that stall are ever ended.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Counts the handshakes in progress from each source address and in all, up to a limit each.
 pub(crate) struct Sources {
     per_source: usize,
     all: usize,
+    /// How long a handshake must have lasted before a newcomer may end it.
+    floor: Duration,
     state: Mutex<State>,
 }
 
@@ -21,8 +26,9 @@ struct State {
     next: u64,
     /// Per source; `None` for peers on another kind of network, which share one count.
     counts: HashMap<Option<IpAddr>, usize>,
-    /// In progress, oldest first: the source, and what ends the handshake when it is evicted.
-    pending: BTreeMap<u64, (Option<IpAddr>, CancellationToken)>,
+    /// In progress, oldest first: the source, what ends the handshake when it is evicted, and
+    /// when it began.
+    pending: BTreeMap<u64, (Option<IpAddr>, CancellationToken, Instant)>,
 }
 
 /// Why a connection got no handshake slot.
@@ -30,7 +36,8 @@ struct State {
 pub(crate) enum Busy {
     /// Its address has its share in progress already.
     Source,
-    /// Every slot is taken, by addresses with no more in progress than this one.
+    /// Every slot is taken, by addresses with no more in progress than this one would have,
+    /// or by handshakes too young to end.
     All,
 }
 
@@ -50,8 +57,8 @@ pub(crate) struct Admitted {
 }
 
 impl Sources {
-    pub(crate) fn new(per_source: usize, all: usize) -> Arc<Sources> {
-        Arc::new(Sources { per_source, all, state: Mutex::default() })
+    pub(crate) fn new(per_source: usize, all: usize, floor: Duration) -> Arc<Sources> {
+        Arc::new(Sources { per_source, all, floor, state: Mutex::default() })
     }
 
     /// Counts a handshake from `peer` (an `ip:port`). A peer whose address does not parse
@@ -64,20 +71,24 @@ impl Sources {
             return Err(Busy::Source);
         }
         let mut evicted = None;
+        let now = Instant::now();
         if state.pending.len() >= self.all {
             let busiest = state.counts.values().copied().max().unwrap_or(0);
-            // Only from an address busier than the newcomer's would be: two hosts taking
-            // turns at one slot each would otherwise evict each other for ever.
+            // Only from an address with at least as many as the newcomer's would have: not
+            // from its own, nor from a quieter one.
             if busiest <= mine {
                 return Err(Busy::All);
             }
+            let old_enough = |began: Instant| now.saturating_duration_since(began) >= self.floor;
             let victim = state
                 .pending
                 .iter()
-                .find(|(_, (from, _))| state.counts.get(from) == Some(&busiest))
+                .find(|(_, (from, _, began))| {
+                    state.counts.get(from) == Some(&busiest) && old_enough(*began)
+                })
                 .map(|(&seq, _)| seq)
-                .expect("a source's count is its handshakes in progress");
-            let (from, ends) = state.pending.remove(&victim).expect("found just now");
+                .ok_or(Busy::All)?;
+            let (from, ends, _) = state.pending.remove(&victim).expect("found just now");
             ends.cancel();
             state.uncount(from);
             evicted =
@@ -86,7 +97,7 @@ impl Sources {
         let seq = state.next;
         state.next += 1;
         let ends = CancellationToken::new();
-        state.pending.insert(seq, (ip, ends.clone()));
+        state.pending.insert(seq, (ip, ends.clone(), now));
         *state.counts.entry(ip).or_default() += 1;
         let counted = Counted { sources: Arc::clone(self), seq, evicted: ends };
         Ok(Admitted { counted, evicted })
@@ -130,7 +141,7 @@ fn source(ip: IpAddr) -> IpAddr {
 impl Drop for Counted {
     fn drop(&mut self) {
         let mut state = self.sources.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((from, _)) = state.pending.remove(&self.seq) {
+        if let Some((from, _, _)) = state.pending.remove(&self.seq) {
             state.uncount(from);
         }
     }
@@ -146,7 +157,7 @@ mod tests {
 
     #[test]
     fn a_source_gets_its_limit_and_no_more_and_others_are_not_counted_against_it() {
-        let sources = Sources::new(2, 64);
+        let sources = Sources::new(2, 64, Duration::ZERO);
         let first = admit(&sources, "10.0.0.1:4000").expect("first");
         let _second = admit(&sources, "10.0.0.1:4001").expect("second");
         assert_eq!(sources.admit("10.0.0.1:4002").err(), Some(Busy::Source), "a third");
@@ -158,7 +169,7 @@ mod tests {
 
     #[test]
     fn a_source_with_nothing_in_progress_is_forgotten() {
-        let sources = Sources::new(1, 64);
+        let sources = Sources::new(1, 64, Duration::ZERO);
         drop(admit(&sources, "10.0.0.1:4000"));
         let state = sources.state.lock().unwrap();
         assert!(state.counts.is_empty() && state.pending.is_empty());
@@ -166,7 +177,7 @@ mod tests {
 
     #[test]
     fn the_addresses_of_one_ipv6_64_count_as_one_source() {
-        let sources = Sources::new(2, 64);
+        let sources = Sources::new(2, 64, Duration::ZERO);
         let _a = admit(&sources, "[2001:db8:1:2::1]:4000").expect("first");
         let _b = admit(&sources, "[2001:db8:1:2:ffff::9]:4000").expect("second, same /64");
         assert!(admit(&sources, "[2001:db8:1:2::3]:4000").is_none(), "a third from that /64");
@@ -176,11 +187,24 @@ mod tests {
         assert!(admit(&sources, "10.0.0.1:4001").is_none(), "counted as one");
     }
 
+    /// A handshake that began a moment ago is not ended for a newcomer: a peer that holds the
+    /// secret ends its own in a few round trips, and must not lose it to a flood.
+    #[tokio::test(start_paused = true)]
+    async fn a_young_handshake_is_not_ended_for_a_newcomer() {
+        let sources = Sources::new(2, 2, Duration::from_millis(500));
+        let _a = admit(&sources, "10.0.0.1:1").expect("a slot");
+        let _b = admit(&sources, "10.0.0.1:2").expect("a slot");
+        assert_eq!(sources.admit("10.0.0.2:1").err(), Some(Busy::All), "both too young");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let admitted = sources.admit("10.0.0.2:1").expect("the oldest may go now");
+        assert_eq!(admitted.evicted.as_deref(), Some("10.0.0.1"));
+    }
+
     /// Hosts that each take their share of the slots and say nothing do not keep out a peer
     /// from another address: it takes the oldest slot of the busiest host.
     #[tokio::test]
     async fn with_every_slot_taken_a_newcomer_evicts_the_oldest_of_the_busiest_source() {
-        let sources = Sources::new(2, 4);
+        let sources = Sources::new(2, 4, Duration::ZERO);
         let held: Vec<Counted> = ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.1:2", "10.0.0.2:2"]
             .iter()
             .map(|peer| admit(&sources, peer).expect("a slot"))

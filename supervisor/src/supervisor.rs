@@ -179,6 +179,9 @@ pub enum Lifecycle {
     Refused(String),
 }
 
+/// What the lines `Supervisor::malformed` budgets are about.
+const MALFORMED: &str = "undecodable messages";
+
 /// One node's supervisor.
 pub struct Supervisor {
     me: Me,
@@ -973,7 +976,7 @@ impl Supervisor {
             // make every message's future (allocated once per message) larger.
             Ok((Lane::Supervisor, bytes)) => Box::pin(self.supervise(from, bytes)).await,
             Err(e) => {
-                budgeted(&self.malformed, "undecodable messages", || {
+                budgeted(&self.malformed, MALFORMED, || {
                     tracing::warn!(node = from, error = %e, "a message from this node could not be decoded, and was answered Malformed: is it running another gobelins build? (`gobelins --version` on both; a cluster's nodes must run builds of one protocol version)");
                 });
                 encode_response(&Response::Malformed(e.to_string()))
@@ -986,7 +989,7 @@ impl Supervisor {
         let request = match codec::decode::<Request>(&bytes) {
             Ok(request) => request,
             Err(e) => {
-                budgeted(&self.malformed, "undecodable messages", || {
+                budgeted(&self.malformed, MALFORMED, || {
                     tracing::warn!(node = from, error = %e, "a request from this node could not be decoded, and was answered Malformed: is it running another gobelins build? (`gobelins --version` on both; a cluster's nodes must run builds of one protocol version)");
                 });
                 return encode_response(&Response::Malformed(e.to_string()));
@@ -1745,6 +1748,7 @@ impl Supervisor {
                 *self.detector.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 continue;
             }
+            gobelins_adaptation::log_budget::say_ended(&self.malformed, MALFORMED);
             // After the pause check: raft's acknowledgement ages span a pause, which is this
             // node's own silence, not the voters'.
             match self.quorum_lost() {

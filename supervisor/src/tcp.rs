@@ -59,8 +59,9 @@ pub struct TcpConfig {
     /// Longest wait between dials to an unreachable peer.
     pub backoff_max: Duration,
     /// Handshakes with not-yet-authenticated peers at once. Past that, a newcomer takes the
-    /// oldest slot of the address with the most in progress, if it is busier than the
-    /// newcomer's; otherwise the newcomer is dropped at accept.
+    /// oldest slot of the address with the most in progress, if that address has more than
+    /// the newcomer's and that handshake has lasted a quarter of `handshake_timeout`;
+    /// otherwise the newcomer is dropped at accept.
     pub max_handshakes: usize,
     /// Of those, handshakes from one source address at once: a host that opens connections
     /// and says nothing takes this many slots, not all of them.
@@ -255,6 +256,27 @@ impl<N: Net> Drop for Ended<N> {
     }
 }
 
+/// Says, once a window of refusals ends, how many its budget left out: counted only at the
+/// next refusal, the last window of a flood that stopped went unsaid, or was said minutes
+/// later beside an unrelated line.
+async fn say_refusals_left_out<N: Net>(inner: std::sync::Weak<Inner<N>>) {
+    loop {
+        tokio::time::sleep(REFUSALS_WINDOW).await;
+        let Some(inner) = inner.upgrade() else { return };
+        if inner.shutdown.is_cancelled() {
+            return;
+        }
+        let skipped = lock(&inner.refusals).ended(Instant::now());
+        if skipped > 0 {
+            tracing::warn!(
+                skipped,
+                "{skipped} more connections refused or dropped before their handshake ended were not logged in the last {} s (a flood, or a peer with the wrong secret retrying: see the lines before)",
+                REFUSALS_WINDOW.as_secs()
+            );
+        }
+    }
+}
+
 /// What a transport's caller sees of a dial's error: a handshake refused, whatever its cause.
 /// That the peer holds another secret is kept per peer (`Peer::secret_differs`).
 fn refused(error: SupervisorError) -> SupervisorError {
@@ -333,7 +355,9 @@ impl<N: Net> TcpTransport<N> {
             .bind(&listen)
             .await
             .map_err(|e| SupervisorError::io(format!("listening on {listen}"), e))?;
-        let sources = Sources::new(config.max_handshakes_per_source, config.max_handshakes);
+        // A quarter of the handshake's timeout: far longer than a peer's own handshake takes.
+        let floor = config.handshake_timeout / 4;
+        let sources = Sources::new(config.max_handshakes_per_source, config.max_handshakes, floor);
         let transport = TcpTransport {
             inner: Arc::new(Inner {
                 net,
@@ -352,6 +376,7 @@ impl<N: Net> TcpTransport<N> {
         };
         let accepting = transport.clone();
         tokio::spawn(async move { accepting.accept_loop(listener).await });
+        tokio::spawn(say_refusals_left_out(Arc::downgrade(&transport.inner)));
         Ok(transport)
     }
 
@@ -968,13 +993,20 @@ mod tests {
     }
 
     async fn started(secret: &ClusterSecret, node: u64) -> (TcpTransport, String) {
+        started_with(secret, node, TcpConfig::default()).await
+    }
+
+    async fn started_with(
+        secret: &ClusterSecret,
+        node: u64,
+        config: TcpConfig,
+    ) -> (TcpTransport, String) {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .to_string();
         let identity = Identity { secret: secret.clone(), node, addr: addr.clone() };
         let admit = Arc::new(crate::transport::AdmitAll);
-        let config = TcpConfig::default();
         let t = TcpTransport::start(TokioNet, config, identity, 1, None, Arc::new(Hangs), admit)
             .await
             .expect("start");
@@ -1004,8 +1036,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hosts_that_take_every_handshake_slot_and_say_nothing_do_not_keep_a_peer_out() {
         let secret = ClusterSecret::generate();
-        let ((a, _), (_b, b_addr)) = (started(&secret, 1).await, started(&secret, 2).await);
-        let config = TcpConfig::default();
+        // Silent ones that would hold their slots for 8 s, and may be ended after 2 s.
+        let config =
+            TcpConfig { handshake_timeout: Duration::from_secs(8), ..TcpConfig::default() };
+        let (a, _) = started(&secret, 1).await;
+        let (_b, b_addr) = started_with(&secret, 2, config.clone()).await;
         let hosts = config.max_handshakes.div_ceil(config.max_handshakes_per_source);
         let mut silent = Vec::new();
         for host in 0..hosts {
@@ -1017,8 +1052,10 @@ mod tests {
                     .push(socket.connect(b_addr.parse().expect("address")).await.expect("connect"));
             }
         }
+        // Past the age a handshake may be ended at, well before the silent ones time out.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
         a.set_peer(2, b_addr);
-        let call = a.call(2, Bytes::from_static(b"ping"), Duration::from_secs(1)).await;
+        let call = a.call(2, Bytes::from_static(b"ping"), Duration::from_secs(2)).await;
         assert_eq!(call.expect("answered"), Bytes::from_static(b"ping"));
     }
 
