@@ -406,6 +406,12 @@ impl Host {
         }
     }
 
+    /// Whether this node's lease holds now, or it was never given one: see
+    /// [`Context::leased`](crate::Context::leased).
+    pub fn leased(&self) -> bool {
+        self.inner.load().leased()
+    }
+
     /// Until when this node may act as the manager of its keys: `None` if it was never given a
     /// lease (it then serves freely).
     pub fn leased_until(&self) -> Option<Instant> {
@@ -639,7 +645,7 @@ impl Inner {
             mirrors: Mirrors::new(),
             // Enough for the batches in flight and queued to two destinations at once.
             pool: Pool::new(16),
-            malformed: crate::log_budget::malformed(),
+            malformed: crate::log_budget::noisy(),
         });
         tokio::spawn(Driver::new(Arc::clone(&inner)).run(receiver));
         tokio::spawn(forget_old_answers(Arc::downgrade(&inner)));
@@ -823,7 +829,7 @@ impl Inner {
     }
 
     /// Whether this node may act as a manager now.
-    fn leased(&self) -> bool {
+    pub(crate) fn leased(&self) -> bool {
         self.leased_at(Instant::now())
     }
 

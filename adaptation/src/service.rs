@@ -101,6 +101,17 @@ impl Context {
         self.peers.as_ref().is_some_and(|p| p.gone(node))
     }
 
+    /// Whether this node's lease holds now. While it does, the cluster counts this node a
+    /// member and has not rebuilt what it holds elsewhere; a node cut off from the cluster's
+    /// leader loses it within half a failure timeout, before the cluster may declare it
+    /// failed. The layer serves a key's manager only under it; a service that answers from
+    /// what it keeps locally otherwise (a cached copy, a reply from its local server) checks
+    /// it, or a node cut off answers what the cluster has since replaced. `true` when
+    /// detached, or when the node was never given a lease.
+    pub fn leased(&self) -> bool {
+        self.peers.as_ref().is_none_or(|p| p.leased())
+    }
+
     /// Returns once a configuration change has begun on this node (at once if one is
     /// beginning now). A change's first step waits for every [`Service::handle`] running on
     /// this node as a key's manager. A handler that parks on something else (the other

@@ -467,11 +467,17 @@ impl Dsm {
             return Err(DsmError::Leaving);
         }
         let frame = self.state().frames.frame(page);
-        if let Some((version, data)) = frame.readable() {
-            return Ok(ReadGuard { version, data });
-        }
-        if let Some(read) = self.read_from_owner(page, &frame).await {
-            return Ok(read);
+        // Only under this node's lease: cut off from the leader, it read its copies for as
+        // long as the cut lasted, though the cluster had declared it failed and others had
+        // written the pages since (an audit with real partitions). Without it, the read asks
+        // the manager, which answers under its own.
+        if self.host.leased() {
+            if let Some((version, data)) = frame.readable() {
+                return Ok(ReadGuard { version, data });
+            }
+            if let Some(read) = self.read_from_owner(page, &frame).await {
+                return Ok(read);
+            }
         }
         match self.ask(page.key(), &Request::ReadFault { node: self.me() }).await? {
             Response::Copy { version, data, owner } => {
@@ -607,9 +613,14 @@ impl Dsm {
                 s.data.as_ref().map(|_| s.version)
             };
             // Not writable: the writer lock goes, for the fault may take the page from another
-            // node, which may need this frame.
-            if let Some(guard) = self.writable(page, &frame, writer, None) {
-                return Ok(guard);
+            // node, which may need this frame. Nor without this node's lease: a write the
+            // cluster may already have given up on goes through the manager.
+            if self.host.leased() {
+                if let Some(guard) = self.writable(page, &frame, writer, None) {
+                    return Ok(guard);
+                }
+            } else {
+                drop(writer);
             }
             // From here until its grant is installed, an eviction of this node waits for it.
             let _fault = self.state().faults.read().await;

@@ -1132,9 +1132,11 @@ impl DsmService {
     async fn local(&self, ctx: &Context, request: Request) -> Response {
         let frames = &self.state().frames;
         match request {
-            // A leaving node hands its pages over: readers ask their managers.
+            // A leaving node hands its pages over, and one without its lease may have been
+            // declared failed and its pages written elsewhere: readers ask their managers.
             Request::Serve { .. }
-                if self.state().leaving.load(std::sync::atomic::Ordering::SeqCst) =>
+                if self.state().leaving.load(std::sync::atomic::Ordering::SeqCst)
+                    || !ctx.leased() =>
             {
                 Response::Missing
             }
