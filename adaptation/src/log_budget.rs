@@ -105,9 +105,10 @@ pub fn say_ended(budget: &Mutex<LogBudget>, what: &str) {
     }
 }
 
-/// The budget for messages from authenticated peers that could not be decoded: 5 lines
-/// every 10 s.
-pub fn malformed() -> Mutex<LogBudget> {
+/// The budget for a kind of line an event repeated several times a second may log (messages
+/// from authenticated peers that could not be decoded, rejoins asked again): 5 lines every
+/// 10 s.
+pub fn noisy() -> Mutex<LogBudget> {
     Mutex::new(LogBudget::new(Duration::from_secs(10), 5))
 }
 

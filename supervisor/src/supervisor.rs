@@ -182,6 +182,9 @@ pub enum Lifecycle {
 /// What the lines `Supervisor::malformed` budgets are about.
 const MALFORMED: &str = "undecodable messages";
 
+/// What the lines `Supervisor::rejoins` budgets are about.
+const REJOINS: &str = "failed rejoins";
+
 /// One node's supervisor.
 pub struct Supervisor {
     me: Me,
@@ -193,6 +196,8 @@ pub struct Supervisor {
     detector: Mutex<Option<Detector>>,
     /// Lines about messages that could not be decoded.
     malformed: Mutex<LogBudget>,
+    /// Lines about rejoins that failed, asked again every ping interval.
+    rejoins: Mutex<LogBudget>,
     /// The leader loop's ticks: a pause of this process shows as one woken late.
     pauses: Pauses,
     /// While this node leads with no acknowledgement of a majority on record (raft has none
@@ -312,7 +317,8 @@ impl Supervisor {
             state,
             config: parts.config,
             detector: Mutex::new(None),
-            malformed: gobelins_adaptation::log_budget::malformed(),
+            malformed: gobelins_adaptation::log_budget::noisy(),
+            rejoins: gobelins_adaptation::log_budget::noisy(),
             pauses: Pauses::new(lease_span),
             unacked_since: Mutex::new(None),
             leaderless: Mutex::default(),
@@ -1655,8 +1661,17 @@ impl Supervisor {
                 "the cluster refused this node's rejoin: {refusal}. Start it again with --label \
                  values the cluster takes"
             )),
-            Ok(Err(refusal)) => tracing::warn!(%refusal, "rejoin refused; will try again"),
-            Err((via, error)) => tracing::warn!(%via, %error, "rejoin failed; will try again"),
+            // Asked again every ping interval: a seed kept busy said so three times a second.
+            Ok(Err(refusal)) => budgeted(
+                &self.rejoins,
+                REJOINS,
+                || tracing::warn!(%refusal, "rejoin refused; will try again"),
+            ),
+            Err((via, error)) => budgeted(
+                &self.rejoins,
+                REJOINS,
+                || tracing::warn!(%via, %error, "rejoin failed; will try again"),
+            ),
         }
     }
 
@@ -1749,6 +1764,7 @@ impl Supervisor {
                 continue;
             }
             gobelins_adaptation::log_budget::say_ended(&self.malformed, MALFORMED);
+            gobelins_adaptation::log_budget::say_ended(&self.rejoins, REJOINS);
             // After the pause check: raft's acknowledgement ages span a pause, which is this
             // node's own silence, not the voters'.
             match self.quorum_lost() {
