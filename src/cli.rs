@@ -431,7 +431,16 @@ pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
         writeln!(std::io::stdout().lock(), "{status}")?;
         return Ok(());
     }
-    write_status(&mut std::io::stdout().lock(), &status)
+    let mut out = std::io::stdout().lock();
+    if args.local {
+        // Said first: the text is laid out as the cluster's, and a view taken for it misleads.
+        writeln!(
+            out,
+            "node {}'s own view (--local), not asked of the leader: it may be stale",
+            status["node"]
+        )?;
+    }
+    write_status(&mut out, &status)
 }
 
 fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result<()> {

@@ -389,7 +389,7 @@ async fn answer(
             if failed {
                 return Ok(());
             }
-            wait_for((&mut read, &mut write), &node, node.id(), NodeStatus::Active).await
+            wait_for((&mut read, &mut write), &node, node.id(), NodeStatus::Active, None).await
         }
     }
 }
@@ -501,7 +501,11 @@ async fn change(
     match proposed {
         Ok(Ok(applied)) => {
             flush(write, &[json!({ "progress": format!("accepted: {applied}") })]).await?;
-            wait_for((read, write), node, target, until).await
+            // The cluster records a leave as the eviction of the leaver, which the operator
+            // who typed `leave` would not recognise.
+            let leaving = matches!(command, Command::Leave { .. });
+            let renamed = leaving.then(|| (format!("evict n{target}"), format!("leave n{target}")));
+            wait_for((read, write), node, target, until, renamed).await
         }
         // Told apart only now, from the state of the leader that refused: a node that failed
         // or left is no member, and had been said to be "not a member of this cluster".
@@ -535,6 +539,7 @@ async fn wait_for(
     node: &Supervisor,
     target: u64,
     until: NodeStatus,
+    renamed: Option<(String, String)>,
 ) -> Result<()> {
     let deadline = tokio::time::Instant::now() + CHANGE_DEADLINE;
     let mut last = String::new();
@@ -558,13 +563,19 @@ async fn wait_for(
             .await;
         }
         let progress = match &view.state.in_progress {
-            Some(p) => format!(
-                "epoch {}: {} — {}/{} participants done",
-                p.epoch,
-                p.change,
-                p.done.len(),
-                p.participants.len()
-            ),
+            Some(p) => {
+                let change = p.change.to_string();
+                let change = match &renamed {
+                    Some((recorded, shown)) if *recorded == change => shown.clone(),
+                    _ => change,
+                };
+                format!(
+                    "epoch {}: {change} — {}/{} participants done",
+                    p.epoch,
+                    p.done.len(),
+                    p.participants.len()
+                )
+            }
             None => {
                 format!("node {target} is {}", status.map_or("unknown".into(), |s| s.to_string()))
             }
