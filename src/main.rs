@@ -50,11 +50,13 @@ const DEFAULT_LOG: &str = "warn,openraft=error,openraft::replication=off";
 fn main() -> std::process::ExitCode {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    // `RUST_LOG` gets what it asks for; only the default leaves raft's votes out.
-    let (filter, quiet) = match tracing_subscriber::EnvFilter::try_from_default_env() {
-        Ok(filter) => (filter, None),
-        Err(_) => (tracing_subscriber::EnvFilter::new(DEFAULT_LOG), Some(quiet::UnansweredVotes)),
-    };
+    // Raft's unanswered votes stay out unless `RUST_LOG` asks for raft's core by name or for
+    // everything: set to the default's own text (as operators copy it from the README), it
+    // gave a cut-off voter's log twenty of them a second.
+    let asked = std::env::var("RUST_LOG").unwrap_or_default();
+    let quiet = (!quiet::asks_for_votes(&asked)).then_some(quiet::UnansweredVotes);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     // Colours only for a terminal: an agent's log is most often a file (the demo's, systemd's
     // journal), where the escapes are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());

@@ -31,6 +31,16 @@ impl<S: Subscriber> Layer<S> for UnansweredVotes {
     }
 }
 
+/// Whether a `RUST_LOG` filter asks for raft's calls for votes: it names raft's core, or
+/// raft or everything at `debug` or `trace`.
+pub(crate) fn asks_for_votes(filter: &str) -> bool {
+    filter.split(',').map(str::trim).any(|directive| {
+        let (target, level) = directive.split_once('=').unwrap_or(("", directive));
+        let verbose = matches!(level, "debug" | "trace");
+        target.starts_with(RAFT_CORE) || (verbose && (target.is_empty() || target == "openraft"))
+    })
+}
+
 /// An event's message.
 struct Message(Option<String>);
 
@@ -62,6 +72,17 @@ mod tests {
             let mut message = Message(None);
             event.record(&mut message);
             self.0.lock().unwrap().push(message.0.unwrap_or_default());
+        }
+    }
+
+    #[test]
+    fn a_filter_asks_for_raft_s_votes_only_by_naming_its_core_or_asking_for_everything() {
+        for quiet in ["", "warn,openraft=error,openraft::replication=off", "info", "gobelins=debug"]
+        {
+            assert!(!asks_for_votes(quiet), "{quiet}");
+        }
+        for loud in ["debug", "trace", "warn,openraft=debug", "openraft::core::raft_core=error"] {
+            assert!(asks_for_votes(loud), "{loud}");
         }
     }
 
