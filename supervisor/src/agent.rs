@@ -503,9 +503,9 @@ fn stopped(supervisor: &Supervisor) -> String {
     let me = supervisor.id();
     let live = state.nodes.get(&me).is_some_and(|r| r.status.is_live());
     if !live {
-        return "This node had left the cluster (or the cluster had declared it failed): \
-                nothing is lost. To take part again, start it with --join ADDR (a member's \
-                address)"
+        return "This node is no member any more (it left, or the cluster declared it failed \
+                and rebuilt its entries): its stop changes nothing for the cluster. To take \
+                part again, start it with --join ADDR (a member's address)"
             .to_string();
     }
     if state.live().len() == 1 {

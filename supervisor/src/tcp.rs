@@ -429,7 +429,7 @@ impl<N: Net> TcpTransport<N> {
                             continue;
                         }
                         Err(Busy::All) => {
-                            self.refused(|| tracing::warn!(%peer, "every handshake slot is taken, by addresses with no more in progress than this one; dropped a connection (many hosts that connect and say nothing?)"));
+                            self.refused(|| tracing::warn!(%peer, "every handshake slot is taken, and none can be ended for this connection (none held by an address busier than its own, or none for long enough); dropped a connection (many hosts that connect and say nothing?)"));
                             continue;
                         }
                     };
