@@ -144,6 +144,12 @@ impl WriteGuard {
     /// nothing another node can see is missing from the backup. A backup that does not answer
     /// is replaced (the manager chooses another); an error means the changes were discarded.
     pub async fn commit(self) -> Result<(), DsmError> {
+        // A guard taken under the lease may be committed after it ran out: published then,
+        // the write could be served to a reader, or acknowledged, after the cluster had given
+        // the page up on this node.
+        if !self.dsm.host.leased() {
+            return Err(DsmError::NoLease { page: self.page });
+        }
         let data = Arc::new(self.data);
         let (backup, commit) = {
             let mut s = self.frame.lock();

@@ -78,6 +78,14 @@ pub enum DsmError {
         /// The page.
         page: PageId,
     },
+    /// This node's lease ran out before the write was published: cut off from the cluster's
+    /// leader (or stopped a while), it may be declared failed and the page rebuilt elsewhere
+    /// from what the others hold. The write was discarded; no other node saw it.
+    #[error("page {page:?}: this node lost touch with the cluster's leader before the write was published (its lease ran out: cut off, or stopped a while), and the cluster may be rebuilding the page elsewhere. The write was discarded and no other node saw it: write again once `gobelins status` shows the node active")]
+    NoLease {
+        /// The page.
+        page: PageId,
+    },
     /// A peer answered something this version does not expect.
     #[error("protocol: {0}")]
     Protocol(String),

@@ -2567,8 +2567,13 @@ fn an_owner_that_stops_answering_costs_the_restore_one_call_timeout() {
 fn a_node_whose_lease_ran_out_reads_none_of_its_copies() {
     replay(async {
         let mut cluster = Cluster::with_backups(4).await;
-        let (cut, writer) = (NodeId(2), NodeId(1));
-        let page = pages_by_manager(&cluster, cut, false, 1)[0];
+        let (cut, writer, other) = (NodeId(2), NodeId(1), NodeId(3));
+        // Managed by neither node whose lease runs out here: it would hold the page's requests.
+        let table = cluster.mem.snapshot();
+        let page = pages_by_manager(&cluster, cut, false, 40)
+            .into_iter()
+            .find(|p| table.locate(gobelins_dsm::DSM, p.key()) != Some(other))
+            .expect("a page node 1 or 4 manages");
         put(&cluster.dsm(writer), page, 1).await;
         let dsm = cluster.dsm(cut);
         assert_eq!(outcome(&dsm, page).await, Ok(1), "its copy, read under no lease");
@@ -2580,8 +2585,28 @@ fn a_node_whose_lease_ran_out_reads_none_of_its_copies() {
         let read = outcome(&dsm, page).await;
         assert!(read.is_err(), "cut off and without a lease, it read {read:?}");
         // A node in touch, its lease run out for a moment, reads through the manager.
-        let other = NodeId(3);
         cluster.mem.host(other).lease(tokio::time::Instant::now());
         assert_eq!(outcome(&cluster.dsm(other), page).await, Ok(2));
+    })
+}
+
+/// A write taken under the lease and committed after it ran out is discarded: published, it
+/// could be read or acknowledged after the cluster had given the page up on this node.
+#[test]
+fn a_write_committed_after_the_lease_ran_out_is_discarded() {
+    replay(async {
+        let cluster = Cluster::start(3, DsmConfig::default()).await;
+        let (writer, reader) = (NodeId(2), NodeId(1));
+        let page = pages_by_manager(&cluster, writer, false, 1)[0];
+        put(&cluster.dsm(writer), page, 1).await;
+        let dsm = cluster.dsm(writer);
+        cluster.mem.host(writer).lease(tokio::time::Instant::now() + Duration::from_millis(100));
+        let mut g = dsm.write(page).await.expect("write access under the lease");
+        Value { count: 2, worker: 0, seq: 2 }.encode(&mut g);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let committed = g.commit().await;
+        assert!(matches!(committed, Err(DsmError::NoLease { .. })), "{committed:?}");
+        assert!(committed.unwrap_err().to_string().contains("discarded"));
+        assert_eq!(outcome(&cluster.dsm(reader), page).await, Ok(1), "the write was not seen");
     })
 }
