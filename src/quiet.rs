@@ -31,13 +31,30 @@ impl<S: Subscriber> Layer<S> for UnansweredVotes {
     }
 }
 
-/// Whether a `RUST_LOG` filter asks for raft's calls for votes: it names raft's core, or
-/// raft or everything at `debug` or `trace`.
+/// Whether a `RUST_LOG` filter asks for raft's calls for votes: the directive that decides
+/// for raft's core (the most specific one naming it or a module above it, else the default
+/// level) names raft's core itself, or sets `debug` or `trace`. A directive with no `=` is a
+/// default level if it is a level's name, else a target at `trace`, as `EnvFilter` reads it.
 pub(crate) fn asks_for_votes(filter: &str) -> bool {
-    filter.split(',').map(str::trim).any(|directive| {
-        let (target, level) = directive.split_once('=').unwrap_or(("", directive));
-        let verbose = matches!(level, "debug" | "trace");
-        target.starts_with(RAFT_CORE) || (verbose && (target.is_empty() || target == "openraft"))
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let mut deciding: Option<(&str, String)> = None;
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        let (target, level) = match directive.split_once('=') {
+            Some((target, level)) => (target, level.to_ascii_lowercase()),
+            None if LEVELS.contains(&directive.to_ascii_lowercase().as_str()) => {
+                ("", directive.to_ascii_lowercase())
+            }
+            None => (directive, "trace".to_string()),
+        };
+        let covers = target.is_empty()
+            || RAFT_CORE == target
+            || RAFT_CORE.strip_prefix(target).is_some_and(|rest| rest.starts_with("::"));
+        if covers && deciding.as_ref().is_none_or(|(best, _)| target.len() >= best.len()) {
+            deciding = Some((target, level));
+        }
+    }
+    deciding.is_some_and(|(target, level)| {
+        target.starts_with("openraft::core") || matches!(level.as_str(), "debug" | "trace")
     })
 }
 
@@ -77,12 +94,27 @@ mod tests {
 
     #[test]
     fn a_filter_asks_for_raft_s_votes_only_by_naming_its_core_or_asking_for_everything() {
-        for quiet in ["", "warn,openraft=error,openraft::replication=off", "info", "gobelins=debug"]
-        {
-            assert!(!asks_for_votes(quiet), "{quiet}");
+        let quiet = [
+            "",
+            "warn,openraft=error,openraft::replication=off",
+            "info",
+            "gobelins=debug",
+            "debug,openraft=error",
+            "openraft::replication=trace",
+        ];
+        for filter in quiet {
+            assert!(!asks_for_votes(filter), "{filter}");
         }
-        for loud in ["debug", "trace", "warn,openraft=debug", "openraft::core::raft_core=error"] {
-            assert!(asks_for_votes(loud), "{loud}");
+        let loud = [
+            "debug",
+            "TRACE",
+            "warn,openraft=debug",
+            "openraft::core=error",
+            "openraft::core::raft_core=error",
+            "warn,openraft",
+        ];
+        for filter in loud {
+            assert!(asks_for_votes(filter), "{filter}");
         }
     }
 
