@@ -376,8 +376,8 @@ async fn a_member_whose_raft_store_is_gone_must_join_again() {
 }
 
 /// A member's directory started with --join through a seed of another cluster is refused,
-/// naming both: it resumed its own cluster alone, its entries all lost, and only the seed's
-/// log said why.
+/// naming its own cluster (a seed tells no stranger its cluster's id): it resumed its own
+/// cluster alone, its entries all lost, and only the seed's log said why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_s_directory_joined_through_another_cluster_s_seed_is_refused() {
     let root = tempfile::tempdir().expect("temporary directory");
