@@ -412,6 +412,14 @@ impl Host {
         self.inner.load().leased()
     }
 
+    /// Whether this node's lease holds, waiting up to `wait` for it to be renewed if it has
+    /// run out: a leader's acknowledgements lag for a moment while the voters change, and a
+    /// node in touch gets its lease back within a ping interval or two.
+    pub async fn leased_within(&self, wait: Duration) -> bool {
+        let inner = self.inner.load_full();
+        inner.leased() || inner.wait_lease(Instant::now() + wait).await
+    }
+
     /// Until when this node may act as the manager of its keys: `None` if it was never given a
     /// lease (it then serves freely).
     pub fn leased_until(&self) -> Option<Instant> {

@@ -146,8 +146,9 @@ impl WriteGuard {
     pub async fn commit(self) -> Result<(), DsmError> {
         // A guard taken under the lease may be committed after it ran out: published then,
         // the write could be served to a reader, or acknowledged, after the cluster had given
-        // the page up on this node.
-        if !self.dsm.host.leased() {
+        // the page up on this node. A lease renewed late (a leader whose acknowledgements lag
+        // as the voters change, seen on the leader itself in an audit) is waited for a moment.
+        if !self.dsm.host.leased_within(LEASE_BACK).await {
             return Err(DsmError::NoLease { page: self.page });
         }
         let data = Arc::new(self.data);
@@ -213,6 +214,10 @@ impl std::ops::DerefMut for WriteGuard {
         &mut self.data
     }
 }
+
+/// How long a commit waits for a lease that ran out to be renewed: a few ping intervals,
+/// well under the failure timeout after which the cluster would declare the node failed.
+const LEASE_BACK: Duration = Duration::from_millis(500);
 
 /// A lock held; [`LockGuard::unlock`] releases it. A guard dropped without it (an early
 /// return, a panic unwinding) releases the lock in a task of its own, as does an unlock whose
