@@ -229,27 +229,20 @@ impl<N: Net> Agent<N> {
         // error opening it): the store held the votes this node cast and the log it
         // acknowledged. Voting again with an empty log, it elected a leader that lacked a
         // committed change, and the cluster lost it; resumed, it knew no peer and waited for
-        // good, saying nothing.
+        // good, saying nothing. Started with --join, as the cluster still counted its life a
+        // member, it resumed on an empty state and could wait for good too (a test, 2 CI runs
+        // of 5): it starts afresh instead, as a new node.
         if restarted && !dir.unadmitted()? && !dir.store_path().exists() {
-            let missing = format!(
+            return Err(SupervisorError::Config(format!(
                 "the raft store {} is missing from this data directory, whose node was a member \
-                 of cluster {}",
+                 of cluster {}: this node no longer knows its peers, nor what it voted. Put the \
+                 file back if you have it. Otherwise move this data directory aside and start \
+                 the agent on an empty --data-dir with --join ADDR (a member's address) and the \
+                 cluster's --secret-file: it joins as a new node (without --node-id), and the \
+                 cluster declares this one failed and rebuilds its entries from replicas",
                 dir.store_path().display(),
                 secret.cluster
-            );
-            if !matches!(options.start, Start::Join(_)) {
-                return Err(SupervisorError::Config(format!(
-                    "{missing}: this node no longer knows its peers, nor what it voted. Put the \
-                     file back if you have it; otherwise start the agent with --join ADDR (a \
-                     member's address): it comes back as a new life, and votes only once the \
-                     cluster has admitted it again"
-                )));
-            }
-            tracing::warn!("{missing}: it joins as a new life, and votes only once the cluster has admitted it again");
-            dir.mark_unadmitted()?;
-            // A bootstrap's mark left behind: "finished" on an empty store, the bootstrap made
-            // a second cluster of one node under the same secret. A node told to join joins.
-            dir.clear_bootstrapping()?;
+            )));
         }
         // Not `!restarted`: a start refused (its join, say) leaves an incarnation behind, and
         // a wiped voter started twice must not vote on its second start either.
