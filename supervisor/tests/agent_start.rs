@@ -70,6 +70,12 @@ fn options(
     }
 }
 
+/// Node `id` bootstrapping a cluster of its own in `dir`, listening on `addr`.
+async fn bootstrapped(dir: &Path, id: u64, addr: &str) -> Agent<TokioNet> {
+    let bootstrap = options(dir, id, addr, Start::Bootstrap, None);
+    Agent::start(TokioNet, &bootstrap, Registry::new).await.expect("bootstrap")
+}
+
 fn free_addr() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
     listener.local_addr().expect("address").to_string()
@@ -83,13 +89,7 @@ fn free_addr() -> String {
 async fn a_join_refused_at_the_handshake_leaves_its_port_and_store_free_for_the_next_try() {
     let root = tempfile::tempdir().expect("temporary directory");
     let seed = free_addr();
-    let first = Agent::start(
-        TokioNet,
-        &options(&root.path().join("n1"), 1, &seed, Start::Bootstrap, None),
-        Registry::new,
-    )
-    .await
-    .expect("bootstrap");
+    let first = bootstrapped(&root.path().join("n1"), 1, &seed).await;
     let wrong = root.path().join("other.secret");
     ClusterSecret::generate().save(&wrong).expect("another cluster's secret");
 
@@ -311,13 +311,7 @@ fn seed_closing_until(opens: std::time::Instant, to: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_through_a_seed_that_closes_its_handshakes_for_a_while_gets_in() {
     let root = tempfile::tempdir().expect("temporary directory");
-    let first = Agent::start(
-        TokioNet,
-        &options(&root.path().join("n1"), 1, &free_addr(), Start::Bootstrap, None),
-        Registry::new,
-    )
-    .await
-    .expect("bootstrap");
+    let first = bootstrapped(&root.path().join("n1"), 1, &free_addr()).await;
     let seed = seed_closing_until(
         std::time::Instant::now() + Duration::from_secs(2),
         &first.supervisor.view().state.nodes[&1].addr,
@@ -337,13 +331,7 @@ async fn a_join_through_a_seed_that_closes_its_handshakes_for_a_while_gets_in() 
 async fn a_member_whose_raft_store_is_gone_is_refused_and_comes_back_as_a_new_node() {
     let root = tempfile::tempdir().expect("temporary directory");
     let seed = free_addr();
-    let first = Agent::start(
-        TokioNet,
-        &options(&root.path().join("n1"), 1, &seed, Start::Bootstrap, None),
-        Registry::new,
-    )
-    .await
-    .expect("bootstrap");
+    let first = bootstrapped(&root.path().join("n1"), 1, &seed).await;
     let (dir, listen) = (root.path().join("n2"), free_addr());
     let secret = Some(first.dir.secret_path());
     let join = options(&dir, 2, &listen, Start::Join(seed.clone()), secret);
@@ -388,18 +376,9 @@ async fn a_member_whose_raft_store_is_gone_is_refused_and_comes_back_as_a_new_no
 async fn a_member_s_directory_joined_through_another_cluster_s_seed_is_refused() {
     let root = tempfile::tempdir().expect("temporary directory");
     let seed = free_addr();
-    let first = Agent::start(
-        TokioNet,
-        &options(&root.path().join("n1"), 1, &seed, Start::Bootstrap, None),
-        Registry::new,
-    )
-    .await
-    .expect("bootstrap");
+    let first = bootstrapped(&root.path().join("n1"), 1, &seed).await;
     let (dir, listen) = (root.path().join("n3"), free_addr());
-    let other =
-        Agent::start(TokioNet, &options(&dir, 3, &listen, Start::Bootstrap, None), Registry::new)
-            .await
-            .expect("another cluster");
+    let other = bootstrapped(&dir, 3, &listen).await;
     let theirs = other.dir.secret().expect("read").expect("a secret").cluster;
     until_recorded(&dir).await;
     other.stop().await;
@@ -432,10 +411,7 @@ async fn a_member_s_directory_joined_through_another_cluster_s_seed_is_refused()
 async fn a_bootstrap_node_without_its_store_does_not_bootstrap_again() {
     let root = tempfile::tempdir().expect("temporary directory");
     let (dir, listen) = (root.path().join("n1"), free_addr());
-    let first =
-        Agent::start(TokioNet, &options(&dir, 1, &listen, Start::Bootstrap, None), Registry::new)
-            .await
-            .expect("bootstrap");
+    let first = bootstrapped(&dir, 1, &listen).await;
     until_recorded(&dir).await;
     first.stop().await;
     drop(first);
