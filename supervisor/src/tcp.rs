@@ -34,7 +34,7 @@ use crate::waiters::Waiters;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use gobelins_adaptation::log_budget::LogBudget;
+use gobelins_adaptation::log_budget::{self, LogBudget};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -266,14 +266,7 @@ async fn say_refusals_left_out<N: Net>(inner: std::sync::Weak<Inner<N>>) {
         if inner.shutdown.is_cancelled() {
             return;
         }
-        let skipped = lock(&inner.refusals).ended(Instant::now());
-        if skipped > 0 {
-            tracing::warn!(
-                skipped,
-                "{skipped} more connections refused or dropped before their handshake ended were not logged in the last {} s (a flood, or a peer with the wrong secret retrying: see the lines before)",
-                REFUSALS_WINDOW.as_secs()
-            );
-        }
+        log_budget::say_ended(&inner.refusals, REFUSALS);
     }
 }
 
@@ -304,6 +297,8 @@ struct Peer {
 /// Connections refused before their handshake ended: lines logged per window, and the window.
 const REFUSALS_LOGGED: u32 = 5;
 const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
+/// What the lines the refusals' budget leaves out are about.
+const REFUSALS: &str = "connections refused or dropped before their handshake ended (a flood, or a peer with the wrong secret retrying: see the lines before)";
 
 struct Inner<N: Net> {
     net: N,
@@ -462,21 +457,7 @@ impl<N: Net> TcpTransport<N> {
     /// Logs a connection refused or dropped before it proved the secret with `log`, while the
     /// budget of such lines lasts: anyone who reaches the port can cause them.
     fn refused(&self, log: impl FnOnce()) {
-        let mut budget = lock(&self.inner.refusals);
-        let take = budget.take(Instant::now());
-        let window = budget.window();
-        drop(budget);
-        if take.skipped > 0 {
-            tracing::warn!(
-                skipped = take.skipped,
-                "{} more connections refused or dropped before their handshake ended were not logged, since the lines before this one (at most 5 every {} s; a flood, or a peer with the wrong secret retrying: see those lines)",
-                take.skipped,
-                window.as_secs()
-            );
-        }
-        if take.log {
-            log();
-        }
+        log_budget::budgeted(&self.inner.refusals, REFUSALS, log);
     }
 
     async fn admit_incoming(&self, stream: N::Stream, peer: &str) -> Result<()> {
