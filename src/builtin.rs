@@ -105,7 +105,11 @@ impl Console for DsmConsole {
     async fn run(&self, host: &Host, command: Vec<u8>) -> Result<Vec<u8>, String> {
         let command: DsmCommand =
             codec::decode(&command).map_err(|e| format!("not a DSM command: {e}"))?;
-        let dsm = Dsm::new((**self.node.load()).clone(), host.clone());
+        // The host's life first, then the node: a renewal stops the old life before it
+        // registers a new node, so this node is of that life, or that life has stopped and
+        // the command is refused. Never the old life's node with the new life.
+        let life = host.this_life();
+        let dsm = Dsm::new((**self.node.load()).clone(), life);
         // A segment is only a name and a length; the range asked for is all it needs to span.
         let segment = |id: u32, offset: u64, len: u64| {
             if len > DSM_CONSOLE_MAX {

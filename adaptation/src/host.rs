@@ -357,21 +357,34 @@ impl Host {
         Host { inner: Arc::new(ArcSwap::new(Inner::spawn(me, registry, link, config))) }
     }
 
-    /// Ends this life and starts a new one with fresh `registry` services: what a process
+    /// Ends this life and starts a new one with the fresh services `services` builds: what a process
     /// restart does, without the restart. The supervisor calls it when the cluster declared
     /// this node failed while it still ran (cut off, say): the cluster has rebuilt its entries
     /// elsewhere, so what the old services hold is stale and must neither be served nor be
     /// offered to a later `scan`. The new life routes nothing until it is fed a state.
-    pub fn renew(&self, registry: Registry) {
+    ///
+    /// The old life stops before `services` builds the new one's: a handle a client took on
+    /// the old life ([`Host::this_life`]) together with what it registered there is refused from
+    /// then on, and one taken on the new life finds the new services already built.
+    pub fn renew(&self, services: impl FnOnce() -> Registry) {
         let old = self.inner.load_full();
-        let fresh = Inner::spawn(old.me, registry, Arc::clone(&old.link), old.config.clone());
+        old.stop();
+        let fresh = Inner::spawn(old.me, services(), Arc::clone(&old.link), old.config.clone());
         // A node that needed a lease still does: the new life serves nothing until renewed.
         if old.lease.borrow().is_some() {
             fresh.lease.send_replace(Some(Instant::now()));
             fresh.mirrors.mirror_lease(&fresh.lease);
         }
         self.inner.store(fresh);
-        old.stop();
+    }
+
+    /// A handle on this life of the host only: unlike a clone, it does not follow
+    /// [`Host::renew`]. Once this life ends, whatever is asked through it is refused, and it
+    /// holds no lease. For a client that keeps state of its own next to a service of this life
+    /// (the DSM's copies of pages): used after a renewal, that state would be the old life's,
+    /// which the cluster has given up on, mixed with the new life's answers.
+    pub fn this_life(&self) -> Host {
+        Host { inner: Arc::new(ArcSwap::new(self.inner.load_full())) }
     }
 
     /// This node came back as the only node of its cluster, its services empty: each reports
@@ -843,7 +856,9 @@ impl Inner {
 
     /// Whether this node may act as a manager at `now`.
     fn leased_at(&self, now: Instant) -> bool {
-        self.mirrors.leased_at(now)
+        // A life that stopped holds no lease, whatever its last one said: the supervisor renews
+        // only the current life's.
+        !self.mirrors.stopped.load(Ordering::Acquire) && self.mirrors.leased_at(now)
     }
 
     async fn wait_lease(&self, until: Instant) -> bool {

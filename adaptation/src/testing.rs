@@ -253,13 +253,19 @@ impl MemCluster {
 
     /// Brings `node`, failed before, back as a new life with fresh services (as an agent
     /// restarted from its data directory comes back once its last life is recovered): the
-    /// same id joins again. Returns once the change is stable.
+    /// same id joins again. Returns once the change is stable. A node declared failed while
+    /// it still ran ([`MemCluster::fail_cut_off`]) starts its new life in the same host, as the
+    /// supervisor's does ([`Host::renew`]): clones of the host follow it there.
     pub async fn rejoin(&mut self, node: NodeId) {
         assert!(!self.tree.nodes().any(|n| n == node), "node {node} is still a member");
         self.departed.remove(&node);
         self.cut_off.remove(&node);
         self.net.crashed.remove(&node);
-        self.start_host(node);
+        let running = self.net.hosts.get(&node).map(|h| h.value().clone());
+        match running {
+            Some(host) => host.renew(|| (self.services)()),
+            None => self.start_host(node),
+        }
         self.change(Change::Add { node, labels: Labels::new() }).await;
     }
 

@@ -334,9 +334,15 @@ impl std::fmt::Debug for Dsm {
 }
 
 impl Dsm {
-    /// The DSM of the node `host` belongs to; `node` must be the [`DsmNode`] registered there.
+    /// The DSM of the node `host` belongs to, in the life the host is in now; `node` must be
+    /// the [`DsmNode`] registered in that life. Should the cluster declare the node failed
+    /// while it runs, its host starts afresh ([`Host::renew`]) and this handle refuses every
+    /// access from then on (an [`DsmError::Adaptation`] error: send it again); the new life's
+    /// `DsmNode` makes the next one. Following the host into its new life with the old one's
+    /// copies, it acknowledged writes on pages the new life never held, which the cluster
+    /// then took back.
     pub fn new(node: DsmNode, host: Host) -> Self {
-        Dsm { node, host, placement: Placement::Locator }
+        Dsm { node, host: host.this_life(), placement: Placement::Locator }
     }
 
     /// The same handle, finding managers by `placement`.

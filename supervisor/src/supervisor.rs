@@ -183,7 +183,7 @@ pub enum Lifecycle {
 const MALFORMED: &str = "undecodable messages";
 
 /// What the lines `Supervisor::rejoins` budgets are about.
-const REJOINS: &str = "failed rejoins";
+const REJOINS: &str = "failed or unanswered rejoins";
 
 /// One node's supervisor.
 pub struct Supervisor {
@@ -1527,7 +1527,7 @@ impl Supervisor {
             );
             self.admitted.store(false, Ordering::SeqCst);
             *self.head_start.lock().expect("head start") = None;
-            self.host.renew((self.services)());
+            self.host.renew(&self.services);
             self.host.lease(Instant::now());
         }
     }
@@ -1629,11 +1629,14 @@ impl Supervisor {
             // newest view): its services were started afresh, so asking again is safe.
             self.renewed_to.store(self.incarnation(), Ordering::SeqCst);
         } else {
-            tracing::warn!(
-                node = self.me.id,
-                incarnation = self.incarnation(),
-                "the cluster took this node's rejoin but its answer never came; asking again"
-            );
+            // Asked again every ping interval while the answer does not come.
+            gobelins_adaptation::log_budget::budgeted(&self.rejoins, REJOINS, || {
+                tracing::warn!(
+                    node = self.me.id,
+                    incarnation = self.incarnation(),
+                    "the cluster took this node's rejoin but its answer never came; asking again"
+                )
+            });
         }
         // Through the leader of the newest view, whatever its own life's status (after the
         // whole cluster stopped, the leader may be a restarted node whose last life ended as
