@@ -357,8 +357,8 @@ impl Host {
         Host { inner: Arc::new(ArcSwap::new(Inner::spawn(me, registry, link, config))) }
     }
 
-    /// Ends this life and starts a new one with the fresh services `services` builds: what a process
-    /// restart does, without the restart. The supervisor calls it when the cluster declared
+    /// Ends this life and starts a new one with the fresh services `services` builds: what a
+    /// process restart does, without the restart. The supervisor calls it when the cluster declared
     /// this node failed while it still ran (cut off, say): the cluster has rebuilt its entries
     /// elsewhere, so what the old services hold is stale and must neither be served nor be
     /// offered to a later `scan`. The new life routes nothing until it is fed a state.

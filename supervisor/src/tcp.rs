@@ -298,7 +298,7 @@ struct Peer {
 const REFUSALS_LOGGED: u32 = 5;
 const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
 /// What the lines the refusals' budget leaves out are about.
-const REFUSALS: &str = "connections refused or dropped before their handshake ended (a flood, or a peer with the wrong secret retrying: see the lines before)";
+const REFUSALS: &str = "connections refused or dropped before their handshake ended (a flood, or a peer with the wrong secret retrying)";
 
 struct Inner<N: Net> {
     net: N,
