@@ -92,16 +92,23 @@ struct Node {
 }
 
 async fn start_node(options: &AgentOptions) -> Node {
-    let dsm = DsmNode::new(DsmConfig::default());
-    let service = dsm.clone();
+    // Each life of the node has a DSM node of its own: one the cluster declared failed while it
+    // ran starts afresh, and its last life's copies are of pages the cluster has given up on.
+    // The run then fails (`DsmError::LifeEnded`) rather than go on with them.
+    let current = Arc::new(Mutex::new(None));
+    let made = Arc::clone(&current);
     let registry = move || {
+        let node = DsmNode::new(DsmConfig::default());
         let mut registry = Registry::new();
-        registry.register(plugin(service.service())).expect("dsm registers");
+        registry.register(plugin(node.service())).expect("dsm registers");
+        *made.lock().expect("dsm node") = Some(node);
         registry
     };
     let agent = Agent::start(TokioNet, options, registry).await.expect("agent");
-    let dsm = Dsm::new(dsm, agent.supervisor.host().clone());
-    Node { agent, dsm }
+    // The host's life first, then its node (as the agent's console does).
+    let life = agent.supervisor.host().this_life();
+    let node = current.lock().expect("dsm node").clone().expect("built as the agent started");
+    Node { agent, dsm: Dsm::new(node, life) }
 }
 
 /// Starts `n` agents and waits until every one can reach the DSM and the cluster is stable.

@@ -382,7 +382,8 @@ impl Host {
     /// [`Host::renew`]. Once this life ends, whatever is asked through it is refused, and it
     /// holds no lease. For a client that keeps state of its own next to a service of this life
     /// (the DSM's copies of pages): used after a renewal, that state would be the old life's,
-    /// which the cluster has given up on, mixed with the new life's answers.
+    /// which the cluster has given up on, mixed with the new life's answers. Never renewed
+    /// itself: the host's other clones would stay on the life it stopped.
     pub fn this_life(&self) -> Host {
         Host { inner: Arc::new(ArcSwap::new(self.inner.load_full())) }
     }
@@ -404,7 +405,8 @@ impl Host {
     /// supervisor renews it each time the leader grants the node's periodic ask, from the moment
     /// it asked, so a node cut off from the cluster stops serving before the cluster can declare
     /// it failed and rebuild its entries elsewhere: it never answers with what the cluster has
-    /// since replaced. A host never given a lease serves freely (tests, tools).
+    /// since replaced. A host never given a lease serves freely (tests, tools); a life that
+    /// stopped serves nothing, whatever its lease said.
     pub fn lease(&self, until: Instant) {
         let inner = self.inner.load();
         let later = inner.lease.send_if_modified(|lease| {
@@ -419,8 +421,8 @@ impl Host {
         }
     }
 
-    /// Whether this node's lease holds now, or it was never given one: see
-    /// [`Context::leased`](crate::Context::leased).
+    /// Whether this node's lease holds now, or it was never given one, and this life has not
+    /// stopped: see [`Context::leased`](crate::Context::leased).
     pub fn leased(&self) -> bool {
         self.inner.load().leased()
     }
@@ -434,9 +436,16 @@ impl Host {
     }
 
     /// Until when this node may act as the manager of its keys: `None` if it was never given a
-    /// lease (it then serves freely).
+    /// lease (it then serves freely until its life stops).
     pub fn leased_until(&self) -> Option<Instant> {
         *self.inner.load().lease.borrow()
+    }
+
+    /// Whether the life this handle reaches has stopped: always false for a clone, which
+    /// follows [`Host::renew`], until the host is shut down; true for a [`Host::this_life`]
+    /// handle once that life was renewed.
+    pub fn life_ended(&self) -> bool {
+        self.inner.load().mirrors.stopped.load(Ordering::Acquire)
     }
 
     /// Which life this is: changes with every [`Host::renew`], so that the supervisor knows to
@@ -819,9 +828,12 @@ impl Inner {
     ) -> Pin<Box<dyn Future<Output = bool> + Send + 'a>> {
         Box::pin(async move {
             let mut stopped = self.stopped.subscribe();
+            // A stopped life first: with both ready, an unbiased choice said now and then that
+            // a stopped life's lease held.
             tokio::select! {
-                done = tokio::time::timeout_at(until, wait) => done.unwrap_or(false),
+                biased;
                 _ = stopped.wait_for(|&s| s) => false,
+                done = tokio::time::timeout_at(until, wait) => done.unwrap_or(false),
             }
         })
     }

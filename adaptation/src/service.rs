@@ -107,7 +107,8 @@ impl Context {
     /// failed. The layer serves a key's manager only under it; a service that answers from
     /// what it keeps locally otherwise (a cached copy, a reply from its local server) checks
     /// it, or a node cut off answers what the cluster has since replaced. `true` when
-    /// detached, or when the node was never given a lease.
+    /// detached, or when the node was never given a lease; `false` once this life has stopped
+    /// (the cluster declared the node failed and its host started afresh, or it shut down).
     pub fn leased(&self) -> bool {
         self.peers.as_ref().is_none_or(|p| p.leased())
     }

@@ -258,14 +258,15 @@ impl MemCluster {
     /// supervisor's does ([`Host::renew`]): clones of the host follow it there.
     pub async fn rejoin(&mut self, node: NodeId) {
         assert!(!self.tree.nodes().any(|n| n == node), "node {node} is still a member");
-        self.departed.remove(&node);
-        self.cut_off.remove(&node);
-        self.net.crashed.remove(&node);
+        // Its new life first, then it answers again: nothing reaches the old one meanwhile.
         let running = self.net.hosts.get(&node).map(|h| h.value().clone());
         match running {
             Some(host) => host.renew(|| (self.services)()),
             None => self.start_host(node),
         }
+        self.departed.remove(&node);
+        self.cut_off.remove(&node);
+        self.net.crashed.remove(&node);
         self.change(Change::Add { node, labels: Labels::new() }).await;
     }
 

@@ -148,7 +148,9 @@ impl WriteGuard {
         // the write could be served to a reader, or acknowledged, after the cluster had given
         // the page up on this node. A lease renewed late (a leader whose acknowledgements lag
         // as the voters change, seen on the leader itself in an audit) is waited for a moment.
+        self.dsm.alive()?;
         if !self.dsm.host.leased_within(LEASE_BACK).await {
+            self.dsm.alive()?;
             return Err(DsmError::NoLease { page: self.page });
         }
         let data = Arc::new(self.data);
@@ -337,8 +339,8 @@ impl Dsm {
     /// The DSM of the node `host` belongs to, in the life the host is in now; `node` must be
     /// the [`DsmNode`] registered in that life. Should the cluster declare the node failed
     /// while it runs, its host starts afresh ([`Host::renew`]) and this handle refuses every
-    /// access from then on (an [`DsmError::Adaptation`] error: send it again); the new life's
-    /// `DsmNode` makes the next one. Following the host into its new life with the old one's
+    /// access from then on ([`DsmError::LifeEnded`]); the new life's `DsmNode` makes the next
+    /// one. Following the host into its new life with the old one's
     /// copies, it acknowledged writes on pages the new life never held, which the cluster
     /// then took back.
     pub fn new(node: DsmNode, host: Host) -> Self {
@@ -353,6 +355,18 @@ impl Dsm {
 
     fn state(&self) -> &NodeState {
         &self.node.inner
+    }
+
+    /// `LifeEnded` once the life of the node this handle was taken in has stopped; `Leaving`
+    /// if it stopped as the node left the cluster.
+    fn alive(&self) -> Result<(), DsmError> {
+        if !self.host.life_ended() {
+            return Ok(());
+        }
+        if self.state().leaving.load(Ordering::SeqCst) {
+            return Err(DsmError::Leaving);
+        }
+        Err(DsmError::LifeEnded)
     }
 
     /// Tells `previous`, the owner this node's grant took `page` from, that the grant landed,
@@ -424,10 +438,11 @@ impl Dsm {
         let mut pause = Duration::from_micros(500);
         let mut warn_at = WAIT_WARNING;
         loop {
+            self.alive()?;
             let request = &make();
             let ctx = self.host.context();
-            let answer: Response = match self.placement {
-                Placement::Locator => ctx.request(DSM, key, request).await?,
+            let asked = match self.placement {
+                Placement::Locator => ctx.request(DSM, key, request).await,
                 Placement::Static => {
                     let nodes = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
                     if nodes.is_empty() {
@@ -441,9 +456,11 @@ impl Dsm {
                         Named::Taint => 0,
                     };
                     let manager = nodes[(index % nodes.len() as u64) as usize];
-                    ctx.tell(manager, DSM, key, request).await?
+                    ctx.tell(manager, DSM, key, request).await
                 }
             };
+            // Refused because this life stopped as it asked: said as such.
+            let answer: Response = asked.map_err(|e| self.alive().err().unwrap_or(e.into()))?;
             match answer {
                 // Waiting for the other nodes at a barrier, or for a lock's holder: as long as
                 // the program needs, not the access deadline (a slow phase is no fault).
@@ -480,6 +497,7 @@ impl Dsm {
     /// still held could be older than a value it had read since.
     pub async fn read(&self, page: PageId) -> Result<ReadGuard, DsmError> {
         page_of_a_segment(page)?;
+        self.alive()?;
         if self.state().leaving.load(Ordering::SeqCst) {
             return Err(DsmError::Leaving);
         }
@@ -561,6 +579,8 @@ impl Dsm {
     async fn revoke(&self, page: PageId, frame: &Frame, version: u64) -> Result<(), DsmError> {
         let started = tokio::time::Instant::now();
         loop {
+            // A life that stopped reaches no reader: it would wait out the deadline.
+            self.alive()?;
             let readers = frame.close(version);
             if readers.is_empty() {
                 return Ok(());
@@ -616,6 +636,7 @@ impl Dsm {
     /// [`DsmError::Leaving`] once this node is being evicted.
     pub async fn write(&self, page: PageId) -> Result<WriteGuard, DsmError> {
         page_of_a_segment(page)?;
+        self.alive()?;
         let frame = self.state().frames.frame(page);
         let started = tokio::time::Instant::now();
         loop {
@@ -657,7 +678,12 @@ impl Dsm {
                     refused: s.refused,
                 }
             };
-            let answer = match self.ask_with(page.key(), fault).await {
+            let answer = match self.ask_with(page.key(), fault).await.and_then(|answer| {
+                // A grant that comes back after this life stopped is not installed, nor is its
+                // previous owner told to drop the copy it keeps aside: the manager takes the
+                // grant back from there, as one that never reached its writer.
+                self.alive().map(|()| answer)
+            }) {
                 Ok(answer) => answer,
                 Err(e) => {
                     frame.reopen();

@@ -86,6 +86,13 @@ pub enum DsmError {
         /// The page.
         page: PageId,
     },
+    /// The life of this node the handle was taken in has ended: the cluster declared the node
+    /// failed while it ran (cut off, or stopped a while), and it started afresh as a new life.
+    /// The handle's copies are that old life's, which the cluster has given up on, so it is
+    /// refused everything from then on. What it did not acknowledge was not written. Also
+    /// what a handle is told once its host has shut down.
+    #[error("this node's life in the cluster ended while the access was under way: the cluster declared it failed (cut off or stopped a while) and it rejoins as a new life, or its agent is stopping. Nothing unacknowledged was written (a multi-page write may have done its first pages): make the access again through the new life (`gobelins dsm` does so with each command; a program takes a new `Dsm` from the new life's `DsmNode`)")]
+    LifeEnded,
     /// A peer answered something this version does not expect.
     #[error("protocol: {0}")]
     Protocol(String),
