@@ -87,6 +87,11 @@ pub enum AdaptationError {
         /// The key.
         key: u64,
     },
+    /// This node's own services stopped while the request was under way: the cluster declared
+    /// the node failed and it starts afresh as a new life, or the node is shutting down. Not
+    /// the manager's doing.
+    #[error("this node's services stopped while the request was under way: the cluster declared this node failed (it starts afresh as a new life), or it is shutting down. Send the request again (through the new life, once `gobelins status` shows the node active)")]
+    Stopped,
     /// The manager's service failed the request (it could not decode it, say).
     #[error("the manager refused the request: {0}")]
     Refused(String),

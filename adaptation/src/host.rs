@@ -996,6 +996,10 @@ impl Inner {
                 c.requests_failed.fetch_add(1, Ordering::Relaxed);
                 Err(match reply {
                     Reply::Unknown(s) => AdaptationError::UnknownService(s),
+                    // Said by this node's own stopped life, not by the manager.
+                    Reply::Refused(_) if self.mirrors.stopped.load(Ordering::Acquire) => {
+                        AdaptationError::Stopped
+                    }
                     Reply::Refused(why) => AdaptationError::Refused(why),
                     _ => {
                         let router = self.router.lock().expect("router");
