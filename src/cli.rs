@@ -173,14 +173,14 @@ enum KvOp {
     Get {
         #[command(flatten)]
         dir: DirArgs,
-        /// The key.
+        /// The key: a whole number below 2^63 (kvdir keeps the keys from 2^63 up for itself).
         key: u64,
     },
     /// Store a value under a key: the text given, or standard input with `-`.
     Put {
         #[command(flatten)]
         dir: DirArgs,
-        /// The key.
+        /// The key: a whole number below 2^63 (kvdir keeps the keys from 2^63 up for itself).
         key: u64,
         /// The value, as text; `-` reads it from standard input (at most 4 MiB).
         value: String,

@@ -103,6 +103,9 @@ pub(crate) struct NodeState {
     /// Pages this node, as their manager, found lost (each time one became so): what
     /// `reported_lost` says.
     pub(crate) lost: AtomicU64,
+    /// Lines about pages found lost in a slot whose manager died: a program reading many such
+    /// pages would log one each.
+    pub(crate) lost_lines: Mutex<gobelins_adaptation::log_budget::LogBudget>,
     /// This node is being evicted: no more writes, no more direct reads.
     pub(crate) leaving: std::sync::atomic::AtomicBool,
     /// Held shared by each write fault in flight, from before it is sent until its grant is
@@ -184,6 +187,7 @@ impl DsmNode {
                 hinted: AtomicU64::new(0),
                 stale: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
+                lost_lines: gobelins_adaptation::log_budget::noisy(),
                 leaving: std::sync::atomic::AtomicBool::new(false),
                 faults: tokio::sync::RwLock::new(()),
                 word: AsyncMutex::new(Word {

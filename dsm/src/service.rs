@@ -193,6 +193,12 @@ impl DsmService {
             // Counted once, by whoever makes the entry.
             if matches!(fresh, Live::Page(PageEntry { lost: true, .. })) {
                 self.found_lost(1);
+                if let Named::Page(page) = named(key) {
+                    let what = "pages found lost in slots whose manager died";
+                    gobelins_adaptation::log_budget::budgeted(&st.lost_lines, what, || {
+                        tracing::warn!(?page, "dsm: page lost: its manager failed, and no surviving node reported a copy of it (every copy died with the manager or before it; or the page was never written, which nobody can tell now). Discard it or free its segment once what mattered is restored")
+                    });
+                }
             }
             Arc::new(AsyncMutex::new(fresh))
         }))

@@ -182,6 +182,9 @@ pub enum Lifecycle {
 /// What the lines `Supervisor::malformed` budgets are about.
 const MALFORMED: &str = "undecodable messages";
 
+/// What the lines `Supervisor::seed_waits` budgets are about.
+const SEED_WAITS: &str = "joins waiting for their seed";
+
 /// What the lines `Supervisor::rejoins` budgets are about.
 const REJOINS: &str = "failed or unanswered rejoins";
 
@@ -198,6 +201,9 @@ pub struct Supervisor {
     malformed: Mutex<LogBudget>,
     /// Lines about rejoins that failed, asked again every ping interval.
     rejoins: Mutex<LogBudget>,
+    /// Lines about a seed that cannot admit this node yet: a node back from a pause asks
+    /// through several calls at once, each with its line.
+    seed_waits: Mutex<LogBudget>,
     /// The leader loop's ticks: a pause of this process shows as one woken late.
     pauses: Pauses,
     /// While this node leads with no acknowledgement of a majority on record (raft has none
@@ -319,6 +325,7 @@ impl Supervisor {
             detector: Mutex::new(None),
             malformed: gobelins_adaptation::log_budget::noisy(),
             rejoins: gobelins_adaptation::log_budget::noisy(),
+            seed_waits: gobelins_adaptation::log_budget::noisy(),
             pauses: Pauses::new(lease_span),
             unacked_since: Mutex::new(None),
             leaderless: Mutex::default(),
@@ -674,7 +681,11 @@ impl Supervisor {
         while Instant::now() < until {
             if !warned && last != "no attempt" {
                 warned = true;
-                tracing::warn!(%seed, error = %last, "cannot join through the seed yet; retrying for {} s", deadline.as_secs());
+                gobelins_adaptation::log_budget::budgeted(
+                    &self.seed_waits,
+                    SEED_WAITS,
+                    || tracing::warn!(%seed, error = %last, "cannot join through the seed yet; retrying for {} s", deadline.as_secs()),
+                );
             }
             // Built again for every attempt: this process may have moved to a new life
             // meanwhile (its fence check found the last one ended and rejoined as the next).
@@ -1768,6 +1779,7 @@ impl Supervisor {
             }
             gobelins_adaptation::log_budget::say_ended(&self.malformed, MALFORMED);
             gobelins_adaptation::log_budget::say_ended(&self.rejoins, REJOINS);
+            gobelins_adaptation::log_budget::say_ended(&self.seed_waits, SEED_WAITS);
             // After the pause check: raft's acknowledgement ages span a pause, which is this
             // node's own silence, not the voters'.
             match self.quorum_lost() {
