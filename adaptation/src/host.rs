@@ -166,6 +166,27 @@ pub struct Stats {
     pub reported_lost: BTreeMap<String, u64>,
 }
 
+impl Stats {
+    /// Adds the counters of `earlier`, a life before this one. `answers_kept` counts what is
+    /// kept now, so only this life's.
+    fn add_earlier(&mut self, earlier: &Stats) {
+        self.requests_ok += earlier.requests_ok;
+        self.requests_delayed += earlier.requests_delayed;
+        self.requests_failed += earlier.requests_failed;
+        self.served += earlier.served;
+        self.held += earlier.held;
+        self.entries_sent += earlier.entries_sent;
+        self.entries_received += earlier.entries_received;
+        self.entries_rebuilt += earlier.entries_rebuilt;
+        self.bytes_sent += earlier.bytes_sent;
+        self.forwarded += earlier.forwarded;
+        self.batches_refused += earlier.batches_refused;
+        for (name, lost) in &earlier.reported_lost {
+            *self.reported_lost.entry(name.clone()).or_default() += lost;
+        }
+    }
+}
+
 /// One change as this node carried it out: what moved and how long each phase took.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChangeRecord {
@@ -325,6 +346,9 @@ pub(crate) struct Inner {
     pub(crate) departed: watch::Sender<BTreeSet<NodeId>>,
     inputs: mpsc::UnboundedSender<Input>,
     pub(crate) counters: Counters,
+    /// The counters of this process's lives before this one (see [`Host::renew`]): what a
+    /// node reported lost must not vanish from `gobelins stats` as it starts afresh.
+    earlier: Mutex<Stats>,
     pub(crate) history: Mutex<Vec<ChangeRecord>>,
     pub(crate) stopped: watch::Sender<bool>,
     /// Until when this node may act as a manager ([`Host::lease`]); `None`: no lease needed.
@@ -370,6 +394,8 @@ impl Host {
         let old = self.inner.load_full();
         old.stop();
         let fresh = Inner::spawn(old.me, services(), Arc::clone(&old.link), old.config.clone());
+        // The counters go on from the old life's, the process's since its start.
+        *fresh.earlier.lock().expect("earlier") = old.stats();
         // A node that needed a lease still does: the new life serves nothing until renewed.
         if old.lease.borrow().is_some() {
             fresh.lease.send_replace(Some(Instant::now()));
@@ -504,32 +530,10 @@ impl Host {
         *self.inner.load().epoch.borrow()
     }
 
-    /// Counters since start.
+    /// Counters since this process started, over every life it had.
     pub fn stats(&self) -> Stats {
-        let inner = self.inner.load();
-        let c = &inner.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        Stats {
-            requests_ok: get(&c.requests_ok),
-            requests_delayed: get(&c.requests_delayed),
-            requests_failed: get(&c.requests_failed),
-            served: get(&c.served),
-            held: get(&c.held),
-            entries_sent: get(&c.entries_sent),
-            entries_received: get(&c.entries_received),
-            entries_rebuilt: get(&c.entries_rebuilt),
-            bytes_sent: get(&c.bytes_sent),
-            answers_kept: inner.answers.iter().map(|answers| answers.len() as u64).sum(),
-            forwarded: get(&c.forwarded),
-            batches_refused: get(&c.batches_refused),
-            reported_lost: inner.registry.iter().fold(BTreeMap::new(), |mut lost, plugin| {
-                // Names need not be unique: two services of one name add up.
-                *lost.entry(plugin.spec().name).or_default() += plugin.reported_lost();
-                lost
-            }),
-        }
+        self.inner.load().stats()
     }
-
     /// The latest changes this node took part in (256 at most), oldest first.
     pub fn history(&self) -> Vec<ChangeRecord> {
         self.inner.load().history.lock().expect("history").clone()
@@ -669,6 +673,7 @@ impl Inner {
             departed: watch::channel(BTreeSet::new()).0,
             inputs,
             counters: Counters::default(),
+            earlier: Mutex::new(Stats::default()),
             history: Mutex::new(Vec::new()),
             stopped: watch::channel(false).0,
             lease: watch::channel(None).0,
@@ -680,6 +685,33 @@ impl Inner {
         tokio::spawn(Driver::new(Arc::clone(&inner)).run(receiver));
         tokio::spawn(forget_old_answers(Arc::downgrade(&inner)));
         inner
+    }
+
+    /// This life's counters, with its earlier lives' added.
+    fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut stats = Stats {
+            requests_ok: get(&c.requests_ok),
+            requests_delayed: get(&c.requests_delayed),
+            requests_failed: get(&c.requests_failed),
+            served: get(&c.served),
+            held: get(&c.held),
+            entries_sent: get(&c.entries_sent),
+            entries_received: get(&c.entries_received),
+            entries_rebuilt: get(&c.entries_rebuilt),
+            bytes_sent: get(&c.bytes_sent),
+            answers_kept: self.answers.iter().map(|answers| answers.len() as u64).sum(),
+            forwarded: get(&c.forwarded),
+            batches_refused: get(&c.batches_refused),
+            reported_lost: self.registry.iter().fold(BTreeMap::new(), |mut lost, plugin| {
+                // Names need not be unique: two services of one name add up.
+                *lost.entry(plugin.spec().name).or_default() += plugin.reported_lost();
+                lost
+            }),
+        };
+        stats.add_earlier(&self.earlier.lock().expect("earlier"));
+        stats
     }
 
     /// Stops the driver. Requests in flight end at once, not at their deadline: with

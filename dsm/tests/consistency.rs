@@ -1765,6 +1765,27 @@ fn a_handle_on_a_life_the_cluster_ended_neither_reads_nor_writes() {
     })
 }
 
+/// A node renewed in place counts on from its last life: `gobelins stats` is the process's
+/// since it started. Its counters started from zero with each new life, and what a life had
+/// reported lost vanished with it (an audit saw a node's lost page gone from its stats).
+#[test]
+fn a_node_renewed_in_place_counts_on_from_its_last_life() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(4).await;
+        let x = NodeId(2);
+        for page in pages_by_manager(&cluster, x, false, 3) {
+            put(&cluster.dsm(x), page, 1).await;
+        }
+        let before = cluster.mem.host(x).stats();
+        assert!(before.requests_ok >= 3, "{before:?}");
+        cluster.mem.fail_cut_off(x).await;
+        cluster.mem.rejoin(x).await;
+        let after = cluster.mem.host(x).stats();
+        assert!(after.requests_ok >= before.requests_ok, "before {before:?}, after {after:?}");
+        assert!(after.requests_failed >= before.requests_failed);
+    })
+}
+
 /// The partition audit's sequence: a node owns a page and has served a reader straight from
 /// it; cut off, it begins a write, which waits to revoke that reader. The cluster declares the
 /// node failed and it rejoins as a new life, and the write reaches the reader through the new
