@@ -1754,6 +1754,8 @@ impl Supervisor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut quorum = crate::quorum::QuorumWatch::default();
         let mut no_leader = crate::quorum::QuorumWatch::default();
+        // When this node last came back from a pause of its own.
+        let mut resumed: Option<Instant> = None;
         let leaderless_after = crate::quorum::leaderless_after(self.config.raft_election);
         loop {
             let due = tokio::select! {
@@ -1775,15 +1777,19 @@ impl Supervisor {
                      them"
                 );
                 *self.detector.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                resumed = Some(Instant::now());
                 continue;
             }
             gobelins_adaptation::log_budget::say_ended(&self.malformed, MALFORMED);
             gobelins_adaptation::log_budget::say_ended(&self.rejoins, REJOINS);
             gobelins_adaptation::log_budget::say_ended(&self.seed_waits, SEED_WAITS);
             // After the pause check: raft's acknowledgement ages span a pause, which is this
-            // node's own silence, not the voters'.
+            // node's own silence, not the voters'. They stay that old until raft's next round
+            // is acknowledged, a tick after the pause or more: a leader back from 10 s stopped
+            // said for 50 ms that it heard from no majority.
+            let settled = resumed.is_none_or(|r| r.elapsed() >= self.config.failure_timeout);
             match self.quorum_lost() {
-                Some(lost) if quorum.lost(tokio::time::Instant::now()) => {
+                Some(lost) if settled && quorum.lost(tokio::time::Instant::now()) => {
                     tokio::spawn(Arc::clone(&self).say_quorum_lost(lost));
                 }
                 None if quorum.back() => tracing::warn!(

@@ -420,7 +420,7 @@ impl<N: Net> TcpTransport<N> {
                             counted
                         }
                         Err(Busy::Source) => {
-                            self.refused(|| tracing::warn!(%peer, "too many handshakes in progress from this address; dropped a connection (a peer that connects and says nothing?)"));
+                            self.refused(|| tracing::warn!(%peer, "too many handshakes in progress from this address; dropped a connection (a host that connects and says nothing? or several agents dialing from this one address, reconnecting at once after a pause: they retry, and get in)"));
                             continue;
                         }
                         Err(Busy::All) => {
