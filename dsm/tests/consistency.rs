@@ -206,6 +206,15 @@ impl Cluster {
         Dsm::new(made[node.0 as usize].clone(), self.mem.host(node))
     }
 
+    /// Brings `node`, failed, back as a new life ([`MemCluster::rejoin`]); its DSM, built
+    /// last, takes the place of the old life's.
+    async fn rejoin(&mut self, node: NodeId) {
+        self.mem.rejoin(node).await;
+        let mut made = self.made.lock().expect("made");
+        let new = made.pop().expect("the new life's DSM");
+        made[node.0 as usize] = new;
+    }
+
     /// How `node`'s read faults used their probable-owner hints.
     fn stats(&self, node: NodeId) -> FaultStats {
         self.made.lock().expect("made")[node.0 as usize].fault_stats()
@@ -591,12 +600,7 @@ fn with_backups_nodes_failing_and_returning_one_at_a_time_under_load_lose_no_pag
                 cluster.mem.fail_cut_off(victim).await;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
-            cluster.mem.rejoin(victim).await;
-            {
-                let mut made = cluster.made.lock().expect("made");
-                let new = made.pop().expect("the new life's DSM");
-                made[victim.0 as usize] = new;
-            }
+            cluster.rejoin(victim).await;
             on_node.insert(victim, load.start(&cluster, victim));
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -1432,12 +1436,8 @@ fn with_backups_nodes_back_as_new_lives_are_not_failed_to_managers_outside_their
         let mut returns = Vec::new();
         for node in [x, mate] {
             cluster.mem.fail(node).await;
-            cluster.mem.rejoin(node).await;
+            cluster.rejoin(node).await;
             returns.push(cluster.mem.host(NodeId(1)).context().epoch());
-            // The new life's DSM, built last, in the place of the old one's.
-            let mut made = cluster.made.lock().expect("made");
-            let new = made.pop().expect("the new life's DSM");
-            made[node.0 as usize] = new;
         }
         let table = cluster.mem.snapshot();
         assert_eq!(table.replica_holder(x), Some(mate), "back in one cell, {table:?}");
@@ -1739,12 +1739,7 @@ fn a_handle_on_a_life_the_cluster_ended_neither_reads_nor_writes() {
         let page = pages_by_manager(&cluster, x, false, 1)[0];
         put(&old, page, 1).await;
         cluster.mem.fail_cut_off(x).await;
-        cluster.mem.rejoin(x).await;
-        {
-            let mut made = cluster.made.lock().expect("made");
-            let new = made.pop().expect("the new life's DSM");
-            made[x.0 as usize] = new;
-        }
+        cluster.rejoin(x).await;
         let mut written = old.write(page).await;
         if let Ok(g) = written.as_mut() {
             Value { count: 2, worker: 0, seq: 2 }.encode(g);
@@ -1808,12 +1803,7 @@ fn a_write_waiting_as_its_node_is_declared_failed_and_rejoins_is_refused() {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         cluster.mem.fail_cut_off(x).await;
-        cluster.mem.rejoin(x).await;
-        {
-            let mut made = cluster.made.lock().expect("made");
-            let new = made.pop().expect("the new life's DSM");
-            made[x.0 as usize] = new;
-        }
+        cluster.rejoin(x).await;
         let first = waiting.await.expect("the waiting write");
         assert_eq!(first, Err(DsmError::LifeEnded), "the old life's write");
         let mut acked = 2;
