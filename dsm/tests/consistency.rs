@@ -565,6 +565,18 @@ fn with_backups_failures_one_after_another_lose_no_page() {
     })
 }
 
+/// The workers' accesses all succeeded, their histories are sequentially consistent, and
+/// every page ends with its last acknowledged write, read through node 1.
+async fn every_write_survived(cluster: &Cluster, done: Vec<Outcome>) {
+    let errors: BTreeSet<String> =
+        done.iter().flat_map(|(_, e)| e).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "accesses failed: {errors:?}");
+    let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
+    check(&histories).expect("sequentially consistent");
+    let counts = final_counts(&cluster.dsm(NodeId(1))).await.expect("no page lost");
+    assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
+}
+
 /// A soak's pattern, which lost six pages in 26 minutes with one failure at a time: under
 /// load, nodes fail one after another, each once the cluster has recovered from the one
 /// before, some killed and restarted, some declared failed while they ran (a pause) and
@@ -605,13 +617,7 @@ fn with_backups_nodes_failing_and_returning_one_at_a_time_under_load_lose_no_pag
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
         done.extend(load.stop_all().await);
-        let errors: std::collections::BTreeSet<String> =
-            done.iter().flat_map(|(_, e)| e).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "accesses failed: {errors:?}");
-        let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
-        check(&histories).expect("sequentially consistent");
-        let counts = final_counts(&cluster.dsm(NodeId(1))).await.expect("no page lost");
-        assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
+        every_write_survived(&cluster, done).await;
         let acked: Vec<u64> = (1..=cold.len() as u64).collect();
         let wrong = misread_acked(&cluster.dsm(NodeId(2)), &cold, &acked).await;
         assert!(wrong.is_empty(), "cold pages: {wrong:?}");
@@ -934,13 +940,7 @@ fn with_backups_a_leave_and_then_a_failure_under_load_lose_no_page() {
         let rest = tokio::time::timeout(Duration::from_secs(30), load.stop_all()).await;
         done.extend(rest.expect("every access ends"));
 
-        let errors: BTreeSet<String> =
-            done.iter().flat_map(|(_, e)| e).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "accesses failed: {errors:?}");
-        let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
-        check(&histories).expect("sequentially consistent");
-        let counts = final_counts(&cluster.dsm(NodeId(1))).await.expect("no page lost");
-        assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
+        every_write_survived(&cluster, done).await;
         assert_eq!(cluster.reported_lost(), 0, "nothing reported lost either");
     })
 }
@@ -1753,11 +1753,16 @@ fn a_handle_on_a_life_the_cluster_ended_neither_reads_nor_writes() {
         put(&cluster.dsm(x), page, 3).await;
         let read = old.read(page).await.map(|g| Value::decode(&g).count);
         assert_eq!(read, Err(DsmError::LifeEnded), "the old life's handle's read");
-        for n in cluster.mem.nodes() {
-            assert_eq!(outcome(&cluster.dsm(n), page).await, Ok(3), "read through node {n}");
-        }
-        assert_eq!(cluster.reported_lost(), 0);
+        every_node_reads(&cluster, page, 3).await;
     })
+}
+
+/// Every node reads `count` from `page`, and no page was reported lost.
+async fn every_node_reads(cluster: &Cluster, page: PageId, count: u64) {
+    for n in cluster.mem.nodes() {
+        assert_eq!(outcome(&cluster.dsm(n), page).await, Ok(count), "read through node {n}");
+    }
+    assert_eq!(cluster.reported_lost(), 0);
 }
 
 /// A node renewed in place counts on from its last life: `gobelins stats` is the process's
@@ -1816,10 +1821,7 @@ fn a_write_waiting_as_its_node_is_declared_failed_and_rejoins_is_refused() {
         let seen = outcome(&cluster.dsm(NodeId(5)), page).await;
         assert_eq!(seen, Ok(acked), "before writing 6 through node 5");
         put(&cluster.dsm(NodeId(5)), page, 6).await;
-        for n in cluster.mem.nodes() {
-            assert_eq!(outcome(&cluster.dsm(n), page).await, Ok(6), "read through node {n}");
-        }
-        assert_eq!(cluster.reported_lost(), 0);
+        every_node_reads(&cluster, page, 6).await;
     })
 }
 
