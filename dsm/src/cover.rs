@@ -34,7 +34,11 @@ pub(crate) fn kept_elsewhere(entry: &PageEntry, me: NodeId, gone: impl Fn(NodeId
         return false;
     }
     let elsewhere = |n: &NodeId| *n != me && !gone(*n);
-    entry.owner.is_none() || entry.owner.iter().chain(&entry.backup).any(elsewhere)
+    // A grant that took the page from `me` may not have reached its writer yet: until then
+    // only the backup keeps the page elsewhere.
+    let landed = entry.granted.source().is_none_or(|(n, _)| n != me);
+    let owner = entry.owner.filter(|_| landed);
+    entry.owner.is_none() || owner.iter().chain(&entry.backup).any(elsewhere)
 }
 
 /// What a replica holder keeps of one node's word.
@@ -114,6 +118,28 @@ mod tests {
         assert!(!kept_elsewhere(&entry(Some(1), Some(2), false), me, two_gone), "backup gone");
         assert!(!kept_elsewhere(&entry(Some(2), None, false), me, two_gone), "owner gone");
         assert!(kept_elsewhere(&entry(Some(2), Some(3), false), me, two_gone), "its backup lives");
+    }
+
+    /// A grant that took the page from the manager's node may not have reached its writer:
+    /// until it is settled, only a backup elsewhere keeps the page. Counted kept by its new
+    /// owner, a manager that died before the grant arrived took the page's only copies with
+    /// it, and its word had the page read as zeros.
+    #[test]
+    fn a_page_granted_from_its_manager_is_kept_by_its_backup_until_the_grant_lands() {
+        let me = n(1);
+        let alive = |_| false;
+        let from_me = |backup| PageEntry {
+            granted: Granted::From { node: me, label: 2 },
+            ..entry(Some(2), backup, false)
+        };
+        assert!(!kept_elsewhere(&from_me(None), me, alive), "the writer may not hold it yet");
+        assert!(!kept_elsewhere(&from_me(Some(1)), me, alive), "backed up here too");
+        assert!(kept_elsewhere(&from_me(Some(3)), me, alive), "backed up elsewhere");
+        let from_another = PageEntry {
+            granted: Granted::From { node: n(3), label: 2 },
+            ..entry(Some(2), None, false)
+        };
+        assert!(kept_elsewhere(&from_another, me, alive), "a copy aside on node 3 at worst");
     }
 
     #[test]

@@ -518,9 +518,20 @@ impl DsmService {
             }
         }
         let was_lost = entry.lost;
+        let before = entry.owner;
         if repair(entry, |n| self.gone(ctx, n), |n| self.lost_holder(ctx, n)) && entry.lost {
             tracing::warn!(?page, "dsm: page lost: every node holding a copy failed");
             self.found_lost(u64::from(!was_lost));
+        }
+        // A reader made the owner holds a read copy: told to own it, as an owner it hands it
+        // over when it leaves. Left a read copy, its leave handed nothing over, the entry went
+        // on naming it, and once it came back as a new life the page was lost.
+        if let Some(reader) = entry.owner.filter(|&o| Some(o) != before && Some(o) != entry.backup)
+        {
+            let version = entry.version;
+            if let Err(absent) = self.promote_on(ctx, reader, page, version, Some(version)).await {
+                tracing::debug!(?page, node = reader.0, ?absent, "dsm: a reader made the owner did not take its copy as the page; it does when next backed up");
+            }
         }
         true
     }
@@ -747,7 +758,15 @@ impl DsmService {
         if keep.is_some() {
             return Ok(keep);
         }
-        let Some(chosen) = next_node(snapshot.nodes(), writer, None) else { return Ok(None) };
+        // Never the node the page is taken from: until the writer holds the grant, that node's
+        // copy kept aside and the backup are the page's only copies, and one failure of a node
+        // holding both lost it (a manager that owned the page and chose itself for a writer's
+        // backup died before the grant arrived).
+        let taken_from = entry.owner.filter(|&o| o != writer && data.is_some());
+        let nodes = snapshot.nodes();
+        let chosen =
+            next_node(nodes, writer, taken_from).or_else(|| next_node(nodes, writer, None));
+        let Some(chosen) = chosen else { return Ok(None) };
         let content = match (data, zero) {
             (Some(d), _) => Arc::clone(d),
             (None, true) => crate::frames::zeros(),
