@@ -340,9 +340,8 @@ impl Dsm {
     /// the [`DsmNode`] registered in that life. Should the cluster declare the node failed
     /// while it runs, its host starts afresh ([`Host::renew`]) and this handle refuses every
     /// access from then on ([`DsmError::LifeEnded`]); the new life's `DsmNode` makes the next
-    /// one. Following the host into its new life with the old one's
-    /// copies, it acknowledged writes on pages the new life never held, which the cluster
-    /// then took back.
+    /// one. Following the host into its new life with the old one's copies, it acknowledged
+    /// writes on pages the new life never held, which the cluster then took back.
     pub fn new(node: DsmNode, host: Host) -> Self {
         Dsm { node, host: host.this_life(), placement: Placement::Locator }
     }

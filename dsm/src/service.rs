@@ -525,12 +525,19 @@ impl DsmService {
         }
         // A reader made the owner holds a read copy: told to own it, as an owner it hands it
         // over when it leaves. Left a read copy, its leave handed nothing over, the entry went
-        // on naming it, and once it came back as a new life the page was lost.
-        if let Some(reader) = entry.owner.filter(|&o| Some(o) != before && Some(o) != entry.backup)
-        {
+        // on naming it, and once it came back as a new life the page was lost. `BackupTo` its
+        // backup makes it own the copy only while it still holds that very version, so a late
+        // delivery cannot bring back a copy given up since; a page with no backup left gets
+        // one, and so its owner, from `restore_backups`.
+        // Not when it keeps the page's backup too: the entry then names it twice, and
+        // `restore_backups` gives the page a backup elsewhere, by `BackupTo` as well.
+        let reader = entry.owner.filter(|&o| Some(o) != before && Some(o) != entry.backup);
+        if let (Some(reader), Some(backup)) = (reader, entry.backup) {
             let version = entry.version;
-            if let Err(absent) = self.promote_on(ctx, reader, page, version, Some(version)).await {
-                tracing::debug!(?page, node = reader.0, ?absent, "dsm: a reader made the owner did not take its copy as the page; it does when next backed up");
+            let request = Request::BackupTo { page, version, node: backup, replaces: None };
+            let answer = self.told(ctx, reader, page, request).await;
+            if !matches!(answer, Some(Response::Ok | Response::BackedUp(_))) {
+                tracing::debug!(?page, node = reader.0, ?answer, "dsm: a reader made the owner did not take its copy as the page; it does when next backed up");
             }
         }
         true
