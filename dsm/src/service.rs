@@ -532,6 +532,8 @@ impl DsmService {
         // Not when it keeps the page's backup too: the entry then names it twice, and
         // `restore_backups` gives the page a backup elsewhere, by `BackupTo` as well.
         let reader = entry.owner.filter(|&o| Some(o) != before && Some(o) != entry.backup);
+        // At a fault only: the sweep after a change hands such pages to `restore_backups`,
+        // which asks many at once and gives up on a node that does not answer.
         if let (Some(reader), Some(backup)) = (reader, entry.backup) {
             let version = entry.version;
             let request = Request::BackupTo { page, version, node: backup, replaces: None };
@@ -760,19 +762,21 @@ impl DsmService {
         zero: bool,
     ) -> Result<Option<NodeId>, ()> {
         let Some(snapshot) = ctx.snapshot() else { return Ok(None) };
-        let keep =
-            entry.backup.filter(|&b| b != writer && !self.gone(ctx, b) && entry.owner.is_some());
-        if keep.is_some() {
-            return Ok(keep);
-        }
         // Never the node the page is taken from: until the writer holds the grant, that node's
         // copy kept aside and the backup are the page's only copies, and one failure of a node
         // holding both lost it (a manager that owned the page and chose itself for a writer's
         // backup died before the grant arrived).
         let taken_from = entry.owner.filter(|&o| o != writer && data.is_some());
-        let nodes = snapshot.nodes();
+        let keep = entry.backup.filter(|&b| {
+            b != writer && Some(b) != taken_from && !self.gone(ctx, b) && entry.owner.is_some()
+        });
+        if keep.is_some() {
+            return Ok(keep);
+        }
+        let nodes: Vec<NodeId> =
+            snapshot.nodes().iter().copied().filter(|&n| !self.gone(ctx, n)).collect();
         let chosen =
-            next_node(nodes, writer, taken_from).or_else(|| next_node(nodes, writer, None));
+            next_node(&nodes, writer, taken_from).or_else(|| next_node(&nodes, writer, None));
         let Some(chosen) = chosen else { return Ok(None) };
         let content = match (data, zero) {
             (Some(d), _) => Arc::clone(d),
@@ -960,6 +964,8 @@ impl DsmService {
                 owner.0
             ));
         }
+        // The owner commits at the version it was granted: the grant landed.
+        self.settle_grant(ctx, page, entry);
         let Some(chosen) = ctx.snapshot().and_then(|s| next_node(s.nodes(), owner, Some(failed)))
         else {
             entry.backup = None;
@@ -1722,8 +1728,12 @@ impl DsmService {
                 // placed a backup of its own, and the owner commits there.
                 let mut live = slot.lock().await;
                 if let Live::Page(e) = &mut *live {
-                    if e.owner == Some(owner) && e.version == version && e.backup == replaces {
-                        e.backup = Some(chosen);
+                    if e.owner == Some(owner) && e.version == version {
+                        // The owner holds the version it was granted: the grant landed.
+                        self.settle_grant(ctx, page, e);
+                        if e.backup == replaces {
+                            e.backup = Some(chosen);
+                        }
                     }
                 }
                 Restore::Done
