@@ -527,13 +527,12 @@ impl DsmService {
         // over when it leaves. Left a read copy, its leave handed nothing over, the entry went
         // on naming it, and once it came back as a new life the page was lost. `BackupTo` its
         // backup makes it own the copy only while it still holds that very version, so a late
-        // delivery cannot bring back a copy given up since; a page with no backup left gets
-        // one, and so its owner, from `restore_backups`.
-        // Not when it keeps the page's backup too: the entry then names it twice, and
-        // `restore_backups` gives the page a backup elsewhere, by `BackupTo` as well.
+        // delivery cannot bring back a copy given up since. A page with no backup left, or
+        // whose reader keeps its backup too, gets one elsewhere from `restore_backups`, by
+        // `BackupTo` as well. In the sweep too, one page at a time under its entry's lock: a
+        // silent reader costs a call timeout per page (moved into `restore_backups`, a seed of
+        // the random-failure test lost a page; why was not found).
         let reader = entry.owner.filter(|&o| Some(o) != before && Some(o) != entry.backup);
-        // At a fault only: the sweep after a change hands such pages to `restore_backups`,
-        // which asks many at once and gives up on a node that does not answer.
         if let (Some(reader), Some(backup)) = (reader, entry.backup) {
             let version = entry.version;
             let request = Request::BackupTo { page, version, node: backup, replaces: None };
