@@ -2835,10 +2835,12 @@ async fn failing_leaving_and_returning(seed: u64) {
     assert_eq!(cluster.reported_lost(), 0, "seed {seed}: nothing reported lost");
 }
 
-/// Seeds of the sweep below that still fail, left open: 22 (a cold page reported lost, "a
-/// write grant never reached its writer, and no node holds what it carried", after rounds of
-/// evictions and returns) and 28 (a cold page read back stale in the last round). Run them
-/// with `DSM_SWEEP=22,28 cargo test -p gobelins-dsm --test consistency random_lose`.
+/// Seeds of the sweep below that still fail, left open: in both a cold page is reported lost
+/// ("a write grant never reached its writer, and no node holds what it carried") after rounds
+/// of evictions and returns. In 28 the page's entry came back to a node that had been out and
+/// back, naming it the owner with an empty copyset: an entry naming a node's old life reads
+/// as naming its new one, which holds nothing. Run them with
+/// `DSM_SWEEP=22,28 cargo test -p gobelins-dsm --test consistency random_lose`.
 const OPEN_SEEDS: [u64; 2] = [22, 28];
 
 /// Nodes failing, leaving and returning one at a time, at random, under load, with backups
