@@ -568,13 +568,25 @@ fn with_backups_failures_one_after_another_lose_no_page() {
 /// The workers' accesses all succeeded, their histories are sequentially consistent, and
 /// every page ends with its last acknowledged write, read through node 1.
 async fn every_write_survived(cluster: &Cluster, done: Vec<Outcome>) {
+    let histories = consistent(done);
+    every_write_read_back(cluster, &histories).await;
+}
+
+/// The workers' histories, once none of their accesses failed and they are sequentially
+/// consistent.
+fn consistent(done: Vec<Outcome>) -> Vec<Vec<Op>> {
     let errors: BTreeSet<String> =
         done.iter().flat_map(|(_, e)| e).map(|e| e.to_string()).collect();
     assert!(errors.is_empty(), "accesses failed: {errors:?}");
     let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
     check(&histories).expect("sequentially consistent");
+    histories
+}
+
+/// Every page ends with its last acknowledged write, read through node 1.
+async fn every_write_read_back(cluster: &Cluster, histories: &[Vec<Op>]) {
     let counts = final_counts(&cluster.dsm(NodeId(1))).await.expect("no page lost");
-    assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
+    assert_eq!(unexplained(histories, &counts), vec![], "every committed write survived");
 }
 
 /// A soak's pattern, which lost six pages in 26 minutes with one failure at a time: under
@@ -2602,16 +2614,11 @@ fn with_backups_the_backups_a_failure_under_load_placed_survive_their_owners() {
         cluster.mem.fail(NodeId(5)).await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         let done = load.stop_all().await;
-        let errors: BTreeSet<String> =
-            done.iter().flat_map(|(_, e)| e).map(|e| e.to_string()).collect();
-        assert!(errors.is_empty(), "accesses failed: {errors:?}");
-        let histories: Vec<Vec<Op>> = done.into_iter().map(|(h, _)| h).collect();
-        check(&histories).expect("sequentially consistent");
+        let histories = consistent(done);
         for owner in [2, 3, 4].map(NodeId) {
             cluster.mem.fail(owner).await;
         }
-        let counts = final_counts(&cluster.dsm(NodeId(1))).await.expect("no page lost");
-        assert_eq!(unexplained(&histories, &counts), vec![], "every committed write survived");
+        every_write_read_back(&cluster, &histories).await;
     })
 }
 
