@@ -99,7 +99,7 @@ pub(crate) async fn invalidate(
         let request = request.clone();
         async move {
             let done = if n == ctx.node() {
-                drop_copy(state, ctx, page, version, owner).await
+                drop_copy(state, ctx, page, version, owner, None).await
             } else {
                 matches!(
                     ctx.tell::<_, Response>(n, DSM, page.key(), &request).await,
@@ -116,13 +116,16 @@ pub(crate) async fn invalidate(
 /// Drops this node's copy of `page` up to `version`, and notes where to read it next. An
 /// owner first invalidates the readers it served directly, except the next owner, whose copy
 /// is the page it is being granted; `false` if one could not be reached, and then nothing was
-/// dropped.
+/// dropped. Nothing is dropped either once `manager`, the node asking (`None`: this one), has
+/// departed: the survivors' `scan` may have counted the copy already (see
+/// [`crate::frames::Frame::fetch`]).
 async fn drop_copy(
     state: &NodeState,
     ctx: &Context,
     page: PageId,
     version: u64,
     owner: Option<NodeId>,
+    manager: Option<NodeId>,
 ) -> bool {
     let frame = state.frames.frame(page);
     let readers: Vec<NodeId> =
@@ -135,7 +138,10 @@ async fn drop_copy(
             return false;
         }
     }
-    frame.invalidate(version);
+    if !frame.invalidate_unless(version, &|| manager.is_some_and(|m| ctx.gone(m))) {
+        frame.reopen();
+        return false;
+    }
     tracing::debug!(?page, node = ctx.node().0, version, next = ?owner, "dsm: copy dropped");
     match owner {
         Some(o) => state.hints.insert(page, o),
@@ -219,7 +225,7 @@ impl DsmService {
         writer: Option<NodeId>,
     ) -> Result<Bytes, Absent> {
         let answer = if holder == ctx.node() {
-            return self.give(ctx, page, version, writer).await;
+            return self.give(ctx, page, version, writer, None).await;
         } else {
             let asked = ctx
                 .tell::<_, Response>(
@@ -246,21 +252,23 @@ impl DsmService {
 
     /// This node's copy of `page` at `version`, for a manager: kept as a read copy (no
     /// `writer`) or given up to `writer`, after the readers this node served directly are
-    /// invalidated. `Missing` when it
-    /// does not hold that version, `Unreachable` when a reader could not be reached.
+    /// invalidated. `Missing` when it does not hold that version, `Unreachable` when a reader
+    /// could not be reached or `manager`, the node asking (`None`: this one), has departed.
     async fn give(
         &self,
         ctx: &Context,
         page: PageId,
         version: u64,
         writer: Option<NodeId>,
+        manager: Option<NodeId>,
     ) -> Result<Bytes, Absent> {
         let frame = self.state().frames.frame(page);
+        let departed = || manager.is_some_and(|m| ctx.gone(m));
         loop {
-            match frame.fetch(version, writer, self.state().config.fetch_wait).await {
+            match frame.fetch(version, writer, self.state().config.fetch_wait, &departed).await {
                 Fetched::Page(data) => return Ok(data),
                 Fetched::Missing => return Err(Absent::Missing),
-                Fetched::Busy => return Err(Absent::Unreachable),
+                Fetched::Busy | Fetched::Departed => return Err(Absent::Unreachable),
                 Fetched::Revoke(readers) => {
                     let done =
                         invalidate(self.state(), ctx, page, version, readers.clone(), None).await;
@@ -534,14 +542,27 @@ impl DsmService {
         // the random-failure test lost a page; why was not found).
         let reader = entry.owner.filter(|&o| Some(o) != before && Some(o) != entry.backup);
         if let (Some(reader), Some(backup)) = (reader, entry.backup) {
-            let version = entry.version;
-            let request = Request::BackupTo { page, version, node: backup, replaces: None };
-            let answer = self.told(ctx, reader, page, request).await;
-            if !matches!(answer, Some(Response::Ok | Response::BackedUp(_))) {
-                tracing::debug!(?page, node = reader.0, ?answer, "dsm: a reader made the owner did not take its copy as the page; it does when next backed up");
-            }
+            self.own_read_copy(ctx, page, reader, entry.version, backup).await;
         }
         true
+    }
+
+    /// Tells `reader`, which the entry now names the owner of `page` at `version` from the
+    /// read copy it holds, to own that copy, with `backup` as its backup (see
+    /// [`DsmService::mend`]).
+    async fn own_read_copy(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        reader: NodeId,
+        version: u64,
+        backup: NodeId,
+    ) {
+        let request = Request::BackupTo { page, version, node: backup, replaces: None };
+        let answer = self.told(ctx, reader, page, request).await;
+        if !matches!(answer, Some(Response::Ok | Response::BackedUp(_))) {
+            tracing::debug!(?page, node = reader.0, ?answer, "dsm: a reader made the owner did not take its copy as the page; it does when next backed up");
+        }
     }
 
     /// Records that the entry's last grant landed or was taken back: nothing of it is kept
@@ -1186,7 +1207,7 @@ impl DsmService {
                 None => Response::Missing,
             },
             Request::Fetch { page, version, writer } => {
-                match self.give(ctx, page, version, writer).await {
+                match self.give(ctx, page, version, writer, ctx.from()).await {
                     Ok(data) => Response::Page(PageBytes::shared(&data)),
                     Err(Absent::Missing) => Response::Missing,
                     // A reader it served could not be revoked: ask again.
@@ -1196,7 +1217,7 @@ impl DsmService {
             Request::Invalidate { page, version, backup, owner } => {
                 if backup {
                     frames.frame(page).drop_backup(version);
-                } else if !drop_copy(self.state(), ctx, page, version, owner).await {
+                } else if !drop_copy(self.state(), ctx, page, version, owner, ctx.from()).await {
                     return Response::Retry;
                 }
                 Response::Ok
@@ -1622,6 +1643,7 @@ impl DsmService {
         }
         let mut rebuilt = 0usize;
         let mut unanswering = BTreeSet::new();
+        let mut readers = Vec::new();
         for (key, reports) in reports {
             let Named::Page(page) = named(key) else { continue };
             let Some(mut entry) = rebuild(&reports, |n| self.gone(ctx, n)) else { continue };
@@ -1640,12 +1662,30 @@ impl DsmService {
                         PageEntry { lost: true, version: entry.version, ..PageEntry::default() };
                 }
             }
+            // No copy owned at that version survived, and a reader's was chosen (a backup
+            // chosen was promoted above): told to own it, as `mend` tells one. Left a read
+            // copy, its leave would hand nothing over while the entry went on naming it (a
+            // seed of the random-failure test lost a page so, once the reader had come back
+            // as a new life).
+            let owned = |o: NodeId| {
+                reports.iter().any(|r| r.holder == o && r.owned && r.version == entry.version)
+            };
+            if let (Some(owner), Some(backup)) = (entry.owner, entry.backup) {
+                if !entry.lost && !owned(owner) && backup != owner {
+                    readers.push((page, owner, entry.version, backup));
+                }
+            }
             self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
             rebuilt += 1;
         }
         if rebuilt > 0 {
             tracing::info!(pages = rebuilt, "dsm: page entries rebuilt from surviving copies");
         }
+        futures::stream::iter(readers)
+            .for_each_concurrent(RESTORING, |(page, reader, version, backup)| async move {
+                self.own_read_copy(ctx, page, reader, version, backup).await;
+            })
+            .await;
     }
 
     /// After nodes left: every entry they held a part of is mended, and their locks freed.
