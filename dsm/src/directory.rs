@@ -17,6 +17,8 @@ pub(crate) struct Report {
     pub(crate) retired: bool,
     /// For a copy given up to a writer and kept aside: that writer, if known.
     pub(crate) writer: Option<NodeId>,
+    /// For a copy given up to a writer and kept aside: where the writer's backup was to be.
+    pub(crate) backup_to: Option<NodeId>,
     pub(crate) digest: u64,
 }
 
@@ -80,9 +82,12 @@ pub(crate) fn repair(
 /// before it returned, under a newer version. So such a copy is never offered as the page, and
 /// without a newer copy, or a backup (whatever its commit stamp: a backup placed after a
 /// promotion or a hand-over is stamped final) of at least its version to vouch that the writer
-/// committed nothing, the page is lost rather than rolled back.
+/// committed nothing, the page is lost rather than rolled back. Unless the node the writer's
+/// backup was to be kept on is alive: every commit would have reached it first, and it
+/// reported none (a manager writing a page it manages, dead before the grant, wrote nothing).
 pub(crate) fn rebuild(reports: &[Report], gone: impl Fn(NodeId) -> bool) -> Option<PageEntry> {
-    let doubtful = |r: &Report| r.retired && r.writer.is_some_and(&gone);
+    let doubtful =
+        |r: &Report| r.retired && r.writer.is_some_and(&gone) && r.backup_to.is_none_or(&gone);
     let doubt = reports.iter().filter(|r| doubtful(r)).map(|r| r.version).max();
     let reports: Vec<Report> = reports.iter().filter(|r| !doubtful(r)).copied().collect();
     if let Some(given) = doubt {
@@ -205,6 +210,7 @@ mod tests {
             commit: 0,
             retired: false,
             writer: None,
+            backup_to: None,
             digest: 1,
         };
         let e = rebuild(
@@ -234,6 +240,7 @@ mod tests {
                 commit: 2,
                 retired: false,
                 writer: None,
+                backup_to: None,
                 digest: 1,
             }],
             |_| false,
@@ -253,6 +260,7 @@ mod tests {
             commit: 4,
             retired: false,
             writer: None,
+            backup_to: None,
             digest,
         };
         let agreeing = rebuild(&[b(3, 7), b(5, 7)], |_| false).expect("backups survive");
@@ -269,6 +277,7 @@ mod tests {
             commit: 0,
             retired: false,
             writer: None,
+            backup_to: None,
             digest: 8,
         };
         let e = rebuild(&[b(3, 7), b(5, 8), owned], |_| false).expect("the owner's copy survives");
@@ -293,6 +302,7 @@ mod tests {
             commit: FINAL,
             retired: true,
             writer: Some(n(writer)),
+            backup_to: None,
             digest: 1,
         };
         let dead = |x: NodeId| x == n(3);
@@ -302,6 +312,13 @@ mod tests {
         // The writer died with its manager: what it wrote since died too.
         let e = rebuild(&[given(3)], dead).expect("an entry");
         assert!(e.lost && e.owner.is_none(), "rolled back to the copy given up: {e:?}");
+        // Unless the node its backup was to be kept on lives, and holds nothing newer: every
+        // commit reaches that node first, so the writer committed nothing.
+        let e = rebuild(&[Report { backup_to: Some(n(5)), ..given(3) }], dead).expect("an entry");
+        assert_eq!((e.owner, e.version, e.lost), (Some(n(2)), 6, false));
+        let both = |x: NodeId| x == n(3) || x == n(5);
+        let e = rebuild(&[Report { backup_to: Some(n(5)), ..given(3) }], both).expect("an entry");
+        assert!(e.lost, "that node died too: what the writer committed died with it");
         // Nor is an older copy left somewhere the page.
         let older = Report {
             holder: n(5),

@@ -96,6 +96,8 @@ pub(crate) struct Retired {
     /// the manager that granted it, it may have written since: this copy is then not
     /// the page's last content, and cannot say so itself.
     pub(crate) writer: Option<NodeId>,
+    /// Where that writer's backup was to be kept, if known (see [`crate::protocol::Request::Fetch`]).
+    pub(crate) backup: Option<NodeId>,
 }
 
 /// What a holder's frame gives a manager that asked for the page.
@@ -412,7 +414,7 @@ impl Frame {
     pub(crate) async fn fetch(
         &self,
         version: u64,
-        writer: Option<NodeId>,
+        (writer, backup): (Option<NodeId>, Option<NodeId>),
         wait: Duration,
         departed: &(dyn Fn() -> bool + Sync),
     ) -> Fetched {
@@ -444,7 +446,8 @@ impl Frame {
                         s.write = false;
                         s.owned = false;
                         s.invalidated = Some(s.invalidated.map_or(version, |i| i.max(version)));
-                        s.retired = Some(Retired { version, data: Arc::clone(&data), writer });
+                        let data = Arc::clone(&data);
+                        s.retired = Some(Retired { version, data, writer, backup });
                     }
                     return Fetched::Page(data);
                 }
@@ -601,7 +604,8 @@ mod tests {
     async fn own_then_give_up(f: &Frame, version: u64, byte: u8) {
         let page = Some(Arc::new(vec![byte; PAGE_SIZE]));
         assert_eq!(f.install_grant(version, page, None), Installed::Yes);
-        let fetched = f.fetch(version, Some(WRITER), Duration::from_millis(10), &|| false).await;
+        let fetched =
+            f.fetch(version, (Some(WRITER), None), Duration::from_millis(10), &|| false).await;
         assert!(matches!(fetched, Fetched::Page(_)));
     }
 
@@ -628,8 +632,9 @@ mod tests {
     async fn fetch_waits_for_a_grant_on_its_way() {
         let f = Arc::new(Frame::default());
         let g = Arc::clone(&f);
-        let fetch =
-            tokio::spawn(async move { g.fetch(2, None, Duration::from_secs(1), &|| false).await });
+        let fetch = tokio::spawn(async move {
+            g.fetch(2, (None, None), Duration::from_secs(1), &|| false).await
+        });
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(f.install_grant(2, Some(Arc::new(vec![7; PAGE_SIZE])), None), Installed::Yes);
         match fetch.await.expect("fetch") {
@@ -657,7 +662,7 @@ mod tests {
         let page = Some(Arc::new(vec![1u8; PAGE_SIZE]));
         assert_eq!(f.install_grant(4, page, Some(NodeId(5))), Installed::Yes);
         assert_eq!(f.lock().backup_node, Some(NodeId(5)));
-        let fetched = f.fetch(4, Some(WRITER), Duration::from_millis(10), &|| false).await;
+        let fetched = f.fetch(4, (Some(WRITER), None), Duration::from_millis(10), &|| false).await;
         assert!(matches!(fetched, Fetched::Page(_)), "given up to a writer");
         // Later this node keeps the writer's backup, and is promoted from it.
         f.store_backup(6, 2, zeros());
@@ -686,7 +691,7 @@ mod tests {
         let f = Frame::default();
         assert_eq!(f.install_grant(2, Some(zeros()), None), Installed::Yes);
         assert!(matches!(
-            f.fetch(3, None, Duration::from_millis(10), &|| false).await,
+            f.fetch(3, (None, None), Duration::from_millis(10), &|| false).await,
             Fetched::Missing
         ));
         assert_eq!(
@@ -711,7 +716,7 @@ mod tests {
     async fn a_refused_grant_is_kept_aside_and_can_become_the_page() {
         let f = Frame::default();
         assert!(matches!(
-            f.fetch(1, None, Duration::from_millis(10), &|| false).await,
+            f.fetch(1, (None, None), Duration::from_millis(10), &|| false).await,
             Fetched::Missing
         ));
         let page = Arc::new(vec![6; PAGE_SIZE]);
@@ -747,13 +752,13 @@ mod tests {
         let writing = f.writer.lock().await;
         let started = tokio::time::Instant::now();
         assert!(matches!(
-            f.fetch(3, Some(WRITER), Duration::from_millis(50), &|| false).await,
+            f.fetch(3, (Some(WRITER), None), Duration::from_millis(50), &|| false).await,
             Fetched::Busy
         ));
         assert_eq!(started.elapsed(), Duration::from_millis(50), "waited the wait, no more");
         drop(writing);
         assert!(matches!(
-            f.fetch(3, Some(WRITER), Duration::from_millis(50), &|| false).await,
+            f.fetch(3, (Some(WRITER), None), Duration::from_millis(50), &|| false).await,
             Fetched::Page(_)
         ));
     }
@@ -762,7 +767,7 @@ mod tests {
     async fn fetch_of_a_version_never_granted_gives_up() {
         let f = Frame::default();
         assert!(matches!(
-            f.fetch(5, Some(WRITER), Duration::from_millis(50), &|| false).await,
+            f.fetch(5, (Some(WRITER), None), Duration::from_millis(50), &|| false).await,
             Fetched::Missing
         ));
     }
@@ -776,13 +781,16 @@ mod tests {
         let (version, data) = f.serve(NodeId(2)).await.expect("the owner serves");
         assert_eq!((version, data[0]), (3, 5));
         assert!(!f.lock().write, "a served reader ends write mode");
-        match f.fetch(3, Some(WRITER), wait, &|| false).await {
+        match f.fetch(3, (Some(WRITER), None), wait, &|| false).await {
             Fetched::Revoke(readers) => assert_eq!(readers, vec![NodeId(2)]),
             other => panic!("expected a revocation first, got {other:?}"),
         }
         assert!(f.serve(NodeId(4)).await.is_none(), "closed while revoking");
         f.revoked(&[NodeId(2)]);
-        assert!(matches!(f.fetch(3, Some(WRITER), wait, &|| false).await, Fetched::Page(_)));
+        assert!(matches!(
+            f.fetch(3, (Some(WRITER), None), wait, &|| false).await,
+            Fetched::Page(_)
+        ));
         assert!(f.serve(NodeId(4)).await.is_none(), "given up");
     }
 
@@ -793,7 +801,10 @@ mod tests {
         assert!(f.readable().is_none(), "and none made up");
         assert_eq!(f.install_grant(1, Some(zeros()), None), Installed::Yes);
         f.serve(NodeId(2)).await.expect("served");
-        assert!(matches!(f.fetch(1, None, Duration::ZERO, &|| false).await, Fetched::Page(_)));
+        assert!(matches!(
+            f.fetch(1, (None, None), Duration::ZERO, &|| false).await,
+            Fetched::Page(_)
+        ));
         assert_eq!(f.close(1), vec![NodeId(2)]);
         assert!(f.close(2).is_empty(), "not owned at that version");
         f.reopen();
@@ -934,7 +945,7 @@ mod tests {
         let (g, d) = (Arc::clone(&f), Arc::clone(&departed));
         let fetch = tokio::spawn(async move {
             let departed = || d.load(std::sync::atomic::Ordering::SeqCst);
-            g.fetch(3, Some(WRITER), Duration::from_secs(1), &departed).await
+            g.fetch(3, (Some(WRITER), None), Duration::from_secs(1), &departed).await
         });
         tokio::time::sleep(Duration::from_millis(10)).await;
         departed.store(true, std::sync::atomic::Ordering::SeqCst);

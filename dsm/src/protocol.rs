@@ -178,6 +178,10 @@ pub enum Request {
         version: u64,
         /// The writer the page is given up to; `None` keeps a read-only copy.
         writer: Option<NodeId>,
+        /// With `writer`: the node the manager keeps the page's backup on for that grant,
+        /// kept with the copy set aside. Should the manager be the writer and die before the
+        /// grant, that node, alive and holding nothing newer, says nothing was written.
+        backup: Option<NodeId>,
     },
     /// To a copy holder, from the manager: drop copies of `page` at or below `version`; a
     /// node that stops being the page's backup drops its backup copy too.
@@ -485,6 +489,9 @@ pub enum Entry {
         /// For a copy given up to a writer and kept aside: that writer, if known. Should it
         /// be gone too, it may have written since, and the copy is not offered as the page.
         writer: Option<NodeId>,
+        /// For a copy given up to a writer and kept aside: the node the writer's backup was
+        /// to be kept on, if known. Alive, it holds whatever the writer committed.
+        backup_to: Option<NodeId>,
         /// A digest of the copy's content: two backups of one version that disagree mean one
         /// of them is stale (see [`crate::directory::rebuild`]).
         digest: u64,

@@ -222,17 +222,17 @@ impl DsmService {
         holder: NodeId,
         page: PageId,
         version: u64,
-        writer: Option<NodeId>,
+        (writer, backup): (Option<NodeId>, Option<NodeId>),
     ) -> Result<Bytes, Absent> {
         let answer = if holder == ctx.node() {
-            return self.give(ctx, page, version, writer, None).await;
+            return self.give(ctx, page, version, (writer, backup), None).await;
         } else {
             let asked = ctx
                 .tell::<_, Response>(
                     holder,
                     DSM,
                     page.key(),
-                    &Request::Fetch { page, version, writer },
+                    &Request::Fetch { page, version, writer, backup },
                 )
                 .await;
             match asked {
@@ -259,13 +259,14 @@ impl DsmService {
         ctx: &Context,
         page: PageId,
         version: u64,
-        writer: Option<NodeId>,
+        (writer, backup): (Option<NodeId>, Option<NodeId>),
         manager: Option<NodeId>,
     ) -> Result<Bytes, Absent> {
         let frame = self.state().frames.frame(page);
         let departed = || manager.is_some_and(|m| ctx.gone(m));
         loop {
-            match frame.fetch(version, writer, self.state().config.fetch_wait, &departed).await {
+            let wait = self.state().config.fetch_wait;
+            match frame.fetch(version, (writer, backup), wait, &departed).await {
                 Fetched::Page(data) => return Ok(data),
                 Fetched::Missing => return Err(Absent::Missing),
                 Fetched::Busy | Fetched::Departed => return Err(Absent::Unreachable),
@@ -608,20 +609,21 @@ impl DsmService {
         let data = match cached {
             Some((_, data)) => data,
             None => {
-                let data = match self.fetch_from(ctx, owner, page, entry.version, None).await {
-                    // The owner holds its version after all (a take-back promoted it).
-                    Ok(data) => {
-                        self.settle_grant(ctx, page, entry);
-                        data
-                    }
-                    Err(Absent::Missing) => {
-                        // The owner lacks the version it was granted: take the grant back, and
-                        // the reader asks again.
-                        self.take_back(ctx, page, entry).await;
-                        return Response::Retry;
-                    }
-                    Err(Absent::Unreachable) => return Response::Retry,
-                };
+                let data =
+                    match self.fetch_from(ctx, owner, page, entry.version, (None, None)).await {
+                        // The owner holds its version after all (a take-back promoted it).
+                        Ok(data) => {
+                            self.settle_grant(ctx, page, entry);
+                            data
+                        }
+                        Err(Absent::Missing) => {
+                            // The owner lacks the version it was granted: take the grant back, and
+                            // the reader asks again.
+                            self.take_back(ctx, page, entry).await;
+                            return Response::Retry;
+                        }
+                        Err(Absent::Unreachable) => return Response::Retry,
+                    };
                 // Later readers are served from here, one round trip instead of two.
                 if owner != me {
                     frames.frame(page).install_read(entry.version, Arc::clone(&data));
@@ -709,12 +711,23 @@ impl DsmService {
         }
         entry.strays = false;
 
+        // Chosen before the page is taken: the owner keeps the choice with the copy it sets
+        // aside, for a recovery should this node die before the grant (see `rebuild`).
+        let taking = !current && owner.is_some();
+        let chosen = if self.state().config.backups {
+            self.choose_backup(ctx, entry, writer, taking)
+        } else {
+            None
+        };
         let (data, zero) = if current {
             (None, false)
         } else {
             match owner {
                 None => (None, true),
-                Some(o) => match self.fetch_from(ctx, o, page, version, Some(writer)).await {
+                Some(o) => match self
+                    .fetch_from(ctx, o, page, version, (Some(writer), chosen.map(|(b, _)| b)))
+                    .await
+                {
                     Ok(data) => (Some(data), false),
                     Err(Absent::Missing) => {
                         self.take_back(ctx, page, entry).await;
@@ -728,7 +741,7 @@ impl DsmService {
         let previous = owner.filter(|_| data.is_some());
 
         let backup = if self.state().config.backups {
-            match self.place_backup(ctx, page, entry, writer, data.as_ref(), zero).await {
+            match self.place_backup(ctx, page, entry, writer, chosen, data.as_ref(), zero).await {
                 Ok(b) => b,
                 Err(()) => {
                     // The owner gave its page up for this grant, which is not made: it takes
@@ -768,42 +781,59 @@ impl DsmService {
         Response::Grant { version: granted, data, zero, backup, previous }
     }
 
-    /// Chooses where the new owner keeps its backup and makes sure that node already holds
-    /// the content being granted, so that the writer dying before its first commit loses
-    /// nothing. The old backup stays where it is when it can; a new one is filled first and
-    /// the old one dropped after.
+    /// Chooses where `writer`'s backup goes for the grant a write fault is making, and whether
+    /// it is the old one, kept (it holds the content already). `taking`: the page is taken
+    /// from its owner for the grant. `None` when no node can take it.
+    fn choose_backup(
+        &self,
+        ctx: &Context,
+        entry: &PageEntry,
+        writer: NodeId,
+        taking: bool,
+    ) -> Option<(NodeId, bool)> {
+        let snapshot = ctx.snapshot()?;
+        // Never the node the page is taken from: until the writer holds the grant, that node's
+        // copy kept aside and the backup are the page's only copies, and one failure of a node
+        // holding both lost it (a manager that owned the page and chose itself for a writer's
+        // backup died before the grant arrived).
+        let taken_from = entry.owner.filter(|&o| o != writer && taking);
+        let keep = entry.backup.filter(|&b| {
+            b != writer && Some(b) != taken_from && !self.gone(ctx, b) && entry.owner.is_some()
+        });
+        if let Some(kept) = keep {
+            return Some((kept, true));
+        }
+        let nodes: Vec<NodeId> =
+            snapshot.nodes().iter().copied().filter(|&n| !self.gone(ctx, n)).collect();
+        let chosen =
+            next_node(&nodes, writer, taken_from).or_else(|| next_node(&nodes, writer, None));
+        chosen.map(|c| (c, false))
+    }
+
+    /// Makes sure the node [`DsmService::choose_backup`] chose already holds the content
+    /// being granted, so that the writer dying before its first commit loses nothing. A new
+    /// backup is filled first and the old one dropped after.
+    #[allow(clippy::too_many_arguments)]
     async fn place_backup(
         &self,
         ctx: &Context,
         page: PageId,
         entry: &PageEntry,
         writer: NodeId,
+        chosen: Option<(NodeId, bool)>,
         data: Option<&Bytes>,
         zero: bool,
     ) -> Result<Option<NodeId>, ()> {
-        let Some(snapshot) = ctx.snapshot() else { return Ok(None) };
-        // Never the node the page is taken from: until the writer holds the grant, that node's
-        // copy kept aside and the backup are the page's only copies, and one failure of a node
-        // holding both lost it (a manager that owned the page and chose itself for a writer's
-        // backup died before the grant arrived).
-        let taken_from = entry.owner.filter(|&o| o != writer && data.is_some());
-        let keep = entry.backup.filter(|&b| {
-            b != writer && Some(b) != taken_from && !self.gone(ctx, b) && entry.owner.is_some()
-        });
-        if keep.is_some() {
-            return Ok(keep);
+        let Some((chosen, kept)) = chosen else { return Ok(None) };
+        if kept {
+            return Ok(Some(chosen));
         }
-        let nodes: Vec<NodeId> =
-            snapshot.nodes().iter().copied().filter(|&n| !self.gone(ctx, n)).collect();
-        let chosen =
-            next_node(&nodes, writer, taken_from).or_else(|| next_node(&nodes, writer, None));
-        let Some(chosen) = chosen else { return Ok(None) };
         let content = match (data, zero) {
             (Some(d), _) => Arc::clone(d),
             (None, true) => crate::frames::zeros(),
             (None, false) => {
                 // The writer holds the current copy: read it back from there.
-                match self.fetch_from(ctx, writer, page, entry.version, None).await {
+                match self.fetch_from(ctx, writer, page, entry.version, (None, None)).await {
                     Ok(d) => d,
                     Err(_) => return Err(()),
                 }
@@ -1065,7 +1095,8 @@ impl DsmService {
         let Some(granted) = entry.granted.relocated(from, label, ctx.node()) else {
             return Response::Missing;
         };
-        let retired = Retired { version: label, data: data.into_shared(), writer: entry.owner };
+        let data = data.into_shared();
+        let retired = Retired { version: label, data, writer: entry.owner, backup: None };
         self.state().frames.frame(page).keep_retired(retired);
         tracing::debug!(
             ?page,
@@ -1206,8 +1237,8 @@ impl DsmService {
                 },
                 None => Response::Missing,
             },
-            Request::Fetch { page, version, writer } => {
-                match self.give(ctx, page, version, writer, ctx.from()).await {
+            Request::Fetch { page, version, writer, backup } => {
+                match self.give(ctx, page, version, (writer, backup), ctx.from()).await {
                     Ok(data) => Response::Page(PageBytes::shared(&data)),
                     Err(Absent::Missing) => Response::Missing,
                     // A reader it served could not be revoked: ask again.
@@ -1515,6 +1546,7 @@ impl DsmService {
                     commit,
                     retired: retired.is_some(),
                     writer: retired.and_then(|r| r.writer),
+                    backup_to: retired.and_then(|r| r.backup),
                     digest: digest(data),
                 }
             };
@@ -1581,7 +1613,8 @@ impl DsmService {
                         {
                             let f = self.state().frames.frame(page);
                             let data = data.into_shared();
-                            f.keep_retired(Retired { version: label, data, writer: entry.owner });
+                            let writer = entry.owner;
+                            f.keep_retired(Retired { version: label, data, writer, backup: None });
                             entry.granted = granted;
                         }
                     }
@@ -1601,9 +1634,28 @@ impl DsmService {
                     }
                     self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
                 }
-                Entry::Copy { holder, version, owned, backup, commit, retired, writer, digest } => {
-                    let report =
-                        Report { holder, version, owned, backup, commit, retired, writer, digest };
+                Entry::Copy {
+                    holder,
+                    version,
+                    owned,
+                    backup,
+                    commit,
+                    retired,
+                    writer,
+                    backup_to,
+                    digest,
+                } => {
+                    let report = Report {
+                        holder,
+                        version,
+                        owned,
+                        backup,
+                        commit,
+                        retired,
+                        writer,
+                        backup_to,
+                        digest,
+                    };
                     reports.entry(key).or_default().push(report);
                 }
                 Entry::Lock(lock) => {
