@@ -46,6 +46,14 @@ const PROMOTE_PAUSE: Duration = Duration::from_millis(50);
 /// version, the node to back it up on, and the backup the entry names now.
 pub(crate) type Exposed = (PageId, Arc<AsyncMutex<Live>>, NodeId, u64, NodeId, Option<NodeId>);
 
+/// A reader a recovery made a page's owner, at `version`, to be told to own its copy with
+/// `backup` as its backup (see [`DsmService::mend`]).
+struct Reader {
+    reader: NodeId,
+    version: u64,
+    backup: NodeId,
+}
+
 /// Why a holder's copy could not be had.
 #[derive(Debug)]
 enum Absent {
@@ -490,6 +498,22 @@ impl DsmService {
     /// False when an owner that disowned its grant is gone and a node holding what the grant
     /// carried did not answer: the fault is asked again.
     async fn mend(&self, ctx: &Context, page: PageId, entry: &mut PageEntry, fault: bool) -> bool {
+        let (settled, reader) = self.mend_entry(ctx, page, entry, fault).await;
+        if let Some(Reader { reader, version, backup }) = reader {
+            self.own_read_copy(ctx, page, reader, version, backup).await;
+        }
+        settled
+    }
+
+    /// [`DsmService::mend`], but for the reader it made the owner, which it leaves the caller
+    /// to tell: the sweep tells them all at once, after it lets go of their entries.
+    async fn mend_entry(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        entry: &mut PageEntry,
+        fault: bool,
+    ) -> (bool, Option<Reader>) {
         self.release_aside(ctx, page, entry);
         // A failed owner that never had its grant takes nothing with it: the content is where
         // the grant took it from. Only when no live reader holds the page (a reader holds what
@@ -499,10 +523,10 @@ impl DsmService {
             && entry.owner.is_some_and(|o| self.lost_holder(ctx, o))
             && entry.copyset.iter().all(|&n| Some(n) == entry.owner || self.gone(ctx, n));
         if disowned && !fault {
-            return true;
+            return (true, None);
         }
         if disowned && !self.take_back(ctx, page, entry).await {
-            return false;
+            return (false, None);
         }
         let promote = entry
             .owner
@@ -511,7 +535,7 @@ impl DsmService {
             .and(entry.backup.filter(|&b| !self.gone(ctx, b)));
         if let Some(backup) = promote {
             match self.promote(ctx, page, entry, backup).await {
-                Ok(()) => return true,
+                Ok(()) => return (true, None),
                 // It did not answer, and the cluster has not given up on it: it may well hold
                 // the page. The fault is asked again (the sweep leaves it for the next fault)
                 // rather than the page called lost for good.
@@ -521,7 +545,7 @@ impl DsmService {
                         node = backup.0,
                         "dsm: a page's backup did not answer its promotion; the page waits for it"
                     );
-                    return false;
+                    return (false, None);
                 }
                 Err(_) => entry.backup = None,
             }
@@ -538,19 +562,15 @@ impl DsmService {
         // backup makes it own the copy only while it still holds that very version, so a late
         // delivery cannot bring back a copy given up since. A page with no backup left, or
         // whose reader keeps its backup too, gets one elsewhere from `restore_backups`, by
-        // `BackupTo` as well. In the sweep too, one page at a time under its entry's lock: a
-        // silent reader costs a call timeout per page (moved into `restore_backups`, a seed of
-        // the random-failure test lost a page; why was not found).
+        // `BackupTo` as well.
         let reader = entry.owner.filter(|&o| Some(o) != before && Some(o) != entry.backup);
-        if let (Some(reader), Some(backup)) = (reader, entry.backup) {
-            self.own_read_copy(ctx, page, reader, entry.version, backup).await;
-        }
-        true
+        let reader = reader.zip(entry.backup);
+        (true, reader.map(|(reader, backup)| Reader { reader, version: entry.version, backup }))
     }
 
     /// Tells `reader`, which the entry now names the owner of `page` at `version` from the
     /// read copy it holds, to own that copy, with `backup` as its backup (see
-    /// [`DsmService::mend`]).
+    /// [`DsmService::mend`]). Whether it answered.
     async fn own_read_copy(
         &self,
         ctx: &Context,
@@ -558,12 +578,32 @@ impl DsmService {
         reader: NodeId,
         version: u64,
         backup: NodeId,
-    ) {
+    ) -> bool {
         let request = Request::BackupTo { page, version, node: backup, replaces: None };
         let answer = self.told(ctx, reader, page, request).await;
         if !matches!(answer, Some(Response::Ok | Response::BackedUp(_))) {
             tracing::debug!(?page, node = reader.0, ?answer, "dsm: a reader made the owner did not take its copy as the page; it does when next backed up");
         }
+        answer.is_some()
+    }
+
+    /// [`DsmService::own_read_copy`] for each of `readers`, 16 at a time, with no entry held.
+    /// A reader that did not answer for one page is not asked for its others: each would
+    /// wait out a call timeout, and the change with them. Such a page stays a read copy
+    /// until its next write or backup.
+    async fn own_read_copies(&self, ctx: &Context, readers: Vec<(PageId, Reader)>) {
+        let unanswering: std::sync::Mutex<BTreeSet<NodeId>> = Default::default();
+        let unanswering = &unanswering;
+        futures::stream::iter(readers)
+            .for_each_concurrent(RESTORING, |(page, r)| async move {
+                if unanswering.lock().expect("unanswering").contains(&r.reader) {
+                    return;
+                }
+                if !self.own_read_copy(ctx, page, r.reader, r.version, r.backup).await {
+                    unanswering.lock().expect("unanswering").insert(r.reader);
+                }
+            })
+            .await;
     }
 
     /// Records that the entry's last grant landed or was taken back: nothing of it is kept
@@ -1722,9 +1762,9 @@ impl DsmService {
             let owned = |o: NodeId| {
                 reports.iter().any(|r| r.holder == o && r.owned && r.version == entry.version)
             };
-            if let (Some(owner), Some(backup)) = (entry.owner, entry.backup) {
-                if !entry.lost && !owned(owner) && backup != owner {
-                    readers.push((page, owner, entry.version, backup));
+            if let (Some(reader), Some(backup)) = (entry.owner, entry.backup) {
+                if !entry.lost && !owned(reader) && backup != reader {
+                    readers.push((page, Reader { reader, version: entry.version, backup }));
                 }
             }
             self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
@@ -1733,11 +1773,7 @@ impl DsmService {
         if rebuilt > 0 {
             tracing::info!(pages = rebuilt, "dsm: page entries rebuilt from surviving copies");
         }
-        futures::stream::iter(readers)
-            .for_each_concurrent(RESTORING, |(page, reader, version, backup)| async move {
-                self.own_read_copy(ctx, page, reader, version, backup).await;
-            })
-            .await;
+        self.own_read_copies(ctx, readers).await;
     }
 
     /// After nodes left: every entry they held a part of is mended, and their locks freed.
@@ -1755,12 +1791,14 @@ impl DsmService {
             .map(|s| s.nodes().iter().copied().filter(|&n| !self.gone(ctx, n)).collect())
             .unwrap_or_default();
         let mut exposed = Vec::new();
+        let mut readers = Vec::new();
         for (key, slot) in slots {
             let mut entry = slot.lock().await;
             match (&mut *entry, named(key)) {
                 // One not mended now is mended at its next fault.
                 (Live::Page(e), Named::Page(page)) => {
-                    self.mend(ctx, page, e, false).await;
+                    let (_, reader) = self.mend_entry(ctx, page, e, false).await;
+                    readers.extend(reader.map(|r| (page, r)));
                     let owner = e.owner.filter(|&o| !e.lost && !self.gone(ctx, o));
                     let backed = |o| e.backup.is_some_and(|b| b != o && !self.gone(ctx, b));
                     // The next live node after the owner, as a grant chooses.
@@ -1775,6 +1813,9 @@ impl DsmService {
                 _ => {}
             }
         }
+        // All at once, with no entry held: one at a time under each entry's lock, a silent
+        // reader held the change up a call timeout per page.
+        self.own_read_copies(ctx, readers).await;
         exposed
     }
 
