@@ -3,22 +3,32 @@
 
 use crate::protocol::{Granted, PageEntry};
 use gobelins_locator::NodeId;
+use serde::{Deserialize, Serialize};
 
-/// One survivor's copy of a page, as `scan` reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Report {
+/// One survivor's copy of a page whose manager died, as `scan` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The survivor.
     pub(crate) holder: NodeId,
+    /// Its copy's version.
     pub(crate) version: u64,
+    /// It owned the page.
     pub(crate) owned: bool,
+    /// The copy is a backup (kept for an owner), not a read copy.
     pub(crate) backup: bool,
-    /// For a backup: which of its owner's commits at `version` it holds.
+    /// For a backup, which of its owner's commits at `version` it holds: the newest wins a
+    /// rebuild.
     pub(crate) commit: u64,
     /// A copy given up to a writer and kept aside, not a backup.
     pub(crate) retired: bool,
-    /// For a copy given up to a writer and kept aside: that writer, if known.
+    /// For a copy given up to a writer and kept aside: that writer, if known. Should it be
+    /// gone too, it may have written since, and the copy is not offered as the page.
     pub(crate) writer: Option<NodeId>,
-    /// For a copy given up to a writer and kept aside: where the writer's backup was to be.
+    /// For a copy given up to a writer and kept aside: the node the writer's backup was to be
+    /// kept on, if known. Alive, it holds whatever the writer committed.
     pub(crate) backup_to: Option<NodeId>,
+    /// A digest of the copy's content: two backups of one version that disagree mean one of
+    /// them is stale (see [`rebuild`]).
     pub(crate) digest: u64,
 }
 
@@ -82,9 +92,12 @@ pub(crate) fn repair(
 /// before it returned, under a newer version. So such a copy is never offered as the page, and
 /// without a newer copy, or a backup (whatever its commit stamp: a backup placed after a
 /// promotion or a hand-over is stamped final) of at least its version to vouch that the writer
-/// committed nothing, the page is lost rather than rolled back. Unless the node the writer's
-/// backup was to be kept on is alive: every commit would have reached it first, and it
-/// reported none (a manager writing a page it manages, dead before the grant, wrote nothing).
+/// committed nothing, the page is lost rather than rolled back. Unless the node chosen for
+/// the writer's backup, `backup_to`, reported in this recovery (the caller keeps it only for a
+/// node that did) and is not `gone`: the writer's first commit goes there, so nothing newer
+/// from it means the writer committed nothing (a manager writing a page it manages, dead
+/// before the grant). A commit that could not reach that node went to another, which reports
+/// it too unless it died as well, a second failure.
 pub(crate) fn rebuild(reports: &[Report], gone: impl Fn(NodeId) -> bool) -> Option<PageEntry> {
     let doubtful =
         |r: &Report| r.retired && r.writer.is_some_and(&gone) && r.backup_to.is_none_or(&gone);
@@ -312,8 +325,8 @@ mod tests {
         // The writer died with its manager: what it wrote since died too.
         let e = rebuild(&[given(3)], dead).expect("an entry");
         assert!(e.lost && e.owner.is_none(), "rolled back to the copy given up: {e:?}");
-        // Unless the node its backup was to be kept on lives, and holds nothing newer: every
-        // commit reaches that node first, so the writer committed nothing.
+        // Unless the node chosen for its backup reported, and holds nothing newer: the
+        // writer's first commit goes there, so it committed nothing.
         let e = rebuild(&[Report { backup_to: Some(n(5)), ..given(3) }], dead).expect("an entry");
         assert_eq!((e.owner, e.version, e.lost), (Some(n(2)), 6, false));
         let both = |x: NodeId| x == n(3) || x == n(5);

@@ -96,7 +96,8 @@ pub(crate) struct Retired {
     /// the manager that granted it, it may have written since: this copy is then not
     /// the page's last content, and cannot say so itself.
     pub(crate) writer: Option<NodeId>,
-    /// Where that writer's backup was to be kept, if known (see [`crate::protocol::Request::Fetch`]).
+    /// Where that writer's backup was to be kept, if known (see
+    /// [`crate::protocol::Request::Fetch`]).
     pub(crate) backup: Option<NodeId>,
 }
 

@@ -178,9 +178,10 @@ pub enum Request {
         version: u64,
         /// The writer the page is given up to; `None` keeps a read-only copy.
         writer: Option<NodeId>,
-        /// With `writer`: the node the manager keeps the page's backup on for that grant,
-        /// kept with the copy set aside. Should the manager be the writer and die before the
-        /// grant, that node, alive and holding nothing newer, says nothing was written.
+        /// With `writer`: the node the manager chose for that grant's backup, kept with the
+        /// copy set aside. Should the writer die with its manager (one node writing a page it
+        /// manages), that node reporting nothing newer in the recovery says the writer
+        /// committed nothing (see `crate::directory::rebuild`).
         backup: Option<NodeId>,
     },
     /// To a copy holder, from the manager: drop copies of `page` at or below `version`; a
@@ -472,30 +473,7 @@ pub enum Entry {
         aside: Option<(u64, PageBytes)>,
     },
     /// A survivor's copy of a page whose manager died, for `scan`.
-    Copy {
-        /// The survivor.
-        holder: NodeId,
-        /// Its copy's version.
-        version: u64,
-        /// It owned the page.
-        owned: bool,
-        /// The copy is a backup (kept for an owner), not a read copy.
-        backup: bool,
-        /// For a backup, which of its owner's commits at that version it holds: the newest
-        /// wins a rebuild.
-        commit: u64,
-        /// A copy given up to a writer and kept aside, not a backup.
-        retired: bool,
-        /// For a copy given up to a writer and kept aside: that writer, if known. Should it
-        /// be gone too, it may have written since, and the copy is not offered as the page.
-        writer: Option<NodeId>,
-        /// For a copy given up to a writer and kept aside: the node the writer's backup was
-        /// to be kept on, if known. Alive, it holds whatever the writer committed.
-        backup_to: Option<NodeId>,
-        /// A digest of the copy's content: two backups of one version that disagree mean one
-        /// of them is stale (see [`crate::directory::rebuild`]).
-        digest: u64,
-    },
+    Copy(crate::directory::Report),
     /// A lock's entry.
     Lock(LockEntry),
     /// A barrier's entry.

@@ -124,9 +124,9 @@ pub(crate) async fn invalidate(
 /// Drops this node's copy of `page` up to `version`, and notes where to read it next. An
 /// owner first invalidates the readers it served directly, except the next owner, whose copy
 /// is the page it is being granted; `false` if one could not be reached, and then nothing was
-/// dropped. Nothing is dropped either once `manager`, the node asking (`None`: this one), has
-/// departed: the survivors' `scan` may have counted the copy already (see
-/// [`crate::frames::Frame::fetch`]).
+/// dropped. Nor is this node's copy dropped once `manager`, the node asking (`None`: this
+/// one), has departed (the readers it served may have been already): the survivors' `scan`
+/// may have counted the copy (see [`crate::frames::Frame::fetch`]).
 async fn drop_copy(
     state: &NodeState,
     ctx: &Context,
@@ -1578,7 +1578,7 @@ impl DsmService {
             s.fostered = None;
             // `retired`: the copy given up to a writer, when it is that copy.
             let copy = |version, owned, backup, commit, retired: Option<&Retired>, data: &[u8]| {
-                Entry::Copy {
+                Entry::Copy(Report {
                     holder: me,
                     version,
                     owned,
@@ -1588,7 +1588,7 @@ impl DsmService {
                     writer: retired.and_then(|r| r.writer),
                     backup_to: retired.and_then(|r| r.backup),
                     digest: digest(data),
-                }
+                })
             };
             if let Some(data) = &s.data {
                 out.push((page.key(), copy(s.version, s.owned, false, s.commits, None, data)));
@@ -1674,30 +1674,7 @@ impl DsmService {
                     }
                     self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
                 }
-                Entry::Copy {
-                    holder,
-                    version,
-                    owned,
-                    backup,
-                    commit,
-                    retired,
-                    writer,
-                    backup_to,
-                    digest,
-                } => {
-                    let report = Report {
-                        holder,
-                        version,
-                        owned,
-                        backup,
-                        commit,
-                        retired,
-                        writer,
-                        backup_to,
-                        digest,
-                    };
-                    reports.entry(key).or_default().push(report);
-                }
+                Entry::Copy(report) => reports.entry(key).or_default().push(report),
                 Entry::Lock(lock) => {
                     let slot = self.slot(key);
                     let mut live = slot.lock().await;
@@ -1736,8 +1713,14 @@ impl DsmService {
         let mut rebuilt = 0usize;
         let mut unanswering = BTreeSet::new();
         let mut readers = Vec::new();
-        for (key, reports) in reports {
+        // A node that died during this recovery is not gone yet, but reported nothing: where
+        // a writer's backup was to be says nothing unless that node reported (see `rebuild`).
+        let reported = |n: NodeId| n == me || change.acked.contains(&n);
+        for (key, mut reports) in reports {
             let Named::Page(page) = named(key) else { continue };
+            for r in &mut reports {
+                r.backup_to = r.backup_to.filter(|&b| reported(b));
+            }
             let Some(mut entry) = rebuild(&reports, |n| self.gone(ctx, n)) else { continue };
             if entry.lost {
                 tracing::warn!(?page, version = entry.version, "dsm: page lost with its manager: the only copies left are one given up to a writer that died too, which may have written since, or backups that disagree");

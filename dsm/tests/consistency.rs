@@ -2877,6 +2877,37 @@ fn with_backups_a_manager_dying_as_it_takes_a_page_to_write_it_loses_no_page() {
     })
 }
 
+/// The same, but the manager committed its write before it died, and the node chosen for its
+/// backup, which holds that commit, dies during the recovery, before it reports: the page is
+/// reported lost, never rolled back to the copy the owner set aside (two failures). The
+/// recovery counts where the backup was to be only once that node has reported.
+#[test]
+fn with_backups_a_manager_and_its_new_backup_dying_after_its_write_never_roll_the_page_back() {
+    replay(async {
+        let (owner, manager, backup, reader) = (NodeId(1), NodeId(2), NodeId(3), NodeId(4));
+        // Where the manager's slots go once it died: a page whose next manager is not the
+        // backup node, so the recovery that rebuilds it runs on a node that lives.
+        let mut after = Cluster::with_backups(4).await;
+        after.mem.fail(manager).await;
+        let next = after.mem.snapshot();
+        let mut cluster = Cluster::with_backups(4).await;
+        let page = pages_by_manager(&cluster, manager, true, 40)
+            .into_iter()
+            .find(|p| next.locate(gobelins_dsm::DSM, p.key()) != Some(backup))
+            .expect("a page the backup node will not manage");
+        put(&cluster.dsm(owner), page, 1).await;
+        // Slow to reach, the owner hears that the manager's grant landed only after the
+        // failures: it still keeps its copy aside then.
+        let faults = cluster.mem.faults();
+        faults.slow(owner, Duration::from_millis(100));
+        put(&cluster.dsm(manager), page, 2).await;
+        cluster.mem.fail_and_crash(manager, backup).await;
+        faults.slow(owner, Duration::ZERO);
+        let read = outcome(&cluster.dsm(reader), page).await;
+        assert!(read.as_ref().is_err_and(|e| e.contains("lost")), "{read:?}");
+    })
+}
+
 /// Nodes failing, leaving and returning one at a time, at random, under load, with backups
 /// on, lose no page and read nothing stale (seeds 0 to 39; `DSM_SWEEP` names others,
 /// comma-separated: 0 to 119 pass). Seed 9 read a page written 59 times as zeros after its
