@@ -504,6 +504,7 @@ impl Host {
             changed
         });
         if changed {
+            inner.mirrors.count_departures(&newly);
             inner.mirrors.mirror_departed(&inner.departed.borrow());
         }
         // Calls waiting on a node the cluster gave up on (cut off, holding a request for a
@@ -1904,6 +1905,11 @@ impl Inner {
         let stopped = node == self.me && self.mirrors.stopped.load(Ordering::Acquire);
         stopped || self.mirrors.is_departed(node)
     }
+
+    /// How many times the cluster gave up on `node`, as this host heard it.
+    pub(crate) fn departures(&self, node: NodeId) -> u64 {
+        self.mirrors.departures(node)
+    }
 }
 
 #[cfg(test)]
@@ -2093,6 +2099,28 @@ mod tests {
             .expect("host alive");
         let verdict = inner.router.lock().expect("router").as_ref().map(|r| r.route(KV, orphan, 5));
         assert_eq!(verdict, Some(Verdict::Hold));
+        host.shutdown();
+    }
+
+    /// A node the cluster gave up on is counted once, and the count stays moved on once the
+    /// node is back as a new life, where `gone` says no again: a callback that began for the
+    /// old life can tell.
+    #[tokio::test(start_paused = true)]
+    async fn a_departure_stays_counted_once_the_node_is_back() {
+        let host =
+            Host::start(NodeId(4), Registry::new(), Arc::new(Flaky::new(0)), HostConfig::default());
+        let ctx = host.context();
+        let seen = |n| (ctx.gone(NodeId(n)), ctx.departures(NodeId(n)));
+        assert_eq!(seen(1), (false, 0));
+        let departed = BTreeSet::from([NodeId(1)]);
+        host.update(Update { epoch: 1, snapshot: None, change: None, departed });
+        assert_eq!(seen(1), (true, 1));
+        let departed = BTreeSet::new();
+        host.update(Update { epoch: 2, snapshot: None, change: None, departed });
+        assert_eq!(seen(1), (false, 1), "back as a new life");
+        let departed = BTreeSet::from([NodeId(1), NodeId(2)]);
+        host.update(Update { epoch: 3, snapshot: None, change: None, departed });
+        assert_eq!((seen(1), seen(2), seen(3)), ((true, 2), (true, 1), (false, 0)));
         host.shutdown();
     }
 

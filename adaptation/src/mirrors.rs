@@ -9,7 +9,7 @@
 
 use arc_swap::ArcSwap;
 use gobelins_locator::NodeId;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -28,6 +28,9 @@ pub(crate) struct Mirrors {
     /// Bit `id % 256` of each of them: a clear bit answers "not departed" (nearly every
     /// request asks, of its manager, twice) without loading the set.
     departed_bits: [AtomicU64; 4],
+    /// How many times the cluster gave up on each node, as this host heard it: unlike the
+    /// set, it stays changed once the node is back as a new life.
+    departures: ArcSwap<BTreeMap<NodeId, u64>>,
     /// The lease's end, in nanoseconds from `born`; `NO_LEASE` for none.
     lease_until: AtomicU64,
     born: Instant,
@@ -40,6 +43,7 @@ impl Mirrors {
             released: AtomicU64::new(0),
             departed: ArcSwap::from_pointee(BTreeSet::new()),
             departed_bits: Default::default(),
+            departures: ArcSwap::from_pointee(BTreeMap::new()),
             lease_until: AtomicU64::new(NO_LEASE),
             born: Instant::now(),
         }
@@ -54,6 +58,24 @@ impl Mirrors {
     pub(crate) fn mirror_lease(&self, lease: &watch::Sender<Option<Instant>>) {
         let until = lease.borrow().map_or(NO_LEASE, |l| self.since_born(l));
         self.lease_until.store(until, Ordering::Release);
+    }
+
+    /// Counts one more departure of each of `newly`, before their departure is mirrored: a
+    /// reader who sees a node departed, or back, finds its count already moved on.
+    pub(crate) fn count_departures(&self, newly: &[NodeId]) {
+        if newly.is_empty() {
+            return;
+        }
+        let mut counts = BTreeMap::clone(&self.departures.load());
+        for &node in newly {
+            *counts.entry(node).or_default() += 1;
+        }
+        self.departures.store(Arc::new(counts));
+    }
+
+    /// How many times the cluster gave up on `node`, as this host heard it.
+    pub(crate) fn departures(&self, node: NodeId) -> u64 {
+        self.departures.load().get(&node).copied().unwrap_or(0)
     }
 
     /// Copies the departed nodes from their watch, after it changed: the set first, then

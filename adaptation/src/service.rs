@@ -101,6 +101,14 @@ impl Context {
         self.peers.as_ref().is_some_and(|p| p.gone(node))
     }
 
+    /// How many times this node has heard the cluster give up on `node` (it failed or left).
+    /// Unlike [`Context::gone`], the count stays moved on once `node` is back as a new life:
+    /// a callback that waits, then acts for a peer, compares it with the count when it began,
+    /// and does nothing for a life that ended meanwhile. 0 when detached.
+    pub fn departures(&self, node: NodeId) -> u64 {
+        self.peers.as_ref().map_or(0, |p| p.departures(node))
+    }
+
     /// Whether this node's lease holds now. While it does, the cluster counts this node a
     /// member and has not rebuilt what it holds elsewhere; a node cut off from the cluster's
     /// leader loses it within half a failure timeout, before the cluster may declare it

@@ -135,6 +135,7 @@ async fn drop_copy(
     owner: Option<NodeId>,
     manager: Option<NodeId>,
 ) -> bool {
+    let since = manager.map(|m| ctx.departures(m));
     let frame = state.frames.frame(page);
     let readers: Vec<NodeId> =
         frame.close(version).into_iter().filter(|&r| Some(r) != owner).collect();
@@ -146,7 +147,9 @@ async fn drop_copy(
             return false;
         }
     }
-    if !frame.invalidate_unless(version, &|| manager.is_some_and(|m| ctx.gone(m))) {
+    if !frame.invalidate_unless(version, &|| {
+        manager.is_some_and(|m| ctx.gone(m) || Some(ctx.departures(m)) != since)
+    }) {
         frame.reopen();
         return false;
     }
@@ -271,7 +274,10 @@ impl DsmService {
         manager: Option<NodeId>,
     ) -> Result<Bytes, Absent> {
         let frame = self.state().frames.frame(page);
-        let departed = || manager.is_some_and(|m| ctx.gone(m));
+        // By count too: the manager's life may end, and its id come back as a new life,
+        // while this waits.
+        let since = manager.map(|m| ctx.departures(m));
+        let departed = || manager.is_some_and(|m| ctx.gone(m) || Some(ctx.departures(m)) != since);
         loop {
             let wait = self.state().config.fetch_wait;
             match frame.fetch(version, (writer, backup), wait, &departed).await {
