@@ -89,9 +89,11 @@ pub enum DsmError {
     /// The life of this node the handle was taken in has ended: the cluster declared the node
     /// failed while it ran (cut off, or stopped a while), and it started afresh as a new life.
     /// The handle's copies are that old life's, which the cluster has given up on, so it is
-    /// refused everything from then on. What it did not acknowledge was not written. Also
-    /// what a handle is told once its host has shut down.
-    #[error("this node's life in the cluster ended while the access was under way: the cluster declared it failed (cut off or stopped a while) and it rejoins as a new life, or its agent is stopping. Nothing unacknowledged was written (a multi-page write may have done its first pages): make the access again through the new life (`gobelins dsm` does so with each command; a program takes a new `Dsm` from the new life's `DsmNode`)")]
+    /// refused everything from then on. A write under way may have taken effect or not: its
+    /// commit may have reached the page's backup, from which the cluster rebuilt the page,
+    /// before the life ended (an audit pausing nodes saw one that had). Also what a handle is
+    /// told once its host has shut down.
+    #[error("this node's life in the cluster ended while the access was under way: the cluster declared it failed (cut off or stopped a while) and it rejoins as a new life, or its agent is stopping. A write under way may or may not have taken effect (its changes may have reached the page's backup before the life ended), and a multi-page write may have done its first pages: read the pages through the new life before writing them again (`gobelins dsm` takes the new life with each command; a program takes a new `Dsm` from the new life's `DsmNode`)")]
     LifeEnded,
     /// A peer answered something this version does not expect.
     #[error("protocol: {0}")]

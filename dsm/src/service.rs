@@ -1484,8 +1484,11 @@ impl DsmService {
         // this node that comes right after `epoch`.)
         let (finished, began) =
             (st.finished.load(Ordering::SeqCst), st.began.load(Ordering::SeqCst));
+        // Given again at the same epoch when the last was taken back or left slots out.
+        let stale = word.epoch < epoch || word.holder.is_none() || !word.unclean.is_empty();
         let current = (finished == epoch || (began < epoch && finished == began))
-            && word.epoch < epoch
+            && word.epoch <= epoch
+            && stale
             && st.change.lock().expect("change").is_none();
         let Some(holder) = holder.filter(|_| current) else { return };
         // Pages exposed while the entries are looked at may have been looked at before: look
@@ -1522,6 +1525,32 @@ impl DsmService {
             }
             answer => {
                 tracing::debug!(node = me.0, holder = holder.0, ?answer, "dsm: the replica holder did not take this node's word; its slots stay tainted should it die");
+            }
+        }
+    }
+
+    /// Gives this node's word at the stable `epoch`, then again, less and less often, while it
+    /// leaves slots out or was taken back, until a later change begins. A word is otherwise
+    /// given once per change: a page exposed for a moment (a backup that did not answer, in a
+    /// stable cluster) left its manager without a word, or with its slot left out, until the
+    /// next change. Its death then tainted those slots, and a page never written read as lost
+    /// (a soak saw one after a single failure).
+    async fn keep_word(&self, ctx: &Context, epoch: u64) {
+        self.give_word(ctx, epoch).await;
+        let st = self.state();
+        let mut pause = WORD_REFRESH;
+        loop {
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(WORD_REFRESH_MAX);
+            if st.began.load(Ordering::SeqCst) > epoch || ctx.gone(ctx.node()) {
+                return;
+            }
+            let stale = {
+                let word = st.word.lock().await;
+                word.epoch < epoch || word.holder.is_none() || !word.unclean.is_empty()
+            };
+            if stale {
+                self.give_word(ctx, epoch).await;
             }
         }
     }
@@ -2122,7 +2151,7 @@ impl Service for DsmService {
         if state.config.backups {
             // In the background: a holder slow to answer must not hold up the next change.
             let (service, ctx) = (DsmService { node: self.node.clone() }, ctx.clone());
-            tokio::spawn(async move { service.give_word(&ctx, epoch).await });
+            tokio::spawn(async move { service.keep_word(&ctx, epoch).await });
         }
     }
 
@@ -2162,6 +2191,12 @@ enum Restore {
 /// How often a word is looked for again when pages were exposed while it was: a program
 /// reading a lost page over and over exposes one each time.
 const WORD_TRIES: usize = 5;
+
+/// How long after a stable epoch a manager whose word left slots out, or was taken back,
+/// looks at its entries again to give it anew; the wait doubles each time, up to
+/// [`WORD_REFRESH_MAX`]. Each look reads every entry the node manages.
+const WORD_REFRESH: Duration = Duration::from_secs(1);
+const WORD_REFRESH_MAX: Duration = Duration::from_secs(30);
 
 /// How long a manager asks its replica holder to take its word back before it answers the
 /// request that exposed a page `Retry`.

@@ -788,6 +788,46 @@ fn with_backups_a_node_dying_during_the_recovery_leaves_unreported_pages_lost() 
     })
 }
 
+/// A manager whose word was taken back gives it again a while later, leaving out only the
+/// slots that still hold a page with no copy elsewhere: its death then leaves a page never
+/// written, in another slot, reading as zeros, not lost. Before, the word stayed taken back
+/// until the next change (a soak saw a page never written reported lost so, after a single
+/// failure).
+#[test]
+fn with_backups_a_manager_gives_its_word_again_once_it_took_it_back() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(2).await;
+        let (victim, survivor) = (NodeId(1), NodeId(2));
+        word_given(&cluster, victim).await;
+        let spec = cluster.mem.host(victim).specs();
+        let spec = spec.iter().find(|s| s.id == gobelins_dsm::DSM).expect("the DSM's spec");
+        let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
+        let written = PageId { segment: SEGMENT, page: pages[0] };
+        let slot = |p: PageId| spec.slot_of(p.key());
+        let unwritten = pages[1..]
+            .iter()
+            .map(|&page| PageId { segment: SEGMENT, page })
+            .find(|&p| slot(p) != slot(written))
+            .expect("a page of another slot");
+        let request = written_without_backup(&cluster, victim, survivor, written).await;
+        let ctx = cluster.mem.host(victim).context();
+        let answer: gobelins_dsm::Response =
+            ctx.request(gobelins_dsm::DSM, written.key(), &request).await.expect("asked");
+        assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
+        let word = || cluster.made.lock().expect("made")[1].word();
+        assert_eq!(word(), None, "the word is taken back");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(word().is_some(), "the word is given again");
+
+        cluster.mem.fail(victim).await;
+
+        assert_eq!(outcome(&cluster.dsm(survivor), unwritten).await, Ok(0));
+        // Its slot was left out, so the survivor's report decides: the copy the manager was
+        // told had no backup was still there.
+        assert_eq!(outcome(&cluster.dsm(survivor), written).await, Ok(1));
+    })
+}
+
 /// Writes `page` from `manager`, and returns what an owner tells its manager when a commit
 /// cannot reach its backup, `backup`: sent to `manager` in a cluster of two, it leaves the
 /// page with no copy on another node.
