@@ -297,6 +297,16 @@ struct Peer {
 /// Connections refused before their handshake ended: lines logged per window, and the window.
 const REFUSALS_LOGGED: u32 = 5;
 const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
+/// The dials to one peer: one at a time, and ended, waiters included, once the peer is
+/// forgotten. A dial to a stopped agent connects (the kernel accepts into the backlog) and
+/// then waits out its handshake: a call to a node the cluster had just declared failed held
+/// its request for the call's whole deadline (2 s) where closing connections ended the rest.
+#[derive(Default)]
+struct Dialing {
+    gate: tokio::sync::Mutex<()>,
+    forgotten: CancellationToken,
+}
+
 /// What the lines the refusals' budget leaves out are about.
 const REFUSALS: &str = "connections refused or dropped before their handshake ended (a flood, or a peer with the wrong secret retrying)";
 
@@ -309,7 +319,7 @@ struct Inner<N: Net> {
     admission: Arc<dyn Admission>,
     /// Looked up on every call: foldhash, not std's SipHash (peers are authenticated).
     peers: Mutex<HashMap<u64, Peer, foldhash::fast::RandomState>>,
-    dialing: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>, foldhash::fast::RandomState>>,
+    dialing: Mutex<HashMap<u64, Arc<Dialing>, foldhash::fast::RandomState>>,
     next_id: AtomicU64,
     /// Handshakes in progress, per source address and in all.
     sources: Arc<Sources>,
@@ -722,8 +732,17 @@ impl<N: Net> TcpTransport<N> {
         if let Some(conn) = self.live_conn(node) {
             return Ok(conn);
         }
-        let gate = Arc::clone(lock(&self.inner.dialing).entry(node).or_default());
-        let _dialing = gate.lock().await;
+        let dialing = Arc::clone(lock(&self.inner.dialing).entry(node).or_default());
+        tokio::select! {
+            biased;
+            () = dialing.forgotten.cancelled() => Err(SupervisorError::Unreachable(node)),
+            conn = self.dial_through(node, &dialing) => conn,
+        }
+    }
+
+    /// The rest of [`TcpTransport::connection`], through `dialing`'s gate.
+    async fn dial_through(&self, node: u64, dialing: &Dialing) -> Result<Conn> {
+        let _dialing = dialing.gate.lock().await;
         if let Some(conn) = self.live_conn(node) {
             return Ok(conn);
         }
@@ -946,7 +965,9 @@ impl<N: Net> Transport for TcpTransport<N> {
     }
 
     fn forget(&self, node: u64) {
-        lock(&self.inner.dialing).remove(&node);
+        if let Some(dialing) = lock(&self.inner.dialing).remove(&node) {
+            dialing.forgotten.cancel();
+        }
         if let Some(peer) = lock(&self.inner.peers).remove(&node) {
             if let Some(conn) = peer.conn {
                 conn.closer.close();
@@ -1052,6 +1073,30 @@ mod tests {
         assert!(a.live_conn(2).is_none(), "the silent connection was kept");
         let answer = a.call(2, Bytes::from_static(b"hello"), Duration::from_secs(5)).await;
         assert_eq!(&answer.expect("a new connection")[..], b"hello");
+    }
+
+    /// A call dialing a peer that accepts the connection and never answers (an agent stopped
+    /// with SIGSTOP: its kernel still accepts) ends as soon as the peer is forgotten, not at
+    /// its deadline.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_dialing_a_peer_forgotten_meanwhile_ends_at_once() {
+        let secret = ClusterSecret::generate();
+        let (a, _) = started(&secret, 1).await;
+        let stopped = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+        a.set_peer(2, stopped.local_addr().expect("its address").to_string());
+        let a = Arc::new(a);
+        let caller = Arc::clone(&a);
+        let started = Instant::now();
+        let call = tokio::spawn(async move {
+            caller.call(2, Bytes::from_static(b"ping"), Duration::from_secs(5)).await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        a.forget(2);
+        let call = call.await.expect("the call ends");
+        assert!(matches!(call, Err(SupervisorError::Unreachable(2))), "{call:?}");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "ended after {took:?}, not at once");
+        drop(stopped);
     }
 
     /// The handshake may read past its last frame, into the first request the peer sent: that
