@@ -177,7 +177,11 @@ impl WriteGuard {
                     failed: node,
                     data: PageBytes::shared(&data),
                 };
-                match self.dsm.ask(self.page.key(), &request).await {
+                let asked = {
+                    let _rebacking = self.frame.rebacking();
+                    self.dsm.ask(self.page.key(), &request).await
+                };
+                match asked {
                     Ok(Response::BackedUp(new)) => self.frame.lock().backup_node = Some(new),
                     Ok(Response::Ok) => self.frame.lock().backup_node = None,
                     // Refused (`Invalid`): the manager's entry names another owner, or a newer
