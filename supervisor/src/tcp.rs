@@ -297,6 +297,9 @@ struct Peer {
 /// Connections refused before their handshake ended: lines logged per window, and the window.
 const REFUSALS_LOGGED: u32 = 5;
 const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
+/// What the lines the refusals' budget leaves out are about.
+const REFUSALS: &str = "connections refused or dropped before their handshake ended (a flood, or a peer with the wrong secret retrying)";
+
 /// The dials to one peer: one at a time, and ended, waiters included, once the peer is
 /// forgotten. A dial to a stopped agent connects (the kernel accepts into the backlog) and
 /// then waits out its handshake: a call to a node the cluster had just declared failed held
@@ -306,9 +309,6 @@ struct Dialing {
     gate: tokio::sync::Mutex<()>,
     forgotten: CancellationToken,
 }
-
-/// What the lines the refusals' budget leaves out are about.
-const REFUSALS: &str = "connections refused or dropped before their handshake ended (a flood, or a peer with the wrong secret retrying)";
 
 struct Inner<N: Net> {
     net: N,
