@@ -809,13 +809,8 @@ fn with_backups_a_manager_gives_its_word_again_once_it_took_it_back() {
             .map(|&page| PageId { segment: SEGMENT, page })
             .find(|&p| slot(p) != slot(written))
             .expect("a page of another slot");
-        let request = written_without_backup(&cluster, victim, survivor, written).await;
-        let ctx = cluster.mem.host(victim).context();
-        let answer: gobelins_dsm::Response =
-            ctx.request(gobelins_dsm::DSM, written.key(), &request).await.expect("asked");
-        assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
+        word_taken_back(&cluster, victim, survivor, written).await;
         let word = || cluster.made.lock().expect("made")[1].word();
-        assert_eq!(word(), None, "the word is taken back");
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(word().is_some(), "the word is given again");
 
@@ -826,6 +821,19 @@ fn with_backups_a_manager_gives_its_word_again_once_it_took_it_back() {
         // told had no backup was still there.
         assert_eq!(outcome(&cluster.dsm(survivor), written).await, Ok(1));
     })
+}
+
+/// Writes `written` from `manager`, then tells the manager the commit's backup,
+/// `backup`, did not answer and no other node can take one: it keeps the page alone, and
+/// takes its word back.
+async fn word_taken_back(cluster: &Cluster, manager: NodeId, backup: NodeId, written: PageId) {
+    let request = written_without_backup(cluster, manager, backup, written).await;
+    let ctx = cluster.mem.host(manager).context();
+    let answer: gobelins_dsm::Response =
+        ctx.request(gobelins_dsm::DSM, written.key(), &request).await.expect("asked");
+    assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
+    let word = cluster.made.lock().expect("made")[manager.0 as usize].word();
+    assert_eq!(word, None, "the word is taken back");
 }
 
 /// Writes `page` from `manager`, and returns what an owner tells its manager when a commit
@@ -863,14 +871,7 @@ fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere(
         assert!(pages.len() >= 2, "the victim manages pages: {pages:?}");
         let written = PageId { segment: SEGMENT, page: pages[0] };
         let unwritten = PageId { segment: SEGMENT, page: pages[1] };
-        // The manager finds no other node to back the page up on: it is kept on the victim
-        // alone.
-        let request = written_without_backup(&cluster, victim, survivor, written).await;
-        let ctx = cluster.mem.host(victim).context();
-        let answer: gobelins_dsm::Response =
-            ctx.request(gobelins_dsm::DSM, written.key(), &request).await.expect("asked");
-        assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
-        assert_eq!(cluster.made.lock().expect("made")[1].word(), None, "the word is taken back");
+        word_taken_back(&cluster, victim, survivor, written).await;
 
         cluster.mem.fail(victim).await;
 
