@@ -824,8 +824,9 @@ fn with_backups_a_manager_gives_its_word_again_once_it_took_it_back() {
 }
 
 /// Writes `written` from `manager`, then tells the manager the commit's backup,
-/// `backup`, did not answer and no other node can take one: it keeps the page alone, and
-/// takes its word back.
+/// `backup`, did not answer and no other node can take one: the manager then counts the
+/// page as kept on itself alone (the backup's copy stays where it was), and takes its word
+/// back.
 async fn word_taken_back(cluster: &Cluster, manager: NodeId, backup: NodeId, written: PageId) {
     let request = written_without_backup(cluster, manager, backup, written).await;
     let ctx = cluster.mem.host(manager).context();
