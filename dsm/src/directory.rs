@@ -25,7 +25,7 @@ pub struct Report {
     /// gone too, it may have written since, and the copy is not offered as the page.
     pub(crate) writer: Option<NodeId>,
     /// For a copy given up to a writer and kept aside: the node the writer's backup was to be
-    /// kept on, if known. Alive, it holds whatever the writer committed.
+    /// kept on, if known. The writer's first commit went there (see [`rebuild`]).
     pub(crate) backup_to: Option<NodeId>,
     /// A digest of the copy's content: two backups of one version that disagree mean one of
     /// them is stale (see [`rebuild`]).
