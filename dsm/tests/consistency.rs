@@ -2952,7 +2952,7 @@ fn with_backups_a_manager_and_its_new_backup_dying_after_its_write_never_roll_th
 
 /// Nodes failing, leaving and returning one at a time, at random, under load, with backups
 /// on, lose no page and read nothing stale (seeds 0 to 39; `DSM_SWEEP` names others,
-/// comma-separated: 0 to 119 pass). Seed 9 read a page written 59 times as zeros after its
+/// comma-separated: 0 to 299 pass). Seed 9 read a page written 59 times as zeros after its
 /// manager died: it held the page's only copies (its own, given up to a writer the grant had
 /// not reached yet, and the backup it had chosen itself for that writer), and its word said
 /// the page was kept elsewhere. Seed 26 read a cold page acknowledged at 25 as zeros, and
