@@ -147,6 +147,19 @@ pub(crate) struct Word {
     pub(crate) epoch: u64,
     /// The slots the word leaves out: a page of theirs may have no copy elsewhere already.
     pub(crate) unclean: std::collections::BTreeSet<u32>,
+    /// The holder answered that it took this very word. Until then it may hold an earlier
+    /// word of the same epoch, which may vouch for slots this one leaves out: only a
+    /// confirmed word spares a slot it leaves out the taking back.
+    pub(crate) confirmed: bool,
+}
+
+impl Word {
+    /// Whether the holder has this word, and it leaves `slot` out: a page of that slot left
+    /// with no copy elsewhere needs no taking back. A word not confirmed may have left there
+    /// an earlier one of the same epoch, which vouches for `slot`.
+    pub(crate) fn leaves_out(&self, slot: u32) -> bool {
+        self.confirmed && self.unclean.contains(&slot)
+    }
 }
 
 /// Nanoseconds since the epoch, where a node's words start counting.
@@ -195,6 +208,7 @@ impl DsmNode {
                     holder: None,
                     epoch: 0,
                     unclean: Default::default(),
+                    confirmed: false,
                 }),
                 finished: AtomicU64::new(0),
                 began: AtomicU64::new(0),

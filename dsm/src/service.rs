@@ -1484,8 +1484,12 @@ impl DsmService {
         // this node that comes right after `epoch`.)
         let (finished, began) =
             (st.finished.load(Ordering::SeqCst), st.began.load(Ordering::SeqCst));
-        // Given again at the same epoch when the last was taken back or left slots out.
-        let stale = word.epoch < epoch || word.holder.is_none() || !word.unclean.is_empty();
+        // Given again at the same epoch when the last was taken back, left slots out, or was
+        // not answered.
+        let stale = word.epoch < epoch
+            || word.holder.is_none()
+            || !word.unclean.is_empty()
+            || !word.confirmed;
         let current = (finished == epoch || (began < epoch && finished == began))
             && word.epoch <= epoch
             && stale
@@ -1509,12 +1513,14 @@ impl DsmService {
         // Before the answer: the holder may take the word and its answer be lost, and a word
         // taken back that the holder never had costs nothing.
         word.holder = Some(holder);
+        word.confirmed = false;
         let word_unclean = unclean.len();
         let request =
             Request::Cover { epoch, seq: word.seq, unclean: unclean.iter().copied().collect() };
         word.unclean = unclean;
         match ctx.tell::<_, Response>(holder, DSM, taint_key(0), &request).await {
             Ok(Response::Ok) => {
+                word.confirmed = true;
                 tracing::debug!(
                     node = me.0,
                     holder = holder.0,
@@ -1547,7 +1553,10 @@ impl DsmService {
             }
             let stale = {
                 let word = st.word.lock().await;
-                word.epoch < epoch || word.holder.is_none() || !word.unclean.is_empty()
+                word.epoch < epoch
+                    || word.holder.is_none()
+                    || !word.unclean.is_empty()
+                    || !word.confirmed
             };
             if stale {
                 self.give_word(ctx, epoch).await;
@@ -1564,7 +1573,9 @@ impl DsmService {
         let st = self.state();
         let mut word = st.word.lock().await;
         let Some(holder) = word.holder else { return true };
-        if word.unclean.contains(&st.spec.slot_of(key)) {
+        // Only a word the holder confirmed (see `Word::leaves_out`): a page written now with
+        // no copy elsewhere would otherwise read as zeros after this node's death.
+        if word.leaves_out(st.spec.slot_of(key)) {
             return true;
         }
         word.seq += 1;
@@ -2210,6 +2221,25 @@ mod tests {
     use super::*;
     use crate::node::DsmConfig;
     use gobelins_locator::SlotMove;
+
+    /// Only a word its holder confirmed spares a slot it leaves out the taking back: one whose
+    /// `Cover` never landed may have left there an earlier word of the same epoch (words are
+    /// given again while stale) that vouches for the slot, and a page of it written with no
+    /// copy elsewhere would read as zeros after this node's death (the review of `76d86d7`).
+    #[test]
+    fn only_a_confirmed_word_spares_a_slot_it_leaves_out_the_taking_back() {
+        let mut word = crate::node::Word {
+            seq: 1,
+            holder: Some(NodeId(2)),
+            epoch: 5,
+            unclean: [7].into(),
+            confirmed: false,
+        };
+        assert!(!word.leaves_out(7), "not answered: the holder may vouch for slot 7");
+        word.confirmed = true;
+        assert!(word.leaves_out(7));
+        assert!(!word.leaves_out(8));
+    }
 
     /// A leaver's page, handed on by the node it was left on after its entry was marked lost
     /// (its owner gone): taken back at the entry's version, and only at that version.
