@@ -154,6 +154,12 @@ pub(crate) struct Word {
 }
 
 impl Word {
+    /// Whether a word is to be given at `epoch`: none was yet, or the last was taken back,
+    /// left slots out, or was not answered (words are given again at one epoch while so).
+    pub(crate) fn stale(&self, epoch: u64) -> bool {
+        self.epoch < epoch || self.holder.is_none() || !self.unclean.is_empty() || !self.confirmed
+    }
+
     /// Whether the holder has this word, and it leaves `slot` out: a page of that slot left
     /// with no copy elsewhere needs no taking back. A word not confirmed may have left there
     /// an earlier one of the same epoch, which vouches for `slot`.

@@ -121,6 +121,13 @@ pub(crate) async fn invalidate(
     answers.into_iter().filter(|&(n, done)| done || gone(state, ctx, n)).map(|(n, _)| n).collect()
 }
 
+/// Whether `manager`, the node asking (`None`: this one), has departed since now: the
+/// cluster gave up on it, or on the life that asked, its id back as a new life meanwhile.
+fn departed_since(ctx: &Context, manager: Option<NodeId>) -> impl Fn() -> bool + Sync + '_ {
+    let since = manager.map(|m| ctx.departures(m));
+    move || manager.is_some_and(|m| ctx.gone(m) || Some(ctx.departures(m)) != since)
+}
+
 /// Drops this node's copy of `page` up to `version`, and notes where to read it next. An
 /// owner first invalidates the readers it served directly, except the next owner, whose copy
 /// is the page it is being granted; `false` if one could not be reached, and then nothing was
@@ -135,7 +142,7 @@ async fn drop_copy(
     owner: Option<NodeId>,
     manager: Option<NodeId>,
 ) -> bool {
-    let since = manager.map(|m| ctx.departures(m));
+    let departed = departed_since(ctx, manager);
     let frame = state.frames.frame(page);
     let readers: Vec<NodeId> =
         frame.close(version).into_iter().filter(|&r| Some(r) != owner).collect();
@@ -147,9 +154,7 @@ async fn drop_copy(
             return false;
         }
     }
-    if !frame.invalidate_unless(version, &|| {
-        manager.is_some_and(|m| ctx.gone(m) || Some(ctx.departures(m)) != since)
-    }) {
+    if !frame.invalidate_unless(version, &departed) {
         frame.reopen();
         return false;
     }
@@ -274,10 +279,7 @@ impl DsmService {
         manager: Option<NodeId>,
     ) -> Result<Bytes, Absent> {
         let frame = self.state().frames.frame(page);
-        // By count too: the manager's life may end, and its id come back as a new life,
-        // while this waits.
-        let since = manager.map(|m| ctx.departures(m));
-        let departed = || manager.is_some_and(|m| ctx.gone(m) || Some(ctx.departures(m)) != since);
+        let departed = departed_since(ctx, manager);
         loop {
             let wait = self.state().config.fetch_wait;
             match frame.fetch(version, (writer, backup), wait, &departed).await {
@@ -1484,15 +1486,9 @@ impl DsmService {
         // this node that comes right after `epoch`.)
         let (finished, began) =
             (st.finished.load(Ordering::SeqCst), st.began.load(Ordering::SeqCst));
-        // Given again at the same epoch when the last was taken back, left slots out, or was
-        // not answered.
-        let stale = word.epoch < epoch
-            || word.holder.is_none()
-            || !word.unclean.is_empty()
-            || !word.confirmed;
         let current = (finished == epoch || (began < epoch && finished == began))
             && word.epoch <= epoch
-            && stale
+            && word.stale(epoch)
             && st.change.lock().expect("change").is_none();
         let Some(holder) = holder.filter(|_| current) else { return };
         // Pages exposed while the entries are looked at may have been looked at before: look
@@ -1551,13 +1547,7 @@ impl DsmService {
             if st.began.load(Ordering::SeqCst) > epoch || ctx.gone(ctx.node()) {
                 return;
             }
-            let stale = {
-                let word = st.word.lock().await;
-                word.epoch < epoch
-                    || word.holder.is_none()
-                    || !word.unclean.is_empty()
-                    || !word.confirmed
-            };
+            let stale = st.word.lock().await.stale(epoch);
             if stale {
                 self.give_word(ctx, epoch).await;
             }
