@@ -52,6 +52,9 @@ pub enum DsmCommand {
         /// The page within it.
         page: u32,
     },
+    /// Every page the cluster's managers hold as lost, and their tainted slots
+    /// ([`Dsm::losses`]); answered with the [`crate::dsm::Losses`], encoded.
+    Losses,
 }
 
 /// The built-in services of one agent. Each [`Builtins::registry`] builds them afresh (a new
@@ -140,6 +143,10 @@ impl Console for DsmConsole {
                 let discarded =
                     dsm.discard(PageId { segment, page }).await.map_err(|e| e.to_string())?;
                 Ok(vec![u8::from(discarded)])
+            }
+            DsmCommand::Losses => {
+                let losses = dsm.losses().await.map_err(|e| e.to_string())?;
+                codec::encode(&losses).map_err(|e| e.to_string())
             }
         }
     }

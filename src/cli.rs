@@ -158,6 +158,16 @@ enum DsmOp {
         /// The page within the segment.
         page: u32,
     },
+    /// List the pages reported lost, with their managers, asking every node, and the slots
+    /// where pages nobody reported after a failure read as lost (tainted). Exits non-zero when
+    /// a node did not answer: the list may then be incomplete.
+    Lost {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Options of `gobelins kv`.
@@ -583,8 +593,13 @@ fn write_stats(out: &mut impl std::io::Write, answer: &Value) -> anyhow::Result<
     for (service, count) in lost.iter().filter(|(_, c)| n(c) > 0) {
         writeln!(
             out,
-            "REPORTED LOST by {service}: {} (its log says which and what to do)",
-            n(count)
+            "REPORTED LOST by {service}: {} ({})",
+            n(count),
+            if service == "dsm" {
+                "`gobelins dsm lost` lists the pages still lost, cluster-wide"
+            } else {
+                "its log says which and what to do"
+            }
         )?;
     }
     let changes = answer["changes"].as_array().cloned().unwrap_or_default();
@@ -675,6 +690,7 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
         }
         DsmOp::Free { dir, segment, len } => (dir, DsmCommand::Free { segment, len }),
         DsmOp::Discard { dir, segment, page } => (dir, DsmCommand::Discard { segment, page }),
+        DsmOp::Lost { dir, json } => return dsm_lost(&dir, json),
     };
     let freed = match command {
         DsmCommand::Free { segment, .. } => Some(segment),
@@ -701,6 +717,110 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `gobelins dsm lost`: asks every node through the local agent, and says what it found.
+fn dsm_lost(dir: &DirArgs, json: bool) -> anyhow::Result<()> {
+    use gobelins::adaptation::codec;
+    use gobelins::builtin::DsmCommand;
+    let body = codec::encode(&DsmCommand::Losses)?;
+    let answer = ask(dir, ControlRequest::Local { service: gobelins::dsm::DSM.0, body })?;
+    let losses: gobelins::dsm::Losses = codec::decode(&control::answer_body(&answer)?)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", losses_json(&losses))?;
+    } else {
+        write_losses(&mut out, &losses)?;
+    }
+    if !losses.settled {
+        bail!("not every node answered, or the cluster changed meanwhile: the list may be incomplete; ask again");
+    }
+    Ok(())
+}
+
+/// Lines of pages `gobelins dsm lost` prints before it says how many more `--json` lists.
+const LOST_LINES: usize = 200;
+
+fn write_losses(
+    out: &mut impl std::io::Write,
+    losses: &gobelins::dsm::Losses,
+) -> anyhow::Result<()> {
+    let pages = losses.pages();
+    if pages.is_empty() {
+        writeln!(out, "no page is reported lost")?;
+    } else {
+        writeln!(
+            out,
+            "{} pages reported lost (each answers `lost` until discarded or freed):",
+            pages.len()
+        )?;
+        for (page, manager) in pages.iter().take(LOST_LINES) {
+            writeln!(
+                out,
+                "  segment {} page {} (manager: node {})",
+                page.segment, page.page, manager.0
+            )?;
+        }
+        if pages.len() > LOST_LINES {
+            writeln!(out, "  ... and {} more (`--json` lists them all)", pages.len() - LOST_LINES)?;
+        }
+    }
+    let tainted = losses.tainted();
+    if tainted > 0 {
+        let by_node: Vec<String> = losses
+            .nodes
+            .iter()
+            .filter(|(_, held)| !held.tainted.is_empty())
+            .map(|(node, held)| format!("node {}: {}", node.0, held.tainted.len()))
+            .collect();
+        writeln!(
+            out,
+            "{tainted} of {} slots tainted ({}): their manager failed, and a page of theirs that \
+             no node reported then reads as lost when first asked for, unless its segment was \
+             freed since (which pages, nobody can tell until they are asked for)",
+            gobelins::dsm::DSM_SLOTS,
+            by_node.join(", ")
+        )?;
+    }
+    if !pages.is_empty() || tainted > 0 {
+        writeln!(
+            out,
+            "what to do: restore what mattered, then `gobelins dsm discard SEGMENT PAGE` for each \
+             page, or `gobelins dsm free SEGMENT LEN` for a segment no program uses"
+        )?;
+    }
+    let unlooked: u32 = losses.nodes.iter().map(|(_, held)| held.unlooked).sum();
+    if unlooked > 0 {
+        writeln!(out, "{unlooked} entries were held by requests and not looked at: ask again")?;
+    }
+    for (node, why) in &losses.unanswered {
+        writeln!(out, "node {} did not answer: {why}", node.0)?;
+    }
+    writeln!(out, "epoch {}: {} nodes answered", losses.epoch, losses.nodes.len())?;
+    Ok(())
+}
+
+fn losses_json(losses: &gobelins::dsm::Losses) -> Value {
+    let pages: Vec<Value> = losses
+        .pages()
+        .into_iter()
+        .map(|(p, m)| serde_json::json!({ "segment": p.segment, "page": p.page, "manager": m.0 }))
+        .collect();
+    let nodes: Vec<Value> = losses
+        .nodes
+        .iter()
+        .map(|(node, held)| {
+            serde_json::json!({ "node": node.0, "lost_pages": held.pages.len(),
+                "tainted_slots": held.tainted, "unlooked": held.unlooked })
+        })
+        .collect();
+    let unanswered: Vec<Value> = losses
+        .unanswered
+        .iter()
+        .map(|(node, why)| serde_json::json!({ "node": node.0, "why": why }))
+        .collect();
+    serde_json::json!({ "epoch": losses.epoch, "settled": losses.settled, "pages": pages,
+        "tainted": losses.tainted(), "nodes": nodes, "unanswered": unanswered })
 }
 
 #[cfg(test)]
@@ -753,5 +873,52 @@ mod tests {
         let none = stats_text(json!({ "dsm": 0, "kvdir": 0 }));
         assert!(!none.contains("REPORTED LOST"), "{none}");
         assert!(none.contains("requests from here: 5 ok"), "{none}");
+        let dsm = stats_text(json!({ "dsm": 2 }));
+        assert!(dsm.contains("REPORTED LOST by dsm: 2 (`gobelins dsm lost` lists"), "{dsm}");
+    }
+
+    fn losses_text(losses: &gobelins::dsm::Losses) -> String {
+        let mut out = Vec::new();
+        write_losses(&mut out, losses).expect("written");
+        String::from_utf8(out).expect("text")
+    }
+
+    #[test]
+    fn dsm_lost_names_each_page_and_its_manager_the_tainted_slots_and_who_did_not_answer() {
+        use gobelins::dsm::{Losses, NodeLosses, PageId};
+        use gobelins::locator::NodeId;
+        let clean = Losses {
+            epoch: 7,
+            settled: true,
+            nodes: vec![(NodeId(1), NodeLosses::default()), (NodeId(2), NodeLosses::default())],
+            unanswered: vec![],
+        };
+        let shown = losses_text(&clean);
+        assert_eq!(shown, "no page is reported lost\nepoch 7: 2 nodes answered\n");
+
+        let held =
+            |pages: Vec<PageId>, tainted: Vec<u32>| NodeLosses { pages, tainted, unlooked: 0 };
+        let lost = Losses {
+            epoch: 9,
+            settled: false,
+            nodes: vec![
+                (NodeId(1), held(vec![PageId { segment: 7, page: 3 }], vec![])),
+                (NodeId(2), held(vec![PageId { segment: 7, page: 0 }], vec![5, 6])),
+            ],
+            unanswered: vec![(NodeId(4), "node 4 unreachable: timed out".into())],
+        };
+        let shown = losses_text(&lost);
+        let page0 = shown.find("segment 7 page 0 (manager: node 2)").expect("page 0 listed");
+        let page3 = shown.find("segment 7 page 3 (manager: node 1)").expect("page 3 listed");
+        assert!(page0 < page3, "in page order: {shown}");
+        assert!(shown.starts_with("2 pages reported lost"), "{shown}");
+        assert!(shown.contains("2 of 4096 slots tainted (node 2: 2)"), "{shown}");
+        assert!(shown.contains("gobelins dsm discard SEGMENT PAGE"), "{shown}");
+        assert!(shown.contains("node 4 did not answer: node 4 unreachable"), "{shown}");
+        let json = losses_json(&lost);
+        assert_eq!(json["pages"][0], json!({ "segment": 7, "page": 0, "manager": 2 }));
+        assert_eq!(json["tainted"], 2);
+        assert_eq!(json["settled"], false);
+        assert_eq!(json["unanswered"][0]["node"], 4);
     }
 }

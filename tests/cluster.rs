@@ -886,6 +886,14 @@ fn shared_memory_written_through_one_agent_reads_back_through_the_others_and_sur
         assert_eq!(read(agent, "4090", rewritten.len()), rewritten, "through node {}", agent.id);
     }
 
+    // One failure with backups on: the survivors, asked by `dsm lost`, hold no page lost.
+    let out = dsm(&agents[2].dir, &["lost", "--json"]);
+    assert!(out.status.success(), "lost: {}", String::from_utf8_lossy(&out.stderr));
+    let losses: Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(losses["pages"], serde_json::json!([]), "{losses}");
+    assert_eq!(losses["nodes"].as_array().map(Vec::len), Some(2), "the survivors: {losses}");
+    assert_eq!(losses["settled"], true, "{losses}");
+
     // A page that is not lost is left as it is by a discard, which only starts lost pages
     // afresh: an operator who discards the wrong page loses nothing.
     let out = dsm(&agents[2].dir, &["discard", "7", "0"]);

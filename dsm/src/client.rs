@@ -360,9 +360,14 @@ impl Dsm {
         &self.node.inner
     }
 
+    /// The host of this handle's node.
+    pub(crate) fn host(&self) -> &Host {
+        &self.host
+    }
+
     /// `LifeEnded` once the life of the node this handle was taken in has stopped; `Leaving`
     /// if it stopped as the node left the cluster.
-    fn alive(&self) -> Result<(), DsmError> {
+    pub(crate) fn alive(&self) -> Result<(), DsmError> {
         if !self.host.life_ended() {
             return Ok(());
         }

@@ -46,6 +46,7 @@ mod frames;
 mod freed;
 mod held;
 mod leave;
+mod losses;
 mod node;
 mod page;
 mod protocol;
@@ -53,6 +54,7 @@ mod service;
 
 pub use client::{Dsm, LockGuard, Placement, ReadGuard, Segment, WriteGuard};
 pub use error::DsmError;
+pub use losses::{Losses, NodeLosses};
 pub use node::{DsmConfig, DsmNode, FaultStats, DSM, DSM_SLOTS};
 pub use page::{barrier_key, lock_key, PageId, MAX_SEGMENT, PAGE_SIZE};
 pub use protocol::{PageBytes, Request, Response, Token};

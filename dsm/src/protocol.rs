@@ -310,6 +310,9 @@ pub enum Request {
         /// on as a [`Request::Abandon`]).
         backup: Option<u64>,
     },
+    /// To every node, from [`crate::Dsm::losses`]: the pages this node manages that are lost,
+    /// and its tainted slots. `Busy` while a change moves entries.
+    Losses,
 }
 
 /// The answers.
@@ -364,6 +367,8 @@ pub enum Response {
     Departed,
     /// To a discard: the page was not lost, and keeps its contents.
     Kept,
+    /// To [`Request::Losses`]: what this node, as a manager, holds as lost.
+    Losses(crate::losses::NodeLosses),
 }
 
 /// A page's directory entry: the manager's knowledge of it.

@@ -1047,6 +1047,57 @@ fn without_backups_a_page_whose_only_copy_died_is_reported_lost_never_zeroed() {
     })
 }
 
+/// What `gobelins dsm lost` shows: nothing on a healthy cluster; after a failure without
+/// backups, the dead manager's slots tainted and every page whose only copy died, once known
+/// lost, named with its manager; a discarded page no more.
+#[test]
+fn losses_name_every_lost_page_with_its_manager_and_the_tainted_slots() {
+    replay(async {
+        let mut cluster = Cluster::start(3, DsmConfig::default()).await;
+        let victim = NodeId(3);
+        let reader = cluster.dsm(NodeId(1));
+        for page in 0..PAGES {
+            put(&cluster.dsm(victim), pid(page), 1).await;
+        }
+        let healthy = reader.losses().await.expect("losses");
+        assert!(healthy.clean(), "{healthy:?}");
+        assert_eq!(healthy.nodes.len(), 3, "every node answers");
+
+        let victims_slots = {
+            let snapshot = cluster.mem.snapshot();
+            let table = snapshot.table(gobelins_dsm::DSM).expect("the DSM's table");
+            table.owners().filter(|&n| n == victim).count()
+        };
+        cluster.mem.fail(victim).await;
+        let after = reader.losses().await.expect("losses");
+        assert!(after.settled, "{after:?}");
+        assert_eq!(after.nodes.len(), 2, "the survivors answer: {after:?}");
+        assert_eq!(after.tainted(), victims_slots, "the dead manager's slots, each tainted once");
+        let all: Vec<PageId> = (0..PAGES).map(pid).collect();
+        assert!(after.pages().iter().all(|(p, _)| all.contains(p)), "{after:?}");
+        assert!(
+            after.pages().len() < all.len(),
+            "pages the victim managed are known only once asked for"
+        );
+
+        for &page in &all {
+            assert!(matches!(reader.read(page).await, Err(DsmError::Lost { .. })));
+        }
+        let lost = reader.losses().await.expect("losses");
+        assert_eq!(lost.pages().into_iter().map(|(p, _)| p).collect::<Vec<_>>(), all);
+        let table = cluster.mem.snapshot();
+        for (page, manager) in lost.pages() {
+            assert_eq!(table.locate(gobelins_dsm::DSM, page.key()), Some(manager), "{page:?}");
+        }
+
+        assert!(reader.discard(pid(1)).await.expect("discard"));
+        let left = reader.losses().await.expect("losses");
+        assert!(!left.pages().iter().any(|(p, _)| *p == pid(1)), "{left:?}");
+        assert_eq!(left.pages().len(), all.len() - 1);
+        assert!(!left.clean());
+    })
+}
+
 #[test]
 fn a_freed_segment_leaves_nothing_on_any_node_and_reads_as_zeros() {
     replay(async {
