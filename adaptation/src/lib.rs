@@ -30,6 +30,8 @@
 #![deny(missing_docs)]
 
 pub mod codec;
+#[cfg(feature = "testing")]
+mod conformance;
 mod deadline;
 mod driver;
 pub mod error;

@@ -4,24 +4,22 @@
 //! [`MemCluster`] plays the supervisor's part without consensus: it applies each change to a
 //! cell tree, hands every host the same [`Update`] and waits for the participants' reports, as
 //! the replicated state machine would. Hosts talk through [`MemLink`], which can cut a node off
-//! as a crash would. [`conformance`] runs a service through additions, evictions and a failure
-//! under load and checks that it keeps its contract.
+//! as a crash would. [`conformance`] runs a service through additions, evictions and failures
+//! under load and checks after each that it kept its contract.
 
-use crate::codec;
+pub use crate::conformance::{conformance, Probe, Stage, Verdict, Wrong};
+
 use crate::error::AdaptationError;
 use crate::host::{Host, HostConfig, Progress, Update};
 use crate::link::Link;
 use crate::registry::Registry;
-use crate::service::{plugin, Service};
 use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
 use gobelins_locator::{
-    CellTree, Change, Epoch, Key, Labels, MigrationPlan, NodeId, ServiceId, ServicePlan, Snapshot,
-    TreeConfig,
+    CellTree, Change, Epoch, Labels, MigrationPlan, NodeId, ServicePlan, Snapshot, TreeConfig,
 };
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -223,6 +221,11 @@ impl MemCluster {
     /// The table of the current epoch.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         Arc::new(self.tree.snapshot(Epoch(self.epoch)).expect("the cluster has nodes"))
+    }
+
+    /// The current epoch: how many changes the cluster carried out, from its first node on.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The live nodes.
@@ -496,146 +499,6 @@ impl MemCluster {
     }
 }
 
-/// Concurrent writers during the changes.
-const WRITERS: u64 = 16;
-
-/// How the conformance suite drives a service: how to write a value and read it back.
-pub trait Probe: Send + Sync + 'static {
-    /// The service under test.
-    type S: Service;
-    /// A fresh instance, for one node.
-    fn make(&self) -> Self::S;
-    /// A request that stores `value` under `key`.
-    fn write(&self, value: u64) -> <Self::S as Service>::Request;
-    /// A request that reads `key`.
-    fn read(&self) -> <Self::S as Service>::Request;
-    /// The value a read returned, if any.
-    fn value(&self, response: <Self::S as Service>::Response) -> Option<u64>;
-    /// Whether the service keeps a second copy of each entry, so that a single failure loses
-    /// nothing.
-    fn survives_one_failure(&self) -> bool;
-}
-
-/// What [`conformance`] saw.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Verdict {
-    /// Requests that completed.
-    pub ok: u64,
-    /// Of those, requests that were held, redirected or retried on the way.
-    pub delayed: u64,
-    /// Requests that failed.
-    pub failed: u64,
-    /// Keys whose last acknowledged value could not be read back after the changes.
-    pub lost: u64,
-    /// Changes carried out.
-    pub changes: u64,
-}
-
-/// Runs `probe`'s service on a 3-node in-memory cluster over `keys` keys: writes them all,
-/// then, with writers running, adds a node and evicts one; if the service says it survives a
-/// failure, crashes the added node, adds another and kills it in the middle of its own
-/// eviction; then reads every key back. A conforming service fails no request and loses no
-/// key. Run it under a paused tokio clock to keep it deterministic and fast.
-pub async fn conformance<P: Probe>(probe: P, keys: u64) -> Verdict {
-    let probe = Arc::new(probe);
-    let maker = Arc::clone(&probe);
-    let mut cluster = MemCluster::start(3, HostConfig::default(), move || {
-        let mut registry = Registry::new();
-        registry.register(plugin(maker.make())).expect("the service registers");
-        registry
-    })
-    .await;
-    let service = probe.make().spec().id;
-    let mut verdict = Verdict { changes: 3, ..Verdict::default() };
-    let mut last: BTreeMap<u64, u64> = BTreeMap::new();
-    let entry = cluster.host(NodeId(1));
-    for key in 0..keys {
-        if write(&entry, &*probe, service, key, key).await {
-            last.insert(key, key);
-            verdict.ok += 1;
-        } else {
-            verdict.failed += 1;
-        }
-    }
-
-    // Writers keep going through every change, each from a node that stays.
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..WRITERS {
-        let host = cluster.host(NodeId(1 + w % 2));
-        let probe = Arc::clone(&probe);
-        let stop = Arc::clone(&stop);
-        writers.spawn(async move {
-            let mut written = BTreeMap::new();
-            let (mut ok, mut failed) = (0, 0);
-            let mut round = 1u64;
-            loop {
-                for key in (w..keys).step_by(WRITERS as usize) {
-                    let value = round * keys + key;
-                    if write(&host, &*probe, service, key, value).await {
-                        written.insert(key, value);
-                        ok += 1;
-                    } else {
-                        failed += 1;
-                    }
-                    if stop.load(Ordering::Relaxed) {
-                        return (written, ok, failed);
-                    }
-                    tokio::time::sleep(Duration::from_micros(100)).await;
-                }
-                round += 1;
-            }
-        });
-    }
-    let settle = || tokio::time::sleep(Duration::from_millis(200));
-    settle().await;
-    let added = cluster.add().await;
-    settle().await;
-    cluster.evict(NodeId(3)).await;
-    settle().await;
-    verdict.changes += 2;
-    if probe.survives_one_failure() {
-        cluster.fail(added).await;
-        settle().await;
-        // A node dies in the middle of its own eviction, before it sends anything out.
-        let victim = cluster.add().await;
-        settle().await;
-        // Last, and with no pause after it: writes made while its orphans wait for recovery
-        // must be the last ones, or later rounds would hide a lost write.
-        cluster.change_and_crash(Change::Evict(victim), victim).await;
-        verdict.changes += 4;
-    }
-    stop.store(true, Ordering::Relaxed);
-    for node in cluster.nodes() {
-        verdict.delayed += cluster.host(node).stats().requests_delayed;
-    }
-    while let Some(result) = writers.join_next().await {
-        let (written, ok, failed) = result.expect("writer task");
-        last.extend(written);
-        verdict.ok += ok;
-        verdict.failed += failed;
-    }
-    let reader = cluster.host(NodeId(2));
-    for (&key, &value) in &last {
-        let request = codec::encode(&probe.read()).expect("request encodes");
-        let got = reader
-            .request(service, Key(key), request)
-            .await
-            .ok()
-            .and_then(|bytes| codec::decode(&bytes).ok())
-            .and_then(|response| probe.value(response));
-        if got != Some(value) {
-            verdict.lost += 1;
-        }
-    }
-    verdict
-}
-
-async fn write<P: Probe>(host: &Host, probe: &P, service: ServiceId, key: u64, value: u64) -> bool {
-    let request = codec::encode(&probe.write(value)).expect("request encodes");
-    host.request(service, Key(key), request).await.is_ok()
-}
-
 /// The seed [`replay`] runs on: `GOBELINS_TEST_SEED` if set, else 0.
 pub fn test_seed() -> u64 {
     std::env::var("GOBELINS_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0)
@@ -650,6 +513,15 @@ pub fn test_seed() -> u64 {
 pub fn replay<F: std::future::Future>(test: F) -> F::Output {
     let mut builder = tokio::runtime::Builder::new_current_thread();
     builder.enable_all().start_paused(true);
+    // A seed given and not used would make a failure look as if it did not replay.
+    #[cfg(not(tokio_unstable))]
+    if std::env::var_os("GOBELINS_TEST_SEED").is_some() {
+        eprintln!(
+            "GOBELINS_TEST_SEED is set, but this build has no `--cfg tokio_unstable`: tokio's \
+             random choices are not seeded and a run may not replay. Build with \
+             RUSTFLAGS=\"--cfg tokio_unstable\" (this workspace's .cargo/config.toml sets it)"
+        );
+    }
     #[cfg(tokio_unstable)]
     builder.rng_seed(tokio::runtime::RngSeed::from_bytes(&test_seed().to_le_bytes()));
     builder.build().expect("a current-thread runtime").block_on(test)

@@ -74,14 +74,12 @@ fn keys_managed_by(cluster: &MemCluster, node: NodeId, n: usize) -> Vec<Key> {
 
 /// On a runtime whose random choices come from `GOBELINS_TEST_SEED`: a failure replays.
 #[test]
-fn ten_thousand_keys_survive_additions_evictions_a_failure_and_a_death_mid_eviction_under_load() {
+fn ten_thousand_keys_survive_joins_evictions_and_failures_under_load() {
     let made = Made::default();
     let verdict = replay(conformance(KvProbe(made.clone()), 10_000));
-    eprintln!("{verdict:?}");
-    assert_eq!(verdict.failed, 0, "{verdict:?}");
-    assert_eq!(verdict.lost, 0, "{verdict:?}");
-    assert!(verdict.ok > 10_000, "the writers ran during the changes: {verdict:?}");
-    assert_eq!(verdict.changes, 9);
+    eprintln!("{verdict}");
+    verdict.assert_conforms();
+    assert_eq!(verdict.stages.len(), 8, "every step ran: {verdict}");
     let reported: u64 = made.0.lock().expect("made").iter().map(|kv| kv.slots_lost()).sum();
     assert_eq!(reported, 0, "one failure at a time: a survivor vouched for every slot rebuilt");
 }
