@@ -408,7 +408,9 @@ pub trait Service: Send + Sync + 'static {
     /// After `failed` died, rebuilds from what this node holds locally (a replica, a page copy)
     /// the entries of the keys in `orphans`: those `failed` managed or had not yet handed over
     /// (`orphans.destination(key)` is `Some` for them, naming the new manager). Entries it
-    /// cannot rebuild are simply not returned: they are lost, never invented.
+    /// cannot rebuild are simply not returned: they are lost, never invented. An entry of any
+    /// other key is left out, with a warning: its manager lives, and a copy from here would
+    /// reach it as if rebuilt, perhaps older than what it holds.
     fn scan(
         &self,
         ctx: &Context,
@@ -625,6 +627,14 @@ struct Erased<S>(S);
 /// rather than borrowed across the waits: an entry need not be `Sync`. An entry that does not
 /// encode is left out, named in the log, and the others still go: stopping at it lost every
 /// entry after it without a word. The first such error is returned.
+/// `entries` without those of keys `orphans` does not name, and how many those were.
+fn only_orphans<E>(mut entries: Vec<(Key, E)>, orphans: &Moving) -> (Vec<(Key, E)>, usize) {
+    let before = entries.len();
+    entries.retain(|(key, _)| orphans.destination(*key).is_some());
+    let others = before - entries.len();
+    (entries, others)
+}
+
 async fn pack<E: Serialize>(
     entries: Vec<(Key, E)>,
     packer: &mut Packer,
@@ -741,7 +751,12 @@ impl<S: Service> Plugin for Erased<S> {
         orphans: &Moving,
         packer: &mut Packer,
     ) -> Result<(), AdaptationError> {
-        pack(self.0.scan(ctx, failed, orphans).await, packer).await.1
+        let (orphaned, others) = only_orphans(self.0.scan(ctx, failed, orphans).await, orphans);
+        if others > 0 {
+            let service = self.0.spec().id.0;
+            tracing::warn!(service, left_out = others, failed = failed.0, "scan returned entries of keys the failed node did not manage; they were left out (a service's scan returns copies of the keys `orphans` names only)");
+        }
+        pack(orphaned, packer).await.1
     }
 }
 
@@ -774,6 +789,18 @@ mod tests {
             .flat_map(|(_, run)| run.into_run().entries().map(|(k, _)| k.0).collect::<Vec<_>>())
             .collect();
         assert_eq!(shipped, vec![0, 1, 2, 4, 5, 6, 7, 8, 9], "all but the one that failed");
+    }
+
+    #[test]
+    fn a_scan_s_entries_of_keys_the_failed_node_did_not_manage_are_left_out() {
+        let spec = ServiceSpec::new(ServiceId(3), "s").with_slots(64);
+        let moves = vec![SlotMove { slots: 0..32, from: NodeId(1), to: NodeId(2) }];
+        let orphans = Moving::new(spec.clone(), moves);
+        let entries: Vec<(Key, u64)> = (0..200).map(|k| (Key(k), k)).collect();
+        let (kept, others) = only_orphans(entries, &orphans);
+        assert!(!kept.is_empty() && others > 0, "both kinds among 200 keys");
+        assert_eq!(kept.len() + others, 200);
+        assert!(kept.iter().all(|(k, _)| spec.slot_of(*k) < 32), "only the orphans' keys");
     }
 
     #[test]
