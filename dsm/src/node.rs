@@ -147,6 +147,9 @@ pub(crate) struct Word {
     pub(crate) epoch: u64,
     /// The slots the word leaves out: a page of theirs may have no copy elsewhere already.
     pub(crate) unclean: std::collections::BTreeSet<u32>,
+    /// Of those, the slots that have a taint of their own: they stay left out whatever this
+    /// node's pages do, so a word given again would leave them out again.
+    pub(crate) tainted: std::collections::BTreeSet<u32>,
     /// The holder answered that it took this very word. Until then it may hold an earlier
     /// word of the same epoch, which may vouch for slots this one leaves out: only a
     /// confirmed word spares a slot it leaves out the taking back.
@@ -155,9 +158,13 @@ pub(crate) struct Word {
 
 impl Word {
     /// Whether a word is to be given at `epoch`: none was yet, or the last was taken back,
-    /// left slots out, or was not answered (words are given again at one epoch while so).
+    /// left slots out that a later look may find clean, or was not answered (words are given
+    /// again at one epoch while so).
     pub(crate) fn stale(&self, epoch: u64) -> bool {
-        self.epoch < epoch || self.holder.is_none() || !self.unclean.is_empty() || !self.confirmed
+        self.epoch < epoch
+            || self.holder.is_none()
+            || !self.unclean.is_subset(&self.tainted)
+            || !self.confirmed
     }
 
     /// Whether the holder has this word, and it leaves `slot` out: a page of that slot left
@@ -214,6 +221,7 @@ impl DsmNode {
                     holder: None,
                     epoch: 0,
                     unclean: Default::default(),
+                    tainted: Default::default(),
                     confirmed: false,
                 }),
                 finished: AtomicU64::new(0),

@@ -1446,12 +1446,18 @@ impl DsmService {
     }
 
     /// The slots this node manages that have an entry not kept elsewhere, or one being
-    /// changed, or a taint of their own.
-    fn unclean_slots(&self, ctx: &Context) -> BTreeSet<u32> {
+    /// changed, or a taint of their own; and, of those, the ones with a taint.
+    fn unclean_slots(&self, ctx: &Context) -> (BTreeSet<u32>, BTreeSet<u32>) {
         let st = self.state();
         let me = ctx.node();
-        let mut unclean = BTreeSet::new();
+        let (mut unclean, mut tainted) = (BTreeSet::new(), BTreeSet::new());
         for e in st.live.iter() {
+            let slot = st.spec.slot_of(*e.key());
+            // A marker is never locked long: by its key, not by its lock, so that one a change
+            // holds still counts.
+            if named(*e.key()) == Named::Taint {
+                tainted.insert(slot);
+            }
             let clean = match e.value().try_lock() {
                 Ok(live) => match &*live {
                     Live::Page(entry) => kept_elsewhere(entry, me, |n| self.gone(ctx, n)),
@@ -1462,10 +1468,10 @@ impl DsmService {
                 Err(_) => false,
             };
             if !clean {
-                unclean.insert(st.spec.slot_of(*e.key()));
+                unclean.insert(slot);
             }
         }
-        unclean
+        (unclean, tainted)
     }
 
     /// Gives this node's word to its replica holder, at stable `epoch`, for the slots whose
@@ -1504,7 +1510,7 @@ impl DsmService {
             }
             tokio::task::yield_now().await;
         }
-        let Some(unclean) = unclean else { return };
+        let Some((unclean, tainted)) = unclean else { return };
         word.seq += 1;
         word.epoch = epoch;
         // Before the answer: the holder may take the word and its answer be lost, and a word
@@ -1515,6 +1521,7 @@ impl DsmService {
         let request =
             Request::Cover { epoch, seq: word.seq, unclean: unclean.iter().copied().collect() };
         word.unclean = unclean;
+        word.tainted = tainted;
         match ctx.tell::<_, Response>(holder, DSM, taint_key(0), &request).await {
             Ok(Response::Ok) => {
                 word.confirmed = true;
@@ -1533,7 +1540,8 @@ impl DsmService {
     }
 
     /// Gives this node's word at the stable `epoch`, then again, less and less often, while it
-    /// leaves slots out or was taken back, until a later change begins. A word is otherwise
+    /// leaves slots out that a later look may find clean (not a slot's taint: that stays), or
+    /// was taken back, until a later change begins. A word is otherwise
     /// given once per change: a page exposed for a moment (a backup that did not answer, in a
     /// stable cluster) left its manager without a word, or with its slot left out, until the
     /// next change. Its death then tainted those slots, and a page never written read as lost
@@ -2224,12 +2232,34 @@ mod tests {
             holder: Some(NodeId(2)),
             epoch: 5,
             unclean: [7].into(),
+            tainted: Default::default(),
             confirmed: false,
         };
         assert!(!word.leaves_out(7), "not answered: the holder may vouch for slot 7");
         word.confirmed = true;
         assert!(word.leaves_out(7));
         assert!(!word.leaves_out(8));
+    }
+
+    /// A word left out a slot only for its taint, which no later look clears, is not given
+    /// again: it was, every 30 s until the next change, each time reading every entry the
+    /// node manages and holding the word's lock across the round trip.
+    #[test]
+    fn a_word_that_leaves_out_only_tainted_slots_is_not_given_again() {
+        let mut word = crate::node::Word {
+            seq: 1,
+            holder: Some(NodeId(2)),
+            epoch: 5,
+            unclean: [7, 9].into(),
+            tainted: [7].into(),
+            confirmed: true,
+        };
+        assert!(word.stale(5), "slot 9 may be clean at the next look");
+        word.unclean = [7].into();
+        assert!(!word.stale(5), "slot 7 is left out for its taint, whatever the next look finds");
+        assert!(word.stale(6), "a later epoch has a word of its own");
+        word.confirmed = false;
+        assert!(word.stale(5), "a word not answered is given again");
     }
 
     /// A leaver's page, handed on by the node it was left on after its entry was marked lost
