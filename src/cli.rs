@@ -746,13 +746,13 @@ fn write_losses(
     losses: &gobelins::dsm::Losses,
 ) -> anyhow::Result<()> {
     let pages = losses.pages();
-    if pages.is_empty() {
+    let lost = losses.lost();
+    if lost == 0 {
         writeln!(out, "no page is reported lost")?;
     } else {
         writeln!(
             out,
-            "{} pages reported lost (each answers `lost` until discarded or freed):",
-            pages.len()
+            "{lost} pages reported lost (each answers `lost` until discarded or freed):"
         )?;
         for (page, manager) in pages.iter().take(LOST_LINES) {
             writeln!(
@@ -761,8 +761,9 @@ fn write_losses(
                 page.segment, page.page, manager.0
             )?;
         }
-        if pages.len() > LOST_LINES {
-            writeln!(out, "  ... and {} more (`--json` lists them all)", pages.len() - LOST_LINES)?;
+        let unlisted = lost - pages.len().min(LOST_LINES) as u64;
+        if unlisted > 0 {
+            writeln!(out, "  ... and {unlisted} more (`--json` lists up to 65,536 a node)")?;
         }
     }
     let tainted = losses.tainted();
@@ -782,14 +783,14 @@ fn write_losses(
             by_node.join(", ")
         )?;
     }
-    if !pages.is_empty() || tainted > 0 {
+    if lost > 0 || tainted > 0 {
         writeln!(
             out,
             "what to do: restore what mattered, then `gobelins dsm discard SEGMENT PAGE` for each \
              page, or `gobelins dsm free SEGMENT LEN` for a segment no program uses"
         )?;
     }
-    let unlooked: u32 = losses.nodes.iter().map(|(_, held)| held.unlooked).sum();
+    let unlooked = losses.unlooked();
     if unlooked > 0 {
         writeln!(out, "{unlooked} entries were held by requests and not looked at: ask again")?;
     }
@@ -810,8 +811,8 @@ fn losses_json(losses: &gobelins::dsm::Losses) -> Value {
         .nodes
         .iter()
         .map(|(node, held)| {
-            serde_json::json!({ "node": node.0, "lost_pages": held.pages.len(),
-                "tainted_slots": held.tainted, "unlooked": held.unlooked })
+            serde_json::json!({ "node": node.0, "lost_pages": held.pages.len() as u64 + held.unlisted,
+                "tainted_slots": held.tainted.len(), "unlooked": held.unlooked })
         })
         .collect();
     let unanswered: Vec<Value> = losses
@@ -819,8 +820,9 @@ fn losses_json(losses: &gobelins::dsm::Losses) -> Value {
         .iter()
         .map(|(node, why)| serde_json::json!({ "node": node.0, "why": why }))
         .collect();
-    serde_json::json!({ "epoch": losses.epoch, "settled": losses.settled, "pages": pages,
-        "tainted": losses.tainted(), "nodes": nodes, "unanswered": unanswered })
+    serde_json::json!({ "epoch": losses.epoch, "settled": losses.settled, "lost": losses.lost(),
+        "pages": pages, "tainted": losses.tainted(), "unlooked": losses.unlooked(),
+        "nodes": nodes, "unanswered": unanswered })
 }
 
 #[cfg(test)]
@@ -896,8 +898,12 @@ mod tests {
         let shown = losses_text(&clean);
         assert_eq!(shown, "no page is reported lost\nepoch 7: 2 nodes answered\n");
 
-        let held =
-            |pages: Vec<PageId>, tainted: Vec<u32>| NodeLosses { pages, tainted, unlooked: 0 };
+        let held = |pages: Vec<PageId>, tainted: Vec<u32>| NodeLosses {
+            pages,
+            tainted,
+            unlisted: 0,
+            unlooked: 0,
+        };
         let lost = Losses {
             epoch: 9,
             settled: false,
@@ -918,6 +924,11 @@ mod tests {
         let json = losses_json(&lost);
         assert_eq!(json["pages"][0], json!({ "segment": 7, "page": 0, "manager": 2 }));
         assert_eq!(json["tainted"], 2);
+        assert_eq!(json["lost"], 2);
+        assert_eq!(
+            json["nodes"][1],
+            json!({ "node": 2, "lost_pages": 1, "tainted_slots": 2, "unlooked": 0 })
+        );
         assert_eq!(json["settled"], false);
         assert_eq!(json["unanswered"][0]["node"], 4);
     }

@@ -623,10 +623,6 @@ pub fn plugin<S: Service>(service: S) -> Box<dyn Plugin> {
 
 struct Erased<S>(S);
 
-/// Encodes `entries` into `packer`, shipping each run as it fills; gives them back. Owned
-/// rather than borrowed across the waits: an entry need not be `Sync`. An entry that does not
-/// encode is left out, named in the log, and the others still go: stopping at it lost every
-/// entry after it without a word. The first such error is returned.
 /// `entries` without those of keys `orphans` does not name, and how many those were.
 fn only_orphans<E>(mut entries: Vec<(Key, E)>, orphans: &Moving) -> (Vec<(Key, E)>, usize) {
     let before = entries.len();
@@ -635,6 +631,10 @@ fn only_orphans<E>(mut entries: Vec<(Key, E)>, orphans: &Moving) -> (Vec<(Key, E
     (entries, others)
 }
 
+/// Encodes `entries` into `packer`, shipping each run as it fills; gives them back. Owned
+/// rather than borrowed across the waits: an entry need not be `Sync`. An entry that does not
+/// encode is left out, named in the log, and the others still go: stopping at it lost every
+/// entry after it without a word. The first such error is returned.
 async fn pack<E: Serialize>(
     entries: Vec<(Key, E)>,
     packer: &mut Packer,

@@ -11,17 +11,18 @@ use crate::error::DsmError;
 use crate::node::{Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
 use crate::protocol::{Request, Response};
-use gobelins_locator::{Key, NodeId};
+use gobelins_locator::NodeId;
 use serde::{Deserialize, Serialize};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How long [`Dsm::losses`] asks again while nodes do not answer, or a change moves entries.
+/// How long [`Dsm::losses`] asks again while nodes do not answer, a change moves entries, or
+/// requests hold entries.
 const PATIENCE: Duration = Duration::from_secs(5);
-/// How long a node waits, in all, for entries that requests hold, before it counts them
-/// not looked at.
-const LOOK_WAIT: Duration = Duration::from_secs(1);
+/// Pages one node lists at most, so that its answer fits a frame (every page of a large
+/// segment asked for after a restart of the whole cluster); it counts the others.
+const LISTED: usize = 65_536;
 
 /// What one node, as a manager, holds as lost.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -34,7 +35,9 @@ pub struct NodeLosses {
     /// was freed since. Which pages that is, nobody can tell: only those asked for are listed
     /// in `pages`.
     pub tainted: Vec<u32>,
-    /// Entries held by requests for longer than the look waited: not looked at.
+    /// Lost pages beyond those listed in `pages`, which stops at 65,536.
+    pub unlisted: u64,
+    /// Entries requests held as the node looked: not looked at.
     pub unlooked: u32,
 }
 
@@ -43,8 +46,9 @@ pub struct NodeLosses {
 pub struct Losses {
     /// The cluster's epoch as the answers were gathered.
     pub epoch: u64,
-    /// Every node answered, with no change between the first question and the last answer:
-    /// no entry was on its way between two nodes, missed by both.
+    /// Every node answered, having looked at every entry, with no change between the first
+    /// question and the last answer: no entry was on its way between two nodes, missed by
+    /// both.
     pub settled: bool,
     /// Each node that answered, with what it holds, by node id.
     pub nodes: Vec<(NodeId, NodeLosses)>,
@@ -64,14 +68,24 @@ impl Losses {
         pages
     }
 
+    /// How many pages are lost, listed or not, over every node that answered.
+    pub fn lost(&self) -> u64 {
+        self.nodes.iter().map(|(_, held)| held.pages.len() as u64 + held.unlisted).sum()
+    }
+
     /// How many slots are tainted, over every node that answered.
     pub fn tainted(&self) -> usize {
         self.nodes.iter().map(|(_, held)| held.tainted.len()).sum()
     }
 
+    /// Entries not looked at, over every node that answered.
+    pub fn unlooked(&self) -> u64 {
+        self.nodes.iter().map(|(_, held)| u64::from(held.unlooked)).sum()
+    }
+
     /// Nothing lost, nothing tainted, and every node said so.
     pub fn clean(&self) -> bool {
-        self.settled && self.tainted() == 0 && self.pages().is_empty()
+        self.settled && self.tainted() == 0 && self.lost() == 0
     }
 }
 
@@ -81,9 +95,9 @@ impl Dsm {
     /// a node does not answer, for a few seconds; then returns what it has, the nodes that did
     /// not answer named ([`Losses::settled`] is `false`).
     pub async fn losses(&self) -> Result<Losses, DsmError> {
-        self.alive()?;
         let started = Instant::now();
         loop {
+            self.alive()?;
             let ctx = self.host().context();
             let epoch = ctx.epoch();
             let nodes = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
@@ -106,7 +120,9 @@ impl Dsm {
                     Err(e) => losses.unanswered.push((node, e.to_string())),
                 }
             }
-            losses.settled = losses.unanswered.is_empty() && self.host().context().epoch() == epoch;
+            losses.settled = losses.unanswered.is_empty()
+                && losses.unlooked() == 0
+                && self.host().context().epoch() == epoch;
             if losses.settled || started.elapsed() >= PATIENCE {
                 return Ok(losses);
             }
@@ -116,34 +132,83 @@ impl Dsm {
 }
 
 /// This node's answer to [`Request::Losses`]: `Busy` while a change moves entries, which
-/// could be on their way here or from here.
-pub(crate) async fn look(st: &NodeState) -> Response {
+/// could be on their way here or from here. Awaits nothing, and holds no entry beyond a look at
+/// it: a change that begins meanwhile finds them as it would, and the answer is then `Busy`.
+pub(crate) fn look(st: &NodeState) -> Response {
+    let began = st.began.load(Ordering::SeqCst);
     if st.change.lock().expect("change").is_some() {
         return Response::Busy;
     }
-    let entries: Vec<(Key, Arc<tokio::sync::Mutex<Live>>)> =
-        st.live.iter().map(|e| (*e.key(), Arc::clone(e.value()))).collect();
     let mut held = NodeLosses::default();
-    let until = Instant::now() + LOOK_WAIT;
-    for (key, entry) in entries {
-        let live = match entry.try_lock() {
-            Ok(live) => live,
-            // A request holds it: wait a little, not for as long as it likes.
-            Err(_) => match tokio::time::timeout_at(until, entry.lock()).await {
-                Ok(live) => live,
-                Err(_) => {
-                    held.unlooked += 1;
-                    continue;
-                }
-            },
+    for e in st.live.iter() {
+        // A request holds it: [`Dsm::losses`] asks again.
+        let Ok(live) = e.value().try_lock() else {
+            held.unlooked += 1;
+            continue;
         };
-        match (&*live, named(key)) {
-            (Live::Page(entry), Named::Page(page)) if entry.lost => held.pages.push(page),
-            (Live::Taint, _) => held.tainted.push(st.spec.slot_of(key)),
+        match (&*live, named(*e.key())) {
+            (Live::Page(entry), Named::Page(page)) if entry.lost => {
+                if held.pages.len() < LISTED {
+                    held.pages.push(page);
+                } else {
+                    held.unlisted += 1;
+                }
+            }
+            (Live::Taint, _) => held.tainted.push(st.spec.slot_of(*e.key())),
             _ => {}
         }
+    }
+    if st.began.load(Ordering::SeqCst) != began || st.change.lock().expect("change").is_some() {
+        return Response::Busy;
     }
     held.pages.sort();
     held.tainted.sort();
     Response::Losses(held)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{DsmConfig, DsmNode};
+    use crate::protocol::PageEntry;
+    use std::sync::Arc;
+    use tokio::sync::Mutex as AsyncMutex;
+
+    fn entry(st: &NodeState, key: gobelins_locator::Key, live: Live) -> Arc<AsyncMutex<Live>> {
+        let entry = Arc::new(AsyncMutex::new(live));
+        st.live.insert(key, Arc::clone(&entry));
+        entry
+    }
+
+    #[tokio::test]
+    async fn a_node_lists_its_lost_pages_and_tainted_slots_and_counts_what_requests_hold() {
+        let node = DsmNode::new(DsmConfig::default());
+        let st = &*node.inner;
+        let lost = PageId { segment: 4, page: 9 };
+        let lost_entry = PageEntry { lost: true, ..PageEntry::default() };
+        entry(st, lost.key(), Live::Page(lost_entry.clone()));
+        let kept = PageId { segment: 4, page: 10 };
+        entry(st, kept.key(), Live::Page(PageEntry::default()));
+        entry(st, taint_key(17), Live::Taint);
+        let busy = PageId { segment: 4, page: 11 };
+        let busy = entry(st, busy.key(), Live::Page(lost_entry));
+        let held = busy.lock().await;
+
+        let Response::Losses(found) = look(st) else { panic!("an answer") };
+        assert_eq!(found.pages, [lost]);
+        assert_eq!(found.tainted, [17]);
+        assert_eq!(found.unlooked, 1, "the entry a request holds is not looked at");
+        drop(held);
+        let Response::Losses(found) = look(st) else { panic!("an answer") };
+        assert_eq!((found.pages.len(), found.unlooked), (2, 0));
+
+        let change = gobelins_adaptation::ChangeInfo {
+            epoch: 2,
+            change: gobelins_locator::Change::Evict(gobelins_locator::NodeId(3)),
+            participants: Default::default(),
+            acked: Default::default(),
+        };
+        *st.change.lock().expect("change") = Some(change);
+        assert!(matches!(look(st), Response::Busy), "entries on the move: ask again after");
+    }
 }

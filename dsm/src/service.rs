@@ -1305,7 +1305,7 @@ impl DsmService {
                 frames.frame(page).drop_retired(version);
                 Response::Ok
             }
-            Request::Losses => crate::losses::look(self.state()).await,
+            Request::Losses => crate::losses::look(self.state()),
             Request::Cover { epoch, seq, unclean } => {
                 let Some(from) = ctx.from() else { return Response::Invalid("not told".into()) };
                 let mut vouches = self.state().vouches.lock().expect("vouches");
