@@ -28,6 +28,7 @@ pub mod error;
 pub mod frame;
 mod frame_writer;
 pub mod handshake;
+mod lag;
 pub mod lane;
 pub mod link;
 pub mod mem;

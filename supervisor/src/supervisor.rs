@@ -206,6 +206,8 @@ pub struct Supervisor {
     seed_waits: Mutex<LogBudget>,
     /// The leader loop's ticks: a pause of this process shows as one woken late.
     pauses: Pauses,
+    /// As leader: which followers keep up with its log, for the choice of voters.
+    lag: Mutex<crate::lag::LagWatch>,
     /// While this node leads with no acknowledgement of a majority on record (raft has none
     /// right after an election, nor after a change of voters, until replies come): since when.
     unacked_since: Mutex<Option<Instant>>,
@@ -327,6 +329,7 @@ impl Supervisor {
             rejoins: gobelins_adaptation::log_budget::noisy(),
             seed_waits: gobelins_adaptation::log_budget::noisy(),
             pauses: Pauses::new(lease_span),
+            lag: Mutex::default(),
             unacked_since: Mutex::new(None),
             leaderless: Mutex::default(),
             reported: AtomicU64::new(0),
@@ -916,6 +919,13 @@ impl Supervisor {
 
     /// Proposes a command once: locally if leader, else forwarded to the leader.
     pub async fn propose(&self, command: Command) -> std::result::Result<Outcome, ProposeError> {
+        // A follower that knows the leader asks it at once. Its own raft would say it is no
+        // leader only once it is free: storing entries on a slow disk (seconds a write), it
+        // never said so within the wait, and a participant's report of its part in a change
+        // never reached the leader, which held the change up for as long as the disk was slow.
+        if let Some(leader) = self.leader().filter(|&l| l != self.me.id) {
+            return self.forward(leader, command).await;
+        }
         match self.propose_here(command.clone()).await {
             Err(ProposeError::NoLeader) => {}
             other => return other,
@@ -923,6 +933,15 @@ impl Supervisor {
         let Some(leader) = self.leader().filter(|&l| l != self.me.id) else {
             return Err(ProposeError::NoLeader);
         };
+        self.forward(leader, command).await
+    }
+
+    /// Has `leader` propose `command`.
+    async fn forward(
+        &self,
+        leader: u64,
+        command: Command,
+    ) -> std::result::Result<Outcome, ProposeError> {
         match self.call(leader, &Request::Propose(command), self.config.rpc_timeout).await {
             Ok(Response::Proposed(result)) => result,
             Ok(_) => Err(ProposeError::Unreachable("wrong answer".into())),
@@ -1820,8 +1839,11 @@ impl Supervisor {
             // others would be wrong, and could not commit anyway.
             if !is_leader || !self.in_touch() {
                 *self.detector.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.lag.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 continue;
             }
+            let last_index = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
+            self.lag.lock().unwrap_or_else(|p| p.into_inner()).sample(Instant::now(), last_index);
             let state = self.state();
             if !self.reconciling.swap(true, Ordering::SeqCst) {
                 let (me, state) = (Arc::clone(&self), Arc::clone(&state));
@@ -1956,6 +1978,30 @@ impl Supervisor {
     /// `max_voters` active nodes voting, always an odd number of them (voters are kept while
     /// they live and stay, so that a change of voters happens only when one is lost or leaves,
     /// or a join makes room for two more), failed and departed nodes removed.
+    /// The followers that have not stored what this leader's log held a while ago (see
+    /// `crate::lag`); says when one begins to lag, and when it stops.
+    fn lagging(&self, state: &ClusterState) -> BTreeSet<u64> {
+        let matched: BTreeMap<u64, Option<u64>> = {
+            let metrics = self.raft.metrics();
+            let metrics = metrics.borrow();
+            let Some(replication) = metrics.replication.as_ref() else { return BTreeSet::new() };
+            replication.iter().map(|(&id, stored)| (id, stored.map(|l| l.index))).collect()
+        };
+        let mut watch = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+        let lagging = watch.lagging(Instant::now(), &matched);
+        let (began, ended) = watch.changed(lagging.clone());
+        // Said of active members only: one dead and not yet taken out of raft lags too.
+        let active = |id: &u64| state.nodes.get(id).is_some_and(|r| r.status == NodeStatus::Active);
+        for node in began.into_iter().filter(active) {
+            let stored = matched.get(&node).copied().flatten();
+            tracing::warn!(node, ?stored, window_ms = crate::lag::LAG_WINDOW.as_millis() as u64, "this node has not stored raft's entries of the last window (its disk is slow, or it is starved of CPU): it votes no more while it lags, and its part in the cluster's changes may come late. Check its disk (fsync times) and its load");
+        }
+        for node in ended.into_iter().filter(active) {
+            tracing::info!(node, "this node keeps up with raft's log again");
+        }
+        lagging
+    }
+
     async fn reconcile_membership(&self, state: &ClusterState) {
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
@@ -1972,7 +2018,9 @@ impl Supervisor {
         // Who answers is asked only when a change looks due with the live nodes taken to
         // answer and the others not: most passes change nothing, and ask nobody.
         let (me, max) = (self.id(), self.config.max_voters);
-        let due = desired_voters(me, &voters, state, max, |id| live.contains(&id));
+        let lagging = self.lagging(state);
+        let lags = |id: u64| lagging.contains(&id);
+        let due = desired_voters(me, &voters, state, max, |id| live.contains(&id), lags);
         if due != voters && !due.is_empty() {
             let asked: BTreeSet<u64> = voters
                 .iter()
@@ -1983,7 +2031,7 @@ impl Supervisor {
                 .collect();
             let answering = self.answering(&asked, &membership).await;
             let answers = |id: u64| id == me || answering.contains(&id);
-            let desired = desired_voters(me, &voters, state, max, answers);
+            let desired = desired_voters(me, &voters, state, max, answers, lags);
             if desired != voters && !desired.is_empty() {
                 if !can_commit(&desired, answers) {
                     tracing::debug!(?voters, ?desired, ?answering, "voters not changed: too few of the new ones answer for the change to commit");

@@ -5,13 +5,18 @@ use crate::state::{ClusterState, NodeStatus};
 use std::collections::BTreeSet;
 
 /// The voters raft should have, for leader `me` whose raft has `voters`, given the cluster's
-/// `state`, at most `max` voters, and `answers`, whether a node's process answers:
+/// `state`, at most `max` voters, `answers`, whether a node's process answers, and `lags`,
+/// whether a node has not stored what the leader's log held a while ago:
 ///
 /// - a voter keeps its seat while its life is live and not leaving. Its life ended, it keeps
 ///   it while its process answers: after the whole cluster stopped, each voter started again
 ///   ends its last life before it rejoins as a new one, with the same id and the same raft
 ///   log, and its vote is what lets the others recover;
-/// - active nodes that answer fill the empty seats;
+/// - active nodes that answer and keep up fill the empty seats;
+/// - a live voter that lags loses its seat: it counts toward the majority needed and never
+///   gives its vote in time (a disk whose writes take longer than raft waits for an answer),
+///   so with one other voter down nothing commits, not even the change that would replace
+///   them. A seat it keeps adds to what a commit needs, and to nothing else;
 /// - the number is kept odd: a voter more in an even set survives no more failures, and of two
 ///   voters neither may fail. One that only just came in steps out first, `me` last.
 ///
@@ -23,13 +28,14 @@ pub(crate) fn desired_voters(
     state: &ClusterState,
     max: usize,
     answers: impl Fn(u64) -> bool,
+    lags: impl Fn(u64) -> bool,
 ) -> BTreeSet<u64> {
     let status = |id: u64| state.nodes.get(&id).map(|r| r.status);
     // A leaving node stops voting when its leave begins, not once it has left: it stops its
     // process soon after, and a change of voters needs the votes of the old ones.
     let keeps = |id: u64| match status(id) {
         Some(NodeStatus::Leaving) => false,
-        Some(s) if s.is_live() => true,
+        Some(s) if s.is_live() => id == me || !lags(id),
         Some(NodeStatus::Failed) => id == me || answers(id),
         _ => false,
     };
@@ -38,7 +44,7 @@ pub(crate) fn desired_voters(
         if desired.len() >= max {
             break;
         }
-        if id == me || answers(id) {
+        if id == me || (answers(id) && !lags(id)) {
             desired.insert(id);
         }
     }
@@ -95,13 +101,48 @@ mod tests {
         ids.iter().copied().collect()
     }
 
+    /// No node lags.
+    fn none(_: u64) -> bool {
+        false
+    }
+
+    /// A node whose disk takes seconds per write answers its pings, and never stores raft's
+    /// entries in the time raft waits. Before, it took the seat of a voter that failed, and
+    /// the next failure of a voter stopped every commit (a slow-disk audit: a `kill -9` of
+    /// node 3, node 4 made a voter, then a `kill -9` of node 2, and the cluster stood still).
+    #[test]
+    fn a_node_that_lags_is_given_no_seat_and_a_voter_that_lags_gives_its_own_up() {
+        let everyone = |_: u64| true;
+        let lags = |n: u64| n == 4;
+        // Node 3 failed: node 4 answers but lags; better one voter than a seat that never
+        // votes in time.
+        let failed = state(4, &[3]);
+        assert_eq!(desired_voters(1, &set(&[1, 2, 3]), &failed, 5, |n| n != 3, lags), set(&[1]));
+        // Node 4, a voter that lags, gives its seat up to nodes that keep up.
+        let five = state(5, &[]);
+        let voters = set(&[1, 2, 4]);
+        assert_eq!(desired_voters(1, &voters, &five, 5, everyone, lags), set(&[1, 2, 3]));
+        // Two of five lag: the three that keep up survive one failure, the five none.
+        let lag = |n: u64| n == 3 || n == 4;
+        assert_eq!(
+            desired_voters(1, &set(&[1, 2, 3, 4, 5]), &five, 5, everyone, lag),
+            set(&[1, 2, 5])
+        );
+        // The leader never lags in its own eyes; a voter that stops lagging is given a seat.
+        assert_eq!(desired_voters(4, &voters, &five, 5, everyone, lags), set(&[1, 2, 3, 4, 5]));
+        assert_eq!(
+            desired_voters(1, &set(&[1, 2, 5]), &five, 5, everyone, none),
+            set(&[1, 2, 3, 4, 5])
+        );
+    }
+
     #[test]
     fn a_voter_lost_is_replaced_by_an_active_node_that_answers() {
         let state = state(4, &[3]);
-        let desired = desired_voters(1, &set(&[1, 2, 3]), &state, 5, |n| n != 3);
+        let desired = desired_voters(1, &set(&[1, 2, 3]), &state, 5, |n| n != 3, none);
         assert_eq!(desired, set(&[1, 2, 4]));
         // Node 4 silent (dead, not declared yet): not given the seat.
-        let desired = desired_voters(1, &set(&[1, 2, 3]), &state, 5, |n| n == 2);
+        let desired = desired_voters(1, &set(&[1, 2, 3]), &state, 5, |n| n == 2, none);
         assert_eq!(desired, set(&[1]), "two voters are one too many to lose none");
     }
 
@@ -115,11 +156,11 @@ mod tests {
         let voters = set(&[1, 2, 3]);
         // Without asking, a change looks due.
         assert_eq!(
-            desired_voters(1, &voters, &state, 5, |n| state.live().contains(&n)),
+            desired_voters(1, &voters, &state, 5, |n| state.live().contains(&n), none),
             set(&[1, 3, 4])
         );
         // Asked, nothing changes.
-        assert_eq!(desired_voters(1, &voters, &state, 5, answers), voters);
+        assert_eq!(desired_voters(1, &voters, &state, 5, answers, none), voters);
     }
 
     #[test]

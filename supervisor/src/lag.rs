@@ -1,0 +1,116 @@
+//! Which raft followers keep up with the leader's log. One whose disk takes longer to store an
+//! entry than raft waits for its answer (raft's heartbeat interval) answers its pings and
+//! never acknowledges an entry: as a voter it counts toward every majority and gives none.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// How old an entry of the leader's log may be before a follower that has not stored it lags:
+/// a follower that keeps up stores each within milliseconds.
+pub(crate) const LAG_WINDOW: Duration = Duration::from_secs(2);
+
+/// The leader's log as it grew, for as long as a judgement needs.
+#[derive(Debug, Default)]
+pub(crate) struct LagWatch {
+    /// The leader's last log index, sampled at each of its ticks, oldest first.
+    samples: VecDeque<(Instant, u64)>,
+    /// The nodes found lagging at the last look, to say when one starts or stops.
+    lagging: BTreeSet<u64>,
+}
+
+impl LagWatch {
+    /// The leader's last log index at `now`. Keeps one sample at least [`LAG_WINDOW`] old, and
+    /// the later ones.
+    pub(crate) fn sample(&mut self, now: Instant, last_index: u64) {
+        self.samples.push_back((now, last_index));
+        while self
+            .samples
+            .get(1)
+            .is_some_and(|&(at, _)| now.saturating_duration_since(at) >= LAG_WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// This node leads no more, or begins to: what it saw of its log as leader says nothing
+    /// of the next term's.
+    pub(crate) fn clear(&mut self) {
+        self.samples.clear();
+        self.lagging.clear();
+    }
+
+    /// The nodes of `matched` (each follower's last entry stored, as raft's replication says)
+    /// that have not stored what the leader's log held [`LAG_WINDOW`] before `now`; none
+    /// while this leader has led for less than that.
+    pub(crate) fn lagging(
+        &self,
+        now: Instant,
+        matched: &BTreeMap<u64, Option<u64>>,
+    ) -> BTreeSet<u64> {
+        let due = self
+            .samples
+            .iter()
+            .take_while(|&&(at, _)| now.saturating_duration_since(at) >= LAG_WINDOW)
+            .last()
+            .map(|&(_, index)| index);
+        let Some(due) = due else { return BTreeSet::new() };
+        matched
+            .iter()
+            .filter(|(_, stored)| stored.is_none_or(|s| s < due))
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    /// Records `now_lagging` as the nodes that lag; returns those that began to, and those
+    /// that stopped.
+    pub(crate) fn changed(&mut self, now_lagging: BTreeSet<u64>) -> (Vec<u64>, Vec<u64>) {
+        let began = now_lagging.difference(&self.lagging).copied().collect();
+        let ended = self.lagging.difference(&now_lagging).copied().collect();
+        self.lagging = now_lagging;
+        (began, ended)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_lags_once_it_has_not_stored_what_the_log_held_a_window_ago() {
+        let mut watch = LagWatch::default();
+        let start = Instant::now();
+        let tick = Duration::from_millis(50);
+        let matched = BTreeMap::from([(2, Some(10)), (3, Some(4)), (4, None)]);
+        watch.sample(start, 10);
+        assert!(watch.lagging(start, &matched).is_empty(), "a new leader judges nobody");
+        // The log stays at 10 for a window, then grows by one a tick.
+        let mut now = start;
+        while now < start + LAG_WINDOW {
+            now += tick;
+            watch.sample(now, 10);
+        }
+        let mut index = 10;
+        for _ in 0..4 {
+            now += tick;
+            index += 1;
+            watch.sample(now, index);
+        }
+        // A window ago the log held 10: node 2 stored it, node 3 and node 4 did not.
+        assert_eq!(watch.lagging(now, &matched), BTreeSet::from([3, 4]));
+        let caught_up = BTreeMap::from([(2, Some(10)), (3, Some(index)), (4, Some(index))]);
+        assert!(watch.lagging(now, &caught_up).is_empty());
+        // A window later, node 2 has not stored what came since: it lags.
+        for _ in 0..(LAG_WINDOW.as_millis() / tick.as_millis()) {
+            now += tick;
+            index += 1;
+            watch.sample(now, index);
+        }
+        assert_eq!(watch.lagging(now, &caught_up), BTreeSet::from([2]));
+        assert!(watch.samples.len() <= 43, "old samples are forgotten: {}", watch.samples.len());
+        assert_eq!(watch.changed(BTreeSet::from([3, 4])), (vec![3, 4], vec![]));
+        assert_eq!(watch.changed(BTreeSet::from([4])), (vec![], vec![3]));
+        watch.clear();
+        assert!(watch.lagging(now, &matched).is_empty());
+    }
+}
