@@ -456,12 +456,31 @@ pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
 fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result<()> {
     let show = |v: &Value| if v.is_null() { "none".to_string() } else { v.to_string() };
     let change = match status.get("in_progress") {
-        Some(p) if !p.is_null() => format!(
-            "changing: {} ({} of {} participants done)",
-            p["change"].as_str().unwrap_or("?"),
-            p["done"].as_array().map_or(0, Vec::len),
-            p["participants"].as_array().map_or(0, Vec::len)
-        ),
+        Some(p) if !p.is_null() => {
+            let ids = |v: &Value| -> Vec<u64> {
+                v.as_array()
+                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default()
+            };
+            let (done, participants) = (ids(&p["done"]), ids(&p["participants"]));
+            // The laggards by name: at 3 a.m. the one node that holds a change up is the news.
+            let waiting: Vec<String> = participants
+                .iter()
+                .filter(|n| !done.contains(n))
+                .map(|n| format!("node {n}"))
+                .collect();
+            let waiting = if waiting.is_empty() {
+                String::new()
+            } else {
+                format!("; waiting for {}", waiting.join(", "))
+            };
+            format!(
+                "changing: {} ({} of {} participants done{waiting})",
+                p["change"].as_str().unwrap_or("?"),
+                done.len(),
+                participants.len()
+            )
+        }
         // The agent's own view while it enters, or with no leader answering, or a leader's
         // that hears from no majority: the cluster may be changing without it.
         _ if status["entering"].is_string()
@@ -843,6 +862,20 @@ mod tests {
         let mut out = Vec::new();
         write_status(&mut out, &status).expect("written");
         String::from_utf8(out).expect("text")
+    }
+
+    #[test]
+    fn status_names_the_participants_a_change_waits_for() {
+        let status = json!({ "node": 1, "epoch": 7, "stable": false, "leader": 1, "nodes": [],
+            "in_progress": { "change": "fail n3", "done": [1, 2], "participants": [1, 2, 4] },
+            "tree": "", "levels": [] });
+        let mut out = Vec::new();
+        write_status(&mut out, &status).expect("written");
+        let shown = String::from_utf8(out).expect("text");
+        assert!(
+            shown.contains("changing: fail n3 (2 of 3 participants done; waiting for node 4)"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -478,6 +478,18 @@ impl Supervisor {
     /// answer a ping just now.
     async fn say_quorum_lost(self: Arc<Self>, lost: Duration) {
         let (voters, silent) = self.silent_voters().await;
+        if silent.is_empty() {
+            // Every voter answers its ping, and none acknowledges raft in time: the slowness is
+            // in storing raft's entries (theirs, or this leader's), not in the network.
+            tracing::warn!(
+                node = self.me.id,
+                lost_for_ms = lost.as_millis() as u64,
+                ?voters,
+                said_again_after_s = crate::quorum::SAY_EVERY.as_secs(),
+                "this leader hears from no majority of the voters, though every voter answers its pings: they do not acknowledge raft's entries in time. A disk slow to store them (fsync), here or on the voters, or a node starved of CPU, does this; check their disks and load. Nothing commits meanwhile"
+            );
+            return;
+        }
         tracing::warn!(
             node = self.me.id,
             lost_for_ms = lost.as_millis() as u64,
@@ -956,8 +968,9 @@ impl Supervisor {
         let wait = self.config.failure_timeout * COMMIT_WAIT_TIMEOUTS;
         let Ok(written) = tokio::time::timeout(wait, self.raft.client_write(command)).await else {
             return Err(ProposeError::Raft(format!(
-                "not committed within {} ms: a majority of the voters must be up and reachable \
-                 from this leader (`gobelins status` lists them); it may still commit once they are",
+                "not committed within {} ms: a majority of the voters must be up, reachable \
+                 from this leader, and quick enough to store its entries (a slow disk is not); \
+                 `gobelins status` lists them. It may still commit once they are",
                 wait.as_millis()
             )));
         };
