@@ -1855,8 +1855,14 @@ impl Supervisor {
                 self.lag.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 continue;
             }
-            let last_index = self.raft.metrics().borrow().last_log_index.unwrap_or(0);
-            self.lag.lock().unwrap_or_else(|p| p.into_inner()).sample(Instant::now(), last_index);
+            let (term, last_index) = {
+                let metrics = self.raft.metrics();
+                let metrics = metrics.borrow();
+                (metrics.current_term, metrics.last_log_index.unwrap_or(0))
+            };
+            let mut lag = self.lag.lock().unwrap_or_else(|p| p.into_inner());
+            lag.sample(Instant::now(), term, last_index);
+            drop(lag);
             let state = self.state();
             if !self.reconciling.swap(true, Ordering::SeqCst) {
                 let (me, state) = (Arc::clone(&self), Arc::clone(&state));
@@ -1987,22 +1993,28 @@ impl Supervisor {
         }
     }
 
-    /// Keeps raft's membership in line with the cluster: every live node a member, up to
-    /// `max_voters` active nodes voting, always an odd number of them (voters are kept while
-    /// they live and stay, so that a change of voters happens only when one is lost or leaves,
-    /// or a join makes room for two more), failed and departed nodes removed.
-    /// The followers that have not stored what this leader's log held a while ago (see
-    /// `crate::lag`); says when one begins to lag, and when it stops.
-    fn lagging(&self, state: &ClusterState) -> BTreeSet<u64> {
-        let matched: BTreeMap<u64, Option<u64>> = {
+    /// The followers that lag, or lagged within `crate::lag::LAG_MEMORY` (see `crate::lag`),
+    /// and of the others, those not voting that have not stored the leader's whole log yet: a
+    /// seat given to one before it shows whether it keeps up could be one it never votes from.
+    /// Says when a node begins to lag, and when it stops.
+    fn lagging(&self, state: &ClusterState, voters: &BTreeSet<u64>) -> BTreeSet<u64> {
+        let (matched, last): (BTreeMap<u64, Option<u64>>, u64) = {
             let metrics = self.raft.metrics();
             let metrics = metrics.borrow();
             let Some(replication) = metrics.replication.as_ref() else { return BTreeSet::new() };
-            replication.iter().map(|(&id, stored)| (id, stored.map(|l| l.index))).collect()
+            // The leader's own entry is its own disk's: not a follower that lags.
+            let followers = replication.iter().filter(|(&id, _)| id != self.me.id);
+            let matched = followers.map(|(&id, stored)| (id, stored.map(|l| l.index))).collect();
+            (matched, metrics.last_log_index.unwrap_or(0))
         };
+        let now = Instant::now();
         let mut watch = self.lag.lock().unwrap_or_else(|p| p.into_inner());
-        let lagging = watch.lagging(Instant::now(), &matched);
-        let (began, ended) = watch.changed(lagging.clone());
+        let lagging = watch.lagging(now, &matched);
+        let (began, ended) = watch.changed(now, lagging);
+        let mut lagged = watch.lagged(now);
+        drop(watch);
+        let behind = |id: &u64| matched.get(id).copied().flatten().is_none_or(|s| s < last);
+        lagged.extend(matched.keys().filter(|id| !voters.contains(id) && behind(id)));
         // Said of active members only: one dead and not yet taken out of raft lags too.
         let active = |id: &u64| state.nodes.get(id).is_some_and(|r| r.status == NodeStatus::Active);
         for node in began.into_iter().filter(active) {
@@ -2012,9 +2024,13 @@ impl Supervisor {
         for node in ended.into_iter().filter(active) {
             tracing::info!(node, "this node keeps up with raft's log again");
         }
-        lagging
+        lagged
     }
 
+    /// Keeps raft's membership in line with the cluster: every live node a member, up to
+    /// `max_voters` active nodes voting, always an odd number of them (voters are kept while
+    /// they live and stay, so that a change of voters happens only when one is lost or leaves,
+    /// or a join makes room for two more), failed and departed nodes removed.
     async fn reconcile_membership(&self, state: &ClusterState) {
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
@@ -2031,7 +2047,7 @@ impl Supervisor {
         // Who answers is asked only when a change looks due with the live nodes taken to
         // answer and the others not: most passes change nothing, and ask nobody.
         let (me, max) = (self.id(), self.config.max_voters);
-        let lagging = self.lagging(state);
+        let lagging = self.lagging(state, &voters);
         let lags = |id: u64| lagging.contains(&id);
         let due = desired_voters(me, &voters, state, max, |id| live.contains(&id), lags);
         if due != voters && !due.is_empty() {

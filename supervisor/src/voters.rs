@@ -6,19 +6,22 @@ use std::collections::BTreeSet;
 
 /// The voters raft should have, for leader `me` whose raft has `voters`, given the cluster's
 /// `state`, at most `max` voters, `answers`, whether a node's process answers, and `lags`,
-/// whether a node has not stored what the leader's log held a while ago:
+/// whether a node has not kept up with the leader's log of late:
 ///
 /// - a voter keeps its seat while its life is live and not leaving. Its life ended, it keeps
 ///   it while its process answers: after the whole cluster stopped, each voter started again
 ///   ends its last life before it rejoins as a new one, with the same id and the same raft
 ///   log, and its vote is what lets the others recover;
 /// - active nodes that answer and keep up fill the empty seats;
-/// - a live voter that lags loses its seat: it counts toward the majority needed and never
-///   gives its vote in time (a disk whose writes take longer than raft waits for an answer),
-///   so with one other voter down nothing commits, not even the change that would replace
-///   them. A seat it keeps adds to what a commit needs, and to nothing else;
+/// - a live voter that answers and lags (a disk that takes longer to store an entry than raft
+///   waits for its answer) gives its seat to such a node: it counts toward every majority and
+///   acknowledges nothing in time, so with one other voter down nothing commits, not even the
+///   change that would replace them. With no node to take its seat, it keeps it. A voter that
+///   does not answer is the failure detector's to judge: the leader's own link to it may be
+///   what fails;
 /// - the number is kept odd: a voter more in an even set survives no more failures, and of two
-///   voters neither may fail. One that only just came in steps out first, `me` last.
+///   voters neither may fail. One that lags steps out first, then one that only just came in,
+///   `me` last.
 ///
 /// Asked with `answers` true of the live nodes only, it says whether a change may be due
 /// before anyone is pinged.
@@ -31,15 +34,19 @@ pub(crate) fn desired_voters(
     lags: impl Fn(u64) -> bool,
 ) -> BTreeSet<u64> {
     let status = |id: u64| state.nodes.get(&id).map(|r| r.status);
+    let live = |id: u64| status(id).is_some_and(|s| s != NodeStatus::Leaving && s.is_live());
+    let slow = |id: u64| id != me && live(id) && answers(id) && lags(id);
     // A leaving node stops voting when its leave begins, not once it has left: it stops its
     // process soon after, and a change of voters needs the votes of the old ones.
     let keeps = |id: u64| match status(id) {
         Some(NodeStatus::Leaving) => false,
-        Some(s) if s.is_live() => id == me || !lags(id),
+        Some(s) if s.is_live() => true,
         Some(NodeStatus::Failed) => id == me || answers(id),
         _ => false,
     };
-    let mut desired: BTreeSet<u64> = voters.iter().copied().filter(|&id| keeps(id)).collect();
+    let kept = voters.iter().filter(|&&id| keeps(id)).count();
+    let mut desired: BTreeSet<u64> =
+        voters.iter().copied().filter(|&id| keeps(id) && !slow(id)).collect();
     for id in state.with_status(NodeStatus::Active) {
         if desired.len() >= max {
             break;
@@ -48,9 +55,17 @@ pub(crate) fn desired_voters(
             desired.insert(id);
         }
     }
+    // The seats of slow voters nobody took go back to them: fewer voters survive no more.
+    for &id in voters.iter().filter(|&&id| slow(id)) {
+        if desired.len() >= kept.min(max) {
+            break;
+        }
+        desired.insert(id);
+    }
     if desired.len().is_multiple_of(2) {
         let step_out = (desired.iter().rev())
-            .find(|&&id| !voters.contains(&id) && id != me)
+            .find(|&&id| slow(id))
+            .or_else(|| desired.iter().rev().find(|&&id| !voters.contains(&id) && id != me))
             .or_else(|| desired.iter().rev().find(|&&id| id != me))
             .copied();
         if let Some(id) = step_out {
@@ -122,12 +137,16 @@ mod tests {
         let five = state(5, &[]);
         let voters = set(&[1, 2, 4]);
         assert_eq!(desired_voters(1, &voters, &five, 5, everyone, lags), set(&[1, 2, 3]));
-        // Two of five lag: the three that keep up survive one failure, the five none.
+        // With nobody to take their seats, voters that lag keep them: a seat given up for
+        // nothing leaves fewer voters, not more that answer.
         let lag = |n: u64| n == 3 || n == 4;
-        assert_eq!(
-            desired_voters(1, &set(&[1, 2, 3, 4, 5]), &five, 5, everyone, lag),
-            set(&[1, 2, 5])
-        );
+        let all = set(&[1, 2, 3, 4, 5]);
+        assert_eq!(desired_voters(1, &all, &five, 5, everyone, lag), all);
+        let three = set(&[1, 2, 3]);
+        assert_eq!(desired_voters(1, &three, &state(3, &[]), 5, everyone, |n| n == 3), three);
+        // One that lags and does not answer is the detector's: the leader's link may be the
+        // fault, and its seat stays.
+        assert_eq!(desired_voters(1, &voters, &five, 5, |n| n != 4, lags), all);
         // The leader never lags in its own eyes; a voter that stops lagging is given a seat.
         assert_eq!(desired_voters(4, &voters, &five, 5, everyone, lags), set(&[1, 2, 3, 4, 5]));
         assert_eq!(
