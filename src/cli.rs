@@ -160,7 +160,8 @@ enum DsmOp {
     },
     /// List the pages reported lost, with their managers, asking every node, and the slots
     /// where pages nobody reported after a failure read as lost (tainted). Exits non-zero when
-    /// a node did not answer: the list may then be incomplete.
+    /// the list may be incomplete: a node did not answer, requests held entries, or the
+    /// cluster changed meanwhile, for the few seconds it asks again.
     Lost {
         #[command(flatten)]
         dir: DirArgs,
