@@ -20,10 +20,23 @@ pub(crate) struct LagWatch {
     term: u64,
     /// The leader's last log index, sampled at each of its ticks, oldest first.
     samples: VecDeque<(Instant, u64)>,
-    /// The nodes found lagging at the last look, to say when one starts or stops.
-    lagging: BTreeSet<u64>,
-    /// When each node was last found lagging.
+    /// When each follower was first seen in raft's replication: one added since could not have
+    /// stored what the log held before.
+    known: BTreeMap<u64, Instant>,
+    /// When each node was last found lagging, for [`LAG_MEMORY`].
     seen: BTreeMap<u64, Instant>,
+}
+
+/// What one look found: the nodes that lag now or lagged lately, and the episodes that began
+/// and ended with it, to be said.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Look {
+    /// Lagging now, or within [`LAG_MEMORY`].
+    pub(crate) lagged: BTreeSet<u64>,
+    /// Found lagging, having kept up for [`LAG_MEMORY`] or more before.
+    pub(crate) began: Vec<u64>,
+    /// Kept up for [`LAG_MEMORY`] since last found lagging.
+    pub(crate) ended: Vec<u64>,
 }
 
 impl LagWatch {
@@ -50,53 +63,51 @@ impl LagWatch {
     /// of the next term's.
     pub(crate) fn clear(&mut self) {
         self.samples.clear();
-        self.lagging.clear();
+        self.known.clear();
         self.seen.clear();
     }
 
-    /// The nodes of `matched` (each follower's last entry stored, as raft's replication says)
-    /// that have not stored what the leader's log held [`LAG_WINDOW`] before `now`; none
-    /// while this leader has led for less than that.
-    pub(crate) fn lagging(
-        &self,
-        now: Instant,
-        matched: &BTreeMap<u64, Option<u64>>,
-    ) -> BTreeSet<u64> {
+    /// Judges the followers of `matched` (each one's last entry stored, as raft's replication
+    /// says) at `now`. One lags when it has not stored what the leader's log held
+    /// [`LAG_WINDOW`] before, and was a follower then; nobody does while this leader has led
+    /// for less than that.
+    pub(crate) fn look(&mut self, now: Instant, matched: &BTreeMap<u64, Option<u64>>) -> Look {
+        self.known.retain(|id, _| matched.contains_key(id));
+        for &id in matched.keys() {
+            self.known.entry(id).or_insert(now);
+        }
         let due = self
             .samples
             .iter()
             .take_while(|&&(at, _)| now.saturating_duration_since(at) >= LAG_WINDOW)
             .last()
             .map(|&(_, index)| index);
-        let Some(due) = due else { return BTreeSet::new() };
-        matched
-            .iter()
-            .filter(|(_, stored)| stored.is_none_or(|s| s < due))
-            .map(|(&id, _)| id)
-            .collect()
-    }
-
-    /// Records `now_lagging` as the nodes that lag at `now`; returns those that began to, and
-    /// those that stopped.
-    pub(crate) fn changed(
-        &mut self,
-        now: Instant,
-        now_lagging: BTreeSet<u64>,
-    ) -> (Vec<u64>, Vec<u64>) {
-        for &node in &now_lagging {
-            self.seen.insert(node, now);
+        let old = |id: &u64| {
+            self.known.get(id).is_some_and(|at| now.saturating_duration_since(*at) >= LAG_WINDOW)
+        };
+        let lagging: Vec<u64> = match due {
+            None => Vec::new(),
+            Some(due) => matched
+                .iter()
+                .filter(|(id, stored)| old(id) && stored.is_none_or(|s| s < due))
+                .map(|(&id, _)| id)
+                .collect(),
+        };
+        let mut look = Look::default();
+        for id in lagging {
+            if self.seen.insert(id, now).is_none() {
+                look.began.push(id);
+            }
         }
-        self.seen.retain(|_, at| now.saturating_duration_since(*at) < LAG_MEMORY);
-        let began = now_lagging.difference(&self.lagging).copied().collect();
-        let ended = self.lagging.difference(&now_lagging).copied().collect();
-        self.lagging = now_lagging;
-        (began, ended)
-    }
-
-    /// The nodes found lagging within [`LAG_MEMORY`] before `now`.
-    pub(crate) fn lagged(&self, now: Instant) -> BTreeSet<u64> {
-        let recent = |at: &Instant| now.saturating_duration_since(*at) < LAG_MEMORY;
-        self.seen.iter().filter(|(_, at)| recent(at)).map(|(&id, _)| id).collect()
+        self.seen.retain(|&id, at| {
+            let recent = now.saturating_duration_since(*at) < LAG_MEMORY;
+            if !recent {
+                look.ended.push(id);
+            }
+            recent
+        });
+        look.lagged = self.seen.keys().copied().collect();
+        look
     }
 }
 
@@ -111,7 +122,7 @@ mod tests {
         let tick = Duration::from_millis(50);
         let matched = BTreeMap::from([(2, Some(10)), (3, Some(4)), (4, None)]);
         watch.sample(start, 1, 10);
-        assert!(watch.lagging(start, &matched).is_empty(), "a new leader judges nobody");
+        assert_eq!(watch.look(start, &matched), Look::default(), "a new leader judges nobody");
         // The log stays at 10 for a window, then grows by one a tick.
         let mut now = start;
         while now < start + LAG_WINDOW {
@@ -125,25 +136,38 @@ mod tests {
             watch.sample(now, 1, index);
         }
         // A window ago the log held 10: node 2 stored it, node 3 and node 4 did not.
-        assert_eq!(watch.lagging(now, &matched), BTreeSet::from([3, 4]));
+        let look = watch.look(now, &matched);
+        assert_eq!(look.lagged, BTreeSet::from([3, 4]));
+        assert_eq!(look.began, [3, 4], "each episode said once");
+        // Caught up, they count as lagging for a while, and the episode is not said again.
         let caught_up = BTreeMap::from([(2, Some(10)), (3, Some(index)), (4, Some(index))]);
-        assert!(watch.lagging(now, &caught_up).is_empty());
+        let look = watch.look(now, &caught_up);
+        assert_eq!((look.lagged, look.began), (BTreeSet::from([3, 4]), vec![]));
         // A window later, node 2 has not stored what came since: it lags.
         for _ in 0..(LAG_WINDOW.as_millis() / tick.as_millis()) {
             now += tick;
             index += 1;
             watch.sample(now, 1, index);
         }
-        assert_eq!(watch.lagging(now, &caught_up), BTreeSet::from([2]));
+        assert_eq!(watch.look(now, &caught_up).began, [2]);
         assert!(watch.samples.len() <= 43, "old samples are forgotten: {}", watch.samples.len());
-        assert_eq!(watch.changed(now, BTreeSet::from([3, 4])), (vec![3, 4], vec![]));
-        assert_eq!(watch.changed(now, BTreeSet::from([4])), (vec![], vec![3]));
-        // Node 3 keeps up again, and still counts as lagging for a while.
-        assert_eq!(watch.lagged(now + LAG_MEMORY / 2), BTreeSet::from([3, 4]));
-        assert_eq!(watch.changed(now + LAG_MEMORY, BTreeSet::new()), (vec![], vec![4]));
-        assert!(watch.lagged(now + LAG_MEMORY).is_empty());
+        // Node 5 joins now: it stored nothing, and the log held entries before it came.
+        let mut joined = caught_up.clone();
+        joined.insert(5, None);
+        assert!(!watch.look(now, &joined).lagged.contains(&5), "not judged on what came before");
+        // Once the memory has passed, the episodes end, each said once.
+        let later = now + LAG_MEMORY;
+        let all = BTreeMap::from([
+            (2, Some(index)),
+            (3, Some(index)),
+            (4, Some(index)),
+            (5, Some(index)),
+        ]);
+        watch.sample(later, 1, index);
+        let look = watch.look(later, &all);
+        assert_eq!((look.lagged.len(), look.ended), (0, vec![2, 3, 4]));
         // A new term starts afresh.
-        watch.sample(now, 2, index);
-        assert!(watch.lagging(now, &matched).is_empty());
+        watch.sample(later, 2, index);
+        assert_eq!(watch.look(later, &matched), Look::default());
     }
 }

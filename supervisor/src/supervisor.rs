@@ -2007,22 +2007,24 @@ impl Supervisor {
             let matched = followers.map(|(&id, stored)| (id, stored.map(|l| l.index))).collect();
             (matched, metrics.last_log_index.unwrap_or(0))
         };
-        let now = Instant::now();
-        let mut watch = self.lag.lock().unwrap_or_else(|p| p.into_inner());
-        let lagging = watch.lagging(now, &matched);
-        let (began, ended) = watch.changed(now, lagging);
-        let mut lagged = watch.lagged(now);
-        drop(watch);
+        let look =
+            self.lag.lock().unwrap_or_else(|p| p.into_inner()).look(Instant::now(), &matched);
+        let crate::lag::Look { mut lagged, began, ended } = look;
         let behind = |id: &u64| matched.get(id).copied().flatten().is_none_or(|s| s < last);
         lagged.extend(matched.keys().filter(|id| !voters.contains(id) && behind(id)));
         // Said of active members only: one dead and not yet taken out of raft lags too.
         let active = |id: &u64| state.nodes.get(id).is_some_and(|r| r.status == NodeStatus::Active);
         for node in began.into_iter().filter(active) {
             let stored = matched.get(&node).copied().flatten();
-            tracing::warn!(node, ?stored, window_ms = crate::lag::LAG_WINDOW.as_millis() as u64, "this node has not stored raft's entries of the last window (its disk is slow, or it is starved of CPU): it votes no more while it lags, and its part in the cluster's changes may come late. Check its disk (fsync times) and its load");
+            tracing::warn!(node, ?stored, window_ms = crate::lag::LAG_WINDOW.as_millis() as u64, "this node has not stored raft's entries of the last window (its disk is slow, or it is starved of CPU): it gets no vote while it lags and for a while after, and its part in the cluster's changes may come late. Check its disk (fsync times) and its load");
         }
         for node in ended.into_iter().filter(active) {
-            tracing::info!(node, "this node keeps up with raft's log again");
+            let for_s = crate::lag::LAG_MEMORY.as_secs();
+            tracing::info!(
+                node,
+                for_s,
+                "this node has kept up with raft's log for a while again: it may vote"
+            );
         }
         lagged
     }
