@@ -89,8 +89,9 @@ pub enum AdaptationError {
     },
     /// This node's own services stopped while the request was under way: the cluster declared
     /// the node failed and it starts afresh as a new life, or the node is shutting down. Not
-    /// the manager's doing.
-    #[error("this node's services stopped while the request was under way: the cluster declared this node failed (it starts afresh as a new life), or it is shutting down. Send the request again (through the new life, once `gobelins status` shows the node active)")]
+    /// the manager's doing. The request may have reached its manager and run there (a helper's
+    /// audit saw a write through a node starved of CPU take effect so), as after a deadline.
+    #[error("this node's services stopped while the request was under way: the cluster declared this node failed (it starts afresh as a new life), or it is shutting down. The request may or may not have taken effect at its manager: sending it again (through the new life, once `gobelins status` shows the node active, or through another node) is a new request, which may run it a second time. Send again only what is safe to run twice, or read the key first")]
     Stopped,
     /// The manager's service failed the request (it could not decode it, say).
     #[error("the manager refused the request: {0}")]
