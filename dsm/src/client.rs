@@ -7,7 +7,7 @@ use crate::node::{DsmNode, NodeState, DSM};
 use crate::page::{barrier_key, lock_key, named, Named, PageId, PAGE_SIZE};
 use crate::protocol::{PageBytes, Request, Response, Token};
 use crate::service;
-use gobelins_adaptation::Host;
+use gobelins_adaptation::{AdaptationError, Host};
 use gobelins_locator::{Key, NodeId};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -805,16 +805,8 @@ impl Dsm {
         let first = segment.page(0);
         let request = Request::Free { segment: segment.id };
         loop {
-            let ctx = self.host.context();
-            let epoch = ctx.epoch();
-            let nodes = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
-            if nodes.is_empty() {
-                return Err(DsmError::Protocol("this node has not joined a cluster".into()));
-            }
-            let answers = futures::future::join_all(
-                nodes.iter().map(|&n| ctx.tell::<_, Response>(n, DSM, first.key(), &request)),
-            )
-            .await;
+            let (epoch, answers) = self.tell_every_node(first.key(), &request).await?;
+            let answers: Vec<_> = answers.into_iter().map(|(_, answer)| answer).collect();
             let freed = answers.iter().all(|a| matches!(a, Ok(Response::Ok)));
             if freed && self.host.context().epoch() == epoch {
                 return Ok(());
@@ -827,6 +819,26 @@ impl Dsm {
             self.within_deadline(first, started)?;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Tells `request` to every node of the cluster at once, through `key`; returns the epoch
+    /// it was sent at, and each node's answer.
+    pub(crate) async fn tell_every_node(
+        &self,
+        key: Key,
+        request: &Request,
+    ) -> Result<(u64, Vec<(NodeId, Result<Response, AdaptationError>)>), DsmError> {
+        let ctx = self.host.context();
+        let epoch = ctx.epoch();
+        let nodes = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
+        if nodes.is_empty() {
+            return Err(DsmError::Protocol("this node has not joined a cluster".into()));
+        }
+        let answers = futures::future::join_all(
+            nodes.iter().map(|&n| ctx.tell::<_, Response>(n, DSM, key, request)),
+        )
+        .await;
+        Ok((epoch, nodes.into_iter().zip(answers).collect()))
     }
 
     /// Starts a lost page afresh, zero-filled: the way out of [`DsmError::Lost`] once the

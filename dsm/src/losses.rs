@@ -8,7 +8,7 @@
 
 use crate::client::Dsm;
 use crate::error::DsmError;
-use crate::node::{Live, NodeState, DSM};
+use crate::node::{Live, NodeState};
 use crate::page::{named, taint_key, Named, PageId};
 use crate::protocol::{Request, Response};
 use gobelins_locator::NodeId;
@@ -98,19 +98,9 @@ impl Dsm {
         let started = Instant::now();
         loop {
             self.alive()?;
-            let ctx = self.host().context();
-            let epoch = ctx.epoch();
-            let nodes = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
-            if nodes.is_empty() {
-                return Err(DsmError::Protocol("this node has not joined a cluster".into()));
-            }
-            let request = Request::Losses;
-            let answers = futures::future::join_all(
-                nodes.iter().map(|&n| ctx.tell::<_, Response>(n, DSM, taint_key(0), &request)),
-            )
-            .await;
+            let (epoch, answers) = self.tell_every_node(taint_key(0), &Request::Losses).await?;
             let mut losses = Losses { epoch, ..Losses::default() };
-            for (node, answer) in nodes.into_iter().zip(answers) {
+            for (node, answer) in answers {
                 match answer {
                     Ok(Response::Losses(held)) => losses.nodes.push((node, held)),
                     Ok(Response::Busy) => {
