@@ -61,6 +61,12 @@ pub(crate) struct AgentArgs {
     /// Silence after which a node is suspected and probed by others, in milliseconds.
     #[arg(long, value_name = "MS")]
     failure_timeout_ms: Option<u64>,
+    /// How long this node, leading, holds out a node that failed twice within 10 minutes before
+    /// it may rejoin, in milliseconds; doubled at each further failure, up to 5 minutes. A
+    /// node starved of CPU or on a flaky link would otherwise be declared failed and rejoin
+    /// again and again, its entries moving out and back each time. 0 holds nobody.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    rejoin_hold_ms: u64,
 }
 
 /// Options of `gobelins status`.
@@ -370,6 +376,7 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(ms) = args.failure_timeout_ms {
         config.failure_timeout = Duration::from_millis(ms);
     }
+    config.rejoin_hold = Duration::from_millis(args.rejoin_hold_ms);
     if args.node_id == Some(0) {
         // Accepted, node 0 joined and could not be evicted: `evict` refuses it.
         bail!("--node-id 0 is not a node id: ids start at 1");
@@ -524,6 +531,20 @@ fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result
              commit nothing (no join, leave or eviction, no failure recovered), and the states \
              below are the last it committed. Its log names the silent voters; if they are up \
              and reach each other, they may have another leader: ask one of them.",
+            ms as f64 / 1e3
+        )?;
+    }
+    for node in status["nodes"].as_array().into_iter().flatten() {
+        let (Some(failures), Some(ms)) = (node["failures"].as_u64(), node["held_ms"].as_u64())
+        else {
+            continue;
+        };
+        writeln!(
+            out,
+            "WARNING: node {} keeps failing ({failures} failures within 10 min): it is held out \
+             for {:.1} s more before it may rejoin. Look for what starves it (CPU, memory, disk, \
+             network) in its log and `gobelins stats`",
+            node["id"],
             ms as f64 / 1e3
         )?;
     }
@@ -899,6 +920,26 @@ mod tests {
         assert!(shown.contains("WARNING: node 3 has not answered the leader for 1.2 s"), "{shown}");
         let queued = status_text(json!([node(1, json!(null), false)]), false);
         assert!(queued.contains("not stable: changes are queued"), "{queued}");
+    }
+
+    #[test]
+    fn status_warns_of_a_node_held_out_for_failing_again_and_again() {
+        let held = json!({ "id": 5, "addr": "127.0.0.1:7500", "status": "failed",
+            "incarnation": 4, "labels": {}, "voter": false, "silent_ms": null,
+            "suspected": false, "failures": 4, "held_ms": 17300 });
+        let shown = status_text(json!([held]), true);
+        assert!(shown.contains("epoch 4, stable"), "{shown}");
+        assert!(
+            shown.contains(
+                "WARNING: node 5 keeps failing (4 failures within 10 min): it is held out for \
+                 17.3 s more before it may rejoin"
+            ),
+            "{shown}"
+        );
+        let mut back = held.clone();
+        back["held_ms"] = json!(null);
+        back["failures"] = json!(null);
+        assert!(!status_text(json!([back]), true).contains("keeps failing"));
     }
 
     #[test]

@@ -609,6 +609,7 @@ pub fn status_json(view: &View) -> Value {
         .iter()
         .map(|(id, r)| {
             let silent = view.silent.get(id);
+            let held = view.held.get(id);
             json!({
                 "id": id,
                 "addr": r.addr,
@@ -618,6 +619,8 @@ pub fn status_json(view: &View) -> Value {
                 "voter": view.voters.contains(id),
                 "silent_ms": silent.map(|&(ms, _)| ms),
                 "suspected": silent.is_some_and(|&(_, suspected)| suspected),
+                "failures": held.map(|&(failures, _)| failures),
+                "held_ms": held.map(|&(_, ms)| ms),
             })
         })
         .collect();

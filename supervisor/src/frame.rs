@@ -49,10 +49,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// on a live node when its manager does not answer; 20: `Request::Abandon` carries the leaving
 /// node's backup copy, and `Foster` says whether the page was owned or backed up; 21: a
 /// node's view names the members its leader has not heard from, and the suspects; 22: the
-/// DSM's `Request::Losses` and its answer, what `gobelins dsm lost` asks every node).
-pub const VERSION: u8 = 22;
+/// DSM's `Request::Losses` and its answer, what `gobelins dsm lost` asks every node; 23: the
+/// refusal `Refusal::Held` of a node that keeps failing, and the nodes a view holds out).
+pub const VERSION: u8 = 23;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 22;
+pub const MIN_VERSION: u8 = 23;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

@@ -93,6 +93,10 @@ pub struct View {
     /// with for how long in milliseconds, and whether witnesses are being asked about them (the
     /// node is suspected, and declared failed if they cannot reach it either).
     pub silent: BTreeMap<u64, (u64, bool)>,
+    /// The nodes held out for failing again and again (see `SupervisorConfig::rejoin_hold`),
+    /// with their failures within the last 10 minutes and how much longer each is held, in
+    /// milliseconds.
+    pub held: BTreeMap<u64, (u32, u64)>,
 }
 
 /// The answer to a [`Request`].

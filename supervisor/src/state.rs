@@ -237,6 +237,26 @@ pub enum Refusal {
         /// The levels the tree has, comma separated.
         held: String,
     },
+    /// A node that keeps failing asks to rejoin before its hold is over (see
+    /// `SupervisorConfig::rejoin_hold`). Retryable: it is admitted once the hold ends.
+    #[error(
+        "node {node} failed {failures} times in {within:.1} s: the cluster holds it out for \
+         {left:.1} s more, and longer at each failure within 10 min, so that its entries stop \
+         moving out and back. It rejoins by itself once the hold ends; meanwhile, look for what \
+         starves it (CPU, memory, disk, network: its log and `gobelins stats`)",
+        within = *within_ms as f64 / 1e3,
+        left = *left_ms as f64 / 1e3
+    )]
+    Held {
+        /// The node.
+        node: u64,
+        /// Its failures within the last 10 minutes.
+        failures: u32,
+        /// From the first of them to the last, in milliseconds.
+        within_ms: u64,
+        /// How much longer it is held, in milliseconds.
+        left_ms: u64,
+    },
 }
 
 /// Slots of all services together. The cluster's state names each slot's manager, and it

@@ -10,6 +10,7 @@
 
 use crate::detector::{Action, Detector};
 use crate::error::{Result, SupervisorError};
+use crate::flaps::Flaps;
 use crate::lane::{self, Lane};
 use crate::network::Network;
 use crate::pauses::Pauses;
@@ -69,6 +70,9 @@ pub struct SupervisorConfig {
     /// The label levels a bootstrap gives the cluster's cell tree, top first (`--levels
     /// zone,rack`); a node that joins takes the cluster's.
     pub label_levels: Vec<String>,
+    /// How long a node that failed twice within ten minutes is held out before it may rejoin;
+    /// doubled at each further failure, up to five minutes. Zero holds nobody.
+    pub rejoin_hold: Duration,
 }
 
 impl Default for SupervisorConfig {
@@ -84,6 +88,7 @@ impl Default for SupervisorConfig {
             snapshot_every: 5000,
             logs_kept: 1000,
             label_levels: Vec::new(),
+            rejoin_hold: Duration::from_secs(5),
         }
     }
 }
@@ -208,6 +213,8 @@ pub struct Supervisor {
     pauses: Pauses,
     /// As leader: which followers keep up with its log, for the choice of voters.
     lag: Mutex<crate::lag::LagWatch>,
+    /// The failures seen of each node, to hold out one that keeps failing.
+    flaps: Mutex<Flaps>,
     /// While this node leads with no acknowledgement of a majority on record (raft has none
     /// right after an election, nor after a change of voters, until replies come): since when.
     unacked_since: Mutex<Option<Instant>>,
@@ -312,6 +319,7 @@ impl Supervisor {
         let state = parts.machine.subscribe();
         let raft_config = Arc::new(parts.config.raft()?);
         let lease_span = parts.config.lease_span();
+        let rejoin_hold = parts.config.rejoin_hold;
         let network = Network::new(Arc::clone(&parts.transport));
         let raft = Raft::new(parts.me.id, raft_config, network, parts.log, parts.machine)
             .await
@@ -330,6 +338,7 @@ impl Supervisor {
             seed_waits: gobelins_adaptation::log_budget::noisy(),
             pauses: Pauses::new(lease_span),
             lag: Mutex::default(),
+            flaps: Mutex::new(Flaps::new(rejoin_hold)),
             unacked_since: Mutex::new(None),
             leaderless: Mutex::default(),
             reported: AtomicU64::new(0),
@@ -430,7 +439,20 @@ impl Supervisor {
             state: (*self.state()).clone(),
             quorum_lost_ms: self.quorum_lost().map(|lost| lost.as_millis() as u64),
             silent: self.silent_members(),
+            held: self.held_out(),
         }
+    }
+
+    /// The nodes this node would hold out of the cluster now, with their failures within 10
+    /// minutes and how much longer each is held, in milliseconds.
+    pub fn held_out(&self) -> BTreeMap<u64, (u32, u64)> {
+        let state = self.state();
+        let ended = |n: &u64| state.nodes.get(n).is_some_and(|r| !r.status.is_live());
+        let held = self.flaps.lock().expect("flaps").held(Instant::now());
+        held.into_iter()
+            .filter(|(n, _)| ended(n))
+            .map(|(n, hold)| (n, (hold.failures, hold.left.as_millis() as u64)))
+            .collect()
     }
 
     /// While this node leads: the members its detector has not heard from for half the
@@ -878,7 +900,15 @@ impl Supervisor {
     /// Joins through `seed`; a node the cluster remembers as departed comes back as a new life
     /// of itself (a higher incarnation, persisted first).
     pub async fn join_cluster(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
-        match self.join_via(seed, deadline).await? {
+        let mut outcome = self.join_via(seed, deadline).await?;
+        // A node held out for failing again and again waits its hold out, at most
+        // `flaps::MAX_HOLD`, rather than stop: its operator started it to have it back.
+        while let Err(refusal @ Refusal::Held { left_ms, .. }) = &outcome {
+            tracing::warn!(node = self.me.id, "{refusal}");
+            tokio::time::sleep(Duration::from_millis(*left_ms) + self.config.ping_interval).await;
+            outcome = self.join_via(seed, deadline).await?;
+        }
+        match outcome {
             Err(Refusal::StaleIncarnation { last, .. }) => {
                 // The life that ended may be this process's own (`gobelins join` asked of an
                 // agent declared failed before its own check noticed): its services' memory
@@ -1141,6 +1171,13 @@ impl Supervisor {
 
     /// [`Supervisor::admit`] on the leader.
     async fn admit_here(&self, join: JoinRequest) -> std::result::Result<Outcome, ProposeError> {
+        // Only a life that ended: the same life asking again is answered with where it stands.
+        let ended = self.state().nodes.get(&join.node).is_some_and(|r| !r.status.is_live());
+        if ended {
+            if let Some(hold) = self.flaps.lock().expect("flaps").hold(join.node, Instant::now()) {
+                return Ok(Err(hold.refusal(join.node)));
+            }
+        }
         self.transport.set_peer(join.node, join.addr.clone());
         let known = self
             .raft
@@ -1370,6 +1407,7 @@ impl Supervisor {
                     }
                 }
             }
+            self.count_failures(&current);
             if let Some(mine) = current.nodes.get(&self.me.id) {
                 self.end_if_left(mine);
             }
@@ -1386,6 +1424,35 @@ impl Supervisor {
                 fed.feed(&self.host, &current);
             }
             self.report_progress(&current);
+        }
+    }
+
+    /// Counts the failures `state` shows, to hold out a node that keeps failing; a leader says
+    /// when one is held. Those a life not yet admitted sees are known, not counted: a
+    /// restarted process replays failures its log holds from long before.
+    fn count_failures(&self, state: &ClusterState) {
+        let counting = self.life_admitted();
+        let now = Instant::now();
+        let mut flaps = self.flaps.lock().expect("flaps");
+        for (&id, record) in state.nodes.iter().filter(|(_, r)| r.status == NodeStatus::Failed) {
+            if !counting {
+                flaps.known(id, record.incarnation);
+                continue;
+            }
+            let Some(hold) = flaps.failed(id, record.incarnation, now) else { continue };
+            if self.leader() == Some(self.me.id) {
+                tracing::warn!(
+                    node = id,
+                    failures = hold.failures,
+                    "node {id} keeps failing ({} failures in {:.1} s): it is held out for {:.1} s \
+                     before it may rejoin, and longer at each failure within 10 min, so that \
+                     its entries stop moving out and back. Look for what starves it: CPU, \
+                     memory, disk, network",
+                    hold.failures,
+                    hold.within.as_secs_f64(),
+                    hold.left.as_secs_f64()
+                );
+            }
         }
     }
 
@@ -1702,6 +1769,10 @@ impl Supervisor {
             Ok(Ok(applied)) => tracing::info!(?applied, "rejoining"),
             // An earlier attempt got through though its answer was lost.
             Ok(Err(Refusal::AlreadyMember(_))) => tracing::debug!("rejoin already under way"),
+            // Asked again at each check until the hold ends.
+            Ok(Err(refusal @ Refusal::Held { .. })) => budgeted(&self.rejoins, REJOINS, || {
+                tracing::warn!(node = self.me.id, "rejoin held back: {refusal}")
+            }),
             // Its labels: asking again changes nothing.
             Ok(Err(refusal @ Refusal::Labels(_))) => self.stop_refused(format!(
                 "the cluster refused this node's rejoin: {refusal}. Start it again with --label \

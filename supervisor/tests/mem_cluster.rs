@@ -286,6 +286,59 @@ fn a_rejoin_committed_whose_answers_are_lost_is_admitted_by_the_change_in_its_ow
     });
 }
 
+/// A node declared failed twice is held out before its third life, so that the cluster stops
+/// moving its entries out and back; the leader's view says so. Once the hold is over it rejoins
+/// by itself.
+#[test]
+fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
+    replay(async {
+        let net = MemNetwork::new(43);
+        let nodes = three_voters(&net).await;
+        let (leader, x, other) = a_follower_declared_failed(&net, &nodes).await;
+        let at = |id: u64| &nodes[id as usize - 1];
+        let all: Vec<&Node> = nodes.iter().collect();
+        net.heal();
+        until_back_as_second_life(&all, x).await;
+        assert_eq!(at(leader).supervisor.view().held, BTreeMap::new(), "one failure holds nobody");
+
+        net.isolate(x, [leader, other]);
+        let majority = [at(leader), at(other)];
+        until_all(&majority, Duration::from_secs(30), "x declared failed again", |s| {
+            s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
+        })
+        .await;
+        let failed = tokio::time::Instant::now();
+        net.heal();
+        let leading = majority.iter().find(|n| n.supervisor.leader() == Some(n.supervisor.id()));
+        let view = leading.expect("a leader among the majority").supervisor.view();
+        let (failures, left_ms) = view.held[&x];
+        assert_eq!(failures, 2, "{:?}", view.held);
+        let hold = SupervisorConfig::loopback().rejoin_hold.as_millis() as u64;
+        assert!(left_ms > hold - 1000 && left_ms <= hold, "held {left_ms} ms of {hold}");
+
+        // Healed, x finds itself failed within a few fence checks, and asks to rejoin: held.
+        tokio::time::sleep(Duration::from_millis(left_ms - 500)).await;
+        for n in &all {
+            let record = &n.supervisor.state().nodes[&x];
+            assert_eq!(
+                (record.status, record.incarnation),
+                (NodeStatus::Failed, 2),
+                "x is still held out, as node {} sees it",
+                n.supervisor.id()
+            );
+        }
+        until_all(&all, Duration::from_secs(30), "x back as its third life", |s| {
+            s.is_stable()
+                && s.nodes[&x].status == NodeStatus::Active
+                && s.nodes[&x].incarnation == 3
+        })
+        .await;
+        assert!(failed.elapsed() >= Duration::from_millis(left_ms), "not before the hold ended");
+        assert_eq!(at(leader).supervisor.view().held, BTreeMap::new(), "back, held no more");
+        assert_all_agree(&nodes, "after the third life joined");
+    });
+}
+
 /// A node declared failed while it ran rejoins as a new life; the rejoin commits, but its answer
 /// is lost, the leader's log does not reach it, and neither does the leader's word of the change
 /// the rejoin began. Nothing tells it that it was taken: the fence check, finding this life
