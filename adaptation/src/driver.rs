@@ -356,12 +356,23 @@ impl Driver {
                             "scan failed part-way; of the entries of node {failed} held here, only those packed are rebuilt: the others are lost unless another node rebuilds them"
                         );
                     }
-                    let n = packer.count();
+                    let (runs, left_out) = orphans.keep_leaving(packer.finish());
+                    if left_out > 0 {
+                        tracing::warn!(
+                            service = service.0,
+                            left_out,
+                            failed = failed.0,
+                            "scan returned entries of keys the failed node did not manage; they \
+                             were left out (a service's scan returns copies of the keys `orphans` \
+                             names only)"
+                        );
+                    }
+                    let n: u64 = runs.iter().map(|(_, run)| run.len() as u64).sum();
                     inner.counters.entries_rebuilt.fetch_add(n, Ordering::Relaxed);
                     if let Some(clock) = &mut self.clock {
                         clock.record.entries_rebuilt += n;
                     }
-                    self.rebuilt.insert(service, packer.finish());
+                    self.rebuilt.insert(service, runs);
                 }
                 plugin.before_migration(&ctx, &info).await;
                 vec![Event::BeforeDone(service)]

@@ -80,15 +80,7 @@ impl Run {
 
     /// Its entries, in order: each key and encoded entry.
     pub fn entries(&self) -> impl Iterator<Item = (Key, &[u8])> + '_ {
-        let mut rest = &self.bytes[..];
-        // Checked when the run was made: every header is whole and every length in bounds.
-        (0..self.count).map(move |_| {
-            let key = u64::from_le_bytes(rest[..8].try_into().expect("eight bytes"));
-            let len = u32::from_le_bytes(rest[8..HEADER].try_into().expect("four bytes")) as usize;
-            let entry = &rest[HEADER..HEADER + len];
-            rest = &rest[HEADER + len..];
-            (Key(key), entry)
-        })
+        entries(&self.bytes, self.count)
     }
 
     /// Decodes every entry, or refuses the whole run.
@@ -104,6 +96,19 @@ impl Run {
             Ok(decoded)
         })
     }
+}
+
+/// The `count` entries `bytes` holds, in order; checked when their run was made: every header
+/// is whole and every length in bounds.
+fn entries(bytes: &[u8], count: u32) -> impl Iterator<Item = (Key, &[u8])> + '_ {
+    let mut rest = bytes;
+    (0..count).map(move |_| {
+        let key = u64::from_le_bytes(rest[..8].try_into().expect("eight bytes"));
+        let len = u32::from_le_bytes(rest[8..HEADER].try_into().expect("four bytes")) as usize;
+        let entry = &rest[HEADER..HEADER + len];
+        rest = &rest[HEADER + len..];
+        (Key(key), entry)
+    })
 }
 
 /// A run being packed: its entries after `HEADROOM` free bytes.
@@ -173,6 +178,11 @@ impl Packed {
     /// Its entries' size in bytes, headers included.
     pub fn size(&self) -> usize {
         self.buf.len() - HEADROOM
+    }
+
+    /// Its entries so far, in order: each key and encoded entry.
+    pub fn entries(&self) -> impl Iterator<Item = (Key, &[u8])> + '_ {
+        entries(&self.buf[HEADROOM..], self.count)
     }
 
     /// Moves its last entry, which starts `at` bytes into its entries, to the empty `next`.

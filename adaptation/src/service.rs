@@ -7,13 +7,14 @@
 use crate::codec;
 use crate::error::AdaptationError;
 use crate::host::Inner;
-use crate::run::{Packer, Run};
+use crate::run::{Packed, Packer, Run};
 use crate::wire::Message;
 use async_trait::async_trait;
 use gobelins_locator::{Change, Key, NodeId, ServiceId, ServiceSpec, SlotMove, Snapshot};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::any::Any;
+use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::Arc;
@@ -253,6 +254,35 @@ impl Moving {
     pub fn is_empty(&self) -> bool {
         self.moves.is_empty()
     }
+
+    /// What a scan packed, kept to the keys that leave, each in a run for its new manager; and
+    /// how many entries were left out. A scan returns copies of the failed node's keys only,
+    /// but a plug-in may pack others (a replica it holds of a live node's key), or hand a run
+    /// to the wrong node: shipped as they were, such copies would replace what the keys' live
+    /// managers hold, perhaps with older values, as if rebuilt. Runs that need no change are
+    /// kept as they are; the others are split per destination, none larger than it was.
+    pub(crate) fn keep_leaving(&self, runs: Vec<(NodeId, Packed)>) -> (Vec<(NodeId, Packed)>, u64) {
+        let mut kept = Vec::with_capacity(runs.len());
+        let mut left_out = 0;
+        for (to, run) in runs {
+            if run.entries().all(|(key, _)| self.destination(key) == Some(to)) {
+                kept.push((to, run));
+                continue;
+            }
+            let mut split: BTreeMap<NodeId, Packed> = BTreeMap::new();
+            for (key, entry) in run.entries() {
+                let Some(dest) = self.destination(key) else {
+                    left_out += 1;
+                    continue;
+                };
+                let packed = split.entry(dest).or_insert_with(|| Packed::with_capacity(run.size()));
+                // Taken from a run that held it already: neither too large nor cut short.
+                let _ = packed.push(key, entry);
+            }
+            kept.extend(split);
+        }
+        (kept, left_out)
+    }
 }
 
 /// A distributed service, as its author writes it. Every method runs on every node that takes
@@ -489,7 +519,9 @@ pub trait Plugin: Send + Sync {
     async fn stable(&self, ctx: &Context, epoch: u64) {
         let _ = (ctx, epoch);
     }
-    /// [`Service::scan`], each entry encoded into `packer`'s run for its destination.
+    /// [`Service::scan`], each entry encoded into `packer`'s run for its destination. The
+    /// layer then keeps only entries of keys `orphans` names, each for its new manager,
+    /// whatever run it was packed in.
     async fn scan(
         &self,
         ctx: &Context,
@@ -623,14 +655,6 @@ pub fn plugin<S: Service>(service: S) -> Box<dyn Plugin> {
 
 struct Erased<S>(S);
 
-/// `entries` without those of keys `orphans` does not name, and how many those were.
-fn only_orphans<E>(mut entries: Vec<(Key, E)>, orphans: &Moving) -> (Vec<(Key, E)>, usize) {
-    let before = entries.len();
-    entries.retain(|(key, _)| orphans.destination(*key).is_some());
-    let others = before - entries.len();
-    (entries, others)
-}
-
 /// Encodes `entries` into `packer`, shipping each run as it fills; gives them back. Owned
 /// rather than borrowed across the waits: an entry need not be `Sync`. An entry that does not
 /// encode is left out, named in the log, and the others still go: stopping at it lost every
@@ -751,12 +775,7 @@ impl<S: Service> Plugin for Erased<S> {
         orphans: &Moving,
         packer: &mut Packer,
     ) -> Result<(), AdaptationError> {
-        let (orphaned, others) = only_orphans(self.0.scan(ctx, failed, orphans).await, orphans);
-        if others > 0 {
-            let service = self.0.spec().id.0;
-            tracing::warn!(service, left_out = others, failed = failed.0, "scan returned entries of keys the failed node did not manage; they were left out (a service's scan returns copies of the keys `orphans` names only)");
-        }
-        pack(orphaned, packer).await.1
+        pack(self.0.scan(ctx, failed, orphans).await, packer).await.1
     }
 }
 
@@ -792,15 +811,34 @@ mod tests {
     }
 
     #[test]
-    fn a_scan_s_entries_of_keys_the_failed_node_did_not_manage_are_left_out() {
+    fn a_scan_s_entries_are_kept_to_the_failed_node_s_keys_each_for_its_new_manager() {
         let spec = ServiceSpec::new(ServiceId(3), "s").with_slots(64);
-        let moves = vec![SlotMove { slots: 0..32, from: NodeId(1), to: NodeId(2) }];
+        let moves = vec![
+            SlotMove { slots: 0..16, from: NodeId(1), to: NodeId(2) },
+            SlotMove { slots: 16..32, from: NodeId(1), to: NodeId(3) },
+        ];
         let orphans = Moving::new(spec.clone(), moves);
-        let entries: Vec<(Key, u64)> = (0..200).map(|k| (Key(k), k)).collect();
-        let (kept, others) = only_orphans(entries, &orphans);
-        assert!(!kept.is_empty() && others > 0, "both kinds among 200 keys");
-        assert_eq!(kept.len() + others, 200);
-        assert!(kept.iter().all(|(k, _)| spec.slot_of(*k) < 32), "only the orphans' keys");
+        // As a hand-written plug-in might pack them: every key, all for node 2.
+        let mut all = Packed::with_capacity(1 << 16);
+        for k in 0..200u64 {
+            all.push(Key(k), &k.to_le_bytes()).expect("packed");
+        }
+        // And one run packed right, kept as it is.
+        let mut right = Packed::with_capacity(1 << 10);
+        let to_3 = (0..200).map(Key).find(|&k| (16..32).contains(&spec.slot_of(k))).unwrap();
+        right.push(to_3, b"x").expect("packed");
+        let (kept, left_out) = orphans.keep_leaving(vec![(NodeId(2), all), (NodeId(3), right)]);
+        let orphaned = (0..200).filter(|&k| spec.slot_of(Key(k)) < 32).count() as u64;
+        assert!(orphaned > 0 && orphaned < 200, "both kinds among 200 keys");
+        assert_eq!(left_out, 200 - orphaned, "the live nodes' keys are left out");
+        let mut seen = 0;
+        for (to, packed) in kept {
+            for (key, _) in packed.into_run().entries() {
+                assert_eq!(orphans.destination(key), Some(to), "key {key:?} for its new manager");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, orphaned + 1, "every orphan's entry kept once");
     }
 
     #[test]
