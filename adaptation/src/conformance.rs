@@ -229,8 +229,11 @@ pub async fn conformance<P: Probe>(probe: P, keys: u64) -> Verdict {
     let added = cluster.add().await;
     run.check(&cluster, format!("node {} joined", added.0)).await;
     tokio::time::sleep(SETTLE).await;
+    // Its batches twice, as a sender whose call timed out as one landed sends it again.
+    cluster.faults().batches_twice(true);
     cluster.evict(NodeId(3)).await;
-    run.check(&cluster, "node 3 was evicted".into()).await;
+    cluster.faults().batches_twice(false);
+    run.check(&cluster, "node 3 was evicted, each of its batches delivered twice".into()).await;
     if probe.survives_one_failure() {
         tokio::time::sleep(SETTLE).await;
         cluster.fail(added).await;

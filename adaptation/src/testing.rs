@@ -37,6 +37,9 @@ pub struct MemNet {
     crash_at_ack: std::sync::Mutex<Option<(NodeId, u64)>>,
     /// Told when that node has crashed so.
     crashed_at_ack: tokio::sync::Notify,
+    /// Every migration batch is delivered twice, as when a sender whose call timed out as its
+    /// batch was staged sends it again ([`Faults::batches_twice`]).
+    batches_twice: std::sync::atomic::AtomicBool,
 }
 
 /// One host's way into a [`MemNet`].
@@ -72,9 +75,19 @@ impl Link for MemLink {
         let me = self.me;
         // The callee's handler runs on its own, as over TCP: a caller that gives up does not
         // stop it.
+        let twice = self.net.batches_twice.load(std::sync::atomic::Ordering::SeqCst)
+            && matches!(
+                crate::wire::Message::decode(message.clone()),
+                Ok(crate::wire::Message::Batch { .. })
+            );
         let handled = tokio::spawn(async move {
             tokio::time::sleep(there).await;
-            host.handle(me, message).await
+            let answer = host.handle(me, message.clone()).await;
+            if twice {
+                // The copy comes once the first is staged; its answer goes nowhere.
+                host.handle(me, message).await;
+            }
+            answer
         });
         let round_trip = async move {
             let answer = handled.await.map_err(|_| {
@@ -154,6 +167,12 @@ impl Faults {
     pub fn slow(&self, node: NodeId, by: Duration) {
         self.net.slow.insert(node, by);
     }
+
+    /// From now on, while `on`, every migration batch is delivered twice, the copy after the
+    /// first was staged: what a sender does when its call times out just as the batch lands.
+    pub fn batches_twice(&self, on: bool) {
+        self.net.batches_twice.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A cluster of hosts in one process, driven like the supervisor drives real ones.
@@ -202,6 +221,7 @@ impl MemCluster {
                 slow: DashMap::new(),
                 crash_at_ack: std::sync::Mutex::new(None),
                 crashed_at_ack: tokio::sync::Notify::new(),
+                batches_twice: Default::default(),
             }),
             tree,
             epoch: 0,

@@ -5,7 +5,7 @@ use gobelins_adaptation::testing::{conformance, replay, Probe, Verdict};
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
 use gobelins_locator::{Key, NodeId, ServiceId, ServiceSpec};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -23,6 +23,9 @@ enum Fault {
     AcksUncopied,
     /// `after_migration` keeps the entry it had over a newer one received.
     KeepsOldest,
+    /// `receive` takes a key that comes a second time in one change for a conflict, and drops
+    /// it: as an author sure that each key comes once might.
+    DropsKeysReceivedTwice,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -133,7 +136,16 @@ impl Service for Mirror {
     }
 
     async fn receive(&self, _ctx: &Context, _from: NodeId, entries: Vec<(Key, Versioned)>) {
-        self.staged.lock().expect("staged").extend(entries);
+        let mut staged = self.staged.lock().expect("staged");
+        if self.fault == Fault::DropsKeysReceivedTwice {
+            let seen: HashSet<Key> = staged.iter().map(|(k, _)| *k).collect();
+            let again: HashSet<Key> =
+                entries.iter().map(|(k, _)| *k).filter(|k| seen.contains(k)).collect();
+            staged.retain(|(k, _)| !again.contains(k));
+            staged.extend(entries.into_iter().filter(|(k, _)| !again.contains(k)));
+            return;
+        }
+        staged.extend(entries);
     }
 
     async fn after_migration(&self, ctx: &Context, _change: &ChangeInfo) {
@@ -260,6 +272,17 @@ fn a_write_acknowledged_without_its_copy_is_lost_when_its_cut_off_manager_is_dec
     let cut = "node 7 was cut off as its own clients wrote, and declared failed";
     assert_eq!(after, [cut], "{verdict}");
     assert_eq!(verdict.cut_off_failed, 0, "every cut-off write was acknowledged: {verdict}");
+}
+
+#[test]
+fn a_receive_that_drops_a_key_received_twice_is_caught() {
+    let verdict = run(Fault::DropsKeysReceivedTwice);
+    let after = lost_after(&verdict);
+    assert!(
+        after.contains(&"node 3 was evicted, each of its batches delivered twice"),
+        "{verdict}"
+    );
+    assert!(!after.contains(&"node 4 joined"), "each batch once: {verdict}");
 }
 
 #[test]
