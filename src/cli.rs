@@ -61,10 +61,11 @@ pub(crate) struct AgentArgs {
     /// Silence after which a node is suspected and probed by others, in milliseconds.
     #[arg(long, value_name = "MS")]
     failure_timeout_ms: Option<u64>,
-    /// How long this node, leading, holds out a node that failed twice within 10 minutes before
-    /// it may rejoin, in milliseconds; doubled at each further failure, up to 5 minutes. A
-    /// node starved of CPU or on a flaky link would otherwise be declared failed and rejoin
-    /// again and again, its entries moving out and back each time. 0 holds nobody.
+    /// How long this node, leading, holds out a node before it may rejoin once two of that
+    /// node's lives in a row failed within 2 minutes of their start, in milliseconds; doubled
+    /// at each further such failure, up to 5 minutes, until the node stays up (or away) for 10
+    /// minutes. A node starved of CPU or on a flaky link would otherwise be declared failed and
+    /// rejoin again and again, its entries moving out and back each time. 0 holds nobody.
     #[arg(long, value_name = "MS", default_value_t = 5000)]
     rejoin_hold_ms: u64,
 }
@@ -541,9 +542,9 @@ fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result
         };
         writeln!(
             out,
-            "WARNING: node {} keeps failing ({failures} failures within 10 min): it is held out \
-             for {:.1} s more before it may rejoin. Look for what starves it (CPU, memory, disk, \
-             network) in its log and `gobelins stats`",
+            "WARNING: node {} keeps failing ({failures} short lives in a row): it is held out \
+             for {:.1} s more before it may rejoin, and rejoins by itself then. Look for what \
+             starves it (CPU, memory, disk, network: its log), or for restarts in a loop",
             node["id"],
             ms as f64 / 1e3
         )?;
@@ -931,7 +932,7 @@ mod tests {
         assert!(shown.contains("epoch 4, stable"), "{shown}");
         assert!(
             shown.contains(
-                "WARNING: node 5 keeps failing (4 failures within 10 min): it is held out for \
+                "WARNING: node 5 keeps failing (4 short lives in a row): it is held out for \
                  17.3 s more before it may rejoin"
             ),
             "{shown}"

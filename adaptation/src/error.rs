@@ -113,7 +113,9 @@ fn manager_said(manager: &Option<u64>, here: bool) -> String {
             "its manager, node {node}, did not answer in time, or a change it waited for did \
              not end {look}"
         ),
-        None => "this node has no configuration yet: it has not joined a cluster".into(),
+        None => "this node has no configuration: it has not joined a cluster yet, or is joining \
+                 again as a new life (the cluster declared its last one failed)"
+            .into(),
     }
 }
 

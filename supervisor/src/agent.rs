@@ -392,7 +392,7 @@ async fn enter(
             // from raft right after it left never applies the entry that says so. A join
             // repeated by the same life is answered with where it stands.
             {
-                let outcome = supervisor.join_cluster(seed, JOIN_WINDOW).await?;
+                let outcome = supervisor.join_cluster(seed, JOIN_WINDOW, true).await?;
                 if let Err(refusal) = outcome {
                     return Err(SupervisorError::Refused(format!(
                         "the cluster refused this node: {refusal}"

@@ -283,6 +283,24 @@ async fn answer(
             }
         }
     }
+    // Held out, it serves nothing until the hold ends: a request would wait out its whole
+    // deadline for a configuration that is not coming, and then blame the cluster.
+    if let Some((failures, left)) = node.held_back() {
+        if !matches!(
+            request,
+            ControlRequest::Stats | ControlRequest::Status { .. } | ControlRequest::Evict { .. }
+        ) {
+            let why = format!(
+                "node {} is held out of the cluster for {:.1} s more: it keeps failing ({failures} \
+                 short lives in a row), and serves nothing until it rejoins, by itself, once the \
+                 hold ends. Send requests through another member meanwhile; this agent's log \
+                 says what it went through",
+                node.id(),
+                left.as_secs_f64()
+            );
+            return flush(&mut write, &[json!({ "error": why })]).await;
+        }
+    }
     match request {
         ControlRequest::Call { service, key, body } => {
             let line = match node.host().request(ServiceId(service), Key(key), body).await {
@@ -377,7 +395,7 @@ async fn answer(
             }
             let asking = format!("asking the cluster through {seed}");
             flush(&mut write, &[json!({ "progress": asking })]).await?;
-            let line = match node.join_cluster(&seed, Duration::from_secs(10)).await {
+            let line = match node.join_cluster(&seed, Duration::from_secs(10), false).await {
                 Ok(Ok(applied)) => json!({ "progress": format!("accepted: {applied}") }),
                 Ok(Err(refusal)) => {
                     json!({ "error": format!("the cluster refused this node: {refusal}") })

@@ -2,42 +2,58 @@
 //! again a second after it was declared failed, rejoin as a new life, and be declared failed
 //! again: an audit saw one node do so 41 times in 52 s. Each time the cluster moved its entries
 //! out and back, healthy nodes served 40% less, and a second failure meanwhile lost entries
-//! whose replicas were on their way. So a node's second failure within [`FLAP_MEMORY`] holds it
-//! out for a while before it may rejoin, twice as long at each further failure.
+//! whose replicas were on their way. So a node whose lives keep ending soon after they began is
+//! held out for a while before it may rejoin, twice as long at each such failure, until it has
+//! stayed up, or away, for [`FLAP_MEMORY`].
+//!
+//! Only a life that ended within [`SHORT_LIFE`] of its start counts: a node restarted after
+//! hours of service, for an upgrade say, is not flapping.
 
-use crate::state::Refusal;
-use std::collections::{BTreeMap, VecDeque};
+use crate::state::{NodeRecord, NodeStatus, Refusal};
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// How long a failure counts: a node that has not failed for this long is held no more.
+/// How long a node must go without a failure, counted from when it could come back, to be a
+/// first offender again.
 pub(crate) const FLAP_MEMORY: Duration = Duration::from_secs(600);
+/// A life that ended sooner than this after it began counts as a failure here.
+pub(crate) const SHORT_LIFE: Duration = Duration::from_secs(120);
 /// The longest hold, whatever the failures.
 pub(crate) const MAX_HOLD: Duration = Duration::from_secs(300);
 
-/// The failures every node has seen of each node, from the cluster's applied state. Each
-/// node keeps its own: a leader elected afterwards holds a flapping node out as the last one
-/// did.
+/// The short lives each node has seen end, from the cluster's applied state. Each node keeps
+/// its own, so that a leader elected afterwards holds a flapping node out too, if it saw the
+/// failures (one that joined or restarted since did not).
 #[derive(Debug)]
 pub(crate) struct Flaps {
     /// The hold after a second failure; zero holds nobody.
     first_hold: Duration,
-    nodes: BTreeMap<u64, Failures>,
+    nodes: BTreeMap<u64, Lives>,
 }
 
 #[derive(Debug, Default)]
-struct Failures {
-    /// The last life seen failed: a failure is counted once however often the state shows it.
-    life: Option<u64>,
-    /// When each failure within [`FLAP_MEMORY`] was seen, oldest first.
-    at: VecDeque<Instant>,
+struct Lives {
+    /// The life last seen live, and when it was first seen so (`None`: before this node
+    /// watched, so how long it lasted is not known).
+    live: Option<(u64, Option<Instant>)>,
+    /// The last life seen failed: each is judged once, however often the state shows it.
+    ended: Option<u64>,
+    /// Short lives in a row, each failed within [`FLAP_MEMORY`] of the node's last chance to
+    /// come back, and when the first of them failed.
+    strikes: u32,
+    first: Option<Instant>,
+    /// When it could last come back: its last failure, or the end of the hold that set.
+    back_at: Option<Instant>,
+    /// The hold the last failure set, and until when it lasts: set once, as announced.
+    hold: Option<(Hold, Instant)>,
 }
 
-/// A node held out: how many times it failed within [`FLAP_MEMORY`], from its first such
-/// failure to its last, and how much longer it is held.
+/// A node held out: how many short lives in a row it failed, from the first of those failures
+/// to the last, and how much longer it is held.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Hold {
-    /// Failures within [`FLAP_MEMORY`].
+    /// Short lives failed in a row, the one that set the hold included.
     pub(crate) failures: u32,
     /// From the first of them to the last.
     pub(crate) within: Duration,
@@ -63,55 +79,77 @@ impl Flaps {
         Flaps { first_hold, nodes: BTreeMap::new() }
     }
 
-    /// `node`'s life `life` is over, as known since before this process ran: not counted,
-    /// but never counted again either.
-    pub(crate) fn known(&mut self, node: u64, life: u64) {
-        let failures = self.nodes.entry(node).or_default();
-        failures.life = failures.life.max(Some(life));
+    /// Takes in the cluster's applied records at `now`: lives begun and lives failed. Only
+    /// a node whose own life is admitted counts (`counting`): a restarted process replays its
+    /// log, and every life in it would seem to begin and end at once. Returns the nodes that
+    /// a failure seen now holds out, with their holds.
+    pub(crate) fn watch<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = (&'a u64, &'a NodeRecord)>,
+        counting: bool,
+        now: Instant,
+    ) -> Vec<(u64, Hold)> {
+        let mut held = Vec::new();
+        for (&node, record) in records {
+            let lives = self.nodes.entry(node).or_default();
+            if record.status.is_live() {
+                if lives.live.is_none_or(|(life, _)| life != record.incarnation) {
+                    lives.live = Some((record.incarnation, counting.then_some(now)));
+                }
+                continue;
+            }
+            if record.status != NodeStatus::Failed
+                || lives.ended.is_some_and(|ended| ended >= record.incarnation)
+            {
+                continue;
+            }
+            lives.ended = Some(record.incarnation);
+            let began = match lives.live {
+                Some((life, Some(began))) if life == record.incarnation => began,
+                _ => continue,
+            };
+            if !counting || now.saturating_duration_since(began) >= SHORT_LIFE {
+                continue;
+            }
+            if let Some(hold) = self.failed(node, now) {
+                held.push((node, hold));
+            }
+        }
+        held
     }
 
-    /// `node`'s life `life` was seen failed at `now`. The hold it brings when it is newly
-    /// counted and holds the node out; `None` otherwise.
-    pub(crate) fn failed(&mut self, node: u64, life: u64, now: Instant) -> Option<Hold> {
-        let failures = self.nodes.entry(node).or_default();
-        if failures.life.is_some_and(|counted| life <= counted) {
+    /// Counts a failure of `node` at `now`; the hold it sets, if any.
+    fn failed(&mut self, node: u64, now: Instant) -> Option<Hold> {
+        let first_hold = self.first_hold;
+        let lives = self.nodes.entry(node).or_default();
+        let quiet = lives.back_at.is_none_or(|at| now.saturating_duration_since(at) >= FLAP_MEMORY);
+        if quiet {
+            lives.strikes = 0;
+            lives.first = Some(now);
+        }
+        lives.strikes += 1;
+        lives.back_at = Some(now);
+        let strikes = lives.strikes;
+        if strikes < 2 || first_hold.is_zero() {
             return None;
         }
-        failures.life = Some(life);
-        failures.at.push_back(now);
-        self.hold(node, now)
+        let hold = first_hold.saturating_mul(1 << (strikes - 2).min(16)).min(MAX_HOLD);
+        let within = now.saturating_duration_since(lives.first.unwrap_or(now));
+        let set = Hold { failures: strikes, within, left: hold };
+        lives.back_at = Some(now + hold);
+        lives.hold = Some((set, now + hold));
+        Some(set)
     }
 
     /// How much longer `node` is held out at `now`, if it is.
     pub(crate) fn hold(&self, node: u64, now: Instant) -> Option<Hold> {
-        let failures = self.nodes.get(&node)?;
-        let recent: Vec<Instant> = failures
-            .at
-            .iter()
-            .copied()
-            .filter(|&at| now.saturating_duration_since(at) < FLAP_MEMORY)
-            .collect();
-        let (&first, &last) = (recent.first()?, recent.last()?);
-        let count = recent.len() as u32;
-        if count < 2 || self.first_hold.is_zero() {
-            return None;
-        }
-        let hold = self.first_hold.saturating_mul(1 << (count - 2).min(16)).min(MAX_HOLD);
-        let left = (last + hold).saturating_duration_since(now);
-        (!left.is_zero()).then(|| Hold { failures: count, within: last - first, left })
+        let (hold, until) = self.nodes.get(&node)?.hold?;
+        let left = until.saturating_duration_since(now);
+        (!left.is_zero()).then_some(Hold { left, ..hold })
     }
 
-    /// Every node held out at `now`. Forgets failures past [`FLAP_MEMORY`].
-    pub(crate) fn held(&mut self, now: Instant) -> BTreeMap<u64, Hold> {
-        for failures in self.nodes.values_mut() {
-            while failures
-                .at
-                .front()
-                .is_some_and(|&at| now.saturating_duration_since(at) >= FLAP_MEMORY)
-            {
-                failures.at.pop_front();
-            }
-        }
+    /// Every node held out at `now`.
+    pub(crate) fn held(&self, now: Instant) -> BTreeMap<u64, Hold> {
         self.nodes.keys().filter_map(|&node| Some((node, self.hold(node, now)?))).collect()
     }
 }
@@ -119,56 +157,108 @@ impl Flaps {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use gobelins_locator::Labels;
 
     const S: Duration = Duration::from_secs(1);
 
+    fn record(status: NodeStatus, incarnation: u64) -> NodeRecord {
+        NodeRecord { addr: "n".into(), labels: Labels::new(), status, incarnation }
+    }
+
+    /// Node 4's life `life` begins at `start` and fails `lasted` later, as the applied state
+    /// shows it to a node whose life is admitted.
+    fn live_then_fail(
+        flaps: &mut Flaps,
+        life: u64,
+        start: Instant,
+        lasted: Duration,
+    ) -> Vec<(u64, Hold)> {
+        let live = record(NodeStatus::Active, life);
+        assert!(flaps.watch([(&4, &live)], true, start).is_empty());
+        let failed = record(NodeStatus::Failed, life);
+        flaps.watch([(&4, &failed)], true, start + lasted)
+    }
+
     #[test]
-    fn a_first_failure_holds_nobody_and_each_failure_after_doubles_the_hold() {
+    fn a_first_short_life_holds_nobody_and_each_after_doubles_the_hold() {
         let start = Instant::now();
         let mut flaps = Flaps::new(5 * S);
-        assert_eq!(flaps.failed(4, 1, start), None, "a crash, restarted: back at once");
-        assert_eq!(flaps.hold(4, start + S), None);
+        assert_eq!(live_then_fail(&mut flaps, 1, start, S), [], "a first failure: back at once");
         let second = start + 10 * S;
-        let hold = flaps.failed(4, 2, second).expect("held after a second failure");
-        assert_eq!(hold, Hold { failures: 2, within: 10 * S, left: 5 * S });
+        let held = live_then_fail(&mut flaps, 2, second - S, S);
+        assert_eq!(held, [(4, Hold { failures: 2, within: 9 * S, left: 5 * S })]);
         assert_eq!(flaps.hold(4, second + 4 * S).map(|h| h.left), Some(S));
         assert_eq!(flaps.hold(4, second + 5 * S), None, "the hold is over");
         let third = second + 6 * S;
-        assert_eq!(flaps.failed(4, 3, third).map(|h| h.left), Some(10 * S));
+        let held = live_then_fail(&mut flaps, 3, third - S, S);
+        assert_eq!(held.iter().map(|(_, h)| h.left).collect::<Vec<_>>(), [10 * S]);
         let fourth = third + 11 * S;
-        assert_eq!(flaps.failed(4, 4, fourth).map(|h| (h.failures, h.left)), Some((4, 20 * S)));
+        let held = live_then_fail(&mut flaps, 4, fourth - S, S);
+        assert_eq!(
+            held.iter().map(|(_, h)| (h.failures, h.left)).collect::<Vec<_>>(),
+            [(4, 20 * S)]
+        );
         assert_eq!(flaps.hold(3, fourth), None, "another node is not held");
+        assert_eq!(flaps.held(fourth).keys().copied().collect::<Vec<_>>(), [4]);
     }
 
     #[test]
-    fn a_failure_is_counted_once_per_life_and_lives_known_at_start_are_not_counted() {
+    fn a_long_life_a_life_begun_unseen_and_a_life_seen_twice_are_not_counted() {
         let start = Instant::now();
         let mut flaps = Flaps::new(5 * S);
-        flaps.known(2, 7);
-        assert_eq!(flaps.failed(2, 7, start), None);
-        assert_eq!(flaps.failed(2, 8, start + S), None, "the first failure seen");
-        for later in 2..10 {
-            assert_eq!(flaps.failed(2, 8, start + later * S), None, "life 8 again");
+        // Up for hours, then restarted twice: the long life does not count.
+        assert_eq!(live_then_fail(&mut flaps, 1, start, 3 * SHORT_LIFE), []);
+        let later = start + 3 * SHORT_LIFE;
+        assert_eq!(live_then_fail(&mut flaps, 2, later, S), [], "the first short life");
+        // Seen failed again and again: judged once.
+        for t in 2..10 {
+            let failed = record(NodeStatus::Failed, 2);
+            assert_eq!(flaps.watch([(&4, &failed)], true, later + t * S), []);
         }
-        assert_eq!(flaps.failed(2, 6, start + 3 * S), None, "an older life");
-        assert_eq!(flaps.held(start + 2 * S), BTreeMap::new(), "one failure counted");
-        assert!(flaps.failed(2, 9, start + 2 * S).is_some(), "the second");
+        // Lives a restarted process replays before it is admitted: known, never counted.
+        let replayed = [record(NodeStatus::Joining, 3), record(NodeStatus::Failed, 3)];
+        for r in &replayed {
+            assert_eq!(flaps.watch([(&4, r)], false, later + 11 * S), []);
+        }
+        // A life that began before this node counted, failed once it does: length unknown.
+        let unseen = record(NodeStatus::Active, 4);
+        assert_eq!(flaps.watch([(&4, &unseen)], false, later + 12 * S), []);
+        let failed = record(NodeStatus::Failed, 4);
+        assert_eq!(flaps.watch([(&4, &failed)], true, later + 13 * S), []);
+        assert_eq!(flaps.held(later + 13 * S), BTreeMap::new());
+        // A node that left is not counted either.
+        let left = record(NodeStatus::Left, 5);
+        assert_eq!(flaps.watch([(&4, &left)], true, later + 14 * S), []);
+        // The next short life is the second counted.
+        assert_eq!(live_then_fail(&mut flaps, 6, later + 20 * S, S).len(), 1);
     }
 
     #[test]
-    fn failures_are_forgotten_after_the_memory_and_the_hold_is_capped() {
+    fn a_hold_set_is_not_cut_short_as_old_failures_are_forgotten_and_is_capped() {
         let start = Instant::now();
         let mut flaps = Flaps::new(5 * S);
-        for life in 1..=20 {
-            flaps.failed(5, life, start + (life as u32) * S);
+        // A life of 3 s after each hold ends, as a node starved for good would live.
+        let mut now = start;
+        let mut holds = Vec::new();
+        for life in 1..=14 {
+            let held = live_then_fail(&mut flaps, life, now, 3 * S);
+            now += 3 * S;
+            if let Some(&(_, hold)) = held.first() {
+                // The hold announced is the hold kept, to the end.
+                assert_eq!(flaps.hold(4, now + hold.left - S).map(|h| h.left), Some(S));
+                assert_eq!(flaps.hold(4, now + hold.left), None);
+                holds.push(hold.left);
+                now += hold.left;
+            }
         }
-        let last = start + 20 * S;
-        assert_eq!(flaps.hold(5, last).map(|h| (h.failures, h.left)), Some((20, MAX_HOLD)));
-        assert_eq!(flaps.held(last + MAX_HOLD), BTreeMap::new(), "the longest hold ends");
-        // Long quiet: the next failure is a first one again.
-        let much_later = last + FLAP_MEMORY;
-        assert_eq!(flaps.held(much_later), BTreeMap::new());
-        assert_eq!(flaps.failed(5, 21, much_later), None, "forgotten");
+        let doubling: Vec<Duration> = (0..6).map(|k| 5 * S * (1 << k)).collect();
+        assert_eq!(holds[..6], doubling[..], "{holds:?}");
+        assert!(holds[6..].iter().all(|&h| h == MAX_HOLD), "at the cap for good: {holds:?}");
+        // Up for as long as the memory since it came back: a first offender again.
+        let much_later = now + FLAP_MEMORY;
+        assert_eq!(live_then_fail(&mut flaps, 15, much_later, S), [], "forgotten");
+        let held = live_then_fail(&mut flaps, 16, much_later + 2 * S, S);
+        assert_eq!(held.iter().map(|(_, h)| h.left).collect::<Vec<_>>(), [5 * S]);
     }
 
     #[test]
@@ -176,7 +266,7 @@ mod tests {
         let start = Instant::now();
         let mut flaps = Flaps::new(Duration::ZERO);
         for life in 1..=5 {
-            assert_eq!(flaps.failed(1, life, start + (life as u32) * S), None);
+            assert_eq!(live_then_fail(&mut flaps, life, start + (life as u32) * S, S), []);
         }
     }
 }

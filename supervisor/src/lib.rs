@@ -25,7 +25,7 @@ pub mod detector;
 mod disk;
 pub mod entering;
 pub mod error;
-pub(crate) mod flaps;
+mod flaps;
 pub mod frame;
 mod frame_writer;
 pub mod handshake;

@@ -94,8 +94,8 @@ pub struct View {
     /// node is suspected, and declared failed if they cannot reach it either).
     pub silent: BTreeMap<u64, (u64, bool)>,
     /// The nodes held out for failing again and again (see `SupervisorConfig::rejoin_hold`),
-    /// with their failures within the last 10 minutes and how much longer each is held, in
-    /// milliseconds.
+    /// with their short lives failed in a row and how much longer each is held, in
+    /// milliseconds; the node that answers too, while a refusal of its rejoin holds it.
     pub held: BTreeMap<u64, (u32, u64)>,
 }
 

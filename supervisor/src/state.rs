@@ -238,19 +238,22 @@ pub enum Refusal {
         held: String,
     },
     /// A node that keeps failing asks to rejoin before its hold is over (see
-    /// `SupervisorConfig::rejoin_hold`). Retryable: it is admitted once the hold ends.
+    /// `SupervisorConfig::rejoin_hold`). Decided by the leader from the failures it saw, not
+    /// by the replicated state, which has no clock. Retryable: asked again once the hold ends,
+    /// the join goes through.
     #[error(
-        "node {node} failed {failures} times in {within:.1} s: the cluster holds it out for \
-         {left:.1} s more, and longer at each failure within 10 min, so that its entries stop \
-         moving out and back. It rejoins by itself once the hold ends; meanwhile, look for what \
-         starves it (CPU, memory, disk, network: its log and `gobelins stats`)",
+        "node {node} keeps failing: {failures} short lives in a row over {within:.1} s, each \
+         declared failed soon after it began. The cluster holds it out for {left:.1} s more, \
+         and longer at each such failure, so that its entries stop moving out and back; ask \
+         again then (a node declared failed rejoins by itself). Meanwhile, look for what \
+         starves it (CPU, memory, disk, network: its log), or for restarts in a loop",
         within = *within_ms as f64 / 1e3,
         left = *left_ms as f64 / 1e3
     )]
     Held {
         /// The node.
         node: u64,
-        /// Its failures within the last 10 minutes.
+        /// Its short lives failed in a row.
         failures: u32,
         /// From the first of them to the last, in milliseconds.
         within_ms: u64,

@@ -70,8 +70,9 @@ pub struct SupervisorConfig {
     /// The label levels a bootstrap gives the cluster's cell tree, top first (`--levels
     /// zone,rack`); a node that joins takes the cluster's.
     pub label_levels: Vec<String>,
-    /// How long a node that failed twice within ten minutes is held out before it may rejoin;
-    /// doubled at each further failure, up to five minutes. Zero holds nobody.
+    /// How long a node is held out before it may rejoin once two of its lives in a row failed
+    /// within two minutes of their start; doubled at each further such failure, up to five
+    /// minutes, until it stays up (or away) ten minutes. Zero holds nobody.
     pub rejoin_hold: Duration,
 }
 
@@ -215,6 +216,8 @@ pub struct Supervisor {
     lag: Mutex<crate::lag::LagWatch>,
     /// The failures seen of each node, to hold out one that keeps failing.
     flaps: Mutex<Flaps>,
+    /// The last refusal of this node's rejoin for its own failures: how many, and until when.
+    held_back: Mutex<Option<(u32, Instant)>>,
     /// While this node leads with no acknowledgement of a majority on record (raft has none
     /// right after an election, nor after a change of voters, until replies come): since when.
     unacked_since: Mutex<Option<Instant>>,
@@ -339,6 +342,7 @@ impl Supervisor {
             pauses: Pauses::new(lease_span),
             lag: Mutex::default(),
             flaps: Mutex::new(Flaps::new(rejoin_hold)),
+            held_back: Mutex::new(None),
             unacked_since: Mutex::new(None),
             leaderless: Mutex::default(),
             reported: AtomicU64::new(0),
@@ -443,16 +447,31 @@ impl Supervisor {
         }
     }
 
-    /// The nodes this node would hold out of the cluster now, with their failures within 10
-    /// minutes and how much longer each is held, in milliseconds.
+    /// The nodes this node would hold out of the cluster now, with their short lives failed
+    /// in a row and how much longer each is held, in milliseconds; and this node itself, while
+    /// a refusal of its rejoin holds it.
     pub fn held_out(&self) -> BTreeMap<u64, (u32, u64)> {
         let state = self.state();
         let ended = |n: &u64| state.nodes.get(n).is_some_and(|r| !r.status.is_live());
-        let held = self.flaps.lock().expect("flaps").held(Instant::now());
-        held.into_iter()
+        let now = Instant::now();
+        let held = self.flaps.lock().expect("flaps").held(now);
+        let mut held: BTreeMap<u64, (u32, u64)> = held
+            .into_iter()
             .filter(|(n, _)| ended(n))
             .map(|(n, hold)| (n, (hold.failures, hold.left.as_millis() as u64)))
-            .collect()
+            .collect();
+        if let Some((failures, left)) = self.held_back() {
+            held.insert(self.me.id, (failures, left.as_millis() as u64));
+        }
+        held
+    }
+
+    /// While the cluster holds this node out for failing again and again, and it is not back:
+    /// its short lives failed in a row, and how much longer the hold lasts.
+    pub fn held_back(&self) -> Option<(u32, Duration)> {
+        let (failures, until) = (*self.held_back.lock().expect("held back"))?;
+        let left = until.saturating_duration_since(Instant::now());
+        (!left.is_zero() && !self.life_admitted()).then_some((failures, left))
     }
 
     /// While this node leads: the members its detector has not heard from for half the
@@ -898,28 +917,44 @@ impl Supervisor {
     }
 
     /// Joins through `seed`; a node the cluster remembers as departed comes back as a new life
-    /// of itself (a higher incarnation, persisted first).
-    pub async fn join_cluster(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
-        let mut outcome = self.join_via(seed, deadline).await?;
-        // A node held out for failing again and again waits its hold out, at most
-        // `flaps::MAX_HOLD`, rather than stop: its operator started it to have it back.
-        while let Err(refusal @ Refusal::Held { left_ms, .. }) = &outcome {
-            tracing::warn!(node = self.me.id, "{refusal}");
-            tokio::time::sleep(Duration::from_millis(*left_ms) + self.config.ping_interval).await;
-            outcome = self.join_via(seed, deadline).await?;
-        }
-        match outcome {
-            Err(Refusal::StaleIncarnation { last, .. }) => {
-                // The life that ended may be this process's own (`gobelins join` asked of an
-                // agent declared failed before its own check noticed): its services' memory
-                // must not come back with the new life.
-                if last >= self.incarnation() {
-                    self.start_services_afresh(last);
+    /// of itself (a higher incarnation, persisted first). With `wait_holds`, a node held out
+    /// for failing again and again waits its hold out (at most five minutes) and asks again,
+    /// rather than stop: its operator started it to have it back.
+    pub async fn join_cluster(
+        &self,
+        seed: &str,
+        deadline: Duration,
+        wait_holds: bool,
+    ) -> Result<Outcome> {
+        let mut renewed = false;
+        loop {
+            match self.join_via(seed, deadline).await? {
+                Err(refusal @ Refusal::Held { left_ms, .. }) if wait_holds => {
+                    self.note_held(&refusal);
+                    tracing::warn!(node = self.me.id, "{refusal}");
+                    let wait = Duration::from_millis(left_ms) + self.config.ping_interval;
+                    tokio::time::sleep(wait).await;
                 }
-                self.renew_incarnation(last)?;
-                self.join_via(seed, deadline).await
+                Err(Refusal::StaleIncarnation { last, .. }) if !renewed => {
+                    // The life that ended may be this process's own (`gobelins join` asked of
+                    // an agent declared failed before its own check noticed): its services'
+                    // memory must not come back with the new life.
+                    if last >= self.incarnation() {
+                        self.start_services_afresh(last);
+                    }
+                    self.renew_incarnation(last)?;
+                    renewed = true;
+                }
+                outcome => return Ok(outcome),
             }
-            outcome => Ok(outcome),
+        }
+    }
+
+    /// Keeps what a refusal said of this node's hold, for its own view while it waits.
+    fn note_held(&self, refusal: &Refusal) {
+        if let Refusal::Held { failures, left_ms, .. } = refusal {
+            let until = Instant::now() + Duration::from_millis(*left_ms);
+            *self.held_back.lock().expect("held back") = Some((*failures, until));
         }
     }
 
@@ -1172,8 +1207,11 @@ impl Supervisor {
     /// [`Supervisor::admit`] on the leader.
     async fn admit_here(&self, join: JoinRequest) -> std::result::Result<Outcome, ProposeError> {
         // Only a life that ended: the same life asking again is answered with where it stands.
-        let ended = self.state().nodes.get(&join.node).is_some_and(|r| !r.status.is_live());
-        if ended {
+        // Nor when it would leave fewer than two members: one alone keeps no replica, and a
+        // recovery may be waiting for a node to join.
+        let state = self.state();
+        let ended = state.nodes.get(&join.node).is_some_and(|r| !r.status.is_live());
+        if ended && state.live().len() >= 2 {
             if let Some(hold) = self.flaps.lock().expect("flaps").hold(join.node, Instant::now()) {
                 return Ok(Err(hold.refusal(join.node)));
             }
@@ -1427,32 +1465,30 @@ impl Supervisor {
         }
     }
 
-    /// Counts the failures `state` shows, to hold out a node that keeps failing; a leader says
-    /// when one is held. Those a life not yet admitted sees are known, not counted: a
-    /// restarted process replays failures its log holds from long before.
+    /// Takes the lives `state` shows begun and failed, to hold out a node whose lives keep
+    /// failing soon after they began; a leader says when one is held.
     fn count_failures(&self, state: &ClusterState) {
-        let counting = self.life_admitted();
-        let now = Instant::now();
-        let mut flaps = self.flaps.lock().expect("flaps");
-        for (&id, record) in state.nodes.iter().filter(|(_, r)| r.status == NodeStatus::Failed) {
-            if !counting {
-                flaps.known(id, record.incarnation);
-                continue;
-            }
-            let Some(hold) = flaps.failed(id, record.incarnation, now) else { continue };
-            if self.leader() == Some(self.me.id) {
-                tracing::warn!(
-                    node = id,
-                    failures = hold.failures,
-                    "node {id} keeps failing ({} failures in {:.1} s): it is held out for {:.1} s \
-                     before it may rejoin, and longer at each failure within 10 min, so that \
-                     its entries stop moving out and back. Look for what starves it: CPU, \
-                     memory, disk, network",
-                    hold.failures,
-                    hold.within.as_secs_f64(),
-                    hold.left.as_secs_f64()
-                );
-            }
+        let held = {
+            let mut flaps = self.flaps.lock().expect("flaps");
+            flaps.watch(&state.nodes, self.life_admitted(), Instant::now())
+        };
+        if held.is_empty() || self.leader() != Some(self.me.id) {
+            return;
+        }
+        for (node, hold) in held {
+            tracing::warn!(
+                node,
+                failures = hold.failures,
+                "node {node} keeps failing: {} short lives in a row over {:.1} s, each \
+                 declared failed soon after it began. It is held out for {:.1} s before it may \
+                 rejoin, longer at each such failure, so that its entries stop moving out and \
+                 back; it rejoins by itself then (`--rejoin-hold-ms` sets the first hold). Look \
+                 for what starves it (CPU, memory, disk, network: its log says what it went \
+                 through), or for restarts in a loop",
+                hold.failures,
+                hold.within.as_secs_f64(),
+                hold.left.as_secs_f64()
+            );
         }
     }
 
@@ -1770,9 +1806,12 @@ impl Supervisor {
             // An earlier attempt got through though its answer was lost.
             Ok(Err(Refusal::AlreadyMember(_))) => tracing::debug!("rejoin already under way"),
             // Asked again at each check until the hold ends.
-            Ok(Err(refusal @ Refusal::Held { .. })) => budgeted(&self.rejoins, REJOINS, || {
-                tracing::warn!(node = self.me.id, "rejoin held back: {refusal}")
-            }),
+            Ok(Err(refusal @ Refusal::Held { .. })) => {
+                self.note_held(&refusal);
+                budgeted(&self.rejoins, REJOINS, || {
+                    tracing::warn!(node = self.me.id, "rejoin held back: {refusal}")
+                })
+            }
             // Its labels: asking again changes nothing.
             Ok(Err(refusal @ Refusal::Labels(_))) => self.stop_refused(format!(
                 "the cluster refused this node's rejoin: {refusal}. Start it again with --label \

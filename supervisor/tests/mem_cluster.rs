@@ -292,25 +292,30 @@ fn a_rejoin_committed_whose_answers_are_lost_is_admitted_by_the_change_in_its_ow
 #[test]
 fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
     replay(async {
+        let logs = Logs::default();
+        let _capture = logs.capture();
         let net = MemNetwork::new(43);
         let nodes = three_voters(&net).await;
         let (leader, x, other) = a_follower_declared_failed(&net, &nodes).await;
         let at = |id: u64| &nodes[id as usize - 1];
         let all: Vec<&Node> = nodes.iter().collect();
+        let majority = [at(leader), at(other)];
+        let leading = || {
+            let leads = |n: &&&Node| n.supervisor.leader() == Some(n.supervisor.id());
+            majority.iter().find(leads).expect("a leader among the majority").supervisor.view()
+        };
+        assert_eq!(leading().held, BTreeMap::new(), "x failed once: held by nobody");
         net.heal();
         until_back_as_second_life(&all, x).await;
-        assert_eq!(at(leader).supervisor.view().held, BTreeMap::new(), "one failure holds nobody");
 
         net.isolate(x, [leader, other]);
-        let majority = [at(leader), at(other)];
         until_all(&majority, Duration::from_secs(30), "x declared failed again", |s| {
             s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
         })
         .await;
         let failed = tokio::time::Instant::now();
         net.heal();
-        let leading = majority.iter().find(|n| n.supervisor.leader() == Some(n.supervisor.id()));
-        let view = leading.expect("a leader among the majority").supervisor.view();
+        let view = leading();
         let (failures, left_ms) = view.held[&x];
         assert_eq!(failures, 2, "{:?}", view.held);
         let hold = SupervisorConfig::loopback().rejoin_hold.as_millis() as u64;
@@ -318,7 +323,7 @@ fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
 
         // Healed, x finds itself failed within a few fence checks, and asks to rejoin: held.
         tokio::time::sleep(Duration::from_millis(left_ms - 500)).await;
-        for n in &all {
+        for n in majority {
             let record = &n.supervisor.state().nodes[&x];
             assert_eq!(
                 (record.status, record.incarnation),
@@ -327,6 +332,37 @@ fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
                 n.supervisor.id()
             );
         }
+        let x_node = &at(x).supervisor;
+        assert!(!x_node.life_admitted(), "x serves nothing while held");
+        assert!(logs.contain("rejoin held back: node"), "x asked and was told why");
+        assert!(
+            x_node.view().held.contains_key(&x),
+            "x's own view says it is held: {:?}",
+            x_node.view().held
+        );
+        // A request through x is refused at once, saying why, rather than left to time out.
+        let dir = TempDir::new().expect("temporary directory");
+        let path = dir.path().join("control.sock");
+        let entering = gobelins_supervisor::entering::Entering::new(String::new());
+        entering.done();
+        let _socket = gobelins_supervisor::control::serve(
+            &path,
+            Arc::clone(x_node),
+            gobelins_supervisor::console::Consoles::new(),
+            entering,
+        )
+        .await
+        .expect("control socket");
+        let asked = tokio::time::Instant::now();
+        let call = gobelins_supervisor::control::ControlRequest::Call {
+            service: 1,
+            key: 7,
+            body: vec![0],
+        };
+        let refused = gobelins_supervisor::control::request(&path, &call, |_| {}).await;
+        let said = refused.expect_err("refused").to_string();
+        assert!(said.contains(&format!("node {x} is held out of the cluster")), "{said}");
+        assert!(asked.elapsed() < Duration::from_millis(100), "at once: {:?}", asked.elapsed());
         until_all(&all, Duration::from_secs(30), "x back as its third life", |s| {
             s.is_stable()
                 && s.nodes[&x].status == NodeStatus::Active
@@ -334,7 +370,6 @@ fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
         })
         .await;
         assert!(failed.elapsed() >= Duration::from_millis(left_ms), "not before the hold ended");
-        assert_eq!(at(leader).supervisor.view().held, BTreeMap::new(), "back, held no more");
         assert_all_agree(&nodes, "after the third life joined");
     });
 }
@@ -1147,7 +1182,7 @@ fn a_join_asked_of_a_node_declared_failed_starts_its_services_afresh() {
         let node = &nodes[cut as usize - 1].supervisor;
         let life = node.host().life();
         net.heal();
-        let joined = node.join_cluster(&format!("n{leader}"), Duration::from_secs(30)).await;
+        let joined = node.join_cluster(&format!("n{leader}"), Duration::from_secs(30), true).await;
         assert!(matches!(joined, Ok(Ok(_))), "{joined:?}");
         assert!(node.host().life() > life, "its services started afresh");
         assert_eq!(node.incarnation(), 2);
