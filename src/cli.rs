@@ -536,8 +536,14 @@ fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result
         )?;
     }
     for node in status["nodes"].as_array().into_iter().flatten() {
-        let (Some(failures), Some(ms)) = (node["failures"].as_u64(), node["held_ms"].as_u64())
-        else {
+        let Some(failures) = node["failures"].as_u64() else { continue };
+        let Some(ms) = node["held_ms"].as_u64() else {
+            writeln!(
+                out,
+                "note: node {}'s last {failures} lives each failed soon after they began: a node \
+                 that keeps failing is held out before it may rejoin, longer each time",
+                node["id"]
+            )?;
             continue;
         };
         writeln!(
@@ -937,10 +943,14 @@ mod tests {
             ),
             "{shown}"
         );
-        let mut back = held.clone();
-        back["held_ms"] = json!(null);
-        back["failures"] = json!(null);
-        assert!(!status_text(json!([back]), true).contains("keeps failing"));
+        let mut between = held.clone();
+        between["held_ms"] = json!(null);
+        between["status"] = json!("active");
+        let shown = status_text(json!([between.clone()]), true);
+        assert!(!shown.contains("WARNING"), "{shown}");
+        assert!(shown.contains("note: node 5's last 4 lives each failed soon after"), "{shown}");
+        between["failures"] = json!(null);
+        assert!(!status_text(json!([between]), true).contains("failed soon after"));
     }
 
     #[test]

@@ -638,7 +638,7 @@ pub fn status_json(view: &View) -> Value {
                 "silent_ms": silent.map(|&(ms, _)| ms),
                 "suspected": silent.is_some_and(|&(_, suspected)| suspected),
                 "failures": held.map(|&(failures, _)| failures),
-                "held_ms": held.map(|&(_, ms)| ms),
+                "held_ms": held.map(|&(_, ms)| ms).filter(|&ms| ms > 0),
             })
         })
         .collect();

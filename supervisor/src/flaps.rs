@@ -149,8 +149,29 @@ impl Flaps {
     }
 
     /// Every node held out at `now`.
+    #[cfg(test)]
     pub(crate) fn held(&self, now: Instant) -> BTreeMap<u64, Hold> {
         self.nodes.keys().filter_map(|&node| Some((node, self.hold(node, now)?))).collect()
+    }
+
+    /// Every node whose short lives in a row still count at `now`, held or not (`left` is
+    /// zero when not): between holds, an operator sees what the next failure would bring.
+    pub(crate) fn streaks(&self, now: Instant) -> BTreeMap<u64, Hold> {
+        let counting = |lives: &&Lives| {
+            lives.strikes > 0
+                && lives.back_at.is_some_and(|at| now.saturating_duration_since(at) < FLAP_MEMORY)
+        };
+        let streak = |(&node, lives): (&u64, &Lives)| {
+            let held = self.hold(node, now);
+            let last = lives.hold.map_or(Duration::ZERO, |(hold, _)| hold.within);
+            let hold = held.unwrap_or(Hold {
+                failures: lives.strikes,
+                within: last,
+                left: Duration::ZERO,
+            });
+            (node, Hold { failures: lives.strikes, ..hold })
+        };
+        self.nodes.iter().filter(|(_, lives)| counting(lives)).map(streak).collect()
     }
 }
 
@@ -200,6 +221,11 @@ mod tests {
         );
         assert_eq!(flaps.hold(3, fourth), None, "another node is not held");
         assert_eq!(flaps.held(fourth).keys().copied().collect::<Vec<_>>(), [4]);
+        // Once the hold is over, the streak still shows, until the memory has passed.
+        let over = fourth + 21 * S;
+        assert_eq!(flaps.held(over), BTreeMap::new());
+        assert_eq!(flaps.streaks(over)[&4].failures, 4);
+        assert_eq!(flaps.streaks(fourth + 20 * S + FLAP_MEMORY), BTreeMap::new());
     }
 
     #[test]
@@ -226,6 +252,9 @@ mod tests {
         let failed = record(NodeStatus::Failed, 4);
         assert_eq!(flaps.watch([(&4, &failed)], true, later + 13 * S), []);
         assert_eq!(flaps.held(later + 13 * S), BTreeMap::new());
+        let streak = flaps.streaks(later + 13 * S);
+        assert_eq!(streak[&4].failures, 1, "one short life counted, not held: {streak:?}");
+        assert_eq!(streak[&4].left, Duration::ZERO);
         // A node that left is not counted either.
         let left = record(NodeStatus::Left, 5);
         assert_eq!(flaps.watch([(&4, &left)], true, later + 14 * S), []);

@@ -93,9 +93,10 @@ pub struct View {
     /// with for how long in milliseconds, and whether witnesses are being asked about them (the
     /// node is suspected, and declared failed if they cannot reach it either).
     pub silent: BTreeMap<u64, (u64, bool)>,
-    /// The nodes held out for failing again and again (see `SupervisorConfig::rejoin_hold`),
-    /// with their short lives failed in a row and how much longer each is held, in
-    /// milliseconds; the node that answers too, while a refusal of its rejoin holds it.
+    /// The nodes whose lives keep failing soon after they began (see
+    /// `SupervisorConfig::rejoin_hold`): how many in a row, and how much longer each is held
+    /// out, in milliseconds (zero when it is not); the node that answers too, while a refusal
+    /// of its rejoin holds it.
     pub held: BTreeMap<u64, (u32, u64)>,
 }
 

@@ -447,18 +447,21 @@ impl Supervisor {
         }
     }
 
-    /// The nodes this node would hold out of the cluster now, with their short lives failed
-    /// in a row and how much longer each is held, in milliseconds; and this node itself, while
-    /// a refusal of its rejoin holds it.
+    /// The nodes whose short lives in a row still count here, with how many and how much
+    /// longer each is held out (zero when not), in milliseconds; and this node itself, while a
+    /// refusal of its rejoin holds it.
     pub fn held_out(&self) -> BTreeMap<u64, (u32, u64)> {
         let state = self.state();
         let ended = |n: &u64| state.nodes.get(n).is_some_and(|r| !r.status.is_live());
         let now = Instant::now();
-        let held = self.flaps.lock().expect("flaps").held(now);
-        let mut held: BTreeMap<u64, (u32, u64)> = held
+        let streaks = self.flaps.lock().expect("flaps").streaks(now);
+        let mut held: BTreeMap<u64, (u32, u64)> = streaks
             .into_iter()
-            .filter(|(n, _)| ended(n))
-            .map(|(n, hold)| (n, (hold.failures, hold.left.as_millis() as u64)))
+            .map(|(n, hold)| {
+                // A live node is held by nobody, whatever this node's record says.
+                let left = if ended(&n) { hold.left.as_millis() as u64 } else { 0 };
+                (n, (hold.failures, left))
+            })
             .collect();
         if let Some((failures, left)) = self.held_back() {
             held.insert(self.me.id, (failures, left.as_millis() as u64));
