@@ -538,10 +538,14 @@ fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result
     for node in status["nodes"].as_array().into_iter().flatten() {
         let Some(failures) = node["failures"].as_u64() else { continue };
         let Some(ms) = node["held_ms"].as_u64() else {
+            let lives = match failures {
+                1 => "last life failed soon after it began".to_string(),
+                n => format!("last {n} lives each failed soon after they began"),
+            };
             writeln!(
                 out,
-                "note: node {}'s last {failures} lives each failed soon after they began: a node \
-                 that keeps failing is held out before it may rejoin, longer each time",
+                "note: node {}'s {lives}: a node that keeps failing is held out before it may \
+                 rejoin, longer each time",
                 node["id"]
             )?;
             continue;
@@ -949,6 +953,9 @@ mod tests {
         let shown = status_text(json!([between.clone()]), true);
         assert!(!shown.contains("WARNING"), "{shown}");
         assert!(shown.contains("note: node 5's last 4 lives each failed soon after"), "{shown}");
+        between["failures"] = json!(1);
+        let once = status_text(json!([between.clone()]), true);
+        assert!(once.contains("note: node 5's last life failed soon after it began"), "{once}");
         between["failures"] = json!(null);
         assert!(!status_text(json!([between]), true).contains("failed soon after"));
     }
