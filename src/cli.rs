@@ -554,9 +554,11 @@ fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result
             out,
             "WARNING: node {} keeps failing ({failures} short lives in a row): it is held out \
              for {:.1} s more before it may rejoin, and rejoins by itself then. Look for what \
-             starves it (CPU, memory, disk, network: its log), or for restarts in a loop",
+             starves it (CPU, memory, disk, network: its log), or for restarts in a loop; once \
+             that is mended, `gobelins forgive {}` lifts the hold",
             node["id"],
-            ms as f64 / 1e3
+            ms as f64 / 1e3,
+            node["id"]
         )?;
     }
     for node in status["nodes"].as_array().into_iter().flatten() {
@@ -714,6 +716,20 @@ pub(crate) fn evict(args: EvictArgs) -> anyhow::Result<()> {
     }
     let status = ask(&args.dir, ControlRequest::Evict { node: args.node })?;
     eprintln!("node {} is out of the cluster (now at epoch {})", args.node, status["epoch"]);
+    Ok(())
+}
+
+pub(crate) fn forgive(args: EvictArgs) -> anyhow::Result<()> {
+    let answer = ask(&args.dir, ControlRequest::Forgive { node: args.node })?;
+    let (took, asked) = (&answer["took"], &answer["asked"]);
+    eprintln!(
+        "node {}'s failures are forgiven by {took} of {asked} members: it rejoins at its next try, \
+         within seconds (`gobelins status` shows it back)",
+        args.node
+    );
+    if took != asked {
+        bail!("some members did not answer: should one of them lead next, it may still hold node {} out; ask again", args.node);
+    }
     Ok(())
 }
 

@@ -64,6 +64,11 @@ pub enum ControlRequest {
         #[serde(with = "hex_body")]
         body: Vec<u8>,
     },
+    /// Lift the hold on a node that kept failing, at every live member.
+    Forgive {
+        /// The node.
+        node: u64,
+    },
 }
 
 impl ControlRequest {
@@ -77,6 +82,7 @@ impl ControlRequest {
             ControlRequest::Call { .. } => "call",
             ControlRequest::Stats => "stats",
             ControlRequest::Local { .. } => "local",
+            ControlRequest::Forgive { .. } => "forgive",
         }
     }
 }
@@ -265,10 +271,35 @@ async fn answer(
         tracing::warn!(request = request.kind(), pid, "a control request whose client exited before this agent read it is not carried out (the agent was stopped or too slow to answer, and the command gave up)");
         return Ok(());
     }
+    // Held out, it serves nothing until the hold ends: a request would wait out its whole
+    // deadline for a configuration that is not coming, and then blame the cluster. Before
+    // the entering check: a node restarted while held is entering too, and that text would
+    // blame a missing majority.
+    if let Some((failures, left)) = node.held_back() {
+        if !matches!(
+            request,
+            ControlRequest::Stats
+                | ControlRequest::Status { .. }
+                | ControlRequest::Evict { .. }
+                | ControlRequest::Forgive { .. }
+        ) {
+            let why = format!(
+                "node {} is held out of the cluster for {:.1} s more: it keeps failing ({failures} \
+                 short lives in a row), and serves nothing until it rejoins, by itself, once the \
+                 hold ends. Send requests through another member meanwhile; this agent's log \
+                 says what it went through",
+                node.id(),
+                left.as_secs_f64()
+            );
+            return flush(&mut write, &[json!({ "error": why })]).await;
+        }
+    }
     if let Some(what) = entering.now() {
         match request {
             // Another node's eviction is the cluster's to carry out, not this node's.
-            ControlRequest::Stats | ControlRequest::Evict { .. } => {}
+            ControlRequest::Stats
+            | ControlRequest::Evict { .. }
+            | ControlRequest::Forgive { .. } => {}
             ControlRequest::Status { .. } => {
                 let mut status = status_json(&node.view());
                 status["entering"] = json!(what);
@@ -281,24 +312,6 @@ async fn answer(
                 let why = format!("the agent is still entering the cluster: {what}. Try again once `gobelins status` no longer says so; the agent's log tells what it waits for");
                 return flush(&mut write, &[json!({ "error": why })]).await;
             }
-        }
-    }
-    // Held out, it serves nothing until the hold ends: a request would wait out its whole
-    // deadline for a configuration that is not coming, and then blame the cluster.
-    if let Some((failures, left)) = node.held_back() {
-        if !matches!(
-            request,
-            ControlRequest::Stats | ControlRequest::Status { .. } | ControlRequest::Evict { .. }
-        ) {
-            let why = format!(
-                "node {} is held out of the cluster for {:.1} s more: it keeps failing ({failures} \
-                 short lives in a row), and serves nothing until it rejoins, by itself, once the \
-                 hold ends. Send requests through another member meanwhile; this agent's log \
-                 says what it went through",
-                node.id(),
-                left.as_secs_f64()
-            );
-            return flush(&mut write, &[json!({ "error": why })]).await;
         }
     }
     match request {
@@ -357,6 +370,11 @@ async fn answer(
         }
         // Not this node: `leave` is the way out for it, and an evict typed with the wrong id
         // should not take down the node the operator is on.
+        ControlRequest::Forgive { node: target } => {
+            let (took, asked) = node.forgive(target).await;
+            let line = json!({ "ok": { "node": target, "took": took, "asked": asked } });
+            flush(&mut write, &[line]).await
+        }
         ControlRequest::Evict { node: target } if target == node.id() => {
             let why = format!("node {target} is this agent's own node: `gobelins leave` takes it out gracefully; `evict` removes other nodes");
             flush(&mut write, &[json!({ "error": why })]).await

@@ -141,6 +141,14 @@ impl Flaps {
         Some(set)
     }
 
+    /// Forgets `node`'s short lives in a row, and lifts its hold: an operator says the cause is
+    /// mended.
+    pub(crate) fn forgive(&mut self, node: u64) {
+        if let Some(lives) = self.nodes.get_mut(&node) {
+            (lives.strikes, lives.first, lives.back_at, lives.hold) = (0, None, None, None);
+        }
+    }
+
     /// How much longer `node` is held out at `now`, if it is.
     pub(crate) fn hold(&self, node: u64, now: Instant) -> Option<Hold> {
         let (hold, until) = self.nodes.get(&node)?.hold?;
@@ -288,6 +296,18 @@ mod tests {
         assert_eq!(live_then_fail(&mut flaps, 15, much_later, S), [], "forgotten");
         let held = live_then_fail(&mut flaps, 16, much_later + 2 * S, S);
         assert_eq!(held.iter().map(|(_, h)| h.left).collect::<Vec<_>>(), [5 * S]);
+    }
+
+    #[test]
+    fn a_node_forgiven_is_held_no_more_and_starts_a_new_streak() {
+        let start = Instant::now();
+        let mut flaps = Flaps::new(5 * S);
+        live_then_fail(&mut flaps, 1, start, S);
+        assert_eq!(live_then_fail(&mut flaps, 2, start + 2 * S, S).len(), 1, "held");
+        flaps.forgive(4);
+        assert_eq!(flaps.hold(4, start + 4 * S), None, "the hold is lifted");
+        assert_eq!(flaps.streaks(start + 4 * S), BTreeMap::new(), "and the streak forgotten");
+        assert_eq!(live_then_fail(&mut flaps, 3, start + 5 * S, S), [], "a first failure again");
     }
 
     #[test]

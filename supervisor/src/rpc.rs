@@ -59,6 +59,9 @@ pub enum Request {
     /// for it. Last of the variants, so that a node of the same protocol version that does not
     /// know it answers `Malformed` and only misses the head start.
     Begun(Box<ClusterState>),
+    /// An operator lifts the hold on a node that kept failing (`gobelins forgive`): forget its
+    /// short lives in a row, so that its next rejoin is admitted.
+    Forgive(u64),
 }
 
 /// Why a proposal did not produce an outcome.
@@ -135,4 +138,6 @@ pub enum Response {
     Stopped(String),
     /// To `Begun`: whether the receiver begins from the state told.
     Heard(bool),
+    /// To `Forgive`: done.
+    Forgiven,
 }

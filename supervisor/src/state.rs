@@ -242,13 +242,15 @@ pub enum Refusal {
     /// by the replicated state, which has no clock. Retryable: asked again once the hold ends,
     /// the join goes through.
     #[error(
-        "node {node} keeps failing: {failures} short lives in a row over {within:.1} s, each \
-         declared failed soon after it began. The cluster holds it out for {left:.1} s more, \
+        "node {node} keeps failing: {failures} short lives in a row, {within:.1} s from the \
+         first failure to the last, each declared failed soon after it began. The cluster holds \
+         it out for {left:.1} s more, \
          and longer at each such failure, so that its entries stop moving out and back; ask \
          again then (a node declared failed rejoins by itself). Meanwhile, look for what \
-         starves it (CPU, memory, disk, network: its log), or for restarts in a loop",
+         starves it (CPU, memory, disk, network: its log), or for restarts in a loop; once \
+         that is mended, `gobelins forgive {node}` lifts the hold",
         within = *within_ms as f64 / 1e3,
-        left = *left_ms as f64 / 1e3
+        left = (*left_ms).max(100) as f64 / 1e3
     )]
     Held {
         /// The node.

@@ -452,7 +452,9 @@ impl Supervisor {
     /// refusal of its rejoin holds it.
     pub fn held_out(&self) -> BTreeMap<u64, (u32, u64)> {
         let state = self.state();
-        let ended = |n: &u64| state.nodes.get(n).is_some_and(|r| !r.status.is_live());
+        // Held only while it is out and at least two members are in (`admit_here`).
+        let enforced = state.live().len() >= 2;
+        let ended = |n: &u64| enforced && state.nodes.get(n).is_some_and(|r| !r.status.is_live());
         let now = Instant::now();
         let streaks = self.flaps.lock().expect("flaps").streaks(now);
         let mut held: BTreeMap<u64, (u32, u64)> = streaks
@@ -575,6 +577,11 @@ impl Supervisor {
     /// Says that this voter has known no leader for `lost`, and which voters did not answer a
     /// ping just now.
     async fn say_leaderless(self: Arc<Self>, lost: Duration) {
+        // Held out, it was taken out of the voters by a leader it no longer hears from: its
+        // own raft still lists it, and nothing is cut off.
+        if self.held_back().is_some() {
+            return;
+        }
         let (voters, silent) = self.silent_voters().await;
         tracing::warn!(
             node = self.me.id,
@@ -953,12 +960,33 @@ impl Supervisor {
         }
     }
 
-    /// Keeps what a refusal said of this node's hold, for its own view while it waits.
-    fn note_held(&self, refusal: &Refusal) {
-        if let Refusal::Held { failures, left_ms, .. } = refusal {
-            let until = Instant::now() + Duration::from_millis(*left_ms);
-            *self.held_back.lock().expect("held back") = Some((*failures, until));
-        }
+    /// Lifts the hold on `node` at every live member, this one included, each of which keeps
+    /// its own count of the node's failures (the next leader must not hold it either). How
+    /// many of them took it, and of how many.
+    pub async fn forgive(&self, node: u64) -> (usize, usize) {
+        self.flaps.lock().expect("flaps").forgive(node);
+        let others: Vec<u64> =
+            self.state().live().into_iter().filter(|&n| n != self.me.id && n != node).collect();
+        let asked = others.iter().map(|&n| async move {
+            matches!(
+                self.call(n, &Request::Forgive(node), self.config.rpc_timeout).await,
+                Ok(Response::Forgiven)
+            )
+        });
+        let took = futures::future::join_all(asked).await.into_iter().filter(|&t| t).count();
+        tracing::warn!(node, "node {node}'s failures are forgiven: its hold, if any, is lifted");
+        (took + 1, others.len() + 1)
+    }
+
+    /// Keeps what a refusal said of this node's hold, for its own view while it waits;
+    /// whether it is a hold not heard of before.
+    fn note_held(&self, refusal: &Refusal) -> bool {
+        let Refusal::Held { failures, left_ms, .. } = refusal else { return false };
+        let until = Instant::now() + Duration::from_millis(*left_ms);
+        let mut held = self.held_back.lock().expect("held back");
+        let new = held.is_none_or(|(known, _)| known != *failures);
+        *held = Some((*failures, until));
+        new
     }
 
     /// Moves to an incarnation above `seen` (the last one the cluster knows), persisted before it
@@ -1172,6 +1200,15 @@ impl Supervisor {
             }
             Request::State => Response::View(Box::new(self.view())),
             Request::Begun(state) => Response::Heard(self.hear_begun(from, *state)),
+            Request::Forgive(node) => {
+                self.flaps.lock().expect("flaps").forgive(node);
+                tracing::warn!(
+                    node,
+                    by = from,
+                    "node {node}'s failures are forgiven: its hold, if any, is lifted"
+                );
+                Response::Forgiven
+            }
         };
         encode_response(&response)
     }
@@ -1475,19 +1512,22 @@ impl Supervisor {
             let mut flaps = self.flaps.lock().expect("flaps");
             flaps.watch(&state.nodes, self.life_admitted(), Instant::now())
         };
-        if held.is_empty() || self.leader() != Some(self.me.id) {
+        // Not said where it is not done (`admit_here`): with fewer than two members left.
+        if held.is_empty() || self.leader() != Some(self.me.id) || state.live().len() < 2 {
             return;
         }
         for (node, hold) in held {
             tracing::warn!(
                 node,
                 failures = hold.failures,
-                "node {node} keeps failing: {} short lives in a row over {:.1} s, each \
-                 declared failed soon after it began. It is held out for {:.1} s before it may \
+                "node {node} keeps failing: {} short lives in a row, {:.1} s from the first \
+                 failure to the last, each declared failed soon after it began. It is held out \
+                 for {:.1} s before it may \
                  rejoin, longer at each such failure, so that its entries stop moving out and \
                  back; it rejoins by itself then (`--rejoin-hold-ms` sets the first hold). Look \
                  for what starves it (CPU, memory, disk, network: its log says what it went \
-                 through), or for restarts in a loop",
+                 through), or for restarts in a loop; once that is mended, `gobelins forgive \
+                 {node}` lifts the hold",
                 hold.failures,
                 hold.within.as_secs_f64(),
                 hold.left.as_secs_f64()
@@ -1809,11 +1849,11 @@ impl Supervisor {
             // An earlier attempt got through though its answer was lost.
             Ok(Err(Refusal::AlreadyMember(_))) => tracing::debug!("rejoin already under way"),
             // Asked again at each check until the hold ends.
+            // Said once per hold: several checks can ask at once.
             Ok(Err(refusal @ Refusal::Held { .. })) => {
-                self.note_held(&refusal);
-                budgeted(&self.rejoins, REJOINS, || {
-                    tracing::warn!(node = self.me.id, "rejoin held back: {refusal}")
-                })
+                if self.note_held(&refusal) {
+                    tracing::warn!(node = self.me.id, "rejoin held back: {refusal}");
+                }
             }
             // Its labels: asking again changes nothing.
             Ok(Err(refusal @ Refusal::Labels(_))) => self.stop_refused(format!(

@@ -375,6 +375,63 @@ fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
     });
 }
 
+/// A node held out for failing twice is forgiven through a member's control socket: every
+/// member lifts its hold, and the node rejoins at its next try, long before the hold would
+/// have ended.
+#[test]
+fn a_held_node_forgiven_by_an_operator_rejoins_at_its_next_try() {
+    replay(async {
+        let net = MemNetwork::new(47);
+        let nodes = three_voters(&net).await;
+        let (leader, x, other) = a_follower_declared_failed(&net, &nodes).await;
+        let at = |id: u64| &nodes[id as usize - 1];
+        let all: Vec<&Node> = nodes.iter().collect();
+        net.heal();
+        until_back_as_second_life(&all, x).await;
+        net.isolate(x, [leader, other]);
+        let majority = [at(leader), at(other)];
+        until_all(&majority, Duration::from_secs(30), "x declared failed again", |s| {
+            s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
+        })
+        .await;
+        net.heal();
+        let (_, left_ms) = at(leader).supervisor.view().held[&x];
+        assert!(left_ms > 3000, "held for {left_ms} ms");
+
+        // Through the member that does not lead: every member must forget, the leader too.
+        let dir = TempDir::new().expect("temporary directory");
+        let path = dir.path().join("control.sock");
+        let entering = gobelins_supervisor::entering::Entering::new(String::new());
+        entering.done();
+        let _socket = gobelins_supervisor::control::serve(
+            &path,
+            Arc::clone(&at(other).supervisor),
+            gobelins_supervisor::console::Consoles::new(),
+            entering,
+        )
+        .await
+        .expect("control socket");
+        let forgive = gobelins_supervisor::control::ControlRequest::Forgive { node: x };
+        let answer =
+            gobelins_supervisor::control::request(&path, &forgive, |_| {}).await.expect("forgiven");
+        assert_eq!((&answer["took"], &answer["asked"]), (&2.into(), &2.into()), "{answer}");
+        assert_eq!(at(leader).supervisor.view().held.get(&x), None, "the leader forgot");
+        let forgiven = tokio::time::Instant::now();
+        until_all(&all, Duration::from_secs(30), "x back as its third life", |s| {
+            s.is_stable()
+                && s.nodes[&x].status == NodeStatus::Active
+                && s.nodes[&x].incarnation == 3
+        })
+        .await;
+        let back = forgiven.elapsed();
+        assert!(
+            back < Duration::from_millis(left_ms - 1000),
+            "back in {back:?}, held {left_ms} ms"
+        );
+        assert_all_agree(&nodes, "after the forgiven node rejoined");
+    });
+}
+
 /// A node declared failed while it ran rejoins as a new life; the rejoin commits, but its answer
 /// is lost, the leader's log does not reach it, and neither does the leader's word of the change
 /// the rejoin began. Nothing tells it that it was taken: the fence check, finding this life
