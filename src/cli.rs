@@ -66,8 +66,8 @@ pub(crate) struct AgentArgs {
     /// at each further such failure, up to 5 minutes, until the node stays up (or away) for 10
     /// minutes. A node starved of CPU or on a flaky link would otherwise be declared failed and
     /// rejoin again and again, its entries moving out and back each time. 0 holds nobody.
-    #[arg(long, value_name = "MS", default_value_t = 5000)]
-    rejoin_hold_ms: u64,
+    #[arg(long, value_name = "MS")]
+    rejoin_hold_ms: Option<u64>,
 }
 
 /// Options of `gobelins status`.
@@ -108,6 +108,15 @@ pub(crate) struct EvictArgs {
     #[command(flatten)]
     dir: DirArgs,
     /// The node to remove.
+    node: u64,
+}
+
+/// Options of `gobelins unhold`.
+#[derive(Args, Debug)]
+pub(crate) struct UnholdArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    /// The node held out.
     node: u64,
 }
 
@@ -377,7 +386,9 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(ms) = args.failure_timeout_ms {
         config.failure_timeout = Duration::from_millis(ms);
     }
-    config.rejoin_hold = Duration::from_millis(args.rejoin_hold_ms);
+    if let Some(ms) = args.rejoin_hold_ms {
+        config.rejoin_hold = Duration::from_millis(ms);
+    }
     if args.node_id == Some(0) {
         // Accepted, node 0 joined and could not be evicted: `evict` refuses it.
         bail!("--node-id 0 is not a node id: ids start at 1");
@@ -555,7 +566,7 @@ fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result
             "WARNING: node {} keeps failing ({failures} short lives in a row): it is held out \
              for {:.1} s more before it may rejoin, and rejoins by itself then. Look for what \
              starves it (CPU, memory, disk, network: its log), or for restarts in a loop; once \
-             that is mended, `gobelins forgive {}` lifts the hold",
+             that is mended, `gobelins unhold {}` lifts the hold",
             node["id"],
             ms as f64 / 1e3,
             node["id"]
@@ -719,18 +730,40 @@ pub(crate) fn evict(args: EvictArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn forgive(args: EvictArgs) -> anyhow::Result<()> {
-    let answer = ask(&args.dir, ControlRequest::Forgive { node: args.node })?;
-    let (took, asked) = (&answer["took"], &answer["asked"]);
-    eprintln!(
-        "node {}'s failures are forgiven by {took} of {asked} members: it rejoins at its next try, \
-         within seconds (`gobelins status` shows it back)",
-        args.node
-    );
-    if took != asked {
-        bail!("some members did not answer: should one of them lead next, it may still hold node {} out; ask again", args.node);
+pub(crate) fn unhold(args: UnholdArgs) -> anyhow::Result<()> {
+    if args.node == 0 {
+        bail!("node ids start at 1");
     }
+    let answer = ask(&args.dir, ControlRequest::Unhold { node: args.node })?;
+    eprintln!("{}", unheld_text(args.node, &answer)?);
     Ok(())
+}
+
+/// What `gobelins unhold` says of the agent's answer; an error when a member did not answer.
+fn unheld_text(node: u64, answer: &Value) -> anyhow::Result<String> {
+    let ids = |key: &str| -> Vec<String> {
+        answer[key].as_array().into_iter().flatten().map(ToString::to_string).collect()
+    };
+    let (answered, silent) = (ids("answered"), ids("silent"));
+    if !silent.is_empty() {
+        bail!(
+            "node {node}'s hold is lifted here and at node(s) [{}], but node(s) [{}] did not \
+             answer: should one of them lead next, it may still hold node {node} out. Ask again \
+             once they answer",
+            answered.join(", "),
+            silent.join(", ")
+        );
+    }
+    if answer["held"] != true {
+        return Ok(format!(
+            "no member held node {node} or counted failures of it: nothing to do (to accept a \
+             kvdir slot's loss, it is `gobelins kv forgive`)"
+        ));
+    }
+    Ok(format!(
+        "node {node}'s hold is lifted at every member: it rejoins at its next try, within \
+         seconds (`gobelins status` shows it back)"
+    ))
 }
 
 pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
@@ -947,6 +980,17 @@ mod tests {
         assert!(shown.contains("WARNING: node 3 has not answered the leader for 1.2 s"), "{shown}");
         let queued = status_text(json!([node(1, json!(null), false)]), false);
         assert!(queued.contains("not stable: changes are queued"), "{queued}");
+    }
+
+    #[test]
+    fn unhold_says_whether_a_hold_was_lifted_and_fails_when_a_member_did_not_answer() {
+        let lifted = unheld_text(5, &json!({ "held": true, "answered": [1, 2], "silent": [] }));
+        assert!(lifted.expect("lifted").contains("node 5's hold is lifted at every member"));
+        let none = unheld_text(5, &json!({ "held": false, "answered": [1, 2], "silent": [] }));
+        assert!(none.expect("nothing").contains("no member held node 5"));
+        let part = unheld_text(5, &json!({ "held": true, "answered": [1], "silent": [3] }));
+        let said = part.expect_err("a member did not answer").to_string();
+        assert!(said.contains("at node(s) [1], but node(s) [3] did not answer"), "{said}");
     }
 
     #[test]

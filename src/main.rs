@@ -31,7 +31,7 @@ enum Command {
     Evict(cli::EvictArgs),
     /// Lift the hold on a node that kept failing (its lives declared failed soon after they
     /// began), once its cause is mended: it rejoins at its next try, within seconds.
-    Forgive(cli::EvictArgs),
+    Unhold(cli::UnholdArgs),
     /// Read or write distributed shared memory through the local agent.
     Dsm(cli::DsmArgs),
     /// Read or write the kvdir service (the example key-value directory) through the local
@@ -92,7 +92,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Join(args) => cli::join(args),
         Command::Leave(args) => cli::leave(args),
         Command::Evict(args) => cli::evict(args),
-        Command::Forgive(args) => cli::forgive(args),
+        Command::Unhold(args) => cli::unhold(args),
         Command::Dsm(args) => cli::dsm(args),
         Command::Kv(args) => cli::kv(args),
         Command::Demo(args) => demo::run(&args),

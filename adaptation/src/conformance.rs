@@ -164,7 +164,8 @@ impl std::fmt::Display for Verdict {
 /// going on through nodes 1 and 2, and reads every key back through node 2 after each step,
 /// the writers paused:
 ///
-/// 1. a node added, then node 3 evicted;
+/// 1. a node added, then node 3 evicted, every batch of that eviction delivered twice (as a
+///    sender whose call timed out just as its batch landed sends it again);
 /// 2. if the service says it survives a failure: the added node fails; a node added dies in
 ///    its own eviction, before it sends anything out; a node dies as it joins, before it
 ///    passes on what it received (only copies its senders kept, or older replicas, can rebuild

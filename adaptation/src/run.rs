@@ -218,7 +218,7 @@ impl Packed {
         }
     }
 
-    fn shrink(&mut self) {
+    pub(crate) fn shrink(&mut self) {
         self.buf.shrink_to(self.buf.len() + codec::SPARE);
     }
 }

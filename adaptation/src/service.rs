@@ -279,7 +279,11 @@ impl Moving {
                 // Taken from a run that held it already: neither too large nor cut short.
                 let _ = packed.push(key, entry);
             }
-            kept.extend(split);
+            // Each was sized for the whole run, and waits for the sending phase.
+            kept.extend(split.into_iter().map(|(to, mut run)| {
+                run.shrink();
+                (to, run)
+            }));
         }
         (kept, left_out)
     }
@@ -831,14 +835,18 @@ mod tests {
         let orphaned = (0..200).filter(|&k| spec.slot_of(Key(k)) < 32).count() as u64;
         assert!(orphaned > 0 && orphaned < 200, "both kinds among 200 keys");
         assert_eq!(left_out, 200 - orphaned, "the live nodes' keys are left out");
-        let mut seen = 0;
+        let mut seen = Vec::new();
         for (to, packed) in kept {
             for (key, _) in packed.into_run().entries() {
                 assert_eq!(orphans.destination(key), Some(to), "key {key:?} for its new manager");
-                seen += 1;
+                seen.push(key.0);
             }
         }
-        assert_eq!(seen, orphaned + 1, "every orphan's entry kept once");
+        seen.sort_unstable();
+        let mut expected: Vec<u64> = (0..200).filter(|&k| spec.slot_of(Key(k)) < 32).collect();
+        expected.push(to_3.0);
+        expected.sort_unstable();
+        assert_eq!(seen, expected, "every orphan's entry kept, once per run that held it");
     }
 
     #[test]

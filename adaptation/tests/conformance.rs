@@ -1,5 +1,5 @@
 //! The conformance suite against a small replicated service: it passes as written, and each
-//! of four deliberate faults fails it, named with the step after which keys went missing.
+//! of five deliberate faults fails it, named with the step after which keys went missing.
 
 use gobelins_adaptation::testing::{conformance, replay, Probe, Verdict};
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};

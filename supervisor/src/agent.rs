@@ -677,7 +677,25 @@ async fn entered_once_admitted(supervisor: Arc<Supervisor>, entering: Entering) 
     let lifecycle = supervisor.lifecycle();
     let me = supervisor.id();
     let mut told = false;
+    let mut held = false;
     while !supervisor.life_admitted() && *lifecycle.borrow() == Lifecycle::Member {
+        // Held out for failing again and again: not the majority it would otherwise seem to
+        // wait for.
+        match supervisor.held_back() {
+            Some((failures, left)) => {
+                entering.now_doing(format!(
+                    "restarted, and held out of the cluster for {:.0} s more: it keeps failing \
+                     ({failures} short lives in a row); it rejoins by itself then",
+                    left.as_secs_f64().ceil()
+                ));
+                held = true;
+            }
+            None if held => {
+                entering.now_doing("restarted; its hold is over: rejoining as a new life".into());
+                held = false;
+            }
+            None => {}
+        }
         // Its last life ended as the last node the locator held: a majority of the voters is
         // up (this one), and nothing happens until another node joins.
         let ended = supervisor.state().nodes.get(&me).is_some_and(|r| !r.status.is_live());

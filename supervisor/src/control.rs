@@ -65,7 +65,7 @@ pub enum ControlRequest {
         body: Vec<u8>,
     },
     /// Lift the hold on a node that kept failing, at every live member.
-    Forgive {
+    Unhold {
         /// The node.
         node: u64,
     },
@@ -82,8 +82,17 @@ impl ControlRequest {
             ControlRequest::Call { .. } => "call",
             ControlRequest::Stats => "stats",
             ControlRequest::Local { .. } => "local",
-            ControlRequest::Forgive { .. } => "forgive",
+            ControlRequest::Unhold { .. } => "unhold",
         }
+    }
+
+    /// Whether it is the cluster's to carry out, whatever this node's own state: answered
+    /// while this node enters the cluster or is held out of it.
+    fn for_the_cluster(&self) -> bool {
+        matches!(
+            self,
+            ControlRequest::Stats | ControlRequest::Evict { .. } | ControlRequest::Unhold { .. }
+        )
     }
 }
 
@@ -275,31 +284,27 @@ async fn answer(
     // deadline for a configuration that is not coming, and then blame the cluster. Before
     // the entering check: a node restarted while held is entering too, and that text would
     // blame a missing majority.
-    if let Some((failures, left)) = node.held_back() {
-        if !matches!(
-            request,
-            ControlRequest::Stats
-                | ControlRequest::Status { .. }
-                | ControlRequest::Evict { .. }
-                | ControlRequest::Forgive { .. }
-        ) {
-            let why = format!(
-                "node {} is held out of the cluster for {:.1} s more: it keeps failing ({failures} \
-                 short lives in a row), and serves nothing until it rejoins, by itself, once the \
-                 hold ends. Send requests through another member meanwhile; this agent's log \
-                 says what it went through",
-                node.id(),
-                left.as_secs_f64()
-            );
-            return flush(&mut write, &[json!({ "error": why })]).await;
-        }
+    // A join or a leave gets the cluster's own answer, which says the same.
+    let its_own = matches!(
+        request,
+        ControlRequest::Status { .. } | ControlRequest::Join { .. } | ControlRequest::Leave
+    );
+    if let Some((failures, left)) =
+        node.held_back().filter(|_| !request.for_the_cluster() && !its_own)
+    {
+        let id = node.id();
+        let why = format!(
+            "node {id} is held out of the cluster for {:.1} s more: it keeps failing ({failures} \
+             short lives in a row), and serves nothing until it rejoins, by itself, once the \
+             hold ends. Send requests through another member meanwhile. {}",
+            left.as_secs_f64(),
+            crate::flaps::advice(id)
+        );
+        return flush(&mut write, &[json!({ "error": why })]).await;
     }
     if let Some(what) = entering.now() {
         match request {
-            // Another node's eviction is the cluster's to carry out, not this node's.
-            ControlRequest::Stats
-            | ControlRequest::Evict { .. }
-            | ControlRequest::Forgive { .. } => {}
+            _ if request.for_the_cluster() => {}
             ControlRequest::Status { .. } => {
                 let mut status = status_json(&node.view());
                 status["entering"] = json!(what);
@@ -368,13 +373,14 @@ async fn answer(
             let leave = Command::Leave { node: id };
             change((&mut read, &mut write), &node, leave, id, NodeStatus::Left).await
         }
-        // Not this node: `leave` is the way out for it, and an evict typed with the wrong id
-        // should not take down the node the operator is on.
-        ControlRequest::Forgive { node: target } => {
-            let (took, asked) = node.forgive(target).await;
-            let line = json!({ "ok": { "node": target, "took": took, "asked": asked } });
+        ControlRequest::Unhold { node: target } => {
+            let unheld = node.unhold(target).await;
+            let (held, answered, silent) = (unheld.held, unheld.answered, unheld.silent);
+            let line = json!({ "ok": { "node": target, "held": held, "answered": answered, "silent": silent } });
             flush(&mut write, &[line]).await
         }
+        // Not this node: `leave` is the way out for it, and an evict typed with the wrong id
+        // should not take down the node the operator is on.
         ControlRequest::Evict { node: target } if target == node.id() => {
             let why = format!("node {target} is this agent's own node: `gobelins leave` takes it out gracefully; `evict` removes other nodes");
             flush(&mut write, &[json!({ "error": why })]).await

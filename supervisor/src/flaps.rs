@@ -61,6 +61,15 @@ pub(crate) struct Hold {
     pub(crate) left: Duration,
 }
 
+/// What an operator of a node held out should do, as every message about a hold says it.
+pub(crate) fn advice(node: u64) -> String {
+    format!(
+        "Look for what starves node {node} (CPU, memory, disk, network: its log says what it went \
+         through), or for restarts in a loop; once that is mended, `gobelins unhold {node}` lifts \
+         the hold"
+    )
+}
+
 impl Hold {
     /// The refusal of `node`'s rejoin while it is held.
     pub(crate) fn refusal(&self, node: u64) -> Refusal {
@@ -108,7 +117,12 @@ impl Flaps {
                 Some((life, Some(began))) if life == record.incarnation => began,
                 _ => continue,
             };
-            if !counting || now.saturating_duration_since(began) >= SHORT_LIFE {
+            if !counting {
+                continue;
+            }
+            // A long life breaks the run: the short lives before it were not a flap.
+            if now.saturating_duration_since(began) >= SHORT_LIFE {
+                lives.restart_streak();
                 continue;
             }
             if let Some(hold) = self.failed(node, now) {
@@ -142,11 +156,12 @@ impl Flaps {
     }
 
     /// Forgets `node`'s short lives in a row, and lifts its hold: an operator says the cause is
-    /// mended.
-    pub(crate) fn forgive(&mut self, node: u64) {
-        if let Some(lives) = self.nodes.get_mut(&node) {
-            (lives.strikes, lives.first, lives.back_at, lives.hold) = (0, None, None, None);
-        }
+    /// mended. Whether there was anything to forget.
+    pub(crate) fn unhold(&mut self, node: u64) -> bool {
+        let Some(lives) = self.nodes.get_mut(&node) else { return false };
+        let had = lives.strikes > 0 || lives.hold.is_some();
+        lives.restart_streak();
+        had
     }
 
     /// How much longer `node` is held out at `now`, if it is.
@@ -162,24 +177,29 @@ impl Flaps {
         self.nodes.keys().filter_map(|&node| Some((node, self.hold(node, now)?))).collect()
     }
 
-    /// Every node whose short lives in a row still count at `now`, held or not (`left` is
-    /// zero when not): between holds, an operator sees what the next failure would bring.
-    pub(crate) fn streaks(&self, now: Instant) -> BTreeMap<u64, Hold> {
+    /// Every node whose short lives in a row still count at `now`, held or not: how many,
+    /// and how much longer it is held (zero when it is not). Between holds, an operator sees
+    /// what the next failure would bring. Nothing when holds are off.
+    pub(crate) fn streaks(&self, now: Instant) -> BTreeMap<u64, (u32, Duration)> {
+        if self.first_hold.is_zero() {
+            return BTreeMap::new();
+        }
         let counting = |lives: &&Lives| {
             lives.strikes > 0
                 && lives.back_at.is_some_and(|at| now.saturating_duration_since(at) < FLAP_MEMORY)
         };
         let streak = |(&node, lives): (&u64, &Lives)| {
-            let held = self.hold(node, now);
-            let last = lives.hold.map_or(Duration::ZERO, |(hold, _)| hold.within);
-            let hold = held.unwrap_or(Hold {
-                failures: lives.strikes,
-                within: last,
-                left: Duration::ZERO,
-            });
-            (node, Hold { failures: lives.strikes, ..hold })
+            let left = self.hold(node, now).map_or(Duration::ZERO, |hold| hold.left);
+            (node, (lives.strikes, left))
         };
         self.nodes.iter().filter(|(_, lives)| counting(lives)).map(streak).collect()
+    }
+}
+
+impl Lives {
+    /// Starts the run of short lives afresh, with no hold.
+    fn restart_streak(&mut self) {
+        (self.strikes, self.first, self.back_at, self.hold) = (0, None, None, None);
     }
 }
 
@@ -227,12 +247,11 @@ mod tests {
             held.iter().map(|(_, h)| (h.failures, h.left)).collect::<Vec<_>>(),
             [(4, 20 * S)]
         );
-        assert_eq!(flaps.hold(3, fourth), None, "another node is not held");
         assert_eq!(flaps.held(fourth).keys().copied().collect::<Vec<_>>(), [4]);
         // Once the hold is over, the streak still shows, until the memory has passed.
         let over = fourth + 21 * S;
         assert_eq!(flaps.held(over), BTreeMap::new());
-        assert_eq!(flaps.streaks(over)[&4].failures, 4);
+        assert_eq!(flaps.streaks(over)[&4], (4, Duration::ZERO));
         assert_eq!(flaps.streaks(fourth + 20 * S + FLAP_MEMORY), BTreeMap::new());
     }
 
@@ -261,13 +280,17 @@ mod tests {
         assert_eq!(flaps.watch([(&4, &failed)], true, later + 13 * S), []);
         assert_eq!(flaps.held(later + 13 * S), BTreeMap::new());
         let streak = flaps.streaks(later + 13 * S);
-        assert_eq!(streak[&4].failures, 1, "one short life counted, not held: {streak:?}");
-        assert_eq!(streak[&4].left, Duration::ZERO);
+        assert_eq!(streak[&4], (1, Duration::ZERO), "one short life counted, not held");
         // A node that left is not counted either.
         let left = record(NodeStatus::Left, 5);
         assert_eq!(flaps.watch([(&4, &left)], true, later + 14 * S), []);
         // The next short life is the second counted.
         assert_eq!(live_then_fail(&mut flaps, 6, later + 20 * S, S).len(), 1);
+        // A long life between short ones breaks the run.
+        let long = later + 30 * S;
+        assert_eq!(live_then_fail(&mut flaps, 7, long, 3 * SHORT_LIFE), []);
+        assert_eq!(flaps.streaks(long + 3 * SHORT_LIFE), BTreeMap::new(), "the run is over");
+        assert_eq!(live_then_fail(&mut flaps, 8, long + 4 * SHORT_LIFE, S), [], "a first again");
     }
 
     #[test]
@@ -299,12 +322,14 @@ mod tests {
     }
 
     #[test]
-    fn a_node_forgiven_is_held_no_more_and_starts_a_new_streak() {
+    fn a_node_unheld_is_held_no_more_and_starts_a_new_streak() {
         let start = Instant::now();
         let mut flaps = Flaps::new(5 * S);
+        assert!(!flaps.unhold(4), "nothing to lift");
         live_then_fail(&mut flaps, 1, start, S);
         assert_eq!(live_then_fail(&mut flaps, 2, start + 2 * S, S).len(), 1, "held");
-        flaps.forgive(4);
+        assert!(flaps.unhold(4), "a hold lifted");
+        assert!(!flaps.unhold(4), "lifted already");
         assert_eq!(flaps.hold(4, start + 4 * S), None, "the hold is lifted");
         assert_eq!(flaps.streaks(start + 4 * S), BTreeMap::new(), "and the streak forgotten");
         assert_eq!(live_then_fail(&mut flaps, 3, start + 5 * S, S), [], "a first failure again");
@@ -317,5 +342,6 @@ mod tests {
         for life in 1..=5 {
             assert_eq!(live_then_fail(&mut flaps, life, start + (life as u32) * S, S), []);
         }
+        assert_eq!(flaps.streaks(start + 7 * S), BTreeMap::new(), "nothing said of holds");
     }
 }

@@ -50,7 +50,8 @@ use tokio_util::codec::{Decoder, Encoder};
 /// node's backup copy, and `Foster` says whether the page was owned or backed up; 21: a
 /// node's view names the members its leader has not heard from, and the suspects; 22: the
 /// DSM's `Request::Losses` and its answer, what `gobelins dsm lost` asks every node; 23: the
-/// refusal `Refusal::Held` of a node that keeps failing, and the nodes a view holds out).
+/// refusal `Refusal::Held` of a node that keeps failing, the nodes a view holds out, and
+/// `Request::Unhold` with its answer `Unheld`, an operator's lifting of a hold).
 pub const VERSION: u8 = 23;
 /// The oldest protocol version this node reads.
 pub const MIN_VERSION: u8 = 23;

@@ -56,12 +56,12 @@ pub enum Request {
     /// The leader applied the state that began a change the receiver takes part in. The
     /// receiver may begin its part from it: its own log would show the change one replication
     /// round later, and on a loaded machine the other participants spend that round waiting
-    /// for it. Last of the variants, so that a node of the same protocol version that does not
-    /// know it answers `Malformed` and only misses the head start.
+    /// for it. After the others, so that a node of protocol version 14 to 22 that does not
+    /// know it answered `Malformed` and only missed the head start.
     Begun(Box<ClusterState>),
-    /// An operator lifts the hold on a node that kept failing (`gobelins forgive`): forget its
+    /// An operator lifts the hold on a node that kept failing (`gobelins unhold`): forget its
     /// short lives in a row, so that its next rejoin is admitted.
-    Forgive(u64),
+    Unhold(u64),
 }
 
 /// Why a proposal did not produce an outcome.
@@ -138,6 +138,6 @@ pub enum Response {
     Stopped(String),
     /// To `Begun`: whether the receiver begins from the state told.
     Heard(bool),
-    /// To `Forgive`: done.
-    Forgiven,
+    /// To `Unhold`: whether this node held the node, or counted short lives of it.
+    Unheld(bool),
 }

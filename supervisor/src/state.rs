@@ -244,13 +244,11 @@ pub enum Refusal {
     #[error(
         "node {node} keeps failing: {failures} short lives in a row, {within:.1} s from the \
          first failure to the last, each declared failed soon after it began. The cluster holds \
-         it out for {left:.1} s more, \
-         and longer at each such failure, so that its entries stop moving out and back; ask \
-         again then (a node declared failed rejoins by itself). Meanwhile, look for what \
-         starves it (CPU, memory, disk, network: its log), or for restarts in a loop; once \
-         that is mended, `gobelins forgive {node}` lifts the hold",
+         it out for {left:.1} s more, and longer at each such failure, so that its entries stop \
+         moving out and back; ask again then (a node declared failed rejoins by itself). {advice}",
         within = *within_ms as f64 / 1e3,
-        left = (*left_ms).max(100) as f64 / 1e3
+        left = (*left_ms).max(100) as f64 / 1e3,
+        advice = crate::flaps::advice(*node)
     )]
     Held {
         /// The node.

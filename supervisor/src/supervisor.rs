@@ -216,8 +216,9 @@ pub struct Supervisor {
     lag: Mutex<crate::lag::LagWatch>,
     /// The failures seen of each node, to hold out one that keeps failing.
     flaps: Mutex<Flaps>,
-    /// The last refusal of this node's rejoin for its own failures: how many, and until when.
-    held_back: Mutex<Option<(u32, Instant)>>,
+    /// The last refusal of this node's rejoin for its own failures: for which of its lives,
+    /// how many failures, and until when.
+    held_back: Mutex<Option<(u64, u32, Instant)>>,
     /// While this node leads with no acknowledgement of a majority on record (raft has none
     /// right after an election, nor after a change of voters, until replies come): since when.
     unacked_since: Mutex<Option<Instant>>,
@@ -452,17 +453,13 @@ impl Supervisor {
     /// refusal of its rejoin holds it.
     pub fn held_out(&self) -> BTreeMap<u64, (u32, u64)> {
         let state = self.state();
-        // Held only while it is out and at least two members are in (`admit_here`).
-        let enforced = state.live().len() >= 2;
-        let ended = |n: &u64| enforced && state.nodes.get(n).is_some_and(|r| !r.status.is_live());
         let now = Instant::now();
         let streaks = self.flaps.lock().expect("flaps").streaks(now);
         let mut held: BTreeMap<u64, (u32, u64)> = streaks
             .into_iter()
-            .map(|(n, hold)| {
-                // A live node is held by nobody, whatever this node's record says.
-                let left = if ended(&n) { hold.left.as_millis() as u64 } else { 0 };
-                (n, (hold.failures, left))
+            .map(|(n, (failures, left))| {
+                let left = if holds_out(&state, n) { left.as_millis() as u64 } else { 0 };
+                (n, (failures, left))
             })
             .collect();
         if let Some((failures, left)) = self.held_back() {
@@ -474,9 +471,10 @@ impl Supervisor {
     /// While the cluster holds this node out for failing again and again, and it is not back:
     /// its short lives failed in a row, and how much longer the hold lasts.
     pub fn held_back(&self) -> Option<(u32, Duration)> {
-        let (failures, until) = (*self.held_back.lock().expect("held back"))?;
+        let (life, failures, until) = (*self.held_back.lock().expect("held back"))?;
         let left = until.saturating_duration_since(Instant::now());
-        (!left.is_zero() && !self.life_admitted()).then_some((failures, left))
+        let current = life == self.incarnation() && !self.life_admitted();
+        (current && !left.is_zero()).then_some((failures, left))
     }
 
     /// While this node leads: the members its detector has not heard from for half the
@@ -570,18 +568,15 @@ impl Supervisor {
 
     /// While this node is a voter that knows no leader, for how long it has known none.
     pub fn leaderless_for(&self, now: Instant) -> Option<Duration> {
-        let leaderless = self.leaderless_voter();
+        // Held out, it was taken out of the voters by a leader it no longer hears from: its
+        // own raft still lists it, and nothing is cut off.
+        let leaderless = self.leaderless_voter() && self.held_back().is_none();
         self.leaderless.lock().unwrap_or_else(|p| p.into_inner()).observe(leaderless, now)
     }
 
     /// Says that this voter has known no leader for `lost`, and which voters did not answer a
     /// ping just now.
     async fn say_leaderless(self: Arc<Self>, lost: Duration) {
-        // Held out, it was taken out of the voters by a leader it no longer hears from: its
-        // own raft still lists it, and nothing is cut off.
-        if self.held_back().is_some() {
-            return;
-        }
         let (voters, silent) = self.silent_voters().await;
         tracing::warn!(
             node = self.me.id,
@@ -697,6 +692,7 @@ impl Supervisor {
     /// timeout after it woke, when the cluster may have rebuilt its entries elsewhere.
     fn admit_life_asked(&self, asked: Instant) {
         self.admitted.store(true, Ordering::SeqCst);
+        *self.held_back.lock().expect("held back") = None;
         if self.fresh.swap(false, Ordering::SeqCst) {
             let (record, node) = (Arc::clone(&self.admitted_first), self.me.id);
             let record = move || {
@@ -939,11 +935,14 @@ impl Supervisor {
         let mut renewed = false;
         loop {
             match self.join_via(seed, deadline).await? {
+                // Asked again every few seconds rather than at the end: an operator's
+                // `unhold`, or a leader that never saw the failures, may let it in sooner.
                 Err(refusal @ Refusal::Held { left_ms, .. }) if wait_holds => {
-                    self.note_held(&refusal);
-                    tracing::warn!(node = self.me.id, "{refusal}");
+                    if self.note_held(&refusal) {
+                        tracing::warn!(node = self.me.id, "rejoin held back: {refusal}");
+                    }
                     let wait = Duration::from_millis(left_ms) + self.config.ping_interval;
-                    tokio::time::sleep(wait).await;
+                    tokio::time::sleep(wait.min(self.config.failure_timeout * 3)).await;
                 }
                 Err(Refusal::StaleIncarnation { last, .. }) if !renewed => {
                     // The life that ended may be this process's own (`gobelins join` asked of
@@ -960,32 +959,48 @@ impl Supervisor {
         }
     }
 
-    /// Lifts the hold on `node` at every live member, this one included, each of which keeps
-    /// its own count of the node's failures (the next leader must not hold it either). How
-    /// many of them took it, and of how many.
-    pub async fn forgive(&self, node: u64) -> (usize, usize) {
-        self.flaps.lock().expect("flaps").forgive(node);
-        let others: Vec<u64> =
-            self.state().live().into_iter().filter(|&n| n != self.me.id && n != node).collect();
-        let asked = others.iter().map(|&n| async move {
-            matches!(
-                self.call(n, &Request::Forgive(node), self.config.rpc_timeout).await,
-                Ok(Response::Forgiven)
-            )
+    /// Lifts the hold on `node` at every other live member and here, each of which keeps its
+    /// own count of the node's failures (the next leader must not hold it either). The
+    /// members that answered, those that did not, and whether any held the node or counted
+    /// short lives of it.
+    pub async fn unhold(&self, node: u64) -> Unheld {
+        let mut unheld = Unheld { held: self.unhold_here(node, self.me.id), ..Unheld::default() };
+        let others = self.state().live().into_iter().filter(|&n| n != self.me.id && n != node);
+        let asked = others.map(|n| async move {
+            (n, self.call(n, &Request::Unhold(node), self.config.rpc_timeout).await)
         });
-        let took = futures::future::join_all(asked).await.into_iter().filter(|&t| t).count();
-        tracing::warn!(node, "node {node}'s failures are forgiven: its hold, if any, is lifted");
-        (took + 1, others.len() + 1)
+        for (n, answer) in futures::future::join_all(asked).await {
+            match answer {
+                Ok(Response::Unheld(held)) => {
+                    unheld.answered.push(n);
+                    unheld.held |= held;
+                }
+                _ => unheld.silent.push(n),
+            }
+        }
+        unheld
+    }
+
+    /// [`Supervisor::unhold`] at this node, asked by node `by`.
+    fn unhold_here(&self, node: u64, by: u64) -> bool {
+        let held = self.flaps.lock().expect("flaps").unhold(node);
+        if held {
+            tracing::warn!(node, by, "node {node}'s hold is lifted, its short lives forgotten");
+        }
+        held
     }
 
     /// Keeps what a refusal said of this node's hold, for its own view while it waits;
     /// whether it is a hold not heard of before.
     fn note_held(&self, refusal: &Refusal) -> bool {
         let Refusal::Held { failures, left_ms, .. } = refusal else { return false };
-        let until = Instant::now() + Duration::from_millis(*left_ms);
+        let now = Instant::now();
+        let life = self.incarnation();
         let mut held = self.held_back.lock().expect("held back");
-        let new = held.is_none_or(|(known, _)| known != *failures);
-        *held = Some((*failures, until));
+        let new = held.is_none_or(|(known_life, known, until)| {
+            known_life != life || known != *failures || until <= now
+        });
+        *held = Some((life, *failures, now + Duration::from_millis(*left_ms)));
         new
     }
 
@@ -1200,15 +1215,7 @@ impl Supervisor {
             }
             Request::State => Response::View(Box::new(self.view())),
             Request::Begun(state) => Response::Heard(self.hear_begun(from, *state)),
-            Request::Forgive(node) => {
-                self.flaps.lock().expect("flaps").forgive(node);
-                tracing::warn!(
-                    node,
-                    by = from,
-                    "node {node}'s failures are forgiven: its hold, if any, is lifted"
-                );
-                Response::Forgiven
-            }
+            Request::Unhold(node) => Response::Unheld(self.unhold_here(node, from)),
         };
         encode_response(&response)
     }
@@ -1246,12 +1253,11 @@ impl Supervisor {
 
     /// [`Supervisor::admit`] on the leader.
     async fn admit_here(&self, join: JoinRequest) -> std::result::Result<Outcome, ProposeError> {
-        // Only a life that ended: the same life asking again is answered with where it stands.
-        // Nor when it would leave fewer than two members: one alone keeps no replica, and a
-        // recovery may be waiting for a node to join.
+        // Counted first: the duties loop, which counts failures as the state changes, may not
+        // have seen this one yet, and a join let in unheld would record the new life over it.
         let state = self.state();
-        let ended = state.nodes.get(&join.node).is_some_and(|r| !r.status.is_live());
-        if ended && state.live().len() >= 2 {
+        self.count_failures(&state);
+        if holds_out(&state, join.node) {
             if let Some(hold) = self.flaps.lock().expect("flaps").hold(join.node, Instant::now()) {
                 return Ok(Err(hold.refusal(join.node)));
             }
@@ -1512,25 +1518,23 @@ impl Supervisor {
             let mut flaps = self.flaps.lock().expect("flaps");
             flaps.watch(&state.nodes, self.life_admitted(), Instant::now())
         };
-        // Not said where it is not done (`admit_here`): with fewer than two members left.
-        if held.is_empty() || self.leader() != Some(self.me.id) || state.live().len() < 2 {
+        // Said by the leader, which enforces it, and only where it does (`holds_out`).
+        if self.leader() != Some(self.me.id) {
             return;
         }
-        for (node, hold) in held {
+        for (node, hold) in held.into_iter().filter(|(node, _)| holds_out(state, *node)) {
             tracing::warn!(
                 node,
                 failures = hold.failures,
                 "node {node} keeps failing: {} short lives in a row, {:.1} s from the first \
                  failure to the last, each declared failed soon after it began. It is held out \
-                 for {:.1} s before it may \
-                 rejoin, longer at each such failure, so that its entries stop moving out and \
-                 back; it rejoins by itself then (`--rejoin-hold-ms` sets the first hold). Look \
-                 for what starves it (CPU, memory, disk, network: its log says what it went \
-                 through), or for restarts in a loop; once that is mended, `gobelins forgive \
-                 {node}` lifts the hold",
+                 for {:.1} s before it may rejoin, longer at each such failure, so that its \
+                 entries stop moving out and back; it rejoins by itself then (`--rejoin-hold-ms` \
+                 sets the first hold). {}",
                 hold.failures,
                 hold.within.as_secs_f64(),
-                hold.left.as_secs_f64()
+                hold.left.as_secs_f64(),
+                crate::flaps::advice(node)
             );
         }
     }
@@ -2267,6 +2271,24 @@ fn caught_up(applied: &ClusterState, ahead: &ClusterState) -> bool {
                 (None, _) => true,
                 (Some(_), None) => false,
             })
+}
+
+/// Whether a hold keeps `node` out of `state`'s cluster: only a life that ended (the same life
+/// asking again is answered with where it stands), and only while at least two members are
+/// in (one alone keeps no replica, and a recovery may be waiting for a node to join).
+fn holds_out(state: &ClusterState, node: u64) -> bool {
+    state.nodes.get(&node).is_some_and(|r| !r.status.is_live()) && state.live().len() >= 2
+}
+
+/// What [`Supervisor::unhold`] did.
+#[derive(Debug, Default)]
+pub struct Unheld {
+    /// Whether any member held the node, or counted short lives of it.
+    pub held: bool,
+    /// The other members that lifted it.
+    pub answered: Vec<u64>,
+    /// Those that did not answer: one of them leading next may still hold the node.
+    pub silent: Vec<u64>,
 }
 
 /// One call of [`Supervisor::join_via`] asking for `incarnation`, until it ends or is dropped.

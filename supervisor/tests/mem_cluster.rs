@@ -375,11 +375,11 @@ fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
     });
 }
 
-/// A node held out for failing twice is forgiven through a member's control socket: every
+/// A node held out for failing twice is unheld through a member's control socket: every
 /// member lifts its hold, and the node rejoins at its next try, long before the hold would
 /// have ended.
 #[test]
-fn a_held_node_forgiven_by_an_operator_rejoins_at_its_next_try() {
+fn a_held_node_unheld_by_an_operator_rejoins_at_its_next_try() {
     replay(async {
         let net = MemNetwork::new(47);
         let nodes = three_voters(&net).await;
@@ -411,11 +411,15 @@ fn a_held_node_forgiven_by_an_operator_rejoins_at_its_next_try() {
         )
         .await
         .expect("control socket");
-        let forgive = gobelins_supervisor::control::ControlRequest::Forgive { node: x };
+        let unhold = gobelins_supervisor::control::ControlRequest::Unhold { node: x };
         let answer =
-            gobelins_supervisor::control::request(&path, &forgive, |_| {}).await.expect("forgiven");
-        assert_eq!((&answer["took"], &answer["asked"]), (&2.into(), &2.into()), "{answer}");
+            gobelins_supervisor::control::request(&path, &unhold, |_| {}).await.expect("unheld");
+        assert_eq!(answer["held"], true, "{answer}");
+        assert_eq!(answer["answered"], serde_json::json!([leader]), "{answer}");
+        assert_eq!(answer["silent"], serde_json::json!([]), "{answer}");
         assert_eq!(at(leader).supervisor.view().held.get(&x), None, "the leader forgot");
+        let again = gobelins_supervisor::control::request(&path, &unhold, |_| {}).await;
+        assert_eq!(again.expect("asked again")["held"], false, "nothing left to lift");
         let forgiven = tokio::time::Instant::now();
         until_all(&all, Duration::from_secs(30), "x back as its third life", |s| {
             s.is_stable()
@@ -428,7 +432,41 @@ fn a_held_node_forgiven_by_an_operator_rejoins_at_its_next_try() {
             back < Duration::from_millis(left_ms - 1000),
             "back in {back:?}, held {left_ms} ms"
         );
-        assert_all_agree(&nodes, "after the forgiven node rejoined");
+        assert_all_agree(&nodes, "after the unheld node rejoined");
+    });
+}
+
+/// In a cluster of two, a node that fails again and again is not held: the other would be
+/// left alone, with no replica, and the leader says nothing of a hold it does not enforce.
+#[test]
+fn in_a_cluster_of_two_a_node_that_keeps_failing_is_not_held() {
+    replay(async {
+        let logs = Logs::default();
+        let _capture = logs.capture();
+        let net = MemNetwork::new(53);
+        let nodes = cluster(&net, 2, SupervisorConfig::loopback()).await;
+        until_active(&nodes, 2).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        for life in 1..=3u64 {
+            net.isolate(2, [1]);
+            until_all(&all[..1], Duration::from_secs(30), "node 2 declared failed", |s| {
+                s.is_stable() && s.nodes[&2].status == NodeStatus::Failed
+            })
+            .await;
+            let view = nodes[0].supervisor.view();
+            assert_eq!(view.held.get(&2).map(|&(_, left)| left), Some(0), "{:?}", view.held);
+            net.heal();
+            let back = tokio::time::Instant::now();
+            until_all(&all, Duration::from_secs(30), "node 2 back", |s| {
+                s.is_stable()
+                    && s.nodes[&2].status == NodeStatus::Active
+                    && s.nodes[&2].incarnation == life + 1
+            })
+            .await;
+            let took = back.elapsed();
+            assert!(took < Duration::from_secs(4), "life {life}: back in {took:?}, not held");
+        }
+        assert!(!logs.contain("keeps failing"), "no hold announced");
     });
 }
 
