@@ -286,6 +286,45 @@ fn a_rejoin_committed_whose_answers_are_lost_is_admitted_by_the_change_in_its_ow
     });
 }
 
+/// [`a_follower_declared_failed`], then, the follower back as its second life, cut off again
+/// until the other two declare it failed once more; healed. The leader counted the first
+/// failure without holding the node; its rejoin after the second is held.
+async fn a_follower_declared_failed_twice(net: &MemNetwork, nodes: &[Node]) -> (u64, u64, u64) {
+    let (leader, x, other) = a_follower_declared_failed(net, nodes).await;
+    let at = |id: u64| &nodes[id as usize - 1];
+    let once = at(leader).supervisor.view().held;
+    assert_eq!(once, BTreeMap::from([(x, (1, 0))]), "x failed once: counted, held by nobody");
+    net.heal();
+    until_back_as_second_life(&nodes.iter().collect::<Vec<_>>(), x).await;
+    net.isolate(x, [leader, other]);
+    let majority = [at(leader), at(other)];
+    until_all(&majority, Duration::from_secs(30), "x declared failed again", |s| {
+        s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
+    })
+    .await;
+    net.heal();
+    (leader, x, other)
+}
+
+/// A control socket served by `supervisor`, in a temporary directory kept with it.
+async fn control_socket(
+    supervisor: &Arc<Supervisor>,
+) -> (TempDir, std::path::PathBuf, gobelins_supervisor::control::ControlSocket) {
+    let dir = TempDir::new().expect("temporary directory");
+    let path = dir.path().join("control.sock");
+    let entering = gobelins_supervisor::entering::Entering::new(String::new());
+    entering.done();
+    let socket = gobelins_supervisor::control::serve(
+        &path,
+        Arc::clone(supervisor),
+        gobelins_supervisor::console::Consoles::new(),
+        entering,
+    )
+    .await
+    .expect("control socket");
+    (dir, path, socket)
+}
+
 /// A node declared failed twice is held out before its third life, so that the cluster stops
 /// moving its entries out and back; the leader's view says so. Once the hold is over it rejoins
 /// by itself.
@@ -296,27 +335,13 @@ fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
         let _capture = logs.capture();
         let net = MemNetwork::new(43);
         let nodes = three_voters(&net).await;
-        let (leader, x, other) = a_follower_declared_failed(&net, &nodes).await;
+        let (leader, x, other) = a_follower_declared_failed_twice(&net, &nodes).await;
+        let failed = tokio::time::Instant::now();
         let at = |id: u64| &nodes[id as usize - 1];
         let all: Vec<&Node> = nodes.iter().collect();
         let majority = [at(leader), at(other)];
-        let leading = || {
-            let leads = |n: &&&Node| n.supervisor.leader() == Some(n.supervisor.id());
-            majority.iter().find(leads).expect("a leader among the majority").supervisor.view()
-        };
-        let once = leading().held;
-        assert_eq!(once, BTreeMap::from([(x, (1, 0))]), "x failed once: counted, held by nobody");
-        net.heal();
-        until_back_as_second_life(&all, x).await;
-
-        net.isolate(x, [leader, other]);
-        until_all(&majority, Duration::from_secs(30), "x declared failed again", |s| {
-            s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
-        })
-        .await;
-        let failed = tokio::time::Instant::now();
-        net.heal();
-        let view = leading();
+        let leads = |n: &&&Node| n.supervisor.leader() == Some(n.supervisor.id());
+        let view = majority.iter().find(leads).expect("a leader").supervisor.view();
         let (failures, left_ms) = view.held[&x];
         assert_eq!(failures, 2, "{:?}", view.held);
         let hold = SupervisorConfig::loopback().rejoin_hold.as_millis() as u64;
@@ -342,18 +367,7 @@ fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
             x_node.view().held
         );
         // A request through x is refused at once, saying why, rather than left to time out.
-        let dir = TempDir::new().expect("temporary directory");
-        let path = dir.path().join("control.sock");
-        let entering = gobelins_supervisor::entering::Entering::new(String::new());
-        entering.done();
-        let _socket = gobelins_supervisor::control::serve(
-            &path,
-            Arc::clone(x_node),
-            gobelins_supervisor::console::Consoles::new(),
-            entering,
-        )
-        .await
-        .expect("control socket");
+        let (_dir, path, _socket) = control_socket(x_node).await;
         let asked = tokio::time::Instant::now();
         let call = gobelins_supervisor::control::ControlRequest::Call {
             service: 1,
@@ -383,34 +397,14 @@ fn a_held_node_unheld_by_an_operator_rejoins_at_its_next_try() {
     replay(async {
         let net = MemNetwork::new(47);
         let nodes = three_voters(&net).await;
-        let (leader, x, other) = a_follower_declared_failed(&net, &nodes).await;
+        let (leader, x, other) = a_follower_declared_failed_twice(&net, &nodes).await;
         let at = |id: u64| &nodes[id as usize - 1];
         let all: Vec<&Node> = nodes.iter().collect();
-        net.heal();
-        until_back_as_second_life(&all, x).await;
-        net.isolate(x, [leader, other]);
-        let majority = [at(leader), at(other)];
-        until_all(&majority, Duration::from_secs(30), "x declared failed again", |s| {
-            s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
-        })
-        .await;
-        net.heal();
         let (_, left_ms) = at(leader).supervisor.view().held[&x];
         assert!(left_ms > 3000, "held for {left_ms} ms");
 
         // Through the member that does not lead: every member must forget, the leader too.
-        let dir = TempDir::new().expect("temporary directory");
-        let path = dir.path().join("control.sock");
-        let entering = gobelins_supervisor::entering::Entering::new(String::new());
-        entering.done();
-        let _socket = gobelins_supervisor::control::serve(
-            &path,
-            Arc::clone(&at(other).supervisor),
-            gobelins_supervisor::console::Consoles::new(),
-            entering,
-        )
-        .await
-        .expect("control socket");
+        let (_dir, path, _socket) = control_socket(&at(other).supervisor).await;
         let unhold = gobelins_supervisor::control::ControlRequest::Unhold { node: x };
         let answer =
             gobelins_supervisor::control::request(&path, &unhold, |_| {}).await.expect("unheld");
@@ -1844,19 +1838,7 @@ fn a_control_client_that_hangs_up_is_not_followed_for_the_rest_of_the_minute() {
         // The evicted node never hears of its eviction, which therefore never ends.
         net.stall_log(leader, evicted);
         net.lose_begun(leader, evicted);
-        let dir = TempDir::new().expect("temporary directory");
-        let path = dir.path().join("control.sock");
-        let entering = gobelins_supervisor::entering::Entering::new(String::new());
-        entering.done();
-        let supervisor = Arc::clone(&nodes[asker as usize - 1].supervisor);
-        let _socket = gobelins_supervisor::control::serve(
-            &path,
-            supervisor,
-            gobelins_supervisor::console::Consoles::new(),
-            entering,
-        )
-        .await
-        .expect("control socket");
+        let (_dir, path, _socket) = control_socket(&nodes[asker as usize - 1].supervisor).await;
         let asked = || net.calls(asker, leader);
         let before = asked();
         tokio::time::sleep(Duration::from_secs(1)).await;
