@@ -1852,8 +1852,8 @@ impl Supervisor {
             Ok(Ok(applied)) => tracing::info!(?applied, "rejoining"),
             // An earlier attempt got through though its answer was lost.
             Ok(Err(Refusal::AlreadyMember(_))) => tracing::debug!("rejoin already under way"),
-            // Asked again at each check until the hold ends.
-            // Said once per hold: several checks can ask at once.
+            // Asked again at each check until the hold ends; said once per hold, as several
+            // checks can ask at once.
             Ok(Err(refusal @ Refusal::Held { .. })) => {
                 if self.note_held(&refusal) {
                     tracing::warn!(node = self.me.id, "rejoin held back: {refusal}");
