@@ -555,8 +555,8 @@ fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result
             };
             writeln!(
                 out,
-                "note: node {}'s {lives}: a node that keeps failing is held out before it may \
-                 rejoin, longer each time",
+                "note: node {}'s {lives}: from the second such life in a row, a node is held \
+                 out before it may rejoin, longer each time (while two members at least are in)",
                 node["id"]
             )?;
             continue;
@@ -754,11 +754,14 @@ fn unheld_text(node: u64, answer: &Value) -> anyhow::Result<String> {
             silent.join(", ")
         );
     }
-    if answer["held"] != true {
+    if answer["held"] != true && answer["counted"] == true {
         return Ok(format!(
-            "no member held node {node} or counted failures of it: nothing to do (to accept a \
-             kvdir slot's loss, it is `gobelins kv forgive`)"
+            "node {node} was not held out; its short lives counted so far are forgotten, so its \
+             next failure is a first one"
         ));
+    }
+    if answer["held"] != true {
+        return Ok(format!("no member held node {node} or counted failures of it: nothing to do"));
     }
     Ok(format!(
         "node {node}'s hold is lifted at every member: it rejoins at its next try, within \
@@ -988,6 +991,9 @@ mod tests {
         assert!(lifted.expect("lifted").contains("node 5's hold is lifted at every member"));
         let none = unheld_text(5, &json!({ "held": false, "answered": [1, 2], "silent": [] }));
         assert!(none.expect("nothing").contains("no member held node 5"));
+        let counted = json!({ "held": false, "counted": true, "answered": [1], "silent": [] });
+        let counted = unheld_text(5, &counted).expect("forgotten");
+        assert!(counted.contains("node 5 was not held out; its short lives"), "{counted}");
         let part = unheld_text(5, &json!({ "held": true, "answered": [1], "silent": [3] }));
         let said = part.expect_err("a member did not answer").to_string();
         assert!(said.contains("at node(s) [1], but node(s) [3] did not answer"), "{said}");

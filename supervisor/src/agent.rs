@@ -684,9 +684,9 @@ async fn entered_once_admitted(supervisor: Arc<Supervisor>, entering: Entering) 
         match supervisor.held_back() {
             Some((failures, left)) => {
                 entering.now_doing(format!(
-                    "restarted, and held out of the cluster for {:.0} s more: it keeps failing \
+                    "restarted, and held out of the cluster for {:.1} s more: it keeps failing \
                      ({failures} short lives in a row); it rejoins by itself then",
-                    left.as_secs_f64().ceil()
+                    left.as_secs_f64()
                 ));
                 held = true;
             }

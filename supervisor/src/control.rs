@@ -373,10 +373,19 @@ async fn answer(
             let leave = Command::Leave { node: id };
             change((&mut read, &mut write), &node, leave, id, NodeStatus::Left).await
         }
+        ControlRequest::Unhold { node: target } if !node.state().nodes.contains_key(&target) => {
+            let why = format!("node {target} was never a member of this cluster, as this node knows it: `gobelins status` lists them");
+            flush(&mut write, &[json!({ "error": why })]).await
+        }
         ControlRequest::Unhold { node: target } => {
             let unheld = node.unhold(target).await;
-            let (held, answered, silent) = (unheld.held, unheld.answered, unheld.silent);
-            let line = json!({ "ok": { "node": target, "held": held, "answered": answered, "silent": silent } });
+            let line = json!({ "ok": {
+                "node": target,
+                "held": unheld.held,
+                "counted": unheld.counted,
+                "answered": unheld.answered,
+                "silent": unheld.silent,
+            } });
             flush(&mut write, &[line]).await
         }
         // Not this node: `leave` is the way out for it, and an evict typed with the wrong id

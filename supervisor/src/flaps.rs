@@ -156,12 +156,13 @@ impl Flaps {
     }
 
     /// Forgets `node`'s short lives in a row, and lifts its hold: an operator says the cause is
-    /// mended. Whether there was anything to forget.
-    pub(crate) fn unhold(&mut self, node: u64) -> bool {
-        let Some(lives) = self.nodes.get_mut(&node) else { return false };
-        let had = lives.strikes > 0 || lives.hold.is_some();
+    /// mended. Whether it was held at `now`, and whether short lives of it were counted.
+    pub(crate) fn unhold(&mut self, node: u64, now: Instant) -> (bool, bool) {
+        let held = self.hold(node, now).is_some();
+        let Some(lives) = self.nodes.get_mut(&node) else { return (false, false) };
+        let counted = lives.strikes > 0;
         lives.restart_streak();
-        had
+        (held, counted)
     }
 
     /// How much longer `node` is held out at `now`, if it is.
@@ -325,11 +326,13 @@ mod tests {
     fn a_node_unheld_is_held_no_more_and_starts_a_new_streak() {
         let start = Instant::now();
         let mut flaps = Flaps::new(5 * S);
-        assert!(!flaps.unhold(4), "nothing to lift");
+        assert_eq!(flaps.unhold(4, start), (false, false), "nothing to lift");
         live_then_fail(&mut flaps, 1, start, S);
-        assert_eq!(live_then_fail(&mut flaps, 2, start + 2 * S, S).len(), 1, "held");
-        assert!(flaps.unhold(4), "a hold lifted");
-        assert!(!flaps.unhold(4), "lifted already");
+        assert_eq!(flaps.unhold(4, start + S), (false, true), "counted, not held");
+        live_then_fail(&mut flaps, 2, start + 2 * S, S);
+        assert_eq!(live_then_fail(&mut flaps, 3, start + 4 * S, S).len(), 1, "held");
+        assert_eq!(flaps.unhold(4, start + 5 * S), (true, true), "a hold lifted");
+        assert_eq!(flaps.unhold(4, start + 5 * S), (false, false), "lifted already");
         assert_eq!(flaps.hold(4, start + 4 * S), None, "the hold is lifted");
         assert_eq!(flaps.streaks(start + 4 * S), BTreeMap::new(), "and the streak forgotten");
         assert_eq!(live_then_fail(&mut flaps, 3, start + 5 * S, S), [], "a first failure again");

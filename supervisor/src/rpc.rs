@@ -138,6 +138,11 @@ pub enum Response {
     Stopped(String),
     /// To `Begun`: whether the receiver begins from the state told.
     Heard(bool),
-    /// To `Unhold`: whether this node held the node, or counted short lives of it.
-    Unheld(bool),
+    /// To `Unhold`.
+    Unheld {
+        /// Whether this node held the node out.
+        held: bool,
+        /// Whether it had counted short lives of it.
+        counted: bool,
+    },
 }

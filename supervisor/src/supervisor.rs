@@ -964,16 +964,18 @@ impl Supervisor {
     /// members that answered, those that did not, and whether any held the node or counted
     /// short lives of it.
     pub async fn unhold(&self, node: u64) -> Unheld {
-        let mut unheld = Unheld { held: self.unhold_here(node, self.me.id), ..Unheld::default() };
+        let (held, counted) = self.unhold_here(node, self.me.id);
+        let mut unheld = Unheld { held, counted, ..Unheld::default() };
         let others = self.state().live().into_iter().filter(|&n| n != self.me.id && n != node);
         let asked = others.map(|n| async move {
             (n, self.call(n, &Request::Unhold(node), self.config.rpc_timeout).await)
         });
         for (n, answer) in futures::future::join_all(asked).await {
             match answer {
-                Ok(Response::Unheld(held)) => {
+                Ok(Response::Unheld { held, counted }) => {
                     unheld.answered.push(n);
                     unheld.held |= held;
+                    unheld.counted |= counted;
                 }
                 _ => unheld.silent.push(n),
             }
@@ -981,13 +983,16 @@ impl Supervisor {
         unheld
     }
 
-    /// [`Supervisor::unhold`] at this node, asked by node `by`.
-    fn unhold_here(&self, node: u64, by: u64) -> bool {
-        let held = self.flaps.lock().expect("flaps").unhold(node);
+    /// [`Supervisor::unhold`] at this node, asked by node `by`: whether it held the node, and
+    /// whether it had counted short lives of it.
+    fn unhold_here(&self, node: u64, by: u64) -> (bool, bool) {
+        let (held, counted) = self.flaps.lock().expect("flaps").unhold(node, Instant::now());
         if held {
             tracing::warn!(node, by, "node {node}'s hold is lifted, its short lives forgotten");
+        } else if counted {
+            tracing::info!(node, by, "node {node}'s short lives are forgotten (it was not held)");
         }
-        held
+        (held, counted)
     }
 
     /// Keeps what a refusal said of this node's hold, for its own view while it waits;
@@ -997,9 +1002,8 @@ impl Supervisor {
         let now = Instant::now();
         let life = self.incarnation();
         let mut held = self.held_back.lock().expect("held back");
-        let new = held.is_none_or(|(known_life, known, until)| {
-            known_life != life || known != *failures || until <= now
-        });
+        // Not by life: a held node renews its incarnation between two asks of the same hold.
+        let new = held.is_none_or(|(_, known, until)| known != *failures || until <= now);
         *held = Some((life, *failures, now + Duration::from_millis(*left_ms)));
         new
     }
@@ -1215,7 +1219,10 @@ impl Supervisor {
             }
             Request::State => Response::View(Box::new(self.view())),
             Request::Begun(state) => Response::Heard(self.hear_begun(from, *state)),
-            Request::Unhold(node) => Response::Unheld(self.unhold_here(node, from)),
+            Request::Unhold(node) => {
+                let (held, counted) = self.unhold_here(node, from);
+                Response::Unheld { held, counted }
+            }
         };
         encode_response(&response)
     }
@@ -2283,8 +2290,10 @@ fn holds_out(state: &ClusterState, node: u64) -> bool {
 /// What [`Supervisor::unhold`] did.
 #[derive(Debug, Default)]
 pub struct Unheld {
-    /// Whether any member held the node, or counted short lives of it.
+    /// Whether any member held the node out.
     pub held: bool,
+    /// Whether any member had counted short lives of it.
+    pub counted: bool,
     /// The other members that lifted it.
     pub answered: Vec<u64>,
     /// Those that did not answer: one of them leading next may still hold the node.
