@@ -280,15 +280,15 @@ async fn answer(
         tracing::warn!(request = request.kind(), pid, "a control request whose client exited before this agent read it is not carried out (the agent was stopped or too slow to answer, and the command gave up)");
         return Ok(());
     }
-    // Held out, it serves nothing until the hold ends: a request would wait out its whole
-    // deadline for a configuration that is not coming, and then blame the cluster. Before
-    // the entering check: a node restarted while held is entering too, and that text would
-    // blame a missing majority.
     // A join or a leave gets the cluster's own answer, which says the same.
     let its_own = matches!(
         request,
         ControlRequest::Status { .. } | ControlRequest::Join { .. } | ControlRequest::Leave
     );
+    // Held out, it serves nothing until the hold ends: a request would wait out its whole
+    // deadline for a configuration that is not coming, and then blame the cluster. Before
+    // the entering check: a node restarted while held is entering too, and that text would
+    // blame a missing majority.
     if let Some((failures, left)) =
         node.held_back().filter(|_| !request.for_the_cluster() && !its_own)
     {
