@@ -1113,6 +1113,11 @@ fn back_as_new_lives_with_keys_lost(agents: &[Agent], socket: &Path, keys: u64) 
                     .all(|a| node_status(&s, a.id).is_some_and(|(st, i)| st == "active" && i >= 2))
         })
     });
+    // Each agent hears of its own admission a moment after the cluster's state shows it:
+    // until then it answers that it is still entering.
+    wait_showing(agents, "every agent done entering", limit, || {
+        agents.iter().all(|a| status(&a.dir, true).is_some_and(|s| s.get("entering").is_none()))
+    });
     wait_showing(agents, "the agent answering", limit, || {
         call(socket, 0, &kvdir::Request::Get).is_some()
     });
