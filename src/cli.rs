@@ -63,9 +63,10 @@ pub(crate) struct AgentArgs {
     failure_timeout_ms: Option<u64>,
     /// How long this node, leading, holds out a node before it may rejoin once two of that
     /// node's lives in a row failed within 2 minutes of their start, in milliseconds; doubled
-    /// at each further such failure, up to 5 minutes, until the node stays up (or away) for 10
-    /// minutes. A node starved of CPU or on a flaky link would otherwise be declared failed and
-    /// rejoin again and again, its entries moving out and back each time. 0 holds nobody.
+    /// at each further such failure, up to 5 minutes, until one of its lives lasts 2 minutes or
+    /// 10 minutes pass without a failure. A node starved of CPU or on a flaky link would
+    /// otherwise be declared failed and rejoin again and again, its entries moving out and back
+    /// each time. 0 holds nobody.
     #[arg(long, value_name = "MS")]
     rejoin_hold_ms: Option<u64>,
 }

@@ -72,7 +72,8 @@ pub struct SupervisorConfig {
     pub label_levels: Vec<String>,
     /// How long a node is held out before it may rejoin once two of its lives in a row failed
     /// within two minutes of their start; doubled at each further such failure, up to five
-    /// minutes, until it stays up (or away) ten minutes. Zero holds nobody.
+    /// minutes, until one of its lives lasts two minutes or ten minutes pass without a
+    /// failure. Zero holds nobody.
     pub rejoin_hold: Duration,
 }
 
