@@ -1890,18 +1890,7 @@ fn a_join_asked_of_an_active_node_does_nothing_and_of_a_node_that_left_is_refuse
         let leader = nodes[0].supervisor.leader().expect("a leader");
         let asker = (1..=3).find(|&id| id != leader).expect("a follower");
         let supervisor = Arc::clone(&nodes[asker as usize - 1].supervisor);
-        let dir = TempDir::new().expect("temporary directory");
-        let path = dir.path().join("control.sock");
-        let entering = gobelins_supervisor::entering::Entering::new(String::new());
-        entering.done();
-        let _socket = gobelins_supervisor::control::serve(
-            &path,
-            Arc::clone(&supervisor),
-            gobelins_supervisor::console::Consoles::new(),
-            entering,
-        )
-        .await
-        .expect("control socket");
+        let (_dir, path, _socket) = control_socket(&supervisor).await;
         let join = |seed: u64| {
             let path = path.clone();
             async move {
