@@ -63,6 +63,13 @@ pub const HANDSHAKE_MAX_FRAME: usize = 4 * 1024;
 
 const HEADER: usize = 4;
 const WIRE_HEADER: usize = 1 + 8;
+/// A frame this long or longer is bulk (a migration batch, a copy to a backup): it is read
+/// into an arena. Requests and answers are far shorter.
+const LARGE: usize = 128 * 1024;
+/// Room made at once for large frames: they are read one after the other into it, each kept
+/// as a slice of it, where each used to get a buffer of its own and a copy of the part of it
+/// read into the last one's. Advised to be backed by 2 MiB pages (`huge_pages`).
+const ARENA: usize = 8 * 1024 * 1024;
 
 /// The id of a request that wants no answer: calls number theirs from 1, and the receiver
 /// writes no response to this one. Nothing in this version sends one (the adaptation layer's
@@ -113,12 +120,14 @@ impl Wire {
 #[derive(Clone, Debug)]
 pub struct FrameCodec {
     max_frame: usize,
+    /// Where the last arena made for large frames lies (addresses).
+    arena: std::ops::Range<usize>,
 }
 
 impl FrameCodec {
     /// A codec that refuses frames longer than `max_frame` bytes (version byte included).
     pub fn new(max_frame: usize) -> Self {
-        FrameCodec { max_frame }
+        FrameCodec { max_frame, arena: 0..0 }
     }
 
     /// Changes the limit, as after a handshake.
@@ -149,17 +158,33 @@ impl Decoder for FrameCodec {
             return Err(SupervisorError::EmptyFrame);
         }
         if src.len() < HEADER + len {
-            src.reserve(HEADER + len - src.len());
+            let needed = HEADER + len - src.len();
+            if len >= LARGE && src.capacity() - src.len() < needed {
+                src.reserve(needed.max(ARENA));
+                let start = src.as_ptr() as usize;
+                self.arena = start..start + src.capacity();
+                crate::huge_pages::advise(src.spare_capacity_mut());
+            } else {
+                src.reserve(needed);
+            }
             return Ok(None);
         }
-        src.advance(HEADER);
-        let mut frame = src.split_to(len);
-        let version = frame[0];
+        let version = src[HEADER];
         if !(MIN_VERSION..=VERSION).contains(&version) {
             return Err(SupervisorError::UnsupportedVersion(version));
         }
-        frame.advance(1);
-        Ok(Some(frame.freeze()))
+        if len < LARGE && self.arena.contains(&(src.as_ptr() as usize)) {
+            // A short frame between large ones (a heartbeat, a request) is copied out of the
+            // arena: a service may keep a slice of it for long (kvdir keeps a replica's
+            // value), and that slice would keep the whole arena. Leaving the arena for a
+            // buffer of its own instead made a new arena, 2 MiB pages zeroed, at each large
+            // frame after such a one.
+            let frame = Bytes::copy_from_slice(&src[HEADER + 1..HEADER + len]);
+            src.advance(HEADER + len);
+            return Ok(Some(frame));
+        }
+        src.advance(HEADER + 1);
+        Ok(Some(src.split_to(len - 1).freeze()))
     }
 
     /// A connection closed in the middle of a frame says so (tokio-util's own words were
@@ -251,6 +276,51 @@ mod tests {
         let mut buf = BytesMut::new();
         FrameCodec::default().encode(Bytes::copy_from_slice(payload), &mut buf).unwrap();
         buf
+    }
+
+    /// Decodes `wire` as `Framed` reads a socket: into the buffer's spare room, `read` bytes at
+    /// most at a time, room for one more byte made before each read.
+    fn read_like_a_socket(codec: &mut FrameCodec, wire: &[u8], read: usize) -> Vec<Bytes> {
+        let (mut buf, mut at, mut out) = (BytesMut::new(), 0, Vec::new());
+        while at < wire.len() {
+            buf.reserve(1);
+            let n = read.min(buf.capacity() - buf.len()).min(wire.len() - at);
+            buf.put_slice(&wire[at..at + n]);
+            at += n;
+            while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                out.push(frame);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn large_frames_share_one_arena_and_a_short_one_after_them_does_not() {
+        let large = |fill: u8| vec![fill; 200 * 1024];
+        let sent = [large(1), large(2), large(3), b"short".to_vec(), large(4)];
+        let wire: Vec<u8> = sent.iter().flat_map(|p| encoded(p).to_vec()).collect();
+        let mut codec = FrameCodec::default();
+        let got = read_like_a_socket(&mut codec, &wire, 64 * 1024);
+        assert_eq!(got, sent.iter().map(|p| Bytes::copy_from_slice(p)).collect::<Vec<_>>());
+        let at = |frame: &Bytes| frame.as_ptr() as usize;
+        // Each large frame follows the one before in memory, behind its own length and version
+        // bytes: read in place, none copied into a buffer of its own.
+        for pair in got[..3].windows(2) {
+            assert_eq!(at(&pair[1]), at(&pair[0]) + pair[0].len() + HEADER + 1);
+        }
+        let arena = at(&got[0])..at(&got[0]) + ARENA;
+        assert!(!arena.contains(&at(&got[3])), "the short frame was left in the arena");
+        assert!(arena.contains(&at(&got[4])), "the last one is read into the same arena");
+    }
+
+    #[test]
+    fn short_frames_never_make_an_arena() {
+        let sent: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 4000]).collect();
+        let wire: Vec<u8> = sent.iter().flat_map(|p| encoded(p).to_vec()).collect();
+        let mut codec = FrameCodec::default();
+        let got = read_like_a_socket(&mut codec, &wire, 64 * 1024);
+        assert_eq!(got.len(), sent.len());
+        assert!(codec.arena.is_empty());
     }
 
     #[test]

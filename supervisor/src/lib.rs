@@ -29,6 +29,7 @@ mod flaps;
 pub mod frame;
 mod frame_writer;
 pub mod handshake;
+mod huge_pages;
 mod lag;
 pub mod lane;
 pub mod link;
