@@ -26,6 +26,10 @@ pub(crate) enum Landing {
     /// pages on `madvise`, so this mapping faults 4 KiB at a time): the example prints the
     /// setting.
     Fresh,
+    /// As `Fresh`, the mapping advised to be backed by 2 MiB pages where the kernel has
+    /// transparent huge pages on `madvise`: how an agent's transport lands large frames since
+    /// stop 62 (`supervisor/src/huge_pages.rs`), so this is the raw transfer with the same help.
+    FreshHuge,
 }
 
 /// One raw loopback TCP connection made ready to move `total` bytes: its reader waiting with its
@@ -46,14 +50,19 @@ impl RawStream {
         let (ready, is_ready) = tokio::sync::oneshot::channel();
         let reader = tokio::spawn(async move {
             let (mut socket, _) = listener.accept().await.expect("accept");
-            let mut fresh = (landing == Landing::Fresh).then(|| {
-                memmap2::MmapMut::map_anon(total)
-                    .expect("an anonymous mapping for the raw baseline")
+            let mut fresh = matches!(landing, Landing::Fresh | Landing::FreshHuge).then(|| {
+                let mapping = memmap2::MmapMut::map_anon(total)
+                    .expect("an anonymous mapping for the raw baseline");
+                if landing == Landing::FreshHuge {
+                    // Advice only: refused, the baseline is `Fresh`'s.
+                    let _ = mapping.advise(memmap2::Advice::HugePage);
+                }
+                mapping
             });
             let heap_bytes = match landing {
                 Landing::Reused => 1 << 20,
                 Landing::Touched => total,
-                Landing::Fresh => 0,
+                Landing::Fresh | Landing::FreshHuge => 0,
             };
             let mut heap = vec![0u8; heap_bytes];
             // `vec!` of zeros may be fresh pages the kernel has not given yet; touch one byte a
