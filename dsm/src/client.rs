@@ -9,7 +9,7 @@ use crate::protocol::{PageBytes, Request, Response, Token};
 use crate::service;
 use gobelins_adaptation::{AdaptationError, Host};
 use gobelins_locator::{Key, NodeId};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::OwnedMutexGuard;
@@ -676,9 +676,15 @@ impl Dsm {
             if let Some(version) = have {
                 self.revoke(page, &frame, version).await?;
             }
+            // How many recovery scans this node had made when it sent the fault that was
+            // answered: one made since may have rebuilt the page's entry without its grant.
+            // Read afresh for each attempt, so that a scan during an earlier one, answered
+            // `Retry`, costs nothing.
+            let asked_at = AtomicU64::new(0);
             // Which copy this node holds can change between attempts: a manager may take a
             // lost grant back to it.
             let fault = || {
+                asked_at.store(self.state().scans.load(Ordering::SeqCst), Ordering::SeqCst);
                 let s = frame.lock();
                 Request::WriteFault {
                     node: self.me(),
@@ -711,14 +717,22 @@ impl Dsm {
                     // other for ever, neither writing. Nothing holds it long: a fetch of the
                     // version granted here waits for the grant without it.
                     let writer = Arc::clone(&frame.writer).lock_owned().await;
-                    match frame.install_grant(version, data.clone(), backup) {
+                    // Its manager may have died since it sent the grant, and its recovery
+                    // rebuilt the entry from a scan of this node that did not see the grant,
+                    // naming the previous owner at the previous version: installed, this node
+                    // would write a page the directory says is elsewhere. Refused as a late
+                    // grant is, the fault goes to whoever manages the page now.
+                    let seen = asked_at.load(Ordering::SeqCst);
+                    let scanned = || self.state().scans.load(Ordering::SeqCst) != seen;
+                    match frame.install_grant_unless(version, data.clone(), backup, &scanned) {
                         Installed::Yes => {}
                         Installed::Stale => {
                             if let Some(data) = data {
                                 frame.keep_refused(version, data);
                             }
                             // This node told the manager it lacked this version while the grant
-                            // was on its way, and the manager may have taken it back: ask again.
+                            // was on its way, and the manager may have taken it back, or a
+                            // recovery scanned this node meanwhile: ask again.
                             tracing::debug!(
                                 ?page,
                                 version,
@@ -988,5 +1002,79 @@ fn page_named(key: Key) -> PageId {
     match named(key) {
         Named::Page(page) => page,
         _ => PageId { segment: u32::MAX, page: key.0 as u32 },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{DsmConfig, Live};
+    use gobelins_adaptation::testing::{replay, MemCluster};
+    use gobelins_adaptation::{plugin, HostConfig, Registry};
+    use std::sync::Mutex;
+
+    /// A writer's grant reaches it, then its manager dies before it is installed: the
+    /// recovery's scan of the writer saw no grant, and the page's entry is rebuilt naming the
+    /// previous owner at the previous version. Installed after that, the grant made the writer
+    /// write a page whose readers went to the previous owner, and read what it held before.
+    #[test]
+    fn a_grant_installed_after_its_dead_manager_s_recovery_scanned_the_writer_is_refused() {
+        replay(async {
+            let made: Arc<Mutex<Vec<DsmNode>>> = Arc::new(Mutex::new(Vec::new()));
+            let m = Arc::clone(&made);
+            let mut mem = MemCluster::start(4, HostConfig::default(), move || {
+                let node = DsmNode::new(DsmConfig::default());
+                m.lock().expect("made").push(node.clone());
+                let mut registry = Registry::new();
+                registry.register(plugin(node.service())).expect("dsm registers");
+                registry
+            })
+            .await;
+            // The first registry built is only read for its declarations: node `n` is the
+            // `n`th built.
+            let node = |n: NodeId| made.lock().expect("made")[n.0 as usize].clone();
+            let dsm = |n: NodeId| Dsm::new(node(n), mem.host(n));
+            let page = PageId { segment: 1, page: 0 };
+            let manager = mem.snapshot().locate(DSM, page.key()).expect("a manager");
+            let others: Vec<NodeId> = mem.nodes().into_iter().filter(|&n| n != manager).collect();
+            let (owner, writer, reader) = (others[0], others[1], others[2]);
+            let (o, w, r) = (dsm(owner), dsm(writer), dsm(reader));
+
+            let mut g = o.write(page).await.expect("the owner writes");
+            g[0] = 1;
+            g.commit().await.expect("the owner commits");
+            let writing = tokio::spawn(async move {
+                let mut g = w.write(page).await?;
+                g[0] = 2;
+                let version = g.version();
+                g.commit().await?;
+                Ok::<u64, DsmError>(version)
+            });
+            // The owner gives the page up for the grant while the writer's fault waits for its
+            // answer, its frame's writer lock let go: held from now on, the grant waits for it.
+            let given_up = node(owner).inner.frames.frame(page);
+            let mut polls = 0;
+            while !given_up.has_retired() {
+                polls += 1;
+                assert!(polls < 100_000, "the owner never gave the page up to the writer");
+                tokio::time::sleep(Duration::from_micros(10)).await;
+            }
+            let frame = node(writer).inner.frames.frame(page);
+            let held = Arc::clone(&frame.writer).lock_owned().await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let slot = node(manager).inner.live.get(&page.key()).map(|e| Arc::clone(e.value()));
+            let slot = slot.expect("the manager's entry");
+            let granted = match &*slot.lock().await {
+                Live::Page(e) if e.owner == Some(writer) => e.version,
+                other => panic!("expected the page granted to the writer, got {other:?}"),
+            };
+
+            mem.fail(manager).await;
+            drop(held);
+            let version = writing.await.expect("the writer's task").expect("the write");
+            let read = r.read(page).await.expect("the reader reads");
+            assert_eq!(read[0], 2, "the reader sees the write");
+            assert!(version > granted, "the grant the dead manager made was refused");
+        });
     }
 }

@@ -54,8 +54,9 @@ pub(crate) struct FrameState {
     pub(crate) readers: BTreeSet<NodeId>,
     /// The owner is about to write or give up the page: it serves no more direct reads.
     pub(crate) closed: bool,
-    /// This node told a manager it does not hold this version: a grant of it (or older) that
-    /// arrives after that is refused, since the manager may have taken the page back.
+    /// This node told a manager it does not hold this version, or refused a grant of it: a
+    /// grant of it (or older) that arrives after that is refused, since the manager may have
+    /// taken the page back.
     pub(crate) refused: u64,
     /// The page a refused grant carried, should the manager fail to take the page back from
     /// where that grant took it. Not reported to `scan`: only the manager that took the grant
@@ -125,8 +126,10 @@ pub(crate) enum Fetched {
 pub(crate) enum Installed {
     /// This node owns the page, writable once no direct reader is left.
     Yes,
-    /// A grant this node already told the manager it does not hold, or older than its copy:
-    /// the manager has taken the page back, and the writer asks again.
+    /// A grant this node already told the manager it does not hold, or older than its copy,
+    /// or one asked for before a recovery's `scan` read this node's frames: the manager has
+    /// taken the page back, or the recovery rebuilt its entry without the grant, and the
+    /// writer asks again.
     Stale,
     /// Granted without the page, and no copy here: the page is never made up from zeros.
     NoCopy,
@@ -262,13 +265,8 @@ impl Frame {
         self.lock().retired.is_some()
     }
 
-    /// Takes ownership at `version`; `data` is `None` when the copy held is current. Nothing
-    /// changes when the grant is stale or comes without data to a node that holds no copy.
-    ///
-    /// The frame is writable only once no direct reader is left. The manager invalidated every
-    /// copy it knows of, but not the readers this node served itself: a second local writer's
-    /// grant can arrive after the first one's, whose version this node went on to serve
-    /// directly, and those readers must be revoked before the page changes again.
+    /// [`Frame::install_grant_unless`], with no recovery's `scan` since the grant was asked for.
+    #[cfg(test)]
     #[must_use]
     pub(crate) fn install_grant(
         &self,
@@ -276,7 +274,39 @@ impl Frame {
         data: Option<Bytes>,
         backup: Option<NodeId>,
     ) -> Installed {
+        self.install_grant_unless(version, data, backup, &|| false)
+    }
+
+    /// Takes ownership at `version`; `data` is `None` when the copy held is current. Nothing
+    /// changes when the grant is stale or comes without data to a node that holds no copy.
+    ///
+    /// The frame is writable only once no direct reader is left. The manager invalidated every
+    /// copy it knows of, but not the readers this node served itself: a second local writer's
+    /// grant can arrive after the first one's, whose version this node went on to serve
+    /// directly, and those readers must be revoked before the page changes again.
+    ///
+    /// Refused, as a stale grant is, when `scanned` (checked under the frame's lock) says a
+    /// recovery's `scan` read this node's frames since the grant was asked for: it may have
+    /// reported this frame without the grant, and the recovered manager rebuilt the entry
+    /// naming the previous owner at the previous version. Installed, the grant would make this
+    /// node write a page whose readers and next writers go elsewhere. It is remembered as
+    /// refused: should its manager have lived after all (another node's recovery), the next
+    /// fault has that manager take the grant back and grant past it.
+    #[must_use]
+    pub(crate) fn install_grant_unless(
+        &self,
+        version: u64,
+        data: Option<Bytes>,
+        backup: Option<NodeId>,
+        scanned: &dyn Fn() -> bool,
+    ) -> Installed {
         let mut s = self.lock();
+        // Under the lock `reports` takes for this frame after counting its scan: either this
+        // grant was installed before the report, which then names it, or the count has moved.
+        if scanned() {
+            s.refused = s.refused.max(version);
+            return Installed::Stale;
+        }
         if version <= s.refused || (s.data.is_some() && version <= s.version) {
             return Installed::Stale;
         }
@@ -783,6 +813,27 @@ mod tests {
         g.keep_refused(3, Arc::clone(&page));
         g.invalidate(3);
         assert!(!g.promote(3, Some(3)), "a later write's invalidation drops it");
+    }
+
+    /// A grant asked for before a recovery scanned this node, and arriving after, is refused:
+    /// the scan reported the frame without it. Should its manager have lived after all (the
+    /// recovery was another node's), the manager's next take-back finds the refused copy, and
+    /// the grant after it lands.
+    #[test]
+    fn a_grant_asked_for_before_a_scan_of_this_node_is_refused_and_can_be_taken_back() {
+        let f = Frame::default();
+        f.install_read(1, zeros());
+        let page = Arc::new(vec![4; PAGE_SIZE]);
+        let granted = f.install_grant_unless(2, Some(Arc::clone(&page)), None, &|| true);
+        assert_eq!(granted, Installed::Stale);
+        assert_eq!(f.lock().refused, 2, "the next fault asks for a grant past it");
+        assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((1, 0)), "nothing changed");
+        assert!(!f.lock().owned);
+        f.keep_refused(2, page);
+        assert!(f.promote(2, Some(2)), "taken back to the refused copy");
+        assert_eq!(f.install_grant_unless(3, None, None, &|| false), Installed::Yes);
+        assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((3, 4)));
+        assert!(f.lock().write);
     }
 
     #[tokio::test(start_paused = true)]

@@ -280,13 +280,29 @@ impl DsmService {
     ) -> Result<Bytes, Absent> {
         let frame = self.state().frames.frame(page);
         let departed = departed_since(ctx, manager);
+        // A revocation closed the frame to direct reads: unless the page is given up, it is
+        // opened again, or this owner would send every hinted reader to the manager until its
+        // next grant. A leaving node answers no direct read whatever the frame says, so this
+        // cannot undo the closing of a hand-over.
+        let mut revoking = false;
         loop {
             let wait = self.state().config.fetch_wait;
             match frame.fetch(version, (writer, backup), wait, &departed).await {
                 Fetched::Page(data) => return Ok(data),
-                Fetched::Missing => return Err(Absent::Missing),
-                Fetched::Busy | Fetched::Departed => return Err(Absent::Unreachable),
+                Fetched::Missing => {
+                    if revoking {
+                        frame.reopen();
+                    }
+                    return Err(Absent::Missing);
+                }
+                Fetched::Busy | Fetched::Departed => {
+                    if revoking {
+                        frame.reopen();
+                    }
+                    return Err(Absent::Unreachable);
+                }
                 Fetched::Revoke(readers) => {
+                    revoking = true;
                     let done =
                         invalidate(self.state(), ctx, page, version, readers.clone(), None).await;
                     frame.revoked(&done);
@@ -2174,6 +2190,10 @@ impl Service for DsmService {
         let taint = |slot| (taint_key(slot), Entry::Taint { freed: Freed::default() });
         staged.extend(orphans.slots_to(me).map(taint));
         drop(staged);
+        // Counted before `reports` locks the frames: a write grant arriving after it read its
+        // frame, which it then reported without the grant, finds the count moved and is
+        // refused (see `Frame::install_grant_unless`).
+        self.state().scans.fetch_add(1, Ordering::SeqCst);
         let mut out = self.reports(me, orphans);
         // The dead node's word, if this node holds it: what its slots' new managers need to
         // drop their taints where nothing was lost.
@@ -2303,6 +2323,37 @@ mod tests {
             assert!(matches!(answer, Response::Invalid(_)), "{answer:?}");
         }
         assert!(service.state().live.is_empty(), "no entry made for either");
+    }
+
+    /// An owner that revoked its direct readers for a write fault, then did not give the page
+    /// up (a write here went on past the wait), serves direct reads again: left closed, it
+    /// sent every hinted reader to the manager until its next grant.
+    #[tokio::test(start_paused = true)]
+    async fn an_owner_that_revoked_its_readers_but_kept_the_page_serves_direct_reads_again() {
+        let node = DsmNode::new(DsmConfig::default());
+        let ctx = Context::detached(NodeId(1), 1, None);
+        let page = PageId { segment: 1, page: 0 };
+        let frame = node.inner.frames.frame(page);
+        let granted = frame.install_grant(3, Some(crate::frames::zeros()), None);
+        assert_eq!(granted, crate::frames::Installed::Yes);
+        assert!(frame.serve(NodeId(2)).await.is_some());
+        // The reader failed: its invalidation is done with at once.
+        node.inner.failed.lock().expect("failed").insert(NodeId(2), 1);
+        // Held until the fetch waits for it, then handed to the fetch, then back here (the
+        // lock is fair): the fetch's second look, after the revocation, finds a write going on.
+        let writing = frame.writer.lock().await;
+        let (service, c) = (node.service(), ctx.clone());
+        let give = tokio::spawn(async move {
+            service.give(&c, page, 3, (Some(NodeId(3)), None), None).await.map(|_| ())
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(writing);
+        let writing = frame.writer.lock().await;
+        let given = give.await.expect("give");
+        assert!(matches!(given, Err(Absent::Unreachable)), "{given:?}");
+        drop(writing);
+        assert!(frame.lock().owned, "the page stays here");
+        assert!(frame.serve(NodeId(4)).await.is_some(), "direct reads are served again");
     }
 
     #[test]
