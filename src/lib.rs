@@ -10,6 +10,7 @@
 //! - [`process`], [`mod@file`], [`scheduler`]: the other services (not built yet).
 //! - [`builtin`]: what an agent hosts, and the consoles the CLI reaches it through.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub use gobelins_adaptation as adaptation;
 pub use gobelins_dsm as dsm;

@@ -1,4 +1,5 @@
 //! The `gobelins` command.
+#![forbid(unsafe_code)]
 
 mod cli;
 mod demo;

@@ -28,6 +28,7 @@
 //! - `testing` (feature `testing`): an in-memory cluster and the conformance suite.
 //! - [`error`]: the one error type, [`AdaptationError`].
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod codec;
 #[cfg(feature = "testing")]

@@ -36,6 +36,7 @@
 //! A segment no program uses any more is given back with [`Dsm::free`]: every node drops its
 //! copies and entries of it, and it reads as zeros afterwards.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod client;
 mod cover;

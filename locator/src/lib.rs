@@ -42,6 +42,7 @@
 //! - [`baseline`]: modulo, jump and rendezvous hashing, to measure against.
 //! - [`error`]: the one error type, [`LocatorError`].
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod balance;
 pub mod baseline;

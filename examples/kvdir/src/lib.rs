@@ -16,6 +16,7 @@
 //!   which reports the slots nobody could vouch for: their entries may be lost (`ledger`). Such
 //!   a slot keeps a marker, and a read of a key it lacks answers `Lost`, not `Value(None)`.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod by_slot;
 mod ledger;

@@ -2,3 +2,4 @@
 //!
 //! Not built yet: files striped in replicated blocks over the nodes of the cluster.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]

@@ -2,3 +2,4 @@
 //!
 //! Not built yet: cluster-wide process ids, placement, signals and migration of processes.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]

@@ -2,3 +2,4 @@
 //!
 //! Not built yet: load vectors spread to random peers, initial placement and pairwise balancing.
 #![deny(missing_docs)]
+#![forbid(unsafe_code)]
