@@ -676,16 +676,17 @@ impl Dsm {
             if let Some(version) = have {
                 self.revoke(page, &frame, version).await?;
             }
-            // How many recovery scans this node had made when it sent the fault that was
-            // answered: one made since may have rebuilt the page's entry without its grant.
-            // Read afresh for each attempt, so that a scan during an earlier one, answered
-            // `Retry`, costs nothing.
+            // How many recovery scans had reported the frame when the fault that was answered
+            // was sent: one since may have rebuilt the page's entry without its grant. Read
+            // afresh for each attempt, so that a scan during one answered `Retry` costs
+            // nothing; a fault sent again to the recovered manager after its manager failed
+            // costs one more fault (the refused grant is taken back and granted past).
             let asked_at = AtomicU64::new(0);
             // Which copy this node holds can change between attempts: a manager may take a
             // lost grant back to it.
             let fault = || {
-                asked_at.store(self.state().scans.load(Ordering::SeqCst), Ordering::SeqCst);
                 let s = frame.lock();
+                asked_at.store(s.scans, Ordering::Relaxed);
                 Request::WriteFault {
                     node: self.me(),
                     have: s.data.as_ref().map(|_| s.version),
@@ -722,9 +723,8 @@ impl Dsm {
                     // naming the previous owner at the previous version: installed, this node
                     // would write a page the directory says is elsewhere. Refused as a late
                     // grant is, the fault goes to whoever manages the page now.
-                    let seen = asked_at.load(Ordering::SeqCst);
-                    let scanned = || self.state().scans.load(Ordering::SeqCst) != seen;
-                    match frame.install_grant_unless(version, data.clone(), backup, &scanned) {
+                    let asked = asked_at.load(Ordering::Relaxed);
+                    match frame.install_grant_unless(version, data.clone(), backup, asked) {
                         Installed::Yes => {}
                         Installed::Stale => {
                             if let Some(data) = data {

@@ -58,6 +58,10 @@ pub(crate) struct FrameState {
     /// grant of it (or older) that arrives after that is refused, since the manager may have
     /// taken the page back.
     pub(crate) refused: u64,
+    /// Recovery scans that reported this frame (`reports`, after its manager failed): a write
+    /// grant asked for before one and arriving after it is refused, since the recovery may
+    /// have rebuilt the page's entry without it.
+    pub(crate) scans: u64,
     /// The page a refused grant carried, should the manager fail to take the page back from
     /// where that grant took it. Not reported to `scan`: only the manager that took the grant
     /// back knows whether it is the page.
@@ -274,7 +278,8 @@ impl Frame {
         data: Option<Bytes>,
         backup: Option<NodeId>,
     ) -> Installed {
-        self.install_grant_unless(version, data, backup, &|| false)
+        let asked = self.lock().scans;
+        self.install_grant_unless(version, data, backup, asked)
     }
 
     /// Takes ownership at `version`; `data` is `None` when the copy held is current. Nothing
@@ -285,25 +290,25 @@ impl Frame {
     /// grant can arrive after the first one's, whose version this node went on to serve
     /// directly, and those readers must be revoked before the page changes again.
     ///
-    /// Refused, as a stale grant is, when `scanned` (checked under the frame's lock) says a
-    /// recovery's `scan` read this node's frames since the grant was asked for: it may have
-    /// reported this frame without the grant, and the recovered manager rebuilt the entry
-    /// naming the previous owner at the previous version. Installed, the grant would make this
-    /// node write a page whose readers and next writers go elsewhere. It is remembered as
-    /// refused: should its manager have lived after all (another node's recovery), the next
-    /// fault has that manager take the grant back and grant past it.
+    /// Refused, as a stale grant is, when a recovery's `scan` reported this frame since the
+    /// grant was asked for (`asked`: the frame's `scans` then): it reported the frame without
+    /// the grant, and the recovered manager may have rebuilt the entry naming the previous
+    /// owner at the previous version. Installed, the grant would make this node write a page
+    /// whose readers and next writers go elsewhere. It is remembered as refused: a grant the
+    /// recovered manager made (a fault sent again to it) is taken back to the refused copy at
+    /// the next fault, and granted past.
     #[must_use]
     pub(crate) fn install_grant_unless(
         &self,
         version: u64,
         data: Option<Bytes>,
         backup: Option<NodeId>,
-        scanned: &dyn Fn() -> bool,
+        asked: u64,
     ) -> Installed {
         let mut s = self.lock();
-        // Under the lock `reports` takes for this frame after counting its scan: either this
-        // grant was installed before the report, which then names it, or the count has moved.
-        if scanned() {
+        // `reports` counts its scan under this lock: either this grant was installed before
+        // the report, which then names it, or the count has moved.
+        if s.scans != asked {
             s.refused = s.refused.max(version);
             return Installed::Stale;
         }
@@ -824,14 +829,16 @@ mod tests {
         let f = Frame::default();
         f.install_read(1, zeros());
         let page = Arc::new(vec![4; PAGE_SIZE]);
-        let granted = f.install_grant_unless(2, Some(Arc::clone(&page)), None, &|| true);
+        let asked = f.lock().scans;
+        f.lock().scans += 1;
+        let granted = f.install_grant_unless(2, Some(Arc::clone(&page)), None, asked);
         assert_eq!(granted, Installed::Stale);
         assert_eq!(f.lock().refused, 2, "the next fault asks for a grant past it");
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((1, 0)), "nothing changed");
         assert!(!f.lock().owned);
         f.keep_refused(2, page);
         assert!(f.promote(2, Some(2)), "taken back to the refused copy");
-        assert_eq!(f.install_grant_unless(3, None, None, &|| false), Installed::Yes);
+        assert_eq!(f.install_grant(3, None, None), Installed::Yes);
         assert_eq!(f.readable().map(|(v, d)| (v, d[0])), Some((3, 4)));
         assert!(f.lock().write);
     }

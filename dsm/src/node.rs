@@ -121,10 +121,6 @@ pub(crate) struct NodeState {
     /// Counts entries found not kept elsewhere: a word being given is not sent if this moved
     /// meanwhile, as one of them may have been checked before it changed.
     pub(crate) exposures: AtomicU64,
-    /// Recovery scans this node made (`scan`), counted before each reads the frames: a write
-    /// grant asked for before one and arriving after it is refused, since the recovery may
-    /// have rebuilt the page's entry without it.
-    pub(crate) scans: AtomicU64,
     /// The last change this node carried out to its end (`after_release`): only its stable
     /// epoch gives a word, not one whose part here was cut short.
     pub(crate) finished: AtomicU64,
@@ -231,7 +227,6 @@ impl DsmNode {
                 finished: AtomicU64::new(0),
                 began: AtomicU64::new(0),
                 exposures: AtomicU64::new(0),
-                scans: AtomicU64::new(0),
                 vouches: Mutex::default(),
                 unanswering: Mutex::new(HashMap::new()),
             }),

@@ -1635,6 +1635,9 @@ impl DsmService {
                 continue;
             }
             let mut s = frame.lock();
+            // Reported without a write grant on its way: the grant is refused when it comes
+            // (see `Frame::install_grant_unless`).
+            s.scans += 1;
             // The recovery now knows of a fostered backup: whether it stays is its entry's.
             s.fostered = None;
             // `retired`: the copy given up to a writer, when it is that copy.
@@ -2190,10 +2193,6 @@ impl Service for DsmService {
         let taint = |slot| (taint_key(slot), Entry::Taint { freed: Freed::default() });
         staged.extend(orphans.slots_to(me).map(taint));
         drop(staged);
-        // Counted before `reports` locks the frames: a write grant arriving after it read its
-        // frame, which it then reported without the grant, finds the count moved and is
-        // refused (see `Frame::install_grant_unless`).
-        self.state().scans.fetch_add(1, Ordering::SeqCst);
         let mut out = self.reports(me, orphans);
         // The dead node's word, if this node holds it: what its slots' new managers need to
         // drop their taints where nothing was lost.
