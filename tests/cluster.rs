@@ -684,6 +684,40 @@ fn exit_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// An operator stops a node with SIGTERM and starts it again, twice, each stop seen by the
+/// cluster as a failure before the start: the agent told the members each stop was on
+/// purpose, so no short life is counted and the node is never held out. Unannounced, the
+/// first stop showed in `status` as a failure counted, and the second held the node out.
+#[test]
+fn a_node_stopped_with_sigterm_and_started_again_twice_is_not_held() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let mut agents = three_agents(root.path(), limit);
+    for life in 2..=3u64 {
+        signal(&agents[2], "-TERM");
+        let exited = exit_within(agents[2].child.as_mut().expect("running"), limit);
+        assert!(exited.success(), "a stop asked for is a clean exit: {exited}");
+        wait_showing(&agents, "node 3 declared failed", limit, || {
+            status(&agents[0].dir, false).is_some_and(|s| {
+                s["stable"] == true && node_status(&s, 3).is_some_and(|(st, _)| st == "failed")
+            })
+        });
+        agents[2].child = Some(spawn(&agents[2], &[]));
+        wait_showing(&agents, "node 3 back as a new life", limit, || {
+            status(&agents[0].dir, false).is_some_and(|s| {
+                s["stable"] == true
+                    && node_status(&s, 3).is_some_and(|(st, inc)| st == "active" && inc == life)
+            })
+        });
+        let now = status(&agents[0].dir, false).expect("status");
+        let three = now["nodes"].as_array().and_then(|n| n.iter().find(|n| n["id"] == 3));
+        let three = three.expect("node 3 in the status");
+        assert!(three["failures"].is_null(), "life {life}: a failure counted: {three}");
+    }
+    let log = log_of(&agents[2]);
+    assert!(!log.contains("not every member heard"), "{log}");
+}
+
 /// How node 2 is restarted after its kill -9.
 #[derive(Clone, Copy, PartialEq)]
 enum Restart {

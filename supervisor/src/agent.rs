@@ -509,6 +509,25 @@ fn stopped(supervisor: &Supervisor) -> String {
     STOPPED.to_string()
 }
 
+/// How long a stopping agent waits for the members to hear that it stops on purpose.
+const STOPPING_WAIT: Duration = Duration::from_millis(500);
+
+/// Tells the other members that this live member stops on purpose, so that its failure is not
+/// counted against it as a short life (`crate::flaps`).
+async fn announce_stopping(supervisor: &Supervisor) {
+    let me = supervisor.id();
+    let state = supervisor.state();
+    let member = state.nodes.get(&me).is_some_and(|r| r.status.is_live());
+    if !member || state.live().len() < 2 {
+        return;
+    }
+    let others = state.live().len() - 1;
+    let heard = supervisor.announce_stopping(STOPPING_WAIT).await;
+    if heard < others {
+        tracing::info!(heard, of = others, "not every member heard that this stop is on purpose: those that did not count it as a short life");
+    }
+}
+
 /// What a stop by signal before the node entered its cluster leaves behind.
 const STOPPED_ENTERING: &str = "If the cluster had admitted this node already, it declares it \
      failed and rebuilds its entries from replicas; started again with the same command line, \
@@ -815,10 +834,12 @@ pub async fn run(
         // At the default level: otherwise the log just ended, and an operator could not tell a
         // stop asked for from a crash.
         _ = tokio::signal::ctrl_c() => {
-            tracing::warn!("interrupted; stopping. {}", stopped(&agent.supervisor))
+            tracing::warn!("interrupted; stopping. {}", stopped(&agent.supervisor));
+            announce_stopping(&agent.supervisor).await;
         }
         _ = terminate.recv() => {
-            tracing::warn!("terminated (SIGTERM); stopping. {}", stopped(&agent.supervisor))
+            tracing::warn!("terminated (SIGTERM); stopping. {}", stopped(&agent.supervisor));
+            announce_stopping(&agent.supervisor).await;
         }
         ended = lifecycle.wait_for(|l| *l != Lifecycle::Member) => {
             match ended.map(|l| l.clone()) {

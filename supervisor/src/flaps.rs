@@ -39,6 +39,9 @@ struct Lives {
     live: Option<(u64, Option<Instant>)>,
     /// The last life seen failed: each is judged once, however often the state shows it.
     ended: Option<u64>,
+    /// A life the node said it stops on purpose: its failure is not a short life, nor does
+    /// it end a run of them.
+    stopping: Option<u64>,
     /// Short lives in a row, each failed within [`FLAP_MEMORY`] of the node's last chance to
     /// come back, and when the first of them failed.
     strikes: u32,
@@ -113,6 +116,9 @@ impl Flaps {
                 continue;
             }
             lives.ended = Some(record.incarnation);
+            if lives.stopping == Some(record.incarnation) {
+                continue;
+            }
             let began = match lives.live {
                 Some((life, Some(began))) if life == record.incarnation => began,
                 _ => continue,
@@ -153,6 +159,12 @@ impl Flaps {
         lives.back_at = Some(now + hold);
         lives.hold = Some((set, now + hold));
         Some(set)
+    }
+
+    /// `node` says its life `life` stops on purpose: its failure is not counted.
+    pub(crate) fn stopping(&mut self, node: u64, life: u64) {
+        let lives = self.nodes.entry(node).or_default();
+        lives.stopping = lives.stopping.max(Some(life));
     }
 
     /// Forgets `node`'s short lives in a row, and lifts its hold: an operator says the cause is
@@ -254,6 +266,28 @@ mod tests {
         assert_eq!(flaps.held(over), BTreeMap::new());
         assert_eq!(flaps.streaks(over)[&4], (4, Duration::ZERO));
         assert_eq!(flaps.streaks(fourth + 20 * S + FLAP_MEMORY), BTreeMap::new());
+    }
+
+    #[test]
+    fn lives_stopped_on_purpose_are_not_counted_and_do_not_end_a_run() {
+        let start = Instant::now();
+        let mut flaps = Flaps::new(5 * S);
+        // Restarted by an operator three times in a row, each life a few seconds long.
+        for life in 1..=3 {
+            flaps.stopping(4, life);
+            let at = start + (life as u32) * 10 * S;
+            assert_eq!(live_then_fail(&mut flaps, life, at, S), [], "life {life} was stopped");
+        }
+        assert_eq!(flaps.streaks(start + 40 * S), BTreeMap::new(), "nothing counted");
+        // A notice for another life does not cover the next one, which fails on its own:
+        // counted, and with the failure before the stops, held.
+        flaps.stopping(4, 2);
+        assert_eq!(live_then_fail(&mut flaps, 4, start + 40 * S, S), []);
+        assert_eq!(flaps.streaks(start + 42 * S)[&4].0, 1);
+        flaps.stopping(4, 5);
+        assert_eq!(live_then_fail(&mut flaps, 5, start + 50 * S, S), [], "stopped: not counted");
+        let held = live_then_fail(&mut flaps, 6, start + 60 * S, S);
+        assert_eq!(held.iter().map(|(_, h)| h.failures).collect::<Vec<_>>(), [2]);
     }
 
     #[test]

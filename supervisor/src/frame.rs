@@ -51,10 +51,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// node's view names the members its leader has not heard from, and the suspects; 22: the
 /// DSM's `Request::Losses` and its answer, what `gobelins dsm lost` asks every node; 23: the
 /// refusal `Refusal::Held` of a node that keeps failing, the nodes a view holds out, and
-/// `Request::Unhold` with its answer `Unheld`, an operator's lifting of a hold).
-pub const VERSION: u8 = 23;
+/// `Request::Unhold` with its answer `Unheld`, an operator's lifting of a hold; 24:
+/// `Request::Stopping`, a member's word that it stops on purpose).
+pub const VERSION: u8 = 24;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 23;
+pub const MIN_VERSION: u8 = 24;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

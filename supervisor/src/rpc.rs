@@ -62,6 +62,10 @@ pub enum Request {
     /// An operator lifts the hold on a node that kept failing (`gobelins unhold`): forget its
     /// short lives in a row, so that its next rejoin is admitted.
     Unhold(u64),
+    /// The sender's life (this incarnation) is stopping on purpose (SIGTERM, SIGINT): when the
+    /// cluster declares it failed, it is not counted as a short life, so that an operator who
+    /// restarts a node a few times in a row does not get it held out. Answered `Heard`.
+    Stopping(u64),
 }
 
 /// Why a proposal did not produce an outcome.

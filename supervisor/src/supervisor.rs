@@ -984,6 +984,19 @@ impl Supervisor {
         unheld
     }
 
+    /// Tells every other live member that this life stops on purpose (the agent got SIGTERM
+    /// or SIGINT), so that none counts its failure as a short life: restarted a few times in a
+    /// row by an operator, the node would be held out. Waits for the answers at most `wait`;
+    /// how many members heard. A member that did not hear counts the failure, as before.
+    pub async fn announce_stopping(&self, wait: Duration) -> usize {
+        let life = self.incarnation();
+        let others = self.state().live().into_iter().filter(|&n| n != self.me.id);
+        let told = others.map(|n| async move {
+            matches!(self.call(n, &Request::Stopping(life), wait).await, Ok(Response::Heard(_)))
+        });
+        futures::future::join_all(told).await.into_iter().filter(|&heard| heard).count()
+    }
+
     /// [`Supervisor::unhold`] at this node, asked by node `by`: whether it held the node, and
     /// whether it had counted short lives of it.
     fn unhold_here(&self, node: u64, by: u64) -> (bool, bool) {
@@ -1223,6 +1236,11 @@ impl Supervisor {
             Request::Unhold(node) => {
                 let (held, counted) = self.unhold_here(node, from);
                 Response::Unheld { held, counted }
+            }
+            Request::Stopping(life) => {
+                tracing::info!(node = from, life, "node {from} is stopping on purpose: its failure will not count as a short life");
+                self.flaps.lock().expect("flaps").stopping(from, life);
+                Response::Heard(true)
             }
         };
         encode_response(&response)

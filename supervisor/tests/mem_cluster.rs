@@ -464,6 +464,52 @@ fn in_a_cluster_of_two_a_node_that_keeps_failing_is_not_held() {
     });
 }
 
+/// A node an operator stops on purpose again and again (SIGTERM, then a start) tells the other
+/// members each time: none counts its failures, and it is never held. Unannounced, the second
+/// such stop held it out (see the test above).
+#[test]
+fn a_node_stopped_on_purpose_again_and_again_is_neither_counted_nor_held() {
+    replay(async {
+        let logs = Logs::default();
+        let _capture = logs.capture();
+        let net = MemNetwork::new(59);
+        let nodes = three_voters(&net).await;
+        let all: Vec<&Node> = nodes.iter().collect();
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let x = if leader == 3 { 2 } else { 3 };
+        let (a, b) = match x {
+            2 => (1, 3),
+            _ => (1, 2),
+        };
+        let at = |id: u64| &nodes[id as usize - 1];
+        for life in 1..=3u64 {
+            let heard = at(x).supervisor.announce_stopping(Duration::from_millis(500)).await;
+            assert_eq!(heard, 2, "life {life}: both members heard it stops");
+            net.isolate(x, [a, b]);
+            let majority = [at(a), at(b)];
+            until_all(&majority, Duration::from_secs(30), "x declared failed", |s| {
+                s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
+            })
+            .await;
+            for n in majority {
+                let held = n.supervisor.view().held;
+                assert!(!held.contains_key(&x), "life {life}: counted: {held:?}");
+            }
+            net.heal();
+            let back = tokio::time::Instant::now();
+            until_all(&all, Duration::from_secs(30), "x back", |s| {
+                s.is_stable()
+                    && s.nodes[&x].status == NodeStatus::Active
+                    && s.nodes[&x].incarnation == life + 1
+            })
+            .await;
+            let took = back.elapsed();
+            assert!(took < Duration::from_secs(4), "life {life}: back in {took:?}, not held");
+        }
+        assert!(!logs.contain("keeps failing"), "no hold announced");
+    });
+}
+
 /// A node declared failed while it ran rejoins as a new life; the rejoin commits, but its answer
 /// is lost, the leader's log does not reach it, and neither does the leader's word of the change
 /// the rejoin began. Nothing tells it that it was taken: the fence check, finding this life
