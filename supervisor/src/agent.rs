@@ -515,16 +515,21 @@ const STOPPING_WAIT: Duration = Duration::from_millis(500);
 /// Tells the other members that this live member stops on purpose, so that its failure is not
 /// counted against it as a short life (`crate::flaps`).
 async fn announce_stopping(supervisor: &Supervisor) {
-    let me = supervisor.id();
-    let state = supervisor.state();
-    let member = state.nodes.get(&me).is_some_and(|r| r.status.is_live());
-    if !member || state.live().len() < 2 {
+    // A life this process made: a restarted process replays a crashed life as live, and must
+    // not excuse it. Whether the cluster admitted it is for each member to judge, from its
+    // own record of the life: this node hears of its admission a moment after the cluster's
+    // state shows it, and an operator may stop it in between.
+    if !supervisor.life_made_here() {
         return;
     }
-    let others = state.live().len() - 1;
+    let me = supervisor.id();
+    let others = supervisor.state().live().into_iter().filter(|&n| n != me).count();
+    if others == 0 {
+        return;
+    }
     let heard = supervisor.announce_stopping(STOPPING_WAIT).await;
     if heard < others {
-        tracing::info!(heard, of = others, "not every member heard that this stop is on purpose: those that did not count it as a short life");
+        tracing::info!(heard, of = others, "not every member took this stop as one on purpose: if the cluster had admitted this life, those count it as a short life");
     }
 }
 

@@ -7,7 +7,10 @@
 //! stayed up, or away, for [`FLAP_MEMORY`].
 //!
 //! Only a life that ended within [`SHORT_LIFE`] of its start counts: a node restarted after
-//! hours of service, for an upgrade say, is not flapping.
+//! hours of service, for an upgrade say, is not flapping. Nor does a life its node said it
+//! stopped on purpose (SIGTERM, SIGINT), up to [`STOPS_FORGIVEN`] of them within
+//! [`FLAP_MEMORY`]: an operator restarting a node a few times is not a flap, but a loop that
+//! restarts it with SIGTERM (a liveness probe that keeps failing) is, after those.
 
 use crate::state::{NodeRecord, NodeStatus, Refusal};
 use std::collections::BTreeMap;
@@ -21,6 +24,8 @@ pub(crate) const FLAP_MEMORY: Duration = Duration::from_secs(600);
 pub(crate) const SHORT_LIFE: Duration = Duration::from_secs(120);
 /// The longest hold, whatever the failures.
 pub(crate) const MAX_HOLD: Duration = Duration::from_secs(300);
+/// Short lives stopped on purpose that go uncounted within [`FLAP_MEMORY`]; those after count.
+pub(crate) const STOPS_FORGIVEN: u32 = 3;
 
 /// The short lives each node has seen end, from the cluster's applied state. Each node keeps
 /// its own, so that a leader elected afterwards holds a flapping node out too, if it saw the
@@ -42,6 +47,9 @@ struct Lives {
     /// A life the node said it stops on purpose: its failure is not a short life, nor does
     /// it end a run of them.
     stopping: Option<u64>,
+    /// Short lives stopped on purpose not counted, and when the first of them ended.
+    forgiven: u32,
+    forgiven_since: Option<Instant>,
     /// Short lives in a row, each failed within [`FLAP_MEMORY`] of the node's last chance to
     /// come back, and when the first of them failed.
     strikes: u32,
@@ -116,9 +124,6 @@ impl Flaps {
                 continue;
             }
             lives.ended = Some(record.incarnation);
-            if lives.stopping == Some(record.incarnation) {
-                continue;
-            }
             let began = match lives.live {
                 Some((life, Some(began))) if life == record.incarnation => began,
                 _ => continue,
@@ -129,6 +134,9 @@ impl Flaps {
             // A long life breaks the run: the short lives before it were not a flap.
             if now.saturating_duration_since(began) >= SHORT_LIFE {
                 lives.restart_streak();
+                continue;
+            }
+            if lives.stopping == Some(record.incarnation) && lives.forgive(now) {
                 continue;
             }
             if let Some(hold) = self.failed(node, now) {
@@ -210,6 +218,16 @@ impl Flaps {
 }
 
 impl Lives {
+    /// Whether a short life stopped on purpose, ended at `now`, goes uncounted: the first
+    /// [`STOPS_FORGIVEN`] within [`FLAP_MEMORY`] do.
+    fn forgive(&mut self, now: Instant) -> bool {
+        if self.forgiven_since.is_none_or(|at| now.saturating_duration_since(at) >= FLAP_MEMORY) {
+            (self.forgiven, self.forgiven_since) = (0, Some(now));
+        }
+        self.forgiven += 1;
+        self.forgiven <= STOPS_FORGIVEN
+    }
+
     /// Starts the run of short lives afresh, with no hold.
     fn restart_streak(&mut self) {
         (self.strikes, self.first, self.back_at, self.hold) = (0, None, None, None);
@@ -272,21 +290,42 @@ mod tests {
     fn lives_stopped_on_purpose_are_not_counted_and_do_not_end_a_run() {
         let start = Instant::now();
         let mut flaps = Flaps::new(5 * S);
-        // Restarted by an operator three times in a row, each life a few seconds long.
-        for life in 1..=3 {
+        // Restarted by an operator twice in a row, each life a few seconds long.
+        for life in 1..=2 {
             flaps.stopping(4, life);
             let at = start + (life as u32) * 10 * S;
             assert_eq!(live_then_fail(&mut flaps, life, at, S), [], "life {life} was stopped");
         }
-        assert_eq!(flaps.streaks(start + 40 * S), BTreeMap::new(), "nothing counted");
-        // A notice for another life does not cover the next one, which fails on its own:
-        // counted, and with the failure before the stops, held.
+        assert_eq!(flaps.streaks(start + 30 * S), BTreeMap::new(), "nothing counted");
+        // A notice for another life does not cover the next one, which fails on its own.
         flaps.stopping(4, 2);
-        assert_eq!(live_then_fail(&mut flaps, 4, start + 40 * S, S), []);
-        assert_eq!(flaps.streaks(start + 42 * S)[&4].0, 1);
-        flaps.stopping(4, 5);
-        assert_eq!(live_then_fail(&mut flaps, 5, start + 50 * S, S), [], "stopped: not counted");
-        let held = live_then_fail(&mut flaps, 6, start + 60 * S, S);
+        assert_eq!(live_then_fail(&mut flaps, 3, start + 30 * S, S), []);
+        assert_eq!(flaps.streaks(start + 32 * S)[&4].0, 1);
+        // A stop between two failures neither counts nor ends their run.
+        flaps.stopping(4, 4);
+        assert_eq!(live_then_fail(&mut flaps, 4, start + 40 * S, S), [], "stopped: not counted");
+        let held = live_then_fail(&mut flaps, 5, start + 50 * S, S);
+        assert_eq!(held.iter().map(|(_, h)| h.failures).collect::<Vec<_>>(), [2]);
+    }
+
+    #[test]
+    fn a_long_life_stopped_on_purpose_still_ends_a_run_and_stops_in_a_loop_count_after_three() {
+        let start = Instant::now();
+        let mut flaps = Flaps::new(5 * S);
+        assert_eq!(live_then_fail(&mut flaps, 1, start, S), [], "one short life counted");
+        // Up for 4 minutes, then stopped for an upgrade: the long life ends the run.
+        flaps.stopping(4, 2);
+        assert_eq!(live_then_fail(&mut flaps, 2, start + 10 * S, 240 * S), []);
+        assert_eq!(live_then_fail(&mut flaps, 3, start + 260 * S, S), [], "a first failure again");
+        // Then restarted with SIGTERM again and again, each life a second long: the first
+        // three stops are forgiven, the fourth counts and, with the failure before, holds.
+        for life in 4..=6 {
+            flaps.stopping(4, life);
+            let at = start + (270 + 10 * life as u32) * S;
+            assert_eq!(live_then_fail(&mut flaps, life, at, S), [], "stop {life} forgiven");
+        }
+        flaps.stopping(4, 7);
+        let held = live_then_fail(&mut flaps, 7, start + 350 * S, S);
         assert_eq!(held.iter().map(|(_, h)| h.failures).collect::<Vec<_>>(), [2]);
     }
 

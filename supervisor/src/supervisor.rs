@@ -727,6 +727,14 @@ impl Supervisor {
         self.admitted.load(Ordering::SeqCst)
     }
 
+    /// Whether this process made its current incarnation (renewed it, or wrote it at its first
+    /// start): a restarted process's own log, read from disk, holds the life an earlier run
+    /// served, which it did not make.
+    pub fn life_made_here(&self) -> bool {
+        let life = self.incarnation();
+        self.renewed_to.load(Ordering::SeqCst) == life || self.made_at_start == Some(life)
+    }
+
     /// Asks the cluster at `seed` to admit this node; retries until `deadline`.
     pub async fn join_via(&self, seed: &str, deadline: Duration) -> Result<Outcome> {
         let _asking = Asking::new(self, self.incarnation());
@@ -992,7 +1000,7 @@ impl Supervisor {
         let life = self.incarnation();
         let others = self.state().live().into_iter().filter(|&n| n != self.me.id);
         let told = others.map(|n| async move {
-            matches!(self.call(n, &Request::Stopping(life), wait).await, Ok(Response::Heard(_)))
+            matches!(self.call(n, &Request::Stopping(life), wait).await, Ok(Response::Heard(true)))
         });
         futures::future::join_all(told).await.into_iter().filter(|&heard| heard).count()
     }
@@ -1238,9 +1246,18 @@ impl Supervisor {
                 Response::Unheld { held, counted }
             }
             Request::Stopping(life) => {
-                tracing::info!(node = from, life, "node {from} is stopping on purpose: its failure will not count as a short life");
-                self.flaps.lock().expect("flaps").stopping(from, life);
-                Response::Heard(true)
+                // Only the life the cluster has live for the sender: a restarted process that
+                // has not rejoined yet must not excuse the life that crashed.
+                let live = self
+                    .state()
+                    .nodes
+                    .get(&from)
+                    .is_some_and(|r| r.incarnation == life && r.status.is_live());
+                if live {
+                    tracing::info!(node = from, life, "node {from} is stopping on purpose: its failure will not count as a short life (the first {} such in {} min)", crate::flaps::STOPS_FORGIVEN, crate::flaps::FLAP_MEMORY.as_secs() / 60);
+                    self.flaps.lock().expect("flaps").stopping(from, life);
+                }
+                Response::Heard(live)
             }
         };
         encode_response(&response)
@@ -1574,9 +1591,7 @@ impl Supervisor {
     fn own_join_begun(&self, state: &ClusterState) -> bool {
         let life = self.incarnation();
         let me = self.me.id;
-        let made_here =
-            self.renewed_to.load(Ordering::SeqCst) == life || self.made_at_start == Some(life);
-        made_here
+        self.life_made_here()
             && self.asking.lock().expect("asking").contains_key(&life)
             && state.nodes.get(&me).is_some_and(|r| {
                 r.incarnation == life && r.status == NodeStatus::Joining && r.addr == self.me.addr
