@@ -522,12 +522,7 @@ async fn announce_stopping(supervisor: &Supervisor) {
     if !supervisor.life_made_here() {
         return;
     }
-    let me = supervisor.id();
-    let others = supervisor.state().live().into_iter().filter(|&n| n != me).count();
-    if others == 0 {
-        return;
-    }
-    let heard = supervisor.announce_stopping(STOPPING_WAIT).await;
+    let (heard, others) = supervisor.announce_stopping(STOPPING_WAIT).await;
     if heard < others {
         tracing::info!(heard, of = others, "not every member took this stop as one on purpose: if the cluster had admitted this life, those count it as a short life");
     }

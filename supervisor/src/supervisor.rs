@@ -995,14 +995,17 @@ impl Supervisor {
     /// Tells every other live member that this life stops on purpose (the agent got SIGTERM
     /// or SIGINT), so that none counts its failure as a short life: restarted a few times in a
     /// row by an operator, the node would be held out. Waits for the answers at most `wait`;
-    /// how many members heard. A member that did not hear counts the failure, as before.
-    pub async fn announce_stopping(&self, wait: Duration) -> usize {
+    /// how many members took the notice, of how many told. A member that did not take it
+    /// counts the failure, as before.
+    pub async fn announce_stopping(&self, wait: Duration) -> (usize, usize) {
         let life = self.incarnation();
-        let others = self.state().live().into_iter().filter(|&n| n != self.me.id);
-        let told = others.map(|n| async move {
+        let others: Vec<u64> =
+            self.state().live().into_iter().filter(|&n| n != self.me.id).collect();
+        let told = others.iter().map(|&n| async move {
             matches!(self.call(n, &Request::Stopping(life), wait).await, Ok(Response::Heard(true)))
         });
-        futures::future::join_all(told).await.into_iter().filter(|&heard| heard).count()
+        let heard = futures::future::join_all(told).await.into_iter().filter(|&h| h).count();
+        (heard, others.len())
     }
 
     /// [`Supervisor::unhold`] at this node, asked by node `by`: whether it held the node, and

@@ -257,12 +257,8 @@ async fn a_follower_declared_failed(net: &MemNetwork, nodes: &[Node]) -> (u64, u
         _ => (1, 2),
     };
     let at = |id: u64| &nodes[id as usize - 1];
-    net.isolate(x, [leader, other]);
     let majority = [at(leader), at(other)];
-    until_all(&majority, Duration::from_secs(30), "the cut-off node declared failed", |s| {
-        s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
-    })
-    .await;
+    cut_off_until_declared_failed(net, x, [leader, other], &majority).await;
     until_voters(&majority, 1).await;
     (leader, x, other)
 }
@@ -296,14 +292,37 @@ async fn a_follower_declared_failed_twice(net: &MemNetwork, nodes: &[Node]) -> (
     assert_eq!(once, BTreeMap::from([(x, (1, 0))]), "x failed once: counted, held by nobody");
     net.heal();
     until_back_as_second_life(&nodes.iter().collect::<Vec<_>>(), x).await;
-    net.isolate(x, [leader, other]);
-    let majority = [at(leader), at(other)];
-    until_all(&majority, Duration::from_secs(30), "x declared failed again", |s| {
+    cut_off_until_declared_failed(net, x, [leader, other], &[at(leader), at(other)]).await;
+    net.heal();
+    (leader, x, other)
+}
+
+/// Cuts node `x` off from `others` until `watchers` see it declared failed.
+async fn cut_off_until_declared_failed(
+    net: &MemNetwork,
+    x: u64,
+    others: impl IntoIterator<Item = u64>,
+    watchers: &[&Node],
+) {
+    net.isolate(x, others);
+    until_all(watchers, Duration::from_secs(30), "the cut-off node declared failed", |s| {
         s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
     })
     .await;
+}
+
+/// Heals the network and waits for node `x` back as life `life + 1`, within 4 s: not held.
+async fn healed_and_back_unheld(net: &MemNetwork, all: &[&Node], x: u64, life: u64) {
     net.heal();
-    (leader, x, other)
+    let back = tokio::time::Instant::now();
+    until_all(all, Duration::from_secs(30), "the node back", |s| {
+        s.is_stable()
+            && s.nodes[&x].status == NodeStatus::Active
+            && s.nodes[&x].incarnation == life + 1
+    })
+    .await;
+    let took = back.elapsed();
+    assert!(took < Duration::from_secs(4), "life {life}: back in {took:?}, not held");
 }
 
 /// A control socket served by `supervisor`, in a temporary directory kept with it.
@@ -442,23 +461,10 @@ fn in_a_cluster_of_two_a_node_that_keeps_failing_is_not_held() {
         until_active(&nodes, 2).await;
         let all: Vec<&Node> = nodes.iter().collect();
         for life in 1..=3u64 {
-            net.isolate(2, [1]);
-            until_all(&all[..1], Duration::from_secs(30), "node 2 declared failed", |s| {
-                s.is_stable() && s.nodes[&2].status == NodeStatus::Failed
-            })
-            .await;
+            cut_off_until_declared_failed(&net, 2, [1], &all[..1]).await;
             let view = nodes[0].supervisor.view();
             assert_eq!(view.held.get(&2).map(|&(_, left)| left), Some(0), "{:?}", view.held);
-            net.heal();
-            let back = tokio::time::Instant::now();
-            until_all(&all, Duration::from_secs(30), "node 2 back", |s| {
-                s.is_stable()
-                    && s.nodes[&2].status == NodeStatus::Active
-                    && s.nodes[&2].incarnation == life + 1
-            })
-            .await;
-            let took = back.elapsed();
-            assert!(took < Duration::from_secs(4), "life {life}: back in {took:?}, not held");
+            healed_and_back_unheld(&net, &all, 2, life).await;
         }
         assert!(!logs.contain("keeps failing"), "no hold announced");
     });
@@ -484,27 +490,14 @@ fn a_node_stopped_on_purpose_again_and_again_is_neither_counted_nor_held() {
         let at = |id: u64| &nodes[id as usize - 1];
         for life in 1..=3u64 {
             let heard = at(x).supervisor.announce_stopping(Duration::from_millis(500)).await;
-            assert_eq!(heard, 2, "life {life}: both members heard it stops");
-            net.isolate(x, [a, b]);
+            assert_eq!(heard, (2, 2), "life {life}: both members heard it stops");
             let majority = [at(a), at(b)];
-            until_all(&majority, Duration::from_secs(30), "x declared failed", |s| {
-                s.is_stable() && s.nodes[&x].status == NodeStatus::Failed
-            })
-            .await;
+            cut_off_until_declared_failed(&net, x, [a, b], &majority).await;
             for n in majority {
                 let held = n.supervisor.view().held;
                 assert!(!held.contains_key(&x), "life {life}: counted: {held:?}");
             }
-            net.heal();
-            let back = tokio::time::Instant::now();
-            until_all(&all, Duration::from_secs(30), "x back", |s| {
-                s.is_stable()
-                    && s.nodes[&x].status == NodeStatus::Active
-                    && s.nodes[&x].incarnation == life + 1
-            })
-            .await;
-            let took = back.elapsed();
-            assert!(took < Duration::from_secs(4), "life {life}: back in {took:?}, not held");
+            healed_and_back_unheld(&net, &all, x, life).await;
         }
         assert!(!logs.contain("keeps failing"), "no hold announced");
     });
