@@ -292,14 +292,7 @@ async fn answer(
     if let Some((failures, left)) =
         node.held_back().filter(|_| !request.for_the_cluster() && !its_own)
     {
-        let id = node.id();
-        let why = format!(
-            "node {id} is held out of the cluster for {:.1} s more: it keeps failing ({failures} \
-             short lives in a row), and serves nothing until it rejoins, by itself, once the \
-             hold ends. Send requests through another member meanwhile. {}",
-            left.as_secs_f64(),
-            crate::flaps::advice(id)
-        );
+        let why = held_out(node.id(), failures, left);
         return flush(&mut write, &[json!({ "error": why })]).await;
     }
     if let Some(what) = entering.now() {
@@ -321,17 +314,19 @@ async fn answer(
     }
     match request {
         ControlRequest::Call { service, key, body } => {
-            let line = match node.host().request(ServiceId(service), Key(key), body).await {
-                Ok(response) => json!({ "ok": { "body": hex::encode(response) } }),
-                Err(e) => json!({ "error": e.to_string() }),
+            let asked = node.host().request(ServiceId(service), Key(key), body);
+            let line = match unless_held(&node, asked).await {
+                Ok(Ok(response)) => json!({ "ok": { "body": hex::encode(response) } }),
+                Ok(Err(e)) => json!({ "error": e.to_string() }),
+                Err(why) => json!({ "error": why }),
             };
             flush(&mut write, &[line]).await
         }
         ControlRequest::Local { service, body } => {
             let line = match consoles.get(&service) {
-                Some(console) => match console.run(node.host(), body).await {
-                    Ok(answer) => json!({ "ok": { "body": hex::encode(answer) } }),
-                    Err(why) => json!({ "error": why }),
+                Some(console) => match unless_held(&node, console.run(node.host(), body)).await {
+                    Ok(Ok(answer)) => json!({ "ok": { "body": hex::encode(answer) } }),
+                    Ok(Err(why)) | Err(why) => json!({ "error": why }),
                 },
                 None => json!({
                     "error": format!("this agent offers no console for service {service}")
@@ -441,6 +436,40 @@ async fn answer(
                 return Ok(());
             }
             wait_for((&mut read, &mut write), &node, node.id(), NodeStatus::Active, None).await
+        }
+    }
+}
+
+/// What a request through a node held out of the cluster is told.
+fn held_out(id: u64, failures: u32, left: Duration) -> String {
+    format!(
+        "node {id} is held out of the cluster for {:.1} s more: it keeps failing ({failures} \
+         short lives in a row), and serves nothing until it rejoins, by itself, once the hold \
+         ends. Send requests through another member meanwhile. {}",
+        left.as_secs_f64(),
+        crate::flaps::advice(id)
+    )
+}
+
+/// Runs `asked` unless `node` learns first that it is held out of the cluster: a request that
+/// reached it before it asked to rejoin waits for a configuration the hold keeps away, and
+/// would wait out its whole deadline to blame the cluster. Given up, it may have taken effect
+/// (an attempt may have reached a manager before this node was declared failed): the client
+/// is told so.
+async fn unless_held<T>(
+    node: &Supervisor,
+    asked: impl std::future::Future<Output = T>,
+) -> std::result::Result<T, String> {
+    tokio::select! {
+        answer = asked => Ok(answer),
+        (failures, left) = node.until_held() => {
+            tracing::info!(node = node.id(), "a request that waited here was refused: this node is held out of the cluster");
+            Err(format!(
+                "{}. This request waited here for a configuration and did not complete; it may \
+                 or may not have taken effect: read what it changes through another member \
+                 before sending it again",
+                held_out(node.id(), failures, left)
+            ))
         }
     }
 }

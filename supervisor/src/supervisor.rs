@@ -218,8 +218,9 @@ pub struct Supervisor {
     /// The failures seen of each node, to hold out one that keeps failing.
     flaps: Mutex<Flaps>,
     /// The last refusal of this node's rejoin for its own failures: for which of its lives,
-    /// how many failures, and until when.
-    held_back: Mutex<Option<(u64, u32, Instant)>>,
+    /// how many failures, and until when. Watched by the requests that wait for a
+    /// configuration: one that would not come while the node is held out.
+    held_back: watch::Sender<Option<(u64, u32, Instant)>>,
     /// While this node leads with no acknowledgement of a majority on record (raft has none
     /// right after an election, nor after a change of voters, until replies come): since when.
     unacked_since: Mutex<Option<Instant>>,
@@ -344,7 +345,7 @@ impl Supervisor {
             pauses: Pauses::new(lease_span),
             lag: Mutex::default(),
             flaps: Mutex::new(Flaps::new(rejoin_hold)),
-            held_back: Mutex::new(None),
+            held_back: watch::Sender::new(None),
             unacked_since: Mutex::new(None),
             leaderless: Mutex::default(),
             reported: AtomicU64::new(0),
@@ -472,7 +473,7 @@ impl Supervisor {
     /// While the cluster holds this node out for failing again and again, and it is not back:
     /// its short lives failed in a row, and how much longer the hold lasts.
     pub fn held_back(&self) -> Option<(u32, Duration)> {
-        let (life, failures, until) = (*self.held_back.lock().expect("held back"))?;
+        let (life, failures, until) = (*self.held_back.borrow())?;
         let left = until.saturating_duration_since(Instant::now());
         let current = life == self.incarnation() && !self.life_admitted();
         (current && !left.is_zero()).then_some((failures, left))
@@ -693,7 +694,7 @@ impl Supervisor {
     /// timeout after it woke, when the cluster may have rebuilt its entries elsewhere.
     fn admit_life_asked(&self, asked: Instant) {
         self.admitted.store(true, Ordering::SeqCst);
-        *self.held_back.lock().expect("held back") = None;
+        self.held_back.send_replace(None);
         if self.fresh.swap(false, Ordering::SeqCst) {
             let (record, node) = (Arc::clone(&self.admitted_first), self.me.id);
             let record = move || {
@@ -1026,11 +1027,30 @@ impl Supervisor {
         let Refusal::Held { failures, left_ms, .. } = refusal else { return false };
         let now = Instant::now();
         let life = self.incarnation();
-        let mut held = self.held_back.lock().expect("held back");
-        // Not by life: a held node renews its incarnation between two asks of the same hold.
-        let new = held.is_none_or(|(_, known, until)| known != *failures || until <= now);
-        *held = Some((life, *failures, now + Duration::from_millis(*left_ms)));
+        let mut new = false;
+        self.held_back.send_modify(|held| {
+            // Not by life: a held node renews its incarnation between two asks of the same
+            // hold.
+            new = held.is_none_or(|(_, known, until)| known != *failures || until <= now);
+            *held = Some((life, *failures, now + Duration::from_millis(*left_ms)));
+        });
         new
+    }
+
+    /// Resolves once this node is held out of the cluster ([`Supervisor::held_back`]), with
+    /// what that says. A request that waits for a configuration races it: the node learns of
+    /// its hold only when it asks to rejoin, and a request that reached it before then would
+    /// otherwise wait out its whole deadline for a configuration that is not coming.
+    pub async fn until_held(&self) -> (u32, Duration) {
+        let mut held = self.held_back.subscribe();
+        loop {
+            if let Some(hold) = self.held_back() {
+                return hold;
+            }
+            if held.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Moves to an incarnation above `seen` (the last one the cluster knows), persisted before it

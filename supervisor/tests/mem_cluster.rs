@@ -408,6 +408,66 @@ fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
     });
 }
 
+/// A request that reached a node before it learned of its hold, and waits there for a
+/// configuration, is refused once the node learns, saying why and that it may have taken
+/// effect, rather than left to wait out its deadline (10 s) for a configuration the hold keeps
+/// away.
+#[test]
+fn a_request_waiting_on_a_node_as_it_learns_of_its_hold_is_refused_then() {
+    use gobelins_supervisor::control::{request, ControlRequest};
+    replay(async {
+        let net = MemNetwork::new(59);
+        let nodes = three_voters_hosting(&net, kvdir, HostConfig::default()).await;
+        let register =
+            gobelins_supervisor::state::Command::Register(gobelins_kvdir::KvDir::declaration());
+        let registered = nodes[0].supervisor.propose_until(register, Duration::from_secs(10)).await;
+        assert!(matches!(registered, Ok(Ok(_))), "kvdir registered: {registered:?}");
+        let (leader, x, other) = a_follower_declared_failed(&net, &nodes).await;
+        let at = |id: u64| &nodes[id as usize - 1];
+        let all: Vec<&Node> = nodes.iter().collect();
+        net.heal();
+        until_back_as_second_life(&all, x).await;
+        cut_off_until_declared_failed(&net, x, [leader, other], &[at(leader), at(other)]).await;
+
+        // Healed, x learns its second life was declared failed and begins its third, which
+        // asks to rejoin; the members' answers are lost until a request has reached it. Slow
+        // messages leave time to lose the first.
+        let x_node = &at(x).supervisor;
+        net.set_delay(Duration::from_millis(20));
+        net.heal();
+        let healed = tokio::time::Instant::now();
+        while x_node.incarnation() < 3 {
+            assert!(healed.elapsed() < Duration::from_secs(30), "x began no third life");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        net.mute(leader, x);
+        net.mute(other, x);
+        assert_eq!(x_node.held_back(), None, "x asked, and knows of no hold yet");
+        let (_dir, path, _socket) = control_socket(x_node).await;
+        let get = codec::encode(&gobelins_kvdir::Request::Get).expect("encode");
+        let call = ControlRequest::Call { service: gobelins_kvdir::KVDIR.0, key: 7, body: get };
+        let asked = tokio::time::Instant::now();
+        let waiting =
+            tokio::spawn(
+                async move { request(&path, &call, |_| {}).await.map_err(|e| e.to_string()) },
+            );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if waiting.is_finished() {
+            panic!("the request did not wait for x's admission: {:?}", waiting.await);
+        }
+        net.set_delay(Duration::ZERO);
+        net.heal();
+        let said = waiting.await.expect("the request's task").expect_err("refused");
+        let took = asked.elapsed();
+        assert!(said.contains(&format!("node {x} is held out of the cluster")), "{said}");
+        assert!(said.contains("waited here"), "refused as it waited, not as it came: {said}");
+        assert!(said.contains("may or may not have taken effect"), "{said}");
+        // Without the race it waited out the hold (5.4 s), and was served once x rejoined.
+        assert!(took < Duration::from_secs(2), "refused as x learned of its hold: {took:?}");
+        assert!(x_node.held_back().is_some(), "x is held");
+    });
+}
+
 /// A node held out for failing twice is unheld through a member's control socket: every
 /// member lifts its hold, and the node rejoins at its next try, long before the hold would
 /// have ended.
