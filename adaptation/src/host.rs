@@ -170,18 +170,35 @@ impl Stats {
     /// Adds the counters of `earlier`, a life before this one. `answers_kept` counts what is
     /// kept now, so only this life's.
     fn add_earlier(&mut self, earlier: &Stats) {
-        self.requests_ok += earlier.requests_ok;
-        self.requests_delayed += earlier.requests_delayed;
-        self.requests_failed += earlier.requests_failed;
-        self.served += earlier.served;
-        self.held += earlier.held;
-        self.entries_sent += earlier.entries_sent;
-        self.entries_received += earlier.entries_received;
-        self.entries_rebuilt += earlier.entries_rebuilt;
-        self.bytes_sent += earlier.bytes_sent;
-        self.forwarded += earlier.forwarded;
-        self.batches_refused += earlier.batches_refused;
-        for (name, lost) in &earlier.reported_lost {
+        // Taken apart whole, without `..`: a counter added to `Stats` fails to build here until
+        // it is said whether it adds up over lives.
+        let Stats {
+            requests_ok,
+            requests_delayed,
+            requests_failed,
+            served,
+            held,
+            entries_sent,
+            entries_received,
+            entries_rebuilt,
+            bytes_sent,
+            answers_kept: _,
+            forwarded,
+            batches_refused,
+            reported_lost,
+        } = earlier;
+        self.requests_ok += requests_ok;
+        self.requests_delayed += requests_delayed;
+        self.requests_failed += requests_failed;
+        self.served += served;
+        self.held += held;
+        self.entries_sent += entries_sent;
+        self.entries_received += entries_received;
+        self.entries_rebuilt += entries_rebuilt;
+        self.bytes_sent += bytes_sent;
+        self.forwarded += forwarded;
+        self.batches_refused += batches_refused;
+        for (name, lost) in reported_lost {
             *self.reported_lost.entry(name.clone()).or_default() += lost;
         }
     }
