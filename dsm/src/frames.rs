@@ -384,9 +384,17 @@ impl Frame {
     /// this reader the page's owner in the manager's entry (`repair`), its owner having
     /// failed. Only a valid read copy counts, never a copy kept aside, refused or backed up:
     /// those are left on a node the entry may have moved on from (a grant took the page), and
-    /// a request that reaches it late must not make it an owner again.
-    pub(crate) fn adopt_read_copy(&self, version: u64) -> bool {
+    /// a request that reaches it late must not make it an owner again. Nor once the manager
+    /// that asked has `departed` (see [`Frame::promote_unless`]).
+    pub(crate) fn adopt_read_copy(
+        &self,
+        version: u64,
+        departed: &(dyn Fn() -> bool + Sync),
+    ) -> bool {
         let mut s = self.lock();
+        if departed() {
+            return false;
+        }
         let valid = s.invalidated.is_none_or(|i| i < version) && s.refused < version;
         if s.owned || s.data.is_none() || s.version != version || !valid {
             return false;
@@ -603,8 +611,24 @@ impl Frame {
     /// The same takes a page back after a grant that never reached its writer: the previous
     /// owner's copy kept aside is then the content, or, when the writer already owned the
     /// page, the writer's own copy.
+    #[cfg(test)]
     pub(crate) fn promote(&self, version: u64, exact: Option<u64>) -> bool {
+        self.promote_unless(version, exact, &|| false)
+    }
+
+    /// [`Frame::promote`], unless the manager that asked has `departed` by the time the frame
+    /// is locked: the survivors' `scan`, which locks the frame too, may have counted it as the
+    /// backup it was, and the entry rebuilt from that must not find a second owner here.
+    pub(crate) fn promote_unless(
+        &self,
+        version: u64,
+        exact: Option<u64>,
+        departed: &(dyn Fn() -> bool + Sync),
+    ) -> bool {
         let mut s = self.lock();
+        if departed() {
+            return false;
+        }
         if s.owned && s.data.is_some() && s.version == version {
             // Promoted already: the manager asks again when it missed the answer.
             return true;
@@ -981,29 +1005,47 @@ mod tests {
     async fn only_a_valid_read_copy_at_the_entry_s_version_is_adopted_as_the_page() {
         let f = Frame::default();
         f.install_read(4, zeros());
-        assert!(!f.adopt_read_copy(5), "another version");
-        assert!(f.adopt_read_copy(4));
+        assert!(!f.adopt_read_copy(5, &|| false), "another version");
+        assert!(f.adopt_read_copy(4, &|| false));
         assert!(f.lock().owned && f.lock().commits == FINAL);
-        assert!(!f.adopt_read_copy(4), "owned already");
+        assert!(!f.adopt_read_copy(4, &|| false), "owned already");
 
         let given_up = Frame::default();
         own_then_give_up(&given_up, 3, 1).await;
-        assert!(!given_up.adopt_read_copy(3), "a copy given up to a writer");
+        assert!(!given_up.adopt_read_copy(3, &|| false), "a copy given up to a writer");
         assert!(!given_up.lock().owned && given_up.readable().is_none());
 
         let backup = Frame::default();
         backup.store_backup(4, FINAL, zeros());
-        assert!(!backup.adopt_read_copy(4), "a backup");
+        assert!(!backup.adopt_read_copy(4, &|| false), "a backup");
 
         let invalidated = Frame::default();
         invalidated.install_read(4, zeros());
         invalidated.invalidate(4);
-        assert!(!invalidated.adopt_read_copy(4), "an invalidated copy");
+        assert!(!invalidated.adopt_read_copy(4, &|| false), "an invalidated copy");
 
         let refused = Frame::default();
         refused.keep_refused(5, zeros());
-        assert!(!refused.adopt_read_copy(5), "a refused grant's copy");
+        assert!(!refused.adopt_read_copy(5, &|| false), "a refused grant's copy");
         assert!(!refused.lock().owned);
+    }
+
+    /// A manager declared failed between a `Promote` or `BackupTo`'s arrival and the frame's
+    /// lock changes nothing: the survivors' scan may have counted the frame as it was.
+    #[test]
+    fn a_departed_manager_neither_promotes_a_backup_nor_makes_a_read_copy_the_page() {
+        let departed = || true;
+        let backup = Frame::default();
+        backup.store_backup(4, FINAL, zeros());
+        assert!(!backup.promote_unless(4, None, &departed));
+        assert!(!backup.lock().owned && backup.lock().backup.is_some(), "still the backup");
+        assert!(backup.promote_unless(4, None, &|| false), "promoted when its manager lives");
+
+        let reader = Frame::default();
+        reader.install_read(4, zeros());
+        assert!(!reader.adopt_read_copy(4, &departed));
+        assert!(!reader.lock().owned, "still a read copy");
+        assert!(reader.adopt_read_copy(4, &|| false));
     }
 
     #[test]

@@ -952,7 +952,7 @@ impl DsmService {
         // marked owned. It is the page now: marked so, it can be backed up, and promoted from
         // its backup should this node fail in turn. Left a read copy, the page had no backup
         // until written again, and a third failure (a rolling restart) lost it.
-        if frame.adopt_read_copy(version) {
+        if frame.adopt_read_copy(version, &departed_since(ctx, ctx.from())) {
             tracing::debug!(?page, version, "dsm: a read copy this node holds is the page now");
         }
         let (data, commit) = {
@@ -1355,7 +1355,10 @@ impl DsmService {
                 Box::pin(self.back_up_to(ctx, page, version, node, replaces)).await
             }
             Request::Promote { page, version, label } => {
-                if frames.frame(page).promote(version, label) {
+                // Checked on arrival too (a departed node's local requests are refused), but a
+                // recovery's scan may run between that check and this one.
+                let departed = departed_since(ctx, ctx.from());
+                if frames.frame(page).promote_unless(version, label, &departed) {
                     Response::Ok
                 } else {
                     Response::Missing
