@@ -128,7 +128,8 @@ pub struct Stats {
     pub requests_ok: u64,
     /// Of those, requests that waited: held, redirected or retried.
     pub requests_delayed: u64,
-    /// Requests issued here that failed (deadline, unknown service, refused).
+    /// Requests issued here that failed (deadline, unknown service, refused), and those its
+    /// agent refused before they reached the host ([`Host::count_refused`]).
     pub requests_failed: u64,
     /// Requests this node served as manager.
     pub served: u64,
@@ -546,6 +547,12 @@ impl Host {
     /// The epoch requests are routed by here.
     pub fn epoch(&self) -> u64 {
         *self.inner.load().epoch.borrow()
+    }
+
+    /// Counts a request its agent refused before it reached this host (the node is held out
+    /// of the cluster, say) as failed: its client got an error, and `stats` says so.
+    pub fn count_refused(&self) {
+        self.inner.load().counters.requests_failed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counters since this process started, over every life it had.

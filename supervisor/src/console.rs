@@ -12,6 +12,8 @@ use std::sync::Arc;
 pub trait Console: Send + Sync {
     /// Runs one command, encoded as the service's console expects, on this node and returns
     /// its encoded answer, or a message saying why it failed (shown to the operator as is).
+    /// The future may be dropped while it waits for a configuration (the node learned it is
+    /// held out of the cluster): it must leave nothing behind.
     async fn run(&self, host: &Host, command: Vec<u8>) -> Result<Vec<u8>, String>;
 }
 

@@ -285,6 +285,9 @@ async fn answer(
         request,
         ControlRequest::Status { .. } | ControlRequest::Join { .. } | ControlRequest::Leave
     );
+    // A client's request for a service, refused before it reached the host: counted failed
+    // all the same, or `stats` says nothing failed while the node turned every client away.
+    let a_request = matches!(request, ControlRequest::Call { .. } | ControlRequest::Local { .. });
     // Held out, it serves nothing until the hold ends: a request would wait out its whole
     // deadline for a configuration that is not coming, and then blame the cluster. Before
     // the entering check: a node restarted while held is entering too, and that text would
@@ -292,6 +295,9 @@ async fn answer(
     if let Some((failures, left)) =
         node.held_back().filter(|_| !request.for_the_cluster() && !its_own)
     {
+        if a_request {
+            node.host().count_refused();
+        }
         let why = held_out(node.id(), failures, left);
         return flush(&mut write, &[json!({ "error": why })]).await;
     }
@@ -307,6 +313,9 @@ async fn answer(
                 return flush(&mut write, &[json!({ "ok": status })]).await;
             }
             _ => {
+                if a_request {
+                    node.host().count_refused();
+                }
                 let why = format!("the agent is still entering the cluster: {what}. Try again once `gobelins status` no longer says so; the agent's log tells what it waits for");
                 return flush(&mut write, &[json!({ "error": why })]).await;
             }
@@ -451,25 +460,34 @@ fn held_out(id: u64, failures: u32, left: Duration) -> String {
     )
 }
 
-/// Runs `asked` unless `node` learns first that it is held out of the cluster: a request that
-/// reached it before it asked to rejoin waits for a configuration the hold keeps away, and
-/// would wait out its whole deadline to blame the cluster. Given up, it may have taken effect
-/// (an attempt may have reached a manager before this node was declared failed): the client
-/// is told so.
+/// Runs `asked` unless `node` learns first that it is held out of the cluster. A request that
+/// reached a life not yet admitted (one that asked to rejoin, not yet told of its hold) waits
+/// for a configuration the hold keeps away: it would wait until the hold ends, or out its
+/// whole deadline, to be served late or to blame the cluster. It is refused as the node
+/// learns, as a request that comes then would be, so that its client sends it through another
+/// member now. Such a life has no configuration, so the request was never sent; one begun on
+/// an earlier, admitted life may have reached a manager, and the client is told so. Counted
+/// failed, as the host does not see it end.
 async fn unless_held<T>(
     node: &Supervisor,
     asked: impl std::future::Future<Output = T>,
 ) -> std::result::Result<T, String> {
+    let (life, admitted) = (node.incarnation(), node.life_admitted());
     tokio::select! {
+        // An answer in hand is given, whatever else is ready.
+        biased;
         answer = asked => Ok(answer),
         (failures, left) = node.until_held() => {
+            node.host().count_refused();
             tracing::info!(node = node.id(), "a request that waited here was refused: this node is held out of the cluster");
-            Err(format!(
-                "{}. This request waited here for a configuration and did not complete; it may \
-                 or may not have taken effect: read what it changes through another member \
-                 before sending it again",
-                held_out(node.id(), failures, left)
-            ))
+            let what = if !admitted && life == node.incarnation() {
+                "This request was not sent: this node had no configuration yet. Send it \
+                 through another member"
+            } else {
+                "This request waited here and did not complete; it may or may not have taken \
+                 effect: read what it changes through another member before sending it again"
+            };
+            Err(format!("{what}. {}", held_out(node.id(), failures, left)))
         }
     }
 }

@@ -954,6 +954,12 @@ impl Supervisor {
                     let wait = Duration::from_millis(left_ms) + self.config.ping_interval;
                     tokio::time::sleep(wait.min(self.config.failure_timeout * 3)).await;
                 }
+                // Noted all the same (`gobelins join` on a held node): requests waiting here
+                // learn of it now, not at the next fence check.
+                Err(refusal @ Refusal::Held { .. }) => {
+                    self.note_held(&refusal);
+                    return Ok(Err(refusal));
+                }
                 Err(Refusal::StaleIncarnation { last, .. }) if !renewed => {
                     // The life that ended may be this process's own (`gobelins join` asked of
                     // an agent declared failed before its own check noticed): its services'
@@ -1047,6 +1053,7 @@ impl Supervisor {
             if let Some(hold) = self.held_back() {
                 return hold;
             }
+            // `self` owns the sender: it does not close while this runs.
             if held.changed().await.is_err() {
                 return std::future::pending().await;
             }
