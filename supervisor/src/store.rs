@@ -508,6 +508,28 @@ impl StateMachine {
         })
     }
 
+    /// The state raft brings this machine to as it starts: the stored one, with the entries
+    /// `log` had committed when the node last ran applied again. Read before raft runs, it
+    /// says what the node's last life knew, which the entries a leader sends next may hide
+    /// (its life's end hides that it was leaving).
+    pub fn replayed(&self, log: &LogStore) -> StorageResult<ClusterState> {
+        let mut state = self.state.clone();
+        let Some(committed) = get_meta::<Option<LogId<u64>>>(&log.db, COMMITTED)?.flatten() else {
+            return Ok(state);
+        };
+        let from = self.last_applied.map_or(0, |applied| applied.index + 1);
+        let txn = log.db.begin_read().map_err(read_err)?;
+        let table = txn.open_table(LOGS).map_err(read_err)?;
+        for item in table.range(from..=committed.index).map_err(read_err)? {
+            let (_, bytes) = item.map_err(read_err)?;
+            let entry: Entry<TypeConfig> = codec::decode(bytes.value()).map_err(codec_err)?;
+            if let EntryPayload::Normal(command) = entry.payload {
+                let _ = state.apply(&command);
+            }
+        }
+        Ok(state)
+    }
+
     /// A receiver that sees each newly applied cluster state.
     pub fn subscribe(&self) -> watch::Receiver<Arc<ClusterState>> {
         self.published.subscribe()

@@ -199,6 +199,10 @@ const REJOINS: &str = "failed or unanswered rejoins";
 pub struct Supervisor {
     me: Me,
     incarnation: AtomicU64,
+    /// The life this process started as, when its own state, replayed from disk before raft
+    /// ran, had it leaving: a process restarted in the middle of its node's leave (killed,
+    /// its machine rebooted). Once the cluster ends that life, the leave ends with it.
+    leaving_when_started: Option<u64>,
     raft: Raft,
     transport: Arc<dyn Transport>,
     state: watch::Receiver<Arc<ClusterState>>,
@@ -323,6 +327,20 @@ impl Supervisor {
     /// Starts raft and the node's duties.
     pub async fn start(parts: Parts) -> Result<Arc<Self>> {
         let state = parts.machine.subscribe();
+        // Before raft runs: the cluster's end of that life, once applied, hides that it was
+        // leaving. What raft applies again first is read from the log: the stored state is
+        // the last snapshot's, older.
+        let replayed = parts.machine.replayed(&parts.log);
+        let leaving_when_started = match replayed {
+            Ok(last) => last.nodes.get(&parts.me.id).and_then(|r| {
+                (r.status == NodeStatus::Leaving && r.incarnation == parts.incarnation)
+                    .then_some(r.incarnation)
+            }),
+            Err(error) => {
+                tracing::warn!(%error, "cannot read this node's raft log to learn whether it was leaving; a leave it was in the middle of will not be seen");
+                None
+            }
+        };
         let raft_config = Arc::new(parts.config.raft()?);
         let lease_span = parts.config.lease_span();
         let rejoin_hold = parts.config.rejoin_hold;
@@ -334,6 +352,7 @@ impl Supervisor {
         let node = Arc::new(Supervisor {
             me: parts.me,
             incarnation: AtomicU64::new(parts.incarnation),
+            leaving_when_started,
             raft,
             transport: parts.transport,
             state,
@@ -1860,22 +1879,37 @@ impl Supervisor {
         }
         // A leaver declared failed while it ran (cut off as it left) leaves: the survivors
         // rebuilt what it still held. Rejoining would undo the operator's leave, which the CLI
-        // had already reported as under way. Only a life this process served: a leaver
-        // restarted ends its last life itself and rejoins (`start_new_life`), whatever its own
-        // state, read from disk and perhaps behind, says.
+        // had already reported as under way. Judged by this process's own state only for a
+        // life it served: one restarted ends its last life itself (`start_new_life`), and its
+        // state shows that end, not the leave, once applied.
         let leaving = self.life_admitted()
             && state.nodes.get(&self.me.id).is_some_and(|r| {
                 r.status == NodeStatus::Leaving && r.incarnation == self.incarnation()
             });
+        // A process restarted in the middle of its node's leave: its state, read before raft
+        // ran, had the life leaving. Rejoining, it undid the leave (the audit's kill -9 during
+        // `gobelins leave`, restarted by a unit): the node stayed a member. A leave the
+        // restart's state had not applied yet is not seen, and the node rejoins.
+        let restarted_leaving = self.leaving_when_started == Some(self.incarnation());
         let dead_here = record.is_some_and(|r| r.incarnation == self.incarnation());
-        if fenced && leaving && dead_here {
+        if fenced && (leaving || restarted_leaving) && dead_here {
             if self.end_as_left(self.incarnation()) {
-                tracing::warn!(
-                    node = self.me.id,
-                    peer_epoch = view.state.epoch,
-                    "declared failed while leaving; the leave ends here, and the entries this \
-                     node still held were rebuilt from replicas"
-                );
+                if restarted_leaving {
+                    tracing::warn!(
+                        node = self.me.id,
+                        peer_epoch = view.state.epoch,
+                        "restarted in the middle of this node's leave: the leave ends here, and \
+                         the entries its last life held were rebuilt from replicas. To bring the \
+                         node back, start it with --join ADDR (a member's address)"
+                    );
+                } else {
+                    tracing::warn!(
+                        node = self.me.id,
+                        peer_epoch = view.state.epoch,
+                        "declared failed while leaving; the leave ends here, and the entries \
+                         this node still held were rebuilt from replicas"
+                    );
+                }
             }
             return;
         }
