@@ -479,13 +479,24 @@ fn evicting_a_node_that_fails_on_its_way_out_ends_once_it_is_declared_failed() {
     assert!(!own.status.success() && said.contains("`gobelins leave`"), "{said}");
     signal(&agents[2], "-STOP");
     let started = Instant::now();
-    let evict = cli(&agents[0].dir, &["evict", "3"]);
+    let first = agents[0].dir.clone();
+    let evict = std::thread::spawn(move || cli(&first, &["evict", "3"]));
+    // Asked again through another member meanwhile: followed, not refused.
+    wait_until("node 3 leaving", limit, || {
+        status(&agents[0].dir, false)
+            .is_some_and(|s| node_status(&s, 3).is_some_and(|(st, _)| st == "leaving"))
+    });
+    let again = cli(&agents[1].dir, &["evict", "3"]);
+    let evict = evict.join().expect("the first evict returns");
     let took = started.elapsed();
     signal(&agents[2], "-CONT");
     let said = String::from_utf8_lossy(&evict.stderr);
     assert!(evict.status.success(), "evict: {said}{}", evidence(&agents));
-    assert!(said.contains("failed before its leave ended"), "{said}");
+    assert!(said.contains("failed before it was out"), "{said}");
     assert!(took < Duration::from_secs(50), "ended once declared failed: {took:?}");
+    let said_again = String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "asked again: {said_again}");
+    assert!(said_again.contains("already on its way out"), "{said_again}");
     wait_until("node 3 failed, the cluster stable", limit, || {
         stable_with(&agents[0].dir, &[(3, "failed", 1)])
     });

@@ -616,6 +616,15 @@ async fn change(
             };
             flush(write, &[json!({ "error": why })]).await
         }
+        // Asked twice (an `evict` through two members, a `leave` typed again after a Ctrl-C, an
+        // `evict` of a node that runs `leave`): the node is on its way out already, which is
+        // what was asked. Followed like the first ask, not refused: a script's `evict 4 ||
+        // page-someone` paged someone for a removal that went through.
+        Ok(Err(Refusal::AlreadyLeaving(id))) if id == target => {
+            let said = format!("node {id} is already on its way out (a leave or an eviction under way): following it");
+            flush(write, &[json!({ "progress": said })]).await?;
+            wait_for((read, write), node, target, until, None).await
+        }
         Ok(Err(refusal)) => flush(write, &[json!({ "error": refusal.to_string() })]).await,
         // A proposal that reached a leader but was not answered in time may still commit.
         Err(e) => {
@@ -651,8 +660,9 @@ async fn wait_for(
         // their replicas instead of handed over. Waiting for "left" would last the full minute.
         if until == NodeStatus::Left && status == Some(NodeStatus::Failed) {
             let why = format!(
-                "node {target} failed before its leave ended: the cluster rebuilds its entries \
-                 from their replicas (`gobelins stats` counts any it could not)"
+                "node {target} failed before it was out (its leave or eviction had not ended): \
+                 the cluster rebuilds its entries from their replicas (`gobelins stats` counts \
+                 any it could not)"
             );
             return flush(
                 write,
