@@ -289,6 +289,11 @@ impl<N: Net> Agent<N> {
                 Box::new(move || dir.clear_unadmitted())
             },
             made_incarnation,
+            ended_left: dir.ended_left()?,
+            record_left: {
+                let dir = dir.clone();
+                Box::new(move |life| dir.mark_left(life))
+            },
         })
         .await;
         let supervisor = match supervisor {

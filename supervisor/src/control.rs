@@ -599,11 +599,7 @@ async fn change(
     match proposed {
         Ok(Ok(applied)) => {
             flush(write, &[json!({ "progress": format!("accepted: {applied}") })]).await?;
-            // The cluster records a leave as the eviction of the leaver, which the operator
-            // who typed `leave` would not recognise.
-            let leaving = matches!(command, Command::Leave { .. });
-            let renamed = leaving.then(|| (format!("evict n{target}"), format!("leave n{target}")));
-            wait_for((read, write), node, target, until, renamed).await
+            wait_for((read, write), node, target, until, renamed(&command, target)).await
         }
         // Told apart only now, from the state of the leader that refused: a node that failed
         // or left is no member, and had been said to be "not a member of this cluster".
@@ -623,7 +619,7 @@ async fn change(
         Ok(Err(Refusal::AlreadyLeaving(id))) if id == target => {
             let said = format!("node {id} is already on its way out (a leave or an eviction under way): following it");
             flush(write, &[json!({ "progress": said })]).await?;
-            wait_for((read, write), node, target, until, None).await
+            wait_for((read, write), node, target, until, renamed(&command, target)).await
         }
         Ok(Err(refusal)) => flush(write, &[json!({ "error": refusal.to_string() })]).await,
         // A proposal that reached a leader but was not answered in time may still commit.
@@ -635,6 +631,13 @@ async fn change(
             flush(write, &[json!({ "error": why })]).await
         }
     }
+}
+
+/// The cluster records a leave as the eviction of the leaver, which the operator who typed
+/// `leave` would not recognise: the change as recorded, and as shown.
+fn renamed(command: &Command, target: u64) -> Option<(String, String)> {
+    let leaving = matches!(command, Command::Leave { .. });
+    leaving.then(|| (format!("evict n{target}"), format!("leave n{target}")))
 }
 
 /// Streams progress until `target` reaches `until`, which the cluster records as the change

@@ -206,6 +206,18 @@ impl DataDir {
         self.remove(BOOTSTRAPPING)
     }
 
+    /// Records that life `incarnation` of this node ended as left though the cluster counts it
+    /// failed: it was leaving when it stopped, or was declared failed. The cluster's record
+    /// then says only "failed", and a later start, its own log showing that end, would rejoin.
+    pub fn mark_left(&self, incarnation: u64) -> Result<()> {
+        self.write_number(ENDED_LEFT, incarnation)
+    }
+
+    /// The life [`DataDir::mark_left`] recorded, if any.
+    pub fn ended_left(&self) -> Result<Option<u64>> {
+        self.read_number(ENDED_LEFT)
+    }
+
     /// Removes the file `name`, durably; one already gone is fine.
     fn remove(&self, name: &str) -> Result<()> {
         let path = self.root.join(name);
@@ -220,6 +232,7 @@ impl DataDir {
 
 const UNADMITTED: &str = "unadmitted";
 const BOOTSTRAPPING: &str = "bootstrapping";
+const ENDED_LEFT: &str = "ended-left";
 
 /// Makes the names created or renamed in `dir` durable: without it, a power cut after a rename
 /// can bring the old file back (an incarnation already used, say).

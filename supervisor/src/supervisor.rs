@@ -201,8 +201,11 @@ pub struct Supervisor {
     incarnation: AtomicU64,
     /// The life this process started as, when its own state, replayed from disk before raft
     /// ran, had it leaving: a process restarted in the middle of its node's leave (killed,
-    /// its machine rebooted). Once the cluster ends that life, the leave ends with it.
+    /// its machine rebooted), or one whose end as left was recorded. Once the cluster ends
+    /// that life, the leave ends with it.
     leaving_when_started: Option<u64>,
+    /// [`Parts::record_left`].
+    record_left: Arc<dyn Fn(u64) -> Result<()> + Send + Sync>,
     raft: Raft,
     transport: Arc<dyn Transport>,
     state: watch::Receiver<Arc<ClusterState>>,
@@ -321,6 +324,12 @@ pub struct Parts {
     /// This process wrote `incarnation` itself: the data directory had none, so no earlier run
     /// of this node served that life, and its own log cannot hold a join of it from before.
     pub made_incarnation: bool,
+    /// The life the data directory records as ended left though the cluster counts it failed
+    /// ([`crate::datadir::DataDir::mark_left`]): if it is `incarnation`, this start ends as
+    /// left too.
+    pub ended_left: Option<u64>,
+    /// Records, in the data directory, that a life ended so.
+    pub record_left: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
 }
 
 impl Supervisor {
@@ -331,16 +340,17 @@ impl Supervisor {
         // leaving. What raft applies again first is read from the log: the stored state is
         // the last snapshot's, older.
         let replayed = parts.machine.replayed(&parts.log);
-        let leaving_when_started = match replayed {
-            Ok(last) => last.nodes.get(&parts.me.id).and_then(|r| {
-                (r.status == NodeStatus::Leaving && r.incarnation == parts.incarnation)
-                    .then_some(r.incarnation)
+        let leaving = match replayed {
+            Ok(last) => last.nodes.get(&parts.me.id).is_some_and(|r| {
+                r.status == NodeStatus::Leaving && r.incarnation == parts.incarnation
             }),
             Err(error) => {
                 tracing::warn!(%error, "cannot read this node's raft log to learn whether it was leaving; a leave it was in the middle of will not be seen");
-                None
+                false
             }
         };
+        let leaving_when_started =
+            (leaving || parts.ended_left == Some(parts.incarnation)).then_some(parts.incarnation);
         let raft_config = Arc::new(parts.config.raft()?);
         let lease_span = parts.config.lease_span();
         let rejoin_hold = parts.config.rejoin_hold;
@@ -353,6 +363,7 @@ impl Supervisor {
             me: parts.me,
             incarnation: AtomicU64::new(parts.incarnation),
             leaving_when_started,
+            record_left: Arc::from(parts.record_left),
             raft,
             transport: parts.transport,
             state,
@@ -1893,7 +1904,20 @@ impl Supervisor {
         let restarted_leaving = self.leaving_when_started == Some(self.incarnation());
         let dead_here = record.is_some_and(|r| r.incarnation == self.incarnation());
         if fenced && (leaving || restarted_leaving) && dead_here {
-            if self.end_as_left(self.incarnation()) {
+            let life = self.incarnation();
+            // Kept: the cluster's record says "failed", and the next start of this directory
+            // would rejoin from it, its own log showing that end rather than the leave.
+            let record = Arc::clone(&self.record_left);
+            match crate::disk::on_disk(move || record(life)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "cannot record in the data directory that this node's leave ended: a later start of it would rejoin the cluster")
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "recording that this node's leave ended did not finish")
+                }
+            }
+            if self.end_as_left(life) {
                 if restarted_leaving {
                     tracing::warn!(
                         node = self.me.id,

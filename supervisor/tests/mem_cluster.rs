@@ -102,6 +102,8 @@ async fn supervisor_behind(
         services: Box::new(services),
         fresh: true,
         admitted_first: Box::new(|| Ok(())),
+        ended_left: None,
+        record_left: Box::new(|_| Ok(())),
         made_incarnation: made,
     })
     .await
@@ -2144,6 +2146,8 @@ async fn two_renewals_of_one_dead_life_save_the_new_incarnation_once() {
         services: Box::new(Registry::new),
         fresh: false,
         admitted_first: Box::new(|| Ok(())),
+        ended_left: None,
+        record_left: Box::new(|_| Ok(())),
         made_incarnation: false,
     })
     .await
