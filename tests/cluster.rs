@@ -664,6 +664,19 @@ fn a_node_killed_while_it_leaves_and_started_again_ends_as_left_and_loses_nothin
     for socket in [socket.clone(), agents[1].dir.join("control.sock")] {
         assert_keys_read_back(&agents, &socket, keys);
     }
+
+    // Asked back with --join, it comes back as a new life: what its last one ended as, and
+    // the data directory's record of it, do not keep it out.
+    let secret = agents[0].dir.join("cluster.secret");
+    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let join = ["--join", agents[0].addr.as_str(), "--secret-file", secret.as_str()];
+    agents[2].child = Some(spawn(&agents[2], &[&join[..], &timers].concat()));
+    wait_showing(&agents, "node 3 back as a new life", limit, || {
+        status(&agents[0].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && node_status(&s, 3).is_some_and(|(st, inc)| st == "active" && inc >= 2)
+        })
+    });
 }
 
 /// Writes keys `0..keys` through the agent at `socket`, each key's value its own bytes.

@@ -290,6 +290,7 @@ impl<N: Net> Agent<N> {
             },
             made_incarnation,
             ended_left: dir.ended_left()?,
+            rejoin: matches!(options.start, Start::Join(_)),
             record_left: {
                 let dir = dir.clone();
                 Box::new(move |life| dir.mark_left(life))

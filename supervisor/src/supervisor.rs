@@ -330,6 +330,9 @@ pub struct Parts {
     pub ended_left: Option<u64>,
     /// Records, in the data directory, that a life ended so.
     pub record_left: Box<dyn Fn(u64) -> Result<()> + Send + Sync>,
+    /// Started with `--join`: the operator asks for this node in the cluster, whatever its
+    /// last life was doing. A leave it stopped in the middle of does not end it as left.
+    pub rejoin: bool,
 }
 
 impl Supervisor {
@@ -349,8 +352,8 @@ impl Supervisor {
                 false
             }
         };
-        let leaving_when_started =
-            (leaving || parts.ended_left == Some(parts.incarnation)).then_some(parts.incarnation);
+        let left = leaving || parts.ended_left == Some(parts.incarnation);
+        let leaving_when_started = (left && !parts.rejoin).then_some(parts.incarnation);
         let raft_config = Arc::new(parts.config.raft()?);
         let lease_span = parts.config.lease_span();
         let rejoin_hold = parts.config.rejoin_hold;

@@ -104,6 +104,7 @@ async fn supervisor_behind(
         admitted_first: Box::new(|| Ok(())),
         ended_left: None,
         record_left: Box::new(|_| Ok(())),
+        rejoin: false,
         made_incarnation: made,
     })
     .await
@@ -2148,6 +2149,7 @@ async fn two_renewals_of_one_dead_life_save_the_new_incarnation_once() {
         admitted_first: Box::new(|| Ok(())),
         ended_left: None,
         record_left: Box::new(|_| Ok(())),
+        rejoin: false,
         made_incarnation: false,
     })
     .await
