@@ -206,6 +206,9 @@ pub struct Supervisor {
     leaving_when_started: Option<u64>,
     /// [`Parts::record_left`].
     record_left: Arc<dyn Fn(u64) -> Result<()> + Send + Sync>,
+    /// The life whose end as left this process recorded last (0: none): fence checks run
+    /// concurrently, and two writes of the record raced on its temporary file.
+    left_recorded: AtomicU64,
     raft: Raft,
     transport: Arc<dyn Transport>,
     state: watch::Receiver<Arc<ClusterState>>,
@@ -367,6 +370,7 @@ impl Supervisor {
             incarnation: AtomicU64::new(parts.incarnation),
             leaving_when_started,
             record_left: Arc::from(parts.record_left),
+            left_recorded: AtomicU64::new(0),
             raft,
             transport: parts.transport,
             state,
@@ -1909,15 +1913,17 @@ impl Supervisor {
         if fenced && (leaving || restarted_leaving) && dead_here {
             let life = self.incarnation();
             // Kept: the cluster's record says "failed", and the next start of this directory
-            // would rejoin from it, its own log showing that end rather than the leave.
-            let record = Arc::clone(&self.record_left);
-            match crate::disk::on_disk(move || record(life)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    tracing::warn!(%error, "cannot record in the data directory that this node's leave ended: a later start of it would rejoin the cluster")
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "recording that this node's leave ended did not finish")
+            // would rejoin from it, its own log showing that end rather than the leave. Once.
+            if self.left_recorded.swap(life, Ordering::SeqCst) != life {
+                let record = Arc::clone(&self.record_left);
+                match crate::disk::on_disk(move || record(life)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "cannot record in the data directory that this node's leave ended: a later start of it would rejoin the cluster")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "recording that this node's leave ended did not finish")
+                    }
                 }
             }
             if self.end_as_left(life) {
