@@ -424,10 +424,7 @@ fn a_request_waiting_on_a_node_as_it_learns_of_its_hold_is_refused_then() {
     replay(async {
         let net = MemNetwork::new(59);
         let nodes = three_voters_hosting(&net, kvdir, HostConfig::default()).await;
-        let register =
-            gobelins_supervisor::state::Command::Register(gobelins_kvdir::KvDir::declaration());
-        let registered = nodes[0].supervisor.propose_until(register, Duration::from_secs(10)).await;
-        assert!(matches!(registered, Ok(Ok(_))), "kvdir registered: {registered:?}");
+        kvdir_registered(&nodes[0]).await;
         let (leader, x, other) = a_follower_declared_failed(&net, &nodes).await;
         let at = |id: u64| &nodes[id as usize - 1];
         let all: Vec<&Node> = nodes.iter().collect();
@@ -1025,6 +1022,14 @@ fn the_leader_s_view_shows_a_dead_node_silent_then_suspected_before_its_failure_
     });
 }
 
+/// Registers kvdir's declaration through `node`, as an agent does when it starts.
+async fn kvdir_registered(node: &Node) {
+    let register =
+        gobelins_supervisor::state::Command::Register(gobelins_kvdir::KvDir::declaration());
+    let registered = node.supervisor.propose_until(register, Duration::from_secs(10)).await;
+    assert!(matches!(registered, Ok(Ok(_))), "kvdir registered: {registered:?}");
+}
+
 fn kvdir() -> Registry {
     let mut registry = Registry::new();
     registry.register(gobelins_adaptation::plugin(gobelins_kvdir::KvDir::new())).expect("kvdir");
@@ -1042,15 +1047,7 @@ fn a_node_cut_off_stops_serving_its_keys_before_the_cluster_declares_it_failed()
         let host =
             HostConfig { request_deadline: Duration::from_millis(100), ..HostConfig::default() };
         let nodes = three_voters_hosting(&net, kvdir, host).await;
-        let spec = gobelins_kvdir::KvDir::declaration();
-        let registered = nodes[0]
-            .supervisor
-            .propose_until(
-                gobelins_supervisor::state::Command::Register(spec),
-                Duration::from_secs(10),
-            )
-            .await;
-        assert!(matches!(registered, Ok(Ok(_))), "kvdir registered: {registered:?}");
+        kvdir_registered(&nodes[0]).await;
         let cut = nodes
             .iter()
             .find(|n| n.supervisor.leader() != Some(n.supervisor.id()))
