@@ -1,0 +1,257 @@
+//! Whether this node's life is still the cluster's: a node cut off or declared failed learns
+//! that it was, and starts afresh or ends as left.
+
+use super::entry::Asking;
+use super::{Supervisor, REJOINS};
+use crate::error::SupervisorError;
+use crate::rpc::{Request, Response, View};
+use crate::state::{NodeRecord, NodeStatus, Outcome, Refusal};
+use gobelins_adaptation::log_budget::budgeted;
+use openraft::{BasicNode, Membership};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl Supervisor {
+    /// Asks the peers whether the cluster declared this node failed; if so, fences: rejoins
+    /// under a new incarnation, as a new life of the same node, through the freshest leader.
+    /// The newest view the peers give decides, since a peer that left or was cut off holds a
+    /// frozen view. Asks again, too, when this process's rejoin was taken but not answered.
+    pub(crate) async fn check_fenced(self: Arc<Self>) {
+        // The members first. Nodes this node's state has as departed only when no member
+        // answers with a view as new as this node's own (a member may be cut off too, or a
+        // leaver whose view froze): one may have come back as a new life this node has not
+        // heard of. Asking them on every check had every follower dial every node that ever
+        // left, every few seconds, for ever.
+        let state = self.state();
+        let (members, departed): (Vec<_>, Vec<_>) = state
+            .nodes
+            .iter()
+            .filter(|(&id, _)| id != self.me.id)
+            .partition(|(_, r)| r.status.is_live());
+        let mut view = self.newest_view(&members).await;
+        if view.as_ref().is_none_or(|v| v.state.epoch < state.epoch) {
+            let theirs = self.newest_view(&departed).await;
+            view = [view, theirs].into_iter().flatten().max_by_key(|v| v.state.epoch);
+        }
+        // A leader that nobody else answers (a lone voter back, the others down) reads its own:
+        // its state is the cluster's.
+        let view =
+            view.or_else(|| (self.leader() == Some(self.me.id)).then(|| Box::new(self.view())));
+        let Some(view) = view else { return };
+        // Only a view newer than or as new as ours may tell us we were declared failed.
+        let ours = self.state().epoch;
+        if view.state.epoch < ours {
+            return;
+        }
+        let record = view.state.nodes.get(&self.me.id);
+        // A leaver the leader took out of raft before it sent the entry that ends the leave
+        // never applies that entry: its own state says "leaving" for ever, and the peers' say
+        // "left". Without this, it stayed up doing nothing, and at each restart proposed the
+        // end of a life already ended, refused for want of a leader, every few seconds.
+        let left =
+            |r: &&NodeRecord| r.status == NodeStatus::Left && r.incarnation == self.incarnation();
+        if let Some(record) = record.filter(left) {
+            if self.end_if_left(record) {
+                tracing::warn!(
+                    node = self.me.id,
+                    peer_epoch = view.state.epoch,
+                    "the cluster has this node as left, though its own state never heard the end of the leave"
+                );
+            }
+            return;
+        }
+        let fenced = match record {
+            Some(r) => r.status == NodeStatus::Failed,
+            None => view.state.epoch > ours,
+        };
+        // This process's rejoin was committed but its answer lost (the leader crashed before it
+        // replied, or the attempts ran out): the cluster waits for this life, which, never
+        // admitted, serves nothing and reports nothing. The same life asking again is answered
+        // with where its join stands.
+        let unanswered = !self.life_admitted()
+            && self.renewed_to.load(Ordering::SeqCst) == self.incarnation()
+            && record.is_some_and(|r| r.incarnation == self.incarnation() && r.status.is_live());
+        if !fenced && !unanswered {
+            return;
+        }
+        // A leaver declared failed while it ran (cut off as it left) leaves: the survivors
+        // rebuilt what it still held. Rejoining would undo the operator's leave, which the CLI
+        // had already reported as under way. Judged by this process's own state only for a
+        // life it served: one restarted ends its last life itself (`start_new_life`), and its
+        // state shows that end, not the leave, once applied.
+        let leaving = self.life_admitted()
+            && state.nodes.get(&self.me.id).is_some_and(|r| {
+                r.status == NodeStatus::Leaving && r.incarnation == self.incarnation()
+            });
+        // A process restarted in the middle of its node's leave: its state, read before raft
+        // ran, had the life leaving. Rejoining, it undid the leave (the audit's kill -9 during
+        // `gobelins leave`, restarted by a unit): the node stayed a member. A leave the
+        // restart's state had not applied yet is not seen, and the node rejoins.
+        let restarted_leaving = self.leaving_when_started == Some(self.incarnation());
+        let dead_here = record.is_some_and(|r| r.incarnation == self.incarnation());
+        if fenced && (leaving || restarted_leaving) && dead_here {
+            let life = self.incarnation();
+            // Kept: the cluster's record says "failed", and the next start of this directory
+            // would rejoin from it, its own log showing that end rather than the leave. Once.
+            if self.left_recorded.swap(life, Ordering::SeqCst) != life {
+                let record = Arc::clone(&self.record_left);
+                match crate::disk::on_disk(move || record(life)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "cannot record in the data directory that this node's leave ended: a later start of it would rejoin the cluster")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "recording that this node's leave ended did not finish")
+                    }
+                }
+            }
+            if self.end_as_left(life) {
+                if restarted_leaving {
+                    tracing::warn!(
+                        node = self.me.id,
+                        peer_epoch = view.state.epoch,
+                        "restarted in the middle of this node's leave: the leave ends here, and \
+                         the entries its last life held were rebuilt from replicas. To bring the \
+                         node back, start it with --join ADDR (a member's address)"
+                    );
+                } else {
+                    tracing::warn!(
+                        node = self.me.id,
+                        peer_epoch = view.state.epoch,
+                        "declared failed while leaving; the leave ends here, and the entries \
+                         this node still held were rebuilt from replicas"
+                    );
+                }
+            }
+            return;
+        }
+        if fenced {
+            let dead = record.map_or(0, |r| r.incarnation);
+            self.start_services_afresh(dead);
+            // A life the cluster has not seen yet: above both ours and the one it declared dead.
+            if let Err(error) = self.renew_incarnation(dead) {
+                // Asked again and again, it failed every ping interval for as long as the disk
+                // stayed full, and said meanwhile that it waited for a quorum.
+                self.stop_on_storage(format!("cannot persist the new incarnation: {error}"));
+                return;
+            }
+            // Made here even when the incarnation did not move (no record of this node in the
+            // newest view): its services were started afresh, so asking again is safe.
+            self.renewed_to.store(self.incarnation(), Ordering::SeqCst);
+        } else {
+            // Asked again every ping interval while the answer does not come.
+            gobelins_adaptation::log_budget::budgeted(&self.rejoins, REJOINS, || {
+                tracing::warn!(
+                    node = self.me.id,
+                    incarnation = self.incarnation(),
+                    "the cluster took this node's rejoin but its answer never came; asking again"
+                )
+            });
+        }
+        // Through the leader of the newest view, whatever its own life's status (after the
+        // whole cluster stopped, the leader may be a restarted node whose last life ended as
+        // this one's did), else through any member it lists as live. A leader asks itself.
+        let live = view.state.live();
+        let joined = if self.leader() == Some(self.me.id) {
+            let _asking = Asking::new(&self, self.incarnation());
+            self.join_here().await
+        } else {
+            let via = view
+                .leader
+                .into_iter()
+                .chain(live.iter().copied())
+                .filter(|n| *n != self.me.id)
+                .find_map(|n| view.state.nodes.get(&n).map(|r| r.addr.clone()));
+            let Some(via) = via else { return };
+            self.join_via(&via, self.config.rpc_timeout * 5).await.map_err(|e| (via, e))
+        };
+        match joined {
+            Ok(Ok(applied)) => tracing::info!(?applied, "rejoining"),
+            // An earlier attempt got through though its answer was lost.
+            Ok(Err(Refusal::AlreadyMember(_))) => tracing::debug!("rejoin already under way"),
+            // Asked again at each check until the hold ends; said once per hold, as several
+            // checks can ask at once.
+            Ok(Err(refusal @ Refusal::Held { .. })) => {
+                if self.note_held(&refusal) {
+                    tracing::warn!(node = self.me.id, "rejoin held back: {refusal}");
+                }
+            }
+            // Its labels: asking again changes nothing.
+            Ok(Err(refusal @ Refusal::Labels(_))) => self.stop_refused(format!(
+                "the cluster refused this node's rejoin: {refusal}. Start it again with --label \
+                 values the cluster takes"
+            )),
+            // Asked again every ping interval: a seed kept busy said so three times a second.
+            Ok(Err(refusal)) => budgeted(
+                &self.rejoins,
+                REJOINS,
+                || tracing::warn!(%refusal, "rejoin refused; will try again"),
+            ),
+            Err((via, error)) => budgeted(
+                &self.rejoins,
+                REJOINS,
+                || tracing::warn!(%via, %error, "rejoin failed; will try again"),
+            ),
+        }
+    }
+
+    /// [`Supervisor::ask_to_join`] of this node, which leads: once, through its own raft.
+    pub(super) async fn join_here(
+        &self,
+    ) -> std::result::Result<Outcome, (String, SupervisorError)> {
+        let join = self.join_request();
+        let asked = join.incarnation;
+        match self.admit(join).await {
+            (Ok(outcome), state) => {
+                if outcome.is_ok() && self.incarnation() == asked {
+                    if let Some(state) = state {
+                        self.keep_head_start(asked, state);
+                    }
+                    self.admit_life_asked(self.asked_since(asked));
+                }
+                Ok(outcome)
+            }
+            (Err(error), _) => Err(("this node".into(), SupervisorError::Raft(error.to_string()))),
+        }
+    }
+
+    /// Which of `nodes` answer a ping now. A node declared failed was forgotten by the
+    /// transport; its address comes back from raft's membership or the cluster's state.
+    pub(super) async fn answering(
+        &self,
+        nodes: &BTreeSet<u64>,
+        membership: &Membership<u64, BasicNode>,
+    ) -> BTreeSet<u64> {
+        let state = &self.state();
+        let asks = nodes.iter().map(|&id| async move {
+            let addr = membership
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+                .or_else(|| state.nodes.get(&id).map(|r| r.addr.clone()));
+            if let Some(addr) = addr {
+                self.transport.set_peer(id, addr);
+            }
+            self.ping(id, self.config.ping_interval * 2).await.then_some(id)
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
+    }
+
+    /// The newest view of the cluster among those `peers` give.
+    pub(super) async fn newest_view(&self, peers: &[(&u64, &NodeRecord)]) -> Option<Box<View>> {
+        let asks = peers.iter().map(|&(&peer, record)| {
+            self.transport.set_peer(peer, record.addr.clone());
+            async move {
+                match self.call(peer, &Request::State, self.config.rpc_timeout).await {
+                    Ok(Response::View(view)) => Some(view),
+                    Ok(_) => None,
+                    Err(error) => {
+                        tracing::debug!(node = self.me.id, peer, %error, "fence check: peer did not answer");
+                        None
+                    }
+                }
+            }
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().max_by_key(|v| v.state.epoch)
+    }
+}
