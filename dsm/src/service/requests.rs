@@ -1,0 +1,280 @@
+//! What a node serves besides faults: discards, locks, barriers, and messages to its own frames.
+
+use super::{
+    departed_since, drop_copy, invalidate, Absent, DsmService, BARRIER_POLL, NEVER_REACHED,
+};
+use crate::node::Live;
+use crate::page::{named, Named, PageId};
+use crate::protocol::{PageBytes, PageEntry, Request, Response};
+use gobelins_adaptation::Context;
+use gobelins_locator::Key;
+use std::sync::Arc;
+
+impl DsmService {
+    pub(super) async fn discard(&self, ctx: &Context, page: PageId) -> Response {
+        let slot = self.slot(page.key());
+        let mut live = self.hold(ctx, &slot).await;
+        if let Live::Page(entry) = &mut *live {
+            if entry.lost {
+                // The dead owner's direct readers may still hold the lost contents, unknown
+                // to this manager: every node drops its copy before the page reads as zeros,
+                // or they would read the old page while the others read the new one. The
+                // page stays lost until then: asked again while a node does not answer.
+                let everyone = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
+                let done =
+                    invalidate(self.state(), ctx, page, entry.version, everyone.clone(), None)
+                        .await;
+                if done.len() < everyone.len() {
+                    return Response::Retry;
+                }
+                *entry = PageEntry { version: entry.version + 1, ..PageEntry::default() };
+                return Response::Ok;
+            }
+        }
+        Response::Kept
+    }
+
+    pub(super) async fn lock_op(&self, ctx: &Context, key: Key, request: Request) -> Response {
+        let slot = self.slot(key);
+        let mut live = slot.lock().await;
+        let Live::Lock(lock) = &mut *live else { return Response::Invalid("not a lock".into()) };
+        match request {
+            // A holder the cluster is done with holds nothing. The sweep after a change frees
+            // its locks too, but only on that change's participants: a lock whose manager sits
+            // in another cell than an evicted holder stayed held until some later change.
+            Request::Acquire(token) => match lock.holder {
+                Some(h) if h != token && !self.lost_holder(ctx, h.node) => Response::Busy,
+                _ => {
+                    lock.holder = Some(token);
+                    Response::Granted
+                }
+            },
+            Request::Release(token) => {
+                if lock.holder == Some(token) {
+                    lock.holder = None;
+                }
+                drop(live);
+                drop(slot);
+                self.forget_free_lock(key);
+                Response::Ok
+            }
+            _ => Response::Invalid("not a lock request".into()),
+        }
+    }
+
+    /// Drops the entry of lock `key` once nobody holds it: a program that takes a lock per
+    /// object would otherwise leave an entry for every id it ever used, each moved at every
+    /// change. A lock without an entry is a free one. Only while no request holds the entry
+    /// (the map's is its only reference), checked under the map's lock, which a request
+    /// needs to take it: none can be granted on an entry no longer in the map.
+    pub(super) fn forget_free_lock(&self, key: Key) {
+        self.state().live.remove_if(&key, |_, slot| {
+            Arc::strong_count(slot) == 1
+                && slot.try_lock().is_ok_and(|l| matches!(&*l, Live::Lock(l) if l.holder.is_none()))
+        });
+    }
+
+    pub(super) async fn arrive(
+        &self,
+        ctx: &Context,
+        key: Key,
+        participant: u64,
+        generation: u64,
+        parties: u32,
+    ) -> Response {
+        let st = self.state();
+        let notify = Arc::clone(&st.barriers.entry(key).or_default());
+        let wake = notify.notified();
+        tokio::pin!(wake);
+        wake.as_mut().enable();
+        {
+            let slot = self.slot(key);
+            let mut live = slot.lock().await;
+            let Live::Barrier(b) = &mut *live else {
+                return Response::Invalid("not a barrier".into());
+            };
+            if b.passed >= generation {
+                return Response::Passed;
+            }
+            let arrived = b.arrived.entry(generation).or_default();
+            arrived.insert(participant);
+            if arrived.len() >= parties as usize {
+                b.passed = generation;
+                b.arrived = b.arrived.split_off(&(generation + 1));
+                notify.notify_waiters();
+                return Response::Passed;
+            }
+        }
+        // Wait a little for the others without holding the entry, then let the node ask again:
+        // at once if a change begins, whose first step waits for this handler.
+        tokio::select! {
+            _ = wake => {}
+            _ = tokio::time::sleep(BARRIER_POLL) => {}
+            _ = ctx.change_waits() => {}
+        }
+        let slot = self.slot(key);
+        let live = slot.lock().await;
+        match &*live {
+            Live::Barrier(b) if b.passed >= generation => Response::Passed,
+            _ => Response::Waiting,
+        }
+    }
+
+    /// A message to this node's local server, from a manager, an owner or a reader.
+    pub(super) async fn local(&self, ctx: &Context, request: Request) -> Response {
+        let frames = &self.state().frames;
+        match request {
+            // A leaving node hands its pages over, and one without its lease may have been
+            // declared failed and its pages written elsewhere: readers ask their managers.
+            Request::Serve { .. }
+                if self.state().leaving.load(std::sync::atomic::Ordering::SeqCst)
+                    || !ctx.leased() =>
+            {
+                Response::Missing
+            }
+            Request::Serve { page, node } => match frames.frame(page).serve(node).await {
+                Some((version, data)) => Response::Copy {
+                    version,
+                    data: Some(PageBytes::shared(&data)),
+                    owner: Some(ctx.node()),
+                },
+                None => Response::Missing,
+            },
+            Request::Fetch { page, version, writer, backup } => {
+                match self.give(ctx, page, version, (writer, backup), ctx.from()).await {
+                    Ok(data) => Response::Page(PageBytes::shared(&data)),
+                    Err(Absent::Missing) => Response::Missing,
+                    // A reader it served could not be revoked: ask again.
+                    Err(Absent::Unreachable) => Response::Retry,
+                }
+            }
+            Request::Invalidate { page, version, backup, owner } => {
+                if backup {
+                    frames.frame(page).drop_backup(version);
+                } else if !drop_copy(self.state(), ctx, page, version, owner, ctx.from()).await {
+                    return Response::Retry;
+                }
+                Response::Ok
+            }
+            Request::Retire { page, version } => {
+                frames.frame(page).drop_retired(version);
+                Response::Ok
+            }
+            Request::Losses => crate::losses::look(self.state()),
+            Request::Cover { epoch, seq, unclean } => {
+                let Some(from) = ctx.from() else { return Response::Invalid("not told".into()) };
+                let mut vouches = self.state().vouches.lock().expect("vouches");
+                vouches.entry(from).or_default().cover(seq, epoch, unclean);
+                Response::Ok
+            }
+            Request::Uncover { seq } => {
+                let Some(from) = ctx.from() else { return Response::Invalid("not told".into()) };
+                let mut vouches = self.state().vouches.lock().expect("vouches");
+                vouches.entry(from).or_default().uncover(seq);
+                Response::Ok
+            }
+            Request::Backup { page, version, commit, data } => {
+                let frame = frames.frame(page);
+                // Not once this leaving node took its copy: the owner asks the manager for
+                // another backup, rather than be told a commit is kept that the copy lacks.
+                if frame.lock().sealed {
+                    return Response::Departed;
+                }
+                frame.store_backup(version, commit, data.into_shared());
+                Response::Ok
+            }
+            Request::Foster { page, leaver, version, data, readers, backup } => {
+                let whose = crate::frames::Fostered { leaver, readers, backup };
+                frames.frame(page).foster(version, data.into_shared(), whose.clone());
+                self.hand_on(ctx, page, version, whose);
+                Response::Ok
+            }
+            // Boxed: it tells the backup node in turn, through `told`, which may run `local`.
+            Request::BackupTo { page, version, node, replaces } => {
+                Box::pin(self.back_up_to(ctx, page, version, node, replaces)).await
+            }
+            Request::Promote { page, version, label } => {
+                // Checked on arrival too (a departed node's local requests are refused), but a
+                // recovery's scan may run between that check and this one.
+                let departed = departed_since(ctx, ctx.from());
+                if frames.frame(page).promote_unless(version, label, &departed) {
+                    Response::Ok
+                } else {
+                    Response::Missing
+                }
+            }
+            Request::Free { segment } => self.free(ctx, segment),
+            other => Response::Invalid(format!("{other:?} is for a manager")),
+        }
+    }
+
+    /// Runs one request: as the key's manager, or as this node's local server when told.
+    pub(super) async fn serve(&self, ctx: &Context, key: Key, request: Request) -> Response {
+        match (named(key), request) {
+            (Named::Page(page), Request::ReadFault { node }) => {
+                self.read_fault(ctx, page, node).await
+            }
+            // Versions and generations count up from a peer's: one near the top of the range
+            // would wrap them (a page stuck behind version 0, a barrier passed for ever). None
+            // this cluster gave out comes near 2^63 (292 years at a billion a second), so one
+            // that does is refused before anything changes.
+            (Named::Page(_), Request::WriteFault { refused: n, .. })
+            | (Named::Barrier(_), Request::Arrive { generation: n, .. })
+                if n >= NEVER_REACHED =>
+            {
+                Response::Invalid(format!("{n} is no version or generation this cluster gave out"))
+            }
+            (Named::Page(page), Request::WriteFault { node, have, refused }) => {
+                self.write_fault(ctx, page, node, have, refused).await
+            }
+            (Named::Page(page), Request::Surrender { node, version, data, readers }) => {
+                self.surrender(ctx, page, node, version, data, readers).await
+            }
+            (Named::Page(page), Request::KeepAside { node, label, data }) => {
+                self.keep_aside(ctx, page, node, label, data).await
+            }
+            (Named::Page(page), Request::Rebackup { node, version, commit, failed, data }) => {
+                self.rebackup(ctx, page, node, failed, (version, commit, data)).await
+            }
+            (Named::Page(page), Request::Discard) => self.discard(ctx, page).await,
+            (Named::Page(page), Request::Abandon { node, copy }) => {
+                self.abandon(ctx, page, node, copy).await
+            }
+            (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
+                self.lock_op(ctx, key, request).await
+            }
+            (Named::Barrier(_), Request::Arrive { participant, generation, parties }) => {
+                self.arrive(ctx, key, participant, generation, parties).await
+            }
+            (_, request) if ctx.from().is_some() => self.local(ctx, request).await,
+            (what, request) => Response::Invalid(format!("{request:?} does not apply to {what:?}")),
+        }
+    }
+
+    /// Drops all this node holds of `segment`: copies, the entries it manages and those
+    /// received in a change, hints. `Busy` during a change, whose entries are on the move:
+    /// [`crate::Dsm::free`] asks again after it. In the slots this node manages whose manager
+    /// once died, the segment's pages read as zeros from now on, not as lost.
+    pub(super) fn free(&self, ctx: &Context, segment: u32) -> Response {
+        let state = self.state();
+        if state.change.lock().expect("change").is_some() {
+            return Response::Busy;
+        }
+        let of_segment = |key: &Key| matches!(named(*key), Named::Page(p) if p.segment == segment);
+        state.live.retain(|key, _| !of_segment(key));
+        state.staged.lock().expect("staged").retain(|(key, _)| !of_segment(key));
+        state.frames.free(segment);
+        state.hints.retain(|page, _| page.segment != segment);
+        // A taint marker lives with the slot it describes: these are slots this node manages.
+        // One mark per marker, whatever the segment's length.
+        let markers: Vec<Key> =
+            state.live.iter().map(|e| *e.key()).filter(|&k| named(k) == Named::Taint).collect();
+        let mut freed = state.freed.lock().expect("freed");
+        for key in markers {
+            freed.entry(key).or_default().insert(segment);
+        }
+        drop(freed);
+        tracing::debug!(node = ctx.node().0, segment, "dsm: segment freed here");
+        Response::Ok
+    }
+}

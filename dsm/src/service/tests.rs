@@ -1,0 +1,141 @@
+use super::*;
+use crate::node::DsmConfig;
+use gobelins_locator::SlotMove;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Only a word its holder confirmed spares a slot it leaves out the taking back: one whose
+/// `Cover` never landed may have left there an earlier word of the same epoch (words are
+/// given again while stale) that vouches for the slot, and a page of it written with no
+/// copy elsewhere would read as zeros after this node's death (the review of `76d86d7`).
+#[test]
+fn only_a_confirmed_word_spares_a_slot_it_leaves_out_the_taking_back() {
+    let mut word = crate::node::Word {
+        seq: 1,
+        holder: Some(NodeId(2)),
+        epoch: 5,
+        unclean: [7].into(),
+        tainted: Default::default(),
+        confirmed: false,
+    };
+    assert!(!word.leaves_out(7), "not answered: the holder may vouch for slot 7");
+    word.confirmed = true;
+    assert!(word.leaves_out(7));
+    assert!(!word.leaves_out(8));
+}
+
+/// A word left out a slot only for its taint, which no later look clears, is not given
+/// again: it was, every 30 s until the next change, each time reading every entry the
+/// node manages and holding the word's lock across the round trip.
+#[test]
+fn a_word_that_leaves_out_only_tainted_slots_is_not_given_again() {
+    let mut word = crate::node::Word {
+        seq: 1,
+        holder: Some(NodeId(2)),
+        epoch: 5,
+        unclean: [7, 9].into(),
+        tainted: [7].into(),
+        confirmed: true,
+    };
+    assert!(word.stale(5), "slot 9 may be clean at the next look");
+    word.unclean = [7].into();
+    assert!(!word.stale(5), "slot 7 is left out for its taint, whatever the next look finds");
+    assert!(word.stale(6), "a later epoch has a word of its own");
+    word.confirmed = false;
+    assert!(word.stale(5), "a word not answered is given again");
+}
+
+/// A leaver's page, handed on by the node it was left on after its entry was marked lost
+/// (its owner gone): taken back at the entry's version, and only at that version.
+#[tokio::test]
+async fn an_entry_marked_lost_takes_its_leavers_page_of_that_version_back() {
+    let node = DsmNode::new(DsmConfig::default());
+    let service = node.service();
+    let ctx = Context::detached(NodeId(1), 1, None);
+    let page = PageId { segment: 1, page: 0 };
+    let lost = PageEntry { version: 4, lost: true, ..PageEntry::default() };
+    service.state().live.insert(page.key(), Arc::new(AsyncMutex::new(Live::Page(lost))));
+    let surrender = |version| Request::Surrender {
+        node: NodeId(3),
+        version,
+        data: PageBytes::shared(&Arc::new(vec![7; crate::PAGE_SIZE])),
+        readers: BTreeSet::new(),
+    };
+    let older = service.handle(&ctx, page.key(), surrender(3)).await;
+    assert!(matches!(older, Response::Missing), "{older:?}");
+    let taken = service.handle(&ctx, page.key(), surrender(4)).await;
+    assert!(matches!(taken, Response::Ok), "{taken:?}");
+    let slot = service.slot(page.key());
+    let Live::Page(entry) = &*slot.lock().await else { panic!("a page entry") };
+    assert_eq!((entry.owner, entry.lost), (Some(NodeId(1)), false));
+    let held = service.state().frames.get(page).and_then(|f| f.readable());
+    assert_eq!(held.map(|(v, d)| (v, d[0])), Some((4, 7)));
+}
+
+#[tokio::test]
+async fn a_version_or_generation_no_cluster_gave_out_is_refused_and_changes_nothing() {
+    let node = DsmNode::new(DsmConfig::default());
+    let service = node.service();
+    let ctx = Context::detached(NodeId(1), 1, None);
+    let page = PageId { segment: 1, page: 0 };
+    let wrap = Request::WriteFault { node: NodeId(2), have: None, refused: u64::MAX - 1 };
+    let arrive = |generation| Request::Arrive { participant: 2, generation, parties: 2 };
+    for (key, request) in [(page.key(), wrap), (crate::page::barrier_key(3), arrive(u64::MAX))] {
+        let answer = service.handle(&ctx, key, request).await;
+        assert!(matches!(answer, Response::Invalid(_)), "{answer:?}");
+    }
+    assert!(service.state().live.is_empty(), "no entry made for either");
+}
+
+/// An owner that revoked its direct readers for a write fault, then did not give the page
+/// up (a write here went on past the wait), serves direct reads again: left closed, it
+/// sent every hinted reader to the manager until its next grant.
+#[tokio::test(start_paused = true)]
+async fn an_owner_that_revoked_its_readers_but_kept_the_page_serves_direct_reads_again() {
+    let node = DsmNode::new(DsmConfig::default());
+    let ctx = Context::detached(NodeId(1), 1, None);
+    let page = PageId { segment: 1, page: 0 };
+    let frame = node.inner.frames.frame(page);
+    let granted = frame.install_grant(3, Some(crate::frames::zeros()), None);
+    assert_eq!(granted, crate::frames::Installed::Yes);
+    assert!(frame.serve(NodeId(2)).await.is_some());
+    // The reader failed: its invalidation is done with at once.
+    node.inner.failed.lock().expect("failed").insert(NodeId(2), 1);
+    // Held until the fetch waits for it, then handed to the fetch, then back here (the
+    // lock is fair): the fetch's second look, after the revocation, finds a write going on.
+    let writing = frame.writer.lock().await;
+    let (service, c) = (node.service(), ctx.clone());
+    let give = tokio::spawn(async move {
+        service.give(&c, page, 3, (Some(NodeId(3)), None), None).await.map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    drop(writing);
+    let writing = frame.writer.lock().await;
+    let given = give.await.expect("give");
+    assert!(matches!(given, Err(Absent::Unreachable)), "{given:?}");
+    drop(writing);
+    assert!(frame.lock().owned, "the page stays here");
+    assert!(frame.serve(NodeId(4)).await.is_some(), "direct reads are served again");
+}
+
+#[test]
+fn a_node_reports_the_passage_it_passed_as_well_as_the_one_it_waits_at() {
+    let node = DsmNode::new(DsmConfig::default());
+    let service = node.service();
+    // Barrier 5: passed its third passage. Barrier 6: waits at its second.
+    node.inner.generations.lock().expect("generations").extend([(5, 3), (6, 2)]);
+    node.inner.waiting.lock().expect("waiting").insert(6, 2);
+    let spec = service.spec();
+    let everything = SlotMove { slots: 0..spec.slots, from: NodeId(9), to: NodeId(1) };
+    let reports = service.reports(NodeId(1), &Moving::new(spec, vec![everything]));
+    let barrier = |id| {
+        reports.iter().find_map(|(k, e)| match e {
+            Entry::Barrier(b) if *k == crate::page::barrier_key(id) => Some(b.clone()),
+            _ => None,
+        })
+    };
+    let passed = barrier(5).expect("reported though it waits at none of its passages");
+    assert_eq!((passed.passed, passed.arrived.len()), (3, 0));
+    let waits = barrier(6).expect("reported");
+    assert_eq!(waits.passed, 1);
+    assert_eq!(waits.arrived, BTreeMap::from([(2, BTreeSet::from([1]))]));
+}
