@@ -29,6 +29,12 @@ impl Agent {
         child.wait().expect("reap");
     }
 
+    /// The path of the cluster secret in its data directory, which `--secret-file` takes:
+    /// that of the bootstrap node, for a node that joins.
+    fn secret(&self) -> String {
+        self.dir.join("cluster.secret").to_str().expect("a UTF-8 path").to_string()
+    }
+
     /// Another agent of the same id, directory and log, not started.
     fn clone_paths(&self) -> Agent {
         Agent {
@@ -168,8 +174,8 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
     let said = String::from_utf8_lossy(&again.stderr);
     assert!(said.contains("an agent is already running"), "{said}");
 
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path");
+    let secret = first.secret();
+    let secret = secret.as_str();
     let mut agents = vec![first];
     for i in 2..=5u64 {
         let seed = addrs[0].clone();
@@ -306,8 +312,7 @@ fn agents_with(root: &Path, count: u64, limit: Duration, extra: &[&str]) -> Vec<
     let addrs: Vec<String> = (1..=count).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
     let first = start(root, 1, &addrs[0], &[&["--bootstrap"], extra].concat());
     wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let secret = first.secret();
     let mut agents = vec![first];
     for i in 2..=count {
         let join = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
@@ -344,8 +349,8 @@ fn a_node_refused_for_its_id_is_admitted_when_started_again_with_another() {
     let limit = Duration::from_secs(30);
     let first = start(root.path(), 1, &free_addr("127.0.0.1"), &["--bootstrap"]);
     wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path");
+    let secret = first.secret();
+    let secret = secret.as_str();
     let join = ["--join", first.addr.as_str(), "--secret-file", secret];
     // Node 1's id, from another address: refused, with advice to pick another id.
     let mut second = unstarted(root.path(), 2, free_addr("127.0.0.2"));
@@ -407,8 +412,7 @@ fn a_bootstrap_gives_the_tree_its_label_levels_and_a_label_outside_them_is_refus
     wait_showing(std::slice::from_ref(&first), "the bootstrap finished", limit, || {
         stable_with(&first.dir, &[(1, "active", 1)])
     });
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let secret = first.secret();
     let join = |label: &str| {
         ["--join", first.addr.as_str(), "--secret-file", &secret, "--label", label]
             .map(str::to_string)
@@ -557,8 +561,7 @@ fn a_node_whose_data_directory_was_wiped_is_refused_then_comes_back_as_a_new_lif
     wiped.child.as_mut().expect("child").kill().expect("kill -9");
     wiped.child.take().expect("child").wait().expect("reap");
     std::fs::remove_dir_all(&wiped.dir).expect("wipe the data directory");
-    let secret = agents[0].dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let secret = agents[0].secret();
     let join = ["--join", agents[0].addr.as_str(), "--secret-file", secret.as_str()];
     let args = [&join[..], &timers].concat();
     let mut refused = spawn(&agents[2], &args);
@@ -669,8 +672,7 @@ fn a_node_killed_while_it_leaves_and_started_again_ends_as_left_and_loses_nothin
 
     // Asked back with --join, it comes back as a new life: what its last one ended as, and
     // the data directory's record of it, do not keep it out.
-    let secret = agents[0].dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let secret = agents[0].secret();
     let join = ["--join", agents[0].addr.as_str(), "--secret-file", secret.as_str()];
     agents[2].child = Some(spawn(&agents[2], &[&join[..], &timers].concat()));
     wait_showing(&agents, "node 3 back as a new life", limit, || {
@@ -839,8 +841,7 @@ fn restarted_before_anyone_noticed(restart: Restart) {
     }
     agents[1].child.as_mut().expect("child").kill().expect("kill -9");
     agents[1].child.as_mut().expect("child").wait().expect("reap");
-    let secret = agents[0].dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let secret = agents[0].secret();
     let seed = match restart {
         // Silent for longer than the restarted node used to ask before it gave up (3 s).
         Restart::JoinThroughSilentSeed => {
@@ -1059,8 +1060,8 @@ fn an_agent_entering_the_cluster_answers_status_and_says_what_it_waits_for() {
     wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
     // Silent long enough for the checks below, on a slow machine too.
     let seed = seed_silent_until(Instant::now() + Duration::from_secs(8), &first.addr);
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("a UTF-8 path");
+    let secret = first.secret();
+    let secret = secret.as_str();
     let joining = ["--join", seed.as_str(), "--secret-file", secret];
     let second = start(root.path(), 2, &free_addr("127.0.0.2"), &joining);
     let mut entering = String::new();
@@ -1095,8 +1096,8 @@ fn an_agent_stopped_while_it_enters_the_cluster_says_so_and_removes_its_socket()
     let first = start(root.path(), 1, &free_addr("127.0.0.1"), &["--bootstrap"]);
     wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
     let seed = seed_silent_until(Instant::now() + Duration::from_secs(60), &first.addr);
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("a UTF-8 path");
+    let secret = first.secret();
+    let secret = secret.as_str();
     let joining = ["--join", seed.as_str(), "--secret-file", secret];
     let mut second = start(root.path(), 2, &free_addr("127.0.0.2"), &joining);
     wait_until("node 2 answering as it enters", limit, || {
@@ -1178,8 +1179,7 @@ fn two_agents(root: &Path, limit: Duration) -> (Vec<Agent>, String) {
     let addrs: Vec<String> = (1..=2).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
     let first = start(root, 1, &addrs[0], &["--bootstrap"]);
     wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
-    let secret = first.dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let secret = first.secret();
     let join = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
     let mut agents = vec![first];
     agents.push(start(root, 2, &addrs[1], &join));
@@ -1231,8 +1231,7 @@ fn a_cluster_killed_whole_comes_back_without_the_node_that_does_not() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(60);
     let mut agents = three_agents(root.path(), limit);
-    let secret = agents[0].dir.join("cluster.secret");
-    let secret = secret.to_str().expect("utf-8 path").to_string();
+    let secret = agents[0].secret();
     let join = ["--join", agents[0].addr.as_str(), "--secret-file", secret.as_str()];
     agents.push(start(root.path(), 4, &free_addr("127.0.0.4"), &join));
     let four: Vec<(u64, &str, u64)> = (1..=4).map(|i| (i, "active", 1)).collect();
