@@ -1,0 +1,153 @@
+//! A change asked through the control socket (`join`, `leave`, `evict`): proposed, then
+//! followed until the node it names gets where the change takes it.
+
+use super::session::{flush, hung_up, status_json, Reader};
+use crate::error::Result;
+use crate::rpc::ProposeError;
+use crate::state::{Command, NodeStatus, Refusal};
+use crate::supervisor::Supervisor;
+use serde_json::json;
+use std::time::Duration;
+
+/// How long a leave, evict or join may take before the CLI is told to look again.
+pub(super) const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How long a leave or evict is proposed again while no leader answers.
+pub(super) const PROPOSE_WINDOW: Duration = Duration::from_secs(10);
+
+pub(super) async fn change(
+    (read, write): (&mut Reader, &mut tokio::net::unix::OwnedWriteHalf),
+    node: &Supervisor,
+    command: Command,
+    target: u64,
+    until: NodeStatus,
+) -> Result<()> {
+    // At once: proposing may take a while (through an election, or a leader waiting for its
+    // voters), and the CLI takes silence for an agent that stopped.
+    flush(write, &[json!({ "progress": "asking the cluster's leader" })]).await?;
+    // Through an election, whose leader is not known for a moment, rather than refused. Only
+    // then: a proposal a leader received may have committed, and sent again it is refused.
+    let give_up = tokio::time::Instant::now() + PROPOSE_WINDOW;
+    let proposed = loop {
+        match node.propose(command.clone()).await {
+            Err(ProposeError::NoLeader) if tokio::time::Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            other => break other,
+        }
+    };
+    match proposed {
+        Ok(Ok(applied)) => {
+            flush(write, &[json!({ "progress": format!("accepted: {applied}") })]).await?;
+            wait_for((read, write), node, target, until, renamed(&command, target)).await
+        }
+        // Told apart only now, from the state of the leader that refused: a node that failed
+        // or left is no member, and had been said to be "not a member of this cluster".
+        Ok(Err(Refusal::UnknownNode(node_id))) => {
+            let view = node.cluster_view().await;
+            let why = match view.state.nodes.get(&node_id).map(|r| r.status) {
+                Some(NodeStatus::Failed) => format!("node {node_id} failed already: nothing to do (its entries were rebuilt from their replicas; `gobelins status` lists it)"),
+                Some(NodeStatus::Left) => format!("node {node_id} left already: nothing to do"),
+                _ => Refusal::UnknownNode(node_id).to_string(),
+            };
+            flush(write, &[json!({ "error": why })]).await
+        }
+        // Asked twice (an `evict` through two members, a `leave` typed again after a Ctrl-C, an
+        // `evict` of a node that runs `leave`): the node is on its way out already, which is
+        // what was asked. Followed like the first ask, not refused: a script's `evict 4 ||
+        // page-someone` paged someone for a removal that went through.
+        Ok(Err(Refusal::AlreadyLeaving(id))) if id == target => {
+            let said = format!("node {id} is already on its way out (a leave or an eviction under way): following it");
+            flush(write, &[json!({ "progress": said })]).await?;
+            wait_for((read, write), node, target, until, renamed(&command, target)).await
+        }
+        Ok(Err(refusal)) => flush(write, &[json!({ "error": refusal.to_string() })]).await,
+        // A proposal that reached a leader but was not answered in time may still commit.
+        Err(e) => {
+            let why = format!(
+                "{e}; is a majority of the cluster up? The change may still happen: see \
+                 `gobelins status` before asking again"
+            );
+            flush(write, &[json!({ "error": why })]).await
+        }
+    }
+}
+
+/// The cluster records a leave as the eviction of the leaver, which the operator who typed
+/// `leave` would not recognise: the change as recorded, and as shown.
+pub(super) fn renamed(command: &Command, target: u64) -> Option<(String, String)> {
+    let leaving = matches!(command, Command::Leave { .. });
+    leaving.then(|| (format!("evict n{target}"), format!("leave n{target}")))
+}
+
+/// Streams progress until `target` reaches `until`, which the cluster records as the change
+/// that takes it there ends. Not until the cluster is stable too: the changes queued after
+/// it (a rebalance, another node's leave) may take longer than a leaver's agent stays up, and
+/// its CLI then read "connection closed" for a leave that had succeeded.
+pub(super) async fn wait_for(
+    (read, write): (&mut Reader, &mut tokio::net::unix::OwnedWriteHalf),
+    node: &Supervisor,
+    target: u64,
+    until: NodeStatus,
+    renamed: Option<(String, String)>,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + CHANGE_DEADLINE;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        let view = node.cluster_view().await;
+        let status = view.state.nodes.get(&target).map(|r| r.status);
+        if status == Some(until) {
+            return flush(write, &[json!({ "ok": status_json(&view) })]).await;
+        }
+        // On its way out, a node that fails is out for good: its entries are rebuilt from
+        // their replicas instead of handed over. Waiting for "left" would last the full minute.
+        if until == NodeStatus::Left && status == Some(NodeStatus::Failed) {
+            let why = format!(
+                "node {target} failed before it was out (its leave or eviction had not ended): \
+                 the cluster rebuilds its entries from their replicas (`gobelins stats` counts \
+                 any it could not)"
+            );
+            return flush(
+                write,
+                &[json!({ "progress": why }), json!({ "ok": status_json(&view) })],
+            )
+            .await;
+        }
+        let progress = match &view.state.in_progress {
+            Some(p) => {
+                let change = p.change.to_string();
+                let change = match &renamed {
+                    Some((recorded, shown)) if *recorded == change => shown.clone(),
+                    _ => change,
+                };
+                format!(
+                    "epoch {}: {change} — {}/{} participants done",
+                    p.epoch,
+                    p.done.len(),
+                    p.participants.len()
+                )
+            }
+            None => {
+                format!("node {target} is {}", status.map_or("unknown".into(), |s| s.to_string()))
+            }
+        };
+        if progress != last {
+            flush(write, &[json!({ "progress": progress })]).await?;
+            last = progress;
+        }
+        // A client gone (an operator's Ctrl-C) is not asked about for the rest of the minute:
+        // each pass asks the leader for the whole state.
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            _ = hung_up(read, write) => {
+                tracing::info!(node = target, "the control client went away; the change goes on without it (`gobelins status` follows it)");
+                return Ok(());
+            }
+        }
+    }
+    flush(
+        write,
+        &[json!({ "error": "the change did not finish within 60 s; see `gobelins status`" })],
+    )
+    .await
+}
