@@ -1,0 +1,265 @@
+//! A manager's word to its replica holder: once it died, a page never written reads as zeros.
+
+use crate::harness::{outcome, pid, put, Cluster, PAGES, SEGMENT};
+use gobelins_adaptation::testing::replay;
+use gobelins_dsm::{DsmConfig, PageId, PAGE_SIZE};
+use gobelins_locator::{NodeId, TreeConfig};
+use std::time::Duration;
+
+/// The pages of `segment` that `manager` manages, by number, among the first `count`.
+fn pages_managed_by(cluster: &Cluster, manager: NodeId, segment: u32, count: u32) -> Vec<u32> {
+    let table = cluster.mem.snapshot();
+    (0..count)
+        .filter(|&p| {
+            let key = PageId { segment, page: p }.key();
+            table.locate(gobelins_dsm::DSM, key) == Some(manager)
+        })
+        .collect()
+}
+
+/// Waits until `node` has given its replica holder its word for the cluster's epoch, which
+/// it does in the background once a change is stable.
+async fn word_given(cluster: &Cluster, node: NodeId) {
+    let epoch = cluster.mem.host(node).context().epoch();
+    let made = || cluster.made.lock().expect("made")[node.0 as usize].clone();
+    for _ in 0..1000 {
+        if made().word().is_some_and(|(_, e)| e == epoch) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    panic!("node {node} gave no word at epoch {epoch}");
+}
+
+/// In a cluster of several cells, a manager that took no part in the last change (another
+/// cell's) vouches at its stable epoch too: once it dies, a page never written that it managed
+/// reads as zeros, not lost. Before, only participants gave their word, and a failure after
+/// another cell's change tainted the dead manager's slots.
+#[test]
+fn with_backups_a_manager_outside_the_last_change_still_vouches_for_its_slots() {
+    replay(async {
+        let shape = TreeConfig::default().with_cell_capacity(2);
+        let config = DsmConfig { backups: true, ..DsmConfig::default() };
+        let mut cluster = Cluster::start_shaped(6, shape, config).await;
+        let added = cluster.mem.add().await;
+        let epoch = cluster.mem.host(NodeId(1)).context().epoch();
+        let outside = |n: NodeId| {
+            let history = cluster.mem.host(n).history();
+            history.last().is_none_or(|record| record.epoch < epoch)
+        };
+        let mut candidates =
+            cluster.mem.nodes().into_iter().filter(|&n| n != NodeId(1) && n != added);
+        let victim = candidates.rfind(|&n| outside(n)).expect("a node outside the change");
+        word_given(&cluster, victim).await;
+        // A segment nobody wrote.
+        let unwritten = pages_managed_by(&cluster, victim, 9, 4096);
+        assert!(unwritten.len() >= 16, "pages the victim manages");
+        cluster.mem.fail(victim).await;
+        let reader = cluster.dsm(NodeId(1));
+        for &page in &unwritten[..16] {
+            let read = outcome(&reader, PageId { segment: 9, page }).await;
+            assert_eq!(read, Ok(0), "page {page}, managed by node {victim}");
+        }
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    })
+}
+
+/// With backups on, one failure loses no page: a page nobody reports after it was never
+/// written. It reads as zeros, not lost, and a segment first used after the failure is
+/// written as any other. The dead manager vouched for its slots to its replica holder once
+/// the cluster was stable, and every survivor reported.
+#[test]
+fn with_backups_a_page_never_written_reads_as_zeros_after_its_manager_died() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(4).await;
+        let victim = NodeId(3);
+        word_given(&cluster, victim).await;
+        // Even pages written, each from another node, the victim included.
+        for page in (0..PAGES).step_by(2) {
+            let writer = NodeId(1 + u64::from(page / 2) % 4);
+            put(&cluster.dsm(writer), pid(page), u64::from(page) + 1).await;
+        }
+        let unwritten: Vec<u32> = (1..PAGES).step_by(2).collect();
+        let table = cluster.mem.snapshot();
+        let victims = |p: &&u32| table.locate(gobelins_dsm::DSM, pid(**p).key()) == Some(victim);
+        assert!(unwritten.iter().any(|p| victims(&p)), "the victim manages a page never written");
+        let fresh = SEGMENT + 7;
+        assert!(!pages_managed_by(&cluster, victim, fresh, 64).is_empty());
+
+        cluster.mem.fail(victim).await;
+
+        let reader = cluster.dsm(NodeId(1));
+        let mut wrong = Vec::new();
+        for page in 0..PAGES {
+            let want = if page % 2 == 0 { u64::from(page) + 1 } else { 0 };
+            let read = outcome(&reader, pid(page)).await;
+            if read != Ok(want) {
+                wrong.push(format!("page {page}: {read:?}, not {want}"));
+            }
+        }
+        for page in 0..64 {
+            let id = PageId { segment: fresh, page };
+            match reader.write(id).await {
+                Ok(mut g) => {
+                    g[0] = 9;
+                    g.commit().await.expect("commit");
+                }
+                Err(e) => wrong.push(format!("the new segment's page {page}: {e}")),
+            }
+        }
+        assert!(wrong.is_empty(), "after one failure with backups on: {wrong:?}");
+        assert_eq!(cluster.reported_lost(), 0, "no page reported lost");
+    })
+}
+
+/// The dead manager's word counts only if every node reported: a node dying with it may
+/// have held a page's only other copy. Then a page nobody reports reads as lost, never as
+/// zeros, though the dead manager's replica holder lives and passed its word on.
+#[test]
+fn with_backups_a_node_dying_during_the_recovery_leaves_unreported_pages_lost() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(4).await;
+        let victim = NodeId(3);
+        let holder = cluster.mem.snapshot().replica_holder(victim).expect("a replica holder");
+        let other = NodeId(1);
+        assert_ne!(holder, other);
+        word_given(&cluster, victim).await;
+        let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
+        assert!(pages.len() >= 2, "the victim manages pages: {pages:?}");
+        // Written by the victim, backed up on the node after it, which lives.
+        let written = PageId { segment: SEGMENT, page: pages[0] };
+        put(&cluster.dsm(victim), written, 5).await;
+        let unwritten = PageId { segment: SEGMENT, page: pages[1] };
+
+        cluster.mem.fail_and_crash(victim, other).await;
+
+        let reader = cluster.dsm(NodeId(2));
+        assert_eq!(outcome(&reader, written).await, Ok(5));
+        let read = outcome(&reader, unwritten).await;
+        assert!(read.as_ref().is_err_and(|e| e.contains("lost")), "{read:?}");
+    })
+}
+
+/// A manager whose word was taken back gives it again a while later, leaving out only the
+/// slots that still hold a page with no copy elsewhere: its death then leaves a page never
+/// written, in another slot, reading as zeros, not lost. Before, the word stayed taken back
+/// until the next change (a soak saw a page never written reported lost so, after a single
+/// failure).
+#[test]
+fn with_backups_a_manager_gives_its_word_again_once_it_took_it_back() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(2).await;
+        let (victim, survivor) = (NodeId(1), NodeId(2));
+        word_given(&cluster, victim).await;
+        let spec = cluster.mem.host(victim).specs();
+        let spec = spec.iter().find(|s| s.id == gobelins_dsm::DSM).expect("the DSM's spec");
+        let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
+        let written = PageId { segment: SEGMENT, page: pages[0] };
+        let slot = |p: PageId| spec.slot_of(p.key());
+        let unwritten = pages[1..]
+            .iter()
+            .map(|&page| PageId { segment: SEGMENT, page })
+            .find(|&p| slot(p) != slot(written))
+            .expect("a page of another slot");
+        word_taken_back(&cluster, victim, survivor, written).await;
+        let word = || cluster.made.lock().expect("made")[1].word();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(word().is_some(), "the word is given again");
+
+        cluster.mem.fail(victim).await;
+
+        assert_eq!(outcome(&cluster.dsm(survivor), unwritten).await, Ok(0));
+        // Its slot was left out, so the survivor's report decides: the copy the manager was
+        // told had no backup was still there.
+        assert_eq!(outcome(&cluster.dsm(survivor), written).await, Ok(1));
+    })
+}
+
+/// Writes `written` from `manager`, then tells the manager the commit's backup,
+/// `backup`, did not answer and no other node can take one: the manager then counts the
+/// page as kept on itself alone (the backup's copy stays where it was), and takes its word
+/// back.
+async fn word_taken_back(cluster: &Cluster, manager: NodeId, backup: NodeId, written: PageId) {
+    let request = written_without_backup(cluster, manager, backup, written).await;
+    let ctx = cluster.mem.host(manager).context();
+    let answer: gobelins_dsm::Response =
+        ctx.request(gobelins_dsm::DSM, written.key(), &request).await.expect("asked");
+    assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
+    let word = cluster.made.lock().expect("made")[manager.0 as usize].word();
+    assert_eq!(word, None, "the word is taken back");
+}
+
+/// Writes `page` from `manager`, and returns what an owner tells its manager when a commit
+/// cannot reach its backup, `backup`: sent to `manager` in a cluster of two, it leaves the
+/// page with no copy on another node.
+async fn written_without_backup(
+    cluster: &Cluster,
+    manager: NodeId,
+    backup: NodeId,
+    page: PageId,
+) -> gobelins_dsm::Request {
+    let mut g = cluster.dsm(manager).write(page).await.expect("write");
+    g[0] = 1;
+    let version = g.version();
+    g.commit().await.expect("commit");
+    gobelins_dsm::Request::Rebackup {
+        node: manager,
+        version,
+        commit: 1,
+        failed: backup,
+        data: gobelins_dsm::PageBytes::from(vec![1; PAGE_SIZE]),
+    }
+}
+
+/// A manager takes its word back before a page it manages stops having a copy elsewhere:
+/// here its owner, the manager itself, is told its backup is unreachable and no other node
+/// can take one. Its death then leaves its slots tainted: a page nobody reports reads lost.
+#[test]
+fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(2).await;
+        let (victim, survivor) = (NodeId(1), NodeId(2));
+        word_given(&cluster, victim).await;
+        let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
+        assert!(pages.len() >= 2, "the victim manages pages: {pages:?}");
+        let written = PageId { segment: SEGMENT, page: pages[0] };
+        let unwritten = PageId { segment: SEGMENT, page: pages[1] };
+        word_taken_back(&cluster, victim, survivor, written).await;
+
+        cluster.mem.fail(victim).await;
+
+        let read = outcome(&cluster.dsm(survivor), unwritten).await;
+        assert!(read.as_ref().is_err_and(|e| e.contains("lost")), "{read:?}");
+    })
+}
+
+/// A manager whose replica holder does not answer, though the cluster has not given up on
+/// it, cannot take its word back: the request that left a page with no copy elsewhere is
+/// answered `Retry` after a bounded wait, rather than hang (a change waits for every handler)
+/// or go out while the holder's word would read the page as zeros after the manager's death.
+#[test]
+fn with_backups_a_manager_whose_replica_holder_is_silent_answers_retry_rather_than_hang() {
+    replay(async {
+        let cluster = Cluster::with_backups(2).await;
+        let (manager, holder) = (NodeId(1), NodeId(2));
+        word_given(&cluster, manager).await;
+        let page = PageId {
+            segment: SEGMENT,
+            page: pages_managed_by(&cluster, manager, SEGMENT, 2048)[0],
+        };
+        let rebackup = written_without_backup(&cluster, manager, holder, page).await;
+        let ctx = cluster.mem.host(manager).context();
+        cluster.mem.crash(holder);
+        let asked = tokio::time::Instant::now();
+        let answer: gobelins_dsm::Response =
+            ctx.request(gobelins_dsm::DSM, page.key(), &rebackup).await.expect("asked");
+        assert!(matches!(answer, gobelins_dsm::Response::Retry), "{answer:?}");
+        assert!(asked.elapsed() < Duration::from_secs(5), "answered in {:?}", asked.elapsed());
+        // The holder answers again: the word is taken back, and the request goes through.
+        cluster.mem.heal(holder);
+        let answer: gobelins_dsm::Response =
+            ctx.request(gobelins_dsm::DSM, page.key(), &rebackup).await.expect("asked");
+        assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
+        assert_eq!(cluster.made.lock().expect("made")[1].word(), None, "the word is taken back");
+    })
+}

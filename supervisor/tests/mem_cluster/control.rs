@@ -1,0 +1,113 @@
+//! The control socket: a client that hangs up, and `gobelins join` asked of a member or leaver.
+
+use crate::harness::{control_socket, replay, three_voters};
+use gobelins_supervisor::mem::MemNetwork;
+use gobelins_supervisor::state::NodeStatus;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A control client that hangs up while its change is under way (an operator's Ctrl-C) is not
+/// followed any more: its agent asked the leader for the whole state every 10 ms, for up to a
+/// minute, to tell nobody.
+#[test]
+fn a_control_client_that_hangs_up_is_not_followed_for_the_rest_of_the_minute() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    replay(async {
+        let net = MemNetwork::new(14);
+        let nodes = three_voters(&net).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let mut others = (1..=3).filter(|&id| id != leader);
+        let (asker, evicted) =
+            (others.next().expect("a follower"), others.next().expect("another"));
+        // The evicted node never hears of its eviction, which therefore never ends.
+        net.stall_log(leader, evicted);
+        net.lose_begun(leader, evicted);
+        let (_dir, path, _socket) = control_socket(&nodes[asker as usize - 1].supervisor).await;
+        let asked = || net.calls(asker, leader);
+        let before = asked();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let idle = asked() - before;
+
+        let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
+        let (client, mut sending) = client.into_split();
+        let request = format!("{{\"cmd\":\"evict\",\"node\":{evicted}}}\n");
+        sending.write_all(request.as_bytes()).await.expect("request sent");
+        // Done sending, as `socat` is once its input ends: it still reads what comes.
+        sending.shutdown().await.expect("half-closed");
+        let mut lines = tokio::io::BufReader::new(client).lines();
+        let asking = lines.next_line().await.expect("reads").expect("a line");
+        assert!(asking.contains("asking the cluster's leader"), "said at once: {asking}");
+        let first = lines.next_line().await.expect("reads").expect("a line");
+        assert!(first.contains("accepted"), "{first}");
+        let second = lines.next_line().await.expect("reads").expect("a line");
+        assert!(second.contains("progress"), "the change is under way: {second}");
+        let before = asked();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let followed = asked() - before;
+        assert!(
+            followed > idle + 50,
+            "a client that only stopped sending is still followed: {followed} asks, {idle} when idle"
+        );
+        drop((lines, sending));
+
+        let before = asked();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after_hang_up = asked() - before;
+        assert!(
+            after_hang_up <= idle + 5,
+            "node {asker} asked the leader {after_hang_up} times in a second for a client gone, {idle} when idle"
+        );
+    });
+}
+
+/// `gobelins join` asked of an active member says there is nothing to do; asked of an agent
+/// whose node left, it is refused: joined in the moment before that agent stopped, the node
+/// was active, then declared failed.
+#[test]
+fn a_join_asked_of_an_active_node_does_nothing_and_of_a_node_that_left_is_refused() {
+    use gobelins_supervisor::state::Command;
+    use gobelins_supervisor::Lifecycle;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    replay(async {
+        let net = MemNetwork::new(16);
+        let nodes = three_voters(&net).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let asker = (1..=3).find(|&id| id != leader).expect("a follower");
+        let supervisor = Arc::clone(&nodes[asker as usize - 1].supervisor);
+        let (_dir, path, _socket) = control_socket(&supervisor).await;
+        let join = |seed: u64| {
+            let path = path.clone();
+            async move {
+                let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
+                let (client, mut sending) = client.into_split();
+                let request = format!("{{\"cmd\":\"join\",\"seed\":\"n{seed}\"}}\n");
+                sending.write_all(request.as_bytes()).await.expect("request sent");
+                let mut lines = tokio::io::BufReader::new(client).lines();
+                let mut said = Vec::new();
+                while let Some(line) = lines.next_line().await.expect("reads") {
+                    said.push(line);
+                }
+                said.join("\n")
+            }
+        };
+        let said = join(leader).await;
+        assert!(said.contains("already an active member: nothing to do"), "{said}");
+        assert!(said.contains("\"ok\""), "{said}");
+
+        let leave = Command::Leave { node: asker };
+        let at_leader = &nodes[leader as usize - 1].supervisor;
+        assert!(matches!(at_leader.propose(leave).await, Ok(Ok(_))));
+        let mut lifecycle = supervisor.lifecycle();
+        let left = tokio::time::timeout(
+            Duration::from_secs(30),
+            lifecycle.wait_for(|l| *l == Lifecycle::Left),
+        )
+        .await
+        .is_ok();
+        assert!(left, "the node left");
+        let said = join(leader).await;
+        assert!(said.contains("this agent is stopping"), "{said}");
+        let state = at_leader.state();
+        assert_eq!(state.nodes[&asker].status, NodeStatus::Left, "no join was asked");
+    });
+}
