@@ -1,0 +1,259 @@
+//! `gobelins status` and `gobelins stats`: what the agent says, written for an operator.
+
+use super::{ask, StatsArgs, StatusArgs};
+use gobelins_supervisor::control::ControlRequest;
+use serde_json::Value;
+use std::io::Write as _;
+
+pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let status = ask(&args.dir, ControlRequest::Status { local: args.local })?;
+    if args.json {
+        writeln!(std::io::stdout().lock(), "{status}")?;
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    if args.local {
+        // Said first: the text is laid out as the cluster's, and a view taken for it misleads.
+        writeln!(
+            out,
+            "node {}'s own view (--local), not asked of the leader: it may be stale",
+            status["node"]
+        )?;
+    }
+    write_status(&mut out, &status)
+}
+
+pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result<()> {
+    let show = |v: &Value| if v.is_null() { "none".to_string() } else { v.to_string() };
+    let change = match status.get("in_progress") {
+        Some(p) if !p.is_null() => {
+            let ids = |v: &Value| -> Vec<u64> {
+                v.as_array()
+                    .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default()
+            };
+            let (done, participants) = (ids(&p["done"]), ids(&p["participants"]));
+            // The laggards by name: at 3 a.m. the one node that holds a change up is the news.
+            let waiting: Vec<String> = participants
+                .iter()
+                .filter(|n| !done.contains(n))
+                .map(|n| format!("node {n}"))
+                .collect();
+            let waiting = if waiting.is_empty() {
+                String::new()
+            } else {
+                format!("; waiting for {}", waiting.join(", "))
+            };
+            format!(
+                "changing: {} ({} of {} participants done{waiting})",
+                p["change"].as_str().unwrap_or("?"),
+                done.len(),
+                participants.len()
+            )
+        }
+        // The agent's own view while it enters, or with no leader answering, or a leader's
+        // that hears from no majority: the cluster may be changing without it.
+        _ if status["entering"].is_string()
+            || status["own_view"] == true
+            || status["quorum_lost_ms"].is_u64() =>
+        {
+            "not known to be stable".to_string()
+        }
+        _ if status["nodes"].as_array().into_iter().flatten().any(|n| n["suspected"] == true) => {
+            "not stable: a node is suspected".to_string()
+        }
+        _ if status["stable"] == false => "not stable: changes are queued".to_string(),
+        _ => "stable".to_string(),
+    };
+    if let Some(what) = status["entering"].as_str() {
+        writeln!(out, "this agent is entering the cluster: {what}")?;
+        writeln!(out, "below, its own view until then (it may be stale):")?;
+    } else if status["own_view"] == true {
+        let leader = match status["leader"].as_u64() {
+            Some(leader) => format!("its leader, node {leader}, did not answer"),
+            None => "it knows of no leader".to_string(),
+        };
+        writeln!(out, "WARNING: node {} cannot reach the cluster's leader: {leader}. Below is its own view, as it last knew the cluster: it may be stale (a node cut off from the others sees them as they were, itself included). An election may be under way; if this lasts, check this node's network and log, or ask another node (`--data-dir` of its agent).", status["node"])?;
+        if let Some(ms) = status["leaderless_ms"].as_u64() {
+            writeln!(
+                out,
+                "WARNING: this node votes, and has known no leader for {:.1} s: its elections win \
+                 no majority. A majority of the voters (listed below) is down or cut off from it, \
+                 and nothing commits through it until enough of them are back; its log names the \
+                 silent ones.",
+                ms as f64 / 1e3
+            )?;
+        }
+    }
+    writeln!(out, "epoch {}, {change}, leader {}", status["epoch"], show(&status["leader"]))?;
+    if let Some(ms) = status["quorum_lost_ms"].as_u64() {
+        writeln!(
+            out,
+            "WARNING: this leader has heard from no majority of the voters for {:.1} s: it can \
+             commit nothing (no join, leave or eviction, no failure recovered), and the states \
+             below are the last it committed. Its log names the silent voters; if they are up \
+             and reach each other, they may have another leader: ask one of them.",
+            ms as f64 / 1e3
+        )?;
+    }
+    for node in status["nodes"].as_array().into_iter().flatten() {
+        let Some(failures) = node["failures"].as_u64() else { continue };
+        let Some(ms) = node["held_ms"].as_u64() else {
+            let lives = match failures {
+                1 => "last life failed soon after it began".to_string(),
+                n => format!("last {n} lives each failed soon after they began"),
+            };
+            writeln!(
+                out,
+                "note: node {}'s {lives}: from the second such life in a row, a node is held \
+                 out before it may rejoin, longer each time (while two members at least are in)",
+                node["id"]
+            )?;
+            continue;
+        };
+        writeln!(
+            out,
+            "WARNING: node {} keeps failing ({failures} short lives in a row): it is held out \
+             for {:.1} s more before it may rejoin, and rejoins by itself then. Look for what \
+             starves it (CPU, memory, disk, network: its log), or for restarts in a loop; once \
+             that is mended, `gobelins unhold {}` lifts the hold",
+            node["id"],
+            ms as f64 / 1e3,
+            node["id"]
+        )?;
+    }
+    for node in status["nodes"].as_array().into_iter().flatten() {
+        let Some(ms) = node["silent_ms"].as_u64() else { continue };
+        let id = &node["id"];
+        let s = ms as f64 / 1e3;
+        if node["suspected"] == true {
+            writeln!(out, "WARNING: node {id} has not answered the leader for {s:.1} s: other nodes are trying it, and it is declared failed if they cannot reach it either")?;
+        } else {
+            writeln!(out, "note: node {id} has not answered the leader for {s:.1} s")?;
+        }
+    }
+    writeln!(
+        out,
+        "{:>8}  {:<22} {:<8} {:>5} {:<6} labels",
+        "node", "address", "status", "inc", "voter"
+    )?;
+    for node in status["nodes"].as_array().into_iter().flatten() {
+        let labels: Vec<String> = node["labels"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+            .collect();
+        writeln!(
+            out,
+            "{:>8}  {:<22} {:<8} {:>5} {:<6} {}",
+            node["id"].to_string(),
+            node["addr"].as_str().unwrap_or(""),
+            node["status"].as_str().unwrap_or(""),
+            node["incarnation"].to_string(),
+            if node["voter"].as_bool() == Some(true) { "yes" } else { "" },
+            labels.join(" ")
+        )?;
+    }
+    let levels: Vec<&str> =
+        status["levels"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    let levels = if levels.is_empty() { "none".to_string() } else { levels.join(", ") };
+    writeln!(
+        out,
+        "\ncell tree (label levels: {levels}):\n{}",
+        status["tree"].as_str().unwrap_or("")
+    )?;
+    Ok(())
+}
+
+pub(crate) fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let answer = ask(&args.dir, ControlRequest::Stats)?;
+    if args.json {
+        writeln!(std::io::stdout().lock(), "{answer}")?;
+        return Ok(());
+    }
+    write_stats(&mut std::io::stdout().lock(), &answer)
+}
+
+/// This node's requests, what it served and moved, and the changes it took part in.
+pub(super) fn write_stats(out: &mut impl std::io::Write, answer: &Value) -> anyhow::Result<()> {
+    let s = &answer["stats"];
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    writeln!(
+        out,
+        "requests from here: {} ok ({} delayed), {} failed",
+        n(&s["requests_ok"]),
+        n(&s["requests_delayed"]),
+        n(&s["requests_failed"])
+    )?;
+    writeln!(
+        out,
+        "as manager: {} served, {} held while their keys moved, {} answers kept for retries, \
+         {} passed on to the key's new manager",
+        n(&s["served"]),
+        n(&s["held"]),
+        n(&s["answers_kept"]),
+        n(&s["forwarded"])
+    )?;
+    writeln!(
+        out,
+        "entries: {} sent ({:.1} MB), {} received, {} rebuilt after failures",
+        n(&s["entries_sent"]),
+        n(&s["bytes_sent"]) as f64 / 1e6,
+        n(&s["entries_received"]),
+        n(&s["entries_rebuilt"])
+    )?;
+    // Said only when something was: a line of zeros would be read past at the moment it matters.
+    let lost = s["reported_lost"].as_object().cloned().unwrap_or_default();
+    for (service, count) in lost.iter().filter(|(_, c)| n(c) > 0) {
+        writeln!(
+            out,
+            "REPORTED LOST by {service}: {} ({})",
+            n(count),
+            if service == "dsm" {
+                "`gobelins dsm lost` lists the pages still lost, cluster-wide"
+            } else {
+                "its log says which and what to do"
+            }
+        )?;
+    }
+    let changes = answer["changes"].as_array().cloned().unwrap_or_default();
+    if changes.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "\nchanges this node took part in (ms; newest last):")?;
+    writeln!(
+        out,
+        "{:>6}  {:<24} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8}",
+        "epoch",
+        "change",
+        "before",
+        "sending",
+        "receiving",
+        "after",
+        "held",
+        "stable",
+        "sent",
+        "received",
+        "rebuilt"
+    )?;
+    let ms = |v: &Value| v.as_f64().map_or("-".to_string(), |m| format!("{m:.1}"));
+    for c in changes.iter().rev().take(20).rev() {
+        writeln!(
+            out,
+            "{:>6}  {:<24} {:>7} {:>8} {:>9} {:>7} {:>7} {:>7} {:>7} {:>8} {:>8}",
+            n(&c["epoch"]),
+            c["change"].as_str().unwrap_or("?"),
+            ms(&c["before_ms"]),
+            ms(&c["sending_ms"]),
+            ms(&c["receiving_ms"]),
+            ms(&c["after_ms"]),
+            ms(&c["held_ms"]),
+            ms(&c["stable_ms"]),
+            n(&c["entries_sent"]),
+            n(&c["entries_received"]),
+            n(&c["entries_rebuilt"])
+        )?;
+    }
+    Ok(())
+}
