@@ -375,4 +375,5 @@ impl Reply {
 }
 
 #[cfg(test)]
+#[path = "wire_tests.rs"]
 mod tests;

@@ -148,4 +148,5 @@ pub(crate) fn rebuild(reports: &[Report], gone: impl Fn(NodeId) -> bool) -> Opti
 }
 
 #[cfg(test)]
+#[path = "directory_tests.rs"]
 mod tests;

@@ -704,4 +704,5 @@ impl Frames {
 }
 
 #[cfg(test)]
+#[path = "frames_tests.rs"]
 mod tests;

@@ -192,4 +192,5 @@ impl Detector {
 }
 
 #[cfg(test)]
+#[path = "detector_tests.rs"]
 mod tests;

@@ -308,4 +308,5 @@ impl Encoder<Wire> for FrameCodec {
 }
 
 #[cfg(test)]
+#[path = "frame_tests.rs"]
 mod tests;

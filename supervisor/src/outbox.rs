@@ -263,4 +263,5 @@ impl Drop for Unfinished {
 }
 
 #[cfg(test)]
+#[path = "outbox_tests.rs"]
 mod tests;

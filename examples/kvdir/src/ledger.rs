@@ -282,4 +282,5 @@ impl Ledger {
 }
 
 #[cfg(test)]
+#[path = "ledger_tests.rs"]
 mod tests;
