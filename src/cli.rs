@@ -8,7 +8,7 @@ mod report;
 
 pub(crate) use kvdir::{kv, KvArgs};
 pub(crate) use pages::{dsm, DsmArgs};
-pub(crate) use report::{stats, status};
+pub(crate) use report::{stats, status, StatsArgs, StatusArgs};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -78,29 +78,6 @@ pub(crate) struct AgentArgs {
     /// each time. 0 holds nobody.
     #[arg(long, value_name = "MS")]
     rejoin_hold_ms: Option<u64>,
-}
-
-/// Options of `gobelins status`.
-#[derive(Args, Debug)]
-pub(crate) struct StatusArgs {
-    #[command(flatten)]
-    dir: DirArgs,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
-    /// Show this node's own view instead of the leader's.
-    #[arg(long)]
-    local: bool,
-}
-
-/// Options of `gobelins stats`.
-#[derive(Args, Debug)]
-pub(crate) struct StatsArgs {
-    #[command(flatten)]
-    dir: DirArgs,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Options of `gobelins join`.

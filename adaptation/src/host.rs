@@ -9,12 +9,14 @@
 //! ```
 //!
 //! The host's parts: `send` (the sender's side of a request), `serve` (the manager's side),
-//! `answers` (what a manager keeps so that a retry runs once), `deliver` (migration messages
-//! in and out), `inner` (the shared state's life, and what requests wait on), `stats`.
+//! `relay` (a request passed on to its manager), `answers` (what a manager keeps so that a
+//! retry runs once), `deliver` (migration messages in and out), `inner` (the shared state's
+//! life, and what requests wait on), `stats`.
 
 mod answers;
 mod deliver;
 mod inner;
+mod relay;
 mod send;
 mod serve;
 mod stats;

@@ -2,10 +2,12 @@
 //! Hudak's fixed distributed manager, with the manager found by the locator), the holder's
 //! side, and what happens to entries and frames when the cluster changes.
 //!
-//! Its parts: `faults` (read and write faults at the manager), `transfer` (a page between
-//! holders), `mend` (an owner promoted, an entry mended), `backup`, `requests` (locks,
-//! barriers, a node's own frames), `word` (a manager's word that its slots are whole),
-//! `migration` (what changes do to entries and frames).
+//! `DsmService::serve` sends each request to its part: `faults` (read and write faults at the
+//! manager), `backup` (pages surrendered, kept aside, backed up again or abandoned as holders
+//! leave), `requests` (discards, frees, locks, barriers, a node's own frames). The other
+//! parts: `transfer` (a page between holders, and the grants settled), `mend` (an owner
+//! promoted, an entry mended), `word` (a manager's word that its slots are whole), `migration`
+//! (what changes do to entries and frames).
 
 mod backup;
 mod faults;
@@ -18,7 +20,7 @@ mod transfer;
 mod word;
 
 use crate::freed::Freed;
-use crate::held::EXPOSED;
+use crate::held::{Held, EXPOSED};
 use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
 use crate::protocol::{Entry, LockEntry, PageBytes, PageEntry, Request, Response};
@@ -30,28 +32,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
 
-/// How long a barrier's manager keeps an arrival waiting before telling it to ask again. It
-/// answers at once when a change begins, which waits for the handlers in progress: one in
-/// three joins during MGS waited out this poll, 20 ms, in its before-migration phase.
-const BARRIER_POLL: Duration = Duration::from_millis(20);
-
 /// Pages given a new backup at once after a change: enough to overlap the round trips, few
 /// enough not to flood the owners while they serve requests.
 pub(crate) const RESTORING: usize = 16;
 
-/// How often, and how far apart, a manager asks an owner busy writing to move its backup off
-/// a leaving node: its write commits to the leaving node, which still answers, in moments.
-const ABANDON_TRIES: usize = 5;
 const ABANDON_PAUSE: Duration = Duration::from_millis(10);
-
-/// How long a manager takes an owner that did not answer one such request as not answering:
-/// it is not asked again for the leaving node's other pages, whose copies it stores at once.
-const OWNER_SILENCE: Duration = Duration::from_secs(5);
-
-/// How often, and how far apart, a recovery asks again a backup that did not answer its
-/// promotion (each ask waits up to the layer's call timeout): the page is lost otherwise.
-const PROMOTE_TRIES: usize = 3;
-const PROMOTE_PAUSE: Duration = Duration::from_millis(50);
 
 /// A page the sweep found with no live backup: the page, its entry, its owner, the entry's
 /// version, the node to back it up on, and the backup the entry names now.
@@ -240,6 +225,60 @@ impl DsmService {
     /// `pages` more pages this node manages became lost.
     fn found_lost(&self, pages: u64) {
         self.state().lost.fetch_add(pages, Ordering::Relaxed);
+    }
+
+    /// Locks a page entry for a handler of its manager (see [`Held`]).
+    pub(super) async fn hold<'a>(
+        &'a self,
+        ctx: &Context,
+        slot: &'a Arc<AsyncMutex<Live>>,
+    ) -> Held<'a> {
+        let st = self.state();
+        let exposures = st.config.backups.then_some(&st.exposures);
+        Held { guard: slot.lock().await, me: ctx.node(), exposures }
+    }
+
+    /// Runs one request: as the key's manager, or as this node's local server when told.
+    pub(super) async fn serve(&self, ctx: &Context, key: Key, request: Request) -> Response {
+        match (named(key), request) {
+            (Named::Page(page), Request::ReadFault { node }) => {
+                self.read_fault(ctx, page, node).await
+            }
+            // Versions and generations count up from a peer's: one near the top of the range
+            // would wrap them (a page stuck behind version 0, a barrier passed for ever). None
+            // this cluster gave out comes near 2^63 (292 years at a billion a second), so one
+            // that does is refused before anything changes.
+            (Named::Page(_), Request::WriteFault { refused: n, .. })
+            | (Named::Barrier(_), Request::Arrive { generation: n, .. })
+                if n >= NEVER_REACHED =>
+            {
+                Response::Invalid(format!("{n} is no version or generation this cluster gave out"))
+            }
+            (Named::Page(page), Request::WriteFault { node, have, refused }) => {
+                self.write_fault(ctx, page, node, have, refused).await
+            }
+            (Named::Page(page), Request::Surrender { node, version, data, readers }) => {
+                self.surrender(ctx, page, node, version, data, readers).await
+            }
+            (Named::Page(page), Request::KeepAside { node, label, data }) => {
+                self.keep_aside(ctx, page, node, label, data).await
+            }
+            (Named::Page(page), Request::Rebackup { node, version, commit, failed, data }) => {
+                self.rebackup(ctx, page, node, failed, (version, commit, data)).await
+            }
+            (Named::Page(page), Request::Discard) => self.discard(ctx, page).await,
+            (Named::Page(page), Request::Abandon { node, copy }) => {
+                self.abandon(ctx, page, node, copy).await
+            }
+            (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
+                self.lock_op(ctx, key, request).await
+            }
+            (Named::Barrier(_), Request::Arrive { participant, generation, parties }) => {
+                self.arrive(ctx, key, participant, generation, parties).await
+            }
+            (_, request) if ctx.from().is_some() => self.local(ctx, request).await,
+            (what, request) => Response::Invalid(format!("{request:?} does not apply to {what:?}")),
+        }
     }
 }
 

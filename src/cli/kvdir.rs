@@ -50,7 +50,7 @@ pub(super) enum KvOp {
 
 /// Forgives every slot of kvdir through the agent of `dir`, with a key of each, found by
 /// walking the keys from 0: a slot's keys are spread by a hash.
-pub(super) fn forgive_all(dir: &DirArgs) -> anyhow::Result<()> {
+fn forgive_all(dir: &DirArgs) -> anyhow::Result<()> {
     use gobelins::kvdir::{KvDir, Request, Response, KVDIR};
     use gobelins::locator::Key;
     let spec = KvDir::declaration();

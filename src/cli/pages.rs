@@ -129,7 +129,7 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
 }
 
 /// `gobelins dsm lost`: asks every node through the local agent, and says what it found.
-pub(super) fn dsm_lost(dir: &DirArgs, json: bool) -> anyhow::Result<()> {
+fn dsm_lost(dir: &DirArgs, json: bool) -> anyhow::Result<()> {
     use gobelins::adaptation::codec;
     use gobelins::builtin::DsmCommand;
     let body = codec::encode(&DsmCommand::Losses)?;
@@ -148,7 +148,7 @@ pub(super) fn dsm_lost(dir: &DirArgs, json: bool) -> anyhow::Result<()> {
 }
 
 /// Lines of pages `gobelins dsm lost` prints before it says how many more `--json` lists.
-pub(super) const LOST_LINES: usize = 200;
+const LOST_LINES: usize = 200;
 
 pub(super) fn write_losses(
     out: &mut impl std::io::Write,

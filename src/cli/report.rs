@@ -1,9 +1,33 @@
 //! `gobelins status` and `gobelins stats`: what the agent says, written for an operator.
 
-use super::{ask, StatsArgs, StatusArgs};
+use super::{ask, DirArgs};
+use clap::Args;
 use gobelins_supervisor::control::ControlRequest;
 use serde_json::Value;
 use std::io::Write as _;
+
+/// Options of `gobelins status`.
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Show this node's own view instead of the leader's.
+    #[arg(long)]
+    local: bool,
+}
+
+/// Options of `gobelins stats`.
+#[derive(Args, Debug)]
+pub(crate) struct StatsArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
 
 pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
     let status = ask(&args.dir, ControlRequest::Status { local: args.local })?;

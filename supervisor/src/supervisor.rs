@@ -48,11 +48,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// Failure timeouts a proposal waits to commit on this node as leader: well past a healthy
-/// commit (milliseconds) or a leader change (which answers at once), well short of an operator
-/// waiting on a silent command.
-const COMMIT_WAIT_TIMEOUTS: u32 = 5;
-
 /// Timers of the supervisor. The defaults suit a LAN; [`SupervisorConfig::loopback`] suits
 /// processes on one machine.
 #[derive(Clone, Debug)]
@@ -281,9 +276,9 @@ pub struct Supervisor {
     /// Wakes the duties loop when this life is admitted or a head start is kept, so that the
     /// host is fed at once, not at the next tick (a joiner's first change, say).
     wake: tokio::sync::Notify,
-    /// The state a join's answer or the leader's word carried ([`Request::Begun`]), with the
+    /// The state a join's answer or the leader's word carried ([`Request::Begun`](crate::rpc::Request::Begun)), with the
     /// incarnation it is for: fed to the host until this node's own applied state has caught up
-    /// with it ([`caught_up`]).
+    /// with it ([`caught_up`](duties::caught_up)).
     head_start: Mutex<Option<(u64, Arc<ClusterState>)>>,
     /// The epoch of the last change this node, as leader, told its participants of.
     told: AtomicU64,

@@ -38,7 +38,7 @@ pub(crate) enum Delivery {
 pub(super) const REFUSED_PAUSE: Duration = Duration::from_secs(5);
 
 /// How often a refusal that goes on is logged again.
-pub(super) const REFUSED_SAY_EVERY: Duration = Duration::from_secs(30);
+const REFUSED_SAY_EVERY: Duration = Duration::from_secs(30);
 
 impl Inner {
     /// Stages a batch once this node has begun the change it belongs to.

@@ -17,7 +17,7 @@ use bytes::Bytes;
 use dashmap::DashMap;
 use gobelins_locator::{Key, NodeId, ServiceId};
 use std::any::Any;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -72,33 +72,6 @@ impl Inner {
         tokio::spawn(Driver::new(Arc::clone(&inner)).run(receiver));
         tokio::spawn(forget_old_answers(Arc::downgrade(&inner)));
         inner
-    }
-
-    /// This life's counters, with its earlier lives' added.
-    pub(super) fn stats(&self) -> Stats {
-        let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut stats = Stats {
-            requests_ok: get(&c.requests_ok),
-            requests_delayed: get(&c.requests_delayed),
-            requests_failed: get(&c.requests_failed),
-            served: get(&c.served),
-            held: get(&c.held),
-            entries_sent: get(&c.entries_sent),
-            entries_received: get(&c.entries_received),
-            entries_rebuilt: get(&c.entries_rebuilt),
-            bytes_sent: get(&c.bytes_sent),
-            answers_kept: self.answers.iter().map(|answers| answers.len() as u64).sum(),
-            forwarded: get(&c.forwarded),
-            batches_refused: get(&c.batches_refused),
-            reported_lost: self.registry.iter().fold(BTreeMap::new(), |mut lost, plugin| {
-                // Names need not be unique: two services of one name add up.
-                *lost.entry(plugin.spec().name).or_default() += plugin.reported_lost();
-                lost
-            }),
-        };
-        stats.add_earlier(&self.earlier.lock().expect("earlier"));
-        stats
     }
 
     /// Stops the driver. Requests in flight end at once, not at their deadline: with
@@ -206,7 +179,7 @@ impl Inner {
 
 /// What a [`Context`] sends through.
 impl Inner {
-    /// [`Service::repeatable`] of `request`, if it is of the type `service` takes.
+    /// [`Service::repeatable`](crate::Service::repeatable) of `request`, if it is of the type `service` takes.
     pub(crate) fn repeatable_of(&self, service: ServiceId, request: &dyn Any) -> Option<bool> {
         self.registry.get(service)?.repeatable_typed(request)
     }

@@ -67,7 +67,7 @@ impl Inner {
         self.settle(service, key, started, result, rounds)
     }
 
-    /// A request the service may run twice, from a typed sender ([`Context::request`]). When
+    /// A request the service may run twice, from a typed sender ([`Context::request`](crate::Context::request)). When
     /// the key's manager is another node, its first attempt is the same as
     /// [`Inner::request`]'s, with the message encoded in one piece (as a told one is) and
     /// none of the other cases' code on its way. A DSM's read faults and barrier arrivals go
@@ -103,7 +103,7 @@ impl Inner {
 
     /// The epoch and the manager of `key` when that manager is another node, and this node
     /// still sends.
-    pub(super) fn remote_manager(&self, service: ServiceId, key: Key) -> Option<(u64, NodeId)> {
+    fn remote_manager(&self, service: ServiceId, key: Key) -> Option<(u64, NodeId)> {
         if self.mirrors.stopped.load(Ordering::Acquire) {
             return None;
         }
@@ -115,7 +115,7 @@ impl Inner {
 
     /// Counts a request of `service` at `key`, begun at `started`, as it ended after `rounds`
     /// attempts, and says what its sender gets.
-    pub(super) fn settle(
+    fn settle(
         &self,
         service: ServiceId,
         key: Key,
@@ -269,7 +269,7 @@ impl Inner {
     /// Sends `message`, which is `routed` encoded with its body, to `manager`, and waits for
     /// the answer until `attempt` ends (and the little more that lets the manager's own `Late`
     /// come back).
-    pub(super) async fn send_to_manager(
+    async fn send_to_manager(
         &self,
         manager: NodeId,
         routed: &Routed,

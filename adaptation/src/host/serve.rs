@@ -12,33 +12,13 @@ use bytes::Bytes;
 use gobelins_locator::{Key, NodeId, ServiceId, Snapshot};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
 /// A message's answer, being worked out.
 pub(super) type Answering = Pin<Box<dyn Future<Output = Reply> + Send>>;
-
-/// One request being passed on (`Inner::forward`); dropped, it makes room for another.
-pub(super) struct Relay<'a>(&'a AtomicUsize);
-
-impl<'a> Relay<'a> {
-    /// A place among the `most` requests relayed at once, if one is free.
-    fn take(relaying: &'a AtomicUsize, most: usize) -> Option<Relay<'a>> {
-        if relaying.fetch_add(1, Ordering::AcqRel) >= most {
-            relaying.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Relay(relaying))
-    }
-}
-
-impl Drop for Relay<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// A request [`Inner::enter`] let in: its pass through the gate, and the router's epoch and
 /// snapshot under that pass.
@@ -59,63 +39,9 @@ impl Drop for Running<'_> {
 }
 
 impl Inner {
-    /// Passes a request for a key this node does not manage on to the key's manager, and
-    /// relays the manager's reply to the request's origin: `None` when there is nobody to pass
-    /// it to and the origin must be told `Moved`.
-    ///
-    /// Relayed, not answered by the manager to the origin directly: that took one one-way hop
-    /// fewer, but five messages instead of four, and the origin had to wait for two of them,
-    /// from two nodes. On one machine the second wait cost a sleeping thread's wake-up:
-    /// 95 µs a redirect against 18 µs relayed (BENCHMARKS.md, stop 28). Each message now
-    /// answers the one before it, and no answer arrives that its receiver did not ask for.
-    pub(super) async fn forward(
-        &self,
-        from: NodeId,
-        routed: Routed,
-        until: Deadline,
-    ) -> Option<Reply> {
-        let id = routed.id;
-        if from != id.origin || self.mirrors.stopped.load(Ordering::Acquire) {
-            return None;
-        }
-        let (epoch, to) = {
-            let router = self.router.lock().expect("router");
-            let router = router.as_ref()?;
-            (router.epoch(), router.snapshot().locate(routed.service, routed.key)?)
-        };
-        // Nobody to pass it to: this node manages the key after all (its epoch moved since
-        // `serve`), the origin does (it serves the key itself once it knows), or the manager
-        // is gone.
-        if to == self.me || to == from || self.mirrors.is_departed(to) {
-            return None;
-        }
-        let Some(_relay) = Relay::take(&self.relaying, self.config.max_relays) else {
-            tracing::debug!(
-                origin = from.0,
-                most = self.config.max_relays,
-                "as many requests as may be are being passed on; the origin is told Moved"
-            );
-            return None;
-        };
-        let wait = until.left(Instant::now());
-        let message =
-            Message::Forward(Routed { epoch, wait_ms: wait.as_millis() as u64, ..routed });
-        let bytes = self.link.seal(message.encode().ok()?);
-        self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-        // Longer than the manager will wait, so that its own `Late` comes back, and shorter
-        // than the origin waits for this node, so that ours reaches it.
-        let taken = self.link.call(to, bytes, wait + self.config.retry / 2).await;
-        let reply = self.reply_from(to, taken);
-        if matches!(reply, Reply::Late) {
-            // The origin asks again now, rather than at the end of its attempt.
-            tracing::debug!(node = to.0, origin = from.0, "forwarded request not answered");
-        }
-        Some(reply)
-    }
-
     /// `Refused` for a copy of a request its sender has settled: the sender has the answer or
     /// gave up, and the answer may be forgotten, so running it again would do it twice.
-    pub(super) fn refuse_if_settled(&self, id: RequestId) -> Option<Reply> {
+    fn refuse_if_settled(&self, id: RequestId) -> Option<Reply> {
         if !self.settled.lock().expect("settled").covers(&id) {
             return None;
         }
@@ -391,7 +317,7 @@ impl Inner {
 
     /// Serves `routed` as its key's manager, waiting no longer than its sender will: the
     /// reply, and when the sender stops waiting.
-    pub(super) async fn serve_routed(self: &Arc<Self>, routed: &Routed) -> (Reply, Deadline) {
+    async fn serve_routed(self: &Arc<Self>, routed: &Routed) -> (Reply, Deadline) {
         let now = Instant::now();
         let until = self.sender_waits(routed, now);
         // A repeatable request with nothing in its way is served at once: it keeps no record
@@ -409,13 +335,13 @@ impl Inner {
     }
 
     /// How long the sender of `routed`, which arrived at `now`, waits for it.
-    pub(super) fn sender_waits(&self, routed: &Routed, now: Instant) -> Deadline {
+    fn sender_waits(&self, routed: &Routed, now: Instant) -> Deadline {
         let wait = Duration::from_millis(routed.wait_ms).min(self.config.request_deadline);
         Deadline::new(now, wait)
     }
 
     /// Serves a request from node `from`, or passes it on to its key's manager.
-    pub(super) async fn serve_request(self: &Arc<Self>, from: NodeId, routed: Routed) -> Reply {
+    async fn serve_request(self: &Arc<Self>, from: NodeId, routed: Routed) -> Reply {
         match self.serve_routed(&routed).await {
             (Reply::Moved { epoch }, until) => {
                 // Boxed: a rare path, which would enlarge every request's future.
@@ -429,7 +355,7 @@ impl Inner {
     /// way apart: a DSM's read faults and barrier arrivals come so. A cold request pays for
     /// each line of code it runs, and `serve_routed` holds all of `serve`'s waits
     /// (BENCHMARKS.md, stop 30).
-    pub(super) async fn serve_repeatable(self: &Arc<Self>, from: NodeId, routed: Routed) -> Reply {
+    async fn serve_repeatable(self: &Arc<Self>, from: NodeId, routed: Routed) -> Reply {
         let now = Instant::now();
         match self.enter_repeatable(&routed, now) {
             Some(Ok(entered)) => {
@@ -452,11 +378,7 @@ impl Inner {
     /// For a repeatable request that arrived at `now`: its sender's settlement noted and, while
     /// the lease holds, [`Inner::enter`]. `None` sends it through [`Inner::serve`], which notes
     /// the settlement again (it is no news then).
-    pub(super) fn enter_repeatable(
-        &self,
-        routed: &Routed,
-        now: Instant,
-    ) -> Option<Result<Entered<'_>, u64>> {
+    fn enter_repeatable(&self, routed: &Routed, now: Instant) -> Option<Result<Entered<'_>, u64>> {
         if !routed.repeatable {
             return None;
         }

@@ -1,8 +1,9 @@
 //! What a host counts and records of each change, for operators and the demo.
 
+use super::Inner;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Counters of one host, for operators and the demo.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,7 +54,7 @@ pub struct Stats {
 impl Stats {
     /// Adds the counters of `earlier`, a life before this one. `answers_kept` counts what is
     /// kept now, so only this life's.
-    pub(super) fn add_earlier(&mut self, earlier: &Stats) {
+    fn add_earlier(&mut self, earlier: &Stats) {
         // Taken apart whole, without `..`: a counter added to `Stats` fails to build here until
         // it is said whether it adds up over lives.
         let Stats {
@@ -140,4 +141,33 @@ pub(crate) struct Counters {
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) forwarded: AtomicU64,
     pub(crate) batches_refused: AtomicU64,
+}
+
+impl Inner {
+    /// This life's counters, with its earlier lives' added.
+    pub(super) fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut stats = Stats {
+            requests_ok: get(&c.requests_ok),
+            requests_delayed: get(&c.requests_delayed),
+            requests_failed: get(&c.requests_failed),
+            served: get(&c.served),
+            held: get(&c.held),
+            entries_sent: get(&c.entries_sent),
+            entries_received: get(&c.entries_received),
+            entries_rebuilt: get(&c.entries_rebuilt),
+            bytes_sent: get(&c.bytes_sent),
+            answers_kept: self.answers.iter().map(|answers| answers.len() as u64).sum(),
+            forwarded: get(&c.forwarded),
+            batches_refused: get(&c.batches_refused),
+            reported_lost: self.registry.iter().fold(BTreeMap::new(), |mut lost, plugin| {
+                // Names need not be unique: two services of one name add up.
+                *lost.entry(plugin.spec().name).or_default() += plugin.reported_lost();
+                lost
+            }),
+        };
+        stats.add_earlier(&self.earlier.lock().expect("earlier"));
+        stats
+    }
 }

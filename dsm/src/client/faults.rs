@@ -68,7 +68,7 @@ impl Dsm {
 
     /// One round trip to the node this one last learned owns `page` (Li and Hudak's probable
     /// owner). `None` without a hint, or when the hint was stale: the manager knows.
-    pub(super) async fn read_from_owner(&self, page: PageId, frame: &Frame) -> Option<ReadGuard> {
+    async fn read_from_owner(&self, page: PageId, frame: &Frame) -> Option<ReadGuard> {
         let owner = self.state().hints.get(&page).map(|h| *h)?;
         let ctx = self.host.context();
         if owner == self.me() || service::gone(self.state(), &ctx, owner) {
@@ -101,12 +101,7 @@ impl Dsm {
     /// Invalidates the readers this node served directly as `page`'s owner at `version`,
     /// before it asks to write: the manager does not know them. No reader is served from here
     /// until the write is granted (or fails).
-    pub(super) async fn revoke(
-        &self,
-        page: PageId,
-        frame: &Frame,
-        version: u64,
-    ) -> Result<(), DsmError> {
+    async fn revoke(&self, page: PageId, frame: &Frame, version: u64) -> Result<(), DsmError> {
         let started = tokio::time::Instant::now();
         loop {
             // A life that stopped reaches no reader: it would wait out the deadline.
@@ -138,7 +133,7 @@ impl Dsm {
 
     /// A guard for writing `page` now, holding `writer` until it commits or drops; `None`
     /// (and `writer` let go) unless this node may write the page, at `version` if given.
-    pub(super) fn writable(
+    fn writable(
         &self,
         page: PageId,
         frame: &Arc<Frame>,

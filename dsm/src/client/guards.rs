@@ -142,7 +142,7 @@ impl std::ops::DerefMut for WriteGuard {
 
 /// How long a commit waits for a lease that ran out to be renewed: a few ping intervals,
 /// well under the failure timeout after which the cluster would declare the node failed.
-pub(super) const LEASE_BACK: Duration = Duration::from_millis(500);
+const LEASE_BACK: Duration = Duration::from_millis(500);
 
 /// A lock held; [`LockGuard::unlock`] releases it. A guard dropped without it (an early
 /// return, a panic unwinding) releases the lock in a task of its own, as does an unlock whose
@@ -185,7 +185,7 @@ pub(super) async fn release(dsm: &Dsm, id: u64, token: Token) -> Result<(), DsmE
 }
 
 /// [`release`], asked again on failure a few times over: whether it was released.
-pub(super) async fn release_patiently(dsm: &Dsm, id: u64, token: Token) -> bool {
+async fn release_patiently(dsm: &Dsm, id: u64, token: Token) -> bool {
     // Each attempt asks until the access deadline; a node that cannot reach the lock's
     // manager for that long is about to be declared failed, which frees it too.
     for _ in 0..3 {

@@ -92,7 +92,7 @@ impl Dsm {
         Ok(!matches!(self.ask(page.key(), &Request::Discard).await?, Response::Kept))
     }
 
-    pub(super) fn check(segment: &Segment, offset: u64, len: usize) -> Result<(), DsmError> {
+    fn check(segment: &Segment, offset: u64, len: usize) -> Result<(), DsmError> {
         let end = offset.saturating_add(len as u64);
         // Past these, page ids would wrap onto other segments' or the same segment's pages.
         let most = (u64::from(u32::MAX) + 1) * PAGE_SIZE as u64;

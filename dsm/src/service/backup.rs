@@ -1,6 +1,6 @@
 //! Backup copies of dirty pages: where they go, and what becomes of them when holders leave.
 
-use super::{departed_since, next_node, DsmService, ABANDON_PAUSE, ABANDON_TRIES, OWNER_SILENCE};
+use super::{departed_since, next_node, DsmService, ABANDON_PAUSE};
 use crate::frames::{Bytes, Retired};
 use crate::node::Live;
 use crate::page::PageId;
@@ -9,6 +9,15 @@ use gobelins_adaptation::Context;
 use gobelins_locator::NodeId;
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How often, and how far apart, a manager asks an owner busy writing to move its backup off
+/// a leaving node: its write commits to the leaving node, which still answers, in moments.
+const ABANDON_TRIES: usize = 5;
+
+/// How long a manager takes an owner that did not answer one such request as not answering:
+/// it is not asked again for the leaving node's other pages, whose copies it stores at once.
+const OWNER_SILENCE: Duration = Duration::from_secs(5);
 
 impl DsmService {
     /// Chooses where `writer`'s backup goes for the grant a write fault is making, and whether
@@ -148,12 +157,7 @@ impl DsmService {
     }
 
     /// The node after `after` that a backup goes to, leaving out `leaving` and nodes gone.
-    pub(super) fn live_after(
-        &self,
-        ctx: &Context,
-        after: NodeId,
-        leaving: NodeId,
-    ) -> Option<NodeId> {
+    fn live_after(&self, ctx: &Context, after: NodeId, leaving: NodeId) -> Option<NodeId> {
         let nodes = ctx.snapshot()?.nodes().to_vec();
         let live: Vec<NodeId> =
             nodes.into_iter().filter(|&n| n != leaving && !self.gone(ctx, n)).collect();

@@ -1,6 +1,6 @@
 //! Promoting a copy to owner, and mending an entry whose owner is gone.
 
-use super::{Absent, DsmService, Reader, PROMOTE_PAUSE, PROMOTE_TRIES, RESTORING};
+use super::{Absent, DsmService, Reader, RESTORING};
 use crate::directory::repair;
 use crate::page::PageId;
 use crate::protocol::{Granted, PageEntry, Request, Response};
@@ -8,6 +8,13 @@ use futures::StreamExt;
 use gobelins_adaptation::Context;
 use gobelins_locator::NodeId;
 use std::collections::BTreeSet;
+use std::time::Duration;
+
+const PROMOTE_PAUSE: Duration = Duration::from_millis(50);
+
+/// How often, and how far apart, a recovery asks again a backup that did not answer its
+/// promotion (each ask waits up to the layer's call timeout): the page is lost otherwise.
+const PROMOTE_TRIES: usize = 3;
 
 impl DsmService {
     /// Makes `backup` the owner of `page` from the backup copy it keeps. `Missing` when it
@@ -152,7 +159,7 @@ impl DsmService {
     /// Tells `reader`, which the entry now names the owner of `page` at `version` from the
     /// read copy it holds, to own that copy, with `backup` as its backup (see
     /// [`DsmService::mend`]). Whether it answered.
-    pub(super) async fn own_read_copy(
+    async fn own_read_copy(
         &self,
         ctx: &Context,
         page: PageId,
@@ -185,25 +192,5 @@ impl DsmService {
                 }
             })
             .await;
-    }
-
-    /// Records that the entry's last grant landed or was taken back: nothing of it is kept
-    /// aside any more.
-    pub(super) fn settle_grant(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) {
-        entry.granted = Granted::Unknown;
-        self.release_aside(ctx, page, entry);
-    }
-
-    /// Drops the copy this manager keeps aside for `page` when the entry's grant does not
-    /// name this node as where it took the page from: the grant that copy was kept for
-    /// landed, or was taken back. Kept, it would hold memory for ever, and a `scan` after
-    /// this node's failure would offer it as the page's content.
-    pub(super) fn release_aside(&self, ctx: &Context, page: PageId, entry: &PageEntry) {
-        if entry.granted.source().is_some_and(|(n, _)| n == ctx.node()) {
-            return;
-        }
-        if let Some(frame) = self.state().frames.get(page) {
-            frame.drop_retired(u64::MAX);
-        }
     }
 }

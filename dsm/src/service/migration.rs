@@ -4,7 +4,6 @@
 use super::{next_node, DsmService, Exposed, Reader, RESTORING};
 use crate::directory::{digest, rebuild, Report};
 use crate::frames::{Retired, FINAL};
-use crate::held::Held;
 use crate::node::Live;
 use crate::page::{named, Named};
 use crate::protocol::{Entry, LockEntry, PageEntry, Request, Response};
@@ -28,17 +27,6 @@ pub(super) enum Restore {
 }
 
 impl DsmService {
-    /// Locks a page entry for a handler of its manager (see [`Held`]).
-    pub(super) async fn hold<'a>(
-        &'a self,
-        ctx: &Context,
-        slot: &'a Arc<AsyncMutex<Live>>,
-    ) -> Held<'a> {
-        let st = self.state();
-        let exposures = st.config.backups.then_some(&st.exposures);
-        Held { guard: slot.lock().await, me: ctx.node(), exposures }
-    }
-
     /// The node's copies of orphaned keys, for `scan`.
     pub(super) fn reports(&self, me: NodeId, orphans: &Moving) -> Vec<(Key, Entry)> {
         let mut out = Vec::new();

@@ -1,14 +1,19 @@
-//! What a node serves besides faults: discards, locks, barriers, and messages to its own frames.
+//! What a node serves besides faults: discards, frees, locks, barriers, and messages to its own
+//! frames.
 
-use super::{
-    departed_since, drop_copy, invalidate, Absent, DsmService, BARRIER_POLL, NEVER_REACHED,
-};
+use super::{departed_since, drop_copy, invalidate, Absent, DsmService};
 use crate::node::Live;
 use crate::page::{named, Named, PageId};
 use crate::protocol::{PageBytes, PageEntry, Request, Response};
 use gobelins_adaptation::Context;
 use gobelins_locator::Key;
 use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a barrier's manager keeps an arrival waiting before telling it to ask again. It
+/// answers at once when a change begins, which waits for the handlers in progress: one in
+/// three joins during MGS waited out this poll, 20 ms, in its before-migration phase.
+const BARRIER_POLL: Duration = Duration::from_millis(20);
 
 impl DsmService {
     pub(super) async fn discard(&self, ctx: &Context, page: PageId) -> Response {
@@ -67,7 +72,7 @@ impl DsmService {
     /// change. A lock without an entry is a free one. Only while no request holds the entry
     /// (the map's is its only reference), checked under the map's lock, which a request
     /// needs to take it: none can be granted on an entry no longer in the map.
-    pub(super) fn forget_free_lock(&self, key: Key) {
+    fn forget_free_lock(&self, key: Key) {
         self.state().live.remove_if(&key, |_, slot| {
             Arc::strong_count(slot) == 1
                 && slot.try_lock().is_ok_and(|l| matches!(&*l, Live::Lock(l) if l.holder.is_none()))
@@ -205,49 +210,6 @@ impl DsmService {
             }
             Request::Free { segment } => self.free(ctx, segment),
             other => Response::Invalid(format!("{other:?} is for a manager")),
-        }
-    }
-
-    /// Runs one request: as the key's manager, or as this node's local server when told.
-    pub(super) async fn serve(&self, ctx: &Context, key: Key, request: Request) -> Response {
-        match (named(key), request) {
-            (Named::Page(page), Request::ReadFault { node }) => {
-                self.read_fault(ctx, page, node).await
-            }
-            // Versions and generations count up from a peer's: one near the top of the range
-            // would wrap them (a page stuck behind version 0, a barrier passed for ever). None
-            // this cluster gave out comes near 2^63 (292 years at a billion a second), so one
-            // that does is refused before anything changes.
-            (Named::Page(_), Request::WriteFault { refused: n, .. })
-            | (Named::Barrier(_), Request::Arrive { generation: n, .. })
-                if n >= NEVER_REACHED =>
-            {
-                Response::Invalid(format!("{n} is no version or generation this cluster gave out"))
-            }
-            (Named::Page(page), Request::WriteFault { node, have, refused }) => {
-                self.write_fault(ctx, page, node, have, refused).await
-            }
-            (Named::Page(page), Request::Surrender { node, version, data, readers }) => {
-                self.surrender(ctx, page, node, version, data, readers).await
-            }
-            (Named::Page(page), Request::KeepAside { node, label, data }) => {
-                self.keep_aside(ctx, page, node, label, data).await
-            }
-            (Named::Page(page), Request::Rebackup { node, version, commit, failed, data }) => {
-                self.rebackup(ctx, page, node, failed, (version, commit, data)).await
-            }
-            (Named::Page(page), Request::Discard) => self.discard(ctx, page).await,
-            (Named::Page(page), Request::Abandon { node, copy }) => {
-                self.abandon(ctx, page, node, copy).await
-            }
-            (Named::Lock(_), request @ (Request::Acquire(_) | Request::Release(_))) => {
-                self.lock_op(ctx, key, request).await
-            }
-            (Named::Barrier(_), Request::Arrive { participant, generation, parties }) => {
-                self.arrive(ctx, key, participant, generation, parties).await
-            }
-            (_, request) if ctx.from().is_some() => self.local(ctx, request).await,
-            (what, request) => Response::Invalid(format!("{request:?} does not apply to {what:?}")),
         }
     }
 

@@ -180,13 +180,7 @@ impl DsmService {
 
     /// Records that `node` promoted its copy of `page` to the owned page at the entry's
     /// version, taking back a grant that never reached its writer.
-    pub(super) fn taken_back_by(
-        &self,
-        ctx: &Context,
-        page: PageId,
-        entry: &mut PageEntry,
-        node: NodeId,
-    ) {
+    fn taken_back_by(&self, ctx: &Context, page: PageId, entry: &mut PageEntry, node: NodeId) {
         entry.owner = Some(node);
         entry.copyset = [node].into();
         // The writer may still hold a read copy of the version before, and a node that timed
@@ -246,5 +240,25 @@ impl DsmService {
         request: Request,
     ) -> bool {
         matches!(self.told(ctx, node, page, request).await, Some(Response::Ok))
+    }
+
+    /// Records that the entry's last grant landed or was taken back: nothing of it is kept
+    /// aside any more.
+    pub(super) fn settle_grant(&self, ctx: &Context, page: PageId, entry: &mut PageEntry) {
+        entry.granted = Granted::Unknown;
+        self.release_aside(ctx, page, entry);
+    }
+
+    /// Drops the copy this manager keeps aside for `page` when the entry's grant does not
+    /// name this node as where it took the page from: the grant that copy was kept for
+    /// landed, or was taken back. Kept, it would hold memory for ever, and a `scan` after
+    /// this node's failure would offer it as the page's content.
+    pub(super) fn release_aside(&self, ctx: &Context, page: PageId, entry: &PageEntry) {
+        if entry.granted.source().is_some_and(|(n, _)| n == ctx.node()) {
+            return;
+        }
+        if let Some(frame) = self.state().frames.get(page) {
+            frame.drop_retired(u64::MAX);
+        }
     }
 }

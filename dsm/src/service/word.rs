@@ -13,18 +13,17 @@ use std::time::Duration;
 
 /// How often a word is looked for again when pages were exposed while it was: a program
 /// reading a lost page over and over exposes one each time.
-pub(super) const WORD_TRIES: usize = 5;
+const WORD_TRIES: usize = 5;
 
 /// How long after a stable epoch a manager whose word left slots out, or was taken back,
 /// looks at its entries again to give it anew; the wait doubles each time, up to
 /// [`WORD_REFRESH_MAX`]. Each look reads every entry the node manages.
-pub(super) const WORD_REFRESH: Duration = Duration::from_secs(1);
-
-pub(super) const WORD_REFRESH_MAX: Duration = Duration::from_secs(30);
+const WORD_REFRESH: Duration = Duration::from_secs(1);
+const WORD_REFRESH_MAX: Duration = Duration::from_secs(30);
 
 /// How long a manager asks its replica holder to take its word back before it answers the
 /// request that exposed a page `Retry`.
-pub(super) const WORD_PATIENCE: Duration = Duration::from_secs(2);
+const WORD_PATIENCE: Duration = Duration::from_secs(2);
 
 impl DsmService {
     /// The taint markers of this recovery that the dead manager's word lets go, every node
@@ -54,7 +53,7 @@ impl DsmService {
 
     /// The slots this node manages that have an entry not kept elsewhere, or one being
     /// changed, or a taint of their own; and, of those, the ones with a taint.
-    pub(super) fn unclean_slots(&self, ctx: &Context) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    fn unclean_slots(&self, ctx: &Context) -> (BTreeSet<u32>, BTreeSet<u32>) {
         let st = self.state();
         let me = ctx.node();
         let (mut unclean, mut tainted) = (BTreeSet::new(), BTreeSet::new());
@@ -83,7 +82,7 @@ impl DsmService {
 
     /// Gives this node's word to its replica holder, at stable `epoch`, for the slots whose
     /// every page has a copy on another live node (see `crate::cover`).
-    pub(super) async fn give_word(&self, ctx: &Context, epoch: u64) {
+    async fn give_word(&self, ctx: &Context, epoch: u64) {
         let st = self.state();
         let me = ctx.node();
         // A node the cluster gave up on vouches for nothing: its slots' entries are rebuilt

@@ -13,7 +13,7 @@ use std::time::Duration;
 pub(super) const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
 
 /// How long a leave or evict is proposed again while no leader answers.
-pub(super) const PROPOSE_WINDOW: Duration = Duration::from_secs(10);
+const PROPOSE_WINDOW: Duration = Duration::from_secs(10);
 
 pub(super) async fn change(
     (read, write): (&mut Reader, &mut tokio::net::unix::OwnedWriteHalf),

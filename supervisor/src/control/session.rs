@@ -206,7 +206,7 @@ pub(super) async fn answer(
 }
 
 /// What a request through a node held out of the cluster is told.
-pub(super) fn held_out(id: u64, failures: u32, left: Duration) -> String {
+fn held_out(id: u64, failures: u32, left: Duration) -> String {
     format!(
         "node {id} is held out of the cluster for {:.1} s more: it keeps failing ({failures} \
          short lives in a row), and serves nothing until it rejoins, by itself, once the hold \
@@ -224,7 +224,7 @@ pub(super) fn held_out(id: u64, failures: u32, left: Duration) -> String {
 /// member now. Such a life has no configuration, so the request was never sent; one begun on
 /// an earlier, admitted life may have reached a manager, and the client is told so. Counted
 /// failed, as the host does not see it end.
-pub(super) async fn unless_held<T>(
+async fn unless_held<T>(
     node: &Supervisor,
     asked: impl std::future::Future<Output = T>,
 ) -> std::result::Result<T, String> {

@@ -71,10 +71,6 @@ impl HostFeed {
 }
 
 impl Supervisor {
-    pub(super) async fn ping(&self, node: u64, deadline: Duration) -> bool {
-        matches!(self.call(node, &Request::Ping, deadline).await, Ok(Response::Pong))
-    }
-
     /// Follows the applied state: keeps peer addresses current, reports this node's part of
     /// each change, notices when it has left or been declared failed.
     pub(super) async fn duties(self: Arc<Self>) {
@@ -202,7 +198,7 @@ impl Supervisor {
     /// it. Under load, with the senders packing, that round took 1 to 9 ms, and every sender's
     /// batches wait for their receiver to begin. Only the beginning is told: a failure during
     /// the change, which keeps its epoch, reaches each node through its log.
-    pub(super) fn tell_participants(self: &Arc<Self>, state: &Arc<ClusterState>) -> bool {
+    fn tell_participants(self: &Arc<Self>, state: &Arc<ClusterState>) -> bool {
         let Some(progress) = &state.in_progress else { return false };
         let epoch = progress.epoch;
         if self.leader() != Some(self.me.id)
@@ -320,7 +316,7 @@ impl Supervisor {
         }
     }
 
-    pub(super) fn report_progress(self: &Arc<Self>, state: &ClusterState) {
+    fn report_progress(self: &Arc<Self>, state: &ClusterState) {
         let Some(progress) = &state.in_progress else { return };
         if !progress.participants.contains(&self.me.id) || progress.done.contains(&self.me.id) {
             return;

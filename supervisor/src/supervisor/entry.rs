@@ -1,6 +1,6 @@
 //! How a node enters the cluster: a bootstrap, a join through a seed, a new life after a failure.
 
-use super::{Supervisor, SEED_WAITS};
+use super::{Lifecycle, Supervisor, SEED_WAITS};
 use crate::error::{Result, SupervisorError};
 use crate::lane;
 use crate::rpc::{Request, Response};
@@ -48,7 +48,7 @@ impl Supervisor {
     /// Gives the new cluster's tree its label levels, if any, and joins it as its first
     /// member. A refusal (a `--label` that is not a level, say) is an error: taken for an
     /// admission, it left a cluster without a member that said it was bootstrapped.
-    pub(super) async fn join_own_cluster(&self) -> Result<Outcome> {
+    async fn join_own_cluster(&self) -> Result<Outcome> {
         let refused = |refusal: Refusal| {
             SupervisorError::Refused(format!(
                 "{refusal}. The bootstrap stopped half-way, before this node was a member: \
@@ -102,7 +102,7 @@ impl Supervisor {
     /// metrics may not show that membership yet just after a start: read there, a bootstrap
     /// refused and started again looked memberless, was initialized a second time, and the
     /// agent exited on raft's refusal.
-    pub(super) async fn voters_in_store(&self) -> Result<Vec<u64>> {
+    async fn voters_in_store(&self) -> Result<Vec<u64>> {
         self.raft
             .with_raft_state(|st| st.membership_state.effective().voter_ids().collect())
             .await
@@ -402,5 +402,27 @@ impl Supervisor {
                 outcome => return Ok(outcome),
             }
         }
+    }
+
+    /// Moves to an incarnation above `seen` (the last one the cluster knows), persisted before it
+    /// is used; returns the incarnation now in force.
+    pub fn renew_incarnation(&self, seen: u64) -> Result<u64> {
+        let _renewing = self.renewing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let next = self.incarnation().max(seen + 1);
+        if next != self.incarnation() {
+            tracing::warn!(node = self.me.id, incarnation = next, "joining as a new incarnation");
+            (self.save_incarnation)(next)?;
+            self.renewed_to.store(next, Ordering::SeqCst);
+            // Under the lifecycle's lock, which the duties take to judge "left" by the
+            // incarnation: a node restarted with --join replays the record of its last life as
+            // left, and that must not end the new life.
+            self.lifecycle.send_modify(|lifecycle| {
+                self.incarnation.store(next, Ordering::SeqCst);
+                if *lifecycle == Lifecycle::Left {
+                    *lifecycle = Lifecycle::Member;
+                }
+            });
+        }
+        Ok(next)
     }
 }

@@ -7,8 +7,6 @@ use crate::error::SupervisorError;
 use crate::rpc::{Request, Response, View};
 use crate::state::{NodeRecord, NodeStatus, Outcome, Refusal};
 use gobelins_adaptation::log_budget::budgeted;
-use openraft::{BasicNode, Membership};
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -197,9 +195,7 @@ impl Supervisor {
     }
 
     /// [`Supervisor::ask_to_join`] of this node, which leads: once, through its own raft.
-    pub(super) async fn join_here(
-        &self,
-    ) -> std::result::Result<Outcome, (String, SupervisorError)> {
+    async fn join_here(&self) -> std::result::Result<Outcome, (String, SupervisorError)> {
         let join = self.join_request();
         let asked = join.incarnation;
         match self.admit(join).await {
@@ -216,29 +212,8 @@ impl Supervisor {
         }
     }
 
-    /// Which of `nodes` answer a ping now. A node declared failed was forgotten by the
-    /// transport; its address comes back from raft's membership or the cluster's state.
-    pub(super) async fn answering(
-        &self,
-        nodes: &BTreeSet<u64>,
-        membership: &Membership<u64, BasicNode>,
-    ) -> BTreeSet<u64> {
-        let state = &self.state();
-        let asks = nodes.iter().map(|&id| async move {
-            let addr = membership
-                .get_node(&id)
-                .map(|n| n.addr.clone())
-                .or_else(|| state.nodes.get(&id).map(|r| r.addr.clone()));
-            if let Some(addr) = addr {
-                self.transport.set_peer(id, addr);
-            }
-            self.ping(id, self.config.ping_interval * 2).await.then_some(id)
-        });
-        futures::future::join_all(asks).await.into_iter().flatten().collect()
-    }
-
     /// The newest view of the cluster among those `peers` give.
-    pub(super) async fn newest_view(&self, peers: &[(&u64, &NodeRecord)]) -> Option<Box<View>> {
+    async fn newest_view(&self, peers: &[(&u64, &NodeRecord)]) -> Option<Box<View>> {
         let asks = peers.iter().map(|&(&peer, record)| {
             self.transport.set_peer(peer, record.addr.clone());
             async move {

@@ -1,6 +1,5 @@
 //! What this node sees of the cluster's health: holds, silent members, a lost quorum, no leader.
 
-use super::holds::holds_out;
 use super::Supervisor;
 use crate::rpc::{Request, Response, View};
 use openraft::ServerState;
@@ -10,35 +9,6 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 impl Supervisor {
-    /// The nodes whose short lives in a row still count here, with how many and how much
-    /// longer each is held out (zero when not), in milliseconds; and this node itself, while a
-    /// refusal of its rejoin holds it.
-    pub fn held_out(&self) -> BTreeMap<u64, (u32, u64)> {
-        let state = self.state();
-        let now = Instant::now();
-        let streaks = self.flaps.lock().expect("flaps").streaks(now);
-        let mut held: BTreeMap<u64, (u32, u64)> = streaks
-            .into_iter()
-            .map(|(n, (failures, left))| {
-                let left = if holds_out(&state, n) { left.as_millis() as u64 } else { 0 };
-                (n, (failures, left))
-            })
-            .collect();
-        if let Some((failures, left)) = self.held_back() {
-            held.insert(self.me.id, (failures, left.as_millis() as u64));
-        }
-        held
-    }
-
-    /// While the cluster holds this node out for failing again and again, and it is not back:
-    /// its short lives failed in a row, and how much longer the hold lasts.
-    pub fn held_back(&self) -> Option<(u32, Duration)> {
-        let (life, failures, until) = (*self.held_back.borrow())?;
-        let left = until.saturating_duration_since(Instant::now());
-        let current = life == self.incarnation() && !self.life_admitted();
-        (current && !left.is_zero()).then_some((failures, left))
-    }
-
     /// While this node leads: the members its detector has not heard from for half the
     /// failure timeout or more, in milliseconds, and whether each is suspected. Between a
     /// node's death and its failure's commit the cluster still shows it active: this says so.
@@ -107,7 +77,7 @@ impl Supervisor {
     }
 
     /// The other voters, and those of them that did not answer a ping just now.
-    pub(super) async fn silent_voters(&self) -> (Vec<u64>, Vec<u64>) {
+    async fn silent_voters(&self) -> (Vec<u64>, Vec<u64>) {
         let voters: Vec<u64> = self.voters().into_iter().filter(|&v| v != self.me.id).collect();
         let deadline = self.config.ping_interval * 2;
         let pings = voters.iter().map(|&v| async move { (v, self.ping(v, deadline).await) });
@@ -120,7 +90,7 @@ impl Supervisor {
     }
 
     /// Whether this node is a voter that knows no leader (it is not one itself).
-    pub(super) fn leaderless_voter(&self) -> bool {
+    fn leaderless_voter(&self) -> bool {
         let metrics = self.raft.metrics();
         let metrics = metrics.borrow();
         metrics.current_leader.is_none()

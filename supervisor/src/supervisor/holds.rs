@@ -1,11 +1,10 @@
 //! Holds on nodes whose lives keep failing: lifting them, and the stops on purpose that do not
 //! count.
 
-use super::{Lifecycle, Supervisor};
-use crate::error::Result;
+use super::Supervisor;
 use crate::rpc::{Request, Response};
 use crate::state::{ClusterState, Refusal};
-use std::sync::atomic::Ordering;
+use std::collections::BTreeMap;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -115,25 +114,32 @@ impl Supervisor {
         }
     }
 
-    /// Moves to an incarnation above `seen` (the last one the cluster knows), persisted before it
-    /// is used; returns the incarnation now in force.
-    pub fn renew_incarnation(&self, seen: u64) -> Result<u64> {
-        let _renewing = self.renewing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let next = self.incarnation().max(seen + 1);
-        if next != self.incarnation() {
-            tracing::warn!(node = self.me.id, incarnation = next, "joining as a new incarnation");
-            (self.save_incarnation)(next)?;
-            self.renewed_to.store(next, Ordering::SeqCst);
-            // Under the lifecycle's lock, which the duties take to judge "left" by the
-            // incarnation: a node restarted with --join replays the record of its last life as
-            // left, and that must not end the new life.
-            self.lifecycle.send_modify(|lifecycle| {
-                self.incarnation.store(next, Ordering::SeqCst);
-                if *lifecycle == Lifecycle::Left {
-                    *lifecycle = Lifecycle::Member;
-                }
-            });
+    /// The nodes whose short lives in a row still count here, with how many and how much
+    /// longer each is held out (zero when not), in milliseconds; and this node itself, while a
+    /// refusal of its rejoin holds it.
+    pub fn held_out(&self) -> BTreeMap<u64, (u32, u64)> {
+        let state = self.state();
+        let now = Instant::now();
+        let streaks = self.flaps.lock().expect("flaps").streaks(now);
+        let mut held: BTreeMap<u64, (u32, u64)> = streaks
+            .into_iter()
+            .map(|(n, (failures, left))| {
+                let left = if holds_out(&state, n) { left.as_millis() as u64 } else { 0 };
+                (n, (failures, left))
+            })
+            .collect();
+        if let Some((failures, left)) = self.held_back() {
+            held.insert(self.me.id, (failures, left.as_millis() as u64));
         }
-        Ok(next)
+        held
+    }
+
+    /// While the cluster holds this node out for failing again and again, and it is not back:
+    /// its short lives failed in a row, and how much longer the hold lasts.
+    pub fn held_back(&self) -> Option<(u32, Duration)> {
+        let (life, failures, until) = (*self.held_back.borrow())?;
+        let left = until.saturating_duration_since(Instant::now());
+        let current = life == self.incarnation() && !self.life_admitted();
+        (current && !left.is_zero()).then_some((failures, left))
     }
 }

@@ -6,7 +6,7 @@ use crate::detector::{Action, Detector};
 use crate::rpc::{Request, Response};
 use crate::state::{ClusterState, Command, NodeStatus};
 use crate::voters::{can_commit, desired_voters};
-use openraft::{BasicNode, ChangeMembers, ServerState};
+use openraft::{BasicNode, ChangeMembers, Membership, ServerState};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -137,7 +137,7 @@ impl Supervisor {
         }
     }
 
-    pub(super) async fn carry_out(self: Arc<Self>, action: Action) {
+    async fn carry_out(self: Arc<Self>, action: Action) {
         match action {
             Action::Ping(node) => {
                 if self.ping(node, self.config.ping_interval * 2).await {
@@ -232,7 +232,7 @@ impl Supervisor {
     /// and of the others, those not voting that have not stored the leader's whole log yet: a
     /// seat given to one before it shows whether it keeps up could be one it never votes from.
     /// Says when a node begins to lag, and when it stops.
-    pub(super) fn lagging(&self, state: &ClusterState, voters: &BTreeSet<u64>) -> BTreeSet<u64> {
+    fn lagging(&self, state: &ClusterState, voters: &BTreeSet<u64>) -> BTreeSet<u64> {
         let (matched, last): (BTreeMap<u64, Option<u64>>, u64) = {
             let metrics = self.raft.metrics();
             let metrics = metrics.borrow();
@@ -268,7 +268,7 @@ impl Supervisor {
     /// `max_voters` active nodes voting, always an odd number of them (voters are kept while
     /// they live and stay, so that a change of voters happens only when one is lost or leaves,
     /// or a join makes room for two more), failed and departed nodes removed.
-    pub(super) async fn reconcile_membership(&self, state: &ClusterState) {
+    async fn reconcile_membership(&self, state: &ClusterState) {
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<u64> = membership.voter_ids().collect();
         let known: BTreeSet<u64> = membership.nodes().map(|(id, _)| *id).collect();
@@ -330,5 +330,26 @@ impl Supervisor {
                 tracing::debug!(%error, "removing departed learners");
             }
         }
+    }
+
+    /// Which of `nodes` answer a ping now. A node declared failed was forgotten by the
+    /// transport; its address comes back from raft's membership or the cluster's state.
+    pub(super) async fn answering(
+        &self,
+        nodes: &BTreeSet<u64>,
+        membership: &Membership<u64, BasicNode>,
+    ) -> BTreeSet<u64> {
+        let state = &self.state();
+        let asks = nodes.iter().map(|&id| async move {
+            let addr = membership
+                .get_node(&id)
+                .map(|n| n.addr.clone())
+                .or_else(|| state.nodes.get(&id).map(|r| r.addr.clone()));
+            if let Some(addr) = addr {
+                self.transport.set_peer(id, addr);
+            }
+            self.ping(id, self.config.ping_interval * 2).await.then_some(id)
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
     }
 }

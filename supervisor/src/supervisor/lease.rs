@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 impl Supervisor {
-    /// [`SupervisorConfig::lease_span`].
+    /// [`SupervisorConfig::lease_span`](super::SupervisorConfig::lease_span).
     pub(super) fn lease_span(&self) -> Duration {
         self.config.lease_span()
     }

@@ -1,7 +1,7 @@
 //! Proposals to the replicated state, and what this node answers its peers.
 
 use super::holds::holds_out;
-use super::{encode_response, Supervisor, COMMIT_WAIT_TIMEOUTS, MALFORMED};
+use super::{encode_response, Supervisor, MALFORMED};
 use crate::error::{Result, SupervisorError};
 use crate::lane::{self, Lane};
 use crate::rpc::{JoinRequest, ProposeError, Request, Response};
@@ -16,6 +16,11 @@ use openraft::{BasicNode, ServerState};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Failure timeouts a proposal waits to commit on this node as leader: well past a healthy
+/// commit (milliseconds) or a leader change (which answers at once), well short of an operator
+/// waiting on a silent command.
+const COMMIT_WAIT_TIMEOUTS: u32 = 5;
 
 impl Supervisor {
     /// Proposes a command, through the leader, retrying while no leader is known.
@@ -52,7 +57,7 @@ impl Supervisor {
     }
 
     /// Has `leader` propose `command`.
-    pub(super) async fn forward(
+    async fn forward(
         &self,
         leader: u64,
         command: Command,
@@ -122,7 +127,7 @@ impl Supervisor {
         Some(encode_response(&Response::Stopped(message)))
     }
 
-    pub(super) async fn adapt(&self, from: u64, message: Bytes) -> Bytes {
+    async fn adapt(&self, from: u64, message: Bytes) -> Bytes {
         if let Some(stopped) = self.stopped() {
             return stopped;
         }
@@ -145,7 +150,7 @@ impl Supervisor {
     }
 
     /// Answers a message of the supervisor's own lane.
-    pub(super) async fn supervise(&self, from: u64, bytes: Bytes) -> Bytes {
+    async fn supervise(&self, from: u64, bytes: Bytes) -> Bytes {
         let request = match codec::decode::<Request>(&bytes) {
             Ok(request) => request,
             Err(e) => {
@@ -269,10 +274,7 @@ impl Supervisor {
     }
 
     /// [`Supervisor::admit`] on the leader.
-    pub(super) async fn admit_here(
-        &self,
-        join: JoinRequest,
-    ) -> std::result::Result<Outcome, ProposeError> {
+    async fn admit_here(&self, join: JoinRequest) -> std::result::Result<Outcome, ProposeError> {
         // Counted first: the duties loop, which counts failures as the state changes, may not
         // have seen this one yet, and a join let in unheld would record the new life over it.
         let state = self.state();
@@ -308,5 +310,9 @@ impl Supervisor {
         }
         let JoinRequest { node, addr, labels, incarnation } = join;
         self.propose_here(Command::Join { node, addr, labels, incarnation }).await
+    }
+
+    pub(super) async fn ping(&self, node: u64, deadline: Duration) -> bool {
+        matches!(self.call(node, &Request::Ping, deadline).await, Ok(Response::Pong))
     }
 }

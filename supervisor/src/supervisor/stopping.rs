@@ -1,4 +1,5 @@
-//! How a supervisor stops: asked to, or on a fatal error of raft or its storage.
+//! How a supervisor stops: asked to, on a fatal error of raft or its storage, or refused by the
+//! cluster (out of its voters, or a member of another secret).
 
 use super::{Lifecycle, Supervisor};
 use std::sync::Arc;

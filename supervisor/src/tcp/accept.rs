@@ -25,24 +25,12 @@ pub(super) async fn say_refusals_left_out<N: Net>(inner: std::sync::Weak<Inner<N
     }
 }
 
-/// What a transport's caller sees of a dial's error: a handshake refused, whatever its cause.
-/// That the peer holds another secret is kept per peer (`Peer::secret_differs`).
-pub(super) fn refused(error: SupervisorError) -> SupervisorError {
-    match error {
-        SupervisorError::SecretDiffers { peer, reason } => {
-            SupervisorError::Handshake { peer, reason }
-        }
-        other => other,
-    }
-}
-
 /// Connections refused before their handshake ended: lines logged per window, and the window.
 pub(super) const REFUSALS_LOGGED: u32 = 5;
-
 pub(super) const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
 
 /// What the lines the refusals' budget leaves out are about.
-pub(super) const REFUSALS: &str = "connections refused or dropped before their handshake ended (a flood, or a peer with the wrong secret retrying)";
+const REFUSALS: &str = "connections refused or dropped before their handshake ended (a flood, or a peer with the wrong secret retrying)";
 
 impl<N: Net> TcpTransport<N> {
     pub(super) async fn accept_loop(self, listener: N::Listener) {
@@ -100,7 +88,7 @@ impl<N: Net> TcpTransport<N> {
         log_budget::budgeted(&self.inner.refusals, REFUSALS, log);
     }
 
-    pub(super) async fn admit_incoming(&self, stream: N::Stream, peer: &str) -> Result<()> {
+    async fn admit_incoming(&self, stream: N::Stream, peer: &str) -> Result<()> {
         let mut framed = Framed::new(stream, FrameCodec::new(HANDSHAKE_MAX_FRAME));
         let config = &self.inner.config;
         let admission = &self.inner.admission;

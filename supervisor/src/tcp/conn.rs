@@ -22,7 +22,7 @@ use tokio_util::codec::{Framed, FramedParts};
 
 /// Writes what is queued if the socket takes it now, else from a task of its own: a reader
 /// that waited for its peer to read could wait for ever, were the peer's reader waiting for it.
-pub(super) async fn write_queued_or_spawn(writer: &Writer) -> Result<()> {
+async fn write_queued_or_spawn(writer: &Writer) -> Result<()> {
     // Polled once where it stands: a write the socket does not take now is dropped half way,
     // and the outbox hands the rest to a task of its own (see `Outbox::drain`). Boxed to be
     // spawned, it cost an allocation on every answer. A failed write closes the connection,
@@ -37,11 +37,11 @@ pub(super) async fn write_queued_or_spawn(writer: &Writer) -> Result<()> {
 /// How long a retired connection must have been quiet, with nothing waiting on it, before it
 /// closes: longer than a round trip, so that what the peer sent before it switched has
 /// arrived, and short, so that a pair does not keep two connections long.
-pub(super) const RETIRED_LINGER: Duration = Duration::from_millis(100);
+const RETIRED_LINGER: Duration = Duration::from_millis(100);
 
 /// The most answers a reader queues before it writes them, though more requests are read: a
 /// steady flood of requests must not hold back the answers to the first ones.
-pub(super) const ANSWERS_PER_WRITE: usize = 64;
+const ANSWERS_PER_WRITE: usize = 64;
 
 /// Bytes of the peer's requests a reader holds while every handler slot is taken, so that it
 /// goes on reading the answers behind them: a handler that calls the peer back (a write copied
@@ -49,11 +49,11 @@ pub(super) const ANSWERS_PER_WRITE: usize = 64;
 /// reader that stopped at the first request it had no slot for stalled every such handler
 /// until a deadline: 600 writes in flight to one manager took 374 ms where 300 took 5 ms.
 /// Past this, the reader stops reading, and the peer's flood slows down its sender.
-pub(super) const BACKLOG_BYTES: usize = 16 << 20;
+const BACKLOG_BYTES: usize = 16 << 20;
 
 /// What a held request counts for against [`BACKLOG_BYTES`]: its body and this, so that empty
 /// requests cannot be held without bound either.
-pub(super) fn held_cost(body: &Bytes) -> usize {
+fn held_cost(body: &Bytes) -> usize {
     body.len() + 64
 }
 
@@ -66,16 +66,16 @@ pub(super) struct Conn(Arc<ConnState>);
 pub(super) struct ConnState {
     pub(super) id: u64,
     /// The node that dialed: decides which of two simultaneous connections survives.
-    pub(super) initiator: u64,
+    initiator: u64,
     pub(super) writer: Writer,
     pub(super) pending: Pending,
     pub(super) closer: Arc<Closer>,
     /// When a frame last arrived, in nanoseconds after `born`, to tell a silent connection
     /// from a busy one. Written for every frame: an atomic, where a mutex cost a lock each.
-    pub(super) last_heard: AtomicU64,
-    pub(super) born: Instant,
+    last_heard: AtomicU64,
+    born: Instant,
     /// The peer's requests being handled.
-    pub(super) inflight: Arc<Slots>,
+    inflight: Arc<Slots>,
 }
 
 impl std::ops::Deref for Conn {
@@ -92,11 +92,11 @@ impl ConnState {
     }
 
     /// When a frame last arrived (when the connection opened, if none has).
-    pub(super) fn heard_at(&self) -> Instant {
+    fn heard_at(&self) -> Instant {
         self.born + Duration::from_nanos(self.last_heard.load(Ordering::Relaxed))
     }
 
-    pub(super) fn silent_for(&self) -> Duration {
+    fn silent_for(&self) -> Duration {
         self.heard_at().elapsed()
     }
 
@@ -260,12 +260,7 @@ impl<N: Net> TcpTransport<N> {
 
     /// Reads the connection until it closes: answers requests, hands responses to callers.
     /// Closing the connection aborts it; `ended` then cleans up.
-    pub(super) async fn run(
-        self,
-        peer: u64,
-        ended: Ended<N>,
-        mut stream: Framed<N::ReadHalf, FrameCodec>,
-    ) {
+    async fn run(self, peer: u64, ended: Ended<N>, mut stream: Framed<N::ReadHalf, FrameCodec>) {
         let conn = &ended.conn;
         let inflight = &conn.inflight;
         let result: Result<()> = async {

@@ -1,7 +1,6 @@
 //! Connections to peers: reused, or dialled once by every caller that needs one, and calls
 //! made on them.
 
-use super::accept::refused;
 use super::conn::{Conn, PendingGuard};
 use super::{lock, TcpTransport};
 use crate::error::{Result, SupervisorError};
@@ -16,13 +15,24 @@ use tokio::time::Instant;
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 
+/// What a transport's caller sees of a dial's error: a handshake refused, whatever its cause.
+/// That the peer holds another secret is kept per peer (`Peer::secret_differs`).
+pub(super) fn refused(error: SupervisorError) -> SupervisorError {
+    match error {
+        SupervisorError::SecretDiffers { peer, reason } => {
+            SupervisorError::Handshake { peer, reason }
+        }
+        other => other,
+    }
+}
+
 /// The dials to one peer: one at a time, and ended, waiters included, once the peer is
 /// forgotten. A dial to a stopped agent connects (the kernel accepts into the backlog) and
 /// then waits out its handshake: a call to a node the cluster had just declared failed held
 /// its request for the call's whole deadline (2 s) where closing connections ended the rest.
 #[derive(Default)]
 pub(super) struct Dialing {
-    pub(super) gate: tokio::sync::Mutex<()>,
+    gate: tokio::sync::Mutex<()>,
     pub(super) forgotten: CancellationToken,
 }
 
@@ -47,7 +57,7 @@ impl<N: Net> TcpTransport<N> {
     }
 
     /// The rest of [`TcpTransport::connection`], through `dialing`'s gate.
-    pub(super) async fn dial_through(&self, node: u64, dialing: &Dialing) -> Result<Conn> {
+    async fn dial_through(&self, node: u64, dialing: &Dialing) -> Result<Conn> {
         let _dialing = dialing.gate.lock().await;
         if let Some(conn) = self.live_conn(node) {
             return Ok(conn);
@@ -103,7 +113,7 @@ impl<N: Net> TcpTransport<N> {
         }
     }
 
-    pub(super) fn failed_dial(&self, node: u64) {
+    fn failed_dial(&self, node: u64) {
         let config = &self.inner.config;
         let mut peers = lock(&self.inner.peers);
         let peer = peers.entry(node).or_default();
@@ -138,7 +148,7 @@ impl<N: Net> TcpTransport<N> {
     /// The connection to `to`, dialed if there is none live, by `until`. A live connection
     /// needs no timer to wait for it. Dialing is boxed: its future runs to kilobytes, and
     /// inline it would make every call's future (allocated once per call) that large.
-    pub(super) async fn conn_until(&self, to: u64, until: Instant) -> Result<Conn> {
+    async fn conn_until(&self, to: u64, until: Instant) -> Result<Conn> {
         match self.live_conn(to) {
             Some(conn) => Ok(conn),
             None => tokio::time::timeout_at(until, Box::pin(self.connection(to)))
@@ -148,7 +158,7 @@ impl<N: Net> TcpTransport<N> {
     }
 
     /// A call that began at `started` and ends `deadline` after it. Not through
-    /// [`Transport::call_at`] from `call`: each trait call boxes its future.
+    /// [`Transport::call_at`](crate::transport::Transport::call_at) from `call`: each trait call boxes its future.
     pub(super) async fn call_from(
         &self,
         to: u64,
