@@ -1,0 +1,183 @@
+//! The agent as a process: started, entered, and stopped on a signal, saying what becomes of
+//! the node.
+
+use super::lives::entered_once_admitted;
+use super::{Agent, AgentOptions, Start};
+use crate::console::Consoles;
+use crate::control;
+use crate::entering::Entering;
+use crate::error::{Result, SupervisorError};
+use crate::net::TokioNet;
+use crate::supervisor::{Lifecycle, Supervisor};
+use gobelins_adaptation::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How long a node that left waits, before it stops, to be out of raft's voters.
+const VOTER_WAIT: Duration = Duration::from_secs(5);
+
+/// What a stop by signal leaves to the cluster, said as the agent stops.
+const STOPPED: &str = "The cluster's other members declare this node failed and rebuild its \
+     entries from replicas; started again with the same --data-dir, it rejoins as a new life. \
+     `gobelins leave` takes a node out without a failure";
+
+/// What stopping now leaves to the cluster, by this node's own state: a node that left has
+/// nothing to hand over, and the last member takes the cluster down with it.
+pub(super) fn stopped(supervisor: &Supervisor) -> String {
+    let state = supervisor.state();
+    let me = supervisor.id();
+    let live = state.nodes.get(&me).is_some_and(|r| r.status.is_live());
+    if !live {
+        return "This node is no member any more (it left, or the cluster declared it failed \
+                and rebuilt its entries): its stop changes nothing for the cluster. To take \
+                part again, start it with --join ADDR (a member's address)"
+            .to_string();
+    }
+    if state.live().len() == 1 {
+        return "This node is the cluster's only member: the cluster and its services are down \
+                until it is started again with the same --data-dir"
+            .to_string();
+    }
+    STOPPED.to_string()
+}
+
+/// How long a stopping agent waits for the members to hear that it stops on purpose.
+const STOPPING_WAIT: Duration = Duration::from_millis(500);
+
+/// Tells the other members that this live member stops on purpose, so that its failure is not
+/// counted against it as a short life (`crate::flaps`).
+async fn announce_stopping(supervisor: &Supervisor) {
+    // A life this process made: a restarted process replays a crashed life as live, and must
+    // not excuse it. Whether the cluster admitted it is for each member to judge, from its
+    // own record of the life: this node hears of its admission a moment after the cluster's
+    // state shows it, and an operator may stop it in between.
+    if !supervisor.life_made_here() {
+        return;
+    }
+    let (heard, others) = supervisor.announce_stopping(STOPPING_WAIT).await;
+    if heard < others {
+        tracing::info!(heard, of = others, "not every member took this stop as one on purpose: if the cluster had admitted this life, those count it as a short life");
+    }
+}
+
+/// What a stop by signal before the node entered its cluster leaves behind.
+const STOPPED_ENTERING: &str = "If the cluster had admitted this node already, it declares it \
+     failed and rebuilds its entries from replicas; started again with the same command line, \
+     the agent asks again (a first join stopped so, without --node-id, may come back under \
+     another id)";
+
+/// Runs the agent process, hosting `services` and serving their `consoles` on the control
+/// socket, until it is stopped (SIGINT/SIGTERM) or leaves the cluster.
+pub async fn run(
+    options: AgentOptions,
+    services: impl Fn() -> Registry + Send + Sync + 'static,
+    consoles: Consoles,
+) -> Result<()> {
+    let launched = Agent::launch(TokioNet, &options, services).await?;
+    // Served while the node enters the cluster, which can take a minute (a seed slow to
+    // answer, a restart that waits for the cluster to end its last life): an operator asking
+    // meanwhile is told what the agent is doing, not that it is not running.
+    let entering = Entering::new(match &options.start {
+        Start::Bootstrap => "bootstrapping a new cluster".to_string(),
+        Start::Join(seed) => format!("joining the cluster through {seed}"),
+        Start::Resume => "resuming its place in the cluster".to_string(),
+    });
+    let path = launched.dir().socket_path();
+    // Removed as `run` returns, whichever way.
+    let _socket =
+        control::serve(&path, Arc::clone(launched.supervisor()), consoles, entering.clone())
+            .await?;
+    // Before entering: a join can take a minute, and a stop asked for meanwhile killed the
+    // process at once, saying nothing, with its control socket left behind.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| SupervisorError::io("installing the SIGTERM handler", e))?;
+    let entered = tokio::select! {
+        entered = launched.enter(&options) => entered,
+        _ = tokio::signal::ctrl_c() => {
+            tracing::warn!("interrupted while {}; stopping. {STOPPED_ENTERING}", entering.now().unwrap_or_default());
+            return Ok(());
+        }
+        _ = terminate.recv() => {
+            tracing::warn!("terminated (SIGTERM) while {}; stopping. {STOPPED_ENTERING}", entering.now().unwrap_or_default());
+            return Ok(());
+        }
+    };
+    let agent = entered?;
+    if agent.supervisor.life_admitted() {
+        entering.done();
+    } else {
+        // A restart: the cluster must end the last life before it admits this one, which
+        // needs a majority of the voters. Until then this node serves nothing, and an operator
+        // asking is told so, not that the cluster is stable or that the node never joined.
+        entering.now_doing(
+            "restarted: waiting for the cluster to end this node's last life and admit it as a \
+             new one (a majority of the voters must be up)"
+                .to_string(),
+        );
+        tokio::spawn(entered_once_admitted(Arc::clone(&agent.supervisor), entering.clone()));
+    }
+    if options.start == Start::Bootstrap {
+        let secret =
+            agent.dir.secret()?.ok_or_else(|| SupervisorError::Config("secret vanished".into()))?;
+        let (node, addr) =
+            (agent.supervisor.id(), options.advertise.as_ref().unwrap_or(&options.listen));
+        println!(
+            "gobelins: cluster {} bootstrapped; node {node} listens on {addr}.\n\
+             To add a node, copy {} to it and run:\n  \
+             gobelins agent --data-dir <dir> --listen <addr:port> --join {addr} --secret-file cluster.secret",
+            secret.cluster,
+            agent.dir.secret_path().display()
+        );
+    }
+    let mut lifecycle = agent.supervisor.lifecycle();
+    let mut fatal = None;
+    let mut refused = None;
+    // A node that had left before this start has nothing to wait for on its way out.
+    let left_before = *lifecycle.borrow() == Lifecycle::Left;
+    tokio::select! {
+        // At the default level: otherwise the log just ended, and an operator could not tell a
+        // stop asked for from a crash.
+        _ = tokio::signal::ctrl_c() => {
+            tracing::warn!("interrupted; stopping. {}", stopped(&agent.supervisor));
+            announce_stopping(&agent.supervisor).await;
+        }
+        _ = terminate.recv() => {
+            tracing::warn!("terminated (SIGTERM); stopping. {}", stopped(&agent.supervisor));
+            announce_stopping(&agent.supervisor).await;
+        }
+        ended = lifecycle.wait_for(|l| *l != Lifecycle::Member) => {
+            match ended.map(|l| l.clone()) {
+                Ok(Lifecycle::Fatal(why)) => fatal = Some(why),
+                Ok(Lifecycle::Refused(why)) => refused = Some(why),
+                _ => {
+                    tracing::warn!("this node is not a member of the cluster any more (it left, was evicted, or had left before this start); stopping. To take part again, start it with --join ADDR (the address of a member), as a new life of this node");
+                    // Still a voter, it waits for the change of voters that leaves it out, which
+                    // needs its vote: of two voters, the other would have no quorum for good.
+                    // The change began with the leave, and is usually done by now.
+                    let until = tokio::time::Instant::now() + VOTER_WAIT;
+                    let out = || left_before || agent.supervisor.out_of_voters();
+                    while !out() && tokio::time::Instant::now() < until {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    if !out() {
+                        tracing::warn!("stopping before raft committed a membership without this node's vote: if the cluster had two voters, check that the other one still has a quorum");
+                    }
+                    // Let the CLI that asked for the leave read its final answer.
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            }
+        }
+    }
+    agent.stop().await;
+    if let Some(why) = refused {
+        return Err(SupervisorError::Refused(why));
+    }
+    match fatal {
+        Some(why) => Err(SupervisorError::Storage(format!(
+            "{why}; this node stopped and the cluster will declare it failed. Check the disk \
+             under {} (full? failing?), then start the agent again: it rejoins as a new life",
+            options.data_dir.display()
+        ))),
+        None => Ok(()),
+    }
+}
