@@ -276,9 +276,10 @@ pub struct Supervisor {
     /// Wakes the duties loop when this life is admitted or a head start is kept, so that the
     /// host is fed at once, not at the next tick (a joiner's first change, say).
     wake: tokio::sync::Notify,
-    /// The state a join's answer or the leader's word carried ([`Request::Begun`](crate::rpc::Request::Begun)), with the
-    /// incarnation it is for: fed to the host until this node's own applied state has caught up
-    /// with it ([`caught_up`](duties::caught_up)).
+    /// The state a join's answer or the leader's word carried
+    /// ([`Request::Begun`](crate::rpc::Request::Begun)), with the incarnation it is for: fed to the
+    /// host until this node's own applied state has caught up with it
+    /// ([`caught_up`](duties::caught_up)).
     head_start: Mutex<Option<(u64, Arc<ClusterState>)>>,
     /// The epoch of the last change this node, as leader, told its participants of.
     told: AtomicU64,

@@ -179,7 +179,8 @@ impl Inner {
 
 /// What a [`Context`] sends through.
 impl Inner {
-    /// [`Service::repeatable`](crate::Service::repeatable) of `request`, if it is of the type `service` takes.
+    /// [`Service::repeatable`](crate::Service::repeatable) of `request`, if it is of the type
+    /// `service` takes.
     pub(crate) fn repeatable_of(&self, service: ServiceId, request: &dyn Any) -> Option<bool> {
         self.registry.get(service)?.repeatable_typed(request)
     }

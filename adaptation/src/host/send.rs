@@ -67,12 +67,12 @@ impl Inner {
         self.settle(service, key, started, result, rounds)
     }
 
-    /// A request the service may run twice, from a typed sender ([`Context::request`](crate::Context::request)). When
-    /// the key's manager is another node, its first attempt is the same as
-    /// [`Inner::request`]'s, with the message encoded in one piece (as a told one is) and
-    /// none of the other cases' code on its way. A DSM's read faults and barrier arrivals go
-    /// so; with cold caches, a request pays for each line of code it runs, and these lines
-    /// were most of what a routed request cost over a told one (BENCHMARKS.md, stop 30).
+    /// A request the service may run twice, from a typed sender
+    /// ([`Context::request`](crate::Context::request)). When the key's manager is another node, its
+    /// first attempt is the same as [`Inner::request`]'s, with the message encoded in one piece (as
+    /// a told one is) and none of the other cases' code on its way. A DSM's read faults and barrier
+    /// arrivals go so; with cold caches, a request pays for each line of code it runs, and these
+    /// lines were most of what a routed request cost over a told one (BENCHMARKS.md, stop 30).
     pub(crate) async fn request_repeatable<Q: Serialize>(
         self: &Arc<Self>,
         service: ServiceId,

@@ -12,8 +12,8 @@ pub struct Stats {
     pub requests_ok: u64,
     /// Of those, requests that waited: held, redirected or retried.
     pub requests_delayed: u64,
-    /// Requests issued here that failed (deadline, unknown service, refused), and those its
-    /// agent refused before they reached the host ([`Host::count_refused`](super::Host::count_refused)).
+    /// Requests issued here that failed (deadline, unknown service, refused), and those its agent
+    /// refused before they reached the host ([`Host::count_refused`](super::Host::count_refused)).
     pub requests_failed: u64,
     /// Requests this node served as manager.
     pub served: u64,

@@ -158,7 +158,8 @@ impl<N: Net> TcpTransport<N> {
     }
 
     /// A call that began at `started` and ends `deadline` after it. Not through
-    /// [`Transport::call_at`](crate::transport::Transport::call_at) from `call`: each trait call boxes its future.
+    /// [`Transport::call_at`](crate::transport::Transport::call_at) from `call`: each trait call
+    /// boxes its future.
     pub(super) async fn call_from(
         &self,
         to: u64,
