@@ -29,6 +29,9 @@ struct Hub {
     /// (from, to): the leader's word of a change begun (`Request::Begun`) from `from` to `to`
     /// is lost, other calls arrive.
     untold: BTreeSet<(u64, u64)>,
+    /// (from, to): every raft message from `from` to `to` is lost, heartbeats included, so
+    /// `to` learns no leader from `from`; other calls arrive.
+    unheard: BTreeSet<(u64, u64)>,
     down: BTreeSet<u64>,
     /// Calls made, whether or not they arrived, by (caller, callee).
     calls: HashMap<(u64, u64), u64>,
@@ -58,6 +61,7 @@ impl MemNetwork {
                 muted: BTreeSet::new(),
                 stalled: BTreeSet::new(),
                 untold: BTreeSet::new(),
+                unheard: BTreeSet::new(),
                 down: BTreeSet::new(),
                 calls: HashMap::new(),
                 delay: Duration::ZERO,
@@ -113,19 +117,26 @@ impl MemNetwork {
         self.hub().untold.insert((from, to));
     }
 
+    /// Loses every raft message `from` sends to `to` (appends, heartbeats and snapshots, votes);
+    /// every other call arrives, both ways: a joiner that has not heard from its leader yet.
+    pub fn lose_raft(&self, from: u64, to: u64) {
+        self.hub().unheard.insert((from, to));
+    }
+
     /// Lets the answers `answering` sends to `calling`'s calls through again (see
     /// [`MemNetwork::mute`]); every other fault stays.
     pub fn unmute(&self, answering: u64, calling: u64) {
         self.hub().muted.remove(&(answering, calling));
     }
 
-    /// Restores every cut link, muted answer, stalled log and lost word.
+    /// Restores every cut link, muted answer, stalled log, lost word and lost raft message.
     pub fn heal(&self) {
         let mut hub = self.hub();
         hub.cut.clear();
         hub.muted.clear();
         hub.stalled.clear();
         hub.untold.clear();
+        hub.unheard.clear();
     }
 
     /// Takes `node` down: nothing reaches it and it reaches nothing, until attached again.
@@ -162,6 +173,7 @@ impl MemNetwork {
         let mut hub = self.hub();
         let stalled = !answer && hub.stalled.contains(&(from, to)) && replicates_log(message);
         let untold = !answer && hub.untold.contains(&(from, to)) && tells_begun(message);
+        let unheard = !answer && hub.unheard.contains(&(from, to)) && is_raft(message);
         if !answer {
             *hub.calls.entry((from, to)).or_default() += 1;
         }
@@ -170,6 +182,7 @@ impl MemNetwork {
         let blocked = dropped
             || stalled
             || untold
+            || unheard
             || (answer && hub.muted.contains(&(from, to)))
             || hub.down.contains(&from)
             || hub.down.contains(&to)
@@ -192,6 +205,14 @@ fn replicates_log(message: &Bytes) -> bool {
         Some(Request::InstallSnapshot(_)) => true,
         _ => false,
     }
+}
+
+/// Whether `message` is one of raft's own: an append, a snapshot, a vote.
+fn is_raft(message: &Bytes) -> bool {
+    matches!(
+        supervisor_request(message),
+        Some(Request::AppendEntries(_) | Request::InstallSnapshot(_) | Request::Vote(_))
+    )
 }
 
 /// Whether `message` is a supervisor's `Begun`: a leader's word of a change begun.

@@ -240,17 +240,29 @@ impl Supervisor {
     }
 
     /// Begins from `state`, a change's beginning told by `from`, if `from` is the leader this
-    /// node knows, this life takes part in the change, and its own applied state has not come
-    /// that far. A leader tells only a committed state (its applied state, or a head start it
-    /// was told), so beginning from it is applying it early. A joiner still asking for its
-    /// life is admitted by it as by its join's answer ([`Supervisor::own_join_begun`]).
+    /// node knows (or, for a joiner that knows none yet, a live member), this life takes part
+    /// in the change, and its own applied state has not come that far. A leader tells only a
+    /// committed state (its applied state, or a head start it was told), so beginning from it
+    /// is applying it early. A joiner still asking for its life is admitted by it as by its
+    /// join's answer ([`Supervisor::own_join_begun`]).
     pub(super) fn hear_begun(&self, from: u64, state: ClusterState) -> bool {
         let life = self.incarnation();
         let me = self.me.id;
         let takes_part = state.in_progress.as_ref().is_some_and(|p| p.participants.contains(&me))
             && state.nodes.get(&me).is_some_and(|r| r.incarnation == life && r.status.is_live())
             && (self.life_admitted() || self.own_join_begun(&state));
-        if self.leader() != Some(from) || !takes_part || caught_up(&self.state.borrow(), &state) {
+        // A joiner learns its leader from the leader's first append to it, which the word
+        // often outruns: refused then, the joiner began only at its join's answer, 1 to 3 ms
+        // later, and every sender's batches waited for it (BENCHMARKS.md, stop 65). Until it
+        // knows one, the word of a live member of the state it tells is taken: a committed
+        // state, as every teller tells only what it applied or was answered.
+        let teller = match self.leader() {
+            Some(leader) => leader == from,
+            None => {
+                !self.life_admitted() && state.nodes.get(&from).is_some_and(|r| r.status.is_live())
+            }
+        };
+        if !teller || !takes_part || caught_up(&self.state.borrow(), &state) {
             return false;
         }
         self.keep_head_start(life, Box::new(state));

@@ -126,6 +126,39 @@ fn a_participant_begins_its_change_from_the_leaders_word_before_its_log_has_it()
     });
 }
 
+/// A joiner that knows no leader yet (none of the leader's appends has reached it) begins
+/// from the leader's word all the same. Refused for want of a leader, it began at its join's
+/// answer, 1 to 3 ms later on loopback, while every sender's batches waited for it; here, with
+/// that answer lost too, it would not begin before the leader's log reached it.
+#[test]
+fn a_joiner_that_knows_no_leader_yet_begins_from_the_leaders_word() {
+    replay(async {
+        let net = MemNetwork::new(31);
+        let (nodes, leader, seed) = three_voters_and_a_follower(&net).await;
+        net.mute(seed, 4);
+        net.lose_raft(leader, 4);
+        let joiner =
+            node_hosting(&net, 4, SupervisorConfig::loopback(), kvdir, HostConfig::default()).await;
+        let asking = ask_in_background(&joiner.supervisor, seed);
+        let leading = &nodes.iter().find(|n| n.supervisor.id() == leader).expect("leader");
+        let start = tokio::time::Instant::now();
+        let epoch = loop {
+            let state = leading.supervisor.state();
+            if let Some(p) = state.in_progress.as_ref().filter(|p| p.participants.contains(&4)) {
+                break p.epoch;
+            }
+            assert!(start.elapsed() < Duration::from_secs(5), "node 4's join began");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        until_begun_ahead_of_its_log(&joiner.supervisor, epoch).await;
+        assert_eq!(joiner.supervisor.leader(), None, "it began knowing no leader");
+        assert!(!asking.is_finished(), "no answer reached it");
+
+        net.heal();
+        until_node_4_active(&nodes, &joiner).await;
+    });
+}
+
 #[test]
 fn a_restarted_joiner_is_not_admitted_by_the_join_its_last_run_left_in_its_log() {
     replay(async {
