@@ -254,8 +254,11 @@ impl Supervisor {
         // A joiner learns its leader from the leader's first append to it, which the word
         // often outruns: refused then, the joiner began only at its join's answer, 1 to 3 ms
         // later, and every sender's batches waited for it (BENCHMARKS.md, stop 65). Until it
-        // knows one, the word of a live member of the state it tells is taken: a committed
-        // state, as every teller tells only what it applied or was answered.
+        // knows one, it takes the word of a node the state names live. What is told is
+        // committed whoever tells it: only a node that believes it leads tells
+        // (`tell_participants`), and it tells its applied state or a head start it was given
+        // (a join's answer, or an earlier leader's word). The check on `from` reads the told
+        // state: a sanity check, not the safety, which rests on what tellers tell.
         let teller = match self.leader() {
             Some(leader) => leader == from,
             None => {

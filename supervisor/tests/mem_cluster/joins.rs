@@ -111,7 +111,7 @@ fn a_participant_begins_its_change_from_the_leaders_word_before_its_log_has_it()
         assert!(behind.state().epoch < epoch, "its log still does not have the change");
         assert_eq!(behind.leader(), Some(leader), "it kept its leader");
 
-        // The same word from a node that is not its leader is not heard.
+        // The same word from a node other than the leader it knows is not heard.
         let word = Request::Begun(Box::new(ClusterState::clone(&begun)));
         let stranger = net.attach(9, "n9", Arc::new(Dispatch::default()));
         let answer = stranger
