@@ -43,6 +43,9 @@
 //! line is `mgs --null: max_overhead_pct=<x> ...`, the largest median a placement that costs
 //! nothing would show; the join during MGS is left out.
 
+#[path = "bench/stats.rs"]
+mod stats;
+
 use gobelins_adaptation::{plugin, ChangeRecord, Host, HostConfig, Registry};
 use gobelins_dsm::{barrier_key, Dsm, DsmConfig, DsmNode, PageId, Placement, Segment, PAGE_SIZE};
 use gobelins_locator::Labels;
@@ -307,23 +310,6 @@ async fn run_signalling(
 /// without its lease): each costs at least one retry pause.
 fn delayed_requests(nodes: &[Node]) -> u64 {
     nodes.iter().map(|n| n.agent.supervisor.host().stats().requests_delayed).sum()
-}
-
-/// A range that holds the median of the population `sorted` samples with at least about 95%
-/// confidence (order statistics: the count of samples below the median is binomial, n and
-/// 1/2); the samples are a cell's pairs of pairs. A cell whose range straddles a target cannot
-/// say on which side of it the overhead lies, however its own median falls: with six samples,
-/// the range is the smallest to the largest. `None` under six, where even that range holds the
-/// median less often (two: half the time).
-fn median_range(sorted: &[f64]) -> Option<(f64, f64)> {
-    if sorted.len() < 6 {
-        return None;
-    }
-    let n = sorted.len() as f64;
-    let half_width = 0.98 * n.sqrt();
-    let low = ((n / 2.0 - half_width).floor() as usize).clamp(1, sorted.len());
-    let high = ((n / 2.0 + half_width).ceil() as usize).clamp(1, sorted.len());
-    Some((sorted[low - 1], sorted[high - 1]))
 }
 
 /// The overheads of a cell's pairs taken two at a time, sorted: pair `2i` ran STAT first and
@@ -637,7 +623,7 @@ fn main() {
                 let quads = abba(&stat, &dynamic);
                 let overhead = (quads[(quads.len() - 1) / 2] + quads[quads.len() / 2]) / 2.0;
                 let quartiles = (quads[quads.len() / 4], quads[quads.len() * 3 / 4]);
-                let range = median_range(&quads);
+                let range = stats::median_range(&quads);
                 // DYN's time over STAT's in each pair, per request the DYN run routed: the
                 // overhead as a cost per request, to hold against the adaptation example's
                 // (cold, routed against told).
