@@ -289,7 +289,10 @@ async fn settled_check(
         // table already, node 1 a commit behind) read the same state again and counted.
         tokio::time::sleep(Duration::from_millis(100)).await;
         let after = supervisor.state();
-        if after.epoch == before.epoch && after.is_stable() {
+        // Stable at both ends, not only at the last: a change keeps its epoch from its begin
+        // to its end, so a check made mid-change (seed 20: a rejoin begun, its node in the
+        // table and not active yet) read as settled once the change ended in the pause.
+        if before.is_stable() && after.is_stable() && after.epoch == before.epoch {
             return verdict;
         }
         // A check that fails at once (no table yet, say) awaits nothing: looping straight back
