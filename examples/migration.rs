@@ -149,6 +149,7 @@ const TARGET: f64 = 0.60;
 fn main() {
     let entries = arg("--entries", 90_000) as u64;
     let joins = arg("--joins", 3) as u64;
+    assert!(joins > 0, "--joins takes 1 or more: each join is what is measured");
     let rounds = arg("--rounds", 1).max(1);
     let bin = binary();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
