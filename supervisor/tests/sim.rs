@@ -246,5 +246,5 @@ fn one_seed() {
 
 #[test]
 fn seeds_each_in_their_own_process() {
-    common::sweep(50);
+    common::sweep(50, &[]);
 }

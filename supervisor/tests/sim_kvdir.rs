@@ -684,7 +684,12 @@ fn one_seed() {
     }
 }
 
+/// Seeds past the sweep that once failed: 20, a check taken mid-change read as settled (the
+/// harness's fault); 59, a backup that missed its manager's word to a closed connection, and
+/// the manager's death in the next change had 819 slots reported lost.
+const FOUND: [u64; 2] = [20, 59];
+
 #[test]
 fn seeds_each_in_their_own_process() {
-    common::sweep(12);
+    common::sweep(12, &FOUND);
 }

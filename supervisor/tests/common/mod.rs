@@ -116,10 +116,11 @@ impl tracing_subscriber::fmt::time::FormatTime for SimTime {
 
 /// Runs `one_seed` of this test binary once per seed, each in its own process, and fails with
 /// every failing seed's reason. `GOBELINS_SIM_SEEDS` overrides how many (`default` otherwise).
+/// `found` are seeds past the sweep that once failed, run too: each stands for a fault fixed.
 /// A seed runs on one thread, so as many run at once as the machine has cores: the sweep is
 /// most of the suite's time. The first seed runs twice and must print the same summary both
 /// times: a failing seed is only worth its number if it replays.
-pub(crate) fn sweep(default: u64) {
+pub(crate) fn sweep(default: u64, found: &[u64]) {
     if std::env::var("GOBELINS_SIM_SEED").is_ok() {
         return;
     }
@@ -127,7 +128,8 @@ pub(crate) fn sweep(default: u64) {
         std::env::var("GOBELINS_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default);
     let at_once = std::thread::available_parallelism().map_or(1, |n| n.get());
     let exe = std::env::current_exe().expect("test binary");
-    let runs: Vec<u64> = (0..seeds).chain((seeds > 0).then_some(0)).collect();
+    let past: Vec<u64> = found.iter().copied().filter(|&seed| seed >= seeds).collect();
+    let runs: Vec<u64> = (0..seeds).chain(past).chain((seeds > 0).then_some(0)).collect();
     let mut summaries: Vec<(u64, String)> = Vec::new();
     let mut failures = Vec::new();
     for batch in runs.chunks(at_once) {
