@@ -230,13 +230,19 @@ impl Ledger {
     }
 
     /// `vouch` came for slots of `failed`. Its sender's batches follow it: whatever came from
-    /// that node before is of other changes, and is not counted.
+    /// that node before is of other changes, and is not counted. The same word heard again (its
+    /// sender asks again when an answer fails, and the first may have come all the same)
+    /// changes nothing: what came since the first counts still.
     pub(crate) fn heard(&mut self, failed: NodeId, vouch: Vouch) {
         if self.judged.get(&failed).is_some_and(|&judged| vouch.at < judged) {
             return;
         }
+        let words = self.vouched.entry(failed).or_default();
+        if words.contains(&vouch) {
+            return;
+        }
         self.delivered.remove(&vouch.by);
-        self.vouched.entry(failed).or_default().push(vouch);
+        words.push(vouch);
     }
 
     /// This node's `scan` saw the recovery of `failed` begin from `table`, which gives this

@@ -188,6 +188,17 @@ fn a_voucher_that_died_after_handing_everything_over_still_counts() {
     assert_eq!(judge(&[(a, 10), (b, 12), (other, 13)]), mine, "one came for another slot");
     assert_eq!(judge(&[]), mine, "it died before it sent anything");
 
+    // Its word heard twice, the second time after its batches: they count still.
+    let mut manager = Ledger::default();
+    manager.rebuild(n(2), Arc::clone(&at_6), mine.clone());
+    let vouch = Vouch { entries: 3, ..word(3, 6, &mine, &[]) };
+    manager.heard(n(2), vouch.clone());
+    manager.received(n(3), [(a, Key(10)), (a, Key(11)), (b, Key(12))]);
+    manager.heard(n(2), vouch);
+    assert_eq!(manager.vouched[&n(2)].len(), 1, "kept once");
+    let lost = manager.unvouched(n(1), n(2), 7, |node| node == n(2) || node == n(3));
+    assert_eq!(lost, Vec::<u32>::new(), "the word heard again kept what came after the first");
+
     // What came from node 3 before its word, under an older vouch of its still pending
     // here, is of another change: it does not count for this one.
     let mut manager = Ledger::default();

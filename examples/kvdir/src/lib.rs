@@ -374,6 +374,47 @@ async fn tell_within(
     }
 }
 
+/// Tells `request` to `node`'s kvdir, asking again until it is kept, `node` is gone or
+/// `patience` runs out: a call on a connection that closed meanwhile fails at once, and the
+/// next dials anew. For words whose loss reports entries lost though none were: the backup's
+/// `Copied` and a survivor's `Vouch`, each harmless to hear twice.
+async fn tell_until(
+    ctx: &Context,
+    node: NodeId,
+    request: &Request,
+    patience: Duration,
+) -> Result<(), String> {
+    again_until(patience, || ctx.gone(node), |left| tell_within(ctx, node, request, left)).await
+}
+
+/// Runs `attempt` with the patience left until it succeeds, `gone()` says there is no one to
+/// ask any more, or `patience` runs out; pauses from 10 ms doubling to 200 ms between tries.
+/// The last error otherwise.
+async fn again_until<F, Fut>(
+    patience: Duration,
+    gone: impl Fn() -> bool,
+    mut attempt: F,
+) -> Result<(), String>
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let until = tokio::time::Instant::now() + patience;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let error = match attempt(left).await {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        if gone() || tokio::time::Instant::now() + pause >= until {
+            return Err(error);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+}
+
 /// `entries` in slices of at most [`REPLICATE_CHUNK`] entries and, unless one value alone is
 /// larger, [`REPLICATE_BYTES`] of values.
 fn chunks(entries: &[(Key, Versioned)]) -> impl Iterator<Item = &[(Key, Versioned)]> {
@@ -481,25 +522,12 @@ impl KvDir {
     /// Tells `to`, this node's backup, that it holds a copy of every entry this node manages
     /// since the change to `epoch`: should this node fail, it vouches for them.
     async fn say_copied(&self, ctx: &Context, to: NodeId, epoch: u64) {
-        // Asked again until the word's patience runs out: a call on a connection that closed
-        // meanwhile fails at once, and the next dials anew. Said once, such a failure left the
+        // Said once, a call that failed on a connection the cut had just closed left the
         // backup unable to vouch, and this node's failure in the next change had its slots
         // reported lost though the backup held every entry (`sim_kvdir`, seed 59). Hearing
-        // the word twice changes nothing.
-        let until = tokio::time::Instant::now() + WORD_PATIENCE;
-        let mut pause = Duration::from_millis(10);
-        let error = loop {
-            let left = until.saturating_duration_since(tokio::time::Instant::now());
-            let error = match tell_within(ctx, to, &Request::Copied { epoch }, left).await {
-                Ok(()) => return,
-                Err(error) => error,
-            };
-            if ctx.gone(to) || tokio::time::Instant::now() + pause >= until {
-                break error;
-            }
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_millis(200));
-        };
+        // the word twice changes nothing (`Ledger::copied` keeps the newest epoch).
+        let copied = &Request::Copied { epoch };
+        let Err(error) = tell_until(ctx, to, copied, WORD_PATIENCE).await else { return };
         tracing::warn!(backup = to.0, epoch, %error, "kvdir: the backup did not hear that it holds every entry of this node; should this node fail before the next change, its recovery reports its slots lost");
     }
 
@@ -544,7 +572,9 @@ impl KvDir {
             self.ledger.lock().expect("ledger").vouched_to(node, word.current.iter().copied());
             let Vouch { at, current, older, entries, .. } = word;
             let word = Request::Vouch { failed, at, current, older, entries };
-            if let Err(error) = tell_within(ctx, node, &word, WORD_PATIENCE).await {
+            // Asked again as `Copied` is: said once, a failed call left the slots reported
+            // lost. Its batches wait for it, and a word heard twice counts once (`heard`).
+            if let Err(error) = tell_until(ctx, node, &word, WORD_PATIENCE).await {
                 tracing::warn!(node = node.0, failed = failed.0, %error, "kvdir: a new manager did not hear that this node holds every entry of slots it rebuilds; it reports them lost");
             }
         });
@@ -968,6 +998,48 @@ mod tests {
         let huge = vec![(Key(1), entry(REPLICATE_BYTES + 1)), (Key(2), entry(1))];
         let cut: Vec<usize> = chunks(&huge).map(<[_]>::len).collect();
         assert_eq!(cut, vec![1, 1], "a value larger than a message goes alone");
+    }
+
+    /// A word whose call fails is asked again, with growing pauses, until it is kept, until
+    /// there is no one to ask, or until its patience runs out, with the last error.
+    #[tokio::test(start_paused = true)]
+    async fn a_word_is_asked_again_until_kept_gone_or_out_of_patience() {
+        use std::cell::Cell;
+        let tries = Cell::new(0u32);
+        let failing_twice = |_left| {
+            tries.set(tries.get() + 1);
+            let n = tries.get();
+            async move {
+                if n <= 2 {
+                    Err(format!("closed {n}"))
+                } else {
+                    Ok(())
+                }
+            }
+        };
+        let start = tokio::time::Instant::now();
+        assert_eq!(again_until(WORD_PATIENCE, || false, failing_twice).await, Ok(()));
+        assert_eq!((tries.get(), start.elapsed()), (3, Duration::from_millis(30)), "10 + 20 ms");
+
+        let tries = Cell::new(0u32);
+        let never = |left: Duration| {
+            tries.set(tries.get() + 1);
+            assert!(left <= WORD_PATIENCE);
+            async { Err("closed".to_string()) }
+        };
+        let start = tokio::time::Instant::now();
+        assert_eq!(again_until(WORD_PATIENCE, || false, never).await, Err("closed".to_string()));
+        assert!(start.elapsed() <= WORD_PATIENCE, "{:?}", start.elapsed());
+        // 10, 20, 40, 80, 160, then 200 ms pauses: 310 ms, then 8 more within 2 s.
+        assert_eq!(tries.get(), 14);
+
+        let tries = Cell::new(0u32);
+        let gone = |_left| {
+            tries.set(tries.get() + 1);
+            async { Err("closed".to_string()) }
+        };
+        assert!(again_until(WORD_PATIENCE, || true, gone).await.is_err());
+        assert_eq!(tries.get(), 1, "no one left to ask");
     }
 
     #[tokio::test]
