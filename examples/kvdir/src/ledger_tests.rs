@@ -199,6 +199,16 @@ fn a_voucher_that_died_after_handing_everything_over_still_counts() {
     let lost = manager.unvouched(n(1), n(2), 7, |node| node == n(2) || node == n(3));
     assert_eq!(lost, Vec::<u32>::new(), "the word heard again kept what came after the first");
 
+    // Another word from the same voucher at the same epoch is not the same word: what came
+    // before it is not counted for it.
+    let mut manager = Ledger::default();
+    manager.rebuild(n(2), Arc::clone(&at_6), mine.clone());
+    manager.heard(n(2), Vouch { entries: 2, ..word(3, 6, &[a], &[]) });
+    manager.received(n(3), [(a, Key(10)), (a, Key(11))]);
+    manager.heard(n(2), Vouch { entries: 3, ..word(3, 6, &mine, &[]) });
+    assert_eq!(manager.vouched[&n(2)].len(), 2);
+    assert_eq!(manager.unvouched(n(1), n(2), 7, |node| node == n(2) || node == n(3)), mine);
+
     // What came from node 3 before its word, under an older vouch of its still pending
     // here, is of another change: it does not count for this one.
     let mut manager = Ledger::default();

@@ -384,7 +384,10 @@ async fn tell_until(
     request: &Request,
     patience: Duration,
 ) -> Result<(), String> {
-    again_until(patience, || ctx.gone(node), |left| tell_within(ctx, node, request, left)).await
+    // This node's own life ended, every call fails at once, and a peer that counts it
+    // departed refuses it: nothing to ask again for.
+    let gone = || ctx.gone(node) || ctx.gone(ctx.node());
+    again_until(patience, gone, |left| tell_within(ctx, node, request, left)).await
 }
 
 /// Runs `attempt` with the patience left until it succeeds, `gone()` says there is no one to
@@ -1021,17 +1024,23 @@ mod tests {
         assert_eq!(again_until(WORD_PATIENCE, || false, failing_twice).await, Ok(()));
         assert_eq!((tries.get(), start.elapsed()), (3, Duration::from_millis(30)), "10 + 20 ms");
 
-        let tries = Cell::new(0u32);
+        let lefts = std::cell::RefCell::new(Vec::new());
         let never = |left: Duration| {
-            tries.set(tries.get() + 1);
-            assert!(left <= WORD_PATIENCE);
-            async { Err("closed".to_string()) }
+            lefts.borrow_mut().push(left);
+            let n = lefts.borrow().len();
+            async move { Err(format!("closed {n}")) }
         };
         let start = tokio::time::Instant::now();
-        assert_eq!(again_until(WORD_PATIENCE, || false, never).await, Err("closed".to_string()));
+        let last = again_until(WORD_PATIENCE, || false, never).await;
+        assert_eq!(last, Err("closed 14".to_string()), "the last try's error");
         assert!(start.elapsed() <= WORD_PATIENCE, "{:?}", start.elapsed());
-        // 10, 20, 40, 80, 160, then 200 ms pauses: 310 ms, then 8 more within 2 s.
-        assert_eq!(tries.get(), 14);
+        // Tries at 0, 10, 30, 70, 150 and 310 ms, then every 200 ms until 1,910 ms, each
+        // given the patience left.
+        let lefts = lefts.into_inner();
+        assert_eq!(lefts.len(), 14);
+        assert_eq!(lefts[0], WORD_PATIENCE);
+        assert_eq!(lefts[5], Duration::from_millis(2000 - 310));
+        assert_eq!(lefts[13], Duration::from_millis(2000 - 1910));
 
         let tries = Cell::new(0u32);
         let gone = |_left| {
