@@ -152,6 +152,14 @@ fn main() {
     assert!(joins > 0, "--joins takes 1 or more: each join is what is measured");
     let rounds = arg("--rounds", 1).max(1);
     let bin = binary();
+    if let Some(block) = reported_block() {
+        println!(
+            "This machine gives free memory back to its hypervisor in blocks of {block} KiB \
+             (a balloon device with free page reporting): a joiner whose fresh 2 MiB pages the \
+             host has to fault in again may take 2 to 4 times as long (BENCHMARKS.md, adaptation \
+             layer, stop 66)."
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
     let (mut ratios, mut huge_ratios) = (Vec::new(), Vec::new());
     for round in 1..=rounds {
@@ -189,6 +197,16 @@ fn main() {
         ratios[ratios.len() / 2] * 100.0,
         TARGET * 100.0
     );
+}
+
+/// The size of the free blocks this machine reports to a hypervisor, which may drop them, in
+/// KiB; `None` unless a balloon device is bound and the kernel reports free pages.
+fn reported_block() -> Option<u64> {
+    let balloon = std::fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon").ok()?;
+    let bound = balloon.flatten().any(|e| e.file_name().to_string_lossy().starts_with("virtio"));
+    let order = "/sys/module/page_reporting/parameters/page_reporting_order";
+    let order: u32 = std::fs::read_to_string(order).ok()?.trim().parse().ok()?;
+    (bound && order < 20).then(|| 4u64 << order)
 }
 
 /// Starts a cluster of two agents, loads it, and has `joins` nodes join one at a time, printing
