@@ -3,8 +3,8 @@
 //! Every node of a [`MemNetwork`] calls the others' handlers directly. Faults are set on the
 //! network: links cut both ways (partitions), answers lost one way, raft's log replication
 //! lost one way, every raft message lost one way, a leader's word of a change begun lost one
-//! way, nodes taken down, a delay per message, and a seeded drop rate. A message that cannot arrive makes the caller wait its
-//! full deadline, as a lost TCP segment would.
+//! way, nodes taken down, a delay per message, and a seeded drop rate. A message that cannot
+//! arrive makes the caller wait its full deadline, as a lost TCP segment would.
 
 use crate::error::{Result, SupervisorError};
 use crate::lane::Lane;
