@@ -1,158 +1,17 @@
 //! Black-box tests of the real `gobelins` binary: agents as separate processes on 127.0.0.x,
 //! real TCP, kill -9 and a restart from the data directory.
 
-use gobelins::adaptation::codec;
 use gobelins::kvdir;
-use gobelins::supervisor::control::{self, ControlRequest};
 use serde_json::Value;
 use std::io::Write as _;
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_gobelins");
+mod common;
 
-struct Agent {
-    id: u64,
-    addr: String,
-    dir: PathBuf,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Agent {
-    /// Kills the agent (`kill -9`) and waits for it.
-    fn kill(&mut self) {
-        let mut child = self.child.take().expect("running");
-        child.kill().expect("kill -9");
-        child.wait().expect("reap");
-    }
-
-    /// The path of the cluster secret in its data directory, which `--secret-file` takes:
-    /// that of the bootstrap node, for a node that joins.
-    fn secret(&self) -> String {
-        self.dir.join("cluster.secret").to_str().expect("a UTF-8 path").to_string()
-    }
-
-    /// Another agent of the same id, directory and log, not started.
-    fn clone_paths(&self) -> Agent {
-        Agent {
-            id: self.id,
-            addr: self.addr.clone(),
-            dir: self.dir.clone(),
-            log: self.log.clone(),
-            child: None,
-        }
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// A free port on `ip`, found by binding it once.
-fn free_addr(ip: &str) -> String {
-    let listener = TcpListener::bind((ip, 0)).expect("bind a free port");
-    listener.local_addr().expect("address").to_string()
-}
-
-fn start(root: &Path, id: u64, addr: &str, extra: &[&str]) -> Agent {
-    let mut agent = unstarted(root, id, addr.to_string());
-    agent.child = Some(spawn(&agent, extra));
-    agent
-}
-
-/// Node `id`, its directory and log under `root`, not started.
-fn unstarted(root: &Path, id: u64, addr: String) -> Agent {
-    let dir = root.join(format!("n{id}"));
-    let log = root.join(format!("n{id}.log"));
-    Agent { id, addr, dir, log, child: None }
-}
-
-fn spawn(agent: &Agent, extra: &[&str]) -> Child {
-    let log =
-        std::fs::OpenOptions::new().create(true).append(true).open(&agent.log).expect("log file");
-    let mut command = Command::new(BIN);
-    command
-        .args(["agent", "--listen", &agent.addr, "--node-id", &agent.id.to_string()])
-        .arg("--data-dir")
-        .arg(&agent.dir)
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(log);
-    // The agent's own default log unless asked: the one an operator reads.
-    match std::env::var("GOBELINS_TEST_AGENT_LOG") {
-        Ok(filter) => command.env("RUST_LOG", filter),
-        Err(_) => command.env_remove("RUST_LOG"),
-    };
-    command.spawn().expect("spawn gobelins agent")
-}
-
-fn cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).args(args).arg("--data-dir").arg(dir).output().expect("run gobelins")
-}
-
-fn status(dir: &Path, local: bool) -> Option<Value> {
-    let mut args = vec!["status", "--json"];
-    if local {
-        args.push("--local");
-    }
-    let out = cli(dir, &args);
-    out.status.success().then(|| serde_json::from_slice(&out.stdout).ok()).flatten()
-}
-
-fn node_status(status: &Value, id: u64) -> Option<(String, u64)> {
-    status["nodes"].as_array()?.iter().find(|n| n["id"] == id).map(|n| {
-        (n["status"].as_str().unwrap_or("").to_string(), n["incarnation"].as_u64().unwrap_or(0))
-    })
-}
-
-/// Polls until `check` holds, failing with `what` after `limit`.
-fn wait_until(what: &str, limit: Duration, check: impl FnMut() -> bool) {
-    wait_showing(&[], what, limit, check);
-}
-
-/// [`wait_until`], failing with every agent's own status and log tail.
-fn wait_showing(agents: &[Agent], what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}{}", evidence(agents));
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn stable_with(dir: &Path, expected: &[(u64, &str, u64)]) -> bool {
-    let Some(s) = status(dir, false) else { return false };
-    s["stable"] == true
-        && expected.iter().all(|(id, st, inc)| node_status(&s, *id) == Some((st.to_string(), *inc)))
-}
-
-fn log_of(agent: &Agent) -> String {
-    std::fs::read_to_string(&agent.log).unwrap_or_default()
-}
-
-/// What each agent says of itself and logged, for a failure message.
-fn evidence(agents: &[Agent]) -> String {
-    let mut out = String::new();
-    for agent in agents {
-        let log = log_of(agent);
-        let tail: Vec<&str> = log.lines().rev().take(15).collect();
-        out.push_str(&format!(
-            "\n--- node {} (running: {}) local status: {}\nlog tail:\n{}\n",
-            agent.id,
-            agent.child.is_some(),
-            status(&agent.dir, true).map_or("none".into(), |s| s.to_string()),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        ));
-    }
-    out
-}
+use common::*;
 
 #[test]
 fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
@@ -309,38 +168,8 @@ fn three_agents_with(root: &Path, limit: Duration, extra: &[&str]) -> Vec<Agent>
 /// `count` agents on 127.0.0.1 and up, nodes 1 (bootstrap) to `count`, each started with
 /// `extra`, active, stable and voting.
 fn agents_with(root: &Path, count: u64, limit: Duration, extra: &[&str]) -> Vec<Agent> {
-    let addrs: Vec<String> = (1..=count).map(|i| free_addr(&format!("127.0.0.{i}"))).collect();
-    let first = start(root, 1, &addrs[0], &[&["--bootstrap"], extra].concat());
-    wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
-    let secret = first.secret();
-    let mut agents = vec![first];
-    for i in 2..=count {
-        let join = ["--join", addrs[0].as_str(), "--secret-file", secret.as_str()];
-        agents.push(start(root, i, &addrs[i as usize - 1], &[&join, extra].concat()));
-    }
-    let all: Vec<(u64, &str, u64)> = (1..=count).map(|i| (i, "active", 1)).collect();
-    wait_until("every node active", limit, || stable_with(&agents[0].dir, &all));
-    // Raft's voters follow the membership a little later. Until the last node votes, the
-    // cluster may be two voters, which cannot lose one: a kill before then would stop it.
-    wait_until("every node voting", limit, || {
-        status(&agents[0].dir, false)
-            .is_some_and(|s| s["voters"].as_array().map_or(0, Vec::len) as u64 == count)
-    });
-    agents
-}
-
-fn call(socket: &Path, key: u64, request: &kvdir::Request) -> Option<kvdir::Response> {
-    let body = codec::encode(request).expect("encode");
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-    let answer = runtime
-        .block_on(control::request(
-            socket,
-            &ControlRequest::Call { service: kvdir::KVDIR.0, key, body },
-            |_| {},
-        ))
-        .ok()?;
-    let bytes = control::answer_body(&answer).ok()?;
-    codec::decode(&bytes).ok()
+    let places = (1..=count).map(|i| (free_addr(&format!("127.0.0.{i}")), None)).collect();
+    agents_at(root, places, limit, extra)
 }
 
 #[test]
@@ -916,13 +745,6 @@ fn restarted_before_anyone_noticed(restart: Restart) {
         table.contains("requests from here:") && table.contains("changes this node took part in"),
         "{table}"
     );
-}
-
-/// `gobelins stats --json` of the agent in `dir`.
-fn stats_of(dir: &Path) -> Value {
-    let stats = cli(dir, &["stats", "--json"]);
-    assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
-    serde_json::from_slice(&stats.stdout).expect("one JSON object")
 }
 
 fn dsm(dir: &Path, args: &[&str]) -> Output {

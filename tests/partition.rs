@@ -1,0 +1,258 @@
+//! Black-box test of a network partition: real `gobelins agent` processes, each in a network
+//! namespace of its own, joined by a bridge; moving two nodes' links to a second bridge cuts
+//! them off from the other three, and moving them back heals the cut (DESIGN.md, "Testing":
+//! partitions are made with `ip netns` and veth links, since this machine has no iptables and
+//! `tc netem` does not work).
+//!
+//! Making namespaces takes root (`CAP_NET_ADMIN`) and `ip` from iproute2. Without them the test
+//! says so and passes, unless `GOBELINS_REQUIRE_NETNS` is set: `.ci/run` sets it where it can
+//! make a namespace itself, so that a run that could test the partition does.
+
+mod common;
+
+use common::*;
+use gobelins::kvdir;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// The namespaces, links and bridges of one test, removed when it ends, however it ends.
+struct Net {
+    /// Names this test's links and namespaces apart from those of tests running beside it.
+    tag: String,
+    nodes: u64,
+}
+
+impl Net {
+    /// `nodes` namespaces, node `i` at 10.88.0.`i` on bridge A. `None` if this machine does
+    /// not let the test make them (and the run does not require it).
+    fn new(nodes: u64) -> Option<Net> {
+        let tag = format!("{:x}", std::process::id() & 0xff_ffff);
+        let net = Net { tag, nodes };
+        // What a killed run of the same process id left behind would refuse the names.
+        net.clear();
+        if let Err(why) = ip(&["netns", "add", &net.ns(1)]) {
+            let required = std::env::var_os("GOBELINS_REQUIRE_NETNS").is_some();
+            assert!(!required, "GOBELINS_REQUIRE_NETNS is set, and no namespace: {why}");
+            eprintln!("skipped: cannot make a network namespace (root and iproute2 needed): {why}");
+            return None;
+        }
+        for bridge in [net.bridge('a'), net.bridge('b')] {
+            net.must(&["link", "add", &bridge, "type", "bridge"]);
+            net.must(&["link", "set", &bridge, "up"]);
+        }
+        for i in 1..=nodes {
+            let (ns, outer, inner) = (net.ns(i), net.outer(i), net.inner(i));
+            if i > 1 {
+                net.must(&["netns", "add", &ns]);
+            }
+            net.must(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
+            net.must(&["link", "set", &inner, "netns", &ns]);
+            net.must(&["link", "set", &outer, "master", &net.bridge('a'), "up"]);
+            let address = format!("{}/24", net.ip(i));
+            net.must(&["-n", &ns, "addr", "add", &address, "dev", &inner]);
+            net.must(&["-n", &ns, "link", "set", &inner, "up"]);
+            net.must(&["-n", &ns, "link", "set", "lo", "up"]);
+        }
+        Some(net)
+    }
+
+    fn ns(&self, i: u64) -> String {
+        format!("g{}n{i}", self.tag)
+    }
+
+    fn bridge(&self, side: char) -> String {
+        format!("g{}b{side}", self.tag)
+    }
+
+    /// The end of node `i`'s link on the bridges.
+    fn outer(&self, i: u64) -> String {
+        format!("g{}v{i}", self.tag)
+    }
+
+    /// The end of node `i`'s link in its namespace.
+    fn inner(&self, i: u64) -> String {
+        format!("g{}e{i}", self.tag)
+    }
+
+    fn ip(&self, i: u64) -> String {
+        format!("10.88.0.{i}")
+    }
+
+    /// Node `i`'s agent address and namespace.
+    fn place(&self, i: u64) -> (String, Option<String>) {
+        (format!("{}:7400", self.ip(i)), Some(self.ns(i)))
+    }
+
+    /// Moves `nodes` to bridge `side`: on B they reach each other and nobody on A.
+    fn attach(&self, nodes: &[u64], side: char) {
+        for &i in nodes {
+            self.must(&["link", "set", &self.outer(i), "master", &self.bridge(side)]);
+        }
+    }
+
+    /// Removes this test's namespaces and bridges, those that exist.
+    fn clear(&self) {
+        // A namespace's end of a link goes with it, and takes the other end along.
+        for i in 1..=self.nodes {
+            let _ = ip(&["netns", "del", &self.ns(i)]);
+        }
+        for bridge in [self.bridge('a'), self.bridge('b')] {
+            let _ = ip(&["link", "del", &bridge]);
+        }
+    }
+
+    fn must(&self, args: &[&str]) {
+        if let Err(why) = ip(args) {
+            panic!("ip {}: {why}", args.join(" "));
+        }
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// Runs `ip` with `args`; what it said if it failed.
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+fn socket(agent: &Agent) -> PathBuf {
+    agent.dir.join("control.sock")
+}
+
+fn value(tag: u8, key: u64) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&key.to_le_bytes());
+    v
+}
+
+fn put(socket: &Path, key: u64, tag: u8) -> Option<kvdir::Response> {
+    call(socket, key, &kvdir::Request::Put(value(tag, key)))
+}
+
+fn get(socket: &Path, key: u64) -> Option<kvdir::Response> {
+    call(socket, key, &kvdir::Request::Get)
+}
+
+/// Whether `response` is a read of `key` written with `tag`.
+fn reads(response: &Option<kvdir::Response>, key: u64, tag: u8) -> bool {
+    matches!(response, Some(kvdir::Response::Value(Some(v))) if v.value[..] == value(tag, key))
+}
+
+/// `f` of every key in `keys`, each in a thread of its own: calls to a cut-off node each wait
+/// for their deadline.
+fn each_at_once<T: Send>(keys: &[u64], f: impl Fn(u64) -> T + Sync) -> Vec<(u64, T)> {
+    std::thread::scope(|s| {
+        let f = &f;
+        let threads: Vec<_> = keys.iter().map(|&k| (k, s.spawn(move || f(k)))).collect();
+        threads.into_iter().map(|(k, t)| (k, t.join().expect("a call's thread"))).collect()
+    })
+}
+
+/// Five nodes; {1, 2} cut off from {3, 4, 5}, then the cut healed. The three go on: they
+/// declare the two failed, rebuild their entries from replicas (or report them lost, never
+/// invent them), take every write, and no read through the cut-off side returns a value the
+/// other side has overwritten. Healed, the two come back as new lives, and every write that
+/// was acknowledged, on either side, reads back.
+#[test]
+fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
+    let Some(net) = Net::new(5) else { return };
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(60);
+    let places = (1..=5).map(|i| net.place(i)).collect();
+    let agents = agents_at(root.path(), places, limit, &["--loopback-timers"]);
+    let (cut, rest) = ([1u64, 2], [3u64, 4, 5]);
+    let keys: Vec<u64> = (0..300).collect();
+    // Written by the cut-off side while cut: whether each was acknowledged decides what it
+    // may read as after the heal.
+    let theirs: Vec<u64> = (0..300).step_by(15).collect();
+    let ours: Vec<u64> = keys.iter().copied().filter(|k| !theirs.contains(k)).collect();
+    let (one, three, four) = (socket(&agents[0]), socket(&agents[2]), socket(&agents[3]));
+    wait_until("kvdir registered", limit, || get(&one, 0).is_some());
+    for &key in &keys {
+        let stored = put(&one, key, b'a');
+        assert!(matches!(stored, Some(kvdir::Response::Stored { .. })), "write {key}: {stored:?}");
+    }
+
+    net.attach(&cut, 'b');
+    wait_showing(&agents, "the three to declare the two failed", limit, || {
+        status(&agents[2].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && cut.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "failed"))
+                && rest.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "active"))
+        })
+    });
+
+    // The cut-off side, writing, may be refused or may time out; anything it acknowledges
+    // must outlive the cut.
+    let theirs_written = each_at_once(&theirs, |key| {
+        let through = socket(&agents[(key % 2) as usize]);
+        matches!(put(&through, key, b'm'), Some(kvdir::Response::Stored { .. }))
+    });
+    // The three hold every key as written before the cut, or say its slot lost entries.
+    let mut lost = 0;
+    for &key in &ours {
+        match get(&three, key) {
+            answer if reads(&answer, key, b'a') => {}
+            Some(kvdir::Response::Lost) => lost += 1,
+            other => panic!("key {key} through node 3 during the cut: {other:?}"),
+        }
+    }
+    // Whoever reads a key as lost, a survivor said its slot was: it never invents a value.
+    let reported: u64 = rest
+        .iter()
+        .map(|&i| stats_of(&agents[i as usize - 1].dir)["stats"]["reported_lost"]["kvdir"].as_u64())
+        .map(Option::unwrap_or_default)
+        .sum();
+    assert_eq!(reported > 0, lost > 0, "{lost} keys read as lost, {reported} slots reported");
+    for &key in &ours {
+        let stored = put(&four, key, b'b');
+        assert!(matches!(stored, Some(kvdir::Response::Stored { .. })), "write {key}: {stored:?}");
+    }
+    // What the three overwrote is not read through the cut-off side as it was.
+    let sample: Vec<u64> = ours.iter().copied().step_by(10).collect();
+    let stale: Vec<(u64, Option<kvdir::Response>)> =
+        each_at_once(&sample, |key| get(&socket(&agents[(key % 2) as usize]), key))
+            .into_iter()
+            .filter(|(key, answer)| reads(answer, *key, b'a'))
+            .collect();
+    assert!(stale.is_empty(), "stale reads through the cut-off side: {stale:?}");
+
+    net.attach(&cut, 'a');
+    wait_showing(&agents, "the two back as new lives", limit, || {
+        status(&agents[2].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && (1..=5).all(|i| {
+                    node_status(&s, i)
+                        .is_some_and(|(st, inc)| st == "active" && (inc > 1) == cut.contains(&i))
+                })
+        })
+    });
+    for &key in &ours {
+        let answer = get(&one, key);
+        assert!(reads(&answer, key, b'b'), "key {key} through node 1 after the heal: {answer:?}");
+    }
+    let acknowledged = theirs_written.iter().filter(|(_, acknowledged)| *acknowledged).count();
+    for (key, acknowledged) in theirs_written {
+        let answer = get(&one, key);
+        let fine = reads(&answer, key, b'm')
+            || !acknowledged
+                && (reads(&answer, key, b'a') || matches!(answer, Some(kvdir::Response::Lost)));
+        assert!(fine, "key {key} (acknowledged: {acknowledged}) after the heal: {answer:?}");
+    }
+    eprintln!(
+        "{lost} of {} keys read as lost during the cut, {reported} slots reported lost; \
+         {acknowledged} of {} writes through the cut-off side acknowledged",
+        ours.len(),
+        theirs.len()
+    );
+}
