@@ -1,13 +1,15 @@
 //! The node commands: `agent`, and the commands that talk to it over its control socket.
 //!
-//! Its parts: `report` (`status`, `stats`), `kvdir` (`kv`), `pages` (`dsm`).
+//! Its parts: `report` (`status`, `stats`), `kvdir` (`kv`), `pages` (`dsm`), `plan` (`plan`).
 
 mod kvdir;
 mod pages;
+mod plan;
 mod report;
 
 pub(crate) use kvdir::{kv, KvArgs};
 pub(crate) use pages::{dsm, DsmArgs};
+pub(crate) use plan::{plan, PlanArgs};
 pub(crate) use report::{stats, status, StatsArgs, StatusArgs};
 
 use anyhow::{bail, Context};
@@ -114,9 +116,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
+/// The labels of `--label` options, each level once.
+fn labels(texts: &[String]) -> anyhow::Result<Labels> {
     let mut labels = Labels::new();
-    for text in &args.labels {
+    for text in texts {
         let (key, value) = parse_label(text)?;
         if value.contains(',') {
             bail!("--label {text}: one level a --label, as --label zone=a --label rack=r1");
@@ -125,6 +128,11 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
             bail!("--label {key} given twice ({key}={first} first): give each level once");
         }
     }
+    Ok(labels)
+}
+
+pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
+    let labels = labels(&args.labels)?;
     let start = match (args.bootstrap, args.join) {
         (true, _) => Start::Bootstrap,
         (false, Some(seed)) => Start::Join(seed),

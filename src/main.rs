@@ -33,6 +33,9 @@ enum Command {
     /// Lift the hold on a node that kept failing (its lives declared failed soon after they
     /// began), once its cause is mended: it rejoins at its next try, within seconds.
     Unhold(cli::UnholdArgs),
+    /// Show what a join, leave, eviction or failure would move if it happened now, and which
+    /// nodes would take part; nothing is carried out.
+    Plan(cli::PlanArgs),
     /// Read or write distributed shared memory through the local agent.
     Dsm(cli::DsmArgs),
     /// Read or write the kvdir service (the example key-value directory) through the local
@@ -94,6 +97,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Leave(args) => cli::leave(args),
         Command::Evict(args) => cli::evict(args),
         Command::Unhold(args) => cli::unhold(args),
+        Command::Plan(args) => cli::plan(args),
         Command::Dsm(args) => cli::dsm(args),
         Command::Kv(args) => cli::kv(args),
         Command::Demo(args) => demo::run(&args),

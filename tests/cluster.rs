@@ -52,6 +52,26 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
             .is_some_and(|s| s["voters"].as_array().map_or(0, Vec::len) == 5)
     });
 
+    // Before it does, `plan` shows what its leave would move: only node 5 sends, and nothing
+    // is carried out.
+    let planned = cli(&agents[4].dir, &["plan", "leave", "--json"]);
+    assert!(planned.status.success(), "plan: {}", String::from_utf8_lossy(&planned.stderr));
+    let planned: Value = serde_json::from_slice(&planned.stdout).expect("one JSON object");
+    assert_eq!(planned["change"], serde_json::json!({ "Evict": 5 }), "{planned}");
+    assert_eq!(planned["epoch"].as_u64(), planned["epoch_now"].as_u64().map(|e| e + 1));
+    let moves = planned["plan"]["services"].as_array().expect("services").iter();
+    let moves: Vec<&Value> = moves.flat_map(|s| s["moves"].as_array().expect("moves")).collect();
+    assert!(!moves.is_empty(), "{planned}");
+    assert!(moves.iter().all(|m| m["from"] == 5 && m["to"] != 5), "{planned}");
+    let shown = cli(&agents[0].dir, &["plan", "evict", "4"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.starts_with("evict n4: ") && shown.contains("n4 -> n"), "{shown}");
+    assert!(shown.ends_with("nothing was carried out\n"), "{shown}");
+    let refused = cli(&agents[0].dir, &["plan", "evict", "9"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("9"), "{refused:?}");
+    assert!(stable_with(&agents[0].dir, &all_active), "a plan carries nothing out");
+
     // Node 5 leaves gracefully: the command returns once it has left.
     let leave = cli(&agents[4].dir, &["leave"]);
     let said = String::from_utf8_lossy(&leave.stderr);

@@ -77,6 +77,36 @@ pub enum ControlRequest {
         /// The node.
         node: u64,
     },
+    /// What a change would move if it were asked for now, as the leader's state says; nothing
+    /// is carried out. Answered with a [`Preview`](crate::preview::Preview), or `null` when the
+    /// change would begin nothing.
+    Plan {
+        /// The change.
+        change: PlanAsk,
+    },
+}
+
+/// The change [`ControlRequest::Plan`] asks about.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum PlanAsk {
+    /// A new node joins with these labels.
+    Join {
+        /// Its labels.
+        labels: gobelins_locator::Labels,
+    },
+    /// The node the agent runs on leaves.
+    Leave,
+    /// Another node is evicted.
+    Evict {
+        /// The node.
+        node: u64,
+    },
+    /// A node fails: what the others would rebuild.
+    Fail {
+        /// The node.
+        node: u64,
+    },
 }
 
 impl ControlRequest {
@@ -91,6 +121,7 @@ impl ControlRequest {
             ControlRequest::Stats => "stats",
             ControlRequest::Local { .. } => "local",
             ControlRequest::Unhold { .. } => "unhold",
+            ControlRequest::Plan { .. } => "plan",
         }
     }
 
@@ -99,7 +130,10 @@ impl ControlRequest {
     fn for_the_cluster(&self) -> bool {
         matches!(
             self,
-            ControlRequest::Stats | ControlRequest::Evict { .. } | ControlRequest::Unhold { .. }
+            ControlRequest::Stats
+                | ControlRequest::Evict { .. }
+                | ControlRequest::Unhold { .. }
+                | ControlRequest::Plan { .. }
         )
     }
 }

@@ -38,6 +38,7 @@ pub mod net;
 pub mod network;
 mod outbox;
 mod pauses;
+pub mod preview;
 mod quorum;
 pub mod rpc;
 pub mod runtime;

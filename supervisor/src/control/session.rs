@@ -2,10 +2,11 @@
 //! for hanging up.
 
 use super::membership::{change, wait_for};
-use super::{ControlRequest, MAX_REQUEST_LINE};
+use super::{ControlRequest, PlanAsk, MAX_REQUEST_LINE};
 use crate::console::Consoles;
 use crate::entering::Entering;
 use crate::error::{Result, SupervisorError};
+use crate::preview::{preview, Preview};
 use crate::rpc::View;
 use crate::state::{Command, NodeStatus};
 use crate::supervisor::{Lifecycle, Supervisor};
@@ -146,6 +147,14 @@ pub(super) async fn answer(
                 "answered": unheld.answered,
                 "silent": unheld.silent,
             } });
+            flush(&mut write, &[line]).await
+        }
+        ControlRequest::Plan { change } => {
+            let view = node.cluster_view().await;
+            let line = match plan_of(&view, node.id(), change) {
+                Ok(preview) => json!({ "ok": preview }),
+                Err(why) => json!({ "error": why }),
+            };
             flush(&mut write, &[line]).await
         }
         // Not this node: `leave` is the way out for it, and an evict typed with the wrong id
@@ -380,4 +389,34 @@ pub fn status_json(view: &View) -> Value {
         "tree": state.tree.render(),
         "levels": state.tree.config().label_levels,
     })
+}
+
+/// What `change` would move in the cluster of `view`, asked through node `me`: the preview, or
+/// `None` when it would begin no change; why not, as the cluster would refuse it.
+fn plan_of(view: &View, me: u64, change: PlanAsk) -> std::result::Result<Option<Preview>, String> {
+    let state = &view.state;
+    if state.nodes.is_empty() {
+        return Err("this agent has not joined a cluster yet: ask a member's agent (`--data-dir` of a running member)".into());
+    }
+    let command = match change {
+        PlanAsk::Leave => Command::Leave { node: me },
+        PlanAsk::Evict { node } => Command::Evict { node },
+        PlanAsk::Fail { node } => {
+            let Some(record) = state.nodes.get(&node) else {
+                return Err(format!(
+                    "node {node} is not a member of this cluster: `gobelins status` lists them"
+                ));
+            };
+            Command::Dead { node, incarnation: record.incarnation }
+        }
+        // The id a new node would have is its own choice; the one after the highest stands
+        // in for it.
+        PlanAsk::Join { labels } => Command::Join {
+            node: state.nodes.keys().max().map_or(1, |n| n + 1),
+            addr: String::new(),
+            labels,
+            incarnation: 1,
+        },
+    };
+    preview(state, &command).map_err(|refusal| refusal.to_string())
 }

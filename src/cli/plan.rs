@@ -1,0 +1,199 @@
+//! `gobelins plan`: what a change would move, shown before anyone asks for it, as operators of
+//! Riak Core expect (DESIGN.md, "Locator", plans). Nothing is carried out.
+
+use super::{ask, labels, DirArgs};
+use clap::{Args, Subcommand};
+use gobelins_locator::{Change, NodeId};
+use gobelins_supervisor::control::{ControlRequest, PlanAsk};
+use gobelins_supervisor::preview::Preview;
+use std::fmt::Write as _;
+
+/// Options of `gobelins plan`.
+#[derive(Args, Debug)]
+pub(crate) struct PlanArgs {
+    #[command(subcommand)]
+    change: PlanOf,
+}
+
+/// The change to plan.
+#[derive(Subcommand, Debug)]
+enum PlanOf {
+    /// A new node joining with these labels (`gobelins agent --join`)
+    Join {
+        /// A label of the new node, such as zone=a (repeatable), as its agent would be given.
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// The node this agent runs on leaving (`gobelins leave`)
+    Leave {
+        #[command(flatten)]
+        out: Out,
+    },
+    /// Another node evicted (`gobelins evict NODE`)
+    Evict {
+        /// The node.
+        node: u64,
+        #[command(flatten)]
+        out: Out,
+    },
+    /// A node failing now: what the others would rebuild, and from what
+    Fail {
+        /// The node.
+        node: u64,
+        #[command(flatten)]
+        out: Out,
+    },
+}
+
+/// Where to ask, and how to answer.
+#[derive(Args, Debug)]
+struct Out {
+    #[command(flatten)]
+    dir: DirArgs,
+    /// The plan as one JSON object (`null` when the change would begin nothing).
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn plan(args: PlanArgs) -> anyhow::Result<()> {
+    let (ask_for, out) = match args.change {
+        PlanOf::Join { labels: texts, out } => (PlanAsk::Join { labels: labels(&texts)? }, out),
+        PlanOf::Leave { out } => (PlanAsk::Leave, out),
+        PlanOf::Evict { node, out } => (PlanAsk::Evict { node }, out),
+        PlanOf::Fail { node, out } => (PlanAsk::Fail { node }, out),
+    };
+    let answer = ask(&out.dir, ControlRequest::Plan { change: ask_for.clone() })?;
+    if out.json {
+        println!("{answer}");
+        return Ok(());
+    }
+    let preview: Option<Preview> = serde_json::from_value(answer)?;
+    match preview {
+        Some(preview) => print!("{}", plan_text(&preview, &ask_for)),
+        None => println!("it would begin no change: nothing would move"),
+    }
+    Ok(())
+}
+
+/// What `gobelins plan` prints of the preview of the change `asked` for.
+fn plan_text(preview: &Preview, asked: &PlanAsk) -> String {
+    let mut out = String::new();
+    let change = match (&preview.change, asked) {
+        // The cluster records a leave as the eviction of the leaver.
+        (Change::Evict(node), PlanAsk::Leave) => {
+            format!("{node} leaving (the cluster's change: evict {node})")
+        }
+        (change, _) => change.to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "{change}: the cluster is at epoch {}; this would be epoch {}",
+        preview.epoch_now, preview.epoch
+    );
+    if let (Change::Add { node, .. }, PlanAsk::Join { .. }) = (&preview.change, asked) {
+        let _ = writeln!(out, "  ({node} stands for the new node: its agent picks its own id)");
+    }
+    if !preview.ahead.is_empty() {
+        let ahead: Vec<String> = preview.ahead.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "  after: {} (each change's plan is made as it begins, against what those before it left)",
+            ahead.join(", ")
+        );
+    }
+    let names = |nodes: &mut dyn Iterator<Item = u64>| {
+        let names: Vec<String> = nodes.map(|n| NodeId(n).to_string()).collect();
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(" ")
+        }
+    };
+    let senders = preview.plan.senders();
+    let receivers = preview.plan.receivers();
+    if let Change::Fail(dead) = preview.change {
+        let _ = writeln!(
+            out,
+            "  rebuild: {} ({dead} sends nothing: each slot's new manager rebuilds it from what the survivors hold)",
+            names(&mut receivers.iter().map(|n| n.0))
+        );
+    } else {
+        let _ = writeln!(out, "  send: {}", names(&mut senders.iter().map(|n| n.0)));
+        let _ = writeln!(out, "  receive: {}", names(&mut receivers.iter().map(|n| n.0)));
+    }
+    let besides = preview
+        .participants
+        .iter()
+        .copied()
+        .filter(|&n| !senders.contains(&NodeId(n)) && !receivers.contains(&NodeId(n)));
+    let besides = names(&mut besides.into_iter());
+    if besides != "none" {
+        let _ = writeln!(out, "  also taking part: {besides} (for the replicas they keep or hold)");
+    }
+    let _ = writeln!(out, "  {} slots change manager", preview.plan.moved_slots());
+    // The locator's own account, but for its first line, which the lines above say better.
+    let plan = preview.plan.to_string();
+    for line in plan.lines().skip(1) {
+        let _ = writeln!(out, "{line}");
+    }
+    let _ = writeln!(out, "nothing was carried out");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gobelins_locator::{Epoch, MigrationPlan, ServiceId, ServicePlan, SlotMove};
+    use std::collections::BTreeSet;
+
+    #[test]
+    fn a_plan_says_the_change_what_runs_before_it_who_sends_and_receives_and_what_moves() {
+        let preview = Preview {
+            epoch_now: 7,
+            ahead: vec![Change::Fail(NodeId(5))],
+            change: Change::Evict(NodeId(3)),
+            epoch: 9,
+            participants: BTreeSet::from([1, 2, 3]),
+            plan: MigrationPlan {
+                from: Epoch(8),
+                to: Epoch(9),
+                services: vec![ServicePlan {
+                    service: ServiceId(1),
+                    name: "kvdir".into(),
+                    moves: vec![SlotMove { slots: 10..20, from: NodeId(3), to: NodeId(1) }],
+                }],
+                participants: BTreeSet::from([NodeId(1), NodeId(3)]),
+            },
+        };
+        let text = plan_text(&preview, &PlanAsk::Evict { node: 3 });
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0], "evict n3: the cluster is at epoch 7; this would be epoch 9",
+            "{text}"
+        );
+        assert!(lines[1].contains("after: fail n5"), "{text}");
+        assert_eq!(lines[2], "  send: n3", "{text}");
+        assert_eq!(lines[3], "  receive: n1", "{text}");
+        assert_eq!(
+            lines[4], "  also taking part: n2 (for the replicas they keep or hold)",
+            "{text}"
+        );
+        assert_eq!(lines[5], "  10 slots change manager", "{text}");
+        assert!(lines[6].contains("kvdir: 10 slots"), "{text}");
+        assert!(lines[7].contains("n3 -> n1: 10 slots in 10..20"), "{text}");
+        assert_eq!(lines.last(), Some(&"nothing was carried out"));
+        // Asked through the leaver, and of a failure.
+        let text = plan_text(&preview, &PlanAsk::Leave);
+        assert!(text.starts_with("n3 leaving (the cluster's change: evict n3): "), "{text}");
+        let joining = Change::Add { node: NodeId(9), labels: Default::default() };
+        let joined = Preview { change: joining, ..preview.clone() };
+        let text = plan_text(&joined, &PlanAsk::Join { labels: Default::default() });
+        assert!(text.contains("\n  (n9 stands for the new node"), "{text}");
+        let failed = Preview { change: Change::Fail(NodeId(3)), ..preview };
+        let text = plan_text(&failed, &PlanAsk::Fail { node: 3 });
+        assert!(text.contains("  rebuild: n1 (n3 sends nothing"), "{text}");
+        assert!(!text.contains("  send:"), "{text}");
+    }
+}
