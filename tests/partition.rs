@@ -1,11 +1,11 @@
-//! Black-box test of a network partition: real `gobelins agent` processes, each in a network
+//! Black-box tests of a network partition: real `gobelins agent` processes, each in a network
 //! namespace of its own, joined by a bridge; moving two nodes' links to a second bridge cuts
 //! them off from the other three, and moving them back heals the cut (DESIGN.md, "Testing":
 //! partitions are made with `ip netns` and veth links, since this machine has no iptables and
 //! `tc netem` does not work).
 //!
 //! Making namespaces takes root (`CAP_NET_ADMIN`) and `ip` from iproute2. Without them the test
-//! says so and passes, unless `GOBELINS_REQUIRE_NETNS` is set: `.ci/run` sets it where it can
+//! say so and pass, unless `GOBELINS_REQUIRE_NETNS` is set: `.ci/run` sets it where it can
 //! make a namespace itself, so that a run that could test the partition does.
 
 mod common;
@@ -13,7 +13,7 @@ mod common;
 use common::*;
 use gobelins::kvdir;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 /// The namespaces, links and bridges of one test, removed when it ends, however it ends.
@@ -24,10 +24,11 @@ struct Net {
 }
 
 impl Net {
-    /// `nodes` namespaces, node `i` at 10.88.0.`i` on bridge A. `None` if this machine does
+    /// `nodes` namespaces for the test named `test` (one letter), node `i` at 10.88.0.`i`
+    /// on bridge A. `None` if this machine does
     /// not let the test make them (and the run does not require it).
-    fn new(nodes: u64) -> Option<Net> {
-        let tag = format!("{:x}", std::process::id() & 0xff_ffff);
+    fn new(test: char, nodes: u64) -> Option<Net> {
+        let tag = format!("{:x}{test}", std::process::id() & 0xff_ffff);
         let net = Net { tag, nodes };
         // What a killed run of the same process id left behind would refuse the names.
         net.clear();
@@ -165,7 +166,7 @@ fn each_at_once<T: Send>(keys: &[u64], f: impl Fn(u64) -> T + Sync) -> Vec<(u64,
 /// was acknowledged, on either side, reads back.
 #[test]
 fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
-    let Some(net) = Net::new(5) else { return };
+    let Some(net) = Net::new('k', 5) else { return };
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(60);
     let places = (1..=5).map(|i| net.place(i)).collect();
@@ -255,4 +256,102 @@ fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
         ours.len(),
         theirs.len()
     );
+}
+
+fn dsm(agent: &Agent, args: &[&str]) -> Output {
+    let mut command = Command::new(BIN);
+    command.arg("dsm").args(args).arg("--data-dir").arg(&agent.dir);
+    command.output().expect("run gobelins")
+}
+
+/// Page `page` of segment 9 through `agent`: its first bytes, or why not.
+fn read_page(agent: &Agent, page: u64) -> Result<String, String> {
+    let out = dsm(agent, &["read", "9", &(page * 4096).to_string(), "4"]);
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+fn write_page(agent: &Agent, page: u64, text: &str) -> Result<(), String> {
+    let out = dsm(agent, &["write", "9", &(page * 4096).to_string(), text]);
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+/// Shared memory across the same cut. The two cut off held read copies of every page; the
+/// three rewrite the pages they did not lose, and neither of the two reads a page as it was
+/// before. Healed, every page reads as the three last wrote it, through a node that was cut
+/// off.
+#[test]
+fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
+    let Some(net) = Net::new('d', 5) else { return };
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(60);
+    let places = (1..=5).map(|i| net.place(i)).collect();
+    let agents = agents_at(root.path(), places, limit, &["--loopback-timers"]);
+    let cut = [1u64, 2];
+    let pages: Vec<u64> = (0..24).collect();
+    let before = |page: u64| format!("a{page:03}");
+    let after = |page: u64| format!("b{page:03}");
+    wait_until("the DSM registered", limit, || write_page(&agents[2], 0, &before(0)).is_ok());
+    for &page in &pages {
+        write_page(&agents[2], page, &before(page)).expect("a write before the cut");
+    }
+    // Each of the two keeps a read copy of every page.
+    for agent in &agents[..2] {
+        for &page in &pages {
+            assert_eq!(read_page(agent, page), Ok(before(page)), "node {}", agent.id);
+        }
+    }
+
+    net.attach(&cut, 'b');
+    wait_showing(&agents, "the three to declare the two failed", limit, || {
+        status(&agents[2].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && cut.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "failed"))
+        })
+    });
+    // A page whose copies were all on the cut-off side is lost, and says so.
+    let mut kept = Vec::new();
+    for &page in &pages {
+        match read_page(&agents[2], page) {
+            Ok(text) if text == before(page) => kept.push(page),
+            Err(why) if why.contains("is lost") => {}
+            other => panic!("page {page} through node 3 during the cut: {other:?}"),
+        }
+    }
+    for &page in &kept {
+        write_page(&agents[3], page, &after(page)).expect("a write by the three");
+    }
+    let stale: Vec<(u64, u64)> = each_at_once(&kept, |page| {
+        agents[..2]
+            .iter()
+            .filter(|agent| read_page(agent, page) == Ok(before(page)))
+            .map(|agent| agent.id)
+            .collect::<Vec<_>>()
+    })
+    .into_iter()
+    .flat_map(|(page, nodes)| nodes.into_iter().map(move |node| (page, node)))
+    .collect();
+    assert!(
+        stale.is_empty(),
+        "pages read as they were through the cut-off side (page, node): {stale:?}"
+    );
+
+    net.attach(&cut, 'a');
+    wait_showing(&agents, "the two back as new lives", limit, || {
+        status(&agents[2].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && cut
+                    .iter()
+                    .all(|&i| node_status(&s, i).is_some_and(|(st, inc)| st == "active" && inc > 1))
+        })
+    });
+    for &page in &kept {
+        assert_eq!(read_page(&agents[0], page), Ok(after(page)), "page {page} after the heal");
+    }
+    eprintln!("{} of {} pages kept through the cut", kept.len(), pages.len());
 }
