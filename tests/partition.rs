@@ -4,7 +4,7 @@
 //! partitions are made with `ip netns` and veth links, since this machine has no iptables and
 //! `tc netem` does not work).
 //!
-//! Making namespaces takes root (`CAP_NET_ADMIN`) and `ip` from iproute2. Without them the test
+//! Making namespaces takes root (`CAP_NET_ADMIN`) and `ip` from iproute2. Without them the tests
 //! say so and pass, unless `GOBELINS_REQUIRE_NETNS` is set: `.ci/run` sets it where it can
 //! make a namespace itself, so that a run that could test the partition does.
 
