@@ -57,19 +57,27 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
     let planned = cli(&agents[4].dir, &["plan", "leave", "--json"]);
     assert!(planned.status.success(), "plan: {}", String::from_utf8_lossy(&planned.stderr));
     let planned: Value = serde_json::from_slice(&planned.stdout).expect("one JSON object");
+    assert_eq!(planned["own_view"], false, "{planned}");
+    let planned = &planned["preview"];
+    assert_eq!(planned["outcome"], "begins", "{planned}");
     assert_eq!(planned["change"], serde_json::json!({ "Evict": 5 }), "{planned}");
-    assert_eq!(planned["epoch"].as_u64(), planned["epoch_now"].as_u64().map(|e| e + 1));
+    let epoch_now = planned["epoch_now"].as_u64().expect("an epoch");
+    assert_eq!(planned["epoch"].as_u64(), Some(epoch_now + 1), "{planned}");
     let moves = planned["plan"]["services"].as_array().expect("services").iter();
     let moves: Vec<&Value> = moves.flat_map(|s| s["moves"].as_array().expect("moves")).collect();
     assert!(!moves.is_empty(), "{planned}");
     assert!(moves.iter().all(|m| m["from"] == 5 && m["to"] != 5), "{planned}");
     let shown = cli(&agents[0].dir, &["plan", "evict", "4"]);
+    assert!(shown.status.success(), "plan: {}", String::from_utf8_lossy(&shown.stderr));
     let shown = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.starts_with("evict n4: ") && shown.contains("n4 -> n"), "{shown}");
     assert!(shown.ends_with("nothing was carried out\n"), "{shown}");
     let refused = cli(&agents[0].dir, &["plan", "evict", "9"]);
     assert!(!refused.status.success());
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("9"), "{refused:?}");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("node 9 is not a member"), "{said}");
+    let after = status(&agents[0].dir, false).expect("status");
+    assert_eq!(after["epoch"].as_u64(), Some(epoch_now), "a plan carries nothing out: {after}");
     assert!(stable_with(&agents[0].dir, &all_active), "a plan carries nothing out");
 
     // Node 5 leaves gracefully: the command returns once it has left.

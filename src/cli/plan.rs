@@ -5,7 +5,7 @@ use super::{ask, labels, DirArgs};
 use clap::{Args, Subcommand};
 use gobelins_locator::{Change, NodeId};
 use gobelins_supervisor::control::{ControlRequest, PlanAsk};
-use gobelins_supervisor::preview::Preview;
+use gobelins_supervisor::preview::{Preview, Previewed};
 use std::fmt::Write as _;
 
 /// Options of `gobelins plan`.
@@ -23,6 +23,10 @@ enum PlanOf {
         /// A label of the new node, such as zone=a (repeatable), as its agent would be given.
         #[arg(long = "label", value_name = "KEY=VALUE")]
         labels: Vec<String>,
+        /// The new node's id, as its agent would be given (`--node-id`): which node keeps
+        /// another's replicas follows the order of ids. Without it, the id after the highest.
+        #[arg(long)]
+        node_id: Option<u64>,
         #[command(flatten)]
         out: Out,
     },
@@ -52,14 +56,18 @@ enum PlanOf {
 struct Out {
     #[command(flatten)]
     dir: DirArgs,
-    /// The plan as one JSON object (`null` when the change would begin nothing).
+    /// The plan as one JSON object: `preview` (its `outcome`: `begins`, with the plan;
+    /// `nothing`; or `unknown`, with the change ahead that could not be played out) and
+    /// `own_view` (no leader answered: this node's own view of the cluster).
     #[arg(long)]
     json: bool,
 }
 
 pub(crate) fn plan(args: PlanArgs) -> anyhow::Result<()> {
     let (ask_for, out) = match args.change {
-        PlanOf::Join { labels: texts, out } => (PlanAsk::Join { labels: labels(&texts)? }, out),
+        PlanOf::Join { labels: texts, node_id, out } => {
+            (PlanAsk::Join { labels: labels(&texts)?, node: node_id }, out)
+        }
         PlanOf::Leave { out } => (PlanAsk::Leave, out),
         PlanOf::Evict { node, out } => (PlanAsk::Evict { node }, out),
         PlanOf::Fail { node, out } => (PlanAsk::Fail { node }, out),
@@ -69,10 +77,18 @@ pub(crate) fn plan(args: PlanArgs) -> anyhow::Result<()> {
         println!("{answer}");
         return Ok(());
     }
-    let preview: Option<Preview> = serde_json::from_value(answer)?;
-    match preview {
-        Some(preview) => print!("{}", plan_text(&preview, &ask_for)),
-        None => println!("it would begin no change: nothing would move"),
+    if answer["own_view"] == true {
+        println!(
+            "no leader answered: this is this node's own view of the cluster, which may be stale"
+        );
+    }
+    match serde_json::from_value(answer["preview"].clone())? {
+        Previewed::Begins(preview) => print!("{}", plan_text(&preview, &ask_for)),
+        Previewed::Nothing => println!("it would begin no change: nothing would move"),
+        Previewed::Unknown { stuck } => println!(
+            "cannot tell: the change ahead of it, {stuck}, could not be played out to its end; \
+             ask again once `gobelins status` shows the cluster stable"
+        ),
     }
     Ok(())
 }
@@ -92,8 +108,11 @@ fn plan_text(preview: &Preview, asked: &PlanAsk) -> String {
         "{change}: the cluster is at epoch {}; this would be epoch {}",
         preview.epoch_now, preview.epoch
     );
-    if let (Change::Add { node, .. }, PlanAsk::Join { .. }) = (&preview.change, asked) {
-        let _ = writeln!(out, "  ({node} stands for the new node: its agent picks its own id)");
+    if let (Change::Add { node, .. }, PlanAsk::Join { node: None, .. }) = (&preview.change, asked) {
+        let _ = writeln!(
+            out,
+            "  ({node} stands for the new node: who keeps replicas follows the ids; --node-id gives the real one)"
+        );
     }
     if !preview.ahead.is_empty() {
         let ahead: Vec<String> = preview.ahead.iter().map(ToString::to_string).collect();
@@ -113,7 +132,7 @@ fn plan_text(preview: &Preview, asked: &PlanAsk) -> String {
     };
     let senders = preview.plan.senders();
     let receivers = preview.plan.receivers();
-    if let Change::Fail(dead) = preview.change {
+    if let Change::Fail(dead) | Change::Recover(dead) = preview.change {
         let _ = writeln!(
             out,
             "  rebuild: {} ({dead} sends nothing: each slot's new manager rebuilds it from what the survivors hold)",
@@ -189,7 +208,7 @@ mod tests {
         assert!(text.starts_with("n3 leaving (the cluster's change: evict n3): "), "{text}");
         let joining = Change::Add { node: NodeId(9), labels: Default::default() };
         let joined = Preview { change: joining, ..preview.clone() };
-        let text = plan_text(&joined, &PlanAsk::Join { labels: Default::default() });
+        let text = plan_text(&joined, &PlanAsk::Join { labels: Default::default(), node: None });
         assert!(text.contains("\n  (n9 stands for the new node"), "{text}");
         let failed = Preview { change: Change::Fail(NodeId(3)), ..preview };
         let text = plan_text(&failed, &PlanAsk::Fail { node: 3 });

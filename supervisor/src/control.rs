@@ -77,9 +77,9 @@ pub enum ControlRequest {
         /// The node.
         node: u64,
     },
-    /// What a change would move if it were asked for now, as the leader's state says; nothing
-    /// is carried out. Answered with a [`Preview`](crate::preview::Preview), or `null` when the
-    /// change would begin nothing.
+    /// What a change would move if it were asked for now, as the leader's state says (this
+    /// node's own if no leader answers: `own_view` says so); nothing is carried out. Answered
+    /// with `preview`, a [`Previewed`](crate::preview::Previewed), and `own_view`.
     Plan {
         /// The change.
         change: PlanAsk,
@@ -94,6 +94,9 @@ pub enum PlanAsk {
     Join {
         /// Its labels.
         labels: gobelins_locator::Labels,
+        /// Its id, if known: which node keeps a node's replicas follows the order of ids.
+        #[serde(default)]
+        node: Option<u64>,
     },
     /// The node the agent runs on leaves.
     Leave,

@@ -25,56 +25,66 @@ pub struct Preview {
     pub plan: MigrationPlan,
 }
 
-/// Changes ahead past which a preview gives up: a queue this long is not waiting on one
-/// change but on an operator.
-const AHEAD_AT_MOST: usize = 64;
+/// What a preview found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Previewed {
+    /// The change would begin, with this plan.
+    Begins(Preview),
+    /// The command would begin no change (the same life asking to join again, say).
+    Nothing,
+    /// A change ahead could not be played out (one of its participants' reports refused):
+    /// the preview cannot tell what would come after it.
+    Unknown {
+        /// The change that did not end.
+        stuck: Change,
+    },
+}
 
 /// What `command` would do to the cluster in `state`: every change ahead of it carried out as
 /// if each participant reported done, then its own begun. `state` is left as it was. Refused
-/// as the cluster would refuse the command itself (an unknown node, the last one); `None`
-/// when it would begin no change (the same life asking to join again, say).
-pub fn preview(state: &ClusterState, command: &Command) -> Result<Option<Preview>, Refusal> {
+/// as the cluster would refuse the command itself (an unknown node, the last one).
+pub fn preview(state: &ClusterState, command: &Command) -> Result<Previewed, Refusal> {
     let mut state = state.clone();
     let epoch_now = state.epoch;
-    let mut ahead: Vec<Change> = state.in_progress.iter().map(|p| p.change.clone()).collect();
-    ahead.extend(state.queue.iter().cloned());
-    let asked = ahead.len();
     state.apply(command)?;
-    let Some(target) = command_node(command) else { return Ok(None) };
-    for _ in 0..=asked.min(AHEAD_AT_MOST) {
-        let Some(progress) = state.in_progress.as_ref() else { break };
-        if progress.change.node().is_some_and(|n| n.0 == target) {
-            return Ok(Some(Preview {
+    let mut ahead = Vec::new();
+    while let Some(progress) = state.in_progress.as_ref() {
+        // Begun by this command, not one under way before it that names the same node (a
+        // failure previewed while that node's join goes on).
+        if progress.epoch > epoch_now && is_its_change(command, &progress.change) {
+            return Ok(Previewed::Begins(Preview {
                 epoch_now,
-                ahead: ahead
-                    .into_iter()
-                    .filter(|c| c.node().is_none_or(|n| n.0 != target))
-                    .collect(),
+                ahead,
                 change: progress.change.clone(),
                 epoch: progress.epoch,
                 participants: progress.participants.clone(),
                 plan: progress.plan.clone(),
             }));
         }
-        let (epoch, participants) = (progress.epoch, progress.participants.clone());
-        for node in participants {
-            // A participant's report, as it would come; a refusal would leave it waiting,
-            // which the bound on the loop ends.
+        let (epoch, change) = (progress.epoch, progress.change.clone());
+        for node in progress.participants.clone() {
+            // Each participant's report, as it would come.
             let _ = state.apply(&Command::MigrationDone { node, epoch });
         }
+        if state.in_progress.as_ref().is_some_and(|p| p.epoch == epoch) {
+            return Ok(Previewed::Unknown { stuck: change });
+        }
+        ahead.push(change);
     }
-    Ok(None)
+    Ok(Previewed::Nothing)
 }
 
-/// The node a command that plans a change is about.
-fn command_node(command: &Command) -> Option<u64> {
-    match command {
-        Command::Join { node, .. }
-        | Command::Leave { node }
-        | Command::Evict { node }
-        | Command::Fail { node, .. }
-        | Command::Dead { node, .. } => Some(*node),
-        _ => None,
+/// Whether `change` is the one `command` asks for.
+fn is_its_change(command: &Command, change: &Change) -> bool {
+    match (command, change) {
+        (Command::Join { node, .. }, Change::Add { node: n, .. }) => n.0 == *node,
+        (Command::Leave { node } | Command::Evict { node }, Change::Evict(n)) => n.0 == *node,
+        (
+            Command::Fail { node, .. } | Command::Dead { node, .. },
+            Change::Fail(n) | Change::Recover(n),
+        ) => n.0 == *node,
+        _ => false,
     }
 }
 
@@ -100,6 +110,13 @@ mod tests {
         state
     }
 
+    fn begins(previewed: Result<Previewed, Refusal>) -> Preview {
+        match previewed {
+            Ok(Previewed::Begins(preview)) => preview,
+            other => panic!("no change would begin: {other:?}"),
+        }
+    }
+
     fn settle(state: &mut ClusterState) {
         while let Some(progress) = state.in_progress.clone() {
             for node in progress.participants {
@@ -112,7 +129,7 @@ mod tests {
     fn an_eviction_previewed_is_the_change_the_cluster_then_carries_out() {
         let state = stable(4);
         let evict = Command::Evict { node: 3 };
-        let preview = preview(&state, &evict).expect("accepted").expect("a plan");
+        let preview = begins(preview(&state, &evict));
         assert_eq!(preview.change, Change::Evict(NodeId(3)));
         assert!(preview.ahead.is_empty());
         assert_eq!(preview.epoch_now, state.epoch);
@@ -137,8 +154,7 @@ mod tests {
         let mut state = stable(4);
         state.apply(&join(5)).expect("joins");
         assert!(state.in_progress.is_some(), "node 5's join under way");
-        let preview =
-            preview(&state, &Command::Evict { node: 2 }).expect("accepted").expect("a plan");
+        let preview = begins(preview(&state, &Command::Evict { node: 2 }));
         assert_eq!(preview.ahead.len(), 1, "{:?}", preview.ahead);
         assert!(matches!(preview.ahead[0], Change::Add { node: NodeId(5), .. }));
         assert_eq!(preview.epoch, state.epoch + 1);
@@ -148,17 +164,30 @@ mod tests {
         assert_eq!(state.in_progress.expect("begun").plan, preview.plan);
     }
 
+    /// A failure goes to the head of the queue, and a node's own join under way is not its
+    /// failure's plan.
+    #[test]
+    fn a_failure_of_a_node_still_joining_is_planned_as_its_recovery_ahead_of_the_queue() {
+        let mut state = stable(4);
+        state.apply(&join(5)).expect("joins");
+        state.apply(&Command::Evict { node: 2 }).expect("queued");
+        let failed = begins(preview(&state, &Command::Dead { node: 5, incarnation: 1 }));
+        assert!(matches!(failed.change, Change::Fail(NodeId(5)) | Change::Recover(NodeId(5))));
+        assert!(failed.epoch > state.epoch, "{failed:?}");
+        assert!(!failed.ahead.contains(&Change::Evict(NodeId(2))), "{:?}", failed.ahead);
+        assert!(!failed.participants.contains(&5), "the dead take no part");
+    }
+
     #[test]
     fn a_join_and_a_failure_are_previewed_and_refusals_are_the_cluster_s_own() {
         let state = stable(3);
-        let joined = preview(&state, &join(9)).expect("accepted").expect("a plan");
+        let joined = begins(preview(&state, &join(9)));
         assert_eq!(joined.plan.receivers(), BTreeSet::from([NodeId(9)]));
-        let failed = preview(&state, &Command::Dead { node: 2, incarnation: 1 });
-        let failed = failed.expect("accepted").expect("a plan");
+        let failed = begins(preview(&state, &Command::Dead { node: 2, incarnation: 1 }));
         assert_eq!(failed.change, Change::Fail(NodeId(2)));
         assert!(!failed.participants.contains(&2), "the dead take no part");
         assert_eq!(preview(&state, &Command::Evict { node: 7 }), Err(Refusal::UnknownNode(7)));
-        assert_eq!(preview(&state, &join(2)), Ok(None), "the same life asking again");
+        assert_eq!(preview(&state, &join(2)), Ok(Previewed::Nothing), "the same life asking again");
         let alone = stable(1);
         assert_eq!(preview(&alone, &Command::Evict { node: 1 }), Err(Refusal::LastNode(1)));
     }

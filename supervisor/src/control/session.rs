@@ -6,7 +6,7 @@ use super::{ControlRequest, PlanAsk, MAX_REQUEST_LINE};
 use crate::console::Consoles;
 use crate::entering::Entering;
 use crate::error::{Result, SupervisorError};
-use crate::preview::{preview, Preview};
+use crate::preview::{preview, Previewed};
 use crate::rpc::View;
 use crate::state::{Command, NodeStatus};
 use crate::supervisor::{Lifecycle, Supervisor};
@@ -151,9 +151,17 @@ pub(super) async fn answer(
         }
         ControlRequest::Plan { change } => {
             let view = node.cluster_view().await;
-            let line = match plan_of(&view, node.id(), change) {
-                Ok(preview) => json!({ "ok": preview }),
-                Err(why) => json!({ "error": why }),
+            // No leader answered: this node's own view, which may be stale; the answer says so.
+            let me = node.id();
+            let own_view = view.node == me && view.leader != Some(me);
+            // Playing out the changes ahead computes a plan over every slot for each.
+            let planned = tokio::task::spawn_blocking(move || plan_of(&view, me, change)).await;
+            let line = match planned {
+                Ok(Ok(previewed)) => {
+                    json!({ "ok": { "preview": previewed, "own_view": own_view } })
+                }
+                Ok(Err(why)) => json!({ "error": why }),
+                Err(e) => json!({ "error": format!("the plan's computation failed: {e}") }),
             };
             flush(&mut write, &[line]).await
         }
@@ -391,9 +399,9 @@ pub fn status_json(view: &View) -> Value {
     })
 }
 
-/// What `change` would move in the cluster of `view`, asked through node `me`: the preview, or
-/// `None` when it would begin no change; why not, as the cluster would refuse it.
-fn plan_of(view: &View, me: u64, change: PlanAsk) -> std::result::Result<Option<Preview>, String> {
+/// What `change` would move in the cluster of `view`, asked through node `me`; why not, as the
+/// cluster would refuse it.
+fn plan_of(view: &View, me: u64, change: PlanAsk) -> std::result::Result<Previewed, String> {
     let state = &view.state;
     if state.nodes.is_empty() {
         return Err("this agent has not joined a cluster yet: ask a member's agent (`--data-dir` of a running member)".into());
@@ -409,10 +417,10 @@ fn plan_of(view: &View, me: u64, change: PlanAsk) -> std::result::Result<Option<
             };
             Command::Dead { node, incarnation: record.incarnation }
         }
-        // The id a new node would have is its own choice; the one after the highest stands
-        // in for it.
-        PlanAsk::Join { labels } => Command::Join {
-            node: state.nodes.keys().max().map_or(1, |n| n + 1),
+        // The id a new node has is its own choice (drawn at random without --node-id); the
+        // one after the highest stands in for it unless the operator names it.
+        PlanAsk::Join { labels, node } => Command::Join {
+            node: node.unwrap_or_else(|| state.nodes.keys().max().map_or(1, |n| n + 1)),
             addr: String::new(),
             labels,
             incarnation: 1,
