@@ -6,7 +6,8 @@
 //!
 //! Making namespaces takes root (`CAP_NET_ADMIN`) and `ip` from iproute2. Without them the tests
 //! say so and pass, unless `GOBELINS_REQUIRE_NETNS` is set: `.ci/run` sets it where it can
-//! make a namespace itself, so that a run that could test the partition does.
+//! make a namespace, a bridge and a veth link itself, so that a run that could test the
+//! partition does.
 
 mod common;
 
@@ -107,6 +108,8 @@ impl Net {
         // A namespace's end of a link goes with it, and takes the other end along.
         for i in 1..=self.nodes {
             let _ = ip(&["netns", "del", &self.ns(i)]);
+            // A link made whose end never reached its namespace stays behind without this.
+            let _ = ip(&["link", "del", &self.outer(i)]);
         }
         for bridge in [self.bridge('a'), self.bridge('b')] {
             let _ = ip(&["link", "del", &bridge]);

@@ -58,7 +58,8 @@ struct Out {
     dir: DirArgs,
     /// The plan as one JSON object: `preview` (its `outcome`: `begins`, with the plan;
     /// `nothing`; or `unknown`, with the change ahead that could not be played out) and
-    /// `own_view` (no leader answered: this node's own view of the cluster).
+    /// `own_view` (no leader answered, or the leader hears from no majority: the view may be
+    /// stale).
     #[arg(long)]
     json: bool,
 }
@@ -79,12 +80,15 @@ pub(crate) fn plan(args: PlanArgs) -> anyhow::Result<()> {
     }
     if answer["own_view"] == true {
         println!(
-            "no leader answered: this is this node's own view of the cluster, which may be stale"
+            "no leader answered, or the leader hears from no majority: this view of the cluster may be stale"
         );
     }
     match serde_json::from_value(answer["preview"].clone())? {
         Previewed::Begins(preview) => print!("{}", plan_text(&preview, &ask_for)),
-        Previewed::Nothing => println!("it would begin no change: nothing would move"),
+        Previewed::Nothing => println!(
+            "it would begin no change now: nothing would move (a change may wait its turn: \
+             `gobelins status` shows what is queued)"
+        ),
         Previewed::Unknown { stuck } => println!(
             "cannot tell: the change ahead of it, {stuck}, could not be played out to its end; \
              ask again once `gobelins status` shows the cluster stable"

@@ -31,7 +31,9 @@ pub struct Preview {
 pub enum Previewed {
     /// The change would begin, with this plan.
     Begins(Preview),
-    /// The command would begin no change (the same life asking to join again, say).
+    /// The command would begin no change now: the same life asking to join again, a node not
+    /// yet in the tree failing, or a change that waits (the last node's failure waits for a
+    /// joiner; the locator may refuse a change when its turn comes).
     Nothing,
     /// A change ahead could not be played out (one of its participants' reports refused):
     /// the preview cannot tell what would come after it.
@@ -188,6 +190,17 @@ mod tests {
         assert!(!failed.participants.contains(&2), "the dead take no part");
         assert_eq!(preview(&state, &Command::Evict { node: 7 }), Err(Refusal::UnknownNode(7)));
         assert_eq!(preview(&state, &join(2)), Ok(Previewed::Nothing), "the same life asking again");
+        // A node that failed comes back as its next life (`gobelins plan join --node-id`).
+        let mut lost_2 = state.clone();
+        lost_2.apply(&Command::Dead { node: 2, incarnation: 1 }).expect("fails");
+        settle(&mut lost_2);
+        let again =
+            Command::Join { node: 2, addr: "n2".into(), labels: Labels::new(), incarnation: 2 };
+        assert_eq!(
+            begins(preview(&lost_2, &again)).change,
+            Change::Add { node: NodeId(2), labels: Labels::new() }
+        );
+        assert!(matches!(preview(&lost_2, &join(2)), Err(Refusal::StaleIncarnation { .. })));
         let alone = stable(1);
         assert_eq!(preview(&alone, &Command::Evict { node: 1 }), Err(Refusal::LastNode(1)));
     }

@@ -151,9 +151,12 @@ pub(super) async fn answer(
         }
         ControlRequest::Plan { change } => {
             let view = node.cluster_view().await;
-            // No leader answered: this node's own view, which may be stale; the answer says so.
+            // No leader answered, or the leader hears from no majority: what it shows is what
+            // this node last knew or the leader last committed, which may be stale; the answer
+            // says so.
             let me = node.id();
-            let own_view = view.node == me && view.leader != Some(me);
+            let own_view =
+                (view.node == me && view.leader != Some(me)) || view.quorum_lost_ms.is_some();
             // Playing out the changes ahead computes a plan over every slot for each.
             let planned = tokio::task::spawn_blocking(move || plan_of(&view, me, change)).await;
             let line = match planned {
@@ -418,13 +421,13 @@ fn plan_of(view: &View, me: u64, change: PlanAsk) -> std::result::Result<Preview
             Command::Dead { node, incarnation: record.incarnation }
         }
         // The id a new node has is its own choice (drawn at random without --node-id); the
-        // one after the highest stands in for it unless the operator names it.
-        PlanAsk::Join { labels, node } => Command::Join {
-            node: node.unwrap_or_else(|| state.nodes.keys().max().map_or(1, |n| n + 1)),
-            addr: String::new(),
-            labels,
-            incarnation: 1,
-        },
+        // one after the highest stands in for it unless the operator names it. A node that
+        // left or failed comes back as its next life.
+        PlanAsk::Join { labels, node } => {
+            let node = node.unwrap_or_else(|| state.nodes.keys().max().map_or(1, |n| n + 1));
+            let incarnation = state.nodes.get(&node).map_or(1, |r| r.incarnation + 1);
+            Command::Join { node, addr: String::new(), labels, incarnation }
+        }
     };
     preview(state, &command).map_err(|refusal| refusal.to_string())
 }
