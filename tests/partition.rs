@@ -214,6 +214,8 @@ fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
         assert!(matches!(stored, Some(kvdir::Response::Stored { .. })), "write {key}: {stored:?}");
     }
 
+    // Node 1 bootstrapped the cluster: the leader is most often on the side cut off.
+    let leader = status(&agents[0].dir, false).map(|s| s["leader"].clone());
     net.attach(&cut, 'b');
     wait_showing(&agents, "the three to declare the two failed", limit, || {
         status(&agents[2].dir, false).is_some_and(|s| {
@@ -282,8 +284,9 @@ fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
         assert!(fine, "key {key} (acknowledged: {acknowledged}) after the heal: {answer:?}");
     }
     eprintln!(
-        "{lost} of {} keys read as lost during the cut, {reported} slots reported lost; \
-         {acknowledged} of {} writes through the cut-off side acknowledged",
+        "leader before the cut: {leader:?}; {lost} of {} keys read as lost during the cut, \
+         {reported} slots reported lost; {acknowledged} of {} writes through the cut-off side \
+         acknowledged",
         ours.len(),
         theirs.len()
     );
