@@ -16,7 +16,7 @@ use gobelins::kvdir;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 /// The namespaces, links and bridges of one test, removed when it ends, however it ends.
@@ -133,6 +133,31 @@ impl Drop for Net {
 /// a second, could declare one of the three failed too.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// How long a test waits for the cluster to settle, or a call of the three to succeed.
+const LIMIT: Duration = Duration::from_secs(60);
+
+/// Five agents in namespaces of their own, active and voting, this test's turn held until it
+/// ends. The fields drop in order: the agents stop before their namespaces go.
+struct Five {
+    agents: Vec<Agent>,
+    net: Net,
+    _root: tempfile::TempDir,
+    _turn: MutexGuard<'static, ()>,
+}
+
+impl Five {
+    /// For the test named `test` (one letter); `None` where this machine cannot make the
+    /// namespaces (and the run does not require them).
+    fn start(test: char) -> Option<Five> {
+        let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let net = Net::new(test, 5)?;
+        let root = tempfile::tempdir().expect("temporary directory");
+        let places = (1..=5).map(|i| net.place(i)).collect();
+        let agents = agents_at(root.path(), places, LIMIT, &["--loopback-timers"]);
+        Some(Five { agents, net, _root: root, _turn: turn })
+    }
+}
+
 /// Runs `ip` with `args`; what it said if it failed.
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
@@ -195,12 +220,8 @@ fn each_at_once<T: Send>(keys: &[u64], f: impl Fn(u64) -> T + Sync) -> Vec<(u64,
 /// was acknowledged, on either side, reads back.
 #[test]
 fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(net) = Net::new('k', 5) else { return };
-    let root = tempfile::tempdir().expect("temporary directory");
-    let limit = Duration::from_secs(60);
-    let places = (1..=5).map(|i| net.place(i)).collect();
-    let agents = agents_at(root.path(), places, limit, &["--loopback-timers"]);
+    let Some(five) = Five::start('k') else { return };
+    let (agents, net, limit) = (&five.agents, &five.net, LIMIT);
     let (cut, rest) = ([1u64, 2], [3u64, 4, 5]);
     let keys: Vec<u64> = (0..300).collect();
     // Written by the cut-off side while cut: whether each was acknowledged decides what it
@@ -217,7 +238,7 @@ fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
     // Node 1 bootstrapped the cluster: the leader is most often on the side cut off.
     let leader = status(&agents[0].dir, false).map(|s| s["leader"].clone());
     net.attach(&cut, 'b');
-    wait_showing(&agents, "the three to declare the two failed", limit, || {
+    wait_showing(agents, "the three to declare the two failed", limit, || {
         status(&agents[2].dir, false).is_some_and(|s| {
             s["stable"] == true
                 && cut.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "failed"))
@@ -262,7 +283,7 @@ fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
     assert!(stale.is_empty(), "stale reads through the cut-off side: {stale:?}");
 
     net.attach(&cut, 'a');
-    wait_showing(&agents, "the two back as new lives", limit, || {
+    wait_showing(agents, "the two back as new lives", limit, || {
         status(&agents[2].dir, false).is_some_and(|s| {
             s["stable"] == true
                 && (1..=5).all(|i| {
@@ -321,12 +342,8 @@ fn write_page(agent: &Agent, page: u64, text: &str) -> Result<(), String> {
 /// was cut off.
 #[test]
 fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let Some(net) = Net::new('d', 5) else { return };
-    let root = tempfile::tempdir().expect("temporary directory");
-    let limit = Duration::from_secs(60);
-    let places = (1..=5).map(|i| net.place(i)).collect();
-    let agents = agents_at(root.path(), places, limit, &["--loopback-timers"]);
+    let Some(five) = Five::start('d') else { return };
+    let (agents, net, limit) = (&five.agents, &five.net, LIMIT);
     let cut = [1u64, 2];
     let pages: Vec<u64> = (0..24).collect();
     let before = |page: u64| format!("a{page:03}");
@@ -343,7 +360,7 @@ fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
     }
 
     net.attach(&cut, 'b');
-    wait_showing(&agents, "the three to declare the two failed", limit, || {
+    wait_showing(agents, "the three to declare the two failed", limit, || {
         status(&agents[2].dir, false).is_some_and(|s| {
             s["stable"] == true
                 && cut.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "failed"))
@@ -378,7 +395,7 @@ fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
     );
 
     net.attach(&cut, 'a');
-    wait_showing(&agents, "the two back as new lives", limit, || {
+    wait_showing(agents, "the two back as new lives", limit, || {
         status(&agents[2].dir, false).is_some_and(|s| {
             s["stable"] == true
                 && cut
