@@ -9,7 +9,7 @@ mod report;
 
 pub(crate) use kvdir::{kv, KvArgs};
 pub(crate) use pages::{dsm, DsmArgs};
-pub(crate) use plan::{plan, PlanArgs};
+pub(crate) use plan::{one_line, plan, PlanArgs};
 pub(crate) use report::{stats, status, StatsArgs, StatusArgs};
 
 use anyhow::{bail, Context};

@@ -11,7 +11,8 @@ use anyhow::{bail, Context as _};
 use clap::Args;
 use gobelins_adaptation::{codec, ChangeRecord};
 use gobelins_kvdir::{Request, Response, KVDIR};
-use gobelins_supervisor::control::{self, ControlRequest};
+use gobelins_supervisor::control::{self, ControlRequest, PlanAsk};
+use gobelins_supervisor::preview::Previewed;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::net::TcpListener;
@@ -210,7 +211,8 @@ async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
     let observer = agents[&1].socket();
 
     // An addition.
-    let before = ChangeStart::now(&observer, &tally).await?;
+    let join = PlanAsk::Join { labels: Default::default(), node: Some(added) };
+    let before = ChangeStart::now(&observer, &tally, join).await?;
     let agent = spawn(&exe, root, added, Some(&seed))?;
     // Connected: the process started, reached the seed, and its join is committed (the
     // cluster lists it). The change that moves entries to it begins there.
@@ -223,7 +225,7 @@ async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // An eviction.
-    let before = ChangeStart::now(&observer, &tally).await?;
+    let before = ChangeStart::now(&observer, &tally, PlanAsk::Evict { node: evicted }).await?;
     control::request(&observer, &ControlRequest::Evict { node: evicted }, |_| {})
         .await
         .with_context(|| format!("evicting node {evicted}"))?;
@@ -237,7 +239,7 @@ async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     // A failure.
-    let before = ChangeStart::now(&observer, &tally).await?;
+    let before = ChangeStart::now(&observer, &tally, PlanAsk::Fail { node: added }).await?;
     if let Some(mut victim) = agents.remove(&added) {
         if let Some(mut child) = victim.child.take() {
             child.kill().context("kill -9")?;
@@ -442,17 +444,28 @@ async fn agent_stats(agent: &Agent) -> anyhow::Result<Value> {
     Ok(control::request(&agent.socket(), &ControlRequest::Stats, |_| {}).await?)
 }
 
-/// The clients' counters and the epoch when a change was asked for.
+/// The clients' counters and the epoch when a change was asked for, and what `gobelins plan`
+/// said of it just before.
 struct ChangeStart {
     at: Instant,
     epoch: u64,
     tally: (u64, u64, u64),
+    planned: String,
 }
 
 impl ChangeStart {
-    async fn now(observer: &Path, tally: &Tally) -> anyhow::Result<Self> {
+    /// Asks `observer`'s agent for the plan of `change`, as `gobelins plan` does, then notes
+    /// the counters and the epoch.
+    async fn now(observer: &Path, tally: &Tally, change: PlanAsk) -> anyhow::Result<Self> {
+        let asked = ControlRequest::Plan { change };
+        let answer = control::request(observer, &asked, |_| {}).await?;
+        let planned = match serde_json::from_value(answer["preview"].clone())? {
+            Previewed::Begins(preview) => crate::cli::one_line(&preview),
+            Previewed::Nothing => "no change would begin".to_string(),
+            Previewed::Unknown { stuck } => format!("cannot tell: {stuck} ahead of it"),
+        };
         let epoch = status(observer).await?["epoch"].as_u64().unwrap_or(0);
-        Ok(ChangeStart { at: Instant::now(), epoch, tally: tally.read() })
+        Ok(ChangeStart { at: Instant::now(), epoch, tally: tally.read(), planned })
     }
 }
 
@@ -478,6 +491,7 @@ async fn report(
     let slowest = |f: fn(&ChangeRecord) -> f64| records.iter().map(f).fold(0.0, f64::max);
     let epochs: std::collections::BTreeSet<u64> = records.iter().map(|r| r.epoch).collect();
     println!("change: {what}: stable after {} ms (epochs {epochs:?})", took.as_millis());
+    println!("  planned    {} (`gobelins plan`, asked just before)", before.planned);
     if let Some(admitted) = admitted {
         println!(
             "  connect    agent started, reached the seed, its join committed in {} ms",

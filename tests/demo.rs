@@ -60,6 +60,14 @@ fn the_demo_fails_no_request_and_loses_no_entry() {
     for change in ["add node 4", "evict node 3", "kill -9 node 4"] {
         assert!(stdout.contains(&format!("change: {change}: stable")), "{change}:\n{stdout}");
     }
+    // Each change was planned first, as `gobelins plan` shows it: the joiner receives, the
+    // evicted node sends, and the survivors rebuild what the killed one managed.
+    let planned: Vec<&str> =
+        stdout.lines().filter_map(|l| l.trim().strip_prefix("planned    ")).collect();
+    assert_eq!(planned.len(), 3, "{stdout}");
+    assert!(planned[0].contains(", receive n4: "), "{stdout}");
+    assert!(planned[1].starts_with("send n3, receive "), "{stdout}");
+    assert!(planned[2].starts_with("rebuild n") && !planned[2].contains("n4"), "{stdout}");
     let moved: u64 = stdout
         .lines()
         .filter_map(|l| l.trim().strip_prefix("entries    moved="))

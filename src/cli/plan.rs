@@ -165,6 +165,27 @@ fn plan_text(preview: &Preview, asked: &PlanAsk) -> String {
     out
 }
 
+/// A preview in one line, for the demo: who sends and who receives (or rebuilds), and how
+/// many slots change manager.
+pub(crate) fn one_line(preview: &Preview) -> String {
+    let names = |nodes: std::collections::BTreeSet<NodeId>| {
+        nodes.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
+    };
+    let who = match preview.change {
+        Change::Fail(_) | Change::Recover(_) => {
+            format!("rebuild {}", names(preview.plan.receivers()))
+        }
+        _ => format!(
+            "send {}, receive {}",
+            names(preview.plan.senders()),
+            names(preview.plan.receivers())
+        ),
+    };
+    let services = preview.plan.services.iter().filter(|s| !s.moves.is_empty()).count();
+    let of = if services == 1 { "1 service".to_string() } else { format!("{services} services") };
+    format!("{who}: {} slots of {of} change manager", preview.plan.moved_slots())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +228,7 @@ mod tests {
         assert!(lines[6].contains("kvdir: 10 slots"), "{text}");
         assert!(lines[7].contains("n3 -> n1: 10 slots in 10..20"), "{text}");
         assert_eq!(lines.last(), Some(&"nothing was carried out"));
+        assert_eq!(one_line(&preview), "send n3, receive n1: 10 slots of 1 service change manager");
         // Asked through the leaver, and of a failure.
         let text = plan_text(&preview, &PlanAsk::Leave);
         assert!(text.starts_with("n3 leaving (the cluster's change: evict n3): "), "{text}");
@@ -218,5 +240,6 @@ mod tests {
         let text = plan_text(&failed, &PlanAsk::Fail { node: 3 });
         assert!(text.contains("  rebuild: n1 (n3 sends nothing"), "{text}");
         assert!(!text.contains("  send:"), "{text}");
+        assert_eq!(one_line(&failed), "rebuild n1: 10 slots of 1 service change manager");
     }
 }
