@@ -455,14 +455,18 @@ struct ChangeStart {
 
 impl ChangeStart {
     /// Asks `observer`'s agent for the plan of `change`, as `gobelins plan` does, then notes
-    /// the counters and the epoch.
+    /// the counters and the epoch. A plan that cannot be had is said, and the demo goes on.
     async fn now(observer: &Path, tally: &Tally, change: PlanAsk) -> anyhow::Result<Self> {
         let asked = ControlRequest::Plan { change };
-        let answer = control::request(observer, &asked, |_| {}).await?;
-        let planned = match serde_json::from_value(answer["preview"].clone())? {
-            Previewed::Begins(preview) => crate::cli::one_line(&preview),
-            Previewed::Nothing => "no change would begin".to_string(),
-            Previewed::Unknown { stuck } => format!("cannot tell: {stuck} ahead of it"),
+        let answer = control::request(observer, &asked, |_| {}).await;
+        let previewed = answer
+            .map_err(anyhow::Error::from)
+            .and_then(|answer| Ok(serde_json::from_value::<Previewed>(answer["preview"].clone())?));
+        let planned = match previewed {
+            Ok(Previewed::Begins(preview)) => crate::cli::one_line(&preview),
+            Ok(Previewed::Nothing) => "no change would begin".to_string(),
+            Ok(Previewed::Unknown { stuck }) => format!("cannot tell: {stuck} ahead of it"),
+            Err(e) => format!("no plan: {e:#}"),
         };
         let epoch = status(observer).await?["epoch"].as_u64().unwrap_or(0);
         Ok(ChangeStart { at: Instant::now(), epoch, tally: tally.read(), planned })
