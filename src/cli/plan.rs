@@ -126,33 +126,23 @@ fn plan_text(preview: &Preview, asked: &PlanAsk) -> String {
             ahead.join(", ")
         );
     }
-    let names = |nodes: &mut dyn Iterator<Item = u64>| {
-        let names: Vec<String> = nodes.map(|n| NodeId(n).to_string()).collect();
-        if names.is_empty() {
-            "none".to_string()
-        } else {
-            names.join(" ")
-        }
-    };
     let senders = preview.plan.senders();
     let receivers = preview.plan.receivers();
     if let Change::Fail(dead) | Change::Recover(dead) = preview.change {
         let _ = writeln!(
             out,
             "  rebuild: {} ({dead} sends nothing: each slot's new manager rebuilds it from what the survivors hold)",
-            names(&mut receivers.iter().map(|n| n.0))
+            names(receivers.iter().copied())
         );
     } else {
-        let _ = writeln!(out, "  send: {}", names(&mut senders.iter().map(|n| n.0)));
-        let _ = writeln!(out, "  receive: {}", names(&mut receivers.iter().map(|n| n.0)));
+        let _ = writeln!(out, "  send: {}", names(senders.iter().copied()));
+        let _ = writeln!(out, "  receive: {}", names(receivers.iter().copied()));
     }
-    let besides = preview
-        .participants
-        .iter()
-        .copied()
-        .filter(|&n| !senders.contains(&NodeId(n)) && !receivers.contains(&NodeId(n)));
-    let besides = names(&mut besides.into_iter());
-    if besides != "none" {
+    let besides: Vec<NodeId> = (preview.participants.iter().map(|&n| NodeId(n)))
+        .filter(|n| !senders.contains(n) && !receivers.contains(n))
+        .collect();
+    if !besides.is_empty() {
+        let besides = names(besides);
         let _ = writeln!(out, "  also taking part: {besides} (for the replicas they keep or hold)");
     }
     let _ = writeln!(out, "  {} slots change manager", preview.plan.moved_slots());
@@ -168,9 +158,6 @@ fn plan_text(preview: &Preview, asked: &PlanAsk) -> String {
 /// A preview in one line, for the demo: who sends and who receives (or rebuilds), and how
 /// many slots change manager.
 pub(crate) fn one_line(preview: &Preview) -> String {
-    let names = |nodes: std::collections::BTreeSet<NodeId>| {
-        nodes.iter().map(ToString::to_string).collect::<Vec<_>>().join(" ")
-    };
     let who = match preview.change {
         Change::Fail(_) | Change::Recover(_) => {
             format!("rebuild {}", names(preview.plan.receivers()))
@@ -184,6 +171,16 @@ pub(crate) fn one_line(preview: &Preview) -> String {
     let services = preview.plan.services.iter().filter(|s| !s.moves.is_empty()).count();
     let of = if services == 1 { "1 service".to_string() } else { format!("{services} services") };
     format!("{who}: {} slots of {of} change manager", preview.plan.moved_slots())
+}
+
+/// Nodes as `n1 n2`, or `none`.
+fn names(nodes: impl IntoIterator<Item = NodeId>) -> String {
+    let names: Vec<String> = nodes.into_iter().map(|n| n.to_string()).collect();
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(" ")
+    }
 }
 
 #[cfg(test)]
