@@ -265,6 +265,14 @@ impl MemCluster {
         node
     }
 
+    /// Adds a node with `labels` (`zone=a`, say, in a tree shaped with label levels); returns
+    /// its id once the change is stable.
+    pub async fn add_labelled(&mut self, labels: Labels) -> NodeId {
+        let node = self.new_host();
+        self.change(Change::Add { node, labels }).await;
+        node
+    }
+
     /// Adds a node that crashes as soon as the change has begun, before it can pass on what it
     /// was sent; returns its id once its failure is recovered. What moved to it can then only
     /// be rebuilt from the copies its senders kept.

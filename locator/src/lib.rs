@@ -63,6 +63,7 @@ pub use config::{parse_label, Labels, TreeConfig, DEFAULT_CELL_CAPACITY};
 pub use error::{LocatorError, Result};
 pub use hash::mix;
 pub use ids::{CellId, Epoch, Key, NodeId, ServiceId};
+pub use ops::HOLDER_CAP;
 pub use plan::{MigrationPlan, ServicePlan, SlotMove};
 pub use service::{Placement, ServiceSize, ServiceSpec, DEFAULT_SLOTS, MAX_SLOTS};
 pub use snapshot::{ServiceTable, Snapshot, SnapshotCell, SnapshotReader};

@@ -8,6 +8,7 @@ use crate::cell::{Cell, CellKind};
 use crate::change::{Change, ChangeReport};
 use crate::config::Labels;
 use crate::error::{LocatorError, Result};
+use crate::hash::mix;
 use crate::ids::{CellId, NodeId, ServiceId};
 use crate::service::{ServiceSize, ServiceSpec};
 use crate::tree::{is_within, CellTree, Member, ServiceState, ROOT};
@@ -28,14 +29,16 @@ impl CellTree {
         // A node whose replica holder (`CellTree::replica_holder`) changes takes part, to copy
         // its entries to the new one, and so does the new one, which then vouches for them.
         // Left out, a node alone in its cell whose next node in the table left, or one whose
-        // cell split or merged, never copied them, and its failure then lost them.
+        // cell split or merged, never copied them, and its failure then lost them. A joiner's
+        // holder is new too: one in another cell or zone, no part of the join, could not vouch
+        // for the joiner's slots, and they were reported lost with it.
         if matches!(change, Change::Add { .. } | Change::Evict(_) | Change::Fail(_)) {
+            let before: BTreeMap<NodeId, Option<NodeId>> =
+                self.replica_holders().into_iter().collect();
             let moved: Vec<(NodeId, Option<NodeId>)> = next
-                .nodes
-                .keys()
-                .filter(|n| self.nodes.contains_key(n))
-                .map(|&n| (n, next.replica_holder(n)))
-                .filter(|&(n, holder)| self.replica_holder(n) != holder)
+                .replica_holders()
+                .into_iter()
+                .filter(|(n, holder)| before.get(n) != Some(holder))
                 .collect();
             for (node, holder) in moved {
                 report.participants.insert(node);
@@ -46,18 +49,94 @@ impl CellTree {
         Ok(report)
     }
 
-    /// Where `node` keeps what it replicates: the next node of its leaf cell, wrapping round,
-    /// or, alone in its cell, the next node of the whole table. A service that keeps one
-    /// replica per entry (kvdir) keeps it there; a change that moves it takes part `node` and
-    /// the new holder (see [`CellTree::apply`]). `None` for a node alone in the cluster.
+    /// Where `node` keeps what it replicates. A service that keeps one replica per entry
+    /// (kvdir) keeps it there; a change that moves it takes part `node` and the new holder
+    /// (see [`CellTree::apply`]). `None` for a node alone in the cluster.
+    ///
+    /// Under label levels, in another failure domain: the first labelled subtree above the
+    /// node, from the top, with nodes outside it (under the same parent) gives the candidates,
+    /// so a node of `zone=a` keeps its replicas in another zone, or, all nodes in one zone,
+    /// in another rack of it. A whole zone cut off then takes no entry's every copy with it.
+    /// Among the candidates, the one that ranks `node` highest, unless it holds for
+    /// [`HOLDER_CAP`] nodes already (see [`CellTree::replica_holders`]): a join or a removal
+    /// moves few holders besides those it must. A zone of few nodes holds the replicas of the
+    /// other zones' many, as keeping a copy outside each zone requires.
+    ///
+    /// Without labels, or all nodes in one labelled subtree: the next node of its leaf cell,
+    /// wrapping round, or, alone in its cell, the next node of the whole table.
     pub fn replica_holder(&self, node: NodeId) -> Option<NodeId> {
         let leaf = self.nodes.get(&node)?.leaf;
+        if self.labelled_path(leaf).is_empty() {
+            return self.unlabelled_holder(node, leaf);
+        }
+        self.replica_holders().into_iter().find(|(n, _)| *n == node).and_then(|(_, h)| h)
+    }
+
+    /// Every member's [`CellTree::replica_holder`], ascending by node.
+    ///
+    /// Choices in another failure domain are made in node order, each the candidate that
+    /// ranks the node highest among those that hold for fewer than [`HOLDER_CAP`] nodes
+    /// already (any candidate, when all do). Ranked alone, 9 nodes in 3 zones put 4 nodes'
+    /// replicas on one of them and none on 4 others: that node held 4 times its share.
+    pub fn replica_holders(&self) -> Vec<(NodeId, Option<NodeId>)> {
+        let paths = self.labelled_paths();
+        // How many nodes keep their replicas on each, in the order of `paths`.
+        let mut load = vec![0u32; paths.len()];
+        let mut holders = Vec::with_capacity(paths.len());
+        for (node, path) in &paths {
+            let holder = match candidates(path, &paths) {
+                Some(candidates) => {
+                    // The best ranked with room, else the best.
+                    let (mut best, mut best_free) = (None, None);
+                    let mixed = mix(node.0);
+                    for (at, c) in candidates {
+                        let rank = (holder_rank(mixed, c), c, at);
+                        best = best.max(Some(rank));
+                        if load[at] < HOLDER_CAP {
+                            best_free = best_free.max(Some(rank));
+                        }
+                    }
+                    best_free.or(best).map(|(_, c, at)| {
+                        load[at] += 1;
+                        c
+                    })
+                }
+                None => self.unlabelled_holder(*node, self.nodes[node].leaf),
+            };
+            holders.push((*node, holder));
+        }
+        holders
+    }
+
+    /// Each member with its `labelled_path`, ascending by node.
+    fn labelled_paths(&self) -> Vec<(NodeId, Vec<CellId>)> {
+        self.nodes.iter().map(|(&n, m)| (n, self.labelled_path(m.leaf))).collect()
+    }
+
+    /// The holder without another failure domain to choose from: the next node of `leaf`,
+    /// wrapping round, or, `node` alone in it, the next node of the table.
+    fn unlabelled_holder(&self, node: NodeId, leaf: CellId) -> Option<NodeId> {
         let mates = || self.cells[&leaf].members().iter().copied().filter(|&m| m != node);
         if let Some(holder) = mates().filter(|&m| m > node).min().or_else(|| mates().min()) {
             return Some(holder);
         }
         let after = self.nodes.range(node..).map(|(&n, _)| n).find(|&n| n != node);
         after.or_else(|| self.nodes.keys().next().copied()).filter(|&n| n != node)
+    }
+
+    /// The labelled cells above `leaf` (itself included), from the top.
+    fn labelled_path(&self, leaf: CellId) -> Vec<CellId> {
+        let mut path = Vec::new();
+        let mut at = Some(leaf);
+        while let Some(id) = at {
+            let cell = &self.cells[&id];
+            if cell.label.is_some() {
+                path.push(id);
+            }
+            at = cell.parent;
+        }
+        path.reverse();
+        path
     }
 
     /// Registers a service (see [`Change::Register`]).
@@ -502,4 +581,35 @@ fn by_load(loads: &BTreeMap<CellId, (u64, u64)>, a: CellId, b: CellId) -> Orderi
     let (am, an) = loads.get(&a).copied().unwrap_or((0, 0));
     let (bm, bn) = loads.get(&b).copied().unwrap_or((0, 0));
     (u128::from(am) * u128::from(bn)).cmp(&(u128::from(bm) * u128::from(an))).then(bn.cmp(&an))
+}
+
+/// Most nodes one node holds replicas for, while another candidate has room: twice the
+/// average (each node keeps its replicas on one other).
+pub const HOLDER_CAP: u32 = 2;
+
+/// The nodes of the first failure domain, from the top of a node's labelled `path`, with
+/// members outside it: those under the same parent cell but not under the path's cell at that
+/// depth. A labelled cell's parent is labelled or the root (`add` makes label cells under label
+/// cells), so a node lies under the `depth`-th cell of `path` exactly when its own path has
+/// that cell there. `None` when every member shares the node's whole path.
+fn candidates<'a>(
+    path: &'a [CellId],
+    paths: &'a [(NodeId, Vec<CellId>)],
+) -> Option<impl Iterator<Item = (usize, NodeId)> + 'a> {
+    let outside = move |depth: usize| {
+        let under = move |(_, (_, p)): &(usize, &(NodeId, Vec<CellId>))| {
+            p.len() >= depth && p[..depth] == path[..depth] && p.get(depth) != Some(&path[depth])
+        };
+        paths.iter().enumerate().filter(under).map(|(at, (n, _))| (at, *n))
+    };
+    let depth = (0..path.len()).find(|&depth| outside(depth).next().is_some())?;
+    Some(outside(depth))
+}
+
+/// How much a node (its id through [`mix`]: `mixed`) wants `candidate` to hold its replicas
+/// (highest-random-weight): fixed, so every node picks the same holder, and independent for
+/// each pair, so a candidate added or removed takes or gives back only the nodes that rank it
+/// first, and those [`HOLDER_CAP`] turns away from it or back to it.
+fn holder_rank(mixed: u64, candidate: NodeId) -> u64 {
+    mix(mixed ^ candidate.0)
 }

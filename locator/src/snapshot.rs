@@ -137,18 +137,26 @@ pub struct Snapshot {
     nodes: Vec<NodeId>,
     /// The leaf cell of each node, in the order of `nodes`.
     leaves: Vec<CellId>,
+    /// Where each node keeps its replicas, in the order of `nodes`: the tree's
+    /// [`crate::CellTree::replica_holder`], which needs the labels to compute.
+    holders: Vec<Option<NodeId>>,
     /// Indexed by service id; `None` where no service has that id.
     tables: Vec<Option<ServiceTable>>,
 }
 
 impl Snapshot {
-    /// `members`: every node with its leaf cell, ascending by node.
+    /// `members`: every node with its leaf cell and replica holder, ascending by node.
     pub(crate) fn build<'a>(
         epoch: Epoch,
-        members: impl Iterator<Item = (NodeId, CellId)>,
+        members: impl Iterator<Item = (NodeId, CellId, Option<NodeId>)>,
         services: impl Iterator<Item = &'a ServiceState>,
     ) -> Snapshot {
-        let (nodes, leaves) = members.unzip();
+        let (mut nodes, mut leaves, mut holders) = (Vec::new(), Vec::new(), Vec::new());
+        for (node, leaf, holder) in members {
+            nodes.push(node);
+            leaves.push(leaf);
+            holders.push(holder);
+        }
         let mut tables: Vec<Option<ServiceTable>> = Vec::new();
         for state in services.filter(|s| !s.owners.is_empty()) {
             let at = usize::from(state.spec.id.0);
@@ -157,7 +165,7 @@ impl Snapshot {
             }
             tables[at] = Some(ServiceTable::new(state));
         }
-        Snapshot { epoch, nodes, leaves, tables }
+        Snapshot { epoch, nodes, leaves, holders, tables }
     }
 
     /// The epoch this snapshot belongs to.
@@ -178,17 +186,13 @@ impl Snapshot {
         self.nodes.iter().zip(&self.leaves).filter(move |(_, l)| Some(**l) == leaf).map(|(n, _)| *n)
     }
 
-    /// Where `node` keeps what it replicates, as [`crate::CellTree::replica_holder`] says: the
-    /// next node of its leaf cell, wrapping round, or, alone in its cell, the next node of the
-    /// table. Every change that moves it takes part `node` and the new holder.
+    /// Where `node` keeps what it replicates, as [`crate::CellTree::replica_holder`] says: in
+    /// another zone under label levels, else the next node of its leaf cell, or, alone in its
+    /// cell, the next node of the table. Every change that moves it takes part `node` and the
+    /// new holder. `None` for a node alone in the cluster, or not a member.
     pub fn replica_holder(&self, node: NodeId) -> Option<NodeId> {
-        let mut mates = self.cell_mates(node).filter(|&m| m != node).peekable();
-        let first = mates.peek().copied();
-        mates.find(|&m| m > node).or(first).or_else(|| {
-            let at = self.nodes.binary_search(&node).ok()?;
-            let next = self.nodes[(at + 1) % self.nodes.len()];
-            (next != node).then_some(next)
-        })
+        let at = self.nodes.binary_search(&node).ok()?;
+        self.holders[at]
     }
 
     /// The manager of `(service, key)`, or `None` for a service that is not registered.

@@ -133,7 +133,8 @@ impl CellTree {
         if self.nodes.is_empty() {
             return Err(LocatorError::EmptyCluster);
         }
-        let members = self.nodes.iter().map(|(&id, member)| (id, member.leaf));
+        let holders = self.replica_holders().into_iter();
+        let members = self.nodes.iter().zip(holders).map(|((&id, m), (_, h))| (id, m.leaf, h));
         Ok(Snapshot::build(epoch, members, self.services.values()))
     }
 

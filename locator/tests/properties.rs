@@ -5,12 +5,12 @@ mod common;
 
 use common::{assert_invariants, moved_by_plan, slots_of};
 use gobelins_locator::{
-    CellTree, Change, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServiceId, ServiceSpec,
-    TreeConfig,
+    CellId, CellTree, Change, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServiceId,
+    ServiceSpec, TreeConfig, ROOT,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// One step of a random history. Node choices are indices into the live nodes, so every
 /// generated history is meaningful whatever came before it.
@@ -133,16 +133,33 @@ fn check_movement(
         _ => {}
     }
     assert!(plan.participants.is_subset(&report.participants), "{change}: plan outside report");
-    for &n in new.nodes() {
-        assert_eq!(new.replica_holder(n), tree.replica_holder(n), "{change}: node {n}");
+    // The cell under the root each member's leaf lies in: its zone, when it is labelled.
+    let zones: BTreeMap<NodeId, CellId> = tree
+        .nodes()
+        .map(|n| {
+            let mut cell = tree.leaf_of(n).expect("a member");
+            while let Some(up) = tree.cell(cell).and_then(|c| c.parent).filter(|&p| p != ROOT) {
+                cell = up;
+            }
+            (n, cell)
+        })
+        .collect();
+    let distinct: BTreeSet<CellId> = zones.values().copied().collect();
+    for (n, holder) in tree.replica_holders() {
+        assert_eq!(new.replica_holder(n), holder, "{change}: node {n}");
+        let labelled = tree.cell(zones[&n]).is_some_and(|c| c.label.is_some());
+        if labelled && distinct.len() > 1 {
+            let holder = holder.expect("a holder");
+            assert_ne!(zones[&holder], zones[&n], "{change}: {n} keeps its replicas in its zone");
+        }
     }
     if let Some(node) = change.node() {
-        // Every node whose replica holder moves takes part, with its new holder; beyond them,
-        // only one cell's members and the requesting node.
+        // Every node whose replica holder moves (a joiner's is new) takes part, with its new holder;
+        // beyond them, only one cell's members and the requesting node.
         let mut holders = BTreeSet::new();
-        for &n in new.nodes().iter().filter(|n| old.nodes().contains(n)) {
+        for &n in new.nodes() {
             let holder = new.replica_holder(n);
-            if old.replica_holder(n) != holder {
+            if !old.nodes().contains(&n) || old.replica_holder(n) != holder {
                 holders.insert(n);
                 holders.extend(holder);
             }

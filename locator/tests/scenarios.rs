@@ -376,3 +376,92 @@ fn adding_and_evicting_at_capacity_keeps_the_tree_shallow() {
         tree.len()
     );
 }
+
+/// `nodes` as `(id, labels)`, in a tree with these label levels.
+fn labelled(levels: &[&str], nodes: &[(u64, Labels)]) -> CellTree {
+    let config = TreeConfig::default().with_label_levels(levels.iter().copied());
+    let mut tree = CellTree::new(config).unwrap();
+    tree.register_service(ServiceSpec::new(KV, "kv")).unwrap();
+    for (n, labels) in nodes {
+        tree.add_node(NodeId(*n), labels.clone()).unwrap();
+    }
+    tree
+}
+
+/// The zone's label value of a member.
+fn zone_of(tree: &CellTree, node: NodeId) -> String {
+    let mut cell = tree.leaf_of(node).expect("a member");
+    loop {
+        let c = tree.cell(cell).unwrap();
+        if let Some((_, value)) = &c.label {
+            if c.parent == Some(ROOT) {
+                return value.clone();
+            }
+        }
+        cell = c.parent.expect("a labelled cell under the root");
+    }
+}
+
+#[test]
+fn replicas_are_kept_in_another_zone_spread_and_a_change_moves_few_holders() {
+    let zones = ["a", "b", "c"];
+    let nodes: Vec<(u64, Labels)> = (1..=9).map(|n| (n, zone(zones[(n % 3) as usize]))).collect();
+    let mut tree = labelled(&["zone"], &nodes);
+    let before = tree.replica_holders();
+    for &(n, holder) in &before {
+        let holder = holder.expect("a holder");
+        assert_ne!(zone_of(&tree, n), zone_of(&tree, holder), "{n} on {holder}");
+        assert_eq!(tree.replica_holder(n), Some(holder));
+        assert_eq!(tree.snapshot(Epoch(1)).unwrap().replica_holder(n), Some(holder));
+    }
+    // Pinned: every node of every labelled cluster derives these, and a change to the ranking
+    // moves replicas in every one of them. No node holds for more than two.
+    let pinned: Vec<u64> = before.iter().map(|(_, h)| h.unwrap().0).collect();
+    assert_eq!(pinned, [2, 1, 1, 9, 4, 4, 6, 7, 8]);
+
+    // Each node whose holder moves takes part, with its new holder; and few move.
+    let mut check = |change: Change| {
+        let before = tree.replica_holders();
+        let report = tree.apply(&change).unwrap();
+        let after = tree.replica_holders();
+        let mut moved = 0;
+        for &(n, now) in &after {
+            let was = before.iter().find(|(m, _)| *m == n).map(|&(_, h)| h);
+            if was != Some(now) {
+                let now = now.expect("a holder");
+                assert_ne!(zone_of(&tree, n), zone_of(&tree, now), "{change}: {n} on {now}");
+                let part = |x| report.participants.contains(&x);
+                assert!(part(n) && part(now), "{change}: {n} on {now} take part");
+                moved += u32::from(was.is_some());
+            }
+            let holds = after.iter().filter(|&&(_, h)| h == Some(n)).count();
+            assert!(holds as u32 <= gobelins_locator::HOLDER_CAP, "{change}: {n} holds {holds}");
+        }
+        moved
+    };
+    // The join moves no one's holder (the joiner's own is new); the removals move just the
+    // holders of the nodes the removed one held for, two and one.
+    assert_eq!(check(Change::Add { node: NodeId(10), labels: zone("b") }), 0);
+    assert_eq!(check(Change::Evict(NodeId(4))), 2);
+    assert_eq!(check(Change::Fail(NodeId(9))), 1);
+}
+
+#[test]
+fn in_one_zone_replicas_go_to_another_rack_and_in_one_rack_to_a_cell_mate() {
+    let rack = |r: &str| {
+        let mut labels = zone("a");
+        labels.insert("rack".into(), r.into());
+        labels
+    };
+    let nodes: Vec<(u64, Labels)> =
+        vec![(1, rack("r1")), (2, rack("r1")), (3, rack("r2")), (4, rack("r2"))];
+    let tree = labelled(&["zone", "rack"], &nodes);
+    for (n, holder) in tree.replica_holders() {
+        let (n, holder) = (n.0, holder.expect("a holder").0);
+        assert_ne!((n - 1) / 2, (holder - 1) / 2, "{n} on {holder}: another rack");
+    }
+    let nodes: Vec<(u64, Labels)> = (1..=3).map(|n| (n, rack("r1"))).collect();
+    let tree = labelled(&["zone", "rack"], &nodes);
+    let holders: Vec<_> = tree.replica_holders().into_iter().map(|(_, h)| h.unwrap().0).collect();
+    assert_eq!(holders, [2, 3, 1], "the next node of the one cell");
+}

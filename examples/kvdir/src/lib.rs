@@ -5,9 +5,10 @@
 //! hosts for `gobelins demo`.
 //!
 //! - The manager of a key holds its entry: a value and a version that grows with every write.
-//! - Every write is copied to the manager's *backup*, the next node of its cell, before it is
-//!   acknowledged. After each change the manager copies its backup what it received, or every
-//!   entry if the backup is new (or not a cell mate, or a copy to it failed since).
+//! - Every write is copied to the manager's *backup*, the locator's replica holder (in another
+//!   zone under label levels, else the next node of its cell), before it is acknowledged.
+//!   After each change the manager copies its backup what it received, or every entry if the
+//!   backup is new (or a copy to it failed since).
 //! - Entries are grouped by slot: a change takes out the slots that leave, whole, and never
 //!   looks at the entries that stay.
 //! - `scan(failed, orphans)` returns the replicas this node holds of the orphaned keys. Two
@@ -350,8 +351,9 @@ async fn own_memory(live: Weak<Mutex<BySlot>>, received: Vec<(Key, usize)>) {
     }
 }
 
-/// Where `node` keeps its replicas: the next node of its own cell, wrapping around, or, alone
-/// in its cell, the next node of the table. This is the locator's replica holder
+/// Where `node` keeps its replicas: under label levels, a node of another zone (or rack);
+/// else the next node of its own cell, wrapping around, or, alone in its cell, the next node
+/// of the table. This is the locator's replica holder
 /// (`Snapshot::replica_holder`): every change that moves it takes part `node` and the new
 /// holder, so `node` copies its entries to the new backup in `after_release`, and the new one
 /// takes part in that change, as the ledger's vouch needs.
@@ -835,14 +837,12 @@ impl Service for KvDir {
         let snapshot = ctx.snapshot();
         let to = snapshot.and_then(|s| backup(s, ctx.node()));
         // A backup that stays holds every entry but those received: copying it all again made
-        // each change cost as much as the whole directory, on every node. Only a cell mate is
-        // sure to have stayed: its death and its return as a new life, its memory gone, are
-        // changes this node takes part in, where its backup changes. A backup in another
-        // cell (this node is alone in its own) could die and come back unseen.
-        let mate = |to: NodeId| snapshot.is_some_and(|s| s.cell_mates(ctx.node()).any(|m| m == to));
+        // each change cost as much as the whole directory, on every node. It stayed: its
+        // death and its return as a new life, its memory gone, are each a change that moves
+        // this node's replica holder, which the locator makes this node take part in.
         let (whole, missed) = {
             let mut replicated = self.replicated.lock().expect("replicated");
-            let whole = replicated.to != to || !to.is_some_and(mate);
+            let whole = replicated.to != to;
             // Set again once the copy succeeds, unless a write's copy failed meanwhile: either
             // leaves the next change to copy every entry.
             replicated.to = None;

@@ -900,6 +900,49 @@ fn a_node_evicted_from_another_cell_takes_no_replica_away() {
     });
 }
 
+/// Two zones: nodes 1 to 3 in `zone=b`, nodes 4 and 5 in `zone=a`, one cell each. Every node
+/// keeps its replicas in the other zone. Zone a is lost whole, node 5 dying as node 4's
+/// recovery begins: every key reads back, and no slot is reported lost. Kept in their own
+/// cell, nodes 4 and 5 held each other's only replicas, and both died. The survivors then keep
+/// their replicas among themselves, so a third failure loses nothing either.
+#[test]
+fn a_zone_lost_whole_loses_no_entry() {
+    replay(async {
+        let shape = TreeConfig::default().with_label_levels(["zone"]);
+        let mut cluster = MemCluster::start_shaped(0, shape, HostConfig::default(), || {
+            let mut registry = Registry::new();
+            registry.register(plugin(KvDir::new())).expect("registers");
+            registry
+        })
+        .await;
+        let zone = |z: &str| Labels::from([("zone".to_string(), z.to_string())]);
+        for z in ["b", "b", "b", "a", "a"] {
+            cluster.add_labelled(zone(z)).await;
+        }
+        let in_a = |n: NodeId| n.0 >= 4;
+        let table = cluster.snapshot();
+        for &n in table.nodes() {
+            let holder = table.replica_holder(n).expect("a holder");
+            assert_ne!(in_a(n), in_a(holder), "node {n} keeps its replicas on {holder}");
+        }
+        let keys: Vec<Key> = (0..2_000).map(Key).collect();
+        put_own_bytes(&cluster, &keys).await;
+        let of_a = keys.iter().filter(|&&k| table.locate(KVDIR, k).is_some_and(in_a)).count();
+        assert!(of_a > 300, "zone a manages {of_a} keys");
+        let reported = |cluster: &MemCluster| -> u64 {
+            let lost = |n: NodeId| cluster.host(n).stats().reported_lost.get("kvdir").copied();
+            cluster.nodes().iter().map(|&n| lost(n).unwrap_or(0)).sum()
+        };
+        cluster.fail_and_crash(NodeId(4), NodeId(5)).await;
+        assert_eq!(cluster.nodes(), [NodeId(1), NodeId(2), NodeId(3)]);
+        read_all(&cluster, &keys, |_| false).await;
+        assert_eq!(reported(&cluster), 0, "slots reported lost with zone a");
+        cluster.fail(NodeId(3)).await;
+        read_all(&cluster, &keys, |_| false).await;
+        assert_eq!(reported(&cluster), 0, "slots reported lost with node 3");
+    });
+}
+
 /// Writes `keys` (all managed by `failed`) through `through`, evicts `evicted`, fails
 /// `failed`, and checks that every key reads back as written.
 async fn evict_then_fail_and_read_back(
