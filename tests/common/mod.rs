@@ -206,17 +206,29 @@ pub(crate) fn agents_at(
     limit: Duration,
     extra: &[&str],
 ) -> Vec<Agent> {
+    agents_each(root, places, limit, extra, |_| Vec::new())
+}
+
+/// As [`agents_at`], node `i` started with `each(i)` too (its labels, say, and the bootstrap's
+/// levels).
+pub(crate) fn agents_each(
+    root: &Path,
+    places: Vec<(String, Option<String>)>,
+    limit: Duration,
+    extra: &[&str],
+    each: impl Fn(u64) -> Vec<&'static str>,
+) -> Vec<Agent> {
     let count = places.len() as u64;
     let seed = places[0].0.clone();
     let mut places = places.into_iter();
     let (addr, netns) = places.next().expect("a first node");
-    let first = start_in(root, 1, &addr, netns, &[&["--bootstrap"], extra].concat());
+    let first = start_in(root, 1, &addr, netns, &[&["--bootstrap"], extra, &each(1)].concat());
     wait_until("the bootstrap node", limit, || stable_with(&first.dir, &[(1, "active", 1)]));
     let secret = first.secret();
     let mut agents = vec![first];
     for (i, (addr, netns)) in (2..).zip(places) {
         let join = ["--join", seed.as_str(), "--secret-file", secret.as_str()];
-        agents.push(start_in(root, i, &addr, netns, &[&join, extra].concat()));
+        agents.push(start_in(root, i, &addr, netns, &[&join, extra, &each(i)].concat()));
     }
     let all: Vec<(u64, &str, u64)> = (1..=count).map(|i| (i, "active", 1)).collect();
     wait_showing(&agents, "every node active", limit, || stable_with(&agents[0].dir, &all));
