@@ -32,17 +32,30 @@ impl CellTree {
         // cell split or merged, never copied them, and its failure then lost them. A joiner's
         // holder is new too: one in another cell or zone, no part of the join, could not vouch
         // for the joiner's slots, and they were reported lost with it.
-        if matches!(change, Change::Add { .. } | Change::Evict(_) | Change::Fail(_)) {
-            let before: BTreeMap<NodeId, Option<NodeId>> =
-                self.replica_holders().into_iter().collect();
-            let moved: Vec<(NodeId, Option<NodeId>)> = next
-                .replica_holders()
-                .into_iter()
-                .filter(|(n, holder)| before.get(n) != Some(holder))
-                .collect();
-            for (node, holder) in moved {
-                report.participants.insert(node);
-                report.participants.extend(holder);
+        //
+        // A holder in another zone shares few changes with the nodes it holds for, but kvdir's
+        // holder vouches for a failed node's entries only if that node's last copy came at the
+        // end of the last change the holder took part in, as a cell mate's did: two joins in
+        // its own zone, and the next failure of a node it held for was reported as losing
+        // every slot. So under labels, a node linked to a participant by holding, before the
+        // change or after it, takes part too, and so on: the pairs take part together.
+        let moves_holders =
+            matches!(change, Change::Add { .. } | Change::Evict(_) | Change::Fail(_));
+        let labelled = |tree: &CellTree| tree.cells.values().any(|c| c.label.is_some());
+        let linking = (change.node().is_some() || matches!(change, Change::Rebalance { .. }))
+            && (labelled(self) || labelled(&next));
+        if moves_holders || linking {
+            let before = self.replica_holders();
+            let after = if moves_holders { next.replica_holders() } else { before.clone() };
+            if moves_holders {
+                let was: BTreeMap<NodeId, Option<NodeId>> = before.iter().copied().collect();
+                for &(node, holder) in after.iter().filter(|(n, h)| was.get(n) != Some(h)) {
+                    report.participants.insert(node);
+                    report.participants.extend(holder);
+                }
+            }
+            if linking {
+                linked_closure(&mut report.participants, before.into_iter().chain(after));
             }
         }
         *self = next;
@@ -109,7 +122,7 @@ impl CellTree {
     }
 
     /// Each member with its `labelled_path`, ascending by node.
-    fn labelled_paths(&self) -> Vec<(NodeId, Vec<CellId>)> {
+    pub(crate) fn labelled_paths(&self) -> Vec<(NodeId, Vec<CellId>)> {
         self.nodes.iter().map(|(&n, m)| (n, self.labelled_path(m.leaf))).collect()
     }
 
@@ -581,6 +594,29 @@ fn by_load(loads: &BTreeMap<CellId, (u64, u64)>, a: CellId, b: CellId) -> Orderi
     let (am, an) = loads.get(&a).copied().unwrap_or((0, 0));
     let (bm, bn) = loads.get(&b).copied().unwrap_or((0, 0));
     (u128::from(am) * u128::from(bn)).cmp(&(u128::from(bm) * u128::from(an))).then(bn.cmp(&an))
+}
+
+/// Adds to `participants` every node linked to one of them by `links` (a node and where it
+/// keeps its replicas), either way, transitively.
+fn linked_closure(
+    participants: &mut BTreeSet<NodeId>,
+    links: impl Iterator<Item = (NodeId, Option<NodeId>)>,
+) {
+    let mut next_to: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
+    for (node, holder) in links {
+        if let Some(holder) = holder {
+            next_to.entry(node).or_default().push(holder);
+            next_to.entry(holder).or_default().push(node);
+        }
+    }
+    let mut todo: Vec<NodeId> = participants.iter().copied().collect();
+    while let Some(node) = todo.pop() {
+        for &other in next_to.get(&node).into_iter().flatten() {
+            if participants.insert(other) {
+                todo.push(other);
+            }
+        }
+    }
 }
 
 /// Most nodes one node holds replicas for, while another candidate has room: twice the

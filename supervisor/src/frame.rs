@@ -52,10 +52,12 @@ use tokio_util::codec::{Decoder, Encoder};
 /// DSM's `Request::Losses` and its answer, what `gobelins dsm lost` asks every node; 23: the
 /// refusal `Refusal::Held` of a node that keeps failing, the nodes a view holds out, and
 /// `Request::Unhold` with its answer `Unheld`, an operator's lifting of a hold; 24:
-/// `Request::Stopping`, a member's word that it stops on purpose).
-pub const VERSION: u8 = 24;
+/// `Request::Stopping`, a member's word that it stops on purpose; 25: under label levels a
+/// node keeps its replicas in another zone, and the nodes linked to a change's participants by
+/// holding take part: nodes of 24 would apply the same log and disagree on who takes part).
+pub const VERSION: u8 = 25;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 24;
+pub const MIN_VERSION: u8 = 25;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

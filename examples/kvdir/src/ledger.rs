@@ -202,10 +202,12 @@ impl Ledger {
             orphans.iter().copied().filter(|&s| mask.get(s as usize) == Some(&true)).collect()
         };
         let mut vouch = Vouch { by: me, at, current: Vec::new(), older: Vec::new(), entries: 0 };
-        // Cell mates take part in the same changes: the copy is current if it was made at the
-        // end of the last one. (A node alone in its cell keeps its copies in another cell,
-        // whose changes it takes no part in: its backup vouches only if that node's last
-        // copy came at the end of a change both took part in, a recovery say.)
+        // A node and its holder take part in the same changes (cell mates; under label levels,
+        // nodes linked by holding, which the locator takes part together): the copy is current
+        // if it was made at the end of the last one. (A node alone in its cell of a cluster
+        // without levels keeps its copies in another cell, whose changes it takes no part in:
+        // its backup vouches only if that node's last copy came at the end of a change both
+        // took part in, a recovery say.)
         if backup(table, failed) == Some(me) && self.copied_at(failed, self.took_part[0]) {
             vouch.current = among(&managed_by(table, failed));
         }
