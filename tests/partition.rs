@@ -480,3 +480,32 @@ fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
     }
     eprintln!("{} of {} pages kept through the cut", kept.len(), pages.len());
 }
+
+/// Shared memory in two zones, {1, 2} in `zone=a` and {3, 4, 5} in `zone=b`: node 1 writes
+/// every page, so owns it, and its backup copy goes to another zone. Zone a cut off whole, the
+/// three read every page as node 1 wrote it. (Unlabelled, node 1's backups went to node 2,
+/// the next node, and every page was lost with the two.)
+#[test]
+fn pages_written_in_a_zone_cut_off_whole_are_all_kept() {
+    let Some(five) = Five::start_zoned('y') else { return };
+    let (agents, net, limit) = (&five.agents, &five.net, LIMIT);
+    let cut = [1u64, 2];
+    let pages: Vec<u64> = (0..24).collect();
+    let text = |page: u64| format!("a{page:03}");
+    wait_until("the DSM registered", limit, || write_page(&agents[0], 0, &text(0)).is_ok());
+    for &page in &pages {
+        write_page(&agents[0], page, &text(page)).expect("a write before the cut");
+    }
+
+    net.attach(&cut, 'b');
+    wait_showing(agents, "the three to declare zone a failed", limit, || {
+        status(&agents[2].dir, false).is_some_and(|s| {
+            s["stable"] == true
+                && cut.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "failed"))
+        })
+    });
+    for &page in &pages {
+        let read = again_until(limit, || read_page(&agents[2], page));
+        assert_eq!(read, Ok(text(page)), "page {page} through node 3 without zone a");
+    }
+}

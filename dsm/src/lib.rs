@@ -27,7 +27,8 @@
 //! reported [`DsmError::Lost`], never zero-filled, and never rolled back either: the copy an
 //! owner gave up to a writer is not offered as the page once that writer died too, since it
 //! may have written since. With [`DsmConfig::backups`], every page
-//! written also lives on a second node, so that one failure loses nothing; before a change ends,
+//! written also lives on a second node (of another zone, under label levels: a zone lost whole
+//! loses no page), so that one failure loses nothing; before a change ends,
 //! each manager gives a new backup to its pages whose backup is gone, so that the next failure,
 //! once the cluster has recovered, loses nothing either. A page nobody reports after a failure
 //! was then never written, and reads as zeros, as long as its dead manager had vouched for it

@@ -25,7 +25,7 @@ use crate::node::{DsmNode, Live, NodeState, DSM};
 use crate::page::{named, taint_key, Named, PageId};
 use crate::protocol::{Entry, LockEntry, PageBytes, PageEntry, Request, Response};
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
-use gobelins_locator::{Change, Key, NodeId, ServiceSpec};
+use gobelins_locator::{Change, Key, NodeId, ServiceSpec, Snapshot};
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -70,16 +70,22 @@ fn present(ctx: &Context, n: NodeId) -> bool {
     ctx.snapshot().is_none_or(|s| s.nodes().contains(&n))
 }
 
-/// The first node after `after` in `nodes` (wrapping), other than `after` and `avoid`.
-fn next_node(nodes: &[NodeId], after: NodeId, avoid: Option<NodeId>) -> Option<NodeId> {
+/// The first node after `after` in `nodes` (wrapping), other than `after` and `avoid`: of
+/// another failure domain than `after` if `nodes` has one (`Snapshot::apart`: another zone,
+/// under label levels), so that a zone lost whole takes no page's every copy with it.
+fn next_node(
+    snapshot: Option<&Snapshot>,
+    nodes: &[NodeId],
+    after: NodeId,
+    avoid: Option<NodeId>,
+) -> Option<NodeId> {
     let at = nodes.iter().position(|&n| n == after).unwrap_or(0);
-    nodes
-        .iter()
-        .cycle()
-        .skip(at + 1)
-        .take(nodes.len())
-        .copied()
-        .find(|&n| n != after && Some(n) != avoid)
+    let ring = || {
+        let others = nodes.iter().cycle().skip(at + 1).take(nodes.len()).copied();
+        others.filter(move |&n| n != after && Some(n) != avoid)
+    };
+    let apart = |n: &NodeId| snapshot.is_some_and(|s| s.apart(after, *n));
+    ring().find(apart).or_else(|| ring().next())
 }
 
 /// Whether `n` holds nothing any more: it failed, or left the cluster.

@@ -140,22 +140,28 @@ pub struct Snapshot {
     /// Where each node keeps its replicas, in the order of `nodes`: the tree's
     /// [`crate::CellTree::replica_holder`], which needs the labels to compute.
     holders: Vec<Option<NodeId>>,
+    /// The labelled cells above each node, from the top, in the order of `nodes`: its failure
+    /// domains, for [`Snapshot::apart`].
+    domains: Vec<Box<[CellId]>>,
     /// Indexed by service id; `None` where no service has that id.
     tables: Vec<Option<ServiceTable>>,
 }
 
 impl Snapshot {
-    /// `members`: every node with its leaf cell and replica holder, ascending by node.
+    /// `members`: every node with its leaf cell, replica holder and labelled cells (from the
+    /// top), ascending by node.
     pub(crate) fn build<'a>(
         epoch: Epoch,
-        members: impl Iterator<Item = (NodeId, CellId, Option<NodeId>)>,
+        members: impl Iterator<Item = (NodeId, CellId, Option<NodeId>, Box<[CellId]>)>,
         services: impl Iterator<Item = &'a ServiceState>,
     ) -> Snapshot {
-        let (mut nodes, mut leaves, mut holders) = (Vec::new(), Vec::new(), Vec::new());
-        for (node, leaf, holder) in members {
+        let (mut nodes, mut leaves, mut holders, mut domains) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for (node, leaf, holder, path) in members {
             nodes.push(node);
             leaves.push(leaf);
             holders.push(holder);
+            domains.push(path);
         }
         let mut tables: Vec<Option<ServiceTable>> = Vec::new();
         for state in services.filter(|s| !s.owners.is_empty()) {
@@ -165,7 +171,7 @@ impl Snapshot {
             }
             tables[at] = Some(ServiceTable::new(state));
         }
-        Snapshot { epoch, nodes, leaves, holders, tables }
+        Snapshot { epoch, nodes, leaves, holders, domains, tables }
     }
 
     /// The epoch this snapshot belongs to.
@@ -193,6 +199,17 @@ impl Snapshot {
     pub fn replica_holder(&self, node: NodeId) -> Option<NodeId> {
         let at = self.nodes.binary_search(&node).ok()?;
         self.holders[at]
+    }
+
+    /// Whether `a` and `b` lie in different failure domains: labelled subtrees neither of
+    /// which holds the other (`zone=a` and `zone=b`, or two racks of one zone). A service that
+    /// keeps a copy apart from its node survives that node's whole zone going. Never for a
+    /// cluster without label levels, nor for a node that is not a member.
+    pub fn apart(&self, a: NodeId, b: NodeId) -> bool {
+        let domain = |n: NodeId| self.nodes.binary_search(&n).ok().map(|at| &self.domains[at]);
+        let (Some(a), Some(b)) = (domain(a), domain(b)) else { return false };
+        let shared = a.len().min(b.len());
+        a[..shared] != b[..shared]
     }
 
     /// The manager of `(service, key)`, or `None` for a service that is not registered.

@@ -134,7 +134,9 @@ impl CellTree {
             return Err(LocatorError::EmptyCluster);
         }
         let holders = self.replica_holders().into_iter();
-        let members = self.nodes.iter().zip(holders).map(|((&id, m), (_, h))| (id, m.leaf, h));
+        let paths = self.labelled_paths().into_iter();
+        let members = (self.nodes.iter().zip(holders).zip(paths))
+            .map(|(((&id, m), (_, h)), (_, path))| (id, m.leaf, h, path.into_boxed_slice()));
         Ok(Snapshot::build(epoch, members, self.services.values()))
     }
 

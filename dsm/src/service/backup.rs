@@ -36,16 +36,27 @@ impl DsmService {
         // holding both lost it (a manager that owned the page and chose itself for a writer's
         // backup died before the grant arrived).
         let taken_from = entry.owner.filter(|&o| o != writer && taking);
+        let nodes: Vec<NodeId> =
+            snapshot.nodes().iter().copied().filter(|&n| !self.gone(ctx, n)).collect();
+        // A backup in the writer's own zone, with a live node of another to take it, is moved
+        // there: kept, the zone lost whole would take both copies.
+        let zone_apart = |b: NodeId| {
+            snapshot.apart(writer, b)
+                || !nodes.iter().any(|&n| Some(n) != taken_from && snapshot.apart(writer, n))
+        };
         let keep = entry.backup.filter(|&b| {
-            b != writer && Some(b) != taken_from && !self.gone(ctx, b) && entry.owner.is_some()
+            b != writer
+                && Some(b) != taken_from
+                && !self.gone(ctx, b)
+                && entry.owner.is_some()
+                && zone_apart(b)
         });
         if let Some(kept) = keep {
             return Some((kept, true));
         }
-        let nodes: Vec<NodeId> =
-            snapshot.nodes().iter().copied().filter(|&n| !self.gone(ctx, n)).collect();
+        let s = Some(snapshot);
         let chosen =
-            next_node(&nodes, writer, taken_from).or_else(|| next_node(&nodes, writer, None));
+            next_node(s, &nodes, writer, taken_from).or_else(|| next_node(s, &nodes, writer, None));
         chosen.map(|c| (c, false))
     }
 
@@ -158,10 +169,10 @@ impl DsmService {
 
     /// The node after `after` that a backup goes to, leaving out `leaving` and nodes gone.
     fn live_after(&self, ctx: &Context, after: NodeId, leaving: NodeId) -> Option<NodeId> {
-        let nodes = ctx.snapshot()?.nodes().to_vec();
-        let live: Vec<NodeId> =
-            nodes.into_iter().filter(|&n| n != leaving && !self.gone(ctx, n)).collect();
-        next_node(&live, after, None)
+        let snapshot = ctx.snapshot()?;
+        let nodes = snapshot.nodes().iter().copied();
+        let live: Vec<NodeId> = nodes.filter(|&n| n != leaving && !self.gone(ctx, n)).collect();
+        next_node(Some(snapshot), &live, after, None)
     }
 
     /// `leaving` keeps `page`'s backup and is about to go: the owner stores the page on
@@ -255,7 +266,8 @@ impl DsmService {
         }
         // The owner commits at the version it was granted: the grant landed.
         self.settle_grant(ctx, page, entry);
-        let Some(chosen) = ctx.snapshot().and_then(|s| next_node(s.nodes(), owner, Some(failed)))
+        let Some(chosen) =
+            ctx.snapshot().and_then(|s| next_node(Some(s), s.nodes(), owner, Some(failed)))
         else {
             entry.backup = None;
             return Response::Ok;

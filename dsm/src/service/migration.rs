@@ -249,7 +249,8 @@ impl DsmService {
                     let owner = e.owner.filter(|&o| !e.lost && !self.gone(ctx, o));
                     let backed = |o| e.backup.is_some_and(|b| b != o && !self.gone(ctx, b));
                     // The next live node after the owner, as a grant chooses.
-                    let to = owner.filter(|&o| !backed(o)).and_then(|o| next_node(&live, o, None));
+                    let to = owner.filter(|&o| !backed(o));
+                    let to = to.and_then(|o| next_node(ctx.snapshot(), &live, o, None));
                     if let (Some(owner), Some(to)) = (owner, to) {
                         exposed.push((page, Arc::clone(&slot), owner, e.version, to, e.backup));
                     }
