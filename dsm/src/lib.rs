@@ -27,8 +27,9 @@
 //! reported [`DsmError::Lost`], never zero-filled, and never rolled back either: the copy an
 //! owner gave up to a writer is not offered as the page once that writer died too, since it
 //! may have written since. With [`DsmConfig::backups`], every page
-//! written also lives on a second node (of another zone, under label levels: a zone lost whole
-//! loses no page), so that one failure loses nothing; before a change ends,
+//! written also lives on a second node (of another zone, under label levels, when one has a
+//! live node other than the one the page is taken from: a zone lost whole then loses none of
+//! those pages), so that one failure loses nothing; before a change ends,
 //! each manager gives a new backup to its pages whose backup is gone, so that the next failure,
 //! once the cluster has recovered, loses nothing either. A page nobody reports after a failure
 //! was then never written, and reads as zeros, as long as its dead manager had vouched for it

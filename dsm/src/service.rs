@@ -70,9 +70,10 @@ fn present(ctx: &Context, n: NodeId) -> bool {
     ctx.snapshot().is_none_or(|s| s.nodes().contains(&n))
 }
 
-/// The first node after `after` in `nodes` (wrapping), other than `after` and `avoid`: of
-/// another failure domain than `after` if `nodes` has one (`Snapshot::apart`: another zone,
-/// under label levels), so that a zone lost whole takes no page's every copy with it.
+/// The first node after `after` in `nodes` (wrapping), other than `after` and `avoid`: of the
+/// farthest failure domain from `after` that `nodes` has (`Snapshot::apart_at`: another zone
+/// before another rack, under label levels), so that a zone lost whole takes no page's every
+/// copy with it.
 fn next_node(
     snapshot: Option<&Snapshot>,
     nodes: &[NodeId],
@@ -84,8 +85,11 @@ fn next_node(
         let others = nodes.iter().cycle().skip(at + 1).take(nodes.len()).copied();
         others.filter(move |&n| n != after && Some(n) != avoid)
     };
-    let apart = |n: &NodeId| snapshot.is_some_and(|s| s.apart(after, *n));
-    ring().find(apart).or_else(|| ring().next())
+    let level = |n: &NodeId| snapshot.and_then(|s| s.apart_at(after, *n));
+    match ring().filter_map(|n| level(&n)).min() {
+        Some(farthest) => ring().find(|n| level(n) == Some(farthest)),
+        None => ring().next(),
+    }
 }
 
 /// Whether `n` holds nothing any more: it failed, or left the cluster.

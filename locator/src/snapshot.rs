@@ -206,10 +206,16 @@ impl Snapshot {
     /// keeps a copy apart from its node survives that node's whole zone going. Never for a
     /// cluster without label levels, nor for a node that is not a member.
     pub fn apart(&self, a: NodeId, b: NodeId) -> bool {
+        self.apart_at(a, b).is_some()
+    }
+
+    /// The label level (0 the top) at which `a` and `b` part, if they lie in different
+    /// failure domains ([`Snapshot::apart`]): the lower, the farther apart (another zone
+    /// before another rack of the same zone).
+    pub fn apart_at(&self, a: NodeId, b: NodeId) -> Option<usize> {
         let domain = |n: NodeId| self.nodes.binary_search(&n).ok().map(|at| &self.domains[at]);
-        let (Some(a), Some(b)) = (domain(a), domain(b)) else { return false };
-        let shared = a.len().min(b.len());
-        a[..shared] != b[..shared]
+        let (a, b) = (domain(a)?, domain(b)?);
+        a.iter().zip(b.iter()).position(|(x, y)| x != y)
     }
 
     /// The manager of `(service, key)`, or `None` for a service that is not registered.

@@ -19,7 +19,7 @@ pub struct Preview {
     pub change: Change,
     /// The epoch it would lead to.
     pub epoch: u64,
-    /// The nodes that would take part: send, receive, or rebuild.
+    /// The nodes that would take part: send, receive, rebuild, or copy or hold replicas.
     pub participants: BTreeSet<u64>,
     /// What would move, per service.
     pub plan: MigrationPlan,

@@ -36,18 +36,21 @@ impl DsmService {
         // holding both lost it (a manager that owned the page and chose itself for a writer's
         // backup died before the grant arrived).
         let taken_from = entry.owner.filter(|&o| o != writer && taking);
-        let nodes: Vec<NodeId> =
-            snapshot.nodes().iter().copied().filter(|&n| !self.gone(ctx, n)).collect();
-        // A backup in the writer's own zone, with a live node of another to take it, is moved
-        // there: kept, the zone lost whole would take both copies.
-        let zone_apart = |b: NodeId| {
-            snapshot.apart(writer, b)
-                || !nodes.iter().any(|&n| Some(n) != taken_from && snapshot.apart(writer, n))
-        };
+        // Nor a node the cluster gave up on, whose recovery has yet to reach this node.
+        let nodes: Vec<NodeId> = (snapshot.nodes().iter().copied())
+            .filter(|&n| !self.gone(ctx, n) && !ctx.gone(n))
+            .collect();
+        // A backup nearer the writer (its own zone) than a live node could be is moved there:
+        // kept, the zone lost whole would take both copies.
+        let level = |n: NodeId| snapshot.apart_at(writer, n);
+        let farthest = nodes.iter().filter(|&&n| Some(n) != taken_from).filter_map(|&n| level(n));
+        let farthest = farthest.min();
+        let zone_apart = |b: NodeId| farthest.is_none() || level(b) == farthest;
         let keep = entry.backup.filter(|&b| {
             b != writer
                 && Some(b) != taken_from
                 && !self.gone(ctx, b)
+                && !ctx.gone(b)
                 && entry.owner.is_some()
                 && zone_apart(b)
         });
@@ -171,7 +174,8 @@ impl DsmService {
     fn live_after(&self, ctx: &Context, after: NodeId, leaving: NodeId) -> Option<NodeId> {
         let snapshot = ctx.snapshot()?;
         let nodes = snapshot.nodes().iter().copied();
-        let live: Vec<NodeId> = nodes.filter(|&n| n != leaving && !self.gone(ctx, n)).collect();
+        let live: Vec<NodeId> =
+            nodes.filter(|&n| n != leaving && !self.gone(ctx, n) && !ctx.gone(n)).collect();
         next_node(Some(snapshot), &live, after, None)
     }
 

@@ -235,7 +235,11 @@ impl DsmService {
         let live: Vec<NodeId> = ctx
             .snapshot()
             .filter(|_| backups)
-            .map(|s| s.nodes().iter().copied().filter(|&n| !self.gone(ctx, n)).collect())
+            .map(|s| {
+                // Nor those the cluster gave up on, whose recoveries are still to come.
+                let nodes = s.nodes().iter().copied();
+                nodes.filter(|&n| !self.gone(ctx, n) && !ctx.gone(n)).collect()
+            })
             .unwrap_or_default();
         let mut exposed = Vec::new();
         let mut readers = Vec::new();
@@ -248,7 +252,8 @@ impl DsmService {
                     readers.extend(reader.map(|r| (page, r)));
                     let owner = e.owner.filter(|&o| !e.lost && !self.gone(ctx, o));
                     let backed = |o| e.backup.is_some_and(|b| b != o && !self.gone(ctx, b));
-                    // The next live node after the owner, as a grant chooses.
+                    // Where a grant would put it: the next live node after the owner, of
+                    // another zone first.
                     let to = owner.filter(|&o| !backed(o));
                     let to = to.and_then(|o| next_node(ctx.snapshot(), &live, o, None));
                     if let (Some(owner), Some(to)) = (owner, to) {

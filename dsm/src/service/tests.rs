@@ -139,3 +139,27 @@ fn a_node_reports_the_passage_it_passed_as_well_as_the_one_it_waits_at() {
     assert_eq!(waits.passed, 1);
     assert_eq!(waits.arrived, BTreeMap::from([(2, BTreeSet::from([1]))]));
 }
+
+/// Under levels `zone,rack`, a backup goes to another zone before another rack of the writer's
+/// zone, whichever comes first after the writer; to another rack when no other zone is left;
+/// and, unlabelled, to the next node, as ever.
+#[test]
+fn a_backup_goes_to_another_zone_before_another_rack() {
+    use gobelins_locator::{CellTree, Epoch, Labels, ServiceId, TreeConfig};
+    let config = TreeConfig::default().with_label_levels(["zone", "rack"]);
+    let mut tree = CellTree::new(config).expect("valid");
+    tree.register_service(ServiceSpec::new(ServiceId(1), "dsm").with_slots(64)).expect("room");
+    let at = |z: &str, r: &str| {
+        Labels::from([("zone".to_string(), z.to_string()), ("rack".to_string(), r.to_string())])
+    };
+    for (n, z, r) in [(1, "a", "r1"), (2, "a", "r2"), (3, "a", "r1"), (4, "b", "r1")] {
+        tree.add_node(NodeId(n), at(z, r)).expect("added");
+    }
+    let s = tree.snapshot(Epoch(1)).expect("members");
+    let nodes = s.nodes().to_vec();
+    assert_eq!(next_node(Some(&s), &nodes, NodeId(1), None), Some(NodeId(4)), "another zone");
+    let no_b = Some(NodeId(4));
+    assert_eq!(next_node(Some(&s), &nodes, NodeId(1), no_b), Some(NodeId(2)), "another rack");
+    assert_eq!(next_node(Some(&s), &nodes, NodeId(4), None), Some(NodeId(1)), "wrapping");
+    assert_eq!(next_node(None, &nodes, NodeId(1), None), Some(NodeId(2)), "the next node");
+}
