@@ -161,12 +161,62 @@ fn epoch(c: &mut Criterion) {
     group.finish();
 }
 
+/// `n` nodes holding one service of 4,096 slots, in three zones when `zoned`.
+fn sized(n: u64, zoned: bool) -> CellTree {
+    let config = TreeConfig::default().with_label_levels(["zone"]);
+    let mut tree = CellTree::new(config).expect("valid config");
+    let spec = ServiceSpec::new(ServiceId(1), "kv").with_slots(4096);
+    tree.register_service(spec).expect("register");
+    for i in 1..=n {
+        tree.add_node(NodeId(i), zone_of(i, zoned)).expect("add");
+    }
+    tree
+}
+
+fn zone_of(i: u64, zoned: bool) -> Labels {
+    let zone = || Labels::from([("zone".to_string(), format!("z{}", i % 3))]);
+    if zoned {
+        zone()
+    } else {
+        Labels::new()
+    }
+}
+
+/// What keeping replicas in other zones costs a change: under labels, each one ranks every
+/// node's candidates in the other zones, twice, and the snapshot once more. The same cluster
+/// unlabelled, in the same run, is the baseline.
+fn zoned(c: &mut Criterion) {
+    let mut group = c.benchmark_group("zoned");
+    for n in [64u64, 1024] {
+        for zoned in [false, true] {
+            let tree = sized(n, zoned);
+            let joined = tree.clone().add_node(NodeId(n + 1), zone_of(n + 1, zoned));
+            let taking_part = joined.expect("add").participants.len();
+            let shape = if zoned { "3 zones" } else { "unlabelled" };
+            println!("zoned/{n} nodes, {shape}: a join takes {taking_part} nodes part");
+            let name = if zoned { "add_node, 3 zones" } else { "add_node, unlabelled (baseline)" };
+            group.bench_with_input(BenchmarkId::new(name, n), &tree, |b, tree| {
+                b.iter_batched_ref(
+                    || tree.clone(),
+                    |t| t.add_node(NodeId(n + 1), zone_of(n + 1, zoned)).expect("add"),
+                    BatchSize::LargeInput,
+                )
+            });
+            let name = if zoned { "snapshot, 3 zones" } else { "snapshot, unlabelled (baseline)" };
+            group.bench_with_input(BenchmarkId::new(name, n), &tree, |b, tree| {
+                b.iter(|| tree.snapshot(black_box(Epoch(2))))
+            });
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2))
         .sample_size(30);
-    targets = schemes, threads, epoch
+    targets = schemes, threads, epoch, zoned
 }
 criterion_main!(benches);
