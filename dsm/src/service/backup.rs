@@ -270,9 +270,9 @@ impl DsmService {
         }
         // The owner commits at the version it was granted: the grant landed.
         self.settle_grant(ctx, page, entry);
-        let Some(chosen) =
-            ctx.snapshot().and_then(|s| next_node(Some(s), s.nodes(), owner, Some(failed)))
-        else {
+        // Where a grant would put it, among live nodes: one of a zone the cluster gave up on
+        // would refuse it, and the commit would be asked again and again until its deadline.
+        let Some(chosen) = self.live_after(ctx, owner, failed) else {
             entry.backup = None;
             return Response::Ok;
         };
