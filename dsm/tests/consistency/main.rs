@@ -23,3 +23,4 @@ mod restores;
 mod segments;
 mod silences;
 mod words;
+mod zones;
