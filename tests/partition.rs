@@ -172,6 +172,41 @@ impl Five {
     }
 }
 
+impl Five {
+    /// Cuts `cut` off from the other nodes, and waits until node 3 sees them failed and the
+    /// others active, the cluster stable.
+    fn cut_off(&self, cut: &[u64]) {
+        self.net.attach(cut, 'b');
+        let agents = &self.agents;
+        wait_showing(agents, "the others to declare those cut off failed", LIMIT, || {
+            status(&agents[2].dir, false).is_some_and(|s| {
+                s["stable"] == true
+                    && (1..=5).all(|i| {
+                        let want = if cut.contains(&i) { "failed" } else { "active" };
+                        node_status(&s, i).is_some_and(|(st, _)| st == want)
+                    })
+            })
+        });
+    }
+
+    /// Heals the cut, and waits until node 3 sees every node active, those cut off as new
+    /// lives, the cluster stable.
+    fn heal(&self, cut: &[u64]) {
+        self.net.attach(cut, 'a');
+        let agents = &self.agents;
+        wait_showing(agents, "those cut off back as new lives", LIMIT, || {
+            status(&agents[2].dir, false).is_some_and(|s| {
+                s["stable"] == true
+                    && (1..=5).all(|i| {
+                        node_status(&s, i).is_some_and(|(st, inc)| {
+                            st == "active" && (inc > 1 || !cut.contains(&i))
+                        })
+                    })
+            })
+        });
+    }
+}
+
 /// Runs `ip` with `args`; what it said if it failed.
 fn ip(args: &[&str]) -> Result<(), String> {
     let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
@@ -235,7 +270,7 @@ fn each_at_once<T: Send>(keys: &[u64], f: impl Fn(u64) -> T + Sync) -> Vec<(u64,
 #[test]
 fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
     let Some(five) = Five::start('k') else { return };
-    let (agents, net, limit) = (&five.agents, &five.net, LIMIT);
+    let (agents, limit) = (&five.agents, LIMIT);
     let (cut, rest) = ([1u64, 2], [3u64, 4, 5]);
     let keys: Vec<u64> = (0..300).collect();
     // Written by the cut-off side while cut: whether each was acknowledged decides what it
@@ -251,14 +286,7 @@ fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
 
     // Node 1 bootstrapped the cluster: the leader is most often on the side cut off.
     let leader = status(&agents[0].dir, false).map(|s| s["leader"].clone());
-    net.attach(&cut, 'b');
-    wait_showing(agents, "the three to declare the two failed", limit, || {
-        status(&agents[2].dir, false).is_some_and(|s| {
-            s["stable"] == true
-                && cut.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "failed"))
-                && rest.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "active"))
-        })
-    });
+    five.cut_off(&cut);
 
     // The cut-off side, writing, may be refused or may time out; anything it acknowledges
     // must outlive the cut.
@@ -296,16 +324,7 @@ fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
             .collect();
     assert!(stale.is_empty(), "stale reads through the cut-off side: {stale:?}");
 
-    net.attach(&cut, 'a');
-    wait_showing(agents, "the two back as new lives", limit, || {
-        status(&agents[2].dir, false).is_some_and(|s| {
-            s["stable"] == true
-                && (1..=5).all(|i| {
-                    node_status(&s, i)
-                        .is_some_and(|(st, inc)| st == "active" && (inc > 1 || !cut.contains(&i)))
-                })
-        })
-    });
+    five.heal(&cut);
     for &key in &ours {
         let answer = get(&one, key);
         assert!(reads(&answer, key, b'b'), "key {key} through node 1 after the heal: {answer:?}");
@@ -335,7 +354,7 @@ fn two_nodes_cut_off_from_three_then_healed_lose_no_acknowledged_write() {
 #[test]
 fn a_zone_cut_off_whole_loses_no_key() {
     let Some(five) = Five::start_zoned('z') else { return };
-    let (agents, net, limit) = (&five.agents, &five.net, LIMIT);
+    let (agents, limit) = (&five.agents, LIMIT);
     let (cut, rest) = ([1u64, 2], [3u64, 4, 5]);
     let keys: Vec<u64> = (0..300).collect();
     let (one, three) = (socket(&agents[0]), socket(&agents[2]));
@@ -347,13 +366,7 @@ fn a_zone_cut_off_whole_loses_no_key() {
     let shown = status(&agents[0].dir, false).expect("a status");
     assert!(shown["tree"].as_str().is_some_and(|t| t.contains("zone=a") && t.contains("zone=b")));
 
-    net.attach(&cut, 'b');
-    wait_showing(agents, "the three to declare zone a failed", limit, || {
-        status(&agents[2].dir, false).is_some_and(|s| {
-            s["stable"] == true
-                && cut.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "failed"))
-        })
-    });
+    five.cut_off(&cut);
     for &key in &keys {
         let answer = again_until(limit, || get(&three, key).ok_or("the call failed")).ok();
         assert!(reads(&answer, key, b'a'), "key {key} through node 3 without zone a: {answer:?}");
@@ -369,16 +382,7 @@ fn a_zone_cut_off_whole_loses_no_key() {
         assert!(matches!(stored, Ok(kvdir::Response::Stored { .. })), "write {key}: {stored:?}");
     }
 
-    net.attach(&cut, 'a');
-    wait_showing(agents, "zone a back as new lives", limit, || {
-        status(&agents[2].dir, false).is_some_and(|s| {
-            s["stable"] == true
-                && (1..=5).all(|i| {
-                    node_status(&s, i)
-                        .is_some_and(|(st, inc)| st == "active" && (inc > 1 || !cut.contains(&i)))
-                })
-        })
-    });
+    five.heal(&cut);
     for &key in &keys {
         let answer = get(&one, key);
         assert!(reads(&answer, key, b'b'), "key {key} through node 1 after the heal: {answer:?}");
@@ -415,7 +419,7 @@ fn write_page(agent: &Agent, page: u64, text: &str) -> Result<(), String> {
 #[test]
 fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
     let Some(five) = Five::start('d') else { return };
-    let (agents, net, limit) = (&five.agents, &five.net, LIMIT);
+    let (agents, limit) = (&five.agents, LIMIT);
     let cut = [1u64, 2];
     let pages: Vec<u64> = (0..24).collect();
     let before = |page: u64| format!("a{page:03}");
@@ -431,13 +435,7 @@ fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
         }
     }
 
-    net.attach(&cut, 'b');
-    wait_showing(agents, "the three to declare the two failed", limit, || {
-        status(&agents[2].dir, false).is_some_and(|s| {
-            s["stable"] == true
-                && cut.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "failed"))
-        })
-    });
+    five.cut_off(&cut);
     // A page whose copies were all on the cut-off side is lost, and says so.
     let mut kept = Vec::new();
     for &page in &pages {
@@ -466,15 +464,7 @@ fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
         "pages read as they were through the cut-off side (page, node): {stale:?}"
     );
 
-    net.attach(&cut, 'a');
-    wait_showing(agents, "the two back as new lives", limit, || {
-        status(&agents[2].dir, false).is_some_and(|s| {
-            s["stable"] == true
-                && cut
-                    .iter()
-                    .all(|&i| node_status(&s, i).is_some_and(|(st, inc)| st == "active" && inc > 1))
-        })
-    });
+    five.heal(&cut);
     for &page in &kept {
         assert_eq!(read_page(&agents[0], page), Ok(after(page)), "page {page} after the heal");
     }
@@ -488,7 +478,7 @@ fn pages_rewritten_by_three_are_not_read_as_they_were_through_two_cut_off() {
 #[test]
 fn pages_written_in_a_zone_cut_off_whole_are_all_kept() {
     let Some(five) = Five::start_zoned('y') else { return };
-    let (agents, net, limit) = (&five.agents, &five.net, LIMIT);
+    let (agents, limit) = (&five.agents, LIMIT);
     let cut = [1u64, 2];
     let pages: Vec<u64> = (0..24).collect();
     let text = |page: u64| format!("a{page:03}");
@@ -497,13 +487,7 @@ fn pages_written_in_a_zone_cut_off_whole_are_all_kept() {
         write_page(&agents[0], page, &text(page)).expect("a write before the cut");
     }
 
-    net.attach(&cut, 'b');
-    wait_showing(agents, "the three to declare zone a failed", limit, || {
-        status(&agents[2].dir, false).is_some_and(|s| {
-            s["stable"] == true
-                && cut.iter().all(|&i| node_status(&s, i).is_some_and(|(st, _)| st == "failed"))
-        })
-    });
+    five.cut_off(&cut);
     for &page in &pages {
         let read = again_until(limit, || read_page(&agents[2], page));
         assert_eq!(read, Ok(text(page)), "page {page} through node 3 without zone a");
