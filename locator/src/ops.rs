@@ -624,17 +624,19 @@ fn linked_closure(
 pub const HOLDER_CAP: u32 = 2;
 
 /// The nodes of the first failure domain, from the top of a node's labelled `path`, with
-/// members outside it: those under the same parent cell but not under the path's cell at that
-/// depth. A labelled cell's parent is labelled or the root (`add` makes label cells under label
-/// cells), so a node lies under the `depth`-th cell of `path` exactly when its own path has
-/// that cell there. `None` when every member shares the node's whole path.
+/// members outside it: those under the same parent cell and under another labelled cell at
+/// that depth. A labelled cell's parent is labelled or the root (`add` makes label cells under
+/// label cells), so a node lies under the `depth`-th cell of `path` exactly when its own path
+/// has that cell there. A node whose path stops above that depth (its leaf sits right under
+/// the parent) is no candidate: it may share the rack, as `Snapshot::apart_at` also says.
+/// `None` when no member is apart from the node at any depth.
 fn candidates<'a>(
     path: &'a [CellId],
     paths: &'a [(NodeId, Vec<CellId>)],
 ) -> Option<impl Iterator<Item = (usize, NodeId)> + 'a> {
     let outside = move |depth: usize| {
         let under = move |(_, (_, p)): &(usize, &(NodeId, Vec<CellId>))| {
-            p.len() >= depth && p[..depth] == path[..depth] && p.get(depth) != Some(&path[depth])
+            p.len() > depth && p[..depth] == path[..depth] && p[depth] != path[depth]
         };
         paths.iter().enumerate().filter(under).map(|(at, (n, _))| (at, *n))
     };

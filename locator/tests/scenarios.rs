@@ -464,4 +464,10 @@ fn in_one_zone_replicas_go_to_another_rack_and_in_one_rack_to_a_cell_mate() {
     let tree = labelled(&["zone", "rack"], &nodes);
     let holders: Vec<_> = tree.replica_holders().into_iter().map(|(_, h)| h.unwrap().0).collect();
     assert_eq!(holders, [2, 3, 1], "the next node of the one cell");
+    // A node labelled with its zone alone sits right under it, its rack unknown: not apart
+    // from a node of rack r1, so no candidate for one.
+    let nodes = vec![(1, zone("a")), (2, rack("r1")), (3, rack("r1"))];
+    let tree = labelled(&["zone", "rack"], &nodes);
+    assert_eq!(tree.replica_holder(NodeId(2)), Some(NodeId(3)), "{}", tree.render());
+    assert!(!tree.snapshot(Epoch(1)).unwrap().apart(NodeId(1), NodeId(2)));
 }

@@ -40,8 +40,9 @@ impl DsmService {
         let nodes: Vec<NodeId> = (snapshot.nodes().iter().copied())
             .filter(|&n| !self.gone(ctx, n) && !ctx.gone(n))
             .collect();
-        // A backup nearer the writer (its own zone) than a live node could be is moved there:
-        // kept, the zone lost whole would take both copies.
+        // A backup nearer the writer than the farthest live node (in the writer's zone, while
+        // another zone has a live node) is replaced by one there: kept, the writer's zone lost
+        // whole would take both copies.
         let level = |n: NodeId| snapshot.apart_at(writer, n);
         let farthest = nodes.iter().filter(|&&n| Some(n) != taken_from).filter_map(|&n| level(n));
         let farthest = farthest.min();
