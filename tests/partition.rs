@@ -176,32 +176,35 @@ impl Five {
     /// Cuts `cut` off from the other nodes, and waits until node 3 sees them failed and the
     /// others active, the cluster stable.
     fn cut_off(&self, cut: &[u64]) {
-        self.net.attach(cut, 'b');
-        let agents = &self.agents;
-        wait_showing(agents, "the others to declare those cut off failed", LIMIT, || {
-            status(&agents[2].dir, false).is_some_and(|s| {
-                s["stable"] == true
-                    && (1..=5).all(|i| {
-                        let want = if cut.contains(&i) { "failed" } else { "active" };
-                        node_status(&s, i).is_some_and(|(st, _)| st == want)
-                    })
-            })
+        self.move_and_wait(cut, 'b', "the others to declare those cut off failed", |i, st, _| {
+            st == if cut.contains(&i) { "failed" } else { "active" }
         });
     }
 
     /// Heals the cut, and waits until node 3 sees every node active, those cut off as new
     /// lives, the cluster stable.
     fn heal(&self, cut: &[u64]) {
-        self.net.attach(cut, 'a');
+        self.move_and_wait(cut, 'a', "those cut off back as new lives", |i, st, life| {
+            st == "active" && (life > 1 || !cut.contains(&i))
+        });
+    }
+
+    /// Moves `cut` to bridge `side`, and waits until node 3 sees the cluster stable and every
+    /// node `i` with a status and incarnation `each` accepts.
+    fn move_and_wait(
+        &self,
+        cut: &[u64],
+        side: char,
+        what: &str,
+        each: impl Fn(u64, &str, u64) -> bool,
+    ) {
+        self.net.attach(cut, side);
         let agents = &self.agents;
-        wait_showing(agents, "those cut off back as new lives", LIMIT, || {
+        wait_showing(agents, what, LIMIT, || {
             status(&agents[2].dir, false).is_some_and(|s| {
                 s["stable"] == true
-                    && (1..=5).all(|i| {
-                        node_status(&s, i).is_some_and(|(st, inc)| {
-                            st == "active" && (inc > 1 || !cut.contains(&i))
-                        })
-                    })
+                    && (1..=5)
+                        .all(|i| node_status(&s, i).is_some_and(|(st, life)| each(i, &st, life)))
             })
         });
     }

@@ -37,27 +37,30 @@ impl DsmService {
         // backup died before the grant arrived).
         let taken_from = entry.owner.filter(|&o| o != writer && taking);
         // Nor a node the cluster gave up on, whose recovery has yet to reach this node.
-        let nodes: Vec<NodeId> = (snapshot.nodes().iter().copied())
-            .filter(|&n| !self.gone(ctx, n) && !ctx.gone(n))
-            .collect();
+        let live = |n: NodeId| !self.gone(ctx, n) && !ctx.gone(n);
         // A backup nearer the writer than the farthest live node (in the writer's zone, while
         // another zone has a live node) is replaced by one there: kept, the writer's zone lost
-        // whole would take both copies.
+        // whole would take both copies. Looked at only for a backup kept otherwise, and
+        // without labels no node is apart: a grant's path, as before, takes no lock a node.
         let level = |n: NodeId| snapshot.apart_at(writer, n);
-        let farthest = nodes.iter().filter(|&&n| Some(n) != taken_from).filter_map(|&n| level(n));
-        let farthest = farthest.min();
-        let zone_apart = |b: NodeId| farthest.is_none() || level(b) == farthest;
+        let zone_apart = |b: NodeId| {
+            let apart = (snapshot.nodes().iter().copied())
+                .filter_map(|n| level(n).map(|l| (l, n)))
+                .filter(|&(_, n)| Some(n) != taken_from && live(n));
+            let farthest = apart.map(|(l, _)| l).min();
+            farthest.is_none() || level(b) == farthest
+        };
         let keep = entry.backup.filter(|&b| {
             b != writer
                 && Some(b) != taken_from
-                && !self.gone(ctx, b)
-                && !ctx.gone(b)
+                && live(b)
                 && entry.owner.is_some()
                 && zone_apart(b)
         });
         if let Some(kept) = keep {
             return Some((kept, true));
         }
+        let nodes: Vec<NodeId> = snapshot.nodes().iter().copied().filter(|&n| live(n)).collect();
         let s = Some(snapshot);
         let chosen =
             next_node(s, &nodes, writer, taken_from).or_else(|| next_node(s, &nodes, writer, None));
