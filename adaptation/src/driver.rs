@@ -23,7 +23,7 @@ pub(crate) const HISTORY: usize = 256;
 
 /// What reaches the driver.
 pub(crate) enum Input {
-    Update(Update),
+    Update(Box<Update>),
     Ack { from: NodeId, epoch: u64 },
     Stop,
 }
@@ -89,7 +89,7 @@ impl Driver {
         while let Some(input) = inputs.recv().await {
             match input {
                 Input::Stop => return,
-                Input::Update(update) => self.on_update(update).await,
+                Input::Update(update) => self.on_update(*update).await,
                 Input::Ack { from, epoch } => self.step(Event::Ack { from, epoch }).await,
             }
         }
@@ -283,6 +283,7 @@ impl Driver {
             change: p.change.clone(),
             participants: p.participants.clone(),
             acked: self.period.acked(),
+            failed_moved_in: p.failed_moved_in,
         })
     }
 }

@@ -115,6 +115,9 @@ pub struct Progress {
     pub participants: BTreeSet<NodeId>,
     /// What moves.
     pub plan: MigrationPlan,
+    /// For a `Fail` or `Recover`: the last two changes that moved something of the dead
+    /// node's, as the cluster recorded them ([`ChangeInfo::failed_moved_in`](crate::ChangeInfo)).
+    pub failed_moved_in: [Option<u64>; 2],
 }
 
 /// What the supervisor tells the host each time the replicated state changes.
@@ -340,7 +343,7 @@ impl Host {
         for node in newly {
             inner.link.abandon(node);
         }
-        let _ = inner.inputs.send(Input::Update(update));
+        let _ = inner.inputs.send(Input::Update(Box::new(update)));
     }
 
     /// The last epoch this node finished its part of: the supervisor reports it as

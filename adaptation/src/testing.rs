@@ -19,7 +19,7 @@ use dashmap::DashMap;
 use gobelins_locator::{
     CellTree, Change, Epoch, Labels, MigrationPlan, NodeId, ServicePlan, Snapshot, TreeConfig,
 };
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -188,6 +188,9 @@ pub struct MemCluster {
     /// Evicted nodes that stay for the recovery of a node they sent entries to, which died
     /// before it had them all.
     lingering: BTreeSet<NodeId>,
+    /// The last two changes that moved something of each node's, latest first, as the
+    /// supervisor records them.
+    moved_in: BTreeMap<NodeId, [Option<u64>; 2]>,
     next: u64,
 }
 
@@ -230,6 +233,7 @@ impl MemCluster {
             departed: BTreeSet::new(),
             cut_off: BTreeSet::new(),
             lingering: BTreeSet::new(),
+            moved_in: BTreeMap::new(),
             next: 1,
         };
         for _ in 0..nodes {
@@ -489,7 +493,26 @@ impl MemCluster {
             participants.extend(&self.lingering);
         }
         participants.retain(|n| !self.departed.contains(n));
-        let progress = Progress { epoch: self.epoch, change, participants, plan };
+        let failed_moved_in = match change {
+            Change::Fail(dead) | Change::Recover(dead) => {
+                self.moved_in.get(&dead).copied().unwrap_or_default()
+            }
+            Change::Add { node, .. } => {
+                // A new life: what moved of the last one says nothing of this one.
+                self.moved_in.remove(&node);
+                [None, None]
+            }
+            _ => [None, None],
+        };
+        // Every node touched, taking part or not, as the supervisor has it.
+        for node in plan.touched(before.as_ref(), &after) {
+            let moved = self.moved_in.entry(node).or_default();
+            *moved = [Some(self.epoch), moved[0]];
+        }
+        if let Change::Fail(dead) | Change::Recover(dead) = change {
+            self.moved_in.remove(&dead);
+        }
+        let progress = Progress { epoch: self.epoch, change, participants, plan, failed_moved_in };
         self.broadcast(Some(progress.clone()), after);
         progress
     }

@@ -83,6 +83,7 @@ fn info(epoch: u64) -> ChangeInfo {
         change: Change::Evict(NodeId(9)),
         participants: BTreeSet::new(),
         acked: BTreeSet::new(),
+        failed_moved_in: [None, None],
     }
 }
 

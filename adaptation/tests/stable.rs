@@ -150,7 +150,13 @@ async fn hears_stable(node: NodeId, departed: BTreeSet<NodeId>) -> (bool, Migrat
         departed: departed.clone(),
     };
     host.update(update(4, &before, None));
-    let progress = Progress { epoch: 5, change: join, participants, plan: plan.clone() };
+    let progress = Progress {
+        epoch: 5,
+        change: join,
+        participants,
+        plan: plan.clone(),
+        failed_moved_in: [None, None],
+    };
     host.update(update(5, &after, Some(progress)));
     host.update(update(5, &after, None));
     tokio::time::sleep(Duration::from_millis(100)).await;

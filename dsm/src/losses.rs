@@ -197,6 +197,7 @@ mod tests {
             change: gobelins_locator::Change::Evict(gobelins_locator::NodeId(3)),
             participants: Default::default(),
             acked: Default::default(),
+            failed_moved_in: [None, None],
         };
         *st.change.lock().expect("change") = Some(change);
         assert!(matches!(look(st), Response::Busy), "entries on the move: ask again after");

@@ -33,30 +33,33 @@ impl CellTree {
         // holder is new too: one in another cell or zone, no part of the join, could not vouch
         // for the joiner's slots, and they were reported lost with it.
         //
-        // A holder in another zone shares few changes with the nodes it holds for, but kvdir's
-        // holder vouches for a failed node's entries only if that node's last copy came at the
-        // end of the last change the holder took part in, as a cell mate's did: two joins in
-        // its own zone, and the next failure of a node it held for was reported as losing
-        // every slot. So under labels, a node linked to a participant by holding, before the
-        // change or after it, takes part too, and so on: the pairs take part together.
+        // And the holder, as the change begins, of each node the change moves something of
+        // (`MigrationPlan::touched`: its slots, or its holder) takes part too. Should that node
+        // die during the change, before it copies its entries to its holder after it, the
+        // holder before holds them as they were when the change began, and vouches for them
+        // (kvdir's "backup before"): it needs the table the change began from, which a node
+        // learns by taking part. One hop, not more: a holder tells whether its copy of a
+        // failed node is current from the changes that moved something of that node's, which
+        // the cluster records (`ChangeInfo::failed_moved_in`), not from those it took part in
+        // itself. A new holder, which takes part to receive copies, moves nothing of its own.
         let moves_holders =
             matches!(change, Change::Add { .. } | Change::Evict(_) | Change::Fail(_));
-        let labelled = |tree: &CellTree| tree.cells.values().any(|c| c.label.is_some());
-        let linking = (change.node().is_some() || matches!(change, Change::Rebalance { .. }))
-            && (labelled(self) || labelled(&next));
-        if moves_holders || linking {
-            let before = self.replica_holders();
-            let after = if moves_holders { next.replica_holders() } else { before.clone() };
+        if moves_holders || !report.participants.is_empty() {
+            let before: BTreeMap<NodeId, Option<NodeId>> =
+                self.replica_holders().into_iter().collect();
+            let mut touched = report.participants.clone();
+            let mut new_holders = BTreeSet::new();
             if moves_holders {
-                let was: BTreeMap<NodeId, Option<NodeId>> = before.iter().copied().collect();
-                for &(node, holder) in after.iter().filter(|(n, h)| was.get(n) != Some(h)) {
-                    report.participants.insert(node);
-                    report.participants.extend(holder);
+                for (node, holder) in next.replica_holders() {
+                    if before.get(&node) != Some(&holder) {
+                        touched.insert(node);
+                        new_holders.extend(holder);
+                    }
                 }
             }
-            if linking {
-                linked_closure(&mut report.participants, before.into_iter().chain(after));
-            }
+            let held_by = (touched.iter()).filter_map(|n| before.get(n).copied().flatten());
+            let held_by: Vec<NodeId> = held_by.collect();
+            report.participants.extend(touched.into_iter().chain(new_holders).chain(held_by));
         }
         *self = next;
         Ok(report)
@@ -594,29 +597,6 @@ fn by_load(loads: &BTreeMap<CellId, (u64, u64)>, a: CellId, b: CellId) -> Orderi
     let (am, an) = loads.get(&a).copied().unwrap_or((0, 0));
     let (bm, bn) = loads.get(&b).copied().unwrap_or((0, 0));
     (u128::from(am) * u128::from(bn)).cmp(&(u128::from(bm) * u128::from(an))).then(bn.cmp(&an))
-}
-
-/// Adds to `participants` every node linked to one of them by `links` (a node and where it
-/// keeps its replicas), either way, transitively.
-fn linked_closure(
-    participants: &mut BTreeSet<NodeId>,
-    links: impl Iterator<Item = (NodeId, Option<NodeId>)>,
-) {
-    let mut next_to: BTreeMap<NodeId, Vec<NodeId>> = BTreeMap::new();
-    for (node, holder) in links {
-        if let Some(holder) = holder {
-            next_to.entry(node).or_default().push(holder);
-            next_to.entry(holder).or_default().push(node);
-        }
-    }
-    let mut todo: Vec<NodeId> = participants.iter().copied().collect();
-    while let Some(node) = todo.pop() {
-        for &other in next_to.get(&node).into_iter().flatten() {
-            if participants.insert(other) {
-                todo.push(other);
-            }
-        }
-    }
 }
 
 /// Most nodes one node holds replicas for, while another candidate has room: twice the

@@ -151,6 +151,22 @@ impl MigrationPlan {
         self.services.iter().all(|s| s.moves.is_empty())
     }
 
+    /// The nodes this plan, leading from `old` to `new`, moves something of: slots to or from
+    /// them, or where they keep their replicas ([`Snapshot::replica_holder`]; a joiner's is
+    /// new). What else a change does leaves a node's copies on its holder as they were: a
+    /// holder whose copy was current at the end of the last change that moved something of
+    /// the node's is current still.
+    pub fn touched(&self, old: Option<&Snapshot>, new: &Snapshot) -> BTreeSet<NodeId> {
+        let mut touched: BTreeSet<NodeId> =
+            self.all_moves().flat_map(|(_, m)| [m.from, m.to]).collect();
+        let held_before =
+            |n: NodeId| old.filter(|o| o.nodes().contains(&n)).and_then(|o| o.replica_holder(n));
+        touched.extend(
+            new.nodes().iter().copied().filter(|&n| held_before(n) != new.replica_holder(n)),
+        );
+        touched
+    }
+
     /// Nodes that give entries away.
     pub fn senders(&self) -> BTreeSet<NodeId> {
         self.all_moves().map(|(_, m)| m.from).collect()

@@ -157,8 +157,10 @@ fn check_movement(
         }
     }
     if let Some(node) = change.node() {
-        // Every node whose replica holder moves (a joiner's is new) takes part, with its new holder;
-        // beyond them, only one cell's members and the requesting node.
+        // Every node whose replica holder moves (a joiner's is new) takes part, with its new holder,
+        // and so does the holder, as the change begins, of every node the change moves something
+        // of (the ledger's "backup before" needs the table the change began from); beyond them,
+        // only one cell's members and the requesting node.
         let mut holders = BTreeSet::new();
         for &n in new.nodes() {
             let holder = new.replica_holder(n);
@@ -172,31 +174,23 @@ fn check_movement(
             missing.is_empty(),
             "{change}: {missing:?} take no part; their replica holder moved"
         );
-        // Under labels, a participant's holder and the nodes it holds for, before and after,
-        // take part too (kvdir's ledger needs the pairs in the same changes); without, the
-        // pairs are cell mates, which take part together.
-        let labelled = tree.cells().any(|(_, c)| c.label.is_some());
-        if labelled {
-            let part = |n: &NodeId| report.participants.contains(n);
-            for table in [old, new] {
-                for &n in table.nodes() {
-                    let holder = table.replica_holder(n);
-                    if let Some(h) = holder.filter(|h| part(h) != part(&n)) {
-                        panic!("{change}: {n} on {h}, only one of them takes part");
-                    }
-                }
-            }
-        } else {
-            let others: BTreeSet<NodeId> = report
-                .participants
-                .iter()
-                .copied()
-                .filter(|n| *n != node && !holders.contains(n))
-                .collect();
-            let cells: BTreeSet<_> =
-                others.iter().map(|n| tree.leaf_of(*n).expect("live")).collect();
-            assert!(cells.len() <= 1, "{change}: participants span cells {cells:?}");
-        }
+        let was_held: BTreeSet<NodeId> = (plan.touched(Some(old), new).into_iter())
+            .filter(|n| old.nodes().contains(n))
+            .filter_map(|n| old.replica_holder(n))
+            .collect();
+        let missing: Vec<_> = was_held.difference(&report.participants).collect();
+        assert!(missing.is_empty(), "{change}: {missing:?} held for moved nodes, take no part");
+        // The locator takes the holders of a cell's members part, moved or not.
+        let hold_for_participants: BTreeSet<NodeId> = (report.participants.iter())
+            .filter(|n| old.nodes().contains(n))
+            .filter_map(|&n| old.replica_holder(n))
+            .collect();
+        let others: BTreeSet<NodeId> = (report.participants.iter())
+            .copied()
+            .filter(|n| *n != node && !holders.contains(n) && !hold_for_participants.contains(n))
+            .collect();
+        let cells: BTreeSet<_> = others.iter().map(|n| tree.leaf_of(*n).expect("live")).collect();
+        assert!(cells.len() <= 1, "{change}: participants span cells {cells:?}");
     }
 }
 

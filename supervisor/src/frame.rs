@@ -54,10 +54,12 @@ use tokio_util::codec::{Decoder, Encoder};
 /// `Request::Unhold` with its answer `Unheld`, an operator's lifting of a hold; 24:
 /// `Request::Stopping`, a member's word that it stops on purpose; 25: under label levels a
 /// node keeps its replicas in another zone, and the nodes linked to a change's participants by
-/// holding take part: nodes of 24 would apply the same log and disagree on who takes part).
-pub const VERSION: u8 = 25;
+/// holding take part: nodes of 24 would apply the same log and disagree on who takes part; 26:
+/// the replicated state records the last two changes that moved something of each node's, and
+/// a `Fail` carries the dead node's, where 25 took every linked node part instead).
+pub const VERSION: u8 = 26;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 25;
+pub const MIN_VERSION: u8 = 26;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

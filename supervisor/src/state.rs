@@ -344,6 +344,10 @@ pub struct InProgress {
     /// What moves, so that every node holds, sends and receives the same slots, even one that
     /// never saw the epoch before.
     pub plan: MigrationPlan,
+    /// For a `Fail` or `Recover`: the last two changes that moved something of the dead
+    /// node's, latest first (`ChangeInfo::failed_moved_in`).
+    #[serde(default)]
+    pub failed_moved_in: [Option<u64>; 2],
 }
 
 /// Everything consensus replicates.
@@ -370,6 +374,12 @@ pub struct ClusterState {
     /// recovery, where its copies rebuild them, rather than take them away with it.
     #[serde(default)]
     pub lingering: BTreeMap<u64, BTreeSet<u64>>,
+    /// For each node, the last two changes that moved something of its own (slots to or from
+    /// it, or its replica holder: `MigrationPlan::touched`), latest first, recorded as each
+    /// began. A node's replica holder tells from them, after the node's failure, whether its
+    /// copy is current, without taking part in every change the node does.
+    #[serde(default)]
+    pub moved_in: BTreeMap<u64, [Option<u64>; 2]>,
 }
 
 impl Default for ClusterState {
@@ -389,6 +399,7 @@ impl ClusterState {
             queue: VecDeque::new(),
             interrupted: BTreeMap::new(),
             lingering: BTreeMap::new(),
+            moved_in: BTreeMap::new(),
         })
     }
 
@@ -636,6 +647,10 @@ impl ClusterState {
         if let Some(record) = self.nodes.get_mut(&node) {
             record.status = status;
         }
+        if status == NodeStatus::Left {
+            // Gone for good: no recovery of it will ask.
+            self.moved_in.remove(&node);
+        }
     }
 
     /// Queues a change, starting it at once if nothing is in progress.
@@ -757,6 +772,29 @@ impl ClusterState {
                             }
                         }
                     }
+                    let failed_moved_in = match &change {
+                        Change::Fail(dead) | Change::Recover(dead) => {
+                            self.moved_in.get(&dead.0).copied().unwrap_or_default()
+                        }
+                        Change::Add { node, .. } => {
+                            // A new life: what moved of the last one says nothing of it.
+                            self.moved_in.remove(&node.0);
+                            [None, None]
+                        }
+                        _ => [None, None],
+                    };
+                    // Every node touched, taking part or not: one declared failed, whose recovery
+                    // waits behind this change, may be handed slots it never receives, and its
+                    // holder must not then vouch for them.
+                    if let Ok(new) = &after {
+                        for node in plan.touched(before.as_ref(), new) {
+                            let moved = self.moved_in.entry(node.0).or_default();
+                            *moved = [Some(epoch), moved[0]];
+                        }
+                    }
+                    if let Change::Fail(dead) | Change::Recover(dead) = &change {
+                        self.moved_in.remove(&dead.0);
+                    }
                     let empty = participants.is_empty();
                     self.in_progress = Some(InProgress {
                         epoch,
@@ -764,6 +802,7 @@ impl ClusterState {
                         participants,
                         done: BTreeSet::new(),
                         plan,
+                        failed_moved_in,
                     });
                     if !empty {
                         return Some(epoch);

@@ -607,3 +607,63 @@ fn the_detectors_verdict_ends_even_the_last_live_life_and_the_others_rejoin() {
     assert!(state.is_stable(), "{state:#?}");
     assert!(state.tree.contains(NodeId(1)) && !state.tree.contains(NodeId(2)));
 }
+
+/// A failure carries the last two changes that moved something of the dead node's: its join
+/// (slots came to it, and it has a holder at last), and nothing before, for a new life. A
+/// later life starts afresh.
+#[test]
+fn a_failure_says_what_last_moved_of_the_dead_node_s() {
+    let mut state = ClusterState::default();
+    state.apply(&register(1, 64)).unwrap();
+    settle(&mut state);
+    let mut joined = BTreeMap::new();
+    for n in 1..=4 {
+        state.apply(&join(n)).unwrap();
+        joined.insert(n, state.epoch);
+        settle(&mut state);
+    }
+    assert_eq!(state.moved_in[&4], [Some(joined[&4]), None]);
+    // Node 4's join took slots from the others: theirs moved too.
+    assert_eq!(state.moved_in[&1][0], Some(joined[&4]));
+    state.apply(&Fail { node: 4, incarnation: 1 }).unwrap();
+    let recovery = state.in_progress.clone().expect("node 4's recovery");
+    assert_eq!(recovery.failed_moved_in, [Some(joined[&4]), None]);
+    settle(&mut state);
+    assert_eq!(state.moved_in[&1][0], Some(recovery.epoch), "node 4's slots came to node 1");
+    state.apply(&rejoin(4, 2)).unwrap();
+    let again = state.epoch;
+    settle(&mut state);
+    assert_eq!(state.moved_in[&4], [Some(again), None], "a new life");
+}
+
+/// Two nodes declared failed during a change: the second declared is recovered first, and its
+/// recovery hands slots to the first, declared failed but still in the tree, which takes no
+/// part and never receives them. The record says they moved to it all the same: its holder
+/// must not vouch, at its own recovery, for slots it never held.
+#[test]
+fn slots_handed_to_a_node_declared_failed_count_as_moved() {
+    let mut state = ClusterState::default();
+    state.apply(&register(1, 64)).unwrap();
+    settle(&mut state);
+    for n in 1..=4 {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    state.apply(&join(5)).unwrap();
+    state.apply(&Fail { node: 2, incarnation: 1 }).unwrap();
+    state.apply(&Fail { node: 1, incarnation: 1 }).unwrap();
+    let join = state.in_progress.clone().expect("node 5's join");
+    for node in join.participants.into_iter().filter(|n| ![1, 2].contains(n)) {
+        let _ = state.apply(&done(node, join.epoch));
+    }
+    let first = state.in_progress.clone().expect("a recovery");
+    assert_eq!(first.change, Change::Fail(NodeId(1)), "the last declared goes first");
+    assert!(first.plan.incoming(NodeId(2)).next().is_some(), "node 1's slots go to node 2 too");
+    assert!(!first.participants.contains(&2));
+    for node in first.participants {
+        state.apply(&done(node, first.epoch)).expect("participant report");
+    }
+    let second = state.in_progress.clone().expect("node 2's recovery");
+    assert_eq!(second.change, Change::Fail(NodeId(2)));
+    assert_eq!(second.failed_moved_in[0], Some(first.epoch));
+}

@@ -157,6 +157,7 @@ async fn slots_of_a_sender_dead_before_this_node_began_stay_held_after_the_chang
         change: Change::Add { node: NodeId(4), labels: Labels::new() },
         participants: BTreeSet::from([NodeId(4)]),
         plan,
+        failed_moved_in: [None, None],
     };
     let mut done = host.done();
     host.update(Update {
@@ -290,6 +291,7 @@ fn node_two_before_joining(epoch: u64, service: SlowMerge) -> (Host, Key, Update
             change: Change::Add { node: NodeId(2), labels: Labels::new() },
             participants: BTreeSet::from([NodeId(1), NodeId(2)]),
             plan,
+            failed_moved_in: [None, None],
         }),
         departed: BTreeSet::new(),
     };

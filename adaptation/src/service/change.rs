@@ -19,6 +19,14 @@ pub struct ChangeInfo {
     /// participant that did not die during the change: one missing from it may have held what
     /// nobody else did (a recovery's only other copy of an entry, say).
     pub acked: BTreeSet<NodeId>,
+    /// For `Change::Fail(n)` or `Change::Recover(n)`: the epochs of the last two changes that
+    /// moved something of `n`'s own (slots to or from it, or its replica holder:
+    /// `MigrationPlan::touched`), latest first, as the cluster recorded them when each began
+    /// (`n` may have died during the latest). A service that keeps `n`'s replicas on its
+    /// holder tells from them whether the copy there is current: `n` copied it at the end of
+    /// the latest, or later, and nothing `n` managed has moved since. The holder need not take
+    /// part in every change `n` does to know it. `[None, None]` for other changes.
+    pub failed_moved_in: [Option<u64>; 2],
 }
 
 /// The slots of one service that leave this node in a change, and where each goes.

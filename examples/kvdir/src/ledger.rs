@@ -6,14 +6,22 @@
 //! manager fails, a slot is whole again on its new manager if a survivor that held every entry
 //! of it *vouches* for it and delivered what it held (it lives, or all it announced came):
 //! - **the backup of record**: the failed node's backup, to which it copied every entry it
-//!   managed at the end of the last change both took part in (`Request::Copied`);
-//! - **the backup before**, when the failed node died during a change, before it could copy
-//!   its entries to a new backup: that node holds them all as of the change's start;
+//!   managed (`Request::Copied`) at the end of the last change that moved something of its
+//!   own (its slots, or its backup), or of a later one: its writes since came here too;
+//! - **the backup before**, when the failed node died during such a change, before it could
+//!   copy its entries to a new backup: that node holds them all as of the change's start, if
+//!   the failed node copied it them at the end of the one before, or later;
 //! - **a sender**, for the slots it sent the failed node in the change it died during: it
 //!   keeps their copies while their receiver is gone. A survivor that vouched for slots in a
 //!   recovery counts as their sender, should their new manager die before it copies them on.
 //!
-//! The last two hold nothing written since the change began: the failed node's backup at the
+//! The cluster records, for each node, the last two changes that moved something of its own,
+//! and a recovery says the failed node's (`ChangeInfo::failed_moved_in`): a backup need not
+//! take part in every change of the nodes it backs up, as it had to when it judged by its own.
+//! It takes part in those that move something of theirs (the locator takes the holder of
+//! every participant part): the backup before learns the table the change began from that way.
+//!
+//! The backup before and a sender hold nothing written since the change began: the failed node's backup at the
 //! recovery's start holds that, and must live too. A voucher that dies during the recovery
 //! still counts if its new manager received every entry it said it would send (a vouch says
 //! how many): it died after handing them over. A slot no survivor vouches for is reported
@@ -22,22 +30,28 @@
 
 use crate::{backup, KVDIR};
 use gobelins_locator::{Key, NodeId, SlotMove, Snapshot};
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 /// How many epochs a vouch is kept for a recovery yet to be judged.
 const VOUCH_GRACE: u64 = 16;
 
+/// How many of the tables its last changes began from a node keeps. A node that died during a
+/// change is recovered in the next change, unless other failures come first: each of them is a
+/// change every survivor takes part in. Past this many, the node's slots are reported lost.
+const BEGINS_KEPT: usize = 16;
+
 /// One node's record of the copies it holds for others, and of what it was told by them.
 #[derive(Default)]
 pub(crate) struct Ledger {
-    /// For each manager this node backs up, the last two changes at whose end it copied this
-    /// node every entry it managed, latest first.
-    copied: HashMap<NodeId, [Option<u64>; 2]>,
-    /// The last two changes this node took part in, latest first.
-    took_part: [Option<u64>; 2],
-    /// The table as the latest change this node took part in began.
-    began: Option<Arc<Snapshot>>,
+    /// For each manager this node backs up, the latest change at whose end it copied this node
+    /// every entry it managed.
+    copied: HashMap<NodeId, u64>,
+    /// The last change this node took part in.
+    took_part: Option<u64>,
+    /// The tables the last [`BEGINS_KEPT`] changes this node took part in began from, with
+    /// their epochs, latest last.
+    began: VecDeque<(u64, Arc<Snapshot>)>,
     /// The change `sent_to` belongs to.
     sending: Option<u64>,
     /// The slots this node sent out in that change, by receiver, while this node keeps their
@@ -102,9 +116,7 @@ impl Ledger {
     /// `manager` copied this node every entry it manages, at the end of the change to `epoch`.
     pub(crate) fn copied(&mut self, manager: NodeId, epoch: u64) {
         let at = self.copied.entry(manager).or_default();
-        if at[0].is_none_or(|latest| latest < epoch) {
-            *at = [Some(epoch), at[0]];
-        }
+        *at = epoch.max(*at);
     }
 
     /// This node dropped its copies of what `manager` manages, whose backup holds them now:
@@ -113,14 +125,20 @@ impl Ledger {
         self.copied.remove(&manager);
     }
 
-    /// Whether `manager` copied this node every entry at the end of the change to `epoch`.
-    fn copied_at(&self, manager: NodeId, epoch: Option<u64>) -> bool {
-        epoch.is_some() && self.copied.get(&manager).is_some_and(|at| at.contains(&epoch))
+    /// Whether `manager` copied this node every entry at the end of the change to `epoch`, or
+    /// of a later one.
+    fn copied_since(&self, manager: NodeId, epoch: Option<u64>) -> bool {
+        epoch.is_some_and(|epoch| self.copied.get(&manager).is_some_and(|&at| at >= epoch))
     }
 
     /// A change this node takes part in, to `epoch`, begins from `table`.
     pub(crate) fn begin(&mut self, epoch: u64, table: Option<Arc<Snapshot>>) {
-        self.began = table;
+        if let Some(table) = table {
+            if self.began.len() == BEGINS_KEPT {
+                self.began.pop_front();
+            }
+            self.began.push_back((epoch, table));
+        }
         self.sending = Some(epoch);
         self.sent_to = std::mem::take(&mut self.vouched_to);
     }
@@ -139,7 +157,7 @@ impl Ledger {
 
     /// This node finished its part in the change to `epoch`.
     pub(crate) fn end(&mut self, epoch: u64) {
-        self.took_part = [Some(epoch), self.took_part[0]];
+        self.took_part = Some(epoch);
         // Vouches for a recovery this node was not given any slots of, or that came after it
         // ended; a few epochs' grace for a voucher whose table lagged.
         self.vouched.retain(|_, vouches| {
@@ -189,37 +207,38 @@ impl Ledger {
     }
 
     /// What this node vouches for among `orphans`, the slots `failed` leaves, in a recovery
-    /// that begins from `table`.
+    /// that begins from `table`; `moved_in`, the last two changes that moved something of
+    /// `failed`'s, latest first.
     pub(crate) fn vouch(
         &self,
         me: NodeId,
         failed: NodeId,
         table: &Snapshot,
         orphans: &[u32],
+        moved_in: [Option<u64>; 2],
     ) -> Option<Vouch> {
         let at = table.epoch().0;
         let among = |mask: &[bool]| -> Vec<u32> {
             orphans.iter().copied().filter(|&s| mask.get(s as usize) == Some(&true)).collect()
         };
         let mut vouch = Vouch { by: me, at, current: Vec::new(), older: Vec::new(), entries: 0 };
-        // A node and its holder take part in the same changes (cell mates; under label levels,
-        // nodes linked by holding, which the locator takes part together): the copy is current
-        // if it was made at the end of the last one. (A node alone in its cell of a cluster
-        // without levels keeps its copies in another cell, whose changes it takes no part in:
-        // its backup vouches only if that node's last copy came at the end of a change both
-        // took part in, a recovery say.)
-        if backup(table, failed) == Some(me) && self.copied_at(failed, self.took_part[0]) {
+        // The copy is current if it was made at the end of the last change that moved
+        // something of `failed`'s, or later: neither what it manages nor its holder has
+        // changed since.
+        if backup(table, failed) == Some(me) && self.copied_since(failed, moved_in[0]) {
             vouch.current = among(&managed_by(table, failed));
         }
-        // It may have died during the last change, before copying its new backup what it had,
-        // or once it had, but before the cluster heard its part was done: the slots it was
-        // sending are orphans too.
-        if let Some(began) = &self.began {
-            if backup(began, failed) == Some(me) && self.copied_at(failed, self.took_part[1]) {
+        // It may have died during that change, before copying its new backup what it had, or
+        // once it had, but before the cluster heard its part was done: the slots it was
+        // sending are orphans too. This node took part, if it held for `failed` as the change
+        // began, and kept the table it began from.
+        let began = self.began.iter().find(|(epoch, _)| moved_in[0] == Some(*epoch));
+        if let Some((_, began)) = began {
+            if backup(began, failed) == Some(me) && self.copied_since(failed, moved_in[1]) {
                 vouch.older.extend(among(&managed_by(began, failed)));
             }
         }
-        if self.sending.is_some() && self.sending == self.took_part[0] {
+        if self.sending.is_some() && self.sending == self.took_part {
             if let Some(sent) = self.sent_to.get(&failed) {
                 let len = orphans.iter().max().map_or(0, |&m| m as usize + 1);
                 vouch.older.extend(among(&mask(sent, len)));

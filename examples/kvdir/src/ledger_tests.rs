@@ -35,8 +35,13 @@ fn word(by: u64, at: u64, current: &[u32], older: &[u32]) -> Vouch {
     Vouch { by: n(by), at, current: current.to_vec(), older: older.to_vec(), entries: 0 }
 }
 
+/// The last two changes that moved something of a node's, as a recovery says them.
+fn took(latest: u64, before: u64) -> [Option<u64>; 2] {
+    [Some(latest), Some(before)]
+}
+
 /// Node 3 backs node 2 up in a cell of four. Its copy is current if node 2 copied it
-/// everything at the end of the last change node 3 took part in, not an earlier one.
+/// everything at the end of the last change that moved something of node 2's, not before.
 #[test]
 fn the_backup_of_record_vouches_for_every_slot_if_it_was_copied_all_at_the_last_change() {
     let at_5 = table_of(&[1, 2, 3, 4], 5);
@@ -46,11 +51,37 @@ fn the_backup_of_record_vouches_for_every_slot_if_it_was_copied_all_at_the_last_
     let mut ledger = Ledger::default();
     ledger.begin(5, Some(table_of(&[1, 2, 3], 4)));
     ledger.end(5);
-    ledger.copied(n(2), 4);
-    assert_eq!(ledger.vouch(n(3), n(2), &at_5, &of_2), None, "copied before the last change");
+    ledger.copied(n(2), 2);
+    let stale = ledger.vouch(n(3), n(2), &at_5, &of_2, took(5, 3));
+    assert_eq!(stale, None, "copied before the last two changes that moved its slots");
     ledger.copied(n(2), 5);
-    assert_eq!(ledger.vouch(n(3), n(2), &at_5, &of_2), Some(word(3, 5, &of_2, &[])));
-    assert_eq!(ledger.vouch(n(4), n(2), &at_5, &of_2), None, "node 4 is not its backup");
+    let whole = Some(word(3, 5, &of_2, &[]));
+    assert_eq!(ledger.vouch(n(3), n(2), &at_5, &of_2, took(5, 3)), whole);
+    assert_eq!(ledger.vouch(n(4), n(2), &at_5, &of_2, took(5, 3)), None, "not its backup");
+}
+
+/// Node 3, in another zone, took no part in the last change that moved something of node 2's
+/// (a join in node 2's zone): the copy node 2 made it at the end of that change is current
+/// all the same, and so is one made at a later change. When it judged by the changes it took
+/// part in itself, it vouched for nothing.
+#[test]
+fn a_backup_that_took_no_part_in_its_manager_s_last_change_vouches_for_it() {
+    let at_7 = table_of(&[1, 2, 3, 4], 7);
+    let of_2 = slots_of(&at_7, n(2));
+    let mut ledger = Ledger::default();
+    ledger.begin(5, Some(table_of(&[1, 2, 3], 4)));
+    ledger.end(5);
+    ledger.copied(n(2), 5);
+    ledger.copied(n(2), 7);
+    let whole = Some(word(3, 7, &of_2, &[]));
+    assert_eq!(ledger.vouch(n(3), n(2), &at_7, &of_2, took(7, 5)), whole);
+    ledger.copied(n(2), 9);
+    assert_eq!(ledger.vouch(n(3), n(2), &at_7, &of_2, took(7, 5)), whole, "copied later");
+    // Node 2 died during the change to 7, before it copied: this node, which took no part
+    // in it, cannot tell what node 2 had as it began, and vouches for nothing.
+    let mut ledger = Ledger::default();
+    ledger.copied(n(2), 5);
+    assert_eq!(ledger.vouch(n(3), n(2), &at_7, &of_2, took(7, 5)), None);
 }
 
 /// Node 2 sent slots to node 4, a joiner, copied node 3 everything, and died before the
@@ -65,7 +96,10 @@ fn the_backup_of_record_vouches_for_what_its_manager_had_as_the_last_change_bega
     assert!(!sent.is_empty());
     let ledger = through_5_and_6(&at_5, &[5, 6]);
     let orphans: Vec<u32> = (0..4096).filter(|s| had.contains(s) || has.contains(s)).collect();
-    assert_eq!(ledger.vouch(n(3), n(2), &at_6, &orphans), Some(word(3, 6, &has, &sent)));
+    assert_eq!(
+        ledger.vouch(n(3), n(2), &at_6, &orphans, took(6, 5)),
+        Some(word(3, 6, &has, &sent))
+    );
 }
 
 /// Node 3 joins between nodes 2 and 4, and node 2 dies before it copies node 3 its
@@ -79,7 +113,7 @@ fn a_former_backup_vouches_for_a_node_that_died_during_the_change_while_the_new_
     let ledger = through_5_and_6(&at_5, &[5]);
     let orphans = slots_of(&at_6, n(2));
     let had = slots_of(&at_5, n(2));
-    let mut vouch = ledger.vouch(n(4), n(2), &at_6, &orphans).expect("a vouch");
+    let mut vouch = ledger.vouch(n(4), n(2), &at_6, &orphans, took(6, 5)).expect("a vouch");
     assert!(vouch.current.is_empty());
     // As kvdir's `vouch` counts them: what it found of those slots, and sends.
     vouch.entries = 3;
@@ -105,9 +139,9 @@ fn a_former_backup_that_dropped_its_copies_vouches_for_nothing() {
     let at_6 = table_of(&[1, 2, 4, 3], 6);
     let mut ledger = through_5_and_6(&at_5, &[5]);
     let orphans = slots_of(&at_6, n(2));
-    assert!(ledger.vouch(n(4), n(2), &at_6, &orphans).is_some(), "its word before");
+    assert!(ledger.vouch(n(4), n(2), &at_6, &orphans, took(6, 5)).is_some(), "its word before");
     ledger.forgot(n(2));
-    assert_eq!(ledger.vouch(n(4), n(2), &at_6, &orphans), None);
+    assert_eq!(ledger.vouch(n(4), n(2), &at_6, &orphans, took(6, 5)), None);
 }
 
 /// Node 1 sent slots to node 3 in the change it last took part in: it vouches for them
@@ -127,8 +161,11 @@ fn a_sender_vouches_for_what_it_sent_while_its_receiver_is_gone() {
         ledger.stable(6, |node| gone_at_stable && node == n(3));
         ledger
     };
-    assert_eq!(sender(true).vouch(n(1), n(3), &at_6, &orphans), Some(word(1, 6, &[], &sent)));
-    assert_eq!(sender(false).vouch(n(1), n(3), &at_6, &orphans), None);
+    assert_eq!(
+        sender(true).vouch(n(1), n(3), &at_6, &orphans, [Some(6), None]),
+        Some(word(1, 6, &[], &sent))
+    );
+    assert_eq!(sender(false).vouch(n(1), n(3), &at_6, &orphans, [Some(6), None]), None);
 }
 
 /// Node 3 vouched to node 4 for slots of node 2 in node 2's recovery, and node 4 died
@@ -143,7 +180,7 @@ fn what_a_node_vouched_for_counts_as_sent_should_its_new_manager_die() {
     ledger.end(7);
     ledger.stable(7, |node| node == n(4));
     let at_7 = table_of(&[1, 3, 4], 7);
-    assert_eq!(ledger.vouch(n(3), n(4), &at_7, &given), Some(word(3, 7, &[], &given)));
+    assert_eq!(ledger.vouch(n(3), n(4), &at_7, &given, took(7, 6)), Some(word(3, 7, &[], &given)));
 }
 
 /// A vouch that comes after its recovery was judged counts for no later recovery of a

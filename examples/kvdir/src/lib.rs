@@ -203,10 +203,21 @@ pub struct KvDir {
     copies_at: AtomicU64,
     /// Who holds whole copies of what, for a recovery to say what it could not rebuild.
     ledger: Mutex<Ledger>,
+    /// What the recovery beginning's `scan` found, for `before_migration` to vouch for: only
+    /// it is told which changes last moved something of the failed node's.
+    scanned: Mutex<Option<Scanned>>,
     /// Slots this node rebuilt after a failure that no survivor could vouch for.
     slots_lost: AtomicU64,
     /// Copies the backup did not store, for the log.
     unstored: Mutex<unstored::Unstored>,
+}
+
+/// What a recovery's `scan` found of a failed node's slots.
+struct Scanned {
+    failed: NodeId,
+    orphans: Moving,
+    /// How many entries of each orphan slot this node holds (none for a slot left out).
+    entries: std::collections::BTreeMap<u32, u64>,
 }
 
 /// Where a node's entries were last copied in full, and how many writes' copies failed.
@@ -255,6 +266,7 @@ impl Default for KvDir {
             copying: Mutex::default(),
             copies_at: AtomicU64::new(0),
             ledger: Mutex::default(),
+            scanned: Mutex::default(),
             slots_lost: AtomicU64::new(0),
             unstored: Mutex::default(),
         }
@@ -355,8 +367,8 @@ async fn own_memory(live: Weak<Mutex<BySlot>>, received: Vec<(Key, usize)>) {
 /// else the next node of its own cell, wrapping around, or, alone in its cell, the next node
 /// of the table. This is the locator's replica holder
 /// (`Snapshot::replica_holder`): every change that moves it takes part `node` and the new
-/// holder, so `node` copies its entries to the new backup in `after_release`, and the new one
-/// takes part in that change, as the ledger's vouch needs.
+/// holder, so `node` copies its entries to the new backup in `after_release`, and tells it so
+/// (`Copied`), which the ledger's vouch needs.
 pub(crate) fn backup(snapshot: &Snapshot, node: NodeId) -> Option<NodeId> {
     snapshot.replica_holder(node)
 }
@@ -536,14 +548,16 @@ impl KvDir {
         tracing::warn!(backup = to.0, epoch, %error, "kvdir: the backup did not hear that it holds every entry of this node; should this node fail before the next change, its recovery reports its slots lost");
     }
 
-    /// Tells the new managers of `failed`'s slots those of them this node holds every entry
-    /// of, as the recovery begins. Waited for: a new manager judges what it rebuilt once this
-    /// node's batches have come, and they follow.
-    async fn vouch(&self, ctx: &Context, failed: NodeId, orphans: &Moving, found: &BySlot) {
+    /// Tells the new managers of the failed node's slots those of them this node holds every
+    /// entry of, as the recovery begins, `moved_in` being the last changes that moved something of its own.
+    /// Waited for: a new manager judges what it rebuilt once this node's batches have come,
+    /// and they follow.
+    async fn vouch(&self, ctx: &Context, scanned: Scanned, moved_in: [Option<u64>; 2]) {
         let Some(table) = ctx.snapshot() else { return };
         let me = ctx.node();
+        let Scanned { failed, orphans, entries } = scanned;
         let all: Vec<u32> = orphans.slots().collect();
-        let vouched = self.ledger.lock().expect("ledger").vouch(me, failed, table, &all);
+        let vouched = self.ledger.lock().expect("ledger").vouch(me, failed, table, &all, moved_in);
         let Some(vouch) = vouched else { return };
         // Both lists ascend, as the moves do: each move's share is a range of each.
         let share = |slots: &[u32], of: &std::ops::Range<u32>| -> Vec<u32> {
@@ -560,7 +574,7 @@ impl KvDir {
             });
             let (current, older) = (share(&vouch.current, &m.slots), share(&vouch.older, &m.slots));
             word.entries +=
-                current.iter().chain(&older).map(|&s| found.slot_len(s) as u64).sum::<u64>();
+                current.iter().chain(&older).filter_map(|s| entries.get(s)).sum::<u64>();
             word.current.extend(current);
             word.older.extend(older);
         }
@@ -744,6 +758,14 @@ impl Service for KvDir {
     }
 
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
+        let scanned = self.scanned.lock().expect("scanned").take();
+        if let (Change::Fail(failed) | Change::Recover(failed), Some(scanned)) =
+            (&change.change, scanned)
+        {
+            if scanned.failed == *failed {
+                self.vouch(ctx, scanned, change.failed_moved_in).await;
+            }
+        }
         // A value `send_out` took before its copy would keep its batch from `sent`, then from
         // `replicas`. Most often long done: it began when the last change was stable.
         let owning = self.owning.lock().expect("owning").take();
@@ -952,8 +974,15 @@ impl Service for KvDir {
                     .map(|(k, v)| (*k, v.clone())),
             );
         }
-        // Once found: each word says how many entries of its slots follow.
-        self.vouch(ctx, failed, orphans, &found).await;
+        // Once found: each word says how many entries of its slots follow. Said in
+        // `before_migration`, which is told what last moved of the failed node's, and runs
+        // before any batch goes.
+        let entries = (orphans.slots())
+            .map(|s| (s, found.slot_len(s) as u64))
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        *self.scanned.lock().expect("scanned") =
+            Some(Scanned { failed, orphans: orphans.clone(), entries });
         found.take(orphans.slots())
     }
 }

@@ -63,6 +63,7 @@ impl HostFeed {
                 change: p.change.clone(),
                 participants: p.participants.iter().map(|&n| NodeId(n)).collect(),
                 plan: p.plan.clone(),
+                failed_moved_in: p.failed_moved_in,
             }),
             departed: key.2.iter().map(|&n| NodeId(n)).collect(),
         });
