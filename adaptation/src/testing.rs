@@ -191,6 +191,8 @@ pub struct MemCluster {
     /// The last two changes that moved something of each node's, latest first, as the
     /// supervisor records them.
     moved_in: BTreeMap<NodeId, [Option<u64>; 2]>,
+    /// The table the change under way began from.
+    began_from: Option<Snapshot>,
     next: u64,
 }
 
@@ -234,6 +236,7 @@ impl MemCluster {
             cut_off: BTreeSet::new(),
             lingering: BTreeSet::new(),
             moved_in: BTreeMap::new(),
+            began_from: None,
             next: 1,
         };
         for _ in 0..nodes {
@@ -456,7 +459,11 @@ impl MemCluster {
             Change::Evict(leaver) if leaver != victim => Some(leaver),
             _ => None,
         };
-        let lingers = leaver.filter(|&l| progress.plan.outgoing(l).any(|(_, m)| m.to == victim));
+        // Or it held the victim's replicas as the change began: the victim may not have
+        // copied them to its new holder yet.
+        let held = self.began_from.as_ref().and_then(|t| t.replica_holder(victim));
+        let lingers = leaver
+            .filter(|&l| held == Some(l) || progress.plan.outgoing(l).any(|(_, m)| m.to == victim));
         self.broadcast(Some(progress.clone()), self.snapshot());
         self.finish(progress).await;
         match (leaver, lingers) {
@@ -512,6 +519,7 @@ impl MemCluster {
         if let Change::Fail(dead) | Change::Recover(dead) = change {
             self.moved_in.remove(&dead);
         }
+        self.began_from = before;
         let progress = Progress { epoch: self.epoch, change, participants, plan, failed_moved_in };
         self.broadcast(Some(progress.clone()), after);
         progress

@@ -348,6 +348,9 @@ pub struct InProgress {
     /// node's, latest first (`ChangeInfo::failed_moved_in`).
     #[serde(default)]
     pub failed_moved_in: [Option<u64>; 2],
+    /// For an `Evict`: the nodes whose replica holder the leaver was as the change began.
+    #[serde(default)]
+    pub held_by_leaver: BTreeSet<u64>,
 }
 
 /// Everything consensus replicates.
@@ -371,7 +374,9 @@ pub struct ClusterState {
     /// Leavers kept until the recoveries of these nodes end. A node that received a leaver's
     /// entries and died before it reported the leave done may not have copied them on: the
     /// leaver still holds them, so it stays (leaving, out of the tree) and takes part in the
-    /// recovery, where its copies rebuild them, rather than take them away with it.
+    /// recovery, where its copies rebuild them, rather than take them away with it. So does a
+    /// leaver that held a node's replicas as the change began, should that node die during
+    /// it: it may not have copied them to its new holder yet.
     #[serde(default)]
     pub lingering: BTreeMap<u64, BTreeSet<u64>>,
     /// For each node, the last two changes that moved something of its own (slots to or from
@@ -598,12 +603,18 @@ impl ClusterState {
                 .queue
                 .iter()
                 .any(|c| matches!(c, Change::Fail(n) | Change::Recover(n) if n.0 == node));
+            // A leaver stays for a node that died before reporting its part done, if it sent
+            // that node entries, or held its replicas as the change began: until the node
+            // reports done it may not have copied them to its new holder, and the leaver's
+            // are then the only other copies.
+            let held = progress.held_by_leaver.contains(&node);
             match progress.change {
                 Change::Evict(leaver)
                     if leaver.0 != node
                         && recovered
                         && !progress.done.contains(&node)
-                        && progress.plan.outgoing(leaver).any(|(_, m)| m.to.0 == node) =>
+                        && (held
+                            || progress.plan.outgoing(leaver).any(|(_, m)| m.to.0 == node)) =>
                 {
                     self.lingering.entry(leaver.0).or_default().insert(node);
                 }
@@ -795,6 +806,13 @@ impl ClusterState {
                     if let Change::Fail(dead) | Change::Recover(dead) = &change {
                         self.moved_in.remove(&dead.0);
                     }
+                    let held_by_leaver = match (&change, &before) {
+                        (Change::Evict(leaver), Some(old)) => (old.nodes().iter())
+                            .filter(|&&n| old.replica_holder(n) == Some(*leaver))
+                            .map(|n| n.0)
+                            .collect(),
+                        _ => BTreeSet::new(),
+                    };
                     let empty = participants.is_empty();
                     self.in_progress = Some(InProgress {
                         epoch,
@@ -803,6 +821,7 @@ impl ClusterState {
                         done: BTreeSet::new(),
                         plan,
                         failed_moved_in,
+                        held_by_leaver,
                     });
                     if !empty {
                         return Some(epoch);

@@ -667,3 +667,34 @@ fn slots_handed_to_a_node_declared_failed_count_as_moved() {
     assert_eq!(second.change, Change::Fail(NodeId(2)));
     assert_eq!(second.failed_moved_in[0], Some(first.epoch));
 }
+
+/// A node dies during the leave of the node that held its replicas as the leave began (in
+/// another zone: the leaver hands it nothing), before it reported its part done: it may not
+/// have copied them to its new holder yet, so the leaver stays for its recovery, as one it
+/// sent entries to would have it stay.
+#[test]
+fn a_leaver_that_held_a_node_s_replicas_stays_for_its_recovery() {
+    let config = TreeConfig::default().with_label_levels(["zone"]);
+    let mut state = ClusterState::new(config).expect("a valid config");
+    state.apply(&register(1, 64)).unwrap();
+    settle(&mut state);
+    for n in 1..=4 {
+        let zone = if n % 2 == 1 { "a" } else { "b" };
+        let labels = Labels::from([("zone".to_string(), zone.to_string())]);
+        let addr = format!("127.0.0.{n}:7000");
+        state.apply(&Join { node: n, addr, labels, incarnation: 1 }).unwrap();
+        settle(&mut state);
+    }
+    let table = state.tree.snapshot(Epoch(state.epoch)).expect("a table");
+    let held = 1;
+    let leaver = table.replica_holder(NodeId(held)).expect("a holder").0;
+    assert_eq!(leaver % 2, 0, "in zone b");
+    state.apply(&Leave { node: leaver }).unwrap();
+    let leave = state.in_progress.clone().expect("the leave");
+    assert!(leave.held_by_leaver.contains(&held));
+    assert!(leave.plan.outgoing(NodeId(leaver)).all(|(_, m)| m.to.0 != held), "sends it nothing");
+    state.apply(&Fail { node: held, incarnation: 1 }).unwrap();
+    assert_eq!(state.lingering.get(&leaver), Some(&BTreeSet::from([held])));
+    settle(&mut state);
+    assert_eq!(status(&state, leaver), NodeStatus::Left, "gone once the recovery ended");
+}
