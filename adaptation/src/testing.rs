@@ -420,7 +420,8 @@ impl MemCluster {
     /// without the victim, and the victim's failure is recovered (`Fail` if it is still in
     /// the tree, `Recover` if the change took it out), moves it had not finished included.
     /// A node the change evicts leaves before that recovery, or after it when it sent the
-    /// victim entries (it stays to report them, as the supervisor has it).
+    /// victim entries or held its replicas as the change began (it stays to report them, as
+    /// the supervisor has it).
     pub async fn change_and_crash(&mut self, change: Change, victim: NodeId) {
         self.crash_during(change, victim, None).await;
     }

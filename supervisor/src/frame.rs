@@ -56,7 +56,8 @@ use tokio_util::codec::{Decoder, Encoder};
 /// node keeps its replicas in another zone, and the nodes linked to a change's participants by
 /// holding take part: nodes of 24 would apply the same log and disagree on who takes part; 26:
 /// the replicated state records the last two changes that moved something of each node's, and
-/// a `Fail` carries the dead node's, where 25 took every linked node part instead).
+/// a `Fail` carries the dead node's, where 25 took every linked node part instead; an `Evict`
+/// names the nodes its leaver held replicas for, for which the leaver stays should one die).
 pub const VERSION: u8 = 26;
 /// The oldest protocol version this node reads.
 pub const MIN_VERSION: u8 = 26;

@@ -701,7 +701,8 @@ impl ClusterState {
         let Some(progress) = self.in_progress.take() else { return };
         let (node, from, to) = match progress.change {
             Change::Add { node, .. } => (node.0, NodeStatus::Joining, NodeStatus::Active),
-            // A leaver a dead receiver's recovery needs stays until that recovery ends.
+            // A leaver a dead receiver's recovery needs (or a dead node's whose replicas it
+            // held) stays until that recovery ends.
             Change::Evict(node) if self.lingering.contains_key(&node.0) => return,
             Change::Evict(node) => (node.0, NodeStatus::Leaving, NodeStatus::Left),
             Change::Fail(dead) | Change::Recover(dead) => {

@@ -10,7 +10,8 @@
 //!   own (its slots, or its backup), or of a later one: its writes since came here too;
 //! - **the backup before**, when the failed node died during such a change, before it could
 //!   copy its entries to a new backup: that node holds them all as of the change's start, if
-//!   the failed node copied it them at the end of the one before, or later;
+//!   the failed node copied it them at the end of the one before, or later (a backup before
+//!   that was leaving stays for the recovery, as a sender does);
 //! - **a sender**, for the slots it sent the failed node in the change it died during: it
 //!   keeps their copies while their receiver is gone. A survivor that vouched for slots in a
 //!   recovery counts as their sender, should their new manager die before it copies them on.

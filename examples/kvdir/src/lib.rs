@@ -549,9 +549,9 @@ impl KvDir {
     }
 
     /// Tells the new managers of the failed node's slots those of them this node holds every
-    /// entry of, as the recovery begins, `moved_in` being the last changes that moved something of its own.
-    /// Waited for: a new manager judges what it rebuilt once this node's batches have come,
-    /// and they follow.
+    /// entry of, as the recovery begins, `moved_in` being the last changes that moved
+    /// something of its own. Waited for: a new manager judges what it rebuilt once this node's
+    /// batches have come, and they follow.
     async fn vouch(&self, ctx: &Context, scanned: Scanned, moved_in: [Option<u64>; 2]) {
         let Some(table) = ctx.snapshot() else { return };
         let me = ctx.node();
