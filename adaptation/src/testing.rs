@@ -374,6 +374,17 @@ impl MemCluster {
         self.change_and_crash(Change::Fail(node), victim).await;
     }
 
+    /// `first` and `then` die at once, and the cluster declares `first` failed, then `then`.
+    /// As the supervisor has it (a recovery goes to the front of the queue), `then` is
+    /// recovered first, while `first`, given up on, still stands in the table: that recovery
+    /// may hand it slots it never receives. Then `first` is recovered.
+    pub async fn fail_both(&mut self, first: NodeId, then: NodeId) {
+        self.kill(first);
+        self.kill(then);
+        self.change(Change::Fail(then)).await;
+        self.change(Change::Fail(first)).await;
+    }
+
     /// `node` answers nothing from now on, its memory is gone, and the cluster knows it.
     fn kill(&mut self, node: NodeId) {
         self.net.crashed.insert(node, ());

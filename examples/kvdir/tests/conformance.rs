@@ -1010,6 +1010,37 @@ fn a_holder_vouches_for_a_node_that_took_no_part_in_the_holder_s_changes() {
     });
 }
 
+/// A node and its holder die at once; the holder is declared failed first, and the node's
+/// recovery, which runs first, hands slots to the holder, given up on but still in the table.
+/// The node's entries had no other copy: they read `Lost`, and are reported, never answered as
+/// absent. (When the holder's holder judged its copy by the changes that moved something of
+/// the holder's while it took part, it vouched for those slots too, as if the holder had
+/// received them: they read as absent.)
+#[test]
+fn slots_handed_to_a_node_given_up_on_are_not_vouched_for() {
+    replay(async {
+        let mut cluster = kvdir_cluster(4, HostConfig::default()).await;
+        let keys: Vec<Key> = (0..2_000).map(Key).collect();
+        put_own_bytes(&cluster, &keys).await;
+        let table = cluster.snapshot();
+        let node = NodeId(3);
+        let holder = table.replica_holder(node).expect("a holder");
+        assert_ne!(holder, NodeId(1), "keys are read through node 1");
+        cluster.fail_both(holder, node).await;
+        let (mut lost, mut of_node) = (0, 0);
+        for &key in &keys {
+            let was = table.locate(KVDIR, key);
+            match ask(&cluster, key, Request::Get).await {
+                Response::Value(Some(v)) if v.value[..] == key.0.to_le_bytes() => {}
+                Response::Lost => lost += 1,
+                other => panic!("key {} (of node {was:?}) reads {other:?}", key.0),
+            }
+            of_node += usize::from(was == Some(node));
+        }
+        assert!(lost >= of_node && of_node > 0, "{lost} keys read Lost, {of_node} were node 3's");
+    });
+}
+
 /// Writes `keys` (all managed by `failed`) through `through`, evicts `evicted`, fails
 /// `failed`, and checks that every key reads back as written.
 async fn evict_then_fail_and_read_back(
