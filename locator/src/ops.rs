@@ -33,8 +33,9 @@ impl CellTree {
         // holder is new too: one in another cell or zone, no part of the join, could not vouch
         // for the joiner's slots, and they were reported lost with it.
         //
-        // And the holder, as the change begins, of each node the change moves something of
-        // (`MigrationPlan::touched`: its slots, or its holder) takes part too. Should that node
+        // And the holder, as the change begins, of each node the change may move something of
+        // (the participants, whose slots may move, and the nodes whose holder moves: a superset
+        // of `MigrationPlan::touched`, which needs the tables) takes part too. Should that node
         // die during the change, before it copies its entries to its holder after it, the
         // holder before holds them as they were when the change began, and vouches for them
         // (kvdir's "backup before"): it needs the table the change began from, which a node

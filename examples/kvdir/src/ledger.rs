@@ -22,12 +22,12 @@
 //! It takes part in those that move something of theirs (the locator takes the holder of
 //! every participant part): the backup before learns the table the change began from that way.
 //!
-//! The backup before and a sender hold nothing written since the change began: the failed node's backup at the
-//! recovery's start holds that, and must live too. A voucher that dies during the recovery
-//! still counts if its new manager received every entry it said it would send (a vouch says
-//! how many): it died after handing them over. A slot no survivor vouches for is reported
-//! lost. It may have been empty, or a sender may have kept some of its entries: nobody can
-//! tell, so the report says "may have lost", and rebuilds what it found.
+//! The backup before and a sender hold nothing written since the change began: the failed
+//! node's backup at the recovery's start holds that, and must live too. A voucher that dies
+//! during the recovery still counts if its new manager received every entry it said it would
+//! send (a vouch says how many): it died after handing them over. A slot no survivor vouches
+//! for is reported lost. It may have been empty, or a sender may have kept some of its
+//! entries: nobody can tell, so the report says "may have lost", and rebuilds what it found.
 
 use crate::{backup, KVDIR};
 use gobelins_locator::{Key, NodeId, SlotMove, Snapshot};
