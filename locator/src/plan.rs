@@ -159,8 +159,8 @@ impl MigrationPlan {
     pub fn touched(&self, old: Option<&Snapshot>, new: &Snapshot) -> BTreeSet<NodeId> {
         let mut touched: BTreeSet<NodeId> =
             self.all_moves().flat_map(|(_, m)| [m.from, m.to]).collect();
-        let held_before =
-            |n: NodeId| old.filter(|o| o.nodes().contains(&n)).and_then(|o| o.replica_holder(n));
+        // `None` for a node not in `old`: a joiner.
+        let held_before = |n: NodeId| old.and_then(|o| o.replica_holder(n));
         touched.extend(
             new.nodes().iter().copied().filter(|&n| held_before(n) != new.replica_holder(n)),
         );

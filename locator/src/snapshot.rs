@@ -141,7 +141,7 @@ pub struct Snapshot {
     /// [`crate::CellTree::replica_holder`], which needs the labels to compute.
     holders: Vec<Option<NodeId>>,
     /// The labelled cells above each node, from the top, in the order of `nodes`: its failure
-    /// domains, for [`Snapshot::apart`].
+    /// domains, for [`Snapshot::apart_at`].
     domains: Vec<Box<[CellId]>>,
     /// Indexed by service id; `None` where no service has that id.
     tables: Vec<Option<ServiceTable>>,
@@ -201,17 +201,12 @@ impl Snapshot {
         self.holders[at]
     }
 
-    /// Whether `a` and `b` lie in different failure domains: labelled subtrees neither of
-    /// which holds the other (`zone=a` and `zone=b`, or two racks of one zone). A service that
-    /// keeps a copy apart from its node survives that node's whole zone going. Never for a
-    /// cluster without label levels, nor for a node that is not a member.
-    pub fn apart(&self, a: NodeId, b: NodeId) -> bool {
-        self.apart_at(a, b).is_some()
-    }
-
     /// The label level (0 the top) at which `a` and `b` part, if they lie in different
-    /// failure domains ([`Snapshot::apart`]): the lower, the farther apart (another zone
-    /// before another rack of the same zone).
+    /// failure domains: labelled subtrees neither of which holds the other (`zone=a` and
+    /// `zone=b`, or two racks of one zone). The lower, the farther apart (another zone before
+    /// another rack of the same zone). A service that keeps a copy apart from its node
+    /// survives that node's whole zone going. `None` for a cluster without label levels, for
+    /// a node that is not a member, and for two nodes of one domain.
     pub fn apart_at(&self, a: NodeId, b: NodeId) -> Option<usize> {
         let domain = |n: NodeId| self.nodes.binary_search(&n).ok().map(|at| &self.domains[at]);
         let (a, b) = (domain(a)?, domain(b)?);

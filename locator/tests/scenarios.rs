@@ -469,5 +469,5 @@ fn in_one_zone_replicas_go_to_another_rack_and_in_one_rack_to_a_cell_mate() {
     let nodes = vec![(1, zone("a")), (2, rack("r1")), (3, rack("r1"))];
     let tree = labelled(&["zone", "rack"], &nodes);
     assert_eq!(tree.replica_holder(NodeId(2)), Some(NodeId(3)), "{}", tree.render());
-    assert!(!tree.snapshot(Epoch(1)).unwrap().apart(NodeId(1), NodeId(2)));
+    assert_eq!(tree.snapshot(Epoch(1)).unwrap().apart_at(NodeId(1), NodeId(2)), None);
 }
