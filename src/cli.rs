@@ -382,6 +382,25 @@ mod tests {
     }
 
     #[test]
+    fn status_says_why_a_leaver_stays() {
+        let node = |id: u64, status: &str, stays_for: Value| {
+            json!({ "id": id, "addr": "127.0.0.1:7400", "status": status, "incarnation": 1,
+                "labels": {}, "voter": false, "silent_ms": null, "suspected": false,
+                "failures": null, "held_ms": null, "stays_for": stays_for })
+        };
+        let nodes = json!([node(2, "active", json!(null)), node(4, "leaving", json!([1, 3]))]);
+        let shown = status_text(nodes, false);
+        assert!(
+            shown.contains(
+                "note: node 4 has handed over its entries but stays, leaving, until the recovery \
+                 of node 1, node 3 ends"
+            ),
+            "{shown}"
+        );
+        assert!(!shown.contains("node 2 has handed over"), "{shown}");
+    }
+
+    #[test]
     fn stats_say_what_a_service_reported_lost_and_nothing_when_none_was() {
         let lost = stats_text(json!({ "dsm": 0, "kvdir": 3 }));
         assert!(lost.contains("REPORTED LOST by kvdir: 3"), "{lost}");

@@ -147,6 +147,22 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
         )?;
     }
     for node in status["nodes"].as_array().into_iter().flatten() {
+        let waits: Vec<String> = (node["stays_for"].as_array().into_iter().flatten())
+            .map(|n| format!("node {n}"))
+            .collect();
+        if !waits.is_empty() {
+            writeln!(
+                out,
+                "note: node {} has handed over its entries but stays, leaving, until the \
+                 recovery of {} ends: it holds the only other copies of what they may not have \
+                 passed on before they died, and that recovery rebuilds from them. It leaves by \
+                 itself then",
+                node["id"],
+                waits.join(", ")
+            )?;
+        }
+    }
+    for node in status["nodes"].as_array().into_iter().flatten() {
         let Some(ms) = node["silent_ms"].as_u64() else { continue };
         let id = &node["id"];
         let s = ms as f64 / 1e3;

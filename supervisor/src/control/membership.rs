@@ -4,7 +4,7 @@
 use super::session::{flush, hung_up, status_json, Reader};
 use crate::error::Result;
 use crate::rpc::ProposeError;
-use crate::state::{Command, NodeStatus, Refusal};
+use crate::state::{ClusterState, Command, NodeStatus, Refusal};
 use crate::supervisor::Supervisor;
 use serde_json::json;
 use std::time::Duration;
@@ -113,24 +113,7 @@ pub(super) async fn wait_for(
             )
             .await;
         }
-        let progress = match &view.state.in_progress {
-            Some(p) => {
-                let change = p.change.to_string();
-                let change = match &renamed {
-                    Some((recorded, shown)) if *recorded == change => shown.clone(),
-                    _ => change,
-                };
-                format!(
-                    "epoch {}: {change} — {}/{} participants done",
-                    p.epoch,
-                    p.done.len(),
-                    p.participants.len()
-                )
-            }
-            None => {
-                format!("node {target} is {}", status.map_or("unknown".into(), |s| s.to_string()))
-            }
-        };
+        let progress = progress(&view.state, target, renamed.as_ref());
         if progress != last {
             flush(write, &[json!({ "progress": progress })]).await?;
             last = progress;
@@ -150,4 +133,105 @@ pub(super) async fn wait_for(
         &[json!({ "error": "the change did not finish within 60 s; see `gobelins status`" })],
     )
     .await
+}
+
+/// What the change that takes `target` where it goes is doing now, as one line of progress.
+fn progress(state: &ClusterState, target: u64, renamed: Option<&(String, String)>) -> String {
+    // Out of the tree, its own change ended, yet not gone: its leave would otherwise look
+    // stuck behind another node's recovery (or behind nothing, while a dead node last in the
+    // tree waits for a joiner to be recovered to).
+    if let Some(dead) = state.lingering.get(&target) {
+        let dead: Vec<String> = dead.iter().map(|n| format!("node {n}")).collect();
+        return format!(
+            "epoch {}: node {target} has handed over its entries and stays until the recovery \
+             of {} ends: it holds copies that recovery rebuilds from",
+            state.epoch,
+            dead.join(", ")
+        );
+    }
+    match &state.in_progress {
+        Some(p) => {
+            let change = p.change.to_string();
+            let change = match renamed {
+                Some((recorded, shown)) if *recorded == change => shown.clone(),
+                _ => change,
+            };
+            format!(
+                "epoch {}: {change} — {}/{} participants done",
+                p.epoch,
+                p.done.len(),
+                p.participants.len()
+            )
+        }
+        None => {
+            let status = state.nodes.get(&target).map(|r| r.status);
+            format!("node {target} is {}", status.map_or("unknown".into(), |s| s.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Command::{Fail, Join, Leave, MigrationDone, Register};
+    use gobelins_locator::{Epoch, NodeId, ServiceId, ServiceSpec};
+
+    /// Reports every participant of every change done, as the nodes would.
+    fn settle(state: &mut ClusterState) {
+        while let Some(p) = state.in_progress.clone() {
+            for node in p.participants {
+                state.apply(&MigrationDone { node, epoch: p.epoch }).expect("a participant");
+            }
+        }
+    }
+
+    #[test]
+    fn a_leave_that_stays_for_a_recovery_says_so_and_whose() {
+        let mut state = ClusterState::default();
+        state.apply(&Register(ServiceSpec::new(ServiceId(1), "s").with_slots(64))).unwrap();
+        for node in 1..=3 {
+            let addr = format!("127.0.0.{node}:7000");
+            state.apply(&Join { node, addr, labels: Default::default(), incarnation: 1 }).unwrap();
+            settle(&mut state);
+        }
+        let table = state.tree.snapshot(Epoch(state.epoch)).expect("a table");
+        let leaver = table.replica_holder(NodeId(1)).expect("a holder").0;
+        state.apply(&Leave { node: leaver }).unwrap();
+        let renamed = renamed(&Leave { node: leaver }, leaver);
+        let said = progress(&state, leaver, renamed.as_ref());
+        assert!(said.contains(&format!("leave n{leaver} — 0/")), "{said}");
+        state.apply(&Fail { node: 1, incarnation: 1 }).unwrap();
+        // Its leave ends as the others report it done; it stays for node 1's recovery.
+        let leave = state.in_progress.clone().expect("the leave");
+        for node in leave.participants {
+            state.apply(&MigrationDone { node, epoch: leave.epoch }).expect("a participant");
+        }
+        assert_eq!(state.nodes[&leaver].status, NodeStatus::Leaving);
+        let said = progress(&state, leaver, renamed.as_ref());
+        assert!(
+            said.contains(&format!(
+                "node {leaver} has handed over its entries and stays until the recovery of \
+                 node 1 ends"
+            )),
+            "{said}"
+        );
+        let view = crate::rpc::View {
+            node: 2,
+            leader: Some(2),
+            voters: vec![2, 3],
+            state: state.clone(),
+            quorum_lost_ms: None,
+            silent: Default::default(),
+            held: Default::default(),
+        };
+        let shown = status_json(&view);
+        let stays = |id: u64| {
+            let nodes = shown["nodes"].as_array().expect("nodes");
+            nodes.iter().find(|n| n["id"] == id).expect("listed")["stays_for"].clone()
+        };
+        assert_eq!(stays(leaver), json!([1]), "{shown}");
+        assert_eq!(stays(1), serde_json::Value::Null, "{shown}");
+        settle(&mut state);
+        assert_eq!(progress(&state, leaver, renamed.as_ref()), format!("node {leaver} is left"));
+    }
 }
