@@ -47,7 +47,10 @@ impl DataDir {
         use std::os::unix::fs::MetadataExt as _;
         let preparing =
             |e| SupervisorError::io(format!("preparing data directory {}", root.display()), e);
-        std::fs::create_dir_all(root).map_err(preparing)?;
+        // Made private as it is made, not after: with a loose umask another user could put
+        // files in it meanwhile (a secret of their choosing, say).
+        use std::os::unix::fs::DirBuilderExt as _;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(root).map_err(preparing)?;
         let owner = std::fs::metadata(root).map_err(preparing)?.uid();
         // The process's effective user owns its `/proc/self` (Linux; without `/proc`, no
         // warning).

@@ -258,6 +258,22 @@ fn unexpected(peer: &str, got: &HandshakeMessage) -> SupervisorError {
     SupervisorError::Handshake { peer: peer.into(), reason: format!("unexpected {what} message") }
 }
 
+/// Whether a peer's Hello is this node's own: its id at its address. A relayed Hello is
+/// relayed whole (the proofs cover both), so it keeps the address. Another process given this
+/// node's id elsewhere goes on to the admission, which tells it to pick another id.
+fn is_ourselves(ours: &Hello, theirs: &Hello) -> bool {
+    theirs.node == ours.node && theirs.addr == ours.addr
+}
+
+/// Why a peer that gives this node's own id at its address is refused, on either side.
+fn ourselves(node: u64) -> String {
+    format!(
+        "the peer gives this node's own id ({node}): this node reached itself (a --join or a \
+         member's address that leads back to this node's own --listen), or its connection was \
+         relayed back to it; refused"
+    )
+}
+
 /// Runs the initiator's side; returns the acceptor's Hello.
 pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
     framed: &mut Framed<S, FrameCodec>,
@@ -280,6 +296,12 @@ pub async fn initiate<S: AsyncRead + AsyncWrite + Unpin>(
             let another = theirs.magic == MAGIC && theirs.cluster != secret.cluster;
             let error = refuse_telling(framed, peer, reason, TOLD_BY_DIALER).await;
             return Err(if another { differs(error) } else { error });
+        }
+        if is_ourselves(&ours, &theirs) {
+            // Not our proof: see `accept`.
+            let reason = ourselves(ours.node);
+            let _ = send(framed, &HandshakeMessage::Refused(reason.clone())).await;
+            return Err(SupervisorError::Handshake { peer: peer.into(), reason });
         }
         if !verify(secret, ACCEPTOR, &ours, &theirs, &their_proof)? {
             let reason = "the peer's proof does not match our cluster secret: the secret files differ; check --secret-file (or this data directory's cluster.secret)".to_string();
@@ -314,6 +336,12 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         if let Err(reason) = check_hello(secret.cluster, &theirs) {
             let another = theirs.magic == MAGIC && theirs.cluster != secret.cluster;
             return Err(refuse(framed, peer, reason, another).await);
+        }
+        if is_ourselves(&ours, &theirs) {
+            // Before our Welcome: what it would prove is ours to ourselves. Relayed back to our
+            // own dialing side, it made this node prove the secret to its own listener through
+            // a peer that holds none, and that peer was then admitted as this node.
+            return Err(refuse(framed, peer, ourselves(ours.node), false).await);
         }
         let welcome = HandshakeMessage::Welcome {
             proof: proof(secret, ACCEPTOR, &theirs, &ours)?,
@@ -462,6 +490,46 @@ mod tests {
         let hello = Hello::new(secret.cluster, 1, 1, String::new());
         let err = initiate(&mut a, &secret, hello, "n2", Duration::from_secs(3)).await.unwrap_err();
         assert!(matches!(err, SupervisorError::Timeout { after_ms: 3000, .. }), "{err}");
+    }
+
+    /// A node's own Hello, relayed back to its listener, and the listener's Welcome to its
+    /// dialing side: neither side proves anything to itself, so a peer without the secret is
+    /// not admitted as the node.
+    #[tokio::test]
+    async fn a_node_s_own_hello_relayed_back_to_it_is_refused_on_both_sides() {
+        let secret = ClusterSecret::generate();
+        let deadline = Duration::from_secs(5);
+        let (a, b) = tokio::io::duplex(4096);
+        let mut a = Framed::new(a, FrameCodec::default());
+        let mut b = Framed::new(b, FrameCodec::default());
+        let dialing = Hello::new(secret.cluster, 1, 1, "127.0.0.1:1".into());
+        let listening = Hello::new(secret.cluster, 1, 1, "127.0.0.1:1".into());
+        let (a, b) = tokio::join!(
+            initiate(&mut a, &secret, dialing.clone(), "relay", deadline),
+            accept(&mut b, &secret, listening.clone(), "relay", deadline, |_| Ok(()))
+        );
+        let (a, b) = (a.unwrap_err().to_string(), b.unwrap_err().to_string());
+        assert!(b.contains("the peer gives this node's own id (1)"), "{b}");
+        assert!(a.contains("refused by peer") && a.contains("own id (1)"), "{a}");
+        // The dialing side, handed its listener's Welcome, refuses it before any proof.
+        let (c, d) = tokio::io::duplex(4096);
+        let mut c = Framed::new(c, FrameCodec::default());
+        let mut d = Framed::new(d, FrameCodec::default());
+        let relay = async {
+            let HandshakeMessage::Hello(_) = receive(&mut d, "n1", false).await.unwrap() else {
+                panic!("a Hello first")
+            };
+            let welcome = HandshakeMessage::Welcome {
+                proof: proof(&secret, ACCEPTOR, &dialing, &listening).unwrap(),
+                hello: listening.clone(),
+            };
+            send(&mut d, &welcome).await.unwrap();
+            receive(&mut d, "n1", false).await
+        };
+        let (c, relayed) =
+            tokio::join!(initiate(&mut c, &secret, dialing.clone(), "relay", deadline), relay);
+        assert!(c.unwrap_err().to_string().contains("own id (1)"));
+        assert!(matches!(relayed, Ok(HandshakeMessage::Refused(_))), "no proof: {relayed:?}");
     }
 
     #[test]
