@@ -166,6 +166,18 @@ impl<N: Net> Agent<N> {
                     cluster: secret.cluster.to_string(),
                 });
             }
+            // A member that died between its admission and keeping the secret: a bootstrap
+            // wrote a new cluster's secret over its membership, which raft then refused to
+            // initialize, and the directory belonged to neither cluster.
+            (Start::Bootstrap, None, _) if dir.incarnation()?.is_some() && !dir.unadmitted()? => {
+                return Err(SupervisorError::Config(format!(
+                    "{} belongs to a node that was admitted to a cluster but did not keep its \
+                     secret (it stopped in between): it cannot bootstrap another. Start it with \
+                     --join ADDR (a member's address) and that cluster's --secret-file, or give \
+                     --bootstrap an empty --data-dir",
+                    options.data_dir.display()
+                )));
+            }
             // Kept once the node listens: a bootstrap that fails before (its port taken, say)
             // must leave a directory that can bootstrap again.
             (Start::Bootstrap, None, _) => ClusterSecret::generate(),
@@ -229,12 +241,19 @@ impl<N: Net> Agent<N> {
         // good, saying nothing. Started with --join, as the cluster still counted its life a
         // member, it resumed on an empty state and could wait for good too (a test, 2 CI runs
         // of 5): it starts afresh instead, as a new node.
-        if restarted && !dir.unadmitted()? && !dir.store_path().exists() {
+        // Emptied (truncated, a restore that wrote nothing) is as gone: redb takes an empty
+        // file for a new store, and the node voted again with an empty log. A file that cannot
+        // be read is left to the store's opening, which says why.
+        let gone = match std::fs::metadata(dir.store_path()) {
+            Ok(file) => file.len() == 0,
+            Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+        };
+        if restarted && !dir.unadmitted()? && gone {
             return Err(SupervisorError::Config(format!(
-                "the raft store {} is missing from this data directory, whose node was a member \
-                 of cluster {}: this node no longer knows its peers, nor what it voted. Put the \
-                 file back if you have it. Otherwise move this data directory aside and start \
-                 the agent on an empty --data-dir with --join ADDR (a member's address) and the \
+                "the raft store {} is missing from this data directory, or empty, whose node was \
+                 a member of cluster {}: this node no longer knows its peers, nor what it \
+                 voted. Put the file back if you have it. Otherwise move this data directory \
+                 aside and start the agent on an empty --data-dir with --join ADDR (a member's address) and the \
                  cluster's --secret-file: it joins as a new node (without --node-id), and the \
                  cluster declares this one failed and rebuilds its entries from replicas",
                 dir.store_path().display(),

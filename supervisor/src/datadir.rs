@@ -121,7 +121,14 @@ impl DataDir {
         let path = self.root.join(name);
         match std::fs::read_to_string(&path) {
             Ok(text) => text.trim().parse().map(Some).map_err(|_| {
-                SupervisorError::Config(format!("{} does not hold a number", path.display()))
+                // Written whole by a rename: damaged, or edited by hand.
+                SupervisorError::Config(format!(
+                    "{} does not hold a number: the data directory is damaged or was edited. \
+                     Put back what it held (a number on one line) if you know it; otherwise \
+                     move this data directory aside and start the agent on an empty one with \
+                     --join ADDR and the cluster's --secret-file: it joins as a new node",
+                    path.display()
+                ))
             }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(SupervisorError::io(format!("reading {}", path.display()), e)),
@@ -284,5 +291,20 @@ mod tests {
         let error = dir.save_incarnation(4).expect_err("cannot replace a directory").to_string();
         assert!(error.contains("is the disk full"), "{error}");
         assert!(!root.path().join("incarnation.new").exists(), "the temporary file is gone");
+    }
+
+    /// A number file that holds something else says what to do, not only what is wrong; and
+    /// the directory is made private as it is made, whatever the umask.
+    #[test]
+    fn a_garbled_number_says_how_to_come_back() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(&root.path().join("a").join("b")).unwrap();
+        // The parent it made too: made private as it was made, not after.
+        let mode = std::fs::metadata(root.path().join("a")).unwrap().permissions();
+        assert_eq!(mode.mode() & 0o777, 0o700);
+        std::fs::write(root.path().join("a").join("b").join("node.id"), "x7\n").unwrap();
+        let said = dir.node_id().expect_err("no number").to_string();
+        assert!(said.contains("does not hold a number") && said.contains("--join ADDR"), "{said}");
     }
 }

@@ -143,8 +143,10 @@ fn ready(
         Ok(())
     };
     init().map_err(|e| crate::SupervisorError::Storage(format!("initialising {what}: {e}")))?;
+    // What it keeps opens but does not decode (or fails its checksum): said with the file and
+    // what to do, not as a bare read error at every restart.
     let machine = StateMachine::load(Arc::clone(&db), durable)
-        .map_err(|e| crate::SupervisorError::Storage(e.to_string()))?;
+        .map_err(|e| crate::SupervisorError::Storage(format!("reading {what}: {e}; {DAMAGED}")))?;
     let log = LogStore { db, durable, covered: machine.covered.subscribe() };
     Ok((log, machine))
 }
@@ -651,5 +653,23 @@ mod tests {
         let damaged = DatabaseError::Storage(StorageError::Corrupted("bad magic".into()));
         assert!(advice(&damaged).contains("--join ADDR"), "{}", advice(&damaged));
         assert!(!advice(&damaged).contains("another agent"));
+    }
+
+    /// A store that opens but keeps a snapshot that does not decode is refused naming the file
+    /// and what to do, where it said only "when Read Store".
+    #[test]
+    fn a_store_whose_snapshot_does_not_decode_is_said_to_be_damaged() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("raft.redb");
+        drop(open(&path).expect("a fresh store"));
+        let db = Database::create(&path).expect("reopened");
+        let txn = db.begin_write().expect("a write");
+        txn.open_table(META).expect("meta").insert(SNAPSHOT, &[0xFFu8; 3][..]).expect("put");
+        txn.commit().expect("committed");
+        drop(db);
+        let Err(error) = open(&path) else { panic!("a snapshot of garbage opened") };
+        let said = error.to_string();
+        assert!(said.contains(&path.display().to_string()), "{said}");
+        assert!(said.contains("may be damaged") && said.contains("--join ADDR"), "{said}");
     }
 }

@@ -357,6 +357,27 @@ async fn a_member_whose_raft_store_is_gone_is_refused_and_comes_back_as_a_new_no
             other => panic!("a start without its store: {:?}", other.err()),
         }
     }
+    // Emptied rather than gone (truncated): redb would take it for a new store.
+    std::fs::File::create(&store).expect("an empty store");
+    for start in [&resumed, &join] {
+        match Agent::start(TokioNet, start, Registry::new).await {
+            Err(SupervisorError::Config(why)) => {
+                assert!(why.contains("missing from this data directory, or empty"), "{why}")
+            }
+            other => panic!("a start on an empty store: {:?}", other.err()),
+        }
+    }
+    // Nor may it bootstrap another cluster once its secret is gone too: a member that died
+    // between its admission and keeping the secret.
+    std::fs::remove_file(dir.join("cluster.secret")).expect("secret removed");
+    let bootstrap = options(&dir, 2, &listen, Start::Bootstrap, None);
+    match Agent::start(TokioNet, &bootstrap, Registry::new).await {
+        Err(SupervisorError::Config(why)) => {
+            assert!(why.contains("cannot bootstrap another") && why.contains("--join"), "{why}")
+        }
+        other => panic!("a member's directory bootstrapped: {:?}", other.err()),
+    }
+    assert!(!dir.join("cluster.secret").exists(), "no secret written");
     let fresh = root.path().join("n2-new");
     let mut anew = options(&fresh, 2, &listen, Start::Join(seed.clone()), join.secret_file);
     anew.node_id = None;
