@@ -392,12 +392,12 @@ mod tests {
         let shown = status_text(nodes, false);
         assert!(
             shown.contains(
-                "note: node 4 has handed over its entries but stays, leaving, until the recovery \
-                 of node 1, node 3 ends"
+                "note: node 4 stays, leaving, until the recovery of node 1, node 3 ends: it \
+                 holds the only other copies"
             ),
             "{shown}"
         );
-        assert!(!shown.contains("node 2 has handed over"), "{shown}");
+        assert!(!shown.contains("node 2 stays"), "{shown}");
     }
 
     #[test]

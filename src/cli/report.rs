@@ -153,10 +153,9 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
         if !waits.is_empty() {
             writeln!(
                 out,
-                "note: node {} has handed over its entries but stays, leaving, until the \
-                 recovery of {} ends: it holds the only other copies of what they may not have \
-                 passed on before they died, and that recovery rebuilds from them. It leaves by \
-                 itself then",
+                "note: node {} stays, leaving, until the recovery of {} ends: it holds the \
+                 only other copies of what they may not have passed on before they died, and \
+                 that recovery rebuilds from them. It leaves by itself then",
                 node["id"],
                 waits.join(", ")
             )?;

@@ -19,7 +19,7 @@ pub enum SupervisorError {
         max: usize,
     },
     /// A frame spoke a protocol version this node does not know.
-    #[error("frame version {0} is not supported (this node speaks {min}..={max}): the peer runs a build of gobelins whose protocol does not overlap this one's; upgrade the older node", min = crate::frame::MIN_VERSION, max = crate::frame::VERSION)]
+    #[error("frame version {0} is not supported (this node speaks {min}..={max}): the peer is a gobelins agent of a build whose protocol does not overlap this one's (upgrade the older node), or no gobelins agent", min = crate::frame::MIN_VERSION, max = crate::frame::VERSION)]
     UnsupportedVersion(u8),
     /// A frame was empty: no version byte.
     #[error("empty frame")]

@@ -57,10 +57,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// holding take part: nodes of 24 would apply the same log and disagree on who takes part; 26:
 /// the replicated state records the last two changes that moved something of each node's, and
 /// a `Fail` carries the dead node's, where 25 took every linked node part instead; an `Evict`
-/// names the nodes its leaver held replicas for, for which the leaver stays should one die).
-pub const VERSION: u8 = 26;
+/// names the nodes its leaver held replicas for, for which the leaver stays should one die;
+/// 27: a dialer's `Hello` names the node it means to reach).
+pub const VERSION: u8 = 27;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 26;
+pub const MIN_VERSION: u8 = 27;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

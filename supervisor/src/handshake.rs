@@ -47,6 +47,11 @@ pub struct Hello {
     pub addr: String,
     /// Fresh random bytes, bound into both proofs.
     pub nonce: [u8; 32],
+    /// From a dialer, the node it means to reach, when it knows it (`None` for an address
+    /// alone, a seed's). Bound into both proofs with the rest: a relay that hands this Hello to
+    /// another node of the cluster gets it refused there, where that node, proving itself,
+    /// had the dialer prove the secret to it, and admitted the relay as the dialer.
+    pub to: Option<u64>,
 }
 
 impl Hello {
@@ -63,6 +68,7 @@ impl Hello {
             incarnation,
             addr,
             nonce,
+            to: None,
         }
     }
 }
@@ -260,7 +266,8 @@ fn unexpected(peer: &str, got: &HandshakeMessage) -> SupervisorError {
 
 /// Whether a peer's Hello is this node's own: its id at its address. A relayed Hello is
 /// relayed whole (the proofs cover both), so it keeps the address. Another process given this
-/// node's id elsewhere goes on to the admission, which tells it to pick another id.
+/// node's id elsewhere goes on to the admission, which refuses it while the id is a live
+/// member's, telling it to pick another.
 fn is_ourselves(ours: &Hello, theirs: &Hello) -> bool {
     theirs.node == ours.node && theirs.addr == ours.addr
 }
@@ -342,6 +349,15 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             // own dialing side, it made this node prove the secret to its own listener through
             // a peer that holds none, and that peer was then admitted as this node.
             return Err(refuse(framed, peer, ourselves(ours.node), false).await);
+        }
+        if let Some(to) = theirs.to.filter(|&to| to != ours.node) {
+            let reason = format!(
+                "this is node {}, not node {to}: the address the dialer holds for node {to} \
+                 leads here (node {to} moved, or this node took its address), or a peer \
+                 relayed the dialer's handshake; refused",
+                ours.node
+            );
+            return Err(refuse(framed, peer, reason, false).await);
         }
         let welcome = HandshakeMessage::Welcome {
             proof: proof(secret, ACCEPTOR, &theirs, &ours)?,
@@ -530,6 +546,38 @@ mod tests {
             tokio::join!(initiate(&mut c, &secret, dialing.clone(), "relay", deadline), relay);
         assert!(c.unwrap_err().to_string().contains("own id (1)"));
         assert!(matches!(relayed, Ok(HandshakeMessage::Refused(_))), "no proof: {relayed:?}");
+    }
+
+    /// A dialer's Hello that names another node, handed to this one by a relay (or sent to an
+    /// address this node took over), is refused before any proof: proving itself here, this
+    /// node had the dialer prove the secret to it, and admitted the relay as the dialer.
+    #[tokio::test]
+    async fn a_hello_meant_for_another_node_is_refused_before_any_proof() {
+        let secret = ClusterSecret::generate();
+        let (a, b) = tokio::io::duplex(4096);
+        let mut a = Framed::new(a, FrameCodec::default());
+        let mut b = Framed::new(b, FrameCodec::default());
+        let meant_for_3 =
+            Hello { to: Some(3), ..Hello::new(secret.cluster, 1, 1, "127.0.0.1:1".into()) };
+        let ours = Hello::new(secret.cluster, 2, 1, "127.0.0.1:2".into());
+        let deadline = Duration::from_secs(5);
+        let (a, b) = tokio::join!(
+            initiate(&mut a, &secret, meant_for_3.clone(), "n3", deadline),
+            accept(&mut b, &secret, ours.clone(), "n1", deadline, |_| Ok(()))
+        );
+        let (a, b) = (a.unwrap_err().to_string(), b.unwrap_err().to_string());
+        assert!(b.contains("this is node 2, not node 3"), "{b}");
+        assert!(a.contains("refused by peer") && a.contains("not node 3"), "{a}");
+        // Meant for the node it reaches, it is admitted.
+        let (a, b) = tokio::io::duplex(4096);
+        let (mut a, mut b) =
+            (Framed::new(a, FrameCodec::default()), Framed::new(b, FrameCodec::default()));
+        let meant_for_2 = Hello { to: Some(2), ..meant_for_3 };
+        let (a, b) = tokio::join!(
+            initiate(&mut a, &secret, meant_for_2, "n2", deadline),
+            accept(&mut b, &secret, ours, "n1", deadline, |_| Ok(()))
+        );
+        assert_eq!((a.unwrap().node, b.unwrap().to), (2, Some(2)));
     }
 
     #[test]

@@ -111,10 +111,11 @@ fn advice(error: &redb::DatabaseError) -> &'static str {
 }
 
 /// What to do about a raft store that is damaged.
-const DAMAGED: &str = "the file may be damaged. Move it aside (keep it: `mv raft.redb \
-     raft.redb.damaged` in the data directory), then start the agent with --join ADDR (a \
-     member's address): it comes back as a new life, gets the cluster's state from the \
-     others, and votes once the cluster has admitted it again";
+const DAMAGED: &str = "the file may be damaged. Move this data directory aside (keep it: \
+     the damaged store may be read later), then start the agent on an empty --data-dir with \
+     --join ADDR (a member's address) and the cluster's --secret-file: it joins as a new node \
+     (without --node-id), and the cluster declares this one failed and rebuilds its entries \
+     from replicas";
 
 /// Opens the store on one of redb's storage backends rather than a file: for tests that make
 /// the disk fail under a running node.

@@ -257,7 +257,7 @@ impl<N: Net> Transport for TcpTransport<N> {
         deadline: Duration,
     ) -> Result<(u64, Bytes)> {
         let until = Instant::now() + deadline;
-        let dialed = tokio::time::timeout_at(until, self.dial(addr)).await.map_err(|_| {
+        let dialed = tokio::time::timeout_at(until, self.dial(addr, None)).await.map_err(|_| {
             SupervisorError::Timeout {
                 // The connection may have been made: the handshake is what did not end.
                 what: format!("connecting to {addr} and proving the cluster secret"),

@@ -339,7 +339,30 @@ async fn a_member_whose_raft_store_is_gone_is_refused_and_comes_back_as_a_new_no
     until_recorded(&dir).await;
     second.stop().await;
     drop(second);
-    // raft's tasks let the store go a moment after the stop.
+    // A member that died between its admission and keeping the secret, its store whole, may
+    // not bootstrap another cluster: that wrote a new cluster's secret over its membership.
+    let secret_file = dir.join("cluster.secret");
+    let kept = std::fs::read(&secret_file).expect("the secret");
+    std::fs::remove_file(&secret_file).expect("secret removed");
+    let bootstrap = options(&dir, 2, &listen, Start::Bootstrap, None);
+    let refused = async {
+        loop {
+            match Agent::start(TokioNet, &bootstrap, Registry::new).await {
+                // raft's tasks let the store go a moment after the stop.
+                Err(SupervisorError::Storage(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(SupervisorError::Config(why)) => return why,
+                other => panic!("a member's directory bootstrapped: {:?}", other.err()),
+            }
+        }
+    };
+    let why = tokio::time::timeout(Duration::from_secs(10), refused).await.expect("refused");
+    assert!(why.contains("cannot bootstrap another") && why.contains("--join"), "{why}");
+    assert!(!secret_file.exists(), "no secret written");
+    std::fs::write(&secret_file, kept).expect("the secret back");
+    let private = std::os::unix::fs::PermissionsExt::from_mode(0o600);
+    std::fs::set_permissions(&secret_file, private).expect("kept private");
     let store = dir.join("raft.redb");
     let removed = async {
         while std::fs::remove_file(&store).is_err() {
@@ -367,17 +390,6 @@ async fn a_member_whose_raft_store_is_gone_is_refused_and_comes_back_as_a_new_no
             other => panic!("a start on an empty store: {:?}", other.err()),
         }
     }
-    // Nor may it bootstrap another cluster once its secret is gone too: a member that died
-    // between its admission and keeping the secret.
-    std::fs::remove_file(dir.join("cluster.secret")).expect("secret removed");
-    let bootstrap = options(&dir, 2, &listen, Start::Bootstrap, None);
-    match Agent::start(TokioNet, &bootstrap, Registry::new).await {
-        Err(SupervisorError::Config(why)) => {
-            assert!(why.contains("cannot bootstrap another") && why.contains("--join"), "{why}")
-        }
-        other => panic!("a member's directory bootstrapped: {:?}", other.err()),
-    }
-    assert!(!dir.join("cluster.secret").exists(), "no secret written");
     let fresh = root.path().join("n2-new");
     let mut anew = options(&fresh, 2, &listen, Start::Join(seed.clone()), join.secret_file);
     anew.node_id = None;

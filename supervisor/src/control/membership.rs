@@ -6,6 +6,7 @@ use crate::error::Result;
 use crate::rpc::ProposeError;
 use crate::state::{ClusterState, Command, NodeStatus, Refusal};
 use crate::supervisor::Supervisor;
+use gobelins_locator::NodeId;
 use serde_json::json;
 use std::time::Duration;
 
@@ -137,33 +138,42 @@ pub(super) async fn wait_for(
 
 /// What the change that takes `target` where it goes is doing now, as one line of progress.
 fn progress(state: &ClusterState, target: u64, renamed: Option<&(String, String)>) -> String {
-    // Out of the tree, its own change ended, yet not gone: its leave would otherwise look
-    // stuck behind another node's recovery (or behind nothing, while a dead node last in the
-    // tree waits for a joiner to be recovered to).
-    if let Some(dead) = state.lingering.get(&target) {
+    let stays_for = state.lingering.get(&target).map(|dead| {
         let dead: Vec<String> = dead.iter().map(|n| format!("node {n}")).collect();
-        return format!(
+        dead.join(", ")
+    });
+    let own = state.in_progress.as_ref().filter(|p| p.change.node() == Some(NodeId(target)));
+    match (&state.in_progress, stays_for) {
+        // Its own change ended, yet it is not gone: its leave would otherwise look stuck
+        // behind another node's recovery (or behind nothing, while a dead node last in the
+        // tree waits for a joiner to be recovered to).
+        (_, Some(dead)) if own.is_none() => format!(
             "epoch {}: node {target} has handed over its entries and stays until the recovery \
-             of {} ends: it holds copies that recovery rebuilds from",
-            state.epoch,
-            dead.join(", ")
-        );
-    }
-    match &state.in_progress {
-        Some(p) => {
+             of {dead} ends: it holds copies that recovery rebuilds from",
+            state.epoch
+        ),
+        // Its own change under way (a receiver dead already: it will stay once it ends), or
+        // another change before it.
+        (Some(p), stays_for) => {
             let change = p.change.to_string();
             let change = match renamed {
                 Some((recorded, shown)) if *recorded == change => shown.clone(),
                 _ => change,
             };
+            let then = stays_for.map_or(String::new(), |dead| {
+                format!(
+                    "; then node {target} stays until the recovery of {dead} ends: it holds \
+                     copies that recovery rebuilds from"
+                )
+            });
             format!(
-                "epoch {}: {change} — {}/{} participants done",
+                "epoch {}: {change} — {}/{} participants done{then}",
                 p.epoch,
                 p.done.len(),
                 p.participants.len()
             )
         }
-        None => {
+        (None, _) => {
             let status = state.nodes.get(&target).map(|r| r.status);
             format!("node {target} is {}", status.map_or("unknown".into(), |s| s.to_string()))
         }
@@ -174,7 +184,7 @@ fn progress(state: &ClusterState, target: u64, renamed: Option<&(String, String)
 mod tests {
     use super::*;
     use crate::state::Command::{Fail, Join, Leave, MigrationDone, Register};
-    use gobelins_locator::{Epoch, NodeId, ServiceId, ServiceSpec};
+    use gobelins_locator::{Epoch, ServiceId, ServiceSpec};
 
     /// Reports every participant of every change done, as the nodes would.
     fn settle(state: &mut ClusterState) {
@@ -201,6 +211,11 @@ mod tests {
         let said = progress(&state, leaver, renamed.as_ref());
         assert!(said.contains(&format!("leave n{leaver} — 0/")), "{said}");
         state.apply(&Fail { node: 1, incarnation: 1 }).unwrap();
+        // Its leave still under way: said as it is, with what comes after.
+        let said = progress(&state, leaver, renamed.as_ref());
+        assert!(said.contains(&format!("leave n{leaver} — 0/")), "{said}");
+        assert!(said.contains(&format!("then node {leaver} stays until the recovery of node 1")));
+        assert!(!said.contains("has handed over"), "{said}");
         // Its leave ends as the others report it done; it stays for node 1's recovery.
         let leave = state.in_progress.clone().expect("the leave");
         for node in leave.participants {

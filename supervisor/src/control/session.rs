@@ -374,8 +374,8 @@ pub fn status_json(view: &View) -> Value {
                 "suspected": silent.is_some_and(|&(_, suspected)| suspected),
                 "failures": held.map(|&(failures, _)| failures),
                 "held_ms": held.map(|&(_, ms)| ms).filter(|&ms| ms > 0),
-                // A leaver out of the tree that stays for these nodes' recoveries: it holds
-                // copies they may be rebuilt from.
+                // A leaver that stays (once its leave ends) for these nodes' recoveries: it
+                // holds copies they may be rebuilt from.
                 "stays_for": state.lingering.get(id),
             })
         })

@@ -43,11 +43,11 @@ impl Supervisor {
         tracing::error!(
             node = self.me.id,
             error = %why,
-            "this node's raft store cannot be written or read (is its disk full or failing?). \
-             The node stops serving and answering its peers, so that the cluster declares it \
-             failed and rebuilds its entries elsewhere. Mend the disk, then restart the agent: \
-             it rejoins as a new life (should the restart say the store is damaged, do as it \
-             says)"
+            "this node's data directory cannot be written or read (is its disk full or \
+             failing?). The node stops serving and answering its peers, so that the cluster \
+             declares it failed and rebuilds its entries elsewhere. Mend the disk, then restart \
+             the agent: it rejoins as a new life (should the restart say its raft store is \
+             damaged, do as it says)"
         );
         self.shutdown.cancel();
         self.host.shutdown();

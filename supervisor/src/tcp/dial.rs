@@ -76,7 +76,7 @@ impl<N: Net> TcpTransport<N> {
             }
             peer.addr.clone().ok_or(SupervisorError::Unreachable(node))?
         };
-        match self.dial(&addr).await {
+        match self.dial(&addr, Some(node)).await {
             Ok((theirs, framed)) if theirs.node == node => {
                 Ok(self.register(node, self.node(), framed))
             }
@@ -121,7 +121,12 @@ impl<N: Net> TcpTransport<N> {
         peer.retry_at = Some(Instant::now() + peer.backoff);
     }
 
-    pub(super) async fn dial(&self, addr: &str) -> Result<(Hello, Framed<N::Stream, FrameCodec>)> {
+    /// Connects to `addr` and runs the handshake, naming `to` as the node meant, if known.
+    pub(super) async fn dial(
+        &self,
+        addr: &str,
+        to: Option<u64>,
+    ) -> Result<(Hello, Framed<N::Stream, FrameCodec>)> {
         let config = &self.inner.config;
         let stream = tokio::time::timeout(config.connect_timeout, self.inner.net.connect(addr))
             .await
@@ -136,7 +141,7 @@ impl<N: Net> TcpTransport<N> {
         let theirs = handshake::initiate(
             &mut framed,
             &self.inner.identity.secret,
-            self.hello(),
+            Hello { to, ..self.hello() },
             addr,
             config.handshake_timeout,
         )
