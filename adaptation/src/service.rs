@@ -45,8 +45,12 @@ pub trait Service: Send + Sync + 'static {
 
     /// Acts as the manager of `key` (`ctx.from()` is `None`): called only on the node the
     /// locator names for the key in `ctx.epoch()`, never while the key is moving (such requests
-    /// are held until it has moved), and at most once per request id unless the request is
-    /// [`Service::repeatable`] (then a retry may run it again). Or acts as this node's
+    /// are held until it has moved), and at most once per request id, except: a
+    /// [`Service::repeatable`] request, or one whose answer was
+    /// [`Service::changed_nothing`], may run again on a retry; and across its manager's
+    /// failure every request may, since the answers kept die with the manager (a service whose
+    /// requests add to an entry carries the ids it applied in the entry; see
+    /// docs/writing-a-service.md). Or acts as this node's
     /// local server (`ctx.from()` is the sender) for a message sent with [`Context::tell`].
     /// A change begins by waiting for the managers' handlers running on this node: one that
     /// waits on something else also waits on [`Context::change_waits`], and answers when it
@@ -90,7 +94,8 @@ pub trait Service: Send + Sync + 'static {
         false
     }
 
-    /// Prepares for a change. The locator still routes by the old epoch.
+    /// Prepares for a change. The locator still routes by the old epoch, except on a node that
+    /// joins: it had no table, and has the new one already.
     fn before_migration(
         &self,
         ctx: &Context,

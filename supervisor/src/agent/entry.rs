@@ -8,6 +8,7 @@ use crate::error::{Result, SupervisorError};
 use crate::secret::ClusterSecret;
 use crate::state::check_declaration;
 use crate::supervisor::Supervisor;
+use gobelins_locator::Labels;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,7 +144,29 @@ pub(super) async fn enter(
             bootstrap_done(dir).await;
         }
     }
+    let levels = supervisor.state().tree.config().label_levels.clone();
+    if let Some(warning) = unlabelled(&levels, &options.labels) {
+        tracing::warn!("{warning}");
+    }
     Ok(())
+}
+
+/// What a node that gives no value to some of the cluster's label levels should hear: it is
+/// admitted, placed above the levels it lacks, and in no failure domain there.
+fn unlabelled(levels: &[String], labels: &Labels) -> Option<String> {
+    let missing: Vec<&str> =
+        levels.iter().filter(|l| !labels.contains_key(*l)).map(String::as_str).collect();
+    (!missing.is_empty()).then(|| {
+        let example: Vec<String> = missing.iter().map(|l| format!("--label {l}=...")).collect();
+        format!(
+            "this node gives no value to the cluster's label level(s) {}: it is placed in no \
+             failure domain there, so none protects what it keeps (kvdir may keep its \
+             replicas, and the DSM its pages' backups, in the zone it is really in). Start it \
+             again with {} (one --label per level, top first), unless that is meant",
+            missing.join(", "),
+            example.join(" ")
+        )
+    })
 }
 
 /// Removes the bootstrapping mark. Only warns if it cannot: a mark left behind is harmless,
@@ -177,5 +200,23 @@ async fn on_data_dir(write: impl FnOnce() -> Result<()> + Send + 'static) -> Res
         Err(e) => Err(SupervisorError::Storage(format!(
             "a write to the data directory did not finish: {e}"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_that_lacks_a_label_level_is_told_which_and_how_to_give_it() {
+        let levels = ["zone".to_string(), "rack".to_string()];
+        let zone_only = Labels::from([("zone".to_string(), "a".to_string())]);
+        let said = unlabelled(&levels, &zone_only).expect("rack is missing");
+        assert!(said.contains("level(s) rack:") && said.contains("--label rack=..."), "{said}");
+        let none = unlabelled(&levels, &Labels::new()).expect("both are missing");
+        assert!(none.contains("--label zone=... --label rack=..."), "{none}");
+        let both = Labels::from([("zone".into(), "a".into()), ("rack".into(), "r1".into())]);
+        assert_eq!(unlabelled(&levels, &both), None);
+        assert_eq!(unlabelled(&[], &Labels::new()), None, "a cluster without levels");
     }
 }

@@ -17,9 +17,9 @@ use tokio::net::UnixStream;
 pub(super) const FIRST_LINE_PATIENCE: (Duration, Duration) =
     (Duration::from_secs(30), Duration::from_secs(60));
 
-/// How long the CLI waits between two later lines: a change's progress comes as it moves, and the
-/// agent gives up on the change itself after
-/// [`CHANGE_DEADLINE`](super::membership::CHANGE_DEADLINE).
+/// How long the CLI waits between two later lines: a change's progress comes as it moves, and
+/// again every 30 s while it does not, and the agent gives up on a change once nothing has
+/// carried it on for [`CHANGE_DEADLINE`](super::membership::CHANGE_DEADLINE).
 pub(super) const NEXT_LINE_PATIENCE: Duration = Duration::from_secs(90);
 
 /// Sends `request` to the agent whose socket is `path` and calls `on_line` for each line of the

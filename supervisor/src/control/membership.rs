@@ -4,14 +4,24 @@
 use super::session::{flush, hung_up, status_json, Reader};
 use crate::error::Result;
 use crate::rpc::ProposeError;
+use crate::rpc::View;
 use crate::state::{ClusterState, Command, NodeStatus, Refusal};
 use crate::supervisor::Supervisor;
-use gobelins_locator::NodeId;
+use gobelins_locator::{Change, NodeId};
 use serde_json::json;
 use std::time::Duration;
 
-/// How long a leave, evict or join may take before the CLI is told to look again.
+/// How long a leave, evict or join is followed while nothing carries it on (no leader
+/// answers, or no change of the node is under way or queued) before the CLI is told to look
+/// again. While the cluster works on it, it is followed to its end, however long its entries
+/// take to move: a leave of a node that holds gigabytes took minutes, and its CLI gave up
+/// after a minute, exiting in error while the leave went on.
 pub(super) const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
+
+/// How often a change's progress is said again, with the time it has taken, when it has not
+/// moved: within the CLI's patience between two lines
+/// ([`NEXT_LINE_PATIENCE`](super::client::NEXT_LINE_PATIENCE)).
+const SAID_AGAIN: Duration = Duration::from_secs(30);
 
 /// How long a leave or evict is proposed again while no leader answers.
 const PROPOSE_WINDOW: Duration = Duration::from_secs(10);
@@ -92,9 +102,11 @@ pub(super) async fn wait_for(
     until: NodeStatus,
     renamed: Option<(String, String)>,
 ) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + CHANGE_DEADLINE;
-    let mut last = String::new();
-    while tokio::time::Instant::now() < deadline {
+    let began = tokio::time::Instant::now();
+    // Since when nothing has carried the change on, as far as a leader says.
+    let mut idle_since = began;
+    let (mut last, mut said_at) = (String::new(), began);
+    loop {
         let view = node.cluster_view().await;
         let status = view.state.nodes.get(&target).map(|r| r.status);
         if status == Some(until) {
@@ -114,10 +126,28 @@ pub(super) async fn wait_for(
             )
             .await;
         }
+        let now = tokio::time::Instant::now();
+        match idle(&view, target) {
+            None => idle_since = now,
+            Some(why) if now - idle_since >= CHANGE_DEADLINE => {
+                let said = format!(
+                    "nothing has carried node {target}'s change on for {} s ({why}); it may \
+                     still happen: see `gobelins status`",
+                    CHANGE_DEADLINE.as_secs()
+                );
+                return flush(write, &[json!({ "error": said })]).await;
+            }
+            Some(_) => {}
+        }
         let progress = progress(&view.state, target, renamed.as_ref());
-        if progress != last {
-            flush(write, &[json!({ "progress": progress })]).await?;
-            last = progress;
+        if progress != last || now - said_at >= SAID_AGAIN {
+            let taken = now - began;
+            let shown = match taken >= SAID_AGAIN {
+                true => format!("{progress} ({} s so far)", taken.as_secs()),
+                false => progress.clone(),
+            };
+            flush(write, &[json!({ "progress": shown })]).await?;
+            (last, said_at) = (progress, now);
         }
         // A client gone (an operator's Ctrl-C) is not asked about for the rest of the minute:
         // each pass asks the leader for the whole state.
@@ -129,11 +159,24 @@ pub(super) async fn wait_for(
             }
         }
     }
-    flush(
-        write,
-        &[json!({ "error": "the change did not finish within 60 s; see `gobelins status`" })],
-    )
-    .await
+}
+
+/// Why nothing carries `target`'s change on in `view`, if so: no leader answered (the view is
+/// this node's own), the leader hears from no majority, or no change of the node is under way,
+/// queued, or waited for by its staying.
+fn idle(view: &View, target: u64) -> Option<&'static str> {
+    if view.leader != Some(view.node) {
+        return Some("no leader answers");
+    }
+    if view.quorum_lost_ms.is_some() {
+        return Some("the leader hears from no majority of the voters");
+    }
+    let state = &view.state;
+    let its = |c: &Change| c.node() == Some(NodeId(target));
+    let working = state.in_progress.as_ref().is_some_and(|p| its(&p.change))
+        || state.queue.iter().any(its)
+        || state.lingering.contains_key(&target);
+    (!working).then_some("no change of it is under way or queued")
 }
 
 /// What the change that takes `target` where it goes is doing now, as one line of progress.
@@ -230,7 +273,7 @@ mod tests {
             )),
             "{said}"
         );
-        let view = crate::rpc::View {
+        let view = View {
             node: 2,
             leader: Some(2),
             voters: vec![2, 3],
@@ -246,7 +289,38 @@ mod tests {
         };
         assert_eq!(stays(leaver), json!([1]), "{shown}");
         assert_eq!(stays(1), serde_json::Value::Null, "{shown}");
+        // Staying for a recovery is the cluster working on its leave, not nothing.
+        assert_eq!(idle(&view, leaver), None);
         settle(&mut state);
         assert_eq!(progress(&state, leaver, renamed.as_ref()), format!("node {leaver} is left"));
+    }
+
+    /// A leave is followed as long as the cluster works on it, and given up on only once
+    /// nothing carries it on: no leader answers, or no change of the node is left.
+    #[test]
+    fn a_change_is_followed_while_the_cluster_works_on_it() {
+        let mut state = ClusterState::default();
+        state.apply(&Register(ServiceSpec::new(ServiceId(1), "s").with_slots(64))).unwrap();
+        for node in 1..=3 {
+            let addr = format!("127.0.0.{node}:7000");
+            state.apply(&Join { node, addr, labels: Default::default(), incarnation: 1 }).unwrap();
+            settle(&mut state);
+        }
+        let view = |state: &ClusterState, leader: Option<u64>| View {
+            node: 1,
+            leader,
+            voters: vec![1, 2, 3],
+            state: state.clone(),
+            quorum_lost_ms: None,
+            silent: Default::default(),
+            held: Default::default(),
+        };
+        assert_eq!(idle(&view(&state, Some(1)), 3), Some("no change of it is under way or queued"));
+        state.apply(&Leave { node: 3 }).unwrap();
+        assert_eq!(idle(&view(&state, Some(1)), 3), None, "its leave under way");
+        assert_eq!(idle(&view(&state, Some(2)), 3), Some("no leader answers"), "our own view");
+        let mut lost = view(&state, Some(1));
+        lost.quorum_lost_ms = Some(1500);
+        assert_eq!(idle(&lost, 3), Some("the leader hears from no majority of the voters"));
     }
 }
