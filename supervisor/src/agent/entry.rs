@@ -144,10 +144,17 @@ pub(super) async fn enter(
             bootstrap_done(dir).await;
         }
     }
-    let levels = supervisor.state().tree.config().label_levels.clone();
-    if let Some(warning) = unlabelled(&levels, &options.labels) {
-        tracing::warn!("{warning}");
-    }
+    // Once this node's state holds it: a joiner's may not have the cluster's levels yet.
+    let (mut states, labels) = (supervisor.watch_state(), options.labels.clone());
+    tokio::spawn(async move {
+        let admitted = states.wait_for(|s| s.nodes.contains_key(&node));
+        let Ok(Ok(state)) = tokio::time::timeout(JOIN_WINDOW, admitted).await else { return };
+        let warning = unlabelled(&state.tree.config().label_levels, &labels);
+        drop(state);
+        if let Some(warning) = warning {
+            tracing::warn!("{warning}");
+        }
+    });
     Ok(())
 }
 
@@ -160,9 +167,10 @@ fn unlabelled(levels: &[String], labels: &Labels) -> Option<String> {
         let example: Vec<String> = missing.iter().map(|l| format!("--label {l}=...")).collect();
         format!(
             "this node gives no value to the cluster's label level(s) {}: it is placed in no \
-             failure domain there, so none protects what it keeps (kvdir may keep its \
-             replicas, and the DSM its pages' backups, in the zone it is really in). Start it \
-             again with {} (one --label per level, top first), unless that is meant",
+             failure domain at that level, and the cluster cannot keep the copies of what it \
+             holds apart from it there (with no label at all, at no level: kvdir's replicas \
+             and the DSM's page backups may then be kept in the zone it is really in). Start \
+             it again with {} (one --label per level, top first), unless that is meant",
             missing.join(", "),
             example.join(" ")
         )

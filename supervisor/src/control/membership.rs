@@ -126,6 +126,9 @@ pub(super) async fn wait_for(
             )
             .await;
         }
+        if let Some(why) = ended_otherwise(&view, target, until) {
+            return flush(write, &[json!({ "error": why })]).await;
+        }
         let now = tokio::time::Instant::now();
         match idle(&view, target) {
             None => idle_since = now,
@@ -149,10 +152,10 @@ pub(super) async fn wait_for(
             flush(write, &[json!({ "progress": shown })]).await?;
             (last, said_at) = (progress, now);
         }
-        // A client gone (an operator's Ctrl-C) is not asked about for the rest of the minute:
-        // each pass asks the leader for the whole state.
+        // A client gone (an operator's Ctrl-C) is not followed for the rest of the change: each
+        // pass asks the leader for the whole state.
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+            _ = tokio::time::sleep(poll_after(now - began)) => {}
             _ = hung_up(read, write) => {
                 tracing::info!(node = target, "the control client went away; the change goes on without it (`gobelins status` follows it)");
                 return Ok(());
@@ -161,9 +164,21 @@ pub(super) async fn wait_for(
     }
 }
 
+/// How long to wait before asking the leader again, `taken` into a change: every 10 ms at
+/// first, where most changes end (a test's, a small node's), then less often: each ask carries
+/// the whole state, and a leave that moves gigabytes is followed for minutes.
+fn poll_after(taken: Duration) -> Duration {
+    match taken.as_secs() {
+        0..2 => Duration::from_millis(10),
+        2..30 => Duration::from_millis(100),
+        _ => Duration::from_millis(500),
+    }
+}
+
 /// Why nothing carries `target`'s change on in `view`, if so: no leader answered (the view is
-/// this node's own), the leader hears from no majority, or no change of the node is under way,
-/// queued, or waited for by its staying.
+/// this node's own), the leader hears from no majority, or no change is under way for the
+/// node (its own, or one queued before its own, or a recovery it stays for). A change waiting
+/// for a joiner (a dead node last in the tree) carries nothing on.
 fn idle(view: &View, target: u64) -> Option<&'static str> {
     if view.leader != Some(view.node) {
         return Some("no leader answers");
@@ -173,10 +188,41 @@ fn idle(view: &View, target: u64) -> Option<&'static str> {
     }
     let state = &view.state;
     let its = |c: &Change| c.node() == Some(NodeId(target));
-    let working = state.in_progress.as_ref().is_some_and(|p| its(&p.change))
+    let working = state.in_progress.is_some()
+        && (state.in_progress.as_ref().is_some_and(|p| its(&p.change))
+            || state.queue.iter().any(its)
+            || state.lingering.contains_key(&target));
+    (!working).then_some("no change is under way for it")
+}
+
+/// Why `target` will not get to `until` now, if the cluster says so: its change was refused
+/// (a leaver put back to work, a joiner forgotten), or it failed while it joined.
+fn ended_otherwise(view: &View, target: u64, until: NodeStatus) -> Option<String> {
+    let state = &view.state;
+    let its = |c: &Change| c.node() == Some(NodeId(target));
+    let pending = state.in_progress.as_ref().is_some_and(|p| its(&p.change))
         || state.queue.iter().any(its)
         || state.lingering.contains_key(&target);
-    (!working).then_some("no change of it is under way or queued")
+    // Only a leader's word: a view of this node's own may predate the change.
+    if pending || view.leader != Some(view.node) {
+        return None;
+    }
+    let status = state.nodes.get(&target).map(|r| r.status);
+    match (until, status) {
+        (NodeStatus::Left, Some(NodeStatus::Active)) => Some(format!(
+            "the cluster refused to take node {target} out, and it is active again: the \
+             leader's log says why (the locator had nowhere to put its entries, say)"
+        )),
+        (NodeStatus::Active, None) => Some(format!(
+            "the cluster refused node {target}'s join and forgot it: the leader's log says why \
+             (the locator had no room for it, say)"
+        )),
+        (NodeStatus::Active, Some(NodeStatus::Failed)) => Some(format!(
+            "node {target} failed while it joined: its agent stopped or was cut off (its log \
+             says which); started again, it rejoins as a new life"
+        )),
+        _ => None,
+    }
 }
 
 /// What the change that takes `target` where it goes is doing now, as one line of progress.
@@ -315,9 +361,30 @@ mod tests {
             silent: Default::default(),
             held: Default::default(),
         };
-        assert_eq!(idle(&view(&state, Some(1)), 3), Some("no change of it is under way or queued"));
+        assert_eq!(idle(&view(&state, Some(1)), 3), Some("no change is under way for it"));
+        // Staying for a recovery that waits for a joiner (a dead node last in the tree) carries
+        // nothing on either: it would be followed for good.
+        let mut waiting = state.clone();
+        waiting.lingering.insert(3, [1].into());
+        assert_eq!(idle(&view(&waiting, Some(1)), 3), Some("no change is under way for it"));
+        // A node that failed while it joined will not get there.
+        let mut failed = state.clone();
+        failed.nodes.get_mut(&3).expect("node 3").status = NodeStatus::Failed;
+        let said = ended_otherwise(&view(&failed, Some(1)), 3, NodeStatus::Active);
+        assert!(said.is_some_and(|s| s.contains("failed while it joined")));
+        assert_eq!(
+            ended_otherwise(&view(&state, Some(1)), 3, NodeStatus::Left).map(|_| ()),
+            Some(()),
+            "as a refused leave leaves it"
+        );
+        assert_eq!(
+            ended_otherwise(&view(&state, Some(2)), 3, NodeStatus::Left),
+            None,
+            "not a leader's word"
+        );
         state.apply(&Leave { node: 3 }).unwrap();
         assert_eq!(idle(&view(&state, Some(1)), 3), None, "its leave under way");
+        assert_eq!(ended_otherwise(&view(&state, Some(1)), 3, NodeStatus::Left), None);
         assert_eq!(idle(&view(&state, Some(2)), 3), Some("no leader answers"), "our own view");
         let mut lost = view(&state, Some(1));
         lost.quorum_lost_ms = Some(1500);
