@@ -686,6 +686,7 @@ fn restarted_before_anyone_noticed(restart: Restart) {
     wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     // Asking before kvdir was registered counted as failed requests: count from here.
     let failed_before = stats_of(&agents[0].dir)["stats"]["requests_failed"].as_u64();
+    assert!(failed_before.is_some(), "stats count failed requests");
 
     let keys = 600u64;
     put_keys(&socket, keys);

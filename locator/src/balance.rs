@@ -62,8 +62,9 @@ pub(crate) fn deposit(holdings: &[Holding], incoming: &[u32]) -> Vec<(NodeId, u3
         out.extend(mine.iter().map(|&slot| (holding.node, slot)));
         rest = others;
     }
-    // Only reached if the cell was not balanced before; still, no slot may be left without a
-    // manager, so what remains goes round the members.
+    // Not reached: the targets add up to what the cell holds with `incoming`, so the members'
+    // shortfalls add up to `incoming` at least, however unbalanced the cell. Kept so that no
+    // slot is ever left without a manager, should the targets be computed otherwise.
     for (i, &slot) in rest.iter().enumerate() {
         out.push((holdings[i % holdings.len()].node, slot));
     }
@@ -116,9 +117,16 @@ mod tests {
     }
 
     #[test]
-    fn deposit_into_an_unbalanced_cell_still_places_every_slot() {
+    fn deposit_into_an_unbalanced_cell_places_every_slot_where_it_is_short() {
         let h = cell(&[9, 0]);
         let got = deposit(&h, &[20, 21]);
-        assert_eq!(got.len(), 2);
+        assert_eq!(got, vec![(NodeId(2), 20), (NodeId(2), 21)], "the empty member takes both");
+        // More than the empty member is short of: the full one takes the rest.
+        let incoming: Vec<u32> = (20..32).collect();
+        let got = deposit(&h, &incoming);
+        let to = |n: u64| got.iter().filter(|(m, _)| *m == NodeId(n)).count();
+        assert_eq!((to(1), to(2)), (2, 10), "to targets of 11 and 10");
+        let placed: Vec<u32> = got.iter().map(|&(_, slot)| slot).collect();
+        assert_eq!(placed, incoming, "each slot once, in order");
     }
 }

@@ -290,6 +290,7 @@ fn with_backups_nodes_failing_leaving_and_returning_at_random_lose_no_page() {
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect());
     let seeds = asked.unwrap_or_else(|| (0..40).collect());
+    assert!(!seeds.is_empty(), "DSM_SWEEP names no seed (give numbers separated by commas)");
     for seed in seeds {
         replay(failing_leaving_and_returning(seed));
     }
