@@ -284,8 +284,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_leave_that_stays_for_a_recovery_says_so_and_whose() {
+    /// A stable cluster of nodes 1 to 3 with one service.
+    fn three_nodes() -> ClusterState {
         let mut state = ClusterState::default();
         state.apply(&Register(ServiceSpec::new(ServiceId(1), "s").with_slots(64))).unwrap();
         for node in 1..=3 {
@@ -293,6 +293,25 @@ mod tests {
             state.apply(&Join { node, addr, labels: Default::default(), incarnation: 1 }).unwrap();
             settle(&mut state);
         }
+        state
+    }
+
+    /// `state` as node `node` shows it, `leader` its leader.
+    fn view_of(node: u64, leader: Option<u64>, state: &ClusterState) -> View {
+        View {
+            node,
+            leader,
+            voters: vec![1, 2, 3],
+            state: state.clone(),
+            quorum_lost_ms: None,
+            silent: Default::default(),
+            held: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_leave_that_stays_for_a_recovery_says_so_and_whose() {
+        let mut state = three_nodes();
         let table = state.tree.snapshot(Epoch(state.epoch)).expect("a table");
         let leaver = table.replica_holder(NodeId(1)).expect("a holder").0;
         state.apply(&Leave { node: leaver }).unwrap();
@@ -319,15 +338,7 @@ mod tests {
             )),
             "{said}"
         );
-        let view = View {
-            node: 2,
-            leader: Some(2),
-            voters: vec![2, 3],
-            state: state.clone(),
-            quorum_lost_ms: None,
-            silent: Default::default(),
-            held: Default::default(),
-        };
+        let view = view_of(2, Some(2), &state);
         let shown = status_json(&view);
         let stays = |id: u64| {
             let nodes = shown["nodes"].as_array().expect("nodes");
@@ -345,22 +356,8 @@ mod tests {
     /// nothing carries it on: no leader answers, or no change of the node is left.
     #[test]
     fn a_change_is_followed_while_the_cluster_works_on_it() {
-        let mut state = ClusterState::default();
-        state.apply(&Register(ServiceSpec::new(ServiceId(1), "s").with_slots(64))).unwrap();
-        for node in 1..=3 {
-            let addr = format!("127.0.0.{node}:7000");
-            state.apply(&Join { node, addr, labels: Default::default(), incarnation: 1 }).unwrap();
-            settle(&mut state);
-        }
-        let view = |state: &ClusterState, leader: Option<u64>| View {
-            node: 1,
-            leader,
-            voters: vec![1, 2, 3],
-            state: state.clone(),
-            quorum_lost_ms: None,
-            silent: Default::default(),
-            held: Default::default(),
-        };
+        let mut state = three_nodes();
+        let view = |state: &ClusterState, leader: Option<u64>| view_of(1, leader, state);
         assert_eq!(idle(&view(&state, Some(1)), 3), Some("no change is under way for it"));
         // Staying for a recovery that waits for a joiner (a dead node last in the tree) carries
         // nothing on either: it would be followed for good.
