@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! initiator                                     acceptor
-//!    ── Hello{magic, versions, cluster, node, incarnation, nonce} ──▶  check magic/version/cluster
+//!    ── Hello{magic, versions, cluster, node, incarnation, addr, nonce, to} ──▶  check magic/
+//!                                                  version/cluster; refuse our own id, or a
+//!                                                  `to` naming another node
 //!    ◀── Welcome{Hello, proof = HMAC(key, "acceptor" | hello_i | hello_a)} ──
 //!  verify                                                             
 //!    ── Proof(HMAC(key, "initiator" | hello_i | hello_a)) ──▶  verify

@@ -146,8 +146,12 @@ fn ready(
     init().map_err(|e| crate::SupervisorError::Storage(format!("initialising {what}: {e}")))?;
     // What it keeps opens but does not decode (or fails its checksum): said with the file and
     // what to do, not as a bare read error at every restart.
-    let machine = StateMachine::load(Arc::clone(&db), durable)
-        .map_err(|e| crate::SupervisorError::Storage(format!("reading {what}: {e}; {DAMAGED}")))?;
+    let machine = StateMachine::load(Arc::clone(&db), durable).map_err(|e| {
+        crate::SupervisorError::Storage(format!(
+            "reading {what}: {e}; if a newer build of gobelins ran on this data directory, \
+                 run that build again; otherwise {DAMAGED}"
+        ))
+    })?;
     let log = LogStore { db, durable, covered: machine.covered.subscribe() };
     Ok((log, machine))
 }

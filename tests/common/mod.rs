@@ -119,8 +119,12 @@ pub(crate) fn spawn(agent: &Agent, extra: &[&str]) -> Child {
     command.spawn().expect("spawn gobelins agent")
 }
 
+/// Runs the CLI, killed after 5 minutes: a `leave` or `evict` follows its change for as long as
+/// the cluster works on it, and one stuck by a regression must fail the test, not hang it.
 pub(crate) fn cli(dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN).args(args).arg("--data-dir").arg(dir).output().expect("run gobelins")
+    let mut command = Command::new("timeout");
+    command.args(["--kill-after=10", "300", BIN]).args(args).arg("--data-dir").arg(dir);
+    command.output().expect("run gobelins under timeout")
 }
 
 pub(crate) fn status(dir: &Path, local: bool) -> Option<Value> {

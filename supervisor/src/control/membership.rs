@@ -106,6 +106,7 @@ pub(super) async fn wait_for(
     // Since when nothing has carried the change on, as far as a leader says.
     let mut idle_since = began;
     let (mut last, mut said_at) = (String::new(), began);
+    let mut seen = false;
     loop {
         let view = node.cluster_view().await;
         let status = view.state.nodes.get(&target).map(|r| r.status);
@@ -113,7 +114,7 @@ pub(super) async fn wait_for(
             return flush(write, &[json!({ "ok": status_json(&view) })]).await;
         }
         // On its way out, a node that fails is out for good: its entries are rebuilt from
-        // their replicas instead of handed over. Waiting for "left" would last the full minute.
+        // their replicas instead of handed over, and "left" never comes.
         if until == NodeStatus::Left && status == Some(NodeStatus::Failed) {
             let why = format!(
                 "node {target} failed before it was out (its leave or eviction had not ended): \
@@ -126,7 +127,10 @@ pub(super) async fn wait_for(
             )
             .await;
         }
-        if let Some(why) = ended_otherwise(&view, target, until) {
+        // Only once the change was seen under way: a leader new since the proposal may not
+        // have applied it yet, and its state would then read as a refusal.
+        seen |= pending(&view.state, target);
+        if let Some(why) = ended_otherwise(&view, target, until).filter(|_| seen) {
             return flush(write, &[json!({ "error": why })]).await;
         }
         let now = tokio::time::Instant::now();
@@ -187,24 +191,24 @@ fn idle(view: &View, target: u64) -> Option<&'static str> {
         return Some("the leader hears from no majority of the voters");
     }
     let state = &view.state;
-    let its = |c: &Change| c.node() == Some(NodeId(target));
-    let working = state.in_progress.is_some()
-        && (state.in_progress.as_ref().is_some_and(|p| its(&p.change))
-            || state.queue.iter().any(its)
-            || state.lingering.contains_key(&target));
+    let working = state.in_progress.is_some() && pending(state, target);
     (!working).then_some("no change is under way for it")
+}
+
+/// Whether a change of `target` is under way or queued, or it stays for a recovery.
+fn pending(state: &ClusterState, target: u64) -> bool {
+    let its = |c: &Change| c.node() == Some(NodeId(target));
+    state.in_progress.as_ref().is_some_and(|p| its(&p.change))
+        || state.queue.iter().any(its)
+        || state.lingering.contains_key(&target)
 }
 
 /// Why `target` will not get to `until` now, if the cluster says so: its change was refused
 /// (a leaver put back to work, a joiner forgotten), or it failed while it joined.
 fn ended_otherwise(view: &View, target: u64, until: NodeStatus) -> Option<String> {
     let state = &view.state;
-    let its = |c: &Change| c.node() == Some(NodeId(target));
-    let pending = state.in_progress.as_ref().is_some_and(|p| its(&p.change))
-        || state.queue.iter().any(its)
-        || state.lingering.contains_key(&target);
     // Only a leader's word: a view of this node's own may predate the change.
-    if pending || view.leader != Some(view.node) {
+    if pending(state, target) || view.leader != Some(view.node) {
         return None;
     }
     let status = state.nodes.get(&target).map(|r| r.status);
@@ -255,8 +259,15 @@ fn progress(state: &ClusterState, target: u64, renamed: Option<&(String, String)
                      copies that recovery rebuilds from"
                 )
             });
+            // The last few by name: a change that does not end waits for them.
+            let waiting: Vec<String> =
+                p.participants.difference(&p.done).map(|n| format!("node {n}")).collect();
+            let waiting = match waiting.len() {
+                1..=2 => format!(", waiting for {}", waiting.join(" and ")),
+                _ => String::new(),
+            };
             format!(
-                "epoch {}: {change} — {}/{} participants done{then}",
+                "epoch {}: {change} — {}/{} participants done{waiting}{then}",
                 p.epoch,
                 p.done.len(),
                 p.participants.len()
@@ -318,6 +329,15 @@ mod tests {
         let renamed = renamed(&Leave { node: leaver }, leaver);
         let said = progress(&state, leaver, renamed.as_ref());
         assert!(said.contains(&format!("leave n{leaver} — 0/")), "{said}");
+        // The last participants by name: a change that does not end waits for them.
+        let leave = state.in_progress.clone().expect("the leave");
+        let last = *leave.participants.iter().next_back().expect("participants");
+        let mut most = state.clone();
+        for &node in leave.participants.iter().filter(|&&n| n != last) {
+            most.apply(&MigrationDone { node, epoch: leave.epoch }).expect("a participant");
+        }
+        let said = progress(&most, leaver, renamed.as_ref());
+        assert!(said.ends_with(&format!("participants done, waiting for node {last}")), "{said}");
         state.apply(&Fail { node: 1, incarnation: 1 }).unwrap();
         // Its leave still under way: said as it is, with what comes after.
         let said = progress(&state, leaver, renamed.as_ref());

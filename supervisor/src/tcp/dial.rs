@@ -86,7 +86,9 @@ impl<N: Net> TcpTransport<N> {
                 let mut peers = lock(&self.inner.peers);
                 let peer = peers.entry(node).or_default();
                 peer.refused = Some(reason.clone());
-                // It proved our secret: some other node of ours took the address.
+                // It proved our secret: some other node of ours took the address. (A peer refuses
+                // a Hello meant for another node before this, since protocol 27; kept should
+                // one answer anyway.)
                 peer.secret_differs = false;
                 drop(peers);
                 Err(SupervisorError::Handshake { peer: addr, reason })
