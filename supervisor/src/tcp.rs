@@ -234,6 +234,34 @@ impl<N: Net> TcpTransport<N> {
     }
 }
 
+impl<N: Net> TcpTransport<N> {
+    /// [`Transport::call_addr`], the handshake naming `to` as the node meant, if known.
+    async fn call_addr_meaning(
+        &self,
+        addr: &str,
+        to: Option<u64>,
+        request: Bytes,
+        deadline: Duration,
+    ) -> Result<(u64, Bytes)> {
+        let until = Instant::now() + deadline;
+        let dialed = tokio::time::timeout_at(until, self.dial(addr, to)).await.map_err(|_| {
+            SupervisorError::Timeout {
+                // The connection may have been made: the handshake is what did not end.
+                what: format!("connecting to {addr} and proving the cluster secret"),
+                after_ms: deadline.as_millis() as u64,
+            }
+        })?;
+        // Not `refused`: a caller dialing an address (a seed) must tell a peer of another
+        // cluster from one that refused it for now.
+        let (theirs, framed) = dialed?;
+        self.set_peer(theirs.node, theirs.addr.clone());
+        let conn = self.register(theirs.node, self.node(), framed);
+        let response =
+            self.call_on(&conn, request, until, deadline, || format!("request to {addr}")).await?;
+        Ok((theirs.node, response))
+    }
+}
+
 #[async_trait]
 impl<N: Net> Transport for TcpTransport<N> {
     async fn call(&self, to: u64, request: Bytes, deadline: Duration) -> Result<Bytes> {
@@ -256,22 +284,17 @@ impl<N: Net> Transport for TcpTransport<N> {
         request: Bytes,
         deadline: Duration,
     ) -> Result<(u64, Bytes)> {
-        let until = Instant::now() + deadline;
-        let dialed = tokio::time::timeout_at(until, self.dial(addr, None)).await.map_err(|_| {
-            SupervisorError::Timeout {
-                // The connection may have been made: the handshake is what did not end.
-                what: format!("connecting to {addr} and proving the cluster secret"),
-                after_ms: deadline.as_millis() as u64,
-            }
-        })?;
-        // Not `refused`: a caller dialing an address (a seed) must tell a peer of another
-        // cluster from one that refused it for now.
-        let (theirs, framed) = dialed?;
-        self.set_peer(theirs.node, theirs.addr.clone());
-        let conn = self.register(theirs.node, self.node(), framed);
-        let response =
-            self.call_on(&conn, request, until, deadline, || format!("request to {addr}")).await?;
-        Ok((theirs.node, response))
+        self.call_addr_meaning(addr, None, request, deadline).await
+    }
+
+    async fn call_addr_as(
+        &self,
+        node: u64,
+        addr: &str,
+        request: Bytes,
+        deadline: Duration,
+    ) -> Result<(u64, Bytes)> {
+        self.call_addr_meaning(addr, Some(node), request, deadline).await
     }
 
     fn set_peer(&self, node: u64, addr: String) {
@@ -394,6 +417,24 @@ mod tests {
 
     /// A call that heard nothing back by its deadline closes its connection, wedged, though
     /// the call dialed it: the time spent dialing is not silence the connection owes.
+    /// An address held for node 3 that leads to node 2: asked as node 3's, node 2 refuses
+    /// before either side proves anything, and no connection is registered; asked by address
+    /// alone, or as node 2's, it answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_address_asked_as_another_node_s_is_refused_there() {
+        let secret = ClusterSecret::generate();
+        let ((a, _), (_b, b_addr)) = (started(&secret, 1).await, started(&secret, 2).await);
+        let ping = || Bytes::from_static(b"ping");
+        let wait = Duration::from_secs(5);
+        let refused = a.call_addr_as(3, &b_addr, ping(), wait).await;
+        let said = format!("{refused:?}");
+        assert!(said.contains("this is node 2, not node 3"), "{said}");
+        assert!(a.live_conn(2).is_none() && a.live_conn(3).is_none(), "nothing registered");
+        let (node, answer) = a.call_addr_as(2, &b_addr, ping(), wait).await.expect("node 2's");
+        assert_eq!((node, &answer[..]), (2, &b"ping"[..]));
+        assert_eq!(a.call_addr(&b_addr, ping(), wait).await.expect("by address").0, 2);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_first_call_that_hears_nothing_closes_the_connection_it_dialed() {
         let secret = ClusterSecret::generate();

@@ -43,6 +43,21 @@ pub trait Transport: Send + Sync + 'static {
         deadline: Duration,
     ) -> Result<(u64, Bytes)>;
 
+    /// Like [`Transport::call_addr`], to an address this node holds for `node`: the handshake
+    /// names it, so that another node reached there (its address moved, or a relay in
+    /// between) refuses before either side proves anything. A transport without handshakes
+    /// calls the address.
+    async fn call_addr_as(
+        &self,
+        node: u64,
+        addr: &str,
+        request: Bytes,
+        deadline: Duration,
+    ) -> Result<(u64, Bytes)> {
+        let _ = node;
+        self.call_addr(addr, request, deadline).await
+    }
+
     /// Records where `node` listens, so that calls to it can dial.
     fn set_peer(&self, node: u64, addr: String);
 

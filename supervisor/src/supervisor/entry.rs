@@ -299,20 +299,27 @@ impl Supervisor {
     ) -> Result<Option<bool>> {
         let until = Instant::now() + deadline;
         let own = self.state();
-        let mut asked: Vec<String> = vec![seed.to_string()];
+        // The members by id too: the handshake names each, so that a node that now holds one's
+        // address, or a relay, refuses rather than admits this node's proof.
+        let mut asked: Vec<(String, Option<u64>)> = vec![(seed.to_string(), None)];
         asked.extend(
             own.nodes
                 .iter()
                 .filter(|(&id, r)| id != self.me.id && r.status.is_live() && r.addr != seed)
-                .map(|(_, r)| r.addr.clone()),
+                .map(|(&id, r)| (r.addr.clone(), Some(id))),
         );
         // The seed alone first: every answer carries the whole state.
         let mut round = 1;
         loop {
-            let answers = futures::future::join_all(asked[..round].iter().map(|addr| async move {
-                let Ok(bytes) = lane::request(&Request::State) else { return Ok(None) };
-                let reply =
-                    match self.transport.call_addr(addr, bytes, self.config.rpc_timeout).await {
+            let answers =
+                futures::future::join_all(asked[..round].iter().map(|(addr, id)| async move {
+                    let Ok(bytes) = lane::request(&Request::State) else { return Ok(None) };
+                    let timeout = self.config.rpc_timeout;
+                    let called = match *id {
+                        Some(id) => self.transport.call_addr_as(id, addr, bytes, timeout).await,
+                        None => self.transport.call_addr(addr, bytes, timeout).await,
+                    };
+                    let reply = match called {
                         Ok((_, reply)) => reply,
                         // Not a refusal for now (a member's id on another address, until
                         // the cluster declares that life failed): a seed of another cluster.
@@ -321,12 +328,12 @@ impl Supervisor {
                         }
                         Err(_) => return Ok(None),
                     };
-                Ok(match lane::decode_response(reply) {
-                    Ok(Response::View(view)) => Some(view.state),
-                    _ => None,
-                })
-            }))
-            .await;
+                    Ok(match lane::decode_response(reply) {
+                        Ok(Response::View(view)) => Some(view.state),
+                        _ => None,
+                    })
+                }))
+                .await;
             let mut answers = answers.into_iter();
             // Only the seed's: a member of this node's own state that proves another secret
             // is the odd one (see `members_with_another_secret`).
