@@ -321,8 +321,9 @@ impl Supervisor {
                     };
                     let reply = match called {
                         Ok((_, reply)) => reply,
-                        // Not a refusal for now (a member's id on another address, until
-                        // the cluster declares that life failed): a seed of another cluster.
+                        // A seed of another cluster (what matters of the seed's answer below),
+                        // not a refusal for now: a member's id on another address until the
+                        // cluster declares that life failed, or an address another node took.
                         Err(SupervisorError::SecretDiffers { peer, reason }) => {
                             return Err(SupervisorError::Handshake { peer, reason })
                         }
