@@ -169,7 +169,8 @@ impl<N: Net> Agent<N> {
             // A member that died between its admission and keeping the secret: a bootstrap
             // wrote a new cluster's secret over its membership, which raft then refused to
             // initialize, and the directory belonged to neither cluster.
-            (Start::Bootstrap, None, _) if dir.incarnation()?.is_some() && !dir.unadmitted()? => {
+            // (With no secret, `restarted` says the directory holds an incarnation.)
+            (Start::Bootstrap, None, _) if restarted && !dir.unadmitted()? => {
                 return Err(SupervisorError::Config(format!(
                     "{} belongs to a node that was admitted to a cluster but did not keep its \
                      secret (it stopped in between): it cannot bootstrap another. Start it with \

@@ -232,9 +232,7 @@ impl<N: Net> TcpTransport<N> {
             identity.addr.clone(),
         )
     }
-}
 
-impl<N: Net> TcpTransport<N> {
     /// [`Transport::call_addr`], the handshake naming `to` as the node meant, if known.
     async fn call_addr_meaning(
         &self,
