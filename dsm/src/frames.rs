@@ -87,6 +87,18 @@ pub(crate) struct Fostered {
     pub(crate) backup: Option<u64>,
 }
 
+/// What became of a backup a node was sent ([`Frame::store_backup`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stored {
+    /// It is the backup here now.
+    Kept,
+    /// A newer one stays: a later version, or a later commit of this one (a commit's copy
+    /// that came late).
+    Newer,
+    /// This leaving node took its copies away, and keeps no backup any more.
+    Sealed,
+}
+
 /// The commit stamp of a version's last content: what an owner gave up, handed over or was
 /// promoted to, after which that version takes no more commits (writing needs a new grant).
 pub(crate) const FINAL: u64 = u64::MAX;
@@ -417,19 +429,19 @@ impl Frame {
     }
 
     /// Keeps a backup for the owner, unless a newer one (a later version, or a later commit
-    /// of this one) is already here.
-    pub(crate) fn store_backup(&self, version: u64, commit: u64, data: Bytes) -> bool {
+    /// of this one) is already here, or this leaving node has sealed its copies.
+    pub(crate) fn store_backup(&self, version: u64, commit: u64, data: Bytes) -> Stored {
         let mut s = self.lock();
         if s.sealed {
-            return false;
+            return Stored::Sealed;
         }
         if s.backup.as_ref().is_none_or(|(v, _)| (*v, s.backup_commit) <= (version, commit)) {
             s.backup = Some((version, data));
             s.backup_commit = commit;
             s.fostered = None;
-            return true;
+            return Stored::Kept;
         }
-        false
+        Stored::Newer
     }
 
     /// Keeps a leaving owner's page as a fostered backup (see [`FrameState::fostered`]). A

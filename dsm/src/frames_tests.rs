@@ -357,12 +357,19 @@ fn a_backup_keeps_the_latest_commit_of_the_latest_version_and_says_which() {
         let s = f.lock();
         s.backup.as_ref().map(|(v, d)| (*v, s.backup_commit, d[0]))
     };
-    f.store_backup(5, 2, page(2));
-    f.store_backup(5, 1, page(1));
+    assert_eq!(f.store_backup(5, 2, page(2)), Stored::Kept);
+    assert_eq!(f.store_backup(5, 1, page(1)), Stored::Newer);
     assert_eq!(backup(&f), Some((5, 2, 2)), "older commit");
     f.store_backup(5, 3, page(3));
-    f.store_backup(4, 9, page(9));
+    assert_eq!(f.store_backup(4, 9, page(9)), Stored::Newer);
     assert_eq!(backup(&f), Some((5, 3, 3)), "older version");
+    // The last content of a version, as a grant gives it up, outranks every commit of it.
+    assert_eq!(f.store_backup(5, FINAL, page(4)), Stored::Kept);
+    assert_eq!(backup(&f), Some((5, FINAL, 4)));
+    // A leaving node that took its copy keeps none sent after, and says so.
+    assert!(f.backup_copy().is_some());
+    assert_eq!(f.store_backup(6, 1, page(6)), Stored::Sealed);
+    assert_eq!(backup(&f), Some((5, FINAL, 4)));
     // A writer's commits count from its grant.
     let w = Frame::default();
     assert_eq!(w.install_grant(6, Some(page(0)), None), Installed::Yes);

@@ -1,7 +1,7 @@
 //! Backup copies of dirty pages: where they go, and what becomes of them when holders leave.
 
 use super::{departed_since, next_node, DsmService, ABANDON_PAUSE};
-use crate::frames::{Bytes, Retired};
+use crate::frames::{Bytes, Retired, FINAL};
 use crate::node::Live;
 use crate::page::PageId;
 use crate::protocol::{PageBytes, PageEntry, Request, Response};
@@ -101,11 +101,14 @@ impl DsmService {
                 ctx,
                 chosen,
                 page,
-                // The writer's commits at this version count from 1.
+                // The last content of the version this grant gives up: the writer commits
+                // under the next. Stamped below every commit, it lost to an older copy that a
+                // backup the owner once stopped reaching still held (its commits went on to
+                // another), and a writer dead before its first commit rolled the page back.
                 Request::Backup {
                     page,
                     version: entry.version,
-                    commit: 0,
+                    commit: FINAL,
                     data: PageBytes::shared(&content),
                 },
             )

@@ -2,6 +2,7 @@
 //! frames.
 
 use super::{departed_since, drop_copy, invalidate, Absent, DsmService};
+use crate::frames::Stored;
 use crate::node::Live;
 use crate::page::{named, Named, PageId};
 use crate::protocol::{PageBytes, PageEntry, Request, Response};
@@ -179,14 +180,14 @@ impl DsmService {
                 Response::Ok
             }
             Request::Backup { page, version, commit, data } => {
-                let frame = frames.frame(page);
-                // Not once this leaving node took its copy: the owner asks the manager for
-                // another backup, rather than be told a commit is kept that the copy lacks.
-                if frame.lock().sealed {
-                    return Response::Departed;
+                // Sealed is judged under the lock the copy is stored under: judged apart, a
+                // leaving node that sealed in between answered Ok for a copy it did not keep.
+                match frames.frame(page).store_backup(version, commit, data.into_shared()) {
+                    Stored::Kept | Stored::Newer => Response::Ok,
+                    // Not once this leaving node took its copy: the owner asks the manager for
+                    // another backup, rather than be told a commit is kept that the copy lacks.
+                    Stored::Sealed => Response::Departed,
                 }
-                frame.store_backup(version, commit, data.into_shared());
-                Response::Ok
             }
             Request::Foster { page, leaver, version, data, readers, backup } => {
                 let whose = crate::frames::Fostered { leaver, readers, backup };

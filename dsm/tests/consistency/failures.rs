@@ -273,6 +273,33 @@ fn with_backups_a_manager_and_its_new_backup_dying_after_its_write_never_roll_th
     })
 }
 
+/// A backup the owner could not reach once keeps the commits it had, though the page's
+/// backup moved on: chosen again for a writer's grant, it must take the page the grant
+/// carries, not keep its older copy. Here node 2 backs node 1's page up, misses commit 3
+/// (cut off a moment), which goes to node 3; node 3 writes, the manager chooses node 2 for its
+/// backup, and node 3 dies before it commits. The page is what node 1 committed last.
+#[test]
+fn with_backups_a_backup_left_behind_once_takes_the_page_when_chosen_again() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(3).await;
+        let (owner, behind, writer) = (NodeId(1), NodeId(2), NodeId(3));
+        // Managed by the owner, which stays: its commits and the writer's grant go through it.
+        let page = pages_by_manager(&cluster, owner, true, 1)[0];
+        let dsm = cluster.dsm(owner);
+        put(&dsm, page, 1).await;
+        put(&dsm, page, 2).await;
+        cluster.mem.crash(behind);
+        put(&dsm, page, 3).await;
+        cluster.mem.heal(behind);
+        let guard = cluster.dsm(writer).write(page).await.expect("granted");
+        cluster.mem.fail(writer).await;
+        drop(guard);
+        assert_eq!(outcome(&cluster.dsm(behind), page).await, Ok(3));
+        assert_eq!(outcome(&cluster.dsm(owner), page).await, Ok(3));
+        assert_eq!(cluster.reported_lost(), 0);
+    })
+}
+
 /// Nodes failing, leaving and returning one at a time, at random, under load, with backups
 /// on, lose no page and read nothing stale (seeds 0 to 39; `DSM_SWEEP` names others,
 /// comma-separated: 0 to 299 pass). Seed 9 read a page written 59 times as zeros after its
