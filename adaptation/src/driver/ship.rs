@@ -233,7 +233,11 @@ impl Driver {
         let mine = packer.finish();
         // The answers given for keys that leave go with them, unless their senders have settled
         // them: those go with what was settled, so that a late copy is refused at the new
-        // manager rather than run again.
+        // manager rather than run again. A copy stays here, as the service keeps what it sent
+        // until the change is stable: should the receiver die, a recovery in which this node
+        // takes part sends them on to the key's next manager with the rest. Taken away, they
+        // were lost with the receiver, and a retry ran its request a second time, though the
+        // node that ran it lived. Settlements and their expiry forget them here as anywhere.
         let mut answers: BTreeMap<NodeId, Vec<Answered>> = BTreeMap::new();
         let leaving: Vec<(Key, NodeId)> = inner
             .answers
@@ -250,12 +254,12 @@ impl Driver {
         let taken: Vec<_> = leaving
             .into_iter()
             .filter_map(|(key, to)| {
-                inner.answers.remove(&(service, key)).map(|(_, l)| (to, key, l))
+                inner.answers.get(&(service, key)).map(|l| (to, key, l.value().clone()))
             })
             .collect();
-        // Copied after the keys are out: an answer forgotten as settled meanwhile is covered
-        // by this copy, so a late copy of its request is refused at the new manager. With
-        // this node's own settlement, which its fresh requests do not carry.
+        // Copied after the answers: one forgotten as settled meanwhile is covered by this
+        // copy, so a late copy of its request is refused at the new manager. With this node's
+        // own settlement, which its fresh requests do not carry.
         let settled = {
             let mut settled = inner.settled.lock().expect("settled");
             inner.note_own(&mut settled, Instant::now());

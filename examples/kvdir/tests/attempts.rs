@@ -108,6 +108,59 @@ fn a_request_whose_handler_outlasts_an_attempt_is_retried_and_still_runs_once() 
     });
 }
 
+/// A request its manager ran, whose answer never reached its sender, then a join that moved
+/// its key (and the answer with it) to a node that died before the sender asked again: the
+/// node that ran it still lives, and the retry at the key's next manager (the locator gives
+/// the key back to it) gets the first run's answer, not a second run.
+#[test]
+fn an_answer_handed_to_a_joiner_that_died_is_not_lost_to_the_retry() {
+    use bytes::Bytes;
+    use gobelins_adaptation::codec;
+    use gobelins_adaptation::wire::{Reply, RequestId, Routed, Settlement};
+    replay(async {
+        let config =
+            HostConfig { request_deadline: Duration::from_secs(5), ..HostConfig::default() };
+        let runs = Arc::new(AtomicU64::new(0));
+        let (mut cluster, _) = slow_nodes(2, config.clone(), &runs).await;
+        // Where the keys go once node 3 joins: one node 2 manages now that node 3 then takes.
+        let (mut probe, _) = slow_nodes(2, config, &Arc::new(AtomicU64::new(0))).await;
+        probe.add().await;
+        let key = (0..1_000_000)
+            .map(Key)
+            .find(|&k| {
+                cluster.snapshot().locate(SLOW, k) == Some(NodeId(2))
+                    && probe.snapshot().locate(SLOW, k) == Some(NodeId(3))
+            })
+            .expect("a key the joiner takes from node 2");
+        // Node 1's first attempt, as it reached node 2: the answer goes nowhere.
+        let attempt = |epoch| {
+            let routed = Routed {
+                id: RequestId { origin: NodeId(1), seq: 77 },
+                service: SLOW,
+                key,
+                epoch,
+                body: Bytes::new(),
+                wait_ms: 5_000,
+                settled: Settlement::default(),
+                repeatable: false,
+            };
+            Bytes::from(routed.encode_request(&codec::encode(&2u64).expect("encodes")))
+        };
+        let first = cluster.host(NodeId(2)).handle(NodeId(1), attempt(cluster.epoch())).await;
+        assert!(matches!(Reply::decode(&Bytes::from(first)), Ok(Reply::Done(_))));
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let joiner = cluster.add().await;
+        assert_eq!(cluster.snapshot().locate(SLOW, key), Some(joiner));
+        cluster.fail(joiner).await;
+        let manager = cluster.snapshot().locate(SLOW, key).expect("a manager");
+        let again = cluster.host(manager).handle(NodeId(1), attempt(cluster.epoch())).await;
+        let again = Reply::decode(&Bytes::from(again)).expect("a reply");
+        let Reply::Done(answer) = again else { panic!("answered: {again:?}") };
+        assert_eq!(codec::decode::<u64>(&answer).expect("a count"), 1, "the first run's answer");
+        assert_eq!(runs.load(Ordering::SeqCst), 1, "the retry did not run it again");
+    });
+}
+
 #[test]
 fn only_answers_to_requests_that_must_not_run_twice_are_kept() {
     replay(async {
