@@ -39,6 +39,12 @@ pub(crate) fn digest(data: &[u8]) -> u64 {
     u64::from_le_bytes(sum[..8].try_into().expect("a SHA-256 sum is 32 bytes"))
 }
 
+/// The digest of a page of zeros, which a reader of a page nobody owns holds.
+fn zero_digest() -> u64 {
+    static ZEROS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ZEROS.get_or_init(|| digest(&[0; crate::page::PAGE_SIZE]))
+}
+
 /// Mends `entry` after nodes left. `gone` nodes (failed, or no longer in the cluster) hold no
 /// copy; a `failed` owner gives the page to a reader holding the current version, else to its
 /// backup, else the page is lost. An owner that left gracefully is not failed: it hands its
@@ -128,6 +134,18 @@ pub(crate) fn rebuild(reports: &[Report], gone: impl Fn(NodeId) -> bool) -> Opti
         return Some(PageEntry { version, lost: true, strays: true, ..PageEntry::default() });
     }
     let owned = current.iter().find(|r| r.owned && !r.backup).map(|r| r.holder);
+    if owned.is_none() && newest.is_empty() && current.iter().all(|r| r.digest == zero_digest()) {
+        // Read copies of zeros, and nothing else: a page nobody owns, as its manager gives
+        // one out (never written, or discarded), or one whose content is zeros anyway. It
+        // stays nobody's. Made the owner, a reader took the page with it when it failed in
+        // turn, and a page never written read as lost.
+        return Some(PageEntry {
+            copyset: copies.into_iter().collect(),
+            version,
+            strays: true,
+            ..PageEntry::default()
+        });
+    }
     let backups: Vec<NodeId> = newest.iter().map(|r| r.holder).collect();
     let owner =
         owned.or_else(|| copies.iter().min().copied()).or_else(|| backups.iter().min().copied())?;

@@ -87,6 +87,33 @@ fn rebuild_keeps_the_newest_copies_and_their_owner() {
 }
 
 #[test]
+fn read_copies_of_zeros_alone_rebuild_a_page_nobody_owns() {
+    let read = |h, digest| Report {
+        holder: n(h),
+        version: 4,
+        owned: false,
+        backup: false,
+        commit: 0,
+        retired: false,
+        writer: None,
+        backup_to: None,
+        digest,
+    };
+    let zeros = digest(&[0; crate::page::PAGE_SIZE]);
+    let e = rebuild(&[read(2, zeros), read(3, zeros)], |_| false).expect("copies survive");
+    assert_eq!((e.owner, e.version, e.lost), (None, 4, false), "{e:?}");
+    assert_eq!(e.copyset, [n(2), n(3)].into());
+    // Anything else read is the page: its reader owns it.
+    let e = rebuild(&[read(2, zeros), read(3, 1)], |_| false).expect("copies survive");
+    assert_eq!(e.owner, Some(n(2)));
+    // As does an owner's own copy of zeros, or a backup of them.
+    let owned = Report { owned: true, ..read(3, zeros) };
+    assert_eq!(rebuild(&[read(2, zeros), owned], |_| false).and_then(|e| e.owner), Some(n(3)));
+    let backup = Report { backup: true, commit: 2, ..read(3, zeros) };
+    assert_eq!(rebuild(&[read(2, zeros), backup], |_| false).and_then(|e| e.owner), Some(n(2)));
+}
+
+#[test]
 fn rebuild_from_a_backup_alone_makes_it_the_owner() {
     let e = rebuild(
         &[Report {

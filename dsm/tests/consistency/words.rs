@@ -263,3 +263,34 @@ fn with_backups_a_manager_whose_replica_holder_is_silent_answers_retry_rather_th
         assert_eq!(cluster.made.lock().expect("made")[1].word(), None, "the word is taken back");
     })
 }
+
+/// Pages only ever read hold zeros, which no failure can lose. Read through node 3, their
+/// manager's failure made node 3 their owner in the rebuilt entries: its word then left their
+/// slots out, and its own failure later lost them (`lost` to every reader and writer, though
+/// nothing was ever written).
+#[test]
+fn with_backups_a_page_only_ever_read_reads_as_zeros_after_its_manager_then_its_reader_fail() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(3).await;
+        let (manager, reader) = (NodeId(2), NodeId(3));
+        let pages = crate::harness::pages_by_manager(&cluster, manager, true, 6);
+        let dsm = cluster.dsm(reader);
+        for &page in &pages {
+            assert_eq!(outcome(&dsm, page).await, Ok(0), "never written");
+        }
+        word_given(&cluster, manager).await;
+        cluster.mem.fail(manager).await;
+        cluster.rejoin(manager).await;
+        word_given(&cluster, reader).await;
+        cluster.mem.fail(reader).await;
+        let dsm = cluster.dsm(NodeId(1));
+        for &page in &pages {
+            let read = dsm.read(page).await.map(|g| g.iter().all(|&b| b == 0));
+            assert!(matches!(read, Ok(true)), "{page:?}: {read:?}");
+        }
+        assert_eq!(cluster.reported_lost(), 0);
+        // Written after all: the zeros give way to what is written.
+        put(&dsm, pages[0], 5).await;
+        assert_eq!(outcome(&cluster.dsm(manager), pages[0]).await, Ok(5));
+    })
+}
