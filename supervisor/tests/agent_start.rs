@@ -95,7 +95,7 @@ async fn a_join_refused_at_the_handshake_leaves_its_port_and_store_free_for_the_
 
     let (dir, listen) = (root.path().join("n2"), free_addr());
     let join = |secret: PathBuf| options(&dir, 2, &listen, Start::Join(seed.clone()), Some(secret));
-    let refused = Agent::start(TokioNet, &join(wrong), Registry::new).await;
+    let refused = Agent::start(TokioNet, &join(wrong.clone()), Registry::new).await;
     assert!(
         matches!(refused, Err(SupervisorError::Handshake { .. })),
         "the wrong secret is refused at the handshake: {:?}",
@@ -103,6 +103,24 @@ async fn a_join_refused_at_the_handshake_leaves_its_port_and_store_free_for_the_
     );
     // Never admitted: the next start, a restart by its incarnation, still grants no vote.
     assert!(DataDir::open(&dir).expect("dir").unadmitted().expect("read"), "still unadmitted");
+
+    // The same wrong file again: a restart by that incarnation, which asks the seed about
+    // its last life first, and is refused there. It used to be told to bring the node back
+    // to its own cluster, the one of the wrong file, which it never belonged to.
+    let said = async {
+        loop {
+            match Agent::start(TokioNet, &join(wrong.clone()), Registry::new).await {
+                Err(SupervisorError::Storage(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(other) => return other.to_string(),
+                Ok(_) => panic!("admitted with another cluster's secret"),
+            }
+        }
+    };
+    let said = tokio::time::timeout(Duration::from_secs(20), said).await.expect("refused");
+    assert!(said.contains("never admitted"), "{said}");
+    assert!(said.contains("copy cluster.secret from a member"), "{said}");
 
     // The store is free once raft's tasks have let it go, a moment after the error: asked
     // again until it is. Left running, they held it for as long as the process lived.

@@ -49,15 +49,28 @@ pub(super) async fn enter(
     // left, or was declared failed, joins as a new life.
     let start = match &options.start {
         Start::Join(seed) if restarted => {
+            // Restarted only by the incarnation an earlier start wrote, never admitted: the
+            // secret is the --secret-file's, not one a cluster gave this directory (a join
+            // retried after a wrong file, say).
+            let never_admitted = dir.unadmitted()? && dir.secret()?.is_none();
             let asked = supervisor.last_life_is_member(seed, JOIN_WINDOW).await;
             let asked = asked.map_err(|refused| {
-                SupervisorError::Config(format!(
-                    "{refused}. The seed holds another secret than this data directory's \
-                     cluster ({}): to move this node to the seed's cluster, start it with an \
-                     empty --data-dir and that cluster's --secret-file; to bring it back to its \
-                     own, give --join a member of cluster {}",
-                    secret.cluster, secret.cluster
-                ))
+                SupervisorError::Config(if never_admitted {
+                    format!(
+                        "{refused}. This data directory was never admitted to a cluster, and \
+                         --secret-file is for cluster {}, not the seed's: copy cluster.secret \
+                         from a member of the cluster this node joins",
+                        secret.cluster
+                    )
+                } else {
+                    format!(
+                        "{refused}. The seed holds another secret than this data directory's \
+                         cluster ({}): to move this node to the seed's cluster, start it with an \
+                         empty --data-dir and that cluster's --secret-file; to bring it back to \
+                         its own, give --join a member of cluster {}",
+                        secret.cluster, secret.cluster
+                    )
+                })
             })?;
             match asked {
                 Some(true) => {
