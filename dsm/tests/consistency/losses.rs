@@ -123,3 +123,36 @@ fn a_discarded_page_reads_as_zeros_on_the_readers_its_dead_owner_served() {
         assert_eq!(get(&r, page).await, 0, "the stray copy went with the discard");
     });
 }
+
+/// A lost page discarded is gone from the backups too. A backup copy left on a node (here
+/// one its owner stopped reaching) outlived the discard, and once the manager died in turn,
+/// the recovery rebuilt the page from it: the old contents, under the old version, read
+/// where the program had started the page afresh.
+#[test]
+fn a_discarded_page_does_not_come_back_from_a_backup_left_behind() {
+    use gobelins_dsm::{PageBytes, Request, Response, DSM, PAGE_SIZE};
+    replay(async {
+        let mut cluster = Cluster::start(4, DsmConfig::default()).await;
+        let (manager, holder, owner) = (NodeId(1), NodeId(2), NodeId(3));
+        let page = managed_by(&cluster, manager);
+        put(&cluster.dsm(owner), page, 1).await;
+        let version = cluster.dsm(owner).read(page).await.expect("read").version();
+        let mut old = vec![0u8; PAGE_SIZE];
+        old.copy_from_slice(&cluster.dsm(owner).read(page).await.expect("read"));
+        let left = Request::Backup { page, version, commit: 1, data: PageBytes::from(old) };
+        let told = cluster.mem.host(owner).context().tell(holder, DSM, page.key(), &left).await;
+        assert!(matches!(told, Ok(Response::Ok)), "{told:?}");
+
+        cluster.mem.fail(owner).await;
+        let m = cluster.dsm(manager);
+        assert!(matches!(m.read(page).await, Err(DsmError::Lost { .. })));
+        assert!(m.discard(page).await.expect("discard"));
+        assert_eq!(get(&m, page).await, 0, "afresh");
+        cluster.mem.fail(manager).await;
+        let read = crate::harness::outcome(&cluster.dsm(holder), page).await;
+        assert!(
+            matches!(read, Ok(0)) || read.as_ref().is_err_and(|e| e.contains("lost")),
+            "{read:?}"
+        );
+    });
+}
