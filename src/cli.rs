@@ -305,6 +305,25 @@ mod tests {
     }
 
     #[test]
+    fn a_node_that_does_not_vote_and_cannot_reach_a_leader_names_the_voters() {
+        let shown = |voters: Value| {
+            let status = json!({ "node": 3, "epoch": 4, "stable": false, "leader": 1,
+                "own_view": true, "voters": voters, "nodes": [], "in_progress": null,
+                "tree": "", "levels": [] });
+            let mut out = Vec::new();
+            write_status(&mut out, &status).expect("written");
+            String::from_utf8(out).expect("text")
+        };
+        let one = shown(json!([1]));
+        assert!(one.contains("the cluster's only voter is node 1: until it is back"), "{one}");
+        let three = shown(json!([1, 2, 4]));
+        assert!(three.contains("voters are nodes 1, 2, 4: until a majority"), "{three}");
+        // A voter says its own warning (its elections win no majority), not this one.
+        let voting = shown(json!([1, 3]));
+        assert!(!voting.contains("does not vote"), "{voting}");
+    }
+
+    #[test]
     fn status_names_the_participants_a_change_waits_for() {
         let status = json!({ "node": 1, "epoch": 7, "stable": false, "leader": 1, "nodes": [],
             "in_progress": { "change": "fail n3", "done": [1, 2], "participants": [1, 2, 4] },

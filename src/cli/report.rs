@@ -98,6 +98,25 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
             None => "it knows of no leader".to_string(),
         };
         writeln!(out, "WARNING: node {} cannot reach the cluster's leader: {leader}. Below is its own view, as it last knew the cluster: it may be stale (a node cut off from the others sees them as they were, itself included). An election may be under way; if this lasts, check this node's network and log, or ask another node (`--data-dir` of its agent).", status["node"])?;
+        let voters: Vec<u64> =
+            status["voters"].as_array().into_iter().flatten().filter_map(Value::as_u64).collect();
+        let votes = status["node"].as_u64().is_some_and(|me| voters.contains(&me));
+        if !voters.is_empty() && !votes {
+            // A node that does not vote waits on the voters alone: with one, on that node.
+            let which = match voters.as_slice() {
+                [only] => format!("the cluster's only voter is node {only}: until it is back"),
+                many => format!(
+                    "the cluster's voters are nodes {}: until a majority of them answers",
+                    many.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+                ),
+            };
+            writeln!(
+                out,
+                "WARNING: this node does not vote, and {which}, the cluster commits nothing (no \
+                 join, leave or eviction, no failure recovered) and requests for the entries \
+                 of failed nodes wait."
+            )?;
+        }
         if let Some(ms) = status["leaderless_ms"].as_u64() {
             writeln!(
                 out,
