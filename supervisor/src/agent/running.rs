@@ -121,13 +121,9 @@ pub async fn run(
             agent.dir.secret()?.ok_or_else(|| SupervisorError::Config("secret vanished".into()))?;
         let (node, addr) =
             (agent.supervisor.id(), options.advertise.as_ref().unwrap_or(&options.listen));
-        println!(
-            "gobelins: cluster {} bootstrapped; node {node} listens on {addr}.\n\
-             To add a node, copy {} to it and run:\n  \
-             gobelins agent --data-dir <dir> --listen <addr:port> --join {addr} --secret-file cluster.secret",
-            secret.cluster,
-            agent.dir.secret_path().display()
-        );
+        let levels = agent.supervisor.state().tree.config().label_levels.clone();
+        let secret_path = agent.dir.secret_path();
+        println!("{}", join_hint(&secret.cluster.to_string(), node, addr, &secret_path, &levels));
     }
     let mut lifecycle = agent.supervisor.lifecycle();
     let mut fatal = None;
@@ -179,5 +175,39 @@ pub async fn run(
             options.data_dir.display()
         ))),
         None => Ok(()),
+    }
+}
+
+/// What a bootstrap prints: how to add a node. Each level the cluster was given wants a value
+/// from every node: a joiner without one has no failure domain there (its agent warns of it).
+fn join_hint(
+    cluster: &str,
+    node: u64,
+    addr: &str,
+    secret: &std::path::Path,
+    levels: &[String],
+) -> String {
+    let labels: String = levels.iter().map(|l| format!(" --label {l}=<value>")).collect();
+    format!(
+        "gobelins: cluster {cluster} bootstrapped; node {node} listens on {addr}.\n\
+         To add a node, copy {} to it and run:\n  \
+         gobelins agent --data-dir <dir> --listen <addr:port> --join {addr} --secret-file cluster.secret{labels}",
+        secret.display()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bootstrap_hint_asks_a_joiner_for_every_label_level() {
+        let secret = std::path::Path::new("/var/lib/gobelins/cluster.secret");
+        let plain = join_hint("c0ffee", 1, "10.0.0.1:7400", secret, &[]);
+        assert!(plain.contains("--join 10.0.0.1:7400 --secret-file cluster.secret"), "{plain}");
+        assert!(!plain.contains("--label"), "{plain}");
+        let levels = ["zone".to_string(), "rack".to_string()];
+        let zoned = join_hint("c0ffee", 1, "10.0.0.1:7400", secret, &levels);
+        assert!(zoned.ends_with("--label zone=<value> --label rack=<value>"), "{zoned}");
     }
 }
