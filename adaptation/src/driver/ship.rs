@@ -231,13 +231,19 @@ impl Driver {
         packer.ship_rest().await;
         // Only the runs for this node are left: rebuilt entries it now manages itself.
         let mine = packer.finish();
-        // The answers given for keys that leave go with them, unless their senders have settled
-        // them: those go with what was settled, so that a late copy is refused at the new
-        // manager rather than run again. A copy stays here, as the service keeps what it sent
-        // until the change is stable: should the receiver die, a recovery in which this node
-        // takes part sends them on to the key's next manager with the rest. Taken away, they
-        // were lost with the receiver, and a retry ran its request a second time, though the
-        // node that ran it lived. Settlements and their expiry forget them here as anywhere.
+        // The answers given for keys that move in this change go with them, unless their
+        // senders have settled them: those go with what was settled, so that a late copy is
+        // refused at the new manager rather than run again. A copy stays here, as the service
+        // keeps what it sent until the change is stable: should the receiver die, the recovery
+        // that moves its keys on sends them on with the rest, from here. Taken away, they were
+        // lost with the receiver, and a retry ran its request a second time, though the node
+        // that ran it lived. Only keys this change moves: a key that moved before is served
+        // by a manager that has its answers, and may take no part in this change, whose
+        // batches it would never take. Settlements and their expiry forget them here too.
+        let moving: Vec<(std::ops::Range<u32>, NodeId)> = (progress.plan.services.iter())
+            .filter(|p| p.service == service)
+            .flat_map(|p| p.moves.iter().map(|m| (m.slots.clone(), m.to)))
+            .collect();
         let mut answers: BTreeMap<NodeId, Vec<Answered>> = BTreeMap::new();
         let leaving: Vec<(Key, NodeId)> = inner
             .answers
@@ -247,8 +253,9 @@ impl Driver {
                 if s != service {
                     return None;
                 }
-                let to = table.owner(table.slot_of(key))?;
-                (to != me).then_some((key, to))
+                let slot = table.slot_of(key);
+                let (_, to) = moving.iter().find(|(slots, _)| slots.contains(&slot))?;
+                (*to != me).then_some((key, *to))
             })
             .collect();
         let taken: Vec<_> = leaving
