@@ -61,9 +61,9 @@ pub struct HostConfig {
     /// [`AdaptationError::Deadline`]. It bounds the layer's waits, not the service's `handle`:
     /// a request its own node manages runs `handle` in the caller's task, and is not dropped
     /// half-way when the deadline passes. Give every node of a cluster the same: a manager
-    /// forgets an answer after twice its own deadline (`answers_per_key`), so a retry from a
-    /// requester that waits longer than that could run its request a second time. `gobelins
-    /// agent` gives every node the default.
+    /// forgets an answer its sender has not settled after two to three times its own deadline
+    /// (it looks once a deadline), so a retry from a requester that waits longer than that
+    /// could run its request a second time. `gobelins agent` gives every node the default.
     pub request_deadline: Duration,
     /// Deadline of one migration batch or ack on the wire; it is retried after that.
     pub call_timeout: Duration,

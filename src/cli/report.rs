@@ -112,9 +112,10 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
             };
             writeln!(
                 out,
-                "WARNING: this node does not vote, and {which}, the cluster commits nothing (no \
-                 join, leave or eviction, no failure recovered) and requests for the entries \
-                 of failed nodes wait."
+                "WARNING: this node does not vote, and {which}, it sees nothing committed (no \
+                 join, leave or eviction, no failure recovered) and its requests for the \
+                 entries of failed nodes wait. If the voters are up and reach each other, they \
+                 may have a leader this node cannot reach: ask one of them."
             )?;
         }
         if let Some(ms) = status["leaderless_ms"].as_u64() {
