@@ -56,11 +56,19 @@ pub(super) async fn change(
         // or left is no member, and had been said to be "not a member of this cluster".
         Ok(Err(Refusal::UnknownNode(node_id))) => {
             let view = node.cluster_view().await;
-            let why = match view.state.nodes.get(&node_id).map(|r| r.status) {
+            let status = view.state.nodes.get(&node_id).map(|r| r.status);
+            let why = match status {
                 Some(NodeStatus::Failed) => format!("node {node_id} failed already: nothing to do (its entries were rebuilt from their replicas; `gobelins status` lists it)"),
                 Some(NodeStatus::Left) => format!("node {node_id} left already: nothing to do"),
                 _ => Refusal::UnknownNode(node_id).to_string(),
             };
+            // An eviction of a node already out got what it asked: a script's `evict 4 ||
+            // page-someone` must not page anyone for it, as for a node already on its way out.
+            let out = matches!(status, Some(NodeStatus::Failed | NodeStatus::Left));
+            if out && matches!(command, Command::Evict { .. }) {
+                let said = [json!({ "progress": why }), json!({ "ok": status_json(&view) })];
+                return flush(write, &said).await;
+            }
             flush(write, &[json!({ "error": why })]).await
         }
         // Asked twice (an `evict` through two members, a `leave` typed again after a Ctrl-C, an
