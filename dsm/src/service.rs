@@ -109,11 +109,43 @@ pub(crate) async fn invalidate(
     owner: Option<NodeId>,
 ) -> Vec<NodeId> {
     let request = Request::Invalidate { page, version, backup: false, owner };
+    let here = || drop_copy(state, ctx, page, version, owner, None);
+    tell_each(state, ctx, page, nodes, request, here).await
+}
+
+/// Drops the backups of `page` up to `version` that `nodes` keep, all at once, and returns
+/// the nodes done with, as [`invalidate`] does.
+pub(crate) async fn drop_backups(
+    state: &NodeState,
+    ctx: &Context,
+    page: PageId,
+    version: u64,
+    nodes: impl IntoIterator<Item = NodeId>,
+) -> Vec<NodeId> {
+    let request = Request::Invalidate { page, version, backup: true, owner: None };
+    let here = || async move {
+        state.frames.frame(page).drop_backup(version);
+        true
+    };
+    tell_each(state, ctx, page, nodes, request, here).await
+}
+
+/// Tells each of `nodes` `request` about `page` at once, this node by `here`: the nodes that
+/// answered Ok, and those gone from the cluster.
+async fn tell_each<F: std::future::Future<Output = bool>>(
+    state: &NodeState,
+    ctx: &Context,
+    page: PageId,
+    nodes: impl IntoIterator<Item = NodeId>,
+    request: Request,
+    here: impl Fn() -> F,
+) -> Vec<NodeId> {
+    let here = &here;
     let answers = futures::future::join_all(nodes.into_iter().map(|n| {
         let request = request.clone();
         async move {
             let done = if n == ctx.node() {
-                drop_copy(state, ctx, page, version, owner, None).await
+                here().await
             } else {
                 matches!(
                     ctx.tell::<_, Response>(n, DSM, page.key(), &request).await,

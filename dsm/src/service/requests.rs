@@ -1,13 +1,13 @@
 //! What a node serves besides faults: discards, frees, locks, barriers, and messages to its own
 //! frames.
 
-use super::{departed_since, drop_copy, invalidate, Absent, DsmService};
+use super::{departed_since, drop_backups, drop_copy, invalidate, Absent, DsmService};
 use crate::frames::Stored;
-use crate::node::{Live, DSM};
+use crate::node::Live;
 use crate::page::{named, Named, PageId};
 use crate::protocol::{PageBytes, PageEntry, Request, Response};
 use gobelins_adaptation::Context;
-use gobelins_locator::{Key, NodeId};
+use gobelins_locator::Key;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +36,10 @@ impl DsmService {
                 // Backups too: one left on a node (its owner stopped reaching it, or two that
                 // disagreed made the page lost) outlived the discard, and should this manager
                 // die, the recovery rebuilt the page from it, old contents and old version.
-                if !self.drop_backups(ctx, page, entry.version, &everyone).await {
+                let dropped =
+                    drop_backups(self.state(), ctx, page, entry.version, everyone.iter().copied())
+                        .await;
+                if dropped.len() < everyone.len() {
                     return Response::Retry;
                 }
                 *entry = PageEntry { version: entry.version + 1, ..PageEntry::default() };
@@ -44,31 +47,6 @@ impl DsmService {
             }
         }
         Response::Kept
-    }
-
-    /// Has every one of `nodes` drop its backup of `page` up to `version`: whether all that
-    /// are still in the cluster did.
-    async fn drop_backups(
-        &self,
-        ctx: &Context,
-        page: PageId,
-        version: u64,
-        nodes: &[NodeId],
-    ) -> bool {
-        let request = Request::Invalidate { page, version, backup: true, owner: None };
-        let dropped = futures::future::join_all(nodes.iter().map(|&n| {
-            let request = request.clone();
-            async move {
-                if n == ctx.node() {
-                    self.state().frames.frame(page).drop_backup(version);
-                    return true;
-                }
-                let told = ctx.tell::<_, Response>(n, DSM, page.key(), &request).await;
-                matches!(told, Ok(Response::Ok)) || self.gone(ctx, n)
-            }
-        }))
-        .await;
-        dropped.into_iter().all(|d| d)
     }
 
     pub(super) async fn lock_op(&self, ctx: &Context, key: Key, request: Request) -> Response {
