@@ -171,8 +171,7 @@ pub(super) async fn answer(
         // Not this node: `leave` is the way out for it, and an evict typed with the wrong id
         // should not take down the node the operator is on.
         ControlRequest::Evict { node: target } if target == node.id() => {
-            let why = format!("node {target} is this agent's own node: `gobelins leave` takes it out gracefully; `evict` removes other nodes");
-            flush(&mut write, &[json!({ "error": why })]).await
+            flush(&mut write, &[json!({ "error": own_node_evicted(target) })]).await
         }
         ControlRequest::Evict { node: target } => {
             // Neither a node in its state nor a leader to ask: this agent has not joined yet,
@@ -405,6 +404,11 @@ pub fn status_json(view: &View) -> Value {
     })
 }
 
+/// Why `evict` refuses the node of the agent asked.
+fn own_node_evicted(node: u64) -> String {
+    format!("node {node} is this agent's own node: `gobelins leave` takes it out gracefully; `evict` removes other nodes")
+}
+
 /// What `change` would move in the cluster of `view`, asked through node `me`; why not, as the
 /// cluster would refuse it.
 fn plan_of(view: &View, me: u64, change: PlanAsk) -> std::result::Result<Previewed, String> {
@@ -414,6 +418,8 @@ fn plan_of(view: &View, me: u64, change: PlanAsk) -> std::result::Result<Preview
     }
     let command = match change {
         PlanAsk::Leave => Command::Leave { node: me },
+        // A plan `evict` would refuse is no plan: shown, it reads as a way out for this node.
+        PlanAsk::Evict { node } if node == me => return Err(own_node_evicted(node)),
         PlanAsk::Evict { node } => Command::Evict { node },
         PlanAsk::Fail { node } => {
             let Some(record) = state.nodes.get(&node) else {
