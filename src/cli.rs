@@ -7,7 +7,7 @@ mod pages;
 mod plan;
 mod report;
 
-pub(crate) use kvdir::{kv, KvArgs};
+pub(crate) use kvdir::{kv, KvArgs, NoValue};
 pub(crate) use pages::{dsm, DsmArgs};
 pub(crate) use plan::{one_line, plan, PlanArgs};
 pub(crate) use report::{stats, status, StatsArgs, StatusArgs};

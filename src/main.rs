@@ -69,8 +69,18 @@ fn main() -> std::process::ExitCode {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let output = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     tracing_subscriber::registry().with(filter).with(quiet).with(output).init();
-    match run(Cli::parse().command) {
+    let command = Cli::parse().command;
+    // `kv get` keeps 1 for "the key has no value", as `grep` does for "nothing found".
+    let failed = match &command {
+        Command::Kv(kv) if kv.is_get() => std::process::ExitCode::from(2),
+        _ => std::process::ExitCode::FAILURE,
+    };
+    match run(command) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) if error.downcast_ref::<cli::NoValue>().is_some() => {
+            eprintln!("{error}");
+            std::process::ExitCode::FAILURE
+        }
         // Whoever read the output stopped early (`gobelins status | head -1`): as for any
         // command in a pipe, nothing to say about it.
         Err(error)
@@ -79,11 +89,11 @@ fn main() -> std::process::ExitCode {
                     .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
             }) =>
         {
-            std::process::ExitCode::FAILURE
+            failed
         }
         Err(error) => {
             eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
+            failed
         }
     }
 }

@@ -76,6 +76,11 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
     assert!(!refused.status.success());
     let said = String::from_utf8_lossy(&refused.stderr);
     assert!(said.contains("node 9 is not a member"), "{said}");
+    // What `evict` would refuse, `plan` refuses too.
+    let own = cli(&agents[0].dir, &["plan", "evict", "1"]);
+    assert!(!own.status.success());
+    let said = String::from_utf8_lossy(&own.stderr);
+    assert!(said.contains("node 1 is this agent's own node: `gobelins leave`"), "{said}");
     let after = status(&agents[0].dir, false).expect("status");
     assert_eq!(after["epoch"].as_u64(), Some(epoch_now), "a plan carries nothing out: {after}");
     assert!(stable_with(&agents[0].dir, &all_active), "a plan carries nothing out");
@@ -443,12 +448,14 @@ fn a_node_whose_data_directory_was_wiped_is_refused_then_comes_back_as_a_new_lif
     assert!(put.status.success(), "{}", String::from_utf8_lossy(&put.stderr));
     let got = cli(dir, &["kv", "get", "7"]);
     assert_eq!(String::from_utf8_lossy(&got.stdout), "from the command line");
+    // Exit status 1 says "no value", as `grep` says "nothing found"; an error says 2.
     let absent = cli(dir, &["kv", "get", "1000000"]);
-    assert!(!absent.status.success(), "a key never written has no value");
+    assert_eq!(absent.status.code(), Some(1), "a key never written has no value");
     assert!(String::from_utf8_lossy(&absent.stderr).contains("has no value"));
     let forgiven = cli(dir, &["kv", "forgive", "7"]);
     assert!(forgiven.status.success(), "{}", String::from_utf8_lossy(&forgiven.stderr));
     let reserved = cli(dir, &["kv", "get", &(1u64 << 63).to_string()]);
+    assert_eq!(reserved.status.code(), Some(2), "an error is no answer about the key");
     assert!(String::from_utf8_lossy(&reserved.stderr).contains("kvdir's own"));
 }
 

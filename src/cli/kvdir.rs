@@ -48,6 +48,26 @@ pub(super) enum KvOp {
     },
 }
 
+/// `kv get` of a key that surely has no value: exit status 1, as `grep` says it found nothing,
+/// so that a script tells it from an error or a reported loss (status 2).
+#[derive(Debug)]
+pub(crate) struct NoValue(u64);
+
+impl std::fmt::Display for NoValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "key {} has no value", self.0)
+    }
+}
+
+impl std::error::Error for NoValue {}
+
+impl KvArgs {
+    /// Whether this is `kv get`, whose errors exit with status 2 (1 says "no value").
+    pub(crate) fn is_get(&self) -> bool {
+        matches!(self.op, KvOp::Get { .. })
+    }
+}
+
 /// Forgives every slot of kvdir through the agent of `dir`, with a key of each, found by
 /// walking the keys from 0: a slot's keys are spread by a hash.
 fn forgive_all(dir: &DirArgs) -> anyhow::Result<()> {
@@ -152,7 +172,7 @@ pub(crate) fn kv(args: KvArgs) -> anyhow::Result<()> {
     let bytes = control::answer_body(&answer)?;
     match gobelins::adaptation::codec::decode::<Response>(&bytes)? {
         Response::Value(Some(entry)) => std::io::stdout().lock().write_all(&entry.value)?,
-        Response::Value(None) => bail!("key {key} has no value"),
+        Response::Value(None) => return Err(NoValue(key).into()),
         Response::Lost => bail!(
             "key {key} has no value, and its slot lost entries in a failure: it may have had one. \
              Write it again, or `gobelins kv forgive {key}` once what mattered is restored"
