@@ -152,15 +152,21 @@ impl DsmService {
             .filter(|&o| source.is_none_or(|(s, _)| s != o))
             .zip(before)
             .map(|(o, label)| (o, Some(label)));
-        // The owner again, last: a grant it said it lacked may have reached it since (it
-        // keeps such a grant aside).
+        // The owner again: a grant it said it lacked may have reached it since (it keeps such
+        // a grant aside).
         let candidates = [
             source,
             entry.backup.map(|b| (b, None)),
             entry.owner.map(|o| (o, Some(version))),
             held,
         ];
-        for (node, label) in candidates.into_iter().flatten() {
+        // Last, the other readers of this very version: an owner a failure's repair chose from
+        // the copyset may hold nothing (a reader evicted and back under its id, to a manager
+        // in another cell that took no part in either change), while they hold the page.
+        let owner = entry.owner;
+        let readers = entry.copyset.iter().filter(|&&n| Some(n) != owner);
+        let readers: Vec<(NodeId, Option<u64>)> = readers.map(|&n| (n, Some(version))).collect();
+        for (node, label) in candidates.into_iter().flatten().chain(readers) {
             if self.gone(ctx, node) {
                 continue;
             }

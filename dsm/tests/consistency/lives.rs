@@ -191,3 +191,51 @@ fn a_write_waiting_as_its_node_is_declared_failed_and_rejoins_is_refused() {
         every_node_reads(&cluster, page, 6).await;
     })
 }
+
+/// A reader evicted and back under its id, in a cell apart from its page's manager, which took
+/// no part in either change: the manager's copyset still names it, though its new life holds
+/// nothing. The page's owner fails, and the manager makes that reader, the first in its
+/// copyset, the owner. The next write found it empty and reported the page lost (the DSM
+/// audit's finding), though the manager held a copy of it: the other readers are asked too.
+#[test]
+fn a_reader_evicted_and_back_is_not_the_only_copy_asked_when_the_owner_fails() {
+    replay(async {
+        let shape = gobelins_locator::TreeConfig::default().with_cell_capacity(2);
+        let mut cluster = Cluster::start_shaped(6, shape, gobelins_dsm::DsmConfig::default()).await;
+        let table = cluster.mem.snapshot();
+        let nodes = table.nodes().to_vec();
+        // The stale reader comes first in the copyset: a lower id than the manager's.
+        let (stale, manager) = nodes
+            .iter()
+            .flat_map(|&s| nodes.iter().map(move |&m| (s, m)))
+            .find(|&(s, m)| s < m && !table.cell_mates(s).any(|c| c == m))
+            .expect("two nodes in different cells");
+        let owner = nodes.iter().copied().find(|&o| o > manager).expect("an owner");
+        let page = (0..)
+            .map(crate::harness::pid)
+            .find(|p| table.locate(gobelins_dsm::DSM, p.key()) == Some(manager))
+            .expect("a page the manager manages");
+        put(&cluster.dsm(owner), page, 7).await;
+        assert_eq!(outcome(&cluster.dsm(stale), page).await, Ok(7));
+        let evicted_at = cluster.mem.epoch() + 1;
+        cluster.mem.evict(stale).await;
+        cluster.rejoin(stale).await;
+        let took_part = cluster.mem.host(manager).history().iter().any(|r| r.epoch == evicted_at);
+        assert!(!took_part, "the manager, node {manager}, took no part in the eviction");
+        cluster.mem.fail(owner).await;
+        let writer = nodes.iter().copied().find(|n| ![stale, manager, owner].contains(n));
+        let writer = cluster.dsm(writer.expect("a writer"));
+        assert_eq!(outcome(&writer, page).await, Ok(7), "read after the owner failed");
+        let mut write = writer.write(page).await.map_err(|e| e.to_string());
+        if let Ok(guard) = &mut write {
+            Value { count: 8, worker: 0, seq: 8 }.encode(guard);
+        }
+        let committed = match write {
+            Ok(guard) => guard.commit().await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        assert_eq!(committed, Ok(()), "stale {stale}, manager {manager}, owner {owner}");
+        assert_eq!(outcome(&cluster.dsm(stale), page).await, Ok(8));
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    })
+}
