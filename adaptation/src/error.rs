@@ -1,6 +1,8 @@
 //! The adaptation layer's one error type.
 
-/// Why the adaptation layer refused something. The machine's state is unchanged in every case.
+/// Why the adaptation layer refused something. A refused event or change leaves the period's
+/// state machine unchanged; a request that ends in [`AdaptationError::Deadline`] or
+/// [`AdaptationError::Stopped`] may have run at its manager all the same (see each).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdaptationError {
     /// A value could not be encoded, or bytes could not be decoded: a peer speaks another

@@ -27,7 +27,10 @@ use std::sync::Arc;
 /// In one change the layer calls, on each participant: `scan` (after a failure only),
 /// `before_migration`, `send_out`, `receive` for each batch that arrives, `after_migration`,
 /// then, with the requests it held released, `after_release`; once the change is stable,
-/// `stable`. A service that wraps another forwards each of them.
+/// `stable`. `receive` is the exception to that order: batches are taken as soon as the change
+/// has begun on this node, so a faster sender's may arrive before, or while, this node's own
+/// `scan`, `before_migration` and `send_out` run (a `before_migration` that clears a staging
+/// area loses them). A service that wraps another forwards each of them.
 ///
 /// Write the methods as `async fn`, with no attribute on the `impl`: each future must be
 /// `Send`, so hold no `std` lock guard across an `.await`. The layer stores them inside its own
@@ -48,10 +51,21 @@ pub trait Service: Send + Sync + 'static {
     /// are held until it has moved), and at most once per request id, except: a
     /// [`Service::repeatable`] request, or one whose answer was
     /// [`Service::changed_nothing`], may run again on a retry; and across its manager's
-    /// failure every request may, since the answers kept die with the manager (a service whose
-    /// requests add to an entry carries the ids it applied in the entry; see
-    /// docs/writing-a-service.md). Or acts as this node's
-    /// local server (`ctx.from()` is the sender) for a message sent with [`Context::tell`].
+    /// failure every request may, since the answers kept die with the manager; so may one
+    /// whose answer its key pushed out of those it keeps (past 16 times
+    /// `HostConfig::answers_per_key` unsettled, 64 by default), and one sent between nodes
+    /// whose `HostConfig::request_deadline` differ. The layer hands the service no request id:
+    /// a service whose requests add to an entry (a counter, an append) carries an id of its
+    /// own in each request, chosen by its client and sent again with a retry after a
+    /// `Deadline`, and the ids it applied in the entry (see docs/writing-a-service.md). A
+    /// request this node manages runs in its caller's task, and a caller that stops waiting (a
+    /// timeout around [`Context::request`]) drops it at an `.await`: leave the entry whole at
+    /// each one.
+    ///
+    /// Or acts as this node's local server (`ctx.from()` is the sender) for a message sent
+    /// with [`Context::tell`]: such messages are never held, deduplicated or retried, and come
+    /// during a migration too, so a handler checks `ctx.from()` before it touches an entry as
+    /// its manager would.
     /// A change begins by waiting for the managers' handlers running on this node: one that
     /// waits on something else also waits on [`Context::change_waits`], and answers when it
     /// returns.
@@ -62,11 +76,14 @@ pub trait Service: Send + Sync + 'static {
         request: Self::Request,
     ) -> impl Future<Output = Self::Response> + Send;
 
-    /// Whether `response` says the request did not take effect and must be tried again: a write
-    /// whose replica could not be stored, say, because the backup is dying or has already learned
-    /// that this node was declared failed. The layer then neither remembers it as answered nor
-    /// passes it on: the requester retries (with the same id, at whatever node manages the key by
-    /// then) until its deadline. It applies to requests for a key's manager; a [`Context::tell`]
+    /// Whether `response` says the request must be tried again: a write whose replica could not
+    /// be stored, say, because the backup is dying or has already learned that this node was
+    /// declared failed. The layer then neither remembers it as answered nor passes it on: the
+    /// requester retries (with the same id, at whatever node manages the key by then) until its
+    /// deadline, and each retry runs `handle` again. So what the first run did must make the
+    /// second harmless: kvdir's unreplicated write stays written, and its retry writes the same
+    /// value again; a counter would count twice. Should the retries run out, the requester gets
+    /// an error although the first run's effect may be visible. It applies to requests for a key's manager; a [`Context::tell`]
     /// that gets such an answer fails with
     /// [`AdaptationError::Retry`](crate::AdaptationError::Retry)'s message as `Refused`, for its
     /// caller to handle. The default: every answer counts.
@@ -130,7 +147,11 @@ pub trait Service: Send + Sync + 'static {
     /// on. What this node kept of the entries it sent in that change (see
     /// [`Service::sent`]) is no longer needed should their receiver fail: their new managers
     /// have them, and have copied them on as the service does. Drop those copies here, or
-    /// they stay for as long as the node runs. Called on the nodes that took part in the
+    /// they stay for as long as the node runs; but not the copies whose new manager
+    /// [`Context::gone`] says is gone: a receiver that died during the change was given up on,
+    /// the change ended without it, and its recovery, still to come, rebuilds what it
+    /// received from them (this node's `scan`). Keep those until a later `stable` finds their
+    /// manager live (kvdir does). Called on the nodes that took part in the
     /// change, this one included when the cluster finished the change without it (it was
     /// presumed dead, or cut off): then its [`Service::after_migration`] or
     /// [`Service::after_release`] may not have run, or may still be running, and what they
@@ -147,7 +168,10 @@ pub trait Service: Send + Sync + 'static {
     /// [`Service::after_migration`] merges them (the layer holds their requests meanwhile).
     /// The same entries can come twice (a sender whose call timed out as its batch was staged
     /// sends it again): a key must end with one entry after the merge, and nothing may be
-    /// counted twice (kvdir stages both copies; its merge keeps the newest version).
+    /// counted twice (kvdir stages both copies; its merge keeps the newest version). It may run
+    /// before this node's own `before_migration` and `scan` (see [`Service`]). It cannot
+    /// refuse: the batch is acknowledged once it returns, and its senders drop their copies
+    /// once the change is stable, so it stores all it is given.
     fn receive(
         &self,
         ctx: &Context,
