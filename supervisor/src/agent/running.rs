@@ -156,7 +156,7 @@ pub async fn run(
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     if !out() {
-                        tracing::warn!("stopping before raft committed a membership without this node's vote: if the cluster had two voters, check that the other one still has a quorum");
+                        tracing::warn!("stopping before this node saw raft commit a membership without its vote. Most often the others committed it without this node hearing (it was cut off, or frozen, as it was removed): nothing to do. Only if the cluster had two voters, check with `gobelins status` on the other that it still has a quorum");
                     }
                     // Let the CLI that asked for the leave read its final answer.
                     tokio::time::sleep(Duration::from_millis(300)).await;
