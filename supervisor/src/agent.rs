@@ -207,6 +207,8 @@ impl<N: Net> Agent<N> {
             )));
             }
         };
+        // A generated id is kept once the store agrees the directory may have it (`claim`).
+        let mut generated = None;
         let node = match (dir.node_id()?, options.node_id) {
             (Some(saved), Some(asked)) if saved != asked => {
                 return Err(SupervisorError::Config(format!(
@@ -221,7 +223,7 @@ impl<N: Net> Agent<N> {
                 // A first join keeps its id only once admitted, as it does the secret: refused
                 // (the id is in use, say), the node may be started again with another.
                 if !matches!(options.start, Start::Join(_)) {
-                    dir.save_node_id(id)?;
+                    generated = Some(id);
                 }
                 id
             }
@@ -267,6 +269,10 @@ impl<N: Net> Agent<N> {
         let me = Me { id: node, addr: addr.clone(), labels: options.labels.clone() };
 
         let (log, machine) = store::open_with(&dir.store_path(), options.durable)?;
+        store::claim(&log, &secret.cluster.to_string(), node, fresh, &dir.store_path())?;
+        if let Some(id) = generated {
+            dir.save_node_id(id)?;
+        }
         drop(starting);
         let admission = Arc::new(StateAdmission::new(machine.subscribe()));
         let dispatch = Arc::new(Dispatch::default());

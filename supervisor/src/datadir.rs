@@ -7,7 +7,8 @@
 //!   incarnation          this node's current life; raised when it rejoins after a failure
 //!   unadmitted           present until a cluster first admits this directory's node
 //!   bootstrapping        present while this directory's node bootstraps a cluster
-//!   raft.redb            raft log, vote and snapshots
+//!   raft.redb            raft log, vote and snapshots, each value checksummed; the
+//!                        cluster and node it is of
 //!   control.sock         the CLI's Unix socket (0600)
 //! ```
 

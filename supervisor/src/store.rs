@@ -29,7 +29,7 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
     SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -37,6 +37,9 @@ use std::ops::RangeBounds;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
+
+mod sealed;
+use sealed::{seal, unseal};
 
 const LOGS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("logs");
 const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");
@@ -48,6 +51,8 @@ const SNAPSHOT: &str = "snapshot";
 /// The stored snapshot's last log id, written with it: read to compare without decoding the
 /// whole snapshot.
 const SNAPSHOT_LAST: &str = "snapshot_last";
+/// The cluster and node this store's raft state is of: see [`claim`].
+const OWNER: &str = "owner";
 
 /// How long a purge waits for the snapshot that covers it before it gives up: generous, as a
 /// snapshot's write is one synced transaction. Giving up is an error that stops the raft node,
@@ -136,14 +141,22 @@ fn ready(
     what: &str,
 ) -> Result<(LogStore, StateMachine), crate::SupervisorError> {
     let db = Arc::new(db);
-    let init = || -> Result<(), redb::Error> {
-        let txn = db.begin_write()?;
-        txn.open_table(LOGS)?;
-        txn.open_table(META)?;
-        txn.commit()?;
-        Ok(())
-    };
-    init().map_err(|e| crate::SupervisorError::Storage(format!("initialising {what}: {e}")))?;
+    // redb panics on some damaged pages (a key that is not UTF-8, an allocator's range out of
+    // bounds) rather than returning an error: caught here, where the whole store is read
+    // once, they are the damage they are, said with the file and what to do.
+    let checked = quietly(|| check(&db, what)).unwrap_or_else(|| {
+        Err(crate::SupervisorError::Storage(format!(
+            "reading {what}: the store could not be read ({})",
+            "its pages hold what no store writes"
+        )))
+    });
+    checked.map_err(|e| match e {
+        crate::SupervisorError::Storage(why) => crate::SupervisorError::Storage(format!(
+            "{why}; if a newer build of gobelins ran on this data directory, run that build \
+             again; otherwise {DAMAGED}"
+        )),
+        other => other,
+    })?;
     // What it keeps opens but does not decode (or fails its checksum): said with the file and
     // what to do, not as a bare read error at every restart.
     let machine = StateMachine::load(Arc::clone(&db), durable).map_err(|e| {
@@ -156,11 +169,138 @@ fn ready(
     Ok((log, machine))
 }
 
+/// Makes the tables on a new store, marked with the format its values are sealed in; on one
+/// that holds something, checks its format and every value's sum.
+fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorError> {
+    let storage = |doing: &str, e: &dyn std::fmt::Display| {
+        crate::SupervisorError::Storage(format!("{doing} {what}: {e}"))
+    };
+    let init = || -> Result<Option<Vec<u8>>, redb::Error> {
+        let txn = db.begin_write()?;
+        let format = {
+            let mut meta = txn.open_table(META)?;
+            let logs = txn.open_table(LOGS)?;
+            let format = meta.get(sealed::FORMAT)?.map(|v| v.value().to_vec());
+            if format.is_none() && meta.is_empty()? && logs.is_empty()? {
+                meta.insert(sealed::FORMAT, sealed::CURRENT)?;
+                Some(sealed::CURRENT.to_vec())
+            } else {
+                format
+            }
+        };
+        txn.commit()?;
+        Ok(format)
+    };
+    let format = init().map_err(|e| storage("initialising", &e))?;
+    match format.as_deref() {
+        Some(sealed::CURRENT) => {}
+        Some(other) => {
+            return Err(storage(
+                "reading",
+                &format!(
+                    "it is in a format this build does not know ({:?})",
+                    String::from_utf8_lossy(other)
+                ),
+            ))
+        }
+        None => {
+            return Err(storage(
+                "reading",
+                &"it was written by an older build of gobelins, whose stores kept no checksums",
+            ))
+        }
+    }
+    let read = || -> StorageResult<()> {
+        let txn = db.begin_read().map_err(read_err)?;
+        let meta = txn.open_table(META).map_err(read_err)?;
+        for item in meta.iter().map_err(read_err)? {
+            let (key, value) = item.map_err(read_err)?;
+            if key.value() != sealed::FORMAT {
+                unseal(value.value())?;
+            }
+        }
+        let logs = txn.open_table(LOGS).map_err(read_err)?;
+        for item in logs.iter().map_err(read_err)? {
+            unseal(item.map_err(read_err)?.1.value())?;
+        }
+        Ok(())
+    };
+    read().map_err(|e| storage("reading", &e))
+}
+
+/// Runs `work`, `None` if it panicked, without the panic's message and backtrace on the
+/// terminal: the caller says what it means.
+fn quietly<T>(work: impl FnOnce() -> T) -> Option<T> {
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+    std::panic::set_hook(hook);
+    result.ok()
+}
+
+/// Ties the store to the cluster and node it holds the raft state of, or checks it is theirs.
+/// A member's directory put together from parts (another cluster's `cluster.secret` copied in,
+/// `node.id` deleted or edited) ran as a node of the wrong cluster with this one's votes and
+/// log: a helper's test saw a data directory from one cluster, given another's secret, win an
+/// election there and declare its members failed. `fresh`: the directory's node was never
+/// admitted (its first start or join), and any store it holds is its own to claim.
+pub fn claim(
+    log: &LogStore,
+    cluster: &str,
+    node: u64,
+    fresh: bool,
+    path: &Path,
+) -> Result<(), crate::SupervisorError> {
+    let damaged = |e: StorageError<u64>| {
+        crate::SupervisorError::Storage(format!("reading {}: {e}; {DAMAGED}", path.display()))
+    };
+    let owner: Option<(String, u64)> = get_meta(&log.db, OWNER).map_err(damaged)?;
+    let dir = path.parent().unwrap_or(path).display();
+    match owner {
+        Some((theirs, of)) if !fresh && theirs != cluster => {
+            Err(crate::SupervisorError::Config(format!(
+                "{} holds the raft state of node {of} of cluster {theirs}, but this data \
+                 directory's cluster.secret is cluster {cluster}'s: its files come from two \
+                 clusters (a cluster.secret copied from another cluster's member?). To run \
+                 node {of} again, put back cluster {theirs}'s cluster.secret. To join cluster \
+                 {cluster}, start on an empty --data-dir with its --secret-file",
+                path.display()
+            )))
+        }
+        Some((_, of)) if !fresh && of != node => Err(crate::SupervisorError::Config(format!(
+            "{} holds the raft state of node {of}, but this start is node {node}: {dir}/node.id \
+             is missing or was changed. Write {of} into {dir}/node.id (or start with --node-id \
+             {of}); to run node {node}, give it a data directory of its own",
+            path.display()
+        ))),
+        Some(owner) if owner == (cluster.to_string(), node) => Ok(()),
+        _ => {
+            let db = Arc::clone(&log.db);
+            let owner = seal(&codec::encode(&(cluster, node)).map_err(|e| {
+                crate::SupervisorError::Storage(format!("encoding the store's owner: {e}"))
+            })?);
+            let write = || -> Result<(), redb::Error> {
+                let txn = db.begin_write()?;
+                txn.open_table(META)?.insert(OWNER, owner.as_slice())?;
+                txn.commit()?;
+                Ok(())
+            };
+            write().map_err(|e| {
+                crate::SupervisorError::Storage(format!(
+                    "writing {} (is the disk full or read-only? free space, then start the \
+                     agent again with the same --data-dir): {e}",
+                    path.display()
+                ))
+            })
+        }
+    }
+}
+
 fn get_meta<T: serde::de::DeserializeOwned>(db: &Database, key: &str) -> StorageResult<Option<T>> {
     let txn = db.begin_read().map_err(read_err)?;
     let table = txn.open_table(META).map_err(read_err)?;
     match table.get(key).map_err(read_err)? {
-        Some(bytes) => Ok(Some(codec::decode(bytes.value()).map_err(codec_err)?)),
+        Some(bytes) => Ok(Some(codec::decode(unseal(bytes.value())?).map_err(codec_err)?)),
         None => Ok(None),
     }
 }
@@ -199,7 +339,7 @@ async fn put_meta<T: Serialize>(
     key: &'static str,
     value: &T,
 ) -> StorageResult<()> {
-    let bytes = codec::encode(value).map_err(codec_err)?;
+    let bytes = seal(&codec::encode(value).map_err(codec_err)?);
     writing(db, durable, move |db| {
         let txn = begin_write(db, durable)?;
         {
@@ -278,7 +418,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for item in table.range::<u64>(bounds).map_err(read_err)? {
             let (_, bytes) = item.map_err(read_err)?;
-            out.push(codec::decode(bytes.value()).map_err(codec_err)?);
+            out.push(codec::decode(unseal(bytes.value())?).map_err(codec_err)?);
         }
         Ok(out)
     }
@@ -293,7 +433,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let table = txn.open_table(LOGS).map_err(read_err)?;
         let last = match table.last().map_err(read_err)? {
             Some((_, bytes)) => {
-                let entry: Entry<TypeConfig> = codec::decode(bytes.value()).map_err(codec_err)?;
+                let entry: Entry<TypeConfig> =
+                    codec::decode(unseal(bytes.value())?).map_err(codec_err)?;
                 Some(entry.log_id)
             }
             None => last_purged,
@@ -328,7 +469,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let encoded = entries
             .into_iter()
-            .map(|entry| Ok((entry.log_id.index, codec::encode(&entry).map_err(codec_err)?)))
+            .map(|entry| Ok((entry.log_id.index, seal(&codec::encode(&entry).map_err(codec_err)?))))
             .collect::<StorageResult<Vec<(u64, Vec<u8>)>>>()?;
         // Committed, and synced unless the store was opened non-durable (for simulations): the
         // callback may then say the entries are written.
@@ -354,7 +495,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
         self.wait_covered(log_id).await?;
-        let purged = codec::encode(&log_id).map_err(codec_err)?;
+        let purged = seal(&codec::encode(&log_id).map_err(codec_err)?);
         let durable = self.durable;
         // The mark and the logs together: a restart never finds one without the other.
         writing(&self.db, durable, move |db| {
@@ -404,7 +545,7 @@ fn stored_last(
 ) -> StorageResult<Option<LogId<u64>>> {
     // Always beside a stored snapshot: written with it, and made true at start (`load`).
     match table.get(SNAPSHOT_LAST).map_err(read_err)? {
-        Some(bytes) => codec::decode(bytes.value()).map_err(codec_err),
+        Some(bytes) => codec::decode(unseal(bytes.value())?).map_err(codec_err),
         None => Ok(None),
     }
 }
@@ -433,8 +574,8 @@ async fn write_snapshot(
     stored: &StoredSnapshot,
 ) -> StorageResult<()> {
     let last = stored.meta.last_log_id;
-    let bytes = codec::encode(stored).map_err(codec_err)?;
-    let last_bytes = codec::encode(&last).map_err(codec_err)?;
+    let bytes = seal(&codec::encode(stored).map_err(codec_err)?);
+    let last_bytes = seal(&codec::encode(&last).map_err(codec_err)?);
     writing(db, durable, move |db| {
         let txn = begin_write(db, durable)?;
         {
@@ -493,7 +634,7 @@ impl StateMachine {
         // late build would be compared with a stale key.
         let last_kept = get_meta::<Option<LogId<u64>>>(&db, SNAPSHOT_LAST)?;
         if last_applied.is_some() && last_kept != Some(last_applied) {
-            let bytes = codec::encode(&last_applied).map_err(codec_err)?;
+            let bytes = seal(&codec::encode(&last_applied).map_err(codec_err)?);
             let txn = begin_write(&db, durable)?;
             {
                 let mut table = txn.open_table(META).map_err(write_err)?;
@@ -529,7 +670,8 @@ impl StateMachine {
         let table = txn.open_table(LOGS).map_err(read_err)?;
         for item in table.range(from..=committed.index).map_err(read_err)? {
             let (_, bytes) = item.map_err(read_err)?;
-            let entry: Entry<TypeConfig> = codec::decode(bytes.value()).map_err(codec_err)?;
+            let entry: Entry<TypeConfig> =
+                codec::decode(unseal(bytes.value())?).map_err(codec_err)?;
             if let EntryPayload::Normal(command) = entry.payload {
                 let _ = state.apply(&command);
             }
@@ -676,5 +818,79 @@ mod tests {
         let said = error.to_string();
         assert!(said.contains(&path.display().to_string()), "{said}");
         assert!(said.contains("may be damaged") && said.contains("--join ADDR"), "{said}");
+    }
+
+    /// Changes one byte of the value stored under `key` in the meta table of the store at
+    /// `path`, as a disk that returns other bytes would.
+    fn damage(path: &Path, key: &str) {
+        let db = Database::create(path).expect("reopened");
+        let txn = db.begin_write().expect("a write");
+        {
+            let mut meta = txn.open_table(META).expect("meta");
+            let mut value = meta.get(key).expect("read").expect("a value").value().to_vec();
+            let last = value.len() - 1;
+            value[last] ^= 1;
+            meta.insert(key, value.as_slice()).expect("put");
+        }
+        txn.commit().expect("committed");
+    }
+
+    /// One byte changed in a stored value decoded as another value, silently: a helper's
+    /// test changed a zone in a log entry and the node replayed a membership nobody had. Now
+    /// the store is refused as damaged, naming the file and what to do.
+    #[test]
+    fn a_store_with_one_byte_changed_is_refused_as_damaged() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("raft.redb");
+        let (log, _) = open(&path).expect("a fresh store");
+        claim(&log, "c1", 3, true, &path).expect("claimed");
+        drop(log);
+        damage(&path, OWNER);
+        let Err(error) = open(&path) else { panic!("a damaged value opened") };
+        let said = error.to_string();
+        assert!(said.contains("does not match its checksum"), "{said}");
+        assert!(said.contains("may be damaged") && said.contains("--join ADDR"), "{said}");
+    }
+
+    /// A store from a build that sealed nothing holds values without sums: said as such, not
+    /// as damage nor read as garbage.
+    #[test]
+    fn a_store_of_a_build_before_checksums_is_refused_saying_so() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("raft.redb");
+        let db = Database::create(&path).expect("created");
+        let txn = db.begin_write().expect("a write");
+        txn.open_table(META).expect("meta").insert(VOTE, &[1u8, 2, 3][..]).expect("put");
+        txn.commit().expect("committed");
+        drop(db);
+        let Err(error) = open(&path) else { panic!("an unsealed store opened") };
+        let said = error.to_string();
+        assert!(said.contains("older build of gobelins"), "{said}");
+    }
+
+    /// A store is its node's and its cluster's: a directory with another cluster's secret, or
+    /// another node's id, is refused saying which file to put back; a directory never admitted
+    /// claims the store afresh.
+    #[test]
+    fn a_store_is_refused_to_another_cluster_or_node_unless_never_admitted() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("raft.redb");
+        let (log, _) = open(&path).expect("a fresh store");
+        claim(&log, "aaaa", 3, false, &path).expect("an unclaimed store is claimed");
+        claim(&log, "aaaa", 3, false, &path).expect("its own");
+        let other = claim(&log, "bbbb", 3, false, &path).expect_err("another cluster's");
+        let said = other.to_string();
+        assert!(said.contains("node 3 of cluster aaaa") && said.contains("two clusters"), "{said}");
+        let other = claim(&log, "aaaa", 921981, false, &path).expect_err("another node's");
+        let said = other.to_string();
+        assert!(said.contains("Write 3 into") && said.contains("node.id"), "{said}");
+        claim(&log, "bbbb", 9, true, &path).expect("never admitted: claimed afresh");
+        claim(&log, "bbbb", 9, false, &path).expect("the new owner's");
+    }
+
+    #[test]
+    fn a_panic_in_a_quiet_read_is_no_crash() {
+        assert_eq!(quietly(|| 7), Some(7));
+        assert_eq!(quietly(|| -> u8 { panic!("a damaged page") }), None);
     }
 }

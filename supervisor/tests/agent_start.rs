@@ -472,3 +472,58 @@ async fn a_bootstrap_node_without_its_store_does_not_bootstrap_again() {
     }
     assert!(!dir.join("raft.redb").exists(), "no store made, no cluster bootstrapped");
 }
+
+/// Starts the agent of `options` until it is refused for its configuration, waiting out the
+/// store a stopped agent's raft tasks still hold for a moment.
+async fn refused_config(options: &AgentOptions) -> String {
+    let refused = async {
+        loop {
+            match Agent::start(TokioNet, options, Registry::new).await {
+                Err(SupervisorError::Storage(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(SupervisorError::Config(why)) => return why,
+                Ok(_) => panic!("started"),
+                Err(other) => panic!("{other}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), refused).await.expect("refused at once")
+}
+
+/// A member's directory put together from parts is refused, naming the file to put back: with
+/// another cluster's `cluster.secret` copied in, it ran as a member of that cluster with this
+/// one's votes and log (a helper's test saw it win an election there and declare the others
+/// failed); with its `node.id` gone, it took a random id and ran on the old node's store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_s_directory_with_another_cluster_s_secret_or_without_its_id_is_refused() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let (dir, listen) = (root.path().join("n1"), free_addr());
+    let mine = bootstrapped(&dir, 1, &listen).await;
+    let other_dir = root.path().join("n2");
+    let other = bootstrapped(&other_dir, 2, &free_addr()).await;
+    until_recorded(&dir).await;
+    until_recorded(&other_dir).await;
+    mine.stop().await;
+    other.stop().await;
+    drop((mine, other));
+    let secret = dir.join("cluster.secret");
+    let own = std::fs::read(&secret).expect("the secret");
+    std::fs::copy(other_dir.join("cluster.secret"), &secret).expect("another cluster's secret");
+
+    let mut resume = options(&dir, 1, &listen, Start::Resume, None);
+    resume.node_id = None;
+    let why = refused_config(&resume).await;
+    assert!(why.contains("two clusters") && why.contains("put back"), "{why}");
+
+    std::fs::write(&secret, own).expect("its own secret back");
+    std::fs::remove_file(dir.join("node.id")).expect("node.id removed");
+    let why = refused_config(&resume).await;
+    assert!(why.contains("Write 1 into"), "{why}");
+    assert!(!dir.join("node.id").exists(), "no id of chance kept for the directory");
+
+    std::fs::write(dir.join("node.id"), "1\n").expect("node.id back");
+    let agent = Agent::start(TokioNet, &resume, Registry::new).await.expect("restarted");
+    until_active_alone(&agent, 1, "the restart").await;
+    agent.stop().await;
+}
