@@ -53,7 +53,7 @@ impl TreeConfig {
         {
             return Err(LocatorError::DuplicateLevel { level: level.clone(), at: i });
         }
-        Ok(())
+        self.label_levels.iter().try_for_each(|level| check_label_text(level))
     }
 
     /// Checks a node's labels against the levels, as adding the node would: `UnknownLabel` or
@@ -68,6 +68,11 @@ impl TreeConfig {
     /// refused rather than ignored: a typo in `--label` would otherwise place a node where the
     /// operator did not mean.
     pub(crate) fn label_path(&self, labels: &Labels) -> Result<Vec<(String, String)>> {
+        // A joiner's labels come over the network, not through `parse_label`.
+        for (key, value) in labels {
+            check_label_text(key)?;
+            check_label_text(value)?;
+        }
         if let Some(key) = labels.keys().find(|k| !self.label_levels.contains(k)) {
             return Err(LocatorError::UnknownLabel {
                 key: key.clone(),
@@ -92,11 +97,33 @@ impl TreeConfig {
     }
 }
 
+/// The longest label key, value or level name, in bytes.
+pub const MAX_LABEL: usize = 63;
+
+/// Checks one label key, value or level name: 1 to [`MAX_LABEL`] ASCII letters, digits, `-`,
+/// `_` or `.`. Said back quoted and cut short, so that what it refuses reaches no terminal as
+/// it is.
+pub fn check_label_text(text: &str) -> Result<()> {
+    let fits = (1..=MAX_LABEL).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if fits {
+        return Ok(());
+    }
+    let shown: String = text.chars().take(MAX_LABEL + 1).collect();
+    Err(LocatorError::LabelText(format!(
+        "{shown:?}{}",
+        if shown.len() < text.len() { "…" } else { "" }
+    )))
+}
+
 /// Parses `key=value`, as given to `--label`.
 pub fn parse_label(text: &str) -> Result<(String, String)> {
     match text.split_once('=') {
         Some((k, v)) if !k.trim().is_empty() && !v.trim().is_empty() => {
-            Ok((k.trim().to_string(), v.trim().to_string()))
+            let (key, value) = (k.trim(), v.trim());
+            check_label_text(key)?;
+            check_label_text(value)?;
+            Ok((key.to_string(), value.to_string()))
         }
         _ => Err(LocatorError::BadLabel(text.to_string())),
     }

@@ -67,6 +67,14 @@ pub enum LocatorError {
     /// A label that is not written `key=value`.
     #[error("label `{0}` is not of the form key=value")]
     BadLabel(String),
+    /// A label key, value or level name that is empty, longer than [`crate::MAX_LABEL`] bytes,
+    /// or holds other than ASCII letters, digits, `-`, `_` and `.`: `status` prints labels as
+    /// they are, and a newline or a terminal escape in one forged rows of its table.
+    #[error(
+        "label text {0} is not 1 to 63 ASCII letters, digits, `-`, `_` or `.` (as zone names \
+         such as eu-west-1a are)"
+    )]
+    LabelText(String),
     /// The cell chosen for a new node cannot give it a single slot of some service: the node's
     /// label subtree has more nodes than that service has slots.
     #[error(

@@ -59,7 +59,9 @@ pub mod snapshot;
 mod tree;
 
 pub use change::{Change, ChangeReport};
-pub use config::{parse_label, Labels, TreeConfig, DEFAULT_CELL_CAPACITY};
+pub use config::{
+    check_label_text, parse_label, Labels, TreeConfig, DEFAULT_CELL_CAPACITY, MAX_LABEL,
+};
 pub use error::{LocatorError, Result};
 pub use hash::mix;
 pub use ids::{CellId, Epoch, Key, NodeId, ServiceId};

@@ -86,6 +86,25 @@ fn labels_parse_and_malformed_ones_are_refused() {
     for bad in ["zone", "=a", "zone=", ""] {
         assert_eq!(parse_label(bad), Err(LocatorError::BadLabel(bad.into())));
     }
+    assert_eq!(parse_label("zone=eu-west-1a"), Ok(("zone".into(), "eu-west-1a".into())));
+    // `status` prints labels as they are: a newline forged a row of its table, an escape
+    // coloured the terminal, and 120,000 bytes made every later `status` 241 KB.
+    for bad in ["zone=a\n  1  127.0.0.1:1  active", "zone=\u{1b}[31mred", "zo ne=a", "zone=a b"] {
+        let refused = parse_label(bad).expect_err(bad);
+        assert!(matches!(refused, LocatorError::LabelText(_)), "{bad:?}: {refused}");
+        assert!(!refused.to_string().contains('\n') && !refused.to_string().contains('\u{1b}'));
+    }
+    let long = format!("zone={}", "x".repeat(64));
+    assert!(matches!(parse_label(&long), Err(LocatorError::LabelText(_))));
+    assert!(parse_label(&format!("zone={}", "x".repeat(63))).is_ok());
+    // Labels from the network are checked as the tree places them.
+    let config = TreeConfig::default().with_label_levels(["zone"]);
+    let forged: Labels = [("zone".to_string(), "a\nb".to_string())].into();
+    assert!(matches!(config.check_labels(&forged), Err(LocatorError::LabelText(_))));
+    assert!(matches!(
+        TreeConfig::default().with_label_levels(["zo\tne"]).validate(),
+        Err(LocatorError::LabelText(_))
+    ));
 }
 
 #[test]
