@@ -200,6 +200,16 @@ impl<N: Net> Agent<N> {
                 secret
             }
             (_, Some(secret), None) => secret,
+            // A member's directory whose secret went (deleted, or a restore that missed it).
+            (Start::Resume, None, _) if restarted && !dir.unadmitted()? => {
+                return Err(SupervisorError::Config(format!(
+                    "{} holds a member's node id and raft store, but no cluster.secret: it \
+                     was deleted, or not restored. Copy the cluster's secret back into it \
+                     (cluster.secret from another member's data directory), or start with \
+                     --join ADDR and --secret-file FILE; --bootstrap would make another cluster",
+                    options.data_dir.display()
+                )));
+            }
             (Start::Resume, None, _) => {
                 return Err(SupervisorError::Config(format!(
                 "{} holds no cluster: start with --bootstrap for a new cluster or --join ADDR to join one",

@@ -146,17 +146,10 @@ fn ready(
     // once, they are the damage they are, said with the file and what to do.
     let checked = quietly(|| check(&db, what)).unwrap_or_else(|| {
         Err(crate::SupervisorError::Storage(format!(
-            "reading {what}: the store could not be read ({})",
-            "its pages hold what no store writes"
+            "reading {what}: its pages hold what no store writes; {DAMAGED}"
         )))
     });
-    checked.map_err(|e| match e {
-        crate::SupervisorError::Storage(why) => crate::SupervisorError::Storage(format!(
-            "{why}; if a newer build of gobelins ran on this data directory, run that build \
-             again; otherwise {DAMAGED}"
-        )),
-        other => other,
-    })?;
+    checked?;
     // What it keeps opens but does not decode (or fails its checksum): said with the file and
     // what to do, not as a bare read error at every restart.
     let machine = StateMachine::load(Arc::clone(&db), durable).map_err(|e| {
@@ -191,14 +184,21 @@ fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorError> {
         txn.commit()?;
         Ok(format)
     };
-    let format = init().map_err(|e| storage("initialising", &e))?;
+    let format = init().map_err(|e| {
+        let full = matches!(&e, redb::Error::Io(io)
+            if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded));
+        let advice = if full { "the disk is full: free space, then start the agent again" } else { DAMAGED };
+        storage("initialising", &format!("{e}; {advice}"))
+    })?;
     match format.as_deref() {
         Some(sealed::CURRENT) => {}
         Some(other) => {
             return Err(storage(
                 "reading",
                 &format!(
-                    "it is in a format this build does not know ({:?})",
+                    "it is in a format this build does not know ({:?}): if a newer build of \
+                     gobelins ran on this data directory, run that build again; otherwise \
+                     {DAMAGED}",
                     String::from_utf8_lossy(other)
                 ),
             ))
@@ -206,7 +206,11 @@ fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorError> {
         None => {
             return Err(storage(
                 "reading",
-                &"it was written by an older build of gobelins, whose stores kept no checksums",
+                &format!(
+                    "it was written by an older build of gobelins, whose stores kept no \
+                     checksums: run that build again, or start afresh as for a damaged store \
+                     ({DAMAGED})"
+                ),
             ))
         }
     }
@@ -225,7 +229,7 @@ fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorError> {
         }
         Ok(())
     };
-    read().map_err(|e| storage("reading", &e))
+    read().map_err(|e| storage("reading", &format!("{e}; {DAMAGED}")))
 }
 
 /// Runs `work`, `None` if it panicked, without the panic's message and backtrace on the

@@ -523,6 +523,15 @@ async fn a_member_s_directory_with_another_cluster_s_secret_or_without_its_id_is
     assert!(!dir.join("node.id").exists(), "no id of chance kept for the directory");
 
     std::fs::write(dir.join("node.id"), "1\n").expect("node.id back");
+    // Its secret gone, it is no directory that "holds no cluster" (and should bootstrap one).
+    let own = std::fs::read(&secret).expect("the secret");
+    std::fs::remove_file(&secret).expect("cluster.secret removed");
+    let why = refused_config(&resume).await;
+    assert!(
+        why.contains("no cluster.secret") && why.contains("Copy the cluster's secret"),
+        "{why}"
+    );
+    std::fs::write(&secret, own).expect("its secret back");
     let agent = Agent::start(TokioNet, &resume, Registry::new).await.expect("restarted");
     until_active_alone(&agent, 1, "the restart").await;
     agent.stop().await;
