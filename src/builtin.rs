@@ -55,6 +55,15 @@ pub enum DsmCommand {
     /// Every page the cluster's managers hold as lost, and their tainted slots
     /// ([`Dsm::losses`]); answered with the [`crate::dsm::Losses`], encoded.
     Losses,
+    /// Lift the taint of the slot page `page` of segment `segment` falls in, or of every slot
+    /// with `page` `None` ([`Dsm::forgive`], [`Dsm::forgive_all`]); answered with the slots
+    /// forgiven and the pages made new again, encoded.
+    Forgive {
+        /// The segment.
+        segment: u32,
+        /// The page within it; `None`: every slot.
+        page: Option<u32>,
+    },
 }
 
 /// The built-in services of one agent. Each [`Builtins::registry`] builds them afresh (a new
@@ -143,6 +152,16 @@ impl Console for DsmConsole {
                 let discarded =
                     dsm.discard(PageId { segment, page }).await.map_err(|e| e.to_string())?;
                 Ok(vec![u8::from(discarded)])
+            }
+            DsmCommand::Forgive { segment, page: Some(page) } => {
+                let forgiven =
+                    dsm.forgive(PageId { segment, page }).await.map_err(|e| e.to_string())?;
+                let counts = forgiven.map_or((0u32, 0u64), |reset| (1, reset));
+                codec::encode(&counts).map_err(|e| e.to_string())
+            }
+            DsmCommand::Forgive { page: None, .. } => {
+                let counts = dsm.forgive_all().await.map_err(|e| e.to_string())?;
+                codec::encode(&counts).map_err(|e| e.to_string())
             }
             DsmCommand::Losses => {
                 let losses = dsm.losses().await.map_err(|e| e.to_string())?;

@@ -1191,6 +1191,20 @@ fn a_lone_node_killed_and_started_again_reports_what_it_lost() {
     let read = dsm(&agents[0].dir, &["read", "7", "0", "5"]);
     let said = String::from_utf8_lossy(&read.stderr);
     assert!(!read.status.success() && said.contains("lost"), "dsm read: {said}");
+    // Once what mattered is restored, the operator accepts the loss in one step: every page
+    // reads as zeros again, the one asked for meanwhile too.
+    let forgiven = dsm(&agents[0].dir, &["forgive", "--all"]);
+    let said = String::from_utf8_lossy(&forgiven.stderr);
+    assert!(forgiven.status.success(), "dsm forgive --all: {said}");
+    assert!(
+        said.contains(&format!("{} tainted slots forgiven", gobelins::dsm::DSM_SLOTS)),
+        "{said}"
+    );
+    assert!(said.contains("(1 reported lost meanwhile"), "{said}");
+    let read = dsm(&agents[0].dir, &["read", "7", "0", "5"]);
+    assert_eq!(read.stdout, [0; 5], "{}", String::from_utf8_lossy(&read.stderr));
+    let again = dsm(&agents[0].dir, &["forgive", "7", "0"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not tainted"));
 }
 
 /// A member restarted with another secret than the cluster's (its file replaced, or copied

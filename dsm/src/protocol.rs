@@ -148,6 +148,11 @@ pub enum Request {
     },
     /// To the manager: start a lost page afresh, zero-filled.
     Discard,
+    /// To the manager of a slot's taint marker, from an operator who accepts what the slot's
+    /// failed manager took with it: the slot's pages nobody reported read as zeros again, as
+    /// never written, and so do those first asked for while it was tainted. `Kept` when the
+    /// slot is not tainted.
+    Forgive,
     /// To a lock's manager.
     Acquire(Token),
     /// To a lock's manager.
@@ -365,8 +370,15 @@ pub enum Response {
     Invalid(String),
     /// To a write fault: the writer is no longer in the cluster (it was being evicted).
     Departed,
-    /// To a discard: the page was not lost, and keeps its contents.
+    /// To a discard: the page was not lost, and keeps its contents. To a forgive: the slot
+    /// was not tainted.
     Kept,
+    /// To [`Request::Forgive`]: the slot's taint is lifted, and `reset` pages first asked for
+    /// while it lasted, reported lost then, read as zeros again.
+    Forgiven {
+        /// How many such pages.
+        reset: u64,
+    },
     /// To [`Request::Losses`]: what this node, as a manager, holds as lost.
     Losses(crate::losses::NodeLosses),
 }

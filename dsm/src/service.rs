@@ -309,6 +309,7 @@ impl DsmService {
                 self.rebackup(ctx, page, node, failed, (version, commit, data)).await
             }
             (Named::Page(page), Request::Discard) => self.discard(ctx, page).await,
+            (Named::Taint, Request::Forgive) => self.forgive(key).await,
             (Named::Page(page), Request::Abandon { node, copy }) => {
                 self.abandon(ctx, page, node, copy).await
             }
@@ -349,7 +350,7 @@ impl Service for DsmService {
         for slot in 0..st.spec.slots {
             st.live.insert(taint_key(slot), Arc::new(AsyncMutex::new(Live::Taint)));
         }
-        tracing::error!("dsm: this node came back as the only node of its cluster, its pages gone with its last life: every page reads as lost until a program discards it or frees its segment (`gobelins dsm discard`, `gobelins dsm free`)");
+        tracing::error!("dsm: this node came back as the only node of its cluster, its pages gone with its last life: every page reads as lost until a program discards it or frees its segment (`gobelins dsm discard`, `gobelins dsm free`), or, once what mattered is restored, `gobelins dsm forgive --all` lifts the loss at once");
     }
 
     /// A read fault run twice only adds the reader to the copyset again and sends the page as

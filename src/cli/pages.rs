@@ -61,6 +61,24 @@ pub(super) enum DsmOp {
         /// The page within the segment.
         page: u32,
     },
+    /// Accept what a failed manager took with it: in the slot of the page given, or in every
+    /// slot, pages no node reported after the failure read as zeros again, as never written,
+    /// instead of as lost (tainted slots, which `dsm lost` counts). Use it once what mattered
+    /// is restored. Pages reported lost one by one stay so: discard them.
+    Forgive {
+        #[command(flatten)]
+        dir: DirArgs,
+        /// The segment id of a page of the slot.
+        #[arg(required_unless_present = "all")]
+        segment: Option<u32>,
+        /// The page within the segment.
+        #[arg(required_unless_present = "all")]
+        page: Option<u32>,
+        /// Every slot (after every node of the cluster stopped at once, every slot is
+        /// tainted).
+        #[arg(long, conflicts_with_all = ["segment", "page"])]
+        all: bool,
+    },
     /// List the pages reported lost, with their managers, asking every node, and the slots
     /// where pages nobody reported after a failure read as lost (tainted). Exits non-zero when
     /// the list may be incomplete: a node did not answer, requests held entries, or the
@@ -100,6 +118,9 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
         DsmOp::Free { dir, segment, len } => (dir, DsmCommand::Free { segment, len }),
         DsmOp::Discard { dir, segment, page } => (dir, DsmCommand::Discard { segment, page }),
         DsmOp::Lost { dir, json } => return dsm_lost(&dir, json),
+        DsmOp::Forgive { dir, segment, page, .. } => {
+            return dsm_forgive(&dir, segment.zip(page));
+        }
     };
     let freed = match command {
         DsmCommand::Free { segment, .. } => Some(segment),
@@ -124,6 +145,33 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
                  nothing discarded"
             );
         }
+    }
+    Ok(())
+}
+
+/// `gobelins dsm forgive`: of the slot of `page` (segment, page), or of every slot.
+fn dsm_forgive(dir: &DirArgs, page: Option<(u32, u32)>) -> anyhow::Result<()> {
+    use gobelins::adaptation::codec;
+    use gobelins::builtin::DsmCommand;
+    let command = DsmCommand::Forgive {
+        segment: page.map_or(0, |(segment, _)| segment),
+        page: page.map(|(_, page)| page),
+    };
+    let body = codec::encode(&command)?;
+    let answer = ask(dir, ControlRequest::Local { service: gobelins::dsm::DSM.0, body })?;
+    let (forgiven, reset): (u32, u64) = codec::decode(&control::answer_body(&answer)?)?;
+    match page {
+        Some((segment, page)) if forgiven == 0 => eprintln!(
+            "the slot of page {page} of segment {segment} is not tainted: nothing to forgive"
+        ),
+        Some(_) => eprintln!(
+            "the slot's taint is lifted: pages nobody reported read as zeros ({reset} reported \
+             lost meanwhile are new again)"
+        ),
+        None => eprintln!(
+            "{forgiven} tainted slots forgiven: pages nobody reported read as zeros ({reset} \
+             reported lost meanwhile are new again)"
+        ),
     }
     Ok(())
 }
@@ -196,7 +244,8 @@ pub(super) fn write_losses(
         writeln!(
             out,
             "what to do: restore what mattered, then `gobelins dsm discard SEGMENT PAGE` for each \
-             page, or `gobelins dsm free SEGMENT LEN` for a segment no program uses"
+             page, or `gobelins dsm free SEGMENT LEN` for a segment no program uses; for the \
+             tainted slots, `gobelins dsm forgive --all` (or `SEGMENT PAGE`, for one page's slot)"
         )?;
     }
     let unlooked = losses.unlooked();

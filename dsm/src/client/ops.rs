@@ -92,6 +92,45 @@ impl Dsm {
         Ok(!matches!(self.ask(page.key(), &Request::Discard).await?, Response::Kept))
     }
 
+    /// Lifts the taint of the slot `page` falls in, once the program or its operator accepts
+    /// what that slot's failed manager took with it: its pages no node reported read as zeros
+    /// again, as never written, and so do those first asked for while it was tainted.
+    /// `Some(n)`: the taint is lifted, and `n` pages reported lost meanwhile are new again;
+    /// `None`: the slot was not tainted. A page lost otherwise (every copy died) stays lost
+    /// until [`Dsm::discard`]ed. [`Dsm::losses`] lists the tainted slots.
+    pub async fn forgive(&self, page: PageId) -> Result<Option<u64>, DsmError> {
+        page_of_a_segment(page)?;
+        let slot = self.state().spec.slot_of(page.key());
+        self.forgive_slot(slot).await
+    }
+
+    /// [`Dsm::forgive`] of every slot, a few at a time: after every node of the cluster
+    /// stopped at once (a power cut), every slot is tainted. The slots forgiven, and the pages
+    /// made new again.
+    pub async fn forgive_all(&self) -> Result<(u32, u64), DsmError> {
+        use futures::StreamExt as _;
+        let slots = self.state().spec.slots;
+        let mut asked = futures::stream::iter(0..slots)
+            .map(|slot| self.forgive_slot(slot))
+            .buffer_unordered(16);
+        let (mut forgiven, mut reset) = (0, 0);
+        while let Some(answer) = asked.next().await {
+            if let Some(n) = answer? {
+                forgiven += 1;
+                reset += n;
+            }
+        }
+        Ok((forgiven, reset))
+    }
+
+    async fn forgive_slot(&self, slot: u32) -> Result<Option<u64>, DsmError> {
+        match self.ask(crate::page::taint_key(slot), &Request::Forgive).await? {
+            Response::Forgiven { reset } => Ok(Some(reset)),
+            Response::Kept => Ok(None),
+            other => Err(DsmError::Protocol(format!("unexpected answer to a forgive: {other:?}"))),
+        }
+    }
+
     fn check(segment: &Segment, offset: u64, len: usize) -> Result<(), DsmError> {
         let end = offset.saturating_add(len as u64);
         // Past these, page ids would wrap onto other segments' or the same segment's pages.

@@ -10,6 +10,7 @@ use gobelins_adaptation::Context;
 use gobelins_locator::Key;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Mutex as AsyncMutex;
 
 /// How long a barrier's manager keeps an arrival waiting before telling it to ask again. It
 /// answers at once when a change begins, which waits for the handlers in progress: one in
@@ -47,6 +48,42 @@ impl DsmService {
             }
         }
         Response::Kept
+    }
+
+    /// Lifts the taint of the slot whose marker is `marker`: its pages with no entry read as
+    /// zeros again, and so do those first asked for while it lasted (lost at version 0, held by
+    /// nobody: no node ever had a copy of them from this manager). A page lost otherwise (its
+    /// copies died, or disagreed) stays lost until discarded: copies of it may live on.
+    pub(super) async fn forgive(&self, marker: Key) -> Response {
+        let st = self.state();
+        let Some(held) = st.live.get(&marker).map(|e| Arc::clone(&e)) else {
+            return Response::Kept;
+        };
+        let _marker = held.lock().await;
+        // The marker first: a page first asked for from now on is made new, not lost.
+        if st.live.remove(&marker).is_none() {
+            return Response::Kept;
+        }
+        st.freed.lock().expect("freed").remove(&marker);
+        let slot = st.spec.slot_of(marker);
+        let of_slot: Vec<Arc<AsyncMutex<Live>>> = st
+            .live
+            .iter()
+            .filter(|e| matches!(named(*e.key()), Named::Page(_)))
+            .filter(|e| st.spec.slot_of(*e.key()) == slot)
+            .map(|e| Arc::clone(e.value()))
+            .collect();
+        let mut reset = 0;
+        for entry in of_slot {
+            if let Live::Page(page) = &mut *entry.lock().await {
+                if page.lost && *page == (PageEntry { lost: true, ..PageEntry::default() }) {
+                    *page = PageEntry::default();
+                    reset += 1;
+                }
+            }
+        }
+        tracing::warn!(slot, reset, "dsm: a slot's taint was lifted (`gobelins dsm forgive`): its pages nobody reported after its manager failed read as zeros, as never written");
+        Response::Forgiven { reset }
     }
 
     pub(super) async fn lock_op(&self, ctx: &Context, key: Key, request: Request) -> Response {

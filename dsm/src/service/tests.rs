@@ -163,3 +163,40 @@ fn a_backup_goes_to_another_zone_before_another_rack() {
     assert_eq!(next_node(Some(&s), &nodes, NodeId(4), None), Some(NodeId(1)), "wrapping");
     assert_eq!(next_node(None, &nodes, NodeId(1), None), Some(NodeId(2)), "the next node");
 }
+
+/// A tainted slot, forgiven: a page never written there reads as zeros again, and so does one
+/// first asked for while the slot was tainted (reported lost then); a page lost otherwise
+/// stays lost, for a discard; forgiven again, the slot says it was not tainted.
+#[tokio::test]
+async fn a_forgiven_slot_reads_its_unreported_pages_as_zeros_and_keeps_the_others_lost() {
+    let node = DsmNode::new(DsmConfig::default());
+    let service = node.service();
+    let ctx = Context::detached(NodeId(1), 1, None);
+    let spec = service.state().spec.clone();
+    let asked = PageId { segment: 1, page: 0 };
+    let slot = spec.slot_of(asked.key());
+    let in_slot = |n: u32| PageId { segment: 2 + n, page: 0 };
+    let more: Vec<PageId> =
+        (0..).map(in_slot).filter(|p| spec.slot_of(p.key()) == slot).take(2).collect();
+    let (never, lost) = (more[0], more[1]);
+    let marker = crate::page::taint_key(slot);
+    service.state().live.insert(marker, Arc::new(AsyncMutex::new(Live::Taint)));
+    let written_and_lost = PageEntry { version: 3, lost: true, ..PageEntry::default() };
+    service
+        .state()
+        .live
+        .insert(lost.key(), Arc::new(AsyncMutex::new(Live::Page(written_and_lost))));
+    let read =
+        |page: PageId| service.handle(&ctx, page.key(), Request::ReadFault { node: NodeId(2) });
+    assert!(matches!(read(asked).await, Response::Lost), "tainted: lost");
+
+    let forgiven = service.handle(&ctx, marker, Request::Forgive).await;
+    assert!(matches!(forgiven, Response::Forgiven { reset: 1 }), "{forgiven:?}");
+    for page in [asked, never] {
+        let answer = read(page).await;
+        assert!(matches!(answer, Response::Copy { owner: None, .. }), "{page:?}: {answer:?}");
+    }
+    assert!(matches!(read(lost).await, Response::Lost), "lost otherwise: for a discard");
+    let again = service.handle(&ctx, marker, Request::Forgive).await;
+    assert!(matches!(again, Response::Kept), "{again:?}");
+}
