@@ -289,6 +289,21 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// `dsm free SEGMENT 0` wiped the whole segment (the length is not used): a 0 is taken
+    /// for the slip it most likely is, before any agent is asked.
+    #[test]
+    fn a_free_of_length_zero_is_refused_before_anything_is_asked() {
+        #[derive(clap::Parser)]
+        struct Line {
+            #[command(flatten)]
+            args: DsmArgs,
+        }
+        let line = ["dsm", "free", "--data-dir", "/nonexistent/gobelins", "5", "0"];
+        let line = <Line as clap::Parser>::try_parse_from(line).expect("parsed");
+        let said = dsm(line.args).expect_err("refused").to_string();
+        assert!(said.contains("a length of 0") && said.contains("nothing freed"), "{said}");
+    }
+
     fn stats_text(reported_lost: Value) -> String {
         let answer = json!({ "stats": { "requests_ok": 5, "reported_lost": reported_lost } });
         let mut out = Vec::new();

@@ -115,6 +115,12 @@ pub(crate) fn dsm(args: DsmArgs) -> anyhow::Result<()> {
             }
             (dir, DsmCommand::Write { segment, offset, data })
         }
+        // The whole segment goes, whatever the length: a 0 typed for it (a helper's did) is
+        // more likely a slip than a wish to wipe the segment.
+        DsmOp::Free { len: 0, segment, .. } => bail!(
+            "a length of 0: give segment {segment}'s length as the program made it; every page \
+             of it is freed, whatever the length (nothing freed)"
+        ),
         DsmOp::Free { dir, segment, len } => (dir, DsmCommand::Free { segment, len }),
         DsmOp::Discard { dir, segment, page } => (dir, DsmCommand::Discard { segment, page }),
         DsmOp::Lost { dir, json } => return dsm_lost(&dir, json),
