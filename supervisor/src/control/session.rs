@@ -198,7 +198,11 @@ pub(super) async fn answer(
             });
             // By the word of a leader, not this node's own view, which may be stale.
             if active && view.leader == Some(view.node) {
-                let already = format!("node {me} is already an active member: nothing to do");
+                // The seed is not asked: said, so that a typo in it is not taken for a seed
+                // that answered.
+                let already = format!(
+                    "node {me} is already an active member: nothing to do ({seed} was not asked)"
+                );
                 return flush(
                     &mut write,
                     &[json!({ "progress": already }), json!({ "ok": status_json(&view) })],

@@ -92,6 +92,7 @@ fn a_join_asked_of_an_active_node_does_nothing_and_of_a_node_that_left_is_refuse
         };
         let said = join(leader).await;
         assert!(said.contains("already an active member: nothing to do"), "{said}");
+        assert!(said.contains(&format!("(n{leader} was not asked)")), "{said}");
         assert!(said.contains("\"ok\""), "{said}");
 
         let leave = Command::Leave { node: asker };
