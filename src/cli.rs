@@ -411,6 +411,10 @@ mod tests {
         between["failures"] = json!(1);
         let once = status_text(json!([between.clone()]), true);
         assert!(once.contains("note: node 5's last life failed soon after it began"), "{once}");
+        // Left since, and not held: its short lives before are no news.
+        let mut left = between.clone();
+        left["status"] = json!("left");
+        assert!(!status_text(json!([left]), true).contains("failed soon after"));
         between["failures"] = json!(null);
         assert!(!status_text(json!([between]), true).contains("failed soon after"));
     }

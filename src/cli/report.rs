@@ -141,6 +141,11 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
         )?;
     }
     for node in status["nodes"].as_array().into_iter().flatten() {
+        // A node that left since, and is not held, comes back only when asked to: its short
+        // lives before are no news.
+        if node["status"] == "left" && node["held_ms"].is_null() {
+            continue;
+        }
         let Some(failures) = node["failures"].as_u64() else { continue };
         let Some(ms) = node["held_ms"].as_u64() else {
             let lives = match failures {
