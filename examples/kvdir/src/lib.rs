@@ -154,6 +154,10 @@ pub enum Response {
     Reserved,
     /// The key's slot no longer says it lost entries (or never did).
     Forgiven,
+    /// A write or a forgive told to a node ([`Context::tell`]) rather than routed to the key's
+    /// manager: only the manager writes a key, where the layer holds requests while it moves
+    /// and keeps their answers for retries. Nothing was stored.
+    NotManaged,
 }
 
 /// Keys from here up are kvdir's own: a slot that lost entries keeps a marker under one of
@@ -693,6 +697,9 @@ impl Service for KvDir {
                 self.copies_at.fetch_max(epoch, Ordering::Relaxed);
                 Response::Kept
             }
+            // A told write would land on a node that may not manage the key (its entry then
+            // moves with this node's slots, perhaps over the manager's), or during a move.
+            (Some(_), Request::Put(_) | Request::Forgive) => Response::NotManaged,
             (_, Request::Put(_) | Request::Get | Request::Forgive) if key.0 >= RESERVED => {
                 Response::Reserved
             }

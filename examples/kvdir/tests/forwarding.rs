@@ -121,3 +121,20 @@ fn a_request_passed_on_is_not_passed_on_again() {
         assert_eq!(get(&cluster, key).await, None, "nothing stored");
     });
 }
+
+/// A write told to a node (`Context::tell`), not routed, is refused there, manager or not:
+/// stored on a node that does not manage its key, it moved with that node's slots and could
+/// come back over the manager's newer value (a helper's first-day read of kvdir).
+#[test]
+fn a_write_told_rather_than_routed_is_refused_and_stores_nothing() {
+    replay(async {
+        let (cluster, key) = three_nodes().await;
+        let ctx = cluster.host(NodeId(1)).context();
+        for to in [NodeId(2), NodeId(3)] {
+            let told: Response =
+                ctx.tell(to, KVDIR, key, &Request::Put(vec![9])).await.expect("told");
+            assert_eq!(told, Response::NotManaged, "told to node {to}");
+        }
+        assert_eq!(get(&cluster, key).await, None, "nothing stored");
+    });
+}
