@@ -169,7 +169,10 @@ pub(crate) fn agent(args: AgentArgs) -> anyhow::Result<()> {
     // half-bootstrapped directory behind.
     if args.bootstrap {
         let shape = TreeConfig { label_levels: args.levels.clone(), ..TreeConfig::default() };
-        let checked = shape.validate().and_then(|()| shape.check_labels(&labels));
+        let checked = shape
+            .validate()
+            .and_then(|()| shape.check_label_texts(&labels))
+            .and_then(|()| shape.check_labels(&labels));
         checked.map_err(|e| {
             anyhow::anyhow!(
                 "{e}. Nothing was written: mend --levels or --label (a node's labels give a \

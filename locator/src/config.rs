@@ -53,7 +53,7 @@ impl TreeConfig {
         {
             return Err(LocatorError::DuplicateLevel { level: level.clone(), at: i });
         }
-        self.label_levels.iter().try_for_each(|level| check_label_text(level))
+        Ok(())
     }
 
     /// Checks a node's labels against the levels, as adding the node would: `UnknownLabel` or
@@ -63,16 +63,20 @@ impl TreeConfig {
         self.label_path(labels).map(|_| ())
     }
 
+    /// Checks the text of `labels` and of the levels ([`check_label_text`]). For where a node
+    /// is let in (a bootstrap, a leader admitting a join), not for where the tree places it
+    /// from the log: an older build's label refused there would part this node's tree from
+    /// its peers'.
+    pub fn check_label_texts(&self, labels: &Labels) -> Result<()> {
+        let mut texts = labels.iter().flat_map(|(k, v)| [k, v]).chain(&self.label_levels);
+        texts.try_for_each(|text| check_label_text(text))
+    }
+
     /// The `(key, value)` path of a node in level order, down to the lowest level it has a
     /// label for. Keys that are no level, and a level given without the ones above it, are
     /// refused rather than ignored: a typo in `--label` would otherwise place a node where the
     /// operator did not mean.
     pub(crate) fn label_path(&self, labels: &Labels) -> Result<Vec<(String, String)>> {
-        // A joiner's labels come over the network, not through `parse_label`.
-        for (key, value) in labels {
-            check_label_text(key)?;
-            check_label_text(value)?;
-        }
         if let Some(key) = labels.keys().find(|k| !self.label_levels.contains(k)) {
             return Err(LocatorError::UnknownLabel {
                 key: key.clone(),

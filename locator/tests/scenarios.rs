@@ -97,12 +97,12 @@ fn labels_parse_and_malformed_ones_are_refused() {
     let long = format!("zone={}", "x".repeat(64));
     assert!(matches!(parse_label(&long), Err(LocatorError::LabelText(_))));
     assert!(parse_label(&format!("zone={}", "x".repeat(63))).is_ok());
-    // Labels from the network are checked as the tree places them.
+    // Labels from the network are checked where a join is admitted.
     let config = TreeConfig::default().with_label_levels(["zone"]);
     let forged: Labels = [("zone".to_string(), "a\nb".to_string())].into();
-    assert!(matches!(config.check_labels(&forged), Err(LocatorError::LabelText(_))));
+    assert!(matches!(config.check_label_texts(&forged), Err(LocatorError::LabelText(_))));
     assert!(matches!(
-        TreeConfig::default().with_label_levels(["zo\tne"]).validate(),
+        TreeConfig::default().with_label_levels(["zo\tne"]).check_label_texts(&Labels::new()),
         Err(LocatorError::LabelText(_))
     ));
 }

@@ -278,6 +278,10 @@ impl Supervisor {
         // Counted first: the duties loop, which counts failures as the state changes, may not
         // have seen this one yet, and a join let in unheld would record the new life over it.
         let state = self.state();
+        // Here, before it is proposed, not as it is applied: see `check_label_texts`.
+        if let Err(e) = state.tree.config().check_label_texts(&join.labels) {
+            return Ok(Err(crate::state::Refusal::Labels(e.to_string())));
+        }
         self.count_failures(&state);
         if holds_out(&state, join.node) {
             if let Some(hold) = self.flaps.lock().expect("flaps").hold(join.node, Instant::now()) {

@@ -329,3 +329,37 @@ fn a_joiners_first_lease_runs_from_its_ask() {
         drop(nodes);
     });
 }
+
+/// A join whose labels hold what `status` would print as they are (a newline forged a row of
+/// its table, an escape coloured the terminal) is refused by the leader before it is proposed:
+/// the joiner's labels come over the network, not through `--label`'s checks.
+#[test]
+fn a_join_with_labels_of_control_characters_is_refused_before_it_is_proposed() {
+    replay(async {
+        let net = MemNetwork::new(29);
+        let (nodes, leader, _) = three_voters_and_a_follower(&net).await;
+        let epoch = nodes[0].supervisor.state().epoch;
+        let labels = [("zone".to_string(), "a\n  1  n1  active".to_string())].into();
+        let join = gobelins_supervisor::rpc::JoinRequest {
+            node: 9,
+            addr: "n9".into(),
+            labels,
+            incarnation: 1,
+        };
+        let stranger = net.attach(9, "n9", Arc::new(Dispatch::default()));
+        let answer = stranger
+            .call(
+                leader,
+                lane::request(&Request::Join(join)).expect("encoded"),
+                Duration::from_secs(5),
+            )
+            .await
+            .and_then(lane::decode_response);
+        let Ok(Response::Admitted { outcome: Ok(Err(Refusal::Labels(why))), .. }) = answer else {
+            panic!("refused for its labels: {:?}", answer.map(|_| "another answer"));
+        };
+        assert!(why.contains("ASCII letters") && !why.contains('\n'), "{why}");
+        assert_eq!(nodes[0].supervisor.state().epoch, epoch, "nothing proposed");
+        assert!(!nodes[0].supervisor.state().nodes.contains_key(&9));
+    });
+}
