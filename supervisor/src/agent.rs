@@ -219,6 +219,11 @@ impl<N: Net> Agent<N> {
         };
         // A generated id is kept once the store agrees the directory may have it (`claim`).
         let mut generated = None;
+        // A member's directory whose node.id went (deleted, a restore that missed it, a crash
+        // before a first join kept it): its raft store says whose it is, in this cluster.
+        let recorded = store::owner_of(&dir.store_path())
+            .filter(|(cluster, _)| *cluster == secret.cluster.to_string())
+            .map(|(_, node)| node);
         let node = match (dir.node_id()?, options.node_id) {
             (Some(saved), Some(asked)) if saved != asked => {
                 return Err(SupervisorError::Config(format!(
@@ -228,6 +233,12 @@ impl<N: Net> Agent<N> {
                 )));
             }
             (Some(saved), _) => saved,
+            (None, None) if recorded.is_some() && !dir.unadmitted()? => {
+                let id = recorded.expect("checked");
+                tracing::warn!(node = id, "{} had no node.id: its raft store is node {id}'s, in this cluster; it runs as node {id} and writes node.id again", options.data_dir.display());
+                generated = Some(id);
+                id
+            }
             (None, asked) => {
                 let id = asked.unwrap_or_else(|| rand::rng().random_range(1..1_000_000));
                 // A first join keeps its id only once admitted, as it does the secret: refused

@@ -29,7 +29,7 @@ use openraft::{
     BasicNode, Entry, EntryPayload, LogId, LogState, RaftLogReader, RaftSnapshotBuilder, Snapshot,
     SnapshotMeta, StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -168,17 +168,20 @@ fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorError> {
     let storage = |doing: &str, e: &dyn std::fmt::Display| {
         crate::SupervisorError::Storage(format!("{doing} {what}: {e}"))
     };
-    let init = || -> Result<Option<Vec<u8>>, redb::Error> {
+    let init = || -> Result<Vec<u8>, redb::Error> {
         let txn = db.begin_write()?;
         let format = {
-            let mut meta = txn.open_table(META)?;
-            let logs = txn.open_table(LOGS)?;
+            let meta = txn.open_table(META)?;
             let format = meta.get(sealed::FORMAT)?.map(|v| v.value().to_vec());
-            if format.is_none() && meta.is_empty()? && logs.is_empty()? {
-                meta.insert(sealed::FORMAT, sealed::CURRENT)?;
-                Some(sealed::CURRENT.to_vec())
-            } else {
-                format
+            format
+        };
+        // A new store is marked; one an older build wrote has its values sealed, here, in the
+        // same transaction.
+        let format = match format {
+            Some(known) => known,
+            None => {
+                sealed::upgrade(&txn)?;
+                sealed::CURRENT.to_vec()
             }
         };
         txn.commit()?;
@@ -190,9 +193,9 @@ fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorError> {
         let advice = if full { "the disk is full: free space, then start the agent again" } else { DAMAGED };
         storage("initialising", &format!("{e}; {advice}"))
     })?;
-    match format.as_deref() {
-        Some(sealed::CURRENT) => {}
-        Some(other) => {
+    match format.as_slice() {
+        sealed::CURRENT => {}
+        other => {
             return Err(storage(
                 "reading",
                 &format!(
@@ -200,16 +203,6 @@ fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorError> {
                      gobelins ran on this data directory, run that build again; otherwise \
                      {DAMAGED}",
                     String::from_utf8_lossy(other)
-                ),
-            ))
-        }
-        None => {
-            return Err(storage(
-                "reading",
-                &format!(
-                    "it was written by an older build of gobelins, whose stores kept no \
-                     checksums: run that build again, or start afresh as for a damaged store \
-                     ({DAMAGED})"
                 ),
             ))
         }
@@ -223,23 +216,62 @@ fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorError> {
                 unseal(value.value())?;
             }
         }
+        // Under its own index: the sums cover values, not keys.
         let logs = txn.open_table(LOGS).map_err(read_err)?;
         for item in logs.iter().map_err(read_err)? {
-            unseal(item.map_err(read_err)?.1.value())?;
+            let (index, value) = item.map_err(read_err)?;
+            let entry: Entry<TypeConfig> =
+                codec::decode(unseal(value.value())?).map_err(codec_err)?;
+            if entry.log_id.index != index.value() {
+                return Err(read_err(std::io::Error::other(format!(
+                    "the log entry kept under index {} is entry {}: the file is damaged",
+                    index.value(),
+                    entry.log_id.index
+                ))));
+            }
         }
         Ok(())
     };
     read().map_err(|e| storage("reading", &format!("{e}; {DAMAGED}")))
 }
 
+std::thread_local! {
+    /// Whether this thread runs [`quietly`].
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// Runs `work`, `None` if it panicked, without the panic's message and backtrace on the
-/// terminal: the caller says what it means.
+/// terminal: the caller says what it means. The process's panic hook is wrapped once, and
+/// stays silent for this thread only while it runs `work`: swapped in and out around each
+/// call, two stores opened at once on two threads left the silent hook in place for good.
 fn quietly<T>(work: impl FnOnce() -> T) -> Option<T> {
-    let hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(|_| {}));
+    static WRAPPED: std::sync::Once = std::sync::Once::new();
+    WRAPPED.call_once(|| {
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(std::cell::Cell::get) {
+                hook(info)
+            }
+        }));
+    });
+    let was = QUIET.with(|q| q.replace(true));
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
-    std::panic::set_hook(hook);
+    QUIET.with(|q| q.set(was));
     result.ok()
+}
+
+/// The cluster and node the store at `path` holds the raft state of ([`claim`]), if it says;
+/// `None` for a store missing, unreadable, or of a build before the record. Read before the
+/// store is opened for good: a directory whose `node.id` went takes its id back from it.
+pub fn owner_of(path: &Path) -> Option<(String, u64)> {
+    if !path.exists() {
+        return None;
+    }
+    quietly(|| {
+        let db = Database::open(path).ok()?;
+        get_meta::<(String, u64)>(&db, OWNER).ok().flatten()
+    })
+    .flatten()
 }
 
 /// Ties the store to the cluster and node it holds the raft state of, or checks it is theirs.
@@ -856,20 +888,47 @@ mod tests {
         assert!(said.contains("may be damaged") && said.contains("--join ADDR"), "{said}");
     }
 
-    /// A store from a build that sealed nothing holds values without sums: said as such, not
-    /// as damage nor read as garbage.
+    /// A store from a build that sealed nothing holds values without sums: they are sealed as
+    /// it opens, and read back as they were (refused, every node of a cluster upgraded lost
+    /// the cluster's state: the review of `7a67634`). From then on a byte changed is damage.
     #[test]
-    fn a_store_of_a_build_before_checksums_is_refused_saying_so() {
+    fn a_store_of_a_build_before_checksums_is_sealed_as_it_opens_and_keeps_its_state() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("raft.redb");
+        let vote = Vote::new(7, 2);
         let db = Database::create(&path).expect("created");
         let txn = db.begin_write().expect("a write");
-        txn.open_table(META).expect("meta").insert(VOTE, &[1u8, 2, 3][..]).expect("put");
+        let unsealed = codec::encode(&vote).expect("encoded");
+        txn.open_table(META).expect("meta").insert(VOTE, unsealed.as_slice()).expect("put");
+        txn.open_table(LOGS).expect("logs");
         txn.commit().expect("committed");
         drop(db);
-        let Err(error) = open(&path) else { panic!("an unsealed store opened") };
-        let said = error.to_string();
-        assert!(said.contains("older build of gobelins"), "{said}");
+        let (log, _) = open(&path).expect("an older build's store opens");
+        assert_eq!(get_meta::<Vote<u64>>(&log.db, VOTE).expect("read"), Some(vote));
+        drop(log);
+        let (log, _) = open(&path).expect("and again, sealed once");
+        assert_eq!(get_meta::<Vote<u64>>(&log.db, VOTE).expect("read"), Some(vote));
+        drop(log);
+        damage(&path, VOTE);
+        assert!(open(&path).is_err(), "sealed now: a byte changed is damage");
+    }
+
+    /// A sealed store whose format mark was lost (a byte of its key changed) is marked again,
+    /// not sealed twice: its values would no longer decode.
+    #[test]
+    fn a_sealed_store_that_lost_its_mark_is_not_sealed_twice() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("raft.redb");
+        let (log, _) = open(&path).expect("a fresh store");
+        claim(&log, "c1", 3, true, &path).expect("claimed");
+        drop(log);
+        let db = Database::create(&path).expect("reopened");
+        let txn = db.begin_write().expect("a write");
+        txn.open_table(META).expect("meta").remove(sealed::FORMAT).expect("mark gone");
+        txn.commit().expect("committed");
+        drop(db);
+        let (log, _) = open(&path).expect("opens");
+        claim(&log, "c1", 3, false, &path).expect("still node 3's of c1");
     }
 
     /// A store is its node's and its cluster's: a directory with another cluster's secret, or

@@ -494,9 +494,10 @@ async fn refused_config(options: &AgentOptions) -> String {
 /// A member's directory put together from parts is refused, naming the file to put back: with
 /// another cluster's `cluster.secret` copied in, it ran as a member of that cluster with this
 /// one's votes and log (a helper's test saw it win an election there and declare the others
-/// failed); with its `node.id` gone, it took a random id and ran on the old node's store.
+/// failed); with its `node.id` edited, it ran as another node on this one's store. With its
+/// `node.id` gone (it took an id of chance before), it takes its id back from the store.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_s_directory_with_another_cluster_s_secret_or_without_its_id_is_refused() {
+async fn a_member_s_directory_with_another_cluster_s_secret_or_another_id_is_refused() {
     let root = tempfile::tempdir().expect("temporary directory");
     let (dir, listen) = (root.path().join("n1"), free_addr());
     let mine = bootstrapped(&dir, 1, &listen).await;
@@ -517,10 +518,9 @@ async fn a_member_s_directory_with_another_cluster_s_secret_or_without_its_id_is
     assert!(why.contains("two clusters") && why.contains("put back"), "{why}");
 
     std::fs::write(&secret, own).expect("its own secret back");
-    std::fs::remove_file(dir.join("node.id")).expect("node.id removed");
+    std::fs::write(dir.join("node.id"), "9\n").expect("node.id edited");
     let why = refused_config(&resume).await;
     assert!(why.contains("Write 1 into"), "{why}");
-    assert!(!dir.join("node.id").exists(), "no id of chance kept for the directory");
 
     std::fs::write(dir.join("node.id"), "1\n").expect("node.id back");
     // Its secret gone, it is no directory that "holds no cluster" (and should bootstrap one).
@@ -532,7 +532,10 @@ async fn a_member_s_directory_with_another_cluster_s_secret_or_without_its_id_is
         "{why}"
     );
     std::fs::write(&secret, own).expect("its secret back");
+    // Its node.id gone, it takes its id back from its raft store, not one of chance.
+    std::fs::remove_file(dir.join("node.id")).expect("node.id removed");
     let agent = Agent::start(TokioNet, &resume, Registry::new).await.expect("restarted");
     until_active_alone(&agent, 1, "the restart").await;
+    assert_eq!(DataDir::open(&dir).expect("dir").node_id().expect("read"), Some(1));
     agent.stop().await;
 }

@@ -4,7 +4,8 @@
 //! (a helper's test: a node shown in the wrong zone, a change that never ended). A value that
 //! fails its sum is an error that names the damage, never a different state.
 
-use super::{read_err, StorageResult};
+use super::{read_err, StorageResult, LOGS, META};
+use redb::ReadableTable as _;
 use sha2::Digest as _;
 
 /// The bytes of a value's sum, before the value.
@@ -37,6 +38,34 @@ pub(super) fn unseal(stored: &[u8]) -> StorageResult<&[u8]> {
             "a value in the raft store does not match its checksum: the file is damaged",
         ))),
     }
+}
+
+/// Seals, in `txn`, every value of a store an older build wrote without sums, and marks its
+/// format: an upgrade keeps the cluster's state (refused, every node of a cluster restarted on
+/// a new build lost it). A store whose every value opens already is sealed, its mark lost, and
+/// only the mark is written again: sealed twice, its values would no longer decode.
+pub(super) fn upgrade(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+    let mut meta = txn.open_table(META)?;
+    let mut logs = txn.open_table(LOGS)?;
+    let kept: Vec<(String, Vec<u8>)> = meta
+        .iter()?
+        .map(|item| item.map(|(k, v)| (k.value().to_string(), v.value().to_vec())))
+        .collect::<Result<_, _>>()?;
+    let logged: Vec<(u64, Vec<u8>)> = logs
+        .iter()?
+        .map(|item| item.map(|(k, v)| (k.value(), v.value().to_vec())))
+        .collect::<Result<_, _>>()?;
+    let values = kept.iter().map(|(_, v)| v).chain(logged.iter().map(|(_, v)| v));
+    if !values.into_iter().all(|v| unseal(v).is_ok()) {
+        for (key, value) in &kept {
+            meta.insert(key.as_str(), seal(value).as_slice())?;
+        }
+        for (index, value) in &logged {
+            logs.insert(*index, seal(value).as_slice())?;
+        }
+    }
+    meta.insert(FORMAT, CURRENT)?;
+    Ok(())
 }
 
 #[cfg(test)]
