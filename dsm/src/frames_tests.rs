@@ -431,3 +431,22 @@ async fn a_fetch_waiting_for_a_commit_that_asks_the_manager_answers_busy_at_once
     drop(writing);
     assert!(f.serve(NodeId(7)).await.is_some(), "served once the commit is done");
 }
+
+/// A reader asked to take the page when its owner lacks it gives only a valid read copy: a
+/// backup it keeps under the same label may hold an older commit of that version (it missed
+/// one), and `promote`, which takes a backup, would roll those commits back (the review of
+/// `c29d11e`).
+#[test]
+fn only_a_valid_read_copy_is_adopted_never_a_backup_of_the_same_label() {
+    let page = |b: u8| Arc::new(vec![b; PAGE_SIZE]);
+    let f = Frame::default();
+    assert_eq!(f.store_backup(6, 2, page(1)), Stored::Kept);
+    f.invalidate(6);
+    f.install_read(6, page(2));
+    assert!(!f.adopt_read_copy(6, &|| false), "no valid read copy: the backup is not taken");
+    assert!(f.promote(6, Some(6)), "as `Promote` would take it");
+    let held = Frame::default();
+    held.install_read(6, page(2));
+    assert!(held.adopt_read_copy(6, &|| false), "a valid read copy is the page");
+    assert_eq!(held.readable().map(|(v, d)| (v, d[0])), Some((6, 2)));
+}

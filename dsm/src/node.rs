@@ -82,6 +82,11 @@ pub(crate) struct NodeState {
     /// manager died: their pages read as zeros there. Beside the markers, not in them, so that
     /// a fault reads it without waiting for a marker a change holds.
     pub(crate) freed: Mutex<HashMap<Key, Freed>>,
+    /// Held, shared, while a page's entry is made from its slot's taint; taken alone, empty,
+    /// by `forgive` once the taint is gone, to wait for those being made: an entry made lost
+    /// as the taint was lifted, after `forgive` looked for such entries, read as lost for
+    /// good.
+    pub(crate) minting: std::sync::RwLock<()>,
     /// Wakes arrivals waiting at a barrier this node manages.
     pub(crate) barriers: DashMap<Key, Arc<Notify>, Hasher>,
     /// The change in progress.
@@ -201,6 +206,7 @@ impl DsmNode {
                 live: DashMap::default(),
                 staged: Mutex::new(Vec::new()),
                 freed: Mutex::default(),
+                minting: std::sync::RwLock::default(),
                 barriers: DashMap::default(),
                 change: Mutex::new(None),
                 exposed: Mutex::new(None),

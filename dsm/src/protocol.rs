@@ -201,6 +201,16 @@ pub enum Request {
         /// The node about to own the page: where to read it next (a hint).
         owner: Option<NodeId>,
     },
+    /// To a reader, from a manager taking a grant back from an owner that lacks the page: make
+    /// the read copy of `version` this node holds the page, owned, if it is still valid;
+    /// `Missing` otherwise. Never a backup or a copy set aside, which may hold an older commit
+    /// under the same label (see `Frame::adopt_read_copy`).
+    Adopt {
+        /// The page.
+        page: PageId,
+        /// The entry's version.
+        version: u64,
+    },
     /// To a backup node, from a manager whose page's owner died: make the backup the page,
     /// owned, at `version`.
     Promote {

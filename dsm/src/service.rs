@@ -235,6 +235,7 @@ impl DsmService {
         if let Some(s) = st.live.get(&key) {
             return Arc::clone(&s);
         }
+        let _minting = st.minting.read().unwrap_or_else(|p| p.into_inner());
         let fresh = match named(key) {
             Named::Page(page) => {
                 let marker = taint_key(st.spec.slot_of(key));

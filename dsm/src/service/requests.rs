@@ -60,11 +60,14 @@ impl DsmService {
             return Response::Kept;
         };
         let _marker = held.lock().await;
-        // The marker first: a page first asked for from now on is made new, not lost.
+        // The marker first: a page first asked for from now on is made new, not lost. Those
+        // made lost before are all in the table once every entry being made as the marker
+        // went is in (`minting`, held for no more than that wait: nothing else under it).
         if st.live.remove(&marker).is_none() {
             return Response::Kept;
         }
         st.freed.lock().expect("freed").remove(&marker);
+        drop(st.minting.write().unwrap_or_else(|p| p.into_inner()));
         let slot = st.spec.slot_of(marker);
         let of_slot: Vec<Arc<AsyncMutex<Live>>> = st
             .live
@@ -82,6 +85,10 @@ impl DsmService {
                 }
             }
         }
+        // The word to the replica holder left the slot out for its taint, and was not to be
+        // given again for it: given again now, it may vouch for the slot, and this node's
+        // death soon after does not taint the slot anew.
+        st.word.lock().await.tainted.remove(&slot);
         tracing::warn!(slot, reset, "dsm: a slot's taint was lifted (`gobelins dsm forgive`): its pages nobody reported after its manager failed read as zeros, as never written");
         Response::Forgiven { reset }
     }
@@ -250,6 +257,14 @@ impl DsmService {
                 // recovery's scan may run between that check and this one.
                 let departed = departed_since(ctx, ctx.from());
                 if frames.frame(page).promote_unless(version, label, &departed) {
+                    Response::Ok
+                } else {
+                    Response::Missing
+                }
+            }
+            Request::Adopt { page, version } => {
+                let departed = departed_since(ctx, ctx.from());
+                if frames.frame(page).adopt_read_copy(version, &departed) {
                     Response::Ok
                 } else {
                     Response::Missing

@@ -190,8 +190,12 @@ async fn a_forgiven_slot_reads_its_unreported_pages_as_zeros_and_keeps_the_other
         |page: PageId| service.handle(&ctx, page.key(), Request::ReadFault { node: NodeId(2) });
     assert!(matches!(read(asked).await, Response::Lost), "tainted: lost");
 
+    service.state().word.lock().await.tainted.insert(slot);
     let forgiven = service.handle(&ctx, marker, Request::Forgive).await;
     assert!(matches!(forgiven, Response::Forgiven { reset: 1 }), "{forgiven:?}");
+    let word = service.state().word.lock().await;
+    assert!(!word.tainted.contains(&slot), "the word is given again, vouching for the slot");
+    drop(word);
     for page in [asked, never] {
         let answer = read(page).await;
         assert!(matches!(answer, Response::Copy { owner: None, .. }), "{page:?}: {answer:?}");

@@ -160,13 +160,7 @@ impl DsmService {
             entry.owner.map(|o| (o, Some(version))),
             held,
         ];
-        // Last, the other readers of this very version: an owner a failure's repair chose from
-        // the copyset may hold nothing (a reader evicted and back under its id, to a manager
-        // in another cell that took no part in either change), while they hold the page.
-        let owner = entry.owner;
-        let readers = entry.copyset.iter().filter(|&&n| Some(n) != owner);
-        let readers: Vec<(NodeId, Option<u64>)> = readers.map(|&n| (n, Some(version))).collect();
-        for (node, label) in candidates.into_iter().flatten().chain(readers) {
+        for (node, label) in candidates.into_iter().flatten() {
             if self.gone(ctx, node) {
                 continue;
             }
@@ -177,6 +171,28 @@ impl DsmService {
             }
             self.taken_back_by(ctx, page, entry, node);
             return true;
+        }
+        // Last, the other readers of this very version, for their read copies alone: an owner
+        // a failure's repair chose from the copyset may hold nothing (a reader evicted and
+        // back under its id, to a manager in another cell that took no part in either change),
+        // while they hold the page. Not through `Promote`, which would take a backup kept
+        // there under the same label, perhaps of an older commit (the review of `c29d11e`).
+        let owner = entry.owner;
+        let readers: Vec<NodeId> = entry
+            .copyset
+            .iter()
+            .copied()
+            .filter(|&n| Some(n) != owner && !self.gone(ctx, n))
+            .collect();
+        for node in readers {
+            match self.told(ctx, node, page, Request::Adopt { page, version }).await {
+                Some(Response::Ok) => {
+                    self.taken_back_by(ctx, page, entry, node);
+                    return true;
+                }
+                Some(Response::Missing) => continue,
+                _ => return false,
+            }
         }
         tracing::warn!(?page, version, "dsm: page lost: a write grant never reached its writer, and no node holds what it carried");
         self.found_lost(u64::from(!entry.lost));
