@@ -1,8 +1,10 @@
 //! Raft's log, vote and state machine, persisted in one redb file in the data directory.
 //!
-//! Tables: `logs` (index → encoded entry), `meta` (vote, committed, last purged, snapshot). The
-//! state machine lives in memory and is rebuilt at start from the last snapshot plus the log; a
-//! snapshot is written whenever openraft builds or installs one.
+//! Tables: `logs` (index → encoded entry), `meta` (vote, committed, last purged, snapshot, the
+//! store's owner and format). Every value is sealed with a checksum (`sealed`), and the store is
+//! checked whole as it opens (`opening`). The state machine lives in memory and is rebuilt at
+//! start from the last snapshot plus the log; a snapshot is written whenever openraft builds or
+//! installs one.
 //!
 //! A durable write waits for the disk (redb syncs at every commit): on the agent's runtime it
 //! runs on tokio's blocking threads, so that the node's requests, migrations, its leader's pings
@@ -38,7 +40,10 @@ use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
 
+mod opening;
 mod sealed;
+use opening::{check, quietly};
+pub use opening::{claim, owner_of};
 use sealed::{seal, unseal};
 
 const LOGS: TableDefinition<'_, u64, &[u8]> = TableDefinition::new("logs");
@@ -160,176 +165,6 @@ fn ready(
     })?;
     let log = LogStore { db, durable, covered: machine.covered.subscribe() };
     Ok((log, machine))
-}
-
-/// Makes the tables on a new store, marked with the format its values are sealed in; on one
-/// that holds something, checks its format and every value's sum.
-fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorError> {
-    let storage = |doing: &str, e: &dyn std::fmt::Display| {
-        crate::SupervisorError::Storage(format!("{doing} {what}: {e}"))
-    };
-    let init = || -> Result<Vec<u8>, redb::Error> {
-        let txn = db.begin_write()?;
-        let format = {
-            let meta = txn.open_table(META)?;
-            let format = meta.get(sealed::FORMAT)?.map(|v| v.value().to_vec());
-            format
-        };
-        // A new store is marked; one an older build wrote has its values sealed, here, in the
-        // same transaction.
-        let format = match format {
-            Some(known) => known,
-            None => {
-                sealed::upgrade(&txn)?;
-                sealed::CURRENT.to_vec()
-            }
-        };
-        txn.commit()?;
-        Ok(format)
-    };
-    let format = init().map_err(|e| {
-        let full = matches!(&e, redb::Error::Io(io)
-            if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded));
-        let advice = if full { "the disk is full: free space, then start the agent again" } else { DAMAGED };
-        storage("initialising", &format!("{e}; {advice}"))
-    })?;
-    match format.as_slice() {
-        sealed::CURRENT => {}
-        other => {
-            return Err(storage(
-                "reading",
-                &format!(
-                    "it is in a format this build does not know ({:?}): if a newer build of \
-                     gobelins ran on this data directory, run that build again; otherwise \
-                     {DAMAGED}",
-                    String::from_utf8_lossy(other)
-                ),
-            ))
-        }
-    }
-    let read = || -> StorageResult<()> {
-        let txn = db.begin_read().map_err(read_err)?;
-        let meta = txn.open_table(META).map_err(read_err)?;
-        for item in meta.iter().map_err(read_err)? {
-            let (key, value) = item.map_err(read_err)?;
-            if key.value() != sealed::FORMAT {
-                unseal(value.value())?;
-            }
-        }
-        // Under its own index: the sums cover values, not keys.
-        let logs = txn.open_table(LOGS).map_err(read_err)?;
-        for item in logs.iter().map_err(read_err)? {
-            let (index, value) = item.map_err(read_err)?;
-            let entry: Entry<TypeConfig> =
-                codec::decode(unseal(value.value())?).map_err(codec_err)?;
-            if entry.log_id.index != index.value() {
-                return Err(read_err(std::io::Error::other(format!(
-                    "the log entry kept under index {} is entry {}: the file is damaged",
-                    index.value(),
-                    entry.log_id.index
-                ))));
-            }
-        }
-        Ok(())
-    };
-    read().map_err(|e| storage("reading", &format!("{e}; {DAMAGED}")))
-}
-
-std::thread_local! {
-    /// Whether this thread runs [`quietly`].
-    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `work`, `None` if it panicked, without the panic's message and backtrace on the
-/// terminal: the caller says what it means. The process's panic hook is wrapped once, and
-/// stays silent for this thread only while it runs `work`: swapped in and out around each
-/// call, two stores opened at once on two threads left the silent hook in place for good.
-fn quietly<T>(work: impl FnOnce() -> T) -> Option<T> {
-    static WRAPPED: std::sync::Once = std::sync::Once::new();
-    WRAPPED.call_once(|| {
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if !QUIET.with(std::cell::Cell::get) {
-                hook(info)
-            }
-        }));
-    });
-    let was = QUIET.with(|q| q.replace(true));
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
-    QUIET.with(|q| q.set(was));
-    result.ok()
-}
-
-/// The cluster and node the store at `path` holds the raft state of ([`claim`]), if it says;
-/// `None` for a store missing, unreadable, or of a build before the record. Read before the
-/// store is opened for good: a directory whose `node.id` went takes its id back from it.
-pub fn owner_of(path: &Path) -> Option<(String, u64)> {
-    if !path.exists() {
-        return None;
-    }
-    quietly(|| {
-        let db = Database::open(path).ok()?;
-        get_meta::<(String, u64)>(&db, OWNER).ok().flatten()
-    })
-    .flatten()
-}
-
-/// Ties the store to the cluster and node it holds the raft state of, or checks it is theirs.
-/// A member's directory put together from parts (another cluster's `cluster.secret` copied in,
-/// `node.id` deleted or edited) ran as a node of the wrong cluster with this one's votes and
-/// log: a helper's test saw a data directory from one cluster, given another's secret, win an
-/// election there and declare its members failed. `fresh`: the directory's node was never
-/// admitted (its first start or join), and any store it holds is its own to claim.
-pub fn claim(
-    log: &LogStore,
-    cluster: &str,
-    node: u64,
-    fresh: bool,
-    path: &Path,
-) -> Result<(), crate::SupervisorError> {
-    let damaged = |e: StorageError<u64>| {
-        crate::SupervisorError::Storage(format!("reading {}: {e}; {DAMAGED}", path.display()))
-    };
-    let owner: Option<(String, u64)> = get_meta(&log.db, OWNER).map_err(damaged)?;
-    let dir = path.parent().unwrap_or(path).display();
-    match owner {
-        Some((theirs, of)) if !fresh && theirs != cluster => {
-            Err(crate::SupervisorError::Config(format!(
-                "{} holds the raft state of node {of} of cluster {theirs}, but this data \
-                 directory's cluster.secret is cluster {cluster}'s: its files come from two \
-                 clusters (a cluster.secret copied from another cluster's member?). To run \
-                 node {of} again, put back cluster {theirs}'s cluster.secret. To join cluster \
-                 {cluster}, start on an empty --data-dir with its --secret-file",
-                path.display()
-            )))
-        }
-        Some((_, of)) if !fresh && of != node => Err(crate::SupervisorError::Config(format!(
-            "{} holds the raft state of node {of}, but this start is node {node}: {dir}/node.id \
-             is missing or was changed. Write {of} into {dir}/node.id (or start with --node-id \
-             {of}); to run node {node}, give it a data directory of its own",
-            path.display()
-        ))),
-        Some(owner) if owner == (cluster.to_string(), node) => Ok(()),
-        _ => {
-            let db = Arc::clone(&log.db);
-            let owner = seal(&codec::encode(&(cluster, node)).map_err(|e| {
-                crate::SupervisorError::Storage(format!("encoding the store's owner: {e}"))
-            })?);
-            let write = || -> Result<(), redb::Error> {
-                let txn = db.begin_write()?;
-                txn.open_table(META)?.insert(OWNER, owner.as_slice())?;
-                txn.commit()?;
-                Ok(())
-            };
-            write().map_err(|e| {
-                crate::SupervisorError::Storage(format!(
-                    "writing {} (is the disk full or read-only? free space, then start the \
-                     agent again with the same --data-dir): {e}",
-                    path.display()
-                ))
-            })
-        }
-    }
 }
 
 fn get_meta<T: serde::de::DeserializeOwned>(db: &Database, key: &str) -> StorageResult<Option<T>> {
