@@ -64,7 +64,8 @@ pub(super) enum DsmOp {
     /// Accept what a failed manager took with it: in the slot of the page given, or in every
     /// slot, pages no node reported after the failure read as zeros again, as never written,
     /// instead of as lost (tainted slots, which `dsm lost` counts). Use it once what mattered
-    /// is restored. Pages reported lost one by one stay so: discard them.
+    /// is restored. So do pages first asked for while their slot was tainted; a page lost
+    /// after it was written (its copies died) stays lost: discard it.
     Forgive {
         #[command(flatten)]
         dir: DirArgs,
@@ -174,6 +175,7 @@ fn dsm_forgive(dir: &DirArgs, page: Option<(u32, u32)>) -> anyhow::Result<()> {
             "the slot's taint is lifted: pages nobody reported read as zeros ({reset} reported \
              lost meanwhile are new again)"
         ),
+        None if forgiven == 0 => eprintln!("no slot is tainted: nothing to forgive"),
         None => eprintln!(
             "{forgiven} tainted slots forgiven: pages nobody reported read as zeros ({reset} \
              reported lost meanwhile are new again)"

@@ -748,6 +748,32 @@ mod tests {
         assert!(open(&path).is_err(), "sealed now: a byte changed is damage");
     }
 
+    /// A key with a byte changed (`vote` read back as `wote`) is damage too: the sums cover
+    /// values, and a voter's vote was dropped without a word (a helper's black-box test).
+    #[test]
+    fn a_store_with_a_key_changed_is_refused_as_damaged() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("raft.redb");
+        let (log, _) = open(&path).expect("a fresh store");
+        claim(&log, "c1", 3, true, &path).expect("claimed");
+        drop(log);
+        let db = Database::create(&path).expect("reopened");
+        let txn = db.begin_write().expect("a write");
+        {
+            let mut meta = txn.open_table(META).expect("meta");
+            let value = meta.remove(OWNER).expect("read").expect("a value").value().to_vec();
+            meta.insert("nwner", value.as_slice()).expect("put");
+        }
+        txn.commit().expect("committed");
+        drop(db);
+        let Err(error) = open(&path) else { panic!("a renamed key opened") };
+        let said = error.to_string();
+        assert!(
+            said.contains("a key no build writes") && said.contains("may be damaged"),
+            "{said}"
+        );
+    }
+
     /// A sealed store whose format mark was lost (a byte of its key changed) is marked again,
     /// not sealed twice: its values would no longer decode.
     #[test]

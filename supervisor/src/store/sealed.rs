@@ -35,7 +35,7 @@ pub(super) fn unseal(stored: &[u8]) -> StorageResult<&[u8]> {
     match stored.split_at_checked(SUM) {
         Some((kept, value)) if kept == sum(value) => Ok(value),
         _ => Err(read_err(std::io::Error::other(
-            "a value in the raft store does not match its checksum: the file is damaged",
+            "a value in the raft store does not match its checksum",
         ))),
     }
 }
