@@ -691,19 +691,33 @@ mod tests {
         assert!(said.contains("may be damaged") && said.contains("--join ADDR"), "{said}");
     }
 
-    /// Changes one byte of the value stored under `key` in the meta table of the store at
-    /// `path`, as a disk that returns other bytes would.
-    fn damage(path: &Path, key: &str) {
+    /// A new store at `path`, claimed by node 3 of cluster c1, and closed.
+    fn claimed_store(path: &Path) {
+        let (log, _) = open(path).expect("a fresh store");
+        claim(&log, "c1", 3, true, path).expect("claimed");
+    }
+
+    /// Edits the meta table of the closed store at `path`, as a disk that returns other bytes
+    /// would.
+    fn edit_meta(
+        path: &Path,
+        edit: impl FnOnce(&mut redb::Table<'_, &'static str, &'static [u8]>),
+    ) {
         let db = Database::create(path).expect("reopened");
         let txn = db.begin_write().expect("a write");
-        {
-            let mut meta = txn.open_table(META).expect("meta");
+        edit(&mut txn.open_table(META).expect("meta"));
+        txn.commit().expect("committed");
+    }
+
+    /// Changes one byte of the value stored under `key` in the meta table of the store at
+    /// `path`.
+    fn damage(path: &Path, key: &str) {
+        edit_meta(path, |meta| {
             let mut value = meta.get(key).expect("read").expect("a value").value().to_vec();
             let last = value.len() - 1;
             value[last] ^= 1;
             meta.insert(key, value.as_slice()).expect("put");
-        }
-        txn.commit().expect("committed");
+        });
     }
 
     /// One byte changed in a stored value decoded as another value, silently: a helper's
@@ -713,9 +727,7 @@ mod tests {
     fn a_store_with_one_byte_changed_is_refused_as_damaged() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("raft.redb");
-        let (log, _) = open(&path).expect("a fresh store");
-        claim(&log, "c1", 3, true, &path).expect("claimed");
-        drop(log);
+        claimed_store(&path);
         damage(&path, OWNER);
         let Err(error) = open(&path) else { panic!("a damaged value opened") };
         let said = error.to_string();
@@ -754,18 +766,11 @@ mod tests {
     fn a_store_with_a_key_changed_is_refused_as_damaged() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("raft.redb");
-        let (log, _) = open(&path).expect("a fresh store");
-        claim(&log, "c1", 3, true, &path).expect("claimed");
-        drop(log);
-        let db = Database::create(&path).expect("reopened");
-        let txn = db.begin_write().expect("a write");
-        {
-            let mut meta = txn.open_table(META).expect("meta");
+        claimed_store(&path);
+        edit_meta(&path, |meta| {
             let value = meta.remove(OWNER).expect("read").expect("a value").value().to_vec();
             meta.insert("nwner", value.as_slice()).expect("put");
-        }
-        txn.commit().expect("committed");
-        drop(db);
+        });
         let Err(error) = open(&path) else { panic!("a renamed key opened") };
         let said = error.to_string();
         assert!(
@@ -780,14 +785,10 @@ mod tests {
     fn a_sealed_store_that_lost_its_mark_is_not_sealed_twice() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("raft.redb");
-        let (log, _) = open(&path).expect("a fresh store");
-        claim(&log, "c1", 3, true, &path).expect("claimed");
-        drop(log);
-        let db = Database::create(&path).expect("reopened");
-        let txn = db.begin_write().expect("a write");
-        txn.open_table(META).expect("meta").remove(sealed::FORMAT).expect("mark gone");
-        txn.commit().expect("committed");
-        drop(db);
+        claimed_store(&path);
+        edit_meta(&path, |meta| {
+            meta.remove(sealed::FORMAT).expect("mark gone");
+        });
         let (log, _) = open(&path).expect("opens");
         claim(&log, "c1", 3, false, &path).expect("still node 3's of c1");
     }
