@@ -221,10 +221,16 @@ impl<N: Net> Agent<N> {
         let mut generated = None;
         // A member's directory whose node.id went (deleted, a restore that missed it, a crash
         // before a first join kept it): its raft store says whose it is, in this cluster.
-        let recorded = store::owner_of(&dir.store_path())
-            .filter(|(cluster, _)| *cluster == secret.cluster.to_string())
-            .map(|(_, node)| node);
-        let node = match (dir.node_id()?, options.node_id) {
+        // Read only then: every other start would open the store twice.
+        let saved = dir.node_id()?;
+        let recorded = if saved.is_none() && options.node_id.is_none() && !dir.unadmitted()? {
+            store::owner_of(&dir.store_path())
+                .filter(|(cluster, _)| *cluster == secret.cluster.to_string())
+                .map(|(_, node)| node)
+        } else {
+            None
+        };
+        let node = match (saved, options.node_id) {
             (Some(saved), Some(asked)) if saved != asked => {
                 return Err(SupervisorError::Config(format!(
                     "{} belongs to node {saved}, not {asked}: start it with --node-id {saved} \
@@ -233,7 +239,7 @@ impl<N: Net> Agent<N> {
                 )));
             }
             (Some(saved), _) => saved,
-            (None, None) if recorded.is_some() && !dir.unadmitted()? => {
+            (None, None) if recorded.is_some() => {
                 let id = recorded.expect("checked");
                 tracing::warn!(node = id, "{} had no node.id: its raft store is node {id}'s, in this cluster; it runs as node {id} and writes node.id again", options.data_dir.display());
                 generated = Some(id);
