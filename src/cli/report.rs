@@ -196,6 +196,12 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
             writeln!(out, "note: node {id} has not answered the leader for {s:.1} s")?;
         }
     }
+    for node in status["nodes"].as_array().into_iter().flatten() {
+        if node["kept_out"] == true {
+            let id = &node["id"];
+            writeln!(out, "note: node {id} is kept out: it failed with a leave or eviction of it under way, or was evicted once failed. Its agent, started again, stops as left; start it with --join ADDR to bring it back")?;
+        }
+    }
     writeln!(
         out,
         "{:>8}  {:<22} {:<8} {:>5} {:<6} labels",

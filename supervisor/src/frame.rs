@@ -58,10 +58,11 @@ use tokio_util::codec::{Decoder, Encoder};
 /// the replicated state records the last two changes that moved something of each node's, and
 /// a `Fail` carries the dead node's, where 25 took every linked node part instead; an `Evict`
 /// names the nodes its leaver held replicas for, for which the leaver stays should one die;
-/// 27: a dialer's `Hello` names the node it means to reach).
-pub const VERSION: u8 = 27;
+/// 27: a dialer's `Hello` names the node it means to reach; 28: a node's record says whether
+/// its operator asked it out before it failed, and an `Evict` of a failed node records so).
+pub const VERSION: u8 = 28;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 27;
+pub const MIN_VERSION: u8 = 28;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

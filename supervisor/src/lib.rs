@@ -6,7 +6,7 @@
 //! - [`frame`]: length + version framing, with the size limit checked first.
 //! - [`state`]: the replicated cluster state and its pure `apply`.
 //! - [`types`], [`runtime`], [`store`]: openraft's instantiation, its seedable runtime, the
-//!   redb-backed log and state machine.
+//!   redb-backed log and state machine; `layout`: the state as older builds stored it.
 //! - [`transport`], [`net`], [`tcp`]: request/response between nodes over TCP; [`mem`]: the
 //!   in-memory transport with fault injection that tests use.
 //! - [`secret`]: the cluster id and key; [`handshake`]: both ends prove they hold the key.
@@ -32,6 +32,7 @@ pub mod handshake;
 mod huge_pages;
 mod lag;
 pub mod lane;
+pub(crate) mod layout;
 pub mod link;
 pub mod mem;
 pub mod net;

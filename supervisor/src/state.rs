@@ -65,6 +65,13 @@ pub struct NodeRecord {
     pub status: NodeStatus,
     /// Which life: a node that failed must come back with a higher one.
     pub incarnation: u64,
+    /// The operator asked this life out, and it failed before it was: in the middle of its
+    /// leave or eviction, or evicted once failed. A start of its data directory then ends as
+    /// left rather than rejoin: a node killed, evicted while dead, and started again by its
+    /// unit came back as a member, against the eviction its operator was told had ended.
+    /// `--join` brings it back.
+    #[serde(default, with = "crate::layout::since_28")]
+    pub kept_out: bool,
 }
 
 /// A command replicated through raft.
@@ -308,6 +315,8 @@ pub enum Applied {
     Registered,
     /// The cell tree has the label levels asked for.
     Shaped,
+    /// A node evicted once it had failed stays out: a start of its data directory ends as left.
+    KeptOut,
 }
 
 impl fmt::Display for Applied {
@@ -323,6 +332,7 @@ impl fmt::Display for Applied {
             Applied::Recorded { stable: false } => f.write_str("recorded"),
             Applied::Registered => f.write_str("registered"),
             Applied::Shaped => f.write_str("the cell tree's label levels are set"),
+            Applied::KeptOut => f.write_str("kept out: it had failed already"),
         }
     }
 }
@@ -429,7 +439,16 @@ impl ClusterState {
             Command::Join { node, addr, labels, incarnation } => {
                 self.join(*node, addr, labels, *incarnation)
             }
-            Command::Leave { node } | Command::Evict { node } => self.remove(*node),
+            Command::Leave { node } => self.remove(*node),
+            Command::Evict { node } => match self.nodes.get_mut(node) {
+                // Nothing to hand over, but its operator wants it out: kept so, as when it
+                // fails in the middle of its eviction.
+                Some(record) if record.status == NodeStatus::Failed && !record.kept_out => {
+                    record.kept_out = true;
+                    Ok(Applied::KeptOut)
+                }
+                _ => self.remove(*node),
+            },
             Command::Fail { node, incarnation } => self.fail(*node, *incarnation, false),
             Command::Dead { node, incarnation } => self.fail(*node, *incarnation, true),
             Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
@@ -545,6 +564,7 @@ impl ClusterState {
             labels: labels.clone(),
             status: NodeStatus::Joining,
             incarnation,
+            kept_out: false,
         };
         self.nodes.insert(node, record);
         self.enqueue(Change::Add { node: NodeId(node), labels: labels.clone() })
@@ -581,7 +601,11 @@ impl ClusterState {
         if self.live().len() == 1 && !even_last {
             return Err(Refusal::LastNode(node));
         }
+        let leaving = record.status == NodeStatus::Leaving;
         self.set_status(node, NodeStatus::Failed);
+        if let Some(record) = self.nodes.get_mut(&node) {
+            record.kept_out = leaving;
+        }
         // Whatever the dead node had asked for is void; its entries must be rebuilt.
         self.queue.retain(|c| c.node() != Some(NodeId(node)));
         if let Some(moves) = self.in_progress.as_ref().map(|p| unfinished(p, NodeId(node))) {

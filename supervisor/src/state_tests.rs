@@ -321,6 +321,38 @@ fn a_node_dying_during_its_own_eviction_is_recovered_with_the_moves_it_had_not_f
     settle(&mut state);
     assert!(state.is_stable());
     assert_eq!(status(&state, 3), NodeStatus::Failed, "a dead leaver stays failed");
+    assert!(state.nodes[&3].kept_out, "asked out, it is kept out");
+}
+
+/// An operator's eviction outlives the node's failure: a node that failed in the middle of
+/// its eviction, or was evicted once failed, is kept out (its restart ends as left), and only
+/// a new life clears it. One that failed as a member is not.
+#[test]
+fn a_node_asked_out_before_or_after_it_failed_is_kept_out_until_a_new_life() {
+    let mut state = ClusterState::default();
+    for n in 1..=4 {
+        state.apply(&join(n)).expect("join");
+        settle(&mut state);
+    }
+    state.apply(&Fail { node: 4, incarnation: 1 }).expect("fail");
+    settle(&mut state);
+    assert!(!state.nodes[&4].kept_out, "a member that failed comes back by a restart");
+    assert_eq!(state.apply(&Evict { node: 4 }), Ok(KeptOut));
+    assert!(state.nodes[&4].kept_out);
+    assert!(state.is_stable(), "keeping a failed node out moves nothing");
+    assert_eq!(state.apply(&Evict { node: 4 }), Err(Refusal::UnknownNode(4)), "asked twice");
+    // A leave, like an eviction, asks the node out.
+    state.apply(&Leave { node: 3 }).expect("leave");
+    state.apply(&Fail { node: 3, incarnation: 1 }).expect("fail");
+    assert!(state.nodes[&3].kept_out);
+    settle(&mut state);
+    assert!(matches!(state.apply(&rejoin(4, 2)), Ok(Began { .. })));
+    settle(&mut state);
+    assert_eq!(status(&state, 4), NodeStatus::Active);
+    assert!(!state.nodes[&4].kept_out, "a new life is a member like any other");
+    assert_eq!(state.apply(&Evict { node: 1 }).map(|_| ()), Ok(()), "an active node is evicted");
+    assert_eq!(status(&state, 1), NodeStatus::Leaving);
+    assert!(!state.nodes[&1].kept_out, "only once it fails before it is out");
 }
 
 #[test]

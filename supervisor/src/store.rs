@@ -760,6 +760,54 @@ mod tests {
         assert!(open(&path).is_err(), "sealed now: a byte changed is damage");
     }
 
+    /// A store protocol 27's builds wrote, sealed or from before the sums, keeps the cluster's
+    /// state in a layout without the fields added since: it is laid out anew as it opens, and
+    /// its state read back whole (a field added to the state made every older snapshot
+    /// unreadable, and a cluster upgraded whole lost its state).
+    #[test]
+    fn a_store_of_protocol_27_is_laid_out_anew_as_it_opens_and_keeps_its_state() {
+        use crate::state::{NodeRecord, NodeStatus};
+        let mut state = ClusterState { epoch: 12, ..ClusterState::default() };
+        let labels = gobelins_locator::Labels::new();
+        let record = NodeRecord {
+            addr: "10.0.0.5:7000".into(),
+            labels,
+            status: NodeStatus::Failed,
+            incarnation: 4,
+            kept_out: false,
+        };
+        state.nodes.insert(5, record);
+        let last = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 40));
+        let meta = SnapshotMeta { last_log_id: last, ..SnapshotMeta::default() };
+        let data = crate::layout::older(27, || codec::encode(&state)).expect("laid out as 27");
+        let stored = codec::encode(&StoredSnapshot { meta, data }).expect("snapshot");
+        for mark in [Some(sealed::PROTOCOL_27), None] {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            let path = dir.path().join("raft.redb");
+            let db = Database::create(&path).expect("created");
+            let txn = db.begin_write().expect("a write");
+            {
+                let mut table = txn.open_table(META).expect("meta");
+                let kept = match mark {
+                    Some(mark) => {
+                        table.insert(sealed::FORMAT, mark).expect("mark");
+                        seal(&stored)
+                    }
+                    None => stored.clone(),
+                };
+                table.insert(SNAPSHOT, kept.as_slice()).expect("put");
+            }
+            txn.open_table(LOGS).expect("logs");
+            txn.commit().expect("committed");
+            drop(db);
+            for start in ["first", "second"] {
+                let (_, machine) = open(&path).expect("a store of protocol 27 opens");
+                assert_eq!(machine.state, state, "{mark:?}, {start} start");
+                assert_eq!(machine.last_applied, last, "{mark:?}, {start} start");
+            }
+        }
+    }
+
     /// A key with a byte changed (`vote` read back as `wote`) is damage too: the sums cover
     /// values, and a voter's vote was dropped without a word (a helper's black-box test).
     #[test]

@@ -211,6 +211,9 @@ pub struct Supervisor {
     /// its machine rebooted), or one whose end as left was recorded. Once the cluster ends
     /// that life, the leave ends with it.
     leaving_when_started: Option<u64>,
+    /// The life this process started as, when started with `--join`: its operator asked for
+    /// the node back, so a record that the cluster keeps that life out does not end it.
+    asked_back: Option<u64>,
     /// [`Parts::record_left`].
     record_left: Arc<dyn Fn(u64) -> Result<()> + Send + Sync>,
     /// The life whose end as left this process recorded last (0: none): fence checks run
@@ -377,6 +380,7 @@ impl Supervisor {
             me: parts.me,
             incarnation: AtomicU64::new(parts.incarnation),
             leaving_when_started,
+            asked_back: parts.rejoin.then_some(parts.incarnation),
             record_left: Arc::from(parts.record_left),
             left_recorded: AtomicU64::new(0),
             raft,
@@ -509,9 +513,10 @@ mod tests {
         for id in 1..=3 {
             let status = if failed.contains(&id) { NodeStatus::Failed } else { NodeStatus::Active };
             let addr = format!("n{id}");
-            state
-                .nodes
-                .insert(id, NodeRecord { addr, labels: Labels::new(), status, incarnation: 1 });
+            state.nodes.insert(
+                id,
+                NodeRecord { addr, labels: Labels::new(), status, incarnation: 1, kept_out: false },
+            );
         }
         state
     }

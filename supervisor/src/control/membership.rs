@@ -5,7 +5,7 @@ use super::session::{flush, hung_up, status_json, Reader};
 use crate::error::Result;
 use crate::rpc::ProposeError;
 use crate::rpc::View;
-use crate::state::{ClusterState, Command, NodeStatus, Refusal};
+use crate::state::{Applied, ClusterState, Command, NodeStatus, Refusal};
 use crate::supervisor::Supervisor;
 use gobelins_locator::{Change, NodeId};
 use serde_json::json;
@@ -48,6 +48,11 @@ pub(super) async fn change(
         }
     };
     match proposed {
+        Ok(Ok(Applied::KeptOut)) => {
+            let view = node.cluster_view().await;
+            let said = format!("node {target} failed already: {KEPT_OUT}");
+            flush(write, &[json!({ "progress": said }), json!({ "ok": status_json(&view) })]).await
+        }
         Ok(Ok(applied)) => {
             flush(write, &[json!({ "progress": format!("accepted: {applied}") })]).await?;
             wait_for((read, write), node, target, until, renamed(&command, target)).await
@@ -58,7 +63,7 @@ pub(super) async fn change(
             let view = node.cluster_view().await;
             let status = view.state.nodes.get(&node_id).map(|r| r.status);
             let why = match status {
-                Some(NodeStatus::Failed) => format!("node {node_id} failed already: nothing to do (its entries were rebuilt from their replicas; `gobelins status` lists it)"),
+                Some(NodeStatus::Failed) => format!("node {node_id} failed already, and is kept out: nothing to do (its entries were rebuilt from their replicas; `gobelins status` lists it)"),
                 Some(NodeStatus::Left) => format!("node {node_id} left already: nothing to do"),
                 _ => Refusal::UnknownNode(node_id).to_string(),
             };
@@ -91,6 +96,11 @@ pub(super) async fn change(
         }
     }
 }
+
+/// What becomes of a node asked out that had failed, or failed before it was out.
+const KEPT_OUT: &str = "the cluster rebuilds its entries from their replicas (`gobelins stats` \
+     counts any it could not), and keeps it out: started again from its data directory, its \
+     agent stops as left (start it with --join ADDR to bring it back)";
 
 /// The cluster records a leave as the eviction of the leaver, which the operator who typed
 /// `leave` would not recognise: the change as recorded, and as shown.
@@ -126,8 +136,7 @@ pub(super) async fn wait_for(
         if until == NodeStatus::Left && status == Some(NodeStatus::Failed) {
             let why = format!(
                 "node {target} failed before it was out (its leave or eviction had not ended): \
-                 the cluster rebuilds its entries from their replicas (`gobelins stats` counts \
-                 any it could not)"
+                 {KEPT_OUT}"
             );
             return flush(
                 write,

@@ -371,6 +371,7 @@ pub fn status_json(view: &View) -> Value {
                 "addr": r.addr,
                 "status": r.status.to_string(),
                 "incarnation": r.incarnation,
+                "kept_out": r.kept_out,
                 "labels": r.labels,
                 "voter": view.voters.contains(id),
                 "silent_ms": silent.map(|&(ms, _)| ms),

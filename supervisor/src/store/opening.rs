@@ -8,6 +8,8 @@ use super::{
 
 /// Every key of the meta table a build writes.
 const KEYS: [&str; 7] = [VOTE, COMMITTED, PURGED, SNAPSHOT, SNAPSHOT_LAST, OWNER, sealed::FORMAT];
+use super::StoredSnapshot;
+use crate::state::ClusterState;
 use crate::types::TypeConfig;
 use gobelins_adaptation::codec;
 use openraft::{Entry, StorageError};
@@ -28,14 +30,20 @@ pub(super) fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorEr
             let format = meta.get(sealed::FORMAT)?.map(|v| v.value().to_vec());
             format
         };
-        // A new store is marked; one an older build wrote has its values sealed, here, in the
-        // same transaction.
-        let format = match format {
-            Some(known) => known,
+        // A new store is marked; one an older build wrote has its values sealed and its state
+        // laid out anew, here, in the same transaction.
+        let format = match format.as_deref() {
             None => {
                 sealed::upgrade(&txn)?;
+                relayout(&txn, 27)?;
                 sealed::CURRENT.to_vec()
             }
+            Some(sealed::PROTOCOL_27) => {
+                relayout(&txn, 27)?;
+                txn.open_table(META)?.insert(sealed::FORMAT, sealed::CURRENT)?;
+                sealed::CURRENT.to_vec()
+            }
+            Some(known) => known.to_vec(),
         };
         txn.commit()?;
         Ok(format)
@@ -94,6 +102,26 @@ pub(super) fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorEr
         Ok(())
     };
     read().map_err(|e| storage("reading", &format!("{e}; {DAMAGED}")))
+}
+
+/// Writes the state kept in the stored snapshot again in the current layout, read in the
+/// layout of protocol `from` (see [`crate::layout`]).
+fn relayout(txn: &redb::WriteTransaction, from: u8) -> Result<(), redb::Error> {
+    let damaged = |e: &dyn std::fmt::Display| {
+        redb::Error::Io(std::io::Error::other(format!(
+            "the snapshot an older build kept cannot be read ({e})"
+        )))
+    };
+    let mut meta = txn.open_table(META)?;
+    let Some(kept) = meta.get(SNAPSHOT)?.map(|v| v.value().to_vec()) else { return Ok(()) };
+    let mut stored: StoredSnapshot =
+        codec::decode(unseal(&kept).map_err(|e| damaged(&e))?).map_err(|e| damaged(&e))?;
+    let state: ClusterState =
+        crate::layout::older(from, || codec::decode(&stored.data)).map_err(|e| damaged(&e))?;
+    stored.data = codec::encode(&state).map_err(|e| damaged(&e))?;
+    let sealed = seal(&codec::encode(&stored).map_err(|e| damaged(&e))?);
+    meta.insert(SNAPSHOT, sealed.as_slice())?;
+    Ok(())
 }
 
 std::thread_local! {

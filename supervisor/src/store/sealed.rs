@@ -11,8 +11,12 @@ use sha2::Digest as _;
 /// The bytes of a value's sum, before the value.
 const SUM: usize = 8;
 
-/// The store's format, kept unsealed under [`FORMAT`]: values sealed as here.
-pub(super) const CURRENT: &[u8] = b"sealed-1";
+/// The store's format, kept unsealed under [`FORMAT`]: values sealed as here, and the state
+/// laid out as protocol 28 lays it out.
+pub(super) const CURRENT: &[u8] = b"sealed-2";
+
+/// The format of stores protocol 27's builds wrote: values sealed, the state in its layout.
+pub(super) const PROTOCOL_27: &[u8] = b"sealed-1";
 
 /// The meta key of the store's format.
 pub(super) const FORMAT: &str = "format";

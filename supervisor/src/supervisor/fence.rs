@@ -5,7 +5,7 @@ use super::entry::Asking;
 use super::{Supervisor, REJOINS};
 use crate::error::SupervisorError;
 use crate::rpc::{Request, Response, View};
-use crate::state::{NodeRecord, NodeStatus, Outcome, Refusal};
+use crate::state::{Command, NodeRecord, NodeStatus, Outcome, Refusal};
 use gobelins_adaptation::log_budget::budgeted;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -59,10 +59,25 @@ impl Supervisor {
             }
             return;
         }
-        let fenced = match record {
-            Some(r) => r.status == NodeStatus::Failed,
-            None => view.state.epoch > ours,
+        // A later life of this node, at this node's address, live, that this process never
+        // served: its data directory is an older copy (restored from a backup) of the one
+        // that life ran on. That life is over, for this process holds its address, but it
+        // answers for it, so no detector ends it: the cluster waited on it for ever, a change
+        // queued behind (a helper's black-box test: more than ten minutes).
+        let later_here = |r: &&NodeRecord| {
+            r.incarnation > self.incarnation() && r.status.is_live() && r.addr == self.me.addr
         };
+        let later = record.filter(later_here).filter(|_| !self.life_admitted());
+        if let Some(later) = later {
+            if !self.end_later_life(later.incarnation).await {
+                return;
+            }
+        }
+        let fenced = later.is_some()
+            || match record {
+                Some(r) => r.status == NodeStatus::Failed,
+                None => view.state.epoch > ours,
+            };
         // This process's rejoin was committed but its answer lost (the leader crashed before it
         // replied, or the attempts ran out): the cluster waits for this life, which, never
         // admitted, serves nothing and reports nothing. The same life asking again is answered
@@ -87,8 +102,14 @@ impl Supervisor {
         // `gobelins leave`, restarted by a unit): the node stayed a member. A leave the
         // restart's state had not applied yet is not seen, and the node rejoins.
         let restarted_leaving = self.leaving_when_started == Some(self.incarnation());
+        // Asked out by its operator, and failed before it was: killed, then evicted while
+        // dead, its own log never had the eviction, and it came back as a member.
+        // Unless this process was started with `--join` to bring that life's node back: then
+        // that life is not one it served.
+        let asked_back = self.asked_back == Some(self.incarnation()) && !self.life_admitted();
+        let kept_out = record.is_some_and(|r| r.kept_out) && !asked_back;
         let dead_here = record.is_some_and(|r| r.incarnation == self.incarnation());
-        if fenced && (leaving || restarted_leaving) && dead_here {
+        if fenced && (leaving || restarted_leaving || kept_out) && dead_here {
             let life = self.incarnation();
             // Kept: the cluster's record says "failed", and the next start of this directory
             // would rejoin from it, its own log showing that end rather than the leave. Once.
@@ -105,7 +126,16 @@ impl Supervisor {
                 }
             }
             if self.end_as_left(life) {
-                if restarted_leaving {
+                if kept_out && !leaving && !restarted_leaving {
+                    tracing::warn!(
+                        node = self.me.id,
+                        peer_epoch = view.state.epoch,
+                        "the cluster took this node out while it was down (an eviction or a \
+                         leave that its failure ended): it stays out, and this start ends as \
+                         left. Its entries were rebuilt from replicas. To bring the node back, \
+                         start it with --join ADDR (a member's address)"
+                    );
+                } else if restarted_leaving {
                     tracing::warn!(
                         node = self.me.id,
                         peer_epoch = view.state.epoch,
@@ -192,6 +222,41 @@ impl Supervisor {
                 || tracing::warn!(%via, %error, "rejoin failed; will try again"),
             ),
         }
+    }
+
+    /// Ends `later`, a life of this node that a newer copy of its data directory served, from
+    /// a process on an older copy: the cluster then rebuilds that life's entries from
+    /// replicas, as for any restart, and this process rejoins as a life after it.
+    async fn end_later_life(&self, later: u64) -> bool {
+        // Its raft state is older than what this node voted and acknowledged since: until it
+        // is admitted again and caught up, a vote from it could elect a leader that lacks
+        // entries the cluster committed.
+        self.fresh.store(true, Ordering::SeqCst);
+        let fail = Command::Fail { node: self.me.id, incarnation: later };
+        let ended = match self.propose_until(fail, self.config.failure_timeout).await {
+            Ok(Ok(_)) => None,
+            // Most often an earlier attempt of this proposal, whose answer was lost.
+            Ok(Err(refusal)) => Some(refusal),
+            Err(error) => {
+                budgeted(
+                    &self.rejoins,
+                    REJOINS,
+                    || tracing::warn!(%error, later, "cannot end this node's later life yet (it ran on a newer copy of this data directory); asking again"),
+                );
+                return false;
+            }
+        };
+        tracing::warn!(
+            node = self.me.id,
+            incarnation = self.incarnation(),
+            later,
+            refused = ended.map(|r| r.to_string()),
+            "this data directory is an older copy of this node's: the cluster had life {later} \
+             of it, which ran on a newer one, and counted it live. That life is ended, its \
+             entries rebuilt from replicas, and this node rejoins as a new one. If the newer \
+             directory still exists, it is out of date now: do not start it"
+        );
+        true
     }
 
     /// [`Supervisor::ask_to_join`] of this node, which leads: once, through its own raft.

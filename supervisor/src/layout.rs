@@ -1,0 +1,90 @@
+//! The replicated state as older builds laid it out. A raft store keeps the cluster's state in
+//! its snapshot, encoded with bincode, which carries no field names: a field added to the state
+//! makes every snapshot an older build wrote unreadable, and a cluster upgraded whole would
+//! have lost its state. A field added since is marked with one of the modules here; while
+//! [`older`] runs on a thread, such fields are neither read nor written there, so that an
+//! older snapshot is read as it was laid out, then written again in the current layout.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::cell::Cell;
+
+std::thread_local! {
+    /// The protocol version whose layout this thread reads and writes, if an older one.
+    static OLDER: Cell<Option<u8>> = const { Cell::new(None) };
+}
+
+/// Runs `work` reading and writing the state as protocol `version` laid it out.
+pub(crate) fn older<T>(version: u8, work: impl FnOnce() -> T) -> T {
+    let was = OLDER.with(|o| o.replace(Some(version)));
+    let result = work();
+    OLDER.with(|o| o.set(was));
+    result
+}
+
+/// Whether a field added at protocol `since` is absent from the layout this thread uses.
+fn absent(since: u8) -> bool {
+    OLDER.with(Cell::get).is_some_and(|version| version < since)
+}
+
+/// A field added at protocol 28: [`crate::state::NodeRecord::kept_out`].
+pub(crate) mod since_28 {
+    use super::*;
+
+    const SINCE: u8 = 28;
+
+    pub(crate) fn serialize<T: Serialize, S: Serializer>(
+        value: &T,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        // A unit is no bytes at all in bincode, the only format older layouts are written in.
+        match absent(SINCE) {
+            true => serializer.serialize_unit(),
+            false => value.serialize(serializer),
+        }
+    }
+
+    pub(crate) fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<T, D::Error> {
+        match absent(SINCE) {
+            true => Ok(T::default()),
+            false => T::deserialize(deserializer),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::codec;
+    use crate::state::{ClusterState, NodeRecord, NodeStatus};
+    use gobelins_locator::Labels;
+
+    fn record(kept_out: bool) -> NodeRecord {
+        let labels = Labels::new();
+        NodeRecord {
+            addr: "a".into(),
+            labels,
+            status: NodeStatus::Failed,
+            incarnation: 3,
+            kept_out,
+        }
+    }
+
+    #[test]
+    fn a_state_in_the_layout_of_protocol_27_reads_back_without_the_fields_added_since() {
+        let mut state = ClusterState::default();
+        state.nodes.insert(4, record(true));
+        state.epoch = 9;
+        let now = codec::encode(&state).expect("encode");
+        let before = super::older(27, || codec::encode(&state)).expect("encode as 27");
+        // One byte: the flag.
+        assert_eq!(now.len(), before.len() + 1);
+        assert!(codec::decode::<ClusterState>(&before).is_err(), "27's layout is not today's");
+        let read: ClusterState = super::older(27, || codec::decode(&before)).expect("read as 27");
+        let mut expected = state.clone();
+        expected.nodes.insert(4, record(false));
+        assert_eq!(read, expected);
+        let read: ClusterState = codec::decode(&now).expect("today's layout");
+        assert_eq!(read, state);
+    }
+}
