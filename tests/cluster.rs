@@ -407,7 +407,8 @@ fn a_node_evicted_once_it_failed_stays_out_when_started_again_until_asked_back()
         let log = log_of(&agents[2]);
         assert!(exited.success(), "start {start}: an evicted node stops: {exited}{log}");
         agents[2].child = None;
-        assert!(log.contains("took this node out while it was down"), "start {start}: {log}");
+        let said = log.matches("this node's last life was asked out of the cluster").count();
+        assert_eq!(said, start, "start {start}: {log}");
     }
     let now = status(&agents[0].dir, false).expect("status");
     assert_eq!(node_status(&now, 3), Some(("failed".to_string(), 1)), "{now}");
@@ -564,7 +565,7 @@ fn a_node_killed_while_it_leaves_and_started_again_ends_as_left_and_loses_nothin
         assert!(exited.success(), "start {start}: a node whose leave ended stops: {exited}");
         agents[2].child = None;
         let log = log_of(&agents[2]);
-        let said = log.matches("restarted in the middle of this node's leave").count();
+        let said = log.matches("this node's last life was asked out of the cluster").count();
         assert_eq!(said, start, "start {start}: {log}");
         // Fence checks run side by side; two writes of the record once raced.
         assert!(!log.contains("cannot record in the data directory"), "{log}");

@@ -196,11 +196,19 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
             writeln!(out, "note: node {id} has not answered the leader for {s:.1} s")?;
         }
     }
-    for node in status["nodes"].as_array().into_iter().flatten() {
-        if node["kept_out"] == true {
-            let id = &node["id"];
-            writeln!(out, "note: node {id} is kept out: it failed with a leave or eviction of it under way, or was evicted once failed. Its agent, started again, stops as left; start it with --join ADDR to bring it back")?;
-        }
+    let kept: Vec<String> = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|node| node["kept_out"] == true)
+        .map(|node| node["id"].to_string())
+        .collect();
+    if !kept.is_empty() {
+        let (nodes, agents) = match kept.len() {
+            1 => (format!("node {} is", kept[0]), "Its agent"),
+            _ => (format!("nodes {} are", kept.join(", ")), "Their agents"),
+        };
+        writeln!(out, "note: {nodes} kept out: failed with a leave or eviction under way, or evicted once failed. {agents}, started again, stop as left; --join ADDR brings one back")?;
     }
     writeln!(
         out,

@@ -15,10 +15,16 @@ std::thread_local! {
 
 /// Runs `work` reading and writing the state as protocol `version` laid it out.
 pub(crate) fn older<T>(version: u8, work: impl FnOnce() -> T) -> T {
-    let was = OLDER.with(|o| o.replace(Some(version)));
-    let result = work();
-    OLDER.with(|o| o.set(was));
-    result
+    /// Puts the thread's layout back however `work` ends: a panic in it is caught (the store
+    /// is opened under `catch_unwind`), and the thread must not go on in the older layout.
+    struct Restore(Option<u8>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            OLDER.with(|o| o.set(self.0));
+        }
+    }
+    let _restore = Restore(OLDER.with(|o| o.replace(Some(version))));
+    work()
 }
 
 /// Whether a field added at protocol `since` is absent from the layout this thread uses.
@@ -26,7 +32,8 @@ fn absent(since: u8) -> bool {
     OLDER.with(Cell::get).is_some_and(|version| version < since)
 }
 
-/// A field added at protocol 28: [`crate::state::NodeRecord::kept_out`].
+/// A field added at protocol 28: [`crate::state::NodeRecord::kept_out`],
+/// [`crate::state::ClusterState::rules`].
 pub(crate) mod since_28 {
     use super::*;
 
@@ -75,16 +82,25 @@ mod tests {
         let mut state = ClusterState::default();
         state.nodes.insert(4, record(true));
         state.epoch = 9;
+        state.rules = crate::state::RULES;
         let now = codec::encode(&state).expect("encode");
         let before = super::older(27, || codec::encode(&state)).expect("encode as 27");
-        // One byte: the flag.
-        assert_eq!(now.len(), before.len() + 1);
+        // Two bytes: the record's flag and the state's rules.
+        assert_eq!(now.len(), before.len() + 2);
         assert!(codec::decode::<ClusterState>(&before).is_err(), "27's layout is not today's");
         let read: ClusterState = super::older(27, || codec::decode(&before)).expect("read as 27");
         let mut expected = state.clone();
         expected.nodes.insert(4, record(false));
+        expected.rules = 0;
         assert_eq!(read, expected);
         let read: ClusterState = codec::decode(&now).expect("today's layout");
         assert_eq!(read, state);
+    }
+
+    #[test]
+    fn a_panic_in_the_older_layout_leaves_the_thread_in_today_s() {
+        let caught = std::panic::catch_unwind(|| super::older(27, || panic!("a damaged page")));
+        assert!(caught.is_err());
+        assert!(!super::absent(28), "back in today's layout");
     }
 }

@@ -133,6 +133,12 @@ pub enum Command {
         /// The label keys from the top of the tree down.
         levels: Vec<String>,
     },
+    /// A leader raises the rules commands apply by ([`ClusterState::rules`]) to its build's,
+    /// [`RULES`]. Last in the enum, for the log's older entries.
+    Rules {
+        /// The rules from this entry on.
+        version: u8,
+    },
 }
 
 /// Why a command changed nothing. Sent back to whoever proposed it.
@@ -317,6 +323,8 @@ pub enum Applied {
     Shaped,
     /// A node evicted once it had failed stays out: a start of its data directory ends as left.
     KeptOut,
+    /// Commands apply by these rules from here on.
+    Ruled,
 }
 
 impl fmt::Display for Applied {
@@ -333,6 +341,7 @@ impl fmt::Display for Applied {
             Applied::Registered => f.write_str("registered"),
             Applied::Shaped => f.write_str("the cell tree's label levels are set"),
             Applied::KeptOut => f.write_str("kept out: it had failed already"),
+            Applied::Ruled => f.write_str("the cluster's rules are raised"),
         }
     }
 }
@@ -395,7 +404,19 @@ pub struct ClusterState {
     /// copy is current, without taking part in every change the node does.
     #[serde(default)]
     pub moved_in: BTreeMap<u64, [Option<u64>; 2]>,
+    /// The rules commands apply by: the protocol version whose `apply` they follow, raised
+    /// through the log ([`Command::Rules`]) once a leader of a newer build leads. A command
+    /// does what the rules in force where it sits in the log say, on every replica: replayed
+    /// after an upgrade, an entry an older build applied must do what it did then, or a
+    /// replica that applies it again would part from one whose snapshot already held it. 0
+    /// before protocol 28: the rules of 27.
+    #[serde(default, with = "crate::layout::since_28")]
+    pub rules: u8,
 }
+
+/// The rules this build's leaders raise a cluster's to (see [`ClusterState::rules`]): 28, an
+/// operator's eviction of a node that failed in it, or once failed, keeps it out.
+pub const RULES: u8 = 28;
 
 impl Default for ClusterState {
     fn default() -> Self {
@@ -415,6 +436,7 @@ impl ClusterState {
             interrupted: BTreeMap::new(),
             lingering: BTreeMap::new(),
             moved_in: BTreeMap::new(),
+            rules: 0,
         })
     }
 
@@ -443,7 +465,11 @@ impl ClusterState {
             Command::Evict { node } => match self.nodes.get_mut(node) {
                 // Nothing to hand over, but its operator wants it out: kept so, as when it
                 // fails in the middle of its eviction.
-                Some(record) if record.status == NodeStatus::Failed && !record.kept_out => {
+                Some(record)
+                    if self.rules >= 28
+                        && record.status == NodeStatus::Failed
+                        && !record.kept_out =>
+                {
                     record.kept_out = true;
                     Ok(Applied::KeptOut)
                 }
@@ -453,6 +479,10 @@ impl ClusterState {
             Command::Dead { node, incarnation } => self.fail(*node, *incarnation, true),
             Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
             Command::Shape { levels } => self.shape(levels),
+            Command::Rules { version } => {
+                self.rules = self.rules.max(*version);
+                Ok(Applied::Ruled)
+            }
             Command::Register(spec) => {
                 if self.declared(spec.id).is_some() {
                     // Every agent registers what it hosts; the first one wins (registered, or
@@ -604,7 +634,7 @@ impl ClusterState {
         let leaving = record.status == NodeStatus::Leaving;
         self.set_status(node, NodeStatus::Failed);
         if let Some(record) = self.nodes.get_mut(&node) {
-            record.kept_out = leaving;
+            record.kept_out = leaving && self.rules >= 28;
         }
         // Whatever the dead node had asked for is void; its entries must be rebuilt.
         self.queue.retain(|c| c.node() != Some(NodeId(node)));

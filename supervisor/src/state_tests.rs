@@ -294,6 +294,7 @@ fn epochs_never_go_backwards_and_every_change_settles() {
 #[test]
 fn a_node_dying_during_its_own_eviction_is_recovered_with_the_moves_it_had_not_finished() {
     let mut state = ClusterState::default();
+    state.apply(&Rules { version: RULES }).expect("this build's rules");
     state.apply(&Register(kv())).expect("reg");
     for n in 1..=3 {
         state.apply(&join(n)).expect("join");
@@ -330,6 +331,7 @@ fn a_node_dying_during_its_own_eviction_is_recovered_with_the_moves_it_had_not_f
 #[test]
 fn a_node_asked_out_before_or_after_it_failed_is_kept_out_until_a_new_life() {
     let mut state = ClusterState::default();
+    assert_eq!(state.apply(&Rules { version: RULES }), Ok(Ruled));
     for n in 1..=4 {
         state.apply(&join(n)).expect("join");
         settle(&mut state);
@@ -353,6 +355,26 @@ fn a_node_asked_out_before_or_after_it_failed_is_kept_out_until_a_new_life() {
     assert_eq!(state.apply(&Evict { node: 1 }).map(|_| ()), Ok(()), "an active node is evicted");
     assert_eq!(status(&state, 1), NodeStatus::Leaving);
     assert!(!state.nodes[&1].kept_out, "only once it fails before it is out");
+}
+
+/// A log written under older rules applies again as it did then, on every replica, until the
+/// entry that raises them: replayed after an upgrade, a protocol-27 eviction of a failed node
+/// kept it out on one replica, and not on another whose snapshot already held it.
+#[test]
+fn commands_apply_by_the_rules_in_force_where_they_sit_in_the_log() {
+    let mut state = ClusterState::default();
+    for n in 1..=3 {
+        state.apply(&join(n)).expect("join");
+        settle(&mut state);
+    }
+    state.apply(&Evict { node: 3 }).expect("evict");
+    state.apply(&Fail { node: 3, incarnation: 1 }).expect("fail");
+    assert!(!state.nodes[&3].kept_out, "under 27's rules, a failure in an eviction keeps nothing");
+    assert_eq!(state.apply(&Evict { node: 3 }), Err(Refusal::UnknownNode(3)), "as 27 refused it");
+    assert_eq!(state.apply(&Rules { version: RULES }), Ok(Ruled));
+    assert_eq!(state.apply(&Rules { version: 27 }), Ok(Ruled), "never lowered");
+    assert_eq!(state.rules, RULES);
+    assert_eq!(state.apply(&Evict { node: 3 }), Ok(KeptOut), "by this build's rules");
 }
 
 #[test]

@@ -211,9 +211,9 @@ pub struct Supervisor {
     /// its machine rebooted), or one whose end as left was recorded. Once the cluster ends
     /// that life, the leave ends with it.
     leaving_when_started: Option<u64>,
-    /// The life this process started as, when started with `--join`: its operator asked for
-    /// the node back, so a record that the cluster keeps that life out does not end it.
-    asked_back: Option<u64>,
+    /// Started with `--join`: its operator asked for the node back, so a record that the
+    /// cluster keeps its last life out does not end this process before it is admitted.
+    asked_back: bool,
     /// [`Parts::record_left`].
     record_left: Arc<dyn Fn(u64) -> Result<()> + Send + Sync>,
     /// The life whose end as left this process recorded last (0: none): fence checks run
@@ -266,6 +266,8 @@ pub struct Supervisor {
     /// A change of raft voters is under way: it can wait long (a new voter far behind, or a
     /// joint configuration that needs a node that just died), and the leader's other duties
     /// (its lease, failure detection) must not wait with it.
+    /// A proposal of [`crate::state::Command::Rules`] is under way.
+    raising_rules: AtomicBool,
     reconciling: AtomicBool,
     /// Nodes this leader added as raft learners to admit them, and when: until their `Join`
     /// commits they are in raft's membership but not in the cluster's state, and must not be
@@ -380,7 +382,7 @@ impl Supervisor {
             me: parts.me,
             incarnation: AtomicU64::new(parts.incarnation),
             leaving_when_started,
-            asked_back: parts.rejoin.then_some(parts.incarnation),
+            asked_back: parts.rejoin,
             record_left: Arc::from(parts.record_left),
             left_recorded: AtomicU64::new(0),
             raft,
@@ -405,6 +407,7 @@ impl Supervisor {
             renewed_to: AtomicU64::new(u64::MAX),
             renewing: Mutex::new(()),
             reconciling: AtomicBool::new(false),
+            raising_rules: AtomicBool::new(false),
             joining: Mutex::new(HashMap::new()),
             admitted: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),

@@ -62,8 +62,10 @@ pub(super) async fn change(
         Ok(Err(Refusal::UnknownNode(node_id))) => {
             let view = node.cluster_view().await;
             let status = view.state.nodes.get(&node_id).map(|r| r.status);
+            let kept = view.state.nodes.get(&node_id).is_some_and(|r| r.kept_out);
             let why = match status {
-                Some(NodeStatus::Failed) => format!("node {node_id} failed already, and is kept out: nothing to do (its entries were rebuilt from their replicas; `gobelins status` lists it)"),
+                Some(NodeStatus::Failed) if kept => format!("node {node_id} failed already, and is kept out: nothing to do (its entries were rebuilt from their replicas; `gobelins status` lists it)"),
+                Some(NodeStatus::Failed) => format!("node {node_id} failed already: nothing to do (its entries were rebuilt from their replicas; `gobelins status` lists it)"),
                 Some(NodeStatus::Left) => format!("node {node_id} left already: nothing to do"),
                 _ => Refusal::UnknownNode(node_id).to_string(),
             };

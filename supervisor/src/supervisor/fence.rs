@@ -103,13 +103,17 @@ impl Supervisor {
         // restart's state had not applied yet is not seen, and the node rejoins.
         let restarted_leaving = self.leaving_when_started == Some(self.incarnation());
         // Asked out by its operator, and failed before it was: killed, then evicted while
-        // dead, its own log never had the eviction, and it came back as a member.
-        // Unless this process was started with `--join` to bring that life's node back: then
-        // that life is not one it served.
-        let asked_back = self.asked_back == Some(self.incarnation()) && !self.life_admitted();
-        let kept_out = record.is_some_and(|r| r.kept_out) && !asked_back;
+        // dead, its own log never had the eviction, and it came back as a member. So for a
+        // life this process served, paused as it was evicted. A process that serves no life
+        // yet stays out whatever life it renewed to since (evicted while it asked to rejoin,
+        // which a recovery may make it do for minutes), unless it was started with `--join`:
+        // its operator asked for the node back.
+        let kept_out = record.filter(|r| r.kept_out).is_some_and(|r| match self.life_admitted() {
+            true => r.incarnation == self.incarnation(),
+            false => !self.asked_back,
+        });
         let dead_here = record.is_some_and(|r| r.incarnation == self.incarnation());
-        if fenced && (leaving || restarted_leaving || kept_out) && dead_here {
+        if fenced && ((leaving || restarted_leaving) && dead_here || kept_out) {
             let life = self.incarnation();
             // Kept: the cluster's record says "failed", and the next start of this directory
             // would rejoin from it, its own log showing that end rather than the leave. Once.
@@ -126,22 +130,24 @@ impl Supervisor {
                 }
             }
             if self.end_as_left(life) {
-                if kept_out && !leaving && !restarted_leaving {
+                if !self.life_admitted() {
                     tracing::warn!(
                         node = self.me.id,
                         peer_epoch = view.state.epoch,
-                        "the cluster took this node out while it was down (an eviction or a \
-                         leave that its failure ended): it stays out, and this start ends as \
-                         left. Its entries were rebuilt from replicas. To bring the node back, \
-                         start it with --join ADDR (a member's address)"
+                        "this node's last life was asked out of the cluster (a leave it was in \
+                         the middle of, or an eviction while it was down) and ended before it \
+                         was out: it stays out, and this start ends as left. The entries that \
+                         life held were rebuilt from replicas. To bring the node back, start it \
+                         with --join ADDR (a member's address)"
                     );
-                } else if restarted_leaving {
+                } else if !leaving {
                     tracing::warn!(
                         node = self.me.id,
                         peer_epoch = view.state.epoch,
-                        "restarted in the middle of this node's leave: the leave ends here, and \
-                         the entries its last life held were rebuilt from replicas. To bring the \
-                         node back, start it with --join ADDR (a member's address)"
+                        "the cluster took this node out while it could not answer (evicted \
+                         while paused or cut off, then declared failed): it stays out, its \
+                         entries rebuilt from replicas. To bring it back, start it with --join \
+                         ADDR (a member's address)"
                     );
                 } else {
                     tracing::warn!(
@@ -235,8 +241,23 @@ impl Supervisor {
         let fail = Command::Fail { node: self.me.id, incarnation: later };
         let ended = match self.propose_until(fail, self.config.failure_timeout).await {
             Ok(Ok(_)) => None,
-            // Most often an earlier attempt of this proposal, whose answer was lost.
-            Ok(Err(refusal)) => Some(refusal),
+            // Ended already: most often by an earlier attempt of this proposal, whose answer
+            // was lost.
+            Ok(Err(refusal @ (Refusal::UnknownNode(_) | Refusal::WrongIncarnation { .. }))) => {
+                Some(refusal)
+            }
+            // The cluster's last live node: ended as a restarted last node's life is.
+            Ok(Err(Refusal::LastNode(_))) => {
+                let dead = Command::Dead { node: self.me.id, incarnation: later };
+                match self.propose_until(dead, self.config.failure_timeout).await {
+                    Ok(Ok(_)) => None,
+                    _ => return false,
+                }
+            }
+            Ok(Err(refusal)) => {
+                tracing::debug!(%refusal, later, "the later life not ended yet");
+                return false;
+            }
             Err(error) => {
                 budgeted(
                     &self.rejoins,

@@ -4,7 +4,7 @@
 use super::{Supervisor, MALFORMED, REJOINS, SEED_WAITS};
 use crate::detector::{Action, Detector};
 use crate::rpc::{Request, Response};
-use crate::state::{ClusterState, Command, NodeStatus};
+use crate::state::{ClusterState, Command, NodeStatus, RULES};
 use crate::voters::{can_commit, desired_voters};
 use openraft::{BasicNode, ChangeMembers, Membership, ServerState};
 use std::collections::{BTreeMap, BTreeSet};
@@ -99,6 +99,17 @@ impl Supervisor {
             lag.sample(Instant::now(), term, last_index);
             drop(lag);
             let state = self.state();
+            // Commands apply by this build's rules from the entry on, on every replica.
+            if state.rules < RULES && !self.raising_rules.swap(true, Ordering::SeqCst) {
+                let me = Arc::clone(&self);
+                tokio::spawn(async move {
+                    let raise = Command::Rules { version: RULES };
+                    if let Err(error) = me.propose_here(raise).await {
+                        tracing::debug!(%error, "raising the cluster's rules; asking again");
+                    }
+                    me.raising_rules.store(false, Ordering::SeqCst);
+                });
+            }
             if !self.reconciling.swap(true, Ordering::SeqCst) {
                 let (me, state) = (Arc::clone(&self), Arc::clone(&state));
                 tokio::spawn(async move {

@@ -108,6 +108,48 @@ fn a_node_that_fails_again_is_held_out_for_a_while_then_rejoins_by_itself() {
     });
 }
 
+/// A node evicted while it asks to rejoin (held out here; a long recovery keeps it asking too)
+/// stays out. It had renewed its life as it asked, so the life the eviction kept out was not
+/// its own any more, and once the hold ended it came back, against the eviction (the review of
+/// `bfead34`). It stops as left instead, and the cluster keeps it failed.
+#[test]
+fn a_node_evicted_while_it_asks_to_rejoin_stops_as_left_and_stays_out() {
+    use gobelins_supervisor::state::{Applied, Command};
+    use gobelins_supervisor::Lifecycle;
+    replay(async {
+        let net = MemNetwork::new(43);
+        let nodes = three_voters(&net).await;
+        let (leader, x, other) = a_follower_declared_failed_twice(&net, &nodes).await;
+        let at = |id: u64| &nodes[id as usize - 1];
+        let x_node = &at(x).supervisor;
+        let asked = tokio::time::timeout(Duration::from_secs(10), async {
+            while x_node.incarnation() != 3 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        assert!(asked.await.is_ok(), "x renewed its life to ask to rejoin");
+        assert!(!x_node.life_admitted(), "held: x serves nothing");
+        let evicted = at(leader).supervisor.propose(Command::Evict { node: x }).await;
+        assert!(matches!(evicted, Ok(Ok(Applied::KeptOut))), "{evicted:?}");
+        let mut lifecycle = x_node.lifecycle();
+        let ended = tokio::time::timeout(
+            Duration::from_secs(30),
+            lifecycle.wait_for(|l| *l == Lifecycle::Left),
+        )
+        .await
+        .is_ok();
+        assert!(ended, "x stopped as left");
+        // Past the hold: nothing brings it back.
+        let hold = SupervisorConfig::loopback().rejoin_hold;
+        tokio::time::sleep(hold * 3).await;
+        for n in [at(leader), at(other)] {
+            let record = &n.supervisor.state().nodes[&x];
+            assert_eq!((record.status, record.incarnation), (NodeStatus::Failed, 2));
+            assert!(record.kept_out);
+        }
+    });
+}
+
 /// A request that reached a node before it learned of its hold, and waits there for a
 /// configuration, is refused once the node learns, saying why and that it was not sent,
 /// rather than left to wait until the hold ends (or out its deadline) for a configuration the
