@@ -25,6 +25,12 @@ const NAMED: usize = 10;
 const ERRORS: usize = 10;
 /// How long the writers run before each change.
 const SETTLE: Duration = Duration::from_millis(200);
+/// Counters added to, when the probe has [`Probe::add`]: two adders, each on counters of its
+/// own, a counter's adds one after another.
+const COUNTERS: u64 = 8;
+/// How far past the writers' keys the counters' keys begin: past those the cut-off step
+/// picks among too.
+const COUNTERS_FROM: u64 = 2_000_000;
 
 /// How the conformance suite drives a service: how to write a value and read it back.
 pub trait Probe: Send + Sync + 'static {
@@ -38,6 +44,16 @@ pub trait Probe: Send + Sync + 'static {
     fn read(&self) -> <Self::S as Service>::Request;
     /// The value a read returned, if any.
     fn value(&self, response: <Self::S as Service>::Response) -> Option<u64>;
+    /// A request that adds one to its key's value, if the service has such a request, carrying
+    /// `id`: unique to this add, and in its retries, which send the same request again. The
+    /// suite then adds to a few counters through every step, and checks that each add counted
+    /// once: across a manager's failure the layer's own memory of answers dies with it, and
+    /// only the ids the service kept in its entries tell a retry from a new add (see
+    /// [`Service::handle`]). Read with [`Probe::read`], a counter never added to may read no
+    /// value. The default: none, and nothing counted.
+    fn add(&self, _id: u64) -> Option<<Self::S as Service>::Request> {
+        None
+    }
     /// Whether the service keeps a second copy of each entry, so that a single failure loses
     /// nothing.
     fn survives_one_failure(&self) -> bool;
@@ -61,9 +77,13 @@ pub struct Stage {
     pub name: String,
     /// Writes acknowledged from the end of the last check to the end of this step.
     pub writes: u64,
-    /// Keys that did not read back their last acknowledged value after it.
+    /// Keys that did not read back their last acknowledged value after it, counters that
+    /// read fewer adds than were acknowledged among them.
     pub lost: u64,
-    /// The first of them.
+    /// Counters ([`Probe::add`]) that read more adds than were asked, those whose answer never
+    /// came included: an add that counted twice.
+    pub counted_twice: u64,
+    /// The first of both.
     pub wrong: Vec<Wrong>,
 }
 
@@ -81,6 +101,8 @@ pub struct Verdict {
     pub cut_off_failed: u64,
     /// Keys that did not read back their last acknowledged value, summed over the checks.
     pub lost: u64,
+    /// Counters that read more adds than were asked, summed over the checks.
+    pub counted_twice: u64,
     /// Entries the services reported lost (`Service::reported_lost`), summed over every node,
     /// as each last said it at a check: failures came one at a time, so a service that
     /// survives one reports nothing.
@@ -109,6 +131,14 @@ impl Verdict {
                     "after \"{}\": {} keys did not read back their last acknowledged value, \
                      among them {:?}",
                     stage.name, stage.lost, stage.wrong
+                ));
+            }
+            if stage.counted_twice > 0 {
+                problems.push(format!(
+                    "after \"{}\": {} counters read more adds than were asked (an add that \
+                     ran twice: a retry the service did not tell from a new add by its id), \
+                     among them {:?}",
+                    stage.name, stage.counted_twice, stage.wrong
                 ));
             }
             if stage.writes == 0 {
@@ -144,17 +174,22 @@ impl std::fmt::Display for Verdict {
         writeln!(
             f,
             "{} ok ({} delayed), {} failed, {} failed through the cut-off node, {} lost, \
-             {} reported lost, {} changes",
+             {} counted twice, {} reported lost, {} changes",
             self.ok,
             self.delayed,
             self.failed,
             self.cut_off_failed,
             self.lost,
+            self.counted_twice,
             self.reported_lost,
             self.changes
         )?;
         for stage in &self.stages {
-            writeln!(f, "  {:<72} {:>7} writes {:>6} lost", stage.name, stage.writes, stage.lost)?;
+            writeln!(
+                f,
+                "  {:<72} {:>7} writes {:>6} lost {:>4} counted twice",
+                stage.name, stage.writes, stage.lost, stage.counted_twice
+            )?;
         }
         Ok(())
     }
@@ -172,7 +207,11 @@ impl std::fmt::Display for Verdict {
 ///    that); a node added is cut off from the cluster while its own clients write to keys it
 ///    manages, and is declared failed (a write it acknowledged must have a copy elsewhere).
 ///
-/// A conforming service fails no request, loses no key and reports nothing lost:
+/// If the probe has [`Probe::add`], two more tasks add to 8 counters meanwhile, and each check
+/// reads them back too: no fewer adds than were acknowledged, and no more than were asked.
+///
+/// A conforming service fails no request, loses no key, counts no add twice and reports
+/// nothing lost:
 /// [`Verdict::assert_conforms`] says so, or what broke and where. Run it under a paused tokio
 /// clock ([`crate::testing::replay`]) to keep it deterministic and fast.
 pub async fn conformance<P: Probe>(probe: P, keys: u64) -> Verdict {
@@ -216,6 +255,34 @@ pub async fn conformance<P: Probe>(probe: P, keys: u64) -> Verdict {
                 }
             }
         });
+    }
+
+    if probe.add(0).is_some() {
+        let ids = Arc::new(std::sync::atomic::AtomicU64::new(1));
+        for adder in 0..2 {
+            let (host, probe) = (cluster.host(NodeId(1 + adder)), Arc::clone(&probe));
+            let (book, gate, stop) = (Arc::clone(&book), Arc::clone(&gate), Arc::clone(&stop));
+            let ids = Arc::clone(&ids);
+            writers.spawn(async move {
+                let counters: Vec<u64> =
+                    (adder..COUNTERS).step_by(2).map(|c| keys + COUNTERS_FROM + c).collect();
+                loop {
+                    for &key in &counters {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        let id = ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let add = probe.add(id).expect("the probe adds");
+                        let request = codec::encode(&add).expect("request encodes");
+                        let _turn = gate.read().await;
+                        let added = host.request(service, Key(key), request).await;
+                        book.lock().expect("book").count(key, added.map(|_| ()));
+                        drop(_turn);
+                        tokio::time::sleep(Duration::from_micros(100)).await;
+                    }
+                }
+            });
+        }
     }
 
     let mut run = Run {
@@ -279,6 +346,7 @@ pub async fn conformance<P: Probe>(probe: P, keys: u64) -> Verdict {
     run.note_reports(&cluster);
     verdict.reported_lost = run.reported.values().sum();
     verdict.lost = run.stages.iter().map(|s| s.lost).sum();
+    verdict.counted_twice = run.stages.iter().map(|s| s.counted_twice).sum();
     verdict.stages = run.stages;
     verdict
 }
@@ -324,6 +392,8 @@ struct Book {
     /// Per key, the last value a write acknowledged, and the values of writes that failed
     /// since: those may have taken effect.
     keys: BTreeMap<u64, (u64, Vec<u64>)>,
+    /// Per counter, the adds acknowledged, and those that failed: they may have counted.
+    counts: BTreeMap<u64, (u64, u64)>,
     ok: u64,
     failed: u64,
     cut_off_failed: u64,
@@ -333,6 +403,24 @@ struct Book {
 }
 
 impl Book {
+    fn count(&mut self, key: u64, added: Result<(), crate::AdaptationError>) {
+        let (acknowledged, unsure) = self.counts.entry(key).or_default();
+        match added {
+            Ok(()) => {
+                *acknowledged += 1;
+                self.ok += 1;
+                self.since += 1;
+            }
+            Err(e) => {
+                *unsure += 1;
+                self.failed += 1;
+                if self.errors.len() < ERRORS {
+                    self.errors.push(format!("counter {key}: {e}"));
+                }
+            }
+        }
+    }
+
     fn record(&mut self, key: u64, value: u64, written: Result<(), String>, cut_off: bool) {
         match written {
             Ok(()) => {
@@ -380,20 +468,13 @@ impl<P: Probe> Run<'_, P> {
     async fn check(&mut self, cluster: &MemCluster, name: String) {
         self.note_reports(cluster);
         let _paused = self.gate.write().await;
-        let (keys, writes) = {
+        let (keys, counts, writes) = {
             let mut book = self.book.lock().expect("book");
-            (book.keys.clone(), std::mem::take(&mut book.since))
+            (book.keys.clone(), book.counts.clone(), std::mem::take(&mut book.since))
         };
-        let reader = cluster.host(NodeId(2));
-        let mut stage = Stage { name, writes, lost: 0, wrong: Vec::new() };
-        let read = codec::encode(&self.probe.read()).expect("request encodes");
+        let mut stage = Stage { name, writes, lost: 0, counted_twice: 0, wrong: Vec::new() };
         for (key, (expected, maybe)) in keys {
-            let got = match reader.request(self.service, Key(key), read.clone()).await {
-                Ok(bytes) => codec::decode(&bytes)
-                    .map(|response| self.probe.value(response))
-                    .map_err(|e| format!("the answer did not decode: {e}")),
-                Err(e) => Err(e.to_string()),
-            };
+            let got = self.read(cluster, key).await;
             let fine = matches!(got, Ok(Some(v)) if v == expected || maybe.contains(&v));
             if !fine {
                 stage.lost += 1;
@@ -402,7 +483,36 @@ impl<P: Probe> Run<'_, P> {
                 }
             }
         }
+        for (key, (acknowledged, unsure)) in counts {
+            let got = self.read(cluster, key).await;
+            let counted = match &got {
+                Ok(value) => value.unwrap_or(0),
+                Err(_) => 0,
+            };
+            let twice = counted > acknowledged + unsure;
+            if counted < acknowledged || twice {
+                if twice {
+                    stage.counted_twice += 1;
+                } else {
+                    stage.lost += 1;
+                }
+                if stage.wrong.len() < NAMED {
+                    stage.wrong.push(Wrong { key, expected: acknowledged, got });
+                }
+            }
+        }
         self.stages.push(stage);
+    }
+
+    /// What a read of `key` through node 2 returns.
+    async fn read(&self, cluster: &MemCluster, key: u64) -> Result<Option<u64>, String> {
+        let read = codec::encode(&self.probe.read()).expect("request encodes");
+        match cluster.host(NodeId(2)).request(self.service, Key(key), read).await {
+            Ok(bytes) => codec::decode(&bytes)
+                .map(|response| self.probe.value(response))
+                .map_err(|e| format!("the answer did not decode: {e}")),
+            Err(e) => Err(e.to_string()),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! The conformance suite against a small replicated service: it passes as written, and each
-//! of five deliberate faults fails it, named with the step after which keys went missing.
+//! of six deliberate faults fails it, named with the step after which keys went missing or an
+//! add counted twice.
 
 use gobelins_adaptation::testing::{conformance, replay, Probe, Verdict};
 use gobelins_adaptation::{ChangeInfo, Context, Moving, Service};
@@ -26,17 +27,28 @@ enum Fault {
     /// `receive` takes a key that comes a second time in one change for a conflict, and drops
     /// it: as an author sure that each key comes once might.
     DropsKeysReceivedTwice,
+    /// An add counts whatever its id: as an author sure that the layer runs each request once
+    /// might.
+    CountsEveryAdd,
 }
 
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 struct Versioned {
     version: u64,
     value: u64,
+    /// The id of the last add counted: a counter's adds come one after another, so its retry,
+    /// after a failure rebuilt the entry from a copy that had it, is the only one that can
+    /// come again.
+    last_add: u64,
 }
 
 #[derive(Serialize, Deserialize)]
 enum Request {
     Put(u64),
+    /// Adds one, once per id.
+    Add {
+        id: u64,
+    },
     Get,
     /// To the backup: keep these copies.
     Copy(Vec<(Key, Versioned)>),
@@ -109,11 +121,28 @@ impl Service for Mirror {
             Request::Put(value) => {
                 let entry = {
                     let mut live = self.live.lock().expect("live");
-                    let entry = live.entry(key).or_insert(Versioned { version: 0, value: 0 });
-                    *entry = Versioned { version: entry.version + 1, value };
+                    let entry = live.entry(key).or_default();
+                    *entry = Versioned { version: entry.version + 1, value, ..*entry };
                     *entry
                 };
                 if !self.copy(ctx, vec![(key, entry)]).await && self.fault != Fault::AcksUncopied {
+                    return Response::Uncopied;
+                }
+                Response::Done
+            }
+            Request::Add { id } => {
+                let entry = {
+                    let mut live = self.live.lock().expect("live");
+                    let entry = live.entry(key).or_default();
+                    // Counted already, on this node (its copy failed, and `must_retry` runs
+                    // it again), or on a manager that died after its copy landed here.
+                    if entry.last_add != id || self.fault == Fault::CountsEveryAdd {
+                        let (version, value) = (entry.version + 1, entry.value + 1);
+                        *entry = Versioned { version, value, last_add: id };
+                    }
+                    *entry
+                };
+                if !self.copy(ctx, vec![(key, entry)]).await {
                     return Response::Uncopied;
                 }
                 Response::Done
@@ -217,6 +246,10 @@ impl Probe for MirrorProbe {
         Request::Get
     }
 
+    fn add(&self, id: u64) -> Option<Request> {
+        Some(Request::Add { id })
+    }
+
     fn value(&self, response: Response) -> Option<u64> {
         match response {
             Response::Value(value) => value,
@@ -283,6 +316,18 @@ fn a_receive_that_drops_a_key_received_twice_is_caught() {
         "{verdict}"
     );
     assert!(!after.contains(&"node 4 joined"), "each batch once: {verdict}");
+}
+
+#[test]
+fn an_add_that_counts_whatever_its_id_counts_twice_across_a_failure() {
+    let verdict = run(Fault::CountsEveryAdd);
+    assert!(verdict.counted_twice > 0, "{verdict}");
+    assert_eq!(verdict.lost, 0, "nothing lost: {verdict}");
+    let problems = verdict.problems().join("\n");
+    assert!(problems.contains("read more adds than were asked"), "{problems}");
+    let twice: Vec<&str> =
+        verdict.stages.iter().filter(|s| s.counted_twice > 0).map(|s| s.name.as_str()).collect();
+    assert!(!twice.contains(&"node 4 joined"), "no add runs twice in a join: {verdict}");
 }
 
 #[test]
