@@ -270,6 +270,14 @@ fn unheld_text(node: u64, answer: &Value) -> anyhow::Result<String> {
             silent.join(", ")
         );
     }
+    // Its operator asked it out: a hold lifted or not, it comes back only when asked back.
+    if answer["kept_out"] == true {
+        return Ok(format!(
+            "node {node} is kept out of the cluster (evicted, or it failed in its leave or \
+             eviction): it rejoins only when started with --join ADDR. Its failures counted so \
+             far are forgotten"
+        ));
+    }
     if answer["held"] != true && answer["counted"] == true {
         return Ok(format!(
             "node {node} was not held out; its short lives counted so far are forgotten, so its \
@@ -386,6 +394,10 @@ mod tests {
         let counted = json!({ "held": false, "counted": true, "answered": [1], "silent": [] });
         let counted = unheld_text(5, &counted).expect("forgotten");
         assert!(counted.contains("node 5 was not held out; its short lives"), "{counted}");
+        // Kept out, it rejoins at no try of its own: the operator asked it out.
+        let kept = json!({ "held": true, "kept_out": true, "answered": [1, 2], "silent": [] });
+        let kept = unheld_text(5, &kept).expect("lifted");
+        assert!(kept.contains("node 5 is kept out") && kept.contains("--join"), "{kept}");
         let part = unheld_text(5, &json!({ "held": true, "answered": [1], "silent": [3] }));
         let said = part.expect_err("a member did not answer").to_string();
         assert!(said.contains("at node(s) [1], but node(s) [3] did not answer"), "{said}");
@@ -405,6 +417,12 @@ mod tests {
             ),
             "{shown}"
         );
+        // Kept out, it is not coming back by itself: no warning that it will, one note.
+        let mut kept = held.clone();
+        kept["kept_out"] = json!(true);
+        let shown = status_text(json!([kept]), true);
+        assert!(!shown.contains("WARNING") && !shown.contains("rejoins by itself"), "{shown}");
+        assert!(shown.contains("note: node 5 is kept out"), "{shown}");
         let mut between = held.clone();
         between["held_ms"] = json!(null);
         between["status"] = json!("active");

@@ -413,6 +413,10 @@ fn a_node_evicted_once_it_failed_stays_out_when_started_again_until_asked_back()
     let now = status(&agents[0].dir, false).expect("status");
     assert_eq!(node_status(&now, 3), Some(("failed".to_string(), 1)), "{now}");
 
+    // An older copy of its directory (a backup taken before it was asked back), started once
+    // it was evicted again, stays out too: it came back (a helper's black-box test).
+    let backup = root.path().join("backup");
+    copy_files(&agents[2].dir, &backup);
     let secret = agents[0].secret();
     let join = ["--join", agents[0].addr.as_str(), "--secret-file", secret.as_str()];
     agents[2].child = Some(spawn(&agents[2], &join));
@@ -422,6 +426,21 @@ fn a_node_evicted_once_it_failed_stays_out_when_started_again_until_asked_back()
                 && node_status(&s, 3).is_some_and(|(st, inc)| st == "active" && inc >= 2)
         })
     });
+    agents[2].kill();
+    wait_until("node 3 failed again", limit, || {
+        status(&agents[0].dir, false)
+            .is_some_and(|s| node_status(&s, 3).is_some_and(|(st, inc)| st == "failed" && inc >= 2))
+    });
+    let evict = cli(&agents[0].dir, &["evict", "3"]);
+    assert!(evict.status.success(), "{}", String::from_utf8_lossy(&evict.stderr));
+    std::fs::remove_dir_all(&agents[2].dir).expect("remove the directory");
+    copy_files(&backup, &agents[2].dir);
+    agents[2].child = Some(spawn(&agents[2], &["--failure-timeout-ms", "1500"]));
+    let exited = exit_within(agents[2].child.as_mut().expect("running"), limit);
+    assert!(exited.success(), "an older copy stops: {exited}{}", log_of(&agents[2]));
+    agents[2].child = None;
+    let now = status(&agents[0].dir, false).expect("status");
+    assert!(node_status(&now, 3).is_some_and(|(st, _)| st == "failed"), "{now}");
 }
 
 #[test]
@@ -645,6 +664,21 @@ fn a_node_started_on_an_older_copy_of_its_directory_ends_its_later_life_and_come
     for socket in [socket.clone(), agents[2].dir.join("control.sock")] {
         assert_keys_read_back(&agents, &socket, keys);
     }
+
+    // Left since, the node stays out when the older copy is started again: it waited for
+    // ever for the cluster to end a life that had ended (a helper's black-box test).
+    let leave = cli(&agents[2].dir, &["leave"]);
+    assert!(leave.status.success(), "{}", String::from_utf8_lossy(&leave.stderr));
+    let exited = exit_within(agents[2].child.as_mut().expect("running"), limit);
+    assert!(exited.success(), "the leaver stops: {exited}");
+    std::fs::remove_dir_all(&agents[2].dir).expect("remove the directory");
+    copy_files(&backup, &agents[2].dir);
+    agents[2].child = Some(spawn(&agents[2], &timers));
+    let exited = exit_within(agents[2].child.as_mut().expect("running"), limit);
+    let log = log_of(&agents[2]);
+    assert!(exited.success(), "an older copy of a node that left stops: {exited}{log}");
+    agents[2].child = None;
+    assert!(log.contains("the node left the cluster in a later life"), "{log}");
 }
 
 /// Copies the regular files of directory `from` into `to`, made if missing (an operator's

@@ -146,6 +146,10 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
         if node["status"] == "left" && node["held_ms"].is_null() {
             continue;
         }
+        // Nor does one kept out, held or not: its note below says so.
+        if node["kept_out"] == true {
+            continue;
+        }
         let Some(failures) = node["failures"].as_u64() else { continue };
         let Some(ms) = node["held_ms"].as_u64() else {
             let lives = match failures {

@@ -140,10 +140,12 @@ pub(super) async fn answer(
         }
         ControlRequest::Unhold { node: target } => {
             let unheld = node.unhold(target).await;
+            let kept_out = node.state().nodes.get(&target).is_some_and(|r| r.kept_out);
             let line = json!({ "ok": {
                 "node": target,
                 "held": unheld.held,
                 "counted": unheld.counted,
+                "kept_out": kept_out,
                 "answered": unheld.answered,
                 "silent": unheld.silent,
             } });

@@ -59,6 +59,28 @@ impl Supervisor {
             }
             return;
         }
+        // A node that left, started again from an older copy of its data directory (a life
+        // before the one that left): it waited for ever for the cluster to end a life that had
+        // ended (a helper's black-box test). It stays out, as a start of the newest copy does,
+        // unless asked back with `--join`.
+        let left_since = |r: &&NodeRecord| {
+            r.status == NodeStatus::Left
+                && r.incarnation > self.incarnation()
+                && !self.life_admitted()
+                && !self.asked_back
+        };
+        if let Some(record) = record.filter(left_since) {
+            if self.end_as_left(self.incarnation()) {
+                tracing::warn!(
+                    node = self.me.id,
+                    left = record.incarnation,
+                    "this data directory is an older copy of this node's: the node left the \
+                     cluster in a later life, and stays out. This start ends as left; to bring \
+                     the node back, start it with --join ADDR (a member's address)"
+                );
+            }
+            return;
+        }
         // A later life of this node, at this node's address, live, that this process never
         // served: its data directory is an older copy (restored from a backup) of the one
         // that life ran on. That life is over, for this process holds its address, but it
