@@ -211,9 +211,10 @@ pub struct Supervisor {
     /// its machine rebooted), or one whose end as left was recorded. Once the cluster ends
     /// that life, the leave ends with it.
     leaving_when_started: Option<u64>,
-    /// Started with `--join`: its operator asked for the node back, so a record that the
-    /// cluster keeps its last life out does not end this process before it is admitted.
-    asked_back: bool,
+    /// Started with `--join`, and not admitted since: its operator asked for the node back,
+    /// so a record that the cluster keeps its last life out does not end this process. Once
+    /// admitted, the ask is answered: a later eviction ends it as any other.
+    asked_back: AtomicBool,
     /// [`Parts::record_left`].
     record_left: Arc<dyn Fn(u64) -> Result<()> + Send + Sync>,
     /// The life whose end as left this process recorded last (0: none): fence checks run
@@ -382,7 +383,7 @@ impl Supervisor {
             me: parts.me,
             incarnation: AtomicU64::new(parts.incarnation),
             leaving_when_started,
-            asked_back: parts.rejoin,
+            asked_back: AtomicBool::new(parts.rejoin),
             record_left: Arc::from(parts.record_left),
             left_recorded: AtomicU64::new(0),
             raft,

@@ -123,6 +123,7 @@ impl Supervisor {
     /// timeout after it woke, when the cluster may have rebuilt its entries elsewhere.
     pub(super) fn admit_life_asked(&self, asked: Instant) {
         self.admitted.store(true, Ordering::SeqCst);
+        self.asked_back.store(false, Ordering::SeqCst);
         self.held_back.send_replace(None);
         if self.fresh.swap(false, Ordering::SeqCst) {
             let (record, node) = (Arc::clone(&self.admitted_first), self.me.id);

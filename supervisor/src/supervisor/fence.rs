@@ -67,7 +67,7 @@ impl Supervisor {
             r.status == NodeStatus::Left
                 && r.incarnation > self.incarnation()
                 && !self.life_admitted()
-                && !self.asked_back
+                && !self.asked_back.load(Ordering::SeqCst)
         };
         if let Some(record) = record.filter(left_since) {
             if self.end_as_left(self.incarnation()) {
@@ -132,7 +132,7 @@ impl Supervisor {
         // its operator asked for the node back.
         let kept_out = record.filter(|r| r.kept_out).is_some_and(|r| match self.life_admitted() {
             true => r.incarnation == self.incarnation(),
-            false => !self.asked_back,
+            false => !self.asked_back.load(Ordering::SeqCst),
         });
         let dead_here = record.is_some_and(|r| r.incarnation == self.incarnation());
         if fenced && ((leaving || restarted_leaving) && dead_here || kept_out) {

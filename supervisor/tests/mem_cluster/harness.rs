@@ -100,7 +100,8 @@ pub(crate) async fn supervisor_behind(
         admitted_first: Box::new(|| Ok(())),
         ended_left: None,
         record_left: Box::new(|_| Ok(())),
-        rejoin: false,
+        // Node 1 bootstraps; the others are started to join, as `--join` starts an agent.
+        rejoin: id != 1,
         made_incarnation: made,
     })
     .await
