@@ -7,9 +7,13 @@ mod quiet;
 
 use clap::{Parser, Subcommand};
 
+/// What `--version` says: the build, and the protocol its agents speak. Agents of two protocols
+/// do not talk to each other, so an operator upgrades a whole cluster at once (README).
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 28)");
+
 /// gobelins keeps a cluster's distributed services running while nodes join, leave or fail.
 #[derive(Parser)]
-#[command(name = "gobelins", version, about)]
+#[command(name = "gobelins", version = VERSION, about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -111,5 +115,16 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Dsm(args) => cli::dsm(args),
         Command::Kv(args) => cli::kv(args),
         Command::Demo(args) => demo::run(&args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// `--version` names the protocol the agents speak, which decides whether two builds can
+    /// run in one cluster: kept in step with the frames' version.
+    #[test]
+    fn the_version_names_the_protocol_the_agents_speak() {
+        let protocol = format!("(protocol {})", gobelins_supervisor::frame::VERSION);
+        assert!(super::VERSION.ends_with(&protocol), "{}", super::VERSION);
     }
 }
