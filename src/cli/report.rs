@@ -209,10 +209,16 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
         .collect();
     if !kept.is_empty() {
         let (nodes, agents) = match kept.len() {
-            1 => (format!("node {} is", kept[0]), "Its agent, started again, stops"),
-            _ => (format!("nodes {} are", kept.join(", ")), "Their agents, started again, stop"),
+            1 => (
+                format!("node {} is", kept[0]),
+                "Its agent, started again, stops by itself; --join ADDR brings it back",
+            ),
+            _ => (
+                format!("nodes {} are", kept.join(", ")),
+                "Their agents, started again, stop by themselves; --join ADDR brings one back",
+            ),
         };
-        writeln!(out, "note: {nodes} kept out: failed with a leave or eviction under way, or evicted once failed. {agents} by themselves, and the cluster keeps them failed; --join ADDR brings one back")?;
+        writeln!(out, "note: {nodes} kept out: failed with a leave or eviction under way, or evicted once failed. {agents}")?;
     }
     writeln!(
         out,

@@ -267,9 +267,9 @@ pub struct Supervisor {
     /// A change of raft voters is under way: it can wait long (a new voter far behind, or a
     /// joint configuration that needs a node that just died), and the leader's other duties
     /// (its lease, failure detection) must not wait with it.
+    reconciling: AtomicBool,
     /// A proposal of [`crate::state::Command::Rules`] is under way.
     raising_rules: AtomicBool,
-    reconciling: AtomicBool,
     /// Nodes this leader added as raft learners to admit them, and when: until their `Join`
     /// commits they are in raft's membership but not in the cluster's state, and must not be
     /// taken for departed learners and removed (the joiner would then wait for the next pass
