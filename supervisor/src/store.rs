@@ -834,11 +834,29 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("raft.redb");
         claimed_store(&path);
+        // With a snapshot in today's layout: it is not laid out again as 27's.
+        let mut state = ClusterState { epoch: 4, rules: crate::state::RULES, ..Default::default() };
+        let labels = gobelins_locator::Labels::new();
+        let status = crate::state::NodeStatus::Failed;
+        let record = crate::state::NodeRecord {
+            addr: "a".into(),
+            labels,
+            status,
+            incarnation: 2,
+            kept_out: true,
+        };
+        state.nodes.insert(2, record);
+        let last = Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 9));
+        let meta = SnapshotMeta { last_log_id: last, ..SnapshotMeta::default() };
+        let data = codec::encode(&state).expect("state");
+        let stored = seal(&codec::encode(&StoredSnapshot { meta, data }).expect("snapshot"));
         edit_meta(&path, |meta| {
             meta.remove(sealed::FORMAT).expect("mark gone");
+            meta.insert(SNAPSHOT, stored.as_slice()).expect("snapshot kept");
         });
-        let (log, _) = open(&path).expect("opens");
+        let (log, machine) = open(&path).expect("opens");
         claim(&log, "c1", 3, false, &path).expect("still node 3's of c1");
+        assert_eq!(machine.state, state, "the snapshot read as it was written");
     }
 
     /// A store is its node's and its cluster's: a directory with another cluster's secret, or

@@ -47,8 +47,9 @@ pub(super) fn unseal(stored: &[u8]) -> StorageResult<&[u8]> {
 /// Seals, in `txn`, every value of a store an older build wrote without sums, and marks its
 /// format: an upgrade keeps the cluster's state (refused, every node of a cluster restarted on
 /// a new build lost it). A store whose every value opens already is sealed, its mark lost, and
-/// only the mark is written again: sealed twice, its values would no longer decode.
-pub(super) fn upgrade(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
+/// only the mark is written again: sealed twice, its values would no longer decode. Returns
+/// whether it sealed values: a store whose mark alone was lost is in today's layout.
+pub(super) fn upgrade(txn: &redb::WriteTransaction) -> Result<bool, redb::Error> {
     let mut meta = txn.open_table(META)?;
     let mut logs = txn.open_table(LOGS)?;
     let kept: Vec<(String, Vec<u8>)> = meta
@@ -60,7 +61,8 @@ pub(super) fn upgrade(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
         .map(|item| item.map(|(k, v)| (k.value(), v.value().to_vec())))
         .collect::<Result<_, _>>()?;
     let values = kept.iter().map(|(_, v)| v).chain(logged.iter().map(|(_, v)| v));
-    if !values.into_iter().all(|v| unseal(v).is_ok()) {
+    let unsealed = !values.into_iter().all(|v| unseal(v).is_ok());
+    if unsealed {
         for (key, value) in &kept {
             meta.insert(key.as_str(), seal(value).as_slice())?;
         }
@@ -69,7 +71,7 @@ pub(super) fn upgrade(txn: &redb::WriteTransaction) -> Result<(), redb::Error> {
         }
     }
     meta.insert(FORMAT, CURRENT)?;
-    Ok(())
+    Ok(unsealed)
 }
 
 #[cfg(test)]
