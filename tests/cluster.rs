@@ -630,9 +630,10 @@ fn a_node_killed_while_it_leaves_and_started_again_ends_as_left_and_loses_nothin
 fn a_node_started_on_an_older_copy_of_its_directory_ends_its_later_life_and_comes_back() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(30);
-    // Silence declares no life failed before its restart ends it. The lives are short, and
-    // the node would be held out for failing again and again.
-    let timers = ["--failure-timeout-ms", "10000", "--rejoin-hold-ms", "100"];
+    // Silence declares no life failed before its restart ends it. The lives are short: the
+    // second, ended by the older copy, holds the node out a while, in which the older copy is
+    // stopped and started again before it is admitted.
+    let timers = ["--failure-timeout-ms", "10000", "--rejoin-hold-ms", "15000"];
     let mut agents = three_agents_with(root.path(), limit, &timers);
     let socket = agents[0].dir.join("control.sock");
     wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
@@ -649,12 +650,26 @@ fn a_node_started_on_an_older_copy_of_its_directory_ends_its_later_life_and_come
     std::fs::remove_dir_all(&agents[2].dir).expect("remove the directory");
     copy_files(&backup, &agents[2].dir);
     agents[2].child = Some(spawn(&agents[2], &timers));
-    wait_showing(&agents, "node 3 back as a life after its second", limit, || {
+    // Until the older copy is admitted, its raft store is behind what the node voted in its
+    // later life, and it must grant no vote, in this process or the next: a restart in that
+    // window voted again on the older store.
+    let mark = agents[2].dir.join("older-copy");
+    wait_showing(&agents, "the later life ended", limit, || {
+        log_of(&agents[2]).contains("the cluster had life 2 of it")
+    });
+    assert!(mark.exists(), "the older copy is marked before it ends the later life");
+    agents[2].kill();
+    agents[2].child = Some(spawn(&agents[2], &timers));
+    wait_showing(&agents, "the restart refusing votes", limit, || {
+        log_of(&agents[2]).contains("it grants no raft vote until it is")
+    });
+    wait_showing(&agents, "node 3 back as a life after its second", limit * 2, || {
         status(&agents[0].dir, false).is_some_and(|s| {
             s["stable"] == true
                 && node_status(&s, 3).is_some_and(|(st, inc)| st == "active" && inc >= 3)
         })
     });
+    wait_showing(&agents, "the mark cleared once admitted", limit, || !mark.exists());
     let now = status(&agents[0].dir, false).expect("status");
     for node in [1, 2] {
         assert_eq!(node_status(&now, node), Some(("active".to_string(), 1)), "node {node}");

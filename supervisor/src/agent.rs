@@ -293,6 +293,16 @@ impl<N: Net> Agent<N> {
         // Not `!restarted`: a start refused (its join, say) leaves an incarnation behind, and
         // a wiped voter started twice must not vote on its second start either.
         let fresh = dir.unadmitted()?;
+        let older_copy = dir.older_copy()?;
+        if older_copy {
+            tracing::warn!(
+                node,
+                "this data directory was found an older copy of this node's (restored from a \
+                 backup?), and the cluster has not admitted the node since: it grants no raft \
+                 vote until it is, for its log and vote are behind what the node voted in a \
+                 later life"
+            );
+        }
         let me = Me { id: node, addr: addr.clone(), labels: options.labels.clone() };
 
         let (log, machine) = store::open_with(&dir.store_path(), options.durable)?;
@@ -333,10 +343,14 @@ impl<N: Net> Agent<N> {
             }),
             host,
             services: Box::new(services),
-            fresh,
+            fresh: fresh || older_copy,
             admitted_first: {
                 let dir = dir.clone();
-                Box::new(move || dir.clear_unadmitted())
+                Box::new(move || dir.clear_until_admitted())
+            },
+            record_older_copy: {
+                let dir = dir.clone();
+                Box::new(move || dir.mark_older_copy())
             },
             made_incarnation,
             ended_left: dir.ended_left()?,

@@ -7,6 +7,8 @@
 //!   incarnation          this node's current life; raised when it rejoins after a failure
 //!   unadmitted           present until a cluster first admits this directory's node
 //!   bootstrapping        present while this directory's node bootstraps a cluster
+//!   older-copy           present from when this directory was found an older copy of its
+//!                        node's until the cluster admits the node again
 //!   raft.redb            raft log, vote and snapshots, each value checksummed; the
 //!                        cluster and node it is of
 //!   control.sock         the CLI's Unix socket (0600)
@@ -192,9 +194,25 @@ impl DataDir {
         Ok(self.read_number(UNADMITTED)?.is_some())
     }
 
-    /// Removes the mark: the node was admitted.
-    pub fn clear_unadmitted(&self) -> Result<()> {
-        self.remove(UNADMITTED)
+    /// Marks the directory as an older copy of its node's (restored from a backup, say): a
+    /// later life of the node ran on a newer one, and voted and acknowledged entries this raft
+    /// store does not hold. Kept through restarts until the cluster admits the node again, so
+    /// that no start grants a raft vote on that store before it has caught up.
+    pub fn mark_older_copy(&self) -> Result<()> {
+        self.write_number(OLDER_COPY, 1)
+    }
+
+    /// Whether the directory was found an older copy (see [`DataDir::mark_older_copy`]) and its
+    /// node not admitted since.
+    pub fn older_copy(&self) -> Result<bool> {
+        Ok(self.read_number(OLDER_COPY)?.is_some())
+    }
+
+    /// Removes the marks a node keeps until it is admitted ([`DataDir::mark_unadmitted`],
+    /// [`DataDir::mark_older_copy`]): it was.
+    pub fn clear_until_admitted(&self) -> Result<()> {
+        self.remove(UNADMITTED)?;
+        self.remove(OLDER_COPY)
     }
 
     /// Marks the directory's node as bootstrapping a cluster: written before the secret is
@@ -243,6 +261,7 @@ impl DataDir {
 
 const UNADMITTED: &str = "unadmitted";
 const BOOTSTRAPPING: &str = "bootstrapping";
+const OLDER_COPY: &str = "older-copy";
 const ENDED_LEFT: &str = "ended-left";
 
 /// Makes the names created or renamed in `dir` durable: without it, a power cut after a rename
@@ -296,6 +315,21 @@ mod tests {
 
     /// A number file that holds something else says what to do, not only what is wrong; and
     /// the directory is made private as it is made, whatever the umask.
+    #[test]
+    fn the_marks_kept_until_admitted_stay_through_restarts_and_go_together() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = DataDir::open(root.path()).unwrap();
+        assert!(!dir.older_copy().unwrap() && !dir.unadmitted().unwrap());
+        dir.mark_older_copy().unwrap();
+        dir.mark_unadmitted().unwrap();
+        drop(dir);
+        let again = DataDir::open(root.path()).unwrap();
+        assert!(again.older_copy().unwrap(), "kept for the next start");
+        again.clear_until_admitted().unwrap();
+        assert!(!again.older_copy().unwrap() && !again.unadmitted().unwrap());
+        again.clear_until_admitted().expect("cleared twice: nothing to remove");
+    }
+
     #[test]
     fn a_garbled_number_says_how_to_come_back() {
         use std::os::unix::fs::PermissionsExt as _;

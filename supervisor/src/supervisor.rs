@@ -304,6 +304,8 @@ pub struct Supervisor {
     fresh: AtomicBool,
     /// Records in the data directory that its node was admitted.
     admitted_first: Arc<dyn Fn() -> Result<()> + Send + Sync>,
+    /// [`Parts::record_older_copy`].
+    record_older_copy: Arc<dyn Fn() -> Result<()> + Send + Sync>,
     shutdown: CancellationToken,
 }
 
@@ -330,14 +332,20 @@ pub struct Parts {
     /// Builds the same services afresh, for a new life of the host after this node was declared
     /// failed while it still ran.
     pub services: Box<dyn Fn() -> Registry + Send + Sync>,
-    /// The data directory was never admitted to a cluster. Until a life of this node is
-    /// admitted, it grants no raft vote: were the directory a voter's, wiped, its empty log
-    /// could elect a leader that lacks entries this node helped commit.
+    /// The data directory was never admitted to a cluster, or was found an older copy of its
+    /// node's and not admitted since. Until a life of this node is admitted, it grants no raft
+    /// vote: were the directory a voter's, wiped or restored from a backup, its log could
+    /// elect a leader that lacks entries this node helped commit, and its vote grant a second
+    /// vote in a term it voted in.
     pub fresh: bool,
     /// Called once, at the first admission of a fresh node, to record it (see
-    /// [`crate::datadir::DataDir::clear_unadmitted`]); on the agent's runtime, on a blocking
-    /// thread, after [`Supervisor::admit_life`] has returned.
+    /// [`crate::datadir::DataDir::clear_until_admitted`]); on the agent's runtime, on a
+    /// blocking thread, after [`Supervisor::admit_life`] has returned.
     pub admitted_first: Box<dyn Fn() -> Result<()> + Send + Sync>,
+    /// Records in the data directory that it is an older copy of its node's (see
+    /// [`crate::datadir::DataDir::mark_older_copy`]), so that later starts refuse votes too
+    /// until the node is admitted.
+    pub record_older_copy: Box<dyn Fn() -> Result<()> + Send + Sync>,
     /// This process wrote `incarnation` itself: the data directory had none, so no earlier run
     /// of this node served that life, and its own log cannot hold a join of it from before.
     pub made_incarnation: bool,
@@ -385,6 +393,7 @@ impl Supervisor {
             leaving_when_started,
             asked_back: AtomicBool::new(parts.rejoin),
             record_left: Arc::from(parts.record_left),
+            record_older_copy: Arc::from(parts.record_older_copy),
             left_recorded: AtomicU64::new(0),
             raft,
             transport: parts.transport,

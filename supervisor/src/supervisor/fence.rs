@@ -258,8 +258,26 @@ impl Supervisor {
     async fn end_later_life(&self, later: u64) -> bool {
         // Its raft state is older than what this node voted and acknowledged since: until it
         // is admitted again and caught up, a vote from it could elect a leader that lacks
-        // entries the cluster committed.
-        self.fresh.store(true, Ordering::SeqCst);
+        // entries the cluster committed, or be a second vote in a term that life voted in.
+        // Kept on disk too: a process that died between the end of that life and its own
+        // admission voted again at its next start, on the same older store.
+        if !self.fresh.swap(true, Ordering::SeqCst) {
+            let record = Arc::clone(&self.record_older_copy);
+            let kept = crate::disk::on_disk(move || record()).await;
+            if let Some(error) = match kept {
+                Ok(kept) => kept.err().map(|e| e.to_string()),
+                Err(error) => Some(error.to_string()),
+            } {
+                tracing::warn!(
+                    node = self.me.id,
+                    %error,
+                    "cannot record in the data directory that it is an older copy: this process \
+                     refuses raft votes until admitted, but were it restarted before, the next \
+                     start would grant them on its older log. Free the disk, or let this process \
+                     run until it rejoins"
+                );
+            }
+        }
         let fail = Command::Fail { node: self.me.id, incarnation: later };
         let ended = match self.propose_until(fail, self.config.failure_timeout).await {
             Ok(Ok(_)) => None,

@@ -175,7 +175,7 @@ impl Supervisor {
                 tracing::warn!(
                     node = self.me.id,
                     candidate = r.vote.leader_id().voted_for(),
-                    "vote refused: this node's data directory is new and the cluster has not admitted it; if it was a voter's, wiped, its log no longer holds what it voted on"
+                    "vote refused: this node's data directory is new, or an older copy of its node's, and the cluster has not admitted it since; if it was a voter's, wiped or restored from a backup, its log no longer holds what it voted on"
                 );
                 Response::Vote(Ok(VoteResponse {
                     vote: r.vote,

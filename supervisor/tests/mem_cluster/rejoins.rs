@@ -208,6 +208,7 @@ async fn two_renewals_of_one_dead_life_save_the_new_incarnation_once() {
         services: Box::new(Registry::new),
         fresh: false,
         admitted_first: Box::new(|| Ok(())),
+        record_older_copy: Box::new(|| Ok(())),
         ended_left: None,
         record_left: Box::new(|_| Ok(())),
         rejoin: false,
