@@ -696,6 +696,52 @@ fn a_node_started_on_an_older_copy_of_its_directory_ends_its_later_life_and_come
     assert!(log.contains("the node left the cluster in a later life"), "{log}");
 }
 
+/// A data directory restored from an older copy on another machine (another address) while
+/// the node's later life still runs: the members refuse it, and it says why, where it said only
+/// that no leader answered. Once that life is gone, the copy comes back as a new life, and
+/// grants no raft vote until it is admitted, for its raft store is behind what that life voted.
+#[test]
+fn an_older_copy_on_another_address_says_its_id_is_in_use_and_comes_back_once_that_life_is_gone() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    // The node's lives are short: the second one's failure holds it out a while, in which the
+    // older copy waits to be admitted.
+    let timers = ["--failure-timeout-ms", "3000", "--rejoin-hold-ms", "15000"];
+    let mut agents = three_agents_with(root.path(), limit, &timers);
+    let socket = agents[0].dir.join("control.sock");
+    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
+    let keys = 200u64;
+    put_keys(&socket, keys);
+    agents[2].kill();
+    let mut twin = unstarted(&root.path().join("elsewhere"), 3, free_addr("127.0.0.4"));
+    copy_files(&agents[2].dir, &twin.dir);
+    agents[2].child = Some(spawn(&agents[2], &timers));
+    wait_showing(&agents, "node 3 back as its second life", limit, || {
+        stable_with(&agents[0].dir, &[(3, "active", 2)])
+    });
+    twin.child = Some(spawn(&twin, &timers));
+    wait_showing(&agents, "the older copy told why it is refused", limit, || {
+        log_of(&twin).contains("the cluster's members refuse this node's connections, saying")
+    });
+    assert!(log_of(&twin).contains("node id 3 is in use by the member at"), "{}", log_of(&twin));
+    let mark = twin.dir.join("older-copy");
+    assert!(!mark.exists(), "nothing learned yet of a later life");
+    agents[2].kill();
+    wait_showing(&agents, "the older copy marked once it learns of the later life", limit, || {
+        mark.exists()
+    });
+    wait_showing(&agents, "node 3 back at its new address", limit * 2, || {
+        status(&agents[0].dir, false).is_some_and(|s| {
+            let at = s["nodes"].as_array().and_then(|n| n.iter().find(|n| n["id"] == 3).cloned());
+            s["stable"] == true
+                && node_status(&s, 3).is_some_and(|(st, inc)| st == "active" && inc >= 3)
+                && at.is_some_and(|n| n["addr"] == twin.addr.as_str())
+        })
+    });
+    wait_showing(&agents, "the mark cleared once admitted", limit, || !mark.exists());
+    assert_keys_read_back(&agents, &socket, keys);
+}
+
 /// Copies the regular files of directory `from` into `to`, made if missing (an operator's
 /// backup of a data directory; its control socket is no file to copy).
 fn copy_files(from: &Path, to: &Path) {

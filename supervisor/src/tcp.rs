@@ -313,6 +313,10 @@ impl<N: Net> Transport for TcpTransport<N> {
         lock(&self.inner.peers).get(&node).is_some_and(|p| p.secret_differs)
     }
 
+    fn refusal(&self, node: u64) -> Option<String> {
+        lock(&self.inner.peers).get(&node).and_then(|p| p.refused.clone())
+    }
+
     fn forget(&self, node: u64) {
         if let Some(dialing) = lock(&self.inner.dialing).remove(&node) {
             dialing.forgotten.cancel();

@@ -70,6 +70,13 @@ pub trait Transport: Send + Sync + 'static {
         let _ = node;
         false
     }
+
+    /// Why `node` refused the last dial's handshake, if it did (until a dial succeeds). The
+    /// default: never refused.
+    fn refusal(&self, node: u64) -> Option<String> {
+        let _ = node;
+        None
+    }
 }
 
 /// Answers requests that arrive from peers. Runs concurrently for many requests; must not block.

@@ -84,10 +84,17 @@ pub(super) async fn start_new_life(supervisor: Arc<Supervisor>) {
                     ended = true;
                     tracing::debug!(%refusal, "last life already ended");
                 }
-                Err(error) => tracing::warn!(
-                    %error,
-                    "could not end this node's last life yet: no leader answers (is a majority of the cluster down?); asking again"
-                ),
+                Err(error) => match supervisor.refused_by_members() {
+                    Some(reason) => tracing::warn!(
+                        node = me,
+                        "could not end this node's last life yet: the cluster's members refuse \
+                         this node's connections, saying: {reason}; asking again"
+                    ),
+                    None => tracing::warn!(
+                        %error,
+                        "could not end this node's last life yet: no leader answers (is a majority of the cluster down?); asking again"
+                    ),
+                },
             }
         }
         Arc::clone(&supervisor).check_fenced().await;

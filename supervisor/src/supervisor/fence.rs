@@ -81,6 +81,11 @@ impl Supervisor {
             }
             return;
         }
+        // The cluster had a life of this node after this directory's: it ran on a newer copy
+        // of it (this one restored from a backup, or copied to another address).
+        if record.is_some_and(|r| r.incarnation > self.incarnation()) && !self.life_admitted() {
+            self.refuse_votes_as_older_copy().await;
+        }
         // A later life of this node, at this node's address, live, that this process never
         // served: its data directory is an older copy (restored from a backup) of the one
         // that life ran on. That life is over, for this process holds its address, but it
@@ -256,28 +261,6 @@ impl Supervisor {
     /// a process on an older copy: the cluster then rebuilds that life's entries from
     /// replicas, as for any restart, and this process rejoins as a life after it.
     async fn end_later_life(&self, later: u64) -> bool {
-        // Its raft state is older than what this node voted and acknowledged since: until it
-        // is admitted again and caught up, a vote from it could elect a leader that lacks
-        // entries the cluster committed, or be a second vote in a term that life voted in.
-        // Kept on disk too: a process that died between the end of that life and its own
-        // admission voted again at its next start, on the same older store.
-        if !self.fresh.swap(true, Ordering::SeqCst) {
-            let record = Arc::clone(&self.record_older_copy);
-            let kept = crate::disk::on_disk(move || record()).await;
-            if let Some(error) = match kept {
-                Ok(kept) => kept.err().map(|e| e.to_string()),
-                Err(error) => Some(error.to_string()),
-            } {
-                tracing::warn!(
-                    node = self.me.id,
-                    %error,
-                    "cannot record in the data directory that it is an older copy: this process \
-                     refuses raft votes until admitted, but were it restarted before, the next \
-                     start would grant them on its older log. Free the disk, or let this process \
-                     run until it rejoins"
-                );
-            }
-        }
         let fail = Command::Fail { node: self.me.id, incarnation: later };
         let ended = match self.propose_until(fail, self.config.failure_timeout).await {
             Ok(Ok(_)) => None,
@@ -318,6 +301,33 @@ impl Supervisor {
              directory still exists, it is out of date now: do not start it"
         );
         true
+    }
+
+    /// Refuses raft votes until this node is admitted again, in this process and, through a
+    /// mark in the data directory, in the next ones: a later life of the node ran on a newer
+    /// copy of the directory, so this raft store is behind what the node voted and
+    /// acknowledged since. A vote from it could elect a leader that lacks entries the cluster
+    /// committed, or be a second vote in a term that life voted in. Marked in memory only, a
+    /// process that died before its admission voted again at its next start.
+    async fn refuse_votes_as_older_copy(&self) {
+        if self.fresh.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let record = Arc::clone(&self.record_older_copy);
+        let kept = crate::disk::on_disk(move || record()).await;
+        if let Some(error) = match kept {
+            Ok(kept) => kept.err().map(|e| e.to_string()),
+            Err(error) => Some(error.to_string()),
+        } {
+            tracing::warn!(
+                node = self.me.id,
+                %error,
+                "cannot record in the data directory that it is an older copy: this process \
+                 refuses raft votes until admitted, but were it restarted before, the next \
+                 start would grant them on its older log. Free the disk, or let this process \
+                 run until it rejoins"
+            );
+        }
     }
 
     /// [`Supervisor::ask_to_join`] of this node, which leads: once, through its own raft.

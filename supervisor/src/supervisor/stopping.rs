@@ -79,6 +79,21 @@ impl Supervisor {
         (members.len(), differ)
     }
 
+    /// Why the members refuse this node's connections, when every live member this node's
+    /// state knows refused its last dial: a restart on an older copy of the data directory, or
+    /// on another address, while the cluster counts a life of this node live elsewhere. Its own
+    /// raft then finds no leader, and without this it said only that none answered.
+    pub(crate) fn refused_by_members(&self) -> Option<String> {
+        let state = self.state();
+        let mut members = state
+            .nodes
+            .iter()
+            .filter(|(&id, r)| id != self.me.id && r.status.is_live())
+            .map(|(&id, _)| self.transport.refusal(id));
+        let first = members.next()??;
+        members.all(|r| r.is_some()).then_some(first)
+    }
+
     /// Stops this node for good because the cluster refused what it is: it stops serving and
     /// answering its peers, which declare it failed and rebuild its entries elsewhere.
     pub fn stop_refused(&self, why: String) {
