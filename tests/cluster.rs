@@ -661,7 +661,7 @@ fn a_node_started_on_an_older_copy_of_its_directory_ends_its_later_life_and_come
     agents[2].kill();
     agents[2].child = Some(spawn(&agents[2], &timers));
     wait_showing(&agents, "the restart refusing votes", limit, || {
-        log_of(&agents[2]).contains("it grants no raft vote until it is")
+        log_of(&agents[2]).contains("it grants no raft vote and stands for no election")
     });
     wait_showing(&agents, "node 3 back as a life after its second", limit * 2, || {
         status(&agents[0].dir, false).is_some_and(|s| {

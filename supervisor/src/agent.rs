@@ -297,10 +297,10 @@ impl<N: Net> Agent<N> {
         if older_copy {
             tracing::warn!(
                 node,
-                "this data directory was found an older copy of this node's (restored from a \
-                 backup?), and the cluster has not admitted the node since: it grants no raft \
-                 vote until it is, for its log and vote are behind what the node voted in a \
-                 later life"
+                "this data directory was found to be an older copy of this node's (restored \
+                 from a backup?), and the cluster has not admitted the node since: until it is, \
+                 it grants no raft vote and stands for no election, for its log and vote are \
+                 behind what the node voted in a later life"
             );
         }
         let me = Me { id: node, addr: addr.clone(), labels: options.labels.clone() };
@@ -343,7 +343,8 @@ impl<N: Net> Agent<N> {
             }),
             host,
             services: Box::new(services),
-            fresh: fresh || older_copy,
+            fresh,
+            older_copy,
             admitted_first: {
                 let dir = dir.clone();
                 Box::new(move || dir.clear_until_admitted())

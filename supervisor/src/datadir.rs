@@ -313,8 +313,6 @@ mod tests {
         assert!(!root.path().join("incarnation.new").exists(), "the temporary file is gone");
     }
 
-    /// A number file that holds something else says what to do, not only what is wrong; and
-    /// the directory is made private as it is made, whatever the umask.
     #[test]
     fn the_marks_kept_until_admitted_stay_through_restarts_and_go_together() {
         let root = tempfile::tempdir().unwrap();
@@ -330,6 +328,8 @@ mod tests {
         again.clear_until_admitted().expect("cleared twice: nothing to remove");
     }
 
+    /// A number file that holds something else says what to do, not only what is wrong; and
+    /// the directory is made private as it is made, whatever the umask.
     #[test]
     fn a_garbled_number_says_how_to_come_back() {
         use std::os::unix::fs::PermissionsExt as _;

@@ -306,6 +306,13 @@ pub struct Supervisor {
     admitted_first: Arc<dyn Fn() -> Result<()> + Send + Sync>,
     /// [`Parts::record_older_copy`].
     record_older_copy: Arc<dyn Fn() -> Result<()> + Send + Sync>,
+    /// This process's data directory is an older copy of its node's, and the node was not
+    /// admitted since: it neither grants votes nor stands for election, unless it is raft's
+    /// only voter (see [`Supervisor::stand_for_election`]).
+    older_copy: AtomicBool,
+    /// Set once the data directory holds the mark that says so: every fence check that finds
+    /// it an older copy waits for the write, and only one makes it.
+    older_copy_kept: tokio::sync::OnceCell<()>,
     shutdown: CancellationToken,
 }
 
@@ -332,12 +339,16 @@ pub struct Parts {
     /// Builds the same services afresh, for a new life of the host after this node was declared
     /// failed while it still ran.
     pub services: Box<dyn Fn() -> Registry + Send + Sync>,
-    /// The data directory was never admitted to a cluster, or was found an older copy of its
-    /// node's and not admitted since. Until a life of this node is admitted, it grants no raft
-    /// vote: were the directory a voter's, wiped or restored from a backup, its log could
-    /// elect a leader that lacks entries this node helped commit, and its vote grant a second
-    /// vote in a term it voted in.
+    /// The data directory was never admitted to a cluster. Until a life of this node is
+    /// admitted, it grants no raft vote: were the directory a voter's, wiped, its empty log
+    /// could elect a leader that lacks entries this node helped commit.
     pub fresh: bool,
+    /// The data directory was found to be an older copy of its node's, and the node was not
+    /// admitted since ([`crate::datadir::DataDir::mark_older_copy`]). Until it is, it grants
+    /// no raft vote and stands for no election: its log could elect a leader (itself, say)
+    /// that lacks entries the node acknowledged in a later life, and its vote be a second one
+    /// in a term it voted in.
+    pub older_copy: bool,
     /// Called once, at the first admission of a fresh node, to record it (see
     /// [`crate::datadir::DataDir::clear_until_admitted`]); on the agent's runtime, on a
     /// blocking thread, after [`Supervisor::admit_life`] has returned.
@@ -394,6 +405,11 @@ impl Supervisor {
             asked_back: AtomicBool::new(parts.rejoin),
             record_left: Arc::from(parts.record_left),
             record_older_copy: Arc::from(parts.record_older_copy),
+            older_copy: AtomicBool::new(parts.older_copy),
+            older_copy_kept: match parts.older_copy {
+                true => tokio::sync::OnceCell::new_with(Some(())),
+                false => tokio::sync::OnceCell::new(),
+            },
             left_recorded: AtomicU64::new(0),
             raft,
             transport: parts.transport,
@@ -427,7 +443,7 @@ impl Supervisor {
             made_at_start: parts.made_incarnation.then_some(parts.incarnation),
             lifecycle,
             save_incarnation: parts.save_incarnation,
-            fresh: AtomicBool::new(parts.fresh),
+            fresh: AtomicBool::new(parts.fresh || parts.older_copy),
             admitted_first: Arc::from(parts.admitted_first),
             shutdown: CancellationToken::new(),
         });
@@ -435,6 +451,7 @@ impl Supervisor {
         let _ = parts.dispatch.node.set(Arc::downgrade(&node));
         // No serving as a manager before the cluster has vouched for this node (see `lease`).
         node.host.lease(Instant::now());
+        node.stand_for_election();
         tokio::spawn(Arc::clone(&node).duties());
         tokio::spawn(Arc::clone(&node).leader_duties());
         tokio::spawn(Arc::clone(&node).lease_duties());

@@ -539,3 +539,97 @@ async fn a_member_s_directory_with_another_cluster_s_secret_or_another_id_is_ref
     assert_eq!(DataDir::open(&dir).expect("dir").node_id().expect("read"), Some(1));
     agent.stop().await;
 }
+
+/// Starts node `id` again on its data directory at `dir`, once raft's tasks of its last start
+/// have let the store go.
+async fn resumed(dir: &Path, id: u64, addr: &str) -> Agent<TokioNet> {
+    let resume = options(dir, id, addr, Start::Resume, None);
+    let again = async {
+        loop {
+            match Agent::start(TokioNet, &resume, Registry::new).await {
+                Ok(agent) => return agent,
+                Err(SupervisorError::Storage(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(other) => panic!("node {id} started again: {other}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), again).await.expect("the store free")
+}
+
+/// Waits until the data directory at `dir` no longer holds the older-copy mark.
+async fn until_no_longer_older(dir: &Path) {
+    let cleared = async {
+        while DataDir::open(dir).expect("dir").older_copy().expect("read") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), cleared).await.expect("the mark cleared");
+}
+
+/// A data directory found to be an older copy of its node's, marked so by an earlier start
+/// that died before its node was admitted again: the next start grants no raft vote either,
+/// until the cluster admits the node, and the mark goes then. Only the mark says so: before,
+/// a start after such a death voted on the older store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directory_marked_an_older_copy_grants_no_vote_until_admitted_again() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let dirs: Vec<PathBuf> = (1..=3).map(|i| root.path().join(format!("n{i}"))).collect();
+    let mut agents = vec![bootstrapped(&dirs[0], 1, &addrs[0]).await];
+    let secret = dirs[0].join("cluster.secret");
+    for i in 1..3 {
+        let join = options(
+            &dirs[i],
+            i as u64 + 1,
+            &addrs[i],
+            Start::Join(addrs[0].clone()),
+            Some(secret.clone()),
+        );
+        agents.push(Agent::start(TokioNet, &join, Registry::new).await.expect("join"));
+        until_recorded(&dirs[i]).await;
+    }
+    for agent in agents.drain(..).rev() {
+        agent.stop().await;
+    }
+    DataDir::open(&dirs[2]).expect("dir").mark_older_copy().expect("mark");
+
+    // Alone, it cannot be admitted: it refuses votes whatever time passes.
+    let three = resumed(&dirs[2], 3, &addrs[2]).await;
+    assert!(three.supervisor.fresh(), "marked: it refuses votes");
+    // The others elect a leader between them, and admit it as a new life.
+    let others = [resumed(&dirs[0], 1, &addrs[0]).await, resumed(&dirs[1], 2, &addrs[1]).await];
+    let admitted = async {
+        while !three.supervisor.life_admitted() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), admitted).await.is_err() {
+        panic!("node 3 is not admitted: {:?}", three.supervisor.state().nodes);
+    }
+    assert!(!three.supervisor.fresh(), "admitted: it votes");
+    until_no_longer_older(&dirs[2]).await;
+    three.stop().await;
+    for agent in others {
+        agent.stop().await;
+    }
+}
+
+/// A data directory marked an older copy whose node is raft's only voter leads all the same,
+/// and is admitted: nothing newer survives elsewhere, and without it nothing would commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_copy_that_is_the_only_voter_leads_and_is_admitted() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let (path, addr) = (root.path().join("n1"), free_addr());
+    let agent = bootstrapped(&path, 1, &addr).await;
+    until_recorded(&path).await;
+    agent.stop().await;
+    drop(agent);
+    DataDir::open(&path).expect("dir").mark_older_copy().expect("mark");
+    let agent = resumed(&path, 1, &addr).await;
+    until_active_alone(&agent, 1, "the only voter, an older copy").await;
+    assert!(!agent.supervisor.fresh(), "admitted: it votes");
+    until_no_longer_older(&path).await;
+    agent.stop().await;
+}

@@ -87,8 +87,12 @@ pub(super) async fn start_new_life(supervisor: Arc<Supervisor>) {
                 Err(error) => match supervisor.refused_by_members() {
                     Some(reason) => tracing::warn!(
                         node = me,
+                        %error,
                         "could not end this node's last life yet: the cluster's members refuse \
-                         this node's connections, saying: {reason}; asking again"
+                         this node's connections, saying: {reason}. This process asks again, \
+                         and rejoins by itself as a new life once the cluster allows it (once \
+                         it declares a life of this node that runs elsewhere failed, say): \
+                         should that life go on, stop this process"
                     ),
                     None => tracing::warn!(
                         %error,

@@ -126,6 +126,9 @@ impl Supervisor {
         self.asked_back.store(false, Ordering::SeqCst);
         self.held_back.send_replace(None);
         if self.fresh.swap(false, Ordering::SeqCst) {
+            // Admitted, its log is caught up to what the cluster committed before its join.
+            self.older_copy.store(false, Ordering::SeqCst);
+            self.stand_for_election();
             let (record, node) = (Arc::clone(&self.admitted_first), self.me.id);
             let record = move || {
                 if let Err(error) = record() {

@@ -83,8 +83,10 @@ impl Supervisor {
         }
         // The cluster had a life of this node after this directory's: it ran on a newer copy
         // of it (this one restored from a backup, or copied to another address).
-        if record.is_some_and(|r| r.incarnation > self.incarnation()) && !self.life_admitted() {
-            self.refuse_votes_as_older_copy().await;
+        if let Some(later) = record.filter(|r| r.incarnation > self.incarnation()) {
+            if !self.life_admitted() {
+                self.refuse_votes_as_older_copy(later).await;
+            }
         }
         // A later life of this node, at this node's address, live, that this process never
         // served: its data directory is an older copy (restored from a backup) of the one
@@ -309,25 +311,53 @@ impl Supervisor {
     /// acknowledged since. A vote from it could elect a leader that lacks entries the cluster
     /// committed, or be a second vote in a term that life voted in. Marked in memory only, a
     /// process that died before its admission voted again at its next start.
-    async fn refuse_votes_as_older_copy(&self) {
-        if self.fresh.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        let record = Arc::clone(&self.record_older_copy);
-        let kept = crate::disk::on_disk(move || record()).await;
-        if let Some(error) = match kept {
-            Ok(kept) => kept.err().map(|e| e.to_string()),
-            Err(error) => Some(error.to_string()),
-        } {
-            tracing::warn!(
-                node = self.me.id,
-                %error,
-                "cannot record in the data directory that it is an older copy: this process \
-                 refuses raft votes until admitted, but were it restarted before, the next \
-                 start would grant them on its older log. Free the disk, or let this process \
-                 run until it rejoins"
-            );
-        }
+    async fn refuse_votes_as_older_copy(&self, later: &NodeRecord) {
+        self.fresh.store(true, Ordering::SeqCst);
+        self.older_copy.store(true, Ordering::SeqCst);
+        self.stand_for_election();
+        // Every caller waits for the mark: a second fence check, running beside the first,
+        // went on to end the later life and rejoin before the mark was on disk.
+        self.older_copy_kept
+            .get_or_init(|| async {
+                tracing::warn!(
+                    node = self.me.id,
+                    incarnation = self.incarnation(),
+                    later = later.incarnation,
+                    at = %later.addr,
+                    status = %later.status,
+                    "this data directory is an older copy of this node's: the cluster had a later \
+                     life of it, which ran on a newer copy. Until the cluster admits this node \
+                     again, it grants no raft vote and stands for no election, for its log and \
+                     vote are behind what that life voted"
+                );
+                let record = Arc::clone(&self.record_older_copy);
+                let kept = crate::disk::on_disk(move || record()).await;
+                if let Some(error) = match kept {
+                    Ok(kept) => kept.err().map(|e| e.to_string()),
+                    Err(error) => Some(error.to_string()),
+                } {
+                    tracing::warn!(
+                        node = self.me.id,
+                        %error,
+                        "cannot record in the data directory that it is an older copy: this \
+                         process refuses raft votes until admitted, but were it restarted \
+                         before, the next start would grant them on its older log. Free the \
+                         disk, or let this process run until it rejoins"
+                    );
+                }
+            })
+            .await;
+    }
+
+    /// Lets raft stand this node for election, or not: not while its data directory is an
+    /// older copy not admitted since, whose older log could win an election and elect a
+    /// leader that lacks entries the cluster committed. Unless it is raft's only voter: then
+    /// nothing newer survives elsewhere, and without it nothing would ever commit (openraft
+    /// elects a lone voter at its start whatever this says; this covers any later election).
+    pub(super) fn stand_for_election(&self) {
+        let alone = self.voters() == [self.me.id];
+        let barred = self.older_copy.load(Ordering::SeqCst) && !alone;
+        self.raft.runtime_config().elect(!barred);
     }
 
     /// [`Supervisor::ask_to_join`] of this node, which leads: once, through its own raft.

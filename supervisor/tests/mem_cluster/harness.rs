@@ -99,6 +99,7 @@ pub(crate) async fn supervisor_behind(
         fresh: true,
         admitted_first: Box::new(|| Ok(())),
         record_older_copy: Box::new(|| Ok(())),
+        older_copy: false,
         ended_left: None,
         record_left: Box::new(|_| Ok(())),
         // Node 1 bootstraps; the others are started to join, as `--join` starts an agent.

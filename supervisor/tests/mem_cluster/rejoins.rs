@@ -209,6 +209,7 @@ async fn two_renewals_of_one_dead_life_save_the_new_incarnation_once() {
         fresh: false,
         admitted_first: Box::new(|| Ok(())),
         record_older_copy: Box::new(|| Ok(())),
+        older_copy: false,
         ended_left: None,
         record_left: Box::new(|_| Ok(())),
         rejoin: false,
