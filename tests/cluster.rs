@@ -848,6 +848,12 @@ fn stopped_with_sigterm_and_started_again_twice(seen_failed: bool) {
     }
     let log = log_of(&agents[2]);
     assert!(!log.contains("not every member heard"), "{log}");
+    // The leader says the failure it declared was a stop asked for, not a crash to look into.
+    let leaders = format!("{}{}", log_of(&agents[0]), log_of(&agents[1]));
+    if seen_failed {
+        assert!(leaders.contains("it said it was stopping on purpose"), "{leaders}");
+    }
+    assert!(!leaders.contains("silent and unreachable from witnesses"), "{leaders}");
 }
 
 /// How node 2 is restarted after its kill -9.

@@ -244,30 +244,82 @@ pub async fn serve(
     let socket = ControlSocket::at(path)?;
     // The agent bound the socket: its owner is the agent's user.
     let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(path)?);
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) if !may_drive(&stream, owner) => {
-                    tokio::spawn(refuse_stranger(stream, owner));
-                }
-                Ok((stream, _)) => {
-                    let node = Arc::clone(&node);
-                    let consoles = Arc::clone(&consoles);
-                    let entering = entering.clone();
-                    tokio::spawn(async move {
-                        if let Err(error) = answer(stream, node, &consoles, &entering).await {
-                            tracing::debug!(%error, "control connection ended");
-                        }
-                    });
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "control socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+    tokio::spawn(accept_loop(listener, owner, CONNECTIONS, move |stream| {
+        let node = Arc::clone(&node);
+        let consoles = Arc::clone(&consoles);
+        let entering = entering.clone();
+        async move {
+            if let Err(error) = answer(stream, node, &consoles, &entering).await {
+                tracing::debug!(%error, "control connection ended");
             }
         }
-    });
+    }));
     Ok(socket)
+}
+
+/// The control connections served at once. Each holds a descriptor: a program that opened
+/// connections and left them open took every descriptor the agent had, and then neither the
+/// CLI nor the agent's peers could connect (a helper's test, 150 connections under `ulimit -n
+/// 128`). Past this many, new connections wait in the socket's backlog for one to end.
+pub(crate) const CONNECTIONS: usize = 64;
+
+/// What the lines the control socket's budget leaves out are about.
+const CONTROL_LINES: &str =
+    "control socket trouble (connections refused, waiting, or not accepted)";
+
+/// Accepts connections at `listener` and serves each with `serve`, at most `connections` at
+/// once; refuses those of other users than `owner` and root. Every line it logs is budgeted:
+/// a local program looping on the socket logged thousands a minute.
+async fn accept_loop<F>(
+    listener: UnixListener,
+    owner: u32,
+    connections: usize,
+    serve: impl Fn(UnixStream) -> F,
+) where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(connections));
+    let budget = gobelins_adaptation::log_budget::noisy();
+    let log =
+        |line: &dyn Fn()| gobelins_adaptation::log_budget::budgeted(&budget, CONTROL_LINES, line);
+    loop {
+        let slot = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                log(&|| {
+                    tracing::warn!(connections, "every control connection this agent serves at once is taken: new ones wait until one ends (a program that opens connections and leaves them open? `ss -xp` names who holds this agent's control.sock)")
+                });
+                Arc::clone(&slots).acquire_owned().await.expect("the slots are never closed")
+            }
+        };
+        match listener.accept().await {
+            Ok((stream, _)) if !may_drive(&stream, owner) => {
+                let uid = stream.peer_cred().map(|c| c.uid()).ok();
+                log(&|| {
+                    tracing::warn!(?uid, owner, "refused a control connection from another user: the control socket serves the agent's own user (and root) only; check who can reach the data directory")
+                });
+                tokio::spawn(async move {
+                    refuse_stranger(stream, owner).await;
+                    drop(slot);
+                });
+            }
+            Ok((stream, _)) => {
+                let served = serve(stream);
+                tokio::spawn(async move {
+                    served.await;
+                    drop(slot);
+                });
+            }
+            Err(error) => {
+                drop(slot);
+                log(
+                    &|| tracing::warn!(%error, "control socket accept failed; if it says too many open files, raise the agent's limit (LimitNOFILE= in its unit, or ulimit -n), or find what holds descriptors open (ls /proc/<agent's pid>/fd)"),
+                );
+                // Out of descriptors, usually: back off rather than spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// Whether the process at the other end of `stream` runs as `owner`, the agent's user, or as
@@ -281,8 +333,6 @@ fn allowed(uid: u32, owner: u32) -> bool {
 }
 
 async fn refuse_stranger(stream: UnixStream, owner: u32) {
-    let uid = stream.peer_cred().map(|c| c.uid()).ok();
-    tracing::warn!(?uid, owner, "refused a control connection from another user: the control socket serves the agent's own user (and root) only; check who can reach the data directory");
     let (_, mut write) = stream.into_split();
     let why = format!("this agent's control socket serves its own user (uid {owner}) and root only: run the command as that user");
     let _ = flush(&mut write, &[json!({ "error": why })]).await;
@@ -291,7 +341,7 @@ async fn refuse_stranger(stream: UnixStream, owner: u32) {
 #[cfg(test)]
 mod tests {
     use super::client::{read_answer, FIRST_LINE_PATIENCE, NEXT_LINE_PATIENCE};
-    use super::session::{client_exited, line_is_long, read_request};
+    use super::session::{client_exited, line_is_long, read_request, read_request_within};
     use super::*;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 
@@ -338,6 +388,55 @@ mod tests {
         let listener = bind_private(&path).unwrap();
         let _client = tokio::net::UnixStream::connect(&path).await.unwrap();
         listener.accept().await.unwrap();
+    }
+
+    /// Past the connections it serves at once, the next waits for one to end, where each
+    /// held a descriptor until there were none left for the CLI or the agent's peers.
+    #[tokio::test(start_paused = true)]
+    async fn past_the_connections_served_at_once_the_next_waits_for_one_to_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let listener = bind_private(&path).unwrap();
+        let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&path).unwrap());
+        let (served, mut serving) = tokio::sync::mpsc::unbounded_channel();
+        // Each connection is served until its client closes it.
+        tokio::spawn(accept_loop(listener, owner, 2, move |mut stream| {
+            let served = served.clone();
+            async move {
+                served.send(()).unwrap();
+                let _ = stream.read_to_end(&mut Vec::new()).await;
+            }
+        }));
+        let first = UnixStream::connect(&path).await.unwrap();
+        let _second = UnixStream::connect(&path).await.unwrap();
+        for _ in 0..2 {
+            serving.recv().await.unwrap();
+        }
+        let _third = UnixStream::connect(&path).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_secs(60), serving.recv()).await;
+        assert!(waited.is_err(), "the third is not served while two are");
+        drop(first);
+        serving.recv().await.expect("served once the first ended");
+    }
+
+    /// A connection that never ends its request line is answered and closed: held open, it
+    /// kept its descriptor for as long as its program lived.
+    #[tokio::test(start_paused = true)]
+    async fn a_request_never_ended_is_refused_after_a_while() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b"{\"cmd\":").await.unwrap();
+        let mut read = BufReader::new(server);
+        let patience = Duration::from_secs(30);
+        let start = tokio::time::Instant::now();
+        let why = read_request_within(&mut read, patience).await.unwrap().unwrap_err();
+        assert!(why.contains("no whole request line came within 30 s"), "{why}");
+        assert_eq!(start.elapsed(), patience);
+        // A whole line within it is read as ever.
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b"{\"cmd\":\"stats\"}\n").await.unwrap();
+        let mut read = BufReader::new(server);
+        let read = read_request_within(&mut read, patience).await.unwrap();
+        assert!(read.is_ok(), "{read:?}");
     }
 
     #[tokio::test]

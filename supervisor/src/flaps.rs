@@ -175,6 +175,11 @@ impl Flaps {
         lives.stopping = lives.stopping.max(Some(life));
     }
 
+    /// Whether `node` said its life `life` stops on purpose.
+    pub(crate) fn said_stopping(&self, node: u64, life: u64) -> bool {
+        self.nodes.get(&node).is_some_and(|l| l.stopping == Some(life))
+    }
+
     /// Forgets `node`'s short lives in a row, and lifts its hold: an operator says the cause is
     /// mended. Whether it was held at `now`, and whether short lives of it were counted.
     pub(crate) fn unhold(&mut self, node: u64, now: Instant) -> (bool, bool) {

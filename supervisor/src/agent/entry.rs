@@ -58,8 +58,9 @@ pub(super) async fn enter(
                 SupervisorError::Config(if never_admitted {
                     format!(
                         "{refused}. This data directory was never admitted to a cluster, and \
-                         --secret-file is for cluster {}, not the seed's: copy cluster.secret \
-                         from a member of the cluster this node joins",
+                         its --secret-file (cluster {}) is not the seed's: another cluster's, or \
+                         its key changed. Copy cluster.secret unchanged from a member of the \
+                         cluster this node joins",
                         secret.cluster
                     )
                 } else {

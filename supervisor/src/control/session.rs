@@ -27,7 +27,7 @@ pub(super) async fn answer(
     let client = stream.peer_cred().ok().and_then(|c| Some((c.pid()?, c.uid())));
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read.take(MAX_REQUEST_LINE as u64 + 1));
-    let request = match read_request(&mut read).await? {
+    let request = match read_request_within(&mut read, REQUEST_PATIENCE).await? {
         Ok(request) => request,
         Err(why) => return flush(&mut write, &[json!({ "error": why })]).await,
     };
@@ -312,6 +312,25 @@ pub(super) fn client_exited(pid: i32, uid: u32) -> bool {
 
 /// Reads a request line from `read`, which yields at most one byte over
 /// [`MAX_REQUEST_LINE`]: the request, or what to answer instead.
+/// How long a connection has to send its whole request: the CLI sends it as it connects. Kept
+/// open without one, a connection held its descriptor and its slot for as long as its program
+/// lived (one was still open after 90 s in a helper's test).
+pub(super) const REQUEST_PATIENCE: Duration = Duration::from_secs(30);
+
+/// [`read_request`], refused with why if the line has not ended within `patience`.
+pub(super) async fn read_request_within(
+    read: &mut (impl AsyncBufRead + Unpin),
+    patience: Duration,
+) -> Result<std::result::Result<ControlRequest, String>> {
+    match tokio::time::timeout(patience, read_request(read)).await {
+        Ok(read) => read,
+        Err(_) => Ok(Err(format!(
+            "no whole request line came within {} s of connecting; closed",
+            patience.as_secs()
+        ))),
+    }
+}
+
 pub(super) async fn read_request(
     read: &mut (impl AsyncBufRead + Unpin),
 ) -> Result<std::result::Result<ControlRequest, String>> {

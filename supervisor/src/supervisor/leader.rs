@@ -213,7 +213,18 @@ impl Supervisor {
                     tracing::debug!(node, "cut off from the leader while its leave ends; left be");
                     return;
                 }
-                if !cut_off {
+                // An operator's stop reads as one, not as a crash to look into.
+                let on_purpose =
+                    || self.flaps.lock().expect("flaps").said_stopping(node, incarnation);
+                if !cut_off && on_purpose() {
+                    tracing::warn!(
+                        node,
+                        incarnation,
+                        "declaring node failed: it said it was stopping on purpose (SIGTERM or \
+                         SIGINT) and is silent since; its entries are rebuilt from replicas, and \
+                         started again it rejoins as a new life"
+                    );
+                } else if !cut_off {
                     tracing::warn!(
                         node,
                         incarnation,

@@ -34,6 +34,8 @@ const REFUSALS: &str = "connections refused or dropped before their handshake en
 
 impl<N: Net> TcpTransport<N> {
     pub(super) async fn accept_loop(self, listener: N::Listener) {
+        // Out of descriptors, a failure repeats every 50 ms: 40 lines a second, unbudgeted.
+        let failures = log_budget::noisy();
         loop {
             let accepted = tokio::select! {
                 _ = self.inner.shutdown.cancelled() => return,
@@ -75,7 +77,11 @@ impl<N: Net> TcpTransport<N> {
                 }
                 Err(error) => {
                     // Out of descriptors, usually: back off rather than spin.
-                    tracing::warn!(%error, "accept failed");
+                    log_budget::budgeted(
+                        &failures,
+                        "failures to accept a connection",
+                        || tracing::warn!(%error, "accept failed: peers cannot connect to this node; if it says too many open files, raise the agent's limit (LimitNOFILE= in its unit, or ulimit -n), or find what holds descriptors open (ls /proc/<agent's pid>/fd)"),
+                    );
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
