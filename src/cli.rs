@@ -432,6 +432,8 @@ mod tests {
         between["failures"] = json!(1);
         let once = status_text(json!([between.clone()]), true);
         assert!(once.contains("note: node 5's last life failed soon after it began"), "{once}");
+        // A note that stays while the node is active says for how long.
+        assert!(once.contains("forgotten once the node has stayed up, or away, for 10 minutes"));
         // Left since, and not held: its short lives before are no news.
         let mut left = between.clone();
         left["status"] = json!("left");

@@ -159,8 +159,10 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
             writeln!(
                 out,
                 "note: node {}'s {lives}: from the second such life in a row, a node is held \
-                 out before it may rejoin, longer each time (while two members at least are in)",
-                node["id"]
+                 out before it may rejoin, longer each time (while two members at least are in). \
+                 Such lives are forgotten once the node has stayed up, or away, for {} minutes",
+                node["id"],
+                gobelins_supervisor::FLAP_MEMORY.as_secs() / 60
             )?;
             continue;
         };

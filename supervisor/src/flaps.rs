@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 /// How long a node must go without a failure, counted from when it could come back, to be a
 /// first offender again.
-pub(crate) const FLAP_MEMORY: Duration = Duration::from_secs(600);
+pub const FLAP_MEMORY: Duration = Duration::from_secs(600);
 /// A life that ended sooner than this after it began counts as a failure here.
 pub(crate) const SHORT_LIFE: Duration = Duration::from_secs(120);
 /// The longest hold, whatever the failures.

@@ -195,7 +195,17 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
         Some(Err(SupervisorError::FrameTooLarge { len, max })) => Err(stranger(format!(
             "its first bytes announce a message of {len} bytes, where a handshake's is at most {max}"
         ))),
-        Some(frame) => Ok(codec::decode(&frame?)?),
+        // A frame of a handshake's size that is no handshake message: random bytes, another
+        // program, or a build whose messages differ. The decoder's own words ("invalid value:
+        // integer `155`, expected variant index") said none of that.
+        Some(frame) => codec::decode(&frame?).map_err(|e| SupervisorError::Handshake {
+            peer: peer.into(),
+            reason: format!(
+                "it sent a message that is no handshake this build reads ({e}): not a gobelins \
+                 agent, or a build of another protocol (this one speaks protocol {})",
+                crate::frame::VERSION
+            ),
+        }),
         None => Err(SupervisorError::io(
             format!("handshake with {peer}"),
             std::io::Error::new(std::io::ErrorKind::UnexpectedEof, why),
@@ -342,6 +352,10 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             HandshakeMessage::Hello(hello) => hello,
             other => return Err(unexpected(peer, &other)),
         };
+        // Named as it names itself from here on: on one host every dial comes from the same
+        // address, and a refusal said only that, not which node to mend.
+        let named = format!("{peer} (node {} at {})", theirs.node, theirs.addr);
+        let peer = named.as_str();
         if let Err(reason) = check_hello(secret.cluster, &theirs) {
             let another = theirs.magic == MAGIC && theirs.cluster != secret.cluster;
             return Err(refuse(framed, peer, reason, another).await);
@@ -448,6 +462,8 @@ mod tests {
         // The acceptor, dialed by a node with a changed key, is not told to check its own.
         assert!(b.contains("refused by peer: the node that connected holds"), "{b}");
         assert!(!b.contains("check --secret-file"), "{b}");
+        // The acceptor names the node that connected, not only the address it came from.
+        assert!(b.contains("n1 (node 1 at 127.0.0.1:1)"), "{b}");
     }
 
     #[tokio::test]
@@ -498,6 +514,25 @@ mod tests {
         let err = initiate(&mut a, &secret, hello, "n2", Duration::from_secs(3)).await.unwrap_err();
         let said = err.to_string();
         assert!(said.contains("not a gobelins agent") && said.contains("--listen"), "{said}");
+    }
+
+    /// A frame of a handshake's size whose bytes are no handshake message is said to be that,
+    /// not in the decoder's words alone.
+    #[tokio::test]
+    async fn a_frame_that_is_no_handshake_message_is_said_to_be_one() {
+        use crate::frame::VERSION;
+        use futures::SinkExt as _;
+        let (a, b) = tokio::io::duplex(4096);
+        let mut a = Framed::new(a, FrameCodec::new(crate::frame::HANDSHAKE_MAX_FRAME));
+        let mut b = Framed::new(b, FrameCodec::new(crate::frame::HANDSHAKE_MAX_FRAME));
+        b.send(Bytes::from(vec![155u8; 40])).await.unwrap();
+        let secret = ClusterSecret::generate();
+        let hello = Hello::new(secret.cluster, 1, 1, String::new());
+        let err = initiate(&mut a, &secret, hello, "n2", Duration::from_secs(3)).await.unwrap_err();
+        let said = err.to_string();
+        assert!(said.contains("no handshake this build reads"), "{said}");
+        let ours = format!("a build of another protocol (this one speaks protocol {VERSION})");
+        assert!(said.contains(&ours), "{said}");
     }
 
     #[tokio::test(start_paused = true)]

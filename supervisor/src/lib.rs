@@ -56,5 +56,6 @@ mod voters;
 mod waiters;
 
 pub use error::{Result, SupervisorError};
+pub use flaps::FLAP_MEMORY;
 pub use gobelins_adaptation::codec;
 pub use supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};
