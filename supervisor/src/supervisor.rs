@@ -313,6 +313,13 @@ pub struct Supervisor {
     /// Set once the data directory holds the mark that says so: every fence check that finds
     /// it an older copy waits for the write, and only one makes it.
     older_copy_kept: tokio::sync::OnceCell<()>,
+    /// A peer has shown this process the cluster's record of its node, or the cluster admitted
+    /// it: it knows whether its directory is an older copy (see [`Supervisor::vouch`]).
+    vouched: AtomicBool,
+    /// A [`Supervisor::vouch`] runs.
+    vouching: AtomicBool,
+    /// Lines saying a vote was refused: a candidate asks again every election timeout.
+    refused_votes: Mutex<gobelins_adaptation::log_budget::LogBudget>,
     shutdown: CancellationToken,
 }
 
@@ -406,6 +413,9 @@ impl Supervisor {
             record_left: Arc::from(parts.record_left),
             record_older_copy: Arc::from(parts.record_older_copy),
             older_copy: AtomicBool::new(parts.older_copy),
+            vouched: AtomicBool::new(false),
+            vouching: AtomicBool::new(false),
+            refused_votes: gobelins_adaptation::log_budget::noisy(),
             older_copy_kept: match parts.older_copy {
                 true => tokio::sync::OnceCell::new_with(Some(())),
                 false => tokio::sync::OnceCell::new(),

@@ -633,3 +633,85 @@ async fn an_older_copy_that_is_the_only_voter_leads_and_is_admitted() {
     until_no_longer_older(&path).await;
     agent.stop().await;
 }
+
+/// Copies the regular files of directory `from` into `to`, made if missing (an operator's
+/// backup of a stopped agent's data directory).
+fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("make the copy's directory");
+    for entry in std::fs::read_dir(from).expect("read the directory") {
+        let entry = entry.expect("an entry");
+        if entry.file_type().expect("its type").is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy a file");
+        }
+    }
+}
+
+/// A data directory restored from an older copy, started while a candidate asks for votes:
+/// it grants none before a peer has told it what the cluster holds of its node. Before, it
+/// voted at once, on its older log, and learned it was an older copy a moment later: its vote
+/// elected a leader (a helper's black-box run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_copy_grants_no_vote_before_it_learns_that_it_is_one() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let dirs: Vec<PathBuf> = (1..=3).map(|i| root.path().join(format!("n{i}"))).collect();
+    let mut agents = vec![bootstrapped(&dirs[0], 1, &addrs[0]).await];
+    let secret = dirs[0].join("cluster.secret");
+    for i in 1..3 {
+        let join = options(
+            &dirs[i],
+            i as u64 + 1,
+            &addrs[i],
+            Start::Join(addrs[0].clone()),
+            Some(secret.clone()),
+        );
+        agents.push(Agent::start(TokioNet, &join, Registry::new).await.expect("join"));
+        until_recorded(&dirs[i]).await;
+    }
+    let three = agents.pop().expect("node 3");
+    three.stop().await;
+    let backup = root.path().join("backup");
+    copy_files(&dirs[2], &backup);
+    // A later life of node 3, on the newer directory.
+    let three = resumed(&dirs[2], 3, &addrs[2]).await;
+    let later = async {
+        while !three.supervisor.life_admitted() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), later).await.expect("node 3's later life");
+    assert!(three.supervisor.incarnation() > 1, "a later life");
+    // Its leader and that life gone, node 2 asks for votes again and again; only node 3's
+    // older copy is there to grant one.
+    let one = agents.remove(0);
+    three.stop().await;
+    one.stop().await;
+    let copy = resumed(&backup, 3, &addrs[2]).await;
+    until_older(&backup).await;
+    let two = &agents[0];
+    assert_ne!(two.supervisor.leader(), Some(2), "elected with the older copy's vote");
+    // Node 1 back, the cluster elects a leader without the copy, and admits it as a new life.
+    let one = resumed(&dirs[0], 1, &addrs[0]).await;
+    let admitted = async {
+        while !copy.supervisor.life_admitted() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), admitted).await.is_err() {
+        panic!("the copy is not admitted: {:?}", one.supervisor.state().nodes);
+    }
+    until_no_longer_older(&backup).await;
+    copy.stop().await;
+    one.stop().await;
+    agents.remove(0).stop().await;
+}
+
+/// Waits until the data directory at `dir` holds the older-copy mark.
+async fn until_older(dir: &Path) {
+    let marked = async {
+        while !DataDir::open(dir).expect("dir").older_copy().expect("read") {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(20), marked).await.expect("marked an older copy");
+}

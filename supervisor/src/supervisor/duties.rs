@@ -85,10 +85,14 @@ impl Supervisor {
         let mut fed = HostFeed::default();
         let mut life = self.host.life();
         loop {
-            // Raft's voters are known once its log is read: an older copy that is the only
-            // voter must stand for election, or nothing would ever commit.
-            if self.older_copy.load(Ordering::SeqCst) {
+            // Raft's voters are known once its log is read: an older copy, or a process not
+            // yet vouched for, that is the only voter must stand for election, or nothing
+            // would ever commit.
+            if self.older_copy.load(Ordering::SeqCst) || !self.vouched.load(Ordering::SeqCst) {
                 self.stand_for_election();
+            }
+            if !self.vouched.load(Ordering::SeqCst) {
+                tokio::spawn(Arc::clone(&self).vouch());
             }
             if self.host.life() != life {
                 // A new life of the host: it has reported nothing and been fed nothing.

@@ -123,12 +123,13 @@ impl Supervisor {
     /// timeout after it woke, when the cluster may have rebuilt its entries elsewhere.
     pub(super) fn admit_life_asked(&self, asked: Instant) {
         self.admitted.store(true, Ordering::SeqCst);
+        self.vouched.store(true, Ordering::SeqCst);
         self.asked_back.store(false, Ordering::SeqCst);
         self.held_back.send_replace(None);
+        // Admitted, its log is caught up to what the cluster committed before its join.
+        self.older_copy.store(false, Ordering::SeqCst);
+        self.stand_for_election();
         if self.fresh.swap(false, Ordering::SeqCst) {
-            // Admitted, its log is caught up to what the cluster committed before its join.
-            self.older_copy.store(false, Ordering::SeqCst);
-            self.stand_for_election();
             let (record, node) = (Arc::clone(&self.admitted_first), self.me.id);
             let record = move || {
                 if let Err(error) = record() {

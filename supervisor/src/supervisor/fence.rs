@@ -16,27 +16,9 @@ impl Supervisor {
     /// The newest view the peers give decides, since a peer that left or was cut off holds a
     /// frozen view. Asks again, too, when this process's rejoin was taken but not answered.
     pub(crate) async fn check_fenced(self: Arc<Self>) {
-        // The members first. Nodes this node's state has as departed only when no member
-        // answers with a view as new as this node's own (a member may be cut off too, or a
-        // leaver whose view froze): one may have come back as a new life this node has not
-        // heard of. Asking them on every check had every follower dial every node that ever
-        // left, every few seconds, for ever.
         let state = self.state();
-        let (members, departed): (Vec<_>, Vec<_>) = state
-            .nodes
-            .iter()
-            .filter(|(&id, _)| id != self.me.id)
-            .partition(|(_, r)| r.status.is_live());
-        let mut view = self.newest_view(&members).await;
-        if view.as_ref().is_none_or(|v| v.state.epoch < state.epoch) {
-            let theirs = self.newest_view(&departed).await;
-            view = [view, theirs].into_iter().flatten().max_by_key(|v| v.state.epoch);
-        }
-        // A leader that nobody else answers (a lone voter back, the others down) reads its own:
-        // its state is the cluster's.
-        let view =
-            view.or_else(|| (self.leader() == Some(self.me.id)).then(|| Box::new(self.view())));
-        let Some(view) = view else { return };
+        let Some(view) = self.peers_view().await else { return };
+        self.judge_copy(&view).await;
         // Only a view newer than or as new as ours may tell us we were declared failed.
         let ours = self.state().epoch;
         if view.state.epoch < ours {
@@ -80,13 +62,6 @@ impl Supervisor {
                 );
             }
             return;
-        }
-        // The cluster had a life of this node after this directory's: it ran on a newer copy
-        // of it (this one restored from a backup, or copied to another address).
-        if let Some(later) = record.filter(|r| r.incarnation > self.incarnation()) {
-            if !self.life_admitted() {
-                self.refuse_votes_as_older_copy(later).await;
-            }
         }
         // A later life of this node, at this node's address, live, that this process never
         // served: its data directory is an older copy (restored from a backup) of the one
@@ -305,6 +280,61 @@ impl Supervisor {
         true
     }
 
+    /// The newest view of the cluster its peers give, or this node's own if it leads and none
+    /// answers.
+    async fn peers_view(&self) -> Option<Box<View>> {
+        // The members first. Nodes this node's state has as departed only when no member
+        // answers with a view as new as this node's own (a member may be cut off too, or a
+        // leaver whose view froze): one may have come back as a new life this node has not
+        // heard of. Asking them on every check had every follower dial every node that ever
+        // left, every few seconds, for ever.
+        let state = self.state();
+        let (members, departed): (Vec<_>, Vec<_>) = state
+            .nodes
+            .iter()
+            .filter(|(&id, _)| id != self.me.id)
+            .partition(|(_, r)| r.status.is_live());
+        let mut view = self.newest_view(&members).await;
+        if view.as_ref().is_none_or(|v| v.state.epoch < state.epoch) {
+            let theirs = self.newest_view(&departed).await;
+            view = [view, theirs].into_iter().flatten().max_by_key(|v| v.state.epoch);
+        }
+        // A leader that nobody else answers (a lone voter back, the others down) reads its own:
+        // its state is the cluster's.
+        view.or_else(|| (self.leader() == Some(self.me.id)).then(|| Box::new(self.view())))
+    }
+
+    /// Judges from `view` whether this process's data directory is an older copy of its
+    /// node's, and marks it so if it is; then this process may vote and stand for election as
+    /// far as that goes (see [`Supervisor::vouch`]).
+    async fn judge_copy(&self, view: &View) {
+        // The cluster had a life of this node after this directory's: it ran on a newer copy
+        // of it (this one restored from a backup, or copied to another address).
+        let record = view.state.nodes.get(&self.me.id);
+        if let Some(later) = record.filter(|r| r.incarnation > self.incarnation()) {
+            if !self.life_admitted() {
+                self.refuse_votes_as_older_copy(later).await;
+            }
+        }
+        if !self.vouched.swap(true, Ordering::SeqCst) {
+            self.stand_for_election();
+        }
+    }
+
+    /// Asks the peers what the cluster holds of this node, once at a time, until one answers:
+    /// until then this process grants no raft vote and stands for no election. A directory
+    /// restored from an older copy learns that it is one only from them, and voted before it
+    /// did (a helper's black-box run: its vote elected a leader 50 ms before it knew).
+    pub(super) async fn vouch(self: Arc<Self>) {
+        if self.vouching.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Some(view) = self.peers_view().await {
+            self.judge_copy(&view).await;
+        }
+        self.vouching.store(false, Ordering::SeqCst);
+    }
+
     /// Refuses raft votes until this node is admitted again, in this process and, through a
     /// mark in the data directory, in the next ones: a later life of the node ran on a newer
     /// copy of the directory, so this raft store is behind what the node voted and
@@ -356,8 +386,14 @@ impl Supervisor {
     /// elects a lone voter at its start whatever this says; this covers any later election).
     pub(super) fn stand_for_election(&self) {
         let alone = self.voters() == [self.me.id];
-        let barred = self.older_copy.load(Ordering::SeqCst) && !alone;
-        self.raft.runtime_config().elect(!barred);
+        let unsure = self.older_copy.load(Ordering::SeqCst) || !self.vouched.load(Ordering::SeqCst);
+        self.raft.runtime_config().elect(!unsure || alone);
+    }
+
+    /// Whether this process grants raft votes: admitted, or its directory known not to be an
+    /// older copy (see [`Supervisor::vouch`]).
+    pub(super) fn grants_votes(&self) -> bool {
+        !self.fresh.load(Ordering::SeqCst) && self.vouched.load(Ordering::SeqCst)
     }
 
     /// [`Supervisor::ask_to_join`] of this node, which leads: once, through its own raft.

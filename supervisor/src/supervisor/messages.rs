@@ -171,12 +171,27 @@ impl Supervisor {
             Request::AppendEntries(r) => {
                 Response::AppendEntries(Box::pin(self.raft.append_entries(r)).await)
             }
-            Request::Vote(r) if self.fresh.load(Ordering::SeqCst) => {
-                tracing::warn!(
-                    node = self.me.id,
-                    candidate = r.vote.leader_id().voted_for(),
-                    "vote refused: this node's data directory is new, or an older copy of its node's, and the cluster has not admitted it since; if it was a voter's, wiped or restored from a backup, its log no longer holds what it voted on"
-                );
+            Request::Vote(r) if !self.grants_votes() => {
+                let candidate = r.vote.leader_id().voted_for();
+                if self.older_copy.load(Ordering::SeqCst) {
+                    budgeted(&self.refused_votes, "votes refused", || {
+                        tracing::warn!(
+                        node = self.me.id,
+                        candidate,
+                        "vote refused: this node's data directory was found to be an older copy of its node's (it holds the file older-copy), and the cluster has not admitted it since: its log and vote are behind what the node voted in a later life. The other voters elect a leader without it. If too few of them are up for that, and the rest are lost for good, delete older-copy in its data directory and start this agent again: it votes then, at the cost of entries only its later life held"
+                    )
+                    });
+                } else if self.fresh.load(Ordering::SeqCst) {
+                    budgeted(&self.refused_votes, "votes refused", || {
+                        tracing::warn!(
+                        node = self.me.id,
+                        candidate,
+                        "vote refused: this node's data directory is new and the cluster has not admitted it; if it was a voter's, wiped, its log no longer holds what it voted on"
+                    )
+                    });
+                } else {
+                    tracing::debug!(node = self.me.id, ?candidate, "vote refused: no peer has yet said what the cluster holds of this node (its data directory could be an older copy)");
+                }
                 Response::Vote(Ok(VoteResponse {
                     vote: r.vote,
                     vote_granted: false,
