@@ -724,6 +724,8 @@ fn an_older_copy_on_another_address_says_its_id_is_in_use_and_comes_back_once_th
         log_of(&twin).contains("the cluster's members refuse this node's connections, saying")
     });
     assert!(log_of(&twin).contains("node id 3 is in use by the member at"), "{}", log_of(&twin));
+    // Nor is it told to mend a network that works.
+    assert!(!log_of(&twin).contains("mend the network"), "{}", log_of(&twin));
     let mark = twin.dir.join("older-copy");
     assert!(!mark.exists(), "nothing learned yet of a later life");
     agents[2].kill();

@@ -110,6 +110,18 @@ impl Supervisor {
     /// ping just now.
     pub(super) async fn say_leaderless(self: Arc<Self>, lost: Duration) {
         let (voters, silent) = self.silent_voters().await;
+        // Refused by every member, it hears from no leader because they will not talk to it:
+        // the network is not at fault (an older copy on another address, say).
+        if let Some(reason) = self.refused_by_members() {
+            tracing::warn!(
+                node = self.me.id,
+                leaderless_for_ms = lost.as_millis() as u64,
+                said_again_after_s = crate::quorum::SAY_EVERY.as_secs(),
+                "this voter has heard from no leader: the cluster's members refuse its \
+                 connections, saying: {reason}"
+            );
+            return;
+        }
         tracing::warn!(
             node = self.me.id,
             leaderless_for_ms = lost.as_millis() as u64,
