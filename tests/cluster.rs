@@ -744,6 +744,53 @@ fn an_older_copy_on_another_address_says_its_id_is_in_use_and_comes_back_once_th
     assert_keys_read_back(&agents, &socket, keys);
 }
 
+/// A copy of the leader's data directory, taken while it led and restored after its later
+/// life wrote more: openraft started it as the leader of the term it had led, with no
+/// election, and its entries parted from the followers' (a helper's black-box run: its state
+/// stayed epochs behind theirs, and it waited for ever to be let back in). It stands for
+/// election like any restarted node now, and comes back as a new life.
+#[test]
+fn a_copy_of_the_leader_s_directory_restored_does_not_lead_its_old_term_again() {
+    let root = tempfile::tempdir().expect("temporary directory");
+    let limit = Duration::from_secs(30);
+    let timers = ["--failure-timeout-ms", "10000", "--rejoin-hold-ms", "100"];
+    let mut agents = three_agents_with(root.path(), limit, &timers);
+    let socket = agents[1].dir.join("control.sock");
+    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
+    let keys = 200u64;
+    put_keys(&socket, keys);
+    assert_eq!(status(&agents[0].dir, false).expect("status")["leader"], 1, "node 1 leads");
+    agents[0].kill();
+    let backup = root.path().join("backup");
+    copy_files(&agents[0].dir, &backup);
+    agents[0].child = Some(spawn(&agents[0], &timers));
+    wait_showing(&agents, "node 1 back as its second life", limit, || {
+        stable_with(&agents[1].dir, &[(1, "active", 2)])
+    });
+    // More entries, in whatever term node 1's second life saw.
+    agents[2].kill();
+    agents[2].child = Some(spawn(&agents[2], &timers));
+    wait_showing(&agents, "node 3 back as its second life", limit, || {
+        stable_with(&agents[1].dir, &[(1, "active", 2), (3, "active", 2)])
+    });
+    agents[0].kill();
+    std::fs::remove_dir_all(&agents[0].dir).expect("remove the directory");
+    copy_files(&backup, &agents[0].dir);
+    agents[0].child = Some(spawn(&agents[0], &timers));
+    // Every node's own state agrees: node 1 back as a life after its second.
+    wait_showing(&agents, "the three states agree, node 1 back", limit * 2, || {
+        let views: Vec<Value> = agents.iter().filter_map(|a| status(&a.dir, true)).collect();
+        views.len() == 3
+            && views.iter().all(|v| v["epoch"] == views[0]["epoch"] && v["stable"] == true)
+            && views
+                .iter()
+                .all(|v| node_status(v, 1).is_some_and(|(st, inc)| st == "active" && inc >= 3))
+    });
+    for agent in &agents {
+        assert_keys_read_back(&agents, &agent.dir.join("control.sock"), keys);
+    }
+}
+
 /// Copies the regular files of directory `from` into `to`, made if missing (an operator's
 /// backup of a data directory; its control socket is no file to copy).
 fn copy_files(from: &Path, to: &Path) {

@@ -155,6 +155,9 @@ fn ready(
         )))
     });
     checked?;
+    uncommit_vote(&db, durable).map_err(|e| {
+        crate::SupervisorError::Storage(format!("reading {what}'s vote: {e}; {DAMAGED}"))
+    })?;
     // What it keeps opens but does not decode (or fails its checksum): said with the file and
     // what to do, not as a bare read error at every restart.
     let machine = StateMachine::load(Arc::clone(&db), durable).map_err(|e| {
@@ -165,6 +168,25 @@ fn ready(
     })?;
     let log = LogStore { db, durable, covered: machine.covered.subscribe() };
     Ok((log, machine))
+}
+
+/// Stores a committed vote as uncommitted, the same term and the same choice. openraft starts
+/// a node whose stored vote is committed and its own as the leader of that term, with no
+/// election: a data directory restored from a copy taken while its node led went on leading
+/// that term beside what a later life of the node had written in it, and its entries parted
+/// from the followers' at the same index (a helper's review). Uncommitted, a node that led
+/// stands for election again, as every restarted node does, and its vote in that term stays
+/// what it was: nothing it granted or refused changes.
+fn uncommit_vote(db: &Database, durable: bool) -> StorageResult<()> {
+    let Some(mut vote) = get_meta::<Vote<u64>>(db, VOTE)? else { return Ok(()) };
+    if !vote.is_committed() {
+        return Ok(());
+    }
+    vote.committed = false;
+    let bytes = seal(&codec::encode(&vote).map_err(codec_err)?);
+    let txn = begin_write(db, durable)?;
+    txn.open_table(META).map_err(write_err)?.insert(VOTE, bytes.as_slice()).map_err(write_err)?;
+    txn.commit().map_err(write_err)
 }
 
 fn get_meta<T: serde::de::DeserializeOwned>(db: &Database, key: &str) -> StorageResult<Option<T>> {
@@ -758,6 +780,25 @@ mod tests {
         drop(log);
         damage(&path, VOTE);
         assert!(open(&path).is_err(), "sealed now: a byte changed is damage");
+    }
+
+    /// A committed vote is stored uncommitted as the store opens, the same term and choice: a
+    /// node that led does not start as that term's leader again without an election (a copy
+    /// of its directory taken while it led would lead beside its later life's entries).
+    #[tokio::test]
+    async fn a_committed_vote_opens_uncommitted_in_the_same_term_for_the_same_node() {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let path = dir.path().join("raft.redb");
+        let (mut log, _) = open(&path).expect("a new store");
+        log.save_vote(&Vote::new_committed(9, 3)).await.expect("saved");
+        assert!(log.read_vote().await.expect("read").expect("a vote").is_committed());
+        drop(log);
+        let (mut log, _) = open(&path).expect("opened again");
+        assert_eq!(log.read_vote().await.expect("read"), Some(Vote::new(9, 3)));
+        log.save_vote(&Vote::new(10, 1)).await.expect("saved");
+        drop(log);
+        let (mut log, _) = open(&path).expect("opened again");
+        assert_eq!(log.read_vote().await.expect("read"), Some(Vote::new(10, 1)), "as it was");
     }
 
     /// A store protocol 27's builds wrote, sealed or from before the sums, keeps the cluster's

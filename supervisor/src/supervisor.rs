@@ -133,6 +133,8 @@ impl SupervisorConfig {
             election_timeout_max: election * 2,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.logs_kept,
+            // Until the supervisor knows whether it may (`Supervisor::stand_for_election`).
+            enable_elect: false,
             ..openraft::Config::default()
         }
         .validate()

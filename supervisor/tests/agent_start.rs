@@ -681,6 +681,13 @@ async fn an_older_copy_grants_no_vote_before_it_learns_that_it_is_one() {
     };
     tokio::time::timeout(Duration::from_secs(30), later).await.expect("node 3's later life");
     assert!(three.supervisor.incarnation() > 1, "a later life");
+    // Node 3 votes again, or node 2 would ask nobody but node 1 for a vote.
+    let seated = async {
+        while agents[1].supervisor.voters() != [1, 2, 3] {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), seated).await.expect("three voters again");
     // Its leader and that life gone, node 2 asks for votes again and again; only node 3's
     // older copy is there to grant one.
     let one = agents.remove(0);

@@ -10,6 +10,9 @@ use gobelins_adaptation::log_budget::budgeted;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// How long after no peer answered [`Supervisor::vouch`] asks again.
+const VOUCH_AGAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Supervisor {
     /// Asks the peers whether the cluster declared this node failed; if so, fences: rejoins
     /// under a new incarnation, as a new life of the same node, through the freshest leader.
@@ -329,8 +332,12 @@ impl Supervisor {
         if self.vouching.swap(true, Ordering::SeqCst) {
             return;
         }
-        if let Some(view) = self.peers_view().await {
-            self.judge_copy(&view).await;
+        match self.peers_view().await {
+            Some(view) => self.judge_copy(&view).await,
+            // Asked again in a while, not at the next turn of the duties' loop: refused by
+            // every member (an older copy on another address), it dialed each of them four
+            // times a second for as long as it ran (the review of `b66dc7a`).
+            None => tokio::time::sleep(VOUCH_AGAIN).await,
         }
         self.vouching.store(false, Ordering::SeqCst);
     }
