@@ -156,7 +156,10 @@ fn ready(
     });
     checked?;
     uncommit_vote(&db, durable).map_err(|e| {
-        crate::SupervisorError::Storage(format!("reading {what}'s vote: {e}; {DAMAGED}"))
+        crate::SupervisorError::Storage(format!(
+            "rewriting {what}'s vote: {e}; if the disk is full or read-only, free space or \
+             remount it, then start the agent again; otherwise {DAMAGED}"
+        ))
     })?;
     // What it keeps opens but does not decode (or fails its checksum): said with the file and
     // what to do, not as a bare read error at every restart.
@@ -177,9 +180,13 @@ fn ready(
 /// from the followers' at the same index (a helper's review). Uncommitted, a node that led
 /// stands for election again, as every restarted node does, and its vote in that term stays
 /// what it was: nothing it granted or refused changes.
+///
+/// Only its own vote: a follower's committed vote for its leader refuses other candidates for
+/// the leader's lease after a restart, which the managers' leases count on.
 fn uncommit_vote(db: &Database, durable: bool) -> StorageResult<()> {
     let Some(mut vote) = get_meta::<Vote<u64>>(db, VOTE)? else { return Ok(()) };
-    if !vote.is_committed() {
+    let own = get_meta::<(String, u64)>(db, OWNER)?.map(|(_, node)| node);
+    if !vote.is_committed() || own.is_none() || vote.leader_id().voted_for() != own {
         return Ok(());
     }
     vote.committed = false;
@@ -782,14 +789,20 @@ mod tests {
         assert!(open(&path).is_err(), "sealed now: a byte changed is damage");
     }
 
-    /// A committed vote is stored uncommitted as the store opens, the same term and choice: a
-    /// node that led does not start as that term's leader again without an election (a copy
-    /// of its directory taken while it led would lead beside its later life's entries).
+    /// A committed vote for this node is stored uncommitted as the store opens, the same term
+    /// and choice: a node that led does not start as that term's leader again without an
+    /// election (a copy of its directory taken while it led would lead beside its later
+    /// life's entries). A follower's committed vote for its leader stays as it was.
     #[tokio::test]
-    async fn a_committed_vote_opens_uncommitted_in_the_same_term_for_the_same_node() {
+    async fn a_committed_vote_of_its_own_opens_uncommitted_in_the_same_term() {
         let dir = tempfile::tempdir().expect("temporary directory");
         let path = dir.path().join("raft.redb");
         let (mut log, _) = open(&path).expect("a new store");
+        claim(&log, "aaaa", 3, true, &path).expect("node 3's");
+        log.save_vote(&Vote::new_committed(8, 1)).await.expect("saved");
+        drop(log);
+        let (mut log, _) = open(&path).expect("opened again");
+        assert_eq!(log.read_vote().await.expect("read"), Some(Vote::new_committed(8, 1)));
         log.save_vote(&Vote::new_committed(9, 3)).await.expect("saved");
         assert!(log.read_vote().await.expect("read").expect("a vote").is_committed());
         drop(log);

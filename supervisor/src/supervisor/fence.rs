@@ -389,8 +389,7 @@ impl Supervisor {
     /// Lets raft stand this node for election, or not: not while its data directory is an
     /// older copy not admitted since, whose older log could win an election and elect a
     /// leader that lacks entries the cluster committed. Unless it is raft's only voter: then
-    /// nothing newer survives elsewhere, and without it nothing would ever commit (openraft
-    /// elects a lone voter at its start whatever this says; this covers any later election).
+    /// nothing newer survives elsewhere, and without it nothing would ever commit.
     pub(super) fn stand_for_election(&self) {
         let alone = self.voters() == [self.me.id];
         let unsure = self.older_copy.load(Ordering::SeqCst) || !self.vouched.load(Ordering::SeqCst);
