@@ -540,6 +540,22 @@ async fn a_member_s_directory_with_another_cluster_s_secret_or_another_id_is_ref
     agent.stop().await;
 }
 
+/// Nodes 1 (the bootstrap) to 3, in directories `n1` to `n3` under `root`, each admitted:
+/// their addresses, directories and agents.
+async fn three_members(root: &Path) -> (Vec<String>, Vec<PathBuf>, Vec<Agent<TokioNet>>) {
+    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
+    let dirs: Vec<PathBuf> = (1..=3).map(|i| root.join(format!("n{i}"))).collect();
+    let mut agents = vec![bootstrapped(&dirs[0], 1, &addrs[0]).await];
+    let secret = dirs[0].join("cluster.secret");
+    for i in 1..3 {
+        let seed = Start::Join(addrs[0].clone());
+        let join = options(&dirs[i], i as u64 + 1, &addrs[i], seed, Some(secret.clone()));
+        agents.push(Agent::start(TokioNet, &join, Registry::new).await.expect("join"));
+        until_recorded(&dirs[i]).await;
+    }
+    (addrs, dirs, agents)
+}
+
 /// Starts node `id` again on its data directory at `dir`, once raft's tasks of its last start
 /// have let the store go.
 async fn resumed(dir: &Path, id: u64, addr: &str) -> Agent<TokioNet> {
@@ -575,21 +591,7 @@ async fn until_no_longer_older(dir: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_directory_marked_an_older_copy_grants_no_vote_until_admitted_again() {
     let root = tempfile::tempdir().expect("temporary directory");
-    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let dirs: Vec<PathBuf> = (1..=3).map(|i| root.path().join(format!("n{i}"))).collect();
-    let mut agents = vec![bootstrapped(&dirs[0], 1, &addrs[0]).await];
-    let secret = dirs[0].join("cluster.secret");
-    for i in 1..3 {
-        let join = options(
-            &dirs[i],
-            i as u64 + 1,
-            &addrs[i],
-            Start::Join(addrs[0].clone()),
-            Some(secret.clone()),
-        );
-        agents.push(Agent::start(TokioNet, &join, Registry::new).await.expect("join"));
-        until_recorded(&dirs[i]).await;
-    }
+    let (addrs, dirs, mut agents) = three_members(root.path()).await;
     for agent in agents.drain(..).rev() {
         agent.stop().await;
     }
@@ -653,21 +655,7 @@ fn copy_files(from: &Path, to: &Path) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_older_copy_grants_no_vote_before_it_learns_that_it_is_one() {
     let root = tempfile::tempdir().expect("temporary directory");
-    let addrs: Vec<String> = (0..3).map(|_| free_addr()).collect();
-    let dirs: Vec<PathBuf> = (1..=3).map(|i| root.path().join(format!("n{i}"))).collect();
-    let mut agents = vec![bootstrapped(&dirs[0], 1, &addrs[0]).await];
-    let secret = dirs[0].join("cluster.secret");
-    for i in 1..3 {
-        let join = options(
-            &dirs[i],
-            i as u64 + 1,
-            &addrs[i],
-            Start::Join(addrs[0].clone()),
-            Some(secret.clone()),
-        );
-        agents.push(Agent::start(TokioNet, &join, Registry::new).await.expect("join"));
-        until_recorded(&dirs[i]).await;
-    }
+    let (addrs, dirs, mut agents) = three_members(root.path()).await;
     let three = agents.pop().expect("node 3");
     three.stop().await;
     let backup = root.path().join("backup");
