@@ -310,8 +310,6 @@ pub(super) fn client_exited(pid: i32, uid: u32) -> bool {
     ours && std::fs::metadata(proc.join("self")).is_ok_and(|m| m.uid() == uid)
 }
 
-/// Reads a request line from `read`, which yields at most one byte over
-/// [`MAX_REQUEST_LINE`]: the request, or what to answer instead.
 /// How long a connection has to send its whole request: the CLI sends it as it connects. Kept
 /// open without one, a connection held its descriptor and its slot for as long as its program
 /// lived (one was still open after 90 s in a helper's test).
@@ -331,6 +329,8 @@ pub(super) async fn read_request_within(
     }
 }
 
+/// Reads a request line from `read`, which yields at most one byte over
+/// [`MAX_REQUEST_LINE`]: the request, or what to answer instead.
 pub(super) async fn read_request(
     read: &mut (impl AsyncBufRead + Unpin),
 ) -> Result<std::result::Result<ControlRequest, String>> {
