@@ -341,7 +341,9 @@ async fn refuse_stranger(stream: UnixStream, owner: u32) {
 #[cfg(test)]
 mod tests {
     use super::client::{read_answer, FIRST_LINE_PATIENCE, NEXT_LINE_PATIENCE};
-    use super::session::{client_exited, line_is_long, read_request, read_request_within};
+    use super::session::{
+        client_exited, line_is_long, read_request, read_request_within, REQUEST_PATIENCE,
+    };
     use super::*;
     use tokio::io::{AsyncBufReadExt, AsyncReadExt as _, AsyncWriteExt, BufReader};
 
@@ -437,6 +439,10 @@ mod tests {
         let mut read = BufReader::new(server);
         let read = read_request_within(&mut read, patience).await.unwrap();
         assert!(read.is_ok(), "{read:?}");
+        // A command waiting for a slot behind connections that send nothing gets one when they
+        // are closed, well before it gives up on its first line (a helper's `status` waited
+        // 28 s of its 30 behind them).
+        assert!(REQUEST_PATIENCE * 2 <= FIRST_LINE_PATIENCE.0);
     }
 
     #[tokio::test]

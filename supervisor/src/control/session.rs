@@ -312,8 +312,10 @@ pub(super) fn client_exited(pid: i32, uid: u32) -> bool {
 
 /// How long a connection has to send its whole request: the CLI sends it as it connects. Kept
 /// open without one, a connection held its descriptor and its slot for as long as its program
-/// lived (one was still open after 90 s in a helper's test).
-pub(super) const REQUEST_PATIENCE: Duration = Duration::from_secs(30);
+/// lived (one was still open after 90 s in a helper's test). Well under the CLI's own patience
+/// for a first line (30 s for `status`): a command that waits for a slot behind connections
+/// that send nothing gets it when they are closed, before it gives up.
+pub(super) const REQUEST_PATIENCE: Duration = Duration::from_secs(10);
 
 /// [`read_request`], refused with why if the line has not ended within `patience`.
 pub(super) async fn read_request_within(
