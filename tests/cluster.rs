@@ -5,7 +5,7 @@ use gobelins::kvdir;
 use serde_json::Value;
 use std::io::Write as _;
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -488,10 +488,8 @@ fn a_node_whose_data_directory_was_wiped_is_refused_then_comes_back_as_a_new_lif
     // Slow to declare a failure: the wiped node's first start must find its old life active.
     let timers = ["--failure-timeout-ms", "20000"];
     let mut agents = three_agents_with(root.path(), limit, &timers);
-    let socket = agents[0].dir.join("control.sock");
-    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 300u64;
-    put_keys(&socket, keys);
+    let socket = registered_with_keys(&agents[0].dir, limit, keys);
 
     let wiped = &mut agents[2];
     wiped.child.as_mut().expect("child").kill().expect("kill -9");
@@ -547,10 +545,8 @@ fn a_node_killed_while_it_leaves_and_started_again_ends_as_left_and_loses_nothin
     // slow machine; declared failed, it would lose its first life and the test its point.
     let timers = ["--failure-timeout-ms", "10000"];
     let mut agents = three_agents_with(root.path(), limit, &timers);
-    let socket = agents[0].dir.join("control.sock");
-    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 600u64;
-    put_keys(&socket, keys);
+    let socket = registered_with_keys(&agents[0].dir, limit, keys);
 
     // Node 2 stopped, the leave cannot end: node 2 takes part in it, receiving some of node
     // 3's entries. Node 3 stays leaving until it is killed.
@@ -635,10 +631,8 @@ fn a_node_started_on_an_older_copy_of_its_directory_ends_its_later_life_and_come
     // stopped and started again before it is admitted.
     let timers = ["--failure-timeout-ms", "10000", "--rejoin-hold-ms", "15000"];
     let mut agents = three_agents_with(root.path(), limit, &timers);
-    let socket = agents[0].dir.join("control.sock");
-    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 600u64;
-    put_keys(&socket, keys);
+    let socket = registered_with_keys(&agents[0].dir, limit, keys);
     let backup = root.path().join("backup");
     agents[2].kill();
     copy_files(&agents[2].dir, &backup);
@@ -708,10 +702,8 @@ fn an_older_copy_on_another_address_says_its_id_is_in_use_and_comes_back_once_th
     // older copy waits to be admitted.
     let timers = ["--failure-timeout-ms", "3000", "--rejoin-hold-ms", "15000"];
     let mut agents = three_agents_with(root.path(), limit, &timers);
-    let socket = agents[0].dir.join("control.sock");
-    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 200u64;
-    put_keys(&socket, keys);
+    let socket = registered_with_keys(&agents[0].dir, limit, keys);
     agents[2].kill();
     let mut twin = unstarted(&root.path().join("elsewhere"), 3, free_addr("127.0.0.4"));
     copy_files(&agents[2].dir, &twin.dir);
@@ -755,10 +747,8 @@ fn a_copy_of_the_leader_s_directory_restored_does_not_lead_its_old_term_again() 
     let limit = Duration::from_secs(30);
     let timers = ["--failure-timeout-ms", "10000", "--rejoin-hold-ms", "100"];
     let mut agents = three_agents_with(root.path(), limit, &timers);
-    let socket = agents[1].dir.join("control.sock");
-    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 200u64;
-    put_keys(&socket, keys);
+    registered_with_keys(&agents[1].dir, limit, keys);
     assert_eq!(status(&agents[0].dir, false).expect("status")["leader"], 1, "node 1 leads");
     agents[0].kill();
     let backup = root.path().join("backup");
@@ -804,6 +794,15 @@ fn copy_files(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), to.join(entry.file_name())).expect("copy a file");
         }
     }
+}
+
+/// Waits until kvdir answers through the agent whose data directory is `dir`, then writes keys
+/// `0..keys` through it ([`put_keys`]); its control socket.
+fn registered_with_keys(dir: &Path, limit: Duration, keys: u64) -> PathBuf {
+    let socket = dir.join("control.sock");
+    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
+    put_keys(&socket, keys);
+    socket
 }
 
 /// Writes keys `0..keys` through the agent at `socket`, each key's value its own bytes.
@@ -1403,10 +1402,8 @@ fn a_cluster_killed_whole_and_started_again_reports_what_it_lost() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(60);
     let mut agents = three_agents(root.path(), limit);
-    let socket = agents[0].dir.join("control.sock");
-    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 60u64;
-    put_keys(&socket, keys);
+    let socket = registered_with_keys(&agents[0].dir, limit, keys);
     kill_all(&mut agents);
     for agent in &mut agents {
         agent.child = Some(spawn(agent, &[]));
@@ -1438,10 +1435,8 @@ fn a_lone_node_killed_and_started_again_reports_what_it_lost() {
     let limit = Duration::from_secs(60);
     let mut agents = vec![start(root.path(), 1, &free_addr("127.0.0.1"), &["--bootstrap"])];
     wait_until("the bootstrap node", limit, || stable_with(&agents[0].dir, &[(1, "active", 1)]));
-    let socket = agents[0].dir.join("control.sock");
-    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 20u64;
-    put_keys(&socket, keys);
+    let socket = registered_with_keys(&agents[0].dir, limit, keys);
     assert!(dsm(&agents[0].dir, &["write", "7", "0", "hello"]).status.success());
     kill_all(&mut agents);
 
@@ -1529,10 +1524,8 @@ fn a_two_node_cluster_killed_whole_comes_back_and_reports_what_it_lost() {
     let root = tempfile::tempdir().expect("temporary directory");
     let limit = Duration::from_secs(60);
     let (mut agents, _) = two_agents(root.path(), limit);
-    let socket = agents[1].dir.join("control.sock");
-    wait_until("kvdir registered", limit, || call(&socket, 0, &kvdir::Request::Get).is_some());
     let keys = 40u64;
-    put_keys(&socket, keys);
+    let socket = registered_with_keys(&agents[1].dir, limit, keys);
     kill_all(&mut agents);
 
     agents[0].child = Some(spawn(&agents[0], &[]));

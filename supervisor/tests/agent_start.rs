@@ -270,20 +270,7 @@ async fn a_finished_bootstrap_whose_mark_stayed_restarts_as_usual() {
     drop(agent);
 
     dir.mark_bootstrapping().expect("the mark, left behind");
-    let resumed = options(&path, 1, &free_addr(), Start::Resume, None);
-    let again = async {
-        loop {
-            match Agent::start(TokioNet, &resumed, Registry::new).await {
-                Ok(agent) => return agent,
-                // raft's tasks let the store go a moment after the stop.
-                Err(SupervisorError::Storage(_)) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await
-                }
-                Err(other) => panic!("the restart: {other}"),
-            }
-        }
-    };
-    let agent = tokio::time::timeout(Duration::from_secs(20), again).await.expect("the store free");
+    let agent = resumed(&path, 1, &free_addr()).await;
     until_active_alone(&agent, 1, "the restart").await;
     assert!(!dir.bootstrapping().expect("read"), "the mark is removed");
     assert_eq!(
@@ -574,14 +561,27 @@ async fn resumed(dir: &Path, id: u64, addr: &str) -> Agent<TokioNet> {
     tokio::time::timeout(Duration::from_secs(20), again).await.expect("the store free")
 }
 
-/// Waits until the data directory at `dir` no longer holds the older-copy mark.
-async fn until_no_longer_older(dir: &Path) {
-    let cleared = async {
-        while DataDir::open(dir).expect("dir").older_copy().expect("read") {
+/// Waits until the data directory at `dir` holds the older-copy mark, or no longer does.
+async fn until_older_copy(dir: &Path, marked: bool) {
+    let there = async {
+        while DataDir::open(dir).expect("dir").older_copy().expect("read") != marked {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(5), cleared).await.expect("the mark cleared");
+    let what = if marked { "marked an older copy" } else { "the mark cleared" };
+    tokio::time::timeout(Duration::from_secs(20), there).await.expect(what);
+}
+
+/// Waits until `agent`'s life is admitted, showing its state if it is not within 30 s.
+async fn until_admitted(agent: &Agent<TokioNet>, what: &str) {
+    let admitted = async {
+        while !agent.supervisor.life_admitted() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), admitted).await.is_err() {
+        panic!("{what}: not admitted: {:?}", agent.supervisor.state().nodes);
+    }
 }
 
 /// A data directory found to be an older copy of its node's, marked so by an earlier start
@@ -602,16 +602,9 @@ async fn a_directory_marked_an_older_copy_grants_no_vote_until_admitted_again() 
     assert!(three.supervisor.fresh(), "marked: it refuses votes");
     // The others elect a leader between them, and admit it as a new life.
     let others = [resumed(&dirs[0], 1, &addrs[0]).await, resumed(&dirs[1], 2, &addrs[1]).await];
-    let admitted = async {
-        while !three.supervisor.life_admitted() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    if tokio::time::timeout(Duration::from_secs(30), admitted).await.is_err() {
-        panic!("node 3 is not admitted: {:?}", three.supervisor.state().nodes);
-    }
+    until_admitted(&three, "node 3, marked").await;
     assert!(!three.supervisor.fresh(), "admitted: it votes");
-    until_no_longer_older(&dirs[2]).await;
+    until_older_copy(&dirs[2], false).await;
     three.stop().await;
     for agent in others {
         agent.stop().await;
@@ -632,7 +625,7 @@ async fn an_older_copy_that_is_the_only_voter_leads_and_is_admitted() {
     let agent = resumed(&path, 1, &addr).await;
     until_active_alone(&agent, 1, "the only voter, an older copy").await;
     assert!(!agent.supervisor.fresh(), "admitted: it votes");
-    until_no_longer_older(&path).await;
+    until_older_copy(&path, false).await;
     agent.stop().await;
 }
 
@@ -662,12 +655,7 @@ async fn an_older_copy_grants_no_vote_before_it_learns_that_it_is_one() {
     copy_files(&dirs[2], &backup);
     // A later life of node 3, on the newer directory.
     let three = resumed(&dirs[2], 3, &addrs[2]).await;
-    let later = async {
-        while !three.supervisor.life_admitted() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(30), later).await.expect("node 3's later life");
+    until_admitted(&three, "node 3's later life").await;
     assert!(three.supervisor.incarnation() > 1, "a later life");
     // Node 3 votes again, or node 2 would ask nobody but node 1 for a vote.
     let seated = async {
@@ -682,31 +670,14 @@ async fn an_older_copy_grants_no_vote_before_it_learns_that_it_is_one() {
     three.stop().await;
     one.stop().await;
     let copy = resumed(&backup, 3, &addrs[2]).await;
-    until_older(&backup).await;
+    until_older_copy(&backup, true).await;
     let two = &agents[0];
     assert_ne!(two.supervisor.leader(), Some(2), "elected with the older copy's vote");
     // Node 1 back, the cluster elects a leader without the copy, and admits it as a new life.
     let one = resumed(&dirs[0], 1, &addrs[0]).await;
-    let admitted = async {
-        while !copy.supervisor.life_admitted() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    if tokio::time::timeout(Duration::from_secs(30), admitted).await.is_err() {
-        panic!("the copy is not admitted: {:?}", one.supervisor.state().nodes);
-    }
-    until_no_longer_older(&backup).await;
+    until_admitted(&copy, "the older copy").await;
+    until_older_copy(&backup, false).await;
     copy.stop().await;
     one.stop().await;
     agents.remove(0).stop().await;
-}
-
-/// Waits until the data directory at `dir` holds the older-copy mark.
-async fn until_older(dir: &Path) {
-    let marked = async {
-        while !DataDir::open(dir).expect("dir").older_copy().expect("read") {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(20), marked).await.expect("marked an older copy");
 }
