@@ -340,7 +340,7 @@ async fn refuse_stranger(stream: UnixStream, owner: u32) {
 
 #[cfg(test)]
 mod tests {
-    use super::client::{read_answer, FIRST_LINE_PATIENCE, NEXT_LINE_PATIENCE};
+    use super::client::{read_answer, FIRST_LINE_PATIENCE, NEXT_LINE_PATIENCE, SLOW_NOTICE};
     use super::session::{
         client_exited, line_is_long, read_request, read_request_within, REQUEST_PATIENCE,
     };
@@ -490,13 +490,31 @@ mod tests {
     }
 
     /// An agent that answers nothing (stopped, say) is given up on, with what to do, rather
-    /// than waited for without end; so is one that falls silent after a first line.
+    /// than waited for without end; so is one that falls silent after a first line. Before
+    /// the first line, the CLI says once that it still waits.
     #[tokio::test(start_paused = true)]
     async fn a_silent_agent_is_given_up_on() {
         let patience = (FIRST_LINE_PATIENCE.0, NEXT_LINE_PATIENCE);
         let (ours, _agent) = tokio::io::duplex(64);
-        let silent = read_answer(BufReader::new(ours), patience, |_| {}).await;
-        assert!(matches!(silent, Err(SupervisorError::AgentSilent { after_s: 30, .. })));
+        let mut said = Vec::new();
+        let start = tokio::time::Instant::now();
+        let silent = read_answer(BufReader::new(ours), patience, |l| said.push(l.to_string()));
+        assert!(matches!(silent.await, Err(SupervisorError::AgentSilent { after_s: 30, .. })));
+        assert_eq!(start.elapsed(), FIRST_LINE_PATIENCE.0, "the notice took none of the wait");
+        assert_eq!(said.len(), 1, "{said:?}");
+        assert!(said[0].contains("not answered in 5 s") && said[0].contains("30 s"), "{said:?}");
+        // An answer after the notice is read whole.
+        let (ours, mut agent) = tokio::io::duplex(64);
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(SLOW_NOTICE * 2).await;
+            agent.write_all(b"{\"ok\":7}\n").await.unwrap();
+            agent
+        });
+        let mut said = Vec::new();
+        let answer = read_answer(BufReader::new(ours), patience, |l| said.push(l.to_string()));
+        assert_eq!(answer.await.unwrap(), json!(7));
+        assert_eq!(said.len(), 1, "{said:?}");
+        drop(late.await.unwrap());
         let (ours, mut agent) = tokio::io::duplex(64);
         agent.write_all(b"{\"progress\":\"accepted\"}\n").await.unwrap();
         let mut lines = Vec::new();

@@ -17,6 +17,11 @@ use tokio::net::UnixStream;
 pub(super) const FIRST_LINE_PATIENCE: (Duration, Duration) =
     (Duration::from_secs(30), Duration::from_secs(60));
 
+/// How long the CLI waits for the agent's first line before it says it is still waiting: a
+/// command that sits silent for its whole patience looks hung to whoever typed it, when the
+/// agent may only be serving other control connections (64 at a time) or a slow leader.
+pub(super) const SLOW_NOTICE: Duration = Duration::from_secs(5);
+
 /// How long the CLI waits between two later lines: a change's progress comes as it moves, and
 /// again every 30 s while it does not, and the agent gives up on a change once nothing has
 /// carried it on for [`CHANGE_DEADLINE`](super::membership::CHANGE_DEADLINE).
@@ -82,7 +87,8 @@ pub(super) fn gone(error: &std::io::Error) -> bool {
 }
 
 /// Reads the agent's answer: progress lines to `on_line`, then its result or its error.
-/// Gives up after `(first, next)` of silence before the first line, or between two.
+/// Gives up after `(first, next)` of silence before the first line, or between two; tells
+/// `on_line` after [`SLOW_NOTICE`] of silence before the first that it still waits.
 pub(super) async fn read_answer(
     read: impl AsyncBufRead + Unpin,
     (first, next): (Duration, Duration),
@@ -90,11 +96,26 @@ pub(super) async fn read_answer(
 ) -> Result<Value> {
     let mut lines = read.lines();
     let mut patience = first;
+    let mut notice = (SLOW_NOTICE < first).then_some(SLOW_NOTICE);
+    let mut waited = Duration::ZERO;
     loop {
-        let Ok(line) = tokio::time::timeout(patience, lines.next_line()).await else {
+        // `next_line` is cancel safe: a wait cut short for the notice loses nothing read.
+        let wait = notice.unwrap_or(patience - waited);
+        let Ok(line) = tokio::time::timeout(wait, lines.next_line()).await else {
+            if let Some(notice) = notice.take() {
+                on_line(&format!(
+                    "the agent has not answered in {} s: it may be serving other control \
+                     connections, or waiting on the leader; waiting up to {} s in all",
+                    notice.as_secs(),
+                    patience.as_secs()
+                ));
+                waited = notice;
+                continue;
+            }
             let after_s = patience.as_secs();
             return Err(SupervisorError::AgentSilent { path: String::new(), after_s });
         };
+        (notice, waited) = (None, Duration::ZERO);
         let Some(line) = line? else { break };
         patience = next;
         let value: Value =
