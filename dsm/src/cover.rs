@@ -16,7 +16,10 @@
 //! survivors' reports, and the new manager of a slot drops the slot's taint only if:
 //!
 //! - the word is of the epoch just before the failure (no change since could have moved a
-//!   copy without the manager taking part), and
+//!   copy without the manager taking part), or of the epoch just before the manager's own
+//!   eviction, which its death cut short and which this recovery follows (an operator evicting
+//!   a node that has just died: the eviction moves only the manager's own slots, which wait
+//!   for it to send them, and it sent nothing it did not hand over whole), and
 //! - every node of the cluster reported its copies of the slot: a node that died with the
 //!   manager, or took no part in the recovery, may have held a page's only other copy.
 //!
@@ -74,11 +77,21 @@ impl Vouch {
 }
 
 /// Whether a dead manager's word, given at `word`, lets its slot's taint go in the recovery
-/// to `epoch`: it is of the epoch before, and every node of `cluster` has `acked`, that is,
-/// reported every copy it holds.
-pub(crate) fn vouches(word: u64, epoch: u64, cluster: &[NodeId], acked: &BTreeSet<NodeId>) -> bool {
+/// to `epoch`: it is of the epoch before, or of the one before `evicted`, the epoch of the
+/// manager's own eviction when this recovery follows it right away; and every node of
+/// `cluster` has `acked`, that is, reported every copy it holds.
+pub(crate) fn vouches(
+    word: u64,
+    epoch: u64,
+    evicted: Option<u64>,
+    cluster: &[NodeId],
+    acked: &BTreeSet<NodeId>,
+) -> bool {
     // A peer's word may name any epoch: one at the top of the range follows none.
-    word.checked_add(1) == Some(epoch)
+    let just_before = |e: u64| word.checked_add(1) == Some(e);
+    let before_eviction =
+        evicted.is_some_and(|v| just_before(v) && v.checked_add(1) == Some(epoch));
+    (just_before(epoch) || before_eviction)
         && !cluster.is_empty()
         && cluster.iter().all(|n| acked.contains(n))
 }
@@ -159,12 +172,28 @@ mod tests {
     fn a_slot_is_vouched_for_only_by_the_word_before_the_failure_and_every_node_reporting() {
         let cluster = [n(1), n(2), n(4)];
         let all: BTreeSet<NodeId> = cluster.into_iter().collect();
-        assert!(vouches(6, 7, &cluster, &all));
-        assert!(!vouches(6, 8, &cluster, &all), "a change in between");
-        assert!(!vouches(6, 6, &cluster, &all));
+        assert!(vouches(6, 7, None, &cluster, &all));
+        assert!(!vouches(6, 8, None, &cluster, &all), "a change in between");
+        assert!(!vouches(6, 6, None, &cluster, &all));
         let silent: BTreeSet<NodeId> = [n(1), n(2)].into();
-        assert!(!vouches(6, 7, &cluster, &silent), "node 4 did not report");
-        assert!(!vouches(6, 7, &[], &all), "no cluster known");
-        assert!(!vouches(u64::MAX, 0, &cluster, &all), "no epoch follows the last");
+        assert!(!vouches(6, 7, None, &cluster, &silent), "node 4 did not report");
+        assert!(!vouches(6, 7, None, &[], &all), "no cluster known");
+        assert!(!vouches(u64::MAX, 0, None, &cluster, &all), "no epoch follows the last");
+    }
+
+    /// A node evicted just after it died: the eviction began at 7, its death cut it short,
+    /// and the recovery is 8. Its word of 6 counts; nothing else in between may.
+    #[test]
+    fn a_word_given_before_the_manager_s_own_eviction_counts_in_the_recovery_right_after() {
+        let cluster = [n(1), n(2), n(4)];
+        let all: BTreeSet<NodeId> = cluster.into_iter().collect();
+        assert!(vouches(6, 8, Some(7), &cluster, &all));
+        assert!(vouches(7, 8, Some(7), &cluster, &all), "a word of the eviction's own epoch");
+        assert!(!vouches(5, 8, Some(7), &cluster, &all), "a change before the eviction");
+        assert!(!vouches(6, 9, Some(7), &cluster, &all), "a change after the eviction");
+        assert!(!vouches(6, 8, Some(8), &cluster, &all));
+        let silent: BTreeSet<NodeId> = [n(1), n(2)].into();
+        assert!(!vouches(6, 8, Some(7), &cluster, &silent), "node 4 did not report");
+        assert!(!vouches(u64::MAX - 1, 0, Some(u64::MAX), &cluster, &all));
     }
 }

@@ -406,6 +406,13 @@ impl Service for DsmService {
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
         *self.state().change.lock().expect("change") = Some(change.clone());
         self.state().began.fetch_max(change.epoch, Ordering::SeqCst);
+        // The words of nodes gone for good go, but that of the node this change is about: a
+        // recovery's `scan` passes it on, and an evicted node that dies before it has handed
+        // everything over is recovered right after, its word of before the eviction counting
+        // then (`crate::cover`).
+        let subject = change.change.node();
+        (self.state().vouches.lock().expect("vouches"))
+            .retain(|&node, _| Some(node) == subject || !ctx.gone(node));
         match &change.change {
             Change::Fail(n) | Change::Recover(n) => {
                 self.state().failed.lock().expect("failed").insert(*n, change.epoch);
@@ -413,9 +420,6 @@ impl Service for DsmService {
             // A node id back as a new life holds nothing of the old one's, and is not failed.
             Change::Add { node, .. } => {
                 self.state().failed.lock().expect("failed").remove(node);
-                self.state().vouches.lock().expect("vouches").remove(node);
-            }
-            Change::Evict(node) => {
                 self.state().vouches.lock().expect("vouches").remove(node);
             }
             _ => {}

@@ -9,7 +9,7 @@ use crate::page::{named, Named};
 use crate::protocol::{Entry, LockEntry, PageEntry, Request, Response};
 use futures::StreamExt;
 use gobelins_adaptation::{ChangeInfo, Context, Moving};
-use gobelins_locator::{Key, NodeId};
+use gobelins_locator::{Change, Key, NodeId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use tokio::sync::Mutex as AsyncMutex;
@@ -106,6 +106,7 @@ impl DsmService {
         let me = ctx.node();
         let vouched = self.vouched(ctx, change, &staged);
         let mut reports: BTreeMap<Key, Vec<Report>> = BTreeMap::new();
+        let mut kept_tainted = 0usize;
         for (key, entry) in staged {
             match entry {
                 Entry::Page { mut entry, frame, aside } => {
@@ -160,6 +161,7 @@ impl DsmService {
                 // ever written.
                 Entry::Taint { .. } if vouched.contains(&key) => {}
                 Entry::Taint { freed } => {
+                    kept_tainted += 1;
                     // A marker made in this change (its slot's manager died) replaces the one
                     // before: what was freed before that death is no longer known to be zeros.
                     self.state().freed.lock().expect("freed").insert(key, freed);
@@ -172,6 +174,14 @@ impl DsmService {
             tracing::info!(
                 slots = vouched.len(),
                 "dsm: slots of a dead manager that vouched for them rebuilt with no page lost"
+            );
+        }
+        if let (Change::Fail(dead) | Change::Recover(dead), 1..) = (&change.change, kept_tainted) {
+            // Else an operator learns of it only as reads of pages never written fail.
+            tracing::warn!(
+                slots = kept_tainted,
+                dead = dead.0,
+                "dsm: slots of the dead node stay tainted here: a page in them that no node reported reads as lost, never as zeros. Its last word did not cover this recovery (it had none, took it back, or a change came between), or a node did not report. `gobelins dsm lost` lists them; once what mattered is checked, `gobelins dsm forgive --all` lets pages never written read as zeros again"
             );
         }
         let mut rebuilt = 0usize;

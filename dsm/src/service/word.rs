@@ -46,8 +46,16 @@ impl DsmService {
             }
         }
         let cluster = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
-        let vouches =
-            |&(_, epoch): &(Key, u64)| vouches(epoch, change.epoch, &cluster, &change.acked);
+        // A `Recover` follows the dead node's eviction, cut short by its death: when that
+        // eviction is the change right before, it is the last that moved anything of the
+        // dead node's (`failed_moved_in`), and nothing came between it and this recovery.
+        let evicted = match change.change {
+            Change::Recover(_) => change.failed_moved_in[0],
+            _ => None,
+        };
+        let vouches = |&(_, epoch): &(Key, u64)| {
+            vouches(epoch, change.epoch, evicted, &cluster, &change.acked)
+        };
         words.into_iter().filter(vouches).map(|(key, _)| key).collect()
     }
 
