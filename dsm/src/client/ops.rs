@@ -101,7 +101,11 @@ impl Dsm {
     pub async fn forgive(&self, page: PageId) -> Result<Option<u64>, DsmError> {
         page_of_a_segment(page)?;
         let slot = self.state().spec.slot_of(page.key());
-        self.forgive_slot(slot).await
+        let forgiven = self.forgive_slot(slot).await?;
+        if let Some(reset) = forgiven {
+            tracing::warn!(?page, slot, reset, "dsm: the taint of a page's slot was lifted (`dsm forgive`): its pages nobody reported after its manager failed read as zeros, as never written");
+        }
+        Ok(forgiven)
     }
 
     /// [`Dsm::forgive`] of every slot, a few at a time: after every node of the cluster
@@ -114,13 +118,24 @@ impl Dsm {
             .map(|slot| self.forgive_slot(slot))
             .buffer_unordered(16);
         let (mut forgiven, mut reset) = (0, 0);
+        let mut failed = None;
         while let Some(answer) = asked.next().await {
-            if let Some(n) = answer? {
-                forgiven += 1;
-                reset += n;
+            match answer {
+                Ok(Some(n)) => {
+                    forgiven += 1;
+                    reset += n;
+                }
+                Ok(None) => {}
+                Err(e) => failed = failed.or(Some(e)),
             }
         }
-        Ok((forgiven, reset))
+        if forgiven > 0 {
+            tracing::warn!(slots = forgiven, reset, "dsm: the taints of every slot were lifted (`dsm forgive --all`): pages nobody reported after their managers failed read as zeros, as never written");
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok((forgiven, reset)),
+        }
     }
 
     async fn forgive_slot(&self, slot: u32) -> Result<Option<u64>, DsmError> {

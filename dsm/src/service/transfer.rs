@@ -213,11 +213,12 @@ impl DsmService {
             entry.backup = None;
         }
         self.settle_grant(ctx, page, entry);
-        tracing::warn!(
+        // Routine after a writer's death (its grant in flight): nothing written is lost.
+        tracing::info!(
             ?page,
             version = entry.version,
             owner = node.0,
-            "dsm: a write grant that never reached its writer was taken back"
+            "dsm: a write grant that never reached its writer (it died, or timed out) was taken back; the page is as it was before the grant, and no write is lost"
         );
     }
 
