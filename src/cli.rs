@@ -296,7 +296,7 @@ fn unheld_text(node: u64, answer: &Value) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::pages::{losses_json, write_losses};
-    use super::report::{write_stats, write_status};
+    use super::report::{write_stats, write_status, LEFT_SHOWN};
     use super::*;
     use serde_json::json;
 
@@ -326,7 +326,7 @@ mod tests {
         let status = json!({ "node": 1, "epoch": 4, "stable": stable, "leader": 1,
             "nodes": nodes, "in_progress": null, "tree": "", "levels": [] });
         let mut out = Vec::new();
-        write_status(&mut out, &status).expect("written");
+        write_status(&mut out, &status, false).expect("written");
         String::from_utf8(out).expect("text")
     }
 
@@ -337,7 +337,7 @@ mod tests {
                 "own_view": true, "voters": voters, "nodes": [], "in_progress": null,
                 "tree": "", "levels": [] });
             let mut out = Vec::new();
-            write_status(&mut out, &status).expect("written");
+            write_status(&mut out, &status, false).expect("written");
             String::from_utf8(out).expect("text")
         };
         let one = shown(json!([1]));
@@ -355,7 +355,7 @@ mod tests {
             "in_progress": { "change": "fail n3", "done": [1, 2], "participants": [1, 2, 4] },
             "tree": "", "levels": [] });
         let mut out = Vec::new();
-        write_status(&mut out, &status).expect("written");
+        write_status(&mut out, &status, false).expect("written");
         let shown = String::from_utf8(out).expect("text");
         assert!(
             shown.contains("changing: fail n3 (2 of 3 participants done; waiting for node 4)"),
@@ -459,6 +459,41 @@ mod tests {
             "{shown}"
         );
         assert!(!shown.contains("node 2 stays"), "{shown}");
+    }
+
+    /// Agents started afresh take new ids, and the cluster keeps every node it has known: a
+    /// soak of 25 joins and leaves left `status` listing 25 rows of nodes long gone. Past a
+    /// few, those that left are counted on one line; `--all` lists them, and those that
+    /// failed, or are held out, are listed whatever their number.
+    #[test]
+    fn status_counts_the_nodes_that_left_once_there_are_many() {
+        let node = |id: u64, status: &str| {
+            json!({ "id": id, "addr": format!("127.0.0.1:{}", 7000 + id), "status": status,
+                "incarnation": 1, "labels": {}, "voter": false, "silent_ms": null,
+                "suspected": false, "failures": null, "held_ms": null, "stays_for": null })
+        };
+        let text = |nodes: &[Value], all: bool| {
+            let status = json!({ "node": 1, "epoch": 4, "stable": true, "leader": 1,
+                "nodes": nodes, "in_progress": null, "tree": "", "levels": [] });
+            let mut out = Vec::new();
+            write_status(&mut out, &status, all).expect("written");
+            String::from_utf8(out).expect("text")
+        };
+        let rows = |shown: &str| shown.lines().filter(|l| l.contains("127.0.0.1:")).count();
+        let mut nodes = vec![node(1, "active"), node(2, "active"), node(3, "failed")];
+        nodes.extend((100..120).map(|id| node(id, "left")));
+        let shown = text(&nodes, false);
+        assert_eq!(rows(&shown), 3, "{shown}");
+        assert!(
+            shown.contains("20 nodes that left, not listed: 100, 101, 102,")
+                && shown.contains("111 and 8 more (`status --all` lists them)"),
+            "{shown}"
+        );
+        assert_eq!(rows(&text(&nodes, true)), 23);
+        nodes.truncate(3 + LEFT_SHOWN);
+        let few = text(&nodes, false);
+        assert_eq!(rows(&few), 3 + LEFT_SHOWN, "{few}");
+        assert!(!few.contains("not listed"), "{few}");
     }
 
     #[test]

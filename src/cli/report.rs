@@ -17,6 +17,10 @@ pub(crate) struct StatusArgs {
     /// Show this node's own view instead of the leader's.
     #[arg(long)]
     local: bool,
+    /// List the nodes that left in the table however many there are (past five, they are
+    /// counted on one line).
+    #[arg(long)]
+    all: bool,
 }
 
 /// Options of `gobelins stats`.
@@ -44,10 +48,19 @@ pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
             status["node"]
         )?;
     }
-    write_status(&mut out, &status)
+    write_status(&mut out, &status, args.all)
 }
 
-pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> anyhow::Result<()> {
+/// How many nodes that left `status` lists before it only counts them: the cluster keeps
+/// every node it has known, and agents started afresh take new ids, so a cluster that lives
+/// through machines replaced for years would list them by the hundred.
+pub(super) const LEFT_SHOWN: usize = 5;
+
+pub(super) fn write_status(
+    out: &mut impl std::io::Write,
+    status: &Value,
+    all: bool,
+) -> anyhow::Result<()> {
     let show = |v: &Value| if v.is_null() { "none".to_string() } else { v.to_string() };
     let change = match status.get("in_progress") {
         Some(p) if !p.is_null() => {
@@ -227,7 +240,16 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
         "{:>8}  {:<22} {:<8} {:>5} {:<6} labels",
         "node", "address", "status", "inc", "voter"
     )?;
-    for node in status["nodes"].as_array().into_iter().flatten() {
+    let nodes: Vec<&Value> = status["nodes"].as_array().into_iter().flatten().collect();
+    // Those that left and are held out of nothing: the news is elsewhere (`leave` said so).
+    let gone = |node: &Value| node["status"] == "left" && node["held_ms"].is_null();
+    let left = nodes.iter().filter(|n| gone(n)).count();
+    let unlisted: Vec<String> = if all || left <= LEFT_SHOWN {
+        Vec::new()
+    } else {
+        nodes.iter().filter(|n| gone(n)).map(|n| n["id"].to_string()).collect()
+    };
+    for node in nodes.into_iter().filter(|n| unlisted.is_empty() || !gone(n)) {
         let labels: Vec<String> = node["labels"]
             .as_object()
             .into_iter()
@@ -243,6 +265,19 @@ pub(super) fn write_status(out: &mut impl std::io::Write, status: &Value) -> any
             node["incarnation"].to_string(),
             if node["voter"].as_bool() == Some(true) { "yes" } else { "" },
             labels.join(" ")
+        )?;
+    }
+    if !unlisted.is_empty() {
+        const NAMED: usize = 12;
+        let more = unlisted.len().saturating_sub(NAMED);
+        let mut ids = unlisted.into_iter().take(NAMED).collect::<Vec<_>>().join(", ");
+        if more > 0 {
+            ids = format!("{ids} and {more} more");
+        }
+        writeln!(
+            out,
+            "{:>8}  {left} nodes that left, not listed: {ids} (`status --all` lists them)",
+            ""
         )?;
     }
     let levels: Vec<&str> =
