@@ -36,10 +36,11 @@ impl Supervisor {
             |r: &&NodeRecord| r.status == NodeStatus::Left && r.incarnation == self.incarnation();
         if let Some(record) = record.filter(left) {
             if self.end_if_left(record) {
-                tracing::warn!(
+                // The usual end of a leave, not news: the agent's stopping line follows.
+                tracing::info!(
                     node = self.me.id,
                     peer_epoch = view.state.epoch,
-                    "the cluster has this node as left, though its own state never heard the end of the leave"
+                    "the cluster has this node as left: raft took it out before it heard the entry that ends its leave, which the peers have"
                 );
             }
             return;
