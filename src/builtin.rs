@@ -129,7 +129,9 @@ impl Console for DsmConsole {
                     "{len} bytes asked for; the console moves at most {DSM_CONSOLE_MAX} at once"
                 ));
             }
-            let end = offset.checked_add(len).ok_or("offset + length overflows")?;
+            let end = offset
+                .checked_add(len)
+                .ok_or("offset + length overflows: a segment holds at most 16 TiB (2^44 bytes)")?;
             Ok(Segment::new(id, end))
         };
         match command {
@@ -145,6 +147,9 @@ impl Console for DsmConsole {
                 Ok(Vec::new())
             }
             DsmCommand::Free { segment: id, len } => {
+                // Every page goes whatever the length, as `dsm free --help` says: one past
+                // what a segment holds frees it all too.
+                let len = len.min(crate::dsm::MAX_SEGMENT_LEN);
                 dsm.free(&Segment::new(id, len)).await.map_err(|e| e.to_string())?;
                 Ok(Vec::new())
             }

@@ -1118,6 +1118,14 @@ fn shared_memory_written_through_one_agent_reads_back_through_the_others_and_sur
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("at most"), "{out:?}");
 
+    // Past what a segment holds, the refusal names the limit; a free of any length frees
+    // every page, as its help says.
+    let out = dsm(&agents[0].dir, &["read", "7", &u64::MAX.to_string(), "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("16 TiB"), "{out:?}");
+    let out = dsm(&agents[0].dir, &["free", "8", &u64::MAX.to_string()]);
+    assert!(out.status.success(), "free: {}", String::from_utf8_lossy(&out.stderr));
+
     // Given back through one node, the segment reads as zeros through the other.
     // Node 2's death tainted the slots it managed: there a page with no entry reads as lost,
     // unless the free gave it a fresh one.

@@ -23,8 +23,9 @@ pub enum DsmError {
         /// The page.
         page: PageId,
     },
-    /// An access outside the segment.
-    #[error("bytes {offset}..{end} are outside segment {segment} of {len} bytes")]
+    /// An access outside the segment, or past what a segment can hold
+    /// ([`crate::MAX_SEGMENT_LEN`]).
+    #[error("{}", outside(*.segment, *.offset, *.end, *.len))]
     OutOfRange {
         /// The segment.
         segment: u32,
@@ -100,6 +101,16 @@ pub enum DsmError {
     Protocol(String),
 }
 
+/// [`DsmError::OutOfRange`]'s text: a segment made as long as it can be (the console's) is said
+/// to have no more room, not to be of 17592186044416 bytes, a length nobody gave.
+fn outside(segment: u32, offset: u64, end: u64, len: u64) -> String {
+    if len == crate::MAX_SEGMENT_LEN {
+        format!("bytes {offset}..{end} reach past the 16 TiB (2^44 bytes) a segment can hold (segment {segment})")
+    } else {
+        format!("bytes {offset}..{end} are outside segment {segment} of {len} bytes")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +120,17 @@ mod tests {
         let said = DsmError::Lost { page: PageId { segment: 7, page: 3 } }.to_string();
         assert!(said.starts_with("page 3 of segment 7 is lost"), "{said}");
         assert!(said.contains("`gobelins dsm discard 7 3`"), "{said}");
+    }
+
+    /// The console's segments are as long as a segment can be: past that, the refusal names
+    /// the limit, not a segment length nobody gave (a helper's run).
+    #[test]
+    fn an_access_past_what_a_segment_holds_names_the_limit() {
+        let at = |len| DsmError::OutOfRange { segment: 5, offset: 7, end: u64::MAX, len };
+        let past = at(crate::MAX_SEGMENT_LEN).to_string();
+        assert!(past.contains("past the 16 TiB (2^44 bytes) a segment can hold"), "{past}");
+        assert!(!past.contains(&crate::MAX_SEGMENT_LEN.to_string()), "{past}");
+        let outside = at(8192).to_string();
+        assert!(outside.ends_with("outside segment 5 of 8192 bytes"), "{outside}");
     }
 }

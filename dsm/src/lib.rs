@@ -59,6 +59,6 @@ pub use client::{Dsm, LockGuard, Placement, ReadGuard, Segment, WriteGuard};
 pub use error::DsmError;
 pub use losses::{Losses, NodeLosses};
 pub use node::{DsmConfig, DsmNode, FaultStats, DSM, DSM_SLOTS};
-pub use page::{barrier_key, lock_key, PageId, MAX_SEGMENT, PAGE_SIZE};
+pub use page::{barrier_key, lock_key, PageId, MAX_SEGMENT, MAX_SEGMENT_LEN, PAGE_SIZE};
 pub use protocol::{PageBytes, Request, Response, Token};
 pub use service::DsmService;

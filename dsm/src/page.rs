@@ -28,6 +28,10 @@ pub const PAGE_SIZE: usize = 4096;
 /// The largest segment id (30 bits).
 pub const MAX_SEGMENT: u32 = (1 << 30) - 1;
 
+/// The most bytes a segment can hold: 2^32 pages (16 TiB). Past them, page ids would wrap
+/// onto other segments' pages or the same segment's.
+pub const MAX_SEGMENT_LEN: u64 = (u32::MAX as u64 + 1) * PAGE_SIZE as u64;
+
 const KIND_SHIFT: u32 = 62;
 const LOCK: u64 = 1 << KIND_SHIFT;
 const BARRIER: u64 = 2 << KIND_SHIFT;

@@ -17,6 +17,8 @@ pub(crate) struct DsmArgs {
 #[derive(clap::Subcommand, Debug)]
 pub(super) enum DsmOp {
     /// Print bytes of a segment to standard output, as they are, through this node's DSM.
+    /// Each 4 KiB page is read whole, as one write left it; a range over several pages is
+    /// not read at once, so writers racing on it can leave a read with parts of each.
     Read {
         #[command(flatten)]
         dir: DirArgs,
@@ -28,7 +30,8 @@ pub(super) enum DsmOp {
         len: u64,
     },
     /// Write bytes into a segment through this node's DSM: the text given, or standard input
-    /// with `-`.
+    /// with `-`. Each 4 KiB page is written whole; a range over several pages is written page
+    /// by page, not at once (a program that needs that takes a DSM lock).
     Write {
         #[command(flatten)]
         dir: DirArgs,

@@ -148,8 +148,7 @@ impl Dsm {
 
     fn check(segment: &Segment, offset: u64, len: usize) -> Result<(), DsmError> {
         let end = offset.saturating_add(len as u64);
-        // Past these, page ids would wrap onto other segments' or the same segment's pages.
-        let most = (u64::from(u32::MAX) + 1) * PAGE_SIZE as u64;
+        let most = crate::MAX_SEGMENT_LEN;
         if segment.id > crate::MAX_SEGMENT {
             let page = PageId { segment: segment.id, page: (offset / PAGE_SIZE as u64) as u32 };
             return Err(DsmError::NoSuchSegment { page });
