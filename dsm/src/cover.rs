@@ -17,9 +17,12 @@
 //!
 //! - the word is of the epoch just before the failure (no change since could have moved a
 //!   copy without the manager taking part), or of the epoch just before the manager's own
-//!   eviction, which its death cut short and which this recovery follows (an operator evicting
-//!   a node that has just died: the eviction moves only the manager's own slots, which wait
-//!   for it to send them, and it sent nothing it did not hand over whole), and
+//!   eviction, which its death cut short and which this recovery follows right away (an
+//!   operator evicting a node that has just died). Requests for the manager's keys are held
+//!   through its eviction, at the manager and then at their receivers until the recovery, and
+//!   what it sends (entries, its page frames, the second copies it places first) only adds
+//!   copies elsewhere or moves ownership: it removes none. A word whose look at the entries
+//!   overlapped the eviction's start is not sent (`give_word` checks after it looked), and
 //! - every node of the cluster reported its copies of the slot: a node that died with the
 //!   manager, or took no part in the recovery, may have held a page's only other copy.
 //!

@@ -406,10 +406,11 @@ impl Service for DsmService {
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
         *self.state().change.lock().expect("change") = Some(change.clone());
         self.state().began.fetch_max(change.epoch, Ordering::SeqCst);
-        // The words of nodes gone for good go, but that of the node this change is about: a
-        // recovery's `scan` passes it on, and an evicted node that dies before it has handed
-        // everything over is recovered right after, its word of before the eviction counting
-        // then (`crate::cover`).
+        // The words of nodes the cluster has given up on go (none can count after a change
+        // about another node), but that of the node this change is about: a recovery's
+        // `scan` passes it on, and an evicted node that dies before it has handed everything
+        // over is recovered right after, its word of before the eviction counting then
+        // (`crate::cover`).
         let subject = change.change.node();
         (self.state().vouches.lock().expect("vouches"))
             .retain(|&node, _| Some(node) == subject || !ctx.gone(node));

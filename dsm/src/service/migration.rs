@@ -177,12 +177,17 @@ impl DsmService {
             );
         }
         if let (Change::Fail(dead) | Change::Recover(dead), 1..) = (&change.change, kept_tainted) {
-            // Else an operator learns of it only as reads of pages never written fail.
-            tracing::warn!(
-                slots = kept_tainted,
-                dead = dead.0,
-                "dsm: slots of the dead node stay tainted here: a page in them that no node reported reads as lost, never as zeros. Its last word did not cover this recovery (it had none, took it back, or a change came between), or a node did not report. `gobelins dsm lost` lists them; once what mattered is checked, `gobelins dsm forgive --all` lets pages never written read as zeros again"
-            );
+            // With backups on, one failure should taint nothing: an operator would otherwise
+            // learn of it only as reads of pages never written fail. Without, it always does.
+            if self.state().config.backups {
+                tracing::warn!(
+                    slots = kept_tainted,
+                    dead = dead.0,
+                    "dsm: slots of the dead node stay tainted here: a page in them that no node reported reads as lost, never as zeros. The dead node had not vouched, through its replica holder, for the epoch before this recovery (a change came between, or a page of the slot had no copy elsewhere), or a node did not report. `gobelins dsm lost` lists them; once what mattered is checked, `gobelins dsm forgive SEGMENT PAGE` (that page's slot) or `--all` lets the pages no node reported read as zeros again, whether never written or lost"
+                );
+            } else {
+                tracing::info!(slots = kept_tainted, dead = dead.0, "dsm: slots of the dead node tainted: without backups, a page in them that no node reported reads as lost");
+            }
         }
         let mut rebuilt = 0usize;
         let mut unanswering = BTreeSet::new();

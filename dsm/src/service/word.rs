@@ -46,9 +46,9 @@ impl DsmService {
             }
         }
         let cluster = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
-        // A `Recover` follows the dead node's eviction, cut short by its death: when that
-        // eviction is the change right before, it is the last that moved anything of the
-        // dead node's (`failed_moved_in`), and nothing came between it and this recovery.
+        // A `Recover` follows the dead node's eviction, cut short by its death: that eviction
+        // is the last change that moved anything of the dead node's (`failed_moved_in`);
+        // `vouches` checks that it is the change right before this recovery.
         let evicted = match change.change {
             Change::Recover(_) => change.failed_moved_in[0],
             _ => None,
@@ -103,8 +103,9 @@ impl DsmService {
         // Only once this node carried the change out to its end (not cut short: its merge
         // may not have run), or took no part in it and carried out the last it began; and
         // before a later change begins: that one's stable epoch gives the word. (One beginning
-        // while this word is on its way makes it worthless: it counts only for a failure of
-        // this node that comes right after `epoch`.)
+        // once this word is on its way makes it worthless, unless that change is this node's
+        // own eviction: it counts only for a failure of this node that comes right after
+        // `epoch`, or right after that eviction, see `crate::cover`.)
         let (finished, began) =
             (st.finished.load(Ordering::SeqCst), st.began.load(Ordering::SeqCst));
         let current = (finished == epoch || (began < epoch && finished == began))
@@ -125,6 +126,15 @@ impl DsmService {
             tokio::task::yield_now().await;
         }
         let Some((unclean, tainted)) = unclean else { return };
+        // A change that began during the look may have taken entries out of `live` before
+        // they were looked at (an eviction's `send_out` does, then places their second
+        // copies): the look missed them, and the word, counted after that eviction, would
+        // read a page with no copy left as zeros (the review of `011a321`). `send_out` runs
+        // only after `before_migration` has set `change`.
+        let began_since = st.began.load(Ordering::SeqCst) > began;
+        if began_since || st.change.lock().expect("change").is_some() {
+            return;
+        }
         word.seq += 1;
         word.epoch = epoch;
         // Before the answer: the holder may take the word and its answer be lost, and a word
