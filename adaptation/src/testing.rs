@@ -127,7 +127,7 @@ impl Link for MemLink {
 
 impl MemLink {
     /// Whether this node is to crash rather than send `message`: it is its `Ack` of the epoch
-    /// [`MemCluster::fail_and_crash_once_sent`] armed.
+    /// [`MemCluster::change_and_crash_once_sent`] armed.
     /// Disarmed as it fires: of the acks a node sends its peers at once, one crashes it.
     fn crashes_at(&self, message: &Bytes) -> bool {
         let mut armed = self.net.crash_at_ack.lock().expect("crash_at_ack");
@@ -399,9 +399,16 @@ impl MemCluster {
     /// hold what it handed over, and its death has taken only what it rebuilt for itself.
     pub async fn fail_and_crash_once_sent(&mut self, node: NodeId, victim: NodeId) {
         self.kill(node);
+        self.change_and_crash_once_sent(Change::Fail(node), victim).await;
+    }
+
+    /// As [`MemCluster::change_and_crash`], but `victim` dies only as it acknowledges the
+    /// change to its peers: every batch it sent has been taken, and it dies before saying it
+    /// is done (an evicted node that handed everything over, say).
+    pub async fn change_and_crash_once_sent(&mut self, change: Change, victim: NodeId) {
         // Armed before the change begins: the victim's ack cannot go first.
         *self.net.crash_at_ack.lock().expect("crash_at_ack") = Some((victim, self.epoch + 1));
-        let progress = self.begin(Change::Fail(node), Vec::new());
+        let progress = self.begin(change, Vec::new());
         debug_assert_eq!(progress.epoch, self.epoch);
         tokio::time::timeout(Duration::from_secs(60), self.net.crashed_at_ack.notified())
             .await
