@@ -121,26 +121,7 @@ fn with_backups_a_page_never_written_reads_as_zeros_after_its_manager_died() {
 /// black-box run).
 #[test]
 fn with_backups_evicting_a_node_that_just_died_leaves_pages_never_written_as_zeros() {
-    replay(async {
-        let mut cluster = Cluster::with_backups(4).await;
-        let victim = NodeId(3);
-        let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
-        let written = PageId { segment: SEGMENT, page: pages[0] };
-        put(&cluster.dsm(NodeId(1)), written, 5).await;
-        word_given(&cluster, victim).await;
-        let unwritten = pages_managed_by(&cluster, victim, 9, 4096);
-        assert!(unwritten.len() >= 16, "pages the victim manages");
-
-        cluster.mem.change_and_crash(Change::Evict(victim), victim).await;
-
-        let reader = cluster.dsm(NodeId(1));
-        assert_eq!(outcome(&reader, written).await, Ok(5));
-        for &page in &unwritten[..16] {
-            let read = outcome(&reader, PageId { segment: 9, page }).await;
-            assert_eq!(read, Ok(0), "page {page}, managed by node {victim}");
-        }
-        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
-    })
+    replay(evicted_dying(false))
 }
 
 /// As above, but the evicted node dies once it has handed everything over, before it says it
@@ -148,30 +129,38 @@ fn with_backups_evicting_a_node_that_just_died_leaves_pages_never_written_as_zer
 /// the recovery after its eviction finds, and its word lets the rest read as zeros.
 #[test]
 fn with_backups_a_node_evicted_that_dies_once_it_sent_everything_loses_and_taints_nothing() {
-    replay(async {
-        let mut cluster = Cluster::with_backups(4).await;
-        let victim = NodeId(3);
-        let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
-        // One written by the victim, owned there: its frame travels with its entry.
-        let own = PageId { segment: SEGMENT, page: pages[0] };
-        put(&cluster.dsm(victim), own, 7).await;
-        let other = PageId { segment: SEGMENT, page: pages[1] };
-        put(&cluster.dsm(NodeId(1)), other, 8).await;
-        word_given(&cluster, victim).await;
-        let unwritten = pages_managed_by(&cluster, victim, 9, 4096);
-        assert!(unwritten.len() >= 16, "pages the victim manages");
+    replay(evicted_dying(true))
+}
 
+/// Node 3 of four, with pages written that it manages (one owned there, whose frame travels
+/// with its entry), is evicted and dies at once, or once it `sent` everything: every page
+/// written reads back, and those never written read as zeros.
+async fn evicted_dying(sent: bool) {
+    let mut cluster = Cluster::with_backups(4).await;
+    let victim = NodeId(3);
+    let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
+    let own = PageId { segment: SEGMENT, page: pages[0] };
+    put(&cluster.dsm(victim), own, 7).await;
+    let other = PageId { segment: SEGMENT, page: pages[1] };
+    put(&cluster.dsm(NodeId(1)), other, 8).await;
+    word_given(&cluster, victim).await;
+    let unwritten = pages_managed_by(&cluster, victim, 9, 4096);
+    assert!(unwritten.len() >= 16, "pages the victim manages");
+
+    if sent {
         cluster.mem.change_and_crash_once_sent(Change::Evict(victim), victim).await;
+    } else {
+        cluster.mem.change_and_crash(Change::Evict(victim), victim).await;
+    }
 
-        let reader = cluster.dsm(NodeId(2));
-        assert_eq!(outcome(&reader, own).await, Ok(7));
-        assert_eq!(outcome(&reader, other).await, Ok(8));
-        for &page in &unwritten[..16] {
-            let read = outcome(&reader, PageId { segment: 9, page }).await;
-            assert_eq!(read, Ok(0), "page {page}, managed by node {victim}");
-        }
-        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
-    })
+    let reader = cluster.dsm(NodeId(2));
+    assert_eq!(outcome(&reader, own).await, Ok(7));
+    assert_eq!(outcome(&reader, other).await, Ok(8));
+    for &page in &unwritten[..16] {
+        let read = outcome(&reader, PageId { segment: 9, page }).await;
+        assert_eq!(read, Ok(0), "page {page}, managed by node {victim}");
+    }
+    assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
 }
 
 /// The word that counts after a node's own eviction is the one it gave: a slot it left out (a
