@@ -126,6 +126,10 @@ pub(crate) struct NodeState {
     /// Counts entries found not kept elsewhere: a word being given is not sent if this moved
     /// meanwhile, as one of them may have been checked before it changed.
     pub(crate) exposures: AtomicU64,
+    /// A forgive lifted a slot's taint, which the word left out: it is given again soon, not
+    /// at the next of its pauses (up to 30 s), during which a failure of this node tainted
+    /// the slot anew.
+    pub(crate) word_wanted: tokio::sync::Notify,
     /// The last change this node carried out to its end (`after_release`): only its stable
     /// epoch gives a word, not one whose part here was cut short.
     pub(crate) finished: AtomicU64,
@@ -233,6 +237,7 @@ impl DsmNode {
                 finished: AtomicU64::new(0),
                 began: AtomicU64::new(0),
                 exposures: AtomicU64::new(0),
+                word_wanted: tokio::sync::Notify::new(),
                 vouches: Mutex::default(),
                 unanswering: Mutex::new(HashMap::new()),
             }),

@@ -89,6 +89,7 @@ impl DsmService {
         // given again for it: given again now, it may vouch for the slot, and this node's
         // death soon after does not taint the slot anew.
         st.word.lock().await.tainted.remove(&slot);
+        st.word_wanted.notify_one();
         // The node that was asked says it once for all the slots (`Dsm::forgive_all`): one
         // line per slot was hundreds in a millisecond.
         if reset > 0 {

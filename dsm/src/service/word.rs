@@ -21,6 +21,10 @@ const WORD_TRIES: usize = 5;
 const WORD_REFRESH: Duration = Duration::from_secs(1);
 const WORD_REFRESH_MAX: Duration = Duration::from_secs(30);
 
+/// How long after a forgive lifted a taint the word is given again: the other slots of a
+/// forgive of every slot come meanwhile.
+const WORD_SETTLE: Duration = Duration::from_millis(50);
+
 /// How long a manager asks its replica holder to take its word back before it answers the
 /// request that exposed a page `Retry`.
 const WORD_PATIENCE: Duration = Duration::from_secs(2);
@@ -175,8 +179,12 @@ impl DsmService {
         let st = self.state();
         let mut pause = WORD_REFRESH;
         loop {
-            tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(WORD_REFRESH_MAX);
+            tokio::select! {
+                () = tokio::time::sleep(pause) => pause = (pause * 2).min(WORD_REFRESH_MAX),
+                // A forgive of every slot lifts this node's taints one by one: one word for
+                // them all, a moment after the first.
+                () = st.word_wanted.notified() => tokio::time::sleep(WORD_SETTLE).await,
+            }
             if st.began.load(Ordering::SeqCst) > epoch || ctx.gone(ctx.node()) {
                 return;
             }
