@@ -23,7 +23,8 @@ pub(super) const CHANGE_DEADLINE: Duration = Duration::from_secs(60);
 /// ([`NEXT_LINE_PATIENCE`](super::client::NEXT_LINE_PATIENCE)).
 const SAID_AGAIN: Duration = Duration::from_secs(30);
 
-/// How long a leave or evict is proposed again while no leader answers.
+/// How long a leave or evict is proposed again while no leader answers, or the one this node
+/// knows cannot be reached.
 const PROPOSE_WINDOW: Duration = Duration::from_secs(10);
 
 pub(super) async fn change(
@@ -36,12 +37,17 @@ pub(super) async fn change(
     // At once: proposing may take a while (through an election, or a leader waiting for its
     // voters), and the CLI takes silence for an agent that stopped.
     flush(write, &[json!({ "progress": "asking the cluster's leader" })]).await?;
-    // Through an election, whose leader is not known for a moment, rather than refused. Only
-    // then: a proposal a leader received may have committed, and sent again it is refused.
+    // Through an election, whose leader is not known for a moment, or through a leader that
+    // just died and that this node still takes for the leader, rather than refused (an `evict`
+    // of a node that died with the leader failed in 17 ms). A proposal the unreachable leader
+    // received may have committed: sent again, it is refused as `AlreadyLeaving`, which is
+    // followed below, or as a node already out, which is told as done.
     let give_up = tokio::time::Instant::now() + PROPOSE_WINDOW;
     let proposed = loop {
         match node.propose(command.clone()).await {
-            Err(ProposeError::NoLeader) if tokio::time::Instant::now() < give_up => {
+            Err(ProposeError::NoLeader | ProposeError::Unreachable(_))
+                if tokio::time::Instant::now() < give_up =>
+            {
                 tokio::time::sleep(Duration::from_millis(100)).await
             }
             other => break other,
