@@ -463,8 +463,9 @@ mod tests {
 
     /// Agents started afresh take new ids, and the cluster keeps every node it has known: a
     /// soak of 25 joins and leaves left `status` listing 25 rows of nodes long gone. Past a
-    /// few, those that left are counted on one line; `--all` lists them, and those that
-    /// failed, or are held out, are listed whatever their number.
+    /// few, those that left or were evicted once failed are counted on one line; `--all`
+    /// lists them, and those that failed on their own, or are held out, are listed whatever
+    /// their number.
     #[test]
     fn status_counts_the_nodes_that_left_once_there_are_many() {
         let node = |id: u64, status: &str| {
@@ -481,11 +482,14 @@ mod tests {
         };
         let rows = |shown: &str| shown.lines().filter(|l| l.contains("127.0.0.1:")).count();
         let mut nodes = vec![node(1, "active"), node(2, "active"), node(3, "failed")];
-        nodes.extend((100..120).map(|id| node(id, "left")));
+        nodes.extend((100..119).map(|id| node(id, "left")));
+        let mut evicted = node(119, "failed");
+        evicted["kept_out"] = json!(true);
+        nodes.push(evicted);
         let shown = text(&nodes, false);
         assert_eq!(rows(&shown), 3, "{shown}");
         assert!(
-            shown.contains("20 nodes that left, not listed: 100, 101, 102,")
+            shown.contains("20 nodes that left or were evicted, not listed: 100, 101, 102,")
                 && shown.contains("111 and 8 more (`status --all` lists them)"),
             "{shown}"
         );
@@ -549,7 +553,16 @@ mod tests {
         assert!(shown.starts_with("2 pages reported lost"), "{shown}");
         assert!(shown.contains("2 of 4096 slots tainted (node 2: 2)"), "{shown}");
         assert!(shown.contains("gobelins dsm discard SEGMENT PAGE"), "{shown}");
+        assert!(shown.contains("tainted slots, `gobelins dsm forgive --all`"), "{shown}");
         assert!(shown.contains("node 4 did not answer: node 4 unreachable"), "{shown}");
+        // Pages lost, no slot tainted: a forgive would lift nothing, and is not offered.
+        let untainted = Losses {
+            nodes: vec![(NodeId(1), held(vec![PageId { segment: 7, page: 3 }], vec![]))],
+            ..lost.clone()
+        };
+        let shown = losses_text(&untainted);
+        assert!(shown.contains("gobelins dsm discard SEGMENT PAGE"), "{shown}");
+        assert!(!shown.contains("forgive --all"), "{shown}");
         let json = losses_json(&lost);
         assert_eq!(json["pages"][0], json!({ "segment": 7, "page": 0, "manager": 2 }));
         assert_eq!(json["tainted"], 2);

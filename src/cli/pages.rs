@@ -220,7 +220,8 @@ pub(super) fn write_losses(
     } else {
         writeln!(
             out,
-            "{lost} pages reported lost (each answers `lost` until discarded or freed):"
+            "{lost} pages reported lost (each answers `lost` until discarded or freed, or, if \
+             its slot is tainted, forgiven):"
         )?;
         for (page, manager) in pages.iter().take(LOST_LINES) {
             writeln!(
@@ -252,11 +253,17 @@ pub(super) fn write_losses(
         )?;
     }
     if lost > 0 || tainted > 0 {
+        // The forgive only where there is a taint to lift: it does nothing else.
+        let forgive = if tainted > 0 {
+            "; for the tainted slots, `gobelins dsm forgive --all` (or `SEGMENT PAGE`, for one \
+             page's slot)"
+        } else {
+            ""
+        };
         writeln!(
             out,
             "what to do: restore what mattered, then `gobelins dsm discard SEGMENT PAGE` for each \
-             page, or `gobelins dsm free SEGMENT LEN` for a segment no program uses; for the \
-             tainted slots, `gobelins dsm forgive --all` (or `SEGMENT PAGE`, for one page's slot)"
+             page, or `gobelins dsm free SEGMENT LEN` for a segment no program uses{forgive}"
         )?;
     }
     let unlooked = losses.unlooked();

@@ -17,8 +17,8 @@ pub(crate) struct StatusArgs {
     /// Show this node's own view instead of the leader's.
     #[arg(long)]
     local: bool,
-    /// List the nodes that left in the table however many there are (past five, they are
-    /// counted on one line).
+    /// List the nodes that left or were evicted in the table however many there are (past
+    /// five, they are counted on one line).
     #[arg(long)]
     all: bool,
 }
@@ -51,7 +51,8 @@ pub(crate) fn status(args: StatusArgs) -> anyhow::Result<()> {
     write_status(&mut out, &status, args.all)
 }
 
-/// How many nodes that left `status` lists before it only counts them: the cluster keeps
+/// How many nodes that left (or were evicted once failed) `status` lists before it only
+/// counts them: the cluster keeps
 /// every node it has known, and agents started afresh take new ids, so a cluster that lives
 /// through machines replaced for years would list them by the hundred.
 pub(super) const LEFT_SHOWN: usize = 5;
@@ -241,8 +242,14 @@ pub(super) fn write_status(
         "node", "address", "status", "inc", "voter"
     )?;
     let nodes: Vec<&Value> = status["nodes"].as_array().into_iter().flatten().collect();
-    // Those that left and are held out of nothing: the news is elsewhere (`leave` said so).
-    let gone = |node: &Value| node["status"] == "left" && node["held_ms"].is_null();
+    // Those that left, or were evicted once failed (kept out: they come back only when asked
+    // with --join), held out of nothing: the news is elsewhere (`leave`, `evict`, the note on
+    // kept-out nodes above). A node that failed on its own stays listed: it rejoins if it is
+    // started again, and may be what an operator looks for.
+    let gone = |node: &Value| {
+        let kept_out = node["status"] == "failed" && node["kept_out"] == true;
+        (node["status"] == "left" || kept_out) && node["held_ms"].is_null()
+    };
     let left = nodes.iter().filter(|n| gone(n)).count();
     let unlisted: Vec<String> = if all || left <= LEFT_SHOWN {
         Vec::new()
@@ -276,7 +283,8 @@ pub(super) fn write_status(
         }
         writeln!(
             out,
-            "{:>8}  {left} nodes that left, not listed: {ids} (`status --all` lists them)",
+            "{:>8}  {left} nodes that left or were evicted, not listed: {ids} (`status --all` \
+             lists them)",
             ""
         )?;
     }

@@ -105,7 +105,8 @@ pub(super) async fn read_answer(
             if let Some(notice) = notice.take() {
                 on_line(&format!(
                     "the agent has not answered in {} s: it may be serving other control \
-                     connections, or waiting on the leader; waiting up to {} s in all",
+                     connections or waiting on the leader, or be stopped or hung; waiting up \
+                     to {} s in all",
                     notice.as_secs(),
                     patience.as_secs()
                 ));
