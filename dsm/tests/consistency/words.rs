@@ -56,13 +56,19 @@ fn with_backups_a_manager_outside_the_last_change_still_vouches_for_its_slots() 
         let unwritten = pages_managed_by(&cluster, victim, 9, 4096);
         assert!(unwritten.len() >= 16, "pages the victim manages");
         cluster.mem.fail(victim).await;
-        let reader = cluster.dsm(NodeId(1));
-        for &page in &unwritten[..16] {
-            let read = outcome(&reader, PageId { segment: 9, page }).await;
-            assert_eq!(read, Ok(0), "page {page}, managed by node {victim}");
-        }
-        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+        read_as_zeros(&cluster, NodeId(1), victim, &unwritten).await;
     })
+}
+
+/// Reads the first 16 `pages` of segment 9, never written and managed by `victim`, through
+/// `reader`: each reads as zeros, and nothing is reported lost.
+async fn read_as_zeros(cluster: &Cluster, reader: NodeId, victim: NodeId, pages: &[u32]) {
+    let reader = cluster.dsm(reader);
+    for &page in &pages[..16] {
+        let read = outcome(&reader, PageId { segment: 9, page }).await;
+        assert_eq!(read, Ok(0), "page {page}, managed by node {victim}");
+    }
+    assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
 }
 
 /// With backups on, one failure loses no page: a page nobody reports after it was never
@@ -156,11 +162,7 @@ async fn evicted_dying(sent: bool) {
     let reader = cluster.dsm(NodeId(2));
     assert_eq!(outcome(&reader, own).await, Ok(7));
     assert_eq!(outcome(&reader, other).await, Ok(8));
-    for &page in &unwritten[..16] {
-        let read = outcome(&reader, PageId { segment: 9, page }).await;
-        assert_eq!(read, Ok(0), "page {page}, managed by node {victim}");
-    }
-    assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    read_as_zeros(&cluster, NodeId(2), victim, &unwritten).await;
 }
 
 /// A forgive lifts taints that the managers' words left out: each gives its word again at
