@@ -130,6 +130,8 @@ pub(crate) struct NodeState {
     /// at the next of its pauses (up to 30 s), during which a failure of this node tainted
     /// the slot anew.
     pub(crate) word_wanted: tokio::sync::Notify,
+    /// The latest stable epoch whose keeper gives this node's word (`keep_word`).
+    pub(crate) keeping: AtomicU64,
     /// The last change this node carried out to its end (`after_release`): only its stable
     /// epoch gives a word, not one whose part here was cut short.
     pub(crate) finished: AtomicU64,
@@ -238,6 +240,7 @@ impl DsmNode {
                 began: AtomicU64::new(0),
                 exposures: AtomicU64::new(0),
                 word_wanted: tokio::sync::Notify::new(),
+                keeping: AtomicU64::new(0),
                 vouches: Mutex::default(),
                 unanswering: Mutex::new(HashMap::new()),
             }),

@@ -572,6 +572,9 @@ impl Service for DsmService {
         state.change.lock().expect("change").take_if(|c| c.epoch <= epoch);
         state.exposed.lock().expect("exposed").take_if(|(e, _)| *e <= epoch);
         if state.config.backups {
+            // One keeper of the word per node: that of the latest stable epoch. An earlier
+            // one ends at its next wake (this node may have taken part in no change since).
+            state.keeping.fetch_max(epoch, Ordering::SeqCst);
             // In the background: a holder slow to answer must not hold up the next change.
             let (service, ctx) = (DsmService { node: self.node.clone() }, ctx.clone());
             tokio::spawn(async move { service.keep_word(&ctx, epoch).await });

@@ -21,9 +21,11 @@ const WORD_TRIES: usize = 5;
 const WORD_REFRESH: Duration = Duration::from_secs(1);
 const WORD_REFRESH_MAX: Duration = Duration::from_secs(30);
 
-/// How long after a forgive lifted a taint the word is given again: the other slots of a
-/// forgive of every slot come meanwhile.
+/// How long after a forgive lifted a taint, and no other since, the word is given again: the
+/// other slots of a forgive of every slot come meanwhile; at most [`WORD_SETTLE_MAX`] after
+/// the first.
 const WORD_SETTLE: Duration = Duration::from_millis(50);
+const WORD_SETTLE_MAX: Duration = Duration::from_millis(500);
 
 /// How long a manager asks its replica holder to take its word back before it answers the
 /// request that exposed a page `Retry`.
@@ -179,18 +181,46 @@ impl DsmService {
         let st = self.state();
         let mut pause = WORD_REFRESH;
         loop {
-            tokio::select! {
-                () = tokio::time::sleep(pause) => pause = (pause * 2).min(WORD_REFRESH_MAX),
-                // A forgive of every slot lifts this node's taints one by one: one word for
-                // them all, a moment after the first.
-                () = st.word_wanted.notified() => tokio::time::sleep(WORD_SETTLE).await,
-            }
-            if st.began.load(Ordering::SeqCst) > epoch || ctx.gone(ctx.node()) {
+            let wanted = tokio::select! {
+                () = tokio::time::sleep(pause) => {
+                    pause = (pause * 2).min(WORD_REFRESH_MAX);
+                    false
+                }
+                () = st.word_wanted.notified() => {
+                    self.settle(st).await;
+                    true
+                }
+            };
+            // A keeper of an earlier stable epoch (this node took no part in the changes
+            // since, or one began and is stable) ends, and passes on a forgive's wake-up it
+            // took: the keeper of the latest epoch gives the word.
+            let superseded = st.keeping.load(Ordering::SeqCst) > epoch;
+            if superseded || st.began.load(Ordering::SeqCst) > epoch || ctx.gone(ctx.node()) {
+                if wanted {
+                    st.word_wanted.notify_one();
+                }
                 return;
             }
             let stale = st.word.lock().await.stale(epoch);
             if stale {
                 self.give_word(ctx, epoch).await;
+            }
+        }
+    }
+
+    /// Waits for a forgive's other slots: a forgive of every slot lifts this node's taints
+    /// one by one, and one word serves them all. [`WORD_SETTLE`] after the last, or
+    /// [`WORD_SETTLE_MAX`] after the first.
+    async fn settle(&self, st: &crate::node::NodeState) {
+        let until = tokio::time::Instant::now() + WORD_SETTLE_MAX;
+        loop {
+            let settled = tokio::time::sleep(WORD_SETTLE);
+            tokio::select! {
+                () = settled => return,
+                () = st.word_wanted.notified() => {}
+            }
+            if tokio::time::Instant::now() >= until {
+                return;
             }
         }
     }
