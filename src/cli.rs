@@ -486,14 +486,18 @@ mod tests {
         let mut evicted = node(119, "failed");
         evicted["kept_out"] = json!(true);
         nodes.push(evicted);
+        let mut voting = node(120, "left");
+        voting["voter"] = json!(true);
+        nodes.push(voting);
         let shown = text(&nodes, false);
-        assert_eq!(rows(&shown), 3, "{shown}");
+        assert_eq!(rows(&shown), 4, "{shown}");
+        assert!(shown.contains("127.0.0.1:7120 "), "a voter that left is listed: {shown}");
         assert!(
             shown.contains("20 nodes that left or were evicted, not listed: 100, 101, 102,")
                 && shown.contains("111 and 8 more (`status --all` lists them)"),
             "{shown}"
         );
-        assert_eq!(rows(&text(&nodes, true)), 23);
+        assert_eq!(rows(&text(&nodes, true)), 24);
         nodes.truncate(3 + LEFT_SHOWN);
         let few = text(&nodes, false);
         assert_eq!(rows(&few), 3 + LEFT_SHOWN, "{few}");

@@ -248,7 +248,9 @@ pub(super) fn write_status(
     // started again, and may be what an operator looks for.
     let gone = |node: &Value| {
         let kept_out = node["status"] == "failed" && node["kept_out"] == true;
-        (node["status"] == "left" || kept_out) && node["held_ms"].is_null()
+        // Still a voter (raft has yet to take it out): its row says so.
+        let quiet = node["held_ms"].is_null() && node["voter"] != true;
+        (node["status"] == "left" || kept_out) && quiet
     };
     let left = nodes.iter().filter(|n| gone(n)).count();
     let unlisted: Vec<String> = if all || left <= LEFT_SHOWN {

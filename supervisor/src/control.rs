@@ -505,9 +505,13 @@ mod tests {
         assert!(said[0].contains("not answered in 5 s") && said[0].contains("30 s"), "{said:?}");
         // An answer after the notice is read whole.
         let (ours, mut agent) = tokio::io::duplex(64);
+        // Half of it before the notice, half after: what was read of a line before the wait
+        // was cut short for the notice is kept (`next_line` is cancel safe).
         let late = tokio::spawn(async move {
-            tokio::time::sleep(SLOW_NOTICE * 2).await;
-            agent.write_all(b"{\"ok\":7}\n").await.unwrap();
+            tokio::time::sleep(SLOW_NOTICE / 2).await;
+            agent.write_all(b"{\"ok\":").await.unwrap();
+            tokio::time::sleep(SLOW_NOTICE).await;
+            agent.write_all(b"7}\n").await.unwrap();
             agent
         });
         let mut said = Vec::new();
