@@ -165,6 +165,22 @@ async fn evicted_dying(sent: bool) {
     read_as_zeros(&cluster, NodeId(2), victim, &unwritten).await;
 }
 
+/// Four nodes, of which 3 and 4 fail at once, beyond what backups guard against: their slots
+/// are tainted at nodes 1 and 2. 45 s later, the words' pauses have grown: the next comes 61 s
+/// after the stable epoch.
+async fn two_failed() -> Cluster {
+    let mut cluster = Cluster::with_backups(4).await;
+    cluster.mem.fail_both(NodeId(3), NodeId(4)).await;
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    cluster
+}
+
+/// The pages of segment 9 that `node` manages.
+fn of_segment_9(cluster: &Cluster, node: NodeId) -> Vec<PageId> {
+    let pages = pages_managed_by(cluster, node, 9, 4096).into_iter();
+    pages.map(|page| PageId { segment: 9, page }).collect()
+}
+
 /// A forgive lifts taints that the managers' words left out: each gives its word again at
 /// once, and its failure a moment later does not taint the forgiven slots anew. Before, the
 /// word came again only after its pause, up to 30 s (a helper's run: a failure within a second
@@ -172,17 +188,9 @@ async fn evicted_dying(sent: bool) {
 #[test]
 fn with_backups_a_forgive_has_the_managers_vouch_again_at_once() {
     replay(async {
-        let mut cluster = Cluster::with_backups(4).await;
-        // Two at once, beyond what backups guard against: their slots are tainted.
-        cluster.mem.fail_both(NodeId(3), NodeId(4)).await;
+        let mut cluster = two_failed().await;
         let (reader, survivor) = (cluster.dsm(NodeId(1)), NodeId(2));
-        // Long enough for the words' pauses to grow: the next comes 61 s after the stable
-        // epoch, well after the failure below.
-        tokio::time::sleep(Duration::from_secs(45)).await;
-        let pages: Vec<PageId> = pages_managed_by(&cluster, survivor, 9, 4096)
-            .into_iter()
-            .map(|page| PageId { segment: 9, page })
-            .collect();
+        let pages = of_segment_9(&cluster, survivor);
         let lost = futures::future::join_all(pages.iter().map(|&p| outcome(&reader, p))).await;
         assert!(lost.iter().any(Result::is_err), "some of node 2's slots were tainted");
         let (slots, _) = reader.forgive_all().await.expect("forgiven");
@@ -215,19 +223,14 @@ fn with_backups_a_forgive_has_the_managers_vouch_again_at_once() {
 #[test]
 fn with_backups_a_forgive_of_one_slot_after_another_change_has_its_manager_vouch_again() {
     replay(async {
-        let mut cluster = Cluster::with_backups(4).await;
-        cluster.mem.fail_both(NodeId(3), NodeId(4)).await;
+        let mut cluster = two_failed().await;
         let (reader, survivor) = (cluster.dsm(NodeId(1)), NodeId(2));
-        tokio::time::sleep(Duration::from_secs(45)).await;
         cluster.mem.add().await;
         // The new keeper's pauses: 1, 2, then 4 s; the next wake is 7 s after the change.
         tokio::time::sleep(Duration::from_secs(5)).await;
         let spec = cluster.mem.host(survivor).specs();
         let spec = spec.iter().find(|s| s.id == gobelins_dsm::DSM).expect("the DSM's spec");
-        let pages: Vec<PageId> = pages_managed_by(&cluster, survivor, 9, 4096)
-            .into_iter()
-            .map(|page| PageId { segment: 9, page })
-            .collect();
+        let pages = of_segment_9(&cluster, survivor);
         let mut tainted = None;
         for &page in &pages {
             if outcome(&reader, page).await.is_err() {
