@@ -41,7 +41,9 @@ pub(super) async fn change(
     // just died and that this node still takes for the leader, rather than refused (an `evict`
     // of a node that died with the leader failed in 17 ms). A proposal the unreachable leader
     // received may have committed: sent again, it is refused as `AlreadyLeaving`, which is
-    // followed below, or as a node already out, which is told as done.
+    // followed below, or, once the change has ended, as a node already out, which an eviction
+    // tells as done (a leave says the node left already, as an error: rare, as a leave takes
+    // longer than the tries' one-second timeouts).
     let give_up = tokio::time::Instant::now() + PROPOSE_WINDOW;
     let proposed = loop {
         match node.propose(command.clone()).await {
