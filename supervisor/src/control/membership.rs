@@ -41,9 +41,8 @@ pub(super) async fn change(
     // just died and that this node still takes for the leader, rather than refused (an `evict`
     // of a node that died with the leader failed in 17 ms). A proposal the unreachable leader
     // received may have committed: sent again, it is refused as `AlreadyLeaving`, which is
-    // followed below, or, once the change has ended, as a node already out, which an eviction
-    // tells as done (a leave says the node left already, as an error: rare, as a leave takes
-    // longer than the tries' one-second timeouts).
+    // followed below, or, once the change has ended, as a node already out, which is told as
+    // done.
     let give_up = tokio::time::Instant::now() + PROPOSE_WINDOW;
     let proposed = loop {
         match node.propose(command.clone()).await {
@@ -79,8 +78,16 @@ pub(super) async fn change(
             };
             // An eviction of a node already out got what it asked: a script's `evict 4 ||
             // page-someone` must not page anyone for it, as for a node already on its way out.
+            // So did a leave of a node that left (its earlier try, retried through a leader
+            // that did not answer, went through; or a `leave` typed again).
             let out = matches!(status, Some(NodeStatus::Failed | NodeStatus::Left));
-            if out && matches!(command, Command::Evict { .. }) {
+            let left = status == Some(NodeStatus::Left);
+            let done = match command {
+                Command::Evict { .. } => out,
+                Command::Leave { .. } => left,
+                _ => false,
+            };
+            if done {
                 let said = [json!({ "progress": why }), json!({ "ok": status_json(&view) })];
                 return flush(write, &said).await;
             }

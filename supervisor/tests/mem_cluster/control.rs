@@ -90,6 +90,43 @@ fn an_evict_asked_as_the_leader_dies_waits_for_the_next_leader() {
     });
 }
 
+/// A `leave` of a node that left already got what it asked for: told so, not refused (a retry
+/// of a leave through a leader that did not answer, whose first try went through, said
+/// "left already" as an error, and a script's `leave || page-someone` paged someone).
+#[test]
+fn a_leave_of_a_node_that_left_already_is_told_so_and_not_refused() {
+    use gobelins_supervisor::state::Command;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    replay(async {
+        let net = MemNetwork::new(22);
+        let nodes = three_voters(&net).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let leaver = (1..=3).rev().find(|&id| id != leader).expect("a follower");
+        let at_leader = &nodes[leader as usize - 1].supervisor;
+        let leave = Command::Leave { node: leaver };
+        assert!(matches!(at_leader.propose(leave).await, Ok(Ok(_))));
+        let left = tokio::time::timeout(Duration::from_secs(30), async {
+            while at_leader.state().nodes[&leaver].status != NodeStatus::Left {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        assert!(left.await.is_ok(), "the leave ended");
+
+        let (_dir, path, _socket) = control_socket(&nodes[leaver as usize - 1].supervisor).await;
+        let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
+        let (client, mut sending) = client.into_split();
+        sending.write_all(b"{\"cmd\":\"leave\"}\n").await.expect("request sent");
+        let mut lines = tokio::io::BufReader::new(client).lines();
+        let mut said = Vec::new();
+        while let Some(line) = lines.next_line().await.expect("reads") {
+            said.push(line);
+        }
+        let last = said.last().expect("an answer");
+        assert!(last.starts_with("{\"ok\""), "{said:?}");
+        assert!(said.iter().any(|l| l.contains("left already")), "{said:?}");
+    });
+}
+
 /// `gobelins join` asked of an active member says there is nothing to do; asked of an agent
 /// whose node left, it is refused: joined in the moment before that agent stopped, the node
 /// was active, then declared failed.
