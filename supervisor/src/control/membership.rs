@@ -49,7 +49,15 @@ pub(super) async fn change(
             Err(ProposeError::NoLeader | ProposeError::Unreachable(_))
                 if tokio::time::Instant::now() < give_up =>
             {
-                tokio::time::sleep(Duration::from_millis(100)).await
+                // An operator's Ctrl-C ends the tries: what is asked again is what nobody waits
+                // for any more (one that reached a leader may still commit).
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = hung_up(read, write) => {
+                        tracing::info!(node = target, "the control client went away while no leader answered; its change is not asked for again");
+                        return Ok(());
+                    }
+                }
             }
             other => break other,
         }

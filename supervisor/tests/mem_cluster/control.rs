@@ -90,6 +90,37 @@ fn an_evict_asked_as_the_leader_dies_waits_for_the_next_leader() {
     });
 }
 
+/// An `evict` whose client hangs up (an operator's Ctrl-C) while no leader answers is not
+/// asked for again: its agent went on proposing it for 10 s, and carried it out once the
+/// leader answered, for nobody (the review of `e4fd2c1`).
+#[test]
+fn an_evict_whose_client_hangs_up_while_no_leader_answers_is_not_asked_again() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    replay(async {
+        let net = MemNetwork::new(23);
+        let nodes = three_voters(&net).await;
+        let leader = nodes[0].supervisor.leader().expect("a leader");
+        let mut others = (1..=3).filter(|&id| id != leader);
+        let (asker, other) = (others.next().expect("a follower"), others.next().expect("another"));
+        let (_dir, path, _socket) = control_socket(&nodes[asker as usize - 1].supervisor).await;
+        net.isolate(asker, [leader, other]);
+        let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
+        let (client, mut sending) = client.into_split();
+        let request = format!("{{\"cmd\":\"evict\",\"node\":{other}}}\n");
+        sending.write_all(request.as_bytes()).await.expect("request sent");
+        let mut lines = tokio::io::BufReader::new(client).lines();
+        let asking = lines.next_line().await.expect("reads").expect("a line");
+        assert!(asking.contains("asking the cluster's leader"), "{asking}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop((lines, sending));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        net.heal();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let at_leader = &nodes[leader as usize - 1].supervisor;
+        assert_eq!(at_leader.state().nodes[&other].status, NodeStatus::Active, "not evicted");
+    });
+}
+
 /// A `leave` of a node that left already got what it asked for: told so, not refused (a retry
 /// of a leave through a leader that did not answer, whose first try went through, said
 /// "left already" as an error, and a script's `leave || page-someone` paged someone).
