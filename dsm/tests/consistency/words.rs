@@ -228,8 +228,7 @@ fn with_backups_a_forgive_of_one_slot_after_another_change_has_its_manager_vouch
         cluster.mem.add().await;
         // The new keeper's pauses: 1, 2, then 4 s; the next wake is 7 s after the change.
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let spec = cluster.mem.host(survivor).specs();
-        let spec = spec.iter().find(|s| s.id == gobelins_dsm::DSM).expect("the DSM's spec");
+        let spec = gobelins_dsm::DsmNode::declaration();
         let pages = of_segment_9(&cluster, survivor);
         let mut tainted = None;
         for &page in &pages {
@@ -263,8 +262,7 @@ fn with_backups_evicting_a_node_that_just_died_leaves_the_slots_its_word_left_ou
         let mut cluster = Cluster::with_backups(2).await;
         let (victim, survivor) = (NodeId(1), NodeId(2));
         word_given(&cluster, victim).await;
-        let spec = cluster.mem.host(victim).specs();
-        let spec = spec.iter().find(|s| s.id == gobelins_dsm::DSM).expect("the DSM's spec");
+        let spec = gobelins_dsm::DsmNode::declaration();
         let slot = |p: PageId| spec.slot_of(p.key());
         let written =
             PageId { segment: SEGMENT, page: pages_managed_by(&cluster, victim, SEGMENT, 2048)[0] };
@@ -331,8 +329,7 @@ fn with_backups_a_manager_gives_its_word_again_once_it_took_it_back() {
         let mut cluster = Cluster::with_backups(2).await;
         let (victim, survivor) = (NodeId(1), NodeId(2));
         word_given(&cluster, victim).await;
-        let spec = cluster.mem.host(victim).specs();
-        let spec = spec.iter().find(|s| s.id == gobelins_dsm::DSM).expect("the DSM's spec");
+        let spec = gobelins_dsm::DsmNode::declaration();
         let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
         let written = PageId { segment: SEGMENT, page: pages[0] };
         let slot = |p: PageId| spec.slot_of(p.key());

@@ -1,24 +1,50 @@
 //! The control socket: a client that hangs up, and `gobelins join` asked of a member or leaver.
 
-use crate::harness::{control_socket, replay, three_voters};
+use crate::harness::{control_socket, replay, three_voters, Node};
 use gobelins_supervisor::mem::MemNetwork;
 use gobelins_supervisor::state::NodeStatus;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+
+type Answer = tokio::io::Lines<tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>>;
+
+/// Sends `request`, one line, to the control socket at `path`: the answer's lines to read, and
+/// the sending half (dropped with the lines, it hangs up).
+async fn sent(path: &Path, request: &str) -> (Answer, tokio::net::unix::OwnedWriteHalf) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let client = tokio::net::UnixStream::connect(path).await.expect("connects");
+    let (client, mut sending) = client.into_split();
+    sending.write_all(format!("{request}\n").as_bytes()).await.expect("request sent");
+    (tokio::io::BufReader::new(client).lines(), sending)
+}
+
+/// Every line of an answer, to its end.
+async fn all_of(mut lines: Answer) -> Vec<String> {
+    let mut said = Vec::new();
+    while let Some(line) = lines.next_line().await.expect("reads") {
+        said.push(line);
+    }
+    said
+}
+
+/// The leader of three voters, and its two followers.
+fn leader_and_followers(nodes: &[Node]) -> (u64, u64, u64) {
+    let leader = nodes[0].supervisor.leader().expect("a leader");
+    let mut others = (1..=3).filter(|&id| id != leader);
+    (leader, others.next().expect("a follower"), others.next().expect("another"))
+}
 
 /// A control client that hangs up while its change is under way (an operator's Ctrl-C) is not
 /// followed any more: its agent asked the leader for the whole state every 10 ms, for up to a
 /// minute, to tell nobody.
 #[test]
 fn a_control_client_that_hangs_up_is_not_followed_for_the_rest_of_the_minute() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     replay(async {
         let net = MemNetwork::new(14);
         let nodes = three_voters(&net).await;
-        let leader = nodes[0].supervisor.leader().expect("a leader");
-        let mut others = (1..=3).filter(|&id| id != leader);
-        let (asker, evicted) =
-            (others.next().expect("a follower"), others.next().expect("another"));
+        let (leader, asker, evicted) = leader_and_followers(&nodes);
         // The evicted node never hears of its eviction, which therefore never ends.
         net.stall_log(leader, evicted);
         net.lose_begun(leader, evicted);
@@ -28,13 +54,10 @@ fn a_control_client_that_hangs_up_is_not_followed_for_the_rest_of_the_minute() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let idle = asked() - before;
 
-        let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
-        let (client, mut sending) = client.into_split();
-        let request = format!("{{\"cmd\":\"evict\",\"node\":{evicted}}}\n");
-        sending.write_all(request.as_bytes()).await.expect("request sent");
+        let request = format!("{{\"cmd\":\"evict\",\"node\":{evicted}}}");
+        let (mut lines, mut sending) = sent(&path, &request).await;
         // Done sending, as `socat` is once its input ends: it still reads what comes.
         sending.shutdown().await.expect("half-closed");
-        let mut lines = tokio::io::BufReader::new(client).lines();
         let asking = lines.next_line().await.expect("reads").expect("a line");
         assert!(asking.contains("asking the cluster's leader"), "said at once: {asking}");
         let first = lines.next_line().await.expect("reads").expect("a line");
@@ -65,23 +88,16 @@ fn a_control_client_that_hangs_up_is_not_followed_for_the_rest_of_the_minute() {
 /// in 17 ms, three runs of three, while a majority was up).
 #[test]
 fn an_evict_asked_as_the_leader_dies_waits_for_the_next_leader() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     replay(async {
         let net = MemNetwork::new(21);
         let nodes = three_voters(&net).await;
-        let leader = nodes[0].supervisor.leader().expect("a leader");
-        let mut others = (1..=3).filter(|&id| id != leader);
-        let (asker, evicted) =
-            (others.next().expect("a follower"), others.next().expect("another"));
+        let (leader, asker, evicted) = leader_and_followers(&nodes);
         let (_dir, path, _socket) = control_socket(&nodes[asker as usize - 1].supervisor).await;
         net.crash(leader);
         assert_eq!(nodes[asker as usize - 1].supervisor.leader(), Some(leader), "not noticed yet");
 
-        let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
-        let (client, mut sending) = client.into_split();
-        let request = format!("{{\"cmd\":\"evict\",\"node\":{evicted}}}\n");
-        sending.write_all(request.as_bytes()).await.expect("request sent");
-        let mut lines = tokio::io::BufReader::new(client).lines();
+        let request = format!("{{\"cmd\":\"evict\",\"node\":{evicted}}}");
+        let (mut lines, _sending) = sent(&path, &request).await;
         let asking = lines.next_line().await.expect("reads").expect("a line");
         assert!(asking.contains("asking the cluster's leader"), "{asking}");
         let answer = lines.next_line().await.expect("reads").expect("a line");
@@ -95,20 +111,14 @@ fn an_evict_asked_as_the_leader_dies_waits_for_the_next_leader() {
 /// leader answered, for nobody (the review of `e4fd2c1`).
 #[test]
 fn an_evict_whose_client_hangs_up_while_no_leader_answers_is_not_asked_again() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     replay(async {
         let net = MemNetwork::new(23);
         let nodes = three_voters(&net).await;
-        let leader = nodes[0].supervisor.leader().expect("a leader");
-        let mut others = (1..=3).filter(|&id| id != leader);
-        let (asker, other) = (others.next().expect("a follower"), others.next().expect("another"));
+        let (leader, asker, other) = leader_and_followers(&nodes);
         let (_dir, path, _socket) = control_socket(&nodes[asker as usize - 1].supervisor).await;
         net.isolate(asker, [leader, other]);
-        let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
-        let (client, mut sending) = client.into_split();
-        let request = format!("{{\"cmd\":\"evict\",\"node\":{other}}}\n");
-        sending.write_all(request.as_bytes()).await.expect("request sent");
-        let mut lines = tokio::io::BufReader::new(client).lines();
+        let request = format!("{{\"cmd\":\"evict\",\"node\":{other}}}");
+        let (mut lines, sending) = sent(&path, &request).await;
         let asking = lines.next_line().await.expect("reads").expect("a line");
         assert!(asking.contains("asking the cluster's leader"), "{asking}");
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -127,7 +137,6 @@ fn an_evict_whose_client_hangs_up_while_no_leader_answers_is_not_asked_again() {
 #[test]
 fn a_leave_of_a_node_that_left_already_is_told_so_and_not_refused() {
     use gobelins_supervisor::state::Command;
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     replay(async {
         let net = MemNetwork::new(22);
         let nodes = three_voters(&net).await;
@@ -144,14 +153,8 @@ fn a_leave_of_a_node_that_left_already_is_told_so_and_not_refused() {
         assert!(left.await.is_ok(), "the leave ended");
 
         let (_dir, path, _socket) = control_socket(&nodes[leaver as usize - 1].supervisor).await;
-        let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
-        let (client, mut sending) = client.into_split();
-        sending.write_all(b"{\"cmd\":\"leave\"}\n").await.expect("request sent");
-        let mut lines = tokio::io::BufReader::new(client).lines();
-        let mut said = Vec::new();
-        while let Some(line) = lines.next_line().await.expect("reads") {
-            said.push(line);
-        }
+        let (lines, _sending) = sent(&path, "{\"cmd\":\"leave\"}").await;
+        let said = all_of(lines).await;
         let last = said.last().expect("an answer");
         assert!(last.starts_with("{\"ok\""), "{said:?}");
         assert!(said.iter().any(|l| l.contains("left already")), "{said:?}");
@@ -165,7 +168,6 @@ fn a_leave_of_a_node_that_left_already_is_told_so_and_not_refused() {
 fn a_join_asked_of_an_active_node_does_nothing_and_of_a_node_that_left_is_refused() {
     use gobelins_supervisor::state::Command;
     use gobelins_supervisor::Lifecycle;
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     replay(async {
         let net = MemNetwork::new(16);
         let nodes = three_voters(&net).await;
@@ -176,16 +178,9 @@ fn a_join_asked_of_an_active_node_does_nothing_and_of_a_node_that_left_is_refuse
         let join = |seed: u64| {
             let path = path.clone();
             async move {
-                let client = tokio::net::UnixStream::connect(&path).await.expect("connects");
-                let (client, mut sending) = client.into_split();
-                let request = format!("{{\"cmd\":\"join\",\"seed\":\"n{seed}\"}}\n");
-                sending.write_all(request.as_bytes()).await.expect("request sent");
-                let mut lines = tokio::io::BufReader::new(client).lines();
-                let mut said = Vec::new();
-                while let Some(line) = lines.next_line().await.expect("reads") {
-                    said.push(line);
-                }
-                said.join("\n")
+                let request = format!("{{\"cmd\":\"join\",\"seed\":\"n{seed}\"}}");
+                let (lines, _sending) = sent(&path, &request).await;
+                all_of(lines).await.join("\n")
             }
         };
         let said = join(leader).await;
