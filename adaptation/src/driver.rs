@@ -284,6 +284,7 @@ impl Driver {
             participants: p.participants.clone(),
             acked: self.period.acked(),
             failed_moved_in: p.failed_moved_in,
+            failed_kept_since: p.failed_kept_since,
         })
     }
 }

@@ -121,6 +121,9 @@ pub struct Progress {
     /// For a `Fail` or `Recover`: the last two changes that moved something of the dead
     /// node's, as the cluster recorded them ([`ChangeInfo::failed_moved_in`](crate::ChangeInfo)).
     pub failed_moved_in: [Option<u64>; 2],
+    /// For a `Fail` or `Recover`: since when the dead node's word of its entries holds
+    /// ([`ChangeInfo::failed_kept_since`](crate::ChangeInfo)).
+    pub failed_kept_since: Option<u64>,
 }
 
 /// What the supervisor tells the host each time the replicated state changes.

@@ -17,7 +17,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use dashmap::DashMap;
 use gobelins_locator::{
-    CellTree, Change, Epoch, Labels, MigrationPlan, NodeId, ServicePlan, Snapshot, TreeConfig,
+    CellTree, Change, Epoch, KeptSince, Labels, MigrationPlan, NodeId, ServicePlan, Snapshot,
+    TreeConfig,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -191,6 +192,8 @@ pub struct MemCluster {
     /// The last two changes that moved something of each node's, latest first, as the
     /// supervisor records them.
     moved_in: BTreeMap<NodeId, [Option<u64>; 2]>,
+    /// Since when each node's word of its entries holds, as the supervisor records it.
+    kept_since: KeptSince,
     /// The table the change under way began from.
     began_from: Option<Snapshot>,
     next: u64,
@@ -236,6 +239,7 @@ impl MemCluster {
             cut_off: BTreeSet::new(),
             lingering: BTreeSet::new(),
             moved_in: BTreeMap::new(),
+            kept_since: KeptSince::default(),
             began_from: None,
             next: 1,
         };
@@ -286,6 +290,15 @@ impl MemCluster {
     pub async fn add_and_crash(&mut self) -> NodeId {
         let node = self.new_host();
         self.change_and_crash(Change::Add { node, labels: Labels::new() }, node).await;
+        node
+    }
+
+    /// Adds a node while `victim` crashes as the join begins, before it can hand anything over
+    /// (a node killed a moment before another joins, its failure declared during the join);
+    /// returns the joiner's id once the victim's failure is recovered.
+    pub async fn add_while_dying(&mut self, victim: NodeId) -> NodeId {
+        let node = self.new_host();
+        self.change_and_crash(Change::Add { node, labels: Labels::new() }, victim).await;
         node
     }
 
@@ -538,8 +551,20 @@ impl MemCluster {
         if let Change::Fail(dead) | Change::Recover(dead) = change {
             self.moved_in.remove(&dead);
         }
+        let failed_kept_since = match change {
+            Change::Fail(dead) | Change::Recover(dead) => self.kept_since.of(dead),
+            _ => None,
+        };
+        self.kept_since.record(self.epoch, &change, &plan);
         self.began_from = before;
-        let progress = Progress { epoch: self.epoch, change, participants, plan, failed_moved_in };
+        let progress = Progress {
+            epoch: self.epoch,
+            change,
+            participants,
+            plan,
+            failed_moved_in,
+            failed_kept_since,
+        };
         self.broadcast(Some(progress.clone()), after);
         progress
     }

@@ -84,6 +84,7 @@ fn info(epoch: u64) -> ChangeInfo {
         participants: BTreeSet::new(),
         acked: BTreeSet::new(),
         failed_moved_in: [None, None],
+        failed_kept_since: None,
     }
 }
 

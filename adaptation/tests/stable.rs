@@ -156,6 +156,7 @@ async fn hears_stable(node: NodeId, departed: BTreeSet<NodeId>) -> (bool, Migrat
         participants,
         plan: plan.clone(),
         failed_moved_in: [None, None],
+        failed_kept_since: None,
     };
     host.update(update(5, &after, Some(progress)));
     host.update(update(5, &after, None));

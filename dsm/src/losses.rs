@@ -198,6 +198,7 @@ mod tests {
             participants: Default::default(),
             acked: Default::default(),
             failed_moved_in: [None, None],
+            failed_kept_since: None,
         };
         *st.change.lock().expect("change") = Some(change);
         assert!(matches!(look(st), Response::Busy), "entries on the move: ask again after");

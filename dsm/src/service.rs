@@ -406,14 +406,16 @@ impl Service for DsmService {
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
         *self.state().change.lock().expect("change") = Some(change.clone());
         self.state().began.fetch_max(change.epoch, Ordering::SeqCst);
-        // The words of nodes the cluster has given up on go (none can count after a change
-        // about another node), but that of the node this change is about: a recovery's
-        // `scan` passes it on, and an evicted node that dies before it has handed everything
-        // over is recovered right after, its word of before the eviction counting then
-        // (`crate::cover`).
+        // The words of nodes the cluster has given up on go once another node is removed (none
+        // counts after that, `crate::cover`), but that of the node this change is about: a
+        // recovery's `scan` passes it on, and an evicted node that dies before it has handed
+        // everything over is recovered right after, its word of before counting then. A join
+        // keeps them: a node killed as another joined is recovered after the join.
         let subject = change.change.node();
+        let removal =
+            matches!(change.change, Change::Evict(_) | Change::Fail(_) | Change::Recover(_));
         (self.state().vouches.lock().expect("vouches"))
-            .retain(|&node, _| Some(node) == subject || !ctx.gone(node));
+            .retain(|&node, _| !removal || Some(node) == subject || !ctx.gone(node));
         match &change.change {
             Change::Fail(n) | Change::Recover(n) => {
                 self.state().failed.lock().expect("failed").insert(*n, change.epoch);

@@ -39,6 +39,7 @@
 //! - [`change`]: [`Change`], the replicated unit, and [`ChangeReport`].
 //! - [`snapshot`]: [`Snapshot`] and [`SnapshotCell`].
 //! - [`plan`]: what moves between two snapshots, [`MigrationPlan`].
+//! - `kept`: [`KeptSince`], since when what a node says of its entries still holds.
 //! - [`baseline`]: modulo, jump and rendezvous hashing, to measure against.
 //! - [`error`]: the one error type, [`LocatorError`].
 #![deny(missing_docs)]
@@ -52,6 +53,7 @@ pub mod config;
 pub mod error;
 mod hash;
 pub mod ids;
+mod kept;
 mod ops;
 pub mod plan;
 pub mod service;
@@ -65,6 +67,7 @@ pub use config::{
 pub use error::{LocatorError, Result};
 pub use hash::mix;
 pub use ids::{CellId, Epoch, Key, NodeId, ServiceId};
+pub use kept::KeptSince;
 pub use ops::HOLDER_CAP;
 pub use plan::{MigrationPlan, ServicePlan, SlotMove};
 pub use service::{Placement, ServiceSize, ServiceSpec, DEFAULT_SLOTS, MAX_SLOTS};

@@ -59,10 +59,12 @@ use tokio_util::codec::{Decoder, Encoder};
 /// a `Fail` carries the dead node's, where 25 took every linked node part instead; an `Evict`
 /// names the nodes its leaver held replicas for, for which the leaver stays should one die;
 /// 27: a dialer's `Hello` names the node it means to reach; 28: a node's record says whether
-/// its operator asked it out before it failed, and an `Evict` of a failed node records so).
-pub const VERSION: u8 = 28;
+/// its operator asked it out before it failed, and an `Evict` of a failed node records so; 29:
+/// the replicated state records since when each node's word of its entries holds, and a
+/// `Fail` or `Recover` carries the dead node's).
+pub const VERSION: u8 = 29;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 28;
+pub const MIN_VERSION: u8 = 29;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

@@ -32,39 +32,65 @@ fn absent(since: u8) -> bool {
     OLDER.with(Cell::get).is_some_and(|version| version < since)
 }
 
+fn serialize<T: Serialize, S: Serializer>(
+    since: u8,
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    // A unit is no bytes at all in bincode, the only format older layouts are written in.
+    match absent(since) {
+        true => serializer.serialize_unit(),
+        false => value.serialize(serializer),
+    }
+}
+
+fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
+    since: u8,
+    deserializer: D,
+) -> Result<T, D::Error> {
+    match absent(since) {
+        true => Ok(T::default()),
+        false => T::deserialize(deserializer),
+    }
+}
+
 /// A field added at protocol 28: [`crate::state::NodeRecord::kept_out`],
 /// [`crate::state::ClusterState::rules`].
 pub(crate) mod since_28 {
-    use super::*;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    const SINCE: u8 = 28;
-
-    pub(crate) fn serialize<T: Serialize, S: Serializer>(
-        value: &T,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        // A unit is no bytes at all in bincode, the only format older layouts are written in.
-        match absent(SINCE) {
-            true => serializer.serialize_unit(),
-            false => value.serialize(serializer),
-        }
+    pub(crate) fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        super::serialize(28, v, s)
     }
 
     pub(crate) fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
-        deserializer: D,
+        d: D,
     ) -> Result<T, D::Error> {
-        match absent(SINCE) {
-            true => Ok(T::default()),
-            false => T::deserialize(deserializer),
-        }
+        super::deserialize(28, d)
+    }
+}
+
+/// A field added at protocol 29: [`crate::state::ClusterState::kept_since`],
+/// [`crate::state::InProgress::failed_kept_since`].
+pub(crate) mod since_29 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(crate) fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        super::serialize(29, v, s)
+    }
+
+    pub(crate) fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        super::deserialize(29, d)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use crate::codec;
-    use crate::state::{ClusterState, NodeRecord, NodeStatus};
-    use gobelins_locator::Labels;
+    use crate::state::{ClusterState, Command, NodeRecord, NodeStatus};
+    use gobelins_locator::{KeptSince, Labels, NodeId, ServiceId, ServiceSpec};
 
     fn record(kept_out: bool) -> NodeRecord {
         let labels = Labels::new();
@@ -85,13 +111,45 @@ mod tests {
         state.rules = crate::state::RULES;
         let now = codec::encode(&state).expect("encode");
         let before = super::older(27, || codec::encode(&state)).expect("encode as 27");
-        // Two bytes: the record's flag and the state's rules.
-        assert_eq!(now.len(), before.len() + 2);
+        // Three bytes: the record's flag, the state's rules and its (empty) `kept_since`.
+        assert_eq!(now.len(), before.len() + 3);
         assert!(codec::decode::<ClusterState>(&before).is_err(), "27's layout is not today's");
         let read: ClusterState = super::older(27, || codec::decode(&before)).expect("read as 27");
         let mut expected = state.clone();
         expected.nodes.insert(4, record(false));
         expected.rules = 0;
+        assert_eq!(read, expected);
+        let read: ClusterState = codec::decode(&now).expect("today's layout");
+        assert_eq!(read, state);
+    }
+
+    /// A change in progress as 28 laid it out too: its `failed_kept_since` is new.
+    #[test]
+    fn a_state_in_the_layout_of_protocol_28_reads_back_without_what_29_records() {
+        let mut state = ClusterState::default();
+        state.nodes.insert(4, record(true));
+        let join = |node: u64| Command::Join {
+            node,
+            addr: format!("a:{node}"),
+            labels: Labels::new(),
+            incarnation: 1,
+        };
+        state.apply(&Command::Rules { version: crate::state::RULES }).expect("ruled");
+        state.apply(&Command::Register(ServiceSpec::new(ServiceId(1), "s"))).expect("registered");
+        state.apply(&join(1)).expect("joins");
+        state.apply(&Command::MigrationDone { node: 1, epoch: state.epoch }).expect("done");
+        state.apply(&join(2)).expect("joins");
+        assert!(state.kept_since.of(NodeId(2)).is_some(), "recorded");
+        let progress = state.in_progress.as_mut().expect("a join in progress");
+        progress.failed_kept_since = Some(1);
+        let now = codec::encode(&state).expect("encode");
+        let before = super::older(28, || codec::encode(&state)).expect("encode as 28");
+        assert!(now.len() > before.len());
+        assert!(codec::decode::<ClusterState>(&before).is_err(), "28's layout is not today's");
+        let read: ClusterState = super::older(28, || codec::decode(&before)).expect("read as 28");
+        let mut expected = state.clone();
+        expected.kept_since = KeptSince::default();
+        expected.in_progress.as_mut().expect("in progress").failed_kept_since = None;
         assert_eq!(read, expected);
         let read: ClusterState = codec::decode(&now).expect("today's layout");
         assert_eq!(read, state);

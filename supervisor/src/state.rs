@@ -10,8 +10,8 @@
 //! ```
 
 use gobelins_locator::{
-    CellTree, Change, Epoch, Labels, LocatorError, MigrationPlan, NodeId, ServiceId, ServicePlan,
-    ServiceSpec, TreeConfig,
+    CellTree, Change, Epoch, KeptSince, Labels, LocatorError, MigrationPlan, NodeId, ServiceId,
+    ServicePlan, ServiceSpec, TreeConfig,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -370,6 +370,10 @@ pub struct InProgress {
     /// For an `Evict`: the nodes whose replica holder the leaver was as the change began.
     #[serde(default)]
     pub held_by_leaver: BTreeSet<u64>,
+    /// For a `Fail` or `Recover`: since when a word the dead node gave of its entries still
+    /// holds ([`KeptSince`]; `ChangeInfo::failed_kept_since`).
+    #[serde(default, with = "crate::layout::since_29")]
+    pub failed_kept_since: Option<u64>,
 }
 
 /// Everything consensus replicates.
@@ -412,11 +416,16 @@ pub struct ClusterState {
     /// before protocol 28: the rules of 27.
     #[serde(default, with = "crate::layout::since_28")]
     pub rules: u8,
+    /// Since when what each node says of the entries it manages still holds: recorded from
+    /// the rules of 29 on, for nodes alive then and each life after.
+    #[serde(default, with = "crate::layout::since_29")]
+    pub kept_since: KeptSince,
 }
 
-/// The rules this build's leaders raise a cluster's to (see [`ClusterState::rules`]): 28, an
+/// The rules this build's leaders raise a cluster's to (see [`ClusterState::rules`]): 29, the
+/// cluster records since when each node's word of its entries holds ([`KeptSince`]); 28, an
 /// operator's eviction of a node that failed in it, or once failed, keeps it out.
-pub const RULES: u8 = 28;
+pub const RULES: u8 = 29;
 
 impl Default for ClusterState {
     fn default() -> Self {
@@ -437,6 +446,7 @@ impl ClusterState {
             lingering: BTreeMap::new(),
             moved_in: BTreeMap::new(),
             rules: 0,
+            kept_since: KeptSince::default(),
         })
     }
 
@@ -480,6 +490,14 @@ impl ClusterState {
             Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
             Command::Shape { levels } => self.shape(levels),
             Command::Rules { version } => {
+                if self.rules < 29 && *version >= 29 {
+                    // What happened before went unrecorded: only words given from here on.
+                    let alive = self.nodes.iter().filter(|(_, r)| {
+                        !matches!(r.status, NodeStatus::Left | NodeStatus::Failed)
+                    });
+                    let alive: Vec<NodeId> = alive.map(|(&n, _)| NodeId(n)).collect();
+                    self.kept_since.start(alive, self.epoch);
+                }
                 self.rules = self.rules.max(*version);
                 Ok(Applied::Ruled)
             }
@@ -652,6 +670,12 @@ impl ClusterState {
         }
         // A dead leaver takes nothing away that anyone waits for.
         self.lingering.remove(&node);
+        let recovery =
+            |c: &Change| matches!(c, Change::Fail(n) | Change::Recover(n) if n.0 == node);
+        if !self.queue.iter().any(recovery) {
+            // No recovery of it will ask (a leaver that had handed everything over).
+            self.kept_since.forget(NodeId(node));
+        }
         if let Some(progress) = &self.in_progress {
             let recovered = self
                 .queue
@@ -715,6 +739,7 @@ impl ClusterState {
         if status == NodeStatus::Left {
             // Gone for good: no recovery of it will ask.
             self.moved_in.remove(&node);
+            self.kept_since.forget(NodeId(node));
         }
     }
 
@@ -861,6 +886,13 @@ impl ClusterState {
                     if let Change::Fail(dead) | Change::Recover(dead) = &change {
                         self.moved_in.remove(&dead.0);
                     }
+                    let failed_kept_since = match &change {
+                        Change::Fail(dead) | Change::Recover(dead) => self.kept_since.of(*dead),
+                        _ => None,
+                    };
+                    if self.rules >= 29 {
+                        self.kept_since.record(epoch, &change, &plan);
+                    }
                     let held_by_leaver = match (&change, &before) {
                         (Change::Evict(leaver), Some(old)) => (old.nodes().iter())
                             .filter(|&&n| old.replica_holder(n) == Some(*leaver))
@@ -877,6 +909,7 @@ impl ClusterState {
                         plan,
                         failed_moved_in,
                         held_by_leaver,
+                        failed_kept_since,
                     });
                     if !empty {
                         return Some(epoch);

@@ -690,6 +690,66 @@ fn a_failure_says_what_last_moved_of_the_dead_node_s() {
     assert_eq!(state.moved_in[&4], [Some(again), None], "a new life");
 }
 
+/// A node killed as another joins: the join began before its failure was declared, and its
+/// recovery follows the join. Its word from before the join still holds (a join removes no
+/// copy of anything: `KeptSince`), where a word from before another node's eviction does not.
+#[test]
+fn a_failure_says_since_when_the_dead_node_s_word_holds() {
+    let mut state = ClusterState::default();
+    state.apply(&Rules { version: RULES }).expect("this build's rules");
+    state.apply(&register(1, 64)).unwrap();
+    settle(&mut state);
+    for n in 1..=4 {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    let stable = state.epoch;
+    assert_eq!(state.kept_since.of(NodeId(3)), Some(stable - 1), "the last join took from it");
+    state.apply(&join(5)).unwrap();
+    state.apply(&Fail { node: 3, incarnation: 1 }).unwrap();
+    let join = state.in_progress.clone().expect("node 5's join");
+    for node in join.participants {
+        state.apply(&done(node, join.epoch)).expect("participant report");
+    }
+    let recovery = state.in_progress.clone().expect("node 3's recovery");
+    assert_eq!(recovery.change, Change::Fail(NodeId(3)));
+    assert_eq!(recovery.failed_kept_since, Some(stable - 1), "the join in between counts not");
+    settle(&mut state);
+    assert_eq!(state.kept_since.of(NodeId(3)), None, "recovered");
+    assert_eq!(state.kept_since.of(NodeId(1)), Some(recovery.epoch), "a removal");
+
+    state.apply(&Leave { node: 5 }).unwrap();
+    let leave = state.epoch;
+    settle(&mut state);
+    state.apply(&Fail { node: 4, incarnation: 1 }).unwrap();
+    let recovery = state.in_progress.clone().expect("node 4's recovery");
+    assert_eq!(recovery.failed_kept_since, Some(leave), "a leave of another node counts");
+    settle(&mut state);
+    assert_eq!(state.kept_since.of(NodeId(5)), None, "left: nothing kept");
+}
+
+/// Under rules older than 29 nothing is recorded; raising them starts the record of every
+/// live node at the epoch they are raised in, not before: what happened earlier went
+/// unrecorded.
+#[test]
+fn since_when_a_word_holds_is_recorded_from_the_rules_of_29_on() {
+    let mut state = ClusterState::default();
+    for n in 1..=3 {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    assert_eq!(state.kept_since, KeptSince::default(), "older rules");
+    state.apply(&Fail { node: 3, incarnation: 1 }).unwrap();
+    assert_eq!(state.in_progress.as_ref().expect("recovery").failed_kept_since, None);
+    settle(&mut state);
+    let raised = state.epoch;
+    state.apply(&Rules { version: RULES }).expect("raised");
+    assert_eq!(state.kept_since.of(NodeId(1)), Some(raised));
+    assert_eq!(state.kept_since.of(NodeId(3)), None, "failed already");
+    state.apply(&Fail { node: 2, incarnation: 1 }).unwrap();
+    assert_eq!(state.in_progress.as_ref().expect("recovery").failed_kept_since, Some(raised));
+}
+
 /// Two nodes declared failed during a change: the second declared is recovered first, and its
 /// recovery hands slots to the first, declared failed but still in the tree, which takes no
 /// part and never receives them. The record says they moved to it all the same: its holder

@@ -814,12 +814,12 @@ mod tests {
         assert_eq!(log.read_vote().await.expect("read"), Some(Vote::new(10, 1)), "as it was");
     }
 
-    /// A store protocol 27's builds wrote, sealed or from before the sums, keeps the cluster's
+    /// A store protocol 27's or 28's builds wrote, sealed or from before the sums, keeps the cluster's
     /// state in a layout without the fields added since: it is laid out anew as it opens, and
     /// its state read back whole (a field added to the state made every older snapshot
     /// unreadable, and a cluster upgraded whole lost its state).
     #[test]
-    fn a_store_of_protocol_27_is_laid_out_anew_as_it_opens_and_keeps_its_state() {
+    fn a_store_of_protocol_27_or_28_is_laid_out_anew_as_it_opens_and_keeps_its_state() {
         use crate::state::{NodeRecord, NodeStatus};
         let mut state = ClusterState { epoch: 12, ..ClusterState::default() };
         let labels = gobelins_locator::Labels::new();
@@ -833,9 +833,11 @@ mod tests {
         state.nodes.insert(5, record);
         let last = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 40));
         let meta = SnapshotMeta { last_log_id: last, ..SnapshotMeta::default() };
-        let data = crate::layout::older(27, || codec::encode(&state)).expect("laid out as 27");
-        let stored = codec::encode(&StoredSnapshot { meta, data }).expect("snapshot");
-        for mark in [Some(sealed::PROTOCOL_27), None] {
+        let marks = [(27, Some(sealed::PROTOCOL_27)), (27, None), (28, Some(sealed::PROTOCOL_28))];
+        for (version, mark) in marks {
+            let data = crate::layout::older(version, || codec::encode(&state)).expect("laid out");
+            let meta = meta.clone();
+            let stored = codec::encode(&StoredSnapshot { meta, data }).expect("snapshot");
             let dir = tempfile::tempdir().expect("temporary directory");
             let path = dir.path().join("raft.redb");
             let db = Database::create(&path).expect("created");
@@ -855,7 +857,7 @@ mod tests {
             txn.commit().expect("committed");
             drop(db);
             for start in ["first", "second"] {
-                let (_, machine) = open(&path).expect("a store of protocol 27 opens");
+                let (_, machine) = open(&path).expect("a store of an older protocol opens");
                 assert_eq!(machine.state, state, "{mark:?}, {start} start");
                 assert_eq!(machine.last_applied, last, "{mark:?}, {start} start");
             }

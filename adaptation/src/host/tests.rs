@@ -158,6 +158,7 @@ async fn slots_of_a_sender_dead_before_this_node_began_stay_held_after_the_chang
         participants: BTreeSet::from([NodeId(4)]),
         plan,
         failed_moved_in: [None, None],
+        failed_kept_since: None,
     };
     let mut done = host.done();
     host.update(Update {
@@ -292,6 +293,7 @@ fn node_two_before_joining(epoch: u64, service: SlowMerge) -> (Host, Key, Update
             participants: BTreeSet::from([NodeId(1), NodeId(2)]),
             plan,
             failed_moved_in: [None, None],
+            failed_kept_since: None,
         }),
         departed: BTreeSet::new(),
     };

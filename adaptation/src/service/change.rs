@@ -27,6 +27,13 @@ pub struct ChangeInfo {
     /// the latest, or later, and nothing `n` managed has moved since. The holder need not take
     /// part in every change `n` does to know it. `[None, None]` for other changes.
     pub failed_moved_in: [Option<u64>; 2],
+    /// For `Change::Fail(n)` or `Change::Recover(n)`: since when what `n` said of the entries
+    /// it managed still holds ([`gobelins_locator::KeptSince`]): a claim it made at a stable
+    /// epoch at or after this one, that each entry had a copy elsewhere say, was still true
+    /// when it died, if every survivor reports what it holds. The last change before this one
+    /// that removed another node, or moved slots to `n`. `None` when the cluster did not
+    /// record it for `n`'s life (rules older than protocol 29's), and for other changes.
+    pub failed_kept_since: Option<u64>,
 }
 
 /// The slots of one service that leave this node in a change, and where each goes.

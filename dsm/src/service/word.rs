@@ -52,16 +52,9 @@ impl DsmService {
             }
         }
         let cluster = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
-        // A `Recover` follows the dead node's eviction, cut short by its death: that eviction
-        // is the last change that moved anything of the dead node's (`failed_moved_in`);
-        // `vouches` checks that it is the change right before this recovery.
-        let evicted = match change.change {
-            Change::Recover(_) => change.failed_moved_in[0],
-            _ => None,
-        };
-        let vouches = |&(_, epoch): &(Key, u64)| {
-            vouches(epoch, change.epoch, evicted, &cluster, &change.acked)
-        };
+        let since = change.failed_kept_since;
+        let vouches =
+            |&(_, epoch): &(Key, u64)| vouches(epoch, change.epoch, since, &cluster, &change.acked);
         words.into_iter().filter(vouches).map(|(key, _)| key).collect()
     }
 

@@ -41,8 +41,8 @@ pub(super) fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorEr
                 }
                 sealed::CURRENT.to_vec()
             }
-            Some(sealed::PROTOCOL_27) => {
-                relayout(&txn, 27)?;
+            Some(older @ (sealed::PROTOCOL_27 | sealed::PROTOCOL_28)) => {
+                relayout(&txn, if older == sealed::PROTOCOL_27 { 27 } else { 28 })?;
                 txn.open_table(META)?.insert(sealed::FORMAT, sealed::CURRENT)?;
                 sealed::CURRENT.to_vec()
             }

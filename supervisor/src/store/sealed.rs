@@ -12,8 +12,11 @@ use sha2::Digest as _;
 const SUM: usize = 8;
 
 /// The store's format, kept unsealed under [`FORMAT`]: values sealed as here, and the state
-/// laid out as protocol 28 lays it out.
-pub(super) const CURRENT: &[u8] = b"sealed-2";
+/// laid out as protocol 29 lays it out.
+pub(super) const CURRENT: &[u8] = b"sealed-3";
+
+/// The format of stores protocol 28's builds wrote: values sealed, the state in its layout.
+pub(super) const PROTOCOL_28: &[u8] = b"sealed-2";
 
 /// The format of stores protocol 27's builds wrote: values sealed, the state in its layout.
 pub(super) const PROTOCOL_27: &[u8] = b"sealed-1";

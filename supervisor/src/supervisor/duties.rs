@@ -64,6 +64,7 @@ impl HostFeed {
                 participants: p.participants.iter().map(|&n| NodeId(n)).collect(),
                 plan: p.plan.clone(),
                 failed_moved_in: p.failed_moved_in,
+                failed_kept_since: p.failed_kept_since,
             }),
             departed: key.2.iter().map(|&n| NodeId(n)).collect(),
         });
