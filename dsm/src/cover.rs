@@ -36,7 +36,7 @@
 
 use crate::protocol::PageEntry;
 use gobelins_locator::NodeId;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Whether `entry`'s page, should its manager `me` die, still has a copy on a live node that
 /// reports it: never written, or owned or backed up by a live node other than `me`.
@@ -78,10 +78,29 @@ impl Vouch {
         }
     }
 
-    /// The epoch the node vouched for `slot` at, if it did.
-    pub(crate) fn covers(&self, slot: u32) -> Option<u64> {
-        self.word.as_ref().filter(|(_, unclean)| !unclean.contains(&slot)).map(|&(e, _)| e)
+    /// The last message applied, and the epoch it vouched for `slot` at, if it did.
+    pub(crate) fn covers(&self, slot: u32) -> (u64, Option<u64>) {
+        let word = self.word.as_ref().filter(|(_, unclean)| !unclean.contains(&slot));
+        (self.seq, word.map(|&(e, _)| e))
     }
+}
+
+/// For each key, what the latest of a dead manager's words that its holders pass on says:
+/// the epoch it vouched at, or `None` if it left the slot out or was taken back. A manager
+/// gives each word to its holder of the moment and takes it back only there: an earlier
+/// holder may still keep an older word, which counted, after the manager took back its
+/// newer one, for a page that then had no copy elsewhere (a helper's review).
+pub(crate) fn newest<K: Ord>(
+    words: impl IntoIterator<Item = (K, u64, Option<u64>)>,
+) -> BTreeMap<K, Option<u64>> {
+    let mut newest: BTreeMap<K, (u64, Option<u64>)> = BTreeMap::new();
+    for (key, seq, epoch) in words {
+        let kept = newest.entry(key).or_insert((seq, epoch));
+        if seq > kept.0 {
+            *kept = (seq, epoch);
+        }
+    }
+    newest.into_iter().map(|(key, (_, epoch))| (key, epoch)).collect()
 }
 
 /// Whether a dead manager's word, given at `word`, lets its slot's taint go in the recovery
@@ -165,13 +184,28 @@ mod tests {
     fn a_word_taken_back_stays_taken_back_whatever_arrives_late() {
         let mut v = Vouch::default();
         v.cover(1, 7, vec![4]);
-        assert_eq!((v.covers(3), v.covers(4)), (Some(7), None), "slot 4 left out");
+        assert_eq!((v.covers(3), v.covers(4)), ((1, Some(7)), (1, None)), "slot 4 left out");
         v.uncover(2);
-        assert_eq!(v.covers(3), None);
+        assert_eq!(v.covers(3), (2, None));
         v.cover(1, 7, vec![]);
-        assert_eq!(v.covers(3), None, "an older word arriving late");
+        assert_eq!(v.covers(3), (2, None), "an older word arriving late");
         v.cover(3, 8, vec![]);
-        assert_eq!(v.covers(4), Some(8));
+        assert_eq!(v.covers(4), (3, Some(8)));
+    }
+
+    /// The manager's holder changed (a joiner became it): the earlier holder keeps the word of
+    /// before, the new one has the later word, which leaves the slot out or was taken back.
+    /// The later counts, whichever holder's batch arrives first.
+    #[test]
+    fn the_latest_word_counts_not_an_earlier_holder_s_older_one() {
+        let (old, new) = ((5, Some(6)), (7, None));
+        for words in [[old, new], [new, old]] {
+            let passed = words.map(|(seq, epoch)| ("slot", seq, epoch));
+            assert_eq!(newest(passed)["slot"], None);
+        }
+        let passed = [("a", 5, Some(6)), ("b", 5, None), ("a", 4, None), ("b", 3, Some(2))];
+        let latest = newest(passed);
+        assert_eq!((latest["a"], latest["b"]), (Some(6), None));
     }
 
     #[test]

@@ -511,11 +511,14 @@ pub enum Entry {
         /// The segments freed since the manager died.
         freed: Freed,
     },
-    /// The dead manager's word for the slot, passed on by its replica holder: the epoch it
-    /// was given at (see `crate::cover`).
+    /// The dead manager's last word for the slot that one of its replica holders had, passed
+    /// on by that holder (see `crate::cover`).
     Covered {
-        /// That epoch.
-        epoch: u64,
+        /// The word's place among the manager's words and take-backs: the latest counts.
+        seq: u64,
+        /// The epoch it vouched for the slot at; `None` if it left the slot out, or was
+        /// taken back.
+        epoch: Option<u64>,
     },
 }
 

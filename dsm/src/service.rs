@@ -593,12 +593,16 @@ impl Service for DsmService {
         staged.extend(orphans.slots_to(me).map(taint));
         drop(staged);
         let mut out = self.reports(me, orphans);
-        // The dead node's word, if this node holds it: what its slots' new managers need to
-        // drop their taints where nothing was lost.
+        // The dead node's word, if this node holds it, or held it: what its slots' new
+        // managers need to drop their taints where nothing was lost. For every slot, even one
+        // it leaves out: a holder before may keep an older word that covers it.
         let word = self.state().vouches.lock().expect("vouches").remove(&failed);
         if let Some(word) = word {
-            let covered = orphans.slots().filter_map(|s| Some((s, word.covers(s)?)));
-            out.extend(covered.map(|(slot, epoch)| (taint_key(slot), Entry::Covered { epoch })));
+            let covered = orphans.slots().map(|slot| {
+                let (seq, epoch) = word.covers(slot);
+                (taint_key(slot), Entry::Covered { seq, epoch })
+            });
+            out.extend(covered);
         }
         out
     }

@@ -933,6 +933,7 @@ impl ClusterState {
                     match &change {
                         Change::Add { node, .. } => {
                             self.nodes.remove(&node.0);
+                            self.kept_since.forget(*node);
                         }
                         Change::Evict(node) => self.set_status(node.0, NodeStatus::Active),
                         _ => {}

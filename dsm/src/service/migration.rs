@@ -183,7 +183,7 @@ impl DsmService {
                 tracing::warn!(
                     slots = kept_tainted,
                     dead = dead.0,
-                    "dsm: slots of the dead node stay tainted here: a page in them that no node reported reads as lost, never as zeros. The dead node had not vouched, through its replica holder, for the epoch before this recovery (a change came between, or a page of the slot had no copy elsewhere), or a node did not report. `gobelins dsm lost` lists them; once what mattered is checked, `gobelins dsm forgive SEGMENT PAGE` (that page's slot) or `--all` lets the pages no node reported read as zeros again, whether never written or lost"
+                    "dsm: slots of the dead node stay tainted here: a page in them that no node reported reads as lost, never as zeros. The dead node had not vouched for them, through its replica holder, since the last change that could have taken a copy away (another node's removal, or slots moved to it), or a page of the slot had no copy elsewhere, or a node did not report. `gobelins dsm lost` lists them; once what mattered is checked, `gobelins dsm forgive SEGMENT PAGE` (that page's slot) or `--all` lets the pages no node reported read as zeros again, whether never written or lost"
                 );
             } else {
                 tracing::info!(slots = kept_tainted, dead = dead.0, "dsm: slots of the dead node tainted: without backups, a page in them that no node reported reads as lost");

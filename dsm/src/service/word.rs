@@ -1,13 +1,13 @@
 //! A manager's word that its slots are whole, given to its replica holder and taken back.
 
 use super::{DsmService, ABANDON_PAUSE};
-use crate::cover::{kept_elsewhere, vouches};
+use crate::cover::{kept_elsewhere, newest, vouches};
 use crate::node::{Live, DSM};
 use crate::page::{named, taint_key, Named};
 use crate::protocol::{Entry, Request, Response};
 use gobelins_adaptation::{ChangeInfo, Context};
 use gobelins_locator::{Change, Key};
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -43,19 +43,16 @@ impl DsmService {
         if !matches!(change.change, Change::Fail(_) | Change::Recover(_)) {
             return BTreeSet::new();
         }
-        // A holder before the last may still keep an older word: the newest counts.
-        let mut words: BTreeMap<Key, u64> = BTreeMap::new();
-        for (key, entry) in staged {
-            if let Entry::Covered { epoch } = entry {
-                let word = words.entry(*key).or_default();
-                *word = (*word).max(*epoch);
-            }
-        }
+        // A holder before the last may still keep an older word: the latest counts.
+        let words = newest(staged.iter().filter_map(|(key, entry)| match entry {
+            Entry::Covered { seq, epoch } => Some((*key, *seq, *epoch)),
+            _ => None,
+        }));
         let cluster = ctx.snapshot().map(|s| s.nodes().to_vec()).unwrap_or_default();
         let since = change.failed_kept_since;
-        let vouches =
-            |&(_, epoch): &(Key, u64)| vouches(epoch, change.epoch, since, &cluster, &change.acked);
-        words.into_iter().filter(vouches).map(|(key, _)| key).collect()
+        let vouches = |word| vouches(word, change.epoch, since, &cluster, &change.acked);
+        let vouched = words.into_iter().filter(|&(_, word)| word.is_some_and(vouches));
+        vouched.map(|(key, _)| key).collect()
     }
 
     /// The slots this node manages that have an entry not kept elsewhere, or one being
@@ -101,10 +98,9 @@ impl DsmService {
         let mut word = st.word.lock().await;
         // Only once this node carried the change out to its end (not cut short: its merge
         // may not have run), or took no part in it and carried out the last it began; and
-        // before a later change begins: that one's stable epoch gives the word. (One beginning
-        // once this word is on its way makes it worthless, unless that change is this node's
-        // own eviction: it counts only for a failure of this node that comes right after
-        // `epoch`, or right after that eviction, see `crate::cover`.)
+        // before a later change begins: that one's stable epoch gives the word. (It counts for
+        // a failure of this node until the cluster records a change that may make it untrue:
+        // another node's removal, or slots moved here, see `crate::cover`.)
         let (finished, began) =
             (st.finished.load(Ordering::SeqCst), st.began.load(Ordering::SeqCst));
         let current = (finished == epoch || (began < epoch && finished == began))
