@@ -207,7 +207,7 @@ impl DsmService {
         };
         let request =
             Request::KeepAside { node: ctx.node(), label, data: PageBytes::shared(&data) };
-        if let Err(e) = ctx.request::<_, Response>(DSM, page.key(), &request).await {
+        if let Err(e) = ask_manager(ctx, page, &request).await {
             tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving; should that grant turn out never to have reached its writer, the page will be reported lost");
             return false;
         }
@@ -408,12 +408,27 @@ impl DsmService {
     }
 }
 
-/// `request` to `page`'s manager, given up after [`MANAGER_PATIENCE`]. The manager may still
-/// carry it out: what it answers those who ask on this node's behalf after says so.
+/// `request` to `page`'s manager, given up after [`MANAGER_PATIENCE`], or as soon as the
+/// cluster declares the manager failed: its recovery waits for this leave to end, and an
+/// eviction asked just after a `kill -9` of another node waited out the whole patience (4 s
+/// in "receiving", a helper's black-box run). The manager may still carry it out: what it
+/// answers those who ask on this node's behalf after says so.
 async fn ask_manager(ctx: &Context, page: PageId, request: &Request) -> Result<Response, String> {
-    match tokio::time::timeout(MANAGER_PATIENCE, ctx.request(DSM, page.key(), request)).await {
-        Ok(answer) => answer.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {} s", MANAGER_PATIENCE.as_secs())),
+    let manager = ctx.snapshot().and_then(|s| s.locate(DSM, page.key()));
+    let declared = async {
+        match manager {
+            Some(manager) => ctx.until_gone(manager).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        answer = tokio::time::timeout(MANAGER_PATIENCE, ctx.request(DSM, page.key(), request)) => {
+            match answer {
+                Ok(answer) => answer.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer within {} s", MANAGER_PATIENCE.as_secs())),
+            }
+        }
+        () = declared => Err("the cluster declared it failed".into()),
     }
 }
 

@@ -92,6 +92,20 @@ impl Context {
         self.peers.as_ref().is_some_and(|p| p.gone(node))
     }
 
+    /// Returns once the cluster has given up on `node` (at once if it has), or this node's host
+    /// is dropped; never on a detached context. A callback waiting on a peer that may have
+    /// died races its wait with this: the cluster may declare the peer failed in well under
+    /// the wait (half a second on loopback timers).
+    pub async fn until_gone(&self, node: NodeId) {
+        match &self.peers {
+            Some(peers) => {
+                let mut departed = peers.departed.subscribe();
+                let _ = departed.wait_for(|d| d.contains(&node)).await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+
     /// How many times this node has heard the cluster give up on `node` (it failed or left).
     /// Unlike [`Context::gone`], the count stays moved on once `node` is back as a new life:
     /// a callback that waits, then acts for a peer, compares it with the count when it began,

@@ -241,7 +241,8 @@ fn with_backups_a_node_leaving_as_the_owner_of_its_backups_dies_loses_no_page() 
 
 /// With backups on, a node that leaves as another dies loses no page: the pages it owns whose
 /// manager died with their backup (which it cannot hand over) it leaves on a live node for
-/// the recovery to find. Its leave also does not wait on the dead manager page by page.
+/// the recovery to find. Its leave also does not wait on the dead manager page by page, nor
+/// at all once the cluster declares it failed.
 #[test]
 fn with_backups_a_node_leaving_as_another_dies_loses_no_page() {
     replay(async {
@@ -268,6 +269,9 @@ fn with_backups_a_node_leaving_as_another_dies_loses_no_page() {
         let wrong = misread(&cluster.dsm(NodeId(1)), &pages).await;
         assert!(wrong.is_empty(), "{} of {} pages: {wrong:?}", wrong.len(), pages.len());
         assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
-        assert!(took < Duration::from_secs(30), "the leave and the recovery took {took:?}");
+        // In the test's paused time: nothing waits out the leaver's 4 s of patience with a
+        // manager the cluster has declared failed (it did in every run of a helper's black-box
+        // run: an eviction asked just after a `kill -9`).
+        assert!(took < Duration::from_secs(1), "the leave and the recovery took {took:?}");
     })
 }
