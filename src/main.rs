@@ -28,7 +28,10 @@ enum Command {
     /// Show this node's requests (ok, delayed, failed), what it served and moved, and the phases
     /// of the changes it took part in.
     Stats(cli::StatsArgs),
-    /// Ask the local agent to (re)join the cluster through a member; waits until it is active.
+    /// Ask the running local agent to (re)join the cluster through a member; waits until it is active.
+    ///
+    /// For an agent that still runs: one the cluster declared failed, say. An agent that left
+    /// stops: start it again with `gobelins agent --join ADDR`.
     Join(cli::JoinArgs),
     /// Take the local node out of the cluster gracefully; waits until it has handed over its entries and left.
     Leave(cli::DirArgs),

@@ -371,11 +371,22 @@ impl Supervisor {
     /// new life is admitted.
     pub(super) fn start_services_afresh(&self, dead: u64) {
         if self.renewed_for.swap(dead, Ordering::SeqCst) != dead {
-            tracing::warn!(
-                node = self.me.id,
-                incarnation = dead,
-                "the cluster ended this node's life: starting services afresh"
-            );
+            // A life this process served ended under it (declared failed while cut off or
+            // frozen): worth a warning. One that ended before this process began (a node that
+            // left, or was killed, started again) is routine, and its services hold nothing.
+            if self.admitted.load(Ordering::SeqCst) {
+                tracing::warn!(
+                    node = self.me.id,
+                    incarnation = dead,
+                    "the cluster ended this node's life: starting services afresh"
+                );
+            } else {
+                tracing::info!(
+                    node = self.me.id,
+                    incarnation = dead,
+                    "this node's last life is over (it left, or the cluster declared it failed): its services start empty"
+                );
+            }
             self.admitted.store(false, Ordering::SeqCst);
             *self.head_start.lock().expect("head start") = None;
             self.host.renew(&self.services);

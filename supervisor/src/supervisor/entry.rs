@@ -423,7 +423,9 @@ impl Supervisor {
         let _renewing = self.renewing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let next = self.incarnation().max(seen + 1);
         if next != self.incarnation() {
-            tracing::warn!(node = self.me.id, incarnation = next, "joining as a new incarnation");
+            // Routine for a node started again once it left or failed; the line that says a
+            // life ended under this process is the warning.
+            tracing::info!(node = self.me.id, incarnation = next, "joining as a new incarnation");
             (self.save_incarnation)(next)?;
             self.renewed_to.store(next, Ordering::SeqCst);
             // Under the lifecycle's lock, which the duties take to judge "left" by the
