@@ -96,7 +96,9 @@ pub(crate) fn newest<K: Ord>(
     let mut newest: BTreeMap<K, (u64, Option<u64>)> = BTreeMap::new();
     for (key, seq, epoch) in words {
         let kept = newest.entry(key).or_insert((seq, epoch));
-        if seq > kept.0 {
+        // Two words of one seq cannot be (each goes to one holder); should they, the one
+        // that vouches for less counts.
+        if seq > kept.0 || (seq == kept.0 && epoch.is_none()) {
             *kept = (seq, epoch);
         }
     }
@@ -206,6 +208,10 @@ mod tests {
         let passed = [("a", 5, Some(6)), ("b", 5, None), ("a", 4, None), ("b", 3, Some(2))];
         let latest = newest(passed);
         assert_eq!((latest["a"], latest["b"]), (Some(6), None));
+        for tie in [[(5, Some(6)), (5, None)], [(5, None), (5, Some(6))]] {
+            let passed = tie.map(|(seq, epoch)| ("slot", seq, epoch));
+            assert_eq!(newest(passed)["slot"], None, "a tie vouches for less");
+        }
     }
 
     #[test]

@@ -207,7 +207,11 @@ impl DsmService {
         };
         let request =
             Request::KeepAside { node: ctx.node(), label, data: PageBytes::shared(&data) };
-        if let Err(e) = ask_manager(ctx, page, &request).await {
+        // Not given up after the patience: this copy is not left on another node, so a
+        // manager only slow must still get it (its death loses it, said below).
+        let asked = ctx.request::<_, Response>(DSM, page.key(), &request);
+        let handed = unless_declared(ctx, page, asked).await;
+        if let Err(e) = handed.and_then(|answer| answer.map_err(|e| e.to_string())) {
             tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving; should that grant turn out never to have reached its writer, the page will be reported lost");
             return false;
         }
@@ -414,6 +418,19 @@ impl DsmService {
 /// in "receiving", a helper's black-box run). The manager may still carry it out: what it
 /// answers those who ask on this node's behalf after says so.
 async fn ask_manager(ctx: &Context, page: PageId, request: &Request) -> Result<Response, String> {
+    let asked = tokio::time::timeout(MANAGER_PATIENCE, ctx.request(DSM, page.key(), request));
+    match unless_declared(ctx, page, asked).await? {
+        Ok(answer) => answer.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no answer within {} s", MANAGER_PATIENCE.as_secs())),
+    }
+}
+
+/// `asked`, a call to `page`'s manager, unless the cluster declares that manager failed first.
+async fn unless_declared<T>(
+    ctx: &Context,
+    page: PageId,
+    asked: impl std::future::Future<Output = T>,
+) -> Result<T, String> {
     let manager = ctx.snapshot().and_then(|s| s.locate(DSM, page.key()));
     let declared = async {
         match manager {
@@ -422,12 +439,10 @@ async fn ask_manager(ctx: &Context, page: PageId, request: &Request) -> Result<R
         }
     };
     tokio::select! {
-        answer = tokio::time::timeout(MANAGER_PATIENCE, ctx.request(DSM, page.key(), request)) => {
-            match answer {
-                Ok(answer) => answer.map_err(|e| e.to_string()),
-                Err(_) => Err(format!("no answer within {} s", MANAGER_PATIENCE.as_secs())),
-            }
-        }
+        // An answer that came counts, even with the declaration: a surrender the manager took
+        // is not left on another node as well.
+        biased;
+        answer = asked => Ok(answer),
         () = declared => Err("the cluster declared it failed".into()),
     }
 }
