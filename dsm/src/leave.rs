@@ -169,6 +169,39 @@ impl DsmService {
         false
     }
 
+    /// Leaves the copy this node keeps aside for a write grant, if any, on the first live node
+    /// after `manager` that takes it (not the writer, whose death it must outlive): the
+    /// manager did not take it, and may have died before the grant reached the writer. The
+    /// page's backup may have died with it: then this copy is the page's last, and the
+    /// leave took it away (a helper's review). That manager's recovery finds it there as it
+    /// would have here. True when there was none, or it was left.
+    async fn leave_aside(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        manager: NodeId,
+        frame: &Frame,
+    ) -> bool {
+        let Some(retired) = frame.lock().retired.clone() else { return true };
+        let me = ctx.node();
+        let usable =
+            |n: NodeId| n != me && n != manager && Some(n) != retired.writer && !self.gone(ctx, n);
+        for to in after(ctx, manager).filter(|&n| usable(n)) {
+            let request = Request::KeepRetired {
+                page,
+                version: retired.version,
+                data: PageBytes::shared(&retired.data),
+                writer: retired.writer,
+                backup: retired.backup,
+            };
+            if self.tell(ctx, to, page, request).await {
+                tracing::warn!(?page, manager = manager.0, node = to.0, version = retired.version, "dsm: a copy this leaving node kept aside for a write grant could not be handed to the page's manager; it is left on another node, from which that manager's recovery rebuilds the page should the grant not have reached its writer");
+                return true;
+            }
+        }
+        false
+    }
+
     /// Hands one page over to `manager`, or, should it not answer, leaves it on a live node.
     async fn leave_page(
         &self,
@@ -189,8 +222,8 @@ impl DsmService {
                 return;
             }
             silent.lock().expect("silent").insert(manager);
-        } else if frame.lock().retired.is_some() {
-            tracing::warn!(?page, manager = manager.0, "dsm: could not hand over a copy kept aside for a write grant before leaving, the page's manager not answering; should that grant turn out never to have reached its writer, the page will be reported lost");
+        } else if !self.leave_aside(ctx, page, manager, frame).await {
+            tracing::warn!(?page, manager = manager.0, "dsm: could not hand over a copy kept aside for a write grant before leaving, the page's manager not answering, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
         }
         if !self.foster(ctx, page, manager, frame).await {
             frame.reopen();
@@ -212,7 +245,13 @@ impl DsmService {
         let asked = ctx.request::<_, Response>(DSM, page.key(), &request);
         let handed = unless_declared(ctx, page, asked).await;
         if let Err(e) = handed.and_then(|answer| answer.map_err(|e| e.to_string())) {
-            tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving; should that grant turn out never to have reached its writer, the page will be reported lost");
+            let manager = ctx.snapshot().and_then(|s| s.locate(DSM, page.key()));
+            if let Some(manager) = manager {
+                if self.leave_aside(ctx, page, manager, frame).await {
+                    return false;
+                }
+            }
+            tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
             return false;
         }
         // Kept by the manager, or needed by nobody: the grant landed, or was taken back,

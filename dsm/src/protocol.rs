@@ -328,6 +328,22 @@ pub enum Request {
     /// To every node, from [`crate::Dsm::losses`]: the pages this node manages that are lost,
     /// and its tainted slots. `Busy` while a change moves entries.
     Losses,
+    /// To a live node, from a leaving node that gave its page up to a writer and keeps the
+    /// copy aside until the grant lands, when the page's manager did not take that copy (it
+    /// may have died before the grant reached the writer): keep it aside as the leaver did,
+    /// for that manager's recovery to find. `Ok` once kept.
+    KeepRetired {
+        /// The page.
+        page: PageId,
+        /// The version given up.
+        version: u64,
+        /// The page as given up.
+        data: PageBytes,
+        /// The writer it was given up to.
+        writer: Option<NodeId>,
+        /// Where that writer's backup was to be kept.
+        backup: Option<NodeId>,
+    },
 }
 
 /// The answers.

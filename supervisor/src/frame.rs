@@ -62,7 +62,8 @@ use tokio_util::codec::{Decoder, Encoder};
 /// its operator asked it out before it failed, and an `Evict` of a failed node records so; 29:
 /// the replicated state records since when each node's word of its entries holds, and a
 /// `Fail` or `Recover` carries the dead node's; the DSM's `Entry::Covered` carries the word's
-/// sequence number, and a slot the word left out).
+/// sequence number, and a slot the word left out; and its `Request::KeepRetired`, a leaver's
+/// copy kept aside for a write grant, left on another node).
 pub const VERSION: u8 = 29;
 /// The oldest protocol version this node reads.
 pub const MIN_VERSION: u8 = 29;

@@ -2,7 +2,7 @@
 //! frames.
 
 use super::{departed_since, drop_backups, drop_copy, invalidate, Absent, DsmService};
-use crate::frames::Stored;
+use crate::frames::{Retired, Stored};
 use crate::node::Live;
 use crate::page::{named, Named, PageId};
 use crate::protocol::{PageBytes, PageEntry, Request, Response};
@@ -227,6 +227,11 @@ impl DsmService {
                 Response::Ok
             }
             Request::Losses => crate::losses::look(self.state()),
+            Request::KeepRetired { page, version, data, writer, backup } => {
+                let data = data.into_shared();
+                frames.frame(page).keep_retired(Retired { version, data, writer, backup });
+                Response::Ok
+            }
             Request::Cover { epoch, seq, unclean } => {
                 let Some(from) = ctx.from() else { return Response::Invalid("not told".into()) };
                 let mut vouches = self.state().vouches.lock().expect("vouches");

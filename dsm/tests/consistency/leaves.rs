@@ -275,3 +275,47 @@ fn with_backups_a_node_leaving_as_another_dies_loses_no_page() {
         assert!(took < Duration::from_secs(1), "the leave and the recovery took {took:?}");
     })
 }
+
+/// A node gave its page up to a writer: its manager fetched it for the writer's grant, and
+/// died before the grant reached the writer. The page's backup was on that manager too, so the
+/// copy the old owner keeps aside is the page's last. That node then leaves, as the manager is
+/// declared failed: it cannot hand the copy to the manager, and leaves it on another node, from
+/// which the manager's recovery rebuilds the page. Before, the leave took it away, and the page
+/// read as lost (a helper's review).
+#[test]
+fn with_backups_a_copy_kept_aside_for_a_grant_outlives_its_holder_s_leave_as_the_manager_dies() {
+    replay(async {
+        let mut cluster = Cluster::with_backups(4).await;
+        let nodes = cluster.mem.snapshot().nodes().to_vec();
+        // The owner writes, so its backup is on the next node: the manager.
+        let (owner, manager, writer) = (nodes[1], nodes[2], nodes[3]);
+        let table = cluster.mem.snapshot();
+        let page = (0..)
+            .map(pid)
+            .find(|p| table.locate(gobelins_dsm::DSM, p.key()) == Some(manager))
+            .expect("a page the manager manages");
+        let version = {
+            let mut g = cluster.dsm(owner).write(page).await.expect("write");
+            Value { count: 7, worker: 0, seq: 7 }.encode(&mut g);
+            let version = g.version();
+            g.commit().await.expect("commit");
+            version
+        };
+        // What the manager asks of the owner for the writer's grant, before it dies.
+        let fetch = gobelins_dsm::Request::Fetch {
+            page,
+            version,
+            writer: Some(writer),
+            backup: Some(nodes[0]),
+        };
+        let ctx = cluster.mem.host(manager).context();
+        let given: gobelins_dsm::Response =
+            ctx.tell(owner, gobelins_dsm::DSM, page.key(), &fetch).await.expect("told");
+        assert!(matches!(given, gobelins_dsm::Response::Page(_)), "{given:?}");
+
+        cluster.mem.change_and_crash(Change::Evict(owner), manager).await;
+
+        assert_eq!(outcome(&cluster.dsm(nodes[0]), page).await, Ok(7));
+        assert_eq!(cluster.reported_lost(), 0, "nothing reported lost");
+    })
+}
