@@ -150,23 +150,19 @@ impl DsmService {
         manager: NodeId,
         (version, data, whose): (u64, &Bytes, Fostered),
     ) -> bool {
-        let me = ctx.node();
-        let usable = |n: NodeId| n != me && n != manager && n != whose.leaver && !self.gone(ctx, n);
-        for to in after(ctx, manager).filter(|&n| usable(n)) {
-            let request = Request::Foster {
-                page,
-                leaver: whose.leaver,
-                version,
-                data: PageBytes::shared(data),
-                readers: whose.readers.clone(),
-                backup: whose.backup,
-            };
-            if self.tell(ctx, to, page, request).await {
-                tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page's manager did not answer this leaving node; the page is left on another node, from which that manager's recovery rebuilds it (or which hands it to the manager should it answer)");
-                return true;
-            }
-        }
-        false
+        let request = || Request::Foster {
+            page,
+            leaver: whose.leaver,
+            version,
+            data: PageBytes::shared(data),
+            readers: whose.readers.clone(),
+            backup: whose.backup,
+        };
+        let Some(to) = self.left_with(ctx, page, manager, whose.leaver, request).await else {
+            return false;
+        };
+        tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page's manager did not answer this leaving node; the page is left on another node, from which that manager's recovery rebuilds it (or which hands it to the manager should it answer)");
+        true
     }
 
     /// Leaves the copy this node keeps aside for a write grant, if any, on the first live node
@@ -183,23 +179,39 @@ impl DsmService {
         frame: &Frame,
     ) -> bool {
         let Some(retired) = frame.lock().retired.clone() else { return true };
+        let request = || Request::KeepRetired {
+            page,
+            version: retired.version,
+            data: PageBytes::shared(&retired.data),
+            writer: retired.writer,
+            backup: retired.backup,
+        };
+        let writer = retired.writer.unwrap_or(manager);
+        let Some(to) = self.left_with(ctx, page, manager, writer, request).await else {
+            return false;
+        };
+        tracing::warn!(?page, manager = manager.0, node = to.0, version = retired.version, "dsm: a copy this leaving node kept aside for a write grant could not be handed to the page's manager; it is left on another node, from which that manager's recovery rebuilds the page should the grant not have reached its writer");
+        true
+    }
+
+    /// Tells `request()` to the first live node after `manager` that takes it, other than
+    /// this node, the manager and `not`; the node that took it.
+    async fn left_with(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        manager: NodeId,
+        not: NodeId,
+        request: impl Fn() -> Request,
+    ) -> Option<NodeId> {
         let me = ctx.node();
-        let usable =
-            |n: NodeId| n != me && n != manager && Some(n) != retired.writer && !self.gone(ctx, n);
+        let usable = |n: NodeId| n != me && n != manager && n != not && !self.gone(ctx, n);
         for to in after(ctx, manager).filter(|&n| usable(n)) {
-            let request = Request::KeepRetired {
-                page,
-                version: retired.version,
-                data: PageBytes::shared(&retired.data),
-                writer: retired.writer,
-                backup: retired.backup,
-            };
-            if self.tell(ctx, to, page, request).await {
-                tracing::warn!(?page, manager = manager.0, node = to.0, version = retired.version, "dsm: a copy this leaving node kept aside for a write grant could not be handed to the page's manager; it is left on another node, from which that manager's recovery rebuilds the page should the grant not have reached its writer");
-                return true;
+            if self.tell(ctx, to, page, request()).await {
+                return Some(to);
             }
         }
-        false
+        None
     }
 
     /// Hands one page over to `manager`, or, should it not answer, leaves it on a live node.

@@ -142,15 +142,8 @@ fn with_backups_a_node_evicted_that_dies_once_it_sent_everything_loses_and_taint
 /// with its entry), is evicted and dies at once, or once it `sent` everything: every page
 /// written reads back, and those never written read as zeros.
 async fn evicted_dying(sent: bool) {
-    let mut cluster = Cluster::with_backups(4).await;
-    let victim = NodeId(3);
-    let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
-    let own = PageId { segment: SEGMENT, page: pages[0] };
-    put(&cluster.dsm(victim), own, 7).await;
-    let other = PageId { segment: SEGMENT, page: pages[1] };
-    put(&cluster.dsm(NodeId(1)), other, 8).await;
-    word_given(&cluster, victim).await;
-    let unwritten = pages_managed_by(&cluster, victim, 9, 4096);
+    let (mut cluster, victim) = (Cluster::with_backups(4).await, NodeId(3));
+    let (written, unwritten) = two_written(&cluster, victim).await;
     assert!(unwritten.len() >= 16, "pages the victim manages");
 
     if sent {
@@ -159,10 +152,28 @@ async fn evicted_dying(sent: bool) {
         cluster.mem.change_and_crash(Change::Evict(victim), victim).await;
     }
 
+    read_back(&cluster, written).await;
+    read_as_zeros(&cluster, NodeId(2), victim, &unwritten).await;
+}
+
+/// Two pages that `victim` manages, written: one from itself (owned there, its frame travels
+/// with its entry should it leave), one from node 1; then `victim`'s word given. Returns
+/// them, and the pages of segment 9, never written, that `victim` manages.
+async fn two_written(cluster: &Cluster, victim: NodeId) -> ([PageId; 2], Vec<u32>) {
+    let pages = pages_managed_by(cluster, victim, SEGMENT, 2048);
+    let own = PageId { segment: SEGMENT, page: pages[0] };
+    put(&cluster.dsm(victim), own, 7).await;
+    let other = PageId { segment: SEGMENT, page: pages[1] };
+    put(&cluster.dsm(NodeId(1)), other, 8).await;
+    word_given(cluster, victim).await;
+    ([own, other], pages_managed_by(cluster, victim, 9, 4096))
+}
+
+/// The pages [`two_written`] wrote read back through node 2.
+async fn read_back(cluster: &Cluster, [own, other]: [PageId; 2]) {
     let reader = cluster.dsm(NodeId(2));
     assert_eq!(outcome(&reader, own).await, Ok(7));
     assert_eq!(outcome(&reader, other).await, Ok(8));
-    read_as_zeros(&cluster, NodeId(2), victim, &unwritten).await;
 }
 
 /// A node killed a moment before another joins: the join begins, the dead node sends the
@@ -175,21 +186,12 @@ async fn evicted_dying(sent: bool) {
 #[test]
 fn with_backups_a_node_dying_as_another_joins_leaves_pages_never_written_as_zeros() {
     replay(async {
-        let mut cluster = Cluster::with_backups(4).await;
-        let victim = NodeId(3);
-        let pages = pages_managed_by(&cluster, victim, SEGMENT, 2048);
-        let own = PageId { segment: SEGMENT, page: pages[0] };
-        put(&cluster.dsm(victim), own, 7).await;
-        let other = PageId { segment: SEGMENT, page: pages[1] };
-        put(&cluster.dsm(NodeId(1)), other, 8).await;
-        word_given(&cluster, victim).await;
-        let unwritten = pages_managed_by(&cluster, victim, 9, 4096);
+        let (mut cluster, victim) = (Cluster::with_backups(4).await, NodeId(3));
+        let (written, unwritten) = two_written(&cluster, victim).await;
 
         let joiner = cluster.mem.add_while_dying(victim).await;
 
-        let reader = cluster.dsm(NodeId(2));
-        assert_eq!(outcome(&reader, own).await, Ok(7));
-        assert_eq!(outcome(&reader, other).await, Ok(8));
+        read_back(&cluster, written).await;
         let table = cluster.mem.snapshot();
         let at = |p: &u32| table.locate(gobelins_dsm::DSM, PageId { segment: 9, page: *p }.key());
         let (joined, stayed): (Vec<u32>, Vec<u32>) =
