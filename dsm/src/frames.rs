@@ -268,7 +268,9 @@ impl Frame {
     }
 
     /// Keeps aside, as if given up here, the copy a leaving node gave up to a writer: this node
-    /// manages the page and may have to take that grant back. A newer copy kept aside stays.
+    /// manages the page and may have to take that grant back, or the page's manager did not
+    /// take it, and its recovery finds it here (`Request::KeepRetired`). A newer copy kept
+    /// aside stays.
     pub(crate) fn keep_retired(&self, retired: Retired) {
         let mut s = self.lock();
         if s.retired.as_ref().is_none_or(|r| r.version < retired.version) {

@@ -190,7 +190,7 @@ impl DsmService {
         let Some(to) = self.left_with(ctx, page, manager, writer, request).await else {
             return false;
         };
-        tracing::warn!(?page, manager = manager.0, node = to.0, version = retired.version, "dsm: a copy this leaving node kept aside for a write grant could not be handed to the page's manager; it is left on another node, from which that manager's recovery rebuilds the page should the grant not have reached its writer");
+        tracing::warn!(?page, manager = manager.0, node = to.0, version = retired.version, "dsm: a copy this leaving node kept aside for a write grant could not be handed to the page's manager; it is left on another node, where that manager's recovery finds it should the manager have died before the grant reached its writer");
         true
     }
 
