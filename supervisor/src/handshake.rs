@@ -176,11 +176,15 @@ async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
     // closes without a word, and asking again later may get in. A node that dialed this one
     // and hung up is only gone.
     let why = if dialed {
-        "the peer closed the connection before the handshake ended (busy with other \
-         handshakes, a gobelins build of another protocol version, or not a gobelins agent)"
+        format!(
+            "the peer closed the connection before the handshake ended (busy with other \
+             handshakes, a gobelins build of another protocol than this one's {VERSION}, which \
+             the peer's log then names, or not a gobelins agent)"
+        )
     } else {
         "the peer closed the connection before the handshake ended (it gave up, or is not a \
          gobelins agent)"
+            .to_string()
     };
     // What another program sends first (an SSH banner, say) reads as a huge frame: said as
     // what it is, not as a frame's size.

@@ -23,7 +23,7 @@ pub(super) fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorEr
     let storage = |doing: &str, e: &dyn std::fmt::Display| {
         crate::SupervisorError::Storage(format!("{doing} {what}: {e}"))
     };
-    let init = || -> Result<Vec<u8>, redb::Error> {
+    let init = || -> Result<(Vec<u8>, Option<u8>), redb::Error> {
         let txn = db.begin_write()?;
         let format = {
             let meta = txn.open_table(META)?;
@@ -32,31 +32,41 @@ pub(super) fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorEr
         };
         // A new store is marked; one an older build wrote has its values sealed and its state
         // laid out anew, here, in the same transaction.
-        let format = match format.as_deref() {
+        let (format, from) = match format.as_deref() {
             None => {
                 // A store whose mark alone was lost (a byte of its key changed) is sealed, in
                 // today's layout; read as 27's, its snapshot was refused as damaged.
-                if sealed::upgrade(&txn)? {
+                let unsealed = sealed::upgrade(&txn)?;
+                if unsealed {
                     relayout(&txn, 27)?;
                 }
-                sealed::CURRENT.to_vec()
+                (sealed::CURRENT.to_vec(), unsealed.then_some(27))
             }
             Some(older @ (sealed::PROTOCOL_27 | sealed::PROTOCOL_28)) => {
-                relayout(&txn, if older == sealed::PROTOCOL_27 { 27 } else { 28 })?;
+                let from = if older == sealed::PROTOCOL_27 { 27 } else { 28 };
+                relayout(&txn, from)?;
                 txn.open_table(META)?.insert(sealed::FORMAT, sealed::CURRENT)?;
-                sealed::CURRENT.to_vec()
+                (sealed::CURRENT.to_vec(), Some(from))
             }
-            Some(known) => known.to_vec(),
+            Some(known) => (known.to_vec(), None),
         };
         txn.commit()?;
-        Ok(format)
+        Ok((format, from))
     };
-    let format = init().map_err(|e| {
+    let (format, from) = init().map_err(|e| {
         let full = matches!(&e, redb::Error::Io(io)
             if matches!(io.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded));
         let advice = if full { "the disk is full: free space, then start the agent again" } else { DAMAGED };
         storage("initialising", &format!("{e}; {advice}"))
     })?;
+    if let Some(from) = from {
+        // Once per upgrade: the operator learns the way back is closed without a copy.
+        tracing::warn!(
+            from,
+            to = crate::frame::VERSION,
+            "{what}: laid out anew from the format of protocol {from}'s builds, the cluster's state kept; those builds can no longer open it (a copy of the data directory taken before goes back)"
+        );
+    }
     match format.as_slice() {
         sealed::CURRENT => {}
         other => {
