@@ -96,7 +96,7 @@ pub(super) async fn start_new_life(supervisor: Arc<Supervisor>) {
                     ),
                     None => tracing::warn!(
                         %error,
-                        "could not end this node's last life yet: no leader answers (is a majority of the cluster down?); asking again"
+                        "could not end this node's last life yet: no leader answered; asking again. If a majority of the cluster is up, `gobelins status` on a member says whether its leader holds this node out after repeated failures (`gobelins unhold` lifts it)"
                     ),
                 },
             }
