@@ -463,6 +463,63 @@ impl DsmService {
     }
 }
 
+impl DsmService {
+    /// Hands the copy a leaving node kept aside for a write grant, and left here
+    /// ([`Request::KeepRetired`]), to the page's manager on the leaver's behalf, as the
+    /// leaver would have: kept there, or needed by nobody (the grant settled), it goes from
+    /// here. Unless a recovery saw it here first (`scans` moved on since it came): that
+    /// recovery may have made this node the page's owner from that copy, to be promoted when
+    /// the page is next asked for. Left here otherwise, a copy no manager knew of was never
+    /// released, and a manager only slow could not take its grant back to it.
+    pub(crate) fn hand_aside_on(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        leaver: NodeId,
+        label: u64,
+        scans: u64,
+    ) {
+        let (service, ctx) = (self.node.service(), ctx.clone());
+        tokio::spawn(async move {
+            loop {
+                let Some(frame) = service.state().frames.get(page) else { return };
+                let data = {
+                    let s = frame.lock();
+                    match &s.retired {
+                        Some(r) if r.version == label && s.scans == scans => Arc::clone(&r.data),
+                        _ => return,
+                    }
+                };
+                if ctx.gone(ctx.node()) {
+                    return;
+                }
+                let data = PageBytes::shared(&data);
+                let request = Request::KeepAside { node: leaver, label, data };
+                match ctx.request::<_, Response>(DSM, page.key(), &request).await {
+                    Ok(answer @ (Response::Ok | Response::Missing)) => {
+                        let mut s = frame.lock();
+                        let kept = s.retired.as_ref().is_some_and(|r| r.version == label);
+                        if kept && s.scans == scans {
+                            s.retired = None;
+                            tracing::info!(?page, leaver = leaver.0, ?answer, "dsm: a copy a leaving node kept aside for a write grant, left here, was handed to the page's manager");
+                        }
+                        return;
+                    }
+                    Ok(Response::Retry | Response::Busy) => tokio::time::sleep(HAND_ON_PAUSE).await,
+                    Ok(other) => {
+                        tracing::warn!(?page, leaver = leaver.0, answer = ?other, "dsm: the manager of a page refused the copy a leaving node kept aside for a write grant and left here; this node keeps it, which a recovery of that manager would find");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(?page, error = %e, "dsm: the manager of a page a leaving node left a kept-aside copy of here does not answer yet");
+                        tokio::time::sleep(HAND_ON_PAUSE).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
 /// `request` to `page`'s manager, given up after [`MANAGER_PATIENCE`], or as soon as the
 /// cluster declares the manager failed: its recovery waits for this leave to end, and an
 /// eviction asked just after a `kill -9` of another node waited out the whole patience (4 s

@@ -228,8 +228,12 @@ impl DsmService {
             }
             Request::Losses => crate::losses::look(self.state()),
             Request::KeepRetired { page, version, data, writer, backup } => {
+                let Some(leaver) = ctx.from() else { return Response::Invalid("not told".into()) };
                 let data = data.into_shared();
-                frames.frame(page).keep_retired(Retired { version, data, writer, backup });
+                let frame = frames.frame(page);
+                frame.keep_retired(Retired { version, data, writer, backup });
+                let scans = frame.lock().scans;
+                self.hand_aside_on(ctx, page, leaver, version, scans);
                 Response::Ok
             }
             Request::Cover { epoch, seq, unclean } => {
