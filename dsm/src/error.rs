@@ -11,7 +11,7 @@ pub enum DsmError {
     /// a segment first used after the failure, say). Its contents are never replaced by zeros
     /// on their own: [`crate::Dsm::discard`] starts the page afresh, [`crate::Dsm::free`] its
     /// whole segment.
-    #[error("page {} of segment {} is lost: every node holding a copy failed, or its manager failed and no surviving copy tells whether it was ever written. Decide what the program needs, then discard the page (`gobelins dsm discard {1} {0}`, or `Dsm::discard`) or free its segment (`gobelins dsm free`, `Dsm::free`) to start afresh from zeros (with backups on, one failure while no other change is under way loses no written page; `gobelins dsm lost` lists the pages known lost, cluster-wide, and `gobelins dsm forgive` lets a slot tainted by its manager's failure read as zeros again)", .page.page, .page.segment)]
+    #[error("page {} of segment {} is lost: every node holding a copy failed, or its manager failed and no surviving copy tells whether it was ever written. Decide what the program needs, then discard the page (`gobelins dsm discard {1} {0}`, or `Dsm::discard`) or free its segment (`gobelins dsm free`, `Dsm::free`) to start afresh from zeros (with backups on, one failure while no other change is under way loses no written page; `gobelins dsm lost` lists the pages known lost, cluster-wide, and `gobelins dsm forgive {1} {0}` lets the pages of its slot, tainted by its manager's failure, read as zeros again)", .page.page, .page.segment)]
     Lost {
         /// The page.
         page: PageId,

@@ -117,6 +117,10 @@ pub(crate) struct Retired {
     /// Where that writer's backup was to be kept, if known (see
     /// [`crate::protocol::Request::Fetch`]).
     pub(crate) backup: Option<NodeId>,
+    /// The node whose grant the copy is kept for, when a leaving node left it here
+    /// ([`crate::protocol::Request::KeepRetired`]): the page's entry names that node as the
+    /// grant's source, not this one. `None` for this node's own.
+    pub(crate) on_behalf: Option<NodeId>,
 }
 
 /// What a holder's frame gives a manager that asked for the page.
@@ -270,12 +274,13 @@ impl Frame {
     /// Keeps aside, as if given up here, the copy a leaving node gave up to a writer: this node
     /// manages the page and may have to take that grant back, or the page's manager did not
     /// take it, and its recovery finds it here (`Request::KeepRetired`). A newer copy kept
-    /// aside stays.
-    pub(crate) fn keep_retired(&self, retired: Retired) {
+    /// aside stays. Returns the frame's scans as it was kept.
+    pub(crate) fn keep_retired(&self, retired: Retired) -> u64 {
         let mut s = self.lock();
         if s.retired.as_ref().is_none_or(|r| r.version < retired.version) {
             s.retired = Some(retired);
         }
+        s.scans
     }
 
     /// Whether a copy given up to a writer is kept aside here.
@@ -555,7 +560,8 @@ impl Frame {
                         s.owned = false;
                         s.invalidated = Some(s.invalidated.map_or(version, |i| i.max(version)));
                         let data = Arc::clone(&data);
-                        s.retired = Some(Retired { version, data, writer, backup });
+                        s.retired =
+                            Some(Retired { version, data, writer, backup, on_behalf: None });
                     }
                     return Fetched::Page(data);
                 }

@@ -181,6 +181,7 @@ impl DsmService {
         let Some(retired) = frame.lock().retired.clone() else { return true };
         let request = || Request::KeepRetired {
             page,
+            leaver: retired.on_behalf.unwrap_or(ctx.node()),
             version: retired.version,
             data: PageBytes::shared(&retired.data),
             writer: retired.writer,
@@ -247,11 +248,13 @@ impl DsmService {
     /// told the grant landed: should the grant turn out lost, taking it back needs that copy,
     /// and this node will be gone. True when the page is owned here after all.
     async fn hand_aside(&self, ctx: &Context, page: PageId, frame: &Frame) -> bool {
-        let Some(Retired { version: label, data, .. }) = frame.lock().retired.clone() else {
+        let Some(Retired { version: label, data, on_behalf, .. }) = frame.lock().retired.clone()
+        else {
             return false;
         };
-        let request =
-            Request::KeepAside { node: ctx.node(), label, data: PageBytes::shared(&data) };
+        // A copy another leaver left here is kept for that leaver's grant.
+        let node = on_behalf.unwrap_or(ctx.node());
+        let request = Request::KeepAside { node, label, data: PageBytes::shared(&data) };
         // Not given up after the patience: this copy is not left on another node, so a
         // manager only slow must still get it (its death loses it, said below).
         let asked = ctx.request::<_, Response>(DSM, page.key(), &request);

@@ -335,6 +335,9 @@ pub enum Request {
     KeepRetired {
         /// The page.
         page: PageId,
+        /// The node whose grant it is, which the page's entry names: the leaver, or the
+        /// leaver that left it on this leaver in turn.
+        leaver: NodeId,
         /// The version given up.
         version: u64,
         /// The page as given up.

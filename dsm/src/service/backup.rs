@@ -358,7 +358,8 @@ impl DsmService {
             return Response::Missing;
         };
         let data = data.into_shared();
-        let retired = Retired { version: label, data, writer: entry.owner, backup: None };
+        let retired =
+            Retired { version: label, data, writer: entry.owner, backup: None, on_behalf: None };
         self.state().frames.frame(page).keep_retired(retired);
         tracing::debug!(
             ?page,

@@ -119,7 +119,10 @@ impl DsmService {
                             let f = self.state().frames.frame(page);
                             let data = data.into_shared();
                             let writer = entry.owner;
-                            f.keep_retired(Retired { version: label, data, writer, backup: None });
+                            let on_behalf = None;
+                            let retired =
+                                Retired { version: label, data, writer, backup: None, on_behalf };
+                            f.keep_retired(retired);
                             entry.granted = granted;
                         }
                     }

@@ -227,12 +227,11 @@ impl DsmService {
                 Response::Ok
             }
             Request::Losses => crate::losses::look(self.state()),
-            Request::KeepRetired { page, version, data, writer, backup } => {
-                let Some(leaver) = ctx.from() else { return Response::Invalid("not told".into()) };
+            Request::KeepRetired { page, leaver, version, data, writer, backup } => {
                 let data = data.into_shared();
-                let frame = frames.frame(page);
-                frame.keep_retired(Retired { version, data, writer, backup });
-                let scans = frame.lock().scans;
+                let on_behalf = Some(leaver);
+                let retired = Retired { version, data, writer, backup, on_behalf };
+                let scans = frames.frame(page).keep_retired(retired);
                 self.hand_aside_on(ctx, page, leaver, version, scans);
                 Response::Ok
             }

@@ -302,16 +302,22 @@ fn with_backups_a_copy_kept_aside_for_a_grant_outlives_its_holder_s_leave_as_the
 fn with_backups_a_kept_aside_copy_left_on_another_node_goes_once_the_manager_answers() {
     replay(async {
         let (mut cluster, [kept_on, owner, manager, _], page) = given_up().await;
+        let made = cluster.made.lock().expect("made")[kept_on.0 as usize].clone();
         let faults = cluster.mem.faults();
         faults.crash(manager);
+        let (meanwhile, kept) = tokio::sync::oneshot::channel();
+        let watched = made.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(20)).await;
+            // The leaver gave up on the manager after the request's deadline (10 s).
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            let _ = meanwhile.send(watched.kept_aside());
+            tokio::time::sleep(Duration::from_secs(5)).await;
             faults.heal(manager);
         });
 
         cluster.mem.evict(owner).await;
 
-        let made = cluster.made.lock().expect("made")[kept_on.0 as usize].clone();
+        assert_eq!(kept.await.expect("watched"), 1, "left on node {kept_on} meanwhile");
         for _ in 0..600 {
             if made.kept_aside() == 0 {
                 break;

@@ -59,14 +59,6 @@ pub(super) fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorEr
         let advice = if full { "the disk is full: free space, then start the agent again" } else { DAMAGED };
         storage("initialising", &format!("{e}; {advice}"))
     })?;
-    if let Some(from) = from {
-        // Once per upgrade: the operator learns the way back is closed without a copy.
-        tracing::warn!(
-            from,
-            to = crate::frame::VERSION,
-            "{what}: laid out anew from the format of protocol {from}'s builds, the cluster's state kept; those builds can no longer open it (a copy of the data directory taken before goes back)"
-        );
-    }
     match format.as_slice() {
         sealed::CURRENT => {}
         other => {
@@ -114,7 +106,17 @@ pub(super) fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorEr
         }
         Ok(())
     };
-    read().map_err(|e| storage("reading", &format!("{e}; {DAMAGED}")))
+    read().map_err(|e| storage("reading", &format!("{e}; {DAMAGED}")))?;
+    if let Some(from) = from {
+        // Once per upgrade, once the store read whole: the operator learns the way back is
+        // closed without a copy.
+        tracing::warn!(
+            from,
+            to = crate::frame::VERSION,
+            "{what}: laid out anew from the format of protocol {from}'s builds, the cluster's state kept; those builds can no longer open it (a copy of the data directory taken before goes back)"
+        );
+    }
+    Ok(())
 }
 
 /// Writes the state kept in the stored snapshot again in the current layout, read in the
