@@ -416,57 +416,25 @@ impl DsmService {
     /// unless an entry may name this node for it by then: a recovery was told of it (it
     /// answers `Missing`), or the manager placed its own backup here.
     pub(crate) fn hand_on(&self, ctx: &Context, page: PageId, version: u64, whose: Fostered) {
-        let (service, ctx) = (self.node.service(), ctx.clone());
         let leaver = whose.leaver;
-        tokio::spawn(async move {
-            loop {
-                let Some(frame) = service.state().frames.get(page) else { return };
-                let Some(data) = frame.fostered(version) else { return };
-                if ctx.gone(ctx.node()) {
-                    return;
+        let ask = move |frame: &Frame| {
+            let data = PageBytes::shared(&frame.fostered(version)?);
+            // As the leaver would have asked: to take its page, or to find another backup
+            // than it (the manager answers `Ok` once it did, or had no need to).
+            Some(match whose.backup {
+                None => {
+                    let readers = whose.readers.clone();
+                    Request::Surrender { node: leaver, version, data, readers }
                 }
-                // As the leaver would have asked: to take its page, or to find another backup
-                // than it (the manager answers `Ok` once it did, or had no need to).
-                let data = PageBytes::shared(&data);
-                let request = match whose.backup {
-                    None => Request::Surrender {
-                        node: leaver,
-                        version,
-                        data,
-                        readers: whose.readers.clone(),
-                    },
-                    Some(commit) => {
-                        Request::Abandon { node: leaver, copy: Some((version, commit, data)) }
-                    }
-                };
-                match ctx.request::<_, Response>(DSM, page.key(), &request).await {
-                    Ok(answer @ (Response::Ok | Response::Missing)) => {
-                        if frame.drop_fostered(leaver) {
-                            tracing::info!(
-                                ?page,
-                                leaver = leaver.0,
-                                ?answer,
-                                "dsm: a page a leaving node left here was handed to its manager"
-                            );
-                        }
-                        return;
-                    }
-                    Ok(Response::Retry | Response::Busy) => tokio::time::sleep(HAND_ON_PAUSE).await,
-                    Ok(other) => {
-                        tracing::warn!(?page, leaver = leaver.0, answer = ?other, "dsm: the manager of a page a leaving node left here refused it; this node keeps it as a backup, which a recovery of that manager would find");
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::debug!(?page, error = %e, "dsm: the manager of a page a leaving node left here does not answer yet");
-                        tokio::time::sleep(HAND_ON_PAUSE).await;
-                    }
+                Some(commit) => {
+                    Request::Abandon { node: leaver, copy: Some((version, commit, data)) }
                 }
-            }
-        });
+            })
+        };
+        let done = move |frame: &Frame| frame.drop_fostered(leaver);
+        self.keep_asking(ctx, page, leaver, "a page a leaving node left here", ask, done);
     }
-}
 
-impl DsmService {
     /// Hands the copy a leaving node kept aside for a write grant, and left here
     /// ([`Request::KeepRetired`]), to the page's manager on the leaver's behalf, as the
     /// leaver would have: kept there, or needed by nobody (the grant settled), it goes from
@@ -482,39 +450,62 @@ impl DsmService {
         label: u64,
         scans: u64,
     ) {
+        let kept = move |s: &crate::frames::FrameState| {
+            s.scans == scans && s.retired.as_ref().is_some_and(|r| r.version == label)
+        };
+        let ask = move |frame: &Frame| {
+            let s = frame.lock();
+            let data = PageBytes::shared(&s.retired.as_ref().filter(|_| kept(&s))?.data);
+            Some(Request::KeepAside { node: leaver, label, data })
+        };
+        let done = move |frame: &Frame| {
+            let mut s = frame.lock();
+            kept(&s) && s.retired.take().is_some()
+        };
+        let what = "a copy a leaving node kept aside for a write grant, left here,";
+        self.keep_asking(ctx, page, leaver, what, ask, done);
+    }
+
+    /// Asks `page`'s manager what `ask` makes of what this node keeps for `leaver`, in the
+    /// background until it answers; `None` from `ask` (nothing left to hand) ends it. `Ok`
+    /// or `Missing`: `done` drops the copy, if it should go. A manager not answering yet is
+    /// asked again after [`HAND_ON_PAUSE`].
+    fn keep_asking(
+        &self,
+        ctx: &Context,
+        page: PageId,
+        leaver: NodeId,
+        what: &'static str,
+        ask: impl Fn(&Frame) -> Option<Request> + Send + 'static,
+        done: impl Fn(&Frame) -> bool + Send + 'static,
+    ) {
         let (service, ctx) = (self.node.service(), ctx.clone());
         tokio::spawn(async move {
             loop {
                 let Some(frame) = service.state().frames.get(page) else { return };
-                let data = {
-                    let s = frame.lock();
-                    match &s.retired {
-                        Some(r) if r.version == label && s.scans == scans => Arc::clone(&r.data),
-                        _ => return,
-                    }
-                };
+                let Some(request) = ask(&frame) else { return };
                 if ctx.gone(ctx.node()) {
                     return;
                 }
-                let data = PageBytes::shared(&data);
-                let request = Request::KeepAside { node: leaver, label, data };
                 match ctx.request::<_, Response>(DSM, page.key(), &request).await {
                     Ok(answer @ (Response::Ok | Response::Missing)) => {
-                        let mut s = frame.lock();
-                        let kept = s.retired.as_ref().is_some_and(|r| r.version == label);
-                        if kept && s.scans == scans {
-                            s.retired = None;
-                            tracing::info!(?page, leaver = leaver.0, ?answer, "dsm: a copy a leaving node kept aside for a write grant, left here, was handed to the page's manager");
+                        if done(&frame) {
+                            tracing::info!(
+                                ?page,
+                                leaver = leaver.0,
+                                ?answer,
+                                "dsm: {what} was handed to its manager"
+                            );
                         }
                         return;
                     }
                     Ok(Response::Retry | Response::Busy) => tokio::time::sleep(HAND_ON_PAUSE).await,
                     Ok(other) => {
-                        tracing::warn!(?page, leaver = leaver.0, answer = ?other, "dsm: the manager of a page refused the copy a leaving node kept aside for a write grant and left here; this node keeps it, which a recovery of that manager would find");
+                        tracing::warn!(?page, leaver = leaver.0, answer = ?other, "dsm: the manager refused {what}; this node keeps it, which a recovery of that manager would find");
                         return;
                     }
                     Err(e) => {
-                        tracing::debug!(?page, error = %e, "dsm: the manager of a page a leaving node left a kept-aside copy of here does not answer yet");
+                        tracing::debug!(?page, error = %e, "dsm: the manager of {what} does not answer yet");
                         tokio::time::sleep(HAND_ON_PAUSE).await;
                     }
                 }
