@@ -41,7 +41,7 @@ pub(super) async fn start_new_life(supervisor: Arc<Supervisor>) {
                     tracing::warn!(
                         node = me,
                         incarnation,
-                        "restarted: the cluster recovers this node's last life from replicas; rejoining as a new one"
+                        "restarted: the cluster recovers this node's last life from the replicas that survive (none, if every node stopped: what the services held is then reported lost); rejoining as a new one"
                     );
                 }
                 // The cluster's only node ever, or the others all left: ended, its life's
