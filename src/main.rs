@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 
 /// What `--version` says: the build, and the protocol its agents speak. Agents of two protocols
 /// do not talk to each other, so an operator upgrades a whole cluster at once (README).
-const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 29)");
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (protocol 30)");
 
 /// gobelins keeps a cluster's distributed services running while nodes join, leave or fail.
 #[derive(Parser)]

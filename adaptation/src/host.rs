@@ -155,6 +155,9 @@ pub(crate) struct Inner {
     pub(crate) begun: watch::Sender<u64>,
     /// The last epoch this node reported done.
     pub(crate) done: watch::Sender<u64>,
+    /// The last epoch whose change took away, as this node left, a copy a service could place
+    /// nowhere ([`Context::took_copies_away`](crate::Context::took_copies_away)).
+    pub(crate) took_away: std::sync::atomic::AtomicU64,
     /// The last epoch whose entries this node began to merge (`after_migration`). A batch is
     /// staged under its read lock, a merge begins under its write lock: a batch sent again
     /// that comes in once the merge has begun is refused, not staged for the next change's
@@ -356,6 +359,14 @@ impl Host {
     /// `MigrationDone`.
     pub fn done(&self) -> watch::Receiver<u64> {
         self.inner.load().done.subscribe()
+    }
+
+    /// Whether this node, leaving in the change to `epoch`, took away a copy a service could
+    /// place nowhere ([`Context::took_copies_away`](crate::Context::took_copies_away)): the
+    /// supervisor says so with its `MigrationDone`, and the cluster then counts the removal
+    /// against every other node's word ([`gobelins_locator::KeptSince`]).
+    pub fn took_copies_away(&self, epoch: u64) -> bool {
+        self.inner.load().took_away.load(Ordering::SeqCst) == epoch
     }
 
     /// The timers and sizes this host runs with.

@@ -284,6 +284,15 @@ impl MemCluster {
         node
     }
 
+    /// What `change` would move if it began now: a test picks its nodes by it (a node that
+    /// takes none of a leaver's slots, say). The cluster is left as it is.
+    pub fn preview(&self, change: &Change) -> MigrationPlan {
+        let mut tree = self.tree.clone();
+        tree.apply(change).expect("the locator accepts the change");
+        let after = tree.snapshot(Epoch(self.epoch + 1)).expect("nodes remain");
+        MigrationPlan::between(&self.snapshot(), &after)
+    }
+
     /// Adds a node that crashes as soon as the change has begun, before it can pass on what it
     /// was sent; returns its id once its failure is recovered. What moved to it can then only
     /// be rebuilt from the copies its senders kept.
@@ -555,7 +564,9 @@ impl MemCluster {
             Change::Fail(dead) | Change::Recover(dead) => self.kept_since.of(dead),
             _ => None,
         };
-        self.kept_since.record(self.epoch, &change, &plan);
+        // An eviction counts against the others' words once its leaver says it took a copy
+        // away, or dies first (`MemCluster::finish`), as the supervisor has it.
+        self.kept_since.begin(self.epoch, &change, &plan);
         self.began_from = before;
         let progress = Progress {
             epoch: self.epoch,
@@ -577,6 +588,13 @@ impl MemCluster {
                 .await
                 .expect("a participant finishes its part within a minute")
                 .expect("host alive");
+        }
+        if let Change::Evict(leaver) = progress.change {
+            let placed = progress.participants.contains(&leaver)
+                && !self.host(leaver).took_copies_away(progress.epoch);
+            if !placed {
+                self.kept_since.removed(progress.epoch, leaver);
+            }
         }
         self.broadcast(None, self.snapshot());
     }

@@ -47,7 +47,9 @@ impl DsmService {
     /// An evicted node gives each page it owns to the page's manager, before it goes, and each
     /// copy it gave up to a writer and still keeps aside; then asks for new backups of the
     /// pages it keeps the backup of. Pages at once, a few at a time: a manager that died costs
-    /// [`MANAGER_PATIENCE`] for all its pages, not that per page.
+    /// [`MANAGER_PATIENCE`] for all its pages, not that per page. A copy it can place nowhere
+    /// is said ([`Context::took_copies_away`]): the cluster then counts this leave against
+    /// every manager's word, for a dead one may have vouched for that page on this copy.
     pub(crate) async fn hand_over(&self, ctx: &Context) {
         let me = ctx.node();
         let silent = &Silent::default();
@@ -118,6 +120,7 @@ impl DsmService {
                     }
                 }
                 if !self.foster_backup(ctx, page, manager, &frame).await {
+                    ctx.took_copies_away();
                     tracing::warn!(?page, manager = manager.0, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of, nor leave its copy on another node; it gets one at its owner's next commit, and until then a failure of its owner loses it");
                 }
             })
@@ -236,10 +239,12 @@ impl DsmService {
             }
             silent.lock().expect("silent").insert(manager);
         } else if !self.leave_aside(ctx, page, manager, frame).await {
+            ctx.took_copies_away();
             tracing::warn!(?page, manager = manager.0, "dsm: could not hand over a copy kept aside for a write grant before leaving, the page's manager not answering, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
         }
         if !self.foster(ctx, page, manager, frame).await {
             frame.reopen();
+            ctx.took_copies_away();
             tracing::warn!(?page, manager = manager.0, "dsm: could not hand a page over before leaving, its manager not answering, nor leave it on another node; it is lost unless a faulting node fetches it before this node goes");
         }
     }
@@ -266,6 +271,7 @@ impl DsmService {
                     return false;
                 }
             }
+            ctx.took_copies_away();
             tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
             return false;
         }
@@ -371,6 +377,7 @@ impl DsmService {
             frame.drop_fostered(leaver);
             return;
         }
+        ctx.took_copies_away();
         tracing::warn!(?page, manager = manager.0, "dsm: a page a leaving node left here, not yet handed to its manager, could not be left on another node as this one leaves; it is lost unless its manager's recovery finds another copy");
     }
 

@@ -63,10 +63,12 @@ use tokio_util::codec::{Decoder, Encoder};
 /// the replicated state records since when each node's word of its entries holds, and a
 /// `Fail` or `Recover` carries the dead node's; the DSM's `Entry::Covered` carries the word's
 /// sequence number, and a slot the word left out; and its `Request::KeepRetired`, a leaver's
-/// copy kept aside for a write grant, left on another node).
-pub const VERSION: u8 = 29;
+/// copy kept aside for a write grant, left on another node; 30: the replicated state's
+/// `Command::HandedOver`, a leaver's word that it took no copy away, and an eviction counted
+/// against the other nodes' words only without it).
+pub const VERSION: u8 = 30;
 /// The oldest protocol version this node reads.
-pub const MIN_VERSION: u8 = 29;
+pub const MIN_VERSION: u8 = 30;
 /// Default largest frame: 16 MiB.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 /// Largest frame before the peer has proved it holds the cluster secret: a Hello is small, and

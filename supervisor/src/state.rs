@@ -139,6 +139,17 @@ pub enum Command {
         /// The rules from this entry on.
         version: u8,
     },
+    /// A leaver finished its part of its eviction to `epoch`, as [`Command::MigrationDone`]
+    /// says, and took no copy away that its services could place nowhere
+    /// ([`gobelins_adaptation::Context::took_copies_away`]): under rules 30, its removal then
+    /// leaves every other node's word standing ([`KeptSince`]). Last in the enum, for the log's
+    /// older entries.
+    HandedOver {
+        /// The leaver.
+        node: u64,
+        /// The epoch it reached.
+        epoch: u64,
+    },
 }
 
 /// Why a command changed nothing. Sent back to whoever proposed it.
@@ -422,10 +433,12 @@ pub struct ClusterState {
     pub kept_since: KeptSince,
 }
 
-/// The rules this build's leaders raise a cluster's to (see [`ClusterState::rules`]): 29, the
+/// The rules this build's leaders raise a cluster's to (see [`ClusterState::rules`]): 30, an
+/// eviction counts against the other nodes' words only once its leaver said it took a copy
+/// away, or died before it said it took none ([`Command::HandedOver`]); 29, the
 /// cluster records since when each node's word of its entries holds ([`KeptSince`]); 28, an
 /// operator's eviction of a node that failed in it, or once failed, keeps it out.
-pub const RULES: u8 = 29;
+pub const RULES: u8 = 30;
 
 impl Default for ClusterState {
     fn default() -> Self {
@@ -487,7 +500,8 @@ impl ClusterState {
             },
             Command::Fail { node, incarnation } => self.fail(*node, *incarnation, false),
             Command::Dead { node, incarnation } => self.fail(*node, *incarnation, true),
-            Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
+            Command::MigrationDone { node, epoch } => self.done(*node, *epoch, false),
+            Command::HandedOver { node, epoch } => self.done(*node, *epoch, true),
             Command::Shape { levels } => self.shape(levels),
             Command::Rules { version } => {
                 if self.rules < 29 && *version >= 29 {
@@ -650,6 +664,15 @@ impl ClusterState {
             return Err(Refusal::LastNode(node));
         }
         let leaving = record.status == NodeStatus::Leaving;
+        if let Some(progress) = &self.in_progress {
+            if self.rules >= 30
+                && progress.change == Change::Evict(NodeId(node))
+                && !progress.done.contains(&node)
+            {
+                // A leaver that died before it said it placed every copy may have taken one.
+                self.kept_since.removed(progress.epoch, NodeId(node));
+            }
+        }
         self.set_status(node, NodeStatus::Failed);
         if let Some(record) = self.nodes.get_mut(&node) {
             record.kept_out = leaving && self.rules >= 28;
@@ -714,7 +737,9 @@ impl ClusterState {
         Ok(self.whereabouts(node))
     }
 
-    fn done(&mut self, node: u64, epoch: u64) -> Outcome {
+    /// `node` finished its part of the change to `epoch`; `handed` when, leaving, it took no
+    /// copy away that its services could place nowhere.
+    fn done(&mut self, node: u64, epoch: u64, handed: bool) -> Outcome {
         let current = self.epoch;
         let progress =
             self.in_progress.as_mut().ok_or(Refusal::NotInProgress { got: epoch, current })?;
@@ -723,6 +748,10 @@ impl ClusterState {
         }
         if !progress.participants.contains(&node) {
             return Err(Refusal::NotParticipant { node, epoch });
+        }
+        if self.rules >= 30 && progress.change == Change::Evict(NodeId(node)) && !handed {
+            // Before the next change begins: a recovery reads the record as it does.
+            self.kept_since.removed(epoch, NodeId(node));
         }
         progress.done.insert(node);
         if progress.done.is_superset(&progress.participants) {
@@ -890,7 +919,18 @@ impl ClusterState {
                         Change::Fail(dead) | Change::Recover(dead) => self.kept_since.of(*dead),
                         _ => None,
                     };
-                    if self.rules >= 29 {
+                    if self.rules >= 30 {
+                        // An eviction counts once its leaver says it took a copy away, or
+                        // dies before it says otherwise (`done`, `fail`); at once for a
+                        // leaver with no part to report.
+                        self.kept_since.begin(epoch, &change, &plan);
+                        match &change {
+                            Change::Evict(leaver) if !participants.contains(&leaver.0) => {
+                                self.kept_since.removed(epoch, *leaver)
+                            }
+                            _ => {}
+                        }
+                    } else if self.rules >= 29 {
                         self.kept_since.record(epoch, &change, &plan);
                     }
                     let held_by_leaver = match (&change, &before) {

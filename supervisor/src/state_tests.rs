@@ -728,6 +728,81 @@ fn a_failure_says_since_when_the_dead_node_s_word_holds() {
     assert_eq!(state.kept_since.of(NodeId(5)), None, "left: nothing kept");
 }
 
+/// A node killed just before an operator evicts another: the eviction begins, the dead node
+/// is declared failed during it, and its recovery follows. The leaver's word decides whether
+/// the eviction counts against the dead node's word: `HandedOver` (it placed every copy it
+/// held), not at all; a bare `MigrationDone` (it took one away), or its death before it
+/// reported, from the eviction's epoch on. Before, every eviction counted, and a third of the
+/// dead node's DSM slots were tainted (helpers' black-box runs).
+#[test]
+fn an_eviction_counts_against_a_dead_node_s_word_only_if_its_leaver_took_a_copy_away() {
+    for ending in ["handed over", "took a copy away", "died"] {
+        let mut state = ClusterState::default();
+        state.apply(&Rules { version: RULES }).expect("this build's rules");
+        // Few slots, so that the leaver's go to few nodes: a node handed some has its word
+        // counted from the eviction on anyway.
+        state.apply(&register(1, 8)).unwrap();
+        settle(&mut state);
+        for n in 1..=6 {
+            state.apply(&join(n)).unwrap();
+            settle(&mut state);
+        }
+        state.apply(&Evict { node: 6 }).unwrap();
+        let evict = state.in_progress.clone().expect("node 6's eviction");
+        assert!(evict.participants.contains(&6));
+        let receivers = evict.plan.receivers();
+        let dead =
+            (1..=5).find(|&n| !receivers.contains(&NodeId(n))).expect("a node not receiving");
+        let before = state.kept_since.of(NodeId(dead)).expect("recorded");
+        assert!(before < evict.epoch);
+        // A leaver declared dead first: the other's recovery, queued in front of its own,
+        // comes first, and must count the leave all the same.
+        if ending == "died" {
+            state.apply(&Fail { node: 6, incarnation: 1 }).expect("the leaver's death");
+        }
+        state.apply(&Fail { node: dead, incarnation: 1 }).unwrap();
+        match ending {
+            "handed over" => state.apply(&HandedOver { node: 6, epoch: evict.epoch }),
+            "took a copy away" => state.apply(&done(6, evict.epoch)),
+            _ => Ok(Recorded { stable: false }),
+        }
+        .expect("the leaver's end");
+        let mut read = None;
+        while let Some(progress) = state.in_progress.clone() {
+            if progress.change == Change::Fail(NodeId(dead)) {
+                read = Some(progress.failed_kept_since);
+            }
+            for node in progress.participants.into_iter().filter(|n| !progress.done.contains(n)) {
+                state.apply(&done(node, progress.epoch)).expect("participant report");
+            }
+        }
+        let since = read.expect("the dead node recovered").expect("a record");
+        match ending {
+            "handed over" => assert_eq!(since, before, "{ending}"),
+            _ => assert!(since >= evict.epoch, "{ending}: {since} before {}", evict.epoch),
+        }
+    }
+}
+
+/// Under rules of 29, an eviction counts as it begins, whatever its leaver says: a log
+/// written then replays as it did.
+#[test]
+fn under_the_rules_of_29_an_eviction_counts_as_it_begins() {
+    let mut state = ClusterState::default();
+    state.apply(&Rules { version: 29 }).expect("29's rules");
+    state.apply(&register(1, 64)).unwrap();
+    settle(&mut state);
+    for n in 1..=4 {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    state.apply(&Evict { node: 4 }).unwrap();
+    let epoch = state.epoch;
+    assert_eq!(state.kept_since.of(NodeId(1)), Some(epoch));
+    state.apply(&HandedOver { node: 4, epoch }).expect("a participant");
+    assert_eq!(state.kept_since.of(NodeId(2)), Some(epoch));
+}
+
 /// Under rules older than 29 nothing is recorded; raising them starts the record of every
 /// live node at the epoch they are raised in, not before: what happened earlier went
 /// unrecorded.

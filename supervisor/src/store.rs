@@ -819,7 +819,7 @@ mod tests {
     /// its state read back whole (a field added to the state made every older snapshot
     /// unreadable, and a cluster upgraded whole lost its state).
     #[test]
-    fn a_store_of_protocol_27_or_28_is_laid_out_anew_as_it_opens_and_keeps_its_state() {
+    fn a_store_of_protocol_27_28_or_29_is_laid_out_anew_as_it_opens_and_keeps_its_state() {
         use crate::state::{NodeRecord, NodeStatus};
         let mut state = ClusterState { epoch: 12, ..ClusterState::default() };
         let labels = gobelins_locator::Labels::new();
@@ -833,7 +833,12 @@ mod tests {
         state.nodes.insert(5, record);
         let last = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 40));
         let meta = SnapshotMeta { last_log_id: last, ..SnapshotMeta::default() };
-        let marks = [(27, Some(sealed::PROTOCOL_27)), (27, None), (28, Some(sealed::PROTOCOL_28))];
+        let marks = [
+            (27, Some(sealed::PROTOCOL_27)),
+            (27, None),
+            (28, Some(sealed::PROTOCOL_28)),
+            (29, Some(sealed::PROTOCOL_29)),
+        ];
         for (version, mark) in marks {
             let data = crate::layout::older(version, || codec::encode(&state)).expect("laid out");
             let meta = meta.clone();

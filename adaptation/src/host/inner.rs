@@ -47,6 +47,7 @@ impl Inner {
             released: watch::channel(0).0,
             begun: watch::channel(0).0,
             done: watch::channel(0).0,
+            took_away: std::sync::atomic::AtomicU64::new(0),
             merging: tokio::sync::RwLock::new(0),
             gate: Gate::new(),
             answers: DashMap::default(),

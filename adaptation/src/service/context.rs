@@ -114,6 +114,21 @@ impl Context {
         self.peers.as_ref().map_or(0, |p| p.departures(node))
     }
 
+    /// Says that this node, leaving, takes away a copy it could place nowhere: a copy of an
+    /// entry whose manager did not answer, which it could leave on no live node either. A
+    /// service whose managers vouch for their entries by what other nodes hold (reading
+    /// [`ChangeInfo::failed_kept_since`](crate::ChangeInfo)) calls it from its leaving node's
+    /// callbacks: the cluster then counts this eviction against every other node's word,
+    /// as it counts a failure. Without it, an eviction leaves the others' words standing:
+    /// copies of a live manager's entries go through that manager, which keeps its word true
+    /// as they do. Nothing on a detached context.
+    pub fn took_copies_away(&self) {
+        if let Some(peers) = &self.peers {
+            let epoch = *peers.begun.borrow();
+            peers.took_away.store(epoch, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
     /// Whether this node's lease holds now. While it does, the cluster counts this node a
     /// member and has not rebuilt what it holds elsewhere; a node cut off from the cluster's
     /// leader loses it within half a failure timeout, before the cluster may declare it

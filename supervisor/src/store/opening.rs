@@ -42,8 +42,12 @@ pub(super) fn check(db: &Database, what: &str) -> Result<(), crate::SupervisorEr
                 }
                 (sealed::CURRENT.to_vec(), unsealed.then_some(27))
             }
-            Some(older @ (sealed::PROTOCOL_27 | sealed::PROTOCOL_28)) => {
-                let from = if older == sealed::PROTOCOL_27 { 27 } else { 28 };
+            Some(older @ (sealed::PROTOCOL_27 | sealed::PROTOCOL_28 | sealed::PROTOCOL_29)) => {
+                let from = match older {
+                    sealed::PROTOCOL_27 => 27,
+                    sealed::PROTOCOL_28 => 28,
+                    _ => 29,
+                };
                 relayout(&txn, from)?;
                 txn.open_table(META)?.insert(sealed::FORMAT, sealed::CURRENT)?;
                 (sealed::CURRENT.to_vec(), Some(from))
