@@ -46,7 +46,7 @@ pub enum SupervisorError {
     },
     /// The local agent read nothing back over its control socket for this long: stopped,
     /// hung or overloaded.
-    #[error("the agent at {path} answered nothing for {after_s} s: it may be stopped (`ps -o stat= -p PID` shows T; `kill -CONT PID` resumes it), hung or overloaded; its log says what it does. This command gave up; should the agent resume, it does not carry out a request whose client went away, unless it had begun it")]
+    #[error("the agent at {path} answered nothing for {after_s} s: it may be stopped (`ps -o stat= -p PID` shows T; `kill -CONT PID` resumes it), hung, overloaded, or serving as many control connections as it takes at once (64: its log says so, and `ss -xp | grep control.sock` names the processes that hold them); its log says what it does. This command gave up; should the agent resume, it does not carry out a request whose client went away, unless it had begun it")]
     AgentSilent {
         /// The control socket.
         path: String,
