@@ -41,6 +41,28 @@ fn another_owner(root: &Path, owner: u32, me: u32) -> Option<String> {
     })
 }
 
+/// What an operator can do when `root` cannot be made this agent's private directory: the
+/// bare error ("File exists", "Permission denied") named no way out (a helper's black-box run).
+fn preparing_advice(root: &Path, kind: std::io::ErrorKind) -> String {
+    use std::io::ErrorKind::{AlreadyExists, NotADirectory, PermissionDenied, ReadOnlyFilesystem};
+    let root = root.display();
+    match kind {
+        AlreadyExists | NotADirectory => " (a file is in the way of that directory: give \
+                                           --data-dir the path of a directory, or of one to \
+                                           create)"
+            .to_string(),
+        PermissionDenied => format!(
+            " (this user may not create it, or may not make it private, not owning it: give \
+             --data-dir a path this user may write, or make it theirs first, `sudo install -d \
+             -o \"$(id -un)\" -m 700 {root}`)"
+        ),
+        ReadOnlyFilesystem => " (its filesystem is mounted read-only: give --data-dir a path \
+                                on a writable one)"
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
 impl DataDir {
     /// Opens `root`, creating it private to its user if missing. Warns of a directory another
     /// user owns: made private to them, they can still replace what it keeps (the secret, the
@@ -48,8 +70,10 @@ impl DataDir {
     /// filesystems report another owner for what the agent itself made.
     pub fn open(root: &Path) -> Result<Self> {
         use std::os::unix::fs::MetadataExt as _;
-        let preparing =
-            |e| SupervisorError::io(format!("preparing data directory {}", root.display()), e);
+        let preparing = |e: std::io::Error| {
+            let advice = preparing_advice(root, e.kind());
+            SupervisorError::io(format!("preparing data directory {}{advice}", root.display()), e)
+        };
         // Made private as it is made, not after: with a loose umask another user could put
         // files in it meanwhile (a secret of their choosing, say).
         use std::os::unix::fs::DirBuilderExt as _;
@@ -273,6 +297,19 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A helper's black-box run: `--data-dir` naming a file said only "File exists".
+    #[test]
+    fn a_file_in_the_way_of_the_data_directory_is_refused_with_the_way_out() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("afile");
+        std::fs::write(&file, b"not a directory").unwrap();
+        for path in [file.clone(), file.join("below")] {
+            let Err(refused) = DataDir::open(&path) else { panic!("{path:?} opened") };
+            let refused = refused.to_string();
+            assert!(refused.contains("give --data-dir the path of a directory"), "{refused}");
+        }
+    }
 
     #[test]
     fn a_directory_locked_by_one_start_refuses_another_until_it_is_let_go() {

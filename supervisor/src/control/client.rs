@@ -38,7 +38,8 @@ pub async fn request(
         let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
             "the agent runs as another user: run this command as that user, or as root"
         } else {
-            "is `gobelins agent` running with this --data-dir?"
+            "is `gobelins agent` running with this --data-dir? An agent whose node left, or \
+             was evicted, has stopped: `gobelins status` through another member says so"
         };
         SupervisorError::io(format!("connecting to the agent at {} ({hint})", path.display()), e)
     })?;
