@@ -21,6 +21,9 @@ pub(crate) struct Held<'a> {
     pub(crate) me: NodeId,
     /// The node's count of exposed entries; `None` with backups off, where no word is given.
     pub(crate) exposures: Option<&'a AtomicU64>,
+    /// A node on its way out, whose copies do not count as kept elsewhere: the leaver a
+    /// handler serves (`Abandon`), or that of the change this node has begun.
+    pub(crate) leaving: Option<NodeId>,
 }
 
 impl Deref for Held<'_> {
@@ -39,11 +42,14 @@ impl DerefMut for Held<'_> {
 
 impl Drop for Held<'_> {
     fn drop(&mut self) {
-        // Nodes that left do so in a change, after which the word is given again: a page
-        // entry only needs its own fields looked at here.
+        // Nodes that left did so in a change, after which the word is given again: a page
+        // entry only needs its own fields looked at here, but for a leaver. A copy on it
+        // counted as elsewhere: a manager whose owner could not move the page's backup off a
+        // leaver answered it Ok with its word standing, and the leave counted against no
+        // word, the leaver having placed what it was asked to (a helper's review).
         let Some(exposures) = self.exposures else { return };
         if let Live::Page(entry) = &*self.guard {
-            if !kept_elsewhere(entry, self.me, |_| false) {
+            if !kept_elsewhere(entry, self.me, |n| Some(n) == self.leaving) {
                 exposures.fetch_add(1, Ordering::SeqCst);
                 let _ = EXPOSED.try_with(|e| e.set(true));
             }

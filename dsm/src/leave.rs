@@ -238,7 +238,10 @@ impl DsmService {
                 return;
             }
             silent.lock().expect("silent").insert(manager);
-        } else if !self.leave_aside(ctx, page, manager, frame).await {
+        }
+        // A copy kept aside goes to another node too, whether the manager was silent from the
+        // start or fell silent at this page's surrender (a helper's review).
+        if !self.leave_aside(ctx, page, manager, frame).await {
             ctx.took_copies_away();
             tracing::warn!(?page, manager = manager.0, "dsm: could not hand over a copy kept aside for a write grant before leaving, the page's manager not answering, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
         }

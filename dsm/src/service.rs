@@ -278,7 +278,11 @@ impl DsmService {
     ) -> Held<'a> {
         let st = self.state();
         let exposures = st.config.backups.then_some(&st.exposures);
-        Held { guard: slot.lock().await, me: ctx.node(), exposures }
+        let leaving = match st.change.lock().expect("change").as_ref().map(|c| &c.change) {
+            Some(Change::Evict(leaver)) => Some(*leaver),
+            _ => None,
+        };
+        Held { guard: slot.lock().await, me: ctx.node(), exposures, leaving }
     }
 
     /// Runs one request: as the key's manager, or as this node's local server when told.

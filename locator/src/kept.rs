@@ -105,8 +105,13 @@ mod tests {
 
     /// A tree of `nodes` nodes, each recorded from its join, as a cluster records them.
     fn cluster(nodes: u64) -> (CellTree, KeptSince, u64) {
+        cluster_of(nodes, ServiceSpec::new(ServiceId(1), "kv"))
+    }
+
+    /// As [`cluster`], with the service `spec`.
+    fn cluster_of(nodes: u64, spec: ServiceSpec) -> (CellTree, KeptSince, u64) {
         let mut tree = CellTree::new(TreeConfig::default()).expect("tree");
-        tree.register_service(ServiceSpec::new(ServiceId(1), "kv")).expect("registered");
+        tree.register_service(spec).expect("registered");
         let (mut kept, mut epoch) = (KeptSince::default(), 0);
         for id in 1..=nodes {
             apply(
@@ -159,8 +164,11 @@ mod tests {
 
     #[test]
     fn an_eviction_begun_counts_only_once_its_leaver_took_a_copy_away() {
-        let (mut tree, mut kept, mut epoch) = cluster(4);
-        let before: Vec<_> = [1, 2, 4].map(|o| kept.of(n(o))).to_vec();
+        // Few slots, so that the leaver's go to few nodes.
+        let spec = ServiceSpec::new(ServiceId(1), "kv").with_slots(8);
+        let (mut tree, mut kept, mut epoch) = cluster_of(6, spec);
+        let others = [1, 2, 4, 5, 6];
+        let before = others.map(|o| kept.of(n(o)));
         let old = tree.snapshot(Epoch(epoch)).expect("nodes");
         tree.apply(&Change::Evict(n(3))).expect("evicted");
         epoch += 1;
@@ -169,13 +177,15 @@ mod tests {
         // The receivers took slots: their words are untrue, the others' still hold.
         let receivers = plan.receivers();
         assert!(!receivers.is_empty());
-        for (other, was) in [1, 2, 4].into_iter().zip(before) {
+        assert!(others.iter().any(|&o| !receivers.contains(&n(o))), "a node takes nothing");
+        for (other, was) in others.into_iter().zip(before) {
             let want = if receivers.contains(&n(other)) { Some(epoch) } else { was };
+            assert_ne!(want, None);
             assert_eq!(kept.of(n(other)), want, "node {other} as the eviction began");
         }
         let of_3 = kept.of(n(3));
         kept.removed(epoch, n(3));
-        for other in [1, 2, 4] {
+        for other in others {
             assert_eq!(kept.of(n(other)), Some(epoch), "node {other} once the leaver took a copy");
         }
         assert_eq!(kept.of(n(3)), of_3, "the leaver's own");

@@ -790,17 +790,20 @@ fn an_eviction_counts_against_a_dead_node_s_word_only_if_its_leaver_took_a_copy_
 fn under_the_rules_of_29_an_eviction_counts_as_it_begins() {
     let mut state = ClusterState::default();
     state.apply(&Rules { version: 29 }).expect("29's rules");
-    state.apply(&register(1, 64)).unwrap();
+    // Few slots, so that some node takes none of the leaver's.
+    state.apply(&register(1, 8)).unwrap();
     settle(&mut state);
-    for n in 1..=4 {
+    for n in 1..=6 {
         state.apply(&join(n)).unwrap();
         settle(&mut state);
     }
-    state.apply(&Evict { node: 4 }).unwrap();
-    let epoch = state.epoch;
-    assert_eq!(state.kept_since.of(NodeId(1)), Some(epoch));
-    state.apply(&HandedOver { node: 4, epoch }).expect("a participant");
-    assert_eq!(state.kept_since.of(NodeId(2)), Some(epoch));
+    state.apply(&Evict { node: 6 }).unwrap();
+    let evict = state.in_progress.clone().expect("node 6's eviction");
+    let receivers = evict.plan.receivers();
+    let other = (1..=5).find(|&n| !receivers.contains(&NodeId(n))).expect("a node not receiving");
+    assert_eq!(state.kept_since.of(NodeId(other)), Some(evict.epoch));
+    state.apply(&HandedOver { node: 6, epoch: evict.epoch }).expect("a participant");
+    assert_eq!(state.kept_since.of(NodeId(other)), Some(evict.epoch));
 }
 
 /// Under rules older than 29 nothing is recorded; raising them starts the record of every

@@ -201,6 +201,7 @@ impl DsmService {
     ) -> Response {
         let slot = self.slot(page.key());
         let mut live = self.hold(ctx, &slot).await;
+        live.leaving = Some(leaving);
         let Live::Page(entry) = &mut *live else { return Response::Ok };
         if entry.backup != Some(leaving) {
             return Response::Ok;

@@ -8,6 +8,7 @@ use crate::page::{named, Named, PageId};
 use crate::protocol::{PageBytes, PageEntry, Request, Response};
 use gobelins_adaptation::Context;
 use gobelins_locator::Key;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
@@ -248,6 +249,13 @@ impl DsmService {
                 Response::Ok
             }
             Request::Backup { page, version, commit, data } => {
+                // Not once this node's leave has begun: its hand-over may have looked at its
+                // frames already, and the copy would leave with it unsaid, while the page's
+                // manager, lagging, counts it as kept elsewhere (a helper's review). The owner
+                // asks the manager for another backup, as for a sealed frame.
+                if self.state().leaving.load(Ordering::SeqCst) {
+                    return Response::Departed;
+                }
                 // Sealed is judged under the lock the copy is stored under: judged apart, a
                 // leaving node that sealed in between answered Ok for a copy it did not keep.
                 match frames.frame(page).store_backup(version, commit, data.into_shared()) {

@@ -71,6 +71,32 @@ async fn an_entry_marked_lost_takes_its_leavers_page_of_that_version_back() {
     assert_eq!(held.map(|(v, d)| (v, d[0])), Some((4, 7)));
 }
 
+/// A node whose leave has begun takes no more backups: its hand-over may have looked at its
+/// frames already, and the copy would have left with it unsaid while a lagging manager
+/// counted it as the page's copy elsewhere (a helper's review). The owner asks the manager
+/// for another, as for a frame sealed.
+#[tokio::test]
+async fn a_node_whose_leave_began_takes_no_more_backups() {
+    let node = DsmNode::new(DsmConfig { backups: true, ..DsmConfig::default() });
+    let service = node.service();
+    let ctx = Context::detached(NodeId(2), 1, None).told_by(NodeId(1));
+    let backup = |page: PageId| Request::Backup {
+        page,
+        version: 3,
+        commit: 1,
+        data: PageBytes::shared(&Arc::new(vec![7; crate::PAGE_SIZE])),
+    };
+    let (kept, refused) = (PageId { segment: 1, page: 0 }, PageId { segment: 1, page: 1 });
+    let answer = service.handle(&ctx, kept.key(), backup(kept)).await;
+    assert!(matches!(answer, Response::Ok), "{answer:?}");
+    service.state().leaving.store(true, Ordering::SeqCst);
+    let answer = service.handle(&ctx, refused.key(), backup(refused)).await;
+    assert!(matches!(answer, Response::Departed), "{answer:?}");
+    let stored = |page| service.state().frames.get(page).and_then(|f| f.backup_copy());
+    assert_eq!(stored(kept).map(|(v, c, _)| (v, c)), Some((3, 1)));
+    assert!(stored(refused).is_none(), "not kept");
+}
+
 #[tokio::test]
 async fn a_version_or_generation_no_cluster_gave_out_is_refused_and_changes_nothing() {
     let node = DsmNode::new(DsmConfig::default());

@@ -484,6 +484,34 @@ fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere(
     })
 }
 
+/// A leaving node asks the manager to move the backup it keeps of a page the manager owns,
+/// and no other node can take one: the manager answers Ok, for the leaver's copy is not its to
+/// keep, and takes its word back first, since the page then has no copy outside the manager.
+/// Before, the copy on the leaver counted as kept elsewhere: the word stood, and with the
+/// leave counted against no word (the leaver had placed what it was asked to), the page
+/// would have read as zeros after the manager's death (a helper's review).
+#[test]
+fn with_backups_a_manager_whose_page_s_backup_leaves_unreplaced_takes_its_word_back() {
+    replay(async {
+        let cluster = Cluster::with_backups(2).await;
+        let (manager, leaver) = (NodeId(1), NodeId(2));
+        word_given(&cluster, manager).await;
+        let page = PageId {
+            segment: SEGMENT,
+            page: pages_managed_by(&cluster, manager, SEGMENT, 2048)[0],
+        };
+        put(&cluster.dsm(manager), page, 5).await;
+        let word = || cluster.made.lock().expect("made")[manager.0 as usize].word();
+        assert!(word().is_some(), "the page's backup is on the other node: the word stands");
+        let abandon = gobelins_dsm::Request::Abandon { node: leaver, copy: None };
+        let ctx = cluster.mem.host(manager).context();
+        let answer: gobelins_dsm::Response =
+            ctx.request(gobelins_dsm::DSM, page.key(), &abandon).await.expect("asked");
+        assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
+        assert_eq!(word(), None, "the word is taken back");
+    })
+}
+
 /// A manager whose replica holder does not answer, though the cluster has not given up on
 /// it, cannot take its word back: the request that left a page with no copy elsewhere is
 /// answered `Retry` after a bounded wait, rather than hang (a change waits for every handler)
