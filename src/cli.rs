@@ -488,10 +488,17 @@ mod tests {
         nodes.push(evicted);
         let mut voting = node(120, "left");
         voting["voter"] = json!(true);
+        voting["removed_by"] = json!("evict");
         nodes.push(voting);
         let shown = text(&nodes, false);
         assert_eq!(rows(&shown), 4, "{shown}");
         assert!(shown.contains("127.0.0.1:7120 "), "a voter that left is listed: {shown}");
+        // One taken out by another node's evict says so; one that left by itself, "left".
+        let row = |id| shown.lines().find(|l| l.contains(id)).unwrap_or_default().to_string();
+        assert!(row("127.0.0.1:7120 ").contains(" evicted "), "{shown}");
+        let all = text(&nodes, true);
+        let row = |id| all.lines().find(|l| l.contains(id)).unwrap_or_default().to_string();
+        assert!(row("127.0.0.1:7100 ").contains(" left "), "{all}");
         assert!(
             shown.contains("20 nodes that left or were evicted, not listed: 100, 101, 102,")
                 && shown.contains("111 and 8 more (`status --all` lists them)"),

@@ -180,7 +180,10 @@ impl Driver {
                 self.clock = Some(Clock {
                     record: ChangeRecord {
                         epoch,
-                        change: progress.change.to_string(),
+                        change: match (&progress.change, progress.leave) {
+                            (Change::Evict(node), true) => format!("leave {node}"),
+                            (change, _) => change.to_string(),
+                        },
                         begun_at: Some(now.into_std()),
                         ..ChangeRecord::default()
                     },

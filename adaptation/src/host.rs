@@ -124,6 +124,9 @@ pub struct Progress {
     /// For a `Fail` or `Recover`: since when the dead node's word of its entries holds
     /// ([`ChangeInfo::failed_kept_since`](crate::ChangeInfo)).
     pub failed_kept_since: Option<u64>,
+    /// For an `Evict`: its node asked to leave (`gobelins leave`), where another node's
+    /// `evict` took it out. Carried out alike; the change's record says `leave nN`.
+    pub leave: bool,
 }
 
 /// What the supervisor tells the host each time the replicated state changes.

@@ -575,6 +575,7 @@ impl MemCluster {
             plan,
             failed_moved_in,
             failed_kept_since,
+            leave: false,
         };
         self.broadcast(Some(progress.clone()), after);
         progress

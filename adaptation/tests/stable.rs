@@ -157,6 +157,7 @@ async fn hears_stable(node: NodeId, departed: BTreeSet<NodeId>) -> (bool, Migrat
         plan: plan.clone(),
         failed_moved_in: [None, None],
         failed_kept_since: None,
+        leave: false,
     };
     host.update(update(5, &after, Some(progress)));
     host.update(update(5, &after, None));

@@ -270,7 +270,7 @@ pub(super) fn write_status(
             "{:>8}  {:<22} {:<8} {:>5} {:<6} {}",
             node["id"].to_string(),
             node["addr"].as_str().unwrap_or(""),
-            node["status"].as_str().unwrap_or(""),
+            shown_status(node),
             node["incarnation"].to_string(),
             if node["voter"].as_bool() == Some(true) { "yes" } else { "" },
             labels.join(" ")
@@ -391,4 +391,13 @@ pub(super) fn write_stats(out: &mut impl std::io::Write, answer: &Value) -> anyh
         )?;
     }
     Ok(())
+}
+
+/// A node's status as the table shows it: one taken out by another node's `evict` is
+/// "evicted", one that asked to leave "left" (the record says which from protocol 30 on).
+fn shown_status(node: &Value) -> &str {
+    match (node["status"].as_str().unwrap_or(""), node["removed_by"].as_str()) {
+        ("left", Some("evict")) => "evicted",
+        (status, _) => status,
+    }
 }

@@ -247,7 +247,14 @@ mod tests {
     const S: Duration = Duration::from_secs(1);
 
     fn record(status: NodeStatus, incarnation: u64) -> NodeRecord {
-        NodeRecord { addr: "n".into(), labels: Labels::new(), status, incarnation, kept_out: false }
+        NodeRecord {
+            addr: "n".into(),
+            labels: Labels::new(),
+            status,
+            incarnation,
+            kept_out: false,
+            removed_by: None,
+        }
     }
 
     /// Node 4's life `life` begins at `start` and fails `lasted` later, as the applied state

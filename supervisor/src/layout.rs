@@ -86,10 +86,25 @@ pub(crate) mod since_29 {
     }
 }
 
+/// A field added at protocol 30: [`crate::state::NodeRecord::removed_by`].
+pub(crate) mod since_30 {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub(crate) fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        super::serialize(30, v, s)
+    }
+
+    pub(crate) fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        super::deserialize(30, d)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use crate::codec;
-    use crate::state::{ClusterState, Command, NodeRecord, NodeStatus};
+    use crate::state::{ClusterState, Command, NodeRecord, NodeStatus, RemovedBy};
     use gobelins_locator::{KeptSince, Labels, NodeId, ServiceId, ServiceSpec};
 
     fn record(kept_out: bool) -> NodeRecord {
@@ -100,6 +115,7 @@ mod tests {
             status: NodeStatus::Failed,
             incarnation: 3,
             kept_out,
+            removed_by: None,
         }
     }
 
@@ -111,8 +127,9 @@ mod tests {
         state.rules = crate::state::RULES;
         let now = codec::encode(&state).expect("encode");
         let before = super::older(27, || codec::encode(&state)).expect("encode as 27");
-        // Three bytes: the record's flag, the state's rules and its (empty) `kept_since`.
-        assert_eq!(now.len(), before.len() + 3);
+        // Four bytes: the record's flag and its `removed_by` (none), the state's rules and its
+        // (empty) `kept_since`.
+        assert_eq!(now.len(), before.len() + 4);
         assert!(codec::decode::<ClusterState>(&before).is_err(), "27's layout is not today's");
         let read: ClusterState = super::older(27, || codec::decode(&before)).expect("read as 27");
         let mut expected = state.clone();
@@ -150,6 +167,25 @@ mod tests {
         let mut expected = state.clone();
         expected.kept_since = KeptSince::default();
         expected.in_progress.as_mut().expect("in progress").failed_kept_since = None;
+        assert_eq!(read, expected);
+        let read: ClusterState = codec::decode(&now).expect("today's layout");
+        assert_eq!(read, state);
+    }
+
+    /// A record as 29 laid it out: who asked its node out is new.
+    #[test]
+    fn a_state_in_the_layout_of_protocol_29_reads_back_without_who_asked_a_node_out() {
+        let mut state = ClusterState::default();
+        let mut left = record(false);
+        (left.status, left.removed_by) = (NodeStatus::Left, Some(RemovedBy::Leave));
+        state.nodes.insert(4, left);
+        let now = codec::encode(&state).expect("encode");
+        let before = super::older(29, || codec::encode(&state)).expect("encode as 29");
+        // Two bytes: the option's tag and the variant's.
+        assert_eq!(now.len(), before.len() + 2);
+        let read: ClusterState = super::older(29, || codec::decode(&before)).expect("read as 29");
+        let mut expected = state.clone();
+        expected.nodes.get_mut(&4).expect("node 4").removed_by = None;
         assert_eq!(read, expected);
         let read: ClusterState = codec::decode(&now).expect("today's layout");
         assert_eq!(read, state);

@@ -72,6 +72,20 @@ pub struct NodeRecord {
     /// `--join` brings it back.
     #[serde(default, with = "crate::layout::since_28")]
     pub kept_out: bool,
+    /// Who took this life out: itself (`gobelins leave`) or another node (`evict`). What
+    /// `status` and `stats` say of its removal, which the cluster otherwise carries out alike;
+    /// recorded from the rules of 30 on (`None` before, and for a life still in).
+    #[serde(default, with = "crate::layout::since_30")]
+    pub removed_by: Option<RemovedBy>,
+}
+
+/// Who asked a node out ([`NodeRecord::removed_by`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RemovedBy {
+    /// The node itself: `gobelins leave`.
+    Leave,
+    /// Another node: `gobelins evict`.
+    Evict,
 }
 
 /// A command replicated through raft.
@@ -484,7 +498,7 @@ impl ClusterState {
             Command::Join { node, addr, labels, incarnation } => {
                 self.join(*node, addr, labels, *incarnation)
             }
-            Command::Leave { node } => self.remove(*node),
+            Command::Leave { node } => self.remove_by(*node, RemovedBy::Leave),
             Command::Evict { node } => match self.nodes.get_mut(node) {
                 // Nothing to hand over, but its operator wants it out: kept so, as when it
                 // fails in the middle of its eviction.
@@ -496,7 +510,7 @@ impl ClusterState {
                     record.kept_out = true;
                     Ok(Applied::KeptOut)
                 }
-                _ => self.remove(*node),
+                _ => self.remove_by(*node, RemovedBy::Evict),
             },
             Command::Fail { node, incarnation } => self.fail(*node, *incarnation, false),
             Command::Dead { node, incarnation } => self.fail(*node, *incarnation, true),
@@ -627,9 +641,20 @@ impl ClusterState {
             status: NodeStatus::Joining,
             incarnation,
             kept_out: false,
+            removed_by: None,
         };
         self.nodes.insert(node, record);
         self.enqueue(Change::Add { node: NodeId(node), labels: labels.clone() })
+    }
+
+    /// [`ClusterState::remove`], recording `by` whom (from the rules of 30 on).
+    fn remove_by(&mut self, node: u64, by: RemovedBy) -> Outcome {
+        let outcome = self.remove(node)?;
+        let rules = self.rules;
+        if let Some(record) = self.nodes.get_mut(&node).filter(|_| rules >= 30) {
+            record.removed_by = Some(by);
+        }
+        Ok(outcome)
     }
 
     fn remove(&mut self, node: u64) -> Outcome {

@@ -784,6 +784,34 @@ fn an_eviction_counts_against_a_dead_node_s_word_only_if_its_leaver_took_a_copy_
     }
 }
 
+/// The record says who took a node out, itself or another node: `status` and `stats` tell a
+/// leave from an eviction, which they showed alike (a helper's soak: every leave was shown as
+/// `evict nN`). A new life starts with none; rules older than 30 record none.
+#[test]
+fn a_node_s_record_says_whether_it_left_or_was_evicted() {
+    for rules in [29, RULES] {
+        let mut state = ClusterState::default();
+        state.apply(&Rules { version: rules }).expect("rules");
+        state.apply(&register(1, 64)).unwrap();
+        settle(&mut state);
+        for n in 1..=4 {
+            state.apply(&join(n)).unwrap();
+            settle(&mut state);
+        }
+        state.apply(&Leave { node: 3 }).unwrap();
+        settle(&mut state);
+        state.apply(&Evict { node: 4 }).unwrap();
+        settle(&mut state);
+        let by = |n: u64| state.nodes[&n].removed_by;
+        let want = |by: RemovedBy| (rules >= 30).then_some(by);
+        assert_eq!((by(3), by(4)), (want(RemovedBy::Leave), want(RemovedBy::Evict)), "{rules}");
+        assert_eq!((status(&state, 3), status(&state, 4)), (NodeStatus::Left, NodeStatus::Left));
+        assert_eq!(by(1), None, "still in");
+        state.apply(&rejoin(3, 2)).unwrap();
+        assert_eq!(state.nodes[&3].removed_by, None, "a new life");
+    }
+}
+
 /// Under rules of 29, an eviction counts as it begins, whatever its leaver says: a log
 /// written then replays as it did.
 #[test]

@@ -829,6 +829,7 @@ mod tests {
             status: NodeStatus::Failed,
             incarnation: 4,
             kept_out: false,
+            removed_by: None,
         };
         state.nodes.insert(5, record);
         let last = Some(LogId::new(openraft::CommittedLeaderId::new(3, 1), 40));
@@ -905,6 +906,7 @@ mod tests {
             status,
             incarnation: 2,
             kept_out: true,
+            removed_by: None,
         };
         state.nodes.insert(2, record);
         let last = Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), 9));

@@ -557,7 +557,14 @@ mod tests {
             let addr = format!("n{id}");
             state.nodes.insert(
                 id,
-                NodeRecord { addr, labels: Labels::new(), status, incarnation: 1, kept_out: false },
+                NodeRecord {
+                    addr,
+                    labels: Labels::new(),
+                    status,
+                    incarnation: 1,
+                    kept_out: false,
+                    removed_by: None,
+                },
             );
         }
         state

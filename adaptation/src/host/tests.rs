@@ -159,6 +159,7 @@ async fn slots_of_a_sender_dead_before_this_node_began_stay_held_after_the_chang
         plan,
         failed_moved_in: [None, None],
         failed_kept_since: None,
+        leave: false,
     };
     let mut done = host.done();
     host.update(Update {
@@ -181,6 +182,51 @@ async fn slots_of_a_sender_dead_before_this_node_began_stay_held_after_the_chang
     let verdict = inner.router.lock().expect("router").as_ref().map(|r| r.route(KV, orphan, 5));
     assert_eq!(verdict, Some(Verdict::Hold));
     host.shutdown();
+}
+
+/// A node that asked to leave is shown so in the change's record, not as evicted: a helper's
+/// soak saw every `gobelins leave` in `stats` as `evict nN`.
+#[tokio::test(start_paused = true)]
+async fn a_leave_is_recorded_as_a_leave_and_an_eviction_as_an_eviction() {
+    use gobelins_locator::{CellTree, Epoch, Labels, MigrationPlan, ServiceSpec, TreeConfig};
+    const KV: ServiceId = ServiceId(1);
+    let mut tree = CellTree::new(TreeConfig::default()).expect("config");
+    tree.register_service(ServiceSpec::new(KV, "kv").with_slots(1024)).expect("register");
+    for n in 1..=3 {
+        tree.add_node(NodeId(n), Labels::new()).expect("add");
+    }
+    let old = Arc::new(tree.snapshot(Epoch(4)).expect("snapshot"));
+    tree.apply(&Change::Evict(NodeId(3))).expect("evicted");
+    let new = Arc::new(tree.snapshot(Epoch(5)).expect("snapshot"));
+    for (leave, shown) in [(true, "leave n3"), (false, "evict n3")] {
+        let host =
+            Host::start(NodeId(2), Registry::new(), Arc::new(Flaky::new(0)), HostConfig::default());
+        host.update(Update {
+            epoch: 4,
+            snapshot: Some(Arc::clone(&old)),
+            change: None,
+            departed: BTreeSet::new(),
+        });
+        let change = Progress {
+            epoch: 5,
+            change: Change::Evict(NodeId(3)),
+            participants: BTreeSet::from([NodeId(2)]),
+            plan: MigrationPlan::between(&old, &new),
+            failed_moved_in: [None, None],
+            failed_kept_since: None,
+            leave,
+        };
+        let mut done = host.done();
+        let snapshot = Some(Arc::clone(&new));
+        host.update(Update { epoch: 5, snapshot, change: Some(change), departed: BTreeSet::new() });
+        tokio::time::timeout(Duration::from_secs(10), done.wait_for(|&d| d >= 5))
+            .await
+            .expect("node 2 finishes its part")
+            .expect("host alive");
+        let history = host.history();
+        assert_eq!(history.last().map(|r| r.change.as_str()), Some(shown), "{history:?}");
+        host.shutdown();
+    }
 }
 
 /// A node the cluster gave up on is counted once, and the count stays moved on once the
@@ -294,6 +340,7 @@ fn node_two_before_joining(epoch: u64, service: SlowMerge) -> (Host, Key, Update
             plan,
             failed_moved_in: [None, None],
             failed_kept_since: None,
+            leave: false,
         }),
         departed: BTreeSet::new(),
     };

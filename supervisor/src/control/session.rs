@@ -8,7 +8,7 @@ use crate::entering::Entering;
 use crate::error::{Result, SupervisorError};
 use crate::preview::{preview, Previewed};
 use crate::rpc::View;
-use crate::state::{Command, NodeStatus};
+use crate::state::{Command, NodeStatus, RemovedBy};
 use crate::supervisor::{Lifecycle, Supervisor};
 use gobelins_locator::{Key, ServiceId};
 use serde_json::{json, Value};
@@ -395,6 +395,11 @@ pub fn status_json(view: &View) -> Value {
                 "status": r.status.to_string(),
                 "incarnation": r.incarnation,
                 "kept_out": r.kept_out,
+                // A node out of the cluster by its own leave, or by another node's evict.
+                "removed_by": r.removed_by.map(|by| match by {
+                    RemovedBy::Leave => "leave",
+                    RemovedBy::Evict => "evict",
+                }),
                 "labels": r.labels,
                 "voter": view.voters.contains(id),
                 "silent_ms": silent.map(|&(ms, _)| ms),

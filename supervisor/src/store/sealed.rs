@@ -11,12 +11,12 @@ use sha2::Digest as _;
 /// The bytes of a value's sum, before the value.
 const SUM: usize = 8;
 
-/// The store's format, kept unsealed under [`FORMAT`]: values sealed as here, the state laid
-/// out as protocol 29 lays it out, and the log's commands those of protocol 30, which a build
-/// of 29 cannot read (`Command::HandedOver`).
+/// The store's format, kept unsealed under [`FORMAT`]: values sealed as here, and the state
+/// and the log's commands as protocol 30 lays them out, which a build of 29 cannot read
+/// (`NodeRecord::removed_by`, `Command::HandedOver`).
 pub(super) const CURRENT: &[u8] = b"sealed-4";
 
-/// The format of stores protocol 29's builds wrote: the same but for the log's commands.
+/// The format of stores protocol 29's builds wrote: values sealed, the state in its layout.
 pub(super) const PROTOCOL_29: &[u8] = b"sealed-3";
 
 /// The format of stores protocol 28's builds wrote: values sealed, the state in its layout.

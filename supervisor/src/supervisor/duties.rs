@@ -65,6 +65,13 @@ impl HostFeed {
                 plan: p.plan.clone(),
                 failed_moved_in: p.failed_moved_in,
                 failed_kept_since: p.failed_kept_since,
+                leave: match p.change {
+                    Change::Evict(node) => state
+                        .nodes
+                        .get(&node.0)
+                        .is_some_and(|r| r.removed_by == Some(crate::state::RemovedBy::Leave)),
+                    _ => false,
+                },
             }),
             departed: key.2.iter().map(|&n| NodeId(n)).collect(),
         });
