@@ -19,6 +19,10 @@ use std::time::Duration;
 /// manager: each attempt already waits up to the layer's request deadline.
 const HAND_ON_PAUSE: Duration = Duration::from_secs(1);
 
+/// How long a leaving node waits before asking a manager again that answered `Retry` or
+/// `Busy`.
+const ASK_AGAIN_PAUSE: Duration = Duration::from_millis(50);
+
 /// How long a leaving node waits for a page's manager to take its page, or to see to its
 /// backup, before leaving the page on another live node. A manager that died cannot be
 /// declared so before this leave ends: without this, the leave waited out the layer's
@@ -530,10 +534,25 @@ impl DsmService {
 /// in "receiving", a helper's black-box run). The manager may still carry it out: what it
 /// answers those who ask on this node's behalf after says so.
 async fn ask_manager(ctx: &Context, page: PageId, request: &Request) -> Result<Response, String> {
-    let asked = tokio::time::timeout(MANAGER_PATIENCE, ctx.request(DSM, page.key(), request));
-    match unless_declared(ctx, page, asked).await? {
-        Ok(answer) => answer.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no answer within {} s", MANAGER_PATIENCE.as_secs())),
+    let deadline = tokio::time::Instant::now() + MANAGER_PATIENCE;
+    loop {
+        let asked = tokio::time::timeout_at(deadline, ctx.request(DSM, page.key(), request));
+        match unless_declared(ctx, page, asked).await? {
+            // The manager could not act yet (its replica holder slow to take its word back,
+            // say): asked again, then counted as unanswered. Taken for an answer, a surrender
+            // was dropped as not owned and a backup's move as done, the copy leaving with this
+            // node unsaid (a helper's review).
+            Ok(Ok(Response::Retry | Response::Busy))
+                if tokio::time::Instant::now() + ASK_AGAIN_PAUSE < deadline =>
+            {
+                tokio::time::sleep(ASK_AGAIN_PAUSE).await;
+            }
+            Ok(Ok(Response::Retry | Response::Busy)) => {
+                return Err(format!("asked to retry for {} s", MANAGER_PATIENCE.as_secs()))
+            }
+            Ok(answer) => return answer.map_err(|e| e.to_string()),
+            Err(_) => return Err(format!("no answer within {} s", MANAGER_PATIENCE.as_secs())),
+        }
     }
 }
 

@@ -278,11 +278,18 @@ impl DsmService {
     ) -> Held<'a> {
         let st = self.state();
         let exposures = st.config.backups.then_some(&st.exposures);
-        let leaving = match st.change.lock().expect("change").as_ref().map(|c| &c.change) {
+        let guard = slot.lock().await;
+        // Once the lock is held: a change may have begun while the handler waited for it.
+        Held { guard, me: ctx.node(), exposures, leaving: self.leaver() }
+    }
+
+    /// The node the change this node has begun takes out, if it is an eviction: its copies
+    /// are on their way out, and it takes no new backup (it answers `Departed`).
+    pub(crate) fn leaver(&self) -> Option<NodeId> {
+        match self.state().change.lock().expect("change").as_ref().map(|c| &c.change) {
             Some(Change::Evict(leaver)) => Some(*leaver),
             _ => None,
-        };
-        Held { guard: slot.lock().await, me: ctx.node(), exposures, leaving }
+        }
     }
 
     /// Runs one request: as the key's manager, or as this node's local server when told.

@@ -36,8 +36,11 @@ impl DsmService {
         // holding both lost it (a manager that owned the page and chose itself for a writer's
         // backup died before the grant arrived).
         let taken_from = entry.owner.filter(|&o| o != writer && taking);
-        // Nor a node the cluster gave up on, whose recovery has yet to reach this node.
-        let live = |n: NodeId| !self.gone(ctx, n) && !ctx.gone(n);
+        // Nor a node the cluster gave up on, whose recovery has yet to reach this node, nor one
+        // leaving: it takes no backup (it answers `Departed`), and a write fault retried on
+        // the same choice until the change ended (a helper's review).
+        let leaver = self.leaver();
+        let live = |n: NodeId| !self.gone(ctx, n) && !ctx.gone(n) && Some(n) != leaver;
         // A backup nearer the writer than the farthest live node (in the writer's zone, while
         // another zone has a live node) is replaced by one there: kept, the writer's zone lost
         // whole would take both copies. Looked at only for a backup kept otherwise, and
@@ -181,8 +184,10 @@ impl DsmService {
     fn live_after(&self, ctx: &Context, after: NodeId, leaving: NodeId) -> Option<NodeId> {
         let snapshot = ctx.snapshot()?;
         let nodes = snapshot.nodes().iter().copied();
+        // Nor the change's leaver, which takes no backup.
+        let out = |n: NodeId| n == leaving || Some(n) == self.leaver();
         let live: Vec<NodeId> =
-            nodes.filter(|&n| n != leaving && !self.gone(ctx, n) && !ctx.gone(n)).collect();
+            nodes.filter(|&n| !out(n) && !self.gone(ctx, n) && !ctx.gone(n)).collect();
         next_node(Some(snapshot), &live, after, None)
     }
 

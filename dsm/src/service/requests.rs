@@ -251,8 +251,10 @@ impl DsmService {
             Request::Backup { page, version, commit, data } => {
                 // Not once this node's leave has begun: its hand-over may have looked at its
                 // frames already, and the copy would leave with it unsaid, while the page's
-                // manager, lagging, counts it as kept elsewhere (a helper's review). The owner
-                // asks the manager for another backup, as for a sealed frame.
+                // manager, lagging, counts it as kept elsewhere (a helper's review). A
+                // committing owner then asks the manager for another backup, as for a sealed
+                // frame; a manager placing a backup retries, and once it has begun the change
+                // it chooses another node (`choose_backup`, `live_after`).
                 if self.state().leaving.load(Ordering::SeqCst) {
                     return Response::Departed;
                 }

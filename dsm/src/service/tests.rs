@@ -73,8 +73,8 @@ async fn an_entry_marked_lost_takes_its_leavers_page_of_that_version_back() {
 
 /// A node whose leave has begun takes no more backups: its hand-over may have looked at its
 /// frames already, and the copy would have left with it unsaid while a lagging manager
-/// counted it as the page's copy elsewhere (a helper's review). The owner asks the manager
-/// for another, as for a frame sealed.
+/// counted it as the page's copy elsewhere (a helper's review). A committing owner asks the
+/// manager for another, as for a frame sealed.
 #[tokio::test]
 async fn a_node_whose_leave_began_takes_no_more_backups() {
     let node = DsmNode::new(DsmConfig { backups: true, ..DsmConfig::default() });
@@ -188,6 +188,35 @@ fn a_backup_goes_to_another_zone_before_another_rack() {
     assert_eq!(next_node(Some(&s), &nodes, NodeId(1), no_b), Some(NodeId(2)), "another rack");
     assert_eq!(next_node(Some(&s), &nodes, NodeId(4), None), Some(NodeId(1)), "wrapping");
     assert_eq!(next_node(None, &nodes, NodeId(1), None), Some(NodeId(2)), "the next node");
+}
+
+/// A manager that has begun an eviction gives no write its backup on the leaver, which takes
+/// none (it answers `Departed`): chosen each time as the next node after the writer, a write
+/// fault was retried on it until the change ended (a helper's review).
+#[test]
+fn a_backup_is_never_chosen_on_the_node_leaving() {
+    use gobelins_locator::{CellTree, Epoch, Labels, ServiceId, TreeConfig};
+    let mut tree = CellTree::new(TreeConfig::default()).expect("valid");
+    tree.register_service(ServiceSpec::new(ServiceId(1), "dsm").with_slots(64)).expect("room");
+    for n in 1..=4 {
+        tree.add_node(NodeId(n), Labels::new()).expect("added");
+    }
+    let snapshot = Arc::new(tree.snapshot(Epoch(1)).expect("members"));
+    let node = DsmNode::new(DsmConfig { backups: true, ..DsmConfig::default() });
+    let service = node.service();
+    let ctx = Context::detached(NodeId(1), 1, Some(snapshot));
+    let entry = PageEntry::default();
+    let chosen = |service: &DsmService| service.choose_backup(&ctx, &entry, NodeId(2), false);
+    assert_eq!(chosen(&service), Some((NodeId(3), false)), "the next node after the writer");
+    *service.state().change.lock().expect("change") = Some(gobelins_adaptation::ChangeInfo {
+        epoch: 2,
+        change: gobelins_locator::Change::Evict(NodeId(3)),
+        participants: Default::default(),
+        acked: Default::default(),
+        failed_moved_in: [None, None],
+        failed_kept_since: None,
+    });
+    assert_eq!(chosen(&service), Some((NodeId(4), false)), "not the leaver");
 }
 
 /// A tainted slot, forgiven: a page never written there reads as zeros again, and so does one
