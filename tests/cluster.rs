@@ -97,6 +97,13 @@ fn five_agents_join_leave_die_and_come_back_with_one_configuration() {
     let exited = agents[4].child.as_mut().expect("child").wait().expect("wait");
     assert!(exited.success(), "a node that left exits cleanly");
     agents[4].child = None;
+    // Told apart from an eviction: in the record, and in the leaver's last line.
+    let view = status(&agents[0].dir, false).expect("status");
+    let nodes = view["nodes"].as_array().expect("nodes");
+    let five = nodes.iter().find(|n| n["id"] == 5).expect("node 5");
+    assert_eq!(five["removed_by"], "leave", "{five}");
+    let last = log_of(&agents[4]);
+    assert!(last.contains("this node left the cluster (`gobelins leave`)"), "{last}");
 
     // Node 3 dies without a word.
     agents[2].child.as_mut().expect("child").kill().expect("kill -9");

@@ -72,9 +72,10 @@ pub struct NodeRecord {
     /// `--join` brings it back.
     #[serde(default, with = "crate::layout::since_28")]
     pub kept_out: bool,
-    /// Who took this life out: itself (`gobelins leave`) or another node (`evict`). What
-    /// `status` and `stats` say of its removal, which the cluster otherwise carries out alike;
-    /// recorded from the rules of 30 on (`None` before, and for a life still in).
+    /// Who asked this life out: itself (`gobelins leave`) or another node (`evict`). What
+    /// `status` and `stats` say of its removal, which the cluster otherwise carries out alike.
+    /// Recorded from the rules of 30 on (`None` before), kept should the node fail on its way
+    /// out, and dropped should the locator refuse the change (the node is active again).
     #[serde(default, with = "crate::layout::since_30")]
     pub removed_by: Option<RemovedBy>,
 }
@@ -1000,7 +1001,12 @@ impl ClusterState {
                             self.nodes.remove(&node.0);
                             self.kept_since.forget(*node);
                         }
-                        Change::Evict(node) => self.set_status(node.0, NodeStatus::Active),
+                        Change::Evict(node) => {
+                            self.set_status(node.0, NodeStatus::Active);
+                            if let Some(record) = self.nodes.get_mut(&node.0) {
+                                record.removed_by = None;
+                            }
+                        }
                         _ => {}
                     }
                     tracing::warn!(%change, %error, "configuration change refused by the locator");

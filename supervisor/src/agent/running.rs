@@ -111,7 +111,7 @@ pub async fn run(
         // asking is told so, not that the cluster is stable or that the node never joined.
         entering.now_doing(
             "restarted: waiting for the cluster to end this node's last life and admit it as a \
-             new one (a majority of the voters must be up)"
+             new one: a few seconds, for as long as a majority of the voters is down"
                 .to_string(),
         );
         tokio::spawn(entered_once_admitted(Arc::clone(&agent.supervisor), entering.clone()));
@@ -146,7 +146,7 @@ pub async fn run(
                 Ok(Lifecycle::Fatal(why)) => fatal = Some(why),
                 Ok(Lifecycle::Refused(why)) => refused = Some(why),
                 _ => {
-                    tracing::warn!("this node is not a member of the cluster any more (it left, was evicted, or had left before this start); stopping. To take part again, start it with --join ADDR (the address of a member), as a new life of this node");
+                    gone_line(&agent.supervisor, left_before);
                     // Still a voter, it waits for the change of voters that leaves it out, which
                     // needs its vote: of two voters, the other would have no quorum for good.
                     // The change began with the leave, and is usually done by now.
@@ -194,6 +194,29 @@ fn join_hint(
          gobelins agent --data-dir <dir> --listen <addr:port> --join {addr} --secret-file cluster.secret{labels}",
         secret.display()
     )
+}
+
+/// Says why this node is out of the cluster: its own leave, another node's eviction, or one
+/// of them before this start. At the default level, as for a signal: otherwise the log just
+/// ends. A helper's soak could not tell a leave from an eviction by any line or view.
+fn gone_line(supervisor: &crate::supervisor::Supervisor, left_before: bool) {
+    const AGAIN: &str = "To take part again, start it with --join ADDR (the address of a \
+                         member), as a new life of this node";
+    let state = supervisor.state();
+    let by = state.nodes.get(&supervisor.id()).and_then(|r| r.removed_by);
+    match (by, left_before) {
+        (Some(crate::state::RemovedBy::Leave), false) => {
+            tracing::warn!("this node left the cluster (`gobelins leave`); stopping. {AGAIN}")
+        }
+        (Some(crate::state::RemovedBy::Evict), false) => tracing::warn!(
+            "this node was evicted from the cluster (`gobelins evict` on another node); \
+             stopping. {AGAIN}"
+        ),
+        _ => tracing::warn!(
+            "this node is not a member of the cluster any more (it left, was evicted, or had \
+             left before this start); stopping. {AGAIN}"
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -415,9 +415,19 @@ pub fn status_json(view: &View) -> Value {
     // A suspect is a failure not yet committed: the change that recovers it is on its way.
     let suspected = view.silent.values().any(|&(_, suspected)| suspected);
     let in_progress = state.in_progress.as_ref().map(|p| {
+        // A leave as the leave it is, as `stats` has it.
+        let change = match p.change {
+            gobelins_locator::Change::Evict(node)
+                if state.nodes.get(&node.0).and_then(|r| r.removed_by)
+                    == Some(RemovedBy::Leave) =>
+            {
+                format!("leave {node}")
+            }
+            ref change => change.to_string(),
+        };
         json!({
             "epoch": p.epoch,
-            "change": p.change.to_string(),
+            "change": change,
             "participants": p.participants,
             "done": p.done,
         })

@@ -271,7 +271,14 @@ impl Supervisor {
         lagged.extend(matched.keys().filter(|id| !voters.contains(id) && behind(id)));
         // Said of active members only: one dead and not yet taken out of raft lags too.
         let active = |id: &u64| state.nodes.get(id).is_some_and(|r| r.status == NodeStatus::Active);
-        for node in began.into_iter().filter(active) {
+        // Nor of one that said it stops on purpose: it lags because it stopped (a helper's
+        // soak: a node stopped with SIGTERM was said to have a slow disk 300 ms later).
+        let flaps = self.flaps.lock().expect("flaps");
+        let stopping =
+            |id: &u64| state.nodes.get(id).is_some_and(|r| flaps.said_stopping(*id, r.incarnation));
+        let began: Vec<u64> = began.into_iter().filter(|id| active(id) && !stopping(id)).collect();
+        drop(flaps);
+        for node in began {
             let stored = matched.get(&node).copied().flatten();
             tracing::warn!(node, ?stored, window_ms = crate::lag::LAG_WINDOW.as_millis() as u64, "this node has not stored raft's entries of the last window (its disk is slow, or it is starved of CPU): it gets no vote while it lags and for a while after, and its part in the cluster's changes may come late. Check its disk (fsync times) and its load");
         }
