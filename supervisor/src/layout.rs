@@ -54,52 +54,46 @@ fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
     }
 }
 
-/// A field added at protocol 28: [`crate::state::NodeRecord::kept_out`],
-/// [`crate::state::ClusterState::rules`].
-pub(crate) mod since_28 {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+/// A module for `#[serde(with = ...)]` on the fields added at protocol `$version`.
+macro_rules! added_at {
+    ($(#[$doc:meta])* $name:ident, $version:literal) => {
+        $(#[$doc])*
+        pub(crate) mod $name {
+            use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-    pub(crate) fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-        super::serialize(28, v, s)
-    }
+            pub(crate) fn serialize<T: Serialize, S: Serializer>(
+                v: &T,
+                s: S,
+            ) -> Result<S::Ok, S::Error> {
+                super::serialize($version, v, s)
+            }
 
-    pub(crate) fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<T, D::Error> {
-        super::deserialize(28, d)
-    }
+            pub(crate) fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
+                d: D,
+            ) -> Result<T, D::Error> {
+                super::deserialize($version, d)
+            }
+        }
+    };
 }
 
-/// A field added at protocol 29: [`crate::state::ClusterState::kept_since`],
-/// [`crate::state::InProgress::failed_kept_since`].
-pub(crate) mod since_29 {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub(crate) fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-        super::serialize(29, v, s)
-    }
-
-    pub(crate) fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<T, D::Error> {
-        super::deserialize(29, d)
-    }
-}
-
-/// A field added at protocol 30: [`crate::state::NodeRecord::removed_by`].
-pub(crate) mod since_30 {
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub(crate) fn serialize<T: Serialize, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
-        super::serialize(30, v, s)
-    }
-
-    pub(crate) fn deserialize<'de, T: Deserialize<'de> + Default, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<T, D::Error> {
-        super::deserialize(30, d)
-    }
-}
+added_at!(
+    /// A field added at protocol 28: [`crate::state::NodeRecord::kept_out`],
+    /// [`crate::state::ClusterState::rules`].
+    since_28,
+    28
+);
+added_at!(
+    /// A field added at protocol 29: [`crate::state::ClusterState::kept_since`],
+    /// [`crate::state::InProgress::failed_kept_since`].
+    since_29,
+    29
+);
+added_at!(
+    /// A field added at protocol 30: [`crate::state::NodeRecord::removed_by`].
+    since_30,
+    30
+);
 
 #[cfg(test)]
 mod tests {

@@ -44,6 +44,19 @@ fn status(state: &ClusterState, node: u64) -> NodeStatus {
     state.nodes[&node].status
 }
 
+/// A stable cluster under `rules` of nodes 1 to `nodes`, one service of `slots` slots.
+fn stable_cluster(rules: u8, slots: u32, nodes: u64) -> ClusterState {
+    let mut state = ClusterState::default();
+    state.apply(&Rules { version: rules }).expect("rules");
+    state.apply(&register(1, slots)).unwrap();
+    settle(&mut state);
+    for n in 1..=nodes {
+        state.apply(&join(n)).unwrap();
+        settle(&mut state);
+    }
+    state
+}
+
 #[test]
 fn the_first_node_joins_and_becomes_active_when_it_reports() {
     let state =
@@ -737,16 +750,9 @@ fn a_failure_says_since_when_the_dead_node_s_word_holds() {
 #[test]
 fn an_eviction_counts_against_a_dead_node_s_word_only_if_its_leaver_took_a_copy_away() {
     for ending in ["handed over", "took a copy away", "died"] {
-        let mut state = ClusterState::default();
-        state.apply(&Rules { version: RULES }).expect("this build's rules");
         // Few slots, so that the leaver's go to few nodes: a node handed some has its word
         // counted from the eviction on anyway.
-        state.apply(&register(1, 8)).unwrap();
-        settle(&mut state);
-        for n in 1..=6 {
-            state.apply(&join(n)).unwrap();
-            settle(&mut state);
-        }
+        let mut state = stable_cluster(RULES, 8, 6);
         state.apply(&Evict { node: 6 }).unwrap();
         let evict = state.in_progress.clone().expect("node 6's eviction");
         assert!(evict.participants.contains(&6));
@@ -790,14 +796,7 @@ fn an_eviction_counts_against_a_dead_node_s_word_only_if_its_leaver_took_a_copy_
 #[test]
 fn a_node_s_record_says_whether_it_left_or_was_evicted() {
     for rules in [29, RULES] {
-        let mut state = ClusterState::default();
-        state.apply(&Rules { version: rules }).expect("rules");
-        state.apply(&register(1, 64)).unwrap();
-        settle(&mut state);
-        for n in 1..=4 {
-            state.apply(&join(n)).unwrap();
-            settle(&mut state);
-        }
+        let mut state = stable_cluster(rules, 64, 4);
         state.apply(&Leave { node: 3 }).unwrap();
         settle(&mut state);
         state.apply(&Evict { node: 4 }).unwrap();
@@ -816,15 +815,8 @@ fn a_node_s_record_says_whether_it_left_or_was_evicted() {
 /// written then replays as it did.
 #[test]
 fn under_the_rules_of_29_an_eviction_counts_as_it_begins() {
-    let mut state = ClusterState::default();
-    state.apply(&Rules { version: 29 }).expect("29's rules");
     // Few slots, so that some node takes none of the leaver's.
-    state.apply(&register(1, 8)).unwrap();
-    settle(&mut state);
-    for n in 1..=6 {
-        state.apply(&join(n)).unwrap();
-        settle(&mut state);
-    }
+    let mut state = stable_cluster(29, 8, 6);
     state.apply(&Evict { node: 6 }).unwrap();
     let evict = state.in_progress.clone().expect("node 6's eviction");
     let receivers = evict.plan.receivers();

@@ -128,19 +128,26 @@ async fn a_config_of_no_answers_per_key_keeps_one_and_does_not_panic() {
     inner.stop();
 }
 
+/// Nodes 1 to 3 holding a service of 1,024 slots, and their table at epoch 4.
+fn three_nodes_at_epoch_4() -> (gobelins_locator::CellTree, Arc<gobelins_locator::Snapshot>) {
+    use gobelins_locator::{CellTree, Epoch, Labels, ServiceSpec, TreeConfig};
+    let mut tree = CellTree::new(TreeConfig::default()).expect("config");
+    tree.register_service(ServiceSpec::new(ServiceId(1), "kv").with_slots(1024)).expect("kv");
+    for n in 1..=3 {
+        tree.add_node(NodeId(n), Labels::new()).expect("add");
+    }
+    let old = Arc::new(tree.snapshot(Epoch(4)).expect("snapshot"));
+    (tree, old)
+}
+
 /// Node 4 joins. Node 1, which was to hand it some slots, died before node 4 even began the
 /// change: node 4 learns of both at once, as a lagging node does. Those slots must stay
 /// held after the change, until node 1's recovery rebuilds them, not be served empty.
 #[tokio::test(start_paused = true)]
 async fn slots_of_a_sender_dead_before_this_node_began_stay_held_after_the_change() {
-    use gobelins_locator::{CellTree, Epoch, Labels, MigrationPlan, ServiceSpec, TreeConfig};
+    use gobelins_locator::{Epoch, Labels, MigrationPlan};
     const KV: ServiceId = ServiceId(1);
-    let mut tree = CellTree::new(TreeConfig::default()).expect("config");
-    tree.register_service(ServiceSpec::new(KV, "kv").with_slots(1024)).expect("register");
-    for n in 1..=3 {
-        tree.add_node(NodeId(n), Labels::new()).expect("add");
-    }
-    let old = Arc::new(tree.snapshot(Epoch(4)).expect("snapshot"));
+    let (mut tree, old) = three_nodes_at_epoch_4();
     tree.add_node(NodeId(4), Labels::new()).expect("add");
     let new = Arc::new(tree.snapshot(Epoch(5)).expect("snapshot"));
     let plan = MigrationPlan::between(&old, &new);
@@ -188,14 +195,8 @@ async fn slots_of_a_sender_dead_before_this_node_began_stay_held_after_the_chang
 /// soak saw every `gobelins leave` in `stats` as `evict nN`.
 #[tokio::test(start_paused = true)]
 async fn a_leave_is_recorded_as_a_leave_and_an_eviction_as_an_eviction() {
-    use gobelins_locator::{CellTree, Epoch, Labels, MigrationPlan, ServiceSpec, TreeConfig};
-    const KV: ServiceId = ServiceId(1);
-    let mut tree = CellTree::new(TreeConfig::default()).expect("config");
-    tree.register_service(ServiceSpec::new(KV, "kv").with_slots(1024)).expect("register");
-    for n in 1..=3 {
-        tree.add_node(NodeId(n), Labels::new()).expect("add");
-    }
-    let old = Arc::new(tree.snapshot(Epoch(4)).expect("snapshot"));
+    use gobelins_locator::{Epoch, MigrationPlan};
+    let (mut tree, old) = three_nodes_at_epoch_4();
     tree.apply(&Change::Evict(NodeId(3))).expect("evicted");
     let new = Arc::new(tree.snapshot(Epoch(5)).expect("snapshot"));
     for (leave, shown) in [(true, "leave n3"), (false, "evict n3")] {

@@ -484,6 +484,14 @@ fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere(
     })
 }
 
+/// A cluster of two nodes with backups, `manager`'s word given, and a page it manages.
+async fn two_nodes_and_a_page_of(manager: NodeId) -> (Cluster, PageId) {
+    let cluster = Cluster::with_backups(2).await;
+    word_given(&cluster, manager).await;
+    let page = pages_managed_by(&cluster, manager, SEGMENT, 2048)[0];
+    (cluster, PageId { segment: SEGMENT, page })
+}
+
 /// A leaving node asks the manager to move the backup it keeps of a page the manager owns,
 /// and no other node can take one: the manager answers Ok, for the leaver's copy is not its to
 /// keep, and takes its word back first, since the page then has no copy outside the manager.
@@ -493,13 +501,8 @@ fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere(
 #[test]
 fn with_backups_a_manager_whose_page_s_backup_leaves_unreplaced_takes_its_word_back() {
     replay(async {
-        let cluster = Cluster::with_backups(2).await;
         let (manager, leaver) = (NodeId(1), NodeId(2));
-        word_given(&cluster, manager).await;
-        let page = PageId {
-            segment: SEGMENT,
-            page: pages_managed_by(&cluster, manager, SEGMENT, 2048)[0],
-        };
+        let (cluster, page) = two_nodes_and_a_page_of(manager).await;
         put(&cluster.dsm(manager), page, 5).await;
         let word = || cluster.made.lock().expect("made")[manager.0 as usize].word();
         assert!(word().is_some(), "the page's backup is on the other node: the word stands");
@@ -519,13 +522,8 @@ fn with_backups_a_manager_whose_page_s_backup_leaves_unreplaced_takes_its_word_b
 #[test]
 fn with_backups_a_manager_whose_replica_holder_is_silent_answers_retry_rather_than_hang() {
     replay(async {
-        let cluster = Cluster::with_backups(2).await;
         let (manager, holder) = (NodeId(1), NodeId(2));
-        word_given(&cluster, manager).await;
-        let page = PageId {
-            segment: SEGMENT,
-            page: pages_managed_by(&cluster, manager, SEGMENT, 2048)[0],
-        };
+        let (cluster, page) = two_nodes_and_a_page_of(manager).await;
         let rebackup = written_without_backup(&cluster, manager, holder, page).await;
         let ctx = cluster.mem.host(manager).context();
         cluster.mem.crash(holder);
