@@ -595,6 +595,18 @@ impl MemCluster {
                 && !self.host(leaver).took_copies_away(progress.epoch);
             if !placed {
                 self.kept_since.removed(progress.epoch, leaver);
+            } else {
+                // The words it took count against their nodes, but for a node dead meanwhile
+                // whose recovery it stays for (see `MemCluster::without`).
+                let held = |n: NodeId| {
+                    self.began_from.as_ref().and_then(|t| t.replica_holder(n)) == Some(leaver)
+                };
+                let sent = |n: NodeId| progress.plan.outgoing(leaver).any(|(_, m)| m.to == n);
+                for node in self.host(leaver).words_taken(progress.epoch) {
+                    if !(self.departed.contains(&node) && (held(node) || sent(node))) {
+                        self.kept_since.void(progress.epoch, node);
+                    }
+                }
             }
         }
         self.broadcast(None, self.snapshot());

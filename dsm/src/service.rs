@@ -558,6 +558,11 @@ impl Service for DsmService {
         *self.state().exposed.lock().expect("exposed") = Some((change.epoch, exposed));
         if change.change == Change::Evict(ctx.node()) {
             self.state().frames.clear();
+            // The words this node keeps for others leave with it: the latest of what they said
+            // may be only here, and an older word on an earlier holder must not count then.
+            let held: Vec<NodeId> =
+                self.state().vouches.lock().expect("vouches").keys().copied().collect();
+            ctx.took_words_of(held);
         }
     }
 

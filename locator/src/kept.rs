@@ -15,6 +15,9 @@
 //!   nodes, where its recovery finds them. Before, every eviction counted, and a node killed
 //!   just before an operator evicted another had a third of its slots tainted (helpers'
 //!   black-box runs: 683 to 1,365 of 4,096);
+//! - a leave that took away the latest of what the node said (its word, kept on the leaver
+//!   as its replica holder, or its taking back), when the leaver does not stay for its
+//!   recovery: an older word kept on an earlier holder could then count;
 //! - a change that moves slots to the node: a join (the joiner's, and a new life of an id
 //!   says nothing of the last), a rebalance, the slots a recovery hands it.
 //!
@@ -84,6 +87,15 @@ impl KeptSince {
     /// of: every other node's earlier word may be untrue.
     pub fn removed(&mut self, epoch: u64, gone: NodeId) {
         for (_, since) in self.0.iter_mut().filter(|(n, _)| **n != gone) {
+            *since = (*since).max(epoch);
+        }
+    }
+
+    /// A word `node` gave before the change begun at `epoch` may no longer be told true from
+    /// untrue: a leaver took away the latest of what it said (its word, or its taking back),
+    /// and an older one may still be kept elsewhere.
+    pub fn void(&mut self, epoch: u64, node: NodeId) {
+        if let Some(since) = self.0.get_mut(&node) {
             *since = (*since).max(epoch);
         }
     }

@@ -164,6 +164,9 @@ pub enum Command {
         node: u64,
         /// The epoch it reached.
         epoch: u64,
+        /// The nodes whose words it takes away ([`gobelins_adaptation::Context::took_words_of`]):
+        /// the leave counts against theirs, but for those whose recovery it stays for.
+        words_of: Vec<u64>,
     },
 }
 
@@ -515,8 +518,10 @@ impl ClusterState {
             },
             Command::Fail { node, incarnation } => self.fail(*node, *incarnation, false),
             Command::Dead { node, incarnation } => self.fail(*node, *incarnation, true),
-            Command::MigrationDone { node, epoch } => self.done(*node, *epoch, false),
-            Command::HandedOver { node, epoch } => self.done(*node, *epoch, true),
+            Command::MigrationDone { node, epoch } => self.done(*node, *epoch, None),
+            Command::HandedOver { node, epoch, words_of } => {
+                self.done(*node, *epoch, Some(words_of))
+            }
             Command::Shape { levels } => self.shape(levels),
             Command::Rules { version } => {
                 if self.rules < 29 && *version >= 29 {
@@ -764,8 +769,8 @@ impl ClusterState {
     }
 
     /// `node` finished its part of the change to `epoch`; `handed` when, leaving, it took no
-    /// copy away that its services could place nowhere.
-    fn done(&mut self, node: u64, epoch: u64, handed: bool) -> Outcome {
+    /// copy away that its services could place nowhere, with the nodes whose words it took.
+    fn done(&mut self, node: u64, epoch: u64, handed: Option<&[u64]>) -> Outcome {
         let current = self.epoch;
         let progress =
             self.in_progress.as_mut().ok_or(Refusal::NotInProgress { got: epoch, current })?;
@@ -775,9 +780,19 @@ impl ClusterState {
         if !progress.participants.contains(&node) {
             return Err(Refusal::NotParticipant { node, epoch });
         }
-        if self.rules >= 30 && progress.change == Change::Evict(NodeId(node)) && !handed {
+        if self.rules >= 30 && progress.change == Change::Evict(NodeId(node)) {
             // Before the next change begins: a recovery reads the record as it does.
-            self.kept_since.removed(epoch, NodeId(node));
+            match handed {
+                None => self.kept_since.removed(epoch, NodeId(node)),
+                Some(words_of) => {
+                    // A node whose recovery the leaver stays for has its words passed on by
+                    // the leaver's scan; the others' latest leaves with it.
+                    let stays = self.lingering.get(&node);
+                    for &of in words_of.iter().filter(|n| !stays.is_some_and(|s| s.contains(n))) {
+                        self.kept_since.void(epoch, NodeId(of));
+                    }
+                }
+            }
         }
         progress.done.insert(node);
         if progress.done.is_superset(&progress.participants) {

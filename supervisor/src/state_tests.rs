@@ -768,7 +768,9 @@ fn an_eviction_counts_against_a_dead_node_s_word_only_if_its_leaver_took_a_copy_
         }
         state.apply(&Fail { node: dead, incarnation: 1 }).unwrap();
         match ending {
-            "handed over" => state.apply(&HandedOver { node: 6, epoch: evict.epoch }),
+            "handed over" => {
+                state.apply(&HandedOver { node: 6, epoch: evict.epoch, words_of: vec![] })
+            }
             "took a copy away" => state.apply(&done(6, evict.epoch)),
             _ => Ok(Recorded { stable: false }),
         }
@@ -811,6 +813,52 @@ fn a_node_s_record_says_whether_it_left_or_was_evicted() {
     }
 }
 
+/// A leaver that kept other nodes' words (their replica holder) takes the latest of what they
+/// said away: an older word kept on an earlier holder must not count then, so the leave counts
+/// against theirs. But for a node whose recovery the leaver stays for (it died during the
+/// leave, the leaver holding its replicas): the leaver's scan passes its word on, and a node
+/// killed just before its holder's eviction keeps its word.
+#[test]
+fn a_leave_counts_against_the_words_its_leaver_took_but_not_those_it_stays_to_pass_on() {
+    let state = stable_cluster(RULES, 8, 6);
+    let old = state.tree.snapshot(Epoch(state.epoch)).expect("nodes");
+    // A leaver and a node whose holder it is, neither taking the other's slots.
+    let mut found = None;
+    for leaver in 1..=6u64 {
+        let mut tree = state.tree.clone();
+        tree.apply(&Change::Evict(NodeId(leaver))).expect("evicted");
+        let new = tree.snapshot(Epoch(state.epoch + 1)).expect("nodes");
+        let receivers = MigrationPlan::between(&old, &new).receivers();
+        let held = (1..=6u64).find(|&n| {
+            n != leaver
+                && old.replica_holder(NodeId(n)) == Some(NodeId(leaver))
+                && !receivers.contains(&NodeId(n))
+        });
+        if let Some(held) = held {
+            found = Some((leaver, held));
+            break;
+        }
+    }
+    let (leaver, held) =
+        found.expect("a leaver holding a node's words that takes none of its slots");
+    for dies in [false, true] {
+        let mut state = state.clone();
+        let before = state.kept_since.of(NodeId(held)).expect("recorded");
+        state.apply(&Evict { node: leaver }).unwrap();
+        let evict = state.in_progress.clone().expect("the eviction");
+        if dies {
+            state.apply(&Fail { node: held, incarnation: 1 }).expect("declared failed");
+            assert!(state.lingering[&leaver].contains(&held), "the leaver stays for it");
+        }
+        let handed = HandedOver { node: leaver, epoch: evict.epoch, words_of: vec![held] };
+        state.apply(&handed).expect("a participant");
+        match dies {
+            false => assert_eq!(state.kept_since.of(NodeId(held)), Some(evict.epoch)),
+            true => assert_eq!(state.kept_since.of(NodeId(held)), Some(before), "passed on"),
+        }
+    }
+}
+
 /// Under rules of 29, an eviction counts as it begins, whatever its leaver says: a log
 /// written then replays as it did.
 #[test]
@@ -822,7 +870,8 @@ fn under_the_rules_of_29_an_eviction_counts_as_it_begins() {
     let receivers = evict.plan.receivers();
     let other = (1..=5).find(|&n| !receivers.contains(&NodeId(n))).expect("a node not receiving");
     assert_eq!(state.kept_since.of(NodeId(other)), Some(evict.epoch));
-    state.apply(&HandedOver { node: 6, epoch: evict.epoch }).expect("a participant");
+    let handed = HandedOver { node: 6, epoch: evict.epoch, words_of: vec![] };
+    state.apply(&handed).expect("a participant");
     assert_eq!(state.kept_since.of(NodeId(other)), Some(evict.epoch));
 }
 

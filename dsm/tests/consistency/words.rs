@@ -484,6 +484,72 @@ fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere(
     })
 }
 
+/// A manager's holder changes with a join: the old holder keeps its older word, and the new
+/// one gets the latest, then the manager's taking it back. The new holder is evicted, taking
+/// that latest away; the manager dies before it gives its word again. The old holder's word
+/// must not count then: the manager had taken it back, since a page had no copy outside it.
+/// So the leave counts against the words its leaver took: never-written pages of the dead
+/// manager's read as lost, not as zeros (the old word would have vouched for a page that had
+/// no copy left).
+#[test]
+fn with_backups_a_word_taken_back_at_an_evicted_holder_leaves_no_older_word_to_count() {
+    replay(async {
+        // Cells of two, so that the evicted holder's slots go to its cell only.
+        let shape = TreeConfig::default().with_cell_capacity(2);
+        let config = DsmConfig { backups: true, ..DsmConfig::default() };
+        let mut cluster = Cluster::start_shaped(6, shape, config).await;
+        for node in (1..=6).map(NodeId) {
+            word_given(&cluster, node).await;
+        }
+        let before = cluster.mem.snapshot();
+        let added = cluster.mem.add().await;
+        let after = cluster.mem.snapshot();
+        let holders = |n| (before.replica_holder(n), after.replica_holder(n));
+        let receives = |n, from| cluster.mem.preview(&Change::Evict(from)).receivers().contains(&n);
+        let manager = (1..=6)
+            .map(NodeId)
+            .find(|&n| match holders(n) {
+                (Some(old), Some(new)) => old != new && new != n && !receives(n, new),
+                _ => false,
+            })
+            .expect("a manager whose holder the join changed, taking none of its slots");
+        let (Some(old_holder), Some(holder)) = holders(manager) else { unreachable!() };
+        word_given(&cluster, manager).await;
+        // A page of the manager's left with no copy outside it: its backup asks to be let go
+        // (as a leaver would) while every other node but the holder is silent, so that no new
+        // backup is found.
+        let pages = pages_managed_by(&cluster, manager, SEGMENT, 2048);
+        let written = PageId { segment: SEGMENT, page: pages[0] };
+        put(&cluster.dsm(manager), written, 3).await;
+        let others: Vec<NodeId> =
+            (1..=added.0).map(NodeId).filter(|&n| n != manager && n != holder).collect();
+        for &n in &others {
+            cluster.mem.crash(n);
+        }
+        let ctx = cluster.mem.host(manager).context();
+        for node in (1..=added.0).map(NodeId).filter(|&n| n != manager) {
+            let abandon = gobelins_dsm::Request::Abandon { node, copy: None };
+            let answer: gobelins_dsm::Response =
+                ctx.request(gobelins_dsm::DSM, written.key(), &abandon).await.expect("asked");
+            assert!(matches!(answer, gobelins_dsm::Response::Ok), "{answer:?}");
+        }
+        let word = cluster.made.lock().expect("made")[manager.0 as usize].word();
+        assert_eq!(word, None, "taken back from the holder, {holder}");
+        for &n in &others {
+            cluster.mem.heal(n);
+        }
+        assert!(others.contains(&old_holder), "the old holder survives, with its older word");
+
+        cluster.mem.evict(holder).await;
+        cluster.mem.fail(manager).await;
+
+        let reader = others.iter().copied().find(|&n| n != holder).expect("a reader");
+        let unwritten = PageId { segment: SEGMENT, page: pages[1] };
+        let read = outcome(&cluster.dsm(reader), unwritten).await;
+        assert!(read.as_ref().is_err_and(|e| e.contains("lost")), "{read:?}");
+    })
+}
+
 /// A cluster of two nodes with backups, `manager`'s word given, and a page it manages.
 async fn two_nodes_and_a_page_of(manager: NodeId) -> (Cluster, PageId) {
     let cluster = Cluster::with_backups(2).await;

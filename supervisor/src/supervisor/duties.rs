@@ -369,9 +369,10 @@ impl Supervisor {
         let handed = state.rules >= 30
             && progress.change == Change::Evict(NodeId(me.me.id))
             && !self.host.took_copies_away(epoch);
+        let words_of: Vec<u64> = self.host.words_taken(epoch).into_iter().map(|n| n.0).collect();
         tokio::spawn(async move {
             let command = match handed {
-                true => Command::HandedOver { node: me.me.id, epoch },
+                true => Command::HandedOver { node: me.me.id, epoch, words_of },
                 false => Command::MigrationDone { node: me.me.id, epoch },
             };
             if let Err(error) = me.propose(command).await {
