@@ -158,12 +158,6 @@ pub(crate) struct Inner {
     pub(crate) begun: watch::Sender<u64>,
     /// The last epoch this node reported done.
     pub(crate) done: watch::Sender<u64>,
-    /// The last epoch whose change took away, as this node left, a copy a service could place
-    /// nowhere ([`Context::took_copies_away`](crate::Context::took_copies_away)).
-    pub(crate) took_away: std::sync::atomic::AtomicU64,
-    /// The nodes whose words this node takes away as it leaves in the change to an epoch
-    /// ([`Context::took_words_of`](crate::Context::took_words_of)).
-    pub(crate) words_taken: Mutex<(u64, BTreeSet<NodeId>)>,
     /// The last epoch whose entries this node began to merge (`after_migration`). A batch is
     /// staged under its read lock, a merge begins under its write lock: a batch sent again
     /// that comes in once the merge has begun is refused, not staged for the next change's
@@ -365,27 +359,6 @@ impl Host {
     /// `MigrationDone`.
     pub fn done(&self) -> watch::Receiver<u64> {
         self.inner.load().done.subscribe()
-    }
-
-    /// Whether this node, leaving in the change to `epoch`, took away a copy a service could
-    /// place nowhere ([`Context::took_copies_away`](crate::Context::took_copies_away)): the
-    /// supervisor says so with its `MigrationDone`, and the cluster then counts the removal
-    /// against every other node's word ([`gobelins_locator::KeptSince`]).
-    pub fn took_copies_away(&self, epoch: u64) -> bool {
-        self.inner.load().took_away.load(Ordering::SeqCst) == epoch
-    }
-
-    /// The nodes whose words this node, leaving in the change to `epoch`, takes away
-    /// ([`Context::took_words_of`](crate::Context::took_words_of)): the supervisor names them
-    /// with its `HandedOver`, and the cluster counts the leave against those words.
-    pub fn words_taken(&self, epoch: u64) -> BTreeSet<NodeId> {
-        let inner = self.inner.load();
-        let taken = inner.words_taken.lock().expect("words taken");
-        if taken.0 == epoch {
-            taken.1.clone()
-        } else {
-            BTreeSet::new()
-        }
     }
 
     /// The timers and sizes this host runs with.

@@ -564,9 +564,7 @@ impl MemCluster {
             Change::Fail(dead) | Change::Recover(dead) => self.kept_since.of(dead),
             _ => None,
         };
-        // An eviction counts against the others' words once its leaver says it took a copy
-        // away, or dies first (`MemCluster::finish`), as the supervisor has it.
-        self.kept_since.begin(self.epoch, &change, &plan);
+        self.kept_since.record(self.epoch, &change, &plan);
         self.began_from = before;
         let progress = Progress {
             epoch: self.epoch,
@@ -589,25 +587,6 @@ impl MemCluster {
                 .await
                 .expect("a participant finishes its part within a minute")
                 .expect("host alive");
-        }
-        if let Change::Evict(leaver) = progress.change {
-            let placed = progress.participants.contains(&leaver)
-                && !self.host(leaver).took_copies_away(progress.epoch);
-            if !placed {
-                self.kept_since.removed(progress.epoch, leaver);
-            } else {
-                // The words it took count against their nodes, but for a node dead meanwhile
-                // whose recovery it stays for (see `MemCluster::without`).
-                let held = |n: NodeId| {
-                    self.began_from.as_ref().and_then(|t| t.replica_holder(n)) == Some(leaver)
-                };
-                let sent = |n: NodeId| progress.plan.outgoing(leaver).any(|(_, m)| m.to == n);
-                for node in self.host(leaver).words_taken(progress.epoch) {
-                    if !(self.departed.contains(&node) && (held(node) || sent(node))) {
-                        self.kept_since.void(progress.epoch, node);
-                    }
-                }
-            }
         }
         self.broadcast(None, self.snapshot());
     }

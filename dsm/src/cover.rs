@@ -16,13 +16,9 @@
 //! survivors' reports, and the new manager of a slot drops the slot's taint only if:
 //!
 //! - the word is of a stable epoch at or after the last change that could have made it untrue
-//!   ([`gobelins_locator::KeptSince`], which the cluster records: a failure of another node,
-//!   which takes copies away, an eviction whose leaver took a copy away that it could place
-//!   nowhere (`DsmService::hand_over` says so), or slots moved to the manager, which its word
-//!   did not look at), and before the recovery. A leaver hands a live manager's pages to that
-//!   manager, which takes its word back if need be, and leaves a silent one's on a live node,
-//!   where its recovery finds them: a node killed just before an operator evicted another
-//!   had a third of its slots tainted when every eviction counted (helpers' black-box runs). A join of another node, say, leaves it true: a node killed
+//!   ([`gobelins_locator::KeptSince`], which the cluster records: a removal of another node,
+//!   which takes copies away, or slots moved to the manager, which its word did not look
+//!   at), and before the recovery. A join of another node, say, leaves it true: a node killed
 //!   as another joined had every slot tainted before (a helper's black-box run, 3 runs of 3),
 //!   when only the word of the epoch just before the failure counted. Nor does the manager's
 //!   own eviction, which its death cut short (an operator evicting a node that has just

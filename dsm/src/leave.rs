@@ -51,9 +51,7 @@ impl DsmService {
     /// An evicted node gives each page it owns to the page's manager, before it goes, and each
     /// copy it gave up to a writer and still keeps aside; then asks for new backups of the
     /// pages it keeps the backup of. Pages at once, a few at a time: a manager that died costs
-    /// [`MANAGER_PATIENCE`] for all its pages, not that per page. A copy it can place nowhere
-    /// is said ([`Context::took_copies_away`]): the cluster then counts this leave against
-    /// every manager's word, for a dead one may have vouched for that page on this copy.
+    /// [`MANAGER_PATIENCE`] for all its pages, not that per page.
     pub(crate) async fn hand_over(&self, ctx: &Context) {
         let me = ctx.node();
         let silent = &Silent::default();
@@ -124,8 +122,7 @@ impl DsmService {
                     }
                 }
                 if !self.foster_backup(ctx, page, manager, &frame).await {
-                    ctx.took_copies_away();
-                    tracing::warn!(?page, manager = manager.0, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of, nor leave its copy on another node; it gets one at its owner's next commit, and until then a failure of its owner loses it");
+                                        tracing::warn!(?page, manager = manager.0, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of, nor leave its copy on another node; it gets one at its owner's next commit, and until then a failure of its owner loses it");
                 }
             })
             .await;
@@ -246,12 +243,10 @@ impl DsmService {
         // A copy kept aside goes to another node too, whether the manager was silent from the
         // start or fell silent at this page's surrender (a helper's review).
         if !self.leave_aside(ctx, page, manager, frame).await {
-            ctx.took_copies_away();
             tracing::warn!(?page, manager = manager.0, "dsm: could not hand over a copy kept aside for a write grant before leaving, the page's manager not answering, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
         }
         if !self.foster(ctx, page, manager, frame).await {
             frame.reopen();
-            ctx.took_copies_away();
             tracing::warn!(?page, manager = manager.0, "dsm: could not hand a page over before leaving, its manager not answering, nor leave it on another node; it is lost unless a faulting node fetches it before this node goes");
         }
     }
@@ -271,14 +266,19 @@ impl DsmService {
         // manager only slow must still get it (its death loses it, said below).
         let asked = ctx.request::<_, Response>(DSM, page.key(), &request);
         let handed = unless_declared(ctx, page, asked).await;
-        if let Err(e) = handed.and_then(|answer| answer.map_err(|e| e.to_string())) {
+        // A manager that could not act yet (its replica holder slow to take its word back)
+        // did not take the copy: taken for done, the copy was dropped (a helper's review).
+        let handed = handed.and_then(|answer| match answer {
+            Ok(Response::Retry | Response::Busy) => Err("the manager asked to retry".to_string()),
+            answer => answer.map_err(|e| e.to_string()),
+        });
+        if let Err(e) = handed {
             let manager = ctx.snapshot().and_then(|s| s.locate(DSM, page.key()));
             if let Some(manager) = manager {
                 if self.leave_aside(ctx, page, manager, frame).await {
                     return false;
                 }
             }
-            ctx.took_copies_away();
             tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
             return false;
         }
@@ -384,7 +384,6 @@ impl DsmService {
             frame.drop_fostered(leaver);
             return;
         }
-        ctx.took_copies_away();
         tracing::warn!(?page, manager = manager.0, "dsm: a page a leaving node left here, not yet handed to its manager, could not be left on another node as this one leaves; it is lost unless its manager's recovery finds another copy");
     }
 

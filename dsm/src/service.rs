@@ -417,14 +417,14 @@ impl Service for DsmService {
     async fn before_migration(&self, ctx: &Context, change: &ChangeInfo) {
         *self.state().change.lock().expect("change") = Some(change.clone());
         self.state().began.fetch_max(change.epoch, Ordering::SeqCst);
-        // The words of nodes the cluster has given up on go once another node fails (none
+        // The words of nodes the cluster has given up on go once another node is removed (none
         // counts after that, `crate::cover`), but that of the node this change is about: a
-        // recovery's `scan` passes it on. A join keeps them: a node killed as another joined
-        // is recovered after the join. So does an eviction: the cluster counts it against
-        // them only if its leaver takes a copy away (`gobelins_locator::KeptSince`), and a
-        // node killed just before an operator evicted another is recovered after it.
+        // recovery's `scan` passes it on, and an evicted node that dies before it has handed
+        // everything over is recovered right after, its word of before counting then. A join
+        // keeps them: a node killed as another joined is recovered after the join.
         let subject = change.change.node();
-        let removal = matches!(change.change, Change::Fail(_) | Change::Recover(_));
+        let removal =
+            matches!(change.change, Change::Evict(_) | Change::Fail(_) | Change::Recover(_));
         (self.state().vouches.lock().expect("vouches"))
             .retain(|&node, _| !removal || Some(node) == subject || !ctx.gone(node));
         match &change.change {
@@ -558,11 +558,6 @@ impl Service for DsmService {
         *self.state().exposed.lock().expect("exposed") = Some((change.epoch, exposed));
         if change.change == Change::Evict(ctx.node()) {
             self.state().frames.clear();
-            // The words this node keeps for others leave with it: the latest of what they said
-            // may be only here, and an older word on an earlier holder must not count then.
-            let held: Vec<NodeId> =
-                self.state().vouches.lock().expect("vouches").keys().copied().collect();
-            ctx.took_words_of(held);
         }
     }
 

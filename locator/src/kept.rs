@@ -6,18 +6,8 @@
 //! has taken a copy away without the manager, or handed it slots its word did not look at.
 //! Those are the changes recorded here:
 //!
-//! - a removal of any other node (`Fail`, `Recover`): its copies go, or travel to nodes that
-//!   may be dead already;
-//! - an eviction of another node whose leaver took a copy away that no manager knows of (its
-//!   hand-over could place it nowhere), or died before it said it had placed them all. A
-//!   leaver's copies of a live manager's entries go through that manager, which keeps its
-//!   word true as they do; those of a manager dead, as yet unnoticed, are left on live
-//!   nodes, where its recovery finds them. Before, every eviction counted, and a node killed
-//!   just before an operator evicted another had a third of its slots tainted (helpers'
-//!   black-box runs: 683 to 1,365 of 4,096);
-//! - a leave that took away the latest of what the node said (its word, kept on the leaver
-//!   as its replica holder, or its taking back), when the leaver does not stay for its
-//!   recovery: an older word kept on an earlier holder could then count;
+//! - a removal of any other node (`Evict`, `Fail`, `Recover`): its copies go, or travel to
+//!   nodes that may be dead already;
 //! - a change that moves slots to the node: a join (the joiner's, and a new life of an id
 //!   says nothing of the last), a rebalance, the slots a recovery hands it.
 //!
@@ -51,27 +41,19 @@ impl KeptSince {
         self.0.extend(nodes.into_iter().map(|n| (n, epoch)));
     }
 
-    /// Records `change`, begun at `epoch`, which moves what `plan` says, an eviction counted
-    /// at once as a removal (what clusters did before a leaver said whether it took a copy
-    /// away). Read a dead node's [`KeptSince::of`] before its recovery is recorded: that
-    /// drops the node.
+    /// Records `change`, begun at `epoch`, which moves what `plan` says. Read a dead node's
+    /// [`KeptSince::of`] before its recovery is recorded: that drops the node.
     pub fn record(&mut self, epoch: u64, change: &Change, plan: &MigrationPlan) {
-        self.begin(epoch, change, plan);
-        if let Change::Evict(leaver) = change {
-            self.removed(epoch, *leaver);
-        }
-    }
-
-    /// Records `change`, begun at `epoch`, which moves what `plan` says; an eviction's removal
-    /// is left to [`KeptSince::removed`], once its leaver said it took a copy away, or died
-    /// before it said otherwise.
-    pub fn begin(&mut self, epoch: u64, change: &Change, plan: &MigrationPlan) {
         match change {
-            Change::Fail(gone) | Change::Recover(gone) => self.removed(epoch, *gone),
+            Change::Evict(gone) | Change::Fail(gone) | Change::Recover(gone) => {
+                for (_, since) in self.0.iter_mut().filter(|(n, _)| *n != gone) {
+                    *since = epoch;
+                }
+            }
             Change::Add { node, .. } => {
                 self.0.insert(*node, epoch);
             }
-            Change::Evict(_) | Change::Register(_) | Change::Rebalance { .. } => {}
+            Change::Register(_) | Change::Rebalance { .. } => {}
         }
         for node in plan.receivers() {
             if let Some(since) = self.0.get_mut(&node) {
@@ -80,23 +62,6 @@ impl KeptSince {
         }
         if let Change::Fail(dead) | Change::Recover(dead) = change {
             self.0.remove(dead);
-        }
-    }
-
-    /// `gone`, removed by the change begun at `epoch`, took copies away that no manager knows
-    /// of: every other node's earlier word may be untrue.
-    pub fn removed(&mut self, epoch: u64, gone: NodeId) {
-        for (_, since) in self.0.iter_mut().filter(|(n, _)| **n != gone) {
-            *since = (*since).max(epoch);
-        }
-    }
-
-    /// A word `node` gave before the change begun at `epoch` may no longer be told true from
-    /// untrue: a leaver took away the latest of what it said (its word, or its taking back),
-    /// and an older one may still be kept elsewhere.
-    pub fn void(&mut self, epoch: u64, node: NodeId) {
-        if let Some(since) = self.0.get_mut(&node) {
-            *since = (*since).max(epoch);
         }
     }
 
@@ -117,13 +82,8 @@ mod tests {
 
     /// A tree of `nodes` nodes, each recorded from its join, as a cluster records them.
     fn cluster(nodes: u64) -> (CellTree, KeptSince, u64) {
-        cluster_of(nodes, ServiceSpec::new(ServiceId(1), "kv"))
-    }
-
-    /// As [`cluster`], with the service `spec`.
-    fn cluster_of(nodes: u64, spec: ServiceSpec) -> (CellTree, KeptSince, u64) {
         let mut tree = CellTree::new(TreeConfig::default()).expect("tree");
-        tree.register_service(spec).expect("registered");
+        tree.register_service(ServiceSpec::new(ServiceId(1), "kv")).expect("registered");
         let (mut kept, mut epoch) = (KeptSince::default(), 0);
         for id in 1..=nodes {
             apply(
@@ -172,38 +132,6 @@ mod tests {
                 _ => assert_eq!(kept.of(n(3)), None, "recovered: dropped"),
             }
         }
-    }
-
-    #[test]
-    fn an_eviction_begun_counts_only_once_its_leaver_took_a_copy_away() {
-        // Few slots, so that the leaver's go to few nodes.
-        let spec = ServiceSpec::new(ServiceId(1), "kv").with_slots(8);
-        let (mut tree, mut kept, mut epoch) = cluster_of(6, spec);
-        let others = [1, 2, 4, 5, 6];
-        let before = others.map(|o| kept.of(n(o)));
-        let old = tree.snapshot(Epoch(epoch)).expect("nodes");
-        tree.apply(&Change::Evict(n(3))).expect("evicted");
-        epoch += 1;
-        let plan = MigrationPlan::between(&old, &tree.snapshot(Epoch(epoch)).expect("nodes"));
-        kept.begin(epoch, &Change::Evict(n(3)), &plan);
-        // The receivers took slots: their words are untrue, the others' still hold.
-        let receivers = plan.receivers();
-        assert!(!receivers.is_empty());
-        assert!(others.iter().any(|&o| !receivers.contains(&n(o))), "a node takes nothing");
-        for (other, was) in others.into_iter().zip(before) {
-            let want = if receivers.contains(&n(other)) { Some(epoch) } else { was };
-            assert_ne!(want, None);
-            assert_eq!(kept.of(n(other)), want, "node {other} as the eviction began");
-        }
-        let of_3 = kept.of(n(3));
-        kept.removed(epoch, n(3));
-        for other in others {
-            assert_eq!(kept.of(n(other)), Some(epoch), "node {other} once the leaver took a copy");
-        }
-        assert_eq!(kept.of(n(3)), of_3, "the leaver's own");
-        // A later epoch recorded meanwhile is never set back.
-        kept.removed(epoch - 1, n(3));
-        assert_eq!(kept.of(n(1)), Some(epoch));
     }
 
     #[test]

@@ -63,10 +63,8 @@ use tokio_util::codec::{Decoder, Encoder};
 /// the replicated state records since when each node's word of its entries holds, and a
 /// `Fail` or `Recover` carries the dead node's; the DSM's `Entry::Covered` carries the word's
 /// sequence number, and a slot the word left out; and its `Request::KeepRetired`, a leaver's
-/// copy kept aside for a write grant, left on another node; 30: the replicated state's
-/// `Command::HandedOver`, a leaver's word that it took no copy away, and an eviction counted
-/// against the other nodes' words only without it; a node's record says who took it out, its
-/// own leave or another node's evict).
+/// copy kept aside for a write grant, left on another node; 30: a node's record in the
+/// replicated state says who took it out, its own leave or another node's evict).
 pub const VERSION: u8 = 30;
 /// The oldest protocol version this node reads.
 pub const MIN_VERSION: u8 = 30;

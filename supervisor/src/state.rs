@@ -154,20 +154,6 @@ pub enum Command {
         /// The rules from this entry on.
         version: u8,
     },
-    /// A leaver finished its part of its eviction to `epoch`, as [`Command::MigrationDone`]
-    /// says, and took no copy away that its services could place nowhere
-    /// ([`gobelins_adaptation::Context::took_copies_away`]): under rules 30, its removal then
-    /// leaves every other node's word standing ([`KeptSince`]). Last in the enum, for the log's
-    /// older entries.
-    HandedOver {
-        /// The leaver.
-        node: u64,
-        /// The epoch it reached.
-        epoch: u64,
-        /// The nodes whose words it takes away ([`gobelins_adaptation::Context::took_words_of`]):
-        /// the leave counts against theirs, but for those whose recovery it stays for.
-        words_of: Vec<u64>,
-    },
 }
 
 /// Why a command changed nothing. Sent back to whoever proposed it.
@@ -451,9 +437,8 @@ pub struct ClusterState {
     pub kept_since: KeptSince,
 }
 
-/// The rules this build's leaders raise a cluster's to (see [`ClusterState::rules`]): 30, an
-/// eviction counts against the other nodes' words only once its leaver said it took a copy
-/// away, or died before it said it took none ([`Command::HandedOver`]); 29, the
+/// The rules this build's leaders raise a cluster's to (see [`ClusterState::rules`]): 30, a
+/// node's record says who asked it out ([`NodeRecord::removed_by`]); 29, the
 /// cluster records since when each node's word of its entries holds ([`KeptSince`]); 28, an
 /// operator's eviction of a node that failed in it, or once failed, keeps it out.
 pub const RULES: u8 = 30;
@@ -518,10 +503,7 @@ impl ClusterState {
             },
             Command::Fail { node, incarnation } => self.fail(*node, *incarnation, false),
             Command::Dead { node, incarnation } => self.fail(*node, *incarnation, true),
-            Command::MigrationDone { node, epoch } => self.done(*node, *epoch, None),
-            Command::HandedOver { node, epoch, words_of } => {
-                self.done(*node, *epoch, Some(words_of))
-            }
+            Command::MigrationDone { node, epoch } => self.done(*node, *epoch),
             Command::Shape { levels } => self.shape(levels),
             Command::Rules { version } => {
                 if self.rules < 29 && *version >= 29 {
@@ -695,15 +677,6 @@ impl ClusterState {
             return Err(Refusal::LastNode(node));
         }
         let leaving = record.status == NodeStatus::Leaving;
-        if let Some(progress) = &self.in_progress {
-            if self.rules >= 30
-                && progress.change == Change::Evict(NodeId(node))
-                && !progress.done.contains(&node)
-            {
-                // A leaver that died before it said it placed every copy may have taken one.
-                self.kept_since.removed(progress.epoch, NodeId(node));
-            }
-        }
         self.set_status(node, NodeStatus::Failed);
         if let Some(record) = self.nodes.get_mut(&node) {
             record.kept_out = leaving && self.rules >= 28;
@@ -768,9 +741,7 @@ impl ClusterState {
         Ok(self.whereabouts(node))
     }
 
-    /// `node` finished its part of the change to `epoch`; `handed` when, leaving, it took no
-    /// copy away that its services could place nowhere, with the nodes whose words it took.
-    fn done(&mut self, node: u64, epoch: u64, handed: Option<&[u64]>) -> Outcome {
+    fn done(&mut self, node: u64, epoch: u64) -> Outcome {
         let current = self.epoch;
         let progress =
             self.in_progress.as_mut().ok_or(Refusal::NotInProgress { got: epoch, current })?;
@@ -779,20 +750,6 @@ impl ClusterState {
         }
         if !progress.participants.contains(&node) {
             return Err(Refusal::NotParticipant { node, epoch });
-        }
-        if self.rules >= 30 && progress.change == Change::Evict(NodeId(node)) {
-            // Before the next change begins: a recovery reads the record as it does.
-            match handed {
-                None => self.kept_since.removed(epoch, NodeId(node)),
-                Some(words_of) => {
-                    // A node whose recovery the leaver stays for has its words passed on by
-                    // the leaver's scan; the others' latest leaves with it.
-                    let stays = self.lingering.get(&node);
-                    for &of in words_of.iter().filter(|n| !stays.is_some_and(|s| s.contains(n))) {
-                        self.kept_since.void(epoch, NodeId(of));
-                    }
-                }
-            }
         }
         progress.done.insert(node);
         if progress.done.is_superset(&progress.participants) {
@@ -960,18 +917,7 @@ impl ClusterState {
                         Change::Fail(dead) | Change::Recover(dead) => self.kept_since.of(*dead),
                         _ => None,
                     };
-                    if self.rules >= 30 {
-                        // An eviction counts once its leaver says it took a copy away, or
-                        // dies before it says otherwise (`done`, `fail`); at once for a
-                        // leaver with no part to report.
-                        self.kept_since.begin(epoch, &change, &plan);
-                        match &change {
-                            Change::Evict(leaver) if !participants.contains(&leaver.0) => {
-                                self.kept_since.removed(epoch, *leaver)
-                            }
-                            _ => {}
-                        }
-                    } else if self.rules >= 29 {
+                    if self.rules >= 29 {
                         self.kept_since.record(epoch, &change, &plan);
                     }
                     let held_by_leaver = match (&change, &before) {

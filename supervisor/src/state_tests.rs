@@ -741,57 +741,6 @@ fn a_failure_says_since_when_the_dead_node_s_word_holds() {
     assert_eq!(state.kept_since.of(NodeId(5)), None, "left: nothing kept");
 }
 
-/// A node killed just before an operator evicts another: the eviction begins, the dead node
-/// is declared failed during it, and its recovery follows. The leaver's word decides whether
-/// the eviction counts against the dead node's word: `HandedOver` (it placed every copy it
-/// held), not at all; a bare `MigrationDone` (it took one away), or its death before it
-/// reported, from the eviction's epoch on. Before, every eviction counted, and a third of the
-/// dead node's DSM slots were tainted (helpers' black-box runs).
-#[test]
-fn an_eviction_counts_against_a_dead_node_s_word_only_if_its_leaver_took_a_copy_away() {
-    for ending in ["handed over", "took a copy away", "died"] {
-        // Few slots, so that the leaver's go to few nodes: a node handed some has its word
-        // counted from the eviction on anyway.
-        let mut state = stable_cluster(RULES, 8, 6);
-        state.apply(&Evict { node: 6 }).unwrap();
-        let evict = state.in_progress.clone().expect("node 6's eviction");
-        assert!(evict.participants.contains(&6));
-        let receivers = evict.plan.receivers();
-        let dead =
-            (1..=5).find(|&n| !receivers.contains(&NodeId(n))).expect("a node not receiving");
-        let before = state.kept_since.of(NodeId(dead)).expect("recorded");
-        assert!(before < evict.epoch);
-        // A leaver declared dead first: the other's recovery, queued in front of its own,
-        // comes first, and must count the leave all the same.
-        if ending == "died" {
-            state.apply(&Fail { node: 6, incarnation: 1 }).expect("the leaver's death");
-        }
-        state.apply(&Fail { node: dead, incarnation: 1 }).unwrap();
-        match ending {
-            "handed over" => {
-                state.apply(&HandedOver { node: 6, epoch: evict.epoch, words_of: vec![] })
-            }
-            "took a copy away" => state.apply(&done(6, evict.epoch)),
-            _ => Ok(Recorded { stable: false }),
-        }
-        .expect("the leaver's end");
-        let mut read = None;
-        while let Some(progress) = state.in_progress.clone() {
-            if progress.change == Change::Fail(NodeId(dead)) {
-                read = Some(progress.failed_kept_since);
-            }
-            for node in progress.participants.into_iter().filter(|n| !progress.done.contains(n)) {
-                state.apply(&done(node, progress.epoch)).expect("participant report");
-            }
-        }
-        let since = read.expect("the dead node recovered").expect("a record");
-        match ending {
-            "handed over" => assert_eq!(since, before, "{ending}"),
-            _ => assert!(since >= evict.epoch, "{ending}: {since} before {}", evict.epoch),
-        }
-    }
-}
-
 /// The record says who took a node out, itself or another node: `status` and `stats` tell a
 /// leave from an eviction, which they showed alike (a helper's soak: every leave was shown as
 /// `evict nN`). A new life starts with none; rules older than 30 record none.
@@ -813,66 +762,23 @@ fn a_node_s_record_says_whether_it_left_or_was_evicted() {
     }
 }
 
-/// A leaver that kept other nodes' words (their replica holder) takes the latest of what they
-/// said away: an older word kept on an earlier holder must not count then, so the leave counts
-/// against theirs. But for a node whose recovery the leaver stays for (it died during the
-/// leave, the leaver holding its replicas): the leaver's scan passes its word on, and a node
-/// killed just before its holder's eviction keeps its word.
+/// An eviction counts against every other node's word as it begins, a node that takes none
+/// of the leaver's slots included: what the leaver held (copies, the words it kept as a
+/// replica holder) leaves with it. Counting only the evictions whose leaver said it took
+/// something away was tried at stop 77, and taken back: reviews found seven ways it read a
+/// lost page as zeros.
 #[test]
-fn a_leave_counts_against_the_words_its_leaver_took_but_not_those_it_stays_to_pass_on() {
-    let state = stable_cluster(RULES, 8, 6);
-    let old = state.tree.snapshot(Epoch(state.epoch)).expect("nodes");
-    // A leaver and a node whose holder it is, neither taking the other's slots.
-    let mut found = None;
-    for leaver in 1..=6u64 {
-        let mut tree = state.tree.clone();
-        tree.apply(&Change::Evict(NodeId(leaver))).expect("evicted");
-        let new = tree.snapshot(Epoch(state.epoch + 1)).expect("nodes");
-        let receivers = MigrationPlan::between(&old, &new).receivers();
-        let held = (1..=6u64).find(|&n| {
-            n != leaver
-                && old.replica_holder(NodeId(n)) == Some(NodeId(leaver))
-                && !receivers.contains(&NodeId(n))
-        });
-        if let Some(held) = held {
-            found = Some((leaver, held));
-            break;
-        }
+fn an_eviction_counts_against_every_other_node_s_word_as_it_begins() {
+    for rules in [29, RULES] {
+        // Few slots, so that some node takes none of the leaver's.
+        let mut state = stable_cluster(rules, 8, 6);
+        state.apply(&Evict { node: 6 }).unwrap();
+        let evict = state.in_progress.clone().expect("node 6's eviction");
+        let receivers = evict.plan.receivers();
+        let other =
+            (1..=5).find(|&n| !receivers.contains(&NodeId(n))).expect("a node not receiving");
+        assert_eq!(state.kept_since.of(NodeId(other)), Some(evict.epoch), "rules {rules}");
     }
-    let (leaver, held) =
-        found.expect("a leaver holding a node's words that takes none of its slots");
-    for dies in [false, true] {
-        let mut state = state.clone();
-        let before = state.kept_since.of(NodeId(held)).expect("recorded");
-        state.apply(&Evict { node: leaver }).unwrap();
-        let evict = state.in_progress.clone().expect("the eviction");
-        if dies {
-            state.apply(&Fail { node: held, incarnation: 1 }).expect("declared failed");
-            assert!(state.lingering[&leaver].contains(&held), "the leaver stays for it");
-        }
-        let handed = HandedOver { node: leaver, epoch: evict.epoch, words_of: vec![held] };
-        state.apply(&handed).expect("a participant");
-        match dies {
-            false => assert_eq!(state.kept_since.of(NodeId(held)), Some(evict.epoch)),
-            true => assert_eq!(state.kept_since.of(NodeId(held)), Some(before), "passed on"),
-        }
-    }
-}
-
-/// Under rules of 29, an eviction counts as it begins, whatever its leaver says: a log
-/// written then replays as it did.
-#[test]
-fn under_the_rules_of_29_an_eviction_counts_as_it_begins() {
-    // Few slots, so that some node takes none of the leaver's.
-    let mut state = stable_cluster(29, 8, 6);
-    state.apply(&Evict { node: 6 }).unwrap();
-    let evict = state.in_progress.clone().expect("node 6's eviction");
-    let receivers = evict.plan.receivers();
-    let other = (1..=5).find(|&n| !receivers.contains(&NodeId(n))).expect("a node not receiving");
-    assert_eq!(state.kept_since.of(NodeId(other)), Some(evict.epoch));
-    let handed = HandedOver { node: 6, epoch: evict.epoch, words_of: vec![] };
-    state.apply(&handed).expect("a participant");
-    assert_eq!(state.kept_since.of(NodeId(other)), Some(evict.epoch));
 }
 
 /// Under rules older than 29 nothing is recorded; raising them starts the record of every

@@ -47,8 +47,6 @@ impl Inner {
             released: watch::channel(0).0,
             begun: watch::channel(0).0,
             done: watch::channel(0).0,
-            took_away: std::sync::atomic::AtomicU64::new(0),
-            words_taken: Mutex::new((0, BTreeSet::new())),
             merging: tokio::sync::RwLock::new(0),
             gate: Gate::new(),
             answers: DashMap::default(),

@@ -31,9 +31,7 @@ pub struct ChangeInfo {
     /// it managed still holds ([`gobelins_locator::KeptSince`]): a claim it made at a stable
     /// epoch at or after this one, that each entry had a copy elsewhere say, was still true
     /// when it died, if every survivor reports what it holds. The last change before this one
-    /// that removed another node (a failure; an eviction whose leaver took a copy away,
-    /// [`Context::took_copies_away`](crate::Context::took_copies_away)), or moved slots to
-    /// `n`. `None` when the cluster did not
+    /// that removed another node, or moved slots to `n`. `None` when the cluster did not
     /// record it for `n`'s life (rules older than protocol 29's), and for other changes.
     pub failed_kept_since: Option<u64>,
 }

@@ -114,39 +114,6 @@ impl Context {
         self.peers.as_ref().map_or(0, |p| p.departures(node))
     }
 
-    /// Says that this node, leaving, takes away a copy it could place nowhere: a copy of an
-    /// entry whose manager did not answer, which it could leave on no live node either. A
-    /// service whose managers vouch for their entries by what other nodes hold (reading
-    /// [`ChangeInfo::failed_kept_since`](crate::ChangeInfo)) calls it from its leaving node's
-    /// callbacks: the cluster then counts this eviction against every other node's word,
-    /// as it counts a failure. Without it, an eviction leaves the others' words standing:
-    /// copies of a live manager's entries go through that manager, which keeps its word true
-    /// as they do. Nothing on a detached context.
-    pub fn took_copies_away(&self) {
-        if let Some(peers) = &self.peers {
-            let epoch = *peers.begun.borrow();
-            peers.took_away.store(epoch, std::sync::atomic::Ordering::SeqCst);
-        }
-    }
-
-    /// Says that this node, leaving, takes away what `nodes` said of their entries (a word it
-    /// keeps for them as their replica holder, or their taking it back): the latest they said
-    /// may be only here, and an older word kept elsewhere must not count once it is gone. The
-    /// cluster then counts this eviction against those nodes' words, but for one whose
-    /// recovery this node stays for, whose scan passes the words on. Called from the leaving
-    /// node's last callback of the change (`after_migration`): it is read as the node reports
-    /// its part done. Nothing on a detached context.
-    pub fn took_words_of(&self, nodes: impl IntoIterator<Item = NodeId>) {
-        if let Some(peers) = &self.peers {
-            let epoch = *peers.begun.borrow();
-            let mut taken = peers.words_taken.lock().expect("words taken");
-            if taken.0 != epoch {
-                *taken = (epoch, std::collections::BTreeSet::new());
-            }
-            taken.1.extend(nodes);
-        }
-    }
-
     /// Whether this node's lease holds now. While it does, the cluster counts this node a
     /// member and has not rebuilt what it holds elsewhere; a node cut off from the cluster's
     /// leader loses it within half a failure timeout, before the cluster may declare it

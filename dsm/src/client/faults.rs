@@ -288,7 +288,6 @@ impl Dsm {
                         };
                         if !fostered {
                             frame.reopen();
-                            ctx.took_copies_away();
                             tracing::warn!(?page, "dsm: could not hand a page granted as this node leaves to its manager, nor leave it on another node; it is lost unless a faulting node fetches it before this node goes");
                         }
                     }

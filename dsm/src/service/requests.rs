@@ -228,6 +228,10 @@ impl DsmService {
                 Response::Ok
             }
             Request::Losses => crate::losses::look(self.state()),
+            // As for `Foster` below: not once this node leaves too.
+            Request::KeepRetired { .. } if self.state().leaving.load(Ordering::SeqCst) => {
+                Response::Departed
+            }
             Request::KeepRetired { page, leaver, version, data, writer, backup } => {
                 let data = data.into_shared();
                 let on_behalf = Some(leaver);
@@ -266,6 +270,11 @@ impl DsmService {
                     // another backup, rather than be told a commit is kept that the copy lacks.
                     Stored::Sealed => Response::Departed,
                 }
+            }
+            // Nor a leaver's page once this node leaves too: it would go with this node's frames
+            // unsaid. The leaver tries the next node.
+            Request::Foster { .. } if self.state().leaving.load(Ordering::SeqCst) => {
+                Response::Departed
             }
             Request::Foster { page, leaver, version, data, readers, backup } => {
                 let whose = crate::frames::Fostered { leaver, readers, backup };

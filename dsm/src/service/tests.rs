@@ -76,7 +76,7 @@ async fn an_entry_marked_lost_takes_its_leavers_page_of_that_version_back() {
 /// counted it as the page's copy elsewhere (a helper's review). A committing owner asks the
 /// manager for another, as for a frame sealed.
 #[tokio::test]
-async fn a_node_whose_leave_began_takes_no_more_backups() {
+async fn a_node_whose_leave_began_takes_no_more_backups_nor_leavers_pages() {
     let node = DsmNode::new(DsmConfig { backups: true, ..DsmConfig::default() });
     let service = node.service();
     let ctx = Context::detached(NodeId(2), 1, None).told_by(NodeId(1));
@@ -95,6 +95,19 @@ async fn a_node_whose_leave_began_takes_no_more_backups() {
     let stored = |page| service.state().frames.get(page).and_then(|f| f.backup_copy());
     assert_eq!(stored(kept).map(|(v, c, _)| (v, c)), Some((3, 1)));
     assert!(stored(refused).is_none(), "not kept");
+    // Nor another leaver's page, which would go with this node's frames: the leaver tries the
+    // next node.
+    let foster = Request::Foster {
+        page: refused,
+        leaver: NodeId(1),
+        version: 3,
+        data: PageBytes::shared(&Arc::new(vec![7; crate::PAGE_SIZE])),
+        readers: BTreeSet::new(),
+        backup: None,
+    };
+    let answer = service.handle(&ctx, refused.key(), foster).await;
+    assert!(matches!(answer, Response::Departed), "{answer:?}");
+    assert!(service.state().frames.get(refused).is_none_or(|f| f.fostered_copy().is_none()));
 }
 
 #[tokio::test]

@@ -12,8 +12,7 @@ use sha2::Digest as _;
 const SUM: usize = 8;
 
 /// The store's format, kept unsealed under [`FORMAT`]: values sealed as here, and the state
-/// and the log's commands as protocol 30 lays them out, which a build of 29 cannot read
-/// (`NodeRecord::removed_by`, `Command::HandedOver`).
+/// as protocol 30 lays it out, which a build of 29 cannot read (`NodeRecord::removed_by`).
 pub(super) const CURRENT: &[u8] = b"sealed-4";
 
 /// The format of stores protocol 29's builds wrote: values sealed, the state in its layout.

@@ -364,17 +364,8 @@ impl Supervisor {
         }
         let me = Arc::clone(self);
         let epoch = progress.epoch;
-        // A leaver says whether it took a copy away: an eviction that took none leaves the
-        // other nodes' words standing (under rules 30, which every member then reads).
-        let handed = state.rules >= 30
-            && progress.change == Change::Evict(NodeId(me.me.id))
-            && !self.host.took_copies_away(epoch);
-        let words_of: Vec<u64> = self.host.words_taken(epoch).into_iter().map(|n| n.0).collect();
         tokio::spawn(async move {
-            let command = match handed {
-                true => Command::HandedOver { node: me.me.id, epoch, words_of },
-                false => Command::MigrationDone { node: me.me.id, epoch },
-            };
+            let command = Command::MigrationDone { node: me.me.id, epoch };
             if let Err(error) = me.propose(command).await {
                 tracing::debug!(epoch, %error, "MigrationDone not recorded yet; will retry");
                 let _ = me.reported.compare_exchange(epoch, 0, Ordering::SeqCst, Ordering::SeqCst);

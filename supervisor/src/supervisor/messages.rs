@@ -203,11 +203,11 @@ impl Supervisor {
                 Response::InstallSnapshot(Box::pin(self.raft.install_snapshot(r)).await)
             }
             // A peer reports only its own part of a change.
-            Request::Propose(
-                Command::MigrationDone { node, .. } | Command::HandedOver { node, .. },
-            ) if node != from => Response::Proposed(Err(ProposeError::Raft(format!(
-                "node {from} may not report for node {node}"
-            )))),
+            Request::Propose(Command::MigrationDone { node, .. }) if node != from => {
+                Response::Proposed(Err(ProposeError::Raft(format!(
+                    "node {from} may not report for node {node}"
+                ))))
+            }
             Request::Propose(command) => {
                 Response::Proposed(Box::pin(self.propose_here(command)).await)
             }
