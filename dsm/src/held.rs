@@ -43,10 +43,10 @@ impl DerefMut for Held<'_> {
 impl Drop for Held<'_> {
     fn drop(&mut self) {
         // Nodes that left did so in a change, after which the word is given again: a page
-        // entry only needs its own fields looked at here, but for a leaver. A copy on it
-        // counted as elsewhere: a manager whose owner could not move the page's backup off a
-        // leaver answered it Ok with its word standing, and the leave counted against no
-        // word, the leaver having placed what it was asked to (a helper's review).
+        // entry only needs its own fields looked at here, but for a leaver's copies, which
+        // are on their way out. Counted as elsewhere, a manager whose owner could not move the
+        // page's backup off a leaver answered it with its word standing, the page's only
+        // other copy leaving (a helper's review).
         let Some(exposures) = self.exposures else { return };
         if let Live::Page(entry) = &*self.guard {
             if !kept_elsewhere(entry, self.me, |n| Some(n) == self.leaving) {

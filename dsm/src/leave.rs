@@ -122,7 +122,7 @@ impl DsmService {
                     }
                 }
                 if !self.foster_backup(ctx, page, manager, &frame).await {
-                                        tracing::warn!(?page, manager = manager.0, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of, nor leave its copy on another node; it gets one at its owner's next commit, and until then a failure of its owner loses it");
+                    tracing::warn!(?page, manager = manager.0, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of, nor leave its copy on another node; it gets one at its owner's next commit, and until then a failure of its owner loses it");
                 }
             })
             .await;

@@ -524,9 +524,8 @@ async fn two_nodes_and_a_page_of(manager: NodeId) -> (Cluster, PageId) {
 /// A leaving node asks the manager to move the backup it keeps of a page the manager owns,
 /// and no other node can take one: the manager answers Ok, for the leaver's copy is not its to
 /// keep, and takes its word back first, since the page then has no copy outside the manager.
-/// Before, the copy on the leaver counted as kept elsewhere: the word stood, and with the
-/// leave counted against no word (the leaver had placed what it was asked to), the page
-/// would have read as zeros after the manager's death (a helper's review).
+/// Before, the copy on the leaver counted as kept elsewhere: the word stood while the page's
+/// only other copy was leaving (a helper's review).
 #[test]
 fn with_backups_a_manager_whose_page_s_backup_leaves_unreplaced_takes_its_word_back() {
     replay(async {

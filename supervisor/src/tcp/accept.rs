@@ -30,7 +30,7 @@ pub(super) const REFUSALS_LOGGED: u32 = 5;
 pub(super) const REFUSALS_WINDOW: Duration = Duration::from_secs(10);
 
 /// What the lines the refusals' budget leaves out are about.
-const REFUSALS: &str = "connections refused or dropped before their handshake ended (a flood, or a peer with the wrong secret retrying)";
+const REFUSALS: &str = "connections refused or dropped before their handshake ended (a flood, or a peer retrying with the wrong secret or a build of another protocol)";
 
 impl<N: Net> TcpTransport<N> {
     pub(super) async fn accept_loop(self, listener: N::Listener) {
