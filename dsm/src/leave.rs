@@ -266,8 +266,10 @@ impl DsmService {
         // manager only slow must still get it (its death loses it, said below).
         let asked = ctx.request::<_, Response>(DSM, page.key(), &request);
         let handed = unless_declared(ctx, page, asked).await;
-        // A manager that could not act yet (its replica holder slow to take its word back)
-        // did not take the copy: taken for done, the copy was dropped (a helper's review).
+        // A manager that answered `Retry` (its replica holder slow to take its word back) may
+        // or may not have kept the copy: left on another node, it is handed on until the
+        // manager says it has it or needs it not. Taken for done, it was dropped (a helper's
+        // review).
         let handed = handed.and_then(|answer| match answer {
             Ok(Response::Retry | Response::Busy) => Err("the manager asked to retry".to_string()),
             answer => answer.map_err(|e| e.to_string()),
@@ -537,10 +539,10 @@ async fn ask_manager(ctx: &Context, page: PageId, request: &Request) -> Result<R
     loop {
         let asked = tokio::time::timeout_at(deadline, ctx.request(DSM, page.key(), request));
         match unless_declared(ctx, page, asked).await? {
-            // The manager could not act yet (its replica holder slow to take its word back,
-            // say): asked again, then counted as unanswered. Taken for an answer, a surrender
-            // was dropped as not owned and a backup's move as done, the copy leaving with this
-            // node unsaid (a helper's review).
+            // The manager could not say it acted (its replica holder slow to take its word
+            // back, say): asked again, then counted as unanswered, and the copy left on another
+            // node. Taken for an answer, a surrender was dropped as not owned and a backup's
+            // move as done, the copy leaving with this node unsaid (a helper's review).
             Ok(Ok(Response::Retry | Response::Busy))
                 if tokio::time::Instant::now() + ASK_AGAIN_PAUSE < deadline =>
             {

@@ -284,7 +284,8 @@ impl DsmService {
     }
 
     /// The node the change this node has begun takes out, if it is an eviction: its copies
-    /// are on their way out, and it takes no new backup (it answers `Departed`).
+    /// are on their way out, and it takes no new backup (it answers `Departed`). `None` on a
+    /// node taking no part, which routes by the new table at once, the leaver out of it.
     pub(crate) fn leaver(&self) -> Option<NodeId> {
         match self.state().change.lock().expect("change").as_ref().map(|c| &c.change) {
             Some(Change::Evict(leaver)) => Some(*leaver),

@@ -487,7 +487,7 @@ impl ClusterState {
             Command::Join { node, addr, labels, incarnation } => {
                 self.join(*node, addr, labels, *incarnation)
             }
-            Command::Leave { node } => self.remove_by(*node, RemovedBy::Leave),
+            Command::Leave { node } => self.remove(*node, RemovedBy::Leave),
             Command::Evict { node } => match self.nodes.get_mut(node) {
                 // Nothing to hand over, but its operator wants it out: kept so, as when it
                 // fails in the middle of its eviction.
@@ -499,7 +499,7 @@ impl ClusterState {
                     record.kept_out = true;
                     Ok(Applied::KeptOut)
                 }
-                _ => self.remove_by(*node, RemovedBy::Evict),
+                _ => self.remove(*node, RemovedBy::Evict),
             },
             Command::Fail { node, incarnation } => self.fail(*node, *incarnation, false),
             Command::Dead { node, incarnation } => self.fail(*node, *incarnation, true),
@@ -635,17 +635,9 @@ impl ClusterState {
         self.enqueue(Change::Add { node: NodeId(node), labels: labels.clone() })
     }
 
-    /// [`ClusterState::remove`], recording `by` whom (from the rules of 30 on).
-    fn remove_by(&mut self, node: u64, by: RemovedBy) -> Outcome {
-        let outcome = self.remove(node)?;
-        let rules = self.rules;
-        if let Some(record) = self.nodes.get_mut(&node).filter(|_| rules >= 30) {
-            record.removed_by = Some(by);
-        }
-        Ok(outcome)
-    }
-
-    fn remove(&mut self, node: u64) -> Outcome {
+    /// Takes `node` out, as asked `by` itself or another node (recorded from the rules of 30
+    /// on, before the change may begin: a refusal then drops it).
+    fn remove(&mut self, node: u64, by: RemovedBy) -> Outcome {
         let record = self.nodes.get(&node).ok_or(Refusal::UnknownNode(node))?;
         match record.status {
             NodeStatus::Active => {}
@@ -657,6 +649,10 @@ impl ClusterState {
             return Err(Refusal::LastNode(node));
         }
         self.set_status(node, NodeStatus::Leaving);
+        let rules = self.rules;
+        if let Some(record) = self.nodes.get_mut(&node).filter(|_| rules >= 30) {
+            record.removed_by = Some(by);
+        }
         self.enqueue(Change::Evict(NodeId(node)))
     }
 

@@ -86,6 +86,7 @@ fn a_leaver_the_locator_cannot_remove_goes_back_to_work() {
     // A, B, C; B and C ask to leave; A dies meanwhile: once B is gone, C is the last node of
     // the tree and cannot be removed, so it must not stay "leaving" for ever.
     let mut state = ClusterState::default();
+    state.apply(&Rules { version: RULES }).expect("this build's rules");
     for n in 1..=3 {
         state.apply(&join(n)).unwrap();
         settle(&mut state);
@@ -98,6 +99,9 @@ fn a_leaver_the_locator_cannot_remove_goes_back_to_work() {
     let statuses: Vec<NodeStatus> = (1..=3).map(|n| status(&state, n)).collect();
     assert!(!statuses.contains(&NodeStatus::Leaving), "{statuses:?}");
     assert_eq!(state.with_status(NodeStatus::Active).count(), 1);
+    // Back at work: not shown as on its way out.
+    let active = (1..=3).find(|&n| status(&state, n) == NodeStatus::Active).expect("one");
+    assert_eq!(state.nodes[&active].removed_by, None);
 }
 
 #[test]
@@ -765,8 +769,8 @@ fn a_node_s_record_says_whether_it_left_or_was_evicted() {
 /// An eviction counts against every other node's word as it begins, a node that takes none
 /// of the leaver's slots included: what the leaver held (copies, the words it kept as a
 /// replica holder) leaves with it. Counting only the evictions whose leaver said it took
-/// something away was tried at stop 77, and taken back: reviews found seven ways it read a
-/// lost page as zeros.
+/// something away was tried once, and taken back: reviews found seven ways it read a lost
+/// page as zeros.
 #[test]
 fn an_eviction_counts_against_every_other_node_s_word_as_it_begins() {
     for rules in [29, RULES] {

@@ -814,7 +814,7 @@ mod tests {
         assert_eq!(log.read_vote().await.expect("read"), Some(Vote::new(10, 1)), "as it was");
     }
 
-    /// A store protocol 27's or 28's builds wrote, sealed or from before the sums, keeps the cluster's
+    /// A store protocol 27's, 28's or 29's builds wrote, sealed or from before the sums, keeps the cluster's
     /// state in a layout without the fields added since: it is laid out anew as it opens, and
     /// its state read back whole (a field added to the state made every older snapshot
     /// unreadable, and a cluster upgraded whole lost its state).

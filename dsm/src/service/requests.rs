@@ -257,8 +257,9 @@ impl DsmService {
                 // frames already, and the copy would leave with it unsaid, while the page's
                 // manager, lagging, counts it as kept elsewhere (a helper's review). A
                 // committing owner then asks the manager for another backup, as for a sealed
-                // frame; a manager placing a backup retries, and once it has begun the change
-                // it chooses another node (`choose_backup`, `live_after`).
+                // frame (a page whose slot moves in this change waits for its end); a manager
+                // placing a backup retries, and once it has begun the change it chooses another
+                // node (`choose_backup`, `live_after`).
                 if self.state().leaving.load(Ordering::SeqCst) {
                     return Response::Departed;
                 }

@@ -76,7 +76,7 @@ async fn an_entry_marked_lost_takes_its_leavers_page_of_that_version_back() {
 /// counted it as the page's copy elsewhere (a helper's review). A committing owner asks the
 /// manager for another, as for a frame sealed.
 #[tokio::test]
-async fn a_node_whose_leave_began_takes_no_more_backups_nor_leavers_pages() {
+async fn a_node_whose_leave_began_takes_no_more_backups_nor_other_leavers_copies() {
     let node = DsmNode::new(DsmConfig { backups: true, ..DsmConfig::default() });
     let service = node.service();
     let ctx = Context::detached(NodeId(2), 1, None).told_by(NodeId(1));
@@ -108,6 +108,17 @@ async fn a_node_whose_leave_began_takes_no_more_backups_nor_leavers_pages() {
     let answer = service.handle(&ctx, refused.key(), foster).await;
     assert!(matches!(answer, Response::Departed), "{answer:?}");
     assert!(service.state().frames.get(refused).is_none_or(|f| f.fostered_copy().is_none()));
+    // Nor a copy another leaver kept aside for a write grant.
+    let kept_aside = Request::KeepRetired {
+        page: refused,
+        leaver: NodeId(1),
+        version: 3,
+        data: PageBytes::shared(&Arc::new(vec![7; crate::PAGE_SIZE])),
+        writer: Some(NodeId(3)),
+        backup: None,
+    };
+    let answer = service.handle(&ctx, refused.key(), kept_aside).await;
+    assert!(matches!(answer, Response::Departed), "{answer:?}");
 }
 
 #[tokio::test]

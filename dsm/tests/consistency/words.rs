@@ -452,8 +452,8 @@ fn with_backups_a_manager_takes_its_word_back_when_a_page_has_no_copy_elsewhere(
 /// that latest away; the manager dies before it gives its word again. The old holder's word
 /// must not count then: the manager had taken it back, since a page had no copy outside it.
 /// The eviction counts against it: never-written pages of the dead manager's read as lost,
-/// not as zeros. Counting only the evictions whose leaver said it took a copy away (tried at
-/// stop 77) read them as zeros: the old word would have vouched for a page with no copy.
+/// not as zeros. Counting only the evictions whose leaver said it took a copy away (tried
+/// once, and taken back) read them as zeros: the old word vouched for a page with no copy.
 #[test]
 fn with_backups_a_word_taken_back_at_an_evicted_holder_leaves_no_older_word_to_count() {
     replay(async {
