@@ -165,7 +165,10 @@ impl DsmService {
         let Some(to) = self.left_with(ctx, page, manager, whose.leaver, request).await else {
             return false;
         };
-        tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page's manager did not answer this leaving node; the page is left on another node, from which that manager's recovery rebuilds it (or which hands it to the manager should it answer)");
+        let what = "pages left on another node, their manager not answering this leaving node";
+        gobelins_adaptation::log_budget::budgeted(&self.state().left_lines, what, || {
+            tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page's manager did not answer this leaving node; the page is left on another node, from which that manager's recovery rebuilds it (or which hands it to the manager should it answer)");
+        });
         true
     }
 
@@ -195,7 +198,10 @@ impl DsmService {
         let Some(to) = self.left_with(ctx, page, manager, writer, request).await else {
             return false;
         };
-        tracing::warn!(?page, manager = manager.0, node = to.0, version = retired.version, "dsm: a copy this leaving node kept aside for a write grant could not be handed to the page's manager; it is left on another node, where that manager's recovery finds it should the manager have died before the grant reached its writer");
+        let what = "pages left on another node, their manager not answering this leaving node";
+        gobelins_adaptation::log_budget::budgeted(&self.state().left_lines, what, || {
+            tracing::warn!(?page, manager = manager.0, node = to.0, version = retired.version, "dsm: a copy this leaving node kept aside for a write grant could not be handed to the page's manager; it is left on another node, where that manager's recovery finds it should the manager have died before the grant reached its writer");
+        });
         true
     }
 

@@ -111,6 +111,10 @@ pub(crate) struct NodeState {
     /// Lines about pages found lost in a slot whose manager died: a program reading many such
     /// pages would log one each.
     pub(crate) lost_lines: Mutex<gobelins_adaptation::log_budget::LogBudget>,
+    /// Lines about pages a leaving node left on another node, their manager silent: one per
+    /// page flooded the log when a manager died during a leave (a helper's run: 28 lines for
+    /// 240 pages).
+    pub(crate) left_lines: Mutex<gobelins_adaptation::log_budget::LogBudget>,
     /// This node is being evicted: no more writes, no more direct reads.
     pub(crate) leaving: std::sync::atomic::AtomicBool,
     /// Held shared by each write fault in flight, from before it is sent until its grant is
@@ -226,6 +230,7 @@ impl DsmNode {
                 stale: AtomicU64::new(0),
                 lost: AtomicU64::new(0),
                 lost_lines: gobelins_adaptation::log_budget::noisy(),
+                left_lines: gobelins_adaptation::log_budget::noisy(),
                 leaving: std::sync::atomic::AtomicBool::new(false),
                 faults: tokio::sync::RwLock::new(()),
                 word: AsyncMutex::new(Word {
