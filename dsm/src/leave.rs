@@ -165,8 +165,7 @@ impl DsmService {
         let Some(to) = self.left_with(ctx, page, manager, whose.leaver, request).await else {
             return false;
         };
-        let what = "pages left on another node, their manager not answering this leaving node";
-        gobelins_adaptation::log_budget::budgeted(&self.state().left_lines, what, || {
+        self.say_left(|| {
             tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page's manager did not answer this leaving node; the page is left on another node, from which that manager's recovery rebuilds it (or which hands it to the manager should it answer)");
         });
         true
@@ -198,11 +197,17 @@ impl DsmService {
         let Some(to) = self.left_with(ctx, page, manager, writer, request).await else {
             return false;
         };
-        let what = "pages left on another node, their manager not answering this leaving node";
-        gobelins_adaptation::log_budget::budgeted(&self.state().left_lines, what, || {
+        self.say_left(|| {
             tracing::warn!(?page, manager = manager.0, node = to.0, version = retired.version, "dsm: a copy this leaving node kept aside for a write grant could not be handed to the page's manager; it is left on another node, where that manager's recovery finds it should the manager have died before the grant reached its writer");
         });
         true
+    }
+
+    /// Logs `line`, about a copy left on another node, within the node's budget for those: one
+    /// per page flooded the log when a manager died during a leave.
+    fn say_left(&self, line: impl FnOnce()) {
+        let what = "pages left on another node, their manager not answering this leaving node";
+        gobelins_adaptation::log_budget::budgeted(&self.state().left_lines, what, line);
     }
 
     /// Tells `request()` to the first live node after `manager` that takes it, other than

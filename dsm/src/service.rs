@@ -279,8 +279,10 @@ impl DsmService {
         let st = self.state();
         let exposures = st.config.backups.then_some(&st.exposures);
         let guard = slot.lock().await;
-        // Once the lock is held: a change may have begun while the handler waited for it.
-        Held { guard, me: ctx.node(), exposures, leaving: self.leaver() }
+        // Once the lock is held: a change may have begun while the handler waited for it. Only
+        // with backups on, where a word is given: not a lock more on every request otherwise.
+        let leaving = exposures.and_then(|_| self.leaver());
+        Held { guard, me: ctx.node(), exposures, leaving }
     }
 
     /// The node the change this node has begun takes out, if it is an eviction: its copies
