@@ -13,6 +13,7 @@ use gobelins_locator::NodeId;
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::raft::VoteResponse;
 use openraft::{BasicNode, ServerState};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -329,6 +330,16 @@ impl Supervisor {
         }
         let JoinRequest { node, addr, labels, incarnation } = join;
         self.propose_here(Command::Join { node, addr, labels, incarnation }).await
+    }
+
+    /// The live members, other than this node and `except`, that do not answer a ping now: a
+    /// node killed a moment ago, which the leader has not declared failed yet.
+    pub(crate) async fn unanswering(&self, except: u64) -> BTreeSet<u64> {
+        let mut asked = self.state().live();
+        asked.retain(|&n| n != self.me.id && n != except);
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let answering = self.answering(&asked, &membership).await;
+        asked.difference(&answering).copied().collect()
     }
 
     pub(super) async fn ping(&self, node: u64, deadline: Duration) -> bool {
