@@ -168,7 +168,7 @@ impl Dsm {
         tokio::spawn(async move {
             let request = Request::Retire { page, version };
             if let Err(e) = ctx.tell::<_, Response>(previous, DSM, page.key(), &request).await {
-                tracing::debug!(?page, node = previous.0, error = %e, "dsm: the previous owner was not told to drop the copy it keeps aside");
+                tracing::debug!(%page, node = previous.0, error = %e, "dsm: the previous owner was not told to drop the copy it keeps aside");
             }
         });
     }

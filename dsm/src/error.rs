@@ -38,7 +38,7 @@ pub enum DsmError {
     },
     /// The page's manager could not finish in time: the node holding the page stayed
     /// unreachable. Nothing changed; the access can be retried.
-    #[error("page {page:?}: its holder did not answer within {waited_ms} ms")]
+    #[error("{page}: its holder did not answer within {waited_ms} ms")]
     Stuck {
         /// The page.
         page: PageId,
@@ -66,7 +66,7 @@ pub enum DsmError {
     /// The page's manager does not count this node as a member: the cluster declared it
     /// failed (cut off by the network, or stopped, a while), and it has yet to rejoin as a new
     /// life. Nothing was written; the access can be made again once the node is active.
-    #[error("page {page:?}: this node is not a member of the cluster now: the cluster declared it failed (cut off or stopped for a while) and it rejoins as a new life. Nothing was written; try again once `gobelins status` shows it active, or use another node")]
+    #[error("{page}: this node is not a member of the cluster now: the cluster declared it failed (cut off or stopped for a while) and it rejoins as a new life. Nothing was written; try again once `gobelins status` shows it active, or use another node")]
     NotMember {
         /// The page.
         page: PageId,
@@ -74,7 +74,7 @@ pub enum DsmError {
     /// The page was given to another node while this one wrote it: the cluster declared this
     /// node failed meanwhile (cut off, or stopped) and rebuilt the page from its copies. The
     /// write was discarded; no other node saw it.
-    #[error("page {page:?}: this node no longer owns the page: the cluster declared it failed while it wrote (cut off or stopped for a while) and rebuilt the page elsewhere. This write was discarded and no other node saw it: write again")]
+    #[error("{page}: this node no longer owns the page: the cluster declared it failed while it wrote (cut off or stopped for a while) and rebuilt the page elsewhere. This write was discarded and no other node saw it: write again")]
     Disowned {
         /// The page.
         page: PageId,
@@ -82,7 +82,7 @@ pub enum DsmError {
     /// This node's lease ran out before the write was published: cut off from the cluster's
     /// leader (or stopped a while), it may be declared failed and the page rebuilt elsewhere
     /// from what the others hold. The write was discarded; no other node saw it.
-    #[error("page {page:?}: this node lost touch with the cluster's leader before the write was published (its lease ran out: cut off, or stopped a while), and the cluster may be rebuilding the page elsewhere. The write was discarded and no other node saw it: write again once `gobelins status` shows the node active")]
+    #[error("{page}: this node lost touch with the cluster's leader before the write was published (its lease ran out: cut off, or stopped a while), and the cluster may be rebuilding the page elsewhere. The write was discarded and no other node saw it: write again once `gobelins status` shows the node active")]
     NoLease {
         /// The page.
         page: PageId,
@@ -120,6 +120,9 @@ mod tests {
         let said = DsmError::Lost { page: PageId { segment: 7, page: 3 } }.to_string();
         assert!(said.starts_with("page 3 of segment 7 is lost"), "{said}");
         assert!(said.contains("`gobelins dsm discard 7 3`"), "{said}");
+        // And so in every other message, and in the log's lines: not in Rust's debug form.
+        let stuck = DsmError::Stuck { page: PageId { segment: 7, page: 3 }, waited_ms: 5 };
+        assert!(stuck.to_string().starts_with("segment 7 page 3: its holder"), "{stuck}");
     }
 
     /// The console's segments are as long as a segment can be: past that, the refusal names

@@ -117,12 +117,12 @@ impl DsmService {
                         Ok(_) => return,
                         Err(e) => {
                             silent.lock().expect("silent").insert(manager);
-                            tracing::info!(?page, error = %e, "dsm: the manager of a page this leaving node keeps the backup of did not answer");
+                            tracing::info!(%page, error = %e, "dsm: the manager of a page this leaving node keeps the backup of did not answer");
                         }
                     }
                 }
                 if !self.foster_backup(ctx, page, manager, &frame).await {
-                    tracing::warn!(?page, manager = manager.0, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of, nor leave its copy on another node; it gets one at its owner's next commit, and until then a failure of its owner loses it");
+                    tracing::warn!(%page, manager = manager.0, "dsm: could not ask for a new backup of a page this leaving node keeps the backup of, nor leave its copy on another node; it gets one at its owner's next commit, and until then a failure of its owner loses it");
                 }
             })
             .await;
@@ -166,7 +166,7 @@ impl DsmService {
             return false;
         };
         self.say_left(|| {
-            tracing::warn!(?page, manager = manager.0, node = to.0, "dsm: a page's manager did not answer this leaving node; the page is left on another node, from which that manager's recovery rebuilds it (or which hands it to the manager should it answer)");
+            tracing::warn!(%page, manager = manager.0, node = to.0, "dsm: a page's manager did not answer this leaving node; the page is left on another node, from which that manager's recovery rebuilds it (or which hands it to the manager should it answer)");
         });
         true
     }
@@ -198,7 +198,7 @@ impl DsmService {
             return false;
         };
         self.say_left(|| {
-            tracing::warn!(?page, manager = manager.0, node = to.0, version = retired.version, "dsm: a copy this leaving node kept aside for a write grant could not be handed to the page's manager; it is left on another node, where that manager's recovery finds it should the manager have died before the grant reached its writer");
+            tracing::warn!(%page, manager = manager.0, node = to.0, version = retired.version, "dsm: a copy this leaving node kept aside for a write grant could not be handed to the page's manager; it is left on another node, where that manager's recovery finds it should the manager have died before the grant reached its writer");
         });
         true
     }
@@ -254,11 +254,11 @@ impl DsmService {
         // A copy kept aside goes to another node too, whether the manager was silent from the
         // start or fell silent at this page's surrender (a helper's review).
         if !self.leave_aside(ctx, page, manager, frame).await {
-            tracing::warn!(?page, manager = manager.0, "dsm: could not hand over a copy kept aside for a write grant before leaving, the page's manager not answering, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
+            tracing::warn!(%page, manager = manager.0, "dsm: could not hand over a copy kept aside for a write grant before leaving, the page's manager not answering, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
         }
         if !self.foster(ctx, page, manager, frame).await {
             frame.reopen();
-            tracing::warn!(?page, manager = manager.0, "dsm: could not hand a page over before leaving, its manager not answering, nor leave it on another node; it is lost unless a faulting node fetches it before this node goes");
+            tracing::warn!(%page, manager = manager.0, "dsm: could not hand a page over before leaving, its manager not answering, nor leave it on another node; it is lost unless a faulting node fetches it before this node goes");
         }
     }
 
@@ -292,7 +292,7 @@ impl DsmService {
                     return false;
                 }
             }
-            tracing::warn!(?page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
+            tracing::warn!(%page, label, error = %e, "dsm: could not hand over a copy kept aside for a write grant before leaving, nor leave it on another node; should that grant turn out never to have reached its writer, the page will be reported lost");
             return false;
         }
         // Kept by the manager, or needed by nobody: the grant landed, or was taken back,
@@ -347,7 +347,7 @@ impl DsmService {
                     }
                 }
                 Err(e) => {
-                    tracing::info!(?page, error = %e, "dsm: a page's manager did not take it from this leaving node");
+                    tracing::info!(%page, error = %e, "dsm: a page's manager did not take it from this leaving node");
                     return Handed::Unanswered;
                 }
             }
@@ -397,7 +397,7 @@ impl DsmService {
             frame.drop_fostered(leaver);
             return;
         }
-        tracing::warn!(?page, manager = manager.0, "dsm: a page a leaving node left here, not yet handed to its manager, could not be left on another node as this one leaves; it is lost unless its manager's recovery finds another copy");
+        tracing::warn!(%page, manager = manager.0, "dsm: a page a leaving node left here, not yet handed to its manager, could not be left on another node as this one leaves; it is lost unless its manager's recovery finds another copy");
     }
 
     /// A page this leaving node owns and manages travels to its new manager `to` with its
@@ -434,7 +434,7 @@ impl DsmService {
             }
             silent.insert(node);
         }
-        tracing::warn!(?page, manager = to.0, "dsm: a page leaving with its entry could not be stored on a second node; until its new manager gives it a backup, that node's failure loses it");
+        tracing::warn!(%page, manager = to.0, "dsm: a page leaving with its entry could not be stored on a second node; until its new manager gives it a backup, that node's failure loses it");
     }
 
     /// Hands a page a leaving node left here (see [`Request::Foster`]) to its manager on the
@@ -517,7 +517,7 @@ impl DsmService {
                     Ok(answer @ (Response::Ok | Response::Missing)) => {
                         if done(&frame) {
                             tracing::info!(
-                                ?page,
+                                %page,
                                 leaver = leaver.0,
                                 ?answer,
                                 "dsm: {what} was handed to its manager"
@@ -527,11 +527,11 @@ impl DsmService {
                     }
                     Ok(Response::Retry | Response::Busy) => tokio::time::sleep(HAND_ON_PAUSE).await,
                     Ok(other) => {
-                        tracing::warn!(?page, leaver = leaver.0, answer = ?other, "dsm: the manager refused {what}; this node keeps it, which a recovery of that manager would find");
+                        tracing::warn!(%page, leaver = leaver.0, answer = ?other, "dsm: the manager refused {what}; this node keeps it, which a recovery of that manager would find");
                         return;
                     }
                     Err(e) => {
-                        tracing::debug!(?page, error = %e, "dsm: the manager of {what} does not answer yet");
+                        tracing::debug!(%page, error = %e, "dsm: the manager of {what} does not answer yet");
                         tokio::time::sleep(HAND_ON_PAUSE).await;
                     }
                 }

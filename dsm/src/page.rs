@@ -69,6 +69,13 @@ fn rotation(segment: u32) -> u32 {
     segment.wrapping_mul(0x9e37_79b9)
 }
 
+/// As an operator types it: `gobelins dsm discard 1 16` is "segment 1 page 16".
+impl std::fmt::Display for PageId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "segment {} page {}", self.segment, self.page)
+    }
+}
+
 impl PageId {
     /// The page's directory key.
     pub fn key(self) -> Key {

@@ -196,7 +196,7 @@ async fn drop_copy(
         frame.reopen();
         return false;
     }
-    tracing::debug!(?page, node = ctx.node().0, version, next = ?owner, "dsm: copy dropped");
+    tracing::debug!(%page, node = ctx.node().0, version, next = ?owner, "dsm: copy dropped");
     match owner {
         Some(o) => state.hints.insert(page, o),
         None => state.hints.remove(&page).map(|(_, o)| o),
@@ -257,7 +257,7 @@ impl DsmService {
                 if let Named::Page(page) = named(key) {
                     let what = "pages found lost in slots whose manager died";
                     gobelins_adaptation::log_budget::budgeted(&st.lost_lines, what, || {
-                        tracing::warn!(?page, "dsm: page lost: its manager failed, and no surviving node reported a copy of it (every copy died with the manager or before it; or the page was never written, which nobody can tell now). Discard it or free its segment once what mattered is restored")
+                        tracing::warn!(%page, "dsm: page lost: its manager failed, and no surviving node reported a copy of it (every copy died with the manager or before it; or the page was never written, which nobody can tell now). Discard it or free its segment once what mattered is restored")
                     });
                 }
             }
@@ -503,7 +503,7 @@ impl Service for DsmService {
                                 (s.version, s.data.clone())
                             };
                             tracing::debug!(
-                                ?page,
+                                %page,
                                 node = ctx.node().0,
                                 version,
                                 held = data.is_some(),

@@ -42,7 +42,7 @@ impl Dsm {
         match self.ask(page.key(), &Request::ReadFault { node: self.me() }).await? {
             Response::Copy { version, data, owner } => {
                 tracing::debug!(
-                    ?page,
+                    %page,
                     node = self.me().0,
                     version,
                     ?owner,
@@ -80,7 +80,7 @@ impl Dsm {
             Ok(Response::Copy { version, data: Some(data), .. }) => {
                 self.state().hinted.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(
-                    ?page,
+                    %page,
                     node = self.me().0,
                     version,
                     owner = owner.0,
@@ -251,7 +251,7 @@ impl Dsm {
                             // was on its way, and the manager may have taken it back, or a
                             // recovery scanned this node meanwhile: ask again.
                             tracing::debug!(
-                                ?page,
+                                %page,
                                 version,
                                 "dsm: a late grant refused; faulting again"
                             );
@@ -261,10 +261,10 @@ impl Dsm {
                             continue;
                         }
                         Installed::NoCopy => {
-                            tracing::error!(?page, version, "dsm: granted write access to a copy this node no longer holds; the page's last content is on its previous owner");
+                            tracing::error!(%page, version, "dsm: granted write access to a copy this node no longer holds; the page's last content is on its previous owner");
                             frame.reopen();
                             return Err(DsmError::Protocol(format!(
-                                "{page:?}: granted version {version} without the page, and this node holds no copy"
+                                "{page}: granted version {version} without the page, and this node holds no copy"
                             )));
                         }
                     }
@@ -288,7 +288,7 @@ impl Dsm {
                         };
                         if !fostered {
                             frame.reopen();
-                            tracing::warn!(?page, "dsm: could not hand a page granted as this node leaves to its manager, nor leave it on another node; it is lost unless a faulting node fetches it before this node goes");
+                            tracing::warn!(%page, "dsm: could not hand a page granted as this node leaves to its manager, nor leave it on another node; it is lost unless a faulting node fetches it before this node goes");
                         }
                     }
                     let handed_over = handed == Some(Handed::Over);

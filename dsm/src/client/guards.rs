@@ -88,7 +88,7 @@ impl WriteGuard {
             let ctx = self.dsm.host.context();
             let stored = ctx.tell::<_, Response>(node, DSM, self.page.key(), &request).await;
             if !matches!(stored, Ok(Response::Ok)) {
-                tracing::info!(page = ?self.page, backup = node.0, "dsm: backup did not answer; asking for another");
+                tracing::info!(page = %self.page, backup = node.0, "dsm: backup did not answer; asking for another");
                 let request = Request::Rebackup {
                     node: self.dsm.me(),
                     version: self.version,

@@ -103,7 +103,7 @@ impl Dsm {
         let slot = self.state().spec.slot_of(page.key());
         let forgiven = self.forgive_slot(slot).await?;
         if let Some(reset) = forgiven {
-            tracing::warn!(?page, slot, reset, "dsm: the taint of a page's slot was lifted (`dsm forgive`): its pages nobody reported after its manager failed read as zeros, as never written");
+            tracing::warn!(%page, slot, reset, "dsm: the taint of a page's slot was lifted (`dsm forgive`): its pages nobody reported after its manager failed read as zeros, as never written");
         }
         Ok(forgiven)
     }

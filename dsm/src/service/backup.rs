@@ -152,7 +152,7 @@ impl DsmService {
         // its backup should this node fail in turn. Left a read copy, the page had no backup
         // until written again, and a third failure (a rolling restart) lost it.
         if frame.adopt_read_copy(version, &departed_since(ctx, ctx.from())) {
-            tracing::debug!(?page, version, "dsm: a read copy this node holds is the page now");
+            tracing::debug!(%page, version, "dsm: a read copy this node holds is the page now");
         }
         let (data, commit) = {
             let s = frame.lock();
@@ -251,12 +251,12 @@ impl DsmService {
             let request = Request::Backup { page, version, commit, data };
             if self.tell(ctx, to, page, request).await {
                 entry.backup = Some(to);
-                tracing::info!(?page, owner = owner.0, node = to.0, "dsm: a page whose owner does not answer has its leaving backup's copy stored on another node");
+                tracing::info!(%page, owner = owner.0, node = to.0, "dsm: a page whose owner does not answer has its leaving backup's copy stored on another node");
             }
         }
         if entry.backup == Some(leaving) {
             // Not assumed either way: the owner may have moved, and its next commit tells.
-            tracing::warn!(?page, owner = owner.0, "dsm: a page whose backup node is leaving could not be given another now; it gets one at its owner's next commit or the next change this manager takes part in, and until then a failure of its owner loses it");
+            tracing::warn!(%page, owner = owner.0, "dsm: a page whose backup node is leaving could not be given another now; it gets one at its owner's next commit or the next change this manager takes part in, and until then a failure of its owner loses it");
         }
         Response::Ok
     }
@@ -276,10 +276,7 @@ impl DsmService {
         let mut live = self.hold(ctx, &slot).await;
         let Live::Page(entry) = &mut *live else { return Response::Invalid("not a page".into()) };
         if entry.owner != Some(owner) || entry.version != version {
-            return Response::Invalid(format!(
-                "node {} does not own {page:?} at {version}",
-                owner.0
-            ));
+            return Response::Invalid(format!("node {} does not own {page} at {version}", owner.0));
         }
         // The owner commits at the version it was granted: the grant landed.
         self.settle_grant(ctx, page, entry);
@@ -315,7 +312,7 @@ impl DsmService {
         // No write came since: a write to a lost page needs a discard, a new version.
         let lost = entry.lost && entry.owner.is_none();
         let accepted = (entry.owner == Some(from) || lost) && entry.version == version;
-        tracing::debug!(?page, from = from.0, version, accepted, entry = ?entry, "dsm: surrender");
+        tracing::debug!(%page, from = from.0, version, accepted, entry = ?entry, "dsm: surrender");
         if accepted {
             let me = ctx.node();
             let frame = self.state().frames.frame(page);
@@ -368,7 +365,7 @@ impl DsmService {
             Retired { version: label, data, writer: entry.owner, backup: None, on_behalf: None };
         self.state().frames.frame(page).keep_retired(retired);
         tracing::debug!(
-            ?page,
+            %page,
             from = from.0,
             label,
             "dsm: a leaving node's copy kept aside is kept here"

@@ -59,7 +59,7 @@ impl DsmService {
         };
         entry.copyset.insert(reader);
         tracing::debug!(
-            ?page,
+            %page,
             manager = me.0,
             reader = reader.0,
             version = entry.version,
@@ -98,7 +98,7 @@ impl DsmService {
         // Its own write faults are serialized on a node, so the writer holds what it says.
         if entry.owner == Some(writer) && have != Some(entry.version) {
             tracing::info!(
-                ?page,
+                %page,
                 writer = writer.0,
                 version = entry.version,
                 ?have,
@@ -175,7 +175,7 @@ impl DsmService {
                         if let Err(absent) =
                             self.promote_on(ctx, o, page, version, Some(version)).await
                         {
-                            tracing::debug!(?page, owner = o.0, ?absent, "dsm: the owner did not take back the page a failed grant took; the next fault will");
+                            tracing::debug!(%page, owner = o.0, ?absent, "dsm: the owner did not take back the page a failed grant took; the next fault will");
                         }
                     }
                     return Response::Retry;
@@ -200,7 +200,7 @@ impl DsmService {
             (Some(node), false) => Granted::From { node, label: version },
             (None, false) => Granted::Unknown,
         };
-        tracing::debug!(?page, manager = ctx.node().0, writer = writer.0, version = granted, previous = ?owner, sent = data.is_some(), "dsm: write granted");
+        tracing::debug!(%page, manager = ctx.node().0, writer = writer.0, version = granted, previous = ?owner, sent = data.is_some(), "dsm: write granted");
         let data = data.as_ref().map(PageBytes::shared);
         Response::Grant { version: granted, data, zero, backup, previous }
     }

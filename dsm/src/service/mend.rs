@@ -33,7 +33,7 @@ impl DsmService {
         self.settle_grant(ctx, page, entry);
         entry.lost = false;
         entry.strays = true;
-        tracing::info!(?page, node = backup.0, "dsm: page rebuilt from its backup");
+        tracing::info!(%page, node = backup.0, "dsm: page rebuilt from its backup");
         Ok(())
     }
 
@@ -60,7 +60,7 @@ impl DsmService {
                 Err(Absent::Unreachable) if !self.gone(ctx, backup) => {
                     tries += 1;
                     tracing::debug!(
-                        ?page,
+                        %page,
                         node = backup.0,
                         tries,
                         "dsm: the backup did not answer a promotion; asking again"
@@ -129,7 +129,7 @@ impl DsmService {
                 // rather than the page called lost for good.
                 Err(Absent::Unreachable) if !self.gone(ctx, backup) => {
                     tracing::warn!(
-                        ?page,
+                        %page,
                         node = backup.0,
                         "dsm: a page's backup did not answer its promotion; the page waits for it"
                     );
@@ -141,7 +141,7 @@ impl DsmService {
         let was_lost = entry.lost;
         let before = entry.owner;
         if repair(entry, |n| self.gone(ctx, n), |n| self.lost_holder(ctx, n)) && entry.lost {
-            tracing::warn!(?page, "dsm: page lost: every node holding a copy failed");
+            tracing::warn!(%page, "dsm: page lost: every node holding a copy failed");
             self.found_lost(u64::from(!was_lost));
         }
         // A reader made the owner holds a read copy: told to own it, as an owner it hands it
@@ -170,7 +170,7 @@ impl DsmService {
         let request = Request::BackupTo { page, version, node: backup, replaces: None };
         let answer = self.told(ctx, reader, page, request).await;
         if !matches!(answer, Some(Response::Ok | Response::BackedUp(_))) {
-            tracing::debug!(?page, node = reader.0, ?answer, "dsm: a reader made the owner did not take its copy as the page; it does when next backed up");
+            tracing::debug!(%page, node = reader.0, ?answer, "dsm: a reader made the owner did not take its copy as the page; it does when next backed up");
         }
         answer.is_some()
     }

@@ -138,7 +138,7 @@ impl DsmService {
                         self.settle_grant(ctx, page, &mut entry);
                     }
                     if let Named::Page(page) = named(key) {
-                        tracing::debug!(?page, node = me.0, ?entry, "dsm: entry merged");
+                        tracing::debug!(%page, node = me.0, ?entry, "dsm: entry merged");
                     }
                     self.state().live.insert(key, Arc::new(AsyncMutex::new(Live::Page(entry))));
                 }
@@ -205,7 +205,7 @@ impl DsmService {
             }
             let Some(mut entry) = rebuild(&reports, |n| self.gone(ctx, n)) else { continue };
             if entry.lost {
-                tracing::warn!(?page, version = entry.version, "dsm: page lost with its manager: the only copies left are one given up to a writer that died too, which may have written since, or backups that disagree");
+                tracing::warn!(%page, version = entry.version, "dsm: page lost with its manager: the only copies left are one given up to a writer that died too, which may have written since, or backups that disagree");
                 self.found_lost(1);
             }
             let only_backups = !reports.iter().any(|r| !r.backup && r.version == entry.version);
@@ -213,7 +213,7 @@ impl DsmService {
                 let promoted =
                     self.promote_patiently(ctx, page, &mut entry, holder, &mut unanswering).await;
                 if promoted.is_err() {
-                    tracing::warn!(?page, node = holder.0, "dsm: page lost: its backup could not be restored (it does not hold that version, or it never answered)");
+                    tracing::warn!(%page, node = holder.0, "dsm: page lost: its backup could not be restored (it does not hold that version, or it never answered)");
                     self.found_lost(u64::from(!entry.lost));
                     entry =
                         PageEntry { lost: true, version: entry.version, ..PageEntry::default() };

@@ -32,7 +32,7 @@ impl DsmService {
             match asked {
                 Ok(answer) => answer,
                 Err(e) => {
-                    tracing::debug!(node = holder.0, ?page, error = %e, "dsm: holder unreachable");
+                    tracing::debug!(node = holder.0, %page, error = %e, "dsm: holder unreachable");
                     return Err(Absent::Unreachable);
                 }
             }
@@ -130,7 +130,7 @@ impl DsmService {
             entry.owner = None;
             self.settle_grant(ctx, page, entry);
             tracing::warn!(
-                ?page,
+                %page,
                 version,
                 "dsm: a zero-filled write grant that never reached its writer was taken back"
             );
@@ -194,7 +194,7 @@ impl DsmService {
                 _ => return false,
             }
         }
-        tracing::warn!(?page, version, "dsm: page lost: a write grant never reached its writer, and no node holds what it carried");
+        tracing::warn!(%page, version, "dsm: page lost: a write grant never reached its writer, and no node holds what it carried");
         self.found_lost(u64::from(!entry.lost));
         *entry = PageEntry { lost: true, version, ..PageEntry::default() };
         true
@@ -215,7 +215,7 @@ impl DsmService {
         self.settle_grant(ctx, page, entry);
         // Routine after a writer's death (its grant in flight): nothing written is lost.
         tracing::info!(
-            ?page,
+            %page,
             version = entry.version,
             owner = node.0,
             "dsm: a write grant that never reached its writer (it died, or timed out) was taken back; the page is as it was before the grant, and no write is lost"
