@@ -357,9 +357,12 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
             other => return Err(unexpected(peer, &other)),
         };
         // Named as it names itself from here on: on one host every dial comes from the same
-        // address, and a refusal said only that, not which node to mend.
-        let named = format!("{peer} (node {} at {})", theirs.node, theirs.addr);
-        let peer = named.as_str();
+        // address, and a refusal said only that, not which node to mend. As a claim until it
+        // proves the secret: a stranger's hello may give a member's id and address, and a line
+        // naming that member as refused sent its operator to mend a node with nothing wrong.
+        let claimed = format!("{peer} (says it is node {} at {})", theirs.node, theirs.addr);
+        let proved = format!("{peer} (node {} at {})", theirs.node, theirs.addr);
+        let peer = claimed.as_str();
         if let Err(reason) = check_hello(secret.cluster, &theirs) {
             let another = theirs.magic == MAGIC && theirs.cluster != secret.cluster;
             return Err(refuse(framed, peer, reason, another).await);
@@ -386,6 +389,7 @@ pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(
         send(framed, &welcome).await?;
         match receive(framed, peer, false).await? {
             HandshakeMessage::Proof(p) if verify(secret, INITIATOR, &theirs, &ours, &p)? => {
+                let peer = proved.as_str();
                 match admit(&theirs) {
                     Ok(()) => {
                         send(framed, &HandshakeMessage::Admitted).await?;
@@ -434,6 +438,15 @@ mod tests {
         initiator_secret: ClusterSecret,
         acceptor_secret: ClusterSecret,
     ) -> (Result<Hello>, Result<Hello>) {
+        run_admitting(initiator_secret, acceptor_secret, Ok(())).await
+    }
+
+    /// Node 1 dials node 2, which answers `admitted` to a peer that proved the secret.
+    async fn run_admitting(
+        initiator_secret: ClusterSecret,
+        acceptor_secret: ClusterSecret,
+        admitted: std::result::Result<(), String>,
+    ) -> (Result<Hello>, Result<Hello>) {
         let (a, b) = tokio::io::duplex(4096);
         let mut a = Framed::new(a, FrameCodec::default());
         let mut b = Framed::new(b, FrameCodec::default());
@@ -442,7 +455,7 @@ mod tests {
         let deadline = Duration::from_secs(5);
         tokio::join!(
             initiate(&mut a, &initiator_secret, ours_a, "n2", deadline),
-            accept(&mut b, &acceptor_secret, ours_b, "n1", deadline, |_| Ok(()))
+            accept(&mut b, &acceptor_secret, ours_b, "n1", deadline, |_| admitted)
         )
     }
 
@@ -466,8 +479,18 @@ mod tests {
         // The acceptor, dialed by a node with a changed key, is not told to check its own.
         assert!(b.contains("refused by peer: the node that connected holds"), "{b}");
         assert!(!b.contains("check --secret-file"), "{b}");
-        // The acceptor names the node that connected, not only the address it came from.
-        assert!(b.contains("n1 (node 1 at 127.0.0.1:1)"), "{b}");
+        // The acceptor names the node that connected, not only the address it came from: as
+        // what it says it is, since it did not prove it.
+        assert!(b.contains("n1 (says it is node 1 at 127.0.0.1:1)"), "{b}");
+    }
+
+    /// A peer that proved the secret is named as the node it is, in what `admit` refuses.
+    #[tokio::test]
+    async fn a_proved_peer_refused_at_admission_is_named_as_the_node_it_is() {
+        let secret = ClusterSecret::generate();
+        let (_, b) = run_admitting(secret.clone(), secret, Err("held out".into())).await;
+        let b = b.unwrap_err().to_string();
+        assert!(b.contains("n1 (node 1 at 127.0.0.1:1)") && b.contains("held out"), "{b}");
     }
 
     #[tokio::test]
