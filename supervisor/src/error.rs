@@ -22,7 +22,7 @@ pub enum SupervisorError {
     #[error("frame version {0} is not supported (this node speaks {min}..={max}): the peer is a gobelins agent of a build whose protocol does not overlap this one's (upgrade the older node), or no gobelins agent", min = crate::frame::MIN_VERSION, max = crate::frame::VERSION)]
     UnsupportedVersion(u8),
     /// A frame was empty: no version byte.
-    #[error("empty frame")]
+    #[error("empty frame: a frame begins with its protocol version; the peer is no gobelins agent, or what it sends was cut or corrupted on the way")]
     EmptyFrame,
     /// The payload could not be decoded or encoded.
     #[error("codec: {0}")]

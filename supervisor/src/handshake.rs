@@ -277,7 +277,7 @@ fn unexpected(peer: &str, got: &HandshakeMessage) -> SupervisorError {
         HandshakeMessage::Refused(_) => "Refused",
         HandshakeMessage::RefusedSecret(_) => "RefusedSecret",
     };
-    SupervisorError::Handshake { peer: peer.into(), reason: format!("unexpected {what} message") }
+    SupervisorError::Handshake { peer: peer.into(), reason: format!("unexpected {what} message at this step of the handshake: the peer is no gobelins agent of a build this one speaks with, or it replays messages of another connection") }
 }
 
 /// Whether a peer's Hello is this node's own: its id at its address. A relayed Hello is
