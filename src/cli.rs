@@ -574,6 +574,14 @@ mod tests {
         let shown = losses_text(&untainted);
         assert!(shown.contains("gobelins dsm discard SEGMENT PAGE"), "{shown}");
         assert!(!shown.contains("forgive --all"), "{shown}");
+        // No page lost yet, slots tainted: not said as if all were well (a helper's run).
+        let only_tainted =
+            Losses { nodes: vec![(NodeId(2), held(vec![], vec![5]))], ..lost.clone() };
+        let shown = losses_text(&only_tainted);
+        assert!(
+            shown.starts_with("no page is reported lost yet, but slots are tainted"),
+            "{shown}"
+        );
         let json = losses_json(&lost);
         assert_eq!(json["pages"][0], json!({ "segment": 7, "page": 0, "manager": 2 }));
         assert_eq!(json["tainted"], 2);

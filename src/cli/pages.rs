@@ -215,7 +215,11 @@ pub(super) fn write_losses(
 ) -> anyhow::Result<()> {
     let pages = losses.pages();
     let lost = losses.lost();
-    if lost == 0 {
+    let tainted = losses.tainted();
+    if lost == 0 && tainted > 0 {
+        // Not a clean bill: a tainted slot's pages are found lost only as they are asked for.
+        writeln!(out, "no page is reported lost yet, but slots are tainted (below)")?;
+    } else if lost == 0 {
         writeln!(out, "no page is reported lost")?;
     } else {
         writeln!(
@@ -235,7 +239,6 @@ pub(super) fn write_losses(
             writeln!(out, "  ... and {unlisted} more (`--json` lists up to 65,536 a node)")?;
         }
     }
-    let tainted = losses.tainted();
     if tainted > 0 {
         let by_node: Vec<String> = losses
             .nodes

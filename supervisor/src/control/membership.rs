@@ -159,6 +159,28 @@ async fn roll_call(
     let mut said = BTreeSet::new();
     loop {
         let silent = node.unanswering(target).await;
+        // Said as each one ends: which way the wait went is what the operator asks next.
+        let ended: BTreeSet<u64> = said.difference(&silent).copied().collect();
+        if !ended.is_empty() {
+            let state = node.state();
+            let out = |n: &u64| state.nodes.get(n).is_none_or(|r| !r.status.is_live());
+            let (failed, back): (BTreeSet<u64>, BTreeSet<u64>) =
+                ended.iter().copied().partition(out);
+            let mut lines = Vec::new();
+            if !failed.is_empty() {
+                let was = if failed.len() == 1 { "was" } else { "were" };
+                lines.push(format!(
+                    "{} {was} declared failed: its recovery comes first",
+                    names(&failed)
+                ));
+            }
+            if !back.is_empty() {
+                lines.push(format!("{} answered", names(&back)));
+            }
+            let lines: Vec<_> = lines.into_iter().map(|l| json!({ "progress": l })).collect();
+            flush(write, &lines).await?;
+            said = &said - &ended;
+        }
         if silent.is_empty() {
             return Ok(true);
         }

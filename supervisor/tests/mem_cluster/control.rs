@@ -102,11 +102,40 @@ fn an_evict_asked_as_the_leader_dies_waits_for_the_next_leader() {
         assert!(asking.contains("asking the cluster's leader"), "{asking}");
         // The dead leader does not answer either: the eviction waits for its recovery first.
         let mut answer = lines.next_line().await.expect("reads").expect("a line");
-        while answer.contains("does not answer") {
+        while answer.contains("does not answer") || answer.contains("declared failed") {
             answer = lines.next_line().await.expect("reads").expect("a line");
         }
         assert!(answer.contains("accepted"), "the next leader took it: {answer}");
         assert_ne!(nodes[asker as usize - 1].supervisor.leader(), Some(leader));
+    });
+}
+
+/// A member silent for a moment (its answers lost), then heard again: the eviction waits for
+/// it, says that it answered, and goes on; nobody is declared failed.
+#[test]
+fn an_eviction_waits_for_a_silent_member_and_goes_on_once_it_answers() {
+    replay(async {
+        let net = MemNetwork::new(25);
+        let nodes = three_voters(&net).await;
+        let (leader, asker, evicted) = leader_and_followers(&nodes);
+        let silent = 6 - leader - evicted;
+        assert_eq!(silent, asker);
+        let at_leader = &nodes[leader as usize - 1].supervisor;
+        let (_dir, path, _socket) = control_socket(at_leader).await;
+        net.mute(silent, leader);
+        let request = format!("{{\"cmd\":\"evict\",\"node\":{evicted}}}");
+        let (lines, _sending) = sent(&path, &request).await;
+        let answer = tokio::spawn(all_of(lines));
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(at_leader.state().nodes[&evicted].status, NodeStatus::Active, "not yet");
+        net.unmute(silent, leader);
+        let said = answer.await.expect("the answer").join("\n");
+        assert!(said.contains(&format!("node {silent} does not answer")), "{said}");
+        assert!(said.contains(&format!("node {silent} answered")), "{said}");
+        assert!(said.contains("\"ok\""), "{said}");
+        let state = at_leader.state();
+        assert_eq!(state.nodes[&silent].status, NodeStatus::Active, "{said}");
+        assert_eq!(state.nodes[&evicted].status, NodeStatus::Left, "{said}");
     });
 }
 
@@ -142,6 +171,8 @@ fn an_eviction_asked_just_after_a_kill_waits_for_the_dead_node_s_recovery() {
         let said = answer.await.expect("the answer").join("\n");
         let waited = format!("node {killed} does not answer: the eviction of node {evicted} waits");
         assert!(said.contains(&waited), "{said}");
+        let ended = format!("node {killed} was declared failed: its recovery comes first");
+        assert!(said.contains(&ended), "how the wait ended: {said}");
         assert!(said.contains("\"ok\""), "{said}");
         assert_eq!(at_leader.state().nodes[&evicted].status, NodeStatus::Left);
     });
