@@ -98,6 +98,28 @@ pub(crate) struct EvictArgs {
     dir: DirArgs,
     /// The node to remove.
     node: u64,
+    #[command(flatten)]
+    now: NowArg,
+}
+
+/// Options of `gobelins leave`.
+#[derive(Args, Debug)]
+pub(crate) struct LeaveArgs {
+    #[command(flatten)]
+    dir: DirArgs,
+    #[command(flatten)]
+    now: NowArg,
+}
+
+/// Whether a removal waits for the other members first.
+#[derive(Args, Debug)]
+pub(crate) struct NowArg {
+    /// Ask for the removal at once, without first waiting (up to 6 failure timeouts) for a
+    /// member that does not answer to answer or be declared failed. Should that member be
+    /// dead, the pages it managed in the DSM that no node holds then read as lost, never-written
+    /// ones too, until `gobelins dsm forgive`: its recovery comes after the removal
+    #[arg(long)]
+    now: bool,
 }
 
 /// Options of `gobelins unhold`.
@@ -231,8 +253,8 @@ pub(crate) fn join(args: JoinArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn leave(args: DirArgs) -> anyhow::Result<()> {
-    let status = ask(&args, ControlRequest::Leave)?;
+pub(crate) fn leave(args: LeaveArgs) -> anyhow::Result<()> {
+    let status = ask(&args.dir, ControlRequest::Leave { now: args.now.now })?;
     eprintln!("left (the cluster is at epoch {}); this agent stops", status["epoch"]);
     Ok(())
 }
@@ -241,7 +263,7 @@ pub(crate) fn evict(args: EvictArgs) -> anyhow::Result<()> {
     if args.node == 0 {
         bail!("node ids start at 1");
     }
-    let status = ask(&args.dir, ControlRequest::Evict { node: args.node })?;
+    let status = ask(&args.dir, ControlRequest::Evict { node: args.node, now: args.now.now })?;
     eprintln!("node {} is out of the cluster (now at epoch {})", args.node, status["epoch"]);
     Ok(())
 }
@@ -428,18 +450,25 @@ mod tests {
         between["status"] = json!("active");
         let shown = status_text(json!([between.clone()]), true);
         assert!(!shown.contains("WARNING"), "{shown}");
-        assert!(shown.contains("note: node 5's last 4 lives each failed soon after"), "{shown}");
+        assert!(
+            shown.contains("note: node 5's last 4 lives each failed within 2 minutes"),
+            "{shown}"
+        );
         between["failures"] = json!(1);
         let once = status_text(json!([between.clone()]), true);
-        assert!(once.contains("note: node 5's last life failed soon after it began"), "{once}");
+        assert!(
+            once.contains("note: node 5's last life was declared failed within 2 minutes"),
+            "{once}"
+        );
+        assert!(once.contains("should its next one end as soon"), "{once}");
         // A note that stays while the node is active says for how long.
         assert!(once.contains("forgotten once the node has stayed up, or away, for 10 minutes"));
         // Left since, and not held: its short lives before are no news.
         let mut left = between.clone();
         left["status"] = json!("left");
-        assert!(!status_text(json!([left]), true).contains("failed soon after"));
+        assert!(!status_text(json!([left]), true).contains("within 2 minutes"));
         between["failures"] = json!(null);
-        assert!(!status_text(json!([between]), true).contains("failed soon after"));
+        assert!(!status_text(json!([between]), true).contains("within 2 minutes"));
     }
 
     #[test]

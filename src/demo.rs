@@ -226,7 +226,7 @@ async fn demo(args: &DemoArgs, root: &Path) -> anyhow::Result<()> {
 
     // An eviction.
     let before = ChangeStart::now(&observer, &tally, PlanAsk::Evict { node: evicted }).await?;
-    control::request(&observer, &ControlRequest::Evict { node: evicted }, |_| {})
+    control::request(&observer, &ControlRequest::Evict { node: evicted, now: false }, |_| {})
         .await
         .with_context(|| format!("evicting node {evicted}"))?;
     wait_until(&agents[&1], "evicted", |s| member(s, evicted) == Some("left") && stable(s)).await?;

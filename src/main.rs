@@ -34,7 +34,7 @@ enum Command {
     /// stops: start it again with `gobelins agent --join ADDR`.
     Join(cli::JoinArgs),
     /// Take the local node out of the cluster gracefully; waits until it has handed over its entries and left.
-    Leave(cli::DirArgs),
+    Leave(cli::LeaveArgs),
     /// Remove another node from the cluster; waits until it has handed over its entries and left (or failed on its way out).
     Evict(cli::EvictArgs),
     /// Lift the hold on a node that kept failing (its lives declared failed soon after they

@@ -556,10 +556,12 @@ fn a_node_killed_while_it_leaves_and_started_again_ends_as_left_and_loses_nothin
     let socket = registered_with_keys(&agents[0].dir, limit, keys);
 
     // Node 2 stopped, the leave cannot end: node 2 takes part in it, receiving some of node
-    // 3's entries. Node 3 stays leaving until it is killed.
+    // 3's entries. Node 3 stays leaving until it is killed. `--now`: otherwise the leave
+    // waits for node 2 to answer or be declared failed before it is asked for.
     signal(&agents[1], "-STOP");
     let mut leave = Command::new(BIN)
         .arg("leave")
+        .arg("--now")
         .arg("--data-dir")
         .arg(&agents[2].dir)
         .stdout(Stdio::null())

@@ -166,15 +166,24 @@ pub(super) fn write_status(
         }
         let Some(failures) = node["failures"].as_u64() else { continue };
         let Some(ms) = node["held_ms"].as_u64() else {
+            let short = gobelins_supervisor::SHORT_LIFE.as_secs() / 60;
+            // One such life is no flap: said as what happens should it go on, not as a fault.
             let lives = match failures {
-                1 => "last life failed soon after it began".to_string(),
-                n => format!("last {n} lives each failed soon after they began"),
+                1 => format!(
+                    "last life was declared failed within {short} minutes of its start; should \
+                     its next one end as soon, it is held out for a while before it may rejoin \
+                     (a node that keeps failing is, while two members at least are in)"
+                ),
+                n => format!(
+                    "last {n} lives each failed within {short} minutes of their start: from the \
+                     second such life in a row, a node is held out before it may rejoin, longer \
+                     each time (while two members at least are in)"
+                ),
             };
             writeln!(
                 out,
-                "note: node {}'s {lives}: from the second such life in a row, a node is held \
-                 out before it may rejoin, longer each time (while two members at least are in). \
-                 Such lives are forgotten once the node has stayed up, or away, for {} minutes",
+                "note: node {}'s {lives}. Such lives are forgotten once the node has stayed up, \
+                 or away, for {} minutes",
                 node["id"],
                 gobelins_supervisor::FLAP_MEMORY.as_secs() / 60
             )?;

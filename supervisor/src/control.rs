@@ -39,11 +39,22 @@ pub enum ControlRequest {
         local: bool,
     },
     /// This node leaves gracefully; answered when the cluster is stable without it.
-    Leave,
+    Leave {
+        /// Proposed at once, not after every other member answers or is declared failed (see
+        /// the control session's roll call): a member killed a moment before then has its DSM
+        /// slots tainted. Sent only when set: an agent of an earlier build knows no such field.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        now: bool,
+    },
     /// Remove another node; answered when the cluster is stable without it.
     Evict {
         /// The node.
         node: u64,
+        /// Proposed at once, not after every other member answers or is declared failed (see
+        /// the control session's roll call): a member killed a moment before then has its DSM
+        /// slots tainted. Sent only when set: an agent of an earlier build knows no such field.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        now: bool,
     },
     /// (Re)join through `seed`; answered when this node is active.
     Join {
@@ -117,7 +128,7 @@ impl ControlRequest {
     fn kind(&self) -> &'static str {
         match self {
             ControlRequest::Status { .. } => "status",
-            ControlRequest::Leave => "leave",
+            ControlRequest::Leave { .. } => "leave",
             ControlRequest::Evict { .. } => "evict",
             ControlRequest::Join { .. } => "join",
             ControlRequest::Call { .. } => "call",

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 /// first offender again.
 pub const FLAP_MEMORY: Duration = Duration::from_secs(600);
 /// A life that ended sooner than this after it began counts as a failure here.
-pub(crate) const SHORT_LIFE: Duration = Duration::from_secs(120);
+pub const SHORT_LIFE: Duration = Duration::from_secs(120);
 /// The longest hold, whatever the failures.
 pub(crate) const MAX_HOLD: Duration = Duration::from_secs(300);
 /// Short lives stopped on purpose that go uncounted within [`FLAP_MEMORY`]; those after count.

@@ -56,6 +56,6 @@ mod voters;
 mod waiters;
 
 pub use error::{Result, SupervisorError};
-pub use flaps::FLAP_MEMORY;
+pub use flaps::{FLAP_MEMORY, SHORT_LIFE};
 pub use gobelins_adaptation::codec;
 pub use supervisor::{Dispatch, Lifecycle, Me, Parts, Supervisor, SupervisorConfig};

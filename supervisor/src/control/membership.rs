@@ -34,11 +34,12 @@ pub(super) async fn change(
     command: Command,
     target: u64,
     until: NodeStatus,
+    now: bool,
 ) -> Result<()> {
     // At once: proposing may take a while (through an election, or a leader waiting for its
     // voters), and the CLI takes silence for an agent that stopped.
     flush(write, &[json!({ "progress": "asking the cluster's leader" })]).await?;
-    if !roll_call((read, write), node, &command, target).await? {
+    if !now && !roll_call((read, write), node, &command, target).await? {
         tracing::info!(node = target, "the control client went away while its change waited for a silent member; it is not asked for");
         return Ok(());
     }

@@ -40,7 +40,7 @@ pub(super) async fn answer(
     // A join or a leave gets the cluster's own answer, which says the same.
     let its_own = matches!(
         request,
-        ControlRequest::Status { .. } | ControlRequest::Join { .. } | ControlRequest::Leave
+        ControlRequest::Status { .. } | ControlRequest::Join { .. } | ControlRequest::Leave { .. }
     );
     // A client's request for a service, refused before it reached the host: counted failed
     // all the same, or `stats` says nothing failed while the node turned every client away.
@@ -129,10 +129,10 @@ pub(super) async fn answer(
             }
             flush(&mut write, &[json!({ "ok": status })]).await
         }
-        ControlRequest::Leave => {
+        ControlRequest::Leave { now } => {
             let id = node.id();
             let leave = Command::Leave { node: id };
-            change((&mut read, &mut write), &node, leave, id, NodeStatus::Left).await
+            change((&mut read, &mut write), &node, leave, id, NodeStatus::Left, now).await
         }
         ControlRequest::Unhold { node: target } if !node.state().nodes.contains_key(&target) => {
             let why = format!("node {target} was never a member of this cluster, as this node knows it: `gobelins status` lists them");
@@ -172,10 +172,10 @@ pub(super) async fn answer(
         }
         // Not this node: `leave` is the way out for it, and an evict typed with the wrong id
         // should not take down the node the operator is on.
-        ControlRequest::Evict { node: target } if target == node.id() => {
+        ControlRequest::Evict { node: target, .. } if target == node.id() => {
             flush(&mut write, &[json!({ "error": own_node_evicted(target) })]).await
         }
-        ControlRequest::Evict { node: target } => {
+        ControlRequest::Evict { node: target, now } => {
             // Neither a node in its state nor a leader to ask: this agent has not joined yet,
             // and its raft knows nobody.
             let view = node.view();
@@ -184,7 +184,7 @@ pub(super) async fn answer(
                 return flush(&mut write, &[json!({ "error": why })]).await;
             }
             let evict = Command::Evict { node: target };
-            change((&mut read, &mut write), &node, evict, target, NodeStatus::Left).await
+            change((&mut read, &mut write), &node, evict, target, NodeStatus::Left, now).await
         }
         ControlRequest::Join { seed } => {
             // On its way out after a leave: joined now, the node was active for the moment

@@ -139,6 +139,35 @@ fn an_eviction_waits_for_a_silent_member_and_goes_on_once_it_answers() {
     });
 }
 
+/// Kills a follower of three voters, then at once asks the leader to evict the other one
+/// (`now`: without waiting for the members first). The dead node's status when the eviction
+/// is first recorded, and what the CLI was told.
+async fn evict_just_after_a_kill(seed: u64, now: bool) -> (NodeStatus, String, u64, u64) {
+    let net = MemNetwork::new(seed);
+    let nodes = three_voters(&net).await;
+    let (leader, killed, evicted) = leader_and_followers(&nodes);
+    let at_leader = &nodes[leader as usize - 1].supervisor;
+    let (_dir, path, _socket) = control_socket(at_leader).await;
+    net.crash(killed);
+    let request = format!("{{\"cmd\":\"evict\",\"node\":{evicted},\"now\":{now}}}");
+    let (lines, _sending) = sent(&path, &request).await;
+    let answer = tokio::spawn(all_of(lines));
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let state = at_leader.state();
+            if state.nodes[&evicted].status != NodeStatus::Active {
+                return state.nodes[&killed].status;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    });
+    let killed_then = seen.await.expect("the eviction was recorded");
+    let said = answer.await.expect("the answer").join("\n");
+    assert!(said.contains("\"ok\""), "{said}");
+    assert_eq!(at_leader.state().nodes[&evicted].status, NodeStatus::Left, "{said}");
+    (killed_then, said, killed, evicted)
+}
+
 /// An eviction asked a moment after another node was killed waits until the cluster declares
 /// that node failed, so that its recovery begins first. Begun after the eviction, the recovery
 /// could not count the dead node's DSM word (the eviction may have taken copies away: the
@@ -147,34 +176,22 @@ fn an_eviction_waits_for_a_silent_member_and_goes_on_once_it_answers() {
 #[test]
 fn an_eviction_asked_just_after_a_kill_waits_for_the_dead_node_s_recovery() {
     replay(async {
-        let net = MemNetwork::new(24);
-        let nodes = three_voters(&net).await;
-        let (leader, killed, evicted) = leader_and_followers(&nodes);
-        let at_leader = &nodes[leader as usize - 1].supervisor;
-        let (_dir, path, _socket) = control_socket(at_leader).await;
-        net.crash(killed);
-        let request = format!("{{\"cmd\":\"evict\",\"node\":{evicted}}}");
-        let (lines, _sending) = sent(&path, &request).await;
-        let answer = tokio::spawn(all_of(lines));
-        // The first moment the eviction is recorded, the dead node is out already.
-        let seen = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let state = at_leader.state();
-                if state.nodes[&evicted].status != NodeStatus::Active {
-                    return state.nodes[&killed].status;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-        });
-        let killed_then = seen.await.expect("the eviction was recorded");
+        let (killed_then, said, killed, evicted) = evict_just_after_a_kill(24, false).await;
         assert_eq!(killed_then, NodeStatus::Failed, "node {killed}'s failure recorded first");
-        let said = answer.await.expect("the answer").join("\n");
         let waited = format!("node {killed} does not answer: the eviction of node {evicted} waits");
         assert!(said.contains(&waited), "{said}");
         let ended = format!("node {killed} was declared failed: its recovery comes first");
         assert!(said.contains(&ended), "how the wait ended: {said}");
-        assert!(said.contains("\"ok\""), "{said}");
-        assert_eq!(at_leader.state().nodes[&evicted].status, NodeStatus::Left);
+    });
+}
+
+/// Asked for `now`, the eviction does not wait: the operator chose so.
+#[test]
+fn an_eviction_asked_now_does_not_wait_for_a_silent_member() {
+    replay(async {
+        let (killed_then, said, killed, _) = evict_just_after_a_kill(24, true).await;
+        assert_eq!(killed_then, NodeStatus::Active, "node {killed} not declared failed yet");
+        assert!(!said.contains("does not answer"), "{said}");
     });
 }
 
