@@ -1166,7 +1166,8 @@ fn a_node_leaving_as_another_is_killed_loses_no_written_page() {
     }
     let started = Instant::now();
     let leaver = agents[3].dir.clone();
-    let leave = std::thread::spawn(move || cli(&leaver, &["leave"]));
+    // `--now`: the kill lands in the leave, not before it, where the leave would wait for it.
+    let leave = std::thread::spawn(move || cli(&leaver, &["leave", "--now"]));
     agents[4].kill();
     let leave = leave.join().expect("the leave returns");
     let took = started.elapsed();

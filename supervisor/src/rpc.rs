@@ -66,6 +66,13 @@ pub enum Request {
     /// cluster declares it failed, it is not counted as a short life, so that an operator who
     /// restarts a node a few times in a row does not get it held out. Answered `Heard`.
     Stopping(u64),
+    /// Which life of yours answers, and has the cluster admitted it? Asked of every member
+    /// before a leave or an eviction is proposed (the control socket's roll call): a process
+    /// restarted after a kill answers pings while its last life, which the cluster has yet to
+    /// end, counts as live, and a removal that went first had that life's DSM slots tainted.
+    /// After the others: a node of an earlier build answers `Malformed`, taken as a ping's
+    /// answer.
+    Life,
 }
 
 /// Why a proposal did not produce an outcome.
@@ -148,5 +155,13 @@ pub enum Response {
         held: bool,
         /// Whether it had counted short lives of it.
         counted: bool,
+    },
+    /// To `Life`.
+    Life {
+        /// The answering process's incarnation.
+        incarnation: u64,
+        /// Whether the cluster admitted that life (a restarted process has not, until the
+        /// cluster ended its last life and took it back as a new one).
+        admitted: bool,
     },
 }

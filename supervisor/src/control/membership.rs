@@ -9,7 +9,7 @@ use crate::state::{Applied, ClusterState, Command, NodeStatus, Refusal};
 use crate::supervisor::Supervisor;
 use gobelins_locator::{Change, NodeId};
 use serde_json::json;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 /// How long a leave, evict or join is followed while nothing carries it on (no leader
@@ -133,6 +133,10 @@ pub(super) async fn change(
 /// witnesses: about 3 s of the default 1 s), short of an operator's patience.
 const ROLL_CALL_TIMEOUTS: u32 = 6;
 
+/// The longest a roll call waits, whatever the failure timeout (`--failure-timeout-ms` has no
+/// bound): short of the CHANGE_DEADLINE a change is followed for while nothing carries it on.
+const ROLL_CALL_MAX: Duration = Duration::from_secs(60);
+
 /// Before a leave or an eviction is proposed: waits until every other live member answers,
 /// or the cluster has declared the silent ones failed, so that a node killed a moment before
 /// has its recovery begin first. Begun after the removal, the recovery could not count the
@@ -140,56 +144,54 @@ const ROLL_CALL_TIMEOUTS: u32 = 6;
 /// copies away), and every page of its slots with no copy reported read as lost, never
 /// written ones too, until `gobelins dsm forgive` (1,024 of 4,096 slots in a helper's run).
 /// A member silent only to this node is waited for [`ROLL_CALL_TIMEOUTS`], then the change is
-/// proposed anyway. `false` if the client hung up meanwhile.
+/// proposed anyway. Only for a removal the cluster may carry out: one it refuses is refused
+/// at once. `false` if the client hung up meanwhile.
 async fn roll_call(
     (read, write): (&mut Reader, &mut tokio::net::unix::OwnedWriteHalf),
     node: &Supervisor,
     command: &Command,
     target: u64,
 ) -> Result<bool> {
-    if !matches!(command, Command::Leave { .. } | Command::Evict { .. }) {
+    let removal = matches!(command, Command::Leave { .. } | Command::Evict { .. });
+    let active = |state: &ClusterState| {
+        state.nodes.get(&target).is_some_and(|r| r.status == NodeStatus::Active)
+    };
+    if !removal || !active(&node.state()) {
         return Ok(true);
     }
     let config = node.config();
-    let patience = config.failure_timeout * ROLL_CALL_TIMEOUTS;
-    let until = tokio::time::Instant::now() + patience;
+    let patience = (config.failure_timeout * ROLL_CALL_TIMEOUTS).min(ROLL_CALL_MAX);
+    let began = tokio::time::Instant::now();
     let what = match command {
         Command::Leave { .. } => format!("node {target}'s leave"),
         _ => format!("the eviction of node {target}"),
     };
-    let mut said = BTreeSet::new();
+    // The silent members said, with the life each had then, and when it was last said.
+    let mut said: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut said_at = began;
     loop {
         let silent = node.unanswering(target).await;
-        // Said as each one ends: which way the wait went is what the operator asks next.
-        let ended: BTreeSet<u64> = said.difference(&silent).copied().collect();
+        let state = node.state();
+        let ended: Vec<(u64, u64)> =
+            said.iter().filter(|(n, _)| !silent.contains(n)).map(|(&n, &l)| (n, l)).collect();
         if !ended.is_empty() {
-            let state = node.state();
-            let out = |n: &u64| state.nodes.get(n).is_none_or(|r| !r.status.is_live());
-            let (failed, back): (BTreeSet<u64>, BTreeSet<u64>) =
-                ended.iter().copied().partition(out);
-            let mut lines = Vec::new();
-            if !failed.is_empty() {
-                let was = if failed.len() == 1 { "was" } else { "were" };
-                lines.push(format!(
-                    "{} {was} declared failed: its recovery comes first",
-                    names(&failed)
-                ));
-            }
-            if !back.is_empty() {
-                lines.push(format!("{} answered", names(&back)));
-            }
-            let lines: Vec<_> = lines.into_iter().map(|l| json!({ "progress": l })).collect();
+            let lines: Vec<_> = ended
+                .iter()
+                .map(|&(n, life)| json!({ "progress": how_it_ended(&state, n, life) }))
+                .collect();
             flush(write, &lines).await?;
-            said = &said - &ended;
+            said.retain(|n, _| silent.contains(n));
         }
         if silent.is_empty() {
             return Ok(true);
         }
         let named = names(&silent);
-        if tokio::time::Instant::now() >= until {
+        let its = if silent.len() == 1 { "its" } else { "their" };
+        let now = tokio::time::Instant::now();
+        if now - began >= patience {
             let why = format!(
                 "{named} still not answering after {:.1} s, nor declared failed: {what} is asked \
-                 for anyway (should {named} be dead, a DSM page of its slots that no other node \
+                 for anyway (should {named} be dead, a DSM page of {its} slots that no other node \
                  holds may read as lost until `gobelins dsm forgive`)",
                 patience.as_secs_f64()
             );
@@ -197,22 +199,43 @@ async fn roll_call(
             flush(write, &[json!({ "progress": why })]).await?;
             return Ok(true);
         }
-        if silent != said {
+        let new = silent.iter().any(|n| !said.contains_key(n));
+        if new || now - said_at >= SAID_AGAIN {
             let does = if silent.len() == 1 { "does" } else { "do" };
+            let so_far = match now - began {
+                waited if waited >= SAID_AGAIN => format!(" ({} s so far)", waited.as_secs()),
+                _ => String::new(),
+            };
             let why = format!(
                 "{named} {does} not answer: {what} waits for an answer or for the cluster to \
-                 declare {named} failed (at most {:.1} s), so that a recovery goes first: a dead node's \
-                 DSM pages are then rebuilt, not read as lost",
+                 declare {named} failed (at most {:.1} s), so that a recovery goes first: a \
+                 dead node's DSM pages are then rebuilt, not read as lost{so_far}",
                 patience.as_secs_f64()
             );
             tracing::info!(node = target, silent = ?silent, "{why}");
             flush(write, &[json!({ "progress": why })]).await?;
-            said = silent;
+            for &n in &silent {
+                let life = state.nodes.get(&n).map_or(0, |r| r.incarnation);
+                said.entry(n).or_insert(life);
+            }
+            said_at = now;
         }
         tokio::select! {
             () = tokio::time::sleep(config.ping_interval) => {}
             () = hung_up(read, write) => return Ok(false),
         }
+    }
+}
+
+/// How the wait for `node`, silent in its life `life`, ended, as `state` tells.
+fn how_it_ended(state: &ClusterState, node: u64, life: u64) -> String {
+    match state.nodes.get(&node) {
+        Some(r) if r.incarnation == life && r.status == NodeStatus::Left => {
+            format!("node {node} left meanwhile")
+        }
+        Some(r) if r.incarnation == life && r.status.is_live() => format!("node {node} answered"),
+        // Failed, or failed and back as a new life already.
+        _ => format!("node {node} was declared failed: recovered first"),
     }
 }
 

@@ -370,15 +370,26 @@ impl Supervisor {
     ) -> BTreeSet<u64> {
         let state = &self.state();
         let asks = nodes.iter().map(|&id| async move {
-            let addr = membership
-                .get_node(&id)
-                .map(|n| n.addr.clone())
-                .or_else(|| state.nodes.get(&id).map(|r| r.addr.clone()));
-            if let Some(addr) = addr {
-                self.transport.set_peer(id, addr);
-            }
+            self.know_address(id, membership, state);
             self.ping(id, self.config.ping_interval * 2).await.then_some(id)
         });
         futures::future::join_all(asks).await.into_iter().flatten().collect()
+    }
+
+    /// Gives the transport `id`'s address, from raft's membership or the cluster's state: a
+    /// node declared failed was forgotten by it.
+    pub(super) fn know_address(
+        &self,
+        id: u64,
+        membership: &Membership<u64, BasicNode>,
+        state: &ClusterState,
+    ) {
+        let addr = membership
+            .get_node(&id)
+            .map(|n| n.addr.clone())
+            .or_else(|| state.nodes.get(&id).map(|r| r.addr.clone()));
+        if let Some(addr) = addr {
+            self.transport.set_peer(id, addr);
+        }
     }
 }

@@ -217,6 +217,9 @@ impl Supervisor {
                 Response::Admitted { outcome, state }
             }
             Request::Ping => Response::Pong,
+            Request::Life => {
+                Response::Life { incarnation: self.incarnation(), admitted: self.life_admitted() }
+            }
             Request::Lease { incarnation } => {
                 let granted = self.grants_lease(from, incarnation);
                 // A node that renews its lease is heard, whatever became of the leader's
@@ -332,14 +335,37 @@ impl Supervisor {
         self.propose_here(Command::Join { node, addr, labels, incarnation }).await
     }
 
-    /// The live members, other than this node and `except`, that do not answer a ping now: a
-    /// node killed a moment ago, which the leader has not declared failed yet.
+    /// The live members, but `except`, whose life the cluster counts live and that does not
+    /// answer now: a node killed a moment ago, which the leader has not declared failed yet, or
+    /// restarted since (the new process answers, as a life not admitted). This node too, when
+    /// it is such a restarted process.
     pub(crate) async fn unanswering(&self, except: u64) -> BTreeSet<u64> {
-        let mut asked = self.state().live();
-        asked.retain(|&n| n != self.me.id && n != except);
+        let state = self.state();
+        let mut asked = state.live();
+        asked.retain(|&n| n != except);
+        let me = self.me.id;
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
-        let answering = self.answering(&asked, &membership).await;
-        asked.difference(&answering).copied().collect()
+        let asks = asked.iter().map(|&id| {
+            let (state, membership) = (&state, &membership);
+            async move {
+                let life = state.nodes.get(&id).map(|r| r.incarnation);
+                if id == me {
+                    return self.life_admitted() && life == Some(self.incarnation());
+                }
+                self.know_address(id, membership, state);
+                let deadline = self.config.ping_interval * 2;
+                match self.call(id, &Request::Life, deadline).await {
+                    Ok(Response::Life { incarnation, admitted }) => {
+                        admitted && life == Some(incarnation)
+                    }
+                    // A build before `Life`: up, which is all a ping would tell.
+                    Ok(Response::Malformed(_)) => true,
+                    _ => false,
+                }
+            }
+        });
+        let answers = futures::future::join_all(asks).await;
+        asked.into_iter().zip(answers).filter(|&(_, answered)| !answered).map(|(n, _)| n).collect()
     }
 
     pub(super) async fn ping(&self, node: u64, deadline: Duration) -> bool {
