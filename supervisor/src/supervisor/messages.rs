@@ -358,8 +358,11 @@ impl Supervisor {
                     Ok(Response::Life { incarnation, admitted }) => {
                         admitted && life == Some(incarnation)
                     }
-                    // A build before `Life`: up, which is all a ping would tell.
-                    Ok(Response::Malformed(_)) => true,
+                    // A build before `Life`, or a process whose supervisor is not up yet (a
+                    // restart: "node is starting"), which answers a ping alike. A ping's `Pong`
+                    // tells the first, which is up; taken as up, the second let a removal go
+                    // ahead of the recovery of the life that died (a helper's black-box run).
+                    Ok(Response::Malformed(_)) => self.ping(id, deadline).await,
                     _ => false,
                 }
             }
