@@ -84,9 +84,18 @@ pub(super) async fn change(
             let view = node.cluster_view().await;
             let status = view.state.nodes.get(&node_id).map(|r| r.status);
             let kept = view.state.nodes.get(&node_id).is_some_and(|r| r.kept_out);
+            let evicted = view
+                .state
+                .nodes
+                .get(&node_id)
+                .is_some_and(|r| r.removed_by == Some(crate::state::RemovedBy::Evict));
             let why = match status {
                 Some(NodeStatus::Failed) if kept => format!("node {node_id} failed already, and is kept out: nothing to do (its entries were rebuilt from their replicas; `gobelins status` lists it)"),
                 Some(NodeStatus::Failed) => format!("node {node_id} failed already: nothing to do (its entries were rebuilt from their replicas; `gobelins status` lists it)"),
+                // Told as `status` shows it (a helper's run: "left" for a node it said evicted).
+                Some(NodeStatus::Left) if evicted => {
+                    format!("node {node_id} was evicted already: nothing to do")
+                }
                 Some(NodeStatus::Left) => format!("node {node_id} left already: nothing to do"),
                 _ => Refusal::UnknownNode(node_id).to_string(),
             };

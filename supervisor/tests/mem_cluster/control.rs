@@ -163,6 +163,10 @@ async fn evict_just_after_a_kill(seed: u64, now: bool) -> (NodeStatus, String, u
     let said = answer.await.expect("the answer").join("\n");
     assert!(said.contains("\"ok\""), "{said}");
     assert_eq!(at_leader.state().nodes[&evicted].status, NodeStatus::Left, "{said}");
+    // Asked again: done already, told as `status` shows it.
+    let (lines, _sending) = sent(&path, &request).await;
+    let again = all_of(lines).await.join("\n");
+    assert!(again.contains(&format!("node {evicted} was evicted already")), "{again}");
     (killed_then, said, killed, evicted)
 }
 
