@@ -70,8 +70,8 @@ pub enum Request {
     /// before a leave or an eviction is proposed (the control socket's roll call): a process
     /// restarted after a kill answers pings while its last life, which the cluster has yet to
     /// end, counts as live, and a removal that went first had that life's DSM slots tainted.
-    /// After the others: a node of an earlier build answers `Malformed`, taken as a ping's
-    /// answer.
+    /// After the others: a node of an earlier build answers `Malformed`, and is asked again
+    /// with a ping, which a process still starting does not answer `Pong` either.
     Life,
 }
 
